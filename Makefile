@@ -1,0 +1,53 @@
+# make run   installs what is missing and runs the example fleet
+# make test  installs what is missing and runs every test
+# make bench / bench-quick  benchmarks (see bench/README.md)
+
+VENV        ?= .venv
+PYTHON      ?= python3
+VPY         := $(VENV)/bin/python
+STAMPS      := .make
+
+# Perl runtime, real peers for tests and benchmarks, and the Perl modules the
+# example and benchmark apps load.
+DEB_PACKAGES := perl libplack-perl libsocket-msghdr-perl libhttp-parser-xs-perl \
+	starman uwsgi-core uwsgi-plugin-psgi wrk nginx-light curl procps \
+	libmoose-perl libdatetime-perl libdatetime-timezone-perl libtemplate-perl \
+	libjson-xs-perl libdbix-class-perl libmojolicious-perl libdancer2-perl \
+	libcatalyst-perl libtry-tiny-perl libhttp-message-perl libtest-tcp-perl
+
+.PHONY: all setup run test test-python test-perl bench bench-quick clean
+
+all: setup
+
+setup: $(STAMPS)/debian $(STAMPS)/venv
+
+$(STAMPS)/debian: Makefile tools/install-debian-packages
+	tools/install-debian-packages $(DEB_PACKAGES)
+	@mkdir -p $(STAMPS) && touch $@
+
+$(STAMPS)/venv: pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	@mkdir -p $(STAMPS) && touch $@
+
+run: setup
+	$(VENV)/bin/emperor run examples/vassals
+
+test: setup
+	$(MAKE) --no-print-directory test-perl test-python
+
+test-perl: setup
+	prove -r -I perl t/
+
+test-python: setup
+	$(VPY) -m pytest -q
+
+bench: setup
+	$(VPY) bench/run.py --full
+
+bench-quick: setup
+	$(VPY) bench/run.py --quick
+
+clean:
+	rm -rf $(STAMPS) $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -1,0 +1,37 @@
+package ForkServer::App;
+use strict;
+use warnings;
+
+use Plack::Util ();
+
+=head1 NAME
+
+ForkServer::App - load a PSGI file, with one-line errors
+
+=head1 SYNOPSIS
+
+  my $app = ForkServer::App::load('app.psgi');   # dies "cannot load app 'app.psgi': ..."
+
+=head1 DESCRIPTION
+
+L<Plack::Util/load_psgi>, plus clear messages for a missing file, a file
+that dies while loading and a file that does not return an app. Deliberately
+loads nothing else: the base vassal calls it before any other module of
+ours, so the codebase it preloads comes first.
+
+=cut
+
+sub load {
+    my ($file) = @_;
+    die "app file '$file' not found\n" unless -f $file;
+    my $app = eval { Plack::Util::load_psgi($file) };
+    if (!$app) {
+        (my $err = $@ || 'the file returned nothing') =~ s/\s+\z//;
+        die "cannot load app '$file': $err\n";
+    }
+    die "app '$file' did not return a code reference\n"
+        unless ref $app eq 'CODE' || Plack::Util::is_real_code($app) || overload::Method($app, '&{}');
+    return $app;
+}
+
+1;

@@ -1,0 +1,319 @@
+package ForkServer::Base;
+use strict;
+use warnings;
+
+use IO::Select ();
+use IO::Socket::UNIX ();
+use POSIX qw(WNOHANG);
+use Socket qw(SOL_SOCKET SOCK_STREAM SO_PEERCRED SOMAXCONN);
+use Time::HiRes ();
+use ForkServer::Config ();
+use ForkServer::Emperor ();
+use ForkServer::Log ();
+use ForkServer::Protocol qw(encode_packet encode_dict MOD_FORK_SERVER);
+use ForkServer::Request ();
+use ForkServer::Vassal ();
+
+=head1 NAME
+
+ForkServer::Base - the base vassal: preloaded code plus a fork server that adopts vassals
+
+=head1 SYNOPSIS
+
+  ForkServer::Base->new(
+      config    => $config,    # ForkServer::Config with fork-server set
+      app       => $app,       # the early-psgi app, already loaded
+      emperor   => $pipe_fh,   # or undef
+      config_fh => $fh,        # or undef
+  )->run;                      # returns on byte 0/2 or end of file on the Emperor pipe, or SIGTERM/SIGINT
+
+=head1 DESCRIPTION
+
+Binds the C<fork-server> UNIX socket (mode C<fork-server-mode>, default
+0600), sends byte 1 and serves adoption requests (PROTOCOL.md sections 2 to
+4) from peers whose uid (SO_PEERCRED) is in C<fork-server-allow-uid>
+(default: the uid the base runs as).
+
+One loop multiplexes the listening socket, the Emperor pipe and every
+client being read, so a slow client delays nobody; a client that has not
+sent a whole request after C<fork-server-timeout> seconds is dropped. A
+refused request closes every descriptor it brought and logs one line.
+
+A complete request is served with a double fork; the base reaps the
+intermediate child without waiting for it. The vassal (grandchild) closes
+everything of the base, sets C<UWSGI_EMPEROR_FD> (and
+C<UWSGI_EMPEROR_FD_CONFIG>), puts the on-demand socket on descriptor 0,
+replies with its pid, then configures itself from the received argv alone
+and runs L<ForkServer::Vassal> on the preloaded app.
+
+=cut
+
+use constant MAX_PENDING => 64;    # clients being read at once; more are refused
+
+sub new {
+    my ($class, %args) = @_;
+    my $self = bless {
+        %args,
+        clients  => {},     # fileno => ForkServer::Request
+        children => 0,      # intermediate children not reaped yet
+        pid      => $$,     # only this process may unlink the socket
+    }, $class;
+    $self->{name} = $self->{config}->name;
+    my @allow = $self->{config}->list('fork-server-allow-uid');
+    $self->{allow} = { map { $_ => 1 } (@allow ? @allow : $>) };
+    return $self;
+}
+
+sub log { my ($self, $msg) = @_; ForkServer::Log::line($self->{name}, $msg) }
+
+sub run {
+    my ($self) = @_;
+    ForkServer::Vassal->warm_up;
+    $self->listen;
+    $0 = $self->{config}->get('procname') // "psgi-vassal $self->{name} (fork server)";
+    ForkServer::Emperor->send($self->{emperor}, ForkServer::Emperor::SPAWNED);
+    $self->log("fork server listening on $self->{path}");
+    my $stop = sub { $self->{stop} = "signal $_[0]" };
+    local $SIG{TERM} = $stop;
+    local $SIG{INT}  = $stop;
+    local $SIG{PIPE} = 'IGNORE';
+    local $SIG{CHLD} = sub { };    # interrupts select, so children are reaped at once
+    $self->loop;
+    $self->log("stopping ($self->{stop})");
+    $self->shutdown;
+    return;
+}
+
+sub listen {
+    my ($self) = @_;
+    my $path = $self->{path} = $self->{config}->get('fork-server');
+    if (-e $path || -l $path) {
+        die "fork-server path '$path' exists and is not a socket\n" unless -S $path;
+        # Never steal the socket of a fork server that is alive.
+        die "another fork server is listening on '$path'\n"
+            if IO::Socket::UNIX->new(Peer => $path, Type => SOCK_STREAM);
+        unlink $path or die "cannot remove stale socket '$path': $!\n";
+    }
+    # Created with no access for others, then set to the wanted mode: there
+    # is no moment where the socket is more open than asked.
+    my $umask = umask 0177;
+    my $sock = IO::Socket::UNIX->new(Local => $path, Type => SOCK_STREAM, Listen => SOMAXCONN);
+    my $err = $!;
+    umask $umask;
+    die "cannot listen on fork-server socket '$path': $err\n" unless $sock;
+    my $mode = $self->{config}->get('fork-server-mode');
+    chmod $mode, $path or die "chmod fork-server socket '$path': $!\n";
+    setsockopt($sock, SOL_SOCKET, SO_PASSCRED(), 1) or die "SO_PASSCRED: $!\n";
+    $sock->blocking(0);
+    $self->{listen} = $sock;
+    return;
+}
+
+# Socket.pm exports SO_PASSCRED only in recent versions.
+sub SO_PASSCRED { eval { Socket::SO_PASSCRED() } // 16 }
+
+sub loop {
+    my ($self) = @_;
+    my $select = $self->{select} = IO::Select->new($self->{listen});
+    $select->add($self->{emperor}) if $self->{emperor};
+    until ($self->{stop}) {
+        my @ready = $select->can_read($self->_timeout);
+        for my $fh (@ready) {
+            if    ($fh == $self->{listen})                        { $self->accept_clients }
+            elsif ($self->{emperor} && $fh == $self->{emperor})   { $self->emperor_says }
+            elsif (my $req = $self->{clients}{ fileno $fh })      { $self->client_readable($req) }
+            last if $self->{stop};
+        }
+        $self->expire_clients;
+        $self->reap;
+    }
+    return;
+}
+
+sub _timeout {
+    my ($self) = @_;
+    my @deadlines = map { $_->deadline } values %{ $self->{clients} };
+    return undef unless @deadlines;
+    my ($next) = sort { $a <=> $b } @deadlines;
+    my $wait = $next - Time::HiRes::time();
+    return $wait > 0 ? $wait : 0;
+}
+
+sub accept_clients {
+    my ($self) = @_;
+    while (my $client = $self->{listen}->accept) {
+        my ($pid, $uid) = unpack 'i I', getsockopt($client, SOL_SOCKET, SO_PEERCRED) // '';
+        my $peer = "pid " . ($pid // '?') . " uid " . ($uid // '?');
+        if (!defined $uid || !$self->{allow}{$uid}) {
+            $self->log("refused connection from $peer: uid not allowed");
+            close $client;    # before reading: nothing it sent is received
+            next;
+        }
+        if (keys %{ $self->{clients} } >= MAX_PENDING) {
+            $self->log("refused connection from $peer: " . MAX_PENDING . " requests pending");
+            close $client;
+            next;
+        }
+        $client->blocking(0);
+        my $req = ForkServer::Request->new(
+            sock     => $client,
+            peer     => $peer,
+            deadline => Time::HiRes::time() + $self->{config}->get('fork-server-timeout'),
+        );
+        $self->{clients}{ fileno $client } = $req;
+        $self->{select}->add($client);
+    }
+    return;
+}
+
+sub client_readable {
+    my ($self, $req) = @_;
+    my $state = eval { $req->read_some };
+    return $self->refuse($req, $@) unless $state;
+    return if $state eq 'more';
+    $self->forget($req);
+    $self->adopt($req);
+    return;
+}
+
+sub expire_clients {
+    my ($self) = @_;
+    my $now = Time::HiRes::time();
+    for my $req (values %{ $self->{clients} }) {
+        $self->refuse($req, "no complete request after " . $self->{config}->get('fork-server-timeout') . " s")
+            if $req->deadline <= $now;
+    }
+    return;
+}
+
+sub forget {
+    my ($self, $req) = @_;
+    $self->{select}->remove($req->sock);
+    delete $self->{clients}{ fileno $req->sock };
+    return;
+}
+
+sub refuse {
+    my ($self, $req, $why) = @_;
+    $self->forget($req);
+    my $fds = () = $req->fds;
+    $req->close_all;
+    $self->log("refused request from " . $req->peer . " ($fds descriptors closed): $why");
+    return;
+}
+
+sub emperor_says {
+    my ($self) = @_;
+    my $n = sysread $self->{emperor}, my $byte, 1;
+    return if !defined $n && ($!{EINTR} || $!{EAGAIN});
+    if (!$n) {
+        $self->{stop} = 'the Emperor is gone';
+    }
+    elsif (ord $byte == ForkServer::Emperor::STOP || ord $byte == ForkServer::Emperor::GRACEFUL_STOP) {
+        $self->{stop} = 'byte ' . ord($byte) . ' from the Emperor';
+    }
+    else {
+        $self->log("ignoring byte " . ord($byte) . " from the Emperor");
+    }
+    return;
+}
+
+sub reap {
+    my ($self) = @_;
+    while ($self->{children} > 0 && waitpid(-1, WNOHANG) > 0) {
+        $self->{children}--;
+    }
+    return;
+}
+
+sub shutdown {
+    my ($self) = @_;
+    return unless $$ == $self->{pid};
+    $_->close_all for values %{ $self->{clients} };
+    $self->{clients} = {};
+    close $self->{listen};
+    unlink $self->{path};
+    return;
+}
+
+sub adopt {
+    my ($self, $req) = @_;
+    my $pid = fork;
+    return $self->refuse($req, "fork: $!") unless defined $pid;
+    if ($pid == 0) {
+        $self->_intermediate_child($req);    # does not return
+    }
+    $self->{children}++;
+    $req->close_all;    # the child holds them now
+    return;
+}
+
+# The first child forks the vassal and exits at once: it does nothing else,
+# because every page it touched would be copied for nothing (the vassal has
+# to do the same work anyway, while this child's exit runs on the other core).
+sub _intermediate_child {
+    my ($self, $req) = @_;
+    my $pid = fork;
+    POSIX::_exit(defined $pid ? 0 : 1) unless defined $pid && $pid == 0;
+    $self->_become_vassal($req);
+}
+
+# Lose everything of the base and arrange the descriptors as the protocol
+# says (PROTOCOL.md section 4, step 3).
+sub _detach_from_base {
+    my ($self, $req) = @_;
+    $SIG{$_} = 'DEFAULT' for qw(TERM INT PIPE CHLD);
+    close $self->{listen};
+    $_->close_all for values %{ $self->{clients} };
+    $self->{clients} = {};
+    close $self->{emperor}   if $self->{emperor};
+    close $self->{config_fh} if $self->{config_fh};
+    my ($pipe_fd, $config_fd, $ondemand_fd) = $req->fds_by_role;
+    $ENV{UWSGI_EMPEROR_FD} = $pipe_fd;
+    if (defined $config_fd) { $ENV{UWSGI_EMPEROR_FD_CONFIG} = $config_fd }
+    else                    { delete $ENV{UWSGI_EMPEROR_FD_CONFIG} }
+    if (defined $ondemand_fd) {
+        POSIX::dup2($ondemand_fd, 0) // die "dup2 of the on-demand socket to descriptor 0: $!\n";
+        POSIX::close($ondemand_fd);
+    }
+    $req->release_fds;
+    return;
+}
+
+# The grandchild: reply with its pid, then become the vassal the argv asks
+# for. Its options replace the base's; the preloaded app stays in memory.
+sub _become_vassal {
+    my ($self, $req) = @_;
+    my (undef, @argv) = $req->argv;
+    my $name = ForkServer::Config->guess_name(@argv);
+    my $ok = eval {
+        $self->_detach_from_base($req);
+        my $sock = $req->sock;
+        $sock->blocking(1);
+        local $SIG{PIPE} = 'IGNORE';
+        my $reply = encode_packet(MOD_FORK_SERVER, 0, encode_dict(pid => $$));
+        syswrite($sock, $reply) == length $reply or die "sending the pid reply: $!\n";
+        $req->close_all;
+
+        my $emperor = ForkServer::Emperor->pipe_from_env;
+        my ($text, $config_fh) = ForkServer::Emperor->config_from_env;
+        my $config = ForkServer::Config->from_argv(\@argv, config_text => $text);
+        $name = $config->name;
+        die "fork-server is set: an adopted vassal cannot be a base vassal\n" if defined $config->get('fork-server');
+        ForkServer::Vassal->new(
+            config        => $config,
+            emperor       => $emperor,
+            config_fh     => $config_fh,
+            preloaded_app => $self->{app},
+            use_fd0       => ($req->mask & ForkServer::Request::MASK_ONDEMAND) ? 1 : 0,
+        )->run;
+        1;
+    };
+    if (!$ok) {
+        ForkServer::Log::line($name, "error: $@");
+        POSIX::_exit(1);
+    }
+    exit 0;
+}
+
+1;

@@ -1,0 +1,236 @@
+package ForkServer::Config;
+use strict;
+use warnings;
+
+use File::Basename ();
+
+# The option table. Each option: a checker that returns the normalised value
+# or dies with the reason, and whether repeats accumulate (list) or the last
+# one wins. Names follow uWSGI where uWSGI has the option.
+my $UINT  = sub { $_[0] =~ /\A\d+\z/ ? 0 + $_[0] : die "expected a non-negative integer\n" };
+my $COUNT = sub { $_[0] =~ /\A\d+\z/ && $_[0] >= 1 ? 0 + $_[0] : die "expected an integer >= 1\n" };
+my $STR   = sub { length $_[0] ? $_[0] : die "expected a non-empty value\n" };
+my $BOOL  = sub {
+    my $v = lc $_[0];
+    return 1 if $v =~ /\A(?:|1|true|yes|on)\z/;
+    return 0 if $v =~ /\A(?:0|false|no|off)\z/;
+    die "expected a boolean (1/0, true/false, yes/no, on/off)\n";
+};
+my $OCTAL = sub { $_[0] =~ /\A0?[0-7]{3,4}\z/ ? oct $_[0] : die "expected an octal mode like 0600\n" };
+my $UID   = sub {
+    return 0 + $_[0] if $_[0] =~ /\A\d+\z/;
+    my $uid = (getpwnam $_[0])[2];
+    defined $uid ? $uid : die "no such user\n";
+};
+my $GID = sub {
+    return 0 + $_[0] if $_[0] =~ /\A\d+\z/;
+    my $gid = (getgrnam $_[0])[2];
+    defined $gid ? $gid : die "no such group\n";
+};
+my $ENV_PAIR = sub { $_[0] =~ /\A[^=]+=/s ? $_[0] : die "expected KEY=VALUE\n" };
+my $ADDR = sub { parse_address($_[0]); $_[0] };
+
+my %OPTIONS = (
+    'early-psgi'            => { check => $STR },
+    'psgi'                  => { check => $STR },
+    'fork-server'           => { check => $STR },
+    'fork-server-mode'      => { check => $OCTAL },
+    'fork-server-allow-uid' => { check => $UID, list => 1 },
+    'fork-server-timeout'   => { check => $COUNT },
+    'http-socket'           => { check => $ADDR },
+    'processes'             => { check => $COUNT },
+    'workers'               => { check => $COUNT, alias => 'processes' },
+    'env'                   => { check => $ENV_PAIR, list => 1 },
+    'chdir'                 => { check => $STR },
+    'uid'                   => { check => $UID },
+    'gid'                   => { check => $GID },
+    'procname'              => { check => $STR },
+    'listen'                => { check => $COUNT },
+    'max-requests'          => { check => $UINT },
+    'harakiri'              => { check => $UINT },
+    'heartbeat'             => { check => $UINT },
+    'idle'                  => { check => $UINT },
+    'name'                  => { check => $STR },
+    'disable-logging'       => { check => $BOOL, flag => 1 },
+    'ini'                   => { check => $STR, special => 1 },
+);
+
+my %DEFAULTS = (
+    'fork-server-mode'    => 0600,
+    'fork-server-timeout' => 5,
+    'processes'           => 1,
+    'listen'              => 1024,
+    'max-requests'        => 0,
+    'harakiri'            => 0,
+    'heartbeat'           => 0,
+    'idle'                => 0,
+    'disable-logging'     => 0,
+);
+
+=head1 NAME
+
+ForkServer::Config - the vassal's options, from argv, --ini files and the Emperor's config pipe
+
+=head1 SYNOPSIS
+
+  my $config = ForkServer::Config->from_argv(\@ARGV, config_text => $text_or_undef);
+  $config->get('http-socket');     # scalar option (undef if unset and no default)
+  $config->list('env');            # list option
+  $config->name;                   # --name, else the --ini file's base name
+
+=head1 DESCRIPTION
+
+Options are applied in order: a scalar option given twice keeps the last
+value, a list option (C<env>, C<fork-server-allow-uid>) accumulates.
+C<--ini FILE> reads the C<[uwsgi]> section of FILE at the point where it
+appears. When C<config_text> is given (the body read from the Emperor's
+config pipe), it takes the place of the first C<--ini> file; the file name
+then only gives the vassal its name.
+
+Errors (unknown option, bad value, unreadable file) die with a one-line
+message ending in a newline.
+
+=cut
+
+sub new {
+    my ($class) = @_;
+    return bless { opt => {}, ini_name => undef }, $class;
+}
+
+sub from_argv {
+    my ($class, $argv, %args) = @_;
+    my $self = $class->new;
+    $self->{config_text} = $args{config_text};
+    $self->parse_argv(@$argv);
+    # config text but no --ini: it is still this vassal's configuration
+    $self->parse_ini_text(delete $self->{config_text}, 'config pipe') if defined $self->{config_text};
+    return $self;
+}
+
+sub get {
+    my ($self, $key) = @_;
+    die "BUG: unknown option '$key'\n" unless $OPTIONS{$key};
+    $key = $OPTIONS{$key}{alias} // $key;
+    return $self->{opt}{$key} // $DEFAULTS{$key};
+}
+
+sub list {
+    my ($self, $key) = @_;
+    return @{ $self->{opt}{$key} // [] };
+}
+
+sub name {
+    my ($self) = @_;
+    return $self->{opt}{name} // $self->{ini_name} // 'vassal';
+}
+
+sub set {
+    my ($self, $key, $value, $where) = @_;
+    my $spec = $OPTIONS{$key} or die "unknown option '$key'" . ($where ? " ($where)" : '') . "\n";
+    my $norm = eval { $spec->{check}->($value) };
+    unless (defined $norm) {
+        (my $why = $@ || "bad value\n") =~ s/\n\z//;
+        die "bad value '$value' for option '$key'" . ($where ? " ($where)" : '') . ": $why\n";
+    }
+    if ($spec->{special}) {    # ini
+        $self->_include_ini($norm);
+        return;
+    }
+    my $name = $spec->{alias} // $key;
+    if ($spec->{list}) { push @{ $self->{opt}{$name} }, $norm }
+    else               { $self->{opt}{$name} = $norm }
+    return;
+}
+
+sub parse_argv {
+    my ($self, @args) = @_;
+    while (@args) {
+        my $arg = shift @args;
+        my ($key, $value) = $arg =~ /\A--([^=]+)(?:=(.*))?\z/s
+            or die "unexpected argument '$arg' (options look like --key value)\n";
+        my $spec = $OPTIONS{$key} or die "unknown option '--$key'\n";
+        if (!defined $value) {
+            if ($spec->{flag}) { $value = 1 }
+            else {
+                die "option '--$key' needs a value\n" unless @args;
+                $value = shift @args;
+            }
+        }
+        $self->set($key, $value, 'command line');
+    }
+    return $self;
+}
+
+sub _include_ini {
+    my ($self, $file) = @_;
+    $self->{ini_name} //= (File::Basename::fileparse($file, qr/\.[^.]*/))[0];
+    if (defined $self->{config_text}) {    # the Emperor sent this file's text on the config pipe
+        $self->parse_ini_text(delete $self->{config_text}, "config pipe for $file");
+        return;
+    }
+    die "ini files nested more than 8 deep at '$file'\n" if ($self->{depth} // 0) >= 8;
+    open my $fh, '<', $file or die "cannot read ini file '$file': $!\n";
+    my $text = do { local $/; <$fh> };
+    close $fh;
+    local $self->{depth} = ($self->{depth} // 0) + 1;
+    $self->parse_ini_text($text, $file);
+    return;
+}
+
+# Only the [uwsgi] section counts; other sections belong to other tools.
+sub parse_ini_text {
+    my ($self, $text, $source) = @_;
+    my $section = '';
+    my $lineno  = 0;
+    for my $line (split /\r?\n/, $text) {
+        $lineno++;
+        next if $line =~ /\A\s*(?:[;#].*)?\z/;
+        if ($line =~ /\A\s*\[\s*([^\]]*?)\s*\]\s*\z/) { $section = $1; next }
+        next unless $section eq 'uwsgi';
+        my ($key, $value) = $line =~ /\A\s*([^=\s]+)\s*(?:=\s*(.*?))?\s*\z/
+            or die "$source line $lineno: cannot parse '$line'\n";
+        $value //= ($OPTIONS{$key} && $OPTIONS{$key}{flag}) ? 1 : '';
+        $self->set($key, $value, "$source line $lineno");
+    }
+    return $self;
+}
+
+=head2 parse_address($addr) -> ($host_or_undef, $port)
+
+C<127.0.0.1:9101>, C<[::1]:9101>, C<:9101> (all addresses: host undef).
+
+=cut
+
+sub parse_address {
+    my ($addr) = @_;
+    my ($host, $port);
+    if    ($addr =~ /\A\[([0-9A-Fa-f:.]+)\]:(\d+)\z/) { ($host, $port) = ($1, $2) }
+    elsif ($addr =~ /\A([^:\[\]]*):(\d+)\z/)        { ($host, $port) = (length $1 ? $1 : undef, $2) }
+    else { die "expected HOST:PORT, [IPV6]:PORT or :PORT\n" }
+    die "port out of range\n" unless $port >= 1 && $port <= 65535;
+    return ($host, 0 + $port);
+}
+
+=head2 guess_name(@argv)
+
+The vassal's name from a raw argv without validating it, for error messages
+written before (or because) parsing failed.
+
+=cut
+
+sub guess_name {
+    my ($class, @args) = @_;
+    my ($name, $ini);
+    while (@args) {
+        my $arg = shift @args;
+        my ($key, $value) = $arg =~ /\A--([^=]+)(?:=(.*))?\z/s or next;
+        $value //= $args[0];
+        $name = $value if $key eq 'name';
+        $ini //= $value if $key eq 'ini';
+    }
+    return $name if defined $name && length $name;
+    return (File::Basename::fileparse($ini, qr/\.[^.]*/))[0] if defined $ini && length $ini;
+    return 'vassal';
+}
+
+1;

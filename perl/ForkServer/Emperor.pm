@@ -1,0 +1,74 @@
+package ForkServer::Emperor;
+use strict;
+use warnings;
+
+use Fcntl qw(F_GETFD F_SETFD FD_CLOEXEC);
+use ForkServer::Protocol qw(read_packet MOD_CONFIG);
+
+=head1 NAME
+
+ForkServer::Emperor - the vassal's end of the Emperor pipe and config pipe
+
+=head1 SYNOPSIS
+
+  my $pipe = ForkServer::Emperor->pipe_from_env;        # undef without an Emperor
+  ForkServer::Emperor->send($pipe, ForkServer::Emperor::SPAWNED);
+  my $text = ForkServer::Emperor->config_from_env;      # undef without a config pipe
+
+=head1 DESCRIPTION
+
+The descriptors are named by C<UWSGI_EMPEROR_FD> and
+C<UWSGI_EMPEROR_FD_CONFIG>. Both are made close-on-exec: a program the app
+runs must not hold the vassal's pipe (the Emperor would never see its end
+of file).
+
+=cut
+
+# Vassal -> Emperor bytes (PROTOCOL.md section 5)
+use constant { SPAWNED => 1, CONFIG_AGAIN => 2, ACCEPTING => 5, LOYAL => 17, DONE => 22, HEARTBEAT => 26 };
+# Emperor -> vassal bytes
+use constant { STOP => 0, RELOAD => 1, GRACEFUL_STOP => 2 };
+
+sub set_cloexec {
+    my ($class, $fh) = @_;
+    my $flags = fcntl($fh, F_GETFD, 0);
+    fcntl($fh, F_SETFD, $flags | FD_CLOEXEC) if defined $flags;
+    return 1;
+}
+
+sub _open_fd_from_env {
+    my ($class, $var) = @_;
+    my $fd = $ENV{$var};
+    return undef unless defined $fd && length $fd;
+    die "$var='$fd' is not a descriptor number\n" unless $fd =~ /\A\d+\z/;
+    open(my $fh, '+<&=', $fd) or die "$var=$fd: cannot use descriptor: $!\n";
+    binmode $fh;
+    $class->set_cloexec($fh);
+    return $fh;
+}
+
+sub pipe_from_env   { $_[0]->_open_fd_from_env('UWSGI_EMPEROR_FD') }
+sub config_fh_from_env { $_[0]->_open_fd_from_env('UWSGI_EMPEROR_FD_CONFIG') }
+
+# Reads the configuration packet (modifier1 115) from the config pipe.
+# Returns (text, handle): the handle stays open so that the vassal can ask
+# for its config again with byte 2.
+sub config_from_env {
+    my ($class) = @_;
+    my $fh = $class->config_fh_from_env or return;
+    my ($mod1, undef, $body) = eval { read_packet($fh) };
+    die "config pipe: $@" unless defined $mod1;
+    die "config pipe: expected a packet with modifier1 " . MOD_CONFIG . ", got $mod1\n" unless $mod1 == MOD_CONFIG;
+    return ($body, $fh);
+}
+
+# One byte to the Emperor. A vassal without an Emperor sends nothing; a gone
+# Emperor is noticed by the reader of the pipe, not here.
+sub send {
+    my ($class, $fh, $byte) = @_;
+    return unless $fh;
+    local $SIG{PIPE} = 'IGNORE';
+    return syswrite($fh, chr $byte) == 1;
+}
+
+1;

@@ -1,0 +1,184 @@
+package ForkServer::Protocol;
+use strict;
+use warnings;
+
+use Exporter 'import';
+
+our @EXPORT_OK = qw(
+    encode_packet decode_header decode_packet read_packet
+    encode_array decode_array encode_dict decode_dict
+    MOD_FORK_SERVER MOD_CONFIG HEADER_LEN MAX_BODY
+);
+
+# modifier1 values used by uWSGI's Emperor and fork server
+use constant MOD_FORK_SERVER => 35;
+use constant MOD_CONFIG      => 115;
+use constant HEADER_LEN      => 4;
+use constant MAX_BODY        => 65535;
+
+# Strings on the wire are bytes. A character string that cannot be
+# downgraded would silently be encoded as UTF-8 by pack; refuse it instead.
+sub _bytes {
+    my ($what, $s) = @_;
+    die "$what is undefined\n" unless defined $s;
+    utf8::downgrade($s, 1) or die "$what contains wide characters (encode it first)\n";
+    return $s;
+}
+
+sub encode_packet {
+    my ($mod1, $mod2, $body) = @_;
+    $body = _bytes('packet body', $body // '');
+    die "packet body too long: " . length($body) . " bytes (max " . MAX_BODY . ")\n"
+        if length $body > MAX_BODY;
+    for ($mod1, $mod2) {
+        die "modifier out of range: $_\n" unless defined && /\A\d+\z/ && $_ <= 255;
+    }
+    return pack('C v C', $mod1, length $body, $mod2) . $body;
+}
+
+# Returns (modifier1, body size, modifier2) of a 4-byte header.
+sub decode_header {
+    my ($bytes) = @_;
+    die "packet header needs " . HEADER_LEN . " bytes, got " . length($bytes) . "\n"
+        unless length $bytes == HEADER_LEN;
+    return unpack('C v C', $bytes);
+}
+
+# Decodes one whole packet: the string must be exactly header + body.
+sub decode_packet {
+    my ($bytes) = @_;
+    die "packet truncated: " . length($bytes) . " bytes, the header alone needs " . HEADER_LEN . "\n"
+        if length $bytes < HEADER_LEN;
+    my ($mod1, $size, $mod2) = decode_header(substr($bytes, 0, HEADER_LEN));
+    my $have = length($bytes) - HEADER_LEN;
+    die "packet truncated: header announces $size body bytes, got $have\n" if $have < $size;
+    die "packet has " . ($have - $size) . " bytes of trailing garbage after its $size-byte body\n"
+        if $have > $size;
+    return ($mod1, $mod2, substr($bytes, HEADER_LEN));
+}
+
+# Reads one packet from a blocking handle. Dies on end of file or error.
+sub read_packet {
+    my ($fh) = @_;
+    my $head = _read_exactly($fh, HEADER_LEN, 'packet header');
+    my ($mod1, $size, $mod2) = decode_header($head);
+    my $body = _read_exactly($fh, $size, 'packet body');
+    return ($mod1, $mod2, $body);
+}
+
+sub _read_exactly {
+    my ($fh, $want, $what) = @_;
+    my $buf = '';
+    while (length $buf < $want) {
+        my $n = sysread($fh, $buf, $want - length $buf, length $buf);
+        die "reading $what: $!\n" unless defined $n;
+        die "reading $what: end of file after " . length($buf) . " of $want bytes\n" if $n == 0;
+    }
+    return $buf;
+}
+
+sub _encode_item {
+    my ($what, $s) = @_;
+    $s = _bytes($what, $s);
+    die "$what too long: " . length($s) . " bytes (max 65535)\n" if length $s > 65535;
+    return pack('v', length $s) . $s;
+}
+
+sub encode_array {
+    my @items = @_;
+    return join '', map { _encode_item("array item $_", $items[$_]) } 0 .. $#items;
+}
+
+sub encode_dict {
+    my @pairs = @_;
+    die "encode_dict needs key/value pairs\n" if @pairs % 2;
+    my $out = '';
+    for (my $i = 0; $i < @pairs; $i += 2) {
+        $out .= _encode_item("dict key $i", $pairs[$i]) . _encode_item("dict value of '$pairs[$i]'", $pairs[$i + 1]);
+    }
+    return $out;
+}
+
+# Splits a body into its u16-length-prefixed items. A length that runs past
+# the end of the body is an error, never a short item.
+sub _decode_items {
+    my ($what, $body) = @_;
+    my @items;
+    my $pos = 0;
+    my $end = length $body;
+    while ($pos < $end) {
+        die "$what item " . scalar(@items) . ": length field truncated at offset $pos of $end\n"
+            if $end - $pos < 2;
+        my $len = unpack('v', substr($body, $pos, 2));
+        $pos += 2;
+        die "$what item " . scalar(@items) . ": length $len at offset " . ($pos - 2)
+            . " runs past the end of the $end-byte body\n"
+            if $len > $end - $pos;
+        push @items, substr($body, $pos, $len);
+        $pos += $len;
+    }
+    return @items;
+}
+
+sub decode_array {
+    my ($body) = @_;
+    return _decode_items('array', $body);
+}
+
+# Returns the pairs in wire order (a list, so a caller can detect repeats).
+sub decode_dict {
+    my ($body) = @_;
+    my @items = _decode_items('dict', $body);
+    die "dict: key '$items[-1]' has no value\n" if @items % 2;
+    return @items;
+}
+
+1;
+
+__END__
+
+=head1 NAME
+
+ForkServer::Protocol - uwsgi packets, arrays and dicts as spoken by the uWSGI Emperor and fork server
+
+=head1 SYNOPSIS
+
+  use ForkServer::Protocol qw(encode_packet decode_packet encode_array decode_array);
+
+  my $bytes = encode_packet(35, 0x01, encode_array($0, '--ini', 'app1.ini'));
+  my ($mod1, $mod2, $body) = decode_packet($bytes);
+  my @argv = decode_array($body);
+
+=head1 DESCRIPTION
+
+A packet is C<modifier1 (u8), body size (u16 LE), modifier2 (u8), body>.
+An array body is a sequence of C<u16 LE length, bytes>; a dict body is a
+sequence of such items taken as key/value pairs.
+
+Every decoder dies with a one-line message (ending in a newline) on
+malformed input: a length that runs past the end of the body, a truncated
+length field, a packet shorter or longer than its header announces, a dict
+key without a value. Encoders die on strings longer than 65535 bytes and on
+strings with wide characters.
+
+=head1 FUNCTIONS
+
+=over
+
+=item encode_packet($modifier1, $modifier2, $body)
+
+=item decode_header($four_bytes) -> ($modifier1, $size, $modifier2)
+
+=item decode_packet($bytes) -> ($modifier1, $modifier2, $body)
+
+=item read_packet($fh) -> ($modifier1, $modifier2, $body)
+
+Blocking read of one packet; dies on end of file.
+
+=item encode_array(@items), decode_array($body) -> @items
+
+=item encode_dict(%pairs_in_order), decode_dict($body) -> @pairs
+
+=back
+
+=cut

@@ -1,0 +1,166 @@
+package ForkServer::Request;
+use strict;
+use warnings;
+
+use Fcntl qw(S_ISSOCK);
+use POSIX ();
+use Socket qw(SOL_SOCKET SCM_RIGHTS MSG_DONTWAIT);
+use Socket::MsgHdr ();
+use ForkServer::Protocol qw(decode_header decode_array HEADER_LEN MAX_BODY MOD_FORK_SERVER);
+
+=head1 NAME
+
+ForkServer::Request - one adoption request being read by the fork server
+
+=head1 SYNOPSIS
+
+  my $req = ForkServer::Request->new(sock => $client, deadline => $t, peer => "pid 12 uid 0");
+  # whenever $client is readable:
+  my $state = eval { $req->read_some };   # 'more' or 'complete'; dies: refuse
+  $req->close_all unless $state;           # every descriptor the client brought
+  my ($pipe_fd, $config_fd, $ondemand_fd) = $req->fds_by_role;
+  my @argv = $req->argv;
+
+=head1 DESCRIPTION
+
+Reads a request (PROTOCOL.md section 2) from a non-blocking socket without
+ever blocking, so the fork server can serve many clients at once. The
+descriptors come with the first bytes; every descriptor received is
+recorded at once, so that a refusal can close all of them.
+
+Validation: modifier1 35; mask bits only 0x01 (required), 0x02, 0x04; the
+number of descriptors equal to the bits set; the body exactly as long as
+announced; a well-formed array of 1 to MAX_ARGS items, each at most
+MAX_ARG_BYTES of valid UTF-8 without NUL.
+
+=cut
+
+use constant MSG_CMSG_CLOEXEC => 0x40000000;    # Linux: received descriptors are close-on-exec
+use constant MSG_CTRUNC       => 0x08;          # Linux: control data did not fit
+use constant CONTROL_LEN      => 512;           # room for far more than 3 descriptors: excess ones are seen (and closed), not dropped
+use constant MAX_ARGS         => 256;
+use constant MAX_ARG_BYTES    => 4096;
+use constant MASK_PIPE        => 0x01;
+use constant MASK_CONFIG      => 0x02;
+use constant MASK_ONDEMAND    => 0x04;
+
+sub new {
+    my ($class, %args) = @_;
+    return bless {
+        sock     => $args{sock},
+        peer     => $args{peer} // 'unknown peer',
+        deadline => $args{deadline},
+        buf      => '',
+        fds      => [],
+        reads    => 0,
+    }, $class;
+}
+
+sub sock     { $_[0]{sock} }
+sub peer     { $_[0]{peer} }
+sub deadline { $_[0]{deadline} }
+sub mask     { $_[0]{mask} }
+sub argv     { @{ $_[0]{argv} } }
+sub fds      { @{ $_[0]{fds} } }
+
+# Reads what is there. Returns 'more' or 'complete'; dies with the reason
+# for refusing the request.
+sub read_some {
+    my ($self) = @_;
+    # one byte more than a whole packet, so trailing garbage is seen
+    my $room = HEADER_LEN + MAX_BODY + 1 - length $self->{buf};
+    my $hdr  = Socket::MsgHdr->new(buflen => $room, controllen => CONTROL_LEN);
+    my $n    = Socket::MsgHdr::recvmsg($self->{sock}, $hdr, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    if (!defined $n) {
+        return 'more' if $!{EAGAIN} || $!{EWOULDBLOCK} || $!{EINTR};
+        die "reading request: $!\n";
+    }
+    my $got_fds = $self->_take_descriptors($hdr);
+    die "control data truncated: too many descriptors\n" if $hdr->flags & MSG_CTRUNC;
+    my $first = $self->{reads}++ == 0;
+    die "descriptors arrived after the first bytes of the request\n" if $got_fds && !$first;
+    die "connection closed after " . length($self->{buf}) . " bytes of the request\n" if $n == 0;
+    die "no descriptors with the first bytes (the Emperor pipe is required)\n" if $first && !$got_fds;
+    $self->{buf} .= $hdr->buf;
+    return $self->_check;
+}
+
+sub _take_descriptors {
+    my ($self, $hdr) = @_;
+    my @cmsg = $hdr->cmsghdr;
+    my $count = 0;
+    while (my ($level, $type, $data) = splice @cmsg, 0, 3) {
+        next unless $level == SOL_SOCKET && $type == SCM_RIGHTS;
+        my @fds = unpack 'i*', $data;
+        push @{ $self->{fds} }, @fds;
+        $count += @fds;
+    }
+    return $count;
+}
+
+sub _check {
+    my ($self) = @_;
+    my $len = length $self->{buf};
+    my $mod1 = ord $self->{buf};
+    die "wrong modifier1 $mod1 (expected " . MOD_FORK_SERVER . ")\n" unless $mod1 == MOD_FORK_SERVER;
+    return 'more' if $len < HEADER_LEN;
+    my (undef, $size, $mask) = decode_header(substr $self->{buf}, 0, HEADER_LEN);
+    die "" . ($len - HEADER_LEN - $size) . " bytes of trailing garbage after the $size-byte body\n"
+        if $len > HEADER_LEN + $size;
+    return 'more' if $len < HEADER_LEN + $size;
+    $self->_validate($mask, substr $self->{buf}, HEADER_LEN);
+    return 'complete';
+}
+
+sub _validate {
+    my ($self, $mask, $body) = @_;
+    die sprintf("unknown mask bits 0x%02x\n", $mask) if $mask & ~(MASK_PIPE | MASK_CONFIG | MASK_ONDEMAND);
+    die sprintf("mask 0x%02x lacks bit 0x01 (the Emperor pipe)\n", $mask) unless $mask & MASK_PIPE;
+    my $want = grep { $mask & $_ } MASK_PIPE, MASK_CONFIG, MASK_ONDEMAND;
+    my $have = @{ $self->{fds} };
+    die sprintf("mask 0x%02x announces %d descriptors, got %d\n", $mask, $want, $have) unless $want == $have;
+    for my $fd (@{ $self->{fds} }) {
+        my @st = POSIX::fstat($fd);
+        die "received descriptor $fd is not a socket\n" unless @st && S_ISSOCK($st[2]);
+    }
+    my @argv = eval { decode_array($body) };
+    die "argv: $@" if $@;
+    die "empty argv\n" unless @argv;
+    die "argv has " . @argv . " items (max " . MAX_ARGS . ")\n" if @argv > MAX_ARGS;
+    for my $i (0 .. $#argv) {
+        die "argv[$i] is " . length($argv[$i]) . " bytes (max " . MAX_ARG_BYTES . ")\n" if length $argv[$i] > MAX_ARG_BYTES;
+        die "argv[$i] contains a NUL byte\n" if index($argv[$i], "\0") >= 0;
+        my $copy = $argv[$i];
+        die "argv[$i] is not valid UTF-8\n" unless utf8::decode($copy);
+    }
+    $self->{mask} = $mask;
+    $self->{argv} = \@argv;
+    return;
+}
+
+# The received descriptors in protocol order: Emperor pipe, config pipe
+# (mask 0x02), on-demand socket (mask 0x04); undef for those not sent.
+sub fds_by_role {
+    my ($self) = @_;
+    my @fds = @{ $self->{fds} };
+    my $pipe     = shift @fds;
+    my $config   = $self->{mask} & MASK_CONFIG   ? shift @fds : undef;
+    my $ondemand = $self->{mask} & MASK_ONDEMAND ? shift @fds : undef;
+    return ($pipe, $config, $ondemand);
+}
+
+# Forgets the descriptors without closing them (they now belong to the
+# adopted vassal).
+sub release_fds { $_[0]{fds} = [] }
+
+# Closes the connection and every descriptor the client brought.
+sub close_all {
+    my ($self) = @_;
+    POSIX::close($_) for @{ $self->{fds} };
+    $self->{fds} = [];
+    close $self->{sock} if $self->{sock};
+    $self->{sock} = undef;
+    return;
+}
+
+1;

@@ -1,0 +1,173 @@
+package ForkServer::Vassal;
+use strict;
+use warnings;
+
+# Everything the vassal path needs is loaded here, at compile time: the base
+# vassal loads this module before it forks, so an adopted vassal loads
+# nothing between its fork and its first accept().
+use IO::Socket::IP ();
+use ForkServer::App ();
+use POSIX ();
+use Socket qw(SOL_SOCKET SO_ACCEPTCONN SOMAXCONN);
+use ForkServer::Config ();
+use ForkServer::Emperor ();
+use ForkServer::HTTPServer ();
+
+=head1 NAME
+
+ForkServer::Vassal - configure a vassal (adopted or plain) and serve its app
+
+=head1 SYNOPSIS
+
+  ForkServer::Vassal->new(
+      config        => $config,      # ForkServer::Config
+      emperor       => $pipe_fh,     # or undef
+      config_fh     => $fh,          # the config pipe, kept open; or undef
+      preloaded_app => $app,         # the base's early-psgi app; undef in a plain vassal
+      use_fd0       => 1,            # serve on descriptor 0 if it is a listening socket
+  )->run;                            # returns when the HTTP server stops
+
+=head1 DESCRIPTION
+
+In order: process title, C<env> into C<%ENV>, C<chdir>, the app
+(C<psgi> if given, else the preloaded app, else C<early-psgi> loaded cold),
+the listening socket (descriptor 0 or C<http-socket>), dropping root
+privileges (C<gid>, C<uid>), byte 1 to the Emperor, then
+L<ForkServer::HTTPServer>, which reports bytes 5, 17, 26, 22 itself.
+
+Errors die with a one-line message.
+
+=cut
+
+=head2 warm_up
+
+Called by the base vassal before it serves adoptions: does once, in the
+base, what each vassal's first request would otherwise do after the fork
+(modules Perl loads on demand, reading the time zone).
+
+=cut
+
+sub warm_up {
+    require PerlIO::scalar;    # open on \$buffer (psgi.input, psgi.errors) loads it on first use
+    POSIX::tzset();
+    my @now = localtime;       # glibc reads /etc/localtime once
+    return;
+}
+
+sub new {
+    my ($class, %args) = @_;
+    return bless {%args}, $class;
+}
+
+sub run {
+    my ($self) = @_;
+    my $config = $self->{config};
+    my $name   = $config->name;
+    $0 = $config->get('procname') // "psgi-vassal $name";
+    $self->apply_env;
+    if (defined(my $dir = $config->get('chdir'))) {
+        chdir $dir or die "chdir '$dir': $!\n";
+    }
+    my $app  = $self->load_app;
+    my $sock = $self->listen_socket;
+    $self->drop_privileges;
+    ForkServer::Emperor->send($self->{emperor}, ForkServer::Emperor::SPAWNED);
+    ForkServer::HTTPServer->new(
+        listen_sock  => $sock,
+        app          => $app,
+        workers      => $config->get('processes'),
+        max_requests => $config->get('max-requests'),
+        harakiri     => $config->get('harakiri'),
+        name         => $name,
+        emperor_fh   => $self->{emperor},
+        heartbeat    => $config->get('heartbeat'),
+        idle         => $config->get('idle'),
+        access_log   => $config->get('disable-logging') ? undef : \*STDERR,
+        proctitle    => $0,
+    )->run;
+    return;
+}
+
+# Directly into %ENV: Perl's %ENV is what the app reads (uWSGI sets the C
+# environment after Perl has copied it, so its env never reaches %ENV).
+sub apply_env {
+    my ($self) = @_;
+    for my $pair ($self->{config}->list('env')) {
+        my ($key, $value) = split /=/, $pair, 2;
+        $ENV{$key} = $value;
+    }
+    return;
+}
+
+sub load_app {
+    my ($self) = @_;
+    my $config = $self->{config};
+    my $file = $config->get('psgi');
+    if (!defined $file) {
+        return $self->{preloaded_app} if $self->{preloaded_app};
+        $file = $config->get('early-psgi');
+        die "no app: give --psgi FILE (or --early-psgi FILE)\n" unless defined $file;
+    }
+    return ForkServer::App::load($file);
+}
+
+sub listen_socket {
+    my ($self) = @_;
+    if ($self->{use_fd0} and my $sock = inherited_listener()) {
+        return $sock;
+    }
+    my $addr = $self->{config}->get('http-socket');
+    die "no socket: give --http-socket ADDR (or pass a listening socket as descriptor 0)\n"
+        unless defined $addr;
+    my ($host, $port) = ForkServer::Config::parse_address($addr);
+    my @common = (LocalPort => $port, Listen => $self->{config}->get('listen'), ReuseAddr => 1, Type => Socket::SOCK_STREAM());
+    my $sock;
+    if (defined $host) {
+        $sock = IO::Socket::IP->new(LocalHost => $host, @common);
+    }
+    else {    # all addresses: a dual-stack socket if the machine has IPv6
+        $sock = IO::Socket::IP->new(LocalHost => '::', V6Only => 0, @common)
+            || IO::Socket::IP->new(LocalHost => '0.0.0.0', @common);
+    }
+    die "cannot listen on http-socket $addr: " . ($@ || $!) . "\n" unless $sock;
+    return $sock;
+}
+
+=head2 inherited_listener()
+
+If descriptor 0 is a listening socket (the Emperor's on-demand socket),
+returns it as an IO::Socket::IP on a close-on-exec duplicate and points
+descriptor 0 at /dev/null, so the app's STDIN is not the server socket.
+
+=cut
+
+sub inherited_listener {
+    my $listening = getsockopt(STDIN, SOL_SOCKET, SO_ACCEPTCONN);
+    return undef unless $listening && unpack('i', $listening);
+    my $fd = POSIX::dup(0) // die "dup of descriptor 0: $!\n";
+    my $sock = IO::Socket::IP->new_from_fd($fd, 'r+') or die "descriptor 0: $!\n";
+    ForkServer::Emperor->set_cloexec($sock);
+    open STDIN, '<', '/dev/null' or die "reopening STDIN: $!\n";
+    return $sock;
+}
+
+# Only root can change; group first, while we still may.
+sub drop_privileges {
+    my ($self) = @_;
+    my $config = $self->{config};
+    my ($uid, $gid) = ($config->get('uid'), $config->get('gid'));
+    return unless defined $uid || defined $gid;
+    return unless $> == 0;
+    if (defined $gid) {
+        POSIX::setgid($gid) or die "setgid($gid): $!\n";
+        $) = "$gid $gid";    # also drops root's supplementary groups
+        die "setgroups($gid) did not stick\n" if (split ' ', $))[0] != $gid;
+    }
+    if (defined $uid) {
+        POSIX::setuid($uid) or die "setuid($uid): $!\n";
+        die "setuid($uid) did not stick\n" if $< != $uid || $> != $uid;
+    }
+    return;
+}
+
+1;

@@ -1,0 +1,185 @@
+"""The uwsgi packet and its array/dict bodies, and the Emperor pipe bytes.
+
+See shared PROTOCOL.md. All integers are little-endian. Every decoder is
+strict: a length that runs past the end of its input, or trailing bytes that
+do not form a whole item, raise ProtocolError.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+
+HEADER = struct.Struct("<BHB")
+HEADER_SIZE = HEADER.size  # 4
+MAX_BODY = 0xFFFF
+
+MODIFIER1_FORK_SERVER = 35
+MODIFIER1_CONFIG = 115
+
+# Descriptor mask bits of an adoption request (modifier2).
+MASK_PIPE = 0x01
+MASK_CONFIG = 0x02
+MASK_ON_DEMAND = 0x04
+
+
+class ProtocolError(ValueError):
+    """Malformed uwsgi packet, array or dict."""
+
+
+class VassalByte(IntEnum):
+    """Bytes a vassal writes on its Emperor pipe."""
+
+    SPAWNED = 1
+    CONFIG_AGAIN = 2
+    ACCEPTING = 5
+    LOYAL = 17
+    DONE = 22
+    HEARTBEAT = 26
+
+
+class EmperorByte(IntEnum):
+    """Bytes the Emperor writes on a vassal's pipe."""
+
+    STOP_NOW = 0
+    RELOAD = 1
+    STOP = 2
+
+
+@dataclass(frozen=True)
+class Packet:
+    modifier1: int
+    modifier2: int
+    body: bytes
+
+    def encode(self) -> bytes:
+        return encode_packet(self.modifier1, self.body, self.modifier2)
+
+
+def _as_bytes(item: bytes | str) -> bytes:
+    return item.encode() if isinstance(item, str) else bytes(item)
+
+
+def encode_packet(modifier1: int, body: bytes, modifier2: int = 0) -> bytes:
+    if not 0 <= modifier1 <= 0xFF or not 0 <= modifier2 <= 0xFF:
+        raise ProtocolError("modifier out of range")
+    if len(body) > MAX_BODY:
+        raise ProtocolError(f"body of {len(body)} bytes exceeds {MAX_BODY}")
+    return HEADER.pack(modifier1, len(body), modifier2) + body
+
+
+def decode_header(data: bytes) -> tuple[int, int, int]:
+    """Return (modifier1, size, modifier2) of a 4-byte header."""
+    if len(data) != HEADER_SIZE:
+        raise ProtocolError(f"header needs {HEADER_SIZE} bytes, got {len(data)}")
+    return HEADER.unpack(data)
+
+
+def decode_packet(data: bytes) -> Packet:
+    """Decode exactly one packet; nothing may follow it."""
+    if len(data) < HEADER_SIZE:
+        raise ProtocolError("truncated header")
+    m1, size, m2 = decode_header(data[:HEADER_SIZE])
+    body = data[HEADER_SIZE:]
+    if len(body) < size:
+        raise ProtocolError(f"truncated body: {len(body)} of {size} bytes")
+    if len(body) > size:
+        raise ProtocolError(f"{len(body) - size} bytes after the packet")
+    return Packet(m1, m2, bytes(body))
+
+
+class PacketReader:
+    """Incremental reader: feed() bytes, get the packet once it is whole."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> Packet | None:
+        self._buf += data
+        if len(self._buf) < HEADER_SIZE:
+            return None
+        _, size, _ = decode_header(bytes(self._buf[:HEADER_SIZE]))
+        if len(self._buf) < HEADER_SIZE + size:
+            return None
+        if len(self._buf) > HEADER_SIZE + size:
+            raise ProtocolError("bytes after the packet")
+        return decode_packet(bytes(self._buf))
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+
+def _encode_item(item: bytes) -> bytes:
+    if len(item) > 0xFFFF:
+        raise ProtocolError(f"item of {len(item)} bytes exceeds 65535")
+    return struct.pack("<H", len(item)) + item
+
+
+def encode_array(items: Iterable[bytes | str]) -> bytes:
+    body = b"".join(_encode_item(_as_bytes(i)) for i in items)
+    if len(body) > MAX_BODY:
+        raise ProtocolError(f"array body of {len(body)} bytes exceeds {MAX_BODY}")
+    return body
+
+
+def _read_items(body: bytes) -> list[bytes]:
+    items: list[bytes] = []
+    pos, end = 0, len(body)
+    while pos < end:
+        if end - pos < 2:
+            raise ProtocolError(f"truncated length at offset {pos}")
+        (n,) = struct.unpack_from("<H", body, pos)
+        pos += 2
+        if pos + n > end:
+            raise ProtocolError(f"item of {n} bytes at offset {pos} runs past the end")
+        items.append(bytes(body[pos : pos + n]))
+        pos += n
+    return items
+
+
+def decode_array(body: bytes) -> list[bytes]:
+    return _read_items(body)
+
+
+def encode_dict(pairs: Mapping[bytes | str, bytes | str]) -> bytes:
+    flat: list[bytes] = []
+    for k, v in pairs.items():
+        flat += [_as_bytes(k), _as_bytes(v)]
+    body = b"".join(_encode_item(i) for i in flat)
+    if len(body) > MAX_BODY:
+        raise ProtocolError(f"dict body of {len(body)} bytes exceeds {MAX_BODY}")
+    return body
+
+
+def decode_dict(body: bytes) -> dict[bytes, bytes]:
+    items = _read_items(body)
+    if len(items) % 2:
+        raise ProtocolError("dict has a key without a value")
+    return {items[i]: items[i + 1] for i in range(0, len(items), 2)}
+
+
+def adoption_request(argv: Iterable[bytes | str], mask: int) -> bytes:
+    """The data part of an adoption request (descriptors go as SCM_RIGHTS)."""
+    if not mask & MASK_PIPE or mask & ~0x07:
+        raise ProtocolError(f"bad descriptor mask {mask:#x}")
+    return encode_packet(MODIFIER1_FORK_SERVER, encode_array(argv), mask)
+
+
+def parse_pid_reply(packet: Packet) -> int:
+    """The pid of an adoption reply; ProtocolError if there is none."""
+    if packet.modifier1 != MODIFIER1_FORK_SERVER:
+        raise ProtocolError(f"reply has modifier1 {packet.modifier1}, not 35")
+    pairs = decode_dict(packet.body)
+    raw = pairs.get(b"pid")
+    if raw is None:
+        raise ProtocolError("reply has no pid")
+    text = raw.decode("ascii", "replace").strip()
+    if not text.isdigit():
+        raise ProtocolError(f"unparsable pid {raw!r}")
+    pid = int(text)
+    if pid <= 0:
+        raise ProtocolError(f"bad pid {pid}")
+    return pid

@@ -1,0 +1,102 @@
+use strict;
+use warnings;
+use Test::More;
+use lib 't/lib';
+use Cwd ();
+use File::Temp qw(tempdir);
+use IO::Socket::INET;
+use IO::Socket::UNIX;
+use POSIX ();
+use Socket qw(SOCK_STREAM);
+use Test::TCP qw(empty_port);
+use ForkServerTest::Emperor qw(
+    become_subreaper spawn_vassal adopt read_bytes read_reply http_get wait_for wait_gone stop_pid
+);
+
+plan skip_all => 'Linux only' unless $^O eq 'linux';
+become_subreaper();
+
+my $dir   = tempdir(CLEANUP => 1);
+chmod 0711, $dir;    # another uid must reach the socket to be refused by its uid check
+my $hello = Cwd::abs_path('t/apps/hello.psgi');
+sub slurp { open my $fh, '<', $_[0] or return ''; local $/; <$fh> }
+
+subtest 'plain vassal: cold load, pipe bytes, env, stop on byte 2' => sub {
+    my $port = empty_port();
+    my $v = spawn_vassal(argv => ['--name', 'plain1', '--http-socket', "127.0.0.1:$port", '--psgi', $hello,
+        '--env', 'APP_NAME=plain1', '--processes', 2], stderr => "$dir/plain1.log");
+    is read_bytes($v->{pipe}, 3, 20), "\x01\x05\x11", 'bytes 1, 5, 17' or diag slurp("$dir/plain1.log");
+    my $res = http_get($port, 10) // '';
+    like $res, qr/APP_NAME=plain1/, 'env reaches %ENV';
+    syswrite $v->{pipe}, "\x02";
+    ok wait_gone($v->{pid}, 15), 'stops on byte 2';
+};
+
+subtest 'plain vassal on an inherited listening socket (descriptor 0)' => sub {
+    my $listen = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => 0, Listen => 8, ReuseAddr => 1) or die $!;
+    my $port = $listen->sockport;
+    my $pid = fork // die;
+    if (!$pid) {    # the Emperor's on-demand socket arrives as stdin
+        POSIX::dup2(fileno $listen, 0);
+        { exec $^X, 'perl/ForkServer.pm', '--name', 'od', '--psgi', $hello, '--env', 'APP_NAME=od', '--disable-logging' }
+        POSIX::_exit(97);
+    }
+    close $listen;
+    like http_get($port, 10) // '', qr/APP_NAME=od/, 'serves on descriptor 0 without http-socket';
+    ok stop_pid($pid), 'stopped';
+};
+
+subtest 'plain vassal: port in use is one line, exit 1' => sub {
+    my $busy = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => 0, Listen => 1) or die $!;
+    my $port = $busy->sockport;
+    my $out = `$^X perl/ForkServer.pm --name busy --http-socket 127.0.0.1:$port --psgi $hello 2>&1`;
+    is $? >> 8, 1, 'exit 1';
+    like $out, qr/\Apsgi-vassal busy: error: cannot listen on http-socket 127\.0\.0\.1:$port: [^\n]+\n\z/, 'one line';
+};
+
+subtest 'base: peer uid check, end of file, live socket kept' => sub {
+    my $sock = "$dir/fs.sock";
+    my $log  = "$dir/base.log";
+    my $base = spawn_vassal(argv => ['--name', 'b', '--early-psgi', $hello, '--fork-server', $sock,
+        '--fork-server-mode', '0666'], stderr => $log);
+    is read_bytes($base->{pipe}, 1, 20), "\x01", 'byte 1' or diag slurp($log);
+    is((stat $sock)[2] & 07777, 0666, 'fork-server-mode applies');
+
+    SKIP: {
+        skip 'needs root to connect as another uid', 2 unless $> == 0;
+        my $pid = fork // die;
+        if (!$pid) {
+            POSIX::setuid(65534) or POSIX::_exit(2);
+            my $c = IO::Socket::UNIX->new(Peer => $sock, Type => SOCK_STREAM) or POSIX::_exit(3);
+            syswrite $c, "\x23\x00\x00\x01";
+            POSIX::_exit(defined read_reply($c, 10) ? 4 : 0);    # closed, no reply
+        }
+        waitpid $pid, 0;
+        is $? >> 8, 0, "another uid is refused: closed without reply (child status " . ($? >> 8) . ")";
+        ok wait_for(10, sub { slurp($log) =~ /refused connection from pid \d+ uid 65534: uid not allowed/ }),
+            'and logged with pid and uid';
+    }
+
+    my $second = `$^X perl/ForkServer.pm --name b2 --fork-server $sock 2>&1`;
+    like $second, qr/psgi-vassal b2: error: another fork server is listening/, 'a live socket is not stolen';
+    ok -S $sock, 'and is still there';
+
+    my $v = adopt($sock, argv => ['--name', 'bad', '--frobnicate', 1]);
+    ok $v->{pid}, 'an adopted vassal with a bad option replies with its pid';
+    ok wait_gone($v->{pid}, 10), 'then exits';
+    ok wait_for(10, sub { slurp($log) =~ /psgi-vassal bad: error: unknown option '--frobnicate'/ }),
+        'with one line naming it';
+
+    close $base->{pipe};
+    ok wait_gone($base->{pid}, 15), 'base stops on end of file';
+    ok !-e $sock, 'socket removed';
+};
+
+subtest 'base: a missing early-psgi is one line, exit 1, no socket' => sub {
+    my $out = `$^X perl/ForkServer.pm --name b3 --early-psgi $dir/none.psgi --fork-server $dir/b3.sock 2>&1`;
+    is $? >> 8, 1, 'exit 1';
+    like $out, qr/\Apsgi-vassal b3: error: app file .* not found\n\z/, 'one line';
+    ok !-e "$dir/b3.sock", 'app loaded before the socket is bound';
+};
+
+done_testing;

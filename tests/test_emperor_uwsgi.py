@@ -1,0 +1,80 @@
+"""Plain vassals (no base): the Emperor with Debian's uWSGI 2.0 as the vassal
+program, a real peer that speaks the Emperor pipe protocol."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from support import alive, descendants, free_port, kill_all, wait_for
+
+APP = Path(__file__).resolve().parent / "apps" / "hello.psgi"
+EMPEROR = Path(sys.executable).parent / "emperor"
+UWSGI = shutil.which("uwsgi")
+
+
+def has_psgi_plugin() -> bool:
+    return UWSGI is not None and any(
+        Path(d, "psgi_plugin.so").exists() for d in ("/usr/lib/uwsgi/plugins", "/usr/lib/uwsgi")
+    )
+
+
+pytestmark = pytest.mark.skipif(not has_psgi_plugin(), reason="uwsgi with the psgi plugin needed")
+
+
+def get(port: int) -> dict[str, str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
+        return dict(kv.split("=", 1) for kv in r.read().decode().split())
+
+
+def test_plain_uwsgi_vassals():
+    vdir = Path(tempfile.mkdtemp(prefix="pfs-u-"))
+    ports = {f"u{i}": free_port() for i in (1, 2)}
+    for name, port in ports.items():
+        (vdir / f"{name}.ini").write_text(
+            f"[uwsgi]\nplugin = psgi\nhttp-socket = 127.0.0.1:{port}\npsgi = {APP}\n"
+            f"env = APP_NAME={name}\ndisable-logging = true\n"
+        )
+    log = vdir.parent / (vdir.name + ".log")
+    with open(log, "wb") as out:
+        emp = subprocess.Popen(
+            [EMPEROR, "run", vdir, "--vassal-binary", "uwsgi", "--mercy", "5"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    procs: list[psutil.Process] = []
+    try:
+        for name, port in ports.items():
+            wait_for(lambda n=name, p=port: get(p)["name"] == n, 20, f"{name} to answer")
+        procs = descendants(emp.pid)
+        children = psutil.Process(emp.pid).children()
+        assert len(children) == 2
+        assert all("--ini" in c.cmdline() for c in children)
+        # a uWSGI vassal that dies is respawned
+        victim = children[0]
+        victim.kill()
+        wait_for(lambda: len([c for c in psutil.Process(emp.pid).children()
+                              if c.pid != victim.pid]) == 2, 15, "a respawned vassal")
+        for name, port in ports.items():
+            wait_for(lambda n=name, p=port: get(p)["name"] == n, 20, f"{name} to answer again")
+        procs += descendants(emp.pid)
+        emp.send_signal(signal.SIGTERM)
+        assert emp.wait(20) == 0
+        assert not [p for p in procs if alive(p)]
+    finally:
+        if emp.poll() is None:
+            procs += descendants(emp.pid)
+            emp.kill()
+            emp.wait()
+        kill_all([p for p in procs if alive(p)])
+        text = log.read_text(errors="replace")
+        log.unlink()
+        shutil.rmtree(vdir, ignore_errors=True)
+    assert "started plain vassal" in text
