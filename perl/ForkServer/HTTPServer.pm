@@ -50,6 +50,8 @@ my %PRCTL = (x86_64 => 157, aarch64 => 167, i386 => 172, i686 => 172);
 my ($ARCH) = ($Config::Config{archname} =~ /^([^-]+)/);
 my $SYS_PRCTL = $PRCTL{$ARCH // ''};
 
+my $BLOCK_SET = POSIX::SigSet->new(map { POSIX->can("SIG$_")->() } qw(TERM INT QUIT HUP CHLD ALRM));
+
 my @MON = qw(Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec);
 my @DAY = qw(Sun Mon Tue Wed Thu Fri Sat);
 
@@ -237,17 +239,25 @@ sub _emperor_send {
 
 sub _spawn_worker {
     my ($self, $slot) = @_;
+    # Signals stay blocked across fork() until the worker has its own
+    # handlers: a SIGTERM sent to a newborn worker would otherwise hit the
+    # master's inherited flag-setting handler and be lost.
+    my $old = POSIX::SigSet->new;
+    POSIX::sigprocmask(POSIX::SIG_BLOCK(), $BLOCK_SET, $old);
     my $pid = fork;
     unless (defined $pid) {
         warn "$self->{name}: fork failed: $!\n";
+        POSIX::sigprocmask(POSIX::SIG_SETMASK(), $old);
         $self->{respawn}{$slot} = _now() + 1;
         return;
     }
     if ($pid == 0) {
+        $self->{sigmask} = $old;
         my $code = eval { $self->_worker_main($slot); 0 };
         unless (defined $code) { warn "$self->{name}: worker $slot: $@"; $code = 1 }
         _worker_exit($code);
     }
+    POSIX::sigprocmask(POSIX::SIG_SETMASK(), $old);
     $self->{kids}{$pid} = { slot => $slot, gen => $self->{gen}, ready => 0, born => _now() };
     return $pid;
 }
@@ -374,6 +384,7 @@ sub _worker_main {
     $SIG{PIPE} = 'IGNORE';          # a vanished client is an EPIPE, not a death
     $self->{stopping_ref} = \$stopping;
     $self->{busy_ref} = \$busy;
+    POSIX::sigprocmask(POSIX::SIG_SETMASK(), delete $self->{sigmask});
 
     # Die with the master (SIGTERM: finish the request first).
     syscall($SYS_PRCTL, 1, POSIX::SIGTERM(), 0, 0, 0) if $SYS_PRCTL;
