@@ -1,0 +1,704 @@
+#!/usr/bin/env python3
+"""psgi-forkserver benchmarks: adoption speed and memory against cold starts
+and Starman, in one run, one process tree.
+
+usage: bench/run.py --quick | --full [--only SCENARIO,...] [--results DIR]
+
+See bench/README.md for what each figure is and how it is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+import psutil  # noqa: E402
+
+from benchlib import (  # noqa: E402
+    BenchError,
+    Ports,
+    Procs,
+    http_get,
+    machine_info,
+    pss_of,
+    rmtree,
+    set_child_subreaper,
+    summary,
+    tempdir,
+    wait_200,
+    wait_all_200,
+)
+from psgi_forkserver import forkserver  # noqa: E402  (the product's client)
+
+PROGRAM = str(ROOT / "perl" / "ForkServer.pm")
+APPS = {"heavy": str(HERE / "heavy.psgi"), "hello": str(HERE / "hello.psgi")}
+EMPEROR = str(ROOT / ".venv" / "bin" / "emperor")
+MB = 1024 * 1024
+
+SCENARIOS = ("adoption", "serving", "cold", "fleet", "mass")
+
+
+@dataclass
+class Sizes:
+    adoptions: int
+    colds: int
+    reactions: int
+    fleet: tuple[int, ...]
+    mass: int
+    idle_seconds: float
+    wrk_duration: str
+
+
+QUICK = Sizes(adoptions=20, colds=3, reactions=10, fleet=(10, 50), mass=50, idle_seconds=3, wrk_duration="3s")
+FULL = Sizes(adoptions=50, colds=10, reactions=10, fleet=(10, 50, 200), mass=200, idle_seconds=10, wrk_duration="10s")
+
+TARGETS = {
+    "adoption_p50_ms": 10.0,
+    "cold_over_adoption": 100.0,
+    "marginal_pss_mb": 3.0,
+    "mass_start_s": 3.0,
+    "emperor_cpu_pct": 1.0,
+    "serving_ratio": 0.90,
+}
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- a base vassal of our own (no Emperor) ---------------------------------------------
+
+
+class Base:
+    """`ForkServer.pm --early-psgi APP --fork-server SOCK` with an Emperor pipe."""
+
+    def __init__(self, procs: Procs, app: str, sock: Path, log: str) -> None:
+        self.procs, self.sock = procs, sock
+        self.pipe, theirs = socket.socketpair()
+        env = {**os.environ, "UWSGI_EMPEROR_FD": str(theirs.fileno())}
+        env.pop("UWSGI_EMPEROR_FD_CONFIG", None)
+        t0 = time.perf_counter()
+        self.proc = procs.spawn(
+            ["perl", PROGRAM, "--early-psgi", app, "--fork-server", str(sock)],
+            log=log, env=env, pass_fds=[theirs.fileno()],
+        )
+        theirs.close()
+        self.pipe.settimeout(120)
+        byte = self.pipe.recv(1)
+        if byte != b"\x01":
+            raise BenchError(f"base vassal for {app}: expected byte 1, got {byte!r} (see {log}.log)")
+        self.ready_s = time.perf_counter() - t0
+
+    def adopt(self, args: list[str]) -> tuple[int, socket.socket, float, float]:
+        """One adoption; returns (pid, our end of its pipe, t0, t_pid) (perf_counter)."""
+        ours, theirs = socket.socketpair()
+        t0 = time.perf_counter()
+        try:
+            pid = forkserver.adopt(self.sock, [PROGRAM, *args], theirs.fileno())
+        finally:
+            theirs.close()
+        t_pid = time.perf_counter()
+        self.procs.adopted(pid)
+        return pid, ours, t0, t_pid
+
+    def stop(self) -> None:
+        self.pipe.close()  # end of file: the base closes its socket and exits
+        if not self.procs.wait(self.proc.pid, 20):
+            self.procs.stop_tree(self.proc.pid, signal.SIGKILL, 5)
+        if self.sock.exists():
+            say(f"  note: base left its socket {self.sock} behind")
+
+
+def stop_adopted(procs: Procs, pid: int, pipe: socket.socket) -> None:
+    pipe.close()  # end of file on its Emperor pipe: graceful stop
+    if not procs.wait(pid, 15):
+        procs.stop_tree(pid, signal.SIGKILL, 5)
+    procs.reap()
+
+
+def wait_loyal(pipe: socket.socket, timeout: float) -> bool:
+    """Read the vassal's bytes until 17 (all workers accept)."""
+    pipe.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            data = pipe.recv(64)
+            if not data:
+                return False
+            if 17 in data:
+                return True
+    except OSError:
+        return False
+    return False
+
+
+# -- scenarios ------------------------------------------------------------------------------
+
+
+def adoption_latency(procs: Procs, ports: Ports, tmp: Path, app: str, n: int, path: str = "/") -> dict:
+    say(f"adoption latency, {app}: base + {n} adoptions, GET {path}")
+    base = Base(procs, APPS[app], tmp / f"fs-{app}.sock", f"base-{app}")
+    pid_ms, first_ms = [], []
+    try:
+        for i in range(n):
+            port = ports.get()
+            pid, pipe, t0, t_pid = base.adopt(["--http-socket", f"127.0.0.1:{port}", "--processes", "1"])
+            try:
+                t200 = wait_200(port, 30, path=path, alive=lambda: psutil.pid_exists(pid))
+            finally:
+                stop_adopted(procs, pid, pipe)
+            pid_ms.append((t_pid - t0) * 1000)
+            first_ms.append((t200 - t0) * 1000)
+    finally:
+        base.stop()
+    r = {"path": path, "base_ready_s": base.ready_s, "pid_reply_ms": summary(pid_ms), "first_200_ms": summary(first_ms),
+         "samples_first_200_ms": first_ms, "samples_pid_reply_ms": pid_ms}
+    say(f"  first 200 p50 {r['first_200_ms']['p50']:.2f} ms, p99 {r['first_200_ms']['p99']:.2f} ms; "
+        f"pid reply p50 {r['pid_reply_ms']['p50']:.2f} ms")
+    return r
+
+
+def run_wrk(port: int, duration: str, path: str = "/") -> dict:
+    argv = ["wrk", "-t2", "-c16", f"-d{duration}", f"http://127.0.0.1:{port}{path}"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    out = r.stdout
+    m = re.search(r"Requests/sec:\s*([\d.]+)", out)
+    errors = re.search(r"Socket errors:.*", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out)
+    return {
+        "rps": float(m.group(1)) if m else None,
+        "socket_errors": errors.group(0) if errors else None,
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+        "command": shlex.join(argv),
+        "output": out if not m else None,
+    }
+
+
+def serving(procs: Procs, ports: Ports, tmp: Path, app: str, duration: str) -> dict:
+    say(f"serving, {app}: adopted vassal (2 workers) vs starman --workers 2, wrk -d{duration}")
+    res: dict = {}
+    # ours: one adopted vassal with 2 workers, access log off (Starman's
+    # default, 'deployment' environment, logs nothing either)
+    base = Base(procs, APPS[app], tmp / f"fs-serve-{app}.sock", f"base-serve-{app}")
+    try:
+        port = ports.get()
+        pid, pipe, _, _ = base.adopt(
+            ["--http-socket", f"127.0.0.1:{port}", "--processes", "2", "--disable-logging"])
+        try:
+            wait_200(port, 30)
+            wait_loyal(pipe, 10)
+            run_wrk(port, "1s")  # warm-up, not counted
+            res["adopted"] = run_wrk(port, duration)
+        finally:
+            stop_adopted(procs, pid, pipe)
+    finally:
+        base.stop()
+    port = ports.get()
+    p = procs.spawn(["starman", "--workers", "2", "--listen", f"127.0.0.1:{port}", APPS[app]],
+                    log=f"starman-serve-{app}")
+    try:
+        wait_200(port, 60, alive=lambda: p.poll() is None)
+        # without --preload-app each Starman worker compiles the app on its
+        # first request: the warm-up gets both workers past that
+        run_wrk(port, "2s")
+        res["starman"] = run_wrk(port, duration)
+    finally:
+        procs.stop_tree(p.pid, signal.SIGTERM, 10)
+    a, s = res["adopted"]["rps"], res["starman"]["rps"]
+    res["ratio"] = a / s if a and s else None
+    say(f"  adopted {a} req/s, starman {s} req/s")
+    return res
+
+
+def cold_argv(server: str, app: str, port: int) -> tuple[list[str], int]:
+    """argv and the signal that stops it."""
+    addr = f"127.0.0.1:{port}"
+    if server == "ours":
+        return ["perl", PROGRAM, "--psgi", APPS[app], "--http-socket", addr], signal.SIGTERM
+    if server == "starman":
+        return ["starman", "--workers", "1", "--listen", addr, APPS[app]], signal.SIGTERM
+    if server == "uwsgi":
+        # uWSGI 2.0: SIGTERM means reload; SIGINT stops
+        return ["uwsgi", "--plugin", "psgi", "--psgi", APPS[app], "--http-socket", addr,
+                "--processes", "1"], signal.SIGINT
+    raise ValueError(server)
+
+
+def cold_starts(procs: Procs, ports: Ports, app: str, n: int) -> dict:
+    say(f"cold starts, {app}: {n} each of ours, starman, uwsgi")
+    res: dict = {}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UWSGI_")}
+    for server in ("ours", "starman", "uwsgi"):
+        xs = []
+        for i in range(n):
+            port = ports.get()
+            argv, stop_sig = cold_argv(server, app, port)
+            t0 = time.perf_counter()
+            p = procs.spawn(argv, log=f"cold-{server}-{app}", env=env)
+            try:
+                t200 = wait_200(port, 60, alive=lambda: p.poll() is None)
+            finally:
+                procs.stop_tree(p.pid, stop_sig, 10)
+            xs.append((t200 - t0) * 1000)
+        res[server] = {**summary(xs), "samples_ms": xs, "command": shlex.join(cold_argv(server, app, 0)[0])}
+        say(f"  {server}: p50 {res[server]['p50']:.0f} ms")
+    return res
+
+
+def cold_pss(procs: Procs, ports: Ports, app: str) -> dict:
+    """PSS of one cold-started app: our vassal program, master + 1 worker."""
+    port = ports.get()
+    argv = ["perl", PROGRAM, "--psgi", APPS[app], "--http-socket", f"127.0.0.1:{port}", "--processes", "1"]
+    p = procs.spawn(argv, log=f"cold-pss-{app}")
+    try:
+        wait_200(port, 60, alive=lambda: p.poll() is None)
+        time.sleep(0.5)
+        http_get(port)
+        tree = procs.tree(p.pid)
+        pss, uss, count = pss_of(tree)
+    finally:
+        procs.stop_tree(p.pid, signal.SIGTERM, 10)
+    return {"pss_bytes": pss, "uss_bytes": uss, "processes": count, "command": shlex.join(argv)}
+
+
+# -- the real Emperor -----------------------------------------------------------------------
+
+
+def write_vassal(vdir: Path, name: str, text: str) -> None:
+    """Atomically: write a dotfile (ignored by the Emperor), rename into place."""
+    tmp = vdir / f".{name}.ini.tmp"
+    tmp.write_text(text)
+    os.rename(tmp, vdir / f"{name}.ini")
+
+
+def base_ini(app: str, sock: Path) -> str:
+    return f"[uwsgi]\nearly-psgi = {APPS[app]}\nfork-server = {sock}\n"
+
+
+def vassal_ini(name: str, port: int) -> str:
+    return f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\nenv = APP_NAME={name}\n"
+
+
+class EmperorRun:
+    def __init__(self, procs: Procs, vdir: Path, log: str) -> None:
+        self.procs = procs
+        self.argv = [EMPEROR, "run", str(vdir)]
+        self.t0 = time.perf_counter()
+        self.proc = procs.spawn(self.argv, log=log)
+        self.ps = psutil.Process(self.proc.pid)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def under(self) -> list[psutil.Process]:
+        try:
+            return self.ps.children(recursive=True)
+        except psutil.Error:
+            return []
+
+    def stop(self) -> float:
+        """SIGTERM (graceful stop of every vassal); a second SIGTERM after 20 s
+        (kill now); SIGKILL after 10 more. Returns seconds it took."""
+        t = time.perf_counter()
+        tree = [p.pid for p in self.under()]
+        if self.alive():
+            os.kill(self.proc.pid, signal.SIGTERM)
+            if not self.procs.wait(self.proc.pid, 20):
+                say("  note: emperor still running 20 s after SIGTERM; sending it again")
+                os.kill(self.proc.pid, signal.SIGTERM)
+                if not self.procs.wait(self.proc.pid, 10):
+                    self.procs.stop_tree(self.proc.pid, signal.SIGKILL, 5)
+        took = time.perf_counter() - t
+        left = [q for q in tree if psutil.pid_exists(q) and q not in self.procs.status]
+        for q in left:  # orphans, now ours (subreaper): by pid
+            try:
+                if psutil.Process(q).status() != psutil.STATUS_ZOMBIE:
+                    say(f"  note: pid {q} outlived the emperor; SIGKILL")
+                    os.kill(q, signal.SIGKILL)
+            except psutil.Error:
+                pass
+        self.procs.reap()
+        return took
+
+
+def wait_fork_server(sock: Path, em: EmperorRun, timeout: float) -> float:
+    deadline = time.perf_counter() + timeout
+    while not forkserver.probe(sock):
+        if time.perf_counter() > deadline or not em.alive():
+            raise BenchError(f"the emperor's base never listened on {sock}")
+        time.sleep(0.002)
+    return time.perf_counter() - em.t0
+
+
+def fleet(procs: Procs, ports: Ports, tmp: Path, sizes: Sizes) -> dict:
+    """End-to-end reaction, then marginal memory at each fleet size, one emperor."""
+    say(f"emperor: reaction x{sizes.reactions}, memory at N = {', '.join(map(str, sizes.fleet))}")
+    vdir = tmp / "fleet"
+    vdir.mkdir()
+    sock = tmp / "fleet.sock"
+    (vdir / "base.ini").write_text(base_ini("heavy", sock))
+    em = EmperorRun(procs, vdir, "emperor-fleet")
+    res: dict = {"command": shlex.join(em.argv)}
+    names: list[str] = []
+    try:
+        res["base_listening_s"] = wait_fork_server(sock, em, 60)
+        time.sleep(0.5)  # let the emperor see byte 1 before the first measured file
+        react = []
+        for i in range(sizes.reactions):
+            name, port = f"r{i:03d}", ports.get()
+            t0 = time.perf_counter()
+            write_vassal(vdir, name, vassal_ini(name, port))
+            t200 = wait_200(port, 30, alive=em.alive)
+            react.append((t200 - t0) * 1000)
+            names.append(name)
+            time.sleep(0.05)
+        res["reaction_ms"] = {**summary(react), "samples_ms": react}
+        say(f"  reaction p50 {res['reaction_ms']['p50']:.1f} ms")
+        mem = []
+        all_ports: list[int] = []
+        for n in sizes.fleet:
+            new = []
+            while len(names) < n:
+                name, port = f"m{len(names):03d}", ports.get()
+                write_vassal(vdir, name, vassal_ini(name, port))
+                names.append(name)
+                new.append(port)
+            all_ports += new
+            t0 = time.perf_counter()
+            wait_all_200(new, 120, t0)  # also: every vassal served one request
+            time.sleep(1.0)
+            under = em.under()
+            pss, uss, count = pss_of(under)
+            em_mem = em.ps.memory_full_info()
+            mem.append({"n": n, "pss_under_bytes": pss, "uss_under_bytes": uss, "processes_under": count,
+                        "pss_per_vassal_bytes": pss / n, "emperor_pss_bytes": em_mem.pss,
+                        "emperor_rss_bytes": em_mem.rss})
+            say(f"  N={n}: {count} processes, PSS {pss / MB:.0f} MB, {pss / n / MB:.2f} MB per vassal")
+        for a, b in zip(mem, mem[1:]):
+            b["increment_per_vassal_bytes"] = (b["pss_under_bytes"] - a["pss_under_bytes"]) / (b["n"] - a["n"])
+        res["memory"] = mem
+    finally:
+        res["stop_s"] = em.stop()
+        rmtree(vdir)
+    return res
+
+
+def mass_start(procs: Procs, ports: Ports, tmp: Path, sizes: Sizes) -> dict:
+    n = sizes.mass
+    say(f"emperor: mass start of {n} vassals, then {sizes.idle_seconds:g} s idle")
+    vdir = tmp / "mass"
+    vdir.mkdir()
+    sock = tmp / "mass.sock"
+    (vdir / "base.ini").write_text(base_ini("heavy", sock))
+    vports = []
+    for i in range(n):
+        port = ports.get()
+        (vdir / f"v{i:03d}.ini").write_text(vassal_ini(f"v{i:03d}", port))
+        vports.append(port)
+    em = EmperorRun(procs, vdir, "emperor-mass")
+    res: dict = {"command": shlex.join(em.argv), "n": n}
+    try:
+        res["base_listening_s"] = wait_fork_server(sock, em, 60)
+        first = wait_all_200(vports, 120, em.t0)
+        res["all_200_s"] = max(first.values())
+        res["after_base_s"] = res["all_200_s"] - res["base_listening_s"]
+        say(f"  all {n} answering {res['all_200_s']:.2f} s after `emperor run` "
+            f"(base listening at {res['base_listening_s']:.2f} s)")
+        time.sleep(2.0)  # let start-up settle (bytes 5, 17 from every vassal)
+        c0 = em.ps.cpu_times()
+        t0 = time.perf_counter()
+        time.sleep(sizes.idle_seconds)
+        c1 = em.ps.cpu_times()
+        dt = time.perf_counter() - t0
+        cpu = (c1.user - c0.user) + (c1.system - c0.system)
+        m = em.ps.memory_full_info()
+        res["idle"] = {"seconds": dt, "cpu_seconds": cpu, "cpu_pct": 100 * cpu / dt,
+                       "emperor_rss_bytes": m.rss, "emperor_pss_bytes": m.pss,
+                       "processes_under": len(em.under())}
+        say(f"  idle emperor: {res['idle']['cpu_pct']:.2f}% CPU, RSS {m.rss / MB:.1f} MB")
+    finally:
+        res["stop_s"] = em.stop()
+        rmtree(vdir)
+    return res
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def fmt(x, spec=".1f", unit=""):
+    return "n/a" if x is None else f"{x:{spec}}{unit}"
+
+
+def verdict(ok) -> str:
+    return "n/a" if ok is None else ("met" if ok else "NOT met")
+
+
+def table(r: dict) -> list[tuple[str, str, str, str]]:
+    rows = []
+    ad = r.get("adoption", {})
+    cold = r.get("cold", {})
+    for app in ("heavy", "heavy /hello", "hello"):
+        a = ad.get(app)
+        if a:
+            p50 = a["first_200_ms"]["p50"]
+            rows.append((f"adoption -> first 200, {app}: p50 / p99",
+                         f"{p50:.2f} / {a['first_200_ms']['p99']:.2f} ms",
+                         f"p50 <= {TARGETS['adoption_p50_ms']:g} ms" if app == "heavy" else "",
+                         verdict(p50 <= TARGETS["adoption_p50_ms"]) if app == "heavy" else ""))
+            rows.append((f"adoption -> pid reply, {app}: p50 / p99",
+                         f"{a['pid_reply_ms']['p50']:.2f} / {a['pid_reply_ms']['p99']:.2f} ms", "", ""))
+    for app in ("heavy", "hello"):
+        a = ad.get(app)
+        c = cold.get(app)
+        if c:
+            for server in ("ours", "starman", "uwsgi"):
+                s = c.get(server)
+                if not s:
+                    continue
+                ratio = s["p50"] / a["first_200_ms"]["p50"] if a else None
+                is_target = app == "heavy"
+                rows.append((f"cold start -> first 200, {app}, {server}: p50 (cold / adoption)",
+                             f"{s['p50']:.0f} ms ({fmt(ratio, '.0f', 'x')})",
+                             f">= {TARGETS['cold_over_adoption']:g}x" if is_target else "",
+                             verdict(ratio >= TARGETS["cold_over_adoption"] if ratio else None) if is_target else ""))
+    fl = r.get("fleet")
+    if fl and "reaction_ms" in fl:
+        rows.append(("emperor: new vassal file -> first 200: p50 / max",
+                     f"{fl['reaction_ms']['p50']:.1f} / {fl['reaction_ms']['max']:.1f} ms", "", ""))
+    cp = r.get("cold_pss")
+    if fl and "memory" in fl:
+        for m in fl["memory"]:
+            inc = m.get("increment_per_vassal_bytes")
+            last = m is fl["memory"][-1]
+            rows.append((f"PSS under emperor / N, N={m['n']} ({m['processes_under']} processes)",
+                         f"{m['pss_per_vassal_bytes'] / MB:.2f} MB", "", ""))
+            if inc is not None:
+                is_target = last and m["n"] >= 200
+                rows.append((f"PSS increment per added idle vassal, N={m['n']}",
+                             f"{inc / MB:.2f} MB",
+                             f"<= {TARGETS['marginal_pss_mb']:g} MB at N=200" if last else "",
+                             verdict(inc / MB <= TARGETS["marginal_pss_mb"]) if is_target else
+                             ("n/a (N<200)" if last else "")))
+        if cp:
+            rows.append(("PSS of one cold app (ours, master + 1 worker)",
+                         f"{cp['pss_bytes'] / MB:.1f} MB", "", ""))
+            inc = fl["memory"][-1].get("increment_per_vassal_bytes")
+            if inc:
+                rows.append(("cold app PSS / increment per adopted vassal",
+                             f"{cp['pss_bytes'] / inc:.0f}x", "", ""))
+    ms = r.get("mass")
+    if ms and "all_200_s" in ms:
+        is_target = ms["n"] >= 200
+        rows.append((f"mass start: `emperor run` -> all {ms['n']} answering 200",
+                     f"{ms['all_200_s']:.2f} s (base listening at {ms['base_listening_s']:.2f} s)",
+                     f"200 within {TARGETS['mass_start_s']:g} s",
+                     verdict(ms["all_200_s"] <= TARGETS["mass_start_s"]) if is_target else "n/a (N<200)"))
+    if ms and "idle" in ms:
+        is_target = ms["n"] >= 200
+        rows.append((f"idle emperor, {ms['n']} vassals: CPU over {ms['idle']['seconds']:.0f} s",
+                     f"{ms['idle']['cpu_pct']:.2f} %", f"< {TARGETS['emperor_cpu_pct']:g} % at 200",
+                     verdict(ms["idle"]["cpu_pct"] < TARGETS["emperor_cpu_pct"]) if is_target else "n/a (N<200)"))
+        rows.append((f"idle emperor, {ms['n']} vassals: RSS / PSS",
+                     f"{ms['idle']['emperor_rss_bytes'] / MB:.1f} / {ms['idle']['emperor_pss_bytes'] / MB:.1f} MB",
+                     "", ""))
+    sv = r.get("serving", {})
+    for app in ("hello", "heavy"):
+        s = sv.get(app)
+        if s:
+            a, st, ratio = s["adopted"]["rps"], s["starman"]["rps"], s["ratio"]
+            rows.append((f"wrk -t2 -c16, {app}: adopted (2 workers) / starman --workers 2",
+                         f"{fmt(a, '.0f')} / {fmt(st, '.0f')} req/s ({fmt(ratio, '.2f')})",
+                         f">= {TARGETS['serving_ratio']:.2f} of Starman",
+                         verdict(ratio >= TARGETS["serving_ratio"] if ratio else None)))
+    return rows
+
+
+def render_table(rows) -> str:
+    head = ("figure", "measured", "target", "")
+    widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(4)]
+    lines = ["| " + " | ".join(str(h).ljust(w) for h, w in zip(head, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
+    return "\n".join(lines)
+
+
+def markdown(r: dict, rows) -> str:
+    m = r["machine"]
+    v = m["versions"]
+    out = [
+        f"# psgi-forkserver benchmark, {r['mode']} run, {r['started']}",
+        "",
+        f"Command: `{r['command']}` (took {r.get('duration_s', 0):.0f} s)",
+        "",
+        "## Machine",
+        "",
+        f"- `{m['uname']}`",
+        f"- CPU: {m['cpu_model']}, {m['cores']} cores; memory {m['memory_bytes'] / 1024**3:.1f} GiB; "
+        f"load average at start {', '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}",
+        f"- perl {v['perl']}, Plack {v['plack']}, Starman {v['starman']}, uWSGI {v['uwsgi']}, "
+        f"python {v['python']}, psutil {v['psutil']}, {v['wrk']}",
+        "",
+        "## Results",
+        "",
+        render_table(rows),
+        "",
+    ]
+    if r.get("errors"):
+        out += ["## Errors", ""] + [f"- {e}" for e in r["errors"]] + [""]
+    out += [
+        "## Notes",
+        "",
+        "- Adoption: the bench process is the subreaper and talks to a base vassal directly "
+        "(`psgi_forkserver.forkserver.adopt`), timing from before the request to the first HTTP 200 "
+        "on the adopted vassal's port (connect/GET retried every 0.2 ms). Every sample is counted, "
+        "the first one included.",
+        "- Cold starts: fork+exec to first HTTP 200; the exact commands are in the JSON.",
+        "- Memory: PSS (psutil `memory_full_info`) summed over every process under the Emperor "
+        "(base vassal, adopted vassals, their workers), each vassal having served one request.",
+        "- Serving: the adopted vassal runs with `--disable-logging` because `starman` "
+        "(environment `deployment`) writes no access log; both get a wrk warm-up first (Starman "
+        "compiles the app in each worker on its first request).",
+        "",
+    ]
+    return "\n".join(out)
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--quick", action="store_true", help="about a minute, smaller samples")
+    mode.add_argument("--full", action="store_true", help="the figures to publish")
+    ap.add_argument("--only", default=",".join(SCENARIOS),
+                    help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)")
+    ap.add_argument("--results", type=Path, default=HERE / "results", help="where reports go")
+    args = ap.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    only = set(args.only.split(","))
+    if only - set(SCENARIOS):
+        ap.error(f"unknown scenario(s): {', '.join(sorted(only - set(SCENARIOS)))}")
+    for tool in ("perl", "starman", "uwsgi", "wrk"):
+        if not any(os.access(os.path.join(d, tool), os.X_OK) for d in os.environ.get("PATH", "").split(":")):
+            ap.error(f"{tool} not found on PATH (run `make setup`)")
+    if not os.access(EMPEROR, os.X_OK) and only & {"fleet", "mass"}:
+        ap.error(f"{EMPEROR} missing (run `make setup`)")
+
+    # Ctrl-C arrives as KeyboardInterrupt; SIGTERM and SIGHUP too, so that
+    # the finally clauses stop everything.
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+
+    set_child_subreaper()
+    started = datetime.now(timezone.utc)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    r: dict = {
+        "mode": "quick" if args.quick else "full",
+        "started": started.isoformat(timespec="seconds"),
+        "command": shlex.join([os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT))
+                               else sys.executable, os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])]),
+        "sizes": sizes.__dict__,
+        "targets": TARGETS,
+        "machine": machine_info(),
+        "errors": [],
+    }
+    tmp = tempdir()
+    procs = Procs(tmp)
+    ports = Ports()
+    t_start = time.perf_counter()
+    interrupted = False
+
+    def step(name: str, fn):
+        try:
+            return fn()
+        except BenchError as e:
+            say(f"  ERROR in {name}: {e}")
+            r["errors"].append(f"{name}: {e}")
+            return None
+
+    try:
+        if "adoption" in only:
+            r["adoption"] = {}
+            # heavy.psgi's /hello route answers without the app's work
+            # (Template, DateTime): it separates the server's cost from the
+            # first real page's
+            for key, app, path in (("heavy", "heavy", "/"), ("heavy /hello", "heavy", "/hello"),
+                                   ("hello", "hello", "/")):
+                x = step(f"adoption {key}",
+                         lambda: adoption_latency(procs, ports, tmp, app, sizes.adoptions, path))
+                if x:
+                    r["adoption"][key] = x
+        if "cold" in only:
+            r["cold"] = {}
+            for app in ("heavy", "hello"):
+                x = step(f"cold {app}", lambda: cold_starts(procs, ports, app, sizes.colds))
+                if x:
+                    r["cold"][app] = x
+        if "fleet" in only:
+            r["cold_pss"] = step("cold pss", lambda: cold_pss(procs, ports, "heavy"))
+            r["fleet"] = step("fleet", lambda: fleet(procs, ports, tmp, sizes))
+        if "mass" in only:
+            r["mass"] = step("mass", lambda: mass_start(procs, ports, tmp, sizes))
+        if "serving" in only:
+            r["serving"] = {}
+            for app in ("hello", "heavy"):
+                x = step(f"serving {app}", lambda: serving(procs, ports, tmp, app, sizes.wrk_duration))
+                if x:
+                    r["serving"][app] = x
+    except KeyboardInterrupt as e:
+        interrupted = True
+        why = str(e) or "SIGINT"
+        say(f"interrupted ({why}): stopping everything")
+        r["errors"].append(f"interrupted ({why})")
+    finally:
+        killed = procs.cleanup()
+        if killed:
+            say(f"cleanup: SIGKILLed leftover pids {killed}")
+            r["cleanup_killed"] = killed
+        if r["errors"]:
+            # keep the logs of a failed run where the report says
+            logs = args.results / f"{stamp}-logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            for f in tmp.glob("*.log"):
+                os.replace(f, logs / f.name)
+            r["logs"] = str(logs)
+        rmtree(tmp)
+    r["duration_s"] = time.perf_counter() - t_start
+
+    rows = table(r)
+    print(render_table(rows))
+    if r["errors"]:
+        print("\nerrors:\n" + "\n".join(f"  {e}" for e in r["errors"]))
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / f"{stamp}.json").write_text(json.dumps(r, indent=1, default=str) + "\n")
+    md = markdown(r, rows)
+    (args.results / f"{stamp}.md").write_text(md)
+    if not interrupted:
+        (args.results / "latest.md").write_text(md)
+    print(f"\nwrote {args.results / stamp}.json, .md" + ("" if interrupted else " and latest.md"))
+    return 130 if interrupted else (1 if r["errors"] else 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
