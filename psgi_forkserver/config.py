@@ -1,47 +1,91 @@
-"""Vassal files: discovery, the [uwsgi] INI reader, base detection, fingerprints."""
+"""Vassal files: discovery, the [uwsgi] INI reader, Jinja2 templates, base
+detection, fingerprints.
+
+A vassal is `NAME.ini`, or `NAME.ini.j2`: a Jinja2 template rendered before
+use (see `render_template`). Both for one NAME is an error of that vassal.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SUFFIX = ".ini"
+TEMPLATE_SUFFIX = ".ini.j2"
 SECTION = "uwsgi"
+
+# vim: .swp/.swo/.swx..., its write test file 4913 (and 4914, ...); emacs:
+# backups~, #autosave#, .#lock; generic backup/temp suffixes.
+_DROPPING = re.compile(
+    r"""(
+        .*~            |   # backups
+        .*\.sw[a-z]    |   # vim swap files (.swp, .swo, .swx, ...)
+        \d+            |   # vim's write test file (4913, 4914, ...)
+        \#.*\#         |   # emacs autosave
+        \.\#.*         |   # emacs lock symlink
+        .*\.(bak|orig|rej|tmp|dpkg-[a-z]+|ucf-[a-z]+)
+    )$""",
+    re.X,
+)
+
+
+def is_dropping(name: str) -> bool:
+    """An editor's or package manager's temporary file: never a vassal, and
+    an event on it is not worth a rescan."""
+    return bool(_DROPPING.fullmatch(name))
 
 
 def is_vassal_file(name: str) -> bool:
-    """`*.ini`, not a dotfile, not an editor's backup or swap file."""
-    return (
-        name.endswith(SUFFIX)
-        and not name.startswith(".")
-        and not name.endswith("~")
-        and not name.endswith(".swp")
-        and len(name) > len(SUFFIX)
-    )
+    """`*.ini` or `*.ini.j2`, not a dotfile, not an editor's backup or swap file."""
+    if name.startswith(".") or is_dropping(name):
+        return False
+    for suffix in (SUFFIX, TEMPLATE_SUFFIX):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return True
+    return False
+
+
+def is_template(filename: str) -> bool:
+    return filename.endswith(TEMPLATE_SUFFIX)
 
 
 def vassal_name(filename: str) -> str:
-    return filename[: -len(SUFFIX)] if filename.endswith(SUFFIX) else filename
+    """`app.ini` and `app.ini.j2` are both the vassal `app`."""
+    for suffix in (TEMPLATE_SUFFIX, SUFFIX):
+        if filename.endswith(suffix) and len(filename) > len(suffix):
+            return filename[: -len(suffix)]
+    return filename
+
+
+def candidates(directory: Path, name: str) -> tuple[Path, Path]:
+    """The two files that may declare vassal `name`."""
+    return Path(directory) / (name + SUFFIX), Path(directory) / (name + TEMPLATE_SUFFIX)
 
 
 def discover(directory: Path) -> dict[str, Path]:
-    """Vassal name -> file path, for every vassal file in `directory`."""
+    """Vassal name -> file path, for every vassal file in `directory`.
+
+    When both NAME.ini and NAME.ini.j2 exist, NAME.ini is returned; `load`
+    sees the other one and reports the conflict.
+    """
     found: dict[str, Path] = {}
     try:
         entries = list(os.scandir(directory))
     except FileNotFoundError:
         return found
-    for entry in entries:
+    for entry in sorted(entries, key=lambda e: is_template(e.name)):
         if is_vassal_file(entry.name):
             try:
                 if not entry.is_file():  # follows symlinks
                     continue
             except OSError:
                 continue
-            found[vassal_name(entry.name)] = Path(directory) / entry.name
+            found.setdefault(vassal_name(entry.name), Path(directory) / entry.name)
     return found
 
 
@@ -85,6 +129,8 @@ class VassalConfig:
     fingerprint: str
     options: tuple[tuple[str, str], ...] = ()
     error: str | None = None  # unreadable / malformed: the vassal will not start
+    text: str = ""  # what the vassal must see: the rendered template, or the file
+    rendered: bool = False  # a template: pass `text` on the config pipe
 
     def get(self, key: str, default: str | None = None) -> str | None:
         for k, v in reversed(self.options):
@@ -111,21 +157,163 @@ def fingerprint(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def load(path: Path) -> VassalConfig | None:
-    """Read a vassal file; None when it vanished in the meantime."""
-    name = vassal_name(path.name)
+def _read(path: Path) -> bytes | None:
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+        return path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
         return None
+
+
+def load(path: Path) -> VassalConfig | None:
+    """Read the vassal that `path` declares; None when it has no file any more.
+
+    The vassal is known by name: for `app.ini` or `app.ini.j2` whichever of
+    the two exists is read (so removing one of two, or replacing `app.ini`
+    by `app.ini.j2`, never looks like a removal); both existing is an error.
+    """
+    path = Path(path)
+    name = vassal_name(path.name)
+    plain, template = candidates(path.parent, name)
+    try:
+        datas = {p: _read(p) for p in (plain, template)}
     except OSError as e:
         return VassalConfig(name, path, fingerprint(b""), error=f"unreadable: {e.strerror}")
-    fp = fingerprint(data)
+    present = [p for p, d in datas.items() if d is not None]
+    if not present:
+        return None
+    if len(present) == 2:
+        fp = fingerprint(b"\0".join(datas[p] for p in present))  # type: ignore[misc]
+        return VassalConfig(
+            name, path, fp,
+            error=f"both {plain.name} and {template.name} exist: remove one",
+        )
+    path = present[0]
+    data = datas[path]
+    assert data is not None
+    text = data.decode("utf-8", "replace")
+    rendered = is_template(path.name)
+    where = path.name
+    if rendered:
+        try:
+            text = render_template(path, text, name)
+        except TemplateFailure as e:
+            return VassalConfig(name, path, fingerprint(data), error=str(e), rendered=True)
+        where = f"{path.name} (rendered)"
+    fp = fingerprint(text.encode("utf-8", "surrogateescape"))
     try:
-        options = parse_ini(data.decode("utf-8", "replace"))
+        options = parse_ini(text)
     except ConfigError as e:
-        return VassalConfig(name, path, fp, error=str(e))
-    return VassalConfig(name, path, fp, tuple(options))
+        msg = str(e)
+        m = re.match(r"line (\d+): (.*)", msg)
+        error = f"{where}:{m.group(1)}: {m.group(2)}" if m else f"{where}: {msg}"
+        return VassalConfig(name, path, fp, error=error, text=text, rendered=rendered)
+    return VassalConfig(name, path, fp, tuple(options), text=text, rendered=rendered)
+
+
+# -- templates ----------------------------------------------------------------
+
+
+class TemplateFailure(Exception):
+    """A template that does not render; str() is `FILE:LINE: message`."""
+
+
+_envs: dict[Path, object] = {}
+_compiled: OrderedDict[tuple[str, str], object] = OrderedDict()
+_COMPILED_MAX = 1024
+
+
+def _environment(directory: Path):
+    import jinja2
+
+    env = _envs.get(directory)
+    if env is None:
+        env = jinja2.Environment(
+            loader=_FreshLoader(str(directory)),  # {% include "common.j2" %}
+            undefined=jinja2.StrictUndefined,
+            keep_trailing_newline=True,
+            autoescape=False,
+        )
+        _envs[directory] = env
+    return env
+
+
+def _fresh_loader_class():
+    import jinja2
+
+    class FreshLoader(jinja2.FileSystemLoader):
+        """Included files are read again at every rendering: jinja2's own
+        check compares mtimes, which two quick writes may leave equal."""
+
+        def get_source(self, environment, template):
+            source, filename, _ = super().get_source(environment, template)
+            return source, filename, lambda: False
+
+    return FreshLoader
+
+
+def _FreshLoader(directory: str):  # noqa: N802 - a class, built lazily
+    global _fresh_cls
+    if _fresh_cls is None:
+        _fresh_cls = _fresh_loader_class()
+    return _fresh_cls(directory)
+
+
+_fresh_cls = None
+
+
+def template_context(path: Path, name: str) -> dict[str, object]:
+    return {
+        "name": name,
+        "env": dict(os.environ),
+        "vassals_dir": str(path.parent),
+        "file": str(path),
+    }
+
+
+def render_template(path: Path, source: str, name: str) -> str:
+    """Render a vassal template. Compiled templates are cached by content,
+    so a rescan of hundreds of templates only renders them."""
+    import jinja2
+
+    filename = str(path)
+    env = _environment(path.parent)
+    key = (filename, hashlib.sha256(source.encode("utf-8", "surrogateescape")).hexdigest())
+    tmpl = _compiled.get(key)
+    try:
+        if tmpl is None:
+            code = env.compile(source, name=path.name, filename=filename)
+            tmpl = env.template_class.from_code(env, code, env.make_globals(None))
+            _compiled[key] = tmpl
+            while len(_compiled) > _COMPILED_MAX:
+                _compiled.popitem(last=False)
+        else:
+            _compiled.move_to_end(key)
+        return tmpl.render(template_context(path, name))  # type: ignore[attr-defined]
+    except jinja2.TemplateSyntaxError as e:
+        where = os.path.basename(e.filename) if e.filename else path.name
+        raise TemplateFailure(f"{where}:{e.lineno}: {_one_line(e.message or str(e))}") from None
+    except Exception as e:  # noqa: BLE001 - undefined names, errors in filters, ...
+        line = _template_line(e, filename)
+        msg = _one_line(str(e) or type(e).__name__)
+        if not isinstance(e, jinja2.TemplateError):
+            msg = f"{type(e).__name__}: {msg}"
+        raise TemplateFailure(f"{path.name}:{line if line else '?'}: {msg}") from None
+
+
+def _template_line(exc: BaseException, filename: str) -> int | None:
+    """The template line where `exc` was raised (jinja2 rewrites tracebacks
+    so that template frames carry the template's file name and line)."""
+    line = None
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == filename:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(msg.split())
 
 
 @dataclass

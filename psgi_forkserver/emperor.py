@@ -1,9 +1,22 @@
 """The Emperor: one selectors loop that reconciles vassal files with processes.
 
-Events (inotify, SIGCHLD, pipe bytes, adoption replies, timers) only record
-facts; each loop turn then lets every vassal's state machine decide
+Events (inotify, SIGCHLD, SIGUSR1, pipe bytes, adoption replies, readable
+on-demand sockets, timers) only record facts; each loop turn then lets every vassal's state machine decide
 (`Vassal.step`) and carries out the actions. Every child is reaped in one
 place (`_reap`), adopted vassals included: the Emperor is a child subreaper.
+
+The Emperor binds every vassal's `http-socket` itself (sockets.py) and
+passes it to each of the vassal's processes (mask 0x04), so restarts,
+gap-free reloads (a successor process is started, and the old one stopped
+once the new one is loyal) and code deploys (a new base generation, then
+every adopted vassal moved onto it, `deploy_parallel` at a time) never close
+the port.
+
+Code deploys and the fork-server socket: base generation 1 serves on its
+configured `fork-server` path; generation N > 1 is started with the argv
+override `--fork-server PATH.genN`, so the new base never clashes with the
+old one, which keeps listening until the last adopted vassal has moved.
+Each base unlinks only its own socket on exit.
 """
 
 from __future__ import annotations
@@ -19,14 +32,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 from . import config as cfgmod
-from . import forkserver
+from . import forkserver, protocol, sockets
 from .forkserver import AdoptionError, PendingAdoption
-from .protocol import EmperorByte
+from .protocol import EmperorByte, VassalByte
+from .sockets import Listener
 from .vassal import (
+    EMPEROR_KEYS,
     Adopt,
     Context,
     Forget,
@@ -87,25 +103,56 @@ class Options:
     mercy: float = 30.0
     adopt_timeout: float = 10.0
     rescan_interval: float = 10.0
-    backoff_first: float = 0.1
-    backoff_max: float = 30.0
+    backoff_first: float = 1.0
+    backoff_max: float = 180.0
+    stable_after: float = 10.0
+    reload_grace: float = 1.0
+    deploy_parallel: int = 4
+    # bind every vassal's http-socket in the Emperor; None: only when the
+    # vassal program is ours (a uWSGI 2.0 vassal would bind its own)
+    own_sockets: bool | None = None
+    pidfile: Path | None = None
+    status: Any = None  # status.StatusServer, sockets bound (cli --stats/--status-http)
 
 
 @dataclass
-class Handles:
-    """The live OS objects of one vassal (the state is in Vassal)."""
+class ProcHandles:
+    """The live OS objects of one process of a vassal (its state is a Proc)."""
 
     pipe: socket.socket | None = None
+    config_pipe: socket.socket | None = None
+    config_text: bytes | None = None
     adoption: PendingAdoption | None = None
     next_probe: float = 0.0
+    fork_server: Path | None = None  # base: the socket it serves
+
+
+def emperor_only_stripped(text: str) -> str:
+    """The vassal file text without the keys only the Emperor reads."""
+    out = []
+    section = ""
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("[") and s.endswith("]"):
+            section = s[1:-1].strip()
+        elif section == cfgmod.SECTION and s and s[0] not in ";#":
+            if s.partition("=")[0].strip() in EMPEROR_KEYS:
+                continue
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def is_our_program(program: str) -> bool:
+    return os.path.basename(program) == "ForkServer.pm"
 
 
 @dataclass
 class Emperor:
     opts: Options
     vassals: dict[str, Vassal] = field(default_factory=dict)
-    handles: dict[str, Handles] = field(default_factory=dict)
-    pids: dict[int, str] = field(default_factory=dict)
+    procs: dict[tuple[str, int], ProcHandles] = field(default_factory=dict)
+    pids: dict[int, tuple[str, int]] = field(default_factory=dict)
+    listeners: dict[str, Listener] = field(default_factory=dict)
     # pids reaped before we knew them (an adopted vassal may die before its
     # pid reaches us): pid -> (status, when)
     early_exits: dict[int, tuple[int, float]] = field(default_factory=dict)
@@ -118,20 +165,27 @@ class Emperor:
     def __post_init__(self) -> None:
         self.dir = self.opts.vassals_dir.resolve()
         self.argv0 = program_argv(self.opts.program)
+        self.own_sockets = (
+            self.opts.own_sockets if self.opts.own_sockets is not None
+            else is_our_program(self.opts.program)
+        )
         self.policy = Policy(
             mercy=self.opts.mercy,
             backoff_first=self.opts.backoff_first,
             backoff_max=self.opts.backoff_max,
+            stable_after=self.opts.stable_after,
+            reload_grace=self.opts.reload_grace,
         )
         self.bases = cfgmod.BaseSelector.from_names(self.opts.fork_bases)
         self.sel = selectors.DefaultSelector()
         self.watcher: Watcher | None = None
         self.due: dict[str, float] = {}  # file names to re-read, and when
         self.next_rescan = 0.0
-        self.signals: list[int] = []
         self.external_ready = False
         self.external_next_probe = 0.0
         self.next_straggler_kill = 0.0
+        self.bind_errors: dict[str, str] = {}  # last bind error logged, per vassal
+        self.on_demand_registered: set[str] = set()
 
     # -- logging -------------------------------------------------------------
 
@@ -152,7 +206,7 @@ class Emperor:
         for s in (self._wake_r, self._wake_w):
             s.setblocking(False)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
         self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
         try:
@@ -160,9 +214,25 @@ class Emperor:
             self.sel.register(self.watcher.fileno(), selectors.EVENT_READ, self._on_inotify)
         except OSError as e:
             self.log(f"inotify unavailable ({e}); rescanning every {self.opts.rescan_interval:g} s")
+        if self.opts.status is not None:
+            self.opts.status.attach(self)  # stats socket / status page in our selector
+        if self.opts.pidfile is not None:
+            tmp = self.opts.pidfile.with_name(f".{self.opts.pidfile.name}.{os.getpid()}")
+            tmp.write_text(f"{os.getpid()}\n")
+            os.replace(tmp, self.opts.pidfile)
         self.log(
             f"watching {self.dir} (vassal program {' '.join(self.argv0)}, pid {os.getpid()})"
         )
+
+    def _teardown(self) -> None:
+        for name in list(self.listeners):
+            self._close_listener(name)
+        if self.opts.pidfile is not None:
+            try:
+                if self.opts.pidfile.read_text().strip() == str(os.getpid()):
+                    self.opts.pidfile.unlink()
+            except OSError:
+                pass
 
     def _on_signal(self, signum: int, frame: object) -> None:
         # The C handler already wrote signum to the wakeup fd; nothing to do.
@@ -186,6 +256,17 @@ class Emperor:
                     self.shutdown_deadline = now + self.opts.mercy
             elif signum == signal.SIGHUP:
                 self.next_rescan = now
+            elif signum == signal.SIGUSR1:
+                self.reload_base()
+
+    def reload_base(self) -> None:
+        """A code deploy: a new base generation, then every adopted vassal moves."""
+        base = self._base()
+        if base is None or base.current is None:
+            self.log("reload-base: no running base vassal")
+            return
+        base.request_deploy()
+        self.log(f"code deploy: base generation {base.want_base_generation}", base.name)
 
     def _on_inotify(self, now: float) -> None:
         assert self.watcher is not None
@@ -200,9 +281,8 @@ class Emperor:
             when = now + SETTLE if ev.created_only else now
             self.due[ev.name] = min(self.due.get(ev.name, when), when)
 
-    def _on_pipe(self, name: str, now: float) -> None:
-        h = self.handles.get(name)
-        v = self.vassals.get(name)
+    def _on_pipe(self, name: str, seq: int, now: float) -> None:
+        h = self.procs.get((name, seq))
         if h is None or h.pipe is None:
             return
         try:
@@ -212,42 +292,58 @@ class Emperor:
         except OSError:
             data = b""
         if not data:
-            self._close_pipe(name)
+            self._close_pipe(name, seq)
             return
+        v = self.vassals.get(name)
         if v is None:
             return
+        p = v.proc(seq)
         for b in data:
-            note = v.on_byte(b, now)
-            if note:
-                ms = (now - v.started_at) * 1000 if v.started_at is not None else 0.0
-                self.log(f"{note} (pid {v.pid}, {ms:.1f} ms after start)", name)
+            if b == VassalByte.CONFIG_AGAIN and h.config_pipe is not None and h.config_text:
+                self._send_config(h)
+                continue
+            note = v.on_byte(b, now, seq)
+            if note and p is not None:
+                ms = (now - p.started_at) * 1000 if p.started_at is not None else 0.0
+                self.log(f"{note} (pid {p.pid}, {ms:.1f} ms after start)", name)
 
-    def _on_adoption(self, name: str, now: float) -> None:
-        h = self.handles[name]
+    def _on_listener(self, name: str, now: float) -> None:
+        v = self.vassals.get(name)
+        if v is not None and not v.woken:
+            v.on_connection(now)
+            self.log("connection waiting: starting on demand", name)
+        self._unregister_listener(name)
+
+    def _on_adoption(self, name: str, seq: int, now: float) -> None:
+        h = self.procs[(name, seq)]
         v = self.vassals[name]
         pending = h.adoption
         assert pending is not None
         try:
             pid = pending.on_readable()
         except AdoptionError as e:
-            self._adoption_failed(name, now, str(e))
+            self._adoption_failed(name, seq, now, str(e))
             return
         if pid is None:
             return
-        self._finish_adoption(name)
-        v.adopted(pid, now)
-        self.pids[pid] = name
-        self.log(f"adopted pid {pid} from base ({pending.elapsed_ms(now):.1f} ms)", name)
+        self._finish_adoption(name, seq)
+        v.adopted(pid, now, seq)
+        self.pids[pid] = (name, seq)
+        p = v.proc(seq)
+        what = "successor " if p is v.successor else ""
+        gen = f", base generation {p.base_generation}" if p else ""
+        self.log(f"adopted {what}pid {pid} from base ({pending.elapsed_ms(now):.1f} ms{gen})", name)
         if h.pipe is not None:
-            self.sel.register(h.pipe, selectors.EVENT_READ, lambda t, n=name: self._on_pipe(n, t))
+            self.sel.register(h.pipe, selectors.EVENT_READ,
+                              lambda t, n=name, q=seq: self._on_pipe(n, q, t))
         early = self.early_exits.pop(pid, None)
         if early is not None:
             self.pids.pop(pid, None)
-            self._vassal_exited(name, pid, early[0], now)
+            self._vassal_exited(name, seq, pid, early[0], now)
 
-    def _finish_adoption(self, name: str) -> None:
-        h = self.handles[name]
-        if h.adoption is not None:
+    def _finish_adoption(self, name: str, seq: int) -> None:
+        h = self.procs.get((name, seq))
+        if h is not None and h.adoption is not None:
             try:
                 self.sel.unregister(h.adoption.sock)
             except (KeyError, ValueError):
@@ -255,12 +351,12 @@ class Emperor:
             h.adoption.close()
             h.adoption = None
 
-    def _adoption_failed(self, name: str, now: float, reason: str) -> None:
-        self._finish_adoption(name)
-        self._close_pipe(name)  # a vassal forked anyway sees EOF and stops
+    def _adoption_failed(self, name: str, seq: int, now: float, reason: str) -> None:
+        self._finish_adoption(name, seq)
+        self._drop_proc(name, seq)  # a vassal forked anyway sees EOF and stops
         v = self.vassals[name]
-        v.start_failed(now, reason)
-        self.log(f"adoption failed: {reason}; retry in {v.backoff:.1f} s", name)
+        v.start_failed(now, reason, seq)
+        self.log(f"adoption failed: {reason}; retry in {max(0, v.not_before - now):.1f} s", name)
 
     def _reap(self, now: float) -> None:
         """The one place where children are reaped."""
@@ -275,30 +371,44 @@ class Emperor:
             if pid == 0:
                 self.no_children = False
                 return
-            name = self.pids.pop(pid, None)
-            if name is not None:
-                self._vassal_exited(name, pid, status, now)
+            owner = self.pids.pop(pid, None)
+            if owner is not None:
+                self._vassal_exited(owner[0], owner[1], pid, status, now)
             else:
                 self.orphans.pop(pid, None)
                 self.early_exits[pid] = (status, now)
                 self.log(f"reaped pid {pid} ({describe_status(status)})")
 
-    def _vassal_exited(self, name: str, pid: int, status: int, now: float) -> None:
+    def _vassal_exited(self, name: str, seq: int, pid: int, status: int, now: float) -> None:
         v = self.vassals[name]
-        expected = v.phase == Phase.STOPPING
-        self._close_pipe(name)
-        v.exited(status, now)
-        if expected:
-            self.log(f"pid {pid} stopped ({describe_status(status)})", name)
+        self._drop_proc(name, seq)
+        what = v.exited(status, now, pid)
+        st = describe_status(status)
+        if what == "retired":
+            self.log(f"old pid {pid} stopped ({st})", name)
+        elif what == "stopped":
+            self.log(f"pid {pid} stopped ({st})", name)
+        elif what == "successor died":
+            self.log(f"new pid {pid} died ({st}); old one keeps serving; retry in "
+                     f"{max(0.0, v.not_before - now):.1f} s", name)
+            self._sweep_orphans(now)
+        elif what == "died (successor took over)":
+            self.log(f"pid {pid} died ({st}); its successor pid {v.pid} takes over", name)
+            self._sweep_orphans(now)
         else:
-            self.log(
-                f"pid {pid} died ({describe_status(status)}); respawn in {v.backoff:.1f} s",
-                name,
-            )
+            self.log(f"pid {pid} died ({st}); respawn in {v.backoff:.1f} s"
+                     + (" (throttled)" if v.failures > 0 else ""), name)
             self._sweep_orphans(now)
 
-    def _close_pipe(self, name: str) -> None:
-        h = self.handles.get(name)
+    def _drop_proc(self, name: str, seq: int) -> None:
+        self._close_pipe(name, seq)
+        h = self.procs.pop((name, seq), None)
+        if h is not None and h.config_pipe is not None:
+            h.config_pipe.close()
+            h.config_pipe = None
+
+    def _close_pipe(self, name: str, seq: int) -> None:
+        h = self.procs.get((name, seq))
         if h is None or h.pipe is None:
             return
         try:
@@ -334,13 +444,103 @@ class Emperor:
                 return
             v = Vassal(name, cfg, is_base=is_base, policy=self.policy)
             self.vassals[name] = v
-            self.handles[name] = Handles()
             return
         if v.update_config(cfg, is_base):
             if cfg is None:
                 self.log("file removed", name)
+                self._close_listener(name)  # the running process keeps its copy
             elif v.has_process:
                 self.log("file changed", name)
+
+    # -- Emperor-owned sockets ------------------------------------------------
+
+    def _listener(self, v: Vassal, now: float) -> tuple[bool, Listener | None]:
+        """(ok, the socket to pass) for starting a process of v."""
+        if not self.own_sockets or v.is_base or v.config is None:
+            return True, None
+        want = sockets.wanted_address(v.config)
+        if want is None:
+            return True, None
+        addr, backlog = want
+        old = self.listeners.get(v.name)
+        if old is not None and old.addr == addr and old.backlog == backlog:
+            return True, old
+        try:
+            sock = sockets.bind_listener(addr, backlog)
+        except (OSError, ValueError) as e:
+            msg = f"cannot bind http-socket {addr}: {getattr(e, 'strerror', None) or e}"
+            if self.bind_errors.get(v.name) != msg:
+                self.log(msg, v.name)
+            self.bind_errors[v.name] = msg
+            return False, None
+        self.bind_errors.pop(v.name, None)
+        if old is not None:
+            self._close_listener(v.name)
+            self.log(f"address changed: {old.addr} closed, {addr} bound", v.name)
+        lst = Listener(addr, backlog, sock)
+        self.listeners[v.name] = lst
+        return True, lst
+
+    def _close_listener(self, name: str) -> None:
+        self._unregister_listener(name)
+        lst = self.listeners.pop(name, None)
+        if lst is not None:
+            lst.close()
+
+    def _unregister_listener(self, name: str) -> None:
+        if name in self.on_demand_registered:
+            self.on_demand_registered.discard(name)
+            lst = self.listeners.get(name)
+            if lst is not None:
+                try:
+                    self.sel.unregister(lst.sock)
+                except (KeyError, ValueError):
+                    pass
+
+    def _watch_on_demand(self, v: Vassal, now: float) -> None:
+        """An on-demand vassal without process: its socket in the selector."""
+        if v.phase != Phase.ON_DEMAND:
+            self._unregister_listener(v.name)
+            return
+        if v.name in self.on_demand_registered:
+            return
+        ok, lst = self._listener(v, now)
+        if lst is None:
+            if not ok:  # port in use: throttle, like a failed start
+                v.not_before = now
+                v._throttle(now)
+            return
+        self.sel.register(lst.sock, selectors.EVENT_READ, lambda t, n=v.name: self._on_listener(n, t))
+        self.on_demand_registered.add(v.name)
+        self.log(f"on demand: waiting for a connection on {lst.addr}", v.name)
+
+    def _config_text(self, cfg: cfgmod.VassalConfig) -> bytes | None:
+        """What to send on a config pipe: a rendered template, or a file with
+        Emperor-only keys (the vassal program would reject them); else None."""
+        if getattr(cfg, "rendered", False):
+            text = emperor_only_stripped(getattr(cfg, "text", "") or "")
+        elif any(k in EMPEROR_KEYS for k, _ in cfg.options):
+            raw = getattr(cfg, "text", None)
+            if raw is None:
+                try:
+                    raw = cfg.path.read_text(errors="replace")
+                except OSError:
+                    raw = ""
+            text = emperor_only_stripped(raw)
+        else:
+            return None
+        return text.encode()
+
+    def _send_config(self, h: ProcHandles) -> None:
+        assert h.config_pipe is not None and h.config_text is not None
+        try:
+            h.config_pipe.setblocking(True)
+            h.config_pipe.settimeout(1.0)
+            h.config_pipe.sendall(
+                protocol.encode_packet(protocol.MODIFIER1_CONFIG, h.config_text)
+            )
+        except OSError as e:
+            self.log(f"config pipe: {e}")
 
     # -- the fork server --------------------------------------------------------
 
@@ -348,110 +548,176 @@ class Emperor:
         """The base vassal adopted vassals are forked from (first by name)."""
         for name in sorted(self.vassals):
             v = self.vassals[name]
-            if (v.is_base and v.config is not None) or (
-                v.kind == Kind.BASE and v.pid is not None
-            ):
+            if (v.is_base and v.config is not None) or v.kind == Kind.BASE and v.has_process:
                 return v
         return None
+
+    @staticmethod
+    def base_socket_path(cfg: cfgmod.VassalConfig, generation: int) -> Path | None:
+        """Generation 1 serves on the configured path; a code deploy's new
+        base (generation N > 1) on PATH.genN, so that it never clashes with
+        the old base, which still listens until its vassals have moved."""
+        path = cfg.fork_server_path()
+        if path is None or generation <= 1:
+            return path
+        return path.with_name(f"{path.name}.gen{generation}")
 
     def _fork_server_path(self) -> Path | None:
         if self.opts.use_fork_server is not None:
             return self.opts.use_fork_server
         base = self._base()
-        cfg = base.config or base.running if base else None
-        return cfg.fork_server_path() if cfg else None
+        if base is None:
+            return None
+        cur = base.current
+        if cur is not None and cur.kind == Kind.BASE:
+            return self.base_socket_path(cur.config, cur.base_generation)
+        return base.config.fork_server_path() if base.config else None
 
-    def _fork_server_state(self, now: float) -> ForkServer:
+    def _fork_server_state(self, now: float) -> tuple[ForkServer, int]:
         base = self._base()
         if base is not None:
             if self._fork_server_path() is None:
-                return ForkServer.NONE
-            ready = base.kind == Kind.BASE and base.phase in (Phase.RUNNING, Phase.LOYAL)
-            return ForkServer.READY if ready else ForkServer.WAITING
+                return ForkServer.NONE, 0
+            cur = base.current
+            ready = cur is not None and cur.kind == Kind.BASE and cur.state in (
+                Phase.RUNNING, Phase.LOYAL)
+            return (ForkServer.READY, cur.base_generation) if ready else (ForkServer.WAITING, 0)
         if self.opts.use_fork_server is None:
-            return ForkServer.NONE
+            return ForkServer.NONE, 0
         # an external fork server (e.g. a uWSGI base we do not run)
         if not self.external_ready and now >= self.external_next_probe:
             self.external_ready = forkserver.probe(self.opts.use_fork_server)
             self.external_next_probe = now + PROBE_EVERY
-        return ForkServer.READY if self.external_ready else ForkServer.WAITING
+        return (ForkServer.READY if self.external_ready else ForkServer.WAITING), 1
 
     def _probe_bases(self, now: float) -> None:
         """A base that sends no byte 1 (uWSGI's) is ready once its socket accepts."""
-        path = self._fork_server_path()
         for name, v in self.vassals.items():
-            if v.kind != Kind.BASE or v.phase != Phase.STARTING or v.started_at is None:
-                continue
-            h = self.handles[name]
-            if now < v.started_at + PROBE_AFTER or now < h.next_probe:
-                continue
-            h.next_probe = now + PROBE_EVERY
-            cfg = v.running or v.config
-            p = self.opts.use_fork_server or (cfg.fork_server_path() if cfg else None) or path
-            if p is not None and forkserver.probe(p):
-                if v.mark_ready(now):
-                    ms = (now - v.started_at) * 1000
-                    self.log(f"fork server {p} accepts (pid {v.pid}, {ms:.1f} ms)", name)
+            for p in (v.current, v.successor):
+                if p is None or p.kind != Kind.BASE or p.state != Phase.STARTING:
+                    continue
+                h = self.procs.get((name, p.seq))
+                if h is None or p.started_at is None:
+                    continue
+                if now < p.started_at + PROBE_AFTER or now < h.next_probe:
+                    continue
+                h.next_probe = now + PROBE_EVERY
+                path = self.opts.use_fork_server or h.fork_server
+                if path is not None and forkserver.probe(path):
+                    if v.mark_ready(now, p.seq):
+                        ms = (now - p.started_at) * 1000
+                        self.log(f"fork server {path} accepts (pid {p.pid}, {ms:.1f} ms)", name)
 
     # -- actions -----------------------------------------------------------------
 
-    def _spawn(self, v: Vassal, kind: Kind, now: float) -> None:
-        h = self.handles[v.name]
+    def _spawn(self, v: Vassal, kind: Kind, seq: int, now: float) -> None:
+        p = v.proc(seq)
+        assert p is not None
+        h = ProcHandles()
+        ok, lst = self._listener(v, now)
+        if not ok:
+            v.start_failed(now, "bind", seq)
+            return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ)
         env.pop("UWSGI_EMPEROR_FD_CONFIG", None)
         env["UWSGI_EMPEROR_FD"] = str(theirs.fileno())
-        argv = [*self.argv0, "--ini", v.config.path.name if v.config else f"{v.name}.ini"]
+        argv = [*self.argv0, "--ini", p.config.path.name]
+        if kind == Kind.BASE:
+            h.fork_server = self.base_socket_path(p.config, p.base_generation)
+            if p.base_generation > 1 and h.fork_server is not None:
+                argv += ["--fork-server", str(h.fork_server)]
+        to_close = [theirs]
+        text = self._config_text(p.config)
+        if text is not None:
+            cours, ctheirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            os.set_inheritable(ctheirs.fileno(), True)
+            env["UWSGI_EMPEROR_FD_CONFIG"] = str(ctheirs.fileno())
+            h.config_pipe, h.config_text = cours, text
+            to_close.append(ctheirs)
+        if lst is not None:
+            stdin = (os.POSIX_SPAWN_DUP2, lst.fileno(), 0)
+        else:
+            stdin = (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)
         try:
             os.set_inheritable(theirs.fileno(), True)
             pid = os.posix_spawn(
-                argv[0],
-                argv,
-                env,
-                file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)],
-                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
-                setsigmask=(),
+                argv[0], argv, env, file_actions=[stdin],
+                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=(),
             )
         except OSError as e:
             ours.close()
-            v.start_failed(now, str(e))
+            if h.config_pipe is not None:
+                h.config_pipe.close()
+            v.start_failed(now, str(e), seq)
             self.log(f"cannot start {argv[0]}: {e.strerror}; retry in {v.backoff:.1f} s", v.name)
             return
         finally:
-            theirs.close()
+            for s in to_close:
+                s.close()
+        if h.config_pipe is not None:
+            self._send_config(h)
         ours.setblocking(False)
         h.pipe = ours
-        self.sel.register(ours, selectors.EVENT_READ, lambda t, n=v.name: self._on_pipe(n, t))
-        v.spawned(pid, now)
-        self.pids[pid] = v.name
-        self.log(f"started {kind} vassal, pid {pid}", v.name)
+        self.procs[(v.name, seq)] = h
+        self.sel.register(ours, selectors.EVENT_READ,
+                          lambda t, n=v.name, q=seq: self._on_pipe(n, q, t))
+        v.spawned(pid, now, seq)
+        self.pids[pid] = (v.name, seq)
+        extra = f" ({p.reason})" if p.reason != "start" else ""
+        gen = f", generation {p.base_generation}" if kind == Kind.BASE else ""
+        self.log(f"started {kind} vassal, pid {pid}{gen}{extra}", v.name)
 
-    def _adopt(self, v: Vassal, now: float) -> None:
-        h = self.handles[v.name]
+    def _adopt(self, v: Vassal, seq: int, now: float) -> None:
+        p = v.proc(seq)
         path = self._fork_server_path()
-        assert v.config is not None and path is not None
-        argv = [self.opts.program, "--ini", str(v.config.path)]
+        assert p is not None and path is not None
+        ok, lst = self._listener(v, now)
+        if not ok:
+            v.start_failed(now, "bind", seq)
+            return
+        h = ProcHandles()
+        argv = [self.opts.program, "--ini", str(p.config.path)]
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        to_close = [theirs]
+        text = self._config_text(p.config)
+        config_fd = None
+        if text is not None:
+            h.config_pipe, ctheirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            h.config_text = text
+            config_fd = ctheirs.fileno()
+            to_close.append(ctheirs)
         try:
             pending = forkserver.start_adoption(
-                path, argv, theirs.fileno(), timeout=self.opts.adopt_timeout
+                path, argv, theirs.fileno(), config_fd=config_fd,
+                on_demand_fd=lst.fileno() if lst is not None else None,
+                timeout=self.opts.adopt_timeout,
             )
         except AdoptionError as e:
             ours.close()
+            if h.config_pipe is not None:
+                h.config_pipe.close()
             self.external_ready = False
-            v.start_failed(now, str(e))
-            self.log(f"adoption failed: {e}; retry in {v.backoff:.1f} s", v.name)
+            v.start_failed(now, str(e), seq)
+            self.log(f"adoption failed: {e}; retry in {max(0, v.not_before - now):.1f} s", v.name)
             return
         finally:
-            theirs.close()
+            for s in to_close:
+                s.close()
+        if h.config_pipe is not None:
+            self._send_config(h)
         ours.setblocking(False)
         h.pipe = ours
         h.adoption = pending
-        self.sel.register(pending.sock, selectors.EVENT_READ, lambda t, n=v.name: self._on_adoption(n, t))
+        self.procs[(v.name, seq)] = h
+        self.sel.register(pending.sock, selectors.EVENT_READ,
+                          lambda t, n=v.name, q=seq: self._on_adoption(n, q, t))
+        if p.reason != "start":
+            self.log(f"starting a successor ({p.reason})", v.name)
 
-    def _send(self, v: Vassal, byte: EmperorByte) -> None:
-        h = self.handles[v.name]
-        if h.pipe is None:
+    def _send(self, v: Vassal, seq: int, byte: EmperorByte) -> None:
+        h = self.procs.get((v.name, seq))
+        if h is None or h.pipe is None:
             return
         try:
             h.pipe.send(bytes([byte]))
@@ -475,7 +741,7 @@ class Emperor:
         then SIGKILL after the mercy timeout. Processes born after an
         adoption in flight began may be that vassal: they are spared."""
         pending_since = [
-            h.adoption.started for h in self.handles.values() if h.adoption is not None
+            h.adoption.started for h in self.procs.values() if h.adoption is not None
         ]
         # psutil create_time is wall clock; compare with a margin
         spare_after = (
@@ -509,45 +775,76 @@ class Emperor:
     def _execute(self, v: Vassal, actions: list, now: float) -> None:
         for a in actions:
             match a:
-                case Spawn(kind=kind):
-                    self._spawn(v, kind, now)
-                case Adopt():
-                    self._adopt(v, now)
-                case Send(byte=byte):
-                    self.log(f"stopping pid {v.pid} ({v.stop_reason})", v.name)
-                    self._send(v, byte)
-                case Kill(reason=reason):
-                    self.log(f"SIGKILL pid {v.pid}: {reason}", v.name)
-                    if v.pid is not None:
-                        self._kill_tree(v.pid)
+                case Spawn(kind=kind, seq=seq):
+                    self._spawn(v, kind, seq, now)
+                case Adopt(seq=seq):
+                    self._adopt(v, seq, now)
+                case Send(byte=byte, seq=seq):
+                    p = v.proc(seq)
+                    if p is not None:
+                        self.log(f"stopping pid {p.pid} ({p.stop_reason})", v.name)
+                    self._send(v, seq, byte)
+                case Kill(reason=reason, seq=seq):
+                    p = v.proc(seq)
+                    pid = p.pid if p is not None else None
+                    self.log(f"SIGKILL pid {pid}: {reason}", v.name)
+                    if pid is not None:
+                        self._kill_tree(pid)
                 case Forget():
-                    self._close_pipe(v.name)
+                    for key in [k for k in self.procs if k[0] == v.name]:
+                        self._drop_proc(*key)
+                    self._close_listener(v.name)
+                    self.bind_errors.pop(v.name, None)
                     del self.vassals[v.name]
-                    del self.handles[v.name]
 
     # -- the loop ------------------------------------------------------------------
 
     def _reconcile(self, now: float) -> None:
-        for name, h in list(self.handles.items()):
+        for (name, seq), h in list(self.procs.items()):
             if h.adoption is not None and h.adoption.expired(now):
                 self._adoption_failed(
-                    name, now, f"no reply within {self.opts.adopt_timeout:g} s"
+                    name, seq, now, f"no reply within {self.opts.adopt_timeout:g} s"
                 )
         self._probe_bases(now)
-        fs = self._fork_server_state(now)
+        fs, base_gen = self._fork_server_state(now)
+
         def runs_as_base(v: Vassal) -> bool:
             return v.kind == Kind.BASE if v.has_process else v.is_base
 
-        # non-bases first: during a shutdown the bases wait for them
+        for v in self.vassals.values():
+            v.seamless = self.own_sockets and not v.is_base and (
+                v.config is not None and sockets.wanted_address(v.config) is not None
+            )
         others = [v for v in self.vassals.values() if not runs_as_base(v)]
         bases = [v for v in self.vassals.values() if runs_as_base(v)]
+        moving = sum(
+            1 for v in others if v.successor is not None and v.successor.reason == "code deploy"
+        )
+        slots = max(0, self.opts.deploy_parallel - moving)
+        # non-bases first: during a shutdown the bases wait for them
         for v in sorted(others, key=lambda v: v.name):
-            self._execute(v, v.step(Context(now, fs, self.shutting_down)), now)
+            before = v.successor
+            ctx = Context(now, fs, self.shutting_down, base_generation=base_gen,
+                          deploy_slots=slots)
+            self._execute(v, v.step(ctx), now)
+            if v.successor is not None and v.successor is not before \
+                    and v.successor.reason == "code deploy":
+                slots -= 1
+            if v.name in self.vassals:
+                self._watch_on_demand(v, now)
         hold_bases = self.shutting_down and any(
             not runs_as_base(v) for v in self.vassals.values()
         )
+        users = frozenset(
+            p.base_generation
+            for v in self.vassals.values()
+            for p in (v.current, v.successor)
+            if p is not None and p.kind == Kind.ADOPTED
+        )
         for v in sorted(bases, key=lambda v: v.name):
-            self._execute(v, v.step(Context(now, fs, self.shutting_down, hold_bases)), now)
+            ctx = Context(now, fs, self.shutting_down, hold_bases, base_generation=base_gen,
+                          base_users=users)
+            self._execute(v, v.step(ctx), now)
         self._kill_orphans(now)
 
     def _timeout(self, now: float) -> float:
@@ -557,13 +854,16 @@ class Emperor:
             t = v.next_wakeup()
             if t is not None:
                 times.append(t)
-            h = self.handles[name]
-            if h.adoption is not None:
-                times.append(h.adoption.deadline)
-            if v.kind == Kind.BASE and v.phase == Phase.STARTING and v.started_at is not None:
-                times.append(max(v.started_at + PROBE_AFTER, h.next_probe))
+            for p in (v.current, v.successor):
+                if p is not None and p.kind == Kind.BASE and p.state == Phase.STARTING \
+                        and p.started_at is not None:
+                    h = self.procs.get((name, p.seq))
+                    times.append(max(p.started_at + PROBE_AFTER, h.next_probe if h else 0))
             if v.phase == Phase.WAITING_FOR_BASE and self.opts.use_fork_server and not self._base():
                 times.append(self.external_next_probe)
+        for h in self.procs.values():
+            if h.adoption is not None:
+                times.append(h.adoption.deadline)
         times += self.orphans.values()
         if self.shutting_down:
             times.append(self.shutdown_deadline)
@@ -572,21 +872,24 @@ class Emperor:
 
     def run(self) -> int:
         self._setup()
-        now = time.monotonic()
-        self._rescan(now)
-        while True:
+        try:
             now = time.monotonic()
-            self._reap(now)
-            if now >= self.next_rescan:
-                self._rescan(now)
-            self._reload_due(now)
-            self._reconcile(now)
-            if self.shutting_down:
-                if self._shutdown_step(now):
-                    break
-            for key, _ in self.sel.select(self._timeout(time.monotonic())):
-                key.data(time.monotonic())
-            self._prune(now)
+            self._rescan(now)
+            while True:
+                now = time.monotonic()
+                self._reap(now)
+                if now >= self.next_rescan:
+                    self._rescan(now)
+                self._reload_due(now)
+                self._reconcile(now)
+                if self.shutting_down:
+                    if self._shutdown_step(now):
+                        break
+                for key, _ in self.sel.select(self._timeout(time.monotonic())):
+                    key.data(time.monotonic())
+                self._prune(now)
+        finally:
+            self._teardown()
         self.log("bye")
         return 0
 

@@ -3,6 +3,22 @@
 The Watcher only reports which names changed; the Emperor re-reads them
 (and rescans the whole directory now and then, as a safety net for anything
 inotify misses, e.g. when it is unavailable or its queue overflowed).
+
+`Watcher.read()` returns *cooked* events, ready to act on at once:
+
+- a vassal file (`*.ini`, `*.ini.j2`) created, written and closed, renamed
+  into place or away, deleted, chmod'ed: an event with its name. A regular
+  file that was only created (IN_CREATE, not yet closed) is held back: its
+  IN_CLOSE_WRITE follows. A symlink or hard link created in place is
+  complete at once (marked IN_LINKED, so `created_only` is False).
+- editor droppings (`.swp`, `~`, `4913`, `#x#`, `.#x`, `*.tmp`, ...): dropped.
+- anything else (dot entries such as Kubernetes' `..data` symlink swapped by
+  rename, directories, other files, e.g. an included template): one event
+  with `rescan` set, since vassal files may resolve through them. The
+  Emperor re-reads every file and compares fingerprints.
+- queue overflow: `rescan` set too (and `overflow`).
+
+`read_raw()` returns the kernel's events unchanged.
 """
 
 from __future__ import annotations
@@ -11,9 +27,12 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import config as cfgmod
 
 IN_ATTRIB = 0x00000004
 IN_CLOSE_WRITE = 0x00000008
@@ -26,6 +45,11 @@ IN_MOVE_SELF = 0x00000800
 IN_Q_OVERFLOW = 0x00004000
 IN_IGNORED = 0x00008000
 IN_ONLYDIR = 0x01000000
+IN_ISDIR = 0x40000000
+
+# Synthetic bits (never set by the kernel in an event mask) used by read():
+IN_RESCAN = 0x00010000  # rescan every vassal file (fingerprints)
+IN_LINKED = 0x00020000  # IN_CREATE of a symlink / hard link: complete at once
 
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
@@ -57,7 +81,18 @@ class Event:
     mask: int
 
     @property
+    def rescan(self) -> bool:
+        """The Emperor must rescan every file: the queue overflowed, or an
+        entry vassal files may resolve through changed (`..data` swap)."""
+        return bool(self.mask & (IN_Q_OVERFLOW | IN_RESCAN))
+
+    @property
     def overflow(self) -> bool:
+        """Same as `rescan` (the Emperor's historical check for "rescan now")."""
+        return self.rescan
+
+    @property
+    def queue_overflow(self) -> bool:
         return bool(self.mask & IN_Q_OVERFLOW)
 
     @property
@@ -82,6 +117,44 @@ def parse_events(buf: bytes) -> list[Event]:
     return events
 
 
+def cook(directory: Path, raw: list[Event]) -> list[Event]:
+    """Turn kernel events into the events the Emperor acts on (module doc)."""
+    out: list[Event] = []
+    rescan_mask = 0
+    for ev in raw:
+        if ev.queue_overflow or ev.directory_gone or not ev.name:
+            out.append(ev)
+            continue
+        name = ev.name
+        if cfgmod.is_vassal_file(name) and not ev.mask & IN_ISDIR:
+            if ev.created_only:
+                kind = _created_kind(Path(directory) / name)
+                if kind == "file":
+                    continue  # being written: IN_CLOSE_WRITE follows
+                if kind == "link":
+                    ev = Event(name, ev.mask | IN_LINKED)
+            out.append(ev)
+            continue
+        if cfgmod.is_dropping(name):
+            continue
+        rescan_mask |= ev.mask
+    if rescan_mask:
+        out.append(Event("", (rescan_mask | IN_RESCAN) & ~(IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED)))
+    return out
+
+
+def _created_kind(path: Path) -> str:
+    """After IN_CREATE: "file" (a regular file its writer has open, one link),
+    "link" (a symlink or a hard link: complete), or "gone"."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return "gone"
+    if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+        return "file"
+    return "link"
+
+
 class Watcher:
     """inotify on one directory. fileno() goes into the selector; read() drains."""
 
@@ -104,7 +177,11 @@ class Watcher:
         return self._fd
 
     def read(self) -> list[Event]:
-        """Every event queued now (non-blocking; [] when there is none)."""
+        """Every event queued now, cooked (see the module's doc); non-blocking."""
+        return cook(self.directory, self.read_raw())
+
+    def read_raw(self) -> list[Event]:
+        """Every event queued now, as the kernel sent them (non-blocking)."""
         events: list[Event] = []
         while True:
             try:

@@ -64,6 +64,21 @@ for my $how ('byte 1', 'SIGHUP') {
     };
 }
 
+subtest 'reload: an old worker busy past mercy is killed' => sub {
+    my $srv = start_server(app_file => $app, workers => 1, mercy => 0.5);
+    ok $srv->wait_ready, 'ready';
+    my ($old) = $srv->workers;
+    my $s = start_blocked($srv, 'k');
+    $srv->send_emperor(1);
+    ok wait_for(sub { !kill 0, $old }, 10, 'old worker killed'), 'old worker killed after mercy';
+    my $buf = '';
+    ok !defined read_response($s, \$buf, timeout => 5), 'its connection dropped';
+    like get_pid($srv->port), qr/^\d+$/, 'new worker serves';
+    like $srv->stderr, qr/worker pid $old still busy 0.5s after reload, killed/, 'logged';
+    $srv->stop;
+    is $srv->wait_exit, 0, 'exit 0';
+};
+
 for my $how ('byte 2', 'EOF', 'SIGTERM') {
     subtest "graceful stop via $how" => sub {
         my $srv = start_server(app_file => $app, workers => 2);

@@ -136,5 +136,6 @@ subtest 'access log' => sub {
 
 $srv->stop;
 is $srv->wait_exit, 0, 'server exited 0 after SIGTERM';
+unlike $srv->stderr, qr/uninitialized|at \S+ line \d+/, 'no warnings from the server' or diag $srv->stderr;
 is_deeply [children_of($srv->pid)], [], 'no workers left';
 done_testing;

@@ -77,6 +77,20 @@ subtest 'harakiri kills a stuck worker and logs' => sub {
     is $srv->wait_exit, 0, 'exit 0';
 };
 
+subtest 'harakiri by the master when the worker cannot act' => sub {
+    my $srv = start_server(app_file => $app, workers => 1, harakiri => 1);
+    ok $srv->wait_ready, 'ready';
+    my $before = get_pid($srv->port);
+    my $r = http_raw($srv->port, "GET /hang-hard HTTP/1.1\r\nHost: x\r\n\r\n", timeout => 20);
+    ok !defined $r, 'stuck request: connection closed without a response';
+    like $srv->stderr, qr/harakiri: worker 1 \(pid $before\) stuck more than 1s in "GET \/hang-hard HTTP\/1.1" from 127.0.0.1, killed by the master/, 'logged with the request';
+    my $after;
+    ok wait_for(sub { $after = get_pid($srv->port) }, 10), 'serving again';
+    isnt $after, $before, 'by a new worker';
+    $srv->stop;
+    is $srv->wait_exit, 0, 'exit 0';
+};
+
 subtest 'a killed worker is respawned' => sub {
     my $srv = start_server(app_file => $app, workers => 2);
     ok $srv->wait_ready, 'ready';

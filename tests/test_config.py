@@ -76,3 +76,4 @@ def test_bad_file_has_error(tmp_path: Path):
     f = tmp_path / "a.ini"
     f.write_text("[uwsgi\n")
     assert c.load(f).error
+

@@ -3,6 +3,7 @@ program, a real peer that speaks the Emperor pipe protocol."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import subprocess
@@ -78,3 +79,48 @@ def test_plain_uwsgi_vassals():
         log.unlink()
         shutil.rmtree(vdir, ignore_errors=True)
     assert "started plain vassal" in text
+
+
+def test_uwsgi_vassal_loyal_reloaded_and_stopped_through_the_pipe():
+    vdir = Path(tempfile.mkdtemp(prefix="pfs-u2-"))
+    port = free_port()
+
+    def ini(value):
+        return (f"[uwsgi]\nplugin = psgi\nhttp-socket = 127.0.0.1:{port}\npsgi = {APP}\n"
+                f"env = APP_NAME=u\nenv = APP_VALUE={value}\ndisable-logging = true\n")
+
+    (vdir / "u.ini").write_text(ini("v1"))
+    log = vdir.parent / (vdir.name + ".log")
+    with open(log, "wb") as out:
+        emp = subprocess.Popen(
+            [EMPEROR, "run", vdir, "--vassal-binary", "uwsgi", "--mercy", "5"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    procs: list[psutil.Process] = []
+    try:
+        wait_for(lambda: get(port)["value"] == "v1", 20, "u to answer")
+        wait_for(lambda: "[u] loyal" in log.read_text(errors="replace"), 20, "byte 17 from uWSGI")
+        first = psutil.Process(emp.pid).children()[0]
+        procs = descendants(emp.pid)
+        tmp = vdir / ".u.tmp"
+        tmp.write_text(ini("v2"))
+        tmp.rename(vdir / "u.ini")
+        wait_for(lambda: get(port)["value"] == "v2", 30, "the reloaded u to answer v2")
+        wait_for(lambda: not alive(first), 10, "the first uWSGI to be gone")
+        procs += descendants(emp.pid)
+        (vdir / "u.ini").unlink()
+        wait_for(lambda: not [p for p in procs if alive(p)], 20, "u stopped through byte 2")
+        text = log.read_text(errors="replace")
+        # stopped gracefully (byte 2), not killed after the mercy timeout
+        assert re.search(r"\[u\] pid \d+ stopped \(exit status \d+\)", text), text
+        assert "SIGKILL" not in text
+        emp.send_signal(signal.SIGTERM)
+        assert emp.wait(20) == 0
+    finally:
+        if emp.poll() is None:
+            procs += descendants(emp.pid)
+            emp.kill()
+            emp.wait()
+        kill_all([p for p in procs if alive(p)])
+        log.unlink()
+        shutil.rmtree(vdir, ignore_errors=True)

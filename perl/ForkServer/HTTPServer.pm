@@ -7,18 +7,15 @@ use warnings;
 # already compiled and shared, and run() loads nothing.
 use Carp ();
 use Config ();
-use Errno qw(EINTR EAGAIN EWOULDBLOCK ECHILD);
-use Fcntl qw(F_GETFD F_SETFD FD_CLOEXEC);
+use Errno qw(EINTR EAGAIN ECONNABORTED);
 use POSIX ();
-use Socket qw(IPPROTO_TCP TCP_NODELAY SOL_SOCKET SO_RCVTIMEO SO_SNDTIMEO
-              AF_INET AF_INET6 SOCK_STREAM SOMAXCONN
-              inet_ntop unpack_sockaddr_in unpack_sockaddr_in6 sockaddr_family);
-use IO::Socket::IP ();
+use Socket qw(IPPROTO_TCP TCP_NODELAY SOL_SOCKET SO_RCVTIMEO SO_SNDTIMEO SO_REUSEADDR
+              AF_INET AF_INET6 AF_UNSPEC SOCK_STREAM AI_PASSIVE
+              getaddrinfo inet_ntop unpack_sockaddr_in unpack_sockaddr_in6 sockaddr_family);
 use IO::Handle ();
 use HTTP::Parser::XS qw(parse_http_request);
 use HTTP::Status ();
 use Time::HiRes ();
-use Plack::Util ();
 use ForkServer::HTTPServer::Writer ();
 
 our $VERSION = '0.01';
@@ -26,6 +23,8 @@ our $VERSION = '0.01';
 use constant {
     MSG_ACCEPTING => 1,    # worker -> master: I am in accept()
     MSG_ACTIVITY  => 2,    # worker -> master: a request arrived (for `idle`)
+    MSG_BUSY      => 3,    # worker -> master: in a request (harakiri only), payload: request
+    MSG_DONE      => 4,    # worker -> master: request finished (harakiri only)
     EXIT_HARAKIRI => 86,   # worker exit status after harakiri
     EXIT_RECYCLE  => 0,
     READ_CHUNK    => 65536,
@@ -154,6 +153,29 @@ sub run {
                 if ($at <= $now) { delete $self->{respawn}{$slot}; $self->_spawn_worker($slot) }
                 else { $timeout = $at - $now if $at - $now < $timeout }
             }
+            # Harakiri, master side: the worker's own alarm normally ends it;
+            # this catches one whose Perl signal handler cannot run (stuck
+            # inside an XS call that restarts on EINTR).
+            if (my $h = $self->{harakiri}) {
+                for my $pid (keys %{ $self->{kids} }) {
+                    my $k = $self->{kids}{$pid};
+                    my $since = $k->{busy_since} // next;
+                    my $at = $since + $h + 1;
+                    if ($at <= $now) {
+                        warn "$self->{name}: harakiri: worker $k->{slot} (pid $pid) stuck more than ${h}s in $k->{request}, killed by the master\n";
+                        kill 'KILL', $pid;
+                        delete $k->{busy_since};
+                    } elsif ($at - $now < $timeout) { $timeout = $at - $now }
+                }
+            }
+            for my $pid (keys %{ $self->{kids} }) {
+                my $at = $self->{kids}{$pid}{kill_at} // next;
+                if ($at <= $now) {
+                    warn "$self->{name}: worker pid $pid still busy $self->{mercy}s after reload, killed\n";
+                    kill 'KILL', $pid;
+                    $self->{kids}{$pid}{kill_at} = $now + 3600;
+                } elsif ($at - $now < $timeout) { $timeout = $at - $now }
+            }
             if ($hb && $self->{sent_accepting}) {
                 $next_hb //= $now;
                 if ($now >= $next_hb) { $self->_emperor_send(EMP_HEARTBEAT); $next_hb = $now + $hb }
@@ -206,12 +228,19 @@ sub _setup_listener {
     my $self = shift;
     my $sock = $self->{listen_sock};
     unless ($sock) {
+        # plain socket/bind/listen: IO::Socket::IP would cost ~15 ms to load
         my $host = $self->{host} // '0.0.0.0';
         $host = '0.0.0.0' if $host eq '*' || $host eq '';
-        $sock = IO::Socket::IP->new(
-            LocalHost => $host, LocalPort => $self->{port} // 5000,
-            Listen => $self->{listen_backlog}, ReuseAddr => 1, Proto => 'tcp',
-        ) or die "$self->{name}: cannot listen on " . ($self->{host} // '*') . ":" . ($self->{port} // 5000) . ": $@\n";
+        $host =~ s/^\[(.*)\]$/$1/;
+        my $port = $self->{port} // 5000;
+        my $where = "$self->{name}: cannot listen on $host:$port";
+        my ($err, @ai) = getaddrinfo($host, $port, { socktype => SOCK_STREAM, flags => AI_PASSIVE, family => AF_UNSPEC });
+        die "$where: $err\n" if $err || !@ai;
+        my $ai = $ai[0];
+        socket($sock, $ai->{family}, SOCK_STREAM, 0) or die "$where: socket: $!\n";
+        setsockopt($sock, SOL_SOCKET, SO_REUSEADDR, 1) or die "$where: setsockopt: $!\n";
+        bind($sock, $ai->{addr}) or die "$where: $!\n";
+        listen($sock, $self->{listen_backlog}) or die "$where: listen: $!\n";
         $self->{listen_sock} = $sock;
         $self->{own_listener} = 1;
     }
@@ -262,15 +291,25 @@ sub _spawn_worker {
     return $pid;
 }
 
+# Worker -> master records: pid, type, payload length, payload. Each is
+# written with one write(2) of less than PIPE_BUF bytes, so records of
+# different workers never interleave; a read may still end mid-record.
+sub _worker_msg {
+    my ($fh, $type, $payload) = @_;
+    $payload //= '';
+    syswrite($fh, pack('NNn/a*', $$, $type, substr($payload, 0, 400)));
+}
+
 sub _read_worker_messages {
     my $self = shift;
-    my $got = sysread($self->{ready_r}, my $buf, 8 * 512);
+    my $got = sysread($self->{ready_r}, $self->{msgbuf}, 16384, length($self->{msgbuf} //= ''));
     return unless $got;
     my $now = _now();
-    # records are 8 bytes and written with one write(2) each (< PIPE_BUF), so
-    # they never interleave
-    for my $i (0 .. int($got / 8) - 1) {
-        my ($pid, $type) = unpack 'NN', substr($buf, $i * 8, 8);
+    while (length $self->{msgbuf} >= 10) {
+        my ($pid, $type, $len) = unpack 'NNn', $self->{msgbuf};
+        last if length $self->{msgbuf} < 10 + $len;
+        my $payload = substr($self->{msgbuf}, 10, $len);
+        substr($self->{msgbuf}, 0, 10 + $len, '');
         if ($type == MSG_ACCEPTING) {
             my $k = $self->{kids}{$pid} or next;
             $k->{ready} = 1;
@@ -288,6 +327,13 @@ sub _read_worker_messages {
         } elsif ($type == MSG_ACTIVITY) {
             $self->{last_activity} = $now;
             $self->{idle_sent} = 0;
+        } elsif ($type == MSG_BUSY) {
+            my $k = $self->{kids}{$pid} or next;
+            $k->{busy_since} = $now;
+            $k->{request} = $payload;
+        } elsif ($type == MSG_DONE) {
+            my $k = $self->{kids}{$pid} or next;
+            delete $k->{busy_since};
         }
     }
 }
@@ -339,6 +385,9 @@ sub _reload {
     my @old = keys %{ $self->{kids} };
     $self->{gen}++;
     %{ $self->{respawn} } = ();
+    # an old worker still busy after `mercy` seconds is killed
+    my $deadline = _now() + $self->{mercy};
+    $self->{kids}{$_}{kill_at} //= $deadline for @old;
     kill 'TERM', @old if @old;
     $self->_spawn_worker($_) for 1 .. $self->{workers};
 }
@@ -410,14 +459,17 @@ sub _worker_main {
     $self->{requests} = 0;
     my $listen = $self->{listen_sock};
     my $ready_w = $self->{ready_w};
-    syswrite($ready_w, pack('NN', $$, MSG_ACCEPTING));
+    _worker_msg($ready_w, MSG_ACCEPTING);
 
     my $rtimeo = pack('l!l!', $self->{read_timeout}, 0);
     while (!$stopping) {
         my $peer = accept(my $conn, $listen);
         unless ($peer) {
-            next if $! == EINTR;
-            die "accept: $!\n";
+            next if $! == EINTR || $! == ECONNABORTED;
+            # EMFILE, ENOBUFS...: transient pressure; don't spin, don't die
+            warn "$self->{name}: accept: $!\n";
+            select(undef, undef, undef, 0.1);
+            next;
         }
         $busy = 1;
         # Per connection, not per request: no Nagle delay on split writes; a
@@ -585,7 +637,7 @@ sub _serve_connection {
         if ($idle > 0) {
             my $t = time;
             if ($t != $last_note) {
-                syswrite($self->{ready_w}, pack('NN', $$, MSG_ACTIVITY));
+                _worker_msg($self->{ready_w}, MSG_ACTIVITY);
                 $last_note = $t;
             }
         }
@@ -622,6 +674,7 @@ sub _serve_connection {
 
         if ($harakiri) {
             $self->{current_request} = qq{"$env{REQUEST_METHOD} $env{REQUEST_URI} $proto" from $raddr};
+            _worker_msg($self->{ready_w}, MSG_BUSY, $self->{current_request});
             alarm $harakiri;
         }
 
@@ -662,7 +715,7 @@ sub _serve_connection {
             print STDERR "$self->{name}: app returned an invalid response\n";
             $self->_respond($conn, \%env, $st, [500, ['Content-Type' => 'text/plain'], ['Internal Server Error']]);
         }
-        alarm 0 if $harakiri;
+        if ($harakiri) { alarm 0; _worker_msg($self->{ready_w}, MSG_DONE) }
 
         $self->_access_log(\%env, $st->{status}, $st->{bytes}) if $self->{access_log};
         if ($env{'psgix.harakiri.commit'}) { $self->{harakiri_commit} = 1; return }
@@ -847,14 +900,17 @@ sub _respond {
     if (defined $body) {
         _write_all($conn, $out);
         my $bytes = 0;
-        Plack::Util::foreach($body, sub {
-            return unless $send_body;
-            my $b = $_[0];
-            return unless defined $b && length $b;
-            $bytes += length $b;
-            _write_all($conn, $chunked ? sprintf('%x', length $b) . CRLF . $b . CRLF : $b);
-        });
-        _write_all($conn, "0" . CRLF . CRLF) if $chunked && $send_body;
+        if ($send_body) {
+            # A file handle or an object with getline() and close().
+            local $/ = \READ_CHUNK;
+            while (defined(my $b = $body->getline)) {
+                next unless length $b;
+                $bytes += length $b;
+                _write_all($conn, $chunked ? sprintf('%x', length $b) . CRLF . $b . CRLF : $b);
+            }
+            _write_all($conn, "0" . CRLF . CRLF) if $chunked;
+        }
+        $body->close;
         $st->{bytes} = $bytes;
         return;
     }

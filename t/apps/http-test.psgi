@@ -47,6 +47,13 @@ sub {
         open my $fh, '>', "$dir/hang.started"; close $fh;
         sleep 1 while 1;
     }
+    if ($path eq '/hang-hard') {
+        # stands in for a worker stuck inside XS: SIGALRM cannot reach Perl
+        require POSIX;
+        POSIX::sigprocmask(POSIX::SIG_BLOCK(), POSIX::SigSet->new(POSIX::SIGALRM()));
+        open my $fh, '>', "$dir/hang.started"; close $fh;
+        select(undef, undef, undef, 0.05) while 1;
+    }
     if ($path eq '/commit') {
         $env->{'psgix.harakiri.commit'} = 1;
         return [200, ['Content-Type' => 'text/plain'], ["bye $$"]];

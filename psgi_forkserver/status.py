@@ -1,0 +1,698 @@
+"""What runs and what it costs: the stats socket and the local status page.
+
+Both are opt-in and live in the Emperor's own selector (no threads):
+
+- `emperor run --stats PATH`: a UNIX socket (mode 0600). A client connects
+  and gets one JSON document, then end of file. `emperor status --stats PATH`
+  prints it as a table (`--json`: as is).
+- `emperor run --status-http 127.0.0.1:PORT`: a tiny HTTP/1.0 server, GET /
+  is an HTML table (Jinja2, auto-escaped), GET /json the same document.
+  Loopback addresses only unless `--status-http-public` is given.
+
+Memory is measured when a client asks: PSS and USS (psutil's
+memory_full_info, from /proc/PID/smaps_rollup) summed over each vassal's
+process tree (during a reload, the successor's and retiring processes too).
+That costs the kernel about 1 ms per 40 MB process, so it is done a slice
+(BUDGET) per turn of the Emperor's loop, never in one block; concurrent
+requests share one collection. The document says what it cost:
+`collect_ms` (CPU time measuring), `elapsed_ms` (request to document),
+`turns` (loop turns it was spread over).
+
+The Emperor's Vassal objects are read with getattr and defaults, so this
+module does not depend on the exact fields of a given Vassal version.
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import ipaddress
+import json
+import os
+import selectors
+import socket
+import stat
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+SCHEMA = 1
+MAX_CLIENTS = 32  # connections in progress; beyond that the oldest is dropped
+CLIENT_TIMEOUT = 60.0
+BUDGET = 0.01  # seconds of measuring per turn of the Emperor's loop
+MAX_REQUEST = 8192
+
+
+# -- collecting ---------------------------------------------------------------
+
+
+def _ppid_map() -> dict[int, list[int]]:
+    """ppid -> children pids, from one pass over /proc (cheaper than psutil's
+    children() per vassal, which rescans /proc every time)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return children
+    for e in entries:
+        if not e.isdigit():
+            continue
+        try:
+            with open(f"/proc/{e}/stat", "rb") as f:
+                data = f.read()
+            ppid = int(data[data.rindex(b")") + 2 :].split(None, 2)[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(e))
+    return children
+
+
+def _tree(pid: int, children: dict[int, list[int]]) -> list[int]:
+    out, todo, seen = [], [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out
+
+
+def _memory(pids: list[int]) -> tuple[int, int, int]:
+    """(pss, uss, processes counted) over `pids`; vanished ones are skipped."""
+    pss = uss = n = 0
+    for pid in pids:
+        try:
+            m = psutil.Process(pid).memory_full_info()
+        except (psutil.Error, OSError):
+            continue
+        pss += getattr(m, "pss", 0)
+        uss += m.uss
+        n += 1
+    return pss, uss, n
+
+
+def _enum(value: Any) -> Any:
+    if value is None:
+        return None
+    return getattr(value, "value", value)
+
+
+def vassal_status(v: Any, now: float, children: dict[int, list[int]]) -> tuple[dict[str, Any], list[int]]:
+    """The vassal's document (memory still 0) and the pids to measure."""
+    pid = getattr(v, "pid", None)
+    phase = _enum(getattr(v, "phase", None))
+    started_at = getattr(v, "started_at", None)
+    generation = getattr(v, "generation", 0) or 0
+    not_before = getattr(v, "not_before", 0.0) or 0.0
+    restarts = getattr(v, "restarts", None)
+    if restarts is None:
+        restarts = max(0, generation - 1)
+    cfg = getattr(v, "config", None) or getattr(v, "running", None)
+    doc: dict[str, Any] = {
+        "name": getattr(v, "name", "?"),
+        "state": phase,
+        "pid": pid,
+        "kind": _enum(getattr(v, "kind", None)),
+        "base_generation": getattr(v, "base_generation", None),
+        "generation": generation,
+        "uptime": round(now - started_at, 3) if pid is not None and started_at is not None else None,
+        "restarts": restarts,
+        "failures": getattr(v, "failures", 0),
+        "throttle": round(max(0.0, not_before - now), 3) if phase == "throttled" else 0.0,
+        "file": str(getattr(cfg, "path", "")) or None,
+        "error": getattr(getattr(v, "config", None), "error", None),
+        "processes": 0,
+        "pss": 0,
+        "uss": 0,
+    }
+    # every process of the vassal: during a reload, the successor and the
+    # retiring ones too (Vassal.procs() where the Vassal has it)
+    roots = [pid] if pid is not None else []
+    procs = getattr(v, "procs", None)
+    if callable(procs):
+        try:
+            roots += [p.pid for p in procs() if getattr(p, "pid", None) not in (None, pid)]
+        except Exception:  # noqa: BLE001
+            pass
+    if len(roots) > 1:
+        doc["other_pids"] = roots[1:]
+    tree: list[int] = []
+    for r in roots:
+        tree += [p for p in _tree(r, children) if p not in tree]
+    return doc, tree
+
+
+_self_proc: psutil.Process | None = None
+
+
+def emperor_status(emperor: Any) -> dict[str, Any]:
+    global _self_proc
+    if _self_proc is None or _self_proc.pid != os.getpid():
+        _self_proc = psutil.Process()
+        _self_proc.cpu_percent(None)  # first call only starts the measure
+    p = _self_proc
+    doc: dict[str, Any] = {"pid": p.pid}
+    try:
+        with p.oneshot():
+            cpu = p.cpu_times()
+            doc.update(
+                rss=p.memory_info().rss,
+                cpu_user=round(cpu.user, 3),
+                cpu_system=round(cpu.system, 3),
+                cpu_percent=p.cpu_percent(None),  # since the previous request
+                uptime=round(time.time() - p.create_time(), 3),
+                fds=p.num_fds(),
+            )
+    except psutil.Error:
+        pass
+    d = getattr(emperor, "dir", None) or getattr(getattr(emperor, "opts", None), "vassals_dir", None)
+    doc["vassals_dir"] = str(d) if d is not None else None
+    doc["shutting_down"] = bool(getattr(emperor, "shutting_down", False))
+    return doc
+
+
+class Collection:
+    """One status document, measured a slice at a time.
+
+    Reading /proc/PID/smaps_rollup costs the kernel a page-table walk: about
+    1 ms for a 40 MB process, more for a big preloaded Perl. Hundreds of
+    vassals with their workers take seconds of CPU, so the Emperor's loop
+    calls `step(budget)` once per turn and stays responsive meanwhile.
+    The vassals' states and pids are taken at the start (one snapshot).
+    """
+
+    def __init__(self, emperor: Any) -> None:
+        self.t0 = time.perf_counter()
+        self.measure_s = 0.0
+        self.turns = 0
+        now = time.monotonic()
+        children = _ppid_map()
+        vassals = getattr(emperor, "vassals", {}) or {}
+        self.vassals: dict[str, dict[str, Any]] = {}
+        self.todo: list[tuple[str, int]] = []
+        for name in sorted(vassals):
+            try:
+                doc, tree = vassal_status(vassals[name], now, children)
+            except Exception as e:  # noqa: BLE001 - one odd vassal must not hide the rest
+                doc, tree = {"name": name, "error": f"status: {e!r}"}, []
+            self.vassals[name] = doc
+            self.todo += [(name, pid) for pid in tree]
+        self.todo.reverse()  # pop() in order
+        self.emperor = emperor_status(emperor)
+        self.measure_s += time.perf_counter() - self.t0
+
+    @property
+    def done(self) -> bool:
+        return not self.todo
+
+    def step(self, budget: float = float("inf")) -> bool:
+        """Measure processes for about `budget` seconds; True when all done."""
+        t = time.perf_counter()
+        deadline = t + budget
+        self.turns += 1
+        while self.todo:
+            name, pid = self.todo.pop()
+            pss, uss, n = _memory([pid])
+            d = self.vassals[name]
+            d["pss"] += pss
+            d["uss"] += uss
+            d["processes"] += n
+            if time.perf_counter() >= deadline:
+                break
+        self.measure_s += time.perf_counter() - t
+        return not self.todo
+
+    def document(self) -> dict[str, Any]:
+        out = self.vassals
+        return {
+            "schema": SCHEMA,
+            "time": time.time(),
+            "emperor": self.emperor,
+            "vassals": out,
+            "totals": {
+                "vassals": len(out),
+                "processes": sum(v.get("processes", 0) for v in out.values()),
+                "pss": sum(v.get("pss", 0) for v in out.values()),
+                "uss": sum(v.get("uss", 0) for v in out.values()),
+            },
+            # CPU spent measuring, and wall time from request to document
+            "collect_ms": round(self.measure_s * 1000, 2),
+            "elapsed_ms": round((time.perf_counter() - self.t0) * 1000, 2),
+            "turns": self.turns,
+        }
+
+
+def collect(emperor: Any) -> dict[str, Any]:
+    """The status document, all at once (tests, tools)."""
+    c = Collection(emperor)
+    c.step()
+    return c.document()
+
+
+# -- addresses ------------------------------------------------------------------
+
+
+class StatusConfigError(ValueError):
+    pass
+
+
+def parse_http_address(addr: str, public: bool = False) -> tuple[int, tuple]:
+    """`HOST:PORT`, `[V6]:PORT` or `:PORT` (loopback) -> (family, sockaddr).
+    Refuses non-loopback addresses unless `public`."""
+    host, sep, port_s = addr.rpartition(":")
+    if not sep or not port_s.isdigit():
+        raise StatusConfigError(f"{addr!r}: expected HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    host = host or "127.0.0.1"
+    try:
+        infos = socket.getaddrinfo(host, int(port_s), type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise StatusConfigError(f"{addr!r}: {e.strerror}") from None
+    family, _, _, _, sockaddr = infos[0]
+    ip = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
+    if not public and not ip.is_loopback:
+        raise StatusConfigError(
+            f"{addr!r} is not a loopback address; the status page is unauthenticated "
+            "(use --status-http-public to serve it there anyway)"
+        )
+    return family, sockaddr
+
+
+# -- the servers -------------------------------------------------------------------
+
+
+@dataclass
+class _Client:
+    sock: socket.socket
+    deadline: float
+    inbuf: bytes = b""
+    out: memoryview | None = None
+
+
+@dataclass
+class StatusServer:
+    """Listening sockets bound early (by the CLI, so errors come before
+    anything starts); `attach(emperor)` registers them in its selector."""
+
+    stats_path: Path | None = None
+    http: str | None = None
+    http_public: bool = False
+    log: Callable[[str], None] = field(default=lambda m: print(f"emperor: {m}", file=sys.stderr))
+
+    def __post_init__(self) -> None:
+        self.emperor: Any = None
+        self.sel: selectors.BaseSelector | None = None
+        self.stats_sock: socket.socket | None = None
+        self.http_sock: socket.socket | None = None
+        self.clients: dict[int, _Client] = {}
+        self._stats_ino: tuple[int, int] | None = None
+        self.requests = 0
+        self.job: Collection | None = None
+        self.waiters: list[Callable[[dict[str, Any]], None]] = []
+        # registered for EVENT_WRITE while a collection runs: always ready,
+        # so the loop comes back to us every turn (no timer needed)
+        self._tick_r: socket.socket | None = None
+        self._tick_w: socket.socket | None = None
+
+    # -- set-up ------------------------------------------------------------------
+
+    def bind(self) -> "StatusServer":
+        try:
+            if self.stats_path is not None:
+                self.stats_path = Path(os.path.abspath(self.stats_path))
+                self.stats_sock = self._bind_unix(self.stats_path)
+            if self.http is not None:
+                family, sockaddr = parse_http_address(self.http, self.http_public)
+                s = socket.socket(family, socket.SOCK_STREAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(sockaddr)
+                    s.listen(64)
+                except OSError:
+                    s.close()
+                    raise
+                s.setblocking(False)
+                self.http_sock = s
+        except Exception:
+            self.close()
+            raise
+        atexit.register(self.close)
+        return self
+
+    def _bind_unix(self, path: Path) -> socket.socket:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(str(path))
+                except OSError:
+                    os.unlink(path)  # stale: nobody listens
+                else:
+                    raise OSError(errno.EADDRINUSE, f"{path}: another process serves it")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # born 0600: no window where others may connect
+        try:
+            s.bind(str(path))
+        except OSError:
+            s.close()
+            raise
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        s.listen(64)
+        s.setblocking(False)
+        st = os.stat(path)
+        self._stats_ino = (st.st_dev, st.st_ino)
+        return s
+
+    def attach(self, emperor: Any) -> None:
+        """Register in the Emperor's selector; callbacks get `now`."""
+        self.emperor = emperor
+        self.sel = emperor.sel
+        elog = getattr(emperor, "log", None)
+        if callable(elog):
+            self.log = elog
+        if self.stats_sock is not None:
+            self.sel.register(self.stats_sock, selectors.EVENT_READ,
+                              lambda now: self._accept(self.stats_sock, now, http=False))
+            self.log(f"stats socket {self.stats_path}")
+        if self.http_sock is not None:
+            self.sel.register(self.http_sock, selectors.EVENT_READ,
+                              lambda now: self._accept(self.http_sock, now, http=True))
+            host, port = self.http_sock.getsockname()[:2]
+            self.log(f"status page http://{'[%s]' % host if ':' in host else host}:{port}/")
+
+    def close(self) -> None:
+        for fd in list(self.clients):
+            self._drop(fd)
+        for s in (self.stats_sock, self.http_sock):
+            if s is None:
+                continue
+            if self.sel is not None:
+                try:
+                    self.sel.unregister(s)
+                except Exception:  # noqa: BLE001 - KeyError, or a closed selector
+                    pass
+            s.close()
+        self.stats_sock = self.http_sock = None
+        for t in (self._tick_r, self._tick_w):
+            if t is not None:
+                t.close()
+        self._tick_r = self._tick_w = None
+        self.job = None
+        self.waiters.clear()
+        if self.stats_path is not None and self._stats_ino is not None:
+            try:
+                st = os.stat(self.stats_path)
+                if (st.st_dev, st.st_ino) == self._stats_ino:  # still ours
+                    os.unlink(self.stats_path)
+            except OSError:
+                pass
+            self._stats_ino = None
+
+    # -- connections ------------------------------------------------------------------
+
+    def _accept(self, lsock: socket.socket | None, now: float, http: bool) -> None:
+        if lsock is None:
+            return
+        self._expire(now)
+        for _ in range(MAX_CLIENTS):
+            try:
+                conn, _ = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self.log(f"status: accept: {e}")
+                return
+            conn.setblocking(False)
+            if len(self.clients) >= MAX_CLIENTS:
+                self._drop(min(self.clients, key=lambda fd: self.clients[fd].deadline))
+            c = _Client(conn, now + CLIENT_TIMEOUT)
+            self.clients[conn.fileno()] = c
+            try:
+                if http:
+                    self.sel.register(conn, selectors.EVENT_READ,
+                                      lambda t, fd=conn.fileno(): self._on_http_readable(fd, t))
+                else:
+                    self._when_ready(lambda doc, c=c: self._respond(c, _json(doc)))
+            except Exception as e:  # noqa: BLE001 - never take the Emperor down
+                self.log(f"status: {type(e).__name__}: {e}")
+                self._drop(conn.fileno())
+
+    # -- the collection in progress ----------------------------------------------------
+
+    def _when_ready(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        """Call back with the next document; requests arriving meanwhile
+        share the collection in progress."""
+        self.requests += 1
+        self.waiters.append(callback)
+        if self.job is not None:
+            return
+        self.job = Collection(self.emperor)
+        if self._tick_w is None:
+            self._tick_r, self._tick_w = socket.socketpair()
+        self.sel.register(self._tick_w, selectors.EVENT_WRITE, self._tick)
+
+    def _tick(self, now: float) -> None:
+        job = self.job
+        try:
+            if job is not None and not job.step(BUDGET):
+                return
+        except Exception as e:  # noqa: BLE001
+            self.log(f"status: {type(e).__name__}: {e}")
+        try:
+            self.sel.unregister(self._tick_w)
+        except Exception:  # noqa: BLE001
+            pass
+        self.job = None
+        waiters, self.waiters = self.waiters, []
+        if job is None:
+            return
+        doc = job.document()
+        for cb in waiters:
+            try:
+                cb(doc)
+            except Exception as e:  # noqa: BLE001
+                self.log(f"status: {type(e).__name__}: {e}")
+        self._expire(now)
+
+    def _respond(self, c: _Client, data: bytes) -> None:
+        fd = c.sock.fileno()
+        if self.clients.get(fd) is not c:
+            return  # dropped (timeout, too many clients) while it waited
+        c.out = memoryview(data)
+        self._flush(fd)
+        if fd in self.clients:
+            try:
+                self.sel.modify(c.sock, selectors.EVENT_WRITE, lambda t, fd=fd: self._flush(fd))
+            except KeyError:
+                self.sel.register(c.sock, selectors.EVENT_WRITE, lambda t, fd=fd: self._flush(fd))
+
+    def _flush(self, fd: int) -> None:
+        c = self.clients.get(fd)
+        if c is None or c.out is None:
+            return
+        while c.out:
+            try:
+                n = c.sock.send(c.out)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                break
+            c.out = c.out[n:]
+        self._drop(fd)
+
+    def _on_http_readable(self, fd: int, now: float) -> None:
+        c = self.clients.get(fd)
+        if c is None:
+            return
+        try:
+            data = c.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(fd)
+            return
+        c.inbuf += data
+        if b"\r\n\r\n" not in c.inbuf and b"\n\n" not in c.inbuf:
+            if len(c.inbuf) > MAX_REQUEST:
+                self._respond(c, _http(431, "text/plain", b"request too large\n"))
+            return
+        try:  # the request is complete: stop reading, answer (maybe later)
+            self.sel.unregister(c.sock)
+        except (KeyError, ValueError):
+            pass
+        try:
+            self._http_request(c)
+        except Exception as e:  # noqa: BLE001
+            self.log(f"status page: {type(e).__name__}: {e}")
+            self._respond(c, _http(500, "text/plain", b"internal error\n"))
+
+    def _http_request(self, c: _Client) -> None:
+        line = c.inbuf.split(b"\n", 1)[0].decode("latin-1").strip()
+        parts = line.split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return self._respond(c, _http(400, "text/plain", b"bad request\n"))
+        method, target = parts[0], parts[1].split("?", 1)[0]
+        head = method == "HEAD"
+        if method not in ("GET", "HEAD"):
+            return self._respond(
+                c, _http(405, "text/plain", b"only GET\n", extra="Allow: GET, HEAD\r\n"))
+        if target == "/json":
+            self._when_ready(
+                lambda doc: self._respond(c, _http(200, "application/json", _json(doc), head)))
+        elif target in ("/", "/index.html"):
+            self._when_ready(lambda doc: self._respond(
+                c, _http(200, "text/html; charset=utf-8", render_html(doc).encode(), head)))
+        else:
+            self._respond(c, _http(404, "text/plain", b"not found\n"))
+
+    def _expire(self, now: float) -> None:
+        for fd, c in list(self.clients.items()):
+            if now >= c.deadline:
+                self._drop(fd)
+
+    def _drop(self, fd: int) -> None:
+        c = self.clients.pop(fd, None)
+        if c is None:
+            return
+        if self.sel is not None:
+            try:
+                self.sel.unregister(c.sock)
+            except Exception:  # noqa: BLE001 - KeyError, or a closed selector
+                pass
+        c.sock.close()
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error"}
+
+
+def _json(doc: dict[str, Any]) -> bytes:
+    return (json.dumps(doc, indent=1) + "\n").encode()
+
+
+def _http(code: int, ctype: str, body: bytes, head: bool = False, extra: str = "") -> bytes:
+    hdr = (
+        f"HTTP/1.0 {code} {_REASONS.get(code, '')}\r\n"
+        f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+        "Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
+        f"{extra}Connection: close\r\n\r\n"
+    )
+    return hdr.encode("latin-1") + (b"" if head else body)
+
+
+# -- presentation ------------------------------------------------------------------------
+
+
+def human_bytes(n: int | None) -> str:
+    if not n:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def human_seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 60:
+        return f"{s:.1f}s"
+    m, s = divmod(int(s), 60)
+    if m < 60:
+        return f"{m}m{s:02d}s"
+    h, m = divmod(m, 60)
+    if h < 48:
+        return f"{h}h{m:02d}m"
+    d, h = divmod(h, 24)
+    return f"{d}d{h:02d}h"
+
+
+_env = None
+
+
+def render_html(doc: dict[str, Any]) -> str:
+    global _env
+    if _env is None:
+        import jinja2
+
+        _env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(str(Path(__file__).with_name("templates"))),
+            autoescape=True,
+            undefined=jinja2.ChainableUndefined,  # a missing field shows as empty
+        )
+        _env.filters["bytes"] = human_bytes
+        _env.filters["seconds"] = human_seconds
+    return _env.get_template("status.html").render(doc=doc)
+
+
+COLUMNS = ("NAME", "STATE", "KIND", "PID", "GEN", "BASE", "UPTIME", "RESTARTS",
+           "THROTTLE", "PROCS", "PSS", "USS")
+
+
+def format_table(doc: dict[str, Any]) -> str:
+    rows = []
+    for name, v in doc.get("vassals", {}).items():
+        rows.append((
+            name, v.get("state") or "-", v.get("kind") or "-",
+            str(v["pid"]) if v.get("pid") else "-",
+            str(v.get("generation", "-")),
+            "-" if v.get("base_generation") is None else str(v["base_generation"]),
+            human_seconds(v.get("uptime")), str(v.get("restarts", "-")),
+            human_seconds(v["throttle"]) if v.get("throttle") else "-",
+            str(v.get("processes", 0)), human_bytes(v.get("pss")), human_bytes(v.get("uss")),
+        ))
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(COLUMNS)]
+    right = {3, 4, 5, 6, 7, 8, 9, 10, 11}
+
+    def fmt(cells):
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    lines = [fmt(COLUMNS), *map(fmt, rows)]
+    for name, v in doc.get("vassals", {}).items():
+        if v.get("error"):
+            lines.append(f"{name}: {v['error']}")
+    e = doc.get("emperor", {})
+    t = doc.get("totals", {})
+    lines.append(
+        f"emperor pid {e.get('pid')}  rss {human_bytes(e.get('rss'))}  "
+        f"cpu {e.get('cpu_user', 0) + e.get('cpu_system', 0):.2f}s ({e.get('cpu_percent', 0):.1f}%)  "
+        f"up {human_seconds(e.get('uptime'))}  |  {t.get('vassals', 0)} vassals, "
+        f"{t.get('processes', 0)} processes, PSS {human_bytes(t.get('pss'))}, "
+        f"USS {human_bytes(t.get('uss'))}  |  collected in {doc.get('collect_ms', 0):.1f} ms "
+        f"over {doc.get('turns', 1)} loop turns"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def fetch(path: Path, timeout: float = 10.0) -> dict[str, Any]:
+    """The client side: read the stats socket's document."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        chunks = []
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            chunks.append(b)
+    return json.loads(b"".join(chunks))

@@ -1,0 +1,253 @@
+"""The fleet's lifecycle with a real Emperor (pytest-xprocess), the real Perl
+base and real HTTP: Emperor-owned sockets, gap-free reloads and code deploys
+under load, crash-loop throttling, heartbeats, on-demand vassals."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from xprocess import ProcessStarter
+
+from support import alive, descendants, free_port, kill_all, wait_for
+from test_emperor import APP, EMPEROR, PROGRAM, app_ini, get, refused
+
+pytestmark = pytest.mark.skipif(
+    not PROGRAM.is_file() or os.path.getsize(PROGRAM) < 200,
+    reason="the Perl vassal program is not there yet",
+)
+
+
+class Emp:
+    def __init__(self, pid, vdir, log, popen):
+        self.pid, self.dir, self.log, self.popen = pid, vdir, Path(log), popen
+        self.pidfile = vdir.parent / (vdir.name + ".pid")
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace").split("@@__xproc_block_delimiter__@@")[-1]
+
+    def vpids(self, name):
+        pat = re.compile(rf"emperor: \[{re.escape(name)}\] (?:adopted (?:successor )?pid|started \w+ vassal, pid) (\d+)")
+        return [int(m) for m in pat.findall(self.text())]
+
+    def write(self, name, text):
+        tmp = self.dir / f".{name}.tmp"
+        tmp.write_text(text)
+        os.rename(tmp, self.dir / f"{name}.ini")
+
+
+@pytest.fixture
+def emperor(xprocess):
+    started: list[Emp] = []
+    dirs: list[Path] = []
+
+    def start(files: dict[str, str], *extra, base=True, wait=()):
+        vdir = Path(tempfile.mkdtemp(prefix="pfs-fl-"))
+        dirs.append(vdir)
+        if base:
+            (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
+        for name, text in files.items():
+            (vdir / f"{name}.ini").write_text(text)
+        pidfile = vdir.parent / (vdir.name + ".pid")
+
+        class Starter(ProcessStarter):
+            pattern = "emperor: watching"
+            timeout = 20
+            terminate_on_interrupt = True
+            args = [EMPEROR, "run", vdir, "--mercy", "5", "--rescan-interval", "2",
+                    "--pidfile", pidfile, "--backoff-first", "0.2", "--backoff-max", "1",
+                    "--reload-grace", "0.3", *extra]
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+        pid, log = xprocess.ensure(f"emperor-{vdir.name}", Starter, restart=True)
+        popen = next(r.popen for r in reversed(xprocess.resources) if r.popen and r.popen.pid == pid)
+        e = Emp(pid, vdir, log, popen)
+        started.append(e)
+        for port in wait:
+            wait_for(lambda p=port: get(p), 30, f"port {port} to answer")
+        return e
+
+    yield start
+    for e in started:
+        left = descendants(e.pid)
+        if e.popen.poll() is None:
+            os.kill(e.pid, signal.SIGTERM)
+            try:
+                e.popen.wait(20)
+            except Exception:
+                e.popen.kill()
+                e.popen.wait()
+        kill_all([p for p in left if alive(p)])
+        assert not e.pidfile.exists(), "pidfile left behind"
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class Load(threading.Thread):
+    """Requests without pause, each on a new connection, until stopped
+    (at most `limit` seconds / `max_requests`)."""
+
+    def __init__(self, ports, limit=20.0, max_requests=20000):
+        super().__init__(daemon=True)
+        self.ports, self.limit, self.max_requests = list(ports), limit, max_requests
+        self.ok = 0
+        self.failed: list[str] = []
+        self.seen: dict[int, set[str]] = {p: set() for p in self.ports}
+        self.stop_ev = threading.Event()
+
+    def run(self):
+        deadline = time.monotonic() + self.limit
+        i = 0
+        while not self.stop_ev.is_set() and time.monotonic() < deadline \
+                and self.ok + len(self.failed) < self.max_requests:
+            port = self.ports[i % len(self.ports)]
+            i += 1
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                c.request("GET", "/")
+                r = c.getresponse()
+                body = r.read().decode()
+                c.close()
+                if r.status != 200:
+                    raise OSError(f"status {r.status}")
+                self.seen[port].add(dict(kv.split("=", 1) for kv in body.split())["value"])
+                self.ok += 1
+            except Exception as e:  # noqa: BLE001 - counted
+                self.failed.append(f"{port}: {e!r}")
+
+    def finish(self):
+        self.stop_ev.set()
+        self.join(30)
+        return self
+
+
+def test_gap_free_reload_under_load(emperor):
+    port = free_port()
+    e = emperor({"app1": app_ini("app1", port)}, wait=[port])
+    old = e.vpids("app1")[-1]
+    load = Load([port])
+    load.start()
+    wait_for(lambda: load.ok > 50, 10, "load to run")
+    for value in ("v2", "v3"):
+        e.write("app1", app_ini("app1", port, value=value))
+        wait_for(lambda v=value: v in load.seen[port], 20, f"{value} to be served")
+    wait_for(lambda: not psutil.pid_exists(old) or not alive(psutil.Process(old)), 15, "old pid gone")
+    load.finish()
+    print(f"gap-free reload: {load.ok} requests, {len(load.failed)} failed")
+    assert load.failed == [], load.failed[:5]
+    assert load.ok > 100
+    assert "starting a successor (config changed)" in e.text()
+
+
+def test_code_deploy_moves_every_vassal_without_a_failed_request(emperor):
+    ports = {f"app{i}": free_port() for i in range(1, 7)}
+    e = emperor({n: app_ini(n, p, processes=1) for n, p in ports.items()},
+                "--deploy-parallel", "2", wait=ports.values())
+    base_old = e.vpids("base")[-1]
+    before = {n: e.vpids(n)[-1] for n in ports}
+    load = Load(ports.values())
+    load.start()
+    wait_for(lambda: load.ok > 50, 10, "load to run")
+    out = subprocess.run([EMPEROR, "reload-base", "--pidfile", e.pidfile],
+                         capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: all(e.vpids(n)[-1] != before[n] for n in ports), 40, "every vassal to move")
+    wait_for(lambda: not alive(psutil.Process(base_old)) if psutil.pid_exists(base_old) else True,
+             20, "old base to stop")
+    wait_for(lambda: all(not psutil.pid_exists(p) for p in before.values()), 20, "old vassals gone")
+    load.finish()
+    print(f"code deploy: {load.ok} requests, {len(load.failed)} failed")
+    assert load.failed == [], load.failed[:5]
+    text = e.text()
+    assert "generation 2" in text and "adoption failed" not in text
+    new_base = e.vpids("base")[-1]
+    assert new_base != base_old
+    for n in ports:
+        vp = e.vpids(n)[-1]
+        assert psutil.Process(vp).ppid() == e.pid
+        assert get(ports[n])["name"] == n
+    # the new base serves on fs.sock.gen2, the old one removed its own socket
+    assert (e.dir / "fs.sock.gen2").exists() and not (e.dir / "fs.sock").exists()
+    # a changed base file is a deploy too
+    (e.dir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n; v3\n")
+    wait_for(lambda: "generation 3" in e.text(), 20, "generation 3")
+    wait_for(lambda: all(get(p)["name"] == n for n, p in ports.items()), 20, "all answer")
+
+
+def test_port_in_use_throttles_only_that_vassal(emperor):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    bport = busy.getsockname()[1]
+    port = free_port()
+    try:
+        e = emperor({"busy": app_ini("busy", bport), "ok": app_ini("ok", port)}, wait=[port])
+        wait_for(lambda: "[busy] cannot bind http-socket" in e.text(), 15, "the bind error")
+        time.sleep(1.5)  # several retries (backoff 0.2 .. 1 s): still one line
+        lines = [l for l in e.text().splitlines() if "[busy] cannot bind" in l]
+        assert len(lines) == 1, lines
+        assert "Address already in use" in lines[0]
+        assert get(port)["name"] == "ok"
+    finally:
+        busy.close()
+    wait_for(lambda: get(bport)["name"] == "busy", 15, "busy to start once the port is free")
+
+
+def test_crash_loop_is_throttled_and_others_unaffected(emperor):
+    port, okport = free_port(), free_port()
+    bad = "[uwsgi]\nhttp-socket = 127.0.0.1:%d\npsgi = /nonexistent/app.psgi\n" % port
+    e = emperor({"bad": bad, "ok": app_ini("ok", okport)}, wait=[okport])
+    wait_for(lambda: e.text().count("[bad] pid") >= 4, 20, "several deaths of bad")
+    delays = [float(m) for m in re.findall(r"\[bad\] pid \d+ died .*?respawn in ([\d.]+) s", e.text())]
+    assert delays[:3] == [0.2, 0.4, 0.8] and max(delays) <= 1.0, delays
+    assert "(throttled)" in e.text()
+    assert get(okport)["name"] == "ok"
+    # a fixed file cuts the back-off
+    e.write("bad", app_ini("bad", port))
+    wait_for(lambda: get(port)["name"] == "bad", 15, "bad fixed")
+
+
+def test_heartbeat_silence_kills_and_restarts(emperor):
+    port = free_port()
+    e = emperor({"hb": app_ini("hb", port, processes=1) + "heartbeat = 1\n"}, wait=[port])
+    pid = e.vpids("hb")[-1]
+    time.sleep(1.2)  # let it send its first heartbeats
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: "[hb] SIGKILL pid %d: no heartbeat" % pid in e.text(), 15, "heartbeat kill")
+        wait_for(lambda: e.vpids("hb")[-1] != pid, 15, "a new hb pid")
+        new = e.vpids("hb")[-1]
+        wait_for(lambda: get(port)["pid"] and new in
+                 [int(get(port)["pid"])] + [p.pid for p in psutil.Process(int(get(port)["pid"])).parents()],
+                 15, "the new hb to answer")
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+def test_on_demand_starts_on_first_connection_and_stops_when_idle(emperor):
+    port = free_port()
+    e = emperor({"od": app_ini("od", port, processes=1) + "on-demand = true\nidle = 1\n"})
+    wait_for(lambda: "[od] on demand: waiting" in e.text(), 20, "od waiting")
+    assert e.vpids("od") == []
+    assert get(port, timeout=15)["name"] == "od"  # the first connection starts it
+    first = e.vpids("od")
+    assert len(first) == 1
+    wait_for(lambda: "[od] idle" in e.text(), 15, "idle byte")
+    wait_for(lambda: not psutil.pid_exists(first[0]), 15, "od to stop")
+    wait_for(lambda: e.text().count("[od] on demand: waiting") >= 2, 10, "waiting again")
+    assert get(port, timeout=15)["name"] == "od"
+    assert len(e.vpids("od")) == 2

@@ -1,0 +1,309 @@
+"""The stats socket, `emperor status`, the status page; and, on the same real
+Emperor, templates and the Kubernetes ConfigMap symlink swap end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
+from xprocess import ProcessStarter
+
+from psgi_forkserver import paths, status
+
+from support import alive, descendants, free_port, kill_all, wait_for
+
+HERE = Path(__file__).resolve().parent
+APP = HERE / "apps" / "hello.psgi"
+EMPEROR = Path(sys.executable).parent / "emperor"
+PROGRAM = paths.vassal_program()
+
+needs_perl = pytest.mark.skipif(
+    not PROGRAM.is_file() or os.path.getsize(PROGRAM) < 200,
+    reason="the Perl vassal program is not there yet",
+)
+
+
+# -- units, no Emperor -----------------------------------------------------------
+
+
+def test_http_address_loopback_only_unless_public():
+    assert status.parse_http_address("127.0.0.1:8080")[1] == ("127.0.0.1", 8080)
+    assert status.parse_http_address(":8080")[1] == ("127.0.0.1", 8080)
+    assert status.parse_http_address("[::1]:8080")[1][:2] == ("::1", 8080)
+    for bad in ("0.0.0.0:8080", "[::]:8080", "192.0.2.1:80"):
+        with pytest.raises(status.StatusConfigError, match="not a loopback"):
+            status.parse_http_address(bad)
+    assert status.parse_http_address("0.0.0.0:8080", public=True)[1] == ("0.0.0.0", 8080)
+    with pytest.raises(status.StatusConfigError):
+        status.parse_http_address("8080")
+
+
+@pytest.fixture
+def child():
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        yield p
+    finally:
+        p.kill()
+        p.wait()
+
+
+def fake_emperor(pid: int) -> SimpleNamespace:
+    v_run = SimpleNamespace(name="run<1>", phase=SimpleNamespace(value="loyal"), pid=pid,
+                            kind="adopted", started_at=0.0, generation=3, restarts=2,
+                            failures=0, not_before=0.0, base_generation=1)
+    v_thr = SimpleNamespace(name="thr", phase="throttled", pid=None, kind=None, started_at=None,
+                            generation=1, failures=2, not_before=1e12)  # no restarts field
+    return SimpleNamespace(vassals={"run<1>": v_run, "thr": v_thr}, dir=Path("/x"),
+                           sel=None, log=lambda m: None)
+
+
+def test_collect_reads_vassals_by_getattr_and_measures_pss_uss(child):
+    doc = status.collect(fake_emperor(child.pid))
+    json.dumps(doc)  # serialisable
+    r = doc["vassals"]["run<1>"]
+    assert (r["state"], r["pid"], r["kind"], r["restarts"], r["base_generation"]) == (
+        "loyal", child.pid, "adopted", 2, 1)
+    assert r["processes"] == 1 and r["pss"] > 0 and r["uss"] > 0
+    t = doc["vassals"]["thr"]
+    assert t["state"] == "throttled" and t["throttle"] > 0 and t["restarts"] == 0
+    assert t["pid"] is None and t["pss"] == 0
+    assert doc["emperor"]["pid"] == os.getpid() and doc["emperor"]["rss"] > 0
+    assert doc["collect_ms"] >= 0
+    table = status.format_table(doc)
+    assert "run<1>" in table and "throttled" in table and "collected in" in table
+
+
+def test_collection_is_spread_over_turns(child):
+    job = status.Collection(fake_emperor(child.pid))
+    assert not job.done and job.vassals["run<1>"]["pss"] == 0
+    turns = 0
+    while not job.step(budget=0):  # one process per turn
+        turns += 1
+    doc = job.document()
+    assert doc["vassals"]["run<1>"]["pss"] > 0 and doc["turns"] == turns + 1
+
+
+def test_html_is_escaped(child):
+    html = status.render_html(status.collect(fake_emperor(child.pid)))
+    assert "run&lt;1&gt;" in html and "run<1>" not in html
+    assert "<table>" in html
+
+
+def test_stats_socket_serves_many_clients_without_blocking(tmp_path: Path, child):
+    """A selector loop like the Emperor's; a slow client does not stop others."""
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    emp = fake_emperor(child.pid)
+    emp.sel = sel
+    port = free_port()
+    srv = status.StatusServer(stats_path=tmp_path / "s.sock", http=f"127.0.0.1:{port}").bind()
+    srv.attach(emp)
+    try:
+        assert stat.S_IMODE(os.stat(tmp_path / "s.sock").st_mode) == 0o600
+        slow = socket.create_connection(("127.0.0.1", port))  # never sends a request
+        clients = []
+        for _ in range(3):
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(str(tmp_path / "s.sock"))
+            c.setblocking(False)
+            clients.append(c)
+        got = {c: b"" for c in clients}
+        eof: set = set()
+
+        def all_answered():
+            for key, _ in sel.select(0.05):  # the "Emperor" loop turns
+                key.data(0.0)
+            for c in clients:
+                try:
+                    chunk = c.recv(1 << 20)
+                except BlockingIOError:
+                    continue
+                if chunk:
+                    got[c] += chunk
+                else:
+                    eof.add(c)
+            return len(eof) == len(clients)
+
+        wait_for(all_answered, 10, "every stats client to get its document")
+        for c in clients:
+            assert "run<1>" in json.loads(got[c])["vassals"]
+            c.close()
+        slow.close()
+    finally:
+        srv.close()
+        sel.close()
+    assert not (tmp_path / "s.sock").exists()
+
+
+def test_stale_socket_is_replaced_a_live_one_is_not(tmp_path: Path):
+    p = tmp_path / "s.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(p))  # bound, not listening: stale
+    s.close()
+    srv = status.StatusServer(stats_path=p).bind()
+    try:
+        with pytest.raises(OSError, match="another process"):
+            status.StatusServer(stats_path=p).bind()
+    finally:
+        srv.close()
+    (tmp_path / "f").write_text("")
+    with pytest.raises(OSError, match="not a socket"):
+        status.StatusServer(stats_path=tmp_path / "f").bind()
+
+
+def test_non_loopback_status_page_is_refused_before_anything_starts(tmp_path: Path):
+    r = subprocess.run(
+        [EMPEROR, "run", tmp_path, "--status-http", f"0.0.0.0:{free_port()}"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert r.returncode == 2 and "not a loopback address" in r.stderr
+
+
+# -- a real Emperor --------------------------------------------------------------------
+
+
+def app_ini(name: str, port: int, value: str) -> str:
+    return (
+        "[uwsgi]\n"
+        f"http-socket = 127.0.0.1:{port}\n"
+        f"env = APP_NAME={name}\n"
+        f"env = APP_VALUE={value}\n"
+        "disable-logging = true\n"
+    )
+
+
+def get(port: int, timeout: float = 2.0) -> dict[str, str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=timeout) as r:
+        body = r.read().decode()
+    return dict(kv.split("=", 1) for kv in body.split())
+
+
+@pytest.fixture
+def fleet(xprocess):
+    vdir = Path(tempfile.mkdtemp(prefix="pfs-status-"))
+    sockdir = Path(tempfile.mkdtemp(prefix="pfs-st-"))
+    (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
+    ports = {"app1": free_port(), "tpl": free_port(), "cm": free_port()}
+    (vdir / "app1.ini").write_text(app_ini("app1", ports["app1"], "v1"))
+    # a template: its name and port come from the rendering
+    (vdir / "tpl.ini.j2").write_text(
+        "[uwsgi]\nhttp-socket = 127.0.0.1:{{ env.PFS_TPL_PORT }}\n"
+        "env = APP_NAME={{ name }}\nenv = APP_VALUE={{ name | upper }}\nprocesses = 2\n"
+        "disable-logging = true\n"
+    )
+    # a Kubernetes ConfigMap volume: cm.ini -> ..data/cm.ini, ..data -> ..TS1
+    (vdir / "..2026_01_01").mkdir()
+    (vdir / "..2026_01_01" / "cm.ini").write_text(app_ini("cm", ports["cm"], "cm1"))
+    os.symlink("..2026_01_01", vdir / "..data")
+    os.symlink("..data/cm.ini", vdir / "cm.ini")
+    stats = sockdir / "stats.sock"
+    http_port = free_port()
+
+    class Starter(ProcessStarter):
+        pattern = "emperor: watching"
+        timeout = 20
+        terminate_on_interrupt = True
+        args = [EMPEROR, "run", vdir, "--mercy", "5", "--rescan-interval", "600",
+                "--stats", stats, "--status-http", f"127.0.0.1:{http_port}"]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PFS_TPL_PORT": str(ports["tpl"])}
+
+    pid, log = xprocess.ensure("emperor-status", Starter, restart=True)
+    popen = next(r.popen for r in reversed(xprocess.resources) if r.popen and r.popen.pid == pid)
+    f = SimpleNamespace(pid=pid, dir=vdir, ports=ports, stats=stats, http_port=http_port,
+                        popen=popen, log=Path(log))
+    try:
+        for name, port in ports.items():
+            wait_for(lambda p=port, n=name: get(p)["name"] == n, 30, f"{name} to answer")
+        yield f
+    finally:
+        left = descendants(pid)
+        if popen.poll() is None:
+            os.kill(pid, signal.SIGTERM)
+            try:
+                popen.wait(20)
+            except Exception:
+                popen.kill()
+                popen.wait()
+        kill_all([p for p in left if alive(p)])
+        shutil.rmtree(vdir, ignore_errors=True)
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def emperor_status(f, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([EMPEROR, "status", "--stats", f.stats, *extra],
+                          capture_output=True, text=True, timeout=30, check=True)
+
+
+@needs_perl
+def test_status_json_table_and_page(fleet):
+    assert stat.S_IMODE(os.stat(fleet.stats).st_mode) == 0o600
+    doc = json.loads(emperor_status(fleet, "--json").stdout)
+    assert set(doc["vassals"]) == {"base", "app1", "tpl", "cm"}
+    kids = {p.pid for p in psutil.Process(fleet.pid).children()}
+    for name, v in doc["vassals"].items():
+        assert v["pid"] in kids, (name, v)
+        assert v["state"] in ("running", "loyal"), (name, v)
+        assert v["pss"] > 0 and v["uss"] > 0 and v["processes"] >= 1, (name, v)
+        assert v["uptime"] >= 0 and v["throttle"] == 0
+    assert doc["vassals"]["base"]["kind"] == "base"
+    assert doc["vassals"]["app1"]["kind"] == "adopted"
+    assert doc["vassals"]["tpl"]["processes"] >= 3  # the vassal and its 2 workers
+    assert doc["emperor"]["pid"] == fleet.pid and doc["emperor"]["rss"] > 0
+    assert doc["collect_ms"] >= 0
+
+    table = emperor_status(fleet).stdout
+    for name in ("base", "app1", "tpl", "cm"):
+        assert f"\n{name} " in table
+    assert "PSS" in table and "collected in" in table
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{fleet.http_port}/", timeout=10) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/html")
+        html = r.read().decode()
+    for name in ("base", "app1", "tpl", "cm"):
+        assert f"<td>{name}</td>" in html
+    with urllib.request.urlopen(f"http://127.0.0.1:{fleet.http_port}/json", timeout=10) as r:
+        assert set(json.loads(r.read())["vassals"]) == {"base", "app1", "tpl", "cm"}
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"http://127.0.0.1:{fleet.http_port}/nope", timeout=10)
+    assert e.value.code == 404
+
+
+@needs_perl
+def test_template_and_configmap_swap_end_to_end(fleet):
+    # the template was rendered: name and value from Jinja2, port from env
+    assert get(fleet.ports["tpl"]) | {"pid": ""} == {"name": "tpl", "value": "TPL", "pid": ""}
+    assert get(fleet.ports["cm"])["value"] == "cm1"
+
+    # the ConfigMap update: new timestamped dir, ..data swapped by rename;
+    # the kernel reports nothing about cm.ini itself (rescan interval: 600 s)
+    d = fleet.dir
+    (d / "..2026_01_02").mkdir()
+    (d / "..2026_01_02" / "cm.ini").write_text(app_ini("cm", fleet.ports["cm"], "cm2"))
+    os.symlink("..2026_01_02", d / "..data_tmp")
+    os.rename(d / "..data_tmp", d / "..data")
+    shutil.rmtree(d / "..2026_01_01")
+    wait_for(lambda: get(fleet.ports["cm"])["value"] == "cm2", 15, "cm to serve cm2")
+
+    # a broken template: one line naming file and line, the others unharmed
+    (d / "bad.ini.j2").write_text("[uwsgi]\nhttp-socket = {{ nope }}\n")
+    wait_for(lambda: "bad.ini.j2:2: 'nope' is undefined" in fleet.log.read_text(), 15,
+             "the template error in the log")
+    doc = json.loads(emperor_status(fleet, "--json").stdout)
+    assert "'nope' is undefined" in (doc["vassals"]["bad"]["error"] or "")
+    assert doc["vassals"]["bad"]["pid"] is None
+    assert get(fleet.ports["app1"])["name"] == "app1"
