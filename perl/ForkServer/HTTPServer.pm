@@ -70,7 +70,7 @@ sub new {
         max_body_size    => 0,        # 0: no limit
         body_buffer_size => 65536,
         read_timeout     => 30,       # a client silent this long mid-request is dropped
-        keepalive_timeout => 2,       # an idle keep-alive connection holds a worker this long
+        keepalive_timeout => 1,       # an idle keep-alive connection holds a worker this long (as Starman)
         listen_backlog   => 1024,
         %args,
     }, $class;
@@ -1025,7 +1025,7 @@ Limits: 8192, 0 (no limit) and 65536 bytes by default.
 =item read_timeout, keepalive_timeout
 
 Seconds a client may stay silent in the middle of a request (30) and
-between requests on a keep-alive connection (2).
+between requests on a keep-alive connection (1).
 
 =item server_ready
 
