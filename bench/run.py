@@ -51,7 +51,7 @@ APPS = {"heavy": str(HERE / "heavy.psgi"), "hello": str(HERE / "hello.psgi")}
 EMPEROR = str(ROOT / ".venv" / "bin" / "emperor")
 MB = 1024 * 1024
 
-SCENARIOS = ("adoption", "serving", "cold", "fleet", "mass")
+SCENARIOS = ("adoption", "serving", "cold", "fleet", "mass", "deploy")
 
 
 @dataclass
@@ -63,9 +63,11 @@ class Sizes:
     mass: int
     idle_seconds: float
     wrk_duration: str
+    deploy: int = 20
 
 
-QUICK = Sizes(adoptions=20, colds=3, reactions=10, fleet=(10, 50), mass=50, idle_seconds=3, wrk_duration="3s")
+QUICK = Sizes(adoptions=20, colds=3, reactions=10, fleet=(10, 50), mass=50, idle_seconds=3, wrk_duration="3s",
+              deploy=10)
 FULL = Sizes(adoptions=50, colds=10, reactions=10, fleet=(10, 50, 200), mass=200, idle_seconds=10, wrk_duration="10s")
 
 TARGETS = {
@@ -296,9 +298,9 @@ def vassal_ini(name: str, port: int) -> str:
 
 
 class EmperorRun:
-    def __init__(self, procs: Procs, vdir: Path, log: str) -> None:
+    def __init__(self, procs: Procs, vdir: Path, log: str, extra: list[str] | None = None) -> None:
         self.procs = procs
-        self.argv = [EMPEROR, "run", str(vdir)]
+        self.argv = [EMPEROR, "run", *(extra or []), str(vdir)]
         self.t0 = time.perf_counter()
         self.proc = procs.spawn(self.argv, log=log)
         self.ps = psutil.Process(self.proc.pid)
@@ -438,6 +440,99 @@ def mass_start(procs: Procs, ports: Ports, tmp: Path, sizes: Sizes) -> dict:
     return res
 
 
+def code_deploy(procs: Procs, ports: Ports, tmp: Path, sizes: Sizes) -> dict:
+    """A code deploy (new base generation, every vassal moved) under load:
+    clients send requests without pause, each on a new connection; count
+    the ones that fail."""
+    import threading
+
+    from psgi_forkserver import status
+
+    n = sizes.deploy
+    say(f"emperor: code deploy of {n} vassals under load")
+    vdir = tmp / "deploy"
+    vdir.mkdir()
+    sock = tmp / "deploy.sock"
+    stats = tmp / "deploy-stats.sock"
+    (vdir / "base.ini").write_text(base_ini("heavy", sock))
+    vports = []
+    for i in range(n):
+        port = ports.get()
+        (vdir / f"d{i:03d}.ini").write_text(vassal_ini(f"d{i:03d}", port))
+        vports.append(port)
+    em = EmperorRun(procs, vdir, "emperor-deploy", ["--stats", str(stats)])
+    res: dict = {"command": shlex.join(em.argv), "n": n, "trigger": "SIGUSR1 (emperor reload-base)"}
+    stop = threading.Event()
+    counts = {"ok": 0, "failed": 0}
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def client(offset: int) -> None:
+        i = offset
+        deadline = time.perf_counter() + 180  # bounded whatever happens
+        while not stop.is_set() and time.perf_counter() < deadline:
+            port = vports[i % n]
+            i += 1
+            code = http_get(port, "/hello", timeout=10)
+            with lock:
+                if code == 200:
+                    counts["ok"] += 1
+                else:
+                    counts["failed"] += 1
+                    if len(failures) < 20:
+                        failures.append(f"port {port}: {code}")
+
+    def generations() -> tuple[set, list]:
+        doc = status.fetch(stats)
+        vs = doc["vassals"].values() if isinstance(doc["vassals"], dict) else doc["vassals"]
+        adopted = [v for v in vs if v.get("kind") == "adopted"]
+        settled = len(adopted) == n and all(v.get("state") == "loyal" for v in adopted) and all(
+            v.get("state") in ("running", "loyal") for v in vs if v.get("kind") == "base")
+        return {v.get("base_generation") for v in adopted}, settled, [v.get("state") for v in vs]
+
+    threads = [threading.Thread(target=client, args=(k * 7,), daemon=True) for k in range(2)]
+    try:
+        wait_fork_server(sock, em, 60)
+        wait_all_200(vports, 120, time.perf_counter())
+        deadline = time.perf_counter() + 60
+        while True:  # every vassal settled before the deploy starts
+            gens, settled, states = generations()
+            if settled and len(gens) == 1:
+                break
+            if time.perf_counter() > deadline:
+                raise BenchError(f"fleet never settled: {states}")
+            time.sleep(0.05)
+        before = gens
+        for t in threads:
+            t.start()
+        time.sleep(1.0)  # load running before the deploy
+        t0 = time.perf_counter()
+        os.kill(em.proc.pid, signal.SIGUSR1)
+        deadline = t0 + 120
+        while True:
+            gens, settled, states = generations()
+            if settled and gens.isdisjoint(before) and len(gens) == 1 and len(states) == n + 1:
+                break
+            if time.perf_counter() > deadline:
+                raise BenchError(f"deploy did not finish in 120 s: generations {gens}, states {states}")
+            time.sleep(0.05)
+        res["deploy_s"] = time.perf_counter() - t0
+        time.sleep(1.0)  # load continues after the deploy
+    finally:
+        stop.set()
+        for t in threads:
+            if t.is_alive():
+                t.join(15)
+        res["requests_ok"] = counts["ok"]
+        res["requests_failed"] = counts["failed"]
+        res["failures"] = failures
+        res["stop_s"] = em.stop()
+        rmtree(vdir)
+    say(f"  deploy of {n} vassals took {res.get('deploy_s', float('nan')):.2f} s; "
+        f"{counts['ok']} requests answered, {counts['failed']} failed")
+    return res
+
+
 # -- report -------------------------------------------------------------------------------------
 
 
@@ -517,6 +612,12 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
         rows.append((f"idle emperor, {ms['n']} vassals: RSS / PSS",
                      f"{ms['idle']['emperor_rss_bytes'] / MB:.1f} / {ms['idle']['emperor_pss_bytes'] / MB:.1f} MB",
                      "", ""))
+    dp = r.get("deploy")
+    if dp and "requests_ok" in dp:
+        rows.append((f"code deploy of {dp['n']} vassals under load: failed requests",
+                     f"{dp['requests_failed']} of {dp['requests_ok'] + dp['requests_failed']}"
+                     + (f" (deploy took {dp['deploy_s']:.2f} s)" if "deploy_s" in dp else " (deploy unfinished)"),
+                     "0", verdict(dp["requests_failed"] == 0 and "deploy_s" in dp)))
     sv = r.get("serving", {})
     for app in ("hello", "heavy"):
         s = sv.get(app)
@@ -660,6 +761,8 @@ def main(argv: list[str] | None = None) -> int:
             r["fleet"] = step("fleet", lambda: fleet(procs, ports, tmp, sizes))
         if "mass" in only:
             r["mass"] = step("mass", lambda: mass_start(procs, ports, tmp, sizes))
+        if "deploy" in only:
+            r["deploy"] = step("deploy", lambda: code_deploy(procs, ports, tmp, sizes))
         if "serving" in only:
             r["serving"] = {}
             for app in ("hello", "heavy"):
