@@ -7,9 +7,11 @@ use (see `render_template`). Both for one NAME is an error of that vassal.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
+import stat
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -80,11 +82,9 @@ def discover(directory: Path) -> dict[str, Path]:
         return found
     for entry in sorted(entries, key=lambda e: is_template(e.name)):
         if is_vassal_file(entry.name):
-            try:
-                if not entry.is_file():  # follows symlinks
-                    continue
-            except OSError:
-                continue
+            # anything named like a vassal file counts, even a directory or
+            # a dangling symlink: load() reports it as that vassal's error
+            # instead of the file being ignored without a word
             found.setdefault(vassal_name(entry.name), Path(directory) / entry.name)
     return found
 
@@ -131,6 +131,7 @@ class VassalConfig:
     error: str | None = None  # unreadable / malformed: the vassal will not start
     text: str = ""  # what the vassal must see: the rendered template, or the file
     rendered: bool = False  # a template: pass `text` on the config pipe
+    transient: bool = False  # error: out of descriptors or memory; read it again later
 
     def get(self, key: str, default: str | None = None) -> str | None:
         for k, v in reversed(self.options):
@@ -157,11 +158,53 @@ def fingerprint(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+#: a vassal file larger than this is refused (a vassal file is a few lines;
+#: a huge one would only eat the Emperor's memory)
+MAX_FILE = 1 << 20
+
+#: errors that say nothing about the file, only about the Emperor's resources
+#: at that moment: the file is read again later, its vassal is left alone
+TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN})
+
+
+class Unreadable(OSError):
+    """A vassal file that exists but cannot be used as one (str(): why)."""
+
+
 def _read(path: Path) -> bytes | None:
+    """The file's bytes; None when there is no such file.
+
+    Opened with O_NONBLOCK, then only a regular file is read: a FIFO named
+    `x.ini` must not block the Emperor, `/dev/zero` must not fill its memory.
+    """
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except (FileNotFoundError, NotADirectoryError):
+        if os.path.islink(path):
+            raise Unreadable(errno.ENOENT, f"dangling symlink to {os.readlink(path)}") from None
         return None
+    except IsADirectoryError:
+        raise Unreadable(errno.EISDIR, "a directory, not a file") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise Unreadable(errno.EISDIR, "a directory, not a file")
+        if not stat.S_ISREG(st.st_mode):
+            raise Unreadable(errno.EINVAL, "not a regular file")
+        if st.st_size > MAX_FILE:
+            raise Unreadable(errno.EFBIG, f"{st.st_size} bytes: larger than {MAX_FILE}")
+        chunks, size = [], 0
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > MAX_FILE:
+                raise Unreadable(errno.EFBIG, f"larger than {MAX_FILE} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def load(path: Path) -> VassalConfig | None:
@@ -177,7 +220,12 @@ def load(path: Path) -> VassalConfig | None:
     try:
         datas = {p: _read(p) for p in (plain, template)}
     except OSError as e:
-        return VassalConfig(name, path, fingerprint(b""), error=f"unreadable: {e.strerror}")
+        why = e.strerror or str(e)
+        return VassalConfig(
+            name, path, fingerprint(f"unreadable: {why}".encode()),
+            error=f"{path.name}: unreadable: {why}",
+            transient=e.errno in TRANSIENT_ERRNOS,
+        )
     present = [p for p, d in datas.items() if d is not None]
     if not present:
         return None

@@ -62,6 +62,7 @@ PR_SET_CHILD_SUBREAPER = 36
 PROBE_AFTER = 0.2  # a base that sent no byte 1 is probed after this long
 PROBE_EVERY = 0.1
 SETTLE = 0.5  # IN_CREATE alone: wait for the writer to close the file
+RETRY_READ = 1.0  # a vassal file that could not be read for lack of descriptors
 
 
 def set_child_subreaper() -> None:
@@ -92,6 +93,28 @@ def program_argv(program: str) -> list[str]:
     if os.access(program, os.X_OK):
         return [program]
     return [shutil.which("perl") or "/usr/bin/perl", program]
+
+
+def write_pidfile(path: Path, pid: int) -> None:
+    """Write `pid` to `path` atomically, following no symlink.
+
+    The temporary file is created with O_EXCL | O_NOFOLLOW: in a directory
+    others may write to (/tmp, /run/user), a symlink planted at its
+    (predictable) name makes this fail instead of overwriting the file it
+    points to. os.replace() renames over `path` itself, never through a
+    symlink there.
+    """
+    tmp = path.with_name(f".{path.name}.{pid}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, f"{pid}\n".encode())
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        os.unlink(tmp)
+        raise
 
 
 @dataclass
@@ -185,6 +208,7 @@ class Emperor:
         self.external_next_probe = 0.0
         self.next_straggler_kill = 0.0
         self.bind_errors: dict[str, str] = {}  # last bind error logged, per vassal
+        self.read_errors: dict[str, str] = {}  # transient read error logged, per vassal
         self.on_demand_registered: set[str] = set()
 
     # -- logging -------------------------------------------------------------
@@ -217,9 +241,7 @@ class Emperor:
         if self.opts.status is not None:
             self.opts.status.attach(self)  # stats socket / status page in our selector
         if self.opts.pidfile is not None:
-            tmp = self.opts.pidfile.with_name(f".{self.opts.pidfile.name}.{os.getpid()}")
-            tmp.write_text(f"{os.getpid()}\n")
-            os.replace(tmp, self.opts.pidfile)
+            write_pidfile(self.opts.pidfile, os.getpid())
         self.log(
             f"watching {self.dir} (vassal program {' '.join(self.argv0)}, pid {os.getpid()})"
         )
@@ -386,8 +408,10 @@ class Emperor:
         st = describe_status(status)
         if what == "retired":
             self.log(f"old pid {pid} stopped ({st})", name)
+            self._sweep_orphans(now)
         elif what == "stopped":
             self.log(f"pid {pid} stopped ({st})", name)
+            self._sweep_orphans(now)  # what it forked and left behind is ours now
         elif what == "successor died":
             self.log(f"new pid {pid} died ({st}); old one keeps serving; retry in "
                      f"{max(0.0, v.not_before - now):.1f} s", name)
@@ -421,17 +445,38 @@ class Emperor:
     # -- desired state: the files ---------------------------------------------
 
     def _rescan(self, now: float) -> None:
-        found = cfgmod.discover(self.dir)
+        try:
+            found = cfgmod.discover(self.dir)
+        except OSError as e:  # EMFILE, ENOMEM, ...: keep what we know, try again
+            self.log(f"cannot scan {self.dir}: {e.strerror or e}; retry in {RETRY_READ:g} s")
+            self.next_rescan = now + RETRY_READ
+            return
         for name in set(found) | set(self.vassals):
             path = found.get(name)
-            self._apply(name, cfgmod.load(path) if path else None)
+            self._load(name, path, now)
         self.next_rescan = now + self.opts.rescan_interval
 
     def _reload_due(self, now: float) -> None:
         for fname, when in list(self.due.items()):
             if when <= now:
                 del self.due[fname]
-                self._apply(cfgmod.vassal_name(fname), cfgmod.load(self.dir / fname))
+                self._load(cfgmod.vassal_name(fname), self.dir / fname, now)
+
+    def _load(self, name: str, path: Path | None, now: float) -> None:
+        cfg = cfgmod.load(path) if path is not None else None
+        if cfg is not None and cfg.transient:
+            # out of descriptors or memory: says nothing about the file;
+            # keep the vassal as it is and read the file again soon
+            if self.read_errors.get(name) != cfg.error:
+                self.log(f"cannot read {cfg.path.name}: {cfg.error}; retrying every "
+                         f"{RETRY_READ:g} s", name)
+            self.read_errors[name] = cfg.error or ""
+            assert path is not None
+            self.due[path.name] = min(self.due.get(path.name, now + RETRY_READ), now + RETRY_READ)
+            return
+        if self.read_errors.pop(name, None) is not None:
+            self.log(f"{path.name if path else name} read again", name)
+        self._apply(name, cfg)
 
     def _apply(self, name: str, cfg: cfgmod.VassalConfig | None) -> None:
         v = self.vassals.get(name)
@@ -618,7 +663,11 @@ class Emperor:
         if not ok:
             v.start_failed(now, "bind", seq)
             return
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        text = self._config_text(p.config)
+        pairs = self._socketpairs(v, seq, now, text is not None)
+        if pairs is None:
+            return
+        ours, theirs = pairs[0]
         env = dict(os.environ)
         env.pop("UWSGI_EMPEROR_FD_CONFIG", None)
         env["UWSGI_EMPEROR_FD"] = str(theirs.fileno())
@@ -628,9 +677,8 @@ class Emperor:
             if p.base_generation > 1 and h.fork_server is not None:
                 argv += ["--fork-server", str(h.fork_server)]
         to_close = [theirs]
-        text = self._config_text(p.config)
         if text is not None:
-            cours, ctheirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            cours, ctheirs = pairs[1]
             os.set_inheritable(ctheirs.fileno(), True)
             env["UWSGI_EMPEROR_FD_CONFIG"] = str(ctheirs.fileno())
             h.config_pipe, h.config_text = cours, text
@@ -668,6 +716,25 @@ class Emperor:
         gen = f", generation {p.base_generation}" if kind == Kind.BASE else ""
         self.log(f"started {kind} vassal, pid {pid}{gen}{extra}", v.name)
 
+    def _socketpairs(self, v: Vassal, seq: int, now: float,
+                     config: bool) -> list[tuple[socket.socket, socket.socket]] | None:
+        """The Emperor pipe (and the config pipe) for a new process; None,
+        with the start failed, logged and retried after a backoff, when
+        they cannot be created (out of descriptors: EMFILE, ENFILE)."""
+        pairs: list[tuple[socket.socket, socket.socket]] = []
+        try:
+            for _ in range(2 if config else 1):
+                pairs.append(socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM))
+        except OSError as e:
+            for a, b in pairs:
+                a.close()
+                b.close()
+            v.start_failed(now, str(e), seq)
+            self.log(f"cannot create the Emperor pipe: {e.strerror or e}; "
+                     f"retry in {max(0.0, v.not_before - now):.1f} s", v.name)
+            return None
+        return pairs
+
     def _adopt(self, v: Vassal, seq: int, now: float) -> None:
         p = v.proc(seq)
         path = self._fork_server_path()
@@ -678,12 +745,15 @@ class Emperor:
             return
         h = ProcHandles()
         argv = [self.opts.program, "--ini", str(p.config.path)]
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        to_close = [theirs]
         text = self._config_text(p.config)
+        pairs = self._socketpairs(v, seq, now, text is not None)
+        if pairs is None:
+            return
+        ours, theirs = pairs[0]
+        to_close = [theirs]
         config_fd = None
         if text is not None:
-            h.config_pipe, ctheirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            h.config_pipe, ctheirs = pairs[1]
             h.config_text = text
             config_fd = ctheirs.fileno()
             to_close.append(ctheirs)
@@ -728,12 +798,16 @@ class Emperor:
         try:
             proc = psutil.Process(pid)
             victims = [proc, *proc.children(recursive=True)]
-        except psutil.Error:
+        except (psutil.Error, OSError):
             victims = []
+            try:
+                os.kill(pid, signal.SIGKILL)  # at least the process itself
+            except OSError:
+                pass
         for p in victims:
             try:
                 p.send_signal(signal.SIGKILL)
-            except psutil.Error:
+            except (psutil.Error, OSError):
                 pass
 
     def _sweep_orphans(self, now: float) -> None:
@@ -749,7 +823,7 @@ class Emperor:
         )
         try:
             children = psutil.Process().children()
-        except psutil.Error:
+        except (psutil.Error, OSError):  # OSError: out of descriptors
             return
         for c in children:
             if c.pid in self.pids or c.pid in self.orphans:
@@ -757,11 +831,12 @@ class Emperor:
             try:
                 if spare_after is not None and c.create_time() >= spare_after:
                     continue
+                name = c.name()
                 c.send_signal(signal.SIGTERM)
-            except psutil.Error:
+            except (psutil.Error, OSError):
                 continue
             self.orphans[c.pid] = now + self.opts.mercy
-            self.log(f"orphan pid {c.pid} ({c.name()}) sent SIGTERM")
+            self.log(f"orphan pid {c.pid} ({name}) sent SIGTERM")
 
     def _kill_orphans(self, now: float) -> None:
         for pid, deadline in list(self.orphans.items()):
@@ -865,6 +940,11 @@ class Emperor:
             if h.adoption is not None:
                 times.append(h.adoption.deadline)
         times += self.orphans.values()
+        status = self.opts.status
+        if status is not None and hasattr(status, "next_wakeup"):
+            t = status.next_wakeup()
+            if t is not None:
+                times.append(t)
         if self.shutting_down:
             times.append(self.shutdown_deadline)
             times.append(now + 0.5)  # keep polling for the last children
@@ -882,6 +962,9 @@ class Emperor:
                     self._rescan(now)
                 self._reload_due(now)
                 self._reconcile(now)
+                status = self.opts.status
+                if status is not None and hasattr(status, "poll"):
+                    status.poll(now)
                 if self.shutting_down:
                     if self._shutdown_step(now):
                         break
@@ -905,7 +988,7 @@ class Emperor:
             self.next_straggler_kill = now + 1.0
             try:
                 victims = psutil.Process().children(recursive=True)
-            except psutil.Error:
+            except (psutil.Error, OSError):
                 victims = []
             for p in victims:
                 try:

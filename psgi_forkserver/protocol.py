@@ -24,6 +24,10 @@ MASK_PIPE = 0x01
 MASK_CONFIG = 0x02
 MASK_ON_DEMAND = 0x04
 
+#: Linux's PID_MAX_LIMIT (2**22): no process id is larger. A reply claiming
+#: more is garbage (and would make os.kill() raise OverflowError).
+PID_MAX = 4194304
+
 
 class ProtocolError(ValueError):
     """Malformed uwsgi packet, array or dict."""
@@ -177,9 +181,11 @@ def parse_pid_reply(packet: Packet) -> int:
     if raw is None:
         raise ProtocolError("reply has no pid")
     text = raw.decode("ascii", "replace").strip()
-    if not text.isdigit():
-        raise ProtocolError(f"unparsable pid {raw!r}")
+    # checked before int(): a 5000-digit "pid" would make int() raise a
+    # plain ValueError (Python's int max str digits), not a ProtocolError
+    if not text.isascii() or not text.isdigit() or len(text) > len(str(PID_MAX)):
+        raise ProtocolError(f"unparsable pid {raw[:40]!r}")
     pid = int(text)
-    if pid <= 0:
+    if not 0 < pid <= PID_MAX:
         raise ProtocolError(f"bad pid {pid}")
     return pid

@@ -46,6 +46,10 @@ MAX_CLIENTS = 32  # connections in progress; beyond that the oldest is dropped
 CLIENT_TIMEOUT = 60.0
 BUDGET = 0.01  # seconds of measuring per turn of the Emperor's loop
 MAX_REQUEST = 8192
+#: accept() failed for lack of descriptors (EMFILE...): the listening socket
+#: stays readable, so it leaves the selector this long instead of spinning
+ACCEPT_PAUSE = 1.0
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 # -- collecting ---------------------------------------------------------------
@@ -321,6 +325,8 @@ class StatusServer:
         # so the loop comes back to us every turn (no timer needed)
         self._tick_r: socket.socket | None = None
         self._tick_w: socket.socket | None = None
+        # listening sockets out of the selector after EMFILE: fd -> (sock, http, until)
+        self.paused: dict[int, tuple[socket.socket, bool, float]] = {}
 
     # -- set-up ------------------------------------------------------------------
 
@@ -408,6 +414,7 @@ class StatusServer:
                     pass
             s.close()
         self.stats_sock = self.http_sock = None
+        self.paused.clear()
         for t in (self._tick_r, self._tick_w):
             if t is not None:
                 t.close()
@@ -435,6 +442,9 @@ class StatusServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
+                if e.errno in _OUT_OF_RESOURCES:
+                    self._pause(lsock, http, now, e)
+                    return
                 self.log(f"status: accept: {e}")
                 return
             conn.setblocking(False)
@@ -451,6 +461,31 @@ class StatusServer:
             except Exception as e:  # noqa: BLE001 - never take the Emperor down
                 self.log(f"status: {type(e).__name__}: {e}")
                 self._drop(conn.fileno())
+
+    def _pause(self, lsock: socket.socket, http: bool, now: float, e: OSError) -> None:
+        """Out of descriptors: stop accepting for ACCEPT_PAUSE seconds (the
+        clients wait in the backlog) rather than spin on a readable socket."""
+        try:
+            self.sel.unregister(lsock)
+        except (KeyError, ValueError):
+            pass
+        self.paused[lsock.fileno()] = (lsock, http, now + ACCEPT_PAUSE)
+        self.log(f"status: accept: {e.strerror or e}; not accepting for {ACCEPT_PAUSE:g} s")
+
+    def next_wakeup(self) -> float | None:
+        """When poll() has something to do (the Emperor's loop asks)."""
+        return min((until for _, _, until in self.paused.values()), default=None)
+
+    def poll(self, now: float) -> None:
+        """Called every turn of the Emperor's loop: resume paused sockets."""
+        for fd, (lsock, http, until) in list(self.paused.items()):
+            if now < until:
+                continue
+            del self.paused[fd]
+            if lsock.fileno() < 0:
+                continue
+            self.sel.register(lsock, selectors.EVENT_READ,
+                              lambda t, s=lsock, h=http: self._accept(s, t, http=h))
 
     # -- the collection in progress ----------------------------------------------------
 

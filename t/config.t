@@ -71,6 +71,19 @@ subtest 'config pipe text replaces the ini file' => sub {
     is $c->get('processes'), 4, 'without --ini the text still applies';
 };
 
+subtest 'Emperor-side keys and template names' => sub {
+    my $ini = write_file('od.ini', "[uwsgi]\non-demand = true\nhttp-socket = 127.0.0.1:9101\n");
+    my $c = parse('--ini', $ini);
+    is $c->get('http-socket'), '127.0.0.1:9101', 'on-demand (an Emperor key) is accepted and ignored';
+    is $c->name, 'od';
+    my $tmpl = write_file('app5.ini.j2', "[uwsgi]\nprocesses = 2\n");
+    is parse('--ini', $tmpl)->name, 'app5', 'NAME.ini.j2 gives the name NAME';
+    is(ForkServer::Config->from_argv(['--ini', '/nonexistent/app6.ini.j2'], config_text => "[uwsgi]\n")->name,
+        'app6', 'also when the rendered text comes on the config pipe');
+    is(ForkServer::Config->guess_name('--ini', '/x/app8.ini.j2'), 'app8', 'guess_name from a template');
+    is(ForkServer::Config::name_from_file('/x/my.app.ini'), 'my.app', 'only the last extension goes');
+};
+
 subtest 'addresses' => sub {
     is_deeply [ForkServer::Config::parse_address('127.0.0.1:9101')], ['127.0.0.1', 9101];
     is_deeply [ForkServer::Config::parse_address('[::1]:9101')], ['::1', 9101];

@@ -2,7 +2,8 @@ use strict;
 use warnings;
 use Test::More;
 use FindBin;
-use ForkServer::HTTPServer::TestKit;
+use lib "$FindBin::Bin/lib";
+use ForkServerTest::HTTP;
 
 # Reload and stop, driven through a socketpair standing in for the Emperor
 # pipe, with a request in flight. /block?NAME holds a request until the
@@ -108,6 +109,23 @@ subtest 'graceful stop: SIGKILL after mercy' => sub {
     ok !kill(0, @w), 'stuck worker killed';
     my $buf = '';
     ok !defined read_response($s, \$buf, timeout => 5), 'its connection dropped';
+};
+
+# kill -9 of a master (as of an Emperor's whole tree) leaves no worker
+# behind: the kernel sends each worker SIGTERM (PR_SET_PDEATHSIG); an idle
+# one leaves at once, a busy one after answering its request.
+subtest 'workers die with their master (SIGKILL)' => sub {
+    my $srv = start_server(app_file => $app, workers => 2);
+    ok $srv->wait_ready, 'ready';
+    my @w = $srv->workers;
+    is scalar @w, 2, 'two workers';
+    my $s = start_blocked($srv, 'd');
+    kill 'KILL', $srv->pid;
+    $srv->wait_exit(10);
+    ok wait_for(sub { 1 == grep { kill 0, $_ } @w }, 10, 'idle worker gone'), 'the idle worker exits';
+    my $r = finish_blocked($srv, $s, 'd');
+    is $r->{status}, 200, 'the busy one answers its request';
+    ok wait_for(sub { !grep { kill 0, $_ } @w }, 10, 'busy worker gone'), 'then exits too';
 };
 
 for my $how ('byte 0', 'SIGINT', 'SIGQUIT') {

@@ -3,7 +3,8 @@ use warnings;
 use Test::More;
 use Digest::MD5 qw(md5_hex);
 use FindBin;
-use ForkServer::HTTPServer::TestKit;
+use lib "$FindBin::Bin/lib";
+use ForkServerTest::HTTP;
 
 # HTTP/1.1 behaviour of a worker, against a real server on 127.0.0.1.
 my $srv = start_server(

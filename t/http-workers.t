@@ -2,7 +2,8 @@ use strict;
 use warnings;
 use Test::More;
 use FindBin;
-use ForkServer::HTTPServer::TestKit;
+use lib "$FindBin::Bin/lib";
+use ForkServerTest::HTTP;
 
 # Worker management in the master: Emperor pipe bytes sent, recycling,
 # harakiri, respawn.

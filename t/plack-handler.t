@@ -5,7 +5,8 @@ use Test::TCP qw(empty_port);
 use IO::Socket::INET;
 use POSIX ();
 use FindBin;
-use ForkServer::HTTPServer::TestKit qw(wait_for http_raw children_of);
+use lib "$FindBin::Bin/lib";
+use ForkServerTest::HTTP qw(wait_for http_raw children_of);
 
 # `plackup -s ForkServer` finds the handler, serves, and stops on SIGTERM.
 my $port = empty_port();
@@ -31,4 +32,11 @@ my $status;
 ok wait_for(sub { if (waitpid($pid, POSIX::WNOHANG()) == $pid) { $status = $?; 1 } }, 15), 'plackup exited on SIGTERM';
 is $status, 0, 'exit 0';
 ok !kill(0, @workers), 'workers gone';
+
+# A port in use: one line, exit status 1 (not errno 98 from a bare die).
+my $busy = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => 0, Listen => 1) or die $!;
+my $busy_port = $busy->sockport;
+my $out = `plackup -I $perl_dir -s ForkServer --host 127.0.0.1 --port $busy_port $FindBin::Bin/apps/http-hello.psgi 2>&1`;
+is $? >> 8, 1, 'port in use: exit 1';
+like $out, qr/\A[^\n]*cannot listen on 127\.0\.0\.1:$busy_port: [^\n]+\n\z/, 'port in use: one line';
 done_testing;

@@ -92,6 +92,72 @@ subtest 'base: peer uid check, end of file, live socket kept' => sub {
     ok !-e $sock, 'socket removed';
 };
 
+# The vassal ends up the requester's child either way: born so (clone with
+# CLONE_PARENT) when the requester is the base's parent, reparented to us,
+# the subreaper, after a double fork otherwise (another requester, or
+# fork-server-double-fork).
+sub _ppid_of { open my $fh, '<', "/proc/$_[0]/stat" or return 0; (<$fh> =~ /\)\s+\S+\s+(\d+)/)[0] // 0 }
+for my $case (['clone', []], ['double fork', ['--fork-server-double-fork']]) {
+    my ($how, $extra) = @$case;
+    subtest "base: adoption by $how" => sub {
+        my $sock = "$dir/fs-$how.sock" =~ s/ /-/gr;
+        my $log  = "$dir/base-$how.log" =~ s/ /-/gr;
+        my $base = spawn_vassal(argv => ['--name', 'b', '--early-psgi', $hello, '--fork-server', $sock, @$extra],
+            stderr => $log);
+        is read_bytes($base->{pipe}, 1, 20), "\x01", 'byte 1' or diag slurp($log);
+        like slurp($log), ($how eq 'clone' ? qr/\(clone\(CLONE_PARENT\) for requests from pid $$/
+                                           : qr/\(double fork: fork-server-double-fork is set; huge pages: [^)]+\)/), 'logs how it forks';
+        my $port = empty_port();
+        my $v = adopt($sock, argv => ['--name', 'a', '--http-socket', "127.0.0.1:$port", '--env', 'APP_NAME=a']);
+        ok $v->{pid}, "pid reply ($v->{pid})";
+        is read_bytes($v->{pipe}, 1, 20), "\x01", 'the vassal starts';
+        ok wait_for(10, sub { _ppid_of($v->{pid}) == $$ }), 'its parent is the requester (the Emperor)';
+        like http_get($port, 10) // '', qr/APP_NAME=a/, 'it serves';
+        # A request from another process than the base's parent: double fork.
+        pipe(my $r, my $w) or die;
+        my $helper = fork // die;
+        if (!$helper) {
+            close $r;
+            my $port2 = empty_port();
+            my $v2 = adopt($sock, argv => ['--name', 'a2', '--http-socket', "127.0.0.1:$port2", '--env', 'APP_NAME=a2']);
+            syswrite $w, ($v2->{pid} // 0) . " $port2\n";
+            close $v2->{pipe};    # its end of file stops it
+            POSIX::_exit(0);
+        }
+        close $w;
+        my ($pid2) = split ' ', (<$r> // '0');
+        waitpid $helper, 0;
+        ok $pid2, "a helper process's request is served too (pid $pid2)";
+        ok wait_gone($pid2, 15), 'and that vassal, reparented to us, stops on end of file' if $pid2;
+        ok !kill(0, $pid2) || _ppid_of($pid2) == $$, 'and was ours to reap' if $pid2;
+        close $v->{pipe};
+        ok wait_gone($v->{pid}, 15), 'the vassal stops on end of file';
+        close $base->{pipe};
+        ok wait_gone($base->{pid}, 15), 'base stops';
+        is scalar(() = slurp($log) =~ /error/g), 0, 'no error logged' or diag slurp($log);
+    };
+}
+
+# What kill -9 of the Emperor does to its vassals: every Emperor pipe
+# reaches end of file at once. The base, each vassal and each worker go.
+sub _children_of {
+    my ($ppid) = @_;
+    opendir my $d, '/proc' or return;
+    return grep { /^\d+$/ && _ppid_of($_) == $ppid } readdir $d;
+}
+subtest 'the Emperor gone: base, vassals and workers stop' => sub {
+    my $sock = "$dir/fs-gone.sock";
+    my $log  = "$dir/base-gone.log";
+    my $base = spawn_vassal(argv => ['--name', 'b', '--early-psgi', $hello, '--fork-server', $sock], stderr => $log);
+    is read_bytes($base->{pipe}, 1, 20), "\x01", 'byte 1' or diag slurp($log);
+    my @v = map { adopt($sock, argv => ['--name', "g$_", '--http-socket', '127.0.0.1:' . empty_port(), '--processes', 2]) } 1 .. 2;
+    is read_bytes($_->{pipe}, 3, 20), "\x01\x05\x11", "vassal $_->{pid} loyal" for @v;
+    my @workers = map { _children_of($_->{pid}) } @v;
+    is scalar @workers, 4, 'two workers each';
+    close $_->{pipe} for $base, @v;
+    ok wait_gone($_, 15), "pid $_ gone" for $base->{pid}, (map { $_->{pid} } @v), @workers;
+};
+
 subtest 'base: a missing early-psgi is one line, exit 1, no socket' => sub {
     my $out = `$^X perl/ForkServer.pm --name b3 --early-psgi $dir/none.psgi --fork-server $dir/b3.sock 2>&1`;
     is $? >> 8, 1, 'exit 1';

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,30 @@ def test_discover(tmp_path: Path):
     for n in ["a.ini", "b.ini", ".c.ini", "d.ini~", ".e.ini.swp", "f.txt"]:
         (tmp_path / n).write_text("[uwsgi]\n")
     (tmp_path / "dir.ini").mkdir()
-    assert c.discover(tmp_path) == {"a": tmp_path / "a.ini", "b": tmp_path / "b.ini"}
+    (tmp_path / "gone.ini").symlink_to(tmp_path / "nowhere")
+    # named like vassal files: found, so that load() reports them (not ignored silently)
+    assert c.discover(tmp_path) == {
+        "a": tmp_path / "a.ini", "b": tmp_path / "b.ini",
+        "dir": tmp_path / "dir.ini", "gone": tmp_path / "gone.ini",
+    }
     assert c.discover(tmp_path / "missing") == {}
+
+
+def test_load_reports_what_is_not_a_readable_file(tmp_path: Path):
+    (tmp_path / "dir.ini").mkdir()
+    (tmp_path / "gone.ini").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "loop.ini").symlink_to(tmp_path / "loop.ini")
+    os.mkfifo(tmp_path / "fifo.ini")  # must not block the Emperor
+    (tmp_path / "zero.ini").symlink_to("/dev/zero")  # must not be read forever
+    with open(tmp_path / "huge.ini", "wb") as f:
+        f.truncate(c.MAX_FILE + 1)
+    for name, why in [("dir", "a directory"), ("gone", "dangling symlink"),
+                      ("loop", "unreadable"), ("fifo", "not a regular file"),
+                      ("zero", "not a regular file"), ("huge", "larger than")]:
+        cfg = c.load(tmp_path / f"{name}.ini")
+        assert cfg is not None and cfg.error and why in cfg.error, (name, cfg)
+        assert f"{name}.ini" in cfg.error and not cfg.transient
+    assert c.load(tmp_path / "absent.ini") is None
 
 
 def test_parse_ini_keeps_repeated_keys_and_order():

@@ -7,8 +7,10 @@ use IO::Socket::UNIX ();
 use POSIX qw(WNOHANG);
 use Socket qw(SOL_SOCKET SOCK_STREAM SO_PEERCRED SOMAXCONN);
 use Time::HiRes ();
+use ForkServer::Clone ();
 use ForkServer::Config ();
 use ForkServer::Emperor ();
+use ForkServer::HugePages ();
 use ForkServer::Log ();
 use ForkServer::Protocol qw(encode_packet encode_dict MOD_FORK_SERVER);
 use ForkServer::Request ();
@@ -39,12 +41,18 @@ client being read, so a slow client delays nobody; a client that has not
 sent a whole request after C<fork-server-timeout> seconds is dropped. A
 refused request closes every descriptor it brought and logs one line.
 
-A complete request is served with a double fork; the base reaps the
-intermediate child without waiting for it. The vassal (grandchild) closes
-everything of the base, sets C<UWSGI_EMPEROR_FD> (and
-C<UWSGI_EMPEROR_FD_CONFIG>), puts the on-demand socket on descriptor 0,
-replies with its pid, then configures itself from the received argv alone
-and runs L<ForkServer::Vassal> on the preloaded app.
+A complete request is served with one fork, C<clone(CLONE_PARENT)>
+(L<ForkServer::Clone>), when the requester is the base's own parent (the
+Emperor): the vassal is born the Emperor's child, with no intermediate
+process. Otherwise (another requester, not x86_64 Linux, a failed start-up
+check, or C<fork-server-double-fork> set) it is served with uWSGI's double
+fork, and the kernel hands the grandchild to the Emperor, a subreaper; the
+base reaps the intermediate child without waiting for it.
+
+Either way the vassal closes everything of the base, sets
+C<UWSGI_EMPEROR_FD> (and C<UWSGI_EMPEROR_FD_CONFIG>), puts the on-demand
+socket on descriptor 0, replies with its pid, then configures itself from
+the received argv alone and runs L<ForkServer::Vassal> on the preloaded app.
 
 =cut
 
@@ -69,10 +77,13 @@ sub log { my ($self, $msg) = @_; ForkServer::Log::line($self->{name}, $msg) }
 sub run {
     my ($self) = @_;
     ForkServer::Vassal->warm_up;
+    my $pages = $self->huge_pages;
+    my $how = $self->choose_fork;
     $self->listen;
     $0 = $self->{config}->get('procname') // "psgi-vassal $self->{name} (fork server)";
+    # logged before byte 1, so the line is there when the Emperor acts on it
+    $self->log("fork server listening on $self->{path} ($how; $pages)");
     ForkServer::Emperor->send($self->{emperor}, ForkServer::Emperor::SPAWNED);
-    $self->log("fork server listening on $self->{path}");
     my $stop = sub { $self->{stop} = "signal $_[0]" };
     local $SIG{TERM} = $stop;
     local $SIG{INT}  = $stop;
@@ -82,6 +93,26 @@ sub run {
     $self->log("stopping ($self->{stop})");
     $self->shutdown;
     return;
+}
+
+# The preloaded memory in 2 MB pages: forks copy 512 times fewer page-table
+# entries (ForkServer::HugePages). Done last, once everything is loaded.
+sub huge_pages {
+    my ($self) = @_;
+    return 'huge pages: off (fork-server-hugepages = false)' unless $self->{config}->get('fork-server-hugepages');
+    my ($mb, $why) = ForkServer::HugePages::collapse();
+    return $mb ? "huge pages: $mb MB" : "huge pages: none ($why)";
+}
+
+# Clone when we can (see DESCRIPTION); decided once, before serving.
+sub choose_fork {
+    my ($self) = @_;
+    $self->{clone} = 0;
+    return 'double fork: fork-server-double-fork is set' if $self->{config}->get('fork-server-double-fork');
+    my ($ok, $why) = ForkServer::Clone::probe();
+    return "double fork: clone unavailable: $why" unless $ok;
+    $self->{clone} = 1;
+    return "clone(CLONE_PARENT) for requests from pid " . getppid() . ", double fork for others";
 }
 
 sub listen {
@@ -158,6 +189,7 @@ sub accept_clients {
         my $req = ForkServer::Request->new(
             sock     => $client,
             peer     => $peer,
+            peer_pid => $pid,
             deadline => Time::HiRes::time() + $self->{config}->get('fork-server-timeout'),
         );
         $self->{clients}{ fileno $client } = $req;
@@ -238,6 +270,16 @@ sub shutdown {
 
 sub adopt {
     my ($self, $req) = @_;
+    # Only our parent gets its vassal as a direct child: anyone else asking
+    # (a helper process of the Emperor, a test) gets the protocol's double
+    # fork and the reparenting to the nearest subreaper.
+    if ($self->{clone} && ($req->peer_pid // 0) == getppid()) {
+        my $pid = ForkServer::Clone::clone_parent();
+        return $self->refuse($req, "clone: $!") unless defined $pid;
+        $self->_become_vassal($req) if $pid == 0;    # does not return
+        $req->close_all;    # the vassal holds them now
+        return;
+    }
     my $pid = fork;
     return $self->refuse($req, "fork: $!") unless defined $pid;
     if ($pid == 0) {

@@ -37,6 +37,8 @@ my %OPTIONS = (
     'fork-server-mode'      => { check => $OCTAL },
     'fork-server-allow-uid' => { check => $UID, list => 1 },
     'fork-server-timeout'   => { check => $COUNT },
+    'fork-server-double-fork' => { check => $BOOL, flag => 1 },
+    'fork-server-hugepages'   => { check => $BOOL },
     'http-socket'           => { check => $ADDR },
     'processes'             => { check => $COUNT },
     'workers'               => { check => $COUNT, alias => 'processes' },
@@ -53,11 +55,16 @@ my %OPTIONS = (
     'name'                  => { check => $STR },
     'disable-logging'       => { check => $BOOL, flag => 1 },
     'ini'                   => { check => $STR, special => 1 },
+    # Keys of a vassal file that only the Emperor reads (docs/CONTRACT.md):
+    # accepted with any value and ignored, since the vassal reads the same file.
+    'on-demand'             => { check => sub { $_[0] }, ignored => 1 },
 );
 
 my %DEFAULTS = (
     'fork-server-mode'    => 0600,
     'fork-server-timeout' => 5,
+    'fork-server-double-fork' => 0,
+    'fork-server-hugepages'   => 1,
     'processes'           => 1,
     'listen'              => 1024,
     'max-requests'        => 0,
@@ -76,7 +83,7 @@ ForkServer::Config - the vassal's options, from argv, --ini files and the Empero
   my $config = ForkServer::Config->from_argv(\@ARGV, config_text => $text_or_undef);
   $config->get('http-socket');     # scalar option (undef if unset and no default)
   $config->list('env');            # list option
-  $config->name;                   # --name, else the --ini file's base name
+  $config->name;                   # --name, else the --ini file's name (app1.ini, app1.ini.j2: app1)
 
 =head1 DESCRIPTION
 
@@ -86,6 +93,8 @@ C<--ini FILE> reads the C<[uwsgi]> section of FILE at the point where it
 appears. When C<config_text> is given (the body read from the Emperor's
 config pipe), it takes the place of the first C<--ini> file; the file name
 then only gives the vassal its name.
+
+Keys only the Emperor reads (C<on-demand>) are accepted and ignored.
 
 Errors (unknown option, bad value, unreadable file) die with a one-line
 message ending in a newline.
@@ -132,6 +141,7 @@ sub set {
         (my $why = $@ || "bad value\n") =~ s/\n\z//;
         die "bad value '$value' for option '$key'" . ($where ? " ($where)" : '') . ": $why\n";
     }
+    return if $spec->{ignored};
     if ($spec->{special}) {    # ini
         $self->_include_ini($norm);
         return;
@@ -163,7 +173,7 @@ sub parse_argv {
 
 sub _include_ini {
     my ($self, $file) = @_;
-    $self->{ini_name} //= (File::Basename::fileparse($file, qr/\.[^.]*/))[0];
+    $self->{ini_name} //= name_from_file($file);
     if (defined $self->{config_text}) {    # the Emperor sent this file's text on the config pipe
         $self->parse_ini_text(delete $self->{config_text}, "config pipe for $file");
         return;
@@ -229,8 +239,24 @@ sub guess_name {
         $ini //= $value if $key eq 'ini';
     }
     return $name if defined $name && length $name;
-    return (File::Basename::fileparse($ini, qr/\.[^.]*/))[0] if defined $ini && length $ini;
+    return name_from_file($ini) if defined $ini && length $ini;
     return 'vassal';
+}
+
+=head2 name_from_file($path)
+
+The vassal name a config file gives: its base name without its extension,
+and a template's without both (C<app1.ini> and C<app1.ini.j2> are C<app1>,
+as the Emperor names them).
+
+=cut
+
+sub name_from_file {
+    my ($path) = @_;
+    my $base = File::Basename::basename($path);
+    $base =~ s/\.j2\z//;
+    $base =~ s/(?<=.)\.[^.]*\z//;    # a dotfile's leading dot is not an extension
+    return $base;
 }
 
 1;

@@ -28,6 +28,7 @@ use constant {
     EXIT_HARAKIRI => 86,   # worker exit status after harakiri
     EXIT_RECYCLE  => 0,
     READ_CHUNK    => 65536,
+    ACCEPT_WAKEUP => 1,    # seconds: longest a worker blocks in accept() without rechecking its stop flag
     CRLF          => "\015\012",
 };
 
@@ -423,16 +424,21 @@ sub _worker_main {
     my $master = $self->{master_pid};
     $self->{slot} = $slot;
 
-    my $busy = 0;
+    # SIGTERM only sets a flag. Exiting from the handler when "not busy" was
+    # a race: Perl runs the handler at the next op boundary, which may fall
+    # after accept() returned a connection and before the worker marked
+    # itself busy, and the client saw a reset. Perl's handlers are installed without
+    # SA_RESTART, so a TERM during accept() makes it return EINTR and the
+    # loop condition sees the flag; one landing between that check and the
+    # accept(2) call is caught by the listener's SO_RCVTIMEO (below).
     my $stopping = 0;
-    $SIG{TERM} = sub { $stopping = 1; _worker_exit(0) unless $busy };
+    $SIG{TERM} = sub { $stopping = 1 };
     $SIG{HUP}  = 'IGNORE';          # the master reloads; a worker keeps going
     $SIG{INT}  = 'DEFAULT';
     $SIG{QUIT} = 'DEFAULT';
     $SIG{CHLD} = 'DEFAULT';
     $SIG{PIPE} = 'IGNORE';          # a vanished client is an EPIPE, not a death
     $self->{stopping_ref} = \$stopping;
-    $self->{busy_ref} = \$busy;
     POSIX::sigprocmask(POSIX::SIG_SETMASK(), delete $self->{sigmask});
 
     # Die with the master (SIGTERM: finish the request first).
@@ -462,16 +468,20 @@ sub _worker_main {
     _worker_msg($ready_w, MSG_ACCEPTING);
 
     my $rtimeo = pack('l!l!', $self->{read_timeout}, 0);
+    # accept(2) honours SO_RCVTIMEO: a blocked accept returns EAGAIN at least
+    # once a second, so a SIGTERM whose handler ran just before the call
+    # (the flag set, but accept not interrupted) is seen within a second.
+    # The option belongs to the socket, shared by every worker: idempotent.
+    setsockopt($listen, SOL_SOCKET, SO_RCVTIMEO, pack('l!l!', ACCEPT_WAKEUP, 0));
     while (!$stopping) {
         my $peer = accept(my $conn, $listen);
         unless ($peer) {
-            next if $! == EINTR || $! == ECONNABORTED;
+            next if $! == EINTR || $! == EAGAIN || $! == ECONNABORTED;
             # EMFILE, ENOBUFS...: transient pressure; don't spin, don't die
             warn "$self->{name}: accept: $!\n";
             select(undef, undef, undef, 0.1);
             next;
         }
-        $busy = 1;
         # Per connection, not per request: no Nagle delay on split writes; a
         # silent client cannot hold the worker forever.
         setsockopt($conn, IPPROTO_TCP, TCP_NODELAY, 1);
@@ -489,7 +499,6 @@ sub _worker_main {
         eval { $self->_serve_connection($conn, $raddr, $rport); 1 }
             or do { warn "$self->{name}: $@" unless $@ =~ /^ForkServer::client-gone/ };
         close $conn;
-        $busy = 0;
         last if $stopping || $self->{harakiri_commit};
         last if $self->{max_requests} && $self->{requests} >= $self->{max_requests};
         _worker_exit(0) if !$SYS_PRCTL && getppid() != $master;
@@ -581,7 +590,6 @@ sub _serve_connection {
     my $idle = $self->{idle};
     my $last_note = 0;
     my $stopping = $self->{stopping_ref};
-    my $busy = $self->{busy_ref};
     my $harakiri = $self->{harakiri};
     my $informational = sub { _write_informational($conn, @_) };
 
@@ -589,14 +597,14 @@ sub _serve_connection {
         # ---- wait for a request
         if (!$first && $buf eq '') {
             # Keep-alive: an idle connection holds this worker; give it back
-            # after keepalive_timeout. Idle here means a TERM may end us.
-            $$busy = 0;
-            return if $$stopping;
+            # after keepalive_timeout. A TERM (EINTR, or already received)
+            # ends the wait, but a request the client has already sent is
+            # still answered: closing with unread bytes would send a reset.
             my $rin = '';
             vec($rin, fileno($conn), 1) = 1;
-            my $n = select(my $rout = $rin, undef, undef, $self->{keepalive_timeout});
-            $$busy = 1;
-            return if $n <= 0 || $$stopping;
+            my $n = select(my $rout = $rin, undef, undef, $$stopping ? 0 : $self->{keepalive_timeout});
+            $n = select($rout = $rin, undef, undef, 0) if $n < 0 && $! == EINTR;
+            return if $n <= 0;
         }
         $first = 0;
 
@@ -1037,7 +1045,8 @@ C<{ host, port, server_software }> (as Plack handlers do).
 =head1 SIGNALS
 
 Master: SIGHUP graceful reload; SIGTERM graceful stop; SIGINT and SIGQUIT
-stop now. Workers: SIGTERM ends an idle worker at once and a busy one after
-its request.
+stop now. Workers: SIGTERM ends an idle worker at once (at most a second
+later) and a busy one after its request; a connection the worker has
+accepted is always answered.
 
 =cut

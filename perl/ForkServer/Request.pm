@@ -14,7 +14,7 @@ ForkServer::Request - one adoption request being read by the fork server
 
 =head1 SYNOPSIS
 
-  my $req = ForkServer::Request->new(sock => $client, deadline => $t, peer => "pid 12 uid 0");
+  my $req = ForkServer::Request->new(sock => $client, deadline => $t, peer => "pid 12 uid 0", peer_pid => 12);
   # whenever $client is readable:
   my $state = eval { $req->read_some };   # 'more' or 'complete'; dies: refuse
   $req->close_all unless $state;           # every descriptor the client brought
@@ -49,6 +49,7 @@ sub new {
     return bless {
         sock     => $args{sock},
         peer     => $args{peer} // 'unknown peer',
+        peer_pid => $args{peer_pid},
         deadline => $args{deadline},
         buf      => '',
         fds      => [],
@@ -58,6 +59,7 @@ sub new {
 
 sub sock     { $_[0]{sock} }
 sub peer     { $_[0]{peer} }
+sub peer_pid { $_[0]{peer_pid} }    # SO_PEERCRED pid of the requester, or undef
 sub deadline { $_[0]{deadline} }
 sub mask     { $_[0]{mask} }
 sub argv     { @{ $_[0]{argv} } }

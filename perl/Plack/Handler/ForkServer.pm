@@ -36,7 +36,15 @@ sub run {
     # plackup adds its own AccessLog middleware in development: no second log.
     $opt{access_log} = exists $self->{access_log} ? $self->{access_log} : undef;
 
-    ForkServer::HTTPServer->new(%opt, app => $app)->run;
+    # A port in use is one line and exit status 1, as for the vassal program
+    # (left to Perl, die would exit with errno: 98 for EADDRINUSE).
+    my $server = ForkServer::HTTPServer->new(%opt, app => $app);
+    return $server->run if $server->{listen_sock};
+    my $ok = eval { $server->run; 1 };
+    return if $ok;
+    die $@ unless $@ =~ /: cannot listen on /;
+    print STDERR $@;
+    exit 1;
 }
 
 1;

@@ -1,4 +1,4 @@
-package ForkServer::HTTPServer::TestKit;
+package ForkServerTest::HTTP;
 use strict;
 use warnings;
 
@@ -257,7 +257,7 @@ __END__
 
 =head1 NAME
 
-ForkServer::HTTPServer::TestKit - helpers for the HTTP server's tests
+ForkServerTest::HTTP - helpers for the HTTP server's tests
 
 =head1 DESCRIPTION
 

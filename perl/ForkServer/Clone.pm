@@ -1,0 +1,157 @@
+package ForkServer::Clone;
+use strict;
+use warnings;
+
+use Config ();
+use POSIX ();
+
+=head1 NAME
+
+ForkServer::Clone - fork a child that is born the child of our own parent (clone with CLONE_PARENT)
+
+=head1 SYNOPSIS
+
+  my ($ok, $why) = ForkServer::Clone::probe();   # once, at start-up
+  my $pid = ForkServer::Clone::clone_parent();   # like fork: undef, 0 in the child, the pid in the caller
+  # the child's parent (getppid) is the caller's parent; the caller never reaps it
+
+=head1 DESCRIPTION
+
+The fork server's adopted vassal must end up the Emperor's child. uWSGI
+forks twice and lets the kernel reparent the grandchild to the Emperor (a
+subreaper): two forks of a big process, one after the other, on the path
+of every adoption. C<clone(CLONE_PARENT)> gives the same result with one:
+the child is the Emperor's child from birth, and the fork server has no
+intermediate process to wait for.
+
+A raw C<clone> bypasses glibc's C<fork()>, so this module does by hand what
+glibc and Perl's C<pp_fork> do and matters here:
+
+=over
+
+=item *
+
+glibc records the new process's thread id in its thread control block
+(C<CLONE_CHILD_SETTID>); without it, code that asks glibc for "my thread id"
+would get the fork server's. The field's address is the TCB (the C<fs>
+base, C<arch_prctl(ARCH_GET_FS)>) plus an offset found by L</probe>: the one
+place in the first kilobyte of the TCB that holds our C<gettid()>, checked
+by a test child at start-up.
+
+=item *
+
+Perl flushes every output buffer before forking (or the child would write
+the same bytes again): we let Perl do it with an C<exec> that cannot
+succeed (C<exec> flushes all handles first, and fails on a directory).
+
+=item *
+
+Perl blocks every signal across the fork; so do we, so no signal lands
+between the clone and the child's own handlers.
+
+=item *
+
+glibc's C<pthread_atfork> handlers do not run. They exist to make locks
+held by other threads safe in the child; L</probe> refuses a process with
+more than one thread, and a single-threaded process holds no lock while it
+runs Perl code. C<$$>, C<getppid>, C<kill>, C<alarm> ask the kernel every
+time (glibc caches no pid since 2.25).
+
+=back
+
+x86_64 Linux only (syscall numbers, the C<fs> register); elsewhere
+L</probe> says no and the caller double-forks.
+
+=cut
+
+use constant {
+    SYS_CLONE          => 56,
+    SYS_ARCH_PRCTL     => 158,
+    SYS_GETTID         => 186,
+    ARCH_GET_FS        => 0x1003,
+    CLONE_PARENT       => 0x00008000,
+    CLONE_CHILD_SETTID => 0x01000000,
+    SIGCHLD            => 17,
+    TCB_SCAN_BYTES     => 1024,    # struct pthread is larger; glibc 2.36 keeps tid at 720
+};
+
+my $TID_OFFSET;    # set by a successful probe()
+
+sub _read_int { unpack 'i', unpack('P4', pack 'Q', $_[0]) }
+
+sub _fs_base {
+    my $buf = pack 'Q', 0;
+    return undef unless syscall(SYS_ARCH_PRCTL, ARCH_GET_FS, $buf) == 0;
+    return unpack 'Q', $buf;
+}
+
+sub _tid_address {
+    my $fs = _fs_base() or return undef;
+    return $fs + $TID_OFFSET;
+}
+
+=head2 probe() -> ($ok, $why_not)
+
+Checks that clone_parent() can be used in this process and finds the TCB
+offset of glibc's thread id. Forks one test child (reaped here): cloned with
+C<CLONE_CHILD_SETTID> at that address, it checks the field holds its own
+thread id. Returns false and the reason if anything is off.
+
+=cut
+
+sub probe {
+    undef $TID_OFFSET;
+    return (0, "not x86_64 Linux") unless $^O eq 'linux' && ($Config::Config{archname} // '') =~ /^x86_64-/;
+    my $threads = () = glob '/proc/self/task/*';
+    return (0, "$threads threads (atfork handlers would be needed)") if $threads != 1;
+    my $fs = _fs_base() or return (0, "arch_prctl(ARCH_GET_FS): $!");
+    my $tid = syscall(SYS_GETTID);
+    return (0, "gettid: $!") if $tid <= 0;
+    my @at = grep { _read_int($fs + $_) == $tid } map { $_ * 4 } 0 .. TCB_SCAN_BYTES / 4 - 1;
+    return (0, "thread id found " . @at . " times in the thread control block") unless @at == 1;
+    $TID_OFFSET = $at[0];
+
+    # A test child, our own (no CLONE_PARENT): is the field its thread id?
+    my $pid = _clone(CLONE_CHILD_SETTID | SIGCHLD);
+    if (!defined $pid) { my $e = $!; undef $TID_OFFSET; return (0, "clone: $e") }
+    if ($pid == 0) {
+        my $ok = _read_int($fs + $TID_OFFSET) == syscall(SYS_GETTID)
+              && $$ == syscall(SYS_GETTID) && $$ != getppid();
+        POSIX::_exit($ok ? 0 : 1);
+    }
+    my $got = waitpid $pid, 0;
+    my $status = $?;
+    if ($got != $pid || $status != 0) { undef $TID_OFFSET; return (0, "the test child failed (status $status)") }
+    return (1, "thread id at TCB offset $at[0]");
+}
+
+=head2 clone_parent() -> $pid
+
+After a successful probe(): a child whose parent is our parent. Returns
+undef (and sets C<$!>) on failure, 0 in the child, the child's pid in the
+caller. The caller gets no SIGCHLD for it and must not wait for it.
+
+=cut
+
+sub clone_parent {
+    die "BUG: clone_parent without a successful probe\n" unless defined $TID_OFFSET;
+    return _clone(CLONE_PARENT | CLONE_CHILD_SETTID | SIGCHLD);
+}
+
+sub _clone {
+    my ($flags) = @_;
+    my $tid_addr = _tid_address() or return undef;
+    { no warnings 'exec'; exec { '/' } '/' }    # fails, having flushed every output handle
+    my $all = POSIX::SigSet->new;
+    $all->fillset;
+    my $old = POSIX::SigSet->new;
+    POSIX::sigprocmask(POSIX::SIG_BLOCK(), $all, $old);
+    # stack 0: the child runs on a copy of our stack, as after fork()
+    my $pid = syscall(SYS_CLONE, $flags, 0, 0, $tid_addr, 0);
+    my $err = $!;
+    POSIX::sigprocmask(POSIX::SIG_SETMASK(), $old);
+    $! = $err;
+    return $pid < 0 ? undef : $pid;
+}
+
+1;

@@ -1,0 +1,600 @@
+"""Trying to break the Emperor: bad vassal files, killed processes, running
+out of descriptors, leaked descriptors, garbage from the fork server.
+
+Every scenario runs a real Emperor (pytest-xprocess), the real Perl base and
+real HTTP. The tests run as root, so "unreadable" files are made with a
+directory named x.ini and a dangling symlink, not with chmod 000.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import http.client
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from xprocess import ProcessStarter
+
+from psgi_forkserver.emperor import write_pidfile
+from psgi_forkserver.status import fetch
+
+from support import alive, descendants, free_port, kill_all, wait_for
+from test_emperor import APP, EMPEROR, PROGRAM, app_ini, get
+
+pytestmark = pytest.mark.skipif(
+    not PROGRAM.is_file() or os.path.getsize(PROGRAM) < 200,
+    reason="the Perl vassal program is not there yet",
+)
+
+HERE = Path(__file__).resolve().parent
+DIES = HERE / "apps" / "dies.psgi"
+DAEMON = HERE / "apps" / "daemon.psgi"
+O_CLOEXEC_OCTAL = 0o2000000  # the `flags:` line of /proc/PID/fdinfo/N is octal
+
+
+class Emp:
+    def __init__(self, pid, vdir, log, popen, stats):
+        self.pid, self.dir, self.log, self.popen, self.stats = pid, vdir, Path(log), popen, stats
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace").split("@@__xproc_block_delimiter__@@")[-1]
+
+    def lines(self, needle: str) -> list[str]:
+        return [l for l in self.text().splitlines() if needle in l]
+
+    def vpids(self, name: str) -> list[int]:
+        pat = re.compile(rf"emperor: \[{re.escape(name)}\] (?:adopted (?:successor )?pid|started \w+ vassal, pid) (\d+)")
+        return [int(m) for m in pat.findall(self.text())]
+
+    def vpid(self, name: str) -> int:
+        pids = self.vpids(name)
+        assert pids, f"no pid logged for {name}:\n{self.text()}"
+        return pids[-1]
+
+    def status(self) -> dict[str, dict]:
+        doc = fetch(self.stats, timeout=10)
+        return doc["vassals"]
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+
+def zombies_under(pid: int) -> list[psutil.Process]:
+    """Zombies among the children of `pid` (the Emperor, the test)."""
+    try:
+        kids = psutil.Process(pid).children(recursive=pid == os.getpid())
+    except psutil.NoSuchProcess:
+        return []
+    out = []
+    for k in kids:
+        try:
+            if k.status() == psutil.STATUS_ZOMBIE:
+                out.append(k)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def assert_no_zombies(e: Emp, timeout: float = 5.0) -> None:
+    """A child may be a zombie for the moment between its exit and the
+    Emperor's SIGCHLD turn; none may stay one."""
+    def none_left():
+        return not zombies_under(e.pid) and not [
+            z for z in zombies_under(os.getpid()) if z.pid != e.pid
+        ]
+    wait_for(none_left, timeout, "no zombie left")
+
+
+def http_get(port: int, path: str = "/", timeout: float = 5.0) -> str:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        body = r.read().decode()
+        assert r.status == 200, (r.status, body)
+        return body
+    finally:
+        c.close()
+
+
+def gone(p: psutil.Process) -> bool:
+    """Exited: no such process any more, or a zombie nobody reaped yet."""
+    return not alive(p)
+
+
+@pytest.fixture
+def emp(xprocess):
+    started: list[Emp] = []
+    dirs: list[Path] = []
+
+    def start(files: dict[str, str], *extra, base=True, wait=(), env=None, prepare=None):
+        vdir = Path(tempfile.mkdtemp(prefix="pfs-rb-"))
+        dirs.append(vdir)
+        if base:
+            (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
+        for fname, text in files.items():
+            (vdir / (fname if "." in fname else f"{fname}.ini")).write_text(text)
+        if prepare is not None:
+            prepare(vdir)
+        stats = Path(str(vdir) + ".stats")
+        environ = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        argv = [EMPEROR, "run", vdir, "--mercy", "5", "--rescan-interval", "2",
+                "--stats", stats, "--backoff-first", "0.2", "--backoff-max", "1",
+                "--reload-grace", "0.3", *extra]
+
+        class Starter(ProcessStarter):
+            pattern = "emperor: watching"
+            timeout = 20
+            terminate_on_interrupt = True
+            args = argv
+            env = environ
+
+        pid, log = xprocess.ensure(f"emperor-{vdir.name}", Starter, restart=True)
+        popen = next(r.popen for r in reversed(xprocess.resources) if r.popen and r.popen.pid == pid)
+        e = Emp(pid, vdir, log, popen, stats)
+        started.append(e)
+        for port in wait:
+            wait_for(lambda p=port: get(p), 30, f"port {port} to answer")
+        return e
+
+    yield start
+    for e in started:
+        left = descendants(e.pid)
+        if e.popen.poll() is None:
+            os.kill(e.pid, signal.SIGTERM)
+            try:
+                e.popen.wait(20)
+            except Exception:
+                e.popen.kill()
+                e.popen.wait()
+        kill_all([p for p in left if alive(p)])
+        try:
+            os.unlink(e.stats)
+        except FileNotFoundError:
+            pass
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# -- 1. bad configs ---------------------------------------------------------------
+
+
+def test_bad_configs_fail_alone_with_one_clear_line(emp):
+    okport, busyport = free_port(), free_port()
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", busyport))
+    busy.listen(1)
+
+    def vassal(port, **kv):
+        return "[uwsgi]\n" + f"http-socket = 127.0.0.1:{port}\n" + "".join(
+            f"{k.replace('_', '-')} = {v}\n" for k, v in kv.items())
+
+    files = {
+        "ok": app_ini("ok", okport, processes=1),
+        "invalid": "[uwsgi\nhttp-socket = 127.0.0.1:1\n",
+        "unknown": vassal(free_port(), no_such_option=1),
+        "badport": vassal(99999),
+        "inuse": vassal(busyport),
+        "missing": vassal(free_port(), psgi="/nonexistent/app.psgi"),
+        "dies": vassal(free_port(), psgi=DIES),
+        "tmpl.ini.j2": "[uwsgi]\nhttp-socket = 127.0.0.1:{{ port }}\n",
+    }
+
+    def prepare(vdir):
+        (vdir / "dir.ini").mkdir()  # root reads anything: a directory is unreadable as a file
+        (vdir / "dangling.ini").symlink_to(vdir / "no-such-target")
+
+    try:
+        e = emp(files, wait=[okport], prepare=prepare)
+        # created while it runs: a FIFO must not block the Emperor's read
+        os.mkfifo(e.dir / "fifo.ini")
+        # (vassal, a piece of the line that names the cause)
+        expect = {
+            "invalid": "emperor: [invalid] bad config",
+            "dir": "emperor: [dir] bad config",
+            "dangling": "emperor: [dangling] bad config",
+            "tmpl": "emperor: [tmpl] bad config",
+            "fifo": "emperor: [fifo] bad config",
+            "badport": "emperor: [badport] cannot bind http-socket 127.0.0.1:99999",
+            "inuse": "emperor: [inuse] cannot bind http-socket",
+            "unknown": "psgi-vassal unknown: error: unknown option 'no-such-option'",
+            "missing": "psgi-vassal missing: error: app file '/nonexistent/app.psgi' not found",
+            "dies": "psgi-vassal dies: error: cannot load app",
+        }
+        causes = {
+            "invalid": "invalid.ini:1: unterminated section header",
+            "dir": "dir.ini: unreadable: a directory",
+            "dangling": "dangling.ini: unreadable: dangling symlink",
+            "tmpl": "tmpl.ini.j2:2: 'port' is undefined",
+            "fifo": "fifo.ini: unreadable: not a regular file",
+            "badport": "bad port",
+            "inuse": "Address already in use",
+            "unknown": "unknown.ini line 3",
+            "missing": "not found",
+            "dies": "boom: this app refuses to load",
+        }
+        for name, needle in expect.items():
+            wait_for(lambda n=needle: e.lines(n), 20, f"the error line of {name}")
+            line = e.lines(needle)[0]
+            assert causes[name] in line, line
+        # the vassal fails alone, several times: throttled with failures counted
+        crashing = ["unknown", "missing", "dies", "badport", "inuse"]
+        wait_for(lambda: all(e.status()[n]["failures"] >= 2 for n in crashing), 20,
+                 "each crashing vassal to fail twice")
+        st = e.status()
+        for n in crashing:
+            assert st[n]["failures"] >= 2, st[n]
+            assert st[n]["state"] in ("throttled", "adopting", "starting"), st[n]
+        for n in ("invalid", "dir", "dangling", "tmpl", "fifo"):
+            assert st[n]["error"] and causes[n] in st[n]["error"], st[n]
+            assert e.vpids(n) == [], f"{n} was started despite its error"
+        # a config error is logged once, not at every rescan (2 s)
+        time.sleep(2.5)
+        for n in ("invalid", "dir", "dangling", "tmpl", "fifo"):
+            assert len(e.lines(expect[n])) == 1, e.lines(expect[n])
+        assert len(e.lines("emperor: [inuse] cannot bind")) == 1
+        # everything else is fine
+        assert get(okport)["name"] == "ok"
+        assert e.running() and psutil.Process(e.pid).status() != psutil.STATUS_ZOMBIE
+        assert st["base"]["state"] in ("running", "loyal"), st["base"]
+        assert "Traceback" not in e.text()
+        assert_no_zombies(e)
+        # fixing a file brings its vassal up
+        port = free_port()
+        tmp = e.dir / ".dir.tmp"
+        tmp.write_text(app_ini("dir", port, processes=1))
+        (e.dir / "dir.ini").rmdir()
+        os.rename(tmp, e.dir / "dir.ini")
+        wait_for(lambda: get(port)["name"] == "dir", 20, "the fixed vassal to answer")
+    finally:
+        busy.close()
+
+
+# -- 2. faults ----------------------------------------------------------------------
+
+
+def _set_subreaper(on: bool) -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    assert libc.prctl(36, 1 if on else 0, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+
+
+def test_kill_9_of_the_emperor_takes_every_process_down_within_5_s(emp):
+    ports = {"a1": free_port(), "a2": free_port()}
+    e = emp({n: app_ini(n, p, processes=2) for n, p in ports.items()}, wait=ports.values())
+    tree = descendants(e.pid)
+    vassals = [psutil.Process(e.vpid(n)) for n in ("base", "a1", "a2")]
+    workers = [c for v in vassals[1:] for c in v.children()]
+    assert len(workers) == 4, workers
+    assert all(p in tree for p in vassals + workers)
+    # orphans come to us (not to an init that may never reap them), so that
+    # "gone" means exited and reaped, not merely reparented
+    _set_subreaper(True)
+    try:
+        os.kill(e.pid, signal.SIGKILL)
+        e.popen.wait(5)
+        t0 = time.monotonic()
+
+        def reap_ours():
+            for p in tree:
+                try:
+                    os.waitpid(p.pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+            return all(gone(p) for p in tree)
+
+        wait_for(reap_ours, 5.0, "every vassal and worker to exit after the Emperor's kill -9",
+                 interval=0.05)
+        took = time.monotonic() - t0
+        print(f"kill -9 of the Emperor: {len(tree)} processes gone in {took:.2f} s")
+        for p in tree:
+            try:
+                os.waitpid(p.pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        assert not [p for p in tree if psutil.pid_exists(p.pid) and p.is_running()], \
+            "processes left (zombies included)"
+    finally:
+        _set_subreaper(False)
+        kill_all([p for p in tree if alive(p)])
+    assert not (e.dir / "fs.sock").exists(), "the base did not remove its socket"
+    for port in ports.values():
+        with pytest.raises(OSError):
+            get(port, timeout=1)
+
+
+def test_kill_9_of_the_base_and_of_a_worker(emp):
+    ports = {"a1": free_port(), "a2": free_port()}
+    e = emp({n: app_ini(n, p, processes=2) for n, p in ports.items()}, wait=ports.values())
+    adopted = {n: psutil.Process(e.vpid(n)) for n in ports}
+    base = e.vpid("base")
+    os.kill(base, signal.SIGKILL)
+    wait_for(lambda: e.vpid("base") != base, 15, "a new base")
+    wait_for(lambda: f"[base] ready (pid {e.vpid('base')}" in e.text(), 15, "the new base ready")
+    for n, p in adopted.items():  # adopted vassals are not the base's children: they serve on
+        assert alive(p)
+        assert get(ports[n])["name"] == n
+    port3 = free_port()
+    (e.dir / "a3.ini").write_text(app_ini("a3", port3, processes=1))
+    wait_for(lambda: get(port3)["name"] == "a3", 15, "a3 adopted from the new base")
+    assert psutil.Process(e.vpid("a3")).ppid() == e.pid
+    assert_no_zombies(e)
+
+    # kill -9 of one worker: respawned; requests keep being answered meanwhile
+    master = adopted["a1"]
+    workers = sorted(c.pid for c in master.children())
+    assert len(workers) == 2, workers
+    victim = workers[0]
+    vproc = psutil.Process(victim)
+    os.kill(victim, signal.SIGKILL)
+    # a connection the kernel hands to the victim in the instant SIGKILL is
+    # on its way is lost with it: that is the kernel, not the server. Count
+    # from its death on, while the master notices and respawns.
+    wait_for(lambda: gone(vproc), 5, "the worker to die")
+    answered, failed = 0, []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            got = get(ports["a1"])
+            assert got["name"] == "a1" and int(got["pid"]) != victim
+            answered += 1
+        except (OSError, AssertionError) as ex:
+            failed.append(repr(ex))
+        kids = [c.pid for c in master.children() if alive(c)]
+        if len(kids) == 2 and victim not in kids and answered >= 20:
+            break
+    kids = sorted(c.pid for c in master.children() if alive(c))
+    assert victim not in kids and len(kids) == 2, f"worker not respawned: {kids}"
+    assert failed == [], failed[:5]
+    assert get(ports["a2"])["name"] == "a2"
+    assert e.vpids("a1") == [master.pid], "the vassal was restarted, not just its worker"
+    assert_no_zombies(e)
+
+
+def test_what_a_vassal_leaves_behind_is_reaped(emp):
+    port = free_port()
+    daemon = ("[uwsgi]\n" f"http-socket = 127.0.0.1:{port}\n" f"psgi = {DAEMON}\n"
+              "processes = 1\nenv = APP_NAME=d\ndisable-logging = true\n")
+    e = emp({"d": daemon}, wait=[port])
+    vpid = e.vpid("d")
+
+    def spawn(secs):
+        body = http_get(port, f"/spawn?{secs}")
+        pid = int(dict(kv.split("=", 1) for kv in body.split())["daemon"])
+        assert pid > 0, body
+        return pid
+
+    # a daemon that exits on its own while the vassal runs: the Emperor,
+    # its parent now, reaps it
+    short = spawn(1)
+    wait_for(lambda: psutil.Process(short).ppid() == e.pid, 5, "the daemon to be the Emperor's")
+    wait_for(lambda: f"reaped pid {short}" in e.text(), 10, "the short daemon to be reaped")
+    assert not psutil.pid_exists(short) or not alive(psutil.Process(short))
+    assert_no_zombies(e)
+    # a daemon that would live on: stopping its vassal stops it too
+    long = psutil.Process(spawn(300))
+    wait_for(lambda: long.ppid() == e.pid, 5, "the long daemon to be the Emperor's")
+    (e.dir / "d.ini").unlink()
+    wait_for(lambda: f"[d] pid {vpid} stopped" in e.text(), 15, "the vassal to stop")
+    wait_for(lambda: not psutil.pid_exists(long.pid), 5,
+             "the daemon left by the stopped vassal to be killed and reaped")
+    assert f"orphan pid {long.pid}" in e.text()
+    assert_no_zombies(e)
+
+
+def test_out_of_descriptors_while_adopting(emp):
+    p1 = free_port()
+    e = emp({"a1": app_ini("a1", p1, processes=1)}, wait=[p1])
+    wait_for(lambda: e.status()["a1"]["state"] == "loyal", 10, "a1 loyal")
+    soft, hard = resource.prlimit(e.pid, resource.RLIMIT_NOFILE)
+    ports = {"a2": free_port(), "a3": free_port()}
+    try:
+        # the limit bounds descriptor numbers: the first two free numbers
+        used = {int(fd) for fd in os.listdir(f"/proc/{e.pid}/fd")}
+        free = [n for n in range(len(used) + 3) if n not in used][:2]
+        # not one descriptor left: even reading the new file fails
+        resource.prlimit(e.pid, resource.RLIMIT_NOFILE, (free[0], hard))
+        (e.dir / "a2.ini").write_text(app_ini("a2", ports["a2"], processes=1))
+        wait_for(lambda: e.lines("[a2] cannot read a2.ini"), 10, "the read error")
+        assert "Too many open files" in e.lines("[a2] cannot read a2.ini")[0]
+        # one left: enough for a2's listening socket, not for its Emperor
+        # pipe: the adoption itself runs out of descriptors
+        resource.prlimit(e.pid, resource.RLIMIT_NOFILE, (free[1], hard))
+        wait_for(lambda: e.lines("[a2] cannot create the Emperor pipe"), 10, "the pipe error")
+        (e.dir / "a3.ini").write_text(app_ini("a3", ports["a3"], processes=1))
+        # a status client now waits in the backlog (the Emperor must not
+        # spin on its readable stats socket) and is answered later
+        answer: list = []
+        asker = threading.Thread(target=lambda: answer.append(fetch(e.stats, timeout=30)),
+                                 daemon=True)
+        asker.start()
+        time.sleep(2.5)  # several retries, at least one full rescan
+        assert e.running(), "the Emperor died:\n" + e.text()[-3000:]
+        assert "Traceback" not in e.text(), e.text()[-3000:]
+        emfile = e.lines("Too many open files")
+        assert all("retry" in l for l in emfile if "[a2] cannot" in l), emfile
+        # retried with a backoff, not in a busy loop
+        assert len(emfile) < 40, emfile
+        assert get(p1)["name"] == "a1"  # what ran keeps running
+        assert answer == []
+        assert psutil.Process(e.pid).cpu_times().user < 1.5, "the Emperor spins"
+    finally:
+        if e.running():
+            resource.prlimit(e.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    asker.join(10)
+    assert answer and answer[0]["vassals"]["a1"]["state"] == "loyal"
+    for n, p in ports.items():
+        wait_for(lambda p=p, n=n: get(p)["name"] == n, 20, f"{n} once descriptors are back")
+    assert_no_zombies(e)
+
+
+# -- 3. descriptor hygiene --------------------------------------------------------------
+
+
+def _fds(pid: int) -> dict[int, str]:
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def _socket_inode(target: str) -> int | None:
+    m = re.fullmatch(r"socket:\[(\d+)\]", target)
+    return int(m.group(1)) if m else None
+
+
+def _unix_peers() -> dict[int, int]:
+    """inode -> peer inode of every connected UNIX socket (from `ss`)."""
+    out = subprocess.run(["ss", "-xanH"], capture_output=True, text=True, check=True).stdout
+    peers = {}
+    for line in out.splitlines():
+        f = line.split()
+        # Netid State Recv-Q Send-Q Local Port Peer Port
+        if len(f) >= 8 and f[5].isdigit() and f[7].isdigit():
+            peers[int(f[5])] = int(f[7])
+    return peers
+
+
+def _tcp_listen_inode(port: int) -> set[int]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            f = line.split()
+            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "0A":
+                inodes.add(int(f[9]))
+    return inodes
+
+
+def test_descriptor_hygiene(emp):
+    ports = {"a1": free_port(), "a2": free_port()}
+    files = {n: app_ini(n, p, processes=2) for n, p in ports.items()}
+    # a template: this vassal gets its config on a config pipe (mask 0x02)
+    p3 = free_port()
+    files["t3.ini.j2"] = app_ini("t3", 0).replace("127.0.0.1:0", "127.0.0.1:{{ %d }}" % p3)
+    e = emp(files, wait=[*ports.values(), p3])
+    ports["t3"] = p3
+    peers = _unix_peers()
+    emperor_fds = _fds(e.pid)
+    emperor_inodes = {_socket_inode(t) for t in emperor_fds.values()} - {None}
+    base = e.vpid("base")
+    base_inodes = {_socket_inode(t) for t in _fds(base).values()} - {None}
+    vassal_inodes = {}
+
+    def tree_targets(name):
+        vpid = e.vpid(name)
+        return {t for p in [vpid, *(c.pid for c in psutil.Process(vpid).children())]
+                for fd, t in _fds(p).items() if fd > 2}
+
+    outside = {n: set(_fds(e.pid).values()) | set(_fds(base).values()) | set().union(
+        *(tree_targets(o) for o in ports if o != n)) for n in ports}
+    for name in ports:
+        vpid = e.vpid(name)
+        fds = _fds(vpid)
+        inodes = {fd: _socket_inode(t) for fd, t in fds.items()}
+        listen = _tcp_listen_inode(ports[name])
+        roles = {}
+        for fd, target in sorted(fds.items()):
+            ino = inodes[fd]
+            if fd in (0, 1, 2):
+                assert ino is None, f"{name}: stdio fd {fd} is a socket ({target}): the listener left on 0?"
+                roles[fd] = "stdio"
+            elif ino in listen:
+                assert ino in emperor_inodes, f"{name}: its listener is not the Emperor's"
+                roles[fd] = "listener"
+            elif ino is not None and peers.get(ino) in emperor_inodes:
+                roles[fd] = "emperor pipe"
+            elif target.startswith("pipe:") and target not in outside[name]:
+                roles[fd] = "private"  # e.g. between the vassal and its workers
+            else:
+                pytest.fail(f"{name} (pid {vpid}) holds fd {fd} -> {target}: not its own")
+        want = ["emperor pipe", "listener"] + (["emperor pipe"] if name == "t3" else [])
+        assert sorted(r for r in roles.values() if r not in ("stdio", "private")) == sorted(want), \
+            (name, fds, roles)
+        assert not ({i for i in inodes.values() if i} & base_inodes), f"{name} holds a base socket"
+        vassal_inodes[name] = {i for i in inodes.values() if i}
+        # the workers inherit nothing more than their vassal
+        for w in psutil.Process(vpid).children():
+            winodes = {_socket_inode(t) for t in _fds(w.pid).values()} - {None}
+            assert winodes <= vassal_inodes[name], (name, w.pid, _fds(w.pid))
+    names = list(vassal_inodes)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not vassal_inodes[a] & vassal_inodes[b], f"{a} and {b} share a socket"
+    # the base holds stdio, its pipe and the fork-server socket only
+    bfds = {fd: t for fd, t in _fds(base).items() if fd > 2}
+    assert len(bfds) == 2, bfds
+    for ino in base_inodes:
+        assert not any(ino in v for v in vassal_inodes.values())
+    # every descriptor of the Emperor, stdio aside, is close-on-exec
+    leaky = []
+    for fd, target in emperor_fds.items():
+        if fd <= 2:
+            continue
+        try:
+            info = Path(f"/proc/{e.pid}/fdinfo/{fd}").read_text()
+        except FileNotFoundError:
+            continue
+        flags = int(re.search(r"^flags:\s*(\d+)", info, re.M).group(1), 8)
+        if not flags & O_CLOEXEC_OCTAL:
+            leaky.append((fd, target))
+    assert leaky == [], f"Emperor descriptors without close-on-exec: {leaky}"
+    kinds = " ".join(emperor_fds.values())
+    assert "inotify" in kinds and "eventpoll" in kinds  # the check did look at them
+    assert_no_zombies(e)
+
+
+# -- 5. files and sockets of the Emperor -----------------------------------------------
+
+
+def test_stats_socket_is_0600(emp):
+    e = emp({}, base=True)
+    st = os.lstat(e.stats)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600, oct(st.st_mode)
+
+
+def test_stats_path_refuses_a_planted_symlink(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    link = tmp_path / "stats.sock"
+    link.symlink_to(victim)
+    out = subprocess.run([EMPEROR, "run", tmp_path, "--stats", link],
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 2, out
+    assert "not a socket" in out.stderr
+    assert victim.read_text() == "keep me\n" and link.is_symlink()
+
+
+def test_pidfile_refuses_a_planted_symlink(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    pidfile = tmp_path / "emperor.pid"
+    (tmp_path / ".emperor.pid.4242").symlink_to(victim)  # the temporary file's name
+    with pytest.raises(FileExistsError):
+        write_pidfile(pidfile, 4242)
+    assert victim.read_text() == "keep me\n"
+    assert not pidfile.exists()
+    # a symlink at the pidfile itself is replaced, not followed
+    pidfile.symlink_to(victim)
+    write_pidfile(pidfile, 4243)
+    assert victim.read_text() == "keep me\n"
+    assert not pidfile.is_symlink() and pidfile.read_text() == "4243\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".emperor.pid.4242", "emperor.pid", "victim"]
