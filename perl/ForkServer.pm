@@ -38,6 +38,10 @@ requests. Otherwise it runs a plain vassal (L<ForkServer::Vassal>) that
 loads its app cold. Options are described in docs/CONTRACT.md and
 L<ForkServer::Config>.
 
+Under an Emperor (C<UWSGI_EMPEROR_FD> set), every vassal process first
+becomes the leader of a new session (L<ForkServer::Session>), so the
+Emperor can tell what it leaves behind.
+
 Any error before serving (unknown option, bad value, missing or failing
 app, port in use) is one line on stderr naming the vassal, and exit
 status 1.
@@ -47,6 +51,14 @@ status 1.
 sub main {
     my ($class, @argv) = @_;
     my $name = ForkServer::Config->guess_name(@argv);
+    # First, so that nothing this process starts is born in the Emperor's
+    # session (ForkServer::Session). Only under an Emperor: a vassal run by
+    # hand from a script stays in the terminal's process group (Ctrl-C).
+    if (defined $ENV{UWSGI_EMPEROR_FD}) {
+        require ForkServer::Session;
+        my ($ok, $why) = ForkServer::Session::lead();
+        ForkServer::Log::line($name, "not a session leader ($why): the Emperor cannot tell its orphans") unless $ok;
+    }
     my $ok = eval {
         my $emperor = ForkServer::Emperor->pipe_from_env;
         my ($text, $config_fh) = ForkServer::Emperor->config_from_env;

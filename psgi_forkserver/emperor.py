@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import os
 import selectors
 import shutil
@@ -39,6 +40,7 @@ import psutil
 from . import config as cfgmod
 from . import forkserver, protocol, sockets
 from .forkserver import AdoptionError, PendingAdoption
+from .orphans import EndedSessions, classify_orphans, scan_proc
 from .protocol import EmperorByte, VassalByte
 from .sockets import Listener
 from .vassal import (
@@ -82,6 +84,15 @@ def describe_status(status: int) -> str:
     if os.WIFEXITED(status):
         return f"exit status {os.WEXITSTATUS(status)}"
     return f"status {status:#x}"
+
+
+def _comm(pid: int) -> str:
+    """A process's command name, for a log line; '?' if it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
 
 
 def program_argv(program: str) -> list[str]:
@@ -179,8 +190,18 @@ class Emperor:
     # pids reaped before we knew them (an adopted vassal may die before its
     # pid reaches us): pid -> (status, when)
     early_exits: dict[int, tuple[int, float]] = field(default_factory=dict)
-    # orphans (e.g. workers of a vassal that was SIGKILLed) we asked to go
+    # orphans (e.g. workers of a vassal that was SIGKILLed) we asked to go:
+    # pid -> when SIGKILL follows
     orphans: dict[int, float] = field(default_factory=dict)
+    # sessions of vassal processes that ended: whatever is still in one of
+    # them is an orphan of that process (orphans.py)
+    ended: EndedSessions = field(default_factory=EndedSessions)
+    # children in no vassal's session, logged once each
+    unattributed: set[int] = field(default_factory=set)
+    # a vassal process (or an orphan we stopped) ended since the last sweep:
+    # what it left behind may be ours now
+    sweep_due: bool = False
+    swept_at_shutdown: bool = False
     shutting_down: bool = False
     shutdown_deadline: float = 0.0
     no_children: bool = False
@@ -397,32 +418,32 @@ class Emperor:
             if owner is not None:
                 self._vassal_exited(owner[0], owner[1], pid, status, now)
             else:
-                self.orphans.pop(pid, None)
+                if self.orphans.pop(pid, None) is not None:
+                    self.sweep_due = True  # its own children came to us
+                self.unattributed.discard(pid)
                 self.early_exits[pid] = (status, now)
                 self.log(f"reaped pid {pid} ({describe_status(status)})")
 
     def _vassal_exited(self, name: str, seq: int, pid: int, status: int, now: float) -> None:
         v = self.vassals[name]
         self._drop_proc(name, seq)
+        # what it forked and left behind is ours now: swept once this turn
+        self.ended.add(pid, name)
+        self.sweep_due = True
         what = v.exited(status, now, pid)
         st = describe_status(status)
         if what == "retired":
             self.log(f"old pid {pid} stopped ({st})", name)
-            self._sweep_orphans(now)
         elif what == "stopped":
             self.log(f"pid {pid} stopped ({st})", name)
-            self._sweep_orphans(now)  # what it forked and left behind is ours now
         elif what == "successor died":
             self.log(f"new pid {pid} died ({st}); old one keeps serving; retry in "
                      f"{max(0.0, v.not_before - now):.1f} s", name)
-            self._sweep_orphans(now)
         elif what == "died (successor took over)":
             self.log(f"pid {pid} died ({st}); its successor pid {v.pid} takes over", name)
-            self._sweep_orphans(now)
         else:
             self.log(f"pid {pid} died ({st}); respawn in {v.backoff:.1f} s"
                      + (" (throttled)" if v.failures > 0 else ""), name)
-            self._sweep_orphans(now)
 
     def _drop_proc(self, name: str, seq: int) -> None:
         self._close_pipe(name, seq)
@@ -689,9 +710,12 @@ class Emperor:
             stdin = (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)
         try:
             os.set_inheritable(theirs.fileno(), True)
+            # its own session from birth, like every vassal of our Perl side
+            # (which checks and does not repeat it): what it leaves behind
+            # can be told by session id (orphans.py), a uWSGI vassal's too
             pid = os.posix_spawn(
                 argv[0], argv, env, file_actions=[stdin],
-                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=(),
+                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=(), setsid=True,
             )
         except OSError as e:
             ours.close()
@@ -810,33 +834,49 @@ class Emperor:
             except (psutil.Error, OSError):
                 pass
 
-    def _sweep_orphans(self, now: float) -> None:
-        """Children we never started (workers whose vassal died) get SIGTERM,
-        then SIGKILL after the mercy timeout. Processes born after an
-        adoption in flight began may be that vassal: they are spared."""
-        pending_since = [
-            h.adoption.started for h in self.procs.values() if h.adoption is not None
-        ]
-        # psutil create_time is wall clock; compare with a margin
-        spare_after = (
-            time.time() - (now - min(pending_since)) - 0.05 if pending_since else None
-        )
+    def _sweep_orphans(self, now: float, everything: bool = False) -> None:
+        """Children in the session of a vassal process that ended get
+        SIGTERM, then SIGKILL after the mercy timeout; children of running
+        vassals are left alone, and so (until shutdown) are children in no
+        vassal's session (orphans.py). With `everything` (shutdown, no
+        vassal left), every child we did not start is stopped.
+
+        One pass over /proc, called at most once per loop turn, and only
+        after a vassal process ended (or an orphan, whose own children come
+        to us then), never once per exit."""
+        self.sweep_due = False
         try:
-            children = psutil.Process().children()
-        except (psutil.Error, OSError):  # OSError: out of descriptors
+            scan = scan_proc(os.getpid())
+        except OSError as e:  # out of descriptors: try again next turn
+            self.sweep_due = True
+            self.log(f"cannot look for orphans: {e.strerror or e}")
             return
-        for c in children:
-            if c.pid in self.pids or c.pid in self.orphans:
-                continue
-            try:
-                if spare_after is not None and c.create_time() >= spare_after:
+        self.ended.prune(scan.sessions)
+        found = classify_orphans(scan.children, self.pids, self.ended.by_sid)
+        victims = dict(found.orphans)
+        if everything:
+            victims.update((pid, "") for pid in found.unknown)
+        else:
+            # A vassal adopted this turn leads its session before its pid
+            # reply is read: not worth a line while an adoption is in flight.
+            adopting = any(h.adoption is not None for h in self.procs.values())
+            for pid in found.unknown - self.unattributed:
+                if adopting and scan.children.get(pid) == pid:
                     continue
-                name = c.name()
-                c.send_signal(signal.SIGTERM)
-            except (psutil.Error, OSError):
+                self.unattributed.add(pid)
+                self.log(f"pid {pid} ({_comm(pid)}) is in no vassal's session "
+                         f"(session {scan.children.get(pid)}): left alone until shutdown")
+        for pid, name in victims.items():
+            if pid in self.orphans:
                 continue
-            self.orphans[c.pid] = now + self.opts.mercy
-            self.log(f"orphan pid {c.pid} ({name}) sent SIGTERM")
+            comm = _comm(pid)
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:  # a zombie is still there: only exited ones go
+                continue
+            self.orphans[pid] = now + self.opts.mercy
+            left_by = f", left by a process of {name}" if name else ""
+            self.log(f"orphan pid {pid} ({comm}{left_by}) sent SIGTERM")
 
     def _kill_orphans(self, now: float) -> None:
         for pid, deadline in list(self.orphans.items()):
@@ -844,8 +884,10 @@ class Emperor:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
-                    pass
-                del self.orphans[pid]
+                    del self.orphans[pid]
+                    continue
+                # kept until reaped, which then sweeps for its own children
+                self.orphans[pid] = math.inf
 
     def _execute(self, v: Vassal, actions: list, now: float) -> None:
         for a in actions:
@@ -896,6 +938,10 @@ class Emperor:
             1 for v in others if v.successor is not None and v.successor.reason == "code deploy"
         )
         slots = max(0, self.opts.deploy_parallel - moving)
+        if self.sweep_due and not self.shutting_down:
+            # during a shutdown, one sweep once every vassal is gone does it
+            # all (_shutdown_step), not one per vassal that stops
+            self._sweep_orphans(now)
         # non-bases first: during a shutdown the bases wait for them
         for v in sorted(others, key=lambda v: v.name):
             before = v.successor
@@ -982,8 +1028,9 @@ class Emperor:
             self._reap(now)
             if self.no_children:
                 return True
-            if not self.orphans:
-                self._sweep_orphans(now)
+            if self.sweep_due or not self.swept_at_shutdown:
+                self.swept_at_shutdown = True
+                self._sweep_orphans(now, everything=True)
         if now >= self.shutdown_deadline and now >= self.next_straggler_kill:
             self.next_straggler_kill = now + 1.0
             try:

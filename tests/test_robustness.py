@@ -363,35 +363,74 @@ def test_kill_9_of_the_base_and_of_a_worker(emp):
     assert_no_zombies(e)
 
 
+def daemon_ini(name: str, port: int) -> str:
+    return ("[uwsgi]\n" f"http-socket = 127.0.0.1:{port}\n" f"psgi = {DAEMON}\n"
+            f"processes = 1\nenv = APP_NAME={name}\ndisable-logging = true\n")
+
+
+def spawn_left_behind(port: int, query: str) -> int:
+    """A `sleep` the vassal double-forks (daemon.psgi): its pid."""
+    body = http_get(port, f"/spawn?{query}")
+    pid = int(dict(kv.split("=", 1) for kv in body.split())["daemon"])
+    assert pid > 0, body
+    return pid
+
+
 def test_what_a_vassal_leaves_behind_is_reaped(emp):
     port = free_port()
-    daemon = ("[uwsgi]\n" f"http-socket = 127.0.0.1:{port}\n" f"psgi = {DAEMON}\n"
-              "processes = 1\nenv = APP_NAME=d\ndisable-logging = true\n")
-    e = emp({"d": daemon}, wait=[port])
+    e = emp({"d": daemon_ini("d", port)}, wait=[port])
     vpid = e.vpid("d")
 
-    def spawn(secs):
-        body = http_get(port, f"/spawn?{secs}")
-        pid = int(dict(kv.split("=", 1) for kv in body.split())["daemon"])
-        assert pid > 0, body
-        return pid
-
-    # a daemon that exits on its own while the vassal runs: the Emperor,
+    # a helper that exits on its own while the vassal runs: the Emperor,
     # its parent now, reaps it
-    short = spawn(1)
-    wait_for(lambda: psutil.Process(short).ppid() == e.pid, 5, "the daemon to be the Emperor's")
-    wait_for(lambda: f"reaped pid {short}" in e.text(), 10, "the short daemon to be reaped")
+    short = spawn_left_behind(port, "1")
+    wait_for(lambda: psutil.Process(short).ppid() == e.pid, 5, "the helper to be the Emperor's")
+    wait_for(lambda: f"reaped pid {short}" in e.text(), 10, "the short helper to be reaped")
     assert not psutil.pid_exists(short) or not alive(psutil.Process(short))
     assert_no_zombies(e)
-    # a daemon that would live on: stopping its vassal stops it too
-    long = psutil.Process(spawn(300))
-    wait_for(lambda: long.ppid() == e.pid, 5, "the long daemon to be the Emperor's")
+    # a helper that would live on: stopping its vassal stops it too
+    long = psutil.Process(spawn_left_behind(port, "300"))
+    wait_for(lambda: long.ppid() == e.pid, 5, "the long helper to be the Emperor's")
     (e.dir / "d.ini").unlink()
     wait_for(lambda: f"[d] pid {vpid} stopped" in e.text(), 15, "the vassal to stop")
     wait_for(lambda: not psutil.pid_exists(long.pid), 5,
-             "the daemon left by the stopped vassal to be killed and reaped")
-    assert f"orphan pid {long.pid}" in e.text()
+             "the helper left by the stopped vassal to be killed and reaped")
+    assert f"orphan pid {long.pid} (sleep, left by a process of d)" in e.text()
     assert_no_zombies(e)
+
+
+def test_orphans_are_told_by_session_not_by_timing(emp):
+    """A running vassal's helper survives another vassal's stop; it goes
+    when its own vassal stops. A daemon in a session of its own is nobody's:
+    left alone while the Emperor runs, stopped at shutdown."""
+    ports = {"a": free_port(), "b": free_port()}
+    e = emp({n: daemon_ini(n, p) for n, p in ports.items()}, wait=ports.values())
+    a_helper = psutil.Process(spawn_left_behind(ports["a"], "300"))
+    b_helper = psutil.Process(spawn_left_behind(ports["b"], "300"))
+    daemon = psutil.Process(spawn_left_behind(ports["a"], "300&setsid"))
+    for p in (a_helper, b_helper, daemon):
+        wait_for(lambda p=p: p.ppid() == e.pid, 5, f"pid {p.pid} to be the Emperor's")
+    assert os.getsid(a_helper.pid) == e.vpid("a")
+    assert os.getsid(b_helper.pid) == e.vpid("b")
+
+    (e.dir / "b.ini").unlink()
+    wait_for(lambda: not psutil.pid_exists(b_helper.pid), 15, "b's helper to be killed and reaped")
+    # the same sweep saw a's helper and the daemon, and left them alone
+    assert alive(a_helper) and alive(daemon)
+    assert f"orphan pid {a_helper.pid}" not in e.text()
+    assert e.lines(f"pid {daemon.pid} (sleep) is in no vassal's session"), e.text()
+    assert get(ports["a"])["name"] == "a"
+
+    (e.dir / "a.ini").unlink()
+    wait_for(lambda: not psutil.pid_exists(a_helper.pid), 15, "a's helper to be killed and reaped")
+    assert alive(daemon)
+    assert f"orphan pid {daemon.pid}" not in e.text()
+    assert_no_zombies(e)
+
+    os.kill(e.pid, signal.SIGTERM)
+    e.popen.wait(30)
+    assert not psutil.pid_exists(daemon.pid) or not alive(daemon), "the daemon outlived the Emperor"
+    assert f"orphan pid {daemon.pid} (sleep) sent SIGTERM" in e.text()
 
 
 def test_out_of_descriptors_while_adopting(emp):

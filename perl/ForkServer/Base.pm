@@ -14,7 +14,9 @@ use ForkServer::HugePages ();
 use ForkServer::Log ();
 use ForkServer::Protocol qw(encode_packet encode_dict MOD_FORK_SERVER);
 use ForkServer::Request ();
+use ForkServer::Session ();
 use ForkServer::Vassal ();
+use ForkServer::Warmup ();
 
 =head1 NAME
 
@@ -36,6 +38,13 @@ Binds the C<fork-server> UNIX socket (mode C<fork-server-mode>, default
 4) from peers whose uid (SO_PEERCRED) is in C<fork-server-allow-uid>
 (default: the uid the base runs as).
 
+With C<early-warmup PATH> (repeatable), the base first calls the preloaded
+app once per PATH (L<ForkServer::Warmup>): a synthetic C<GET PATH>, the
+response consumed, one log line per path with its status and time, or its
+error (not fatal). Whatever state the app builds lazily on its first
+request is then built once, in the base, and shared by every adopted
+vassal, instead of being built again by the first request of every worker.
+
 One loop multiplexes the listening socket, the Emperor pipe and every
 client being read, so a slow client delays nobody; a client that has not
 sent a whole request after C<fork-server-timeout> seconds is dropped. A
@@ -49,7 +58,9 @@ check, or C<fork-server-double-fork> set) it is served with uWSGI's double
 fork, and the kernel hands the grandchild to the Emperor, a subreaper; the
 base reaps the intermediate child without waiting for it.
 
-Either way the vassal closes everything of the base, sets
+Either way the vassal first becomes the leader of a new session
+(L<ForkServer::Session>: the Emperor tells its orphans by session id), then
+closes everything of the base, sets
 C<UWSGI_EMPEROR_FD> (and C<UWSGI_EMPEROR_FD_CONFIG>), puts the on-demand
 socket on descriptor 0, replies with its pid, then configures itself from
 the received argv alone and runs L<ForkServer::Vassal> on the preloaded app.
@@ -77,6 +88,7 @@ sub log { my ($self, $msg) = @_; ForkServer::Log::line($self->{name}, $msg) }
 sub run {
     my ($self) = @_;
     ForkServer::Vassal->warm_up;
+    $self->early_warmup;    # before huge_pages: what it builds is shared too
     my $pages = $self->huge_pages;
     my $how = $self->choose_fork;
     $self->listen;
@@ -92,6 +104,17 @@ sub run {
     $self->loop;
     $self->log("stopping ($self->{stop})");
     $self->shutdown;
+    return;
+}
+
+# The app's own lazy state (templates, time zones, caches), built once here
+# rather than by the first request of every worker of every vassal.
+sub early_warmup {
+    my ($self) = @_;
+    my @paths = $self->{config}->list('early-warmup');
+    return unless @paths;
+    return $self->log("early-warmup ignored: no early-psgi app to call") unless $self->{app};
+    ForkServer::Warmup::run($self->{app}, \@paths, sub { $self->log($_[0]) });
     return;
 }
 
@@ -328,6 +351,9 @@ sub _become_vassal {
     my ($self, $req) = @_;
     my (undef, @argv) = $req->argv;
     my $name = ForkServer::Config->guess_name(@argv);
+    # First: its own session before it can fork anything (ForkServer::Session).
+    my ($leads, $why) = ForkServer::Session::lead();
+    ForkServer::Log::line($name, "not a session leader ($why): the Emperor cannot tell its orphans") unless $leads;
     my $ok = eval {
         $self->_detach_from_base($req);
         my $sock = $req->sock;

@@ -29,9 +29,11 @@ my $GID = sub {
 };
 my $ENV_PAIR = sub { $_[0] =~ /\A[^=]+=/s ? $_[0] : die "expected KEY=VALUE\n" };
 my $ADDR = sub { parse_address($_[0]); $_[0] };
+my $URL_PATH = sub { $_[0] =~ m{\A/[^\s#]*\z} ? $_[0] : die "expected a path starting with / (a query string may follow)\n" };
 
 my %OPTIONS = (
     'early-psgi'            => { check => $STR },
+    'early-warmup'          => { check => $URL_PATH, list => 1 },
     'psgi'                  => { check => $STR },
     'fork-server'           => { check => $STR },
     'fork-server-mode'      => { check => $OCTAL },
@@ -88,7 +90,8 @@ ForkServer::Config - the vassal's options, from argv, --ini files and the Empero
 =head1 DESCRIPTION
 
 Options are applied in order: a scalar option given twice keeps the last
-value, a list option (C<env>, C<fork-server-allow-uid>) accumulates.
+value, a list option (C<env>, C<fork-server-allow-uid>, C<early-warmup>)
+accumulates.
 C<--ini FILE> reads the C<[uwsgi]> section of FILE at the point where it
 appears. When C<config_text> is given (the body read from the Emperor's
 config pipe), it takes the place of the first C<--ini> file; the file name

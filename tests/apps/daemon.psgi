@@ -1,6 +1,8 @@
 # An app that leaves processes behind (robustness tests).
-# GET /spawn?SECONDS double-forks a `sleep SECONDS` in its own session (a
-# daemon: the Emperor, as subreaper, inherits it) and answers its pid.
+# GET /spawn?SECONDS double-forks a `sleep SECONDS` (the Emperor, as
+# subreaper, inherits it) and answers its pid: a helper, in the vassal's
+# session. GET /spawn?SECONDS&setsid does the same in a session of its own:
+# a daemon, which the Emperor cannot attribute to the vassal.
 use strict;
 use warnings;
 use POSIX ();
@@ -8,13 +10,15 @@ my $app = sub {
     my $env = shift;
     my $name = $ENV{APP_NAME} // '-';
     if ($env->{PATH_INFO} eq '/spawn') {
-        my ($secs) = ($env->{QUERY_STRING} // '') =~ /(\d+)/;
+        my $query = $env->{QUERY_STRING} // '';
+        my ($secs) = $query =~ /(\d+)/;
         $secs ||= 300;
+        my $own_session = $query =~ /\bsetsid\b/;
         pipe(my $r, my $w) or die "pipe: $!";
         my $child = fork // die "fork: $!";
         if (!$child) {
             close $r;
-            POSIX::setsid();
+            POSIX::setsid() if $own_session;
             my $gc = fork;
             if (defined $gc && !$gc) {
                 close $w;

@@ -1,0 +1,126 @@
+"""Which of the Emperor's children are orphans, told by session id.
+
+The Emperor is a child subreaper: besides the vassal processes it started,
+it inherits whatever their processes leave behind (the workers of a vassal
+killed with SIGKILL, a helper an app double-forked). Every vassal our Perl
+side starts calls setsid() first (and the Emperor starts plain vassals with
+setsid), so its session id is its pid, and its workers and helpers carry
+that session id unless they call setsid() themselves. So a child of the
+Emperor that is not a vassal process is:
+
+- in the session of a running vassal process: that vassal's; left alone;
+- in the session of a vassal process that has ended: an orphan of it; the
+  Emperor asks it to go (SIGTERM, then SIGKILL after the mercy timeout);
+- anything else (a daemon that called setsid() itself, a process of a
+  uWSGI vassal, which does not setsid): not attributable; left alone while
+  the Emperor runs, stopped with everything else at shutdown.
+
+`classify_orphans` is that decision, without processes; `scan_proc` is the
+one pass over /proc that feeds it; `EndedSessions` remembers which ended
+vassal process each session belonged to, for as long as the session has
+members.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+
+# A bound on the record of ended sessions, in case /proc cannot tell us that
+# one is empty; far more than the sessions that can have members at once.
+MAX_ENDED = 4096
+
+
+@dataclass
+class Classification:
+    orphans: dict[int, str] = field(default_factory=dict)  # pid -> name of the vassal that left it
+    unknown: set[int] = field(default_factory=set)  # not attributable: left until shutdown
+
+
+def classify_orphans(
+    children: Mapping[int, int], live: Collection[int], ended: Mapping[int, str]
+) -> Classification:
+    """Sort the Emperor's children (pid -> session id) into orphans and
+    unattributable ones; vassal processes and their own are left out.
+
+    `live`: pids of the vassal processes that run now. `ended`: session id
+    (the pid of a vassal process that ended) -> vassal name.
+
+    A session leader (sid == pid) is never an orphan: it is a vassal, or a
+    process that called setsid() itself; a session id equal to its own pid
+    cannot be an ended vassal's session, only a reuse of that pid number.
+    """
+    out = Classification()
+    for pid, sid in children.items():
+        if pid in live or sid in live:
+            continue
+        if sid != pid and sid in ended:
+            out.orphans[pid] = ended[sid]
+        else:
+            out.unknown.add(pid)
+    return out
+
+
+@dataclass
+class ProcScan:
+    children: dict[int, int]  # the parent's children: pid -> session id
+    sessions: set[int]  # every session id that has a process, system-wide
+
+
+def scan_proc(parent: int, proc: str = "/proc") -> ProcScan:
+    """One pass over /proc/PID/stat: the direct children of `parent` with
+    their session ids, and every session that has a member.
+
+    (Linux's /proc/PID/task/TID/children would list the children alone, but
+    it needs CONFIG_PROC_CHILDREN, and the session set is needed anyway.)
+    """
+    children: dict[int, int] = {}
+    sessions: set[int] = set()
+    for entry in os.scandir(proc):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"{proc}/{entry.name}/stat", "rb") as f:
+                data = f.read()
+        except OSError:  # exited meanwhile; or out of descriptors: seen next time
+            continue
+        # comm, in parentheses, may hold spaces and ')': split after the last one
+        fields = data.rpartition(b")")[2].split(None, 4)
+        if len(fields) < 4:
+            continue
+        ppid, sid = int(fields[1]), int(fields[3])
+        sessions.add(sid)
+        if ppid == parent:
+            children[int(entry.name)] = sid
+    return ProcScan(children, sessions)
+
+
+@dataclass
+class EndedSessions:
+    """Session id of an ended vassal process -> the vassal's name.
+
+    An entry is kept while its session has members (`prune` drops the rest):
+    once a session is empty its number may be a new process's pid, and a
+    new session's, that are not the vassal's.
+    """
+
+    limit: int = MAX_ENDED
+    by_sid: OrderedDict[int, str] = field(default_factory=OrderedDict)
+
+    def add(self, pid: int, name: str) -> None:
+        self.by_sid[pid] = name
+        self.by_sid.move_to_end(pid)
+        while len(self.by_sid) > self.limit:
+            self.by_sid.popitem(last=False)
+
+    def prune(self, sessions: Collection[int]) -> None:
+        for sid in [s for s in self.by_sid if s not in sessions]:
+            del self.by_sid[sid]
+
+    def __contains__(self, sid: object) -> bool:
+        return sid in self.by_sid
+
+    def __len__(self) -> int:
+        return len(self.by_sid)
