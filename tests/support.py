@@ -5,11 +5,16 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import psutil
+from xprocess import ProcessStarter
 
 T = TypeVar("T")
 
@@ -68,3 +73,44 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+EMPEROR = str(Path(sys.executable).parent / "emperor")
+
+
+@dataclass
+class RunningEmperor:
+    pid: int
+    popen: subprocess.Popen
+    log: Path
+
+
+def start_emperor(xprocess, name: str, args: list, env: dict | None = None) -> RunningEmperor:
+    """`emperor run ARGS...` under pytest-xprocess, once it logs that it watches."""
+
+    argv = [EMPEROR, "run", *map(str, args)]
+    environ = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+
+    class Starter(ProcessStarter):
+        pattern = "emperor: watching"
+        timeout = 20
+        terminate_on_interrupt = True
+        args = argv
+        env = environ
+    pid, log = xprocess.ensure(name, Starter, restart=True)
+    popen = next(r.popen for r in reversed(xprocess.resources) if r.popen and r.popen.pid == pid)
+    return RunningEmperor(pid, popen, Path(log))
+
+
+def stop_emperor(e: RunningEmperor) -> None:  # or anything with .pid and .popen
+    """SIGTERM, wait for its exit (SIGKILL after 20 s), then SIGKILL any
+    descendant that outlived it (there should be none; tests check that)."""
+    left = descendants(e.pid)
+    if e.popen.poll() is None:
+        os.kill(e.pid, signal.SIGTERM)
+        try:
+            e.popen.wait(20)
+        except subprocess.TimeoutExpired:
+            e.popen.kill()
+            e.popen.wait()
+    kill_all([p for p in left if alive(p)])

@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import sys
 import tempfile
 import urllib.request
 from dataclasses import dataclass, field
@@ -15,15 +14,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from xprocess import ProcessStarter
 
 from psgi_forkserver import paths
 
-from support import alive, descendants, free_port, kill_all, wait_for
+from support import EMPEROR, alive, descendants, free_port, wait_for, start_emperor, stop_emperor
 
 HERE = Path(__file__).resolve().parent
 APP = HERE / "apps" / "hello.psgi"
-EMPEROR = Path(sys.executable).parent / "emperor"
 PROGRAM = paths.vassal_program()
 
 pytestmark = pytest.mark.skipif(
@@ -98,30 +95,14 @@ def fleet(xprocess):
         ports[name] = free_port()
         (vdir / f"{name}.ini").write_text(app_ini(name, ports[name]))
 
-    class Starter(ProcessStarter):
-        pattern = "emperor: watching"
-        timeout = 20
-        terminate_on_interrupt = True
-        args = [EMPEROR, "run", vdir, "--mercy", "5", "--rescan-interval", "2"]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-    pid, log = xprocess.ensure("emperor", Starter, restart=True)
-    popen = next(r.popen for r in reversed(xprocess.resources) if r.popen and r.popen.pid == pid)
-    f = Fleet(pid, vdir, Path(log), popen, ports)
+    em = start_emperor(xprocess, "emperor", [vdir, "--mercy", "5", "--rescan-interval", "2"])
+    f = Fleet(em.pid, vdir, em.log, em.popen, ports)
     try:
         for name in ports:
             wait_for(lambda n=name: get(ports[n])["name"] == n, 30, f"{name} to answer")
         yield f
     finally:
-        left = descendants(pid)
-        if popen.poll() is None:
-            os.kill(pid, signal.SIGTERM)
-            try:
-                popen.wait(20)
-            except Exception:
-                popen.kill()
-                popen.wait()
-        kill_all([p for p in left if alive(p)])
+        stop_emperor(em)
         shutil.rmtree(vdir, ignore_errors=True)
 
 

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from xprocess import ProcessStarter
 
-from support import alive, descendants, free_port, kill_all, wait_for
-from test_emperor import APP, EMPEROR, PROGRAM, app_ini, get, refused
+from support import alive, free_port, wait_for, start_emperor, stop_emperor
+from test_emperor import APP, EMPEROR, PROGRAM, app_ini, get
 
 pytestmark = pytest.mark.skipif(
     not PROGRAM.is_file() or os.path.getsize(PROGRAM) < 200,
@@ -61,18 +60,10 @@ def emperor(xprocess):
             (vdir / f"{name}.ini").write_text(text)
         pidfile = vdir.parent / (vdir.name + ".pid")
 
-        class Starter(ProcessStarter):
-            pattern = "emperor: watching"
-            timeout = 20
-            terminate_on_interrupt = True
-            args = [EMPEROR, "run", vdir, "--mercy", "5", "--rescan-interval", "2",
-                    "--pidfile", pidfile, "--backoff-first", "0.2", "--backoff-max", "1",
-                    "--reload-grace", "0.3", *extra]
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-        pid, log = xprocess.ensure(f"emperor-{vdir.name}", Starter, restart=True)
-        popen = next(r.popen for r in reversed(xprocess.resources) if r.popen and r.popen.pid == pid)
-        e = Emp(pid, vdir, log, popen)
+        em = start_emperor(xprocess, f"emperor-{vdir.name}", [
+            vdir, "--mercy", "5", "--rescan-interval", "2", "--pidfile", pidfile,
+            "--backoff-first", "0.2", "--backoff-max", "1", "--reload-grace", "0.3", *extra])
+        e = Emp(em.pid, vdir, em.log, em.popen)
         started.append(e)
         for port in wait:
             wait_for(lambda p=port: get(p), 30, f"port {port} to answer")
@@ -80,15 +71,7 @@ def emperor(xprocess):
 
     yield start
     for e in started:
-        left = descendants(e.pid)
-        if e.popen.poll() is None:
-            os.kill(e.pid, signal.SIGTERM)
-            try:
-                e.popen.wait(20)
-            except Exception:
-                e.popen.kill()
-                e.popen.wait()
-        kill_all([p for p in left if alive(p)])
+        stop_emperor(e)
         assert not e.pidfile.exists(), "pidfile left behind"
     for d in dirs:
         shutil.rmtree(d, ignore_errors=True)

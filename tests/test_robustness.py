@@ -26,12 +26,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from xprocess import ProcessStarter
 
 from psgi_forkserver.emperor import write_pidfile
 from psgi_forkserver.status import fetch
 
-from support import alive, descendants, free_port, kill_all, wait_for
+from support import alive, descendants, free_port, kill_all, wait_for, start_emperor, stop_emperor
 from test_emperor import APP, EMPEROR, PROGRAM, app_ini, get
 
 pytestmark = pytest.mark.skipif(
@@ -130,21 +129,10 @@ def emp(xprocess):
         if prepare is not None:
             prepare(vdir)
         stats = Path(str(vdir) + ".stats")
-        environ = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        argv = [EMPEROR, "run", vdir, "--mercy", "5", "--rescan-interval", "2",
-                "--stats", stats, "--backoff-first", "0.2", "--backoff-max", "1",
-                "--reload-grace", "0.3", *extra]
-
-        class Starter(ProcessStarter):
-            pattern = "emperor: watching"
-            timeout = 20
-            terminate_on_interrupt = True
-            args = argv
-            env = environ
-
-        pid, log = xprocess.ensure(f"emperor-{vdir.name}", Starter, restart=True)
-        popen = next(r.popen for r in reversed(xprocess.resources) if r.popen and r.popen.pid == pid)
-        e = Emp(pid, vdir, log, popen, stats)
+        em = start_emperor(xprocess, f"emperor-{vdir.name}", [
+            vdir, "--mercy", "5", "--rescan-interval", "2", "--stats", stats,
+            "--backoff-first", "0.2", "--backoff-max", "1", "--reload-grace", "0.3", *extra], env)
+        e = Emp(em.pid, vdir, em.log, em.popen, stats)
         started.append(e)
         for port in wait:
             wait_for(lambda p=port: get(p), 30, f"port {port} to answer")
@@ -152,15 +140,7 @@ def emp(xprocess):
 
     yield start
     for e in started:
-        left = descendants(e.pid)
-        if e.popen.poll() is None:
-            os.kill(e.pid, signal.SIGTERM)
-            try:
-                e.popen.wait(20)
-            except Exception:
-                e.popen.kill()
-                e.popen.wait()
-        kill_all([p for p in left if alive(p)])
+        stop_emperor(e)
         try:
             os.unlink(e.stats)
         except FileNotFoundError:

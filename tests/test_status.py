@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -19,15 +18,13 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
-from xprocess import ProcessStarter
 
 from psgi_forkserver import paths, status
 
-from support import alive, descendants, free_port, kill_all, wait_for
+from support import EMPEROR, free_port, wait_for, start_emperor, stop_emperor
 
 HERE = Path(__file__).resolve().parent
 APP = HERE / "apps" / "hello.psgi"
-EMPEROR = Path(sys.executable).parent / "emperor"
 PROGRAM = paths.vassal_program()
 
 needs_perl = pytest.mark.skipif(
@@ -214,32 +211,17 @@ def fleet(xprocess):
     stats = sockdir / "stats.sock"
     http_port = free_port()
 
-    class Starter(ProcessStarter):
-        pattern = "emperor: watching"
-        timeout = 20
-        terminate_on_interrupt = True
-        args = [EMPEROR, "run", vdir, "--mercy", "5", "--rescan-interval", "600",
-                "--stats", stats, "--status-http", f"127.0.0.1:{http_port}"]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PFS_TPL_PORT": str(ports["tpl"])}
-
-    pid, log = xprocess.ensure("emperor-status", Starter, restart=True)
-    popen = next(r.popen for r in reversed(xprocess.resources) if r.popen and r.popen.pid == pid)
-    f = SimpleNamespace(pid=pid, dir=vdir, ports=ports, stats=stats, http_port=http_port,
-                        popen=popen, log=Path(log))
+    em = start_emperor(xprocess, "emperor-status", [
+        vdir, "--mercy", "5", "--rescan-interval", "600",
+        "--stats", stats, "--status-http", f"127.0.0.1:{http_port}"], {"PFS_TPL_PORT": str(ports["tpl"])})
+    f = SimpleNamespace(pid=em.pid, dir=vdir, ports=ports, stats=stats, http_port=http_port,
+                        popen=em.popen, log=em.log)
     try:
         for name, port in ports.items():
             wait_for(lambda p=port, n=name: get(p)["name"] == n, 30, f"{name} to answer")
         yield f
     finally:
-        left = descendants(pid)
-        if popen.poll() is None:
-            os.kill(pid, signal.SIGTERM)
-            try:
-                popen.wait(20)
-            except Exception:
-                popen.kill()
-                popen.wait()
-        kill_all([p for p in left if alive(p)])
+        stop_emperor(em)
         shutil.rmtree(vdir, ignore_errors=True)
         shutil.rmtree(sockdir, ignore_errors=True)
 
