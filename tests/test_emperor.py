@@ -17,7 +17,7 @@ import pytest
 
 from psgi_forkserver import paths
 
-from support import EMPEROR, alive, descendants, free_port, wait_for, start_emperor, stop_emperor
+from support import alive, descendants, free_port, wait_for, start_emperor, stop_emperor
 
 HERE = Path(__file__).resolve().parent
 APP = HERE / "apps" / "hello.psgi"

@@ -19,8 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from support import alive, free_port, wait_for, start_emperor, stop_emperor
-from test_emperor import APP, EMPEROR, PROGRAM, app_ini, get
+from support import EMPEROR, alive, free_port, wait_for, start_emperor, stop_emperor
+from test_emperor import APP, PROGRAM, app_ini, get
 
 pytestmark = pytest.mark.skipif(
     not PROGRAM.is_file() or os.path.getsize(PROGRAM) < 200,

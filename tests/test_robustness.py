@@ -30,8 +30,8 @@ import pytest
 from psgi_forkserver.emperor import write_pidfile
 from psgi_forkserver.status import fetch
 
-from support import alive, descendants, free_port, kill_all, wait_for, start_emperor, stop_emperor
-from test_emperor import APP, EMPEROR, PROGRAM, app_ini, get
+from support import EMPEROR, alive, descendants, free_port, kill_all, wait_for, start_emperor, stop_emperor
+from test_emperor import APP, PROGRAM, app_ini, get
 
 pytestmark = pytest.mark.skipif(
     not PROGRAM.is_file() or os.path.getsize(PROGRAM) < 200,
