@@ -718,20 +718,13 @@ class Emperor:
                 setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=(), setsid=True,
             )
         except OSError as e:
-            ours.close()
-            if h.config_pipe is not None:
-                h.config_pipe.close()
-            v.start_failed(now, str(e), seq)
+            self._abandon_start(v, seq, now, h, ours, str(e))
             self.log(f"cannot start {argv[0]}: {e.strerror}; retry in {v.backoff:.1f} s", v.name)
             return
         finally:
             for s in to_close:
                 s.close()
-        if h.config_pipe is not None:
-            self._send_config(h)
-        ours.setblocking(False)
-        h.pipe = ours
-        self.procs[(v.name, seq)] = h
+        self._keep_pipes(v, seq, h, ours)
         self.sel.register(ours, selectors.EVENT_READ,
                           lambda t, n=v.name, q=seq: self._on_pipe(n, q, t))
         v.spawned(pid, now, seq)
@@ -739,6 +732,24 @@ class Emperor:
         extra = f" ({p.reason})" if p.reason != "start" else ""
         gen = f", generation {p.base_generation}" if kind == Kind.BASE else ""
         self.log(f"started {kind} vassal, pid {pid}{gen}{extra}", v.name)
+
+    def _abandon_start(self, v: Vassal, seq: int, now: float, h: ProcHandles,
+                       ours: socket.socket, why: str) -> None:
+        """The spawn or adoption failed after its pipes were made: close our
+        ends; the vassal retries after its backoff."""
+        ours.close()
+        if h.config_pipe is not None:
+            h.config_pipe.close()
+        v.start_failed(now, why, seq)
+
+    def _keep_pipes(self, v: Vassal, seq: int, h: ProcHandles, ours: socket.socket) -> None:
+        """The new process exists (or its adoption is under way): its pipes
+        are tracked from now on, and its config goes out on the config pipe."""
+        if h.config_pipe is not None:
+            self._send_config(h)
+        ours.setblocking(False)
+        h.pipe = ours
+        self.procs[(v.name, seq)] = h
 
     def _socketpairs(self, v: Vassal, seq: int, now: float,
                      config: bool) -> list[tuple[socket.socket, socket.socket]] | None:
@@ -788,22 +799,15 @@ class Emperor:
                 timeout=self.opts.adopt_timeout,
             )
         except AdoptionError as e:
-            ours.close()
-            if h.config_pipe is not None:
-                h.config_pipe.close()
             self.external_ready = False
-            v.start_failed(now, str(e), seq)
+            self._abandon_start(v, seq, now, h, ours, str(e))
             self.log(f"adoption failed: {e}; retry in {max(0, v.not_before - now):.1f} s", v.name)
             return
         finally:
             for s in to_close:
                 s.close()
-        if h.config_pipe is not None:
-            self._send_config(h)
-        ours.setblocking(False)
-        h.pipe = ours
         h.adoption = pending
-        self.procs[(v.name, seq)] = h
+        self._keep_pipes(v, seq, h, ours)
         self.sel.register(pending.sock, selectors.EVENT_READ,
                           lambda t, n=v.name, q=seq: self._on_adoption(n, q, t))
         if p.reason != "start":
