@@ -6,8 +6,6 @@ from __future__ import annotations
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -15,10 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from support import alive, descendants, free_port, kill_all, wait_for
+from support import alive, descendants, free_port, kill_all, start_emperor, stop_emperor, wait_for
 
 APP = Path(__file__).resolve().parent / "apps" / "hello.psgi"
-EMPEROR = Path(sys.executable).parent / "emperor"
 UWSGI = shutil.which("uwsgi")
 
 
@@ -36,7 +33,7 @@ def get(port: int) -> dict[str, str]:
         return dict(kv.split("=", 1) for kv in r.read().decode().split())
 
 
-def test_plain_uwsgi_vassals():
+def test_plain_uwsgi_vassals(xprocess):
     vdir = Path(tempfile.mkdtemp(prefix="pfs-u-"))
     ports = {f"u{i}": free_port() for i in (1, 2)}
     for name, port in ports.items():
@@ -44,12 +41,8 @@ def test_plain_uwsgi_vassals():
             f"[uwsgi]\nplugin = psgi\nhttp-socket = 127.0.0.1:{port}\npsgi = {APP}\n"
             f"env = APP_NAME={name}\ndisable-logging = true\n"
         )
-    log = vdir.parent / (vdir.name + ".log")
-    with open(log, "wb") as out:
-        emp = subprocess.Popen(
-            [EMPEROR, "run", vdir, "--vassal-binary", "uwsgi", "--mercy", "5"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+    em = start_emperor(xprocess, f"emperor-{vdir.name}", [vdir, "--vassal-binary", "uwsgi", "--mercy", "5"])
+    emp, log = em.popen, em.log
     procs: list[psutil.Process] = []
     try:
         for name, port in ports.items():
@@ -70,18 +63,14 @@ def test_plain_uwsgi_vassals():
         assert emp.wait(20) == 0
         assert not [p for p in procs if alive(p)]
     finally:
-        if emp.poll() is None:
-            procs += descendants(emp.pid)
-            emp.kill()
-            emp.wait()
+        stop_emperor(em)
         kill_all([p for p in procs if alive(p)])
         text = log.read_text(errors="replace")
-        log.unlink()
         shutil.rmtree(vdir, ignore_errors=True)
     assert "started plain vassal" in text
 
 
-def test_uwsgi_vassal_loyal_reloaded_and_stopped_through_the_pipe():
+def test_uwsgi_vassal_loyal_reloaded_and_stopped_through_the_pipe(xprocess):
     vdir = Path(tempfile.mkdtemp(prefix="pfs-u2-"))
     port = free_port()
 
@@ -90,12 +79,8 @@ def test_uwsgi_vassal_loyal_reloaded_and_stopped_through_the_pipe():
                 f"env = APP_NAME=u\nenv = APP_VALUE={value}\ndisable-logging = true\n")
 
     (vdir / "u.ini").write_text(ini("v1"))
-    log = vdir.parent / (vdir.name + ".log")
-    with open(log, "wb") as out:
-        emp = subprocess.Popen(
-            [EMPEROR, "run", vdir, "--vassal-binary", "uwsgi", "--mercy", "5"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+    em = start_emperor(xprocess, f"emperor-{vdir.name}", [vdir, "--vassal-binary", "uwsgi", "--mercy", "5"])
+    emp, log = em.popen, em.log
     procs: list[psutil.Process] = []
     try:
         wait_for(lambda: get(port)["value"] == "v1", 20, "u to answer")
@@ -117,10 +102,6 @@ def test_uwsgi_vassal_loyal_reloaded_and_stopped_through_the_pipe():
         emp.send_signal(signal.SIGTERM)
         assert emp.wait(20) == 0
     finally:
-        if emp.poll() is None:
-            procs += descendants(emp.pid)
-            emp.kill()
-            emp.wait()
+        stop_emperor(em)
         kill_all([p for p in procs if alive(p)])
-        log.unlink()
         shutil.rmtree(vdir, ignore_errors=True)
