@@ -90,14 +90,14 @@ def say(msg: str) -> None:
 class Base:
     """`ForkServer.pm --early-psgi APP --fork-server SOCK` with an Emperor pipe."""
 
-    def __init__(self, procs: Procs, app: str, sock: Path, log: str) -> None:
+    def __init__(self, procs: Procs, app: str, sock: Path, log: str, extra: tuple[str, ...] = ()) -> None:
         self.procs, self.sock = procs, sock
         self.pipe, theirs = socket.socketpair()
         env = {**os.environ, "UWSGI_EMPEROR_FD": str(theirs.fileno())}
         env.pop("UWSGI_EMPEROR_FD_CONFIG", None)
         t0 = time.perf_counter()
         self.proc = procs.spawn(
-            ["perl", PROGRAM, "--early-psgi", app, "--fork-server", str(sock)],
+            ["perl", PROGRAM, "--early-psgi", app, "--fork-server", str(sock), *extra],
             log=log, env=env, pass_fds=[theirs.fileno()],
         )
         theirs.close()
@@ -153,9 +153,10 @@ def wait_loyal(pipe: socket.socket, timeout: float) -> bool:
 # -- scenarios ------------------------------------------------------------------------------
 
 
-def adoption_latency(procs: Procs, ports: Ports, tmp: Path, app: str, n: int, path: str = "/") -> dict:
-    say(f"adoption latency, {app}: base + {n} adoptions, GET {path}")
-    base = Base(procs, APPS[app], tmp / f"fs-{app}.sock", f"base-{app}")
+def adoption_latency(procs: Procs, ports: Ports, tmp: Path, app: str, n: int, path: str = "/",
+                     base_extra: tuple[str, ...] = ()) -> dict:
+    say(f"adoption latency, {app}{' ' + ' '.join(base_extra) if base_extra else ''}: base + {n} adoptions, GET {path}")
+    base = Base(procs, APPS[app], tmp / f"fs-{app}.sock", f"base-{app}", base_extra)
     pid_ms, first_ms = [], []
     try:
         for i in range(n):
@@ -574,7 +575,7 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
     rows = []
     ad = r.get("adoption", {})
     cold = r.get("cold", {})
-    for app in ("heavy", "heavy /hello", "hello"):
+    for app in ("heavy", "heavy /hello", "heavy, base with early-warmup /", "hello"):
         a = ad.get(app)
         if a:
             p50 = a["first_200_ms"]["p50"]
@@ -773,10 +774,13 @@ def main(argv: list[str] | None = None) -> int:
             # heavy.psgi's /hello route answers without the app's work
             # (Template, DateTime): it separates the server's cost from the
             # first real page's
-            for key, app, path in (("heavy", "heavy", "/"), ("heavy /hello", "heavy", "/hello"),
-                                   ("hello", "hello", "/")):
+            # and with the base's opt-in warm-up of `/` (early-warmup): the
+            # app's lazy state is then built once, in the base
+            for key, app, path, extra in (("heavy", "heavy", "/", ()), ("heavy /hello", "heavy", "/hello", ()),
+                                          ("heavy, base with early-warmup /", "heavy", "/", ("--early-warmup", "/")),
+                                          ("hello", "hello", "/", ())):
                 x = step(f"adoption {key}",
-                         lambda: adoption_latency(procs, ports, tmp, app, sizes.adoptions, path))
+                         lambda: adoption_latency(procs, ports, tmp, app, sizes.adoptions, path, extra))
                 if x:
                     r["adoption"][key] = x
         if "cold" in only:
