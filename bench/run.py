@@ -372,6 +372,17 @@ def wait_loyal_count(stats: Path, n: int, em: "EmperorRun", timeout: float = 120
         time.sleep(0.05)
 
 
+def add_increments(mem: list[dict]) -> None:
+    """PSS added per vassal between fleet sizes. Between the "served"
+    measurement at N1 and the "idle" one at N2 only idle vassals were added,
+    so that difference is the idle cost; served to served is the cost of a
+    vassal that has served its first request."""
+    for a, b in zip(mem, mem[1:]):
+        for k in ("idle", "served"):
+            b[k]["increment_per_vassal_bytes"] = (
+                (b[k]["pss_under_bytes"] - a["served"]["pss_under_bytes"]) / (b["n"] - a["n"]))
+
+
 def fleet(procs: Procs, ports: Ports, tmp: Path, sizes: Sizes) -> dict:
     """End-to-end reaction, then marginal memory at each fleet size, one emperor."""
     say(f"emperor: reaction x{sizes.reactions}, memory at N = {', '.join(map(str, sizes.fleet))}")
@@ -417,10 +428,7 @@ def fleet(procs: Procs, ports: Ports, tmp: Path, sizes: Sizes) -> dict:
             mem.append({"n": n, "idle": idle, "served": served})
             say(f"  N={n}: {served['processes_under']} processes, PSS idle {idle['pss_under_bytes'] / MB:.0f} MB, "
                 f"after one request each {served['pss_under_bytes'] / MB:.0f} MB")
-        for a, b in zip(mem, mem[1:]):
-            for k in ("idle", "served"):
-                b[k]["increment_per_vassal_bytes"] = (
-                    (b[k]["pss_under_bytes"] - a[k]["pss_under_bytes"]) / (b["n"] - a["n"]))
+        add_increments(mem)
         res["memory"] = mem
     finally:
         res["stop_s"] = em.stop()
@@ -722,7 +730,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=",".join(SCENARIOS),
                     help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)")
     ap.add_argument("--results", type=Path, default=HERE / "results", help="where reports go")
+    ap.add_argument("--render", type=Path, metavar="JSON",
+                    help="print and rewrite the Markdown report of an earlier run from its JSON")
+    if argv is None and "--render" in sys.argv:
+        mode.required = False
     args = ap.parse_args(argv)
+    if args.render:
+        r = json.loads(args.render.read_text())
+        if r.get("fleet", {}).get("memory"):
+            add_increments(r["fleet"]["memory"])
+        rows = table(r)
+        print(render_table(rows))
+        args.render.with_suffix(".md").write_text(markdown(r, rows))
+        args.render.write_text(json.dumps(r, indent=1, default=str) + "\n")
+        return 0
     sizes = QUICK if args.quick else FULL
     only = set(args.only.split(","))
     if only - set(SCENARIOS):
