@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "this long after byte 1/5 (default 1)")
     run.add_argument("--deploy-parallel", type=int, default=4, metavar="N",
                      help="code deploy: vassals moved to the new base at a time (default 4)")
+    run.add_argument("--adopt-parallel", type=int, default=8, metavar="N",
+                     help="adoption requests in flight at once; the others queue (default 8)")
     run.add_argument("--emperor-sockets", dest="own_sockets", default=None,
                      action=argparse.BooleanOptionalAction,
                      help="bind each vassal's http-socket in the Emperor and pass it "
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         stable_after=args.stable_after,
         reload_grace=args.reload_grace,
         deploy_parallel=max(1, args.deploy_parallel),
+        adopt_parallel=max(1, args.adopt_parallel),
         own_sockets=args.own_sockets,
         pidfile=args.pidfile.resolve() if args.pidfile else None,
     )

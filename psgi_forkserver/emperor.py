@@ -142,6 +142,7 @@ class Options:
     stable_after: float = 10.0
     reload_grace: float = 1.0
     deploy_parallel: int = 4
+    adopt_parallel: int = 8  # adoption requests in flight at once
     # bind every vassal's http-socket in the Emperor; None: only when the
     # vassal program is ours (a uWSGI 2.0 vassal would bind its own)
     own_sockets: bool | None = None
@@ -942,6 +943,8 @@ class Emperor:
             1 for v in others if v.successor is not None and v.successor.reason == "code deploy"
         )
         slots = max(0, self.opts.deploy_parallel - moving)
+        in_flight = sum(1 for h in self.procs.values() if h.adoption is not None)
+        adopt_slots = max(0, self.opts.adopt_parallel - in_flight)
         if self.sweep_due and not self.shutting_down:
             # during a shutdown, one sweep once every vassal is gone does it
             # all (_shutdown_step), not one per vassal that stops
@@ -950,8 +953,10 @@ class Emperor:
         for v in sorted(others, key=lambda v: v.name):
             before = v.successor
             ctx = Context(now, fs, self.shutting_down, base_generation=base_gen,
-                          deploy_slots=slots)
-            self._execute(v, v.step(ctx), now)
+                          deploy_slots=slots, adopt_slots=adopt_slots)
+            actions = v.step(ctx)
+            adopt_slots -= sum(1 for a in actions if isinstance(a, Adopt))
+            self._execute(v, actions, now)
             if v.successor is not None and v.successor is not before \
                     and v.successor.reason == "code deploy":
                 slots -= 1

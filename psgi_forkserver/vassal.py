@@ -132,6 +132,9 @@ class Context:
     base_generation: int = 0  # generation of the ready fork server
     deploy_slots: int = 0  # adopted vassals that may start moving now
     base_users: frozenset[int] = frozenset()  # base generations adopted vassals run on
+    # adoption requests that may be sent now: the fork server serves them one
+    # after another, so a mass start queues here rather than in its backlog
+    adopt_slots: int = 1 << 30
 
 
 @dataclass
@@ -535,6 +538,8 @@ class Vassal:
             if kind == Kind.ADOPTED and ctx.fork_server != ForkServer.READY:
                 self._enter(Phase.WAITING_FOR_BASE, now)
                 return []
+            if kind == Kind.ADOPTED and ctx.adopt_slots <= 0:
+                return []  # queued: the next adoption that completes wakes the loop
             self.woken = False
             self.stop_reason = None
             self.current, action = self._new_proc(kind, ctx, "start")
@@ -588,6 +593,8 @@ class Vassal:
         if kind == Kind.ADOPTED and ctx.fork_server != ForkServer.READY:
             return []  # keep serving; move once the fork server is back
         if reason == "code deploy" and cur.kind == Kind.ADOPTED and ctx.deploy_slots <= 0:
+            return []
+        if kind == Kind.ADOPTED and ctx.adopt_slots <= 0:
             return []
         self.successor, action = self._new_proc(kind, ctx, reason)
         return [action]

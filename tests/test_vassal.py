@@ -408,3 +408,21 @@ def test_flat_fields_for_status_readers():
               "not_before", "restarts", "base_generation"):
         getattr(v, f)
     assert v.kind == Kind.ADOPTED and v.generation == 1
+
+
+def test_adoption_waits_for_a_free_slot():
+    """A mass start queues in the Emperor, not in the fork server's backlog."""
+    v = Vassal("app1", cfg(), policy=POLICY)
+    assert v.step(ctx(0, adopt_slots=0)) == []
+    assert v.phase == Phase.NEW and not v.has_process
+    assert v.step(ctx(0.1, adopt_slots=1)) == [Adopt()]
+    assert v.phase == Phase.ADOPTING
+
+
+def test_reload_successor_waits_for_a_free_slot():
+    v = seamless_vassal()
+    v.update_config(cfg(fp="b"))
+    assert v.step(ctx(1, adopt_slots=0)) == []
+    assert v.successor is None and v.pid == 100
+    acts = v.step(ctx(1.1, adopt_slots=1))
+    assert acts == [Adopt()] and v.successor is not None
