@@ -54,6 +54,24 @@ subtest 'plain vassal: port in use is one line, exit 1' => sub {
     like $out, qr/\Apsgi-vassal busy: error: cannot listen on http-socket 127\.0\.0\.1:$port: [^\n]+\n\z/, 'one line';
 };
 
+subtest 'plain vassal started as root drops to uid/gid after binding' => sub {
+    plan skip_all => 'needs root' unless $> == 0;
+    my $port = empty_port();    # a port only root could not bind is not needed: binding comes first
+    my $v = spawn_vassal(argv => ['--name', 'dropped', '--http-socket', "127.0.0.1:$port", '--psgi', $hello,
+        '--uid', 65534, '--gid', 65534, '--disable-logging'], stderr => "$dir/dropped.log");
+    is read_bytes($v->{pipe}, 3, 20), "\x01\x05\x11", 'bytes 1, 5, 17' or diag slurp("$dir/dropped.log");
+    my ($worker) = (http_get($port, 10) // '') =~ /pid=(\d+)/;
+    ok $worker, 'a worker answers' or diag slurp("$dir/dropped.log");
+    for my $pid ($v->{pid}, $worker) {
+        my $status = slurp("/proc/$pid/status");
+        like $status, qr/^Uid:\s+65534\s+65534\s+65534\s+65534$/m, "pid $pid runs as uid 65534 (real, effective, saved, fs)";
+        like $status, qr/^Gid:\s+65534\s+65534\s+65534\s+65534$/m, "pid $pid runs as gid 65534";
+        like $status, qr/^Groups:\s*65534\s*$/m, "pid $pid kept no supplementary group of root";
+    }
+    syswrite $v->{pipe}, "\x02";
+    ok wait_gone($v->{pid}, 15), 'stops on byte 2';
+};
+
 subtest 'base: peer uid check, end of file, live socket kept' => sub {
     my $sock = "$dir/fs.sock";
     my $log  = "$dir/base.log";
