@@ -259,7 +259,7 @@ def wait_200(port: int, timeout: float, path: str = "/", alive=None) -> float:
         time.sleep(POLL)
 
 
-def wait_all_200(ports: Sequence[int], timeout: float, t0: float) -> dict[int, float]:
+def wait_all_200(ports: Sequence[int], timeout: float, t0: float, path: str = "/") -> dict[int, float]:
     """Poll many ports round-robin until each answered 200 once; returns
     port -> seconds after t0 (perf_counter) of its first 200."""
     left = list(ports)
@@ -268,7 +268,7 @@ def wait_all_200(ports: Sequence[int], timeout: float, t0: float) -> dict[int, f
     while left:
         still = []
         for port in left:
-            if http_get(port) == 200:
+            if http_get(port, path) == 200:
                 first[port] = time.perf_counter() - t0
             else:
                 still.append(port)

@@ -452,7 +452,10 @@ def mass_start(procs: Procs, ports: Ports, tmp: Path, sizes: Sizes) -> dict:
     res: dict = {"command": shlex.join(em.argv), "n": n}
     try:
         res["base_listening_s"] = wait_fork_server(sock, em, 60)
-        first = wait_all_200(vports, 120, em.t0)
+        # /hello: "answering" is the server's readiness; a first GET / costs
+        # the app's lazy start-up (~12 ms, see the adoption rows) per
+        # vassal, and this one client would add those up one after another
+        first = wait_all_200(vports, 120, em.t0, "/hello")
         res["all_200_s"] = max(first.values())
         res["after_base_s"] = res["all_200_s"] - res["base_listening_s"]
         say(f"  all {n} answering {res['all_200_s']:.2f} s after `emperor run` "
@@ -638,7 +641,7 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
     ms = r.get("mass")
     if ms and "all_200_s" in ms:
         is_target = ms["n"] >= 200
-        rows.append((f"mass start: `emperor run` -> all {ms['n']} answering 200",
+        rows.append((f"mass start: `emperor run` -> all {ms['n']} answering 200 (GET /hello)",
                      f"{ms['all_200_s']:.2f} s (base listening at {ms['base_listening_s']:.2f} s)",
                      f"200 within {TARGETS['mass_start_s']:g} s",
                      verdict(ms["all_200_s"] <= TARGETS["mass_start_s"]) if is_target else "n/a (N<200)"))
