@@ -459,6 +459,49 @@ def test_out_of_descriptors_while_adopting(emp):
     assert_no_zombies(e)
 
 
+PIDS_CGROUP = Path("/sys/fs/cgroup/pids")  # cgroup v1 pids controller, as on these machines
+
+
+def _move_all(src: Path, dst: Path) -> None:
+    for pid in (src / "cgroup.procs").read_text().split():
+        try:
+            (dst / "cgroup.procs").write_text(pid)
+        except ProcessLookupError:
+            pass
+
+
+def test_out_of_processes_while_adopting(emp):
+    """The base cannot fork (its pids cgroup is full; RLIMIT_NPROC would not
+    stop root): the request is refused with one line, the Emperor retries
+    with a backoff, what runs keeps running, and the vassal comes up once
+    processes can be created again."""
+    cg = PIDS_CGROUP / f"pfs-test-{os.getpid()}"
+    try:
+        cg.mkdir()
+    except OSError as exc:
+        pytest.skip(f"no writable pids cgroup here: {exc}")
+    p1, p2 = free_port(), free_port()
+    try:
+        e = emp({"a1": app_ini("a1", p1, processes=1)}, wait=[p1])
+        base = e.vpid("base")
+        (cg / "pids.max").write_text("1")
+        (cg / "cgroup.procs").write_text(str(base))  # the base alone fills it
+        (e.dir / "a2.ini").write_text(app_ini("a2", p2, processes=1))
+        wait_for(lambda: len(e.lines("[a2] adoption failed")) >= 2, 20, "a2's adoption retried")
+        refused = e.lines("refused request from")
+        assert refused and "clone: Resource temporarily unavailable" in refused[0], refused
+        assert all("retry in" in l for l in e.lines("[a2] adoption failed"))
+        assert e.running() and "Traceback" not in e.text()
+        assert get(p1)["name"] == "a1"  # what ran keeps running
+        (cg / "pids.max").write_text("max")
+        wait_for(lambda: get(p2)["name"] == "a2", 20, "a2 once processes are back")
+        assert_no_zombies(e)
+    finally:
+        (cg / "pids.max").write_text("max")
+        _move_all(cg, PIDS_CGROUP)  # the base and a2 (forked inside it) leave with it
+        cg.rmdir()
+
+
 # -- 3. descriptor hygiene --------------------------------------------------------------
 
 
