@@ -52,6 +52,28 @@ my $SYS_PRCTL = $PRCTL{$ARCH // ''};
 
 my $BLOCK_SET = POSIX::SigSet->new(map { POSIX->can("SIG$_")->() } qw(TERM INT QUIT HUP CHLD ALRM));
 
+# The PSGI keys that are the same in every request this server makes
+# (ForkServer::Warmup builds its synthetic request from them too).
+my @CONSTANT_ENV = (
+    'psgi.version'         => [1, 1],
+    'psgi.errors'          => *STDERR,
+    'psgi.url_scheme'      => 'http',
+    'psgi.run_once'        => '',
+    'psgi.multithread'     => '',
+    'psgi.multiprocess'    => 1,
+    'psgi.streaming'       => 1,
+    'psgi.nonblocking'     => '',
+    'psgix.input.buffered' => 1,
+);
+
+=head2 constant_env() -> LIST
+
+The key/value pairs of the PSGI environment that every request gets.
+
+=cut
+
+sub constant_env { return @CONSTANT_ENV }
+
 my @MON = qw(Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec);
 my @DAY = qw(Sun Mon Tue Wed Thu Fri Sat);
 
@@ -614,15 +636,7 @@ sub _serve_connection {
             SERVER_PORT         => $self->{server_port},
             REMOTE_ADDR         => $raddr,
             REMOTE_PORT         => $rport,
-            'psgi.version'      => [1, 1],
-            'psgi.errors'       => *STDERR,
-            'psgi.url_scheme'   => 'http',
-            'psgi.run_once'     => '',
-            'psgi.multithread'  => '',
-            'psgi.multiprocess' => 1,
-            'psgi.streaming'    => 1,
-            'psgi.nonblocking'  => '',
-            'psgix.input.buffered' => 1,
+            @CONSTANT_ENV,
             'psgix.harakiri'    => 1,
             'psgix.informational' => $informational,
             'psgix.io'          => $conn,

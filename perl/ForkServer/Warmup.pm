@@ -3,6 +3,7 @@ use strict;
 use warnings;
 
 use Plack::Util ();
+use ForkServer::HTTPServer ();
 use Time::HiRes ();
 
 =head1 NAME
@@ -90,16 +91,8 @@ sub env_for {
         HTTP_HOST           => 'localhost',
         REMOTE_ADDR         => '127.0.0.1',
         REMOTE_PORT         => 0,
-        'psgi.version'      => [1, 1],
+        ForkServer::HTTPServer::constant_env(),
         'psgi.input'        => $input,
-        'psgi.errors'       => *STDERR,
-        'psgi.url_scheme'   => 'http',
-        'psgi.run_once'     => '',
-        'psgi.multithread'  => '',
-        'psgi.multiprocess' => 1,
-        'psgi.streaming'    => 1,
-        'psgi.nonblocking'  => '',
-        'psgix.input.buffered' => 1,
     };
 }
 
