@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -78,8 +79,32 @@ def pid_alive(pid: int) -> bool:
 EMPEROR = str(Path(sys.executable).parent / "emperor")
 
 
+class EmperorLog:
+    """What an Emperor started by `start_emperor` logged (needs `.log`)."""
+
+    log: Path
+    _PID = r"emperor: \[{name}\] (?:adopted (?:successor )?pid|started \w+ vassal, pid) (\d+)"
+
+    def text(self) -> str:
+        # xprocess appends every run of the same name to one file
+        return Path(self.log).read_text(errors="replace").split("@@__xproc_block_delimiter__@@")[-1]
+
+    def lines(self, needle: str) -> list[str]:
+        return [line for line in self.text().splitlines() if needle in line]
+
+    def vpids(self, name: str) -> list[int]:
+        """Every pid the Emperor logged for this vassal, oldest first."""
+        pat = re.compile(self._PID.format(name=re.escape(name)))
+        return [int(m) for m in pat.findall(self.text())]
+
+    def vpid(self, name: str) -> int:
+        pids = self.vpids(name)
+        assert pids, f"no pid logged for {name}:\n{self.text()}"
+        return pids[-1]
+
+
 @dataclass
-class RunningEmperor:
+class RunningEmperor(EmperorLog):
     pid: int
     popen: subprocess.Popen
     log: Path

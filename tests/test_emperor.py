@@ -4,7 +4,6 @@ adopted vassals answering real HTTP on loopback."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import tempfile
@@ -17,7 +16,7 @@ import pytest
 
 from psgi_forkserver import paths
 
-from support import alive, descendants, free_port, wait_for, start_emperor, stop_emperor
+from support import EmperorLog, alive, descendants, free_port, wait_for, start_emperor, stop_emperor
 
 HERE = Path(__file__).resolve().parent
 APP = HERE / "apps" / "hello.psgi"
@@ -56,25 +55,13 @@ def refused(port: int) -> bool:
 
 
 @dataclass
-class Fleet:
+class Fleet(EmperorLog):
     pid: int
     dir: Path
     log: Path
     popen: object
     ports: dict[str, int] = field(default_factory=dict)
 
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace").split("@@__xproc_block_delimiter__@@")[-1]
-
-    def vpids(self, name: str) -> list[int]:
-        """Every pid the Emperor logged for this vassal, oldest first."""
-        pat = re.compile(rf"emperor: \[{re.escape(name)}\] (?:adopted (?:successor )?pid|started \w+ vassal, pid) (\d+)")
-        return [int(m) for m in pat.findall(self.log_text())]
-
-    def vpid(self, name: str) -> int:
-        pids = self.vpids(name)
-        assert pids, f"no pid logged for {name}:\n{self.log_text()}"
-        return pids[-1]
 
     def answers_from(self, name: str, vassal_pid: int) -> bool:
         """The app answers, and the answering process is vassal_pid or below it."""
@@ -117,7 +104,7 @@ def test_all_apps_answer_and_adopted_vassals_are_the_emperors_children(fleet):
         assert vpid != base
         assert psutil.Process(vpid).ppid() == fleet.pid, "adopted vassal not reparented"
         assert fleet.answers_from(name, vpid)
-    log = fleet.log_text()
+    log = fleet.text()
     assert "adopted pid" in log
     assert "adoption failed" not in log, "adoptions must wait for the base"
     assert emperor.is_running()

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from support import EMPEROR, alive, free_port, wait_for, start_emperor, stop_emperor
+from support import EMPEROR, EmperorLog, alive, free_port, wait_for, start_emperor, stop_emperor
 from test_emperor import APP, PROGRAM, app_ini, get
 
 pytestmark = pytest.mark.skipif(
@@ -28,17 +28,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-class Emp:
+class Emp(EmperorLog):
     def __init__(self, pid, vdir, log, popen):
         self.pid, self.dir, self.log, self.popen = pid, vdir, Path(log), popen
         self.pidfile = vdir.parent / (vdir.name + ".pid")
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace").split("@@__xproc_block_delimiter__@@")[-1]
-
-    def vpids(self, name):
-        pat = re.compile(rf"emperor: \[{re.escape(name)}\] (?:adopted (?:successor )?pid|started \w+ vassal, pid) (\d+)")
-        return [int(m) for m in pat.findall(self.text())]
 
     def write(self, name, text):
         tmp = self.dir / f".{name}.tmp"

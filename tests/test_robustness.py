@@ -30,7 +30,7 @@ import pytest
 from psgi_forkserver.emperor import write_pidfile
 from psgi_forkserver.status import fetch
 
-from support import EMPEROR, alive, descendants, free_port, kill_all, wait_for, start_emperor, stop_emperor
+from support import EMPEROR, EmperorLog, alive, descendants, free_port, kill_all, wait_for, start_emperor, stop_emperor
 from test_emperor import APP, PROGRAM, app_ini, get
 
 pytestmark = pytest.mark.skipif(
@@ -44,24 +44,9 @@ DAEMON = HERE / "apps" / "daemon.psgi"
 O_CLOEXEC_OCTAL = 0o2000000  # the `flags:` line of /proc/PID/fdinfo/N is octal
 
 
-class Emp:
+class Emp(EmperorLog):
     def __init__(self, pid, vdir, log, popen, stats):
         self.pid, self.dir, self.log, self.popen, self.stats = pid, vdir, Path(log), popen, stats
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace").split("@@__xproc_block_delimiter__@@")[-1]
-
-    def lines(self, needle: str) -> list[str]:
-        return [l for l in self.text().splitlines() if needle in l]
-
-    def vpids(self, name: str) -> list[int]:
-        pat = re.compile(rf"emperor: \[{re.escape(name)}\] (?:adopted (?:successor )?pid|started \w+ vassal, pid) (\d+)")
-        return [int(m) for m in pat.findall(self.text())]
-
-    def vpid(self, name: str) -> int:
-        pids = self.vpids(name)
-        assert pids, f"no pid logged for {name}:\n{self.text()}"
-        return pids[-1]
 
     def status(self) -> dict[str, dict]:
         doc = fetch(self.stats, timeout=10)

@@ -22,6 +22,7 @@ import pytest
 from psgi_forkserver import paths, status
 
 from support import EMPEROR, free_port, wait_for, start_emperor, stop_emperor
+from test_emperor import app_ini, get
 
 HERE = Path(__file__).resolve().parent
 APP = HERE / "apps" / "hello.psgi"
@@ -174,20 +175,6 @@ def test_non_loopback_status_page_is_refused_before_anything_starts(tmp_path: Pa
 # -- a real Emperor --------------------------------------------------------------------
 
 
-def app_ini(name: str, port: int, value: str) -> str:
-    return (
-        "[uwsgi]\n"
-        f"http-socket = 127.0.0.1:{port}\n"
-        f"env = APP_NAME={name}\n"
-        f"env = APP_VALUE={value}\n"
-        "disable-logging = true\n"
-    )
-
-
-def get(port: int, timeout: float = 2.0) -> dict[str, str]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=timeout) as r:
-        body = r.read().decode()
-    return dict(kv.split("=", 1) for kv in body.split())
 
 
 @pytest.fixture
