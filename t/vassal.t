@@ -54,6 +54,18 @@ subtest 'plain vassal: port in use is one line, exit 1' => sub {
     like $out, qr/\Apsgi-vassal busy: error: cannot listen on http-socket 127\.0\.0\.1:$port: [^\n]+\n\z/, 'one line';
 };
 
+subtest 'chdir and procname' => sub {
+    my $port = empty_port();
+    my $where = Cwd::abs_path('t/apps/whereami.psgi');
+    my $v = spawn_vassal(argv => ['--name', 'moved', '--http-socket', "127.0.0.1:$port", '--psgi', $where,
+        '--chdir', $dir, '--procname', 'shop-7 (psgi)', '--disable-logging'], stderr => "$dir/moved.log");
+    is read_bytes($v->{pipe}, 3, 20), "\x01\x05\x11", 'bytes 1, 5, 17' or diag slurp("$dir/moved.log");
+    like http_get($port, 10) // '', qr/^cwd=\Q$dir\E$/m, 'the app runs in the chdir directory';
+    is slurp("/proc/$v->{pid}/cmdline") =~ s/\0+\z//r, 'shop-7 (psgi)', 'procname is the process title';
+    syswrite $v->{pipe}, "\x02";
+    ok wait_gone($v->{pid}, 15), 'stops on byte 2';
+};
+
 subtest 'plain vassal started as root drops to uid/gid after binding' => sub {
     plan skip_all => 'needs root' unless $> == 0;
     my $port = empty_port();    # a port only root could not bind is not needed: binding comes first
