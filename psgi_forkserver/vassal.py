@@ -30,6 +30,7 @@ Vassal phases (what `phase` shows):
     live ──(file removed, byte 22, shutdown, changed and not seamless)──> STOPPING ──exited──> NEW / ON_DEMAND
     live ──exited (unexpected)──> THROTTLED ──(backoff over)──> start again
     NEW/THROTTLED/WAITING/ON_DEMAND and not wanted ──> GONE (Forget)
+    file unusable (bad INI, template error, unreadable) ──> CONFIG_ERROR ──file fixed──> start
 
 Crash loops: a process that dies unexpectedly within `stable_after`
 seconds of its start counts as a failure; the restart waits
@@ -61,6 +62,7 @@ class Phase(StrEnum):
     RELOADING = "reloading"  # a successor is starting; the current one serves
     STOPPING = "stopping"  # asked to stop, waiting for it to exit
     THROTTLED = "throttled"  # died; respawn at not_before
+    CONFIG_ERROR = "config-error"  # its file cannot be used: waits for the file to change
     GONE = "gone"  # no process and not wanted: forget it
 
 
@@ -524,7 +526,10 @@ class Vassal:
         if cur is None:
             if not self.wanted(ctx):
                 if self.config is not None and not ctx.shutting_down:
-                    return []  # invalid config: wait for it to change
+                    # invalid config: nothing to retry until the file changes
+                    if self.phase != Phase.CONFIG_ERROR:
+                        self._enter(Phase.CONFIG_ERROR, now)
+                    return []
                 if self.retiring:
                     return []
                 self._enter(Phase.GONE, now)

@@ -205,6 +205,7 @@ def test_bad_configs_fail_alone_with_one_clear_line(emp):
             assert st[n]["state"] in ("throttled", "adopting", "starting"), st[n]
         for n in ("invalid", "dir", "dangling", "tmpl", "fifo"):
             assert st[n]["error"] and causes[n] in st[n]["error"], st[n]
+            assert st[n]["state"] == "config-error", st[n]
             assert e.vpids(n) == [], f"{n} was started despite its error"
         # a config error is logged once, not at every rescan (2 s)
         time.sleep(2.5)
@@ -374,7 +375,9 @@ def test_orphans_are_told_by_session_not_by_timing(emp):
     b_helper = psutil.Process(spawn_left_behind(ports["b"], "300"))
     daemon = psutil.Process(spawn_left_behind(ports["a"], "300&setsid"))
     for p in (a_helper, b_helper, daemon):
-        wait_for(lambda p=p: p.ppid() == e.pid, 5, f"pid {p.pid} to be the Emperor's")
+        # reparented, and past its exec (the Emperor's log names it `sleep`)
+        wait_for(lambda p=p: p.ppid() == e.pid and p.name() == "sleep", 5,
+                 f"pid {p.pid} to be the Emperor's sleep")
     assert os.getsid(a_helper.pid) == e.vpid("a")
     assert os.getsid(b_helper.pid) == e.vpid("b")
 

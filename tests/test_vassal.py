@@ -212,7 +212,7 @@ def test_heartbeat_missed_kills():
 def test_invalid_config_waits_for_a_fix():
     bad = VassalConfig("app1", Path("/v/app1.ini"), "x", error="line 1: empty key")
     v = Vassal("app1", bad, policy=POLICY)
-    assert v.step(ctx(0)) == [] and v.phase == Phase.NEW
+    assert v.step(ctx(0)) == [] and v.phase == Phase.CONFIG_ERROR
     v.update_config(cfg(fp="good"))
     assert v.step(ctx(1)) == [Adopt()]
 
