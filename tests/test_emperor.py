@@ -82,14 +82,16 @@ def fleet(xprocess):
         ports[name] = free_port()
         (vdir / f"{name}.ini").write_text(app_ini(name, ports[name]))
 
-    em = start_emperor(xprocess, "emperor", [vdir, "--mercy", "5", "--rescan-interval", "2"])
-    f = Fleet(em.pid, vdir, em.log, em.popen, ports)
+    em = None
     try:
+        em = start_emperor(xprocess, "emperor", [vdir, "--mercy", "5", "--rescan-interval", "2"])
+        f = Fleet(em.pid, vdir, em.log, em.popen, ports)
         for name in ports:
             wait_for(lambda n=name: get(ports[n])["name"] == n, 30, f"{name} to answer")
         yield f
     finally:
-        stop_emperor(em)
+        if em is not None:
+            stop_emperor(em)
         shutil.rmtree(vdir, ignore_errors=True)
 
 

@@ -41,7 +41,11 @@ def test_plain_uwsgi_vassals(xprocess):
             f"[uwsgi]\nplugin = psgi\nhttp-socket = 127.0.0.1:{port}\npsgi = {APP}\n"
             f"env = APP_NAME={name}\ndisable-logging = true\n"
         )
-    em = start_emperor(xprocess, f"emperor-{vdir.name}", [vdir, "--vassal-binary", "uwsgi", "--mercy", "5"])
+    try:
+        em = start_emperor(xprocess, f"emperor-{vdir.name}", [vdir, "--vassal-binary", "uwsgi", "--mercy", "5"])
+    except BaseException:
+        shutil.rmtree(vdir, ignore_errors=True)
+        raise
     emp, log = em.popen, em.log
     procs: list[psutil.Process] = []
     try:
@@ -79,7 +83,11 @@ def test_uwsgi_vassal_loyal_reloaded_and_stopped_through_the_pipe(xprocess):
                 f"env = APP_NAME=u\nenv = APP_VALUE={value}\ndisable-logging = true\n")
 
     (vdir / "u.ini").write_text(ini("v1"))
-    em = start_emperor(xprocess, f"emperor-{vdir.name}", [vdir, "--vassal-binary", "uwsgi", "--mercy", "5"])
+    try:
+        em = start_emperor(xprocess, f"emperor-{vdir.name}", [vdir, "--vassal-binary", "uwsgi", "--mercy", "5"])
+    except BaseException:
+        shutil.rmtree(vdir, ignore_errors=True)
+        raise
     emp, log = em.popen, em.log
     procs: list[psutil.Process] = []
     try:

@@ -198,17 +198,19 @@ def fleet(xprocess):
     stats = sockdir / "stats.sock"
     http_port = free_port()
 
-    em = start_emperor(xprocess, "emperor-status", [
-        vdir, "--mercy", "5", "--rescan-interval", "600",
-        "--stats", stats, "--status-http", f"127.0.0.1:{http_port}"], {"PFS_TPL_PORT": str(ports["tpl"])})
-    f = SimpleNamespace(pid=em.pid, dir=vdir, ports=ports, stats=stats, http_port=http_port,
-                        popen=em.popen, log=em.log)
+    em = None
     try:
+        em = start_emperor(xprocess, "emperor-status", [
+            vdir, "--mercy", "5", "--rescan-interval", "600",
+            "--stats", stats, "--status-http", f"127.0.0.1:{http_port}"], {"PFS_TPL_PORT": str(ports["tpl"])})
+        f = SimpleNamespace(pid=em.pid, dir=vdir, ports=ports, stats=stats, http_port=http_port,
+                            popen=em.popen, log=em.log)
         for name, port in ports.items():
             wait_for(lambda p=port, n=name: get(p)["name"] == n, 30, f"{name} to answer")
         yield f
     finally:
-        stop_emperor(em)
+        if em is not None:
+            stop_emperor(em)
         shutil.rmtree(vdir, ignore_errors=True)
         shutil.rmtree(sockdir, ignore_errors=True)
 
