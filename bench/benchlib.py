@@ -10,8 +10,6 @@ process this run started, by pid, whatever happened before.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import random
 import shutil
@@ -26,15 +24,9 @@ from pathlib import Path
 
 import psutil
 
-PR_SET_CHILD_SUBREAPER = 36
+from psgi_forkserver.launch import set_child_subreaper  # noqa: E402,F401  (the product's)
+
 POLL = 0.0002  # the connect/GET retry interval: a tight loop
-
-
-def set_child_subreaper() -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(e)}")
 
 
 class BenchError(RuntimeError):

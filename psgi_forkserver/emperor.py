@@ -4,6 +4,8 @@ Events (inotify, SIGCHLD, SIGUSR1, pipe bytes, adoption replies, readable
 on-demand sockets, timers) only record facts; each loop turn then lets every vassal's state machine decide
 (`Vassal.step`) and carries out the actions. Every child is reaped in one
 place (`_reap`), adopted vassals included: the Emperor is a child subreaper.
+The system calls behind the actions (posix_spawn, pipes, SIGKILL, prctl)
+are in launch.py; this module keeps the loop and the bookkeeping.
 
 The Emperor binds every vassal's `http-socket` itself (sockets.py) and
 passes it to each of the vassal's processes (mask 0x04), so restarts,
@@ -21,12 +23,9 @@ Each base unlinks only its own socket on exit.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 import os
 import selectors
-import shutil
 import signal
 import socket
 import sys
@@ -38,8 +37,9 @@ from typing import Any
 import psutil
 
 from . import config as cfgmod
-from . import forkserver, protocol, sockets
+from . import forkserver, launch, sockets
 from .forkserver import AdoptionError, PendingAdoption
+from .launch import describe_status, program_argv
 from .orphans import EndedSessions, classify_orphans, scan_proc
 from .protocol import EmperorByte, VassalByte
 from .sockets import Listener
@@ -59,31 +59,10 @@ from .vassal import (
 )
 from .watcher import Watcher
 
-PR_SET_CHILD_SUBREAPER = 36
-
 PROBE_AFTER = 0.2  # a base that sent no byte 1 is probed after this long
 PROBE_EVERY = 0.1
 SETTLE = 0.5  # IN_CREATE alone: wait for the writer to close the file
 RETRY_READ = 1.0  # a vassal file that could not be read for lack of descriptors
-
-
-def set_child_subreaper() -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(e)}")
-
-
-def describe_status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            return f"killed by {signal.Signals(sig).name}"
-        except ValueError:
-            return f"killed by signal {sig}"
-    if os.WIFEXITED(status):
-        return f"exit status {os.WEXITSTATUS(status)}"
-    return f"status {status:#x}"
 
 
 def _comm(pid: int) -> str:
@@ -93,17 +72,6 @@ def _comm(pid: int) -> str:
             return f.read().strip()
     except OSError:
         return "?"
-
-
-def program_argv(program: str) -> list[str]:
-    """How to exec the vassal program: directly, or with perl if not executable."""
-    if os.sep not in program:
-        found = shutil.which(program)
-        if found:
-            return [found]
-    if os.access(program, os.X_OK):
-        return [program]
-    return [shutil.which("perl") or "/usr/bin/perl", program]
 
 
 def write_pidfile(path: Path, pid: int) -> None:
@@ -246,7 +214,7 @@ class Emperor:
     # -- set-up --------------------------------------------------------------
 
     def _setup(self) -> None:
-        set_child_subreaper()  # before anything is started
+        launch.set_child_subreaper()  # before anything is started
         os.chdir(self.dir)  # vassals inherit it as their working directory
         self._wake_r, self._wake_w = socket.socketpair()
         for s in (self._wake_r, self._wake_w):
@@ -601,11 +569,7 @@ class Emperor:
     def _send_config(self, h: ProcHandles) -> None:
         assert h.config_pipe is not None and h.config_text is not None
         try:
-            h.config_pipe.setblocking(True)
-            h.config_pipe.settimeout(1.0)
-            h.config_pipe.sendall(
-                protocol.encode_packet(protocol.MODIFIER1_CONFIG, h.config_text)
-            )
+            launch.send_config(h.config_pipe, h.config_text)
         except OSError as e:
             self.log(f"config pipe: {e}")
 
@@ -690,33 +654,22 @@ class Emperor:
         if pairs is None:
             return
         ours, theirs = pairs[0]
-        env = dict(os.environ)
-        env.pop("UWSGI_EMPEROR_FD_CONFIG", None)
-        env["UWSGI_EMPEROR_FD"] = str(theirs.fileno())
         argv = [*self.argv0, "--ini", p.config.path.name]
         if kind == Kind.BASE:
             h.fork_server = self.base_socket_path(p.config, p.base_generation)
             if p.base_generation > 1 and h.fork_server is not None:
                 argv += ["--fork-server", str(h.fork_server)]
         to_close = [theirs]
+        config_fd = None
         if text is not None:
-            cours, ctheirs = pairs[1]
-            os.set_inheritable(ctheirs.fileno(), True)
-            env["UWSGI_EMPEROR_FD_CONFIG"] = str(ctheirs.fileno())
-            h.config_pipe, h.config_text = cours, text
+            h.config_pipe, ctheirs = pairs[1]
+            h.config_text = text
+            config_fd = ctheirs.fileno()
             to_close.append(ctheirs)
-        if lst is not None:
-            stdin = (os.POSIX_SPAWN_DUP2, lst.fileno(), 0)
-        else:
-            stdin = (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)
         try:
-            os.set_inheritable(theirs.fileno(), True)
-            # its own session from birth, like every vassal of our Perl side
-            # (which checks and does not repeat it): what it leaves behind
-            # can be told by session id (orphans.py), a uWSGI vassal's too
-            pid = os.posix_spawn(
-                argv[0], argv, env, file_actions=[stdin],
-                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=(), setsid=True,
+            pid = launch.spawn_vassal(
+                argv, os.environ, theirs.fileno(), config_fd,
+                lst.fileno() if lst is not None else None,
             )
         except OSError as e:
             self._abandon_start(v, seq, now, h, ours, str(e))
@@ -753,23 +706,17 @@ class Emperor:
         self.procs[(v.name, seq)] = h
 
     def _socketpairs(self, v: Vassal, seq: int, now: float,
-                     config: bool) -> list[tuple[socket.socket, socket.socket]] | None:
+                     config: bool) -> list[launch.Pipe] | None:
         """The Emperor pipe (and the config pipe) for a new process; None,
         with the start failed, logged and retried after a backoff, when
         they cannot be created (out of descriptors: EMFILE, ENFILE)."""
-        pairs: list[tuple[socket.socket, socket.socket]] = []
         try:
-            for _ in range(2 if config else 1):
-                pairs.append(socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM))
+            return launch.make_pipes(config)
         except OSError as e:
-            for a, b in pairs:
-                a.close()
-                b.close()
             v.start_failed(now, str(e), seq)
             self.log(f"cannot create the Emperor pipe: {e.strerror or e}; "
                      f"retry in {max(0.0, v.not_before - now):.1f} s", v.name)
             return None
-        return pairs
 
     def _adopt(self, v: Vassal, seq: int, now: float) -> None:
         p = v.proc(seq)
@@ -819,25 +766,9 @@ class Emperor:
         if h is None or h.pipe is None:
             return
         try:
-            h.pipe.send(bytes([byte]))
+            launch.send_byte(h.pipe, byte)
         except OSError:
             pass  # it is exiting anyway; reaping will tell
-
-    def _kill_tree(self, pid: int) -> None:
-        try:
-            proc = psutil.Process(pid)
-            victims = [proc, *proc.children(recursive=True)]
-        except (psutil.Error, OSError):
-            victims = []
-            try:
-                os.kill(pid, signal.SIGKILL)  # at least the process itself
-            except OSError:
-                pass
-        for p in victims:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except (psutil.Error, OSError):
-                pass
 
     def _sweep_orphans(self, now: float, everything: bool = False) -> None:
         """Children in the session of a vassal process that ended get
@@ -911,7 +842,7 @@ class Emperor:
                     pid = p.pid if p is not None else None
                     self.log(f"SIGKILL pid {pid}: {reason}", v.name)
                     if pid is not None:
-                        self._kill_tree(pid)
+                        launch.kill_tree(pid)
                 case Forget():
                     for key in [k for k in self.procs if k[0] == v.name]:
                         self._drop_proc(*key)

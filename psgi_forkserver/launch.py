@@ -1,0 +1,136 @@
+"""The Emperor's edge to the OS: starting, signalling and describing processes.
+
+The Emperor (emperor.py) is a reconcile loop: events record facts, each
+vassal's state machine decides, and the loop carries out the actions. The
+system calls those actions come down to live here, as small functions with
+explicit inputs and outputs and no Emperor state: exec a vassal program
+(posix_spawn, with its environment, descriptors and session), make the pipes
+a vassal process talks to the Emperor on, write to them, SIGKILL a process
+tree, become a child subreaper. They log nothing and keep no books; failures
+are raised (OSError) for the Emperor to log and to feed back to the vassal.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import shutil
+import signal
+import socket
+from collections.abc import Mapping, Sequence
+
+import psutil
+
+from . import protocol
+
+PR_SET_CHILD_SUBREAPER = 36
+
+Pipe = tuple[socket.socket, socket.socket]  # (the Emperor's end, the vassal's end)
+
+
+def set_child_subreaper() -> None:
+    """Become the reaper of every orphaned descendant (prctl); OSError if not."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(e)}")
+
+
+def describe_status(status: int) -> str:
+    """A wait status, for a log line: `exit status 1`, `killed by SIGKILL`."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            return f"killed by {signal.Signals(sig).name}"
+        except ValueError:
+            return f"killed by signal {sig}"
+    if os.WIFEXITED(status):
+        return f"exit status {os.WEXITSTATUS(status)}"
+    return f"status {status:#x}"
+
+
+def program_argv(program: str) -> list[str]:
+    """How to exec the vassal program: directly, or with perl if not executable."""
+    if os.sep not in program:
+        found = shutil.which(program)
+        if found:
+            return [found]
+    if os.access(program, os.X_OK):
+        return [program]
+    return [shutil.which("perl") or "/usr/bin/perl", program]
+
+
+def make_pipes(config: bool) -> list[Pipe]:
+    """The Emperor pipe, and with `config` the config pipe, of a new process:
+    AF_UNIX stream socketpairs, close-on-exec. OSError (EMFILE, ENFILE) if
+    they cannot all be made; none is left open then."""
+    pairs: list[Pipe] = []
+    try:
+        for _ in range(2 if config else 1):
+            pairs.append(socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM))
+    except OSError:
+        for a, b in pairs:
+            a.close()
+            b.close()
+        raise
+    return pairs
+
+
+def spawn_vassal(argv: Sequence[str], env: Mapping[str, str], pipe_fd: int,
+                 config_fd: int | None, listen_fd: int | None) -> int:
+    """Start the vassal program `argv` (argv[0] a path); its pid, or OSError.
+
+    The child inherits `pipe_fd` (the Emperor pipe, as UWSGI_EMPEROR_FD) and
+    `config_fd` if any (the config pipe, as UWSGI_EMPEROR_FD_CONFIG), with
+    `env` otherwise; its descriptor 0 is `listen_fd` (the Emperor-owned
+    http-socket) or /dev/null."""
+    env = dict(env)
+    env.pop("UWSGI_EMPEROR_FD_CONFIG", None)
+    env["UWSGI_EMPEROR_FD"] = str(pipe_fd)
+    if config_fd is not None:
+        os.set_inheritable(config_fd, True)
+        env["UWSGI_EMPEROR_FD_CONFIG"] = str(config_fd)
+    if listen_fd is not None:
+        stdin = (os.POSIX_SPAWN_DUP2, listen_fd, 0)
+    else:
+        stdin = (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)
+    os.set_inheritable(pipe_fd, True)
+    # its own session from birth, like every vassal of our Perl side
+    # (which checks and does not repeat it): what it leaves behind
+    # can be told by session id (orphans.py), a uWSGI vassal's too
+    return os.posix_spawn(
+        argv[0], list(argv), env, file_actions=[stdin],
+        setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=(), setsid=True,
+    )
+
+
+def send_config(sock: socket.socket, text: bytes) -> None:
+    """The vassal's config on its config pipe, as one config packet; blocking,
+    at most a second per send. OSError if it cannot be sent."""
+    sock.setblocking(True)
+    sock.settimeout(1.0)
+    sock.sendall(protocol.encode_packet(protocol.MODIFIER1_CONFIG, text))
+
+
+def send_byte(sock: socket.socket, byte: int) -> None:
+    """One byte on an Emperor pipe; OSError if the process is gone."""
+    sock.send(bytes([byte]))
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and every descendant of it; best effort, never raises."""
+    try:
+        proc = psutil.Process(pid)
+        victims = [proc, *proc.children(recursive=True)]
+    except (psutil.Error, OSError):
+        victims = []
+        try:
+            os.kill(pid, signal.SIGKILL)  # at least the process itself
+        except OSError:
+            pass
+    for p in victims:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except (psutil.Error, OSError):
+            pass
