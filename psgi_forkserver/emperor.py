@@ -653,22 +653,15 @@ class Emperor:
         pairs = self._socketpairs(v, seq, now, text is not None)
         if pairs is None:
             return
-        ours, theirs = pairs[0]
+        ours, pipe_fd, config_fd, to_close = self._split_pipes(h, pairs, text)
         argv = [*self.argv0, "--ini", p.config.path.name]
         if kind == Kind.BASE:
             h.fork_server = self.base_socket_path(p.config, p.base_generation)
             if p.base_generation > 1 and h.fork_server is not None:
                 argv += ["--fork-server", str(h.fork_server)]
-        to_close = [theirs]
-        config_fd = None
-        if text is not None:
-            h.config_pipe, ctheirs = pairs[1]
-            h.config_text = text
-            config_fd = ctheirs.fileno()
-            to_close.append(ctheirs)
         try:
             pid = launch.spawn_vassal(
-                argv, os.environ, theirs.fileno(), config_fd,
+                argv, os.environ, pipe_fd, config_fd,
                 lst.fileno() if lst is not None else None,
             )
         except OSError as e:
@@ -686,6 +679,21 @@ class Emperor:
         extra = f" ({p.reason})" if p.reason != "start" else ""
         gen = f", generation {p.base_generation}" if kind == Kind.BASE else ""
         self.log(f"started {kind} vassal, pid {pid}{gen}{extra}", v.name)
+
+    @staticmethod
+    def _split_pipes(h: ProcHandles, pairs: list[launch.Pipe], text: str | None
+                     ) -> tuple[socket.socket, int, int | None, list[socket.socket]]:
+        """Our end of the Emperor pipe (the config pipe's goes into `h`), the
+        descriptors to pass, and the vassal's ends to close once passed."""
+        ours, theirs = pairs[0]
+        to_close = [theirs]
+        config_fd = None
+        if text is not None:
+            h.config_pipe, ctheirs = pairs[1]
+            h.config_text = text
+            config_fd = ctheirs.fileno()
+            to_close.append(ctheirs)
+        return ours, theirs.fileno(), config_fd, to_close
 
     def _abandon_start(self, v: Vassal, seq: int, now: float, h: ProcHandles,
                        ours: socket.socket, why: str) -> None:
@@ -732,17 +740,10 @@ class Emperor:
         pairs = self._socketpairs(v, seq, now, text is not None)
         if pairs is None:
             return
-        ours, theirs = pairs[0]
-        to_close = [theirs]
-        config_fd = None
-        if text is not None:
-            h.config_pipe, ctheirs = pairs[1]
-            h.config_text = text
-            config_fd = ctheirs.fileno()
-            to_close.append(ctheirs)
+        ours, pipe_fd, config_fd, to_close = self._split_pipes(h, pairs, text)
         try:
             pending = forkserver.start_adoption(
-                path, argv, theirs.fileno(), config_fd=config_fd,
+                path, argv, pipe_fd, config_fd=config_fd,
                 on_demand_fd=lst.fileno() if lst is not None else None,
                 timeout=self.opts.adopt_timeout,
             )
