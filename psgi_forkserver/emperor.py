@@ -283,7 +283,7 @@ class Emperor:
     def _on_inotify(self, now: float) -> None:
         assert self.watcher is not None
         for ev in self.watcher.read():
-            if ev.overflow or ev.directory_gone:
+            if ev.rescan or ev.directory_gone:
                 self.next_rescan = now
                 if ev.directory_gone:
                     self.log("vassals directory moved or deleted")

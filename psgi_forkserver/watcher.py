@@ -16,7 +16,7 @@ inotify misses, e.g. when it is unavailable or its queue overflowed).
   rename, directories, other files, e.g. an included template): one event
   with `rescan` set, since vassal files may resolve through them. The
   Emperor re-reads every file and compares fingerprints.
-- queue overflow: `rescan` set too (and `overflow`).
+- queue overflow: `rescan` set too.
 
 `read_raw()` returns the kernel's events unchanged.
 """
@@ -85,11 +85,6 @@ class Event:
         """The Emperor must rescan every file: the queue overflowed, or an
         entry vassal files may resolve through changed (`..data` swap)."""
         return bool(self.mask & (IN_Q_OVERFLOW | IN_RESCAN))
-
-    @property
-    def overflow(self) -> bool:
-        """Same as `rescan` (the Emperor's historical check for "rescan now")."""
-        return self.rescan
 
     @property
     def queue_overflow(self) -> bool:

@@ -33,6 +33,15 @@ def get(port: int) -> dict[str, str]:
         return dict(kv.split("=", 1) for kv in r.read().decode().split())
 
 
+def start_uwsgi_emperor(xprocess, vdir: Path):
+    """An Emperor whose vassal program is uWSGI; `vdir` removed if it fails to start."""
+    try:
+        return start_emperor(xprocess, f"emperor-{vdir.name}", [vdir, "--vassal-binary", "uwsgi", "--mercy", "5"])
+    except BaseException:
+        shutil.rmtree(vdir, ignore_errors=True)
+        raise
+
+
 def test_plain_uwsgi_vassals(xprocess):
     vdir = Path(tempfile.mkdtemp(prefix="pfs-u-"))
     ports = {f"u{i}": free_port() for i in (1, 2)}
@@ -41,11 +50,7 @@ def test_plain_uwsgi_vassals(xprocess):
             f"[uwsgi]\nplugin = psgi\nhttp-socket = 127.0.0.1:{port}\npsgi = {APP}\n"
             f"env = APP_NAME={name}\ndisable-logging = true\n"
         )
-    try:
-        em = start_emperor(xprocess, f"emperor-{vdir.name}", [vdir, "--vassal-binary", "uwsgi", "--mercy", "5"])
-    except BaseException:
-        shutil.rmtree(vdir, ignore_errors=True)
-        raise
+    em = start_uwsgi_emperor(xprocess, vdir)
     emp, log = em.popen, em.log
     procs: list[psutil.Process] = []
     try:
@@ -83,11 +88,7 @@ def test_uwsgi_vassal_loyal_reloaded_and_stopped_through_the_pipe(xprocess):
                 f"env = APP_NAME=u\nenv = APP_VALUE={value}\ndisable-logging = true\n")
 
     (vdir / "u.ini").write_text(ini("v1"))
-    try:
-        em = start_emperor(xprocess, f"emperor-{vdir.name}", [vdir, "--vassal-binary", "uwsgi", "--mercy", "5"])
-    except BaseException:
-        shutil.rmtree(vdir, ignore_errors=True)
-        raise
+    em = start_uwsgi_emperor(xprocess, vdir)
     emp, log = em.popen, em.log
     procs: list[psutil.Process] = []
     try:
