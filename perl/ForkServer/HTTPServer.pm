@@ -13,6 +13,12 @@ use Socket qw(IPPROTO_TCP TCP_NODELAY SOL_SOCKET SO_RCVTIMEO SO_SNDTIMEO SO_REUS
               AF_INET AF_INET6 AF_UNSPEC SOCK_STREAM AI_PASSIVE
               getaddrinfo inet_ntop unpack_sockaddr_in unpack_sockaddr_in6 sockaddr_family);
 use IO::Handle ();
+# An in-memory open (an empty psgi.input, a buffered body) loads these on its
+# first use. Loaded here, a worker never searches @INC while serving: not
+# after the fork (an adopted vassal shares them with the base), and not
+# after dropping privileges to a uid that may not read every @INC directory.
+use PerlIO ();
+use PerlIO::scalar ();
 use HTTP::Parser::XS qw(parse_http_request);
 use HTTP::Status ();
 use Time::HiRes ();

@@ -43,12 +43,12 @@ Errors die with a one-line message.
 
 Called by the base vassal before it serves adoptions: does once, in the
 base, what each vassal's first request would otherwise do after the fork
-(modules Perl loads on demand, reading the time zone).
+(reading the time zone; the modules Perl loads on demand are loaded by
+L<ForkServer::HTTPServer> itself).
 
 =cut
 
 sub warm_up {
-    require PerlIO::scalar;    # open on \$buffer (psgi.input, psgi.errors) loads it on first use
     POSIX::tzset();
     my @now = localtime;       # glibc reads /etc/localtime once
     return;
