@@ -182,6 +182,9 @@ class Emperor:
             self.opts.own_sockets if self.opts.own_sockets is not None
             else is_our_program(self.opts.program)
         )
+        # vassal files are judged against our option table only when our
+        # program reads them (uWSGI's vassals have uWSGI's options)
+        self.judge = is_our_program(self.opts.program) and self.opts.use_fork_server is None
         self.policy = Policy(
             mercy=self.opts.mercy,
             backoff_first=self.opts.backoff_first,
@@ -453,7 +456,7 @@ class Emperor:
                 self._load(cfgmod.vassal_name(fname), self.dir / fname, now)
 
     def _load(self, name: str, path: Path | None, now: float) -> None:
-        cfg = cfgmod.load(path) if path is not None else None
+        cfg = cfgmod.load(path, judge=self.judge) if path is not None else None
         if cfg is not None and cfg.transient:
             # out of descriptors or memory: says nothing about the file;
             # keep the vassal as it is and read the file again soon

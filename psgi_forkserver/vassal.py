@@ -44,11 +44,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from .config import VassalConfig
+from .config import VassalConfig, emperor_keys
 from .protocol import EmperorByte, VassalByte
 
 #: keys of a vassal file that only the Emperor reads; the vassal never sees them
-EMPEROR_KEYS = frozenset({"on-demand"})
+EMPEROR_KEYS = emperor_keys()  # declared in perl/ForkServer/options.json
 
 
 class Phase(StrEnum):
