@@ -273,11 +273,15 @@ def parse_http_address(addr: str, public: bool = False) -> tuple[int, tuple]:
     host, sep, port_s = addr.rpartition(":")
     if not sep or not port_s.isdigit():
         raise StatusConfigError(f"{addr!r}: expected HOST:PORT")
+    port = int(port_s)
+    if not 1 <= port <= 65535:
+        # getaddrinfo() would take 99999 and bind() serve it on another port
+        raise StatusConfigError(f"{addr!r}: port {port} out of range (1-65535)")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     host = host or "127.0.0.1"
     try:
-        infos = socket.getaddrinfo(host, int(port_s), type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise StatusConfigError(f"{addr!r}: {e.strerror}") from None
     family, _, _, _, sockaddr = infos[0]

@@ -278,3 +278,12 @@ def test_template_and_configmap_swap_end_to_end(fleet):
     assert "'nope' is undefined" in (doc["vassals"]["bad"]["error"] or "")
     assert doc["vassals"]["bad"]["pid"] is None
     assert get(fleet.ports["app1"])["name"] == "app1"
+
+
+def test_out_of_range_status_port_is_refused_before_anything_starts(tmp_path: Path):
+    for port in ("99999", "65536", "0"):
+        r = subprocess.run([EMPEROR, "run", tmp_path, "--status-http", f"127.0.0.1:{port}"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2, (port, r)
+        assert f"port {int(port)} out of range" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
