@@ -196,6 +196,7 @@ class Vassal:
     last_kind: Kind | None = None
     seq: int = 0
     retry_at: float | None = None  # a failed successor is tried again then
+    last_error: str | None = None  # the last failure the Emperor logged (status shows it)
 
     # -- the current process, as flat read-only fields ------------------------
 
