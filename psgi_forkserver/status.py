@@ -342,6 +342,7 @@ class StatusServer:
         self._stats_ino: tuple[int, int] | None = None
         self.requests = 0
         self.refused = 0
+        self.now = time.monotonic()  # the loop's clock, as last handed to a callback
         self.job: Collection | None = None
         self.waiters: list[Callable[[dict[str, Any]], None]] = []
         # registered for EVENT_WRITE while a collection runs: always ready,
@@ -464,6 +465,7 @@ class StatusServer:
     def _accept(self, lsock: socket.socket | None, now: float, http: bool) -> None:
         if lsock is None:
             return
+        self.now = now
         self._expire(now)
         for _ in range(MAX_CLIENTS):
             try:
@@ -546,6 +548,7 @@ class StatusServer:
         self.sel.register(self._tick_w, selectors.EVENT_WRITE, self._tick)
 
     def _tick(self, now: float) -> None:
+        self.now = now
         job = self.job
         try:
             if job is not None and not job.step(BUDGET):
@@ -573,7 +576,7 @@ class StatusServer:
         if self.clients.get(fd) is not c:
             return  # dropped (timeout, too many clients) while it waited
         c.out = memoryview(data)
-        c.deadline = min(c.deadline, time.monotonic() + WRITE_TIMEOUT)
+        c.deadline = min(c.deadline, self.now + WRITE_TIMEOUT)
         self._flush(fd)
         if fd in self.clients:
             try:
@@ -596,6 +599,7 @@ class StatusServer:
         self._drop(fd)
 
     def _on_http_readable(self, fd: int, now: float) -> None:
+        self.now = now
         c = self.clients.get(fd)
         if c is None:
             return
