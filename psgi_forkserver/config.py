@@ -263,7 +263,7 @@ def load(path: Path, judge: bool = False) -> VassalConfig | None:
     try:
         entries, has_section = parse_ini_lines(text)
         if judge:
-            judge_options(entries, has_section)
+            judge_options(entries, has_section, base_dir=path.parent)
     except ConfigError as e:
         msg = str(e)
         m = re.match(r"line (\d+): (.*)", msg)
@@ -419,11 +419,14 @@ CHECKERS: dict[str, Callable[[str], object]] = {
 
 
 def judge_options(entries: list[tuple[int, str, str]], has_section: bool,
-                  euid: int | None = None, groups: Iterable[int] | None = None) -> None:
+                  euid: int | None = None, groups: Iterable[int] | None = None,
+                  base_dir: Path | None = None) -> None:
     """Raise ConfigError(`line N: why`) for the first option the vassal
     program would refuse, or the Emperor could not honour (another user's
-    uid without root, `idle` without `on-demand`). `euid` and `groups`
-    stand for the Emperor's own (tests judge as another user)."""
+    uid without root, `idle` without `on-demand`, a fork-server socket in a
+    directory that does not exist). `euid` and `groups` stand for the
+    Emperor's own (tests judge as another user); relative paths resolve
+    against `base_dir` (the vassals directory, the vassal's working one)."""
     if not has_section:
         raise ConfigError(f"no [{SECTION}] section")
     table = declared_options()
@@ -449,6 +452,12 @@ def judge_options(entries: list[tuple[int, str, str]], has_section: bool,
                 os.getgroups() + [os.getegid()] if groups is None else groups):
             raise ConfigError(f"line {lineno}: {key} = {value}: the Emperor (uid {euid}) "
                               "is not in that group")
+    fs = values.get("fork-server")
+    if fs is not None and base_dir is not None and "chdir" not in values:
+        sock_dir = (Path(base_dir) / str(fs[1])).parent
+        if not sock_dir.is_dir():
+            raise ConfigError(f"line {fs[0]}: fork-server {fs[1]}: directory {sock_dir} "
+                              "does not exist")
     idle = values.get("idle")
     on_demand = values.get("on-demand")
     if idle is not None and idle[1] and not (on_demand is not None and on_demand[1]):

@@ -119,6 +119,9 @@ def test_bad_file_has_error(tmp_path: Path):
     ("[other]\nhttp-socket = 127.0.0.1:1\n", "a.ini: no [uwsgi] section"),
     ("", "a.ini: no [uwsgi] section"),
     ("[uwsgi]\nprocesses = 0\n", "a.ini:2: bad value '0' for option 'processes': expected an integer >= 1"),
+    ("[uwsgi]\nfork-server = /nonexistent/run/fs.sock\n", "a.ini:2: fork-server /nonexistent/run/fs.sock: "
+                                                        "directory /nonexistent/run does not exist"),
+    ("[uwsgi]\nfork-server = no/such/dir/fs.sock\n", "a.ini:2: fork-server no/such/dir/fs.sock: directory"),
     ("[uwsgi]\nuid = no-such-user-here\n", "a.ini:2: bad value 'no-such-user-here' for option 'uid': "
                                           "no such user"),
 ])

@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -301,10 +302,11 @@ def test_ctl_stats_socket_answers_50_concurrent_clients_despite_one_that_never_r
 def test_ctl_throttled_vassal_shows_its_last_error(ctl_emperor):
     okport = free_port()
     dies = Path(__file__).resolve().parent / "apps" / "dies.psgi"
+    hport = free_port()
     e = ctl_emperor({
         "ok": app_ini("ok", okport, processes=1),
         "dies": f"[uwsgi]\nhttp-socket = 127.0.0.1:{free_port()}\npsgi = {dies}\n",
-    }, wait=[okport])
+    }, "--status-http", f"127.0.0.1:{hport}", wait=[okport])
     wait_for(lambda: e.status()["dies"]["failures"] >= 2, 30, "dies to fail twice")
     st = wait_for(lambda: (s := e.status()["dies"])["state"] == "throttled" and s, 30,
                   "dies to be throttled")
@@ -313,3 +315,6 @@ def test_ctl_throttled_vassal_shows_its_last_error(ctl_emperor):
     assert "dies: pid" in r.stdout and "died (exit status 1)" in r.stdout, r.stdout
     r = ctl_run("status", "--stats", e.stats, "--json")
     assert "died (exit status 1)" in json.loads(r.stdout)["vassals"]["dies"]["error"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{hport}/", timeout=10) as page:
+        html = page.read().decode()
+    assert "died (exit status 1)" in html, html
