@@ -190,3 +190,42 @@ def test_declaration_rows_are_complete():
             c.CHECKERS[o.type](o.default)  # a default the checker itself accepts
         if o.alias is not None:
             assert o.alias in c.declared_options(), key
+
+
+def test_perl_and_python_give_the_same_verdict_on_every_declared_option():
+    """The vassal (ForkServer::Config) and the Emperor (CHECKERS) judge
+    values of each declared type alike: a file the Emperor accepts is one
+    the vassal accepts, and the reverse."""
+    import json
+    import subprocess
+
+    samples = ["", "0", "1", "7", "true", "Off", "maybe", "0600", "0999", "-1", "1.5",
+               "127.0.0.1:80", ":9101", "[::1]:9101", "127.0.0.1:99999", "nowhere", "A=1",
+               "=1", "/", "/x?y=1", "x y", "/a b", "root", "no-such-user-here"]
+    keys = [k for k, o in c.declared_options().items() if not o.emperor and o.type != "include"]
+    script = r'''
+        use strict; use warnings; use JSON::PP; use ForkServer::Config;
+        my ($keys, $samples) = @{ decode_json(do { local $/; <STDIN> }) };
+        my %out;
+        for my $k (@$keys) { for my $v (@$samples) {
+            $out{"$k\0$v"} = eval { ForkServer::Config->new->set($k, $v, 'test'); 1 } ? 1 : 0;
+        } }
+        print encode_json(\%out);
+    '''
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run(["perl", "-I", str(root / "perl"), "-e", script],
+                       input=json.dumps([keys, samples]), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    perl = json.loads(r.stdout)
+    differ = []
+    for k in keys:
+        for v in samples:
+            try:
+                c.CHECKERS[c.declared_options()[k].type](v)
+                py = 1
+            except ValueError:
+                py = 0
+            if perl[f"{k}\0{v}"] != py:
+                differ.append((k, v, {"perl": perl[f"{k}\0{v}"], "python": py}))
+    assert differ == []
+    assert len(perl) == len(keys) * len(samples) > 300
