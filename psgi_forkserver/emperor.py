@@ -98,9 +98,12 @@ def lock_holder(fd: int) -> int | None:
     return None
 
 
-def take_lock(path: Path, what: str, *, create: bool = False, directory: bool = False) -> int:
+def take_lock(path: Path, what: str, *, create: bool = False, directory: bool = False,
+              shown: Path | None = None) -> int:
     """An exclusive flock on `path` (held until the Emperor exits: the
-    descriptor is kept open); StartupError when another process holds it."""
+    descriptor is kept open); StartupError, naming `shown` (default: `path`),
+    when another process holds it."""
+    shown = path if shown is None else shown
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
     if directory:
         flags |= os.O_DIRECTORY
@@ -109,17 +112,18 @@ def take_lock(path: Path, what: str, *, create: bool = False, directory: bool = 
     try:
         fd = os.open(path, flags, 0o644)
     except OSError as e:
-        raise StartupError(f"{what} {path}: {e.strerror or e}") from None
+        raise StartupError(f"{what} {shown}: {e.strerror or e}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = lock_holder(fd)
         os.close(fd)
         by = f" (pid {holder})" if holder else ""
-        raise StartupError(f"{what} {path} is in use by another Emperor{by}: not starting a second one")
+        raise StartupError(f"{what} {shown} is in use by another Emperor{by}: "
+                           "not starting a second one")
     except OSError as e:
         os.close(fd)
-        raise StartupError(f"{what} {path}: cannot lock: {e.strerror or e}") from None
+        raise StartupError(f"{what} {shown}: cannot lock: {e.strerror or e}") from None
     return fd
 
 
@@ -326,8 +330,10 @@ class Emperor:
         try:
             self.lock_fds.append(take_lock(self.dir, "vassals directory", directory=True))
             for sock in self._fork_server_sockets():
+                if not sock.parent.is_dir():
+                    continue  # the base's config error (config.judge_options), not ours
                 self.lock_fds.append(take_lock(fork_server_lock_path(sock), "fork-server socket",
-                                               create=True))
+                                               create=True, shown=sock))
             pf = self.opts.pidfile
             if pf is not None:
                 if os.path.lexists(pf) and not os.path.isdir(pf):

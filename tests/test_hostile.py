@@ -118,7 +118,7 @@ def test_ctl_second_emperor_on_same_dir_pidfile_or_fork_server_refuses(ctl_emper
         (third / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = {fs}\n")
         r = ctl_run("run", third, timeout=60)
         assert r.returncode == 2, r
-        assert "fork-server socket" in ctl_one_line(r) and "in use by another Emperor" in r.stderr
+        assert f"fork-server socket {fs} is in use by another Emperor (pid {e.pid})" in ctl_one_line(r)
         # and through --use-fork-server
         r = ctl_run("run", other, "--use-fork-server", fs, timeout=60)
         assert r.returncode == 2 and "in use by another Emperor" in ctl_one_line(r), r
@@ -211,6 +211,7 @@ def test_ctl_files_the_emperor_can_judge_are_config_errors_not_crash_loops(ctl_e
         "idle": f"[uwsgi]\nhttp-socket = 127.0.0.1:{p()}\npsgi = {APP}\nidle = 5\n",
         "twice": f"[uwsgi]\nhttp-socket = 127.0.0.1:{p()}\npsgi = {APP}\nhttp-socket = 127.0.0.1:{p()}\n",
         "nosection": f"http-socket = 127.0.0.1:{p()}\npsgi = {APP}\n",
+        "runbad": f"[uwsgi]\nearly-psgi = {APP}\nfork-server = /nonexistent/run/fs.sock\n",
         "tmpl.ini.j2": "[uwsgi]\npsgi = " + str(APP) + "\n{% for k in ['a', 'b'] %}x-{{ k }} = 1\n{% endfor %}",
     }
     causes = {
@@ -220,6 +221,8 @@ def test_ctl_files_the_emperor_can_judge_are_config_errors_not_crash_loops(ctl_e
         "twice": "twice.ini:4: 'http-socket' given again (first on line 2)",
         "nosection": "nosection.ini: no [uwsgi] section",
         "tmpl": "tmpl.ini.j2 (rendered):3: unknown option 'x-a'",
+        "runbad": "runbad.ini:3: fork-server /nonexistent/run/fs.sock: directory /nonexistent/run "
+                  "does not exist",
     }
     e = ctl_emperor(files, wait=[okport])
     for name, cause in causes.items():
