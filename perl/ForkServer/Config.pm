@@ -99,7 +99,12 @@ appears. When C<config_text> is given (the body read from the Emperor's
 config pipe), it takes the place of the first C<--ini> file; the file name
 then only gives the vassal its name.
 
-Keys only the Emperor reads (C<on-demand>) are accepted and ignored.
+Every option is declared once, with its type, whether it repeats, its
+default and a description, in F<options.json> next to this module; the
+Emperor (psgi_forkserver/config.py) reads the same file to judge vassal
+files. This module keeps one checker per type. Adding an option is one line
+there. Keys only the Emperor reads (C<on-demand>, marked C<emperor>) are
+accepted and ignored.
 
 Errors (unknown option, bad value, unreadable file) die with a one-line
 message ending in a newline.
