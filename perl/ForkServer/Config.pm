@@ -70,14 +70,6 @@ my (%OPTIONS, %DEFAULTS, @DECLARED);
     }
 }
 
-=head2 options()
-
-The declaration (options.json's C<options>), for tools and tests.
-
-=cut
-
-sub options { return @DECLARED }
-
 =head1 NAME
 
 ForkServer::Config - the vassal's options, from argv, --ini files and the Emperor's config pipe
@@ -110,6 +102,14 @@ Errors (unknown option, bad value, unreadable file) die with a one-line
 message ending in a newline.
 
 =cut
+
+=head2 options()
+
+The declaration (options.json's C<options>), for tools and tests.
+
+=cut
+
+sub options { return @DECLARED }
 
 sub new {
     my ($class) = @_;
