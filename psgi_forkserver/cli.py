@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
 
 from . import paths
-from .emperor import Emperor, Options
+from .emperor import Emperor, Options, StartupError, pidfile_is_held
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,15 +65,71 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def is_emperor(pid: int) -> bool:
+    """Whether `pid` runs `emperor run` (its command line)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return False
+    for i, a in enumerate(argv[:3]):
+        if os.path.basename(a) == "emperor" or a.endswith("psgi_forkserver.cli"):
+            return "run" in argv[i + 1:]
+    return False
+
+
 def reload_base(pidfile: Path) -> int:
+    """SIGUSR1 to the Emperor of `pidfile`, only once it is sure to be one:
+    a stale pidfile may name any process by now."""
     try:
         pid = int(pidfile.read_text().strip())
-        os.kill(pid, signal.SIGUSR1)
+        held = pidfile_is_held(pidfile)
     except (OSError, ValueError) as e:
-        print(f"emperor: reload-base: {pidfile}: {e}", file=sys.stderr)
+        print(f"emperor: reload-base: {pidfile}: {getattr(e, 'strerror', None) or e}",
+              file=sys.stderr)
+        return 1
+    if not held or not is_emperor(pid):
+        why = "no Emperor holds it" if not held else f"pid {pid} is not an Emperor"
+        print(f"emperor: reload-base: {pidfile}: stale pidfile ({why}); nothing signalled",
+              file=sys.stderr)
+        return 1
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except OSError as e:
+        print(f"emperor: reload-base: pid {pid}: {e.strerror}", file=sys.stderr)
         return 1
     print(f"emperor: reload-base: signalled pid {pid}")
     return 0
+
+
+def check_paths(args: argparse.Namespace) -> str | None:
+    """The first path option of `emperor run` that cannot work, as one line
+    naming it; None when all can."""
+    vdir: Path = args.vassals_dir
+    if not vdir.is_dir():
+        return f"{vdir}: not a directory"
+    if not os.access(vdir, os.R_OK | os.X_OK):
+        return f"{vdir}: cannot read the vassals directory"
+    for opt, path, sock in (("--pidfile", args.pidfile, False), ("--stats", args.stats, True),
+                            ("--use-fork-server", args.use_fork_server, True)):
+        if path is None:
+            continue
+        parent = Path(os.path.abspath(path)).parent
+        if not parent.is_dir():
+            return f"{opt} {path}: directory {parent} does not exist"
+        if opt != "--use-fork-server" and not os.access(parent, os.W_OK | os.X_OK):
+            return f"{opt} {path}: cannot create files in {parent}"
+        if os.path.isdir(path):
+            return f"{opt} {path}: is a directory"
+        if sock and len(os.fsencode(os.path.abspath(path))) > 107:
+            return f"{opt} {path}: longer than a UNIX socket path may be (107 bytes)"
+    if args.program is not None:
+        if os.sep in args.program:
+            if not (os.path.isfile(args.program) and os.access(args.program, os.X_OK)):
+                return f"--vassal-binary {args.program}: not an executable file"
+        elif shutil.which(args.program) is None:
+            return f"--vassal-binary {args.program}: not found in PATH"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         return status_command(args)
     vdir: Path = args.vassals_dir
-    if not vdir.is_dir():
-        print(f"emperor: {vdir}: not a directory", file=sys.stderr)
+    bad = check_paths(args)
+    if bad is not None:
+        print(f"emperor: {bad}", file=sys.stderr)
         return 2
     program = args.program or str(paths.vassal_program())
     if os.sep in program:
@@ -106,12 +164,22 @@ def main(argv: list[str] | None = None) -> int:
         own_sockets=args.own_sockets,
         pidfile=args.pidfile.resolve() if args.pidfile else None,
     )
+    emperor = Emperor(opts)
+    try:
+        emperor.claim()  # locks and pidfile first: a second Emperor stops here
+    except StartupError as e:
+        print(f"emperor: {e}", file=sys.stderr)
+        return 2
     try:
         opts.status = bind_status(args)  # before anything starts: errors exit 2
     except (OSError, ValueError) as e:
-        print(f"emperor: {e}", file=sys.stderr)
+        emperor.release()
+        if emperor.opts.pidfile is not None:
+            emperor.opts.pidfile.unlink(missing_ok=True)
+        msg = e.strerror if isinstance(e, OSError) and e.strerror else e
+        print(f"emperor: {msg}", file=sys.stderr)
         return 2
-    return Emperor(opts).run()
+    return emperor.run()
 
 
 # -- status: `run --stats/--status-http`, `emperor status` ---------------------

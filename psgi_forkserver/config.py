@@ -13,7 +13,7 @@ import os
 import re
 import stat
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,14 +93,15 @@ class ConfigError(ValueError):
     pass
 
 
-def parse_ini(text: str, section: str = SECTION) -> list[tuple[str, str]]:
-    """The `key = value` pairs of `[section]`, in order, repeated keys kept.
+def parse_ini_lines(text: str, section: str = SECTION) -> tuple[list[tuple[int, str, str]], bool]:
+    """(`(line, key, value)` of `[section]` in order, whether the section is there).
 
     `;` and `#` start comment lines; a line without `=` is a flag (value
     "true"), as uWSGI reads it. Several [section] blocks are concatenated.
     """
-    pairs: list[tuple[str, str]] = []
+    entries: list[tuple[int, str, str]] = []
     current: str | None = None
+    seen = False
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line[0] in ";#":
@@ -109,6 +110,7 @@ def parse_ini(text: str, section: str = SECTION) -> list[tuple[str, str]]:
             if not line.endswith("]"):
                 raise ConfigError(f"line {lineno}: unterminated section header")
             current = line[1:-1].strip()
+            seen = seen or current == section
             continue
         if current != section:
             continue
@@ -116,8 +118,13 @@ def parse_ini(text: str, section: str = SECTION) -> list[tuple[str, str]]:
         key = key.strip()
         if not key:
             raise ConfigError(f"line {lineno}: empty key")
-        pairs.append((key, value.strip() if sep else "true"))
-    return pairs
+        entries.append((lineno, key, value.strip() if sep else "true"))
+    return entries, seen
+
+
+def parse_ini(text: str, section: str = SECTION) -> list[tuple[str, str]]:
+    """The `key = value` pairs of `[section]`, in order, repeated keys kept."""
+    return [(k, v) for _, k, v in parse_ini_lines(text, section)[0]]
 
 
 @dataclass(frozen=True)
@@ -207,8 +214,13 @@ def _read(path: Path) -> bytes | None:
         os.close(fd)
 
 
-def load(path: Path) -> VassalConfig | None:
+def load(path: Path, judge: bool = False) -> VassalConfig | None:
     """Read the vassal that `path` declares; None when it has no file any more.
+
+    With `judge` (the vassal program is ours), the options are checked
+    against the declaration (`judge_options`): a file the vassal would
+    refuse is a config error here, with its line, rather than a vassal that
+    fails the same way at every restart. A template is judged as rendered.
 
     The vassal is known by name: for `app.ini` or `app.ini.j2` whichever of
     the two exists is read (so removing one of two, or replacing `app.ini`
@@ -249,13 +261,208 @@ def load(path: Path) -> VassalConfig | None:
         where = f"{path.name} (rendered)"
     fp = fingerprint(text.encode("utf-8", "surrogateescape"))
     try:
-        options = parse_ini(text)
+        entries, has_section = parse_ini_lines(text)
+        if judge:
+            judge_options(entries, has_section, base_dir=path.parent)
     except ConfigError as e:
         msg = str(e)
         m = re.match(r"line (\d+): (.*)", msg)
         error = f"{where}:{m.group(1)}: {m.group(2)}" if m else f"{where}: {msg}"
         return VassalConfig(name, path, fp, error=error, text=text, rendered=rendered)
-    return VassalConfig(name, path, fp, tuple(options), text=text, rendered=rendered)
+    options = tuple((k, v) for _, k, v in entries)
+    return VassalConfig(name, path, fp, options, text=text, rendered=rendered)
+
+
+# -- the option declaration, shared with the vassal --------------------------
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One row of perl/ForkServer/options.json."""
+
+    key: str
+    type: str
+    repeat: bool = False
+    default: str | None = None
+    doc: str = ""
+    flag: bool = False
+    alias: str | None = None
+    emperor: bool = False  # read by the Emperor only; the vassal ignores it
+
+
+def options_file() -> Path:
+    from . import paths
+
+    return paths.perl_dir() / "ForkServer" / "options.json"
+
+
+_declared: dict[str, OptionSpec] | None = None
+
+
+def declared_options() -> dict[str, OptionSpec]:
+    """key -> OptionSpec, from the declaration both sides read."""
+    global _declared
+    if _declared is None:
+        import json
+
+        rows = json.loads(options_file().read_text())["options"]
+        fields = set(OptionSpec.__dataclass_fields__)
+        _declared = {r["key"]: OptionSpec(**{k: v for k, v in r.items() if k in fields})
+                     for r in rows}
+    return _declared
+
+
+def emperor_keys() -> frozenset[str]:
+    return frozenset(k for k, o in declared_options().items() if o.emperor)
+
+
+_TRUE = frozenset({"", "1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def parse_bool(value: str) -> bool:
+    v = value.lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ValueError("expected a boolean (1/0, true/false, yes/no, on/off)")
+
+
+def parse_address(value: str) -> tuple[str | None, int]:
+    """`127.0.0.1:9101`, `[::1]:9101`, `:9101` -> (host or None, port), as
+    ForkServer::Config::parse_address reads them."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]+)", value) or \
+        re.fullmatch(r"([^:\[\]]*):([0-9]+)", value)
+    if not m:
+        raise ValueError("expected HOST:PORT, [IPV6]:PORT or :PORT")
+    port = int(m.group(2))
+    if not 1 <= port <= 65535:
+        raise ValueError("port out of range")
+    return (m.group(1) or None), port
+
+
+def _user(value: str) -> int:
+    import pwd
+
+    if re.fullmatch(r"[0-9]+", value):
+        return int(value)
+    try:
+        return pwd.getpwnam(value).pw_uid
+    except KeyError:
+        raise ValueError("no such user") from None
+
+
+def _group(value: str) -> int:
+    import grp
+
+    if re.fullmatch(r"[0-9]+", value):
+        return int(value)
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise ValueError("no such group") from None
+
+
+def _nonempty(value: str) -> str:
+    if not value:
+        raise ValueError("expected a non-empty value")
+    return value
+
+
+def _count(value: str) -> int:
+    if not re.fullmatch(r"[0-9]+", value) or int(value) < 1:
+        raise ValueError("expected an integer >= 1")
+    return int(value)
+
+
+def _uint(value: str) -> int:
+    if not re.fullmatch(r"[0-9]+", value):
+        raise ValueError("expected a non-negative integer")
+    return int(value)
+
+
+def _octal(value: str) -> int:
+    if not re.fullmatch(r"0?[0-7]{3,4}", value):
+        raise ValueError("expected an octal mode like 0600")
+    return int(value, 8)
+
+
+def _url_path(value: str) -> str:
+    if not re.fullmatch(r"/[^\s#]*", value):
+        raise ValueError("expected a path starting with / (a query string may follow)")
+    return value
+
+
+def _env(value: str) -> str:
+    if not re.match(r"[^=]+=", value, re.S):
+        raise ValueError("expected KEY=VALUE")
+    return value
+
+
+#: the checker of each option type (ForkServer::Config has the same, in Perl):
+#: the normalised value, or ValueError with the reason
+CHECKERS: dict[str, Callable[[str], object]] = {
+    "string": _nonempty,
+    "path": _nonempty,
+    "include": _nonempty,
+    "url-path": _url_path,
+    "octal": _octal,
+    "user": _user,
+    "group": _group,
+    "count": _count,
+    "uint": _uint,
+    "bool": parse_bool,
+    "address": parse_address,
+    "env": _env,
+}
+
+
+def judge_options(entries: list[tuple[int, str, str]], has_section: bool,
+                  euid: int | None = None, groups: Iterable[int] | None = None,
+                  base_dir: Path | None = None) -> None:
+    """Raise ConfigError(`line N: why`) for the first option the vassal
+    program would refuse, or the Emperor could not honour (another user's
+    uid without root, `idle` without `on-demand`, a fork-server socket in a
+    directory that does not exist). `euid` and `groups` stand for the
+    Emperor's own (tests judge as another user); relative paths resolve
+    against `base_dir` (the vassals directory, the vassal's working one)."""
+    if not has_section:
+        raise ConfigError(f"no [{SECTION}] section")
+    table = declared_options()
+    euid = os.geteuid() if euid is None else euid
+    values: dict[str, tuple[int, object]] = {}
+    for lineno, key, value in entries:
+        spec = table.get(key)
+        if spec is None:
+            raise ConfigError(f"line {lineno}: unknown option '{key}'")
+        try:
+            norm = CHECKERS[spec.type](value)
+        except ValueError as e:
+            raise ConfigError(f"line {lineno}: bad value '{value}' for option '{key}': {e}") from None
+        name = spec.alias or key
+        if not spec.repeat and name in values:
+            raise ConfigError(f"line {lineno}: '{key}' given again (first on line "
+                              f"{values[name][0]}); it takes one value")
+        values[name] = (lineno, norm)
+        if euid != 0 and spec.type == "user" and not spec.repeat and norm != euid:
+            raise ConfigError(f"line {lineno}: {key} = {value}: the Emperor runs as uid {euid} "
+                              "and cannot switch to another user")
+        if euid != 0 and spec.type == "group" and norm not in set(
+                os.getgroups() + [os.getegid()] if groups is None else groups):
+            raise ConfigError(f"line {lineno}: {key} = {value}: the Emperor (uid {euid}) "
+                              "is not in that group")
+    fs = values.get("fork-server")
+    if fs is not None and base_dir is not None and "chdir" not in values:
+        sock_dir = (Path(base_dir) / str(fs[1])).parent
+        if not sock_dir.is_dir():
+            raise ConfigError(f"line {fs[0]}: fork-server {fs[1]}: directory {sock_dir} "
+                              "does not exist")
+    idle = values.get("idle")
+    on_demand = values.get("on-demand")
+    if idle is not None and idle[1] and not (on_demand is not None and on_demand[1]):
+        raise ConfigError(f"line {idle[0]}: idle without on-demand = true "
+                          "(only an on-demand vassal stops when idle)")
 
 
 # -- templates ----------------------------------------------------------------

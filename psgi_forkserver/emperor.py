@@ -23,6 +23,7 @@ Each base unlinks only its own socket on exit.
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import selectors
@@ -74,7 +75,65 @@ def _comm(pid: int) -> str:
         return "?"
 
 
-def write_pidfile(path: Path, pid: int) -> None:
+class StartupError(Exception):
+    """The Emperor cannot start (another one holds its directory, pidfile or
+    fork-server socket; a path it cannot use): str() is the one line to print."""
+
+
+def lock_holder(fd: int) -> int | None:
+    """The pid holding a flock on the file open as `fd` (from /proc/locks)."""
+    st = os.fstat(fd)
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF" ("->" marks waiters)
+                if "->" in parts or len(parts) < 6 or parts[1] != "FLOCK":
+                    continue
+                if parts[5] == want:
+                    return int(parts[4])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def take_lock(path: Path, what: str, *, create: bool = False, directory: bool = False,
+              shown: Path | None = None) -> int:
+    """An exclusive flock on `path` (held until the Emperor exits: the
+    descriptor is kept open); StartupError, naming `shown` (default: `path`),
+    when another process holds it."""
+    shown = path if shown is None else shown
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+    if directory:
+        flags |= os.O_DIRECTORY
+    if create:
+        flags |= os.O_CREAT
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        raise StartupError(f"{what} {shown}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = lock_holder(fd)
+        os.close(fd)
+        by = f" (pid {holder})" if holder else ""
+        raise StartupError(f"{what} {shown} is in use by another Emperor{by}: "
+                           "not starting a second one")
+    except OSError as e:
+        os.close(fd)
+        raise StartupError(f"{what} {shown}: cannot lock: {e.strerror or e}") from None
+    return fd
+
+
+def fork_server_lock_path(sock: Path) -> Path:
+    """The lock file of a fork-server socket (a socket cannot be flocked
+    before it exists, and every base generation's socket shares it)."""
+    return sock.with_name(f".{sock.name}.lock")
+
+
+def write_pidfile(path: Path, pid: int, lock: bool = False) -> int | None:
     """Write `pid` to `path` atomically, following no symlink.
 
     The temporary file is created with O_EXCL | O_NOFOLLOW: in a directory
@@ -87,13 +146,35 @@ def write_pidfile(path: Path, pid: int) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         os.write(fd, f"{pid}\n".encode())
-    finally:
+        if lock:
+            # locked before it appears under its name: `reload-base` and a
+            # second Emperor see a pidfile that is held, or a stale one
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not lock:
         os.close(fd)
     try:
         os.replace(tmp, path)
     except OSError:
         os.unlink(tmp)
+        if lock:
+            os.close(fd)
         raise
+    return fd if lock else None
+
+
+def pidfile_is_held(path: Path) -> bool:
+    """True when a running Emperor holds the lock on the pidfile `path`."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 @dataclass
@@ -182,6 +263,9 @@ class Emperor:
             self.opts.own_sockets if self.opts.own_sockets is not None
             else is_our_program(self.opts.program)
         )
+        # vassal files are judged against our option table only when our
+        # program reads them (uWSGI's vassals have uWSGI's options)
+        self.judge = is_our_program(self.opts.program) and self.opts.use_fork_server is None
         self.policy = Policy(
             mercy=self.opts.mercy,
             backoff_first=self.opts.backoff_first,
@@ -200,6 +284,7 @@ class Emperor:
         self.bind_errors: dict[str, str] = {}  # last bind error logged, per vassal
         self.read_errors: dict[str, str] = {}  # transient read error logged, per vassal
         self.on_demand_registered: set[str] = set()
+        self.lock_fds: list[int] = []  # flocks held while we run (claim())
 
     # -- logging -------------------------------------------------------------
 
@@ -214,6 +299,7 @@ class Emperor:
     # -- set-up --------------------------------------------------------------
 
     def _setup(self) -> None:
+        self.claim()  # before anything starts (the CLI has usually done it)
         launch.set_child_subreaper()  # before anything is started
         os.chdir(self.dir)  # vassals inherit it as their working directory
         self._wake_r, self._wake_w = socket.socketpair()
@@ -230,11 +316,67 @@ class Emperor:
             self.log(f"inotify unavailable ({e}); rescanning every {self.opts.rescan_interval:g} s")
         if self.opts.status is not None:
             self.opts.status.attach(self)  # stats socket / status page in our selector
-        if self.opts.pidfile is not None:
-            write_pidfile(self.opts.pidfile, os.getpid())
         self.log(
             f"watching {self.dir} (vassal program {' '.join(self.argv0)}, pid {os.getpid()})"
         )
+
+    def claim(self) -> None:
+        """Lock the vassals directory, the fork-server socket and the
+        pidfile (then write it), so that a second Emperor on any of them
+        refuses to start instead of fighting this one over ports and
+        deleting its pidfile. Idempotent; StartupError is one line."""
+        if self.lock_fds:
+            return
+        try:
+            self.lock_fds.append(take_lock(self.dir, "vassals directory", directory=True))
+            for sock in self._fork_server_sockets():
+                if not sock.parent.is_dir():
+                    continue  # the base's config error (config.judge_options), not ours
+                self.lock_fds.append(take_lock(fork_server_lock_path(sock), "fork-server socket",
+                                               create=True, shown=sock))
+            pf = self.opts.pidfile
+            if pf is not None:
+                if os.path.lexists(pf) and not os.path.isdir(pf):
+                    try:
+                        held = pidfile_is_held(pf)
+                    except OSError:
+                        held = False  # a dangling symlink, say: replaced below
+                    if held:
+                        raise StartupError(f"pidfile {pf} is held by a running Emperor "
+                                           f"(pid {pf.read_text().strip()}): not starting a second one")
+                try:
+                    fd = write_pidfile(pf, os.getpid(), lock=True)
+                except OSError as e:
+                    raise StartupError(f"pidfile {pf}: {e.strerror or e}") from None
+                assert fd is not None
+                self.lock_fds.append(fd)
+        except StartupError:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        for fd in self.lock_fds:
+            os.close(fd)
+        self.lock_fds.clear()
+
+    def _fork_server_sockets(self) -> list[Path]:
+        """The fork-server sockets this Emperor will use: --use-fork-server,
+        or the sockets its base files name now."""
+        if self.opts.use_fork_server is not None:
+            return [self.opts.use_fork_server]
+        out: list[Path] = []
+        try:
+            found = cfgmod.discover(self.dir)
+        except OSError:
+            return out
+        for path in found.values():
+            cfg = cfgmod.load(path)
+            if cfg is None or cfg.error or not self.bases.is_base(cfg):
+                continue
+            sock = cfg.fork_server_path()
+            if sock is not None and sock not in out:
+                out.append(sock)
+        return out
 
     def _teardown(self) -> None:
         for name in list(self.listeners):
@@ -245,6 +387,7 @@ class Emperor:
                     self.opts.pidfile.unlink()
             except OSError:
                 pass
+        self.release()
 
     def _on_signal(self, signum: int, frame: object) -> None:
         # The C handler already wrote signum to the wakeup fd; nothing to do.
@@ -368,6 +511,7 @@ class Emperor:
         self._drop_proc(name, seq)  # a vassal forked anyway sees EOF and stops
         v = self.vassals[name]
         v.start_failed(now, reason, seq)
+        v.last_error = f"adoption failed: {reason}"
         self.log(f"adoption failed: {reason}; retry in {max(0, v.not_before - now):.1f} s", name)
 
     def _reap(self, now: float) -> None:
@@ -406,11 +550,13 @@ class Emperor:
         elif what == "stopped":
             self.log(f"pid {pid} stopped ({st})", name)
         elif what == "successor died":
+            v.last_error = f"new pid {pid} died ({st})"
             self.log(f"new pid {pid} died ({st}); old one keeps serving; retry in "
                      f"{max(0.0, v.not_before - now):.1f} s", name)
         elif what == "died (successor took over)":
             self.log(f"pid {pid} died ({st}); its successor pid {v.pid} takes over", name)
         else:
+            v.last_error = f"pid {pid} died ({st})"
             self.log(f"pid {pid} died ({st}); respawn in {v.backoff:.1f} s"
                      + (" (throttled)" if v.failures > 0 else ""), name)
 
@@ -453,7 +599,7 @@ class Emperor:
                 self._load(cfgmod.vassal_name(fname), self.dir / fname, now)
 
     def _load(self, name: str, path: Path | None, now: float) -> None:
-        cfg = cfgmod.load(path) if path is not None else None
+        cfg = cfgmod.load(path, judge=self.judge) if path is not None else None
         if cfg is not None and cfg.transient:
             # out of descriptors or memory: says nothing about the file;
             # keep the vassal as it is and read the file again soon
@@ -507,6 +653,7 @@ class Emperor:
             if self.bind_errors.get(v.name) != msg:
                 self.log(msg, v.name)
             self.bind_errors[v.name] = msg
+            v.last_error = msg
             return False, None
         self.bind_errors.pop(v.name, None)
         if old is not None:
@@ -703,6 +850,7 @@ class Emperor:
         if h.config_pipe is not None:
             h.config_pipe.close()
         v.start_failed(now, why, seq)
+        v.last_error = f"cannot start: {why}"
 
     def _keep_pipes(self, v: Vassal, seq: int, h: ProcHandles, ours: socket.socket) -> None:
         """The new process exists (or its adoption is under way): its pipes

@@ -42,8 +42,13 @@ from typing import Any
 import psutil
 
 SCHEMA = 1
-MAX_CLIENTS = 32  # connections in progress; beyond that the oldest is dropped
+#: connections in progress; a client beyond that is refused with a message
+#: (never dropped without a word, and never at the expense of one in progress)
+MAX_CLIENTS = 256
 CLIENT_TIMEOUT = 60.0
+#: a client that does not read its document is dropped after this long, so
+#: that clients that never read cannot keep the slots of those that do
+WRITE_TIMEOUT = 10.0
 BUDGET = 0.01  # seconds of measuring per turn of the Emperor's loop
 MAX_REQUEST = 8192
 #: accept() failed for lack of descriptors (EMFILE...): the listening socket
@@ -108,6 +113,18 @@ def _enum(value: Any) -> Any:
     return getattr(value, "value", value)
 
 
+def _last_error(v: Any, phase: Any) -> str | None:
+    """Why the vassal does not run: its file's error, else (while it fails:
+    throttled, or failures not yet reset by a loyal start) the last failure
+    the Emperor logged, with the exit status."""
+    err = getattr(getattr(v, "config", None), "error", None)
+    if err:
+        return err
+    if phase == "throttled" or (getattr(v, "failures", 0) or 0) > 0:
+        return getattr(v, "last_error", None) or None
+    return None
+
+
 def vassal_status(v: Any, now: float, children: dict[int, list[int]]) -> tuple[dict[str, Any], list[int]]:
     """The vassal's document (memory still 0) and the pids to measure."""
     pid = getattr(v, "pid", None)
@@ -131,7 +148,7 @@ def vassal_status(v: Any, now: float, children: dict[int, list[int]]) -> tuple[d
         "failures": getattr(v, "failures", 0),
         "throttle": round(max(0.0, not_before - now), 3) if phase == "throttled" else 0.0,
         "file": str(getattr(cfg, "path", "")) or None,
-        "error": getattr(getattr(v, "config", None), "error", None),
+        "error": _last_error(v, phase),
         "processes": 0,
         "pss": 0,
         "uss": 0,
@@ -273,11 +290,15 @@ def parse_http_address(addr: str, public: bool = False) -> tuple[int, tuple]:
     host, sep, port_s = addr.rpartition(":")
     if not sep or not port_s.isdigit():
         raise StatusConfigError(f"{addr!r}: expected HOST:PORT")
+    port = int(port_s)
+    if not 1 <= port <= 65535:
+        # getaddrinfo() would take 99999 and bind() serve it on another port
+        raise StatusConfigError(f"{addr!r}: port {port} out of range (1-65535)")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     host = host or "127.0.0.1"
     try:
-        infos = socket.getaddrinfo(host, int(port_s), type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise StatusConfigError(f"{addr!r}: {e.strerror}") from None
     family, _, _, _, sockaddr = infos[0]
@@ -309,6 +330,7 @@ class StatusServer:
     stats_path: Path | None = None
     http: str | None = None
     http_public: bool = False
+    max_clients: int = MAX_CLIENTS
     log: Callable[[str], None] = field(default=lambda m: print(f"emperor: {m}", file=sys.stderr))
 
     def __post_init__(self) -> None:
@@ -319,6 +341,8 @@ class StatusServer:
         self.clients: dict[int, _Client] = {}
         self._stats_ino: tuple[int, int] | None = None
         self.requests = 0
+        self.refused = 0
+        self.now = time.monotonic()  # the loop's clock, as last handed to a callback
         self.job: Collection | None = None
         self.waiters: list[Callable[[dict[str, Any]], None]] = []
         # registered for EVENT_WRITE while a collection runs: always ready,
@@ -334,7 +358,13 @@ class StatusServer:
         try:
             if self.stats_path is not None:
                 self.stats_path = Path(os.path.abspath(self.stats_path))
-                self.stats_sock = self._bind_unix(self.stats_path)
+                try:
+                    self.stats_sock = self._bind_unix(self.stats_path)
+                except OSError as e:  # one line naming the option and the path
+                    why = e.strerror or str(e)
+                    if str(self.stats_path) not in why:
+                        why = f"{self.stats_path}: {why}"
+                    raise OSError(e.errno, f"--stats {why}") from None
             if self.http is not None:
                 family, sockaddr = parse_http_address(self.http, self.http_public)
                 s = socket.socket(family, socket.SOCK_STREAM)
@@ -342,9 +372,9 @@ class StatusServer:
                 try:
                     s.bind(sockaddr)
                     s.listen(64)
-                except OSError:
+                except OSError as e:
                     s.close()
-                    raise
+                    raise OSError(e.errno, f"--status-http {self.http}: {e.strerror or e}") from None
                 s.setblocking(False)
                 self.http_sock = s
         except Exception:
@@ -435,6 +465,7 @@ class StatusServer:
     def _accept(self, lsock: socket.socket | None, now: float, http: bool) -> None:
         if lsock is None:
             return
+        self.now = now
         self._expire(now)
         for _ in range(MAX_CLIENTS):
             try:
@@ -448,8 +479,9 @@ class StatusServer:
                 self.log(f"status: accept: {e}")
                 return
             conn.setblocking(False)
-            if len(self.clients) >= MAX_CLIENTS:
-                self._drop(min(self.clients, key=lambda fd: self.clients[fd].deadline))
+            if len(self.clients) >= self.max_clients:
+                self._refuse(conn, http)
+                continue
             c = _Client(conn, now + CLIENT_TIMEOUT)
             self.clients[conn.fileno()] = c
             try:
@@ -461,6 +493,20 @@ class StatusServer:
             except Exception as e:  # noqa: BLE001 - never take the Emperor down
                 self.log(f"status: {type(e).__name__}: {e}")
                 self._drop(conn.fileno())
+
+    def _refuse(self, conn: socket.socket, http: bool) -> None:
+        """Too many clients: say so in what fits the socket buffer, close."""
+        why = f"too many status clients ({self.max_clients} in progress); try again"
+        data = (_http(503, "text/plain", why.encode() + b"\n") if http
+                else _json({"schema": SCHEMA, "error": why}))
+        try:
+            conn.send(data)
+        except OSError:
+            pass
+        conn.close()
+        self.refused += 1
+        if self.refused == 1 or self.refused % 100 == 0:
+            self.log(f"status: {why} ({self.refused} refused so far)")
 
     def _pause(self, lsock: socket.socket, http: bool, now: float, e: OSError) -> None:
         """Out of descriptors: stop accepting for ACCEPT_PAUSE seconds (the
@@ -502,6 +548,7 @@ class StatusServer:
         self.sel.register(self._tick_w, selectors.EVENT_WRITE, self._tick)
 
     def _tick(self, now: float) -> None:
+        self.now = now
         job = self.job
         try:
             if job is not None and not job.step(BUDGET):
@@ -529,6 +576,7 @@ class StatusServer:
         if self.clients.get(fd) is not c:
             return  # dropped (timeout, too many clients) while it waited
         c.out = memoryview(data)
+        c.deadline = min(c.deadline, self.now + WRITE_TIMEOUT)
         self._flush(fd)
         if fd in self.clients:
             try:
@@ -551,6 +599,7 @@ class StatusServer:
         self._drop(fd)
 
     def _on_http_readable(self, fd: int, now: float) -> None:
+        self.now = now
         c = self.clients.get(fd)
         if c is None:
             return
@@ -615,7 +664,8 @@ class StatusServer:
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            431: "Request Header Fields Too Large", 500: "Internal Server Error"}
+            431: "Request Header Fields Too Large", 500: "Internal Server Error",
+            503: "Service Unavailable"}
 
 
 def _json(doc: dict[str, Any]) -> bytes:
@@ -730,4 +780,9 @@ def fetch(path: Path, timeout: float = 10.0) -> dict[str, Any]:
             if not b:
                 break
             chunks.append(b)
-    return json.loads(b"".join(chunks))
+    if not chunks:
+        raise ValueError("the Emperor closed the connection without a document")
+    doc = json.loads(b"".join(chunks))
+    if "vassals" not in doc and doc.get("error"):
+        raise ValueError(doc["error"])
+    return doc

@@ -44,11 +44,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from .config import VassalConfig
+from .config import VassalConfig, emperor_keys
 from .protocol import EmperorByte, VassalByte
 
 #: keys of a vassal file that only the Emperor reads; the vassal never sees them
-EMPEROR_KEYS = frozenset({"on-demand"})
+EMPEROR_KEYS = emperor_keys()  # declared in perl/ForkServer/options.json
 
 
 class Phase(StrEnum):
@@ -196,6 +196,7 @@ class Vassal:
     last_kind: Kind | None = None
     seq: int = 0
     retry_at: float | None = None  # a failed successor is tried again then
+    last_error: str | None = None  # the last failure the Emperor logged (status shows it)
 
     # -- the current process, as flat read-only fields ------------------------
 

@@ -131,4 +131,22 @@ subtest 'the program: unknown option is one line naming the vassal, exit 1' => s
     like $out, qr/\Apsgi-vassal v3: error: cannot load app .*boom[^\n]*\n\z/, 'app dies: one line';
 };
 
+subtest 'one declaration: options.json' => sub {
+    my @decl = ForkServer::Config->options;
+    ok scalar(@decl) >= 20, 'the declaration is read';
+    for my $o (@decl) {
+        next if $o->{emperor} || $o->{type} eq 'include';
+        my $key = $o->{alias} // $o->{key};
+        my $c = ForkServer::Config->new;
+        if (defined $o->{default}) {
+            ok defined $c->get($key), "$o->{key}: has its declared default";
+        }
+        ok eval { $c->get($o->{key}); 1 }, "$o->{key}: known to get()";
+    }
+    my $c = ForkServer::Config->from_argv([], config_text => "[uwsgi]\non-demand = whatever\n");
+    ok $c, 'an Emperor-only key is accepted with any value';
+    is parse()->get('fork-server-hugepages'), 1, 'bool default from the declaration';
+    is parse()->get('fork-server-mode'), 0600, 'octal default normalised by its checker';
+};
+
 done_testing;

@@ -100,3 +100,132 @@ def test_bad_file_has_error(tmp_path: Path):
     f.write_text("[uwsgi\n")
     assert c.load(f).error
 
+
+
+# -- judging a vassal file against the declaration (perl/ForkServer/options.json) --
+
+
+@pytest.mark.parametrize("text,where", [
+    ("[uwsgi]\nhttp-socket = 127.0.0.1:1\nno-such-key = 1\n", "a.ini:3: unknown option 'no-such-key'"),
+    ("[uwsgi]\ndisable-logging = maybe\n", "a.ini:2: bad value 'maybe' for option 'disable-logging': "
+                                           "expected a boolean"),
+    ("[uwsgi]\nhttp-socket = 127.0.0.1:99999\n", "a.ini:2: bad value '127.0.0.1:99999' for option "
+                                                 "'http-socket': port out of range"),
+    ("[uwsgi]\nidle = 30\n", "a.ini:2: idle without on-demand"),
+    ("[uwsgi]\nidle = 30\non-demand = false\n", "a.ini:2: idle without on-demand"),
+    ("[uwsgi]\nhttp-socket = 127.0.0.1:1\nprocesses = 2\nhttp-socket = 127.0.0.1:2\n",
+     "a.ini:4: 'http-socket' given again (first on line 2)"),
+    ("[uwsgi]\nprocesses = 2\nworkers = 3\n", "a.ini:3: 'workers' given again (first on line 2)"),
+    ("[other]\nhttp-socket = 127.0.0.1:1\n", "a.ini: no [uwsgi] section"),
+    ("", "a.ini: no [uwsgi] section"),
+    ("[uwsgi]\nprocesses = 0\n", "a.ini:2: bad value '0' for option 'processes': expected an integer >= 1"),
+    ("[uwsgi]\nfork-server = /nonexistent/run/fs.sock\n", "a.ini:2: fork-server /nonexistent/run/fs.sock: "
+                                                        "directory /nonexistent/run does not exist"),
+    ("[uwsgi]\nfork-server = no/such/dir/fs.sock\n", "a.ini:2: fork-server no/such/dir/fs.sock: directory"),
+    ("[uwsgi]\nuid = no-such-user-here\n", "a.ini:2: bad value 'no-such-user-here' for option 'uid': "
+                                          "no such user"),
+])
+def test_judged_file_is_a_config_error_with_its_line(tmp_path: Path, text, where):
+    f = tmp_path / "a.ini"
+    f.write_text(text)
+    cfg = c.load(f, judge=True)
+    assert cfg.error is not None and cfg.error.startswith(where), cfg.error
+
+
+def test_good_files_pass_the_judge(tmp_path: Path):
+    f = tmp_path / "a.ini"
+    f.write_text("[other]\nx = 1\n[uwsgi]\nhttp-socket = [::1]:9101\nenv = A=1\nenv = B=2\n"
+                 "on-demand = true\nidle = 30\ndisable-logging\nfork-server-allow-uid = 0\n"
+                 "fork-server-allow-uid = root\nearly-warmup = /\nearly-warmup = /x?y=1\n")
+    assert c.load(f, judge=True).error is None
+    for name in os.listdir(Path(__file__).resolve().parent.parent / "examples" / "vassals"):
+        cfg = c.load(Path(__file__).resolve().parent.parent / "examples" / "vassals" / name, judge=True)
+        assert cfg.error is None, (name, cfg.error)
+
+
+def test_another_users_uid_is_refused_without_root():
+    entries = [(2, "uid", "root")]
+    c.judge_options(entries, True, euid=0)  # root may switch
+    with pytest.raises(c.ConfigError, match=r"line 2: uid = root: the Emperor runs as uid 1000"):
+        c.judge_options(entries, True, euid=1000)
+    c.judge_options([(2, "uid", "1000")], True, euid=1000)  # its own uid is fine
+    with pytest.raises(c.ConfigError, match="not in that group"):
+        c.judge_options([(3, "gid", "0")], True, euid=1000, groups=[1000])
+
+
+def test_template_is_judged_as_rendered(tmp_path: Path):
+    f = tmp_path / "t.ini.j2"
+    f.write_text("[uwsgi]\n{% for i in range(2) %}http-socket = 127.0.0.1:{{ 9000 + i }}\n{% endfor %}")
+    cfg = c.load(f, judge=True)
+    assert cfg.error is not None and cfg.error.startswith("t.ini.j2 (rendered):3: 'http-socket' given again")
+
+
+def _doc_keys(text: str, header: str) -> list[str]:
+    """The first word of the first cell of each row of the table whose header row is `header`."""
+    lines = text.splitlines()
+    i = lines.index(header) + 2
+    keys = []
+    while i < len(lines) and lines[i].startswith("|"):
+        keys.append(lines[i].split("|")[1].strip().split()[0].strip("`"))
+        i += 1
+    return keys
+
+
+def test_docs_list_exactly_the_declared_keys():
+    """README.md's and docs/CONTRACT.md's key tables cannot drift from the declaration."""
+    root = Path(__file__).resolve().parent.parent
+    declared = list(c.declared_options())
+    readme = _doc_keys((root / "README.md").read_text(), "| key | type | default | meaning |")
+    contract = _doc_keys((root / "docs" / "CONTRACT.md").read_text(), "| option | meaning |")
+    assert sorted(readme) == sorted(declared), set(readme) ^ set(declared)
+    assert sorted(contract) == sorted(declared), set(contract) ^ set(declared)
+    assert len(readme) == len(set(readme)) and len(contract) == len(set(contract))
+
+
+def test_declaration_rows_are_complete():
+    for key, o in c.declared_options().items():
+        assert o.type in c.CHECKERS, key
+        assert o.doc, key
+        if o.default is not None:
+            c.CHECKERS[o.type](o.default)  # a default the checker itself accepts
+        if o.alias is not None:
+            assert o.alias in c.declared_options(), key
+
+
+def test_perl_and_python_give_the_same_verdict_on_every_declared_option():
+    """The vassal (ForkServer::Config) and the Emperor (CHECKERS) judge
+    values of each declared type alike: a file the Emperor accepts is one
+    the vassal accepts, and the reverse."""
+    import json
+    import subprocess
+
+    samples = ["", "0", "1", "7", "true", "Off", "maybe", "0600", "0999", "-1", "1.5",
+               "127.0.0.1:80", ":9101", "[::1]:9101", "127.0.0.1:99999", "nowhere", "A=1",
+               "=1", "/", "/x?y=1", "x y", "/a b", "root", "no-such-user-here"]
+    keys = [k for k, o in c.declared_options().items() if not o.emperor and o.type != "include"]
+    script = r'''
+        use strict; use warnings; use JSON::PP; use ForkServer::Config;
+        my ($keys, $samples) = @{ decode_json(do { local $/; <STDIN> }) };
+        my %out;
+        for my $k (@$keys) { for my $v (@$samples) {
+            $out{"$k\0$v"} = eval { ForkServer::Config->new->set($k, $v, 'test'); 1 } ? 1 : 0;
+        } }
+        print encode_json(\%out);
+    '''
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run(["perl", "-I", str(root / "perl"), "-e", script],
+                       input=json.dumps([keys, samples]), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    perl = json.loads(r.stdout)
+    differ = []
+    for k in keys:
+        for v in samples:
+            try:
+                c.CHECKERS[c.declared_options()[k].type](v)
+                py = 1
+            except ValueError:
+                py = 0
+            if perl[f"{k}\0{v}"] != py:
+                differ.append((k, v, {"perl": perl[f"{k}\0{v}"], "python": py}))
+    assert differ == []
+    assert len(perl) == len(keys) * len(samples) > 300

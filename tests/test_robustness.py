@@ -173,9 +173,9 @@ def test_bad_configs_fail_alone_with_one_clear_line(emp):
             "dangling": "emperor: [dangling] bad config",
             "tmpl": "emperor: [tmpl] bad config",
             "fifo": "emperor: [fifo] bad config",
-            "badport": "emperor: [badport] cannot bind http-socket 127.0.0.1:99999",
+            "badport": "emperor: [badport] bad config",
             "inuse": "emperor: [inuse] cannot bind http-socket",
-            "unknown": "psgi-vassal unknown: error: unknown option 'no-such-option'",
+            "unknown": "emperor: [unknown] bad config",
             "missing": "psgi-vassal missing: error: app file '/nonexistent/app.psgi' not found",
             "dies": "psgi-vassal dies: error: cannot load app",
         }
@@ -185,9 +185,9 @@ def test_bad_configs_fail_alone_with_one_clear_line(emp):
             "dangling": "dangling.ini: unreadable: dangling symlink",
             "tmpl": "tmpl.ini.j2:2: 'port' is undefined",
             "fifo": "fifo.ini: unreadable: not a regular file",
-            "badport": "bad port",
+            "badport": "badport.ini:2: bad value '127.0.0.1:99999' for option 'http-socket': port out of range",
             "inuse": "Address already in use",
-            "unknown": "unknown.ini line 3",
+            "unknown": "unknown.ini:3: unknown option 'no-such-option'",
             "missing": "not found",
             "dies": "boom: this app refuses to load",
         }
@@ -196,20 +196,23 @@ def test_bad_configs_fail_alone_with_one_clear_line(emp):
             line = e.lines(needle)[0]
             assert causes[name] in line, line
         # the vassal fails alone, several times: throttled with failures counted
-        crashing = ["unknown", "missing", "dies", "badport", "inuse"]
+        crashing = ["missing", "dies", "inuse"]
         wait_for(lambda: all(e.status()[n]["failures"] >= 2 for n in crashing), 20,
                  "each crashing vassal to fail twice")
         st = e.status()
         for n in crashing:
             assert st[n]["failures"] >= 2, st[n]
             assert st[n]["state"] in ("throttled", "adopting", "starting"), st[n]
-        for n in ("invalid", "dir", "dangling", "tmpl", "fifo"):
+            # the last failure, with its exit status or reason, is in the status
+            assert st[n]["error"] and ("died (exit status 1)" in st[n]["error"]
+                                       or "cannot bind" in st[n]["error"]), st[n]
+        for n in ("invalid", "dir", "dangling", "tmpl", "fifo", "unknown", "badport"):
             assert st[n]["error"] and causes[n] in st[n]["error"], st[n]
             assert st[n]["state"] == "config-error", st[n]
             assert e.vpids(n) == [], f"{n} was started despite its error"
         # a config error is logged once, not at every rescan (2 s)
         time.sleep(2.5)
-        for n in ("invalid", "dir", "dangling", "tmpl", "fifo"):
+        for n in ("invalid", "dir", "dangling", "tmpl", "fifo", "unknown", "badport"):
             assert len(e.lines(expect[n])) == 1, e.lines(expect[n])
         assert len(e.lines("emperor: [inuse] cannot bind")) == 1
         # everything else is fine

@@ -278,3 +278,81 @@ def test_template_and_configmap_swap_end_to_end(fleet):
     assert "'nope' is undefined" in (doc["vassals"]["bad"]["error"] or "")
     assert doc["vassals"]["bad"]["pid"] is None
     assert get(fleet.ports["app1"])["name"] == "app1"
+
+
+def test_out_of_range_status_port_is_refused_before_anything_starts(tmp_path: Path):
+    for port in ("99999", "65536", "0"):
+        r = subprocess.run([EMPEROR, "run", tmp_path, "--status-http", f"127.0.0.1:{port}"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2, (port, r)
+        assert f"port {int(port)} out of range" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_stats_clients_beyond_the_cap_are_refused_with_a_message_and_a_non_reader_expires(
+        tmp_path: Path):
+    """At the cap, a new client is told why (not a client in progress dropped
+    without a word); a client that never reads its (large) document holds
+    its slot only until WRITE_TIMEOUT."""
+    import selectors
+    import time
+
+    sel = selectors.DefaultSelector()
+    vassals = {f"v{i:04d}": SimpleNamespace(name=f"v{i:04d}", phase="new", pid=None,
+                                            generation=0, failures=0, not_before=0.0)
+               for i in range(3000)}  # a document far larger than a socket buffer
+    emp = SimpleNamespace(vassals=vassals, dir=Path("/x"), sel=sel, log=lambda m: None)
+    path = tmp_path / "s.sock"
+    srv = status.StatusServer(stats_path=path, max_clients=2).bind()
+    srv.attach(emp)
+    clock = [time.monotonic()]
+    socks: list[socket.socket] = []
+
+    def connect(rcvbuf: int | None = None) -> socket.socket:
+        c = socket.socket(socket.AF_UNIX)
+        if rcvbuf:
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        c.connect(str(path))
+        c.setblocking(False)
+        socks.append(c)
+        return c
+
+    def turn():
+        for key, _ in sel.select(0.05):
+            key.data(clock[0])
+
+    def read_all(c: socket.socket, into: dict) -> bool:
+        turn()
+        try:
+            chunk = c.recv(1 << 20)
+        except BlockingIOError:
+            return False
+        into.setdefault(c, b"")
+        into[c] += chunk
+        return not chunk
+
+    try:
+        got: dict = {}
+        stuck = connect(rcvbuf=4096)  # never reads
+        reader = connect()
+        wait_for(lambda: read_all(reader, got), 20, "the reader's document")
+        assert len(json.loads(got[reader])["vassals"]) == 3000
+        assert len(srv.clients) == 1, "the stalled client holds one slot"
+        second, third = connect(), connect()  # one slot left: the third is refused
+        wait_for(lambda: read_all(third, got), 20, "the refusal")
+        assert "too many status clients" in json.loads(got[third])["error"]
+        wait_for(lambda: read_all(second, got), 20, "the second reader's document")
+        assert len(json.loads(got[second])["vassals"]) == 3000
+        # time passes (the clock the Emperor's loop hands in): the non-reader goes
+        clock[0] += status.WRITE_TIMEOUT + 1
+        late = connect()
+        wait_for(lambda: read_all(late, got), 20, "a document after the non-reader expired")
+        assert len(json.loads(got[late])["vassals"]) == 3000
+        assert stuck.fileno() not in srv.clients and len(srv.clients) == 0
+        assert srv.refused == 1
+    finally:
+        for c in socks:
+            c.close()
+        srv.close()
+        sel.close()
+    assert not path.exists()

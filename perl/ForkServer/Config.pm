@@ -3,10 +3,10 @@ use strict;
 use warnings;
 
 use File::Basename ();
+use File::Spec ();
+use JSON::PP ();
 
-# The option table. Each option: a checker that returns the normalised value
-# or dies with the reason, and whether repeats accumulate (list) or the last
-# one wins. Names follow uWSGI where uWSGI has the option.
+# Option types. Names of options follow uWSGI where uWSGI has the option.
 my $UINT  = sub { $_[0] =~ /\A\d+\z/ ? 0 + $_[0] : die "expected a non-negative integer\n" };
 my $COUNT = sub { $_[0] =~ /\A\d+\z/ && $_[0] >= 1 ? 0 + $_[0] : die "expected an integer >= 1\n" };
 my $STR   = sub { length $_[0] ? $_[0] : die "expected a non-empty value\n" };
@@ -31,50 +31,44 @@ my $ENV_PAIR = sub { $_[0] =~ /\A[^=]+=/s ? $_[0] : die "expected KEY=VALUE\n" }
 my $ADDR = sub { parse_address($_[0]); $_[0] };
 my $URL_PATH = sub { $_[0] =~ m{\A/[^\s#]*\z} ? $_[0] : die "expected a path starting with / (a query string may follow)\n" };
 
-my %OPTIONS = (
-    'early-psgi'            => { check => $STR },
-    'early-warmup'          => { check => $URL_PATH, list => 1 },
-    'psgi'                  => { check => $STR },
-    'fork-server'           => { check => $STR },
-    'fork-server-mode'      => { check => $OCTAL },
-    'fork-server-allow-uid' => { check => $UID, list => 1 },
-    'fork-server-timeout'   => { check => $COUNT },
-    'fork-server-double-fork' => { check => $BOOL, flag => 1 },
-    'fork-server-hugepages'   => { check => $BOOL },
-    'http-socket'           => { check => $ADDR },
-    'processes'             => { check => $COUNT },
-    'workers'               => { check => $COUNT, alias => 'processes' },
-    'env'                   => { check => $ENV_PAIR, list => 1 },
-    'chdir'                 => { check => $STR },
-    'uid'                   => { check => $UID },
-    'gid'                   => { check => $GID },
-    'procname'              => { check => $STR },
-    'listen'                => { check => $COUNT },
-    'max-requests'          => { check => $UINT },
-    'harakiri'              => { check => $UINT },
-    'heartbeat'             => { check => $UINT },
-    'idle'                  => { check => $UINT },
-    'name'                  => { check => $STR },
-    'disable-logging'       => { check => $BOOL, flag => 1 },
-    'ini'                   => { check => $STR, special => 1 },
-    # Keys of a vassal file that only the Emperor reads (docs/CONTRACT.md):
-    # accepted with any value and ignored, since the vassal reads the same file.
-    'on-demand'             => { check => sub { $_[0] }, ignored => 1 },
+# The checker of each option type: returns the normalised value or dies with
+# the reason. psgi_forkserver/config.py validates the same types.
+my %CHECK = (
+    string    => $STR,
+    path      => $STR,
+    'url-path' => $URL_PATH,
+    octal     => $OCTAL,
+    user      => $UID,
+    group     => $GID,
+    count     => $COUNT,
+    uint      => $UINT,
+    bool      => $BOOL,
+    address   => $ADDR,
+    env       => $ENV_PAIR,
+    include   => $STR,
 );
 
-my %DEFAULTS = (
-    'fork-server-mode'    => 0600,
-    'fork-server-timeout' => 5,
-    'fork-server-double-fork' => 0,
-    'fork-server-hugepages'   => 1,
-    'processes'           => 1,
-    'listen'              => 1024,
-    'max-requests'        => 0,
-    'harakiri'            => 0,
-    'heartbeat'           => 0,
-    'idle'                => 0,
-    'disable-logging'     => 0,
-);
+# The options themselves are declared once, in options.json next to this
+# file, which the Emperor reads too (one table of known keys for both sides).
+our $OPTIONS_FILE = File::Spec->catfile(File::Basename::dirname(__FILE__), 'options.json');
+my (%OPTIONS, %DEFAULTS, @DECLARED);
+{
+    open my $fh, '<:raw', $OPTIONS_FILE or die "cannot read $OPTIONS_FILE: $!\n";
+    @DECLARED = @{ JSON::PP->new->decode(do { local $/; <$fh> })->{options} };
+    for my $o (@DECLARED) {
+        my $check = $CHECK{ $o->{type} } or die "$OPTIONS_FILE: $o->{key}: unknown type '$o->{type}'\n";
+        my %spec = (check => $check);
+        $spec{list}  = 1 if $o->{repeat} && $o->{type} ne 'include';
+        $spec{flag}  = 1 if $o->{flag};
+        $spec{alias} = $o->{alias} if defined $o->{alias};
+        $spec{special} = 1 if $o->{type} eq 'include';
+        # keys only the Emperor reads: accepted with any value and ignored,
+        # since the vassal reads the same file
+        %spec = (check => sub { $_[0] }, ignored => 1) if $o->{emperor};
+        $OPTIONS{ $o->{key} } = \%spec;
+        $DEFAULTS{ $o->{key} } = $check->($o->{default}) if defined $o->{default} && !$o->{emperor};
+    }
+}
 
 =head1 NAME
 
@@ -97,12 +91,25 @@ appears. When C<config_text> is given (the body read from the Emperor's
 config pipe), it takes the place of the first C<--ini> file; the file name
 then only gives the vassal its name.
 
-Keys only the Emperor reads (C<on-demand>) are accepted and ignored.
+Every option is declared once, with its type, whether it repeats, its
+default and a description, in F<options.json> next to this module; the
+Emperor (psgi_forkserver/config.py) reads the same file to judge vassal
+files. This module keeps one checker per type. Adding an option is one line
+there. Keys only the Emperor reads (C<on-demand>, marked C<emperor>) are
+accepted and ignored.
 
 Errors (unknown option, bad value, unreadable file) die with a one-line
 message ending in a newline.
 
 =cut
+
+=head2 options()
+
+The declaration (options.json's C<options>), for tools and tests.
+
+=cut
+
+sub options { return @DECLARED }
 
 sub new {
     my ($class) = @_;
