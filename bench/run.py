@@ -564,11 +564,19 @@ def code_deploy(procs: Procs, ports: Ports, tmp: Path, sizes: Sizes) -> dict:
         for t in threads:
             t.start()
         time.sleep(1.0)  # load running before the deploy
+        follow()
+        seen.clear()
         t0 = time.perf_counter()
         os.kill(em.proc.pid, signal.SIGUSR1)
         deadline = t0 + 120
-        follow()
-        seen.clear()
+        # until the first vassal moved, only the log is watched: a stats
+        # request wakes the Emperor's loop, and would hide a loop that
+        # sleeps through the new base's readiness
+        while "first_moved" not in seen:
+            follow()
+            if time.perf_counter() > deadline:
+                raise BenchError(f"no vassal moved in 120 s: {sorted(seen)}")
+            time.sleep(0.05)
         while True:
             follow()
             gens, settled, states = generations()
