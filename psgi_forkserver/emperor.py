@@ -644,12 +644,12 @@ class Emperor:
         deploy started it, the deploy learns it (a base: the deploy failed;
         an adopted vassal: its move failed)."""
         p = v.proc(seq)
-        if p is None or p is not v.successor or p.reason != basesmod.CODE_DEPLOY:
+        if p is None or p is not v.successor:
             return
-        if p.kind == Kind.BASE:
+        if p.kind == Kind.BASE:  # a new base is a new generation, whatever the reason
             self.deploys.base_failed(now, v.name, p.base_generation,
                                      f"new base {why} before it was ready")
-        else:
+        elif p.reason == basesmod.CODE_DEPLOY:
             self.deploys.move_failed(v.name, why)
 
     def deploy_status(self) -> dict[str, Any]:

@@ -155,3 +155,18 @@ def test_reload_base_wait_fails_with_the_reason_when_the_new_base_cannot_start(
     # without --stats, --wait cannot learn anything: a usage error, nothing signalled
     bad = reload_base(e, "--wait")
     assert bad.returncode == 2 and "--stats" in bad.stderr
+
+
+def test_changed_base_file_that_cannot_load_fails_the_deploy_until_fixed(emperor):  # noqa: F811
+    e, ports = deploy_fleet(emperor, ["app1", "app2"])
+    good = (e.dir / "base.ini").read_text()
+    e.write("base", good.replace(str(VERSIONED_APP), str(VERSIONED_APP) + ".missing"))
+    wait_for(lambda: e.lines("code deploy to generation 2 failed"), 30, "the failed deploy's summary")
+    assert "generation 1 keeps serving" in e.lines("code deploy to generation 2 failed")[0]
+    assert serve(ports, "v1")
+    # the file fixed (with new code): the same generation comes up, every vassal moves
+    (e.dir / "version.txt").write_text("v2\n")
+    e.write("base", good + "; fixed\n")
+    wait_for(lambda: serve(ports, "v2"), 60, "every vassal on the fixed base")
+    wait_for(lambda: e.lines("code deploy to generation 2 done"), 30, "the deploy's summary")
+    assert "2 moved, 0 failed" in e.lines("code deploy to generation 2 done")[0]
