@@ -1,4 +1,4 @@
-"""`emperor run VASSALS_DIR ...`, `emperor reload-base --pidfile PATH`"""
+"""`emperor run VASSALS_DIR ...`, `emperor reload-base --pidfile PATH [--wait --stats SOCK]`"""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from . import paths
 from .emperor import Emperor, Options, StartupError, pidfile_is_held
@@ -60,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="code deploy: new base generation, move every adopted vassal")
     rb.add_argument("--pidfile", type=Path, metavar="PATH", required=True,
                     help="the running Emperor's --pidfile")
+    rb.add_argument("--wait", action="store_true",
+                    help="wait for the outcome: exit 0 once every vassal runs on the new "
+                         "generation, 1 with the reason otherwise (needs --stats)")
+    rb.add_argument("--stats", type=Path, metavar="PATH",
+                    help="the running Emperor's --stats socket (for --wait)")
+    rb.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                    help="--wait: give up after this long (default 300)")
     add_status_arguments(run)
     add_status_command(sub)
     return p
@@ -78,9 +87,31 @@ def is_emperor(pid: int) -> bool:
     return False
 
 
-def reload_base(pidfile: Path) -> int:
-    """SIGUSR1 to the Emperor of `pidfile`, only once it is sure to be one:
-    a stale pidfile may name any process by now."""
+WAIT_POLL = 0.25  # --wait: seconds between two looks at the stats document
+
+
+def reload_base(pidfile: Path, wait: bool = False, stats: Path | None = None,
+                timeout: float = 300.0) -> int:
+    """SIGUSR1 to the Emperor of `pidfile`, only once it is sure to be one
+    (a stale pidfile may name any process by now); with `wait`, follow the
+    deploy on the stats socket until it ends (the document's
+    `emperor.deploy`, see bases.py).
+
+    Which deploy is ours: `requests` counts the SIGUSR1s the Emperor
+    handled; ours is the first deploy whose `request` is past the count
+    read before signalling (a request that arrives while the same new
+    generation is still starting shares that deploy)."""
+    if wait and stats is None:
+        print("emperor: reload-base: --wait needs --stats (the Emperor's stats socket)",
+              file=sys.stderr)
+        return 2
+    before = 0
+    if wait:
+        try:
+            before = _deploy_doc(stats)["requests"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"emperor: reload-base: {stats}: {e}", file=sys.stderr)
+            return 1
     try:
         pid = int(pidfile.read_text().strip())
         held = pidfile_is_held(pidfile)
@@ -98,8 +129,44 @@ def reload_base(pidfile: Path) -> int:
     except OSError as e:
         print(f"emperor: reload-base: pid {pid}: {e.strerror}", file=sys.stderr)
         return 1
-    print(f"emperor: reload-base: signalled pid {pid}")
-    return 0
+    print(f"emperor: reload-base: signalled pid {pid}", flush=True)
+    if not wait:
+        return 0
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] | None = None
+    while time.monotonic() < deadline:
+        try:
+            doc = _deploy_doc(stats)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"emperor: reload-base: {stats}: {e}", file=sys.stderr)
+            return 1
+        last = doc.get("last")
+        if last is not None and last.get("request", 0) > before and last.get("finished"):
+            return _outcome(last)
+        time.sleep(WAIT_POLL)
+    state = f" (last seen: {last['state']}, generation {last['generation']})" if last else ""
+    print(f"emperor: reload-base: no outcome within {timeout:g} s{state}", file=sys.stderr)
+    return 1
+
+
+def _deploy_doc(stats: Path) -> dict[str, Any]:
+    from .status import fetch
+
+    deploy = fetch(stats)["emperor"]["deploy"]
+    if not isinstance(deploy, dict):
+        raise ValueError("this Emperor does not report deploys")
+    return deploy
+
+
+def _outcome(d: dict[str, Any]) -> int:
+    what = (f"generation {d['generation']}: {d['state']}, {d['moved']} moved, "
+            f"{len(d['failed'])} failed, {d['duration_s']:.2f} s")
+    if d["state"] == "done":
+        print(f"emperor: reload-base: {what}")
+        return 0
+    why = d.get("reason") or "; ".join(f"{n}: {r}" for n, r in d["failed"].items())
+    print(f"emperor: reload-base: {what}: {why}", file=sys.stderr)
+    return 1
 
 
 def check_paths(args: argparse.Namespace) -> str | None:
@@ -135,7 +202,7 @@ def check_paths(args: argparse.Namespace) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "reload-base":
-        return reload_base(args.pidfile)
+        return reload_base(args.pidfile, args.wait, args.stats, args.timeout)
     if args.command == "status":
         return status_command(args)
     vdir: Path = args.vassals_dir

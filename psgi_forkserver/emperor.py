@@ -15,10 +15,12 @@ every adopted vassal moved onto it, `deploy_parallel` at a time) never close
 the port.
 
 Code deploys and the fork-server socket: base generation 1 serves on its
-configured `fork-server` path; generation N > 1 is started with the argv
-override `--fork-server PATH.genN`, so the new base never clashes with the
-old one, which keeps listening until the last adopted vassal has moved.
-Each base unlinks only its own socket on exit.
+configured path (`--use-fork-server SOCK`, else its `fork-server`);
+generation N > 1 is started with the argv override `--fork-server
+PATH.genN`, so the new base never clashes with the old one, which keeps
+listening until the last adopted vassal has moved. Every adoption goes to
+the socket of the generation it names (bases.py). Each base unlinks only
+its own socket on exit.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any
 import psutil
 
 from . import config as cfgmod
+from . import bases as basesmod
 from . import forkserver, launch, sockets
 from .forkserver import AdoptionError, PendingAdoption
 from .launch import describe_status, program_argv
@@ -285,6 +288,11 @@ class Emperor:
         self.read_errors: dict[str, str] = {}  # transient read error logged, per vassal
         self.on_demand_registered: set[str] = set()
         self.lock_fds: list[int] = []  # flocks held while we run (claim())
+        self.deploys = basesmod.DeployTracker(self.log)
+        # the vassals must step again at once (the fork server changed, or a
+        # deploy slot came free): the loop does not wait for the next event
+        self.again = False
+        self.fork_server_seen = ForkServer.NONE
 
     # -- logging -------------------------------------------------------------
 
@@ -417,10 +425,13 @@ class Emperor:
     def reload_base(self) -> None:
         """A code deploy: a new base generation, then every adopted vassal moves."""
         base = self._base()
+        now = time.monotonic()
         if base is None or base.current is None:
             self.log("reload-base: no running base vassal")
+            self.deploys.refused(now, "no running base vassal")
             return
         base.request_deploy()
+        self.deploys.requested(now, base)
         self.log(f"code deploy: base generation {base.want_base_generation}", base.name)
 
     def _on_inotify(self, now: float) -> None:
@@ -510,6 +521,7 @@ class Emperor:
         self._finish_adoption(name, seq)
         self._drop_proc(name, seq)  # a vassal forked anyway sees EOF and stops
         v = self.vassals[name]
+        self._start_failed_for_deploy(v, seq, now, f"adoption failed: {reason}")
         v.start_failed(now, reason, seq)
         v.last_error = f"adoption failed: {reason}"
         self.log(f"adoption failed: {reason}; retry in {max(0, v.not_before - now):.1f} s", name)
@@ -543,8 +555,11 @@ class Emperor:
         # what it forked and left behind is ours now: swept once this turn
         self.ended.add(pid, name)
         self.sweep_due = True
-        what = v.exited(status, now, pid)
         st = describe_status(status)
+        p = v.proc(pid=pid)
+        if p is not None and p is v.successor:
+            self._start_failed_for_deploy(v, p.seq, now, f"pid {pid} died ({st})")
+        what = v.exited(status, now, pid)
         if what == "retired":
             self.log(f"old pid {pid} stopped ({st})", name)
         elif what == "stopped":
@@ -730,26 +745,29 @@ class Emperor:
                 return v
         return None
 
-    @staticmethod
-    def base_socket_path(cfg: cfgmod.VassalConfig, generation: int) -> Path | None:
-        """Generation 1 serves on the configured path; a code deploy's new
-        base (generation N > 1) on PATH.genN, so that it never clashes with
-        the old base, which still listens until its vassals have moved."""
-        path = cfg.fork_server_path()
-        if path is None or generation <= 1:
-            return path
-        return path.with_name(f"{path.name}.gen{generation}")
+    def base_socket_path(self, cfg: cfgmod.VassalConfig | None, generation: int) -> Path | None:
+        """The socket base generation `generation` serves (bases.socket_path);
+        generation 1's is `--use-fork-server SOCK`, else the file's `fork-server`."""
+        root = self.opts.use_fork_server
+        if root is None and cfg is not None:
+            root = cfg.fork_server_path()
+        return basesmod.socket_path(root, generation)
 
-    def _fork_server_path(self) -> Path | None:
-        if self.opts.use_fork_server is not None:
-            return self.opts.use_fork_server
+    def _fork_server_path(self, generation: int | None = None) -> Path | None:
+        """Where to send an adoption for base generation `generation` (None:
+        the generation that serves now)."""
         base = self._base()
         if base is None:
-            return None
+            return self.opts.use_fork_server  # an external fork server: one generation
         cur = base.current
-        if cur is not None and cur.kind == Kind.BASE:
-            return self.base_socket_path(cur.config, cur.base_generation)
-        return base.config.fork_server_path() if base.config else None
+        if generation is None:
+            generation = cur.base_generation if cur is not None and cur.kind == Kind.BASE else 1
+        for p in base.procs():  # the base process of that generation knows its socket
+            h = self.procs.get((base.name, p.seq))
+            if p.kind == Kind.BASE and p.base_generation == generation and h is not None \
+                    and h.fork_server is not None:
+                return h.fork_server
+        return self.base_socket_path(base.config or base.running, generation)
 
     def _fork_server_state(self, now: float) -> tuple[ForkServer, int]:
         base = self._base()
@@ -768,6 +786,37 @@ class Emperor:
             self.external_next_probe = now + PROBE_EVERY
         return (ForkServer.READY if self.external_ready else ForkServer.WAITING), 1
 
+    def _start_failed_for_deploy(self, v: Vassal, seq: int, now: float, why: str) -> None:
+        """A successor failed to start or died before taking over: if a code
+        deploy started it, the deploy learns it (a base: the deploy failed;
+        an adopted vassal: its move failed)."""
+        p = v.proc(seq)
+        if p is None or p is not v.successor:
+            return
+        if p.kind == Kind.BASE:  # a new base is a new generation, whatever the reason
+            self.deploys.base_failed(now, v.name, p.base_generation,
+                                     f"new base {why} before it was ready")
+        elif p.reason == basesmod.CODE_DEPLOY:
+            self.deploys.move_failed(v.name, why)
+
+    def deploy_status(self) -> dict[str, Any]:
+        """The deploys in the stats document (`emperor.deploy`): what
+        `emperor reload-base --wait` waits on."""
+        return self.deploys.as_dict(time.monotonic(), self._base())
+
+    def _base_back(self, now: float, fs: ForkServer, others: list[Vassal]) -> None:
+        """The fork server is ready again (a removed or crashed base is
+        back): vassals that were waiting for it in a crash-loop backoff (a
+        plain start that could not load the base's code, a failed adoption)
+        are adopted now, not after a backoff of up to `backoff_max`."""
+        if fs == ForkServer.READY and self.fork_server_seen != ForkServer.READY:
+            for v in others:
+                if v.phase == Phase.THROTTLED and not v.has_process and v.not_before > now:
+                    v.failures = 0
+                    v.not_before = now
+                    self.log("fork server ready: starting now, not after the back-off", v.name)
+        self.fork_server_seen = fs
+
     def _probe_bases(self, now: float) -> None:
         """A base that sends no byte 1 (uWSGI's) is ready once its socket accepts."""
         for name, v in self.vassals.items():
@@ -780,7 +829,9 @@ class Emperor:
                 if now < p.started_at + PROBE_AFTER or now < h.next_probe:
                     continue
                 h.next_probe = now + PROBE_EVERY
-                path = self.opts.use_fork_server or h.fork_server
+                # its own generation's socket: during a deploy, the old
+                # generation's accepts too, which says nothing about this one
+                path = h.fork_server or self.opts.use_fork_server
                 if path is not None and forkserver.probe(path):
                     if v.mark_ready(now, p.seq):
                         ms = (now - p.started_at) * 1000
@@ -812,6 +863,7 @@ class Emperor:
                 lst.fileno() if lst is not None else None,
             )
         except OSError as e:
+            self._start_failed_for_deploy(v, seq, now, f"cannot start {argv[0]}: {e.strerror}")
             self._abandon_start(v, seq, now, h, ours, str(e))
             self.log(f"cannot start {argv[0]}: {e.strerror}; retry in {v.backoff:.1f} s", v.name)
             return
@@ -876,8 +928,11 @@ class Emperor:
 
     def _adopt(self, v: Vassal, seq: int, now: float) -> None:
         p = v.proc(seq)
-        path = self._fork_server_path()
-        assert p is not None and path is not None
+        assert p is not None
+        # the generation step() chose (Proc.base_generation): during a deploy
+        # the old one listens too, and a moved vassal must come from the new one
+        path = self._fork_server_path(p.base_generation)
+        assert path is not None
         ok, lst = self._listener(v, now)
         if not ok:
             v.start_failed(now, "bind", seq)
@@ -897,6 +952,7 @@ class Emperor:
             )
         except AdoptionError as e:
             self.external_ready = False
+            self._start_failed_for_deploy(v, seq, now, f"adoption failed: {e}")
             self._abandon_start(v, seq, now, h, ours, str(e))
             self.log(f"adoption failed: {e}; retry in {max(0, v.not_before - now):.1f} s", v.name)
             return
@@ -1002,6 +1058,7 @@ class Emperor:
     # -- the loop ------------------------------------------------------------------
 
     def _reconcile(self, now: float) -> None:
+        self.again = False
         for (name, seq), h in list(self.procs.items()):
             if h.adoption is not None and h.adoption.expired(now):
                 self._adoption_failed(
@@ -1019,9 +1076,10 @@ class Emperor:
             )
         others = [v for v in self.vassals.values() if not runs_as_base(v)]
         bases = [v for v in self.vassals.values() if runs_as_base(v)]
-        moving = sum(
-            1 for v in others if v.successor is not None and v.successor.reason == "code deploy"
-        )
+        self._base_back(now, fs, others)
+        movers = {v.name: v.successor for v in others
+                  if v.successor is not None and v.successor.reason == basesmod.CODE_DEPLOY}
+        moving = len(movers)
         slots = max(0, self.opts.deploy_parallel - moving)
         in_flight = sum(1 for h in self.procs.values() if h.adoption is not None)
         adopt_slots = max(0, self.opts.adopt_parallel - in_flight)
@@ -1055,9 +1113,21 @@ class Emperor:
             ctx = Context(now, fs, self.shutting_down, hold_bases, base_generation=base_gen,
                           base_users=users)
             self._execute(v, v.step(ctx), now)
+        # A new base generation took over (its successor was promoted just
+        # now), or a vassal's move ended and freed a deploy slot: nothing
+        # else may wake the loop before the next rescan, so step again now.
+        if self._fork_server_state(now) != (fs, base_gen) or any(
+            self.vassals.get(n) is None or self.vassals[n].successor is not s
+            for n, s in movers.items()
+        ):
+            self.again = True
+        self.deploys.observe(now, self._base(), [v for v in self.vassals.values()
+                                                 if not runs_as_base(v)], self.shutting_down)
         self._kill_orphans(now)
 
     def _timeout(self, now: float) -> float:
+        if self.again:
+            return 0.0
         times = [self.next_rescan]
         times += self.due.values()
         for name, v in self.vassals.items():

@@ -196,6 +196,9 @@ def emperor_status(emperor: Any) -> dict[str, Any]:
     d = getattr(emperor, "dir", None) or getattr(getattr(emperor, "opts", None), "vassals_dir", None)
     doc["vassals_dir"] = str(d) if d is not None else None
     doc["shutting_down"] = bool(getattr(emperor, "shutting_down", False))
+    # code deploys (bases.DeployTracker.as_dict): `emperor reload-base --wait` polls this
+    deploy = getattr(emperor, "deploy_status", None)
+    doc["deploy"] = deploy() if callable(deploy) else None
     return doc
 
 

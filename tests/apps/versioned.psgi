@@ -1,0 +1,14 @@
+# A PSGI app whose version is read once, when the code is loaded (in a
+# base, before any fork): a vassal forked from a base answers the version
+# that base loaded. The file is version.txt in the working directory (an
+# Emperor's vassals directory).
+use strict;
+use warnings;
+open my $fh, '<', 'version.txt' or die "version.txt: $!\n";
+chomp(my $version = <$fh> // '');
+close $fh;
+my $app = sub {
+    my $name = $ENV{APP_NAME} // '-';
+    return [200, ['Content-Type' => 'text/plain'], ["name=$name value=$version pid=$$\n"]];
+};
+$app;
