@@ -13,7 +13,8 @@ DEB_PACKAGES := perl libplack-perl libsocket-msghdr-perl libhttp-parser-xs-perl 
 	starman uwsgi-core uwsgi-plugin-psgi wrk curl procps iproute2 \
 	libmoose-perl libdatetime-perl libdatetime-timezone-perl libtemplate-perl \
 	libjson-xs-perl libdbix-class-perl libmojolicious-perl libdancer2-perl \
-	libcatalyst-perl libtry-tiny-perl libhttp-message-perl libtest-tcp-perl
+	libcatalyst-perl libtry-tiny-perl libhttp-message-perl libtest-tcp-perl \
+	libgoto-file-perl libtest2-harness-perl
 
 .PHONY: all setup run test test-python test-perl bench bench-quick clean
 

@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the running Emperor's --pidfile")
     add_status_arguments(run)
     add_status_command(sub)
+    add_prove_command(sub)
     return p
 
 
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return reload_base(args.pidfile)
     if args.command == "status":
         return status_command(args)
+    if args.command == "prove":
+        return prove_command(args)
     vdir: Path = args.vassals_dir
     if not vdir.is_dir():
         print(f"emperor: {vdir}: not a directory", file=sys.stderr)
@@ -160,6 +163,37 @@ def status_command(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(format_table(doc))
     return 0
+
+
+# -- prove: a Perl test harness forked from a preloaded base ---------------------
+
+
+def add_prove_command(sub) -> None:
+    pr = sub.add_parser("prove", help="run Perl test files forked from a preloaded base (prove's options)")
+    pr.add_argument("paths", metavar="PATH", nargs="*", help="test files and directories (default: t)")
+    pr.add_argument("-j", "--jobs", type=int, default=1, metavar="N", help="run N tests at once")
+    pr.add_argument("-I", dest="includes", action="append", default=[], metavar="DIR",
+                    help="library directory (in the base and in every test's @INC)")
+    pr.add_argument("-M", dest="modules", action="append", default=[], metavar="MODULE",
+                    help="preload MODULE, as prove's -M (imported into main)")
+    pr.add_argument("--preload", action="append", default=[], metavar="FILE",
+                    help="require FILE in the base before forking")
+    pr.add_argument("-r", "--recurse", action="store_true", help="recurse into directories")
+    pr.add_argument("-v", "--verbose", action="store_true", help="print every test's TAP")
+    pr.add_argument("--timeout", type=float, metavar="SECONDS",
+                    help="kill a test file that runs longer than this")
+    pr.add_argument("--junit", type=Path, metavar="FILE", help="also write a JUnit XML report")
+    pr.add_argument("--perl", default="perl", metavar="PATH", help="the perl to run (default: perl)")
+
+
+def prove_command(args: argparse.Namespace) -> int:
+    from .prove import ProveOptions, main as prove_main
+
+    return prove_main(ProveOptions(
+        paths=args.paths, jobs=max(1, args.jobs), includes=args.includes, modules=args.modules,
+        preloads=args.preload, recurse=args.recurse, verbose=args.verbose,
+        timeout=args.timeout, junit=args.junit, perl=args.perl,
+    ))
 
 
 if __name__ == "__main__":
