@@ -281,7 +281,7 @@ class Prove:
         if byte != b"\x01":
             pid, status = os.waitpid(self.base_pid, 0)
             self.base_pid = None
-            text = self.base_log.read_text(errors="replace").strip()
+            text = " | ".join(self.base_log.read_text(errors="replace").split("\n")).strip(" |")
             raise BaseError(f"the base did not start ({launch.describe_status(status)}): {text}")
 
     def stop_base(self) -> None:
@@ -427,7 +427,7 @@ class Prove:
         if self.opts.junit:
             write_junit(self.opts.junit, finished)
         if bailed is not None:
-            self.out.write(f"FAILED--Further testing stopped: {bailed}\n")
+            self.errout.write(f"FAILED--Further testing stopped: {bailed}\n")  # prove dies with it
             return 255
         return 0 if ok else 1
 
@@ -569,7 +569,7 @@ class Prove:
         problems = [j for j in jobs if not j.ok() or j.tap.todo_passed]
         if problems:
             out.write("\nTest Summary Report\n-------------------\n")
-            longest = max(len(j.file) for j in problems)
+            longest = max(len(f) for f in files)
             for j in problems:
                 t = j.tap
                 pad = " " * max(1, longest - len(j.file))
