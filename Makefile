@@ -38,8 +38,11 @@ run: setup
 test: setup
 	$(MAKE) --no-print-directory test-perl test-python
 
+# The Perl tests twice: under prove, and under `emperor prove` (forked
+# from a preloaded base), which must give the same verdicts.
 test-perl: setup
 	prove -r -I perl t/
+	$(VENV)/bin/emperor prove -j2 -r -I perl t/
 
 test-python: setup
 	$(VPY) -m pytest -q
