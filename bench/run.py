@@ -51,7 +51,7 @@ APPS = {"heavy": str(HERE / "heavy.psgi"), "hello": str(HERE / "hello.psgi")}
 EMPEROR = str(ROOT / ".venv" / "bin" / "emperor")
 MB = 1024 * 1024
 
-SCENARIOS = ("adoption", "serving", "cold", "fleet", "mass", "deploy")
+SCENARIOS = ("adoption", "serving", "cold", "fleet", "mass", "deploy", "prove")
 
 
 @dataclass
@@ -64,10 +64,11 @@ class Sizes:
     idle_seconds: float
     wrk_duration: str
     deploy: int = 20
+    prove_files: int = 40
 
 
 QUICK = Sizes(adoptions=20, colds=3, reactions=10, fleet=(10, 50), mass=50, idle_seconds=3, wrk_duration="3s",
-              deploy=10)
+              deploy=10, prove_files=10)
 FULL = Sizes(adoptions=50, colds=10, reactions=10, fleet=(10, 50, 200), mass=200, idle_seconds=10, wrk_duration="10s")
 
 TARGETS = {
@@ -77,6 +78,8 @@ TARGETS = {
     "mass_start_s": 3.0,
     "emperor_cpu_pct": 1.0,
     "serving_ratio": 0.90,
+    "prove_over_emperor": 10.0,
+    "yath_over_emperor": 3.0,
 }
 
 
@@ -175,6 +178,54 @@ def adoption_latency(procs: Procs, ports: Ports, tmp: Path, app: str, n: int, pa
     say(f"  first 200 p50 {r['first_200_ms']['p50']:.2f} ms, p99 {r['first_200_ms']['p99']:.2f} ms; "
         f"pid reply p50 {r['pid_reply_ms']['p50']:.2f} ms")
     return r
+
+
+PROVE_TEST = """use strict;
+use warnings;
+use Test::More;
+use HeavyStack;
+my $dt = DateTime->new(year => 2026, month => 11, day => {day}, time_zone => 'Europe/Paris');
+is $dt->day, {day}, 'DateTime';
+is_deeply(JSON::XS->new->decode('{{"n":{n}}}'), {{n => {n}}}, 'JSON::XS');
+ok(Moose::Meta::Class->create_anon_class, 'Moose');
+done_testing;
+"""
+
+PROVE_VERDICT = re.compile(r"^(\S+\.t) \.+ (ok|skipped.*)$", re.M)
+
+
+def prove_runners(procs: Procs, tmp: Path, n: int) -> dict:
+    """N test files that each load the heavy stack, run by prove -j2, yath
+    test -j2 (preloading the stack) and emperor prove -j2 (preloading it)."""
+    say(f"test harnesses: {n} test files loading the heavy stack, -j2: prove, yath, emperor prove")
+    suite = tmp / "prove-suite"
+    (suite / "t").mkdir(parents=True)
+    for i in range(n):
+        (suite / "t" / f"heavy{i:02d}.t").write_text(PROVE_TEST.format(day=1 + i % 28, n=i))
+    lib = str(HERE / "prove")
+    runners = {
+        "prove": ["prove", "-j2", "-I", lib, "t"],
+        "yath": ["yath", "test", "-j2", "-I", lib, "-PHeavyStack", "t"],
+        "emperor prove": [EMPEROR, "prove", "-j2", "-I", lib, "-M", "HeavyStack", "t"],
+    }
+    res: dict = {"files": n}
+    for name, argv in runners.items():
+        log = tmp / f"harness-{name.replace(' ', '-')}.log"
+        t0 = time.perf_counter()
+        p = procs.spawn(argv, log=log.stem, cwd=suite)
+        procs.wait(p.pid, 900)
+        wall = time.perf_counter() - t0
+        status = procs.status.get(p.pid)
+        out = log.read_text(errors="replace")
+        passed = len(PROVE_VERDICT.findall(out)) if name != "yath" else n * ("Result: PASSED" in out)
+        res[name] = {"wall_s": wall, "exit": None if status is None else os.waitstatus_to_exitcode(status),
+                     "files_passed": passed, "command": shlex.join(argv)}
+        say(f"  {name}: {wall:.2f} s, exit {res[name]['exit']}, {passed}/{n} files passed")
+        if res[name]["exit"] != 0:
+            raise BenchError(f"{name} failed (exit {res[name]['exit']}), see {log}")
+    res["prove_over_emperor"] = res["prove"]["wall_s"] / res["emperor prove"]["wall_s"]
+    res["yath_over_emperor"] = res["yath"]["wall_s"] / res["emperor prove"]["wall_s"]
+    return res
 
 
 def run_wrk(port: int, duration: str, path: str = "/") -> dict:
@@ -659,6 +710,16 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
                      f"{dp['requests_failed']} of {dp['requests_ok'] + dp['requests_failed']}"
                      + (f" (deploy took {dp['deploy_s']:.2f} s)" if "deploy_s" in dp else " (deploy unfinished)"),
                      "0", verdict(dp["requests_failed"] == 0 and "deploy_s" in dp)))
+    pv = r.get("prove")
+    if pv:
+        rows.append((f"{pv['files']} heavy test files, -j2: prove / yath test / emperor prove",
+                     f"{pv['prove']['wall_s']:.2f} / {pv['yath']['wall_s']:.2f} / {pv['emperor prove']['wall_s']:.2f} s",
+                     "", ""))
+        rows.append(("  prove / emperor prove; yath / emperor prove",
+                     f"{pv['prove_over_emperor']:.1f}x; {pv['yath_over_emperor']:.1f}x",
+                     f">= {TARGETS['prove_over_emperor']:g}x; >= {TARGETS['yath_over_emperor']:g}x",
+                     verdict(pv["prove_over_emperor"] >= TARGETS["prove_over_emperor"]
+                             and pv["yath_over_emperor"] >= TARGETS["yath_over_emperor"])))
     sv = r.get("serving", {})
     for app in ("hello", "heavy"):
         s = sv.get(app)
@@ -820,6 +881,8 @@ def main(argv: list[str] | None = None) -> int:
             r["mass"] = step("mass", lambda: mass_start(procs, ports, tmp, sizes))
         if "deploy" in only:
             r["deploy"] = step("deploy", lambda: code_deploy(procs, ports, tmp, sizes))
+        if "prove" in only:
+            r["prove"] = step("prove", lambda: prove_runners(procs, tmp, sizes.prove_files))
         if "serving" in only:
             r["serving"] = {}
             for app in ("hello", "heavy"):
