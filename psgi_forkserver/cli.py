@@ -184,6 +184,9 @@ def add_prove_command(sub) -> None:
                     help="kill a test file that runs longer than this")
     pr.add_argument("--junit", type=Path, metavar="FILE", help="also write a JUnit XML report")
     pr.add_argument("--perl", default="perl", metavar="PATH", help="the perl to run (default: perl)")
+    pr.add_argument("--destruct", action="store_true",
+                    help="forked tests end with perl's global destruction of the whole "
+                         "inherited heap (slower; default: only what the test created)")
 
 
 def prove_command(args: argparse.Namespace) -> int:
@@ -192,7 +195,7 @@ def prove_command(args: argparse.Namespace) -> int:
     return prove_main(ProveOptions(
         paths=args.paths, jobs=max(1, args.jobs), includes=args.includes, modules=args.modules,
         preloads=args.preload, recurse=args.recurse, verbose=args.verbose,
-        timeout=args.timeout, junit=args.junit, perl=args.perl,
+        timeout=args.timeout, junit=args.junit, perl=args.perl, destruct=args.destruct,
     ))
 
 

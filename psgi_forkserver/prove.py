@@ -47,6 +47,7 @@ class ProveOptions:
     timeout: float | None = None
     junit: Path | None = None
     perl: str = "perl"
+    destruct: bool = False
 
 
 # -- the files --------------------------------------------------------------------------
@@ -308,6 +309,8 @@ class Prove:
                  *(f"env={k}={v}" for k, v in self.env.items())]
         if "-w" in switches:
             items.append("warnings=1")
+        if self.opts.destruct:
+            items.append("destruct=1")
         return protocol.encode_packet(protocol.MODIFIER1_CONFIG, protocol.encode_array(items))
 
     def start(self, job: Job) -> None:
