@@ -184,6 +184,9 @@ def add_prove_command(sub) -> None:
                     help="kill a test file that runs longer than this")
     pr.add_argument("--junit", type=Path, metavar="FILE", help="also write a JUnit XML report")
     pr.add_argument("--perl", default="perl", metavar="PATH", help="the perl to run (default: perl)")
+    pr.add_argument("--watch", action="store_true",
+                    help="keep the base; rerun test files when they change, and start a new "
+                         "base (then rerun all) when a preloaded file changes")
     pr.add_argument("--destruct", action="store_true",
                     help="forked tests end with perl's global destruction of the whole "
                          "inherited heap (slower; default: only what the test created)")
@@ -192,7 +195,7 @@ def add_prove_command(sub) -> None:
 def prove_command(args: argparse.Namespace) -> int:
     from .prove import ProveOptions, main as prove_main
 
-    return prove_main(ProveOptions(
+    return prove_main(watch=args.watch, opts=ProveOptions(
         paths=args.paths, jobs=max(1, args.jobs), includes=args.includes, modules=args.modules,
         preloads=args.preload, recurse=args.recurse, verbose=args.verbose,
         timeout=args.timeout, junit=args.junit, perl=args.perl, destruct=args.destruct,

@@ -220,6 +220,7 @@ class Prove:
         self.base_pid: int | None = None
         self.base_pipe: socket.socket | None = None
         self.base_log = self.tmp / "base.log"
+        self.inc_report = self.tmp / "inc"
         self.env = self.test_env()
         self.inc, self.harness_version = self.perl_facts()
         self.env["HARNESS_VERSION"] = self.harness_version
@@ -257,6 +258,7 @@ class Prove:
         ours, theirs = socket.socketpair()
         argv = [self.opts.perl, f"-I{paths.perl_dir()}", "-MForkServer::TestFile",
                 *(f"-M{m}" for m in self.opts.modules), "-e", BASE_MAIN, "--",
+                "--inc-report", str(self.inc_report),
                 "--fork-server", str(self.sock), "--name", "emperor-prove"]
         for f in self.opts.preloads:
             argv += ["--preload", os.path.abspath(f)]
@@ -353,21 +355,54 @@ class Prove:
     # -- the loop -----------------------------------------------------------------------
 
     def run(self) -> int:
-        files = find_tests(self.opts.paths, self.opts.recurse)
+        """One run of every test file: prove's output, prove's exit status."""
+        self.setup()
+        try:
+            return self.run_batch(find_tests(self.opts.paths, self.opts.recurse))
+        finally:
+            self.teardown()
+
+    def setup(self) -> None:
+        launch.set_child_subreaper()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        self.old_wakeup = signal.set_wakeup_fd(self.wake_w.fileno())
+        self.old_chld = signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.wake_r, selectors.EVENT_READ, None)
+
+    def teardown(self) -> None:
+        for j in self.jobs.values():
+            if j.status is None:
+                self.kill(j)
+        self.stop_base()
+        self.reap_leftovers()
+        self.sel.close()
+        signal.signal(signal.SIGCHLD, self.old_chld)
+        signal.set_wakeup_fd(self.old_wakeup)
+        self.wake_r.close()
+        self.wake_w.close()
+        self.close_streams()
+        _rmtree(self.tmp)
+
+    def close_streams(self) -> None:
+        for j in self.jobs.values():
+            for s in (j.out, j.err):
+                if s is not None:
+                    s.close()
+            j.out = j.err = None
+
+    def run_batch(self, files: list[str]) -> int:
+        """Run `files` (the base started if needed and not running), print
+        prove's lines and summary; the exit status prove would have."""
         t0, cpu0 = time.monotonic(), os.times()
         queue = [Job(f, *cold_reason(f)) for f in files]
         finished: list[Job] = []
         bailed: str | None = None
-        launch.set_child_subreaper()
-        wake_r, wake_w = socket.socketpair()
-        wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
-        old_chld = signal.signal(signal.SIGCHLD, lambda *_: None)
-        sel = selectors.DefaultSelector()
-        sel.register(wake_r, selectors.EVENT_READ, None)
+        self.jobs = {}
         try:
-            if any(j.cold is None for j in queue):
+            if self.base_pid is None and any(j.cold is None for j in queue):
                 self.start_base()
             pending = list(queue)
             running: list[Job] = []
@@ -379,26 +414,10 @@ class Prove:
                     for s in (job.out, job.err):
                         if s is not None:
                             s.setblocking(False)
-                            sel.register(s, selectors.EVENT_READ, job)
+                            self.sel.register(s, selectors.EVENT_READ, job)
                 if bailed is not None:
                     pending.clear()
-                wait = 0.5
-                if self.opts.timeout:
-                    now = time.monotonic()
-                    for j in running:
-                        if j.status is None:
-                            wait = max(0.0, min(wait, j.started + self.opts.timeout - now))
-                for key, _ in sel.select(wait):
-                    if key.data is None:
-                        try:
-                            while wake_r.recv(4096):
-                                pass
-                        except BlockingIOError:
-                            pass
-                    else:
-                        self.read(key.fileobj, key.data, sel)
-                self.reap()
-                self.expire(running)
+                self.wait_events(running)
                 for j in [j for j in running if j.done]:
                     running.remove(j)
                     j.tap.finish()
@@ -414,25 +433,102 @@ class Prove:
             for j in self.jobs.values():
                 if j.status is None:
                     self.kill(j)
-            self.stop_base()
-            self.reap_leftovers()
-            sel.close()
-            signal.signal(signal.SIGCHLD, old_chld)
-            signal.set_wakeup_fd(old_wakeup)
-            wake_r.close()
-            wake_w.close()
-            for j in self.jobs.values():
-                for s in (j.out, j.err):
-                    if s is not None:
-                        s.close()
-            _rmtree(self.tmp)
+            self.close_streams()
         ok = self.summary(finished, files, t0, cpu0)
         if self.opts.junit:
             write_junit(self.opts.junit, finished)
         if bailed is not None:
             self.errout.write(f"FAILED--Further testing stopped: {bailed}\n")  # prove dies with it
+            self.errout.flush()
             return 255
         return 0 if ok else 1
+
+    def wait_events(self, running: list[Job], longest: float = 0.5) -> None:
+        """Wait for output, a child's end or the next timeout; handle them."""
+        wait = longest
+        if self.opts.timeout:
+            now = time.monotonic()
+            for j in running:
+                if j.status is None:
+                    wait = max(0.0, min(wait, j.started + self.opts.timeout - now))
+        for key, _ in self.sel.select(wait):
+            if key.data is None:
+                try:
+                    while self.wake_r.recv(4096):
+                        pass
+                except BlockingIOError:
+                    pass
+            else:
+                self.read(key.fileobj, key.data, self.sel)
+        self.reap()
+        self.expire(running)
+
+    # -- watch mode ---------------------------------------------------------------------
+
+    def watch(self, interval: float = 0.3) -> int:
+        """Run everything, then rerun the test files that change (and new
+        ones); when a preloaded file changes, start a new base (the code
+        deploy), then rerun everything. Until Ctrl-C."""
+        def stop(signum, frame):
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+        signal.signal(signal.SIGTERM, stop)
+        self.setup()
+        try:
+            self.run_batch(find_tests(self.opts.paths, self.opts.recurse))
+            tests = self.fingerprints(find_tests(self.opts.paths, self.opts.recurse))
+            preloaded = self.fingerprints(self.preloaded_files())
+            self.errout.write("emperor prove: watching for changes (Ctrl-C to stop)\n")
+            self.errout.flush()
+            while True:
+                self.wait_events([], interval)  # also reaps what tests left behind
+                now_tests = self.fingerprints(find_tests(self.opts.paths, self.opts.recurse))
+                now_pre = self.fingerprints(list(preloaded))
+                if now_pre != preloaded:
+                    changed = sorted(f for f in preloaded if now_pre.get(f) != preloaded[f])
+                    self.out.write(f"\nemperor prove: {', '.join(changed)} changed: new base\n")
+                    self.stop_base()
+                    self.run_batch(sorted(now_tests))
+                    preloaded = self.fingerprints(self.preloaded_files())
+                elif now_tests != tests:
+                    changed = sorted(f for f in now_tests if now_tests[f] != tests.get(f))
+                    if changed:
+                        self.out.write(f"\nemperor prove: {', '.join(changed)} changed\n")
+                        self.run_batch(changed)
+                tests = now_tests
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            self.teardown()
+
+    @staticmethod
+    def fingerprints(files: list[str]) -> dict[str, tuple[int, int, int] | None]:
+        found: dict[str, tuple[int, int, int] | None] = {}
+        for f in files:
+            try:
+                st = os.stat(f)
+                found[f] = (st.st_mtime_ns, st.st_size, st.st_ino)
+            except OSError:
+                found[f] = None
+        return found
+
+    def preloaded_files(self) -> list[str]:
+        """The files the base loaded that belong to the project: its
+        --preload files and what it loaded from the -I directories or from
+        below the working directory (not the system's modules)."""
+        if self.base_pid is None:
+            self.start_base()
+        try:
+            loaded = self.inc_report.read_text().split("\0")
+        except OSError:
+            loaded = []
+        roots = [os.path.abspath(d) + os.sep for d in [*self.opts.includes, os.getcwd()]]
+        mine = {os.path.abspath(f) for f in self.opts.preloads}
+        for f in loaded:
+            path = os.path.abspath(f) if f else ""
+            if path and any(path.startswith(r) for r in roots):
+                mine.add(path)
+        return sorted(mine)
 
     def read(self, sock: socket.socket, job: Job, sel: selectors.BaseSelector) -> None:
         try:
@@ -647,14 +743,14 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def main(opts: ProveOptions) -> int:
+def main(opts: ProveOptions, watch: bool = False) -> int:
     try:
         prove = Prove(opts)
     except (OSError, subprocess.CalledProcessError) as e:
         print(f"emperor prove: {e}", file=sys.stderr)
         return 2
     try:
-        return prove.run()
+        return prove.watch() if watch else prove.run()
     except BaseError as e:
         print(f"emperor prove: {e}", file=sys.stderr)
         return 2

@@ -160,3 +160,43 @@ def test_a_base_does_not_run_test_files_for_the_emperor(tmp_path: Path) -> None:
     finally:
         ours.close()
         base.wait(20)
+
+
+def test_watch_reruns_changed_files_and_rebuilds_the_base(tmp_path: Path) -> None:
+    """--watch: a changed test file is rerun alone; a changed preloaded
+    module gives a new base (its new code), then everything reruns."""
+    lib, t = tmp_path / "lib", tmp_path / "t"
+    lib.mkdir()
+    t.mkdir()
+    (lib / "Answer.pm").write_text("package Answer;\nsub value { 42 }\n1;\n")
+    check = "use strict;\nuse warnings;\nuse Test::More tests => 1;\nis Answer::value(), {want}, 'the value';\n"
+    (t / "answer.t").write_text(check.format(want=42))
+    (t / "other.t").write_text("print qq{1..1\\nok 1\\n};\n")
+    log = tmp_path / "watch.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([EMPEROR, "prove", "--watch", "-I", str(lib), "-M", "Answer", str(t)],
+                                cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        def results() -> list[str]:
+            return re.findall(r"^Result: (\w+)$", log.read_text(), re.M)
+
+        wait_for(lambda: "watching for changes" in log.read_text(), 60, "the first run")
+        assert results() == ["PASS"]
+        (t / "answer.t").write_text(check.format(want=43))  # now fails: the module says 42
+        wait_for(lambda: len(results()) == 2, 60, "the rerun of answer.t")
+        assert results()[1] == "FAIL"
+        second = log.read_text().split("Result: PASS")[1]
+        assert "answer.t changed" in second and "other.t .." not in second
+        (lib / "Answer.pm").write_text("package Answer;\nsub value { 43 }\n1;\n")
+        wait_for(lambda: len(results()) == 3, 60, "the run on a new base")
+        third = log.read_text().split("Result: FAIL")[1]
+        assert "Answer.pm changed: new base" in third
+        assert results()[2] == "PASS" and "other.t .." in third
+        kids = psutil.Process(proc.pid).children(recursive=True)
+        assert kids, "the base runs while watching"
+    finally:
+        proc.send_signal(2)  # SIGINT: Ctrl-C
+        rc = proc.wait(30)
+    assert rc == 0
+    for k in kids:
+        assert not alive_pid(k.pid)

@@ -39,7 +39,7 @@ ForkServer::TestFile - run a Perl test file in a process forked from a preloaded
   # the base `emperor prove` starts (the -M modules are the user's preloads):
   perl -I perl -MForkServer::TestFile -MTest::More -MMoose \
       -e 'BEGIN { ForkServer::TestFile::serve(@ARGV) }' \
-      -- --fork-server /tmp/x/fork.sock [--preload FILE]...
+      -- --fork-server /tmp/x/fork.sock [--preload FILE]... [--inc-report FILE]
 
   # an adoption request whose argv is [PROGRAM, "--test-file", "t/a.t"],
   # with the test's stdout as the Emperor pipe (mask 0x01) and its stderr
@@ -82,7 +82,8 @@ Test::Builder a fresh state writing to the new descriptors.
 =head2 serve(@argv)
 
 Runs the base (L<ForkServer/main> with C<@argv>, after C<require>ing each
-C<--preload FILE>). Returns only in a test child, from inside the C<BEGIN>
+C<--preload FILE>, and writing the files in C<%INC> to C<--inc-report FILE>,
+separated by NUL bytes). Returns only in a test child, from inside the C<BEGIN>
 block, with the rest of the main program replaced by the test file. In the
 base it exits when the base stops.
 
@@ -90,7 +91,7 @@ base it exits when the base stops.
 
 sub serve {
     my (@argv) = @_;
-    my @base_argv;
+    my (@base_argv, $inc_report);
     while (@argv) {
         my $arg = shift @argv;
         if ($arg eq '--preload') {
@@ -101,7 +102,14 @@ sub serve {
                 exit 2;
             }
         }
+        elsif ($arg eq '--inc-report') { $inc_report = shift @argv }
         else { push @base_argv, $arg }
+    }
+    # what the base loaded, for `emperor prove --watch` to watch
+    if (defined $inc_report) {
+        open my $fh, '>', $inc_report or die "--inc-report '$inc_report': $!\n";
+        print $fh join "\0", grep { defined && !ref } values %INC;
+        close $fh or die "--inc-report '$inc_report': $!\n";
     }
     %BASE_MAIN = map { $_ => 1 } keys %main::;
     my $spec = _serve_until_a_test(@base_argv);
