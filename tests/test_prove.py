@@ -17,7 +17,8 @@ from support import EMPEROR, alive, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = "tests/prove_suite"
-PRELOADS = ["-M", "Test::More", "-M", "FindBin", "--preload", f"{SUITE}/preload.pl"]
+PRELOADS = ["-M", "Test::More", "-M", "FindBin", "-I", f"{SUITE}/lib", "-M", "SuiteData",
+            "--preload", f"{SUITE}/preload.pl"]
 FILE_LINE = re.compile(r"^(\S+\.t) \.+ ?(.*)$")
 
 
@@ -50,13 +51,13 @@ def test_suite_has_the_same_verdicts_as_prove(tmp_path: Path, jobs: str) -> None
     ours = run([EMPEROR, "prove", "-j", jobs, *PRELOADS, SUITE], tmp_path / "emperor")
     want = verdicts(theirs.stdout)
     got = verdicts(ours.stdout)
-    assert len(want) == 19, theirs.stdout
+    assert len(want) == 21, theirs.stdout
     assert got == want, ours.stdout + ours.stderr
     assert {Path(f).name for f, v in got.items() if v == "FAIL"} == EXPECTED_FAILURES
     assert got[f"{SUITE}/skip_all.t"] == "skipped"
     assert (ours.returncode, theirs.returncode) == (1, 1)
     assert ours.stdout.splitlines()[-1] == "Result: FAIL"
-    assert re.search(r"^Files=19, Tests=\d+, ", ours.stdout, re.M)
+    assert re.search(r"^Files=21, Tests=\d+, ", ours.stdout, re.M)
     # exit statuses as prove reports them
     for name, status in (("die.t", 255), ("die_errno.t", 5), ("exit_3.t", 3), ("failing.t", 1)):
         assert f"Dubious, test returned {status} (wstat {status * 256}," in ours.stdout.split(name)[1]
@@ -109,7 +110,7 @@ def test_junit_report(tmp_path: Path) -> None:
     ours = run([EMPEROR, "prove", *PRELOADS, "--junit", str(report), SUITE], tmp_path)
     assert ours.returncode == 1
     suites = {s.get("name"): s for s in ET.parse(report).getroot()}
-    assert len(suites) == 19
+    assert len(suites) == 21
     failing = suites[f"{SUITE}/failing.t"]
     assert (failing.get("tests"), failing.get("failures")) == ("3", "1")
     assert [c.get("name") for c in failing if c.find("failure") is not None] == ["2 - fails on purpose"]

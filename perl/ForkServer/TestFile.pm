@@ -112,6 +112,7 @@ sub serve {
         close $fh or die "--inc-report '$inc_report': $!\n";
     }
     %BASE_MAIN = map { $_ => 1 } keys %main::;
+    _find_data_handles();
     my $spec = _serve_until_a_test(@base_argv);
     _become(%$spec);
     goto::file->import($spec->{file});
@@ -206,23 +207,41 @@ sub _become {
 }
 
 # A preloaded module's DATA handle shares its file offset with every fork:
-# two tests reading it at once would read each other's lines.
-sub _reopen_data_handles {
+# two tests reading it at once would read each other's lines. The handles
+# are found once, in the base (looking through %INC takes milliseconds).
+my @DATA_HANDLES;    # [package, file], open DATA handles of preloaded modules
+
+sub _find_data_handles {
+    @DATA_HANDLES = ();
     for my $file (keys %INC) {
         next unless $file =~ /\.pm\z/ && defined $INC{$file} && !ref $INC{$file};
         (my $pkg = $file) =~ s{/}{::}g;
         $pkg =~ s/\.pm\z//;
-        # looked up in the stash, not by name: naming a glob would create it
-        my $stash = do { no strict 'refs'; \%{"${pkg}::"} };
-        my $glob = $stash->{DATA} or next;
-        ref \$glob eq 'GLOB' or next;
-        my $fh = *{$glob}{IO} or next;
-        next unless defined fileno $fh;
+        my $fh = _data_handle($pkg) or next;
+        push @DATA_HANDLES, [$pkg, $INC{$file}];
+    }
+    return;
+}
+
+# looked up in the stash, not by name: naming a glob would create it
+sub _data_handle {
+    my ($pkg) = @_;
+    my $stash = do { no strict 'refs'; \%{"${pkg}::"} };
+    my $glob = $stash->{DATA} or return;
+    ref \$glob eq 'GLOB' or return;
+    my $fh = *{$glob}{IO} or return;
+    return defined fileno $fh ? $fh : undef;
+}
+
+sub _reopen_data_handles {
+    for (@DATA_HANDLES) {
+        my ($pkg, $file) = @$_;
+        my $fh = _data_handle($pkg) or next;
         my $pos = tell $fh;
         next if $pos < 0;
         close $fh;
-        open($fh, '<', $INC{$file}) && seek($fh, $pos, SEEK_SET)
-            or warn "emperor prove: cannot reopen ${pkg}::DATA ($INC{$file}): $!\n";
+        open($fh, '<', $file) && seek($fh, $pos, SEEK_SET)
+            or warn "emperor prove: cannot reopen ${pkg}::DATA ($file): $!\n";
     }
     return;
 }
