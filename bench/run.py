@@ -196,7 +196,8 @@ PROVE_VERDICT = re.compile(r"^(\S+\.t) \.+ (ok|skipped.*)$", re.M)
 
 def prove_runners(procs: Procs, tmp: Path, n: int) -> dict:
     """N test files that each load the heavy stack, run by prove -j2, yath
-    test -j2 (preloading the stack) and emperor prove -j2 (preloading it)."""
+    test -j2 and emperor prove -j2, the last two preloading the same modules
+    (Test::More and the stack)."""
     say(f"test harnesses: {n} test files loading the heavy stack, -j2: prove, yath, emperor prove")
     suite = tmp / "prove-suite"
     (suite / "t").mkdir(parents=True)
@@ -205,8 +206,8 @@ def prove_runners(procs: Procs, tmp: Path, n: int) -> dict:
     lib = str(HERE / "prove")
     runners = {
         "prove": ["prove", "-j2", "-I", lib, "t"],
-        "yath": ["yath", "test", "-j2", "-I", lib, "-PHeavyStack", "t"],
-        "emperor prove": [EMPEROR, "prove", "-j2", "-I", lib, "-M", "HeavyStack", "t"],
+        "yath": ["yath", "test", "-j2", "-I", lib, "-PTest::More", "-PHeavyStack", "t"],
+        "emperor prove": [EMPEROR, "prove", "-j2", "-I", lib, "-M", "Test::More", "-M", "HeavyStack", "t"],
     }
     res: dict = {"files": n}
     for name, argv in runners.items():
