@@ -187,15 +187,27 @@ def add_prove_command(sub) -> None:
     pr.add_argument("--watch", action="store_true",
                     help="keep the base; rerun test files when they change, and start a new "
                          "base (then rerun all) when a preloaded file changes")
+    pr.add_argument("--serve", type=Path, metavar="SOCK",
+                    help="keep a base and run the files `--connect SOCK` clients hand over "
+                         "(for `prove --exec`)")
+    pr.add_argument("--connect", type=Path, metavar="SOCK",
+                    help="run the one test file PATH [ARGS] through `emperor prove --serve SOCK`: "
+                         "prove --exec 'emperor prove --connect SOCK'")
     pr.add_argument("--destruct", action="store_true",
                     help="forked tests end with perl's global destruction of the whole "
                          "inherited heap (slower; default: only what the test created)")
 
 
 def prove_command(args: argparse.Namespace) -> int:
-    from .prove import ProveOptions, main as prove_main
+    from .prove import ProveOptions, connect, main as prove_main
 
-    return prove_main(watch=args.watch, opts=ProveOptions(
+    if args.connect is not None:
+        if not args.paths:
+            print("emperor prove: --connect needs a test file", file=sys.stderr)
+            return 2
+        return connect(args.connect, args.paths[0], args.paths[1:], perl=args.perl)
+    serve = args.serve.resolve() if args.serve else None
+    return prove_main(watch=args.watch, serve=serve, opts=ProveOptions(
         paths=args.paths, jobs=max(1, args.jobs), includes=args.includes, modules=args.modules,
         preloads=args.preload, recurse=args.recurse, verbose=args.verbose,
         timeout=args.timeout, junit=args.junit, perl=args.perl, destruct=args.destruct,

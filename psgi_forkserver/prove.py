@@ -204,6 +204,19 @@ def describe_wait(status: int) -> str:
     return f"{status} (exited {status >> 8})"
 
 
+def build_spec(file: str, switches: list[str], cwd: str, env: dict[str, str], inc: list[str],
+               args: list[str] = (), destruct: bool = False) -> bytes:
+    """The config-pipe packet ForkServer::TestFile reads: what `perl FILE`
+    would have."""
+    items = [f"file={file}", f"cwd={cwd}", *(f"arg={a}" for a in args),
+             *(f"inc={d}" for d in inc), *(f"env={k}={v}" for k, v in env.items())]
+    if "-w" in switches:
+        items.append("warnings=1")
+    if destruct:
+        items.append("destruct=1")
+    return protocol.encode_packet(protocol.MODIFIER1_CONFIG, protocol.encode_array(items))
+
+
 # -- the harness ------------------------------------------------------------------------
 
 
@@ -310,14 +323,7 @@ class Prove:
     # -- starting a test ----------------------------------------------------------------
 
     def spec(self, file: str, switches: list[str]) -> bytes:
-        items = [f"file={file}", f"cwd={os.getcwd()}",
-                 *(f"inc={d}" for d in self.inc),
-                 *(f"env={k}={v}" for k, v in self.env.items())]
-        if "-w" in switches:
-            items.append("warnings=1")
-        if self.opts.destruct:
-            items.append("destruct=1")
-        return protocol.encode_packet(protocol.MODIFIER1_CONFIG, protocol.encode_array(items))
+        return build_spec(file, switches, os.getcwd(), self.env, self.inc, destruct=self.opts.destruct)
 
     def start(self, job: Job) -> None:
         out_ours, out_theirs = socket.socketpair()
@@ -467,6 +473,97 @@ class Prove:
         self.reap()
         self.expire(running)
 
+    # -- serve mode (for `prove --exec`) ------------------------------------------------
+
+    def serve(self, control: Path) -> int:
+        """Keep a base and run the test files that `emperor prove --connect`
+        clients hand over on the UNIX socket `control` (mode 0600): each
+        client sends its file name with its stdout/stderr sockets, whose
+        stderr already holds the spec; the reply is the test's wait status."""
+        def stop(signum, frame):
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
+        self.setup()
+        umask = os.umask(0o177)
+        try:
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(str(control))
+        finally:
+            os.umask(umask)
+        listener.listen(64)
+        listener.setblocking(False)
+        self.sel.register(listener, selectors.EVENT_READ, "listen")
+        waiting: dict[int, socket.socket] = {}  # test pid -> its client's connection
+        try:
+            self.start_base()
+            self.errout.write(f"emperor prove: serving on {control} (Ctrl-C to stop)\n")
+            self.errout.flush()
+            while True:
+                for key, _ in self.sel.select(1.0):
+                    if key.data is None:
+                        try:
+                            while self.wake_r.recv(4096):
+                                pass
+                        except BlockingIOError:
+                            pass
+                    elif key.data == "listen":
+                        self.serve_client(listener, waiting)
+                self.reap()
+                for pid, job in list(self.jobs.items()):
+                    if job.status is not None:
+                        conn = waiting.pop(pid, None)
+                        del self.jobs[pid]
+                        if conn is not None:
+                            try:
+                                conn.sendall(f"{job.status}\n".encode())
+                            except OSError:
+                                pass
+                            conn.close()
+                if self.base_pid is None:
+                    self.start_base()  # it died: the next client gets a new one
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            for conn in waiting.values():
+                conn.close()
+            self.sel.unregister(listener)
+            listener.close()
+            try:
+                os.unlink(control)
+            except OSError:
+                pass
+            self.teardown()
+
+    def serve_client(self, listener: socket.socket, waiting: dict[int, socket.socket]) -> None:
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return
+        fds: list[int] = []
+        try:
+            conn.settimeout(5)
+            msg, fds, _, _ = socket.recv_fds(conn, 4096, 2)
+            file = msg.decode()
+            if len(fds) != 2 or not file:
+                raise ValueError(f"bad request ({len(fds)} descriptors)")
+            job = Job(file, None, [])
+            job.pid = forkserver.adopt(self.sock, [str(paths.vassal_program()), "--test-file", file],
+                                       fds[0], config_fd=fds[1], timeout=60)
+        except (OSError, ValueError, UnicodeDecodeError, forkserver.AdoptionError) as e:
+            self.errout.write(f"emperor prove: refused a client: {e}\n")
+            self.errout.flush()
+            conn.close()
+            return
+        finally:
+            for fd in fds:
+                os.close(fd)
+        job.open_streams = 0  # the client reads them
+        job.started = time.monotonic()
+        self.jobs[job.pid] = job
+        waiting[job.pid] = conn
+
     # -- watch mode ---------------------------------------------------------------------
 
     def watch(self, interval: float = 0.3) -> int:
@@ -477,6 +574,7 @@ class Prove:
             raise KeyboardInterrupt(signal.Signals(signum).name)
 
         signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
         self.setup()
         try:
             self.run_batch(find_tests(self.opts.paths, self.opts.recurse))
@@ -747,13 +845,72 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def main(opts: ProveOptions, watch: bool = False) -> int:
+def connect(control: Path, file: str, args: list[str], perl: str = "perl") -> int:
+    """`prove --exec 'emperor prove --connect SOCK'`: run one test file
+    through a base kept by `emperor prove --serve SOCK`, with this process's
+    environment, working directory and arguments; its output on our stdout
+    and stderr, its exit status ours. Runs it cold (`perl FILE`) when the
+    file asks for that or when nothing serves on SOCK."""
+    reason, switches = cold_reason(file)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UWSGI_EMPEROR_")}
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if reason is None:
+            conn.connect(str(control))
+    except OSError as e:
+        print(f"emperor prove: {control}: {e.strerror}: running {file} cold", file=sys.stderr)
+        reason = "no base"
+    if reason is not None:
+        conn.close()
+        taint = [s for s in switches if s.lstrip("-")[:1] in ("T", "t")]
+        libs = [f"-I{d}" for d in env.get("PERL5LIB", "").split(os.pathsep) if d] if taint else []
+        os.execvpe(perl, [perl, *taint, *libs, file, *args], env)
+    inc = subprocess.run([perl, "-e", 'print join "\\0", @INC'], env=env,
+                         capture_output=True, check=True).stdout.decode().split("\0")
+    out_ours, out_theirs = socket.socketpair()
+    err_ours, err_theirs = socket.socketpair()
+    err_ours.sendall(build_spec(file, switches, os.getcwd(), env, inc, args))
+    socket.send_fds(conn, [file.encode()], [out_theirs.fileno(), err_theirs.fileno()])
+    out_theirs.close()
+    err_theirs.close()
+    out_ours.shutdown(socket.SHUT_WR)
+    err_ours.shutdown(socket.SHUT_WR)
+    sel = selectors.DefaultSelector()
+    sel.register(out_ours, selectors.EVENT_READ, 1)
+    sel.register(err_ours, selectors.EVENT_READ, 2)
+    open_streams = 2
+    while open_streams:
+        for key, _ in sel.select():
+            data = key.fileobj.recv(65536)
+            if data:
+                os.write(key.data, data)
+            else:
+                sel.unregister(key.fileobj)
+                open_streams -= 1
+    sel.close()
+    reply = b""
+    while not reply.endswith(b"\n"):
+        chunk = conn.recv(64)
+        if not chunk:
+            print(f"emperor prove: {control}: no status for {file}", file=sys.stderr)
+            return 255
+        reply += chunk
+    status = int(reply)
+    if os.WIFSIGNALED(status):
+        signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+        os.kill(os.getpid(), os.WTERMSIG(status))  # prove sees the same wait status
+    return os.WEXITSTATUS(status)
+
+
+def main(opts: ProveOptions, watch: bool = False, serve: Path | None = None) -> int:
     try:
         prove = Prove(opts)
     except (OSError, subprocess.CalledProcessError) as e:
         print(f"emperor prove: {e}", file=sys.stderr)
         return 2
     try:
+        if serve is not None:
+            return prove.serve(serve)
         return prove.watch() if watch else prove.run()
     except BaseError as e:
         print(f"emperor prove: {e}", file=sys.stderr)

@@ -201,3 +201,41 @@ def test_watch_reruns_changed_files_and_rebuilds_the_base(tmp_path: Path) -> Non
     assert rc == 0
     for k in kids:
         assert not alive_pid(k.pid)
+
+
+def test_prove_exec_through_a_served_base(tmp_path: Path) -> None:
+    """prove --exec 'emperor prove --connect SOCK' (people who keep their
+    .proverc): the same verdicts as prove alone; the server stops on SIGTERM
+    with nothing left behind."""
+    control = tmp_path / "prove.sock"
+    (tmp_path / "prove").mkdir()
+    (tmp_path / "exec").mkdir()
+    env = {**os.environ, "PROVE_SUITE_OUT": str(tmp_path / "exec")}
+    server = subprocess.Popen([EMPEROR, "prove", "--serve", str(control), *PRELOADS], cwd=ROOT, env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(control.exists, 60, "the control socket")
+        base = psutil.Process(server.pid).children()
+        assert len(base) == 1
+        ours = run(["prove", "--exec", f"{EMPEROR} prove --connect {control}", SUITE], tmp_path / "exec")
+        theirs = run(["prove", SUITE], tmp_path / "prove")
+        assert verdicts(ours.stdout) == verdicts(theirs.stdout), ours.stdout + ours.stderr
+        assert len(verdicts(ours.stdout)) == 21
+        assert (ours.returncode, theirs.returncode) == (1, 1)
+        assert " cold" not in ours.stderr
+        # forked from the served base: srand_a and srand_b were both forks
+        draws = [(tmp_path / "exec" / f).read_text() for f in ("srand_a", "srand_b")]
+        assert draws[0] != draws[1]
+    finally:
+        server.terminate()
+        rc = server.wait(30)
+    assert rc == 0, server.stderr.read()
+    assert not control.exists()
+    assert not alive_pid(base[0].pid)
+
+
+def test_connect_without_a_server_runs_the_file_cold(tmp_path: Path) -> None:
+    ours = run([EMPEROR, "prove", "--connect", str(tmp_path / "nothing.sock"), f"{SUITE}/exit_3.t"], tmp_path)
+    assert ours.returncode == 3
+    assert ours.stdout == "1..1\nok 1\n"
+    assert "running tests/prove_suite/exit_3.t cold" in ours.stderr
