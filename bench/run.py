@@ -51,7 +51,7 @@ APPS = {"heavy": str(HERE / "heavy.psgi"), "hello": str(HERE / "hello.psgi")}
 EMPEROR = str(ROOT / ".venv" / "bin" / "emperor")
 MB = 1024 * 1024
 
-SCENARIOS = ("adoption", "serving", "cold", "fleet", "mass", "deploy", "prove")
+SCENARIOS = ("adoption", "serving", "cold", "fleet", "mass", "deploy", "prove", "plack")
 
 
 @dataclass
@@ -226,6 +226,75 @@ def prove_runners(procs: Procs, tmp: Path, n: int) -> dict:
             raise BenchError(f"{name} failed (exit {res[name]['exit']}), see {log}")
     res["prove_over_emperor"] = res["prove"]["wall_s"] / res["emperor prove"]["wall_s"]
     res["yath_over_emperor"] = res["yath"]["wall_s"] / res["emperor prove"]["wall_s"]
+    return res
+
+
+PLACK_SRC = HERE / "plack-src"
+DEB_SRC = Path("/etc/apt/sources.list.d/psgi-forkserver-deb-src.sources")
+YATH_VERDICT = re.compile(r"^\( *(PASSED|FAILED|SKIPPED) *\)\s+job\s+\d+\s+(\S+\.t)", re.M)
+
+
+def plack_source() -> Path:
+    """Plack's source at the version Debian ships (`apt-get source
+    libplack-perl`, once, into bench/plack-src/; a deb-src line for the
+    system's own Debian suites is added if there is none)."""
+    found = sorted(PLACK_SRC.glob("libplack-perl-*/t"))
+    if found:
+        return found[-1].parent
+    has_src = any("deb-src" in f.read_text(errors="replace")
+                  for f in [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]
+                  if f.is_file())
+    if not has_src:
+        main = Path("/etc/apt/sources.list.d/debian.sources").read_text()
+        stanza = next(s for s in main.split("\n\n") if "debian-security" not in s)
+        DEB_SRC.write_text(stanza.replace("Types: deb", "Types: deb-src").strip() + "\n")
+        subprocess.run(["apt-get", "update", "-qq"], check=True, timeout=300)
+    PLACK_SRC.mkdir(exist_ok=True)
+    subprocess.run(["apt-get", "source", "-qq", "libplack-perl"], cwd=PLACK_SRC, check=True, timeout=300,
+                   stdout=subprocess.DEVNULL)
+    return sorted(PLACK_SRC.glob("libplack-perl-*/t"))[-1].parent
+
+
+def plack_suite(procs: Procs, tmp: Path) -> dict:
+    """Plack's own t/ (150 files, written by Plack's authors) by prove -j2,
+    yath test -j2 and emperor prove -j2, the last two preloading what the
+    suite loads; per-file verdicts compared with prove's."""
+    src = plack_source()
+    say(f"Plack's t/ ({src.name}): prove, yath, emperor prove, -j2")
+    preload = HERE / "prove" / "plack-preload.pl"
+    modules = [m for m in re.findall(r"^use ([\w:]+) \(\);", preload.read_text(), re.M)
+               if m not in ("strict", "warnings")]
+    runners = {
+        "prove": ["prove", "-j2", "-I", "lib", "-r", "t"],
+        "yath": ["yath", "test", "-j2", "-I", "lib", *(f"-P{m}" for m in modules), "t"],
+        "emperor prove": [EMPEROR, "prove", "-j2", "-I", "lib", "--preload", str(preload), "-r", "t"],
+    }
+    res: dict = {"source": src.name}
+    for name, argv in runners.items():
+        log = tmp / f"plack-{name.replace(' ', '-')}.log"
+        t0 = time.perf_counter()
+        p = procs.spawn(argv, log=log.stem, cwd=src)
+        procs.wait(p.pid, 900)
+        wall = time.perf_counter() - t0
+        out = log.read_text(errors="replace")
+        if name == "yath":
+            verdicts = {f: v.lower().replace("passed", "ok") for v, f in YATH_VERDICT.findall(out)}
+        else:
+            verdicts = {m.group(1): ("ok" if m.group(2) == "ok" else "skipped" if m.group(2).startswith("skipped")
+                                     else "FAIL")
+                        for m in re.finditer(r"^(\S+\.t) \.+ ?(.*)$", out, re.M)}
+        status = procs.status.get(p.pid)
+        res[name] = {"wall_s": wall, "exit": None if status is None else os.waitstatus_to_exitcode(status),
+                     "files": len(verdicts), "failed": sorted(f for f, v in verdicts.items() if v.upper() == "FAIL"
+                                                              or v == "failed"),
+                     "verdicts": verdicts, "command": shlex.join(argv)}
+        say(f"  {name}: {wall:.2f} s, exit {res[name]['exit']}, {len(verdicts)} files, failed: {res[name]['failed']}")
+    p_v, e_v = res["prove"]["verdicts"], res["emperor prove"]["verdicts"]
+    res["same_verdicts_as_prove"] = p_v == e_v
+    res["differ_from_prove"] = sorted(f for f in set(p_v) | set(e_v) if p_v.get(f) != e_v.get(f))
+    res["yath_differ_from_prove"] = sorted(
+        f for f in p_v if ("ok" if p_v[f] == "ok" else "skipped" if p_v[f] == "skipped" else "failed")
+        != res["yath"]["verdicts"].get(f))
     return res
 
 
@@ -721,6 +790,15 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
                      f">= {TARGETS['prove_over_emperor']:g}x; >= {TARGETS['yath_over_emperor']:g}x",
                      verdict(pv["prove_over_emperor"] >= TARGETS["prove_over_emperor"]
                              and pv["yath_over_emperor"] >= TARGETS["yath_over_emperor"])))
+    pl = r.get("plack")
+    if pl:
+        rows.append((f"Plack's t/ ({pl['prove']['files']} files), -j2: prove / yath test / emperor prove",
+                     f"{pl['prove']['wall_s']:.2f} / {pl['yath']['wall_s']:.2f} / {pl['emperor prove']['wall_s']:.2f} s",
+                     "", ""))
+        rows.append(("  per-file verdicts: emperor prove = prove; yath = prove",
+                     f"{'yes' if pl['same_verdicts_as_prove'] else 'NO ' + ', '.join(pl['differ_from_prove'])}; "
+                     f"{'yes' if not pl['yath_differ_from_prove'] else 'no: ' + ', '.join(pl['yath_differ_from_prove'])}",
+                     "emperor prove = prove", verdict(pl["same_verdicts_as_prove"])))
     sv = r.get("serving", {})
     for app in ("hello", "heavy"):
         s = sv.get(app)
@@ -884,6 +962,8 @@ def main(argv: list[str] | None = None) -> int:
             r["deploy"] = step("deploy", lambda: code_deploy(procs, ports, tmp, sizes))
         if "prove" in only:
             r["prove"] = step("prove", lambda: prove_runners(procs, tmp, sizes.prove_files))
+        if "plack" in only:
+            r["plack"] = step("plack", lambda: plack_suite(procs, tmp))
         if "serving" in only:
             r["serving"] = {}
             for app in ("hello", "heavy"):
