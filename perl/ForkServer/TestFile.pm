@@ -64,7 +64,7 @@ Before that, the child (L</become_test>):
 =over
 
 =item * reads its spec from the config pipe: an array packet of C<KEY=VALUE>
-items (C<file>, C<cwd>, C<arg>, C<env>, C<inc>, C<warnings>);
+items (C<file>, C<cwd>, C<arg>, C<env>, C<inc>, C<warnings>, C<destruct>);
 
 =item * puts the Emperor pipe on descriptor 1, the config pipe on 2 and
 F</dev/null> on 0;
@@ -79,7 +79,9 @@ Test::Builder a fresh state writing to the new descriptors.
 
 =cut
 
-=head2 serve(@argv)
+=head2 serve
+
+  serve(@argv)
 
 Runs the base (L<ForkServer/main> with C<@argv>, after C<require>ing each
 C<--preload FILE>, and writing the files in C<%INC> to C<--inc-report FILE>,
@@ -128,15 +130,9 @@ sub _serve_until_a_test {
     return $SPEC;
 }
 
-=head2 is_test_argv(@argv)
+=head2 become_test
 
-True when an adoption's argv (without the program) asks for a test file.
-
-=cut
-
-sub is_test_argv { @_ && $_[0] eq '--test-file' }
-
-=head2 become_test(argv => \@argv, stdout => $fh, config_text => $text, stderr => $fh)
+  become_test(argv => \@argv, stdout => $fh, config_text => $text, stderr => $fh)
 
 Called by L<ForkServer::Base> in the adopted child, after the pid reply.
 Does not return: it leaves the fork server's call stack for L</serve>.
@@ -160,7 +156,9 @@ sub become_test {
     last PROVE_TEST_CHILD;
 }
 
-=head2 parse_spec($text) -> \%spec
+=head2 parse_spec
+
+  my $spec = parse_spec($text);    # a hash ref
 
 =cut
 
