@@ -23,6 +23,8 @@ Each base unlinks only its own socket on exit.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import os
 import selectors
@@ -30,6 +32,8 @@ import signal
 import socket
 import sys
 import time
+import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,11 +41,11 @@ from typing import Any
 import psutil
 
 from . import config as cfgmod
-from . import forkserver, launch, sockets
+from . import forkserver, launch, protocol, sockets
 from .forkserver import AdoptionError, PendingAdoption
 from .launch import describe_status, program_argv
 from .orphans import EndedSessions, classify_orphans, scan_proc
-from .protocol import EmperorByte, VassalByte
+from .protocol import EmperorByte, ProtocolError, VassalByte
 from .sockets import Listener
 from .vassal import (
     EMPEROR_KEYS,
@@ -130,6 +134,16 @@ class ProcHandles:
     fork_server: Path | None = None  # base: the socket it serves
 
 
+@dataclass(frozen=True)
+class ForVassal:
+    """A selector callback about one vassal (its pipe, its adoption, its
+    on-demand socket): whatever goes wrong in it is that vassal's failure."""
+
+    name: str
+    seq: int | None
+    fn: Callable[[float], None]
+
+
 def emperor_only_stripped(text: str) -> str:
     """The vassal file text without the keys only the Emperor reads."""
     out = []
@@ -200,6 +214,10 @@ class Emperor:
         self.bind_errors: dict[str, str] = {}  # last bind error logged, per vassal
         self.read_errors: dict[str, str] = {}  # transient read error logged, per vassal
         self.on_demand_registered: set[str] = set()
+        # vassals whose handling failed for a reason the same file would
+        # meet again: name -> (fingerprint, reason); cleared when it changes
+        self.failed: dict[str, tuple[str, str]] = {}
+        self.mtimes: dict[str, int] = {}  # file mtime per vassal: `touch` reloads
 
     # -- logging -------------------------------------------------------------
 
@@ -210,6 +228,57 @@ class Emperor:
             sys.stderr.flush()
         except (OSError, ValueError):
             pass
+
+    # -- one exception boundary per vassal -------------------------------------
+
+    def _dispatch(self, callback: Callable[[float], None], now: float) -> None:
+        if isinstance(callback, ForVassal):
+            with self._boundary(callback.name, now, callback.seq):
+                callback.fn(now)
+        else:
+            callback(now)
+
+    @contextlib.contextmanager
+    def _boundary(self, name: str, now: float, seq: int | None = None) -> Iterator[None]:
+        """Whatever goes wrong while handling one vassal (reading, rendering,
+        sending its config, adopting, spawning, its bytes) is that vassal's
+        failure: logged with the reason, and the loop goes on."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - the boundary: nothing of one vassal stops the fleet
+            self._vassal_failed(name, seq, now, e)
+
+    def _vassal_failed(self, name: str, seq: int | None, now: float, exc: Exception) -> None:
+        """An OSError says something about the Emperor's resources (EMFILE,
+        ENOMEM): throttled, tried again after the backoff. Anything else
+        (a config too large for one packet, a name that cannot be encoded,
+        a bug) would happen again with the same file: `config-error` until
+        the file changes or is touched."""
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        why = str(exc) if isinstance(exc, (OSError, ProtocolError)) else f"{type(exc).__name__}: {exc}"
+        where = f"{os.path.basename(frame.filename)}:{frame.lineno}"
+        v = self.vassals.get(name)
+        if v is None:
+            self.log(f"error: {why} (at {where})", name)
+            return
+        # a process whose start was under way: its handles closed (a vassal
+        # forked anyway sees EOF on its pipe and stops), its start failed
+        for p in v.procs():
+            if p.pid is None:
+                self._finish_adoption(name, p.seq)
+                self._drop_proc(name, p.seq)
+                v.start_failed(now, why, p.seq)
+        if isinstance(exc, OSError):
+            if v.current is None and v.phase != Phase.THROTTLED:
+                v._throttle(now)
+            self.log(f"cannot handle: {why} (at {where}); retry in "
+                     f"{max(0.0, v.not_before - now):.1f} s", name)
+            return
+        if v.config is not None:
+            self.failed[name] = (v.config.fingerprint, why)
+            v.config = dataclasses.replace(v.config, error=why)
+        self.log(f"cannot handle: {why} (at {where}); config-error until its file "
+                 "changes", name)
 
     # -- set-up --------------------------------------------------------------
 
@@ -347,7 +416,7 @@ class Emperor:
         self.log(f"adopted {what}pid {pid} from base ({pending.elapsed_ms(now):.1f} ms{gen})", name)
         if h.pipe is not None:
             self.sel.register(h.pipe, selectors.EVENT_READ,
-                              lambda t, n=name, q=seq: self._on_pipe(n, q, t))
+                              ForVassal(name, seq, lambda t, n=name, q=seq: self._on_pipe(n, q, t)))
         early = self.early_exits.pop(pid, None)
         if early is not None:
             self.pids.pop(pid, None)
@@ -385,7 +454,8 @@ class Emperor:
                 return
             owner = self.pids.pop(pid, None)
             if owner is not None:
-                self._vassal_exited(owner[0], owner[1], pid, status, now)
+                with self._boundary(owner[0], now):
+                    self._vassal_exited(owner[0], owner[1], pid, status, now)
             else:
                 if self.orphans.pop(pid, None) is not None:
                     self.sweep_due = True  # its own children came to us
@@ -443,14 +513,17 @@ class Emperor:
             return
         for name in set(found) | set(self.vassals):
             path = found.get(name)
-            self._load(name, path, now)
+            with self._boundary(name, now):
+                self._load(name, path, now)
         self.next_rescan = now + self.opts.rescan_interval
 
     def _reload_due(self, now: float) -> None:
         for fname, when in list(self.due.items()):
             if when <= now:
                 del self.due[fname]
-                self._load(cfgmod.vassal_name(fname), self.dir / fname, now)
+                name = cfgmod.vassal_name(fname)
+                with self._boundary(name, now):
+                    self._load(name, self.dir / fname, now)
 
     def _load(self, name: str, path: Path | None, now: float) -> None:
         cfg = cfgmod.load(path) if path is not None else None
@@ -466,10 +539,37 @@ class Emperor:
             return
         if self.read_errors.pop(name, None) is not None:
             self.log(f"{path.name if path else name} read again", name)
-        self._apply(name, cfg)
+        self._apply(name, cfg, self._touched(name, cfg))
 
-    def _apply(self, name: str, cfg: cfgmod.VassalConfig | None) -> None:
+    def _touched(self, name: str, cfg: cfgmod.VassalConfig | None) -> bool:
+        """The file's mtime changed while its content did not (`touch
+        app.ini`): uWSGI reloads the vassal then, and so do we."""
+        mtime = None
+        if cfg is not None:
+            try:
+                mtime = os.stat(cfg.path).st_mtime_ns
+            except OSError:
+                pass
+        old = self.mtimes.pop(name, None)
+        if mtime is None:
+            return False
+        self.mtimes[name] = mtime
         v = self.vassals.get(name)
+        return (old is not None and old != mtime and v is not None and v.config is not None
+                and v.config.fingerprint == cfg.fingerprint)
+
+    def _apply(self, name: str, cfg: cfgmod.VassalConfig | None, touched: bool = False) -> None:
+        v = self.vassals.get(name)
+        failed = self.failed.get(name)
+        if failed is not None and cfg is not None:
+            if touched or cfg.fingerprint != failed[0]:
+                del self.failed[name]  # changed or touched: try it again
+                if v is not None and v.config is not None and v.config.error == failed[1]:
+                    v.config = dataclasses.replace(v.config, error=None)
+            elif cfg.error is None:
+                cfg = dataclasses.replace(cfg, error=failed[1])
+        elif cfg is None:
+            self.failed.pop(name, None)
         if cfg is not None and cfg.error:
             if v is None or v.config is None or v.config.fingerprint != cfg.fingerprint:
                 self.log(f"bad config {cfg.path}: {cfg.error}", name)
@@ -486,6 +586,10 @@ class Emperor:
                 self._close_listener(name)  # the running process keeps its copy
             elif v.has_process:
                 self.log("file changed", name)
+        elif touched and cfg is not None and cfg.error is None:
+            v.touch()
+            if v.has_process:
+                self.log("file touched: reloading", name)
 
     # -- Emperor-owned sockets ------------------------------------------------
 
@@ -545,7 +649,8 @@ class Emperor:
                 v.not_before = now
                 v._throttle(now)
             return
-        self.sel.register(lst.sock, selectors.EVENT_READ, lambda t, n=v.name: self._on_listener(n, t))
+        self.sel.register(lst.sock, selectors.EVENT_READ,
+                          ForVassal(v.name, None, lambda t, n=v.name: self._on_listener(n, t)))
         self.on_demand_registered.add(v.name)
         self.log(f"on demand: waiting for a connection on {lst.addr}", v.name)
 
@@ -564,7 +669,12 @@ class Emperor:
             text = emperor_only_stripped(raw)
         else:
             return None
-        return text.encode()
+        data = text.encode("utf-8", "surrogateescape")
+        if len(data) > protocol.MAX_BODY:
+            # checked before any pipe or process exists for it
+            raise ProtocolError(f"config of {len(data)} bytes exceeds {protocol.MAX_BODY}: "
+                                "it must fit one config packet")
+        return data
 
     def _send_config(self, h: ProcHandles) -> None:
         assert h.config_pipe is not None and h.config_text is not None
@@ -634,7 +744,7 @@ class Emperor:
                     continue
                 h.next_probe = now + PROBE_EVERY
                 path = self.opts.use_fork_server or h.fork_server
-                if path is not None and forkserver.probe(path):
+                if path is not None and forkserver.probe(path):  # never raises
                     if v.mark_ready(now, p.seq):
                         ms = (now - p.started_at) * 1000
                         self.log(f"fork server {path} accepts (pid {p.pid}, {ms:.1f} ms)", name)
@@ -673,7 +783,7 @@ class Emperor:
                 s.close()
         self._keep_pipes(v, seq, h, ours)
         self.sel.register(ours, selectors.EVENT_READ,
-                          lambda t, n=v.name, q=seq: self._on_pipe(n, q, t))
+                          ForVassal(v.name, seq, lambda t, n=v.name, q=seq: self._on_pipe(n, q, t)))
         v.spawned(pid, now, seq)
         self.pids[pid] = (v.name, seq)
         extra = f" ({p.reason})" if p.reason != "start" else ""
@@ -758,7 +868,7 @@ class Emperor:
         h.adoption = pending
         self._keep_pipes(v, seq, h, ours)
         self.sel.register(pending.sock, selectors.EVENT_READ,
-                          lambda t, n=v.name, q=seq: self._on_adoption(n, q, t))
+                          ForVassal(v.name, seq, lambda t, n=v.name, q=seq: self._on_adoption(n, q, t)))
         if p.reason != "start":
             self.log(f"starting a successor ({p.reason})", v.name)
 
@@ -856,9 +966,10 @@ class Emperor:
     def _reconcile(self, now: float) -> None:
         for (name, seq), h in list(self.procs.items()):
             if h.adoption is not None and h.adoption.expired(now):
-                self._adoption_failed(
-                    name, seq, now, f"no reply within {self.opts.adopt_timeout:g} s"
-                )
+                with self._boundary(name, now, seq):
+                    self._adoption_failed(
+                        name, seq, now, f"no reply within {self.opts.adopt_timeout:g} s"
+                    )
         self._probe_bases(now)
         fs, base_gen = self._fork_server_state(now)
 
@@ -886,14 +997,16 @@ class Emperor:
             before = v.successor
             ctx = Context(now, fs, self.shutting_down, base_generation=base_gen,
                           deploy_slots=slots, adopt_slots=adopt_slots)
-            actions = v.step(ctx)
-            adopt_slots -= sum(1 for a in actions if isinstance(a, Adopt))
-            self._execute(v, actions, now)
+            with self._boundary(v.name, now):
+                actions = v.step(ctx)
+                adopt_slots -= sum(1 for a in actions if isinstance(a, Adopt))
+                self._execute(v, actions, now)
             if v.successor is not None and v.successor is not before \
                     and v.successor.reason == "code deploy":
                 slots -= 1
             if v.name in self.vassals:
-                self._watch_on_demand(v, now)
+                with self._boundary(v.name, now):
+                    self._watch_on_demand(v, now)
         hold_bases = self.shutting_down and any(
             not runs_as_base(v) for v in self.vassals.values()
         )
@@ -906,7 +1019,8 @@ class Emperor:
         for v in sorted(bases, key=lambda v: v.name):
             ctx = Context(now, fs, self.shutting_down, hold_bases, base_generation=base_gen,
                           base_users=users)
-            self._execute(v, v.step(ctx), now)
+            with self._boundary(v.name, now):
+                self._execute(v, v.step(ctx), now)
         self._kill_orphans(now)
 
     def _timeout(self, now: float) -> float:
@@ -955,8 +1069,17 @@ class Emperor:
                 if self.shutting_down:
                     if self._shutdown_step(now):
                         break
-                for key, _ in self.sel.select(self._timeout(time.monotonic())):
-                    key.data(time.monotonic())
+                events = self.sel.select(self._timeout(time.monotonic()))
+                if not events:
+                    # Read first, judge after: a wait that ended with nothing
+                    # may be the end of a freeze of the Emperor (SIGSTOP, a
+                    # swap storm). The wait, interrupted by SIGCONT after its
+                    # deadline, returns empty while bytes the vassals sent
+                    # meanwhile (heartbeats) are queued: read them before
+                    # any heartbeat is judged.
+                    events = self.sel.select(0)
+                for key, _ in events:
+                    self._dispatch(key.data, time.monotonic())
                 self._prune(now)
         finally:
             self._teardown()

@@ -196,6 +196,7 @@ class Vassal:
     last_kind: Kind | None = None
     seq: int = 0
     retry_at: float | None = None  # a failed successor is tried again then
+    touched: bool = False  # its file was touched: reload, though the config is the same
 
     # -- the current process, as flat read-only fields ------------------------
 
@@ -279,6 +280,14 @@ class Vassal:
             if self.is_base and self.current is not None and self.current.kind == Kind.BASE:
                 self.request_deploy()
         return changed
+
+    def touch(self) -> None:
+        """`touch` of the file: a reload as if its content had changed (a
+        base: a new generation, what a changed base file does)."""
+        if self.is_base and self.current is not None and self.current.kind == Kind.BASE:
+            self.request_deploy()
+        elif self.current is not None:
+            self.touched = True
 
     def request_deploy(self) -> None:
         """Base: start a new generation (changed base file, SIGUSR1)."""
@@ -438,6 +447,7 @@ class Vassal:
 
     def _new_proc(self, kind: Kind, ctx: Context, reason: str) -> tuple[Proc, Action]:
         assert self.config is not None
+        self.touched = False  # whatever starts now reads the file as it is
         self.seq += 1
         gen = self.want_base_generation if kind == Kind.BASE else (
             ctx.base_generation if kind == Kind.ADOPTED else 0
@@ -499,6 +509,8 @@ class Vassal:
         assert cur is not None and self.config is not None
         if cur.config.fingerprint != self.config.fingerprint:
             return "config changed"
+        if self.touched:
+            return "file touched"
         if cur.kind == Kind.BASE and self.want_base_generation > cur.base_generation:
             return "code deploy"
         if (cur.kind == Kind.ADOPTED and ctx.fork_server == ForkServer.READY
@@ -590,6 +602,7 @@ class Vassal:
             return []
         seamless = self.seamless or cur.kind == Kind.BASE
         if not seamless:
+            self.touched = False
             return self._stop(now, reason)
         if now < self.not_before:
             self.retry_at = self.not_before

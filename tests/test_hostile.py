@@ -1,0 +1,210 @@
+"""Hostile scenarios, end to end: a real Emperor, the real Perl base, real HTTP.
+
+Each test is independent (helpers may append their own scenarios to this
+file); the fixture below starts Emperors and stops every one of them.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from support import alive, descendants, free_port, start_emperor, stop_emperor, wait_for
+from test_emperor import APP, PROGRAM, app_ini, get
+from test_robustness import Emp, assert_no_zombies
+
+pytestmark = pytest.mark.skipif(
+    not PROGRAM.is_file() or os.path.getsize(PROGRAM) < 200,
+    reason="the Perl vassal program is not there yet",
+)
+
+BASE_INI = f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n"
+
+
+@pytest.fixture
+def hostile(xprocess):
+    """start(files, *extra args, nofile=(soft, hard), wait=ports) -> Emp.
+    `files`: name -> text; a name without a dot gets `.ini`; bytes names
+    are used as they are (non-UTF-8 names)."""
+    started: list[Emp] = []
+    dirs: list[Path] = []
+
+    def start(files: dict, *extra, base: bool = True, wait=(), nofile=None,
+              vdir: Path | None = None) -> Emp:
+        if vdir is None:
+            vdir = Path(tempfile.mkdtemp(prefix="pfs-hostile-"))
+            dirs.append(vdir)
+        if base:
+            (vdir / "base.ini").write_text(BASE_INI)
+        for fname, text in files.items():
+            if isinstance(fname, bytes):
+                with open(os.path.join(os.fsencode(vdir), fname), "w") as f:
+                    f.write(text)
+            else:
+                (vdir / (fname if "." in fname else f"{fname}.ini")).write_text(text)
+        stats = Path(str(vdir) + ".stats")
+        em = start_emperor(xprocess, f"emperor-{vdir.name}", [
+            vdir, "--mercy", "5", "--rescan-interval", "2", "--stats", stats,
+            "--backoff-first", "0.2", "--backoff-max", "1", "--reload-grace", "0.3", *extra],
+            nofile=nofile)
+        e = Emp(em.pid, vdir, em.log, em.popen, stats)
+        started.append(e)
+        for port in wait:
+            wait_for(lambda p=port: get(p), 30, f"port {port} to answer")
+        return e
+
+    start.dirs = dirs  # type: ignore[attr-defined]
+    yield start
+    for e in started:
+        if e.popen.poll() is None and psutil.Process(e.pid).status() == psutil.STATUS_STOPPED:
+            os.kill(e.pid, signal.SIGCONT)
+        stop_emperor(e)
+        try:
+            os.unlink(e.stats)
+        except FileNotFoundError:
+            pass
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(str(d) + ".old", ignore_errors=True)
+
+
+def emperor_ok(e: Emp) -> None:
+    assert e.running(), "the Emperor died:\n" + e.text()[-3000:]
+    assert "Traceback" not in e.text(), e.text()[-3000:]
+
+
+# -- one exception boundary per vassal ---------------------------------------------
+
+
+def big_template(port: int) -> str:
+    """A template that renders to more than 65,535 bytes (one config packet)."""
+    return ("[uwsgi]\n" f"http-socket = 127.0.0.1:{port}\nprocesses = 1\n"
+            "{% for i in range(3000) %}; padding line {{ i }} .........................\n"
+            "{% endfor %}")
+
+
+def test_config_over_64k_is_its_vassals_error_alone(hostile):
+    ok, big, od = free_port(), free_port(), free_port()
+    e = hostile({
+        "ok": app_ini("ok", ok, processes=1),
+        "big.ini.j2": big_template(big),
+        "od.ini.j2": big_template(od) + "\non-demand = true\n",
+    }, wait=[ok])
+    wait_for(lambda: e.status()["big"]["state"] == "config-error", 20, "big: config-error")
+    # the on-demand one fails only once a connection wakes it
+    wait_for(lambda: e.status()["od"]["state"] == "on-demand", 20, "od waits")
+    with socket.create_connection(("127.0.0.1", od), timeout=5):
+        wait_for(lambda: e.status()["od"]["state"] == "config-error", 20, "od: config-error")
+    st = e.status()
+    for n in ("big", "od"):
+        assert "exceeds 65535" in st[n]["error"], st[n]
+        assert len(e.lines(f"[{n}] cannot handle")) == 1, e.lines(f"[{n}]")
+        assert e.vpids(n) == []
+    emperor_ok(e)
+    assert get(ok)["name"] == "ok"
+    # fixed: it starts
+    (e.dir / "big.ini.j2").write_text(app_ini("big", big, processes=1))
+    wait_for(lambda: get(big)["name"] == "big", 20, "big once fixed")
+    assert_no_zombies(e)
+
+
+def test_file_name_not_utf8(hostile):
+    ok, cafe = free_port(), free_port()
+    e = hostile({"ok": app_ini("ok", ok, processes=1),
+                 b"caf\xe9.ini": app_ini("cafe", cafe, processes=1)}, wait=[ok])
+    # the fork-server protocol carries UTF-8 argv: the vassal cannot be
+    # adopted, which is its error alone, logged once
+    name = "caf\udce9"
+    wait_for(lambda: e.status().get(name, {}).get("state") == "config-error", 20,
+             "caf\\xe9: config-error")
+    assert "surrogates not allowed" in e.status()[name]["error"]
+    time.sleep(2.5)  # a full rescan (every 2 s) meets the file again: no new line
+    assert len(e.lines("[caf\\udce9] cannot handle")) == 1, e.text()[-2000:]
+    emperor_ok(e)
+    # removed: it goes, the rest of the fleet never noticed
+    os.remove(os.path.join(os.fsencode(e.dir), b"caf\xe9.ini"))
+    wait_for(lambda: not any(v.startswith("caf") for v in e.status()), 20, "caf\\xe9 gone")
+    emperor_ok(e)
+    assert get(ok)["name"] == "ok"
+
+
+def test_out_of_descriptors_when_connecting_to_the_fork_server(hostile):
+    p1, p2 = free_port(), free_port()
+    e = hostile({"a1": app_ini("a1", p1, processes=1)}, wait=[p1])
+    soft, hard = resource.prlimit(e.pid, resource.RLIMIT_NOFILE)
+    try:
+        used = {int(fd) for fd in os.listdir(f"/proc/{e.pid}/fd")}
+        free = [n for n in range(len(used) + 8) if n not in used]
+        # three left: the file read (closed again), the http-socket and the
+        # Emperor pipe fit; the connection to the fork server does not
+        resource.prlimit(e.pid, resource.RLIMIT_NOFILE, (free[3], hard))
+        (e.dir / "a2.ini").write_text(app_ini("a2", p2, processes=1))
+        wait_for(lambda: len(e.lines("[a2] adoption failed")) >= 2, 20, "a2's adoption retried")
+        line = e.lines("[a2] adoption failed")[0]
+        assert "Too many open files" in line and "retry in" in line, line
+        emperor_ok(e)
+        assert get(p1)["name"] == "a1"
+    finally:
+        if e.running():
+            resource.prlimit(e.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    wait_for(lambda: get(p2)["name"] == "a2", 20, "a2 once descriptors are back")
+    assert_no_zombies(e)
+
+
+# -- touch reloads -------------------------------------------------------------------
+
+
+def test_touch_reloads_the_vassal_and_the_base(hostile):
+    port = free_port()
+    e = hostile({"a": app_ini("a", port, processes=1)}, wait=[port])
+    wait_for(lambda: e.status()["a"]["state"] == "loyal", 20, "a loyal")
+    first = get(port)["pid"]
+    os.utime(e.dir / "a.ini")  # content unchanged
+    wait_for(lambda: get(port)["pid"] != first, 20, "a reloaded after touch")
+    wait_for(lambda: e.status()["a"]["state"] == "loyal", 20, "a loyal again")
+    assert e.lines("[a] file touched")
+    # the base: what a content change of it does (a new generation)
+    base_pid = e.vpid("base")
+    os.utime(e.dir / "base.ini")
+    wait_for(lambda: e.vpid("base") != base_pid, 20, "a new base generation")
+    wait_for(lambda: e.status()["a"]["base_generation"] == 2, 30, "a moved to generation 2")
+    emperor_ok(e)
+
+
+# -- freeze ------------------------------------------------------------------------
+
+
+def test_a_frozen_emperor_kills_no_heartbeat_vassal(hostile):
+    ports = [free_port() for _ in range(3)]
+    files = {f"hb{i}": app_ini(f"hb{i}", p, processes=1) + "heartbeat = 1\n"
+             for i, p in enumerate(ports)}
+    e = hostile(files, wait=ports)
+    wait_for(lambda: all(e.status()[n]["state"] == "loyal" for n in files), 20, "all loyal")
+    pids = {n: e.vpid(n) for n in files}
+    # The durations below are the scenario (a freeze longer than three
+    # heartbeats, then time for the Emperor to judge), not synchronisation.
+    time.sleep(1.0)  # heartbeats recorded: each vassal has one to be judged by
+    os.kill(e.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: psutil.Process(e.pid).status() == psutil.STATUS_STOPPED, 5, "stopped")
+        time.sleep(3.5)
+    finally:
+        os.kill(e.pid, signal.SIGCONT)
+    time.sleep(2.5)
+    assert not e.lines("no heartbeat"), e.lines("no heartbeat")
+    assert {n: e.vpid(n) for n in files} == pids
+    for n, p in zip(files, ports):
+        assert get(p)["name"] == n
+    emperor_ok(e)
