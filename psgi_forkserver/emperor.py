@@ -67,6 +67,12 @@ PROBE_AFTER = 0.2  # a base that sent no byte 1 is probed after this long
 PROBE_EVERY = 0.1
 SETTLE = 0.5  # IN_CREATE alone: wait for the writer to close the file
 RETRY_READ = 1.0  # a vassal file that could not be read for lack of descriptors
+# The descriptor budget: what the Emperor keeps per vassal (its Emperor pipe,
+# its config pipe, its http-socket), and what it needs besides (its own
+# files, the status server's clients, adoptions in flight, a successor's
+# pipes during reloads).
+FDS_PER_VASSAL = 3
+FDS_RESERVED = 32
 
 
 def _comm(pid: int) -> str:
@@ -218,6 +224,10 @@ class Emperor:
         # meet again: name -> (fingerprint, reason); cleared when it changes
         self.failed: dict[str, tuple[str, str]] = {}
         self.mtimes: dict[str, int] = {}  # file mtime per vassal: `touch` reloads
+        self.fds: launch.Descriptors | None = None
+        self.max_vassals = 1 << 30  # set from the descriptor limit at start
+        self.n_admitted = 0  # vassals not refused
+        self.n_refused = 0
 
     # -- logging -------------------------------------------------------------
 
@@ -284,6 +294,7 @@ class Emperor:
 
     def _setup(self) -> None:
         launch.set_child_subreaper()  # before anything is started
+        self._descriptor_budget()
         os.chdir(self.dir)  # vassals inherit it as their working directory
         self._wake_r, self._wake_w = socket.socketpair()
         for s in (self._wake_r, self._wake_w):
@@ -304,6 +315,43 @@ class Emperor:
         self.log(
             f"watching {self.dir} (vassal program {' '.join(self.argv0)}, pid {os.getpid()})"
         )
+
+    def _descriptor_budget(self) -> None:
+        """Raise the soft descriptor limit to the hard one, and admit only as
+        many vassals as it leaves room for: the others are `refused` (and
+        admitted once room is made), rather than failing at random."""
+        fds = self.fds = launch.raise_nofile()
+        reserved = FDS_RESERVED + self.opts.adopt_parallel
+        self.max_vassals = max(1, (fds.soft - reserved) // FDS_PER_VASSAL)
+        raised = f" (raised from {fds.inherited})" if fds.soft > fds.inherited else ""
+        self.log(f"descriptors: limit {fds.soft}{raised}, hard limit {fds.hard}: room for "
+                 f"{self.max_vassals} vassals ({FDS_PER_VASSAL} each, {reserved} reserved)")
+
+    def _admit(self, v: Vassal, is_base: bool) -> None:
+        """A vassal new to the Emperor: admitted if the budget has room. A
+        base always is (every adopted vassal needs it), within the reserve."""
+        if is_base:
+            return
+        if self.n_admitted < self.max_vassals:
+            self.n_admitted += 1
+            return
+        v.refused = (f"refused: no descriptors to spare (limit {self.fds.soft if self.fds else '?'}"
+                     f": room for {self.max_vassals} vassals)")
+        self.n_refused += 1
+        if self.n_refused == 1 or self.n_refused % 100 == 0:  # not one line each
+            self.log(f"{v.refused}; {self.n_refused} vassal(s) refused now, "
+                     "admitted once others go", v.name)
+
+    def _admit_refused(self) -> None:
+        """Room was made (vassals removed): admit the refused, by name."""
+        for v in sorted(self.vassals.values(), key=lambda v: v.name):
+            if self.n_refused == 0 or self.n_admitted >= self.max_vassals:
+                return
+            if v.refused:
+                v.refused = None
+                self.n_refused -= 1
+                self.n_admitted += 1
+                self.log("admitted: descriptors to spare again", v.name)
 
     def _teardown(self) -> None:
         for name in list(self.listeners):
@@ -511,7 +559,7 @@ class Emperor:
             self.log(f"cannot scan {self.dir}: {e.strerror or e}; retry in {RETRY_READ:g} s")
             self.next_rescan = now + RETRY_READ
             return
-        for name in set(found) | set(self.vassals):
+        for name in sorted(set(found) | set(self.vassals)):  # refusals: the last by name
             path = found.get(name)
             with self._boundary(name, now):
                 self._load(name, path, now)
@@ -579,6 +627,7 @@ class Emperor:
                 return
             v = Vassal(name, cfg, is_base=is_base, policy=self.policy)
             self.vassals[name] = v
+            self._admit(v, is_base)
             return
         if v.update_config(cfg, is_base):
             if cfg is None:
@@ -773,6 +822,7 @@ class Emperor:
             pid = launch.spawn_vassal(
                 argv, os.environ, pipe_fd, config_fd,
                 lst.fileno() if lst is not None else None,
+                nofile=self.fds.inherited if self.fds is not None else None,
             )
         except OSError as e:
             self._abandon_start(v, seq, now, h, ours, str(e))
@@ -960,10 +1010,16 @@ class Emperor:
                     self._close_listener(v.name)
                     self.bind_errors.pop(v.name, None)
                     del self.vassals[v.name]
+                    if v.refused:
+                        self.n_refused -= 1
+                    elif not v.is_base:
+                        self.n_admitted -= 1
 
     # -- the loop ------------------------------------------------------------------
 
     def _reconcile(self, now: float) -> None:
+        if self.n_refused and self.n_admitted < self.max_vassals:
+            self._admit_refused()
         for (name, seq), h in list(self.procs.items()):
             if h.adoption is not None and h.adoption.expired(now):
                 with self._boundary(name, now, seq):

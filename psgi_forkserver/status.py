@@ -131,7 +131,7 @@ def vassal_status(v: Any, now: float, children: dict[int, list[int]]) -> tuple[d
         "failures": getattr(v, "failures", 0),
         "throttle": round(max(0.0, not_before - now), 3) if phase == "throttled" else 0.0,
         "file": str(getattr(cfg, "path", "")) or None,
-        "error": getattr(getattr(v, "config", None), "error", None),
+        "error": getattr(getattr(v, "config", None), "error", None) or getattr(v, "refused", None),
         "processes": 0,
         "pss": 0,
         "uss": 0,

@@ -31,6 +31,7 @@ Vassal phases (what `phase` shows):
     live ──exited (unexpected)──> THROTTLED ──(backoff over)──> start again
     NEW/THROTTLED/WAITING/ON_DEMAND and not wanted ──> GONE (Forget)
     file unusable (bad INI, template error, unreadable) ──> CONFIG_ERROR ──file fixed──> start
+    no descriptors to spare for one more vassal ──> REFUSED ──room again──> start
 
 Crash loops: a process that dies unexpectedly within `stable_after`
 seconds of its start counts as a failure; the restart waits
@@ -63,6 +64,7 @@ class Phase(StrEnum):
     STOPPING = "stopping"  # asked to stop, waiting for it to exit
     THROTTLED = "throttled"  # died; respawn at not_before
     CONFIG_ERROR = "config-error"  # its file cannot be used: waits for the file to change
+    REFUSED = "refused"  # the Emperor has no descriptors to spare for it: waits for room
     GONE = "gone"  # no process and not wanted: forget it
 
 
@@ -197,6 +199,7 @@ class Vassal:
     seq: int = 0
     retry_at: float | None = None  # a failed successor is tried again then
     touched: bool = False  # its file was touched: reload, though the config is the same
+    refused: str | None = None  # why the Emperor cannot take it on (no descriptors to spare)
 
     # -- the current process, as flat read-only fields ------------------------
 
@@ -436,7 +439,8 @@ class Vassal:
         return self._heartbeat_of(self.current) if self.current else None
 
     def wanted(self, ctx: Context) -> bool:
-        return self.config is not None and self.config.error is None and not ctx.shutting_down
+        return (self.config is not None and self.config.error is None and not self.refused
+                and not ctx.shutting_down)
 
     def _kind_for(self, ctx: Context) -> Kind:
         if self.is_base:
@@ -539,8 +543,7 @@ class Vassal:
             if not self.wanted(ctx):
                 if self.config is not None and not ctx.shutting_down:
                     # invalid config: nothing to retry until the file changes
-                    if self.phase != Phase.CONFIG_ERROR:
-                        self._enter(Phase.CONFIG_ERROR, now)
+                    self._enter(Phase.REFUSED if self.refused else Phase.CONFIG_ERROR, now)
                     return []
                 if self.retiring:
                     return []

@@ -208,3 +208,36 @@ def test_a_frozen_emperor_kills_no_heartbeat_vassal(hostile):
     for n, p in zip(files, ports):
         assert get(p)["name"] == n
     emperor_ok(e)
+
+
+# -- descriptor budget --------------------------------------------------------------
+
+
+def test_descriptor_budget_refuses_the_extra_vassals(hostile):
+    """Hard limit 70: (70 - 40 reserved) // 3 = room for 10 vassals besides
+    the base; of 12, the last 2 by name are refused with a clear state, the
+    others serve. Removing three makes room: the refused ones come up."""
+    ports = {f"v{i:02d}": free_port() for i in range(12)}
+    e = hostile({n: app_ini(n, p, processes=1) for n, p in ports.items()}, nofile=(40, 70))
+    assert e.lines("descriptors: limit 70 (raised from 40), hard limit 70: room for 10 vassals")
+    wait_for(lambda: sum(1 for v in e.status().values() if v["state"] == "refused") == 2, 30,
+             "two refused")
+    st = e.status()
+    refused = sorted(n for n, v in st.items() if v["state"] == "refused")
+    assert refused == ["v10", "v11"], st
+    served = [n for n in ports if n not in refused]
+    for n in refused:
+        assert "no descriptors to spare" in st[n]["error"], st[n]
+        assert e.vpids(n) == []
+    for n in served:
+        wait_for(lambda n=n: get(ports[n])["name"] == n, 30, f"{n} answers")
+    emperor_ok(e)
+    assert psutil.Process(e.pid).rlimit(psutil.RLIMIT_NOFILE) == (70, 70)
+    # children get the limit the Emperor was started with
+    assert psutil.Process(e.vpid("base")).rlimit(psutil.RLIMIT_NOFILE) == (40, 70)
+    for n in served[:3]:
+        (e.dir / f"{n}.ini").unlink()
+    for n in refused:
+        wait_for(lambda n=n: get(ports[n])["name"] == n, 30, f"{n} once admitted")
+    emperor_ok(e)
+    assert_no_zombies(e)
