@@ -241,3 +241,82 @@ def test_descriptor_budget_refuses_the_extra_vassals(hostile):
         wait_for(lambda n=n: get(ports[n])["name"] == n, 30, f"{n} once admitted")
     emperor_ok(e)
     assert_no_zombies(e)
+
+
+# -- the base out of descriptors ------------------------------------------------------
+
+
+def test_base_out_of_descriptors_refuses_and_does_not_spin(tmp_path):
+    """The fork server's accept fails with EMFILE while its socket stays
+    readable: it refuses a waiting client (EOF, no pid), logs one line, and
+    rests instead of spinning; once descriptors are free it adopts again."""
+    from psgi_forkserver import forkserver
+
+    sock, log = tmp_path / "fs.sock", tmp_path / "base.log"
+    limit = 24
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    with open(log, "wb") as out:
+        base = subprocess.Popen(
+            ["perl", PROGRAM, "--early-psgi", APP, "--fork-server", sock,
+             "--fork-server-timeout", "120"],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out, preexec_fn=low_limit)
+    clients: list[socket.socket] = []
+    try:
+        wait_for(lambda: forkserver.probe(sock), 30, "the fork server")
+        for _ in range(limit + 8):  # more than it can hold: the rest wait in the backlog
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.connect(str(sock))
+            c.setblocking(False)
+            clients.append(c)
+
+        def one_refused() -> bool:
+            for c in clients:
+                try:
+                    if c.recv(1) == b"":
+                        return True
+                except BlockingIOError:
+                    pass
+            return False
+
+        wait_for(one_refused, 20, "a waiting client refused (EOF)")
+        text = log.read_text()
+        assert text.count("out of descriptors (Too many open files)") == 1, text
+        proc = psutil.Process(base.pid)
+        before = sum(proc.cpu_times()[:2])
+        time.sleep(2.0)  # the scenario: two seconds at the limit
+        spent = sum(proc.cpu_times()[:2]) - before
+        assert spent < 0.5, f"the base used {spent:.2f} s of CPU in 2 s at its limit"
+        assert log.read_text().count("out of descriptors") == 1
+        for c in clients:
+            c.close()
+        clients.clear()
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            port = free_port()
+            pid = wait_for(lambda: forkserver.adopt(
+                sock, [str(PROGRAM), "--http-socket", f"127.0.0.1:{port}", "--processes", "1",
+                       "--env", "APP_NAME=late"], theirs.fileno(), timeout=5), 30,
+                "an adoption once descriptors are free")
+            theirs.close()
+            try:
+                wait_for(lambda: get(port)["name"] == "late", 30, "the adopted vassal answers")
+            finally:
+                ours.close()  # its Emperor pipe closed: it stops
+                wait_for(lambda: not pid_exists_alive(pid), 30, "the adopted vassal gone")
+        assert "descriptors available again" in log.read_text()
+    finally:
+        for c in clients:
+            c.close()
+        base.terminate()
+        base.wait(20)
+    assert not sock.exists()
+
+
+def pid_exists_alive(pid: int) -> bool:
+    try:
+        return alive(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+        return False
