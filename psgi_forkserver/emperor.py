@@ -196,7 +196,12 @@ class Emperor:
     no_children: bool = False
 
     def __post_init__(self) -> None:
-        self.dir = self.opts.vassals_dir.resolve()
+        # absolute, symlinks kept: a directory swapped under the same name
+        # (`mv`, a symlink flipped, removed and re-created) is the one we
+        # serve; its identity (_check_dir) tells when it was swapped
+        self.dir = Path(os.path.abspath(self.opts.vassals_dir))
+        self.dir_id: tuple[int, int] | None = None
+        self.dir_missing = False
         self.argv0 = program_argv(self.opts.program)
         self.own_sockets = (
             self.opts.own_sockets if self.opts.own_sockets is not None
@@ -296,6 +301,8 @@ class Emperor:
         launch.set_child_subreaper()  # before anything is started
         self._descriptor_budget()
         os.chdir(self.dir)  # vassals inherit it as their working directory
+        st = os.stat(".")
+        self.dir_id = (st.st_dev, st.st_ino)
         self._wake_r, self._wake_w = socket.socketpair()
         for s in (self._wake_r, self._wake_w):
             s.setblocking(False)
@@ -552,7 +559,67 @@ class Emperor:
 
     # -- desired state: the files ---------------------------------------------
 
+    def _check_dir(self, now: float) -> bool:
+        """Is the vassals directory the one we watch? A new directory under
+        its name (removed and re-created, `mv new dir`, a symlink flipped):
+        it becomes our working directory and is watched, and the caller
+        rereads every file (vassals whose config is the same keep running).
+        False while there is no directory: the fleet is left as it is (a
+        removed file stops its vassal; a directory moved away removes
+        nothing) and the name is looked at again soon."""
+        try:
+            st = os.stat(self.dir)
+        except OSError as e:
+            if not self.dir_missing:
+                self.log(f"vassals directory {self.dir}: {e.strerror or e}; the fleet is "
+                         f"left as it is, looking again every {RETRY_READ:g} s")
+            self.dir_missing = True
+            self.next_rescan = now + RETRY_READ
+            return False
+        self.dir_missing = False
+        ident = (st.st_dev, st.st_ino)
+        if ident == self.dir_id:
+            return True
+        self.dir_id = ident
+        self.log(f"vassals directory {self.dir} is a new directory: watching it, "
+                 "reading every file again")
+        try:
+            os.chdir(self.dir)
+        except OSError as e:
+            self.log(f"cannot enter {self.dir}: {e.strerror or e}")
+        self._rewatch()
+        self.mtimes.clear()  # its files are new files, not touched ones
+        for v in self.vassals.values():
+            # a base serving on a socket in the old directory (a relative
+            # `fork-server`): a new generation in this one, every adopted
+            # vassal moving onto it without closing its port
+            cur = v.current
+            fs = cur.config.fork_server if cur is not None else None
+            if cur is not None and cur.kind == Kind.BASE and fs and not os.path.isabs(fs):
+                v.request_deploy()
+                self.log("its fork-server socket was in the old directory: "
+                         f"base generation {v.want_base_generation}", v.name)
+        return True
+
+    def _rewatch(self) -> None:
+        """inotify on the directory now under our name (the old watch died
+        with the old directory, or watches one moved elsewhere)."""
+        if self.watcher is not None:
+            try:
+                self.sel.unregister(self.watcher.fileno())
+            except (KeyError, ValueError):
+                pass
+            self.watcher.close()
+            self.watcher = None
+        try:
+            self.watcher = Watcher(self.dir)
+            self.sel.register(self.watcher.fileno(), selectors.EVENT_READ, self._on_inotify)
+        except OSError as e:
+            self.log(f"inotify unavailable ({e}); rescanning every {self.opts.rescan_interval:g} s")
+
     def _rescan(self, now: float) -> None:
+        if not self._check_dir(now):
+            return
         try:
             found = cfgmod.discover(self.dir)
         except OSError as e:  # EMFILE, ENOMEM, ...: keep what we know, try again
@@ -813,7 +880,7 @@ class Emperor:
         if pairs is None:
             return
         ours, pipe_fd, config_fd, to_close = self._split_pipes(h, pairs, text)
-        argv = [*self.argv0, "--ini", p.config.path.name]
+        argv = [*self.argv0, "--ini", str(p.config.path)]
         if kind == Kind.BASE:
             h.fork_server = self.base_socket_path(p.config, p.base_generation)
             if p.base_generation > 1 and h.fork_server is not None:

@@ -23,7 +23,7 @@ import pytest
 
 from support import alive, descendants, free_port, start_emperor, stop_emperor, wait_for
 from test_emperor import APP, PROGRAM, app_ini, get
-from test_robustness import Emp, assert_no_zombies
+from test_robustness import Emp, _set_subreaper, assert_no_zombies
 
 pytestmark = pytest.mark.skipif(
     not PROGRAM.is_file() or os.path.getsize(PROGRAM) < 200,
@@ -294,6 +294,7 @@ def test_base_out_of_descriptors_refuses_and_does_not_spin(tmp_path):
             c.close()
         clients.clear()
         ours, theirs = socket.socketpair()
+        _set_subreaper(True)  # the adopted vassal (double-forked) is ours to reap
         with ours, theirs:
             port = free_port()
             pid = wait_for(lambda: forkserver.adopt(
@@ -305,9 +306,11 @@ def test_base_out_of_descriptors_refuses_and_does_not_spin(tmp_path):
                 wait_for(lambda: get(port)["name"] == "late", 30, "the adopted vassal answers")
             finally:
                 ours.close()  # its Emperor pipe closed: it stops
-                wait_for(lambda: not pid_exists_alive(pid), 30, "the adopted vassal gone")
+                wait_for(lambda: os.waitpid(pid, os.WNOHANG)[0] == pid, 30,
+                         "the adopted vassal gone")
         assert "descriptors available again" in log.read_text()
     finally:
+        _set_subreaper(False)
         for c in clients:
             c.close()
         base.terminate()
@@ -315,8 +318,58 @@ def test_base_out_of_descriptors_refuses_and_does_not_spin(tmp_path):
     assert not sock.exists()
 
 
-def pid_exists_alive(pid: int) -> bool:
+# -- the directory's identity ---------------------------------------------------------
+
+
+def _cwd_is(pid: int, d: Path) -> bool:
+    st = os.stat(f"/proc/{pid}/cwd")
+    return (st.st_dev, st.st_ino) == (os.stat(d).st_dev, os.stat(d).st_ino)
+
+
+def test_vassals_directory_swapped(hostile):
+    """blue/green: `mv dir dir.old; mv dir.new dir`. Unchanged vassals keep
+    serving, a changed one reloads, a removed one goes, a new one comes."""
+    ports = {n: free_port() for n in ("same", "changed", "removed", "added")}
+    e = hostile({n: app_ini(n, ports[n], processes=1) for n in ("same", "changed", "removed")},
+                wait=[ports["same"], ports["changed"], ports["removed"]])
+    new = Path(str(e.dir) + ".new")
+    new.mkdir()
     try:
-        return alive(psutil.Process(pid))
-    except psutil.NoSuchProcess:
-        return False
+        (new / "base.ini").write_text(BASE_INI)
+        (new / "same.ini").write_text(app_ini("same", ports["same"], processes=1))
+        (new / "changed.ini").write_text(app_ini("changed", ports["changed"], "v2", processes=1))
+        (new / "added.ini").write_text(app_ini("added", ports["added"], processes=1))
+        os.rename(e.dir, str(e.dir) + ".old")
+        os.rename(new, e.dir)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+    wait_for(lambda: get(ports["added"])["name"] == "added", 30, "added answers")
+    assert e.lines("is a new directory")
+    wait_for(lambda: get(ports["changed"])["value"] == "v2", 30, "changed reloaded")
+    wait_for(lambda: e.status().get("removed") is None, 30, "removed gone")
+    assert get(ports["same"])["name"] == "same"
+    assert not e.lines("[same] file changed")
+    assert _cwd_is(e.pid, e.dir)
+    # the vassals started now live in the new directory too
+    wait_for(lambda: _cwd_is(e.vpid("added"), e.dir), 10, "added's cwd")
+    # and the new directory is watched
+    (e.dir / "late.ini").write_text(app_ini("late", ports["removed"], processes=1))
+    wait_for(lambda: get(ports["removed"])["name"] == "late", 30, "a file added later")
+    emperor_ok(e)
+    assert_no_zombies(e)
+
+
+def test_vassals_directory_removed_and_recreated(hostile):
+    p1, p2 = free_port(), free_port()
+    e = hostile({"a": app_ini("a", p1, processes=1)}, wait=[p1])
+    shutil.rmtree(e.dir)
+    wait_for(lambda: e.status().get("a") is None, 30, "a stopped with its file")
+    e.dir.mkdir()
+    (e.dir / "base.ini").write_text(BASE_INI)
+    (e.dir / "a.ini").write_text(app_ini("a", p1, "again", processes=1))
+    wait_for(lambda: get(p1)["value"] == "again", 30, "a back in the new directory")
+    (e.dir / "b.ini").write_text(app_ini("b", p2, processes=1))
+    wait_for(lambda: get(p2)["name"] == "b", 30, "a file added later")
+    assert _cwd_is(e.pid, e.dir)
+    emperor_ok(e)
+    assert_no_zombies(e)
