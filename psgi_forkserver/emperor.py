@@ -1120,16 +1120,18 @@ class Emperor:
             before = v.successor
             ctx = Context(now, fs, self.shutting_down, base_generation=base_gen,
                           deploy_slots=slots, adopt_slots=adopt_slots)
-            with self._boundary(v.name, now):
+            try:  # the boundary (_boundary), inline: this runs per vassal per turn
                 actions = v.step(ctx)
-                adopt_slots -= sum(1 for a in actions if isinstance(a, Adopt))
-                self._execute(v, actions, now)
+                if actions:
+                    adopt_slots -= sum(1 for a in actions if isinstance(a, Adopt))
+                    self._execute(v, actions, now)
+                if v.name in self.vassals:
+                    self._watch_on_demand(v, now)
+            except Exception as e:  # noqa: BLE001 - one vassal's failure is its own
+                self._vassal_failed(v.name, None, now, e)
             if v.successor is not None and v.successor is not before \
                     and v.successor.reason == "code deploy":
                 slots -= 1
-            if v.name in self.vassals:
-                with self._boundary(v.name, now):
-                    self._watch_on_demand(v, now)
         hold_bases = self.shutting_down and any(
             not runs_as_base(v) for v in self.vassals.values()
         )
@@ -1142,8 +1144,10 @@ class Emperor:
         for v in sorted(bases, key=lambda v: v.name):
             ctx = Context(now, fs, self.shutting_down, hold_bases, base_generation=base_gen,
                           base_users=users)
-            with self._boundary(v.name, now):
+            try:
                 self._execute(v, v.step(ctx), now)
+            except Exception as e:  # noqa: BLE001 - one vassal's failure is its own
+                self._vassal_failed(v.name, None, now, e)
         self._kill_orphans(now)
 
     def _timeout(self, now: float) -> float:
