@@ -231,7 +231,7 @@ class Emperor:
         self.mtimes: dict[str, int] = {}  # file mtime per vassal: `touch` reloads
         self.fds: launch.Descriptors | None = None
         self.max_vassals = 1 << 30  # set from the descriptor limit at start
-        self.n_admitted = 0  # vassals not refused
+        self.admitted: set[str] = set()  # vassals counted in the budget (bases are not)
         self.n_refused = 0
 
     # -- logging -------------------------------------------------------------
@@ -292,6 +292,8 @@ class Emperor:
         if v.config is not None:
             self.failed[name] = (v.config.fingerprint, why)
             v.config = dataclasses.replace(v.config, error=why)
+        if not v.has_process:
+            self._close_listener(name)  # connections refused, not left in its backlog
         self.log(f"cannot handle: {why} (at {where}); config-error until its file "
                  "changes", name)
 
@@ -339,8 +341,8 @@ class Emperor:
         base always is (every adopted vassal needs it), within the reserve."""
         if is_base:
             return
-        if self.n_admitted < self.max_vassals:
-            self.n_admitted += 1
+        if len(self.admitted) < self.max_vassals:
+            self.admitted.add(v.name)
             return
         v.refused = (f"refused: no descriptors to spare (limit {self.fds.soft if self.fds else '?'}"
                      f": room for {self.max_vassals} vassals)")
@@ -352,12 +354,12 @@ class Emperor:
     def _admit_refused(self) -> None:
         """Room was made (vassals removed): admit the refused, by name."""
         for v in sorted(self.vassals.values(), key=lambda v: v.name):
-            if self.n_refused == 0 or self.n_admitted >= self.max_vassals:
+            if self.n_refused == 0 or len(self.admitted) >= self.max_vassals:
                 return
             if v.refused:
                 v.refused = None
                 self.n_refused -= 1
-                self.n_admitted += 1
+                self.admitted.add(v.name)
                 self.log("admitted: descriptors to spare again", v.name)
 
     def _teardown(self) -> None:
@@ -1079,13 +1081,12 @@ class Emperor:
                     del self.vassals[v.name]
                     if v.refused:
                         self.n_refused -= 1
-                    elif not v.is_base:
-                        self.n_admitted -= 1
+                    self.admitted.discard(v.name)
 
     # -- the loop ------------------------------------------------------------------
 
     def _reconcile(self, now: float) -> None:
-        if self.n_refused and self.n_admitted < self.max_vassals:
+        if self.n_refused and len(self.admitted) < self.max_vassals:
             self._admit_refused()
         for (name, seq), h in list(self.procs.items()):
             if h.adoption is not None and h.adoption.expired(now):

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from support import alive, descendants, free_port, start_emperor, stop_emperor, wait_for
-from test_emperor import APP, PROGRAM, app_ini, get
+from test_emperor import APP, PROGRAM, app_ini, get, refused
 from test_robustness import Emp, _set_subreaper, assert_no_zombies
 
 pytestmark = pytest.mark.skipif(
@@ -114,6 +114,8 @@ def test_config_over_64k_is_its_vassals_error_alone(hostile):
         assert e.vpids(n) == []
     emperor_ok(e)
     assert get(ok)["name"] == "ok"
+    for port in (big, od):  # refused, not left waiting in a backlog nobody reads
+        wait_for(lambda p=port: refused(p), 10, f"port {port} closed")
     # fixed: it starts
     (e.dir / "big.ini.j2").write_text(app_ini("big", big, processes=1))
     wait_for(lambda: get(big)["name"] == "big", 20, "big once fixed")
