@@ -289,13 +289,15 @@ class Emperor:
             self.log(f"cannot handle: {why} (at {where}); retry in "
                      f"{max(0.0, v.not_before - now):.1f} s", name)
             return
+        again = self.failed.get(name, ("", ""))[1] == why
         if v.config is not None:
             self.failed[name] = (v.config.fingerprint, why)
             v.config = dataclasses.replace(v.config, error=why)
         if not v.has_process:
             self._close_listener(name)  # connections refused, not left in its backlog
-        self.log(f"cannot handle: {why} (at {where}); config-error until its file "
-                 "changes", name)
+        if not again:  # one line, not one per loop turn
+            self.log(f"cannot handle: {why} (at {where}); config-error until its file "
+                     "changes", name)
 
     # -- set-up --------------------------------------------------------------
 
