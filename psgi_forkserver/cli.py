@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from . import paths
-from .emperor import Emperor, Options, StartupError, pidfile_is_held
+from .emperor import Emperor
+from .options import Options, run_arguments
+from .locks import StartupError, pidfile_is_held
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,44 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the vassals of a directory")
     run.add_argument("vassals_dir", metavar="VASSALS_DIR", type=Path)
-    run.add_argument(
-        "--use-fork-server", "--emperor-use-fork-server", dest="use_fork_server",
-        metavar="SOCK", type=Path,
-        help="adopt vassals through this fork-server socket",
-    )
-    run.add_argument(
-        "--vassal-fork-base", dest="fork_bases", metavar="NAME", action="append", default=[],
-        help="this vassal file is a base (repeatable); default: files with a fork-server key",
-    )
-    run.add_argument(
-        "--vassal-binary", "--emperor-wrapper", dest="program", metavar="PATH",
-        help="the vassal program (default: the installed ForkServer.pm)",
-    )
-    run.add_argument("--mercy", type=float, default=30.0, metavar="SECONDS",
-                     help="graceful stop time before SIGKILL (default 30)")
-    run.add_argument("--adopt-timeout", type=float, default=10.0, metavar="SECONDS",
-                     help="wait this long for a fork server's reply (default 10)")
-    run.add_argument("--rescan-interval", type=float, default=10.0, metavar="SECONDS",
-                     help="full rescan of the directory, besides inotify (default 10)")
-    run.add_argument("--pidfile", type=Path, metavar="PATH",
-                     help="write the Emperor's pid here (for `emperor reload-base`)")
-    run.add_argument("--backoff-first", type=float, default=1.0, metavar="SECONDS",
-                     help="crash loop: first restart delay, doubling (default 1)")
-    run.add_argument("--backoff-max", type=float, default=180.0, metavar="SECONDS",
-                     help="crash loop: longest restart delay (default 180)")
-    run.add_argument("--stable-after", type=float, default=10.0, metavar="SECONDS",
-                     help="a vassal that lived this long did not crash-loop (default 10)")
-    run.add_argument("--reload-grace", type=float, default=1.0, metavar="SECONDS",
-                     help="a new vassal that never sends byte 17 replaces the old one "
-                          "this long after byte 1/5 (default 1)")
-    run.add_argument("--deploy-parallel", type=int, default=4, metavar="N",
-                     help="code deploy: vassals moved to the new base at a time (default 4)")
-    run.add_argument("--adopt-parallel", type=int, default=8, metavar="N",
-                     help="adoption requests in flight at once; the others queue (default 8)")
-    run.add_argument("--emperor-sockets", dest="own_sockets", default=None,
-                     action=argparse.BooleanOptionalAction,
-                     help="bind each vassal's http-socket in the Emperor and pass it "
-                          "(default: only with the built-in vassal program)")
+    run_arguments(run)  # every option of options.Options
     rb = sub.add_parser("reload-base",
                         help="code deploy: new base generation, move every adopted vassal")
     rb.add_argument("--pidfile", type=Path, metavar="PATH", required=True,

@@ -25,6 +25,10 @@ from dataclasses import dataclass
 import psutil
 
 from . import protocol
+from .config import SECTION, VassalConfig, emperor_keys
+
+#: keys of a vassal file that only the Emperor reads; the vassal never sees them
+EMPEROR_KEYS = emperor_keys()  # declared in perl/ForkServer/options.json
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -154,6 +158,44 @@ def spawn_vassal(argv: Sequence[str], env: Mapping[str, str], pipe_fd: int,
     finally:
         if lowered is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, lowered)
+
+
+def emperor_only_stripped(text: str) -> str:
+    """The vassal file text without the keys only the Emperor reads."""
+    out = []
+    section = ""
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("[") and s.endswith("]"):
+            section = s[1:-1].strip()
+        elif section == SECTION and s and s[0] not in ";#":
+            if s.partition("=")[0].strip() in EMPEROR_KEYS:
+                continue
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def config_text(cfg: VassalConfig) -> bytes | None:
+    """What to send on a config pipe: a rendered template, or a file with
+    Emperor-only keys (the vassal program would reject them); else None."""
+    if getattr(cfg, "rendered", False):
+        text = emperor_only_stripped(getattr(cfg, "text", "") or "")
+    elif any(k in EMPEROR_KEYS for k, _ in cfg.options):
+        raw = getattr(cfg, "text", None)
+        if raw is None:
+            try:
+                raw = cfg.path.read_text(errors="replace")
+            except OSError:
+                raw = ""
+        text = emperor_only_stripped(raw)
+    else:
+        return None
+    data = text.encode("utf-8", "surrogateescape")
+    if len(data) > protocol.MAX_BODY:
+        # checked before any pipe or process exists for it
+        raise protocol.ProtocolError(f"config of {len(data)} bytes exceeds {protocol.MAX_BODY}: "
+                            "it must fit one config packet")
+    return data
 
 
 def send_config(sock: socket.socket, text: bytes) -> None:

@@ -18,8 +18,9 @@ requests share one collection. The document says what it cost:
 `collect_ms` (CPU time measuring), `elapsed_ms` (request to document),
 `turns` (loop turns it was spread over).
 
-The Emperor's Vassal objects are read with getattr and defaults, so this
-module does not depend on the exact fields of a given Vassal version.
+This module sees the Emperor only through read-only snapshots
+(snapshot.py), taken once per document: the Emperor calls it (`poll`,
+`next_wakeup`), never the other way round.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
+from .proc import Phase
+from .snapshot import EmperorSnapshot, VassalSnapshot
 
 SCHEMA = 1
 #: connections in progress; a client beyond that is refused with a message
@@ -107,62 +111,43 @@ def _memory(pids: list[int]) -> tuple[int, int, int]:
     return pss, uss, n
 
 
-def _enum(value: Any) -> Any:
-    if value is None:
-        return None
-    return getattr(value, "value", value)
-
-
-def _last_error(v: Any, phase: Any) -> str | None:
+def _last_error(v: VassalSnapshot) -> str | None:
     """Why the vassal does not run: its file's error or why the Emperor
     refused it (no descriptors to spare), else (while it fails:
     throttled, or failures not yet reset by a loyal start) the last failure
     the Emperor logged, with the exit status."""
-    err = getattr(getattr(v, "config", None), "error", None) or getattr(v, "refused", None)
-    if err:
-        return err
-    if phase == "throttled" or (getattr(v, "failures", 0) or 0) > 0:
-        return getattr(v, "last_error", None) or None
+    if v.config_error or v.refused:
+        return v.config_error or v.refused
+    if v.phase == Phase.THROTTLED or v.failures > 0:
+        return v.last_error or None
     return None
 
 
-def vassal_status(v: Any, now: float, children: dict[int, list[int]]) -> tuple[dict[str, Any], list[int]]:
+def vassal_status(v: VassalSnapshot, now: float,
+                  children: dict[int, list[int]]) -> tuple[dict[str, Any], list[int]]:
     """The vassal's document (memory still 0) and the pids to measure."""
-    pid = getattr(v, "pid", None)
-    phase = _enum(getattr(v, "phase", None))
-    started_at = getattr(v, "started_at", None)
-    generation = getattr(v, "generation", 0) or 0
-    not_before = getattr(v, "not_before", 0.0) or 0.0
-    restarts = getattr(v, "restarts", None)
-    if restarts is None:
-        restarts = max(0, generation - 1)
-    cfg = getattr(v, "config", None) or getattr(v, "running", None)
+    throttled = v.phase == Phase.THROTTLED
     doc: dict[str, Any] = {
-        "name": getattr(v, "name", "?"),
-        "state": phase,
-        "pid": pid,
-        "kind": _enum(getattr(v, "kind", None)),
-        "base_generation": getattr(v, "base_generation", None),
-        "generation": generation,
-        "uptime": round(now - started_at, 3) if pid is not None and started_at is not None else None,
-        "restarts": restarts,
-        "failures": getattr(v, "failures", 0),
-        "throttle": round(max(0.0, not_before - now), 3) if phase == "throttled" else 0.0,
-        "file": str(getattr(cfg, "path", "")) or None,
-        "error": _last_error(v, phase),
+        "name": v.name,
+        "state": v.phase.value,
+        "pid": v.pid,
+        "kind": v.kind.value if v.kind is not None else None,
+        "base_generation": v.base_generation,
+        "generation": v.processes_started,
+        "uptime": (round(now - v.started_at, 3)
+                   if v.pid is not None and v.started_at is not None else None),
+        "restarts": v.restarts,
+        "failures": v.failures,
+        "throttle": round(max(0.0, v.not_before - now), 3) if throttled else 0.0,
+        "file": v.file or None,
+        "error": _last_error(v),
         "processes": 0,
         "pss": 0,
         "uss": 0,
     }
     # every process of the vassal: during a reload, the successor and the
-    # retiring ones too (Vassal.procs() where the Vassal has it)
-    roots = [pid] if pid is not None else []
-    procs = getattr(v, "procs", None)
-    if callable(procs):
-        try:
-            roots += [p.pid for p in procs() if getattr(p, "pid", None) not in (None, pid)]
-        except Exception:  # noqa: BLE001
-            pass
+    # retiring ones too
+    roots = list(v.pids)
     if len(roots) > 1:
         doc["other_pids"] = roots[1:]
     tree: list[int] = []
@@ -174,7 +159,7 @@ def vassal_status(v: Any, now: float, children: dict[int, list[int]]) -> tuple[d
 _self_proc: psutil.Process | None = None
 
 
-def emperor_status(emperor: Any) -> dict[str, Any]:
+def emperor_status(snap: EmperorSnapshot) -> dict[str, Any]:
     global _self_proc
     if _self_proc is None or _self_proc.pid != os.getpid():
         _self_proc = psutil.Process()
@@ -194,12 +179,10 @@ def emperor_status(emperor: Any) -> dict[str, Any]:
             )
     except psutil.Error:
         pass
-    d = getattr(emperor, "dir", None) or getattr(getattr(emperor, "opts", None), "vassals_dir", None)
-    doc["vassals_dir"] = str(d) if d is not None else None
-    doc["shutting_down"] = bool(getattr(emperor, "shutting_down", False))
+    doc["vassals_dir"] = snap.vassals_dir
+    doc["shutting_down"] = snap.shutting_down
     # code deploys (bases.DeployTracker.as_dict): `emperor reload-base --wait` polls this
-    deploy = getattr(emperor, "deploy_status", None)
-    doc["deploy"] = deploy() if callable(deploy) else None
+    doc["deploy"] = snap.deploy
     return doc
 
 
@@ -213,13 +196,13 @@ class Collection:
     The vassals' states and pids are taken at the start (one snapshot).
     """
 
-    def __init__(self, emperor: Any) -> None:
+    def __init__(self, snap: EmperorSnapshot) -> None:
         self.t0 = time.perf_counter()
         self.measure_s = 0.0
         self.turns = 0
         now = time.monotonic()
         children = _ppid_map()
-        vassals = getattr(emperor, "vassals", {}) or {}
+        vassals = snap.vassals
         self.vassals: dict[str, dict[str, Any]] = {}
         self.todo: list[tuple[str, int]] = []
         for name in sorted(vassals):
@@ -230,7 +213,7 @@ class Collection:
             self.vassals[name] = doc
             self.todo += [(name, pid) for pid in tree]
         self.todo.reverse()  # pop() in order
-        self.emperor = emperor_status(emperor)
+        self.emperor = emperor_status(snap)
         self.measure_s += time.perf_counter() - self.t0
 
     @property
@@ -274,9 +257,9 @@ class Collection:
         }
 
 
-def collect(emperor: Any) -> dict[str, Any]:
+def collect(snap: EmperorSnapshot) -> dict[str, Any]:
     """The status document, all at once (tests, tools)."""
-    c = Collection(emperor)
+    c = Collection(snap)
     c.step()
     return c.document()
 
@@ -329,7 +312,7 @@ class _Client:
 @dataclass
 class StatusServer:
     """Listening sockets bound early (by the CLI, so errors come before
-    anything starts); `attach(emperor)` registers them in its selector."""
+    anything starts); `attach` registers them in the Emperor's selector."""
 
     stats_path: Path | None = None
     http: str | None = None
@@ -338,7 +321,7 @@ class StatusServer:
     log: Callable[[str], None] = field(default=lambda m: print(f"emperor: {m}", file=sys.stderr))
 
     def __post_init__(self) -> None:
-        self.emperor: Any = None
+        self.snapshot: Callable[[], EmperorSnapshot] | None = None
         self.sel: selectors.BaseSelector | None = None
         self.stats_sock: socket.socket | None = None
         self.http_sock: socket.socket | None = None
@@ -418,13 +401,13 @@ class StatusServer:
         self._stats_ino = (st.st_dev, st.st_ino)
         return s
 
-    def attach(self, emperor: Any) -> None:
-        """Register in the Emperor's selector; callbacks get `now`."""
-        self.emperor = emperor
-        self.sel = emperor.sel
-        elog = getattr(emperor, "log", None)
-        if callable(elog):
-            self.log = elog
+    def attach(self, sel: selectors.BaseSelector, log: Callable[[str], None],
+               snapshot: Callable[[], EmperorSnapshot]) -> None:
+        """Register in the Emperor's selector (callbacks get `now`); each
+        document starts from `snapshot()`."""
+        self.sel = sel
+        self.log = log
+        self.snapshot = snapshot
         if self.stats_sock is not None:
             self.sel.register(self.stats_sock, selectors.EVENT_READ,
                               lambda now: self._accept(self.stats_sock, now, http=False))
@@ -546,7 +529,8 @@ class StatusServer:
         self.waiters.append(callback)
         if self.job is not None:
             return
-        self.job = Collection(self.emperor)
+        assert self.snapshot is not None
+        self.job = Collection(self.snapshot())
         if self._tick_w is None:
             self._tick_r, self._tick_w = socket.socketpair()
         self.sel.register(self._tick_w, selectors.EVENT_WRITE, self._tick)

@@ -1,0 +1,44 @@
+"""Read-only snapshots of the Emperor and its vassals: all that status.py sees.
+
+The Emperor copies its state into these once per status request
+(`Emperor.snapshot`, `Vassal.snapshot`); status readers never hold the live
+objects, so the arrow points one way: the Emperor knows status.py, status.py
+knows only this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .proc import Kind, Phase
+
+
+@dataclass(frozen=True)
+class VassalSnapshot:
+    """A vassal as status readers see it (`Vassal.snapshot`): copied, read-only."""
+
+    name: str
+    phase: Phase
+    pid: int | None  # the current process
+    kind: Kind | None  # of the current process (or the last one)
+    base_generation: int  # the base generation the current process runs on (is, for a base)
+    processes_started: int  # how many processes it has had
+    restarts: int  # started again after an unexpected death or a kill
+    failures: int  # consecutive deaths without being loyal or stable
+    started_at: float | None  # the current process's start (monotonic)
+    not_before: float  # THROTTLED: when it is started again (monotonic)
+    file: str | None  # its vassal file (the running one's once the file is gone)
+    config_error: str | None  # why its file cannot be used
+    refused: str | None  # why the Emperor cannot take it on
+    last_error: str | None  # the last failure the Emperor logged
+    pids: tuple[int, ...] = ()  # every process it has: the current one first
+
+
+@dataclass(frozen=True)
+class EmperorSnapshot:
+    vassals_dir: str | None
+    shutting_down: bool = False
+    # code deploys (bases.DeployTracker.as_dict): `emperor reload-base --wait` polls this
+    deploy: dict[str, Any] | None = None
+    vassals: dict[str, VassalSnapshot] = field(default_factory=dict)
