@@ -32,7 +32,7 @@ from typing import Any
 
 from . import config as cfgmod
 from . import forkserver
-from .proc import CODE_DEPLOY, ForkServer, Kind, ProcState
+from .proc import CODE_DEPLOY, ForkServer, Kind, Phase, ProcState
 from .vassal import Vassal
 
 PROBE_AFTER = 0.2  # a base that sent no byte 1 is probed after this long
@@ -231,6 +231,12 @@ class DeployTracker:
 class ForkServers:
     """The Emperor's fork server: its base vassal and generations (a mixin)."""
 
+    def _init_fork_servers(self) -> None:
+        self.deploys = DeployTracker(self.log)
+        self.fork_server_seen = ForkServer.NONE  # what _base_back saw last turn
+        self.external_ready = False  # --use-fork-server: its socket accepts
+        self.external_next_probe = 0.0
+
     def _base(self) -> Vassal | None:
         """The base vassal adopted vassals are forked from (first by name)."""
         for name in sorted(self.vassals):
@@ -238,6 +244,25 @@ class ForkServers:
             if (v.is_base and v.config is not None) or v.kind == Kind.BASE and v.has_process:
                 return v
         return None
+
+    def _fork_server_sockets(self) -> list[Path]:
+        """The fork-server sockets this Emperor will use: --use-fork-server,
+        or the sockets its base files name now."""
+        if self.opts.use_fork_server is not None:
+            return [self.opts.use_fork_server]
+        out: list[Path] = []
+        try:
+            found = cfgmod.discover(self.dir)
+        except OSError:
+            return out
+        for path in found.values():
+            cfg = cfgmod.load(path)
+            if cfg is None or cfg.error or not self.bases.is_base(cfg):
+                continue
+            sock = cfg.fork_server_path()
+            if sock is not None and sock not in out:
+                out.append(sock)
+        return out
 
     def base_socket_path(self, cfg: cfgmod.VassalConfig | None, generation: int) -> Path | None:
         """The socket base generation `generation` serves (bases.socket_path);
@@ -308,6 +333,19 @@ class ForkServers:
                 if v.fork_server_back(now):
                     self.log("fork server ready: starting now, not after the back-off", v.name)
         self.fork_server_seen = fs
+
+    def _probe_times(self) -> list[float]:
+        """When a starting base (or an external fork server) is probed next."""
+        times = []
+        for name, v in self.vassals.items():
+            for p in (v.current, v.successor):
+                if p is not None and p.kind == Kind.BASE and p.state == ProcState.STARTING \
+                        and p.started_at is not None:
+                    h = self.procs.get((name, p.seq))
+                    times.append(max(p.started_at + PROBE_AFTER, h.next_probe if h else 0))
+            if v.phase == Phase.WAITING_FOR_BASE and self.opts.use_fork_server and not self._base():
+                times.append(self.external_next_probe)
+        return times
 
     def _probe_bases(self, now: float) -> None:
         """A base that sends no byte 1 (uWSGI's) is ready once its socket accepts."""

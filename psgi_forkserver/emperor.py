@@ -32,15 +32,11 @@ import contextlib
 import os
 import selectors
 import signal
-import socket
 import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import psutil
 
 from . import bases as basesmod
 from . import config as cfgmod
@@ -48,12 +44,12 @@ from . import launch, locks, sockets
 from .files import Files
 from .launch import program_argv
 from .orphans import Sweeper
-from .plan import Facts, plan, runs_as_base
+from .plan import Facts, Plan, plan, runs_as_base
 from .processes import ForVassal, ProcHandles, Processes
 from .protocol import ProtocolError
 from .options import Options
 from .snapshot import EmperorSnapshot
-from .vassal import Adopt, Forget, ForkServer, Kill, Kind, Phase, Policy, Send, Spawn, Vassal
+from .vassal import Adopt, Forget, Kill, Policy, Send, Spawn, Vassal
 
 
 def is_our_program(program: str) -> bool:
@@ -74,12 +70,6 @@ class Emperor(Files, Processes, basesmod.ForkServers):
     no_children: bool = False
 
     def __post_init__(self) -> None:
-        # absolute, symlinks kept: a directory swapped under the same name
-        # (`mv`, a symlink flipped, removed and re-created) is the one we
-        # serve; its identity (_check_dir) tells when it was swapped
-        self.dir = Path(os.path.abspath(self.opts.vassals_dir))
-        self.dir_id: tuple[int, int] | None = None
-        self.dir_missing = False
         self.argv0 = program_argv(self.opts.program)
         self.own_sockets = (
             self.opts.own_sockets if self.opts.own_sockets is not None
@@ -91,30 +81,16 @@ class Emperor(Files, Processes, basesmod.ForkServers):
         self.policy = Policy.of(self.opts)
         self.bases = cfgmod.BaseSelector.from_names(self.opts.fork_bases)
         self.sel = selectors.DefaultSelector()
-        self.watcher = None
         self.listeners = sockets.Listeners(self.sel, self.log)
         self.sweeper = Sweeper(self.log, self.opts.mercy)
-        self.signals: list[int] = []  # received, handled at the start of the next turn
-        self.due: dict[str, float] = {}  # file names to re-read, and when
-        self.next_rescan = 0.0
-        self.external_ready = False
-        self.external_next_probe = 0.0
+        self.signals: launch.SignalQueue | None = None  # handled at the start of each turn
         self.next_straggler_kill = 0.0
-        self.read_errors: dict[str, str] = {}  # transient read error logged, per vassal
         self.lock_fds: list[int] = []  # flocks held while we run (claim())
-        self.deploys = basesmod.DeployTracker(self.log)
         # the turn must run again at once (the fork server changed, a deploy
         # slot came free, a start failed at once): no waiting for an event
         self.again = False
-        self.fork_server_seen = ForkServer.NONE
-        # vassals whose handling failed for a reason the same file would
-        # meet again: name -> (fingerprint, reason); cleared when it changes
-        self.failed: dict[str, tuple[str, str]] = {}
-        self.mtimes: dict[str, int] = {}  # file mtime per vassal: `touch` reloads
-        self.fds = None  # launch.Descriptors, once the limit is raised
-        self.max_vassals = 1 << 30  # set from the descriptor limit at start
-        self.admitted: set[str] = set()  # vassals counted in the budget (bases are not)
-        self.n_refused = 0
+        self._init_files()
+        self._init_fork_servers()
 
     def log(self, msg: str, name: str | None = None) -> None:
         prefix = f"emperor: [{name}] " if name else "emperor: "
@@ -166,6 +142,24 @@ class Emperor(Files, Processes, basesmod.ForkServers):
 
     def _reconcile(self, now: float) -> None:
         self.again = False
+        facts = self._facts(now)
+        turn = plan(self.vassals.values(), facts)
+        self._act(turn, now)
+        # A new base generation took over (its successor was promoted just
+        # now), or a vassal's move ended and freed a deploy slot: nothing
+        # else may wake the loop before the next rescan, so step again now.
+        if self._fork_server_state(now) != (facts.fork_server, facts.base_generation) or any(
+            self.vassals.get(n) is None or self.vassals[n].successor is not p
+            for n, p in turn.movers.items()
+        ):
+            self.again = True
+        self.deploys.observe(now, self._base(), [v for v in self.vassals.values()
+                                                 if not runs_as_base(v)], self.shutting_down)
+        self.sweeper.kill_due(now)
+
+    def _facts(self, now: float) -> Facts:
+        """What the plan needs besides the vassals, after the facts that
+        need no event: room in the budget, expired adoptions, probes."""
         if self.n_refused and len(self.admitted) < self.max_vassals:
             self._admit_refused()
         for (name, seq), h in list(self.procs.items()):
@@ -180,10 +174,11 @@ class Emperor(Files, Processes, basesmod.ForkServers):
             # during a shutdown, one sweep once every vassal is gone does it
             # all (_shutdown_step), not one per vassal that stops
             self._sweep(now)
-        turn = plan(self.vassals.values(), Facts(
-            now, fs, base_gen, self.shutting_down, self.opts.deploy_parallel,
-            self.opts.adopt_parallel,
-            sum(1 for h in self.procs.values() if h.adoption is not None)))
+        return Facts(now, fs, base_gen, self.shutting_down, self.opts.deploy_parallel,
+                     self.opts.adopt_parallel,
+                     sum(1 for h in self.procs.values() if h.adoption is not None))
+
+    def _act(self, turn: Plan, now: float) -> None:
         for s in turn.steps:
             v = s.vassal
             try:  # the boundary (_boundary), inline: this runs per vassal per turn
@@ -195,17 +190,6 @@ class Emperor(Files, Processes, basesmod.ForkServers):
                     self._watch_on_demand(v, now)
             except Exception as e:  # noqa: BLE001 - one vassal's failure is its own
                 self._vassal_failed(v.name, None, now, e)
-        # A new base generation took over (its successor was promoted just
-        # now), or a vassal's move ended and freed a deploy slot: nothing
-        # else may wake the loop before the next rescan, so step again now.
-        if self._fork_server_state(now) != (fs, base_gen) or any(
-            self.vassals.get(n) is None or self.vassals[n].successor is not p
-            for n, p in turn.movers.items()
-        ):
-            self.again = True
-        self.deploys.observe(now, self._base(), [v for v in self.vassals.values()
-                                                 if not runs_as_base(v)], self.shutting_down)
-        self.sweeper.kill_due(now)
 
     def _execute(self, v: Vassal, actions: list, now: float) -> None:
         for a in actions:
@@ -247,18 +231,8 @@ class Emperor(Files, Processes, basesmod.ForkServers):
             return 0.0
         times = [self.next_rescan]
         times += self.due.values()
-        for name, v in self.vassals.items():
-            t = v.next_wakeup()
-            if t is not None:
-                times.append(t)
-            for p in (v.current, v.successor):
-                if p is not None and p.kind == Kind.BASE and p.state == Phase.STARTING \
-                        and p.started_at is not None:
-                    h = self.procs.get((name, p.seq))
-                    times.append(max(p.started_at + basesmod.PROBE_AFTER,
-                                     h.next_probe if h else 0))
-            if v.phase == Phase.WAITING_FOR_BASE and self.opts.use_fork_server and not self._base():
-                times.append(self.external_next_probe)
+        times += (t for v in self.vassals.values() if (t := v.next_wakeup()) is not None)
+        times += self._probe_times()
         for h in self.procs.values():
             if h.adoption is not None:
                 times.append(h.adoption.deadline)
@@ -284,16 +258,7 @@ class Emperor(Files, Processes, basesmod.ForkServers):
                 self._sweep(now, everything=True)
         if now >= self.shutdown_deadline and now >= self.next_straggler_kill:
             self.next_straggler_kill = now + 1.0
-            try:
-                victims = psutil.Process().children(recursive=True)
-            except (psutil.Error, OSError):
-                victims = []
-            for p in victims:
-                try:
-                    p.send_signal(signal.SIGKILL)
-                    self.log(f"SIGKILL straggler pid {p.pid}")
-                except psutil.Error:
-                    pass
+            self.sweeper.kill_stragglers()
             if now >= self.shutdown_deadline + 10:
                 self.log("giving up waiting for children")
                 return True
@@ -310,24 +275,16 @@ class Emperor(Files, Processes, basesmod.ForkServers):
 
     # -- signals: queued, handled by name at the start of a turn --------------------
 
-    def _on_signal(self, signum: int, frame: object) -> None:
-        pass  # the C handler already wrote signum to the wakeup fd
-
-    def _on_wakeup(self, now: float) -> None:
-        try:
-            self.signals += self._wake_r.recv(4096)
-        except BlockingIOError:
-            pass
-
     def _handle_signals(self, now: float) -> None:
-        queued, self.signals = self.signals, []
-        for signum in queued:
-            handler = getattr(self, f"_handle_{signal.Signals(signum).name.lower()}", None)
+        if self.signals is None:
+            return
+        for sig in self.signals.pop():
+            handler = getattr(self, f"_handle_{sig.name.lower()}", None)
             if handler is not None:
-                handler(signum, now)
+                handler(sig, now)
 
-    def _handle_sigterm(self, signum: int, now: float) -> None:
-        name = signal.Signals(signum).name
+    def _handle_sigterm(self, sig: signal.Signals, now: float) -> None:
+        name = sig.name
         if self.shutting_down:
             self.log(f"{name} again: killing everything now")
             self.shutdown_deadline = now
@@ -338,10 +295,10 @@ class Emperor(Files, Processes, basesmod.ForkServers):
 
     _handle_sigint = _handle_sigterm
 
-    def _handle_sighup(self, signum: int, now: float) -> None:
+    def _handle_sighup(self, sig: signal.Signals, now: float) -> None:
         self.next_rescan = now
 
-    def _handle_sigusr1(self, signum: int, now: float) -> None:
+    def _handle_sigusr1(self, sig: signal.Signals, now: float) -> None:
         self.reload_base()
 
     # SIGCHLD needs no handler: every turn reaps
@@ -409,13 +366,8 @@ class Emperor(Files, Processes, basesmod.ForkServers):
         os.chdir(self.dir)  # vassals inherit it as their working directory
         st = os.stat(".")
         self.dir_id = (st.st_dev, st.st_ino)
-        self._wake_r, self._wake_w = socket.socketpair()
-        for s in (self._wake_r, self._wake_w):
-            s.setblocking(False)
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
-        self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
+        self.signals = launch.SignalQueue()
+        self.sel.register(self.signals, selectors.EVENT_READ, self.signals.on_readable)
         self._rewatch()
         if self.opts.status is not None:
             # stats socket / status page in our selector
@@ -435,25 +387,6 @@ class Emperor(Files, Processes, basesmod.ForkServers):
         for fd in self.lock_fds:
             os.close(fd)
         self.lock_fds.clear()
-
-    def _fork_server_sockets(self) -> list[Path]:
-        """The fork-server sockets this Emperor will use: --use-fork-server,
-        or the sockets its base files name now."""
-        if self.opts.use_fork_server is not None:
-            return [self.opts.use_fork_server]
-        out: list[Path] = []
-        try:
-            found = cfgmod.discover(self.dir)
-        except OSError:
-            return out
-        for path in found.values():
-            cfg = cfgmod.load(path)
-            if cfg is None or cfg.error or not self.bases.is_base(cfg):
-                continue
-            sock = cfg.fork_server_path()
-            if sock is not None and sock not in out:
-                out.append(sock)
-        return out
 
     def snapshot(self) -> EmperorSnapshot:
         """A read-only copy of the fleet: what status.py reads."""

@@ -36,6 +36,26 @@ FDS_RESERVED = 32
 class Files:
     """The Emperor's reading of its vassals directory (a mixin)."""
 
+    def _init_files(self) -> None:
+        # absolute, symlinks kept: a directory swapped under the same name
+        # (`mv`, a symlink flipped, removed and re-created) is the one we
+        # serve; its identity (_check_dir) tells when it was swapped
+        self.dir = Path(os.path.abspath(self.opts.vassals_dir))
+        self.dir_id: tuple[int, int] | None = None
+        self.dir_missing = False
+        self.watcher: Watcher | None = None
+        self.due: dict[str, float] = {}  # file names to re-read, and when
+        self.next_rescan = 0.0
+        self.read_errors: dict[str, str] = {}  # transient read error logged, per vassal
+        # vassals whose handling failed for a reason the same file would
+        # meet again: name -> (fingerprint, reason); cleared when it changes
+        self.failed: dict[str, tuple[str, str]] = {}
+        self.mtimes: dict[str, int] = {}  # file mtime per vassal: `touch` reloads
+        self.fds: launch.Descriptors | None = None  # once the limit is raised
+        self.max_vassals = 1 << 30  # set from the descriptor limit at start
+        self.admitted: set[str] = set()  # vassals counted in the budget (bases are not)
+        self.n_refused = 0
+
     # -- the descriptor budget -----------------------------------------------
 
     def _descriptor_budget(self) -> None:

@@ -227,3 +227,37 @@ def kill_tree(pid: int) -> None:
             p.send_signal(signal.SIGKILL)
         except (psutil.Error, OSError):
             pass
+
+
+class SignalQueue:
+    """Signals as bytes on a wakeup socket (the C handler writes them), so
+    the selector wakes for them and the loop handles them between turns,
+    never inside a handler. `pop()` returns those received so far."""
+
+    SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.queued: list[int] = []
+        self._r, self._w = socket.socketpair()
+        for s in (self._r, self._w):
+            s.setblocking(False)
+        signal.set_wakeup_fd(self._w.fileno(), warn_on_full_buffer=False)
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handler)
+
+    @staticmethod
+    def _handler(signum: int, frame: object) -> None:
+        pass  # the C handler already wrote signum to the wakeup socket
+
+    def fileno(self) -> int:
+        return self._r.fileno()
+
+    def on_readable(self, now: float) -> None:
+        try:
+            self.queued += self._r.recv(4096)
+        except BlockingIOError:
+            pass
+
+    def pop(self) -> list[signal.Signals]:
+        queued, self.queued = self.queued, []
+        return [signal.Signals(n) for n in queued]

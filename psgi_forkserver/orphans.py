@@ -30,6 +30,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
+import psutil
+
 # A bound on the record of ended sessions, in case /proc cannot tell us that
 # one is empty; far more than the sessions that can have members at once.
 MAX_ENDED = 4096
@@ -217,6 +219,19 @@ class Sweeper:
                     continue
                 # kept until reaped, which then sweeps for its own children
                 self.orphans[pid] = math.inf
+
+    def kill_stragglers(self) -> None:
+        """Shutdown took longer than the mercy timeout: SIGKILL every descendant."""
+        try:
+            victims = psutil.Process().children(recursive=True)
+        except (psutil.Error, OSError):
+            victims = []
+        for p in victims:
+            try:
+                p.send_signal(signal.SIGKILL)
+                self.log(f"SIGKILL straggler pid {p.pid}")
+            except psutil.Error:
+                pass
 
     def next_wakeup(self) -> list[float]:
         return list(self.orphans.values())
