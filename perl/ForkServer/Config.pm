@@ -56,6 +56,14 @@ my %OPTIONS = (
     'idle'                  => { check => $UINT },
     'name'                  => { check => $STR },
     'disable-logging'       => { check => $BOOL, flag => 1 },
+    # HTTP limits and deadlines (docs/CONTRACT.md, security)
+    'limit-post'             => { check => $UINT },
+    'buffer-size'            => { check => $COUNT },
+    'socket-timeout'         => { check => $COUNT },
+    'http-header-timeout'    => { check => $COUNT },
+    'http-body-timeout'      => { check => $COUNT },
+    'http-response-timeout'  => { check => $COUNT },
+    'http-keepalive-timeout' => { check => $COUNT },
     'ini'                   => { check => $STR, special => 1 },
     # Keys of a vassal file that only the Emperor reads (docs/CONTRACT.md):
     # accepted with any value and ignored, since the vassal reads the same file.
@@ -74,6 +82,14 @@ my %DEFAULTS = (
     'heartbeat'           => 0,
     'idle'                => 0,
     'disable-logging'     => 0,
+    # HTTP limits and deadlines
+    'limit-post'             => 0,
+    'buffer-size'            => 8192,
+    'socket-timeout'         => 4,
+    'http-header-timeout'    => 4,
+    'http-body-timeout'      => 60,
+    'http-response-timeout'  => 60,
+    'http-keepalive-timeout' => 5,
 );
 
 =head1 NAME

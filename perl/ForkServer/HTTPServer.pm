@@ -687,6 +687,18 @@ sub _worker_main {
     _worker_exit(EXIT_RECYCLE);
 }
 
+# Has the master closed this generation's stop pipe (or a SIGTERM come)?
+sub _stop_asked {
+    my $self = shift;
+    my $flag = $self->{stopping_ref};
+    return 1 if $$flag;
+    my $r = $self->{stop_r} or return 0;
+    my $rin = '';
+    vec($rin, fileno $r, 1) = 1;
+    $$flag = 1 if select($rin, undef, undef, 0) > 0;
+    return $$flag;
+}
+
 sub _drop_conn {
     my ($conns, $pending, $fd) = @_;
     my $c = delete $conns->{$fd} or return;
@@ -1114,7 +1126,7 @@ sub _respond {
     }
 
     # a stop or reload began while the app ran: this is the last response
-    $st->{keep} = 0 if ${ $self->{stopping_ref} };
+    $st->{keep} = 0 if $st->{keep} && $self->_stop_asked;
     my $chunked = 0;
     if (!$no_entity && !defined $cl && !defined $te) {
         if (ref $body eq 'ARRAY') {
