@@ -81,7 +81,8 @@ sub {
     if ($path eq '/cleanup') {
         # /cleanup?NAME: NAME.cleaned appears once the response is out
         push @{ $env->{'psgix.cleanup.handlers'} }, sub {
-            open my $fh, '>', "$dir/$q.cleaned"; print $fh $_[0]{PATH_INFO}; close $fh;
+            open my $fh, '>', "$dir/$q.tmp"; print $fh $_[0]{PATH_INFO}; close $fh;
+            rename "$dir/$q.tmp", "$dir/$q.cleaned";    # whole, or not there
         } if $env->{'psgix.cleanup'};
         return [200, ['Content-Type' => 'text/plain'], ['cleanup=' . ($env->{'psgix.cleanup'} ? 1 : 0)]];
     }
