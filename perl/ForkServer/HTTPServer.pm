@@ -1225,11 +1225,19 @@ C<Expect: 100-continue>, C<HEAD>. Request bodies up to C<body_buffer_size>
 are kept in memory, larger ones go to an anonymous temporary file; in both
 cases C<psgi.input> is seekable and C<psgix.input.buffered> is true.
 Malformed requests get 400, a head larger than C<max_header_size> 431, a
-body larger than C<max_body_size> 413.
+body larger than C<max_body_size> 413, an HTTP version other than 1.x 505.
+
+Each worker holds many connections (up to 512) and waits for all of them,
+and for the listener, in one C<select()>: only a complete request head
+makes it busy. Idle keep-alive connections and heads still arriving cost no
+worker, so slow clients and many keep-alive clients cannot starve others;
+ready connections are served one request each in turn.
 
 The environment has C<psgi.streaming> (delayed responses and writers),
 C<psgix.harakiri> (set C<psgix.harakiri.commit> to end the worker after the
-response), C<psgix.informational> and C<psgix.io>; C<psgi.multiprocess> is
+response), C<psgix.cleanup> (handlers pushed on C<psgix.cleanup.handlers>
+run after the response is sent, before the next request), C<psgix.informational>
+and C<psgix.io>; C<psgi.multiprocess> is
 true and C<psgi.nonblocking> false.
 
 =head1 CONSTRUCTOR OPTIONS
@@ -1287,10 +1295,13 @@ Seconds a graceful stop waits for in-flight requests before SIGKILL.
 
 Limits: 8192, 0 (no limit) and 65536 bytes by default.
 
-=item read_timeout, keepalive_timeout
+=item header_timeout, body_timeout, response_timeout, socket_timeout, keepalive_timeout
 
-Seconds a client may stay silent in the middle of a request (30) and
-between requests on a keep-alive connection (1).
+Whole deadlines, in seconds: the request head (4, from accept or from the
+first byte after a response; 408 for a partial head), the request body (60),
+the response write once the client stops keeping up (60); the longest
+single stalled read or write (4; C<read_timeout> is its old name); an idle
+keep-alive connection (5).
 
 =item server_ready
 
@@ -1302,8 +1313,15 @@ C<{ host, port, server_software }> (as Plack handlers do).
 =head1 SIGNALS
 
 Master: SIGHUP graceful reload; SIGTERM graceful stop; SIGINT and SIGQUIT
-stop now. Workers: SIGTERM ends an idle worker at once (at most a second
-later) and a busy one after its request; a connection the worker has
-accepted is always answered.
+stop now. The master tells workers to stop by closing their generation's
+stop pipe, never with a signal, so the app's blocking calls are not
+interrupted; a worker then finishes its request (with C<Connection: close>),
+answers requests already on their way on its idle connections (waiting up
+to 1 s for them), and exits. A SIGTERM sent to a worker does the same (its
+handler has C<SA_RESTART>). A worker that dies in a request is respawned at
+once; one that dies before it ever accepted, three times in a row within a
+second of its birth, with a growing delay (up to 5 s). When the Emperor pipe
+reaches end of file without a stop request (the Emperor died), a master that
+leads its session stops every other process in it before exiting.
 
 =cut
