@@ -251,6 +251,47 @@ def conn_spread(port: int, conns: int, seconds: float) -> dict:
             "counts": counts}
 
 
+def behind_nginx(procs: Procs, ports: Ports, tmp: Path, upstream: int, duration: str, name: str) -> dict:
+    """wrk -t1 -c16 --latency through nginx (one process) with upstream
+    keep-alive to `upstream`: how a real deployment's pooled connections
+    are shared among the workers."""
+    port = ports.get()
+    d = tmp / f"nginx-{name}"
+    d.mkdir()
+    conf = d / "nginx.conf"
+    conf.write_text(f"""daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    upstream app {{ server 127.0.0.1:{upstream}; keepalive 16; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+""")
+    p = procs.spawn(["nginx", "-p", str(d), "-c", str(conf)], log=f"nginx-{name}")
+    try:
+        wait_200(port, 20, alive=lambda: p.poll() is None)
+        run_wrk(port, "1s")  # warm-up: nginx fills its upstream pool
+        return run_wrk(port, duration, threads=1, latency=True)
+    finally:
+        procs.stop_tree(p.pid, signal.SIGTERM, 10)
+
+
 def serving(procs: Procs, ports: Ports, tmp: Path, app: str, duration: str) -> dict:
     say(f"serving, {app}: adopted vassal (2 workers) vs starman --workers 2, wrk -d{duration}")
     res: dict = {}
@@ -270,6 +311,7 @@ def serving(procs: Procs, ports: Ports, tmp: Path, app: str, duration: str) -> d
                 # fairness: 16 keep-alive connections on 2 workers
                 res["fair_adopted"] = run_wrk(port, duration, threads=1, latency=True)
                 res["spread_adopted"] = conn_spread(port, 16, float(duration.rstrip("s")))
+                res["nginx_adopted"] = behind_nginx(procs, ports, tmp, port, duration, "adopted")
         finally:
             stop_adopted(procs, pid, pipe)
     finally:
@@ -286,6 +328,7 @@ def serving(procs: Procs, ports: Ports, tmp: Path, app: str, duration: str) -> d
         if app == "hello":
             res["fair_starman"] = run_wrk(port, duration, threads=1, latency=True)
             res["spread_starman"] = conn_spread(port, 16, float(duration.rstrip("s")))
+            res["nginx_starman"] = behind_nginx(procs, ports, tmp, port, duration, "starman")
     finally:
         procs.stop_tree(p.pid, signal.SIGTERM, 10)
     a, s = res["adopted"]["rps"], res["starman"]["rps"]
@@ -742,6 +785,13 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
                              f"{f['p50_ms']:.2f} / {f['p99_ms']:.2f} ms ({fmt(f['rps'], '.0f')} req/s)",
                              "p99 <= 3x p50" if is_target else "",
                              verdict(f["p99_ms"] <= 3 * f["p50_ms"]) if is_target else ""))
+            ng = s.get(f"nginx_{who}") if s else None
+            if ng and ng.get("p50_ms"):
+                is_target = who == "adopted"
+                rows.append((f"wrk -t1 -c16 --latency through nginx (upstream keepalive 16), {app}, {label}: p50 / p99",
+                             f"{ng['p50_ms']:.2f} / {ng['p99_ms']:.2f} ms ({fmt(ng['rps'], '.0f')} req/s)",
+                             "p99 <= 3x p50" if is_target else "",
+                             verdict(ng["p99_ms"] <= 3 * ng["p50_ms"]) if is_target else ""))
             if sp:
                 rows.append((f"16 keep-alive connections, {app}, {label}: responses per connection in "
                              f"{sp['seconds']:g} s, min / max", f"{sp['min']} / {sp['max']}", "", ""))
