@@ -42,4 +42,24 @@ subtest 'a poisoned route never leaves the vassal without a worker' => sub {
     $srv->stop;
 };
 
+subtest 'a recycling worker is replaced at once, not when its idle connections go' => sub {
+    # stop_grace 60: the recycling worker keeps its idle connection open
+    # that long; a replacement must serve meanwhile
+    my $srv = start_server(app_file => $app, workers => 1, max_requests => 2,
+                           keepalive_timeout => 60, stop_grace => 60, access_log => undef);
+    ok $srv->wait_ready, 'ready';
+    my $idle = connect_to($srv->port);
+    my $ibuf = '';
+    my $first = request_on($idle, \$ibuf, "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n");
+    is $first->{status}, 200, 'request 1, connection kept';
+    my $second = http_raw($srv->port, "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n");
+    is $second->{body}, $first->{body}, 'request 2: the same worker, now recycling';
+    my $third = http_raw($srv->port, "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n", timeout => 20);
+    ok $third && $third->{status} == 200 && $third->{body} != $first->{body},
+        'request 3 answered by the replacement';
+    ok kill(0, $first->{body}), 'while the old worker still holds its idle connection';
+    close $idle;
+    $srv->stop;
+};
+
 done_testing;

@@ -31,11 +31,11 @@ use constant {
     MSG_ACTIVITY  => 2,    # worker -> master: a request arrived (for `idle`)
     MSG_BUSY      => 3,    # worker -> master: in a request (harakiri only), payload: request
     MSG_DONE      => 4,    # worker -> master: request finished (harakiri only)
+    MSG_LEAVING   => 5,    # worker -> master: recycling; accepts nothing more, replace me now
     EXIT_HARAKIRI => 86,   # worker exit status after harakiri
     EXIT_RECYCLE  => 0,
     READ_CHUNK    => 65536,
     MAX_CONNS     => 512,  # connections one worker holds open (idle and partial heads cost no worker time)
-    STOP_GRACE    => 1,    # seconds a stopping worker waits for a request already on its way on an idle connection
     CRLF          => "\015\012",
 };
 
@@ -106,6 +106,7 @@ sub new {
         body_timeout     => 60,       # the whole request body
         response_timeout => 60,       # the whole response write
         keepalive_timeout => 5,       # an idle keep-alive connection is kept (it holds no worker)
+        stop_grace       => 1,        # a stopping worker waits this long for a request already on its way on an idle connection
         socket_timeout   => 4,        # longest single stall of a read or write (uWSGI's socket-timeout)
         listen_backlog   => 1024,
         %args,
@@ -378,6 +379,11 @@ sub _read_worker_messages {
         } elsif ($type == MSG_DONE) {
             my $k = $self->{kids}{$pid} or next;
             delete $k->{busy_since};
+        } elsif ($type == MSG_LEAVING) {
+            my $k = $self->{kids}{$pid} or next;
+            next if $k->{replaced} || $self->{stopping} || $k->{gen} != $self->{gen};
+            $k->{replaced} = 1;
+            $self->_spawn_worker($k->{slot});
         }
     }
 }
@@ -387,7 +393,7 @@ sub _reap {
     while ((my $pid = waitpid(-1, POSIX::WNOHANG())) > 0) {
         my $status = $?;
         my $k = delete $self->{kids}{$pid} or next;   # not a worker (an app's child)
-        next if $self->{stopping} || $k->{gen} != $self->{gen};
+        next if $self->{stopping} || $k->{gen} != $self->{gen} || $k->{replaced};
         my $slot = $k->{slot};
         my $code = $status >> 8;
         my $intended = !($status & 127) && ($code == EXIT_RECYCLE || $code == EXIT_HARAKIRI);
@@ -577,13 +583,13 @@ sub _worker_main {
         if ($stopping && !$leaving) { $leaving = 1 }
         if ($leaving) {
             # Idle connections are closed only when nothing has arrived for
-            # STOP_GRACE: a request the client sent right after its last
+            # stop_grace: a request the client sent right after its last
             # response is served (with Connection: close), never dropped.
             $stop_seen_at //= $now;
             for my $fd (keys %conns) {
                 my $c = $conns{$fd};
                 next if length $c->{buf} || $pending{$fd};
-                if ($now - $stop_seen_at >= STOP_GRACE) {
+                if ($now - $stop_seen_at >= $self->{stop_grace}) {
                     _drop_conn(\%conns, \%pending, $fd);
                 }
             }
@@ -608,7 +614,7 @@ sub _worker_main {
             $timeout = $left if $left < $timeout;
         }
         if ($leaving) {
-            my $left = $stop_seen_at + STOP_GRACE - $now;
+            my $left = $stop_seen_at + $self->{stop_grace} - $now;
             $timeout = $left if $left < $timeout;
             $timeout = 0 if $timeout < 0;
         }
@@ -678,8 +684,11 @@ sub _worker_main {
                     $pending{$fd} = 1;
                 }
             }
-            if ($self->{harakiri_commit}
-                || ($self->{max_requests} && $self->{requests} >= $self->{max_requests})) {
+            if (!$leaving && ($self->{harakiri_commit}
+                || ($self->{max_requests} && $self->{requests} >= $self->{max_requests}))) {
+                # The replacement starts now, not when this worker has
+                # finished with its other connections.
+                _worker_msg($self->{ready_w}, MSG_LEAVING);
                 $leaving = 1;
             }
         }
@@ -1294,6 +1303,12 @@ Seconds a graceful stop waits for in-flight requests before SIGKILL.
 =item max_header_size, max_body_size, body_buffer_size
 
 Limits: 8192, 0 (no limit) and 65536 bytes by default.
+
+=item stop_grace
+
+Seconds a stopping or recycling worker waits for a request already on its
+way on an idle keep-alive connection (1). A recycling worker (max_requests,
+C<psgix.harakiri.commit>) is replaced as soon as it stops accepting.
 
 =item header_timeout, body_timeout, response_timeout, socket_timeout, keepalive_timeout
 
