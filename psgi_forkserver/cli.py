@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import paths
 from .emperor import Emperor
 from .options import Options, run_arguments
 from .locks import StartupError, pidfile_is_held
@@ -173,32 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         return status_command(args)
     if args.command == "prove":
         return prove_command(args)
-    vdir: Path = args.vassals_dir
     bad = check_paths(args)
     if bad is not None:
         print(f"emperor: {bad}", file=sys.stderr)
         return 2
-    program = args.program or str(paths.vassal_program())
-    if os.sep in program:
-        program = os.path.abspath(program)
-    use_fs = args.use_fork_server.resolve() if args.use_fork_server else None
-    opts = Options(
-        vassals_dir=vdir.absolute(),  # not resolved: a symlink flipped to a new directory is followed
-        program=program,
-        use_fork_server=use_fs,
-        fork_bases=tuple(args.fork_bases),
-        mercy=args.mercy,
-        adopt_timeout=args.adopt_timeout,
-        rescan_interval=args.rescan_interval,
-        backoff_first=args.backoff_first,
-        backoff_max=args.backoff_max,
-        stable_after=args.stable_after,
-        reload_grace=args.reload_grace,
-        deploy_parallel=max(1, args.deploy_parallel),
-        adopt_parallel=max(1, args.adopt_parallel),
-        own_sockets=args.own_sockets,
-        pidfile=args.pidfile.resolve() if args.pidfile else None,
-    )
+    opts = Options.from_args(args)
     emperor = Emperor(opts)
     try:
         emperor.claim()  # locks and pidfile first: a second Emperor stops here

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from . import paths
 
 if TYPE_CHECKING:
     from .status import StatusServer
@@ -66,6 +69,23 @@ class Options:
     pidfile: Path | None = option(
         None, "write the Emperor's pid here (for `emperor reload-base`)", metavar="PATH")
     status: StatusServer | None = None  # sockets bound (cli --stats/--status-http)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Options:
+        """`emperor run`'s parsed options, with paths made absolute."""
+        opts = cls(args.vassals_dir, **{f.name: getattr(args, f.name) for f in run_options()})
+        # not resolved: a symlink flipped to a new directory is followed
+        opts.vassals_dir = opts.vassals_dir.absolute()
+        program = opts.program or str(paths.vassal_program())
+        opts.program = os.path.abspath(program) if os.sep in program else program
+        if opts.use_fork_server is not None:
+            opts.use_fork_server = opts.use_fork_server.resolve()
+        opts.fork_bases = tuple(opts.fork_bases)
+        opts.deploy_parallel = max(1, opts.deploy_parallel)
+        opts.adopt_parallel = max(1, opts.adopt_parallel)
+        if opts.pidfile is not None:
+            opts.pidfile = opts.pidfile.resolve()
+        return opts
 
 
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Options)

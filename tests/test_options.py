@@ -37,3 +37,16 @@ def test_policy_defaults_and_values_come_from_the_options():
     assert Policy() == Policy(**{f.name: DEFAULTS[f.name] for f in dataclasses.fields(Policy)})
     opts = Options(Path("/tmp/x"), "prog", mercy=3.0, backoff_max=7.0)
     assert (Policy.of(opts).mercy, Policy.of(opts).backoff_max) == (3.0, 7.0)
+
+
+def test_options_from_the_command_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = cli.build_parser().parse_args(
+        ["run", "vassals", "--deploy-parallel", "0", "--pidfile", "p.pid",
+         "--vassal-binary", "bin/prog"])
+    opts = Options.from_args(args)
+    assert opts.vassals_dir == tmp_path / "vassals" and opts.pidfile == tmp_path / "p.pid"
+    assert opts.program == str(tmp_path / "bin/prog") and opts.deploy_parallel == 1
+    assert opts.mercy == DEFAULTS["mercy"] and opts.fork_bases == ()
+    default = Options.from_args(cli.build_parser().parse_args(["run", "v"]))
+    assert default.program.endswith("ForkServer.pm") and default.use_fork_server is None
