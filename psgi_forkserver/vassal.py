@@ -30,6 +30,8 @@ Vassal phases (what `phase` shows):
     live ──(file removed, byte 22, shutdown, changed and not seamless)──> STOPPING ──exited──> NEW / ON_DEMAND
     live ──exited (unexpected)──> THROTTLED ──(backoff over)──> start again
     NEW/THROTTLED/WAITING/ON_DEMAND and not wanted ──> GONE (Forget)
+    live ──hold() (`emperor stop NAME`)──> STOPPING ──exited──> STOPPED ──release() or file changed──> start
+    live ──request_reload() (`emperor reload NAME`)──> RELOADING (seamless) or STOPPING ──> start
     file unusable (bad INI, template error, unreadable) ──> CONFIG_ERROR ──file fixed──> start
 
 Crash loops: a process that dies unexpectedly within `stable_after`
@@ -63,6 +65,7 @@ class Phase(StrEnum):
     STOPPING = "stopping"  # asked to stop, waiting for it to exit
     THROTTLED = "throttled"  # died; respawn at not_before
     CONFIG_ERROR = "config-error"  # its file cannot be used: waits for the file to change
+    STOPPED = "stopped"  # `emperor stop NAME`: waits for `start NAME` or a changed file
     GONE = "gone"  # no process and not wanted: forget it
 
 
@@ -197,6 +200,8 @@ class Vassal:
     seq: int = 0
     retry_at: float | None = None  # a failed successor is tried again then
     last_error: str | None = None  # the last failure the Emperor logged (status shows it)
+    held: bool = False  # stopped by the operator (`emperor stop NAME`)
+    reload_asked: bool = False  # `emperor reload NAME`, not acted on yet
 
     # -- the current process, as flat read-only fields ------------------------
 
@@ -273,6 +278,7 @@ class Vassal:
             old is not None and config is not None and old.fingerprint != config.fingerprint
         )
         if changed and config is not None:
+            self.held = False  # a changed file is a new instruction: run it
             if self.phase == Phase.THROTTLED or self.successor is None:
                 # a new config may fix a crash loop: try it at once
                 self.failures = 0
@@ -285,6 +291,26 @@ class Vassal:
         """Base: start a new generation (changed base file, SIGUSR1)."""
         running = max((p.base_generation for p in self.procs() if p.kind == Kind.BASE), default=0)
         self.want_base_generation = max(self.want_base_generation, running + 1)
+
+    def hold(self) -> None:
+        """`emperor stop NAME`: stop gracefully and stay stopped (STOPPED)
+        until `release()` or the file changes."""
+        self.held = True
+        self.reload_asked = False
+
+    def release(self) -> None:
+        """`emperor start NAME`: run again now, without a crash-loop backoff."""
+        self.held = False
+        self.failures = 0
+        self.not_before = 0.0
+
+    def request_reload(self) -> None:
+        """`emperor reload NAME`: a new process now (gap-free where the
+        Emperor owns the socket); one that waits for its backoff starts now.
+        A base reloads through `request_deploy` (a code deploy) instead."""
+        self.not_before = 0.0
+        if self.current is not None:
+            self.reload_asked = True
 
     def on_connection(self, now: float) -> None:
         """On-demand: its socket is readable."""
@@ -428,7 +454,8 @@ class Vassal:
         return self._heartbeat_of(self.current) if self.current else None
 
     def wanted(self, ctx: Context) -> bool:
-        return self.config is not None and self.config.error is None and not ctx.shutting_down
+        return (self.config is not None and self.config.error is None and not self.held
+                and not ctx.shutting_down)
 
     def _kind_for(self, ctx: Context) -> Kind:
         if self.is_base:
@@ -505,6 +532,8 @@ class Vassal:
         if (cur.kind == Kind.ADOPTED and ctx.fork_server == ForkServer.READY
                 and ctx.base_generation > cur.base_generation):
             return "code deploy"
+        if self.reload_asked and cur.kind != Kind.BASE:
+            return "reload requested"
         return None
 
     def step(self, ctx: Context) -> list[Action]:
@@ -527,9 +556,10 @@ class Vassal:
         if cur is None:
             if not self.wanted(ctx):
                 if self.config is not None and not ctx.shutting_down:
-                    # invalid config: nothing to retry until the file changes
-                    if self.phase != Phase.CONFIG_ERROR:
-                        self._enter(Phase.CONFIG_ERROR, now)
+                    # invalid config or held: nothing to do until the file
+                    # changes (or `emperor start NAME`)
+                    self._enter(Phase.CONFIG_ERROR if self.config.error is not None
+                                else Phase.STOPPED, now)
                     return []
                 if self.retiring:
                     return []
@@ -566,6 +596,8 @@ class Vassal:
             return self._stop(now, "shutdown")
         if self.config is None:
             return self._stop(now, "file removed")
+        if self.held:
+            return self._stop(now, "stopped by the operator")
         acts = self._heartbeat_missed(cur, now)
         if acts:
             return acts
@@ -591,6 +623,7 @@ class Vassal:
             return []
         seamless = self.seamless or cur.kind == Kind.BASE
         if not seamless:
+            self.reload_asked = False
             return self._stop(now, reason)
         if now < self.not_before:
             self.retry_at = self.not_before
@@ -602,6 +635,7 @@ class Vassal:
             return []
         if kind == Kind.ADOPTED and ctx.adopt_slots <= 0:
             return []
+        self.reload_asked = False
         self.successor, action = self._new_proc(kind, ctx, reason)
         return [action]
 
