@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import fcntl
 import math
+from collections import deque
 import os
 import selectors
 import signal
@@ -41,7 +42,8 @@ import psutil
 
 from . import config as cfgmod
 from . import bases as basesmod
-from . import forkserver, launch, sockets
+from . import forkserver, launch, notify, sockets
+from .metrics import EmperorMetrics
 from .forkserver import AdoptionError, PendingAdoption
 from .launch import describe_status, program_argv
 from .orphans import EndedSessions, classify_orphans, scan_proc
@@ -67,6 +69,7 @@ PROBE_AFTER = 0.2  # a base that sent no byte 1 is probed after this long
 PROBE_EVERY = 0.1
 SETTLE = 0.5  # IN_CREATE alone: wait for the writer to close the file
 RETRY_READ = 1.0  # a vassal file that could not be read for lack of descriptors
+RECENT_LINES = 50  # log lines kept per vassal for the status page (/log/NAME)
 
 
 def _comm(pid: int) -> str:
@@ -293,11 +296,21 @@ class Emperor:
         # deploy slot came free): the loop does not wait for the next event
         self.again = False
         self.fork_server_seen = ForkServer.NONE
+        # the cockpit: recent log lines per vassal, metrics, systemd notify
+        self.recent: dict[str, deque[str]] = {}
+        self.metrics = EmperorMetrics()
+        self.notifier = notify.Notifier.from_env(self.log)
+        self.last_turn = 0.0  # monotonic: /healthz says whether the loop turns
 
     # -- logging -------------------------------------------------------------
 
     def log(self, msg: str, name: str | None = None) -> None:
         prefix = f"emperor: [{name}] " if name else "emperor: "
+        if name:
+            lines = self.recent.get(name)
+            if lines is None:
+                lines = self.recent[name] = deque(maxlen=RECENT_LINES)
+            lines.append(time.strftime("%Y-%m-%d %H:%M:%S ") + msg)
         try:
             sys.stderr.write(prefix + msg + "\n")
             sys.stderr.flush()
@@ -493,6 +506,7 @@ class Emperor:
         if pid is None:
             return
         self._finish_adoption(name, seq)
+        self.metrics.adopted(pending.elapsed_ms(now) / 1000)
         v.adopted(pid, now, seq)
         self.pids[pid] = (name, seq)
         p = v.proc(seq)
@@ -518,6 +532,7 @@ class Emperor:
             h.adoption = None
 
     def _adoption_failed(self, name: str, seq: int, now: float, reason: str) -> None:
+        self.metrics.adoption_failed()
         self._finish_adoption(name, seq)
         self._drop_proc(name, seq)  # a vassal forked anyway sees EOF and stops
         v = self.vassals[name]
@@ -1053,6 +1068,7 @@ class Emperor:
                         self._drop_proc(*key)
                     self._close_listener(v.name)
                     self.bind_errors.pop(v.name, None)
+                    self.recent.pop(v.name, None)
                     del self.vassals[v.name]
 
     # -- the loop ------------------------------------------------------------------
@@ -1150,6 +1166,9 @@ class Emperor:
             t = status.next_wakeup()
             if t is not None:
                 times.append(t)
+        t = self.notifier.next_wakeup()
+        if t is not None:
+            times.append(t)
         if self.shutting_down:
             times.append(self.shutdown_deadline)
             times.append(now + 0.5)  # keep polling for the last children
@@ -1170,6 +1189,9 @@ class Emperor:
                 status = self.opts.status
                 if status is not None and hasattr(status, "poll"):
                     status.poll(now)
+                self.last_turn = now
+                self.metrics.observe_deploy(self.deploys.last)
+                self.notifier.poll(self, now)
                 if self.shutting_down:
                     if self._shutdown_step(now):
                         break
@@ -1178,6 +1200,7 @@ class Emperor:
                 self._prune(now)
         finally:
             self._teardown()
+            self.notifier.close()
         self.log("bye")
         return 0
 
