@@ -455,11 +455,12 @@ def control_command(args: argparse.Namespace) -> int:
             if state in SERVING and fresh and not v.get("other_pids"):
                 print(f"emperor: {cmd} {name}: {state}, pid {pid}")
                 return 0
-            if new_error or state in ("throttled", "config-error", "stopped"):
-                if new_error or state != "throttled" or v.get("failures"):
-                    print(f"emperor: {cmd} {name}: {state}: {err or v.get('error')}",
-                          file=sys.stderr)
-                    return 1
+            # (the first document may be taken before the loop acted on
+            # the command: "stopped" counts only once held again)
+            if new_error or state == "config-error" or v.get("held"):
+                print(f"emperor: {cmd} {name}: {state}: {v.get('error') or err or 'stopped again'}",
+                      file=sys.stderr)
+                return 1
         time.sleep(WAIT_POLL)
     print(f"emperor: {cmd} {name}: not done within {args.timeout:g} s (state {v.get('state')})",
           file=sys.stderr)

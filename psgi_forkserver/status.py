@@ -180,6 +180,9 @@ def vassal_status(v: Any, now: float, children: dict[int, list[int]]) -> tuple[d
         "last_error": err or getattr(v, "last_error", None) or None,
         "last_exit": _describe_exit(getattr(v, "last_status", None)),
         "held": bool(getattr(v, "held", False)),
+        # reported by the vassal itself (None: it reports nothing)
+        "requests": None,
+        "latency_avg_ms": None,
         "processes": 0,
         "pss": 0,
         "uss": 0,
@@ -832,6 +835,10 @@ class StatusServer:
                 command, _, name = line.partition(" ")
                 name = name.strip() or None
             reply = control(self.emperor, command, None if name is None else str(name))
+            if self.job is not None:
+                # a collection in progress took its snapshot before the
+                # command: whoever waits on it (or joins it) sees the new state
+                self.job = Collection(self.emperor)
         except Exception as e:  # noqa: BLE001 - a bad line must not take the loop down
             reply = {"schema": SCHEMA, "command": line[:80], "ok": False,
                      "message": f"{type(e).__name__}: {e}"}
