@@ -14,6 +14,10 @@ DEB_PACKAGES := perl libplack-perl libsocket-msghdr-perl libhttp-parser-xs-perl 
 	libmoose-perl libdatetime-perl libdatetime-timezone-perl libtemplate-perl \
 	libjson-xs-perl libdbix-class-perl libmojolicious-perl libdancer2-perl \
 	libcatalyst-perl libtry-tiny-perl libhttp-message-perl libtest-tcp-perl
+# The status page's browser test (tests/test_cockpit.py) and its screenshot:
+# a stamp of its own, so that `make setup` for running a fleet does not pull
+# a browser in; `make test` does.
+BROWSER_PACKAGES := chromium fonts-dejavu-core
 
 .PHONY: all setup run test test-python test-perl bench bench-quick clean
 
@@ -32,15 +36,19 @@ $(STAMPS)/venv: pyproject.toml
 	@mkdir -p $(STAMPS) && touch $@
 
 run: setup
-	$(VENV)/bin/emperor run examples/vassals
+	$(VENV)/bin/emperor run examples/vassals --status-http 127.0.0.1:9100
 
-test: setup
+$(STAMPS)/browser: Makefile tools/install-debian-packages
+	tools/install-debian-packages $(BROWSER_PACKAGES)
+	@mkdir -p $(STAMPS) && touch $@
+
+test: setup $(STAMPS)/browser
 	$(MAKE) --no-print-directory test-perl test-python
 
 test-perl: setup
 	prove -r -I perl t/
 
-test-python: setup
+test-python: setup $(STAMPS)/browser
 	$(VPY) -m pytest -q
 
 bench: setup

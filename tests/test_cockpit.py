@@ -19,11 +19,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from psgi_forkserver import paths, status
 
+import browser
 from support import EMPEROR, free_port, start_emperor, stop_emperor, wait_for
 from test_emperor import app_ini, get
 
@@ -348,3 +350,62 @@ def test_notify_ready_status_watchdog_and_reloading(xprocess, notify_socket):
         if em is not None:
             stop_emperor(em)
         shutil.rmtree(vdir, ignore_errors=True)
+
+
+# -- the page in a real browser ---------------------------------------------------------
+
+
+def visible_rows(page) -> list[str]:
+    return page.evaluate(
+        "[...document.querySelectorAll('#vassals tbody tr')]"
+        ".filter(tr => tr.offsetParent !== null).map(tr => tr.dataset.name)")
+
+
+@pytest.mark.skipif(browser.CHROMIUM is None, reason="chromium is not installed (make test installs it)")
+def test_status_page_in_headless_chromium(fleet, tmp_path):
+    """What a person sees: the counts at the top, the failing vassal's error
+    in its row, the page following the fleet without reloading, filter and
+    sort; the screenshot goes to $PFS_SCREENSHOT when set (docs/status-page.png)."""
+    shot = Path(os.environ.get("PFS_SCREENSHOT") or tmp_path / "status-page.png")
+    page = browser.Chromium(width=1280, height=560)
+    profile = page.profile
+    try:
+        page.navigate(fleet.url("/"))
+        wait_for(lambda: page.evaluate("Number(document.body.dataset.refreshes)") >= 1, 30,
+                 "the page's first refresh")
+        counts = page.evaluate("document.getElementById('counts').innerText")
+        assert "4 vassals" in " ".join(counts.split()) and "loyal" in counts, counts
+        row = page.evaluate("document.querySelector('tr[data-name=\"dies\"]').innerText")
+        assert "died (exit status 1)" in row and "exit status 1" in row, row
+
+        # the fleet changes; the page follows in place: no navigation, no reload
+        page.evaluate("window.stillTheSamePage = true")
+        r = emperor_cli("stop", "b")
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: "stopped" in page.evaluate(
+            "document.querySelector('tr[data-name=\"b\"] td[data-k=\"state\"]').innerText"),
+            30, "the page to show b stopped")
+        assert page.evaluate("window.stillTheSamePage") is True
+        assert "stopped" in page.evaluate("document.getElementById('counts').innerText")
+
+        # filter by name, as typed; by state, from the counts; sort by a click
+        page.type_text("#filter", "di")
+        assert visible_rows(page) == ["dies"]
+        page.evaluate("const f = document.getElementById('filter'); f.value = '';"
+                      "f.dispatchEvent(new Event('input'))")
+        page.click(".count.stopped")
+        assert visible_rows(page) == ["b"]
+        page.click(".count.all")
+        assert visible_rows(page) == ["a", "b", "base", "dies"]
+        page.click("th[data-k=name]")  # already sorted by name: now descending
+        assert visible_rows(page) == ["dies", "base", "b", "a"]
+        page.click("th[data-k=name]")
+        page.screenshot(shot)
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    finally:
+        page.close()
+        r = emperor_cli("start", "b")
+        assert r.returncode == 0, r.stderr
+    left = [p.pid for p in psutil.process_iter(["cmdline"])
+            if any(profile in a for a in (p.info["cmdline"] or []))]
+    assert left == [], f"chromium processes left: {left}"
