@@ -21,9 +21,11 @@ examples:
   emperor run examples/vassals                 run a fleet (status: http://127.0.0.1:PORT
                                                with --status-http, `emperor status`)
   emperor status                               every vassal: state, pid, error, memory
-  emperor stop app1 && emperor start app1      stop one app, run it again
+  emperor stop app1                            stop one app (it stays stopped)
+  emperor start app1                           run it again
   emperor reload app1                          a new process for one app, gap-free
   emperor reload-base --wait                   code deploy: new base, every app moved
+  emperor prove -j2 -r -I lib t/               Perl tests forked from a preloaded base
 
 `emperor COMMAND --help` shows each command's options and an example.
 """
@@ -36,6 +38,8 @@ EXAMPLES = {
     "stop": "example:\n  emperor stop app1         (stays stopped until `emperor start app1`"
             " or its file changes)\n",
     "start": "example:\n  emperor start app1        (exits 0 once it serves)\n",
+    "prove": "example:\n  emperor prove -j2 -r -I lib t/    (prove's verdicts, tests forked from one"
+             " preloaded base)\n",
     "reload-base": "example:\n  emperor reload-base --wait    (exits 0 once every vassal runs on the"
                    " new base)\n  emperor reload-base --pidfile /tmp/emperor.pid   (by signal)\n",
 }
@@ -133,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="wait this long for the outcome (default 60)")
         c.add_argument("--no-wait", dest="wait", action="store_false",
                        help="exit once the Emperor took the command")
+    add_prove_command(sub)
     return p
 
 
@@ -299,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         return status_command(args)
     if args.command in ("reload", "stop", "start"):
         return control_command(args)
+    if args.command == "prove":
+        return prove_command(args)
     vdir: Path = args.vassals_dir
     bad = check_paths(args)
     if bad is not None:
@@ -485,6 +492,55 @@ def status_command(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(format_table(doc))
     return 0
+
+
+# -- prove: a Perl test harness forked from a preloaded base ---------------------
+
+
+def add_prove_command(sub) -> None:
+    pr = _sub(sub, "prove", help="run Perl test files forked from a preloaded base (prove's options)")
+    pr.add_argument("paths", metavar="PATH", nargs="*", help="test files and directories (default: t)")
+    pr.add_argument("-j", "--jobs", type=int, default=1, metavar="N", help="run N tests at once")
+    pr.add_argument("-I", dest="includes", action="append", default=[], metavar="DIR",
+                    help="library directory (in the base and in every test's @INC)")
+    pr.add_argument("-M", dest="modules", action="append", default=[], metavar="MODULE",
+                    help="preload MODULE, as prove's -M (imported into main)")
+    pr.add_argument("--preload", action="append", default=[], metavar="FILE",
+                    help="require FILE in the base before forking")
+    pr.add_argument("-r", "--recurse", action="store_true", help="recurse into directories")
+    pr.add_argument("-v", "--verbose", action="store_true", help="print every test's TAP")
+    pr.add_argument("--timeout", type=float, metavar="SECONDS",
+                    help="kill a test file that runs longer than this")
+    pr.add_argument("--junit", type=Path, metavar="FILE", help="also write a JUnit XML report")
+    pr.add_argument("--perl", default="perl", metavar="PATH", help="the perl to run (default: perl)")
+    pr.add_argument("--watch", action="store_true",
+                    help="keep the base; rerun test files when they change, and start a new "
+                         "base (then rerun all) when a preloaded file changes")
+    pr.add_argument("--serve", type=Path, metavar="SOCK",
+                    help="keep a base and run the files `--connect SOCK` clients hand over "
+                         "(for `prove --exec`)")
+    pr.add_argument("--connect", type=Path, metavar="SOCK",
+                    help="run the one test file PATH [ARGS] through `emperor prove --serve SOCK`: "
+                         "prove --exec 'emperor prove --connect SOCK'")
+    pr.add_argument("--destruct", action="store_true",
+                    help="forked tests end with perl's global destruction of the whole "
+                         "inherited heap (slower; default: only what the test created)")
+
+
+def prove_command(args: argparse.Namespace) -> int:
+    from .prove import ProveOptions, connect, main as prove_main
+
+    if args.connect is not None:
+        if not args.paths:
+            print("emperor prove: --connect needs a test file", file=sys.stderr)
+            return 2
+        return connect(args.connect, args.paths[0], args.paths[1:], perl=args.perl)
+    serve = args.serve.resolve() if args.serve else None
+    return prove_main(watch=args.watch, serve=serve, opts=ProveOptions(
+        paths=args.paths, jobs=max(1, args.jobs), includes=args.includes, modules=args.modules,
+        preloads=args.preload, recurse=args.recurse, verbose=args.verbose,
+        timeout=args.timeout, junit=args.junit, perl=args.perl, destruct=args.destruct,
+    ))
 
 
 if __name__ == "__main__":

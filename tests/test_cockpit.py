@@ -409,3 +409,18 @@ def test_status_page_in_headless_chromium(fleet, tmp_path):
     left = [p.pid for p in psutil.process_iter(["cmdline"])
             if any(profile in a for a in (p.info["cmdline"] or []))]
     assert left == [], f"chromium processes left: {left}"
+
+
+def test_version_and_an_example_in_every_commands_help():
+    r = emperor_cli("--version", timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("emperor (psgi-forkserver) ")
+    from psgi_forkserver.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert {"run", "status", "reload", "stop", "start", "reload-base", "prove"} <= set(sub.choices)
+    for name in sub.choices:
+        r = emperor_cli(name, "--help", timeout=30)
+        assert r.returncode == 0 and "\nexample:\n  emperor " + name in r.stdout, (name, r.stdout)
+    top = emperor_cli("--help", timeout=30).stdout
+    for name in sub.choices:
+        assert f"  emperor {name}" in top, name
