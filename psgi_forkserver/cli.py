@@ -338,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as e:
         print(f"emperor: {e}", file=sys.stderr)
         return 2
+    from .status import RUN_DIR_ENV, run_dir
+
+    # the vassals (the base, and so every adopted one) learn where to write
+    # their requests files (status.read_requests)
+    os.environ[RUN_DIR_ENV] = str(run_dir().absolute())
     try:
         opts.status = bind_status(args)  # before anything starts: errors exit 2
     except (OSError, ValueError) as e:

@@ -43,6 +43,7 @@ import psutil
 from . import config as cfgmod
 from . import bases as basesmod
 from . import forkserver, launch, notify, sockets
+from . import status as statusmod
 from .metrics import EmperorMetrics
 from .forkserver import AdoptionError, PendingAdoption
 from .launch import describe_status, program_argv
@@ -571,6 +572,7 @@ class Emperor:
         self.ended.add(pid, name)
         self.sweep_due = True
         st = describe_status(status)
+        statusmod.forget_requests(pid)  # its requests file, if it wrote one
         p = v.proc(pid=pid)
         if p is not None and p is v.successor:
             self._start_failed_for_deploy(v, p.seq, now, f"pid {pid} died ({st})")

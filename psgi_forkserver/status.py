@@ -34,6 +34,7 @@ import re
 import selectors
 import socket
 import stat
+import struct
 import sys
 import tempfile
 import time
@@ -147,6 +148,40 @@ def _last_error(v: Any, phase: Any) -> str | None:
     return None
 
 
+#: what a vassal reports about its requests (docs/CONTRACT.md): the file
+#: RUNDIR/requests-PID of its master process, one slot per worker, each two
+#: little-endian u64: requests served, their latency summed in microseconds
+REQUESTS_SLOT = struct.Struct("<QQ")
+
+
+def requests_path(pid: int) -> Path:
+    return run_dir() / f"requests-{pid}"
+
+
+def read_requests(pid: int) -> tuple[int, float | None] | None:
+    """(requests served, average latency in ms) that process reported;
+    None when it reports nothing."""
+    try:
+        with open(requests_path(pid), "rb") as f:
+            data = f.read(REQUESTS_SLOT.size * 4096)
+    except OSError:
+        return None
+    n = total_us = 0
+    for off in range(0, len(data) - len(data) % REQUESTS_SLOT.size, REQUESTS_SLOT.size):
+        r, us = REQUESTS_SLOT.unpack_from(data, off)
+        n += r
+        total_us += us
+    return n, (round(total_us / n / 1000, 3) if n else None)
+
+
+def forget_requests(pid: int) -> None:
+    """The process was reaped: its file goes (it may have been SIGKILLed)."""
+    try:
+        os.unlink(requests_path(pid))
+    except OSError:
+        pass
+
+
 def vassal_status(v: Any, now: float, children: dict[int, list[int]]) -> tuple[dict[str, Any], list[int]]:
     """The vassal's document (memory still 0) and the pids to measure."""
     pid = getattr(v, "pid", None)
@@ -187,6 +222,9 @@ def vassal_status(v: Any, now: float, children: dict[int, list[int]]) -> tuple[d
         "pss": 0,
         "uss": 0,
     }
+    served = read_requests(pid) if pid is not None else None
+    if served is not None:
+        doc["requests"], doc["latency_avg_ms"] = served
     # every process of the vassal: during a reload, the successor and the
     # retiring ones too (Vassal.procs() where the Vassal has it)
     roots = [pid] if pid is not None else []

@@ -424,3 +424,51 @@ def test_version_and_an_example_in_every_commands_help():
     top = emperor_cli("--help", timeout=30).stdout
     for name in sub.choices:
         assert f"  emperor {name}" in top, name
+
+
+def raw_command(path: Path, line: bytes) -> dict:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(20)
+        s.connect(str(path))
+        s.sendall(line)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return json.loads(data)
+
+
+def test_bad_command_lines_get_a_precise_reply_and_the_fleet_runs_on(fleet):
+    r = raw_command(fleet.stats, b"frobnicate a\n")
+    assert r["ok"] is False and r["message"].startswith("unknown command 'frobnicate'")
+    r = raw_command(fleet.stats, b'{"command": \n')
+    assert r["ok"] is False and "JSONDecodeError" in r["message"]
+    r = raw_command(fleet.stats, b"stop\n")  # no name
+    assert r["ok"] is False and "no vassal None" in r["message"]
+    r = raw_command(fleet.stats, b"x" * 9000)  # never a line
+    assert r["ok"] is False and r["message"] == "command line too long"
+    assert fleet.vassal("a")["state"] == "loyal" and get(fleet.ports["a"])["name"] == "a"
+
+
+def test_a_run_directory_that_cannot_be_used_is_one_line_and_the_fleet_starts(xprocess, tmp_path):
+    vdir = tmp_path / "v"
+    vdir.mkdir()
+    port = free_port()
+    (vdir / "solo.ini").write_text(app_ini("solo", port, processes=1) + f"psgi = {APP}\n")
+    em = start_emperor(xprocess, "emperor-norundir", [vdir, "--mercy", "5"],
+                       {status.RUN_DIR_ENV: "/proc/no-such-dir/run"})
+    try:
+        wait_for(lambda: get(port)["name"] == "solo", 40, "solo to answer")
+        lines = em.lines("no default stats socket")
+        assert len(lines) == 1 and "/proc/no-such-dir/run/v-" in lines[0], em.text()
+    finally:
+        stop_emperor(em)
+
+
+def test_requests_file_is_summed_over_its_worker_slots(tmp_path, monkeypatch):
+    monkeypatch.setenv(status.RUN_DIR_ENV, str(tmp_path))
+    assert status.read_requests(4242) is None
+    status.requests_path(4242).write_bytes(
+        status.REQUESTS_SLOT.pack(3, 3000) + status.REQUESTS_SLOT.pack(1, 5000) + b"\0" * 16)
+    assert status.read_requests(4242) == (4, 2.0)
+    status.forget_requests(4242)
+    assert not status.requests_path(4242).exists()
