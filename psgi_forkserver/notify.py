@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: states in which a vassal present at start no longer holds READY=1 back
-SETTLED = frozenset({"loyal", "on-demand", "config-error", "stopped", "throttled"})
+SETTLED = frozenset({"loyal", "on-demand", "config-error", "stopped", "throttled", "refused"})
 
 
 def _address(raw: str) -> str | bytes:

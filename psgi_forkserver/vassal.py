@@ -33,6 +33,7 @@ Vassal phases (what `phase` shows):
     live ──hold() (`emperor stop NAME`)──> STOPPING ──exited──> STOPPED ──release() or file changed──> start
     live ──request_reload() (`emperor reload NAME`)──> RELOADING (seamless) or STOPPING ──> start
     file unusable (bad INI, template error, unreadable) ──> CONFIG_ERROR ──file fixed──> start
+    no descriptors to spare for one more vassal ──> REFUSED ──room again──> start
 
 Crash loops: a process that dies unexpectedly within `stable_after`
 seconds of its start counts as a failure; the restart waits
@@ -66,6 +67,7 @@ class Phase(StrEnum):
     THROTTLED = "throttled"  # died; respawn at not_before
     CONFIG_ERROR = "config-error"  # its file cannot be used: waits for the file to change
     STOPPED = "stopped"  # `emperor stop NAME`: waits for `start NAME` or a changed file
+    REFUSED = "refused"  # the Emperor has no descriptors to spare for it: waits for room
     GONE = "gone"  # no process and not wanted: forget it
 
 
@@ -202,6 +204,8 @@ class Vassal:
     last_error: str | None = None  # the last failure the Emperor logged (status shows it)
     held: bool = False  # stopped by the operator (`emperor stop NAME`)
     reload_asked: bool = False  # `emperor reload NAME`, not acted on yet
+    touched: bool = False  # its file was touched: reload, though the config is the same
+    refused: str | None = None  # why the Emperor cannot take it on (no descriptors to spare)
 
     # -- the current process, as flat read-only fields ------------------------
 
@@ -286,6 +290,16 @@ class Vassal:
             if self.is_base and self.current is not None and self.current.kind == Kind.BASE:
                 self.request_deploy()
         return changed
+
+    def touch(self) -> None:
+        """`touch` of the file: a reload as if its content had changed (a
+        base: a new generation, what a changed base file does). A stopped
+        vassal runs again, as for any change of its file."""
+        self.held = False
+        if self.is_base and self.current is not None and self.current.kind == Kind.BASE:
+            self.request_deploy()
+        elif self.current is not None:
+            self.touched = True
 
     def request_deploy(self) -> None:
         """Base: start a new generation (changed base file, SIGUSR1)."""
@@ -455,6 +469,7 @@ class Vassal:
 
     def wanted(self, ctx: Context) -> bool:
         return (self.config is not None and self.config.error is None and not self.held
+                and not self.refused
                 and not ctx.shutting_down)
 
     def _kind_for(self, ctx: Context) -> Kind:
@@ -466,6 +481,7 @@ class Vassal:
 
     def _new_proc(self, kind: Kind, ctx: Context, reason: str) -> tuple[Proc, Action]:
         assert self.config is not None
+        self.touched = False  # whatever starts now reads the file as it is
         self.seq += 1
         gen = self.want_base_generation if kind == Kind.BASE else (
             ctx.base_generation if kind == Kind.ADOPTED else 0
@@ -527,6 +543,8 @@ class Vassal:
         assert cur is not None and self.config is not None
         if cur.config.fingerprint != self.config.fingerprint:
             return "config changed"
+        if self.touched:
+            return "file touched"
         if cur.kind == Kind.BASE and self.want_base_generation > cur.base_generation:
             return "code deploy"
         if (cur.kind == Kind.ADOPTED and ctx.fork_server == ForkServer.READY
@@ -556,9 +574,10 @@ class Vassal:
         if cur is None:
             if not self.wanted(ctx):
                 if self.config is not None and not ctx.shutting_down:
-                    # invalid config or held: nothing to do until the file
-                    # changes (or `emperor start NAME`)
-                    self._enter(Phase.CONFIG_ERROR if self.config.error is not None
+                    # invalid config, refused or held: nothing to do until the
+                    # file changes (or room again, or `emperor start NAME`)
+                    self._enter(Phase.REFUSED if self.refused
+                                else Phase.CONFIG_ERROR if self.config.error is not None
                                 else Phase.STOPPED, now)
                     return []
                 if self.retiring:
@@ -624,6 +643,7 @@ class Vassal:
         seamless = self.seamless or cur.kind == Kind.BASE
         if not seamless:
             self.reload_asked = False
+            self.touched = False
             return self._stop(now, reason)
         if now < self.not_before:
             self.retry_at = self.not_before

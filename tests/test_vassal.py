@@ -516,3 +516,42 @@ def test_reload_request_does_not_restart_a_base():
     v.on_byte(1, 0.1)
     v.request_reload()
     assert v.step(ctx(1)) == []
+
+
+def test_touch_starts_a_successor_once_and_moves_a_base_to_a_new_generation():
+    v = adopted_vassal()
+    v.seamless = True
+    v.on_byte(17, 0.1)
+    v.touch()
+    assert v.step(ctx(1)) == [Adopt()]
+    assert v.successor is not None and v.successor.reason == "file touched"
+    seq = v.successor.seq
+    v.adopted(101, 1.01, seq)
+    v.on_byte(17, 1.1, seq)
+    acts = v.step(ctx(1.2))
+    assert acts == [Send(EmperorByte.STOP)] and v.pid == 101
+    assert v.step(ctx(1.3)) == []  # touched once: one reload
+    base = Vassal("base", cfg("base", **{"fork-server": "fs.sock"}), is_base=True, policy=POLICY)
+    base.step(ctx(0, ForkServer.WAITING))
+    base.spawned(9, 0)
+    base.touch()
+    assert base.want_base_generation == 2
+
+
+def test_refused_waits_without_a_process_until_admitted():
+    v = Vassal("app1", cfg(), policy=POLICY)
+    v.refused = "refused: no descriptors to spare"
+    assert v.step(ctx(0)) == []
+    assert v.phase == Phase.REFUSED
+    v.refused = None
+    assert v.step(ctx(1)) == [Adopt()]
+
+
+def test_touched_file_starts_a_stopped_vassal():
+    v = seamless_vassal()
+    v.hold()
+    v.step(ctx(1))
+    v.exited(0, 1.2, pid=100)
+    assert v.step(ctx(1.3)) == [] and v.phase == Phase.STOPPED
+    v.touch()
+    assert v.step(ctx(2)) == [Adopt()]
