@@ -356,7 +356,7 @@ def collect(emperor: Any) -> dict[str, Any]:
 # -- the default stats socket ------------------------------------------------------
 
 RUN_DIR_ENV = "PSGI_FORKSERVER_RUN_DIR"
-STATS_SUFFIX = ".stats"
+STATS_NAME = "stats"
 
 
 def run_dir() -> Path:
@@ -376,22 +376,19 @@ def run_dir() -> Path:
 
 
 def default_stats_path(vassals_dir: Path) -> Path:
-    """One socket per vassals directory (the directory lock makes it one
-    Emperor's): its name, for people, and a hash of its real path, so
-    that two directories called `vassals` do not meet."""
-    real = os.path.realpath(vassals_dir)
-    tag = hashlib.sha256(os.fsencode(real)).hexdigest()[:10]
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(real))[:32] or "root"
-    return run_dir() / f"{name}-{tag}{STATS_SUFFIX}"
+    """RUNDIR/HASH/stats: HASH is 12 hex digits of the SHA-256 of the
+    vassals directory's resolved path (the directory lock makes it one
+    Emperor's); the same per-Emperor directory as the front door's files."""
+    key = hashlib.sha256(str(Path(vassals_dir).resolve()).encode()).hexdigest()[:12]
+    return run_dir() / key / STATS_NAME
 
 
-def _answers(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-    return True
+def _answers(path: Path) -> dict[str, Any] | None:
+    """The document of the Emperor serving `path`, or None (stale socket)."""
+    try:
+        return fetch(path, timeout=5.0)
+    except (OSError, ValueError):
+        return None
 
 
 def find_stats(vassals_dir: Path | None = None) -> Path:
@@ -401,16 +398,17 @@ def find_stats(vassals_dir: Path | None = None) -> Path:
         return default_stats_path(vassals_dir)
     d = run_dir()
     try:
-        found = sorted(d.glob("*" + STATS_SUFFIX))
+        found = sorted(d.glob("*/" + STATS_NAME))
     except OSError:
         found = []
-    live = [p for p in found if _answers(p)]
+    live = [(p, doc) for p in found if (doc := _answers(p)) is not None]
     if len(live) == 1:
-        return live[0]
+        return live[0][0]
     if not live:
         raise ValueError(f"no running Emperor has a stats socket in {d} "
                          "(start one with `emperor run DIR`, or name its socket with --stats)")
-    raise ValueError(f"{len(live)} Emperors run ({', '.join(p.name for p in live)} in {d}): "
+    dirs = ", ".join(str(doc.get("emperor", {}).get("vassals_dir")) for _, doc in live)
+    raise ValueError(f"{len(live)} Emperors run here (vassals directories {dirs}): "
                      "say which with --dir VASSALS_DIR or --stats PATH")
 
 

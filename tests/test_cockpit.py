@@ -459,7 +459,7 @@ def test_a_run_directory_that_cannot_be_used_is_one_line_and_the_fleet_starts(xp
     try:
         wait_for(lambda: get(port)["name"] == "solo", 40, "solo to answer")
         lines = em.lines("no default stats socket")
-        assert len(lines) == 1 and "/proc/no-such-dir/run/v-" in lines[0], em.text()
+        assert len(lines) == 1 and "/proc/no-such-dir/run/" in lines[0], em.text()
     finally:
         stop_emperor(em)
 
@@ -472,3 +472,18 @@ def test_requests_file_is_summed_over_its_worker_slots(tmp_path, monkeypatch):
     assert status.read_requests(4242) == (4, 2.0)
     status.forget_requests(4242)
     assert not status.requests_path(4242).exists()
+
+
+def test_two_emperors_status_names_both_and_dir_picks_one(fleet, xprocess, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    em = start_emperor(xprocess, "emperor-other", [other, "--mercy", "5"])
+    try:
+        r = emperor_cli("status")
+        assert r.returncode == 1 and "2 Emperors run here" in r.stderr, r.stderr
+        assert str(fleet.dir.resolve()) in r.stderr and str(other.resolve()) in r.stderr
+        r = emperor_cli("status", "--dir", other, "--json")
+        assert r.returncode == 0 and json.loads(r.stdout)["vassals"] == {}
+    finally:
+        stop_emperor(em)
+    assert emperor_cli("status").returncode == 0
