@@ -463,7 +463,7 @@ def control_command(args: argparse.Namespace) -> int:
             return 0
         if cmd != "stop":
             pid = v.get("pid")
-            fresh = cmd == "start" or pid != before.get("pid")
+            fresh = cmd == "start" or pid != before.get("pid") or state == "on-demand"
             if state in SERVING and fresh and not v.get("other_pids"):
                 print(f"emperor: {cmd} {name}: {state}, pid {pid}")
                 return 0
