@@ -487,3 +487,48 @@ def test_two_emperors_status_names_both_and_dir_picks_one(fleet, xprocess, tmp_p
     finally:
         stop_emperor(em)
     assert emperor_cli("status").returncode == 0
+
+
+def test_requests_served_and_average_latency_reported_by_the_vassal(fleet):
+    before = fleet.vassal("a")
+    assert before["requests"] is not None, before  # the vassal reports from its start
+    for _ in range(25):
+        assert get(fleet.ports["a"])["name"] == "a"
+    after = wait_for(lambda: (v := fleet.vassal("a"))["requests"] >= before["requests"] + 25 and v,
+                     20, "25 more requests in the status")
+    assert after["pid"] == before["pid"] and after["latency_avg_ms"] > 0
+    assert sample(metrics(fleet), "psgi_forkserver_vassal_requests_total", vassal="a") \
+        >= after["requests"]
+    assert status.requests_path(after["pid"]).is_file()
+    assert fleet.vassal("dies")["requests"] is None  # never served: no file
+    table = emperor_cli("status").stdout
+    row = next(line for line in table.splitlines() if line.startswith("a "))
+    assert f" {fleet.vassal('a')['requests']} " in row or str(after["requests"]) in row, row
+
+
+def test_a_vassals_requests_file_goes_with_its_process(fleet):
+    pid = fleet.vassal("b")["pid"]
+    path = status.requests_path(pid)
+    assert path.is_file()
+    r = emperor_cli("reload", "b")
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: not path.exists(), 20, "the old process's requests file to go")
+    assert status.requests_path(fleet.vassal("b")["pid"]).is_file()
+
+
+def test_recycled_workers_keep_counting_in_their_slot(fleet):
+    """max-requests recycles a worker: its successor goes on from the slot's
+    numbers, so the vassal's total does not drop."""
+    port = free_port()
+    (fleet.dir / "recycled.ini").write_text(app_ini("recycled", port, processes=1)
+                                            + "max-requests = 4\n")
+    try:
+        wait_for(lambda: get(port)["name"] == "recycled", 40, "recycled to answer")
+        pids = {get(port)["pid"] for _ in range(11)}
+        assert len(pids) >= 3, pids  # 12 requests, a new worker every 4
+        v = wait_for(lambda: (v := fleet.vassal("recycled"))["requests"] == 12 and v, 20,
+                     "12 requests counted")
+        assert v["latency_avg_ms"] > 0
+    finally:
+        (fleet.dir / "recycled.ini").unlink()
+        wait_for(lambda: "recycled" not in fleet.doc()["vassals"], 30, "recycled to go")
