@@ -622,6 +622,7 @@ sub _worker_main {
             $timeout = $left if $left < $timeout;
             $timeout = 0 if $timeout < 0;
         }
+        $self->_flush_requests if $self->{requests_dirty};
         my $n = select(my $rout = $rin, undef, undef, $timeout);
         if ($n < 0) {
             next if $! == EINTR;
@@ -691,12 +692,15 @@ sub _worker_main {
             if (!$leaving && ($self->{harakiri_commit}
                 || ($self->{max_requests} && $self->{requests} >= $self->{max_requests}))) {
                 # The replacement starts now, not when this worker has
-                # finished with its other connections.
+                # finished with its other connections. It goes on from this
+                # worker's requests slot: written first.
+                $self->_flush_requests if $self->{requests_dirty};
                 _worker_msg($self->{ready_w}, MSG_LEAVING);
                 $leaving = 1;
             }
         }
     }
+    $self->_flush_requests if $self->{requests_dirty};
     _worker_exit(EXIT_RECYCLE);
 }
 
@@ -953,7 +957,9 @@ sub _serve_head {
 # creates $PSGI_FORKSERVER_RUN_DIR/requests-PID (its own pid, the one the
 # Emperor knows); each worker owns one 16-byte slot of it, two
 # little-endian u64: requests served, their latency summed in microseconds.
-# One pwrite per request; a respawned worker goes on from its slot's
+# The worker writes its slot once per round of its loop (before select:
+# one write for all the requests of the round, and never a count left
+# behind when it goes idle); a respawned worker goes on from its slot's
 # numbers, and a reload's new generation uses the other half of the file
 # (the old one may still be finishing its requests). The Emperor sums the
 # slots. Without the variable (not under our Emperor) nothing is written.
@@ -988,6 +994,13 @@ sub _count_request {
     my $r = $self->{requests_slot};
     $r->{n}++;
     $r->{us} += int($seconds * 1e6 + 0.5);
+    $self->{requests_dirty} = 1;
+}
+
+sub _flush_requests {
+    my $self = shift;
+    my $r = $self->{requests_slot};
+    $self->{requests_dirty} = 0;
     sysseek($r->{fh}, $r->{off}, 0) and syswrite($r->{fh}, pack('Q<Q<', $r->{n}, $r->{us}));
 }
 
