@@ -326,7 +326,6 @@ class Emperor:
         self.recent: dict[str, deque[str]] = {}
         self.metrics = EmperorMetrics()
         self.notifier = notify.Notifier.from_env(self.log)
-        self.last_turn = 0.0  # monotonic: /healthz says whether the loop turns
         # vassals whose handling failed for a reason the same file would
         # meet again: name -> (fingerprint, reason); cleared when it changes
         self.failed: dict[str, tuple[str, str]] = {}
@@ -1434,7 +1433,6 @@ class Emperor:
                 status = self.opts.status
                 if status is not None and hasattr(status, "poll"):
                     status.poll(now)
-                self.last_turn = now
                 self.metrics.observe_deploy(self.deploys.last)
                 self.notifier.poll(self, now)
                 if self.shutting_down:
