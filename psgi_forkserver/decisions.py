@@ -31,7 +31,8 @@ class Decisions:
         return self._heartbeat_of(self.current) if self.current else None
 
     def wanted(self, ctx: Context) -> bool:
-        return (self.config is not None and self.config.error is None and not self.refused
+        return (self.config is not None and self.config.error is None and not self.held
+                and not self.refused
                 and not ctx.shutting_down)
 
     def _kind_for(self, ctx: Context) -> Kind:
@@ -112,6 +113,8 @@ class Decisions:
         if (cur.kind == Kind.ADOPTED and ctx.fork_server == ForkServer.READY
                 and ctx.base_generation > cur.base_generation):
             return CODE_DEPLOY
+        if self.reload_asked and cur.kind != Kind.BASE:
+            return "reload requested"
         return None
 
     def step(self, ctx: Context) -> list[Action]:
@@ -148,6 +151,8 @@ class Decisions:
             return self._stop(now, "shutdown")
         if self.config is None:
             return self._stop(now, "file removed")
+        if self.held:
+            return self._stop(now, "stopped by the operator")
         acts = self._heartbeat_missed(cur, now)
         if acts:
             return acts
@@ -162,8 +167,11 @@ class Decisions:
         now = ctx.now
         if not self.wanted(ctx):
             if self.config is not None and not ctx.shutting_down:
-                # invalid config: nothing to retry until the file changes
-                self._enter(Phase.REFUSED if self.refused else Phase.CONFIG_ERROR, now)
+                # invalid config, refused or held: nothing to do until the
+                # file changes (or room again, or `emperor start NAME`)
+                self._enter(Phase.REFUSED if self.refused
+                            else Phase.CONFIG_ERROR if self.config.error is not None
+                            else Phase.STOPPED, now)
                 return []
             if self.retiring:
                 return []
@@ -209,6 +217,7 @@ class Decisions:
             return []
         seamless = self.seamless or cur.kind == Kind.BASE
         if not seamless:
+            self.reload_asked = False
             self.touched = False
             return self._stop(now, reason)
         if now < self.not_before:
@@ -221,6 +230,7 @@ class Decisions:
             return []
         if kind == Kind.ADOPTED and ctx.adopt_slots <= 0:
             return []
+        self.reload_asked = False
         self.successor, action = self._new_proc(kind, ctx, reason)
         return [action]
 

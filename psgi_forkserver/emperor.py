@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import deque
 import selectors
 import signal
 import sys
@@ -40,7 +41,8 @@ from dataclasses import dataclass, field
 
 from . import bases as basesmod
 from . import config as cfgmod
-from . import launch, locks, sockets
+from . import control, launch, locks, notify, sockets
+from .metrics import EmperorMetrics
 from .files import Files
 from .launch import program_argv
 from .orphans import Sweeper
@@ -48,8 +50,11 @@ from .plan import Facts, Plan, plan, runs_as_base
 from .processes import ForVassal, ProcHandles, Processes
 from .protocol import ProtocolError
 from .options import Options
-from .snapshot import EmperorSnapshot
+from .snapshot import EmperorLink, EmperorSnapshot
 from .vassal import Adopt, Forget, Kill, Policy, Send, Spawn, Vassal
+
+
+RECENT_LINES = 50  # log lines kept per vassal for the status page (/log/NAME)
 
 
 def is_our_program(program: str) -> bool:
@@ -89,11 +94,20 @@ class Emperor(Files, Processes, basesmod.ForkServers):
         # the turn must run again at once (the fork server changed, a deploy
         # slot came free, a start failed at once): no waiting for an event
         self.again = False
+        # the cockpit: recent log lines per vassal, metrics, systemd notify
+        self.recent: dict[str, deque[str]] = {}
+        self.metrics = EmperorMetrics()
+        self.notifier = notify.Notifier.from_env(self.log)
         self._init_files()
         self._init_fork_servers()
 
     def log(self, msg: str, name: str | None = None) -> None:
         prefix = f"emperor: [{name}] " if name else "emperor: "
+        if name:
+            lines = self.recent.get(name)
+            if lines is None:
+                lines = self.recent[name] = deque(maxlen=RECENT_LINES)
+            lines.append(time.strftime("%Y-%m-%d %H:%M:%S ") + msg)
         try:
             sys.stderr.write(prefix + msg + "\n")
             sys.stderr.flush()
@@ -110,6 +124,7 @@ class Emperor(Files, Processes, basesmod.ForkServers):
                 self._wait()
         finally:
             self._teardown()
+            self.notifier.close()
         self.log("bye")
         return 0
 
@@ -124,6 +139,8 @@ class Emperor(Files, Processes, basesmod.ForkServers):
         self._reconcile(now)
         if self.opts.status is not None:
             self.opts.status.poll(now)
+        self.metrics.observe_deploy(self.deploys.last)
+        self.notifier.poll(self.snapshot, now)
         return self.shutting_down and self._shutdown_step(now)
 
     def _wait(self) -> None:
@@ -215,6 +232,7 @@ class Emperor(Files, Processes, basesmod.ForkServers):
                     for key in [k for k in self.procs if k[0] == v.name]:
                         self._drop_proc(*key)
                     self.listeners.forget(v.name)
+                    self.recent.pop(v.name, None)
                     del self.vassals[v.name]
                     if v.refused:
                         self.n_refused -= 1
@@ -242,6 +260,9 @@ class Emperor(Files, Processes, basesmod.ForkServers):
             t = status.next_wakeup()
             if t is not None:
                 times.append(t)
+        t = self.notifier.next_wakeup()
+        if t is not None:
+            times.append(t)
         if self.shutting_down:
             times.append(self.shutdown_deadline)
             times.append(now + 0.5)  # keep polling for the last children
@@ -371,7 +392,10 @@ class Emperor(Files, Processes, basesmod.ForkServers):
         self._rewatch()
         if self.opts.status is not None:
             # stats socket / status page in our selector
-            self.opts.status.attach(self.sel, self.log, self.snapshot)
+            self.opts.status.attach(self.sel, self.log, EmperorLink(
+                self.snapshot, lambda: control.health(self),
+                lambda name: control.log_lines(self, name),
+                lambda command, name: control.control(self, command, name), self.metrics))
         self.log(
             f"watching {self.dir} (vassal program {' '.join(self.argv0)}, pid {os.getpid()})"
         )

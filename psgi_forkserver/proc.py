@@ -33,6 +33,7 @@ class Phase(StrEnum):
     STOPPING = "stopping"  # asked to stop, waiting for it to exit
     THROTTLED = "throttled"  # died; respawn at not_before
     CONFIG_ERROR = "config-error"  # its file cannot be used: waits for the file to change
+    STOPPED = "stopped"  # `emperor stop NAME`: waits for `start NAME` or a changed file
     REFUSED = "refused"  # the Emperor has no descriptors to spare for it: waits for room
     GONE = "gone"  # no process and not wanted: forget it
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import forkserver, launch
+from . import status as status_requests
 from .forkserver import AdoptionError, PendingAdoption
 from .launch import describe_status
 from .protocol import EmperorByte, VassalByte
@@ -288,6 +289,7 @@ class Processes:
         if pid is None:
             return
         self._finish_adoption(name, seq)
+        self.metrics.adopted(pending.elapsed_ms(now) / 1000)
         v.adopted(pid, now, seq)
         self.pids[pid] = (name, seq)
         p = v.proc(seq)
@@ -312,6 +314,7 @@ class Processes:
             h.adoption = None
 
     def _adoption_failed(self, name: str, seq: int, now: float, reason: str) -> None:
+        self.metrics.adoption_failed()
         self._finish_adoption(name, seq)
         self._drop_proc(name, seq)  # a vassal forked anyway sees EOF and stops
         v = self.vassals[name]
@@ -348,6 +351,7 @@ class Processes:
         # what it forked and left behind is ours now: swept once this turn
         self.sweeper.vassal_ended(pid, name)
         st = describe_status(status)
+        status_requests.forget_requests(pid)  # its requests file, if it wrote one
         p = v.proc(pid=pid)
         if p is not None and p is v.successor:
             self._start_failed_for_deploy(v, p.seq, now, f"pid {pid} died ({st})")

@@ -8,6 +8,7 @@ knows only this module.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,11 @@ class VassalSnapshot:
     refused: str | None  # why the Emperor cannot take it on
     last_error: str | None  # the last failure the Emperor logged
     pids: tuple[int, ...] = ()  # every process it has: the current one first
+    addresses: tuple[str, ...] = ()  # its http-socket(s)
+    names: tuple[str, ...] = ()  # the host names it answers for (`domain`)
+    last_status: int | None = None  # wait status of its last process that exited
+    held: bool = False  # stopped by the operator (`emperor stop NAME`)
+    is_base: bool = False
 
 
 @dataclass(frozen=True)
@@ -42,3 +48,24 @@ class EmperorSnapshot:
     # code deploys (bases.DeployTracker.as_dict): `emperor reload-base --wait` polls this
     deploy: dict[str, Any] | None = None
     vassals: dict[str, VassalSnapshot] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EmperorLink:
+    """All the status server knows of the Emperor: callables it is attached with."""
+
+    snapshot: Callable[[], EmperorSnapshot]
+    health: Callable[[], tuple[bool, str]]  # /healthz: (healthy, why)
+    log_lines: Callable[[str], list[str] | None]  # a vassal's recent lines; None: no such vassal
+    control: Callable[[str, str | None], dict[str, Any]]  # an operator's command, its reply
+    metrics: Any = None  # metrics.EmperorMetrics: the Emperor's own counters
+
+
+def config_values(cfg: Any, key: str) -> tuple[str, ...]:
+    """Every value of a repeatable key (split on commas and blanks), once each."""
+    out: list[str] = []
+    if cfg is None:
+        return ()
+    for raw in cfg.get_all(key):
+        out += [x for x in str(raw).replace(",", " ").split() if x not in out]
+    return tuple(out)

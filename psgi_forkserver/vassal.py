@@ -34,6 +34,8 @@ Vassal phases (what `phase` shows):
     live ──(file removed, byte 22, shutdown, changed and not seamless)──> STOPPING ──exited──> NEW / ON_DEMAND
     live ──exited (unexpected)──> THROTTLED ──(backoff over)──> start again
     NEW/THROTTLED/WAITING/ON_DEMAND and not wanted ──> GONE (Forget)
+    live ──hold() (`emperor stop NAME`)──> STOPPING ──exited──> STOPPED ──release() or file changed──> start
+    live ──request_reload() (`emperor reload NAME`)──> RELOADING (seamless) or STOPPING ──> start
     file unusable (bad INI, template error, unreadable) ──> CONFIG_ERROR ──file fixed──> start
     no descriptors to spare for one more vassal ──> REFUSED ──room again──> start
 
@@ -56,7 +58,7 @@ from .proc import (
     ProcState, Send, Spawn,
 )
 from .protocol import VassalByte
-from .snapshot import VassalSnapshot
+from .snapshot import VassalSnapshot, config_values
 
 # the state machine's vocabulary (proc.py), imported from here too
 __all__ = ["CODE_DEPLOY", "Action", "Adopt", "Context", "Exit", "Forget", "ForkServer", "Kill",
@@ -89,6 +91,8 @@ class Vassal(Decisions):
     seq: int = 0
     retry_at: float | None = None  # a failed successor is tried again then
     last_error: str | None = None  # the last failure the Emperor logged (status shows it)
+    held: bool = False  # stopped by the operator (`emperor stop NAME`)
+    reload_asked: bool = False  # `emperor reload NAME`, not acted on yet
     touched: bool = False  # its file was touched: reload, though the config is the same
     refused: str | None = None  # why the Emperor cannot take it on (no descriptors to spare)
 
@@ -165,7 +169,9 @@ class Vassal(Decisions):
             restarts=self.restarts, failures=self.failures, started_at=self.started_at,
             not_before=self.not_before, file=str(cfg.path) if cfg is not None else None,
             config_error=self.config.error if self.config is not None else None,
-            refused=self.refused, last_error=self.last_error, pids=tuple(pids))
+            refused=self.refused, last_error=self.last_error, pids=tuple(pids),
+            addresses=config_values(cfg, "http-socket"), names=config_values(cfg, "domain"),
+            last_status=self.last_status, held=self.held, is_base=self.is_base)
 
     # -- facts ---------------------------------------------------------------
 
@@ -187,6 +193,7 @@ class Vassal(Decisions):
             old is not None and config is not None and old.fingerprint != config.fingerprint
         )
         if changed and config is not None:
+            self.held = False  # a changed file is a new instruction: run it
             if self.phase == Phase.THROTTLED or self.successor is None:
                 # a new config may fix a crash loop: try it at once
                 self.failures = 0
@@ -197,7 +204,9 @@ class Vassal(Decisions):
 
     def touch(self) -> None:
         """`touch` of the file: a reload as if its content had changed (a
-        base: a new generation, what a changed base file does)."""
+        base: a new generation, what a changed base file does). A stopped
+        vassal runs again, as for any change of its file."""
+        self.held = False
         if self.is_base and self.current is not None and self.current.kind == Kind.BASE:
             self.request_deploy()
         elif self.current is not None:
@@ -207,6 +216,26 @@ class Vassal(Decisions):
         """Base: start a new generation (changed base file, SIGUSR1)."""
         running = max((p.base_generation for p in self.procs() if p.kind == Kind.BASE), default=0)
         self.want_base_generation = max(self.want_base_generation, running + 1)
+
+    def hold(self) -> None:
+        """`emperor stop NAME`: stop gracefully and stay stopped (STOPPED)
+        until `release()` or the file changes."""
+        self.held = True
+        self.reload_asked = False
+
+    def release(self) -> None:
+        """`emperor start NAME`: run again now, without a crash-loop backoff."""
+        self.held = False
+        self.failures = 0
+        self.not_before = 0.0
+
+    def request_reload(self) -> None:
+        """`emperor reload NAME`: a new process now (gap-free where the
+        Emperor owns the socket); one that waits for its backoff starts now.
+        A base reloads through `request_deploy` (a code deploy) instead."""
+        self.not_before = 0.0
+        if self.current is not None:
+            self.reload_asked = True
 
     def on_connection(self, now: float) -> None:
         """On-demand: its socket is readable."""

@@ -21,7 +21,7 @@ import pytest
 
 from psgi_forkserver import paths, status
 from psgi_forkserver.proc import Kind, Phase
-from psgi_forkserver.snapshot import EmperorSnapshot, VassalSnapshot
+from psgi_forkserver.snapshot import EmperorLink, EmperorSnapshot, VassalSnapshot
 
 from support import EMPEROR, free_port, wait_for, start_emperor, stop_emperor
 from test_emperor import app_ini, get
@@ -74,6 +74,12 @@ def fake_emperor(pid: int) -> EmperorSnapshot:
     return EmperorSnapshot(vassals_dir="/x", vassals={"run<1>": v_run, "thr": v_thr})
 
 
+def link(snap: EmperorSnapshot) -> EmperorLink:
+    """What the Emperor attaches a status server with: here, a fixed snapshot."""
+    return EmperorLink(lambda: snap, lambda: (True, "ok"), lambda name: None,
+                       lambda command, name: {"ok": False})
+
+
 def test_collect_reads_snapshots_and_measures_pss_uss(child):
     doc = status.collect(fake_emperor(child.pid))
     json.dumps(doc)  # serialisable
@@ -103,7 +109,7 @@ def test_collection_is_spread_over_turns(child):
 def test_html_is_escaped(child):
     html = status.render_html(status.collect(fake_emperor(child.pid)))
     assert "run&lt;1&gt;" in html and "run<1>" not in html
-    assert "<table>" in html
+    assert "<table id=\"vassals\">" in html
 
 
 def test_stats_socket_serves_many_clients_without_blocking(tmp_path: Path, child):
@@ -114,7 +120,7 @@ def test_stats_socket_serves_many_clients_without_blocking(tmp_path: Path, child
     emp = fake_emperor(child.pid)
     port = free_port()
     srv = status.StatusServer(stats_path=tmp_path / "s.sock", http=f"127.0.0.1:{port}").bind()
-    srv.attach(sel, lambda m: None, lambda: emp)
+    srv.attach(sel, lambda m: None, link(emp))
     try:
         assert stat.S_IMODE(os.stat(tmp_path / "s.sock").st_mode) == 0o600
         slow = socket.create_connection(("127.0.0.1", port))  # never sends a request
@@ -250,7 +256,7 @@ def test_status_json_table_and_page(fleet):
         assert r.status == 200 and r.headers["Content-Type"].startswith("text/html")
         html = r.read().decode()
     for name in ("base", "app1", "tpl", "cm"):
-        assert f"<td>{name}</td>" in html
+        assert f"<td data-k=\"name\">{name}</td>" in html
     with urllib.request.urlopen(f"http://127.0.0.1:{fleet.http_port}/json", timeout=10) as r:
         assert set(json.loads(r.read())["vassals"]) == {"base", "app1", "tpl", "cm"}
     with pytest.raises(urllib.error.HTTPError) as e:
@@ -310,7 +316,7 @@ def test_stats_clients_beyond_the_cap_are_refused_with_a_message_and_a_non_reade
     emp = EmperorSnapshot(vassals_dir="/x", vassals=vassals)
     path = tmp_path / "s.sock"
     srv = status.StatusServer(stats_path=path, max_clients=2).bind()
-    srv.attach(sel, lambda m: None, lambda: emp)
+    srv.attach(sel, lambda m: None, link(emp))
     clock = [time.monotonic()]
     socks: list[socket.socket] = []
 
