@@ -45,8 +45,8 @@ import psutil
 
 from . import config as cfgmod
 from . import bases as basesmod
-from . import forkserver, launch, protocol, sockets
-from .forkserver import AdoptionError, PendingAdoption
+from . import adoption as forkserver, launch, protocol, sockets
+from .adoption import AdoptionError, PendingAdoption
 from .launch import describe_status, program_argv
 from .orphans import EndedSessions, classify_orphans, scan_proc
 from .protocol import EmperorByte, ProtocolError, VassalByte

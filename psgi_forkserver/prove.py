@@ -29,7 +29,7 @@ from xml.etree import ElementTree as ET
 
 from tap.parser import Parser as TapParser
 
-from . import forkserver, launch, paths, protocol
+from . import adoption, launch, paths, protocol
 
 NO_PRELOAD_MARK = "# emperor-prove: no-preload"
 BASE_MAIN = "BEGIN { ForkServer::TestFile::serve(@ARGV) }\n"
@@ -331,12 +331,12 @@ class Prove:
         try:
             if job.cold is None:
                 err_ours.sendall(self.spec(job.file, job.switches))
-                job.pid = forkserver.adopt(
+                job.pid = adoption.adopt(
                     self.sock, [str(paths.vassal_program()), "--test-file", job.file],
                     out_theirs.fileno(), config_fd=err_theirs.fileno(), timeout=60)
             else:
                 job.pid = self.spawn_cold(job, out_theirs.fileno(), err_theirs.fileno())
-        except (OSError, forkserver.AdoptionError, protocol.ProtocolError) as e:
+        except (OSError, adoption.AdoptionError, protocol.ProtocolError) as e:
             job.error = f"could not start: {e}"
             job.status = 255 << 8
             job.open_streams = 0
@@ -549,9 +549,9 @@ class Prove:
             if len(fds) != 2 or not file:
                 raise ValueError(f"bad request ({len(fds)} descriptors)")
             job = Job(file, None, [])
-            job.pid = forkserver.adopt(self.sock, [str(paths.vassal_program()), "--test-file", file],
+            job.pid = adoption.adopt(self.sock, [str(paths.vassal_program()), "--test-file", file],
                                        fds[0], config_fd=fds[1], timeout=60)
-        except (OSError, ValueError, UnicodeDecodeError, forkserver.AdoptionError) as e:
+        except (OSError, ValueError, UnicodeDecodeError, adoption.AdoptionError) as e:
             self.errout.write(f"emperor prove: refused a client: {e}\n")
             self.errout.flush()
             conn.close()
