@@ -298,7 +298,7 @@ class Prove:
             byte = ours.recv(1)
         except OSError:
             byte = b""
-        if byte != b"\x01":
+        if byte != bytes([protocol.VassalByte.SPAWNED]):
             pid, status = os.waitpid(self.base_pid, 0)
             self.base_pid = None
             text = " | ".join(self.base_log.read_text(errors="replace").split("\n")).strip(" |")

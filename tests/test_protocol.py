@@ -1,9 +1,10 @@
+import json
 import struct
 
 import pytest
 from hypothesis import given, strategies as st
 
-from psgi_forkserver import protocol as p
+from psgi_forkserver import paths, protocol as p
 from psgi_forkserver.protocol import ProtocolError
 
 items = st.lists(st.binary(max_size=300), max_size=40)
@@ -131,3 +132,18 @@ def test_incremental_reader(body, data):
 def test_pipe_bytes():
     assert p.VassalByte.LOYAL == 17 and p.VassalByte.HEARTBEAT == 26
     assert p.EmperorByte.STOP == 2 and p.EmperorByte.STOP_NOW == 0
+
+
+def test_the_vocabulary_is_protocol_json():
+    """Every name and byte of perl/ForkServer/protocol.json, and no other,
+    is defined here with that value (t/protocol.t holds the Perl side to
+    the same file)."""
+    decl = json.loads((paths.perl_dir() / "ForkServer" / "protocol.json").read_text())
+    assert sorted(k for k in decl if k != "about") == [
+        "emperor_bytes", "mask", "modifier1", "packet", "vassal_bytes"]
+    assert {b.name: b.value for b in p.EmperorByte} == decl["emperor_bytes"]
+    assert {b.name: b.value for b in p.VassalByte} == decl["vassal_bytes"]
+    for group, prefix in (("mask", "MASK_"), ("modifier1", "MODIFIER1_")):
+        ours = {k: v for k, v in vars(p).items() if k.startswith(prefix)}
+        assert ours == decl[group], group
+    assert {k: getattr(p, k) for k in decl["packet"]} == decl["packet"]

@@ -13,7 +13,7 @@ use ForkServer::Config ();
 use ForkServer::Emperor ();
 use ForkServer::HugePages ();
 use ForkServer::Log ();
-use ForkServer::Protocol qw(encode_packet encode_dict MOD_FORK_SERVER);
+use ForkServer::Protocol qw(encode_packet encode_dict MODIFIER1_FORK_SERVER MASK_ON_DEMAND SPAWNED STOP_NOW STOP);
 use ForkServer::Request ();
 use ForkServer::Session ();
 use ForkServer::Vassal ();
@@ -105,7 +105,7 @@ sub run {
     $0 = $self->{config}->get('procname') // "psgi-vassal $self->{name} (fork server)";
     # logged before byte 1, so the line is there when the Emperor acts on it
     $self->log("fork server listening on $self->{path} ($how; $pages)");
-    ForkServer::Emperor->send($self->{emperor}, ForkServer::Emperor::SPAWNED);
+    ForkServer::Emperor->send($self->{emperor}, SPAWNED);
     my $stop = sub { $self->{stop} = "signal $_[0]" };
     local $SIG{TERM} = $stop;
     local $SIG{INT}  = $stop;
@@ -329,7 +329,7 @@ sub emperor_says {
     if (!$n) {
         $self->{stop} = 'the Emperor is gone';
     }
-    elsif (ord $byte == ForkServer::Emperor::STOP || ord $byte == ForkServer::Emperor::GRACEFUL_STOP) {
+    elsif (ord $byte == STOP_NOW || ord $byte == STOP) {
         $self->{stop} = 'byte ' . ord($byte) . ' from the Emperor';
     }
     else {
@@ -425,7 +425,7 @@ sub _become_vassal {
         my $sock = $req->sock;
         $sock->blocking(1);
         local $SIG{PIPE} = 'IGNORE';
-        my $reply = encode_packet(MOD_FORK_SERVER, 0, encode_dict(pid => $$));
+        my $reply = encode_packet(MODIFIER1_FORK_SERVER, 0, encode_dict(pid => $$));
         syswrite($sock, $reply) == length $reply or die "sending the pid reply: $!\n";
         $req->close_all;
 
@@ -447,7 +447,7 @@ sub _become_vassal {
             emperor       => $emperor,
             config_fh     => $config_fh,
             preloaded_app => $self->{app},
-            use_fd0       => ($req->mask & ForkServer::Request::MASK_ONDEMAND) ? 1 : 0,
+            use_fd0       => ($req->mask & MASK_ON_DEMAND) ? 1 : 0,
         )->run;
         1;
     };

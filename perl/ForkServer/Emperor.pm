@@ -3,7 +3,7 @@ use strict;
 use warnings;
 
 use Fcntl qw(F_GETFD F_SETFD FD_CLOEXEC);
-use ForkServer::Protocol qw(read_packet MOD_CONFIG);
+use ForkServer::Protocol qw(read_packet MODIFIER1_CONFIG :vassal_bytes :emperor_bytes);
 
 =head1 NAME
 
@@ -24,10 +24,8 @@ of file).
 
 =cut
 
-# Vassal -> Emperor bytes (PROTOCOL.md section 5)
-use constant { SPAWNED => 1, CONFIG_AGAIN => 2, ACCEPTING => 5, LOYAL => 17, DONE => 22, HEARTBEAT => 26 };
-# Emperor -> vassal bytes
-use constant { STOP => 0, RELOAD => 1, GRACEFUL_STOP => 2 };
+# The pipe bytes are ForkServer::Protocol's (imported, so that
+# ForkServer::Emperor::SPAWNED and the like name the same constants).
 
 sub set_cloexec {
     my ($class, $fh) = @_;
@@ -58,7 +56,7 @@ sub config_from_env {
     my $fh = $class->config_fh_from_env or return;
     my ($mod1, undef, $body) = eval { read_packet($fh) };
     die "config pipe: $@" unless defined $mod1;
-    die "config pipe: expected a packet with modifier1 " . MOD_CONFIG . ", got $mod1\n" unless $mod1 == MOD_CONFIG;
+    die "config pipe: expected a packet with modifier1 " . MODIFIER1_CONFIG . ", got $mod1\n" unless $mod1 == MODIFIER1_CONFIG;
     return ($body, $fh);
 }
 
