@@ -147,3 +147,17 @@ def test_the_vocabulary_is_protocol_json():
         ours = {k: v for k, v in vars(p).items() if k.startswith(prefix)}
         assert ours == decl[group], group
     assert {k: getattr(p, k) for k in decl["packet"]} == decl["packet"]
+
+
+def test_protocol_md_names_every_value():
+    """docs/PROTOCOL.md's tables give each byte its one name: every name
+    of protocol.json appears there, in a table row with its value."""
+    decl = json.loads((paths.perl_dir() / "ForkServer" / "protocol.json").read_text())
+    doc = (paths.perl_dir().parent / "docs" / "PROTOCOL.md").read_text()
+    rows = [line.strip() for line in doc.splitlines() if line.strip().startswith("|")]
+    for group in ("mask", "vassal_bytes", "emperor_bytes"):
+        for name, value in decl[group].items():
+            assert any(f"`{name}`" in r and (f"| {value} |" in r or f"| {value:#04x} |" in r)
+                       for r in rows), name
+    for name in [*decl["modifier1"], *decl["packet"]]:
+        assert f"`{name}`" in doc, name
