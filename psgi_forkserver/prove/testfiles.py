@@ -4,6 +4,7 @@ of them must run cold, and the spec a forked test reads."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def taint_switches(switches: list[str]) -> list[str]:
 
 
 def build_spec(file: str, switches: list[str], cwd: str, env: dict[str, str], inc: list[str],
-               args: list[str] = (), destruct: bool = False) -> bytes:
+               args: Sequence[str] = (), destruct: bool = False) -> bytes:
     """The config-pipe packet ForkServer::TestFile reads: what `perl FILE`
     would have."""
     items = [f"file={file}", f"cwd={cwd}", *(f"arg={a}" for a in args),
