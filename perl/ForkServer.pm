@@ -14,7 +14,7 @@ BEGIN {
 }
 
 use ForkServer::Config ();
-use ForkServer::Emperor ();
+use ForkServer::EmperorPipe ();
 use ForkServer::Log ();
 
 our $VERSION = '0.01';
@@ -60,8 +60,8 @@ sub main {
         ForkServer::Log::line($name, "not a session leader ($why): the Emperor cannot tell its orphans") unless $ok;
     }
     my $ok = eval {
-        my $emperor = ForkServer::Emperor->pipe_from_env;
-        my ($text, $config_fh) = ForkServer::Emperor->config_from_env;
+        my $emperor = ForkServer::EmperorPipe->pipe_from_env;
+        my ($text, $config_fh) = ForkServer::EmperorPipe->config_from_env;
         my $config = ForkServer::Config->from_argv(\@argv, config_text => $text);
         $name = $config->name;
         my %common = (config => $config, emperor => $emperor, config_fh => $config_fh);

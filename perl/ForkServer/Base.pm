@@ -10,11 +10,11 @@ use Socket qw(SOL_SOCKET SOCK_STREAM SO_PEERCRED SOMAXCONN);
 use Time::HiRes ();
 use ForkServer::Clone ();
 use ForkServer::Config ();
-use ForkServer::Emperor ();
+use ForkServer::EmperorPipe ();
 use ForkServer::HugePages ();
 use ForkServer::Log ();
 use ForkServer::Protocol qw(encode_packet encode_dict MODIFIER1_FORK_SERVER MASK_ON_DEMAND SPAWNED STOP_NOW STOP);
-use ForkServer::Request ();
+use ForkServer::AdoptionRequest ();
 use ForkServer::Session ();
 use ForkServer::Vassal ();
 use ForkServer::Warmup ();
@@ -83,7 +83,7 @@ sub new {
     my ($class, %args) = @_;
     my $self = bless {
         %args,
-        clients  => {},     # fileno => ForkServer::Request
+        clients  => {},     # fileno => ForkServer::AdoptionRequest
         children => 0,      # intermediate children not reaped yet
         pid      => $$,     # only this process may unlink the socket
     }, $class;
@@ -105,7 +105,7 @@ sub run {
     $0 = $self->{config}->get('procname') // "psgi-vassal $self->{name} (fork server)";
     # logged before byte 1, so the line is there when the Emperor acts on it
     $self->log("fork server listening on $self->{path} ($how; $pages)");
-    ForkServer::Emperor->send($self->{emperor}, SPAWNED);
+    ForkServer::EmperorPipe->send($self->{emperor}, SPAWNED);
     my $stop = sub { $self->{stop} = "signal $_[0]" };
     local $SIG{TERM} = $stop;
     local $SIG{INT}  = $stop;
@@ -233,7 +233,7 @@ sub accept_clients {
             next;
         }
         $client->blocking(0);
-        my $req = ForkServer::Request->new(
+        my $req = ForkServer::AdoptionRequest->new(
             sock     => $client,
             peer     => $peer,
             peer_pid => $pid,
@@ -429,8 +429,8 @@ sub _become_vassal {
         syswrite($sock, $reply) == length $reply or die "sending the pid reply: $!\n";
         $req->close_all;
 
-        my $emperor = ForkServer::Emperor->pipe_from_env;
-        my ($text, $config_fh) = ForkServer::Emperor->config_from_env;
+        my $emperor = ForkServer::EmperorPipe->pipe_from_env;
+        my ($text, $config_fh) = ForkServer::EmperorPipe->config_from_env;
         # `emperor prove`: another kind of adopted vassal, a test file; its
         # pipes are the test's stdout and stderr (ForkServer::TestFile).
         if (($argv[0] // '') eq '--test-file') {

@@ -23,6 +23,8 @@ use HTTP::Parser::XS qw(parse_http_request);
 use HTTP::Status ();
 use Time::HiRes ();
 use ForkServer::HTTPServer::Writer ();
+use ForkServer::EmperorPipe ();
+use ForkServer::Protocol qw(:vassal_bytes :emperor_bytes);    # the Emperor pipe's bytes
 
 our $VERSION = '0.01';
 
@@ -37,17 +39,6 @@ use constant {
     READ_CHUNK    => 65536,
     MAX_CONNS     => 512,  # connections one worker holds open (idle and partial heads cost no worker time)
     CRLF          => "\015\012",
-};
-
-# Emperor pipe bytes (PROTOCOL.md section 5).
-use constant {
-    EMP_STOP_NOW  => 0,
-    EMP_RELOAD    => 1,
-    EMP_STOP      => 2,
-    EMP_ACCEPTING => 5,
-    EMP_LOYAL     => 17,
-    EMP_IDLE      => 22,
-    EMP_HEARTBEAT => 26,
 };
 
 # prctl(2) number, to ask the kernel to signal a worker when its master dies
@@ -218,12 +209,18 @@ sub run {
             }
             if ($hb && $self->{sent_accepting}) {
                 $next_hb //= $now;
-                if ($now >= $next_hb) { $self->_emperor_send(EMP_HEARTBEAT); $next_hb = $now + $hb }
+                if ($now >= $next_hb) {
+                    ForkServer::EmperorPipe->send($self->{emperor_fh}, HEARTBEAT);
+                    $next_hb = $now + $hb;
+                }
                 $timeout = $next_hb - $now if $next_hb - $now < $timeout;
             }
             if ($self->{idle} > 0 && !$self->{idle_sent}) {
                 my $at = $self->{last_activity} + $self->{idle};
-                if ($now >= $at) { $self->_emperor_send(EMP_IDLE); $self->{idle_sent} = 1 }
+                if ($now >= $at) {
+                    ForkServer::EmperorPipe->send($self->{emperor_fh}, DONE);    # idle: put me back to sleep
+                    $self->{idle_sent} = 1;
+                }
                 elsif ($at - $now < $timeout) { $timeout = $at - $now }
             }
         } else {
@@ -249,9 +246,9 @@ sub run {
                 $kill_at = $self->_begin_graceful_stop($kill_at);
             } elsif ($got) {
                 for my $b (unpack 'C*', $bytes) {
-                    if ($b == EMP_STOP_NOW) { $sig{INT} = 1 }
-                    elsif ($b == EMP_RELOAD) { $sig{HUP} = 1 }
-                    elsif ($b == EMP_STOP) { $sig{TERM} = 1 }
+                    if ($b == STOP_NOW) { $sig{INT} = 1 }
+                    elsif ($b == RELOAD) { $sig{HUP} = 1 }
+                    elsif ($b == STOP) { $sig{TERM} = 1 }
                 }
             } elsif ($! != EINTR && $! != EAGAIN) {
                 $self->{emperor_open} = 0;
@@ -302,12 +299,6 @@ sub _setup_listener {
     $self->{port} //= $port;
 }
 
-sub _emperor_send {
-    my ($self, $byte) = @_;
-    return unless $self->{emperor_fh};
-    # A vanished Emperor is noticed through EOF on read; ignore EPIPE here.
-    syswrite($self->{emperor_fh}, chr($byte));
-}
 
 sub _spawn_worker {
     my ($self, $slot) = @_;
@@ -360,13 +351,13 @@ sub _read_worker_messages {
             $self->{slot_fast_deaths}{$k->{slot}} = 0;
             unless ($self->{sent_accepting}) {
                 $self->{sent_accepting} = 1;
-                $self->_emperor_send(EMP_ACCEPTING);
+                ForkServer::EmperorPipe->send($self->{emperor_fh}, ACCEPTING);
             }
             if (!$self->{sent_loyal} && !$self->{stopping}) {
                 my $ready = grep { $_->{ready} && $_->{gen} == $self->{gen} } values %{ $self->{kids} };
                 if ($ready >= $self->{workers}) {
                     $self->{sent_loyal} = 1;
-                    $self->_emperor_send(EMP_LOYAL);
+                    ForkServer::EmperorPipe->send($self->{emperor_fh}, LOYAL);
                 }
             }
         } elsif ($type == MSG_ACTIVITY) {

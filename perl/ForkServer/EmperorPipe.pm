@@ -1,19 +1,20 @@
-package ForkServer::Emperor;
+package ForkServer::EmperorPipe;
 use strict;
 use warnings;
 
 use Fcntl qw(F_GETFD F_SETFD FD_CLOEXEC);
-use ForkServer::Protocol qw(read_packet MODIFIER1_CONFIG :vassal_bytes :emperor_bytes);
+use ForkServer::Protocol qw(read_packet MODIFIER1_CONFIG);
 
 =head1 NAME
 
-ForkServer::Emperor - the vassal's end of the Emperor pipe and config pipe
+ForkServer::EmperorPipe - the vassal's end of the Emperor pipe and config pipe
 
 =head1 SYNOPSIS
 
-  my $pipe = ForkServer::Emperor->pipe_from_env;        # undef without an Emperor
-  ForkServer::Emperor->send($pipe, ForkServer::Emperor::SPAWNED);
-  my $text = ForkServer::Emperor->config_from_env;      # undef without a config pipe
+  use ForkServer::Protocol qw(SPAWNED);    # the bytes' names
+  my $pipe = ForkServer::EmperorPipe->pipe_from_env;     # undef without an Emperor
+  ForkServer::EmperorPipe->send($pipe, SPAWNED);
+  my ($text, $fh) = ForkServer::EmperorPipe->config_from_env;    # () without a config pipe
 
 =head1 DESCRIPTION
 
@@ -23,9 +24,6 @@ runs must not hold the vassal's pipe (the Emperor would never see its end
 of file).
 
 =cut
-
-# The pipe bytes are ForkServer::Protocol's (imported, so that
-# ForkServer::Emperor::SPAWNED and the like name the same constants).
 
 sub set_cloexec {
     my ($class, $fh) = @_;
