@@ -24,6 +24,7 @@ use HTTP::Status ();
 use Time::HiRes ();
 use ForkServer::HTTPServer::Writer ();
 use ForkServer::EmperorPipe ();
+use ForkServer::Log ();
 use ForkServer::Protocol qw(:vassal_bytes :emperor_bytes);    # the Emperor pipe's bytes
 
 our $VERSION = '0.01';
@@ -193,7 +194,7 @@ sub run {
                     my $since = $k->{busy_since} // next;
                     my $at = $since + $h + 1;
                     if ($at <= $now) {
-                        warn "$self->{name}: harakiri: worker $k->{slot} (pid $pid) stuck more than ${h}s in $k->{request}, killed by the master\n";
+                        $self->_log("harakiri: worker $k->{slot} (pid $pid) stuck more than ${h}s in $k->{request}, killed by the master");
                         kill 'KILL', $pid;
                         delete $k->{busy_since};
                     } elsif ($at - $now < $timeout) { $timeout = $at - $now }
@@ -202,7 +203,7 @@ sub run {
             for my $pid (keys %{ $self->{kids} }) {
                 my $at = $self->{kids}{$pid}{kill_at} // next;
                 if ($at <= $now) {
-                    warn "$self->{name}: worker pid $pid still busy $self->{mercy}s after reload, killed\n";
+                    $self->_log("worker pid $pid still busy $self->{mercy}s after reload, killed");
                     kill 'KILL', $pid;
                     $self->{kids}{$pid}{kill_at} = $now + 3600;
                 } elsif ($at - $now < $timeout) { $timeout = $at - $now }
@@ -300,6 +301,10 @@ sub _setup_listener {
 }
 
 
+# One line on stderr in the vassal's one format (ForkServer::Log), whatever
+# the app did to warn() or STDERR's buffer.
+sub _log { ForkServer::Log::line($_[0]{name}, $_[1]) }
+
 sub _spawn_worker {
     my ($self, $slot) = @_;
     # Signals stay blocked across fork() until the worker has its own
@@ -309,7 +314,7 @@ sub _spawn_worker {
     POSIX::sigprocmask(POSIX::SIG_BLOCK(), $BLOCK_SET, $old);
     my $pid = fork;
     unless (defined $pid) {
-        warn "$self->{name}: fork failed: $!\n";
+        $self->_log("fork failed: $!");
         POSIX::sigprocmask(POSIX::SIG_SETMASK(), $old);
         $self->{respawn}{$slot} = _now() + 1;
         return;
@@ -318,7 +323,7 @@ sub _spawn_worker {
         $self->{sigmask} = $old;
         close delete $self->{stop_w};
         my $code = eval { $self->_worker_main($slot); 0 };
-        unless (defined $code) { warn "$self->{name}: worker $slot: $@"; $code = 1 }
+        unless (defined $code) { $self->_log("worker $slot: $@"); $code = 1 }
         _worker_exit($code);
     }
     POSIX::sigprocmask(POSIX::SIG_SETMASK(), $old);
@@ -389,8 +394,8 @@ sub _reap {
         my $code = $status >> 8;
         my $intended = !($status & 127) && ($code == EXIT_RECYCLE || $code == EXIT_HARAKIRI);
         if (!$intended) {
-            warn sprintf("%s: worker %d (pid %d) died (%s), respawning\n", $self->{name}, $slot, $pid,
-                         ($status & 127) ? "signal " . ($status & 127) : "exit $code");
+            $self->_log(sprintf("worker %d (pid %d) died (%s), respawning", $slot, $pid,
+                                ($status & 127) ? "signal " . ($status & 127) : "exit $code"));
         }
         # A worker that dies young, again and again, before it ever accepts
         # is crash-looping: back off instead of forking flat out. One that
@@ -467,7 +472,7 @@ sub _end_session {
     return unless $sid == $$;
     my @left = grep { $_ != $$ && (_session_of($_) // 0) == $sid } _all_pids();
     return unless @left;
-    warn "$self->{name}: the Emperor is gone; stopping " . scalar(@left) . " process(es) left in the vassal's session\n";
+    $self->_log("the Emperor is gone; stopping " . scalar(@left) . " process(es) left in the vassal's session");
     kill 'TERM', @left;
     my $until = _now() + 2;
     while (_now() < $until) {
@@ -546,7 +551,7 @@ sub _worker_main {
     if (my $h = $self->{harakiri}) {
         $SIG{ALRM} = sub {
             my $req = $self->{current_request} // '(unknown request)';
-            syswrite(STDERR, "$self->{name}: harakiri: worker $slot (pid $$) stuck more than ${h}s in $req, killed\n");
+            $self->_log("harakiri: worker $slot (pid $$) stuck more than ${h}s in $req, killed");
             _worker_exit(EXIT_HARAKIRI);
         };
     }
@@ -655,7 +660,7 @@ sub _worker_main {
             }
             my $keep = eval { $self->_serve_head($c) };
             if (!defined $keep) {
-                warn "$self->{name}: $@" if $@ && $@ !~ /^ForkServer::client-gone/;
+                $self->_log($@) if $@ && $@ !~ /^ForkServer::client-gone/;
                 _drop_conn(\%conns, \%pending, $fd);
             } elsif ($keep eq 'partial') {
                 _drop_conn(\%conns, \%pending, $fd) if $c->{eof};
@@ -712,7 +717,7 @@ sub _accept {
     unless ($peer) {
         return undef if $! == EINTR || $! == EAGAIN || $! == ECONNABORTED;
         # EMFILE, ENOBUFS...: transient pressure; don't spin, don't die
-        warn "$self->{name}: accept: $!\n";
+        $self->_log("accept: $!");
         select(undef, undef, undef, 0.1);
         return undef;
     }
@@ -941,7 +946,7 @@ sub _run_cleanup {
     my $handlers = $env->{'psgix.cleanup.handlers'};
     return unless $handlers && @$handlers;
     for my $h (@$handlers) {
-        eval { $h->($env); 1 } or print STDERR "$self->{name}: cleanup handler error: $@";
+        eval { $h->($env); 1 } or $self->_log("cleanup handler error: $@");
     }
 }
 
@@ -951,7 +956,7 @@ sub _run_app {
     my $res = eval { $self->{app}->($env) };
     if (!defined $res) {
         my $err = $@ || "app returned undef\n";
-        print STDERR "$self->{name}: app error: $err";
+        $self->_log("app error: $err");
         $res = [500, ['Content-Type' => 'text/plain'], ['Internal Server Error']];
     }
     # The response has a whole deadline from its first byte.
@@ -966,7 +971,7 @@ sub _run_app {
         unless ($ok) {
             my $err = $@;
             die $err if $err =~ /^ForkServer::client-gone/;
-            print STDERR "$self->{name}: app error: $err";
+            $self->_log("app error: $err");
             if (!$st->{sent}) {
                 $respond->([500, ['Content-Type' => 'text/plain'], ['Internal Server Error']]);
             } else {
@@ -980,7 +985,7 @@ sub _run_app {
             $respond->([500, ['Content-Type' => 'text/plain'], ['No response']]);
         }
     } else {
-        print STDERR "$self->{name}: app returned an invalid response\n";
+        $self->_log("app returned an invalid response");
         $respond->([500, ['Content-Type' => 'text/plain'], ['Internal Server Error']]);
     }
 }
