@@ -42,7 +42,8 @@ Emperor can tell what it leaves behind.
 
 Any error before serving (unknown option, bad value, missing or failing
 app, port in use) is one line on stderr naming the vassal, and exit
-status 1.
+status 1. That start-up sequence is L<ForkServer::Startup>'s, the same for
+a vassal adopted from a base.
 
 =cut
 
