@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as cfgmod
-from . import forkserver
+from . import adoption
 from .proc import CODE_DEPLOY, ForkServer, Kind, Phase, ProcState
 from .vassal import Vassal
 
@@ -301,7 +301,7 @@ class ForkServers:
             return ForkServer.NONE, 0
         # an external fork server (e.g. a uWSGI base we do not run)
         if not self.external_ready and now >= self.external_next_probe:
-            self.external_ready = forkserver.probe(self.opts.use_fork_server)
+            self.external_ready = adoption.probe(self.opts.use_fork_server)
             self.external_next_probe = now + PROBE_EVERY
         return (ForkServer.READY if self.external_ready else ForkServer.WAITING), 1
 
@@ -362,7 +362,7 @@ class ForkServers:
                 # its own generation's socket: during a deploy, the old
                 # generation's accepts too, which says nothing about this one
                 path = h.fork_server or self.opts.use_fork_server
-                if path is not None and forkserver.probe(path):  # never raises
+                if path is not None and adoption.probe(path):  # never raises
                     if v.mark_ready(now, p.seq):
                         ms = (now - p.started_at) * 1000
                         self.log(f"fork server {path} accepts (pid {p.pid}, {ms:.1f} ms)", name)

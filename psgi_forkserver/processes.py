@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import forkserver, launch
+from . import adoption, launch
 from . import status as status_requests
-from .forkserver import AdoptionError, PendingAdoption
+from .adoption import AdoptionError, PendingAdoption
 from .launch import describe_status
 from .protocol import EmperorByte, VassalByte
 from .sockets import Listener
@@ -173,7 +173,7 @@ class Processes:
             return
         argv = [self.opts.program, "--ini", str(p.config.path)]
         try:
-            pending = forkserver.start_adoption(
+            pending = adoption.start_adoption(
                 path, argv, pr.pipe_fd, config_fd=pr.config_fd,
                 on_demand_fd=pr.listener_fd, timeout=self.opts.adopt_timeout,
             )
