@@ -1,7 +1,9 @@
-"""The operator's commands over the stats socket: reload, stop, start NAME, reload-base.
+"""The Emperor's side of the status link: snapshots, health, logs, and commands.
 
-The Emperor's side of them (the status server only passes the line on
-through its `EmperorLink`): each command is told to the vassal as a fact
+`link(emperor)` is all the status server gets (an `EmperorLink`): a
+read-only snapshot of the fleet, /healthz's answer, a vassal's recent log
+lines, and the operator's commands over the stats socket (reload, stop,
+start NAME, reload-base). A command is told to the vassal as a fact
 (`hold`, `release`, `request_reload`, `request_deploy`) and the loop's next
 turn acts on it, at once (`again`).
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .snapshot import EmperorLink, EmperorSnapshot
 from .status import SCHEMA
 from .vassal import Kind, ProcState, Vassal
 
@@ -17,6 +20,20 @@ if TYPE_CHECKING:
     from .emperor import Emperor
 
 COMMANDS = ("reload", "stop", "start", "reload-base")
+
+
+def link(emperor: Emperor) -> EmperorLink:
+    return EmperorLink(lambda: snapshot(emperor), lambda: health(emperor),
+                       lambda name: log_lines(emperor, name),
+                       lambda command, name: control(emperor, command, name), emperor.metrics)
+
+
+def snapshot(emperor: Emperor) -> EmperorSnapshot:
+    """A read-only copy of the fleet: what the status package reads."""
+    return EmperorSnapshot(
+        vassals_dir=str(emperor.dir), shutting_down=emperor.shutting_down,
+        deploy=emperor.deploy_status(),
+        vassals={name: v.snapshot() for name, v in emperor.vassals.items()})
 
 
 def vassal_brief(v: Vassal) -> dict[str, Any]:
@@ -30,6 +47,21 @@ def vassal_brief(v: Vassal) -> dict[str, Any]:
     }
 
 
+def _reload_base(emperor: Emperor, out: dict[str, Any]) -> dict[str, Any]:
+    deploys = emperor.deploys
+    emperor.reload_base()
+    last = deploys.last
+    out["requests"] = deploys.requests
+    if last is not None and last.request == deploys.requests and last.state.finished \
+            and last.reason:
+        out["message"] = f"refused: {last.reason}"
+        return out
+    base = emperor._base()
+    gen = base.want_base_generation if base is not None else None
+    out.update(ok=True, generation=gen, message=f"code deploy to base generation {gen} started")
+    return out
+
+
 def control(emperor: Emperor, command: str, name: str | None) -> dict[str, Any]:
     """Carry out one operator command in the Emperor's loop; the reply says
     what happened (`ok`, `message`). The loop's next turn acts on it."""
@@ -39,18 +71,7 @@ def control(emperor: Emperor, command: str, name: str | None) -> dict[str, Any]:
         return out
     log = emperor.log
     if command == "reload-base":
-        deploys = emperor.deploys
-        emperor.reload_base()
-        last = deploys.last
-        out["requests"] = deploys.requests
-        if last is not None and last.request == deploys.requests and last.state.finished \
-                and last.reason:
-            out["message"] = f"refused: {last.reason}"
-            return out
-        base = emperor._base()
-        gen = base.want_base_generation if base is not None else None
-        out.update(ok=True, generation=gen, message=f"code deploy to base generation {gen} started")
-        return out
+        return _reload_base(emperor, out)
     v = emperor.vassals.get(name) if name else None
     if v is None:
         known = ", ".join(sorted(emperor.vassals)) or "none"

@@ -20,10 +20,7 @@ The Emperor binds every vassal's `http-socket` itself (sockets.py) and
 passes it to each of the vassal's processes (mask 0x04), so restarts,
 gap-free reloads and code deploys (bases.py) never close the port.
 
-Layout: files.py (the directory and its files), processes.py (starting,
-feeding and reaping processes), bases.py (the fork server and deploys) are
-mixins of `Emperor`; sockets.py (listeners), orphans.py (the orphan sweep),
-locks.py (startup locks, pidfile) and plan.py are plain modules.
+files.py, processes.py and bases.py are mixins of `Emperor` (README: Layout).
 """
 
 from __future__ import annotations
@@ -50,7 +47,6 @@ from .plan import Facts, Plan, plan, runs_as_base
 from .processes import ForVassal, ProcHandles, Processes
 from .protocol import ProtocolError
 from .options import Options
-from .snapshot import EmperorLink, EmperorSnapshot
 from .vassal import Adopt, Forget, Kill, Policy, Send, Spawn, Vassal
 
 
@@ -140,7 +136,7 @@ class Emperor(Files, Processes, basesmod.ForkServers):
         if self.opts.status is not None:
             self.opts.status.poll(now)
         self.metrics.observe_deploy(self.deploys.last)
-        self.notifier.poll(self.snapshot, now)
+        self.notifier.poll(lambda: control.snapshot(self), now)
         return self.shutting_down and self._shutdown_step(now)
 
     def _wait(self) -> None:
@@ -392,10 +388,7 @@ class Emperor(Files, Processes, basesmod.ForkServers):
         self._rewatch()
         if self.opts.status is not None:
             # stats socket / status page in our selector
-            self.opts.status.attach(self.sel, self.log, EmperorLink(
-                self.snapshot, lambda: control.health(self),
-                lambda name: control.log_lines(self, name),
-                lambda command, name: control.control(self, command, name), self.metrics))
+            self.opts.status.attach(self.sel, self.log, control.link(self))
         self.log(
             f"watching {self.dir} (vassal program {' '.join(self.argv0)}, pid {os.getpid()})"
         )
@@ -411,13 +404,6 @@ class Emperor(Files, Processes, basesmod.ForkServers):
         for fd in self.lock_fds:
             os.close(fd)
         self.lock_fds.clear()
-
-    def snapshot(self) -> EmperorSnapshot:
-        """A read-only copy of the fleet: what status.py reads."""
-        return EmperorSnapshot(
-            vassals_dir=str(self.dir), shutting_down=self.shutting_down,
-            deploy=self.deploy_status(),
-            vassals={name: v.snapshot() for name, v in self.vassals.items()})
 
     def _teardown(self) -> None:
         self.listeners.close_all()
