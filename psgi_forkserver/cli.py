@@ -58,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
                      action=argparse.BooleanOptionalAction,
                      help="bind each vassal's http-socket in the Emperor and pass it "
                           "(default: only with the built-in vassal program)")
+    run.add_argument("--log-format", choices=("text", "json"), default="text",
+                     help="text: TIME emperor: [VASSAL] message; json: one object a line "
+                          "(time, level, vassal, pid, event, message)")
+    run.add_argument("--logto", type=Path, metavar="PATH",
+                     help="the Emperor's log to this file (default stderr); "
+                          "reopened by `emperor reopen-logs`")
+    rl = sub.add_parser("reopen-logs", help="reopen every log file (SIGUSR2), for logrotate")
+    rl.add_argument("--pidfile", type=Path, metavar="PATH", required=True,
+                    help="the running Emperor's --pidfile")
     rb = sub.add_parser("reload-base",
                         help="code deploy: new base generation, move every adopted vassal")
     rb.add_argument("--pidfile", type=Path, metavar="PATH", required=True,
@@ -88,6 +97,31 @@ def is_emperor(pid: int) -> bool:
     return False
 
 
+def signal_emperor(pidfile: Path, sig: signal.Signals, command: str) -> int | None:
+    """`sig` to the Emperor of `pidfile`, only once it is sure to be one (a
+    stale pidfile may name any process by now): its pid, or None with the
+    reason printed."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        held = pidfile_is_held(pidfile)
+    except (OSError, ValueError) as e:
+        print(f"emperor: {command}: {pidfile}: {getattr(e, 'strerror', None) or e}",
+              file=sys.stderr)
+        return None
+    if not held or not is_emperor(pid):
+        why = "no Emperor holds it" if not held else f"pid {pid} is not an Emperor"
+        print(f"emperor: {command}: {pidfile}: stale pidfile ({why}); nothing signalled",
+              file=sys.stderr)
+        return None
+    try:
+        os.kill(pid, sig)
+    except OSError as e:
+        print(f"emperor: {command}: pid {pid}: {e.strerror}", file=sys.stderr)
+        return None
+    print(f"emperor: {command}: signalled pid {pid}", flush=True)
+    return pid
+
+
 WAIT_POLL = 0.25  # --wait: seconds between two looks at the stats document
 
 
@@ -113,24 +147,8 @@ def reload_base(pidfile: Path, wait: bool = False, stats: Path | None = None,
         except (OSError, ValueError, KeyError, TypeError) as e:
             print(f"emperor: reload-base: {stats}: {e}", file=sys.stderr)
             return 1
-    try:
-        pid = int(pidfile.read_text().strip())
-        held = pidfile_is_held(pidfile)
-    except (OSError, ValueError) as e:
-        print(f"emperor: reload-base: {pidfile}: {getattr(e, 'strerror', None) or e}",
-              file=sys.stderr)
+    if signal_emperor(pidfile, signal.SIGUSR1, "reload-base") is None:
         return 1
-    if not held or not is_emperor(pid):
-        why = "no Emperor holds it" if not held else f"pid {pid} is not an Emperor"
-        print(f"emperor: reload-base: {pidfile}: stale pidfile ({why}); nothing signalled",
-              file=sys.stderr)
-        return 1
-    try:
-        os.kill(pid, signal.SIGUSR1)
-    except OSError as e:
-        print(f"emperor: reload-base: pid {pid}: {e.strerror}", file=sys.stderr)
-        return 1
-    print(f"emperor: reload-base: signalled pid {pid}", flush=True)
     if not wait:
         return 0
     deadline = time.monotonic() + timeout
@@ -179,6 +197,7 @@ def check_paths(args: argparse.Namespace) -> str | None:
     if not os.access(vdir, os.R_OK | os.X_OK):
         return f"{vdir}: cannot read the vassals directory"
     for opt, path, sock in (("--pidfile", args.pidfile, False), ("--stats", args.stats, True),
+                            ("--logto", args.logto, False),
                             ("--use-fork-server", args.use_fork_server, True)):
         if path is None:
             continue
@@ -204,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "reload-base":
         return reload_base(args.pidfile, args.wait, args.stats, args.timeout)
+    if args.command == "reopen-logs":
+        return 0 if signal_emperor(args.pidfile, signal.SIGUSR2, "reopen-logs") else 1
     if args.command == "status":
         return status_command(args)
     if args.command == "prove":
@@ -217,7 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     if os.sep in program:
         program = os.path.abspath(program)
     use_fs = args.use_fork_server.resolve() if args.use_fork_server else None
+    from .logs import Log
+
+    try:
+        log = Log(fmt=args.log_format, path=args.logto.absolute() if args.logto else None)
+    except OSError as e:
+        print(f"emperor: --logto {e}", file=sys.stderr)
+        return 2
     opts = Options(
+        log=log,
         vassals_dir=vdir.absolute(),  # not resolved: a symlink flipped to a new directory is followed
         program=program,
         use_fork_server=use_fs,
