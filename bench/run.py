@@ -416,6 +416,75 @@ http {{
         procs.stop_tree(p.pid, signal.SIGTERM, 10)
 
 
+# The Emperor's reader of vassal output (psgi_forkserver/logs.py), alone in
+# a process as in the Emperor: reads the pipe on its stdin, timestamps and
+# names each line, appends it to argv[1].
+RELAY = """
+import selectors, sys
+from pathlib import Path
+from psgi_forkserver import logs
+log = logs.Log(path=Path(sys.argv[1]))
+sel = selectors.DefaultSelector()
+relay = logs.Relay(log, sel)
+relay.watch(logs.OutputPipe(rfd=0), "hello", lambda: None)
+while relay.pipes:
+    for key, _ in sel.select():
+        key.data(0.0)
+"""
+
+
+def logging_cost(procs: Procs, ports: Ports, tmp: Path, base: "Base", duration: str) -> dict:
+    """The hello app with its access log on (one line a request), its output
+    (a) a pipe the Emperor's reader relays (RELAY), (b) an O_APPEND file the
+    vassal writes itself (what a vassal prefixing its own lines costs,
+    without the prefix), (c) no access log. The output descriptor rides with
+    the config packet, as the Emperor sends it."""
+    from psgi_forkserver import launch
+
+    res: dict = {}
+    for mode in ("relayed", "file", "off"):
+        port = ports.get()
+        out_path = tmp / f"serve-log-{mode}.log"
+        relay = None
+        if mode == "relayed":
+            r, w = os.pipe()
+            relay = subprocess.Popen([sys.executable, "-c", RELAY, str(out_path)], stdin=r,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+            procs.popens[relay.pid] = relay
+            procs.known.add(relay.pid)
+            os.close(r)
+            out_fd = w
+        else:
+            out_fd = os.open(out_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        text = f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 2\nname = hello\n"
+        if mode == "off":
+            text += "disable-logging = true\n"
+        ours, theirs = socket.socketpair()
+        cours, ctheirs = socket.socketpair()
+        try:
+            pid = forkserver.adopt(base.sock, [PROGRAM], theirs.fileno(), config_fd=ctheirs.fileno())
+            procs.adopted(pid)
+            launch.send_config(cours, text.encode(), output_fd=out_fd)
+        finally:
+            theirs.close()
+            ctheirs.close()
+            os.close(out_fd)
+        try:
+            wait_200(port, 30)
+            wait_loyal(ours, 10)
+            run_wrk(port, "1s")  # warm-up, not counted
+            res[mode] = run_wrk(port, duration)
+        finally:
+            stop_adopted(procs, pid, ours)
+            cours.close()
+            if relay is not None:
+                relay.wait(20)  # the pipe's end: every vassal process is gone
+        lines = out_path.read_text(errors="replace").count("\n") if out_path.exists() else 0
+        res[mode]["log_lines"] = lines
+        say(f"  access log {mode}: {res[mode]['rps']} req/s, {lines} lines")
+    return res
+
+
 def serving(procs: Procs, ports: Ports, tmp: Path, app: str, duration: str) -> dict:
     say(f"serving, {app}: adopted vassal (2 workers) vs starman --workers 2, wrk -d{duration}")
     res: dict = {}
@@ -438,6 +507,8 @@ def serving(procs: Procs, ports: Ports, tmp: Path, app: str, duration: str) -> d
                 res["nginx_adopted"] = behind_nginx(procs, ports, tmp, port, duration, "adopted")
         finally:
             stop_adopted(procs, pid, pipe)
+        if app == "hello":
+            res["logging"] = logging_cost(procs, ports, tmp, base, duration)
     finally:
         base.stop()
     port = ports.get()
@@ -985,6 +1056,12 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
                          f"{fmt(a, '.0f')} / {fmt(st, '.0f')} req/s ({fmt(ratio, '.2f')})",
                          f">= {TARGETS['serving_ratio']:.2f} of Starman",
                          verdict(ratio >= TARGETS["serving_ratio"] if ratio else None)))
+        lg = s.get("logging") if s else None
+        if lg:
+            rows.append((f"wrk -t2 -c16, {app}, access log on: relayed by the Emperor's reader / "
+                         "written to a file by the vassal / access log off",
+                         " / ".join(f"{fmt(lg[m]['rps'], '.0f')}" for m in ("relayed", "file", "off"))
+                         + " req/s", "", ""))
         for who, label in (("adopted", "adopted (2 workers)"), ("starman", "starman --workers 2")):
             f = s.get(f"fair_{who}") if s else None
             sp = s.get(f"spread_{who}") if s else None

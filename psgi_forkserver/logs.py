@@ -198,9 +198,14 @@ class OutputPipe:
     once it is); `rfd` the non-blocking read end, in the Emperor's loop
     until every process holding the write end has exited (EOF)."""
 
-    def __init__(self) -> None:
-        self.rfd, self.wfd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        os.set_blocking(self.wfd, True)  # the vassal's end: writers block, never lose lines
+    def __init__(self, rfd: int | None = None) -> None:
+        """A new pipe; or, with `rfd`, the read end of one made elsewhere."""
+        if rfd is None:
+            self.rfd, self.wfd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            os.set_blocking(self.wfd, True)  # the vassal's end: writers block, never lose lines
+        else:
+            self.rfd, self.wfd = rfd, -1
+            os.set_blocking(rfd, False)
         self.buf = bytearray()
 
     def passed(self) -> None:
