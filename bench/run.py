@@ -438,11 +438,13 @@ def logging_cost(procs: Procs, ports: Ports, tmp: Path, base: "Base", duration: 
     (a) a pipe the Emperor's reader relays (RELAY), (b) an O_APPEND file the
     vassal writes itself (what a vassal prefixing its own lines costs,
     without the prefix), (c) no access log. The output descriptor rides with
-    the config packet, as the Emperor sends it."""
+    the config packet, as the Emperor sends it. Two rounds, the second in
+    the reverse order (a loaded machine drifts): each mode's best counts."""
     from psgi_forkserver import launch
 
     res: dict = {}
-    for mode in ("relayed", "file", "off"):
+    order = ("relayed", "file", "off")
+    for i, mode in enumerate(order + order[::-1]):
         port = ports.get()
         out_path = tmp / f"serve-log-{mode}.log"
         relay = None
@@ -473,15 +475,19 @@ def logging_cost(procs: Procs, ports: Ports, tmp: Path, base: "Base", duration: 
             wait_200(port, 30)
             wait_loyal(ours, 10)
             run_wrk(port, "1s")  # warm-up, not counted
-            res[mode] = run_wrk(port, duration)
+            got = run_wrk(port, duration)
         finally:
             stop_adopted(procs, pid, ours)
             cours.close()
             if relay is not None:
                 relay.wait(20)  # the pipe's end: every vassal process is gone
         lines = out_path.read_text(errors="replace").count("\n") if out_path.exists() else 0
-        res[mode]["log_lines"] = lines
-        say(f"  access log {mode}: {res[mode]['rps']} req/s, {lines} lines")
+        out_path.unlink(missing_ok=True)
+        got["log_lines"] = lines
+        say(f"  access log {mode} (round {i // 3 + 1}): {got['rps']} req/s, {lines} lines")
+        res.setdefault(f"{mode}_runs", []).append(got)
+        if mode not in res or (got["rps"] or 0) > (res[mode]["rps"] or 0):
+            res[mode] = got
     return res
 
 
