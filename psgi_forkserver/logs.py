@@ -23,6 +23,7 @@ logrotate's rename-then-signal.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import selectors
@@ -36,13 +37,20 @@ from typing import TextIO
 FORMATS = ("text", "json")
 MAX_LINE = 16384  # a longer line is cut into pieces of this many bytes
 READ_CHUNK = 65536
+PIPE_SIZE = 1 << 20  # the default /proc/sys/fs/pipe-max-size
+
+
+_second: list = [None, ""]  # the last whole second formatted, and its text
 
 
 def timestamp(now: float | None = None) -> str:
     """ISO 8601, UTC, milliseconds: 2026-11-28T01:37:27.123Z."""
     t = time.time() if now is None else now
-    ms = int(t * 1000) % 1000
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{ms:03d}Z"
+    ms = int(t * 1000)
+    sec = ms // 1000
+    if _second[0] != sec:  # strftime once a second, not once a line
+        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{_second[1]}.{ms % 1000:03d}Z"
 
 
 def level_of(message: str) -> str:
@@ -81,7 +89,9 @@ class LogFile:
         if self.fd < 0:
             return False
         try:
-            os.write(self.fd, data)  # one write(2) per line: O_APPEND keeps lines whole
+            view = memoryview(data)
+            while view:  # whole lines per write(2); O_APPEND: never over another writer's
+                view = view[os.write(self.fd, view):]
             return True
         except OSError as e:
             self.error = f"{self.path}: {e.strerror or e}"
@@ -135,10 +145,12 @@ class Log:
         """Write one line to the Emperor's log."""
         self._write_main(self.format(message, vassal, **kw))
 
-    def relay(self, vassal: str, line: str, pid: int | None) -> None:
-        """A line a vassal's process wrote: to its `logto` file if it has one
-        that is open, else to the Emperor's log."""
-        text = self.format(line, vassal, pid=pid, level="info", event="output")
+    def relay(self, vassal: str, lines: list[str], pid: int | None) -> None:
+        """Lines a vassal's process wrote: to its `logto` file if it has one
+        that is open, else to the Emperor's log; one write for all of them."""
+        now = time.time()
+        text = "".join(self.format(line, vassal, pid=pid, level="info", event="output", now=now)
+                       for line in lines)
         f = self.files.get(vassal)
         if f is not None and f.write(text.encode("utf-8", "surrogateescape")):
             return
@@ -203,6 +215,12 @@ class OutputPipe:
         if rfd is None:
             self.rfd, self.wfd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
             os.set_blocking(self.wfd, True)  # the vassal's end: writers block, never lose lines
+            # room for a busy vassal's lines while the Emperor is busy or
+            # frozen (the 64 KiB default is ~600 access lines); best effort
+            try:
+                fcntl.fcntl(self.rfd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass
         else:
             self.rfd, self.wfd = rfd, -1
             os.set_blocking(rfd, False)
@@ -301,9 +319,7 @@ class Relay:
         out, vassal, pid = self.pipes[fd]
         lines, eof = out.read()
         if lines:
-            p = pid()
-            for line in lines:
-                self.log.relay(vassal, line, p)
+            self.log.relay(vassal, lines, pid())
         if eof:
             self._forget(fd)
         return bool(lines) and not eof
@@ -326,7 +342,7 @@ class Relay:
             if fd in self.pipes:
                 out, vassal, pid = self.pipes[fd]
                 if out.buf:
-                    self.log.relay(vassal, out.buf.decode("utf-8", "replace"), pid())
+                    self.log.relay(vassal, [out.buf.decode("utf-8", "replace")], pid())
                 self._forget(fd)
 
 
