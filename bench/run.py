@@ -476,6 +476,9 @@ def logging_cost(procs: Procs, ports: Ports, tmp: Path, base: "Base", duration: 
             wait_loyal(ours, 10)
             run_wrk(port, "1s")  # warm-up, not counted
             got = run_wrk(port, duration)
+            if relay is not None:  # the reader's CPU, less swayed by the load than req/s
+                t = psutil.Process(relay.pid).cpu_times()
+                got["relay_cpu_s"] = t.user + t.system
         finally:
             stop_adopted(procs, pid, ours)
             cours.close()
@@ -484,7 +487,11 @@ def logging_cost(procs: Procs, ports: Ports, tmp: Path, base: "Base", duration: 
         lines = out_path.read_text(errors="replace").count("\n") if out_path.exists() else 0
         out_path.unlink(missing_ok=True)
         got["log_lines"] = lines
-        say(f"  access log {mode} (round {i // 3 + 1}): {got['rps']} req/s, {lines} lines")
+        if "relay_cpu_s" in got and lines:
+            got["relay_cpu_us_per_line"] = round(got["relay_cpu_s"] / lines * 1e6, 2)
+        cpu = (f", reader {got['relay_cpu_us_per_line']} us CPU a line"
+               if "relay_cpu_us_per_line" in got else "")
+        say(f"  access log {mode} (round {i // 3 + 1}): {got['rps']} req/s, {lines} lines{cpu}")
         res.setdefault(f"{mode}_runs", []).append(got)
         if mode not in res or (got["rps"] or 0) > (res[mode]["rps"] or 0):
             res[mode] = got
@@ -1067,7 +1074,8 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
             rows.append((f"wrk -t2 -c16, {app}, access log on: relayed by the Emperor's reader / "
                          "written to a file by the vassal / access log off",
                          " / ".join(f"{fmt(lg[m]['rps'], '.0f')}" for m in ("relayed", "file", "off"))
-                         + " req/s", "", ""))
+                         + f" req/s (reader: {lg['relayed'].get('relay_cpu_us_per_line')} us CPU a line)",
+                         "", ""))
         for who, label in (("adopted", "adopted (2 workers)"), ("starman", "starman --workers 2")):
             f = s.get(f"fair_{who}") if s else None
             sp = s.get(f"spread_{who}") if s else None
