@@ -33,7 +33,6 @@ import os
 import selectors
 import signal
 import socket
-import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -1328,6 +1327,7 @@ class Emperor:
                         self._drop_proc(*key)
                     self._close_listener(v.name)
                     self.bind_errors.pop(v.name, None)
+                    self.logbook.set_logto(v.name, None)  # what its pipes still hold: the main log
                     del self.vassals[v.name]
                     if v.refused:
                         self.n_refused -= 1
