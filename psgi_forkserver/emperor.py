@@ -29,6 +29,7 @@ import fcntl
 import contextlib
 import dataclasses
 import math
+from collections import deque
 import os
 import selectors
 import signal
@@ -44,7 +45,9 @@ import psutil
 
 from . import config as cfgmod
 from . import bases as basesmod
-from . import forkserver, launch, logs, protocol, sockets
+from . import forkserver, launch, logs, notify, protocol, sockets
+from . import status as statusmod
+from .metrics import EmperorMetrics
 from .forkserver import AdoptionError, PendingAdoption
 from .launch import describe_status, program_argv
 from .orphans import EndedSessions, classify_orphans, scan_proc
@@ -70,6 +73,7 @@ PROBE_AFTER = 0.2  # a base that sent no byte 1 is probed after this long
 PROBE_EVERY = 0.1
 SETTLE = 0.5  # IN_CREATE alone: wait for the writer to close the file
 RETRY_READ = 1.0  # a vassal file that could not be read for lack of descriptors
+RECENT_LINES = 50  # log lines kept per vassal for the status page (/log/NAME)
 # The descriptor budget: what the Emperor keeps per vassal (its Emperor pipe,
 # its config pipe, its http-socket), and what it needs besides (its own
 # files, the status server's clients, adoptions in flight, a successor's
@@ -316,12 +320,18 @@ class Emperor:
         self.lock_fds: list[int] = []  # flocks held while we run (claim())
         self.logbook = self.opts.log if self.opts.log is not None else logs.Log()
         self.relay = logs.Relay(self.logbook, self.sel)
+        self.logbook.keep = lambda name, msgs: (
+            self._remember(name, msgs) if name in self.vassals else None)
         self.start_progress = logs.StartProgress(self.log)
         self.deploys = basesmod.DeployTracker(self.log)
         # the vassals must step again at once (the fork server changed, or a
         # deploy slot came free): the loop does not wait for the next event
         self.again = False
         self.fork_server_seen = ForkServer.NONE
+        # the cockpit: recent log lines per vassal, metrics, systemd notify
+        self.recent: dict[str, deque[str]] = {}
+        self.metrics = EmperorMetrics()
+        self.notifier = notify.Notifier.from_env(self.log)
         # vassals whose handling failed for a reason the same file would
         # meet again: name -> (fingerprint, reason); cleared when it changes
         self.failed: dict[str, tuple[str, str]] = {}
@@ -334,7 +344,18 @@ class Emperor:
     # -- logging -------------------------------------------------------------
 
     def log(self, msg: str, name: str | None = None) -> None:
+        if name:
+            self._remember(name, [msg])
         self.logbook.emit(msg, name)
+
+    def _remember(self, name: str, msgs: list[str]) -> None:
+        """A vassal's recent lines (the status page shows them): the
+        Emperor's about it and, relayed, its own (logs.Log.keep)."""
+        lines = self.recent.get(name)
+        if lines is None:
+            lines = self.recent[name] = deque(maxlen=RECENT_LINES)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S ")
+        lines.extend(stamp + m for m in msgs)
 
     # -- one exception boundary per vassal -------------------------------------
 
@@ -550,9 +571,16 @@ class Emperor:
             elif signum == signal.SIGUSR1:
                 self.reload_base()
             elif signum == signal.SIGUSR2:
-                for err in self.logbook.reopen():
-                    self.log(f"reopen-logs: {err}")
-                self.log("reopen-logs: log files reopened")
+                self.reopen_logs()
+
+    def reopen_logs(self) -> list[str]:
+        """SIGUSR2, `emperor reopen-logs`: every log file reopened by its
+        path (logrotate renamed it); the reasons of those that could not be."""
+        errors = self.logbook.reopen()
+        for err in errors:
+            self.log(f"reopen-logs: {err}")
+        self.log("reopen-logs: log files reopened")
+        return errors
 
     def reload_base(self) -> None:
         """A code deploy: a new base generation, then every adopted vassal moves."""
@@ -625,6 +653,7 @@ class Emperor:
         if pid is None:
             return
         self._finish_adoption(name, seq)
+        self.metrics.adopted(pending.elapsed_ms(now) / 1000)
         v.adopted(pid, now, seq)
         self.pids[pid] = (name, seq)
         p = v.proc(seq)
@@ -650,6 +679,7 @@ class Emperor:
             h.adoption = None
 
     def _adoption_failed(self, name: str, seq: int, now: float, reason: str) -> None:
+        self.metrics.adoption_failed()
         self._finish_adoption(name, seq)
         self._drop_proc(name, seq)  # a vassal forked anyway sees EOF and stops
         v = self.vassals[name]
@@ -689,6 +719,7 @@ class Emperor:
         self.ended.add(pid, name)
         self.sweep_due = True
         st = describe_status(status)
+        statusmod.forget_requests(pid)  # its requests file, if it wrote one
         p = v.proc(pid=pid)
         if p is not None and p is v.successor:
             self._start_failed_for_deploy(v, p.seq, now, f"pid {pid} died ({st})")
@@ -1328,6 +1359,7 @@ class Emperor:
                     self._close_listener(v.name)
                     self.bind_errors.pop(v.name, None)
                     self.logbook.set_logto(v.name, None)  # what its pipes still hold: the main log
+                    self.recent.pop(v.name, None)
                     del self.vassals[v.name]
                     if v.refused:
                         self.n_refused -= 1
@@ -1440,6 +1472,9 @@ class Emperor:
             t = status.next_wakeup()
             if t is not None:
                 times.append(t)
+        t = self.notifier.next_wakeup()
+        if t is not None:
+            times.append(t)
         if self.shutting_down:
             times.append(self.shutdown_deadline)
             times.append(now + 0.5)  # keep polling for the last children
@@ -1460,6 +1495,8 @@ class Emperor:
                 status = self.opts.status
                 if status is not None and hasattr(status, "poll"):
                     status.poll(now)
+                self.metrics.observe_deploy(self.deploys.last)
+                self.notifier.poll(self, now)
                 if self.shutting_down:
                     if self._shutdown_step(now):
                         break
@@ -1477,6 +1514,7 @@ class Emperor:
                 self._prune(now)
         finally:
             self._teardown()
+            self.notifier.close()
         self.log("bye")
         return 0
 

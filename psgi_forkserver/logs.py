@@ -113,6 +113,9 @@ class Log:
     path: Path | None = None  # --logto: the Emperor's own log file
     files: dict[str, LogFile] = field(default_factory=dict)  # vassal -> its logto
     main: LogFile | None = None
+    # also told every relayed line (vassal, lines): the Emperor keeps a
+    # vassal's recent lines for its status page
+    keep: Callable[[str, list[str]], None] | None = None
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
@@ -148,6 +151,8 @@ class Log:
     def relay(self, vassal: str, lines: list[str], pid: int | None) -> None:
         """Lines a vassal's process wrote: to its `logto` file if it has one
         that is open, else to the Emperor's log; one write for all of them."""
+        if self.keep is not None:
+            self.keep(vassal, lines)
         now = time.time()
         text = "".join(self.format(line, vassal, pid=pid, level="info", event="output", now=now)
                        for line in lines)

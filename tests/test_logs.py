@@ -156,18 +156,21 @@ def test_logto_file_and_reopen_logs_after_a_rename(xprocess, vdir, tmp_path):
                  "the vassal's lines in its logto file")
         assert re.search(rf"^{TS} \[noisy\] stderr-before$", own.read_text(), re.M)
         assert "stderr-before" not in em.text()  # not in the Emperor's log
-        # as logrotate does: rename, then ask for a reopen
-        rotated = vdir / "noisy.log.1"
-        own.rename(rotated)
-        out = subprocess.run([EMPEROR, "reopen-logs", "--pidfile", pidfile],
-                             capture_output=True, text=True, timeout=30)
-        assert out.returncode == 0, out.stderr
-        wait_for(lambda: em.lines("reopen-logs: log files reopened"), 15, "the reopen")
-        get(port, "after")
-        wait_for(lambda: own.exists() and "child-after" in own.read_text(), 30,
-                 "new lines in a new file")
-        assert "stderr-before" not in own.read_text()
-        assert "stderr-after" not in rotated.read_text()
+        # as logrotate does: rename, then ask for a reopen (on the stats
+        # socket, then by signal with the pidfile)
+        for i, how in enumerate([["--dir", vdir], ["--pidfile", pidfile]], 1):
+            rotated = vdir / f"noisy.log.{i}"
+            own.rename(rotated)
+            out = subprocess.run([EMPEROR, "reopen-logs", *how],
+                                 capture_output=True, text=True, timeout=30)
+            assert out.returncode == 0, out.stderr
+            wait_for(lambda: len(em.lines("reopen-logs: log files reopened")) == i, 15,
+                     "the reopen")
+            get(port, f"after{i}")
+            wait_for(lambda: own.exists() and f"child-after{i}" in own.read_text(), 30,
+                     "new lines in a new file")
+            assert "stderr-before" not in own.read_text()
+            assert f"stderr-after{i}" not in rotated.read_text()
     finally:
         stop_emperor(em)
     # a pidfile no Emperor holds any more: nothing is signalled

@@ -8,6 +8,7 @@ use warnings;
 use Carp ();
 use Config ();
 use Errno qw(EINTR EAGAIN ECONNABORTED);
+use Fcntl ();
 use POSIX ();
 use Socket qw(IPPROTO_TCP TCP_NODELAY SOL_SOCKET SO_RCVTIMEO SO_SNDTIMEO SO_REUSEADDR
               AF_INET AF_INET6 AF_UNSPEC SOCK_STREAM AI_PASSIVE MSG_DONTWAIT
@@ -145,6 +146,7 @@ sub run {
     $self->{ready_w} = $ready_w;
     $self->{master_pid} = $$;
     $self->{gen} = 1;
+    $self->_open_requests_file;
     $self->{kids} = {};        # pid => { slot, gen, ready, born }
     $self->{slot_fast_deaths} = {};
     $self->{respawn} = {};     # slot => time
@@ -261,6 +263,7 @@ sub run {
     }
 
     $self->_reap_blocking;
+    unlink $self->{requests_file} if $self->{requests_file};
     $self->_end_session if $self->{emperor_vanished};
     close $ready_r; close $ready_w;
     if ($self->{own_listener}) { close $self->{listen_sock}; }
@@ -551,6 +554,7 @@ sub _worker_main {
         delete $self->{emperor_fh};
     }
     $0 = "$self->{proctitle} worker $slot" if length $self->{proctitle};
+    $self->_open_requests_slot($slot);
 
     if (my $h = $self->{harakiri}) {
         $SIG{ALRM} = sub {
@@ -618,6 +622,7 @@ sub _worker_main {
             $timeout = $left if $left < $timeout;
             $timeout = 0 if $timeout < 0;
         }
+        $self->_flush_requests if $self->{requests_dirty};
         my $n = select(my $rout = $rin, undef, undef, $timeout);
         if ($n < 0) {
             next if $! == EINTR;
@@ -687,12 +692,15 @@ sub _worker_main {
             if (!$leaving && ($self->{harakiri_commit}
                 || ($self->{max_requests} && $self->{requests} >= $self->{max_requests}))) {
                 # The replacement starts now, not when this worker has
-                # finished with its other connections.
+                # finished with its other connections. It goes on from this
+                # worker's requests slot: written first.
+                $self->_flush_requests if $self->{requests_dirty};
                 _worker_msg($self->{ready_w}, MSG_LEAVING);
                 $leaving = 1;
             }
         }
     }
+    $self->_flush_requests if $self->{requests_dirty};
     _worker_exit(EXIT_RECYCLE);
 }
 
@@ -850,6 +858,7 @@ my $HEAD_RE = qr/\A[^\012]*\012(?:$TOKEN:[^\012]*\012)*\015?\012\z/;
 # dies (ForkServer::client-gone) when the client vanished.
 sub _serve_head {
     my ($self, $c) = @_;
+    my $t0 = _now();    # the head is complete: the request's latency starts
     my $conn = $c->{sock};
     my %env = (
         SCRIPT_NAME         => '',
@@ -936,11 +945,63 @@ sub _serve_head {
     my $ok = eval { $self->_run_app($conn, \%env, $st); 1 };
     my $err = $@;
     if ($harakiri) { alarm 0; _worker_msg($self->{ready_w}, MSG_DONE) }
+    $self->_count_request(_now() - $t0) if $self->{requests_slot} && ($ok || $st->{sent});
     $self->_access_log(\%env, $st->{status}, $st->{bytes}) if $self->{access_log} && ($ok || $st->{sent});
     $self->_run_cleanup(\%env);
     die $err unless $ok;
     if ($env{'psgix.harakiri.commit'}) { $self->{harakiri_commit} = 1; return 0 }
     return $st->{keep} ? 1 : 0;
+}
+
+# Requests served, for the Emperor's status (docs/CONTRACT.md): the master
+# creates $PSGI_FORKSERVER_RUN_DIR/requests-PID (its own pid, the one the
+# Emperor knows); each worker owns one 16-byte slot of it, two
+# little-endian u64: requests served, their latency summed in microseconds.
+# The worker writes its slot once per round of its loop (before select:
+# one write for all the requests of the round, and never a count left
+# behind when it goes idle); a respawned worker goes on from its slot's
+# numbers, and a reload's new generation uses the other half of the file
+# (the old one may still be finishing its requests). The Emperor sums the
+# slots. Without the variable (not under our Emperor) nothing is written.
+use constant REQUESTS_SLOT => 16;
+
+sub _open_requests_file {
+    my $self = shift;
+    my $dir = $ENV{PSGI_FORKSERVER_RUN_DIR};
+    return unless defined $dir && length $dir && -d $dir;
+    my $path = "$dir/requests-$$";
+    sysopen(my $fh, $path, Fcntl::O_WRONLY() | Fcntl::O_CREAT() | Fcntl::O_TRUNC(), 0600)
+        or return;
+    close $fh;
+    $self->{requests_file} = $path;
+}
+
+sub _open_requests_slot {
+    my ($self, $slot) = @_;
+    my $path = $self->{requests_file} or return;
+    sysopen(my $fh, $path, Fcntl::O_RDWR()) or return;
+    my $index = ($self->{gen} % 2) * $self->{workers} + $slot - 1;
+    my $off = $index * REQUESTS_SLOT;
+    my ($n, $us) = (0, 0);
+    if (sysseek($fh, $off, 0) && (sysread($fh, my $rec, REQUESTS_SLOT) // 0) == REQUESTS_SLOT) {
+        ($n, $us) = unpack 'Q<Q<', $rec;
+    }
+    $self->{requests_slot} = { fh => $fh, off => $off, n => $n, us => $us };
+}
+
+sub _count_request {
+    my ($self, $seconds) = @_;
+    my $r = $self->{requests_slot};
+    $r->{n}++;
+    $r->{us} += int($seconds * 1e6 + 0.5);
+    $self->{requests_dirty} = 1;
+}
+
+sub _flush_requests {
+    my $self = shift;
+    my $r = $self->{requests_slot};
+    $self->{requests_dirty} = 0;
+    sysseek($r->{fh}, $r->{off}, 0) and syswrite($r->{fh}, pack('Q<Q<', $r->{n}, $r->{us}));
 }
 
 # psgix.cleanup: the handlers run after the response is out, before the
