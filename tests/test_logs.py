@@ -118,8 +118,9 @@ def test_every_output_of_a_vassal_reaches_the_log_whole_timestamped_and_named(
 
 
 def test_log_format_json_is_one_object_a_line(xprocess, vdir):
-    port = noisy_fleet(vdir, adopted=True)
-    em = start_emperor(xprocess, "emperor-logs-json", [vdir, "--mercy", "5", "--log-format", "json"])
+    port, hport = noisy_fleet(vdir, adopted=True), free_port()
+    em = start_emperor(xprocess, "emperor-logs-json", [vdir, "--mercy", "5", "--log-format", "json",
+                                                       "--status-http", f"127.0.0.1:{hport}"])
     try:
         wait_for(lambda: get(port, "json1"), 30, "noisy to answer")
 
@@ -140,6 +141,10 @@ def test_log_format_json_is_one_object_a_line(xprocess, vdir):
         assert all(r["pid"] == em.pid for r in mine)
         assert any(r["event"] == "emperor" and r["vassal"] is None
                    and r["message"].startswith("watching") for r in recs)
+        # the status page's recent lines of the vassal have its own lines too
+        with urllib.request.urlopen(f"http://127.0.0.1:{hport}/log/noisy", timeout=10) as r:
+            recent = r.read().decode()
+        assert "stderr-json1" in recent and "adopted pid" in recent, recent
     finally:
         stop_emperor(em)
 
