@@ -25,6 +25,7 @@ examples:
   emperor start app1                           run it again
   emperor reload app1                          a new process for one app, gap-free
   emperor reload-base --wait                   code deploy: new base, every app moved
+  emperor reopen-logs                          after logrotate: reopen every log file
   emperor prove -j2 -r -I lib t/               Perl tests forked from a preloaded base
 
 `emperor COMMAND --help` shows each command's options and an example.
@@ -40,7 +41,7 @@ EXAMPLES = {
     "start": "example:\n  emperor start app1        (exits 0 once it serves)\n",
     "prove": "example:\n  emperor prove -j2 -r -I lib t/    (prove's verdicts, tests forked from one"
              " preloaded base)\n",
-    "reopen-logs": "example (logrotate's postrotate):\n  emperor reopen-logs\n"
+    "reopen-logs": "example:\n  emperor reopen-logs       (logrotate's postrotate: reopen every log file)\n"
                    "  emperor reopen-logs --pidfile /tmp/emperor.pid   (by signal)\n",
     "reload-base": "example:\n  emperor reload-base --wait    (exits 0 once every vassal runs on the"
                    " new base)\n  emperor reload-base --pidfile /tmp/emperor.pid   (by signal)\n",
