@@ -45,10 +45,10 @@ import psutil
 
 from . import config as cfgmod
 from . import bases as basesmod
-from . import forkserver, launch, logs, notify, protocol, sockets
+from . import adoption as forkserver, launch, logs, notify, protocol, sockets
 from . import status as statusmod
 from .metrics import EmperorMetrics
-from .forkserver import AdoptionError, PendingAdoption
+from .adoption import AdoptionError, PendingAdoption
 from .launch import describe_status, program_argv
 from .orphans import EndedSessions, classify_orphans, scan_proc
 from .protocol import EmperorByte, ProtocolError, VassalByte

@@ -24,7 +24,7 @@ pipe as SCM_RIGHTS with the first bytes of the config packet (an adoption
 request carries at most three descriptors, none free for it).
 
 C<take_from_config_pipe> peeks at the config pipe (MSG_PEEK: the packet
-stays for L<ForkServer::Emperor> to read), and if a descriptor came with
+stays for L<ForkServer::EmperorPipe> to read), and if a descriptor came with
 it, makes it descriptors 1 and 2. Returns whether a pipe was taken.
 
 =cut
