@@ -45,4 +45,25 @@ is child_output(with_fd => 1), "took=1\nab\nbody=17\n",
     'a descriptor with the packet becomes stdout and stderr; the packet stays whole';
 is child_output(with_fd => 0), '', 'no descriptor: stdout and stderr are left alone';
 
+# Perl's STDERR starts unbuffered: `print STDERR "a", "b\n"` is then two
+# write(2)s, and another worker's line can come between them on the shared
+# pipe. Afterwards: buffered, flushed at the end of each statement.
+use constant PERLIO_F_UNBUF => 0x10000;    # perliol.h
+sub top_flags { my @d = PerlIO::get_layers($_[0], details => 1); return $d[-1] }
+subtest 'one write per print statement' => sub {
+    my $pid = open(my $from, '-|') // die "fork: $!";
+    if (!$pid) {
+        ForkServer::Output::statement_flushed();
+        my $unbuf = top_flags(\*STDERR) & PERLIO_F_UNBUF ? 1 : 0;
+        # autoflush() sets $| and returns what it was: what statement_flushed set
+        print STDOUT "$unbuf ", (STDERR->autoflush ? 1 : 0), " ", (STDOUT->autoflush ? 1 : 0), "\n";
+        POSIX::_exit(0);
+    }
+    my $got = <$from>;
+    close $from;
+    is $got, "0 1 1\n", 'STDERR no longer unbuffered, STDERR and STDOUT flushed per statement';
+    my @d = PerlIO::get_layers(STDERR, details => 1);
+    ok $d[-1] & PERLIO_F_UNBUF, "the flag tested is the one Perl's STDERR starts with";
+};
+
 done_testing;
