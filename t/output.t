@@ -48,22 +48,21 @@ is child_output(with_fd => 0), '', 'no descriptor: stdout and stderr are left al
 # Perl's STDERR starts unbuffered: `print STDERR "a", "b\n"` is then two
 # write(2)s, and another worker's line can come between them on the shared
 # pipe. Afterwards: buffered, flushed at the end of each statement.
-use constant PERLIO_F_UNBUF => 0x10000;    # perliol.h
-sub top_flags { my @d = PerlIO::get_layers($_[0], details => 1); return $d[-1] }
 subtest 'one write per print statement' => sub {
-    my $pid = open(my $from, '-|') // die "fork: $!";
-    if (!$pid) {
-        ForkServer::Output::statement_flushed();
-        my $unbuf = top_flags(\*STDERR) & PERLIO_F_UNBUF ? 1 : 0;
-        # autoflush() sets $| and returns what it was: what statement_flushed set
-        print STDOUT "$unbuf ", (STDERR->autoflush ? 1 : 0), " ", (STDOUT->autoflush ? 1 : 0), "\n";
-        POSIX::_exit(0);
-    }
+    # a fresh perl: its STDERR is the initial, unbuffered one
+    (my $lib = $INC{'ForkServer/Output.pm'}) =~ s{/ForkServer/Output\.pm\z}{};
+    my $code = <<'PERL';
+use constant PERLIO_F_UNBUF => 0x10000;    # perliol.h
+sub unbuf { my @d = PerlIO::get_layers(STDERR, details => 1); return $d[-1] & PERLIO_F_UNBUF ? 1 : 0 }
+my $before = unbuf();
+ForkServer::Output::statement_flushed();
+# autoflush() sets $| and returns what it was: what statement_flushed set
+print "$before ", unbuf(), " ", (STDERR->autoflush ? 1 : 0), " ", (STDOUT->autoflush ? 1 : 0), "\n";
+PERL
+    open(my $from, '-|', $^X, "-I$lib", '-MForkServer::Output', '-e', $code) or die "perl: $!";
     my $got = <$from>;
     close $from;
-    is $got, "0 1 1\n", 'STDERR no longer unbuffered, STDERR and STDOUT flushed per statement';
-    my @d = PerlIO::get_layers(STDERR, details => 1);
-    ok $d[-1] & PERLIO_F_UNBUF, "the flag tested is the one Perl's STDERR starts with";
+    is $got, "1 0 1 1\n", 'STDERR unbuffered before, then buffered; both flushed per statement';
 };
 
 done_testing;
