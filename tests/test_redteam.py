@@ -75,3 +75,25 @@ def test_a_template_that_loops_does_not_freeze_the_emperor(emperor, deploy_tmp):
         assert wait_for(probe, 60, "the template's vassal in the status, or a freeze") == "answered"
     finally:
         (e.dir / "slow.ini.j2").unlink(missing_ok=True)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "redteam: a stopped (SIGSTOP) or wedged base is never judged: adoptions time out "
+    "and are retried forever, the base stays 'running' with no error, and a vassal "
+    "that dies meanwhile is never restarted. After repeated adoption timeouts the "
+    "Emperor should replace the base (emperor.py/vassal.py)."))
+def test_a_wedged_base_does_not_stop_vassal_restarts(emperor):  # noqa: F811
+    port = free_port()
+    e = emperor({"app1": app_ini("app1", port, processes=1)}, "--adopt-timeout", "2",
+                wait=[port])
+    base = e.vpid("base")
+    old = e.vpid("app1")
+    os.kill(base, signal.SIGSTOP)
+    try:
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: e.lines("[app1] adoption failed: no reply"), 30, "an adoption to time out")
+        # the fleet heals: app1 serves again although the base never wakes up
+        # by itself (a new base, or whatever the fix chooses)
+        wait_for(lambda: get(port)["name"] == "app1", 30, "app1 to serve again")
+    finally:
+        os.kill(base, signal.SIGCONT)
