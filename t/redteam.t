@@ -153,6 +153,14 @@ subtest 'request targets and Host (RFC 9112 3.2)' => sub {
             is $r && $r->{status}, 400, "Host: $host is refused";
         }
     }
+    # HTTP::Parser::XS stops at 128 header lines: a 2 kB head of 200 small
+    # headers is well within buffer-size (8 kB) yet refused as malformed
+    my $many = join '', map { "X-$_: a\r\n" } 1 .. 200;
+    $r = http_raw($srv->port, "GET /pid HTTP/1.1\r\nHost: x\r\n${many}Connection: close\r\n\r\n");
+    TODO: {
+        local $TODO = 'HTTPServer: more than 128 header lines is a 400 (the parser\'s limit), not a 431';
+        is $r && $r->{status}, 431, '200 header lines: 431 (too many fields), not 400 (malformed)';
+    }
     $r = http_raw($srv->port, "GET /pid HTTP/1.1\r\nHost: a.example:8080\r\nConnection: close\r\n\r\n");
     is $r && $r->{status}, 200, 'a valid Host with a port is served';
     $srv->stop;
