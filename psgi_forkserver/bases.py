@@ -160,8 +160,10 @@ class DeployTracker:
             self.last = d = Deploy(want, now, serving, request=self.requests)
         if d is None:
             return
-        if d.state == DeployState.FAILED and serving == d.generation:
-            # the base was retried (backoff) and came up after all: move on
+        if d.state == DeployState.FAILED and d.generation > 0 and serving == d.generation:
+            # the base was retried (backoff) and came up after all: move on.
+            # Not a refused request (generation 0): with no base serving,
+            # `serving` is 0 too, and that refusal used to turn into "done".
             d.state, d.reason, d.finished_at = DeployState.STARTING, None, None
         if d.state.finished:
             return
