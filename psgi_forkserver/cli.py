@@ -1,5 +1,5 @@
 """`emperor run VASSALS_DIR ...`, `emperor status`, `emperor reload|stop|start NAME`,
-`emperor reload-base [--wait]`; see `emperor --help`."""
+`emperor reload-base [--wait]`, `emperor reopen-logs`; see `emperor --help`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from .clients import (control_command, reload_base, reload_base_by_socket, stats_socket,
-                      status_command)
+from .clients import (control_command, reload_base, reload_base_by_socket, reopen_logs,
+                      stats_socket, status_command)
 from .emperor import Emperor
 from .locks import StartupError
 from .options import Options, run_arguments
@@ -25,6 +25,7 @@ examples:
   emperor start app1                           run it again
   emperor reload app1                          a new process for one app, gap-free
   emperor reload-base --wait                   code deploy: new base, every app moved
+  emperor reopen-logs                          after logrotate: reopen every log file
   emperor prove -j2 -r -I lib t/               Perl tests forked from a preloaded base
 
 `emperor COMMAND --help` shows each command's options and an example.
@@ -40,6 +41,8 @@ EXAMPLES = {
     "start": "example:\n  emperor start app1        (exits 0 once it serves)\n",
     "prove": "example:\n  emperor prove -j2 -r -I lib t/    (prove's verdicts, tests forked from one"
              " preloaded base)\n",
+    "reopen-logs": "example:\n  emperor reopen-logs       (logrotate's postrotate: reopen every log file)\n"
+                   "  emperor reopen-logs --pidfile /tmp/emperor.pid   (by signal)\n",
     "reload-base": "example:\n  emperor reload-base --wait    (exits 0 once every vassal runs on the"
                    " new base)\n  emperor reload-base --pidfile /tmp/emperor.pid   (by signal)\n",
 }
@@ -75,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = _sub(sub, "run", help="run the vassals of a directory")
     run.add_argument("vassals_dir", metavar="VASSALS_DIR", type=Path)
     run_arguments(run)  # every option of options.Options
+    rl = _sub(sub, "reopen-logs", help="reopen every log file (--logto, logto keys), "
+                                       "for logrotate")
+    rl.add_argument("--pidfile", type=Path, metavar="PATH",
+                    help="signal the Emperor of this --pidfile (SIGUSR2) instead of asking "
+                         "on its stats socket")
+    _add_finder(rl)
     rb = _sub(sub, "reload-base",
               help="code deploy: new base generation, move every adopted vassal")
     rb.add_argument("--pidfile", type=Path, metavar="PATH",
@@ -113,6 +122,7 @@ def check_paths(args: argparse.Namespace) -> str | None:
     if not os.access(vdir, os.R_OK | os.X_OK):
         return f"{vdir}: cannot read the vassals directory"
     for opt, path, sock in (("--pidfile", args.pidfile, False), ("--stats", args.stats, True),
+                            ("--logto", args.logto, False),
                             ("--use-fork-server", args.use_fork_server, True)):
         if path is None:
             continue
@@ -146,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         if stats is None:
             return 1
         return reload_base_by_socket(stats, args.wait, args.timeout)
+    if args.command == "reopen-logs":
+        return reopen_logs(args)
     if args.command == "status":
         return status_command(args)
     if args.command in ("reload", "stop", "start"):
@@ -157,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"emperor: {bad}", file=sys.stderr)
         return 2
     opts = Options.from_args(args)
+    from .logs import Log
+
+    try:
+        opts.log = Log(fmt=opts.log_format, path=opts.logto)
+    except OSError as e:
+        print(f"emperor: --logto {e}", file=sys.stderr)
+        return 2
     emperor = Emperor(opts)
     try:
         emperor.claim()  # locks and pidfile first: a second Emperor stops here

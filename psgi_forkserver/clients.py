@@ -1,5 +1,5 @@
 """The client commands: `emperor status`, `emperor reload|stop|start NAME`,
-`emperor reload-base [--wait]`. They talk to a running Emperor over its
+`emperor reload-base [--wait]`, `emperor reopen-logs`. They talk to a running Emperor over its
 stats socket (status.rundir finds it), or signal it by its pidfile."""
 
 from __future__ import annotations
@@ -28,6 +28,52 @@ def is_emperor(pid: int) -> bool:
     return False
 
 
+def signal_emperor(pidfile: Path, sig: signal.Signals, command: str) -> int | None:
+    """`sig` to the Emperor of `pidfile`, only once it is sure to be one (a
+    stale pidfile may name any process by now): its pid, or None with the
+    reason printed."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        held = pidfile_is_held(pidfile)
+    except (OSError, ValueError) as e:
+        print(f"emperor: {command}: {pidfile}: {getattr(e, 'strerror', None) or e}",
+              file=sys.stderr)
+        return None
+    if not held or not is_emperor(pid):
+        why = "no Emperor holds it" if not held else f"pid {pid} is not an Emperor"
+        print(f"emperor: {command}: {pidfile}: stale pidfile ({why}); nothing signalled",
+              file=sys.stderr)
+        return None
+    try:
+        os.kill(pid, sig)
+    except OSError as e:
+        print(f"emperor: {command}: pid {pid}: {e.strerror}", file=sys.stderr)
+        return None
+    print(f"emperor: {command}: signalled pid {pid}", flush=True)
+    return pid
+
+
+def reopen_logs(args: argparse.Namespace) -> int:
+    """`emperor reopen-logs`: SIGUSR2 with --pidfile, else the command on
+    the stats socket (whose reply says which files could not be reopened)."""
+    if args.pidfile is not None:
+        return 0 if signal_emperor(args.pidfile, signal.SIGUSR2, "reopen-logs") else 1
+    from .status import fetch_command
+
+    stats = stats_socket(args, "reopen-logs")
+    if stats is None:
+        return 1
+    try:
+        reply = fetch_command(stats, "reopen-logs")
+    except (OSError, ValueError) as e:
+        print(f"emperor: reopen-logs: {stats}: {getattr(e, 'strerror', None) or e}",
+              file=sys.stderr)
+        return 1
+    print(f"emperor: reopen-logs: {reply.get('message')}",
+          file=sys.stdout if reply.get("ok") else sys.stderr, flush=True)
+    return 0 if reply.get("ok") else 1
+
+
 WAIT_POLL = 0.25  # --wait: seconds between two looks at the stats document
 
 
@@ -53,24 +99,8 @@ def reload_base(pidfile: Path, wait: bool = False, stats: Path | None = None,
         except (OSError, ValueError, KeyError, TypeError) as e:
             print(f"emperor: reload-base: {stats}: {e}", file=sys.stderr)
             return 1
-    try:
-        pid = int(pidfile.read_text().strip())
-        held = pidfile_is_held(pidfile)
-    except (OSError, ValueError) as e:
-        print(f"emperor: reload-base: {pidfile}: {getattr(e, 'strerror', None) or e}",
-              file=sys.stderr)
+    if signal_emperor(pidfile, signal.SIGUSR1, "reload-base") is None:
         return 1
-    if not held or not is_emperor(pid):
-        why = "no Emperor holds it" if not held else f"pid {pid} is not an Emperor"
-        print(f"emperor: reload-base: {pidfile}: stale pidfile ({why}); nothing signalled",
-              file=sys.stderr)
-        return 1
-    try:
-        os.kill(pid, signal.SIGUSR1)
-    except OSError as e:
-        print(f"emperor: reload-base: pid {pid}: {e.strerror}", file=sys.stderr)
-        return 1
-    print(f"emperor: reload-base: signalled pid {pid}", flush=True)
     if not wait:
         return 0
     return _wait_deploy(stats, before, timeout)

@@ -19,7 +19,7 @@ from .vassal import Kind, ProcState, Vassal
 if TYPE_CHECKING:
     from .emperor import Emperor
 
-COMMANDS = ("reload", "stop", "start", "reload-base")
+COMMANDS = ("reload", "stop", "start", "reload-base", "reopen-logs")
 
 
 def link(emperor: Emperor) -> EmperorLink:
@@ -70,6 +70,10 @@ def control(emperor: Emperor, command: str, name: str | None) -> dict[str, Any]:
         out["message"] = f"unknown command {command!r} (one of: {', '.join(COMMANDS)})"
         return out
     log = emperor.log
+    if command == "reopen-logs":  # logs.py: every log file reopened by its path
+        errors = emperor.reopen_logs()
+        out.update(ok=not errors, message="; ".join(errors) or "log files reopened")
+        return out
     if command == "reload-base":
         return _reload_base(emperor, out)
     v = emperor.vassals.get(name) if name else None

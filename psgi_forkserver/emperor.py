@@ -30,7 +30,6 @@ import os
 from collections import deque
 import selectors
 import signal
-import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -38,7 +37,7 @@ from dataclasses import dataclass, field
 
 from . import bases as basesmod
 from . import config as cfgmod
-from . import control, launch, locks, notify, sockets
+from . import control, launch, locks, logs, notify, sockets
 from .metrics import EmperorMetrics
 from .files import Files
 from .launch import program_argv
@@ -94,21 +93,28 @@ class Emperor(Files, Processes, basesmod.ForkServers):
         self.recent: dict[str, deque[str]] = {}
         self.metrics = EmperorMetrics()
         self.notifier = notify.Notifier.from_env(self.log)
+        # logs.py: where lines go, and the vassals' output relayed line by line
+        self.logbook = self.opts.log if self.opts.log is not None else logs.Log()
+        self.relay = logs.Relay(self.logbook, self.sel)
+        self.logbook.keep = lambda name, msgs: (
+            self._remember(name, msgs) if name in self.vassals else None)
+        self.start_progress = logs.StartProgress(self.log)
         self._init_files()
         self._init_fork_servers()
 
     def log(self, msg: str, name: str | None = None) -> None:
-        prefix = f"emperor: [{name}] " if name else "emperor: "
         if name:
-            lines = self.recent.get(name)
-            if lines is None:
-                lines = self.recent[name] = deque(maxlen=RECENT_LINES)
-            lines.append(time.strftime("%Y-%m-%d %H:%M:%S ") + msg)
-        try:
-            sys.stderr.write(prefix + msg + "\n")
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
+            self._remember(name, [msg])
+        self.logbook.emit(msg, name)
+
+    def _remember(self, name: str, msgs: list[str]) -> None:
+        """A vassal's recent lines (the status page shows them): the
+        Emperor's about it and, relayed, its own (logs.Log.keep)."""
+        lines = self.recent.get(name)
+        if lines is None:
+            lines = self.recent[name] = deque(maxlen=RECENT_LINES)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S ")
+        lines.extend(stamp + m for m in msgs)
 
     # -- the loop ------------------------------------------------------------------
 
@@ -168,6 +174,8 @@ class Emperor(Files, Processes, basesmod.ForkServers):
             self.again = True
         self.deploys.observe(now, self._base(), [v for v in self.vassals.values()
                                                  if not runs_as_base(v)], self.shutting_down)
+        self.start_progress.observe(now, {n: v.phase for n, v in self.vassals.items()
+                                          if not runs_as_base(v)})
         self.sweeper.kill_due(now)
 
     def _facts(self, now: float) -> Facts:
@@ -228,6 +236,7 @@ class Emperor(Files, Processes, basesmod.ForkServers):
                     for key in [k for k in self.procs if k[0] == v.name]:
                         self._drop_proc(*key)
                     self.listeners.forget(v.name)
+                    self.logbook.set_logto(v.name, None)  # what its pipes still hold: the main log
                     self.recent.pop(v.name, None)
                     del self.vassals[v.name]
                     if v.refused:
@@ -318,6 +327,18 @@ class Emperor(Files, Processes, basesmod.ForkServers):
     def _handle_sigusr1(self, sig: signal.Signals, now: float) -> None:
         self.reload_base()
 
+    def _handle_sigusr2(self, sig: signal.Signals, now: float) -> None:
+        self.reopen_logs()
+
+    def reopen_logs(self) -> list[str]:
+        """SIGUSR2, `emperor reopen-logs`: every log file reopened by its
+        path (logrotate renamed it); the reasons of those that could not be."""
+        errors = self.logbook.reopen()
+        for err in errors:
+            self.log(f"reopen-logs: {err}")
+        self.log("reopen-logs: log files reopened")
+        return errors
+
     # SIGCHLD needs no handler: every turn reaps
 
     # -- one exception boundary per vassal -------------------------------------
@@ -406,6 +427,7 @@ class Emperor(Files, Processes, basesmod.ForkServers):
         self.lock_fds.clear()
 
     def _teardown(self) -> None:
+        self.relay.close()
         self.listeners.close_all()
         if self.opts.pidfile is not None:
             locks.remove_pidfile(self.opts.pidfile)

@@ -29,7 +29,7 @@ RETRY_READ = 1.0  # a vassal file that could not be read for lack of descriptors
 # its config pipe, its http-socket), and what it needs besides (its own
 # files, the status server's clients, adoptions in flight, a successor's
 # pipes during reloads).
-FDS_PER_VASSAL = 3
+FDS_PER_VASSAL = 4  # ... and the read end of its output pipe (logs.py)
 FDS_RESERVED = 32
 
 

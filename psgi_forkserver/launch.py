@@ -12,6 +12,7 @@ are raised (OSError) for the Emperor to log and to feed back to the vassal.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import ctypes.util
 import os
@@ -118,13 +119,14 @@ def make_pipes(config: bool) -> list[Pipe]:
 
 def spawn_vassal(argv: Sequence[str], env: Mapping[str, str], pipe_fd: int,
                  config_fd: int | None, listen_fd: int | None,
-                 nofile: int | None = None) -> int:
+                 nofile: int | None = None, output_fd: int | None = None) -> int:
     """Start the vassal program `argv` (argv[0] a path); its pid, or OSError.
 
     The child inherits `pipe_fd` (the Emperor pipe, as UWSGI_EMPEROR_FD) and
     `config_fd` if any (the config pipe, as UWSGI_EMPEROR_FD_CONFIG), with
     `env` otherwise; its descriptor 0 is `listen_fd` (the Emperor-owned
-    http-socket) or /dev/null."""
+    http-socket) or /dev/null; 1 and 2 are `output_fd` (its output pipe,
+    logs.py) if given, else the Emperor's."""
     env = dict(env)
     env.pop("UWSGI_EMPEROR_FD_CONFIG", None)
     env["UWSGI_EMPEROR_FD"] = str(pipe_fd)
@@ -136,6 +138,9 @@ def spawn_vassal(argv: Sequence[str], env: Mapping[str, str], pipe_fd: int,
     else:
         stdin = (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)
     os.set_inheritable(pipe_fd, True)
+    actions = [stdin]
+    if output_fd is not None:
+        actions += [(os.POSIX_SPAWN_DUP2, output_fd, 1), (os.POSIX_SPAWN_DUP2, output_fd, 2)]
     # The child gets the soft descriptor limit the Emperor was started with
     # (`nofile`), not the raised one: programs that close every descriptor
     # up to the limit, or use select(), expect the usual 1,024. posix_spawn
@@ -152,7 +157,7 @@ def spawn_vassal(argv: Sequence[str], env: Mapping[str, str], pipe_fd: int,
         # (which checks and does not repeat it): what it leaves behind
         # can be told by session id (orphans.py), a uWSGI vassal's too
         return os.posix_spawn(
-            argv[0], list(argv), env, file_actions=[stdin],
+            argv[0], list(argv), env, file_actions=actions,
             setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=(), setsid=True,
         )
     finally:
@@ -175,12 +180,14 @@ def emperor_only_stripped(text: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def config_text(cfg: VassalConfig) -> bytes | None:
+def config_text(cfg: VassalConfig, always: bool = False) -> bytes | None:
     """What to send on a config pipe: a rendered template, or a file with
-    Emperor-only keys (the vassal program would reject them); else None."""
+    Emperor-only keys (the vassal program would reject them); else None.
+    With `always`, any file's text: an adopted vassal of ours takes its
+    output pipe from the config packet (logs.py)."""
     if getattr(cfg, "rendered", False):
         text = emperor_only_stripped(getattr(cfg, "text", "") or "")
-    elif any(k in EMPEROR_KEYS for k, _ in cfg.options):
+    elif always or any(k in EMPEROR_KEYS for k, _ in cfg.options):
         raw = getattr(cfg, "text", None)
         if raw is None:
             try:
@@ -191,6 +198,9 @@ def config_text(cfg: VassalConfig) -> bytes | None:
     else:
         return None
     data = text.encode("utf-8", "surrogateescape")
+    if always and len(data) > protocol.MAX_BODY and not getattr(cfg, "rendered", False) \
+            and not any(k in EMPEROR_KEYS for k, _ in cfg.options):
+        return None  # it reads its file itself; its output stays the base's
     if len(data) > protocol.MAX_BODY:
         # checked before any pipe or process exists for it
         raise protocol.ProtocolError(f"config of {len(data)} bytes exceeds {protocol.MAX_BODY}: "
@@ -198,12 +208,21 @@ def config_text(cfg: VassalConfig) -> bytes | None:
     return data
 
 
-def send_config(sock: socket.socket, text: bytes) -> None:
+def send_config(sock: socket.socket, text: bytes, output_fd: int | None = None) -> None:
     """The vassal's config on its config pipe, as one config packet; blocking,
-    at most a second per send. OSError if it cannot be sent."""
+    at most a second per send. OSError if it cannot be sent.
+
+    `output_fd`, the process's output pipe (logs.py), rides along with the
+    packet's first bytes as SCM_RIGHTS: the bytes stay uWSGI's, and a
+    reader that does not look for it (read(2)) has it closed by the kernel."""
     sock.setblocking(True)
     sock.settimeout(1.0)
-    sock.sendall(protocol.encode_packet(protocol.MODIFIER1_CONFIG, text))
+    data = protocol.encode_packet(protocol.MODIFIER1_CONFIG, text)
+    if output_fd is not None:
+        fds = array.array("i", [output_fd])
+        sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        data = data[sent:]
+    sock.sendall(data)
 
 
 def send_byte(sock: socket.socket, byte: int) -> None:
@@ -234,7 +253,8 @@ class SignalQueue:
     the selector wakes for them and the loop handles them between turns,
     never inside a handler. `pop()` returns those received so far."""
 
-    SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+    SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
+               signal.SIGUSR2)
 
     def __init__(self) -> None:
         self.queued: list[int] = []

@@ -18,14 +18,16 @@ from typing import TYPE_CHECKING, Any
 from . import paths
 
 if TYPE_CHECKING:
+    from .logs import Log
     from .status import StatusServer
 
 
 def option(default: Any, help: str, *flags: str, metavar: str | None = None,
-           action: Any = None) -> Any:
+           action: Any = None, choices: tuple[str, ...] | None = None) -> Any:
     """A field of Options that `emperor run` takes as `flags` (the first
     one is shown; default: --NAME-WITH-DASHES)."""
-    meta = {"help": help, "flags": flags, "metavar": metavar, "action": action}
+    meta = {"help": help, "flags": flags, "metavar": metavar, "action": action,
+            "choices": choices}
     if default is dataclasses.MISSING:
         return field(metadata=meta)
     return field(default=default, metadata=meta)
@@ -68,6 +70,13 @@ class Options:
         "--emperor-sockets", action=argparse.BooleanOptionalAction)
     pidfile: Path | None = option(
         None, "write the Emperor's pid here (for `emperor reload-base`)", metavar="PATH")
+    log_format: str = option(
+        "text", "text: TIME emperor: [VASSAL] message; json: one object a line "
+        "(time, level, vassal, pid, event, message)", choices=("text", "json"))
+    logto: Path | None = option(
+        None, "the Emperor's log to this file (default stderr); reopened by "
+        "`emperor reopen-logs`", metavar="PATH")
+    log: Log | None = None  # where lines go (built from log_format and logto); default stderr
     status: StatusServer | None = None  # sockets bound (cli --stats/--status-http)
 
     @classmethod
@@ -85,6 +94,8 @@ class Options:
         opts.adopt_parallel = max(1, opts.adopt_parallel)
         if opts.pidfile is not None:
             opts.pidfile = opts.pidfile.resolve()
+        if opts.logto is not None:
+            opts.logto = opts.logto.absolute()
         return opts
 
 
@@ -99,13 +110,13 @@ def _flags(f: dataclasses.Field) -> tuple[str, ...]:
 def _shown_default(f: dataclasses.Field) -> str | None:
     if f.default in (None, (), dataclasses.MISSING):
         return None
-    return f"{f.default:g}"
+    return f.default if isinstance(f.default, str) else f"{f.default:g}"
 
 
 def _help(f: dataclasses.Field) -> str:
     if _shown_default(f) is None or "default" in f.metadata["help"]:
         return f.metadata["help"]
-    return f"{f.metadata['help']} (default {f.default:g})"
+    return f"{f.metadata['help']} (default {_shown_default(f)})"
 
 
 def run_options() -> list[dataclasses.Field]:
@@ -126,6 +137,8 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
             kw["default"] = None if f.default is dataclasses.MISSING else f.default
         if f.metadata["metavar"]:
             kw["metavar"] = f.metadata["metavar"]
+        if f.metadata["choices"]:
+            kw["choices"] = f.metadata["choices"]
         if action is None:
             kw["type"] = {"float": float, "int": int, "str": str}.get(str(f.type), Path)
         parser.add_argument(*_flags(f), **kw)
@@ -140,6 +153,8 @@ def readme_table() -> str:
             flag = f"{flag}, --no-{flag[2:]}"
         elif f.metadata["metavar"]:
             flag = f"{flag} {f.metadata['metavar']}"
+        elif f.metadata["choices"]:
+            flag = f"{flag} {{{','.join(f.metadata['choices'])}}}"  # no '|' in a table
         default = f"`{_shown_default(f)}`" if _shown_default(f) is not None else ""
         rows.append(f"| `{flag}` | {default} | {f.metadata['help']} |")
     return "\n".join(rows) + "\n"

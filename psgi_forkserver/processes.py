@@ -21,7 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import adoption, launch
+from . import adoption, launch, logs
+from .config import VassalConfig
 from . import status as status_requests
 from .adoption import AdoptionError, PendingAdoption
 from .launch import describe_status
@@ -40,6 +41,7 @@ class ProcHandles:
     adoption: PendingAdoption | None = None
     next_probe: float = 0.0
     fork_server: Path | None = None  # base: the socket it serves
+    output: logs.OutputPipe | None = None  # adopted: its output pipe, passed with its config
 
 
 @dataclass(frozen=True)
@@ -76,17 +78,20 @@ class Processes:
 
     # -- starting: one preparation for spawn and adoption ----------------------
 
-    def _prepare(self, v: Vassal, seq: int, now: float) -> Prepared | None:
-        """Socket, pipes and config text for a new process of v; None (the
-        start failed, logged, retried after a backoff) when the socket cannot
-        be bound or the pipes cannot be made (out of descriptors)."""
+    def _prepare(self, v: Vassal, seq: int, now: float,
+                 always_config: bool = False) -> Prepared | None:
+        """Socket, pipes and config text for a new process of v (with
+        `always_config`, a config pipe whatever the file: an adopted vassal
+        of ours takes its output pipe from it); None (the start failed,
+        logged, retried after a backoff) when the socket cannot be bound or
+        the pipes cannot be made (out of descriptors)."""
         p = v.proc(seq)
         assert p is not None
         ok, lst = self._listener(v, now)
         if not ok:
             v.start_failed(now, "bind", seq)
             return None
-        text = launch.config_text(p.config)
+        text = launch.config_text(p.config, always=always_config)
         try:
             pairs = launch.make_pipes(text is not None)
         except OSError as e:
@@ -137,6 +142,7 @@ class Processes:
         pr = self._prepare(v, seq, now)
         if pr is None:
             return
+        out = self._output(v, p.config)
         argv = [*self.argv0, "--ini", str(p.config.path)]
         if kind == Kind.BASE:
             pr.handles.fork_server = self.base_socket_path(p.config, p.base_generation)
@@ -146,14 +152,19 @@ class Processes:
             pid = launch.spawn_vassal(
                 argv, os.environ, pr.pipe_fd, pr.config_fd, pr.listener_fd,
                 nofile=self.fds.inherited if self.fds is not None else None,
+                output_fd=out.wfd if out is not None else None,
             )
         except OSError as e:
+            if out is not None:
+                out.close()
             self._abandon(v, seq, now, pr, str(e), f"cannot start {argv[0]}: {e.strerror}")
             self.log(f"cannot start {argv[0]}: {e.strerror}; retry in {v.backoff:.1f} s", v.name)
             return
         finally:
             pr.close_theirs()
         self._keep(v, seq, pr)
+        if out is not None:
+            self.relay.watch(out, v.name, lambda: pid)
         self._watch_pipe(v.name, seq, pr.ours)
         v.spawned(pid, now, seq)
         self.pids[pid] = (v.name, seq)
@@ -168,9 +179,11 @@ class Processes:
         # the old one listens too, and a moved vassal must come from the new one
         path = self._fork_server_path(p.base_generation)
         assert path is not None
-        pr = self._prepare(v, seq, now)
+        pr = self._prepare(v, seq, now, always_config=self.judge)
         if pr is None:
             return
+        if self.judge:  # our program takes its output pipe from the config packet
+            pr.handles.output = self._output(v, p.config)
         argv = [self.opts.program, "--ini", str(p.config.path)]
         try:
             pending = adoption.start_adoption(
@@ -178,6 +191,8 @@ class Processes:
                 on_demand_fd=pr.listener_fd, timeout=self.opts.adopt_timeout,
             )
         except AdoptionError as e:
+            if pr.handles.output is not None:
+                pr.handles.output.close()
             self.external_ready = False
             self._abandon(v, seq, now, pr, str(e), f"adoption failed: {e}")
             self.log(f"adoption failed: {e}; retry in {max(0, v.not_before - now):.1f} s", v.name)
@@ -186,6 +201,8 @@ class Processes:
             pr.close_theirs()
         pr.handles.adoption = pending
         self._keep(v, seq, pr)
+        if pr.handles.output is not None:
+            self.relay.watch(pr.handles.output, v.name, lambda: self.pid_of(v.name, seq))
         self.sel.register(pending.sock, selectors.EVENT_READ,
                           ForVassal(v.name, seq, lambda t, n=v.name, q=seq: self._on_adoption(n, q, t)))
         if p.reason != "start":
@@ -202,10 +219,32 @@ class Processes:
 
     # -- the config pipe --------------------------------------------------------
 
+    def _output(self, v: Vassal, cfg: VassalConfig) -> logs.OutputPipe | None:
+        """A new process's output pipe (logs.py), its vassal's `logto` file
+        (re)opened; None, logged, if the pipe cannot be made: the process
+        then writes to the Emperor's stderr as it is."""
+        logto = cfg.get("logto") if hasattr(cfg, "get") else None
+        err = self.logbook.set_logto(v.name, self.dir / logto if logto else None)
+        if err is not None:
+            self.log(f"logto: {err}; its lines go to the Emperor's log", v.name)
+        try:
+            return logs.OutputPipe()
+        except OSError as e:
+            self.log(f"cannot make its output pipe: {e.strerror or e}; its output is "
+                     "not attributed", v.name)
+            return None
+
+    def pid_of(self, name: str, seq: int) -> int | None:
+        """A vassal process's pid, once known (for its relayed lines)."""
+        v = self.vassals.get(name)
+        p = v.proc(seq) if v is not None else None
+        return p.pid if p is not None else None
+
     def _send_config(self, h: ProcHandles) -> None:
         assert h.config_pipe is not None and h.config_text is not None
         try:
-            launch.send_config(h.config_pipe, h.config_text)
+            out = h.output.wfd if h.output is not None and h.output.wfd >= 0 else None
+            launch.send_config(h.config_pipe, h.config_text, output_fd=out)
         except OSError as e:
             self.log(f"config pipe: {e}")
 
