@@ -13,7 +13,8 @@ DEB_PACKAGES := perl libplack-perl libsocket-msghdr-perl libhttp-parser-xs-perl 
 	starman uwsgi-core uwsgi-plugin-psgi wrk curl procps iproute2 \
 	libmoose-perl libdatetime-perl libdatetime-timezone-perl libtemplate-perl \
 	libjson-xs-perl libdbix-class-perl libmojolicious-perl libdancer2-perl \
-	libcatalyst-perl libtry-tiny-perl libhttp-message-perl libtest-tcp-perl
+	libcatalyst-perl libtry-tiny-perl libhttp-message-perl libtest-tcp-perl \
+	nginx
 
 .PHONY: all setup run test test-python test-perl bench bench-quick clean
 
@@ -32,7 +33,7 @@ $(STAMPS)/venv: pyproject.toml
 	@mkdir -p $(STAMPS) && touch $@
 
 run: setup
-	$(VENV)/bin/emperor run examples/vassals
+	$(VENV)/bin/emperor run examples/vassals --http 127.0.0.1:8080
 
 test: setup
 	$(MAKE) --no-print-directory test-perl test-python

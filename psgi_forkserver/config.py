@@ -288,6 +288,7 @@ class OptionSpec:
     flag: bool = False
     alias: str | None = None
     emperor: bool = False  # read by the Emperor only; the vassal ignores it
+    ignored: bool = False  # uWSGI's harmless key: checked, then ignored by both sides
 
 
 def options_file() -> Path:
@@ -297,6 +298,7 @@ def options_file() -> Path:
 
 
 _declared: dict[str, OptionSpec] | None = None
+_refused: dict[str, str] = {}
 
 
 def declared_options() -> dict[str, OptionSpec]:
@@ -305,11 +307,26 @@ def declared_options() -> dict[str, OptionSpec]:
     if _declared is None:
         import json
 
-        rows = json.loads(options_file().read_text())["options"]
+        decl = json.loads(options_file().read_text())
         fields = set(OptionSpec.__dataclass_fields__)
         _declared = {r["key"]: OptionSpec(**{k: v for k, v in r.items() if k in fields})
-                     for r in rows}
+                     for r in decl["options"]}
+        _refused.update(decl.get("refused", {}))
     return _declared
+
+
+def refused_options() -> dict[str, str]:
+    """uWSGI keys we do not implement -> what to use instead (options.json)."""
+    declared_options()
+    return dict(_refused)
+
+
+def unknown_option(key: str) -> str:
+    """Why `key` is refused, as ForkServer::Config::unknown_option says it."""
+    advice = refused_options().get(key)
+    if advice:
+        return f"uWSGI's option '{key}' is not supported: {advice}"
+    return f"unknown option '{key}'"
 
 
 def emperor_keys() -> frozenset[str]:
@@ -340,6 +357,24 @@ def parse_address(value: str) -> tuple[str | None, int]:
     if not 1 <= port <= 65535:
         raise ValueError("port out of range")
     return (m.group(1) or None), port
+
+
+def _socket_address(value: str) -> str:
+    """A UNIX socket path (it has a `/`) or HOST:PORT, as ForkServer::Config reads it."""
+    if "/" not in value:
+        parse_address(value)
+    return value
+
+
+_DOMAIN = re.compile(r"(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
+
+
+def parse_domain(value: str) -> str:
+    """`app.example.com` or `*.example.com`, lower-cased; ValueError otherwise."""
+    d = value.lower()
+    if not _DOMAIN.fullmatch(d) or len(d) > 253:
+        raise ValueError("expected a host name (app.example.com) or a wildcard (*.example.com)")
+    return d
 
 
 def _user(value: str) -> int:
@@ -414,6 +449,8 @@ CHECKERS: dict[str, Callable[[str], object]] = {
     "uint": _uint,
     "bool": parse_bool,
     "address": parse_address,
+    "socket-address": _socket_address,
+    "domain": parse_domain,
     "env": _env,
 }
 
@@ -435,7 +472,7 @@ def judge_options(entries: list[tuple[int, str, str]], has_section: bool,
     for lineno, key, value in entries:
         spec = table.get(key)
         if spec is None:
-            raise ConfigError(f"line {lineno}: unknown option '{key}'")
+            raise ConfigError(f"line {lineno}: {unknown_option(key)}")
         try:
             norm = CHECKERS[spec.type](value)
         except ValueError as e:

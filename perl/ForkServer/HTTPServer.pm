@@ -10,7 +10,7 @@ use Config ();
 use Errno qw(EINTR EAGAIN ECONNABORTED);
 use POSIX ();
 use Socket qw(IPPROTO_TCP TCP_NODELAY SOL_SOCKET SO_RCVTIMEO SO_SNDTIMEO SO_REUSEADDR
-              AF_INET AF_INET6 AF_UNSPEC SOCK_STREAM AI_PASSIVE
+              AF_INET AF_INET6 AF_UNIX AF_UNSPEC SOCK_STREAM AI_PASSIVE
               getaddrinfo inet_ntop unpack_sockaddr_in unpack_sockaddr_in6 sockaddr_family);
 use IO::Handle ();
 # An in-memory open (an empty psgi.input, a buffered body) loads these on its
@@ -276,7 +276,10 @@ sub _setup_listener {
     # SERVER_NAME / SERVER_PORT are per listener: compute them once.
     my $name = getsockname($sock) or die "getsockname: $!";
     my ($port, $addr);
-    if (sockaddr_family($name) == AF_INET6) {
+    if (sockaddr_family($name) == AF_UNIX) {
+        # behind a front door: the Host header names the site, not the socket
+        ($port, $addr) = (0, 'localhost');
+    } elsif (sockaddr_family($name) == AF_INET6) {
         ($port, $addr) = unpack_sockaddr_in6($name);
         $addr = inet_ntop(AF_INET6, $addr);
     } else {
