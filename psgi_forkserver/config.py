@@ -360,8 +360,11 @@ def parse_address(value: str) -> tuple[str | None, int]:
 
 
 def _socket_address(value: str) -> str:
-    """A UNIX socket path (it has a `/`) or HOST:PORT, as ForkServer::Config reads it."""
-    if "/" not in value:
+    """A UNIX socket path (it has a `/`, or no `:`) or HOST:PORT, as
+    ForkServer::Config reads it."""
+    if not value:
+        raise ValueError("expected HOST:PORT or a UNIX socket path")
+    if "/" not in value and ":" in value:
         parse_address(value)
     return value
 

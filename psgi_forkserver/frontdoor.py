@@ -102,7 +102,7 @@ def render_routing(routes: Iterable[Route], keepalive: int = 0) -> str:
         out.append(f"upstream {upstream_name(r.vassal)} {{")
         # one server: nginx never marks it failed; the vassal's socket is
         # the Emperor's and queues connections across restarts
-        out.append(f"    server {r.target};")
+        out.append(f"    server {_quote(r.target)};")
         if keepalive:
             out.append(f"    keepalive {keepalive};")
         out.append("}")

@@ -6,7 +6,7 @@ outlives the vassal's processes, so a restart or a reload never closes the
 port: the kernel queues connections while no process accepts.
 
 An address is TCP (`HOST:PORT`) or a UNIX socket path (anything with a
-`/`). A vassal with `domain` and no `http-socket` gets a UNIX socket under
+`/` or without a `:`). A vassal with `domain` and no `http-socket` gets a UNIX socket under
 the Emperor's run directory (`auto_socket_path`): the front door reaches it
 by name, no port is spent on it.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import stat
 from dataclasses import dataclass
@@ -28,15 +29,16 @@ MAX_UNIX_PATH = 107
 
 
 def is_unix_address(addr: str) -> bool:
-    """A UNIX socket path rather than HOST:PORT (uWSGI's rule: it has a `/`)."""
-    return "/" in addr
+    """A UNIX socket path rather than HOST:PORT: it has a `/`, or no `:`
+    (uWSGI's rule: `app.sock` is a path)."""
+    return "/" in addr or ":" not in addr
 
 
 def auto_socket_path(socket_dir: Path, name: str) -> Path:
     """The socket of a vassal that has `domain` and no `http-socket`. A name
     that would not fit in a sockaddr_un (or is not a plain file name) is
     replaced by its hash."""
-    safe = name if name and "/" not in name and not name.startswith(".") else ""
+    safe = name if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) else ""
     path = socket_dir / f"{safe}.sock"
     if not safe or len(os.fsencode(str(path))) > MAX_UNIX_PATH:
         path = socket_dir / f"h-{hashlib.sha256(name.encode()).hexdigest()[:16]}.sock"

@@ -29,8 +29,11 @@ my $GID = sub {
 };
 my $ENV_PAIR = sub { $_[0] =~ /\A[^=]+=/s ? $_[0] : die "expected KEY=VALUE\n" };
 my $ADDR = sub { parse_address($_[0]); $_[0] };
-# a UNIX socket path (uWSGI's rule: it has a /) or HOST:PORT
-my $SOCKET_ADDR = sub { $_[0] =~ m{/} ? $_[0] : $ADDR->($_[0]) };
+# a UNIX socket path (it has a /, or no :, as uWSGI reads it) or HOST:PORT
+my $SOCKET_ADDR = sub {
+    length $_[0] or die "expected HOST:PORT or a UNIX socket path\n";
+    $_[0] =~ m{/} || $_[0] !~ /:/ ? $_[0] : $ADDR->($_[0]);
+};
 my $DOMAIN = sub {
     my $d = lc $_[0];
     $d =~ /\A(?:\*\.)?[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*\z/ && length $d <= 253

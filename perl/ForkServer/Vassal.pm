@@ -119,7 +119,7 @@ sub listen_socket {
     my $addr = $self->{config}->get('http-socket');
     die "no socket: give --http-socket ADDR (or pass a listening socket as descriptor 0)\n"
         unless defined $addr;
-    return listen_unix($addr, $self->{config}->get('listen')) if $addr =~ m{/};
+    return listen_unix($addr, $self->{config}->get('listen')) if $addr =~ m{/} || $addr !~ /:/;
     my ($host, $port) = ForkServer::Config::parse_address($addr);
     my @common = (LocalPort => $port, Listen => $self->{config}->get('listen'), ReuseAddr => 1, Type => Socket::SOCK_STREAM());
     my $sock;
