@@ -45,13 +45,14 @@ from benchlib import (  # noqa: E402
     wait_all_200,
 )
 from psgi_forkserver import forkserver  # noqa: E402  (the product's client)
+import front as frontbench  # noqa: E402  (bench/front.py)
 
 PROGRAM = str(ROOT / "perl" / "ForkServer.pm")
 APPS = {"heavy": str(HERE / "heavy.psgi"), "hello": str(HERE / "hello.psgi")}
 EMPEROR = str(ROOT / ".venv" / "bin" / "emperor")
 MB = 1024 * 1024
 
-SCENARIOS = ("adoption", "serving", "cold", "fleet", "mass", "deploy")
+SCENARIOS = ("adoption", "serving", "cold", "fleet", "mass", "deploy", "front")
 
 
 @dataclass
@@ -713,6 +714,7 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
                          f"{fmt(a, '.0f')} / {fmt(st, '.0f')} req/s ({fmt(ratio, '.2f')})",
                          f">= {TARGETS['serving_ratio']:.2f} of Starman",
                          verdict(ratio >= TARGETS["serving_ratio"] if ratio else None)))
+    rows += frontbench.rows(r.get("front") or {})
     return rows
 
 
@@ -865,6 +867,9 @@ def main(argv: list[str] | None = None) -> int:
             r["mass"] = step("mass", lambda: mass_start(procs, ports, tmp, sizes))
         if "deploy" in only:
             r["deploy"] = step("deploy", lambda: code_deploy(procs, ports, tmp, sizes))
+        if "front" in only:
+            r["front"] = frontbench.run(procs, ports, tmp, EmperorRun, base_ini, args.quick,
+                                        sizes.wrk_duration, step)
         if "serving" in only:
             r["serving"] = {}
             for app in ("hello", "heavy"):

@@ -430,3 +430,50 @@ def test_config_change_under_load_through_the_front_door_fails_no_request(front)
     assert failed == [], failed[:5]
     assert ok > 100
     assert f.lines("routing changed")
+
+
+@needs_nginx
+@needs_perl
+def test_bring_your_own_nginx_include_kept_up_to_date_and_reloaded(xprocess, tmp_path: Path):
+    """An operator's nginx (started here, as an operator would) includes the
+    file the Emperor keeps; the Emperor runs the operator's reload command
+    after each change, and the new name answers through that nginx."""
+    top = Path(tempfile.mkdtemp(prefix="pfs-byo-"))
+    vdir, run, ng = top / "v", top / "run", top / "ng"
+    for d in (vdir, ng):
+        d.mkdir()
+    include = ng / "psgi-routing.conf"
+    include.write_text(fd.render_routing([]))  # `emperor nginx-conf` of an empty directory
+    port = free_port()
+    (ng / "nginx.conf").write_text(
+        f"daemon off;\nmaster_process on;\nerror_log stderr;\npid {ng}/nginx.pid;\nevents {{}}\n"
+        f"http {{\n  access_log off;\n  include {include};\n"
+        f"  server {{\n    listen 127.0.0.1:{port};\n{fd.render_locations()}  }}\n}}\n")
+    nginx = subprocess.Popen([NGINX, "-e", "stderr", "-p", str(ng), "-c", str(ng / "nginx.conf")],
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    em = None
+    try:
+        wait_for(lambda: status_of(port, "app1.localhost") == 404, 20, "the operator's nginx")
+        (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
+        (vdir / "app1.ini").write_text(ini("app1", "domain = app1.localhost"))
+        reloads = top / "reloads"
+        em = start_emperor(xprocess, f"emperor-{top.name}", [
+            vdir, "--run-dir", run, "--nginx-include", include,
+            "--nginx-reload", f"echo reload >> {reloads}; kill -HUP {nginx.pid}"])
+        wait_for(lambda: answers(port, "app1.localhost", "app1"), 30, "app1 through their nginx")
+        assert f"server \"unix:{run}/sockets/app1.sock\";" in include.read_text()
+        n = len(reloads.read_text().splitlines())
+        assert n >= 1
+        (vdir / "app2.ini").write_text(ini("app2", "domain = app2.localhost"))
+        wait_for(lambda: answers(port, "app2.localhost", "app2"), 30, "a new name, reloaded")
+        assert len(reloads.read_text().splitlines()) > n
+        # what `emperor nginx-conf` prints for the same directory is that file
+        r = subprocess.run([EMPEROR, "nginx-conf", str(vdir), "--run-dir", str(run)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout == include.read_text(), r.stderr
+    finally:
+        if em is not None:
+            stop_emperor(em)
+        nginx.terminate()
+        nginx.wait(20)
+        shutil.rmtree(top, ignore_errors=True)
