@@ -402,6 +402,12 @@ def _group(value: str) -> int:
         raise ValueError("no such group") from None
 
 
+def parse_owner(value: str) -> tuple[int, int | None]:
+    """`USER` or `USER:GROUP` (names or numbers) -> (uid, gid or None)."""
+    user, sep, group = value.partition(":")
+    return _user(user), (_group(group) if sep else None)
+
+
 def _nonempty(value: str) -> str:
     if not value:
         raise ValueError("expected a non-empty value")
@@ -454,6 +460,7 @@ CHECKERS: dict[str, Callable[[str], object]] = {
     "address": parse_address,
     "socket-address": _socket_address,
     "domain": parse_domain,
+    "owner": parse_owner,
     "env": _env,
 }
 

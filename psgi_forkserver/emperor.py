@@ -724,7 +724,14 @@ class Emperor:
 
     @staticmethod
     def _socket_owner(cfg: cfgmod.VassalConfig) -> tuple[int | None, int | None]:
-        """uid, gid a vassal's UNIX socket belongs to (its `uid`/`gid`)."""
+        """uid, gid a vassal's UNIX socket belongs to: `chown-socket`, else
+        its `uid`/`gid`."""
+        chown = cfg.get("chown-socket")
+        if chown:
+            try:
+                return cfgmod.parse_owner(chown)
+            except ValueError:
+                pass
         out: list[int | None] = []
         for key, conv in (("uid", cfgmod.CHECKERS["user"]), ("gid", cfgmod.CHECKERS["group"])):
             raw = cfg.get(key)

@@ -439,6 +439,7 @@ def test_bring_your_own_nginx_include_kept_up_to_date_and_reloaded(xprocess, tmp
     file the Emperor keeps; the Emperor runs the operator's reload command
     after each change, and the new name answers through that nginx."""
     top = Path(tempfile.mkdtemp(prefix="pfs-byo-"))
+    top.chmod(0o755)  # their workers must reach the sockets under it
     vdir, run, ng = top / "v", top / "run", top / "ng"
     for d in (vdir, ng):
         d.mkdir()
@@ -455,7 +456,10 @@ def test_bring_your_own_nginx_include_kept_up_to_date_and_reloaded(xprocess, tmp
     try:
         wait_for(lambda: status_of(port, "app1.localhost") == 404, 20, "the operator's nginx")
         (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
-        (vdir / "app1.ini").write_text(ini("app1", "domain = app1.localhost"))
+        # their nginx's workers run as nobody (a root master's default), as
+        # www-data under Debian's: the sockets are given to that user
+        owner = "chown-socket = nobody:nogroup" if os.geteuid() == 0 else "domain = x.localhost"
+        (vdir / "app1.ini").write_text(ini("app1", "domain = app1.localhost", owner))
         reloads = top / "reloads"
         em = start_emperor(xprocess, f"emperor-{top.name}", [
             vdir, "--run-dir", run, "--nginx-include", include,
@@ -464,8 +468,12 @@ def test_bring_your_own_nginx_include_kept_up_to_date_and_reloaded(xprocess, tmp
         assert f"server \"unix:{run}/sockets/app1.sock\";" in include.read_text()
         n = len(reloads.read_text().splitlines())
         assert n >= 1
-        (vdir / "app2.ini").write_text(ini("app2", "domain = app2.localhost"))
+        (vdir / "app2.ini").write_text(ini("app2", "domain = app2.localhost",
+                                           owner.replace("x.localhost", "y.localhost")))
         wait_for(lambda: answers(port, "app2.localhost", "app2"), 30, "a new name, reloaded")
+        if os.geteuid() == 0:
+            st = (run / "sockets" / "app2.sock").stat()
+            assert (st.st_uid, st.st_gid) == (65534, 65534) and stat.S_IMODE(st.st_mode) == 0o660
         assert len(reloads.read_text().splitlines()) > n
         # what `emperor nginx-conf` prints for the same directory is that file
         r = subprocess.run([EMPEROR, "nginx-conf", str(vdir), "--run-dir", str(run)],

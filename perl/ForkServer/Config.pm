@@ -56,6 +56,7 @@ my %CHECK = (
     address   => $ADDR,
     'socket-address' => $SOCKET_ADDR,
     domain    => $DOMAIN,
+    owner     => sub { my ($u, $g) = split /:/, $_[0], 2; $UID->($u); $GID->($g) if defined $g; $_[0] },
     env       => $ENV_PAIR,
     include   => $STR,
 );
