@@ -14,9 +14,24 @@ DEB_PACKAGES := perl libplack-perl libsocket-msghdr-perl libhttp-parser-xs-perl 
 	libmoose-perl libdatetime-perl libdatetime-timezone-perl libtemplate-perl \
 	libjson-xs-perl libdbix-class-perl libmojolicious-perl libdancer2-perl \
 	libcatalyst-perl libtry-tiny-perl libhttp-message-perl libtest-tcp-perl \
-	nginx
+	nginx libgoto-file-perl libtest2-harness-perl
 
-.PHONY: all setup run test test-python test-perl bench bench-quick clean
+# What bench/run.py's `plack` row needs besides: Plack's own test suite's
+# dependencies (Debian's build-depends of libplack-perl) and dpkg-source.
+BENCH_DEB_PACKAGES := dpkg-dev libapache-logformat-compiler-perl libauthen-simple-passwd-perl \
+	libcgi-compile-perl libcgi-emulate-psgi-perl libcgi-pm-perl \
+	libcookie-baker-perl libdevel-stacktrace-ashtml-perl \
+	libdevel-stacktrace-perl libfcgi-perl libfcgi-procmanager-perl \
+	libfile-sharedir-perl libfilesys-notify-simple-perl \
+	libhash-multivalue-perl libhttp-entity-parser-perl \
+	libhttp-headers-fast-perl libhttp-message-perl \
+	libhttp-request-ascgi-perl libhttp-tiny-perl libio-handle-util-perl \
+	liblog-dispatch-array-perl liblog-log4perl-perl libmime-types-perl \
+	libmodule-refresh-perl libstream-buffered-perl libtest-requires-perl \
+	libtest-tcp-perl libtry-tiny-perl liburi-perl \
+	libwww-form-urlencoded-perl libwww-perl
+
+.PHONY: all setup run test test-python test-perl bench bench-quick bench-setup clean
 
 all: setup
 
@@ -38,16 +53,25 @@ run: setup
 test: setup
 	$(MAKE) --no-print-directory test-perl test-python
 
+# The Perl tests twice: under prove, and under `emperor prove` (forked
+# from a preloaded base), which must give the same verdicts.
 test-perl: setup
 	prove -r -I perl t/
+	$(VENV)/bin/emperor prove -j2 -r -I perl t/
 
 test-python: setup
 	$(VPY) -m pytest -q
 
-bench: setup
+bench-setup: $(STAMPS)/bench-debian
+
+$(STAMPS)/bench-debian: Makefile tools/install-debian-packages
+	tools/install-debian-packages $(BENCH_DEB_PACKAGES)
+	@mkdir -p $(STAMPS) && touch $@
+
+bench: setup bench-setup
 	$(VPY) bench/run.py --full
 
-bench-quick: setup
+bench-quick: setup bench-setup
 	$(VPY) bench/run.py --quick
 
 clean:

@@ -52,7 +52,7 @@ APPS = {"heavy": str(HERE / "heavy.psgi"), "hello": str(HERE / "hello.psgi")}
 EMPEROR = str(ROOT / ".venv" / "bin" / "emperor")
 MB = 1024 * 1024
 
-SCENARIOS = ("adoption", "serving", "cold", "fleet", "mass", "deploy", "front")
+SCENARIOS = ("adoption", "serving", "cold", "fleet", "mass", "deploy", "prove", "plack", "front")
 
 
 @dataclass
@@ -65,10 +65,11 @@ class Sizes:
     idle_seconds: float
     wrk_duration: str
     deploy: int = 20
+    prove_files: int = 40
 
 
 QUICK = Sizes(adoptions=20, colds=3, reactions=10, fleet=(10, 50), mass=50, idle_seconds=3, wrk_duration="3s",
-              deploy=10)
+              deploy=10, prove_files=10)
 FULL = Sizes(adoptions=50, colds=10, reactions=10, fleet=(10, 50, 200), mass=200, idle_seconds=10, wrk_duration="10s")
 
 TARGETS = {
@@ -78,6 +79,8 @@ TARGETS = {
     "mass_start_s": 3.0,
     "emperor_cpu_pct": 1.0,
     "serving_ratio": 0.90,
+    "prove_over_emperor": 10.0,
+    "yath_over_emperor": 3.0,
 }
 
 
@@ -176,6 +179,124 @@ def adoption_latency(procs: Procs, ports: Ports, tmp: Path, app: str, n: int, pa
     say(f"  first 200 p50 {r['first_200_ms']['p50']:.2f} ms, p99 {r['first_200_ms']['p99']:.2f} ms; "
         f"pid reply p50 {r['pid_reply_ms']['p50']:.2f} ms")
     return r
+
+
+PROVE_TEST = """use strict;
+use warnings;
+use Test::More;
+use HeavyStack;
+my $dt = DateTime->new(year => 2026, month => 11, day => {day}, time_zone => 'Europe/Paris');
+is $dt->day, {day}, 'DateTime';
+is_deeply(JSON::XS->new->decode('{{"n":{n}}}'), {{n => {n}}}, 'JSON::XS');
+ok(Moose::Meta::Class->create_anon_class, 'Moose');
+done_testing;
+"""
+
+PROVE_VERDICT = re.compile(r"^(\S+\.t) \.+ (ok|skipped.*)$", re.M)
+
+
+def prove_runners(procs: Procs, tmp: Path, n: int) -> dict:
+    """N test files that each load the heavy stack, run by prove -j2, yath
+    test -j2 and emperor prove -j2, the last two preloading the same modules
+    (Test::More and the stack)."""
+    say(f"test harnesses: {n} test files loading the heavy stack, -j2: prove, yath, emperor prove")
+    suite = tmp / "prove-suite"
+    (suite / "t").mkdir(parents=True)
+    for i in range(n):
+        (suite / "t" / f"heavy{i:02d}.t").write_text(PROVE_TEST.format(day=1 + i % 28, n=i))
+    lib = str(HERE / "prove")
+    runners = {
+        "prove": ["prove", "-j2", "-I", lib, "t"],
+        "yath": ["yath", "test", "-j2", "-I", lib, "-PTest::More", "-PHeavyStack", "t"],
+        "emperor prove": [EMPEROR, "prove", "-j2", "-I", lib, "-M", "Test::More", "-M", "HeavyStack", "t"],
+    }
+    res: dict = {"files": n}
+    for name, argv in runners.items():
+        log = tmp / f"harness-{name.replace(' ', '-')}.log"
+        t0 = time.perf_counter()
+        p = procs.spawn(argv, log=log.stem, cwd=suite)
+        procs.wait(p.pid, 900)
+        wall = time.perf_counter() - t0
+        status = procs.status.get(p.pid)
+        out = log.read_text(errors="replace")
+        passed = len(PROVE_VERDICT.findall(out)) if name != "yath" else n * ("Result: PASSED" in out)
+        res[name] = {"wall_s": wall, "exit": None if status is None else os.waitstatus_to_exitcode(status),
+                     "files_passed": passed, "command": shlex.join(argv)}
+        say(f"  {name}: {wall:.2f} s, exit {res[name]['exit']}, {passed}/{n} files passed")
+        if res[name]["exit"] != 0:
+            raise BenchError(f"{name} failed (exit {res[name]['exit']}), see {log}")
+    res["prove_over_emperor"] = res["prove"]["wall_s"] / res["emperor prove"]["wall_s"]
+    res["yath_over_emperor"] = res["yath"]["wall_s"] / res["emperor prove"]["wall_s"]
+    return res
+
+
+PLACK_SRC = HERE / "plack-src"
+DEB_SRC = Path("/etc/apt/sources.list.d/psgi-forkserver-deb-src.sources")
+YATH_VERDICT = re.compile(r"^\( *(PASSED|FAILED|SKIPPED) *\)\s+job\s+\d+\s+(\S+\.t)", re.M)
+
+
+def plack_source() -> Path:
+    """Plack's source at the version Debian ships (`apt-get source
+    libplack-perl`, once, into bench/plack-src/; a deb-src line for the
+    system's own Debian suites is added if there is none)."""
+    found = sorted(PLACK_SRC.glob("libplack-perl-*/t"))
+    if found:
+        return found[-1].parent
+    has_src = any("deb-src" in f.read_text(errors="replace")
+                  for f in [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]
+                  if f.is_file())
+    if not has_src:
+        main = Path("/etc/apt/sources.list.d/debian.sources").read_text()
+        stanza = next(s for s in main.split("\n\n") if "debian-security" not in s)
+        DEB_SRC.write_text(stanza.replace("Types: deb", "Types: deb-src").strip() + "\n")
+        subprocess.run(["apt-get", "update", "-qq"], check=True, timeout=300)
+    PLACK_SRC.mkdir(exist_ok=True)
+    subprocess.run(["apt-get", "source", "-qq", "libplack-perl"], cwd=PLACK_SRC, check=True, timeout=300,
+                   stdout=subprocess.DEVNULL)
+    return sorted(PLACK_SRC.glob("libplack-perl-*/t"))[-1].parent
+
+
+def plack_suite(procs: Procs, tmp: Path) -> dict:
+    """Plack's own t/ (150 files, written by Plack's authors) by prove -j2,
+    yath test -j2 and emperor prove -j2, the last two preloading what the
+    suite loads; per-file verdicts compared with prove's."""
+    src = plack_source()
+    say(f"Plack's t/ ({src.name}): prove, yath, emperor prove, -j2")
+    preload = HERE / "prove" / "plack-preload.pl"
+    modules = [m for m in re.findall(r"^use ([\w:]+) \(\);", preload.read_text(), re.M)
+               if m not in ("strict", "warnings")]
+    runners = {
+        "prove": ["prove", "-j2", "-I", "lib", "-r", "t"],
+        "yath": ["yath", "test", "-j2", "-I", "lib", *(f"-P{m}" for m in modules), "t"],
+        "emperor prove": [EMPEROR, "prove", "-j2", "-I", "lib", "--preload", str(preload), "-r", "t"],
+    }
+    res: dict = {"source": src.name}
+    for name, argv in runners.items():
+        log = tmp / f"plack-{name.replace(' ', '-')}.log"
+        t0 = time.perf_counter()
+        p = procs.spawn(argv, log=log.stem, cwd=src)
+        procs.wait(p.pid, 900)
+        wall = time.perf_counter() - t0
+        out = log.read_text(errors="replace")
+        if name == "yath":
+            verdicts = {f: v.lower().replace("passed", "ok") for v, f in YATH_VERDICT.findall(out)}
+        else:
+            verdicts = {m.group(1): ("ok" if m.group(2) == "ok" else "skipped" if m.group(2).startswith("skipped")
+                                     else "FAIL")
+                        for m in re.finditer(r"^(\S+\.t) \.+ ?(.*)$", out, re.M)}
+        status = procs.status.get(p.pid)
+        res[name] = {"wall_s": wall, "exit": None if status is None else os.waitstatus_to_exitcode(status),
+                     "files": len(verdicts), "failed": sorted(f for f, v in verdicts.items() if v.upper() == "FAIL"
+                                                              or v == "failed"),
+                     "verdicts": verdicts, "command": shlex.join(argv)}
+        say(f"  {name}: {wall:.2f} s, exit {res[name]['exit']}, {len(verdicts)} files, failed: {res[name]['failed']}")
+    p_v, e_v = res["prove"]["verdicts"], res["emperor prove"]["verdicts"]
+    res["same_verdicts_as_prove"] = p_v == e_v
+    res["differ_from_prove"] = sorted(f for f in set(p_v) | set(e_v) if p_v.get(f) != e_v.get(f))
+    res["yath_differ_from_prove"] = sorted(
+        f for f in p_v if ("ok" if p_v[f] == "ok" else "skipped" if p_v[f] == "skipped" else "failed")
+        != res["yath"]["verdicts"].get(f))
+    return res
 
 
 def run_wrk(port: int, duration: str, path: str = "/") -> dict:
@@ -705,6 +826,25 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
                          f"{dp['ready_to_first_move_s']:.2f} s (log, 0.05 s polls)"
                          + (f"; {exact * 1000:.1f} ms (Emperor's record)" if exact is not None else ""),
                          "", ""))
+    pv = r.get("prove")
+    if pv:
+        rows.append((f"{pv['files']} heavy test files, -j2: prove / yath test / emperor prove",
+                     f"{pv['prove']['wall_s']:.2f} / {pv['yath']['wall_s']:.2f} / {pv['emperor prove']['wall_s']:.2f} s",
+                     "", ""))
+        rows.append(("  prove / emperor prove; yath / emperor prove",
+                     f"{pv['prove_over_emperor']:.1f}x; {pv['yath_over_emperor']:.1f}x",
+                     f">= {TARGETS['prove_over_emperor']:g}x; >= {TARGETS['yath_over_emperor']:g}x",
+                     verdict(pv["prove_over_emperor"] >= TARGETS["prove_over_emperor"]
+                             and pv["yath_over_emperor"] >= TARGETS["yath_over_emperor"])))
+    pl = r.get("plack")
+    if pl:
+        rows.append((f"Plack's t/ ({pl['prove']['files']} files), -j2: prove / yath test / emperor prove",
+                     f"{pl['prove']['wall_s']:.2f} / {pl['yath']['wall_s']:.2f} / {pl['emperor prove']['wall_s']:.2f} s",
+                     "", ""))
+        rows.append(("  per-file verdicts: emperor prove = prove; yath = prove",
+                     f"{'yes' if pl['same_verdicts_as_prove'] else 'NO ' + ', '.join(pl['differ_from_prove'])}; "
+                     f"{'yes' if not pl['yath_differ_from_prove'] else 'no: ' + ', '.join(pl['yath_differ_from_prove'])}",
+                     "emperor prove = prove", verdict(pl["same_verdicts_as_prove"])))
     sv = r.get("serving", {})
     for app in ("hello", "heavy"):
         s = sv.get(app)
@@ -870,6 +1010,10 @@ def main(argv: list[str] | None = None) -> int:
         if "front" in only:
             r["front"] = frontbench.run(procs, ports, tmp, EmperorRun, base_ini, args.quick,
                                         sizes.wrk_duration, step)
+        if "prove" in only:
+            r["prove"] = step("prove", lambda: prove_runners(procs, tmp, sizes.prove_files))
+        if "plack" in only:
+            r["plack"] = step("plack", lambda: plack_suite(procs, tmp))
         if "serving" in only:
             r["serving"] = {}
             for app in ("hello", "heavy"):

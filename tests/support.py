@@ -97,10 +97,13 @@ class EmperorLog:
         pat = re.compile(self._PID.format(name=re.escape(name)))
         return [int(m) for m in pat.findall(self.text())]
 
-    def vpid(self, name: str) -> int:
-        pids = self.vpids(name)
-        assert pids, f"no pid logged for {name}:\n{self.text()}"
-        return pids[-1]
+    def vpid(self, name: str, timeout: float = 15.0) -> int:
+        """The vassal's latest pid. Waits for it: a vassal may answer HTTP
+        before the Emperor has read its adoption reply and logged it."""
+        try:
+            return wait_for(lambda: self.vpids(name), timeout, f"a pid logged for {name}")[-1]
+        except AssertionError as e:
+            raise AssertionError(f"{e}:\n{self.text()}") from None
 
 
 @dataclass

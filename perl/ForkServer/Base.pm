@@ -365,6 +365,14 @@ sub _become_vassal {
 
         my $emperor = ForkServer::Emperor->pipe_from_env;
         my ($text, $config_fh) = ForkServer::Emperor->config_from_env;
+        # `emperor prove`: another kind of adopted vassal, a test file; its
+        # pipes are the test's stdout and stderr (ForkServer::TestFile).
+        if (($argv[0] // '') eq '--test-file') {
+            die "this base does not run test files\n" unless ForkServer::TestFile->can('become_test');
+            ForkServer::TestFile::become_test(
+                argv => \@argv, config_text => $text, stdout => $emperor, stderr => $config_fh,
+            );    # returns only on error
+        }
         my $config = ForkServer::Config->from_argv(\@argv, config_text => $text);
         $name = $config->name;
         die "fork-server is set: an adopted vassal cannot be a base vassal\n" if defined $config->get('fork-server');
