@@ -88,26 +88,37 @@ def _write(vdir: Path, name: str, text: str) -> None:
     tmp.rename(vdir / f"{name}.ini")
 
 
+SERVING_VARIANTS = {
+    "default": [],
+    "nolog": ["--no-http-access-log"],
+    "keepalive": ["--no-http-access-log", "--nginx-keepalive", "16"],
+}
+SERVING_LABELS = {
+    "default": "as `emperor run --http` starts it: access log on, a new connection per request",
+    "nolog": "--no-http-access-log",
+    "keepalive": "--no-http-access-log --nginx-keepalive 16",
+}
+
+
 def serving(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, duration: str) -> dict:
     """The same vassal, direct and through the front door, in one run."""
     res: dict = {}
-    for keepalive in (0, 16):
-        vdir = tmp / f"front-serve-{keepalive}"
+    for key, extra in SERVING_VARIANTS.items():
+        vdir = tmp / f"front-serve-{key}"
         vdir.mkdir()
-        (vdir / "base.ini").write_text(base_ini("hello", tmp / f"front-serve-{keepalive}.sock"))
+        (vdir / "base.ini").write_text(base_ini("hello", tmp / f"front-serve-{key}.sock"))
         direct = ports.get()
         _write(vdir, "hello", _vassal("hello", f"http-socket = 127.0.0.1:{direct}",
                                       "domain = hello.localhost", "processes = 2",
                                       "disable-logging = true"))
         front = ports.get()
-        em = emperor_run(procs, vdir, f"emperor-front-serve-{keepalive}",
-                         ["--http", f"127.0.0.1:{front}", "--run-dir", str(tmp / f"run-s{keepalive}"),
-                          "--nginx-keepalive", str(keepalive)])
+        em = emperor_run(procs, vdir, f"emperor-front-serve-{key}",
+                         ["--http", f"127.0.0.1:{front}", "--run-dir", str(tmp / f"run-s{key}"),
+                          *extra])
         try:
             wait_host_200(front, "hello.localhost", 60, em.alive)
             wrk(direct, "1s")
             wrk(front, "1s", "hello.localhost")  # warm-up of both, not counted
-            key = "keepalive" if keepalive else "plain"
             res[key] = {"direct": wrk(direct, duration),
                         "front": wrk(front, duration, "hello.localhost"),
                         "command": shlex.join(em.argv)}
@@ -238,8 +249,7 @@ def run(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, quick: boo
 def rows(fr: dict) -> list[tuple[str, str, str, str]]:
     out = []
     sv = fr.get("serving") or {}
-    for key, label in (("plain", "nginx -> vassal, a new connection per request"),
-                       ("keepalive", "nginx keeps 16 idle connections per vassal")):
+    for key, label in SERVING_LABELS.items():
         s = sv.get(key)
         if s and s["ratio"] is not None:
             out.append((f"hello world, wrk -t2 -c16, 2 workers: through the front door / direct ({label})",

@@ -280,6 +280,8 @@ def add_front_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--nginx-reload", metavar="COMMAND",
                      help="run this shell command after each change of --nginx-include")
     run.add_argument("--nginx", metavar="PATH", help="the nginx binary (default: from PATH)")
+    run.add_argument("--http-access-log", default=True, action=argparse.BooleanOptionalAction,
+                     help="nginx's access log in the Emperor's log, prefixed [front] (default: on)")
     run.add_argument("--nginx-keepalive", type=int, default=0, metavar="N",
                      help="idle connections nginx keeps open per vassal (default 0: "
                           "one connection per request)")
@@ -332,7 +334,7 @@ def front_options(args: argparse.Namespace):
         run_dir=run_dir_of(args), listen=args.http,
         include=Path(os.path.abspath(args.nginx_include)) if args.nginx_include else None,
         reload_cmd=args.nginx_reload, nginx=args.nginx or find_nginx(),
-        keepalive=max(0, args.nginx_keepalive),
+        keepalive=max(0, args.nginx_keepalive), access_log=args.http_access_log,
         backoff_first=args.backoff_first, backoff_max=min(30.0, args.backoff_max),
         stable_after=args.stable_after,
     )

@@ -161,7 +161,7 @@ def _indent(text: str, n: int) -> str:
 
 def render_nginx_conf(routes: Iterable[Route], listen: str, run_dir: Path,
                       keepalive: int = 0, user: str | None = None,
-                      workers: str = "auto") -> str:
+                      workers: str = "auto", access_log: bool = True) -> str:
     """The whole configuration of the embedded nginx: foreground master,
     every path under `run_dir/nginx`, errors on stderr (the Emperor reads
     them), the access log on stdout (the Emperor's stderr) with the
@@ -182,7 +182,7 @@ def render_nginx_conf(routes: Iterable[Route], listen: str, run_dir: Path,
         "log_format psgi_fs 'emperor: [front] $host $remote_addr \"$request\" $status "
         "$body_bytes_sent $request_time';",
         # writes of at most PIPE_BUF bytes: two workers' lines never interleave
-        "access_log /dev/stdout psgi_fs buffer=4k flush=1s;",
+        "access_log /dev/stdout psgi_fs buffer=4k flush=1s;" if access_log else "access_log off;",
         "server_tokens off;",
         "client_max_body_size 0;",
         f"client_body_temp_path {ng / 'tmp' / 'body'};",
@@ -294,6 +294,7 @@ class FrontDoorOptions:
     reload_cmd: str | None = None  # --nginx-reload: run after each write of `include`
     nginx: str | None = None  # the nginx binary (default: from PATH)
     keepalive: int = 0  # idle connections nginx keeps per vassal (0: none)
+    access_log: bool = True  # nginx's access log, in the Emperor's log
     batch: float = 0.1  # a change waits this long for the others of its turn
     min_gap: float = 1.0  # seconds between two reloads at least
     backoff_first: float = 1.0
@@ -441,7 +442,7 @@ class FrontDoor:
         assert self.opts.listen is not None and self.routes is not None
         user = "root root" if os.geteuid() == 0 else None
         return render_nginx_conf(self.routes, self.opts.listen, self.opts.run_dir,
-                                 self.opts.keepalive, user=user)
+                                 self.opts.keepalive, user=user, access_log=self.opts.access_log)
 
     def _start(self, now: float) -> None:
         nginx = self.opts.nginx or find_nginx()
