@@ -59,6 +59,7 @@ class Procs:
         env: dict[str, str] | None = None,
         pass_fds: Sequence[int] = (),
         cwd: str | os.PathLike[str] | None = None,
+        preexec_fn=None,
     ) -> subprocess.Popen:
         out = self.log_file(log)
         p = subprocess.Popen(
@@ -69,6 +70,7 @@ class Procs:
             env=env,
             pass_fds=tuple(pass_fds),
             cwd=cwd,
+            preexec_fn=preexec_fn,
         )
         self.popens[p.pid] = p
         self.known.add(p.pid)

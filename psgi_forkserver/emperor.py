@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import contextlib
+import dataclasses
 import math
 import os
 import selectors
@@ -34,6 +36,8 @@ import signal
 import socket
 import sys
 import time
+import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,12 +46,12 @@ import psutil
 
 from . import config as cfgmod
 from . import bases as basesmod
-from . import forkserver, launch, sockets
+from . import forkserver, launch, protocol, sockets
 from .frontdoor import FrontDoor, FrontDoorOptions, Route, nginx_target
 from .forkserver import AdoptionError, PendingAdoption
 from .launch import describe_status, program_argv
 from .orphans import EndedSessions, classify_orphans, scan_proc
-from .protocol import EmperorByte, VassalByte
+from .protocol import EmperorByte, ProtocolError, VassalByte
 from .sockets import Listener
 from .vassal import (
     EMPEROR_KEYS,
@@ -69,6 +73,12 @@ PROBE_AFTER = 0.2  # a base that sent no byte 1 is probed after this long
 PROBE_EVERY = 0.1
 SETTLE = 0.5  # IN_CREATE alone: wait for the writer to close the file
 RETRY_READ = 1.0  # a vassal file that could not be read for lack of descriptors
+# The descriptor budget: what the Emperor keeps per vassal (its Emperor pipe,
+# its config pipe, its http-socket), and what it needs besides (its own
+# files, the status server's clients, adoptions in flight, a successor's
+# pipes during reloads).
+FDS_PER_VASSAL = 3
+FDS_RESERVED = 32
 
 
 def _comm(pid: int) -> str:
@@ -220,6 +230,16 @@ class ProcHandles:
     fork_server: Path | None = None  # base: the socket it serves
 
 
+@dataclass(frozen=True)
+class ForVassal:
+    """A selector callback about one vassal (its pipe, its adoption, its
+    on-demand socket): whatever goes wrong in it is that vassal's failure."""
+
+    name: str
+    seq: int | None
+    fn: Callable[[float], None]
+
+
 def emperor_only_stripped(text: str) -> str:
     """The vassal file text without the keys only the Emperor reads."""
     out = []
@@ -266,7 +286,12 @@ class Emperor:
     no_children: bool = False
 
     def __post_init__(self) -> None:
-        self.dir = self.opts.vassals_dir.resolve()
+        # absolute, symlinks kept: a directory swapped under the same name
+        # (`mv`, a symlink flipped, removed and re-created) is the one we
+        # serve; its identity (_check_dir) tells when it was swapped
+        self.dir = Path(os.path.abspath(self.opts.vassals_dir))
+        self.dir_id: tuple[int, int] | None = None
+        self.dir_missing = False
         self.argv0 = program_argv(self.opts.program)
         self.own_sockets = (
             self.opts.own_sockets if self.opts.own_sockets is not None
@@ -299,6 +324,14 @@ class Emperor:
         # deploy slot came free): the loop does not wait for the next event
         self.again = False
         self.fork_server_seen = ForkServer.NONE
+        # vassals whose handling failed for a reason the same file would
+        # meet again: name -> (fingerprint, reason); cleared when it changes
+        self.failed: dict[str, tuple[str, str]] = {}
+        self.mtimes: dict[str, int] = {}  # file mtime per vassal: `touch` reloads
+        self.fds: launch.Descriptors | None = None
+        self.max_vassals = 1 << 30  # set from the descriptor limit at start
+        self.admitted: set[str] = set()  # vassals counted in the budget (bases are not)
+        self.n_refused = 0
         self.socket_dir = self.opts.run_dir / "sockets" if self.opts.run_dir else None
         # `domain` names: a vassal refused for a name another one serves ->
         # that other one (its file is read again when the other lets go)
@@ -319,12 +352,70 @@ class Emperor:
         except (OSError, ValueError):
             pass
 
+    # -- one exception boundary per vassal -------------------------------------
+
+    def _dispatch(self, callback: Callable[[float], None], now: float) -> None:
+        if isinstance(callback, ForVassal):
+            with self._boundary(callback.name, now, callback.seq):
+                callback.fn(now)
+        else:
+            callback(now)
+
+    @contextlib.contextmanager
+    def _boundary(self, name: str, now: float, seq: int | None = None) -> Iterator[None]:
+        """Whatever goes wrong while handling one vassal (reading, rendering,
+        sending its config, adopting, spawning, its bytes) is that vassal's
+        failure: logged with the reason, and the loop goes on."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - the boundary: nothing of one vassal stops the fleet
+            self._vassal_failed(name, seq, now, e)
+
+    def _vassal_failed(self, name: str, seq: int | None, now: float, exc: Exception) -> None:
+        """An OSError says something about the Emperor's resources (EMFILE,
+        ENOMEM): throttled, tried again after the backoff. Anything else
+        (a config too large for one packet, a name that cannot be encoded,
+        a bug) would happen again with the same file: `config-error` until
+        the file changes or is touched."""
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        why = str(exc) if isinstance(exc, (OSError, ProtocolError)) else f"{type(exc).__name__}: {exc}"
+        where = f"{os.path.basename(frame.filename)}:{frame.lineno}"
+        v = self.vassals.get(name)
+        if v is None:
+            self.log(f"error: {why} (at {where})", name)
+            return
+        # a process whose start was under way: its handles closed (a vassal
+        # forked anyway sees EOF on its pipe and stops), its start failed
+        for p in v.procs():
+            if p.pid is None:
+                self._finish_adoption(name, p.seq)
+                self._drop_proc(name, p.seq)
+                v.start_failed(now, why, p.seq)
+        if isinstance(exc, OSError):
+            if v.current is None and v.phase != Phase.THROTTLED:
+                v._throttle(now)
+            self.log(f"cannot handle: {why} (at {where}); retry in "
+                     f"{max(0.0, v.not_before - now):.1f} s", name)
+            return
+        again = self.failed.get(name, ("", ""))[1] == why
+        if v.config is not None:
+            self.failed[name] = (v.config.fingerprint, why)
+            v.config = dataclasses.replace(v.config, error=why)
+        if not v.has_process:
+            self._close_listener(name)  # connections refused, not left in its backlog
+        if not again:  # one line, not one per loop turn
+            self.log(f"cannot handle: {why} (at {where}); config-error until its file "
+                     "changes", name)
+
     # -- set-up --------------------------------------------------------------
 
     def _setup(self) -> None:
         self.claim()  # before anything starts (the CLI has usually done it)
         launch.set_child_subreaper()  # before anything is started
+        self._descriptor_budget()
         os.chdir(self.dir)  # vassals inherit it as their working directory
+        st = os.stat(".")
+        self.dir_id = (st.st_dev, st.st_ino)
         self._wake_r, self._wake_w = socket.socketpair()
         for s in (self._wake_r, self._wake_w):
             s.setblocking(False)
@@ -405,6 +496,42 @@ class Emperor:
             if sock is not None and sock not in out:
                 out.append(sock)
         return out
+    def _descriptor_budget(self) -> None:
+        """Raise the soft descriptor limit to the hard one, and admit only as
+        many vassals as it leaves room for: the others are `refused` (and
+        admitted once room is made), rather than failing at random."""
+        fds = self.fds = launch.raise_nofile()
+        reserved = FDS_RESERVED + self.opts.adopt_parallel
+        self.max_vassals = max(1, (fds.soft - reserved) // FDS_PER_VASSAL)
+        raised = f" (raised from {fds.inherited})" if fds.soft > fds.inherited else ""
+        self.log(f"descriptors: limit {fds.soft}{raised}, hard limit {fds.hard}: room for "
+                 f"{self.max_vassals} vassals ({FDS_PER_VASSAL} each, {reserved} reserved)")
+
+    def _admit(self, v: Vassal, is_base: bool) -> None:
+        """A vassal new to the Emperor: admitted if the budget has room. A
+        base always is (every adopted vassal needs it), within the reserve."""
+        if is_base:
+            return
+        if len(self.admitted) < self.max_vassals:
+            self.admitted.add(v.name)
+            return
+        v.refused = (f"refused: no descriptors to spare (limit {self.fds.soft if self.fds else '?'}"
+                     f": room for {self.max_vassals} vassals)")
+        self.n_refused += 1
+        if self.n_refused == 1 or self.n_refused % 100 == 0:  # not one line each
+            self.log(f"{v.refused}; {self.n_refused} vassal(s) refused now, "
+                     "admitted once others go", v.name)
+
+    def _admit_refused(self) -> None:
+        """Room was made (vassals removed): admit the refused, by name."""
+        for v in sorted(self.vassals.values(), key=lambda v: v.name):
+            if self.n_refused == 0 or len(self.admitted) >= self.max_vassals:
+                return
+            if v.refused:
+                v.refused = None
+                self.n_refused -= 1
+                self.admitted.add(v.name)
+                self.log("admitted: descriptors to spare again", v.name)
 
     def _teardown(self) -> None:
         if self.front is not None:
@@ -523,7 +650,7 @@ class Emperor:
         self.log(f"adopted {what}pid {pid} from base ({pending.elapsed_ms(now):.1f} ms{gen})", name)
         if h.pipe is not None:
             self.sel.register(h.pipe, selectors.EVENT_READ,
-                              lambda t, n=name, q=seq: self._on_pipe(n, q, t))
+                              ForVassal(name, seq, lambda t, n=name, q=seq: self._on_pipe(n, q, t)))
         early = self.early_exits.pop(pid, None)
         if early is not None:
             self.pids.pop(pid, None)
@@ -563,7 +690,8 @@ class Emperor:
                 return
             owner = self.pids.pop(pid, None)
             if owner is not None:
-                self._vassal_exited(owner[0], owner[1], pid, status, now)
+                with self._boundary(owner[0], now):
+                    self._vassal_exited(owner[0], owner[1], pid, status, now)
             elif self.front is not None and self.front.owns(pid):
                 self.front.exited(pid, status, now, describe_status)
             else:
@@ -619,24 +747,88 @@ class Emperor:
 
     # -- desired state: the files ---------------------------------------------
 
+    def _check_dir(self, now: float) -> bool:
+        """Is the vassals directory the one we watch? A new directory under
+        its name (removed and re-created, `mv new dir`, a symlink flipped):
+        it becomes our working directory and is watched, and the caller
+        rereads every file (vassals whose config is the same keep running).
+        False while there is no directory: the fleet is left as it is (a
+        removed file stops its vassal; a directory moved away removes
+        nothing) and the name is looked at again soon."""
+        try:
+            st = os.stat(self.dir)
+        except OSError as e:
+            if not self.dir_missing:
+                self.log(f"vassals directory {self.dir}: {e.strerror or e}; the fleet is "
+                         f"left as it is, looking again every {RETRY_READ:g} s")
+            self.dir_missing = True
+            self.next_rescan = now + RETRY_READ
+            return False
+        self.dir_missing = False
+        ident = (st.st_dev, st.st_ino)
+        if ident == self.dir_id:
+            return True
+        self.dir_id = ident
+        self.log(f"vassals directory {self.dir} is a new directory: watching it, "
+                 "reading every file again")
+        try:
+            os.chdir(self.dir)
+        except OSError as e:
+            self.log(f"cannot enter {self.dir}: {e.strerror or e}")
+        self._rewatch()
+        self.mtimes.clear()  # its files are new files, not touched ones
+        for v in self.vassals.values():
+            # a base serving on a socket in the old directory (a relative
+            # `fork-server`): a new generation in this one, every adopted
+            # vassal moving onto it without closing its port
+            cur = v.current
+            fs = cur.config.fork_server if cur is not None else None
+            if cur is not None and cur.kind == Kind.BASE and fs and not os.path.isabs(fs):
+                v.request_deploy()
+                self.log("its fork-server socket was in the old directory: "
+                         f"base generation {v.want_base_generation}", v.name)
+        return True
+
+    def _rewatch(self) -> None:
+        """inotify on the directory now under our name (the old watch died
+        with the old directory, or watches one moved elsewhere)."""
+        if self.watcher is not None:
+            try:
+                self.sel.unregister(self.watcher.fileno())
+            except (KeyError, ValueError):
+                pass
+            self.watcher.close()
+            self.watcher = None
+        try:
+            self.watcher = Watcher(self.dir)
+            self.sel.register(self.watcher.fileno(), selectors.EVENT_READ, self._on_inotify)
+        except OSError as e:
+            self.log(f"inotify unavailable ({e}); rescanning every {self.opts.rescan_interval:g} s")
+
     def _rescan(self, now: float) -> None:
+        if not self._check_dir(now):
+            return
         try:
             found = cfgmod.discover(self.dir)
         except OSError as e:  # EMFILE, ENOMEM, ...: keep what we know, try again
             self.log(f"cannot scan {self.dir}: {e.strerror or e}; retry in {RETRY_READ:g} s")
             self.next_rescan = now + RETRY_READ
             return
-        # by name: of two files claiming one `domain`, the first keeps it
+        # by name: of two files claiming one `domain`, the first keeps it;
+        # refusals: the last by name
         for name in sorted(set(found) | set(self.vassals)):
             path = found.get(name)
-            self._load(name, path, now)
+            with self._boundary(name, now):
+                self._load(name, path, now)
         self.next_rescan = now + self.opts.rescan_interval
 
     def _reload_due(self, now: float) -> None:
         for fname, when in list(self.due.items()):
             if when <= now:
                 del self.due[fname]
-                self._load(cfgmod.vassal_name(fname), self.dir / fname, now)
+                name = cfgmod.vassal_name(fname)
+                with self._boundary(name, now):
+                    self._load(name, self.dir / fname, now)
 
     def _load(self, name: str, path: Path | None, now: float) -> None:
         cfg = cfgmod.load(path, judge=self.judge) if path is not None else None
@@ -652,10 +844,37 @@ class Emperor:
             return
         if self.read_errors.pop(name, None) is not None:
             self.log(f"{path.name if path else name} read again", name)
-        self._apply(name, cfg)
+        self._apply(name, cfg, self._touched(name, cfg))
 
-    def _apply(self, name: str, cfg: cfgmod.VassalConfig | None) -> None:
+    def _touched(self, name: str, cfg: cfgmod.VassalConfig | None) -> bool:
+        """The file's mtime changed while its content did not (`touch
+        app.ini`): uWSGI reloads the vassal then, and so do we."""
+        mtime = None
+        if cfg is not None:
+            try:
+                mtime = os.stat(cfg.path).st_mtime_ns
+            except OSError:
+                pass
+        old = self.mtimes.pop(name, None)
+        if mtime is None:
+            return False
+        self.mtimes[name] = mtime
         v = self.vassals.get(name)
+        return (old is not None and old != mtime and v is not None and v.config is not None
+                and v.config.fingerprint == cfg.fingerprint)
+
+    def _apply(self, name: str, cfg: cfgmod.VassalConfig | None, touched: bool = False) -> None:
+        v = self.vassals.get(name)
+        failed = self.failed.get(name)
+        if failed is not None and cfg is not None:
+            if touched or cfg.fingerprint != failed[0]:
+                del self.failed[name]  # changed or touched: try it again
+                if v is not None and v.config is not None and v.config.error == failed[1]:
+                    v.config = dataclasses.replace(v.config, error=None)
+            elif cfg.error is None:
+                cfg = dataclasses.replace(cfg, error=failed[1])
+        elif cfg is None:
+            self.failed.pop(name, None)
         if cfg is not None and not cfg.error:
             cfg = self._claim_domains(name, cfg)
         for other, blocker in list(self.domain_refused.items()):
@@ -672,6 +891,7 @@ class Emperor:
                 return
             v = Vassal(name, cfg, is_base=is_base, policy=self.policy)
             self.vassals[name] = v
+            self._admit(v, is_base)
             return
         if v.update_config(cfg, is_base):
             if cfg is None:
@@ -679,6 +899,10 @@ class Emperor:
                 self._close_listener(name)  # the running process keeps its copy
             elif v.has_process:
                 self.log("file changed", name)
+        elif touched and cfg is not None and cfg.error is None:
+            v.touch()
+            if v.has_process:
+                self.log("file touched: reloading", name)
 
     # -- Emperor-owned sockets ------------------------------------------------
 
@@ -829,7 +1053,8 @@ class Emperor:
                 v.not_before = now
                 v._throttle(now)
             return
-        self.sel.register(lst.sock, selectors.EVENT_READ, lambda t, n=v.name: self._on_listener(n, t))
+        self.sel.register(lst.sock, selectors.EVENT_READ,
+                          ForVassal(v.name, None, lambda t, n=v.name: self._on_listener(n, t)))
         self.on_demand_registered.add(v.name)
         self.log(f"on demand: waiting for a connection on {lst.addr}", v.name)
 
@@ -848,7 +1073,12 @@ class Emperor:
             text = emperor_only_stripped(raw)
         else:
             return None
-        return text.encode()
+        data = text.encode("utf-8", "surrogateescape")
+        if len(data) > protocol.MAX_BODY:
+            # checked before any pipe or process exists for it
+            raise ProtocolError(f"config of {len(data)} bytes exceeds {protocol.MAX_BODY}: "
+                                "it must fit one config packet")
+        return data
 
     def _send_config(self, h: ProcHandles) -> None:
         assert h.config_pipe is not None and h.config_text is not None
@@ -954,7 +1184,7 @@ class Emperor:
                 # its own generation's socket: during a deploy, the old
                 # generation's accepts too, which says nothing about this one
                 path = h.fork_server or self.opts.use_fork_server
-                if path is not None and forkserver.probe(path):
+                if path is not None and forkserver.probe(path):  # never raises
                     if v.mark_ready(now, p.seq):
                         ms = (now - p.started_at) * 1000
                         self.log(f"fork server {path} accepts (pid {p.pid}, {ms:.1f} ms)", name)
@@ -974,7 +1204,7 @@ class Emperor:
         if pairs is None:
             return
         ours, pipe_fd, config_fd, to_close = self._split_pipes(h, pairs, text)
-        argv = [*self.argv0, "--ini", p.config.path.name]
+        argv = [*self.argv0, "--ini", str(p.config.path)]
         if kind == Kind.BASE:
             h.fork_server = self.base_socket_path(p.config, p.base_generation)
             if p.base_generation > 1 and h.fork_server is not None:
@@ -983,6 +1213,7 @@ class Emperor:
             pid = launch.spawn_vassal(
                 argv, os.environ, pipe_fd, config_fd,
                 lst.fileno() if lst is not None else None,
+                nofile=self.fds.inherited if self.fds is not None else None,
             )
         except OSError as e:
             self._start_failed_for_deploy(v, seq, now, f"cannot start {argv[0]}: {e.strerror}")
@@ -994,7 +1225,7 @@ class Emperor:
                 s.close()
         self._keep_pipes(v, seq, h, ours)
         self.sel.register(ours, selectors.EVENT_READ,
-                          lambda t, n=v.name, q=seq: self._on_pipe(n, q, t))
+                          ForVassal(v.name, seq, lambda t, n=v.name, q=seq: self._on_pipe(n, q, t)))
         v.spawned(pid, now, seq)
         self.pids[pid] = (v.name, seq)
         extra = f" ({p.reason})" if p.reason != "start" else ""
@@ -1084,7 +1315,7 @@ class Emperor:
         h.adoption = pending
         self._keep_pipes(v, seq, h, ours)
         self.sel.register(pending.sock, selectors.EVENT_READ,
-                          lambda t, n=v.name, q=seq: self._on_adoption(n, q, t))
+                          ForVassal(v.name, seq, lambda t, n=v.name, q=seq: self._on_adoption(n, q, t)))
         if p.reason != "start":
             self.log(f"starting a successor ({p.reason})", v.name)
 
@@ -1177,16 +1408,22 @@ class Emperor:
                     self._close_listener(v.name)
                     self.bind_errors.pop(v.name, None)
                     del self.vassals[v.name]
+                    if v.refused:
+                        self.n_refused -= 1
+                    self.admitted.discard(v.name)
 
     # -- the loop ------------------------------------------------------------------
 
     def _reconcile(self, now: float) -> None:
         self.again = False
+        if self.n_refused and len(self.admitted) < self.max_vassals:
+            self._admit_refused()
         for (name, seq), h in list(self.procs.items()):
             if h.adoption is not None and h.adoption.expired(now):
-                self._adoption_failed(
-                    name, seq, now, f"no reply within {self.opts.adopt_timeout:g} s"
-                )
+                with self._boundary(name, now, seq):
+                    self._adoption_failed(
+                        name, seq, now, f"no reply within {self.opts.adopt_timeout:g} s"
+                    )
         self._probe_bases(now)
         fs, base_gen = self._fork_server_state(now)
 
@@ -1216,14 +1453,18 @@ class Emperor:
             before = v.successor
             ctx = Context(now, fs, self.shutting_down, base_generation=base_gen,
                           deploy_slots=slots, adopt_slots=adopt_slots)
-            actions = v.step(ctx)
-            adopt_slots -= sum(1 for a in actions if isinstance(a, Adopt))
-            self._execute(v, actions, now)
+            try:  # the boundary (_boundary), inline: this runs per vassal per turn
+                actions = v.step(ctx)
+                if actions:
+                    adopt_slots -= sum(1 for a in actions if isinstance(a, Adopt))
+                    self._execute(v, actions, now)
+                if v.name in self.vassals:
+                    self._watch_on_demand(v, now)
+            except Exception as e:  # noqa: BLE001 - one vassal's failure is its own
+                self._vassal_failed(v.name, None, now, e)
             if v.successor is not None and v.successor is not before \
                     and v.successor.reason == "code deploy":
                 slots -= 1
-            if v.name in self.vassals:
-                self._watch_on_demand(v, now)
         hold_bases = self.shutting_down and any(
             not runs_as_base(v) for v in self.vassals.values()
         )
@@ -1236,7 +1477,10 @@ class Emperor:
         for v in sorted(bases, key=lambda v: v.name):
             ctx = Context(now, fs, self.shutting_down, hold_bases, base_generation=base_gen,
                           base_users=users)
-            self._execute(v, v.step(ctx), now)
+            try:
+                self._execute(v, v.step(ctx), now)
+            except Exception as e:  # noqa: BLE001 - one vassal's failure is its own
+                self._vassal_failed(v.name, None, now, e)
         # A new base generation took over (its successor was promoted just
         # now), or a vassal's move ended and freed a deploy slot: nothing
         # else may wake the loop before the next rescan, so step again now.
@@ -1305,8 +1549,17 @@ class Emperor:
                 if self.shutting_down:
                     if self._shutdown_step(now):
                         break
-                for key, _ in self.sel.select(self._timeout(time.monotonic())):
-                    key.data(time.monotonic())
+                events = self.sel.select(self._timeout(time.monotonic()))
+                if not events:
+                    # Read first, judge after: a wait that ended with nothing
+                    # may be the end of a freeze of the Emperor (SIGSTOP, a
+                    # swap storm). The wait, interrupted by SIGCONT after its
+                    # deadline, returns empty while bytes the vassals sent
+                    # meanwhile (heartbeats) are queued: read them before
+                    # any heartbeat is judged.
+                    events = self.sel.select(0)
+                for key, _ in events:
+                    self._dispatch(key.data, time.monotonic())
                 self._prune(now)
         finally:
             self._teardown()

@@ -100,7 +100,10 @@ def start_adoption(
     except ProtocolError as e:
         raise AdoptionError(str(e)) from e
     started = time.monotonic()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    except OSError as e:  # out of descriptors (EMFILE, ENFILE)
+        raise AdoptionError(f"fork server {os.fspath(path)}: {e.strerror or e}") from e
     sock.setblocking(False)
     try:
         # A UNIX stream connect either completes at once or fails (EAGAIN

@@ -15,10 +15,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import resource
 import shutil
 import signal
 import socket
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import psutil
 
@@ -35,6 +37,39 @@ def set_child_subreaper() -> None:
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(e)}")
+
+
+@dataclass(frozen=True)
+class Descriptors:
+    """The Emperor's descriptor limits: `soft` is what it may use now,
+    `inherited` the soft limit it was started with (what its children get)."""
+
+    soft: int
+    hard: int
+    inherited: int
+
+
+def raise_nofile() -> Descriptors:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (each vassal costs the
+    Emperor descriptors; the usual soft limit of 1,024 is reached near 500
+    vassals). An unlimited hard limit is capped at fs.nr_open, the most a
+    process may have."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                want = int(f.read())
+        except (OSError, ValueError):
+            want = soft
+    if want > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (OSError, ValueError):
+            want = soft
+    else:
+        want = soft
+    return Descriptors(want, hard, soft)
 
 
 def describe_status(status: int) -> str:
@@ -78,7 +113,8 @@ def make_pipes(config: bool) -> list[Pipe]:
 
 
 def spawn_vassal(argv: Sequence[str], env: Mapping[str, str], pipe_fd: int,
-                 config_fd: int | None, listen_fd: int | None) -> int:
+                 config_fd: int | None, listen_fd: int | None,
+                 nofile: int | None = None) -> int:
     """Start the vassal program `argv` (argv[0] a path); its pid, or OSError.
 
     The child inherits `pipe_fd` (the Emperor pipe, as UWSGI_EMPEROR_FD) and
@@ -96,13 +132,28 @@ def spawn_vassal(argv: Sequence[str], env: Mapping[str, str], pipe_fd: int,
     else:
         stdin = (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)
     os.set_inheritable(pipe_fd, True)
-    # its own session from birth, like every vassal of our Perl side
-    # (which checks and does not repeat it): what it leaves behind
-    # can be told by session id (orphans.py), a uWSGI vassal's too
-    return os.posix_spawn(
-        argv[0], list(argv), env, file_actions=[stdin],
-        setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=(), setsid=True,
-    )
+    # The child gets the soft descriptor limit the Emperor was started with
+    # (`nofile`), not the raised one: programs that close every descriptor
+    # up to the limit, or use select(), expect the usual 1,024. posix_spawn
+    # cannot set a limit, so ours is lowered around it (the Emperor opens
+    # nothing meanwhile; descriptors above a lowered limit stay valid).
+    lowered = None
+    if nofile is not None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if nofile < soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
+            lowered = (soft, hard)
+    try:
+        # its own session from birth, like every vassal of our Perl side
+        # (which checks and does not repeat it): what it leaves behind
+        # can be told by session id (orphans.py), a uWSGI vassal's too
+        return os.posix_spawn(
+            argv[0], list(argv), env, file_actions=[stdin],
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=(), setsid=True,
+        )
+    finally:
+        if lowered is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, lowered)
 
 
 def send_config(sock: socket.socket, text: bytes) -> None:

@@ -114,10 +114,11 @@ def _enum(value: Any) -> Any:
 
 
 def _last_error(v: Any, phase: Any) -> str | None:
-    """Why the vassal does not run: its file's error, else (while it fails:
+    """Why the vassal does not run: its file's error or why the Emperor
+    refused it (no descriptors to spare), else (while it fails:
     throttled, or failures not yet reset by a loyal start) the last failure
     the Emperor logged, with the exit status."""
-    err = getattr(getattr(v, "config", None), "error", None)
+    err = getattr(getattr(v, "config", None), "error", None) or getattr(v, "refused", None)
     if err:
         return err
     if phase == "throttled" or (getattr(v, "failures", 0) or 0) > 0:

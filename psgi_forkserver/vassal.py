@@ -31,6 +31,7 @@ Vassal phases (what `phase` shows):
     live ──exited (unexpected)──> THROTTLED ──(backoff over)──> start again
     NEW/THROTTLED/WAITING/ON_DEMAND and not wanted ──> GONE (Forget)
     file unusable (bad INI, template error, unreadable) ──> CONFIG_ERROR ──file fixed──> start
+    no descriptors to spare for one more vassal ──> REFUSED ──room again──> start
 
 Crash loops: a process that dies unexpectedly within `stable_after`
 seconds of its start counts as a failure; the restart waits
@@ -63,6 +64,7 @@ class Phase(StrEnum):
     STOPPING = "stopping"  # asked to stop, waiting for it to exit
     THROTTLED = "throttled"  # died; respawn at not_before
     CONFIG_ERROR = "config-error"  # its file cannot be used: waits for the file to change
+    REFUSED = "refused"  # the Emperor has no descriptors to spare for it: waits for room
     GONE = "gone"  # no process and not wanted: forget it
 
 
@@ -197,6 +199,8 @@ class Vassal:
     seq: int = 0
     retry_at: float | None = None  # a failed successor is tried again then
     last_error: str | None = None  # the last failure the Emperor logged (status shows it)
+    touched: bool = False  # its file was touched: reload, though the config is the same
+    refused: str | None = None  # why the Emperor cannot take it on (no descriptors to spare)
 
     # -- the current process, as flat read-only fields ------------------------
 
@@ -280,6 +284,14 @@ class Vassal:
             if self.is_base and self.current is not None and self.current.kind == Kind.BASE:
                 self.request_deploy()
         return changed
+
+    def touch(self) -> None:
+        """`touch` of the file: a reload as if its content had changed (a
+        base: a new generation, what a changed base file does)."""
+        if self.is_base and self.current is not None and self.current.kind == Kind.BASE:
+            self.request_deploy()
+        elif self.current is not None:
+            self.touched = True
 
     def request_deploy(self) -> None:
         """Base: start a new generation (changed base file, SIGUSR1)."""
@@ -428,7 +440,8 @@ class Vassal:
         return self._heartbeat_of(self.current) if self.current else None
 
     def wanted(self, ctx: Context) -> bool:
-        return self.config is not None and self.config.error is None and not ctx.shutting_down
+        return (self.config is not None and self.config.error is None and not self.refused
+                and not ctx.shutting_down)
 
     def _kind_for(self, ctx: Context) -> Kind:
         if self.is_base:
@@ -439,6 +452,7 @@ class Vassal:
 
     def _new_proc(self, kind: Kind, ctx: Context, reason: str) -> tuple[Proc, Action]:
         assert self.config is not None
+        self.touched = False  # whatever starts now reads the file as it is
         self.seq += 1
         gen = self.want_base_generation if kind == Kind.BASE else (
             ctx.base_generation if kind == Kind.ADOPTED else 0
@@ -500,6 +514,8 @@ class Vassal:
         assert cur is not None and self.config is not None
         if cur.config.fingerprint != self.config.fingerprint:
             return "config changed"
+        if self.touched:
+            return "file touched"
         if cur.kind == Kind.BASE and self.want_base_generation > cur.base_generation:
             return "code deploy"
         if (cur.kind == Kind.ADOPTED and ctx.fork_server == ForkServer.READY
@@ -528,8 +544,7 @@ class Vassal:
             if not self.wanted(ctx):
                 if self.config is not None and not ctx.shutting_down:
                     # invalid config: nothing to retry until the file changes
-                    if self.phase != Phase.CONFIG_ERROR:
-                        self._enter(Phase.CONFIG_ERROR, now)
+                    self._enter(Phase.REFUSED if self.refused else Phase.CONFIG_ERROR, now)
                     return []
                 if self.retiring:
                     return []
@@ -591,6 +606,7 @@ class Vassal:
             return []
         seamless = self.seamless or cur.kind == Kind.BASE
         if not seamless:
+            self.touched = False
             return self._stop(now, reason)
         if now < self.not_before:
             self.retry_at = self.not_before

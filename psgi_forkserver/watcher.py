@@ -1,4 +1,4 @@
-"""Directory watching with inotify (ctypes), for the Emperor's selector.
+"""Directory watching with inotify (inotify_simple), for the Emperor's selector.
 
 The Watcher only reports which names changed; the Emperor re-reads them
 (and rescans the whole directory now and then, as a safety net for anything
@@ -23,14 +23,12 @@ inotify misses, e.g. when it is unavailable or its queue overflowed).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import os
 import stat
-import struct
 from dataclasses import dataclass
 from pathlib import Path
+
+import inotify_simple
 
 from . import config as cfgmod
 
@@ -51,29 +49,10 @@ IN_ISDIR = 0x40000000
 IN_RESCAN = 0x00010000  # rescan every vassal file (fingerprints)
 IN_LINKED = 0x00020000  # IN_CREATE of a symlink / hard link: complete at once
 
-IN_NONBLOCK = os.O_NONBLOCK
-IN_CLOEXEC = os.O_CLOEXEC
-
 WATCH_MASK = (
     IN_CREATE | IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE | IN_ATTRIB
     | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
 )
-
-_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len
-
-_libc: ctypes.CDLL | None = None
-
-
-def _lib() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _libc.inotify_init1.argtypes = [ctypes.c_int]
-        _libc.inotify_init1.restype = ctypes.c_int
-        _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-        _libc.inotify_add_watch.restype = ctypes.c_int
-    return _libc
-
 
 @dataclass(frozen=True)
 class Event:
@@ -98,18 +77,6 @@ class Event:
     def created_only(self) -> bool:
         """IN_CREATE alone: the file may still be half written."""
         return self.mask & ~IN_ATTRIB == IN_CREATE
-
-
-def parse_events(buf: bytes) -> list[Event]:
-    events: list[Event] = []
-    pos = 0
-    while pos + _EVENT.size <= len(buf):
-        _wd, mask, _cookie, length = _EVENT.unpack_from(buf, pos)
-        pos += _EVENT.size
-        raw = buf[pos : pos + length]
-        pos += length
-        events.append(Event(raw.split(b"\0", 1)[0].decode(errors="surrogateescape"), mask))
-    return events
 
 
 def cook(directory: Path, raw: list[Event]) -> list[Event]:
@@ -155,21 +122,16 @@ class Watcher:
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
-        lib = _lib()
-        fd = lib.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-        if fd < 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"inotify_init1: {os.strerror(e)}")
-        self._fd = fd
-        wd = lib.inotify_add_watch(fd, os.fsencode(self.directory), WATCH_MASK)
-        if wd < 0:
-            e = ctypes.get_errno()
-            os.close(fd)
-            self._fd = -1
-            raise OSError(e, f"inotify_add_watch {self.directory}: {os.strerror(e)}")
+        # non-blocking (read() drains what is queued), close-on-exec
+        self._inotify: inotify_simple.INotify | None = inotify_simple.INotify(nonblocking=True)
+        try:
+            self._inotify.add_watch(self.directory, WATCH_MASK)
+        except OSError as e:
+            self.close()
+            raise OSError(e.errno, f"inotify_add_watch {self.directory}: {e.strerror}") from None
 
     def fileno(self) -> int:
-        return self._fd
+        return self._inotify.fileno() if self._inotify is not None else -1
 
     def read(self) -> list[Event]:
         """Every event queued now, cooked (see the module's doc); non-blocking."""
@@ -177,25 +139,16 @@ class Watcher:
 
     def read_raw(self) -> list[Event]:
         """Every event queued now, as the kernel sent them (non-blocking)."""
-        events: list[Event] = []
-        while True:
-            try:
-                buf = os.read(self._fd, 65536)
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if e.errno == errno.EINTR:
-                    continue
-                raise
-            if not buf:
-                break
-            events += parse_events(buf)
-        return events
+        if self._inotify is None:
+            return []
+        # names as os.fsdecode gives them: a name that is not UTF-8 keeps
+        # its bytes as surrogates, as os.listdir() has it
+        return [Event(ev.name, ev.mask) for ev in self._inotify.read(timeout=0)]
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self._inotify is not None:
+            self._inotify.close()
+            self._inotify = None
 
     def __enter__(self) -> "Watcher":
         return self

@@ -426,3 +426,32 @@ def test_reload_successor_waits_for_a_free_slot():
     assert v.successor is None and v.pid == 100
     acts = v.step(ctx(1.1, adopt_slots=1))
     assert acts == [Adopt()] and v.successor is not None
+
+
+def test_touch_starts_a_successor_once_and_moves_a_base_to_a_new_generation():
+    v = adopted_vassal()
+    v.seamless = True
+    v.on_byte(17, 0.1)
+    v.touch()
+    assert v.step(ctx(1)) == [Adopt()]
+    assert v.successor is not None and v.successor.reason == "file touched"
+    seq = v.successor.seq
+    v.adopted(101, 1.01, seq)
+    v.on_byte(17, 1.1, seq)
+    acts = v.step(ctx(1.2))
+    assert acts == [Send(EmperorByte.STOP)] and v.pid == 101
+    assert v.step(ctx(1.3)) == []  # touched once: one reload
+    base = Vassal("base", cfg("base", **{"fork-server": "fs.sock"}), is_base=True, policy=POLICY)
+    base.step(ctx(0, ForkServer.WAITING))
+    base.spawned(9, 0)
+    base.touch()
+    assert base.want_base_generation == 2
+
+
+def test_refused_waits_without_a_process_until_admitted():
+    v = Vassal("app1", cfg(), policy=POLICY)
+    v.refused = "refused: no descriptors to spare"
+    assert v.step(ctx(0)) == []
+    assert v.phase == Phase.REFUSED
+    v.refused = None
+    assert v.step(ctx(1)) == [Adopt()]

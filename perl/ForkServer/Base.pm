@@ -2,6 +2,7 @@ package ForkServer::Base;
 use strict;
 use warnings;
 
+use Errno qw(EMFILE ENFILE);
 use IO::Select ();
 use IO::Socket::UNIX ();
 use POSIX qw(WNOHANG);
@@ -50,6 +51,13 @@ client being read, so a slow client delays nobody; a client that has not
 sent a whole request after C<fork-server-timeout> seconds is dropped. A
 refused request closes every descriptor it brought and logs one line.
 
+Out of descriptors (C<EMFILE>, C<ENFILE>), the base does not spin on its
+listening socket, which stays readable while accept fails: it gives up a
+spare descriptor kept for this, accepts and closes one waiting client (the
+requester sees the connection closed without a pid), takes the spare back,
+logs one line for the whole episode, and stops watching the socket for a
+while (0.1 s, doubling up to 2 s while it lasts).
+
 A complete request is served with one fork, C<clone(CLONE_PARENT)>
 (L<ForkServer::Clone>), when the requester is the base's own parent (the
 Emperor): the vassal is born the Emperor's child, with no intermediate
@@ -68,6 +76,8 @@ the received argv alone and runs L<ForkServer::Vassal> on the preloaded app.
 =cut
 
 use constant MAX_PENDING => 64;    # clients being read at once; more are refused
+use constant PAUSE_FIRST => 0.1;   # out of descriptors: the listening socket rests this long,
+use constant PAUSE_MAX   => 2;     # doubling up to this
 
 sub new {
     my ($class, %args) = @_;
@@ -160,6 +170,16 @@ sub listen {
     setsockopt($sock, SOL_SOCKET, SO_PASSCRED(), 1) or die "SO_PASSCRED: $!\n";
     $sock->blocking(0);
     $self->{listen} = $sock;
+    $self->_take_spare;
+    return;
+}
+
+# One descriptor kept in reserve: out of descriptors, it is given up to
+# accept (and close) one client, so the client is refused rather than left
+# waiting in the backlog.
+sub _take_spare {
+    my ($self) = @_;
+    open($self->{spare}, '<', '/dev/null') or delete $self->{spare};
     return;
 }
 
@@ -180,6 +200,7 @@ sub loop {
         }
         $self->expire_clients;
         $self->reap;
+        $self->_resume_listening;
     }
     return;
 }
@@ -187,6 +208,7 @@ sub loop {
 sub _timeout {
     my ($self) = @_;
     my @deadlines = map { $_->deadline } values %{ $self->{clients} };
+    push @deadlines, $self->{paused_until} if $self->{paused_until};
     return undef unless @deadlines;
     my ($next) = sort { $a <=> $b } @deadlines;
     my $wait = $next - Time::HiRes::time();
@@ -195,7 +217,9 @@ sub _timeout {
 
 sub accept_clients {
     my ($self) = @_;
+    my $accepted = 0;
     while (my $client = $self->{listen}->accept) {
+        $accepted++;
         my ($pid, $uid) = unpack 'i I', getsockopt($client, SOL_SOCKET, SO_PEERCRED) // '';
         my $peer = "pid " . ($pid // '?') . " uid " . ($uid // '?');
         if (!defined $uid || !$self->{allow}{$uid}) {
@@ -218,8 +242,49 @@ sub accept_clients {
         $self->{clients}{ fileno $client } = $req;
         $self->{select}->add($client);
     }
+    if ($! == EMFILE || $! == ENFILE) {
+        $self->_out_of_descriptors("$!");
+    }
+    elsif ($accepted && $self->{short_of_fds}) {
+        $self->log("descriptors available again: accepting requests");
+        delete @{$self}{qw(short_of_fds pause)};
+    }
     return;
 }
+
+# accept() failed for lack of descriptors: the socket stays readable, so
+# without this the loop would spin at 100 % CPU.
+sub _out_of_descriptors {
+    my ($self, $err) = @_;
+    my $refused = 0;
+    if ($self->{spare}) {
+        close delete $self->{spare};
+        if (my $client = $self->{listen}->accept) {
+            close $client;    # the requester sees EOF without a pid
+            $refused = 1;
+        }
+        $self->_take_spare;
+    }
+    my $pause = $self->{pause} = $self->{pause} ? _min($self->{pause} * 2, PAUSE_MAX) : PAUSE_FIRST;
+    unless ($self->{short_of_fds}++) {
+        $self->log("out of descriptors ($err): refusing requests"
+            . ($refused ? "" : " (none refused: no spare descriptor)")
+            . "; accepting again once descriptors are free");
+    }
+    $self->{select}->remove($self->{listen});
+    $self->{paused_until} = Time::HiRes::time() + $pause;
+    return;
+}
+
+sub _resume_listening {
+    my ($self) = @_;
+    return unless $self->{paused_until} && Time::HiRes::time() >= $self->{paused_until};
+    delete $self->{paused_until};
+    $self->{select}->add($self->{listen});
+    return;
+}
+
+sub _min { $_[0] < $_[1] ? $_[0] : $_[1] }
 
 sub client_readable {
     my ($self, $req) = @_;
@@ -329,6 +394,7 @@ sub _detach_from_base {
     my ($self, $req) = @_;
     $SIG{$_} = 'DEFAULT' for qw(TERM INT PIPE CHLD);
     close $self->{listen};
+    close delete $self->{spare} if $self->{spare};
     $_->close_all for values %{ $self->{clients} };
     $self->{clients} = {};
     close $self->{emperor}   if $self->{emperor};
