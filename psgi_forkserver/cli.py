@@ -304,10 +304,13 @@ def check_front(args: argparse.Namespace) -> str | None:
     # the longest socket path it will hold must fit in a sockaddr_un
     if len(os.fsencode(str(run_dir / "sockets" / "x" ))) + 24 > MAX_UNIX_PATH:
         return f"--run-dir {run_dir}: too long for UNIX socket paths under it"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
-    except OSError as e:
-        return f"--run-dir {run_dir}: {e.strerror or e}"
+    if args.run_dir is not None or args.http is not None or args.nginx_include is not None:
+        # asked for: it must work now (otherwise it is made when a vassal
+        # with `domain` first needs a socket, and a failure is that vassal's)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+        except OSError as e:
+            return f"--run-dir {run_dir}: {e.strerror or e}"
     if args.http is not None:
         nginx = args.nginx or find_nginx()
         if nginx is None or not os.access(nginx, os.X_OK):

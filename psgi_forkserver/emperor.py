@@ -339,7 +339,9 @@ class Emperor:
         self.front: FrontDoor | None = None
         if self.opts.front is not None:
             self.front = FrontDoor(self.opts.front, lambda m: self.log(m, "front"),
-                                   watch=lambda fd, cb: self.sel.register(fd, selectors.EVENT_READ, cb),
+                                   watch=lambda fd, cb: self.sel.register(
+                                       fd, selectors.EVENT_READ,
+                                       lambda t, cb=cb: self._front_safely(cb, t)),
                                    unwatch=self._unwatch)
 
     # -- logging -------------------------------------------------------------
@@ -1018,6 +1020,22 @@ class Emperor:
                              up=not down, retry_after=retry))
         return out
 
+    def _front_turn(self, now: float) -> None:
+        assert self.front is not None
+        if not self.shutting_down:
+            self.front.update(self.routes(), now)
+        self.front.poll(now)
+
+    def _front_safely(self, fn, now: float) -> None:
+        """The front door's boundary: what goes wrong there is logged, and
+        the vassals go on (they serve on their sockets without it)."""
+        try:
+            fn(now)
+        except Exception as e:  # noqa: BLE001 - the boundary
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            self.log(f"error: {type(e).__name__}: {e} (at {os.path.basename(frame.filename)}:"
+                     f"{frame.lineno})", "front")
+
     def _unwatch(self, fd: int) -> None:
         try:
             self.sel.unregister(fd)
@@ -1540,9 +1558,7 @@ class Emperor:
                 self._reload_due(now)
                 self._reconcile(now)
                 if self.front is not None:  # routing changed? (applied batched)
-                    if not self.shutting_down:
-                        self.front.update(self.routes(), now)
-                    self.front.poll(now)
+                    self._front_safely(self._front_turn, now)
                 status = self.opts.status
                 if status is not None and hasattr(status, "poll"):
                     status.poll(now)

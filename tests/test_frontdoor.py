@@ -485,3 +485,35 @@ def test_bring_your_own_nginx_include_kept_up_to_date_and_reloaded(xprocess, tmp
         nginx.terminate()
         nginx.wait(20)
         shutil.rmtree(top, ignore_errors=True)
+
+
+def test_unix_listener_replaces_a_stale_socket_and_refuses_a_live_one(tmp_path: Path):
+    import socket as so
+
+    from psgi_forkserver import sockets
+
+    path = str(tmp_path / "a.sock")
+    stale = so.socket(so.AF_UNIX)
+    stale.bind(path)
+    stale.close()  # its file stays: a process that died
+    s = sockets.bind_unix_listener(path, uid=None, gid=None)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+        c = so.socket(so.AF_UNIX)
+        c.connect(path)
+        c.close()
+        with pytest.raises(OSError, match="another process listens"):
+            sockets.bind_unix_listener(path)
+    finally:
+        sockets.Listener(path, 1, s).close()
+    assert not os.path.exists(path)  # closing removes it
+    (tmp_path / "f").write_text("mine")
+    with pytest.raises(OSError, match="not a socket"):
+        sockets.bind_unix_listener(str(tmp_path / "f"))
+    assert (tmp_path / "f").read_text() == "mine"
+    assert sockets.is_unix_address("app.sock") and sockets.is_unix_address("/a:b")
+    assert not sockets.is_unix_address(":9101") and not sockets.is_unix_address("[::1]:80")
+    long = tmp_path / ("x" * 120)
+    assert len(str(sockets.auto_socket_path(long, "app"))) > 107  # a long dir stays long...
+    p = sockets.auto_socket_path(Path("/run/x"), "a" * 120)  # ...a long name is hashed
+    assert len(str(p)) <= 107 and p.name.startswith("h-")
