@@ -295,7 +295,7 @@ class FrontDoorOptions:
     nginx: str | None = None  # the nginx binary (default: from PATH)
     keepalive: int = 0  # idle connections nginx keeps per vassal (0: none)
     access_log: bool = True  # nginx's access log, in the Emperor's log
-    batch: float = 0.1  # a change waits this long for the others of its turn
+    batch: float = 0.05  # a change waits this long for the others of its turn
     min_gap: float = 1.0  # seconds between two reloads at least
     backoff_first: float = 1.0
     backoff_max: float = 30.0
