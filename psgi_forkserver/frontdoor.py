@@ -39,6 +39,20 @@ BACKEND = "$psgi_fs_backend"
 RETRY = "$psgi_fs_retry_after"
 DOWN = "@down"  # map value of a vassal that cannot answer now
 
+#: what nginx sends a `socket` vassal (Debian's uwsgi_params, plus the
+#: X-Forwarded-* headers the HTTP route sets)
+UWSGI_PARAMS = (
+    ("QUERY_STRING", "$query_string"), ("REQUEST_METHOD", "$request_method"),
+    ("CONTENT_TYPE", "$content_type"), ("CONTENT_LENGTH", "$content_length"),
+    ("REQUEST_URI", "$request_uri"), ("PATH_INFO", "$document_uri"),
+    ("SERVER_PROTOCOL", "$server_protocol"), ("REQUEST_SCHEME", "$scheme"),
+    ("HTTPS", "$https if_not_empty"), ("REMOTE_ADDR", "$remote_addr"),
+    ("REMOTE_PORT", "$remote_port"), ("SERVER_PORT", "$server_port"),
+    ("SERVER_NAME", "$host"),
+    ("HTTP_X_FORWARDED_FOR", "$proxy_add_x_forwarded_for"),
+    ("HTTP_X_FORWARDED_PROTO", "$scheme"), ("HTTP_X_FORWARDED_HOST", "$host"),
+)
+
 PR_SET_PDEATHSIG = 1
 F_SETPIPE_SZ = 1031
 
@@ -52,6 +66,7 @@ class Route:
     target: str  # "unix:/run/.../app.sock" or "127.0.0.1:9101", as nginx writes them
     up: bool = True  # False: answered with 503 and Retry-After
     retry_after: int = 1  # seconds, for a vassal that is down
+    protocol: str = "http"  # "uwsgi": the vassal's `socket` (nginx's uwsgi_pass)
 
 
 def nginx_target(addr: str) -> str:
@@ -87,15 +102,19 @@ def render_routing(routes: Iterable[Route], keepalive: int = 0) -> str:
         '    default "";',
     ]
     retry = ["map $host $psgi_fs_retry_after {", "    hostnames;", "    default 1;"]
+    proto = ["map $host $psgi_fs_protocol {", "    hostnames;", "    default http;"]
     for r in routes:
         value = upstream_name(r.vassal) if r.up else DOWN
         for d in r.domains:
             out.append(f"    {d} {_quote(value)};")
             if not r.up:
                 retry.append(f"    {d} {max(1, r.retry_after)};")
+            if r.up and r.protocol != "http":
+                proto.append(f"    {d} {r.protocol};")
     out.append("}")
     retry.append("}")
-    out += retry
+    proto.append("}")
+    out += retry + proto
     for r in routes:
         if not r.up:
             continue
@@ -123,6 +142,9 @@ def render_locations(keepalive: int = 0) -> str:
         "        add_header Retry-After $psgi_fs_retry_after always;",
         '        return 503 "psgi-forkserver: $host is down, retry in $psgi_fs_retry_after s\\n";',
         "    }",
+        '    if ($psgi_fs_protocol = "uwsgi") {',
+        "        uwsgi_pass $psgi_fs_backend;",
+        "    }",
         "    proxy_pass http://$psgi_fs_backend;",
         "    proxy_http_version 1.1;",
     ]
@@ -137,6 +159,8 @@ def render_locations(keepalive: int = 0) -> str:
         "    proxy_set_header X-Forwarded-Host $host;",
         "    proxy_redirect off;",
         "    proxy_read_timeout 3600s;",
+        *(f"    uwsgi_param {k} {v};" for k, v in UWSGI_PARAMS),
+        "    uwsgi_read_timeout 3600s;",
         "    error_page 502 504 = @psgi_fs_unavailable;",
         "}",
         "location @psgi_fs_unavailable {",

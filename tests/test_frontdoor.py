@@ -43,6 +43,7 @@ ROUTES = [
     Route("shop", ("*.shop.localhost", "shop.localhost"), "127.0.0.1:9101"),
     Route("weird name", ("weird.localhost",), "unix:/run/x/sockets/weird name.sock"),
     Route("broken", ("broken.localhost",), "", up=False, retry_after=8),
+    Route("legacy", ("legacy.localhost",), "127.0.0.1:9102", protocol="uwsgi"),
 ]
 
 
@@ -55,6 +56,7 @@ def test_routing_is_a_pure_function_of_the_routes():
     # a down vassal has no upstream: its names map to 503 with its Retry-After
     assert '    broken.localhost "@down";' in a and "    broken.localhost 8;" in a
     assert "upstream psgi_fs_broken " not in a
+    assert "    legacy.localhost uwsgi;" in a  # nginx speaks uwsgi to it
     name = fd.upstream_name("weird name")
     assert name.startswith("psgi_fs_weird_name_") and name != fd.upstream_name("weird_name")
     assert "keepalive" not in a and "keepalive 8;" in fd.render_routing(ROUTES, keepalive=8)
