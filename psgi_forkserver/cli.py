@@ -372,7 +372,8 @@ def static_routes(vassals_dir: Path, run_dir: Path):
         if not domains or want is None:
             continue
         claimed.update((d, name) for d in domains)
-        routes.append(Route(name, tuple(domains), nginx_target(want[0])))
+        routes.append(Route(name, tuple(domains), nginx_target(want[0]),
+                            protocol="uwsgi" if cfg.get("socket") else "http"))
     return routes, errors
 
 

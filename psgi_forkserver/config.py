@@ -505,6 +505,9 @@ def judge_options(entries: list[tuple[int, str, str]], has_section: bool,
         if not sock_dir.is_dir():
             raise ConfigError(f"line {fs[0]}: fork-server {fs[1]}: directory {sock_dir} "
                               "does not exist")
+    if "socket" in values and "http-socket" in values:
+        raise ConfigError(f"line {values['socket'][0]}: socket and http-socket: a vassal "
+                          "serves one of them (uwsgi or HTTP)")
     idle = values.get("idle")
     on_demand = values.get("on-demand")
     if idle is not None and idle[1] and not (on_demand is not None and on_demand[1]):

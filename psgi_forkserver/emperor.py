@@ -1017,7 +1017,8 @@ class Emperor:
             down = addr is None or v.phase in (Phase.THROTTLED, Phase.CONFIG_ERROR)
             retry = math.ceil(v.backoff) if v.phase == Phase.THROTTLED else 1
             out.append(Route(v.name, domains, nginx_target(addr) if addr else "",
-                             up=not down, retry_after=retry))
+                             up=not down, retry_after=retry,
+                             protocol="uwsgi" if cfg.get("socket") else "http"))
         return out
 
     def _front_turn(self, now: float) -> None:

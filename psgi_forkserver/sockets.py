@@ -165,10 +165,10 @@ class Listener:
 
 
 def wanted_address(cfg, socket_dir: Path | None = None) -> tuple[str, int] | None:
-    """(address, backlog) of a vassal config, or None: its `http-socket`
-    (a relative UNIX path against the vassals directory), else, when it has
-    a `domain`, a UNIX socket in `socket_dir`."""
-    addr = cfg.get("http-socket") if cfg is not None else None
+    """(address, backlog) of a vassal config, or None: its `http-socket` or
+    its `socket` (uwsgi protocol), a relative UNIX path against the vassals
+    directory; else, when it has a `domain`, a UNIX socket in `socket_dir`."""
+    addr = (cfg.get("http-socket") or cfg.get("socket")) if cfg is not None else None
     if addr and is_unix_address(addr) and not os.path.isabs(addr):
         addr = str((cfg.path.parent / addr).resolve())
     if not addr and cfg is not None and socket_dir is not None and cfg.get("domain"):
