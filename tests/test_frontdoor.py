@@ -519,3 +519,30 @@ def test_unix_listener_replaces_a_stale_socket_and_refuses_a_live_one(tmp_path: 
     assert len(str(sockets.auto_socket_path(long, "app"))) > 107  # a long dir stays long...
     p = sockets.auto_socket_path(Path("/run/x"), "a" * 120)  # ...a long name is hashed
     assert len(str(p)) <= 107 and p.name.startswith("h-")
+
+
+def test_bad_front_door_options_are_one_line_and_exit_2(tmp_path: Path):
+    import socket as so
+
+    vdir = tmp_path / "v"
+    vdir.mkdir()
+    taken = so.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        cases = [
+            (["--http", f"127.0.0.1:{port}"], f"--http 127.0.0.1:{port}: cannot listen on"),
+            (["--http", "nowhere"], "--http nowhere: bad address"),
+            (["--nginx-reload", "true"], "--nginx-reload needs --nginx-include"),
+            (["--nginx-include", str(tmp_path / "no" / "such" / "f.conf")],
+             "cannot create files in"),
+            (["--http", "127.0.0.1:1", "--nginx", str(tmp_path / "nginx")], "nginx not found at"),
+        ]
+        for extra, want in cases:
+            r = subprocess.run([EMPEROR, "run", str(vdir), "--run-dir", str(tmp_path / "r"), *extra],
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode == 2, (extra, r.stderr)
+            assert want in r.stderr and r.stderr.count("\n") == 1, (extra, r.stderr)
+    finally:
+        taken.close()
