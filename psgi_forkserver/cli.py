@@ -302,7 +302,8 @@ def check_front(args: argparse.Namespace) -> str | None:
 
     run_dir = run_dir_of(args)
     # the longest socket path it will hold must fit in a sockaddr_un
-    if len(os.fsencode(str(run_dir / "sockets" / "x" ))) + 24 > MAX_UNIX_PATH:
+    # the longest path it will hold (sockets.auto_socket_path: h-HASH.sock)
+    if len(os.fsencode(str(run_dir / "sockets" / "h-0123456789abcdef.sock"))) > MAX_UNIX_PATH:
         return f"--run-dir {run_dir}: too long for UNIX socket paths under it"
     if args.run_dir is not None or args.http is not None or args.nginx_include is not None:
         # asked for: it must work now (otherwise it is made when a vassal

@@ -473,8 +473,7 @@ class FrontDoor:
         self.dirty_since = None
         self.last_apply = now
         try:
-            for d in ("tmp",):
-                (self.ng_dir / d).mkdir(parents=True, exist_ok=True)
+            (self.ng_dir / "tmp").mkdir(parents=True, exist_ok=True)
             write_if_changed(self.conf_path, self._conf())
         except OSError as e:
             self.log(f"cannot write {self.conf_path}: {e.strerror or e}")
