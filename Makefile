@@ -10,7 +10,7 @@ STAMPS      := .make
 # Perl runtime, real peers for tests and benchmarks, and the Perl modules the
 # example and benchmark apps load.
 DEB_PACKAGES := perl libplack-perl libsocket-msghdr-perl libhttp-parser-xs-perl \
-	starman uwsgi-core uwsgi-plugin-psgi wrk curl procps iproute2 \
+	starman uwsgi-core uwsgi-plugin-psgi wrk nginx curl procps iproute2 \
 	libmoose-perl libdatetime-perl libdatetime-timezone-perl libtemplate-perl \
 	libjson-xs-perl libdbix-class-perl libmojolicious-perl libdancer2-perl \
 	libcatalyst-perl libtry-tiny-perl libhttp-message-perl libtest-tcp-perl \

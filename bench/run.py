@@ -303,20 +303,119 @@ def plack_suite(procs: Procs, tmp: Path) -> dict:
     return res
 
 
-def run_wrk(port: int, duration: str, path: str = "/") -> dict:
-    argv = ["wrk", "-t2", "-c16", f"-d{duration}", f"http://127.0.0.1:{port}{path}"]
+def _wrk_ms(text: str) -> float:
+    """wrk's latency figures ("812.00us", "1.20ms", "2.01s") in ms."""
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not m:
+        return float("nan")
+    return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[m.group(2)]
+
+
+def run_wrk(port: int, duration: str, path: str = "/", threads: int = 2, latency: bool = False) -> dict:
+    argv = ["wrk", f"-t{threads}", "-c16", f"-d{duration}", *(["--latency"] if latency else []),
+            f"http://127.0.0.1:{port}{path}"]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     out = r.stdout
     m = re.search(r"Requests/sec:\s*([\d.]+)", out)
     errors = re.search(r"Socket errors:.*", out)
     non2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out)
-    return {
+    res = {
         "rps": float(m.group(1)) if m else None,
         "socket_errors": errors.group(0) if errors else None,
         "non_2xx": int(non2xx.group(1)) if non2xx else 0,
         "command": shlex.join(argv),
         "output": out if not m else None,
     }
+    if latency:
+        for pct in ("50", "99"):
+            lm = re.search(rf"^\s*{pct}(?:\.000)?%\s+(\S+)", out, re.M)
+            res[f"p{pct}_ms"] = _wrk_ms(lm.group(1)) if lm else None
+    return res
+
+
+def conn_spread(port: int, conns: int, seconds: float) -> dict:
+    """`conns` keep-alive connections, each sending GET / as soon as its
+    previous response is complete, for `seconds`: responses per connection
+    (wrk does not report them). One thread, non-blocking sockets."""
+    import selectors
+    sel = selectors.DefaultSelector()
+    req = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+    state = {}
+    for i in range(conns):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.setblocking(False)
+        s.sendall(req)
+        state[s] = {"i": i, "buf": b"", "n": 0}
+        sel.register(s, selectors.EVENT_READ)
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            for key, _ in sel.select(timeout=0.1):
+                s = key.fileobj
+                st = state[s]
+                data = s.recv(65536)
+                if not data:
+                    raise BenchError(f"connection {st['i']} closed by the server")
+                st["buf"] += data
+                while True:
+                    head_end = st["buf"].find(b"\r\n\r\n")
+                    if head_end < 0:
+                        break
+                    m = re.search(rb"(?i)content-length:\s*(\d+)", st["buf"][:head_end])
+                    total = head_end + 4 + (int(m.group(1)) if m else 0)
+                    if len(st["buf"]) < total:
+                        break
+                    st["buf"] = st["buf"][total:]
+                    st["n"] += 1
+                    s.sendall(req)
+    finally:
+        for s in state:
+            sel.unregister(s)
+            s.close()
+    counts = sorted(st["n"] for st in state.values())
+    return {"connections": conns, "seconds": seconds, "min": counts[0], "max": counts[-1],
+            "counts": counts}
+
+
+def behind_nginx(procs: Procs, ports: Ports, tmp: Path, upstream: int, duration: str, name: str) -> dict:
+    """wrk -t1 -c16 --latency through nginx (one process) with upstream
+    keep-alive to `upstream`: how a real deployment's pooled connections
+    are shared among the workers."""
+    port = ports.get()
+    d = tmp / f"nginx-{name}"
+    d.mkdir()
+    conf = d / "nginx.conf"
+    conf.write_text(f"""daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    upstream app {{ server 127.0.0.1:{upstream}; keepalive 16; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+""")
+    p = procs.spawn(["nginx", "-p", str(d), "-c", str(conf)], log=f"nginx-{name}")
+    try:
+        wait_200(port, 20, alive=lambda: p.poll() is None)
+        run_wrk(port, "1s")  # warm-up: nginx fills its upstream pool
+        return run_wrk(port, duration, threads=1, latency=True)
+    finally:
+        procs.stop_tree(p.pid, signal.SIGTERM, 10)
 
 
 def serving(procs: Procs, ports: Ports, tmp: Path, app: str, duration: str) -> dict:
@@ -334,6 +433,11 @@ def serving(procs: Procs, ports: Ports, tmp: Path, app: str, duration: str) -> d
             wait_loyal(pipe, 10)
             run_wrk(port, "1s")  # warm-up, not counted
             res["adopted"] = run_wrk(port, duration)
+            if app == "hello":
+                # fairness: 16 keep-alive connections on 2 workers
+                res["fair_adopted"] = run_wrk(port, duration, threads=1, latency=True)
+                res["spread_adopted"] = conn_spread(port, 16, float(duration.rstrip("s")))
+                res["nginx_adopted"] = behind_nginx(procs, ports, tmp, port, duration, "adopted")
         finally:
             stop_adopted(procs, pid, pipe)
     finally:
@@ -347,6 +451,10 @@ def serving(procs: Procs, ports: Ports, tmp: Path, app: str, duration: str) -> d
         # first request: the warm-up gets both workers past that
         run_wrk(port, "2s")
         res["starman"] = run_wrk(port, duration)
+        if app == "hello":
+            res["fair_starman"] = run_wrk(port, duration, threads=1, latency=True)
+            res["spread_starman"] = conn_spread(port, 16, float(duration.rstrip("s")))
+            res["nginx_starman"] = behind_nginx(procs, ports, tmp, port, duration, "starman")
     finally:
         procs.stop_tree(p.pid, signal.SIGTERM, 10)
     a, s = res["adopted"]["rps"], res["starman"]["rps"]
@@ -879,6 +987,25 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
                          f"{fmt(a, '.0f')} / {fmt(st, '.0f')} req/s ({fmt(ratio, '.2f')})",
                          f">= {TARGETS['serving_ratio']:.2f} of Starman",
                          verdict(ratio >= TARGETS["serving_ratio"] if ratio else None)))
+        for who, label in (("adopted", "adopted (2 workers)"), ("starman", "starman --workers 2")):
+            f = s.get(f"fair_{who}") if s else None
+            sp = s.get(f"spread_{who}") if s else None
+            if f and f.get("p50_ms"):
+                is_target = who == "adopted"
+                rows.append((f"wrk -t1 -c16 --latency, {app}, {label}: p50 / p99",
+                             f"{f['p50_ms']:.2f} / {f['p99_ms']:.2f} ms ({fmt(f['rps'], '.0f')} req/s)",
+                             "p99 <= 3x p50" if is_target else "",
+                             verdict(f["p99_ms"] <= 3 * f["p50_ms"]) if is_target else ""))
+            ng = s.get(f"nginx_{who}") if s else None
+            if ng and ng.get("p50_ms"):
+                is_target = who == "adopted"
+                rows.append((f"wrk -t1 -c16 --latency through nginx (upstream keepalive 16), {app}, {label}: p50 / p99",
+                             f"{ng['p50_ms']:.2f} / {ng['p99_ms']:.2f} ms ({fmt(ng['rps'], '.0f')} req/s)",
+                             "p99 <= 3x p50" if is_target else "",
+                             verdict(ng["p99_ms"] <= 3 * ng["p50_ms"]) if is_target else ""))
+            if sp:
+                rows.append((f"16 keep-alive connections, {app}, {label}: responses per connection in "
+                             f"{sp['seconds']:g} s, min / max", f"{sp['min']} / {sp['max']}", "", ""))
     rows += frontbench.rows(r.get("front") or {})
     return rows
 

@@ -10,7 +10,7 @@ use Config ();
 use Errno qw(EINTR EAGAIN ECONNABORTED);
 use POSIX ();
 use Socket qw(IPPROTO_TCP TCP_NODELAY SOL_SOCKET SO_RCVTIMEO SO_SNDTIMEO SO_REUSEADDR
-              AF_INET AF_INET6 AF_UNIX AF_UNSPEC SOCK_STREAM AI_PASSIVE
+              AF_INET AF_INET6 AF_UNIX AF_UNSPEC SOCK_STREAM AI_PASSIVE MSG_DONTWAIT
               getaddrinfo inet_ntop unpack_sockaddr_in unpack_sockaddr_in6 sockaddr_family);
 use IO::Handle ();
 # An in-memory open (an empty psgi.input, a buffered body) loads these on its
@@ -31,10 +31,11 @@ use constant {
     MSG_ACTIVITY  => 2,    # worker -> master: a request arrived (for `idle`)
     MSG_BUSY      => 3,    # worker -> master: in a request (harakiri only), payload: request
     MSG_DONE      => 4,    # worker -> master: request finished (harakiri only)
+    MSG_LEAVING   => 5,    # worker -> master: recycling; accepts nothing more, replace me now
     EXIT_HARAKIRI => 86,   # worker exit status after harakiri
     EXIT_RECYCLE  => 0,
     READ_CHUNK    => 65536,
-    ACCEPT_WAKEUP => 1,    # seconds: longest a worker blocks in accept() without rechecking its stop flag
+    MAX_CONNS     => 512,  # connections one worker holds open (idle and partial heads cost no worker time)
     CRLF          => "\015\012",
 };
 
@@ -95,14 +96,23 @@ sub new {
         heartbeat        => 0,
         idle             => 0,
         mercy            => 10,
-        max_header_size  => 8192,
-        max_body_size    => 0,        # 0: no limit
+        max_header_size  => 8192,     # buffer-size: the whole request head
+        max_body_size    => 0,        # limit-post; 0: no limit
         body_buffer_size => 65536,
-        read_timeout     => 30,       # a client silent this long mid-request is dropped
-        keepalive_timeout => 1,       # an idle keep-alive connection holds a worker this long (as Starman)
+        # Deadlines, in seconds. Each phase has a whole deadline (a client
+        # that trickles bytes cannot stretch it), and socket_timeout bounds
+        # any single stall inside the body and the response.
+        header_timeout   => 4,        # from accept (or the first byte after a response) to the end of the head
+        body_timeout     => 60,       # the whole request body
+        response_timeout => 60,       # the whole response write
+        keepalive_timeout => 5,       # an idle keep-alive connection is kept (it holds no worker)
+        stop_grace       => 1,        # a stopping worker waits this long for a request already on its way on an idle connection
+        socket_timeout   => 4,        # longest single stall of a read or write (uWSGI's socket-timeout)
         listen_backlog   => 1024,
         %args,
     }, $class;
+    # read_timeout: the name before the deadlines existed
+    $self->{socket_timeout} = $args{read_timeout} if defined $args{read_timeout} && !defined $args{socket_timeout};
     $self->{access_log} = \*STDERR unless exists $args{access_log};
     Carp::croak('app is required') unless ref $self->{app} eq 'CODE';
     $self->{workers} = 1 if !$self->{workers} || $self->{workers} < 1;
@@ -138,6 +148,7 @@ sub run {
     $self->{kids} = {};        # pid => { slot, gen, ready, born }
     $self->{slot_fast_deaths} = {};
     $self->{respawn} = {};     # slot => time
+    $self->_new_stop_pipe;
     $self->{sent_accepting} = 0;
     $self->{sent_loyal} = 0;
     $self->{stopping} = 0;     # 0, 'graceful' or 'now'
@@ -231,8 +242,10 @@ sub run {
         if ($self->{emperor_open} && vec($rout, fileno($efh), 1)) {
             my $got = sysread($efh, my $bytes, 64);
             if (defined $got && $got == 0) {
-                # The Emperor is gone (CONTRACT.md): graceful stop.
+                # The Emperor is gone (CONTRACT.md): graceful stop, and
+                # nobody is left to stop this vassal's helpers but us.
                 $self->{emperor_open} = 0;
+                $self->{emperor_vanished} = 1 unless $self->{stopping};
                 $kill_at = $self->_begin_graceful_stop($kill_at);
             } elsif ($got) {
                 for my $b (unpack 'C*', $bytes) {
@@ -248,6 +261,7 @@ sub run {
     }
 
     $self->_reap_blocking;
+    $self->_end_session if $self->{emperor_vanished};
     close $ready_r; close $ready_w;
     if ($self->{own_listener}) { close $self->{listen_sock}; }
     return;
@@ -314,6 +328,7 @@ sub _spawn_worker {
     }
     if ($pid == 0) {
         $self->{sigmask} = $old;
+        close delete $self->{stop_w};
         my $code = eval { $self->_worker_main($slot); 0 };
         unless (defined $code) { warn "$self->{name}: worker $slot: $@"; $code = 1 }
         _worker_exit($code);
@@ -345,6 +360,7 @@ sub _read_worker_messages {
         if ($type == MSG_ACCEPTING) {
             my $k = $self->{kids}{$pid} or next;
             $k->{ready} = 1;
+            $self->{slot_fast_deaths}{$k->{slot}} = 0;
             unless ($self->{sent_accepting}) {
                 $self->{sent_accepting} = 1;
                 $self->_emperor_send(EMP_ACCEPTING);
@@ -366,6 +382,11 @@ sub _read_worker_messages {
         } elsif ($type == MSG_DONE) {
             my $k = $self->{kids}{$pid} or next;
             delete $k->{busy_since};
+        } elsif ($type == MSG_LEAVING) {
+            my $k = $self->{kids}{$pid} or next;
+            next if $k->{replaced} || $self->{stopping} || $k->{gen} != $self->{gen};
+            $k->{replaced} = 1;
+            $self->_spawn_worker($k->{slot});
         }
     }
 }
@@ -375,7 +396,7 @@ sub _reap {
     while ((my $pid = waitpid(-1, POSIX::WNOHANG())) > 0) {
         my $status = $?;
         my $k = delete $self->{kids}{$pid} or next;   # not a worker (an app's child)
-        next if $self->{stopping} || $k->{gen} != $self->{gen};
+        next if $self->{stopping} || $k->{gen} != $self->{gen} || $k->{replaced};
         my $slot = $k->{slot};
         my $code = $status >> 8;
         my $intended = !($status & 127) && ($code == EXIT_RECYCLE || $code == EXIT_HARAKIRI);
@@ -383,9 +404,11 @@ sub _reap {
             warn sprintf("%s: worker %d (pid %d) died (%s), respawning\n", $self->{name}, $slot, $pid,
                          ($status & 127) ? "signal " . ($status & 127) : "exit $code");
         }
-        # A worker that dies young, again and again, is crash-looping: back off
-        # instead of forking flat out.
-        if (!$intended && _now() - $k->{born} < 1) {
+        # A worker that dies young, again and again, before it ever accepts
+        # is crash-looping: back off instead of forking flat out. One that
+        # died serving a request (a poisoned route) is replaced at once:
+        # backing off there left a vassal with no worker at all.
+        if (!$intended && !$k->{ready} && _now() - $k->{born} < 1) {
             my $n = ++$self->{slot_fast_deaths}{$slot};
             if ($n >= 3) {
                 my $delay = 0.1 * 2 ** ($n - 3);
@@ -420,7 +443,9 @@ sub _reload {
     # an old worker still busy after `mercy` seconds is killed
     my $deadline = _now() + $self->{mercy};
     $self->{kids}{$_}{kill_at} //= $deadline for @old;
-    kill 'TERM', @old if @old;
+    # The old generation's stop pipe reaches end of file: no signal, so an
+    # app's blocking call in a busy worker is never interrupted.
+    $self->_new_stop_pipe;
     $self->_spawn_worker($_) for 1 .. $self->{workers};
 }
 
@@ -428,8 +453,57 @@ sub _begin_graceful_stop {
     my ($self, $kill_at) = @_;
     return $kill_at if $self->{stopping};
     $self->{stopping} = 'graceful';
-    kill 'TERM', keys %{ $self->{kids} };
+    close delete $self->{stop_w} if $self->{stop_w};
+    close delete $self->{stop_r} if $self->{stop_r};
     return _now() + $self->{mercy};
+}
+
+# Workers learn that they should stop from their generation's pipe reaching
+# end of file (the master closed it, or died), never from a signal that
+# would interrupt the app they are running.
+sub _new_stop_pipe {
+    my $self = shift;
+    close delete $self->{stop_w} if $self->{stop_w};
+    close delete $self->{stop_r} if $self->{stop_r};
+    pipe(my $r, my $w) or die "pipe: $!";
+    @$self{qw(stop_r stop_w)} = ($r, $w);
+}
+
+# The Emperor died without stopping us: whatever the app left in this
+# vassal's session (helpers double-forked without setsid) goes with it, as
+# the Emperor would have done. Only a session leader does this: under
+# plackup the session is the user's terminal.
+sub _end_session {
+    my $self = shift;
+    my $sid = _session_of($$) // return;
+    return unless $sid == $$;
+    my @left = grep { $_ != $$ && (_session_of($_) // 0) == $sid } _all_pids();
+    return unless @left;
+    warn "$self->{name}: the Emperor is gone; stopping " . scalar(@left) . " process(es) left in the vassal's session\n";
+    kill 'TERM', @left;
+    my $until = _now() + 2;
+    while (_now() < $until) {
+        1 while waitpid(-1, POSIX::WNOHANG()) > 0;
+        @left = grep { kill 0, $_ and (_session_of($_) // 0) == $sid } @left;
+        last unless @left;
+        select(undef, undef, undef, 0.05);
+    }
+    kill 'KILL', @left if @left;
+    1 while waitpid(-1, POSIX::WNOHANG()) > 0;
+}
+
+sub _all_pids {
+    opendir my $d, '/proc' or return;
+    return grep { /^\d+\z/ } readdir $d;
+}
+
+# Session id from /proc/PID/stat (Perl's POSIX has no getsid).
+sub _session_of {
+    my $pid = shift;
+    open my $fh, '<', "/proc/$pid/stat" or return undef;
+    my $s = <$fh> // return undef;
+    # pid (comm) state ppid pgrp session: comm may hold spaces and parentheses
+    return $s =~ /\)\s+\S+\s+-?\d+\s+-?\d+\s+(-?\d+)/ ? $1 : undef;
 }
 
 sub _stop_now {
@@ -455,15 +529,14 @@ sub _worker_main {
     my $master = $self->{master_pid};
     $self->{slot} = $slot;
 
-    # SIGTERM only sets a flag. Exiting from the handler when "not busy" was
-    # a race: Perl runs the handler at the next op boundary, which may fall
-    # after accept() returned a connection and before the worker marked
-    # itself busy, and the client saw a reset. Perl's handlers are installed without
-    # SA_RESTART, so a TERM during accept() makes it return EINTR and the
-    # loop condition sees the flag; one landing between that check and the
-    # accept(2) call is caught by the listener's SO_RCVTIMEO (below).
+    # The master asks a worker to stop by closing its generation's stop
+    # pipe (end of file in the worker's select), not by a signal. A SIGTERM
+    # from elsewhere only sets the same flag, with SA_RESTART, so that the
+    # app's blocking reads are restarted, not broken with EINTR.
     my $stopping = 0;
-    $SIG{TERM} = sub { $stopping = 1 };
+    my $on_term = POSIX::SigAction->new(sub { $stopping = 1 }, POSIX::SigSet->new, POSIX::SA_RESTART());
+    $on_term->safe(1);
+    POSIX::sigaction(POSIX::SIGTERM(), $on_term);
     $SIG{HUP}  = 'IGNORE';          # the master reloads; a worker keeps going
     $SIG{INT}  = 'DEFAULT';
     $SIG{QUIT} = 'DEFAULT';
@@ -471,9 +544,6 @@ sub _worker_main {
     $SIG{PIPE} = 'IGNORE';          # a vanished client is an EPIPE, not a death
     $self->{stopping_ref} = \$stopping;
     POSIX::sigprocmask(POSIX::SIG_SETMASK(), delete $self->{sigmask});
-
-    # Die with the master (SIGTERM: finish the request first).
-    syscall($SYS_PRCTL, 1, POSIX::SIGTERM(), 0, 0, 0) if $SYS_PRCTL;
     _worker_exit(0) if getppid() != $master;
 
     close $self->{ready_r};
@@ -495,46 +565,188 @@ sub _worker_main {
 
     $self->{requests} = 0;
     my $listen = $self->{listen_sock};
-    my $ready_w = $self->{ready_w};
-    _worker_msg($ready_w, MSG_ACCEPTING);
+    # Every worker waits for the listener in select() beside its own
+    # connections; the one that loses the race to accept() gets EAGAIN.
+    IO::Handle::blocking($listen, 0);
+    my $lfd = fileno $listen;
+    my $stop_fd = fileno $self->{stop_r};
+    _worker_msg($self->{ready_w}, MSG_ACCEPTING);
 
-    my $rtimeo = pack('l!l!', $self->{read_timeout}, 0);
-    # accept(2) honours SO_RCVTIMEO: a blocked accept returns EAGAIN at least
-    # once a second, so a SIGTERM whose handler ran just before the call
-    # (the flag set, but accept not interrupted) is seen within a second.
-    # The option belongs to the socket, shared by every worker: idempotent.
-    setsockopt($listen, SOL_SOCKET, SO_RCVTIMEO, pack('l!l!', ACCEPT_WAKEUP, 0));
-    while (!$stopping) {
-        my $peer = accept(my $conn, $listen);
-        unless ($peer) {
-            next if $! == EINTR || $! == EAGAIN || $! == ECONNABORTED;
-            # EMFILE, ENOBUFS...: transient pressure; don't spin, don't die
-            warn "$self->{name}: accept: $!\n";
-            select(undef, undef, undef, 0.1);
-            next;
+    my $stimeo = pack('l!l!', $self->{socket_timeout}, 0);
+    # Connections this worker holds: idle keep-alive ones and ones whose
+    # head is still arriving cost a select() slot, not the worker. Only a
+    # complete head makes the worker busy, so a slow or idle client never
+    # keeps the others waiting.
+    my %conns;
+    my %pending;        # fd => 1: a complete head may already be buffered
+    my $leaving = 0;    # stop, recycle or harakiri commit: accept nothing more
+    my $stop_seen_at;
+    while (1) {
+        my $now = _now();
+        if ($stopping && !$leaving) { $leaving = 1 }
+        if ($leaving) {
+            # Idle connections are closed only when nothing has arrived for
+            # stop_grace: a request the client sent right after its last
+            # response is served (with Connection: close), never dropped.
+            $stop_seen_at //= $now;
+            for my $fd (keys %conns) {
+                my $c = $conns{$fd};
+                next if length $c->{buf} || $pending{$fd};
+                if ($now - $stop_seen_at >= $self->{stop_grace}) {
+                    _drop_conn(\%conns, \%pending, $fd);
+                }
+            }
+            last unless %conns;
         }
-        # Per connection, not per request: no Nagle delay on split writes; a
-        # silent client cannot hold the worker forever.
-        setsockopt($conn, IPPROTO_TCP, TCP_NODELAY, 1);
-        setsockopt($conn, SOL_SOCKET, SO_RCVTIMEO, $rtimeo);
-        setsockopt($conn, SOL_SOCKET, SO_SNDTIMEO, $rtimeo);
-        my ($rport, $raddr) = (0, '');
-        my $fam = sockaddr_family($peer);
-        if ($fam == AF_INET) {
-            ($rport, $raddr) = unpack_sockaddr_in($peer);
-            $raddr = inet_ntop(AF_INET, $raddr);
-        } elsif ($fam == AF_INET6) {
-            ($rport, $raddr) = unpack_sockaddr_in6($peer);
-            $raddr = inet_ntop(AF_INET6, $raddr);
+
+        my $timeout = %pending ? 0 : 1;
+        my $rin = '';
+        vec($rin, $stop_fd, 1) = 1 unless $leaving;
+        vec($rin, $lfd, 1) = 1 if !$leaving && keys %conns < MAX_CONNS;
+        for my $fd (keys %conns) {
+            my $c = $conns{$fd};
+            if ($c->{deadline} <= $now) {
+                # A head that did not arrive in time gets 408; an idle
+                # keep-alive connection is just closed.
+                $self->_error_response($c->{sock}, 408) if length $c->{buf};
+                _drop_conn(\%conns, \%pending, $fd);
+                next;
+            }
+            vec($rin, $fd, 1) = 1;
+            my $left = $c->{deadline} - $now;
+            $timeout = $left if $left < $timeout;
         }
-        eval { $self->_serve_connection($conn, $raddr, $rport); 1 }
-            or do { warn "$self->{name}: $@" unless $@ =~ /^ForkServer::client-gone/ };
-        close $conn;
-        last if $stopping || $self->{harakiri_commit};
-        last if $self->{max_requests} && $self->{requests} >= $self->{max_requests};
-        _worker_exit(0) if !$SYS_PRCTL && getppid() != $master;
+        if ($leaving) {
+            my $left = $stop_seen_at + $self->{stop_grace} - $now;
+            $timeout = $left if $left < $timeout;
+            $timeout = 0 if $timeout < 0;
+        }
+        my $n = select(my $rout = $rin, undef, undef, $timeout);
+        if ($n < 0) {
+            next if $! == EINTR;
+            die "select: $!\n";
+        }
+        my %ready = %pending;
+        %pending = ();
+        if ($n > 0) {
+            if (!$leaving && vec($rout, $stop_fd, 1)) { $stopping = 1; $leaving = 1 }
+            if (!$leaving && vec($rout, $lfd, 1)) {
+                if (my $c = $self->_accept($listen, $stimeo)) {
+                    my $fd = fileno $c->{sock};
+                    $conns{$fd} = $c;
+                    # Linux defers accept until data arrived only with
+                    # TCP_DEFER_ACCEPT; try a read at once anyway, the head
+                    # is usually there already.
+                    $ready{$fd} = 1;
+                }
+            }
+            for my $fd (keys %conns) { $ready{$fd} = 1 if vec($rout, $fd, 1) }
+        }
+        # One request per ready connection per round: fair between them.
+        for my $fd (sort { $a <=> $b } keys %ready) {
+            my $c = $conns{$fd} or next;
+            # never blocks: a pending connection may have nothing new
+            my $got = recv($c->{sock}, my $more, READ_CHUNK, MSG_DONTWAIT);
+            if (defined $got) { $got = length $more; $c->{buf} .= $more }
+            if (!defined $got) {
+                if ($! == EAGAIN || $! == EINTR) {
+                    next unless length $c->{buf};
+                } else {
+                    _drop_conn(\%conns, \%pending, $fd); next;
+                }
+            } elsif ($got == 0) {
+                # end of file: a request already buffered is still answered
+                $c->{eof} = 1;
+                unless (length $c->{buf}) { _drop_conn(\%conns, \%pending, $fd); next }
+            }
+            next unless length $c->{buf};
+            if (!$c->{in_head}) {
+                # first byte of the next request: its head's deadline starts
+                $c->{in_head} = 1;
+                $c->{deadline} = _now() + $self->{header_timeout};
+            }
+            my $keep = eval { $self->_serve_head($c) };
+            if (!defined $keep) {
+                warn "$self->{name}: $@" if $@ && $@ !~ /^ForkServer::client-gone/;
+                _drop_conn(\%conns, \%pending, $fd);
+            } elsif ($keep eq 'partial') {
+                _drop_conn(\%conns, \%pending, $fd) if $c->{eof};
+                next;
+            } elsif (!$keep) {
+                _drop_conn(\%conns, \%pending, $fd);
+            } else {
+                # Served, connection kept: idle until the next byte, and
+                # pipelined bytes already here are looked at next round.
+                $c->{in_head} = 0;
+                $c->{deadline} = _now() + $self->{keepalive_timeout};
+                if ($c->{eof} && !length $c->{buf}) {
+                    _drop_conn(\%conns, \%pending, $fd);
+                } elsif (length $c->{buf}) {
+                    $c->{in_head} = 1;
+                    $c->{deadline} = _now() + $self->{header_timeout};
+                    $pending{$fd} = 1;
+                }
+            }
+            if (!$leaving && ($self->{harakiri_commit}
+                || ($self->{max_requests} && $self->{requests} >= $self->{max_requests}))) {
+                # The replacement starts now, not when this worker has
+                # finished with its other connections.
+                _worker_msg($self->{ready_w}, MSG_LEAVING);
+                $leaving = 1;
+            }
+        }
     }
     _worker_exit(EXIT_RECYCLE);
+}
+
+# Has the master closed this generation's stop pipe (or a SIGTERM come)?
+sub _stop_asked {
+    my $self = shift;
+    my $flag = $self->{stopping_ref};
+    return 1 if $$flag;
+    my $r = $self->{stop_r} or return 0;
+    my $rin = '';
+    vec($rin, fileno $r, 1) = 1;
+    $$flag = 1 if select($rin, undef, undef, 0) > 0;
+    return $$flag;
+}
+
+sub _drop_conn {
+    my ($conns, $pending, $fd) = @_;
+    my $c = delete $conns->{$fd} or return;
+    delete $pending->{$fd};
+    close $c->{sock};
+}
+
+sub _accept {
+    my ($self, $listen, $stimeo) = @_;
+    my $peer = accept(my $conn, $listen);
+    unless ($peer) {
+        return undef if $! == EINTR || $! == EAGAIN || $! == ECONNABORTED;
+        # EMFILE, ENOBUFS...: transient pressure; don't spin, don't die
+        warn "$self->{name}: accept: $!\n";
+        select(undef, undef, undef, 0.1);
+        return undef;
+    }
+    # Per connection, not per request: no Nagle delay on split writes; no
+    # single read or write stalls longer than socket_timeout.
+    setsockopt($conn, IPPROTO_TCP, TCP_NODELAY, 1);
+    setsockopt($conn, SOL_SOCKET, SO_RCVTIMEO, $stimeo);
+    setsockopt($conn, SOL_SOCKET, SO_SNDTIMEO, $stimeo);
+    my ($rport, $raddr) = (0, '');
+    my $fam = sockaddr_family($peer);
+    if ($fam == AF_INET) {
+        ($rport, $raddr) = unpack_sockaddr_in($peer);
+        $raddr = inet_ntop(AF_INET, $raddr);
+    } elsif ($fam == AF_INET6) {
+        ($rport, $raddr) = unpack_sockaddr_in6($peer);
+        $raddr = inet_ntop(AF_INET6, $raddr);
+    }
+    return {
+        sock => $conn, buf => '', raddr => $raddr, rport => $rport, in_head => 1,
+        deadline => _now() + $self->{header_timeout},
+        informational => sub { _write_informational($conn, @_) },
+    };
 }
 
 # Status lines are few; build each once.
@@ -559,6 +771,9 @@ sub _tick {
         $l[3], $MON[$l[4]], $l[5] + 1900, $l[2], $l[1], $l[0], $off);
 }
 
+# Where the current phase's deadline ends (body read, response write).
+our $DEADLINE = 0;
+
 sub _write_all {
     my ($conn, $data) = @_;
     my $len = length $data;
@@ -567,23 +782,38 @@ sub _write_all {
         my $n = syswrite($conn, $data, $len - $off, $off);
         if (!defined $n) {
             next if $! == EINTR;
-            die "ForkServer::client-gone: write: $!\n";
+            die "ForkServer::client-gone: write: " . ($! == EAGAIN ? 'stalled past socket_timeout' : $!) . "\n";
         }
         $off += $n;
+        # Each write blocks at most socket_timeout (SO_SNDTIMEO); the whole
+        # response is bounded by its own deadline.
+        die "ForkServer::client-gone: write: response deadline passed\n"
+            if $off < $len && $DEADLINE && _now() > $DEADLINE;
     }
     return $len;
 }
 
-# Reads more bytes into $$bufref; returns the count; 0 means EOF or timeout.
+# Reads more bytes into $$bufref before $DEADLINE; returns the count; 0
+# means EOF, a stall past socket_timeout or the deadline passed.
 sub _fill {
     my ($conn, $bufref, $want) = @_;
     while (1) {
+        if ($DEADLINE) {
+            my $left = $DEADLINE - _now();
+            return 0 if $left <= 0;
+            my $rin = '';
+            vec($rin, fileno $conn, 1) = 1;
+            my $n = select(my $rout = $rin, undef, undef, $left);
+            if ($n < 0) { next if $! == EINTR; return 0 }
+            return 0 if $n == 0;
+        }
         my $n = sysread($conn, $$bufref, $want || READ_CHUNK, length $$bufref);
         return $n if defined $n;
         next if $! == EINTR;
         return 0;    # EAGAIN from SO_RCVTIMEO, ECONNRESET, ...
     }
 }
+
 
 sub _error_response {
     my ($self, $conn, $status, $env) = @_;
@@ -612,148 +842,163 @@ sub _access_log {
     syswrite($fh, $line);
 }
 
-sub _serve_connection {
-    my ($self, $conn, $raddr, $rport) = @_;
-    my $app = $self->{app};
-    my $buf = '';
-    my $first = 1;
-    my $max_header = $self->{max_header_size};
-    my $idle = $self->{idle};
-    my $last_note = 0;
-    my $stopping = $self->{stopping_ref};
+# RFC 9112: a field line is a token, a colon, a value. Whitespace before the
+# colon, obs-fold continuation lines and anything else are refused, so no
+# proxy in front can read the head differently from us.
+my $TOKEN = qr/[!#\$%&'*+.^_`|~0-9A-Za-z-]+/;
+my $HEAD_RE = qr/\A[^\012]*\012(?:$TOKEN:[^\012]*\012)*\015?\012\z/;
+
+# A complete head is in $c->{buf}: serve that one request. Returns 'partial'
+# while the head is incomplete, 1 to keep the connection, 0 to close it;
+# dies (ForkServer::client-gone) when the client vanished.
+sub _serve_head {
+    my ($self, $c) = @_;
+    my $conn = $c->{sock};
+    my %env = (
+        SCRIPT_NAME         => '',
+        SERVER_NAME         => $self->{server_name},
+        SERVER_PORT         => $self->{server_port},
+        REMOTE_ADDR         => $c->{raddr},
+        REMOTE_PORT         => $c->{rport},
+        @CONSTANT_ENV,
+        'psgix.harakiri'    => 1,
+        'psgix.informational' => $c->{informational},
+        'psgix.io'          => $conn,
+        'psgix.cleanup'     => 1,
+        'psgix.cleanup.handlers' => [],
+    );
+    my $hlen = parse_http_request($c->{buf}, \%env);
+    if ($hlen == -2) {
+        if (length $c->{buf} > $self->{max_header_size}) { $self->_error_response($conn, 431); return 0 }
+        return 'partial';
+    }
+    if ($hlen == -1) {
+        # A well-formed request line in a version we do not speak: 505.
+        my $status = $c->{buf} =~ m{\A$TOKEN [^ \015\012]+ HTTP/(\d+)\.(\d+)\015?\012} && $1 ne '1' ? 505 : 400;
+        $self->_error_response($conn, $status);
+        return 0;
+    }
+    if ($hlen > $self->{max_header_size}) { $self->_error_response($conn, 431, \%env); return 0 }
+    my $head = substr($c->{buf}, 0, $hlen, '');
+    if ($head !~ $HEAD_RE || $env{REQUEST_METHOD} !~ /\A$TOKEN\z/) {
+        $self->_error_response($conn, 400, \%env); return 0;
+    }
+
+    if ($self->{idle} > 0) {
+        my $t = time;
+        if ($t != ($self->{last_note} // 0)) {
+            _worker_msg($self->{ready_w}, MSG_ACTIVITY);
+            $self->{last_note} = $t;
+        }
+    }
+
+    my $proto = $env{SERVER_PROTOCOL};
+    my $connection = $env{HTTP_CONNECTION};
+    my $keep;
+    if ($proto eq 'HTTP/1.1') {
+        $keep = !(defined $connection && $connection =~ /\bclose\b/i);
+        # one Host, and only one (the parser joins repeats with ", ")
+        my $host = $env{HTTP_HOST};
+        if (!defined $host || $host =~ /,/) { $self->_error_response($conn, 400, \%env); return 0 }
+    } elsif ($proto eq 'HTTP/1.0') {
+        $keep = defined $connection && $connection =~ /\bkeep-alive\b/i;
+        if (defined $env{HTTP_HOST} && $env{HTTP_HOST} =~ /,/) { $self->_error_response($conn, 400, \%env); return 0 }
+    } else {
+        $self->_error_response($conn, 505, \%env); return 0;
+    }
+
+    # ---- request body, under its own deadline
+    my $input;
+    my $te = $env{HTTP_TRANSFER_ENCODING};
+    my $cl = $env{CONTENT_LENGTH};
+    if (defined $te || (defined $cl && $cl ne '0')) {
+        local $DEADLINE = _now() + $self->{body_timeout};
+        $input = $self->_read_body($conn, \$c->{buf}, \%env) or return 0;
+    } else {
+        if (defined $env{HTTP_EXPECT} && lc $env{HTTP_EXPECT} ne '100-continue') {
+            $self->_error_response($conn, 417, \%env); return 0;
+        }
+        open $input, '<', \(my $empty = '');
+    }
+    $env{'psgi.input'} = $input;
+
+    $self->{requests}++;
+    my $max_req = $self->{max_requests};
+    $keep = 0 if ${ $self->{stopping_ref} } || ($max_req && $self->{requests} >= $max_req);
+
+    # ---- the app and the response. Harakiri covers exactly this, and is
+    # disarmed however it ends: a response write that failed used to leave
+    # the alarm running into the next request, which it then killed.
     my $harakiri = $self->{harakiri};
-    my $informational = sub { _write_informational($conn, @_) };
+    my $st = { keep => $keep, head => $env{REQUEST_METHOD} eq 'HEAD', status => 0, bytes => 0, sent => 0 };
+    if ($harakiri) {
+        $self->{current_request} = qq{"$env{REQUEST_METHOD} $env{REQUEST_URI} $proto" from $c->{raddr}};
+        _worker_msg($self->{ready_w}, MSG_BUSY, $self->{current_request});
+        alarm $harakiri;
+    }
+    my $ok = eval { $self->_run_app($conn, \%env, $st); 1 };
+    my $err = $@;
+    if ($harakiri) { alarm 0; _worker_msg($self->{ready_w}, MSG_DONE) }
+    $self->_access_log(\%env, $st->{status}, $st->{bytes}) if $self->{access_log} && ($ok || $st->{sent});
+    $self->_run_cleanup(\%env);
+    die $err unless $ok;
+    if ($env{'psgix.harakiri.commit'}) { $self->{harakiri_commit} = 1; return 0 }
+    return $st->{keep} ? 1 : 0;
+}
 
-    while (1) {
-        # ---- wait for a request
-        if (!$first && $buf eq '') {
-            # Keep-alive: an idle connection holds this worker; give it back
-            # after keepalive_timeout. A TERM (EINTR, or already received)
-            # ends the wait, but a request the client has already sent is
-            # still answered: closing with unread bytes would send a reset.
-            my $rin = '';
-            vec($rin, fileno($conn), 1) = 1;
-            my $n = select(my $rout = $rin, undef, undef, $$stopping ? 0 : $self->{keepalive_timeout});
-            $n = select($rout = $rin, undef, undef, 0) if $n < 0 && $! == EINTR;
-            return if $n <= 0;
-        }
-        $first = 0;
-
-        my %env = (
-            SCRIPT_NAME         => '',
-            SERVER_NAME         => $self->{server_name},
-            SERVER_PORT         => $self->{server_port},
-            REMOTE_ADDR         => $raddr,
-            REMOTE_PORT         => $rport,
-            @CONSTANT_ENV,
-            'psgix.harakiri'    => 1,
-            'psgix.informational' => $informational,
-            'psgix.io'          => $conn,
-        );
-
-        # ---- request head
-        my $hlen;
-        while (1) {
-            if ($buf ne '') {
-                $hlen = parse_http_request($buf, \%env);
-                last if $hlen >= 0;
-                if ($hlen == -1) { $self->_error_response($conn, 400); return }
-                if (length $buf > $max_header) { $self->_error_response($conn, 431); return }
-            }
-            return unless _fill($conn, \$buf);   # EOF or timeout between requests: quietly done
-        }
-        if ($hlen > $max_header) { $self->_error_response($conn, 431, \%env); return }
-        substr($buf, 0, $hlen, '');
-
-        if ($idle > 0) {
-            my $t = time;
-            if ($t != $last_note) {
-                _worker_msg($self->{ready_w}, MSG_ACTIVITY);
-                $last_note = $t;
-            }
-        }
-
-        my $proto = $env{SERVER_PROTOCOL};
-        my $connection = $env{HTTP_CONNECTION};
-        my $keep;
-        if ($proto eq 'HTTP/1.1') {
-            $keep = !(defined $connection && $connection =~ /\bclose\b/i);
-            unless (defined $env{HTTP_HOST}) { $self->_error_response($conn, 400, \%env); return }
-        } elsif ($proto eq 'HTTP/1.0') {
-            $keep = defined $connection && $connection =~ /\bkeep-alive\b/i;
-        } else {
-            $self->_error_response($conn, 505, \%env); return;
-        }
-
-        # ---- request body
-        my $input;
-        my $te = $env{HTTP_TRANSFER_ENCODING};
-        my $cl = $env{CONTENT_LENGTH};
-        if (defined $te || (defined $cl && $cl ne '0')) {
-            $input = $self->_read_body($conn, \$buf, \%env) or return;
-        } else {
-            if (defined $env{HTTP_EXPECT} && lc $env{HTTP_EXPECT} ne '100-continue') {
-                $self->_error_response($conn, 417, \%env); return;
-            }
-            open $input, '<', \(my $empty = '');
-        }
-        $env{'psgi.input'} = $input;
-
-        $self->{requests}++;
-        my $max_req = $self->{max_requests};
-        $keep = 0 if $$stopping || ($max_req && $self->{requests} >= $max_req);
-
-        if ($harakiri) {
-            $self->{current_request} = qq{"$env{REQUEST_METHOD} $env{REQUEST_URI} $proto" from $raddr};
-            _worker_msg($self->{ready_w}, MSG_BUSY, $self->{current_request});
-            alarm $harakiri;
-        }
-
-        # ---- the app
-        my $st = { keep => $keep, head => $env{REQUEST_METHOD} eq 'HEAD', status => 0, bytes => 0, sent => 0 };
-        my $res = eval { $app->(\%env) };
-        if (!defined $res) {
-            my $err = $@ || "app returned undef\n";
-            print STDERR "$self->{name}: app error: $err";
-            $res = [500, ['Content-Type' => 'text/plain'], ['Internal Server Error']];
-        }
-        if (ref $res eq 'ARRAY') {
-            $self->_respond($conn, \%env, $st, $res);
-        } elsif (ref $res eq 'CODE') {
-            my $ok = eval {
-                $res->(sub { $self->_respond($conn, \%env, $st, $_[0]) });
-                1;
-            };
-            unless ($ok) {
-                my $err = $@;
-                die $err if $err =~ /^ForkServer::client-gone/;
-                print STDERR "$self->{name}: app error: $err";
-                if (!$st->{sent}) {
-                    $self->_respond($conn, \%env, $st,
-                        [500, ['Content-Type' => 'text/plain'], ['Internal Server Error']]);
-                } else {
-                    $st->{keep} = 0;
-                }
-            }
-            # A writer the app kept open cannot be finished later by a
-            # blocking server: the response length is unknown, so close.
-            $st->{keep} = 0 if !$st->{sent} || ($st->{writer} && !$st->{writer}{closed});
-            unless ($st->{sent}) {
-                $self->_respond($conn, \%env, $st,
-                    [500, ['Content-Type' => 'text/plain'], ['No response']]);
-            }
-        } else {
-            print STDERR "$self->{name}: app returned an invalid response\n";
-            $self->_respond($conn, \%env, $st, [500, ['Content-Type' => 'text/plain'], ['Internal Server Error']]);
-        }
-        if ($harakiri) { alarm 0; _worker_msg($self->{ready_w}, MSG_DONE) }
-
-        $self->_access_log(\%env, $st->{status}, $st->{bytes}) if $self->{access_log};
-        if ($env{'psgix.harakiri.commit'}) { $self->{harakiri_commit} = 1; return }
-        return unless $st->{keep};
+# psgix.cleanup: the handlers run after the response is out, before the
+# worker looks at its next request.
+sub _run_cleanup {
+    my ($self, $env) = @_;
+    my $handlers = $env->{'psgix.cleanup.handlers'};
+    return unless $handlers && @$handlers;
+    for my $h (@$handlers) {
+        eval { $h->($env); 1 } or print STDERR "$self->{name}: cleanup handler error: $@";
     }
 }
 
+sub _run_app {
+    my ($self, $conn, $env, $st) = @_;
+    local $DEADLINE = 0;
+    my $res = eval { $self->{app}->($env) };
+    if (!defined $res) {
+        my $err = $@ || "app returned undef\n";
+        print STDERR "$self->{name}: app error: $err";
+        $res = [500, ['Content-Type' => 'text/plain'], ['Internal Server Error']];
+    }
+    # The response has a whole deadline from its first byte.
+    my $respond = sub {
+        local $DEADLINE = $st->{deadline} = _now() + $self->{response_timeout};
+        $self->_respond($conn, $env, $st, $_[0]);
+    };
+    if (ref $res eq 'ARRAY') {
+        $respond->($res);
+    } elsif (ref $res eq 'CODE') {
+        my $ok = eval { $res->(sub { $respond->($_[0]) }); 1 };
+        unless ($ok) {
+            my $err = $@;
+            die $err if $err =~ /^ForkServer::client-gone/;
+            print STDERR "$self->{name}: app error: $err";
+            if (!$st->{sent}) {
+                $respond->([500, ['Content-Type' => 'text/plain'], ['Internal Server Error']]);
+            } else {
+                $st->{keep} = 0;
+            }
+        }
+        # A writer the app kept open cannot be finished later by a
+        # blocking server: the response length is unknown, so close.
+        $st->{keep} = 0 if !$st->{sent} || ($st->{writer} && !$st->{writer}{closed});
+        unless ($st->{sent}) {
+            $respond->([500, ['Content-Type' => 'text/plain'], ['No response']]);
+        }
+    } else {
+        print STDERR "$self->{name}: app returned an invalid response\n";
+        $respond->([500, ['Content-Type' => 'text/plain'], ['Internal Server Error']]);
+    }
+}
+
+# Body framing checks, then the body into memory or a temporary file as it
+# arrives: no chunk is ever held whole, whatever size it announces.
 sub _read_body {
     my ($self, $conn, $bufref, $env) = @_;
     my $te = $env->{HTTP_TRANSFER_ENCODING};
@@ -762,12 +1007,15 @@ sub _read_body {
     my $chunked;
     if (defined $te) {
         if ($te !~ /^\s*chunked\s*$/i) { $self->_error_response($conn, 501, $env); return }
-        # Both headers: a request-smuggling shape (RFC 7230 3.3.3): refuse.
+        # Both headers: a request-smuggling shape (RFC 9112 6.3): refuse.
         if (defined $cl) { $self->_error_response($conn, 400, $env); return }
         $chunked = 1;
     } else {
         if ($cl !~ /^\d+$/) { $self->_error_response($conn, 400, $env); return }
-        if ($max && $cl > $max) { $self->_error_response($conn, 413, $env); return }
+        # past 2**50 the number is not a length we could ever read: refuse
+        # at once (it used to wait for the read timeout)
+        $cl =~ s/^0+(?=\d)//;
+        if (length $cl > 15 || ($max && $cl > $max)) { $self->_error_response($conn, 413, $env); return }
     }
     if (defined(my $expect = $env->{HTTP_EXPECT})) {
         if (lc $expect ne '100-continue') { $self->_error_response($conn, 417, $env); return }
@@ -780,36 +1028,35 @@ sub _read_body {
     my $limit = $self->{body_buffer_size};
     my $body = '';
     my $fh;
-    my $total = 0;
-    my $spill = sub {
-        open $fh, '+>', undef or die "temporary file for request body: $!\n";
-        binmode $fh;
-        print $fh $body;
-        $body = '';
+    my $store = sub {
+        if ($fh) { print $fh $_[0]; return }
+        $body .= $_[0];
+        if (length $body > $limit) {
+            open $fh, '+>', undef or die "temporary file for request body: $!\n";
+            binmode $fh;
+            print $fh $body;
+            $body = '';
+        }
+    };
+    # $left bytes of data: from the buffer first, then the socket in pieces
+    my $copy = sub {
+        my $left = shift;
+        my $take = substr($$bufref, 0, $left, '');
+        $store->($take);
+        $left -= length $take;
+        while ($left > 0) {
+            my $piece = '';
+            return 0 unless _fill($conn, \$piece, $left < READ_CHUNK ? $left : READ_CHUNK);
+            $store->($piece);
+            $left -= length $piece;
+        }
+        return 1;
     };
 
     if (!$chunked) {
-        if ($cl <= $limit) {
-            $body = substr($$bufref, 0, $cl, '');
-            while (length $body < $cl) {
-                unless (_fill($conn, \$body, $cl - length $body)) {
-                    $self->_error_response($conn, 400, $env); return;
-                }
-            }
-        } else {
-            $spill->();
-            my $left = $cl;
-            my $take = substr($$bufref, 0, $left, '');
-            print $fh $take; $left -= length $take;
-            while ($left > 0) {
-                my $chunk = '';
-                unless (_fill($conn, \$chunk, $left < READ_CHUNK ? $left : READ_CHUNK)) {
-                    $self->_error_response($conn, 400, $env); return;
-                }
-                print $fh $chunk; $left -= length $chunk;
-            }
-        }
+        unless ($copy->($cl)) { $self->_error_response($conn, 400, $env); return }
     } else {
+        my $total = 0;
         while (1) {
             # chunk-size [; ext] CRLF
             my $line_end;
@@ -817,10 +1064,14 @@ sub _read_body {
                 if (length $$bufref > 4096 || !_fill($conn, $bufref)) { $self->_error_response($conn, 400, $env); return }
             }
             my $line = substr($$bufref, 0, $line_end + 1, '');
-            unless ($line =~ /^([0-9a-fA-F]+)[ \t]*(?:;[^\015\012]*)?\015?\012\z/) {
+            unless ($line =~ /^0*([0-9a-fA-F]+)[ \t]*(?:;[^\015\012]*)?\015?\012\z/) {
                 $self->_error_response($conn, 400, $env); return;
             }
-            my $size = hex $1;
+            my $hex = $1;
+            # 12 hex digits are 256 TB: past that the size is an attack (and
+            # past 16 it overflows); and no chunk may pass limit-post
+            if (length $hex > 12) { $self->_error_response($conn, 413, $env); return }
+            my $size = hex $hex;
             if ($size == 0) {
                 # trailer fields up to an empty line; dropped
                 while (1) {
@@ -835,16 +1086,11 @@ sub _read_body {
             }
             $total += $size;
             if ($max && $total > $max) { $self->_error_response($conn, 413, $env); return }
-            while (length $$bufref < $size + 2) {
+            unless ($copy->($size)) { $self->_error_response($conn, 400, $env); return }
+            while (length $$bufref < 2) {
                 unless (_fill($conn, $bufref)) { $self->_error_response($conn, 400, $env); return }
             }
-            my $data = substr($$bufref, 0, $size, '');
             unless (substr($$bufref, 0, 2, '') eq CRLF) { $self->_error_response($conn, 400, $env); return }
-            if ($fh) { print $fh $data }
-            else {
-                $body .= $data;
-                $spill->() if length $body > $limit;
-            }
         }
         $env->{CONTENT_LENGTH} = $total;
         delete $env->{HTTP_TRANSFER_ENCODING};
@@ -892,7 +1138,7 @@ sub _respond {
     }
 
     # a stop or reload began while the app ran: this is the last response
-    $st->{keep} = 0 if ${ $self->{stopping_ref} };
+    $st->{keep} = 0 if $st->{keep} && $self->_stop_asked;
     my $chunked = 0;
     if (!$no_entity && !defined $cl && !defined $te) {
         if (ref $body eq 'ARRAY') {
@@ -991,11 +1237,19 @@ C<Expect: 100-continue>, C<HEAD>. Request bodies up to C<body_buffer_size>
 are kept in memory, larger ones go to an anonymous temporary file; in both
 cases C<psgi.input> is seekable and C<psgix.input.buffered> is true.
 Malformed requests get 400, a head larger than C<max_header_size> 431, a
-body larger than C<max_body_size> 413.
+body larger than C<max_body_size> 413, an HTTP version other than 1.x 505.
+
+Each worker holds many connections (up to 512) and waits for all of them,
+and for the listener, in one C<select()>: only a complete request head
+makes it busy. Idle keep-alive connections and heads still arriving cost no
+worker, so slow clients and many keep-alive clients cannot starve others;
+ready connections are served one request each in turn.
 
 The environment has C<psgi.streaming> (delayed responses and writers),
 C<psgix.harakiri> (set C<psgix.harakiri.commit> to end the worker after the
-response), C<psgix.informational> and C<psgix.io>; C<psgi.multiprocess> is
+response), C<psgix.cleanup> (handlers pushed on C<psgix.cleanup.handlers>
+run after the response is sent, before the next request), C<psgix.informational>
+and C<psgix.io>; C<psgi.multiprocess> is
 true and C<psgi.nonblocking> false.
 
 =head1 CONSTRUCTOR OPTIONS
@@ -1053,10 +1307,19 @@ Seconds a graceful stop waits for in-flight requests before SIGKILL.
 
 Limits: 8192, 0 (no limit) and 65536 bytes by default.
 
-=item read_timeout, keepalive_timeout
+=item stop_grace
 
-Seconds a client may stay silent in the middle of a request (30) and
-between requests on a keep-alive connection (1).
+Seconds a stopping or recycling worker waits for a request already on its
+way on an idle keep-alive connection (1). A recycling worker (max_requests,
+C<psgix.harakiri.commit>) is replaced as soon as it stops accepting.
+
+=item header_timeout, body_timeout, response_timeout, socket_timeout, keepalive_timeout
+
+Whole deadlines, in seconds: the request head (4, from accept or from the
+first byte after a response; 408 for a partial head), the request body (60),
+the response write once the client stops keeping up (60); the longest
+single stalled read or write (4; C<read_timeout> is its old name); an idle
+keep-alive connection (5).
 
 =item server_ready
 
@@ -1068,8 +1331,15 @@ C<{ host, port, server_software }> (as Plack handlers do).
 =head1 SIGNALS
 
 Master: SIGHUP graceful reload; SIGTERM graceful stop; SIGINT and SIGQUIT
-stop now. Workers: SIGTERM ends an idle worker at once (at most a second
-later) and a busy one after its request; a connection the worker has
-accepted is always answered.
+stop now. The master tells workers to stop by closing their generation's
+stop pipe, never with a signal, so the app's blocking calls are not
+interrupted; a worker then finishes its request (with C<Connection: close>),
+answers requests already on their way on its idle connections (waiting up
+to 1 s for them), and exits. A SIGTERM sent to a worker does the same (its
+handler has C<SA_RESTART>). A worker that dies in a request is respawned at
+once; one that dies before it ever accepted, three times in a row within a
+second of its birth, with a growing delay (up to 5 s). When the Emperor pipe
+reaches end of file without a stop request (the Emperor died), a master that
+leads its session stops every other process in it before exiting.
 
 =cut

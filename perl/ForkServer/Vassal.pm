@@ -84,6 +84,13 @@ sub run {
         idle         => $config->get('idle'),
         access_log   => $config->get('disable-logging') ? undef : \*STDERR,
         proctitle    => $0,
+        max_body_size     => $config->get('limit-post'),
+        max_header_size   => $config->get('buffer-size'),
+        socket_timeout    => $config->get('socket-timeout'),
+        header_timeout    => $config->get('http-header-timeout'),
+        body_timeout      => $config->get('http-body-timeout'),
+        response_timeout  => $config->get('http-response-timeout'),
+        keepalive_timeout => $config->get('http-keepalive-timeout'),
     )->run;
     return;
 }

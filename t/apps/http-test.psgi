@@ -62,5 +62,29 @@ sub {
         $env->{'psgix.informational'}->(103, [Link => '</a.css>; rel=preload']);
         return [200, ['Content-Type' => 'text/plain'], ['after hints']];
     }
+    if ($path eq '/big') {
+        # /big?BYTES: one body of that size
+        return [200, ['Content-Type' => 'application/octet-stream'], ['x' x ($q || 1_000_000)]];
+    }
+    if ($path eq '/sleep') {
+        # /sleep?NAME: announce start, sleep 2 s, say how long the sleep lasted
+        require Time::HiRes;
+        open my $fh, '>', "$dir/$q.started"; close $fh;
+        my $t0 = Time::HiRes::time();
+        sleep 2;
+        return [200, ['Content-Type' => 'text/plain'], [sprintf 'slept %.2f', Time::HiRes::time() - $t0]];
+    }
+    if ($path eq '/die') {
+        require POSIX;
+        POSIX::_exit(3);
+    }
+    if ($path eq '/cleanup') {
+        # /cleanup?NAME: NAME.cleaned appears once the response is out
+        push @{ $env->{'psgix.cleanup.handlers'} }, sub {
+            open my $fh, '>', "$dir/$q.tmp"; print $fh $_[0]{PATH_INFO}; close $fh;
+            rename "$dir/$q.tmp", "$dir/$q.cleaned";    # whole, or not there
+        } if $env->{'psgix.cleanup'};
+        return [200, ['Content-Type' => 'text/plain'], ['cleanup=' . ($env->{'psgix.cleanup'} ? 1 : 0)]];
+    }
     return [404, ['Content-Type' => 'text/plain'], ['not found']];
 };

@@ -16,6 +16,7 @@ sub write {
     die "ForkServer: write() after close()\n" if $self->{closed};
     return unless $self->{send} && defined $data && length $data;
     $self->{st}{bytes} += length $data;
+    local $ForkServer::HTTPServer::DEADLINE = $self->{st}{deadline} // 0;
     ForkServer::HTTPServer::_write_all($self->{conn},
         $self->{chunked} ? sprintf('%x', length $data) . "\015\012" . $data . "\015\012" : $data);
     return;
@@ -24,6 +25,7 @@ sub write {
 sub close {
     my $self = shift;
     return if $self->{closed}++;
+    local $ForkServer::HTTPServer::DEADLINE = $self->{st}{deadline} // 0;
     ForkServer::HTTPServer::_write_all($self->{conn}, "0\015\012\015\012") if $self->{chunked};
     return;
 }

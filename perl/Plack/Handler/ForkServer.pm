@@ -7,6 +7,7 @@ use ForkServer::HTTPServer;
 my %PASS = map { $_ => 1 } qw(
     host port workers max_requests harakiri name heartbeat idle proctitle mercy
     max_header_size max_body_size body_buffer_size read_timeout keepalive_timeout
+    socket_timeout header_timeout body_timeout response_timeout stop_grace
     listen_sock server_ready
 );
 
@@ -67,7 +68,8 @@ Plack::Handler::ForkServer - run a PSGI app with psgi-forkserver's HTTP server
 A Plack handler for L<ForkServer::HTTPServer>. Options: C<host>, C<port>
 (or C<listen> as C<HOST:PORT>), C<workers>, C<max_requests>, C<harakiri>,
 C<name>, C<proctitle>, C<mercy>, C<max_header_size>, C<max_body_size>,
-C<body_buffer_size>, C<read_timeout>, C<keepalive_timeout>, C<access_log>
+C<body_buffer_size>, C<socket_timeout> (alias C<read_timeout>), C<header_timeout>,
+C<body_timeout>, C<response_timeout>, C<keepalive_timeout>, C<stop_grace>, C<access_log>
 (a file handle; default none, since plackup logs through its middleware),
 C<server_ready>. C<run($app)> returns when the server stops (SIGTERM:
 graceful, SIGINT/SIGQUIT: at once, SIGHUP: reload the workers).
