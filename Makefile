@@ -14,7 +14,7 @@ DEB_PACKAGES := perl libplack-perl libsocket-msghdr-perl libhttp-parser-xs-perl 
 	libmoose-perl libdatetime-perl libdatetime-timezone-perl libtemplate-perl \
 	libjson-xs-perl libdbix-class-perl libmojolicious-perl libdancer2-perl \
 	libcatalyst-perl libtry-tiny-perl libhttp-message-perl libtest-tcp-perl \
-	nginx libgoto-file-perl libtest2-harness-perl
+	libgoto-file-perl libtest2-harness-perl
 
 # What bench/run.py's `plack` row needs besides: Plack's own test suite's
 # dependencies (Debian's build-depends of libplack-perl) and dpkg-source.
