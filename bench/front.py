@@ -91,12 +91,12 @@ def _write(vdir: Path, name: str, text: str) -> None:
 SERVING_VARIANTS = {
     "default": [],
     "nolog": ["--no-http-access-log"],
-    "keepalive": ["--no-http-access-log", "--nginx-keepalive", "16"],
+    "nokeepalive": ["--no-http-access-log", "--nginx-keepalive", "0"],
 }
 SERVING_LABELS = {
-    "default": "as `emperor run --http` starts it: access log on, a new connection per request",
+    "default": "as `emperor run --http` starts it: access log on, 16 idle connections kept per vassal",
     "nolog": "--no-http-access-log",
-    "keepalive": "--no-http-access-log --nginx-keepalive 16",
+    "nokeepalive": "--no-http-access-log --nginx-keepalive 0: a new connection per request",
 }
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import paths
+from .frontdoor import DEFAULT_KEEPALIVE
 from .emperor import Emperor, Options, StartupError, pidfile_is_held
 
 
@@ -65,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     nc.add_argument("--run-dir", type=Path, metavar="DIR",
                     help="the Emperor's --run-dir (default: the one `emperor run` picks "
                          "for VASSALS_DIR)")
-    nc.add_argument("--keepalive", type=int, default=0, metavar="N",
-                    help="idle connections nginx keeps per vassal (default 0)")
+    nc.add_argument("--keepalive", type=int, default=DEFAULT_KEEPALIVE, metavar="N",
+                    help=f"idle connections nginx keeps per vassal (default {DEFAULT_KEEPALIVE}; "
+                         "0: a new connection per request)")
     rb = sub.add_parser("reload-base",
                         help="code deploy: new base generation, move every adopted vassal")
     rb.add_argument("--pidfile", type=Path, metavar="PATH", required=True,
@@ -282,9 +284,9 @@ def add_front_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--nginx", metavar="PATH", help="the nginx binary (default: from PATH)")
     run.add_argument("--http-access-log", default=True, action=argparse.BooleanOptionalAction,
                      help="nginx's access log in the Emperor's log, prefixed [front] (default: on)")
-    run.add_argument("--nginx-keepalive", type=int, default=0, metavar="N",
-                     help="idle connections nginx keeps open per vassal (default 0: "
-                          "one connection per request)")
+    run.add_argument("--nginx-keepalive", type=int, default=DEFAULT_KEEPALIVE, metavar="N",
+                     help=f"idle connections nginx keeps open per vassal (default "
+                          f"{DEFAULT_KEEPALIVE}; 0: one connection per request)")
 
 
 def run_dir_of(args: argparse.Namespace) -> Path:

@@ -39,6 +39,11 @@ BACKEND = "$psgi_fs_backend"
 RETRY = "$psgi_fs_retry_after"
 DOWN = "@down"  # map value of a vassal that cannot answer now
 
+#: idle connections nginx keeps to each vassal: a vassal's worker holds an
+#: idle connection in its select() set, not as a busy worker, so they cost
+#: little there and save a connect/accept/close per request
+DEFAULT_KEEPALIVE = 16
+
 #: what nginx sends a `socket` vassal (Debian's uwsgi_params, plus the
 #: X-Forwarded-* headers the HTTP route sets)
 UWSGI_PARAMS = (
@@ -91,7 +96,7 @@ def _quote(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def render_routing(routes: Iterable[Route], keepalive: int = 0) -> str:
+def render_routing(routes: Iterable[Route], keepalive: int = DEFAULT_KEEPALIVE) -> str:
     """The http-level part: upstreams and the `$host` maps. Deterministic
     (sorted), so an unchanged fleet renders the same bytes."""
     routes = sorted(routes)
@@ -128,7 +133,7 @@ def render_routing(routes: Iterable[Route], keepalive: int = 0) -> str:
     return "\n".join(out) + "\n"
 
 
-def render_locations(keepalive: int = 0) -> str:
+def render_locations(keepalive: int = DEFAULT_KEEPALIVE) -> str:
     """The body of a `server` block that serves the routing: 404 for an
     unknown name, 503 with Retry-After for a vassal that is down or does not
     answer, proxy to the vassal otherwise."""
@@ -184,7 +189,7 @@ def _indent(text: str, n: int) -> str:
 
 
 def render_nginx_conf(routes: Iterable[Route], listen: str, run_dir: Path,
-                      keepalive: int = 0, user: str | None = None,
+                      keepalive: int = DEFAULT_KEEPALIVE, user: str | None = None,
                       workers: str = "auto", access_log: bool = True) -> str:
     """The whole configuration of the embedded nginx: foreground master,
     every path under `run_dir/nginx`, errors on stderr (the Emperor reads
@@ -317,7 +322,7 @@ class FrontDoorOptions:
     include: Path | None = None  # --nginx-include: keep this file up to date
     reload_cmd: str | None = None  # --nginx-reload: run after each write of `include`
     nginx: str | None = None  # the nginx binary (default: from PATH)
-    keepalive: int = 0  # idle connections nginx keeps per vassal (0: none)
+    keepalive: int = DEFAULT_KEEPALIVE  # idle connections nginx keeps per vassal (0: none)
     access_log: bool = True  # nginx's access log, in the Emperor's log
     batch: float = 0.05  # a change waits this long for the others of its turn
     min_gap: float = 1.0  # seconds between two reloads at least

@@ -59,7 +59,8 @@ def test_routing_is_a_pure_function_of_the_routes():
     assert "    legacy.localhost uwsgi;" in a  # nginx speaks uwsgi to it
     name = fd.upstream_name("weird name")
     assert name.startswith("psgi_fs_weird_name_") and name != fd.upstream_name("weird_name")
-    assert "keepalive" not in a and "keepalive 8;" in fd.render_routing(ROUTES, keepalive=8)
+    assert "keepalive 16;" in a and "keepalive 8;" in fd.render_routing(ROUTES, keepalive=8)
+    assert "keepalive" not in fd.render_routing(ROUTES, keepalive=0)
     assert fd.render_routing(ROUTES[:1]) != a
 
 
