@@ -44,12 +44,12 @@ DOWN = "@down"  # map value of a vassal that cannot answer now
 #: little there and save a connect/accept/close per request
 DEFAULT_KEEPALIVE = 16
 
-#: what nginx sends a `socket` vassal (Debian's uwsgi_params, plus the
-#: X-Forwarded-* headers the HTTP route sets)
+#: what nginx sends a `socket` vassal (Debian's uwsgi_params but PATH_INFO
+#: and DOCUMENT_ROOT, plus the X-Forwarded-* headers the HTTP route sets)
 UWSGI_PARAMS = (
     ("QUERY_STRING", "$query_string"), ("REQUEST_METHOD", "$request_method"),
     ("CONTENT_TYPE", "$content_type"), ("CONTENT_LENGTH", "$content_length"),
-    ("REQUEST_URI", "$request_uri"), ("PATH_INFO", "$document_uri"),
+    ("REQUEST_URI", "$request_uri"),  # PATH_INFO: the vassal decodes it from this
     ("SERVER_PROTOCOL", "$server_protocol"), ("REQUEST_SCHEME", "$scheme"),
     ("HTTPS", "$https if_not_empty"), ("REMOTE_ADDR", "$remote_addr"),
     ("REMOTE_PORT", "$remote_port"), ("SERVER_PORT", "$server_port"),

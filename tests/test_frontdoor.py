@@ -547,3 +547,26 @@ def test_bad_front_door_options_are_one_line_and_exit_2(tmp_path: Path):
             assert want in r.stderr and r.stderr.count("\n") == 1, (extra, r.stderr)
     finally:
         taken.close()
+
+
+@needs_nginx
+@needs_perl
+def test_socket_speaks_uwsgi_to_the_front_door(front):
+    """`socket = ADDR`: the vassal serves the uwsgi protocol; the front
+    door reaches it with uwsgi_pass (Plack's suite over it: t/plack-suite-uwsgi.t)."""
+    f = front({"legacy": ini("legacy", "domain = legacy.localhost", "socket = ./legacy.sock"),
+               "both": ini("both", "socket = ./b.sock", "http-socket = ./c.sock")})
+    wait_for(lambda: answers(f.port, "legacy.localhost", "legacy"), 30, "legacy through uwsgi_pass")
+    got = answer(f.port, "legacy.localhost")
+    assert got["xff"] == "127.0.0.1" and got["xhost"] == "legacy.localhost"
+    assert got["host"] == f"legacy.localhost:{f.port}"
+    # it speaks uwsgi, not HTTP: an HTTP request on its socket gets no HTTP answer
+    import socket as so
+    s = so.socket(so.AF_UNIX)
+    s.settimeout(10)
+    s.connect(str(f.dir / "legacy.sock"))
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert not s.recv(100).startswith(b"HTTP/1.1 200")
+    s.close()
+    wait_for(lambda: f.lines("[both] bad config"), 15, "both refused")
+    assert "socket and http-socket" in f.lines("[both] bad config")[-1]

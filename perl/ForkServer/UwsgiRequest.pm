@@ -28,7 +28,10 @@ body) ended by closing the connection.
 
 C<parse> turns the variables into the CGI part of a PSGI environment:
 C<SCRIPT_NAME> empty, C<PATH_INFO> from C<PATH_INFO>, else the decoded path
-of C<REQUEST_URI>, C<SERVER_PROTOCOL> defaulted to HTTP/1.0,
+of C<REQUEST_URI> (the front door sends no C<PATH_INFO>: nginx's
+C<$document_uri> has its slashes merged, the request's own path has not),
+a header sent twice joined with C<, >, C<HTTP_CONTENT_TYPE> and
+C<HTTP_CONTENT_LENGTH> dropped, C<SERVER_PROTOCOL> defaulted to HTTP/1.0,
 C<psgi.url_scheme> from C<HTTPS> or C<REQUEST_SCHEME>. The server adds the
 rest (C<psgi.input>, C<psgi.errors>, ...). A packet whose variables are
 malformed, or that lacks C<REQUEST_METHOD>, is an error.
@@ -45,8 +48,11 @@ sub parse {
     my %env;
     while (my ($k, $v) = splice @pairs, 0, 2) {
         die "uwsgi: empty variable name\n" unless length $k;
-        $env{$k} = $v;    # a repeated header: nginx sends one per line; the last wins
+        # a header given twice comes as two variables: joined, as an HTTP server does
+        $env{$k} = defined $env{$k} && $k =~ /\AHTTP_/ ? "$env{$k}, $v" : $v;
     }
+    # nginx passes every header, these two too; PSGI has them without HTTP_
+    delete @env{qw(HTTP_CONTENT_TYPE HTTP_CONTENT_LENGTH)};
     die "uwsgi: no REQUEST_METHOD\n" unless defined $env{REQUEST_METHOD} && length $env{REQUEST_METHOD};
     my $uri = $env{REQUEST_URI} // '/';
     if (!defined $env{PATH_INFO}) {

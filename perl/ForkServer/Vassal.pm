@@ -91,6 +91,7 @@ sub run {
         body_timeout      => $config->get('http-body-timeout'),
         response_timeout  => $config->get('http-response-timeout'),
         keepalive_timeout => $config->get('http-keepalive-timeout'),
+        protocol          => defined $config->get('socket') ? 'uwsgi' : 'http',
     )->run;
     return;
 }
@@ -123,7 +124,7 @@ sub listen_socket {
     if ($self->{use_fd0} and my $sock = inherited_listener()) {
         return $sock;
     }
-    my $addr = $self->{config}->get('http-socket');
+    my $addr = $self->{config}->get('http-socket') // $self->{config}->get('socket');
     die "no socket: give --http-socket ADDR (or pass a listening socket as descriptor 0)\n"
         unless defined $addr;
     return listen_unix($addr, $self->{config}->get('listen')) if $addr =~ m{/} || $addr !~ /:/;
