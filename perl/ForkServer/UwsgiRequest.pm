@@ -2,7 +2,7 @@ package ForkServer::UwsgiRequest;
 use strict;
 use warnings;
 
-use ForkServer::Protocol qw(decode_header decode_dict HEADER_LEN);
+use ForkServer::Protocol qw(decode_header decode_dict HEADER_SIZE);
 
 # nginx's uwsgi_modifier1 default (0), and uWSGI's PSGI plugin's (5)
 my %MODIFIER1 = (0 => 1, 5 => 1);
@@ -40,11 +40,11 @@ malformed, or that lacks C<REQUEST_METHOD>, is an error.
 
 sub parse {
     my ($buf) = @_;
-    return undef if length $buf < HEADER_LEN;
-    my ($mod1, $size, $mod2) = decode_header(substr($buf, 0, HEADER_LEN));
+    return undef if length $buf < HEADER_SIZE;
+    my ($mod1, $size, $mod2) = decode_header(substr($buf, 0, HEADER_SIZE));
     die "uwsgi: modifier1 $mod1 is not a request (0 or 5)\n" unless $MODIFIER1{$mod1};
-    return undef if length($buf) < HEADER_LEN + $size;
-    my @pairs = decode_dict(substr($buf, HEADER_LEN, $size));
+    return undef if length($buf) < HEADER_SIZE + $size;
+    my @pairs = decode_dict(substr($buf, HEADER_SIZE, $size));
     my %env;
     while (my ($k, $v) = splice @pairs, 0, 2) {
         die "uwsgi: empty variable name\n" unless length $k;
@@ -74,7 +74,7 @@ sub parse {
     my $https = lc($env{HTTPS} // '');
     $env{'psgi.url_scheme'} = ($https eq 'on' || $https eq '1') ? 'https'
                             : ($env{REQUEST_SCHEME} // '') eq 'https' ? 'https' : 'http';
-    return (\%env, HEADER_LEN + $size);
+    return (\%env, HEADER_SIZE + $size);
 }
 
 1;
