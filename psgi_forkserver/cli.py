@@ -27,12 +27,14 @@ examples:
   emperor reload app1                          a new process for one app, gap-free
   emperor reload-base --wait                   code deploy: new base, every app moved
   emperor prove -j2 -r -I lib t/               Perl tests forked from a preloaded base
+  emperor nginx-conf examples/vassals          the routing by `domain`, for your own nginx
 
 `emperor COMMAND --help` shows each command's options and an example.
 """
 
 EXAMPLES = {
-    "run": "example:\n  emperor run examples/vassals --status-http 127.0.0.1:9100 --pidfile /tmp/emperor.pid\n",
+    "run": "example:\n  emperor run examples/vassals --status-http 127.0.0.1:9100 --pidfile /tmp/emperor.pid\n"
+           "  emperor run examples/vassals --http 127.0.0.1:8080   (the front door: apps by name)\n",
     "status": "example:\n  emperor status            (the one Emperor running here)\n"
               "  emperor status --json --dir examples/vassals\n",
     "reload": "example:\n  emperor reload app1       (exits 0 once a new process serves)\n",
@@ -41,6 +43,9 @@ EXAMPLES = {
     "start": "example:\n  emperor start app1        (exits 0 once it serves)\n",
     "prove": "example:\n  emperor prove -j2 -r -I lib t/    (prove's verdicts, tests forked from one"
              " preloaded base)\n",
+    "nginx-conf": "example:\n  emperor nginx-conf examples/vassals > /etc/nginx/psgi-routing.conf"
+                  "   (then: emperor run examples/vassals --nginx-include"
+                  " /etc/nginx/psgi-routing.conf --nginx-reload 'nginx -s reload')\n",
     "reload-base": "example:\n  emperor reload-base --wait    (exits 0 once every vassal runs on the"
                    " new base)\n  emperor reload-base --pidfile /tmp/emperor.pid   (by signal)\n",
 }
@@ -114,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="bind each vassal's http-socket in the Emperor and pass it "
                           "(default: only with the built-in vassal program)")
     add_front_arguments(run)
-    nc = sub.add_parser("nginx-conf",
-                        help="print the routing by domain as an include file for your own nginx")
+    nc = _sub(sub, "nginx-conf",
+              help="print the routing by domain as an include file for your own nginx")
     nc.add_argument("vassals_dir", metavar="VASSALS_DIR", type=Path)
     nc.add_argument("--run-dir", type=Path, metavar="DIR",
                     help="the Emperor's --run-dir (default: the one `emperor run` picks "
@@ -376,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
 def add_front_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--run-dir", type=Path, metavar="DIR",
                      help="sockets of vassals with `domain` and the front door's files "
-                          "(default: /run/psgi-forkserver/HASH of VASSALS_DIR as root)")
+                          "(default: the default stats socket's directory, "
+                          "/run/psgi-forkserver/HASH of VASSALS_DIR as root)")
     run.add_argument("--http", metavar="HOST:PORT",
                      help="the front door: run nginx on this address, routing by Host name "
                           "(the vassals' `domain` keys)")

@@ -249,17 +249,12 @@ def write_if_changed(path: Path, text: str) -> bool:
 
 
 def default_run_dir(vassals_dir: Path) -> Path:
-    """Where an Emperor keeps its sockets and nginx files, unless told:
-    one directory per vassals directory (its lock guarantees one Emperor),
-    under /run as root, else under $XDG_RUNTIME_DIR or /tmp."""
-    key = hashlib.sha256(str(Path(vassals_dir).resolve()).encode()).hexdigest()[:12]
-    if os.geteuid() == 0:
-        root = Path("/run/psgi-forkserver")
-    elif os.environ.get("XDG_RUNTIME_DIR"):
-        root = Path(os.environ["XDG_RUNTIME_DIR"]) / "psgi-forkserver"
-    else:
-        root = Path(f"/tmp/psgi-forkserver-{os.geteuid()}")
-    return root / key
+    """Where an Emperor keeps its sockets and nginx files, unless told: the
+    directory of its default stats socket (status.default_stats_path), one
+    per vassals directory (whose lock guarantees one Emperor)."""
+    from .status import default_stats_path
+
+    return default_stats_path(vassals_dir).parent
 
 
 def find_nginx() -> str | None:
