@@ -46,13 +46,15 @@ from benchlib import (  # noqa: E402
     wait_all_200,
 )
 from psgi_forkserver import adoption  # noqa: E402  (the product's fork-server client)
+import front as frontbench  # noqa: E402  (bench/front.py)
 
 PROGRAM = str(ROOT / "perl" / "ForkServer.pm")
 APPS = {"heavy": str(HERE / "heavy.psgi"), "hello": str(HERE / "hello.psgi")}
 EMPEROR = str(ROOT / ".venv" / "bin" / "emperor")
 MB = 1024 * 1024
 
-SCENARIOS = ("adoption", "serving", "cold", "fleet", "mass", "thousand", "deploy", "prove", "plack")
+SCENARIOS = ("adoption", "serving", "cold", "fleet", "mass", "thousand", "deploy", "prove", "plack",
+             "front")
 
 
 @dataclass
@@ -1095,6 +1097,7 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
             if sp:
                 rows.append((f"16 keep-alive connections, {app}, {label}: responses per connection in "
                              f"{sp['seconds']:g} s, min / max", f"{sp['min']} / {sp['max']}", "", ""))
+    rows += frontbench.rows(r.get("front") or {})
     return rows
 
 
@@ -1257,6 +1260,9 @@ def main(argv: list[str] | None = None) -> int:
                     r["thousand"][app] = x
         if "deploy" in only:
             r["deploy"] = step("deploy", lambda: code_deploy(procs, ports, tmp, sizes))
+        if "front" in only:
+            r["front"] = frontbench.run(procs, ports, tmp, EmperorRun, base_ini, args.quick,
+                                        sizes.wrk_duration, step)
         if "prove" in only:
             r["prove"] = step("prove", lambda: prove_runners(procs, tmp, sizes.prove_files))
         if "plack" in only:

@@ -11,7 +11,7 @@ use Errno qw(EINTR EAGAIN ECONNABORTED);
 use Fcntl ();
 use POSIX ();
 use Socket qw(IPPROTO_TCP TCP_NODELAY SOL_SOCKET SO_RCVTIMEO SO_SNDTIMEO SO_REUSEADDR
-              AF_INET AF_INET6 AF_UNSPEC SOCK_STREAM AI_PASSIVE MSG_DONTWAIT
+              AF_INET AF_INET6 AF_UNIX AF_UNSPEC SOCK_STREAM AI_PASSIVE MSG_DONTWAIT
               getaddrinfo inet_ntop unpack_sockaddr_in unpack_sockaddr_in6 sockaddr_family);
 use IO::Handle ();
 # An in-memory open (an empty psgi.input, a buffered body) loads these on its
@@ -21,6 +21,7 @@ use IO::Handle ();
 use PerlIO ();
 use PerlIO::scalar ();
 use HTTP::Parser::XS qw(parse_http_request);
+use ForkServer::UwsgiRequest ();
 use HTTP::Status ();
 use Time::HiRes ();
 use ForkServer::HTTPServer::Writer ();
@@ -102,6 +103,7 @@ sub new {
         stop_grace       => 1,        # a stopping worker waits this long for a request already on its way on an idle connection
         socket_timeout   => 4,        # longest single stall of a read or write (uWSGI's socket-timeout)
         listen_backlog   => 1024,
+        protocol         => 'http',   # or 'uwsgi': requests are uwsgi packets (nginx's uwsgi_pass)
         %args,
     }, $class;
     # read_timeout: the name before the deadlines existed
@@ -291,7 +293,10 @@ sub _setup_listener {
     # SERVER_NAME / SERVER_PORT are per listener: compute them once.
     my $name = getsockname($sock) or die "getsockname: $!";
     my ($port, $addr);
-    if (sockaddr_family($name) == AF_INET6) {
+    if (sockaddr_family($name) == AF_UNIX) {
+        # behind a front door: the Host header names the site, not the socket
+        ($port, $addr) = (0, 'localhost');
+    } elsif (sockaddr_family($name) == AF_INET6) {
         ($port, $addr) = unpack_sockaddr_in6($name);
         $addr = inet_ntop(AF_INET6, $addr);
     } else {
@@ -869,6 +874,7 @@ sub _serve_head {
         'psgix.cleanup'     => 1,
         'psgix.cleanup.handlers' => [],
     );
+    return $self->_serve_uwsgi_head($c, \%env, $t0) if $self->{protocol} eq 'uwsgi';
     my $hlen = parse_http_request($c->{buf}, \%env);
     if ($hlen == -2) {
         if (length $c->{buf} > $self->{max_header_size}) { $self->_error_response($conn, 431); return 0 }
@@ -909,20 +915,47 @@ sub _serve_head {
         $self->_error_response($conn, 505, \%env); return 0;
     }
 
+    return $self->_serve_request($c, \%env, $keep, 0, $t0);
+}
+
+# `socket` (uwsgi_pass): the head is one uwsgi packet of CGI variables
+# (ForkServer::UwsgiRequest), the body CONTENT_LENGTH bytes after it, the
+# response plain HTTP ended by the close (nginx reads it so).
+sub _serve_uwsgi_head {
+    my ($self, $c, $env, $t0) = @_;
+    my ($vars, $used) = eval { ForkServer::UwsgiRequest::parse($c->{buf}) };
+    if (!defined $used) {
+        if ($@) { warn "$self->{name}: $@"; return 0 }
+        return 'partial';
+    }
+    substr($c->{buf}, 0, $used, '');
+    delete $env->{REMOTE_ADDR};
+    delete $env->{REMOTE_PORT};
+    %$env = (%$env, %$vars);
+    $env->{REMOTE_ADDR} //= '';
+    # nginx sends the body whole, CONTENT_LENGTH long, whatever the client's framing
+    delete $env->{HTTP_TRANSFER_ENCODING};
+    return $self->_serve_request($c, $env, 0, 1, $t0);
+}
+
+sub _serve_request {
+    my ($self, $c, $env, $keep, $close_delimited, $t0) = @_;
+    my $conn = $c->{sock};
+
     # ---- request body, under its own deadline
     my $input;
-    my $te = $env{HTTP_TRANSFER_ENCODING};
-    my $cl = $env{CONTENT_LENGTH};
+    my $te = $env->{HTTP_TRANSFER_ENCODING};
+    my $cl = $env->{CONTENT_LENGTH};
     if (defined $te || (defined $cl && $cl ne '0')) {
         local $DEADLINE = _now() + $self->{body_timeout};
-        $input = $self->_read_body($conn, \$c->{buf}, \%env) or return 0;
+        $input = $self->_read_body($conn, \$c->{buf}, $env) or return 0;
     } else {
-        if (defined $env{HTTP_EXPECT} && lc $env{HTTP_EXPECT} ne '100-continue') {
-            $self->_error_response($conn, 417, \%env); return 0;
+        if (defined $env->{HTTP_EXPECT} && lc $env->{HTTP_EXPECT} ne '100-continue') {
+            $self->_error_response($conn, 417, $env); return 0;
         }
         open $input, '<', \(my $empty = '');
     }
-    $env{'psgi.input'} = $input;
+    $env->{'psgi.input'} = $input;
 
     $self->{requests}++;
     my $max_req = $self->{max_requests};
@@ -932,20 +965,20 @@ sub _serve_head {
     # disarmed however it ends: a response write that failed used to leave
     # the alarm running into the next request, which it then killed.
     my $harakiri = $self->{harakiri};
-    my $st = { keep => $keep, head => $env{REQUEST_METHOD} eq 'HEAD', status => 0, bytes => 0, sent => 0 };
+    my $st = { keep => $keep, close_delimited => $close_delimited, head => $env->{REQUEST_METHOD} eq 'HEAD', status => 0, bytes => 0, sent => 0 };
     if ($harakiri) {
-        $self->{current_request} = qq{"$env{REQUEST_METHOD} $env{REQUEST_URI} $proto" from $c->{raddr}};
+        $self->{current_request} = qq{"$env->{REQUEST_METHOD} $env->{REQUEST_URI} $env->{SERVER_PROTOCOL}" from $c->{raddr}};
         _worker_msg($self->{ready_w}, MSG_BUSY, $self->{current_request});
         alarm $harakiri;
     }
-    my $ok = eval { $self->_run_app($conn, \%env, $st); 1 };
+    my $ok = eval { $self->_run_app($conn, $env, $st); 1 };
     my $err = $@;
     if ($harakiri) { alarm 0; _worker_msg($self->{ready_w}, MSG_DONE) }
     $self->_count_request(_now() - $t0) if $self->{requests_slot} && ($ok || $st->{sent});
-    $self->_access_log(\%env, $st->{status}, $st->{bytes}) if $self->{access_log} && ($ok || $st->{sent});
-    $self->_run_cleanup(\%env);
+    $self->_access_log($env, $st->{status}, $st->{bytes}) if $self->{access_log} && ($ok || $st->{sent});
+    $self->_run_cleanup($env);
     die $err unless $ok;
-    if ($env{'psgix.harakiri.commit'}) { $self->{harakiri_commit} = 1; return 0 }
+    if ($env->{'psgix.harakiri.commit'}) { $self->{harakiri_commit} = 1; return 0 }
     return $st->{keep} ? 1 : 0;
 }
 
@@ -1200,7 +1233,7 @@ sub _respond {
             my $len = 0;
             $len += length $_ for @$body;
             $out .= "Content-Length: $len" . CRLF;
-        } elsif ($env->{SERVER_PROTOCOL} eq 'HTTP/1.1') {
+        } elsif ($env->{SERVER_PROTOCOL} eq 'HTTP/1.1' && !$st->{close_delimited}) {
             $chunked = 1;
             $out .= "Transfer-Encoding: chunked" . CRLF;
         } else {
@@ -1314,6 +1347,14 @@ true and C<psgi.nonblocking> false.
 
 A bound, listening socket; or where to bind one (backlog C<listen_backlog>,
 default 1024).
+
+=item protocol
+
+C<http> (default), or C<uwsgi> (the vassal's C<socket> key): each
+connection carries one request, a uwsgi packet of CGI variables
+(L<ForkServer::UwsgiRequest>) and its body; the response is HTTP, never
+chunked, ended by closing the connection, as nginx's C<uwsgi_pass> reads
+it. A listener may be a UNIX socket either way.
 
 =item app
 
