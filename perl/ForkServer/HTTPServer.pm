@@ -90,6 +90,7 @@ ForkServer::HTTPServer - the preforking HTTP/1.1 PSGI server inside a psgi-forks
         heartbeat    => 0,
         idle         => 0,
         access_log   => \*STDERR,       # undef: none
+        access_log_path => undef,       # reopened on reload
         proctitle    => 'psgi-vassal app1',
         mercy        => 10,
     )->run;                             # returns once stopped
@@ -175,11 +176,16 @@ first worker accepts, 17 once all accept, 26 every C<heartbeat>/2 seconds,
 22 once after C<idle> seconds without a request. Received: 0 stop now, 1
 graceful reload, 2 graceful stop; end of file is a graceful stop too.
 
-=item access_log
+=item access_log, access_log_path
 
-A file handle for the access log, one line per request in common log
-format with the vassal's name as first field. Default STDERR; C<undef>: no
-log.
+A file handle for the access log, one line per request (refused ones too)
+in combined log format with the vassal's name as first field and the time
+taken as last (seconds, from the request's first byte to its response's
+last): C<NAME ADDR - USER [TIME] "METHOD URI PROTOCOL" STATUS BYTES
+"REFERER" "USER-AGENT" SECONDS>; a client's quotes, backslashes and control
+bytes are escaped C<\xHH>. Default STDERR; C<undef>: no log. With
+C<access_log_path>, each reload opens that file again (for appending) for
+the new workers, so a rotated log is let go of.
 
 =item mercy
 

@@ -328,7 +328,20 @@ sub _reload {
     # The old generation's stop pipe reaches end of file: no signal, so an
     # app's blocking call in a busy worker is never interrupted.
     $self->_new_stop_pipe;
+    $self->_reopen_access_log if defined $self->{access_log_path};
     $self->_spawn_worker($_) for 1 .. $self->{workers};
+}
+
+# A reload reopens the access log file, so a rotated log is let go of; the
+# old generation writes its last lines to the old file.
+sub _reopen_access_log {
+    my $self = shift;
+    my $path = $self->{access_log_path};
+    if (open my $fh, '>>', $path) {
+        $self->{access_log} = $fh;
+    } else {
+        warn "$self->{name}: cannot reopen access-log '$path': $!; still writing to the old file\n";
+    }
 }
 
 sub _begin_graceful_stop {

@@ -196,15 +196,28 @@ sub _error_response {
     $self->_access_log($env || {}, $status, length $body, $c);
 }
 
+# Combined log format with the vassal's name first and the time taken last
+# (seconds, from the request's first byte to its last response byte).
 sub _access_log {
     my ($self, $env, $status, $bytes, $c) = @_;
     my $fh = $self->{access_log} or return;
-    my $line = sprintf qq{%s %s - %s [%s] "%s %s %s" %s %s\n},
-        $self->{name}, $env->{REMOTE_ADDR} // '-', $env->{REMOTE_USER} // '-', log_date(),
-        $env->{REQUEST_METHOD} // '-', $env->{REQUEST_URI} // '-', $env->{SERVER_PROTOCOL} // '-',
-        $status, $bytes ? $bytes : '-';
+    my $took = $c && $c->{started} ? sprintf('%.6f', now() - $c->{started}) : '-';
+    my $line = sprintf qq{%s %s - %s [%s] "%s %s %s" %s %s "%s" "%s" %s\n},
+        $self->{name}, $env->{REMOTE_ADDR} // ($c ? $c->{raddr} : undef) // '-',
+        _field($env->{REMOTE_USER}), log_date(),
+        _field($env->{REQUEST_METHOD}), _field($env->{REQUEST_URI}), _field($env->{SERVER_PROTOCOL}),
+        $status, $bytes ? $bytes : '-', _field($env->{HTTP_REFERER}), _field($env->{HTTP_USER_AGENT}), $took;
     # One write(2) per line so lines of concurrent workers never interleave.
     syswrite($fh, $line);
+}
+
+# A client's bytes in a log field: quotes, backslashes and control bytes
+# escaped (\xHH, as Apache does), so no client can forge or split a line.
+sub _field {
+    my $v = shift;
+    return '-' unless defined $v && length $v;
+    $v =~ s/([\x00-\x1f\x7f"\\])/sprintf('\\x%02x', ord $1)/ge;
+    return $v;
 }
 
 1;
