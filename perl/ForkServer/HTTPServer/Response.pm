@@ -101,8 +101,9 @@ sub _respond {
     die "ForkServer: response already sent\n" if $st->{sent}++;
     my ($status, $headers, $body) = @$res;
     $st->{status} = $status;
-    my ($out, $chunked) = $self->_response_head($env, $st, $status, $headers, $body);
-    my $send_body = !$st->{head} && !Plack::Util::status_with_no_entity_body($status);
+    my $no_entity = Plack::Util::status_with_no_entity_body($status);
+    my ($out, $chunked) = $self->_response_head($env, $st, $status, $headers, $body, $no_entity);
+    my $send_body = !$st->{head} && !$no_entity;
 
     if (ref $body eq 'ARRAY') {
         # The common case in one write(2).
@@ -137,24 +138,26 @@ sub _respond {
 
 # The status line and header block; and whether the body goes chunked.
 sub _response_head {
-    my ($self, $env, $st, $status, $headers, $body) = @_;
+    my ($self, $env, $st, $status, $headers, $body, $no_entity) = @_;
     my ($cl, $te);
     my $out = status_line($status);
-    Plack::Util::header_iter($headers, sub {
-        my ($k, $v) = @_;
+    # By hand, not Plack::Util::header_iter: its copy of the list and a
+    # closure call per header cost 1.3 us a request (10% of "hello").
+    for (my $i = 0; $i < @$headers; $i += 2) {
+        my ($k, $v) = @$headers[$i, $i + 1];
         if ($k =~ /^(?:content-length|transfer-encoding|connection)$/i) {
             my $lk = lc $k;
             if ($lk eq 'content-length') { $cl = $v }
             elsif ($lk eq 'transfer-encoding') { $te = $v }
-            else { $st->{keep} = 0 if $v =~ /\bclose\b/i; return }   # we own Connection
+            else { $st->{keep} = 0 if $v =~ /\bclose\b/i; next }   # we own Connection
         }
         $out .= "$k: $v" . CRLF;
-    });
+    }
 
     # a stop or reload began while the app ran: this is the last response
     $st->{keep} = 0 if $st->{keep} && $self->_stop_asked;
     my $chunked = 0;
-    if (!Plack::Util::status_with_no_entity_body($status) && !defined $cl && !defined $te) {
+    if (!$no_entity && !defined $cl && !defined $te) {
         if (ref $body eq 'ARRAY') {
             # Cheaper than chunking and keeps the connection reusable.
             $out .= "Content-Length: " . Plack::Util::content_length($body) . CRLF;
@@ -201,23 +204,19 @@ sub _error_response {
 sub _access_log {
     my ($self, $env, $status, $bytes, $c) = @_;
     my $fh = $self->{access_log} or return;
-    my $took = $c && $c->{started} ? sprintf('%.6f', now() - $c->{started}) : '-';
+    my @f = @$env{qw(REMOTE_USER REQUEST_METHOD REQUEST_URI SERVER_PROTOCOL HTTP_REFERER HTTP_USER_AGENT)};
+    for (@f) {
+        # A client's bytes: quotes, backslashes and control bytes escaped
+        # (\xHH, as Apache does), so no client can forge or split a line.
+        if (!defined || !length) { $_ = '-' }
+        elsif (/[\x00-\x1f\x7f"\\]/) { s/([\x00-\x1f\x7f"\\])/sprintf('\\x%02x', ord $1)/ge }
+    }
     my $line = sprintf qq{%s %s - %s [%s] "%s %s %s" %s %s "%s" "%s" %s\n},
-        $self->{name}, $env->{REMOTE_ADDR} // ($c ? $c->{raddr} : undef) // '-',
-        _field($env->{REMOTE_USER}), log_date(),
-        _field($env->{REQUEST_METHOD}), _field($env->{REQUEST_URI}), _field($env->{SERVER_PROTOCOL}),
-        $status, $bytes ? $bytes : '-', _field($env->{HTTP_REFERER}), _field($env->{HTTP_USER_AGENT}), $took;
+        $self->{name}, $env->{REMOTE_ADDR} // ($c ? $c->{raddr} : undef) // '-', $f[0], log_date(),
+        @f[1, 2, 3], $status, $bytes || '-', @f[4, 5],
+        $c && $c->{started} ? sprintf('%.6f', now() - $c->{started}) : '-';
     # One write(2) per line so lines of concurrent workers never interleave.
     syswrite($fh, $line);
-}
-
-# A client's bytes in a log field: quotes, backslashes and control bytes
-# escaped (\xHH, as Apache does), so no client can forge or split a line.
-sub _field {
-    my $v = shift;
-    return '-' unless defined $v && length $v;
-    $v =~ s/([\x00-\x1f\x7f"\\])/sprintf('\\x%02x', ord $1)/ge;
-    return $v;
 }
 
 1;
