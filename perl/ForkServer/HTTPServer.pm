@@ -8,23 +8,27 @@ use warnings;
 #   ForkServer::HTTPServer::Worker    a worker's connection loop
 #   ForkServer::HTTPServer::Request   a request's head and body
 #   ForkServer::HTTPServer::Response  the app, its response, the access log
+#   ForkServer::HTTPServer::Counts    requests served, for the Emperor's status
 #   ForkServer::HTTPServer::Wire      clock, deadlines, whole reads and writes
 #   ForkServer::HTTPServer::Listener  the listening socket
 # Everything the master and the workers will ever need is loaded here, at
 # `use` time, in the base vassal: an adopted vassal forks with these pages
 # already compiled and shared, and run() loads nothing.
 use Carp ();
+use ForkServer::Log ();
 use ForkServer::HTTPServer::Wire ();
 use ForkServer::HTTPServer::Listener ();
 use ForkServer::HTTPServer::Worker ();
 use ForkServer::HTTPServer::Master ();
 use ForkServer::HTTPServer::Request ();
 use ForkServer::HTTPServer::Response ();
+use ForkServer::HTTPServer::Counts ();
 use ForkServer::HTTPServer::Writer ();
 
 our $VERSION = '0.01';
 our @ISA = qw(ForkServer::HTTPServer::Master ForkServer::HTTPServer::Worker
-              ForkServer::HTTPServer::Request ForkServer::HTTPServer::Response);
+              ForkServer::HTTPServer::Request ForkServer::HTTPServer::Response
+              ForkServer::HTTPServer::Counts);
 
 =head2 constant_env() -> LIST
 
@@ -33,6 +37,10 @@ The key/value pairs of the PSGI environment that every request gets.
 =cut
 
 sub constant_env { return ForkServer::HTTPServer::Request::constant_env() }
+
+# One line on stderr in the vassal's one format (ForkServer::Log), whatever
+# the app did to warn() or STDERR's buffer.
+sub _log { ForkServer::Log::line($_[0]{name}, $_[1]) }
 
 sub new {
     my ($class, %args) = @_;
@@ -132,6 +140,7 @@ Emperor pipe), L<ForkServer::HTTPServer::Listener> (the listening socket),
 L<ForkServer::HTTPServer::Worker> (a worker's connection loop),
 L<ForkServer::HTTPServer::Request> (a request's head and body),
 L<ForkServer::HTTPServer::Response> (the app, its response, the access log),
+L<ForkServer::HTTPServer::Counts> (requests served, for the Emperor's status),
 L<ForkServer::HTTPServer::Writer> (a streaming response's writer) and
 L<ForkServer::HTTPServer::Wire> (clock, deadlines, whole reads and writes).
 

@@ -10,20 +10,11 @@ use warnings;
 use Config ();
 use Errno qw(EINTR EAGAIN);
 use POSIX ();
+use ForkServer::EmperorPipe ();
+use ForkServer::Protocol qw(:vassal_bytes :emperor_bytes);    # the Emperor pipe's bytes
 use ForkServer::HTTPServer::Listener ();
 use ForkServer::HTTPServer::Wire qw(now);
 use ForkServer::HTTPServer::Worker qw(:msg);
-
-# Emperor pipe bytes (PROTOCOL.md section 5).
-use constant {
-    EMP_STOP_NOW  => 0,
-    EMP_RELOAD    => 1,
-    EMP_STOP      => 2,
-    EMP_ACCEPTING => 5,
-    EMP_LOYAL     => 17,
-    EMP_IDLE      => 22,
-    EMP_HEARTBEAT => 26,
-};
 
 my $BLOCK_SET = POSIX::SigSet->new(map { POSIX->can("SIG$_")->() } qw(TERM INT QUIT HUP CHLD ALRM));
 
@@ -70,6 +61,7 @@ sub run {
     }
 
     $self->_reap_blocking;
+    unlink $self->{requests_file} if $self->{requests_file};
     $self->_end_session if $self->{emperor_vanished};
     close $self->{ready_r}; close $self->{ready_w};
     if ($self->{own_listener}) { close $self->{listen_sock}; }
@@ -86,6 +78,7 @@ sub _master_init {
     $self->{ready_w} = $ready_w;
     $self->{master_pid} = $$;
     $self->{gen} = 1;
+    $self->_open_requests_file;
     $self->{kids} = {};        # pid => { slot, gen, ready, born }
     $self->{slot_fast_deaths} = {};
     $self->{respawn} = {};     # slot => time
@@ -135,20 +128,20 @@ sub _master_timers {
     for my $pid (keys %{ $self->{kids} }) {
         my $at = $self->{kids}{$pid}{kill_at} // next;
         next unless $due->($at);
-        warn "$self->{name}: worker pid $pid still busy $self->{mercy}s after reload, killed\n";
+        $self->_log("worker pid $pid still busy $self->{mercy}s after reload, killed");
         kill 'KILL', $pid;
         $self->{kids}{$pid}{kill_at} = $now + 3600;
     }
     if ($self->{heartbeat_every} && $self->{sent_accepting}) {
         $self->{next_heartbeat} //= $now;
         if ($due->($self->{next_heartbeat})) {
-            $self->_emperor_send(EMP_HEARTBEAT);
+            ForkServer::EmperorPipe->send($self->{emperor_fh}, HEARTBEAT);
             $self->{next_heartbeat} = $now + $self->{heartbeat_every};
             $due->($self->{next_heartbeat});
         }
     }
     if ($self->{idle} > 0 && !$self->{idle_sent} && $due->($self->{last_activity} + $self->{idle})) {
-        $self->_emperor_send(EMP_IDLE);
+        ForkServer::EmperorPipe->send($self->{emperor_fh}, DONE);    # idle: put me back to sleep
         $self->{idle_sent} = 1;
     }
     return $timeout < 0 ? 0 : $timeout;
@@ -164,7 +157,7 @@ sub _harakiri_backstop {
         my $k = $self->{kids}{$pid};
         my $since = $k->{busy_since} // next;
         next unless $due->($since + $h + 1);
-        warn "$self->{name}: harakiri: worker $k->{slot} (pid $pid) stuck more than ${h}s in $k->{request}, killed by the master\n";
+        $self->_log("harakiri: worker $k->{slot} (pid $pid) stuck more than ${h}s in $k->{request}, killed by the master");
         kill 'KILL', $pid;
         delete $k->{busy_since};
     }
@@ -181,21 +174,14 @@ sub _read_emperor {
         $self->_begin_graceful_stop;
     } elsif ($got) {
         for my $b (unpack 'C*', $bytes) {
-            if ($b == EMP_STOP_NOW) { $sig->{INT} = 1 }
-            elsif ($b == EMP_RELOAD) { $sig->{HUP} = 1 }
-            elsif ($b == EMP_STOP) { $sig->{TERM} = 1 }
+            if ($b == STOP_NOW) { $sig->{INT} = 1 }
+            elsif ($b == RELOAD) { $sig->{HUP} = 1 }
+            elsif ($b == STOP) { $sig->{TERM} = 1 }
         }
     } elsif ($! != EINTR && $! != EAGAIN) {
         $self->{emperor_open} = 0;
         $self->_begin_graceful_stop;
     }
-}
-
-sub _emperor_send {
-    my ($self, $byte) = @_;
-    return unless $self->{emperor_fh};
-    # A vanished Emperor is noticed through EOF on read; ignore EPIPE here.
-    syswrite($self->{emperor_fh}, chr($byte));
 }
 
 sub _spawn_worker {
@@ -207,7 +193,7 @@ sub _spawn_worker {
     POSIX::sigprocmask(POSIX::SIG_BLOCK(), $BLOCK_SET, $old);
     my $pid = fork;
     unless (defined $pid) {
-        warn "$self->{name}: fork failed: $!\n";
+        $self->_log("fork failed: $!");
         POSIX::sigprocmask(POSIX::SIG_SETMASK(), $old);
         $self->{respawn}{$slot} = now() + 1;
         return;
@@ -216,7 +202,7 @@ sub _spawn_worker {
         $self->{sigmask} = $old;
         close delete $self->{stop_w};
         my $code = eval { $self->_worker_main($slot); 0 };
-        unless (defined $code) { warn "$self->{name}: worker $slot: $@"; $code = 1 }
+        unless (defined $code) { $self->_log("worker $slot: $@"); $code = 1 }
         ForkServer::HTTPServer::Worker::worker_exit($code);
     }
     POSIX::sigprocmask(POSIX::SIG_SETMASK(), $old);
@@ -263,13 +249,13 @@ sub _worker_accepting {
     $self->{slot_fast_deaths}{$k->{slot}} = 0;
     unless ($self->{sent_accepting}) {
         $self->{sent_accepting} = 1;
-        $self->_emperor_send(EMP_ACCEPTING);
+        ForkServer::EmperorPipe->send($self->{emperor_fh}, ACCEPTING);
     }
     return if $self->{sent_loyal} || $self->{stopping};
     my $ready = grep { $_->{ready} && $_->{gen} == $self->{gen} } values %{ $self->{kids} };
     if ($ready >= $self->{workers}) {
         $self->{sent_loyal} = 1;
-        $self->_emperor_send(EMP_LOYAL);
+        ForkServer::EmperorPipe->send($self->{emperor_fh}, LOYAL);
     }
 }
 
@@ -283,8 +269,8 @@ sub _reap {
         my $code = $status >> 8;
         my $intended = !($status & 127) && ($code == EXIT_RECYCLE || $code == EXIT_HARAKIRI);
         if (!$intended) {
-            warn sprintf("%s: worker %d (pid %d) died (%s), respawning\n", $self->{name}, $slot, $pid,
-                         ($status & 127) ? "signal " . ($status & 127) : "exit $code");
+            $self->_log(sprintf("worker %d (pid %d) died (%s), respawning", $slot, $pid,
+                                ($status & 127) ? "signal " . ($status & 127) : "exit $code"));
         }
         # A worker that dies young, again and again, before it ever accepts
         # is crash-looping: back off instead of forking flat out. One that
@@ -340,7 +326,7 @@ sub _reopen_access_log {
     if (open my $fh, '>>', $path) {
         $self->{access_log} = $fh;
     } else {
-        warn "$self->{name}: cannot reopen access-log '$path': $!; still writing to the old file\n";
+        $self->_log("cannot reopen access-log '$path': $!; still writing to the old file");
     }
 }
 
@@ -380,7 +366,7 @@ sub _end_session {
     return unless $sid == $$;
     my @left = grep { $_ != $$ && (_session_of($_) // 0) == $sid } _all_pids();
     return unless @left;
-    warn "$self->{name}: the Emperor is gone; stopping " . scalar(@left) . " process(es) left in the vassal's session\n";
+    $self->_log("the Emperor is gone; stopping " . scalar(@left) . " process(es) left in the vassal's session");
     kill 'TERM', @left;
     my $until = now() + 2;
     while (now() < $until) {
@@ -421,7 +407,7 @@ The methods of the server object that run in the master: C<run()> (the
 loop: signals as flags, one C<select()> on the workers' message pipe and the
 Emperor pipe), the listener, spawning and reaping workers (with the
 crash-loop back-off), reload by generation, harakiri's backstop, graceful
-and immediate stop, and the Emperor pipe's bytes (C<EMP_*>, PROTOCOL.md
-section 5). See L<ForkServer::HTTPServer> for the options and signals.
+and immediate stop, and the Emperor pipe's bytes (L<ForkServer::Protocol>'s
+names, PROTOCOL.md section 5). See L<ForkServer::HTTPServer> for the options and signals.
 
 =cut

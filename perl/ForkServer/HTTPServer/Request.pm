@@ -44,6 +44,7 @@ my $HEAD_RE = qr/\A[^\012]*\012(?:$TOKEN:[^\012]*\012)*\015?\012\z/;
 # close it; dies (ForkServer::client-gone) when the client vanished.
 sub _serve_head {
     my ($self, $c) = @_;
+    my $t0 = now();    # for the status's latency: from here, the head is complete
     my %env = (
         SCRIPT_NAME         => '',
         SERVER_NAME         => $self->{server_name},
@@ -67,7 +68,7 @@ sub _serve_head {
     $self->{requests}++;
     my $max_req = $self->{max_requests};
     $keep = 0 if ${ $self->{stopping_ref} } || ($max_req && $self->{requests} >= $max_req);
-    return $self->_dispatch($c, \%env, $keep);
+    return $self->_dispatch($c, \%env, $keep, $t0);
 }
 
 # The head's size and shape; a bad one is answered (and false returned).

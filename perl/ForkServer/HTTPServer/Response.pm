@@ -16,7 +16,7 @@ use ForkServer::HTTPServer::Writer ();
 # The request's head and body are read: run the app and answer. Returns 1
 # to keep the connection, 0 to close it; dies when the client vanished.
 sub _dispatch {
-    my ($self, $c, $env, $keep) = @_;
+    my ($self, $c, $env, $keep, $t0) = @_;
     # Harakiri covers exactly the app and the response, and is disarmed
     # however it ends: a response write that failed used to leave the alarm
     # running into the next request, which it then killed.
@@ -30,6 +30,7 @@ sub _dispatch {
     my $ok = eval { $self->_run_app($c->{sock}, $env, $st); 1 };
     my $err = $@;
     if ($harakiri) { alarm 0; worker_msg($self->{ready_w}, MSG_DONE) }
+    $self->_count_request(now() - $t0) if $self->{requests_slot} && ($ok || $st->{sent});
     $self->_access_log($env, $st->{status}, $st->{bytes}, $c) if $self->{access_log} && ($ok || $st->{sent});
     $self->_run_cleanup($env);
     die $err unless $ok;
@@ -44,7 +45,7 @@ sub _run_cleanup {
     my $handlers = $env->{'psgix.cleanup.handlers'};
     return unless $handlers && @$handlers;
     for my $h (@$handlers) {
-        eval { $h->($env); 1 } or print STDERR "$self->{name}: cleanup handler error: $@";
+        eval { $h->($env); 1 } or $self->_log("cleanup handler error: $@");
     }
 }
 
@@ -54,7 +55,7 @@ sub _run_app {
     my $res = eval { $self->{app}->($env) };
     if (!defined $res) {
         my $err = $@ || "app returned undef\n";
-        print STDERR "$self->{name}: app error: $err";
+        $self->_log("app error: $err");
         $res = [500, ['Content-Type' => 'text/plain'], ['Internal Server Error']];
     }
     # The response has a whole deadline from its first byte.
@@ -67,7 +68,7 @@ sub _run_app {
     } elsif (ref $res eq 'CODE') {
         $self->_run_delayed($res, $respond, $st);
     } else {
-        print STDERR "$self->{name}: app returned an invalid response\n";
+        $self->_log("app returned an invalid response");
         $respond->([500, ['Content-Type' => 'text/plain'], ['Internal Server Error']]);
     }
 }
@@ -79,7 +80,7 @@ sub _run_delayed {
     unless ($ok) {
         my $err = $@;
         die $err if $err =~ /^ForkServer::client-gone/;
-        print STDERR "$self->{name}: app error: $err";
+        $self->_log("app error: $err");
         if (!$st->{sent}) {
             $respond->([500, ['Content-Type' => 'text/plain'], ['Internal Server Error']]);
         } else {

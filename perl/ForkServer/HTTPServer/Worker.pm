@@ -73,6 +73,7 @@ sub _worker_main {
         my $now = now();
         last unless $self->_wind_down($loop, $now);
         my ($rin, $timeout) = $self->_select_set($loop, $now);
+        $self->_flush_requests if $self->{requests_dirty};
         my $n = select(my $rout = $rin, undef, undef, $timeout);
         if ($n < 0) {
             next if $! == EINTR;
@@ -82,6 +83,7 @@ sub _worker_main {
         # One request per ready connection per round: fair between them.
         $self->_serve_conn($loop, $_) for sort { $a <=> $b } keys %$ready;
     }
+    $self->_flush_requests if $self->{requests_dirty};
     worker_exit(EXIT_RECYCLE);
 }
 
@@ -113,11 +115,12 @@ sub _worker_setup {
         delete $self->{emperor_fh};
     }
     $0 = "$self->{proctitle} worker $slot" if length $self->{proctitle};
+    $self->_open_requests_slot($slot);
 
     if (my $h = $self->{harakiri}) {
         $SIG{ALRM} = sub {
             my $req = $self->{current_request} // '(unknown request)';
-            syswrite(STDERR, "$self->{name}: harakiri: worker $slot (pid $$) stuck more than ${h}s in $req, killed\n");
+            $self->_log("harakiri: worker $slot (pid $$) stuck more than ${h}s in $req, killed");
             worker_exit(EXIT_HARAKIRI);
         };
     }
@@ -214,7 +217,7 @@ sub _serve_conn {
     _head_begins($self, $c) unless $c->{in_head};
     my $keep = eval { $self->_serve_head($c) };
     if (!defined $keep) {
-        warn "$self->{name}: $@" if $@ && $@ !~ /^ForkServer::client-gone/;
+        $self->_log($@) if $@ && $@ !~ /^ForkServer::client-gone/;
         return _drop_conn($loop, $fd);
     } elsif ($keep eq 'partial') {
         _drop_conn($loop, $fd) if $c->{eof};
@@ -236,7 +239,9 @@ sub _serve_conn {
     if (!$loop->{leaving} && ($self->{harakiri_commit}
         || ($self->{max_requests} && $self->{requests} >= $self->{max_requests}))) {
         # The replacement starts now, not when this worker has finished
-        # with its other connections.
+        # with its other connections. It goes on from this worker's
+        # requests slot: written first.
+        $self->_flush_requests if $self->{requests_dirty};
         worker_msg($self->{ready_w}, MSG_LEAVING);
         $loop->{leaving} = 1;
     }
@@ -277,7 +282,7 @@ sub _accept {
     unless ($peer) {
         return undef if $! == EINTR || $! == EAGAIN || $! == ECONNABORTED;
         # EMFILE, ENOBUFS...: transient pressure; don't spin, don't die
-        warn "$self->{name}: accept: $!\n";
+        $self->_log("accept: $!");
         select(undef, undef, undef, 0.1);
         return undef;
     }
