@@ -5,7 +5,7 @@ use lib 't/lib';
 use Cwd ();
 use File::Temp qw(tempdir);
 use Test::TCP qw(empty_port);
-use ForkServerTest::Emperor qw(become_subreaper spawn_vassal read_bytes wait_for wait_gone);
+use ForkServerTest::Emperor qw(become_subreaper spawn_vassal adopt read_bytes wait_for wait_gone);
 use ForkServerTest::HTTP qw(http_raw);
 
 # The access-log key (issue 13): the log goes to its own file, reopened on
@@ -40,6 +40,26 @@ subtest 'access-log FILE: lines there, not on stderr; reopened on reload' => sub
     syswrite $v->{pipe}, "\x02";
     ok wait_gone($v->{pid}, 15), 'stops on byte 2';
     unlike slurp("$dir/al.stderr"), qr/cannot|error/, 'nothing went wrong' or diag slurp("$dir/al.stderr");
+};
+
+subtest 'an adopted vassal opens its own access-log' => sub {
+    my $sock = "$dir/fork.sock";
+    my $base = spawn_vassal(argv => ['--name', 'base', '--early-psgi', $hello, '--fork-server', $sock],
+        stderr => "$dir/base.stderr");
+    is read_bytes($base->{pipe}, 1, 20), "\x01", 'base listens' or diag slurp("$dir/base.stderr");
+    my $port = empty_port();
+    my $file = "$dir/adopted.log";
+    my $v = adopt($sock, argv => ['--name', 'ad', '--http-socket', "127.0.0.1:$port", '--access-log', $file]);
+    ok $v->{pid}, 'adopted';
+    is read_bytes($v->{pipe}, 3, 20), "\x01\x05\x11", 'bytes 1, 5, 17' or diag slurp("$dir/base.stderr");
+    is get($port, '/adopted')->{status}, 200, 'served';
+    ok wait_for(10, sub { slurp($file) =~ m{^ad 127\.0\.0\.1 - - \[[^\]]+\] "GET /adopted HTTP/1\.1" 200 \d+ "-" "al-test" \d+\.\d{6}\n\z}m }),
+        'its line is in its file' or diag slurp($file) . slurp("$dir/base.stderr");
+    unlike slurp("$dir/base.stderr"), qr{/adopted}, 'not on stderr';
+    close $v->{pipe};
+    ok wait_gone($v->{pid}, 15), 'the vassal stops on end of file';
+    close $base->{pipe};
+    ok wait_gone($base->{pid}, 15), 'the base stops';
 };
 
 subtest 'disable-logging wins over access-log' => sub {
