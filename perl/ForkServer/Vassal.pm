@@ -71,6 +71,7 @@ sub run {
     }
     my $app  = $self->load_app;
     my $sock = $self->listen_socket;
+    my $access_log = $self->access_log;    # opened as whoever may open it
     $self->drop_privileges;
     ForkServer::EmperorPipe->send($self->{emperor}, SPAWNED);
     ForkServer::HTTPServer->new(
@@ -83,7 +84,8 @@ sub run {
         emperor_fh   => $self->{emperor},
         heartbeat    => $config->get('heartbeat'),
         idle         => $config->get('idle'),
-        access_log   => $config->get('disable-logging') ? undef : \*STDERR,
+        access_log   => $access_log,
+        access_log_path => $config->get('disable-logging') ? undef : $config->get('access-log'),
         proctitle    => $0,
         max_body_size     => $config->get('limit-post'),
         max_header_size   => $config->get('buffer-size'),
@@ -95,6 +97,24 @@ sub run {
         protocol          => defined $config->get('socket') ? 'uwsgi' : 'http',
     )->run;
     return;
+}
+
+=head2 access_log() -> $fh
+
+The access log's handle: none with C<disable-logging>, the C<access-log>
+file opened for appending (relative to C<chdir>), or STDERR (which the
+Emperor collects). Dies with one line when the file cannot be opened.
+
+=cut
+
+sub access_log {
+    my ($self) = @_;
+    my $config = $self->{config};
+    return undef if $config->get('disable-logging');
+    my $path = $config->get('access-log');
+    return \*STDERR unless defined $path;
+    open my $fh, '>>', $path or die "cannot open access-log '$path': $!\n";
+    return $fh;
 }
 
 # Directly into %ENV: Perl's %ENV is what the app reads (uWSGI sets the C
