@@ -46,13 +46,15 @@ from benchlib import (  # noqa: E402
     wait_all_200,
 )
 from psgi_forkserver import adoption  # noqa: E402  (the product's fork-server client)
+import front as frontbench  # noqa: E402  (bench/front.py)
 
 PROGRAM = str(ROOT / "perl" / "ForkServer.pm")
 APPS = {"heavy": str(HERE / "heavy.psgi"), "hello": str(HERE / "hello.psgi")}
 EMPEROR = str(ROOT / ".venv" / "bin" / "emperor")
 MB = 1024 * 1024
 
-SCENARIOS = ("adoption", "serving", "cold", "fleet", "mass", "thousand", "deploy", "prove", "plack")
+SCENARIOS = ("adoption", "serving", "cold", "fleet", "mass", "thousand", "deploy", "prove", "plack",
+             "front")
 
 
 @dataclass
@@ -495,12 +497,24 @@ def logging_cost(procs: Procs, ports: Ports, tmp: Path, base: "Base", duration: 
         res.setdefault(f"{mode}_runs", []).append(got)
         if mode not in res or (got["rps"] or 0) > (res[mode]["rps"] or 0):
             res[mode] = got
+def request_path(app: str, n: int) -> dict:
+    """CPU time of one worker's request path in process (bench/request_path.pl),
+    access log off and on: the server's own cost, no network, no select loop."""
+    res: dict = {}
+    for label, extra in (("no_log", []), ("log", ["--log"])):
+        out = subprocess.run(["perl", "-I", str(ROOT / "perl"), str(HERE / "request_path.pl"), APPS[app],
+                              "--n", str(n), *extra], capture_output=True, text=True, timeout=300)
+        m = re.search(r"us_per_request=([\d.]+)", out.stdout)
+        res[label] = float(m.group(1)) if m else None
+    res["n"] = n
     return res
 
 
 def serving(procs: Procs, ports: Ports, tmp: Path, app: str, duration: str) -> dict:
     say(f"serving, {app}: adopted vassal (2 workers) vs starman --workers 2, wrk -d{duration}")
     res: dict = {}
+    if app == "hello":
+        res["request_path"] = request_path(app, 20000 if duration.rstrip("s") in ("1", "2", "3") else 100000)
     # ours: one adopted vassal with 2 workers, access log off (Starman's
     # default, 'deployment' environment, logs nothing either)
     base = Base(procs, APPS[app], tmp / f"fs-serve-{app}.sock", f"base-serve-{app}")
@@ -1076,6 +1090,11 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
                          " / ".join(f"{fmt(lg[m]['rps'], '.0f')}" for m in ("relayed", "file", "off"))
                          + f" req/s (reader: {lg['relayed'].get('relay_cpu_us_per_line')} us CPU a line)",
                          "", ""))
+        rp = s.get("request_path") if s else None
+        if rp and rp.get("no_log"):
+            rows.append((f"request path in process (bench/request_path.pl, {rp['n']} GETs), {app}: "
+                         "CPU per request, access log off / on",
+                         f"{rp['no_log']:.2f} / {fmt(rp['log'], '.2f')} us", "", ""))
         for who, label in (("adopted", "adopted (2 workers)"), ("starman", "starman --workers 2")):
             f = s.get(f"fair_{who}") if s else None
             sp = s.get(f"spread_{who}") if s else None
@@ -1095,6 +1114,7 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
             if sp:
                 rows.append((f"16 keep-alive connections, {app}, {label}: responses per connection in "
                              f"{sp['seconds']:g} s, min / max", f"{sp['min']} / {sp['max']}", "", ""))
+    rows += frontbench.rows(r.get("front") or {})
     return rows
 
 
@@ -1257,6 +1277,9 @@ def main(argv: list[str] | None = None) -> int:
                     r["thousand"][app] = x
         if "deploy" in only:
             r["deploy"] = step("deploy", lambda: code_deploy(procs, ports, tmp, sizes))
+        if "front" in only:
+            r["front"] = frontbench.run(procs, ports, tmp, EmperorRun, base_ini, args.quick,
+                                        sizes.wrk_duration, step)
         if "prove" in only:
             r["prove"] = step("prove", lambda: prove_runners(procs, tmp, sizes.prove_files))
         if "plack" in only:

@@ -12,6 +12,8 @@ from pathlib import Path
 from .clients import (control_command, reload_base, reload_base_by_socket, reopen_logs,
                       stats_socket, status_command)
 from .emperor import Emperor
+from .front_cli import (DEFAULT_KEEPALIVE, add_front_arguments, check_front, front_options,
+                        nginx_conf_command, run_dir_of)
 from .locks import StartupError
 from .options import Options, run_arguments
 
@@ -26,13 +28,18 @@ examples:
   emperor reload app1                          a new process for one app, gap-free
   emperor reload-base --wait                   code deploy: new base, every app moved
   emperor reopen-logs                          after logrotate: reopen every log file
+  emperor nginx-conf examples/vassals          the routing by `domain`, for your own nginx
   emperor prove -j2 -r -I lib t/               Perl tests forked from a preloaded base
 
 `emperor COMMAND --help` shows each command's options and an example.
 """
 
 EXAMPLES = {
-    "run": "example:\n  emperor run examples/vassals --status-http 127.0.0.1:9100 --pidfile /tmp/emperor.pid\n",
+    "run": "example:\n  emperor run examples/vassals --status-http 127.0.0.1:9100 --pidfile /tmp/emperor.pid\n"
+           "  emperor run examples/vassals --http 127.0.0.1:8080   (the front door: apps by name)\n",
+    "nginx-conf": "example:\n  emperor nginx-conf examples/vassals > /etc/nginx/psgi-routing.conf"
+                  "   (then: emperor run examples/vassals --nginx-include"
+                  " /etc/nginx/psgi-routing.conf --nginx-reload 'nginx -s reload')\n",
     "status": "example:\n  emperor status            (the one Emperor running here)\n"
               "  emperor status --json --dir examples/vassals\n",
     "reload": "example:\n  emperor reload app1       (exits 0 once a new process serves)\n",
@@ -78,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     run = _sub(sub, "run", help="run the vassals of a directory")
     run.add_argument("vassals_dir", metavar="VASSALS_DIR", type=Path)
     run_arguments(run)  # every option of options.Options
+    add_front_arguments(run)
+    nc = _sub(sub, "nginx-conf",
+              help="print the routing by domain as an include file for your own nginx")
+    nc.add_argument("vassals_dir", metavar="VASSALS_DIR", type=Path)
+    nc.add_argument("--run-dir", type=Path, metavar="DIR",
+                    help="the Emperor's --run-dir (default: the one `emperor run` picks "
+                         "for VASSALS_DIR)")
+    nc.add_argument("--keepalive", type=int, default=DEFAULT_KEEPALIVE, metavar="N",
+                    help=f"idle connections nginx keeps per vassal (default {DEFAULT_KEEPALIVE}; "
+                         "0: a new connection per request)")
     rl = _sub(sub, "reopen-logs", help="reopen every log file (--logto, logto keys), "
                                        "for logrotate")
     rl.add_argument("--pidfile", type=Path, metavar="PATH",
@@ -158,17 +175,21 @@ def main(argv: list[str] | None = None) -> int:
         return reload_base_by_socket(stats, args.wait, args.timeout)
     if args.command == "reopen-logs":
         return reopen_logs(args)
+    if args.command == "nginx-conf":
+        return nginx_conf_command(args)
     if args.command == "status":
         return status_command(args)
     if args.command in ("reload", "stop", "start"):
         return control_command(args)
     if args.command == "prove":
         return prove_command(args)
-    bad = check_paths(args)
+    bad = check_paths(args) or check_front(args)
     if bad is not None:
         print(f"emperor: {bad}", file=sys.stderr)
         return 2
     opts = Options.from_args(args)
+    opts.run_dir = run_dir_of(args)
+    opts.front = front_options(args)
     from .logs import Log
 
     try:

@@ -44,6 +44,7 @@ from .launch import program_argv
 from .orphans import Sweeper
 from .plan import Facts, Plan, plan, runs_as_base
 from .processes import ForVassal, ProcHandles, Processes
+from .routing import Routing
 from .protocol import ProtocolError
 from .options import Options
 from .vassal import Adopt, Forget, Kill, Policy, Send, Spawn, Vassal
@@ -57,7 +58,7 @@ def is_our_program(program: str) -> bool:
 
 
 @dataclass
-class Emperor(Files, Processes, basesmod.ForkServers):
+class Emperor(Files, Processes, basesmod.ForkServers, Routing):
     opts: Options
     vassals: dict[str, Vassal] = field(default_factory=dict)
     procs: dict[tuple[str, int], ProcHandles] = field(default_factory=dict)
@@ -101,6 +102,7 @@ class Emperor(Files, Processes, basesmod.ForkServers):
         self.start_progress = logs.StartProgress(self.log)
         self._init_files()
         self._init_fork_servers()
+        self._init_routing()
 
     def log(self, msg: str, name: str | None = None) -> None:
         if name:
@@ -139,6 +141,8 @@ class Emperor(Files, Processes, basesmod.ForkServers):
             self._rescan(now)
         self._reload_due(now)
         self._reconcile(now)
+        if self.front is not None:  # routing changed? (applied batched)
+            self._front_safely(self._front_turn, now)
         if self.opts.status is not None:
             self.opts.status.poll(now)
         self.metrics.observe_deploy(self.deploys.last)
@@ -260,6 +264,10 @@ class Emperor(Files, Processes, basesmod.ForkServers):
             if h.adoption is not None:
                 times.append(h.adoption.deadline)
         times += self.sweeper.next_wakeup()
+        if self.front is not None:
+            t = self.front.next_wakeup()
+            if t is not None:
+                times.append(t)
         status = self.opts.status
         if status is not None:
             t = status.next_wakeup()
@@ -276,6 +284,8 @@ class Emperor(Files, Processes, basesmod.ForkServers):
     def _shutdown_step(self, now: float) -> bool:
         """True when everything is gone."""
         if not self.vassals:
+            if self.front is not None:
+                self.front.stop()  # last: it served until every vassal was gone
             self._reap(now)
             if self.no_children:
                 return True
@@ -292,7 +302,8 @@ class Emperor(Files, Processes, basesmod.ForkServers):
 
     def _sweep(self, now: float, everything: bool = False) -> None:
         adopting = any(h.adoption is not None for h in self.procs.values())
-        self.sweeper.sweep(now, self.pids, adopting, everything)
+        live = self.pids if self.front is None else {**self.pids, **self.front.pids()}
+        self.sweeper.sweep(now, live, adopting, everything)
 
     def _prune(self, now: float) -> None:
         for pid, (_, when) in list(self.early_exits.items()):
@@ -407,6 +418,11 @@ class Emperor(Files, Processes, basesmod.ForkServers):
         self.signals = launch.SignalQueue()
         self.sel.register(self.signals, selectors.EVENT_READ, self.signals.on_readable)
         self._rewatch()
+        if self.socket_dir is not None:
+            try:
+                self.socket_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+            except OSError as e:
+                self.log(f"cannot create {self.socket_dir}: {e.strerror or e}")
         if self.opts.status is not None:
             # stats socket / status page in our selector
             self.opts.status.attach(self.sel, self.log, control.link(self))
@@ -428,6 +444,8 @@ class Emperor(Files, Processes, basesmod.ForkServers):
 
     def _teardown(self) -> None:
         self.relay.close()
+        if self.front is not None:
+            self.front.close()
         self.listeners.close_all()
         if self.opts.pidfile is not None:
             locks.remove_pidfile(self.opts.pidfile)

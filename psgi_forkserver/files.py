@@ -239,6 +239,9 @@ class Files:
                 cfg = dataclasses.replace(cfg, error=failed[1])
         elif cfg is None:
             self.failed.pop(name, None)
+        if cfg is not None and not cfg.error:
+            cfg = self._claim_domains(name, cfg)
+        self._domains_released(name)
         if cfg is not None and cfg.error:
             if v is None or v.config is None or v.config.fingerprint != cfg.fingerprint:
                 self.log(f"bad config {cfg.path}: {cfg.error}", name)
@@ -247,7 +250,7 @@ class Files:
             if cfg is None:
                 return
             v = Vassal(name, cfg, is_base=is_base, policy=self.policy,
-                       owns_socket=self.own_sockets)
+                       owns_socket=self.own_sockets, auto_socket=self.socket_dir is not None)
             self.vassals[name] = v
             self._admit(v, is_base)
             return

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from . import paths
 
 if TYPE_CHECKING:
+    from .frontdoor import FrontDoorOptions
     from .logs import Log
     from .status import StatusServer
 
@@ -77,6 +78,10 @@ class Options:
         None, "the Emperor's log to this file (default stderr); reopened by "
         "`emperor reopen-logs`", metavar="PATH")
     log: Log | None = None  # where lines go (built from log_format and logto); default stderr
+    # sockets of vassals with `domain` and no http-socket (run_dir/sockets),
+    # the embedded nginx's files (run_dir/nginx)
+    run_dir: Path | None = None
+    front: FrontDoorOptions | None = None  # cli --http / --nginx-include
     status: StatusServer | None = None  # sockets bound (cli --stats/--status-http)
 
     @classmethod

@@ -255,7 +255,7 @@ class Processes:
         """(ok, the socket to pass) for starting a process of v."""
         if not self.own_sockets or v.is_base or v.config is None:
             return True, None
-        err, lst = self.listeners.get(v.name, v.config)
+        err, lst = self.listeners.get(v.name, v.config, self.socket_dir)
         if err is not None:
             v.note_error(err)
             return False, None
@@ -270,7 +270,7 @@ class Processes:
             return
         if not self.own_sockets or v.is_base or v.config is None:
             return
-        err, lst = self.listeners.get(v.name, v.config)
+        err, lst = self.listeners.get(v.name, v.config, self.socket_dir)
         if err is not None:  # port in use: throttle, like a failed start
             v.cannot_bind(now, err)
             return
@@ -379,6 +379,8 @@ class Processes:
             if owner is not None:
                 with self._boundary(owner[0], now):
                     self._vassal_exited(owner[0], owner[1], pid, status, now)
+            elif self.front is not None and self.front.owns(pid):
+                self.front.exited(pid, status, now, describe_status)
             else:
                 self.sweeper.reaped(pid)
                 self.early_exits[pid] = (status, now)

@@ -73,6 +73,7 @@ class Vassal(Decisions):
     policy: Policy = field(default_factory=Policy)
     # the Emperor binds http-sockets and passes them: reloads may overlap
     owns_socket: bool = False
+    auto_socket: bool = False  # the Emperor gives one to a vassal with `domain` (sockets.py)
 
     phase: Phase = Phase.NEW
     current: Proc | None = None
@@ -134,8 +135,10 @@ class Vassal(Decisions):
     def seamless(self) -> bool:
         """Reloads overlap (a successor, then the old process stops): the
         Emperor owns the vassal's socket, so both serve on it."""
-        return self.owns_socket and not self.is_base and self.config is not None \
-            and bool(self.config.get("http-socket"))
+        cfg = self.config
+        return self.owns_socket and not self.is_base and cfg is not None and bool(
+            cfg.get("http-socket") or cfg.get("socket")
+            or (self.auto_socket and cfg.get("domain")))
 
     @property
     def on_demand(self) -> bool:

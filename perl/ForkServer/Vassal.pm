@@ -71,6 +71,7 @@ sub run {
     }
     my $app  = $self->load_app;
     my $sock = $self->listen_socket;
+    my $access_log = $self->access_log;    # opened as whoever may open it
     $self->drop_privileges;
     ForkServer::EmperorPipe->send($self->{emperor}, SPAWNED);
     ForkServer::HTTPServer->new(
@@ -83,7 +84,8 @@ sub run {
         emperor_fh   => $self->{emperor},
         heartbeat    => $config->get('heartbeat'),
         idle         => $config->get('idle'),
-        access_log   => $config->get('disable-logging') ? undef : \*STDERR,
+        access_log   => $access_log,
+        access_log_path => $config->get('disable-logging') ? undef : $config->get('access-log'),
         proctitle    => $0,
         max_body_size     => $config->get('limit-post'),
         max_header_size   => $config->get('buffer-size'),
@@ -92,8 +94,27 @@ sub run {
         body_timeout      => $config->get('http-body-timeout'),
         response_timeout  => $config->get('http-response-timeout'),
         keepalive_timeout => $config->get('http-keepalive-timeout'),
+        protocol          => defined $config->get('socket') ? 'uwsgi' : 'http',
     )->run;
     return;
+}
+
+=head2 access_log() -> $fh
+
+The access log's handle: none with C<disable-logging>, the C<access-log>
+file opened for appending (relative to C<chdir>), or STDERR (which the
+Emperor collects). Dies with one line when the file cannot be opened.
+
+=cut
+
+sub access_log {
+    my ($self) = @_;
+    my $config = $self->{config};
+    return undef if $config->get('disable-logging');
+    my $path = $config->get('access-log');
+    return \*STDERR unless defined $path;
+    open my $fh, '>>', $path or die "cannot open access-log '$path': $!\n";
+    return $fh;
 }
 
 # Directly into %ENV: Perl's %ENV is what the app reads (uWSGI sets the C
@@ -124,9 +145,10 @@ sub listen_socket {
     if ($self->{use_fd0} and my $sock = inherited_listener()) {
         return $sock;
     }
-    my $addr = $self->{config}->get('http-socket');
+    my $addr = $self->{config}->get('http-socket') // $self->{config}->get('socket');
     die "no socket: give --http-socket ADDR (or pass a listening socket as descriptor 0)\n"
         unless defined $addr;
+    return listen_unix($addr, $self->{config}->get('listen')) if $addr =~ m{/} || $addr !~ /:/;
     my ($host, $port) = ForkServer::Config::parse_address($addr);
     my @common = (LocalPort => $port, Listen => $self->{config}->get('listen'), ReuseAddr => 1, Type => Socket::SOCK_STREAM());
     my $sock;
@@ -138,6 +160,22 @@ sub listen_socket {
             || IO::Socket::IP->new(LocalHost => '0.0.0.0', @common);
     }
     die "cannot listen on http-socket $addr: " . ($@ || $!) . "\n" unless $sock;
+    return $sock;
+}
+
+=head2 listen_unix($path, $backlog)
+
+A listening UNIX socket at C<$path> (http-socket with a C</>, when no
+Emperor passes one): a stale socket file there is replaced.
+
+=cut
+
+sub listen_unix {
+    my ($path, $backlog) = @_;
+    require IO::Socket::UNIX;
+    unlink $path if -S $path && !IO::Socket::UNIX->new(Peer => $path);
+    my $sock = IO::Socket::UNIX->new(Local => $path, Listen => $backlog, Type => Socket::SOCK_STREAM())
+        or die "cannot listen on http-socket $path: " . ($@ || $!) . "\n";
     return $sock;
 }
 
