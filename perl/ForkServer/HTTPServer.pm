@@ -140,7 +140,11 @@ sub run {
     $self->_setup_listener;
     $0 = $self->{proctitle} if length $self->{proctitle};
 
-    pipe(my $ready_r, my $ready_w) or die "pipe: $!";
+    # A spare's first worker (ForkServer::Spares) exists already, with these pipes.
+    my $pre = delete $self->{preforked};
+    my ($ready_r, $ready_w);
+    if ($pre) { ($ready_r, $ready_w) = @$pre{qw(ready_r ready_w)} }
+    else      { pipe($ready_r, $ready_w) or die "pipe: $!" }
     $self->{ready_r} = $ready_r;
     $self->{ready_w} = $ready_w;
     $self->{master_pid} = $$;
@@ -148,7 +152,8 @@ sub run {
     $self->{kids} = {};        # pid => { slot, gen, ready, born }
     $self->{slot_fast_deaths} = {};
     $self->{respawn} = {};     # slot => time
-    $self->_new_stop_pipe;
+    if ($pre) { @$self{qw(stop_r stop_w)} = @$pre{qw(stop_r stop_w)} }
+    else      { $self->_new_stop_pipe }
     $self->{sent_accepting} = 0;
     $self->{sent_loyal} = 0;
     $self->{stopping} = 0;     # 0, 'graceful' or 'now'
@@ -160,7 +165,8 @@ sub run {
         server_software => 'ForkServer',
     }) if $self->{server_ready};
 
-    $self->_spawn_worker($_) for 1 .. $self->{workers};
+    $self->{kids}{ $pre->{pid} } = { slot => 1, gen => 1, ready => 0, born => _now() } if $pre;
+    $self->_spawn_worker($_) for ($pre ? 2 : 1) .. $self->{workers};
 
     my $start = _now();
     my $hb = $self->{heartbeat} > 0 ? $self->{heartbeat} / 2 : 0;
@@ -333,6 +339,26 @@ sub _spawn_worker {
     POSIX::sigprocmask(POSIX::SIG_SETMASK(), $old);
     $self->{kids}{$pid} = { slot => $slot, gen => $self->{gen}, ready => 0, born => _now() };
     return $pid;
+}
+
+=head2 run_preforked_worker(slot => 1, master_pid => $pid, ready_r => $fh, ready_w => $fh, stop_r => $fh)
+
+The entry point of a worker forked before its master ran (a spare's first
+worker, L<ForkServer::Spares>): the same worker as one that C<run()>
+forks, given the master's pipes (the master gets them as
+C<preforked =E<gt> { pid, ready_r, ready_w, stop_r, stop_w }> in C<new>).
+Does not return.
+
+=cut
+
+sub run_preforked_worker {
+    my ($self, %args) = @_;
+    $self->_setup_listener;
+    $self->{$_} = $args{$_} for qw(master_pid ready_r ready_w stop_r);
+    $self->{sigmask} = POSIX::SigSet->new;
+    my $code = eval { $self->_worker_main($args{slot}); 0 };
+    unless (defined $code) { warn "$self->{name}: worker $args{slot}: $@"; $code = 1 }
+    _worker_exit($code);
 }
 
 # Worker -> master records: pid, type, payload length, payload. Each is

@@ -151,6 +151,10 @@ sub fds_by_role {
     return ($pipe, $config, $ondemand);
 }
 
+# The connection the reply goes to: a spare reads the request from its link
+# to the base, then answers on the requester's connection the base passed on.
+sub replace_sock { $_[0]{sock} = $_[1]; return }
+
 # Forgets the descriptors without closing them (they now belong to the
 # adopted vassal).
 sub release_fds { $_[0]{fds} = [] }

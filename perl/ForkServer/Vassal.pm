@@ -62,28 +62,76 @@ sub new {
 sub run {
     my ($self) = @_;
     my $config = $self->{config};
-    my $name   = $config->name;
-    $0 = $config->get('procname') // "psgi-vassal $name";
-    $self->apply_env;
-    if (defined(my $dir = $config->get('chdir'))) {
-        chdir $dir or die "chdir '$dir': $!\n";
-    }
+    $self->configure;
     my $app  = $self->load_app;
     my $sock = $self->listen_socket;
+    my $preforked = $self->first_worker($sock);
     $self->drop_privileges;
     ForkServer::Emperor->send($self->{emperor}, ForkServer::Emperor::SPAWNED);
     ForkServer::HTTPServer->new(
         listen_sock  => $sock,
         app          => $app,
+        emperor_fh   => $self->{emperor},
+        $self->server_args,
+        ($preforked ? (preforked => $preforked) : ()),
+    )->run;
+    return;
+}
+
+=head2 configure
+
+What every process of the vassal applies for itself, in order: process
+title, C<env> into C<%ENV>, C<chdir>. (A spare's waiting worker does it
+too: L<ForkServer::Spares>.)
+
+=cut
+
+sub configure {
+    my ($self) = @_;
+    $0 = $self->title;
+    $self->apply_env;
+    if (defined(my $dir = $self->{config}->get('chdir'))) {
+        chdir $dir or die "chdir '$dir': $!\n";
+    }
+    return;
+}
+
+sub title {
+    my ($self) = @_;
+    return $self->{config}->get('procname') // "psgi-vassal " . $self->{config}->name;
+}
+
+# An adopted spare's worker, already forked and warm, gets the socket; not
+# with a `psgi` app on top of the base (it holds the preloaded one).
+sub first_worker {
+    my ($self, $sock) = @_;
+    my $worker = $self->{first_worker} or return undef;
+    if (defined $self->{config}->get('psgi')) {
+        $worker->discard;
+        return undef;
+    }
+    return $worker->start($sock);
+}
+
+=head2 server_args
+
+The L<ForkServer::HTTPServer> options this vassal's config gives (all but
+the socket, the app and the Emperor pipe).
+
+=cut
+
+sub server_args {
+    my ($self) = @_;
+    my $config = $self->{config};
+    return (
         workers      => $config->get('processes'),
         max_requests => $config->get('max-requests'),
         harakiri     => $config->get('harakiri'),
-        name         => $name,
-        emperor_fh   => $self->{emperor},
+        name         => $config->name,
         heartbeat    => $config->get('heartbeat'),
         idle         => $config->get('idle'),
         access_log   => $config->get('disable-logging') ? undef : \*STDERR,
-        proctitle    => $0,
+        proctitle    => $self->title,
         max_body_size     => $config->get('limit-post'),
         max_header_size   => $config->get('buffer-size'),
         socket_timeout    => $config->get('socket-timeout'),
@@ -91,8 +139,7 @@ sub run {
         body_timeout      => $config->get('http-body-timeout'),
         response_timeout  => $config->get('http-response-timeout'),
         keepalive_timeout => $config->get('http-keepalive-timeout'),
-    )->run;
-    return;
+    );
 }
 
 # Directly into %ENV: Perl's %ENV is what the app reads (uWSGI sets the C
