@@ -41,6 +41,8 @@ from typing import Any
 
 import psutil
 
+from .orphans import spare_of
+
 SCHEMA = 1
 #: connections in progress; a client beyond that is refused with a message
 #: (never dropped without a word, and never at the expense of one in progress)
@@ -168,7 +170,19 @@ def vassal_status(v: Any, now: float, children: dict[int, list[int]]) -> tuple[d
     tree: list[int] = []
     for r in roots:
         tree += [p for p in _tree(r, children) if p not in tree]
+    if doc["kind"] == "base" and roots:
+        masters = _spares(roots, children)
+        spares = [p for s in masters for p in _tree(s, children)]
+        doc["spares"] = {"count": len(masters), "pids": spares, "pss": 0}
+        tree += [p for p in spares if p not in tree]
     return doc, tree
+
+
+def _spares(bases: list[int], children: dict[int, list[int]]) -> list[int]:
+    """A base's warm spares (perl/ForkServer/Spares.pm): children of the
+    Emperor, as adopted vassals are, titled after their base until an
+    adoption makes them a vassal."""
+    return [c for c in children.get(os.getpid(), ()) if c not in bases and spare_of(c) in bases]
 
 
 _self_proc: psutil.Process | None = None
@@ -249,6 +263,8 @@ class Collection:
             d["pss"] += pss
             d["uss"] += uss
             d["processes"] += n
+            if pid in d.get("spares", {}).get("pids", ()):
+                d["spares"]["pss"] += pss
             if time.perf_counter() >= deadline:
                 break
         self.measure_s += time.perf_counter() - t
@@ -760,6 +776,10 @@ def format_table(doc: dict[str, Any]) -> str:
     for name, v in doc.get("vassals", {}).items():
         if v.get("error"):
             lines.append(f"{name}: {v['error']}")
+        if v.get("spares"):
+            sp = v["spares"]
+            lines.append(f"{name}: {sp['count']} warm spares ({len(sp['pids'])} processes), "
+                         f"PSS {human_bytes(sp['pss'])} (counted in its PSS)")
     e = doc.get("emperor", {})
     t = doc.get("totals", {})
     lines.append(

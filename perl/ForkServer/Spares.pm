@@ -13,6 +13,7 @@ use ForkServer::Config ();
 use ForkServer::Log ();
 use ForkServer::Protocol qw(encode_packet encode_array decode_array MOD_FORK_SERVER);
 use ForkServer::Request ();
+use ForkServer::Session ();
 use ForkServer::Vassal ();
 use ForkServer::Warmup ();
 
@@ -35,9 +36,12 @@ A spare is a process made from the base exactly like an adopted vassal
 Emperor's child from birth. It holds nothing of the base's (no fork-server
 socket, no Emperor pipe, no client) and no socket anyone can connect to:
 it cannot accept a connection before it is adopted. It keeps one
-C<SOCK_SEQPACKET> link to the base and stays in the base's session, so the
-Emperor counts it as the base's (ForkServer::Session, orphans.py): left
-alone while the base runs, stopped as an orphan if the base ends first.
+C<SOCK_SEQPACKET> link to the base. Like every vassal process it leads
+its own session (L<ForkServer::Session>) from birth, so the worker it
+forks is in the session the vassal will have. Until it is adopted, the
+Emperor knows it by its title, C<psgi-vassal NAME (spare of BASEPID)>: it
+is neither an orphan nor a stranger (orphans.py), and C<emperor status>
+counts it, with its worker, under its base.
 
 At birth the spare forks its first worker, which runs the base's
 C<early-warmup> paths (its own lazily built state and copy-on-write faults
@@ -252,9 +256,14 @@ sub _spare_main {
     my ($self, $link) = @_;
     my $base = $self->{base};
     my $name = $base->{name};
+    # Its own session first, as every vassal process: its first worker is
+    # forked below and must be in the session the vassal will have.
+    my ($leads, $why) = ForkServer::Session::lead();
+    ForkServer::Log::line($name, "spare pid $$ is not a session leader ($why)") unless $leads;
     my $ok = eval {
         $base->_close_base;    # and the other spares' links, with the pool
-        $0 = "psgi-vassal $name (spare)";
+        # The Emperor tells a spare from a stranger by this title (orphans.py)
+        $0 = "psgi-vassal $name (spare of $base->{pid})";
         my $worker = ForkServer::Spares::Worker->prefork($base->{app}, $self->{paths}, $name);
         syswrite($link, "R$$") or die "telling the base: $!\n";
         my $req = _wait_for_adoption($link, $worker);
