@@ -66,13 +66,13 @@ def classify_orphans(
     return out
 
 
-_SPARE = re.compile(rb"\Apsgi-vassal .* \(spare of (\d+)\)\Z")
+_SPARE = re.compile(rb"\Apsgi-vassal .* \(spare of (\d+)(, warming)?\)\Z")
 
 
-def spare_of(pid: int, proc: str = "/proc") -> int | None:
+def spare_of(pid: int, proc: str = "/proc", ready: bool = False) -> int | None:
     """The pid of the base whose warm spare this process is (its title,
     set by perl/ForkServer/Spares.pm until an adoption makes it a vassal),
-    or None. A spare leads its own session, like any vassal process, so
+    or None (with `ready`: only once it is warm). A spare leads its own session, like any vassal process, so
     before its adoption its session is no vassal's: it is not a stranger."""
     try:
         with open(f"{proc}/{pid}/cmdline", "rb") as f:
@@ -80,7 +80,7 @@ def spare_of(pid: int, proc: str = "/proc") -> int | None:
     except OSError:
         return None
     m = _SPARE.match(title)
-    return int(m.group(1)) if m else None
+    return int(m.group(1)) if m and not (ready and m.group(2)) else None
 
 
 @dataclass

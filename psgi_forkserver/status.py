@@ -173,7 +173,8 @@ def vassal_status(v: Any, now: float, children: dict[int, list[int]]) -> tuple[d
     if doc["kind"] == "base" and roots:
         masters = _spares(roots, children)
         spares = [p for s in masters for p in _tree(s, children)]
-        doc["spares"] = {"count": len(masters), "pids": spares, "pss": 0}
+        doc["spares"] = {"count": len(masters), "ready": len([s for s in masters if spare_of(s, ready=True)]),
+                         "pids": spares, "pss": 0}
         tree += [p for p in spares if p not in tree]
     return doc, tree
 
@@ -778,7 +779,7 @@ def format_table(doc: dict[str, Any]) -> str:
             lines.append(f"{name}: {v['error']}")
         if v.get("spares"):
             sp = v["spares"]
-            lines.append(f"{name}: {sp['count']} warm spares ({len(sp['pids'])} processes), "
+            lines.append(f"{name}: {sp['count']} spares, {sp.get('ready', 0)} warm ({len(sp['pids'])} processes), "
                          f"PSS {human_bytes(sp['pss'])} (counted in its PSS)")
     e = doc.get("emperor", {})
     t = doc.get("totals", {})

@@ -40,10 +40,11 @@ def base_ini(spares: int, app: Path = WHOAMI) -> str:
 
 
 def spares(e, count: int) -> dict:
-    """The base's spares in `emperor status`, once there are `count` of them."""
+    """The base's spares in `emperor status`, once `count` of them are warm."""
     def ready():
         sp = e.status()["base"].get("spares")
-        return sp if sp and sp["count"] == count else None
+        # each spare and its warm first worker (forked just after the spare)
+        return sp if sp and sp["ready"] == sp["count"] == count and len(sp["pids"]) == 2 * count else None
     return wait_for(ready, 30, f"{count} spares in the status")
 
 
@@ -164,6 +165,8 @@ def test_a_burst_beyond_the_pool_falls_back_to_forks_and_the_pool_comes_back(emp
         assert get(port)["name"] == name
     wait_for(lambda: len(spare_masters(e)) == 2, 30, "the pool back to 2 after the burst")
     assert_no_zombies(e)
+    # the Emperor took no spare for an orphan or a stranger
+    assert not e.lines("orphan pid") and not e.lines("in no vassal's session"), e.text()
 
 
 def test_a_deploy_replaces_the_pool(emp, tmp_path):

@@ -39,7 +39,8 @@ it cannot accept a connection before it is adopted. It keeps one
 C<SOCK_SEQPACKET> link to the base. Like every vassal process it leads
 its own session (L<ForkServer::Session>) from birth, so the worker it
 forks is in the session the vassal will have. Until it is adopted, the
-Emperor knows it by its title, C<psgi-vassal NAME (spare of BASEPID)>: it
+Emperor knows it by its title, C<psgi-vassal NAME (spare of BASEPID)>
+(C<, warming)> until its worker is warm): it
 is neither an orphan nor a stranger (orphans.py), and C<emperor status>
 counts it, with its worker, under its base.
 
@@ -263,8 +264,9 @@ sub _spare_main {
     my $ok = eval {
         $base->_close_base;    # and the other spares' links, with the pool
         # The Emperor tells a spare from a stranger by this title (orphans.py)
-        $0 = "psgi-vassal $name (spare of $base->{pid})";
+        $0 = "psgi-vassal $name (spare of $base->{pid}, warming)";
         my $worker = ForkServer::Spares::Worker->prefork($base->{app}, $self->{paths}, $name);
+        $0 = "psgi-vassal $name (spare of $base->{pid})";
         syswrite($link, "R$$") or die "telling the base: $!\n";
         my $req = _wait_for_adoption($link, $worker);
         close $link;
