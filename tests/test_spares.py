@@ -22,7 +22,7 @@ from psgi_forkserver.orphans import spare_of
 
 from support import EMPEROR, descendants, free_port, kill_all, wait_for
 from test_emperor import PROGRAM, app_ini, get
-from test_robustness import _set_subreaper, alive, assert_no_zombies, emp  # noqa: F401 - emp is a fixture
+from test_robustness import _reap_reparented, _set_subreaper, alive, assert_no_zombies, emp  # noqa: F401 - emp is a fixture
 
 pytestmark = pytest.mark.skipif(
     not PROGRAM.is_file() or os.path.getsize(PROGRAM) < 200,
@@ -205,11 +205,7 @@ def test_kill_9_of_the_emperor_leaves_no_spare_behind(emp):
         e.popen.wait(5)
 
         def gone():
-            for p in tree:
-                try:
-                    os.waitpid(p.pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
+            _reap_reparented()
             return not [p for p in procs if alive(p)]
         wait_for(gone, 10, "every spare and its worker to end after the Emperor's kill -9",
                  interval=0.05)
