@@ -250,15 +250,24 @@ def _set_subreaper(on: bool) -> None:
     assert libc.prctl(36, 1 if on else 0, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
 
 
-def _reap_reparented() -> None:
+def _reap_reparented() -> bool:
     """As subreaper, reap whatever came to us and exited, including
-    processes born after a snapshot of the tree (a base's new spare)."""
+    processes born after a snapshot of the tree (a base's new spare).
+    True once no vassal process (base, spare, vassal, worker) is our child."""
     while True:
         try:
             if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                return
+                break
         except ChildProcessError:
-            return
+            break
+    left = []
+    for p in psutil.Process().children():
+        try:
+            if p.cmdline()[:1] and p.cmdline()[0].startswith("psgi-vassal"):
+                left.append(p)
+        except psutil.Error:
+            pass
+    return not left
 
 
 def test_kill_9_of_the_emperor_takes_every_process_down_within_5_s(emp):

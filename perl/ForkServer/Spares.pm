@@ -265,7 +265,7 @@ sub _spare_main {
         $base->_close_base;    # and the other spares' links, with the pool
         # The Emperor tells a spare from a stranger by this title (orphans.py)
         $0 = "psgi-vassal $name (spare of $base->{pid}, warming)";
-        my $worker = ForkServer::Spares::Worker->prefork($base->{app}, $self->{paths}, $name);
+        my $worker = ForkServer::Spares::Worker->prefork($base->{app}, $self->{paths}, $name, $link);
         $0 = "psgi-vassal $name (spare of $base->{pid})";
         syswrite($link, "R$$") or die "telling the base: $!\n";
         my $req = _wait_for_adoption($link, $worker);
@@ -320,13 +320,14 @@ use ForkServer::Warmup ();
 # In the spare: fork the worker with the master's pipes (ForkServer::HTTPServer's
 # worker messages and stop pipe); it warms up, says so, and waits for go().
 sub prefork {
-    my ($class, $app, $paths, $name) = @_;
+    my ($class, $app, $paths, $name, $base_link) = @_;    # the spare's link to the base: not the worker's
     pipe(my $ready_r, my $ready_w) or die "pipe: $!\n";
     pipe(my $stop_r, my $stop_w) or die "pipe: $!\n";
     socketpair(my $ours, my $theirs, AF_UNIX, SOCK_SEQPACKET, PF_UNSPEC) or die "socketpair: $!\n";
     my $pid = fork // die "fork: $!\n";
     if ($pid == 0) {
         close $ours;
+        close $base_link;
         close $stop_w;    # the master's: end of file on it is the worker's stop
         my $ok = eval { _worker_main($theirs, $app, $paths, $name, $ready_r, $ready_w, $stop_r); 1 };
         ForkServer::Log::line($name, "spare worker pid $$: $@") unless $ok;
