@@ -15,6 +15,10 @@ DEB_PACKAGES := perl libplack-perl libsocket-msghdr-perl libhttp-parser-xs-perl 
 	libjson-xs-perl libdbix-class-perl libmojolicious-perl libdancer2-perl \
 	libcatalyst-perl libtry-tiny-perl libhttp-message-perl libtest-tcp-perl \
 	libgoto-file-perl libtest2-harness-perl
+# The status page's browser test (tests/test_cockpit.py) and its screenshot:
+# a stamp of its own, so that `make setup` for running a fleet does not pull
+# a browser in; `make test` does.
+BROWSER_PACKAGES := chromium fonts-dejavu-core
 
 # What bench/run.py's `plack` row needs besides: Plack's own test suite's
 # dependencies (Debian's build-depends of libplack-perl) and dpkg-source.
@@ -48,9 +52,13 @@ $(STAMPS)/venv: pyproject.toml
 	@mkdir -p $(STAMPS) && touch $@
 
 run: setup
-	$(VENV)/bin/emperor run examples/vassals
+	$(VENV)/bin/emperor run examples/vassals --status-http 127.0.0.1:9100
 
-test: setup
+$(STAMPS)/browser: Makefile tools/install-debian-packages
+	tools/install-debian-packages $(BROWSER_PACKAGES)
+	@mkdir -p $(STAMPS) && touch $@
+
+test: setup $(STAMPS)/browser
 	$(MAKE) --no-print-directory test-perl test-python
 
 # The Perl tests twice: under prove, and under `emperor prove` (forked
@@ -59,7 +67,7 @@ test-perl: setup
 	prove -r -I perl t/
 	$(VENV)/bin/emperor prove -j2 -r -I perl t/
 
-test-python: setup
+test-python: setup $(STAMPS)/browser
 	$(VPY) -m pytest -q
 
 bench-setup: $(STAMPS)/bench-debian

@@ -45,7 +45,7 @@ from benchlib import (  # noqa: E402
     wait_200,
     wait_all_200,
 )
-from psgi_forkserver import forkserver  # noqa: E402  (the product's client)
+from psgi_forkserver import adoption  # noqa: E402  (the product's fork-server client)
 from psgi_forkserver.orphans import spare_of  # noqa: E402
 
 PROGRAM = str(ROOT / "perl" / "ForkServer.pm")
@@ -119,7 +119,7 @@ class Base:
         ours, theirs = socket.socketpair()
         t0 = time.perf_counter()
         try:
-            pid = forkserver.adopt(self.sock, [PROGRAM, *args], theirs.fileno())
+            pid = adoption.adopt(self.sock, [PROGRAM, *args], theirs.fileno())
         finally:
             theirs.close()
         t_pid = time.perf_counter()
@@ -692,7 +692,7 @@ class EmperorRun:
 
 def wait_fork_server(sock: Path, em: EmperorRun, timeout: float) -> float:
     deadline = time.perf_counter() + timeout
-    while not forkserver.probe(sock):
+    while not adoption.probe(sock):
         if time.perf_counter() > deadline or not em.alive():
             raise BenchError(f"the emperor's base never listened on {sock}")
         time.sleep(0.002)
@@ -1174,7 +1174,7 @@ def markdown(r: dict, rows) -> str:
         "## Notes",
         "",
         "- Adoption: the bench process is the subreaper and talks to a base vassal directly "
-        "(`psgi_forkserver.forkserver.adopt`), timing from before the request to the first HTTP 200 "
+        "(`psgi_forkserver.adoption.adopt`), timing from before the request to the first HTTP 200 "
         "on the adopted vassal's port (connect/GET retried every 0.2 ms). Every sample is counted, "
         "the first one included.",
         "- Cold starts: fork+exec to first HTTP 200; the exact commands are in the JSON.",

@@ -13,9 +13,7 @@ BEGIN {
     unshift @INC, $dir unless grep { $_ eq $dir } @INC;
 }
 
-use ForkServer::Config ();
-use ForkServer::Emperor ();
-use ForkServer::Log ();
+use ForkServer::Startup ();
 
 our $VERSION = '0.01';
 
@@ -44,41 +42,25 @@ Emperor can tell what it leaves behind.
 
 Any error before serving (unknown option, bad value, missing or failing
 app, port in use) is one line on stderr naming the vassal, and exit
-status 1.
+status 1. That start-up sequence is L<ForkServer::Startup>'s, the same for
+a vassal adopted from a base.
 
 =cut
 
 sub main {
     my ($class, @argv) = @_;
-    my $name = ForkServer::Config->guess_name(@argv);
-    # First, so that nothing this process starts is born in the Emperor's
-    # session (ForkServer::Session). Only under an Emperor: a vassal run by
-    # hand from a script stays in the terminal's process group (Ctrl-C).
-    if (defined $ENV{UWSGI_EMPEROR_FD}) {
-        require ForkServer::Session;
-        my ($ok, $why) = ForkServer::Session::lead();
-        ForkServer::Log::line($name, "not a session leader ($why): the Emperor cannot tell its orphans") unless $ok;
-    }
-    my $ok = eval {
-        my $emperor = ForkServer::Emperor->pipe_from_env;
-        my ($text, $config_fh) = ForkServer::Emperor->config_from_env;
-        my $config = ForkServer::Config->from_argv(\@argv, config_text => $text);
-        $name = $config->name;
-        my %common = (config => $config, emperor => $emperor, config_fh => $config_fh);
-        if (defined $config->get('fork-server')) {
-            $class->run_base(%common);
-        }
-        else {
+    ForkServer::Startup::run(
+        argv => \@argv,
+        # Only under an Emperor: a vassal run by hand from a script stays in
+        # the terminal's process group (Ctrl-C).
+        session => defined $ENV{UWSGI_EMPEROR_FD},
+        run     => sub {
+            my (%common) = @_;
+            return $class->run_base(%common) if defined $common{config}->get('fork-server');
             require ForkServer::Vassal;
             ForkServer::Vassal->new(%common, use_fd0 => 1)->run;
-        }
-        1;
-    };
-    if (!$ok) {
-        ForkServer::Log::line($name, "error: $@");
-        exit 1;
-    }
-    exit 0;
+        },
+    );
 }
 
 # The codebase first: everything loaded before the fork server exists is

@@ -1,4 +1,5 @@
-"""`emperor run VASSALS_DIR ...`, `emperor reload-base --pidfile PATH [--wait --stats SOCK]`"""
+"""`emperor run VASSALS_DIR ...`, `emperor status`, `emperor reload|stop|start NAME`,
+`emperor reload-base [--wait]`; see `emperor --help`."""
 
 from __future__ import annotations
 
@@ -15,10 +16,63 @@ from . import paths
 from .emperor import Emperor, Options, StartupError, pidfile_is_held
 
 
+MAIN_EXAMPLES = """\
+examples:
+  emperor run examples/vassals                 run a fleet (status: http://127.0.0.1:PORT
+                                               with --status-http, `emperor status`)
+  emperor status                               every vassal: state, pid, error, memory
+  emperor stop app1                            stop one app (it stays stopped)
+  emperor start app1                           run it again
+  emperor reload app1                          a new process for one app, gap-free
+  emperor reload-base --wait                   code deploy: new base, every app moved
+  emperor prove -j2 -r -I lib t/               Perl tests forked from a preloaded base
+
+`emperor COMMAND --help` shows each command's options and an example.
+"""
+
+EXAMPLES = {
+    "run": "example:\n  emperor run examples/vassals --status-http 127.0.0.1:9100 --pidfile /tmp/emperor.pid\n",
+    "status": "example:\n  emperor status            (the one Emperor running here)\n"
+              "  emperor status --json --dir examples/vassals\n",
+    "reload": "example:\n  emperor reload app1       (exits 0 once a new process serves)\n",
+    "stop": "example:\n  emperor stop app1         (stays stopped until `emperor start app1`"
+            " or its file changes)\n",
+    "start": "example:\n  emperor start app1        (exits 0 once it serves)\n",
+    "prove": "example:\n  emperor prove -j2 -r -I lib t/    (prove's verdicts, tests forked from one"
+             " preloaded base)\n",
+    "reload-base": "example:\n  emperor reload-base --wait    (exits 0 once every vassal runs on the"
+                   " new base)\n  emperor reload-base --pidfile /tmp/emperor.pid   (by signal)\n",
+}
+
+
+def _sub(sub, name: str, **kw) -> argparse.ArgumentParser:
+    return sub.add_parser(name, epilog=EXAMPLES[name],
+                          formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+
+def _add_finder(p: argparse.ArgumentParser) -> None:
+    """How a client finds the running Emperor's stats socket."""
+    p.add_argument("--stats", type=Path, metavar="PATH",
+                   help="the Emperor's stats socket (default: the one running here, "
+                        "found in the run directory)")
+    p.add_argument("--dir", type=Path, metavar="VASSALS_DIR", dest="vassals_dir",
+                   help="the Emperor of this vassals directory (when several run)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="emperor", description="psgi-forkserver Emperor")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("psgi-forkserver")
+    except PackageNotFoundError:
+        ver = "unknown"
+    p = argparse.ArgumentParser(prog="emperor", description="psgi-forkserver Emperor: hosts many "
+                                "Plack apps forked from one preloaded Perl base",
+                                epilog=MAIN_EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s (psgi-forkserver) {ver}")
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the vassals of a directory")
+    run = _sub(sub, "run", help="run the vassals of a directory")
     run.add_argument("vassals_dir", metavar="VASSALS_DIR", type=Path)
     run.add_argument(
         "--use-fork-server", "--emperor-use-fork-server", dest="use_fork_server",
@@ -58,19 +112,31 @@ def build_parser() -> argparse.ArgumentParser:
                      action=argparse.BooleanOptionalAction,
                      help="bind each vassal's http-socket in the Emperor and pass it "
                           "(default: only with the built-in vassal program)")
-    rb = sub.add_parser("reload-base",
-                        help="code deploy: new base generation, move every adopted vassal")
-    rb.add_argument("--pidfile", type=Path, metavar="PATH", required=True,
-                    help="the running Emperor's --pidfile")
+    rb = _sub(sub, "reload-base",
+              help="code deploy: new base generation, move every adopted vassal")
+    rb.add_argument("--pidfile", type=Path, metavar="PATH",
+                    help="signal the Emperor of this --pidfile (SIGUSR1) instead of asking "
+                         "on its stats socket")
     rb.add_argument("--wait", action="store_true",
                     help="wait for the outcome: exit 0 once every vassal runs on the new "
-                         "generation, 1 with the reason otherwise (needs --stats)")
-    rb.add_argument("--stats", type=Path, metavar="PATH",
-                    help="the running Emperor's --stats socket (for --wait)")
+                         "generation, 1 with the reason otherwise")
+    _add_finder(rb)
     rb.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                     help="--wait: give up after this long (default 300)")
     add_status_arguments(run)
     add_status_command(sub)
+    for name, what in (("reload", "a new process for one vassal (gap-free when the Emperor "
+                                  "owns its socket)"),
+                       ("stop", "stop one vassal; it stays stopped until `start` or its file "
+                                "changes"),
+                       ("start", "run a stopped (or throttled) vassal again now")):
+        c = _sub(sub, name, help=what)
+        c.add_argument("name", metavar="NAME", help="the vassal (its file name without .ini)")
+        _add_finder(c)
+        c.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                       help="wait this long for the outcome (default 60)")
+        c.add_argument("--no-wait", dest="wait", action="store_false",
+                       help="exit once the Emperor took the command")
     add_prove_command(sub)
     return p
 
@@ -103,7 +169,7 @@ def reload_base(pidfile: Path, wait: bool = False, stats: Path | None = None,
     read before signalling (a request that arrives while the same new
     generation is still starting shares that deploy)."""
     if wait and stats is None:
-        print("emperor: reload-base: --wait needs --stats (the Emperor's stats socket)",
+        print("emperor: reload-base: --wait needs the Emperor's stats socket (--stats)",
               file=sys.stderr)
         return 2
     before = 0
@@ -133,6 +199,28 @@ def reload_base(pidfile: Path, wait: bool = False, stats: Path | None = None,
     print(f"emperor: reload-base: signalled pid {pid}", flush=True)
     if not wait:
         return 0
+    return _wait_deploy(stats, before, timeout)
+
+
+def reload_base_by_socket(stats: Path, wait: bool, timeout: float) -> int:
+    """`emperor reload-base` over the stats socket (no pidfile needed)."""
+    from .status import fetch_command
+
+    try:
+        reply = fetch_command(stats, "reload-base")
+    except (OSError, ValueError) as e:
+        print(f"emperor: reload-base: {stats}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        return 1
+    if not reply.get("ok"):
+        print(f"emperor: reload-base: {reply.get('message')}", file=sys.stderr)
+        return 1
+    print(f"emperor: reload-base: {reply.get('message')}", flush=True)
+    if not wait:
+        return 0
+    return _wait_deploy(stats, reply["requests"] - 1, timeout)
+
+
+def _wait_deploy(stats: Path, before: int, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     last: dict[str, Any] | None = None
     while time.monotonic() < deadline:
@@ -203,9 +291,19 @@ def check_paths(args: argparse.Namespace) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "reload-base":
-        return reload_base(args.pidfile, args.wait, args.stats, args.timeout)
+        if args.pidfile is not None:
+            stats = args.stats
+            if args.wait and stats is None:
+                stats = _find(args, "reload-base", quiet=True)
+            return reload_base(args.pidfile, args.wait, stats, args.timeout)
+        stats = _find(args, "reload-base")
+        if stats is None:
+            return 1
+        return reload_base_by_socket(stats, args.wait, args.timeout)
     if args.command == "status":
         return status_command(args)
+    if args.command in ("reload", "stop", "start"):
+        return control_command(args)
     if args.command == "prove":
         return prove_command(args)
     vdir: Path = args.vassals_dir
@@ -240,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as e:
         print(f"emperor: {e}", file=sys.stderr)
         return 2
+    from .status import RUN_DIR_ENV, run_dir
+
+    # the vassals (the base, and so every adopted one) learn where to write
+    # their requests files (status.read_requests)
+    os.environ[RUN_DIR_ENV] = str(run_dir().absolute())
     try:
         opts.status = bind_status(args)  # before anything starts: errors exit 2
     except (OSError, ValueError) as e:
@@ -257,7 +360,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_status_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--stats", type=Path, metavar="PATH",
-                     help="serve a JSON status document on this UNIX socket (mode 0600)")
+                     help="serve the JSON status document and take commands on this UNIX "
+                          "socket (mode 0600); default: one in the run directory "
+                          "($PSGI_FORKSERVER_RUN_DIR, $XDG_RUNTIME_DIR/psgi-forkserver, "
+                          "/run/psgi-forkserver for root)")
     run.add_argument("--status-http", metavar="HOST:PORT",
                      help="serve a status page over HTTP (loopback addresses only)")
     run.add_argument("--status-http-public", action="store_true",
@@ -265,22 +371,112 @@ def add_status_arguments(run: argparse.ArgumentParser) -> None:
 
 
 def add_status_command(sub) -> None:
-    st = sub.add_parser("status", help="what runs and what it costs (needs `run --stats`)")
-    st.add_argument("--stats", type=Path, metavar="PATH", required=True,
-                    help="the running Emperor's --stats socket")
+    st = _sub(sub, "status", help="what runs and what it costs")
+    _add_finder(st)
     st.add_argument("--json", action="store_true", help="print the JSON document as is")
     st.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
 
 
 def bind_status(args: argparse.Namespace):
-    """The status server with its sockets bound, or None when not asked for."""
-    if args.stats is None and args.status_http is None:
-        return None
-    from .status import StatusServer
+    """The status server with its sockets bound. Without --stats, the
+    default socket in the run directory: one that cannot be opened there
+    is one line on stderr, not a reason to keep the fleet down."""
+    from .status import StatusServer, default_stats_path
 
+    stats = args.stats
+    if stats is None:
+        stats = default_stats_path(args.vassals_dir)
+        why = None
+        try:
+            stats.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            why = e.strerror or str(e)
+        if why is None and len(os.fsencode(str(stats))) > 107:
+            why = "longer than a UNIX socket path may be"
+        if why is None:
+            try:
+                StatusServer(stats_path=stats).bind().close()
+            except OSError as e:
+                why = e.strerror or str(e)
+        if why is not None:
+            print(f"emperor: no default stats socket {stats}: {why} "
+                  "(`emperor status` needs --stats then)", file=sys.stderr)
+            stats = None
     return StatusServer(
-        stats_path=args.stats, http=args.status_http, http_public=args.status_http_public,
+        stats_path=stats, http=args.status_http, http_public=args.status_http_public,
     ).bind()
+
+
+def _find(args: argparse.Namespace, what: str, quiet: bool = False) -> Path | None:
+    """The stats socket a client command talks to (--stats, --dir, or the
+    only Emperor running here); None after saying why not."""
+    if args.stats is not None:
+        return args.stats
+    from .status import find_stats
+
+    try:
+        return find_stats(args.vassals_dir)
+    except ValueError as e:
+        if not quiet:
+            print(f"emperor: {what}: {e}", file=sys.stderr)
+        return None
+
+
+#: states in which a started (or reloaded) vassal serves
+SERVING = ("loyal", "running", "on-demand")
+
+
+def control_command(args: argparse.Namespace) -> int:
+    """`emperor reload|stop|start NAME`: ask, then follow the vassal in the
+    stats document until the outcome; print it, exit 1 if it did not happen."""
+    from .status import fetch, fetch_command
+
+    cmd, name = args.command, args.name
+    stats = _find(args, cmd)
+    if stats is None:
+        return 1
+    try:
+        reply = fetch_command(stats, cmd, name)
+    except (OSError, ValueError) as e:
+        print(f"emperor: {cmd}: {stats}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        return 1
+    if not reply.get("ok"):
+        print(f"emperor: {cmd} {name}: {reply.get('message')}", file=sys.stderr)
+        return 1
+    print(f"emperor: {cmd} {name}: {reply.get('message')}", flush=True)
+    if not args.wait or reply.get("command") == "reload-base":
+        return 0
+    before = reply.get("vassal") or {}
+    deadline = time.monotonic() + args.timeout
+    v: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        try:
+            v = fetch(stats)["vassals"].get(name) or {}
+        except (OSError, ValueError, KeyError) as e:
+            print(f"emperor: {cmd} {name}: {stats}: {e}", file=sys.stderr)
+            return 1
+        state = v.get("state")
+        err = v.get("last_error")
+        new_error = err and err != before.get("last_error")
+        if cmd == "stop" and state == "stopped":
+            print(f"emperor: stop {name}: stopped ({v.get('last_exit') or 'no process'})")
+            return 0
+        if cmd != "stop":
+            pid = v.get("pid")
+            fresh = cmd == "start" or pid != before.get("pid") or state == "on-demand"
+            if state in SERVING and fresh and not v.get("other_pids"):
+                print(f"emperor: {cmd} {name}: {state}, pid {pid}")
+                return 0
+            # (the first document may be taken before the loop acted on
+            # the command: "stopped" counts only once held again)
+            if new_error or state == "config-error" or v.get("held"):
+                print(f"emperor: {cmd} {name}: {state}: {v.get('error') or err or 'stopped again'}",
+                      file=sys.stderr)
+                return 1
+        time.sleep(WAIT_POLL)
+    print(f"emperor: {cmd} {name}: not done within {args.timeout:g} s (state {v.get('state')})",
+          file=sys.stderr)
+    return 1
 
 
 def status_command(args: argparse.Namespace) -> int:
@@ -288,10 +484,13 @@ def status_command(args: argparse.Namespace) -> int:
 
     from .status import fetch, format_table
 
+    stats = _find(args, "status")
+    if stats is None:
+        return 1
     try:
-        doc = fetch(args.stats, timeout=args.timeout)
+        doc = fetch(stats, timeout=args.timeout)
     except (OSError, ValueError) as e:
-        print(f"emperor: status: {args.stats}: {e}", file=sys.stderr)
+        print(f"emperor: status: {stats}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(doc, indent=1))
@@ -304,7 +503,7 @@ def status_command(args: argparse.Namespace) -> int:
 
 
 def add_prove_command(sub) -> None:
-    pr = sub.add_parser("prove", help="run Perl test files forked from a preloaded base (prove's options)")
+    pr = _sub(sub, "prove", help="run Perl test files forked from a preloaded base (prove's options)")
     pr.add_argument("paths", metavar="PATH", nargs="*", help="test files and directories (default: t)")
     pr.add_argument("-j", "--jobs", type=int, default=1, metavar="N", help="run N tests at once")
     pr.add_argument("-I", dest="includes", action="append", default=[], metavar="DIR",

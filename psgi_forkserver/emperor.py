@@ -29,6 +29,7 @@ import fcntl
 import contextlib
 import dataclasses
 import math
+from collections import deque
 import os
 import selectors
 import signal
@@ -45,8 +46,10 @@ import psutil
 
 from . import config as cfgmod
 from . import bases as basesmod
-from . import forkserver, launch, protocol, sockets
-from .forkserver import AdoptionError, PendingAdoption
+from . import adoption as forkserver, launch, notify, protocol, sockets
+from . import status as statusmod
+from .metrics import EmperorMetrics
+from .adoption import AdoptionError, PendingAdoption
 from .launch import describe_status, program_argv
 from .orphans import EndedSessions, classify_orphans, scan_proc, spare_of
 from .protocol import EmperorByte, ProtocolError, VassalByte
@@ -71,6 +74,7 @@ PROBE_AFTER = 0.2  # a base that sent no byte 1 is probed after this long
 PROBE_EVERY = 0.1
 SETTLE = 0.5  # IN_CREATE alone: wait for the writer to close the file
 RETRY_READ = 1.0  # a vassal file that could not be read for lack of descriptors
+RECENT_LINES = 50  # log lines kept per vassal for the status page (/log/NAME)
 # The descriptor budget: what the Emperor keeps per vassal (its Emperor pipe,
 # its config pipe, its http-socket), and what it needs besides (its own
 # files, the status server's clients, adoptions in flight, a successor's
@@ -318,6 +322,10 @@ class Emperor:
         # deploy slot came free): the loop does not wait for the next event
         self.again = False
         self.fork_server_seen = ForkServer.NONE
+        # the cockpit: recent log lines per vassal, metrics, systemd notify
+        self.recent: dict[str, deque[str]] = {}
+        self.metrics = EmperorMetrics()
+        self.notifier = notify.Notifier.from_env(self.log)
         # vassals whose handling failed for a reason the same file would
         # meet again: name -> (fingerprint, reason); cleared when it changes
         self.failed: dict[str, tuple[str, str]] = {}
@@ -331,6 +339,11 @@ class Emperor:
 
     def log(self, msg: str, name: str | None = None) -> None:
         prefix = f"emperor: [{name}] " if name else "emperor: "
+        if name:
+            lines = self.recent.get(name)
+            if lines is None:
+                lines = self.recent[name] = deque(maxlen=RECENT_LINES)
+            lines.append(time.strftime("%Y-%m-%d %H:%M:%S ") + msg)
         try:
             sys.stderr.write(prefix + msg + "\n")
             sys.stderr.flush()
@@ -620,6 +633,7 @@ class Emperor:
         if pid is None:
             return
         self._finish_adoption(name, seq)
+        self.metrics.adopted(pending.elapsed_ms(now) / 1000)
         v.adopted(pid, now, seq)
         self.pids[pid] = (name, seq)
         p = v.proc(seq)
@@ -645,6 +659,7 @@ class Emperor:
             h.adoption = None
 
     def _adoption_failed(self, name: str, seq: int, now: float, reason: str) -> None:
+        self.metrics.adoption_failed()
         self._finish_adoption(name, seq)
         self._drop_proc(name, seq)  # a vassal forked anyway sees EOF and stops
         v = self.vassals[name]
@@ -684,6 +699,7 @@ class Emperor:
         self.ended.add(pid, name)
         self.sweep_due = True
         st = describe_status(status)
+        statusmod.forget_requests(pid)  # its requests file, if it wrote one
         p = v.proc(pid=pid)
         if p is not None and p is v.successor:
             self._start_failed_for_deploy(v, p.seq, now, f"pid {pid} died ({st})")
@@ -1285,6 +1301,7 @@ class Emperor:
                         self._drop_proc(*key)
                     self._close_listener(v.name)
                     self.bind_errors.pop(v.name, None)
+                    self.recent.pop(v.name, None)
                     del self.vassals[v.name]
                     if v.refused:
                         self.n_refused -= 1
@@ -1395,6 +1412,9 @@ class Emperor:
             t = status.next_wakeup()
             if t is not None:
                 times.append(t)
+        t = self.notifier.next_wakeup()
+        if t is not None:
+            times.append(t)
         if self.shutting_down:
             times.append(self.shutdown_deadline)
             times.append(now + 0.5)  # keep polling for the last children
@@ -1415,6 +1435,8 @@ class Emperor:
                 status = self.opts.status
                 if status is not None and hasattr(status, "poll"):
                     status.poll(now)
+                self.metrics.observe_deploy(self.deploys.last)
+                self.notifier.poll(self, now)
                 if self.shutting_down:
                     if self._shutdown_step(now):
                         break
@@ -1432,6 +1454,7 @@ class Emperor:
                 self._prune(now)
         finally:
             self._teardown()
+            self.notifier.close()
         self.log("bye")
         return 0
 

@@ -1,6 +1,8 @@
 """The uwsgi packet and its array/dict bodies, and the Emperor pipe bytes.
 
-See shared PROTOCOL.md. All integers are little-endian. Every decoder is
+See docs/PROTOCOL.md. The names and values here are the protocol's
+vocabulary, the same as perl/ForkServer/Protocol.pm's: both are held to
+perl/ForkServer/protocol.json by tests/test_protocol.py and t/protocol.t. All integers are little-endian. Every decoder is
 strict: a length that runs past the end of its input, or trailing bytes that
 do not form a whole item, raise ProtocolError.
 """
@@ -23,6 +25,7 @@ MODIFIER1_CONFIG = 115
 MASK_PIPE = 0x01
 MASK_CONFIG = 0x02
 MASK_ON_DEMAND = 0x04
+_MASK_ALL = MASK_PIPE | MASK_CONFIG | MASK_ON_DEMAND
 
 #: Linux's PID_MAX_LIMIT (2**22): no process id is larger. A reply claiming
 #: more is garbage (and would make os.kill() raise OverflowError).
@@ -49,7 +52,7 @@ class EmperorByte(IntEnum):
 
     STOP_NOW = 0
     RELOAD = 1
-    STOP = 2
+    STOP = 2  # gracefully: finish the requests in flight
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,7 @@ def decode_dict(body: bytes) -> dict[bytes, bytes]:
 
 def adoption_request(argv: Iterable[bytes | str], mask: int) -> bytes:
     """The data part of an adoption request (descriptors go as SCM_RIGHTS)."""
-    if not mask & MASK_PIPE or mask & ~0x07:
+    if not mask & MASK_PIPE or mask & ~_MASK_ALL:
         raise ProtocolError(f"bad descriptor mask {mask:#x}")
     return encode_packet(MODIFIER1_FORK_SERVER, encode_array(argv), mask)
 

@@ -26,14 +26,19 @@ from __future__ import annotations
 
 import atexit
 import errno
+import hashlib
 import ipaddress
 import json
 import os
+import re
 import selectors
 import socket
 import stat
+import struct
 import sys
+import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +120,24 @@ def _enum(value: Any) -> Any:
     return getattr(value, "value", value)
 
 
+def _config_values(cfg: Any, key: str) -> list[str]:
+    get_all = getattr(cfg, "get_all", None)
+    if not callable(get_all):
+        return []
+    out: list[str] = []
+    for raw in get_all(key):
+        out += [x for x in str(raw).replace(",", " ").split() if x not in out]
+    return out
+
+
+def _describe_exit(status: int | None) -> str | None:
+    if status is None:
+        return None
+    from .launch import describe_status
+
+    return describe_status(status)
+
+
 def _last_error(v: Any, phase: Any) -> str | None:
     """Why the vassal does not run: its file's error or why the Emperor
     refused it (no descriptors to spare), else (while it fails:
@@ -128,6 +151,40 @@ def _last_error(v: Any, phase: Any) -> str | None:
     return None
 
 
+#: what a vassal reports about its requests (docs/CONTRACT.md): the file
+#: RUNDIR/requests-PID of its master process, one slot per worker, each two
+#: little-endian u64: requests served, their latency summed in microseconds
+REQUESTS_SLOT = struct.Struct("<QQ")
+
+
+def requests_path(pid: int) -> Path:
+    return run_dir() / f"requests-{pid}"
+
+
+def read_requests(pid: int) -> tuple[int, float | None] | None:
+    """(requests served, average latency in ms) that process reported;
+    None when it reports nothing."""
+    try:
+        with open(requests_path(pid), "rb") as f:
+            data = f.read(REQUESTS_SLOT.size * 4096)
+    except OSError:
+        return None
+    n = total_us = 0
+    for off in range(0, len(data) - len(data) % REQUESTS_SLOT.size, REQUESTS_SLOT.size):
+        r, us = REQUESTS_SLOT.unpack_from(data, off)
+        n += r
+        total_us += us
+    return n, (round(total_us / n / 1000, 3) if n else None)
+
+
+def forget_requests(pid: int) -> None:
+    """The process was reaped: its file goes (it may have been SIGKILLed)."""
+    try:
+        os.unlink(requests_path(pid))
+    except OSError:
+        pass
+
+
 def vassal_status(v: Any, now: float, children: dict[int, list[int]]) -> tuple[dict[str, Any], list[int]]:
     """The vassal's document (memory still 0) and the pids to measure."""
     pid = getattr(v, "pid", None)
@@ -139,6 +196,7 @@ def vassal_status(v: Any, now: float, children: dict[int, list[int]]) -> tuple[d
     if restarts is None:
         restarts = max(0, generation - 1)
     cfg = getattr(v, "config", None) or getattr(v, "running", None)
+    err = _last_error(v, phase)
     doc: dict[str, Any] = {
         "name": getattr(v, "name", "?"),
         "state": phase,
@@ -151,11 +209,25 @@ def vassal_status(v: Any, now: float, children: dict[int, list[int]]) -> tuple[d
         "failures": getattr(v, "failures", 0),
         "throttle": round(max(0.0, not_before - now), 3) if phase == "throttled" else 0.0,
         "file": str(getattr(cfg, "path", "")) or None,
-        "error": _last_error(v, phase),
+        # what the vassal serves: its address, and the host names it answers for
+        "addresses": _config_values(cfg, "http-socket"),
+        "names": _config_values(cfg, "domain"),
+        # why it does not run now (None while it is fine) ...
+        "error": err,
+        # ... and, in every state, the last failure and exit the Emperor saw
+        "last_error": err or getattr(v, "last_error", None) or None,
+        "last_exit": _describe_exit(getattr(v, "last_status", None)),
+        "held": bool(getattr(v, "held", False)),
+        # reported by the vassal itself (None: it reports nothing)
+        "requests": None,
+        "latency_avg_ms": None,
         "processes": 0,
         "pss": 0,
         "uss": 0,
     }
+    served = read_requests(pid) if pid is not None else None
+    if served is not None:
+        doc["requests"], doc["latency_avg_ms"] = served
     # every process of the vassal: during a reload, the successor and the
     # retiring ones too (Vassal.procs() where the Vassal has it)
     roots = [pid] if pid is not None else []
@@ -298,6 +370,149 @@ def collect(emperor: Any) -> dict[str, Any]:
     return c.document()
 
 
+# -- the default stats socket ------------------------------------------------------
+
+RUN_DIR_ENV = "PSGI_FORKSERVER_RUN_DIR"
+STATS_NAME = "stats"
+
+
+def run_dir() -> Path:
+    """Where `emperor run` opens its stats socket when `--stats` is not given:
+    $PSGI_FORKSERVER_RUN_DIR, else $XDG_RUNTIME_DIR/psgi-forkserver, else
+    /run/psgi-forkserver for root (systemd's RuntimeDirectory=), else
+    $TMPDIR/psgi-forkserver-UID."""
+    d = os.environ.get(RUN_DIR_ENV)
+    if d:
+        return Path(d)
+    x = os.environ.get("XDG_RUNTIME_DIR")
+    if x:
+        return Path(x) / "psgi-forkserver"
+    if os.geteuid() == 0:
+        return Path("/run/psgi-forkserver")
+    return Path(tempfile.gettempdir()) / f"psgi-forkserver-{os.geteuid()}"
+
+
+def default_stats_path(vassals_dir: Path) -> Path:
+    """RUNDIR/HASH/stats: HASH is 12 hex digits of the SHA-256 of the
+    vassals directory's resolved path (the directory lock makes it one
+    Emperor's); the same per-Emperor directory as the front door's files."""
+    key = hashlib.sha256(str(Path(vassals_dir).resolve()).encode()).hexdigest()[:12]
+    return run_dir() / key / STATS_NAME
+
+
+def _answers(path: Path) -> dict[str, Any] | None:
+    """The document of the Emperor serving `path`, or None (stale socket)."""
+    try:
+        return fetch(path, timeout=5.0)
+    except (OSError, ValueError):
+        return None
+
+
+def find_stats(vassals_dir: Path | None = None) -> Path:
+    """The stats socket of the running Emperor: the one of `vassals_dir`,
+    else the only one that answers in run_dir(). ValueError says why not."""
+    if vassals_dir is not None:
+        return default_stats_path(vassals_dir)
+    d = run_dir()
+    try:
+        found = sorted(d.glob("*/" + STATS_NAME))
+    except OSError:
+        found = []
+    live = [(p, doc) for p in found if (doc := _answers(p)) is not None]
+    if len(live) == 1:
+        return live[0][0]
+    if not live:
+        raise ValueError(f"no running Emperor has a stats socket in {d} "
+                         "(start one with `emperor run DIR`, or name its socket with --stats)")
+    dirs = ", ".join(str(doc.get("emperor", {}).get("vassals_dir")) for _, doc in live)
+    raise ValueError(f"{len(live)} Emperors run here (vassals directories {dirs}): "
+                     "say which with --dir VASSALS_DIR or --stats PATH")
+
+
+# -- control commands ---------------------------------------------------------------
+
+COMMANDS = ("reload", "stop", "start", "reload-base")
+
+
+def vassal_brief(v: Any) -> dict[str, Any]:
+    """What a command's reply says about its vassal (the CLI follows it)."""
+    return {
+        "state": _enum(getattr(v, "phase", None)),
+        "pid": getattr(v, "pid", None),
+        "generation": getattr(v, "generation", 0),
+        "last_error": getattr(v, "last_error", None),
+        "held": bool(getattr(v, "held", False)),
+    }
+
+
+def control(emperor: Any, command: str, name: str | None) -> dict[str, Any]:
+    """Carry out one operator command in the Emperor's loop; the reply says
+    what happened (`ok`, `message`). The loop's next turn acts on it."""
+    out: dict[str, Any] = {"schema": SCHEMA, "command": command, "name": name, "ok": False}
+    if command not in COMMANDS:
+        out["message"] = f"unknown command {command!r} (one of: {', '.join(COMMANDS)})"
+        return out
+    log = getattr(emperor, "log", lambda m, n=None: None)
+    if command == "reload-base":
+        deploys = emperor.deploys
+        emperor.reload_base()
+        last = deploys.last
+        out["requests"] = deploys.requests
+        if last is not None and last.request == deploys.requests and last.state.finished \
+                and last.reason:
+            out["message"] = f"refused: {last.reason}"
+            return out
+        base = emperor._base()
+        gen = base.want_base_generation if base is not None else None
+        out.update(ok=True, generation=gen, message=f"code deploy to base generation {gen} started")
+        return out
+    v = emperor.vassals.get(name) if name else None
+    if v is None:
+        known = ", ".join(sorted(emperor.vassals)) or "none"
+        out["message"] = f"no vassal {name!r} (vassals: {known})"
+        return out
+    out["vassal"] = vassal_brief(v)
+    if v.config is None:
+        out["message"] = "its file is gone: it is stopping for good"
+        return out
+    if v.config.error is not None:
+        out["message"] = f"its file cannot be used: {v.config.error}"
+        return out
+    if command == "stop":
+        if v.is_base:
+            out["message"] = ("is a base: the fleet's adoptions need it "
+                              "(`emperor reload-base` deploys a new one)")
+            return out
+        if v.held:
+            out.update(ok=True, message="already stopped" if not v.has_process else "stopping")
+            return out
+        v.hold()
+        log("stop: asked by the operator", v.name)
+        out.update(ok=True, message=f"stopping pid {v.pid}" if v.pid else "stopped")
+    elif command == "start":
+        if not v.held:
+            what = f"already running (pid {v.pid})" if v.pid else f"already wanted ({v.phase})"
+            v.release()  # a throttled one starts now
+            out.update(ok=True, message=what)
+            return out
+        v.release()
+        log("start: asked by the operator", v.name)
+        out.update(ok=True, message="starting")
+    else:  # reload
+        if v.held:
+            out["message"] = f"is stopped: `emperor start {v.name}` runs it again"
+            return out
+        if v.is_base:
+            return control(emperor, "reload-base", None) | {"name": name}
+        v.request_reload()
+        log("reload: asked by the operator", v.name)
+        out.update(ok=True, message=f"reloading pid {v.pid}" if v.pid else "starting now")
+    if hasattr(emperor, "again"):
+        emperor.again = True
+    out["vassal"] = vassal_brief(v)
+    return out
+
+
 # -- addresses ------------------------------------------------------------------
 
 
@@ -341,6 +556,7 @@ class _Client:
     deadline: float
     inbuf: bytes = b""
     out: memoryview | None = None
+    command: bool = False  # stats socket: it sent a command line (no document then)
 
 
 @dataclass
@@ -510,7 +726,12 @@ class StatusServer:
                     self.sel.register(conn, selectors.EVENT_READ,
                                       lambda t, fd=conn.fileno(): self._on_http_readable(fd, t))
                 else:
-                    self._when_ready(lambda doc, c=c: self._respond(c, _json(doc)))
+                    # a line first is a command (see _on_stats_readable);
+                    # nothing yet: the document, as a plain reader expects
+                    self.sel.register(conn, selectors.EVENT_READ,
+                                      lambda t, fd=conn.fileno(): self._on_stats_readable(fd, t))
+                    if not self._on_stats_readable(conn.fileno(), now):
+                        self._when_ready(lambda doc, c=c: self._send_doc(c, doc))
             except Exception as e:  # noqa: BLE001 - never take the Emperor down
                 self.log(f"status: {type(e).__name__}: {e}")
                 self._drop(conn.fileno())
@@ -619,6 +840,65 @@ class StatusServer:
             c.out = c.out[n:]
         self._drop(fd)
 
+    def _send_doc(self, c: _Client, doc: dict[str, Any]) -> None:
+        if not c.command:
+            self._respond(c, _json(doc))
+
+    def _on_stats_readable(self, fd: int, now: float) -> bool:
+        """A stats client's bytes: one line (`stop NAME`, or JSON
+        `{"command": ..., "name": ...}`) is a command, answered with its
+        outcome instead of the document. True when a command came or is
+        coming; False for nothing yet, or end of file (a plain reader).
+
+        A command client writes right after connect(): its line is almost
+        always there when we accept. If the document went out first, the
+        client sees a reply without "command" and asks again (fetch_command)."""
+        self.now = now
+        c = self.clients.get(fd)
+        if c is None:
+            return True
+        try:
+            data = c.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return c.command
+        except OSError:
+            data = b""
+        if not data:
+            try:
+                self.sel.unregister(c.sock)  # a plain reader shut its side
+            except (KeyError, ValueError):
+                pass
+            return c.command
+        c.command = True
+        c.inbuf += data
+        if b"\n" not in c.inbuf:
+            if len(c.inbuf) > MAX_REQUEST:
+                self._respond(c, _json({"schema": SCHEMA, "ok": False,
+                                        "message": "command line too long"}))
+            return True
+        try:
+            self.sel.unregister(c.sock)
+        except (KeyError, ValueError):
+            pass
+        line = c.inbuf.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+        try:
+            if line.startswith("{"):
+                req = json.loads(line)
+                command, name = str(req.get("command", "")), req.get("name")
+            else:
+                command, _, name = line.partition(" ")
+                name = name.strip() or None
+            reply = control(self.emperor, command, None if name is None else str(name))
+            if self.job is not None:
+                # a collection in progress took its snapshot before the
+                # command: whoever waits on it (or joins it) sees the new state
+                self.job = Collection(self.emperor)
+        except Exception as e:  # noqa: BLE001 - a bad line must not take the loop down
+            reply = {"schema": SCHEMA, "command": line[:80], "ok": False,
+                     "message": f"{type(e).__name__}: {e}"}
+        self._respond(c, _json(reply))
+        return True
+
     def _on_http_readable(self, fd: int, now: float) -> None:
         self.now = now
         c = self.clients.get(fd)
@@ -661,6 +941,24 @@ class StatusServer:
         if target == "/json":
             self._when_ready(
                 lambda doc: self._respond(c, _http(200, "application/json", _json(doc), head)))
+        elif target == "/metrics":
+            from .metrics import render
+
+            em = getattr(self.emperor, "metrics", None)
+            self._when_ready(lambda doc: self._respond(
+                c, _http(200, "text/plain; version=0.0.4; charset=utf-8", render(doc, em), head)))
+        elif target == "/healthz":
+            ok, why = health(self.emperor)
+            self._respond(c, _http(200 if ok else 503, "text/plain", why.encode() + b"\n", head))
+        elif target.startswith("/log/"):
+            name = urllib.parse.unquote(target[len("/log/"):])
+            lines = getattr(self.emperor, "recent", {}).get(name)
+            if lines is None and name not in getattr(self.emperor, "vassals", {}):
+                self._respond(c, _http(404, "text/plain", b"no such vassal\n", head))
+            else:
+                body = "".join(line + "\n" for line in (lines or ()))
+                self._respond(c, _http(200, "text/plain; charset=utf-8",
+                                       (body or "(nothing logged yet)\n").encode(), head))
         elif target in ("/", "/index.html"):
             self._when_ready(lambda doc: self._respond(
                 c, _http(200, "text/html; charset=utf-8", render_html(doc).encode(), head)))
@@ -682,6 +980,27 @@ class StatusServer:
             except Exception:  # noqa: BLE001 - KeyError, or a closed selector
                 pass
         c.sock.close()
+
+
+def health(emperor: Any) -> tuple[bool, str]:
+    """/healthz: (healthy, why). The answer comes from the Emperor's loop
+    itself, so an answer means the loop turns; the rest is the base: up
+    (a fork server that accepts) when there is one."""
+    if getattr(emperor, "shutting_down", False):
+        return False, "shutting down"
+    base_of = getattr(emperor, "_base", None)
+    base = base_of() if callable(base_of) else None
+    if base is None:
+        if getattr(getattr(emperor, "opts", None), "use_fork_server", None) is not None:
+            if getattr(emperor, "external_ready", False):
+                return True, "ok: loop turns, external fork server accepts"
+            return False, "external fork server does not accept"
+        return True, "ok: loop turns, no base vassal"
+    cur = getattr(base, "current", None)
+    state = _enum(getattr(cur, "state", None))
+    if cur is not None and _enum(getattr(cur, "kind", None)) == "base" and state in ("running", "loyal"):
+        return True, f"ok: loop turns, base {base.name} generation {cur.base_generation} up"
+    return False, f"base {base.name} is {_enum(getattr(base, 'phase', None))}"
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
@@ -732,6 +1051,8 @@ def human_seconds(s: float | None) -> str:
 
 
 _env = None
+#: the page reads /json again this often (in place, see status.html)
+PAGE_REFRESH = 2.0
 
 
 def render_html(doc: dict[str, Any]) -> str:
@@ -746,11 +1067,15 @@ def render_html(doc: dict[str, Any]) -> str:
         )
         _env.filters["bytes"] = human_bytes
         _env.filters["seconds"] = human_seconds
-    return _env.get_template("status.html").render(doc=doc)
+    counts: dict[str, int] = {}
+    for v in doc.get("vassals", {}).values():
+        counts[str(v.get("state"))] = counts.get(str(v.get("state")), 0) + 1
+    return _env.get_template("status.html").render(
+        doc=doc, counts=sorted(counts.items()), refresh_ms=int(PAGE_REFRESH * 1000))
 
 
-COLUMNS = ("NAME", "STATE", "KIND", "PID", "GEN", "BASE", "UPTIME", "RESTARTS",
-           "THROTTLE", "PROCS", "PSS", "USS")
+COLUMNS = ("NAME", "STATE", "KIND", "PID", "GEN", "BASE", "ADDRESS", "UPTIME", "RESTARTS",
+           "LAST EXIT", "THROTTLE", "PROCS", "PSS", "USS", "REQS", "AVG MS")
 
 
 def format_table(doc: dict[str, Any]) -> str:
@@ -760,13 +1085,17 @@ def format_table(doc: dict[str, Any]) -> str:
             name, v.get("state") or "-", v.get("kind") or "-",
             str(v["pid"]) if v.get("pid") else "-",
             str(v.get("generation", "-")),
-            "-" if v.get("base_generation") is None else str(v["base_generation"]),
+            "-" if not v.get("base_generation") else str(v["base_generation"]),
+            " ".join(v.get("addresses") or []) or "-",
             human_seconds(v.get("uptime")), str(v.get("restarts", "-")),
+            v.get("last_exit") or "-",
             human_seconds(v["throttle"]) if v.get("throttle") else "-",
             str(v.get("processes", 0)), human_bytes(v.get("pss")), human_bytes(v.get("uss")),
+            "-" if v.get("requests") is None else str(v["requests"]),
+            "-" if v.get("latency_avg_ms") is None else f"{v['latency_avg_ms']:.1f}",
         ))
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(COLUMNS)]
-    right = {3, 4, 5, 6, 7, 8, 9, 10, 11}
+    right = {3, 4, 5, 7, 8, 10, 11, 12, 13, 14, 15}
 
     def fmt(cells):
         return "  ".join(
@@ -777,6 +1106,8 @@ def format_table(doc: dict[str, Any]) -> str:
     for name, v in doc.get("vassals", {}).items():
         if v.get("error"):
             lines.append(f"{name}: {v['error']}")
+        elif v.get("last_error"):
+            lines.append(f"{name}: (earlier) {v['last_error']}")
         if v.get("spares"):
             sp = v["spares"]
             lines.append(f"{name}: {sp['count']} spares, {sp.get('ready', 0)} warm ({len(sp['pids'])} processes), "
@@ -811,3 +1142,33 @@ def fetch(path: Path, timeout: float = 10.0) -> dict[str, Any]:
     if "vassals" not in doc and doc.get("error"):
         raise ValueError(doc["error"])
     return doc
+
+
+def fetch_command(path: Path, command: str, name: str | None = None,
+                  timeout: float = 10.0, tries: int = 5) -> dict[str, Any]:
+    """Send one command on the stats socket; its reply. The Emperor takes a
+    line that arrives after it sent the document as too late: then ask again."""
+    line = (json.dumps({"command": command, "name": name}) + "\n").encode()
+    for _ in range(tries):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(path))
+            chunks = []
+            try:
+                s.sendall(line)
+                while True:
+                    b = s.recv(65536)
+                    if not b:
+                        break
+                    chunks.append(b)
+            except (BrokenPipeError, ConnectionResetError):
+                continue  # it answered with the document and closed: again
+        if not chunks:
+            raise ValueError("the Emperor closed the connection without a reply")
+        reply = json.loads(b"".join(chunks))
+        if "command" in reply:
+            return reply
+        if "vassals" not in reply and reply.get("error"):
+            raise ValueError(reply["error"])
+    raise ValueError(f"no reply to {command!r} after {tries} tries")
+

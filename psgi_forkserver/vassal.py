@@ -30,6 +30,8 @@ Vassal phases (what `phase` shows):
     live ──(file removed, byte 22, shutdown, changed and not seamless)──> STOPPING ──exited──> NEW / ON_DEMAND
     live ──exited (unexpected)──> THROTTLED ──(backoff over)──> start again
     NEW/THROTTLED/WAITING/ON_DEMAND and not wanted ──> GONE (Forget)
+    live ──hold() (`emperor stop NAME`)──> STOPPING ──exited──> STOPPED ──release() or file changed──> start
+    live ──request_reload() (`emperor reload NAME`)──> RELOADING (seamless) or STOPPING ──> start
     file unusable (bad INI, template error, unreadable) ──> CONFIG_ERROR ──file fixed──> start
     no descriptors to spare for one more vassal ──> REFUSED ──room again──> start
 
@@ -64,6 +66,7 @@ class Phase(StrEnum):
     STOPPING = "stopping"  # asked to stop, waiting for it to exit
     THROTTLED = "throttled"  # died; respawn at not_before
     CONFIG_ERROR = "config-error"  # its file cannot be used: waits for the file to change
+    STOPPED = "stopped"  # `emperor stop NAME`: waits for `start NAME` or a changed file
     REFUSED = "refused"  # the Emperor has no descriptors to spare for it: waits for room
     GONE = "gone"  # no process and not wanted: forget it
 
@@ -199,6 +202,8 @@ class Vassal:
     seq: int = 0
     retry_at: float | None = None  # a failed successor is tried again then
     last_error: str | None = None  # the last failure the Emperor logged (status shows it)
+    held: bool = False  # stopped by the operator (`emperor stop NAME`)
+    reload_asked: bool = False  # `emperor reload NAME`, not acted on yet
     touched: bool = False  # its file was touched: reload, though the config is the same
     refused: str | None = None  # why the Emperor cannot take it on (no descriptors to spare)
 
@@ -277,6 +282,7 @@ class Vassal:
             old is not None and config is not None and old.fingerprint != config.fingerprint
         )
         if changed and config is not None:
+            self.held = False  # a changed file is a new instruction: run it
             if self.phase == Phase.THROTTLED or self.successor is None:
                 # a new config may fix a crash loop: try it at once
                 self.failures = 0
@@ -287,7 +293,9 @@ class Vassal:
 
     def touch(self) -> None:
         """`touch` of the file: a reload as if its content had changed (a
-        base: a new generation, what a changed base file does)."""
+        base: a new generation, what a changed base file does). A stopped
+        vassal runs again, as for any change of its file."""
+        self.held = False
         if self.is_base and self.current is not None and self.current.kind == Kind.BASE:
             self.request_deploy()
         elif self.current is not None:
@@ -297,6 +305,26 @@ class Vassal:
         """Base: start a new generation (changed base file, SIGUSR1)."""
         running = max((p.base_generation for p in self.procs() if p.kind == Kind.BASE), default=0)
         self.want_base_generation = max(self.want_base_generation, running + 1)
+
+    def hold(self) -> None:
+        """`emperor stop NAME`: stop gracefully and stay stopped (STOPPED)
+        until `release()` or the file changes."""
+        self.held = True
+        self.reload_asked = False
+
+    def release(self) -> None:
+        """`emperor start NAME`: run again now, without a crash-loop backoff."""
+        self.held = False
+        self.failures = 0
+        self.not_before = 0.0
+
+    def request_reload(self) -> None:
+        """`emperor reload NAME`: a new process now (gap-free where the
+        Emperor owns the socket); one that waits for its backoff starts now.
+        A base reloads through `request_deploy` (a code deploy) instead."""
+        self.not_before = 0.0
+        if self.current is not None:
+            self.reload_asked = True
 
     def on_connection(self, now: float) -> None:
         """On-demand: its socket is readable."""
@@ -440,7 +468,8 @@ class Vassal:
         return self._heartbeat_of(self.current) if self.current else None
 
     def wanted(self, ctx: Context) -> bool:
-        return (self.config is not None and self.config.error is None and not self.refused
+        return (self.config is not None and self.config.error is None and not self.held
+                and not self.refused
                 and not ctx.shutting_down)
 
     def _kind_for(self, ctx: Context) -> Kind:
@@ -521,6 +550,8 @@ class Vassal:
         if (cur.kind == Kind.ADOPTED and ctx.fork_server == ForkServer.READY
                 and ctx.base_generation > cur.base_generation):
             return "code deploy"
+        if self.reload_asked and cur.kind != Kind.BASE:
+            return "reload requested"
         return None
 
     def step(self, ctx: Context) -> list[Action]:
@@ -543,8 +574,11 @@ class Vassal:
         if cur is None:
             if not self.wanted(ctx):
                 if self.config is not None and not ctx.shutting_down:
-                    # invalid config: nothing to retry until the file changes
-                    self._enter(Phase.REFUSED if self.refused else Phase.CONFIG_ERROR, now)
+                    # invalid config, refused or held: nothing to do until the
+                    # file changes (or room again, or `emperor start NAME`)
+                    self._enter(Phase.REFUSED if self.refused
+                                else Phase.CONFIG_ERROR if self.config.error is not None
+                                else Phase.STOPPED, now)
                     return []
                 if self.retiring:
                     return []
@@ -581,6 +615,8 @@ class Vassal:
             return self._stop(now, "shutdown")
         if self.config is None:
             return self._stop(now, "file removed")
+        if self.held:
+            return self._stop(now, "stopped by the operator")
         acts = self._heartbeat_missed(cur, now)
         if acts:
             return acts
@@ -606,6 +642,7 @@ class Vassal:
             return []
         seamless = self.seamless or cur.kind == Kind.BASE
         if not seamless:
+            self.reload_asked = False
             self.touched = False
             return self._stop(now, reason)
         if now < self.not_before:
@@ -618,6 +655,7 @@ class Vassal:
             return []
         if kind == Kind.ADOPTED and ctx.adopt_slots <= 0:
             return []
+        self.reload_asked = False
         self.successor, action = self._new_proc(kind, ctx, reason)
         return [action]
 

@@ -1,6 +1,9 @@
 use strict;
 use warnings;
 use Test::More;
+use File::Basename ();
+use File::Spec ();
+use JSON::PP ();
 use ForkServer::Protocol qw(
     encode_packet decode_header decode_packet read_packet
     encode_array decode_array encode_dict decode_dict
@@ -54,6 +57,22 @@ subtest 'read_packet from a handle' => sub {
     close $w;
     is_deeply [read_packet($r)], [115, 0, "[uwsgi]\nenv = A=1\n"], 'whole packet';
     dies_like { read_packet($r) } qr/end of file after 3 of 9 bytes/, 'end of file in the body';
+};
+
+subtest 'one vocabulary: protocol.json' => sub {
+    my $file = File::Spec->catfile(File::Basename::dirname($INC{'ForkServer/Protocol.pm'}), 'protocol.json');
+    open my $fh, '<', $file or die "$file: $!";
+    my $decl = JSON::PP->new->decode(do { local $/; <$fh> });
+    my @groups = grep { $_ ne 'about' } sort keys %$decl;
+    is_deeply \@groups, [qw(emperor_bytes mask modifier1 packet vassal_bytes)], 'the groups';
+    for my $group (@groups) {
+        is_deeply [sort @{ $ForkServer::Protocol::EXPORT_TAGS{$group} // [] }], [sort keys %{ $decl->{$group} }],
+            "tag :$group exports exactly the names of $group";
+        for my $name (sort keys %{ $decl->{$group} }) {
+            my $const = ForkServer::Protocol->can($name);
+            is $const ? $const->() : undef, $decl->{$group}{$name}, "$name is $decl->{$group}{$name}";
+        }
+    }
 };
 
 done_testing;

@@ -195,4 +195,26 @@ subtest 'base: a missing early-psgi is one line, exit 1, no socket' => sub {
     ok !-e "$dir/b3.sock", 'app loaded before the socket is bound';
 };
 
+subtest 'one log format: the vassal and its HTTP server say "psgi-vassal NAME: ", one line each' => sub {
+    my $app = "$dir/logfmt.psgi";
+    open my $fh, '>', $app or die $!;
+    print $fh 'my $n = 0; sub { POSIX::_exit(3) if ++$n == 2; die "first line\nsecond line\n" }';
+    close $fh;
+    my $port = empty_port();
+    my $log  = "$dir/logfmt.log";
+    my $v = spawn_vassal(argv => ['--name', 'logfmt', '--http-socket', "127.0.0.1:$port", '--psgi', $app,
+        '--processes', 1, '--disable-logging'], stderr => $log);
+    is read_bytes($v->{pipe}, 3, 20), "\x01\x05\x11", 'loyal' or diag slurp($log);
+    like http_get($port, 10) // '', qr/\AHTTP\/1\.[01] 500/, 'the app dies: 500';
+    http_get($port, 10);    # the worker exits in the request
+    ok wait_for(20, sub { slurp($log) =~ /died \(exit 3\), respawning/ }), 'the worker death is logged'
+        or diag slurp($log);
+    syswrite $v->{pipe}, "\x02";
+    ok wait_gone($v->{pid}, 15), 'stops on byte 2';
+    my @lines = split /\n/, slurp($log);
+    ok @lines >= 2, 'lines logged';
+    like $_, qr/\Apsgi-vassal logfmt: /, "one format: $_" for @lines;
+    ok((grep { /app error: first line \| second line\z/ } @lines), 'a multi-line error is one line') or diag slurp($log);
+};
+
 done_testing;

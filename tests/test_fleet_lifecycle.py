@@ -122,7 +122,9 @@ def test_gap_free_reload_under_load(emperor):
     load.finish()
     print(f"gap-free reload: {load.ok} requests, {len(load.failed)} failed")
     assert load.failed == [], load.failed[:5]
-    assert load.ok > 100
+    # the same client stream was answered by all three configs in turn (a
+    # count of requests would measure the machine's speed, not the reload)
+    assert {"v1", "v2", "v3"} <= load.seen[port], load.seen[port]
     assert "starting a successor (config changed)" in e.text()
 
 

@@ -713,7 +713,7 @@ def test_base_out_of_descriptors_refuses_and_does_not_spin(tmp_path):
     """The fork server's accept fails with EMFILE while its socket stays
     readable: it refuses a waiting client (EOF, no pid), logs one line, and
     rests instead of spinning; once descriptors are free it adopts again."""
-    from psgi_forkserver import forkserver
+    from psgi_forkserver import adoption
 
     sock, log = tmp_path / "fs.sock", tmp_path / "base.log"
     limit = 24
@@ -728,7 +728,7 @@ def test_base_out_of_descriptors_refuses_and_does_not_spin(tmp_path):
             stdin=subprocess.DEVNULL, stdout=out, stderr=out, preexec_fn=low_limit)
     clients: list[socket.socket] = []
     try:
-        wait_for(lambda: forkserver.probe(sock), 30, "the fork server")
+        wait_for(lambda: adoption.probe(sock), 30, "the fork server")
         for _ in range(limit + 8):  # more than it can hold: the rest wait in the backlog
             c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             c.connect(str(sock))
@@ -760,7 +760,7 @@ def test_base_out_of_descriptors_refuses_and_does_not_spin(tmp_path):
         _set_subreaper(True)  # the adopted vassal (double-forked) is ours to reap
         with ours, theirs:
             port = free_port()
-            pid = wait_for(lambda: forkserver.adopt(
+            pid = wait_for(lambda: adoption.adopt(
                 sock, [str(PROGRAM), "--http-socket", f"127.0.0.1:{port}", "--processes", "1",
                        "--env", "APP_NAME=late"], theirs.fileno(), timeout=5), 30,
                 "an adoption once descriptors are free")

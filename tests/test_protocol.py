@@ -1,9 +1,10 @@
+import json
 import struct
 
 import pytest
 from hypothesis import given, strategies as st
 
-from psgi_forkserver import protocol as p
+from psgi_forkserver import paths, protocol as p
 from psgi_forkserver.protocol import ProtocolError
 
 items = st.lists(st.binary(max_size=300), max_size=40)
@@ -131,3 +132,32 @@ def test_incremental_reader(body, data):
 def test_pipe_bytes():
     assert p.VassalByte.LOYAL == 17 and p.VassalByte.HEARTBEAT == 26
     assert p.EmperorByte.STOP == 2 and p.EmperorByte.STOP_NOW == 0
+
+
+def test_the_vocabulary_is_protocol_json():
+    """Every name and byte of perl/ForkServer/protocol.json, and no other,
+    is defined here with that value (t/protocol.t holds the Perl side to
+    the same file)."""
+    decl = json.loads((paths.perl_dir() / "ForkServer" / "protocol.json").read_text())
+    assert sorted(k for k in decl if k != "about") == [
+        "emperor_bytes", "mask", "modifier1", "packet", "vassal_bytes"]
+    assert {b.name: b.value for b in p.EmperorByte} == decl["emperor_bytes"]
+    assert {b.name: b.value for b in p.VassalByte} == decl["vassal_bytes"]
+    for group, prefix in (("mask", "MASK_"), ("modifier1", "MODIFIER1_")):
+        ours = {k: v for k, v in vars(p).items() if k.startswith(prefix)}
+        assert ours == decl[group], group
+    assert {k: getattr(p, k) for k in decl["packet"]} == decl["packet"]
+
+
+def test_protocol_md_names_every_value():
+    """docs/PROTOCOL.md's tables give each byte its one name: every name
+    of protocol.json appears there, in a table row with its value."""
+    decl = json.loads((paths.perl_dir() / "ForkServer" / "protocol.json").read_text())
+    doc = (paths.perl_dir().parent / "docs" / "PROTOCOL.md").read_text()
+    rows = [line.strip() for line in doc.splitlines() if line.strip().startswith("|")]
+    for group in ("mask", "vassal_bytes", "emperor_bytes"):
+        for name, value in decl[group].items():
+            assert any(f"`{name}`" in r and (f"| {value} |" in r or f"| {value:#04x} |" in r)
+                       for r in rows), name
+    for name in [*decl["modifier1"], *decl["packet"]]:
+        assert f"`{name}`" in doc, name

@@ -131,7 +131,7 @@ def test_a_base_does_not_run_test_files_for_the_emperor(tmp_path: Path) -> None:
     adoption (one log line; the base keeps serving)."""
     import socket
 
-    from psgi_forkserver import forkserver, protocol
+    from psgi_forkserver import adoption, protocol
 
     sock = tmp_path / "fork.sock"
     log = tmp_path / "base.log"
@@ -150,7 +150,7 @@ def test_a_base_does_not_run_test_files_for_the_emperor(tmp_path: Path) -> None:
         err_o.sendall(protocol.encode_packet(115, protocol.encode_array(["file=x.t", "cwd=/"])))
         # we started the base: its clone(CLONE_PARENT) makes the child ours
         # (pytest must not become a subreaper: later tests count zombies)
-        pid = forkserver.adopt(sock, ["x", "--test-file", "x.t"], out_t.fileno(), config_fd=err_t.fileno())
+        pid = adoption.adopt(sock, ["x", "--test-file", "x.t"], out_t.fileno(), config_fd=err_t.fileno())
         out_t.close()
         err_t.close()
         try:

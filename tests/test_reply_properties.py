@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from psgi_forkserver import protocol as p
-from psgi_forkserver.forkserver import AdoptionError, PendingAdoption
+from psgi_forkserver.adoption import AdoptionError, PendingAdoption
 
 SETTINGS = settings(max_examples=300, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])

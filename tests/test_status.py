@@ -98,7 +98,7 @@ def test_collection_is_spread_over_turns(child):
 def test_html_is_escaped(child):
     html = status.render_html(status.collect(fake_emperor(child.pid)))
     assert "run&lt;1&gt;" in html and "run<1>" not in html
-    assert "<table>" in html
+    assert "<table id=\"vassals\">" in html
 
 
 def test_stats_socket_serves_many_clients_without_blocking(tmp_path: Path, child):
@@ -246,7 +246,7 @@ def test_status_json_table_and_page(fleet):
         assert r.status == 200 and r.headers["Content-Type"].startswith("text/html")
         html = r.read().decode()
     for name in ("base", "app1", "tpl", "cm"):
-        assert f"<td>{name}</td>" in html
+        assert f"<td data-k=\"name\">{name}</td>" in html
     with urllib.request.urlopen(f"http://127.0.0.1:{fleet.http_port}/json", timeout=10) as r:
         assert set(json.loads(r.read())["vassals"]) == {"base", "app1", "tpl", "cm"}
     with pytest.raises(urllib.error.HTTPError) as e:

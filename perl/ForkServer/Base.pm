@@ -10,13 +10,13 @@ use Socket qw(SOL_SOCKET SOCK_STREAM SO_PEERCRED SOMAXCONN);
 use Time::HiRes ();
 use ForkServer::Clone ();
 use ForkServer::Config ();
-use ForkServer::Emperor ();
+use ForkServer::EmperorPipe ();
 use ForkServer::HugePages ();
 use ForkServer::Log ();
-use ForkServer::Protocol qw(encode_packet encode_dict MOD_FORK_SERVER);
-use ForkServer::Request ();
-use ForkServer::Session ();
+use ForkServer::AdoptionRequest ();
+use ForkServer::Protocol qw(encode_packet encode_dict MODIFIER1_FORK_SERVER MASK_ON_DEMAND SPAWNED STOP_NOW STOP);
 use ForkServer::Spares ();
+use ForkServer::Startup ();
 use ForkServer::Vassal ();
 use ForkServer::Warmup ();
 
@@ -84,7 +84,7 @@ sub new {
     my ($class, %args) = @_;
     my $self = bless {
         %args,
-        clients  => {},     # fileno => ForkServer::Request
+        clients  => {},     # fileno => ForkServer::AdoptionRequest
         children => 0,      # intermediate children not reaped yet
         pid      => $$,     # only this process may unlink the socket
     }, $class;
@@ -107,7 +107,7 @@ sub run {
     my $spares = $self->start_spares;
     # logged before byte 1, so the line is there when the Emperor acts on it
     $self->log("fork server listening on $self->{path} ($how; $pages; $spares)");
-    ForkServer::Emperor->send($self->{emperor}, ForkServer::Emperor::SPAWNED);
+    ForkServer::EmperorPipe->send($self->{emperor}, SPAWNED);
     my $stop = sub { $self->{stop} = "signal $_[0]" };
     local $SIG{TERM} = $stop;
     local $SIG{INT}  = $stop;
@@ -252,7 +252,7 @@ sub accept_clients {
             next;
         }
         $client->blocking(0);
-        my $req = ForkServer::Request->new(
+        my $req = ForkServer::AdoptionRequest->new(
             sock     => $client,
             peer     => $peer,
             peer_pid => $pid,
@@ -348,7 +348,7 @@ sub emperor_says {
     if (!$n) {
         $self->{stop} = 'the Emperor is gone';
     }
-    elsif (ord $byte == ForkServer::Emperor::STOP || ord $byte == ForkServer::Emperor::GRACEFUL_STOP) {
+    elsif (ord $byte == STOP_NOW || ord $byte == STOP) {
         $self->{stop} = 'byte ' . ord($byte) . ' from the Emperor';
     }
     else {
@@ -450,54 +450,53 @@ sub _detach_from_base {
 sub _become_vassal {
     my ($self, $req, %vassal) = @_;    # %vassal: first_worker (a spare's, ForkServer::Spares)
     my (undef, @argv) = $req->argv;
-    my $name = ForkServer::Config->guess_name(@argv);
-    # First: its own session before it can fork anything (ForkServer::Session).
-    my ($leads, $why) = ForkServer::Session::lead();
-    ForkServer::Log::line($name, "not a session leader ($why): the Emperor cannot tell its orphans") unless $leads;
-    my $ok = eval {
-        $self->_detach_from_base($req);
-        my $sock = $req->sock;
-        $sock->blocking(1);
-        local $SIG{PIPE} = 'IGNORE';
-        my $reply = encode_packet(MOD_FORK_SERVER, 0, encode_dict(pid => $$));
-        syswrite($sock, $reply) == length $reply or die "sending the pid reply: $!\n";
-        $req->close_all;
-
-        my $emperor = ForkServer::Emperor->pipe_from_env;
-        my ($text, $config_fh) = ForkServer::Emperor->config_from_env;
+    my $config_text;
+    ForkServer::Startup::run(
+        argv    => \@argv,
+        session => 1,
+        prepare => sub { $self->_detach_from_base($req); $self->_reply_pid($req) },
         # `emperor prove`: another kind of adopted vassal, a test file; its
         # pipes are the test's stdout and stderr (ForkServer::TestFile).
-        if (($argv[0] // '') eq '--test-file') {
+        before_config => sub {
+            my ($text, %pipes) = @_;
+            $config_text = $text;    # a spare's first worker configures itself from it too
+            return unless ($argv[0] // '') eq '--test-file';
             die "this base does not run test files\n" unless ForkServer::TestFile->can('become_test');
             ForkServer::TestFile::become_test(
-                argv => \@argv, config_text => $text, stdout => $emperor, stderr => $config_fh,
+                argv => \@argv, config_text => $text, stdout => $pipes{emperor}, stderr => $pipes{config_fh},
             );    # returns only on error
-        }
-        my $config = ForkServer::Config->from_argv(\@argv, config_text => $text);
-        $name = $config->name;
-        $vassal{first_worker}->for_request(\@argv, $text) if $vassal{first_worker};
-        die "fork-server is set: an adopted vassal cannot be a base vassal\n" if defined $config->get('fork-server');
-        ForkServer::Vassal->new(
-            config        => $config,
-            emperor       => $emperor,
-            config_fh     => $config_fh,
-            preloaded_app => $self->{app},
-            use_fd0       => ($req->mask & ForkServer::Request::MASK_ONDEMAND) ? 1 : 0,
-            %vassal,
-        )->run;
-        1;
-    };
-    if (!$ok) {
-        ForkServer::Log::line($name, "error: $@");
-        POSIX::_exit(1);
-    }
-    # No global destruction: it would walk the whole heap inherited from the
-    # base, writing to every refcount, so each stopping vassal would copy the
-    # codebase's pages (60 ms and ~100 MB for the heavy benchmark app, times
-    # the fleet on a shutdown). The app's END blocks belong to the base.
-    STDOUT->flush;
-    STDERR->flush;
-    POSIX::_exit(0);
+        },
+        run => sub {
+            my (%common) = @_;
+            die "fork-server is set: an adopted vassal cannot be a base vassal\n"
+                if defined $common{config}->get('fork-server');
+            $vassal{first_worker}->for_request(\@argv, $config_text) if $vassal{first_worker};
+            ForkServer::Vassal->new(
+                %common,
+                preloaded_app => $self->{app},
+                use_fd0       => ($req->mask & MASK_ON_DEMAND) ? 1 : 0,
+                %vassal,
+            )->run;
+        },
+        # No global destruction: it would walk the whole heap inherited from
+        # the base, writing to every refcount, so each stopping vassal would
+        # copy the codebase's pages (60 ms and ~100 MB for the heavy
+        # benchmark app, times the fleet on a shutdown). The app's END blocks
+        # belong to the base.
+        exit => sub { POSIX::_exit($_[0]) },
+    );
+}
+
+sub _reply_pid {
+    my ($self, $req) = @_;
+    my $sock = $req->sock;
+    $sock->blocking(1);
+    # for the rest of the vassal's life, as before it was an eval's local
+    $SIG{PIPE} = 'IGNORE';
+    my $reply = encode_packet(MODIFIER1_FORK_SERVER, 0, encode_dict(pid => $$));
+    syswrite($sock, $reply) == length $reply or die "sending the pid reply: $!\n";
+    $req->close_all;
+    return;
 }
 
 1;

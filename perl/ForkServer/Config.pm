@@ -32,7 +32,7 @@ my $ADDR = sub { parse_address($_[0]); $_[0] };
 my $URL_PATH = sub { $_[0] =~ m{\A/[^\s#]*\z} ? $_[0] : die "expected a path starting with / (a query string may follow)\n" };
 
 # The checker of each option type: returns the normalised value or dies with
-# the reason. psgi_forkserver/config.py validates the same types.
+# the reason. psgi_forkserver/config/options.py validates the same types.
 my %CHECK = (
     string    => $STR,
     path      => $STR,
@@ -93,7 +93,7 @@ then only gives the vassal its name.
 
 Every option is declared once, with its type, whether it repeats, its
 default and a description, in F<options.json> next to this module; the
-Emperor (psgi_forkserver/config.py) reads the same file to judge vassal
+Emperor (psgi_forkserver/config/options.py) reads the same file to judge vassal
 files. This module keeps one checker per type. Adding an option is one line
 there. Keys only the Emperor reads (C<on-demand>, marked C<emperor>) are
 accepted and ignored.

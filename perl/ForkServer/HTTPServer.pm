@@ -8,6 +8,7 @@ use warnings;
 use Carp ();
 use Config ();
 use Errno qw(EINTR EAGAIN ECONNABORTED);
+use Fcntl ();
 use POSIX ();
 use Socket qw(IPPROTO_TCP TCP_NODELAY SOL_SOCKET SO_RCVTIMEO SO_SNDTIMEO SO_REUSEADDR
               AF_INET AF_INET6 AF_UNSPEC SOCK_STREAM AI_PASSIVE MSG_DONTWAIT
@@ -23,6 +24,9 @@ use HTTP::Parser::XS qw(parse_http_request);
 use HTTP::Status ();
 use Time::HiRes ();
 use ForkServer::HTTPServer::Writer ();
+use ForkServer::EmperorPipe ();
+use ForkServer::Log ();
+use ForkServer::Protocol qw(:vassal_bytes :emperor_bytes);    # the Emperor pipe's bytes
 
 our $VERSION = '0.01';
 
@@ -37,17 +41,6 @@ use constant {
     READ_CHUNK    => 65536,
     MAX_CONNS     => 512,  # connections one worker holds open (idle and partial heads cost no worker time)
     CRLF          => "\015\012",
-};
-
-# Emperor pipe bytes (PROTOCOL.md section 5).
-use constant {
-    EMP_STOP_NOW  => 0,
-    EMP_RELOAD    => 1,
-    EMP_STOP      => 2,
-    EMP_ACCEPTING => 5,
-    EMP_LOYAL     => 17,
-    EMP_IDLE      => 22,
-    EMP_HEARTBEAT => 26,
 };
 
 # prctl(2) number, to ask the kernel to signal a worker when its master dies
@@ -149,6 +142,7 @@ sub run {
     $self->{ready_w} = $ready_w;
     $self->{master_pid} = $$;
     $self->{gen} = 1;
+    $self->_open_requests_file;
     $self->{kids} = {};        # pid => { slot, gen, ready, born }
     $self->{slot_fast_deaths} = {};
     $self->{respawn} = {};     # slot => time
@@ -208,7 +202,7 @@ sub run {
                     my $since = $k->{busy_since} // next;
                     my $at = $since + $h + 1;
                     if ($at <= $now) {
-                        warn "$self->{name}: harakiri: worker $k->{slot} (pid $pid) stuck more than ${h}s in $k->{request}, killed by the master\n";
+                        $self->_log("harakiri: worker $k->{slot} (pid $pid) stuck more than ${h}s in $k->{request}, killed by the master");
                         kill 'KILL', $pid;
                         delete $k->{busy_since};
                     } elsif ($at - $now < $timeout) { $timeout = $at - $now }
@@ -217,19 +211,25 @@ sub run {
             for my $pid (keys %{ $self->{kids} }) {
                 my $at = $self->{kids}{$pid}{kill_at} // next;
                 if ($at <= $now) {
-                    warn "$self->{name}: worker pid $pid still busy $self->{mercy}s after reload, killed\n";
+                    $self->_log("worker pid $pid still busy $self->{mercy}s after reload, killed");
                     kill 'KILL', $pid;
                     $self->{kids}{$pid}{kill_at} = $now + 3600;
                 } elsif ($at - $now < $timeout) { $timeout = $at - $now }
             }
             if ($hb && $self->{sent_accepting}) {
                 $next_hb //= $now;
-                if ($now >= $next_hb) { $self->_emperor_send(EMP_HEARTBEAT); $next_hb = $now + $hb }
+                if ($now >= $next_hb) {
+                    ForkServer::EmperorPipe->send($self->{emperor_fh}, HEARTBEAT);
+                    $next_hb = $now + $hb;
+                }
                 $timeout = $next_hb - $now if $next_hb - $now < $timeout;
             }
             if ($self->{idle} > 0 && !$self->{idle_sent}) {
                 my $at = $self->{last_activity} + $self->{idle};
-                if ($now >= $at) { $self->_emperor_send(EMP_IDLE); $self->{idle_sent} = 1 }
+                if ($now >= $at) {
+                    ForkServer::EmperorPipe->send($self->{emperor_fh}, DONE);    # idle: put me back to sleep
+                    $self->{idle_sent} = 1;
+                }
                 elsif ($at - $now < $timeout) { $timeout = $at - $now }
             }
         } else {
@@ -255,9 +255,9 @@ sub run {
                 $kill_at = $self->_begin_graceful_stop($kill_at);
             } elsif ($got) {
                 for my $b (unpack 'C*', $bytes) {
-                    if ($b == EMP_STOP_NOW) { $sig{INT} = 1 }
-                    elsif ($b == EMP_RELOAD) { $sig{HUP} = 1 }
-                    elsif ($b == EMP_STOP) { $sig{TERM} = 1 }
+                    if ($b == STOP_NOW) { $sig{INT} = 1 }
+                    elsif ($b == RELOAD) { $sig{HUP} = 1 }
+                    elsif ($b == STOP) { $sig{TERM} = 1 }
                 }
             } elsif ($! != EINTR && $! != EAGAIN) {
                 $self->{emperor_open} = 0;
@@ -267,6 +267,7 @@ sub run {
     }
 
     $self->_reap_blocking;
+    unlink $self->{requests_file} if $self->{requests_file};
     $self->_end_session if $self->{emperor_vanished};
     close $ready_r; close $ready_w;
     if ($self->{own_listener}) { close $self->{listen_sock}; }
@@ -308,12 +309,10 @@ sub _setup_listener {
     $self->{port} //= $port;
 }
 
-sub _emperor_send {
-    my ($self, $byte) = @_;
-    return unless $self->{emperor_fh};
-    # A vanished Emperor is noticed through EOF on read; ignore EPIPE here.
-    syswrite($self->{emperor_fh}, chr($byte));
-}
+
+# One line on stderr in the vassal's one format (ForkServer::Log), whatever
+# the app did to warn() or STDERR's buffer.
+sub _log { ForkServer::Log::line($_[0]{name}, $_[1]) }
 
 sub _spawn_worker {
     my ($self, $slot) = @_;
@@ -324,7 +323,7 @@ sub _spawn_worker {
     POSIX::sigprocmask(POSIX::SIG_BLOCK(), $BLOCK_SET, $old);
     my $pid = fork;
     unless (defined $pid) {
-        warn "$self->{name}: fork failed: $!\n";
+        $self->_log("fork failed: $!");
         POSIX::sigprocmask(POSIX::SIG_SETMASK(), $old);
         $self->{respawn}{$slot} = _now() + 1;
         return;
@@ -333,7 +332,7 @@ sub _spawn_worker {
         $self->{sigmask} = $old;
         close delete $self->{stop_w};
         my $code = eval { $self->_worker_main($slot); 0 };
-        unless (defined $code) { warn "$self->{name}: worker $slot: $@"; $code = 1 }
+        unless (defined $code) { $self->_log("worker $slot: $@"); $code = 1 }
         _worker_exit($code);
     }
     POSIX::sigprocmask(POSIX::SIG_SETMASK(), $old);
@@ -386,13 +385,13 @@ sub _read_worker_messages {
             $self->{slot_fast_deaths}{$k->{slot}} = 0;
             unless ($self->{sent_accepting}) {
                 $self->{sent_accepting} = 1;
-                $self->_emperor_send(EMP_ACCEPTING);
+                ForkServer::EmperorPipe->send($self->{emperor_fh}, ACCEPTING);
             }
             if (!$self->{sent_loyal} && !$self->{stopping}) {
                 my $ready = grep { $_->{ready} && $_->{gen} == $self->{gen} } values %{ $self->{kids} };
                 if ($ready >= $self->{workers}) {
                     $self->{sent_loyal} = 1;
-                    $self->_emperor_send(EMP_LOYAL);
+                    ForkServer::EmperorPipe->send($self->{emperor_fh}, LOYAL);
                 }
             }
         } elsif ($type == MSG_ACTIVITY) {
@@ -424,8 +423,8 @@ sub _reap {
         my $code = $status >> 8;
         my $intended = !($status & 127) && ($code == EXIT_RECYCLE || $code == EXIT_HARAKIRI);
         if (!$intended) {
-            warn sprintf("%s: worker %d (pid %d) died (%s), respawning\n", $self->{name}, $slot, $pid,
-                         ($status & 127) ? "signal " . ($status & 127) : "exit $code");
+            $self->_log(sprintf("worker %d (pid %d) died (%s), respawning", $slot, $pid,
+                                ($status & 127) ? "signal " . ($status & 127) : "exit $code"));
         }
         # A worker that dies young, again and again, before it ever accepts
         # is crash-looping: back off instead of forking flat out. One that
@@ -502,7 +501,7 @@ sub _end_session {
     return unless $sid == $$;
     my @left = grep { $_ != $$ && (_session_of($_) // 0) == $sid } _all_pids();
     return unless @left;
-    warn "$self->{name}: the Emperor is gone; stopping " . scalar(@left) . " process(es) left in the vassal's session\n";
+    $self->_log("the Emperor is gone; stopping " . scalar(@left) . " process(es) left in the vassal's session");
     kill 'TERM', @left;
     my $until = _now() + 2;
     while (_now() < $until) {
@@ -577,11 +576,12 @@ sub _worker_main {
         delete $self->{emperor_fh};
     }
     $0 = "$self->{proctitle} worker $slot" if length $self->{proctitle};
+    $self->_open_requests_slot($slot);
 
     if (my $h = $self->{harakiri}) {
         $SIG{ALRM} = sub {
             my $req = $self->{current_request} // '(unknown request)';
-            syswrite(STDERR, "$self->{name}: harakiri: worker $slot (pid $$) stuck more than ${h}s in $req, killed\n");
+            $self->_log("harakiri: worker $slot (pid $$) stuck more than ${h}s in $req, killed");
             _worker_exit(EXIT_HARAKIRI);
         };
     }
@@ -644,6 +644,7 @@ sub _worker_main {
             $timeout = $left if $left < $timeout;
             $timeout = 0 if $timeout < 0;
         }
+        $self->_flush_requests if $self->{requests_dirty};
         my $n = select(my $rout = $rin, undef, undef, $timeout);
         if ($n < 0) {
             next if $! == EINTR;
@@ -690,7 +691,7 @@ sub _worker_main {
             }
             my $keep = eval { $self->_serve_head($c) };
             if (!defined $keep) {
-                warn "$self->{name}: $@" if $@ && $@ !~ /^ForkServer::client-gone/;
+                $self->_log($@) if $@ && $@ !~ /^ForkServer::client-gone/;
                 _drop_conn(\%conns, \%pending, $fd);
             } elsif ($keep eq 'partial') {
                 _drop_conn(\%conns, \%pending, $fd) if $c->{eof};
@@ -713,12 +714,15 @@ sub _worker_main {
             if (!$leaving && ($self->{harakiri_commit}
                 || ($self->{max_requests} && $self->{requests} >= $self->{max_requests}))) {
                 # The replacement starts now, not when this worker has
-                # finished with its other connections.
+                # finished with its other connections. It goes on from this
+                # worker's requests slot: written first.
+                $self->_flush_requests if $self->{requests_dirty};
                 _worker_msg($self->{ready_w}, MSG_LEAVING);
                 $leaving = 1;
             }
         }
     }
+    $self->_flush_requests if $self->{requests_dirty};
     _worker_exit(EXIT_RECYCLE);
 }
 
@@ -747,7 +751,7 @@ sub _accept {
     unless ($peer) {
         return undef if $! == EINTR || $! == EAGAIN || $! == ECONNABORTED;
         # EMFILE, ENOBUFS...: transient pressure; don't spin, don't die
-        warn "$self->{name}: accept: $!\n";
+        $self->_log("accept: $!");
         select(undef, undef, undef, 0.1);
         return undef;
     }
@@ -876,6 +880,7 @@ my $HEAD_RE = qr/\A[^\012]*\012(?:$TOKEN:[^\012]*\012)*\015?\012\z/;
 # dies (ForkServer::client-gone) when the client vanished.
 sub _serve_head {
     my ($self, $c) = @_;
+    my $t0 = _now();    # the head is complete: the request's latency starts
     my $conn = $c->{sock};
     my %env = (
         SCRIPT_NAME         => '',
@@ -962,11 +967,63 @@ sub _serve_head {
     my $ok = eval { $self->_run_app($conn, \%env, $st); 1 };
     my $err = $@;
     if ($harakiri) { alarm 0; _worker_msg($self->{ready_w}, MSG_DONE) }
+    $self->_count_request(_now() - $t0) if $self->{requests_slot} && ($ok || $st->{sent});
     $self->_access_log(\%env, $st->{status}, $st->{bytes}) if $self->{access_log} && ($ok || $st->{sent});
     $self->_run_cleanup(\%env);
     die $err unless $ok;
     if ($env{'psgix.harakiri.commit'}) { $self->{harakiri_commit} = 1; return 0 }
     return $st->{keep} ? 1 : 0;
+}
+
+# Requests served, for the Emperor's status (docs/CONTRACT.md): the master
+# creates $PSGI_FORKSERVER_RUN_DIR/requests-PID (its own pid, the one the
+# Emperor knows); each worker owns one 16-byte slot of it, two
+# little-endian u64: requests served, their latency summed in microseconds.
+# The worker writes its slot once per round of its loop (before select:
+# one write for all the requests of the round, and never a count left
+# behind when it goes idle); a respawned worker goes on from its slot's
+# numbers, and a reload's new generation uses the other half of the file
+# (the old one may still be finishing its requests). The Emperor sums the
+# slots. Without the variable (not under our Emperor) nothing is written.
+use constant REQUESTS_SLOT => 16;
+
+sub _open_requests_file {
+    my $self = shift;
+    my $dir = $ENV{PSGI_FORKSERVER_RUN_DIR};
+    return unless defined $dir && length $dir && -d $dir;
+    my $path = "$dir/requests-$$";
+    sysopen(my $fh, $path, Fcntl::O_WRONLY() | Fcntl::O_CREAT() | Fcntl::O_TRUNC(), 0600)
+        or return;
+    close $fh;
+    $self->{requests_file} = $path;
+}
+
+sub _open_requests_slot {
+    my ($self, $slot) = @_;
+    my $path = $self->{requests_file} or return;
+    sysopen(my $fh, $path, Fcntl::O_RDWR()) or return;
+    my $index = ($self->{gen} % 2) * $self->{workers} + $slot - 1;
+    my $off = $index * REQUESTS_SLOT;
+    my ($n, $us) = (0, 0);
+    if (sysseek($fh, $off, 0) && (sysread($fh, my $rec, REQUESTS_SLOT) // 0) == REQUESTS_SLOT) {
+        ($n, $us) = unpack 'Q<Q<', $rec;
+    }
+    $self->{requests_slot} = { fh => $fh, off => $off, n => $n, us => $us };
+}
+
+sub _count_request {
+    my ($self, $seconds) = @_;
+    my $r = $self->{requests_slot};
+    $r->{n}++;
+    $r->{us} += int($seconds * 1e6 + 0.5);
+    $self->{requests_dirty} = 1;
+}
+
+sub _flush_requests {
+    my $self = shift;
+    my $r = $self->{requests_slot};
+    $self->{requests_dirty} = 0;
+    sysseek($r->{fh}, $r->{off}, 0) and syswrite($r->{fh}, pack('Q<Q<', $r->{n}, $r->{us}));
 }
 
 # psgix.cleanup: the handlers run after the response is out, before the
@@ -976,7 +1033,7 @@ sub _run_cleanup {
     my $handlers = $env->{'psgix.cleanup.handlers'};
     return unless $handlers && @$handlers;
     for my $h (@$handlers) {
-        eval { $h->($env); 1 } or print STDERR "$self->{name}: cleanup handler error: $@";
+        eval { $h->($env); 1 } or $self->_log("cleanup handler error: $@");
     }
 }
 
@@ -986,7 +1043,7 @@ sub _run_app {
     my $res = eval { $self->{app}->($env) };
     if (!defined $res) {
         my $err = $@ || "app returned undef\n";
-        print STDERR "$self->{name}: app error: $err";
+        $self->_log("app error: $err");
         $res = [500, ['Content-Type' => 'text/plain'], ['Internal Server Error']];
     }
     # The response has a whole deadline from its first byte.
@@ -1001,7 +1058,7 @@ sub _run_app {
         unless ($ok) {
             my $err = $@;
             die $err if $err =~ /^ForkServer::client-gone/;
-            print STDERR "$self->{name}: app error: $err";
+            $self->_log("app error: $err");
             if (!$st->{sent}) {
                 $respond->([500, ['Content-Type' => 'text/plain'], ['Internal Server Error']]);
             } else {
@@ -1015,7 +1072,7 @@ sub _run_app {
             $respond->([500, ['Content-Type' => 'text/plain'], ['No response']]);
         }
     } else {
-        print STDERR "$self->{name}: app returned an invalid response\n";
+        $self->_log("app returned an invalid response");
         $respond->([500, ['Content-Type' => 'text/plain'], ['Internal Server Error']]);
     }
 }

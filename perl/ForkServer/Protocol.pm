@@ -4,17 +4,53 @@ use warnings;
 
 use Exporter 'import';
 
-our @EXPORT_OK = qw(
-    encode_packet decode_header decode_packet read_packet
-    encode_array decode_array encode_dict decode_dict
-    MOD_FORK_SERVER MOD_CONFIG HEADER_LEN MAX_BODY
-);
+# The vocabulary: the same names and values as psgi_forkserver/protocol.py,
+# declared for both in protocol.json next to this module (t/protocol.t and
+# tests/test_protocol.py hold each side to it).
+use constant {
+    HEADER_SIZE => 4,
+    MAX_BODY    => 65535,
+};
+# modifier1: what a packet is
+use constant {
+    MODIFIER1_FORK_SERVER => 35,     # an adoption request, and its reply
+    MODIFIER1_CONFIG      => 115,    # a config text on the config pipe
+};
+# modifier2 of an adoption request: which descriptors came with it, in this order
+use constant {
+    MASK_PIPE      => 0x01,    # the vassal's end of its Emperor pipe (always)
+    MASK_CONFIG    => 0x02,    # its config pipe
+    MASK_ON_DEMAND => 0x04,    # a listening socket to serve on
+};
+# Emperor pipe, vassal -> Emperor
+use constant {
+    SPAWNED      => 1,
+    CONFIG_AGAIN => 2,
+    ACCEPTING    => 5,
+    LOYAL        => 17,
+    DONE         => 22,
+    HEARTBEAT    => 26,
+};
+# Emperor pipe, Emperor -> vassal
+use constant {
+    STOP_NOW => 0,
+    RELOAD   => 1,
+    STOP     => 2,    # gracefully: finish the requests in flight
+};
 
-# modifier1 values used by uWSGI's Emperor and fork server
-use constant MOD_FORK_SERVER => 35;
-use constant MOD_CONFIG      => 115;
-use constant HEADER_LEN      => 4;
-use constant MAX_BODY        => 65535;
+our %EXPORT_TAGS = (
+    packet        => [qw(HEADER_SIZE MAX_BODY)],
+    modifier1     => [qw(MODIFIER1_FORK_SERVER MODIFIER1_CONFIG)],
+    mask          => [qw(MASK_PIPE MASK_CONFIG MASK_ON_DEMAND)],
+    vassal_bytes  => [qw(SPAWNED CONFIG_AGAIN ACCEPTING LOYAL DONE HEARTBEAT)],
+    emperor_bytes => [qw(STOP_NOW RELOAD STOP)],
+    codec         => [qw(
+        encode_packet decode_header decode_packet read_packet
+        encode_array decode_array encode_dict decode_dict
+    )],
+);
+our @EXPORT_OK = map { @$_ } values %EXPORT_TAGS;
+$EXPORT_TAGS{all} = [@EXPORT_OK];
 
 # Strings on the wire are bytes. A character string that cannot be
 # downgraded would silently be encoded as UTF-8 by pack; refuse it instead.
@@ -39,28 +75,28 @@ sub encode_packet {
 # Returns (modifier1, body size, modifier2) of a 4-byte header.
 sub decode_header {
     my ($bytes) = @_;
-    die "packet header needs " . HEADER_LEN . " bytes, got " . length($bytes) . "\n"
-        unless length $bytes == HEADER_LEN;
+    die "packet header needs " . HEADER_SIZE . " bytes, got " . length($bytes) . "\n"
+        unless length $bytes == HEADER_SIZE;
     return unpack('C v C', $bytes);
 }
 
 # Decodes one whole packet: the string must be exactly header + body.
 sub decode_packet {
     my ($bytes) = @_;
-    die "packet truncated: " . length($bytes) . " bytes, the header alone needs " . HEADER_LEN . "\n"
-        if length $bytes < HEADER_LEN;
-    my ($mod1, $size, $mod2) = decode_header(substr($bytes, 0, HEADER_LEN));
-    my $have = length($bytes) - HEADER_LEN;
+    die "packet truncated: " . length($bytes) . " bytes, the header alone needs " . HEADER_SIZE . "\n"
+        if length $bytes < HEADER_SIZE;
+    my ($mod1, $size, $mod2) = decode_header(substr($bytes, 0, HEADER_SIZE));
+    my $have = length($bytes) - HEADER_SIZE;
     die "packet truncated: header announces $size body bytes, got $have\n" if $have < $size;
     die "packet has " . ($have - $size) . " bytes of trailing garbage after its $size-byte body\n"
         if $have > $size;
-    return ($mod1, $mod2, substr($bytes, HEADER_LEN));
+    return ($mod1, $mod2, substr($bytes, HEADER_SIZE));
 }
 
 # Reads one packet from a blocking handle. Dies on end of file or error.
 sub read_packet {
     my ($fh) = @_;
-    my $head = _read_exactly($fh, HEADER_LEN, 'packet header');
+    my $head = _read_exactly($fh, HEADER_SIZE, 'packet header');
     my ($mod1, $size, $mod2) = decode_header($head);
     my $body = _read_exactly($fh, $size, 'packet body');
     return ($mod1, $mod2, $body);
@@ -143,9 +179,9 @@ ForkServer::Protocol - uwsgi packets, arrays and dicts as spoken by the uWSGI Em
 
 =head1 SYNOPSIS
 
-  use ForkServer::Protocol qw(encode_packet decode_packet encode_array decode_array);
+  use ForkServer::Protocol qw(:codec :modifier1 :mask);
 
-  my $bytes = encode_packet(35, 0x01, encode_array($0, '--ini', 'app1.ini'));
+  my $bytes = encode_packet(MODIFIER1_FORK_SERVER, MASK_PIPE, encode_array($0, '--ini', 'app1.ini'));
   my ($mod1, $mod2, $body) = decode_packet($bytes);
   my @argv = decode_array($body);
 
@@ -160,6 +196,28 @@ malformed input: a length that runs past the end of the body, a truncated
 length field, a packet shorter or longer than its header announces, a dict
 key without a value. Encoders die on strings longer than 65535 bytes and on
 strings with wide characters.
+
+=head1 CONSTANTS
+
+The names of the protocol, the same in F<psgi_forkserver/protocol.py> and
+declared for both in F<protocol.json> next to this module; exported on
+request, by name or by tag:
+
+=over
+
+=item C<:packet> HEADER_SIZE, MAX_BODY
+
+=item C<:modifier1> MODIFIER1_FORK_SERVER (35), MODIFIER1_CONFIG (115)
+
+=item C<:mask> MASK_PIPE, MASK_CONFIG, MASK_ON_DEMAND: modifier2 of an adoption request
+
+=item C<:vassal_bytes> SPAWNED, CONFIG_AGAIN, ACCEPTING, LOYAL, DONE, HEARTBEAT: what a vassal writes on its Emperor pipe
+
+=item C<:emperor_bytes> STOP_NOW, RELOAD, STOP (graceful): what the Emperor writes
+
+=back
+
+C<:codec> is the functions below; C<:all> is everything.
 
 =head1 FUNCTIONS
 

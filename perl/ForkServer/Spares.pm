@@ -11,8 +11,8 @@ use Time::HiRes ();
 use ForkServer::Clone ();
 use ForkServer::Config ();
 use ForkServer::Log ();
-use ForkServer::Protocol qw(encode_packet encode_array decode_array MOD_FORK_SERVER);
-use ForkServer::Request ();
+use ForkServer::Protocol qw(encode_packet encode_array decode_array MODIFIER1_FORK_SERVER);
+use ForkServer::AdoptionRequest ();
 use ForkServer::Session ();
 use ForkServer::Vassal ();
 use ForkServer::Warmup ();
@@ -51,7 +51,7 @@ The spare then tells the base C<R PID> and waits on its link.
 
 An adoption the base hands over is two messages on the link: the client's
 connection (to send the pid reply on), then the adoption packet itself with
-the request's descriptors, read and checked again with L<ForkServer::Request>.
+the request's descriptors, read and checked again with L<ForkServer::AdoptionRequest>.
 The spare then becomes the vassal exactly as a forked one does
 (L<ForkServer::Base>'s C<_become_vassal>: its own session, the pid reply,
 its argv and config), except that its first worker already exists: it gets
@@ -206,7 +206,7 @@ sub take {
     my ($s) = sort { $a->{born} <=> $b->{born} } grep { $_->{ready} } values %{ $self->{spares} };
     return 0 unless $s;
     $self->_forget($s);
-    my $packet = encode_packet(MOD_FORK_SERVER, $req->mask, encode_array($req->argv));
+    my $packet = encode_packet(MODIFIER1_FORK_SERVER, $req->mask, encode_array($req->argv));
     my $ok = _send($s->{link}, 'c', fileno $req->sock) && _send($s->{link}, $packet, $req->fds);
     close $s->{link};    # adopted or not, it is no spare of ours any more
     $self->log("spare pid $s->{pid} could not be given a request ($!): forking instead") unless $ok;
@@ -239,7 +239,7 @@ sub _send {
 sub _recv {
     my ($sock) = @_;
     my $hdr = Socket::MsgHdr->new(buflen => 262144, controllen => 256);
-    my $n = Socket::MsgHdr::recvmsg($sock, $hdr, ForkServer::Request::MSG_CMSG_CLOEXEC) // return;
+    my $n = Socket::MsgHdr::recvmsg($sock, $hdr, ForkServer::AdoptionRequest::MSG_CMSG_CLOEXEC) // return;
     return if $n == 0;
     my @fds;
     my @cmsg = $hdr->cmsghdr;
@@ -287,7 +287,7 @@ sub _wait_for_adoption {
     my ($tag, $client_fd) = _recv($link);
     POSIX::_exit(0) unless defined $tag && $tag eq 'c' && defined $client_fd;
     open(my $client, '+<&=', $client_fd) or die "the client's descriptor $client_fd: $!\n";
-    my $req = ForkServer::Request->new(sock => $link, peer => 'the base');
+    my $req = ForkServer::AdoptionRequest->new(sock => $link, peer => 'the base');
     while (1) {
         IO::Select->new($link)->can_read;
         my $state = eval { $req->read_some };

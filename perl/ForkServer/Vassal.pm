@@ -10,7 +10,8 @@ use ForkServer::App ();
 use POSIX ();
 use Socket qw(SOL_SOCKET SO_ACCEPTCONN SOMAXCONN);
 use ForkServer::Config ();
-use ForkServer::Emperor ();
+use ForkServer::EmperorPipe ();
+use ForkServer::Protocol qw(SPAWNED);
 use ForkServer::HTTPServer ();
 
 =head1 NAME
@@ -67,7 +68,7 @@ sub run {
     my $sock = $self->listen_socket;
     my $preforked = $self->first_worker($sock);
     $self->drop_privileges;
-    ForkServer::Emperor->send($self->{emperor}, ForkServer::Emperor::SPAWNED);
+    ForkServer::EmperorPipe->send($self->{emperor}, SPAWNED);
     ForkServer::HTTPServer->new(
         listen_sock  => $sock,
         app          => $app,
@@ -200,7 +201,7 @@ sub inherited_listener {
     return undef unless $listening && unpack('i', $listening);
     my $fd = POSIX::dup(0) // die "dup of descriptor 0: $!\n";
     my $sock = IO::Socket::IP->new_from_fd($fd, 'r+') or die "descriptor 0: $!\n";
-    ForkServer::Emperor->set_cloexec($sock);
+    ForkServer::EmperorPipe->set_cloexec($sock);
     open STDIN, '<', '/dev/null' or die "reopening STDIN: $!\n";
     return $sock;
 }

@@ -1,4 +1,4 @@
-package ForkServer::Request;
+package ForkServer::AdoptionRequest;
 use strict;
 use warnings;
 
@@ -6,15 +6,15 @@ use Fcntl qw(S_ISSOCK);
 use POSIX ();
 use Socket qw(SOL_SOCKET SCM_RIGHTS MSG_DONTWAIT);
 use Socket::MsgHdr ();
-use ForkServer::Protocol qw(decode_header decode_array HEADER_LEN MAX_BODY MOD_FORK_SERVER);
+use ForkServer::Protocol qw(decode_header decode_array :packet :mask MODIFIER1_FORK_SERVER);
 
 =head1 NAME
 
-ForkServer::Request - one adoption request being read by the fork server
+ForkServer::AdoptionRequest - one adoption request being read by the fork server
 
 =head1 SYNOPSIS
 
-  my $req = ForkServer::Request->new(sock => $client, deadline => $t, peer => "pid 12 uid 0", peer_pid => 12);
+  my $req = ForkServer::AdoptionRequest->new(sock => $client, deadline => $t, peer => "pid 12 uid 0", peer_pid => 12);
   # whenever $client is readable:
   my $state = eval { $req->read_some };   # 'more' or 'complete'; dies: refuse
   $req->close_all unless $state;           # every descriptor the client brought
@@ -40,9 +40,6 @@ use constant MSG_CTRUNC       => 0x08;          # Linux: control data did not fi
 use constant CONTROL_LEN      => 512;           # room for far more than 3 descriptors: excess ones are seen (and closed), not dropped
 use constant MAX_ARGS         => 256;
 use constant MAX_ARG_BYTES    => 4096;
-use constant MASK_PIPE        => 0x01;
-use constant MASK_CONFIG      => 0x02;
-use constant MASK_ONDEMAND    => 0x04;
 
 sub new {
     my ($class, %args) = @_;
@@ -70,7 +67,7 @@ sub fds      { @{ $_[0]{fds} } }
 sub read_some {
     my ($self) = @_;
     # one byte more than a whole packet, so trailing garbage is seen
-    my $room = HEADER_LEN + MAX_BODY + 1 - length $self->{buf};
+    my $room = HEADER_SIZE + MAX_BODY + 1 - length $self->{buf};
     my $hdr  = Socket::MsgHdr->new(buflen => $room, controllen => CONTROL_LEN);
     my $n    = Socket::MsgHdr::recvmsg($self->{sock}, $hdr, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
     if (!defined $n) {
@@ -104,21 +101,21 @@ sub _check {
     my ($self) = @_;
     my $len = length $self->{buf};
     my $mod1 = ord $self->{buf};
-    die "wrong modifier1 $mod1 (expected " . MOD_FORK_SERVER . ")\n" unless $mod1 == MOD_FORK_SERVER;
-    return 'more' if $len < HEADER_LEN;
-    my (undef, $size, $mask) = decode_header(substr $self->{buf}, 0, HEADER_LEN);
-    die "" . ($len - HEADER_LEN - $size) . " bytes of trailing garbage after the $size-byte body\n"
-        if $len > HEADER_LEN + $size;
-    return 'more' if $len < HEADER_LEN + $size;
-    $self->_validate($mask, substr $self->{buf}, HEADER_LEN);
+    die "wrong modifier1 $mod1 (expected " . MODIFIER1_FORK_SERVER . ")\n" unless $mod1 == MODIFIER1_FORK_SERVER;
+    return 'more' if $len < HEADER_SIZE;
+    my (undef, $size, $mask) = decode_header(substr $self->{buf}, 0, HEADER_SIZE);
+    die "" . ($len - HEADER_SIZE - $size) . " bytes of trailing garbage after the $size-byte body\n"
+        if $len > HEADER_SIZE + $size;
+    return 'more' if $len < HEADER_SIZE + $size;
+    $self->_validate($mask, substr $self->{buf}, HEADER_SIZE);
     return 'complete';
 }
 
 sub _validate {
     my ($self, $mask, $body) = @_;
-    die sprintf("unknown mask bits 0x%02x\n", $mask) if $mask & ~(MASK_PIPE | MASK_CONFIG | MASK_ONDEMAND);
+    die sprintf("unknown mask bits 0x%02x\n", $mask) if $mask & ~(MASK_PIPE | MASK_CONFIG | MASK_ON_DEMAND);
     die sprintf("mask 0x%02x lacks bit 0x01 (the Emperor pipe)\n", $mask) unless $mask & MASK_PIPE;
-    my $want = grep { $mask & $_ } MASK_PIPE, MASK_CONFIG, MASK_ONDEMAND;
+    my $want = grep { $mask & $_ } MASK_PIPE, MASK_CONFIG, MASK_ON_DEMAND;
     my $have = @{ $self->{fds} };
     die sprintf("mask 0x%02x announces %d descriptors, got %d\n", $mask, $want, $have) unless $want == $have;
     for my $fd (@{ $self->{fds} }) {
@@ -147,7 +144,7 @@ sub fds_by_role {
     my @fds = @{ $self->{fds} };
     my $pipe     = shift @fds;
     my $config   = $self->{mask} & MASK_CONFIG   ? shift @fds : undef;
-    my $ondemand = $self->{mask} & MASK_ONDEMAND ? shift @fds : undef;
+    my $ondemand = $self->{mask} & MASK_ON_DEMAND ? shift @fds : undef;
     return ($pipe, $config, $ondemand);
 }
 

@@ -18,6 +18,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from collections.abc import Sequence
+from typing import Any
 
 from . import protocol
 from .protocol import PacketReader, ProtocolError
@@ -122,23 +123,17 @@ def start_adoption(
     return PendingAdoption(sock=sock, deadline=started + timeout, started=started)
 
 
-def adopt(
-    path: str | os.PathLike[str],
-    argv: Sequence[str],
-    pipe_fd: int,
-    config_fd: int | None = None,
-    on_demand_fd: int | None = None,
-    timeout: float = 10.0,
-) -> int:
-    """Blocking convenience wrapper (tools and tests): returns the pid."""
-    pending = start_adoption(path, argv, pipe_fd, config_fd, on_demand_fd, timeout)
+def adopt(*args: Any, **kwargs: Any) -> int:
+    """start_adoption() (the same arguments), then wait for the pid: the
+    blocking form, for tools and tests."""
+    pending = start_adoption(*args, **kwargs)
     try:
         with selectors.DefaultSelector() as sel:
             sel.register(pending.sock, selectors.EVENT_READ)
             while True:
                 left = pending.deadline - time.monotonic()
                 if left <= 0:
-                    raise AdoptionError(f"no reply within {timeout:g} s")
+                    raise AdoptionError(f"no reply within {pending.deadline - pending.started:g} s")
                 if sel.select(left):
                     pid = pending.on_readable()
                     if pid is not None:

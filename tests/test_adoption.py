@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from psgi_forkserver import forkserver, protocol
-from psgi_forkserver.forkserver import AdoptionError
+from psgi_forkserver import adoption, protocol
+from psgi_forkserver.adoption import AdoptionError
 
 
 class StandIn:
@@ -76,7 +76,7 @@ def test_adopt_sends_argv_mask_and_descriptors(sockpath):
     cfg_r, cfg_w = os.pipe()
     od = socket.socket()
     try:
-        pid = forkserver.adopt(sockpath, ["/bin/prog", "--ini", "/v/a.ini"], theirs.fileno(),
+        pid = adoption.adopt(sockpath, ["/bin/prog", "--ini", "/v/a.ini"], theirs.fileno(),
                                config_fd=cfg_r, on_demand_fd=od.fileno(), timeout=5)
         assert pid == 4321
         srv.done.wait(5)
@@ -101,7 +101,7 @@ def test_adopt_pipe_only_mask(sockpath):
     srv = StandIn(sockpath, pid_reply("7"))
     a, b = socket.socketpair()
     try:
-        assert forkserver.adopt(sockpath, ["p"], b.fileno(), timeout=5) == 7
+        assert adoption.adopt(sockpath, ["p"], b.fileno(), timeout=5) == 7
         srv.done.wait(5)
         assert protocol.decode_packet(srv.got["data"]).modifier2 == 0x01
         assert len(srv.got["fds"]) == 1
@@ -123,7 +123,7 @@ def test_bad_replies_fail(sockpath, reply):
     a, b = socket.socketpair()
     try:
         with pytest.raises(AdoptionError):
-            forkserver.adopt(sockpath, ["p"], b.fileno(), timeout=5)
+            adoption.adopt(sockpath, ["p"], b.fileno(), timeout=5)
     finally:
         a.close(), b.close()
         srv.close()
@@ -135,7 +135,7 @@ def test_timeout_fails(sockpath):
     try:
         t0 = time.monotonic()
         with pytest.raises(AdoptionError, match="no reply"):
-            forkserver.adopt(sockpath, ["p"], b.fileno(), timeout=0.2)
+            adoption.adopt(sockpath, ["p"], b.fileno(), timeout=0.2)
         assert time.monotonic() - t0 < 0.45
     finally:
         a.close(), b.close()
@@ -146,7 +146,7 @@ def test_no_server(sockpath):
     a, b = socket.socketpair()
     try:
         with pytest.raises(AdoptionError):
-            forkserver.start_adoption(sockpath, ["p"], b.fileno())
+            adoption.start_adoption(sockpath, ["p"], b.fileno())
     finally:
         a.close(), b.close()
 
@@ -156,7 +156,7 @@ def test_start_adoption_does_not_block(sockpath):
     a, b = socket.socketpair()
     try:
         t0 = time.monotonic()
-        pending = forkserver.start_adoption(sockpath, ["p"], b.fileno(), timeout=5)
+        pending = adoption.start_adoption(sockpath, ["p"], b.fileno(), timeout=5)
         assert time.monotonic() - t0 < 0.1
         assert pending.on_readable() is None  # nothing there yet
         pending.close()
@@ -166,12 +166,12 @@ def test_start_adoption_does_not_block(sockpath):
 
 
 def test_probe(sockpath):
-    assert not forkserver.probe(sockpath)
+    assert not adoption.probe(sockpath)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.bind(str(sockpath))
-    assert not forkserver.probe(sockpath)  # bound, not listening
+    assert not adoption.probe(sockpath)  # bound, not listening
     s.listen(1)
-    assert forkserver.probe(sockpath)
+    assert adoption.probe(sockpath)
     s.close()
-    assert not forkserver.probe(sockpath)  # stale file
+    assert not adoption.probe(sockpath)  # stale file
     os.unlink(sockpath)

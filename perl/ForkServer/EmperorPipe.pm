@@ -1,19 +1,20 @@
-package ForkServer::Emperor;
+package ForkServer::EmperorPipe;
 use strict;
 use warnings;
 
 use Fcntl qw(F_GETFD F_SETFD FD_CLOEXEC);
-use ForkServer::Protocol qw(read_packet MOD_CONFIG);
+use ForkServer::Protocol qw(read_packet MODIFIER1_CONFIG);
 
 =head1 NAME
 
-ForkServer::Emperor - the vassal's end of the Emperor pipe and config pipe
+ForkServer::EmperorPipe - the vassal's end of the Emperor pipe and config pipe
 
 =head1 SYNOPSIS
 
-  my $pipe = ForkServer::Emperor->pipe_from_env;        # undef without an Emperor
-  ForkServer::Emperor->send($pipe, ForkServer::Emperor::SPAWNED);
-  my $text = ForkServer::Emperor->config_from_env;      # undef without a config pipe
+  use ForkServer::Protocol qw(SPAWNED);    # the bytes' names
+  my $pipe = ForkServer::EmperorPipe->pipe_from_env;     # undef without an Emperor
+  ForkServer::EmperorPipe->send($pipe, SPAWNED);
+  my ($text, $fh) = ForkServer::EmperorPipe->config_from_env;    # () without a config pipe
 
 =head1 DESCRIPTION
 
@@ -23,11 +24,6 @@ runs must not hold the vassal's pipe (the Emperor would never see its end
 of file).
 
 =cut
-
-# Vassal -> Emperor bytes (PROTOCOL.md section 5)
-use constant { SPAWNED => 1, CONFIG_AGAIN => 2, ACCEPTING => 5, LOYAL => 17, DONE => 22, HEARTBEAT => 26 };
-# Emperor -> vassal bytes
-use constant { STOP => 0, RELOAD => 1, GRACEFUL_STOP => 2 };
 
 sub set_cloexec {
     my ($class, $fh) = @_;
@@ -58,7 +54,7 @@ sub config_from_env {
     my $fh = $class->config_fh_from_env or return;
     my ($mod1, undef, $body) = eval { read_packet($fh) };
     die "config pipe: $@" unless defined $mod1;
-    die "config pipe: expected a packet with modifier1 " . MOD_CONFIG . ", got $mod1\n" unless $mod1 == MOD_CONFIG;
+    die "config pipe: expected a packet with modifier1 " . MODIFIER1_CONFIG . ", got $mod1\n" unless $mod1 == MODIFIER1_CONFIG;
     return ($body, $fh);
 }
 

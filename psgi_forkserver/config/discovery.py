@@ -1,0 +1,142 @@
+"""Which files in the vassals directory are vassals, and reading one safely.
+
+A vassal is `NAME.ini`, or `NAME.ini.j2` (a template); both name the vassal
+NAME.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import stat
+from pathlib import Path
+
+SUFFIX = ".ini"
+TEMPLATE_SUFFIX = ".ini.j2"
+
+# vim: .swp/.swo/.swx..., its write test file 4913 (and 4914, ...); emacs:
+# backups~, #autosave#, .#lock; generic backup/temp suffixes.
+_DROPPING = re.compile(
+    r"""(
+        .*~            |   # backups
+        .*\.sw[a-z]    |   # vim swap files (.swp, .swo, .swx, ...)
+        \d+            |   # vim's write test file (4913, 4914, ...)
+        \#.*\#         |   # emacs autosave
+        \.\#.*         |   # emacs lock symlink
+        .*\.(bak|orig|rej|tmp|dpkg-[a-z]+|ucf-[a-z]+)
+    )$""",
+    re.X,
+)
+
+
+def is_dropping(name: str) -> bool:
+    """An editor's or package manager's temporary file: never a vassal, and
+    an event on it is not worth a rescan."""
+    return bool(_DROPPING.fullmatch(name))
+
+
+def is_vassal_file(name: str) -> bool:
+    """`*.ini` or `*.ini.j2`, not a dotfile, not an editor's backup or swap file."""
+    if name.startswith(".") or is_dropping(name):
+        return False
+    return vassal_name(name) != name
+
+
+def is_template(filename: str) -> bool:
+    return filename.endswith(TEMPLATE_SUFFIX)
+
+
+def vassal_name(filename: str) -> str:
+    """`app.ini` and `app.ini.j2` are both the vassal `app`."""
+    for suffix in (TEMPLATE_SUFFIX, SUFFIX):
+        if filename.endswith(suffix) and len(filename) > len(suffix):
+            return filename[: -len(suffix)]
+    return filename
+
+
+def candidates(directory: Path, name: str) -> tuple[Path, Path]:
+    """The two files that may declare vassal `name`."""
+    return Path(directory) / (name + SUFFIX), Path(directory) / (name + TEMPLATE_SUFFIX)
+
+
+def discover(directory: Path) -> dict[str, Path]:
+    """Vassal name -> file path, for every vassal file in `directory`.
+
+    When both NAME.ini and NAME.ini.j2 exist, NAME.ini is returned; `load`
+    sees the other one and reports the conflict.
+    """
+    found: dict[str, Path] = {}
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return found
+    for entry in sorted(entries, key=lambda e: is_template(e.name)):
+        if is_vassal_file(entry.name):
+            # anything named like a vassal file counts, even a directory or
+            # a dangling symlink: load() reports it as that vassal's error
+            # instead of the file being ignored without a word
+            found.setdefault(vassal_name(entry.name), Path(directory) / entry.name)
+    return found
+
+
+def fingerprint(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+#: a vassal file larger than this is refused (a vassal file is a few lines;
+#: a huge one would only eat the Emperor's memory)
+MAX_FILE = 1 << 20
+
+#: errors that say nothing about the file, only about the Emperor's resources
+#: at that moment: the file is read again later, its vassal is left alone
+TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN})
+
+
+class Unreadable(OSError):
+    """A vassal file that exists but cannot be used as one (str(): why)."""
+
+
+def read_vassal_file(path: Path) -> bytes | None:
+    """The file's bytes; None when there is no such file.
+
+    Opened with O_NONBLOCK, then only a regular file is read: a FIFO named
+    `x.ini` must not block the Emperor, `/dev/zero` must not fill its memory.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except (FileNotFoundError, NotADirectoryError):
+        if os.path.islink(path):
+            raise Unreadable(errno.ENOENT, f"dangling symlink to {os.readlink(path)}") from None
+        return None
+    except IsADirectoryError:
+        raise Unreadable(errno.EISDIR, "a directory, not a file") from None
+    try:
+        _check_regular(os.fstat(fd))
+        return _read_bounded(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_regular(st: os.stat_result) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        raise Unreadable(errno.EISDIR, "a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise Unreadable(errno.EINVAL, "not a regular file")
+    if st.st_size > MAX_FILE:
+        raise Unreadable(errno.EFBIG, f"{st.st_size} bytes: larger than {MAX_FILE}")
+
+
+def _read_bounded(fd: int) -> bytes:
+    """All of `fd`, refusing more than MAX_FILE bytes (the file may grow
+    after fstat)."""
+    chunks, size = [], 0
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > MAX_FILE:
+            raise Unreadable(errno.EFBIG, f"larger than {MAX_FILE} bytes")
+        chunks.append(chunk)

@@ -1,0 +1,201 @@
+"""The option declaration both sides read (perl/ForkServer/options.json),
+the checker of each option type, and the judge of a vassal file's options.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .ini import SECTION, ConfigError
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One row of perl/ForkServer/options.json."""
+
+    key: str
+    type: str
+    repeat: bool = False
+    default: str | None = None
+    doc: str = ""
+    flag: bool = False
+    alias: str | None = None
+    emperor: bool = False  # read by the Emperor only; the vassal ignores it
+
+
+def options_file() -> Path:
+    from .. import paths
+
+    return paths.perl_dir() / "ForkServer" / "options.json"
+
+
+_declared: dict[str, OptionSpec] | None = None
+
+
+def declared_options() -> dict[str, OptionSpec]:
+    """key -> OptionSpec, from the declaration both sides read."""
+    global _declared
+    if _declared is None:
+        rows = json.loads(options_file().read_text())["options"]
+        fields = set(OptionSpec.__dataclass_fields__)
+        _declared = {r["key"]: OptionSpec(**{k: v for k, v in r.items() if k in fields})
+                     for r in rows}
+    return _declared
+
+
+def emperor_keys() -> frozenset[str]:
+    return frozenset(k for k, o in declared_options().items() if o.emperor)
+
+
+# -- the checkers: the normalised value, or ValueError with the reason --------
+
+_TRUE = frozenset({"", "1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def parse_bool(value: str) -> bool:
+    v = value.lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ValueError("expected a boolean (1/0, true/false, yes/no, on/off)")
+
+
+def parse_address(value: str) -> tuple[str | None, int]:
+    """`127.0.0.1:9101`, `[::1]:9101`, `:9101` -> (host or None, port), as
+    ForkServer::Config::parse_address reads them."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]+)", value) or \
+        re.fullmatch(r"([^:\[\]]*):([0-9]+)", value)
+    if not m:
+        raise ValueError("expected HOST:PORT, [IPV6]:PORT or :PORT")
+    port = int(m.group(2))
+    if not 1 <= port <= 65535:
+        raise ValueError("port out of range")
+    return (m.group(1) or None), port
+
+
+def _id_of(lookup: Callable[[str], int], missing: str) -> Callable[[str], int]:
+    """The checker of a user or group: a number, or a name `lookup` knows."""
+    def check(value: str) -> int:
+        if re.fullmatch(r"[0-9]+", value):
+            return int(value)
+        try:
+            return lookup(value)
+        except KeyError:
+            raise ValueError(missing) from None
+    return check
+
+
+def _matching(pattern: str, why: str, convert: Callable[[str], object] = str,
+              flags: int = 0) -> Callable[[str], object]:
+    """The checker of a value that must match `pattern` (from its start)."""
+    def check(value: str) -> object:
+        if not re.match(pattern, value, flags):
+            raise ValueError(why)
+        return convert(value)
+    return check
+
+
+def _count(value: str) -> int:
+    if not re.fullmatch(r"[0-9]+", value) or int(value) < 1:
+        raise ValueError("expected an integer >= 1")
+    return int(value)
+
+
+_nonempty = _matching(r".", "expected a non-empty value", flags=re.S)
+
+#: the checker of each option type (ForkServer::Config has the same, in Perl)
+CHECKERS: dict[str, Callable[[str], object]] = {
+    "string": _nonempty,
+    "path": _nonempty,
+    "include": _nonempty,
+    "url-path": _matching(r"/[^\s#]*\Z", "expected a path starting with / (a query string may follow)"),
+    "octal": _matching(r"0?[0-7]{3,4}\Z", "expected an octal mode like 0600", lambda v: int(v, 8)),
+    "user": _id_of(lambda v: pwd.getpwnam(v).pw_uid, "no such user"),
+    "group": _id_of(lambda v: grp.getgrnam(v).gr_gid, "no such group"),
+    "count": _count,
+    "uint": _matching(r"[0-9]+\Z", "expected a non-negative integer", int),
+    "bool": parse_bool,
+    "address": parse_address,
+    "env": _matching(r"[^=]+=", "expected KEY=VALUE", flags=re.S),
+}
+
+
+# -- the judge ----------------------------------------------------------------
+
+
+@dataclass
+class _Judge:
+    euid: int
+    groups: frozenset[int]
+    values: dict[str, tuple[int, object]]
+
+    def option(self, lineno: int, key: str, value: str) -> None:
+        """Judge one `key = value` on line `lineno`."""
+        spec = declared_options().get(key)
+        if spec is None:
+            raise ConfigError(f"line {lineno}: unknown option '{key}'")
+        try:
+            norm = CHECKERS[spec.type](value)
+        except ValueError as e:
+            raise ConfigError(f"line {lineno}: bad value '{value}' for option '{key}': {e}") from None
+        name = spec.alias or key
+        if not spec.repeat and name in self.values:
+            raise ConfigError(f"line {lineno}: '{key}' given again (first on line "
+                              f"{self.values[name][0]}); it takes one value")
+        self.values[name] = (lineno, norm)
+        self.can_become(lineno, key, value, spec, norm)
+
+    def can_become(self, lineno: int, key: str, value: str, spec: OptionSpec, norm: object) -> None:
+        """Only root switches to another user or to a group it is not in."""
+        if self.euid == 0:
+            return
+        if spec.type == "user" and not spec.repeat and norm != self.euid:
+            raise ConfigError(f"line {lineno}: {key} = {value}: the Emperor runs as uid {self.euid} "
+                              "and cannot switch to another user")
+        if spec.type == "group" and norm not in self.groups:
+            raise ConfigError(f"line {lineno}: {key} = {value}: the Emperor (uid {self.euid}) "
+                              "is not in that group")
+
+    def together(self, base_dir: Path | None) -> None:
+        """What options say together."""
+        fs = self.values.get("fork-server")
+        if fs is not None and base_dir is not None and "chdir" not in self.values:
+            sock_dir = (Path(base_dir) / str(fs[1])).parent
+            if not sock_dir.is_dir():
+                raise ConfigError(f"line {fs[0]}: fork-server {fs[1]}: directory {sock_dir} "
+                                  "does not exist")
+        idle = self.values.get("idle")
+        on_demand = self.values.get("on-demand")
+        if idle is not None and idle[1] and not (on_demand is not None and on_demand[1]):
+            raise ConfigError(f"line {idle[0]}: idle without on-demand = true "
+                              "(only an on-demand vassal stops when idle)")
+
+
+def judge_options(entries: list[tuple[int, str, str]], has_section: bool,
+                  euid: int | None = None, groups: Iterable[int] | None = None,
+                  base_dir: Path | None = None) -> None:
+    """Raise ConfigError(`line N: why`) for the first option the vassal
+    program would refuse, or the Emperor could not honour (another user's
+    uid without root, `idle` without `on-demand`, a fork-server socket in a
+    directory that does not exist). `euid` and `groups` stand for the
+    Emperor's own (tests judge as another user); relative paths resolve
+    against `base_dir` (the vassals directory, the vassal's working one)."""
+    if not has_section:
+        raise ConfigError(f"no [{SECTION}] section")
+    judge = _Judge(
+        euid=os.geteuid() if euid is None else euid,
+        groups=frozenset(os.getgroups() + [os.getegid()] if groups is None else groups),
+        values={},
+    )
+    for lineno, key, value in entries:
+        judge.option(lineno, key, value)
+    judge.together(base_dir)

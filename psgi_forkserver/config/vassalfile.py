@@ -1,0 +1,129 @@
+"""One vassal file, read once: `load` finds it, renders it when it is a
+template, parses and (for our own vassal program) judges it."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .discovery import (TRANSIENT_ERRNOS, candidates, fingerprint, is_template,
+                        read_vassal_file, vassal_name)
+from .ini import ConfigError, parse_ini_lines
+from .options import judge_options
+from .templates import TemplateFailure, render_template
+
+
+@dataclass(frozen=True)
+class VassalConfig:
+    """What a vassal file says, read once."""
+
+    name: str
+    path: Path
+    fingerprint: str
+    options: tuple[tuple[str, str], ...] = ()
+    error: str | None = None  # unreadable / malformed: the vassal will not start
+    text: str = ""  # what the vassal must see: the rendered template, or the file
+    rendered: bool = False  # a template: pass `text` on the config pipe
+    transient: bool = False  # error: out of descriptors or memory; read it again later
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        for k, v in reversed(self.options):
+            if k == key:
+                return v
+        return default
+
+    def get_all(self, key: str) -> list[str]:
+        return [v for k, v in self.options if k == key]
+
+    @property
+    def fork_server(self) -> str | None:
+        return self.get("fork-server")
+
+    def fork_server_path(self) -> Path | None:
+        """The fork-server socket path, relative ones against the vassals dir."""
+        fs = self.fork_server
+        if not fs:
+            return None
+        return (self.path.parent / fs).resolve() if not os.path.isabs(fs) else Path(fs)
+
+
+def load(path: Path, judge: bool = False) -> VassalConfig | None:
+    """Read the vassal that `path` declares; None when it has no file any more.
+
+    With `judge` (the vassal program is ours), the options are checked
+    against the declaration (`judge_options`): a file the vassal would
+    refuse is a config error here, with its line, rather than a vassal that
+    fails the same way at every restart. A template is judged as rendered.
+
+    The vassal is known by name: for `app.ini` or `app.ini.j2` whichever of
+    the two exists is read (so removing one of two, or replacing `app.ini`
+    by `app.ini.j2`, never looks like a removal); both existing is an error.
+    """
+    path = Path(path)
+    name = vassal_name(path.name)
+    plain, template = candidates(path.parent, name)
+    try:
+        datas = {p: read_vassal_file(p) for p in (plain, template)}
+    except OSError as e:
+        why = e.strerror or str(e)
+        return VassalConfig(
+            name, path, fingerprint(f"unreadable: {why}".encode()),
+            error=f"{path.name}: unreadable: {why}",
+            transient=e.errno in TRANSIENT_ERRNOS,
+        )
+    present = [p for p, d in datas.items() if d is not None]
+    if not present:
+        return None
+    if len(present) == 2:
+        fp = fingerprint(b"\0".join(datas[p] for p in present))  # type: ignore[misc]
+        return VassalConfig(
+            name, path, fp,
+            error=f"both {plain.name} and {template.name} exist: remove one",
+        )
+    data = datas[present[0]]
+    assert data is not None
+    return _from_text(name, present[0], data, judge)
+
+
+def _from_text(name: str, path: Path, data: bytes, judge: bool) -> VassalConfig:
+    """The VassalConfig of the one file `path` that holds `data`."""
+    text = data.decode("utf-8", "replace")
+    rendered = is_template(path.name)
+    where = path.name
+    if rendered:
+        try:
+            text = render_template(path, text, name)
+        except TemplateFailure as e:
+            return VassalConfig(name, path, fingerprint(data), error=str(e), rendered=True)
+        where = f"{path.name} (rendered)"
+    fp = fingerprint(text.encode("utf-8", "surrogateescape"))
+    try:
+        entries, has_section = parse_ini_lines(text)
+        if judge:
+            judge_options(entries, has_section, base_dir=path.parent)
+    except ConfigError as e:
+        msg = str(e)
+        m = re.match(r"line (\d+): (.*)", msg)
+        error = f"{where}:{m.group(1)}: {m.group(2)}" if m else f"{where}: {msg}"
+        return VassalConfig(name, path, fp, error=error, text=text, rendered=rendered)
+    options = tuple((k, v) for _, k, v in entries)
+    return VassalConfig(name, path, fp, options, text=text, rendered=rendered)
+
+
+@dataclass
+class BaseSelector:
+    """Which vassals are bases: explicit names, else files with `fork-server`."""
+
+    names: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def from_names(cls, names: Iterable[str]) -> "BaseSelector":
+        return cls(frozenset(vassal_name(os.path.basename(n)) for n in names))
+
+    def is_base(self, cfg: VassalConfig) -> bool:
+        if self.names:
+            return cfg.name in self.names
+        return bool(cfg.fork_server)

@@ -1,0 +1,146 @@
+"""systemd's notify protocol (`Type=notify`), from the Emperor's loop.
+
+With `NOTIFY_SOCKET` set (a path, or `@name` for the abstract namespace),
+the Emperor sends datagrams of `KEY=VALUE` lines:
+
+- `READY=1` once every vassal present at start is serving (loyal; running
+  for a base; on-demand waiting for its first connection) or has failed
+  for good for now (config-error, throttled after a failed start, stopped):
+  a unit does not hang in "activating" because one app is broken;
+- `STATUS=` with the counts per state, whenever they change;
+- `RELOADING=1` when a code deploy starts and `READY=1` when it ends (with
+  `MONOTONIC_USEC`, which systemd wants with RELOADING since v253);
+- `STOPPING=1` when the shutdown starts;
+- `WATCHDOG=1` every half `WATCHDOG_USEC` while the loop turns (when
+  `WATCHDOG_PID` is set, only in that process).
+
+Without `NOTIFY_SOCKET` every method returns at once. A send that fails
+(systemd gone, socket full) is logged once and otherwise ignored: the
+fleet must not depend on its supervisor's socket.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+#: states in which a vassal present at start no longer holds READY=1 back
+SETTLED = frozenset({"loyal", "on-demand", "config-error", "stopped", "throttled", "refused"})
+
+
+def _address(raw: str) -> str | bytes:
+    if raw.startswith("@"):
+        return "\0" + raw[1:]  # abstract namespace
+    return raw
+
+
+def _settled(v: Any) -> bool:
+    phase = str(getattr(v, "phase", ""))
+    if phase == "throttled":
+        return (getattr(v, "failures", 0) or 0) > 0  # failed, waits for its backoff
+    if phase == "running" and getattr(v, "is_base", False):
+        return True  # a base's fork server answers: it never sends byte 17
+    return phase in SETTLED
+
+
+@dataclass
+class Notifier:
+    address: str | bytes | None
+    log: Callable[[str], None]
+    watchdog_s: float | None = None
+    sock: socket.socket | None = None
+    ready_sent: bool = False
+    waiting_for: set[str] | None = None  # names present at start, not settled yet
+    status_sent: str = ""
+    reloading: bool = False
+    stopping_sent: bool = False
+    next_watchdog: float = 0.0
+    failed: bool = False
+    sent: list[str] = field(default_factory=list)  # the last messages (tests, debugging)
+
+    @classmethod
+    def from_env(cls, log: Callable[[str], None], environ: dict[str, str] | None = None) -> "Notifier":
+        env = os.environ if environ is None else environ
+        raw = env.get("NOTIFY_SOCKET") or None
+        watchdog = None
+        usec = env.get("WATCHDOG_USEC")
+        wpid = env.get("WATCHDOG_PID")
+        if usec and usec.isdigit() and int(usec) > 0 and (not wpid or wpid == str(os.getpid())):
+            watchdog = int(usec) / 1e6
+        n = cls(_address(raw) if raw else None, log, watchdog)
+        if n.address is not None:
+            n.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            n.sock.setblocking(False)
+        return n
+
+    @property
+    def enabled(self) -> bool:
+        return self.sock is not None
+
+    def send(self, *lines: str) -> None:
+        if self.sock is None:
+            return
+        msg = "\n".join(lines)
+        try:
+            self.sock.sendto(msg.encode(), self.address)
+        except OSError as e:
+            if not self.failed:
+                self.failed = True
+                self.log(f"notify: cannot send to NOTIFY_SOCKET: {e.strerror or e}")
+            return
+        self.failed = False
+        self.sent = (self.sent + [msg])[-20:]
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def next_wakeup(self) -> float | None:
+        return self.next_watchdog if self.sock is not None and self.watchdog_s else None
+
+    def poll(self, emperor: Any, now: float) -> None:
+        """Once per turn of the Emperor's loop, after the vassals stepped."""
+        if self.sock is None:
+            return
+        if self.watchdog_s and now >= self.next_watchdog:
+            self.send("WATCHDOG=1")
+            self.next_watchdog = now + self.watchdog_s / 2
+        vassals: dict[str, Any] = getattr(emperor, "vassals", {})
+        if getattr(emperor, "shutting_down", False):
+            if not self.stopping_sent:
+                self.stopping_sent = True
+                self.send("STOPPING=1", f"STATUS=stopping {len(vassals)} vassals")
+            return
+        counts = Counter(str(getattr(v, "phase", "?")) for v in vassals.values())
+        status = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no vassals"
+        status = f"{len(vassals)} vassals: {status}"
+        if not self.ready_sent:
+            if self.waiting_for is None:  # the first turn: the vassals present at start
+                self.waiting_for = set(vassals)
+            self.waiting_for = {n for n in self.waiting_for
+                                if n in vassals and not _settled(vassals[n])}
+            if not self.waiting_for:
+                self.ready_sent = True
+                self.status_sent = status
+                self.send("READY=1", f"STATUS={status}")
+                return
+        deploy = getattr(getattr(emperor, "deploys", None), "active", None)
+        if self.ready_sent and (deploy is not None) != self.reloading:
+            self.reloading = deploy is not None
+            if self.reloading:
+                usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+                self.send("RELOADING=1", f"MONOTONIC_USEC={usec}",
+                          f"STATUS=code deploy to base generation {deploy.generation}")
+            else:
+                self.status_sent = status
+                self.send("READY=1", f"STATUS={status}")
+            return
+        if status != self.status_sent:
+            self.status_sent = status
+            self.send(f"STATUS={status}")

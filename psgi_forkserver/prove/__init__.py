@@ -1,0 +1,49 @@
+"""`emperor prove`: a Perl test harness whose test processes are forked from a
+preloaded base (ForkServer::TestFile), with prove's options, output and exit
+status.
+
+The base is an ordinary base vassal with a fork server, started with the
+user's preloads; every test file is an adoption request whose argv starts
+with `--test-file`, whose Emperor pipe is the test's stdout and whose config
+pipe first carries the test's spec (file, cwd, argv, %ENV, @INC) and then is
+its stderr. This process owns what the Emperor owns for vassals: the fork
+requests, the subreaping (tests and whatever they leave behind are its
+children), each test's wait status and its timeout. TAP is parsed by tap.py.
+A file that cannot run forked (a `# emperor-prove: no-preload` line, a
+shebang with switches other than -w, such as -T) runs cold: `perl FILE`.
+
+The modules: testfiles (options, which files, cold or forked, the spec),
+base (the base process), scheduler (running files in forks), tap (a file's
+run and its TAP), report (prove's output, JUnit), watching and serving
+(the long-running modes, and serving's client).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from . import serving, watching
+from .base import BaseError
+from .scheduler import Prove
+from .serving import connect
+from .testfiles import ProveOptions, build_spec, cold_reason, find_tests
+
+__all__ = ["BaseError", "Prove", "ProveOptions", "build_spec", "cold_reason", "connect",
+           "find_tests", "main"]
+
+
+def main(opts: ProveOptions, watch: bool = False, serve: Path | None = None) -> int:
+    try:
+        prove = Prove(opts)
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"emperor prove: {e}", file=sys.stderr)
+        return 2
+    try:
+        if serve is not None:
+            return serving.serve(prove, serve)
+        return watching.watch(prove) if watch else prove.run()
+    except BaseError as e:
+        print(f"emperor prove: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,97 @@
+"""The base the tests are forked from: an ordinary base vassal with a fork
+server, started with the user's preloads (ForkServer::TestFile::serve)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+from .. import launch, paths, protocol
+from .testfiles import ProveOptions, which
+
+BASE_MAIN = "BEGIN { ForkServer::TestFile::serve(@ARGV) }\n"
+
+
+class BaseError(Exception):
+    """The base could not be started."""
+
+
+class TestBase:
+    """One base process at a time; `pid` is None when there is none."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, opts: ProveOptions, tmp: Path) -> None:
+        self.opts = opts
+        self.sock = tmp / "fork.sock"
+        self.log = tmp / "base.log"
+        self.inc_report = tmp / "inc"  # the files it loaded (for --watch)
+        self.pid: int | None = None
+        self.pipe: socket.socket | None = None
+
+    def argv(self) -> list[str]:
+        argv = [self.opts.perl, f"-I{paths.perl_dir()}", "-MForkServer::TestFile",
+                *(f"-M{m}" for m in self.opts.modules), "-e", BASE_MAIN, "--",
+                "--inc-report", str(self.inc_report),
+                "--fork-server", str(self.sock), "--name", "emperor-prove",
+                # 4 KB pages: a test writes to much of what it inherits
+                # (compiling, loading), and each first write to a 2 MB page
+                # copies all of it; measured faster for tests (bench: prove)
+                "--fork-server-hugepages", "false"]
+        for f in self.opts.preloads:
+            argv += ["--preload", os.path.abspath(f)]
+        return argv
+
+    def start(self, env: dict[str, str]) -> None:
+        """Start it and wait for its byte 1; BaseError when it does not come."""
+        ours, theirs = socket.socketpair()
+        argv = self.argv()
+        log = os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.set_inheritable(theirs.fileno(), True)
+        try:
+            self.pid = os.posix_spawn(
+                which(argv[0]), argv, {**env, "UWSGI_EMPEROR_FD": str(theirs.fileno())},
+                file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                              (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                              (os.POSIX_SPAWN_DUP2, log, 2)],
+                setsigdef=(signal.SIGPIPE,), setsid=True)
+        finally:
+            os.close(log)
+            theirs.close()
+        self.pipe = ours
+        ours.settimeout(300)
+        try:
+            byte = ours.recv(1)
+        except OSError:
+            byte = b""
+        if byte != bytes([protocol.VassalByte.SPAWNED]):
+            pid, status = os.waitpid(self.pid, 0)
+            self.pid = None
+            text = " | ".join(self.log.read_text(errors="replace").split("\n")).strip(" |")
+            raise BaseError(f"the base did not start ({launch.describe_status(status)}): {text}")
+
+    def stop(self) -> None:
+        if self.pipe is not None:
+            self.pipe.close()  # end of file: the base stops
+            self.pipe = None
+        if self.pid is not None:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                pid, _ = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    break
+                time.sleep(0.01)
+            else:
+                launch.kill_tree(self.pid)
+                os.waitpid(self.pid, 0)
+            self.pid = None
+
+    def loaded_files(self) -> list[str]:
+        """What it reported having loaded (every file in %INC)."""
+        try:
+            return self.inc_report.read_text().split("\0")
+        except OSError:
+            return []

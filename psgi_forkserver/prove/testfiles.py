@@ -1,0 +1,90 @@
+"""What `emperor prove` is asked to run: the options, the test files, which
+of them must run cold, and the spec a forked test reads."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import protocol
+
+NO_PRELOAD_MARK = "# emperor-prove: no-preload"
+
+
+@dataclass
+class ProveOptions:
+    paths: list[str]
+    jobs: int = 1
+    includes: list[str] = field(default_factory=list)
+    modules: list[str] = field(default_factory=list)
+    preloads: list[str] = field(default_factory=list)
+    recurse: bool = False
+    verbose: bool = False
+    timeout: float | None = None
+    junit: Path | None = None
+    perl: str = "perl"
+    destruct: bool = False
+
+
+def find_tests(args: list[str], recurse: bool) -> list[str]:
+    """prove's choice: the files named, and the *.t files of the directories
+    named (with -r, of their subdirectories too); `t` when nothing is named."""
+    found: list[str] = []
+    for arg in args or ["t"]:
+        p = Path(arg)
+        if p.is_dir():
+            pattern = "**/*.t" if recurse else "*.t"
+            found += sorted(str(f) for f in p.glob(pattern) if f.is_file())
+        else:
+            found.append(arg)
+    return found
+
+
+def cold_reason(file: str) -> tuple[str | None, list[str]]:
+    """(why this file must run in a fresh perl, or None; its shebang switches)."""
+    try:
+        with open(file, "rb") as fh:
+            head = fh.read(65536).decode("utf-8", "replace")
+    except OSError as e:
+        return f"cannot read: {e.strerror}", []
+    lines = head.splitlines()
+    switches: list[str] = []
+    if lines and lines[0].startswith("#!") and "perl" in lines[0]:
+        switches = [w for w in lines[0].split()[1:] if w.startswith("-")]
+    if any(line.strip() == NO_PRELOAD_MARK for line in lines):
+        return "no-preload", switches
+    others = [s for s in switches if s != "-w"]
+    if others:
+        return f"shebang switches {' '.join(others)}", switches
+    return None, switches
+
+
+def taint_switches(switches: list[str]) -> list[str]:
+    """The shebang's -T/-t: perl refuses to run a tainted file without them
+    on its command line (and then ignores PERL5LIB: the caller adds -I)."""
+    return [s for s in switches if s.lstrip("-")[:1] in ("T", "t")]
+
+
+def build_spec(file: str, switches: list[str], cwd: str, env: dict[str, str], inc: list[str],
+               args: Sequence[str] = (), destruct: bool = False) -> bytes:
+    """The config-pipe packet ForkServer::TestFile reads: what `perl FILE`
+    would have."""
+    items = [f"file={file}", f"cwd={cwd}", *(f"arg={a}" for a in args),
+             *(f"inc={d}" for d in inc), *(f"env={k}={v}" for k, v in env.items())]
+    if "-w" in switches:
+        items.append("warnings=1")
+    if destruct:
+        items.append("destruct=1")
+    return protocol.encode_packet(protocol.MODIFIER1_CONFIG, protocol.encode_array(items))
+
+
+def which(prog: str) -> str:
+    """`prog` itself when it is a path, else where PATH has it."""
+    if "/" in prog:
+        return prog
+    found = shutil.which(prog)
+    if not found:
+        raise FileNotFoundError(prog)
+    return found

@@ -1,0 +1,534 @@
+"""The cockpit on one real fleet: `emperor status` through the default
+socket, every field of every vassal, reload/stop/start of one vassal under
+load, /metrics read back by prometheus_client's parser, /healthz, the
+recent log lines, `reload-base --wait` over the stats socket; and systemd's
+notify messages through a real datagram socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from psgi_forkserver import paths, status
+
+import browser
+from support import EMPEROR, free_port, start_emperor, stop_emperor, wait_for
+from test_emperor import app_ini, get
+
+HERE = Path(__file__).resolve().parent
+APP = HERE / "apps" / "hello.psgi"
+DIES = HERE / "apps" / "dies.psgi"
+
+pytestmark = pytest.mark.skipif(not paths.vassal_program().is_file(),
+                                reason="the Perl vassal program is not there")
+
+
+@dataclass
+class Fleet:
+    pid: int
+    popen: subprocess.Popen
+    log: Path
+    dir: Path
+    ports: dict[str, int]
+    http_port: int
+    stats: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stats = status.default_stats_path(self.dir)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.http_port}{path}"
+
+    def doc(self) -> dict:
+        return status.fetch(self.stats)
+
+    def vassal(self, name: str) -> dict:
+        return self.doc()["vassals"][name]
+
+
+def emperor_cli(*args, timeout: float = 90) -> subprocess.CompletedProcess:
+    return subprocess.run([EMPEROR, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def fleet(xprocess):
+    vdir = Path(tempfile.mkdtemp(prefix="pfs-cockpit-"))
+    (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
+    ports = {"a": free_port(), "b": free_port()}
+    (vdir / "a.ini").write_text(app_ini("a", ports["a"], processes=2))
+    (vdir / "b.ini").write_text(app_ini("b", ports["b"], processes=1))
+    (vdir / "dies.ini").write_text(
+        f"[uwsgi]\nhttp-socket = 127.0.0.1:{free_port()}\npsgi = {DIES}\n")
+    http_port = free_port()
+    em = None
+    try:
+        # no --stats: the default socket in the run directory (tests/conftest.py)
+        em = start_emperor(xprocess, "emperor-cockpit", [
+            vdir, "--mercy", "5", "--rescan-interval", "600", "--backoff-max", "2",
+            "--status-http", f"127.0.0.1:{http_port}"])
+        f = Fleet(em.pid, em.popen, em.log, vdir, ports, http_port)
+        for name, port in ports.items():
+            wait_for(lambda p=port, n=name: get(p)["name"] == n, 40, f"{name} to answer")
+        wait_for(lambda: f.vassal("dies")["failures"] >= 1, 40, "dies to fail")
+        yield f
+    finally:
+        if em is not None:
+            stop_emperor(em)
+        shutil.rmtree(vdir, ignore_errors=True)
+
+
+# -- status -------------------------------------------------------------------------
+
+
+def test_status_finds_the_running_emperor_without_stats(fleet):
+    assert fleet.stats.is_socket() and (fleet.stats.stat().st_mode & 0o777) == 0o600
+    plain = emperor_cli("status")
+    assert plain.returncode == 0, plain.stderr
+    by_dir = emperor_cli("status", "--dir", fleet.dir, "--json")
+    assert by_dir.returncode == 0, by_dir.stderr
+    assert set(json.loads(by_dir.stdout)["vassals"]) == {"base", "a", "b", "dies"}
+    for name in ("base", "a", "b", "dies"):
+        assert f"\n{name} " in plain.stdout
+    assert "dies: " in plain.stdout and "died (exit status 1)" in plain.stdout
+
+
+def test_no_running_emperor_is_one_line_and_exit_1(tmp_path):
+    r = subprocess.run([EMPEROR, "status"], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, status.RUN_DIR_ENV: str(tmp_path)})
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.startswith("emperor: status: no running Emperor") and r.stderr.count("\n") == 1
+
+
+def test_every_vassal_carries_every_field_in_every_state(fleet):
+    doc = fleet.doc()
+    fields = {"state", "pid", "base_generation", "addresses", "names", "uptime", "restarts",
+              "last_exit", "last_error", "pss", "uss", "requests", "latency_avg_ms"}
+    for name, v in doc["vassals"].items():
+        assert fields <= set(v), (name, sorted(fields - set(v)))
+    a = doc["vassals"]["a"]
+    assert a["state"] == "loyal" and a["addresses"] == [f"127.0.0.1:{fleet.ports['a']}"]
+    assert a["base_generation"] == 1 and a["pss"] > 0 and a["uss"] > 0 and a["uptime"] >= 0
+    dies = doc["vassals"]["dies"]
+    assert dies["state"] in ("throttled", "adopting", "starting"), dies
+    assert "died (exit status 1)" in dies["last_error"] and dies["last_exit"] == "exit status 1"
+    assert dies["restarts"] >= 1
+
+
+# -- control ------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    """GET requests on one port from a thread, bounded in count and time,
+    each on a new connection; every failure is kept."""
+
+    port: int
+    limit: int = 50000  # loopback serves thousands a second: the time bounds it
+    seconds: float = 120.0
+    ok: int = 0
+    failed: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        end = time.monotonic() + self.seconds
+        while not self.stop.is_set() and self.ok + len(self.failed) < self.limit \
+                and time.monotonic() < end:
+            try:
+                # long enough to wait in the listen backlog while the vassal
+                # is stopped (the Emperor keeps its socket open)
+                get(self.port, timeout=60)
+                self.ok += 1
+            except Exception as e:  # noqa: BLE001 - reported by the test
+                self.failed.append(repr(e))
+
+    def __enter__(self) -> "Load":
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+        wait_for(lambda: self.ok >= 5 or self.failed, 30, "the load to start")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(90)
+
+
+def test_reload_stop_start_one_vassal_under_load_fails_no_request(fleet):
+    old = fleet.vassal("a")
+    with Load(fleet.ports["a"]) as load:
+        r = emperor_cli("reload", "a")
+        assert r.returncode == 0, r.stderr
+        now = fleet.vassal("a")
+        assert now["pid"] != old["pid"] and now["state"] == "loyal"
+        assert "reload a: reloading pid" in r.stdout and f"pid {now['pid']}" in r.stdout
+        seen = load.ok
+        wait_for(lambda: load.ok > seen + 5, 30, "requests to the new process")
+
+        r = emperor_cli("stop", "a")
+        assert r.returncode == 0, r.stderr
+        assert "stop a: stopped" in r.stdout
+        st = fleet.vassal("a")
+        assert st["state"] == "stopped" and st["pid"] is None
+        r = emperor_cli("start", "a")
+        assert r.returncode == 0, r.stderr
+        assert fleet.vassal("a")["state"] == "loyal"
+        seen = load.ok
+        wait_for(lambda: load.ok > seen + 5, 30, "requests after the start")
+    assert load.failed == [] and load.ok > 15, (load.ok, load.failed[:5])
+
+
+def test_stopped_vassal_stays_stopped_until_started_or_its_file_changes(fleet):
+    r = emperor_cli("stop", "b")
+    assert r.returncode == 0, r.stderr
+    again = emperor_cli("stop", "b")
+    assert again.returncode == 0 and "already stopped" in again.stdout
+    r = emperor_cli("reload", "b")
+    assert r.returncode == 1 and "is stopped" in r.stderr
+    # a rescan (SIGHUP) reads the unchanged file: still stopped
+    os.kill(fleet.pid, 1)
+    wait_for(lambda: fleet.vassal("b")["state"] == "stopped", 10, "b to stay stopped")
+    with pytest.raises(OSError):
+        get(fleet.ports["b"], timeout=1)  # waits in the backlog: no answer
+    text = (fleet.dir / "b.ini").read_text()
+    (fleet.dir / "b.ini").write_text(text + "; touched\n")
+    wait_for(lambda: get(fleet.ports["b"], timeout=5)["name"] == "b", 40, "b to run again")
+
+
+def test_commands_that_cannot_happen_exit_1_with_the_reason(fleet):
+    r = emperor_cli("stop", "nope")
+    assert r.returncode == 1 and "no vassal 'nope'" in r.stderr and "a, b, base" in r.stderr
+    r = emperor_cli("stop", "base")
+    assert r.returncode == 1 and "is a base" in r.stderr
+    r = emperor_cli("reload", "dies", "--timeout", "60")
+    assert r.returncode == 1 and "died (exit status 1)" in r.stderr, (r.stdout, r.stderr)
+
+
+# -- pages ----------------------------------------------------------------------------
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=20) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def metrics(fleet) -> dict[str, list]:
+    """Samples by sample name (a counter's family `x` has samples `x_total`)."""
+    code, text = http_get(fleet.url("/metrics"))
+    assert code == 200
+    out: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        out.setdefault(family.name, []).extend(family.samples)
+        for s in family.samples:
+            if s.name != family.name:
+                out.setdefault(s.name, []).append(s)
+    return out
+
+
+def sample(families: dict, name: str, **labels) -> float:
+    for s in families[name]:
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+            return s.value
+    raise KeyError((name, labels))
+
+
+def test_metrics_parse_as_prometheus_text(fleet):
+    m = metrics(fleet)
+    assert sample(m, "psgi_forkserver_vassal_state", vassal="a", state="loyal") == 1
+    assert sample(m, "psgi_forkserver_vassal_state", vassal="a", state="stopped") == 0
+    assert sample(m, "psgi_forkserver_vassal_up", vassal="dies") == 0
+    assert sample(m, "psgi_forkserver_vassal_restarts_total", vassal="dies") >= 1
+    assert sample(m, "psgi_forkserver_vassal_pss_bytes", vassal="a") > 0
+    assert sample(m, "psgi_forkserver_vassal_uss_bytes", vassal="base") > 0
+    adoptions = sample(m, "psgi_forkserver_adoptions_total")
+    assert adoptions >= 3  # a, b, and dies at least once
+    hist = m["psgi_forkserver_adoption_seconds"]
+    count = next(s.value for s in hist if s.name.endswith("_count"))
+    inf = next(s.value for s in hist if s.name.endswith("_bucket") and s.labels["le"] == "+Inf")
+    assert count == inf == adoptions
+    assert sample(m, "psgi_forkserver_base_generation") >= 1
+
+
+def test_healthz_and_recent_log_lines(fleet):
+    code, text = http_get(fleet.url("/healthz"))
+    assert code == 200 and text.startswith("ok: loop turns, base base generation"), text
+    code, text = http_get(fleet.url("/log/dies"))
+    assert code == 200 and "died (exit status 1)" in text
+    assert http_get(fleet.url("/log/nope"))[0] == 404
+
+
+def test_reload_base_wait_over_the_stats_socket_and_deploy_metrics(fleet):
+    before = sample(metrics(fleet), "psgi_forkserver_base_generation")
+    r = emperor_cli("reload-base", "--wait", timeout=180)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "started" in r.stdout and ": done," in r.stdout
+    m = metrics(fleet)
+    assert sample(m, "psgi_forkserver_base_generation") == before + 1
+    assert sample(m, "psgi_forkserver_deploys_total", outcome="done") >= 1
+    assert sample(m, "psgi_forkserver_vassal_state", vassal="a", state="loyal") == 1
+    code, _ = http_get(fleet.url("/healthz"))
+    assert code == 200
+
+
+# -- systemd notify -------------------------------------------------------------------
+
+
+@pytest.fixture
+def notify_socket():
+    d = Path(tempfile.mkdtemp(prefix="pfs-notify-"))
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(d / "notify"))
+    try:
+        yield s, d / "notify"
+    finally:
+        s.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class Messages:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.all: list[str] = []
+
+    def until(self, pred, timeout: float = 60.0, what: str = "a message") -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                msg = self.sock.recv(4096).decode()
+            except TimeoutError:
+                break
+            self.all.append(msg)
+            if pred(msg):
+                return msg
+        raise AssertionError(f"no {what} within {timeout:g} s; got {self.all}")
+
+
+def test_notify_ready_status_watchdog_and_reloading(xprocess, notify_socket):
+    sock, path = notify_socket
+    vdir = Path(tempfile.mkdtemp(prefix="pfs-notify-v-"))
+    (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
+    port = free_port()
+    (vdir / "app.ini").write_text(app_ini("app", port, processes=1))
+    (vdir / "broken.ini").write_text("[uwsgi]\nno-such-option = 1\n")  # config-error: fails for good
+    em = None
+    try:
+        em = start_emperor(xprocess, "emperor-notify", [vdir, "--mercy", "5"],
+                           {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"})
+        msgs = Messages(sock)
+        ready = msgs.until(lambda m: "READY=1" in m, 60, "READY=1")
+        # READY only once every vassal present at start serves or failed for good
+        assert "loyal" in ready and "config-error" in ready and "3 vassals" in ready, ready
+        assert get(port)["name"] == "app"
+        msgs.until(lambda m: m == "WATCHDOG=1", 10, "WATCHDOG=1")
+        # a deploy: RELOADING=1 (with MONOTONIC_USEC), then READY=1 again
+        r = emperor_cli("reload-base", "--dir", vdir)
+        assert r.returncode == 0, r.stderr
+        reloading = msgs.until(lambda m: "RELOADING=1" in m, 60, "RELOADING=1")
+        assert "MONOTONIC_USEC=" in reloading and "base generation 2" in reloading
+        msgs.until(lambda m: "READY=1" in m, 60, "READY=1 after the deploy")
+        stop_emperor(em)
+        em = None
+        msgs.until(lambda m: "STOPPING=1" in m, 30, "STOPPING=1")
+    finally:
+        if em is not None:
+            stop_emperor(em)
+        shutil.rmtree(vdir, ignore_errors=True)
+
+
+# -- the page in a real browser ---------------------------------------------------------
+
+
+def visible_rows(page) -> list[str]:
+    return page.evaluate(
+        "[...document.querySelectorAll('#vassals tbody tr')]"
+        ".filter(tr => tr.offsetParent !== null).map(tr => tr.dataset.name)")
+
+
+@pytest.mark.skipif(browser.CHROMIUM is None, reason="chromium is not installed (make test installs it)")
+def test_status_page_in_headless_chromium(fleet, tmp_path):
+    """What a person sees: the counts at the top, the failing vassal's error
+    in its row, the page following the fleet without reloading, filter and
+    sort; the screenshot goes to $PFS_SCREENSHOT when set (docs/status-page.png)."""
+    shot = Path(os.environ.get("PFS_SCREENSHOT") or tmp_path / "status-page.png")
+    page = browser.Chromium(width=1280, height=560)
+    profile = page.profile
+    try:
+        page.navigate(fleet.url("/"))
+        wait_for(lambda: page.evaluate("Number(document.body.dataset.refreshes)") >= 1, 30,
+                 "the page's first refresh")
+        counts = page.evaluate("document.getElementById('counts').innerText")
+        assert "4 vassals" in " ".join(counts.split()) and "loyal" in counts, counts
+        row = page.evaluate("document.querySelector('tr[data-name=\"dies\"]').innerText")
+        assert "died (exit status 1)" in row and "exit status 1" in row, row
+
+        # the fleet changes; the page follows in place: no navigation, no reload
+        page.evaluate("window.stillTheSamePage = true")
+        r = emperor_cli("stop", "b")
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: "stopped" in page.evaluate(
+            "document.querySelector('tr[data-name=\"b\"] td[data-k=\"state\"]').innerText"),
+            30, "the page to show b stopped")
+        assert page.evaluate("window.stillTheSamePage") is True
+        assert "stopped" in page.evaluate("document.getElementById('counts').innerText")
+
+        # filter by name, as typed; by state, from the counts; sort by a click
+        page.type_text("#filter", "di")
+        assert visible_rows(page) == ["dies"]
+        page.evaluate("const f = document.getElementById('filter'); f.value = '';"
+                      "f.dispatchEvent(new Event('input'))")
+        page.click(".count.stopped")
+        assert visible_rows(page) == ["b"]
+        page.click(".count.all")
+        assert visible_rows(page) == ["a", "b", "base", "dies"]
+        page.click("th[data-k=name]")  # already sorted by name: now descending
+        assert visible_rows(page) == ["dies", "base", "b", "a"]
+        page.click("th[data-k=name]")
+        page.screenshot(shot)
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    finally:
+        page.close()
+        r = emperor_cli("start", "b")
+        assert r.returncode == 0, r.stderr
+    left = [p.pid for p in psutil.process_iter(["cmdline"])
+            if any(profile in a for a in (p.info["cmdline"] or []))]
+    assert left == [], f"chromium processes left: {left}"
+
+
+def test_version_and_an_example_in_every_commands_help():
+    r = emperor_cli("--version", timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("emperor (psgi-forkserver) ")
+    from psgi_forkserver.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert {"run", "status", "reload", "stop", "start", "reload-base", "prove"} <= set(sub.choices)
+    for name in sub.choices:
+        r = emperor_cli(name, "--help", timeout=30)
+        assert r.returncode == 0 and "\nexample:\n  emperor " + name in r.stdout, (name, r.stdout)
+    top = emperor_cli("--help", timeout=30).stdout
+    for name in sub.choices:
+        assert f"  emperor {name}" in top, name
+
+
+def raw_command(path: Path, line: bytes) -> dict:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(20)
+        s.connect(str(path))
+        s.sendall(line)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return json.loads(data)
+
+
+def test_bad_command_lines_get_a_precise_reply_and_the_fleet_runs_on(fleet):
+    r = raw_command(fleet.stats, b"frobnicate a\n")
+    assert r["ok"] is False and r["message"].startswith("unknown command 'frobnicate'")
+    r = raw_command(fleet.stats, b'{"command": \n')
+    assert r["ok"] is False and "JSONDecodeError" in r["message"]
+    r = raw_command(fleet.stats, b"stop\n")  # no name
+    assert r["ok"] is False and "no vassal None" in r["message"]
+    r = raw_command(fleet.stats, b"x" * 9000)  # never a line
+    assert r["ok"] is False and r["message"] == "command line too long"
+    assert fleet.vassal("a")["state"] == "loyal" and get(fleet.ports["a"])["name"] == "a"
+
+
+def test_a_run_directory_that_cannot_be_used_is_one_line_and_the_fleet_starts(xprocess, tmp_path):
+    vdir = tmp_path / "v"
+    vdir.mkdir()
+    port = free_port()
+    (vdir / "solo.ini").write_text(app_ini("solo", port, processes=1) + f"psgi = {APP}\n")
+    em = start_emperor(xprocess, "emperor-norundir", [vdir, "--mercy", "5"],
+                       {status.RUN_DIR_ENV: "/proc/no-such-dir/run"})
+    try:
+        wait_for(lambda: get(port)["name"] == "solo", 40, "solo to answer")
+        lines = em.lines("no default stats socket")
+        assert len(lines) == 1 and "/proc/no-such-dir/run/" in lines[0], em.text()
+    finally:
+        stop_emperor(em)
+
+
+def test_requests_file_is_summed_over_its_worker_slots(tmp_path, monkeypatch):
+    monkeypatch.setenv(status.RUN_DIR_ENV, str(tmp_path))
+    assert status.read_requests(4242) is None
+    status.requests_path(4242).write_bytes(
+        status.REQUESTS_SLOT.pack(3, 3000) + status.REQUESTS_SLOT.pack(1, 5000) + b"\0" * 16)
+    assert status.read_requests(4242) == (4, 2.0)
+    status.forget_requests(4242)
+    assert not status.requests_path(4242).exists()
+
+
+def test_two_emperors_status_names_both_and_dir_picks_one(fleet, xprocess, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    em = start_emperor(xprocess, "emperor-other", [other, "--mercy", "5"])
+    try:
+        r = emperor_cli("status")
+        assert r.returncode == 1 and "2 Emperors run here" in r.stderr, r.stderr
+        assert str(fleet.dir.resolve()) in r.stderr and str(other.resolve()) in r.stderr
+        r = emperor_cli("status", "--dir", other, "--json")
+        assert r.returncode == 0 and json.loads(r.stdout)["vassals"] == {}
+    finally:
+        stop_emperor(em)
+    assert emperor_cli("status").returncode == 0
+
+
+def test_requests_served_and_average_latency_reported_by_the_vassal(fleet):
+    before = fleet.vassal("a")
+    assert before["requests"] is not None, before  # the vassal reports from its start
+    for _ in range(25):
+        assert get(fleet.ports["a"])["name"] == "a"
+    after = wait_for(lambda: (v := fleet.vassal("a"))["requests"] >= before["requests"] + 25 and v,
+                     20, "25 more requests in the status")
+    assert after["pid"] == before["pid"] and after["latency_avg_ms"] > 0
+    assert sample(metrics(fleet), "psgi_forkserver_vassal_requests_total", vassal="a") \
+        >= after["requests"]
+    assert status.requests_path(after["pid"]).is_file()
+    assert fleet.vassal("dies")["requests"] is None  # never served: no file
+    table = emperor_cli("status").stdout
+    row = next(line for line in table.splitlines() if line.startswith("a "))
+    assert f" {fleet.vassal('a')['requests']} " in row or str(after["requests"]) in row, row
+
+
+def test_a_vassals_requests_file_goes_with_its_process(fleet):
+    pid = fleet.vassal("b")["pid"]
+    path = status.requests_path(pid)
+    assert path.is_file()
+    r = emperor_cli("reload", "b")
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: not path.exists(), 20, "the old process's requests file to go")
+    assert status.requests_path(fleet.vassal("b")["pid"]).is_file()
+
+
+def test_recycled_workers_keep_counting_in_their_slot(fleet):
+    """max-requests recycles a worker: its successor goes on from the slot's
+    numbers, so the vassal's total does not drop."""
+    port = free_port()
+    (fleet.dir / "recycled.ini").write_text(app_ini("recycled", port, processes=1)
+                                            + "max-requests = 4\n")
+    try:
+        wait_for(lambda: get(port)["name"] == "recycled", 40, "recycled to answer")
+        pids = {get(port)["pid"] for _ in range(11)}
+        assert len(pids) >= 3, pids  # 12 requests, a new worker every 4
+        v = wait_for(lambda: (v := fleet.vassal("recycled"))["requests"] == 12 and v, 20,
+                     "12 requests counted")
+        assert v["latency_avg_ms"] > 0
+    finally:
+        (fleet.dir / "recycled.ini").unlink()
+        wait_for(lambda: "recycled" not in fleet.doc()["vassals"], 30, "recycled to go")
