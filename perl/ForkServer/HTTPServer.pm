@@ -142,7 +142,7 @@ sub run {
     $self->{ready_w} = $ready_w;
     $self->{master_pid} = $$;
     $self->{gen} = 1;
-    $self->_open_requests_file;
+    $self->_open_requests_file(shared => $pre ? 1 : 0);
     $self->{kids} = {};        # pid => { slot, gen, ready, born }
     $self->{slot_fast_deaths} = {};
     $self->{respawn} = {};     # slot => time
@@ -354,6 +354,8 @@ sub run_preforked_worker {
     my ($self, %args) = @_;
     $self->_setup_listener;
     $self->{$_} = $args{$_} for qw(master_pid ready_r ready_w stop_r);
+    $self->{gen} = 1;
+    $self->_open_requests_file(master => $args{master_pid}, shared => 1);
     $self->{sigmask} = POSIX::SigSet->new;
     my $code = eval { $self->_worker_main($args{slot}); 0 };
     unless (defined $code) { warn "$self->{name}: worker $args{slot}: $@"; $code = 1 }
@@ -988,11 +990,13 @@ sub _serve_head {
 use constant REQUESTS_SLOT => 16;
 
 sub _open_requests_file {
-    my $self = shift;
+    my ($self, %o) = @_;
     my $dir = $ENV{PSGI_FORKSERVER_RUN_DIR};
     return unless defined $dir && length $dir && -d $dir;
-    my $path = "$dir/requests-$$";
-    sysopen(my $fh, $path, Fcntl::O_WRONLY() | Fcntl::O_CREAT() | Fcntl::O_TRUNC(), 0600)
+    my $path = "$dir/requests-" . ($o{master} // $$);
+    # A spare's first worker may open it first (and count) before its
+    # master gets here: then neither truncates.
+    sysopen(my $fh, $path, Fcntl::O_WRONLY() | Fcntl::O_CREAT() | ($o{shared} ? 0 : Fcntl::O_TRUNC()), 0600)
         or return;
     close $fh;
     $self->{requests_file} = $path;
