@@ -227,7 +227,7 @@ sub _timeout {
     my ($self) = @_;
     my @deadlines = map { $_->deadline } values %{ $self->{clients} };
     push @deadlines, $self->{paused_until} if $self->{paused_until};
-    push @deadlines, $self->{spares}{retry_at} if $self->{spares} && $self->{spares}{retry_at};
+    push @deadlines, $self->{spares}->next_at if $self->{spares} && $self->{spares}->next_at;
     return undef unless @deadlines;
     my ($next) = sort { $a <=> $b } @deadlines;
     my $wait = $next - Time::HiRes::time();
@@ -260,6 +260,9 @@ sub accept_clients {
         );
         $self->{clients}{ fileno $client } = $req;
         $self->{select}->add($client);
+        # the Emperor sends its request right after connecting: it is
+        # usually here already, and read now saves a turn of the loop
+        $self->client_readable($req);
     }
     if ($! == EMFILE || $! == ENFILE) {
         $self->_out_of_descriptors("$!");

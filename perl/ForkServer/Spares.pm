@@ -49,9 +49,9 @@ C<early-warmup> paths (its own lazily built state and copy-on-write faults
 happen then, not on the first real request), tells the spare, and waits.
 The spare then tells the base C<R PID> and waits on its link.
 
-An adoption the base hands over is two messages on the link: the client's
-connection (to send the pid reply on), then the adoption packet itself with
-the request's descriptors, read and checked again with L<ForkServer::AdoptionRequest>.
+An adoption the base hands over is one message on the link: the adoption
+packet with the request's descriptors and, last, the requester's connection
+(the pid reply goes there), checked again with L<ForkServer::AdoptionRequest>.
 The spare then becomes the vassal exactly as a forked one does
 (L<ForkServer::Base>'s C<_become_vassal>: its own session, the pid reply,
 its argv and config), except that its first worker already exists: it gets
@@ -63,8 +63,10 @@ waiting worker go and forks fresh workers from the loaded app.
 
 The base hands over only requests whose argv has no C<--psgi> and is not a
 test file (C<emperor prove>); the others, and every request while no spare
-is ready, are served with the fork as before. Spares are made one at a time
-and only when no adoption is being read, so refilling never delays one.
+is ready, are served with the fork as before. Spares are made one at a time,
+only when no adoption is being read, and not before 0.1 s after the last
+one a spare took: refilling never delays an adoption, nor the start of the
+vassal just adopted.
 
 End of file on the link (the base stopped or died, or a deploy replaced
 it) ends a waiting spare, and its worker with it (end of file on their own
@@ -73,7 +75,8 @@ and replaced.
 
 =cut
 
-use constant RETRY_AFTER => 1;    # seconds before another try after a spare could not be made
+use constant RETRY_AFTER  => 1;      # seconds before another try after a spare could not be made
+use constant REFILL_PAUSE => 0.1;    # after an adoption, its vassal starts before a new spare competes for the CPU
 
 sub new {
     my ($class, %args) = @_;
@@ -102,6 +105,18 @@ sub wants_one {
     return 0 if grep { !$_->{ready} } values %{ $self->{spares} };
     return 0 if $self->{retry_at} && Time::HiRes::time() < $self->{retry_at};
     return 1;
+}
+
+=head2 next_at() -> $time or undef
+
+When the base's loop must wake up to make a spare that waits for a pause.
+
+=cut
+
+sub next_at {
+    my ($self) = @_;
+    return undef unless $self->{retry_at} && $self->size < $self->{count};
+    return $self->{retry_at};
 }
 
 =head2 make_one()
@@ -206,10 +221,14 @@ sub take {
     my ($s) = sort { $a->{born} <=> $b->{born} } grep { $_->{ready} } values %{ $self->{spares} };
     return 0 unless $s;
     $self->_forget($s);
+    # one message: the packet, its descriptors, then the requester's connection
     my $packet = encode_packet(MODIFIER1_FORK_SERVER, $req->mask, encode_array($req->argv));
-    my $ok = _send($s->{link}, 'c', fileno $req->sock) && _send($s->{link}, $packet, $req->fds);
+    my $ok = _send($s->{link}, $packet, $req->fds, fileno $req->sock);
     close $s->{link};    # adopted or not, it is no spare of ours any more
     $self->log("spare pid $s->{pid} could not be given a request ($!): forking instead") unless $ok;
+    # the next spare waits: a burst of adoptions, and the vassal just
+    # adopted, go first (a clone and a warm-up take CPU from both)
+    $self->{retry_at} = Time::HiRes::time() + REFILL_PAUSE if $ok;
     return $ok;
 }
 
@@ -281,23 +300,17 @@ sub _spare_main {
 # (the base is gone) or when the waiting worker is gone.
 sub _wait_for_adoption {
     my ($link, $worker) = @_;
-    my $select = IO::Select->new($link, $worker->{link});
-    my @ready = $select->can_read;
+    my @ready = IO::Select->new($link, $worker->{link})->can_read;
     POSIX::_exit(0) if grep { $_ == $worker->{link} } @ready;
-    my ($tag, $client_fd) = _recv($link);
-    POSIX::_exit(0) unless defined $tag && $tag eq 'c' && defined $client_fd;
-    open(my $client, '+<&=', $client_fd) or die "the client's descriptor $client_fd: $!\n";
-    my $req = ForkServer::AdoptionRequest->new(sock => $link, peer => 'the base');
-    while (1) {
-        IO::Select->new($link)->can_read;
-        my $state = eval { $req->read_some };
-        if (!$state) {
-            $req->close_all;
-            die "the request from the base: $@";
-        }
-        last if $state eq 'complete';
+    my ($data, @fds) = _recv($link);
+    POSIX::_exit(0) unless defined $data && @fds;
+    my $client_fd = pop @fds;
+    open(my $client, '+<&=', $client_fd) or die "the requester's connection (descriptor $client_fd): $!\n";
+    my $req = eval { ForkServer::AdoptionRequest->handed_over(sock => $client, data => $data, fds => \@fds) };
+    if (!$req) {
+        POSIX::close($_) for @fds;
+        die "the request from the base: $@";
     }
-    $req->replace_sock($client);
     return $req;
 }
 
