@@ -246,7 +246,7 @@ def vassal_status(v: Any, now: float, children: dict[int, list[int]]) -> tuple[d
         masters = _spares(roots, children)
         spares = [p for s in masters for p in _tree(s, children)]
         doc["spares"] = {"count": len(masters), "ready": len([s for s in masters if spare_of(s, ready=True)]),
-                         "pids": spares, "pss": 0}
+                         "pids": spares, "pss": 0, "uss": 0}
         tree += [p for p in spares if p not in tree]
     return doc, tree
 
@@ -338,6 +338,7 @@ class Collection:
             d["processes"] += n
             if pid in d.get("spares", {}).get("pids", ()):
                 d["spares"]["pss"] += pss
+                d["spares"]["uss"] += uss  # what they cost: their PSS is mostly their share of the base
             if time.perf_counter() >= deadline:
                 break
         self.measure_s += time.perf_counter() - t
@@ -1111,7 +1112,7 @@ def format_table(doc: dict[str, Any]) -> str:
         if v.get("spares"):
             sp = v["spares"]
             lines.append(f"{name}: {sp['count']} spares, {sp.get('ready', 0)} warm ({len(sp['pids'])} processes), "
-                         f"PSS {human_bytes(sp['pss'])} (counted in its PSS)")
+                         f"PSS {human_bytes(sp['pss'])}, USS {human_bytes(sp.get('uss'))} (counted in its own)")
     e = doc.get("emperor", {})
     t = doc.get("totals", {})
     lines.append(

@@ -75,7 +75,7 @@ def test_a_spare_serves_an_adoption_with_its_own_env_cwd_and_uid(emp, tmp_path):
     e = emp({"base": base_ini(2)}, base=False)
     sp = spares(e, 2)
     assert len(sp["pids"]) == 4, sp  # each spare and its warm first worker
-    assert sp["pss"] > 0, sp
+    assert sp["pss"] > 0 and 0 < sp["uss"] < sp["pss"], sp
     waiting = spare_masters(e)
     assert len(waiting) == 2, (waiting, sp)
     base = e.vpid("base")
