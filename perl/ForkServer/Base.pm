@@ -204,7 +204,7 @@ sub loop {
     my $select = $self->{select} = IO::Select->new($self->{listen});
     $select->add($self->{emperor}) if $self->{emperor};
     my $spares = $self->{spares};
-    $spares->{select} = $select if $spares;
+    $spares->watch_with($select) if $spares;
     until ($self->{stop}) {
         # below any adoption being read: one spare per turn, none while a client waits
         $spares->make_one if $spares && !%{ $self->{clients} } && $spares->wants_one;

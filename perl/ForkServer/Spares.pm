@@ -24,7 +24,8 @@ ForkServer::Spares - warm spare vassals kept by the base, adopted without a fork
 =head1 SYNOPSIS
 
   # in the base (ForkServer::Base), under an Emperor, fork-server-spares = K:
-  my $pool = ForkServer::Spares->new(base => $base, count => $k, select => $select);
+  my $pool = ForkServer::Spares->new(base => $base, count => $k);
+  $pool->watch_with($select);                          # the base's IO::Select: the spares' links join it
   $pool->make_one if !$pending && $pool->wants_one;   # refill, one at a time, when idle
   $pool->readable($fh) if $pool->owns($fh);           # a spare is ready, or gone
   $pool->take($request) or fork_as_today($request);   # hand an adoption to a ready spare
@@ -87,6 +88,8 @@ sub new {
 }
 
 sub log { my ($self, $msg) = @_; ForkServer::Log::line($self->{base}{name}, $msg) }
+
+sub watch_with { $_[0]{select} = $_[1]; return }
 
 sub owns    { exists $_[0]{spares}{ fileno $_[1] } }
 sub size    { scalar keys %{ $_[0]{spares} } }
