@@ -1,5 +1,5 @@
 """`emperor run VASSALS_DIR ...`, `emperor status`, `emperor reload|stop|start NAME`,
-`emperor reload-base [--wait]`; see `emperor --help`."""
+`emperor reload-base [--wait]`, `emperor reopen-logs`; see `emperor --help`."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ examples:
   emperor start app1                           run it again
   emperor reload app1                          a new process for one app, gap-free
   emperor reload-base --wait                   code deploy: new base, every app moved
+  emperor reopen-logs                          after logrotate: reopen every log file
   emperor prove -j2 -r -I lib t/               Perl tests forked from a preloaded base
 
 `emperor COMMAND --help` shows each command's options and an example.
@@ -40,6 +41,8 @@ EXAMPLES = {
     "start": "example:\n  emperor start app1        (exits 0 once it serves)\n",
     "prove": "example:\n  emperor prove -j2 -r -I lib t/    (prove's verdicts, tests forked from one"
              " preloaded base)\n",
+    "reopen-logs": "example:\n  emperor reopen-logs       (logrotate's postrotate: reopen every log file)\n"
+                   "  emperor reopen-logs --pidfile /tmp/emperor.pid   (by signal)\n",
     "reload-base": "example:\n  emperor reload-base --wait    (exits 0 once every vassal runs on the"
                    " new base)\n  emperor reload-base --pidfile /tmp/emperor.pid   (by signal)\n",
 }
@@ -112,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
                      action=argparse.BooleanOptionalAction,
                      help="bind each vassal's http-socket in the Emperor and pass it "
                           "(default: only with the built-in vassal program)")
+    run.add_argument("--log-format", choices=("text", "json"), default="text",
+                     help="text: TIME emperor: [VASSAL] message; json: one object a line "
+                          "(time, level, vassal, pid, event, message)")
+    run.add_argument("--logto", type=Path, metavar="PATH",
+                     help="the Emperor's log to this file (default stderr); "
+                          "reopened by `emperor reopen-logs`")
+    rl = _sub(sub, "reopen-logs", help="reopen every log file (--logto, logto keys), "
+                                       "for logrotate")
+    rl.add_argument("--pidfile", type=Path, metavar="PATH",
+                    help="signal the Emperor of this --pidfile (SIGUSR2) instead of asking "
+                         "on its stats socket")
+    _add_finder(rl)
     rb = _sub(sub, "reload-base",
               help="code deploy: new base generation, move every adopted vassal")
     rb.add_argument("--pidfile", type=Path, metavar="PATH",
@@ -154,6 +169,52 @@ def is_emperor(pid: int) -> bool:
     return False
 
 
+def signal_emperor(pidfile: Path, sig: signal.Signals, command: str) -> int | None:
+    """`sig` to the Emperor of `pidfile`, only once it is sure to be one (a
+    stale pidfile may name any process by now): its pid, or None with the
+    reason printed."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        held = pidfile_is_held(pidfile)
+    except (OSError, ValueError) as e:
+        print(f"emperor: {command}: {pidfile}: {getattr(e, 'strerror', None) or e}",
+              file=sys.stderr)
+        return None
+    if not held or not is_emperor(pid):
+        why = "no Emperor holds it" if not held else f"pid {pid} is not an Emperor"
+        print(f"emperor: {command}: {pidfile}: stale pidfile ({why}); nothing signalled",
+              file=sys.stderr)
+        return None
+    try:
+        os.kill(pid, sig)
+    except OSError as e:
+        print(f"emperor: {command}: pid {pid}: {e.strerror}", file=sys.stderr)
+        return None
+    print(f"emperor: {command}: signalled pid {pid}", flush=True)
+    return pid
+
+
+def reopen_logs(args: argparse.Namespace) -> int:
+    """`emperor reopen-logs`: SIGUSR2 with --pidfile, else the command on
+    the stats socket (whose reply says which files could not be reopened)."""
+    if args.pidfile is not None:
+        return 0 if signal_emperor(args.pidfile, signal.SIGUSR2, "reopen-logs") else 1
+    from .status import fetch_command
+
+    stats = _find(args, "reopen-logs")
+    if stats is None:
+        return 1
+    try:
+        reply = fetch_command(stats, "reopen-logs")
+    except (OSError, ValueError) as e:
+        print(f"emperor: reopen-logs: {stats}: {getattr(e, 'strerror', None) or e}",
+              file=sys.stderr)
+        return 1
+    print(f"emperor: reopen-logs: {reply.get('message')}",
+          file=sys.stdout if reply.get("ok") else sys.stderr, flush=True)
+    return 0 if reply.get("ok") else 1
+
+
 WAIT_POLL = 0.25  # --wait: seconds between two looks at the stats document
 
 
@@ -179,24 +240,8 @@ def reload_base(pidfile: Path, wait: bool = False, stats: Path | None = None,
         except (OSError, ValueError, KeyError, TypeError) as e:
             print(f"emperor: reload-base: {stats}: {e}", file=sys.stderr)
             return 1
-    try:
-        pid = int(pidfile.read_text().strip())
-        held = pidfile_is_held(pidfile)
-    except (OSError, ValueError) as e:
-        print(f"emperor: reload-base: {pidfile}: {getattr(e, 'strerror', None) or e}",
-              file=sys.stderr)
+    if signal_emperor(pidfile, signal.SIGUSR1, "reload-base") is None:
         return 1
-    if not held or not is_emperor(pid):
-        why = "no Emperor holds it" if not held else f"pid {pid} is not an Emperor"
-        print(f"emperor: reload-base: {pidfile}: stale pidfile ({why}); nothing signalled",
-              file=sys.stderr)
-        return 1
-    try:
-        os.kill(pid, signal.SIGUSR1)
-    except OSError as e:
-        print(f"emperor: reload-base: pid {pid}: {e.strerror}", file=sys.stderr)
-        return 1
-    print(f"emperor: reload-base: signalled pid {pid}", flush=True)
     if not wait:
         return 0
     return _wait_deploy(stats, before, timeout)
@@ -267,6 +312,7 @@ def check_paths(args: argparse.Namespace) -> str | None:
     if not os.access(vdir, os.R_OK | os.X_OK):
         return f"{vdir}: cannot read the vassals directory"
     for opt, path, sock in (("--pidfile", args.pidfile, False), ("--stats", args.stats, True),
+                            ("--logto", args.logto, False),
                             ("--use-fork-server", args.use_fork_server, True)):
         if path is None:
             continue
@@ -300,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         if stats is None:
             return 1
         return reload_base_by_socket(stats, args.wait, args.timeout)
+    if args.command == "reopen-logs":
+        return reopen_logs(args)
     if args.command == "status":
         return status_command(args)
     if args.command in ("reload", "stop", "start"):
@@ -315,7 +363,15 @@ def main(argv: list[str] | None = None) -> int:
     if os.sep in program:
         program = os.path.abspath(program)
     use_fs = args.use_fork_server.resolve() if args.use_fork_server else None
+    from .logs import Log
+
+    try:
+        log = Log(fmt=args.log_format, path=args.logto.absolute() if args.logto else None)
+    except OSError as e:
+        print(f"emperor: --logto {e}", file=sys.stderr)
+        return 2
     opts = Options(
+        log=log,
         vassals_dir=vdir.absolute(),  # not resolved: a symlink flipped to a new directory is followed
         program=program,
         use_fork_server=use_fs,

@@ -34,7 +34,6 @@ import os
 import selectors
 import signal
 import socket
-import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -46,7 +45,7 @@ import psutil
 
 from . import config as cfgmod
 from . import bases as basesmod
-from . import adoption as forkserver, launch, notify, protocol, sockets
+from . import adoption as forkserver, launch, logs, notify, protocol, sockets
 from . import status as statusmod
 from .metrics import EmperorMetrics
 from .adoption import AdoptionError, PendingAdoption
@@ -79,7 +78,7 @@ RECENT_LINES = 50  # log lines kept per vassal for the status page (/log/NAME)
 # its config pipe, its http-socket), and what it needs besides (its own
 # files, the status server's clients, adoptions in flight, a successor's
 # pipes during reloads).
-FDS_PER_VASSAL = 3
+FDS_PER_VASSAL = 4  # ... and the read end of its output pipe (logs.py)
 FDS_RESERVED = 32
 
 
@@ -214,6 +213,7 @@ class Options:
     own_sockets: bool | None = None
     pidfile: Path | None = None
     status: Any = None  # status.StatusServer, sockets bound (cli --stats/--status-http)
+    log: logs.Log | None = None  # where lines go (cli --log-format, --logto); default stderr
 
 
 @dataclass
@@ -226,6 +226,7 @@ class ProcHandles:
     adoption: PendingAdoption | None = None
     next_probe: float = 0.0
     fork_server: Path | None = None  # base: the socket it serves
+    output: logs.OutputPipe | None = None  # adopted: its output pipe, passed with its config
 
 
 @dataclass(frozen=True)
@@ -317,6 +318,11 @@ class Emperor:
         self.read_errors: dict[str, str] = {}  # transient read error logged, per vassal
         self.on_demand_registered: set[str] = set()
         self.lock_fds: list[int] = []  # flocks held while we run (claim())
+        self.logbook = self.opts.log if self.opts.log is not None else logs.Log()
+        self.relay = logs.Relay(self.logbook, self.sel)
+        self.logbook.keep = lambda name, msgs: (
+            self._remember(name, msgs) if name in self.vassals else None)
+        self.start_progress = logs.StartProgress(self.log)
         self.deploys = basesmod.DeployTracker(self.log)
         # the vassals must step again at once (the fork server changed, or a
         # deploy slot came free): the loop does not wait for the next event
@@ -338,17 +344,18 @@ class Emperor:
     # -- logging -------------------------------------------------------------
 
     def log(self, msg: str, name: str | None = None) -> None:
-        prefix = f"emperor: [{name}] " if name else "emperor: "
         if name:
-            lines = self.recent.get(name)
-            if lines is None:
-                lines = self.recent[name] = deque(maxlen=RECENT_LINES)
-            lines.append(time.strftime("%Y-%m-%d %H:%M:%S ") + msg)
-        try:
-            sys.stderr.write(prefix + msg + "\n")
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
+            self._remember(name, [msg])
+        self.logbook.emit(msg, name)
+
+    def _remember(self, name: str, msgs: list[str]) -> None:
+        """A vassal's recent lines (the status page shows them): the
+        Emperor's about it and, relayed, its own (logs.Log.keep)."""
+        lines = self.recent.get(name)
+        if lines is None:
+            lines = self.recent[name] = deque(maxlen=RECENT_LINES)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S ")
+        lines.extend(stamp + m for m in msgs)
 
     # -- one exception boundary per vassal -------------------------------------
 
@@ -418,7 +425,8 @@ class Emperor:
         for s in (self._wake_r, self._wake_w):
             s.setblocking(False)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
+                    signal.SIGUSR2):
             signal.signal(sig, self._on_signal)
         self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
         try:
@@ -527,6 +535,7 @@ class Emperor:
                 self.log("admitted: descriptors to spare again", v.name)
 
     def _teardown(self) -> None:
+        self.relay.close()
         for name in list(self.listeners):
             self._close_listener(name)
         if self.opts.pidfile is not None:
@@ -561,6 +570,17 @@ class Emperor:
                 self.next_rescan = now
             elif signum == signal.SIGUSR1:
                 self.reload_base()
+            elif signum == signal.SIGUSR2:
+                self.reopen_logs()
+
+    def reopen_logs(self) -> list[str]:
+        """SIGUSR2, `emperor reopen-logs`: every log file reopened by its
+        path (logrotate renamed it); the reasons of those that could not be."""
+        errors = self.logbook.reopen()
+        for err in errors:
+            self.log(f"reopen-logs: {err}")
+        self.log("reopen-logs: log files reopened")
+        return errors
 
     def reload_base(self) -> None:
         """A code deploy: a new base generation, then every adopted vassal moves."""
@@ -951,12 +971,14 @@ class Emperor:
         self.on_demand_registered.add(v.name)
         self.log(f"on demand: waiting for a connection on {lst.addr}", v.name)
 
-    def _config_text(self, cfg: cfgmod.VassalConfig) -> bytes | None:
+    def _config_text(self, cfg: cfgmod.VassalConfig, always: bool = False) -> bytes | None:
         """What to send on a config pipe: a rendered template, or a file with
-        Emperor-only keys (the vassal program would reject them); else None."""
+        Emperor-only keys (the vassal program would reject them); else None.
+        With `always`, any file's text: an adopted vassal of ours takes its
+        output pipe from the config packet (logs.py)."""
         if getattr(cfg, "rendered", False):
             text = emperor_only_stripped(getattr(cfg, "text", "") or "")
-        elif any(k in EMPEROR_KEYS for k, _ in cfg.options):
+        elif always or any(k in EMPEROR_KEYS for k, _ in cfg.options):
             raw = getattr(cfg, "text", None)
             if raw is None:
                 try:
@@ -967,16 +989,41 @@ class Emperor:
         else:
             return None
         data = text.encode("utf-8", "surrogateescape")
+        if always and len(data) > protocol.MAX_BODY and not getattr(cfg, "rendered", False) \
+                and not any(k in EMPEROR_KEYS for k, _ in cfg.options):
+            return None  # it reads its file itself; its output stays the base's
         if len(data) > protocol.MAX_BODY:
             # checked before any pipe or process exists for it
             raise ProtocolError(f"config of {len(data)} bytes exceeds {protocol.MAX_BODY}: "
                                 "it must fit one config packet")
         return data
 
+    def _output(self, v: Vassal, cfg: cfgmod.VassalConfig) -> logs.OutputPipe | None:
+        """A new process's output pipe (logs.py), its vassal's `logto` file
+        (re)opened; None, logged, if the pipe cannot be made: the process
+        then writes to the Emperor's stderr as it is."""
+        logto = cfg.get("logto") if hasattr(cfg, "get") else None
+        err = self.logbook.set_logto(v.name, self.dir / logto if logto else None)
+        if err is not None:
+            self.log(f"logto: {err}; its lines go to the Emperor's log", v.name)
+        try:
+            return logs.OutputPipe()
+        except OSError as e:
+            self.log(f"cannot make its output pipe: {e.strerror or e}; its output is "
+                     "not attributed", v.name)
+            return None
+
+    def pid_of(self, name: str, seq: int) -> int | None:
+        """A vassal process's pid, once known (for its relayed lines)."""
+        v = self.vassals.get(name)
+        p = v.proc(seq) if v is not None else None
+        return p.pid if p is not None else None
+
     def _send_config(self, h: ProcHandles) -> None:
         assert h.config_pipe is not None and h.config_text is not None
         try:
-            launch.send_config(h.config_pipe, h.config_text)
+            out = h.output.wfd if h.output is not None and h.output.wfd >= 0 else None
+            launch.send_config(h.config_pipe, h.config_text, output_fd=out)
         except OSError as e:
             self.log(f"config pipe: {e}")
 
@@ -1097,6 +1144,7 @@ class Emperor:
         if pairs is None:
             return
         ours, pipe_fd, config_fd, to_close = self._split_pipes(h, pairs, text)
+        out = self._output(v, p.config)
         argv = [*self.argv0, "--ini", str(p.config.path)]
         if kind == Kind.BASE:
             h.fork_server = self.base_socket_path(p.config, p.base_generation)
@@ -1107,8 +1155,11 @@ class Emperor:
                 argv, os.environ, pipe_fd, config_fd,
                 lst.fileno() if lst is not None else None,
                 nofile=self.fds.inherited if self.fds is not None else None,
+                output_fd=out.wfd if out is not None else None,
             )
         except OSError as e:
+            if out is not None:
+                out.close()
             self._start_failed_for_deploy(v, seq, now, f"cannot start {argv[0]}: {e.strerror}")
             self._abandon_start(v, seq, now, h, ours, str(e))
             self.log(f"cannot start {argv[0]}: {e.strerror}; retry in {v.backoff:.1f} s", v.name)
@@ -1117,6 +1168,8 @@ class Emperor:
             for s in to_close:
                 s.close()
         self._keep_pipes(v, seq, h, ours)
+        if out is not None:
+            self.relay.watch(out, v.name, lambda: pid)
         self.sel.register(ours, selectors.EVENT_READ,
                           ForVassal(v.name, seq, lambda t, n=v.name, q=seq: self._on_pipe(n, q, t)))
         v.spawned(pid, now, seq)
@@ -1185,11 +1238,13 @@ class Emperor:
             return
         h = ProcHandles()
         argv = [self.opts.program, "--ini", str(p.config.path)]
-        text = self._config_text(p.config)
+        text = self._config_text(p.config, always=self.judge)
         pairs = self._socketpairs(v, seq, now, text is not None)
         if pairs is None:
             return
         ours, pipe_fd, config_fd, to_close = self._split_pipes(h, pairs, text)
+        if self.judge:  # our program takes its output pipe from the config packet
+            h.output = self._output(v, p.config)
         try:
             pending = forkserver.start_adoption(
                 path, argv, pipe_fd, config_fd=config_fd,
@@ -1197,6 +1252,8 @@ class Emperor:
                 timeout=self.opts.adopt_timeout,
             )
         except AdoptionError as e:
+            if h.output is not None:
+                h.output.close()
             self.external_ready = False
             self._start_failed_for_deploy(v, seq, now, f"adoption failed: {e}")
             self._abandon_start(v, seq, now, h, ours, str(e))
@@ -1207,6 +1264,8 @@ class Emperor:
                 s.close()
         h.adoption = pending
         self._keep_pipes(v, seq, h, ours)
+        if h.output is not None:
+            self.relay.watch(h.output, v.name, lambda: self.pid_of(v.name, seq))
         self.sel.register(pending.sock, selectors.EVENT_READ,
                           ForVassal(v.name, seq, lambda t, n=v.name, q=seq: self._on_adoption(n, q, t)))
         if p.reason != "start":
@@ -1301,6 +1360,7 @@ class Emperor:
                         self._drop_proc(*key)
                     self._close_listener(v.name)
                     self.bind_errors.pop(v.name, None)
+                    self.logbook.set_logto(v.name, None)  # what its pipes still hold: the main log
                     self.recent.pop(v.name, None)
                     del self.vassals[v.name]
                     if v.refused:
@@ -1385,6 +1445,8 @@ class Emperor:
             self.again = True
         self.deploys.observe(now, self._base(), [v for v in self.vassals.values()
                                                  if not runs_as_base(v)], self.shutting_down)
+        self.start_progress.observe(now, {n: v.phase for n, v in self.vassals.items()
+                                          if not runs_as_base(v)})
         self._kill_orphans(now)
 
     def _timeout(self, now: float) -> float:
