@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 
 from ..launch import describe_status
+from ..orphans import spare_of
 from ..proc import Phase
 from ..snapshot import EmperorSnapshot, VassalSnapshot
 from .rundir import run_dir
@@ -170,7 +171,21 @@ def vassal_status(v: VassalSnapshot, now: float,
     tree: list[int] = []
     for r in roots:
         tree += [p for p in _tree(r, children) if p not in tree]
+    if doc["kind"] == "base" and roots:
+        masters = _spares(roots, children)
+        spares = [p for s in masters for p in _tree(s, children)]
+        doc["spares"] = {"count": len(masters),
+                         "ready": len([s for s in masters if spare_of(s, ready=True)]),
+                         "pids": spares, "pss": 0, "uss": 0}
+        tree += [p for p in spares if p not in tree]
     return doc, tree
+
+
+def _spares(bases: list[int], children: dict[int, list[int]]) -> list[int]:
+    """A base's warm spares (perl/ForkServer/Spares.pm): children of the
+    Emperor, as adopted vassals are, titled after their base until an
+    adoption makes them a vassal."""
+    return [c for c in children.get(os.getpid(), ()) if c not in bases and spare_of(c) in bases]
 
 
 _self_proc: psutil.Process | None = None
@@ -248,6 +263,9 @@ class Collection:
             d["pss"] += pss
             d["uss"] += uss
             d["processes"] += n
+            if pid in d.get("spares", {}).get("pids", ()):
+                d["spares"]["pss"] += pss
+                d["spares"]["uss"] += uss  # what they cost: their PSS is mostly their share of the base
             if time.perf_counter() >= deadline:
                 break
         self.measure_s += time.perf_counter() - t

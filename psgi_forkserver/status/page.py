@@ -88,6 +88,11 @@ def format_table(doc: dict[str, Any]) -> str:
             lines.append(f"{name}: {v['error']}")
         elif v.get("last_error"):
             lines.append(f"{name}: (earlier) {v['last_error']}")
+        if v.get("spares"):
+            sp = v["spares"]
+            lines.append(f"{name}: {sp['count']} spares, {sp.get('ready', 0)} warm "
+                         f"({len(sp['pids'])} processes), PSS {human_bytes(sp['pss'])}, "
+                         f"USS {human_bytes(sp.get('uss'))} (counted in its own)")
     e = doc.get("emperor", {})
     t = doc.get("totals", {})
     lines.append(
