@@ -46,13 +46,15 @@ from benchlib import (  # noqa: E402
     wait_all_200,
 )
 from psgi_forkserver import adoption  # noqa: E402  (the product's fork-server client)
+import front as frontbench  # noqa: E402  (bench/front.py)
 
 PROGRAM = str(ROOT / "perl" / "ForkServer.pm")
 APPS = {"heavy": str(HERE / "heavy.psgi"), "hello": str(HERE / "hello.psgi")}
 EMPEROR = str(ROOT / ".venv" / "bin" / "emperor")
 MB = 1024 * 1024
 
-SCENARIOS = ("adoption", "serving", "cold", "fleet", "mass", "thousand", "deploy", "prove", "plack")
+SCENARIOS = ("adoption", "serving", "cold", "fleet", "mass", "thousand", "deploy", "prove", "plack",
+             "front")
 
 
 @dataclass
@@ -416,6 +418,85 @@ http {{
         procs.stop_tree(p.pid, signal.SIGTERM, 10)
 
 
+# The Emperor's reader of vassal output (psgi_forkserver/logs.py), alone in
+# a process as in the Emperor: reads the pipe on its stdin, timestamps and
+# names each line, appends it to argv[1].
+RELAY = """
+import selectors, sys
+from pathlib import Path
+from psgi_forkserver import logs
+log = logs.Log(path=Path(sys.argv[1]))
+sel = selectors.DefaultSelector()
+relay = logs.Relay(log, sel)
+relay.watch(logs.OutputPipe(rfd=0), "hello", lambda: None)
+while relay.pipes:
+    for key, _ in sel.select():
+        key.data(0.0)
+"""
+
+
+def logging_cost(procs: Procs, ports: Ports, tmp: Path, base: "Base", duration: str) -> dict:
+    """The hello app with its access log on (one line a request), its output
+    (a) a pipe the Emperor's reader relays (RELAY), (b) an O_APPEND file the
+    vassal writes itself (what a vassal prefixing its own lines costs,
+    without the prefix), (c) no access log. The output descriptor rides with
+    the config packet, as the Emperor sends it. Two rounds, the second in
+    the reverse order (a loaded machine drifts): each mode's best counts."""
+    from psgi_forkserver import launch
+
+    res: dict = {}
+    order = ("relayed", "file", "off")
+    for i, mode in enumerate(order + order[::-1]):
+        port = ports.get()
+        out_path = tmp / f"serve-log-{mode}.log"
+        relay = None
+        if mode == "relayed":
+            r, w = os.pipe()
+            relay = subprocess.Popen([sys.executable, "-c", RELAY, str(out_path)], stdin=r,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+            procs.popens[relay.pid] = relay
+            procs.known.add(relay.pid)
+            os.close(r)
+            out_fd = w
+        else:
+            out_fd = os.open(out_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        text = f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 2\nname = hello\n"
+        if mode == "off":
+            text += "disable-logging = true\n"
+        ours, theirs = socket.socketpair()
+        cours, ctheirs = socket.socketpair()
+        try:
+            pid = adoption.adopt(base.sock, [PROGRAM], theirs.fileno(), config_fd=ctheirs.fileno())
+            procs.adopted(pid)
+            launch.send_config(cours, text.encode(), output_fd=out_fd)
+        finally:
+            theirs.close()
+            ctheirs.close()
+            os.close(out_fd)
+        try:
+            wait_200(port, 30)
+            wait_loyal(ours, 10)
+            run_wrk(port, "1s")  # warm-up, not counted
+            got = run_wrk(port, duration)
+            if relay is not None:  # the reader's CPU, less swayed by the load than req/s
+                t = psutil.Process(relay.pid).cpu_times()
+                got["relay_cpu_s"] = t.user + t.system
+        finally:
+            stop_adopted(procs, pid, ours)
+            cours.close()
+            if relay is not None:
+                relay.wait(20)  # the pipe's end: every vassal process is gone
+        lines = out_path.read_text(errors="replace").count("\n") if out_path.exists() else 0
+        out_path.unlink(missing_ok=True)
+        got["log_lines"] = lines
+        if "relay_cpu_s" in got and lines:
+            got["relay_cpu_us_per_line"] = round(got["relay_cpu_s"] / lines * 1e6, 2)
+        cpu = (f", reader {got['relay_cpu_us_per_line']} us CPU a line"
+               if "relay_cpu_us_per_line" in got else "")
+        say(f"  access log {mode} (round {i // 3 + 1}): {got['rps']} req/s, {lines} lines{cpu}")
+        res.setdefault(f"{mode}_runs", []).append(got)
+        if mode not in res or (got["rps"] or 0) > (res[mode]["rps"] or 0):
+            res[mode] = got
 def request_path(app: str, n: int) -> dict:
     """CPU time of one worker's request path in process (bench/request_path.pl),
     access log off and on: the server's own cost, no network, no select loop."""
@@ -453,6 +534,8 @@ def serving(procs: Procs, ports: Ports, tmp: Path, app: str, duration: str) -> d
                 res["nginx_adopted"] = behind_nginx(procs, ports, tmp, port, duration, "adopted")
         finally:
             stop_adopted(procs, pid, pipe)
+        if app == "hello":
+            res["logging"] = logging_cost(procs, ports, tmp, base, duration)
     finally:
         base.stop()
     port = ports.get()
@@ -1000,6 +1083,13 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
                          f"{fmt(a, '.0f')} / {fmt(st, '.0f')} req/s ({fmt(ratio, '.2f')})",
                          f">= {TARGETS['serving_ratio']:.2f} of Starman",
                          verdict(ratio >= TARGETS["serving_ratio"] if ratio else None)))
+        lg = s.get("logging") if s else None
+        if lg:
+            rows.append((f"wrk -t2 -c16, {app}, access log on: relayed by the Emperor's reader / "
+                         "written to a file by the vassal / access log off",
+                         " / ".join(f"{fmt(lg[m]['rps'], '.0f')}" for m in ("relayed", "file", "off"))
+                         + f" req/s (reader: {lg['relayed'].get('relay_cpu_us_per_line')} us CPU a line)",
+                         "", ""))
         rp = s.get("request_path") if s else None
         if rp and rp.get("no_log"):
             rows.append((f"request path in process (bench/request_path.pl, {rp['n']} GETs), {app}: "
@@ -1024,6 +1114,7 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
             if sp:
                 rows.append((f"16 keep-alive connections, {app}, {label}: responses per connection in "
                              f"{sp['seconds']:g} s, min / max", f"{sp['min']} / {sp['max']}", "", ""))
+    rows += frontbench.rows(r.get("front") or {})
     return rows
 
 
@@ -1186,6 +1277,9 @@ def main(argv: list[str] | None = None) -> int:
                     r["thousand"][app] = x
         if "deploy" in only:
             r["deploy"] = step("deploy", lambda: code_deploy(procs, ports, tmp, sizes))
+        if "front" in only:
+            r["front"] = frontbench.run(procs, ports, tmp, EmperorRun, base_ini, args.quick,
+                                        sizes.wrk_duration, step)
         if "prove" in only:
             r["prove"] = step("prove", lambda: prove_runners(procs, tmp, sizes.prove_files))
         if "plack" in only:

@@ -67,6 +67,7 @@ class Deploy:
     failed: dict[str, str] = field(default_factory=dict)  # name -> why its move failed
     reason: str | None = None  # FAILED: why the new base could not start; INTERRUPTED: why
     request: int = 0  # DeployTracker.requests when this deploy was (last) asked for
+    next_progress: float = 0.0  # when the next `deploy: N/M moved` line is due
 
     @property
     def pending(self) -> set[str]:
@@ -159,8 +160,10 @@ class DeployTracker:
             self.last = d = Deploy(want, now, serving, request=self.requests)
         if d is None:
             return
-        if d.state == DeployState.FAILED and serving == d.generation:
-            # the base was retried (backoff) and came up after all: move on
+        if d.state == DeployState.FAILED and d.generation > 0 and serving == d.generation:
+            # the base was retried (backoff) and came up after all: move on.
+            # Not a refused request (generation 0): with no base serving,
+            # `serving` is 0 too, and that refusal used to turn into "done".
             d.state, d.reason, d.finished_at = DeployState.STARTING, None, None
         if d.state.finished:
             return
@@ -190,6 +193,11 @@ class DeployTracker:
                     d.first_moved_at = now
         if not d.pending:
             self._finish(d, now, DeployState.PARTIAL if d.failed else DeployState.DONE, base.name)
+        elif now >= d.next_progress:  # one progress line a second while vassals move
+            if d.next_progress:
+                self.log(f"deploy: {len(d.moved)}/{len(d.to_move)} moved, "
+                         f"{len(d.failed)} failed", base.name)
+            d.next_progress = now + 1.0
 
     def move_failed(self, name: str, why: str) -> None:
         """A vassal's code-deploy successor failed (adoption, or died before taking over)."""

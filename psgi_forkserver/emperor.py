@@ -25,16 +25,15 @@ its own socket on exit.
 
 from __future__ import annotations
 
-import fcntl
 import contextlib
 import dataclasses
+import fcntl
 import math
 from collections import deque
 import os
 import selectors
 import signal
 import socket
-import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -46,8 +45,9 @@ import psutil
 
 from . import config as cfgmod
 from . import bases as basesmod
-from . import adoption as forkserver, launch, notify, protocol, sockets
+from . import adoption as forkserver, launch, logs, notify, protocol, sockets
 from . import status as statusmod
+from .frontdoor import FrontDoor, FrontDoorOptions, Route, nginx_target
 from .metrics import EmperorMetrics
 from .adoption import AdoptionError, PendingAdoption
 from .launch import describe_status, program_argv
@@ -79,7 +79,7 @@ RECENT_LINES = 50  # log lines kept per vassal for the status page (/log/NAME)
 # its config pipe, its http-socket), and what it needs besides (its own
 # files, the status server's clients, adoptions in flight, a successor's
 # pipes during reloads).
-FDS_PER_VASSAL = 3
+FDS_PER_VASSAL = 4  # ... and the read end of its output pipe (logs.py)
 FDS_RESERVED = 32
 
 
@@ -214,6 +214,11 @@ class Options:
     own_sockets: bool | None = None
     pidfile: Path | None = None
     status: Any = None  # status.StatusServer, sockets bound (cli --stats/--status-http)
+    log: logs.Log | None = None  # where lines go (cli --log-format, --logto); default stderr
+    # sockets of vassals with `domain` and no http-socket (run_dir/sockets),
+    # the embedded nginx's files (run_dir/nginx)
+    run_dir: Path | None = None
+    front: FrontDoorOptions | None = None  # --http / --nginx-include
 
 
 @dataclass
@@ -226,6 +231,7 @@ class ProcHandles:
     adoption: PendingAdoption | None = None
     next_probe: float = 0.0
     fork_server: Path | None = None  # base: the socket it serves
+    output: logs.OutputPipe | None = None  # adopted: its output pipe, passed with its config
 
 
 @dataclass(frozen=True)
@@ -317,6 +323,11 @@ class Emperor:
         self.read_errors: dict[str, str] = {}  # transient read error logged, per vassal
         self.on_demand_registered: set[str] = set()
         self.lock_fds: list[int] = []  # flocks held while we run (claim())
+        self.logbook = self.opts.log if self.opts.log is not None else logs.Log()
+        self.relay = logs.Relay(self.logbook, self.sel)
+        self.logbook.keep = lambda name, msgs: (
+            self._remember(name, msgs) if name in self.vassals else None)
+        self.start_progress = logs.StartProgress(self.log)
         self.deploys = basesmod.DeployTracker(self.log)
         # the vassals must step again at once (the fork server changed, or a
         # deploy slot came free): the loop does not wait for the next event
@@ -334,21 +345,33 @@ class Emperor:
         self.max_vassals = 1 << 30  # set from the descriptor limit at start
         self.admitted: set[str] = set()  # vassals counted in the budget (bases are not)
         self.n_refused = 0
+        self.socket_dir = self.opts.run_dir / "sockets" if self.opts.run_dir else None
+        # `domain` names: a vassal refused for a name another one serves ->
+        # that other one (its file is read again when the other lets go)
+        self.domain_refused: dict[str, str] = {}
+        self.front: FrontDoor | None = None
+        if self.opts.front is not None:
+            self.front = FrontDoor(self.opts.front, lambda m: self.log(m, "front"),
+                                   watch=lambda fd, cb: self.sel.register(
+                                       fd, selectors.EVENT_READ,
+                                       lambda t, cb=cb: self._front_safely(cb, t)),
+                                   unwatch=self._unwatch)
 
     # -- logging -------------------------------------------------------------
 
     def log(self, msg: str, name: str | None = None) -> None:
-        prefix = f"emperor: [{name}] " if name else "emperor: "
         if name:
-            lines = self.recent.get(name)
-            if lines is None:
-                lines = self.recent[name] = deque(maxlen=RECENT_LINES)
-            lines.append(time.strftime("%Y-%m-%d %H:%M:%S ") + msg)
-        try:
-            sys.stderr.write(prefix + msg + "\n")
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
+            self._remember(name, [msg])
+        self.logbook.emit(msg, name)
+
+    def _remember(self, name: str, msgs: list[str]) -> None:
+        """A vassal's recent lines (the status page shows them): the
+        Emperor's about it and, relayed, its own (logs.Log.keep)."""
+        lines = self.recent.get(name)
+        if lines is None:
+            lines = self.recent[name] = deque(maxlen=RECENT_LINES)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S ")
+        lines.extend(stamp + m for m in msgs)
 
     # -- one exception boundary per vassal -------------------------------------
 
@@ -418,7 +441,8 @@ class Emperor:
         for s in (self._wake_r, self._wake_w):
             s.setblocking(False)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
+                    signal.SIGUSR2):
             signal.signal(sig, self._on_signal)
         self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
         try:
@@ -428,6 +452,11 @@ class Emperor:
             self.log(f"inotify unavailable ({e}); rescanning every {self.opts.rescan_interval:g} s")
         if self.opts.status is not None:
             self.opts.status.attach(self)  # stats socket / status page in our selector
+        if self.socket_dir is not None:
+            try:
+                self.socket_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+            except OSError as e:
+                self.log(f"cannot create {self.socket_dir}: {e.strerror or e}")
         self.log(
             f"watching {self.dir} (vassal program {' '.join(self.argv0)}, pid {os.getpid()})"
         )
@@ -527,6 +556,9 @@ class Emperor:
                 self.log("admitted: descriptors to spare again", v.name)
 
     def _teardown(self) -> None:
+        self.relay.close()
+        if self.front is not None:
+            self.front.close()
         for name in list(self.listeners):
             self._close_listener(name)
         if self.opts.pidfile is not None:
@@ -561,6 +593,17 @@ class Emperor:
                 self.next_rescan = now
             elif signum == signal.SIGUSR1:
                 self.reload_base()
+            elif signum == signal.SIGUSR2:
+                self.reopen_logs()
+
+    def reopen_logs(self) -> list[str]:
+        """SIGUSR2, `emperor reopen-logs`: every log file reopened by its
+        path (logrotate renamed it); the reasons of those that could not be."""
+        errors = self.logbook.reopen()
+        for err in errors:
+            self.log(f"reopen-logs: {err}")
+        self.log("reopen-logs: log files reopened")
+        return errors
 
     def reload_base(self) -> None:
         """A code deploy: a new base generation, then every adopted vassal moves."""
@@ -685,6 +728,8 @@ class Emperor:
             if owner is not None:
                 with self._boundary(owner[0], now):
                     self._vassal_exited(owner[0], owner[1], pid, status, now)
+            elif self.front is not None and self.front.owns(pid):
+                self.front.exited(pid, status, now, describe_status)
             else:
                 if self.orphans.pop(pid, None) is not None:
                     self.sweep_due = True  # its own children came to us
@@ -806,7 +851,9 @@ class Emperor:
             self.log(f"cannot scan {self.dir}: {e.strerror or e}; retry in {RETRY_READ:g} s")
             self.next_rescan = now + RETRY_READ
             return
-        for name in sorted(set(found) | set(self.vassals)):  # refusals: the last by name
+        # by name: of two files claiming one `domain`, the first keeps it;
+        # refusals: the last by name
+        for name in sorted(set(found) | set(self.vassals)):
             path = found.get(name)
             with self._boundary(name, now):
                 self._load(name, path, now)
@@ -865,6 +912,13 @@ class Emperor:
                 cfg = dataclasses.replace(cfg, error=failed[1])
         elif cfg is None:
             self.failed.pop(name, None)
+        if cfg is not None and not cfg.error:
+            cfg = self._claim_domains(name, cfg)
+        for other, blocker in list(self.domain_refused.items()):
+            if blocker == name and other != name:  # it may be free now: read again
+                ov = self.vassals.get(other)
+                if ov is not None and ov.config is not None:
+                    self.due[ov.config.path.name] = time.monotonic()
         if cfg is not None and cfg.error:
             if v is None or v.config is None or v.config.fingerprint != cfg.fingerprint:
                 self.log(f"bad config {cfg.path}: {cfg.error}", name)
@@ -893,15 +947,20 @@ class Emperor:
         """(ok, the socket to pass) for starting a process of v."""
         if not self.own_sockets or v.is_base or v.config is None:
             return True, None
-        want = sockets.wanted_address(v.config)
+        want = sockets.wanted_address(v.config, self.socket_dir)
         if want is None:
             return True, None
         addr, backlog = want
+        owner = self._socket_owner(v.config) if sockets.is_unix_address(addr) else (None, None)
         old = self.listeners.get(v.name)
-        if old is not None and old.addr == addr and old.backlog == backlog:
+        if old is not None and old.addr == addr and old.backlog == backlog \
+                and old.owner == owner:
             return True, old
+        if old is not None and old.addr == addr:
+            self._close_listener(v.name)  # the same path, bound anew
+            old = None
         try:
-            sock = sockets.bind_listener(addr, backlog)
+            sock = sockets.bind_listener(addr, backlog, *owner)
         except (OSError, ValueError) as e:
             msg = f"cannot bind http-socket {addr}: {getattr(e, 'strerror', None) or e}"
             if self.bind_errors.get(v.name) != msg:
@@ -913,9 +972,114 @@ class Emperor:
         if old is not None:
             self._close_listener(v.name)
             self.log(f"address changed: {old.addr} closed, {addr} bound", v.name)
-        lst = Listener(addr, backlog, sock)
+        if sockets.is_unix_address(addr):
+            mode = v.config.get("chmod-socket")
+            if mode:
+                try:
+                    os.chmod(addr, int(mode, 8))
+                except (OSError, ValueError):
+                    pass
+        lst = Listener(addr, backlog, sock, owner)
         self.listeners[v.name] = lst
         return True, lst
+
+    @staticmethod
+    def _socket_owner(cfg: cfgmod.VassalConfig) -> tuple[int | None, int | None]:
+        """uid, gid a vassal's UNIX socket belongs to: `chown-socket`, else
+        its `uid`/`gid`."""
+        chown = cfg.get("chown-socket")
+        if chown:
+            try:
+                return cfgmod.parse_owner(chown)
+            except ValueError:
+                pass
+        out: list[int | None] = []
+        for key, conv in (("uid", cfgmod.CHECKERS["user"]), ("gid", cfgmod.CHECKERS["group"])):
+            raw = cfg.get(key)
+            try:
+                out.append(int(conv(raw)) if raw else None)  # type: ignore[arg-type]
+            except ValueError:
+                out.append(None)
+        return out[0], out[1]
+
+    # -- the front door -------------------------------------------------------
+
+    def _claim_domains(self, name: str, cfg: cfgmod.VassalConfig) -> cfgmod.VassalConfig:
+        """`cfg`, or a config error naming the vassal that already serves one
+        of its `domain` names (exact names: a wildcard and a name under it
+        may live side by side, the exact one wins)."""
+        mine = {d.lower() for d in cfg.get_all("domain")}
+        if not mine:
+            self.domain_refused.pop(name, None)
+            return cfg
+        for other in sorted(self.vassals):
+            oc = self.vassals[other].config
+            if other == name or oc is None or oc.error:
+                continue
+            both = mine & {d.lower() for d in oc.get_all("domain")}
+            if both:
+                d = min(both)
+                line = next((n for n, k, val in cfgmod.parse_ini_lines(cfg.text)[0]
+                             if k == "domain" and val.lower() == d), 0)
+                where = f"{cfg.path.name} (rendered)" if cfg.rendered else cfg.path.name
+                self.domain_refused[name] = other
+                return dataclasses.replace(
+                    cfg, options=(), fingerprint=cfg.fingerprint + ":domain",
+                    error=f"{where}:{line}: domain {d} is already served by vassal "
+                          f"{other} ({oc.path.name})")
+        self.domain_refused.pop(name, None)
+        return cfg
+
+    def routes(self) -> list[Route]:
+        """The routing facts of every vassal with a `domain`: its socket,
+        and whether it can answer (a throttled vassal, or one whose socket
+        is not bound, is answered by the front door with 503)."""
+        out = []
+        for v in self.vassals.values():
+            if v.is_base:
+                continue
+            cfg = v.config if v.config is not None and not v.config.error else v.running
+            if cfg is None:
+                continue
+            domains = tuple(sorted({d.lower() for d in cfg.get_all("domain")}))
+            if not domains:
+                continue
+            lst = self.listeners.get(v.name)
+            addr = lst.addr if lst is not None else None
+            if addr is None and not self.own_sockets:
+                want = sockets.wanted_address(cfg, self.socket_dir)
+                addr = want[0] if want is not None and v.has_process else None
+            # stopped (`emperor stop`) or refused (no descriptors): its
+            # clients would wait in the backlog; better told to come back
+            down = addr is None or v.phase in (Phase.THROTTLED, Phase.CONFIG_ERROR,
+                                               Phase.STOPPED, Phase.REFUSED)
+            retry = math.ceil(v.backoff) if v.phase == Phase.THROTTLED else 1
+            out.append(Route(v.name, domains, nginx_target(addr) if addr else "",
+                             up=not down, retry_after=retry,
+                             protocol="uwsgi" if cfg.get("socket") else "http"))
+        return out
+
+    def _front_turn(self, now: float) -> None:
+        assert self.front is not None
+        if not self.shutting_down:
+            self.front.update(self.routes(), now)
+        self.front.poll(now)
+
+    def _front_safely(self, fn, now: float) -> None:
+        """The front door's boundary: what goes wrong there is logged, and
+        the vassals go on (they serve on their sockets without it)."""
+        try:
+            fn(now)
+        except Exception as e:  # noqa: BLE001 - the boundary
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            self.log(f"error: {type(e).__name__}: {e} (at {os.path.basename(frame.filename)}:"
+                     f"{frame.lineno})", "front")
+
+    def _unwatch(self, fd: int) -> None:
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
 
     def _close_listener(self, name: str) -> None:
         self._unregister_listener(name)
@@ -951,12 +1115,14 @@ class Emperor:
         self.on_demand_registered.add(v.name)
         self.log(f"on demand: waiting for a connection on {lst.addr}", v.name)
 
-    def _config_text(self, cfg: cfgmod.VassalConfig) -> bytes | None:
+    def _config_text(self, cfg: cfgmod.VassalConfig, always: bool = False) -> bytes | None:
         """What to send on a config pipe: a rendered template, or a file with
-        Emperor-only keys (the vassal program would reject them); else None."""
+        Emperor-only keys (the vassal program would reject them); else None.
+        With `always`, any file's text: an adopted vassal of ours takes its
+        output pipe from the config packet (logs.py)."""
         if getattr(cfg, "rendered", False):
             text = emperor_only_stripped(getattr(cfg, "text", "") or "")
-        elif any(k in EMPEROR_KEYS for k, _ in cfg.options):
+        elif always or any(k in EMPEROR_KEYS for k, _ in cfg.options):
             raw = getattr(cfg, "text", None)
             if raw is None:
                 try:
@@ -967,16 +1133,41 @@ class Emperor:
         else:
             return None
         data = text.encode("utf-8", "surrogateescape")
+        if always and len(data) > protocol.MAX_BODY and not getattr(cfg, "rendered", False) \
+                and not any(k in EMPEROR_KEYS for k, _ in cfg.options):
+            return None  # it reads its file itself; its output stays the base's
         if len(data) > protocol.MAX_BODY:
             # checked before any pipe or process exists for it
             raise ProtocolError(f"config of {len(data)} bytes exceeds {protocol.MAX_BODY}: "
                                 "it must fit one config packet")
         return data
 
+    def _output(self, v: Vassal, cfg: cfgmod.VassalConfig) -> logs.OutputPipe | None:
+        """A new process's output pipe (logs.py), its vassal's `logto` file
+        (re)opened; None, logged, if the pipe cannot be made: the process
+        then writes to the Emperor's stderr as it is."""
+        logto = cfg.get("logto") if hasattr(cfg, "get") else None
+        err = self.logbook.set_logto(v.name, self.dir / logto if logto else None)
+        if err is not None:
+            self.log(f"logto: {err}; its lines go to the Emperor's log", v.name)
+        try:
+            return logs.OutputPipe()
+        except OSError as e:
+            self.log(f"cannot make its output pipe: {e.strerror or e}; its output is "
+                     "not attributed", v.name)
+            return None
+
+    def pid_of(self, name: str, seq: int) -> int | None:
+        """A vassal process's pid, once known (for its relayed lines)."""
+        v = self.vassals.get(name)
+        p = v.proc(seq) if v is not None else None
+        return p.pid if p is not None else None
+
     def _send_config(self, h: ProcHandles) -> None:
         assert h.config_pipe is not None and h.config_text is not None
         try:
-            launch.send_config(h.config_pipe, h.config_text)
+            out = h.output.wfd if h.output is not None and h.output.wfd >= 0 else None
+            launch.send_config(h.config_pipe, h.config_text, output_fd=out)
         except OSError as e:
             self.log(f"config pipe: {e}")
 
@@ -1097,6 +1288,7 @@ class Emperor:
         if pairs is None:
             return
         ours, pipe_fd, config_fd, to_close = self._split_pipes(h, pairs, text)
+        out = self._output(v, p.config)
         argv = [*self.argv0, "--ini", str(p.config.path)]
         if kind == Kind.BASE:
             h.fork_server = self.base_socket_path(p.config, p.base_generation)
@@ -1107,8 +1299,11 @@ class Emperor:
                 argv, os.environ, pipe_fd, config_fd,
                 lst.fileno() if lst is not None else None,
                 nofile=self.fds.inherited if self.fds is not None else None,
+                output_fd=out.wfd if out is not None else None,
             )
         except OSError as e:
+            if out is not None:
+                out.close()
             self._start_failed_for_deploy(v, seq, now, f"cannot start {argv[0]}: {e.strerror}")
             self._abandon_start(v, seq, now, h, ours, str(e))
             self.log(f"cannot start {argv[0]}: {e.strerror}; retry in {v.backoff:.1f} s", v.name)
@@ -1117,6 +1312,8 @@ class Emperor:
             for s in to_close:
                 s.close()
         self._keep_pipes(v, seq, h, ours)
+        if out is not None:
+            self.relay.watch(out, v.name, lambda: pid)
         self.sel.register(ours, selectors.EVENT_READ,
                           ForVassal(v.name, seq, lambda t, n=v.name, q=seq: self._on_pipe(n, q, t)))
         v.spawned(pid, now, seq)
@@ -1185,11 +1382,13 @@ class Emperor:
             return
         h = ProcHandles()
         argv = [self.opts.program, "--ini", str(p.config.path)]
-        text = self._config_text(p.config)
+        text = self._config_text(p.config, always=self.judge)
         pairs = self._socketpairs(v, seq, now, text is not None)
         if pairs is None:
             return
         ours, pipe_fd, config_fd, to_close = self._split_pipes(h, pairs, text)
+        if self.judge:  # our program takes its output pipe from the config packet
+            h.output = self._output(v, p.config)
         try:
             pending = forkserver.start_adoption(
                 path, argv, pipe_fd, config_fd=config_fd,
@@ -1197,6 +1396,8 @@ class Emperor:
                 timeout=self.opts.adopt_timeout,
             )
         except AdoptionError as e:
+            if h.output is not None:
+                h.output.close()
             self.external_ready = False
             self._start_failed_for_deploy(v, seq, now, f"adoption failed: {e}")
             self._abandon_start(v, seq, now, h, ours, str(e))
@@ -1207,6 +1408,8 @@ class Emperor:
                 s.close()
         h.adoption = pending
         self._keep_pipes(v, seq, h, ours)
+        if h.output is not None:
+            self.relay.watch(h.output, v.name, lambda: self.pid_of(v.name, seq))
         self.sel.register(pending.sock, selectors.EVENT_READ,
                           ForVassal(v.name, seq, lambda t, n=v.name, q=seq: self._on_adoption(n, q, t)))
         if p.reason != "start":
@@ -1239,7 +1442,8 @@ class Emperor:
             self.log(f"cannot look for orphans: {e.strerror or e}")
             return
         self.ended.prune(scan.sessions)
-        found = classify_orphans(scan.children, self.pids, self.ended.by_sid)
+        live = self.pids if self.front is None else {**self.pids, **self.front.pids()}
+        found = classify_orphans(scan.children, live, self.ended.by_sid)
         victims = dict(found.orphans)
         if everything:
             victims.update((pid, "") for pid in found.unknown)
@@ -1299,6 +1503,7 @@ class Emperor:
                         self._drop_proc(*key)
                     self._close_listener(v.name)
                     self.bind_errors.pop(v.name, None)
+                    self.logbook.set_logto(v.name, None)  # what its pipes still hold: the main log
                     self.recent.pop(v.name, None)
                     del self.vassals[v.name]
                     if v.refused:
@@ -1325,7 +1530,8 @@ class Emperor:
 
         for v in self.vassals.values():
             v.seamless = self.own_sockets and not v.is_base and (
-                v.config is not None and sockets.wanted_address(v.config) is not None
+                v.config is not None
+                and sockets.wanted_address(v.config, self.socket_dir) is not None
             )
         others = [v for v in self.vassals.values() if not runs_as_base(v)]
         bases = [v for v in self.vassals.values() if runs_as_base(v)]
@@ -1383,6 +1589,8 @@ class Emperor:
             self.again = True
         self.deploys.observe(now, self._base(), [v for v in self.vassals.values()
                                                  if not runs_as_base(v)], self.shutting_down)
+        self.start_progress.observe(now, {n: v.phase for n, v in self.vassals.items()
+                                          if not runs_as_base(v)})
         self._kill_orphans(now)
 
     def _timeout(self, now: float) -> float:
@@ -1405,6 +1613,10 @@ class Emperor:
             if h.adoption is not None:
                 times.append(h.adoption.deadline)
         times += self.orphans.values()
+        if self.front is not None:
+            t = self.front.next_wakeup()
+            if t is not None:
+                times.append(t)
         status = self.opts.status
         if status is not None and hasattr(status, "next_wakeup"):
             t = status.next_wakeup()
@@ -1430,6 +1642,8 @@ class Emperor:
                     self._rescan(now)
                 self._reload_due(now)
                 self._reconcile(now)
+                if self.front is not None:  # routing changed? (applied batched)
+                    self._front_safely(self._front_turn, now)
                 status = self.opts.status
                 if status is not None and hasattr(status, "poll"):
                     status.poll(now)
@@ -1459,6 +1673,8 @@ class Emperor:
     def _shutdown_step(self, now: float) -> bool:
         """True when everything is gone."""
         if not self.vassals:
+            if self.front is not None:
+                self.front.stop()  # last: it served until every vassal was gone
             self._reap(now)
             if self.no_children:
                 return True

@@ -12,6 +12,7 @@ are raised (OSError) for the Emperor to log and to feed back to the vassal.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import ctypes.util
 import os
@@ -114,13 +115,14 @@ def make_pipes(config: bool) -> list[Pipe]:
 
 def spawn_vassal(argv: Sequence[str], env: Mapping[str, str], pipe_fd: int,
                  config_fd: int | None, listen_fd: int | None,
-                 nofile: int | None = None) -> int:
+                 nofile: int | None = None, output_fd: int | None = None) -> int:
     """Start the vassal program `argv` (argv[0] a path); its pid, or OSError.
 
     The child inherits `pipe_fd` (the Emperor pipe, as UWSGI_EMPEROR_FD) and
     `config_fd` if any (the config pipe, as UWSGI_EMPEROR_FD_CONFIG), with
     `env` otherwise; its descriptor 0 is `listen_fd` (the Emperor-owned
-    http-socket) or /dev/null."""
+    http-socket) or /dev/null; 1 and 2 are `output_fd` (its output pipe,
+    logs.py) if given, else the Emperor's."""
     env = dict(env)
     env.pop("UWSGI_EMPEROR_FD_CONFIG", None)
     env["UWSGI_EMPEROR_FD"] = str(pipe_fd)
@@ -132,6 +134,9 @@ def spawn_vassal(argv: Sequence[str], env: Mapping[str, str], pipe_fd: int,
     else:
         stdin = (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)
     os.set_inheritable(pipe_fd, True)
+    actions = [stdin]
+    if output_fd is not None:
+        actions += [(os.POSIX_SPAWN_DUP2, output_fd, 1), (os.POSIX_SPAWN_DUP2, output_fd, 2)]
     # The child gets the soft descriptor limit the Emperor was started with
     # (`nofile`), not the raised one: programs that close every descriptor
     # up to the limit, or use select(), expect the usual 1,024. posix_spawn
@@ -148,7 +153,7 @@ def spawn_vassal(argv: Sequence[str], env: Mapping[str, str], pipe_fd: int,
         # (which checks and does not repeat it): what it leaves behind
         # can be told by session id (orphans.py), a uWSGI vassal's too
         return os.posix_spawn(
-            argv[0], list(argv), env, file_actions=[stdin],
+            argv[0], list(argv), env, file_actions=actions,
             setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=(), setsid=True,
         )
     finally:
@@ -156,12 +161,21 @@ def spawn_vassal(argv: Sequence[str], env: Mapping[str, str], pipe_fd: int,
             resource.setrlimit(resource.RLIMIT_NOFILE, lowered)
 
 
-def send_config(sock: socket.socket, text: bytes) -> None:
+def send_config(sock: socket.socket, text: bytes, output_fd: int | None = None) -> None:
     """The vassal's config on its config pipe, as one config packet; blocking,
-    at most a second per send. OSError if it cannot be sent."""
+    at most a second per send. OSError if it cannot be sent.
+
+    `output_fd`, the process's output pipe (logs.py), rides along with the
+    packet's first bytes as SCM_RIGHTS: the bytes stay uWSGI's, and a
+    reader that does not look for it (read(2)) has it closed by the kernel."""
     sock.setblocking(True)
     sock.settimeout(1.0)
-    sock.sendall(protocol.encode_packet(protocol.MODIFIER1_CONFIG, text))
+    data = protocol.encode_packet(protocol.MODIFIER1_CONFIG, text)
+    if output_fd is not None:
+        fds = array.array("i", [output_fd])
+        sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        data = data[sent:]
+    sock.sendall(data)
 
 
 def send_byte(sock: socket.socket, byte: int) -> None:

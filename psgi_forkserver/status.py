@@ -414,7 +414,7 @@ def find_stats(vassals_dir: Path | None = None) -> Path:
 
 # -- control commands ---------------------------------------------------------------
 
-COMMANDS = ("reload", "stop", "start", "reload-base")
+COMMANDS = ("reload", "stop", "start", "reload-base", "reopen-logs")
 
 
 def vassal_brief(v: Any) -> dict[str, Any]:
@@ -436,6 +436,10 @@ def control(emperor: Any, command: str, name: str | None) -> dict[str, Any]:
         out["message"] = f"unknown command {command!r} (one of: {', '.join(COMMANDS)})"
         return out
     log = getattr(emperor, "log", lambda m, n=None: None)
+    if command == "reopen-logs":  # logs.py: every log file reopened by its path
+        errors = emperor.reopen_logs()
+        out.update(ok=not errors, message="; ".join(errors) or "log files reopened")
+        return out
     if command == "reload-base":
         deploys = emperor.deploys
         emperor.reload_base()

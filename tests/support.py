@@ -129,7 +129,7 @@ def start_emperor(xprocess, name: str, args: list, env: dict | None = None,
     environ = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
 
     class Starter(ProcessStarter):
-        pattern = "emperor: watching"
+        pattern = 'emperor: watching|"message": "watching'  # --log-format text or json
         timeout = 20
         terminate_on_interrupt = True
         args = argv

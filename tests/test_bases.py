@@ -115,3 +115,28 @@ def test_a_vassal_started_on_the_new_generation_is_not_counted_as_moved():
     t.observe(2.0, b, [late], False)
     assert t.last.state == DeployState.DONE and t.last.moved == set()
     assert late.kind == Kind.ADOPTED and late.base_generation == 2
+
+
+def test_a_deploy_logs_one_progress_line_a_second_while_vassals_move():
+    lines = []
+    t = DeployTracker(lambda m, n=None: lines.append(m))
+    b = base_vassal()
+    vs = [adopted_on(1, f"a{i}") for i in range(3)]
+    b.request_deploy()
+    t.requested(1.0, b)
+    t.observe(1.0, b, vs, False)
+    promote_new_base(b, 2.0)
+    t.observe(2.0, b, vs, False)
+    move(vs[0], 2, 2.5)
+    t.observe(2.5, b, vs, False)
+    assert lines == []  # less than a second of moving
+    t.observe(3.0, b, vs, False)
+    t.observe(3.5, b, vs, False)
+    assert lines == ["deploy: 1/3 moved, 0 failed"]
+    move(vs[1], 2, 4.0)
+    t.observe(4.0, b, vs, False)
+    assert lines[-1] == "deploy: 2/3 moved, 0 failed"
+    move(vs[2], 2, 4.2)
+    t.observe(4.2, b, vs, False)
+    assert lines[1:] == ["deploy: 2/3 moved, 0 failed",
+                         "code deploy to generation 2 done: 3 moved, 0 failed, 3.20 s"]

@@ -267,12 +267,14 @@ def test_ctl_files_the_emperor_can_judge_are_config_errors_not_crash_loops(ctl_e
 
 @ctl_needs_perl
 def test_ctl_uwsgi_vassals_are_not_judged_by_our_table(tmp_path):
-    """--vassal-binary uwsgi: uWSGI's keys (plugin, master...) are not ours to judge."""
+    """--vassal-binary uwsgi: uWSGI's keys (module, threads...) are not ours to judge."""
     from psgi_forkserver import config as cfgmod
     from psgi_forkserver.emperor import Emperor, Options
 
     f = tmp_path / "u.ini"
-    f.write_text("[uwsgi]\nplugin = psgi\nmaster = true\nhttp-socket = 127.0.0.1:1\n")
+    # plugin and master are accepted (and ignored) by ours too; module and threads are not
+    f.write_text("[uwsgi]\nplugin = psgi\nmaster = true\nmodule = app\nthreads = 4\n"
+                 "http-socket = 127.0.0.1:1\n")
     assert cfgmod.load(f, judge=True).error  # ours would refuse it
     assert not Emperor(Options(tmp_path, "uwsgi")).judge
     assert Emperor(Options(tmp_path, str(PROGRAM))).judge
@@ -610,9 +612,10 @@ def test_out_of_descriptors_when_connecting_to_the_fork_server(hostile):
     try:
         used = {int(fd) for fd in os.listdir(f"/proc/{e.pid}/fd")}
         free = [n for n in range(len(used) + 8) if n not in used]
-        # three left: the file read (closed again), the http-socket and the
-        # Emperor pipe fit; the connection to the fork server does not
-        resource.prlimit(e.pid, resource.RLIMIT_NOFILE, (free[3], hard))
+        # seven left: the file read (closed again), the http-socket, the
+        # Emperor pipe, the config pipe and the output pipe (logs.py) fit;
+        # the connection to the fork server does not
+        resource.prlimit(e.pid, resource.RLIMIT_NOFILE, (free[7], hard))
         (e.dir / "a2.ini").write_text(app_ini("a2", p2, processes=1))
         wait_for(lambda: len(e.lines("[a2] adoption failed")) >= 2, 20, "a2's adoption retried")
         line = e.lines("[a2] adoption failed")[0]
@@ -677,12 +680,12 @@ def test_a_frozen_emperor_kills_no_heartbeat_vassal(hostile):
 
 
 def test_descriptor_budget_refuses_the_extra_vassals(hostile):
-    """Hard limit 70: (70 - 40 reserved) // 3 = room for 10 vassals besides
+    """Hard limit 80: (80 - 40 reserved) // 4 = room for 10 vassals besides
     the base; of 12, the last 2 by name are refused with a clear state, the
     others serve. Removing three makes room: the refused ones come up."""
     ports = {f"v{i:02d}": free_port() for i in range(12)}
-    e = hostile({n: app_ini(n, p, processes=1) for n, p in ports.items()}, nofile=(40, 70))
-    assert e.lines("descriptors: limit 70 (raised from 40), hard limit 70: room for 10 vassals")
+    e = hostile({n: app_ini(n, p, processes=1) for n, p in ports.items()}, nofile=(40, 80))
+    assert e.lines("descriptors: limit 80 (raised from 40), hard limit 80: room for 10 vassals")
     wait_for(lambda: sum(1 for v in e.status().values() if v["state"] == "refused") == 2, 30,
              "two refused")
     st = e.status()
@@ -695,9 +698,9 @@ def test_descriptor_budget_refuses_the_extra_vassals(hostile):
     for n in served:
         wait_for(lambda n=n: get(ports[n])["name"] == n, 30, f"{n} answers")
     emperor_ok(e)
-    assert psutil.Process(e.pid).rlimit(psutil.RLIMIT_NOFILE) == (70, 70)
+    assert psutil.Process(e.pid).rlimit(psutil.RLIMIT_NOFILE) == (80, 80)
     # children get the limit the Emperor was started with
-    assert psutil.Process(e.vpid("base")).rlimit(psutil.RLIMIT_NOFILE) == (40, 70)
+    assert psutil.Process(e.vpid("base")).rlimit(psutil.RLIMIT_NOFILE) == (40, 80)
     for n in served[:3]:
         (e.dir / f"{n}.ini").unlink()
     for n in refused:

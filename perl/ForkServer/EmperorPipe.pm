@@ -4,6 +4,7 @@ use warnings;
 
 use Fcntl qw(F_GETFD F_SETFD FD_CLOEXEC);
 use ForkServer::Protocol qw(read_packet MODIFIER1_CONFIG);
+use ForkServer::Output ();
 
 =head1 NAME
 
@@ -51,7 +52,9 @@ sub config_fh_from_env { $_[0]->_open_fd_from_env('UWSGI_EMPEROR_FD_CONFIG') }
 # for its config again with byte 2.
 sub config_from_env {
     my ($class) = @_;
+    ForkServer::Output::statement_flushed() if defined $ENV{UWSGI_EMPEROR_FD};
     my $fh = $class->config_fh_from_env or return;
+    ForkServer::Output::take_from_config_pipe($fh);
     my ($mod1, undef, $body) = eval { read_packet($fh) };
     die "config pipe: $@" unless defined $mod1;
     die "config pipe: expected a packet with modifier1 " . MODIFIER1_CONFIG . ", got $mod1\n" unless $mod1 == MODIFIER1_CONFIG;

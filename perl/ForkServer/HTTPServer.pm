@@ -64,6 +64,7 @@ sub new {
         keepalive_timeout => 5,       # an idle keep-alive connection is kept (it holds no worker)
         stop_grace       => 1,        # a stopping worker waits this long for a request already on its way on an idle connection
         socket_timeout   => 4,        # longest single stall of a read or write (uWSGI's socket-timeout)
+        protocol         => 'http',   # or 'uwsgi': requests are uwsgi packets (nginx's uwsgi_pass)
         listen_backlog   => 1024,
         %args,
     }, $class;
@@ -152,6 +153,14 @@ L<ForkServer::HTTPServer::Wire> (clock, deadlines, whole reads and writes).
 
 A bound, listening socket; or where to bind one (backlog C<listen_backlog>,
 default 1024).
+
+=item protocol
+
+C<http> (default), or C<uwsgi> (the vassal's C<socket> key): each
+connection carries one request, a uwsgi packet of CGI variables
+(L<ForkServer::UwsgiRequest>) and its body; the response is HTTP, never
+chunked, ended by closing the connection, as nginx's C<uwsgi_pass> reads
+it. A listener may be a UNIX socket either way.
 
 =item app
 

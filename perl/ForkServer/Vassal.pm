@@ -94,6 +94,7 @@ sub run {
         body_timeout      => $config->get('http-body-timeout'),
         response_timeout  => $config->get('http-response-timeout'),
         keepalive_timeout => $config->get('http-keepalive-timeout'),
+        protocol          => defined $config->get('socket') ? 'uwsgi' : 'http',
     )->run;
     return;
 }
@@ -144,9 +145,10 @@ sub listen_socket {
     if ($self->{use_fd0} and my $sock = inherited_listener()) {
         return $sock;
     }
-    my $addr = $self->{config}->get('http-socket');
+    my $addr = $self->{config}->get('http-socket') // $self->{config}->get('socket');
     die "no socket: give --http-socket ADDR (or pass a listening socket as descriptor 0)\n"
         unless defined $addr;
+    return listen_unix($addr, $self->{config}->get('listen')) if $addr =~ m{/} || $addr !~ /:/;
     my ($host, $port) = ForkServer::Config::parse_address($addr);
     my @common = (LocalPort => $port, Listen => $self->{config}->get('listen'), ReuseAddr => 1, Type => Socket::SOCK_STREAM());
     my $sock;
@@ -158,6 +160,22 @@ sub listen_socket {
             || IO::Socket::IP->new(LocalHost => '0.0.0.0', @common);
     }
     die "cannot listen on http-socket $addr: " . ($@ || $!) . "\n" unless $sock;
+    return $sock;
+}
+
+=head2 listen_unix($path, $backlog)
+
+A listening UNIX socket at C<$path> (http-socket with a C</>, when no
+Emperor passes one): a stale socket file there is replaced.
+
+=cut
+
+sub listen_unix {
+    my ($path, $backlog) = @_;
+    require IO::Socket::UNIX;
+    unlink $path if -S $path && !IO::Socket::UNIX->new(Peer => $path);
+    my $sock = IO::Socket::UNIX->new(Local => $path, Listen => $backlog, Type => Socket::SOCK_STREAM())
+        or die "cannot listen on http-socket $path: " . ($@ || $!) . "\n";
     return $sock;
 }
 

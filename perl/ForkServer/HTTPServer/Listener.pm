@@ -5,7 +5,7 @@ use warnings;
 # The server's listening socket: the one it was given, or one it binds;
 # and the SERVER_NAME and SERVER_PORT every request reports.
 
-use Socket qw(SOL_SOCKET SO_REUSEADDR AF_INET AF_INET6 AF_UNSPEC SOCK_STREAM AI_PASSIVE
+use Socket qw(SOL_SOCKET SO_REUSEADDR AF_INET AF_INET6 AF_UNIX AF_UNSPEC SOCK_STREAM AI_PASSIVE
               getaddrinfo inet_ntop unpack_sockaddr_in unpack_sockaddr_in6 sockaddr_family);
 
 sub setup {
@@ -14,7 +14,10 @@ sub setup {
     # SERVER_NAME / SERVER_PORT are per listener: compute them once.
     my $name = getsockname($self->{listen_sock}) or die "getsockname: $!";
     my ($port, $addr);
-    if (sockaddr_family($name) == AF_INET6) {
+    if (sockaddr_family($name) == AF_UNIX) {
+        # behind a front door: the Host header names the site, not the socket
+        ($port, $addr) = (0, 'localhost');
+    } elsif (sockaddr_family($name) == AF_INET6) {
         ($port, $addr) = unpack_sockaddr_in6($name);
         $addr = inet_ntop(AF_INET6, $addr);
     } else {

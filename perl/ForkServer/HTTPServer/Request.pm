@@ -8,6 +8,7 @@ use warnings;
 # response are ForkServer::HTTPServer::Response's.
 
 use HTTP::Parser::XS qw(parse_http_request);
+use ForkServer::UwsgiRequest ();
 # An in-memory open (an empty psgi.input, a buffered body) loads these on its
 # first use. Loaded here, a worker never searches @INC while serving: not
 # after the fork (an adopted vassal shares them with the base), and not
@@ -66,6 +67,7 @@ sub _serve_head {
         'psgix.cleanup'     => 1,
         'psgix.cleanup.handlers' => [],
     );
+    return $self->_serve_uwsgi_head($c, \%env, $t0) if $self->{protocol} eq 'uwsgi';
     my $hlen = parse_http_request($c->{buf}, \%env);
     return 'partial' if $hlen == -2 && length $c->{buf} <= $self->{max_header_size};
     $self->_head_ok($c, \%env, $hlen) or return 0;
@@ -80,6 +82,28 @@ sub _serve_head {
     my $max_req = $self->{max_requests};
     $keep = 0 if ${ $self->{stopping_ref} } || ($max_req && $self->{requests} >= $max_req);
     return $self->_dispatch($c, \%env, $keep, $t0);
+}
+
+# `socket` (uwsgi_pass): the head is one uwsgi packet of CGI variables
+# (ForkServer::UwsgiRequest), the body CONTENT_LENGTH bytes after it, the
+# response plain HTTP ended by the close (nginx reads it so).
+sub _serve_uwsgi_head {
+    my ($self, $c, $env, $t0) = @_;
+    my ($vars, $used) = eval { ForkServer::UwsgiRequest::parse($c->{buf}) };
+    if (!defined $used) {
+        if ($@) { $self->_log("uwsgi request: $@"); return 0 }
+        return 'partial';
+    }
+    substr($c->{buf}, 0, $used, '');
+    delete @$env{qw(REMOTE_ADDR REMOTE_PORT)};
+    %$env = (%$env, %$vars);
+    $env->{REMOTE_ADDR} //= '';
+    # nginx sends the body whole, CONTENT_LENGTH long, whatever the client's framing
+    delete $env->{HTTP_TRANSFER_ENCODING};
+    $self->_note_activity if $self->{idle} > 0;
+    $env->{'psgi.input'} = $self->_request_input($c, $env) or return 0;
+    $self->{requests}++;
+    return $self->_dispatch($c, $env, 0, $t0, 1);
 }
 
 # The head's size and shape; a bad one is answered (and false returned).

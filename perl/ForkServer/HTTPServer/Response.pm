@@ -16,12 +16,13 @@ use ForkServer::HTTPServer::Writer ();
 # The request's head and body are read: run the app and answer. Returns 1
 # to keep the connection, 0 to close it; dies when the client vanished.
 sub _dispatch {
-    my ($self, $c, $env, $keep, $t0) = @_;
+    my ($self, $c, $env, $keep, $t0, $close_delimited) = @_;
     # Harakiri covers exactly the app and the response, and is disarmed
     # however it ends: a response write that failed used to leave the alarm
     # running into the next request, which it then killed.
     my $harakiri = $self->{harakiri};
-    my $st = { keep => $keep, head => $env->{REQUEST_METHOD} eq 'HEAD', status => 0, bytes => 0, sent => 0 };
+    my $st = { keep => $keep, close_delimited => $close_delimited,
+               head => $env->{REQUEST_METHOD} eq 'HEAD', status => 0, bytes => 0, sent => 0 };
     if ($harakiri) {
         $self->{current_request} = qq{"$env->{REQUEST_METHOD} $env->{REQUEST_URI} $env->{SERVER_PROTOCOL}" from $c->{raddr}};
         worker_msg($self->{ready_w}, MSG_BUSY, $self->{current_request});
@@ -162,7 +163,7 @@ sub _response_head {
         if (ref $body eq 'ARRAY') {
             # Cheaper than chunking and keeps the connection reusable.
             $out .= "Content-Length: " . Plack::Util::content_length($body) . CRLF;
-        } elsif ($env->{SERVER_PROTOCOL} eq 'HTTP/1.1') {
+        } elsif ($env->{SERVER_PROTOCOL} eq 'HTTP/1.1' && !$st->{close_delimited}) {
             $chunked = 1;
             $out .= "Transfer-Encoding: chunked" . CRLF;
         } else {

@@ -1,0 +1,388 @@
+"""The Emperor's log: one line per event, timestamped, attributed to its vassal.
+
+Every line starts with an ISO 8601 UTC timestamp in milliseconds. The
+Emperor's own lines read `TIME emperor: [NAME] message`; a line a vassal's
+processes wrote reads `TIME [NAME] line`, so `grep '\\[NAME\\]'` finds both.
+`--log-format json` writes one JSON object per line instead, with the keys
+time, level, vassal, pid, event and message.
+
+The Emperor owns each vassal process's output (docs/CONTRACT.md, "Logs"):
+its stdout and stderr are one pipe (`OutputPipe`), made per process, whose
+read end the Emperor's loop reads. A spawned process gets the write end as
+descriptors 1 and 2; an adopted one, whose descriptors come from the base,
+gets it with its config packet (SCM_RIGHTS on the config pipe: the bytes
+stay uWSGI's) and moves it onto 1 and 2 itself (perl/ForkServer/Output.pm).
+Every process of the vassal (workers, what the app runs) inherits it. The
+pipe is read line by line; a process writing a whole line with one write(2)
+(< PIPE_BUF bytes) is never interleaved mid-line with another.
+
+A vassal with `logto = PATH` has its lines written to that file (O_APPEND);
+`reopen()` (SIGUSR2, `emperor reopen-logs`) reopens every file, for
+logrotate's rename-then-signal.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import selectors
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+FORMATS = ("text", "json")
+MAX_LINE = 16384  # a longer line is cut into pieces of this many bytes
+READ_CHUNK = 65536
+PIPE_SIZE = 1 << 20  # the default /proc/sys/fs/pipe-max-size
+
+
+_second: list = [None, ""]  # the last whole second formatted, and its text
+
+
+def timestamp(now: float | None = None) -> str:
+    """ISO 8601, UTC, milliseconds: 2026-11-28T01:37:27.123Z."""
+    t = time.time() if now is None else now
+    ms = int(t * 1000)
+    sec = ms // 1000
+    if _second[0] != sec:  # strftime once a second, not once a line
+        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{_second[1]}.{ms % 1000:03d}Z"
+
+
+def level_of(message: str) -> str:
+    """The level of an Emperor line, from the words it starts with (the
+    Emperor's lines are written for people; this keeps them so)."""
+    m = message.lower()
+    if m.startswith(("error", "cannot", "bad config", "adoption failed", "sigkill")):
+        return "error"
+    if " died " in m or m.startswith(("giving up", "inotify unavailable", "orphan", "refused")):
+        return "warning"
+    return "info"
+
+
+def _open_append(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+
+@dataclass
+class LogFile:
+    """A file lines are appended to, reopened by path on `reopen()`."""
+
+    path: Path
+    fd: int = -1
+    error: str | None = None  # why it could not be opened (logged once)
+
+    def open(self) -> None:
+        try:
+            fd = _open_append(self.path)
+        except OSError as e:
+            self.error = f"{self.path}: {e.strerror or e}"
+            return
+        self.close()
+        self.fd, self.error = fd, None
+
+    def write(self, data: bytes) -> bool:
+        if self.fd < 0:
+            return False
+        try:
+            view = memoryview(data)
+            while view:  # whole lines per write(2); O_APPEND: never over another writer's
+                view = view[os.write(self.fd, view):]
+            return True
+        except OSError as e:
+            self.error = f"{self.path}: {e.strerror or e}"
+            return False
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class Log:
+    """Where every line goes: the Emperor's stream (stderr, or `--logto`),
+    and each vassal's own file (`logto` key)."""
+
+    fmt: str = "text"
+    stream: TextIO | None = None  # default: sys.stderr at write time
+    path: Path | None = None  # --logto: the Emperor's own log file
+    files: dict[str, LogFile] = field(default_factory=dict)  # vassal -> its logto
+    main: LogFile | None = None
+    # also told every relayed line (vassal, lines): the Emperor keeps a
+    # vassal's recent lines for its status page
+    keep: Callable[[str, list[str]], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.fmt not in FORMATS:
+            raise ValueError(f"log format {self.fmt!r}: one of {', '.join(FORMATS)}")
+        if self.path is not None:
+            self.main = LogFile(self.path)
+            self.main.open()
+            if self.main.error:
+                raise OSError(self.main.error)
+        self.pid = os.getpid()
+
+    def format(self, message: str, vassal: str | None = None, *, pid: int | None = None,
+               level: str | None = None, event: str = "emperor",
+               now: float | None = None) -> str:
+        """One line, newline included. `event` "emperor" is one of the
+        Emperor's own lines; "output" a line relayed from a vassal."""
+        if self.fmt == "json":
+            return json.dumps({
+                "time": timestamp(now), "level": level or level_of(message), "vassal": vassal,
+                "pid": pid if pid is not None else (self.pid if event == "emperor" else None),
+                "event": event, "message": message,
+            }, ensure_ascii=False) + "\n"
+        if event == "emperor":
+            tag = f"emperor: [{vassal}] " if vassal else "emperor: "
+        else:
+            tag = f"[{vassal}] " if vassal else ""
+        return f"{timestamp(now)} {tag}{message}\n"
+
+    def emit(self, message: str, vassal: str | None = None, **kw) -> None:
+        """Write one line to the Emperor's log."""
+        self._write_main(self.format(message, vassal, **kw))
+
+    def relay(self, vassal: str, lines: list[str], pid: int | None) -> None:
+        """Lines a vassal's process wrote: to its `logto` file if it has one
+        that is open, else to the Emperor's log; one write for all of them."""
+        if self.keep is not None:
+            self.keep(vassal, lines)
+        now = time.time()
+        text = "".join(self.format(line, vassal, pid=pid, level="info", event="output", now=now)
+                       for line in lines)
+        f = self.files.get(vassal)
+        if f is not None and f.write(text.encode("utf-8", "surrogateescape")):
+            return
+        self._write_main(text)
+
+    def _write_main(self, text: str) -> None:
+        if self.main is not None and self.main.write(text.encode("utf-8", "surrogateescape")):
+            return
+        stream = self.stream or sys.stderr
+        try:
+            stream.write(text)
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def set_logto(self, vassal: str, path: Path | None) -> str | None:
+        """The vassal's `logto` file (None: its lines go to the Emperor's
+        log). The reason it cannot be opened, if it cannot."""
+        old = self.files.get(vassal)
+        if old is not None and old.path == path and old.fd >= 0:
+            return None
+        if old is not None:
+            old.close()
+            del self.files[vassal]
+        if path is None:
+            return None
+        f = LogFile(path)
+        f.open()
+        if f.error:
+            return f.error
+        self.files[vassal] = f
+        return None
+
+    def reopen(self) -> list[str]:
+        """Reopen every file by its path (logrotate renamed the old one);
+        the reasons of those that could not be reopened (they keep writing
+        to the old file)."""
+        errors = []
+        for f in ([self.main] if self.main is not None else []) + list(self.files.values()):
+            f.open()
+            if f.error:
+                errors.append(f.error)
+        return errors
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
+        if self.main is not None:
+            self.main.close()
+
+
+class OutputPipe:
+    """One vassal process's stdout and stderr: the pipe the Emperor reads.
+
+    `wfd` is the write end to pass to the process (closed by `passed()`
+    once it is); `rfd` the non-blocking read end, in the Emperor's loop
+    until every process holding the write end has exited (EOF)."""
+
+    def __init__(self, rfd: int | None = None) -> None:
+        """A new pipe; or, with `rfd`, the read end of one made elsewhere."""
+        if rfd is None:
+            self.rfd, self.wfd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            os.set_blocking(self.wfd, True)  # the vassal's end: writers block, never lose lines
+            # room for a busy vassal's lines while the Emperor is busy or
+            # frozen (the 64 KiB default is ~600 access lines); best effort
+            try:
+                fcntl.fcntl(self.rfd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass
+        else:
+            self.rfd, self.wfd = rfd, -1
+            os.set_blocking(rfd, False)
+        self.buf = bytearray()
+
+    def passed(self) -> None:
+        if self.wfd >= 0:
+            os.close(self.wfd)
+            self.wfd = -1
+
+    def read(self) -> tuple[list[str], bool]:
+        """The whole lines read now, and whether the pipe reached its end
+        (then a last partial line is among them)."""
+        try:
+            data = os.read(self.rfd, READ_CHUNK)
+        except BlockingIOError:
+            return [], False
+        except OSError:
+            data = b""
+        eof = not data
+        self.buf += data
+        lines = []
+        while True:
+            i = self.buf.find(b"\n")
+            if i < 0:
+                if len(self.buf) >= MAX_LINE:
+                    i = MAX_LINE
+                    lines.append(bytes(self.buf[:i]))
+                    del self.buf[:i]
+                    continue
+                break
+            lines.append(bytes(self.buf[:i]))
+            del self.buf[:i + 1]
+        if eof and self.buf:
+            lines.append(bytes(self.buf))
+            self.buf.clear()
+        return [ln.rstrip(b"\r").decode("utf-8", "replace") for ln in lines], eof
+
+    def close(self) -> None:
+        self.passed()
+        if self.rfd >= 0:
+            os.close(self.rfd)
+            self.rfd = -1
+
+
+@dataclass
+class Progress:
+    """A long operation (a mass start, a deploy): one line per second while
+    it runs (`deploy: 120/200 moved, 0 failed`), and one summary at the end."""
+
+    what: str  # "start", "deploy"
+    verb: str  # "running", "moved"
+    total: int
+    started: float
+    next_line: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.next_line = self.started + 1.0
+
+    def line(self, done: int, failed: int) -> str:
+        return f"{self.what}: {done}/{self.total} {self.verb}, {failed} failed"
+
+    def due(self, now: float) -> bool:
+        if now < self.next_line:
+            return False
+        self.next_line = now + 1.0
+        return True
+
+    def summary(self, done: int, failed: int, now: float) -> str:
+        return f"{self.line(done, failed)} in {now - self.started:.1f} s (done)"
+
+
+class Relay:
+    """The readers of the vassals' output pipes, in the Emperor's selector.
+
+    A pipe is read until its end of file (every process holding its write
+    end has exited, the vassal's orphans included), not until the Emperor
+    forgets the process: the last lines of a dying vassal are not lost."""
+
+    def __init__(self, log: Log, sel: selectors.BaseSelector) -> None:
+        self.log = log
+        self.sel = sel
+        # read end -> (the pipe, its vassal, how to learn its process's pid)
+        self.pipes: dict[int, tuple[OutputPipe, str, Callable[[], int | None]]] = {}
+
+    def watch(self, out: OutputPipe, vassal: str, pid: Callable[[], int | None]) -> None:
+        """Read `out` from now on, its lines relayed as `vassal`'s; `pid`
+        tells the process's pid once known (an adoption's comes later).
+        Our copy of the write end is closed: the process has its own."""
+        out.passed()
+        self.pipes[out.rfd] = (out, vassal, pid)
+        self.sel.register(out.rfd, selectors.EVENT_READ, lambda now, fd=out.rfd: self._readable(fd))
+
+    def _readable(self, fd: int) -> bool:
+        """Relay what can be read now; False once there is nothing more."""
+        out, vassal, pid = self.pipes[fd]
+        lines, eof = out.read()
+        if lines:
+            self.log.relay(vassal, lines, pid())
+        if eof:
+            self._forget(fd)
+        return bool(lines) and not eof
+
+    def _forget(self, fd: int) -> None:
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+        out, _, _ = self.pipes.pop(fd)
+        out.close()
+
+    def close(self) -> None:
+        """The Emperor exits: what is left in the pipes is relayed first
+        (bounded: a writer that never stops cannot hold the Emperor)."""
+        for fd in list(self.pipes):
+            for _ in range(64):
+                if not self._readable(fd):
+                    break
+            if fd in self.pipes:
+                out, vassal, pid = self.pipes[fd]
+                if out.buf:
+                    self.log.relay(vassal, [out.buf.decode("utf-8", "replace")], pid())
+                self._forget(fd)
+
+
+class StartProgress:
+    """A mass start: while ten or more vassals are starting at once, one
+    progress line a second (`start: 120/200 running, 0 failed`), and one
+    summary when none is left starting."""
+
+    MIN = 10
+    STARTING = ("new", "waiting-for-base", "adopting", "starting")
+    DONE = ("running", "loyal", "reloading", "on-demand")
+    FAILED = ("throttled", "config-error", "refused")
+
+    def __init__(self, emit: Callable[[str], None]) -> None:
+        self.emit = emit
+        self.op: Progress | None = None
+        self.names: set[str] = set()
+
+    def observe(self, now: float, phases: dict[str, str]) -> None:
+        """Once per loop turn: each (non-base) vassal's phase."""
+        starting = {n for n, ph in phases.items() if ph in self.STARTING}
+        if self.op is None:
+            if len(starting) < self.MIN:
+                return
+            self.names = set(starting)
+            self.op = Progress("start", "running", len(self.names), now)
+        else:
+            self.names |= starting
+            self.op.total = len(self.names)
+        names = self.names
+        done = sum(1 for n in names if phases.get(n) in self.DONE)
+        failed = sum(1 for n in names if phases.get(n) in self.FAILED)
+        gone = sum(1 for n in names if n not in phases)
+        if not (starting & names):
+            self.emit(self.op.summary(done, failed + gone, now))
+            self.op, self.names = None, set()
+        elif self.op.due(now):
+            self.emit(self.op.line(done, failed + gone))
