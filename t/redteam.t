@@ -88,6 +88,18 @@ subtest 'a pipelining flood does not grow the worker without bound' => sub {
     cmp_ok $grew, '<', 16 * 1024, 'the worker holds a bounded amount of unread requests';
     close $s;
     is http_raw($srv->port, "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n", timeout => 60)->{status}, 200, 'still serving';
+    # a pipelined head cut after the first request: served, then the rest of
+    # the second is read (the worker reads on while a head is incomplete)
+    $s = connect_to($srv->port);
+    print $s "GET /pid HTTP/1.1\r\nHost: x\r\n\r\nGET /pid HTT";
+    $s->flush;
+    my $buf = '';
+    my $r = read_response($s, \$buf, timeout => 20);
+    is $r && $r->{status}, 200, 'the first pipelined request';
+    print $s "P/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    $r = read_response($s, \$buf, timeout => 20);
+    is $r && $r->{status}, 200, 'the second, whose head came in two pieces';
+    close $s;
     $srv->stop;
 };
 
@@ -159,6 +171,8 @@ subtest 'request targets and Host (RFC 9112 3.2)' => sub {
     $r = http_raw($srv->port, "GET http://a.example:8080/tar%67et?q=1 HTTP/1.1\r\nHost: b.example\r\nConnection: close\r\n\r\n");
     is $r && $r->{body}, 'HTTP_HOST=a.example:8080 REQUEST_URI=/tar%67et?q=1 PATH_INFO=/target QUERY_STRING=q=1 HTTP_X_A=',
         "absolute-form: the target's authority is the host, the rest is origin-form";
+    $r = http_raw($srv->port, "GET http://a.example/pid HTTP/1.1\r\nConnection: close\r\n\r\n");
+    is $r && $r->{status}, 400, 'absolute-form without Host in HTTP/1.1: 400 (Host is still required)';
     for my $target ('pid', '*', 'http://a@b/pid') {
         $r = http_raw($srv->port, "GET $target HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
         is $r && $r->{status}, 400, "GET $target: 400";

@@ -135,12 +135,12 @@ sub _head_ok {
     return 1;
 }
 
-# Is the head in the buffer complete, with more field lines than the
-# parser takes?
+# More field lines than the parser takes in the head (up to its end, or
+# all that has arrived of it)?
 sub _too_many_fields {
     my $end = index($_[0], "\012\015\012");
     $end = index($_[0], "\012\012") if $end < 0;
-    return 0 if $end < 0;
+    $end = length $_[0] if $end < 0;
     return (substr($_[0], 0, $end) =~ tr/\012//) > MAX_FIELD_LINES;
 }
 
@@ -163,6 +163,8 @@ sub _other_form {
     my $env = shift;
     my $uri = $env->{REQUEST_URI};
     return $env->{REQUEST_METHOD} eq 'OPTIONS' if $uri eq '*';
+    # HTTP/1.1 must send Host even then (RFC 9112 3.2), though it is ignored
+    return 0 if !defined $env->{HTTP_HOST} && $env->{SERVER_PROTOCOL} eq 'HTTP/1.1';
     my ($authority, $path) = $uri =~ m{\Ahttps?://([^/?#]+)([^#]*)\z}i or return 0;
     return 0 if $authority !~ $HOST_RE;
     $path = "/$path" if substr($path, 0, 1) ne '/';

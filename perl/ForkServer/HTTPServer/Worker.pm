@@ -191,8 +191,11 @@ sub _ready_conns {
         ${ $self->{stopping_ref} } = 1;
         $loop->{leaving} = 1;
     }
-    if (!$loop->{leaving} && vec($rout, $loop->{lfd}, 1) && _make_room($loop)) {
+    if (!$loop->{leaving} && vec($rout, $loop->{lfd}, 1)) {
         if (my $c = $self->_accept($self->{listen_sock}, $loop->{stimeo})) {
+            # after the accept: a client another worker took costs no one
+            # a connection
+            _make_room($loop) if keys %{ $loop->{conns} } >= MAX_CONNS;
             my $fd = fileno $c->{sock};
             $loop->{conns}{$fd} = $c;
             # Linux defers accept until data arrived only with
@@ -205,13 +208,12 @@ sub _ready_conns {
     return \%ready;
 }
 
-# Below MAX_CONNS, true; at it, closes the idle keep-alive connection that
-# has waited longest (as nginx does), never one with a request under way,
-# and false if there is none.
+# At MAX_CONNS, a new client closes the idle keep-alive connection that has
+# waited longest (as nginx does), never one with a request under way
+# (_select_set watches the listener only while there is one).
 sub _make_room {
     my $loop = shift;
     my $conns = $loop->{conns};
-    return 1 if keys %$conns < MAX_CONNS;
     my ($oldest, $at);
     for my $fd (keys %$conns) {
         my $c = $conns->{$fd};
@@ -219,9 +221,8 @@ sub _make_room {
         # idle ones share keepalive_timeout: the earliest deadline is the oldest
         ($oldest, $at) = ($fd, $c->{deadline}) if !defined $at || $c->{deadline} < $at;
     }
-    return 0 unless defined $oldest;
-    _drop_conn($loop, $oldest);
-    return 1;
+    _drop_conn($loop, $oldest) if defined $oldest;
+    return;
 }
 
 # Reads what a ready connection has and serves one request if its head is
