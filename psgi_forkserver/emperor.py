@@ -51,7 +51,7 @@ from .frontdoor import FrontDoor, FrontDoorOptions, Route, nginx_target
 from .metrics import EmperorMetrics
 from .adoption import AdoptionError, PendingAdoption
 from .launch import describe_status, program_argv
-from .orphans import EndedSessions, classify_orphans, scan_proc
+from .orphans import EndedSessions, classify_orphans, scan_proc, spare_of
 from .protocol import EmperorByte, ProtocolError, VassalByte
 from .sockets import Listener
 from .vassal import (
@@ -1452,6 +1452,8 @@ class Emperor:
             # reply is read: not worth a line while an adoption is in flight.
             adopting = any(h.adoption is not None for h in self.procs.values())
             for pid in found.unknown - self.unattributed:
+                if spare_of(pid) is not None:
+                    continue
                 if adopting and scan.children.get(pid) == pid:
                     continue
                 self.unattributed.add(pid)

@@ -63,30 +63,79 @@ sub new {
 sub run {
     my ($self) = @_;
     my $config = $self->{config};
-    my $name   = $config->name;
-    $0 = $config->get('procname') // "psgi-vassal $name";
-    $self->apply_env;
-    if (defined(my $dir = $config->get('chdir'))) {
-        chdir $dir or die "chdir '$dir': $!\n";
-    }
+    $self->configure;
     my $app  = $self->load_app;
     my $sock = $self->listen_socket;
     my $access_log = $self->access_log;    # opened as whoever may open it
+    my $preforked = $self->first_worker($sock);
     $self->drop_privileges;
     ForkServer::EmperorPipe->send($self->{emperor}, SPAWNED);
     ForkServer::HTTPServer->new(
         listen_sock  => $sock,
         app          => $app,
+        emperor_fh   => $self->{emperor},
+        $self->server_args($access_log),
+        ($preforked ? (preforked => $preforked) : ()),
+    )->run;
+    return;
+}
+
+=head2 configure
+
+What every process of the vassal applies for itself, in order: process
+title, C<env> into C<%ENV>, C<chdir>. (A spare's waiting worker does it
+too: L<ForkServer::Spares>.)
+
+=cut
+
+sub configure {
+    my ($self) = @_;
+    $0 = $self->title;
+    $self->apply_env;
+    if (defined(my $dir = $self->{config}->get('chdir'))) {
+        chdir $dir or die "chdir '$dir': $!\n";
+    }
+    return;
+}
+
+sub title {
+    my ($self) = @_;
+    return $self->{config}->get('procname') // "psgi-vassal " . $self->{config}->name;
+}
+
+# An adopted spare's worker, already forked and warm, gets the socket; not
+# with a `psgi` app on top of the base (it holds the preloaded one).
+sub first_worker {
+    my ($self, $sock) = @_;
+    my $worker = $self->{first_worker} or return undef;
+    if (defined $self->{config}->get('psgi')) {
+        $worker->discard;
+        return undef;
+    }
+    return $worker->start($sock);
+}
+
+=head2 server_args($access_log_fh)
+
+The L<ForkServer::HTTPServer> options this vassal's config gives (all but
+the socket, the app and the Emperor pipe), with the access log's handle
+(L</access_log>, opened before privileges are dropped).
+
+=cut
+
+sub server_args {
+    my ($self, $access_log) = @_;
+    my $config = $self->{config};
+    return (
         workers      => $config->get('processes'),
         max_requests => $config->get('max-requests'),
         harakiri     => $config->get('harakiri'),
-        name         => $name,
-        emperor_fh   => $self->{emperor},
+        name         => $config->name,
         heartbeat    => $config->get('heartbeat'),
         idle         => $config->get('idle'),
         access_log   => $access_log,
         access_log_path => $config->get('disable-logging') ? undef : $config->get('access-log'),
-        proctitle    => $0,
+        proctitle    => $self->title,
         max_body_size     => $config->get('limit-post'),
         max_header_size   => $config->get('buffer-size'),
         socket_timeout    => $config->get('socket-timeout'),
@@ -95,8 +144,7 @@ sub run {
         response_timeout  => $config->get('http-response-timeout'),
         keepalive_timeout => $config->get('http-keepalive-timeout'),
         protocol          => defined $config->get('socket') ? 'uwsgi' : 'http',
-    )->run;
-    return;
+    );
 }
 
 =head2 access_log() -> $fh

@@ -17,11 +17,13 @@ use Fcntl ();
 use constant REQUESTS_SLOT => 16;
 
 sub _open_requests_file {
-    my $self = shift;
+    my ($self, %o) = @_;
     my $dir = $ENV{PSGI_FORKSERVER_RUN_DIR};
     return unless defined $dir && length $dir && -d $dir;
-    my $path = "$dir/requests-$$";
-    sysopen(my $fh, $path, Fcntl::O_WRONLY() | Fcntl::O_CREAT() | Fcntl::O_TRUNC(), 0600)
+    my $path = "$dir/requests-" . ($o{master} // $$);
+    # A spare's first worker may open it first (and count) before its
+    # master gets here: then neither truncates.
+    sysopen(my $fh, $path, Fcntl::O_WRONLY() | Fcntl::O_CREAT() | ($o{shared} ? 0 : Fcntl::O_TRUNC()), 0600)
         or return;
     close $fh;
     $self->{requests_file} = $path;

@@ -73,16 +73,21 @@ sub _master_init {
     ForkServer::HTTPServer::Listener::setup($self);
     $0 = $self->{proctitle} if length $self->{proctitle};
 
-    pipe(my $ready_r, my $ready_w) or die "pipe: $!";
+    # A spare's first worker (ForkServer::Spares) exists already, with these pipes.
+    my $pre = delete $self->{preforked};
+    my ($ready_r, $ready_w);
+    if ($pre) { ($ready_r, $ready_w) = @$pre{qw(ready_r ready_w)} }
+    else      { pipe($ready_r, $ready_w) or die "pipe: $!" }
     $self->{ready_r} = $ready_r;
     $self->{ready_w} = $ready_w;
     $self->{master_pid} = $$;
     $self->{gen} = 1;
-    $self->_open_requests_file;
+    $self->_open_requests_file(shared => $pre ? 1 : 0);
     $self->{kids} = {};        # pid => { slot, gen, ready, born }
     $self->{slot_fast_deaths} = {};
     $self->{respawn} = {};     # slot => time
-    $self->_new_stop_pipe;
+    if ($pre) { @$self{qw(stop_r stop_w)} = @$pre{qw(stop_r stop_w)} }
+    else      { $self->_new_stop_pipe }
     $self->{sent_accepting} = 0;
     $self->{sent_loyal} = 0;
     $self->{stopping} = 0;     # 0, 'graceful' or 'now'
@@ -94,7 +99,8 @@ sub _master_init {
         server_software => 'ForkServer',
     }) if $self->{server_ready};
 
-    $self->_spawn_worker($_) for 1 .. $self->{workers};
+    $self->{kids}{ $pre->{pid} } = { slot => 1, gen => 1, ready => 0, born => now() } if $pre;
+    $self->_spawn_worker($_) for ($pre ? 2 : 1) .. $self->{workers};
 
     $self->{heartbeat_every} = $self->{heartbeat} > 0 ? $self->{heartbeat} / 2 : 0;
     $self->{next_heartbeat} = undef;
@@ -208,6 +214,28 @@ sub _spawn_worker {
     POSIX::sigprocmask(POSIX::SIG_SETMASK(), $old);
     $self->{kids}{$pid} = { slot => $slot, gen => $self->{gen}, ready => 0, born => now() };
     return $pid;
+}
+
+=head2 run_preforked_worker(slot => 1, master_pid => $pid, ready_r => $fh, ready_w => $fh, stop_r => $fh)
+
+The entry point of a worker forked before its master ran (a spare's first
+worker, L<ForkServer::Spares>): the same worker as one that C<run()>
+forks, given the master's pipes (the master gets them as
+C<preforked =E<gt> { pid, ready_r, ready_w, stop_r, stop_w }> in C<new>).
+Does not return.
+
+=cut
+
+sub run_preforked_worker {
+    my ($self, %args) = @_;
+    ForkServer::HTTPServer::Listener::setup($self);
+    $self->{$_} = $args{$_} for qw(master_pid ready_r ready_w stop_r);
+    $self->{gen} = 1;
+    $self->_open_requests_file(master => $args{master_pid}, shared => 1);
+    $self->{sigmask} = POSIX::SigSet->new;
+    my $code = eval { $self->_worker_main($args{slot}); 0 };
+    unless (defined $code) { $self->_log("worker $args{slot}: $@"); $code = 1 }
+    ForkServer::HTTPServer::Worker::worker_exit($code);
 }
 
 # Records from ForkServer::HTTPServer::Worker::worker_msg; a read may end
