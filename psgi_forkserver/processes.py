@@ -292,12 +292,9 @@ class Processes:
         h = self.procs.get((name, seq))
         if h is None or h.pipe is None:
             return
-        try:
-            data = h.pipe.recv(4096)
-        except (BlockingIOError, InterruptedError):
+        data = launch.recv_ready(h.pipe, 4096)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._close_pipe(name, seq)
             return

@@ -240,12 +240,9 @@ class Prove:
         self.expire(running)
 
     def read(self, sock: socket.socket, job: Job) -> None:
-        try:
-            data = sock.recv(65536)
-        except BlockingIOError:
+        data = launch.recv_ready(sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self.sel.unregister(sock)
             job.open_streams -= 1

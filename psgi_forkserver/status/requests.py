@@ -14,6 +14,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
+from ..launch import recv_ready
 from ..metrics import render as render_metrics
 from .document import SCHEMA, Collection
 from .page import render_html
@@ -51,12 +52,9 @@ class Requests:
         c = self.clients.get(fd)
         if c is None:
             return True
-        try:
-            data = c.sock.recv(4096)
-        except (BlockingIOError, InterruptedError):
+        data = recv_ready(c.sock, 4096)
+        if data is None:
             return c.command
-        except OSError:
-            data = b""
         if not data:
             try:
                 self.sel.unregister(c.sock)  # a plain reader shut its side
@@ -99,12 +97,9 @@ class Requests:
         c = self.clients.get(fd)
         if c is None:
             return
-        try:
-            data = c.sock.recv(4096)
-        except (BlockingIOError, InterruptedError):
+        data = recv_ready(c.sock, 4096)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._drop(fd)
             return
