@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="graceful stop time before SIGKILL (default 30)")
     run.add_argument("--adopt-timeout", type=float, default=10.0, metavar="SECONDS",
                      help="wait this long for a fork server's reply (default 10)")
+    run.add_argument("--template-timeout", type=float, default=5.0, metavar="SECONDS",
+                     help="a vassal template still rendering after this long is stopped: "
+                          "config-error (default: 5)")
     run.add_argument("--rescan-interval", type=float, default=10.0, metavar="SECONDS",
                      help="full rescan of the directory, besides inotify (default 10)")
     run.add_argument("--pidfile", type=Path, metavar="PATH",
@@ -378,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         fork_bases=tuple(args.fork_bases),
         mercy=args.mercy,
         adopt_timeout=args.adopt_timeout,
+        template_timeout=args.template_timeout,
         rescan_interval=args.rescan_interval,
         backoff_first=args.backoff_first,
         backoff_max=args.backoff_max,

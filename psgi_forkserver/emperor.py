@@ -44,6 +44,7 @@ from typing import Any
 import psutil
 
 from . import config as cfgmod
+from .config import render
 from . import bases as basesmod
 from . import adoption as forkserver, launch, logs, notify, protocol, sockets
 from . import status as statusmod
@@ -201,6 +202,7 @@ class Options:
     fork_bases: tuple[str, ...] = ()
     mercy: float = 30.0
     adopt_timeout: float = 10.0
+    template_timeout: float = render.DEFAULT_TIMEOUT  # a template rendering longer is killed
     rescan_interval: float = 10.0
     backoff_first: float = 1.0
     backoff_max: float = 180.0
@@ -324,6 +326,10 @@ class Emperor:
             self._remember(name, msgs) if name in self.vassals else None)
         self.start_progress = logs.StartProgress(self.log)
         self.deploys = basesmod.DeployTracker(self.log)
+        # templates render in children with a deadline; the file is read
+        # again when a render ends
+        self.renderer = render.Renderer(self.sel, lambda path: self.due.__setitem__(path.name, 0.0),
+                                        timeout=self.opts.template_timeout)
         # the vassals must step again at once (the fork server changed, or a
         # deploy slot came free): the loop does not wait for the next event
         self.again = False
@@ -490,7 +496,7 @@ class Emperor:
         except OSError:
             return out
         for path in found.values():
-            cfg = cfgmod.load(path)
+            cfg = cfgmod.load(path, render=render.render_with_deadline)
             if cfg is None or cfg.error or not self.bases.is_base(cfg):
                 continue
             sock = cfg.fork_server_path()
@@ -536,6 +542,7 @@ class Emperor:
 
     def _teardown(self) -> None:
         self.relay.close()
+        self.renderer.close()
         for name in list(self.listeners):
             self._close_listener(name)
         if self.opts.pidfile is not None:
@@ -566,6 +573,7 @@ class Emperor:
                     self.log(f"{signal.Signals(signum).name}: stopping every vassal")
                     self.shutting_down = True
                     self.shutdown_deadline = now + self.opts.mercy
+                    self.renderer.close()  # no template matters any more
             elif signum == signal.SIGHUP:
                 self.next_rescan = now
             elif signum == signal.SIGUSR1:
@@ -705,6 +713,8 @@ class Emperor:
             if owner is not None:
                 with self._boundary(owner[0], now):
                     self._vassal_exited(owner[0], owner[1], pid, status, now)
+            elif self.renderer.reaped(pid):
+                continue
             else:
                 if self.orphans.pop(pid, None) is not None:
                     self.sweep_due = True  # its own children came to us
@@ -841,7 +851,10 @@ class Emperor:
                     self._load(name, self.dir / fname, now)
 
     def _load(self, name: str, path: Path | None, now: float) -> None:
-        cfg = cfgmod.load(path, judge=self.judge) if path is not None else None
+        cfg = (cfgmod.load(path, judge=self.judge, render=self.renderer.render)
+               if path is not None else None)
+        if cfg is not None and cfg.pending:
+            return  # a template rendering: read again when it ends (self.renderer)
         if cfg is not None and cfg.transient:
             # out of descriptors or memory: says nothing about the file;
             # keep the vassal as it is and read the file again soon
@@ -1306,7 +1319,7 @@ class Emperor:
             # A vassal adopted this turn leads its session before its pid
             # reply is read: not worth a line while an adoption is in flight.
             adopting = any(h.adoption is not None for h in self.procs.values())
-            for pid in found.unknown - self.unattributed:
+            for pid in found.unknown - self.unattributed - self.renderer.pids:
                 if adopting and scan.children.get(pid) == pid:
                     continue
                 self.unattributed.add(pid)
@@ -1467,6 +1480,9 @@ class Emperor:
             if h.adoption is not None:
                 times.append(h.adoption.deadline)
         times += self.orphans.values()
+        t = self.renderer.next_wakeup()
+        if t is not None:
+            times.append(t)
         status = self.opts.status
         if status is not None and hasattr(status, "next_wakeup"):
             t = status.next_wakeup()
@@ -1490,6 +1506,7 @@ class Emperor:
                 self._reap(now)
                 if now >= self.next_rescan:
                     self._rescan(now)
+                self.renderer.expire(now)
                 self._reload_due(now)
                 self._reconcile(now)
                 status = self.opts.status

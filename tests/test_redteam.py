@@ -46,11 +46,6 @@ def test_reload_base_wait_while_the_base_is_down_is_not_a_success(emperor, deplo
     assert serve(ports, "v1")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "redteam: a vassal template is rendered inside the Emperor's loop with no time "
-    "limit (config.py _environment: a plain jinja2.Environment): a template that loops "
-    "freezes the whole Emperor (no status, no reaping, no restarts; SIGTERM waits for "
-    "the render). Render with a deadline (a child process) and make it config-error."))
 def test_a_template_that_loops_does_not_freeze_the_emperor(emperor, deploy_tmp):  # noqa: F811
     stats = deploy_tmp / "stats.sock"
     e, ports = deploy_fleet(emperor, ["app1"], "--stats", stats)
