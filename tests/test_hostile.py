@@ -583,6 +583,28 @@ def test_config_over_64k_is_its_vassals_error_alone(hostile):
     assert_no_zombies(e)
 
 
+def test_a_template_that_loops_is_its_vassals_config_error(hostile):
+    """A template is rendered in a child with a deadline (--template-timeout):
+    one that loops is `config-error` with one line, read again only once its
+    file changes, and the fleet (templates included) goes on."""
+    ok, fine, slow = free_port(), free_port(), free_port()
+    e = hostile({
+        "ok": app_ini("ok", ok, processes=1),
+        "fine.ini.j2": app_ini("{{ name }}", fine, processes=1),
+        "slow.ini.j2": app_ini("slow", slow, processes=1) + "{% for i in range(10**10) %}{% endfor %}\n",
+    }, "--template-timeout", "1", wait=[ok, fine])
+    assert get(fine)["name"] == "fine"
+    wait_for(lambda: e.status().get("slow", {}).get("state") == "config-error", 30, "slow: config-error")
+    assert "slow.ini.j2: rendering took more than 1 s" in e.status()["slow"]["error"]
+    emperor_ok(e)
+    (e.dir / "slow.ini.j2").write_text(app_ini("slow", slow, processes=1))
+    wait_for(lambda: get(slow)["name"] == "slow", 30, "slow once fixed")
+    # rescans (every 2 s) met the same file meanwhile: no render, no new line
+    assert len(e.lines("[slow] bad config")) == 1, e.lines("[slow]")
+    assert get(ok)["name"] == "ok"
+    assert_no_zombies(e)
+
+
 def test_file_name_not_utf8(hostile):
     ok, cafe = free_port(), free_port()
     e = hostile({"ok": app_ini("ok", ok, processes=1),
