@@ -224,3 +224,44 @@ class DeployTracker:
             "requested_generation": base.want_base_generation if base is not None else None,
             "last": self.last.as_dict(now) if self.last is not None else None,
         }
+
+
+WEDGED_AFTER = 3  # adoptions in a row with no reply: the base is wedged
+
+
+@dataclass
+class WedgeWatch:
+    """Judges bases by their adoptions. A base that is stopped (SIGSTOP),
+    deadlocked or swapped to death still exists: no exit to reap, no error,
+    and every adoption from it times out, forever. After `after` timeouts
+    in a row from one generation (any reply in between resets the count)
+    the base is wedged: the Emperor SIGKILLs it, and the base's ordinary
+    restart (then `_base_back`) brings the waiting vassals back."""
+
+    after: int = WEDGED_AFTER
+    timeouts: dict[int, int] = field(default_factory=dict)  # generation -> in a row
+    killed: dict[int, str] = field(default_factory=dict)  # pid -> why (until reaped)
+
+    def replied(self, generation: int) -> None:
+        self.timeouts.pop(generation, None)
+
+    def timed_out(self, base: Vassal | None, generation: int,
+                  adopt_timeout: float) -> tuple[int, str] | None:
+        """One adoption from `generation` got no reply: (pid, why) of the
+        base process to replace when that makes it wedged, else None."""
+        n = self.timeouts[generation] = self.timeouts.get(generation, 0) + 1
+        if n < self.after or base is None:
+            return None
+        for p in base.procs():
+            if p.kind == Kind.BASE and p.base_generation == generation and p.pid is not None \
+                    and p.pid not in self.killed:
+                del self.timeouts[generation]
+                why = (f"wedged: {n} adoptions in a row got no reply within {adopt_timeout:g} s "
+                       f"(pid {p.pid}, generation {generation}): SIGKILL, replaced")
+                self.killed[p.pid] = why
+                return p.pid, why
+        return None
+
+    def exited(self, pid: int) -> str | None:
+        """The reason a base that just exited was killed as wedged, if it was."""
+        return self.killed.pop(pid, None)

@@ -326,6 +326,7 @@ class Emperor:
             self._remember(name, msgs) if name in self.vassals else None)
         self.start_progress = logs.StartProgress(self.log)
         self.deploys = basesmod.DeployTracker(self.log)
+        self.wedges = basesmod.WedgeWatch()  # bases whose adoptions time out
         # templates render in children with a deadline; the file is read
         # again when a render ends
         self.renderer = render.Renderer(self.sel, lambda path: self.due.__setitem__(path.name, 0.0),
@@ -663,6 +664,8 @@ class Emperor:
         self._finish_adoption(name, seq)
         self.metrics.adopted(pending.elapsed_ms(now) / 1000)
         v.adopted(pid, now, seq)
+        if (p := v.proc(seq)) is not None:
+            self.wedges.replied(p.base_generation)
         self.pids[pid] = (name, seq)
         p = v.proc(seq)
         what = "successor " if p is v.successor else ""
@@ -745,7 +748,8 @@ class Emperor:
         elif what == "died (successor took over)":
             self.log(f"pid {pid} died ({st}); its successor pid {v.pid} takes over", name)
         else:
-            v.last_error = f"pid {pid} died ({st})"
+            # a base killed as wedged keeps that reason in the status
+            v.last_error = self.wedges.exited(pid) or f"pid {pid} died ({st})"
             self.log(f"pid {pid} died ({st}); respawn in {v.backoff:.1f} s"
                      + (" (throttled)" if v.failures > 0 else ""), name)
 
@@ -1109,6 +1113,21 @@ class Emperor:
         `emperor reload-base --wait` waits on."""
         return self.deploys.as_dict(time.monotonic(), self._base())
 
+    def _base_timed_out(self, generation: int) -> None:
+        """An adoption from base `generation` got no reply: a wedged base
+        (bases.WedgeWatch) is killed; its ordinary restart replaces it."""
+        base = self._base()
+        wedged = self.wedges.timed_out(base, generation, self.opts.adopt_timeout)
+        if base is None or wedged is None:
+            return
+        pid, why = wedged
+        base.last_error = why
+        self.log(f"base {why}", base.name)
+        try:
+            os.kill(pid, signal.SIGKILL)  # the base alone: its adopted vassals keep serving
+        except ProcessLookupError:
+            pass
+
     def _base_back(self, now: float, fs: ForkServer, others: list[Vassal]) -> None:
         """The fork server is ready again (a removed or crashed base is
         back): vassals that were waiting for it in a crash-loop backoff (a
@@ -1386,10 +1405,13 @@ class Emperor:
             self._admit_refused()
         for (name, seq), h in list(self.procs.items()):
             if h.adoption is not None and h.adoption.expired(now):
+                p = self.vassals[name].proc(seq)
                 with self._boundary(name, now, seq):
                     self._adoption_failed(
                         name, seq, now, f"no reply within {self.opts.adopt_timeout:g} s"
                     )
+                if p is not None:
+                    self._base_timed_out(p.base_generation)
         self._probe_bases(now)
         fs, base_gen = self._fork_server_state(now)
 
