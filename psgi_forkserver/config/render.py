@@ -8,8 +8,14 @@ a pipe; the loop goes on meanwhile, and a child still rendering after
 `timeout` seconds is killed and the vassal is a `config-error`. Plain `.ini`
 files never come here: only templates pay for a fork.
 
-The protocol on the pipe: one byte, `O` (the rendered text follows, UTF-8)
-or `E` (a TemplateFailure's one-line message follows), then EOF.
+One child renders a batch of templates in turn (a fork costs about 1 ms of
+the Emperor's loop, a render of an ordinary template 0.03 ms: a rescan of
+200 templates forks a few children, not 200). The deadline is per
+template: when one runs out of time the child is killed, that template is a
+`config-error`, and the rest of its batch goes to a new child. On the pipe,
+one record per template, in order: a 4-byte big-endian length, then `O`
+(the rendered text follows, UTF-8) or `E` (a TemplateFailure's one-line
+message follows).
 
 Results are asked for by `Renderer.render(path, source, name)`: the text
 when a render of that very source ended, None while it runs (the Emperor
@@ -23,6 +29,7 @@ import os
 import select
 import selectors
 import signal
+import struct
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -32,13 +39,16 @@ from pathlib import Path
 from .templates import TemplateFailure, compile_template, render_compiled
 
 DEFAULT_TIMEOUT = 5.0  # seconds a template may render
-DEFAULT_PARALLEL = 8  # render children at once (each holds one descriptor)
+DEFAULT_PARALLEL = 2  # render children at once (each holds one descriptor)
 _TIMED_OUT_MAX = 1024
 
 
-def _fork_render(path: Path, source: str, name: str) -> tuple[int, int]:
-    """Compile here, render in a child: (pid, read end of its pipe)."""
-    tmpl = compile_template(path, source)  # TemplateFailure: a syntax error
+BATCH = 50  # templates one child renders in turn
+
+
+def _fork_render(jobs: list[tuple[Path, object, str]]) -> tuple[int, int]:
+    """Render compiled templates [(path, compiled, name)] in a child, in
+    order: (pid, read end of its pipe)."""
     r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:  # the child: render, write, _exit (no atexit, no finally of the Emperor)
@@ -52,14 +62,15 @@ def _fork_render(path: Path, source: str, name: str) -> tuple[int, int]:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
                         signal.SIGUSR2, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
-            try:
-                out = b"O" + render_compiled(tmpl, path, name).encode("utf-8", "surrogateescape")
-            except TemplateFailure as e:
-                out = b"E" + str(e).encode("utf-8", "replace")
-            view = memoryview(out)
-            while view:
-                view = view[os.write(w, view):]
-        except BaseException:  # noqa: BLE001 - the parent sees a truncated reply
+            for path, tmpl, name in jobs:
+                try:
+                    out = b"O" + render_compiled(tmpl, path, name).encode("utf-8", "surrogateescape")
+                except TemplateFailure as e:
+                    out = b"E" + str(e).encode("utf-8", "replace")
+                view = memoryview(struct.pack(">I", len(out)) + out)
+                while view:
+                    view = view[os.write(w, view):]
+        except BaseException:  # noqa: BLE001 - the parent sees a missing record
             code = 1
         finally:
             os._exit(code)
@@ -67,13 +78,27 @@ def _fork_render(path: Path, source: str, name: str) -> tuple[int, int]:
     return pid, r
 
 
-def _result(path: Path, data: bytes) -> str:
-    """The text a child sent, or TemplateFailure."""
+def _result(data: bytes) -> str:
+    """The text of one record, or TemplateFailure."""
     if data[:1] == b"O":
         return data[1:].decode("utf-8", "surrogateescape")
-    if data[:1] == b"E":
-        raise TemplateFailure(data[1:].decode("utf-8", "replace"))
-    raise TemplateFailure(f"{path.name}: the render process died without a result")
+    raise TemplateFailure(data[1:].decode("utf-8", "replace"))
+
+
+def _records(buf: bytearray) -> list[bytes]:
+    """The whole records at the start of `buf` (removed from it)."""
+    out = []
+    while len(buf) >= 4:
+        (n,) = struct.unpack(">I", buf[:4])
+        if len(buf) < 4 + n:
+            break
+        out.append(bytes(buf[4:4 + n]))
+        del buf[:4 + n]
+    return out
+
+
+def _died(path: Path) -> TemplateFailure:
+    return TemplateFailure(f"{path.name}: the render process died without a result")
 
 
 def _timed_out(path: Path, timeout: float) -> TemplateFailure:
@@ -86,8 +111,8 @@ def render_with_deadline(path: Path, source: str, name: str,
     """Render in a child and wait for it, at most `timeout` seconds: for
     the few reads before the Emperor's loop runs (the fork-server sockets
     it locks at start)."""
-    pid, fd = _fork_render(path, source, name)
-    chunks: list[bytes] = []
+    pid, fd = _fork_render([(path, compile_template(path, source), name)])
+    buf = bytearray()
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -97,9 +122,12 @@ def render_with_deadline(path: Path, source: str, name: str,
             ready, _, _ = select.select([fd], [], [], left)
             if ready:
                 data = os.read(fd, 65536)
+                buf += data
+                recs = _records(buf)
+                if recs:
+                    return _result(recs[0])
                 if not data:
-                    return _result(path, b"".join(chunks))
-                chunks.append(data)
+                    raise _died(path)
     finally:
         os.close(fd)
         try:
@@ -109,16 +137,24 @@ def render_with_deadline(path: Path, source: str, name: str,
         os.waitpid(pid, 0)
 
 
+Key = tuple[str, str, int]  # (file, sha256 of its source, mtime_ns)
+
+
 @dataclass
 class _Job:
-    key: tuple[str, str, int]  # (file, sha256 of its source, mtime_ns)
+    key: Key
     path: Path
-    source: str
+    tmpl: object  # compiled
     name: str
-    pid: int = 0
-    fd: int = -1
-    deadline: float = 0.0
-    chunks: list[bytes] = field(default_factory=list)
+
+
+@dataclass
+class _Child:
+    pid: int
+    fd: int
+    jobs: deque[_Job]  # not answered yet, in the child's order
+    deadline: float  # of jobs[0]
+    buf: bytearray = field(default_factory=bytearray)
 
 
 @dataclass
@@ -133,16 +169,17 @@ class Renderer:
     sel: selectors.BaseSelector
     on_done: Callable[[Path], None]
     timeout: float = DEFAULT_TIMEOUT
-    parallel: int = DEFAULT_PARALLEL
-    running: dict[tuple[str, str, int], _Job] = field(default_factory=dict)
+    parallel: int = DEFAULT_PARALLEL  # children at once
+    batch: int = BATCH
+    children: dict[int, _Child] = field(default_factory=dict)  # pid -> child
     queued: deque[_Job] = field(default_factory=deque)
-    results: dict[tuple[str, str, int], str | TemplateFailure] = field(default_factory=dict)
+    results: dict[Key, str | TemplateFailure] = field(default_factory=dict)
     # sources that ran out of time: not rendered again until the file changes
     # or is touched (a new key), else every rescan would burn `timeout` of CPU
-    timed_out: OrderedDict[tuple[str, str, int], TemplateFailure] = field(
-        default_factory=OrderedDict)
+    timed_out: OrderedDict[Key, TemplateFailure] = field(default_factory=OrderedDict)
     pids: set[int] = field(default_factory=set)  # children not reaped yet
-    forks: int = 0  # render children started so far (bench, status)
+    forks: int = 0  # render children started so far (bench, tests)
+    _due: bool = False  # queued jobs wait for the end of this loop turn
 
     def render(self, path: Path, source: str, name: str) -> str | None:
         """The rendered text, None while the render runs; TemplateFailure."""
@@ -159,59 +196,66 @@ class Renderer:
             raise res
         if res is not None:
             return res
-        if key in self.running or any(j.key == key for j in self.queued):
+        if self._known(key):
             return None
-        compile_template(path, source)  # a syntax error is known at once, no child
-        self.queued.append(_Job(key, path, source, name))
-        self._start_queued()
+        # a syntax error is known at once, without a child
+        self.queued.append(_Job(key, path, compile_template(path, source), name))
+        self._due = True
         return None
 
-    def _start_queued(self) -> None:
-        while self.queued and len(self.running) < self.parallel:
-            job = self.queued.popleft()
+    def _known(self, key: Key) -> bool:
+        return any(j.key == key for j in self.queued) or any(
+            j.key == key for c in self.children.values() for j in c.jobs)
+
+    def start(self) -> None:
+        """Fork for what was queued (once per loop turn: a rescan's
+        templates share children)."""
+        self._due = False
+        while self.queued and len(self.children) < self.parallel:
+            n = min(self.batch, max(1, -(-len(self.queued) // (self.parallel - len(self.children)))))
+            jobs = deque(self.queued.popleft() for _ in range(min(n, len(self.queued))))
             try:
-                job.pid, job.fd = _fork_render(job.path, job.source, job.name)
-            except TemplateFailure as e:
-                self._finish(job, e)
-                continue
-            except OSError as e:  # EAGAIN, EMFILE: the vassal's error, read again later
-                # read again at the next rescan: the failure is not kept
-                self._finish(job, TemplateFailure(
-                    f"{job.path.name}: cannot render: {e.strerror or e}"))
+                pid, fd = _fork_render([(j.path, j.tmpl, j.name) for j in jobs])
+            except OSError as e:  # EAGAIN, EMFILE: these vassals' error, read again later
+                for j in jobs:
+                    self._finish(j, TemplateFailure(
+                        f"{j.path.name}: cannot render: {e.strerror or e}"))
                 continue
             self.forks += 1
-            self.pids.add(job.pid)
-            job.deadline = time.monotonic() + self.timeout
-            os.set_blocking(job.fd, False)
-            self.running[job.key] = job
-            self.sel.register(job.fd, selectors.EVENT_READ, lambda now, j=job: self._readable(j))
+            self.pids.add(pid)
+            os.set_blocking(fd, False)
+            child = self.children[pid] = _Child(pid, fd, jobs, time.monotonic() + self.timeout)
+            self.sel.register(fd, selectors.EVENT_READ, lambda now, c=child: self._readable(c))
 
-    def _readable(self, job: _Job) -> None:
+    def _readable(self, child: _Child) -> None:
         try:
-            data = os.read(job.fd, 65536)
+            data = os.read(child.fd, 65536)
         except BlockingIOError:
             return
         except OSError:
             data = b""
-        if data:
-            job.chunks.append(data)
-            return
-        self._stop(job)
-        try:
-            res: str | TemplateFailure = _result(job.path, b"".join(job.chunks))
-        except TemplateFailure as e:
-            res = e
-        self._finish(job, res)
-
-    def _stop(self, job: _Job, kill: bool = False) -> None:
-        self.running.pop(job.key, None)
-        if job.fd >= 0:
-            self.sel.unregister(job.fd)
-            os.close(job.fd)
-            job.fd = -1
-        if kill and job.pid in self.pids:
+        child.buf += data
+        for rec in _records(child.buf):
+            job = child.jobs.popleft()
             try:
-                os.kill(job.pid, signal.SIGKILL)
+                res: str | TemplateFailure = _result(rec)
+            except TemplateFailure as e:
+                res = e
+            self._finish(job, res)
+            child.deadline = time.monotonic() + self.timeout  # the next template's
+        if not data:
+            self._close(child)
+            for job in child.jobs:  # it died (killed by someone, out of memory)
+                self._finish(job, _died(job.path))
+            self.start()
+
+    def _close(self, child: _Child, kill: bool = False) -> None:
+        self.children.pop(child.pid, None)
+        self.sel.unregister(child.fd)
+        os.close(child.fd)
+        if kill and child.pid in self.pids:
+            try:
+                os.kill(child.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
@@ -220,21 +264,28 @@ class Renderer:
         self.results[job.key] = res
         while len(self.results) > _TIMED_OUT_MAX:  # files removed before their result was read
             del self.results[next(iter(self.results))]
-        self._start_queued()
         self.on_done(job.path)
 
     def expire(self, now: float) -> None:
-        """Kill the renders past their deadline (once per loop turn)."""
-        for job in [j for j in self.running.values() if now >= j.deadline]:
-            self._stop(job, kill=True)
+        """Once per loop turn: kill the children whose current template ran
+        out of time (the rest of their batch goes to a new child), and start
+        the children for what was queued."""
+        for child in [c for c in self.children.values() if now >= c.deadline]:
+            self._close(child, kill=True)
+            job = child.jobs.popleft()
             failure = _timed_out(job.path, self.timeout)
             self.timed_out[job.key] = failure
             while len(self.timed_out) > _TIMED_OUT_MAX:
                 self.timed_out.popitem(last=False)
             self._finish(job, failure)
+            self.queued.extendleft(reversed(child.jobs))
+        if self.queued:
+            self.start()
 
     def next_wakeup(self) -> float | None:
-        return min((j.deadline for j in self.running.values()), default=None)
+        if self._due:
+            return 0.0
+        return min((c.deadline for c in self.children.values()), default=None)
 
     def reaped(self, pid: int) -> bool:
         """The Emperor reaped `pid`: True when it was one of ours."""
@@ -246,5 +297,5 @@ class Renderer:
     def close(self) -> None:
         """Shutdown: every render stops (their pids are reaped by the Emperor)."""
         self.queued.clear()
-        for job in list(self.running.values()):
-            self._stop(job, kill=True)
+        for child in list(self.children.values()):
+            self._close(child, kill=True)
