@@ -147,35 +147,44 @@ def test_render_with_deadline_stops_a_template_that_loops(tmp_path: Path):
 
 
 def test_renderer_result_once_the_child_ended(tmp_path: Path):
-    """The Emperor's renderer: None while the child renders, then the
-    result; a template past its deadline is killed and stays failed until
-    its file changes."""
+    """The Emperor's renderer: None while a child renders, then the result.
+    One child renders a batch in turn; a template past its deadline is
+    killed with its child, stays failed until its file changes, and the
+    rest of its batch is rendered by a new child."""
     import selectors
+    import time
+
     from psgi_forkserver.config.render import Renderer
 
     from support import wait_for
 
     done: list[Path] = []
     with selectors.DefaultSelector() as sel:
-        r = Renderer(sel, done.append, timeout=0.5)
+        r = Renderer(sel, done.append, timeout=1, parallel=1)
 
         def turn():
             for key, _ in sel.select(0.1):
                 key.data(0.0)
-            r.expire(__import__("time").monotonic())
+            r.expire(time.monotonic())
             for pid in list(r.pids):  # the Emperor's _reap, for this test
                 if os.waitpid(pid, os.WNOHANG)[0]:
                     r.reaped(pid)
 
-        good, slow = tmp_path / "good.ini.j2", tmp_path / "slow.ini.j2"
-        good.write_text("[uwsgi]\nname = {{ name }}\n")
+        a, slow, b = (tmp_path / f"{n}.ini.j2" for n in ("a", "slow", "b"))
+        for p in (a, b):
+            p.write_text("[uwsgi]\nname = {{ name }}\n")
         slow.write_text(LOOPS)
-        assert r.render(good, good.read_text(), "good") is None
+        assert r.render(a, a.read_text(), "a") is None
         assert r.render(slow, LOOPS, "slow") is None
-        wait_for(lambda: (turn(), len(done) == 2)[1], 30, "both renders to end")
-        assert r.render(good, good.read_text(), "good") == "[uwsgi]\nname = good\n"
+        assert r.render(b, b.read_text(), "b") is None
+        r.start()
+        assert r.forks == 1  # one batch
+        wait_for(lambda: (turn(), len(done) == 3)[1], 30, "the three renders to end")
+        assert done == [a, slow, b]
+        assert r.render(a, a.read_text(), "a") == "[uwsgi]\nname = a\n"
+        assert r.render(b, b.read_text(), "b") == "[uwsgi]\nname = b\n"
         for _ in range(2):  # not rendered again: the same failure at once
-            with pytest.raises(c.TemplateFailure, match="rendering took more than 0.5 s"):
+            with pytest.raises(c.TemplateFailure, match="slow.ini.j2: rendering took more than 1 s"):
                 r.render(slow, LOOPS, "slow")
-        assert r.forks == 2
+        assert r.forks == 2  # b's, after slow's child was killed
         wait_for(lambda: (turn(), not r.pids)[1], 30, "the children reaped")
