@@ -52,7 +52,7 @@ $(STAMPS)/venv: pyproject.toml
 	@mkdir -p $(STAMPS) && touch $@
 
 run: setup
-	$(VENV)/bin/emperor run examples/vassals --status-http 127.0.0.1:9100
+	$(VENV)/bin/emperor run examples/vassals --http 127.0.0.1:8080 --status-http 127.0.0.1:9100
 
 $(STAMPS)/browser: Makefile tools/install-debian-packages
 	tools/install-debian-packages $(BROWSER_PACKAGES)

@@ -46,14 +46,21 @@ from benchlib import (  # noqa: E402
     wait_all_200,
 )
 from psgi_forkserver import adoption  # noqa: E402  (the product's fork-server client)
+import front as frontbench  # noqa: E402  (bench/front.py)
+from psgi_forkserver.orphans import spare_of  # noqa: E402
 
 PROGRAM = str(ROOT / "perl" / "ForkServer.pm")
 APPS = {"heavy": str(HERE / "heavy.psgi"), "hello": str(HERE / "hello.psgi")}
 EMPEROR = str(ROOT / ".venv" / "bin" / "emperor")
 MB = 1024 * 1024
 
+<<<<<<< HEAD
 SCENARIOS = ("adoption", "serving", "cold", "fleet", "mass", "thousand", "deploy", "prove", "plack",
              "templates")
+=======
+SCENARIOS = ("adoption", "spares", "serving", "cold", "fleet", "mass", "thousand", "deploy", "prove",
+             "plack", "front")
+>>>>>>> main
 
 
 @dataclass
@@ -98,7 +105,7 @@ class Base:
     """`ForkServer.pm --early-psgi APP --fork-server SOCK` with an Emperor pipe."""
 
     def __init__(self, procs: Procs, app: str, sock: Path, log: str, extra: tuple[str, ...] = ()) -> None:
-        self.procs, self.sock = procs, sock
+        self.procs, self.sock, self.extra = procs, sock, extra
         self.pipe, theirs = socket.socketpair()
         env = {**os.environ, "UWSGI_EMPEROR_FD": str(theirs.fileno())}
         env.pop("UWSGI_EMPEROR_FD_CONFIG", None)
@@ -125,6 +132,25 @@ class Base:
         t_pid = time.perf_counter()
         self.procs.adopted(pid)
         return pid, ours, t0, t_pid
+
+    def spares(self) -> int:
+        """fork-server-spares as given to this base (the option's default otherwise)."""
+        a = self.extra
+        return int(a[a.index("--fork-server-spares") + 1]) if "--fork-server-spares" in a else 2
+
+    def warm_spares(self) -> set[int]:
+        """The base's spares that an adoption can take now (their title says
+        warm; orphans.spare_of): our children, since we are the base's parent."""
+        return {p.pid for p in psutil.Process().children() if spare_of(p.pid, ready=True) == self.proc.pid}
+
+    def wait_spares(self, k: int, timeout: float = 60) -> set[int]:
+        deadline = time.perf_counter() + timeout
+        while len(warm := self.warm_spares()) < k:
+            if time.perf_counter() > deadline:
+                raise BenchError(f"only {len(warm)} of {k} spares warm after {timeout:g} s")
+            self.procs.reap()
+            time.sleep(0.002)
+        return warm
 
     def stop(self) -> None:
         self.pipe.close()  # end of file: the base closes its socket and exits
@@ -164,11 +190,16 @@ def adoption_latency(procs: Procs, ports: Ports, tmp: Path, app: str, n: int, pa
                      base_extra: tuple[str, ...] = ()) -> dict:
     say(f"adoption latency, {app}{' ' + ' '.join(base_extra) if base_extra else ''}: base + {n} adoptions, GET {path}")
     base = Base(procs, APPS[app], tmp / f"fs-{app}.sock", f"base-{app}", base_extra)
+    spares = base.spares()
     pid_ms, first_ms = [], []
+    by_spare = 0
     try:
         for i in range(n):
             port = ports.get()
+            # the steady state: the pool refilled since the last adoption
+            waiting = base.wait_spares(spares) if spares else set()
             pid, pipe, t0, t_pid = base.adopt(["--http-socket", f"127.0.0.1:{port}", "--processes", "1"])
+            by_spare += pid in waiting
             try:
                 t200 = wait_200(port, 30, path=path, alive=lambda: psutil.pid_exists(pid))
             finally:
@@ -178,10 +209,101 @@ def adoption_latency(procs: Procs, ports: Ports, tmp: Path, app: str, n: int, pa
     finally:
         base.stop()
     r = {"path": path, "base_ready_s": base.ready_s, "pid_reply_ms": summary(pid_ms), "first_200_ms": summary(first_ms),
-         "samples_first_200_ms": first_ms, "samples_pid_reply_ms": pid_ms}
+         "samples_first_200_ms": first_ms, "samples_pid_reply_ms": pid_ms, "spares": spares, "by_spare": by_spare}
     say(f"  first 200 p50 {r['first_200_ms']['p50']:.2f} ms, p99 {r['first_200_ms']['p99']:.2f} ms; "
         f"pid reply p50 {r['pid_reply_ms']['p50']:.2f} ms")
     return r
+
+
+def adoption_burst(procs: Procs, ports: Ports, tmp: Path, n: int, k: int) -> dict:
+    """n adoptions at once (one thread each) from a heavy base with
+    `early-warmup = /` and k spares: pid reply and first 200 on `/` of each,
+    how many a spare served, and the time until the pool is back to k."""
+    import threading
+
+    say(f"burst: {n} adoptions at once, heavy base with early-warmup /, {k} spares")
+    base = Base(procs, APPS["heavy"], tmp / f"fs-burst{k}.sock", f"base-burst{k}",
+                ("--early-warmup", "/", "--fork-server-spares", str(k)))
+    out: list[tuple[float, float, int]] = []
+    errors: list[str] = []
+    adopted: list[tuple[int, socket.socket]] = []
+    lock = threading.Lock()
+    try:
+        waiting = base.wait_spares(k) if k else set()
+        port_list = [ports.get() for _ in range(n)]
+        go = threading.Barrier(n)
+
+        def one(port: int) -> None:
+            try:
+                go.wait(30)
+                pid, pipe, t0, t_pid = base.adopt(["--http-socket", f"127.0.0.1:{port}", "--processes", "1"])
+                with lock:
+                    adopted.append((pid, pipe))
+                t200 = wait_200(port, 60, path="/")
+                with lock:
+                    out.append(((t_pid - t0) * 1000, (t200 - t0) * 1000, pid))
+            except Exception as e:  # noqa: BLE001 - reported
+                with lock:
+                    errors.append(repr(e))
+        threads = [threading.Thread(target=one, args=(p,)) for p in port_list]
+        t_start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        t_done = time.perf_counter()
+        refill_s = None
+        if k:
+            base.wait_spares(k, 120)
+            refill_s = time.perf_counter() - t_done
+        if errors:
+            raise BenchError(f"{len(errors)} adoptions of the burst failed: {errors[0]}")
+    finally:
+        for pid, pipe in adopted:
+            stop_adopted(procs, pid, pipe)
+        base.stop()
+    pid_ms = [a for a, _, _ in out]
+    first_ms = [b for _, b, _ in out]
+    r = {"n": n, "spares": k, "pid_reply_ms": summary(pid_ms), "first_200_ms": summary(first_ms),
+         "by_spare": sum(1 for _, _, pid in out if pid in waiting), "burst_s": t_done - t_start,
+         "refill_s": refill_s, "samples_first_200_ms": first_ms, "samples_pid_reply_ms": pid_ms}
+    say(f"  first 200 p50 {r['first_200_ms']['p50']:.1f} ms, max {r['first_200_ms']['max']:.1f} ms; "
+        f"{r['by_spare']} by a spare; pool back in {fmt(refill_s, '.2f', ' s')}")
+    return r
+
+
+def reaction(procs: Procs, ports: Ports, tmp: Path, n: int, k: int) -> dict:
+    """New vassal file -> its first 200 through `emperor run`, heavy base with
+    `early-warmup = /` and k spares (the pool refilled between files)."""
+    say(f"emperor: reaction x{n}, heavy base with early-warmup /, {k} spares")
+    vdir = tmp / f"react{k}"
+    vdir.mkdir()
+    sock = tmp / f"react{k}.sock"
+    (vdir / "base.ini").write_text(base_ini("heavy", sock) + f"early-warmup = /\nfork-server-spares = {k}\n")
+    em = EmperorRun(procs, vdir, f"emperor-react{k}")
+    res: dict = {"command": shlex.join(em.argv), "spares": k}
+    try:
+        wait_fork_server(sock, em, 60)
+        time.sleep(0.5)  # let the emperor see byte 1 before the first measured file
+        react = []
+        for i in range(n):
+            if k:
+                deadline = time.perf_counter() + 60
+                while len([p for p in em.ps.children() if spare_of(p.pid, ready=True)]) < k:
+                    if time.perf_counter() > deadline:
+                        raise BenchError("the spares were not refilled within 60 s")
+                    time.sleep(0.002)
+            name, port = f"r{i:03d}", ports.get()
+            t0 = time.perf_counter()
+            write_vassal(vdir, name, vassal_ini(name, port))
+            t200 = wait_200(port, 30, alive=em.alive)
+            react.append((t200 - t0) * 1000)
+            time.sleep(0.05)
+        res["reaction_ms"] = {**summary(react), "samples_ms": react}
+        say(f"  reaction p50 {res['reaction_ms']['p50']:.1f} ms")
+    finally:
+        em.stop()
+    return res
 
 
 PROVE_TEST = """use strict;
@@ -496,12 +618,24 @@ def logging_cost(procs: Procs, ports: Ports, tmp: Path, base: "Base", duration: 
         res.setdefault(f"{mode}_runs", []).append(got)
         if mode not in res or (got["rps"] or 0) > (res[mode]["rps"] or 0):
             res[mode] = got
+def request_path(app: str, n: int) -> dict:
+    """CPU time of one worker's request path in process (bench/request_path.pl),
+    access log off and on: the server's own cost, no network, no select loop."""
+    res: dict = {}
+    for label, extra in (("no_log", []), ("log", ["--log"])):
+        out = subprocess.run(["perl", "-I", str(ROOT / "perl"), str(HERE / "request_path.pl"), APPS[app],
+                              "--n", str(n), *extra], capture_output=True, text=True, timeout=300)
+        m = re.search(r"us_per_request=([\d.]+)", out.stdout)
+        res[label] = float(m.group(1)) if m else None
+    res["n"] = n
     return res
 
 
 def serving(procs: Procs, ports: Ports, tmp: Path, app: str, duration: str) -> dict:
     say(f"serving, {app}: adopted vassal (2 workers) vs starman --workers 2, wrk -d{duration}")
     res: dict = {}
+    if app == "hello":
+        res["request_path"] = request_path(app, 20000 if duration.rstrip("s") in ("1", "2", "3") else 100000)
     # ours: one adopted vassal with 2 workers, access log off (Starman's
     # default, 'deployment' environment, logs nothing either)
     base = Base(procs, APPS[app], tmp / f"fs-serve-{app}.sock", f"base-serve-{app}")
@@ -1024,11 +1158,13 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
     rows = []
     ad = r.get("adoption", {})
     cold = r.get("cold", {})
-    for app in ("heavy", "heavy /hello", "heavy, base with early-warmup /", "hello"):
+    for app in ("heavy", "heavy, spares", "heavy /hello", "heavy /hello, spares", "heavy, base with early-warmup /",
+                "heavy, base with early-warmup /, spares", "hello"):
         a = ad.get(app)
         if a:
             p50 = a["first_200_ms"]["p50"]
-            rows.append((f"adoption -> first 200, {app}: p50 / p99",
+            served = f" ({a['by_spare']} of {len(a['samples_first_200_ms'])} by a spare)" if a.get("spares") else ""
+            rows.append((f"adoption -> first 200, {app}: p50 / p99{served}",
                          f"{p50:.2f} / {a['first_200_ms']['p99']:.2f} ms",
                          f"p50 <= {TARGETS['adoption_p50_ms']:g} ms" if app == "heavy" else "",
                          verdict(p50 <= TARGETS["adoption_p50_ms"]) if app == "heavy" else ""))
@@ -1048,6 +1184,18 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
                              f"{s['p50']:.0f} ms ({fmt(ratio, '.0f', 'x')})",
                              f">= {TARGETS['cold_over_adoption']:g}x" if is_target else "",
                              verdict(ratio >= TARGETS["cold_over_adoption"] if ratio else None) if is_target else ""))
+    for key, b in (r.get("burst") or {}).items():
+        rows.append((f"burst of {b['n']} adoptions at once, heavy, early-warmup /, {key}: first 200 p50 / p99 / max",
+                     f"{b['first_200_ms']['p50']:.1f} / {b['first_200_ms']['p99']:.1f} / {b['first_200_ms']['max']:.1f} ms"
+                     + (f" ({b['by_spare']} by a spare; pool back to {b['spares']} in {b['refill_s']:.2f} s)"
+                        if b["spares"] else ""), "", ""))
+        rows.append((f"burst, {key}: pid reply p50 / max",
+                     f"{b['pid_reply_ms']['p50']:.1f} / {b['pid_reply_ms']['max']:.1f} ms", "", ""))
+    for key, x in (r.get("reaction") or {}).items():
+        rows.append((f"emperor: new vassal file -> first 200, heavy, early-warmup /, {key}: p50 / max",
+                     f"{x['reaction_ms']['p50']:.1f} / {x['reaction_ms']['max']:.1f} ms",
+                     "p50 <= 5 ms" if key == "spares" else "",
+                     verdict(x["reaction_ms"]["p50"] <= 5) if key == "spares" else ""))
     fl = r.get("fleet")
     if fl and "reaction_ms" in fl:
         rows.append(("emperor: new vassal file -> first 200: p50 / max",
@@ -1152,6 +1300,11 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
                          " / ".join(f"{fmt(lg[m]['rps'], '.0f')}" for m in ("relayed", "file", "off"))
                          + f" req/s (reader: {lg['relayed'].get('relay_cpu_us_per_line')} us CPU a line)",
                          "", ""))
+        rp = s.get("request_path") if s else None
+        if rp and rp.get("no_log"):
+            rows.append((f"request path in process (bench/request_path.pl, {rp['n']} GETs), {app}: "
+                         "CPU per request, access log off / on",
+                         f"{rp['no_log']:.2f} / {fmt(rp['log'], '.2f')} us", "", ""))
         for who, label in (("adopted", "adopted (2 workers)"), ("starman", "starman --workers 2")):
             f = s.get(f"fair_{who}") if s else None
             sp = s.get(f"spread_{who}") if s else None
@@ -1171,6 +1324,7 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
             if sp:
                 rows.append((f"16 keep-alive connections, {app}, {label}: responses per connection in "
                              f"{sp['seconds']:g} s, min / max", f"{sp['min']} / {sp['max']}", "", ""))
+<<<<<<< HEAD
     tp = r.get("templates")
     if tp:
         rows.append((f"vassal templates, N={tp['n']}: ms per template in-process (old, no deadline) "
@@ -1178,6 +1332,9 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
                      f"{tp['inproc_ms_per_template']} / {tp['child_wall_ms_per_template']}, "
                      f"{tp['child_loop_ms_per_template']} / {tp['plain_ms_per_template']} ms "
                      f"({tp['forks']} children)", "", ""))
+=======
+    rows += frontbench.rows(r.get("front") or {})
+>>>>>>> main
     return rows
 
 
@@ -1303,20 +1460,38 @@ def main(argv: list[str] | None = None) -> int:
             return None
 
     try:
-        if "adoption" in only:
+        if "adoption" in only or "spares" in only:
             r["adoption"] = {}
             # heavy.psgi's /hello route answers without the app's work
             # (Template, DateTime): it separates the server's cost from the
             # first real page's
             # and with the base's opt-in warm-up of `/` (early-warmup): the
             # app's lazy state is then built once, in the base
-            for key, app, path, extra in (("heavy", "heavy", "/", ()), ("heavy /hello", "heavy", "/hello", ()),
-                                          ("heavy, base with early-warmup /", "heavy", "/", ("--early-warmup", "/")),
-                                          ("hello", "hello", "/", ())):
+            # the fork path (no spares), then the same with warm spares (K = 2)
+            nosp = ("--fork-server-spares", "0")
+            rows = [("heavy", "heavy", "/", nosp), ("heavy /hello", "heavy", "/hello", nosp),
+                    ("heavy, base with early-warmup /", "heavy", "/", ("--early-warmup", "/", *nosp)),
+                    ("hello", "hello", "/", nosp)] if "adoption" in only else []
+            if "spares" in only:
+                sp = ("--fork-server-spares", "2")
+                rows += [("heavy, spares", "heavy", "/", sp), ("heavy /hello, spares", "heavy", "/hello", sp),
+                         ("heavy, base with early-warmup /, spares", "heavy", "/", ("--early-warmup", "/", *sp))]
+            for key, app, path, extra in rows:
                 x = step(f"adoption {key}",
                          lambda: adoption_latency(procs, ports, tmp, app, sizes.adoptions, path, extra))
                 if x:
                     r["adoption"][key] = x
+        if "spares" in only:
+            r["burst"] = {}
+            for key, k in (("fork path", 0), ("spares", 4)):
+                x = step(f"burst {key}", lambda: adoption_burst(procs, ports, tmp, 50, k))
+                if x:
+                    r["burst"][key] = x
+            r["reaction"] = {}
+            for key, k in (("fork path", 0), ("spares", 2)):
+                x = step(f"reaction {key}", lambda: reaction(procs, ports, tmp, sizes.reactions, k))
+                if x:
+                    r["reaction"][key] = x
         if "cold" in only:
             r["cold"] = {}
             for app in ("heavy", "hello"):
@@ -1340,6 +1515,9 @@ def main(argv: list[str] | None = None) -> int:
                     r["thousand"][app] = x
         if "deploy" in only:
             r["deploy"] = step("deploy", lambda: code_deploy(procs, ports, tmp, sizes))
+        if "front" in only:
+            r["front"] = frontbench.run(procs, ports, tmp, EmperorRun, base_ini, args.quick,
+                                        sizes.wrk_duration, step)
         if "prove" in only:
             r["prove"] = step("prove", lambda: prove_runners(procs, tmp, sizes.prove_files))
         if "plack" in only:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import paths
+from .frontdoor import DEFAULT_KEEPALIVE
 from .emperor import Emperor, Options, StartupError, pidfile_is_held
 
 
@@ -27,12 +28,14 @@ examples:
   emperor reload-base --wait                   code deploy: new base, every app moved
   emperor reopen-logs                          after logrotate: reopen every log file
   emperor prove -j2 -r -I lib t/               Perl tests forked from a preloaded base
+  emperor nginx-conf examples/vassals          the routing by `domain`, for your own nginx
 
 `emperor COMMAND --help` shows each command's options and an example.
 """
 
 EXAMPLES = {
-    "run": "example:\n  emperor run examples/vassals --status-http 127.0.0.1:9100 --pidfile /tmp/emperor.pid\n",
+    "run": "example:\n  emperor run examples/vassals --status-http 127.0.0.1:9100 --pidfile /tmp/emperor.pid\n"
+           "  emperor run examples/vassals --http 127.0.0.1:8080   (the front door: apps by name)\n",
     "status": "example:\n  emperor status            (the one Emperor running here)\n"
               "  emperor status --json --dir examples/vassals\n",
     "reload": "example:\n  emperor reload app1       (exits 0 once a new process serves)\n",
@@ -43,6 +46,9 @@ EXAMPLES = {
              " preloaded base)\n",
     "reopen-logs": "example:\n  emperor reopen-logs       (logrotate's postrotate: reopen every log file)\n"
                    "  emperor reopen-logs --pidfile /tmp/emperor.pid   (by signal)\n",
+    "nginx-conf": "example:\n  emperor nginx-conf examples/vassals > /etc/nginx/psgi-routing.conf"
+                  "   (then: emperor run examples/vassals --nginx-include"
+                  " /etc/nginx/psgi-routing.conf --nginx-reload 'nginx -s reload')\n",
     "reload-base": "example:\n  emperor reload-base --wait    (exits 0 once every vassal runs on the"
                    " new base)\n  emperor reload-base --pidfile /tmp/emperor.pid   (by signal)\n",
 }
@@ -130,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="signal the Emperor of this --pidfile (SIGUSR2) instead of asking "
                          "on its stats socket")
     _add_finder(rl)
+    add_front_arguments(run)
+    nc = _sub(sub, "nginx-conf",
+              help="print the routing by domain as an include file for your own nginx")
+    nc.add_argument("vassals_dir", metavar="VASSALS_DIR", type=Path)
+    nc.add_argument("--run-dir", type=Path, metavar="DIR",
+                    help="the Emperor's --run-dir (default: the one `emperor run` picks "
+                         "for VASSALS_DIR)")
+    nc.add_argument("--keepalive", type=int, default=DEFAULT_KEEPALIVE, metavar="N",
+                    help=f"idle connections nginx keeps per vassal (default {DEFAULT_KEEPALIVE}; "
+                         "0: a new connection per request)")
     rb = _sub(sub, "reload-base",
               help="code deploy: new base generation, move every adopted vassal")
     rb.add_argument("--pidfile", type=Path, metavar="PATH",
@@ -353,12 +369,14 @@ def main(argv: list[str] | None = None) -> int:
         return reopen_logs(args)
     if args.command == "status":
         return status_command(args)
+    if args.command == "nginx-conf":
+        return nginx_conf_command(args)
     if args.command in ("reload", "stop", "start"):
         return control_command(args)
     if args.command == "prove":
         return prove_command(args)
     vdir: Path = args.vassals_dir
-    bad = check_paths(args)
+    bad = check_paths(args) or check_front(args)
     if bad is not None:
         print(f"emperor: {bad}", file=sys.stderr)
         return 2
@@ -391,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         adopt_parallel=max(1, args.adopt_parallel),
         own_sockets=args.own_sockets,
         pidfile=args.pidfile.resolve() if args.pidfile else None,
+        run_dir=run_dir_of(args),
+        front=front_options(args),
     )
     emperor = Emperor(opts)
     try:
@@ -413,6 +433,134 @@ def main(argv: list[str] | None = None) -> int:
         print(f"emperor: {msg}", file=sys.stderr)
         return 2
     return emperor.run()
+
+
+# -- the front door: `run --http/--nginx-include`, `emperor nginx-conf` -------
+
+
+def add_front_arguments(run: argparse.ArgumentParser) -> None:
+    run.add_argument("--run-dir", type=Path, metavar="DIR",
+                     help="sockets of vassals with `domain` and the front door's files "
+                          "(default: the default stats socket's directory, "
+                          "/run/psgi-forkserver/HASH of VASSALS_DIR as root)")
+    run.add_argument("--http", metavar="HOST:PORT",
+                     help="the front door: run nginx on this address, routing by Host name "
+                          "(the vassals' `domain` keys)")
+    run.add_argument("--nginx-include", type=Path, metavar="PATH",
+                     help="keep this nginx include file (upstreams and a $host map) up to date")
+    run.add_argument("--nginx-reload", metavar="COMMAND",
+                     help="run this shell command after each change of --nginx-include")
+    run.add_argument("--nginx", metavar="PATH", help="the nginx binary (default: from PATH)")
+    run.add_argument("--http-access-log", default=True, action=argparse.BooleanOptionalAction,
+                     help="nginx's access log in the Emperor's log, prefixed [front] (default: on)")
+    run.add_argument("--nginx-keepalive", type=int, default=DEFAULT_KEEPALIVE, metavar="N",
+                     help=f"idle connections nginx keeps open per vassal (default "
+                          f"{DEFAULT_KEEPALIVE}; 0: one connection per request)")
+
+
+def run_dir_of(args: argparse.Namespace) -> Path:
+    from .frontdoor import default_run_dir
+
+    if getattr(args, "run_dir", None) is not None:
+        return Path(os.path.abspath(args.run_dir))
+    return default_run_dir(args.vassals_dir)
+
+
+def check_front(args: argparse.Namespace) -> str | None:
+    """The first front-door option of `emperor run` that cannot work, or None."""
+    from .frontdoor import check_listen, find_nginx
+    from .sockets import MAX_UNIX_PATH
+
+    run_dir = run_dir_of(args)
+    # the longest socket path it will hold must fit in a sockaddr_un
+    # the longest path it will hold (sockets.auto_socket_path: h-HASH.sock)
+    if len(os.fsencode(str(run_dir / "sockets" / "h-0123456789abcdef.sock"))) > MAX_UNIX_PATH:
+        return f"--run-dir {run_dir}: too long for UNIX socket paths under it"
+    if args.run_dir is not None or args.http is not None or args.nginx_include is not None:
+        # asked for: it must work now (otherwise it is made when a vassal
+        # with `domain` first needs a socket, and a failure is that vassal's)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+        except OSError as e:
+            return f"--run-dir {run_dir}: {e.strerror or e}"
+    if args.http is not None:
+        nginx = args.nginx or find_nginx()
+        if nginx is None or not os.access(nginx, os.X_OK):
+            return f"--http: nginx not found{f' at {args.nginx}' if args.nginx else ''} " \
+                   "(apt-get install nginx)"
+        bad = check_listen(args.http)
+        if bad is not None:
+            return f"--http {args.http}: {bad}"
+    if args.nginx_include is not None:
+        parent = Path(os.path.abspath(args.nginx_include)).parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            return f"--nginx-include {args.nginx_include}: cannot create files in {parent}"
+    if args.nginx_reload is not None and args.nginx_include is None:
+        return "--nginx-reload needs --nginx-include"
+    return None
+
+
+def front_options(args: argparse.Namespace):
+    from .frontdoor import FrontDoorOptions, find_nginx
+
+    if args.http is None and args.nginx_include is None:
+        return None
+    return FrontDoorOptions(
+        run_dir=run_dir_of(args), listen=args.http,
+        include=Path(os.path.abspath(args.nginx_include)) if args.nginx_include else None,
+        reload_cmd=args.nginx_reload, nginx=args.nginx or find_nginx(),
+        keepalive=max(0, args.nginx_keepalive), access_log=args.http_access_log,
+        backoff_first=args.backoff_first, backoff_max=min(30.0, args.backoff_max),
+        stable_after=args.stable_after,
+    )
+
+
+def static_routes(vassals_dir: Path, run_dir: Path):
+    """The routes `emperor run` would serve once every vassal is up: each
+    file read and judged as the Emperor reads it, names claimed in name
+    order (the first keeps a name); (routes, one line per refused file)."""
+    from . import config as cfgmod
+    from .frontdoor import Route, nginx_target
+    from .sockets import wanted_address
+
+    claimed: dict[str, str] = {}
+    routes, errors = [], []
+    selector = cfgmod.BaseSelector()
+    for name, path in sorted(cfgmod.discover(vassals_dir).items()):
+        cfg = cfgmod.load(path, judge=True)
+        if cfg is None:
+            continue
+        if cfg.error:
+            errors.append(f"{name}: {cfg.error}")
+            continue
+        if selector.is_base(cfg):
+            continue
+        domains = sorted({d.lower() for d in cfg.get_all("domain")})
+        taken = [d for d in domains if d in claimed]
+        if taken:
+            errors.append(f"{name}: domain {taken[0]} is already served by vassal {claimed[taken[0]]}")
+            continue
+        want = wanted_address(cfg, run_dir / "sockets")
+        if not domains or want is None:
+            continue
+        claimed.update((d, name) for d in domains)
+        routes.append(Route(name, tuple(domains), nginx_target(want[0]),
+                            protocol="uwsgi" if cfg.get("socket") else "http"))
+    return routes, errors
+
+
+def nginx_conf_command(args: argparse.Namespace) -> int:
+    from .frontdoor import render_routing
+
+    vdir: Path = args.vassals_dir
+    if not vdir.is_dir():
+        print(f"emperor: nginx-conf: {vdir}: not a directory", file=sys.stderr)
+        return 2
+    routes, errors = static_routes(vdir.resolve(), run_dir_of(args))
+    for e in errors:
+        print(f"emperor: nginx-conf: {e}", file=sys.stderr)
+    sys.stdout.write(render_routing(routes, max(0, args.keepalive)))
+    return 0
 
 
 # -- status: `run --stats/--status-http`, `emperor status` ---------------------

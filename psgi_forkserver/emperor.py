@@ -25,9 +25,9 @@ its own socket on exit.
 
 from __future__ import annotations
 
-import fcntl
 import contextlib
 import dataclasses
+import fcntl
 import math
 from collections import deque
 import os
@@ -48,10 +48,11 @@ from .config import render
 from . import bases as basesmod
 from . import adoption as forkserver, launch, logs, notify, protocol, sockets
 from . import status as statusmod
+from .frontdoor import FrontDoor, FrontDoorOptions, Route, nginx_target
 from .metrics import EmperorMetrics
 from .adoption import AdoptionError, PendingAdoption
 from .launch import describe_status, program_argv
-from .orphans import EndedSessions, classify_orphans, scan_proc
+from .orphans import EndedSessions, classify_orphans, scan_proc, spare_of
 from .protocol import EmperorByte, ProtocolError, VassalByte
 from .sockets import Listener
 from .vassal import (
@@ -216,6 +217,10 @@ class Options:
     pidfile: Path | None = None
     status: Any = None  # status.StatusServer, sockets bound (cli --stats/--status-http)
     log: logs.Log | None = None  # where lines go (cli --log-format, --logto); default stderr
+    # sockets of vassals with `domain` and no http-socket (run_dir/sockets),
+    # the embedded nginx's files (run_dir/nginx)
+    run_dir: Path | None = None
+    front: FrontDoorOptions | None = None  # --http / --nginx-include
 
 
 @dataclass
@@ -347,6 +352,17 @@ class Emperor:
         self.max_vassals = 1 << 30  # set from the descriptor limit at start
         self.admitted: set[str] = set()  # vassals counted in the budget (bases are not)
         self.n_refused = 0
+        self.socket_dir = self.opts.run_dir / "sockets" if self.opts.run_dir else None
+        # `domain` names: a vassal refused for a name another one serves ->
+        # that other one (its file is read again when the other lets go)
+        self.domain_refused: dict[str, str] = {}
+        self.front: FrontDoor | None = None
+        if self.opts.front is not None:
+            self.front = FrontDoor(self.opts.front, lambda m: self.log(m, "front"),
+                                   watch=lambda fd, cb: self.sel.register(
+                                       fd, selectors.EVENT_READ,
+                                       lambda t, cb=cb: self._front_safely(cb, t)),
+                                   unwatch=self._unwatch)
 
     # -- logging -------------------------------------------------------------
 
@@ -443,6 +459,11 @@ class Emperor:
             self.log(f"inotify unavailable ({e}); rescanning every {self.opts.rescan_interval:g} s")
         if self.opts.status is not None:
             self.opts.status.attach(self)  # stats socket / status page in our selector
+        if self.socket_dir is not None:
+            try:
+                self.socket_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+            except OSError as e:
+                self.log(f"cannot create {self.socket_dir}: {e.strerror or e}")
         self.log(
             f"watching {self.dir} (vassal program {' '.join(self.argv0)}, pid {os.getpid()})"
         )
@@ -544,6 +565,8 @@ class Emperor:
     def _teardown(self) -> None:
         self.relay.close()
         self.renderer.close()
+        if self.front is not None:
+            self.front.close()
         for name in list(self.listeners):
             self._close_listener(name)
         if self.opts.pidfile is not None:
@@ -718,6 +741,8 @@ class Emperor:
                     self._vassal_exited(owner[0], owner[1], pid, status, now)
             elif self.renderer.reaped(pid):
                 continue
+            elif self.front is not None and self.front.owns(pid):
+                self.front.exited(pid, status, now, describe_status)
             else:
                 if self.orphans.pop(pid, None) is not None:
                     self.sweep_due = True  # its own children came to us
@@ -840,7 +865,9 @@ class Emperor:
             self.log(f"cannot scan {self.dir}: {e.strerror or e}; retry in {RETRY_READ:g} s")
             self.next_rescan = now + RETRY_READ
             return
-        for name in sorted(set(found) | set(self.vassals)):  # refusals: the last by name
+        # by name: of two files claiming one `domain`, the first keeps it;
+        # refusals: the last by name
+        for name in sorted(set(found) | set(self.vassals)):
             path = found.get(name)
             with self._boundary(name, now):
                 self._load(name, path, now)
@@ -902,6 +929,13 @@ class Emperor:
                 cfg = dataclasses.replace(cfg, error=failed[1])
         elif cfg is None:
             self.failed.pop(name, None)
+        if cfg is not None and not cfg.error:
+            cfg = self._claim_domains(name, cfg)
+        for other, blocker in list(self.domain_refused.items()):
+            if blocker == name and other != name:  # it may be free now: read again
+                ov = self.vassals.get(other)
+                if ov is not None and ov.config is not None:
+                    self.due[ov.config.path.name] = time.monotonic()
         if cfg is not None and cfg.error:
             if v is None or v.config is None or v.config.fingerprint != cfg.fingerprint:
                 self.log(f"bad config {cfg.path}: {cfg.error}", name)
@@ -930,15 +964,20 @@ class Emperor:
         """(ok, the socket to pass) for starting a process of v."""
         if not self.own_sockets or v.is_base or v.config is None:
             return True, None
-        want = sockets.wanted_address(v.config)
+        want = sockets.wanted_address(v.config, self.socket_dir)
         if want is None:
             return True, None
         addr, backlog = want
+        owner = self._socket_owner(v.config) if sockets.is_unix_address(addr) else (None, None)
         old = self.listeners.get(v.name)
-        if old is not None and old.addr == addr and old.backlog == backlog:
+        if old is not None and old.addr == addr and old.backlog == backlog \
+                and old.owner == owner:
             return True, old
+        if old is not None and old.addr == addr:
+            self._close_listener(v.name)  # the same path, bound anew
+            old = None
         try:
-            sock = sockets.bind_listener(addr, backlog)
+            sock = sockets.bind_listener(addr, backlog, *owner)
         except (OSError, ValueError) as e:
             msg = f"cannot bind http-socket {addr}: {getattr(e, 'strerror', None) or e}"
             if self.bind_errors.get(v.name) != msg:
@@ -950,9 +989,114 @@ class Emperor:
         if old is not None:
             self._close_listener(v.name)
             self.log(f"address changed: {old.addr} closed, {addr} bound", v.name)
-        lst = Listener(addr, backlog, sock)
+        if sockets.is_unix_address(addr):
+            mode = v.config.get("chmod-socket")
+            if mode:
+                try:
+                    os.chmod(addr, int(mode, 8))
+                except (OSError, ValueError):
+                    pass
+        lst = Listener(addr, backlog, sock, owner)
         self.listeners[v.name] = lst
         return True, lst
+
+    @staticmethod
+    def _socket_owner(cfg: cfgmod.VassalConfig) -> tuple[int | None, int | None]:
+        """uid, gid a vassal's UNIX socket belongs to: `chown-socket`, else
+        its `uid`/`gid`."""
+        chown = cfg.get("chown-socket")
+        if chown:
+            try:
+                return cfgmod.parse_owner(chown)
+            except ValueError:
+                pass
+        out: list[int | None] = []
+        for key, conv in (("uid", cfgmod.CHECKERS["user"]), ("gid", cfgmod.CHECKERS["group"])):
+            raw = cfg.get(key)
+            try:
+                out.append(int(conv(raw)) if raw else None)  # type: ignore[arg-type]
+            except ValueError:
+                out.append(None)
+        return out[0], out[1]
+
+    # -- the front door -------------------------------------------------------
+
+    def _claim_domains(self, name: str, cfg: cfgmod.VassalConfig) -> cfgmod.VassalConfig:
+        """`cfg`, or a config error naming the vassal that already serves one
+        of its `domain` names (exact names: a wildcard and a name under it
+        may live side by side, the exact one wins)."""
+        mine = {d.lower() for d in cfg.get_all("domain")}
+        if not mine:
+            self.domain_refused.pop(name, None)
+            return cfg
+        for other in sorted(self.vassals):
+            oc = self.vassals[other].config
+            if other == name or oc is None or oc.error:
+                continue
+            both = mine & {d.lower() for d in oc.get_all("domain")}
+            if both:
+                d = min(both)
+                line = next((n for n, k, val in cfgmod.parse_ini_lines(cfg.text)[0]
+                             if k == "domain" and val.lower() == d), 0)
+                where = f"{cfg.path.name} (rendered)" if cfg.rendered else cfg.path.name
+                self.domain_refused[name] = other
+                return dataclasses.replace(
+                    cfg, options=(), fingerprint=cfg.fingerprint + ":domain",
+                    error=f"{where}:{line}: domain {d} is already served by vassal "
+                          f"{other} ({oc.path.name})")
+        self.domain_refused.pop(name, None)
+        return cfg
+
+    def routes(self) -> list[Route]:
+        """The routing facts of every vassal with a `domain`: its socket,
+        and whether it can answer (a throttled vassal, or one whose socket
+        is not bound, is answered by the front door with 503)."""
+        out = []
+        for v in self.vassals.values():
+            if v.is_base:
+                continue
+            cfg = v.config if v.config is not None and not v.config.error else v.running
+            if cfg is None:
+                continue
+            domains = tuple(sorted({d.lower() for d in cfg.get_all("domain")}))
+            if not domains:
+                continue
+            lst = self.listeners.get(v.name)
+            addr = lst.addr if lst is not None else None
+            if addr is None and not self.own_sockets:
+                want = sockets.wanted_address(cfg, self.socket_dir)
+                addr = want[0] if want is not None and v.has_process else None
+            # stopped (`emperor stop`) or refused (no descriptors): its
+            # clients would wait in the backlog; better told to come back
+            down = addr is None or v.phase in (Phase.THROTTLED, Phase.CONFIG_ERROR,
+                                               Phase.STOPPED, Phase.REFUSED)
+            retry = math.ceil(v.backoff) if v.phase == Phase.THROTTLED else 1
+            out.append(Route(v.name, domains, nginx_target(addr) if addr else "",
+                             up=not down, retry_after=retry,
+                             protocol="uwsgi" if cfg.get("socket") else "http"))
+        return out
+
+    def _front_turn(self, now: float) -> None:
+        assert self.front is not None
+        if not self.shutting_down:
+            self.front.update(self.routes(), now)
+        self.front.poll(now)
+
+    def _front_safely(self, fn, now: float) -> None:
+        """The front door's boundary: what goes wrong there is logged, and
+        the vassals go on (they serve on their sockets without it)."""
+        try:
+            fn(now)
+        except Exception as e:  # noqa: BLE001 - the boundary
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            self.log(f"error: {type(e).__name__}: {e} (at {os.path.basename(frame.filename)}:"
+                     f"{frame.lineno})", "front")
+
+    def _unwatch(self, fd: int) -> None:
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
 
     def _close_listener(self, name: str) -> None:
         self._unregister_listener(name)
@@ -1330,7 +1474,8 @@ class Emperor:
             self.log(f"cannot look for orphans: {e.strerror or e}")
             return
         self.ended.prune(scan.sessions)
-        found = classify_orphans(scan.children, self.pids, self.ended.by_sid)
+        live = self.pids if self.front is None else {**self.pids, **self.front.pids()}
+        found = classify_orphans(scan.children, live, self.ended.by_sid)
         victims = dict(found.orphans)
         if everything:
             victims.update((pid, "") for pid in found.unknown)
@@ -1339,6 +1484,8 @@ class Emperor:
             # reply is read: not worth a line while an adoption is in flight.
             adopting = any(h.adoption is not None for h in self.procs.values())
             for pid in found.unknown - self.unattributed - self.renderer.pids:
+                if spare_of(pid) is not None:
+                    continue
                 if adopting and scan.children.get(pid) == pid:
                     continue
                 self.unattributed.add(pid)
@@ -1420,7 +1567,8 @@ class Emperor:
 
         for v in self.vassals.values():
             v.seamless = self.own_sockets and not v.is_base and (
-                v.config is not None and sockets.wanted_address(v.config) is not None
+                v.config is not None
+                and sockets.wanted_address(v.config, self.socket_dir) is not None
             )
         others = [v for v in self.vassals.values() if not runs_as_base(v)]
         bases = [v for v in self.vassals.values() if runs_as_base(v)]
@@ -1505,6 +1653,10 @@ class Emperor:
         t = self.renderer.next_wakeup()
         if t is not None:
             times.append(t)
+        if self.front is not None:
+            t = self.front.next_wakeup()
+            if t is not None:
+                times.append(t)
         status = self.opts.status
         if status is not None and hasattr(status, "next_wakeup"):
             t = status.next_wakeup()
@@ -1531,6 +1683,8 @@ class Emperor:
                 self.renderer.expire(now)
                 self._reload_due(now)
                 self._reconcile(now)
+                if self.front is not None:  # routing changed? (applied batched)
+                    self._front_safely(self._front_turn, now)
                 status = self.opts.status
                 if status is not None and hasattr(status, "poll"):
                     status.poll(now)
@@ -1560,6 +1714,8 @@ class Emperor:
     def _shutdown_step(self, now: float) -> bool:
         """True when everything is gone."""
         if not self.vassals:
+            if self.front is not None:
+                self.front.stop()  # last: it served until every vassal was gone
             self._reap(now)
             if self.no_children:
                 return True

@@ -11,6 +11,8 @@ Emperor that is not a vassal process is:
 - in the session of a running vassal process: that vassal's; left alone;
 - in the session of a vassal process that has ended: an orphan of it; the
   Emperor asks it to go (SIGTERM, then SIGKILL after the mercy timeout);
+- a base's warm spare, not adopted yet (`spare_of`): the base's; left
+  alone (it ends by itself when its base does);
 - anything else (a daemon that called setsid() itself, a process of a
   uWSGI vassal, which does not setsid): not attributable; left alone while
   the Emperor runs, stopped with everything else at shutdown.
@@ -24,6 +26,7 @@ members.
 from __future__ import annotations
 
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -61,6 +64,23 @@ def classify_orphans(
         else:
             out.unknown.add(pid)
     return out
+
+
+_SPARE = re.compile(rb"\Apsgi-vassal .* \(spare of (\d+)(, warming)?\)\Z")
+
+
+def spare_of(pid: int, proc: str = "/proc", ready: bool = False) -> int | None:
+    """The pid of the base whose warm spare this process is (its title,
+    set by perl/ForkServer/Spares.pm until an adoption makes it a vassal),
+    or None (with `ready`: only once it is warm). A spare leads its own session, like any vassal process, so
+    before its adoption its session is no vassal's: it is not a stranger."""
+    try:
+        with open(f"{proc}/{pid}/cmdline", "rb") as f:
+            title = f.read().rstrip(b"\0 ")
+    except OSError:
+        return None
+    m = _SPARE.match(title)
+    return int(m.group(1)) if m and not (ready and m.group(2)) else None
 
 
 @dataclass

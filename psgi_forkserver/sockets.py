@@ -4,12 +4,93 @@ The Emperor binds each vassal's `http-socket` itself and passes it to every
 process of that vassal (mask 0x04: descriptor 0 of the vassal). The socket
 outlives the vassal's processes, so a restart or a reload never closes the
 port: the kernel queues connections while no process accepts.
+
+An address is TCP (`HOST:PORT`) or a UNIX socket path (anything with a
+`/` or without a `:`). A vassal with `domain` and no `http-socket` gets a UNIX socket under
+the Emperor's run directory (`auto_socket_path`): the front door reaches it
+by name, no port is spent on it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 import socket
+import stat
 from dataclasses import dataclass
+from pathlib import Path
+
+#: mode of the UNIX sockets the Emperor creates: the vassal's user and group
+#: (the front door's nginx runs as one of them) may connect, nobody else
+UNIX_MODE = 0o660
+#: longest path a sockaddr_un holds (108 bytes with the final NUL)
+MAX_UNIX_PATH = 107
+
+
+def is_unix_address(addr: str) -> bool:
+    """A UNIX socket path rather than HOST:PORT: it has a `/`, or no `:`
+    (uWSGI's rule: `app.sock` is a path)."""
+    return "/" in addr or ":" not in addr
+
+
+def auto_socket_path(socket_dir: Path, name: str) -> Path:
+    """The socket of a vassal that has `domain` and no `http-socket`. A name
+    that would not fit in a sockaddr_un (or is not a plain file name) is
+    replaced by its hash."""
+    safe = name if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) else ""
+    path = socket_dir / f"{safe}.sock"
+    if not safe or len(os.fsencode(str(path))) > MAX_UNIX_PATH:
+        path = socket_dir / f"h-{hashlib.sha256(name.encode()).hexdigest()[:16]}.sock"
+    return path
+
+
+def _stale_unix_socket(path: str) -> bool:
+    """True when `path` is a socket file nobody listens on (left by a
+    process that died): it may be replaced. A live one is somebody's."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(17, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    raise OSError(98, f"{path}: another process listens on it")
+
+
+def bind_unix_listener(path: str, backlog: int = 1024, uid: int | None = None,
+                       gid: int | None = None, mode: int = UNIX_MODE) -> socket.socket:
+    """A listening UNIX stream socket at `path`, mode `mode`, owned by
+    uid/gid (when given and we may chown), close-on-exec. A stale socket
+    file at `path` is replaced; a live one or another file is an error."""
+    if len(os.fsencode(path)) > MAX_UNIX_PATH:
+        raise OSError(36, f"{path}: longer than a UNIX socket path may be ({MAX_UNIX_PATH} bytes)")
+    if _stale_unix_socket(path):
+        os.unlink(path)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind(path)
+        try:
+            # before listen(): nobody can connect until the mode is right
+            os.chmod(path, mode)
+            if (uid is not None or gid is not None) and os.geteuid() == 0:
+                os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
+            s.listen(backlog)
+        except BaseException:
+            os.unlink(path)
+            raise
+    except BaseException:
+        s.close()
+        raise
+    return s
 
 DEFAULT_BACKLOG = 1024
 
@@ -30,8 +111,12 @@ def parse_address(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def bind_listener(addr: str, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
-    """A listening TCP socket, SO_REUSEADDR, close-on-exec."""
+def bind_listener(addr: str, backlog: int = DEFAULT_BACKLOG, uid: int | None = None,
+                  gid: int | None = None) -> socket.socket:
+    """A listening socket, close-on-exec: TCP with SO_REUSEADDR, or a UNIX
+    socket (bind_unix_listener, owned by uid/gid) when `addr` is a path."""
+    if is_unix_address(addr):
+        return bind_unix_listener(addr, backlog, uid, gid)
     host, port = parse_address(addr)
     if host == "":
         try:
@@ -62,17 +147,32 @@ class Listener:
     addr: str
     backlog: int
     sock: socket.socket
+    owner: tuple[int | None, int | None] = (None, None)  # UNIX socket: uid, gid
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def close(self) -> None:
+        if is_unix_address(self.addr):
+            # the Emperor is the only binder of its vassals' paths, and it
+            # closes an old listener before binding the same path again
+            try:
+                if stat.S_ISSOCK(os.lstat(self.addr).st_mode):
+                    os.unlink(self.addr)
+            except OSError:
+                pass
         self.sock.close()
 
 
-def wanted_address(cfg) -> tuple[str, int] | None:
-    """(http-socket, backlog) of a vassal config, or None."""
-    addr = cfg.get("http-socket") if cfg is not None else None
+def wanted_address(cfg, socket_dir: Path | None = None) -> tuple[str, int] | None:
+    """(address, backlog) of a vassal config, or None: its `http-socket` or
+    its `socket` (uwsgi protocol), a relative UNIX path against the vassals
+    directory; else, when it has a `domain`, a UNIX socket in `socket_dir`."""
+    addr = (cfg.get("http-socket") or cfg.get("socket")) if cfg is not None else None
+    if addr and is_unix_address(addr) and not os.path.isabs(addr):
+        addr = str((cfg.path.parent / addr).resolve())
+    if not addr and cfg is not None and socket_dir is not None and cfg.get("domain"):
+        addr = str(auto_socket_path(socket_dir, cfg.name))
     if not addr:
         return None
     try:

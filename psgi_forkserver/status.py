@@ -46,6 +46,8 @@ from typing import Any
 
 import psutil
 
+from .orphans import spare_of
+
 SCHEMA = 1
 #: connections in progress; a client beyond that is refused with a message
 #: (never dropped without a word, and never at the expense of one in progress)
@@ -240,7 +242,20 @@ def vassal_status(v: Any, now: float, children: dict[int, list[int]]) -> tuple[d
     tree: list[int] = []
     for r in roots:
         tree += [p for p in _tree(r, children) if p not in tree]
+    if doc["kind"] == "base" and roots:
+        masters = _spares(roots, children)
+        spares = [p for s in masters for p in _tree(s, children)]
+        doc["spares"] = {"count": len(masters), "ready": len([s for s in masters if spare_of(s, ready=True)]),
+                         "pids": spares, "pss": 0, "uss": 0}
+        tree += [p for p in spares if p not in tree]
     return doc, tree
+
+
+def _spares(bases: list[int], children: dict[int, list[int]]) -> list[int]:
+    """A base's warm spares (perl/ForkServer/Spares.pm): children of the
+    Emperor, as adopted vassals are, titled after their base until an
+    adoption makes them a vassal."""
+    return [c for c in children.get(os.getpid(), ()) if c not in bases and spare_of(c) in bases]
 
 
 _self_proc: psutil.Process | None = None
@@ -321,6 +336,9 @@ class Collection:
             d["pss"] += pss
             d["uss"] += uss
             d["processes"] += n
+            if pid in d.get("spares", {}).get("pids", ()):
+                d["spares"]["pss"] += pss
+                d["spares"]["uss"] += uss  # what they cost: their PSS is mostly their share of the base
             if time.perf_counter() >= deadline:
                 break
         self.measure_s += time.perf_counter() - t
@@ -1095,6 +1113,10 @@ def format_table(doc: dict[str, Any]) -> str:
             lines.append(f"{name}: {v['error']}")
         elif v.get("last_error"):
             lines.append(f"{name}: (earlier) {v['last_error']}")
+        if v.get("spares"):
+            sp = v["spares"]
+            lines.append(f"{name}: {sp['count']} spares, {sp.get('ready', 0)} warm ({len(sp['pids'])} processes), "
+                         f"PSS {human_bytes(sp['pss'])}, USS {human_bytes(sp.get('uss'))} (counted in its own)")
     e = doc.get("emperor", {})
     t = doc.get("totals", {})
     lines.append(

@@ -91,13 +91,23 @@ subtest 'addresses' => sub {
     ok !eval { ForkServer::Config::parse_address('9101'); 1 }, 'no colon';
 };
 
+subtest 'UNIX socket paths, domain names, uWSGI keys that change nothing' => sub {
+    my $c = parse('--http-socket', '/run/x/app.sock', '--master', '--plugins', 'psgi',
+                  '--vacuum=true', '--domain', 'App.Example.com', '--domain', '*.example.com');
+    is $c->get('http-socket'), '/run/x/app.sock', 'a path';
+    is parse('--http-socket', 'app.sock')->get('http-socket'), 'app.sock', 'no colon: a path (uWSGI)';
+    is parse('--http-socket', ':9101')->get('http-socket'), ':9101', 'still an address';
+};
+
 subtest 'errors' => sub {
     my $bad_ini = write_file('bad.ini', "[uwsgi]\nprocesses = 2\nfrobnicate = 1\n");
     for my $case (
         [['--frobnicate', 1], qr/^unknown option '--frobnicate'$/],
         [['--processes', 0], qr/^bad value '0' for option 'processes' \(command line\): expected an integer >= 1$/],
         [['--processes', 'x'], qr/bad value 'x'/],
-        [['--http-socket', 'nowhere'], qr/bad value 'nowhere' for option 'http-socket'/],
+        [['--http-socket', 'nowhere:port'], qr/bad value 'nowhere:port' for option 'http-socket'/],
+        [['--http-socket', ''], qr/bad value '' for option 'http-socket'/],
+        [['--module', 'app'], qr/^uWSGI's option '--module' is not supported: use psgi = FILE\.psgi$/],
         [['--http-socket', '1.2.3.4:70000'], qr/port out of range/],
         [['--env', 'NOEQUALS'], qr/expected KEY=VALUE/],
         [['--fork-server-mode', '999'], qr/octal/],

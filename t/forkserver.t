@@ -30,6 +30,8 @@ write_file('base.ini', <<"INI");
 early-psgi = $hello
 fork-server = $sock
 fork-server-timeout = 2
+# the fork path itself, its descriptors and processes: no warm spares (tests/test_spares.py has them)
+fork-server-spares = 0
 INI
 
 my $base = spawn_vassal(argv => ['--ini', "$dir/base.ini"], stderr => $log);

@@ -35,7 +35,7 @@ my $hello = Cwd::abs_path('t/apps/hello.psgi');
 sub log_text { open my $fh, '<', $log or return ''; local $/; <$fh> }
 
 my $base = spawn_vassal(argv => ['--name', 'fuzzbase', '--early-psgi', $hello, '--fork-server', $sock,
-    '--fork-server-timeout', 2], stderr => $log);
+    '--fork-server-timeout', 2, '--fork-server-spares', 0], stderr => $log);    # the fork path's descriptors and processes
 is read_bytes($base->{pipe}, 1, 20), "\x01", 'base ready' or BAIL_OUT('base did not start: ' . log_text());
 my $fds_before = fd_targets($base->{pid});
 

@@ -129,10 +129,27 @@ subtest 'errors: 400, 413, 431' => sub {
 };
 
 subtest 'access log' => sub {
-    http_raw($port, "GET /pid?x=1 HTTP/1.1\r\nHost: x\r\nUser-Agent: t\r\n\r\n");
+    http_raw($port, "GET /pid?x=1 HTTP/1.1\r\nHost: x\r\nUser-Agent: t/1.0 (x)\r\nReferer: http://r/\r\n\r\n");
     my $line;
     ok wait_for(sub { ($line) = grep { m{/pid\?x=1} } split /\n/, $srv->access_log }, 10, 'log line'), 'logged';
-    like $line, qr{^testapp 127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] "GET /pid\?x=1 HTTP/1\.1" 200 \d+$}, 'common log format with name';
+    like $line, qr{^testapp 127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] "GET /pid\?x=1 HTTP/1\.1" 200 \d+ "http://r/" "t/1\.0 \(x\)" \d+\.\d{6}$},
+        'combined log format with name first and time taken last';
+
+    # no Referer, no User-Agent: "-"; a client's quotes cannot forge a
+    # field (the parser already refuses control bytes in a head)
+    http_raw($port, "GET /pid?x=2 HTTP/1.1\r\nHost: x\r\n\r\n");
+    http_raw($port, "GET /pid?x=3 HTTP/1.1\r\nHost: x\r\nUser-Agent: a\" 200 1 \"b\\\r\n\r\n");
+    my ($two, $three);
+    ok wait_for(sub { ($two) = grep { m{/pid\?x=2} } split /\n/, $srv->access_log;
+                      ($three) = grep { m{/pid\?x=3} } split /\n/, $srv->access_log; $two && $three }, 10, 'log lines');
+    like $two, qr{" 200 \d+ "-" "-" \d+\.\d{6}$}, 'absent fields are "-"';
+    like $three, qr{" 200 \d+ "-" "a\\x22 200 1 \\x22b\\x5c" \d+\.\d{6}$}, 'quotes and backslashes escaped';
+
+    # a refused request is logged too, with the peer and the time taken
+    is http_raw($port, "GET /pid?x=4 HTTP/1.1\r\n\r\n")->{status}, 400, 'no Host: 400';
+    my $four;
+    ok wait_for(sub { ($four) = grep { m{/pid\?x=4} } split /\n/, $srv->access_log }, 10, 'log line of the 400');
+    like $four, qr{^testapp 127\.0\.0\.1 - - \[[^\]]+\] "GET /pid\?x=4 HTTP/1\.1" 400 \d+ "-" "-" \d+\.\d{6}$}, 'refused request logged';
 };
 
 $srv->stop;

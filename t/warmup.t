@@ -56,8 +56,9 @@ subtest 'every kind of response is consumed; the env is a request\'s' => sub {
 subtest 'the base warms up before serving; adopted vassals see the state' => sub {
     my $sock = "$dir/fs.sock";
     my $log  = "$dir/base.log";
+    # the fork path: a spare's worker runs the warm-up again (the next subtest)
     my $base = spawn_vassal(argv => ['--name', 'wb', '--early-psgi', $app_file, '--fork-server', $sock,
-        map { ('--early-warmup', $_) } '/', '/dies', '/fh', '/delayed', '/stream'], stderr => $log);
+        '--fork-server-spares', 0, map { ('--early-warmup', $_) } '/', '/dies', '/fh', '/delayed', '/stream'], stderr => $log);
     is read_bytes($base->{pipe}, 1, 30), "\x01", 'byte 1: serving after the warm-up' or diag slurp($log);
     my $text = slurp($log);
     like $text, qr{^psgi-vassal wb: early-warmup GET /: status 200 in [\d.]+ ms$}m, 'one line for /';
@@ -78,6 +79,44 @@ subtest 'the base warms up before serving; adopted vassals see the state' => sub
         'the vassal\'s first request sees the state the warm-up built in the base';
     syswrite $v->{pipe}, "\x02";
     ok wait_gone($v->{pid}, 15), 'vassal stops';
+    close $base->{pipe};
+    ok wait_gone($base->{pid}, 15), 'base stops';
+};
+
+subtest 'a warm spare: its first worker ran the warm-up itself, and serves the adoption' => sub {
+    my $sock = "$dir/fs3.sock";
+    my $log  = "$dir/base3.log";
+    my $base = spawn_vassal(argv => ['--name', 'wsb', '--early-psgi', $app_file, '--fork-server', $sock,
+        '--fork-server-spares', 1, '--early-warmup', '/'], stderr => $log);
+    is read_bytes($base->{pipe}, 1, 30), "\x01", 'byte 1' or diag slurp($log);
+    # the spare is our child (clone(CLONE_PARENT): we are the base's parent)
+    my $spare;
+    my $deadline = time + 30;
+    until ($spare || time > $deadline) {
+        ($spare) = grep { title_of($_) eq "psgi-vassal wsb (spare of $base->{pid})" } all_pids();
+        select undef, undef, undef, 0.02 unless $spare;
+    }
+    ok $spare, 'a warm spare' or diag slurp($log);
+    is ppid_of($spare), $$, 'born our child, as an adopted vassal';
+    is session_of($spare), $spare, 'it leads its own session';
+    my ($worker) = grep { ppid_of($_) == $spare } all_pids();
+    ok $worker, 'with its first worker';
+    is session_of($worker), $spare, 'in the same session';
+    my $port = empty_port();
+    my $v = adopt($sock, argv => ['--name', 'wsa', '--http-socket', "127.0.0.1:$port", '--processes', 2]);
+    is $v->{pid}, $spare, 'the adoption went to the spare';
+    is read_bytes($v->{pipe}, 3, 20), "\x01\x05\x11", 'loyal' or diag slurp($log);
+    my %seen;
+    for (1 .. 100) {
+        my $res = http_get($port, 20) // '';
+        $seen{$1} = $res if $res =~ /pid=(\d+)/;
+        last if $seen{$worker};
+    }
+    like $seen{$worker} // '', qr{seen=/\($base->{pid}\),/\($worker\)\n},
+        'the warm worker answers, with the base\'s warm-up and its own';
+    syswrite $v->{pipe}, "\x02";
+    ok wait_gone($v->{pid}, 15), 'vassal stops';
+    ok !kill(0, $worker) || wait_gone($worker, 15), 'its warm worker too';
     close $base->{pipe};
     ok wait_gone($base->{pid}, 15), 'base stops';
 };
@@ -109,6 +148,7 @@ sub stat_fields {
 }
 sub session_of { (stat_fields($_[0]))[3] // -1 }
 sub ppid_of    { (stat_fields($_[0]))[1] // -1 }
+sub title_of   { my $t = slurp("/proc/$_[0]/cmdline") // ''; $t =~ s/[\0 ]+\z//; $t }
 sub all_pids   { map { m{/(\d+)\z} ? $1 : () } glob '/proc/[0-9]*' }
 
 done_testing;

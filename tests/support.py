@@ -76,6 +76,22 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def spare_pids(emperor: int) -> set[int]:
+    """The warm spares of the Emperor's bases and their workers (they come
+    and go as adoptions take them: perl/ForkServer/Spares.pm)."""
+    from psgi_forkserver.orphans import spare_of
+
+    out: set[int] = set()
+    try:
+        for p in psutil.Process(emperor).children():
+            if spare_of(p.pid) is not None:
+                out.add(p.pid)
+                out.update(c.pid for c in p.children())
+    except psutil.Error:
+        pass
+    return out
+
+
 EMPEROR = str(Path(sys.executable).parent / "emperor")
 
 

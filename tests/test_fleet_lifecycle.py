@@ -228,4 +228,6 @@ def test_on_demand_starts_on_first_connection_and_stops_when_idle(emperor):
     wait_for(lambda: not psutil.pid_exists(first[0]), 15, "od to stop")
     wait_for(lambda: e.text().count("[od] on demand: waiting") >= 2, 10, "waiting again")
     assert get(port, timeout=15)["name"] == "od"
-    assert len(e.vpids("od")) == 2
+    # an adopted vassal may answer before the Emperor has read its adoption
+    # reply and logged its pid (see Emp.vpid)
+    wait_for(lambda: len(e.vpids("od")) == 2, 15, "the second od pid logged")

@@ -28,5 +28,5 @@ def test_adoption_request_sent_by_hand_gets_pid_and_serving_vassal(tmp_path: Pat
     assert seen["http_body"] == {"app": "byhand", "pid": seen["http_body"]["pid"]}
     assert seen["vassal_bytes"] == ["01", "05", "11"]
     # both the base and the adopted vassal exited on end of file and were reaped
-    assert set(seen["reaped"]) == {seen["base_pid"], seen["pid"]}
+    assert {seen["base_pid"], seen["pid"]} <= set(seen["reaped"])
     assert not seen["socket_left"]

@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 
-from psgi_forkserver.orphans import EndedSessions, classify_orphans, scan_proc
+from psgi_forkserver.orphans import EndedSessions, classify_orphans, scan_proc, spare_of
 
 
 def test_children_of_running_vassals_are_left_alone():
@@ -50,3 +50,22 @@ def test_scan_proc_finds_our_children_and_their_sessions():
     finally:
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
+
+
+def test_a_spare_is_known_by_its_title_and_nothing_else(tmp_path):
+    titles = {
+        101: b"psgi-vassal base (spare of 42)\0",
+        102: b"psgi-vassal my base (spare of 42, warming)\0\0",
+        103: b"psgi-vassal base (fork server)\0",
+        104: b"perl\0-e\0(spare of 42)\0",
+        105: b"psgi-vassal app1\0",
+    }
+    for pid, title in titles.items():
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cmdline").write_bytes(title)
+    found = {pid: spare_of(pid, str(tmp_path)) for pid in titles}
+    assert found == {101: 42, 102: 42, 103: None, 104: None, 105: None}
+    # warming: a spare, but not one an adoption can take yet
+    assert spare_of(102, str(tmp_path), ready=True) is None
+    assert spare_of(101, str(tmp_path), ready=True) == 42
+    assert spare_of(999, str(tmp_path)) is None  # gone

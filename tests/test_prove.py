@@ -138,8 +138,9 @@ def test_a_base_does_not_run_test_files_for_the_emperor(tmp_path: Path) -> None:
     ours, theirs = socket.socketpair()
     env = {**os.environ, "UWSGI_EMPEROR_FD": str(theirs.fileno())}
     with open(log, "wb") as errf:
+        # no spares: they would be our children too (clone(CLONE_PARENT)), left to reap
         base = subprocess.Popen(["perl", str(ROOT / "perl/ForkServer.pm"), "--fork-server", str(sock),
-                                 "--early-psgi", str(ROOT / "examples/myapp.pl")],
+                                 "--early-psgi", str(ROOT / "examples/myapp.pl"), "--fork-server-spares", "0"],
                                 env=env, pass_fds=[theirs.fileno()], stderr=errf)
     theirs.close()
     try:

@@ -79,7 +79,17 @@ def assert_no_zombies(e: Emp, timeout: float = 5.0) -> None:
         return not zombies_under(e.pid) and not [
             z for z in zombies_under(os.getpid()) if z.pid != e.pid
         ]
-    wait_for(none_left, timeout, "no zombie left")
+    try:
+        wait_for(none_left, timeout, "no zombie left")
+    except AssertionError:
+        zs = zombies_under(e.pid) + zombies_under(os.getpid())
+        info = []
+        for z in zs:
+            try:
+                info.append((z.pid, z.ppid(), open(f"/proc/{z.ppid()}/cmdline", "rb").read()))
+            except Exception as ex:  # noqa: BLE001
+                info.append((z.pid, repr(ex)))
+        raise AssertionError(f"zombies: {info}") from None
 
 
 def http_get(port: int, path: str = "/", timeout: float = 5.0) -> str:
@@ -240,6 +250,26 @@ def _set_subreaper(on: bool) -> None:
     assert libc.prctl(36, 1 if on else 0, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
 
 
+def _reap_reparented() -> bool:
+    """As subreaper, reap whatever came to us and exited, including
+    processes born after a snapshot of the tree (a base's new spare).
+    True once no vassal process (base, spare, vassal, worker) is our child."""
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                break
+        except ChildProcessError:
+            break
+    left = []
+    for p in psutil.Process().children():
+        try:
+            if p.cmdline()[:1] and p.cmdline()[0].startswith("psgi-vassal"):
+                left.append(p)
+        except psutil.Error:
+            pass
+    return not left
+
+
 def test_kill_9_of_the_emperor_takes_every_process_down_within_5_s(emp):
     ports = {"a1": free_port(), "a2": free_port()}
     e = emp({n: app_ini(n, p, processes=2) for n, p in ports.items()}, wait=ports.values())
@@ -262,6 +292,7 @@ def test_kill_9_of_the_emperor_takes_every_process_down_within_5_s(emp):
                     os.waitpid(p.pid, os.WNOHANG)
                 except ChildProcessError:
                     pass
+            _reap_reparented()
             return all(gone(p) for p in tree)
 
         wait_for(reap_ours, 5.0, "every vassal and worker to exit after the Emperor's kill -9",
@@ -473,7 +504,9 @@ def test_out_of_processes_while_adopting(emp):
         pytest.skip(f"no writable pids cgroup here: {exc}")
     p1, p2 = free_port(), free_port()
     try:
-        e = emp({"a1": app_ini("a1", p1, processes=1)}, wait=[p1])
+        # the fork path: a warm spare would serve a2 without a fork
+        e = emp({"base": f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\nfork-server-spares = 0\n",
+                 "a1": app_ini("a1", p1, processes=1)}, base=False, wait=[p1])
         base = e.vpid("base")
         (cg / "pids.max").write_text("1")
         (cg / "cgroup.procs").write_text(str(base))  # the base alone fills it
@@ -593,11 +626,13 @@ def test_descriptor_hygiene(emp):
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             assert not vassal_inodes[a] & vassal_inodes[b], f"{a} and {b} share a socket"
-    # the base holds stdio, its pipe and the fork-server socket only, and
-    # the spare descriptor it gives up to refuse a client when out of them
+    # the base holds stdio, its pipe and the fork-server socket only, the
+    # spare descriptor it gives up to refuse a client when out of them, and
+    # one link per warm spare (fork-server-spares, default 2) once its pool is full
+    wait_for(lambda: (e.status()["base"].get("spares") or {}).get("ready") == 2, 30, "the base's 2 spares")
     bfds = {fd: t for fd, t in _fds(base).items() if fd > 2}
     assert sorted(bfds.values()).count("/dev/null") == 1, bfds
-    assert len(bfds) == 3, bfds
+    assert len(bfds) == 3 + 2, bfds
     for ino in base_inodes:
         assert not any(ino in v for v in vassal_inodes.values())
     # every descriptor of the Emperor, stdio aside, is close-on-exec

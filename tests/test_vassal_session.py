@@ -10,7 +10,7 @@ import signal
 import psutil
 
 from support import free_port, kill_all, wait_for
-from test_robustness import _set_subreaper, daemon_ini, emp, spawn_left_behind  # noqa: F401 (fixture)
+from test_robustness import _reap_reparented, _set_subreaper, daemon_ini, emp, spawn_left_behind  # noqa: F401 (fixture)
 
 
 def test_a_helper_in_the_vassal_session_dies_with_a_kill_9_of_the_emperor(emp):  # noqa: F811
@@ -31,7 +31,8 @@ def test_a_helper_in_the_vassal_session_dies_with_a_kill_9_of_the_emperor(emp): 
                     os.waitpid(p.pid, os.WNOHANG)
                 except ChildProcessError:
                     pass
-            return not psutil.pid_exists(helper.pid)
+            # the base and its spares came to us too: gone and reaped
+            return _reap_reparented() and not psutil.pid_exists(helper.pid)
 
         assert wait_for(helper_gone, 15, "the helper to go with its vassal", interval=0.05)
     finally:

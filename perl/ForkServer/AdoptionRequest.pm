@@ -148,6 +148,24 @@ sub fds_by_role {
     return ($pipe, $config, $ondemand);
 }
 
+=head2 handed_over(sock => $client, data => $packet, fds => \@fds) -> $request
+
+A request the base read and passed on whole (to a warm spare,
+L<ForkServer::Spares>): checked again as if read from C<sock>, the
+requester's connection, where the reply goes. Dies with the reason.
+
+=cut
+
+sub handed_over {
+    my ($class, %args) = @_;
+    my $self = $class->new(sock => $args{sock}, peer => 'the base');
+    $self->{fds} = [@{ $args{fds} }];
+    $self->{buf} = $args{data};
+    my $state = $self->_check;
+    die "an incomplete request\n" unless $state eq 'complete';
+    return $self;
+}
+
 # Forgets the descriptors without closing them (they now belong to the
 # adopted vassal).
 sub release_fds { $_[0]{fds} = [] }

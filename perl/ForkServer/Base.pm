@@ -15,6 +15,7 @@ use ForkServer::HugePages ();
 use ForkServer::Log ();
 use ForkServer::AdoptionRequest ();
 use ForkServer::Protocol qw(encode_packet encode_dict MODIFIER1_FORK_SERVER MASK_ON_DEMAND SPAWNED STOP_NOW STOP);
+use ForkServer::Spares ();
 use ForkServer::Startup ();
 use ForkServer::Vassal ();
 use ForkServer::Warmup ();
@@ -103,8 +104,9 @@ sub run {
     my $how = $self->choose_fork;
     $self->listen;
     $0 = $self->{config}->get('procname') // "psgi-vassal $self->{name} (fork server)";
+    my $spares = $self->start_spares;
     # logged before byte 1, so the line is there when the Emperor acts on it
-    $self->log("fork server listening on $self->{path} ($how; $pages)");
+    $self->log("fork server listening on $self->{path} ($how; $pages; $spares)");
     ForkServer::EmperorPipe->send($self->{emperor}, SPAWNED);
     my $stop = sub { $self->{stop} = "signal $_[0]" };
     local $SIG{TERM} = $stop;
@@ -115,6 +117,17 @@ sub run {
     $self->log("stopping ($self->{stop})");
     $self->shutdown;
     return;
+}
+
+# Warm spare vassals (ForkServer::Spares): only under an Emperor, which
+# reaps them; the pool fills from the loop, when no adoption waits.
+sub start_spares {
+    my ($self) = @_;
+    my $k = $self->{config}->get('fork-server-spares') // 0;
+    return 'spares: off (fork-server-spares = 0)' unless $k;
+    return 'spares: off (no Emperor to reap them)' unless $self->{emperor};
+    $self->{spares} = ForkServer::Spares->new(base => $self, count => $k);
+    return "spares: $k";
 }
 
 # The app's own lazy state (templates, time zones, caches), built once here
@@ -190,12 +203,17 @@ sub loop {
     my ($self) = @_;
     my $select = $self->{select} = IO::Select->new($self->{listen});
     $select->add($self->{emperor}) if $self->{emperor};
+    my $spares = $self->{spares};
+    $spares->watch_with($select) if $spares;
     until ($self->{stop}) {
+        # below any adoption being read: one spare per turn, none while a client waits
+        $spares->make_one if $spares && !%{ $self->{clients} } && $spares->wants_one;
         my @ready = $select->can_read($self->_timeout);
         for my $fh (@ready) {
             if    ($fh == $self->{listen})                        { $self->accept_clients }
             elsif ($self->{emperor} && $fh == $self->{emperor})   { $self->emperor_says }
             elsif (my $req = $self->{clients}{ fileno $fh })      { $self->client_readable($req) }
+            elsif ($spares && $spares->owns($fh))                 { $spares->readable($fh) }
             last if $self->{stop};
         }
         $self->expire_clients;
@@ -209,6 +227,7 @@ sub _timeout {
     my ($self) = @_;
     my @deadlines = map { $_->deadline } values %{ $self->{clients} };
     push @deadlines, $self->{paused_until} if $self->{paused_until};
+    push @deadlines, $self->{spares}->next_at if $self->{spares} && $self->{spares}->next_at;
     return undef unless @deadlines;
     my ($next) = sort { $a <=> $b } @deadlines;
     my $wait = $next - Time::HiRes::time();
@@ -241,6 +260,9 @@ sub accept_clients {
         );
         $self->{clients}{ fileno $client } = $req;
         $self->{select}->add($client);
+        # the Emperor sends its request right after connecting: it is
+        # usually here already, and read now saves a turn of the loop
+        $self->client_readable($req);
     }
     if ($! == EMFILE || $! == ENFILE) {
         $self->_out_of_descriptors("$!");
@@ -351,6 +373,7 @@ sub shutdown {
     return unless $$ == $self->{pid};
     $_->close_all for values %{ $self->{clients} };
     $self->{clients} = {};
+    $self->{spares}->close_links if $self->{spares};    # each waiting spare ends
     close $self->{listen};
     unlink $self->{path};
     return;
@@ -358,6 +381,10 @@ sub shutdown {
 
 sub adopt {
     my ($self, $req) = @_;
+    if ($self->{spares} && $self->{spares}->take($req)) {
+        $req->close_all;    # the spare holds them now
+        return;
+    }
     # Only our parent gets its vassal as a direct child: anyone else asking
     # (a helper process of the Emperor, a test) gets the protocol's double
     # fork and the reparenting to the nearest subreaper.
@@ -388,17 +415,27 @@ sub _intermediate_child {
     $self->_become_vassal($req);
 }
 
+# In a process forked from the base: let go of everything of the base's
+# (a spare calls this at birth, a vassal again at adoption: idempotent).
+sub _close_base {
+    my ($self) = @_;
+    $SIG{$_} = 'DEFAULT' for qw(TERM INT PIPE CHLD);
+    close delete $self->{listen} if $self->{listen};
+    close delete $self->{spare}  if $self->{spare};
+    $_->close_all for values %{ $self->{clients} };
+    $self->{clients} = {};
+    close delete $self->{emperor}   if $self->{emperor};
+    close delete $self->{config_fh} if $self->{config_fh};
+    # the spares' links: a waiting spare must see end of file when the base goes
+    (delete $self->{spares})->close_links if $self->{spares};
+    return;
+}
+
 # Lose everything of the base and arrange the descriptors as the protocol
 # says (PROTOCOL.md section 4, step 3).
 sub _detach_from_base {
     my ($self, $req) = @_;
-    $SIG{$_} = 'DEFAULT' for qw(TERM INT PIPE CHLD);
-    close $self->{listen};
-    close delete $self->{spare} if $self->{spare};
-    $_->close_all for values %{ $self->{clients} };
-    $self->{clients} = {};
-    close $self->{emperor}   if $self->{emperor};
-    close $self->{config_fh} if $self->{config_fh};
+    $self->_close_base;
     my ($pipe_fd, $config_fd, $ondemand_fd) = $req->fds_by_role;
     $ENV{UWSGI_EMPEROR_FD} = $pipe_fd;
     if (defined $config_fd) { $ENV{UWSGI_EMPEROR_FD_CONFIG} = $config_fd }
@@ -414,8 +451,9 @@ sub _detach_from_base {
 # The grandchild: reply with its pid, then become the vassal the argv asks
 # for. Its options replace the base's; the preloaded app stays in memory.
 sub _become_vassal {
-    my ($self, $req) = @_;
+    my ($self, $req, %vassal) = @_;    # %vassal: first_worker (a spare's, ForkServer::Spares)
     my (undef, @argv) = $req->argv;
+    my $config_text;
     ForkServer::Startup::run(
         argv    => \@argv,
         session => 1,
@@ -424,6 +462,7 @@ sub _become_vassal {
         # pipes are the test's stdout and stderr (ForkServer::TestFile).
         before_config => sub {
             my ($text, %pipes) = @_;
+            $config_text = $text;    # a spare's first worker configures itself from it too
             return unless ($argv[0] // '') eq '--test-file';
             die "this base does not run test files\n" unless ForkServer::TestFile->can('become_test');
             ForkServer::TestFile::become_test(
@@ -434,10 +473,12 @@ sub _become_vassal {
             my (%common) = @_;
             die "fork-server is set: an adopted vassal cannot be a base vassal\n"
                 if defined $common{config}->get('fork-server');
+            $vassal{first_worker}->for_request(\@argv, $config_text) if $vassal{first_worker};
             ForkServer::Vassal->new(
                 %common,
                 preloaded_app => $self->{app},
                 use_fd0       => ($req->mask & MASK_ON_DEMAND) ? 1 : 0,
+                %vassal,
             )->run;
         },
         # No global destruction: it would walk the whole heap inherited from

@@ -29,6 +29,16 @@ my $GID = sub {
 };
 my $ENV_PAIR = sub { $_[0] =~ /\A[^=]+=/s ? $_[0] : die "expected KEY=VALUE\n" };
 my $ADDR = sub { parse_address($_[0]); $_[0] };
+# a UNIX socket path (it has a /, or no :, as uWSGI reads it) or HOST:PORT
+my $SOCKET_ADDR = sub {
+    length $_[0] or die "expected HOST:PORT or a UNIX socket path\n";
+    $_[0] =~ m{/} || $_[0] !~ /:/ ? $_[0] : $ADDR->($_[0]);
+};
+my $DOMAIN = sub {
+    my $d = lc $_[0];
+    $d =~ /\A(?:\*\.)?[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*\z/ && length $d <= 253
+        ? $d : die "expected a host name (app.example.com) or a wildcard (*.example.com)\n";
+};
 my $URL_PATH = sub { $_[0] =~ m{\A/[^\s#]*\z} ? $_[0] : die "expected a path starting with / (a query string may follow)\n" };
 
 # The checker of each option type: returns the normalised value or dies with
@@ -44,6 +54,9 @@ my %CHECK = (
     uint      => $UINT,
     bool      => $BOOL,
     address   => $ADDR,
+    'socket-address' => $SOCKET_ADDR,
+    domain    => $DOMAIN,
+    owner     => sub { my ($u, $g) = split /:/, $_[0], 2; $UID->($u); $GID->($g) if defined $g; $_[0] },
     env       => $ENV_PAIR,
     include   => $STR,
 );
@@ -51,10 +64,12 @@ my %CHECK = (
 # The options themselves are declared once, in options.json next to this
 # file, which the Emperor reads too (one table of known keys for both sides).
 our $OPTIONS_FILE = File::Spec->catfile(File::Basename::dirname(__FILE__), 'options.json');
-my (%OPTIONS, %DEFAULTS, @DECLARED);
+my (%OPTIONS, %DEFAULTS, @DECLARED, %REFUSED);
 {
     open my $fh, '<:raw', $OPTIONS_FILE or die "cannot read $OPTIONS_FILE: $!\n";
-    @DECLARED = @{ JSON::PP->new->decode(do { local $/; <$fh> })->{options} };
+    my $decl = JSON::PP->new->decode(do { local $/; <$fh> });
+    @DECLARED = @{ $decl->{options} };
+    %REFUSED = %{ $decl->{refused} // {} };
     for my $o (@DECLARED) {
         my $check = $CHECK{ $o->{type} } or die "$OPTIONS_FILE: $o->{key}: unknown type '$o->{type}'\n";
         my %spec = (check => $check);
@@ -65,6 +80,8 @@ my (%OPTIONS, %DEFAULTS, @DECLARED);
         # keys only the Emperor reads: accepted with any value and ignored,
         # since the vassal reads the same file
         %spec = (check => sub { $_[0] }, ignored => 1) if $o->{emperor};
+        # uWSGI's harmless keys: checked, then ignored
+        $spec{ignored} = 1 if $o->{ignored};
         $OPTIONS{ $o->{key} } = \%spec;
         $DEFAULTS{ $o->{key} } = $check->($o->{default}) if defined $o->{default} && !$o->{emperor};
     }
@@ -145,7 +162,7 @@ sub name {
 
 sub set {
     my ($self, $key, $value, $where) = @_;
-    my $spec = $OPTIONS{$key} or die "unknown option '$key'" . ($where ? " ($where)" : '') . "\n";
+    my $spec = $OPTIONS{$key} or die unknown_option($key) . ($where ? " ($where)" : '') . "\n";
     my $norm = eval { $spec->{check}->($value) };
     unless (defined $norm) {
         (my $why = $@ || "bad value\n") =~ s/\n\z//;
@@ -162,13 +179,27 @@ sub set {
     return;
 }
 
+=head2 unknown_option($key)
+
+The message for a key nobody declared: uWSGI's keys that we do not
+implement (options.json's C<refused>) are named with what to use instead.
+
+=cut
+
+sub unknown_option {
+    my ($key) = @_;
+    (my $bare = $key) =~ s/\A--//;
+    return "uWSGI's option '$key' is not supported: $REFUSED{$bare}" if $REFUSED{$bare};
+    return "unknown option '$key'";
+}
+
 sub parse_argv {
     my ($self, @args) = @_;
     while (@args) {
         my $arg = shift @args;
         my ($key, $value) = $arg =~ /\A--([^=]+)(?:=(.*))?\z/s
             or die "unexpected argument '$arg' (options look like --key value)\n";
-        my $spec = $OPTIONS{$key} or die "unknown option '--$key'\n";
+        my $spec = $OPTIONS{$key} or die unknown_option("--$key") . "\n";
         if (!defined $value) {
             if ($spec->{flag}) { $value = 1 }
             else {

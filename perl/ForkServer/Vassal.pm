@@ -63,28 +63,79 @@ sub new {
 sub run {
     my ($self) = @_;
     my $config = $self->{config};
-    my $name   = $config->name;
-    $0 = $config->get('procname') // "psgi-vassal $name";
-    $self->apply_env;
-    if (defined(my $dir = $config->get('chdir'))) {
-        chdir $dir or die "chdir '$dir': $!\n";
-    }
+    $self->configure;
     my $app  = $self->load_app;
     my $sock = $self->listen_socket;
+    my $access_log = $self->access_log;    # opened as whoever may open it
+    my $preforked = $self->first_worker($sock);
     $self->drop_privileges;
     ForkServer::EmperorPipe->send($self->{emperor}, SPAWNED);
     ForkServer::HTTPServer->new(
         listen_sock  => $sock,
         app          => $app,
+        emperor_fh   => $self->{emperor},
+        $self->server_args($access_log),
+        ($preforked ? (preforked => $preforked) : ()),
+    )->run;
+    return;
+}
+
+=head2 configure
+
+What every process of the vassal applies for itself, in order: process
+title, C<env> into C<%ENV>, C<chdir>. (A spare's waiting worker does it
+too: L<ForkServer::Spares>.)
+
+=cut
+
+sub configure {
+    my ($self) = @_;
+    $0 = $self->title;
+    $self->apply_env;
+    if (defined(my $dir = $self->{config}->get('chdir'))) {
+        chdir $dir or die "chdir '$dir': $!\n";
+    }
+    return;
+}
+
+sub title {
+    my ($self) = @_;
+    return $self->{config}->get('procname') // "psgi-vassal " . $self->{config}->name;
+}
+
+# An adopted spare's worker, already forked and warm, gets the socket; not
+# with a `psgi` app on top of the base (it holds the preloaded one).
+sub first_worker {
+    my ($self, $sock) = @_;
+    my $worker = $self->{first_worker} or return undef;
+    if (defined $self->{config}->get('psgi')) {
+        $worker->discard;
+        return undef;
+    }
+    return $worker->start($sock);
+}
+
+=head2 server_args($access_log_fh)
+
+The L<ForkServer::HTTPServer> options this vassal's config gives (all but
+the socket, the app and the Emperor pipe), with the access log's handle
+(L</access_log>, opened before privileges are dropped).
+
+=cut
+
+sub server_args {
+    my ($self, $access_log) = @_;
+    my $config = $self->{config};
+    return (
         workers      => $config->get('processes'),
         max_requests => $config->get('max-requests'),
         harakiri     => $config->get('harakiri'),
-        name         => $name,
-        emperor_fh   => $self->{emperor},
+        name         => $config->name,
         heartbeat    => $config->get('heartbeat'),
         idle         => $config->get('idle'),
-        access_log   => $config->get('disable-logging') ? undef : \*STDERR,
-        proctitle    => $0,
+        access_log   => $access_log,
+        access_log_path => $config->get('disable-logging') ? undef : $config->get('access-log'),
+        proctitle    => $self->title,
         max_body_size     => $config->get('limit-post'),
         max_header_size   => $config->get('buffer-size'),
         socket_timeout    => $config->get('socket-timeout'),
@@ -92,8 +143,26 @@ sub run {
         body_timeout      => $config->get('http-body-timeout'),
         response_timeout  => $config->get('http-response-timeout'),
         keepalive_timeout => $config->get('http-keepalive-timeout'),
-    )->run;
-    return;
+        protocol          => defined $config->get('socket') ? 'uwsgi' : 'http',
+    );
+}
+
+=head2 access_log() -> $fh
+
+The access log's handle: none with C<disable-logging>, the C<access-log>
+file opened for appending (relative to C<chdir>), or STDERR (which the
+Emperor collects). Dies with one line when the file cannot be opened.
+
+=cut
+
+sub access_log {
+    my ($self) = @_;
+    my $config = $self->{config};
+    return undef if $config->get('disable-logging');
+    my $path = $config->get('access-log');
+    return \*STDERR unless defined $path;
+    open my $fh, '>>', $path or die "cannot open access-log '$path': $!\n";
+    return $fh;
 }
 
 # Directly into %ENV: Perl's %ENV is what the app reads (uWSGI sets the C
@@ -124,9 +193,10 @@ sub listen_socket {
     if ($self->{use_fd0} and my $sock = inherited_listener()) {
         return $sock;
     }
-    my $addr = $self->{config}->get('http-socket');
+    my $addr = $self->{config}->get('http-socket') // $self->{config}->get('socket');
     die "no socket: give --http-socket ADDR (or pass a listening socket as descriptor 0)\n"
         unless defined $addr;
+    return listen_unix($addr, $self->{config}->get('listen')) if $addr =~ m{/} || $addr !~ /:/;
     my ($host, $port) = ForkServer::Config::parse_address($addr);
     my @common = (LocalPort => $port, Listen => $self->{config}->get('listen'), ReuseAddr => 1, Type => Socket::SOCK_STREAM());
     my $sock;
@@ -138,6 +208,22 @@ sub listen_socket {
             || IO::Socket::IP->new(LocalHost => '0.0.0.0', @common);
     }
     die "cannot listen on http-socket $addr: " . ($@ || $!) . "\n" unless $sock;
+    return $sock;
+}
+
+=head2 listen_unix($path, $backlog)
+
+A listening UNIX socket at C<$path> (http-socket with a C</>, when no
+Emperor passes one): a stale socket file there is replaced.
+
+=cut
+
+sub listen_unix {
+    my ($path, $backlog) = @_;
+    require IO::Socket::UNIX;
+    unlink $path if -S $path && !IO::Socket::UNIX->new(Peer => $path);
+    my $sock = IO::Socket::UNIX->new(Local => $path, Listen => $backlog, Type => Socket::SOCK_STREAM())
+        or die "cannot listen on http-socket $path: " . ($@ || $!) . "\n";
     return $sock;
 }
 

@@ -12,7 +12,8 @@ from .discovery import (MAX_FILE, SUFFIX, TEMPLATE_SUFFIX, TRANSIENT_ERRNOS, Unr
                         is_vassal_file, read_vassal_file, vassal_name)
 from .ini import SECTION, ConfigError, parse_ini, parse_ini_lines
 from .options import (CHECKERS, OptionSpec, declared_options, emperor_keys, judge_options,
-                      options_file, parse_address, parse_bool)
+                      options_file, parse_address, parse_bool, parse_domain, parse_owner,
+                      refused_options, unknown_option)
 from .templates import TemplateFailure, render_template, template_context
 from .vassalfile import BaseSelector, VassalConfig, load
 
@@ -21,6 +22,7 @@ __all__ = [
     "discover", "fingerprint", "is_dropping", "is_template", "is_vassal_file",
     "read_vassal_file", "vassal_name", "SECTION", "ConfigError", "parse_ini",
     "parse_ini_lines", "CHECKERS", "OptionSpec", "declared_options", "emperor_keys",
-    "judge_options", "options_file", "parse_address", "parse_bool", "TemplateFailure",
+    "judge_options", "options_file", "parse_address", "parse_bool", "parse_domain",
+    "parse_owner", "refused_options", "unknown_option", "TemplateFailure",
     "render_template", "template_context", "BaseSelector", "VassalConfig", "load",
 ]

@@ -28,6 +28,7 @@ class OptionSpec:
     flag: bool = False
     alias: str | None = None
     emperor: bool = False  # read by the Emperor only; the vassal ignores it
+    ignored: bool = False  # uWSGI's harmless key: checked, then ignored by both sides
 
 
 def options_file() -> Path:
@@ -37,17 +38,33 @@ def options_file() -> Path:
 
 
 _declared: dict[str, OptionSpec] | None = None
+_refused: dict[str, str] = {}
 
 
 def declared_options() -> dict[str, OptionSpec]:
     """key -> OptionSpec, from the declaration both sides read."""
     global _declared
     if _declared is None:
-        rows = json.loads(options_file().read_text())["options"]
+        decl = json.loads(options_file().read_text())
         fields = set(OptionSpec.__dataclass_fields__)
         _declared = {r["key"]: OptionSpec(**{k: v for k, v in r.items() if k in fields})
-                     for r in rows}
+                     for r in decl["options"]}
+        _refused.update(decl.get("refused", {}))
     return _declared
+
+
+def refused_options() -> dict[str, str]:
+    """uWSGI keys we do not implement -> what to use instead (options.json)."""
+    declared_options()
+    return dict(_refused)
+
+
+def unknown_option(key: str) -> str:
+    """Why `key` is refused, as ForkServer::Config::unknown_option says it."""
+    advice = refused_options().get(key)
+    if advice:
+        return f"uWSGI's option '{key}' is not supported: {advice}"
+    return f"unknown option '{key}'"
 
 
 def emperor_keys() -> frozenset[str]:
@@ -112,6 +129,27 @@ def _count(value: str) -> int:
 
 _nonempty = _matching(r".", "expected a non-empty value", flags=re.S)
 
+
+def _socket_address(value: str) -> str:
+    """A UNIX socket path (it has a `/`, or no `:`) or HOST:PORT, as
+    ForkServer::Config reads it."""
+    if not value:
+        raise ValueError("expected HOST:PORT or a UNIX socket path")
+    if "/" not in value and ":" in value:
+        parse_address(value)
+    return value
+
+
+_DOMAIN = re.compile(r"(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
+
+
+def parse_domain(value: str) -> str:
+    """`app.example.com` or `*.example.com`, lower-cased; ValueError otherwise."""
+    d = value.lower()
+    if not _DOMAIN.fullmatch(d) or len(d) > 253:
+        raise ValueError("expected a host name (app.example.com) or a wildcard (*.example.com)")
+    return d
+
 #: the checker of each option type (ForkServer::Config has the same, in Perl)
 CHECKERS: dict[str, Callable[[str], object]] = {
     "string": _nonempty,
@@ -126,7 +164,18 @@ CHECKERS: dict[str, Callable[[str], object]] = {
     "bool": parse_bool,
     "address": parse_address,
     "env": _matching(r"[^=]+=", "expected KEY=VALUE", flags=re.S),
+    "socket-address": _socket_address,
+    "domain": parse_domain,
 }
+
+
+def parse_owner(value: str) -> tuple[int, int | None]:
+    """`USER` or `USER:GROUP` (names or numbers) -> (uid, gid or None)."""
+    user, sep, group = value.partition(":")
+    return CHECKERS["user"](user), (CHECKERS["group"](group) if sep else None)  # type: ignore[return-value]
+
+
+CHECKERS["owner"] = parse_owner
 
 
 # -- the judge ----------------------------------------------------------------
@@ -142,7 +191,7 @@ class _Judge:
         """Judge one `key = value` on line `lineno`."""
         spec = declared_options().get(key)
         if spec is None:
-            raise ConfigError(f"line {lineno}: unknown option '{key}'")
+            raise ConfigError(f"line {lineno}: {unknown_option(key)}")
         try:
             norm = CHECKERS[spec.type](value)
         except ValueError as e:
@@ -173,6 +222,9 @@ class _Judge:
             if not sock_dir.is_dir():
                 raise ConfigError(f"line {fs[0]}: fork-server {fs[1]}: directory {sock_dir} "
                                   "does not exist")
+        if "socket" in self.values and "http-socket" in self.values:
+            raise ConfigError(f"line {self.values['socket'][0]}: socket and http-socket: a "
+                              "vassal serves one of them (uwsgi or HTTP)")
         idle = self.values.get("idle")
         on_demand = self.values.get("on-demand")
         if idle is not None and idle[1] and not (on_demand is not None and on_demand[1]):

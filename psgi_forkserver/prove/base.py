@@ -40,7 +40,9 @@ class TestBase:
                 # 4 KB pages: a test writes to much of what it inherits
                 # (compiling, loading), and each first write to a 2 MB page
                 # copies all of it; measured faster for tests (bench: prove)
-                "--fork-server-hugepages", "false"]
+                "--fork-server-hugepages", "false",
+                # test files are never handed to warm spares: none to make
+                "--fork-server-spares", "0"]
         for f in self.opts.preloads:
             argv += ["--preload", os.path.abspath(f)]
         return argv

@@ -2,6 +2,8 @@ package ForkServer::HTTPServer::Writer;
 use strict;
 use warnings;
 
+use ForkServer::HTTPServer::Wire ();
+
 # The writer handed to a streaming PSGI app (psgi.streaming): the headers
 # are out, write() sends body pieces (chunked when the app gave no length),
 # close() ends the body.
@@ -16,8 +18,8 @@ sub write {
     die "ForkServer: write() after close()\n" if $self->{closed};
     return unless $self->{send} && defined $data && length $data;
     $self->{st}{bytes} += length $data;
-    local $ForkServer::HTTPServer::DEADLINE = $self->{st}{deadline} // 0;
-    ForkServer::HTTPServer::_write_all($self->{conn},
+    local $ForkServer::HTTPServer::Wire::DEADLINE = $self->{st}{deadline} // 0;
+    ForkServer::HTTPServer::Wire::write_all($self->{conn},
         $self->{chunked} ? sprintf('%x', length $data) . "\015\012" . $data . "\015\012" : $data);
     return;
 }
@@ -25,8 +27,8 @@ sub write {
 sub close {
     my $self = shift;
     return if $self->{closed}++;
-    local $ForkServer::HTTPServer::DEADLINE = $self->{st}{deadline} // 0;
-    ForkServer::HTTPServer::_write_all($self->{conn}, "0\015\012\015\012") if $self->{chunked};
+    local $ForkServer::HTTPServer::Wire::DEADLINE = $self->{st}{deadline} // 0;
+    ForkServer::HTTPServer::Wire::write_all($self->{conn}, "0\015\012\015\012") if $self->{chunked};
     return;
 }
 

@@ -8,7 +8,7 @@ my %PASS = map { $_ => 1 } qw(
     host port workers max_requests harakiri name heartbeat idle proctitle mercy
     max_header_size max_body_size body_buffer_size read_timeout keepalive_timeout
     socket_timeout header_timeout body_timeout response_timeout stop_grace
-    listen_sock server_ready
+    listen_sock server_ready protocol
 );
 
 sub new {

@@ -1,0 +1,306 @@
+"""The front door's benchmarks (bench/run.py scenario `front`): nginx
+started by `emperor run --http`, routing by Host name.
+
+- serving: hello world, 2 workers, wrk -t2 -c16 over keep-alive, on the
+  vassal's own port and through nginx, in the same run (and through nginx
+  keeping idle connections to the vassal, `--nginx-keepalive 16`);
+- first request to a sleeping on-demand heavy app through nginx;
+- 200 sleeping apps with `domain`: `emperor run` -> every name answered
+  once (which wakes all of them), time and memory;
+- a new vassal file -> its name answering through nginx.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import socket
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from benchlib import BenchError, Ports, Procs, pss_of, rmtree, summary
+
+POLL = 0.0005
+
+
+def host_get(port: int, host: str, path: str = "/", timeout: float = 10.0) -> int | None:
+    """One HTTP/1.0 GET to loopback `port` with `Host: host`: the status, or
+    None when nothing answers (yet)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(("127.0.0.1", port))
+        s.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        buf = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    except OSError:
+        return None
+    finally:
+        s.close()
+    try:
+        return int(buf.split(b" ", 2)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def wait_host_200(port: int, host: str, timeout: float, alive=None, path: str = "/") -> float:
+    deadline = time.perf_counter() + timeout
+    n = 0
+    while True:
+        if host_get(port, host, path) == 200:
+            return time.perf_counter()
+        n += 1
+        if time.perf_counter() >= deadline:
+            raise BenchError(f"no HTTP 200 for {host} on port {port} within {timeout:g} s")
+        if alive is not None and n % 200 == 0 and not alive():
+            raise BenchError(f"the emperor died before {host} answered")
+        time.sleep(POLL)
+
+
+def wrk(port: int, duration: str, host: str | None = None) -> dict:
+    argv = ["wrk", "-t2", "-c16", f"-d{duration}"]
+    if host:
+        argv += ["-H", f"Host: {host}"]
+    argv.append(f"http://127.0.0.1:{port}/")
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
+    m = re.search(r"Requests/sec:\s*([\d.]+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out)
+    errors = re.search(r"Socket errors:.*", out)
+    return {"rps": float(m.group(1)) if m else None, "command": shlex.join(argv),
+            "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+            "socket_errors": errors.group(0) if errors else None,
+            "output": None if m else out}
+
+
+def _vassal(name: str, *lines: str) -> str:
+    return "\n".join(["[uwsgi]", f"env = APP_NAME={name}", *lines]) + "\n"
+
+
+def _write(vdir: Path, name: str, text: str) -> None:
+    tmp = vdir / f".{name}.ini.tmp"
+    tmp.write_text(text)
+    tmp.rename(vdir / f"{name}.ini")
+
+
+SERVING_VARIANTS = {
+    "default": [],
+    "nolog": ["--no-http-access-log"],
+    "nokeepalive": ["--no-http-access-log", "--nginx-keepalive", "0"],
+}
+SERVING_LABELS = {
+    "default": "as `emperor run --http` starts it: access log on, 16 idle connections kept per vassal",
+    "nolog": "--no-http-access-log",
+    "nokeepalive": "--no-http-access-log --nginx-keepalive 0: a new connection per request",
+}
+
+
+def serving(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, duration: str) -> dict:
+    """The same vassal, direct and through the front door, in one run."""
+    res: dict = {}
+    for key, extra in SERVING_VARIANTS.items():
+        vdir = tmp / f"front-serve-{key}"
+        vdir.mkdir()
+        (vdir / "base.ini").write_text(base_ini("hello", tmp / f"front-serve-{key}.sock"))
+        direct = ports.get()
+        _write(vdir, "hello", _vassal("hello", f"http-socket = 127.0.0.1:{direct}",
+                                      "domain = hello.localhost", "processes = 2",
+                                      "disable-logging = true"))
+        front = ports.get()
+        em = emperor_run(procs, vdir, f"emperor-front-serve-{key}",
+                         ["--http", f"127.0.0.1:{front}", "--run-dir", str(tmp / f"run-s{key}"),
+                          *extra])
+        try:
+            wait_host_200(front, "hello.localhost", 60, em.alive)
+            wrk(direct, "1s")
+            wrk(front, "1s", "hello.localhost")  # warm-up of both, not counted
+            res[key] = {"direct": wrk(direct, duration),
+                        "front": wrk(front, duration, "hello.localhost"),
+                        "command": shlex.join(em.argv)}
+            d, f = res[key]["direct"]["rps"], res[key]["front"]["rps"]
+            res[key]["ratio"] = f / d if d and f else None
+        finally:
+            em.stop()
+            rmtree(vdir)
+    return res
+
+
+def first_request_asleep(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, n: int) -> dict:
+    """n on-demand heavy vassals, asleep; the first GET / of each through nginx."""
+    vdir = tmp / "front-od"
+    vdir.mkdir()
+    (vdir / "base.ini").write_text(base_ini("heavy", tmp / "front-od.sock"))
+    for i in range(n):
+        _write(vdir, f"od{i:03d}", _vassal(f"od{i:03d}", f"domain = od{i:03d}.localhost",
+                                           "on-demand = true", "idle = 600"))
+    front = ports.get()
+    em = emperor_run(procs, vdir, "emperor-front-od",
+                     ["--http", f"127.0.0.1:{front}", "--run-dir", str(tmp / "run-od")])
+    try:
+        # every name routed and nginx up: an unknown name answers 404 by then
+        deadline = time.perf_counter() + 60
+        while host_get(front, "nobody.localhost") != 404:
+            if time.perf_counter() > deadline or not em.alive():
+                raise BenchError("the front door never answered")
+            time.sleep(0.01)
+        time.sleep(2.0)  # the base loaded, the routing of all n written
+        samples = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            status = host_get(front, f"od{i:03d}.localhost", timeout=30)
+            if status != 200:
+                raise BenchError(f"od{i:03d}: status {status}")
+            samples.append((time.perf_counter() - t0) * 1000)
+            time.sleep(0.05)
+        return {**summary(samples), "samples_ms": samples, "command": shlex.join(em.argv)}
+    finally:
+        em.stop()
+        rmtree(vdir)
+
+
+def mass_wake(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, n: int) -> dict:
+    """n sleeping apps: `emperor run` -> every name answered once (16
+    clients at a time: each first answer wakes its app)."""
+    vdir = tmp / "front-mass"
+    vdir.mkdir()
+    (vdir / "base.ini").write_text(base_ini("hello", tmp / "front-mass.sock"))
+    names = [f"m{i:03d}" for i in range(n)]
+    for name in names:
+        _write(vdir, name, _vassal(name, f"domain = {name}.localhost", "on-demand = true",
+                                   "idle = 600", "disable-logging = true"))
+    front = ports.get()
+    em = emperor_run(procs, vdir, "emperor-front-mass",
+                     ["--http", f"127.0.0.1:{front}", "--run-dir", str(tmp / "run-mass")])
+    try:
+        def first_200(name: str) -> float:
+            return wait_host_200(front, f"{name}.localhost", 120, em.alive) - em.t0
+
+        with ThreadPoolExecutor(16) as pool:
+            times = list(pool.map(first_200, names))
+        res = {"n": n, "all_answered_s": max(times), "first_answered_s": min(times),
+               "command": shlex.join(em.argv)}
+        time.sleep(1.0)
+        pss, uss, count = pss_of(em.under())
+        res.update(pss_under_bytes=pss, uss_under_bytes=uss, processes_under=count,
+                   emperor_rss_bytes=em.ps.memory_full_info().rss,
+                   reloads=em_reloads(tmp / "emperor-front-mass.log"))
+        return res
+    finally:
+        em.stop()
+        rmtree(vdir)
+
+
+def em_reloads(log: Path) -> int | None:
+    """nginx reloads an Emperor logged ("routing changed ... reloads")."""
+    try:
+        return log.read_text(errors="replace").count(" reloads\n")
+    except OSError:
+        return None
+
+
+def mass_start(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, n: int) -> dict:
+    """n vassals with `domain` (not on-demand): `emperor run --http` -> every
+    name answered once, and how many times nginx was reloaded meanwhile."""
+    vdir = tmp / "front-start"
+    vdir.mkdir()
+    (vdir / "base.ini").write_text(base_ini("hello", tmp / "front-start.sock"))
+    names = [f"s{i:03d}" for i in range(n)]
+    for name in names:
+        _write(vdir, name, _vassal(name, f"domain = {name}.localhost", "disable-logging = true"))
+    front = ports.get()
+    em = emperor_run(procs, vdir, "emperor-front-start",
+                     ["--http", f"127.0.0.1:{front}", "--run-dir", str(tmp / "run-start")])
+    try:
+        def first_200(name: str) -> float:
+            return wait_host_200(front, f"{name}.localhost", 120, em.alive, "/") - em.t0
+
+        with ThreadPoolExecutor(16) as pool:
+            times = list(pool.map(first_200, names))
+        time.sleep(1.5)  # a last batched reload, if any, is logged
+        return {"n": n, "all_answered_s": max(times),
+                "reloads": em_reloads(tmp / "emperor-front-start.log"),
+                "command": shlex.join(em.argv)}
+    finally:
+        em.stop()
+        rmtree(vdir)
+
+
+def new_file(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, n: int) -> dict:
+    """A new vassal file with a `domain` -> its name answering through nginx."""
+    vdir = tmp / "front-new"
+    vdir.mkdir()
+    (vdir / "base.ini").write_text(base_ini("heavy", tmp / "front-new.sock"))
+    front = ports.get()
+    em = emperor_run(procs, vdir, "emperor-front-new",
+                     ["--http", f"127.0.0.1:{front}", "--run-dir", str(tmp / "run-new")])
+    try:
+        deadline = time.perf_counter() + 60
+        while host_get(front, "nobody.localhost") != 404:
+            if time.perf_counter() > deadline or not em.alive():
+                raise BenchError("the front door never answered")
+            time.sleep(0.01)
+        time.sleep(2.0)  # the base is loaded
+        samples = []
+        for i in range(n):
+            name = f"n{i:03d}"
+            t0 = time.perf_counter()
+            _write(vdir, name, _vassal(name, f"domain = {name}.localhost"))
+            t200 = wait_host_200(front, f"{name}.localhost", 30, em.alive, "/hello")
+            samples.append((t200 - t0) * 1000)
+            time.sleep(1.2)  # apart from the previous reload (--min-gap 1 s)
+        return {**summary(samples), "samples_ms": samples, "command": shlex.join(em.argv)}
+    finally:
+        em.stop()
+        rmtree(vdir)
+
+
+def run(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, quick: bool,
+        duration: str, step) -> dict:
+    n_od, n_mass, n_new = (10, 50, 5) if quick else (30, 200, 10)
+    return {
+        "serving": step("front serving", lambda: serving(procs, ports, tmp, emperor_run, base_ini,
+                                                         duration)),
+        "asleep": step("front asleep", lambda: first_request_asleep(procs, ports, tmp, emperor_run,
+                                                                    base_ini, n_od)),
+        "mass_wake": step("front mass wake", lambda: mass_wake(procs, ports, tmp, emperor_run,
+                                                               base_ini, n_mass)),
+        "mass_start": step("front mass start", lambda: mass_start(procs, ports, tmp, emperor_run,
+                                                                  base_ini, n_mass)),
+        "new_file": step("front new file", lambda: new_file(procs, ports, tmp, emperor_run,
+                                                            base_ini, n_new)),
+    }
+
+
+def rows(fr: dict) -> list[tuple[str, str, str, str]]:
+    out = []
+    sv = fr.get("serving") or {}
+    for key, label in SERVING_LABELS.items():
+        s = sv.get(key)
+        if s and s["ratio"] is not None:
+            out.append((f"hello world, wrk -t2 -c16, 2 workers: through the front door / direct ({label})",
+                        f"{s['front']['rps']:.0f} / {s['direct']['rps']:.0f} req/s ({s['ratio']:.2f})",
+                        ">= 0.80", "met" if s["ratio"] >= 0.8 else "**not met**"))
+    a = fr.get("asleep")
+    if a:
+        out.append((f"first request to a sleeping on-demand heavy app through nginx: p50 / p99 (N={a['n']})",
+                    f"{a['p50']:.1f} / {a['p99']:.1f} ms", "", ""))
+    m = fr.get("mass_wake")
+    if m:
+        out.append((f"{m['n']} sleeping apps with domain: `emperor run` -> every name answered once",
+                    f"{m['all_answered_s']:.2f} s; PSS under the Emperor {m['pss_under_bytes'] / 2**20:.0f} MB "
+                    f"({m['processes_under']} processes)", "", ""))
+    ms = fr.get("mass_start")
+    if ms:
+        out.append((f"{ms['n']} vassals with domain (not on-demand): `emperor run --http` -> every "
+                    "name answered once; nginx reloads meanwhile",
+                    f"{ms['all_answered_s']:.2f} s; {ms['reloads']} reloads", "", ""))
+    nf = fr.get("new_file")
+    if nf:
+        out.append((f"new vassal file -> its name answering through nginx (`/hello`): p50 / max (N={nf['n']})",
+                    f"{nf['p50']:.1f} / {nf['max']:.1f} ms", "", ""))
+    return out

@@ -1,0 +1,75 @@
+package ForkServer::HTTPServer::Counts;
+use strict;
+use warnings;
+
+use Fcntl ();
+
+# Requests served, for the Emperor's status (docs/CONTRACT.md): the master
+# creates $PSGI_FORKSERVER_RUN_DIR/requests-PID (its own pid, the one the
+# Emperor knows); each worker owns one 16-byte slot of it, two
+# little-endian u64: requests served, their latency summed in microseconds.
+# The worker writes its slot once per round of its loop (before select:
+# one write for all the requests of the round, and never a count left
+# behind when it goes idle); a respawned worker goes on from its slot's
+# numbers, and a reload's new generation uses the other half of the file
+# (the old one may still be finishing its requests). The Emperor sums the
+# slots. Without the variable (not under our Emperor) nothing is written.
+use constant REQUESTS_SLOT => 16;
+
+sub _open_requests_file {
+    my ($self, %o) = @_;
+    my $dir = $ENV{PSGI_FORKSERVER_RUN_DIR};
+    return unless defined $dir && length $dir && -d $dir;
+    my $path = "$dir/requests-" . ($o{master} // $$);
+    # A spare's first worker may open it first (and count) before its
+    # master gets here: then neither truncates.
+    sysopen(my $fh, $path, Fcntl::O_WRONLY() | Fcntl::O_CREAT() | ($o{shared} ? 0 : Fcntl::O_TRUNC()), 0600)
+        or return;
+    close $fh;
+    $self->{requests_file} = $path;
+}
+
+sub _open_requests_slot {
+    my ($self, $slot) = @_;
+    my $path = $self->{requests_file} or return;
+    sysopen(my $fh, $path, Fcntl::O_RDWR()) or return;
+    my $index = ($self->{gen} % 2) * $self->{workers} + $slot - 1;
+    my $off = $index * REQUESTS_SLOT;
+    my ($n, $us) = (0, 0);
+    if (sysseek($fh, $off, 0) && (sysread($fh, my $rec, REQUESTS_SLOT) // 0) == REQUESTS_SLOT) {
+        ($n, $us) = unpack 'Q<Q<', $rec;
+    }
+    $self->{requests_slot} = { fh => $fh, off => $off, n => $n, us => $us };
+}
+
+sub _count_request {
+    my ($self, $seconds) = @_;
+    my $r = $self->{requests_slot};
+    $r->{n}++;
+    $r->{us} += int($seconds * 1e6 + 0.5);
+    $self->{requests_dirty} = 1;
+}
+
+sub _flush_requests {
+    my $self = shift;
+    my $r = $self->{requests_slot};
+    $self->{requests_dirty} = 0;
+    sysseek($r->{fh}, $r->{off}, 0) and syswrite($r->{fh}, pack('Q<Q<', $r->{n}, $r->{us}));
+}
+
+1;
+
+__END__
+
+=head1 NAME
+
+ForkServer::HTTPServer::Counts - requests served by L<ForkServer::HTTPServer>'s workers, for the Emperor's status
+
+=head1 DESCRIPTION
+
+The methods of the server object that keep the requests file
+(C<$PSGI_FORKSERVER_RUN_DIR/requests-PID>, docs/CONTRACT.md): the master
+creates it, each worker owns a 16-byte slot (requests served, their latency
+summed in microseconds) and writes it once per round of its loop.
+
+=cut

@@ -1,0 +1,441 @@
+package ForkServer::HTTPServer::Master;
+use strict;
+use warnings;
+
+# The master process of the HTTP server: listener, workers (spawn, reap,
+# respawn back-off, reload, harakiri's backstop, stop), and its duties on
+# the Emperor pipe (accepting, loyal, heartbeat, idle; stop and reload
+# requests). It never touches a client connection.
+
+use Config ();
+use Errno qw(EINTR EAGAIN);
+use POSIX ();
+use ForkServer::EmperorPipe ();
+use ForkServer::Protocol qw(:vassal_bytes :emperor_bytes);    # the Emperor pipe's bytes
+use ForkServer::HTTPServer::Listener ();
+use ForkServer::HTTPServer::Wire qw(now);
+use ForkServer::HTTPServer::Worker qw(:msg);
+
+my $BLOCK_SET = POSIX::SigSet->new(map { POSIX->can("SIG$_")->() } qw(TERM INT QUIT HUP CHLD ALRM));
+
+sub run {
+    my $self = shift;
+
+    # Signals only set flags; the loop acts on them. The select() timeout is
+    # capped so a signal landing just before select() is seen within 1 s.
+    my %sig;
+    local $SIG{HUP}  = sub { $sig{HUP}  = 1 };
+    local $SIG{TERM} = sub { $sig{TERM} = 1 };
+    local $SIG{INT}  = sub { $sig{INT}  = 1 };
+    local $SIG{QUIT} = sub { $sig{INT}  = 1 };
+    local $SIG{CHLD} = sub { $sig{CHLD} = 1 };
+    local $SIG{PIPE} = 'IGNORE';
+
+    $self->_master_init;
+    while (1) {
+        if (delete $sig{CHLD}) { $self->_reap }
+        if (delete $sig{INT})  { $self->_stop_now; last }
+        if (delete $sig{TERM}) { $self->_begin_graceful_stop }
+        if (delete $sig{HUP})  { $self->_reload }
+
+        if ($self->{stopping}) {
+            last unless %{ $self->{kids} };
+            if (now() >= $self->{kill_at}) {
+                kill 'KILL', keys %{ $self->{kids} };
+                $self->{kill_at} = now() + 3600;   # only once; the reaping goes on
+            }
+        }
+        my $timeout = $self->_master_timers;
+
+        my $rin = '';
+        vec($rin, fileno($self->{ready_r}), 1) = 1;
+        vec($rin, fileno($self->{emperor_fh}), 1) = 1 if $self->{emperor_open};
+        next if %sig;    # a signal arrived while we were busy: no waiting
+        my $n = select(my $rout = $rin, undef, undef, $timeout);
+        next if $n <= 0;
+
+        if (vec($rout, fileno($self->{ready_r}), 1)) { $self->_read_worker_messages }
+        if ($self->{emperor_open} && vec($rout, fileno($self->{emperor_fh}), 1)) {
+            $self->_read_emperor(\%sig);
+        }
+    }
+
+    $self->_reap_blocking;
+    unlink $self->{requests_file} if $self->{requests_file};
+    $self->_end_session if $self->{emperor_vanished};
+    close $self->{ready_r}; close $self->{ready_w};
+    if ($self->{own_listener}) { close $self->{listen_sock}; }
+    return;
+}
+
+sub _master_init {
+    my $self = shift;
+    ForkServer::HTTPServer::Listener::setup($self);
+    $0 = $self->{proctitle} if length $self->{proctitle};
+
+    # A spare's first worker (ForkServer::Spares) exists already, with these pipes.
+    my $pre = delete $self->{preforked};
+    my ($ready_r, $ready_w);
+    if ($pre) { ($ready_r, $ready_w) = @$pre{qw(ready_r ready_w)} }
+    else      { pipe($ready_r, $ready_w) or die "pipe: $!" }
+    $self->{ready_r} = $ready_r;
+    $self->{ready_w} = $ready_w;
+    $self->{master_pid} = $$;
+    $self->{gen} = 1;
+    $self->_open_requests_file(shared => $pre ? 1 : 0);
+    $self->{kids} = {};        # pid => { slot, gen, ready, born }
+    $self->{slot_fast_deaths} = {};
+    $self->{respawn} = {};     # slot => time
+    if ($pre) { @$self{qw(stop_r stop_w)} = @$pre{qw(stop_r stop_w)} }
+    else      { $self->_new_stop_pipe }
+    $self->{sent_accepting} = 0;
+    $self->{sent_loyal} = 0;
+    $self->{stopping} = 0;     # 0, 'graceful' or 'now'
+    $self->{kill_at} = undef;  # stopping: when what is left gets SIGKILL
+    $self->{emperor_open} = $self->{emperor_fh} ? 1 : 0;
+
+    $self->{server_ready}->({
+        host => $self->{server_name}, port => $self->{server_port},
+        server_software => 'ForkServer',
+    }) if $self->{server_ready};
+
+    $self->{kids}{ $pre->{pid} } = { slot => 1, gen => 1, ready => 0, born => now() } if $pre;
+    $self->_spawn_worker($_) for ($pre ? 2 : 1) .. $self->{workers};
+
+    $self->{heartbeat_every} = $self->{heartbeat} > 0 ? $self->{heartbeat} / 2 : 0;
+    $self->{next_heartbeat} = undef;
+    $self->{last_activity} = now();
+    $self->{idle_sent} = 0;
+}
+
+# Whatever is due now (respawns, kills, heartbeat, idle) is done; returns
+# how long select() may wait for the next one.
+sub _master_timers {
+    my $self = shift;
+    my $now = now();
+    my $timeout = 1;
+    my $due = sub {    # true when $at has come; else shortens the wait
+        my $at = shift;
+        return 1 if $at <= $now;
+        $timeout = $at - $now if $at - $now < $timeout;
+        return 0;
+    };
+    if ($self->{stopping}) {
+        my $left = $self->{kill_at} - $now;
+        return $left < 0 ? 0 : $left < $timeout ? $left : $timeout;
+    }
+    # respawns waiting out a crash-loop back-off
+    for my $slot (keys %{ $self->{respawn} }) {
+        next unless $due->($self->{respawn}{$slot});
+        delete $self->{respawn}{$slot};
+        $self->_spawn_worker($slot);
+    }
+    $self->_harakiri_backstop($due) if $self->{harakiri};
+    for my $pid (keys %{ $self->{kids} }) {
+        my $at = $self->{kids}{$pid}{kill_at} // next;
+        next unless $due->($at);
+        $self->_log("worker pid $pid still busy $self->{mercy}s after reload, killed");
+        kill 'KILL', $pid;
+        $self->{kids}{$pid}{kill_at} = $now + 3600;
+    }
+    if ($self->{heartbeat_every} && $self->{sent_accepting}) {
+        $self->{next_heartbeat} //= $now;
+        if ($due->($self->{next_heartbeat})) {
+            ForkServer::EmperorPipe->send($self->{emperor_fh}, HEARTBEAT);
+            $self->{next_heartbeat} = $now + $self->{heartbeat_every};
+            $due->($self->{next_heartbeat});
+        }
+    }
+    if ($self->{idle} > 0 && !$self->{idle_sent} && $due->($self->{last_activity} + $self->{idle})) {
+        ForkServer::EmperorPipe->send($self->{emperor_fh}, DONE);    # idle: put me back to sleep
+        $self->{idle_sent} = 1;
+    }
+    return $timeout < 0 ? 0 : $timeout;
+}
+
+# Harakiri, master side: the worker's own alarm normally ends it; this
+# catches one whose Perl signal handler cannot run (stuck inside an XS call
+# that restarts on EINTR).
+sub _harakiri_backstop {
+    my ($self, $due) = @_;
+    my $h = $self->{harakiri};
+    for my $pid (keys %{ $self->{kids} }) {
+        my $k = $self->{kids}{$pid};
+        my $since = $k->{busy_since} // next;
+        next unless $due->($since + $h + 1);
+        $self->_log("harakiri: worker $k->{slot} (pid $pid) stuck more than ${h}s in $k->{request}, killed by the master");
+        kill 'KILL', $pid;
+        delete $k->{busy_since};
+    }
+}
+
+sub _read_emperor {
+    my ($self, $sig) = @_;
+    my $got = sysread($self->{emperor_fh}, my $bytes, 64);
+    if (defined $got && $got == 0) {
+        # The Emperor is gone (CONTRACT.md): graceful stop, and nobody is
+        # left to stop this vassal's helpers but us.
+        $self->{emperor_open} = 0;
+        $self->{emperor_vanished} = 1 unless $self->{stopping};
+        $self->_begin_graceful_stop;
+    } elsif ($got) {
+        for my $b (unpack 'C*', $bytes) {
+            if ($b == STOP_NOW) { $sig->{INT} = 1 }
+            elsif ($b == RELOAD) { $sig->{HUP} = 1 }
+            elsif ($b == STOP) { $sig->{TERM} = 1 }
+        }
+    } elsif ($! != EINTR && $! != EAGAIN) {
+        $self->{emperor_open} = 0;
+        $self->_begin_graceful_stop;
+    }
+}
+
+sub _spawn_worker {
+    my ($self, $slot) = @_;
+    # Signals stay blocked across fork() until the worker has its own
+    # handlers: a SIGTERM sent to a newborn worker would otherwise hit the
+    # master's inherited flag-setting handler and be lost.
+    my $old = POSIX::SigSet->new;
+    POSIX::sigprocmask(POSIX::SIG_BLOCK(), $BLOCK_SET, $old);
+    my $pid = fork;
+    unless (defined $pid) {
+        $self->_log("fork failed: $!");
+        POSIX::sigprocmask(POSIX::SIG_SETMASK(), $old);
+        $self->{respawn}{$slot} = now() + 1;
+        return;
+    }
+    if ($pid == 0) {
+        $self->{sigmask} = $old;
+        close delete $self->{stop_w};
+        my $code = eval { $self->_worker_main($slot); 0 };
+        unless (defined $code) { $self->_log("worker $slot: $@"); $code = 1 }
+        ForkServer::HTTPServer::Worker::worker_exit($code);
+    }
+    POSIX::sigprocmask(POSIX::SIG_SETMASK(), $old);
+    $self->{kids}{$pid} = { slot => $slot, gen => $self->{gen}, ready => 0, born => now() };
+    return $pid;
+}
+
+=head2 run_preforked_worker(slot => 1, master_pid => $pid, ready_r => $fh, ready_w => $fh, stop_r => $fh)
+
+The entry point of a worker forked before its master ran (a spare's first
+worker, L<ForkServer::Spares>): the same worker as one that C<run()>
+forks, given the master's pipes (the master gets them as
+C<preforked =E<gt> { pid, ready_r, ready_w, stop_r, stop_w }> in C<new>).
+Does not return.
+
+=cut
+
+sub run_preforked_worker {
+    my ($self, %args) = @_;
+    ForkServer::HTTPServer::Listener::setup($self);
+    $self->{$_} = $args{$_} for qw(master_pid ready_r ready_w stop_r);
+    $self->{gen} = 1;
+    $self->_open_requests_file(master => $args{master_pid}, shared => 1);
+    $self->{sigmask} = POSIX::SigSet->new;
+    my $code = eval { $self->_worker_main($args{slot}); 0 };
+    unless (defined $code) { $self->_log("worker $args{slot}: $@"); $code = 1 }
+    ForkServer::HTTPServer::Worker::worker_exit($code);
+}
+
+# Records from ForkServer::HTTPServer::Worker::worker_msg; a read may end
+# mid-record, the rest waits in msgbuf.
+sub _read_worker_messages {
+    my $self = shift;
+    my $got = sysread($self->{ready_r}, $self->{msgbuf}, 16384, length($self->{msgbuf} //= ''));
+    return unless $got;
+    my $now = now();
+    while (length $self->{msgbuf} >= 10) {
+        my ($pid, $type, $len) = unpack 'NNn', $self->{msgbuf};
+        last if length $self->{msgbuf} < 10 + $len;
+        my $payload = substr($self->{msgbuf}, 10, $len);
+        substr($self->{msgbuf}, 0, 10 + $len, '');
+        if ($type == MSG_ACTIVITY) {
+            $self->{last_activity} = $now;
+            $self->{idle_sent} = 0;
+            next;
+        }
+        my $k = $self->{kids}{$pid} or next;
+        if ($type == MSG_ACCEPTING) {
+            $self->_worker_accepting($k);
+        } elsif ($type == MSG_BUSY) {
+            $k->{busy_since} = $now;
+            $k->{request} = $payload;
+        } elsif ($type == MSG_DONE) {
+            delete $k->{busy_since};
+        } elsif ($type == MSG_LEAVING) {
+            next if $k->{replaced} || $self->{stopping} || $k->{gen} != $self->{gen};
+            $k->{replaced} = 1;
+            $self->_spawn_worker($k->{slot});
+        }
+    }
+}
+
+sub _worker_accepting {
+    my ($self, $k) = @_;
+    $k->{ready} = 1;
+    $self->{slot_fast_deaths}{$k->{slot}} = 0;
+    unless ($self->{sent_accepting}) {
+        $self->{sent_accepting} = 1;
+        ForkServer::EmperorPipe->send($self->{emperor_fh}, ACCEPTING);
+    }
+    return if $self->{sent_loyal} || $self->{stopping};
+    my $ready = grep { $_->{ready} && $_->{gen} == $self->{gen} } values %{ $self->{kids} };
+    if ($ready >= $self->{workers}) {
+        $self->{sent_loyal} = 1;
+        ForkServer::EmperorPipe->send($self->{emperor_fh}, LOYAL);
+    }
+}
+
+sub _reap {
+    my $self = shift;
+    while ((my $pid = waitpid(-1, POSIX::WNOHANG())) > 0) {
+        my $status = $?;
+        my $k = delete $self->{kids}{$pid} or next;   # not a worker (an app's child)
+        next if $self->{stopping} || $k->{gen} != $self->{gen} || $k->{replaced};
+        my $slot = $k->{slot};
+        my $code = $status >> 8;
+        my $intended = !($status & 127) && ($code == EXIT_RECYCLE || $code == EXIT_HARAKIRI);
+        if (!$intended) {
+            $self->_log(sprintf("worker %d (pid %d) died (%s), respawning", $slot, $pid,
+                                ($status & 127) ? "signal " . ($status & 127) : "exit $code"));
+        }
+        # A worker that dies young, again and again, before it ever accepts
+        # is crash-looping: back off instead of forking flat out. One that
+        # died serving a request (a poisoned route) is replaced at once:
+        # backing off there left a vassal with no worker at all.
+        if (!$intended && !$k->{ready} && now() - $k->{born} < 1) {
+            my $n = ++$self->{slot_fast_deaths}{$slot};
+            if ($n >= 3) {
+                my $delay = 0.1 * 2 ** ($n - 3);
+                $delay = 5 if $delay > 5;
+                $self->{respawn}{$slot} = now() + $delay;
+                next;
+            }
+        } else {
+            $self->{slot_fast_deaths}{$slot} = 0;
+        }
+        $self->_spawn_worker($slot);
+    }
+}
+
+sub _reap_blocking {
+    my $self = shift;
+    for my $pid (keys %{ $self->{kids} }) {
+        waitpid($pid, 0);
+        delete $self->{kids}{$pid};
+    }
+}
+
+sub _reload {
+    my $self = shift;
+    return if $self->{stopping};
+    # New workers from the app already in memory; the old generation is
+    # told to stop, which an idle worker obeys at once and a busy one after
+    # its in-flight request.
+    my @old = keys %{ $self->{kids} };
+    $self->{gen}++;
+    %{ $self->{respawn} } = ();
+    # an old worker still busy after `mercy` seconds is killed
+    my $deadline = now() + $self->{mercy};
+    $self->{kids}{$_}{kill_at} //= $deadline for @old;
+    # The old generation's stop pipe reaches end of file: no signal, so an
+    # app's blocking call in a busy worker is never interrupted.
+    $self->_new_stop_pipe;
+    $self->_reopen_access_log if defined $self->{access_log_path};
+    $self->_spawn_worker($_) for 1 .. $self->{workers};
+}
+
+# A reload reopens the access log file, so a rotated log is let go of; the
+# old generation writes its last lines to the old file.
+sub _reopen_access_log {
+    my $self = shift;
+    my $path = $self->{access_log_path};
+    if (open my $fh, '>>', $path) {
+        $self->{access_log} = $fh;
+    } else {
+        $self->_log("cannot reopen access-log '$path': $!; still writing to the old file");
+    }
+}
+
+sub _begin_graceful_stop {
+    my $self = shift;
+    return if $self->{stopping};
+    $self->{stopping} = 'graceful';
+    close delete $self->{stop_w} if $self->{stop_w};
+    close delete $self->{stop_r} if $self->{stop_r};
+    $self->{kill_at} = now() + $self->{mercy};
+}
+
+# Workers learn that they should stop from their generation's pipe reaching
+# end of file (the master closed it, or died), never from a signal that
+# would interrupt the app they are running.
+sub _new_stop_pipe {
+    my $self = shift;
+    close delete $self->{stop_w} if $self->{stop_w};
+    close delete $self->{stop_r} if $self->{stop_r};
+    pipe(my $r, my $w) or die "pipe: $!";
+    @$self{qw(stop_r stop_w)} = ($r, $w);
+}
+
+sub _stop_now {
+    my $self = shift;
+    $self->{stopping} = 'now';
+    kill 'KILL', keys %{ $self->{kids} };
+}
+
+# The Emperor died without stopping us: whatever the app left in this
+# vassal's session (helpers double-forked without setsid) goes with it, as
+# the Emperor would have done. Only a session leader does this: under
+# plackup the session is the user's terminal.
+sub _end_session {
+    my $self = shift;
+    my $sid = _session_of($$) // return;
+    return unless $sid == $$;
+    my @left = grep { $_ != $$ && (_session_of($_) // 0) == $sid } _all_pids();
+    return unless @left;
+    $self->_log("the Emperor is gone; stopping " . scalar(@left) . " process(es) left in the vassal's session");
+    kill 'TERM', @left;
+    my $until = now() + 2;
+    while (now() < $until) {
+        1 while waitpid(-1, POSIX::WNOHANG()) > 0;
+        @left = grep { kill 0, $_ and (_session_of($_) // 0) == $sid } @left;
+        last unless @left;
+        select(undef, undef, undef, 0.05);
+    }
+    kill 'KILL', @left if @left;
+    1 while waitpid(-1, POSIX::WNOHANG()) > 0;
+}
+
+sub _all_pids {
+    opendir my $d, '/proc' or return;
+    return grep { /^\d+\z/ } readdir $d;
+}
+
+# Session id from /proc/PID/stat (Perl's POSIX has no getsid).
+sub _session_of {
+    my $pid = shift;
+    open my $fh, '<', "/proc/$pid/stat" or return undef;
+    my $s = <$fh> // return undef;
+    # pid (comm) state ppid pgrp session: comm may hold spaces and parentheses
+    return $s =~ /\)\s+\S+\s+-?\d+\s+-?\d+\s+(-?\d+)/ ? $1 : undef;
+}
+
+1;
+
+__END__
+
+=head1 NAME
+
+ForkServer::HTTPServer::Master - the master process of L<ForkServer::HTTPServer>
+
+=head1 DESCRIPTION
+
+The methods of the server object that run in the master: C<run()> (the
+loop: signals as flags, one C<select()> on the workers' message pipe and the
+Emperor pipe), the listener, spawning and reaping workers (with the
+crash-loop back-off), reload by generation, harakiri's backstop, graceful
+and immediate stop, and the Emperor pipe's bytes (L<ForkServer::Protocol>'s
+names, PROTOCOL.md section 5). See L<ForkServer::HTTPServer> for the options and signals.
+
+=cut

@@ -1,0 +1,328 @@
+package ForkServer::HTTPServer::Worker;
+use strict;
+use warnings;
+
+# A worker process of the HTTP server: its connection loop. It holds many
+# connections and waits for all of them, the listener and its generation's
+# stop pipe in one select(); only a complete request head makes it busy
+# (ForkServer::HTTPServer::Request takes it from there).
+
+use Errno qw(EINTR EAGAIN ECONNABORTED);
+use Exporter 'import';
+use IO::Handle ();
+use POSIX ();
+use Socket qw(IPPROTO_TCP TCP_NODELAY SOL_SOCKET SO_RCVTIMEO SO_SNDTIMEO AF_INET AF_INET6
+              MSG_DONTWAIT inet_ntop unpack_sockaddr_in unpack_sockaddr_in6 sockaddr_family);
+use ForkServer::HTTPServer::Wire qw(now READ_CHUNK);
+
+use constant {
+    MSG_ACCEPTING => 1,    # worker -> master: I am in accept()
+    MSG_ACTIVITY  => 2,    # worker -> master: a request arrived (for `idle`)
+    MSG_BUSY      => 3,    # worker -> master: in a request (harakiri only), payload: request
+    MSG_DONE      => 4,    # worker -> master: request finished (harakiri only)
+    MSG_LEAVING   => 5,    # worker -> master: recycling; accepts nothing more, replace me now
+    EXIT_HARAKIRI => 86,   # worker exit status after harakiri
+    EXIT_RECYCLE  => 0,
+    MAX_CONNS     => 512,  # connections one worker holds open (idle and partial heads cost no worker time)
+};
+
+our %EXPORT_TAGS = (msg => [qw(MSG_ACCEPTING MSG_ACTIVITY MSG_BUSY MSG_DONE MSG_LEAVING
+                               EXIT_HARAKIRI EXIT_RECYCLE worker_msg)]);
+our @EXPORT_OK = (@{ $EXPORT_TAGS{msg} }, 'worker_exit');
+
+# Worker -> master records: pid, type, payload length, payload. Each is
+# written with one write(2) of less than PIPE_BUF bytes, so records of
+# different workers never interleave.
+sub worker_msg {
+    my ($fh, $type, $payload) = @_;
+    $payload //= '';
+    syswrite($fh, pack('NNn/a*', $$, $type, substr($payload, 0, 400)));
+}
+
+sub worker_exit {
+    my $code = shift;
+    # _exit: the app's END blocks and destructors belong to the vassal, not
+    # to every worker; flush what Perl buffered first.
+    STDOUT->flush; STDERR->flush;
+    POSIX::_exit($code);
+}
+
+sub _worker_main {
+    my ($self, $slot) = @_;
+    $self->_worker_setup($slot);
+    my $listen = $self->{listen_sock};
+    # Every worker waits for the listener in select() beside its own
+    # connections; the one that loses the race to accept() gets EAGAIN.
+    IO::Handle::blocking($listen, 0);
+    worker_msg($self->{ready_w}, MSG_ACCEPTING);
+
+    # Connections this worker holds: idle keep-alive ones and ones whose
+    # head is still arriving cost a select() slot, not the worker. Only a
+    # complete head makes the worker busy, so a slow or idle client never
+    # keeps the others waiting.
+    my $loop = {
+        conns        => {},
+        pending      => {},     # fd => 1: a complete head may already be buffered
+        leaving      => 0,      # stop, recycle or harakiri commit: accept nothing more
+        stop_seen_at => undef,
+        lfd          => fileno $listen,
+        stop_fd      => fileno $self->{stop_r},
+        stimeo       => pack('l!l!', $self->{socket_timeout}, 0),
+    };
+    while (1) {
+        my $now = now();
+        last unless $self->_wind_down($loop, $now);
+        my ($rin, $timeout) = $self->_select_set($loop, $now);
+        $self->_flush_requests if $self->{requests_dirty};
+        my $n = select(my $rout = $rin, undef, undef, $timeout);
+        if ($n < 0) {
+            next if $! == EINTR;
+            die "select: $!\n";
+        }
+        my $ready = $self->_ready_conns($loop, $n > 0 ? $rout : undef);
+        # One request per ready connection per round: fair between them.
+        $self->_serve_conn($loop, $_) for sort { $a <=> $b } keys %$ready;
+    }
+    $self->_flush_requests if $self->{requests_dirty};
+    worker_exit(EXIT_RECYCLE);
+}
+
+sub _worker_setup {
+    my ($self, $slot) = @_;
+    # The master asks a worker to stop by closing its generation's stop
+    # pipe (end of file in the worker's select), not by a signal. A SIGTERM
+    # from elsewhere only sets the same flag, with SA_RESTART, so that the
+    # app's blocking reads are restarted, not broken with EINTR.
+    my $stopping = 0;
+    my $on_term = POSIX::SigAction->new(sub { $stopping = 1 }, POSIX::SigSet->new, POSIX::SA_RESTART());
+    $on_term->safe(1);
+    POSIX::sigaction(POSIX::SIGTERM(), $on_term);
+    $SIG{HUP}  = 'IGNORE';          # the master reloads; a worker keeps going
+    $SIG{INT}  = 'DEFAULT';
+    $SIG{QUIT} = 'DEFAULT';
+    $SIG{CHLD} = 'DEFAULT';
+    $SIG{PIPE} = 'IGNORE';          # a vanished client is an EPIPE, not a death
+    $self->{stopping_ref} = \$stopping;
+    $self->{slot} = $slot;
+    POSIX::sigprocmask(POSIX::SIG_SETMASK(), delete $self->{sigmask});
+    worker_exit(0) if getppid() != $self->{master_pid};
+
+    close $self->{ready_r};
+    if (my $efh = $self->{emperor_fh}) {
+        # The Emperor pipe belongs to the master alone: a worker holding it
+        # would hide the master's death from the Emperor.
+        close $efh;
+        delete $self->{emperor_fh};
+    }
+    $0 = "$self->{proctitle} worker $slot" if length $self->{proctitle};
+    $self->_open_requests_slot($slot);
+
+    if (my $h = $self->{harakiri}) {
+        $SIG{ALRM} = sub {
+            my $req = $self->{current_request} // '(unknown request)';
+            $self->_log("harakiri: worker $slot (pid $$) stuck more than ${h}s in $req, killed");
+            worker_exit(EXIT_HARAKIRI);
+        };
+    }
+    $self->{requests} = 0;
+}
+
+# A leaving worker closes its idle connections once nothing has arrived on
+# them for stop_grace: a request the client sent right after its last
+# response is served (with Connection: close), never dropped. False when
+# the worker is done.
+sub _wind_down {
+    my ($self, $loop, $now) = @_;
+    $loop->{leaving} = 1 if ${ $self->{stopping_ref} };
+    return 1 unless $loop->{leaving};
+    $loop->{stop_seen_at} //= $now;
+    if ($now - $loop->{stop_seen_at} >= $self->{stop_grace}) {
+        for my $fd (keys %{ $loop->{conns} }) {
+            next if length $loop->{conns}{$fd}{buf} || $loop->{pending}{$fd};
+            _drop_conn($loop, $fd);
+        }
+    }
+    return %{ $loop->{conns} } ? 1 : 0;
+}
+
+# The select() read set and timeout; connections past their deadline go.
+sub _select_set {
+    my ($self, $loop, $now) = @_;
+    my $conns = $loop->{conns};
+    my $timeout = %{ $loop->{pending} } ? 0 : 1;
+    my $rin = '';
+    vec($rin, $loop->{stop_fd}, 1) = 1 unless $loop->{leaving};
+    vec($rin, $loop->{lfd}, 1) = 1 if !$loop->{leaving} && keys %$conns < MAX_CONNS;
+    for my $fd (keys %$conns) {
+        my $c = $conns->{$fd};
+        if ($c->{deadline} <= $now) {
+            # A head that did not arrive in time gets 408; an idle
+            # keep-alive connection is just closed.
+            $self->_error_response($c->{sock}, 408, undef, $c) if length $c->{buf};
+            _drop_conn($loop, $fd);
+            next;
+        }
+        vec($rin, $fd, 1) = 1;
+        my $left = $c->{deadline} - $now;
+        $timeout = $left if $left < $timeout;
+    }
+    if ($loop->{leaving}) {
+        my $left = $loop->{stop_seen_at} + $self->{stop_grace} - $now;
+        $timeout = $left if $left < $timeout;
+        $timeout = 0 if $timeout < 0;
+    }
+    return ($rin, $timeout);
+}
+
+# Connections to look at this round ($rout undef: select() timed out).
+sub _ready_conns {
+    my ($self, $loop, $rout) = @_;
+    my %ready = %{ $loop->{pending} };
+    %{ $loop->{pending} } = ();
+    return \%ready unless defined $rout;
+    if (!$loop->{leaving} && vec($rout, $loop->{stop_fd}, 1)) {
+        ${ $self->{stopping_ref} } = 1;
+        $loop->{leaving} = 1;
+    }
+    if (!$loop->{leaving} && vec($rout, $loop->{lfd}, 1)) {
+        if (my $c = $self->_accept($self->{listen_sock}, $loop->{stimeo})) {
+            my $fd = fileno $c->{sock};
+            $loop->{conns}{$fd} = $c;
+            # Linux defers accept until data arrived only with
+            # TCP_DEFER_ACCEPT; try a read at once anyway, the head is
+            # usually there already.
+            $ready{$fd} = 1;
+        }
+    }
+    for my $fd (keys %{ $loop->{conns} }) { $ready{$fd} = 1 if vec($rout, $fd, 1) }
+    return \%ready;
+}
+
+# Reads what a ready connection has and serves one request if its head is
+# complete.
+sub _serve_conn {
+    my ($self, $loop, $fd) = @_;
+    my $c = $loop->{conns}{$fd} or return;
+    # never blocks: a pending connection may have nothing new
+    my $got = recv($c->{sock}, my $more, READ_CHUNK, MSG_DONTWAIT);
+    if (defined $got) { $got = length $more; $c->{buf} .= $more }
+    if (!defined $got) {
+        return _drop_conn($loop, $fd) unless $! == EAGAIN || $! == EINTR;
+    } elsif ($got == 0) {
+        # end of file: a request already buffered is still answered
+        $c->{eof} = 1;
+        return _drop_conn($loop, $fd) unless length $c->{buf};
+    }
+    return unless length $c->{buf};
+    _head_begins($self, $c) unless $c->{in_head};
+    my $keep = eval { $self->_serve_head($c) };
+    if (!defined $keep) {
+        $self->_log($@) if $@ && $@ !~ /^ForkServer::client-gone/;
+        return _drop_conn($loop, $fd);
+    } elsif ($keep eq 'partial') {
+        _drop_conn($loop, $fd) if $c->{eof};
+        return;
+    } elsif (!$keep) {
+        _drop_conn($loop, $fd);
+    } else {
+        # Served, connection kept: idle until the next byte, and pipelined
+        # bytes already here are looked at next round.
+        $c->{in_head} = 0;
+        $c->{deadline} = now() + $self->{keepalive_timeout};
+        if ($c->{eof} && !length $c->{buf}) {
+            _drop_conn($loop, $fd);
+        } elsif (length $c->{buf}) {
+            _head_begins($self, $c);
+            $loop->{pending}{$fd} = 1;
+        }
+    }
+    if (!$loop->{leaving} && ($self->{harakiri_commit}
+        || ($self->{max_requests} && $self->{requests} >= $self->{max_requests}))) {
+        # The replacement starts now, not when this worker has finished
+        # with its other connections. It goes on from this worker's
+        # requests slot: written first.
+        $self->_flush_requests if $self->{requests_dirty};
+        worker_msg($self->{ready_w}, MSG_LEAVING);
+        $loop->{leaving} = 1;
+    }
+}
+
+# The first byte of a request head: its deadline, and the request's clock
+# (the access log's time taken), start now.
+sub _head_begins {
+    my ($self, $c) = @_;
+    $c->{in_head} = 1;
+    $c->{started} = now();
+    $c->{deadline} = $c->{started} + $self->{header_timeout};
+}
+
+# Has the master closed this generation's stop pipe (or a SIGTERM come)?
+sub _stop_asked {
+    my $self = shift;
+    my $flag = $self->{stopping_ref};
+    return 1 if $$flag;
+    my $r = $self->{stop_r} or return 0;
+    my $rin = '';
+    vec($rin, fileno $r, 1) = 1;
+    $$flag = 1 if select($rin, undef, undef, 0) > 0;
+    return $$flag;
+}
+
+sub _drop_conn {
+    my ($loop, $fd) = @_;
+    my $c = delete $loop->{conns}{$fd} or return;
+    delete $loop->{pending}{$fd};
+    close $c->{sock};
+    return;
+}
+
+sub _accept {
+    my ($self, $listen, $stimeo) = @_;
+    my $peer = accept(my $conn, $listen);
+    unless ($peer) {
+        return undef if $! == EINTR || $! == EAGAIN || $! == ECONNABORTED;
+        # EMFILE, ENOBUFS...: transient pressure; don't spin, don't die
+        $self->_log("accept: $!");
+        select(undef, undef, undef, 0.1);
+        return undef;
+    }
+    # Per connection, not per request: no Nagle delay on split writes; no
+    # single read or write stalls longer than socket_timeout.
+    setsockopt($conn, IPPROTO_TCP, TCP_NODELAY, 1);
+    setsockopt($conn, SOL_SOCKET, SO_RCVTIMEO, $stimeo);
+    setsockopt($conn, SOL_SOCKET, SO_SNDTIMEO, $stimeo);
+    my ($rport, $raddr) = (0, '');
+    my $fam = sockaddr_family($peer);
+    if ($fam == AF_INET) {
+        ($rport, $raddr) = unpack_sockaddr_in($peer);
+        $raddr = inet_ntop(AF_INET, $raddr);
+    } elsif ($fam == AF_INET6) {
+        ($rport, $raddr) = unpack_sockaddr_in6($peer);
+        $raddr = inet_ntop(AF_INET6, $raddr);
+    }
+    my $c = { sock => $conn, buf => '', raddr => $raddr, rport => $rport,
+              informational => sub { ForkServer::HTTPServer::Response::write_informational($conn, @_) } };
+    _head_begins($self, $c);
+    return $c;
+}
+
+1;
+
+__END__
+
+=head1 NAME
+
+ForkServer::HTTPServer::Worker - the connection loop of a worker of L<ForkServer::HTTPServer>
+
+=head1 DESCRIPTION
+
+The methods of the server object that run in a worker: set-up after the
+fork (signals, the stop flag, harakiri's alarm), and the loop that holds up
+to C<MAX_CONNS> connections in one C<select()> with the listener and the
+generation's stop pipe, enforces the head and keep-alive deadlines, serves
+one request per ready connection per round, and winds down (stop,
+recycling, C<psgix.harakiri.commit>) without dropping a request already on
+its way. Also C<worker_msg()> (the records to the master, C<MSG_*>) and
+C<worker_exit()>.
+
+=cut

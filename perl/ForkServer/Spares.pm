@@ -1,0 +1,420 @@
+package ForkServer::Spares;
+use strict;
+use warnings;
+
+use IO::Select ();
+use IO::Socket::IP ();
+use POSIX ();
+use Socket qw(AF_UNIX SOCK_SEQPACKET PF_UNSPEC SOL_SOCKET SCM_RIGHTS);
+use Socket::MsgHdr ();
+use Time::HiRes ();
+use ForkServer::Clone ();
+use ForkServer::Config ();
+use ForkServer::Log ();
+use ForkServer::Protocol qw(encode_packet encode_array decode_array MODIFIER1_FORK_SERVER);
+use ForkServer::AdoptionRequest ();
+use ForkServer::Session ();
+use ForkServer::Vassal ();
+use ForkServer::Warmup ();
+
+=head1 NAME
+
+ForkServer::Spares - warm spare vassals kept by the base, adopted without a fork
+
+=head1 SYNOPSIS
+
+  # in the base (ForkServer::Base), under an Emperor, fork-server-spares = K:
+  my $pool = ForkServer::Spares->new(base => $base, count => $k);
+  $pool->watch_with($select);                          # the base's IO::Select: the spares' links join it
+  $pool->make_one if !$pending && $pool->wants_one;   # refill, one at a time, when idle
+  $pool->readable($fh) if $pool->owns($fh);           # a spare is ready, or gone
+  $pool->take($request) or fork_as_today($request);   # hand an adoption to a ready spare
+
+=head1 DESCRIPTION
+
+A spare is a process made from the base exactly like an adopted vassal
+(C<clone(CLONE_PARENT)>, or the double fork to the subreaper): it is the
+Emperor's child from birth. It holds nothing of the base's (no fork-server
+socket, no Emperor pipe, no client) and no socket anyone can connect to:
+it cannot accept a connection before it is adopted. It keeps one
+C<SOCK_SEQPACKET> link to the base. Like every vassal process it leads
+its own session (L<ForkServer::Session>) from birth, so the worker it
+forks is in the session the vassal will have. Until it is adopted, the
+Emperor knows it by its title, C<psgi-vassal NAME (spare of BASEPID)>
+(C<, warming)> until its worker is warm): it
+is neither an orphan nor a stranger (orphans.py), and C<emperor status>
+counts it, with its worker, under its base.
+
+At birth the spare forks its first worker, which runs the base's
+C<early-warmup> paths (its own lazily built state and copy-on-write faults
+happen then, not on the first real request), tells the spare, and waits.
+The spare then tells the base C<R PID> and waits on its link.
+
+An adoption the base hands over is one message on the link: the adoption
+packet with the request's descriptors and, last, the requester's connection
+(the pid reply goes there), checked again with L<ForkServer::AdoptionRequest>.
+The spare then becomes the vassal exactly as a forked one does
+(L<ForkServer::Base>'s C<_become_vassal>: its own session, the pid reply,
+its argv and config), except that its first worker already exists: it gets
+the listening socket, the argv and the config text, applies C<env>,
+C<chdir>, C<gid>/C<uid> itself and starts accepting
+(L<ForkServer::HTTPServer/run_preforked_worker>); workers beyond the first
+are forked then. A config with C<psgi> (an app on top of the base) lets the
+waiting worker go and forks fresh workers from the loaded app.
+
+The base hands over only requests whose argv has no C<--psgi> and is not a
+test file (C<emperor prove>); the others, and every request while no spare
+is ready, are served with the fork as before. Spares are made one at a time,
+only when no adoption is being read, and not before 0.1 s after the last
+one a spare took: refilling never delays an adoption, nor the start of the
+vassal just adopted.
+
+End of file on the link (the base stopped or died, or a deploy replaced
+it) ends a waiting spare, and its worker with it (end of file on their own
+link). A spare that dies is noticed by the base (end of file on its side)
+and replaced.
+
+=cut
+
+use constant RETRY_AFTER  => 1;      # seconds before another try after a spare could not be made
+use constant REFILL_PAUSE => 0.1;    # after an adoption, its vassal starts before a new spare competes for the CPU
+
+sub new {
+    my ($class, %args) = @_;
+    my $self = bless { %args, spares => {} }, $class;    # fileno of our link => spare
+    my @paths = $args{base}{config}->list('early-warmup');
+    $self->{paths} = $args{base}{app} ? \@paths : [];
+    return $self;
+}
+
+sub log { my ($self, $msg) = @_; ForkServer::Log::line($self->{base}{name}, $msg) }
+
+sub watch_with { $_[0]{select} = $_[1]; return }
+
+sub owns    { exists $_[0]{spares}{ fileno $_[1] } }
+sub size    { scalar keys %{ $_[0]{spares} } }
+sub ready   { scalar grep { $_->{ready} } values %{ $_[0]{spares} } }
+
+=head2 wants_one() -> bool
+
+True when the pool is short and no spare is still warming (spares are made
+one at a time, so a burst of adoptions never competes with several).
+
+=cut
+
+sub wants_one {
+    my ($self) = @_;
+    return 0 if $self->size >= $self->{count};
+    return 0 if grep { !$_->{ready} } values %{ $self->{spares} };
+    return 0 if $self->{retry_at} && Time::HiRes::time() < $self->{retry_at};
+    return 1;
+}
+
+=head2 next_at() -> $time or undef
+
+When the base's loop must wake up to make a spare that waits for a pause.
+
+=cut
+
+sub next_at {
+    my ($self) = @_;
+    return undef unless $self->{retry_at} && $self->size < $self->{count};
+    return $self->{retry_at};
+}
+
+=head2 make_one()
+
+One new spare, born as an adopted vassal would be. The base's caller does
+this only when no adoption is being read.
+
+=cut
+
+sub make_one {
+    my ($self) = @_;
+    my $base = $self->{base};
+    socketpair(my $ours, my $theirs, AF_UNIX, SOCK_SEQPACKET, PF_UNSPEC)
+        or return $self->_failed("socketpair: $!");
+    my $pid;
+    if ($base->{clone}) {
+        $pid = ForkServer::Clone::clone_parent();
+        return $self->_failed("clone: $!") unless defined $pid;
+        if ($pid == 0) { close $ours; $self->_spare_main($theirs) }
+    }
+    else {
+        $pid = fork;
+        return $self->_failed("fork: $!") unless defined $pid;
+        if ($pid == 0) {
+            my $spare = fork;
+            POSIX::_exit(defined $spare ? 0 : 1) unless defined $spare && $spare == 0;
+            close $ours;
+            $self->_spare_main($theirs);
+        }
+        $base->{children}++;    # the intermediate child, reaped by the base
+        undef $pid;             # the spare's own pid comes with its R message
+    }
+    close $theirs;
+    $self->{spares}{ fileno $ours } = { link => $ours, pid => $pid, born => Time::HiRes::time() };
+    $self->{select}->add($ours);
+    return;
+}
+
+sub _failed {
+    my ($self, $why) = @_;
+    $self->log("cannot make a spare ($why): retrying in " . RETRY_AFTER . " s");
+    $self->{retry_at} = Time::HiRes::time() + RETRY_AFTER;
+    return;
+}
+
+=head2 readable($fh)
+
+A spare's link is readable: C<R PID> (it is warm and waits), or end of
+file (it is gone; another is made later).
+
+=cut
+
+sub readable {
+    my ($self, $fh) = @_;
+    my $s = $self->{spares}{ fileno $fh } or return;
+    my $n = sysread $fh, my $msg, 64;
+    return if !defined $n && ($!{EINTR} || $!{EAGAIN});
+    if ($n && $msg =~ /\AR(\d+)\z/) {
+        @$s{qw(ready pid)} = (1, $1);
+        $self->log("spares: $self->{count} ready") if $self->ready == $self->{count};
+        return;
+    }
+    $self->_forget($s);
+    close $s->{link};
+    $self->log("spare pid " . ($s->{pid} // '?') . " ended before it was adopted");
+    return;
+}
+
+sub _forget {
+    my ($self, $s) = @_;
+    $self->{select}->remove($s->{link});
+    delete $self->{spares}{ fileno $s->{link} };
+    return;
+}
+
+=head2 fits($request) -> bool
+
+Whether a spare may serve this adoption, judged on its argv alone.
+
+=cut
+
+sub fits {
+    my ($class, $req) = @_;
+    my (undef, @argv) = $req->argv;
+    return 0 if ($argv[0] // '') eq '--test-file';
+    return 0 if grep { /\A--?psgi(?:=|\z)/ } @argv;
+    return 1;
+}
+
+=head2 take($request) -> bool
+
+Hands a complete adoption request to the oldest ready spare; true if it
+went (the base then closes its copies of the descriptors), false if the
+base must fork as before (no spare ready, a request that does not fit, or
+the spare could not be reached).
+
+=cut
+
+sub take {
+    my ($self, $req) = @_;
+    return 0 unless $self->fits($req);
+    my ($s) = sort { $a->{born} <=> $b->{born} } grep { $_->{ready} } values %{ $self->{spares} };
+    return 0 unless $s;
+    $self->_forget($s);
+    # one message: the packet, its descriptors, then the requester's connection
+    my $packet = encode_packet(MODIFIER1_FORK_SERVER, $req->mask, encode_array($req->argv));
+    my $ok = _send($s->{link}, $packet, $req->fds, fileno $req->sock);
+    close $s->{link};    # adopted or not, it is no spare of ours any more
+    $self->log("spare pid $s->{pid} could not be given a request ($!): forking instead") unless $ok;
+    # the next spare waits: a burst of adoptions, and the vassal just
+    # adopted, go first (a clone and a warm-up take CPU from both)
+    $self->{retry_at} = Time::HiRes::time() + REFILL_PAUSE if $ok;
+    return $ok;
+}
+
+=head2 close_links()
+
+Closes every link: in the base at shutdown (each waiting spare then ends),
+and in every process forked from the base, which must not hold them.
+
+=cut
+
+sub close_links {
+    my ($self) = @_;
+    close $_->{link} for values %{ $self->{spares} };
+    $self->{spares} = {};
+    return;
+}
+
+sub _send {
+    my ($sock, $data, @fds) = @_;
+    my $hdr = Socket::MsgHdr->new(buf => $data);
+    $hdr->cmsghdr(SOL_SOCKET, SCM_RIGHTS, pack 'i*', @fds) if @fds;
+    local $SIG{PIPE} = 'IGNORE';
+    my $n = Socket::MsgHdr::sendmsg($sock, $hdr, 0);
+    return defined $n && $n == length $data;
+}
+
+sub _recv {
+    my ($sock) = @_;
+    my $hdr = Socket::MsgHdr->new(buflen => 262144, controllen => 256);
+    my $n = Socket::MsgHdr::recvmsg($sock, $hdr, ForkServer::AdoptionRequest::MSG_CMSG_CLOEXEC) // return;
+    return if $n == 0;
+    my @fds;
+    my @cmsg = $hdr->cmsghdr;
+    while (my ($level, $type, $data) = splice @cmsg, 0, 3) {
+        push @fds, unpack 'i*', $data if $level == SOL_SOCKET && $type == SCM_RIGHTS;
+    }
+    return ($hdr->buf, @fds);
+}
+
+# ---------------------------------------------------------------------------
+# The spare process
+# ---------------------------------------------------------------------------
+
+sub _spare_main {
+    my ($self, $link) = @_;
+    my $base = $self->{base};
+    my $name = $base->{name};
+    # Its own session first, as every vassal process: its first worker is
+    # forked below and must be in the session the vassal will have.
+    my ($leads, $why) = ForkServer::Session::lead();
+    ForkServer::Log::line($name, "spare pid $$ is not a session leader ($why)") unless $leads;
+    my $ok = eval {
+        $base->_close_base;    # and the other spares' links, with the pool
+        # The Emperor tells a spare from a stranger by this title (orphans.py)
+        $0 = "psgi-vassal $name (spare of $base->{pid}, warming)";
+        my $worker = ForkServer::Spares::Worker->prefork($base->{app}, $self->{paths}, $name, $link);
+        $0 = "psgi-vassal $name (spare of $base->{pid})";
+        syswrite($link, "R$$") or die "telling the base: $!\n";
+        my $req = _wait_for_adoption($link, $worker);
+        close $link;
+        $base->_become_vassal($req, first_worker => $worker);    # does not return
+        1;
+    };
+    ForkServer::Log::line($name, "spare pid $$: $@") unless $ok;
+    POSIX::_exit($ok ? 0 : 1);
+}
+
+# Blocks until the base hands over an adoption; exits quietly on end of file
+# (the base is gone) or when the waiting worker is gone.
+sub _wait_for_adoption {
+    my ($link, $worker) = @_;
+    my @ready = IO::Select->new($link, $worker->{link})->can_read;
+    POSIX::_exit(0) if grep { $_ == $worker->{link} } @ready;
+    my ($data, @fds) = _recv($link);
+    POSIX::_exit(0) unless defined $data && @fds;
+    my $client_fd = pop @fds;
+    open(my $client, '+<&=', $client_fd) or die "the requester's connection (descriptor $client_fd): $!\n";
+    my $req = eval { ForkServer::AdoptionRequest->handed_over(sock => $client, data => $data, fds => \@fds) };
+    if (!$req) {
+        POSIX::close($_) for @fds;
+        die "the request from the base: $@";
+    }
+    return $req;
+}
+
+# ---------------------------------------------------------------------------
+# The spare's first worker, forked and warmed before any adoption
+# ---------------------------------------------------------------------------
+
+package ForkServer::Spares::Worker;
+
+use IO::Socket::IP ();
+use POSIX ();
+use Socket qw(AF_UNIX SOCK_SEQPACKET PF_UNSPEC);
+use ForkServer::Config ();
+use ForkServer::HTTPServer ();
+use ForkServer::Log ();
+use ForkServer::Protocol qw(encode_array decode_array);
+use ForkServer::Vassal ();
+use ForkServer::Warmup ();
+
+# In the spare: fork the worker with the master's pipes (ForkServer::HTTPServer's
+# worker messages and stop pipe); it warms up, says so, and waits for go().
+sub prefork {
+    my ($class, $app, $paths, $name, $base_link) = @_;    # the spare's link to the base: not the worker's
+    pipe(my $ready_r, my $ready_w) or die "pipe: $!\n";
+    pipe(my $stop_r, my $stop_w) or die "pipe: $!\n";
+    socketpair(my $ours, my $theirs, AF_UNIX, SOCK_SEQPACKET, PF_UNSPEC) or die "socketpair: $!\n";
+    my $pid = fork // die "fork: $!\n";
+    if ($pid == 0) {
+        close $ours;
+        close $base_link;
+        close $stop_w;    # the master's: end of file on it is the worker's stop
+        my $ok = eval { _worker_main($theirs, $app, $paths, $name, $ready_r, $ready_w, $stop_r); 1 };
+        ForkServer::Log::line($name, "spare worker pid $$: $@") unless $ok;
+        STDOUT->flush;
+        STDERR->flush;
+        POSIX::_exit($ok ? 0 : 1);
+    }
+    close $theirs;
+    my $self = bless {
+        pid => $pid, link => $ours,
+        pipes => { ready_r => $ready_r, ready_w => $ready_w, stop_r => $stop_r, stop_w => $stop_w },
+    }, $class;
+    # warm before the base counts on us
+    my $n = sysread $ours, my $byte, 1;
+    die "the spare's worker died while warming up\n" unless $n && $byte eq 'W';
+    return $self;
+}
+
+sub for_request {
+    my ($self, $argv, $config_text) = @_;
+    @$self{qw(argv config_text)} = ($argv, $config_text);
+    return $self;
+}
+
+=head2 start($listen_sock) -> \%preforked
+
+In the adopted spare, once its socket exists: the worker gets it with the
+argv and config text. Returns what L<ForkServer::HTTPServer> needs to take
+the worker as its slot 1.
+
+=cut
+
+sub start {
+    my ($self, $sock) = @_;
+    my $text = $self->{config_text};
+    my $data = encode_array(defined $text ? (1, $text) : (0, ''), @{ $self->{argv} });
+    ForkServer::Spares::_send($self->{link}, $data, fileno $sock) or die "starting the spare's worker: $!\n";
+    close $self->{link};
+    return { pid => $self->{pid}, %{ $self->{pipes} } };
+}
+
+# The config asks for something else than the preloaded app: the waiting
+# worker goes (end of file on its link) and the master forks fresh ones.
+sub discard {
+    my ($self) = @_;
+    close $self->{link};
+    close $_ for values %{ $self->{pipes} };
+    waitpid $self->{pid}, 0;
+    return;
+}
+
+sub _worker_main {
+    my ($link, $app, $paths, $name, $ready_r, $ready_w, $stop_r) = @_;
+    my $master = getppid();
+    $0 = "psgi-vassal $name (spare worker)";
+    ForkServer::Warmup::run($app, $paths, sub { }) if @$paths;
+    syswrite($link, 'W') or die "telling the spare: $!\n";
+    my ($data, $fd) = ForkServer::Spares::_recv($link);
+    POSIX::_exit(0) unless defined $data && defined $fd;    # not adopted: the spare ended
+    close $link;
+    my ($has_text, $text, @argv) = decode_array($data);
+    my $sock = IO::Socket::IP->new_from_fd($fd, 'r+') or die "the listening socket: $!\n";
+    my $config = ForkServer::Config->from_argv(\@argv, config_text => $has_text ? $text : undef);
+    my $vassal = ForkServer::Vassal->new(config => $config);
+    $vassal->configure;
+    my $access_log = $vassal->access_log;    # opened as whoever may open it
+    $vassal->drop_privileges;
+    ForkServer::HTTPServer->new(listen_sock => $sock, app => $app, $vassal->server_args($access_log))
+        ->run_preforked_worker(slot => 1, master_pid => $master,
+                               ready_r => $ready_r, ready_w => $ready_w, stop_r => $stop_r);
+    return;    # not reached
+}
+
+1;

@@ -1,0 +1,592 @@
+"""The front door: routing by Host name through a real nginx started by a
+real Emperor, to real Perl vassals on UNIX sockets (and TCP ones); the
+configuration it generates, checked by nginx itself; `emperor nginx-conf`;
+`domain` and the uWSGI keys as both sides judge them."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from psgi_forkserver import config as c
+from psgi_forkserver import frontdoor as fd
+from psgi_forkserver.frontdoor import FrontDoor, FrontDoorOptions, Route
+
+from support import EMPEROR, EmperorLog, alive, descendants, free_port, start_emperor, \
+    stop_emperor, wait_for
+from test_emperor import APP as HELLO, PROGRAM
+
+HERE = Path(__file__).resolve().parent
+APP = HERE / "apps" / "front.psgi"
+DIES = HERE / "apps" / "dies.psgi"
+NGINX = fd.find_nginx()
+
+needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (make setup)")
+needs_perl = pytest.mark.skipif(not PROGRAM.is_file(), reason="no vassal program")
+
+
+# -- the generated configuration ----------------------------------------------
+
+ROUTES = [
+    Route("app1", ("app1.localhost",), "unix:/run/x/sockets/app1.sock"),
+    Route("shop", ("*.shop.localhost", "shop.localhost"), "127.0.0.1:9101"),
+    Route("weird name", ("weird.localhost",), "unix:/run/x/sockets/weird name.sock"),
+    Route("broken", ("broken.localhost",), "", up=False, retry_after=8),
+    Route("legacy", ("legacy.localhost",), "127.0.0.1:9102", protocol="uwsgi"),
+]
+
+
+def test_routing_is_a_pure_function_of_the_routes():
+    a = fd.render_routing(ROUTES)
+    assert a == fd.render_routing(list(reversed(ROUTES)))  # order does not matter
+    assert "    app1.localhost \"psgi_fs_app1\";" in a
+    assert "    *.shop.localhost \"psgi_fs_shop\";" in a
+    assert "server \"unix:/run/x/sockets/app1.sock\";" in a
+    # a down vassal has no upstream: its names map to 503 with its Retry-After
+    assert '    broken.localhost "@down";' in a and "    broken.localhost 8;" in a
+    assert "upstream psgi_fs_broken " not in a
+    assert "    legacy.localhost uwsgi;" in a  # nginx speaks uwsgi to it
+    name = fd.upstream_name("weird name")
+    assert name.startswith("psgi_fs_weird_name_") and name != fd.upstream_name("weird_name")
+    assert "keepalive 16;" in a and "keepalive 8;" in fd.render_routing(ROUTES, keepalive=8)
+    assert "keepalive" not in fd.render_routing(ROUTES, keepalive=0)
+    assert fd.render_routing(ROUTES[:1]) != a
+
+
+@needs_nginx
+def test_nginx_accepts_the_generated_configuration(tmp_path: Path):
+    """`nginx -t` on the whole file the Emperor would run nginx with."""
+    run = tmp_path / "run"
+    (run / "nginx" / "tmp").mkdir(parents=True)
+    conf = run / "nginx" / "nginx.conf"
+    conf.write_text(fd.render_nginx_conf(ROUTES, f"127.0.0.1:{free_port()}", run, keepalive=4))
+    r = subprocess.run([NGINX, "-t", "-e", "stderr", "-p", str(run / "nginx"), "-c", str(conf)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert "syntax is ok" in r.stderr
+    inc = tmp_path / "routing.conf"
+    inc.write_text(fd.render_routing(ROUTES))
+    # an operator's nginx: the include at http level, the locations in their server
+    conf.write_text(
+        "daemon off; error_log stderr; pid %s/ng.pid;\nevents {}\nhttp {\n include %s;\n"
+        " server { listen 127.0.0.1:%d;\n%s }\n}\n"
+        % (tmp_path, inc, free_port(), fd.render_locations()))
+    r = subprocess.run([NGINX, "-t", "-e", "stderr", "-p", str(run / "nginx"), "-c", str(conf)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+
+
+def test_changes_of_one_turn_and_bursts_are_batched(tmp_path: Path):
+    """Every loop turn reports its routes; the file is written once for the
+    changes that arrive together, and at most once per min_gap."""
+    lines: list[str] = []
+    inc = tmp_path / "routing.conf"
+    front = FrontDoor(FrontDoorOptions(run_dir=tmp_path, include=inc, batch=0.1, min_gap=1.0),
+                      lines.append)
+    t = 100.0
+    for i in range(1, 201):  # 200 vassals come up over 2 s of loop turns
+        front.update([Route(f"a{j}", (f"a{j}.localhost",), f"unix:/s/a{j}.sock")
+                      for j in range(i)], t)
+        front.poll(t)
+        t += 0.01
+    front.poll(t + 5)
+    writes = [x for x in lines if "written" in x]
+    assert 2 <= len(writes) <= 4, lines
+    assert "a199.localhost" in inc.read_text()
+    front.update(front.routes or (), t + 10)  # the same routes: nothing to do
+    assert front.next_wakeup() is None
+    front.poll(t + 20)
+    assert len([x for x in lines if "written" in x]) == len(writes)
+
+
+# -- judging the keys ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value,ok", [
+    ("app.example.com", True), ("*.example.com", True), ("APP.Example.COM", True),
+    ("localhost", True), ("a_b.local", True), ("*", False), ("a.*.com", False),
+    ("-a.com", False), ("a..com", False), ("a.com:80", False), ("", False), ("a b", False),
+])
+def test_domain_values(value: str, ok: bool):
+    if ok:
+        assert c.parse_domain(value) == value.lower()
+    else:
+        with pytest.raises(ValueError):
+            c.parse_domain(value)
+
+
+def test_uwsgi_keys_accepted_or_refused_by_name_on_both_sides(tmp_path: Path):
+    text = ("[uwsgi]\nplugins = psgi\nmaster = true\nvacuum = true\ndie-on-term\n"
+            "thunder-lock = true\nhttp-socket = /tmp/x.sock\ndomain = a.localhost\n")
+    f = tmp_path / "a.ini"
+    f.write_text(text)
+    assert c.load(f, judge=True).error is None
+    f.write_text("[uwsgi]\nmaster = true\nmodule = app:application\n")
+    err = c.load(f, judge=True).error
+    assert err == "a.ini:3: uWSGI's option 'module' is not supported: use psgi = FILE.psgi"
+    root = Path(__file__).resolve().parent.parent
+    script = r'''
+        use strict; use warnings; use ForkServer::Config;
+        my $ok = eval { ForkServer::Config->new->parse_ini_text($ARGV[0], "a.ini"); 1 } ? "ok" : $@;
+        my $bad = eval { ForkServer::Config->new->parse_ini_text($ARGV[1], "a.ini"); 1 } ? "ok" : $@;
+        print "$ok\n$bad";
+    '''
+    r = subprocess.run(["perl", "-I", str(root / "perl"), "-e", script, text,
+                        "[uwsgi]\nmaster = true\nmodule = app:application\n"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    ok, bad = r.stdout.split("\n", 1)
+    assert ok == "ok"
+    assert bad.strip() == ("uWSGI's option 'module' is not supported: use psgi = FILE.psgi "
+                           "(a.ini line 3)")
+
+
+# -- emperor nginx-conf ------------------------------------------------------------
+
+
+def test_nginx_conf_prints_the_routing_of_a_directory(tmp_path: Path):
+    vdir = tmp_path / "v"
+    vdir.mkdir()
+    (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
+    (vdir / "a.ini").write_text("[uwsgi]\ndomain = a.localhost\ndomain = *.a.localhost\n")
+    (vdir / "b.ini").write_text("[uwsgi]\nhttp-socket = 127.0.0.1:9999\ndomain = b.localhost\n")
+    (vdir / "c.ini").write_text("[uwsgi]\ndomain = a.localhost\n")  # taken by a
+    (vdir / "d.ini").write_text("[uwsgi]\nhttp-socket = 127.0.0.1:9998\n")  # no name
+    r = subprocess.run([EMPEROR, "nginx-conf", str(vdir), "--run-dir", str(tmp_path / "r")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == fd.render_routing([
+        Route("a", ("*.a.localhost", "a.localhost"), f"unix:{tmp_path}/r/sockets/a.sock"),
+        Route("b", ("b.localhost",), "127.0.0.1:9999"),
+    ])
+    assert r.stderr == "emperor: nginx-conf: c: domain a.localhost is already served by vassal a\n"
+
+
+# -- a real Emperor with the front door ------------------------------------------------
+
+
+def ini(name: str, *lines: str, value: str = "v1", processes: int = 1) -> str:
+    return "\n".join(["[uwsgi]", f"processes = {processes}", f"env = APP_NAME={name}",
+                      f"env = APP_VALUE={value}", "disable-logging = true", *lines]) + "\n"
+
+
+def fetch(port: int, host: str, path: str = "/", timeout: float = 10.0
+          ) -> tuple[int, dict[str, str], str]:
+    """(status, headers, body) of GET http://HOST:PORT/ sent to loopback."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Host": f"{host}:{port}"})
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read().decode()
+    finally:
+        conn.close()
+
+
+def answer(port: int, host: str) -> dict[str, str]:
+    status, _, body = fetch(port, host)
+    assert status == 200, (status, body)
+    return dict(kv.split("=", 1) for kv in body.split())
+
+
+def answers(port: int, host: str, name: str) -> bool:
+    try:
+        return answer(port, host)["name"] == name
+    except (AssertionError, OSError):
+        return False
+
+
+def status_of(port: int, host: str) -> int:
+    try:
+        return fetch(port, host)[0]
+    except OSError:
+        return 0
+
+
+class Front(EmperorLog):
+    def __init__(self, em, vdir: Path, run: Path, port: int):
+        self.pid, self.popen, self.log = em.pid, em.popen, em.log
+        self.dir, self.run, self.port = vdir, run, port
+
+    def write(self, name: str, text: str) -> None:
+        tmp = self.dir / f".{name}.tmp"
+        tmp.write_text(text)
+        os.rename(tmp, self.dir / f"{name}.ini")
+
+    def settled(self) -> bool:
+        """nginx runs one generation of workers: after a reload it runs the
+        old ones beside the new for 100 ms or more (they still accept),
+        so a request may meet the routing before the last change."""
+        try:
+            kids = psutil.Process(self.nginx_pid()).children()
+            titles = [" ".join(k.cmdline()) for k in kids]
+        except psutil.Error:
+            return False
+        return len(kids) == (os.cpu_count() or 1) and not any("shutting down" in t for t in titles)
+
+    def routed(self, host: str, name: str, timeout: float = 30) -> None:
+        """`host` answers from vassal `name`, and keeps doing so: nginx's
+        workers of older routings are gone."""
+        wait_for(lambda: answers(self.port, host, name), timeout, f"{host} -> {name}")
+        wait_for(self.settled, timeout, "nginx's old workers to leave")
+        assert answers(self.port, host, name)
+
+    def nginx_pid(self) -> int:
+        lines = self.lines("[front] nginx pid ")
+        assert lines, self.text()
+        return int(lines[-1].split("nginx pid ")[1].split()[0])
+
+
+@pytest.fixture
+def front(xprocess):
+    started: list[Front] = []
+    dirs: list[Path] = []
+
+    def start(files: dict[str, str], *extra) -> Front:
+        top = Path(tempfile.mkdtemp(prefix="pfs-fd-"))
+        dirs.append(top)
+        vdir, run = top / "v", top / "run"
+        vdir.mkdir()
+        (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
+        for name, text in files.items():
+            (vdir / f"{name}.ini").write_text(text)
+        port = free_port()
+        em = start_emperor(xprocess, f"emperor-{top.name}", [
+            vdir, "--http", f"127.0.0.1:{port}", "--run-dir", run, "--mercy", "5",
+            "--rescan-interval", "2", "--backoff-first", "0.5", "--backoff-max", "4",
+            "--reload-grace", "0.3", *extra])
+        f = Front(em, vdir, run, port)
+        started.append(f)
+        return f
+
+    yield start
+    for f in started:
+        stop_emperor(f)
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@needs_nginx
+@needs_perl
+def test_apps_answer_by_name_through_nginx(front):
+    tcp = free_port()
+    f = front({
+        "app1": ini("app1", "domain = app1.localhost"),
+        "shop": ini("shop", "domain = *.shop.localhost", f"http-socket = 127.0.0.1:{tcp}"),
+        "sock": ini("sock", "domain = sock.localhost", "http-socket = own.sock"),
+    })
+    f.routed("app1.localhost", "app1")
+    # curl resolves *.localhost to loopback: the README's first command works as written
+    out = subprocess.run(["curl", "-s", f"http://app1.localhost:{f.port}/"],
+                         capture_output=True, text=True, timeout=30).stdout
+    assert "name=app1" in out
+    f.routed("x.shop.localhost", "shop")
+    assert answer(f.port, "deep.er.shop.localhost")["name"] == "shop"
+    assert answer(tcp, "anything")["name"] == "shop"  # its own port still serves
+    f.routed("sock.localhost", "sock")
+    got = answer(f.port, "app1.localhost")
+    assert got["xff"] == "127.0.0.1" and got["xproto"] == "http"
+    assert got["xhost"] == "app1.localhost" and got["host"] == f"app1.localhost:{f.port}"
+    status, headers, body = fetch(f.port, "nobody.localhost")
+    assert status == 404 and "no app is served as nobody.localhost" in body
+    assert fetch(f.port, "shop.localhost")[0] == 404  # *.shop is not shop itself
+    # the sockets: in the run directory, mode 0660; a chosen path where chosen
+    s = f.run / "sockets" / "app1.sock"
+    assert stat.S_ISSOCK(s.stat().st_mode) and stat.S_IMODE(s.stat().st_mode) == 0o660
+    assert stat.S_ISSOCK((f.dir / "own.sock").stat().st_mode)
+    assert not (f.run / "sockets" / "shop.sock").exists()
+    # nginx is the Emperor's child; its log lines are the Emperor's, prefixed
+    ng = psutil.Process(f.nginx_pid())
+    assert ng.ppid() == f.pid and "nginx" in ng.name()
+    wait_for(lambda: f.lines('[front] nobody.localhost 127.0.0.1 "GET / HTTP/1.1" 404'), 15,
+             "the access log line")
+    assert not list((f.run / "nginx").glob(".*.tmp"))
+
+
+@needs_nginx
+@needs_perl
+def test_names_follow_the_files_and_a_taken_name_is_a_config_error(front):
+    f = front({"app1": ini("app1", "domain = app1.localhost")})
+    f.routed("app1.localhost", "app1")
+    assert status_of(f.port, "app2.localhost") == 404
+    f.write("app2", ini("app2", "domain = app2.localhost"))
+    f.routed("app2.localhost", "app2")
+    # a second vassal claiming app1's name is refused, naming the first
+    f.write("dup", ini("dup", "domain = other.localhost", "domain = app1.localhost"))
+    wait_for(lambda: f.lines("[dup] bad config"), 15, "dup refused")
+    line = f.lines("[dup] bad config")[-1]
+    assert "dup.ini:7: domain app1.localhost is already served by vassal app1 (app1.ini)" in line
+    assert answer(f.port, "app1.localhost")["name"] == "app1"
+    assert status_of(f.port, "other.localhost") == 404  # none of dup's names is served
+    # app1 lets go of the name: dup gets it
+    os.unlink(f.dir / "app1.ini")
+    f.routed("app1.localhost", "dup")
+    assert answer(f.port, "other.localhost")["name"] == "dup"
+    os.unlink(f.dir / "app2.ini")
+    wait_for(lambda: status_of(f.port, "app2.localhost") == 404, 30, "a removed file's name 404")
+    wait_for(f.settled, 30, "nginx's old workers to leave")
+    assert not (f.run / "sockets" / "app2.sock").exists()
+    reloads = len(f.lines("nginx pid") ) - 1
+    assert reloads >= 1
+
+
+@needs_nginx
+@needs_perl
+def test_a_vassal_that_cannot_start_is_503_with_retry_after(front):
+    f = front({"app1": ini("app1", "domain = app1.localhost"),
+               "bad": ini("bad", "domain = bad.localhost", f"psgi = {DIES}")})
+    f.routed("app1.localhost", "app1")
+    wait_for(lambda: status_of(f.port, "bad.localhost") == 503, 30, "bad to be 503")
+    wait_for(f.settled, 30, "nginx's old workers to leave")
+    status, headers, body = fetch(f.port, "bad.localhost")
+    assert status == 503 and int(headers["retry-after"]) >= 1, (status, headers)
+    assert "bad.localhost is down" in body
+    f.write("bad", ini("bad", "domain = bad.localhost"))  # fixed
+    f.routed("bad.localhost", "bad")
+
+
+@needs_nginx
+@needs_perl
+def test_on_demand_app_sleeps_until_a_request_comes_through_nginx(front):
+    f = front({"app1": ini("app1", "domain = app1.localhost"),
+               "sleepy": ini("sleepy", "domain = sleepy.localhost", "on-demand = true",
+                             "idle = 1")})
+    f.routed("app1.localhost", "app1")
+    wait_for(lambda: f.lines("[sleepy] on demand: waiting"), 15, "sleepy asleep")
+    assert not f.vpids("sleepy")  # no process yet; its socket exists
+    assert stat.S_ISSOCK((f.run / "sockets" / "sleepy.sock").stat().st_mode)
+    first = answer(f.port, "sleepy.localhost")  # wakes it
+    assert first["name"] == "sleepy" and f.vpids("sleepy")
+    pid = f.vpid("sleepy")
+    wait_for(lambda: not psutil.pid_exists(pid) or not alive(psutil.Process(pid)), 20,
+             "sleepy back to sleep after idle")
+    wait_for(lambda: len(f.lines("[sleepy] on demand: waiting")) >= 2, 15, "waiting again")
+    assert answer(f.port, "sleepy.localhost")["name"] == "sleepy"  # woken again
+    assert len(f.vpids("sleepy")) == 2
+
+
+@needs_nginx
+@needs_perl
+def test_nginx_killed_comes_back_and_a_stopped_emperor_leaves_no_nginx(front):
+    f = front({"app1": ini("app1", "domain = app1.localhost")})
+    f.routed("app1.localhost", "app1")
+    old = psutil.Process(f.nginx_pid())
+    workers = old.children()
+    assert workers
+    old.send_signal(signal.SIGKILL)
+    wait_for(lambda: f.lines(f"nginx pid {old.pid} died (killed by SIGKILL)"), 15, "death seen")
+    wait_for(lambda: f.nginx_pid() != old.pid, 15, "a new nginx")
+    f.routed("app1.localhost", "app1")
+    assert not [w for w in workers if alive(w)], "old workers left"
+    ng = psutil.Process(f.nginx_pid())
+    everything = descendants(f.pid)
+    assert ng in everything
+    os.kill(f.pid, signal.SIGTERM)
+    assert f.popen.wait(30) == 0
+    assert not [p for p in everything if alive(p)], "processes left behind"
+    assert status_of(f.port, "app1.localhost") == 0  # nothing listens
+    assert not list((f.run / "sockets").glob("*.sock"))
+    text = f.text()
+    # nginx stopped last: after every vassal
+    assert text.index(f"nginx pid {ng.pid} stopped") > text.index("[base] pid")
+
+
+class HostLoad(threading.Thread):
+    """GET / with a Host header, each on a new connection, until stopped
+    (at most `limit` seconds / `max_requests`)."""
+
+    def __init__(self, port: int, host: str, limit: float = 30.0, max_requests: int = 20000):
+        super().__init__(daemon=True)
+        self.port, self.host, self.limit, self.max_requests = port, host, limit, max_requests
+        self.ok = 0
+        self.failed: list[str] = []
+        self.seen: set[str] = set()
+        self.stop_ev = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.limit
+        while not self.stop_ev.is_set() and time.monotonic() < deadline \
+                and self.ok + len(self.failed) < self.max_requests:
+            try:
+                self.seen.add(answer(self.port, self.host)["value"])
+                self.ok += 1
+            except (AssertionError, OSError, KeyError, ValueError) as e:
+                self.failed.append(repr(e))
+
+    def finish(self) -> "HostLoad":
+        self.stop_ev.set()
+        self.join(30)
+        return self
+
+
+@needs_nginx
+@needs_perl
+def test_config_change_under_load_through_the_front_door_fails_no_request(front):
+    f = front({"app1": ini("app1", "domain = app1.localhost", processes=2),
+               "app2": ini("app2", "domain = app2.localhost")})
+    f.routed("app1.localhost", "app1")
+    f.routed("app2.localhost", "app2")
+    loads = [HostLoad(f.port, "app1.localhost"), HostLoad(f.port, "app1.localhost")]
+    for load in loads:
+        load.start()
+    wait_for(lambda: sum(x.ok for x in loads) > 50, 20, "load to run")
+    for value in ("v2", "v3"):
+        f.write("app1", ini("app1", "domain = app1.localhost", value=value, processes=2))
+        wait_for(lambda v=value: all(v in x.seen for x in loads), 30, f"{value} served")
+    # another vassal coming and going reloads nginx under the same load
+    f.write("app3", ini("app3", "domain = app3.localhost"))
+    f.routed("app3.localhost", "app3")
+    for load in loads:
+        load.finish()
+    ok, failed = sum(x.ok for x in loads), [e for x in loads for e in x.failed]
+    print(f"front door, config change under load: {ok} requests, {len(failed)} failed")
+    assert failed == [], failed[:5]
+    assert ok > 100
+    assert f.lines("routing changed")
+
+
+@needs_nginx
+@needs_perl
+def test_bring_your_own_nginx_include_kept_up_to_date_and_reloaded(xprocess, tmp_path: Path):
+    """An operator's nginx (started here, as an operator would) includes the
+    file the Emperor keeps; the Emperor runs the operator's reload command
+    after each change, and the new name answers through that nginx."""
+    top = Path(tempfile.mkdtemp(prefix="pfs-byo-"))
+    top.chmod(0o755)  # their workers must reach the sockets under it
+    vdir, run, ng = top / "v", top / "run", top / "ng"
+    for d in (vdir, ng):
+        d.mkdir()
+    include = ng / "psgi-routing.conf"
+    include.write_text(fd.render_routing([]))  # `emperor nginx-conf` of an empty directory
+    port = free_port()
+    (ng / "nginx.conf").write_text(
+        f"daemon off;\nmaster_process on;\nerror_log stderr;\npid {ng}/nginx.pid;\nevents {{}}\n"
+        f"http {{\n  access_log off;\n  include {include};\n"
+        f"  server {{\n    listen 127.0.0.1:{port};\n{fd.render_locations()}  }}\n}}\n")
+    nginx = subprocess.Popen([NGINX, "-e", "stderr", "-p", str(ng), "-c", str(ng / "nginx.conf")],
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    em = None
+    try:
+        wait_for(lambda: status_of(port, "app1.localhost") == 404, 20, "the operator's nginx")
+        (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
+        # their nginx's workers run as nobody (a root master's default), as
+        # www-data under Debian's: the sockets are given to that user
+        owner = "chown-socket = nobody:nogroup" if os.geteuid() == 0 else "domain = x.localhost"
+        (vdir / "app1.ini").write_text(ini("app1", "domain = app1.localhost", owner))
+        reloads = top / "reloads"
+        em = start_emperor(xprocess, f"emperor-{top.name}", [
+            vdir, "--run-dir", run, "--nginx-include", include,
+            "--nginx-reload", f"echo reload >> {reloads}; kill -HUP {nginx.pid}"])
+        wait_for(lambda: answers(port, "app1.localhost", "app1"), 30, "app1 through their nginx")
+        assert f"server \"unix:{run}/sockets/app1.sock\";" in include.read_text()
+        n = len(reloads.read_text().splitlines())
+        assert n >= 1
+        (vdir / "app2.ini").write_text(ini("app2", "domain = app2.localhost",
+                                           owner.replace("x.localhost", "y.localhost")))
+        wait_for(lambda: answers(port, "app2.localhost", "app2"), 30, "a new name, reloaded")
+        if os.geteuid() == 0:
+            st = (run / "sockets" / "app2.sock").stat()
+            assert (st.st_uid, st.st_gid) == (65534, 65534) and stat.S_IMODE(st.st_mode) == 0o660
+        assert len(reloads.read_text().splitlines()) > n
+        # what `emperor nginx-conf` prints for the same directory is that file
+        r = subprocess.run([EMPEROR, "nginx-conf", str(vdir), "--run-dir", str(run)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout == include.read_text(), r.stderr
+    finally:
+        if em is not None:
+            stop_emperor(em)
+        nginx.terminate()
+        nginx.wait(20)
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def test_unix_listener_replaces_a_stale_socket_and_refuses_a_live_one(tmp_path: Path):
+    import socket as so
+
+    from psgi_forkserver import sockets
+
+    path = str(tmp_path / "a.sock")
+    stale = so.socket(so.AF_UNIX)
+    stale.bind(path)
+    stale.close()  # its file stays: a process that died
+    s = sockets.bind_unix_listener(path, uid=None, gid=None)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+        c = so.socket(so.AF_UNIX)
+        c.connect(path)
+        c.close()
+        with pytest.raises(OSError, match="another process listens"):
+            sockets.bind_unix_listener(path)
+    finally:
+        sockets.Listener(path, 1, s).close()
+    assert not os.path.exists(path)  # closing removes it
+    (tmp_path / "f").write_text("mine")
+    with pytest.raises(OSError, match="not a socket"):
+        sockets.bind_unix_listener(str(tmp_path / "f"))
+    assert (tmp_path / "f").read_text() == "mine"
+    assert sockets.is_unix_address("app.sock") and sockets.is_unix_address("/a:b")
+    assert not sockets.is_unix_address(":9101") and not sockets.is_unix_address("[::1]:80")
+    long = tmp_path / ("x" * 120)
+    assert len(str(sockets.auto_socket_path(long, "app"))) > 107  # a long dir stays long...
+    p = sockets.auto_socket_path(Path("/run/x"), "a" * 120)  # ...a long name is hashed
+    assert len(str(p)) <= 107 and p.name.startswith("h-")
+
+
+def test_bad_front_door_options_are_one_line_and_exit_2(tmp_path: Path):
+    import socket as so
+
+    vdir = tmp_path / "v"
+    vdir.mkdir()
+    taken = so.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        cases = [
+            (["--http", f"127.0.0.1:{port}"], f"--http 127.0.0.1:{port}: cannot listen on"),
+            (["--http", "nowhere"], "--http nowhere: bad address"),
+            (["--nginx-reload", "true"], "--nginx-reload needs --nginx-include"),
+            (["--nginx-include", str(tmp_path / "no" / "such" / "f.conf")],
+             "cannot create files in"),
+            (["--http", "127.0.0.1:1", "--nginx", str(tmp_path / "nginx")], "nginx not found at"),
+        ]
+        for extra, want in cases:
+            r = subprocess.run([EMPEROR, "run", str(vdir), "--run-dir", str(tmp_path / "r"), *extra],
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode == 2, (extra, r.stderr)
+            assert want in r.stderr and r.stderr.count("\n") == 1, (extra, r.stderr)
+    finally:
+        taken.close()
+
+
+@needs_nginx
+@needs_perl
+def test_socket_speaks_uwsgi_to_the_front_door(front):
+    """`socket = ADDR`: the vassal serves the uwsgi protocol; the front
+    door reaches it with uwsgi_pass (Plack's suite over it: t/plack-suite-uwsgi.t)."""
+    f = front({"legacy": ini("legacy", "domain = legacy.localhost", "socket = ./legacy.sock"),
+               "both": ini("both", "socket = ./b.sock", "http-socket = ./c.sock")})
+    f.routed("legacy.localhost", "legacy")
+    got = answer(f.port, "legacy.localhost")
+    assert got["xff"] == "127.0.0.1" and got["xhost"] == "legacy.localhost"
+    assert got["host"] == f"legacy.localhost:{f.port}"
+    # it speaks uwsgi, not HTTP: an HTTP request on its socket gets no HTTP answer
+    import socket as so
+    s = so.socket(so.AF_UNIX)
+    s.settimeout(10)
+    s.connect(str(f.dir / "legacy.sock"))
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert not s.recv(100).startswith(b"HTTP/1.1 200")
+    s.close()
+    wait_for(lambda: f.lines("[both] bad config"), 15, "both refused")
+    assert "socket and http-socket" in f.lines("[both] bad config")[-1]

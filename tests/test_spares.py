@@ -1,0 +1,214 @@
+"""Warm spares (issue 15, perl/ForkServer/Spares.pm), end to end: a real
+Emperor, the real Perl base and its spares, real HTTP.
+
+A spare is the Emperor's child in the base's session until an adoption
+makes it a vassal; its first worker was forked (and warmed) before that,
+and applies the vassal's env, chdir and uid itself.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from psgi_forkserver.orphans import spare_of
+
+from support import EMPEROR, descendants, free_port, kill_all, wait_for
+from test_emperor import PROGRAM, app_ini, get
+from test_robustness import _reap_reparented, _set_subreaper, alive, assert_no_zombies, emp  # noqa: F401 - emp is a fixture
+
+pytestmark = pytest.mark.skipif(
+    not PROGRAM.is_file() or os.path.getsize(PROGRAM) < 200,
+    reason="the Perl vassal program is not there yet",
+)
+
+HERE = Path(__file__).resolve().parent
+WHOAMI = HERE / "apps" / "whoami.psgi"
+NOBODY = pwd.getpwnam("nobody")
+
+
+def base_ini(spares: int, app: Path = WHOAMI) -> str:
+    return (f"[uwsgi]\nearly-psgi = {app}\nfork-server = fs.sock\n"
+            f"early-warmup = /\nfork-server-spares = {spares}\n")
+
+
+def spares(e, count: int) -> dict:
+    """The base's spares in `emperor status`, once `count` of them are warm."""
+    def ready():
+        sp = e.status()["base"].get("spares")
+        # each spare and its warm first worker (forked just after the spare)
+        return sp if sp and sp["ready"] == sp["count"] == count and len(sp["pids"]) == 2 * count else None
+    return wait_for(ready, 30, f"{count} spares in the status")
+
+
+def spare_masters(e) -> set[int]:
+    """The spares themselves, waiting for an adoption (their workers are
+    their children), as the Emperor knows them: its children titled after
+    the base."""
+    base = e.vpid("base")
+    return {p.pid for p in psutil.Process(e.pid).children() if spare_of(p.pid) == base}
+
+
+def fd_targets(pid: int) -> set[str]:
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        if int(fd) > 2:
+            try:
+                out.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:
+                pass
+    return out
+
+
+def whoami(port: int) -> dict[str, str]:
+    return get(port)
+
+
+def test_a_spare_serves_an_adoption_with_its_own_env_cwd_and_uid(emp, tmp_path):
+    e = emp({"base": base_ini(2)}, base=False)
+    sp = spares(e, 2)
+    assert len(sp["pids"]) == 4, sp  # each spare and its warm first worker
+    assert sp["pss"] > 0 and 0 < sp["uss"] < sp["pss"], sp
+    waiting = spare_masters(e)
+    assert len(waiting) == 2, (waiting, sp)
+    base = e.vpid("base")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    os.chmod(tmp_path, 0o755)
+    port = free_port()
+    (e.dir / "one.ini").write_text(
+        f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 2\nenv = APP_NAME=one\n"
+        f"chdir = {workdir}\nuid = nobody\ngid = {NOBODY.pw_gid}\ndisable-logging = true\n")
+    wait_for(lambda: whoami(port), 30, "the adopted vassal to answer")
+    pid = e.vpid("one")
+    assert pid in waiting, f"vassal pid {pid} was forked, not one of the spares {waiting}"
+    # the vassal leads its own session from its adoption on, as a forked one
+    assert os.getsid(pid) == pid
+    assert psutil.Process(pid).ppid() == e.pid
+    seen = {}
+    # both workers (the warm one and the one forked at adoption) apply the config
+    for _ in range(200):
+        r = whoami(port)
+        seen[r["pid"]] = r
+        if len(seen) == 2:
+            break
+    assert seen, "no answer"
+    for r in seen.values():
+        assert r["name"] == "one", r
+        assert r["cwd"] == str(workdir), r
+        assert int(r["uid"]) == int(r["euid"]) == NOBODY.pw_uid, r
+        assert int(r["ppid"]) == pid, r
+    # the pool is refilled, with new processes
+    wait_for(lambda: len(spare_masters(e)) == 2 and pid not in spare_masters(e), 30,
+             "the pool to be refilled")
+    assert e.status()["base"]["spares"]["count"] == 2
+    assert e.vpid("base") == base
+
+
+def test_a_spare_is_not_reachable_before_its_adoption(emp):
+    e = emp({"base": base_ini(2)}, base=False)
+    spares(e, 2)
+    base = psutil.Process(e.vpid("base"))
+    fork_server = str(e.dir / "fs.sock")
+    pids = e.status()["base"]["spares"]["pids"]
+    assert len(pids) == 4
+    for pid in pids:
+        p = psutil.Process(pid)
+        for c in p.net_connections(kind="inet"):
+            raise AssertionError(f"spare process {pid} holds an inet socket: {c}")
+        for c in p.net_connections(kind="unix"):
+            assert c.laddr != fork_server, f"spare process {pid} holds the fork-server socket"
+            assert c.status != psutil.CONN_LISTEN, (pid, c)
+        # besides stdio, nothing the base holds (its fork-server socket, its
+        # Emperor pipe, clients): only its own ends of links and pipes
+        shared = fd_targets(pid) & fd_targets(base.pid)
+        assert not shared, (pid, shared)
+    # the base itself answers adoptions as before
+    assert base.is_running()
+
+
+def test_a_config_with_its_own_psgi_app_is_served_by_that_app(emp):
+    port = free_port()
+    e = emp({"base": base_ini(1, app=HERE / "apps" / "hello.psgi")}, base=False)
+    spares(e, 1)
+    (e.dir / "own.ini").write_text(
+        f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\npsgi = {WHOAMI}\n"
+        "env = APP_NAME=own\ndisable-logging = true\n")
+    r = wait_for(lambda: get(port), 30, "the vassal with its own app")
+    assert "cwd" in r and r["name"] == "own", r  # whoami.psgi, not the base's hello.psgi
+
+
+def test_a_burst_beyond_the_pool_falls_back_to_forks_and_the_pool_comes_back(emp):
+    e = emp({"base": base_ini(2)}, base=False)
+    spares(e, 2)
+    waiting = spare_masters(e)
+    ports = {f"b{i}": free_port() for i in range(6)}
+    for name, port in ports.items():
+        tmp = e.dir / f".{name}.tmp"
+        tmp.write_text(app_ini(name, port, processes=1))
+    for name in ports:  # as close to all at once as renames go
+        os.rename(e.dir / f".{name}.tmp", e.dir / f"{name}.ini")
+    for port in ports.values():
+        wait_for(lambda p=port: get(p), 30, f"port {port} to answer")
+    pids = {name: e.vpid(name) for name in ports}
+    from_spares = [n for n, p in pids.items() if p in waiting]
+    assert len(from_spares) <= 2, (pids, waiting)
+    assert len(pids) - len(from_spares) >= 4, "the adoptions beyond the pool were not forked"
+    for name, port in ports.items():
+        assert get(port)["name"] == name
+    wait_for(lambda: len(spare_masters(e)) == 2, 30, "the pool back to 2 after the burst")
+    assert_no_zombies(e)
+    # the Emperor took no spare for an orphan or a stranger
+    assert not e.lines("orphan pid") and not e.lines("in no vassal's session"), e.text()
+
+
+def test_a_deploy_replaces_the_pool(emp, tmp_path):
+    pidfile = tmp_path / "emperor.pid"
+    port = free_port()
+    e = emp({"base": base_ini(2), "app": app_ini("app", port, processes=1)}, "--pidfile", pidfile,
+            base=False, wait=[port])
+    spares(e, 2)
+    old_base = e.vpid("base")
+    old = set(e.status()["base"]["spares"]["pids"])
+    assert len(old) == 4
+    r = subprocess.run([EMPEROR, "reload-base", "--pidfile", pidfile, "--wait", "--stats", e.stats],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r
+    wait_for(lambda: e.vpid("base") != old_base, 30, "the new base")
+    new_base = e.vpid("base")
+    wait_for(lambda: not any(psutil.pid_exists(p) and alive(psutil.Process(p)) for p in old), 30,
+             "the old generation's spares to end")
+    sp = spares(e, 2)
+    assert len(spare_masters(e)) == 2
+    assert not set(sp["pids"]) & old
+    assert get(port)["name"] == "app"
+    assert_no_zombies(e)
+
+
+def test_kill_9_of_the_emperor_leaves_no_spare_behind(emp):
+    e = emp({"base": base_ini(2)}, base=False)
+    spares(e, 2)
+    procs = [psutil.Process(p) for p in e.status()["base"]["spares"]["pids"]]
+    assert len(procs) == 4
+    tree = descendants(e.pid)
+    # orphans come to us, so that "gone" means exited and reaped
+    _set_subreaper(True)
+    try:
+        os.kill(e.pid, signal.SIGKILL)
+        e.popen.wait(5)
+
+        def gone():
+            _reap_reparented()
+            return not [p for p in procs if alive(p)]
+        wait_for(gone, 10, "every spare and its worker to end after the Emperor's kill -9",
+                 interval=0.05)
+    finally:
+        _set_subreaper(False)
+        kill_all([p for p in tree if alive(p)])
