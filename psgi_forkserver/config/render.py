@@ -236,6 +236,8 @@ class Renderer:
             data = b""
         child.buf += data
         for rec in _records(child.buf):
+            if not child.jobs:  # more records than templates: not our child's doing
+                break
             job = child.jobs.popleft()
             try:
                 res: str | TemplateFailure = _result(rec)
@@ -272,6 +274,8 @@ class Renderer:
         the children for what was queued."""
         for child in [c for c in self.children.values() if now >= c.deadline]:
             self._close(child, kill=True)
+            if not child.jobs:  # every result in, its exit late (stopped?): nothing lost
+                continue
             job = child.jobs.popleft()
             failure = _timed_out(job.path, self.timeout)
             self.timed_out[job.key] = failure

@@ -89,6 +89,9 @@ def compile_template(path: Path, source: str):
     except jinja2.TemplateSyntaxError as e:
         where = os.path.basename(e.filename) if e.filename else path.name
         raise TemplateFailure(f"{where}:{e.lineno}: {_one_line(e.message or str(e))}") from None
+    except Exception as e:  # noqa: BLE001 - e.g. RecursionError on absurd nesting
+        raise TemplateFailure(f"{path.name}:?: {type(e).__name__}: "
+                              f"{_one_line(str(e) or type(e).__name__)}") from None
 
 
 def render_compiled(tmpl, path: Path, name: str) -> str:
