@@ -9,6 +9,11 @@ sub {
     my $path = $env->{PATH_INFO};
     my $q = $env->{QUERY_STRING} // '';
     my $dir = $ENV{HTTP_TEST_DIR} // "/tmp";
+    if ($path eq '/target') {
+        # what the server made of the request target and Host
+        return [200, ['Content-Type' => 'text/plain'],
+                [join ' ', map { "$_=" . ($env->{$_} // '') } qw(HTTP_HOST REQUEST_URI PATH_INFO QUERY_STRING HTTP_X_A)]];
+    }
     if ($path eq '/pid') {
         return [200, ['Content-Type' => 'text/plain'], [$$]];
     }

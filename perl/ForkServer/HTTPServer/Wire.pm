@@ -21,6 +21,12 @@ use constant {
 # Where the current phase's deadline ends (body read, response write); 0:
 # no deadline. Set with `local` by the phase that owns it.
 our $DEADLINE = 0;
+# The longest single wait for the peer within that phase (socket_timeout):
+# a deadline bounds a trickle, this bounds a stall. 0: none.
+our $STALL = 0;
+# Set by fill() when it gave up on time (a stall or the deadline), not on
+# end of file or an error: the caller answers 408 rather than 400.
+our $TIMED_OUT = 0;
 
 my @MON = qw(Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec);
 my @DAY = qw(Sun Mon Tue Wed Thu Fri Sat);
@@ -71,23 +77,27 @@ sub write_all {
 }
 
 # Reads more bytes into $$bufref before $DEADLINE; returns the count; 0
-# means EOF, a stall past socket_timeout or the deadline passed.
+# means EOF, a stall past $STALL (socket_timeout) or the deadline passed
+# ($TIMED_OUT tells the last two from the first).
 sub fill {
     my ($conn, $bufref, $want) = @_;
+    $TIMED_OUT = 0;
     while (1) {
         if ($DEADLINE) {
             my $left = $DEADLINE - now();
-            return 0 if $left <= 0;
+            if ($left <= 0) { $TIMED_OUT = 1; return 0 }
+            my $wait = $STALL && $STALL < $left ? $STALL : $left;
             my $rin = '';
             vec($rin, fileno $conn, 1) = 1;
-            my $n = select(my $rout = $rin, undef, undef, $left);
+            my $n = select(my $rout = $rin, undef, undef, $wait);
             if ($n < 0) { next if $! == EINTR; return 0 }
-            return 0 if $n == 0;
+            if ($n == 0) { $TIMED_OUT = 1; return 0 }
         }
         my $n = sysread($conn, $$bufref, $want || READ_CHUNK, length $$bufref);
         return $n if defined $n;
         next if $! == EINTR;
-        return 0;    # EAGAIN from SO_RCVTIMEO, ECONNRESET, ...
+        $TIMED_OUT = 1 if $! == EAGAIN;    # SO_RCVTIMEO: a stall
+        return 0;    # ECONNRESET, ...
     }
 }
 
@@ -107,6 +117,7 @@ timeout or C<$DEADLINE> passes); C<fill($sock, \$buf, $want)> (appends; 0 at
 end of file, stall or deadline); C<status_line($code)>; C<http_date()> and
 C<log_date()> (recomputed once a second); C<CRLF>, C<READ_CHUNK>.
 C<$ForkServer::HTTPServer::Wire::DEADLINE> is the current phase's deadline,
-set with C<local>.
+set with C<local>; C<$STALL> the longest single wait within it (also set with
+C<local>); C<$TIMED_OUT> is true after a C<fill()> that gave up on time.
 
 =cut

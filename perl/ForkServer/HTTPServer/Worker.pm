@@ -152,7 +152,7 @@ sub _select_set {
     my $timeout = %{ $loop->{pending} } ? 0 : 1;
     my $rin = '';
     vec($rin, $loop->{stop_fd}, 1) = 1 unless $loop->{leaving};
-    vec($rin, $loop->{lfd}, 1) = 1 if !$loop->{leaving} && keys %$conns < MAX_CONNS;
+    my $idle = 0;
     for my $fd (keys %$conns) {
         my $c = $conns->{$fd};
         if ($c->{deadline} <= $now) {
@@ -162,10 +162,17 @@ sub _select_set {
             _drop_conn($loop, $fd);
             next;
         }
-        vec($rin, $fd, 1) = 1;
+        $idle++ unless $c->{in_head};
+        # A connection that holds a whole head is not read until it has
+        # been served (it is pending): a pipelining client waits in its
+        # own socket buffers, not in the worker's memory.
+        vec($rin, $fd, 1) = 1 unless $loop->{pending}{$fd};
         my $left = $c->{deadline} - $now;
         $timeout = $left if $left < $timeout;
     }
+    # At MAX_CONNS the listener is still watched while an idle keep-alive
+    # connection can make room for a new client (_make_room).
+    vec($rin, $loop->{lfd}, 1) = 1 if !$loop->{leaving} && (keys %$conns < MAX_CONNS || $idle);
     if ($loop->{leaving}) {
         my $left = $loop->{stop_seen_at} + $self->{stop_grace} - $now;
         $timeout = $left if $left < $timeout;
@@ -186,6 +193,9 @@ sub _ready_conns {
     }
     if (!$loop->{leaving} && vec($rout, $loop->{lfd}, 1)) {
         if (my $c = $self->_accept($self->{listen_sock}, $loop->{stimeo})) {
+            # after the accept: a client another worker took costs no one
+            # a connection
+            _make_room($loop) if keys %{ $loop->{conns} } >= MAX_CONNS;
             my $fd = fileno $c->{sock};
             $loop->{conns}{$fd} = $c;
             # Linux defers accept until data arrived only with
@@ -198,14 +208,38 @@ sub _ready_conns {
     return \%ready;
 }
 
+# At MAX_CONNS, a new client closes the idle keep-alive connection that has
+# waited longest (as nginx does), never one with a request under way
+# (_select_set watches the listener only while there is one).
+sub _make_room {
+    my $loop = shift;
+    my $conns = $loop->{conns};
+    my ($oldest, $at);
+    for my $fd (keys %$conns) {
+        my $c = $conns->{$fd};
+        next if $c->{in_head};
+        # idle ones share keepalive_timeout: the earliest deadline is the oldest
+        ($oldest, $at) = ($fd, $c->{deadline}) if !defined $at || $c->{deadline} < $at;
+    }
+    _drop_conn($loop, $oldest) if defined $oldest;
+    return;
+}
+
 # Reads what a ready connection has and serves one request if its head is
 # complete.
 sub _serve_conn {
     my ($self, $loop, $fd) = @_;
     my $c = $loop->{conns}{$fd} or return;
-    # never blocks: a pending connection may have nothing new
-    my $got = recv($c->{sock}, my $more, READ_CHUNK, MSG_DONTWAIT);
-    if (defined $got) { $got = length $more; $c->{buf} .= $more }
+    # Bytes left after a request (pipelined) are served before anything
+    # more is read; only an incomplete head (at most max_header_size) reads
+    # on. What a pipelining client sends meanwhile waits in the socket
+    # buffers: it costs the worker one read's worth of memory at most.
+    my $got = -1;
+    if (!length $c->{buf} || $c->{partial}) {
+        # never blocks: a pending connection may have nothing new
+        $got = recv($c->{sock}, my $more, READ_CHUNK, MSG_DONTWAIT);
+        if (defined $got) { $got = length $more; $c->{buf} .= $more }
+    }
     if (!defined $got) {
         return _drop_conn($loop, $fd) unless $! == EAGAIN || $! == EINTR;
     } elsif ($got == 0) {
@@ -216,6 +250,7 @@ sub _serve_conn {
     return unless length $c->{buf};
     _head_begins($self, $c) unless $c->{in_head};
     my $keep = eval { $self->_serve_head($c) };
+    $c->{partial} = defined $keep && $keep eq 'partial';
     if (!defined $keep) {
         $self->_log($@) if $@ && $@ !~ /^ForkServer::client-gone/;
         return _drop_conn($loop, $fd);
@@ -318,7 +353,9 @@ ForkServer::HTTPServer::Worker - the connection loop of a worker of L<ForkServer
 
 The methods of the server object that run in a worker: set-up after the
 fork (signals, the stop flag, harakiri's alarm), and the loop that holds up
-to C<MAX_CONNS> connections in one C<select()> with the listener and the
+to C<MAX_CONNS> connections in one C<select()> (at it, a new client
+closes the idle keep-alive connection that waited longest; a connection
+whose buffer holds a whole head is not read until that request is served) with the listener and the
 generation's stop pipe, enforces the head and keep-alive deadlines, serves
 one request per ready connection per round, and winds down (stop,
 recycling, C<psgix.harakiri.commit>) without dropping a request already on
