@@ -14,19 +14,32 @@ and by two facts it cannot see in the vassals' states (a vassal's move
 failed; the new base died before it was ready). It ends with one summary
 line in the log, and is what `emperor reload-base --wait` reads from the
 stats document (`emperor.deploy`, see `Deploy.as_dict`).
+
+`ForkServers` is the Emperor's side (a mixin of `emperor.Emperor`): which
+vassal is the base, which socket each generation serves, whether the fork
+server is ready (a base that sends no byte 1, e.g. uWSGI's, is probed),
+and the deploy requests (SIGUSR1).
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from .vassal import Kind, Vassal
+from . import config as cfgmod
+from . import adoption
+from .config.render import render_with_deadline
+from .proc import CODE_DEPLOY, ForkServer, Kind, Phase, ProcState
+from .vassal import Vassal
 
-CODE_DEPLOY = "code deploy"  # Proc.reason of the processes a deploy starts
+PROBE_AFTER = 0.2  # a base that sent no byte 1 is probed after this long
+PROBE_EVERY = 0.1
 
 
 def socket_path(root: Path | None, generation: int) -> Path | None:
@@ -224,6 +237,175 @@ class DeployTracker:
             "requested_generation": base.want_base_generation if base is not None else None,
             "last": self.last.as_dict(now) if self.last is not None else None,
         }
+
+
+class ForkServers:
+    """The Emperor's fork server: its base vassal and generations (a mixin)."""
+
+    def _init_fork_servers(self) -> None:
+        self.deploys = DeployTracker(self.log)
+        self.fork_server_seen = ForkServer.NONE  # what _base_back saw last turn
+        self.external_ready = False  # --use-fork-server: its socket accepts
+        self.external_next_probe = 0.0
+
+    def _base(self) -> Vassal | None:
+        """The base vassal adopted vassals are forked from (first by name)."""
+        for name in sorted(self.vassals):
+            v = self.vassals[name]
+            if (v.is_base and v.config is not None) or v.kind == Kind.BASE and v.has_process:
+                return v
+        return None
+
+    def _fork_server_sockets(self) -> list[Path]:
+        """The fork-server sockets this Emperor will use: --use-fork-server,
+        or the sockets its base files name now."""
+        if self.opts.use_fork_server is not None:
+            return [self.opts.use_fork_server]
+        out: list[Path] = []
+        try:
+            found = cfgmod.discover(self.dir)
+        except OSError:
+            return out
+        for path in found.values():
+            cfg = cfgmod.load(path, render=render_with_deadline)
+            if cfg is None or cfg.error or not self.bases.is_base(cfg):
+                continue
+            sock = cfg.fork_server_path()
+            if sock is not None and sock not in out:
+                out.append(sock)
+        return out
+
+    def base_socket_path(self, cfg: cfgmod.VassalConfig | None, generation: int) -> Path | None:
+        """The socket base generation `generation` serves (bases.socket_path);
+        generation 1's is `--use-fork-server SOCK`, else the file's `fork-server`."""
+        root = self.opts.use_fork_server
+        if root is None and cfg is not None:
+            root = cfg.fork_server_path()
+        return socket_path(root, generation)
+
+    def _fork_server_path(self, generation: int | None = None) -> Path | None:
+        """Where to send an adoption for base generation `generation` (None:
+        the generation that serves now)."""
+        base = self._base()
+        if base is None:
+            return self.opts.use_fork_server  # an external fork server: one generation
+        cur = base.current
+        if generation is None:
+            generation = cur.base_generation if cur is not None and cur.kind == Kind.BASE else 1
+        for p in base.procs():  # the base process of that generation knows its socket
+            h = self.procs.get((base.name, p.seq))
+            if p.kind == Kind.BASE and p.base_generation == generation and h is not None \
+                    and h.fork_server is not None:
+                return h.fork_server
+        return self.base_socket_path(base.config or base.running, generation)
+
+    def _fork_server_state(self, now: float) -> tuple[ForkServer, int]:
+        base = self._base()
+        if base is not None:
+            if self._fork_server_path() is None:
+                return ForkServer.NONE, 0
+            cur = base.current
+            ready = cur is not None and cur.kind == Kind.BASE and cur.state in (
+                ProcState.RUNNING, ProcState.LOYAL)
+            return (ForkServer.READY, cur.base_generation) if ready else (ForkServer.WAITING, 0)
+        if self.opts.use_fork_server is None:
+            return ForkServer.NONE, 0
+        # an external fork server (e.g. a uWSGI base we do not run)
+        if not self.external_ready and now >= self.external_next_probe:
+            self.external_ready = adoption.probe(self.opts.use_fork_server)
+            self.external_next_probe = now + PROBE_EVERY
+        return (ForkServer.READY if self.external_ready else ForkServer.WAITING), 1
+
+    def _start_failed_for_deploy(self, v: Vassal, seq: int, now: float, why: str) -> None:
+        """A successor failed to start or died before taking over: if a code
+        deploy started it, the deploy learns it (a base: the deploy failed;
+        an adopted vassal: its move failed)."""
+        p = v.proc(seq)
+        if p is None or p is not v.successor:
+            return
+        if p.kind == Kind.BASE:  # a new base is a new generation, whatever the reason
+            self.deploys.base_failed(now, v.name, p.base_generation,
+                                     f"new base {why} before it was ready")
+        elif p.reason == CODE_DEPLOY:
+            self.deploys.move_failed(v.name, why)
+
+    def deploy_status(self) -> dict[str, Any]:
+        """The deploys in the stats document (`emperor.deploy`): what
+        `emperor reload-base --wait` waits on."""
+        return self.deploys.as_dict(time.monotonic(), self._base())
+
+    def _base_timed_out(self, generation: int) -> None:
+        """An adoption from base `generation` got no reply: a wedged base
+        (WedgeWatch) is killed; its ordinary restart replaces it."""
+        base = self._base()
+        wedged = self.wedges.timed_out(base, generation, self.opts.adopt_timeout)
+        if base is None or wedged is None:
+            return
+        pid, why = wedged
+        base.note_error(why)
+        self.log(f"base {why}", base.name)
+        try:
+            os.kill(pid, signal.SIGKILL)  # the base alone: its adopted vassals keep serving
+        except ProcessLookupError:
+            pass
+
+    def _base_back(self, now: float, fs: ForkServer, others: list[Vassal]) -> None:
+        """The fork server is ready again (a removed or crashed base is
+        back): vassals that were waiting for it in a crash-loop backoff (a
+        plain start that could not load the base's code, a failed adoption)
+        are adopted now, not after a backoff of up to `backoff_max`."""
+        if fs == ForkServer.READY and self.fork_server_seen != ForkServer.READY:
+            for v in others:
+                if v.fork_server_back(now):
+                    self.log("fork server ready: starting now, not after the back-off", v.name)
+        self.fork_server_seen = fs
+
+    def _probe_times(self) -> list[float]:
+        """When a starting base (or an external fork server) is probed next."""
+        times = []
+        for name, v in self.vassals.items():
+            for p in (v.current, v.successor):
+                if p is not None and p.kind == Kind.BASE and p.state == ProcState.STARTING \
+                        and p.started_at is not None:
+                    h = self.procs.get((name, p.seq))
+                    times.append(max(p.started_at + PROBE_AFTER, h.next_probe if h else 0))
+            if v.phase == Phase.WAITING_FOR_BASE and self.opts.use_fork_server and not self._base():
+                times.append(self.external_next_probe)
+        return times
+
+    def _probe_bases(self, now: float) -> None:
+        """A base that sends no byte 1 (uWSGI's) is ready once its socket accepts."""
+        for name, v in self.vassals.items():
+            for p in (v.current, v.successor):
+                if p is None or p.kind != Kind.BASE or p.state != ProcState.STARTING:
+                    continue
+                h = self.procs.get((name, p.seq))
+                if h is None or p.started_at is None:
+                    continue
+                if now < p.started_at + PROBE_AFTER or now < h.next_probe:
+                    continue
+                h.next_probe = now + PROBE_EVERY
+                # its own generation's socket: during a deploy, the old
+                # generation's accepts too, which says nothing about this one
+                path = h.fork_server or self.opts.use_fork_server
+                if path is not None and adoption.probe(path):  # never raises
+                    if v.mark_ready(now, p.seq):
+                        ms = (now - p.started_at) * 1000
+                        self.log(f"fork server {path} accepts (pid {p.pid}, {ms:.1f} ms)", name)
+
+
+    def reload_base(self) -> None:
+        """A code deploy: a new base generation, then every adopted vassal moves."""
+        base = self._base()
+        now = time.monotonic()
+        if base is None or base.current is None:
+            self.log("reload-base: no running base vassal")
+            self.deploys.refused(now, "no running base vassal")
+            return
+        base.request_deploy()
+        self.deploys.requested(now, base)
+        self.log(f"code deploy: base generation {base.want_base_generation}", base.name)
+
 
 
 WEDGED_AFTER = 3  # adoptions in a row with no reply: the base is wedged

@@ -26,6 +26,10 @@ from dataclasses import dataclass
 import psutil
 
 from . import protocol
+from .config import SECTION, VassalConfig, emperor_keys
+
+#: keys of a vassal file that only the Emperor reads; the vassal never sees them
+EMPEROR_KEYS = emperor_keys()  # declared in perl/ForkServer/options.json
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -161,6 +165,49 @@ def spawn_vassal(argv: Sequence[str], env: Mapping[str, str], pipe_fd: int,
             resource.setrlimit(resource.RLIMIT_NOFILE, lowered)
 
 
+def emperor_only_stripped(text: str) -> str:
+    """The vassal file text without the keys only the Emperor reads."""
+    out = []
+    section = ""
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("[") and s.endswith("]"):
+            section = s[1:-1].strip()
+        elif section == SECTION and s and s[0] not in ";#":
+            if s.partition("=")[0].strip() in EMPEROR_KEYS:
+                continue
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def config_text(cfg: VassalConfig, always: bool = False) -> bytes | None:
+    """What to send on a config pipe: a rendered template, or a file with
+    Emperor-only keys (the vassal program would reject them); else None.
+    With `always`, any file's text: an adopted vassal of ours takes its
+    output pipe from the config packet (logs.py)."""
+    if getattr(cfg, "rendered", False):
+        text = emperor_only_stripped(getattr(cfg, "text", "") or "")
+    elif always or any(k in EMPEROR_KEYS for k, _ in cfg.options):
+        raw = getattr(cfg, "text", None)
+        if raw is None:
+            try:
+                raw = cfg.path.read_text(errors="replace")
+            except OSError:
+                raw = ""
+        text = emperor_only_stripped(raw)
+    else:
+        return None
+    data = text.encode("utf-8", "surrogateescape")
+    if always and len(data) > protocol.MAX_BODY and not getattr(cfg, "rendered", False) \
+            and not any(k in EMPEROR_KEYS for k, _ in cfg.options):
+        return None  # it reads its file itself; its output stays the base's
+    if len(data) > protocol.MAX_BODY:
+        # checked before any pipe or process exists for it
+        raise protocol.ProtocolError(f"config of {len(data)} bytes exceeds {protocol.MAX_BODY}: "
+                            "it must fit one config packet")
+    return data
+
+
 def send_config(sock: socket.socket, text: bytes, output_fd: int | None = None) -> None:
     """The vassal's config on its config pipe, as one config packet; blocking,
     at most a second per send. OSError if it cannot be sent.
@@ -199,3 +246,38 @@ def kill_tree(pid: int) -> None:
             p.send_signal(signal.SIGKILL)
         except (psutil.Error, OSError):
             pass
+
+
+class SignalQueue:
+    """Signals as bytes on a wakeup socket (the C handler writes them), so
+    the selector wakes for them and the loop handles them between turns,
+    never inside a handler. `pop()` returns those received so far."""
+
+    SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
+               signal.SIGUSR2)
+
+    def __init__(self) -> None:
+        self.queued: list[int] = []
+        self._r, self._w = socket.socketpair()
+        for s in (self._r, self._w):
+            s.setblocking(False)
+        signal.set_wakeup_fd(self._w.fileno(), warn_on_full_buffer=False)
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handler)
+
+    @staticmethod
+    def _handler(signum: int, frame: object) -> None:
+        pass  # the C handler already wrote signum to the wakeup socket
+
+    def fileno(self) -> int:
+        return self._r.fileno()
+
+    def on_readable(self, now: float) -> None:
+        try:
+            self.queued += self._r.recv(4096)
+        except BlockingIOError:
+            pass
+
+    def pop(self) -> list[signal.Signals]:
+        queued, self.queued = self.queued, []
+        return [signal.Signals(n) for n in queued]

@@ -27,7 +27,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+
+from .snapshot import EmperorSnapshot, VassalSnapshot
 
 #: states in which a vassal present at start no longer holds READY=1 back
 SETTLED = frozenset({"loyal", "on-demand", "config-error", "stopped", "throttled", "refused"})
@@ -39,11 +40,11 @@ def _address(raw: str) -> str | bytes:
     return raw
 
 
-def _settled(v: Any) -> bool:
-    phase = str(getattr(v, "phase", ""))
+def _settled(v: VassalSnapshot) -> bool:
+    phase = v.phase.value
     if phase == "throttled":
-        return (getattr(v, "failures", 0) or 0) > 0  # failed, waits for its backoff
-    if phase == "running" and getattr(v, "is_base", False):
+        return v.failures > 0  # failed, waits for its backoff
+    if phase == "running" and v.is_base:
         return True  # a base's fork server answers: it never sends byte 17
     return phase in SETTLED
 
@@ -104,20 +105,22 @@ class Notifier:
     def next_wakeup(self) -> float | None:
         return self.next_watchdog if self.sock is not None and self.watchdog_s else None
 
-    def poll(self, emperor: Any, now: float) -> None:
-        """Once per turn of the Emperor's loop, after the vassals stepped."""
+    def poll(self, snapshot: Callable[[], EmperorSnapshot], now: float) -> None:
+        """Once per turn of the Emperor's loop, after the vassals stepped
+        (the snapshot is taken only when systemd listens)."""
         if self.sock is None:
             return
         if self.watchdog_s and now >= self.next_watchdog:
             self.send("WATCHDOG=1")
             self.next_watchdog = now + self.watchdog_s / 2
-        vassals: dict[str, Any] = getattr(emperor, "vassals", {})
-        if getattr(emperor, "shutting_down", False):
+        snap = snapshot()
+        vassals = snap.vassals
+        if snap.shutting_down:
             if not self.stopping_sent:
                 self.stopping_sent = True
                 self.send("STOPPING=1", f"STATUS=stopping {len(vassals)} vassals")
             return
-        counts = Counter(str(getattr(v, "phase", "?")) for v in vassals.values())
+        counts = Counter(v.phase.value for v in vassals.values())
         status = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no vassals"
         status = f"{len(vassals)} vassals: {status}"
         if not self.ready_sent:
@@ -130,13 +133,14 @@ class Notifier:
                 self.status_sent = status
                 self.send("READY=1", f"STATUS={status}")
                 return
-        deploy = getattr(getattr(emperor, "deploys", None), "active", None)
+        last = (snap.deploy or {}).get("last")
+        deploy = last if last is not None and not last["finished"] else None
         if self.ready_sent and (deploy is not None) != self.reloading:
             self.reloading = deploy is not None
             if self.reloading:
                 usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
                 self.send("RELOADING=1", f"MONOTONIC_USEC={usec}",
-                          f"STATUS=code deploy to base generation {deploy.generation}")
+                          f"STATUS=code deploy to base generation {deploy['generation']}")
             else:
                 self.status_sent = status
                 self.send("READY=1", f"STATUS={status}")

@@ -20,16 +20,20 @@ Emperor that is not a vassal process is:
 `classify_orphans` is that decision, without processes; `scan_proc` is the
 one pass over /proc that feeds it; `EndedSessions` remembers which ended
 vassal process each session belonged to, for as long as the session has
-members.
+members; `Sweeper` is the Emperor's side: it sends the signals.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import signal
 from collections import OrderedDict
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+
+import psutil
 
 # A bound on the record of ended sessions, in case /proc cannot tell us that
 # one is empty; far more than the sessions that can have members at once.
@@ -144,3 +148,112 @@ class EndedSessions:
 
     def __len__(self) -> int:
         return len(self.by_sid)
+
+
+def comm(pid: int) -> str:
+    """A process's command name, for a log line; '?' if it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+@dataclass
+class Sweeper:
+    """The orphans of one Emperor: found after a vassal process ended,
+    asked to go (SIGTERM), killed after the mercy timeout (SIGKILL)."""
+
+    log: Callable[[str], None]
+    mercy: float
+    # orphans we asked to go: pid -> when SIGKILL follows (inf: sent, not reaped)
+    orphans: dict[int, float] = field(default_factory=dict)
+    ended: EndedSessions = field(default_factory=EndedSessions)
+    unattributed: set[int] = field(default_factory=set)  # logged once each
+    # a vassal process (or an orphan we stopped) ended since the last sweep:
+    # what it left behind may be ours now
+    due: bool = False
+    swept_at_shutdown: bool = False
+
+    def vassal_ended(self, pid: int, name: str) -> None:
+        """What it forked and left behind is ours now: swept once this turn."""
+        self.ended.add(pid, name)
+        self.due = True
+
+    def reaped(self, pid: int) -> None:
+        """A child that was no vassal process was reaped."""
+        if self.orphans.pop(pid, None) is not None:
+            self.due = True  # its own children came to us
+        self.unattributed.discard(pid)
+
+    def sweep(self, now: float, live: Collection[int], adopting: bool,
+              everything: bool = False) -> None:
+        """Children in the session of a vassal process that ended get
+        SIGTERM, then SIGKILL after the mercy timeout; children of running
+        vassals (`live`: their pids) are left alone, and so (until shutdown)
+        are children in no vassal's session. With `everything` (shutdown,
+        no vassal left), every child we did not start is stopped.
+
+        One pass over /proc, called at most once per loop turn, and only
+        after a vassal process ended (or an orphan, whose own children come
+        to us then), never once per exit. `adopting`: an adoption is in
+        flight (its vassal leads its session before its pid reply is read)."""
+        self.due = False
+        try:
+            scan = scan_proc(os.getpid())
+        except OSError as e:  # out of descriptors: try again next turn
+            self.due = True
+            self.log(f"cannot look for orphans: {e.strerror or e}")
+            return
+        self.ended.prune(scan.sessions)
+        found = classify_orphans(scan.children, live, self.ended.by_sid)
+        victims = dict(found.orphans)
+        if everything:
+            victims.update((pid, "") for pid in found.unknown)
+        else:
+            for pid in found.unknown - self.unattributed:
+                if spare_of(pid) is not None:
+                    continue  # a base's warm spare: the base's
+                if adopting and scan.children.get(pid) == pid:
+                    continue  # not worth a line while an adoption is in flight
+                self.unattributed.add(pid)
+                self.log(f"pid {pid} ({comm(pid)}) is in no vassal's session "
+                         f"(session {scan.children.get(pid)}): left alone until shutdown")
+        for pid, name in victims.items():
+            if pid in self.orphans:
+                continue
+            what = comm(pid)
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:  # a zombie is still there: only exited ones go
+                continue
+            self.orphans[pid] = now + self.mercy
+            left_by = f", left by a process of {name}" if name else ""
+            self.log(f"orphan pid {pid} ({what}{left_by}) sent SIGTERM")
+
+    def kill_due(self, now: float) -> None:
+        for pid, deadline in list(self.orphans.items()):
+            if now >= deadline:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    del self.orphans[pid]
+                    continue
+                # kept until reaped, which then sweeps for its own children
+                self.orphans[pid] = math.inf
+
+    def kill_stragglers(self) -> None:
+        """Shutdown took longer than the mercy timeout: SIGKILL every descendant."""
+        try:
+            victims = psutil.Process().children(recursive=True)
+        except (psutil.Error, OSError):
+            victims = []
+        for p in victims:
+            try:
+                p.send_signal(signal.SIGKILL)
+                self.log(f"SIGKILL straggler pid {p.pid}")
+            except psutil.Error:
+                pass
+
+    def next_wakeup(self) -> list[float]:
+        return list(self.orphans.values())

@@ -8,7 +8,9 @@ port: the kernel queues connections while no process accepts.
 An address is TCP (`HOST:PORT`) or a UNIX socket path (anything with a
 `/` or without a `:`). A vassal with `domain` and no `http-socket` gets a UNIX socket under
 the Emperor's run directory (`auto_socket_path`): the front door reaches it
-by name, no port is spent on it.
+by name, no port is spent on it. An on-demand
+vassal's socket waits in the Emperor's selector for its first connection
+(`Listeners.watch`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import selectors
 import socket
 import stat
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 #: mode of the UNIX sockets the Emperor creates: the vassal's user and group
@@ -180,3 +184,105 @@ def wanted_address(cfg, socket_dir: Path | None = None) -> tuple[str, int] | Non
     except ValueError:
         backlog = DEFAULT_BACKLOG
     return addr, backlog
+
+
+def socket_owner(cfg) -> tuple[int | None, int | None]:
+    """uid, gid a vassal's UNIX socket belongs to: `chown-socket`, else
+    its `uid`/`gid`."""
+    from . import config as cfgmod
+
+    chown = cfg.get("chown-socket")
+    if chown:
+        try:
+            return cfgmod.parse_owner(chown)
+        except ValueError:
+            pass
+    out: list[int | None] = []
+    for key, conv in (("uid", cfgmod.CHECKERS["user"]), ("gid", cfgmod.CHECKERS["group"])):
+        raw = cfg.get(key)
+        try:
+            out.append(int(conv(raw)) if raw else None)  # type: ignore[arg-type]
+        except ValueError:
+            out.append(None)
+    return out[0], out[1]
+
+
+@dataclass
+class Listeners:
+    """The Emperor's listening sockets, one per vassal by name."""
+
+    sel: selectors.BaseSelector
+    log: Callable[[str, str | None], None]
+    by_name: dict[str, Listener] = field(default_factory=dict)
+    bind_errors: dict[str, str] = field(default_factory=dict)  # last logged, per vassal
+    watched: set[str] = field(default_factory=set)  # on-demand: in the selector
+
+    def get(self, name: str, cfg, socket_dir: Path | None = None
+            ) -> tuple[str | None, Listener | None]:
+        """(error, listener) for starting a process of the vassal `name`
+        with config `cfg`: its socket, bound now if its address (or a UNIX
+        socket's owner) changed; (None, None) when it has none; the error
+        (logged once) when it cannot be bound."""
+        want = wanted_address(cfg, socket_dir)
+        if want is None:
+            return None, None
+        addr, backlog = want
+        owner = socket_owner(cfg) if is_unix_address(addr) else (None, None)
+        old = self.by_name.get(name)
+        if old is not None and old.addr == addr and old.backlog == backlog \
+                and old.owner == owner:
+            return None, old
+        if old is not None and old.addr == addr:
+            self.close(name)  # the same path, bound anew
+            old = None
+        try:
+            sock = bind_listener(addr, backlog, *owner)
+        except (OSError, ValueError) as e:
+            msg = f"cannot bind http-socket {addr}: {getattr(e, 'strerror', None) or e}"
+            if self.bind_errors.get(name) != msg:
+                self.log(msg, name)
+            self.bind_errors[name] = msg
+            return msg, None
+        self.bind_errors.pop(name, None)
+        if old is not None:
+            self.close(name)
+            self.log(f"address changed: {old.addr} closed, {addr} bound", name)
+        if is_unix_address(addr):
+            mode = cfg.get("chmod-socket")
+            if mode:
+                try:
+                    os.chmod(addr, int(mode, 8))
+                except (OSError, ValueError):
+                    pass
+        lst = Listener(addr, backlog, sock, owner)
+        self.by_name[name] = lst
+        return None, lst
+
+    def watch(self, name: str, lst: Listener, callback: object) -> None:
+        """Wait for a connection on it (an on-demand vassal with no process)."""
+        self.sel.register(lst.sock, selectors.EVENT_READ, callback)
+        self.watched.add(name)
+
+    def unwatch(self, name: str) -> None:
+        if name in self.watched:
+            self.watched.discard(name)
+            lst = self.by_name.get(name)
+            if lst is not None:
+                try:
+                    self.sel.unregister(lst.sock)
+                except (KeyError, ValueError):
+                    pass
+
+    def close(self, name: str) -> None:
+        self.unwatch(name)
+        lst = self.by_name.pop(name, None)
+        if lst is not None:
+            lst.close()
+
+    def forget(self, name: str) -> None:
+        self.close(name)
+        self.bind_errors.pop(name, None)
+
+    def close_all(self) -> None:
+        for name in list(self.by_name):
+            self.close(name)

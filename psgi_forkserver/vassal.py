@@ -6,7 +6,11 @@ Facts are recorded by plain methods (`update_config`, `request_deploy`,
 and returns the actions the Emperor must carry out (`Spawn`, `Adopt`,
 `Send`, `Kill`, `Forget`). The Emperor executes them and feeds the outcome
 back as facts. Nothing here forks, sends or sleeps, so every transition is
-unit-testable.
+unit-testable. No other module writes a Vassal's fields: the Emperor tells
+it facts (including its own failures: `refuse`, `note_error`,
+`cannot_bind`, `resources_failed`, `config_failed`, `fork_server_back`),
+and status readers get a copy (`snapshot`). The records and actions are in
+proc.py, the decisions (`step` and its parts) in decisions.py.
 
 A vassal may have several processes at once, each a `Proc` record with its
 own small life (ADOPTING -> STARTING -> RUNNING -> LOYAL -> STOPPING):
@@ -44,146 +48,32 @@ lived `stable_after` is restarted at once.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from enum import StrEnum
 
-from .config import VassalConfig, emperor_keys
-from .protocol import EmperorByte, VassalByte
+from .config import VassalConfig
+from .decisions import Decisions
+from .proc import (
+    CODE_DEPLOY, Action, Adopt, Context, Exit, Forget, ForkServer, Kill, Kind, Phase, Policy, Proc,
+    ProcState, Send, Spawn,
+)
+from .protocol import VassalByte
+from .snapshot import VassalSnapshot, config_values
 
-#: keys of a vassal file that only the Emperor reads; the vassal never sees them
-EMPEROR_KEYS = emperor_keys()  # declared in perl/ForkServer/options.json
-
-
-class Phase(StrEnum):
-    NEW = "new"  # wanted, no process (first start, or stopped for a restart)
-    WAITING_FOR_BASE = "waiting-for-base"
-    ON_DEMAND = "on-demand"  # socket bound, waiting for its first connection
-    ADOPTING = "adopting"  # adoption request in flight, no pid yet
-    STARTING = "starting"  # process exists, start-up not reported done
-    RUNNING = "running"  # byte 1 (base: fork server accepting) or 5
-    LOYAL = "loyal"  # byte 17
-    RELOADING = "reloading"  # a successor is starting; the current one serves
-    STOPPING = "stopping"  # asked to stop, waiting for it to exit
-    THROTTLED = "throttled"  # died; respawn at not_before
-    CONFIG_ERROR = "config-error"  # its file cannot be used: waits for the file to change
-    STOPPED = "stopped"  # `emperor stop NAME`: waits for `start NAME` or a changed file
-    REFUSED = "refused"  # the Emperor has no descriptors to spare for it: waits for room
-    GONE = "gone"  # no process and not wanted: forget it
-
-
-LIVE = frozenset({Phase.STARTING, Phase.RUNNING, Phase.LOYAL})
-
-
-class Kind(StrEnum):
-    BASE = "base"  # fork+exec, serves the fork server
-    ADOPTED = "adopted"  # forked by the base's fork server
-    PLAIN = "plain"  # fork+exec, cold start
-
-
-class ForkServer(StrEnum):
-    """What the Emperor knows about the fork server, for step()."""
-
-    NONE = "none"  # no base at all: vassals start plain
-    WAITING = "waiting"  # a base is configured but not (yet) accepting
-    READY = "ready"
-
-
-# Actions -------------------------------------------------------------------
-# `seq` names the process record an action is about (Proc.seq). It is left
-# out of equality so that tests can write `[Adopt()]`.
-
-
-@dataclass(frozen=True)
-class Spawn:
-    """fork+exec the vassal program (base or plain vassal)."""
-
-    kind: Kind
-    seq: int = field(default=0, compare=False)
-
-
-@dataclass(frozen=True)
-class Adopt:
-    """Send an adoption request to the fork server."""
-
-    seq: int = field(default=0, compare=False)
-
-
-@dataclass(frozen=True)
-class Send:
-    byte: EmperorByte
-    seq: int = field(default=0, compare=False)
-
-
-@dataclass(frozen=True)
-class Kill:
-    """SIGKILL the process and its descendants (mercy timeout, heartbeat)."""
-
-    reason: str
-    seq: int = field(default=0, compare=False)
-
-
-@dataclass(frozen=True)
-class Forget:
-    """No process and not wanted any more: drop the vassal."""
-
-
-Action = Spawn | Adopt | Send | Kill | Forget
-
-
-@dataclass(frozen=True)
-class Context:
-    now: float
-    fork_server: ForkServer = ForkServer.NONE
-    shutting_down: bool = False
-    hold_bases: bool = False  # shutdown: bases wait until the others are gone
-    base_generation: int = 0  # generation of the ready fork server
-    deploy_slots: int = 0  # adopted vassals that may start moving now
-    base_users: frozenset[int] = frozenset()  # base generations adopted vassals run on
-    # adoption requests that may be sent now: the fork server serves them one
-    # after another, so a mass start queues here rather than in its backlog
-    adopt_slots: int = 1 << 30
+# the state machine's vocabulary (proc.py), imported from here too
+__all__ = ["CODE_DEPLOY", "Action", "Adopt", "Context", "Exit", "Forget", "ForkServer", "Kill",
+           "Kind", "Phase", "Policy", "Proc", "ProcState", "Send", "Spawn", "Vassal"]
 
 
 @dataclass
-class Policy:
-    mercy: float = 30.0  # graceful stop, then SIGKILL
-    backoff_first: float = 1.0  # uWSGI: 1 s ...
-    backoff_max: float = 180.0  # ... doubling up to 3 min
-    stable_after: float = 10.0  # lived this long: not a crash loop
-    reload_grace: float = 1.0  # successor sent 1/5 but no 17: promote after this
-
-
-@dataclass
-class Proc:
-    """One process of a vassal."""
-
-    seq: int
-    kind: Kind
-    config: VassalConfig
-    base_generation: int = 0  # base: its generation; adopted: its base's
-    reason: str = "start"  # why it was started ("start", "config changed", "code deploy", ...)
-    state: Phase = Phase.ADOPTING
-    pid: int | None = None
-    started_at: float | None = None
-    ready_at: float | None = None  # byte 1/5 (or a base's probe)
-    last_heartbeat: float | None = None
-    stop_deadline: float | None = None
-    stop_reason: str | None = None
-    killed: bool = False
-    hold: bool = False  # retiring base: stop only once drained
-
-    @property
-    def live(self) -> bool:
-        return self.state in LIVE
-
-
-@dataclass
-class Vassal:
+class Vassal(Decisions):
     name: str
     config: VassalConfig | None  # desired; None once the file is gone
     is_base: bool = False  # what the desired config says
     policy: Policy = field(default_factory=Policy)
-    seamless: bool = False  # set by the Emperor: reloads may overlap (it owns the socket)
+    # the Emperor binds http-sockets and passes them: reloads may overlap
+    owns_socket: bool = False
+    auto_socket: bool = False  # the Emperor gives one to a vassal with `domain` (sockets.py)
 
     phase: Phase = Phase.NEW
     current: Proc | None = None
@@ -194,7 +84,7 @@ class Vassal:
     stop_reason: str | None = None  # byte 22 received, not acted on yet
     failures: int = 0  # consecutive deaths without being loyal/stable
     last_status: int | None = None
-    generation: int = 0  # how many processes this vassal has had
+    processes_started: int = 0  # how many processes this vassal has had (status: "generation")
     restarts: int = 0  # processes started again after an unexpected death or a kill
     want_base_generation: int = 1  # base: the generation that should run
     woken: bool = False  # on-demand: a connection is waiting
@@ -242,6 +132,15 @@ class Vassal:
         return self.current.base_generation if self.current else 0
 
     @property
+    def seamless(self) -> bool:
+        """Reloads overlap (a successor, then the old process stops): the
+        Emperor owns the vassal's socket, so both serve on it."""
+        cfg = self.config
+        return self.owns_socket and not self.is_base and cfg is not None and bool(
+            cfg.get("http-socket") or cfg.get("socket")
+            or (self.auto_socket and cfg.get("domain")))
+
+    @property
     def on_demand(self) -> bool:
         cfg = self.config
         raw = (cfg.get("on-demand") or "") if cfg else ""
@@ -262,6 +161,21 @@ class Vassal:
                 return p
         return None
 
+    def snapshot(self) -> VassalSnapshot:
+        """What status readers see: a copy, so they never hold the machine."""
+        cfg = self.config or self.running
+        pids = [p.pid for p in (self.current, self.successor, *self.retiring)
+                if p is not None and p.pid is not None]
+        return VassalSnapshot(
+            name=self.name, phase=self.phase, pid=self.pid, kind=self.kind,
+            base_generation=self.base_generation, processes_started=self.processes_started,
+            restarts=self.restarts, failures=self.failures, started_at=self.started_at,
+            not_before=self.not_before, file=str(cfg.path) if cfg is not None else None,
+            config_error=self.config.error if self.config is not None else None,
+            refused=self.refused, last_error=self.last_error, pids=tuple(pids),
+            addresses=config_values(cfg, "http-socket"), names=config_values(cfg, "domain"),
+            last_status=self.last_status, held=self.held, is_base=self.is_base)
+
     # -- facts ---------------------------------------------------------------
 
     def _enter(self, phase: Phase, now: float) -> None:
@@ -271,7 +185,7 @@ class Vassal:
 
     def _sync(self, now: float) -> None:
         if self.current is not None:
-            self._enter(Phase.RELOADING if self.successor else self.current.state, now)
+            self._enter(Phase.RELOADING if self.successor else self.current.state.phase, now)
 
     def update_config(self, config: VassalConfig | None, is_base: bool = False) -> bool:
         """The file was (re)read. Returns True if the desired state changed."""
@@ -336,14 +250,14 @@ class Vassal:
         assert p is not None and p.pid is None, (seq, p)
         p.pid = pid
         p.started_at = now
-        p.state = Phase.STARTING
-        self.generation += 1
+        p.state = ProcState.STARTING
+        self.processes_started += 1
         self._sync(now)
 
     def adopted(self, pid: int, now: float, seq: int | None = None) -> None:
         """The fork server replied with the pid (after an Adopt action)."""
         p = self.proc(seq)
-        assert p is not None and p.state == Phase.ADOPTING, p
+        assert p is not None and p.state == ProcState.ADOPTING, p
         self.spawned(pid, now, p.seq)
 
     def start_failed(self, now: float, reason: str = "", seq: int | None = None) -> None:
@@ -363,8 +277,8 @@ class Vassal:
     def mark_ready(self, now: float, seq: int | None = None) -> bool:
         """Start-up done (byte 1/5, or a base's fork server answers a probe)."""
         p = self.proc(seq)
-        if p is not None and p.state == Phase.STARTING:
-            p.state = Phase.RUNNING
+        if p is not None and p.state == ProcState.STARTING:
+            p.state = ProcState.RUNNING
             p.ready_at = now
             self._sync(now)
             return True
@@ -382,10 +296,10 @@ class Vassal:
                 return who + what
         elif byte == VassalByte.LOYAL:
             self.failures = 0
-            if p.state in (Phase.STARTING, Phase.RUNNING):
+            if p.state in (ProcState.STARTING, ProcState.RUNNING):
                 if p.ready_at is None:
                     p.ready_at = now
-                p.state = Phase.LOYAL
+                p.state = ProcState.LOYAL
                 self._sync(now)
                 return who + "loyal"
         elif byte == VassalByte.HEARTBEAT:
@@ -396,27 +310,26 @@ class Vassal:
                 return "idle" if self.on_demand else "asked to be stopped"
         return None
 
-    def exited(self, status: int, now: float, pid: int | None = None) -> str:
-        """A process was reaped. Returns what it was: "retired", "stopped",
-        "successor died", "died", "died (successor took over)"."""
+    def exited(self, status: int, now: float, pid: int | None = None) -> Exit:
+        """A process was reaped. Returns what it was to this vassal."""
         p = self.proc(pid=pid) if pid is not None else self.current
         self.last_status = status
         if p is None:
-            return "unknown"
+            return Exit.UNKNOWN
         p.pid = None
         if p in self.retiring:
             self.retiring.remove(p)
             self._sync(now)
-            return "retired"
+            return Exit.RETIRED
         if p is self.successor:
             self.successor = None
             self._delay(now)
             self._sync(now)
-            return "successor died"
+            return Exit.SUCCESSOR_DIED
         assert p is self.current
         self.last_kind = p.kind
         self.current = None
-        if p.state == Phase.STOPPING:
+        if p.state == ProcState.STOPPING:
             if p.killed and p.stop_reason and p.stop_reason.startswith("heartbeat"):
                 self.restarts += 1
             if self.successor is not None:  # shutdown/removal stops both
@@ -424,12 +337,12 @@ class Vassal:
                 self._sync(now)
             else:
                 self._enter(Phase.NEW, now)
-            return "stopped"
+            return Exit.STOPPED
         if self.successor is not None:
             self.current, self.successor = self.successor, None
             self.restarts += 1
             self._sync(now)
-            return "died (successor took over)"
+            return Exit.TOOK_OVER
         lived = now - (p.started_at if p.started_at is not None else now)
         self.restarts += 1
         if lived >= self.policy.stable_after:
@@ -438,7 +351,52 @@ class Vassal:
             self._enter(Phase.THROTTLED, now)
         else:
             self._throttle(now)
-        return "died"
+        return Exit.DIED
+
+    # -- facts the Emperor learnt about its own resources -----------------------
+
+    def refuse(self, why: str) -> None:
+        """No descriptors to spare for one more vassal: REFUSED until admitted."""
+        self.refused = why
+
+    def admit(self) -> None:
+        self.refused = None
+
+    def note_error(self, why: str) -> None:
+        """A failure the Emperor logged (status shows it while the vassal fails)."""
+        self.last_error = why
+
+    def cannot_bind(self, now: float, why: str) -> None:
+        """Its on-demand socket could not be bound: throttled, like a failed start."""
+        self.last_error = why
+        self.not_before = now
+        self._throttle(now)
+
+    def resources_failed(self, now: float) -> None:
+        """Handling it failed for lack of the Emperor's resources (EMFILE,
+        ENOMEM): tried again after the backoff."""
+        if self.current is None and self.phase != Phase.THROTTLED:
+            self._throttle(now)
+
+    def config_failed(self, why: str) -> None:
+        """Handling it failed for a reason its file would meet again:
+        config-error until the file changes or is touched."""
+        if self.config is not None:
+            self.config = dataclasses.replace(self.config, error=why)
+
+    def config_failure_cleared(self, why: str) -> None:
+        """Its file changed or was touched after `config_failed(why)`."""
+        if self.config is not None and self.config.error == why:
+            self.config = dataclasses.replace(self.config, error=None)
+
+    def fork_server_back(self, now: float) -> bool:
+        """The fork server is ready again: a vassal waiting in a crash-loop
+        backoff (it could not start without it) starts now. True if so."""
+        if self.phase == Phase.THROTTLED and not self.has_process and self.not_before > now:
+            self.failures = 0
+            self.not_before = now
+            return True
+        return False
 
     def _delay(self, now: float) -> float:
         self.failures += 1
@@ -453,225 +411,3 @@ class Vassal:
     @property
     def backoff(self) -> float:
         return max(0.0, self.not_before - self.since) if self.phase == Phase.THROTTLED else 0.0
-
-    # -- decisions -----------------------------------------------------------
-
-    def _heartbeat_of(self, p: Proc) -> float | None:
-        raw = p.config.get("heartbeat")
-        try:
-            return float(raw) if raw else None
-        except ValueError:
-            return None
-
-    @property
-    def heartbeat(self) -> float | None:
-        return self._heartbeat_of(self.current) if self.current else None
-
-    def wanted(self, ctx: Context) -> bool:
-        return (self.config is not None and self.config.error is None and not self.held
-                and not self.refused
-                and not ctx.shutting_down)
-
-    def _kind_for(self, ctx: Context) -> Kind:
-        if self.is_base:
-            return Kind.BASE
-        if ctx.fork_server == ForkServer.NONE:
-            return Kind.PLAIN
-        return Kind.ADOPTED
-
-    def _new_proc(self, kind: Kind, ctx: Context, reason: str) -> tuple[Proc, Action]:
-        assert self.config is not None
-        self.touched = False  # whatever starts now reads the file as it is
-        self.seq += 1
-        gen = self.want_base_generation if kind == Kind.BASE else (
-            ctx.base_generation if kind == Kind.ADOPTED else 0
-        )
-        p = Proc(self.seq, kind, self.config, gen, reason,
-                 Phase.ADOPTING if kind == Kind.ADOPTED else Phase.STARTING)
-        p.started_at = ctx.now
-        return p, (Adopt(p.seq) if kind == Kind.ADOPTED else Spawn(kind, p.seq))
-
-    def _stop_proc(self, p: Proc, now: float, reason: str) -> list[Action]:
-        p.stop_reason = reason
-        p.stop_deadline = now + self.policy.mercy
-        p.state = Phase.STOPPING
-        return [Send(EmperorByte.STOP, p.seq)]
-
-    def _kill_proc(self, p: Proc, now: float, reason: str, why: str) -> list[Action]:
-        p.stop_reason = reason
-        p.stop_deadline = now
-        p.killed = True
-        p.state = Phase.STOPPING
-        return [Kill(why, p.seq)]
-
-    def _stop(self, now: float, reason: str) -> list[Action]:
-        assert self.current is not None
-        acts = self._stop_proc(self.current, now, reason)
-        s = self.successor
-        if s is not None and s.live:
-            acts += self._stop_proc(s, now, reason)
-        return acts
-
-    def _mercy(self, p: Proc, now: float) -> list[Action]:
-        if p.state == Phase.STOPPING and not p.killed and p.stop_deadline is not None \
-                and now >= p.stop_deadline:
-            p.killed = True
-            return [Kill(f"still alive {self.policy.mercy:g} s after stop", p.seq)]
-        return []
-
-    def _heartbeat_missed(self, p: Proc, now: float) -> list[Action]:
-        hb = self._heartbeat_of(p)
-        if p.live and hb and p.last_heartbeat is not None and now - p.last_heartbeat > hb:
-            return self._kill_proc(p, now, "heartbeat missed",
-                                   f"no heartbeat for {now - p.last_heartbeat:.1f} s")
-        return []
-
-    def _promote(self, now: float) -> list[Action]:
-        old, new = self.current, self.successor
-        assert old is not None and new is not None
-        self.current, self.successor = new, None
-        self.retiring.append(old)
-        self._sync(now)
-        if old.kind == Kind.BASE:
-            old.hold = True  # stopped once no adopted vassal runs on it
-            old.stop_reason = "replaced"
-            return []
-        return self._stop_proc(old, now, "replaced")
-
-    def _reload_reason(self, ctx: Context) -> str | None:
-        cur = self.current
-        assert cur is not None and self.config is not None
-        if cur.config.fingerprint != self.config.fingerprint:
-            return "config changed"
-        if self.touched:
-            return "file touched"
-        if cur.kind == Kind.BASE and self.want_base_generation > cur.base_generation:
-            return "code deploy"
-        if (cur.kind == Kind.ADOPTED and ctx.fork_server == ForkServer.READY
-                and ctx.base_generation > cur.base_generation):
-            return "code deploy"
-        if self.reload_asked and cur.kind != Kind.BASE:
-            return "reload requested"
-        return None
-
-    def step(self, ctx: Context) -> list[Action]:
-        now = ctx.now
-        acts: list[Action] = []
-        self.retry_at = None
-        for p in list(self.retiring):
-            if p.state != Phase.STOPPING:
-                drained = p.base_generation not in ctx.base_users
-                if not p.hold or (drained and not ctx.hold_bases):
-                    acts += self._stop_proc(p, now, p.stop_reason or "replaced")
-            acts += self._mercy(p, now)
-        acts += self._step_main(ctx)
-        self._sync(now)
-        return acts
-
-    def _step_main(self, ctx: Context) -> list[Action]:
-        now = ctx.now
-        cur = self.current
-        if cur is None:
-            if not self.wanted(ctx):
-                if self.config is not None and not ctx.shutting_down:
-                    # invalid config, refused or held: nothing to do until the
-                    # file changes (or room again, or `emperor start NAME`)
-                    self._enter(Phase.REFUSED if self.refused
-                                else Phase.CONFIG_ERROR if self.config.error is not None
-                                else Phase.STOPPED, now)
-                    return []
-                if self.retiring:
-                    return []
-                self._enter(Phase.GONE, now)
-                return [Forget()]
-            if self.phase == Phase.THROTTLED and now < self.not_before:
-                return []
-            if self.on_demand and not self.woken:
-                self._enter(Phase.ON_DEMAND, now)
-                return []
-            kind = self._kind_for(ctx)
-            if kind == Kind.ADOPTED and ctx.fork_server != ForkServer.READY:
-                self._enter(Phase.WAITING_FOR_BASE, now)
-                return []
-            if kind == Kind.ADOPTED and ctx.adopt_slots <= 0:
-                return []  # queued: the next adoption that completes wakes the loop
-            self.woken = False
-            self.stop_reason = None
-            self.current, action = self._new_proc(kind, ctx, "start")
-            return [action]
-
-        if cur.state == Phase.STOPPING:
-            acts = self._mercy(cur, now)
-            if self.successor is not None:
-                acts += self._mercy(self.successor, now)
-            return acts
-        if cur.state == Phase.ADOPTING:
-            return []  # wait for the pid (then decide)
-
-        # the current process is live
-        if ctx.shutting_down:
-            if cur.kind == Kind.BASE and ctx.hold_bases:
-                return []
-            return self._stop(now, "shutdown")
-        if self.config is None:
-            return self._stop(now, "file removed")
-        if self.held:
-            return self._stop(now, "stopped by the operator")
-        acts = self._heartbeat_missed(cur, now)
-        if acts:
-            return acts
-        if self.stop_reason:  # byte 22
-            reason, self.stop_reason = self.stop_reason, None
-            return self._stop(now, reason)
-
-        s = self.successor
-        if s is not None:
-            acts = self._heartbeat_missed(s, now) if s.live else []
-            if s.state == Phase.LOYAL or (
-                s.live and s.kind == Kind.BASE and s.state != Phase.STARTING
-            ) or (
-                s.state == Phase.RUNNING and s.ready_at is not None
-                and now >= s.ready_at + self.policy.reload_grace
-            ):
-                return acts + self._promote(now)
-            return acts
-        if self.config.error is not None:
-            return []
-        reason = self._reload_reason(ctx)
-        if reason is None:
-            return []
-        seamless = self.seamless or cur.kind == Kind.BASE
-        if not seamless:
-            self.reload_asked = False
-            self.touched = False
-            return self._stop(now, reason)
-        if now < self.not_before:
-            self.retry_at = self.not_before
-            return []  # a successor failed lately: wait
-        kind = self._kind_for(ctx)
-        if kind == Kind.ADOPTED and ctx.fork_server != ForkServer.READY:
-            return []  # keep serving; move once the fork server is back
-        if reason == "code deploy" and cur.kind == Kind.ADOPTED and ctx.deploy_slots <= 0:
-            return []
-        if kind == Kind.ADOPTED and ctx.adopt_slots <= 0:
-            return []
-        self.reload_asked = False
-        self.successor, action = self._new_proc(kind, ctx, reason)
-        return [action]
-
-    def next_wakeup(self) -> float | None:
-        """When step() may have something to do without any new fact."""
-        times: list[float] = []
-        if self.phase == Phase.THROTTLED:
-            times.append(self.not_before)
-        if self.retry_at is not None:
-            times.append(self.retry_at)
-        for p in self.procs():
-            if p.state == Phase.STOPPING and not p.killed and p.stop_deadline is not None:
-                times.append(p.stop_deadline)
-            hb = self._heartbeat_of(p)
-            if p.live and p.last_heartbeat is not None and hb:
-                times.append(p.last_heartbeat + hb + 0.001)
-            if p is self.successor and p.state == Phase.RUNNING and p.ready_at is not None:
-                times.append(p.ready_at + self.policy.reload_grace)
-        return min(times) if times else None

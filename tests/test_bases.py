@@ -17,7 +17,7 @@ def test_socket_path_per_generation():
 
 def adopted_on(gen, name="app1", now=0.0):
     v = Vassal(name, cfg(name), policy=POLICY)
-    v.seamless = True
+    v.owns_socket = True  # the Emperor owns its http-socket: reloads overlap
     acts = v.step(ctx(now, base_generation=gen))
     assert acts == [Adopt()]
     v.adopted(100 + gen, now, seq=acts[0].seq)

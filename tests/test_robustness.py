@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from psgi_forkserver.emperor import write_pidfile
+from psgi_forkserver.locks import write_pidfile
 from psgi_forkserver.status import fetch
 
 from support import EMPEROR, EmperorLog, alive, descendants, free_port, kill_all, wait_for, start_emperor, stop_emperor
@@ -513,7 +513,8 @@ def test_out_of_processes_while_adopting(emp):
         (e.dir / "a2.ini").write_text(app_ini("a2", p2, processes=1))
         wait_for(lambda: len(e.lines("[a2] adoption failed")) >= 2, 20, "a2's adoption retried")
         refused = e.lines("refused request from")
-        assert refused and "clone: Resource temporarily unavailable" in refused[0], refused
+        # (under load a probe of the starting base may be refused first: 0 bytes)
+        assert any("clone: Resource temporarily unavailable" in r for r in refused), refused
         assert all("retry in" in l for l in e.lines("[a2] adoption failed"))
         assert e.running() and "Traceback" not in e.text()
         assert get(p1)["name"] == "a1"  # what ran keeps running

@@ -20,6 +20,8 @@ import psutil
 import pytest
 
 from psgi_forkserver import paths, status
+from psgi_forkserver.proc import Kind, Phase
+from psgi_forkserver.snapshot import EmperorLink, EmperorSnapshot, VassalSnapshot
 
 from support import EMPEROR, free_port, wait_for, start_emperor, stop_emperor
 from test_emperor import app_ini, get
@@ -59,17 +61,26 @@ def child():
         p.wait()
 
 
-def fake_emperor(pid: int) -> SimpleNamespace:
-    v_run = SimpleNamespace(name="run<1>", phase=SimpleNamespace(value="loyal"), pid=pid,
-                            kind="adopted", started_at=0.0, generation=3, restarts=2,
-                            failures=0, not_before=0.0, base_generation=1)
-    v_thr = SimpleNamespace(name="thr", phase="throttled", pid=None, kind=None, started_at=None,
-                            generation=1, failures=2, not_before=1e12)  # no restarts field
-    return SimpleNamespace(vassals={"run<1>": v_run, "thr": v_thr}, dir=Path("/x"),
-                           sel=None, log=lambda m: None)
+def fake_emperor(pid: int) -> EmperorSnapshot:
+    """What the Emperor hands status.py: snapshots, no live objects."""
+    v_run = VassalSnapshot(name="run<1>", phase=Phase.LOYAL, pid=pid, kind=Kind.ADOPTED,
+                           base_generation=1, processes_started=3, restarts=2, failures=0,
+                           started_at=0.0, not_before=0.0, file=None, config_error=None,
+                           refused=None, last_error=None, pids=(pid,))
+    v_thr = VassalSnapshot(name="thr", phase=Phase.THROTTLED, pid=None, kind=None,
+                           base_generation=0, processes_started=1, restarts=0, failures=2,
+                           started_at=None, not_before=1e12, file=None, config_error=None,
+                           refused=None, last_error=None)
+    return EmperorSnapshot(vassals_dir="/x", vassals={"run<1>": v_run, "thr": v_thr})
 
 
-def test_collect_reads_vassals_by_getattr_and_measures_pss_uss(child):
+def link(snap: EmperorSnapshot) -> EmperorLink:
+    """What the Emperor attaches a status server with: here, a fixed snapshot."""
+    return EmperorLink(lambda: snap, lambda: (True, "ok"), lambda name: None,
+                       lambda command, name: {"ok": False})
+
+
+def test_collect_reads_snapshots_and_measures_pss_uss(child):
     doc = status.collect(fake_emperor(child.pid))
     json.dumps(doc)  # serialisable
     r = doc["vassals"]["run<1>"]
@@ -107,10 +118,9 @@ def test_stats_socket_serves_many_clients_without_blocking(tmp_path: Path, child
 
     sel = selectors.DefaultSelector()
     emp = fake_emperor(child.pid)
-    emp.sel = sel
     port = free_port()
     srv = status.StatusServer(stats_path=tmp_path / "s.sock", http=f"127.0.0.1:{port}").bind()
-    srv.attach(emp)
+    srv.attach(sel, lambda m: None, link(emp))
     try:
         assert stat.S_IMODE(os.stat(tmp_path / "s.sock").st_mode) == 0o600
         slow = socket.create_connection(("127.0.0.1", port))  # never sends a request
@@ -298,13 +308,15 @@ def test_stats_clients_beyond_the_cap_are_refused_with_a_message_and_a_non_reade
     import time
 
     sel = selectors.DefaultSelector()
-    vassals = {f"v{i:04d}": SimpleNamespace(name=f"v{i:04d}", phase="new", pid=None,
-                                            generation=0, failures=0, not_before=0.0)
-               for i in range(3000)}  # a document far larger than a socket buffer
-    emp = SimpleNamespace(vassals=vassals, dir=Path("/x"), sel=sel, log=lambda m: None)
+    vassals = {f"v{i:04d}": VassalSnapshot(
+        name=f"v{i:04d}", phase=Phase.NEW, pid=None, kind=None, base_generation=0,
+        processes_started=0, restarts=0, failures=0, started_at=None, not_before=0.0,
+        file=None, config_error=None, refused=None, last_error=None)
+        for i in range(3000)}  # a document far larger than a socket buffer
+    emp = EmperorSnapshot(vassals_dir="/x", vassals=vassals)
     path = tmp_path / "s.sock"
     srv = status.StatusServer(stats_path=path, max_clients=2).bind()
-    srv.attach(emp)
+    srv.attach(sel, lambda m: None, link(emp))
     clock = [time.monotonic()]
     socks: list[socket.socket] = []
 

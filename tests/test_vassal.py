@@ -14,6 +14,8 @@ POLICY = Policy(mercy=5.0, backoff_first=0.1, backoff_max=2.0, stable_after=10.0
 
 
 def cfg(name="app1", fp="a", **opts):
+    # an http-socket: a vassal whose Emperor owns its socket reloads seamlessly
+    opts.setdefault("http-socket", "127.0.0.1:9100")
     return VassalConfig(name, Path(f"/v/{name}.ini"), fp, tuple(opts.items()))
 
 
@@ -221,7 +223,8 @@ def test_invalid_config_waits_for_a_fix():
 
 def seamless_vassal(now=0.0, pid=100):
     v = adopted_vassal(now, pid)
-    v.seamless = True
+    v.owns_socket = True  # the Emperor owns its http-socket: reloads overlap
+    assert v.seamless
     v.on_byte(17, now + 0.1)
     return v
 
@@ -402,12 +405,17 @@ def test_on_demand_waits_for_connection_and_goes_back_when_idle():
     assert v.step(ctx(9.1)) == [] and v.phase == Phase.ON_DEMAND
 
 
-def test_flat_fields_for_status_readers():
+def test_snapshot_for_status_readers():
     v = seamless_vassal()
-    for f in ("name", "phase", "pid", "kind", "started_at", "generation", "failures",
-              "not_before", "restarts", "base_generation"):
-        getattr(v, f)
-    assert v.kind == Kind.ADOPTED and v.generation == 1
+    v.update_config(cfg(fp="b"))
+    v.step(ctx(1))  # a successor: two processes
+    v.adopted(200, 1.1, seq=v.successor.seq)
+    snap = v.snapshot()
+    assert (snap.name, snap.phase, snap.pid, snap.kind, snap.processes_started) == (
+        "app1", Phase.RELOADING, 100, Kind.ADOPTED, 2)
+    assert snap.pids == (100, 200) and snap.file == "/v/app1.ini"
+    with pytest.raises(AttributeError):
+        snap.pid = 1  # read-only: status cannot write the vassal
 
 
 def test_adoption_waits_for_a_free_slot():
@@ -520,7 +528,7 @@ def test_reload_request_does_not_restart_a_base():
 
 def test_touch_starts_a_successor_once_and_moves_a_base_to_a_new_generation():
     v = adopted_vassal()
-    v.seamless = True
+    v.owns_socket = True  # the Emperor owns its http-socket: reloads overlap
     v.on_byte(17, 0.1)
     v.touch()
     assert v.step(ctx(1)) == [Adopt()]

@@ -1,0 +1,44 @@
+"""The cost of one turn's plan (psgi_forkserver.plan) for an idle fleet.
+
+    .venv/bin/python bench/plan.py [N]
+
+N adopted, loyal vassals (no processes: state machines only); prints the
+median and the maximum time of plan() over 200 turns. Measured, not judged:
+the loop runs it once per turn, so it bounds how fast a turn can be.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from psgi_forkserver.config import VassalConfig
+from psgi_forkserver.plan import Facts, plan
+from psgi_forkserver.vassal import ForkServer, Vassal
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
+    vs = []
+    for i in range(n):
+        name = f"app{i:05d}"
+        cfg = VassalConfig(name, Path(f"/v/{name}.ini"), "a",
+                           (("http-socket", f"127.0.0.1:{20000 + i}"),))
+        vs.append(Vassal(name, cfg, owns_socket=True))
+    first = plan(vs, Facts(0.0, ForkServer.READY, 1, adopt_parallel=n)).actions()
+    for i, v in enumerate(vs):
+        v.adopted(10000 + i, 0.0, seq=first[v.name][0].seq)
+        v.on_byte(17, 0.0)
+    samples = []
+    for turn in range(200):
+        t0 = time.perf_counter()
+        plan(vs, Facts(1.0 + turn, ForkServer.READY, 1))
+        samples.append(time.perf_counter() - t0)
+    print(f"plan() over {n} loyal vassals: median {statistics.median(samples) * 1000:.2f} ms, "
+          f"max {max(samples) * 1000:.2f} ms ({len(samples)} turns)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""The decisions of the vassal state machine: `step()` and its parts.
+
+A mixin of `vassal.Vassal` (the fields and the facts live there): given the
+facts recorded so far and the turn's `Context`, `step()` compares what
+should run with what runs, records its decision in the vassal's process
+records (`Proc`) and returns the actions the Emperor must carry out. No
+processes, no clock but `ctx.now`.
+"""
+
+from __future__ import annotations
+
+from .proc import (
+    CODE_DEPLOY, Action, Adopt, Context, Forget, ForkServer, Kill, Kind, Phase, Proc, ProcState,
+    Send, Spawn,
+)
+from .protocol import EmperorByte
+
+
+class Decisions:
+    """What a vassal does next (a mixin of Vassal)."""
+
+    def _heartbeat_of(self, p: Proc) -> float | None:
+        raw = p.config.get("heartbeat")
+        try:
+            return float(raw) if raw else None
+        except ValueError:
+            return None
+
+    @property
+    def heartbeat(self) -> float | None:
+        return self._heartbeat_of(self.current) if self.current else None
+
+    def wanted(self, ctx: Context) -> bool:
+        return (self.config is not None and self.config.error is None and not self.held
+                and not self.refused
+                and not ctx.shutting_down)
+
+    def _kind_for(self, ctx: Context) -> Kind:
+        if self.is_base:
+            return Kind.BASE
+        if ctx.fork_server == ForkServer.NONE:
+            return Kind.PLAIN
+        return Kind.ADOPTED
+
+    def _new_proc(self, kind: Kind, ctx: Context, reason: str) -> tuple[Proc, Action]:
+        assert self.config is not None
+        self.touched = False  # whatever starts now reads the file as it is
+        self.seq += 1
+        gen = self.want_base_generation if kind == Kind.BASE else (
+            ctx.base_generation if kind == Kind.ADOPTED else 0
+        )
+        p = Proc(self.seq, kind, self.config, gen, reason,
+                 ProcState.ADOPTING if kind == Kind.ADOPTED else ProcState.STARTING)
+        p.started_at = ctx.now
+        return p, (Adopt(p.seq) if kind == Kind.ADOPTED else Spawn(kind, p.seq))
+
+    def _stop_proc(self, p: Proc, now: float, reason: str) -> list[Action]:
+        p.stop_reason = reason
+        p.stop_deadline = now + self.policy.mercy
+        p.state = ProcState.STOPPING
+        return [Send(EmperorByte.STOP, p.seq)]
+
+    def _kill_proc(self, p: Proc, now: float, reason: str, why: str) -> list[Action]:
+        p.stop_reason = reason
+        p.stop_deadline = now
+        p.killed = True
+        p.state = ProcState.STOPPING
+        return [Kill(why, p.seq)]
+
+    def _stop(self, now: float, reason: str) -> list[Action]:
+        assert self.current is not None
+        acts = self._stop_proc(self.current, now, reason)
+        s = self.successor
+        if s is not None and s.live:
+            acts += self._stop_proc(s, now, reason)
+        return acts
+
+    def _mercy(self, p: Proc, now: float) -> list[Action]:
+        if p.state == ProcState.STOPPING and not p.killed and p.stop_deadline is not None \
+                and now >= p.stop_deadline:
+            p.killed = True
+            return [Kill(f"still alive {self.policy.mercy:g} s after stop", p.seq)]
+        return []
+
+    def _heartbeat_missed(self, p: Proc, now: float) -> list[Action]:
+        hb = self._heartbeat_of(p)
+        if p.live and hb and p.last_heartbeat is not None and now - p.last_heartbeat > hb:
+            return self._kill_proc(p, now, "heartbeat missed",
+                                   f"no heartbeat for {now - p.last_heartbeat:.1f} s")
+        return []
+
+    def _promote(self, now: float) -> list[Action]:
+        old, new = self.current, self.successor
+        assert old is not None and new is not None
+        self.current, self.successor = new, None
+        self.retiring.append(old)
+        self._sync(now)
+        if old.kind == Kind.BASE:
+            old.hold = True  # stopped once no adopted vassal runs on it
+            old.stop_reason = "replaced"
+            return []
+        return self._stop_proc(old, now, "replaced")
+
+    def _reload_reason(self, ctx: Context) -> str | None:
+        cur = self.current
+        assert cur is not None and self.config is not None
+        if cur.config.fingerprint != self.config.fingerprint:
+            return "config changed"
+        if self.touched:
+            return "file touched"
+        if cur.kind == Kind.BASE and self.want_base_generation > cur.base_generation:
+            return CODE_DEPLOY
+        if (cur.kind == Kind.ADOPTED and ctx.fork_server == ForkServer.READY
+                and ctx.base_generation > cur.base_generation):
+            return CODE_DEPLOY
+        if self.reload_asked and cur.kind != Kind.BASE:
+            return "reload requested"
+        return None
+
+    def step(self, ctx: Context) -> list[Action]:
+        now = ctx.now
+        acts: list[Action] = []
+        self.retry_at = None
+        for p in list(self.retiring):
+            if p.state != ProcState.STOPPING:
+                drained = p.base_generation not in ctx.base_users
+                if not p.hold or (drained and not ctx.hold_bases):
+                    acts += self._stop_proc(p, now, p.stop_reason or "replaced")
+            acts += self._mercy(p, now)
+        acts += self._step_main(ctx)
+        self._sync(now)
+        return acts
+
+    def _step_main(self, ctx: Context) -> list[Action]:
+        now = ctx.now
+        cur = self.current
+        if cur is None:
+            return self._step_idle(ctx)
+        if cur.state == ProcState.STOPPING:
+            acts = self._mercy(cur, now)
+            if self.successor is not None:
+                acts += self._mercy(self.successor, now)
+            return acts
+        if cur.state == ProcState.ADOPTING:
+            return []  # wait for the pid (then decide)
+
+        # the current process is live
+        if ctx.shutting_down:
+            if cur.kind == Kind.BASE and ctx.hold_bases:
+                return []
+            return self._stop(now, "shutdown")
+        if self.config is None:
+            return self._stop(now, "file removed")
+        if self.held:
+            return self._stop(now, "stopped by the operator")
+        acts = self._heartbeat_missed(cur, now)
+        if acts:
+            return acts
+        if self.stop_reason:  # byte 22
+            reason, self.stop_reason = self.stop_reason, None
+            return self._stop(now, reason)
+
+        return self._step_reload(ctx)
+
+    def _step_idle(self, ctx: Context) -> list[Action]:
+        """No current process: start one, wait, or be forgotten."""
+        now = ctx.now
+        if not self.wanted(ctx):
+            if self.config is not None and not ctx.shutting_down:
+                # invalid config, refused or held: nothing to do until the
+                # file changes (or room again, or `emperor start NAME`)
+                self._enter(Phase.REFUSED if self.refused
+                            else Phase.CONFIG_ERROR if self.config.error is not None
+                            else Phase.STOPPED, now)
+                return []
+            if self.retiring:
+                return []
+            self._enter(Phase.GONE, now)
+            return [Forget()]
+        if self.phase == Phase.THROTTLED and now < self.not_before:
+            return []
+        if self.on_demand and not self.woken:
+            self._enter(Phase.ON_DEMAND, now)
+            return []
+        kind = self._kind_for(ctx)
+        if kind == Kind.ADOPTED and ctx.fork_server != ForkServer.READY:
+            self._enter(Phase.WAITING_FOR_BASE, now)
+            return []
+        if kind == Kind.ADOPTED and ctx.adopt_slots <= 0:
+            return []  # queued: the next adoption that completes wakes the loop
+        self.woken = False
+        self.stop_reason = None
+        self.current, action = self._new_proc(kind, ctx, "start")
+        return [action]
+
+    def _step_reload(self, ctx: Context) -> list[Action]:
+        """The current process is live and wanted: promote a successor that
+        is ready, or start one when the config, the file or the base changed."""
+        now = ctx.now
+        cur = self.current
+        assert cur is not None and self.config is not None
+        s = self.successor
+        if s is not None:
+            acts = self._heartbeat_missed(s, now) if s.live else []
+            if s.state == ProcState.LOYAL or (
+                s.live and s.kind == Kind.BASE and s.state != ProcState.STARTING
+            ) or (
+                s.state == ProcState.RUNNING and s.ready_at is not None
+                and now >= s.ready_at + self.policy.reload_grace
+            ):
+                return acts + self._promote(now)
+            return acts
+        if self.config.error is not None:
+            return []
+        reason = self._reload_reason(ctx)
+        if reason is None:
+            return []
+        seamless = self.seamless or cur.kind == Kind.BASE
+        if not seamless:
+            self.reload_asked = False
+            self.touched = False
+            return self._stop(now, reason)
+        if now < self.not_before:
+            self.retry_at = self.not_before
+            return []  # a successor failed lately: wait
+        kind = self._kind_for(ctx)
+        if kind == Kind.ADOPTED and ctx.fork_server != ForkServer.READY:
+            return []  # keep serving; move once the fork server is back
+        if reason == CODE_DEPLOY and cur.kind == Kind.ADOPTED and ctx.deploy_slots <= 0:
+            return []
+        if kind == Kind.ADOPTED and ctx.adopt_slots <= 0:
+            return []
+        self.reload_asked = False
+        self.successor, action = self._new_proc(kind, ctx, reason)
+        return [action]
+
+    def next_wakeup(self) -> float | None:
+        """When step() may have something to do without any new fact."""
+        times: list[float] = []
+        if self.phase == Phase.THROTTLED:
+            times.append(self.not_before)
+        if self.retry_at is not None:
+            times.append(self.retry_at)
+        for p in self.procs():
+            if p.state == ProcState.STOPPING and not p.killed and p.stop_deadline is not None:
+                times.append(p.stop_deadline)
+            hb = self._heartbeat_of(p)
+            if p.live and p.last_heartbeat is not None and hb:
+                times.append(p.last_heartbeat + hb + 0.001)
+            if p is self.successor and p.state == ProcState.RUNNING and p.ready_at is not None:
+                times.append(p.ready_at + self.policy.reload_grace)
+        return min(times) if times else None

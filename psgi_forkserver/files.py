@@ -1,0 +1,270 @@
+"""The desired state: the vassals directory, its files, and admission.
+
+Every vassal file is read (`_load`) when inotify names it, on a rescan, or
+when a read that failed for lack of descriptors is retried; what it says is
+handed to its Vassal as a fact (`update_config`, `touch`). The directory's
+identity (device, inode) tells when a new directory was swapped in under
+the same name. The descriptor budget admits only as many vassals as the
+Emperor has descriptors for; the others are `refused` until room is made.
+
+A mixin of `emperor.Emperor`: it uses the Emperor's vassals, log, selector
+and boundary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import selectors
+from pathlib import Path
+
+from . import config as cfgmod
+from . import launch
+from .vassal import Kind, Vassal
+from .watcher import Watcher
+
+SETTLE = 0.5  # IN_CREATE alone: wait for the writer to close the file
+RETRY_READ = 1.0  # a vassal file that could not be read for lack of descriptors
+# The descriptor budget: what the Emperor keeps per vassal (its Emperor pipe,
+# its config pipe, its http-socket), and what it needs besides (its own
+# files, the status server's clients, adoptions in flight, a successor's
+# pipes during reloads).
+FDS_PER_VASSAL = 4  # ... and the read end of its output pipe (logs.py)
+FDS_RESERVED = 32
+
+
+class Files:
+    """The Emperor's reading of its vassals directory (a mixin)."""
+
+    def _init_files(self) -> None:
+        # absolute, symlinks kept: a directory swapped under the same name
+        # (`mv`, a symlink flipped, removed and re-created) is the one we
+        # serve; its identity (_check_dir) tells when it was swapped
+        self.dir = Path(os.path.abspath(self.opts.vassals_dir))
+        self.dir_id: tuple[int, int] | None = None
+        self.dir_missing = False
+        self.watcher: Watcher | None = None
+        self.due: dict[str, float] = {}  # file names to re-read, and when
+        self.next_rescan = 0.0
+        self.read_errors: dict[str, str] = {}  # transient read error logged, per vassal
+        # vassals whose handling failed for a reason the same file would
+        # meet again: name -> (fingerprint, reason); cleared when it changes
+        self.failed: dict[str, tuple[str, str]] = {}
+        self.mtimes: dict[str, int] = {}  # file mtime per vassal: `touch` reloads
+        self.fds: launch.Descriptors | None = None  # once the limit is raised
+        self.max_vassals = 1 << 30  # set from the descriptor limit at start
+        self.admitted: set[str] = set()  # vassals counted in the budget (bases are not)
+        self.n_refused = 0
+
+    # -- the descriptor budget -----------------------------------------------
+
+    def _descriptor_budget(self) -> None:
+        """Raise the soft descriptor limit to the hard one, and admit only as
+        many vassals as it leaves room for: the others are `refused` (and
+        admitted once room is made), rather than failing at random."""
+        fds = self.fds = launch.raise_nofile()
+        reserved = FDS_RESERVED + self.opts.adopt_parallel
+        self.max_vassals = max(1, (fds.soft - reserved) // FDS_PER_VASSAL)
+        raised = f" (raised from {fds.inherited})" if fds.soft > fds.inherited else ""
+        self.log(f"descriptors: limit {fds.soft}{raised}, hard limit {fds.hard}: room for "
+                 f"{self.max_vassals} vassals ({FDS_PER_VASSAL} each, {reserved} reserved)")
+
+    def _admit(self, v: Vassal, is_base: bool) -> None:
+        """A vassal new to the Emperor: admitted if the budget has room. A
+        base always is (every adopted vassal needs it), within the reserve."""
+        if is_base:
+            return
+        if len(self.admitted) < self.max_vassals:
+            self.admitted.add(v.name)
+            return
+        why = (f"refused: no descriptors to spare (limit {self.fds.soft if self.fds else '?'}"
+               f": room for {self.max_vassals} vassals)")
+        v.refuse(why)
+        self.n_refused += 1
+        if self.n_refused == 1 or self.n_refused % 100 == 0:  # not one line each
+            self.log(f"{why}; {self.n_refused} vassal(s) refused now, "
+                     "admitted once others go", v.name)
+
+    def _admit_refused(self) -> None:
+        """Room was made (vassals removed): admit the refused, by name."""
+        for v in sorted(self.vassals.values(), key=lambda v: v.name):
+            if self.n_refused == 0 or len(self.admitted) >= self.max_vassals:
+                return
+            if v.refused:
+                v.admit()
+                self.n_refused -= 1
+                self.admitted.add(v.name)
+                self.log("admitted: descriptors to spare again", v.name)
+
+
+    # -- the directory and its files -------------------------------------------
+
+    def _on_inotify(self, now: float) -> None:
+        assert self.watcher is not None
+        for ev in self.watcher.read():
+            if ev.rescan or ev.directory_gone:
+                self.next_rescan = now
+                if ev.directory_gone:
+                    self.log("vassals directory moved or deleted")
+                continue
+            if not cfgmod.is_vassal_file(ev.name):
+                continue
+            when = now + SETTLE if ev.created_only else now
+            self.due[ev.name] = min(self.due.get(ev.name, when), when)
+
+
+    def _check_dir(self, now: float) -> bool:
+        """Is the vassals directory the one we watch? A new directory under
+        its name (removed and re-created, `mv new dir`, a symlink flipped):
+        it becomes our working directory and is watched, and the caller
+        rereads every file (vassals whose config is the same keep running).
+        False while there is no directory: the fleet is left as it is (a
+        removed file stops its vassal; a directory moved away removes
+        nothing) and the name is looked at again soon."""
+        try:
+            st = os.stat(self.dir)
+        except OSError as e:
+            if not self.dir_missing:
+                self.log(f"vassals directory {self.dir}: {e.strerror or e}; the fleet is "
+                         f"left as it is, looking again every {RETRY_READ:g} s")
+            self.dir_missing = True
+            self.next_rescan = now + RETRY_READ
+            return False
+        self.dir_missing = False
+        ident = (st.st_dev, st.st_ino)
+        if ident == self.dir_id:
+            return True
+        self.dir_id = ident
+        self.log(f"vassals directory {self.dir} is a new directory: watching it, "
+                 "reading every file again")
+        try:
+            os.chdir(self.dir)
+        except OSError as e:
+            self.log(f"cannot enter {self.dir}: {e.strerror or e}")
+        self._rewatch()
+        self.mtimes.clear()  # its files are new files, not touched ones
+        for v in self.vassals.values():
+            # a base serving on a socket in the old directory (a relative
+            # `fork-server`): a new generation in this one, every adopted
+            # vassal moving onto it without closing its port
+            cur = v.current
+            fs = cur.config.fork_server if cur is not None else None
+            if cur is not None and cur.kind == Kind.BASE and fs and not os.path.isabs(fs):
+                v.request_deploy()
+                self.log("its fork-server socket was in the old directory: "
+                         f"base generation {v.want_base_generation}", v.name)
+        return True
+
+    def _rewatch(self) -> None:
+        """inotify on the directory now under our name (the old watch died
+        with the old directory, or watches one moved elsewhere)."""
+        if self.watcher is not None:
+            try:
+                self.sel.unregister(self.watcher.fileno())
+            except (KeyError, ValueError):
+                pass
+            self.watcher.close()
+            self.watcher = None
+        try:
+            self.watcher = Watcher(self.dir)
+            self.sel.register(self.watcher.fileno(), selectors.EVENT_READ, self._on_inotify)
+        except OSError as e:
+            self.log(f"inotify unavailable ({e}); rescanning every {self.opts.rescan_interval:g} s")
+
+    def _rescan(self, now: float) -> None:
+        if not self._check_dir(now):
+            return
+        try:
+            found = cfgmod.discover(self.dir)
+        except OSError as e:  # EMFILE, ENOMEM, ...: keep what we know, try again
+            self.log(f"cannot scan {self.dir}: {e.strerror or e}; retry in {RETRY_READ:g} s")
+            self.next_rescan = now + RETRY_READ
+            return
+        for name in sorted(set(found) | set(self.vassals)):  # refusals: the last by name
+            path = found.get(name)
+            with self._boundary(name, now):
+                self._load(name, path, now)
+        self.next_rescan = now + self.opts.rescan_interval
+
+    def _reload_due(self, now: float) -> None:
+        for fname, when in list(self.due.items()):
+            if when <= now:
+                del self.due[fname]
+                name = cfgmod.vassal_name(fname)
+                with self._boundary(name, now):
+                    self._load(name, self.dir / fname, now)
+
+    def _load(self, name: str, path: Path | None, now: float) -> None:
+        cfg = (cfgmod.load(path, judge=self.judge, render=self.renderer.render)
+               if path is not None else None)
+        if cfg is not None and cfg.pending:
+            return  # a template rendering: read again when it ends (config/render.py)
+        if cfg is not None and cfg.transient:
+            # out of descriptors or memory: says nothing about the file;
+            # keep the vassal as it is and read the file again soon
+            if self.read_errors.get(name) != cfg.error:
+                self.log(f"cannot read {cfg.path.name}: {cfg.error}; retrying every "
+                         f"{RETRY_READ:g} s", name)
+            self.read_errors[name] = cfg.error or ""
+            assert path is not None
+            self.due[path.name] = min(self.due.get(path.name, now + RETRY_READ), now + RETRY_READ)
+            return
+        if self.read_errors.pop(name, None) is not None:
+            self.log(f"{path.name if path else name} read again", name)
+        self._apply(name, cfg, self._touched(name, cfg))
+
+    def _touched(self, name: str, cfg: cfgmod.VassalConfig | None) -> bool:
+        """The file's mtime changed while its content did not (`touch
+        app.ini`): uWSGI reloads the vassal then, and so do we."""
+        mtime = None
+        if cfg is not None:
+            try:
+                mtime = os.stat(cfg.path).st_mtime_ns
+            except OSError:
+                pass
+        old = self.mtimes.pop(name, None)
+        if mtime is None:
+            return False
+        self.mtimes[name] = mtime
+        v = self.vassals.get(name)
+        return (old is not None and old != mtime and v is not None and v.config is not None
+                and v.config.fingerprint == cfg.fingerprint)
+
+    def _apply(self, name: str, cfg: cfgmod.VassalConfig | None, touched: bool = False) -> None:
+        v = self.vassals.get(name)
+        failed = self.failed.get(name)
+        if failed is not None and cfg is not None:
+            if touched or cfg.fingerprint != failed[0]:
+                del self.failed[name]  # changed or touched: try it again
+                if v is not None:
+                    v.config_failure_cleared(failed[1])
+            elif cfg.error is None:
+                cfg = dataclasses.replace(cfg, error=failed[1])
+        elif cfg is None:
+            self.failed.pop(name, None)
+        if cfg is not None and not cfg.error:
+            cfg = self._claim_domains(name, cfg)
+        self._domains_released(name)
+        if cfg is not None and cfg.error:
+            if v is None or v.config is None or v.config.fingerprint != cfg.fingerprint:
+                self.log(f"bad config {cfg.path}: {cfg.error}", name)
+        is_base = cfg is not None and self.bases.is_base(cfg)
+        if v is None:
+            if cfg is None:
+                return
+            v = Vassal(name, cfg, is_base=is_base, policy=self.policy,
+                       owns_socket=self.own_sockets, auto_socket=self.socket_dir is not None)
+            self.vassals[name] = v
+            self._admit(v, is_base)
+            return
+        if v.update_config(cfg, is_base):
+            if cfg is None:
+                self.log("file removed", name)
+                self.listeners.close(name)  # the running process keeps its copy
+            elif v.has_process:
+                self.log("file changed", name)
+        elif touched and cfg is not None and cfg.error is None:
+            v.touch()
+            if v.has_process:
+                self.log("file touched: reloading", name)
+

@@ -1,0 +1,168 @@
+"""The Emperor's options, each declared once: its default, its flags, its description.
+
+`Options` is what `Emperor` runs with; `cli.build_parser` builds
+`emperor run`'s options from the same fields (`run_arguments`), the
+vassals' `Policy` takes its defaults from here (`DEFAULTS`), and the
+README's option table is `readme_table()` (a test compares them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import paths
+
+if TYPE_CHECKING:
+    from .frontdoor import FrontDoorOptions
+    from .logs import Log
+    from .status import StatusServer
+
+
+def option(default: Any, help: str, *flags: str, metavar: str | None = None,
+           action: Any = None, choices: tuple[str, ...] | None = None) -> Any:
+    """A field of Options that `emperor run` takes as `flags` (the first
+    one is shown; default: --NAME-WITH-DASHES)."""
+    meta = {"help": help, "flags": flags, "metavar": metavar, "action": action,
+            "choices": choices}
+    if default is dataclasses.MISSING:
+        return field(metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Options:
+    vassals_dir: Path
+    # cli: None is the installed ForkServer.pm (paths.vassal_program)
+    program: str = option(dataclasses.MISSING, "the vassal program (default: the installed "
+                          "ForkServer.pm)", "--vassal-binary", "--emperor-wrapper",
+                          metavar="PATH")
+    use_fork_server: Path | None = option(
+        None, "adopt vassals through this fork-server socket",
+        "--use-fork-server", "--emperor-use-fork-server", metavar="SOCK")
+    fork_bases: tuple[str, ...] = option(
+        (), "this vassal file is a base (repeatable); default: files with a fork-server key",
+        "--vassal-fork-base", metavar="NAME", action="append")
+    mercy: float = option(30.0, "graceful stop time before SIGKILL", metavar="SECONDS")
+    adopt_timeout: float = option(10.0, "wait this long for a fork server's reply",
+                                  metavar="SECONDS")
+    # config/render.py: a template still rendering after this long is killed
+    template_timeout: float = option(5.0, "a vassal template still rendering after this long "
+                                     "is stopped: config-error", metavar="SECONDS")
+    rescan_interval: float = option(10.0, "full rescan of the directory, besides inotify",
+                                    metavar="SECONDS")
+    backoff_first: float = option(1.0, "crash loop: first restart delay, doubling",
+                                  metavar="SECONDS")
+    backoff_max: float = option(180.0, "crash loop: longest restart delay", metavar="SECONDS")
+    stable_after: float = option(10.0, "a vassal that lived this long did not crash-loop",
+                                 metavar="SECONDS")
+    reload_grace: float = option(
+        1.0, "a new vassal that never sends byte 17 replaces the old one this long after "
+        "byte 1/5", metavar="SECONDS")
+    deploy_parallel: int = option(
+        4, "code deploy: vassals moved to the new base at a time", metavar="N")
+    adopt_parallel: int = option(
+        8, "adoption requests in flight at once; the others queue", metavar="N")
+    # None: only when the vassal program is ours (a uWSGI 2.0 vassal binds its own)
+    own_sockets: bool | None = option(
+        None, "bind each vassal's http-socket in the Emperor and pass it "
+        "(default: only with the built-in vassal program)",
+        "--emperor-sockets", action=argparse.BooleanOptionalAction)
+    pidfile: Path | None = option(
+        None, "write the Emperor's pid here (for `emperor reload-base`)", metavar="PATH")
+    log_format: str = option(
+        "text", "text: TIME emperor: [VASSAL] message; json: one object a line "
+        "(time, level, vassal, pid, event, message)", choices=("text", "json"))
+    logto: Path | None = option(
+        None, "the Emperor's log to this file (default stderr); reopened by "
+        "`emperor reopen-logs`", metavar="PATH")
+    log: Log | None = None  # where lines go (built from log_format and logto); default stderr
+    # sockets of vassals with `domain` and no http-socket (run_dir/sockets),
+    # the embedded nginx's files (run_dir/nginx)
+    run_dir: Path | None = None
+    front: FrontDoorOptions | None = None  # cli --http / --nginx-include
+    status: StatusServer | None = None  # sockets bound (cli --stats/--status-http)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Options:
+        """`emperor run`'s parsed options, with paths made absolute."""
+        opts = cls(args.vassals_dir, **{f.name: getattr(args, f.name) for f in run_options()})
+        # not resolved: a symlink flipped to a new directory is followed
+        opts.vassals_dir = opts.vassals_dir.absolute()
+        program = opts.program or str(paths.vassal_program())
+        opts.program = os.path.abspath(program) if os.sep in program else program
+        if opts.use_fork_server is not None:
+            opts.use_fork_server = opts.use_fork_server.resolve()
+        opts.fork_bases = tuple(opts.fork_bases)
+        opts.deploy_parallel = max(1, opts.deploy_parallel)
+        opts.adopt_parallel = max(1, opts.adopt_parallel)
+        if opts.pidfile is not None:
+            opts.pidfile = opts.pidfile.resolve()
+        if opts.logto is not None:
+            opts.logto = opts.logto.absolute()
+        return opts
+
+
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Options)
+                            if f.default is not dataclasses.MISSING}
+
+
+def _flags(f: dataclasses.Field) -> tuple[str, ...]:
+    return f.metadata["flags"] or ("--" + f.name.replace("_", "-"),)
+
+
+def _shown_default(f: dataclasses.Field) -> str | None:
+    if f.default in (None, (), dataclasses.MISSING):
+        return None
+    return f.default if isinstance(f.default, str) else f"{f.default:g}"
+
+
+def _help(f: dataclasses.Field) -> str:
+    if _shown_default(f) is None or "default" in f.metadata["help"]:
+        return f.metadata["help"]
+    return f"{f.metadata['help']} (default {_shown_default(f)})"
+
+
+def run_options() -> list[dataclasses.Field]:
+    """The fields `emperor run` takes as options, in declaration order."""
+    return [f for f in dataclasses.fields(Options) if "help" in f.metadata]
+
+
+def run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every option of Options to `emperor run`'s parser."""
+    for f in run_options():
+        kw: dict[str, Any] = {"dest": f.name, "help": _help(f)}
+        action = f.metadata["action"]
+        if action is not None:
+            kw["action"] = action
+        if action == "append":
+            kw["default"] = []
+        else:
+            kw["default"] = None if f.default is dataclasses.MISSING else f.default
+        if f.metadata["metavar"]:
+            kw["metavar"] = f.metadata["metavar"]
+        if f.metadata["choices"]:
+            kw["choices"] = f.metadata["choices"]
+        if action is None:
+            kw["type"] = {"float": float, "int": int, "str": str}.get(str(f.type), Path)
+        parser.add_argument(*_flags(f), **kw)
+
+
+def readme_table() -> str:
+    """`emperor run`'s options as the README shows them."""
+    rows = ["| option | default | meaning |", "| --- | --- | --- |"]
+    for f in run_options():
+        flag = _flags(f)[0]
+        if f.metadata["action"] is argparse.BooleanOptionalAction:
+            flag = f"{flag}, --no-{flag[2:]}"
+        elif f.metadata["metavar"]:
+            flag = f"{flag} {f.metadata['metavar']}"
+        elif f.metadata["choices"]:
+            flag = f"{flag} {{{','.join(f.metadata['choices'])}}}"  # no '|' in a table
+        default = f"`{_shown_default(f)}`" if _shown_default(f) is not None else ""
+        rows.append(f"| `{flag}` | {default} | {f.metadata['help']} |")
+    return "\n".join(rows) + "\n"

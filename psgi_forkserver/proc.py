@@ -1,0 +1,178 @@
+"""The records and vocabulary of the vassal state machine (vassal.py).
+
+`Proc` is one process of a vassal; `Phase` what a vassal shows, `ProcState`
+where one of its processes is; the actions (`Spawn`, `Adopt`, `Send`,
+`Kill`, `Forget`) are what `Vassal.step` asks the Emperor to carry out;
+`Context` is what the Emperor tells it about the world each turn; `Policy`
+the timings. Nothing here has behaviour beyond a few properties.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from .config import VassalConfig
+from .options import DEFAULTS
+from .protocol import EmperorByte
+
+CODE_DEPLOY = "code deploy"  # Proc.reason of the processes a code deploy starts
+
+
+class Phase(StrEnum):
+    NEW = "new"  # wanted, no process (first start, or stopped for a restart)
+    WAITING_FOR_BASE = "waiting-for-base"
+    ON_DEMAND = "on-demand"  # socket bound, waiting for its first connection
+    ADOPTING = "adopting"  # adoption request in flight, no pid yet
+    STARTING = "starting"  # process exists, start-up not reported done
+    RUNNING = "running"  # byte 1 (base: fork server accepting) or 5
+    LOYAL = "loyal"  # byte 17
+    RELOADING = "reloading"  # a successor is starting; the current one serves
+    STOPPING = "stopping"  # asked to stop, waiting for it to exit
+    THROTTLED = "throttled"  # died; respawn at not_before
+    CONFIG_ERROR = "config-error"  # its file cannot be used: waits for the file to change
+    STOPPED = "stopped"  # `emperor stop NAME`: waits for `start NAME` or a changed file
+    REFUSED = "refused"  # the Emperor has no descriptors to spare for it: waits for room
+    GONE = "gone"  # no process and not wanted: forget it
+
+
+class ProcState(StrEnum):
+    """The life of one process (the five vassal phases that apply to one);
+    its values are the matching `Phase`'s, which the vassal shows."""
+
+    ADOPTING = "adopting"  # adoption request in flight, no pid yet
+    STARTING = "starting"  # process exists, start-up not reported done
+    RUNNING = "running"  # byte 1 (base: fork server accepting) or 5
+    LOYAL = "loyal"  # byte 17
+    STOPPING = "stopping"  # asked to stop (byte 2 or SIGKILL), not reaped yet
+
+    @property
+    def phase(self) -> Phase:
+        return Phase(self.value)
+
+
+LIVE = frozenset({ProcState.STARTING, ProcState.RUNNING, ProcState.LOYAL})
+
+
+class Exit(StrEnum):
+    """What a reaped process was to its vassal (`Vassal.exited`)."""
+
+    RETIRED = "retired"  # an old process that was replaced
+    STOPPED = "stopped"  # asked to stop (removal, shutdown, byte 22, a kill)
+    SUCCESSOR_DIED = "successor died"  # the new process died; the old one serves
+    TOOK_OVER = "died (successor took over)"  # died while its successor was starting
+    DIED = "died"  # died unexpectedly: throttled restart
+    UNKNOWN = "unknown"  # not one of its processes
+
+
+class Kind(StrEnum):
+    BASE = "base"  # fork+exec, serves the fork server
+    ADOPTED = "adopted"  # forked by the base's fork server
+    PLAIN = "plain"  # fork+exec, cold start
+
+
+class ForkServer(StrEnum):
+    """What the Emperor knows about the fork server, for step()."""
+
+    NONE = "none"  # no base at all: vassals start plain
+    WAITING = "waiting"  # a base is configured but not (yet) accepting
+    READY = "ready"
+
+
+# Actions -------------------------------------------------------------------
+# `seq` names the process record an action is about (Proc.seq). It is left
+# out of equality so that tests can write `[Adopt()]`.
+
+
+@dataclass(frozen=True)
+class Spawn:
+    """fork+exec the vassal program (base or plain vassal)."""
+
+    kind: Kind
+    seq: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True)
+class Adopt:
+    """Send an adoption request to the fork server."""
+
+    seq: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True)
+class Send:
+    byte: EmperorByte
+    seq: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True)
+class Kill:
+    """SIGKILL the process and its descendants (mercy timeout, heartbeat)."""
+
+    reason: str
+    seq: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True)
+class Forget:
+    """No process and not wanted any more: drop the vassal."""
+
+
+Action = Spawn | Adopt | Send | Kill | Forget
+
+
+@dataclass(frozen=True)
+class Context:
+    now: float
+    fork_server: ForkServer = ForkServer.NONE
+    shutting_down: bool = False
+    hold_bases: bool = False  # shutdown: bases wait until the others are gone
+    base_generation: int = 0  # generation of the ready fork server
+    deploy_slots: int = 0  # adopted vassals that may start moving now
+    base_users: frozenset[int] = frozenset()  # base generations adopted vassals run on
+    # adoption requests that may be sent now: the fork server serves them one
+    # after another, so a mass start queues here rather than in its backlog
+    adopt_slots: int = 1 << 30
+
+
+@dataclass
+class Policy:
+    """The timings of every vassal's life (options.Options declares them)."""
+
+    mercy: float = DEFAULTS["mercy"]  # graceful stop, then SIGKILL
+    backoff_first: float = DEFAULTS["backoff_first"]  # uWSGI: 1 s ...
+    backoff_max: float = DEFAULTS["backoff_max"]  # ... doubling up to 3 min
+    stable_after: float = DEFAULTS["stable_after"]  # lived this long: not a crash loop
+    reload_grace: float = DEFAULTS["reload_grace"]  # successor sent 1/5 but no 17: promote after this
+
+    @classmethod
+    def of(cls, opts: Any) -> Policy:
+        """The policy part of an options.Options."""
+        return cls(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass
+class Proc:
+    """One process of a vassal."""
+
+    seq: int
+    kind: Kind
+    config: VassalConfig
+    base_generation: int = 0  # base: its generation; adopted: its base's
+    reason: str = "start"  # why it was started ("start", "config changed", "code deploy", ...)
+    state: ProcState = ProcState.ADOPTING
+    pid: int | None = None
+    started_at: float | None = None
+    ready_at: float | None = None  # byte 1/5 (or a base's probe)
+    last_heartbeat: float | None = None
+    stop_deadline: float | None = None
+    stop_reason: str | None = None
+    killed: bool = False
+    hold: bool = False  # retiring base: stop only once drained
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE
+

@@ -1,0 +1,31 @@
+"""What runs and what it costs: the status document, the stats socket, the page.
+
+- document.py: the document, from the Emperor's snapshot (memory measured
+  a slice per loop turn);
+- server.py: the stats socket and the HTTP status server, in the Emperor's
+  selector, attached with an `EmperorLink` (snapshot.py): the only way this
+  package sees the Emperor;
+- requests.py: what the server's clients ask, and its answers;
+- page.py: the HTML page and `emperor status`'s table;
+- rundir.py: where the stats socket is, and the clients' side of it.
+
+Every public name is importable from `psgi_forkserver.status`.
+"""
+
+from .document import (BUDGET, REQUESTS_SLOT, SCHEMA, Collection, collect, emperor_status,
+                       forget_requests, read_requests, requests_path, vassal_status)
+from .page import COLUMNS, PAGE_REFRESH, format_table, human_bytes, human_seconds, render_html
+from .rundir import (RUN_DIR_ENV, STATS_NAME, default_stats_path, fetch, fetch_command,
+                     find_stats, run_dir)
+from .requests import MAX_REQUEST
+from .server import (ACCEPT_PAUSE, CLIENT_TIMEOUT, MAX_CLIENTS, WRITE_TIMEOUT, StatusConfigError,
+                     StatusServer, parse_http_address)
+
+__all__ = [
+    "ACCEPT_PAUSE", "BUDGET", "CLIENT_TIMEOUT", "COLUMNS", "MAX_CLIENTS", "MAX_REQUEST",
+    "PAGE_REFRESH", "REQUESTS_SLOT", "RUN_DIR_ENV", "SCHEMA", "STATS_NAME", "WRITE_TIMEOUT",
+    "Collection", "StatusConfigError", "StatusServer", "collect", "default_stats_path",
+    "emperor_status", "fetch", "fetch_command", "find_stats", "format_table", "forget_requests",
+    "human_bytes", "human_seconds", "parse_http_address", "read_requests", "render_html",
+    "requests_path", "run_dir", "vassal_status",
+]

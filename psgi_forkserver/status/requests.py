@@ -1,0 +1,180 @@
+"""What the status server's clients ask, and its answers.
+
+The stats socket: the document, or one command line (passed to the
+Emperor through the `EmperorLink`). HTTP: /, /json, /metrics, /healthz,
+/log/NAME. A mixin of `server.StatusServer` (its clients, selector and
+collection in progress live there).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any
+
+from ..metrics import render as render_metrics
+from .document import SCHEMA, Collection
+from .page import render_html
+
+
+MAX_REQUEST = 8192
+
+
+@dataclass
+class _Client:
+    sock: socket.socket
+    deadline: float
+    inbuf: bytes = b""
+    out: memoryview | None = None
+    command: bool = False  # stats socket: it sent a command line (no document then)
+
+
+class Requests:
+    """Reading requests and answering them (a mixin of StatusServer)."""
+
+    def _send_doc(self, c: _Client, doc: dict[str, Any]) -> None:
+        if not c.command:
+            self._respond(c, _json(doc))
+
+    def _on_stats_readable(self, fd: int, now: float) -> bool:
+        """A stats client's bytes: one line (`stop NAME`, or JSON
+        `{"command": ..., "name": ...}`) is a command, answered with its
+        outcome instead of the document. True when a command came or is
+        coming; False for nothing yet, or end of file (a plain reader).
+
+        A command client writes right after connect(): its line is almost
+        always there when we accept. If the document went out first, the
+        client sees a reply without "command" and asks again (fetch_command)."""
+        self.now = now
+        c = self.clients.get(fd)
+        if c is None:
+            return True
+        try:
+            data = c.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return c.command
+        except OSError:
+            data = b""
+        if not data:
+            try:
+                self.sel.unregister(c.sock)  # a plain reader shut its side
+            except (KeyError, ValueError):
+                pass
+            return c.command
+        c.command = True
+        c.inbuf += data
+        if b"\n" not in c.inbuf:
+            if len(c.inbuf) > MAX_REQUEST:
+                self._respond(c, _json({"schema": SCHEMA, "ok": False,
+                                        "message": "command line too long"}))
+            return True
+        try:
+            self.sel.unregister(c.sock)
+        except (KeyError, ValueError):
+            pass
+        line = c.inbuf.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+        try:
+            if line.startswith("{"):
+                req = json.loads(line)
+                command, name = str(req.get("command", "")), req.get("name")
+            else:
+                command, _, name = line.partition(" ")
+                name = name.strip() or None
+            assert self.link is not None
+            reply = self.link.control(command, None if name is None else str(name))
+            if self.job is not None:
+                # a collection in progress took its snapshot before the
+                # command: whoever waits on it (or joins it) sees the new state
+                self.job = Collection(self._snapshot())
+        except Exception as e:  # noqa: BLE001 - a bad line must not take the loop down
+            reply = {"schema": SCHEMA, "command": line[:80], "ok": False,
+                     "message": f"{type(e).__name__}: {e}"}
+        self._respond(c, _json(reply))
+        return True
+
+    def _on_http_readable(self, fd: int, now: float) -> None:
+        self.now = now
+        c = self.clients.get(fd)
+        if c is None:
+            return
+        try:
+            data = c.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(fd)
+            return
+        c.inbuf += data
+        if b"\r\n\r\n" not in c.inbuf and b"\n\n" not in c.inbuf:
+            if len(c.inbuf) > MAX_REQUEST:
+                self._respond(c, _http(431, "text/plain", b"request too large\n"))
+            return
+        try:  # the request is complete: stop reading, answer (maybe later)
+            self.sel.unregister(c.sock)
+        except (KeyError, ValueError):
+            pass
+        try:
+            self._http_request(c)
+        except Exception as e:  # noqa: BLE001
+            self.log(f"status page: {type(e).__name__}: {e}")
+            self._respond(c, _http(500, "text/plain", b"internal error\n"))
+
+    def _http_request(self, c: _Client) -> None:
+        line = c.inbuf.split(b"\n", 1)[0].decode("latin-1").strip()
+        parts = line.split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return self._respond(c, _http(400, "text/plain", b"bad request\n"))
+        method, target = parts[0], parts[1].split("?", 1)[0]
+        head = method == "HEAD"
+        if method not in ("GET", "HEAD"):
+            return self._respond(
+                c, _http(405, "text/plain", b"only GET\n", extra="Allow: GET, HEAD\r\n"))
+        if target == "/json":
+            self._when_ready(
+                lambda doc: self._respond(c, _http(200, "application/json", _json(doc), head)))
+        elif target == "/metrics":
+            em = self.link.metrics if self.link is not None else None
+            self._when_ready(lambda doc: self._respond(
+                c, _http(200, "text/plain; version=0.0.4; charset=utf-8", render_metrics(doc, em), head)))
+        elif target == "/healthz":
+            assert self.link is not None
+            ok, why = self.link.health()
+            self._respond(c, _http(200 if ok else 503, "text/plain", why.encode() + b"\n", head))
+        elif target.startswith("/log/"):
+            name = urllib.parse.unquote(target[len("/log/"):])
+            assert self.link is not None
+            lines = self.link.log_lines(name)
+            if lines is None:
+                self._respond(c, _http(404, "text/plain", b"no such vassal\n", head))
+            else:
+                body = "".join(line + "\n" for line in (lines or ()))
+                self._respond(c, _http(200, "text/plain; charset=utf-8",
+                                       (body or "(nothing logged yet)\n").encode(), head))
+        elif target in ("/", "/index.html"):
+            self._when_ready(lambda doc: self._respond(
+                c, _http(200, "text/html; charset=utf-8", render_html(doc).encode(), head)))
+        else:
+            self._respond(c, _http(404, "text/plain", b"not found\n"))
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error",
+            503: "Service Unavailable"}
+
+
+def _json(doc: dict[str, Any]) -> bytes:
+    return (json.dumps(doc, indent=1) + "\n").encode()
+
+
+def _http(code: int, ctype: str, body: bytes, head: bool = False, extra: str = "") -> bytes:
+    hdr = (
+        f"HTTP/1.0 {code} {_REASONS.get(code, '')}\r\n"
+        f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+        "Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
+        f"{extra}Connection: close\r\n\r\n"
+    )
+    return hdr.encode("latin-1") + (b"" if head else body)

@@ -1,0 +1,387 @@
+"""The stats socket and the status page's HTTP server, in the Emperor's selector.
+
+Both are opt-in and live in the Emperor's own selector (no threads):
+
+- `emperor run --stats PATH`: a UNIX socket (mode 0600). A client connects
+  and gets one JSON document, then end of file; or sends one command line
+  (`reload NAME`, `stop NAME`, `start NAME`, `reload-base`) and gets the
+  reply. `emperor status` prints the document as a table (`--json`: as is).
+- `emperor run --status-http 127.0.0.1:PORT`: a tiny HTTP/1.0 server, GET /
+  is the live page (Jinja2, auto-escaped), /json the document, /metrics
+  Prometheus' text, /healthz the loop's health, /log/NAME a vassal's lines.
+  Loopback addresses only unless `--status-http-public` is given.
+
+The server knows the Emperor only through the `EmperorLink` it is attached
+with (snapshot.py): read-only snapshots, and the operator's commands.
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import ipaddress
+import os
+import selectors
+import socket
+import stat
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..snapshot import EmperorLink, EmperorSnapshot
+from .document import BUDGET, SCHEMA, Collection
+from .requests import Requests, _Client, _http, _json
+
+#: connections in progress; a client beyond that is refused with a message
+#: (never dropped without a word, and never at the expense of one in progress)
+MAX_CLIENTS = 256
+CLIENT_TIMEOUT = 60.0
+#: a client that does not read its document is dropped after this long, so
+#: that clients that never read cannot keep the slots of those that do
+WRITE_TIMEOUT = 10.0
+#: accept() failed for lack of descriptors (EMFILE...): the listening socket
+#: stays readable, so it leaves the selector this long instead of spinning
+ACCEPT_PAUSE = 1.0
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+# -- addresses ------------------------------------------------------------------
+
+
+class StatusConfigError(ValueError):
+    pass
+
+
+def parse_http_address(addr: str, public: bool = False) -> tuple[int, tuple]:
+    """`HOST:PORT`, `[V6]:PORT` or `:PORT` (loopback) -> (family, sockaddr).
+    Refuses non-loopback addresses unless `public`."""
+    host, sep, port_s = addr.rpartition(":")
+    if not sep or not port_s.isdigit():
+        raise StatusConfigError(f"{addr!r}: expected HOST:PORT")
+    port = int(port_s)
+    if not 1 <= port <= 65535:
+        # getaddrinfo() would take 99999 and bind() serve it on another port
+        raise StatusConfigError(f"{addr!r}: port {port} out of range (1-65535)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    host = host or "127.0.0.1"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise StatusConfigError(f"{addr!r}: {e.strerror}") from None
+    family, _, _, _, sockaddr = infos[0]
+    ip = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
+    if not public and not ip.is_loopback:
+        raise StatusConfigError(
+            f"{addr!r} is not a loopback address; the status page is unauthenticated "
+            "(use --status-http-public to serve it there anyway)"
+        )
+    return family, sockaddr
+
+
+# -- the servers -------------------------------------------------------------------
+
+
+@dataclass
+class StatusServer(Requests):
+    """Listening sockets bound early (by the CLI, so errors come before
+    anything starts); `attach` registers them in the Emperor's selector."""
+
+    stats_path: Path | None = None
+    http: str | None = None
+    http_public: bool = False
+    max_clients: int = MAX_CLIENTS
+    log: Callable[[str], None] = field(default=lambda m: print(f"emperor: {m}", file=sys.stderr))
+
+    def __post_init__(self) -> None:
+        self.link: EmperorLink | None = None
+        self.sel: selectors.BaseSelector | None = None
+        self.stats_sock: socket.socket | None = None
+        self.http_sock: socket.socket | None = None
+        self.clients: dict[int, _Client] = {}
+        self._stats_ino: tuple[int, int] | None = None
+        self.requests = 0
+        self.refused = 0
+        self.now = time.monotonic()  # the loop's clock, as last handed to a callback
+        self.job: Collection | None = None
+        self.waiters: list[Callable[[dict[str, Any]], None]] = []
+        # registered for EVENT_WRITE while a collection runs: always ready,
+        # so the loop comes back to us every turn (no timer needed)
+        self._tick_r: socket.socket | None = None
+        self._tick_w: socket.socket | None = None
+        # listening sockets out of the selector after EMFILE: fd -> (sock, http, until)
+        self.paused: dict[int, tuple[socket.socket, bool, float]] = {}
+
+    # -- set-up ------------------------------------------------------------------
+
+    def bind(self) -> "StatusServer":
+        try:
+            if self.stats_path is not None:
+                self.stats_path = Path(os.path.abspath(self.stats_path))
+                try:
+                    self.stats_sock = self._bind_unix(self.stats_path)
+                except OSError as e:  # one line naming the option and the path
+                    why = e.strerror or str(e)
+                    if str(self.stats_path) not in why:
+                        why = f"{self.stats_path}: {why}"
+                    raise OSError(e.errno, f"--stats {why}") from None
+            if self.http is not None:
+                family, sockaddr = parse_http_address(self.http, self.http_public)
+                s = socket.socket(family, socket.SOCK_STREAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(sockaddr)
+                    s.listen(64)
+                except OSError as e:
+                    s.close()
+                    raise OSError(e.errno, f"--status-http {self.http}: {e.strerror or e}") from None
+                s.setblocking(False)
+                self.http_sock = s
+        except Exception:
+            self.close()
+            raise
+        atexit.register(self.close)
+        return self
+
+    def _bind_unix(self, path: Path) -> socket.socket:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(str(path))
+                except OSError:
+                    os.unlink(path)  # stale: nobody listens
+                else:
+                    raise OSError(errno.EADDRINUSE, f"{path}: another process serves it")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # born 0600: no window where others may connect
+        try:
+            s.bind(str(path))
+        except OSError:
+            s.close()
+            raise
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        s.listen(64)
+        s.setblocking(False)
+        st = os.stat(path)
+        self._stats_ino = (st.st_dev, st.st_ino)
+        return s
+
+    def attach(self, sel: selectors.BaseSelector, log: Callable[[str], None],
+               link: EmperorLink) -> None:
+        """Register in the Emperor's selector (callbacks get `now`); all
+        this server knows of the Emperor comes through `link`."""
+        self.sel = sel
+        self.log = log
+        self.link = link
+        if self.stats_sock is not None:
+            self.sel.register(self.stats_sock, selectors.EVENT_READ,
+                              lambda now: self._accept(self.stats_sock, now, http=False))
+            self.log(f"stats socket {self.stats_path}")
+        if self.http_sock is not None:
+            self.sel.register(self.http_sock, selectors.EVENT_READ,
+                              lambda now: self._accept(self.http_sock, now, http=True))
+            host, port = self.http_sock.getsockname()[:2]
+            self.log(f"status page http://{'[%s]' % host if ':' in host else host}:{port}/")
+
+    def close(self) -> None:
+        for fd in list(self.clients):
+            self._drop(fd)
+        for s in (self.stats_sock, self.http_sock):
+            if s is None:
+                continue
+            if self.sel is not None:
+                try:
+                    self.sel.unregister(s)
+                except Exception:  # noqa: BLE001 - KeyError, or a closed selector
+                    pass
+            s.close()
+        self.stats_sock = self.http_sock = None
+        self.paused.clear()
+        for t in (self._tick_r, self._tick_w):
+            if t is not None:
+                t.close()
+        self._tick_r = self._tick_w = None
+        self.job = None
+        self.waiters.clear()
+        if self.stats_path is not None and self._stats_ino is not None:
+            try:
+                st = os.stat(self.stats_path)
+                if (st.st_dev, st.st_ino) == self._stats_ino:  # still ours
+                    os.unlink(self.stats_path)
+            except OSError:
+                pass
+            self._stats_ino = None
+
+    # -- connections ------------------------------------------------------------------
+
+    def _accept(self, lsock: socket.socket | None, now: float, http: bool) -> None:
+        if lsock is None:
+            return
+        self.now = now
+        self._expire(now)
+        for _ in range(MAX_CLIENTS):
+            try:
+                conn, _ = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in _OUT_OF_RESOURCES:
+                    self._pause(lsock, http, now, e)
+                    return
+                self.log(f"status: accept: {e}")
+                return
+            conn.setblocking(False)
+            if len(self.clients) >= self.max_clients:
+                self._refuse(conn, http)
+                continue
+            c = _Client(conn, now + CLIENT_TIMEOUT)
+            self.clients[conn.fileno()] = c
+            try:
+                if http:
+                    self.sel.register(conn, selectors.EVENT_READ,
+                                      lambda t, fd=conn.fileno(): self._on_http_readable(fd, t))
+                else:
+                    # a line first is a command (see _on_stats_readable);
+                    # nothing yet: the document, as a plain reader expects
+                    self.sel.register(conn, selectors.EVENT_READ,
+                                      lambda t, fd=conn.fileno(): self._on_stats_readable(fd, t))
+                    if not self._on_stats_readable(conn.fileno(), now):
+                        self._when_ready(lambda doc, c=c: self._send_doc(c, doc))
+            except Exception as e:  # noqa: BLE001 - never take the Emperor down
+                self.log(f"status: {type(e).__name__}: {e}")
+                self._drop(conn.fileno())
+
+    def _refuse(self, conn: socket.socket, http: bool) -> None:
+        """Too many clients: say so in what fits the socket buffer, close."""
+        why = f"too many status clients ({self.max_clients} in progress); try again"
+        data = (_http(503, "text/plain", why.encode() + b"\n") if http
+                else _json({"schema": SCHEMA, "error": why}))
+        try:
+            conn.send(data)
+        except OSError:
+            pass
+        conn.close()
+        self.refused += 1
+        if self.refused == 1 or self.refused % 100 == 0:
+            self.log(f"status: {why} ({self.refused} refused so far)")
+
+    def _pause(self, lsock: socket.socket, http: bool, now: float, e: OSError) -> None:
+        """Out of descriptors: stop accepting for ACCEPT_PAUSE seconds (the
+        clients wait in the backlog) rather than spin on a readable socket."""
+        try:
+            self.sel.unregister(lsock)
+        except (KeyError, ValueError):
+            pass
+        self.paused[lsock.fileno()] = (lsock, http, now + ACCEPT_PAUSE)
+        self.log(f"status: accept: {e.strerror or e}; not accepting for {ACCEPT_PAUSE:g} s")
+
+    def _snapshot(self) -> EmperorSnapshot:
+        assert self.link is not None, "attach() first"
+        return self.link.snapshot()
+
+    def next_wakeup(self) -> float | None:
+        """When poll() has something to do (the Emperor's loop asks)."""
+        return min((until for _, _, until in self.paused.values()), default=None)
+
+    def poll(self, now: float) -> None:
+        """Called every turn of the Emperor's loop: resume paused sockets."""
+        for fd, (lsock, http, until) in list(self.paused.items()):
+            if now < until:
+                continue
+            del self.paused[fd]
+            if lsock.fileno() < 0:
+                continue
+            self.sel.register(lsock, selectors.EVENT_READ,
+                              lambda t, s=lsock, h=http: self._accept(s, t, http=h))
+
+    # -- the collection in progress ----------------------------------------------------
+
+    def _when_ready(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        """Call back with the next document; requests arriving meanwhile
+        share the collection in progress."""
+        self.requests += 1
+        self.waiters.append(callback)
+        if self.job is not None:
+            return
+        self.job = Collection(self._snapshot())
+        if self._tick_w is None:
+            self._tick_r, self._tick_w = socket.socketpair()
+        self.sel.register(self._tick_w, selectors.EVENT_WRITE, self._tick)
+
+    def _tick(self, now: float) -> None:
+        self.now = now
+        job = self.job
+        try:
+            if job is not None and not job.step(BUDGET):
+                return
+        except Exception as e:  # noqa: BLE001
+            self.log(f"status: {type(e).__name__}: {e}")
+        try:
+            self.sel.unregister(self._tick_w)
+        except Exception:  # noqa: BLE001
+            pass
+        self.job = None
+        waiters, self.waiters = self.waiters, []
+        if job is None:
+            return
+        doc = job.document()
+        for cb in waiters:
+            try:
+                cb(doc)
+            except Exception as e:  # noqa: BLE001
+                self.log(f"status: {type(e).__name__}: {e}")
+        self._expire(now)
+
+    def _respond(self, c: _Client, data: bytes) -> None:
+        fd = c.sock.fileno()
+        if self.clients.get(fd) is not c:
+            return  # dropped (timeout, too many clients) while it waited
+        c.out = memoryview(data)
+        c.deadline = min(c.deadline, self.now + WRITE_TIMEOUT)
+        self._flush(fd)
+        if fd in self.clients:
+            try:
+                self.sel.modify(c.sock, selectors.EVENT_WRITE, lambda t, fd=fd: self._flush(fd))
+            except KeyError:
+                self.sel.register(c.sock, selectors.EVENT_WRITE, lambda t, fd=fd: self._flush(fd))
+
+    def _flush(self, fd: int) -> None:
+        c = self.clients.get(fd)
+        if c is None or c.out is None:
+            return
+        while c.out:
+            try:
+                n = c.sock.send(c.out)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                break
+            c.out = c.out[n:]
+        self._drop(fd)
+
+    def _expire(self, now: float) -> None:
+        for fd, c in list(self.clients.items()):
+            if now >= c.deadline:
+                self._drop(fd)
+
+    def _drop(self, fd: int) -> None:
+        c = self.clients.pop(fd, None)
+        if c is None:
+            return
+        if self.sel is not None:
+            try:
+                self.sel.unregister(c.sock)
+            except Exception:  # noqa: BLE001 - KeyError, or a closed selector
+                pass
+        c.sock.close()
