@@ -58,20 +58,10 @@ def reopen_logs(args: argparse.Namespace) -> int:
     the stats socket (whose reply says which files could not be reopened)."""
     if args.pidfile is not None:
         return 0 if signal_emperor(args.pidfile, signal.SIGUSR2, "reopen-logs") else 1
-    from .status import fetch_command
-
     stats = stats_socket(args, "reopen-logs")
     if stats is None:
         return 1
-    try:
-        reply = fetch_command(stats, "reopen-logs")
-    except (OSError, ValueError) as e:
-        print(f"emperor: reopen-logs: {stats}: {getattr(e, 'strerror', None) or e}",
-              file=sys.stderr)
-        return 1
-    print(f"emperor: reopen-logs: {reply.get('message')}",
-          file=sys.stdout if reply.get("ok") else sys.stderr, flush=True)
-    return 0 if reply.get("ok") else 1
+    return 0 if ask(stats, "reopen-logs") is not None else 1
 
 
 WAIT_POLL = 0.25  # --wait: seconds between two looks at the stats document
@@ -106,19 +96,29 @@ def reload_base(pidfile: Path, wait: bool = False, stats: Path | None = None,
     return _wait_deploy(stats, before, timeout)
 
 
-def reload_base_by_socket(stats: Path, wait: bool, timeout: float) -> int:
-    """`emperor reload-base` over the stats socket (no pidfile needed)."""
+def ask(stats: Path, cmd: str, name: str | None = None) -> dict[str, Any] | None:
+    """Send one command on the stats socket and print its reply as one line:
+    the reply when the Emperor did it, None (said on stderr) when not."""
     from .status import fetch_command
 
+    what = f"{cmd} {name}" if name else cmd
     try:
-        reply = fetch_command(stats, "reload-base")
+        reply = fetch_command(stats, cmd, name)
     except (OSError, ValueError) as e:
-        print(f"emperor: reload-base: {stats}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
-        return 1
+        print(f"emperor: {cmd}: {stats}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        return None
     if not reply.get("ok"):
-        print(f"emperor: reload-base: {reply.get('message')}", file=sys.stderr)
+        print(f"emperor: {what}: {reply.get('message')}", file=sys.stderr)
+        return None
+    print(f"emperor: {what}: {reply.get('message')}", flush=True)
+    return reply
+
+
+def reload_base_by_socket(stats: Path, wait: bool, timeout: float) -> int:
+    """`emperor reload-base` over the stats socket (no pidfile needed)."""
+    reply = ask(stats, "reload-base")
+    if reply is None:
         return 1
-    print(f"emperor: reload-base: {reply.get('message')}", flush=True)
     if not wait:
         return 0
     return _wait_deploy(stats, reply["requests"] - 1, timeout)
@@ -184,21 +184,15 @@ SERVING = ("loyal", "running", "on-demand")
 def control_command(args: argparse.Namespace) -> int:
     """`emperor reload|stop|start NAME`: ask, then follow the vassal in the
     stats document until the outcome; print it, exit 1 if it did not happen."""
-    from .status import fetch, fetch_command
+    from .status import fetch
 
     cmd, name = args.command, args.name
     stats = stats_socket(args, cmd)
     if stats is None:
         return 1
-    try:
-        reply = fetch_command(stats, cmd, name)
-    except (OSError, ValueError) as e:
-        print(f"emperor: {cmd}: {stats}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+    reply = ask(stats, cmd, name)
+    if reply is None:
         return 1
-    if not reply.get("ok"):
-        print(f"emperor: {cmd} {name}: {reply.get('message')}", file=sys.stderr)
-        return 1
-    print(f"emperor: {cmd} {name}: {reply.get('message')}", flush=True)
     if not args.wait or reply.get("command") == "reload-base":
         return 0
     before = reply.get("vassal") or {}
