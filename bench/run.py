@@ -54,8 +54,13 @@ APPS = {"heavy": str(HERE / "heavy.psgi"), "hello": str(HERE / "hello.psgi")}
 EMPEROR = str(ROOT / ".venv" / "bin" / "emperor")
 MB = 1024 * 1024
 
+<<<<<<< HEAD
+SCENARIOS = ("adoption", "serving", "cold", "fleet", "mass", "thousand", "deploy", "prove", "plack",
+             "templates")
+=======
 SCENARIOS = ("adoption", "spares", "serving", "cold", "fleet", "mass", "thousand", "deploy", "prove",
              "plack", "front")
+>>>>>>> main
 
 
 @dataclass
@@ -1066,6 +1071,81 @@ def code_deploy(procs: Procs, ports: Ports, tmp: Path, sizes: Sizes) -> dict:
 # -- report -------------------------------------------------------------------------------------
 
 
+TEMPLATE = """[uwsgi]
+http-socket = 127.0.0.1:{{ 20000 + (name[1:] | int) }}
+processes = {{ 2 if name.endswith("0") else 1 }}
+{% for k in ["APP_NAME", "APP_ROLE", "APP_REGION"] %}env = {{ k }}={{ name }}-{{ loop.index }}
+{% endfor %}
+"""
+
+
+def template_renders(tmp: Path, n: int) -> dict:
+    """The cost of rendering templates with a deadline (config/render.py):
+    N vassal templates, rendered (a) in-process as before (compiled cache
+    warm), (b) in forked children through the Emperor's Renderer, 2 at
+    once: children render batches (wall time, the time spent in the
+    caller's thread, which is what the Emperor's loop pays, and the forks); (c) N plain .ini files read by
+    config.load (the fast path, no child). Three rounds, best of each."""
+    import selectors
+    from psgi_forkserver import config as cfg
+    from psgi_forkserver.config.render import Renderer
+
+    vdir = tmp / "templates"
+    vdir.mkdir(exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = vdir / f"v{i:03d}.ini.j2"
+        p.write_text(TEMPLATE)
+        (vdir / f"p{i:03d}.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{20000 + i}\n")
+        paths.append(p)
+    out: dict = {"n": n}
+    for p in paths:  # compile once: both paths use the compiled cache
+        cfg.render_template(p, TEMPLATE, p.name[:4])
+    best = {"inproc": 1e9, "child_wall": 1e9, "child_loop": 1e9, "plain": 1e9}
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for p in paths:
+            cfg.render_template(p, TEMPLATE, p.name[:4])
+        best["inproc"] = min(best["inproc"], time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for i in range(n):
+            cfg.load(vdir / f"p{i:03d}.ini", judge=True)
+        best["plain"] = min(best["plain"], time.perf_counter() - t0)
+        with selectors.DefaultSelector() as sel:
+            done: list[Path] = []
+            r = Renderer(sel, done.append, timeout=30)
+            t0 = time.perf_counter()
+            in_loop = 0.0
+            c0 = time.perf_counter()
+            for p in paths:
+                r.render(p, TEMPLATE, p.name[:4])
+            r.start()  # the Emperor's next loop turn
+            in_loop += time.perf_counter() - c0
+            while len(done) < n:
+                events = sel.select(5)
+                c0 = time.perf_counter()
+                for key, _ in events:
+                    key.data(0.0)
+                while r.pids:  # as the Emperor's _reap does
+                    pid = os.waitpid(-1, os.WNOHANG)[0]
+                    if not pid:
+                        break
+                    r.reaped(pid)
+                in_loop += time.perf_counter() - c0
+            c0 = time.perf_counter()
+            texts = [r.render(p, TEMPLATE, p.name[:4]) for p in paths]
+            in_loop += time.perf_counter() - c0
+            best["child_wall"] = min(best["child_wall"], time.perf_counter() - t0)
+            best["child_loop"] = min(best["child_loop"], in_loop)
+            assert all(isinstance(t, str) for t in texts)
+            for pid in list(r.pids):
+                os.waitpid(pid, 0)
+            out["forks"] = r.forks
+    for k, v in best.items():
+        out[f"{k}_ms_per_template"] = round(v * 1000 / n, 3)
+    return out
+
+
 def fmt(x, spec=".1f", unit=""):
     return "n/a" if x is None else f"{x:{spec}}{unit}"
 
@@ -1244,7 +1324,17 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
             if sp:
                 rows.append((f"16 keep-alive connections, {app}, {label}: responses per connection in "
                              f"{sp['seconds']:g} s, min / max", f"{sp['min']} / {sp['max']}", "", ""))
+<<<<<<< HEAD
+    tp = r.get("templates")
+    if tp:
+        rows.append((f"vassal templates, N={tp['n']}: ms per template in-process (old, no deadline) "
+                     "/ in a child with a deadline: wall, Emperor loop / plain .ini load",
+                     f"{tp['inproc_ms_per_template']} / {tp['child_wall_ms_per_template']}, "
+                     f"{tp['child_loop_ms_per_template']} / {tp['plain_ms_per_template']} ms "
+                     f"({tp['forks']} children)", "", ""))
+=======
     rows += frontbench.rows(r.get("front") or {})
+>>>>>>> main
     return rows
 
 
@@ -1432,6 +1522,8 @@ def main(argv: list[str] | None = None) -> int:
             r["prove"] = step("prove", lambda: prove_runners(procs, tmp, sizes.prove_files))
         if "plack" in only:
             r["plack"] = step("plack", lambda: plack_suite(procs, tmp))
+        if "templates" in only:
+            r["templates"] = step("templates", lambda: template_renders(tmp, 200))
         if "serving" in only:
             r["serving"] = {}
             for app in ("hello", "heavy"):

@@ -23,6 +23,8 @@ and the deploy requests (SIGUSR1).
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from typing import Any
 
 from . import config as cfgmod
 from . import adoption
+from .config.render import render_with_deadline
 from .proc import CODE_DEPLOY, ForkServer, Kind, Phase, ProcState
 from .vassal import Vassal
 
@@ -264,7 +267,7 @@ class ForkServers:
         except OSError:
             return out
         for path in found.values():
-            cfg = cfgmod.load(path)
+            cfg = cfgmod.load(path, render=render_with_deadline)
             if cfg is None or cfg.error or not self.bases.is_base(cfg):
                 continue
             sock = cfg.fork_server_path()
@@ -331,6 +334,21 @@ class ForkServers:
         `emperor reload-base --wait` waits on."""
         return self.deploys.as_dict(time.monotonic(), self._base())
 
+    def _base_timed_out(self, generation: int) -> None:
+        """An adoption from base `generation` got no reply: a wedged base
+        (WedgeWatch) is killed; its ordinary restart replaces it."""
+        base = self._base()
+        wedged = self.wedges.timed_out(base, generation, self.opts.adopt_timeout)
+        if base is None or wedged is None:
+            return
+        pid, why = wedged
+        base.note_error(why)
+        self.log(f"base {why}", base.name)
+        try:
+            os.kill(pid, signal.SIGKILL)  # the base alone: its adopted vassals keep serving
+        except ProcessLookupError:
+            pass
+
     def _base_back(self, now: float, fs: ForkServer, others: list[Vassal]) -> None:
         """The fork server is ready again (a removed or crashed base is
         back): vassals that were waiting for it in a crash-loop backoff (a
@@ -388,3 +406,44 @@ class ForkServers:
         self.deploys.requested(now, base)
         self.log(f"code deploy: base generation {base.want_base_generation}", base.name)
 
+
+
+WEDGED_AFTER = 3  # adoptions in a row with no reply: the base is wedged
+
+
+@dataclass
+class WedgeWatch:
+    """Judges bases by their adoptions. A base that is stopped (SIGSTOP),
+    deadlocked or swapped to death still exists: no exit to reap, no error,
+    and every adoption from it times out, forever. After `after` timeouts
+    in a row from one generation (any reply in between resets the count)
+    the base is wedged: the Emperor SIGKILLs it, and the base's ordinary
+    restart (then `_base_back`) brings the waiting vassals back."""
+
+    after: int = WEDGED_AFTER
+    timeouts: dict[int, int] = field(default_factory=dict)  # generation -> in a row
+    killed: dict[int, str] = field(default_factory=dict)  # pid -> why (until reaped)
+
+    def replied(self, generation: int) -> None:
+        self.timeouts.pop(generation, None)
+
+    def timed_out(self, base: Vassal | None, generation: int,
+                  adopt_timeout: float) -> tuple[int, str] | None:
+        """One adoption from `generation` got no reply: (pid, why) of the
+        base process to replace when that makes it wedged, else None."""
+        n = self.timeouts[generation] = self.timeouts.get(generation, 0) + 1
+        if n < self.after or base is None:
+            return None
+        for p in base.procs():
+            if p.kind == Kind.BASE and p.base_generation == generation and p.pid is not None \
+                    and p.pid not in self.killed:
+                del self.timeouts[generation]
+                why = (f"wedged: {n} adoptions in a row got no reply within {adopt_timeout:g} s "
+                       f"(pid {p.pid}, generation {generation}): SIGKILL, replaced")
+                self.killed[p.pid] = why
+                return p.pid, why
+        return None
+
+    def exited(self, pid: int) -> str | None:
+        """The reason a base that just exited was killed as wedged, if it was."""
+        return self.killed.pop(pid, None)

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 from . import bases as basesmod
 from . import config as cfgmod
+from .config import render
 from . import control, launch, locks, logs, notify, sockets
 from .metrics import EmperorMetrics
 from .files import Files
@@ -102,6 +103,11 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         self.start_progress = logs.StartProgress(self.log)
         self._init_files()
         self._init_fork_servers()
+        # templates render in children with a deadline (config/render.py);
+        # the file is read again when its render ends
+        self.renderer = render.Renderer(self.sel, lambda path: self.due.__setitem__(path.name, 0.0),
+                                        timeout=self.opts.template_timeout)
+        self.wedges = basesmod.WedgeWatch()  # bases whose adoptions time out
         self._init_routing()
 
     def log(self, msg: str, name: str | None = None) -> None:
@@ -139,6 +145,7 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         self._reap(now)
         if now >= self.next_rescan:
             self._rescan(now)
+        self.renderer.expire(now)
         self._reload_due(now)
         self._reconcile(now)
         if self.front is not None:  # routing changed? (applied batched)
@@ -189,9 +196,12 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
             self._admit_refused()
         for (name, seq), h in list(self.procs.items()):
             if h.adoption is not None and h.adoption.expired(now):
+                p = self.vassals[name].proc(seq)
                 with self._boundary(name, now, seq):
                     self._adoption_failed(
                         name, seq, now, f"no reply within {self.opts.adopt_timeout:g} s")
+                if p is not None:
+                    self._base_timed_out(p.base_generation)
         self._probe_bases(now)
         fs, base_gen = self._fork_server_state(now)
         self._base_back(now, fs, [v for v in self.vassals.values() if not runs_as_base(v)])
@@ -264,6 +274,9 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
             if h.adoption is not None:
                 times.append(h.adoption.deadline)
         times += self.sweeper.next_wakeup()
+        t = self.renderer.next_wakeup()
+        if t is not None:
+            times.append(t)
         if self.front is not None:
             t = self.front.next_wakeup()
             if t is not None:
@@ -303,6 +316,8 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
     def _sweep(self, now: float, everything: bool = False) -> None:
         adopting = any(h.adoption is not None for h in self.procs.values())
         live = self.pids if self.front is None else {**self.pids, **self.front.pids()}
+        if self.renderer.pids:  # template renders: ours, not strangers to log
+            live = {*live, *self.renderer.pids}
         self.sweeper.sweep(now, live, adopting, everything)
 
     def _prune(self, now: float) -> None:
@@ -329,6 +344,7 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
             self.log(f"{name}: stopping every vassal")
             self.shutting_down = True
             self.shutdown_deadline = now + self.opts.mercy
+            self.renderer.close()  # no template matters any more
 
     _handle_sigint = _handle_sigterm
 
@@ -444,6 +460,7 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
 
     def _teardown(self) -> None:
         self.relay.close()
+        self.renderer.close()
         if self.front is not None:
             self.front.close()
         self.listeners.close_all()

@@ -195,7 +195,10 @@ class Files:
                     self._load(name, self.dir / fname, now)
 
     def _load(self, name: str, path: Path | None, now: float) -> None:
-        cfg = cfgmod.load(path, judge=self.judge) if path is not None else None
+        cfg = (cfgmod.load(path, judge=self.judge, render=self.renderer.render)
+               if path is not None else None)
+        if cfg is not None and cfg.pending:
+            return  # a template rendering: read again when it ends (config/render.py)
         if cfg is not None and cfg.transient:
             # out of descriptors or memory: says nothing about the file;
             # keep the vassal as it is and read the file again soon

@@ -50,6 +50,9 @@ class Options:
     mercy: float = option(30.0, "graceful stop time before SIGKILL", metavar="SECONDS")
     adopt_timeout: float = option(10.0, "wait this long for a fork server's reply",
                                   metavar="SECONDS")
+    # config/render.py: a template still rendering after this long is killed
+    template_timeout: float = option(5.0, "a vassal template still rendering after this long "
+                                     "is stopped: config-error", metavar="SECONDS")
     rescan_interval: float = option(10.0, "full rescan of the directory, besides inotify",
                                     metavar="SECONDS")
     backoff_first: float = option(1.0, "crash loop: first restart delay, doubling",

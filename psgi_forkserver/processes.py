@@ -328,6 +328,8 @@ class Processes:
         self.metrics.adopted(pending.elapsed_ms(now) / 1000)
         v.adopted(pid, now, seq)
         self.pids[pid] = (name, seq)
+        if (q := v.proc(seq)) is not None:
+            self.wedges.replied(q.base_generation)
         p = v.proc(seq)
         what = "successor " if p is v.successor else ""
         gen = f", base generation {p.base_generation}" if p else ""
@@ -376,6 +378,8 @@ class Processes:
             if owner is not None:
                 with self._boundary(owner[0], now):
                     self._vassal_exited(owner[0], owner[1], pid, status, now)
+            elif self.renderer.reaped(pid):
+                continue
             elif self.front is not None and self.front.owns(pid):
                 self.front.exited(pid, status, now, describe_status)
             else:
@@ -405,7 +409,8 @@ class Processes:
         elif what == Exit.TOOK_OVER:
             self.log(f"pid {pid} died ({st}); its successor pid {v.pid} takes over", name)
         else:
-            v.note_error(f"pid {pid} died ({st})")
+            # a base killed as wedged keeps that reason in the status
+            v.note_error(self.wedges.exited(pid) or f"pid {pid} died ({st})")
             self.log(f"pid {pid} died ({st}); respawn in {v.backoff:.1f} s"
                      + (" (throttled)" if v.failures > 0 else ""), name)
 

@@ -140,3 +140,19 @@ def test_a_deploy_logs_one_progress_line_a_second_while_vassals_move():
     t.observe(4.2, b, vs, False)
     assert lines[1:] == ["deploy: 2/3 moved, 0 failed",
                          "code deploy to generation 2 done: 3 moved, 0 failed, 3.20 s"]
+
+
+def test_wedge_watch_counts_timeouts_in_a_row_per_generation():
+    """Only timeouts in a row make a base wedged: a reply from that
+    generation starts the count again, another generation's does not."""
+    from psgi_forkserver.bases import WEDGED_AFTER, WedgeWatch
+
+    w = WedgeWatch()
+    for _ in range(WEDGED_AFTER - 1):
+        assert w.timed_out(None, 1, 2.0) is None
+    w.replied(1)
+    w.replied(2)
+    for _ in range(WEDGED_AFTER - 1):
+        w.timed_out(None, 1, 2.0)
+    assert w.timeouts == {1: WEDGED_AFTER - 1}
+    assert w.exited(12345) is None  # a base that was not killed as wedged

@@ -118,3 +118,73 @@ def test_both_ini_and_template_is_an_error(tmp_path: Path):
     assert cfg is not None and cfg.path == plain and not cfg.rendered
     plain.unlink()
     assert c.load(tmpl) is None and c.load(plain) is None
+
+
+# -- rendering with a deadline (config/render.py) ---------------------------------
+
+LOOPS = "[uwsgi]\nx = 1\n{% for i in range(10**10) %}{% endfor %}\n"
+
+
+def test_render_with_deadline_gives_the_text_or_the_error(tmp_path: Path):
+    from psgi_forkserver.config.render import render_with_deadline
+
+    good = tmp_path / "app.ini.j2"
+    src = "[uwsgi]\nname = {{ name }}\n"
+    good.write_text(src)
+    assert render_with_deadline(good, src, "app", 30) == c.render_template(good, src, "app")
+    bad = "[uwsgi]\n\nx = {{ nope }}\n"
+    with pytest.raises(c.TemplateFailure, match=r"^app\.ini\.j2:3: .*nope"):
+        render_with_deadline(good, bad, "app", 30)
+
+
+def test_render_with_deadline_stops_a_template_that_loops(tmp_path: Path):
+    from psgi_forkserver.config.render import render_with_deadline
+
+    path = tmp_path / "slow.ini.j2"
+    path.write_text(LOOPS)
+    with pytest.raises(c.TemplateFailure, match=r"^slow\.ini\.j2: rendering took more than 0\.5 s"):
+        render_with_deadline(path, LOOPS, "slow", 0.5)
+
+
+def test_renderer_result_once_the_child_ended(tmp_path: Path):
+    """The Emperor's renderer: None while a child renders, then the result.
+    One child renders a batch in turn; a template past its deadline is
+    killed with its child, stays failed until its file changes, and the
+    rest of its batch is rendered by a new child."""
+    import selectors
+    import time
+
+    from psgi_forkserver.config.render import Renderer
+
+    from support import wait_for
+
+    done: list[Path] = []
+    with selectors.DefaultSelector() as sel:
+        r = Renderer(sel, done.append, timeout=1, parallel=1)
+
+        def turn():
+            for key, _ in sel.select(0.1):
+                key.data(0.0)
+            r.expire(time.monotonic())
+            for pid in list(r.pids):  # the Emperor's _reap, for this test
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    r.reaped(pid)
+
+        a, slow, b = (tmp_path / f"{n}.ini.j2" for n in ("a", "slow", "b"))
+        for p in (a, b):
+            p.write_text("[uwsgi]\nname = {{ name }}\n")
+        slow.write_text(LOOPS)
+        assert r.render(a, a.read_text(), "a") is None
+        assert r.render(slow, LOOPS, "slow") is None
+        assert r.render(b, b.read_text(), "b") is None
+        r.start()
+        assert r.forks == 1  # one batch
+        wait_for(lambda: (turn(), len(done) == 3)[1], 30, "the three renders to end")
+        assert done == [a, slow, b]
+        assert r.render(a, a.read_text(), "a") == "[uwsgi]\nname = a\n"
+        assert r.render(b, b.read_text(), "b") == "[uwsgi]\nname = b\n"
+        for _ in range(2):  # not rendered again: the same failure at once
+            with pytest.raises(c.TemplateFailure, match="slow.ini.j2: rendering took more than 1 s"):
+                r.render(slow, LOOPS, "slow")
+        assert r.forks == 2  # b's, after slow's child was killed
+        wait_for(lambda: (turn(), not r.pids)[1], 30, "the children reaped")

@@ -78,15 +78,31 @@ def _compiled_template(env, path: Path, source: str):
     return tmpl
 
 
-def render_template(path: Path, source: str, name: str) -> str:
-    """Render a vassal template. Compiled templates are cached by content,
-    so a rescan of hundreds of templates only renders them."""
+def compile_template(path: Path, source: str):
+    """The compiled template (cached by content); TemplateFailure for a
+    syntax error. Compiling is bounded by the file's size: it is done in the
+    Emperor, so that the cache serves every later rendering."""
     import jinja2
 
     try:
-        tmpl = _compiled_template(_environment(path.parent), path, source)
-        return tmpl.render(template_context(path, name))  # type: ignore[attr-defined]
+        return _compiled_template(_environment(path.parent), path, source)
     except jinja2.TemplateSyntaxError as e:
+        where = os.path.basename(e.filename) if e.filename else path.name
+        raise TemplateFailure(f"{where}:{e.lineno}: {_one_line(e.message or str(e))}") from None
+    except Exception as e:  # noqa: BLE001 - e.g. RecursionError on absurd nesting
+        raise TemplateFailure(f"{path.name}:?: {type(e).__name__}: "
+                              f"{_one_line(str(e) or type(e).__name__)}") from None
+
+
+def render_compiled(tmpl, path: Path, name: str) -> str:
+    """Render a compiled template; TemplateFailure with its line on error.
+    Rendering runs the template's code, which may loop: the Emperor does it
+    in a child with a deadline (render.py), never in its own loop."""
+    import jinja2
+
+    try:
+        return tmpl.render(template_context(path, name))  # type: ignore[attr-defined]
+    except jinja2.TemplateSyntaxError as e:  # in an included file
         where = os.path.basename(e.filename) if e.filename else path.name
         raise TemplateFailure(f"{where}:{e.lineno}: {_one_line(e.message or str(e))}") from None
     except Exception as e:  # noqa: BLE001 - undefined names, errors in filters, ...
@@ -95,6 +111,13 @@ def render_template(path: Path, source: str, name: str) -> str:
         if not isinstance(e, jinja2.TemplateError):
             msg = f"{type(e).__name__}: {msg}"
         raise TemplateFailure(f"{path.name}:{line if line else '?'}: {msg}") from None
+
+
+def render_template(path: Path, source: str, name: str) -> str:
+    """Render a vassal template in this process, without a deadline (tools,
+    tests; the Emperor renders through render.Renderer). Compiled templates
+    are cached by content, so a rescan of hundreds of templates only renders them."""
+    return render_compiled(compile_template(path, source), path, name)
 
 
 def _template_line(exc: BaseException, filename: str) -> int | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +28,7 @@ class VassalConfig:
     text: str = ""  # what the vassal must see: the rendered template, or the file
     rendered: bool = False  # a template: pass `text` on the config pipe
     transient: bool = False  # error: out of descriptors or memory; read it again later
+    pending: bool = False  # a template still rendering (render.Renderer): no config yet
 
     def get(self, key: str, default: str | None = None) -> str | None:
         for k, v in reversed(self.options):
@@ -50,13 +51,19 @@ class VassalConfig:
         return (self.path.parent / fs).resolve() if not os.path.isabs(fs) else Path(fs)
 
 
-def load(path: Path, judge: bool = False) -> VassalConfig | None:
+Render = Callable[[Path, str, str], "str | None"]
+
+
+def load(path: Path, judge: bool = False, render: Render | None = None) -> VassalConfig | None:
     """Read the vassal that `path` declares; None when it has no file any more.
 
     With `judge` (the vassal program is ours), the options are checked
     against the declaration (`judge_options`): a file the vassal would
     refuse is a config error here, with its line, rather than a vassal that
     fails the same way at every restart. A template is judged as rendered.
+    `render(path, source, name)` renders a template (default: in this
+    process, no deadline); when it returns None the render is under way and
+    the config is `pending`.
 
     The vassal is known by name: for `app.ini` or `app.ini.j2` whichever of
     the two exists is read (so removing one of two, or replacing `app.ini`
@@ -85,19 +92,23 @@ def load(path: Path, judge: bool = False) -> VassalConfig | None:
         )
     data = datas[present[0]]
     assert data is not None
-    return _from_text(name, present[0], data, judge)
+    return _from_text(name, present[0], data, judge, render)
 
 
-def _from_text(name: str, path: Path, data: bytes, judge: bool) -> VassalConfig:
+def _from_text(name: str, path: Path, data: bytes, judge: bool,
+               render: Render | None = None) -> VassalConfig:
     """The VassalConfig of the one file `path` that holds `data`."""
     text = data.decode("utf-8", "replace")
     rendered = is_template(path.name)
     where = path.name
     if rendered:
         try:
-            text = render_template(path, text, name)
+            out = (render or render_template)(path, text, name)
         except TemplateFailure as e:
             return VassalConfig(name, path, fingerprint(data), error=str(e), rendered=True)
+        if out is None:
+            return VassalConfig(name, path, fingerprint(data), rendered=True, pending=True)
+        text = out
         where = f"{path.name} (rendered)"
     fp = fingerprint(text.encode("utf-8", "surrogateescape"))
     try:
