@@ -213,14 +213,15 @@ class Ports:
         raise BenchError("no free port")
 
 
-def http_get(port: int, path: str = "/", timeout: float = 5.0) -> int | None:
-    """One HTTP/1.0 GET. The status code, or None if nothing listens yet
-    (connection refused) or the connection broke."""
+def http_get(port: int, path: str = "/", timeout: float = 5.0, host: str | None = None) -> int | None:
+    """One HTTP/1.0 GET to loopback `port` (with `Host: host` when given,
+    as through the front door). The status code, or None if nothing listens
+    yet (connection refused) or the connection broke."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         s.connect(("127.0.0.1", port))
-        s.sendall(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        s.sendall(f"GET {path} HTTP/1.0\r\nHost: {host or f'127.0.0.1:{port}'}\r\n\r\n".encode())
         buf = b""
         while True:
             chunk = s.recv(65536)

@@ -14,39 +14,19 @@ from __future__ import annotations
 
 import re
 import shlex
-import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchlib import BenchError, Ports, Procs, pss_of, rmtree, summary
+from benchlib import BenchError, Ports, Procs, http_get, pss_of, rmtree, summary
 
 POLL = 0.0005
 
 
 def host_get(port: int, host: str, path: str = "/", timeout: float = 10.0) -> int | None:
-    """One HTTP/1.0 GET to loopback `port` with `Host: host`: the status, or
-    None when nothing answers (yet)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect(("127.0.0.1", port))
-        s.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
-        buf = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    except OSError:
-        return None
-    finally:
-        s.close()
-    try:
-        return int(buf.split(b" ", 2)[1])
-    except (IndexError, ValueError):
-        return None
+    """One HTTP/1.0 GET to loopback `port` with `Host: host`."""
+    return http_get(port, path, timeout, host=host)
 
 
 def wait_host_200(port: int, host: str, timeout: float, alive=None, path: str = "/") -> float:
