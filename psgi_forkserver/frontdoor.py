@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .nonblocking import recv_ready
+
 #: nginx variables this configuration defines (a prefix nobody else uses)
 BACKEND = "$psgi_fs_backend"
 RETRY = "$psgi_fs_retry_after"
@@ -539,12 +541,9 @@ class FrontDoor:
         """The access log: whole lines, already prefixed, copied as they are."""
         if self.out_r is None:
             return
-        try:
-            data = os.read(self.out_r, 1 << 16)
-        except BlockingIOError:
+        data = recv_ready(self.out_r)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self.unwatch(self.out_r)
             os.close(self.out_r)
@@ -559,12 +558,9 @@ class FrontDoor:
         """nginx wrote to its stderr (its error log): each line logged as ours."""
         if self.err_r is None:
             return
-        try:
-            data = os.read(self.err_r, 65536)
-        except BlockingIOError:
+        data = recv_ready(self.err_r)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:  # every nginx process of that run is gone
             self.unwatch(self.err_r)
             os.close(self.err_r)

@@ -281,15 +281,3 @@ class SignalQueue:
     def pop(self) -> list[signal.Signals]:
         queued, self.queued = self.queued, []
         return [signal.Signals(n) for n in queued]
-
-
-def recv_ready(sock: socket.socket, size: int = 65536) -> bytes | None:
-    """One non-blocking read of a socket the selector said was readable:
-    None when nothing is there after all, b"" at end of file or on an error
-    (the peer is gone either way), else the bytes."""
-    try:
-        return sock.recv(size)
-    except (BlockingIOError, InterruptedError):
-        return None
-    except OSError:
-        return b""

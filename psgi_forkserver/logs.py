@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from .nonblocking import recv_ready
+
 FORMATS = ("text", "json")
 MAX_LINE = 16384  # a longer line is cut into pieces of this many bytes
 READ_CHUNK = 65536
@@ -239,12 +241,9 @@ class OutputPipe:
     def read(self) -> tuple[list[str], bool]:
         """The whole lines read now, and whether the pipe reached its end
         (then a last partial line is among them)."""
-        try:
-            data = os.read(self.rfd, READ_CHUNK)
-        except BlockingIOError:
+        data = recv_ready(self.rfd, READ_CHUNK)
+        if data is None:
             return [], False
-        except OSError:
-            data = b""
         eof = not data
         self.buf += data
         lines = []

@@ -26,6 +26,7 @@ from .config import VassalConfig
 from . import status as status_requests
 from .adoption import AdoptionError, PendingAdoption
 from .launch import describe_status
+from .nonblocking import recv_ready
 from .protocol import EmperorByte, VassalByte
 from .sockets import Listener
 from .vassal import Exit, Kind, Phase, Vassal
@@ -292,7 +293,7 @@ class Processes:
         h = self.procs.get((name, seq))
         if h is None or h.pipe is None:
             return
-        data = launch.recv_ready(h.pipe, 4096)
+        data = recv_ready(h.pipe, 4096)
         if data is None:
             return
         if not data:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .templates import TemplateFailure, compile_template, render_compiled
+from ..nonblocking import recv_ready
 
 DEFAULT_TIMEOUT = 5.0  # seconds a template may render
 DEFAULT_PARALLEL = 2  # render children at once (each holds one descriptor)
@@ -228,12 +229,9 @@ class Renderer:
             self.sel.register(fd, selectors.EVENT_READ, lambda now, c=child: self._readable(c))
 
     def _readable(self, child: _Child) -> None:
-        try:
-            data = os.read(child.fd, 65536)
-        except BlockingIOError:
+        data = recv_ready(child.fd)
+        if data is None:
             return
-        except OSError:
-            data = b""
         child.buf += data
         for rec in _records(child.buf):
             if not child.jobs:  # more records than templates: not our child's doing

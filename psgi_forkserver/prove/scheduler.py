@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .. import adoption, launch, paths, protocol
+from ..nonblocking import recv_ready
 from .base import TestBase
 from .report import Report, write_junit
 from .tap import Job
@@ -240,7 +241,7 @@ class Prove:
         self.expire(running)
 
     def read(self, sock: socket.socket, job: Job) -> None:
-        data = launch.recv_ready(sock)
+        data = recv_ready(sock)
         if data is None:
             return
         if not data:

@@ -14,7 +14,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
-from ..launch import recv_ready
+from ..nonblocking import recv_ready
 from ..metrics import render as render_metrics
 from .document import SCHEMA, Collection
 from .page import render_html
