@@ -54,13 +54,8 @@ APPS = {"heavy": str(HERE / "heavy.psgi"), "hello": str(HERE / "hello.psgi")}
 EMPEROR = str(ROOT / ".venv" / "bin" / "emperor")
 MB = 1024 * 1024
 
-<<<<<<< HEAD
-SCENARIOS = ("adoption", "serving", "cold", "fleet", "mass", "thousand", "deploy", "prove", "plack",
-             "templates")
-=======
 SCENARIOS = ("adoption", "spares", "serving", "cold", "fleet", "mass", "thousand", "deploy", "prove",
-             "plack", "front")
->>>>>>> main
+             "plack", "front", "templates")
 
 
 @dataclass
@@ -1324,7 +1319,6 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
             if sp:
                 rows.append((f"16 keep-alive connections, {app}, {label}: responses per connection in "
                              f"{sp['seconds']:g} s, min / max", f"{sp['min']} / {sp['max']}", "", ""))
-<<<<<<< HEAD
     tp = r.get("templates")
     if tp:
         rows.append((f"vassal templates, N={tp['n']}: ms per template in-process (old, no deadline) "
@@ -1332,9 +1326,7 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
                      f"{tp['inproc_ms_per_template']} / {tp['child_wall_ms_per_template']}, "
                      f"{tp['child_loop_ms_per_template']} / {tp['plain_ms_per_template']} ms "
                      f"({tp['forks']} children)", "", ""))
-=======
     rows += frontbench.rows(r.get("front") or {})
->>>>>>> main
     return rows
 
 
