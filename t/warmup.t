@@ -8,6 +8,7 @@ use Test::TCP qw(empty_port);
 use ForkServerTest::Emperor qw(become_subreaper spawn_vassal adopt read_bytes http_get wait_for wait_gone);
 use ForkServer::Config ();
 use ForkServer::Warmup ();
+use ForkServer::Rehearsal ();
 
 plan skip_all => 'Linux only' unless $^O eq 'linux';
 become_subreaper();
@@ -112,8 +113,11 @@ subtest 'a warm spare: its first worker ran the warm-up itself, and serves the a
         $seen{$1} = $res if $res =~ /pid=(\d+)/;
         last if $seen{$worker};
     }
-    like $seen{$worker} // '', qr{seen=/\($base->{pid}\),/\($worker\)\n},
+    # the worker's own: each path as often as the rehearsals (ForkServer::Rehearsal)
+    my $own = join '', (",/\\($worker\\)") x ForkServer::Rehearsal::TIMES;
+    like $seen{$worker} // '', qr{seen=/\($base->{pid}\)$own\n},
         'the warm worker answers, with the base\'s warm-up and its own';
+    unlike $seen{$worker} // '', qr{rehearsal}, 'the app never saw the rehearsal\'s request';
     syswrite $v->{pipe}, "\x02";
     ok wait_gone($v->{pid}, 15), 'vassal stops';
     ok !kill(0, $worker) || wait_gone($worker, 15), 'its warm worker too';

@@ -6,7 +6,8 @@ use Fcntl qw(S_ISSOCK);
 use POSIX ();
 use Socket qw(SOL_SOCKET SCM_RIGHTS MSG_DONTWAIT);
 use Socket::MsgHdr ();
-use ForkServer::Protocol qw(decode_header decode_array :packet :mask MODIFIER1_FORK_SERVER);
+use ForkServer::Link ();
+use ForkServer::Protocol qw(decode_header decode_array encode_packet encode_dict :packet :mask MODIFIER1_FORK_SERVER);
 
 =head1 NAME
 
@@ -35,7 +36,6 @@ MAX_ARG_BYTES of valid UTF-8 without NUL.
 
 =cut
 
-use constant MSG_CMSG_CLOEXEC => 0x40000000;    # Linux: received descriptors are close-on-exec
 use constant MSG_CTRUNC       => 0x08;          # Linux: control data did not fit
 use constant CONTROL_LEN      => 512;           # room for far more than 3 descriptors: excess ones are seen (and closed), not dropped
 use constant MAX_ARGS         => 256;
@@ -69,7 +69,7 @@ sub read_some {
     # one byte more than a whole packet, so trailing garbage is seen
     my $room = HEADER_SIZE + MAX_BODY + 1 - length $self->{buf};
     my $hdr  = Socket::MsgHdr->new(buflen => $room, controllen => CONTROL_LEN);
-    my $n    = Socket::MsgHdr::recvmsg($self->{sock}, $hdr, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    my $n    = Socket::MsgHdr::recvmsg($self->{sock}, $hdr, ForkServer::Link::MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
     if (!defined $n) {
         return 'more' if $!{EAGAIN} || $!{EWOULDBLOCK} || $!{EINTR};
         die "reading request: $!\n";
@@ -164,6 +164,25 @@ sub handed_over {
     my $state = $self->_check;
     die "an incomplete request\n" unless $state eq 'complete';
     return $self;
+}
+
+=head2 reply_pid($pid)
+
+Sends the reply C<{"pid": $pid}> on the requester's connection (blocking:
+16 bytes into a fresh socket's buffer never wait). Dies if it could not be
+sent (the requester is gone).
+
+=cut
+
+sub reply_pid {
+    my ($self, $pid) = @_;
+    my $sock = $self->{sock};
+    $sock->blocking(1);
+    local $SIG{PIPE} = 'IGNORE';
+    my $reply = encode_packet(MODIFIER1_FORK_SERVER, 0, encode_dict(pid => $pid));
+    my $n = syswrite($sock, $reply);
+    die "sending the pid reply: $!\n" unless defined $n && $n == length $reply;
+    return;
 }
 
 # Forgets the descriptors without closing them (they now belong to the

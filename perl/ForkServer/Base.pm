@@ -492,12 +492,9 @@ sub _become_vassal {
 
 sub _reply_pid {
     my ($self, $req) = @_;
-    my $sock = $req->sock;
-    $sock->blocking(1);
     # for the rest of the vassal's life, as before it was an eval's local
     $SIG{PIPE} = 'IGNORE';
-    my $reply = encode_packet(MODIFIER1_FORK_SERVER, 0, encode_dict(pid => $$));
-    syswrite($sock, $reply) == length $reply or die "sending the pid reply: $!\n";
+    $req->reply_pid($$) if $req->sock;    # a spare's was sent by the base (ForkServer::Spares)
     $req->close_all;
     return;
 }

@@ -5,14 +5,15 @@ use warnings;
 use IO::Select ();
 use IO::Socket::IP ();
 use POSIX ();
-use Socket qw(AF_UNIX SOCK_SEQPACKET PF_UNSPEC SOL_SOCKET SCM_RIGHTS);
-use Socket::MsgHdr ();
+use Socket qw(AF_UNIX SOCK_SEQPACKET PF_UNSPEC MSG_DONTWAIT);
 use Time::HiRes ();
 use ForkServer::Clone ();
 use ForkServer::Config ();
+use ForkServer::Link ();
 use ForkServer::Log ();
 use ForkServer::Protocol qw(encode_packet encode_array decode_array MODIFIER1_FORK_SERVER);
 use ForkServer::AdoptionRequest ();
+use ForkServer::Rehearsal ();
 use ForkServer::Session ();
 use ForkServer::Vassal ();
 use ForkServer::Warmup ();
@@ -91,7 +92,7 @@ sub log { my ($self, $msg) = @_; ForkServer::Log::line($self->{base}{name}, $msg
 
 sub watch_with { $_[0]{select} = $_[1]; return }
 
-sub owns    { exists $_[0]{spares}{ fileno $_[1] } }
+sub owns    { my $fd = fileno $_[1]; defined $fd && exists $_[0]{spares}{$fd} }    # a link closed by take() is no one's
 sub size    { scalar keys %{ $_[0]{spares} } }
 sub ready   { scalar grep { $_->{ready} } values %{ $_[0]{spares} } }
 
@@ -153,8 +154,17 @@ sub make_one {
         undef $pid;             # the spare's own pid comes with its R message
     }
     close $theirs;
-    $self->{spares}{ fileno $ours } = { link => $ours, pid => $pid, born => Time::HiRes::time() };
-    $self->{select}->add($ours);
+    $self->_add($ours, $pid);
+    # the fork shared our pages again: the next adoption's path is copied now
+    ForkServer::Rehearsal::adoption_request() for 1 .. ForkServer::Rehearsal::TIMES;
+    return;
+}
+
+# A spare's link joins the pool (its pid comes later with the double fork).
+sub _add {
+    my ($self, $link, $pid) = @_;
+    $self->{spares}{ fileno $link } = { link => $link, pid => $pid, born => Time::HiRes::time() };
+    $self->{select}->add($link);
     return;
 }
 
@@ -174,8 +184,12 @@ file (it is gone; another is made later).
 
 sub readable {
     my ($self, $fh) = @_;
-    my $s = $self->{spares}{ fileno $fh } or return;
-    my $n = sysread $fh, my $msg, 64;
+    return unless $self->owns($fh);
+    my $s = $self->{spares}{ fileno $fh };
+    # never blocks the base: a link is read both from its loop and from
+    # take(), and the loop may hold a readiness that take() already used
+    my $msg = '';
+    my $n = defined recv($fh, $msg, 64, MSG_DONTWAIT) ? length $msg : undef;
     return if !defined $n && ($!{EINTR} || $!{EAGAIN});
     if ($n && $msg =~ /\AR(\d+)\z/) {
         @$s{qw(ready pid)} = (1, $1);
@@ -211,28 +225,47 @@ sub fits {
 
 =head2 take($request) -> bool
 
-Hands a complete adoption request to the oldest ready spare; true if it
-went (the base then closes its copies of the descriptors), false if the
-base must fork as before (no spare ready, a request that does not fit, or
-the spare could not be reached).
+Serves a complete adoption request with the oldest ready spare: the base
+sends the pid reply itself (the requester does not wait for the spare to
+wake up), then hands the spare the packet and the request's descriptors.
+True when the request is done with (the base then closes its copies of
+the descriptors); false when the base must fork as before (no spare
+ready, or a request that does not fit).
 
 =cut
 
 sub take {
     my ($self, $req) = @_;
     return 0 unless $self->fits($req);
+    $self->_notice_ends;    # never reply with the pid of a spare that just died
     my ($s) = sort { $a->{born} <=> $b->{born} } grep { $_->{ready} } values %{ $self->{spares} };
     return 0 unless $s;
+    if (!eval { $req->reply_pid($s->{pid}); 1 }) {
+        (my $why = $@) =~ s/\s+\z//;
+        $self->log("request from " . $req->peer . " dropped, the spare kept: $why");
+        return 1;
+    }
     $self->_forget($s);
-    # one message: the packet, its descriptors, then the requester's connection
     my $packet = encode_packet(MODIFIER1_FORK_SERVER, $req->mask, encode_array($req->argv));
-    my $ok = _send($s->{link}, $packet, $req->fds, fileno $req->sock);
-    close $s->{link};    # adopted or not, it is no spare of ours any more
-    $self->log("spare pid $s->{pid} could not be given a request ($!): forking instead") unless $ok;
+    # Rare (the spare died after _notice_ends): it ends on end of file, and
+    # the Emperor, which has its pid, sees its vassal die and starts it again.
+    ForkServer::Link::send_fds($s->{link}, $packet, $req->fds)
+        or $self->log("spare pid $s->{pid} could not be given its request ($!): it ends");
+    close $s->{link};    # it is no spare of ours any more
     # the next spare waits: a burst of adoptions, and the vassal just
     # adopted, go first (a clone and a warm-up take CPU from both)
-    $self->{retry_at} = Time::HiRes::time() + REFILL_PAUSE if $ok;
-    return $ok;
+    $self->{retry_at} = Time::HiRes::time() + REFILL_PAUSE;
+    return 1;
+}
+
+# Links with something to read (end of file: the spare is gone) are read
+# now rather than on the loop's next turn.
+sub _notice_ends {
+    my ($self) = @_;
+    my @links = map { $_->{link} } values %{ $self->{spares} };
+    return unless @links;
+    $self->readable($_) for IO::Select->new(@links)->can_read(0);
+    return;
 }
 
 =head2 close_links()
@@ -247,28 +280,6 @@ sub close_links {
     close $_->{link} for values %{ $self->{spares} };
     $self->{spares} = {};
     return;
-}
-
-sub _send {
-    my ($sock, $data, @fds) = @_;
-    my $hdr = Socket::MsgHdr->new(buf => $data);
-    $hdr->cmsghdr(SOL_SOCKET, SCM_RIGHTS, pack 'i*', @fds) if @fds;
-    local $SIG{PIPE} = 'IGNORE';
-    my $n = Socket::MsgHdr::sendmsg($sock, $hdr, 0);
-    return defined $n && $n == length $data;
-}
-
-sub _recv {
-    my ($sock) = @_;
-    my $hdr = Socket::MsgHdr->new(buflen => 262144, controllen => 256);
-    my $n = Socket::MsgHdr::recvmsg($sock, $hdr, ForkServer::AdoptionRequest::MSG_CMSG_CLOEXEC) // return;
-    return if $n == 0;
-    my @fds;
-    my @cmsg = $hdr->cmsghdr;
-    while (my ($level, $type, $data) = splice @cmsg, 0, 3) {
-        push @fds, unpack 'i*', $data if $level == SOL_SOCKET && $type == SCM_RIGHTS;
-    }
-    return ($hdr->buf, @fds);
 }
 
 # ---------------------------------------------------------------------------
@@ -288,6 +299,7 @@ sub _spare_main {
         # The Emperor tells a spare from a stranger by this title (orphans.py)
         $0 = "psgi-vassal $name (spare of $base->{pid}, warming)";
         my $worker = ForkServer::Spares::Worker->prefork($base->{app}, $self->{paths}, $name, $link);
+        ForkServer::Rehearsal::vassal_start() for 1 .. ForkServer::Rehearsal::TIMES;
         $0 = "psgi-vassal $name (spare of $base->{pid})";
         syswrite($link, "R$$") or die "telling the base: $!\n";
         my $req = _wait_for_adoption($link, $worker);
@@ -305,11 +317,10 @@ sub _wait_for_adoption {
     my ($link, $worker) = @_;
     my @ready = IO::Select->new($link, $worker->{link})->can_read;
     POSIX::_exit(0) if grep { $_ == $worker->{link} } @ready;
-    my ($data, @fds) = _recv($link);
+    my ($data, @fds) = ForkServer::Link::recv_fds($link);
     POSIX::_exit(0) unless defined $data && @fds;
-    my $client_fd = pop @fds;
-    open(my $client, '+<&=', $client_fd) or die "the requester's connection (descriptor $client_fd): $!\n";
-    my $req = eval { ForkServer::AdoptionRequest->handed_over(sock => $client, data => $data, fds => \@fds) };
+    # no connection to the requester: the base sent the pid reply
+    my $req = eval { ForkServer::AdoptionRequest->handed_over(sock => undef, data => $data, fds => \@fds) };
     if (!$req) {
         POSIX::close($_) for @fds;
         die "the request from the base: $@";
@@ -380,7 +391,7 @@ sub start {
     my ($self, $sock) = @_;
     my $text = $self->{config_text};
     my $data = encode_array(defined $text ? (1, $text) : (0, ''), @{ $self->{argv} });
-    ForkServer::Spares::_send($self->{link}, $data, fileno $sock) or die "starting the spare's worker: $!\n";
+    ForkServer::Link::send_fds($self->{link}, $data, fileno $sock) or die "starting the spare's worker: $!\n";
     close $self->{link};
     return { pid => $self->{pid}, %{ $self->{pipes} } };
 }
@@ -399,9 +410,14 @@ sub _worker_main {
     my ($link, $app, $paths, $name, $ready_r, $ready_w, $stop_r) = @_;
     my $master = getppid();
     $0 = "psgi-vassal $name (spare worker)";
-    ForkServer::Warmup::run($app, $paths, sub { }) if @$paths;
+    # the app's paths as often as the server's: the adopted vassal's first
+    # request then takes what the app's steady state takes
+    for (1 .. ForkServer::Rehearsal::TIMES) {
+        ForkServer::Warmup::run($app, $paths, sub { }) if @$paths;
+        ForkServer::Rehearsal::worker_start();
+    }
     syswrite($link, 'W') or die "telling the spare: $!\n";
-    my ($data, $fd) = ForkServer::Spares::_recv($link);
+    my ($data, $fd) = ForkServer::Link::recv_fds($link);
     POSIX::_exit(0) unless defined $data && defined $fd;    # not adopted: the spare ended
     close $link;
     my ($has_text, $text, @argv) = decode_array($data);

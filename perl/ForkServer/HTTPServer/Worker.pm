@@ -12,7 +12,8 @@ use Exporter 'import';
 use IO::Handle ();
 use POSIX ();
 use Socket qw(IPPROTO_TCP TCP_NODELAY SOL_SOCKET SO_RCVTIMEO SO_SNDTIMEO AF_INET AF_INET6
-              MSG_DONTWAIT inet_ntop unpack_sockaddr_in unpack_sockaddr_in6 sockaddr_family);
+              MSG_DONTWAIT inet_ntop inet_aton pack_sockaddr_in unpack_sockaddr_in unpack_sockaddr_in6
+              sockaddr_family);
 use ForkServer::HTTPServer::Wire qw(now READ_CHUNK);
 
 use constant {
@@ -321,6 +322,12 @@ sub _accept {
         select(undef, undef, undef, 0.1);
         return undef;
     }
+    return $self->_conn($conn, $peer, $stimeo);
+}
+
+# A connection the worker holds, from accept()'s socket and peer address.
+sub _conn {
+    my ($self, $conn, $peer, $stimeo) = @_;
     # Per connection, not per request: no Nagle delay on split writes; no
     # single read or write stalls longer than socket_timeout.
     setsockopt($conn, IPPROTO_TCP, TCP_NODELAY, 1);
@@ -339,6 +346,24 @@ sub _accept {
               informational => sub { ForkServer::HTTPServer::Response::write_informational($conn, @_) } };
     _head_begins($self, $c);
     return $c;
+}
+
+# One connection served to its end, outside the loop and before any real
+# one: a spare's waiting worker rehearses the request path with a stand-in
+# app over a socket pair (ForkServer::Rehearsal), as if from 127.0.0.1.
+sub serve_one {
+    my ($self, $conn) = @_;
+    local $self->{stopping_ref} = \(my $stopping = 0);
+    local @$self{qw(server_name server_port)} = ('127.0.0.1', 80);
+    my $c = $self->_conn($conn, pack_sockaddr_in(0, inet_aton('127.0.0.1')), pack('l!l!', $self->{socket_timeout}, 0));
+    my $fd = fileno $conn;
+    my $loop = { conns => { $fd => $c }, pending => {}, leaving => 0 };
+    for (1 .. 4) {    # one request; a few reads at most
+        last unless $loop->{conns}{$fd};
+        $self->_serve_conn($loop, $fd);
+    }
+    _drop_conn($loop, $fd);
+    return;
 }
 
 1;

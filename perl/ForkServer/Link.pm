@@ -1,0 +1,69 @@
+package ForkServer::Link;
+use strict;
+use warnings;
+
+use Socket qw(SOL_SOCKET SCM_RIGHTS MSG_PEEK MSG_TRUNC);
+use Socket::MsgHdr ();
+
+=head1 NAME
+
+ForkServer::Link - one message with descriptors over a SOCK_SEQPACKET socket
+
+=head1 SYNOPSIS
+
+  ForkServer::Link::send_fds($sock, $bytes, @fds) or die "send: $!";
+  my ($bytes, @fds) = ForkServer::Link::recv_fds($sock);   # () at end of file
+
+=head1 DESCRIPTION
+
+How a base talks to its spares, and a spare to its waiting worker
+(L<ForkServer::Spares>): a message is sent whole or not at all, its
+descriptors (C<SCM_RIGHTS>) with it. Received descriptors are
+close-on-exec.
+
+=cut
+
+use constant MSG_CMSG_CLOEXEC => 0x40000000;    # Linux: received descriptors are close-on-exec
+
+=head2 send_fds($sock, $bytes, @fds) -> bool
+
+True when the whole message went. SIGPIPE is ignored meanwhile: a peer
+that is gone is a false return, with C<$!> set.
+
+=cut
+
+sub send_fds {
+    my ($sock, $data, @fds) = @_;
+    my $hdr = Socket::MsgHdr->new(buf => $data);
+    $hdr->cmsghdr(SOL_SOCKET, SCM_RIGHTS, pack 'i*', @fds) if @fds;
+    local $SIG{PIPE} = 'IGNORE';
+    my $n = Socket::MsgHdr::sendmsg($sock, $hdr, 0);
+    return defined $n && $n == length $data;
+}
+
+=head2 recv_fds($sock) -> ($bytes, @fds)
+
+The next message and its descriptors; the empty list at end of file or on
+an error (C<$!>).
+
+=cut
+
+# The message's size first, then a buffer of that size: Socket::MsgHdr
+# clears the buffer it is given, and one as large as the largest message
+# (64 KB) cost 16 to 64 page faults on every adoption.
+sub recv_fds {
+    my ($sock) = @_;
+    my $size = Socket::MsgHdr::recvmsg($sock, Socket::MsgHdr->new(buflen => 1), MSG_PEEK | MSG_TRUNC) // return;
+    return if $size == 0;    # end of file
+    my $hdr = Socket::MsgHdr->new(buflen => $size, controllen => 256);
+    my $n = Socket::MsgHdr::recvmsg($sock, $hdr, MSG_CMSG_CLOEXEC) // return;
+    return if $n == 0;
+    my @fds;
+    my @cmsg = $hdr->cmsghdr;
+    while (my ($level, $type, $data) = splice @cmsg, 0, 3) {
+        push @fds, unpack 'i*', $data if $level == SOL_SOCKET && $type == SCM_RIGHTS;
+    }
+    return ($hdr->buf, @fds);
+}
+
+1;

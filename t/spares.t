@@ -1,0 +1,116 @@
+# ForkServer::Spares as the base's loop drives it, with socket pairs for the
+# spares' links and for the requester: what the pool does with a request,
+# a spare that died, a requester that left, a readiness already used.
+use strict;
+use warnings;
+use Test::More;
+use lib 't/lib', 'perl';
+use IO::Select ();
+use POSIX ();
+use Socket qw(AF_UNIX SOCK_SEQPACKET SOCK_STREAM PF_UNSPEC);
+use ForkServer::AdoptionRequest ();
+use ForkServer::Config ();
+use ForkServer::Link ();
+use ForkServer::Protocol qw(encode_packet encode_array decode_dict read_packet MODIFIER1_FORK_SERVER MASK_PIPE);
+use ForkServer::Spares ();
+
+my $log = '';
+{
+    no warnings 'redefine';
+    *ForkServer::Spares::log = sub { $log .= "$_[1]\n" };
+}
+
+sub new_pool {
+    my $base = { name => 'sp', config => ForkServer::Config->from_argv([]), app => undef };
+    my $pool = ForkServer::Spares->new(base => $base, count => 2);
+    $pool->watch_with(IO::Select->new);
+    return $pool;
+}
+
+# A spare as the base sees it: the base's end in the pool, the spare's end returned.
+sub new_spare {
+    my ($pool, $pid, %opt) = @_;
+    socketpair(my $base_end, my $spare_end, AF_UNIX, SOCK_SEQPACKET, PF_UNSPEC) or die $!;
+    $pool->_add($base_end, undef);
+    syswrite $spare_end, "R$pid";
+    $pool->readable($base_end) unless $opt{unread};
+    return ($spare_end, $base_end);
+}
+
+# A complete adoption request, as the base has it once read; and the requester's end.
+sub new_request {
+    socketpair(my $client, my $server, AF_UNIX, SOCK_STREAM, PF_UNSPEC) or die $!;
+    socketpair(my $pipe, my $other, AF_UNIX, SOCK_STREAM, PF_UNSPEC) or die $!;
+    ForkServer::Link::send_fds($client, encode_packet(MODIFIER1_FORK_SERVER, MASK_PIPE,
+        encode_array('perl', '--http-socket', '127.0.0.1:8000')), fileno $pipe) or die $!;
+    $server->blocking(0);
+    my $req = ForkServer::AdoptionRequest->new(sock => $server, peer => 'test', deadline => time + 5);
+    is $req->read_some, 'complete', 'a complete request';
+    return ($req, $client);
+}
+
+sub pid_reply {
+    my ($client) = @_;
+    my (undef, undef, $body) = read_packet($client);
+    return { decode_dict($body) }->{pid};
+}
+
+subtest 'the base replies with the oldest ready spare\'s pid, then hands it the request' => sub {
+    my $pool = new_pool();
+    my ($first)  = new_spare($pool, 111);
+    my ($second) = new_spare($pool, 222);
+    is $pool->ready, 2, 'two ready';
+    my ($req, $client) = new_request();
+    ok $pool->take($req), 'taken';
+    is pid_reply($client), 111, 'the pid reply, from the base';
+    my ($data, @fds) = ForkServer::Link::recv_fds($first);
+    like $data, qr{--http-socket}, 'the spare got the request';
+    is scalar @fds, 1, 'with its one descriptor (and no connection to the requester)';
+    POSIX::close($_) for @fds;
+    is $pool->ready, 1, 'the other one waits';
+};
+
+subtest 'a readiness the loop holds after take() used it does not block the base' => sub {
+    my $pool = new_pool();
+    my ($kept) = new_spare($pool, 111);
+    my ($late, $late_base) = new_spare($pool, 222, unread => 1);    # its R is in the loop's @ready
+    my ($req, $client) = new_request();
+    ok $pool->take($req), 'taken';
+    is pid_reply($client), 111, 'by the older spare';
+    is $pool->ready, 1, 'take() read the late spare\'s R';
+    my $blocked = !eval {
+        local $SIG{ALRM} = sub { die "blocked\n" };
+        alarm 5;
+        $pool->readable($late_base);    # what the loop does next with its @ready
+        alarm 0;
+        1;
+    };
+    ok !$blocked, 'readable() returned at once';
+    is $pool->ready, 1, 'the late spare still waits, ready';
+};
+
+subtest 'a spare that died is never given a request' => sub {
+    my $pool = new_pool();
+    my ($dead) = new_spare($pool, 333);
+    close $dead;    # its end of file is not read yet
+    my ($req, $client) = new_request();
+    ok !$pool->take($req), 'not taken: the base forks';
+    is $pool->size, 0, 'the dead spare is gone from the pool';
+    like $log, qr{spare pid 333 ended before it was adopted}, 'one line';
+    $client->blocking(0);
+    ok !defined sysread($client, my $buf, 64), 'no pid reply was sent';
+};
+
+subtest 'a requester that left is dropped, and the spare kept' => sub {
+    my $pool = new_pool();
+    my ($kept) = new_spare($pool, 444);
+    my ($req, $client) = new_request();
+    close $client;
+    $log = '';
+    ok $pool->take($req), 'done with';
+    like $log, qr{request from test dropped, the spare kept: sending the pid reply}, 'one line';
+    is $pool->ready, 1, 'the spare still waits';
+    $req->close_all;
+};
+
+done_testing;
