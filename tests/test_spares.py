@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pwd
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -212,3 +213,115 @@ def test_kill_9_of_the_emperor_leaves_no_spare_behind(emp):
     finally:
         _set_subreaper(False)
         kill_all([p for p in tree if alive(p)])
+
+
+# -- red team (issue 15): what a hostile app, operator or local process does --
+
+FORKED_WARMUP = HERE / "apps" / "forked_warmup.psgi"
+
+
+def failing_warmup_base(extra: str = "") -> str:
+    return (f"[uwsgi]\nearly-psgi = {FORKED_WARMUP}\nfork-server = fs.sock\n"
+            f"early-warmup = /warm\nfork-server-spares = 2\n{extra}")
+
+
+def adopted_by_fork(e, name: str) -> None:
+    """The base still adopts (by forking): a new vassal answers."""
+    port = free_port()
+    (e.dir / f"{name}.ini").write_text(app_ini(name, port, processes=1))
+    r = wait_for(lambda: get(port), 30, f"{name} to answer")
+    assert r["name"] == name, r
+
+
+def test_a_warm_up_that_exits_in_a_forked_process_does_not_make_spares_in_a_loop(emp):
+    # Before: the base replaced each dead spare at once, some 300 forks and
+    # 1300 log lines a second for as long as the base lived.
+    e = emp({"base": failing_warmup_base()}, base=False, env={"FORKED_WARMUP": "exit"})
+    wait_for(lambda: e.lines("next spare in 4 s"), 40, "the third spare to fail")
+    failed = e.lines("could not warm up")
+    assert len(failed) == 3, e.text()
+    for line, wait in zip(failed, (1, 2, 4)):
+        assert line.endswith(f"could not warm up (its worker exited with status 3 while warming up): "
+                             f"next spare in {wait} s"), line
+    # one line from the base per failure, none from the spare itself
+    assert not [ln for ln in e.lines("spare pid") if "could not warm up" not in ln], e.text()
+    assert len(e.lines("reaped pid")) <= 8, e.text()  # the 3 spares and their workers, maybe a 4th
+    sp = e.status()["base"]["spares"]
+    assert sp["ready"] == 0 and sp["count"] <= 1, sp
+    adopted_by_fork(e, "one")
+
+
+def test_a_warm_up_that_hangs_in_a_forked_process_is_killed_after_the_spare_timeout(emp):
+    # Before: the spare stayed "warming" for ever, and the pool with it.
+    e = emp({"base": failing_warmup_base("fork-server-spare-timeout = 1\n")}, base=False,
+            env={"FORKED_WARMUP": "hang"})
+    sp = wait_for(lambda: e.status()["base"].get("spares"), 30, "a spare in the status")
+    assert sp["ready"] == 0, sp  # warming, shown as such
+    stuck = [psutil.Process(p) for p in sp["pids"]]
+    # the fork path serves adoptions meanwhile
+    adopted_by_fork(e, "one")
+    wait_for(lambda: e.lines("next spare in 2 s"), 40, "the second spare to be killed")
+    failed = e.lines("could not warm up")
+    assert failed[0].endswith("could not warm up (its worker was still warming up after 1 s "
+                              "(fork-server-spare-timeout): killed): next spare in 1 s"), failed
+    wait_for(lambda: not [p for p in stuck if alive(p)], 30, "the first hung spare and its worker to end")
+    assert_no_zombies(e)
+
+
+def test_the_warm_workers_lines_are_its_vassals_not_the_bases(emp):
+    # Before: the worker forked before the adoption wrote its access lines
+    # (and the app's warnings) to the base's output: "[base] one 127.0.0.1 ...".
+    e = emp({"base": base_ini(1)}, base=False)
+    spares(e, 1)
+    waiting = spare_masters(e)
+    port = free_port()
+    (e.dir / "one.ini").write_text(
+        f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\nenv = APP_NAME=one\n")
+    r = wait_for(lambda: get(port), 30, "the adopted vassal to answer")
+    pid = e.vpid("one")
+    assert pid in waiting and int(r["ppid"]) == pid, (pid, waiting, r)
+    worker = int(r["pid"])
+    assert os.readlink(f"/proc/{worker}/fd/1") == os.readlink(f"/proc/{pid}/fd/1")
+    assert os.readlink(f"/proc/{worker}/fd/2") == os.readlink(f"/proc/{pid}/fd/2")
+    wait_for(lambda: [ln for ln in e.lines('"GET / HTTP/1.1" 200') if ln.split()[1] == "[one]"], 30,
+             "the access line under [one]")
+    assert not [ln for ln in e.lines("GET / HTTP") if ln.split()[1] != "[one]"], e.text()
+
+
+def test_a_spare_that_fails_its_config_takes_its_warm_worker_with_it(emp):
+    # Before: the warm worker outlived its vassal, an orphan the Emperor swept.
+    e = emp({"base": base_ini(1)}, base=False)
+    spares(e, 1)
+    (master,) = spare_masters(e)
+    (worker,) = [c.pid for c in psutil.Process(master).children()]
+    (e.dir / "bad.ini").write_text(
+        f"[uwsgi]\nhttp-socket = 127.0.0.1:{free_port()}\nprocesses = 1\nchdir = /nonexistent/dir\n")
+    wait_for(lambda: e.lines(f"[bad] pid {master} died"), 30, "the adopted spare to fail")
+    assert e.lines("[bad] psgi-vassal bad: error: chdir '/nonexistent/dir'"), e.text()
+    wait_for(lambda: not psutil.pid_exists(worker), 30, "its warm worker to end")
+    wait_for(lambda: len(e.lines("adopted pid")) >= 2, 30, "the next adoption")
+    assert not e.lines(f"pid {worker} "), e.text()  # reaped by its spare, not left to the Emperor
+
+
+def test_requesters_gone_before_the_reply_leak_no_descriptor_and_no_spare(emp):
+    from psgi_forkserver.adoption import start_adoption
+
+    e = emp({"base": base_ini(2)}, base=False)
+    spares(e, 2)
+    base = e.vpid("base")
+    before_fds = len(os.listdir(f"/proc/{base}/fd"))
+    for _ in range(100):
+        ours, theirs = socket.socketpair()
+        try:
+            start_adoption(e.dir / "fs.sock", ["perl", "--http-socket", "127.0.0.1:1"], theirs.fileno()).close()
+        finally:
+            ours.close()
+            theirs.close()
+    wait_for(lambda: len(e.lines("dropped, the spare kept")) + len(e.lines("reaped pid")) >= 100, 30,
+             "the base to see every request")
+    sp = spares(e, 2)
+    assert len(spare_masters(e)) == 2, sp
+    wait_for(lambda: len(os.listdir(f"/proc/{base}/fd")) == before_fds, 30,
+             f"the base's descriptors back to {before_fds}")
+    assert e.vpid("base") == base
+    assert_no_zombies(e)

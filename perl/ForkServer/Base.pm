@@ -486,7 +486,9 @@ sub _become_vassal {
         # copy the codebase's pages (60 ms and ~100 MB for the heavy
         # benchmark app, times the fleet on a shutdown). The app's END blocks
         # belong to the base.
-        exit => sub { POSIX::_exit($_[0]) },
+        # A spare's warm worker that was never given the socket (the vassal
+        # failed first) goes with it rather than outliving it as an orphan.
+        exit => sub { $vassal{first_worker}->discard if $vassal{first_worker}; POSIX::_exit($_[0]) },
     );
 }
 

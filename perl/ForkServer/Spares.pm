@@ -78,6 +78,7 @@ and replaced.
 =cut
 
 use constant RETRY_AFTER  => 1;      # seconds before another try after a spare could not be made
+use constant BACKOFF_MAX  => 60;     # a spare that cannot warm up: the wait before the next one doubles up to this
 use constant REFILL_PAUSE => 0.1;    # after an adoption, its vassal starts before a new spare competes for the CPU
 
 sub new {
@@ -85,6 +86,7 @@ sub new {
     my $self = bless { %args, spares => {} }, $class;    # fileno of our link => spare
     my @paths = $args{base}{config}->list('early-warmup');
     $self->{paths} = $args{base}{app} ? \@paths : [];
+    $self->{warm_timeout} = $args{base}{config}->get('fork-server-spare-timeout');
     return $self;
 }
 
@@ -177,8 +179,12 @@ sub _failed {
 
 =head2 readable($fh)
 
-A spare's link is readable: C<R PID> (it is warm and waits), or end of
-file (it is gone; another is made later).
+A spare's link is readable: C<R PID> (it is warm and waits), C<E PID WHY>
+(it could not warm up and ends), or end of file (it is gone; another is
+made later). A spare that ends before it is warm makes the next one wait,
+1 s then twice as long each time up to C<BACKOFF_MAX>: an app whose
+warm-up kills or wedges a forked process would otherwise have the base
+make spares in a loop.
 
 =cut
 
@@ -189,18 +195,29 @@ sub readable {
     # never blocks the base: a link is read both from its loop and from
     # take(), and the loop may hold a readiness that take() already used
     my $msg = '';
-    my $n = defined recv($fh, $msg, 64, MSG_DONTWAIT) ? length $msg : undef;
+    my $n = defined recv($fh, $msg, 4096, MSG_DONTWAIT) ? length $msg : undef;
     return if !defined $n && ($!{EINTR} || $!{EAGAIN});
     if ($n && $msg =~ /\AR(\d+)\z/) {
         @$s{qw(ready pid)} = (1, $1);
+        delete $self->{backoff};
         $self->log("spares: $self->{count} ready") if $self->ready == $self->{count};
         return;
     }
+    my $why = $n && $msg =~ /\AE(\d+) (.*)\z/s ? do { $s->{pid} //= $1; $2 } : undef;
     $self->_forget($s);
     close $s->{link};
-    $self->log("spare pid " . ($s->{pid} // '?') . " ended before it was adopted");
+    my $pid = $s->{pid} // '?';
+    return $self->log("spare pid $pid ended before it was adopted") if $s->{ready};
+    my $wait = $self->{backoff} = $self->{backoff} ? _min(2 * $self->{backoff}, BACKOFF_MAX) : RETRY_AFTER;
+    $self->{retry_at} = Time::HiRes::time() + $wait;
+    $why //= 'it ended';
+    $why =~ s/\s+\z//;
+    $why =~ s/\s*\n\s*/ /g;
+    $self->log("spare pid $pid could not warm up ($why): next spare in $wait s");
     return;
 }
+
+sub _min { $_[0] < $_[1] ? $_[0] : $_[1] }
 
 sub _forget {
     my ($self, $s) = @_;
@@ -294,20 +311,26 @@ sub _spare_main {
     # forked below and must be in the session the vassal will have.
     my ($leads, $why) = ForkServer::Session::lead();
     ForkServer::Log::line($name, "spare pid $$ is not a session leader ($why)") unless $leads;
+    my $warm;
     my $ok = eval {
         $base->_close_base;    # and the other spares' links, with the pool
         # The Emperor tells a spare from a stranger by this title (orphans.py)
         $0 = "psgi-vassal $name (spare of $base->{pid}, warming)";
-        my $worker = ForkServer::Spares::Worker->prefork($base->{app}, $self->{paths}, $name, $link);
+        my $worker = ForkServer::Spares::Worker->prefork($base->{app}, $self->{paths}, $name, $link,
+                                                         $self->{warm_timeout});
         ForkServer::Rehearsal::vassal_start() for 1 .. ForkServer::Rehearsal::TIMES;
         $0 = "psgi-vassal $name (spare of $base->{pid})";
         syswrite($link, "R$$") or die "telling the base: $!\n";
+        $warm = 1;
         my $req = _wait_for_adoption($link, $worker);
         close $link;
         $base->_become_vassal($req, first_worker => $worker);    # does not return
         1;
     };
-    ForkServer::Log::line($name, "spare pid $$: $@") unless $ok;
+    # before it is warm, the base says why, in its one line for the failure
+    if (!$ok && !($warm || !$link->opened || ForkServer::Link::send_fds($link, "E$$ " . substr($@, 0, 2000)))) {
+        ForkServer::Log::line($name, "spare pid $$: $@");
+    }
     POSIX::_exit($ok ? 0 : 1);
 }
 
@@ -347,7 +370,7 @@ use ForkServer::Warmup ();
 # In the spare: fork the worker with the master's pipes (ForkServer::HTTPServer's
 # worker messages and stop pipe); it warms up, says so, and waits for go().
 sub prefork {
-    my ($class, $app, $paths, $name, $base_link) = @_;    # the spare's link to the base: not the worker's
+    my ($class, $app, $paths, $name, $base_link, $timeout) = @_;    # the spare's link to the base: not the worker's
     pipe(my $ready_r, my $ready_w) or die "pipe: $!\n";
     pipe(my $stop_r, my $stop_w) or die "pipe: $!\n";
     socketpair(my $ours, my $theirs, AF_UNIX, SOCK_SEQPACKET, PF_UNSPEC) or die "socketpair: $!\n";
@@ -367,10 +390,23 @@ sub prefork {
         pid => $pid, link => $ours,
         pipes => { ready_r => $ready_r, ready_w => $ready_w, stop_r => $stop_r, stop_w => $stop_w },
     }, $class;
-    # warm before the base counts on us
+    # warm before the base counts on us; an app whose warm-up path hangs in
+    # a forked process must not hold the pool (nor this process) forever
+    if (!IO::Select->new($ours)->can_read($timeout)) {
+        kill 'KILL', $pid;
+        waitpid $pid, 0;
+        die "its worker was still warming up after $timeout s (fork-server-spare-timeout): killed\n";
+    }
     my $n = sysread $ours, my $byte, 1;
-    die "the spare's worker died while warming up\n" unless $n && $byte eq 'W';
-    return $self;
+    return $self if $n && $byte eq 'W';
+    waitpid $pid, 0;
+    die "its worker " . _status($?) . " while warming up\n";
+}
+
+sub _status {
+    my ($st) = @_;
+    return "was killed by signal " . ($st & 127) if $st & 127;
+    return "exited with status " . ($st >> 8);
 }
 
 sub for_request {
@@ -391,8 +427,12 @@ sub start {
     my ($self, $sock) = @_;
     my $text = $self->{config_text};
     my $data = encode_array(defined $text ? (1, $text) : (0, ''), @{ $self->{argv} });
-    ForkServer::Link::send_fds($self->{link}, $data, fileno $sock) or die "starting the spare's worker: $!\n";
+    # with our standard output: the vassal's output pipe (ForkServer::Output),
+    # which the worker, forked before the adoption, holds the base's instead of
+    STDOUT->flush;
+    ForkServer::Link::send_fds($self->{link}, $data, fileno $sock, 1) or die "starting the spare's worker: $!\n";
     close $self->{link};
+    $self->{started} = 1;
     return { pid => $self->{pid}, %{ $self->{pipes} } };
 }
 
@@ -400,6 +440,7 @@ sub start {
 # worker goes (end of file on its link) and the master forks fresh ones.
 sub discard {
     my ($self) = @_;
+    return if $self->{started} || $self->{discarded}++;
     close $self->{link};
     close $_ for values %{ $self->{pipes} };
     waitpid $self->{pid}, 0;
@@ -417,9 +458,16 @@ sub _worker_main {
         ForkServer::Rehearsal::worker_start();
     }
     syswrite($link, 'W') or die "telling the spare: $!\n";
-    my ($data, $fd) = ForkServer::Link::recv_fds($link);
+    my ($data, $fd, $out) = ForkServer::Link::recv_fds($link);
     POSIX::_exit(0) unless defined $data && defined $fd;    # not adopted: the spare ended
     close $link;
+    if (defined $out) {    # its vassal's output, not the base's: its lines are named after the vassal
+        STDOUT->flush;
+        STDERR->flush;
+        POSIX::dup2($out, 1) // die "dup2 of the output pipe to descriptor 1: $!\n";
+        POSIX::dup2($out, 2) // die "dup2 of the output pipe to descriptor 2: $!\n";
+        POSIX::close($out);
+    }
     my ($has_text, $text, @argv) = decode_array($data);
     my $sock = IO::Socket::IP->new_from_fd($fd, 'r+') or die "the listening socket: $!\n";
     my $config = ForkServer::Config->from_argv(\@argv, config_text => $has_text ? $text : undef);
