@@ -325,3 +325,25 @@ def test_requesters_gone_before_the_reply_leak_no_descriptor_and_no_spare(emp):
              f"the base's descriptors back to {before_fds}")
     assert e.vpid("base") == base
     assert_no_zombies(e)
+
+
+def test_a_spare_whose_worker_died_just_before_its_adoption_serves_with_a_fresh_worker(emp):
+    # Before: the spare saw its worker gone and exited 0 with the adoption the
+    # base had already answered with its pid: the vassal died at birth.
+    e = emp({"base": base_ini(1)}, base=False)
+    spares(e, 1)
+    (master,) = spare_masters(e)
+    (worker,) = psutil.Process(master).children()
+    os.kill(master, signal.SIGSTOP)  # it cannot see its worker go before the adoption comes
+    try:
+        worker.kill()
+        wait_for(lambda: worker.status() == psutil.STATUS_ZOMBIE, 30, "the worker to die")
+        port = free_port()
+        (e.dir / "one.ini").write_text(app_ini("one", port, processes=1))
+        wait_for(lambda: e.vpids("one"), 30, "the base to answer with the spare's pid")
+        assert e.vpid("one") == master
+    finally:
+        os.kill(master, signal.SIGCONT)
+    r = wait_for(lambda: get(port), 30, "the vassal to answer")
+    assert r["name"] == "one" and int(r["ppid"]) == master and int(r["pid"]) != worker.pid, r
+    assert e.vpids("one") == [master], e.text()  # never restarted

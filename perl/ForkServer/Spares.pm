@@ -324,7 +324,7 @@ sub _spare_main {
         $warm = 1;
         my $req = _wait_for_adoption($link, $worker);
         close $link;
-        $base->_become_vassal($req, first_worker => $worker);    # does not return
+        $base->_become_vassal($req, first_worker => $worker->{gone} ? undef : $worker);    # does not return
         1;
     };
     # before it is warm, the base says why, in its one line for the failure
@@ -335,11 +335,17 @@ sub _spare_main {
 }
 
 # Blocks until the base hands over an adoption; exits quietly on end of file
-# (the base is gone) or when the waiting worker is gone.
+# (the base is gone) or when the waiting worker is gone. An adoption the
+# base has already answered with our pid is served even if the worker has
+# just died: the vassal forks fresh workers.
 sub _wait_for_adoption {
     my ($link, $worker) = @_;
     my @ready = IO::Select->new($link, $worker->{link})->can_read;
-    POSIX::_exit(0) if grep { $_ == $worker->{link} } @ready;
+    if (grep { $_ == $worker->{link} } @ready) {
+        POSIX::_exit(0) unless grep { $_ == $link } @ready;
+        $worker->discard;
+        $worker->{gone} = 1;
+    }
     my ($data, @fds) = ForkServer::Link::recv_fds($link);
     POSIX::_exit(0) unless defined $data && @fds;
     # no connection to the requester: the base sent the pid reply

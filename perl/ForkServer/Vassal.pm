@@ -112,7 +112,10 @@ sub first_worker {
         $worker->discard;
         return undef;
     }
-    return $worker->start($sock);
+    # it may have died since the spare last looked: fresh workers then
+    my $preforked = eval { $worker->start($sock) };
+    $worker->discard unless $preforked;
+    return $preforked;
 }
 
 =head2 server_args($access_log_fh)
