@@ -347,3 +347,19 @@ def test_a_spare_whose_worker_died_just_before_its_adoption_serves_with_a_fresh_
     r = wait_for(lambda: get(port), 30, "the vassal to answer")
     assert r["name"] == "one" and int(r["ppid"]) == master and int(r["pid"]) != worker.pid, r
     assert e.vpids("one") == [master], e.text()  # never restarted
+
+
+def test_every_worker_draws_its_own_random_numbers(emp):
+    # Before: every worker of every vassal (spare or forked) repeated the
+    # base's rand() sequence, since the base had drawn before it forked.
+    e = emp({"base": base_ini(1, app=HERE / "apps" / "rand.psgi")}, base=False)
+    spares(e, 1)
+    ports = [free_port() for _ in range(3)]
+    for i, port in enumerate(ports):  # the first from the spare, the others forked
+        (e.dir / f"r{i}.ini").write_text(app_ini(f"r{i}", port, processes=1))
+    draws = {}
+    for port in ports:
+        r = wait_for(lambda p=port: get(p), 30, f"port {port} to answer")
+        draws[r["pid"]] = r["rand"]
+    assert len(draws) == 3, draws
+    assert len(set(draws.values())) == 3, f"workers drew the same first number: {draws}"
