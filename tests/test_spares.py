@@ -21,7 +21,7 @@ import pytest
 
 from psgi_forkserver.orphans import spare_of
 
-from support import EMPEROR, descendants, free_port, kill_all, wait_for
+from support import EMPEROR, descendants, free_port, kill_all, stop_emperor, wait_for
 from test_emperor import PROGRAM, app_ini, get
 from test_robustness import _reap_reparented, _set_subreaper, alive, assert_no_zombies, emp  # noqa: F401 - emp is a fixture
 
@@ -363,3 +363,62 @@ def test_every_worker_draws_its_own_random_numbers(emp):
         draws[r["pid"]] = r["rand"]
     assert len(draws) == 3, draws
     assert len(set(draws.values())) == 3, f"workers drew the same first number: {draws}"
+
+
+def _sessions_alive(sids: set[int]) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) in sids and alive(p):
+                out.append(p)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return out
+
+
+def test_a_deploy_in_a_burst_of_adoptions_loses_no_vassal_and_leaves_no_process(emp):
+    e = emp({"base": base_ini(2)}, base=False)
+    spares(e, 2)
+    old_base = e.vpid("base")
+    ports = {f"d{i}": free_port() for i in range(6)}
+    for name, port in ports.items():
+        (e.dir / f".{name}.tmp").write_text(app_ini(name, port, processes=1))
+    for i, name in enumerate(ports):
+        os.rename(e.dir / f".{name}.tmp", e.dir / f"{name}.ini")
+        if i == 2:  # mid-burst: the pool and the base are replaced
+            os.kill(e.pid, signal.SIGUSR1)
+    wait_for(lambda: e.vpid("base") != old_base, 30, "the new base")
+    for name, port in ports.items():
+        assert wait_for(lambda p=port: get(p), 60, f"{name} to answer")["name"] == name
+    wait_for(lambda: all(e.vpid(n) in {c.pid for c in psutil.Process(e.pid).children()} for n in ports), 60,
+             "every vassal to be the Emperor's child")
+    sp = spares(e, 2)
+    assert psutil.Process(sp["pids"][0]).ppid() in (e.pid, *sp["pids"])
+    sids = {os.getsid(p.pid) for p in psutil.Process(e.pid).children(recursive=True)}
+    stop_emperor(e)
+    wait_for(lambda: not _sessions_alive(sids), 30, "every session of the fleet to end")
+
+
+def test_kill_9_of_the_emperor_mid_adoption_leaves_no_process(emp):
+    e = emp({"base": base_ini(2)}, base=False)
+    spares(e, 2)
+    sids = {os.getsid(p.pid) for p in psutil.Process(e.pid).children(recursive=True)}
+    for i in range(4):
+        port = free_port()
+        (e.dir / f".k{i}.tmp").write_text(app_ini(f"k{i}", port, processes=2))
+    _set_subreaper(True)
+    try:
+        for i in range(4):
+            os.rename(e.dir / f".k{i}.tmp", e.dir / f"k{i}.ini")
+        wait_for(lambda: e.vpids("k0"), 30, "the first adoption")
+        sids |= {os.getsid(p.pid) for p in psutil.Process(e.pid).children(recursive=True)
+                 if alive(p)}
+        os.kill(e.pid, signal.SIGKILL)
+        e.popen.wait(5)
+
+        def gone():
+            _reap_reparented()
+            return not _sessions_alive(sids)
+        wait_for(gone, 30, "every process of the fleet to end after the Emperor's kill -9", interval=0.05)
+    finally:
+        _set_subreaper(False)
