@@ -23,6 +23,7 @@ from psgi_forkserver.orphans import spare_of
 
 from support import EMPEROR, descendants, free_port, kill_all, stop_emperor, wait_for
 from test_emperor import PROGRAM, app_ini, get
+from test_hostile import hostile  # noqa: F401 - a fixture
 from test_robustness import _reap_reparented, _set_subreaper, alive, assert_no_zombies, emp  # noqa: F401 - emp is a fixture
 
 pytestmark = pytest.mark.skipif(
@@ -422,3 +423,22 @@ def test_kill_9_of_the_emperor_mid_adoption_leaves_no_process(emp):
         wait_for(gone, 30, "every process of the fleet to end after the Emperor's kill -9", interval=0.05)
     finally:
         _set_subreaper(False)
+
+
+def test_a_pool_larger_than_the_descriptor_limit_stops_where_adoptions_still_fit(hostile):
+    # Before: the links of the spares took every descriptor of the base; every
+    # adoption was then refused ("no descriptors with the first bytes"), and
+    # "cannot make a spare (socketpair: Too many open files)" came each second.
+    e = hostile({"base": base_ini(400)}, base=False, nofile=(300, 300))
+    line = wait_for(lambda: e.lines("keeps 272 for adoptions"), 60, "the pool to stop at the limit")
+    assert "the descriptor limit (300)" in line[0], line
+    k = int(line[0].split("spares: ")[1].split(",")[0])
+    assert 0 < k < 30, line
+    ports = {f"n{i}": free_port() for i in range(4)}
+    for name, port in ports.items():
+        (e.dir / f"{name}.ini").write_text(app_ini(name, port, processes=1))
+    for name, port in ports.items():
+        assert wait_for(lambda p=port: get(p), 30, f"{name} to answer")["name"] == name
+    wait_for(lambda: e.status()["base"]["spares"]["ready"] == k, 30, f"the pool back to {k}")
+    assert len(e.lines("keeps 272 for adoptions")) == 1, e.text()
+    assert not e.lines("Too many open files") and not e.lines("refused request"), e.text()

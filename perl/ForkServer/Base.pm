@@ -126,7 +126,9 @@ sub start_spares {
     my $k = $self->{config}->get('fork-server-spares') // 0;
     return 'spares: off (fork-server-spares = 0)' unless $k;
     return 'spares: off (no Emperor to reap them)' unless $self->{emperor};
-    $self->{spares} = ForkServer::Spares->new(base => $self, count => $k);
+    # what MAX_PENDING clients may hold at once (a connection and three
+    # descriptors each), and a few for the loop itself
+    $self->{spares} = ForkServer::Spares->new(base => $self, count => $k, fd_reserve => 4 * MAX_PENDING + 16);
     return "spares: $k";
 }
 

@@ -87,6 +87,7 @@ sub new {
     my @paths = $args{base}{config}->list('early-warmup');
     $self->{paths} = $args{base}{app} ? \@paths : [];
     $self->{warm_timeout} = $args{base}{config}->get('fork-server-spare-timeout');
+    $self->{fd_reserve} //= 16;
     return $self;
 }
 
@@ -137,6 +138,7 @@ sub make_one {
     my $base = $self->{base};
     socketpair(my $ours, my $theirs, AF_UNIX, SOCK_SEQPACKET, PF_UNSPEC)
         or return $self->_failed("socketpair: $!");
+    return $self->_no_room($ours, $theirs) if $self->_short_of_descriptors(fileno $theirs);
     my $pid;
     if ($base->{clone}) {
         $pid = ForkServer::Clone::clone_parent();
@@ -167,6 +169,26 @@ sub _add {
     my ($self, $link, $pid) = @_;
     $self->{spares}{ fileno $link } = { link => $link, pid => $pid, born => Time::HiRes::time() };
     $self->{select}->add($link);
+    return;
+}
+
+# Each spare holds one of the base's descriptors (its link): a pool larger
+# than the descriptor limit allows would leave none for the adoptions
+# themselves (a client and up to three descriptors each, MAX_PENDING of
+# them), and every adoption would be refused. The pool stops at what fits.
+sub _short_of_descriptors {
+    my ($self, $highest) = @_;
+    my $limit = POSIX::sysconf(POSIX::_SC_OPEN_MAX()) or return 0;
+    return $highest >= $limit - $self->{fd_reserve};
+}
+
+sub _no_room {
+    my ($self, @fhs) = @_;
+    close $_ for @fhs;
+    my $asked = $self->{count};
+    $self->{count} = $self->size;
+    $self->log("spares: $self->{count}, not $asked: the descriptor limit ("
+        . POSIX::sysconf(POSIX::_SC_OPEN_MAX()) . ") keeps $self->{fd_reserve} for adoptions");
     return;
 }
 
