@@ -442,3 +442,18 @@ def test_a_pool_larger_than_the_descriptor_limit_stops_where_adoptions_still_fit
     wait_for(lambda: e.status()["base"]["spares"]["ready"] == k, 30, f"the pool back to {k}")
     assert len(e.lines("keeps 272 for adoptions")) == 1, e.text()
     assert not e.lines("Too many open files") and not e.lines("refused request"), e.text()
+
+
+def test_a_deploy_ends_a_spare_whose_warm_up_hangs_at_once(emp):
+    # Before: it waited for its worker's warm-up (for ever, then for
+    # fork-server-spare-timeout), titled the spare of a base that was gone.
+    e = emp({"base": failing_warmup_base()}, base=False, env={"FORKED_WARMUP": "hang"})
+    sp = wait_for(lambda: e.status()["base"].get("spares"), 30, "a warming spare")
+    stuck = [psutil.Process(p) for p in sp["pids"]]
+    assert stuck and sp["ready"] == 0, sp
+    old = e.vpid("base")
+    os.kill(e.pid, signal.SIGUSR1)
+    wait_for(lambda: e.vpid("base") != old, 30, "the new base")
+    wait_for(lambda: not [p for p in stuck if alive(p)], 10,
+             "the old base's warming spare to end (fork-server-spare-timeout is 30 s)")
+    assert not e.lines("could not warm up"), e.text()

@@ -420,9 +420,12 @@ sub prefork {
     }, $class;
     # warm before the base counts on us; an app whose warm-up path hangs in
     # a forked process must not hold the pool (nor this process) forever
-    if (!IO::Select->new($ours)->can_read($timeout)) {
+    # (the base sends nothing before we are warm: its link readable is its end)
+    my @ready = IO::Select->new($ours, $base_link)->can_read($timeout);
+    if (!@ready || grep { $_ == $base_link } @ready) {
         kill 'KILL', $pid;
         waitpid $pid, 0;
+        POSIX::_exit(0) if @ready;    # the base is gone: nobody to tell
         die "its worker was still warming up after $timeout s (fork-server-spare-timeout): killed\n";
     }
     my $n = sysread $ours, my $byte, 1;
