@@ -210,6 +210,31 @@ def adoption_latency(procs: Procs, ports: Ports, tmp: Path, app: str, n: int, pa
     return r
 
 
+def spare_memory(procs: Procs, tmp: Path, ks: tuple[int, ...] = (0, 2, 4)) -> dict:
+    """PSS and USS of a heavy base with `early-warmup = /` and k warm spares
+    (each spare a master and its warm worker), for each k: what the pool costs."""
+    say(f"spare memory: heavy base with early-warmup /, k in {ks}")
+    out = {}
+    for k in ks:
+        base = Base(procs, APPS["heavy"], tmp / f"mem{k}.sock", f"base-mem{k}",
+                    ("--early-warmup", "/", "--fork-server-spares", str(k)))
+        try:
+            spares = base.wait_spares(k) if k else set()
+            tree = [psutil.Process(base.proc.pid)]
+            for pid in spares:  # the spares are our children (clone(CLONE_PARENT)), their workers theirs
+                p = psutil.Process(pid)
+                tree += [p, *p.children()]
+            pss, uss, count = pss_of(tree)
+            spare_pss, spare_uss, _ = pss_of(tree[1:])
+            out[str(k)] = {"pss_bytes": pss, "uss_bytes": uss, "processes": count,
+                           "spares_pss_bytes": spare_pss, "spares_uss_bytes": spare_uss}
+            say(f"  k={k}: base and spares {pss / MB:.1f} MB PSS ({count} processes), "
+                f"spares {spare_pss / MB:.1f} MB PSS, {spare_uss / MB:.1f} MB USS")
+        finally:
+            base.stop()
+    return out
+
+
 def adoption_burst(procs: Procs, ports: Ports, tmp: Path, n: int, k: int) -> dict:
     """n adoptions at once (one thread each) from a heavy base with
     `early-warmup = /` and k spares: pid reply and first 200 on `/` of each,
@@ -1186,6 +1211,16 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
                         if b["spares"] else ""), "", ""))
         rows.append((f"burst, {key}: pid reply p50 / max",
                      f"{b['pid_reply_ms']['p50']:.1f} / {b['pid_reply_ms']['max']:.1f} ms", "", ""))
+    sm = r.get("spare_memory") or {}
+    if sm.get("0"):
+        for k, m in sm.items():
+            if k == "0":
+                continue
+            per = (m["pss_bytes"] - sm["0"]["pss_bytes"]) / int(k)
+            rows.append((f"memory of K = {k} warm spares (heavy, early-warmup /): PSS of the base and its spares; "
+                         "per spare: PSS added, USS (master and worker)",
+                         f"{sm['0']['pss_bytes'] / MB:.1f} MB with none, {m['pss_bytes'] / MB:.1f} MB with {k}; "
+                         f"{per / MB:.2f} MB, {m['spares_uss_bytes'] / int(k) / MB:.2f} MB", "", ""))
     for key, x in (r.get("reaction") or {}).items():
         rows.append((f"emperor: new vassal file -> first 200, heavy, early-warmup /, {key}: p50 / max",
                      f"{x['reaction_ms']['p50']:.1f} / {x['reaction_ms']['max']:.1f} ms",
@@ -1479,6 +1514,7 @@ def main(argv: list[str] | None = None) -> int:
                 x = step(f"burst {key}", lambda: adoption_burst(procs, ports, tmp, 50, k))
                 if x:
                     r["burst"][key] = x
+            r["spare_memory"] = step("spare memory", lambda: spare_memory(procs, tmp))
             r["reaction"] = {}
             for key, k in (("fork path", 0), ("spares", 2)):
                 x = step(f"reaction {key}", lambda: reaction(procs, ports, tmp, sizes.reactions, k))
