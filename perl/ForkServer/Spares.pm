@@ -47,16 +47,17 @@ is neither an orphan nor a stranger (orphans.py), and C<emperor status>
 counts it, with its worker, under its base.
 
 At birth the spare forks its first worker, which runs the base's
-C<early-warmup> paths (its own lazily built state and copy-on-write faults
-happen then, not on the first real request), tells the spare, and waits.
-The spare then tells the base C<R PID> and waits on its link.
+C<early-warmup> paths and L<ForkServer::Rehearsal>'s worker part, three
+times (its own lazily built state and copy-on-write faults happen then, not
+on the first real request), tells the spare, and waits. The spare runs its
+own rehearsal, then tells the base C<R PID> and waits on its link.
 
-An adoption the base hands over is one message on the link: the adoption
-packet with the request's descriptors and, last, the requester's connection
-(the pid reply goes there), checked again with L<ForkServer::AdoptionRequest>.
-The spare then becomes the vassal exactly as a forked one does
-(L<ForkServer::Base>'s C<_become_vassal>: its own session, the pid reply,
-its argv and config), except that its first worker already exists: it gets
+The base sends the requester the pid reply with the spare's pid itself,
+then hands the spare the adoption packet with the request's descriptors in
+one message on the link (L<ForkServer::Link>); the spare checks it again
+with L<ForkServer::AdoptionRequest> and becomes the vassal exactly as a
+forked one does (L<ForkServer::Base>'s C<_become_vassal>: its argv and
+config; its session it already leads), except that its first worker already exists: it gets
 the listening socket, the argv and the config text, applies C<env>,
 C<chdir>, C<gid>/C<uid> itself and starts accepting
 (L<ForkServer::HTTPServer/run_preforked_worker>); workers beyond the first
