@@ -212,3 +212,20 @@ def test_kill_9_of_the_emperor_leaves_no_spare_behind(emp):
     finally:
         _set_subreaper(False)
         kill_all([p for p in tree if alive(p)])
+
+
+def test_the_warm_workers_output_goes_to_its_vassal_not_to_the_base(emp):
+    """The spare's first worker was forked before the adoption, with the
+    base's output; from its adoption on, what it writes (its access log,
+    the app's warnings) is its vassal's, as every other worker's."""
+    e = emp({"base": base_ini(1)}, base=False)
+    spares(e, 1)
+    waiting = spare_masters(e)
+    port = free_port()
+    (e.dir / "loud.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\n"
+                                    "env = APP_NAME=loud\n")
+    wait_for(lambda: whoami(port), 30, "the adopted vassal to answer")
+    assert e.vpid("loud") in waiting, "the vassal was forked, not taken from the pool"
+    line = wait_for(lambda: [x for x in e.lines('"GET / HTTP/1.') if "loud 127.0.0.1" in x],
+                    15, "the access log line")[0]
+    assert "[loud]" in line and "[base]" not in line, line

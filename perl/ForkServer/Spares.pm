@@ -383,8 +383,10 @@ sub for_request {
 =head2 start($listen_sock) -> \%preforked
 
 In the adopted spare, once its socket exists: the worker gets it with the
-argv and config text. Returns what L<ForkServer::HTTPServer> needs to take
-the worker as its slot 1.
+argv and config text, and the vassal's standard output and error (the
+worker was forked with the base's: ForkServer::Output gave the vassal its
+own since). Returns what L<ForkServer::HTTPServer> needs to take the
+worker as its slot 1.
 
 =cut
 
@@ -392,7 +394,9 @@ sub start {
     my ($self, $sock) = @_;
     my $text = $self->{config_text};
     my $data = encode_array(defined $text ? (1, $text) : (0, ''), @{ $self->{argv} });
-    ForkServer::Link::send_fds($self->{link}, $data, fileno $sock) or die "starting the spare's worker: $!\n";
+    STDOUT->flush;
+    STDERR->flush;
+    ForkServer::Link::send_fds($self->{link}, $data, fileno $sock, 1, 2) or die "starting the spare's worker: $!\n";
     close $self->{link};
     return { pid => $self->{pid}, %{ $self->{pipes} } };
 }
@@ -418,9 +422,16 @@ sub _worker_main {
         ForkServer::Rehearsal::worker_start();
     }
     syswrite($link, 'W') or die "telling the spare: $!\n";
-    my ($data, $fd) = ForkServer::Link::recv_fds($link);
+    my ($data, $fd, @output) = ForkServer::Link::recv_fds($link);
     POSIX::_exit(0) unless defined $data && defined $fd;    # not adopted: the spare ended
     close $link;
+    STDOUT->flush;
+    STDERR->flush;
+    for my $to (1, 2) {    # the vassal's output from now on, not the base's
+        my $from = shift @output // next;
+        POSIX::dup2($from, $to) // die "dup2 of the vassal's output to descriptor $to: $!\n";
+        POSIX::close($from);
+    }
     my ($has_text, $text, @argv) = decode_array($data);
     my $sock = IO::Socket::IP->new_from_fd($fd, 'r+') or die "the listening socket: $!\n";
     my $config = ForkServer::Config->from_argv(\@argv, config_text => $has_text ? $text : undef);
