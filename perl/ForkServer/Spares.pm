@@ -68,8 +68,8 @@ The base hands over only requests whose argv has no C<--psgi> and is not a
 test file (C<emperor prove>); the others, and every request while no spare
 is ready, are served with the fork as before. Spares are made one at a time,
 only when no adoption is being read, and not before 0.1 s after the last
-one a spare took: refilling never delays an adoption, nor the start of the
-vassal just adopted.
+adoption (by a spare or a fork: L</hold_off>): refilling never delays an
+adoption, a burst of them, nor the start of the vassals just adopted.
 
 End of file on the link (the base stopped or died, or a deploy replaced
 it) ends a waiting spare, and its worker with it (end of file on their own
@@ -253,10 +253,21 @@ sub take {
     ForkServer::Link::send_fds($s->{link}, $packet, $req->fds)
         or $self->log("spare pid $s->{pid} could not be given its request ($!): it ends");
     close $s->{link};    # it is no spare of ours any more
-    # the next spare waits: a burst of adoptions, and the vassal just
-    # adopted, go first (a clone and a warm-up take CPU from both)
-    $self->{retry_at} = Time::HiRes::time() + REFILL_PAUSE;
     return 1;
+}
+
+=head2 hold_off()
+
+An adoption was served (by a spare or a fork): the next spare waits until
+none has come for REFILL_PAUSE. A burst of adoptions, and the vassals just
+adopted, go first: a clone and a warm-up would take the CPU from them.
+
+=cut
+
+sub hold_off {
+    my ($self) = @_;
+    $self->{retry_at} = Time::HiRes::time() + REFILL_PAUSE;
+    return;
 }
 
 # Links with something to read (end of file: the spare is gone) are read
