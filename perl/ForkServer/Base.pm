@@ -383,9 +383,12 @@ sub shutdown {
 
 sub adopt {
     my ($self, $req) = @_;
-    if ($self->{spares} && $self->{spares}->take($req)) {
-        $req->close_all;    # the spare holds them now
-        return;
+    if (my $spares = $self->{spares}) {
+        $spares->hold_off;
+        if ($spares->take($req)) {
+            $req->close_all;    # the spare holds them now
+            return;
+        }
     }
     # Only our parent gets its vassal as a direct child: anyone else asking
     # (a helper process of the Emperor, a test) gets the protocol's double

@@ -47,16 +47,17 @@ is neither an orphan nor a stranger (orphans.py), and C<emperor status>
 counts it, with its worker, under its base.
 
 At birth the spare forks its first worker, which runs the base's
-C<early-warmup> paths (its own lazily built state and copy-on-write faults
-happen then, not on the first real request), tells the spare, and waits.
-The spare then tells the base C<R PID> and waits on its link.
+C<early-warmup> paths and L<ForkServer::Rehearsal>'s worker part, three
+times (its own lazily built state and copy-on-write faults happen then, not
+on the first real request), tells the spare, and waits. The spare runs its
+own rehearsal, then tells the base C<R PID> and waits on its link.
 
-An adoption the base hands over is one message on the link: the adoption
-packet with the request's descriptors and, last, the requester's connection
-(the pid reply goes there), checked again with L<ForkServer::AdoptionRequest>.
-The spare then becomes the vassal exactly as a forked one does
-(L<ForkServer::Base>'s C<_become_vassal>: its own session, the pid reply,
-its argv and config), except that its first worker already exists: it gets
+The base sends the requester the pid reply with the spare's pid itself,
+then hands the spare the adoption packet with the request's descriptors in
+one message on the link (L<ForkServer::Link>); the spare checks it again
+with L<ForkServer::AdoptionRequest> and becomes the vassal exactly as a
+forked one does (L<ForkServer::Base>'s C<_become_vassal>: its argv and
+config; its session it already leads), except that its first worker already exists: it gets
 the listening socket, the argv and the config text, applies C<env>,
 C<chdir>, C<gid>/C<uid> itself and starts accepting
 (L<ForkServer::HTTPServer/run_preforked_worker>); workers beyond the first
@@ -67,8 +68,8 @@ The base hands over only requests whose argv has no C<--psgi> and is not a
 test file (C<emperor prove>); the others, and every request while no spare
 is ready, are served with the fork as before. Spares are made one at a time,
 only when no adoption is being read, and not before 0.1 s after the last
-one a spare took: refilling never delays an adoption, nor the start of the
-vassal just adopted.
+adoption (by a spare or a fork: L</hold_off>): refilling never delays an
+adoption, a burst of them, nor the start of the vassals just adopted.
 
 End of file on the link (the base stopped or died, or a deploy replaced
 it) ends a waiting spare, and its worker with it (end of file on their own
@@ -291,10 +292,23 @@ sub take {
     ForkServer::Link::send_fds($s->{link}, $packet, $req->fds)
         or $self->log("spare pid $s->{pid} could not be given its request ($!): it ends");
     close $s->{link};    # it is no spare of ours any more
-    # the next spare waits: a burst of adoptions, and the vassal just
-    # adopted, go first (a clone and a warm-up take CPU from both)
-    $self->{retry_at} = Time::HiRes::time() + REFILL_PAUSE;
     return 1;
+}
+
+=head2 hold_off()
+
+An adoption was served (by a spare or a fork): the next spare waits until
+none has come for REFILL_PAUSE. A burst of adoptions, and the vassals just
+adopted, go first: a clone and a warm-up would take the CPU from them.
+
+=cut
+
+sub hold_off {
+    my ($self) = @_;
+    my $at = Time::HiRes::time() + REFILL_PAUSE;
+    # never sooner than a back-off after a spare that could not warm up
+    $self->{retry_at} = $at unless $self->{retry_at} && $self->{retry_at} > $at;
+    return;
 }
 
 # Links with something to read (end of file: the spare is gone) are read
@@ -449,8 +463,10 @@ sub for_request {
 =head2 start($listen_sock) -> \%preforked
 
 In the adopted spare, once its socket exists: the worker gets it with the
-argv and config text. Returns what L<ForkServer::HTTPServer> needs to take
-the worker as its slot 1.
+argv and config text, and the vassal's standard output and error (the
+worker was forked with the base's: ForkServer::Output gave the vassal its
+own since). Returns what L<ForkServer::HTTPServer> needs to take the
+worker as its slot 1.
 
 =cut
 
@@ -458,10 +474,9 @@ sub start {
     my ($self, $sock) = @_;
     my $text = $self->{config_text};
     my $data = encode_array(defined $text ? (1, $text) : (0, ''), @{ $self->{argv} });
-    # with our standard output: the vassal's output pipe (ForkServer::Output),
-    # which the worker, forked before the adoption, holds the base's instead of
     STDOUT->flush;
-    ForkServer::Link::send_fds($self->{link}, $data, fileno $sock, 1) or die "starting the spare's worker: $!\n";
+    STDERR->flush;
+    ForkServer::Link::send_fds($self->{link}, $data, fileno $sock, 1, 2) or die "starting the spare's worker: $!\n";
     close $self->{link};
     $self->{started} = 1;
     return { pid => $self->{pid}, %{ $self->{pipes} } };
@@ -489,15 +504,15 @@ sub _worker_main {
         ForkServer::Rehearsal::worker_start();
     }
     syswrite($link, 'W') or die "telling the spare: $!\n";
-    my ($data, $fd, $out) = ForkServer::Link::recv_fds($link);
+    my ($data, $fd, @output) = ForkServer::Link::recv_fds($link);
     POSIX::_exit(0) unless defined $data && defined $fd;    # not adopted: the spare ended
     close $link;
-    if (defined $out) {    # its vassal's output, not the base's: its lines are named after the vassal
-        STDOUT->flush;
-        STDERR->flush;
-        POSIX::dup2($out, 1) // die "dup2 of the output pipe to descriptor 1: $!\n";
-        POSIX::dup2($out, 2) // die "dup2 of the output pipe to descriptor 2: $!\n";
-        POSIX::close($out);
+    STDOUT->flush;
+    STDERR->flush;
+    for my $to (1, 2) {    # the vassal's output from now on, not the base's
+        my $from = shift @output // next;
+        POSIX::dup2($from, $to) // die "dup2 of the vassal's output to descriptor $to: $!\n";
+        POSIX::close($from);
     }
     my ($has_text, $text, @argv) = decode_array($data);
     my $sock = IO::Socket::IP->new_from_fd($fd, 'r+') or die "the listening socket: $!\n";
