@@ -273,7 +273,10 @@ def test_a_warm_up_that_hangs_in_a_forked_process_is_killed_after_the_spare_time
     # Before: the spare stayed "warming" for ever, and the pool with it.
     e = emp({"base": failing_warmup_base("fork-server-spare-timeout = 1\n")}, base=False,
             env={"FORKED_WARMUP": "hang"})
-    sp = wait_for(lambda: e.status()["base"].get("spares"), 30, "a spare in the status")
+    def warming():
+        sp = e.status()["base"].get("spares") or {}
+        return sp if sp.get("pids") else None
+    sp = wait_for(warming, 30, "a spare in the status")
     assert sp["ready"] == 0, sp  # warming, shown as such
     stuck = [psutil.Process(p) for p in sp["pids"]]
     # the fork path serves adoptions meanwhile
@@ -445,7 +448,10 @@ def test_a_deploy_ends_a_spare_whose_warm_up_hangs_at_once(emp):
     # Before: it waited for its worker's warm-up (for ever, then for
     # fork-server-spare-timeout), titled the spare of a base that was gone.
     e = emp({"base": failing_warmup_base()}, base=False, env={"FORKED_WARMUP": "hang"})
-    sp = wait_for(lambda: e.status()["base"].get("spares"), 30, "a warming spare")
+    def warming():
+        sp = e.status()["base"].get("spares") or {}
+        return sp if sp.get("pids") else None
+    sp = wait_for(warming, 30, "a warming spare")
     stuck = [psutil.Process(p) for p in sp["pids"]]
     assert stuck and sp["ready"] == 0, sp
     old = e.vpid("base")
