@@ -58,6 +58,18 @@ def spare_masters(e) -> set[int]:
     return {p.pid for p in psutil.Process(e.pid).children() if spare_of(p.pid) == base}
 
 
+def _all_reaped() -> bool:
+    """As subreaper: what came to us was reaped, and no child of ours is a
+    zombie now (one that exits after the reaping is reaped next time: a
+    later test counts zombies)."""
+    if not _reap_reparented():
+        return False
+    try:
+        return not [c for c in psutil.Process().children() if c.status() == psutil.STATUS_ZOMBIE]
+    except psutil.Error:
+        return False
+
+
 def fd_targets(pid: int) -> set[str]:
     out = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -207,8 +219,7 @@ def test_kill_9_of_the_emperor_leaves_no_spare_behind(emp):
         e.popen.wait(5)
 
         def gone():
-            _reap_reparented()
-            return not [p for p in procs if alive(p)]
+            return _all_reaped() and not [p for p in procs if alive(p)]
         wait_for(gone, 10, "every spare and its worker to end after the Emperor's kill -9",
                  interval=0.05)
     finally:
@@ -418,8 +429,7 @@ def test_kill_9_of_the_emperor_mid_adoption_leaves_no_process(emp):
         e.popen.wait(5)
 
         def gone():
-            _reap_reparented()
-            return not _sessions_alive(sids)
+            return _all_reaped() and not _sessions_alive(sids)
         wait_for(gone, 30, "every process of the fleet to end after the Emperor's kill -9", interval=0.05)
     finally:
         _set_subreaper(False)
