@@ -139,7 +139,7 @@ sub make_one {
     my $base = $self->{base};
     socketpair(my $ours, my $theirs, AF_UNIX, SOCK_SEQPACKET, PF_UNSPEC)
         or return $self->_failed("socketpair: $!");
-    return $self->_no_room($ours, $theirs) if $self->_short_of_descriptors(fileno $theirs);
+    return $self->_no_room($ours, $theirs) if $self->_short_of_descriptors;
     my $pid;
     if ($base->{clone}) {
         $pid = ForkServer::Clone::clone_parent();
@@ -178,9 +178,11 @@ sub _add {
 # themselves (a client and up to three descriptors each, MAX_PENDING of
 # them), and every adoption would be refused. The pool stops at what fits.
 sub _short_of_descriptors {
-    my ($self, $highest) = @_;
+    my ($self) = @_;
     my $limit = POSIX::sysconf(POSIX::_SC_OPEN_MAX()) or return 0;
-    return $highest >= $limit - $self->{fd_reserve};
+    opendir(my $dh, '/proc/self/fd') or return 0;
+    my $open = grep { /\A\d+\z/ } readdir $dh;    # counted, not the highest: closed clients leave holes
+    return $open - 1 > $limit - $self->{fd_reserve};    # less the directory's own
 }
 
 sub _no_room {
