@@ -7,6 +7,7 @@ use Test::More;
 use lib 't/lib', 'perl';
 use IO::Select ();
 use POSIX ();
+use Time::HiRes ();
 use Socket qw(AF_UNIX SOCK_SEQPACKET SOCK_STREAM PF_UNSPEC);
 use ForkServer::AdoptionRequest ();
 use ForkServer::Config ();
@@ -111,6 +112,33 @@ subtest 'a requester that left is dropped, and the spare kept' => sub {
     like $log, qr{request from test dropped, the spare kept: sending the pid reply}, 'one line';
     is $pool->ready, 1, 'the spare still waits';
     $req->close_all;
+};
+
+subtest 'a signal caught while a link waits is not its end of file' => sub {
+    # A waiting spare's worker blocks in recv_fds for as long as no adoption
+    # comes; a signal the app handles (its own $SIG{USR2}, say) interrupts
+    # the call: it must wait on, not take it for the spare's end and exit.
+    socketpair(my $ours, my $theirs, AF_UNIX, SOCK_SEQPACKET, PF_UNSPEC) or die $!;
+    pipe(my $caught_r, my $caught_w) or die $!;
+    my $sender = fork // die "fork: $!";
+    if ($sender == 0) {
+        close $ours;
+        sysread $caught_r, my $byte, 1;    # once the signal was caught
+        ForkServer::Link::send_fds($theirs, 'after the signal', fileno $theirs);
+        POSIX::_exit(0);
+    }
+    close $theirs;
+    close $caught_r;
+    my $caught = 0;
+    local $SIG{ALRM} = sub { $caught++; syswrite $caught_w, 'x' };
+    Time::HiRes::ualarm(200_000);
+    my ($data, @fds) = ForkServer::Link::recv_fds($ours);
+    Time::HiRes::ualarm(0);
+    waitpid $sender, 0;
+    is $caught, 1, 'the signal came';
+    is $data, 'after the signal', 'the message that came after it';
+    is scalar @fds, 1, 'with its descriptor';
+    POSIX::close($_) for @fds;
 };
 
 done_testing;

@@ -470,3 +470,20 @@ def test_a_deploy_ends_a_spare_whose_warm_up_hangs_at_once(emp):
     wait_for(lambda: not [p for p in stuck if alive(p)], 10,
              "the old base's warming spare to end (fork-server-spare-timeout is 30 s)")
     assert not e.lines("could not warm up"), e.text()
+
+
+def test_a_signal_the_app_handles_does_not_end_a_waiting_spare(emp):
+    # Before: it interrupted the worker's wait for its socket, which took it
+    # for the spare's end and exited; the spare followed.
+    e = emp({"base": base_ini(1, app=HERE / "apps" / "usr2.psgi")}, base=False)
+    spares(e, 1)
+    (master,) = spare_masters(e)
+    (worker,) = [c.pid for c in psutil.Process(master).children()]
+    for pid in (worker, master):
+        os.kill(pid, signal.SIGUSR2)
+        wait_for(lambda p=pid: e.lines(f"caught USR2 in {p}"), 30, f"pid {pid} to catch the signal")
+    port = free_port()
+    (e.dir / "one.ini").write_text(app_ini("one", port, processes=1))
+    r = wait_for(lambda: get(port), 30, "the vassal to answer")
+    assert e.vpid("one") == master and int(r["pid"]) == worker, (r, e.text())
+    assert not e.lines("ended before it was adopted"), e.text()

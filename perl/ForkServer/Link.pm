@@ -53,10 +53,11 @@ an error (C<$!>).
 # (64 KB) cost 16 to 64 page faults on every adoption.
 sub recv_fds {
     my ($sock) = @_;
-    my $size = Socket::MsgHdr::recvmsg($sock, Socket::MsgHdr->new(buflen => 1), MSG_PEEK | MSG_TRUNC) // return;
+    my $size = _restarted(sub { Socket::MsgHdr::recvmsg($sock, Socket::MsgHdr->new(buflen => 1), MSG_PEEK | MSG_TRUNC) })
+        // return;
     return if $size == 0;    # end of file
     my $hdr = Socket::MsgHdr->new(buflen => $size, controllen => 256);
-    my $n = Socket::MsgHdr::recvmsg($sock, $hdr, MSG_CMSG_CLOEXEC) // return;
+    my $n = _restarted(sub { Socket::MsgHdr::recvmsg($sock, $hdr, MSG_CMSG_CLOEXEC) }) // return;
     return if $n == 0;
     my @fds;
     my @cmsg = $hdr->cmsghdr;
@@ -64,6 +65,16 @@ sub recv_fds {
         push @fds, unpack 'i*', $data if $level == SOL_SOCKET && $type == SCM_RIGHTS;
     }
     return ($hdr->buf, @fds);
+}
+
+# A signal with a Perl handler (the app's own, in a spare's waiting worker)
+# interrupts a wait that may last hours: it is no end of file.
+sub _restarted {
+    my ($call) = @_;
+    while (1) {
+        my $r = $call->();
+        return $r if defined $r || !$!{EINTR};
+    }
 }
 
 1;

@@ -378,7 +378,9 @@ sub _spare_main {
 # just died: the vassal forks fresh workers.
 sub _wait_for_adoption {
     my ($link, $worker) = @_;
-    my @ready = IO::Select->new($link, $worker->{link})->can_read;
+    my $select = IO::Select->new($link, $worker->{link});
+    my @ready;
+    @ready = $select->can_read until @ready;    # empty: a signal the app handles
     if (grep { $_ == $worker->{link} } @ready) {
         POSIX::_exit(0) unless grep { $_ == $link } @ready;
         $worker->discard;
@@ -437,7 +439,14 @@ sub prefork {
     # warm before the base counts on us; an app whose warm-up path hangs in
     # a forked process must not hold the pool (nor this process) forever
     # (the base sends nothing before we are warm: its link readable is its end)
-    my @ready = IO::Select->new($ours, $base_link)->can_read($timeout);
+    my $select = IO::Select->new($ours, $base_link);
+    my $deadline = Time::HiRes::time() + $timeout;
+    my @ready;
+    while (!@ready) {    # a signal the app handles interrupts select(): no time-out
+        my $left = $deadline - Time::HiRes::time();
+        last if $left <= 0;
+        @ready = $select->can_read($left);
+    }
     if (!@ready || grep { $_ == $base_link } @ready) {
         kill 'KILL', $pid;
         waitpid $pid, 0;
