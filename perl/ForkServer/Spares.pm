@@ -73,8 +73,20 @@ adoption, a burst of them, nor the start of the vassals just adopted.
 
 End of file on the link (the base stopped or died, or a deploy replaced
 it) ends a waiting spare, and its worker with it (end of file on their own
-link). A spare that dies is noticed by the base (end of file on its side)
-and replaced.
+link), a warming one too. A spare that dies is noticed by the base (end of
+file on its side) and replaced.
+
+A spare that cannot warm up (its worker dies in the app's warm-up, or is
+still warming after C<fork-server-spare-timeout> seconds and is killed)
+tells the base why (C<E PID WHY>); the base logs one line and makes the
+next spare 1 s later, then twice as late each time up to C<BACKOFF_MAX>,
+until one is warm: an app whose warm-up exits or hangs in a forked process
+costs one process at a time, not a fork loop. The pool stops short of
+C<count> where the base's descriptor limit would leave fewer than
+C<fd_reserve> descriptors for adoptions (one line). A vassal that fails
+before its warm worker got the socket takes the worker with it; one whose
+worker died just before its adoption forks fresh workers. Signals the
+app handles (inherited by spares and their workers) interrupt no wait.
 
 =cut
 
