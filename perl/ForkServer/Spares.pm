@@ -68,7 +68,7 @@ The base hands over only requests whose argv has no C<--psgi> and is not a
 test file (C<emperor prove>); the others, and every request while no spare
 is ready, are served with the fork as before. Spares are made one at a time,
 only when no adoption is being read, and not before 0.1 s after the last
-adoption (by a spare or a fork: L</hold_off>): refilling never delays an
+adoption (by a spare or a fork: L</hold_off()>): refilling never delays an
 adoption, a burst of them, nor the start of the vassals just adopted.
 
 End of file on the link (the base stopped or died, or a deploy replaced
