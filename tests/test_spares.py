@@ -487,3 +487,22 @@ def test_a_signal_the_app_handles_does_not_end_a_waiting_spare(emp):
     r = wait_for(lambda: get(port), 30, "the vassal to answer")
     assert e.vpid("one") == master and int(r["pid"]) == worker, (r, e.text())
     assert not e.lines("ended before it was adopted"), e.text()
+
+
+def test_a_spare_killed_after_the_base_answered_with_its_pid_is_restarted_by_the_emperor(emp):
+    e = emp({"base": base_ini(1)}, base=False)
+    spares(e, 1)
+    (master,) = spare_masters(e)
+    os.kill(master, signal.SIGSTOP)  # it gets its request only once it runs again
+    try:
+        port = free_port()
+        (e.dir / "one.ini").write_text(app_ini("one", port, processes=1))
+        wait_for(lambda: e.vpids("one"), 30, "the base to answer with the spare's pid")
+        assert e.vpid("one") == master
+    finally:
+        os.kill(master, signal.SIGKILL)
+    wait_for(lambda: e.lines(f"[one] pid {master} died (killed by SIGKILL)"), 30, "the Emperor to see it die")
+    r = wait_for(lambda: get(port), 30, "the vassal started again")
+    assert r["name"] == "one" and int(r["ppid"]) != master, r
+    assert e.status()["one"]["pid"] == int(r["ppid"]) == e.vpid("one"), e.text()
+    assert_no_zombies(e)
