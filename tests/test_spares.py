@@ -506,3 +506,32 @@ def test_a_spare_killed_after_the_base_answered_with_its_pid_is_restarted_by_the
     assert r["name"] == "one" and int(r["ppid"]) != master, r
     assert e.status()["one"]["pid"] == int(r["ppid"]) == e.vpid("one"), e.text()
     assert_no_zombies(e)
+
+
+def _fds_of_vassal(pid: int) -> tuple[int, list[int]]:
+    """Descriptors above 2 of a vassal's master and of each of its workers."""
+    def count(p: int) -> int:
+        return len([fd for fd in os.listdir(f"/proc/{p}/fd") if int(fd) > 2])
+    return count(pid), sorted(count(c.pid) for c in psutil.Process(pid).children())
+
+
+def test_the_rehearsals_leave_no_descriptor_in_an_adopted_spare(emp):
+    """What a vassal taken from a spare holds, master and workers, is no more
+    than what a forked one holds (the rehearsals' socket pairs, bound socket
+    and /dev/null are all closed)."""
+    ini = "[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 2\nenv = APP_NAME=fd\n"
+    counts = {}
+    for k in (1, 0):
+        e = emp({"base": base_ini(k)}, base=False)
+        if k:
+            spares(e, 1)
+            waiting = spare_masters(e)
+        port = free_port()
+        (e.dir / "fd.ini").write_text(ini.format(port=port))
+        wait_for(lambda: get(port), 30, "the vassal")
+        pid = e.vpid("fd")
+        assert (pid in waiting) if k else True
+        counts[k] = wait_for(lambda: (c := _fds_of_vassal(pid)) and len(c[1]) == 2 and c, 30, "its 2 workers")
+    (spare_master, spare_workers), (fork_master, fork_workers) = counts[1], counts[0]
+    assert spare_master <= fork_master, counts
+    assert max(spare_workers) <= max(fork_workers), counts
