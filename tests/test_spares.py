@@ -541,3 +541,35 @@ def test_the_rehearsals_leave_no_descriptor_in_an_adopted_spare(emp):
     (spare_master, spare_workers), (fork_master, fork_workers) = counts[1], counts[0]
     assert spare_master <= fork_master, counts
     assert max(spare_workers) <= max(fork_workers), counts
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:"):
+            out.add(target)
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 0], ids=["from a spare", "forked"])
+def test_a_worker_shares_no_socket_with_its_master_but_the_listener(emp, k):
+    """The Emperor pipe and the config pipe are the master's alone: a worker
+    holding them would hide the master's death from the Emperor, or read
+    the config packets meant for the master."""
+    e = emp({"base": base_ini(k)}, base=False)
+    if k:
+        spares(e, 1)
+    port = free_port()
+    (e.dir / "sk.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 2\n")
+    seen: set[str] = set()
+    wait_for(lambda: seen.add(get(port)["pid"]) or len(seen) == 2, 30, "both workers to answer")
+    master = e.vpid("sk")
+    workers = [c.pid for c in psutil.Process(master).children()]
+    assert len(workers) == 2, workers
+    for w in workers:
+        shared = _socket_inodes(w) & _socket_inodes(master)
+        assert len(shared) == 1, f"worker {w} shares {shared} with its master {master}"

@@ -96,6 +96,7 @@ ForkServer::HTTPServer - the preforking HTTP/1.1 PSGI server inside a psgi-forks
         harakiri     => 0,
         name         => 'app1',
         emperor_fh   => $pipe,          # or undef
+        config_fh    => $config_pipe,   # or undef: kept by the master, closed in workers
         heartbeat    => 0,
         idle         => 0,
         access_log   => \*STDERR,       # undef: none
@@ -193,6 +194,11 @@ The Emperor pipe and its duties (PROTOCOL.md section 5): byte 5 when the
 first worker accepts, 17 once all accept, 26 every C<heartbeat>/2 seconds,
 22 once after C<idle> seconds without a request. Received: 0 stop now, 1
 graceful reload, 2 graceful stop; end of file is a graceful stop too.
+
+=item config_fh
+
+The config pipe, if the vassal keeps it: like the Emperor pipe, the
+master's alone (workers close both).
 
 =item access_log, access_log_path
 

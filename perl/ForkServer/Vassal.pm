@@ -74,6 +74,7 @@ sub run {
         listen_sock  => $sock,
         app          => $app,
         emperor_fh   => $self->{emperor},
+        config_fh    => $self->{config_fh},
         $self->server_args($access_log),
         ($preforked ? (preforked => $preforked) : ()),
     )->run;

@@ -113,11 +113,12 @@ sub _worker_setup {
     worker_exit(0) if getppid() != $self->{master_pid};
 
     close $self->{ready_r};
-    if (my $efh = $self->{emperor_fh}) {
-        # The Emperor pipe belongs to the master alone: a worker holding it
-        # would hide the master's death from the Emperor.
-        close $efh;
-        delete $self->{emperor_fh};
+    # The Emperor pipe and the config pipe belong to the master alone: a
+    # worker holding them would hide the master's death from the Emperor,
+    # or read what the Emperor sends the master.
+    for my $key (qw(emperor_fh config_fh)) {
+        my $fh = delete $self->{$key} or next;
+        close $fh;
     }
     $0 = "$self->{proctitle} worker $slot" if length $self->{proctitle};
     $self->_open_requests_slot($slot);
