@@ -573,3 +573,20 @@ def test_a_worker_shares_no_socket_with_its_master_but_the_listener(emp, k):
     for w in workers:
         shared = _socket_inodes(w) & _socket_inodes(master)
         assert len(shared) == 1, f"worker {w} shares {shared} with its master {master}"
+
+
+@pytest.mark.parametrize("k", [1, 0], ids=["from a spare", "forked"])
+def test_a_vassal_that_drops_to_another_uid_still_counts_its_requests(emp, tmp_path, k):
+    """The requests file (the status's REQS) is made before the vassal
+    drops root, and made its uid's: as `nobody` it could create nothing in
+    the run directory, and the status showed `-` for such a vassal."""
+    e = emp({"base": base_ini(k)}, base=False)
+    if k:
+        spares(e, 1)
+    port = free_port()
+    (e.dir / "low.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 2\n"
+                                   f"uid = nobody\ngid = {NOBODY.pw_gid}\ndisable-logging = true\n")
+    wait_for(lambda: get(port), 30, "the vassal")
+    for _ in range(20):
+        assert int(get(port)["uid"]) == NOBODY.pw_uid
+    wait_for(lambda: (e.status()["low"].get("requests") or 0) >= 21, 20, "the requests in the status")

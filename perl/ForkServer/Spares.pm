@@ -494,12 +494,13 @@ worker as its slot 1.
 =cut
 
 sub start {
-    my ($self, $sock) = @_;
+    my ($self, $sock, $requests_fh) = @_;
     my $text = $self->{config_text};
     my $data = encode_array(defined $text ? (1, $text) : (0, ''), @{ $self->{argv} });
     STDOUT->flush;
     STDERR->flush;
-    ForkServer::Link::send_fds($self->{link}, $data, fileno $sock, 1, 2) or die "starting the spare's worker: $!\n";
+    my @fds = (fileno $sock, 1, 2, $requests_fh ? fileno $requests_fh : ());
+    ForkServer::Link::send_fds($self->{link}, $data, @fds) or die "starting the spare's worker: $!\n";
     close $self->{link};
     $self->{started} = 1;
     return { pid => $self->{pid}, %{ $self->{pipes} } };
@@ -528,6 +529,7 @@ sub _worker_main {
     }
     syswrite($link, 'W') or die "telling the spare: $!\n";
     my ($data, $fd, @output) = ForkServer::Link::recv_fds($link);
+    my $requests_fd = $output[2];    # the vassal's requests file, when it drops root (ForkServer::Vassal)
     POSIX::_exit(0) unless defined $data && defined $fd;    # not adopted: the spare ended
     close $link;
     STDOUT->flush;
@@ -544,7 +546,12 @@ sub _worker_main {
     $vassal->configure;
     my $access_log = $vassal->access_log;    # opened as whoever may open it
     $vassal->drop_privileges;
-    ForkServer::HTTPServer->new(listen_sock => $sock, app => $app, $vassal->server_args($access_log))
+    my @requests;
+    if (defined $requests_fd) {
+        open(my $fh, '+<&=', $requests_fd) or die "the requests file: $!\n";
+        @requests = (requests_fh => $fh);
+    }
+    ForkServer::HTTPServer->new(listen_sock => $sock, app => $app, $vassal->server_args($access_log), @requests)
         ->run_preforked_worker(slot => 1, master_pid => $master,
                                ready_r => $ready_r, ready_w => $ready_w, stop_r => $stop_r);
     return;    # not reached

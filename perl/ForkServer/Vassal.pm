@@ -67,7 +67,8 @@ sub run {
     my $app  = $self->load_app;
     my $sock = $self->listen_socket;
     my $access_log = $self->access_log;    # opened as whoever may open it
-    my $preforked = $self->first_worker($sock);
+    my $requests_fh = $self->requests_file;
+    my $preforked = $self->first_worker($sock, $requests_fh);
     $self->drop_privileges;
     ForkServer::EmperorPipe->send($self->{emperor}, SPAWNED);
     ForkServer::HTTPServer->new(
@@ -75,6 +76,7 @@ sub run {
         app          => $app,
         emperor_fh   => $self->{emperor},
         config_fh    => $self->{config_fh},
+        ($requests_fh ? (requests_fh => $requests_fh) : ()),
         $self->server_args($access_log),
         ($preforked ? (preforked => $preforked) : ()),
     )->run;
@@ -107,14 +109,14 @@ sub title {
 # An adopted spare's worker, already forked and warm, gets the socket; not
 # with a `psgi` app on top of the base (it holds the preloaded one).
 sub first_worker {
-    my ($self, $sock) = @_;
+    my ($self, $sock, $requests_fh) = @_;
     my $worker = $self->{first_worker} or return undef;
     if (defined $self->{config}->get('psgi')) {
         $worker->discard;
         return undef;
     }
     # it may have died since the spare last looked: fresh workers then
-    my $preforked = eval { $worker->start($sock) };
+    my $preforked = eval { $worker->start($sock, $requests_fh) };
     $worker->discard unless $preforked;
     return $preforked;
 }
@@ -247,6 +249,15 @@ sub inherited_listener {
     ForkServer::EmperorPipe->set_cloexec($sock);
     open STDIN, '<', '/dev/null' or die "reopening STDIN: $!\n";
     return $sock;
+}
+
+# The status's requests file, made while still root for the uid this
+# vassal drops to (ForkServer::HTTPServer::Counts).
+sub requests_file {
+    my ($self) = @_;
+    my ($uid, $gid) = ($self->{config}->get('uid'), $self->{config}->get('gid'));
+    return undef unless (defined $uid || defined $gid) && $> == 0;
+    return ForkServer::HTTPServer::Counts::make_requests_file($$, $uid, $gid);
 }
 
 # Only root can change; group first, while we still may.

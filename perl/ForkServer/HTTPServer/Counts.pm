@@ -16,8 +16,28 @@ use Fcntl ();
 # slots. Without the variable (not under our Emperor) nothing is written.
 use constant REQUESTS_SLOT => 16;
 
+# A vassal about to drop root makes the file first and keeps it open (the
+# server's requests_fh): as its new uid it could neither create nor reach
+# anything in the run directory (mode 0700), and the status showed no
+# counts for it. Its processes reopen it through /proc/self/fd (each its
+# own offset), which needs no path; the file is made the new uid's.
+# A function: no server object exists yet.
+sub make_requests_file {
+    my ($master, $uid, $gid) = @_;
+    my $dir = $ENV{PSGI_FORKSERVER_RUN_DIR};
+    return undef unless defined $dir && length $dir && -d $dir;
+    sysopen(my $fh, "$dir/requests-$master", Fcntl::O_RDWR() | Fcntl::O_CREAT() | Fcntl::O_TRUNC(), 0600)
+        or return undef;
+    chown $uid // -1, $gid // -1, $fh;
+    return $fh;
+}
+
 sub _open_requests_file {
     my ($self, %o) = @_;
+    if (my $fh = $self->{requests_fh}) {
+        $self->{requests_file} = '/proc/self/fd/' . fileno $fh;
+        return;
+    }
     my $dir = $ENV{PSGI_FORKSERVER_RUN_DIR};
     return unless defined $dir && length $dir && -d $dir;
     my $path = "$dir/requests-" . ($o{master} // $$);
@@ -70,6 +90,7 @@ ForkServer::HTTPServer::Counts - requests served by L<ForkServer::HTTPServer>'s 
 The methods of the server object that keep the requests file
 (C<$PSGI_FORKSERVER_RUN_DIR/requests-PID>, docs/CONTRACT.md): the master
 creates it, each worker owns a 16-byte slot (requests served, their latency
-summed in microseconds) and writes it once per round of its loop.
+summed in microseconds) and writes it once per round of its loop. A vassal
+that drops root makes it first, for its new uid (C<make_requests_file>).
 
 =cut
