@@ -17,9 +17,9 @@ use Fcntl ();
 use constant REQUESTS_SLOT => 16;
 
 # A vassal about to drop root makes the file first and keeps it open (the
-# server's requests_fh): as its new uid it could neither create nor reach
-# anything in the run directory (mode 0700), and the status showed no
-# counts for it. Its processes reopen it through /proc/self/fd (each its
+# server's requests_fh): as its new uid it can create nothing in the run
+# directory (root's), nor reach it at all when it is 0700, and the status
+# showed no counts for it. Its processes reopen it through /proc/self/fd (each its
 # own offset), which needs no path; the file is made the new uid's.
 # A function: no server object exists yet.
 sub make_requests_file {
