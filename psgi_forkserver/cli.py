@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import shutil
 import sys
@@ -208,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     # the vassals (the base, and so every adopted one) learn where to write
     # their requests files (status.read_requests)
     os.environ[RUN_DIR_ENV] = str(run_dir().absolute())
+    if getattr(args, "run_dir", None) is None:
+        # registered before the status server's own atexit (which removes
+        # the stats socket in it), so it runs after: an exit for any reason
+        # leaves no empty directory per vassals directory behind
+        atexit.register(remove_empty_dirs, opts.run_dir / "sockets", opts.run_dir)
     try:
         opts.status = bind_status(args)  # before anything starts: errors exit 2
     except (OSError, ValueError) as e:
@@ -240,6 +246,15 @@ def add_status_command(sub) -> None:
     _add_finder(st)
     st.add_argument("--json", action="store_true", help="print the JSON document as is")
     st.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
+
+
+def remove_empty_dirs(*dirs: Path) -> None:
+    """Each directory, in order, if it is empty (ours: made by this run)."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            pass
 
 
 def bind_status(args: argparse.Namespace):

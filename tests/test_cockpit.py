@@ -532,3 +532,34 @@ def test_recycled_workers_keep_counting_in_their_slot(fleet):
     finally:
         (fleet.dir / "recycled.ini").unlink()
         wait_for(lambda: "recycled" not in fleet.doc()["vassals"], 30, "recycled to go")
+
+
+def test_an_emperor_leaves_no_empty_directory_in_the_run_directory(xprocess, tmp_path):
+    """Its default run directory (stats socket, vassals' UNIX sockets) is
+    one per vassals directory: an Emperor that stops removes it, rather than
+    leaving one empty directory behind for every directory ever run."""
+    run = Path(tempfile.mkdtemp(prefix="rd-"))  # short: UNIX socket paths go under it
+    vdir = tmp_path / "vassals"
+    vdir.mkdir()
+    # `domain` without http-socket: a UNIX socket in the run directory's sockets/
+    (vdir / "site.ini").write_text("[uwsgi]\ndomain = site.test\n"
+                                   f"psgi = {Path(__file__).parent / 'apps' / 'hello.psgi'}\n")
+    old = os.environ.get(status.RUN_DIR_ENV)
+    os.environ[status.RUN_DIR_ENV] = str(run)
+    try:
+        e = start_emperor(xprocess, "emperor-rundir", [vdir])
+    finally:
+        if old is None:
+            os.environ.pop(status.RUN_DIR_ENV, None)
+        else:
+            os.environ[status.RUN_DIR_ENV] = old
+    try:
+        wait_for(lambda: list(run.glob("*/stats")) and list(run.glob("*/sockets/*.sock")), 15,
+                 "the default stats socket and the vassal's socket")
+    finally:
+        stop_emperor(e)
+    try:
+        assert e.popen.returncode == 0
+        assert list(run.iterdir()) == []
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
