@@ -3,20 +3,17 @@ use strict;
 use warnings;
 
 use IO::Select ();
-use IO::Socket::IP ();
 use POSIX ();
 use Socket qw(AF_UNIX SOCK_SEQPACKET PF_UNSPEC MSG_DONTWAIT);
 use Time::HiRes ();
 use ForkServer::Clone ();
-use ForkServer::Config ();
 use ForkServer::Link ();
 use ForkServer::Log ();
-use ForkServer::Protocol qw(encode_packet encode_array decode_array MODIFIER1_FORK_SERVER);
+use ForkServer::Protocol qw(encode_packet encode_array MODIFIER1_FORK_SERVER);
 use ForkServer::AdoptionRequest ();
 use ForkServer::Rehearsal ();
 use ForkServer::Session ();
-use ForkServer::Vassal ();
-use ForkServer::Warmup ();
+use ForkServer::Spares::Worker ();
 
 =head1 NAME
 
@@ -407,154 +404,6 @@ sub _wait_for_adoption {
         die "the request from the base: $@";
     }
     return $req;
-}
-
-# ---------------------------------------------------------------------------
-# The spare's first worker, forked and warmed before any adoption
-# ---------------------------------------------------------------------------
-
-package ForkServer::Spares::Worker;
-
-use IO::Socket::IP ();
-use POSIX ();
-use Socket qw(AF_UNIX SOCK_SEQPACKET PF_UNSPEC);
-use ForkServer::Config ();
-use ForkServer::HTTPServer ();
-use ForkServer::Log ();
-use ForkServer::Protocol qw(encode_array decode_array);
-use ForkServer::Vassal ();
-use ForkServer::Warmup ();
-
-# In the spare: fork the worker with the master's pipes (ForkServer::HTTPServer's
-# worker messages and stop pipe); it warms up, says so, and waits for go().
-sub prefork {
-    my ($class, $app, $paths, $name, $base_link, $timeout) = @_;    # the spare's link to the base: not the worker's
-    pipe(my $ready_r, my $ready_w) or die "pipe: $!\n";
-    pipe(my $stop_r, my $stop_w) or die "pipe: $!\n";
-    socketpair(my $ours, my $theirs, AF_UNIX, SOCK_SEQPACKET, PF_UNSPEC) or die "socketpair: $!\n";
-    my $pid = fork // die "fork: $!\n";
-    if ($pid == 0) {
-        close $ours;
-        close $base_link;
-        close $stop_w;    # the master's: end of file on it is the worker's stop
-        my $ok = eval { _worker_main($theirs, $app, $paths, $name, $ready_r, $ready_w, $stop_r); 1 };
-        ForkServer::Log::line($name, "spare worker pid $$: $@") unless $ok;
-        STDOUT->flush;
-        STDERR->flush;
-        POSIX::_exit($ok ? 0 : 1);
-    }
-    close $theirs;
-    my $self = bless {
-        pid => $pid, link => $ours,
-        pipes => { ready_r => $ready_r, ready_w => $ready_w, stop_r => $stop_r, stop_w => $stop_w },
-    }, $class;
-    # warm before the base counts on us; an app whose warm-up path hangs in
-    # a forked process must not hold the pool (nor this process) forever
-    # (the base sends nothing before we are warm: its link readable is its end)
-    my $select = IO::Select->new($ours, $base_link);
-    my $deadline = Time::HiRes::time() + $timeout;
-    my @ready;
-    while (!@ready) {    # a signal the app handles interrupts select(): no time-out
-        my $left = $deadline - Time::HiRes::time();
-        last if $left <= 0;
-        @ready = $select->can_read($left);
-    }
-    if (!@ready || grep { $_ == $base_link } @ready) {
-        kill 'KILL', $pid;
-        waitpid $pid, 0;
-        POSIX::_exit(0) if @ready;    # the base is gone: nobody to tell
-        die "its worker was still warming up after $timeout s (fork-server-spare-timeout): killed\n";
-    }
-    my $n = sysread $ours, my $byte, 1;
-    return $self if $n && $byte eq 'W';
-    waitpid $pid, 0;
-    die "its worker " . _status($?) . " while warming up\n";
-}
-
-sub _status {
-    my ($st) = @_;
-    return "was killed by signal " . ($st & 127) if $st & 127;
-    return "exited with status " . ($st >> 8);
-}
-
-sub for_request {
-    my ($self, $argv, $config_text) = @_;
-    @$self{qw(argv config_text)} = ($argv, $config_text);
-    return $self;
-}
-
-=head2 start($listen_sock) -> \%preforked
-
-In the adopted spare, once its socket exists: the worker gets it with the
-argv and config text, and the vassal's standard output and error (the
-worker was forked with the base's: ForkServer::Output gave the vassal its
-own since). Returns what L<ForkServer::HTTPServer> needs to take the
-worker as its slot 1.
-
-=cut
-
-sub start {
-    my ($self, $sock, $requests_fh) = @_;
-    my $text = $self->{config_text};
-    my $data = encode_array(defined $text ? (1, $text) : (0, ''), @{ $self->{argv} });
-    STDOUT->flush;
-    STDERR->flush;
-    my @fds = (fileno $sock, 1, 2, $requests_fh ? fileno $requests_fh : ());
-    ForkServer::Link::send_fds($self->{link}, $data, @fds) or die "starting the spare's worker: $!\n";
-    close $self->{link};
-    $self->{started} = 1;
-    return { pid => $self->{pid}, %{ $self->{pipes} } };
-}
-
-# The config asks for something else than the preloaded app: the waiting
-# worker goes (end of file on its link) and the master forks fresh ones.
-sub discard {
-    my ($self) = @_;
-    return if $self->{started} || $self->{discarded}++;
-    close $self->{link};
-    close $_ for values %{ $self->{pipes} };
-    waitpid $self->{pid}, 0;
-    return;
-}
-
-sub _worker_main {
-    my ($link, $app, $paths, $name, $ready_r, $ready_w, $stop_r) = @_;
-    my $master = getppid();
-    $0 = "psgi-vassal $name (spare worker)";
-    # the app's paths as often as the server's: the adopted vassal's first
-    # request then takes what the app's steady state takes
-    for (1 .. ForkServer::Rehearsal::TIMES) {
-        ForkServer::Warmup::run($app, $paths, sub { }) if @$paths;
-        ForkServer::Rehearsal::worker_start();
-    }
-    syswrite($link, 'W') or die "telling the spare: $!\n";
-    my ($data, $fd, @output) = ForkServer::Link::recv_fds($link);
-    my $requests_fd = $output[2];    # the vassal's requests file, when it drops root (ForkServer::Vassal)
-    POSIX::_exit(0) unless defined $data && defined $fd;    # not adopted: the spare ended
-    close $link;
-    STDOUT->flush;
-    STDERR->flush;
-    for my $to (1, 2) {    # the vassal's output from now on, not the base's
-        my $from = shift @output // next;
-        POSIX::dup2($from, $to) // die "dup2 of the vassal's output to descriptor $to: $!\n";
-        POSIX::close($from);
-    }
-    my ($has_text, $text, @argv) = decode_array($data);
-    my $sock = IO::Socket::IP->new_from_fd($fd, 'r+') or die "the listening socket: $!\n";
-    my $config = ForkServer::Config->from_argv(\@argv, config_text => $has_text ? $text : undef);
-    my $vassal = ForkServer::Vassal->new(config => $config);
-    $vassal->configure;
-    my $access_log = $vassal->access_log;    # opened as whoever may open it
-    $vassal->drop_privileges;
-    my @requests;
-    if (defined $requests_fd) {
-        open(my $fh, '+<&=', $requests_fd) or die "the requests file: $!\n";
-        @requests = (requests_fh => $fh);
-    }
-    ForkServer::HTTPServer->new(listen_sock => $sock, app => $app, $vassal->server_args($access_log), @requests)
-        ->run_preforked_worker(slot => 1, master_pid => $master,
-                               ready_r => $ready_r, ready_w => $ready_w, stop_r => $stop_r);
-    return;    # not reached
 }
 
 1;
