@@ -14,7 +14,7 @@ use ForkServer::EmperorPipe ();
 use ForkServer::HugePages ();
 use ForkServer::Log ();
 use ForkServer::AdoptionRequest ();
-use ForkServer::Protocol qw(encode_packet encode_dict MODIFIER1_FORK_SERVER MASK_ON_DEMAND SPAWNED STOP_NOW STOP);
+use ForkServer::Protocol qw(MASK_ON_DEMAND SPAWNED STOP_NOW STOP);
 use ForkServer::Spares ();
 use ForkServer::Startup ();
 use ForkServer::Vassal ();
