@@ -209,11 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     # the vassals (the base, and so every adopted one) learn where to write
     # their requests files (status.read_requests)
     os.environ[RUN_DIR_ENV] = str(run_dir().absolute())
-    if getattr(args, "run_dir", None) is None:
-        # registered before the status server's own atexit (which removes
-        # the stats socket in it), so it runs after: an exit for any reason
-        # leaves no empty directory per vassals directory behind
-        atexit.register(remove_empty_dirs, opts.run_dir / "sockets", opts.run_dir)
+    # registered before the status server's own atexit (which removes the
+    # stats socket in it), so it runs after: an exit for any reason leaves no
+    # empty directory per vassals directory behind
+    atexit.register(remove_empty_dirs, *own_dirs(args, opts.run_dir))
     try:
         opts.status = bind_status(args)  # before anything starts: errors exit 2
     except (OSError, ValueError) as e:
@@ -246,6 +245,21 @@ def add_status_command(sub) -> None:
     _add_finder(st)
     st.add_argument("--json", action="store_true", help="print the JSON document as is")
     st.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
+
+
+def own_dirs(args: argparse.Namespace, run: Path) -> list[Path]:
+    """The directories this run may remove at exit when empty: the default
+    run directory (and its sockets/); with --run-dir, which is the
+    operator's and stays, the default stats socket's directory, unless
+    --stats is given or it is that same directory."""
+    if getattr(args, "run_dir", None) is None:
+        return [run / "sockets", run]
+    if getattr(args, "stats", None) is not None:
+        return []
+    from .status import default_stats_path
+
+    stats_dir = default_stats_path(args.vassals_dir).parent
+    return [] if stats_dir.resolve() == run.resolve() else [stats_dir]
 
 
 def remove_empty_dirs(*dirs: Path) -> None:

@@ -563,3 +563,42 @@ def test_an_emperor_leaves_no_empty_directory_in_the_run_directory(xprocess, tmp
         assert list(run.iterdir()) == []
     finally:
         shutil.rmtree(run, ignore_errors=True)
+
+
+@pytest.mark.parametrize("where", ["elsewhere", "the default"])
+def test_an_emperor_given_a_run_directory_keeps_it_and_leaves_no_stats_directory(
+        xprocess, tmp_path, where):
+    """--run-dir is the operator's: never removed, even empty, even when it is
+    the default one. Without --stats the stats socket still goes in the
+    default directory (RUNDIR/HASH), made by this run: it goes at exit."""
+    run = Path(tempfile.mkdtemp(prefix="rd-"))  # short: UNIX socket paths go under it
+    vdir = tmp_path / "vassals"
+    vdir.mkdir()
+    (vdir / "site.ini").write_text("[uwsgi]\ndomain = site.test\n"
+                                   f"psgi = {Path(__file__).parent / 'apps' / 'hello.psgi'}\n")
+    old = os.environ.get(status.RUN_DIR_ENV)
+    os.environ[status.RUN_DIR_ENV] = str(run)
+    try:
+        default = status.default_stats_path(vdir).parent
+        given = default if where == "the default" else run / "given"
+        e = start_emperor(xprocess, "emperor-rundir-given", [vdir, "--run-dir", given])
+    finally:
+        if old is None:
+            os.environ.pop(status.RUN_DIR_ENV, None)
+        else:
+            os.environ[status.RUN_DIR_ENV] = old
+    try:
+        wait_for(lambda: (default / "stats").exists() and list(given.glob("sockets/*.sock")), 15,
+                 "the default stats socket and the vassal's socket in the given directory")
+    finally:
+        stop_emperor(e)
+    try:
+        assert e.popen.returncode == 0
+        assert given.is_dir(), "the given run directory was removed"
+        assert not (default / "stats").exists()
+        left = {p.relative_to(run) for p in run.rglob("*")}
+        kept = {Path("given"), Path("given/sockets")} if where == "elsewhere" else \
+            {default.relative_to(run), default.relative_to(run) / "sockets"}
+        assert left == kept, left
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
