@@ -590,3 +590,36 @@ def test_a_vassal_that_drops_to_another_uid_still_counts_its_requests(emp, tmp_p
     for _ in range(20):
         assert int(get(port)["uid"]) == NOBODY.pw_uid
     wait_for(lambda: (e.status()["low"].get("requests") or 0) >= 21, 20, "the requests in the status")
+
+
+@pytest.mark.parametrize("k", [1, 0], ids=["from a spare", "forked"])
+def test_a_uid_vassal_counts_through_recycled_workers_and_a_reload(emp, k):
+    """Its workers reopen the requests file by descriptor: the ones a
+    max-requests recycle or a SIGHUP to the master forks count too, and its
+    file is gone once it stops (nobody cannot unlink in the run directory)."""
+    e = emp({"base": base_ini(k)}, base=False)
+    if k:
+        spares(e, 1)
+    port = free_port()
+    (e.dir / "rq.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 2\n"
+                                  f"max-requests = 3\nuid = nobody\ngid = {NOBODY.pw_gid}\n"
+                                  "disable-logging = true\n")
+    wait_for(lambda: get(port), 30, "the vassal")
+    master = e.vpid("rq")
+    pids = set()
+    for _ in range(20):
+        pids.add(get(port)["pid"])
+    assert len(pids) >= 4, pids
+    wait_for(lambda: (e.status()["rq"].get("requests") or 0) >= 21, 20, "21 requests counted")
+    before = set(c.pid for c in psutil.Process(master).children())
+    os.kill(master, signal.SIGHUP)
+    wait_for(lambda: not (set(c.pid for c in psutil.Process(master).children()) & before)
+             and len(psutil.Process(master).children()) == 2, 30, "a new generation of workers")
+    for _ in range(10):
+        get(port)
+    wait_for(lambda: (e.status()["rq"].get("requests") or 0) >= 31, 20, "31 requests counted")
+    path = Path(os.environ["PSGI_FORKSERVER_RUN_DIR"]) / f"requests-{master}"
+    assert path.exists()
+    (e.dir / "rq.ini").unlink()
+    wait_for(lambda: not psutil.pid_exists(master), 30, "the vassal to stop")
+    wait_for(lambda: not path.exists(), 20, "its requests file to go")
