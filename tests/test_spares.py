@@ -623,3 +623,31 @@ def test_a_uid_vassal_counts_through_recycled_workers_and_a_reload(emp, k):
     (e.dir / "rq.ini").unlink()
     wait_for(lambda: not psutil.pid_exists(master), 30, "the vassal to stop")
     wait_for(lambda: not path.exists(), 20, "its requests file to go")
+
+
+def test_the_base_sleeps_while_a_refill_warms_up(emp, tmp_path):
+    """After an adoption the pool refills once none came for a pause; while
+    the spare it then makes warms up (slowly here: 3 x 0.4 s), the base
+    waits in select() rather than spinning with a deadline already past (a
+    CPU taken from the warm-up and the vassals just adopted)."""
+    app = tmp_path / "slow.psgi"
+    app.write_text("my $app = sub { select undef, undef, undef, 0.4 if $_[0]{PATH_INFO} eq '/slow';\n"
+                   "  [200, ['Content-Type' => 'text/plain'], [\"pid=$$ uid=$<\\n\"]] };\n$app;\n")
+    e = emp({"base": f"[uwsgi]\nearly-psgi = {app}\nfork-server = fs.sock\n"
+                     "early-warmup = /slow\nfork-server-spares = 2\n"}, base=False)
+    spares(e, 2)
+    base = psutil.Process(e.vpid("base"))
+    ports = [free_port(), free_port()]
+    for i, port in enumerate(ports):
+        (e.dir / f"a{i}.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\n")
+    for port in ports:
+        wait_for(lambda p=port: get(p), 30, f"port {port}")
+    # both spares were taken: the first of the two refills warms up now
+    wait_for(lambda: (sp := e.status()["base"].get("spares")) and sp["count"] >= 1, 30,
+             "a refill")
+    cpu = base.cpu_times()
+    spares(e, 2)
+    used = sum(base.cpu_times()[:2]) - sum(cpu[:2])
+    # a spin through the 1.2 s of a warm-up costs about that in CPU, even on a
+    # loaded machine; a base waiting in select() costs almost nothing
+    assert used < 0.4, f"the base used {used:.2f} s of CPU while a spare warmed up"

@@ -133,6 +133,11 @@ When the base's loop must wake up to make a spare that waits for a pause.
 sub next_at {
     my ($self) = @_;
     return undef unless $self->{retry_at} && $self->size < $self->{count};
+    # Once past, the pause is no reason to wake: the loop makes a spare
+    # before it waits, or a warming spare's link or a client's deadline
+    # wakes it. A past time would make select() return at once, and the
+    # base spin through every warm-up of a refill (retry_at stays set).
+    return undef if $self->{retry_at} <= Time::HiRes::time();
     return $self->{retry_at};
 }
 
