@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from psgi_forkserver import paths, status
 
 import browser
-from support import EMPEROR, free_port, start_emperor, stop_emperor, wait_for
+from support import EMPEROR, descendants, free_port, start_emperor, stop_emperor, wait_for
 from test_emperor import app_ini, get
 
 HERE = Path(__file__).resolve().parent
@@ -601,4 +601,56 @@ def test_an_emperor_given_a_run_directory_keeps_it_and_leaves_no_stats_directory
             {default.relative_to(run), default.relative_to(run) / "sockets"}
         assert left == kept, left
     finally:
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def test_emperors_sharing_a_run_directory_remove_only_their_own(xprocess, tmp_path):
+    """Two Emperors on two vassals directories share the run directory, each
+    in its own RUNDIR/HASH: one that stops leaves the other's alone; one
+    killed with -9 leaves its directory, and the next start on the same
+    vassals directory serves from it (stale sockets replaced), then removes it."""
+    run = Path(tempfile.mkdtemp(prefix="rd-"))  # short: UNIX socket paths go under it
+    vdirs = [tmp_path / "a", tmp_path / "b"]
+    for v in vdirs:
+        v.mkdir()
+        (v / "site.ini").write_text("[uwsgi]\ndomain = site.test\n"
+                                    f"psgi = {Path(__file__).parent / 'apps' / 'hello.psgi'}\n")
+    old = os.environ.get(status.RUN_DIR_ENV)
+    os.environ[status.RUN_DIR_ENV] = str(run)
+    try:
+        homes = [status.default_stats_path(v).parent for v in vdirs]
+        started = []
+
+        def start(i: int, name: str):
+            e = start_emperor(xprocess, name, [vdirs[i]])
+            started.append(e)
+            wait_for(lambda: (homes[i] / "stats").exists() and list(homes[i].glob("sockets/*.sock")),
+                     15, f"emperor {i}'s stats socket and vassal socket")
+            return e
+
+        a, b = start(0, "emperor-share-a"), start(1, "emperor-share-b")
+        try:
+            stop_emperor(a)
+            assert a.popen.returncode == 0
+            assert not homes[0].exists()
+            assert status.fetch(homes[1] / "stats", timeout=10)["vassals"]["site"]
+            left = descendants(b.pid)
+            b.popen.kill()
+            b.popen.wait()
+            wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                                     for p in left), 30, "the killed Emperor's vassals to go")
+            assert (homes[1] / "stats").exists()  # what -9 leaves: acceptable
+            b2 = start(1, "emperor-share-b2")
+            assert status.fetch(homes[1] / "stats", timeout=10)["vassals"]["site"]
+            stop_emperor(b2)
+            assert b2.popen.returncode == 0
+            assert not homes[1].exists()
+        finally:
+            for e in started:
+                stop_emperor(e)
+    finally:
+        if old is None:
+            os.environ.pop(status.RUN_DIR_ENV, None)
+        else:
+            os.environ[status.RUN_DIR_ENV] = old
         shutil.rmtree(run, ignore_errors=True)
