@@ -26,7 +26,9 @@ sub make_requests_file {
     my ($master, $uid, $gid) = @_;
     my $dir = $ENV{PSGI_FORKSERVER_RUN_DIR};
     return undef unless defined $dir && length $dir && -d $dir;
-    sysopen(my $fh, "$dir/requests-$master", Fcntl::O_RDWR() | Fcntl::O_CREAT() | Fcntl::O_TRUNC(), 0600)
+    # opened as root, then given away: never through a link someone put there
+    sysopen(my $fh, "$dir/requests-$master",
+            Fcntl::O_RDWR() | Fcntl::O_CREAT() | Fcntl::O_TRUNC() | Fcntl::O_NOFOLLOW(), 0600)
         or return undef;
     chown $uid // -1, $gid // -1, $fh;
     return $fh;
