@@ -6,6 +6,7 @@ notify messages through a real datagram socket."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -534,90 +535,88 @@ def test_recycled_workers_keep_counting_in_their_slot(fleet):
         wait_for(lambda: "recycled" not in fleet.doc()["vassals"], 30, "recycled to go")
 
 
-def test_an_emperor_leaves_no_empty_directory_in_the_run_directory(xprocess, tmp_path):
-    """Its default run directory (stats socket, vassals' UNIX sockets) is
-    one per vassals directory: an Emperor that stops removes it, rather than
-    leaving one empty directory behind for every directory ever run."""
-    run = Path(tempfile.mkdtemp(prefix="rd-"))  # short: UNIX socket paths go under it
-    vdir = tmp_path / "vassals"
-    vdir.mkdir()
-    # `domain` without http-socket: a UNIX socket in the run directory's sockets/
-    (vdir / "site.ini").write_text("[uwsgi]\ndomain = site.test\n"
-                                   f"psgi = {Path(__file__).parent / 'apps' / 'hello.psgi'}\n")
+@pytest.fixture
+def short_run_dir():
+    """A run directory of this test's own, short (UNIX socket paths go
+    under it), removed after it."""
+    run = Path(tempfile.mkdtemp(prefix="rd-"))
+    yield run
+    shutil.rmtree(run, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def run_dir_env(run: Path):
+    """Emperors started inside take `run` as their run directory."""
     old = os.environ.get(status.RUN_DIR_ENV)
     os.environ[status.RUN_DIR_ENV] = str(run)
     try:
-        e = start_emperor(xprocess, "emperor-rundir", [vdir])
+        yield
     finally:
         if old is None:
             os.environ.pop(status.RUN_DIR_ENV, None)
         else:
             os.environ[status.RUN_DIR_ENV] = old
+
+
+def site_vassals_dir(vdir: Path) -> Path:
+    """A vassals directory with one vassal that has `domain` and no
+    http-socket: its UNIX socket goes in the run directory's sockets/."""
+    vdir.mkdir()
+    (vdir / "site.ini").write_text("[uwsgi]\ndomain = site.test\n"
+                                   f"psgi = {Path(__file__).parent / 'apps' / 'hello.psgi'}\n")
+    return vdir
+
+
+def test_an_emperor_leaves_no_empty_directory_in_the_run_directory(xprocess, tmp_path, short_run_dir):
+    """Its default run directory (stats socket, vassals' UNIX sockets) is
+    one per vassals directory: an Emperor that stops removes it, rather than
+    leaving one empty directory behind for every directory ever run."""
+    run = short_run_dir
+    vdir = site_vassals_dir(tmp_path / "vassals")
+    with run_dir_env(run):
+        e = start_emperor(xprocess, "emperor-rundir", [vdir])
     try:
         wait_for(lambda: list(run.glob("*/stats")) and list(run.glob("*/sockets/*.sock")), 15,
                  "the default stats socket and the vassal's socket")
     finally:
         stop_emperor(e)
-    try:
-        assert e.popen.returncode == 0
-        assert list(run.iterdir()) == []
-    finally:
-        shutil.rmtree(run, ignore_errors=True)
+    assert e.popen.returncode == 0
+    assert list(run.iterdir()) == []
 
 
 @pytest.mark.parametrize("where", ["elsewhere", "the default"])
 def test_an_emperor_given_a_run_directory_keeps_it_and_leaves_no_stats_directory(
-        xprocess, tmp_path, where):
+        xprocess, tmp_path, short_run_dir, where):
     """--run-dir is the operator's: never removed, even empty, even when it is
     the default one. Without --stats the stats socket still goes in the
     default directory (RUNDIR/HASH), made by this run: it goes at exit."""
-    run = Path(tempfile.mkdtemp(prefix="rd-"))  # short: UNIX socket paths go under it
-    vdir = tmp_path / "vassals"
-    vdir.mkdir()
-    (vdir / "site.ini").write_text("[uwsgi]\ndomain = site.test\n"
-                                   f"psgi = {Path(__file__).parent / 'apps' / 'hello.psgi'}\n")
-    old = os.environ.get(status.RUN_DIR_ENV)
-    os.environ[status.RUN_DIR_ENV] = str(run)
-    try:
+    run = short_run_dir
+    vdir = site_vassals_dir(tmp_path / "vassals")
+    with run_dir_env(run):
         default = status.default_stats_path(vdir).parent
         given = default if where == "the default" else run / "given"
         e = start_emperor(xprocess, "emperor-rundir-given", [vdir, "--run-dir", given])
-    finally:
-        if old is None:
-            os.environ.pop(status.RUN_DIR_ENV, None)
-        else:
-            os.environ[status.RUN_DIR_ENV] = old
     try:
         wait_for(lambda: (default / "stats").exists() and list(given.glob("sockets/*.sock")), 15,
                  "the default stats socket and the vassal's socket in the given directory")
     finally:
         stop_emperor(e)
-    try:
-        assert e.popen.returncode == 0
-        assert given.is_dir(), "the given run directory was removed"
-        assert not (default / "stats").exists()
-        left = {p.relative_to(run) for p in run.rglob("*")}
-        kept = {Path("given"), Path("given/sockets")} if where == "elsewhere" else \
-            {default.relative_to(run), default.relative_to(run) / "sockets"}
-        assert left == kept, left
-    finally:
-        shutil.rmtree(run, ignore_errors=True)
+    assert e.popen.returncode == 0
+    assert given.is_dir(), "the given run directory was removed"
+    assert not (default / "stats").exists()
+    left = {p.relative_to(run) for p in run.rglob("*")}
+    kept = {Path("given"), Path("given/sockets")} if where == "elsewhere" else \
+        {default.relative_to(run), default.relative_to(run) / "sockets"}
+    assert left == kept, left
 
 
-def test_emperors_sharing_a_run_directory_remove_only_their_own(xprocess, tmp_path):
+def test_emperors_sharing_a_run_directory_remove_only_their_own(xprocess, tmp_path, short_run_dir):
     """Two Emperors on two vassals directories share the run directory, each
     in its own RUNDIR/HASH: one that stops leaves the other's alone; one
     killed with -9 leaves its directory, and the next start on the same
     vassals directory serves from it (stale sockets replaced), then removes it."""
-    run = Path(tempfile.mkdtemp(prefix="rd-"))  # short: UNIX socket paths go under it
-    vdirs = [tmp_path / "a", tmp_path / "b"]
-    for v in vdirs:
-        v.mkdir()
-        (v / "site.ini").write_text("[uwsgi]\ndomain = site.test\n"
-                                    f"psgi = {Path(__file__).parent / 'apps' / 'hello.psgi'}\n")
-    old = os.environ.get(status.RUN_DIR_ENV)
-    os.environ[status.RUN_DIR_ENV] = str(run)
-    try:
+    vdirs = [site_vassals_dir(tmp_path / "a"), site_vassals_dir(tmp_path / "b")]
+    with run_dir_env(short_run_dir):
         homes = [status.default_stats_path(v).parent for v in vdirs]
         started = []
 
@@ -648,9 +647,3 @@ def test_emperors_sharing_a_run_directory_remove_only_their_own(xprocess, tmp_pa
         finally:
             for e in started:
                 stop_emperor(e)
-    finally:
-        if old is None:
-            os.environ.pop(status.RUN_DIR_ENV, None)
-        else:
-            os.environ[status.RUN_DIR_ENV] = old
-        shutil.rmtree(run, ignore_errors=True)

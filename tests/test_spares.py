@@ -126,6 +126,16 @@ def test_a_spare_serves_an_adoption_with_its_own_env_cwd_and_uid(emp, tmp_path):
     assert e.vpid("base") == base
 
 
+def adopt_one(e, spare: int) -> int:
+    """A new vassal `one`, and the base's answer: the spare's pid (which
+    may be stopped: the base answers for it). Its port."""
+    port = free_port()
+    (e.dir / "one.ini").write_text(app_ini("one", port, processes=1))
+    wait_for(lambda: e.vpids("one"), 30, "the base to answer with the spare's pid")
+    assert e.vpid("one") == spare
+    return port
+
+
 def test_a_spare_is_not_reachable_before_its_adoption(emp):
     e = emp({"base": base_ini(2)}, base=False)
     spares(e, 2)
@@ -350,10 +360,7 @@ def test_a_spare_whose_worker_died_just_before_its_adoption_serves_with_a_fresh_
     try:
         worker.kill()
         wait_for(lambda: worker.status() == psutil.STATUS_ZOMBIE, 30, "the worker to die")
-        port = free_port()
-        (e.dir / "one.ini").write_text(app_ini("one", port, processes=1))
-        wait_for(lambda: e.vpids("one"), 30, "the base to answer with the spare's pid")
-        assert e.vpid("one") == master
+        port = adopt_one(e, master)
     finally:
         os.kill(master, signal.SIGCONT)
     r = wait_for(lambda: get(port), 30, "the vassal to answer")
@@ -495,10 +502,7 @@ def test_a_spare_killed_after_the_base_answered_with_its_pid_is_restarted_by_the
     (master,) = spare_masters(e)
     os.kill(master, signal.SIGSTOP)  # it gets its request only once it runs again
     try:
-        port = free_port()
-        (e.dir / "one.ini").write_text(app_ini("one", port, processes=1))
-        wait_for(lambda: e.vpids("one"), 30, "the base to answer with the spare's pid")
-        assert e.vpid("one") == master
+        port = adopt_one(e, master)
     finally:
         os.kill(master, signal.SIGKILL)
     wait_for(lambda: e.lines(f"[one] pid {master} died (killed by SIGKILL)"), 30, "the Emperor to see it die")
