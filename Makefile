@@ -35,7 +35,7 @@ BENCH_DEB_PACKAGES := dpkg-dev libapache-logformat-compiler-perl libauthen-simpl
 	libtest-tcp-perl libtry-tiny-perl liburi-perl \
 	libwww-form-urlencoded-perl libwww-perl
 
-.PHONY: all setup run test test-python test-perl bench bench-quick bench-setup clean
+.PHONY: all setup run test test-python test-perl test-perl-prove test-perl-emperor bench bench-quick bench-setup clean
 
 all: setup
 
@@ -58,17 +58,27 @@ $(STAMPS)/browser: Makefile tools/install-debian-packages
 	tools/install-debian-packages $(BROWSER_PACKAGES)
 	@mkdir -p $(STAMPS) && touch $@
 
+# The three suites run side by side (most of their time is spent waiting on
+# the processes they start); --output-sync prints each one's output whole,
+# when it ends, so every runner's closing lines stay together.
 test: setup $(STAMPS)/browser
-	$(MAKE) --no-print-directory test-perl test-python
+	$(MAKE) --no-print-directory -j3 --output-sync=target test-perl-prove test-perl-emperor test-python
 
 # The Perl tests twice: under prove, and under `emperor prove` (forked
 # from a preloaded base), which must give the same verdicts.
 test-perl: setup
-	prove -r -I perl t/
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-perl-prove test-perl-emperor
+
+test-perl-prove: setup
+	prove -j3 -r -I perl t/
+
+test-perl-emperor: setup
 	$(VENV)/bin/emperor prove -j2 -r -I perl t/
 
+# pytest-xdist: one file per worker at a time (a file's module fixtures
+# start their fleet once); tests/support.py names each worker's processes.
 test-python: setup $(STAMPS)/browser
-	$(VPY) -m pytest -q
+	$(VPY) -m pytest -q -n 3 --dist loadfile
 
 bench-setup: $(STAMPS)/bench-debian
 

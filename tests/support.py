@@ -136,6 +136,8 @@ def start_emperor(xprocess, name: str, args: list, env: dict | None = None,
     `nofile`: the (soft, hard) RLIMIT_NOFILE the Emperor starts with, set by
     a Python that then execs it (xprocess owns the Popen's preexec_fn)."""
 
+    # one xprocess directory per name: pytest-xdist's workers each get their own
+    name = f"{name}-{os.environ.get('PYTEST_XDIST_WORKER', 'solo')}"
     argv = [EMPEROR, "run", *map(str, args)]
     if nofile is not None:
         argv = [sys.executable, "-c",

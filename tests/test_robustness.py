@@ -75,14 +75,25 @@ def zombies_under(pid: int) -> list[psutil.Process]:
 def assert_no_zombies(e: Emp, timeout: float = 5.0) -> None:
     """A child may be a zombie for the moment between its exit and the
     Emperor's SIGCHLD turn; none may stay one."""
+    try:
+        since = psutil.Process(e.pid).create_time()
+    except psutil.NoSuchProcess:
+        since = 0.0
+
+    def ours(z: psutil.Process) -> bool:
+        # a zombie of the test process older than this Emperor is an earlier
+        # test file's (pytest-xdist runs several files in one process)
+        try:
+            return z.pid != e.pid and z.create_time() >= since
+        except psutil.NoSuchProcess:
+            return False
+
     def none_left():
-        return not zombies_under(e.pid) and not [
-            z for z in zombies_under(os.getpid()) if z.pid != e.pid
-        ]
+        return not zombies_under(e.pid) and not [z for z in zombies_under(os.getpid()) if ours(z)]
     try:
         wait_for(none_left, timeout, "no zombie left")
     except AssertionError:
-        zs = zombies_under(e.pid) + zombies_under(os.getpid())
+        zs = zombies_under(e.pid) + [z for z in zombies_under(os.getpid()) if ours(z)]
         info = []
         for z in zs:
             try:

@@ -411,8 +411,13 @@ def test_a_deploy_in_a_burst_of_adoptions_loses_no_vassal_and_leaves_no_process(
         assert wait_for(lambda p=port: get(p), 60, f"{name} to answer")["name"] == name
     wait_for(lambda: all(e.vpid(n) in {c.pid for c in psutil.Process(e.pid).children()} for n in ports), 60,
              "every vassal to be the Emperor's child")
-    sp = spares(e, 2)
-    assert psutil.Process(sp["pids"][0]).ppid() in (e.pid, *sp["pids"])
+    def a_spare_parented_by_the_emperor():
+        sp = spares(e, 2)
+        try:
+            return psutil.Process(sp["pids"][0]).ppid() in (e.pid, *sp["pids"])
+        except psutil.NoSuchProcess:  # the status was read before the pool changed
+            return False
+    wait_for(a_spare_parented_by_the_emperor, 30, "a spare of the new pool, the Emperor's child")
     sids = {os.getsid(p.pid) for p in psutil.Process(e.pid).children(recursive=True)}
     stop_emperor(e)
     wait_for(lambda: not _sessions_alive(sids), 30, "every session of the fleet to end")
