@@ -20,7 +20,7 @@ The Emperor binds every vassal's `http-socket` itself (sockets.py) and
 passes it to each of the vassal's processes (mask 0x04), so restarts,
 gap-free reloads and code deploys (bases.py) never close the port.
 
-files.py, processes.py and bases.py are mixins of `Emperor` (README: Layout).
+files.py, processes.py and bases.py are mixins of `Emperor` (docs/ARCHITECTURE.md: Layout).
 """
 
 from __future__ import annotations

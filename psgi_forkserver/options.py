@@ -3,7 +3,7 @@
 `Options` is what `Emperor` runs with; `cli.build_parser` builds
 `emperor run`'s options from the same fields (`run_arguments`), the
 vassals' `Policy` takes its defaults from here (`DEFAULTS`), and the
-README's option table is `readme_table()` (a test compares them).
+docs/options.md's option table is `readme_table()` (a test compares them).
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def readme_table() -> str:
-    """`emperor run`'s options as the README shows them."""
+    """`emperor run`'s options as docs/options.md shows them."""
     rows = ["| option | default | meaning |", "| --- | --- | --- |"]
     for f in run_options():
         flag = _flags(f)[0]

@@ -1,23 +1,31 @@
 """Each Emperor option is declared once (options.py): the parser, the
-vassals' Policy and the README's table come from that declaration."""
+vassals' Policy and docs/options.md's table come from that declaration."""
 
 import dataclasses
 import itertools
+import subprocess
+import sys
 from pathlib import Path
 
 from psgi_forkserver import cli
 from psgi_forkserver.options import DEFAULTS, Options, readme_table, run_options
 from psgi_forkserver.vassal import Policy
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+OPTIONS_DOC = ROOT / "docs" / "options.md"
 
 
-def test_readme_table_is_the_declaration():
-    lines = README.read_text().splitlines()
+def test_options_doc_tables_are_the_declarations():
+    """Both tables of docs/options.md are what the declarations print."""
+    text = OPTIONS_DOC.read_text()
+    keys = subprocess.run([sys.executable, str(ROOT / "tools" / "options-table")],
+                          capture_output=True, text=True, check=True).stdout
+    assert keys in text, "docs/options.md's key table differs: paste tools/options-table's output"
+    lines = text.splitlines()
     start = lines.index("| option | default | meaning |")
     rows = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
     assert "\n".join(rows) + "\n" == readme_table(), \
-        "README's `emperor run` table differs from options.py: paste readme_table()"
+        "docs/options.md's `emperor run` table differs from options.py: paste readme_table()"
 
 
 def test_parser_defaults_are_the_declared_ones():
