@@ -192,3 +192,106 @@ def test_a_uid_without_passwd_entry_needs_gid(fleet, tenant):
              "the refusal")
     assert answers(port) is None
     (fleet.vdir / "ghost.ini").unlink()
+
+
+# -- descriptors --------------------------------------------------------------
+
+
+def base_fd(fleet, path: str) -> int:
+    """The descriptor number the base holds `path` on."""
+    base = fleet.e.vpid("base")
+    for fd in os.listdir(f"/proc/{base}/fd"):
+        try:
+            if os.readlink(f"/proc/{base}/fd/{fd}") == path:
+                return int(fd)
+        except OSError:
+            pass
+    raise AssertionError(f"the base does not hold {path}")
+
+
+@pytest.mark.parametrize("uid", [True, False], ids=["uid vassal", "root vassal"])
+def test_a_vassal_holds_none_of_the_descriptors_the_app_opened_in_the_base(fleet, tenant, uid):
+    if fleet.k is None:
+        pytest.skip("no base: a plain vassal opens its own")
+    n = base_fd(fleet, tenant.path("preload"))
+    port = free_port()
+    fleet.add("nofd", vassal_ini(port, *([f"uid = {tenant.name}"] if uid else [])), port)
+    for r in every_worker(port, "/fds"):
+        assert r["preloaded"] == n, r    # the app's handle is still there, its descriptor is not
+        held = set(r["fds"].values())
+        assert tenant.path("preload") not in held, r
+        # a spare's warm worker warmed up as root: it serves root vassals only (its warm-up
+        # is then that vassal's first request's), never one that runs as another user
+        if uid or not fleet.k:
+            assert tenant.path("warm") not in held, r
+    for r in every_worker(port, f"/fd?n={n}"):
+        assert "secret" not in json.dumps(r) and r["target"] == "/dev/null", r
+    vpid = fleet.e.vpid("nofd")
+    for p in [vpid, *(c.pid for c in psutil.Process(vpid).children())]:
+        for fd in os.listdir(f"/proc/{p}/fd"):
+            assert os.readlink(f"/proc/{p}/fd/{fd}") != tenant.path("preload"), (p, fd)
+    line = fleet.e.lines("adopted vassals close the descriptors the app holds: ")
+    assert line and f"{n} ({tenant.path('preload')})" in line[0], fleet.e.text()
+    (fleet.vdir / "nofd.ini").unlink()
+
+
+def test_keep_fd_keeps_one_for_a_root_vassal_and_refuses_it_to_a_uid_vassal(fleet, tenant):
+    if fleet.k is None:
+        pytest.skip("no base")
+    n = base_fd(fleet, tenant.path("preload"))
+    port = free_port()
+    fleet.add("keeper", vassal_ini(port, f"keep-fd = {n}"), port)
+    for r in every_worker(port, f"/fd?n={n}"):
+        assert r.get("fd") == "secret preload\n", r
+    (fleet.vdir / "keeper.ini").unlink()
+    bad = free_port()
+    (fleet.vdir / "sneaky.ini").write_text(vassal_ini(bad, f"uid = {tenant.name}", f"keep-fd = {n}"))
+    (fleet.vdir / "stray.ini").write_text(vassal_ini(free_port(), "keep-fd = 1"))
+    want = (f"error: keep-fd {n} ({tenant.path('preload')}): refused for uid {tenant.uid}: "
+            f"the base opened it as root and it belongs to uid 0, not to uid {tenant.uid}")
+    wait_for(lambda: [ln for ln in fleet.e.lines(want) if "[sneaky]" in ln], 30, "the refusal")
+    wait_for(lambda: [ln for ln in fleet.e.lines("error: keep-fd 1: not a descriptor the base's app holds")
+                      if "[stray]" in ln], 30, "the refusal")
+    assert answers(bad) is None
+    (fleet.vdir / "sneaky.ini").unlink()
+    (fleet.vdir / "stray.ini").unlink()
+
+
+# -- state not shared by accident ---------------------------------------------
+
+
+def test_every_worker_sees_its_own_vassals_emperor_variables(fleet):
+    """A spare's warm worker was forked before its adoption: it is given its
+    vassal's UWSGI_EMPEROR_FD and UWSGI_EMPEROR_FD_CONFIG as its siblings
+    inherit them."""
+    port = free_port()
+    extra = [f"psgi = {TENANT}"] if fleet.k is None else []
+    fleet.add("envs", vassal_ini(port, "env = APP_NAME=envs", *extra, processes=3), port)
+    seen = every_worker(port, "/env", 3)
+    values = {(r["UWSGI_EMPEROR_FD"], r["UWSGI_EMPEROR_FD_CONFIG"], r["APP_NAME"]) for r in seen}
+    assert len(values) == 1, seen
+    fd, config_fd, _ = values.pop()
+    assert fd is not None, seen
+    if fleet.k is not None:    # adopted: the config pipe stays open (a spawned vassal's is read and closed)
+        assert config_fd is not None, seen
+    (fleet.vdir / "envs.ini").unlink()
+
+
+def test_every_process_draws_its_own_random_numbers(fleet):
+    """Each worker of 4 vassals (a spare's warm worker, whose token is drawn
+    in its warm-up, and the workers forked at adoption) has its own token
+    and its own next rand()."""
+    ports = []
+    for i in range(4):
+        if fleet.k and i % fleet.k == 0:
+            fleet.wait_spares()    # each vassal from a spare
+        port = free_port()
+        extra = [f"psgi = {TENANT}"] if fleet.k is None else []
+        fleet.add(f"rnd{i}", vassal_ini(port, *extra), port)
+        ports.append(port)
+    answers_ = [r for port in ports for r in every_worker(port, "/token")]
+    assert len(answers_) == 8
+    assert len({r["token"] for r in answers_}) == 8, answers_
+    assert len({r["rand"] for r in answers_}) == 8, answers_
+    for i in range(4):
+        (fleet.vdir / f"rnd{i}.ini").unlink()

@@ -11,6 +11,7 @@ use ForkServer::Link ();
 use ForkServer::Log ();
 use ForkServer::Protocol qw(encode_packet encode_array MODIFIER1_FORK_SERVER);
 use ForkServer::AdoptionRequest ();
+use ForkServer::Random ();
 use ForkServer::Rehearsal ();
 use ForkServer::Session ();
 use ForkServer::Spares::Worker ();
@@ -359,6 +360,7 @@ sub _spare_main {
     my ($self, $link) = @_;
     my $base = $self->{base};
     my $name = $base->{name};
+    ForkServer::Random::reseed();
     # Its own session first, as every vassal process: its first worker is
     # forked below and must be in the session the vassal will have.
     my ($leads, $why) = ForkServer::Session::lead();

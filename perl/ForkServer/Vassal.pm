@@ -112,7 +112,8 @@ sub title {
 sub first_worker {
     my ($self, $sock, $requests_fh) = @_;
     my $worker = $self->{first_worker} or return undef;
-    if (defined $self->{config}->get('psgi')) {
+    # its warm-up ran as the base: not for a vassal that runs as someone else
+    if (defined $self->{config}->get('psgi') || $worker->unfit($self->{config})) {
         $worker->discard;
         return undef;
     }

@@ -8,15 +8,20 @@ use warnings;
 use JSON::PP ();
 use POSIX ();
 
-our ($PRELOADED, $WARMED, $TOKEN, @HELPERS);
+our ($PRELOADED, $WARMED, $WARMED_IN, $TOKEN, $TOKEN_IN, @HELPERS);
 if (defined(my $f = $ENV{TENANT_PRELOAD_FILE})) {
     open $PRELOADED, '<', $f or die "preload $f: $!\n";
 }
 
 sub _warm {
-    $TOKEN //= int(rand(1e15));
+    # a per-process token (a session secret, a temporary name's prefix)
+    ($TOKEN, $TOKEN_IN) = (int(rand(1e15)), $$) unless ($TOKEN_IN // 0) == $$;
     if (defined(my $f = $ENV{TENANT_WARM_FILE})) {
-        open $WARMED, '<', $f or die "warm $f: $!\n" unless $WARMED;
+        # once per process that warms up (the base, a spare's worker)
+        if (($WARMED_IN // 0) != $$) {
+            open $WARMED, '<', $f or die "warm $f: $!\n";
+            $WARMED_IN = $$;
+        }
     }
     for (1 .. ($ENV{TENANT_HELPERS} // 0)) {
         my $pid = fork // die "fork: $!\n";
@@ -74,6 +79,7 @@ my $app = sub {
         $out{warmed} = $WARMED ? fileno($WARMED) : undef;
     }
     elsif ($path eq '/token') {
+        ($TOKEN, $TOKEN_IN) = (int(rand(1e15)), $$) unless ($TOKEN_IN // 0) == $$;
         $out{token} = $TOKEN;
         $out{rand} = int(rand(1e15));
     }

@@ -11,6 +11,7 @@ use Config ();
 use Errno qw(EINTR EAGAIN);
 use POSIX ();
 use ForkServer::EmperorPipe ();
+use ForkServer::Random ();
 use ForkServer::Protocol qw(:vassal_bytes :emperor_bytes);    # the Emperor pipe's bytes
 use ForkServer::HTTPServer::Listener ();
 use ForkServer::HTTPServer::Wire qw(now);
@@ -205,6 +206,7 @@ sub _spawn_worker {
         return;
     }
     if ($pid == 0) {
+        ForkServer::Random::reseed();
         $self->{sigmask} = $old;
         close delete $self->{stop_w};
         my $code = eval { $self->_worker_main($slot); 0 };
