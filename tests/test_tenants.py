@@ -14,6 +14,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 import urllib.request
@@ -23,7 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from support import free_port, start_emperor, stop_emperor, wait_for
+from support import alive, descendants, free_port, kill_all, start_emperor, stop_emperor, wait_for
 from test_emperor import PROGRAM
 from test_robustness import Emp
 
@@ -295,3 +296,42 @@ def test_every_process_draws_its_own_random_numbers(fleet):
     assert len({r["rand"] for r in answers_}) == 8, answers_
     for i in range(4):
         (fleet.vdir / f"rnd{i}.ini").unlink()
+
+
+# -- nothing of a vassal outlives it ------------------------------------------
+
+
+def helpers(tag: str) -> list[psutil.Process]:
+    """The live helpers the fleet's app started (their title names the fleet)."""
+    out = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if p.info["status"] != psutil.STATUS_ZOMBIE and f"tenant helper of {tag}" in " ".join(p.info["cmdline"] or []):
+            out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("k", [2, 0])
+def test_helpers_started_in_warm_ups_go_on_deploys_and_when_the_emperor_is_killed(xprocess, tenant, k):
+    """The app starts 3 helpers in each warm-up (the base's early-warmup,
+    each spare's worker): a deploy leaves only the new generation's, and
+    kill -9 of the Emperor leaves nothing of the fleet."""
+    f = Fleet(xprocess, tenant, k, TENANT_HELPERS="3")
+    tag = f.vdir.name
+    try:
+        want = 3 * (1 + k)
+        wait_for(lambda: len(helpers(tag)) == want, 30, f"{want} helpers")
+        for gen in (2, 3):
+            os.kill(f.e.pid, signal.SIGUSR1)
+            wait_for(lambda g=gen: f.e.lines(f"code deploy to generation {g} done"), 60, f"generation {gen}")
+            if k:
+                f.wait_spares()
+            wait_for(lambda: len(helpers(tag)) == want, 30,
+                     f"{want} helpers after the deploy to generation {gen} (not {len(helpers(tag))})")
+        fleet = [*descendants(f.e.pid), *helpers(tag)]
+        assert len(fleet) >= want + 1 + 2 * k, fleet
+        os.kill(f.e.pid, signal.SIGKILL)
+        f.e.popen.wait(10)
+        wait_for(lambda: not [p for p in fleet if alive(p)], 30, "every process of the fleet to end")
+    finally:
+        kill_all(helpers(tag))
+        f.stop()

@@ -18,6 +18,7 @@ use ForkServer::Log ();
 use ForkServer::AdoptionRequest ();
 use ForkServer::Random ();
 use ForkServer::Protocol qw(MASK_ON_DEMAND SPAWNED STOP_NOW STOP);
+use ForkServer::Session ();
 use ForkServer::Spares ();
 use ForkServer::Startup ();
 use ForkServer::Vassal ();
@@ -90,6 +91,7 @@ sub new {
         clients  => {},     # fileno => ForkServer::AdoptionRequest
         children => 0,      # intermediate children not reaped yet
         pid      => $$,     # only this process may unlink the socket
+        parent   => getppid(),    # the Emperor (spares born with clone are its children too)
     }, $class;
     $self->{name} = $self->{config}->name;
     my @allow = $self->{config}->list('fork-server-allow-uid');
@@ -117,6 +119,9 @@ sub run {
     local $SIG{INT}  = $stop;
     local $SIG{PIPE} = 'IGNORE';
     local $SIG{CHLD} = sub { };    # interrupts select, so children are reaped at once
+    # the Emperor killed (-9): SIGTERM, as if it had stopped us; end of
+    # file on its pipe says the same, when the base is back in its loop
+    ForkServer::Session::die_with_parent(POSIX::SIGTERM()) if $self->{emperor};
     $self->loop;
     $self->log("stopping ($self->{stop})");
     $self->shutdown;
@@ -396,6 +401,12 @@ sub shutdown {
     $self->{spares}->close_links if $self->{spares};    # each waiting spare ends
     close $self->{listen};
     unlink $self->{path};
+    # no Emperor left to sweep what the app started in the base's session
+    if ($self->{emperor} && ($self->{stop} eq 'the Emperor is gone' || getppid() != $self->{parent})) {
+        ForkServer::Session::end_others(leader_only => 1, log => sub {
+            $self->log("the Emperor is gone; stopping $_[0] process(es) left in the base's session");
+        });
+    }
     return;
 }
 

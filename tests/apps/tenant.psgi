@@ -8,7 +8,7 @@ use warnings;
 use JSON::PP ();
 use POSIX ();
 
-our ($PRELOADED, $WARMED, $WARMED_IN, $TOKEN, $TOKEN_IN, @HELPERS);
+our ($PRELOADED, $WARMED, $WARMED_IN, $TOKEN, $TOKEN_IN, $HELPERS_IN, @HELPERS);
 if (defined(my $f = $ENV{TENANT_PRELOAD_FILE})) {
     open $PRELOADED, '<', $f or die "preload $f: $!\n";
 }
@@ -23,6 +23,8 @@ sub _warm {
             $WARMED_IN = $$;
         }
     }
+    return if ($HELPERS_IN // 0) == $$;    # once per process that warms up
+    $HELPERS_IN = $$;
     for (1 .. ($ENV{TENANT_HELPERS} // 0)) {
         my $pid = fork // die "fork: $!\n";
         if (!$pid) {
@@ -32,7 +34,6 @@ sub _warm {
         }
         push @HELPERS, $pid;
     }
-    $ENV{TENANT_HELPERS} = 0;    # once per process
 }
 
 sub _read_fd {

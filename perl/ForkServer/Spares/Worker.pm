@@ -16,6 +16,7 @@ use ForkServer::Link ();
 use ForkServer::Log ();
 use ForkServer::Protocol qw(encode_array decode_array);
 use ForkServer::Random ();
+use ForkServer::Session ();
 use ForkServer::Rehearsal ();
 use ForkServer::Spares::EnvReads ();
 use ForkServer::Vassal ();
@@ -88,7 +89,7 @@ sub prefork {
     if (!@ready || grep { $_ == $base_link } @ready) {
         kill 'KILL', $pid;
         waitpid $pid, 0;
-        POSIX::_exit(0) if @ready;    # the base is gone: nobody to tell
+        ForkServer::Spares::leave(0) if @ready;    # the base is gone: nobody to tell
         die "its worker was still warming up after $timeout s (fork-server-spare-timeout): killed\n";
     }
     my $n = sysread $ours, my $msg, READS_MAX;
@@ -206,7 +207,11 @@ sub _worker_main {
     syswrite($link, $msg) or die "telling the spare: $!\n";
     my ($data, $fd, @output) = ForkServer::Link::recv_fds($link);
     my $requests_fd = $output[2];    # the vassal's requests file, when it drops root (ForkServer::Vassal)
-    POSIX::_exit(0) unless defined $data && defined $fd;    # not adopted: the spare ended
+    if (!(defined $data && defined $fd)) {    # not adopted: the spare ended
+        # killed, it could not take the warm-up's helpers with it
+        ForkServer::Session::end_others(grace => 1) if getppid() != $master;
+        POSIX::_exit(0);
+    }
     close $link;
     STDOUT->flush;
     STDERR->flush;
