@@ -301,6 +301,13 @@ def test_every_process_draws_its_own_random_numbers(fleet):
 # -- nothing of a vassal outlives it ------------------------------------------
 
 
+def _sid(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
 def helpers(tag: str) -> list[psutil.Process]:
     """The live helpers the fleet's app started (their title names the fleet)."""
     out = []
@@ -320,6 +327,18 @@ def test_helpers_started_in_warm_ups_go_on_deploys_and_when_the_emperor_is_kille
     try:
         want = 3 * (1 + k)
         wait_for(lambda: len(helpers(tag)) == want, 30, f"{want} helpers")
+        if k:
+            # a uid vassal adopted from a spare: the warm worker and the helpers
+            # its warm-up started ran as root; none of them is in its session
+            port = free_port()
+            vpid = f.add("low", vassal_ini(port, f"uid = {tenant.name}"), port)
+            session = [p for p in psutil.process_iter() if _sid(p.pid) == vpid]
+            assert session and all(p.uids().effective == tenant.uid for p in session), \
+                [(p.pid, p.cmdline(), p.uids()) for p in session]
+            (f.vdir / "low.ini").unlink()
+            wait_for(lambda: not [p for p in session if alive(p)], 30, "the vassal to stop")
+            f.wait_spares()
+            wait_for(lambda: len(helpers(tag)) == want, 30, f"{want} helpers again")
         for gen in (2, 3):
             os.kill(f.e.pid, signal.SIGUSR1)
             wait_for(lambda g=gen: f.e.lines(f"code deploy to generation {g} done"), 60, f"generation {gen}")
@@ -335,3 +354,61 @@ def test_helpers_started_in_warm_ups_go_on_deploys_and_when_the_emperor_is_kille
     finally:
         kill_all(helpers(tag))
         f.stop()
+
+
+# -- a hostile tenant's inputs ------------------------------------------------
+
+
+def test_a_tenant_symlink_in_its_access_log_path_reaches_no_root_file(fleet, tenant):
+    """The access log is opened before the vassal drops root: a tenant that
+    owns the log's directory puts a symlink to a root-only file there. It
+    is opened with the tenant's rights: the vassal refuses to start and the
+    root file is untouched."""
+    logs = Path(tempfile.mkdtemp(prefix="pf-tlogs-"))
+    try:
+        os.chmod(logs, 0o755)
+        os.chown(logs, tenant.uid, tenant.gid)
+        victim = tenant.files / "root-only"
+        before = victim.read_bytes()
+        (logs / "access.log").symlink_to(victim)
+        os.lchown(logs / "access.log", tenant.uid, tenant.gid)
+        port = free_port()
+        extra = [f"psgi = {TENANT}"] if fleet.k is None else []
+        (fleet.vdir / "logger.ini").write_text(
+            vassal_ini(port, f"uid = {tenant.name}", *extra).replace("disable-logging = true\n", "")
+            + f"access-log = {logs / 'access.log'}\n")
+        wait_for(lambda: [ln for ln in fleet.e.lines(f"cannot open access-log '{logs / 'access.log'}': Permission denied")
+                          if "[logger]" in ln], 30, "the refusal")
+        (fleet.vdir / "logger.ini").unlink()
+        assert victim.read_bytes() == before
+        # its own file, in its own directory, is written
+        (logs / "access.log").unlink()
+        own = free_port()
+        (fleet.vdir / "logger2.ini").write_text(
+            vassal_ini(own, f"uid = {tenant.name}", *extra).replace("disable-logging = true\n", "")
+            + f"access-log = {logs / 'access.log'}\n")
+        wait_for(lambda: answers(own), 30, "the vassal")
+        wait_for(lambda: (logs / "access.log").exists() and (logs / "access.log").stat().st_size > 0, 10,
+                 "the access log line")
+        assert (logs / "access.log").stat().st_uid == tenant.uid
+        (fleet.vdir / "logger2.ini").unlink()
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+def test_a_user_in_roots_group_is_refused_without_an_explicit_gid(fleet, tenant):
+    """initgroups of a user listed in group root would keep gid 0: refused
+    unless the vassal file says gid = 0 itself."""
+    name = f"{tenant.name}r"
+    subprocess.run(["useradd", "-M", "-N", "-g", "nogroup", "-s", "/usr/sbin/nologin", "-G", "root", name],
+                   check=True)
+    try:
+        port = free_port()
+        extra = [f"psgi = {TENANT}"] if fleet.k is None else []
+        (fleet.vdir / "rooty.ini").write_text(vassal_ini(port, f"uid = {name}", *extra))
+        want = f"error: uid {pwd.getpwnam(name).pw_uid} ({name}) is a member of group 0 (root): give gid"
+        wait_for(lambda: [ln for ln in fleet.e.lines(want) if "[rooty]" in ln], 30, "the refusal")
+        assert answers(port) is None
+    finally:
+        (fleet.vdir / "rooty.ini").unlink(missing_ok=True)
+        subprocess.run(["userdel", "-f", name], check=False)

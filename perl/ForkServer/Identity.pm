@@ -76,8 +76,13 @@ sub target {
         die "uid $uid has no passwd entry: give gid too\n" unless defined $gid;
         return { uid => $uid, gid => $gid, groups => [$gid] };
     }
+    my $explicit = defined $gid;
     $gid //= $pw[3];
-    return { uid => $uid, gid => $gid, groups => [sort { $a <=> $b } @{ _user_groups($pw[0], $gid) }] };
+    my @groups = sort { $a <=> $b } @{ _user_groups($pw[0], $gid) };
+    # root's group through the group file, not asked for by name or number
+    die "uid $uid ($pw[0]) is a member of group 0 (root): give gid (gid = 0 keeps it)\n"
+        if $uid != 0 && grep({ $_ == 0 } @groups) && !($explicit && $gid == 0);
+    return { uid => $uid, gid => $gid, groups => \@groups };
 }
 
 =head2 current() -> \%id
@@ -117,6 +122,32 @@ sub same {
 sub describe {
     my ($id) = @_;
     return "uid $id->{uid} gid $id->{gid} groups " . (@{ $id->{groups} } ? join(',', @{ $id->{groups} }) : 'none');
+}
+
+=head2 as_target($config, $code) -> what $code returns
+
+Runs C<$code> with the target's groups, effective gid and effective uid,
+then takes root's back: what it opens, it opens with the rights of the
+user the vassal becomes (a path that user controls, a symlink it put
+there, reaches nothing more). Without a target or without root, just runs
+it.
+
+=cut
+
+sub as_target {
+    my ($config, $code) = @_;
+    my $want = target($config);
+    return $code->() unless $want && $> == 0 && $< == 0;
+    my $groups = $);
+    $) = "$want->{gid} @{ $want->{groups} }";
+    $> = $want->{uid};
+    my @r = eval { $code->() };
+    my $err = $@;
+    $> = 0;
+    $) = $groups;
+    die "taking root back after opening as uid $want->{uid}: euid is $>\n" if $> != 0;
+    die $err if $err;
+    return wantarray ? @r : $r[0];
 }
 
 =head2 drop($config)

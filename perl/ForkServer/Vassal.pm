@@ -14,6 +14,7 @@ use ForkServer::EmperorPipe ();
 use ForkServer::Protocol qw(SPAWNED);
 use ForkServer::HTTPServer ();
 use ForkServer::Identity ();
+use ForkServer::Session ();
 
 =head1 NAME
 
@@ -115,6 +116,9 @@ sub first_worker {
     # its warm-up ran as the base: not for a vassal that runs as someone else
     if (defined $self->{config}->get('psgi') || $worker->unfit($self->{config})) {
         $worker->discard;
+        # and what its warm-up started (as the base's user): the session holds
+        # nothing else yet
+        ForkServer::Session::end_others(leader_only => 1, grace => 1);
         return undef;
     }
     # it may have died since the spare last looked: fresh workers then
@@ -169,8 +173,12 @@ sub access_log {
     return undef if $config->get('disable-logging');
     my $path = $config->get('access-log');
     return \*STDERR unless defined $path;
-    open my $fh, '>>', $path or die "cannot open access-log '$path': $!\n";
-    return $fh;
+    # with the rights of the user it becomes: a symlink in a directory that
+    # user owns must not give it a root-only file to append to
+    return ForkServer::Identity::as_target($config, sub {
+        open(my $log, '>>', $path) or die "cannot open access-log '$path': $!\n";
+        return $log;
+    });
 }
 
 # Directly into %ENV: Perl's %ENV is what the app reads (uWSGI sets the C
