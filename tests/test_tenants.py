@@ -412,3 +412,12 @@ def test_a_user_in_roots_group_is_refused_without_an_explicit_gid(fleet, tenant)
     finally:
         (fleet.vdir / "rooty.ini").unlink(missing_ok=True)
         subprocess.run(["userdel", "-f", name], check=False)
+
+
+def test_keep_fd_in_a_plain_vassal_is_refused(fleet):
+    if fleet.k is not None:
+        pytest.skip("adopted: tested above")
+    (fleet.vdir / "plainkeep.ini").write_text(vassal_ini(free_port(), f"psgi = {TENANT}", "keep-fd = 3"))
+    wait_for(lambda: [ln for ln in fleet.e.lines("error: keep-fd: only a vassal adopted from a base keeps one")
+                      if "[plainkeep]" in ln], 30, "the refusal")
+    (fleet.vdir / "plainkeep.ini").unlink()
