@@ -58,6 +58,7 @@ sub prefork {
     socketpair(my $ours, my $theirs, AF_UNIX, SOCK_SEQPACKET, PF_UNSPEC) or die "socketpair: $!\n";
     my $pid = fork // die "fork: $!\n";
     if ($pid == 0) {
+        $SIG{TERM} = 'DEFAULT';    # the spare's own (ForkServer::Spares::leave) is not the worker's
         ForkServer::Random::reseed();
         close $ours;
         close $base_link;
