@@ -57,6 +57,9 @@ sub main {
         run     => sub {
             my (%common) = @_;
             return $class->run_base(%common) if defined $common{config}->get('fork-server');
+            # a plain vassal loads its app itself: no base's descriptor to keep
+            die "keep-fd: only a vassal adopted from a base keeps one of the base's descriptors\n"
+                if $common{config}->list('keep-fd');
             require ForkServer::Vassal;
             ForkServer::Vassal->new(%common, use_fd0 => 1)->run;
         },

@@ -130,20 +130,23 @@ class RunningEmperor(EmperorLog):
 
 
 def start_emperor(xprocess, name: str, args: list, env: dict | None = None,
-                  nofile: tuple[int, int] | None = None) -> RunningEmperor:
+                  nofile: tuple[int, int] | None = None,
+                  groups: list[int] | None = None) -> RunningEmperor:
     """`emperor run ARGS...` under pytest-xprocess, once it logs that it watches.
 
-    `nofile`: the (soft, hard) RLIMIT_NOFILE the Emperor starts with, set by
-    a Python that then execs it (xprocess owns the Popen's preexec_fn)."""
+    `nofile`: the (soft, hard) RLIMIT_NOFILE the Emperor starts with;
+    `groups`: its supplementary groups (as root). Both are set by a Python
+    that then execs it (xprocess owns the Popen's preexec_fn)."""
 
     # one xprocess directory per name: pytest-xdist's workers each get their own
     name = f"{name}-{os.environ.get('PYTEST_XDIST_WORKER', 'solo')}"
     argv = [EMPEROR, "run", *map(str, args)]
-    if nofile is not None:
+    if nofile is not None or groups is not None:
         argv = [sys.executable, "-c",
                 "import os, resource, sys; "
-                f"resource.setrlimit(resource.RLIMIT_NOFILE, {tuple(nofile)!r}); "
-                "os.execv(sys.argv[1], sys.argv[1:])", *argv]
+                + (f"resource.setrlimit(resource.RLIMIT_NOFILE, {tuple(nofile)!r}); " if nofile else "")
+                + (f"os.setgroups({list(groups)!r}); " if groups is not None else "")
+                + "os.execv(sys.argv[1], sys.argv[1:])", *argv]
     environ = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
 
     class Starter(ProcessStarter):

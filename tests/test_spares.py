@@ -495,7 +495,9 @@ def test_a_signal_the_app_handles_does_not_end_a_waiting_spare(emp):
         os.kill(pid, signal.SIGUSR2)
         wait_for(lambda p=pid: e.lines(f"caught USR2 in {p}"), 30, f"pid {pid} to catch the signal")
     port = free_port()
-    (e.dir / "one.ini").write_text(app_ini("one", port, processes=1))
+    # no env: its warm-up read APP_NAME unset, the warm worker serves only
+    # vassals that leave it so (docs/tenants.md)
+    (e.dir / "one.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\n")
     r = wait_for(lambda: get(port), 30, "the vassal to answer")
     assert e.vpid("one") == master and int(r["pid"]) == worker, (r, e.text())
     assert not e.lines("ended before it was adopted"), e.text()

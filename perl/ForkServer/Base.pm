@@ -10,11 +10,15 @@ use Socket qw(SOL_SOCKET SOCK_STREAM SO_PEERCRED SOMAXCONN);
 use Time::HiRes ();
 use ForkServer::Clone ();
 use ForkServer::Config ();
+use ForkServer::Descriptors ();
 use ForkServer::EmperorPipe ();
 use ForkServer::HugePages ();
+use ForkServer::Identity ();
 use ForkServer::Log ();
 use ForkServer::AdoptionRequest ();
+use ForkServer::Random ();
 use ForkServer::Protocol qw(MASK_ON_DEMAND SPAWNED STOP_NOW STOP);
+use ForkServer::Session ();
 use ForkServer::Spares ();
 use ForkServer::Startup ();
 use ForkServer::Vassal ();
@@ -87,6 +91,7 @@ sub new {
         clients  => {},     # fileno => ForkServer::AdoptionRequest
         children => 0,      # intermediate children not reaped yet
         pid      => $$,     # only this process may unlink the socket
+        parent   => getppid(),    # the Emperor (spares born with clone are its children too)
     }, $class;
     $self->{name} = $self->{config}->name;
     my @allow = $self->{config}->list('fork-server-allow-uid');
@@ -100,6 +105,7 @@ sub run {
     my ($self) = @_;
     ForkServer::Vassal->warm_up;
     $self->early_warmup;    # before huge_pages: what it builds is shared too
+    $self->note_app_fds;
     my $pages = $self->huge_pages;
     my $how = $self->choose_fork;
     $self->listen;
@@ -113,9 +119,26 @@ sub run {
     local $SIG{INT}  = $stop;
     local $SIG{PIPE} = 'IGNORE';
     local $SIG{CHLD} = sub { };    # interrupts select, so children are reaped at once
+    # the Emperor killed (-9): SIGTERM, as if it had stopped us; end of
+    # file on its pipe says the same, when the base is back in its loop
+    ForkServer::Session::die_with_parent(POSIX::SIGTERM()) if $self->{emperor};
     $self->loop;
     $self->log("stopping ($self->{stop})");
     $self->shutdown;
+    return;
+}
+
+# What the app holds open now (it opened them while preloaded or warming
+# up, as the base's user): every adopted vassal closes them
+# (ForkServer::Descriptors), but those its `keep-fd` names. Said once.
+sub note_app_fds {
+    my ($self) = @_;
+    my %ours = map { $_ => 1 } 0, 1, 2, grep { defined } map { $_ ? fileno $_ : undef } @$self{qw(emperor config_fh)};
+    my %app = map { $_ => ForkServer::Descriptors::describe($_) } grep { !$ours{$_} } ForkServer::Descriptors::open_fds();
+    $self->{app_fds} = \%app;
+    return unless %app;
+    $self->log("adopted vassals close the descriptors the app holds: "
+        . join(', ', map { "$_ ($app{$_})" } sort { $a <=> $b } keys %app) . " (keep-fd keeps one)");
     return;
 }
 
@@ -378,6 +401,12 @@ sub shutdown {
     $self->{spares}->close_links if $self->{spares};    # each waiting spare ends
     close $self->{listen};
     unlink $self->{path};
+    # no Emperor left to sweep what the app started in the base's session
+    if ($self->{emperor} && ($self->{stop} eq 'the Emperor is gone' || getppid() != $self->{parent})) {
+        ForkServer::Session::end_others(leader_only => 1, log => sub {
+            $self->log("the Emperor is gone; stopping $_[0] process(es) left in the base's session");
+        });
+    }
     return;
 }
 
@@ -462,7 +491,7 @@ sub _become_vassal {
     ForkServer::Startup::run(
         argv    => \@argv,
         session => 1,
-        prepare => sub { $self->_detach_from_base($req); $self->_reply_pid($req) },
+        prepare => sub { ForkServer::Random::reseed(); $self->_detach_from_base($req); $self->_reply_pid($req) },
         # `emperor prove`: another kind of adopted vassal, a test file; its
         # pipes are the test's stdout and stderr (ForkServer::TestFile).
         before_config => sub {
@@ -478,6 +507,8 @@ sub _become_vassal {
             my (%common) = @_;
             die "fork-server is set: an adopted vassal cannot be a base vassal\n"
                 if defined $common{config}->get('fork-server');
+            $self->_close_inherited($common{config}, $vassal{first_worker},
+                                    grep { defined } @common{qw(emperor config_fh)});
             $vassal{first_worker}->for_request(\@argv, $config_text) if $vassal{first_worker};
             ForkServer::Vassal->new(
                 %common,
@@ -495,6 +526,35 @@ sub _become_vassal {
         # failed first) goes with it rather than outliving it as an orphan.
         exit => sub { $vassal{first_worker}->discard if $vassal{first_worker}; POSIX::_exit($_[0]) },
     );
+}
+
+# Before the app runs in the vassal: nothing of the base's but stdio, its
+# own pipes, what a spare's first worker needs, and the `keep-fd` ones.
+sub _close_inherited {
+    my ($self, $config, $worker, @pipes) = @_;
+    my @keep = map { $self->_may_keep($config, $_) } $config->list('keep-fd');
+    ForkServer::Descriptors::close_all_but(0, 1, 2, (map { fileno $_ } @pipes),
+                                           ($worker ? $worker->fds : ()), @keep);
+    return;
+}
+
+# keep-fd N: one of the app's (note_app_fds), and, for a vassal that drops
+# root for a uid, only a descriptor whose file that uid owns (anything else
+# was opened with root's rights: its permission check is not made again).
+sub _may_keep {
+    my ($self, $config, $fd) = @_;
+    my $what = $self->{app_fds}{$fd}
+        // die "keep-fd $fd: not a descriptor the base's app holds ("
+             . (join(', ', sort { $a <=> $b } keys %{ $self->{app_fds} || {} }) || 'it holds none') . ")\n";
+    my $id = ForkServer::Identity::target($config);
+    if ($id && $> == 0 && $id->{uid} != 0) {
+        my @st = POSIX::fstat($fd);
+        my $owner = @st ? $st[4] : '?';
+        die "keep-fd $fd ($what): refused for uid $id->{uid}: the base opened it as root"
+            . " and it belongs to uid $owner, not to uid $id->{uid}\n"
+            if $owner ne $id->{uid};
+    }
+    return $fd;
 }
 
 sub _reply_pid {

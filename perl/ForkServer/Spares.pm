@@ -11,6 +11,7 @@ use ForkServer::Link ();
 use ForkServer::Log ();
 use ForkServer::Protocol qw(encode_packet encode_array MODIFIER1_FORK_SERVER);
 use ForkServer::AdoptionRequest ();
+use ForkServer::Random ();
 use ForkServer::Rehearsal ();
 use ForkServer::Session ();
 use ForkServer::Spares::Worker ();
@@ -359,10 +360,17 @@ sub _spare_main {
     my ($self, $link) = @_;
     my $base = $self->{base};
     my $name = $base->{name};
+    ForkServer::Random::reseed();
     # Its own session first, as every vassal process: its first worker is
     # forked below and must be in the session the vassal will have.
     my ($leads, $why) = ForkServer::Session::lead();
     ForkServer::Log::line($name, "spare pid $$ is not a session leader ($why)") unless $leads;
+    # Born the Emperor's child (clone): when it dies, so does the spare,
+    # and what its worker's warm-up started (leave()).
+    if ($base->{clone}) {
+        $SIG{TERM} = sub { leave(0) };
+        leave(0) unless ForkServer::Session::die_with_parent(POSIX::SIGTERM(), $base->{parent});
+    }
     my $warm;
     my $ok = eval {
         $base->_close_base;    # and the other spares' links, with the pool
@@ -376,6 +384,9 @@ sub _spare_main {
         $warm = 1;
         my $req = _wait_for_adoption($link, $worker);
         close $link;
+        # a vassal now: it stops as every vassal does
+        ForkServer::Session::die_with_parent(0) if $base->{clone};
+        $SIG{TERM} = 'DEFAULT';
         $base->_become_vassal($req, first_worker => $worker->{gone} ? undef : $worker);    # does not return
         1;
     };
@@ -383,7 +394,23 @@ sub _spare_main {
     if (!$ok && !($warm || !$link->opened || ForkServer::Link::send_fds($link, "E$$ " . substr($@, 0, 2000)))) {
         ForkServer::Log::line($name, "spare pid $$: $@");
     }
-    POSIX::_exit($ok ? 0 : 1);
+    leave($ok ? 0 : 1);
+}
+
+=head2 leave($status)
+
+A spare that ends without an adoption (its base gone or replaced, its
+worker gone, its warm-up failed) takes its session with it: its worker
+and whatever the app started in the warm-up (ForkServer::Session). The
+Emperor leaves a spare's session alone: only the spare knows it is over.
+
+=cut
+
+sub leave {
+    my ($status) = @_;
+    $SIG{TERM} = 'IGNORE';
+    ForkServer::Session::end_others(leader_only => 1, grace => 1);
+    POSIX::_exit($status);
 }
 
 # Blocks until the base hands over an adoption; exits quietly on end of file
@@ -396,12 +423,12 @@ sub _wait_for_adoption {
     my @ready;
     @ready = $select->can_read until @ready;    # empty: a signal the app handles
     if (grep { $_ == $worker->{link} } @ready) {
-        POSIX::_exit(0) unless grep { $_ == $link } @ready;
+        leave(0) unless grep { $_ == $link } @ready;
         $worker->discard;
         $worker->{gone} = 1;
     }
     my ($data, @fds) = ForkServer::Link::recv_fds($link);
-    POSIX::_exit(0) unless defined $data && @fds;
+    leave(0) unless defined $data && @fds;
     # no connection to the requester: the base sent the pid reply
     my $req = eval { ForkServer::AdoptionRequest->handed_over(sock => undef, data => $data, fds => \@fds) };
     if (!$req) {

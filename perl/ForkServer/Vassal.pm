@@ -13,6 +13,8 @@ use ForkServer::Config ();
 use ForkServer::EmperorPipe ();
 use ForkServer::Protocol qw(SPAWNED);
 use ForkServer::HTTPServer ();
+use ForkServer::Identity ();
+use ForkServer::Session ();
 
 =head1 NAME
 
@@ -33,7 +35,7 @@ ForkServer::Vassal - configure a vassal (adopted or plain) and serve its app
 In order: process title, C<env> into C<%ENV>, C<chdir>, the app
 (C<psgi> if given, else the preloaded app, else C<early-psgi> loaded cold),
 the listening socket (descriptor 0 or C<http-socket>), dropping root
-privileges (C<gid>, C<uid>), byte 1 to the Emperor, then
+privileges (C<uid>, C<gid>: L<ForkServer::Identity>), byte 1 to the Emperor, then
 L<ForkServer::HTTPServer>, which reports bytes 5, 17, 26, 22 itself.
 
 Errors die with a one-line message.
@@ -111,8 +113,12 @@ sub title {
 sub first_worker {
     my ($self, $sock, $requests_fh) = @_;
     my $worker = $self->{first_worker} or return undef;
-    if (defined $self->{config}->get('psgi')) {
+    # its warm-up ran as the base: not for a vassal that runs as someone else
+    if (defined $self->{config}->get('psgi') || $worker->unfit($self->{config})) {
         $worker->discard;
+        # and what its warm-up started (as the base's user): the session holds
+        # nothing else yet
+        ForkServer::Session::end_others(leader_only => 1, grace => 1);
         return undef;
     }
     # it may have died since the spare last looked: fresh workers then
@@ -167,8 +173,12 @@ sub access_log {
     return undef if $config->get('disable-logging');
     my $path = $config->get('access-log');
     return \*STDERR unless defined $path;
-    open my $fh, '>>', $path or die "cannot open access-log '$path': $!\n";
-    return $fh;
+    # with the rights of the user it becomes: a symlink in a directory that
+    # user owns must not give it a root-only file to append to
+    return ForkServer::Identity::as_target($config, sub {
+        open(my $log, '>>', $path) or die "cannot open access-log '$path': $!\n";
+        return $log;
+    });
 }
 
 # Directly into %ENV: Perl's %ENV is what the app reads (uWSGI sets the C
@@ -255,27 +265,15 @@ sub inherited_listener {
 # vassal drops to (ForkServer::HTTPServer::Counts).
 sub requests_file {
     my ($self) = @_;
-    my ($uid, $gid) = ($self->{config}->get('uid'), $self->{config}->get('gid'));
-    return undef unless (defined $uid || defined $gid) && $> == 0;
-    return ForkServer::HTTPServer::Counts::make_requests_file($$, $uid, $gid);
+    return undef unless $> == 0;
+    my $id = ForkServer::Identity::target($self->{config}) // return undef;
+    return ForkServer::HTTPServer::Counts::make_requests_file($$, $id->{uid}, $id->{gid});
 }
 
-# Only root can change; group first, while we still may.
+# Groups, gid, uid, then checked with the kernel (ForkServer::Identity).
 sub drop_privileges {
     my ($self) = @_;
-    my $config = $self->{config};
-    my ($uid, $gid) = ($config->get('uid'), $config->get('gid'));
-    return unless defined $uid || defined $gid;
-    return unless $> == 0;
-    if (defined $gid) {
-        POSIX::setgid($gid) or die "setgid($gid): $!\n";
-        $) = "$gid $gid";    # also drops root's supplementary groups
-        die "setgroups($gid) did not stick\n" if (split ' ', $))[0] != $gid;
-    }
-    if (defined $uid) {
-        POSIX::setuid($uid) or die "setuid($uid): $!\n";
-        die "setuid($uid) did not stick\n" if $< != $uid || $> != $uid;
-    }
+    ForkServer::Identity::drop($self->{config});
     return;
 }
 

@@ -11,6 +11,8 @@ use Config ();
 use Errno qw(EINTR EAGAIN);
 use POSIX ();
 use ForkServer::EmperorPipe ();
+use ForkServer::Random ();
+use ForkServer::Session ();
 use ForkServer::Protocol qw(:vassal_bytes :emperor_bytes);    # the Emperor pipe's bytes
 use ForkServer::HTTPServer::Listener ();
 use ForkServer::HTTPServer::Wire qw(now);
@@ -205,6 +207,7 @@ sub _spawn_worker {
         return;
     }
     if ($pid == 0) {
+        ForkServer::Random::reseed();
         $self->{sigmask} = $old;
         close delete $self->{stop_w};
         my $code = eval { $self->_worker_main($slot); 0 };
@@ -386,39 +389,13 @@ sub _stop_now {
 
 # The Emperor died without stopping us: whatever the app left in this
 # vassal's session (helpers double-forked without setsid) goes with it, as
-# the Emperor would have done. Only a session leader does this: under
-# plackup the session is the user's terminal.
+# the Emperor would have done.
 sub _end_session {
     my $self = shift;
-    my $sid = _session_of($$) // return;
-    return unless $sid == $$;
-    my @left = grep { $_ != $$ && (_session_of($_) // 0) == $sid } _all_pids();
-    return unless @left;
-    $self->_log("the Emperor is gone; stopping " . scalar(@left) . " process(es) left in the vassal's session");
-    kill 'TERM', @left;
-    my $until = now() + 2;
-    while (now() < $until) {
-        1 while waitpid(-1, POSIX::WNOHANG()) > 0;
-        @left = grep { kill 0, $_ and (_session_of($_) // 0) == $sid } @left;
-        last unless @left;
-        select(undef, undef, undef, 0.05);
-    }
-    kill 'KILL', @left if @left;
-    1 while waitpid(-1, POSIX::WNOHANG()) > 0;
-}
-
-sub _all_pids {
-    opendir my $d, '/proc' or return;
-    return grep { /^\d+\z/ } readdir $d;
-}
-
-# Session id from /proc/PID/stat (Perl's POSIX has no getsid).
-sub _session_of {
-    my $pid = shift;
-    open my $fh, '<', "/proc/$pid/stat" or return undef;
-    my $s = <$fh> // return undef;
-    # pid (comm) state ppid pgrp session: comm may hold spaces and parentheses
-    return $s =~ /\)\s+\S+\s+-?\d+\s+-?\d+\s+(-?\d+)/ ? $1 : undef;
+    ForkServer::Session::end_others(leader_only => 1, log => sub {
+        $self->_log("the Emperor is gone; stopping $_[0] process(es) left in the vassal's session");
+    });
+    return;
 }
 
 1;

@@ -7,12 +7,18 @@ use IO::Socket::IP ();
 use POSIX ();
 use Time::HiRes ();
 use Socket qw(AF_UNIX SOCK_SEQPACKET PF_UNSPEC);
+use Cwd ();
 use ForkServer::Config ();
+use ForkServer::Descriptors ();
 use ForkServer::HTTPServer ();
+use ForkServer::Identity ();
 use ForkServer::Link ();
 use ForkServer::Log ();
 use ForkServer::Protocol qw(encode_array decode_array);
+use ForkServer::Random ();
+use ForkServer::Session ();
 use ForkServer::Rehearsal ();
+use ForkServer::Spares::EnvReads ();
 use ForkServer::Vassal ();
 use ForkServer::Warmup ();
 
@@ -41,6 +47,8 @@ C<chdir> and C<gid>/C<uid> itself and serves as the master's slot 1
 
 =cut
 
+use constant READS_MAX => 65536;    # the W message with the names of the %ENV keys the warm-up read
+
 # In the spare: fork the worker with the master's pipes (ForkServer::HTTPServer's
 # worker messages and stop pipe); it warms up, says so, and waits for go().
 sub prefork {
@@ -50,9 +58,13 @@ sub prefork {
     socketpair(my $ours, my $theirs, AF_UNIX, SOCK_SEQPACKET, PF_UNSPEC) or die "socketpair: $!\n";
     my $pid = fork // die "fork: $!\n";
     if ($pid == 0) {
+        $SIG{TERM} = 'DEFAULT';    # the spare's own (ForkServer::Spares::leave) is not the worker's
+        ForkServer::Random::reseed();
         close $ours;
         close $base_link;
         close $stop_w;    # the master's: end of file on it is the worker's stop
+        # the app runs here: nothing of the base's (ForkServer::Descriptors)
+        ForkServer::Descriptors::close_all_but(0, 1, 2, map { fileno $_ } $theirs, $ready_r, $ready_w, $stop_r);
         my $ok = eval { _worker_main($theirs, $app, $paths, $name, $ready_r, $ready_w, $stop_r); 1 };
         ForkServer::Log::line($name, "spare worker pid $$: $@") unless $ok;
         STDOUT->flush;
@@ -78,11 +90,19 @@ sub prefork {
     if (!@ready || grep { $_ == $base_link } @ready) {
         kill 'KILL', $pid;
         waitpid $pid, 0;
-        POSIX::_exit(0) if @ready;    # the base is gone: nobody to tell
+        ForkServer::Spares::leave(0) if @ready;    # the base is gone: nobody to tell
         die "its worker was still warming up after $timeout s (fork-server-spare-timeout): killed\n";
     }
-    my $n = sysread $ours, my $byte, 1;
-    return $self if $n && $byte eq 'W';
+    my $n = sysread $ours, my $msg, READS_MAX;
+    if ($n && $msg =~ /\AW/) {
+        my (undef, @read) = split /\0/, $msg, -1;
+        $self->{warm} = {
+            id  => ForkServer::Identity::current(),
+            cwd => Cwd::getcwd(),
+            env => { map { $_ => $ENV{$_} } (grep { $_ eq '*' } @read) ? keys %ENV : @read },
+        };
+        return $self;
+    }
     waitpid $pid, 0;
     die "its worker " . _status($?) . " while warming up\n";
 }
@@ -99,6 +119,34 @@ sub for_request {
     return $self;
 }
 
+=head2 unfit($config) -> $why or undef
+
+Whether this worker may serve the vassal the config describes: only if
+its warm-up ran as the vassal will run, the same uid, gid and groups
+(L<ForkServer::Identity>), the same working directory (after C<chdir>),
+the same value for every C<%ENV> key the warm-up read (C<UWSGI_*> aside:
+L</start> sets the vassal's), and no C<keep-fd> (the worker holds none of
+the base's descriptors). Called in the adopted spare once C<env> and
+C<chdir> are applied. The reason when not.
+
+=cut
+
+sub unfit {
+    my ($self, $config) = @_;
+    my $warm = $self->{warm} or return 'no warm-up known';
+    return 'keep-fd' if $config->list('keep-fd');
+    my $id = ForkServer::Identity::target($config) // ForkServer::Identity::current();
+    return 'another identity' unless ForkServer::Identity::same($id, $warm->{id});
+    return 'another working directory' unless (Cwd::getcwd() // '') eq ($warm->{cwd} // '');
+    for my $key (keys %{ $warm->{env} }) {
+        next if $key =~ /\AUWSGI_/;
+        my ($was, $is) = ($warm->{env}{$key}, $ENV{$key});
+        next if !defined $was && !defined $is;
+        return "another $key" if !defined $was || !defined $is || $was ne $is;
+    }
+    return undef;
+}
+
 =head2 start($listen_sock) -> \%preforked
 
 In the adopted spare, once its socket exists: the worker gets it with the
@@ -112,7 +160,9 @@ worker as its slot 1.
 sub start {
     my ($self, $sock, $requests_fh) = @_;
     my $text = $self->{config_text};
-    my $data = encode_array(defined $text ? (1, $text) : (0, ''), @{ $self->{argv} });
+    # the vassal's protocol variables, as its other workers inherit them
+    my @emperor = map { $ENV{$_} // '' } qw(UWSGI_EMPEROR_FD UWSGI_EMPEROR_FD_CONFIG);
+    my $data = encode_array(defined $text ? (1, $text) : (0, ''), @emperor, @{ $self->{argv} });
     STDOUT->flush;
     STDERR->flush;
     my @fds = (fileno $sock, 1, 2, $requests_fh ? fileno $requests_fh : ());
@@ -120,6 +170,13 @@ sub start {
     close $self->{link};
     $self->{started} = 1;
     return { pid => $self->{pid}, %{ $self->{pipes} } };
+}
+
+# What the vassal keeps open for it (ForkServer::Base closes the rest).
+sub fds {
+    my ($self) = @_;
+    return () if $self->{started} || $self->{discarded};
+    return map { fileno $_ } grep { $_->opened } $self->{link}, values %{ $self->{pipes} };
 }
 
 # The config asks for something else than the preloaded app: the waiting
@@ -139,14 +196,23 @@ sub _worker_main {
     $0 = "psgi-vassal $name (spare worker)";
     # the app's paths as often as the server's: the adopted vassal's first
     # request then takes what the app's steady state takes
-    for (1 .. ForkServer::Rehearsal::TIMES) {
-        ForkServer::Warmup::run($app, $paths, sub { }) if @$paths;
-        ForkServer::Rehearsal::worker_start();
-    }
-    syswrite($link, 'W') or die "telling the spare: $!\n";
+    my $read = ForkServer::Spares::EnvReads::during(sub {
+        for (1 .. ForkServer::Rehearsal::TIMES) {
+            ForkServer::Warmup::run($app, $paths, sub { }) if @$paths;
+            ForkServer::Rehearsal::worker_start();
+        }
+    });
+    # what the warm-up read of %ENV: a vassal whose env differs there takes fresh workers
+    my $msg = join "\0", 'W', @$read;
+    $msg = "W\0*" if length $msg > READS_MAX;
+    syswrite($link, $msg) or die "telling the spare: $!\n";
     my ($data, $fd, @output) = ForkServer::Link::recv_fds($link);
     my $requests_fd = $output[2];    # the vassal's requests file, when it drops root (ForkServer::Vassal)
-    POSIX::_exit(0) unless defined $data && defined $fd;    # not adopted: the spare ended
+    if (!(defined $data && defined $fd)) {    # not adopted: the spare ended
+        # killed, it could not take the warm-up's helpers with it
+        ForkServer::Session::end_others(grace => 1) if getppid() != $master;
+        POSIX::_exit(0);
+    }
     close $link;
     STDOUT->flush;
     STDERR->flush;
@@ -155,7 +221,11 @@ sub _worker_main {
         POSIX::dup2($from, $to) // die "dup2 of the vassal's output to descriptor $to: $!\n";
         POSIX::close($from);
     }
-    my ($has_text, $text, @argv) = decode_array($data);
+    my ($has_text, $text, $emperor_fd, $config_fd, @argv) = decode_array($data);
+    for ([UWSGI_EMPEROR_FD => $emperor_fd], [UWSGI_EMPEROR_FD_CONFIG => $config_fd]) {
+        my ($key, $value) = @$_;
+        if (length $value) { $ENV{$key} = $value } else { delete $ENV{$key} }
+    }
     my $sock = IO::Socket::IP->new_from_fd($fd, 'r+') or die "the listening socket: $!\n";
     my $config = ForkServer::Config->from_argv(\@argv, config_text => $has_text ? $text : undef);
     my $vassal = ForkServer::Vassal->new(config => $config);

@@ -1,0 +1,92 @@
+# A tenant's probe: what a vassal's process can see of root, of the base
+# and of its own identity. Preloaded by a base, it opens TENANT_PRELOAD_FILE
+# (a root-only file) and keeps the handle, as an app's logger or database
+# handle would; its warm-up (GET /warm) draws a token, opens
+# TENANT_WARM_FILE and starts TENANT_HELPERS helper processes.
+use strict;
+use warnings;
+use JSON::PP ();
+use POSIX ();
+
+our ($PRELOADED, $WARMED, $WARMED_IN, $TOKEN, $TOKEN_IN, $HELPERS_IN, @HELPERS);
+if (defined(my $f = $ENV{TENANT_PRELOAD_FILE})) {
+    open $PRELOADED, '<', $f or die "preload $f: $!\n";
+}
+
+sub _warm {
+    # a per-process token (a session secret, a temporary name's prefix)
+    ($TOKEN, $TOKEN_IN) = (int(rand(1e15)), $$) unless ($TOKEN_IN // 0) == $$;
+    if (defined(my $f = $ENV{TENANT_WARM_FILE})) {
+        # once per process that warms up (the base, a spare's worker)
+        if (($WARMED_IN // 0) != $$) {
+            open $WARMED, '<', $f or die "warm $f: $!\n";
+            $WARMED_IN = $$;
+        }
+    }
+    return if ($HELPERS_IN // 0) == $$;    # once per process that warms up
+    $HELPERS_IN = $$;
+    for (1 .. ($ENV{TENANT_HELPERS} // 0)) {
+        my $pid = fork // die "fork: $!\n";
+        if (!$pid) {
+            $0 = "tenant helper of $ENV{TENANT_HELPER_TAG}";
+            POSIX::close($_) for 3 .. 64;    # holds no pipe of anybody's
+            sleep 1 while 1;
+        }
+        push @HELPERS, $pid;
+    }
+}
+
+sub _read_fd {
+    my ($n) = @_;
+    my %r;
+    if (open my $fh, '<', "/proc/self/fd/$n") { local $/; $r{proc} = <$fh> // '' }
+    else { $r{proc_error} = "$!" }
+    $r{target} = readlink("/proc/self/fd/$n");
+    # never read a pipe or a socket (the number may be ours again): it could block
+    if (!defined $r{target} || $r{target} !~ m{\A/}) { $r{fd_error} = 'not a file' }
+    elsif (open my $fh, '<&', $n) { sysseek $fh, 0, 0; sysread $fh, my $buf, 4096; $r{fd} = $buf // "error: $!" }
+    else { $r{fd_error} = "$!" }
+    return \%r;
+}
+
+sub _fds {
+    opendir my $dh, '/proc/self/fd' or return {};
+    my %fds = map { $_ => readlink("/proc/self/fd/$_") // '?' } grep { /\A\d+\z/ } readdir $dh;
+    return \%fds;
+}
+
+my $app = sub {
+    my ($env) = @_;
+    my $path = $env->{PATH_INFO};
+    my %q = map { split /=/, $_, 2 } split /&/, $env->{QUERY_STRING} // '';
+    my %out = (pid => $$, ppid => getppid());
+    if ($path eq '/warm') {
+        _warm();
+    }
+    elsif ($path eq '/ids') {
+        open my $fh, '<', '/proc/self/status';
+        %out = (%out, map { /\A(Uid|Gid|Groups):\s*(.*?)\s*\z/ ? ($1 => $2) : () } <$fh>);
+    }
+    elsif ($path eq '/read') {
+        if (open my $fh, '<', $q{path}) { local $/; $out{content} = <$fh> }
+        else { $out{error} = "$!" }
+    }
+    elsif ($path eq '/fd') {
+        %out = (%out, %{ _read_fd($q{n}) });
+    }
+    elsif ($path eq '/fds') {
+        $out{fds} = _fds();
+        $out{preloaded} = $PRELOADED ? fileno($PRELOADED) : undef;
+        $out{warmed} = $WARMED ? fileno($WARMED) : undef;
+    }
+    elsif ($path eq '/token') {
+        ($TOKEN, $TOKEN_IN) = (int(rand(1e15)), $$) unless ($TOKEN_IN // 0) == $$;
+        $out{token} = $TOKEN;
+        $out{rand} = int(rand(1e15));
+    }
+    elsif ($path eq '/env') {
+        $out{$_} = $ENV{$_} for qw(UWSGI_EMPEROR_FD UWSGI_EMPEROR_FD_CONFIG APP_NAME);
+    }
+    return [200, ['Content-Type' => 'application/json'], [JSON::PP->new->canonical->encode(\%out)]];
+};
+$app;

@@ -1,0 +1,423 @@
+"""Tenant isolation: what a vassal that drops to another user can see of
+root, of the base and of the other vassals (docs/tenants.md).
+
+Real users and groups made with useradd/groupadd (unique names with the
+test's pid, removed at the end), real Emperors, started as root with the
+supplementary groups root and adm as a login shell may give it, with
+spares on (K = 2) and off (K = 0), and without a base (plain spawn).
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from support import alive, descendants, free_port, kill_all, start_emperor, stop_emperor, wait_for
+from test_emperor import PROGRAM
+from test_robustness import Emp
+
+HERE = Path(__file__).resolve().parent
+TENANT = HERE / "apps" / "tenant.psgi"
+ADM = grp.getgrnam("adm").gr_gid
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: makes users and drops to them"),
+    pytest.mark.skipif(shutil.which("useradd") is None, reason="needs useradd (passwd)"),
+    pytest.mark.skipif(not PROGRAM.is_file(), reason="the Perl vassal program is not there"),
+]
+
+
+@dataclass
+class Tenant:
+    name: str
+    uid: int
+    gid: int       # its primary group (made by useradd)
+    extra: int     # a supplementary group it is a member of
+    files: Path    # root's files, in a directory anyone may enter
+
+    def path(self, which: str) -> str:
+        return str(self.files / which)
+
+
+@pytest.fixture(scope="module")
+def tenant():
+    tag = f"pft{os.getpid()}"
+    extra = f"{tag}x"
+    made: list[list[str]] = []
+    files = Path(tempfile.mkdtemp(prefix="pf-tenant-"))
+    try:
+        subprocess.run(["groupadd", extra], check=True)
+        made.append(["groupdel", extra])
+        subprocess.run(["useradd", "-M", "-N", "-g", "nogroup", "-s", "/usr/sbin/nologin", "-G", extra, tag],
+                       check=True)
+        made.insert(0, ["userdel", tag])
+        pw = pwd.getpwnam(tag)
+        os.chmod(files, 0o755)
+        for name, gid, mode in (("root-only", 0, 0o640), ("adm-only", ADM, 0o640),
+                                ("group-only", grp.getgrnam(extra).gr_gid, 0o640),
+                                ("preload", 0, 0o600), ("warm", 0, 0o600)):
+            p = files / name
+            p.write_text(f"secret {name}\n")
+            os.chown(p, 0, gid)
+            os.chmod(p, mode)
+        yield Tenant(tag, pw.pw_uid, pw.pw_gid, grp.getgrnam(extra).gr_gid, files)
+    finally:
+        for cmd in made:
+            subprocess.run(cmd, check=False)
+        shutil.rmtree(files, ignore_errors=True)
+
+
+def ask(port: int, path: str, timeout: float = 5) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def answers(port: int, timeout: float = 5) -> dict | None:
+    try:
+        return ask(port, "/ids", timeout)
+    except OSError:
+        return None
+
+
+def base_ini(k: int) -> str:
+    return (f"[uwsgi]\nearly-psgi = {TENANT}\nfork-server = fs.sock\n"
+            f"early-warmup = /warm\nfork-server-spares = {k}\n")
+
+
+def vassal_ini(port: int, *extra: str, processes: int = 2) -> str:
+    return "\n".join(["[uwsgi]", f"http-socket = 127.0.0.1:{port}", f"processes = {processes}",
+                      "disable-logging = true", *extra, ""])
+
+
+class Fleet:
+    """An Emperor on its own vassals directory, started as root with the
+    groups root and adm."""
+
+    def __init__(self, xprocess, tenant: Tenant, k: int | None, **env: str):
+        self.vdir = Path(tempfile.mkdtemp(prefix="pf-tn-"))
+        self.k = k
+        if k is not None:
+            (self.vdir / "base.ini").write_text(base_ini(k))
+        stats = Path(str(self.vdir) + ".stats")
+        environ = {"TENANT_PRELOAD_FILE": tenant.path("preload"), "TENANT_WARM_FILE": tenant.path("warm"),
+                   "TENANT_HELPER_TAG": self.vdir.name, **env}
+        em = start_emperor(xprocess, f"emperor-{self.vdir.name}", [
+            self.vdir, "--stats", stats, "--mercy", "5", "--backoff-first", "0.2", "--backoff-max", "1"],
+            environ, groups=[0, ADM])
+        self.e = Emp(em.pid, self.vdir, em.log, em.popen, stats)
+        if k:
+            self.wait_spares()
+
+    def wait_spares(self) -> None:
+        def ready():
+            sp = self.e.status()["base"].get("spares")
+            return sp and sp["ready"] == sp["count"] == self.k
+        wait_for(ready, 30, f"{self.k} warm spares")
+
+    def spares(self) -> set[int]:
+        return set(self.e.status()["base"]["spares"]["pids"])
+
+    def add(self, name: str, text: str, port: int) -> int:
+        """A new vassal; its pid once it answers."""
+        (self.vdir / f"{name}.ini").write_text(text)
+        wait_for(lambda: answers(port), 30, f"{name} to answer")
+        return self.e.vpid(name)
+
+    def stop(self) -> None:
+        stop_emperor(self.e)
+        shutil.rmtree(self.vdir, ignore_errors=True)
+        Path(str(self.vdir) + ".stats").unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module", params=[2, 0, None], ids=["spares", "forked", "plain"])
+def fleet(request, xprocess, tenant):
+    f = Fleet(xprocess, tenant, request.param)
+    yield f
+    f.stop()
+
+
+def every_worker(port: int, path: str, workers: int = 2) -> list[dict]:
+    """The answer of each of the vassal's workers (new connections spread
+    over them)."""
+    seen: dict[int, dict] = {}
+
+    def all_seen():
+        r = ask(port, path)
+        seen[r["pid"]] = r
+        return len(seen) >= workers
+    wait_for(all_seen, 20, f"{workers} workers to answer {path}")
+    return list(seen.values())
+
+
+# -- privileges ---------------------------------------------------------------
+
+
+def test_uid_alone_drops_gid_and_groups_too(fleet, tenant):
+    """`uid` without `gid`: the user's primary group and its own
+    supplementary groups (initgroups), never root's gid 0 nor the Emperor's
+    adm; every uid and gid (real, effective, saved, file system)."""
+    port = free_port()
+    extra = [f"psgi = {TENANT}"] if fleet.k is None else []
+    spares_before = fleet.spares() if fleet.k else set()
+    pid = fleet.add("low", vassal_ini(port, f"uid = {tenant.name}", *extra), port)
+    if fleet.k:
+        assert pid in spares_before, f"{pid} was forked, not one of the spares {spares_before}"
+    for r in every_worker(port, "/ids"):
+        assert r["Uid"].split() == [str(tenant.uid)] * 4, r
+        assert r["Gid"].split() == [str(tenant.gid)] * 4, r
+        assert sorted(map(int, r["Groups"].split())) == sorted({tenant.gid, tenant.extra}), r
+    for secret in ("root-only", "adm-only", "preload", "warm"):
+        r = ask(port, f"/read?path={tenant.path(secret)}")
+        assert "content" not in r and r["error"] == "Permission denied", (secret, r)
+    assert ask(port, f"/read?path={tenant.path('group-only')}")["content"] == "secret group-only\n"
+    (fleet.vdir / "low.ini").unlink()
+
+
+def test_a_uid_without_passwd_entry_needs_gid(fleet, tenant):
+    port = free_port()
+    extra = [f"psgi = {TENANT}"] if fleet.k is None else []
+    (fleet.vdir / "ghost.ini").write_text(vassal_ini(port, "uid = 4123456", *extra))
+    wait_for(lambda: [ln for ln in fleet.e.lines("error: uid 4123456 has no passwd entry: give gid too") if "[ghost]" in ln], 30,
+             "the refusal")
+    assert answers(port, 0.5) is None  # the Emperor may hold the socket: no answer
+    (fleet.vdir / "ghost.ini").unlink()
+
+
+# -- descriptors --------------------------------------------------------------
+
+
+def base_fd(fleet, path: str) -> int:
+    """The descriptor number the base holds `path` on."""
+    base = fleet.e.vpid("base")
+    for fd in os.listdir(f"/proc/{base}/fd"):
+        try:
+            if os.readlink(f"/proc/{base}/fd/{fd}") == path:
+                return int(fd)
+        except OSError:
+            pass
+    raise AssertionError(f"the base does not hold {path}")
+
+
+@pytest.mark.parametrize("uid", [True, False], ids=["uid vassal", "root vassal"])
+def test_a_vassal_holds_none_of_the_descriptors_the_app_opened_in_the_base(fleet, tenant, uid):
+    if fleet.k is None:
+        pytest.skip("no base: a plain vassal opens its own")
+    n = base_fd(fleet, tenant.path("preload"))
+    port = free_port()
+    fleet.add("nofd", vassal_ini(port, *([f"uid = {tenant.name}"] if uid else [])), port)
+    for r in every_worker(port, "/fds"):
+        assert r["preloaded"] == n, r    # the app's handle is still there, its descriptor is not
+        held = set(r["fds"].values())
+        assert tenant.path("preload") not in held, r
+        # a spare's warm worker warmed up as root: it serves root vassals only (its warm-up
+        # is then that vassal's first request's), never one that runs as another user
+        if uid or not fleet.k:
+            assert tenant.path("warm") not in held, r
+    for r in every_worker(port, f"/fd?n={n}"):
+        assert "secret" not in json.dumps(r) and r["target"] == "/dev/null", r
+    vpid = fleet.e.vpid("nofd")
+    for p in [vpid, *(c.pid for c in psutil.Process(vpid).children())]:
+        for fd in os.listdir(f"/proc/{p}/fd"):
+            assert os.readlink(f"/proc/{p}/fd/{fd}") != tenant.path("preload"), (p, fd)
+    line = fleet.e.lines("adopted vassals close the descriptors the app holds: ")
+    assert line and f"{n} ({tenant.path('preload')})" in line[0], fleet.e.text()
+    (fleet.vdir / "nofd.ini").unlink()
+
+
+def test_keep_fd_keeps_one_for_a_root_vassal_and_refuses_it_to_a_uid_vassal(fleet, tenant):
+    if fleet.k is None:
+        pytest.skip("no base")
+    n = base_fd(fleet, tenant.path("preload"))
+    port = free_port()
+    fleet.add("keeper", vassal_ini(port, f"keep-fd = {n}"), port)
+    for r in every_worker(port, f"/fd?n={n}"):
+        assert r.get("fd") == "secret preload\n", r
+    (fleet.vdir / "keeper.ini").unlink()
+    bad = free_port()
+    (fleet.vdir / "sneaky.ini").write_text(vassal_ini(bad, f"uid = {tenant.name}", f"keep-fd = {n}"))
+    (fleet.vdir / "stray.ini").write_text(vassal_ini(free_port(), "keep-fd = 1"))
+    want = (f"error: keep-fd {n} ({tenant.path('preload')}): refused for uid {tenant.uid}: "
+            f"the base opened it as root and it belongs to uid 0, not to uid {tenant.uid}")
+    wait_for(lambda: [ln for ln in fleet.e.lines(want) if "[sneaky]" in ln], 30, "the refusal")
+    wait_for(lambda: [ln for ln in fleet.e.lines("error: keep-fd 1: not a descriptor the base's app holds")
+                      if "[stray]" in ln], 30, "the refusal")
+    assert answers(bad, 0.5) is None
+    (fleet.vdir / "sneaky.ini").unlink()
+    (fleet.vdir / "stray.ini").unlink()
+
+
+# -- state not shared by accident ---------------------------------------------
+
+
+def test_every_worker_sees_its_own_vassals_emperor_variables(fleet):
+    """A spare's warm worker was forked before its adoption: it is given its
+    vassal's UWSGI_EMPEROR_FD and UWSGI_EMPEROR_FD_CONFIG as its siblings
+    inherit them."""
+    port = free_port()
+    extra = [f"psgi = {TENANT}"] if fleet.k is None else []
+    fleet.add("envs", vassal_ini(port, "env = APP_NAME=envs", *extra, processes=3), port)
+    seen = every_worker(port, "/env", 3)
+    values = {(r["UWSGI_EMPEROR_FD"], r["UWSGI_EMPEROR_FD_CONFIG"], r["APP_NAME"]) for r in seen}
+    assert len(values) == 1, seen
+    fd, config_fd, _ = values.pop()
+    assert fd is not None, seen
+    if fleet.k is not None:    # adopted: the config pipe stays open (a spawned vassal's is read and closed)
+        assert config_fd is not None, seen
+    (fleet.vdir / "envs.ini").unlink()
+
+
+def test_every_process_draws_its_own_random_numbers(fleet):
+    """Each worker of 4 vassals (a spare's warm worker, whose token is drawn
+    in its warm-up, and the workers forked at adoption) has its own token
+    and its own next rand()."""
+    ports = []
+    for i in range(4):
+        if fleet.k and i % fleet.k == 0:
+            fleet.wait_spares()    # each vassal from a spare
+        port = free_port()
+        extra = [f"psgi = {TENANT}"] if fleet.k is None else []
+        fleet.add(f"rnd{i}", vassal_ini(port, *extra), port)
+        ports.append(port)
+    answers_ = [r for port in ports for r in every_worker(port, "/token")]
+    assert len(answers_) == 8
+    assert len({r["token"] for r in answers_}) == 8, answers_
+    assert len({r["rand"] for r in answers_}) == 8, answers_
+    for i in range(4):
+        (fleet.vdir / f"rnd{i}.ini").unlink()
+
+
+# -- nothing of a vassal outlives it ------------------------------------------
+
+
+def _sid(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def helpers(tag: str) -> list[psutil.Process]:
+    """The live helpers the fleet's app started (their title names the fleet)."""
+    out = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if p.info["status"] != psutil.STATUS_ZOMBIE and f"tenant helper of {tag}" in " ".join(p.info["cmdline"] or []):
+            out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("k", [2, 0])
+def test_helpers_started_in_warm_ups_go_on_deploys_and_when_the_emperor_is_killed(xprocess, tenant, k):
+    """The app starts 3 helpers in each warm-up (the base's early-warmup,
+    each spare's worker): a deploy leaves only the new generation's, and
+    kill -9 of the Emperor leaves nothing of the fleet."""
+    f = Fleet(xprocess, tenant, k, TENANT_HELPERS="3")
+    tag = f.vdir.name
+    try:
+        want = 3 * (1 + k)
+        wait_for(lambda: len(helpers(tag)) == want, 30, f"{want} helpers")
+        if k:
+            # a uid vassal adopted from a spare: the warm worker and the helpers
+            # its warm-up started ran as root; none of them is in its session
+            port = free_port()
+            vpid = f.add("low", vassal_ini(port, f"uid = {tenant.name}"), port)
+            session = [p for p in psutil.process_iter() if _sid(p.pid) == vpid]
+            assert session and all(p.uids().effective == tenant.uid for p in session), \
+                [(p.pid, p.cmdline(), p.uids()) for p in session]
+            (f.vdir / "low.ini").unlink()
+            wait_for(lambda: not [p for p in session if alive(p)], 30, "the vassal to stop")
+            f.wait_spares()
+            wait_for(lambda: len(helpers(tag)) == want, 30, f"{want} helpers again")
+        for gen in (2, 3):
+            os.kill(f.e.pid, signal.SIGUSR1)
+            wait_for(lambda g=gen: f.e.lines(f"code deploy to generation {g} done"), 60, f"generation {gen}")
+            if k:
+                f.wait_spares()
+            wait_for(lambda: len(helpers(tag)) == want, 30,
+                     f"{want} helpers after the deploy to generation {gen} (not {len(helpers(tag))})")
+        fleet = [*descendants(f.e.pid), *helpers(tag)]
+        assert len(fleet) >= want + 1 + 2 * k, fleet
+        os.kill(f.e.pid, signal.SIGKILL)
+        f.e.popen.wait(10)
+        wait_for(lambda: not [p for p in fleet if alive(p)], 30, "every process of the fleet to end")
+    finally:
+        kill_all(helpers(tag))
+        f.stop()
+
+
+# -- a hostile tenant's inputs ------------------------------------------------
+
+
+def test_a_tenant_symlink_in_its_access_log_path_reaches_no_root_file(fleet, tenant):
+    """The access log is opened before the vassal drops root: a tenant that
+    owns the log's directory puts a symlink to a root-only file there. It
+    is opened with the tenant's rights: the vassal refuses to start and the
+    root file is untouched."""
+    logs = Path(tempfile.mkdtemp(prefix="pf-tlogs-"))
+    try:
+        os.chmod(logs, 0o755)
+        os.chown(logs, tenant.uid, tenant.gid)
+        victim = tenant.files / "root-only"
+        before = victim.read_bytes()
+        (logs / "access.log").symlink_to(victim)
+        os.lchown(logs / "access.log", tenant.uid, tenant.gid)
+        port = free_port()
+        extra = [f"psgi = {TENANT}"] if fleet.k is None else []
+        (fleet.vdir / "logger.ini").write_text(
+            vassal_ini(port, f"uid = {tenant.name}", *extra).replace("disable-logging = true\n", "")
+            + f"access-log = {logs / 'access.log'}\n")
+        wait_for(lambda: [ln for ln in fleet.e.lines(f"cannot open access-log '{logs / 'access.log'}': Permission denied")
+                          if "[logger]" in ln], 30, "the refusal")
+        (fleet.vdir / "logger.ini").unlink()
+        assert victim.read_bytes() == before
+        # its own file, in its own directory, is written
+        (logs / "access.log").unlink()
+        own = free_port()
+        (fleet.vdir / "logger2.ini").write_text(
+            vassal_ini(own, f"uid = {tenant.name}", *extra).replace("disable-logging = true\n", "")
+            + f"access-log = {logs / 'access.log'}\n")
+        wait_for(lambda: answers(own), 30, "the vassal")
+        wait_for(lambda: (logs / "access.log").exists() and (logs / "access.log").stat().st_size > 0, 10,
+                 "the access log line")
+        assert (logs / "access.log").stat().st_uid == tenant.uid
+        (fleet.vdir / "logger2.ini").unlink()
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+def test_a_user_in_roots_group_is_refused_without_an_explicit_gid(fleet, tenant):
+    """initgroups of a user listed in group root would keep gid 0: refused
+    unless the vassal file says gid = 0 itself."""
+    name = f"{tenant.name}r"
+    subprocess.run(["useradd", "-M", "-N", "-g", "nogroup", "-s", "/usr/sbin/nologin", "-G", "root", name],
+                   check=True)
+    try:
+        port = free_port()
+        extra = [f"psgi = {TENANT}"] if fleet.k is None else []
+        (fleet.vdir / "rooty.ini").write_text(vassal_ini(port, f"uid = {name}", *extra))
+        want = f"error: uid {pwd.getpwnam(name).pw_uid} ({name}) is a member of group 0 (root): give gid"
+        wait_for(lambda: [ln for ln in fleet.e.lines(want) if "[rooty]" in ln], 30, "the refusal")
+        assert answers(port, 0.5) is None  # the Emperor may hold the socket: no answer
+    finally:
+        (fleet.vdir / "rooty.ini").unlink(missing_ok=True)
+        subprocess.run(["userdel", "-f", name], check=False)
+
+
+def test_keep_fd_in_a_plain_vassal_is_refused(fleet):
+    if fleet.k is not None:
+        pytest.skip("adopted: tested above")
+    (fleet.vdir / "plainkeep.ini").write_text(vassal_ini(free_port(), f"psgi = {TENANT}", "keep-fd = 3"))
+    wait_for(lambda: [ln for ln in fleet.e.lines("error: keep-fd: only a vassal adopted from a base keeps one")
+                      if "[plainkeep]" in ln], 30, "the refusal")
+    (fleet.vdir / "plainkeep.ini").unlink()
