@@ -94,7 +94,7 @@ def static_routes(vassals_dir: Path, run_dir: Path):
     file read and judged as the Emperor reads it, names claimed in name
     order (the first keeps a name); (routes, one line per refused file)."""
     from . import config as cfgmod
-    from .frontdoor import Route, nginx_target
+    from .frontdoor import Route, nginx_target, route_limits
     from .sockets import wanted_address
 
     claimed: dict[str, str] = {}
@@ -119,7 +119,8 @@ def static_routes(vassals_dir: Path, run_dir: Path):
             continue
         claimed.update((d, name) for d in domains)
         routes.append(Route(name, tuple(domains), nginx_target(want[0]),
-                            protocol="uwsgi" if cfg.get("socket") else "http"))
+                            protocol="uwsgi" if cfg.get("socket") else "http",
+                            **route_limits(cfg)))
     return routes, errors
 
 

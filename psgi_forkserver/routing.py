@@ -19,7 +19,7 @@ import traceback
 
 from . import config as cfgmod
 from . import sockets
-from .frontdoor import FrontDoor, Route, nginx_target
+from .frontdoor import FrontDoor, Route, nginx_target, route_limits
 from .vassal import Phase
 
 
@@ -38,7 +38,9 @@ class Routing:
                                    watch=lambda fd, cb: self.sel.register(
                                        fd, selectors.EVENT_READ,
                                        lambda t, cb=cb: self._front_safely(cb, t)),
-                                   unwatch=self._unwatch)
+                                   unwatch=self._unwatch,
+                                   relay=lambda out, pid: self.relay.watch(out, "front", pid),
+                                   on_refused=self._front_refused)
 
     def _claim_domains(self, name: str, cfg: cfgmod.VassalConfig) -> cfgmod.VassalConfig:
         """`cfg`, or a config error naming the vassal that already serves one
@@ -100,8 +102,21 @@ class Routing:
             retry = math.ceil(v.backoff) if v.phase == Phase.THROTTLED else 1
             out.append(Route(v.name, domains, nginx_target(addr) if addr else "",
                              up=not down, retry_after=retry,
-                             protocol="uwsgi" if cfg.get("socket") else "http"))
+                             protocol="uwsgi" if cfg.get("socket") else "http",
+                             **route_limits(cfg)))
         return out
+
+    def _front_refused(self, name: str, why: str) -> None:
+        """nginx cannot take this vassal's route: config-error, with
+        nginx's own words, until its file changes; everyone else is
+        served from the configuration without it."""
+        v = self.vassals.get(name)
+        if v is None or v.config is None:
+            return
+        msg = f"the front door cannot route it: {why}"
+        self.failed[name] = (v.config.fingerprint, msg)
+        v.config_failed(msg)
+        self.log(f"bad config {v.config.path}: {msg}", name)
 
     def _front_turn(self, now: float) -> None:
         assert self.front is not None

@@ -50,15 +50,19 @@ ROUTES = [
 def test_routing_is_a_pure_function_of_the_routes():
     a = fd.render_routing(ROUTES)
     assert a == fd.render_routing(list(reversed(ROUTES)))  # order does not matter
-    assert "    app1.localhost \"psgi_fs_app1\";" in a
-    assert "    *.shop.localhost \"psgi_fs_shop\";" in a
+    # keys escaped: `default`, `include`... are names like any other
+    assert '    "\\\\app1.localhost" "psgi_fs_v_app1";' in a
+    assert '    "\\\\*.shop.localhost" "psgi_fs_v_shop";' in a
     assert "server \"unix:/run/x/sockets/app1.sock\";" in a
     # a down vassal has no upstream: its names map to 503 with its Retry-After
-    assert '    broken.localhost "@down";' in a and "    broken.localhost 8;" in a
-    assert "upstream psgi_fs_broken " not in a
-    assert "    legacy.localhost uwsgi;" in a  # nginx speaks uwsgi to it
+    assert '    "\\\\broken.localhost" "@down";' in a and '    "\\\\broken.localhost" 8;' in a
+    assert "upstream psgi_fs_v_broken " not in a
+    assert '    "\\\\legacy.localhost" uwsgi;' in a  # nginx speaks uwsgi to it
     name = fd.upstream_name("weird name")
-    assert name.startswith("psgi_fs_weird_name_") and name != fd.upstream_name("weird_name")
+    assert name.startswith("psgi_fs_x_weird_name_") and name != fd.upstream_name("weird_name")
+    # upstream names never collide: nginx compares them without case
+    names = ["x-y", "x_y", "x_y_cc96fed8", "X_y", "App", "app", "a" * 200, "a" * 201]
+    assert len({fd.upstream_name(n).lower() for n in names}) == len(names)
     assert "keepalive 16;" in a and "keepalive 8;" in fd.render_routing(ROUTES, keepalive=8)
     assert "keepalive" not in fd.render_routing(ROUTES, keepalive=0)
     assert fd.render_routing(ROUTES[:1]) != a
@@ -95,18 +99,25 @@ def test_changes_of_one_turn_and_bursts_are_batched(tmp_path: Path):
     front = FrontDoor(FrontDoorOptions(run_dir=tmp_path, include=inc, batch=0.1, min_gap=1.0),
                       lines.append)
     t = 100.0
+
+    def poll(t: float) -> None:
+        front.poll(t)
+        if front.check is not None:  # nginx -t of the candidate (when nginx is here)
+            pid, status = os.waitpid(front.check.pid, 0)
+            front.exited(pid, status, t, str)
+
     for i in range(1, 201):  # 200 vassals come up over 2 s of loop turns
         front.update([Route(f"a{j}", (f"a{j}.localhost",), f"unix:/s/a{j}.sock")
                       for j in range(i)], t)
-        front.poll(t)
+        poll(t)
         t += 0.01
-    front.poll(t + 5)
+    poll(t + 5)
     writes = [x for x in lines if "written" in x]
     assert 2 <= len(writes) <= 4, lines
     assert "a199.localhost" in inc.read_text()
     front.update(front.routes or (), t + 10)  # the same routes: nothing to do
     assert front.next_wakeup() is None
-    front.poll(t + 20)
+    poll(t + 20)
     assert len([x for x in lines if "written" in x]) == len(writes)
 
 
@@ -590,3 +601,135 @@ def test_socket_speaks_uwsgi_to_the_front_door(front):
     s.close()
     wait_for(lambda: f.lines("[both] bad config"), 15, "both refused")
     assert "socket and http-socket" in f.lines("[both] bad config")[-1]
+
+
+# -- no vassal file can take the front door down ------------------------------------
+
+#: names the vassal-file checker accepts that nginx reads specially or that
+#: overflow its default hash buckets, and vassal names whose nginx
+#: identifiers collide when made naively
+HOSTILE_NAMES = {
+    "kw-default": "default", "kw-include": "include", "kw-hostnames": "hostnames",
+    "kw-volatile": "volatile", "long": "billing-dashboard.eu-central-1.staging.example.com",
+    "longest": ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61]),  # 253 characters
+    "x-y": "xy-dash.localhost", "x_y_cc96fed8": "xy-underscore.localhost",
+    "Case": "case-upper.localhost", "case": "case-lower.localhost",
+}
+
+
+@needs_nginx
+@needs_perl
+def test_no_name_the_checker_accepts_breaks_the_front_door(front):
+    """Every name above is served by its own vassal, and each of them (and
+    app1) answers through nginx: from the first start, and when they come
+    later to a running front door."""
+    files = {"app1": ini("app1", "domain = app1.localhost")}
+    files.update({v: ini(v, f"domain = {d}") for v, d in HOSTILE_NAMES.items()})
+    f = front(files)
+    for vassal, name in HOSTILE_NAMES.items():
+        f.routed(name, vassal)
+    f.routed("app1.localhost", "app1")
+    # the same names arriving at a running front door
+    for vassal, name in HOSTILE_NAMES.items():
+        os.unlink(f.dir / f"{vassal}.ini")
+    wait_for(lambda: status_of(f.port, "default") == 404, 30, "names gone")
+    for vassal, name in HOSTILE_NAMES.items():
+        f.write(vassal, ini(vassal, f"domain = {name}"))
+    for vassal, name in HOSTILE_NAMES.items():
+        f.routed(name, vassal)
+    f.routed("app1.localhost", "app1")
+    assert not f.lines("[emerg]"), f.lines("[emerg]")
+
+
+def http_json(port: int, path: str) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        return r.status, r.read().decode()
+    finally:
+        conn.close()
+
+
+@needs_nginx
+def test_routes_nginx_refuses_are_found_refused_and_the_rest_installed(tmp_path: Path):
+    """What nginx -t refuses never replaces the running configuration: the
+    routes that broke it are found (bisecting over the changed ones), each
+    refused with nginx's own message, the others installed. A TCP address
+    by a name that no longer resolves is one such route."""
+    lines: list[str] = []
+    refused: dict[str, str] = {}
+    front = FrontDoor(FrontDoorOptions(run_dir=tmp_path, listen=f"127.0.0.1:{free_port()}",
+                                       batch=0, min_gap=0), lines.append,
+                      on_refused=lambda v, why: refused.__setitem__(v, why))
+
+    def settle(t: float) -> None:
+        for _ in range(200):
+            front.poll(t)
+            if front.check is None:
+                return
+            pid, status = os.waitpid(front.check.pid, 0)
+            front.exited(pid, status, t, str)
+        raise AssertionError("no end of checks")
+
+    good = [Route(f"a{i}", (f"a{i}.localhost",), f"unix:/s/a{i}.sock") for i in range(6)]
+    bad = [Route("gone1", ("gone1.localhost",), "no-such-host.invalid:80"),
+           Route("gone2", ("gone2.localhost",), "also-gone.invalid:81")]
+    front.update(good[:2], 1.0)
+    settle(1.0)
+    assert front.installed == tuple(good[:2]) and front.generation == 1 and not refused
+    front.update(good + bad, 2.0)  # four good and two bad at once
+    settle(2.0)
+    assert set(refused) == {"gone1", "gone2"}, lines
+    assert "host not found in upstream" in refused["gone1"] and "[emerg]" in refused["gone1"]
+    assert front.installed == tuple(sorted(good))
+    conf = front.conf_path.read_text()
+    assert "a5.localhost" in conf and "gone1" not in conf
+    assert front.state()["refused"].keys() == {"gone1", "gone2"}
+    assert front.last_error is None
+    # the same routes again: nothing to try; a changed one is tried again
+    n = front.generation
+    front.update(good + bad, 3.0)
+    settle(3.0)
+    assert front.generation == n
+    fixed = Route("gone1", ("gone1.localhost",), "unix:/s/gone1.sock")
+    front.update(good + [fixed, bad[1]], 4.0)
+    settle(4.0)
+    assert "gone1.localhost" in front.conf_path.read_text() and "gone1" not in front.refused
+    # nginx itself refusing everything is no route's fault: nobody is blamed
+    refused.clear()
+    front.opts.nginx = str(tmp_path / "false-nginx")
+    (tmp_path / "false-nginx").write_text("#!/bin/sh\necho 'nginx: [emerg] broken here' >&2\nexit 1\n")
+    (tmp_path / "false-nginx").chmod(0o755)
+    front.update(good[:3], 5.0)
+    settle(5.0)
+    assert refused == {} and front.last_error and "broken here" in front.last_error
+    assert front.health()[0] is False
+
+
+@needs_nginx
+@needs_perl
+def test_the_front_doors_state_in_status_json_metrics_and_healthz(front):
+    import json
+
+    status_port = free_port()
+    f = front({"app1": ini("app1", "domain = app1.localhost")},
+              "--status-http", f"127.0.0.1:{status_port}")
+    f.routed("app1.localhost", "app1")
+    f.write("app2", ini("app2", "domain = app2.localhost"))
+    f.routed("app2.localhost", "app2")
+    code, body = http_json(status_port, "/json")
+    state = json.loads(body)["emperor"]["front"]
+    assert state["pid"] == f.nginx_pid() and state["generation"] >= 2
+    assert state["serving_generation"] == state["generation"]
+    assert state["last_error"] is None and state["last_reload"] > 0 and state["refused"] == {}
+    assert http_json(status_port, "/healthz")[0] == 200
+    metrics = http_json(status_port, "/metrics")[1]
+    assert f"psgi_forkserver_front_generation {float(state['generation'])}" in metrics
+    assert "psgi_forkserver_front_up 1.0" in metrics
+    r = subprocess.run([EMPEROR, "status", "--dir", str(f.dir)], capture_output=True,
+                       text=True, timeout=30)
+    assert f"front door 127.0.0.1:{f.port}: nginx pid {f.nginx_pid()}, generation " \
+           f"{state['generation']}" in r.stdout, r.stdout
+    page = http_json(status_port, "/")[1]
+    assert f"nginx pid {f.nginx_pid()}, generation {state['generation']}" in page
