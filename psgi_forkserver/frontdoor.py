@@ -73,8 +73,8 @@ class Route:
     vassal: str
     domains: tuple[str, ...]
     target: str  # "unix:/run/.../app.sock" or "127.0.0.1:9101", as nginx writes them
-    up: bool = True  # False: answered with 503 and Retry-After
-    retry_after: int = 1  # seconds, for a vassal that is down
+    up: bool = True  # False: answered with 503 (and Retry-After)
+    retry_after: int = 1  # seconds, for a vassal that is down (0: no Retry-After)
     protocol: str = "http"  # "uwsgi": the vassal's `socket` (nginx's uwsgi_pass)
     limit_post: int = 0  # the vassal's `limit-post`: nginx's client_max_body_size (0: none)
     head_size: int = 8192  # the vassal's `buffer-size` (largest request head)
@@ -284,11 +284,14 @@ def _server(r: Route, names: tuple[str, ...], listen: str, keepalive: int) -> li
     out = ["server {", f"    listen {listen};",
            "    server_name " + " ".join(_quote(d) for d in names) + ";"]
     if not r.up:
-        retry = max(1, r.retry_after)
-        out += ["    location / {",
-                f"        add_header Retry-After {retry} always;",
-                f'        return 503 "psgi-forkserver: $host is down, retry in {retry} s\\n";',
-                "    }", "}"]
+        out.append("    location / {")
+        if r.retry_after > 0:
+            out += [f"        add_header Retry-After {r.retry_after} always;",
+                    f'        return 503 "psgi-forkserver: $host is down, retry in '
+                    f'{r.retry_after} s\\n";']
+        else:
+            out.append('        return 503 "psgi-forkserver: $host is stopped\\n";')
+        out += ["    }", "}"]
         return out
     out.append(f"    client_max_body_size {max(0, r.limit_post)};")
     out.append("    location / {")

@@ -99,7 +99,9 @@ class Routing:
             # clients would wait in the backlog; better told to come back
             down = addr is None or v.phase in (Phase.THROTTLED, Phase.CONFIG_ERROR,
                                                Phase.STOPPED, Phase.REFUSED)
-            retry = math.ceil(v.backoff) if v.phase == Phase.THROTTLED else 1
+            # a retry helps after a crash loop's backoff, not while stopped
+            retry = math.ceil(v.backoff) if v.phase == Phase.THROTTLED else \
+                0 if v.phase == Phase.STOPPED else 1
             out.append(Route(v.name, domains, nginx_target(addr) if addr else "",
                              up=not down, retry_after=retry,
                              protocol="uwsgi" if cfg.get("socket") else "http",

@@ -733,3 +733,54 @@ def test_the_front_doors_state_in_status_json_metrics_and_healthz(front):
            f"{state['generation']}" in r.stdout, r.stdout
     page = http_json(status_port, "/")[1]
     assert f"nginx pid {f.nginx_pid()}, generation {state['generation']}" in page
+
+
+def timed_fetch(port: int, host: str, out: list, timeout: float = 20.0) -> None:
+    t0 = time.monotonic()
+    try:
+        status, headers, _ = fetch(port, host, timeout=timeout)
+        out.append((status, headers.get("retry-after"), time.monotonic() - t0))
+    except OSError as e:
+        out.append((repr(e), None, time.monotonic() - t0))
+
+
+def concurrent_fetches(port: int, host: str, n: int) -> list:
+    out: list = []
+    threads = [threading.Thread(target=timed_fetch, args=(port, host, out)) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+@needs_nginx
+@needs_perl
+def test_a_stopped_or_crashing_app_answers_503_at_once_through_the_front_door(front):
+    """Nobody accepts on a stopped vassal's socket, nor on a crashing one's
+    between two attempts: 20 clients through nginx are answered 503 (with
+    Retry-After when a retry can help), none waits in the backlog; the
+    same on the vassal's own port."""
+    own = free_port()
+    f = front({"app1": ini("app1", "domain = app1.localhost", f"http-socket = 127.0.0.1:{own}"),
+               "crash": ini("crash", "domain = crash.localhost", f"psgi = {DIES}"),
+               "sleepy": ini("sleepy", "domain = sleepy.localhost", "on-demand = true",
+                             f"psgi = {DIES}")}, "--backoff-first", "8", "--backoff-max", "8")
+    f.routed("app1.localhost", "app1")
+    r = subprocess.run([EMPEROR, "stop", "app1", "--dir", str(f.dir)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    got = concurrent_fetches(f.port, "app1.localhost", 20)
+    assert [g[0] for g in got] == [503] * 20, got
+    assert not [g for g in got if g[1]], got  # stopped: a retry does not help
+    got = concurrent_fetches(own, "app1.localhost", 5)  # its own port: the same answer
+    assert [g[0] for g in got] == [503] * 5, got
+    # a crash loop between two attempts (8 s apart): 503 with Retry-After
+    wait_for(lambda: f.lines("[crash] pid") and f.lines("respawn in"), 30, "crash throttled")
+    got = concurrent_fetches(f.port, "crash.localhost", 20)
+    assert all(g[0] == 503 and g[1] and int(g[1]) >= 1 for g in got), got
+    # an on-demand app that cannot start: its first request is answered, not held
+    wait_for(lambda: f.lines("[sleepy] on demand: waiting"), 30, "sleepy waiting")
+    got = concurrent_fetches(f.port, "sleepy.localhost", 5)
+    assert all(g[0] in (502, 503) for g in got), got
+    print("answers (status, retry-after, seconds):", got)
