@@ -49,7 +49,7 @@ DOWN = "@down"  # map value of a vassal that cannot answer now
 DEFAULT_KEEPALIVE = 16
 
 #: what nginx sends a `socket` vassal (Debian's uwsgi_params but PATH_INFO
-#: and DOCUMENT_ROOT, plus the X-Forwarded-* headers the HTTP route sets)
+#: and DOCUMENT_ROOT, plus the Host and X-* headers the HTTP route sets)
 UWSGI_PARAMS = (
     ("QUERY_STRING", "$query_string"), ("REQUEST_METHOD", "$request_method"),
     ("CONTENT_TYPE", "$content_type"), ("CONTENT_LENGTH", "$content_length"),
@@ -58,6 +58,8 @@ UWSGI_PARAMS = (
     ("HTTPS", "$https if_not_empty"), ("REMOTE_ADDR", "$remote_addr"),
     ("REMOTE_PORT", "$remote_port"), ("SERVER_PORT", "$server_port"),
     ("SERVER_NAME", "$host"),
+    # HTTP_* params replace the client's header of that name
+    ("HTTP_HOST", "$psgi_fs_host"), ("HTTP_X_REAL_IP", "$remote_addr"),
     ("HTTP_X_FORWARDED_FOR", "$proxy_add_x_forwarded_for"),
     ("HTTP_X_FORWARDED_PROTO", "$scheme"), ("HTTP_X_FORWARDED_HOST", "$host"),
 )

@@ -784,3 +784,66 @@ def test_a_stopped_or_crashing_app_answers_503_at_once_through_the_front_door(fr
     got = concurrent_fetches(f.port, "sleepy.localhost", 5)
     assert all(g[0] in (502, 503) for g in got), got
     print("answers (status, retry-after, seconds):", got)
+
+
+def raw_request(port: int, data: bytes, timeout: float = 20.0) -> bytes:
+    """Bytes sent as they are on one connection; what came back until close."""
+    import socket as so
+
+    s = so.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+    except ConnectionResetError:
+        return out
+    finally:
+        s.close()
+
+
+@needs_nginx
+@needs_perl
+def test_what_the_app_answers_is_what_the_client_gets(front):
+    """A 5 KB response head passes; limit-post is the front door's
+    client_max_body_size (a 2 MB POST is 413 every time, a small one
+    passes); the Host the app sees is the name nginx routed by, never a
+    Host header that disagrees; REMOTE_ADDR is the client's address over
+    both routes, whatever X-Real-IP / X-Forwarded-For the client sent."""
+    f = front({"app1": ini("app1", "domain = app1.localhost", "limit-post = 65536"),
+               "app2": ini("app2", "domain = app2.localhost"),
+               "legacy": ini("legacy", "domain = legacy.localhost", "socket = ./legacy.sock")})
+    for name in ("app1", "app2", "legacy"):
+        f.routed(f"{name}.localhost", name)
+    # a response head of about 5 KB
+    for host in ("app2.localhost", "legacy.localhost"):
+        status, headers, body = fetch(f.port, host, "/cookies")
+        assert status == 200, (host, status, headers)
+    # limit-post: 413 at the front door, every time
+    big = b"x" * (2 * 1024 * 1024)
+    for _ in range(3):
+        reply = raw_request(f.port, b"POST / HTTP/1.1\r\nHost: app1.localhost\r\n"
+                            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(big) + big)
+        assert reply.startswith(b"HTTP/1.1 413 "), reply[:200]
+    reply = raw_request(f.port, b"POST / HTTP/1.1\r\nHost: app1.localhost\r\n"
+                        b"Content-Length: 1000\r\nConnection: close\r\n\r\n" + b"y" * 1000)
+    assert reply.startswith(b"HTTP/1.1 200 ") and b"posted=1000" in reply, reply[:300]
+    # the routed name is the Host the app sees
+    reply = raw_request(f.port, b"GET http://app2.localhost/reset HTTP/1.1\r\n"
+                        b"Host: evil.example\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:300]
+    assert b"name=app2" in reply and b"host=app2.localhost " in reply, reply
+    assert b"evil" not in reply
+    reply = raw_request(f.port, b"GET http://legacy.localhost/ HTTP/1.1\r\n"
+                        b"Host: evil.example\r\nConnection: close\r\n\r\n")
+    assert b"name=legacy" in reply and b"host=legacy.localhost " in reply, reply
+    assert b"evil" not in reply
+    got = answer(f.port, "APP2.localhost")  # the same host, its port kept
+    assert got["name"] == "app2" and got["host"] == f"APP2.localhost:{f.port}"
+    # the client's address, not what it claims
+    for host in ("app2.localhost", "legacy.localhost"):
+        reply = raw_request(f.port, f"GET / HTTP/1.1\r\nHost: {host}\r\nX-Real-IP: 6.6.6.6\r\n"
+                            "X-Forwarded-For: 6.6.6.6\r\nConnection: close\r\n\r\n".encode())
+        assert b" remote=127.0.0.1 " in reply, reply
+        assert b"xff=6.6.6.6, 127.0.0.1 " in reply, reply  # the last one is nginx's
