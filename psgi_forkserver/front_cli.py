@@ -27,6 +27,13 @@ def add_front_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--nginx", metavar="PATH", help="the nginx binary (default: from PATH)")
     run.add_argument("--http-access-log", default=True, action=argparse.BooleanOptionalAction,
                      help="nginx's access log in the Emperor's log, prefixed [front] (default: on)")
+    run.add_argument("--http-settle", type=float, default=10.0, metavar="SECONDS",
+                     help="nginx is reloaded for vassals that come and go once the routes "
+                          "were still this long (at most 30x as late); they answer through "
+                          "host links meanwhile (default 10)")
+    run.add_argument("--nginx-user", metavar="USER[:GROUP]",
+                     help="the user nginx's workers run as when the Emperor runs as root "
+                          "(default: www-data if it exists, else nobody)")
     run.add_argument("--nginx-keepalive", type=int, default=DEFAULT_KEEPALIVE, metavar="N",
                      help=f"idle connections nginx keeps open per vassal (default "
                           f"{DEFAULT_KEEPALIVE}; 0: one connection per request)")
@@ -84,6 +91,8 @@ def front_options(args: argparse.Namespace):
         include=Path(os.path.abspath(args.nginx_include)) if args.nginx_include else None,
         reload_cmd=args.nginx_reload, nginx=args.nginx or find_nginx(),
         keepalive=max(0, args.nginx_keepalive), access_log=args.http_access_log,
+        settle=max(0.0, args.http_settle), settle_max=30 * max(0.0, args.http_settle),
+        user=args.nginx_user,
         backoff_first=args.backoff_first, backoff_max=min(30.0, args.backoff_max),
         stable_after=args.stable_after,
     )

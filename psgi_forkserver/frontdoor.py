@@ -370,13 +370,56 @@ def render_nginx_conf(routes: Iterable[Route], listen: str, run_dir: Path,
     for r, _ in claimed:
         if r.up:
             http += _upstream(r, keepalive)
+    # any other name: the vassal's socket through its host link, if it has
+    # one (a vassal that came since the last reload), else 404
     http += ["server {", f"    listen {listen} default_server;", '    server_name "";',
+             "    client_max_body_size 0;",
              "    location / {",
+             # no link, no connect: an unknown name is no error line (`-f`:
+             # nginx's -e opens the file, which a socket is not)
+             f'        if (!-f "{ng / HOSTS}/$host.known") {{',
+             '            return 404 "psgi-forkserver: no app is served as $host here\\n";',
+             "        }",
+             f"        proxy_pass http://unix:{ng / HOSTS}/$host.sock:;",
+             *("        " + x for x in _proxy_lines(0)),
+             "        error_page 502 504 = @psgi_fs_nohost;",
+             "    }",
+             "    location @psgi_fs_nohost {",
              '        return 404 "psgi-forkserver: no app is served as $host here\\n";',
              "    }", "}"]
     for r, ns in claimed:
         http += _server(r, ns, listen, keepalive)
     return "\n".join(head) + "\n" + _indent("\n".join(http) + "\n", 4) + "}\n"
+
+
+#: the directory of host links: NAME.sock -> the socket of the vassal
+#: serving NAME, for names nginx's configuration does not have yet, each
+#: with an empty NAME.known beside it (what nginx tests before connecting)
+HOSTS = "hosts"
+
+
+def host_link_name(domain: str, hosts_dir: Path) -> str | None:
+    """The host link of an exact name, or None when nginx cannot reach it
+    that way (a wildcard, or a path too long for a UNIX socket address)."""
+    if domain.startswith("*"):
+        return None
+    from .sockets import MAX_UNIX_PATH
+
+    name = f"{domain}.sock"
+    if len(f"{domain}.known") > 255 or len(os.fsencode(str(hosts_dir / name))) > MAX_UNIX_PATH:
+        return None
+    return name
+
+
+def _known(hosts_dir: Path, link: str) -> Path:
+    return hosts_dir / (link[:-len(".sock")] + ".known")
+
+
+def served_by_link(r: Route, hosts_dir: Path) -> bool:
+    """Whether the host links serve every name of this route (an HTTP
+    vassal on a UNIX socket, exact names of a reachable length)."""
+    return (r.up and r.protocol == "http" and r.target.startswith("unix:")
+            and all(host_link_name(d, hosts_dir) for d in r.domains))
 
 
 #: seconds an old nginx worker may keep serving after a reload: a response
@@ -476,6 +519,12 @@ class FrontDoorOptions:
     user: str | None = None  # --nginx-user: nginx's workers' user (as root)
     batch: float = 0.05  # a change waits this long for the others of its turn
     min_gap: float = 1.0  # seconds between two reloads at least
+    # a change the host links serve meanwhile waits until the routes were
+    # still this long (nginx's reload closes its idle keep-alive
+    # connections: a client's request crossing that close fails), at most
+    # `settle_max` seconds
+    settle: float = 10.0
+    settle_max: float = 300.0
     backoff_first: float = 1.0
     backoff_max: float = 30.0
     stable_after: float = 10.0
@@ -517,7 +566,9 @@ class FrontDoor:
     log: Callable[[str], None]
     routes: tuple[Route, ...] | None = None  # the routes wanted now
     dirty_since: float | None = None
+    changed_at: float = 0.0  # the last change of the routes
     last_apply: float = -1e9
+    links: dict[str, str] = field(default_factory=dict)  # host link -> socket path
     pid: int | None = None
     started_at: float = 0.0
     next_start: float = 0.0
@@ -559,8 +610,75 @@ class FrontDoor:
         new = tuple(sorted(routes))
         if new != self.routes:
             self.routes = new
+            self.changed_at = now
             if self.dirty_since is None:
                 self.dirty_since = now
+            if self.embedded:
+                self._sync_links()
+
+    def _sync_links(self) -> None:
+        """The host links follow the routes at once (no reload): a new
+        vassal answers by its names before nginx's configuration has them."""
+        hosts = self.ng_dir / HOSTS
+        want: dict[str, str] = {}
+        for r in self.routes or ():
+            if not served_by_link(r, hosts) or self.refused.get(r.vassal, (None,))[0] == r:
+                continue
+            for d in r.domains:
+                name = host_link_name(d, hosts)
+                if name is not None:
+                    want.setdefault(name, r.target[len("unix:"):])
+        if want == self.links:
+            return
+        try:
+            hosts.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            self.log(f"cannot create {hosts}: {e.strerror or e}")
+            return
+        for name in [n for n in self.links if n not in want]:
+            try:
+                for path in (_known(hosts, name), hosts / name):
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        pass
+            except OSError as e:
+                self.log(f"cannot remove {hosts / name}: {e.strerror or e}")
+                continue
+            del self.links[name]
+        for name, target in want.items():
+            if self.links.get(name) == target:
+                continue
+            tmp = hosts / f".{name}.tmp"
+            try:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+                os.symlink(target, tmp)
+                os.replace(tmp, hosts / name)
+                os.close(os.open(_known(hosts, name), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC,
+                                 0o644))
+            except OSError as e:
+                self.log(f"cannot link {hosts / name}: {e.strerror or e}")
+                continue
+            self.links[name] = target
+
+    def _due(self) -> float | None:
+        """When the pending change of the routes is applied: at once (a
+        batch) for a first configuration, an operator's include, or a route
+        the host links cannot serve; else once the routes were still for
+        `settle` seconds."""
+        if self.dirty_since is None:
+            return None
+        at = self.dirty_since + self.opts.batch
+        if self.embedded and self.installed is not None and self.routes is not None:
+            hosts = self.ng_dir / HOSTS
+            old = set(self.installed)
+            if all(served_by_link(r, hosts) or not r.up for r in self.routes if r not in old):
+                at = max(at, min(self.changed_at + self.opts.settle,
+                                 self.dirty_since + self.opts.settle_max))
+        return max(at, self.last_apply + self.opts.min_gap, self.next_check)
 
     def owns(self, pid: int) -> bool:
         return pid in (self.pid, self.reload_pid) or (self.check is not None
@@ -631,9 +749,9 @@ class FrontDoor:
 
     def next_wakeup(self) -> float | None:
         times = []
-        if self.dirty_since is not None and self.check is None:
-            times.append(max(self.dirty_since + self.opts.batch,
-                             self.last_apply + self.opts.min_gap, self.next_check))
+        due = self._due()
+        if due is not None and self.check is None:
+            times.append(due)
         if self.embedded and self.pid is None and not self.stopping \
                 and self.installed is not None:
             times.append(self.next_start)
@@ -647,9 +765,8 @@ class FrontDoor:
         if self.embedded and self.pid is None and self.installed is not None \
                 and now >= self.next_start:
             self._start(now)
-        if self.check is None and self.dirty_since is not None \
-                and now >= self.dirty_since + self.opts.batch \
-                and now >= self.last_apply + self.opts.min_gap and now >= self.next_check:
+        due = self._due()
+        if self.check is None and due is not None and now >= due:
             self._propose(now)
         if self.reload_again and self.reload_pid is None:
             self._run_reload_cmd()
@@ -771,6 +888,8 @@ class FrontDoor:
                 self.refused[r.vassal] = (r, why)
                 self.log(f"[{r.vassal}] refused by nginx: {why}")
                 self.on_refused(r.vassal, why)
+                if self.embedded:
+                    self._sync_links()
             else:
                 half = len(group) // 2
                 b.queue[:0] = [group[:half], group[half:]]
@@ -946,3 +1065,11 @@ class FrontDoor:
                 except OSError:
                     pass
         self._close_pipes()
+        hosts = self.ng_dir / HOSTS
+        for name in list(self.links):
+            for path in (_known(hosts, name), hosts / name):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        self.links.clear()

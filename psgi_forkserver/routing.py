@@ -77,9 +77,12 @@ class Routing:
                     self.due[ov.config.path.name] = time.monotonic()
 
     def routes(self) -> list[Route]:
-        """The routing facts of every vassal with a `domain`: its socket,
-        and whether it can answer (a throttled vassal, or one whose socket
-        is not bound, is answered by the front door with 503)."""
+        """The routing facts of every vassal with a `domain`: its socket.
+        Whether it answers now does not change the routing (nginx would
+        reload at each crash or stop): a socket nobody accepts on is
+        answered 503 by the Emperor (Processes._closed_sign), one that is
+        not bound refuses nginx's connection (503 too). Only a vassal
+        without any address is routed to a 503 of the front door's own."""
         out = []
         for v in self.vassals.values():
             if v.is_base:
@@ -92,13 +95,11 @@ class Routing:
                 continue
             lst = self.listeners.by_name.get(v.name)
             addr = lst.addr if lst is not None else None
-            if addr is None and not self.own_sockets:
+            if addr is None:
                 want = sockets.wanted_address(cfg, self.socket_dir)
-                addr = want[0] if want is not None and v.has_process else None
-            # stopped (`emperor stop`) or refused (no descriptors): its
-            # clients would wait in the backlog; better told to come back
-            down = addr is None or v.phase in (Phase.THROTTLED, Phase.CONFIG_ERROR,
-                                               Phase.STOPPED, Phase.REFUSED)
+                addr = want[0] if want is not None and (self.own_sockets or v.has_process) \
+                    else None
+            down = addr is None
             # a retry helps after a crash loop's backoff, not while stopped
             retry = math.ceil(v.backoff) if v.phase == Phase.THROTTLED else \
                 0 if v.phase == Phase.STOPPED else 1
