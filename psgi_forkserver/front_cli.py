@@ -72,6 +72,12 @@ def check_front(args: argparse.Namespace) -> str | None:
         bad = check_listen(args.http)
         if bad is not None:
             return f"--http {args.http}: {bad}"
+        if os.geteuid() == 0 or args.nginx_user:
+            from .frontdoor import nginx_worker_user
+            try:
+                nginx_worker_user(args.nginx_user)
+            except ValueError as e:
+                return f"--nginx-user {args.nginx_user or ''}: {e}".replace("  ", " ")
     if args.nginx_include is not None:
         parent = Path(os.path.abspath(args.nginx_include)).parent
         if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
@@ -86,13 +92,17 @@ def front_options(args: argparse.Namespace):
 
     if args.http is None and args.nginx_include is None:
         return None
+    user, gid = None, None
+    if args.http is not None and os.geteuid() == 0:
+        from .frontdoor import nginx_worker_user
+        user, gid = nginx_worker_user(args.nginx_user)
     return FrontDoorOptions(
         run_dir=run_dir_of(args), listen=args.http,
         include=Path(os.path.abspath(args.nginx_include)) if args.nginx_include else None,
         reload_cmd=args.nginx_reload, nginx=args.nginx or find_nginx(),
         keepalive=max(0, args.nginx_keepalive), access_log=args.http_access_log,
         settle=max(0.0, args.http_settle), settle_max=30 * max(0.0, args.http_settle),
-        user=args.nginx_user,
+        user=user, worker_gid=gid,
         backoff_first=args.backoff_first, backoff_max=min(30.0, args.backoff_max),
         stable_after=args.stable_after,
     )

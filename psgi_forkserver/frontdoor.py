@@ -454,6 +454,34 @@ def default_run_dir(vassals_dir: Path) -> Path:
     return default_stats_path(vassals_dir).parent
 
 
+def nginx_worker_user(spec: str | None) -> tuple[str, int]:
+    """(`user` directive value, gid) of nginx's workers under a root
+    master: USER[:GROUP] as asked, else www-data (Debian's nginx user) if
+    there is one, else nobody; the group defaults to the user's own.
+    ValueError (one line) for a user or group that does not exist."""
+    import grp
+    import pwd
+
+    if spec:
+        name, _, group = spec.partition(":")
+    else:
+        name, group = "www-data", ""
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            name = "nobody"
+    try:
+        pw = pwd.getpwnam(name) if not name.isdigit() else pwd.getpwuid(int(name))
+    except KeyError:
+        raise ValueError(f"no such user {name!r}") from None
+    try:
+        gr = (grp.getgrgid(pw.pw_gid) if not group else
+              grp.getgrgid(int(group)) if group.isdigit() else grp.getgrnam(group))
+    except KeyError:
+        raise ValueError(f"no such group {group!r}") from None
+    return f"{pw.pw_name} {gr.gr_name}", gr.gr_gid
+
+
 def find_nginx() -> str | None:
     return shutil.which("nginx") or next(
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
@@ -516,7 +544,8 @@ class FrontDoorOptions:
     nginx: str | None = None  # the nginx binary (default: from PATH)
     keepalive: int = DEFAULT_KEEPALIVE  # idle connections nginx keeps per vassal (0: none)
     access_log: bool = True  # nginx's access log, in the Emperor's log
-    user: str | None = None  # --nginx-user: nginx's workers' user (as root)
+    user: str | None = None  # nginx's `user` (USER GROUP) of its workers, as root
+    worker_gid: int | None = None  # that group: the vassals' sockets are given to it
     batch: float = 0.05  # a change waits this long for the others of its turn
     min_gap: float = 1.0  # seconds between two reloads at least
     # a change the host links serve meanwhile waits until the routes were
@@ -956,9 +985,7 @@ class FrontDoor:
 
     def _user(self) -> str | None:
         """nginx's workers' user: only a root master can change it."""
-        if os.geteuid() != 0:
-            return None
-        return self.opts.user or "root root"
+        return self.opts.user if os.geteuid() == 0 else None
 
     def _start(self, now: float) -> None:
         nginx = self.opts.nginx or find_nginx()
@@ -1036,6 +1063,11 @@ class FrontDoor:
         for line in lines:
             if line.strip():
                 text = line.decode(errors="replace").rstrip()
+                # its own timestamp goes (ours leads the line); its worst
+                # levels read as errors in ours
+                text = re.sub(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d ", "", text)
+                if re.match(r"\[(emerg|alert|crit|error)\]", text):
+                    text = "error: nginx: " + text
                 self.log(text)
                 if "[emerg]" in text and self.pid is not None:
                     self.serving = -1

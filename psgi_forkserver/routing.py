@@ -34,6 +34,8 @@ class Routing:
         self.domain_refused: dict[str, str] = {}
         self.front: FrontDoor | None = None
         if self.opts.front is not None:
+            # the vassals' sockets are given to nginx's workers' group
+            self.listeners.front_gid = self.opts.front.worker_gid
             self.front = FrontDoor(self.opts.front, lambda m: self.log(m, "front"),
                                    watch=lambda fd, cb: self.sel.register(
                                        fd, selectors.EVENT_READ,

@@ -229,15 +229,20 @@ def wanted_address(cfg, socket_dir: Path | None = None) -> tuple[str, int] | Non
     return addr, backlog
 
 
-def socket_owner(cfg) -> tuple[int | None, int | None]:
+def socket_owner(cfg, front_gid: int | None = None) -> tuple[int | None, int | None]:
     """uid, gid a vassal's UNIX socket belongs to: `chown-socket`, else
-    its `uid`/`gid`."""
+    its `uid`/`gid`; the group is `front_gid` (the front door's nginx
+    workers') for a vassal with `domain` whose `chown-socket` names none,
+    so that nginx reaches it (mode 0660) and nobody else does."""
     from . import config as cfgmod
 
     chown = cfg.get("chown-socket")
     if chown:
         try:
-            return cfgmod.parse_owner(chown)
+            uid, gid = cfgmod.parse_owner(chown)
+            if gid is None and front_gid is not None and cfg.get("domain"):
+                gid = front_gid
+            return uid, gid
         except ValueError:
             pass
     out: list[int | None] = []
@@ -247,6 +252,8 @@ def socket_owner(cfg) -> tuple[int | None, int | None]:
             out.append(int(conv(raw)) if raw else None)  # type: ignore[arg-type]
         except ValueError:
             out.append(None)
+    if front_gid is not None and cfg.get("domain"):
+        out[1] = front_gid
     return out[0], out[1]
 
 
@@ -260,6 +267,7 @@ class Listeners:
     bind_errors: dict[str, str] = field(default_factory=dict)  # last logged, per vassal
     watched: set[str] = field(default_factory=set)  # on-demand: in the selector
     answering: set[str] = field(default_factory=set)  # nobody accepts: the Emperor answers 503
+    front_gid: int | None = None  # the front door's nginx workers' group (socket_owner)
 
     def get(self, name: str, cfg, socket_dir: Path | None = None
             ) -> tuple[str | None, Listener | None]:
@@ -271,7 +279,7 @@ class Listeners:
         if want is None:
             return None, None
         addr, backlog = want
-        owner = socket_owner(cfg) if is_unix_address(addr) else (None, None)
+        owner = socket_owner(cfg, self.front_gid) if is_unix_address(addr) else (None, None)
         old = self.by_name.get(name)
         if old is not None and old.addr == addr and old.backlog == backlog \
                 and old.owner == owner:

@@ -265,6 +265,7 @@ def front(xprocess):
 
     def start(files: dict[str, str], *extra) -> Front:
         top = Path(tempfile.mkdtemp(prefix="pfs-fd-"))
+        top.chmod(0o755)  # nginx's workers (www-data under a root Emperor) reach the sockets
         dirs.append(top)
         vdir, run = top / "v", top / "run"
         vdir.mkdir()
@@ -319,6 +320,13 @@ def test_apps_answer_by_name_through_nginx(front):
     # nginx is the Emperor's child; its log lines are the Emperor's, prefixed
     ng = psutil.Process(f.nginx_pid())
     assert ng.ppid() == f.pid and "nginx" in ng.name()
+    if os.geteuid() == 0:  # its workers run as www-data, to whose group the sockets are given
+        import grp
+        import pwd
+        assert {w.username() for w in ng.children()} == {"www-data"}
+        assert s.stat().st_gid == grp.getgrnam("www-data").gr_gid
+        assert s.stat().st_uid == 0  # the vassal's (it runs as root here)
+        assert pwd.getpwnam("www-data")
     wait_for(lambda: f.lines('[front] nobody.localhost 127.0.0.1 "GET / HTTP/1.1" 404'), 15,
              "the access log line")
     assert not list((f.run / "nginx").glob(".*.tmp"))
@@ -917,3 +925,39 @@ def test_apps_coming_and_going_fail_no_request_of_the_others(front):
     print(f"churn: {ok} requests, {len(failed)} failed, {reloads} reloads, {served} apps served")
     assert failed == [], failed[:5]
     assert ok > 100
+
+
+@needs_nginx
+@needs_perl
+def test_nginx_user_option_and_the_access_log_in_json(front):
+    """--nginx-user USER:GROUP: the workers' user, and the group the
+    sockets are given to; the access log follows --log-format json like
+    every other line."""
+    import json
+
+    f = front({"app1": ini("app1", "domain = app1.localhost")},
+              "--nginx-user", "nobody:nogroup", "--log-format", "json")
+    wait_for(lambda: answers(f.port, "app1.localhost", "app1"), 30, "app1")
+    if os.geteuid() == 0:
+        pid = int(f.lines('"message": "nginx pid ')[-1].split("nginx pid ")[1].split()[0])
+        ng = psutil.Process(pid)
+        assert {w.username() for w in ng.children()} == {"nobody"}
+        assert (f.run / "sockets" / "app1.sock").stat().st_gid == 65534
+    wait_for(lambda: f.lines('"vassal": "front"') and
+             [x for x in f.lines("app1.localhost 127.0.0.1") if x.startswith("{")], 20,
+             "a JSON access line")
+    line = json.loads([x for x in f.lines("app1.localhost 127.0.0.1") if x.startswith("{")][-1])
+    assert line["vassal"] == "front" and line["time"].endswith("Z")
+    assert '"GET / HTTP/1.1" 200' in line["message"]
+
+
+def test_a_bad_nginx_user_is_one_line_and_exit_2(tmp_path: Path):
+    if os.geteuid() != 0:
+        pytest.skip("only a root Emperor sets nginx's user")
+    vdir = tmp_path / "v"
+    vdir.mkdir()
+    r = subprocess.run([EMPEROR, "run", str(vdir), "--run-dir", str(tmp_path / "r"), "--http",
+                        f"127.0.0.1:{free_port()}", "--nginx-user", "no-such-user-x"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "--nginx-user no-such-user-x: no such user 'no-such-user-x'" in r.stderr
