@@ -340,6 +340,7 @@ def fairness(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, durat
 def run(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, quick: bool,
         duration: str, step) -> dict:
     n_od, n_mass, n_new = (10, 50, 5) if quick else (30, 200, 10)
+    tmp.chmod(0o755)  # nginx's workers (www-data under a root Emperor) reach the sockets
     return {
         "serving": step("front serving", lambda: serving(procs, ports, tmp, emperor_run, base_ini,
                                                          duration)),

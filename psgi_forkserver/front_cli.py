@@ -72,12 +72,16 @@ def check_front(args: argparse.Namespace) -> str | None:
         bad = check_listen(args.http)
         if bad is not None:
             return f"--http {args.http}: {bad}"
-        if os.geteuid() == 0 or args.nginx_user:
-            from .frontdoor import nginx_worker_user
+        if os.geteuid() == 0:
+            from .frontdoor import nginx_worker_user, unreachable_by
             try:
-                nginx_worker_user(args.nginx_user)
+                user, gid = nginx_worker_user(args.nginx_user)
             except ValueError as e:
                 return f"--nginx-user {args.nginx_user or ''}: {e}".replace("  ", " ")
+            bad = unreachable_by(user.split()[0], gid, run_dir)
+            if bad is not None:
+                return f"--run-dir {run_dir}: nginx's workers ({user.split()[0]}) cannot " \
+                       f"reach the sockets under it: {bad} (--nginx-user, or chmod o+x)"
     if args.nginx_include is not None:
         parent = Path(os.path.abspath(args.nginx_include)).parent
         if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):

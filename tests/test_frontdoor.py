@@ -961,3 +961,43 @@ def test_a_bad_nginx_user_is_one_line_and_exit_2(tmp_path: Path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "--nginx-user no-such-user-x: no such user 'no-such-user-x'" in r.stderr
+
+
+@needs_nginx
+def test_limits_the_checker_accepts_make_a_configuration_nginx_accepts(tmp_path: Path):
+    """limit-post and buffer-size are any number the checker lets through:
+    the configuration stays one nginx accepts (a huge limit is no limit
+    nginx can hold; a huge head buffer is capped)."""
+    run = tmp_path / "run"
+    (run / "nginx" / "tmp").mkdir(parents=True)
+    conf = run / "nginx" / "nginx.conf"
+    routes = [Route("huge", ("huge.localhost",), "unix:/s/huge.sock",
+                    limit_post=10 ** 30, head_size=10 ** 15),
+              Route("tiny", ("tiny.localhost",), "unix:/s/tiny.sock", limit_post=1, head_size=1)]
+    conf.write_text(fd.render_nginx_conf(routes, f"127.0.0.1:{free_port()}", run))
+    r = subprocess.run([NGINX, "-t", "-e", "stderr", "-p", str(run / "nginx"), "-c", str(conf)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert "large_client_header_buffers 4 1048576;" in conf.read_text()
+
+
+def test_a_run_dir_nginx_cannot_reach_is_one_line_and_exit_2(tmp_path: Path):
+    """As root, nginx's workers are www-data: a --run-dir under a directory
+    they cannot search would make every request a 503."""
+    if os.geteuid() != 0:
+        pytest.skip("only a root Emperor gives nginx's workers another user")
+    top = Path(tempfile.mkdtemp(prefix="pfs-fd-closed-"))
+    try:
+        top.chmod(0o755)
+        closed = top / "closed"
+        closed.mkdir(mode=0o700)
+        vdir = top / "v"
+        vdir.mkdir()
+        r = subprocess.run([EMPEROR, "run", str(vdir), "--run-dir", str(closed / "run"), "--http",
+                            f"127.0.0.1:{free_port()}"], capture_output=True, text=True,
+                           timeout=60)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"nginx's workers (www-data) cannot reach the sockets under it: {closed} is mode " \
+           "0700" in r.stderr, r.stderr
