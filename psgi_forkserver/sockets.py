@@ -177,8 +177,10 @@ def answer_unavailable(lst: "Listener", why: str, retry_after: int | None) -> in
             try:
                 # what the client sent first: closing a UNIX socket with
                 # unread bytes makes the peer's read fail before our reply
-                while conn.recv(65536):
-                    pass
+                # (a few reads: a client that keeps sending cannot hold the loop)
+                for _ in range(4):
+                    if not conn.recv(65536):
+                        break
             except OSError:
                 pass
             try:
