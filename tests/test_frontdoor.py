@@ -672,6 +672,7 @@ def test_routes_nginx_refuses_are_found_refused_and_the_rest_installed(tmp_path:
     front = FrontDoor(FrontDoorOptions(run_dir=tmp_path, listen=f"127.0.0.1:{free_port()}",
                                        batch=0, min_gap=0, settle=0), lines.append,
                       on_refused=lambda v, why: refused.__setitem__(v, why))
+    front.next_start = float("inf")  # the configurations only: no nginx runs here
 
     def settle(t: float) -> None:
         for _ in range(200):
@@ -688,6 +689,8 @@ def test_routes_nginx_refuses_are_found_refused_and_the_rest_installed(tmp_path:
     front.update(good[:2], 1.0)
     settle(1.0)
     assert front.installed == tuple(good[:2]) and front.generation == 1 and not refused
+    # installed, but no nginx serves it: /healthz says so
+    assert front.health() == (False, "front door: nginx is not running")
     front.update(good + bad, 2.0)  # four good and two bad at once
     settle(2.0)
     assert set(refused) == {"gone1", "gone2"}, lines
