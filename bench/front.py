@@ -306,11 +306,12 @@ def churn(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, seconds:
         rmtree(vdir)
 
 
-def fairness(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, duration: str) -> dict:
+def fairness(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, duration: str,
+             keepalive: int = 16) -> dict:
     """One vassal (2 workers) behind nginx with keep-alive upstreams: wrk
     -c16 on its fast route while wrk -c2 keeps its slow route (100 ms)
     busy; the fast route's p50 and p99."""
-    vdir = tmp / "front-fair"
+    vdir = tmp / f"front-fair{keepalive}"
     vdir.mkdir()
     (vdir / "base.ini").write_text(
         f"[uwsgi]\nearly-psgi = {Path(__file__).resolve().parent / 'slow.psgi'}\n"
@@ -318,9 +319,9 @@ def fairness(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, durat
     _write(vdir, "fair", _vassal("fair", "domain = fair.localhost", "processes = 2",
                                  "disable-logging = true"))
     front = ports.get()
-    em = emperor_run(procs, vdir, "emperor-front-fair",
-                     ["--http", f"127.0.0.1:{front}", "--run-dir", str(tmp / "run-fair"),
-                      "--no-http-access-log"])
+    em = emperor_run(procs, vdir, f"emperor-front-fair{keepalive}",
+                     ["--http", f"127.0.0.1:{front}", "--run-dir", str(tmp / f"run-fair{keepalive}"),
+                      "--no-http-access-log", "--nginx-keepalive", str(keepalive)])
     try:
         wait_host_200(front, "fair.localhost", 60, em.alive)
         alone = _wrk_full(front, duration, "fair.localhost")
@@ -356,6 +357,8 @@ def run(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, quick: boo
                                                    10 if quick else 30)),
         "fairness": step("front fairness", lambda: fairness(procs, ports, tmp, emperor_run,
                                                             base_ini, duration)),
+        "fairness_nokeepalive": step("front fairness, no keep-alive", lambda: fairness(
+            procs, ports, tmp, emperor_run, base_ini, duration, keepalive=0)),
     }
 
 
@@ -389,10 +392,13 @@ def rows(fr: dict) -> list[tuple[str, str, str, str]]:
                     f"{ch['errors']} socket errors + {ch['non_2xx']} non-2xx of {ch['requests']}; "
                     f"{ch['reloads']} reloads", "0", "met" if ch["errors"] + ch["non_2xx"] == 0
                     else "**not met**"))
-    fa = fr.get("fairness")
-    if fa and fa.get("ratio") is not None:
+    for key, label in (("fairness", "keep-alive upstreams"),
+                       ("fairness_nokeepalive", "--nginx-keepalive 0")):
+        fa = fr.get(key)
+        if not fa or fa.get("ratio") is None:
+            continue
         f_ = fa["fast"]
-        out.append(("wrk -c16 on a fast route through nginx (keep-alive upstreams, 2 workers) "
+        out.append((f"wrk -c16 on a fast route through nginx ({label}, 2 workers) "
                     "while wrk -c2 keeps a 100 ms route busy: p99 / p50",
                     f"{f_['p99_ms']:.2f} / {f_['p50_ms']:.2f} ms ({fa['ratio']:.1f}x); alone "
                     f"{fa['alone']['p99_ms']:.2f} / {fa['alone']['p50_ms']:.2f} ms",
