@@ -875,8 +875,11 @@ class FrontDoor:
             return self._render(routes, self.generation + 1)
         inc = self.ng_dir / "check-include.conf"
         inc.write_text(render_routing(routes, self.opts.keepalive))
+        # every path nginx -t would touch is ours (Debian's are root's)
+        temps = "".join(f"    {k}_temp_path {self.ng_dir / 'tmp' / k};\n"
+                        for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         return (f"pid {self.ng_dir / 'check.pid'};\nerror_log stderr;\nevents {{}}\nhttp {{\n"
-                f"    include {inc};\n    server {{\n        listen 127.0.0.1:9;\n"
+                f"{temps}    include {inc};\n    server {{\n        listen 127.0.0.1:9;\n"
                 + _indent(render_locations(self.opts.keepalive), 8) + "    }\n}\n")
 
     def _check(self, routes: tuple[Route, ...]) -> None:
