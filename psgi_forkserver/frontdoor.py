@@ -631,6 +631,7 @@ class FrontDoor:
     changed_at: float = 0.0  # the last change of the routes
     last_apply: float = -1e9
     links: dict[str, str] = field(default_factory=dict)  # host link -> socket path
+    links_swept: bool = False  # the host links of an earlier run removed
     pid: int | None = None
     started_at: float = 0.0
     next_start: float = 0.0
@@ -690,10 +691,14 @@ class FrontDoor:
                 name = host_link_name(d, hosts)
                 if name is not None:
                     want.setdefault(name, r.target[len("unix:"):])
-        if want == self.links:
+        if want == self.links and self.links_swept:
             return
         try:
             hosts.mkdir(parents=True, exist_ok=True)
+            if not self.links_swept:  # a killed Emperor's links name vassals gone since
+                for old in os.listdir(hosts):
+                    os.unlink(hosts / old)
+                self.links_swept = True
         except OSError as e:
             self.log(f"cannot create {hosts}: {e.strerror or e}")
             return
