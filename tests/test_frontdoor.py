@@ -79,6 +79,8 @@ def test_nginx_accepts_the_generated_configuration(tmp_path: Path):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     assert "syntax is ok" in r.stderr
+    # a reload's old workers are bounded: a response still streaming after 30 s is cut
+    assert "worker_shutdown_timeout 30s;" in conf.read_text()
     inc = tmp_path / "routing.conf"
     inc.write_text(fd.render_routing(ROUTES))
     # an operator's nginx: the include at http level, the locations in their server
