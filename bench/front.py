@@ -239,9 +239,109 @@ def new_file(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, n: in
         rmtree(vdir)
 
 
+def _wrk_full(port: int, duration: str, host: str, conns: int = 16, path: str = "/") -> dict:
+    """wrk --latency: requests, errors, p50 and p99 (ms)."""
+    argv = ["wrk", "-t2", f"-c{conns}", f"-d{duration}", "--latency", "-H", f"Host: {host}",
+            f"http://127.0.0.1:{port}{path}"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
+
+    def ms(label: str) -> float | None:
+        m = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not m:
+            return None
+        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+
+    total = re.search(r"(\d+) requests in", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out)
+    return {"requests": int(total.group(1)) if total else None,
+            "errors": sum(map(int, errors.groups())) if errors else 0,
+            "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+            "p50_ms": ms("50"), "p99_ms": ms("99"), "command": shlex.join(argv),
+            "output": None if total else out}
+
+
+def churn(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, seconds: int) -> dict:
+    """Two steady apps under wrk (keep-alive, -c16 each) while 10 other
+    vassal files are added and removed every 0.5 s: failed requests of the
+    steady apps, and nginx reloads meanwhile."""
+    vdir = tmp / "front-churn"
+    vdir.mkdir()
+    (vdir / "base.ini").write_text(base_ini("hello", tmp / "front-churn.sock"))
+    for name in ("steady1", "steady2"):
+        _write(vdir, name, _vassal(name, f"domain = {name}.localhost", "processes = 2",
+                                   "disable-logging = true"))
+    front = ports.get()
+    em = emperor_run(procs, vdir, "emperor-front-churn",
+                     ["--http", f"127.0.0.1:{front}", "--run-dir", str(tmp / "run-churn"),
+                      "--no-http-access-log"])
+    try:
+        for name in ("steady1", "steady2"):
+            wait_host_200(front, f"{name}.localhost", 60, em.alive)
+        before = em_reloads(tmp / "emperor-front-churn.log") or 0
+        with ThreadPoolExecutor(2) as pool:
+            runs = [pool.submit(_wrk_full, front, f"{seconds}s", f"{n}.localhost")
+                    for n in ("steady1", "steady2")]
+            end = time.perf_counter() + seconds
+            toggles, on = 0, False
+            while time.perf_counter() < end - 0.5:
+                on = not on
+                for i in range(10):
+                    if on:
+                        _write(vdir, f"t{i}", _vassal(f"t{i}", f"domain = t{i}.localhost",
+                                                      "disable-logging = true"))
+                    else:
+                        (vdir / f"t{i}.ini").unlink(missing_ok=True)
+                toggles += 1
+                time.sleep(0.5)
+            results = [r.result() for r in runs]
+        reloads = (em_reloads(tmp / "emperor-front-churn.log") or 0) - before
+        return {"seconds": seconds, "toggles": toggles,
+                "requests": sum(r["requests"] or 0 for r in results),
+                "errors": sum(r["errors"] for r in results),
+                "non_2xx": sum(r["non_2xx"] for r in results),
+                "reloads": reloads, "wrk": results, "command": shlex.join(em.argv)}
+    finally:
+        em.stop()
+        rmtree(vdir)
+
+
+def fairness(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, duration: str,
+             keepalive: int = 16) -> dict:
+    """One vassal (2 workers) behind nginx with keep-alive upstreams: wrk
+    -c16 on its fast route while wrk -c2 keeps its slow route (100 ms)
+    busy; the fast route's p50 and p99."""
+    vdir = tmp / f"front-fair{keepalive}"
+    vdir.mkdir()
+    (vdir / "base.ini").write_text(
+        f"[uwsgi]\nearly-psgi = {Path(__file__).resolve().parent / 'slow.psgi'}\n"
+        f"fork-server = {tmp / 'front-fair.sock'}\n")
+    _write(vdir, "fair", _vassal("fair", "domain = fair.localhost", "processes = 2",
+                                 "disable-logging = true"))
+    front = ports.get()
+    em = emperor_run(procs, vdir, f"emperor-front-fair{keepalive}",
+                     ["--http", f"127.0.0.1:{front}", "--run-dir", str(tmp / f"run-fair{keepalive}"),
+                      "--no-http-access-log", "--nginx-keepalive", str(keepalive)])
+    try:
+        wait_host_200(front, "fair.localhost", 60, em.alive)
+        alone = _wrk_full(front, duration, "fair.localhost")
+        with ThreadPoolExecutor(2) as pool:
+            slow = pool.submit(_wrk_full, front, duration, "fair.localhost", 2, "/slow")
+            fast = pool.submit(_wrk_full, front, duration, "fair.localhost")
+            slow_r, fast_r = slow.result(), fast.result()
+        return {"alone": alone, "fast": fast_r, "slow": slow_r,
+                "ratio": (fast_r["p99_ms"] / fast_r["p50_ms"])
+                if fast_r["p50_ms"] and fast_r["p99_ms"] else None,
+                "command": shlex.join(em.argv)}
+    finally:
+        em.stop()
+        rmtree(vdir)
+
+
 def run(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, quick: bool,
         duration: str, step) -> dict:
     n_od, n_mass, n_new = (10, 50, 5) if quick else (30, 200, 10)
+    tmp.chmod(0o755)  # nginx's workers (www-data under a root Emperor) reach the sockets
     return {
         "serving": step("front serving", lambda: serving(procs, ports, tmp, emperor_run, base_ini,
                                                          duration)),
@@ -253,6 +353,12 @@ def run(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, quick: boo
                                                                   base_ini, n_mass)),
         "new_file": step("front new file", lambda: new_file(procs, ports, tmp, emperor_run,
                                                             base_ini, n_new)),
+        "churn": step("front churn", lambda: churn(procs, ports, tmp, emperor_run, base_ini,
+                                                   10 if quick else 30)),
+        "fairness": step("front fairness", lambda: fairness(procs, ports, tmp, emperor_run,
+                                                            base_ini, duration)),
+        "fairness_nokeepalive": step("front fairness, no keep-alive", lambda: fairness(
+            procs, ports, tmp, emperor_run, base_ini, duration, keepalive=0)),
     }
 
 
@@ -279,6 +385,24 @@ def rows(fr: dict) -> list[tuple[str, str, str, str]]:
         out.append((f"{ms['n']} vassals with domain (not on-demand): `emperor run --http` -> every "
                     "name answered once; nginx reloads meanwhile",
                     f"{ms['all_answered_s']:.2f} s; {ms['reloads']} reloads", "", ""))
+    ch = fr.get("churn")
+    if ch:
+        out.append((f"2 steady apps under wrk -c16 each for {ch['seconds']} s while 10 others are "
+                    "added and removed every 0.5 s: failed requests of the steady apps",
+                    f"{ch['errors']} socket errors + {ch['non_2xx']} non-2xx of {ch['requests']}; "
+                    f"{ch['reloads']} reloads", "0", "met" if ch["errors"] + ch["non_2xx"] == 0
+                    else "**not met**"))
+    for key, label in (("fairness", "keep-alive upstreams"),
+                       ("fairness_nokeepalive", "--nginx-keepalive 0")):
+        fa = fr.get(key)
+        if not fa or fa.get("ratio") is None:
+            continue
+        f_ = fa["fast"]
+        out.append((f"wrk -c16 on a fast route through nginx ({label}, 2 workers) "
+                    "while wrk -c2 keeps a 100 ms route busy: p99 / p50",
+                    f"{f_['p99_ms']:.2f} / {f_['p50_ms']:.2f} ms ({fa['ratio']:.1f}x); alone "
+                    f"{fa['alone']['p99_ms']:.2f} / {fa['alone']['p50_ms']:.2f} ms",
+                    "<= 3x", "met" if fa["ratio"] <= 3 else "**not met**"))
     nf = fr.get("new_file")
     if nf:
         out.append((f"new vassal file -> its name answering through nginx (`/hello`): p50 / max (N={nf['n']})",

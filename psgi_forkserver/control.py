@@ -33,6 +33,7 @@ def snapshot(emperor: Emperor) -> EmperorSnapshot:
     return EmperorSnapshot(
         vassals_dir=str(emperor.dir), shutting_down=emperor.shutting_down,
         deploy=emperor.deploy_status(),
+        front=emperor.front.state() if emperor.front is not None else None,
         vassals={name: v.snapshot() for name, v in emperor.vassals.items()})
 
 
@@ -128,6 +129,10 @@ def health(emperor: Emperor) -> tuple[bool, str]:
     (a fork server that accepts) when there is one."""
     if emperor.shutting_down:
         return False, "shutting down"
+    if emperor.front is not None:
+        ok, why = emperor.front.health()
+        if not ok:
+            return False, why
     base = emperor._base()
     if base is None:
         if emperor.opts.use_fork_server is not None:

@@ -222,6 +222,7 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
                 if s.actions:
                     self._execute(v, s.actions, now)
                 if v.name in self.vassals and not s.base:
+                    self._closed_sign(v, now)
                     self._watch_on_demand(v, now)
             except Exception as e:  # noqa: BLE001 - one vassal's failure is its own
                 self._vassal_failed(v.name, None, now, e)

@@ -27,6 +27,13 @@ def add_front_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--nginx", metavar="PATH", help="the nginx binary (default: from PATH)")
     run.add_argument("--http-access-log", default=True, action=argparse.BooleanOptionalAction,
                      help="nginx's access log in the Emperor's log, prefixed [front] (default: on)")
+    run.add_argument("--http-settle", type=float, default=10.0, metavar="SECONDS",
+                     help="nginx is reloaded for vassals that come and go once the routes "
+                          "were still this long (at most 30x as late); they answer through "
+                          "host links meanwhile (default 10)")
+    run.add_argument("--nginx-user", metavar="USER[:GROUP]",
+                     help="the user nginx's workers run as when the Emperor runs as root "
+                          "(default: www-data if it exists, else nobody)")
     run.add_argument("--nginx-keepalive", type=int, default=DEFAULT_KEEPALIVE, metavar="N",
                      help=f"idle connections nginx keeps open per vassal (default "
                           f"{DEFAULT_KEEPALIVE}; 0: one connection per request)")
@@ -65,6 +72,16 @@ def check_front(args: argparse.Namespace) -> str | None:
         bad = check_listen(args.http)
         if bad is not None:
             return f"--http {args.http}: {bad}"
+        if os.geteuid() == 0:
+            from .frontdoor import nginx_worker_user, unreachable_by
+            try:
+                user, gid = nginx_worker_user(args.nginx_user)
+            except ValueError as e:
+                return f"--nginx-user {args.nginx_user or ''}: {e}".replace("  ", " ")
+            bad = unreachable_by(user.split()[0], gid, run_dir)
+            if bad is not None:
+                return f"--run-dir {run_dir}: nginx's workers ({user.split()[0]}) cannot " \
+                       f"reach the sockets under it: {bad} (--nginx-user, or chmod o+x)"
     if args.nginx_include is not None:
         parent = Path(os.path.abspath(args.nginx_include)).parent
         if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
@@ -79,11 +96,17 @@ def front_options(args: argparse.Namespace):
 
     if args.http is None and args.nginx_include is None:
         return None
+    user, gid = None, None
+    if args.http is not None and os.geteuid() == 0:
+        from .frontdoor import nginx_worker_user
+        user, gid = nginx_worker_user(args.nginx_user)
     return FrontDoorOptions(
         run_dir=run_dir_of(args), listen=args.http,
         include=Path(os.path.abspath(args.nginx_include)) if args.nginx_include else None,
         reload_cmd=args.nginx_reload, nginx=args.nginx or find_nginx(),
         keepalive=max(0, args.nginx_keepalive), access_log=args.http_access_log,
+        settle=max(0.0, args.http_settle), settle_max=30 * max(0.0, args.http_settle),
+        user=user, worker_gid=gid,
         backoff_first=args.backoff_first, backoff_max=min(30.0, args.backoff_max),
         stable_after=args.stable_after,
     )
@@ -94,7 +117,7 @@ def static_routes(vassals_dir: Path, run_dir: Path):
     file read and judged as the Emperor reads it, names claimed in name
     order (the first keeps a name); (routes, one line per refused file)."""
     from . import config as cfgmod
-    from .frontdoor import Route, nginx_target
+    from .frontdoor import Route, nginx_target, route_limits
     from .sockets import wanted_address
 
     claimed: dict[str, str] = {}
@@ -119,7 +142,8 @@ def static_routes(vassals_dir: Path, run_dir: Path):
             continue
         claimed.update((d, name) for d in domains)
         routes.append(Route(name, tuple(domains), nginx_target(want[0]),
-                            protocol="uwsgi" if cfg.get("socket") else "http"))
+                            protocol="uwsgi" if cfg.get("socket") else "http",
+                            **route_limits(cfg)))
     return routes, errors
 
 

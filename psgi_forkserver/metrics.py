@@ -125,6 +125,25 @@ class DocumentCollector(Collector):
                                    "1 while a code deploy runs")
         active.add_metric([], 1.0 if last and not last.get("finished") else 0.0)
         yield active
+        front = e.get("front")
+        if front:
+            fgen = GaugeMetricFamily("psgi_forkserver_front_generation",
+                                     "The front door's configuration generation installed")
+            fgen.add_metric([], float(front.get("generation") or 0))
+            fserv = GaugeMetricFamily("psgi_forkserver_front_serving_generation",
+                                      "The configuration generation nginx runs")
+            fserv.add_metric([], float(front.get("serving_generation") or 0))
+            fup = GaugeMetricFamily("psgi_forkserver_front_up",
+                                    "1 while nginx runs the generation installed")
+            fup.add_metric([], 1.0 if front.get("pid") and not front.get("last_error") and
+                           front.get("generation") == front.get("serving_generation") else 0.0)
+            freloads = CounterMetricFamily("psgi_forkserver_front_reloads",
+                                           "nginx reloads the front door made")
+            freloads.add_metric([], float(front.get("reloads") or 0))
+            frefused = GaugeMetricFamily("psgi_forkserver_front_refused_vassals",
+                                         "Vassals whose route nginx refused")
+            frefused.add_metric([], float(len(front.get("refused") or {})))
+            yield from (fgen, fserv, fup, freloads, frefused)
         rss = GaugeMetricFamily("psgi_forkserver_emperor_rss_bytes", "The Emperor's own RSS")
         rss.add_metric([], float(e.get("rss") or 0))
         yield rss

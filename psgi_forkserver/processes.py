@@ -14,6 +14,7 @@ A mixin of `emperor.Emperor`.
 
 from __future__ import annotations
 
+import math
 import os
 import selectors
 import socket
@@ -28,7 +29,7 @@ from .adoption import AdoptionError, PendingAdoption
 from .launch import describe_status
 from .nonblocking import recv_ready
 from .protocol import EmperorByte, VassalByte
-from .sockets import Listener
+from .sockets import Listener, answer_unavailable
 from .vassal import Exit, Kind, Phase, Vassal
 
 
@@ -261,6 +262,36 @@ class Processes:
             v.note_error(err)
             return False, None
         return True, lst
+
+    def _closed_sign(self, v: Vassal, now: float) -> None:
+        """A vassal whose socket nobody will accept on for a while (stopped,
+        or waiting out a crash-loop backoff, no process left): the Emperor
+        answers its queued connections itself, 503 (with Retry-After when a
+        retry can help), instead of leaving them in the backlog."""
+        lst = self.listeners.by_name.get(v.name)
+        closed = (lst is not None and not v.has_process and self.own_sockets
+                  and v.phase in (Phase.STOPPED, Phase.THROTTLED))
+        if not closed:
+            self.listeners.unanswer(v.name)
+            return
+        assert lst is not None
+        if v.name in self.listeners.answering:
+            return
+        self.listeners.unwatch(v.name)  # not waiting for a connection to wake it
+        self.listeners.answer(v.name, lst, ForVassal(
+            v.name, None, lambda t, n=v.name: self._answer_closed(n, t)))
+
+    def _answer_closed(self, name: str, now: float) -> None:
+        v = self.vassals.get(name)
+        lst = self.listeners.by_name.get(name)
+        if v is None or lst is None:
+            self.listeners.unanswer(name)
+            return
+        if v.phase == Phase.THROTTLED:
+            retry = max(1, math.ceil(v.not_before - now))
+            answer_unavailable(lst, f"{name} is restarting, retry in {retry} s", retry)
+        else:
+            answer_unavailable(lst, f"{name} is stopped", None)
 
     def _watch_on_demand(self, v: Vassal, now: float) -> None:
         """An on-demand vassal without process: its socket in the selector."""

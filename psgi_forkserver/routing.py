@@ -19,7 +19,7 @@ import traceback
 
 from . import config as cfgmod
 from . import sockets
-from .frontdoor import FrontDoor, Route, nginx_target
+from .frontdoor import FrontDoor, Route, nginx_target, route_limits
 from .vassal import Phase
 
 
@@ -34,11 +34,15 @@ class Routing:
         self.domain_refused: dict[str, str] = {}
         self.front: FrontDoor | None = None
         if self.opts.front is not None:
+            # the vassals' sockets are given to nginx's workers' group
+            self.listeners.front_gid = self.opts.front.worker_gid
             self.front = FrontDoor(self.opts.front, lambda m: self.log(m, "front"),
                                    watch=lambda fd, cb: self.sel.register(
                                        fd, selectors.EVENT_READ,
                                        lambda t, cb=cb: self._front_safely(cb, t)),
-                                   unwatch=self._unwatch)
+                                   unwatch=self._unwatch,
+                                   relay=lambda out, pid: self.relay.watch(out, "front", pid),
+                                   on_refused=self._front_refused)
 
     def _claim_domains(self, name: str, cfg: cfgmod.VassalConfig) -> cfgmod.VassalConfig:
         """`cfg`, or a config error naming the vassal that already serves one
@@ -75,9 +79,12 @@ class Routing:
                     self.due[ov.config.path.name] = time.monotonic()
 
     def routes(self) -> list[Route]:
-        """The routing facts of every vassal with a `domain`: its socket,
-        and whether it can answer (a throttled vassal, or one whose socket
-        is not bound, is answered by the front door with 503)."""
+        """The routing facts of every vassal with a `domain`: its socket.
+        Whether it answers now does not change the routing (nginx would
+        reload at each crash or stop): a socket nobody accepts on is
+        answered 503 by the Emperor (Processes._closed_sign), one that is
+        not bound refuses nginx's connection (503 too). Only a vassal
+        without any address is routed to a 503 of the front door's own."""
         out = []
         for v in self.vassals.values():
             if v.is_base:
@@ -90,18 +97,31 @@ class Routing:
                 continue
             lst = self.listeners.by_name.get(v.name)
             addr = lst.addr if lst is not None else None
-            if addr is None and not self.own_sockets:
+            if addr is None:
                 want = sockets.wanted_address(cfg, self.socket_dir)
-                addr = want[0] if want is not None and v.has_process else None
-            # stopped (`emperor stop`) or refused (no descriptors): its
-            # clients would wait in the backlog; better told to come back
-            down = addr is None or v.phase in (Phase.THROTTLED, Phase.CONFIG_ERROR,
-                                               Phase.STOPPED, Phase.REFUSED)
-            retry = math.ceil(v.backoff) if v.phase == Phase.THROTTLED else 1
+                addr = want[0] if want is not None and (self.own_sockets or v.has_process) \
+                    else None
+            down = addr is None
+            # a retry helps after a crash loop's backoff, not while stopped
+            retry = math.ceil(v.backoff) if v.phase == Phase.THROTTLED else \
+                0 if v.phase == Phase.STOPPED else 1
             out.append(Route(v.name, domains, nginx_target(addr) if addr else "",
                              up=not down, retry_after=retry,
-                             protocol="uwsgi" if cfg.get("socket") else "http"))
+                             protocol="uwsgi" if cfg.get("socket") else "http",
+                             **route_limits(cfg)))
         return out
+
+    def _front_refused(self, name: str, why: str) -> None:
+        """nginx cannot take this vassal's route: config-error, with
+        nginx's own words, until its file changes; everyone else is
+        served from the configuration without it."""
+        v = self.vassals.get(name)
+        if v is None or v.config is None:
+            return
+        msg = f"the front door cannot route it: {why}"
+        self.failed[name] = (v.config.fingerprint, msg)
+        v.config_failed(msg)
+        self.log(f"bad config {v.config.path}: {msg}", name)
 
     def _front_turn(self, now: float) -> None:
         assert self.front is not None

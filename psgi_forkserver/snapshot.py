@@ -47,6 +47,8 @@ class EmperorSnapshot:
     shutting_down: bool = False
     # code deploys (bases.DeployTracker.as_dict): `emperor reload-base --wait` polls this
     deploy: dict[str, Any] | None = None
+    # the front door (frontdoor.FrontDoor.state): nginx's pid, generation, errors
+    front: dict[str, Any] | None = None
     vassals: dict[str, VassalSnapshot] = field(default_factory=dict)
 
 

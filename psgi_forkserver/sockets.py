@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import select
 import selectors
 import socket
 import stat
@@ -146,6 +147,50 @@ def bind_listener(addr: str, backlog: int = DEFAULT_BACKLOG, uid: int | None = N
     return s
 
 
+#: connections answered per readable event (the rest: the next loop turn)
+ANSWER_BATCH = 64
+
+
+def answer_unavailable(lst: "Listener", why: str, retry_after: int | None) -> int:
+    """Accept what waits in `lst`'s backlog and answer each connection
+    `503 Service Unavailable` (raw HTTP: what a `socket` vassal answers
+    too, uwsgi's replies being HTTP), then close it. The listener stays
+    blocking (a vassal shares it), so each accept follows a zero-timeout
+    poll. Returns how many were answered."""
+    body = f"psgi-forkserver: {why}\n".encode()
+    head = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+            + (f"Retry-After: {retry_after}\r\n".encode() if retry_after else b"")
+            + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode())
+    n = 0
+    poller = select.poll()
+    poller.register(lst.sock, select.POLLIN)
+    while n < ANSWER_BATCH and poller.poll(0):
+        try:
+            conn, _ = lst.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            break  # out of descriptors and the like: the next turn tries again
+        n += 1
+        with conn:
+            conn.setblocking(False)
+            try:
+                # what the client sent first: closing a UNIX socket with
+                # unread bytes makes the peer's read fail before our reply
+                # (a few reads: a client that keeps sending cannot hold the loop)
+                for _ in range(4):
+                    if not conn.recv(65536):
+                        break
+            except OSError:
+                pass
+            try:
+                conn.send(head + body)
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+    return n
+
+
 @dataclass
 class Listener:
     addr: str
@@ -186,15 +231,20 @@ def wanted_address(cfg, socket_dir: Path | None = None) -> tuple[str, int] | Non
     return addr, backlog
 
 
-def socket_owner(cfg) -> tuple[int | None, int | None]:
+def socket_owner(cfg, front_gid: int | None = None) -> tuple[int | None, int | None]:
     """uid, gid a vassal's UNIX socket belongs to: `chown-socket`, else
-    its `uid`/`gid`."""
+    its `uid`/`gid`; the group is `front_gid` (the front door's nginx
+    workers') for a vassal with `domain` whose `chown-socket` names none,
+    so that nginx reaches it (mode 0660) and nobody else does."""
     from . import config as cfgmod
 
     chown = cfg.get("chown-socket")
     if chown:
         try:
-            return cfgmod.parse_owner(chown)
+            uid, gid = cfgmod.parse_owner(chown)
+            if gid is None and front_gid is not None and cfg.get("domain"):
+                gid = front_gid
+            return uid, gid
         except ValueError:
             pass
     out: list[int | None] = []
@@ -204,6 +254,8 @@ def socket_owner(cfg) -> tuple[int | None, int | None]:
             out.append(int(conv(raw)) if raw else None)  # type: ignore[arg-type]
         except ValueError:
             out.append(None)
+    if front_gid is not None and cfg.get("domain"):
+        out[1] = front_gid
     return out[0], out[1]
 
 
@@ -216,6 +268,8 @@ class Listeners:
     by_name: dict[str, Listener] = field(default_factory=dict)
     bind_errors: dict[str, str] = field(default_factory=dict)  # last logged, per vassal
     watched: set[str] = field(default_factory=set)  # on-demand: in the selector
+    answering: set[str] = field(default_factory=set)  # nobody accepts: the Emperor answers 503
+    front_gid: int | None = None  # the front door's nginx workers' group (socket_owner)
 
     def get(self, name: str, cfg, socket_dir: Path | None = None
             ) -> tuple[str | None, Listener | None]:
@@ -227,7 +281,7 @@ class Listeners:
         if want is None:
             return None, None
         addr, backlog = want
-        owner = socket_owner(cfg) if is_unix_address(addr) else (None, None)
+        owner = socket_owner(cfg, self.front_gid) if is_unix_address(addr) else (None, None)
         old = self.by_name.get(name)
         if old is not None and old.addr == addr and old.backlog == backlog \
                 and old.owner == owner:
@@ -273,8 +327,24 @@ class Listeners:
                 except (KeyError, ValueError):
                     pass
 
+    def answer(self, name: str, lst: Listener, callback: object) -> None:
+        """Its connections are the Emperor's to answer (answer_unavailable)."""
+        self.sel.register(lst.sock, selectors.EVENT_READ, callback)
+        self.answering.add(name)
+
+    def unanswer(self, name: str) -> None:
+        if name in self.answering:
+            self.answering.discard(name)
+            lst = self.by_name.get(name)
+            if lst is not None:
+                try:
+                    self.sel.unregister(lst.sock)
+                except (KeyError, ValueError):
+                    pass
+
     def close(self, name: str) -> None:
         self.unwatch(name)
+        self.unanswer(name)
         lst = self.by_name.pop(name, None)
         if lst is not None:
             lst.close()

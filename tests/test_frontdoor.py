@@ -50,15 +50,19 @@ ROUTES = [
 def test_routing_is_a_pure_function_of_the_routes():
     a = fd.render_routing(ROUTES)
     assert a == fd.render_routing(list(reversed(ROUTES)))  # order does not matter
-    assert "    app1.localhost \"psgi_fs_app1\";" in a
-    assert "    *.shop.localhost \"psgi_fs_shop\";" in a
+    # keys escaped: `default`, `include`... are names like any other
+    assert '    "\\\\app1.localhost" "psgi_fs_v_app1";' in a
+    assert '    "\\\\*.shop.localhost" "psgi_fs_v_shop";' in a
     assert "server \"unix:/run/x/sockets/app1.sock\";" in a
     # a down vassal has no upstream: its names map to 503 with its Retry-After
-    assert '    broken.localhost "@down";' in a and "    broken.localhost 8;" in a
-    assert "upstream psgi_fs_broken " not in a
-    assert "    legacy.localhost uwsgi;" in a  # nginx speaks uwsgi to it
+    assert '    "\\\\broken.localhost" "@down";' in a and '    "\\\\broken.localhost" 8;' in a
+    assert "upstream psgi_fs_v_broken " not in a
+    assert '    "\\\\legacy.localhost" uwsgi;' in a  # nginx speaks uwsgi to it
     name = fd.upstream_name("weird name")
-    assert name.startswith("psgi_fs_weird_name_") and name != fd.upstream_name("weird_name")
+    assert name.startswith("psgi_fs_x_weird_name_") and name != fd.upstream_name("weird_name")
+    # upstream names never collide: nginx compares them without case
+    names = ["x-y", "x_y", "x_y_cc96fed8", "X_y", "App", "app", "a" * 200, "a" * 201]
+    assert len({fd.upstream_name(n).lower() for n in names}) == len(names)
     assert "keepalive 16;" in a and "keepalive 8;" in fd.render_routing(ROUTES, keepalive=8)
     assert "keepalive" not in fd.render_routing(ROUTES, keepalive=0)
     assert fd.render_routing(ROUTES[:1]) != a
@@ -75,6 +79,8 @@ def test_nginx_accepts_the_generated_configuration(tmp_path: Path):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     assert "syntax is ok" in r.stderr
+    # a reload's old workers are bounded: a response still streaming after 30 s is cut
+    assert "worker_shutdown_timeout 30s;" in conf.read_text()
     inc = tmp_path / "routing.conf"
     inc.write_text(fd.render_routing(ROUTES))
     # an operator's nginx: the include at http level, the locations in their server
@@ -95,18 +101,25 @@ def test_changes_of_one_turn_and_bursts_are_batched(tmp_path: Path):
     front = FrontDoor(FrontDoorOptions(run_dir=tmp_path, include=inc, batch=0.1, min_gap=1.0),
                       lines.append)
     t = 100.0
+
+    def poll(t: float) -> None:
+        front.poll(t)
+        if front.check is not None:  # nginx -t of the candidate (when nginx is here)
+            pid, status = os.waitpid(front.check.pid, 0)
+            front.exited(pid, status, t, str)
+
     for i in range(1, 201):  # 200 vassals come up over 2 s of loop turns
         front.update([Route(f"a{j}", (f"a{j}.localhost",), f"unix:/s/a{j}.sock")
                       for j in range(i)], t)
-        front.poll(t)
+        poll(t)
         t += 0.01
-    front.poll(t + 5)
+    poll(t + 5)
     writes = [x for x in lines if "written" in x]
     assert 2 <= len(writes) <= 4, lines
     assert "a199.localhost" in inc.read_text()
     front.update(front.routes or (), t + 10)  # the same routes: nothing to do
     assert front.next_wakeup() is None
-    front.poll(t + 20)
+    poll(t + 20)
     assert len([x for x in lines if "written" in x]) == len(writes)
 
 
@@ -254,6 +267,7 @@ def front(xprocess):
 
     def start(files: dict[str, str], *extra) -> Front:
         top = Path(tempfile.mkdtemp(prefix="pfs-fd-"))
+        top.chmod(0o755)  # nginx's workers (www-data under a root Emperor) reach the sockets
         dirs.append(top)
         vdir, run = top / "v", top / "run"
         vdir.mkdir()
@@ -264,7 +278,7 @@ def front(xprocess):
         em = start_emperor(xprocess, f"emperor-{top.name}", [
             vdir, "--http", f"127.0.0.1:{port}", "--run-dir", run, "--mercy", "5",
             "--rescan-interval", "2", "--backoff-first", "0.5", "--backoff-max", "4",
-            "--reload-grace", "0.3", *extra])
+            "--reload-grace", "0.3", "--http-settle", "2", *extra])
         f = Front(em, vdir, run, port)
         started.append(f)
         return f
@@ -308,6 +322,13 @@ def test_apps_answer_by_name_through_nginx(front):
     # nginx is the Emperor's child; its log lines are the Emperor's, prefixed
     ng = psutil.Process(f.nginx_pid())
     assert ng.ppid() == f.pid and "nginx" in ng.name()
+    if os.geteuid() == 0:  # its workers run as www-data, to whose group the sockets are given
+        import grp
+        import pwd
+        assert {w.username() for w in ng.children()} == {"www-data"}
+        assert s.stat().st_gid == grp.getgrnam("www-data").gr_gid
+        assert s.stat().st_uid == 0  # the vassal's (it runs as root here)
+        assert pwd.getpwnam("www-data")
     wait_for(lambda: f.lines('[front] nobody.localhost 127.0.0.1 "GET / HTTP/1.1" 404'), 15,
              "the access log line")
     assert not list((f.run / "nginx").glob(".*.tmp"))
@@ -350,7 +371,7 @@ def test_a_vassal_that_cannot_start_is_503_with_retry_after(front):
     wait_for(f.settled, 30, "nginx's old workers to leave")
     status, headers, body = fetch(f.port, "bad.localhost")
     assert status == 503 and int(headers["retry-after"]) >= 1, (status, headers)
-    assert "bad.localhost is down" in body
+    assert "bad is restarting" in body  # the Emperor answers its socket
     f.write("bad", ini("bad", "domain = bad.localhost"))  # fixed
     f.routed("bad.localhost", "bad")
 
@@ -445,6 +466,8 @@ def test_config_change_under_load_through_the_front_door_fails_no_request(front)
         wait_for(lambda v=value: all(v in x.seen for x in loads), 30, f"{value} served")
     # another vassal coming and going reloads nginx under the same load
     f.write("app3", ini("app3", "domain = app3.localhost"))
+    f.routed("app3.localhost", "app3")  # at once, through its host link
+    wait_for(lambda: f.lines("routing changed"), 30, "nginx to reload once the routes are still")
     f.routed("app3.localhost", "app3")
     for load in loads:
         load.finish()
@@ -590,3 +613,396 @@ def test_socket_speaks_uwsgi_to_the_front_door(front):
     s.close()
     wait_for(lambda: f.lines("[both] bad config"), 15, "both refused")
     assert "socket and http-socket" in f.lines("[both] bad config")[-1]
+
+
+# -- no vassal file can take the front door down ------------------------------------
+
+#: names the vassal-file checker accepts that nginx reads specially or that
+#: overflow its default hash buckets, and vassal names whose nginx
+#: identifiers collide when made naively
+HOSTILE_NAMES = {
+    "kw-default": "default", "kw-include": "include", "kw-hostnames": "hostnames",
+    "kw-volatile": "volatile", "long": "billing-dashboard.eu-central-1.staging.example.com",
+    "longest": ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61]),  # 253 characters
+    "x-y": "xy-dash.localhost", "x_y_cc96fed8": "xy-underscore.localhost",
+    "Case": "case-upper.localhost", "case": "case-lower.localhost",
+}
+
+
+@needs_nginx
+@needs_perl
+def test_no_name_the_checker_accepts_breaks_the_front_door(front):
+    """Every name above is served by its own vassal, and each of them (and
+    app1) answers through nginx: from the first start, and when they come
+    later to a running front door."""
+    files = {"app1": ini("app1", "domain = app1.localhost")}
+    files.update({v: ini(v, f"domain = {d}") for v, d in HOSTILE_NAMES.items()})
+    f = front(files)
+    for vassal, name in HOSTILE_NAMES.items():
+        f.routed(name, vassal)
+    f.routed("app1.localhost", "app1")
+    # the same names arriving at a running front door
+    for vassal, name in HOSTILE_NAMES.items():
+        os.unlink(f.dir / f"{vassal}.ini")
+    wait_for(lambda: status_of(f.port, "default") == 404, 30, "names gone")
+    for vassal, name in HOSTILE_NAMES.items():
+        f.write(vassal, ini(vassal, f"domain = {name}"))
+    for vassal, name in HOSTILE_NAMES.items():
+        f.routed(name, vassal)
+    f.routed("app1.localhost", "app1")
+    assert not f.lines("[emerg]"), f.lines("[emerg]")
+
+
+def http_json(port: int, path: str) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        return r.status, r.read().decode()
+    finally:
+        conn.close()
+
+
+@needs_nginx
+def test_routes_nginx_refuses_are_found_refused_and_the_rest_installed(tmp_path: Path):
+    """What nginx -t refuses never replaces the running configuration: the
+    routes that broke it are found (bisecting over the changed ones), each
+    refused with nginx's own message, the others installed. A TCP address
+    by a name that no longer resolves is one such route."""
+    lines: list[str] = []
+    refused: dict[str, str] = {}
+    front = FrontDoor(FrontDoorOptions(run_dir=tmp_path, listen=f"127.0.0.1:{free_port()}",
+                                       batch=0, min_gap=0, settle=0), lines.append,
+                      on_refused=lambda v, why: refused.__setitem__(v, why))
+    front.next_start = float("inf")  # the configurations only: no nginx runs here
+
+    def settle(t: float) -> None:
+        for _ in range(200):
+            front.poll(t)
+            if front.check is None:
+                return
+            pid, status = os.waitpid(front.check.pid, 0)
+            front.exited(pid, status, t, str)
+        raise AssertionError("no end of checks")
+
+    good = [Route(f"a{i}", (f"a{i}.localhost",), f"unix:/s/a{i}.sock") for i in range(6)]
+    bad = [Route("gone1", ("gone1.localhost",), "no-such-host.invalid:80"),
+           Route("gone2", ("gone2.localhost",), "also-gone.invalid:81")]
+    front.update(good[:2], 1.0)
+    settle(1.0)
+    assert front.installed == tuple(good[:2]) and front.generation == 1 and not refused
+    # installed, but no nginx serves it: /healthz says so
+    assert front.health() == (False, "front door: nginx is not running")
+    front.update(good + bad, 2.0)  # four good and two bad at once
+    settle(2.0)
+    assert set(refused) == {"gone1", "gone2"}, lines
+    assert "host not found in upstream" in refused["gone1"] and "[emerg]" in refused["gone1"]
+    assert front.installed == tuple(sorted(good))
+    conf = front.conf_path.read_text()
+    assert "a5.localhost" in conf and "gone1" not in conf
+    assert front.state()["refused"].keys() == {"gone1", "gone2"}
+    assert front.last_error is None
+    # the same routes again: nothing to try; a changed one is tried again
+    n = front.generation
+    front.update(good + bad, 3.0)
+    settle(3.0)
+    assert front.generation == n
+    fixed = Route("gone1", ("gone1.localhost",), "unix:/s/gone1.sock")
+    front.update(good + [fixed, bad[1]], 4.0)
+    settle(4.0)
+    assert "gone1.localhost" in front.conf_path.read_text() and "gone1" not in front.refused
+    # nginx itself refusing everything is no route's fault: nobody is blamed
+    refused.clear()
+    front.opts.nginx = str(tmp_path / "false-nginx")
+    (tmp_path / "false-nginx").write_text("#!/bin/sh\necho 'nginx: [emerg] broken here' >&2\nexit 1\n")
+    (tmp_path / "false-nginx").chmod(0o755)
+    front.update(good[:3], 5.0)
+    settle(5.0)
+    assert refused == {} and front.last_error and "broken here" in front.last_error
+    assert front.health()[0] is False
+
+
+@needs_nginx
+@needs_perl
+def test_the_front_doors_state_in_status_json_metrics_and_healthz(front):
+    import json
+
+    status_port = free_port()
+    f = front({"app1": ini("app1", "domain = app1.localhost")},
+              "--status-http", f"127.0.0.1:{status_port}")
+    f.routed("app1.localhost", "app1")
+    f.write("app2", ini("app2", "domain = app2.localhost"))
+    f.routed("app2.localhost", "app2")
+
+    def front_state() -> dict:
+        return json.loads(http_json(status_port, "/json")[1])["emperor"]["front"]
+
+    wait_for(lambda: front_state()["generation"] >= 2, 30, "a reload once the routes are still")
+    state = front_state()
+    assert state["pid"] == f.nginx_pid() and state["generation"] >= 2
+    assert state["serving_generation"] == state["generation"]
+    assert state["last_error"] is None and state["last_reload"] > 0 and state["refused"] == {}
+    assert http_json(status_port, "/healthz")[0] == 200
+    metrics = http_json(status_port, "/metrics")[1]
+    assert f"psgi_forkserver_front_generation {float(state['generation'])}" in metrics
+    assert "psgi_forkserver_front_up 1.0" in metrics
+    r = subprocess.run([EMPEROR, "status", "--dir", str(f.dir)], capture_output=True,
+                       text=True, timeout=30)
+    assert f"front door 127.0.0.1:{f.port}: nginx pid {f.nginx_pid()}, generation " \
+           f"{state['generation']}" in r.stdout, r.stdout
+    page = http_json(status_port, "/")[1]
+    assert f"nginx pid {f.nginx_pid()}, generation {state['generation']}" in page
+
+
+def timed_fetch(port: int, host: str, out: list, timeout: float = 20.0) -> None:
+    t0 = time.monotonic()
+    try:
+        status, headers, _ = fetch(port, host, timeout=timeout)
+        out.append((status, headers.get("retry-after"), time.monotonic() - t0))
+    except OSError as e:
+        out.append((repr(e), None, time.monotonic() - t0))
+
+
+def concurrent_fetches(port: int, host: str, n: int) -> list:
+    out: list = []
+    threads = [threading.Thread(target=timed_fetch, args=(port, host, out)) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+@needs_nginx
+@needs_perl
+def test_a_stopped_or_crashing_app_answers_503_at_once_through_the_front_door(front):
+    """Nobody accepts on a stopped vassal's socket, nor on a crashing one's
+    between two attempts: 20 clients through nginx are answered 503 (with
+    Retry-After when a retry can help), none waits in the backlog; the
+    same on the vassal's own port."""
+    own = free_port()
+    f = front({"app1": ini("app1", "domain = app1.localhost", f"http-socket = 127.0.0.1:{own}"),
+               "crash": ini("crash", "domain = crash.localhost", f"psgi = {DIES}"),
+               "sleepy": ini("sleepy", "domain = sleepy.localhost", "on-demand = true",
+                             f"psgi = {DIES}")}, "--backoff-first", "8", "--backoff-max", "8")
+    f.routed("app1.localhost", "app1")
+    r = subprocess.run([EMPEROR, "stop", "app1", "--dir", str(f.dir)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    got = concurrent_fetches(f.port, "app1.localhost", 20)
+    assert [g[0] for g in got] == [503] * 20, got
+    assert not [g for g in got if g[1]], got  # stopped: a retry does not help
+    got = concurrent_fetches(own, "app1.localhost", 5)  # its own port: the same answer
+    assert [g[0] for g in got] == [503] * 5, got
+    # a crash loop between two attempts (8 s apart): 503 with Retry-After
+    wait_for(lambda: f.lines("[crash] pid") and f.lines("respawn in"), 30, "crash throttled")
+    got = concurrent_fetches(f.port, "crash.localhost", 20)
+    assert all(g[0] == 503 and g[1] and int(g[1]) >= 1 for g in got), got
+    # an on-demand app that cannot start: its first request is answered, not held
+    wait_for(lambda: f.lines("[sleepy] on demand: waiting"), 30, "sleepy waiting")
+    got = concurrent_fetches(f.port, "sleepy.localhost", 5)
+    assert all(g[0] in (502, 503) for g in got), got
+    print("answers (status, retry-after, seconds):", got)
+
+
+def raw_request(port: int, data: bytes, timeout: float = 20.0) -> bytes:
+    """Bytes sent as they are on one connection; what came back until close."""
+    import socket as so
+
+    s = so.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+    except ConnectionResetError:
+        return out
+    finally:
+        s.close()
+
+
+@needs_nginx
+@needs_perl
+def test_what_the_app_answers_is_what_the_client_gets(front):
+    """A 5 KB response head passes; limit-post is the front door's
+    client_max_body_size (a 2 MB POST is 413 every time, a small one
+    passes); the Host the app sees is the name nginx routed by, never a
+    Host header that disagrees; REMOTE_ADDR is the client's address over
+    both routes, whatever X-Real-IP / X-Forwarded-For the client sent."""
+    f = front({"app1": ini("app1", "domain = app1.localhost", "limit-post = 65536"),
+               "app2": ini("app2", "domain = app2.localhost"),
+               "legacy": ini("legacy", "domain = legacy.localhost", "socket = ./legacy.sock")})
+    for name in ("app1", "app2", "legacy"):
+        f.routed(f"{name}.localhost", name)
+    # a response head of about 5 KB
+    for host in ("app2.localhost", "legacy.localhost"):
+        status, headers, body = fetch(f.port, host, "/cookies")
+        assert status == 200, (host, status, headers)
+    # limit-post: 413 at the front door, every time
+    big = b"x" * (2 * 1024 * 1024)
+    for _ in range(3):
+        reply = raw_request(f.port, b"POST / HTTP/1.1\r\nHost: app1.localhost\r\n"
+                            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(big) + big)
+        assert reply.startswith(b"HTTP/1.1 413 "), reply[:200]
+    reply = raw_request(f.port, b"POST / HTTP/1.1\r\nHost: app1.localhost\r\n"
+                        b"Content-Length: 1000\r\nConnection: close\r\n\r\n" + b"y" * 1000)
+    assert reply.startswith(b"HTTP/1.1 200 ") and b"posted=1000" in reply, reply[:300]
+    # the routed name is the Host the app sees
+    reply = raw_request(f.port, b"GET http://app2.localhost/reset HTTP/1.1\r\n"
+                        b"Host: evil.example\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:300]
+    assert b"name=app2" in reply and b"host=app2.localhost " in reply, reply
+    assert b"evil" not in reply
+    reply = raw_request(f.port, b"GET http://legacy.localhost/ HTTP/1.1\r\n"
+                        b"Host: evil.example\r\nConnection: close\r\n\r\n")
+    assert b"name=legacy" in reply and b"host=legacy.localhost " in reply, reply
+    assert b"evil" not in reply
+    got = answer(f.port, "APP2.localhost")  # the same host, its port kept
+    assert got["name"] == "app2" and got["host"] == f"APP2.localhost:{f.port}"
+    # the client's address, not what it claims
+    for host in ("app2.localhost", "legacy.localhost"):
+        reply = raw_request(f.port, f"GET / HTTP/1.1\r\nHost: {host}\r\nX-Real-IP: 6.6.6.6\r\n"
+                            "X-Forwarded-For: 6.6.6.6\r\nConnection: close\r\n\r\n".encode())
+        assert b" remote=127.0.0.1 " in reply, reply
+        assert b"xff=6.6.6.6, 127.0.0.1 " in reply, reply  # the last one is nginx's
+
+
+class KeepAliveLoad(HostLoad):
+    """GET / with a Host header over one keep-alive connection (as wrk and
+    browsers do), a new one only after a failure."""
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.limit
+        conn = None
+        while not self.stop_ev.is_set() and time.monotonic() < deadline \
+                and self.ok + len(self.failed) < self.max_requests:
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                conn.request("GET", "/", headers={"Host": self.host})
+                r = conn.getresponse()
+                body = r.read().decode()
+                if r.status != 200:
+                    raise AssertionError(f"{r.status} {body}")
+                self.ok += 1
+            except (AssertionError, OSError, http.client.HTTPException) as e:
+                self.failed.append(repr(e))
+                if conn is not None:
+                    conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
+
+
+@needs_nginx
+@needs_perl
+def test_apps_coming_and_going_fail_no_request_of_the_others(front):
+    """Vassal files added and removed every 0.3 s beside steady apps under
+    keep-alive load: no request of the steady apps fails (nginx is not
+    reloaded for each: a new name answers at once through its host link,
+    the configuration follows once the routes are still), and each new
+    name answers as soon as its vassal does."""
+    f = front({"app1": ini("app1", "domain = app1.localhost", processes=2),
+               "app2": ini("app2", "domain = app2.localhost")}, "--http-settle", "30")
+    f.routed("app1.localhost", "app1")
+    f.routed("app2.localhost", "app2")
+    loads = [KeepAliveLoad(f.port, "app1.localhost"), KeepAliveLoad(f.port, "app2.localhost")]
+    for load in loads:
+        load.start()
+    wait_for(lambda: all(x.ok > 20 for x in loads), 20, "load to run")
+    reloads_before = len(f.lines("reloads generation"))
+    served = 0
+    for round_ in range(6):
+        for i in range(4):
+            f.write(f"t{i}", ini(f"t{i}", f"domain = t{i}.localhost"))
+        wait_for(lambda: all(answers(f.port, f"t{i}.localhost", f"t{i}") for i in range(4)),
+                 30, "toggled apps to answer")
+        served += 4
+        for i in range(4):
+            os.unlink(f.dir / f"t{i}.ini")
+        wait_for(lambda: all(status_of(f.port, f"t{i}.localhost") in (404, 503)
+                             for i in range(4)), 30, "toggled apps gone")
+    for load in loads:
+        load.finish()
+    ok, failed = sum(x.ok for x in loads), [e for x in loads for e in x.failed]
+    reloads = len(f.lines("reloads generation")) - reloads_before
+    print(f"churn: {ok} requests, {len(failed)} failed, {reloads} reloads, {served} apps served")
+    assert failed == [], failed[:5]
+    assert ok > 100
+
+
+@needs_nginx
+@needs_perl
+def test_nginx_user_option_and_the_access_log_in_json(front):
+    """--nginx-user USER:GROUP: the workers' user, and the group the
+    sockets are given to; the access log follows --log-format json like
+    every other line."""
+    import json
+
+    f = front({"app1": ini("app1", "domain = app1.localhost")},
+              "--nginx-user", "nobody:nogroup", "--log-format", "json")
+    wait_for(lambda: answers(f.port, "app1.localhost", "app1"), 30, "app1")
+    if os.geteuid() == 0:
+        pid = int(f.lines('"message": "nginx pid ')[-1].split("nginx pid ")[1].split()[0])
+        ng = psutil.Process(pid)
+        assert {w.username() for w in ng.children()} == {"nobody"}
+        assert (f.run / "sockets" / "app1.sock").stat().st_gid == 65534
+    wait_for(lambda: f.lines('"vassal": "front"') and
+             [x for x in f.lines("app1.localhost 127.0.0.1") if x.startswith("{")], 20,
+             "a JSON access line")
+    line = json.loads([x for x in f.lines("app1.localhost 127.0.0.1") if x.startswith("{")][-1])
+    assert line["vassal"] == "front" and line["time"].endswith("Z")
+    assert '"GET / HTTP/1.1" 200' in line["message"]
+
+
+def test_a_bad_nginx_user_is_one_line_and_exit_2(tmp_path: Path):
+    if os.geteuid() != 0:
+        pytest.skip("only a root Emperor sets nginx's user")
+    vdir = tmp_path / "v"
+    vdir.mkdir()
+    r = subprocess.run([EMPEROR, "run", str(vdir), "--run-dir", str(tmp_path / "r"), "--http",
+                        f"127.0.0.1:{free_port()}", "--nginx-user", "no-such-user-x"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "--nginx-user no-such-user-x: no such user 'no-such-user-x'" in r.stderr
+
+
+@needs_nginx
+def test_limits_the_checker_accepts_make_a_configuration_nginx_accepts(tmp_path: Path):
+    """limit-post and buffer-size are any number the checker lets through:
+    the configuration stays one nginx accepts (a huge limit is no limit
+    nginx can hold; a huge head buffer is capped)."""
+    run = tmp_path / "run"
+    (run / "nginx" / "tmp").mkdir(parents=True)
+    conf = run / "nginx" / "nginx.conf"
+    routes = [Route("huge", ("huge.localhost",), "unix:/s/huge.sock",
+                    limit_post=10 ** 30, head_size=10 ** 15),
+              Route("tiny", ("tiny.localhost",), "unix:/s/tiny.sock", limit_post=1, head_size=1)]
+    conf.write_text(fd.render_nginx_conf(routes, f"127.0.0.1:{free_port()}", run))
+    r = subprocess.run([NGINX, "-t", "-e", "stderr", "-p", str(run / "nginx"), "-c", str(conf)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert "large_client_header_buffers 4 1048576;" in conf.read_text()
+
+
+def test_a_run_dir_nginx_cannot_reach_is_one_line_and_exit_2(tmp_path: Path):
+    """As root, nginx's workers are www-data: a --run-dir under a directory
+    they cannot search would make every request a 503."""
+    if os.geteuid() != 0:
+        pytest.skip("only a root Emperor gives nginx's workers another user")
+    top = Path(tempfile.mkdtemp(prefix="pfs-fd-closed-"))
+    try:
+        top.chmod(0o755)
+        closed = top / "closed"
+        closed.mkdir(mode=0o700)
+        vdir = top / "v"
+        vdir.mkdir()
+        r = subprocess.run([EMPEROR, "run", str(vdir), "--run-dir", str(closed / "run"), "--http",
+                            f"127.0.0.1:{free_port()}"], capture_output=True, text=True,
+                           timeout=60)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"nginx's workers (www-data) cannot reach the sockets under it: {closed} is mode " \
+           "0700" in r.stderr, r.stderr

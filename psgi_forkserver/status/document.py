@@ -215,6 +215,7 @@ def emperor_status(snap: EmperorSnapshot) -> dict[str, Any]:
     doc["shutting_down"] = snap.shutting_down
     # code deploys (bases.DeployTracker.as_dict): `emperor reload-base --wait` polls this
     doc["deploy"] = snap.deploy
+    doc["front"] = snap.front
     return doc
 
 class Collection:

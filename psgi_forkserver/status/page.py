@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,20 @@ COLUMNS = ("NAME", "STATE", "KIND", "PID", "GEN", "BASE", "ADDRESS", "UPTIME", "
            "LAST EXIT", "THROTTLE", "PROCS", "PSS", "USS", "REQS", "AVG MS")
 
 
+def front_line(f: dict[str, Any]) -> str:
+    """The front door in one line: nginx, its configuration, its last error."""
+    where = f.get("listen") or f.get("include") or "-"
+    ago = "-" if not f.get("last_reload") else human_seconds(time.time() - f["last_reload"]) + " ago"
+    line = (f"front door {where}: nginx pid {f.get('pid') or '-'}, generation "
+            f"{f.get('generation')} (serving {f.get('serving_generation')}), "
+            f"{f.get('names', 0)} names, {f.get('reloads', 0)} reloads, last {ago}")
+    if f.get("last_error"):
+        line += f"; error: {f['last_error']}"
+    for vassal, why in (f.get("refused") or {}).items():
+        line += f"\nfront door refused {vassal}: {why}"
+    return line
+
+
 def format_table(doc: dict[str, Any]) -> str:
     rows = []
     for name, v in doc.get("vassals", {}).items():
@@ -95,6 +110,9 @@ def format_table(doc: dict[str, Any]) -> str:
                          f"USS {human_bytes(sp.get('uss'))} (counted in its own)")
     e = doc.get("emperor", {})
     t = doc.get("totals", {})
+    front = e.get("front")
+    if front:
+        lines.append(front_line(front))
     lines.append(
         f"emperor pid {e.get('pid')}  rss {human_bytes(e.get('rss'))}  "
         f"cpu {e.get('cpu_user', 0) + e.get('cpu_system', 0):.2f}s ({e.get('cpu_percent', 0):.1f}%)  "

@@ -71,6 +71,7 @@ sub _serve_head {
     my $hlen = parse_http_request($c->{buf}, \%env);
     return 'partial' if $hlen == -2 && length $c->{buf} <= $self->{max_header_size};
     $self->_head_ok($c, \%env, $hlen) or return 0;
+    _real_ip($c, \%env);
     $self->_note_activity if $self->{idle} > 0;
     my $keep = $self->_keep_alive($c, \%env) // return 0;
     # RFC 9112 6.1: Transfer-Encoding in HTTP/1.0 is faulty framing; the
@@ -82,6 +83,18 @@ sub _serve_head {
     my $max_req = $self->{max_requests};
     $keep = 0 if ${ $self->{stopping_ref} } || ($max_req && $self->{requests} >= $max_req);
     return $self->_dispatch($c, \%env, $keep, $t0);
+}
+
+# A UNIX socket's peer has no address, and only who may open the socket file
+# connects: the front door, which sets X-Real-IP to its client's address
+# (overwriting the client's own). There, and only there, it is REMOTE_ADDR;
+# over TCP the peer's address stays, whatever the header says.
+my $IP_RE = qr/\A(?:[0-9]{1,3}(?:\.[0-9]{1,3}){3}|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*)\z/;
+
+sub _real_ip {
+    my ($c, $env) = @_;
+    return if $c->{raddr} ne '' || !defined $env->{HTTP_X_REAL_IP};
+    $env->{REMOTE_ADDR} = $env->{HTTP_X_REAL_IP} if $env->{HTTP_X_REAL_IP} =~ $IP_RE;
 }
 
 # `socket` (uwsgi_pass): the head is one uwsgi packet of CGI variables
