@@ -22,8 +22,9 @@ sub pause { select(undef, undef, undef, $_[0]) }
 
 subtest 'harakiri: a failed response write disarms it (issue 10.1)' => sub {
     # 4 s, not less: a loaded machine (the suites run side by side) can hold
-    # a 50 MB response's first write back for more than a second or two
-    my $srv = start_server(app_file => $app, workers => 1, harakiri => 4);
+    # a 50 MB response's first write back for more than a second or two; the
+    # body's stall below (5.6 s) must stay within socket-timeout
+    my $srv = start_server(app_file => $app, workers => 1, harakiri => 4, socket_timeout => 10);
     ok $srv->wait_ready, 'ready';
     my $t0 = Time::HiRes::time();
     my $big = connect_to($srv->port);
