@@ -69,6 +69,8 @@ sub run_base {
     my ($class, %args) = @_;
     my $early = $args{config}->get('early-psgi');
     my $app;
+    # before the codebase loads: frameworks pick their mode as they build the app
+    $ENV{PLACK_ENV} = $args{config}->plack_env;
     if (defined $early) {
         require ForkServer::App;
         $app = ForkServer::App::load($early);

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .options import plack_env_of
 from .snapshot import EmperorLink, EmperorSnapshot
 from .status import SCHEMA
 from .vassal import Kind, ProcState, Vassal
@@ -33,7 +34,8 @@ def snapshot(emperor: Emperor) -> EmperorSnapshot:
     return EmperorSnapshot(
         vassals_dir=str(emperor.dir), shutting_down=emperor.shutting_down,
         deploy=emperor.deploy_status(),
-        vassals={name: v.snapshot() for name, v in emperor.vassals.items()})
+        vassals={name: v.snapshot(plack_env_of(emperor.opts))
+                 for name, v in emperor.vassals.items()})
 
 
 def vassal_brief(v: Vassal) -> dict[str, Any]:
