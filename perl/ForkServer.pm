@@ -13,6 +13,8 @@ BEGIN {
     unshift @INC, $dir unless grep { $_ eq $dir } @INC;
 }
 
+# First: its END block, the last to run, is how a forked process exits.
+use ForkServer::Exit ();
 use ForkServer::Startup ();
 
 our $VERSION = '0.01';
@@ -76,6 +78,7 @@ sub run_base {
         $app = ForkServer::App::load($early);
     }
     require ForkServer::Base;
+    ForkServer::Exit::mark_base();    # what adopted vassals did not create themselves
     ForkServer::Base->new(%args, app => $app)->run;
     return;
 }
