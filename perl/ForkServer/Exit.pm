@@ -43,12 +43,14 @@ C<kill -9> and harakiri stay immediate (C<POSIX::_exit>, no C<END>).
 
 my $FAST = 0;      # this process leaves without global destruction
 my %BASE_MAIN;     # the names in %main:: (top-level packages included) in the base
+my %BASE_SANDBOX;  # the packages Plack::Util::load_psgi had made there (one per psgi file)
 
 # Defined before anything else is loaded, so it is the last END block to run.
 END { fast_exit() if $FAST }
 
 sub mark_base {
     %BASE_MAIN = map { $_ => 1 } keys %main::;
+    %BASE_SANDBOX = map { $_ => 1 } keys %Plack::Sandbox::;
     return;
 }
 
@@ -71,6 +73,11 @@ sub fast_exit {
             _free_globals($_) for $top, _packages("${top}::", $top);
         }
         else { _free_global(\%main::, $key) }
+    }
+    # a psgi file the process loaded itself: its package's variables
+    for my $key (grep { /\A(\w+)::\z/ && !$BASE_SANDBOX{$_} } keys %Plack::Sandbox::) {
+        my $pkg = "Plack::Sandbox::" . substr($key, 0, -2);
+        _free_globals($_) for $pkg, _packages("${pkg}::", $pkg);
     }
     { no warnings 'exec'; exec { '/' } '/' }    # fails, having flushed every output handle
     POSIX::_exit($status);
