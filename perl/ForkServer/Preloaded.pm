@@ -20,7 +20,8 @@ reconnects by itself; a plain DBI handle kept in a global does not.
 
 C<warnings> returns one line per DBI database handle that is still
 connected (C<Active>, found with DBI's own C<visit_handles>), and nothing
-when DBI is not loaded. docs/frameworks.md shows what works: connect
+when DBI is not loaded. Handles DBIx::Class connected are left out: it
+reconnects in each process by itself. docs/frameworks.md shows what works: connect
 lazily, or reconnect after the fork, with C<AutoInactiveDestroy>.
 
 =cut
@@ -30,7 +31,7 @@ sub warnings {
     my @lines;
     DBI->visit_handles(sub {
         my ($h) = @_;
-        if (($h->{Type} // '') eq 'db' && $h->{Active}) {
+        if (($h->{Type} // '') eq 'db' && $h->{Active} && !_dbic_owns($h)) {
             my $what = join ':', 'dbi', $h->{Driver}{Name} // '?', $h->{Name} // '?';
             push @lines, "a database handle the base opened is still connected ($what): this vassal "
                 . "shares its connection with the base and every other vassal; connect after the fork "
@@ -39,6 +40,14 @@ sub warnings {
         return 1;
     });
     return @lines;
+}
+
+# DBIx::Class marks the handles it connects with its own error handler (a
+# blessed sub), and checks the pid before each use: it leaves an inherited
+# connection alone and opens its own.
+sub _dbic_owns {
+    my ($h) = @_;
+    return ref($h->{HandleError} // '') eq '__DBIC__DBH__ERROR__HANDLER__';
 }
 
 1;

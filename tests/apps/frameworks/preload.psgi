@@ -18,4 +18,8 @@ our $DBH = DBI->connect("dbi:SQLite:dbname=" . ($ENV{FRAMEWORKS_STATE} // '/tmp'
     '', '', { RaiseError => 1 });
 $DBH->do('CREATE TABLE IF NOT EXISTS seen (n INTEGER)');
 
-Plack::Util::load_psgi("$here/catalyst/catapp.psgi");
+my $catalyst = Plack::Util::load_psgi("$here/catalyst/catapp.psgi");
+# ... and a DBIx::Class schema that checked its database while loading:
+# connected too, but DBIx::Class reconnects after a fork by itself
+CatApp->model('DB')->storage->ensure_connected;
+$catalyst;
