@@ -387,6 +387,8 @@ def test_plack_env_is_deployment_by_default_and_overridable(fleets, starman_repl
     table = subprocess.run([EMPEROR, "status", "--dir", str(off.dir)], capture_output=True,
                            text=True, timeout=30)
     assert "PLACK_ENV" in table.stdout and "staging" in table.stdout, table.stdout
+    page = status.render_html(off.doc())
+    assert '<td data-k="plack_env">staging</td>' in page
 
 
 # -- handles opened at preload ----------------------------------------------------------
