@@ -236,7 +236,7 @@ def start_fleet(xprocess, name: str, spares: bool, args: list[str]) -> Fleet:
     (vdir / "base.ini").write_text(
         f"[uwsgi]\nearly-psgi = {APPS / 'preload.psgi'}\nfork-server = fs.sock\n"
         + ("" if spares else "fork-server-spares = 0\n"))
-    ports = {n: free_port() for n in (*VASSALS, *EXITS, "mojodev", "harakiri")}
+    ports = {n: free_port() for n in (*VASSALS, *EXITS, "mojodev", "harakiri", "exit-warm")}
     for n, psgi in VASSALS.items():
         (vdir / f"{n}.ini").write_text(
             f"[uwsgi]\nhttp-socket = 127.0.0.1:{ports[n]}\nprocesses = 2\n"
@@ -246,6 +246,11 @@ def start_fleet(xprocess, name: str, spares: bool, args: list[str]) -> Fleet:
         "plack-env = development\ndisable-logging = true\n")
     for n in EXITS:
         (vdir / f"{n}.ini").write_text(exit_ini(n, ports[n], state))
+    # the base's own app (a spare's warm worker serves it when spares are on)
+    (state / "exit-warm").mkdir()
+    (vdir / "exit-warm.ini").write_text(
+        f"[uwsgi]\nhttp-socket = 127.0.0.1:{ports['exit-warm']}\nprocesses = 1\n"
+        f"env = CODEBASE_EXIT_DIR={state / 'exit-warm'}\n")
     (vdir / "harakiri.ini").write_text(exit_ini("harakiri", ports["harakiri"], state,
                                                 "harakiri = 1\n"))
     em = start_emperor(xprocess, name, [vdir, "--mercy", "20", "--rescan-interval", "600", *args],
@@ -415,6 +420,13 @@ def events(d: Path) -> list[str]:
         return []
 
 
+def events_lines(d: Path) -> list[str]:
+    try:
+        return (d / "events").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
 def exit_counts(d: Path) -> tuple[int, int, int]:
     """END blocks run, DEMOLISH run, lines of serve_six's requests in the
     app's buffered log."""
@@ -461,6 +473,18 @@ def test_a_graceful_stop_runs_end_blocks_destructors_and_flushes(fleets, starman
             wait_for(lambda n=n: exit_counts(f.state / n) == starman_exit, 15,
                      f"{fname} {n}: END, DEMOLISH, log lines as under Starman "
                      f"{starman_exit}, got {exit_counts(f.state / n)}")
+
+
+def test_the_preloaded_codebase_end_block_runs_in_the_vassal_and_its_worker(fleets):
+    for fname, f in fleets.items():
+        pid = f.emperor.vpid("exit-warm")
+        worker = [p.pid for p in descendants(pid)]
+        assert request(f.ports["exit-warm"], "cat.test", "GET", "/json").status == 200
+        (f.dir / "exit-warm.ini").unlink()
+        wait_for(lambda: not pid_alive(pid), 30, f"{fname}: exit-warm to leave")
+        want = sorted(f"END {p}" for p in [pid, *worker])
+        wait_for(lambda: sorted(events_lines(f.state / "exit-warm")) == want, 15,
+                 f"{fname}: END in {want}, got {events_lines(f.state / 'exit-warm')}")
 
 
 def test_harakiri_stays_immediate(fleets):

@@ -7,6 +7,16 @@ use warnings;
 use File::Basename ();
 use Plack::Util ();
 use DBI ();
+use Fcntl qw(O_WRONLY O_APPEND O_CREAT);
+
+# An END block of the codebase: it runs in every process forked from here
+# that exits gracefully; a vassal with CODEBASE_EXIT_DIR in its env says so there.
+END {
+    if (my $dir = $ENV{CODEBASE_EXIT_DIR}) {
+        my $fh;
+        sysopen $fh, "$dir/events", O_WRONLY | O_APPEND | O_CREAT and syswrite $fh, "END $$\n";
+    }
+}
 
 my $here = File::Basename::dirname(__FILE__);
 our %APPS = map { $_ => Plack::Util::load_psgi("$here/$_") }
