@@ -7,6 +7,13 @@ PYTHON      ?= python3
 VPY         := $(VENV)/bin/python
 STAMPS      := .make
 
+# What the framework apps of tests/test_frameworks.py use (tests/apps/frameworks/).
+FRAMEWORK_DEB_PACKAGES := libcatalyst-view-tt-perl libcatalyst-action-renderview-perl \
+	libcatalyst-plugin-session-perl libcatalyst-plugin-session-state-cookie-perl \
+	libcatalyst-plugin-session-store-fastmmap-perl libcatalyst-model-dbic-schema-perl \
+	libdbd-sqlite3-perl libplack-middleware-session-perl \
+	libplack-middleware-reverseproxy-perl libplack-middleware-deflater-perl
+
 # Perl runtime, real peers for tests and benchmarks, and the Perl modules the
 # example and benchmark apps load.
 DEB_PACKAGES := perl libplack-perl libsocket-msghdr-perl libhttp-parser-xs-perl \
@@ -14,7 +21,7 @@ DEB_PACKAGES := perl libplack-perl libsocket-msghdr-perl libhttp-parser-xs-perl 
 	libmoose-perl libdatetime-perl libdatetime-timezone-perl libtemplate-perl \
 	libjson-xs-perl libdbix-class-perl libmojolicious-perl libdancer2-perl \
 	libcatalyst-perl libtry-tiny-perl libhttp-message-perl libtest-tcp-perl \
-	libgoto-file-perl libtest2-harness-perl
+	libgoto-file-perl libtest2-harness-perl $(FRAMEWORK_DEB_PACKAGES)
 # The status page's browser test (tests/test_cockpit.py) and its screenshot:
 # a stamp of its own, so that `make setup` for running a fleet does not pull
 # a browser in; `make test` does.

@@ -13,6 +13,8 @@ BEGIN {
     unshift @INC, $dir unless grep { $_ eq $dir } @INC;
 }
 
+# First: its END block, the last to run, is how a forked process exits.
+use ForkServer::Exit ();
 use ForkServer::Startup ();
 
 our $VERSION = '0.01';
@@ -72,11 +74,14 @@ sub run_base {
     my ($class, %args) = @_;
     my $early = $args{config}->get('early-psgi');
     my $app;
+    # before the codebase loads: frameworks pick their mode as they build the app
+    $ENV{PLACK_ENV} = $args{config}->plack_env;
     if (defined $early) {
         require ForkServer::App;
         $app = ForkServer::App::load($early);
     }
     require ForkServer::Base;
+    ForkServer::Exit::mark_base();    # what adopted vassals did not create themselves
     ForkServer::Base->new(%args, app => $app)->run;
     return;
 }

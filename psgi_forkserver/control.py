@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .options import plack_env_of
 from .snapshot import EmperorLink, EmperorSnapshot
 from .status import SCHEMA
 from .vassal import Kind, ProcState, Vassal
@@ -34,7 +35,8 @@ def snapshot(emperor: Emperor) -> EmperorSnapshot:
         vassals_dir=str(emperor.dir), shutting_down=emperor.shutting_down,
         deploy=emperor.deploy_status(),
         front=emperor.front.state() if emperor.front is not None else None,
-        vassals={name: v.snapshot() for name, v in emperor.vassals.items()})
+        vassals={name: v.snapshot(plack_env_of(emperor.opts))
+                 for name, v in emperor.vassals.items()})
 
 
 def vassal_brief(v: Vassal) -> dict[str, Any]:

@@ -47,6 +47,10 @@ class Options:
     fork_bases: tuple[str, ...] = option(
         (), "this vassal file is a base (repeatable); default: files with a fork-server key",
         "--vassal-fork-base", metavar="NAME", action="append")
+    # None: the Emperor's own PLACK_ENV, else deployment (plack_env_of)
+    plack_env: str | None = option(
+        None, "PLACK_ENV of every vassal without a plack-env key (default: the Emperor's own "
+        "PLACK_ENV, else deployment, as Plack servers do)", metavar="NAME")
     mercy: float = option(30.0, "graceful stop time before SIGKILL", metavar="SECONDS")
     adopt_timeout: float = option(10.0, "wait this long for a fork server's reply",
                                   metavar="SECONDS")
@@ -107,6 +111,12 @@ class Options:
         return opts
 
 
+def plack_env_of(opts: Any) -> str:
+    """The PLACK_ENV vassals without a plack-env key get: --plack-env, else
+    the Emperor's own PLACK_ENV, else deployment."""
+    return getattr(opts, "plack_env", None) or os.environ.get("PLACK_ENV") or "deployment"
+
+
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Options)
                             if f.default is not dataclasses.MISSING}
 
@@ -148,7 +158,7 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
         if f.metadata["choices"]:
             kw["choices"] = f.metadata["choices"]
         if action is None:
-            kw["type"] = {"float": float, "int": int, "str": str}.get(str(f.type), Path)
+            kw["type"] = {"float": float, "int": int, "str": str, "str | None": str}.get(str(f.type), Path)
         parser.add_argument(*_flags(f), **kw)
 
 

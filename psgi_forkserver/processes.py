@@ -28,6 +28,7 @@ from . import status as status_requests
 from .adoption import AdoptionError, PendingAdoption
 from .launch import describe_status
 from .nonblocking import recv_ready
+from .options import plack_env_of
 from .protocol import EmperorByte, VassalByte
 from .sockets import Listener, answer_unavailable
 from .vassal import Exit, Kind, Phase, Vassal
@@ -151,8 +152,11 @@ class Processes:
             if p.base_generation > 1 and pr.handles.fork_server is not None:
                 argv += ["--fork-server", str(pr.handles.fork_server)]
         try:
+            # PLACK_ENV: what a vassal without a plack-env key (and the
+            # vassals adopted from this base) take (perl/ForkServer/Config.pm)
+            env = {**os.environ, "PLACK_ENV": plack_env_of(self.opts)}
             pid = launch.spawn_vassal(
-                argv, os.environ, pr.pipe_fd, pr.config_fd, pr.listener_fd,
+                argv, env, pr.pipe_fd, pr.config_fd, pr.listener_fd,
                 nofile=self.fds.inherited if self.fds is not None else None,
                 output_fd=out.wfd if out is not None else None,
             )

@@ -39,6 +39,7 @@ class VassalSnapshot:
     last_status: int | None = None  # wait status of its last process that exited
     held: bool = False  # stopped by the operator (`emperor stop NAME`)
     is_base: bool = False
+    plack_env: str | None = None  # the PLACK_ENV its processes run with
 
 
 @dataclass(frozen=True)

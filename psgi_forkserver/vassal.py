@@ -161,8 +161,9 @@ class Vassal(Decisions):
                 return p
         return None
 
-    def snapshot(self) -> VassalSnapshot:
-        """What status readers see: a copy, so they never hold the machine."""
+    def snapshot(self, plack_env: str | None = None) -> VassalSnapshot:
+        """What status readers see: a copy, so they never hold the machine.
+        `plack_env`: the Emperor's, for a file without a plack-env key."""
         cfg = self.config or self.running
         pids = [p.pid for p in (self.current, self.successor, *self.retiring)
                 if p is not None and p.pid is not None]
@@ -174,7 +175,8 @@ class Vassal(Decisions):
             config_error=self.config.error if self.config is not None else None,
             refused=self.refused, last_error=self.last_error, pids=tuple(pids),
             addresses=config_values(cfg, "http-socket"), names=config_values(cfg, "domain"),
-            last_status=self.last_status, held=self.held, is_base=self.is_base)
+            last_status=self.last_status, held=self.held, is_base=self.is_base,
+            plack_env=(cfg.get("plack-env") if cfg is not None else None) or plack_env)
 
     # -- facts ---------------------------------------------------------------
 

@@ -9,6 +9,7 @@ use POSIX qw(WNOHANG);
 use Socket qw(SOL_SOCKET SOCK_STREAM SO_PEERCRED SOMAXCONN);
 use Time::HiRes ();
 use ForkServer::Clone ();
+use ForkServer::Exit ();
 use ForkServer::Config ();
 use ForkServer::Descriptors ();
 use ForkServer::EmperorPipe ();
@@ -17,6 +18,7 @@ use ForkServer::Identity ();
 use ForkServer::Log ();
 use ForkServer::AdoptionRequest ();
 use ForkServer::Random ();
+use ForkServer::Preloaded ();
 use ForkServer::Protocol qw(MASK_ON_DEMAND SPAWNED STOP_NOW STOP);
 use ForkServer::Session ();
 use ForkServer::Spares ();
@@ -510,6 +512,9 @@ sub _become_vassal {
             $self->_close_inherited($common{config}, $vassal{first_worker},
                                     grep { defined } @common{qw(emperor config_fh)});
             $vassal{first_worker}->for_request(\@argv, $config_text) if $vassal{first_worker};
+            # its workers too: they are forked after this
+            ForkServer::Exit::without_global_destruction();
+            ForkServer::Log::line($common{config}->name, $_) for ForkServer::Preloaded::warnings();
             ForkServer::Vassal->new(
                 %common,
                 preloaded_app => $self->{app},
@@ -517,14 +522,14 @@ sub _become_vassal {
                 %vassal,
             )->run;
         },
-        # No global destruction: it would walk the whole heap inherited from
-        # the base, writing to every refcount, so each stopping vassal would
-        # copy the codebase's pages (60 ms and ~100 MB for the heavy
-        # benchmark app, times the fleet on a shutdown). The app's END blocks
-        # belong to the base.
+        # A plain exit: the app's END blocks run and what the vassal holds
+        # is freed and flushed, but not the whole heap inherited from the
+        # base (ForkServer::Exit: each stopping vassal would copy the
+        # codebase's pages, 50 MB for the heavy benchmark app, times the
+        # fleet on a shutdown).
         # A spare's warm worker that was never given the socket (the vassal
         # failed first) goes with it rather than outliving it as an orphan.
-        exit => sub { $vassal{first_worker}->discard if $vassal{first_worker}; POSIX::_exit($_[0]) },
+        exit => sub { $vassal{first_worker}->discard if $vassal{first_worker}; exit $_[0] },
     );
 }
 

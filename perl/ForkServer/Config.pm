@@ -61,6 +61,12 @@ my %CHECK = (
     include   => $STR,
 );
 
+# PLACK_ENV of a vassal without a plack-env key: the one this program found
+# in its environment when it started (the Emperor's --plack-env), else
+# deployment, as Plack servers do. Taken as the module loads, so that a
+# vassal adopted from a base sees the Emperor's value, not the base's own.
+our $INHERITED_PLACK_ENV = (defined $ENV{PLACK_ENV} && length $ENV{PLACK_ENV}) ? $ENV{PLACK_ENV} : 'deployment';
+
 # The options themselves are declared once, in options.json next to this
 # file, which the Emperor reads too (one table of known keys for both sides).
 our $OPTIONS_FILE = File::Spec->catfile(File::Basename::dirname(__FILE__), 'options.json');
@@ -148,6 +154,18 @@ sub get {
     die "BUG: unknown option '$key'\n" unless $OPTIONS{$key};
     $key = $OPTIONS{$key}{alias} // $key;
     return $self->{opt}{$key} // $DEFAULTS{$key};
+}
+
+=head2 plack_env
+
+The vassal's C<PLACK_ENV>: its C<plack-env> key, else the one inherited
+from the environment the program started in, else C<deployment>.
+
+=cut
+
+sub plack_env {
+    my ($self) = @_;
+    return $self->get('plack-env') // $INHERITED_PLACK_ENV;
 }
 
 sub list {

@@ -5,13 +5,12 @@ use warnings;
 use Fcntl qw(SEEK_SET);
 use POSIX ();
 
-my $SPEC;           # the test this process turned into, once it has
-my %BASE_MAIN;      # the names in %main:: (top-level packages included) in the base
+# Loaded before anything else, so that its END block is the last to run
+# in a test: after the test's, Test2's and every module's. See
+# L</"Exit without global destruction">.
+use ForkServer::Exit ();
 
-# Defined before anything else is loaded, so it is the last END block to
-# run in a test (END blocks run in reverse order of definition): after the
-# test's, Test2's and every module's. See L</"Exit without global destruction">.
-END { _fast_exit() if $SPEC && !$SPEC->{destruct} }
+my $SPEC;           # the test this process turned into, once it has
 
 use ForkServer::Protocol qw(decode_array);
 
@@ -113,7 +112,7 @@ sub serve {
         print $fh join "\0", grep { defined && !ref } values %INC;
         close $fh or die "--inc-report '$inc_report': $!\n";
     }
-    %BASE_MAIN = map { $_ => 1 } keys %main::;
+    ForkServer::Exit::mark_base();
     _find_data_handles();
     my $spec = _serve_until_a_test(@base_argv);
     _become(%$spec);
@@ -152,6 +151,7 @@ sub become_test {
     close $args{stdout};
     close $args{stderr};
     $SPEC = $spec;
+    ForkServer::Exit::without_global_destruction() unless $spec->{destruct};
     no warnings 'exiting';
     last PROVE_TEST_CHILD;
 }
@@ -246,71 +246,16 @@ sub _reopen_data_handles {
 
 =head2 Exit without global destruction
 
-At exit, perl destroys every object still alive (global destruction):
-in a fork of the base that means walking and freeing the whole inherited
-heap, which writes to every page of it and costs a test about 30 ms with
-the benchmark's stack, more than the test itself. So a test's last END
-block frees what the test itself still holds in globals (the variables of
-C<main> and of every package the base did not have, which is what a test
-and the modules it loads itself create), so their C<DESTROY> methods run as
-under perl, then flushes every handle and calls C<_exit> with C<$?>.
-File-scoped lexicals are already freed by perl when the main program ends,
-and C<END> blocks (File::Temp's clean-up among them) have run. What is
-skipped: C<DESTROY> of objects the test stored inside preloaded modules'
-variables. The spec item C<destruct=1> (C<emperor prove --destruct>) keeps
-perl's global destruction.
+A test leaves as L<ForkServer::Exit> describes: its C<END> blocks (File::Temp's
+clean-up among them) run, what it holds in globals of packages the base did
+not have is freed (so their C<DESTROY> methods run as under perl), every
+handle is flushed, and C<_exit> skips the global destruction of the inherited
+heap, which costs a test about 30 ms with the benchmark's stack, more than
+the test itself. What is skipped: C<DESTROY> of objects the test stored
+inside preloaded modules' variables. The spec item C<destruct=1> (C<emperor
+prove --destruct>) keeps perl's global destruction.
 
 =cut
-
-sub _fast_exit {
-    my $status = $?;
-    # Only what is new since the base: walking every package would write to
-    # the pages of every stash, and cost as much as global destruction.
-    for my $key (grep { !$BASE_MAIN{$_} } keys %main::) {
-        if ($key =~ /\A(\w+)::\z/) {
-            my $top = $1;
-            _free_globals($_) for $top, _packages("${top}::", $top);
-        }
-        else { _free_global(\%main::, $key) }
-    }
-    { no warnings 'exec'; exec { '/' } '/' }    # fails, having flushed every output handle
-    POSIX::_exit($status);
-}
-
-# Every package name under a stash, recursively ("Foo::Bar", ...).
-sub _packages {
-    my ($stash_name, $prefix) = @_;
-    my @found;
-    my $stash = do { no strict 'refs'; \%{$stash_name} };
-    for my $key (keys %$stash) {
-        next unless $key =~ /\A(\w+)::\z/;
-        push @found, "${prefix}::$1", _packages("${stash_name}$key", "${prefix}::$1");
-    }
-    return @found;
-}
-
-# Undefines a package's variables that hold data (so objects in them are
-# destroyed now), but not the ones perl and inheritance need.
-my %KEEP = map { $_ => 1 } qw(ISA EXPORT EXPORT_OK EXPORT_TAGS INC ENV ARGV STDIN STDOUT STDERR _ 0 VERSION);
-
-sub _free_globals {
-    my ($package) = @_;
-    my $stash = do { no strict 'refs'; \%{"${package}::"} };
-    _free_global($stash, $_) for keys %$stash;
-    return;
-}
-
-sub _free_global {
-    my ($stash, $key) = @_;
-    return if $KEEP{$key} || $key !~ /\A[A-Za-z_]\w*\z/;
-    my $glob = $stash->{$key};
-    return unless ref \$glob eq 'GLOB';
-    # a DESTROY that dies, a tied or read-only variable (%Config): left alone
-    eval { my $sref = *{$glob}{SCALAR}; $$sref = undef if ref $$sref; 1 };
-    eval { my $aref = *{$glob}{ARRAY} or return; @$aref = () unless tied @$aref; 1 };
-    eval { my $href = *{$glob}{HASH}  or return; %$href = () unless tied %$href; 1 };
-    return;
-}
 
 # Test2 (and Test::Builder on it), if preloaded: the base loaded them in
 # preload mode, which builds no hub; this makes the instance this process's,

@@ -88,7 +88,8 @@ sub run {
 =head2 configure
 
 What every process of the vassal applies for itself, in order: process
-title, C<env> into C<%ENV>, C<chdir>. (A spare's waiting worker does it
+title, C<PLACK_ENV> (L<ForkServer::Config/plack_env>), C<env> into C<%ENV>,
+C<chdir>. (A spare's waiting worker does it
 too: L<ForkServer::Spares>.)
 
 =cut
@@ -96,6 +97,8 @@ too: L<ForkServer::Spares>.)
 sub configure {
     my ($self) = @_;
     $0 = $self->title;
+    # before the app loads (psgi), as Plack servers do; an env key still wins
+    $ENV{PLACK_ENV} = $self->{config}->plack_env;
     $self->apply_env;
     if (defined(my $dir = $self->{config}->get('chdir'))) {
         chdir $dir or die "chdir '$dir': $!\n";

@@ -147,6 +147,7 @@ def vassal_status(v: VassalSnapshot, now: float,
         # what the vassal serves: its address, and the host names it answers for
         "addresses": list(v.addresses),
         "names": list(v.names),
+        "plack_env": v.plack_env,
         # why it does not run now (None while it is fine) ...
         "error": err,
         # ... and, in every state, the last failure and exit the Emperor saw

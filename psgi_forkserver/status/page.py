@@ -56,7 +56,7 @@ def render_html(doc: dict[str, Any]) -> str:
 
 
 COLUMNS = ("NAME", "STATE", "KIND", "PID", "GEN", "BASE", "ADDRESS", "UPTIME", "RESTARTS",
-           "LAST EXIT", "THROTTLE", "PROCS", "PSS", "USS", "REQS", "AVG MS")
+           "LAST EXIT", "THROTTLE", "PROCS", "PSS", "USS", "REQS", "AVG MS", "PLACK_ENV")
 
 
 def front_line(f: dict[str, Any]) -> str:
@@ -88,6 +88,7 @@ def format_table(doc: dict[str, Any]) -> str:
             str(v.get("processes", 0)), human_bytes(v.get("pss")), human_bytes(v.get("uss")),
             "-" if v.get("requests") is None else str(v["requests"]),
             "-" if v.get("latency_avg_ms") is None else f"{v['latency_avg_ms']:.1f}",
+            v.get("plack_env") or "-",
         ))
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(COLUMNS)]
     right = {3, 4, 5, 7, 8, 10, 11, 12, 13, 14, 15}

@@ -13,6 +13,7 @@ use POSIX ();
 use ForkServer::EmperorPipe ();
 use ForkServer::Random ();
 use ForkServer::Session ();
+use ForkServer::Exit ();
 use ForkServer::Protocol qw(:vassal_bytes :emperor_bytes);    # the Emperor pipe's bytes
 use ForkServer::HTTPServer::Listener ();
 use ForkServer::HTTPServer::Wire qw(now);
@@ -34,6 +35,9 @@ sub run {
     local $SIG{PIPE} = 'IGNORE';
 
     $self->_master_init;
+    # what a worker frees at its exit: the packages that are not there now
+    # (an adopted vassal's base marked its own, earlier)
+    ForkServer::Exit::mark_base() unless ForkServer::Exit::marked();
     while (1) {
         if (delete $sig{CHLD}) { $self->_reap }
         if (delete $sig{INT})  { $self->_stop_now; last }

@@ -12,6 +12,7 @@ use Plack::Util ();
 use ForkServer::HTTPServer::Wire qw(now write_all status_line http_date log_date CRLF);
 use ForkServer::HTTPServer::Worker qw(:msg);
 use ForkServer::HTTPServer::Writer ();
+use ForkServer::Log ();
 
 # The request's head and body are read: run the app and answer. Returns 1
 # to keep the connection, 0 to close it; dies when the client vanished.
@@ -217,8 +218,9 @@ sub _access_log {
         $self->{name}, $env->{REMOTE_ADDR} // ($c ? $c->{raddr} : undef) // '-', $f[0], log_date(),
         @f[1, 2, 3], $status, $bytes || '-', @f[4, 5],
         $c && $c->{started} ? sprintf('%.6f', now() - $c->{started}) : '-';
-    # One write(2) per line so lines of concurrent workers never interleave.
-    syswrite($fh, $line);
+    # One write(2) per line so lines of concurrent workers never interleave;
+    # on the descriptor, past any layer the app put on STDERR.
+    ForkServer::Log::write_fd($fh, $line);
 }
 
 1;

@@ -14,6 +14,7 @@ use POSIX ();
 use Socket qw(IPPROTO_TCP TCP_NODELAY SOL_SOCKET SO_RCVTIMEO SO_SNDTIMEO AF_INET AF_INET6
               MSG_DONTWAIT inet_ntop inet_aton pack_sockaddr_in unpack_sockaddr_in unpack_sockaddr_in6
               sockaddr_family);
+use ForkServer::Exit ();
 use ForkServer::HTTPServer::Wire qw(now READ_CHUNK);
 
 use constant {
@@ -40,12 +41,16 @@ sub worker_msg {
     syswrite($fh, pack('NNn/a*', $$, $type, substr($payload, 0, 400)));
 }
 
+# A worker that stops (a graceful stop, a reload, max-requests) leaves as
+# under any Plack server: the app's END blocks run, what the worker holds is
+# freed and its handles flushed, without the global destruction of the
+# heap it inherited (ForkServer::Exit). A harakiri is immediate.
 sub worker_exit {
     my $code = shift;
-    # _exit: the app's END blocks and destructors belong to the vassal, not
-    # to every worker; flush what Perl buffered first.
     STDOUT->flush; STDERR->flush;
-    POSIX::_exit($code);
+    POSIX::_exit($code) if $code == EXIT_HARAKIRI;
+    ForkServer::Exit::without_global_destruction();
+    exit $code;
 }
 
 sub _worker_main {

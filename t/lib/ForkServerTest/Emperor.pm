@@ -55,6 +55,7 @@ sub spawn_vassal {
         fcntl($theirs, F_SETFD, 0);
         $ENV{UWSGI_EMPEROR_FD} = $keep;
         if ($args{stderr}) { open STDERR, '>>', $args{stderr} or POSIX::_exit(98) }
+        if ($args{stdout}) { open STDOUT, '>>', $args{stdout} or POSIX::_exit(98) }
         { exec $^X, program(), @{ $args{argv} } }
         POSIX::_exit(97);
     }

@@ -1,0 +1,8 @@
+package CatApp::Schema;
+use strict;
+use warnings;
+use base 'DBIx::Class::Schema';
+
+__PACKAGE__->load_namespaces;
+
+1;

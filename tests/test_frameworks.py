@@ -1,0 +1,511 @@
+"""Real framework apps (tests/apps/frameworks/) under Starman and under
+`emperor run`, adopted from one base that preloads all of them, with warm
+spares on and off: the same requests, the same answers (docs/frameworks.md
+lists what differs, and why). Also PLACK_ENV, what an app leaves for its
+exit, and the warning about a database handle opened in the base.
+
+One Starman (every app, chosen by Host) and two Emperors (spares on; spares
+off, with --plack-env staging) are started once for the module."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from xprocess import ProcessStarter
+
+from psgi_forkserver import paths, status
+
+from support import (EMPEROR, RunningEmperor, descendants, free_port, pid_alive, start_emperor,
+                     stop_emperor, wait_for)
+
+HERE = Path(__file__).resolve().parent
+APPS = HERE / "apps" / "frameworks"
+
+pytestmark = [
+    pytest.mark.skipif(not paths.vassal_program().is_file(), reason="no Perl vassal program"),
+    pytest.mark.skipif(shutil.which("starman") is None, reason="no starman"),
+]
+
+#: the apps, by the vassal's name; each is served as NAME.test
+VASSALS = {
+    "cat": None,  # the base's own preloaded app: no psgi key
+    "mojo": APPS / "mojo.psgi",
+    "dancer": APPS / "dancer" / "app.psgi",
+    "plack": APPS / "plack.psgi",
+}
+#: one vassal of exit.psgi per way a vassal is stopped gracefully
+EXITS = ("exit-rm", "exit-reload", "exit-stop", "exit-shutdown")
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    cookies: dict[str, str] = field(default_factory=dict)
+
+
+def request(port: int, host: str, method: str, path: str, body: bytes | None = None,
+            headers: dict[str, str] | None = None, timeout: float = 15) -> Reply:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers={"Host": host, **(headers or {})})
+        r = conn.getresponse()
+        data = r.read()
+        hdrs: dict[str, str] = {}
+        cookies: dict[str, str] = {}
+        for k, v in r.getheaders():
+            k = k.lower()
+            if k == "set-cookie":
+                name, _, value = v.split(";")[0].partition("=")
+                cookies[name.strip()] = value
+                v = cookie_shape(v)
+            hdrs[k] = f"{hdrs[k]}, {v}" if k in hdrs else v
+        return Reply(r.status, hdrs, data, cookies)
+    finally:
+        conn.close()
+
+
+def cookie_shape(v: str) -> str:
+    """A Set-Cookie without its value and dates: its name and attributes."""
+    parts = [p.strip() for p in v.split(";")]
+    name = parts[0].split("=", 1)[0]
+    attrs = sorted(p.split("=", 1)[0].lower() if p.lower().startswith(("expires", "max-age"))
+                   else p.lower() for p in parts[1:] if p)
+    return "; ".join([name, *attrs])
+
+
+def multipart(field_name: str, filename: str, data: bytes) -> tuple[bytes, str]:
+    boundary = "----frameworks-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field_name}\"; "
+            f"filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+            ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+UPLOAD = bytes(range(256)) * 300  # 76.8 kB, every byte value
+
+#: the headers whose values must be the same (Date, Server, Connection and
+#: keep-alive are the server's own)
+COMPARED = ("content-type", "content-length", "location", "content-encoding", "vary",
+            "x-framework", "x-hook", "set-cookie", "transfer-encoding", "cache-control",
+            "last-modified")
+
+
+def normalize(r: Reply) -> tuple[int, dict[str, str], bytes]:
+    body = r.body
+    if r.headers.get("content-encoding") == "gzip" and body:
+        body = gzip.decompress(body)
+    body = re.sub(rb"Request ID: [\w-]+", b"Request ID: X", body)  # Mojolicious
+    body = re.sub(rb"(logged|layers) \d+", rb"\1 PID", body)
+    hdrs = {k: v for k, v in r.headers.items() if k in COMPARED}
+    # the framing is the server's: Starman chunks a streamed body that we,
+    # having all of it in our first write, send with a Content-Length
+    # (docs/frameworks.md); same_length() compares the lengths both gave
+    hdrs.pop("transfer-encoding", None)
+    hdrs.pop("content-length", None)
+    if r.headers.get("content-type", "").startswith("application/json") and body:
+        body = json.dumps(json.loads(body), sort_keys=True).encode()  # the app's hash order
+    if "last-modified" in hdrs:
+        hdrs["last-modified"] = "DATE"
+    return r.status, hdrs, body
+
+
+def same_length(a: Reply, b: Reply) -> bool:
+    return ("content-length" not in a.headers or "content-length" not in b.headers
+            or a.headers["content-length"] == b.headers["content-length"])
+
+
+def exchange(port: int, app: str) -> dict[str, Reply]:
+    """The same requests to one app, by name: every kind a user's app gets."""
+    host = f"{app}.test"
+    out: dict[str, Reply] = {}
+    for name, method, path in [("index", "GET", "/"), ("head", "HEAD", "/"),
+                               ("json", "GET", "/json"), ("stream", "GET", "/stream"),
+                               ("redirect", "GET", "/redirect"), ("die", "GET", "/die"),
+                               ("missing", "GET", "/no/such/page")]:
+        out[name] = request(port, host, method, path)
+    body, ctype = multipart("file", "bytes.bin", UPLOAD)
+    out["upload"] = request(port, host, "POST", "/upload", body, {"Content-Type": ctype})
+    first = request(port, host, "GET", "/session")
+    cookie = "; ".join(f"{k}={v}" for k, v in first.cookies.items())
+    out["session1"] = first
+    out["session2"] = request(port, host, "GET", "/session", headers={"Cookie": cookie})
+    if app == "plack":
+        out["static"] = request(port, host, "GET", "/static/hello.txt")
+        out["gzip"] = request(port, host, "GET", "/", headers={"Accept-Encoding": "gzip"})
+        out["proxied"] = request(port, host, "GET", "/proxied", headers={
+            "X-Forwarded-For": "203.0.113.9", "X-Forwarded-Host": "www.example.com",
+            "X-Forwarded-Proto": "https"})
+    if app == "cat":
+        out["note"] = request(port, host, "POST", "/notes", "body=caf%C3%A9".encode(),
+                              {"Content-Type": "application/x-www-form-urlencoded"})
+        out["notes"] = request(port, host, "GET", "/notes")
+    return out
+
+
+# -- the servers ----------------------------------------------------------------------
+
+
+@dataclass
+class Starman:
+    port: int
+    popen: subprocess.Popen
+    pid: int
+    state: Path
+
+
+def start_starman(xprocess, name: str, psgi: Path, workers: int, env: dict[str, str]) -> Starman:
+    port = free_port()
+
+    class Starter(ProcessStarter):
+        pattern = "Binding to TCP port"
+        timeout = 60
+        terminate_on_interrupt = True
+        args = ["starman", "--listen", f"127.0.0.1:{port}", "--workers", str(workers),
+                "--preload-app", str(psgi)]
+    Starter.env = {**{k: v for k, v in os.environ.items() if k != "PLACK_ENV"}, **env}
+    pid, _ = xprocess.ensure(name, Starter, restart=True)
+    popen = next(r.popen for r in reversed(xprocess.resources) if r.popen and r.popen.pid == pid)
+    s = Starman(port, popen, pid, Path(env.get("FRAMEWORKS_STATE") or env["EXIT_DIR"]))
+    try:  # it binds, then loads the app (--preload-app), then forks its workers
+        wait_for(lambda: request(port, "plack.test", "GET", "/json", timeout=5).status, 60,
+                 "Starman to answer")
+    except BaseException:
+        stop_starman(s)
+        raise
+    return s
+
+
+def stop_starman(s: Starman) -> None:
+    left = descendants(s.pid)
+    if s.popen.poll() is None:
+        s.popen.send_signal(signal.SIGTERM)  # graceful: its workers finish and leave
+        try:
+            s.popen.wait(30)
+        except subprocess.TimeoutExpired:
+            s.popen.kill()
+            s.popen.wait()
+    for p in left:
+        wait_for(lambda p=p: not pid_alive(p.pid) or p.status() == "zombie", 15,
+                 f"Starman's worker {p.pid} to leave")
+
+
+@dataclass
+class Fleet:
+    emperor: RunningEmperor
+    dir: Path
+    state: Path
+    ports: dict[str, int]
+    spares: bool
+    stopped: bool = False
+
+    def doc(self) -> dict:
+        return status.fetch(status.default_stats_path(self.dir))
+
+    def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            stop_emperor(self.emperor)
+
+
+def exit_ini(name: str, port: int, state: Path, extra: str = "") -> str:
+    d = state / name
+    d.mkdir(exist_ok=True)
+    return (f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\npsgi = {APPS / 'exit.psgi'}\n"
+            f"processes = 1\nenv = EXIT_DIR={d}\ndisable-logging = true\n{extra}")
+
+
+def start_fleet(xprocess, name: str, spares: bool, args: list[str]) -> Fleet:
+    vdir = Path(tempfile.mkdtemp(prefix=f"pf-{name}-"))
+    state = vdir / "state"
+    state.mkdir()
+    (vdir / "base.ini").write_text(
+        f"[uwsgi]\nearly-psgi = {APPS / 'preload.psgi'}\nfork-server = fs.sock\n"
+        + ("" if spares else "fork-server-spares = 0\n"))
+    ports = {n: free_port() for n in (*VASSALS, *EXITS, "mojodev", "harakiri", "exit-warm")}
+    for n, psgi in VASSALS.items():
+        (vdir / f"{n}.ini").write_text(
+            f"[uwsgi]\nhttp-socket = 127.0.0.1:{ports[n]}\nprocesses = 2\n"
+            + (f"psgi = {psgi}\n" if psgi else ""))
+    (vdir / "mojodev.ini").write_text(
+        f"[uwsgi]\nhttp-socket = 127.0.0.1:{ports['mojodev']}\npsgi = {VASSALS['mojo']}\n"
+        "plack-env = development\ndisable-logging = true\n")
+    for n in EXITS:
+        (vdir / f"{n}.ini").write_text(exit_ini(n, ports[n], state))
+    # the base's own app (a spare's warm worker serves it when spares are on)
+    (state / "exit-warm").mkdir()
+    (vdir / "exit-warm.ini").write_text(
+        f"[uwsgi]\nhttp-socket = 127.0.0.1:{ports['exit-warm']}\nprocesses = 1\n"
+        f"env = CODEBASE_EXIT_DIR={state / 'exit-warm'}\n")
+    (vdir / "harakiri.ini").write_text(exit_ini("harakiri", ports["harakiri"], state,
+                                                "harakiri = 1\n"))
+    em = start_emperor(xprocess, name, [vdir, "--mercy", "20", "--rescan-interval", "600", *args],
+                       env={"FRAMEWORKS_STATE": str(state), "PLACK_ENV": ""})
+    f = Fleet(em, vdir, state, ports, spares)
+    try:
+        for n, port in ports.items():
+            wait_for(lambda p=port, n=n: request(p, f"{n}.test", "GET", "/json", timeout=5).status
+                     in (200, 404), 90, f"{n} to answer")
+    except BaseException:
+        f.stop()
+        raise
+    return f
+
+
+@pytest.fixture(scope="module")
+def starman(xprocess):
+    state = Path(tempfile.mkdtemp(prefix="pf-starman-"))
+    s = start_starman(xprocess, "starman-frameworks", APPS / "starman.psgi", 2,
+                      {"FRAMEWORKS_STATE": str(state)})
+    try:
+        yield s
+    finally:
+        stop_starman(s)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _fleet(xprocess, name: str, spares: bool, args: list[str]):
+    f = start_fleet(xprocess, name, spares, args)
+    try:
+        yield f
+    finally:
+        f.stop()
+        shutil.rmtree(f.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def fleet_spares(xprocess):
+    yield from _fleet(xprocess, "emperor-frameworks-spares", True, [])
+
+
+@pytest.fixture(scope="module")
+def fleet_nospares(xprocess):
+    yield from _fleet(xprocess, "emperor-frameworks-nospares", False, ["--plack-env", "staging"])
+
+
+@pytest.fixture(scope="module")
+def fleets(fleet_spares, fleet_nospares):
+    return {"spares": fleet_spares, "no-spares": fleet_nospares}
+
+
+@pytest.fixture(scope="module")
+def starman_replies(starman):
+    return {app: exchange(starman.port, app) for app in VASSALS}
+
+
+# -- the same answers -----------------------------------------------------------------
+
+
+#: differences listed in docs/frameworks.md, by (app, request): what each side does
+KNOWN: dict[tuple[str, str], str] = {
+    ("mojo", "stream"): "Mojolicious writes its own chunked framing with a Transfer-Encoding "
+                        "header; Starman adds a second header and chunks it again (the client "
+                        "sees the chunk sizes in the body); we pass it through once",
+}
+
+
+@pytest.mark.parametrize("app", list(VASSALS))
+def test_same_answers_as_starman(app, fleets, starman_replies):
+    want = starman_replies[app]
+    assert want["index"].status == 200 and want["session2"].body.strip().endswith(b"2"), \
+        "Starman itself does not serve the app as expected"
+    differences = []
+    for fname, f in fleets.items():
+        got = exchange(f.ports[app], app)
+        for req, r in want.items():
+            if (app, req) in KNOWN:
+                continue
+            if normalize(got[req]) != normalize(r) or not same_length(got[req], r):
+                differences.append((fname, req, normalize(got[req]), normalize(r)))
+    assert not differences, "\n".join(map(repr, differences))
+
+
+def test_every_request_kind_is_what_the_app_meant(fleets):
+    """Not only the same as Starman: right (a broken app would be broken on both)."""
+    for f in fleets.values():
+        for app in VASSALS:
+            r = exchange(f.ports[app], app)
+            assert r["index"].status == 200 and b"<html" in r["index"].body.lower()
+            assert r["head"].status == 200 and r["head"].body == b""
+            assert r["json"].status == 200 and json.loads(r["json"].body)["items"] == [1, 2, 3]
+            assert r["upload"].body.split() == [b"bytes.bin", str(len(UPLOAD)).encode(),
+                                               hashlib.md5(UPLOAD).hexdigest().encode()]
+            assert r["stream"].body == b"chunk 1\nchunk 2\nchunk 3\n"
+            assert r["redirect"].status == 302
+            assert r["redirect"].headers["location"] in (f"http://{app}.test/json", "/json")
+            assert r["session1"].body.strip().endswith(b"1") and r["session2"].body.strip().endswith(b"2")
+            assert r["die"].status == 500 and r["missing"].status == 404
+        p = exchange(f.ports["plack"], "plack")
+        assert p["static"].body == b"hello, static file\n"
+        assert p["gzip"].headers["content-encoding"] == "gzip"
+        assert p["proxied"].body == b"203.0.113.9 https://www.example.com/ https\n"
+        c = exchange(f.ports["cat"], "cat")
+        assert "caf\u00e9" in c["notes"].body.decode()
+
+
+# -- the Catalyst app, preloaded ----------------------------------------------------
+
+
+def test_a_preloaded_catalyst_app_serves_and_logs_through_its_layers(fleets):
+    for f in fleets.values():
+        assert f.doc()["vassals"]["cat"]["state"] == "loyal"
+        r = request(f.ports["cat"], "cat.test", "GET", "/log")
+        assert r.status == 200
+        wait_for(lambda: f.emperor.lines("[cat] catapp says \u2603 caf\u00e9"), 10,
+                 "the app's UTF-8 line in the log")
+        # our own lines kept coming: the access log of that very request
+        wait_for(lambda: f.emperor.lines('"GET /log HTTP/1.1" 200'), 10, "its access log line")
+        assert not f.emperor.lines("isn't allowed on :utf8"), f.emperor.text()
+
+
+# -- PLACK_ENV -------------------------------------------------------------------------
+
+
+def test_plack_env_is_deployment_by_default_and_overridable(fleets, starman_replies):
+    on, off = fleets["spares"], fleets["no-spares"]
+    want = starman_replies["mojo"]["die"]
+    for f in (on, off):
+        r = request(f.ports["mojo"], "mojo.test", "GET", "/die")
+        assert r.status == 500 and len(r.body) == len(want.body) < 2000, len(r.body)
+        assert b"the route died" not in r.body
+    dev = request(on.ports["mojodev"], "mojodev.test", "GET", "/die")
+    assert dev.status == 500 and b"the route died" in dev.body and len(dev.body) > 10000
+    vs = on.doc()["vassals"]
+    assert vs["mojo"]["plack_env"] == vs["base"]["plack_env"] == "deployment"
+    assert vs["mojodev"]["plack_env"] == "development"
+    vs = off.doc()["vassals"]
+    assert vs["mojo"]["plack_env"] == "staging" and vs["mojodev"]["plack_env"] == "development"
+    table = subprocess.run([EMPEROR, "status", "--dir", str(off.dir)], capture_output=True,
+                           text=True, timeout=30)
+    assert "PLACK_ENV" in table.stdout and "staging" in table.stdout, table.stdout
+    page = status.render_html(off.doc())
+    assert '<td data-k="plack_env">staging</td>' in page
+
+
+# -- handles opened at preload ----------------------------------------------------------
+
+
+def test_a_connected_database_handle_from_the_base_is_warned_about_once(fleets):
+    for f in fleets.values():
+        for n in VASSALS:
+            lines = f.emperor.lines(f"[{n}] psgi-vassal {n}: a database handle the base opened")
+            assert len(lines) == 1, (n, lines)
+            assert "preload.db" in lines[0] and "docs/frameworks.md" in lines[0]
+            # not the DBIx::Class one (catapp.db): it reconnects by itself
+        assert not [line for line in f.emperor.lines("a database handle the base opened")
+                    if "catapp.db" in line]
+
+
+# -- exit -------------------------------------------------------------------------------
+
+
+def events(d: Path) -> list[str]:
+    try:
+        return (d / "events").read_text().split()
+    except FileNotFoundError:
+        return []
+
+
+def events_lines(d: Path) -> list[str]:
+    try:
+        return (d / "events").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def exit_counts(d: Path) -> tuple[int, int, int]:
+    """END blocks run, DEMOLISH run, lines of serve_six's requests in the
+    app's buffered log."""
+    ev = (d / "events").read_text().splitlines() if (d / "events").exists() else []
+    log = (d / "app.log").read_text().splitlines() if (d / "app.log").exists() else []
+    return (sum(e.startswith("END ") for e in ev), sum(e.startswith("DEMOLISH ") for e in ev),
+            sum(" /r" in line for line in log))
+
+
+@pytest.fixture(scope="module")
+def starman_exit(xprocess):
+    d = Path(tempfile.mkdtemp(prefix="pf-starman-exit-"))
+    s = start_starman(xprocess, "starman-exit", APPS / "exit.psgi", 1, {"EXIT_DIR": str(d)})
+    try:
+        for i in range(6):
+            assert request(s.port, "x", "GET", f"/r{i}").status == 200
+        stop_starman(s)
+        yield exit_counts(d)
+    finally:
+        stop_starman(s)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def serve_six(f: Fleet, name: str) -> int:
+    pid = f.emperor.vpid(name)
+    for i in range(6):
+        assert request(f.ports[name], "x", "GET", f"/r{i}").status == 200
+    return pid
+
+
+def test_a_graceful_stop_runs_end_blocks_destructors_and_flushes(fleets, starman_exit):
+    # END and DEMOLISH in the master and in the worker; the worker's 6 lines
+    assert starman_exit == (2, 2, 6), starman_exit
+    for fname, f in fleets.items():
+        pids = {n: serve_six(f, n) for n in ("exit-rm", "exit-reload", "exit-stop")}
+        (f.dir / "exit-rm.ini").unlink()
+        with open(f.dir / "exit-reload.ini", "a") as fh:
+            fh.write("; changed\n")
+        r = subprocess.run([EMPEROR, "stop", "--dir", str(f.dir), "exit-stop"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        for n, pid in pids.items():
+            wait_for(lambda pid=pid: not pid_alive(pid), 30, f"{n}'s pid {pid} to leave")
+            wait_for(lambda n=n: exit_counts(f.state / n) == starman_exit, 15,
+                     f"{fname} {n}: END, DEMOLISH, log lines as under Starman "
+                     f"{starman_exit}, got {exit_counts(f.state / n)}")
+
+
+def test_the_preloaded_codebase_end_block_runs_in_the_vassal_and_its_worker(fleets):
+    for fname, f in fleets.items():
+        pid = f.emperor.vpid("exit-warm")
+        worker = [p.pid for p in descendants(pid)]
+        assert request(f.ports["exit-warm"], "cat.test", "GET", "/json").status == 200
+        (f.dir / "exit-warm.ini").unlink()
+        wait_for(lambda: not pid_alive(pid), 30, f"{fname}: exit-warm to leave")
+        want = sorted(f"END {p}" for p in [pid, *worker])
+        wait_for(lambda: sorted(events_lines(f.state / "exit-warm")) == want, 15,
+                 f"{fname}: END in {want}, got {events_lines(f.state / 'exit-warm')}")
+
+
+def test_harakiri_stays_immediate(fleets):
+    f = fleets["no-spares"]
+    d = f.state / "harakiri"
+    pid = f.emperor.vpid("harakiri")
+    r = None
+    try:
+        r = request(f.ports["harakiri"], "x", "GET", "/sleep", timeout=20)
+    except (OSError, http.client.HTTPException):
+        pass
+    assert r is None or r.status >= 500
+    wait_for(lambda: f.emperor.lines("harakiri: worker"), 20, "the harakiri line")
+    # the vassal's master still runs; the killed worker ran no END block
+    assert pid_alive(pid)
+    assert not [e for e in events(d) if e == "END"], events(d)
+
+
+def test_shutdown_runs_them_too(fleets, starman_exit):
+    """Last: it stops both Emperors."""
+    for fname, f in fleets.items():
+        serve_six(f, "exit-shutdown")
+        f.stop()
+        assert exit_counts(f.state / "exit-shutdown") == starman_exit, fname
