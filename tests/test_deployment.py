@@ -4,18 +4,27 @@ as written."""
 
 from __future__ import annotations
 
+import json
 import os
+import pwd
+import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
+import yaml
 
-from support import free_port, wait_for
+from support import descendants, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 HELLO = ROOT / "tests" / "apps" / "hello.psgi"
@@ -44,35 +53,46 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
 # -- a runtime install from the wheel --------------------------------------------
 
 
+# Debian's python3 (what `make install` and the image use); the test venv's
+# own python lives under /root, which other users cannot reach.
+SYSTEM_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+
+
 @pytest.fixture(scope="module")
-def wheel_venv(tmp_path_factory) -> Path:
+def wheel_venv() -> Path:
     """A venv of its own with the package installed from a wheel built from
     the checkout's tracked files: what `pip install psgi_forkserver-*.whl`
     gives an operator. Its dependencies (psutil, jinja2, ...) come from the
     test venv's site-packages by a .pth line, so that no network is needed;
-    the package itself only from the wheel."""
-    tmp = tmp_path_factory.mktemp("wheel")
-    src = tmp / "src"
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
-                           check=True).stdout.decode().split("\0")
-    for name in filter(None, files):
-        if (ROOT / name).is_file():
-            (src / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, src / name)
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"),
-                    str(src)], check=True, timeout=120, cwd=tmp)
-    (wheel,) = (tmp / "dist").glob("psgi_forkserver-*.whl")
-    venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
-    subprocess.run([*pip, "--python", str(venv / "bin" / "python"), "install", "--no-deps",
-                    "--no-index", str(wheel)], check=True, timeout=120)
-    site = Path(subprocess.run([str(venv / "bin" / "python"), "-c",
-                                "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
-    (site / "test-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    shutil.rmtree(src)
-    return venv
+    the package itself only from the wheel. World-readable, so that the
+    container test's unprivileged user can run it."""
+    tmp = Path(tempfile.mkdtemp(prefix="pf-wheel-"))
+    tmp.chmod(0o755)
+    try:
+        src = tmp / "src"
+        files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                               check=True).stdout.decode().split("\0")
+        for name in filter(None, files):
+            if (ROOT / name).is_file():
+                (src / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / name, src / name)
+        pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+        subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w",
+                        str(tmp / "dist"), str(src)], check=True, timeout=120, cwd=tmp)
+        (wheel,) = (tmp / "dist").glob("psgi_forkserver-*.whl")
+        venv = tmp / "venv"
+        subprocess.run([SYSTEM_PYTHON, "-m", "venv", "--without-pip", str(venv)], check=True,
+                       timeout=60)
+        subprocess.run([*pip, "--python", str(venv / "bin" / "python"), "install", "--no-deps",
+                        "--no-index", str(wheel)], check=True, timeout=120)
+        site = Path(subprocess.run([str(venv / "bin" / "python"), "-c",
+                                    "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                   capture_output=True, text=True, check=True).stdout.strip())
+        (site / "test-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+        shutil.rmtree(src)
+        yield venv
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_the_wheel_gives_emperor_and_the_perl_side(wheel_venv):
@@ -125,3 +145,199 @@ def test_the_wheels_emperor_runs_a_base_and_an_adopted_vassal(wheel_venv, tmp_pa
     finally:
         stop(proc)
     assert proc.returncode == 0, proc.stderr.read().decode()
+
+
+# -- the container image and the Kubernetes manifests ----------------------------
+
+K8S = ROOT / "examples" / "kubernetes"
+KUBERNETES_VERSION = "1.33.0"  # the manifests are validated against this release
+
+
+@dataclass
+class Image:
+    """The runtime stage of the Dockerfile, as far as running it goes."""
+
+    entrypoint: list[str]
+    cmd: list[str]
+    env: dict[str, str]
+    user: str
+    exposed: list[int]
+
+    @property
+    def argv(self) -> list[str]:
+        return self.entrypoint + self.cmd
+
+    def option(self, name: str) -> str:
+        return self.argv[self.argv.index(name) + 1]
+
+
+def parse_dockerfile(path: Path) -> Image:
+    """ENTRYPOINT, CMD, ENV, USER and EXPOSE of the last stage (JSON forms only:
+    the shell form would put a shell between the Emperor and SIGTERM)."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    stage: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        word, _, rest = line.partition(" ")
+        if word.upper() == "FROM":
+            stage = []
+        stage.append((word.upper(), rest.strip()))
+    found: dict[str, Any] = {"ENTRYPOINT": [], "CMD": [], "ENV": {}, "USER": "root",
+                             "EXPOSE": []}
+    for word, rest in stage:
+        if word in ("ENTRYPOINT", "CMD"):
+            found[word] = json.loads(rest)
+        elif word == "ENV":
+            found["ENV"].update(kv.split("=", 1) for kv in shlex.split(rest))
+        elif word == "USER":
+            found["USER"] = rest
+        elif word == "EXPOSE":
+            found["EXPOSE"] += [int(p.split("/")[0]) for p in rest.split()]
+    return Image(found["ENTRYPOINT"], found["CMD"], found["ENV"], found["USER"], found["EXPOSE"])
+
+
+def manifests() -> dict[str, dict]:
+    docs = [d for f in sorted(K8S.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    return {d["kind"]: d for d in docs}
+
+
+def container(m: dict[str, dict]) -> dict:
+    (c,) = m["Deployment"]["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def probe_port(probe: dict) -> int:
+    (url,) = re.findall(r"http://127\.0\.0\.1:(\d+)/healthz", " ".join(probe["exec"]["command"]))
+    return int(url)
+
+
+def test_the_dockerfile_passes_hadolint():
+    hadolint = Path(sys.executable).parent / "hadolint"
+    r = subprocess.run([str(hadolint), str(K8S / "Dockerfile")], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_dockerignore_keeps_local_state_out_of_the_image():
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".git", ".venv", ".make", "tests", "bench"} <= ignored, ignored
+
+
+def test_the_manifests_pass_kubernetes_validate():
+    tool = Path(sys.executable).parent / "kubernetes-validate"
+    r = subprocess.run([str(tool), "--strict", "-k", KUBERNETES_VERSION,
+                        *map(str, sorted(K8S.glob("*.yaml")))],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count(" passed ") == 3, r.stdout  # ConfigMap, Deployment, Service
+
+
+def test_the_manifests_fit_the_image():
+    image = parse_dockerfile(K8S / "Dockerfile")
+    m = manifests()
+    c = container(m)
+    pod = m["Deployment"]["spec"]["template"]["spec"]
+    assert image.user.split(":")[0] not in ("root", "0"), image.user
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    # the front door listens where the container port, EXPOSE and the Service point
+    front_port = int(image.option("--http").rsplit(":", 1)[1])
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["http"] == front_port and front_port in image.exposed and front_port >= 1024
+    (svc_port,) = m["Service"]["spec"]["ports"]
+    assert svc_port["targetPort"] in ("http", front_port) and svc_port["port"] == front_port
+    # the probes ask the status server the image starts
+    status_port = int(image.option("--status-http").rsplit(":", 1)[1])
+    assert probe_port(c["readinessProbe"]) == status_port == probe_port(c["livenessProbe"])
+    # the kubelet waits for preStop and the Emperor's whole graceful stop
+    mercy = float(image.option("--mercy"))
+    pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    assert pod["terminationGracePeriodSeconds"] > float(pre_stop[1]) + mercy
+    assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
+    assert c["resources"]["limits"]["memory"]
+    # the vassals directory is where the image's CMD looks
+    mounts = {v["name"]: v["mountPath"] for v in c["volumeMounts"]}
+    assert image.cmd[0] == mounts["vassals"]
+    assert mounts["run"] == image.env["PSGI_FORKSERVER_RUN_DIR"]
+    # every app is reached through the front door: a domain, no loopback port
+    for name, text in m["ConfigMap"]["data"].items():
+        if "fork-server" in text:
+            continue
+        assert re.search(r"^domain = ", text, re.M), name
+        assert "http-socket" not in text, name
+
+
+@pytest.fixture(scope="module")
+def unprivileged_user():
+    """A user of this module's own (removed at the end), as the image's USER."""
+    name = f"pfdeploy{os.getpid()}"
+    subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
+                    "--shell", "/usr/sbin/nologin", name], check=True, timeout=60)
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], timeout=60)
+
+
+def test_the_images_command_serves_the_configmap_apps(wheel_venv, unprivileged_user, tmp_path):
+    """The image's ENTRYPOINT and CMD, run on this machine as an unprivileged
+    user from the wheel's install, with the ConfigMap's files: each app
+    answers 200 by name through the front door's port, and the probes pass.
+    Image paths become temporary ones; the ports of the CMD (8080, 9100) become
+    free loopback ports (the container's 0.0.0.0 too: tests stay on loopback)."""
+    image = parse_dockerfile(K8S / "Dockerfile")
+    m = manifests()
+    c = container(m)
+    mounts = {v["name"]: v["mountPath"] for v in c["volumeMounts"]}
+    user = unprivileged_user
+    work = Path(tempfile.mkdtemp(prefix="pf-image-"))
+    work.chmod(0o755)
+    vassals, run = work / "vassals", work / "run"
+    front, status = free_port(), free_port()
+    paths = {mounts["vassals"]: str(vassals), mounts["run"]: str(run),
+             "/opt/psgi-forkserver/app/myapp.pl": str(ROOT / "examples" / "myapp.pl")}
+
+    def host(text: str) -> str:
+        for image_path, host_path in paths.items():
+            text = text.replace(image_path, host_path)
+        return text
+
+    front_addr, status_addr = image.option("--http"), image.option("--status-http")
+    argv = [host(a) for a in image.argv]
+    argv[argv.index(front_addr)] = f"127.0.0.1:{front}"
+    argv[argv.index(status_addr)] = f"127.0.0.1:{status}"
+    assert argv[0] == "emperor"
+    argv[0] = str(wheel_venv / "bin" / "emperor")
+    vassals.mkdir()
+    run.mkdir(mode=0o700)
+    os.chown(run, user.pw_uid, user.pw_gid)
+    for name, text in m["ConfigMap"]["data"].items():
+        (vassals / name).write_text(host(text))
+    env = {"PATH": f"{wheel_venv / 'bin'}:/usr/bin:/bin", "LANG": "C.UTF-8",
+           **{k: host(v) for k, v in image.env.items() if k != "PATH"}}
+    proc = subprocess.Popen(argv, env=env, cwd=work, user=user.pw_uid, group=user.pw_gid,
+                            extra_groups=[], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        apps = {name.removesuffix(".ini"): re.findall(r"^domain = (\S+)", text, re.M)
+                for name, text in m["ConfigMap"]["data"].items() if "fork-server" not in text}
+        assert len(apps) >= 2
+        for app, (domain, *_) in apps.items():
+            status_code, body = wait_for(
+                lambda: (r := http_get(f"http://127.0.0.1:{front}/", host=domain))[0] == 200 and r,
+                60, f"{app} through the front door as {domain}")
+            assert body.startswith(f"hello from {app} "), body
+        for probe in ("readinessProbe", "livenessProbe"):
+            cmd = [a.replace(f":{probe_port(c[probe])}/", f":{status}/")
+                   for a in c[probe]["exec"]["command"]]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, (probe, r.stderr)
+        who = {p.username() for p in [psutil.Process(proc.pid), *descendants(proc.pid)]}
+        assert who == {user.pw_name}, who
+    finally:
+        stop(proc)
+        out = proc.stdout.read().decode(errors="replace")
+        shutil.rmtree(work, ignore_errors=True)
+    assert proc.returncode == 0, out
