@@ -341,3 +341,40 @@ def test_the_images_command_serves_the_configmap_apps(wheel_venv, unprivileged_u
         out = proc.stdout.read().decode(errors="replace")
         shutil.rmtree(work, ignore_errors=True)
     assert proc.returncode == 0, out
+
+
+# -- the systemd unit ----------------------------------------------------------
+
+UNIT = ROOT / "examples" / "systemd" / "psgi-forkserver.service"
+HARDENING = {"ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
+             "NoNewPrivileges": "yes", "Delegate": "yes"}
+
+
+def unit_settings(text: str) -> dict[str, str]:
+    text = re.sub(r"\\\n\s*", " ", text)
+    return dict(line.split("=", 1) for line in text.splitlines()
+                if "=" in line and not line.startswith(("#", ";")))
+
+
+def test_the_systemd_unit_runs_from_a_runtime_install_hardened():
+    settings = unit_settings(UNIT.read_text())
+    for key, value in HARDENING.items():
+        assert settings.get(key) == value, key
+    for key in ("ExecStart", "ExecReload"):
+        program = settings[key].split()[0]
+        assert program == "/opt/psgi-forkserver/bin/emperor", (key, program)
+    # systemd's stop timeout outlasts the Emperor's own graceful stop
+    mercy = float(settings["ExecStart"].split("--mercy")[1].split()[0])
+    assert float(settings["TimeoutStopSec"]) > mercy
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze is not installed (Debian's systemd package)")
+def test_the_systemd_unit_passes_systemd_analyze_verify(wheel_venv, tmp_path):
+    """Verified as installed: its /opt/psgi-forkserver is the wheel's venv here
+    (systemd-analyze checks that the programs it names exist)."""
+    unit = tmp_path / UNIT.name
+    unit.write_text(UNIT.read_text().replace("/opt/psgi-forkserver", str(wheel_venv)))
+    r = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stdout + r.stderr
