@@ -270,6 +270,24 @@ def test_the_manifests_fit_the_image():
         assert "http-socket" not in text, name
 
 
+RULES = ROOT / "examples" / "prometheus" / "psgi-forkserver-rules.yml"
+
+
+def assert_rules_name_real_metrics(metrics: str) -> None:
+    """Every psgi_forkserver_* series the recording rules and alerts use is
+    one a running Emperor exports (a renamed metric would leave a rule empty)."""
+    def family(name: str) -> str:
+        return re.sub(r"_(total|bucket|count|sum)$", "", name)
+
+    families = {family(n) for n in re.findall(r"^# TYPE (\S+) ", metrics, re.M)}
+    rules = [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
+    assert rules and all(("record" in r) != ("alert" in r) and r["expr"] for r in rules)
+    used = {n for r in rules for n in re.findall(r"\bpsgi_forkserver_\w+", r["expr"])}
+    assert used, "no metric used"
+    unknown = {n for n in used if family(n) not in families}
+    assert unknown == set(), unknown
+
+
 @pytest.fixture(scope="module")
 def unprivileged_user():
     """A user of this module's own (removed at the end), as the image's USER."""
@@ -336,6 +354,7 @@ def test_the_images_command_serves_the_configmap_apps(wheel_venv, unprivileged_u
             assert r.returncode == 0, (probe, r.stderr)
         who = {p.username() for p in [psutil.Process(proc.pid), *descendants(proc.pid)]}
         assert who == {user.pw_name}, who
+        assert_rules_name_real_metrics(http_get(f"http://127.0.0.1:{status}/metrics")[1])
     finally:
         stop(proc)
         out = proc.stdout.read().decode(errors="replace")
