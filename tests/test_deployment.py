@@ -50,6 +50,40 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
             proc.wait()
 
 
+# -- what the make targets install --------------------------------------------
+
+TEST_ONLY = {"libcatalyst-perl", "libdancer2-perl", "libmojolicious-perl", "uwsgi-core",
+             "starman", "wrk", "chromium", "curl"}
+RUNTIME = {"python3", "python3-venv", "perl", "libplack-perl", "libsocket-msghdr-perl",
+           "libhttp-parser-xs-perl", "nginx"}
+
+
+def make_plan(target: str) -> tuple[set[str], list[str]]:
+    """The Debian packages `make TARGET` would install from scratch, and its
+    pip command lines (make -n -B: printed, nothing run)."""
+    r = subprocess.run(["make", "-n", "-B", target, "PREFIX=/nonexistent/prefix"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    pkgs = {p for line in lines if line.startswith("tools/install-debian-packages")
+            for p in line.split()[1:]}
+    return pkgs, [line for line in lines if "pip install" in line]
+
+
+@pytest.mark.parametrize("target", ["run", "install"])
+def test_run_and_install_set_up_the_runtime_only(target):
+    pkgs, pips = make_plan(target)
+    assert RUNTIME <= pkgs, RUNTIME - pkgs  # python3 itself too: a bare Debian lacks it
+    assert pkgs & TEST_ONLY == set()
+    assert pips and not any("[test]" in line for line in pips), pips
+
+
+def test_test_sets_up_the_runtime_and_the_test_peers():
+    pkgs, pips = make_plan("setup")
+    assert RUNTIME | TEST_ONLY - {"chromium"} <= pkgs
+    assert any("[test]" in line for line in pips), pips
+
+
 # -- a runtime install from the wheel --------------------------------------------
 
 
