@@ -61,8 +61,10 @@ RUNTIME = {"python3", "python3-venv", "perl", "libplack-perl", "libsocket-msghdr
 def make_plan(target: str) -> tuple[set[str], list[str]]:
     """The Debian packages `make TARGET` would install from scratch, and its
     pip command lines (make -n -B: printed, nothing run)."""
+    # a make of its own, not a part of the make that may be running the tests
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     r = subprocess.run(["make", "-n", "-B", target, "PREFIX=/nonexistent/prefix"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+                       env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     pkgs = {p for line in lines if line.startswith("tools/install-debian-packages")
