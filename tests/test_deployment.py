@@ -171,16 +171,18 @@ def test_the_wheels_emperor_runs_a_base_and_an_adopted_vassal(wheel_venv, tmp_pa
     (vassals / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {HELLO}\n"
                                       f"fork-server = {tmp_path}/fork.sock\nfork-server-spares = 0\n")
     (vassals / "app.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nenv = APP_NAME=app\n")
-    proc = subprocess.Popen([str(wheel_venv / "bin" / "emperor"), "run", str(vassals),
-                             "--stats", str(tmp_path / "stats")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
+    log = tmp_path / "emperor.log"
+    with log.open("wb") as out:  # a file, not a pipe nobody reads while it runs
+        proc = subprocess.Popen([str(wheel_venv / "bin" / "emperor"), "run", str(vassals),
+                                 "--stats", str(tmp_path / "stats")],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
         status, body = wait_for(lambda: http_get(f"http://127.0.0.1:{port}/"), 30,
                                 "the adopted vassal to answer")
         assert status == 200 and body.startswith("name=app "), body
     finally:
         stop(proc)
-    assert proc.returncode == 0, proc.stderr.read().decode()
+    assert proc.returncode == 0, log.read_text(errors="replace")
 
 
 # -- the container image and the Kubernetes manifests ----------------------------
@@ -374,8 +376,10 @@ def test_the_images_command_serves_the_configmap_apps(wheel_venv, unprivileged_u
         (vassals / name).write_text(host(text))
     env = {"PATH": f"{wheel_venv / 'bin'}:/usr/bin:/bin", "LANG": "C.UTF-8",
            **{k: host(v) for k, v in image.env.items() if k != "PATH"}}
-    proc = subprocess.Popen(argv, env=env, cwd=work, user=user.pw_uid, group=user.pw_gid,
-                            extra_groups=[], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = tmp_path / "emperor.log"
+    with log.open("wb") as out:  # a file, not a pipe nobody reads while it runs
+        proc = subprocess.Popen(argv, env=env, cwd=work, user=user.pw_uid, group=user.pw_gid,
+                                extra_groups=[], stdout=out, stderr=subprocess.STDOUT)
     try:
         apps = {name.removesuffix(".ini"): re.findall(r"^domain = (\S+)", text, re.M)
                 for name, text in m["ConfigMap"]["data"].items() if "fork-server" not in text}
@@ -395,9 +399,8 @@ def test_the_images_command_serves_the_configmap_apps(wheel_venv, unprivileged_u
         assert_rules_name_real_metrics(http_get(f"http://127.0.0.1:{status}/metrics")[1])
     finally:
         stop(proc)
-        out = proc.stdout.read().decode(errors="replace")
         shutil.rmtree(work, ignore_errors=True)
-    assert proc.returncode == 0, out
+    assert proc.returncode == 0, log.read_text(errors="replace")
 
 
 # -- the systemd unit ----------------------------------------------------------
