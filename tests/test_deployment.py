@@ -340,7 +340,17 @@ def unprivileged_user():
         subprocess.run(["userdel", name], timeout=60)
 
 
-def test_the_images_command_serves_the_configmap_apps(wheel_venv, unprivileged_user, tmp_path):
+@pytest.fixture
+def readable_dir():
+    """A temporary directory other users can enter (pytest's own are 0700)."""
+    d = Path(tempfile.mkdtemp(prefix="pf-image-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_the_images_command_serves_the_configmap_apps(wheel_venv, unprivileged_user, tmp_path,
+                                                      readable_dir):
     """The image's ENTRYPOINT and CMD, run on this machine as an unprivileged
     user from the wheel's install, with the ConfigMap's files: each app
     answers 200 by name through the front door's port, and the probes pass.
@@ -351,8 +361,7 @@ def test_the_images_command_serves_the_configmap_apps(wheel_venv, unprivileged_u
     c = container(m)
     mounts = {v["name"]: v["mountPath"] for v in c["volumeMounts"]}
     user = unprivileged_user
-    work = Path(tempfile.mkdtemp(prefix="pf-image-"))
-    work.chmod(0o755)
+    work = readable_dir
     vassals, run = work / "vassals", work / "run"
     front, status = free_port(), free_port()
     paths = {mounts["vassals"]: str(vassals), mounts["run"]: str(run),
@@ -399,7 +408,6 @@ def test_the_images_command_serves_the_configmap_apps(wheel_venv, unprivileged_u
         assert_rules_name_real_metrics(http_get(f"http://127.0.0.1:{status}/metrics")[1])
     finally:
         stop(proc)
-        shutil.rmtree(work, ignore_errors=True)
     assert proc.returncode == 0, log.read_text(errors="replace")
 
 
