@@ -13,7 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
+from importlib import metadata
 import tempfile
 import urllib.request
 from dataclasses import dataclass
@@ -94,14 +94,39 @@ def test_test_sets_up_the_runtime_and_the_test_peers():
 SYSTEM_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
 
 
+def copy_runtime_dependencies(site: Path) -> None:
+    """The installed files of the package's runtime requirements, and of
+    theirs, from the test venv into `site` (no extras, as pip would)."""
+    from packaging.requirements import Requirement
+
+    todo = [r for r in metadata.distribution("psgi-forkserver").requires or []]
+    seen: set[str] = set()
+    while todo:
+        req = Requirement(todo.pop())
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        dist = metadata.distribution(req.name)
+        if dist.metadata["Name"].lower() in seen:
+            continue
+        seen.add(dist.metadata["Name"].lower())
+        base = Path(dist.locate_file("")).resolve()
+        for f in dist.files or []:
+            path = Path(dist.locate_file(f)).resolve()
+            if path.is_file() and path.is_relative_to(base):  # not its scripts in bin/
+                (site / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, site / f)
+        todo += dist.requires or []
+    assert {"psutil", "jinja2", "markupsafe"} <= seen, seen
+
+
 @pytest.fixture(scope="module")
 def wheel_venv() -> Path:
     """A venv of its own with the package installed from a wheel built from
     the checkout's tracked files: what `pip install psgi_forkserver-*.whl`
-    gives an operator. Its dependencies (psutil, jinja2, ...) come from the
-    test venv's site-packages by a .pth line, so that no network is needed;
-    the package itself only from the wheel. World-readable, so that the
-    container test's unprivileged user can run it."""
+    gives an operator. Its dependencies (psutil, jinja2, ...) are copied
+    from the test venv, so that no network is needed; the package itself
+    comes only from the wheel. World-readable, so that the container test's
+    unprivileged user can run it (the checkout may be in root's home)."""
     tmp = Path(tempfile.mkdtemp(prefix="pf-wheel-"))
     tmp.chmod(0o755)
     try:
@@ -124,7 +149,7 @@ def wheel_venv() -> Path:
         site = Path(subprocess.run([str(venv / "bin" / "python"), "-c",
                                     "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                    capture_output=True, text=True, check=True).stdout.strip())
-        (site / "test-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+        copy_runtime_dependencies(site)
         shutil.rmtree(src)
         yield venv
     finally:
@@ -364,8 +389,11 @@ def test_the_images_command_serves_the_configmap_apps(wheel_venv, unprivileged_u
     work = readable_dir
     vassals, run = work / "vassals", work / "run"
     front, status = free_port(), free_port()
+    # the codebase the image copies in, where the user can read it
+    (work / "app").mkdir()
+    shutil.copy2(ROOT / "examples" / "myapp.pl", work / "app" / "myapp.pl")
     paths = {mounts["vassals"]: str(vassals), mounts["run"]: str(run),
-             "/opt/psgi-forkserver/app/myapp.pl": str(ROOT / "examples" / "myapp.pl")}
+             "/opt/psgi-forkserver/app/myapp.pl": str(work / "app" / "myapp.pl")}
 
     def host(text: str) -> str:
         for image_path, host_path in paths.items():
