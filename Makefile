@@ -1,11 +1,18 @@
-# make run   installs what is missing and runs the example fleet
-# make test  installs what is missing and runs every test
+# make run      installs the runtime and the example app's modules, runs the example fleet
+# make install  a runtime install: Debian's runtime packages and a venv in $(PREFIX)
+#               holding the package (no test or benchmark packages)
+# make test     installs what is missing and runs every test
 # make bench / bench-quick  benchmarks (see bench/README.md)
+#
+# Before the first command a bare Debian 12 needs only git, make and apt as
+# root (or sudo); everything else, python3 and python3-venv included, is
+# installed here (tools/bare-debian-check proves it on a minbase root).
 
 VENV        ?= .venv
 PYTHON      ?= python3
 VPY         := $(VENV)/bin/python
 STAMPS      := .make
+PREFIX      ?= /opt/psgi-forkserver
 
 # What the framework apps of tests/test_frameworks.py use (tests/apps/frameworks/).
 FRAMEWORK_DEB_PACKAGES := libcatalyst-view-tt-perl libcatalyst-action-renderview-perl \
@@ -14,14 +21,20 @@ FRAMEWORK_DEB_PACKAGES := libcatalyst-view-tt-perl libcatalyst-action-renderview
 	libdbd-sqlite3-perl libplack-middleware-session-perl \
 	libplack-middleware-reverseproxy-perl libplack-middleware-deflater-perl
 
-# Perl runtime, real peers for tests and benchmarks, and the Perl modules the
-# example and benchmark apps load.
-DEB_PACKAGES := perl libplack-perl libsocket-msghdr-perl libhttp-parser-xs-perl \
-	starman uwsgi-core uwsgi-plugin-psgi wrk nginx curl procps iproute2 \
-	libmoose-perl libdatetime-perl libdatetime-timezone-perl libtemplate-perl \
-	libjson-xs-perl libdbix-class-perl libmojolicious-perl libdancer2-perl \
-	libcatalyst-perl libtry-tiny-perl libhttp-message-perl libtest-tcp-perl \
-	libgoto-file-perl libtest2-harness-perl $(FRAMEWORK_DEB_PACKAGES)
+# What production runs: Python for the Emperor, the vassal program's Perl
+# modules (cpanfile says the same for CPAN users), nginx for --http.
+RUNTIME_DEB_PACKAGES := python3 python3-venv perl libplack-perl libsocket-msghdr-perl \
+	libhttp-parser-xs-perl libhttp-message-perl nginx
+# The Perl modules examples/myapp.pl (the example fleet's codebase) loads.
+EXAMPLE_DEB_PACKAGES := libmoose-perl libdatetime-perl libdatetime-timezone-perl \
+	libtemplate-perl libjson-xs-perl libhttp-message-perl libtry-tiny-perl
+# Real peers for tests and benchmarks, tools the tests call, and the Perl
+# modules the test and benchmark apps load.
+DEB_PACKAGES := $(RUNTIME_DEB_PACKAGES) $(EXAMPLE_DEB_PACKAGES) \
+	starman uwsgi-core uwsgi-plugin-psgi wrk curl procps iproute2 \
+	libdbix-class-perl libmojolicious-perl libdancer2-perl \
+	libcatalyst-perl libhttp-message-perl libtest-tcp-perl \
+	libgoto-file-perl libtest2-harness-perl systemd $(FRAMEWORK_DEB_PACKAGES)
 # The status page's browser test (tests/test_cockpit.py) and its screenshot:
 # a stamp of its own, so that `make setup` for running a fleet does not pull
 # a browser in; `make test` does.
@@ -42,7 +55,7 @@ BENCH_DEB_PACKAGES := dpkg-dev libapache-logformat-compiler-perl libauthen-simpl
 	libtest-tcp-perl libtry-tiny-perl liburi-perl \
 	libwww-form-urlencoded-perl libwww-perl
 
-.PHONY: all setup run test test-python test-perl test-perl-prove test-perl-emperor bench bench-quick bench-setup clean
+.PHONY: all setup install run test test-python test-perl test-perl-prove test-perl-emperor bench bench-quick bench-setup clean
 
 all: setup
 
@@ -52,14 +65,31 @@ $(STAMPS)/debian: Makefile tools/install-debian-packages
 	tools/install-debian-packages $(DEB_PACKAGES)
 	@mkdir -p $(STAMPS) && touch $@
 
-$(STAMPS)/venv: pyproject.toml
+$(STAMPS)/run-debian: Makefile tools/install-debian-packages
+	tools/install-debian-packages $(RUNTIME_DEB_PACKAGES) $(EXAMPLE_DEB_PACKAGES)
+	@mkdir -p $(STAMPS) && touch $@
+
+# The development venv: the package editable, then its test extras.
+$(STAMPS)/venv-run: pyproject.toml $(STAMPS)/run-debian
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e .
+	@mkdir -p $(STAMPS) && touch $@
+
+$(STAMPS)/venv: pyproject.toml $(STAMPS)/debian $(STAMPS)/venv-run
 	$(VPY) -m pip install -q -e '.[test]'
 	@mkdir -p $(STAMPS) && touch $@
 
-run: setup
+run: $(STAMPS)/run-debian $(STAMPS)/venv-run
 	$(VENV)/bin/emperor run examples/vassals --http 127.0.0.1:8080 --status-http 127.0.0.1:9100
+
+# A runtime install outside the checkout: $(PREFIX)/bin/emperor, the Perl
+# side inside the package (`emperor perl-lib` prints its directory).
+install:
+	tools/install-debian-packages $(RUNTIME_DEB_PACKAGES)
+	test -x $(PREFIX)/bin/python || $(PYTHON) -m venv $(PREFIX)
+	$(PREFIX)/bin/python -m pip install -q --upgrade pip
+	$(PREFIX)/bin/python -m pip install -q .
 
 $(STAMPS)/browser: Makefile tools/install-debian-packages
 	tools/install-debian-packages $(BROWSER_PACKAGES)

@@ -31,6 +31,8 @@ examples:
   emperor reopen-logs                          after logrotate: reopen every log file
   emperor nginx-conf examples/vassals          the routing by `domain`, for your own nginx
   emperor prove -j2 -r -I lib t/               Perl tests forked from a preloaded base
+  emperor perl-lib                             where the Perl side is installed:
+                                               PERL5LIB=$(emperor perl-lib) plackup -s ForkServer
 
 `emperor COMMAND --help` shows each command's options and an example.
 """
@@ -51,6 +53,8 @@ EXAMPLES = {
              " preloaded base)\n",
     "reopen-logs": "example:\n  emperor reopen-logs       (logrotate's postrotate: reopen every log file)\n"
                    "  emperor reopen-logs --pidfile /tmp/emperor.pid   (by signal)\n",
+    "perl-lib": "example:\n  emperor perl-lib          (then: PERL5LIB=$(emperor perl-lib)"
+                " plackup -s ForkServer --port 5000 app.psgi)\n",
     "reload-base": "example:\n  emperor reload-base --wait    (exits 0 once every vassal runs on the"
                    " new base)\n  emperor reload-base --pidfile /tmp/emperor.pid   (by signal)\n",
 }
@@ -128,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--no-wait", dest="wait", action="store_false",
                        help="exit once the Emperor took the command")
     add_prove_command(sub)
+    _sub(sub, "perl-lib", help="print the directory of the installed Perl side (ForkServer.pm, "
+                               "Plack::Handler::ForkServer), for PERL5LIB or perl -I")
     return p
 
 
@@ -184,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         return control_command(args)
     if args.command == "prove":
         return prove_command(args)
+    if args.command == "perl-lib":
+        from .paths import perl_dir
+
+        print(perl_dir())
+        return 0
     bad = check_paths(args) or check_front(args)
     if bad is not None:
         print(f"emperor: {bad}", file=sys.stderr)

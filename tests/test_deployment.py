@@ -1,0 +1,476 @@
+"""Deployment: a runtime install from the built wheel, and the examples an
+operator copies (container image, Kubernetes manifests, systemd unit) work
+as written."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from importlib import metadata
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+
+from support import descendants, free_port, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+HELLO = ROOT / "tests" / "apps" / "hello.psgi"
+
+
+def http_get(url: str, host: str | None = None, timeout: float = 5.0) -> tuple[int, str]:
+    req = urllib.request.Request(url, headers={"Host": host} if host else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM to the process we started, SIGKILL if it does not exit."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# -- what the make targets install --------------------------------------------
+
+TEST_ONLY = {"libcatalyst-perl", "libdancer2-perl", "libmojolicious-perl", "uwsgi-core",
+             "starman", "wrk", "chromium", "curl"}
+RUNTIME = {"python3", "python3-venv", "perl", "libplack-perl", "libsocket-msghdr-perl",
+           "libhttp-parser-xs-perl", "nginx"}
+
+
+def make_plan(target: str) -> tuple[set[str], list[str]]:
+    """The Debian packages `make TARGET` would install from scratch, and its
+    pip command lines (make -n -B: printed, nothing run)."""
+    # a make of its own, not a part of the make that may be running the tests
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    r = subprocess.run(["make", "-n", "-B", target, "PREFIX=/nonexistent/prefix"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    pkgs = {p for line in lines if line.startswith("tools/install-debian-packages")
+            for p in line.split()[1:]}
+    return pkgs, [line for line in lines if "pip install" in line]
+
+
+@pytest.mark.parametrize("target", ["run", "install"])
+def test_run_and_install_set_up_the_runtime_only(target):
+    pkgs, pips = make_plan(target)
+    assert RUNTIME <= pkgs, RUNTIME - pkgs  # python3 itself too: a bare Debian lacks it
+    assert pkgs & TEST_ONLY == set()
+    assert pips and not any("[test]" in line for line in pips), pips
+
+
+def test_test_sets_up_the_runtime_and_the_test_peers():
+    pkgs, pips = make_plan("setup")
+    assert RUNTIME | TEST_ONLY - {"chromium"} <= pkgs
+    assert any("[test]" in line for line in pips), pips
+
+
+# -- a runtime install from the wheel --------------------------------------------
+
+
+# Debian's python3 (what `make install` and the image use); the test venv's
+# own python lives under /root, which other users cannot reach.
+SYSTEM_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+
+
+def copy_runtime_dependencies(site: Path) -> None:
+    """The installed files of the package's runtime requirements, and of
+    theirs, from the test venv into `site` (no extras, as pip would)."""
+    from packaging.requirements import Requirement
+
+    todo = [r for r in metadata.distribution("psgi-forkserver").requires or []]
+    seen: set[str] = set()
+    while todo:
+        req = Requirement(todo.pop())
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        dist = metadata.distribution(req.name)
+        if dist.metadata["Name"].lower() in seen:
+            continue
+        seen.add(dist.metadata["Name"].lower())
+        base = Path(dist.locate_file("")).resolve()
+        for f in dist.files or []:
+            path = Path(dist.locate_file(f)).resolve()
+            if path.is_file() and path.is_relative_to(base):  # not its scripts in bin/
+                (site / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, site / f)
+        todo += dist.requires or []
+    assert {"psutil", "jinja2", "markupsafe"} <= seen, seen
+
+
+@pytest.fixture(scope="module")
+def wheel_venv() -> Path:
+    """A venv of its own with the package installed from a wheel built from
+    the checkout's tracked files: what `pip install psgi_forkserver-*.whl`
+    gives an operator. Its dependencies (psutil, jinja2, ...) are copied
+    from the test venv, so that no network is needed; the package itself
+    comes only from the wheel. World-readable, so that the container test's
+    unprivileged user can run it (the checkout may be in root's home)."""
+    tmp = Path(tempfile.mkdtemp(prefix="pf-wheel-"))
+    tmp.chmod(0o755)
+    try:
+        src = tmp / "src"
+        files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                               check=True).stdout.decode().split("\0")
+        for name in filter(None, files):
+            if (ROOT / name).is_file():
+                (src / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / name, src / name)
+        pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+        subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w",
+                        str(tmp / "dist"), str(src)], check=True, timeout=120, cwd=tmp)
+        (wheel,) = (tmp / "dist").glob("psgi_forkserver-*.whl")
+        venv = tmp / "venv"
+        subprocess.run([SYSTEM_PYTHON, "-m", "venv", "--without-pip", str(venv)], check=True,
+                       timeout=60)
+        subprocess.run([*pip, "--python", str(venv / "bin" / "python"), "install", "--no-deps",
+                        "--no-index", str(wheel)], check=True, timeout=120)
+        site = Path(subprocess.run([str(venv / "bin" / "python"), "-c",
+                                    "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                   capture_output=True, text=True, check=True).stdout.strip())
+        copy_runtime_dependencies(site)
+        shutil.rmtree(src)
+        yield venv
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_the_wheel_gives_emperor_and_the_perl_side(wheel_venv):
+    emperor = wheel_venv / "bin" / "emperor"
+    r = subprocess.run([str(emperor), "--help"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "emperor run" in r.stdout, r.stderr
+    lib = Path(subprocess.run([str(emperor), "perl-lib"], capture_output=True, text=True,
+                              timeout=30, check=True).stdout.strip())
+    # the installed copy, not the checkout's perl/
+    assert lib.is_relative_to(wheel_venv), lib
+    for pm in ("ForkServer.pm", "ForkServer/HTTPServer/Worker.pm", "Plack/Handler/ForkServer.pm",
+               "ForkServer/options.json", "ForkServer/protocol.json"):
+        assert (lib / pm).is_file(), pm
+
+
+def test_plackup_finds_the_handler_through_perl_lib(wheel_venv, tmp_path):
+    lib = subprocess.run([str(wheel_venv / "bin" / "emperor"), "perl-lib"], capture_output=True,
+                         text=True, timeout=30, check=True).stdout.strip()
+    port = free_port()
+    env = {**os.environ, "PERL5LIB": lib, "APP_NAME": "plackup"}
+    proc = subprocess.Popen(["plackup", "-s", "ForkServer", "--host", "127.0.0.1", "--port",
+                             str(port), "--workers", "1", str(HELLO)], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        status, body = wait_for(lambda: http_get(f"http://127.0.0.1:{port}/"), 20,
+                                "plackup -s ForkServer to answer")
+        assert status == 200 and body.startswith("name=plackup "), body
+    finally:
+        stop(proc)
+    err = proc.stderr.read().decode()
+    assert "Can't locate" not in err, err
+
+
+def test_the_wheels_emperor_runs_a_base_and_an_adopted_vassal(wheel_venv, tmp_path):
+    """The installed Emperor finds its installed vassal program (the wheel's
+    package has no checkout beside it to fall back on)."""
+    vassals = tmp_path / "vassals"
+    vassals.mkdir()
+    port = free_port()
+    (vassals / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {HELLO}\n"
+                                      f"fork-server = {tmp_path}/fork.sock\nfork-server-spares = 0\n")
+    (vassals / "app.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nenv = APP_NAME=app\n")
+    log = tmp_path / "emperor.log"
+    with log.open("wb") as out:  # a file, not a pipe nobody reads while it runs
+        proc = subprocess.Popen([str(wheel_venv / "bin" / "emperor"), "run", str(vassals),
+                                 "--stats", str(tmp_path / "stats")],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        status, body = wait_for(lambda: http_get(f"http://127.0.0.1:{port}/"), 30,
+                                "the adopted vassal to answer")
+        assert status == 200 and body.startswith("name=app "), body
+    finally:
+        stop(proc)
+    assert proc.returncode == 0, log.read_text(errors="replace")
+
+
+# -- the container image and the Kubernetes manifests ----------------------------
+
+K8S = ROOT / "examples" / "kubernetes"
+KUBERNETES_VERSION = "1.33.0"  # the manifests are validated against this release
+
+
+@dataclass
+class Image:
+    """The runtime stage of the Dockerfile, as far as running it goes."""
+
+    entrypoint: list[str]
+    cmd: list[str]
+    env: dict[str, str]
+    user: str
+    exposed: list[int]
+
+    @property
+    def argv(self) -> list[str]:
+        return self.entrypoint + self.cmd
+
+    def option(self, name: str) -> str:
+        return self.argv[self.argv.index(name) + 1]
+
+
+def parse_dockerfile(path: Path) -> Image:
+    """ENTRYPOINT, CMD, ENV, USER and EXPOSE of the last stage (JSON forms only:
+    the shell form would put a shell between the Emperor and SIGTERM)."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    stage: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        word, _, rest = line.partition(" ")
+        if word.upper() == "FROM":
+            stage = []
+        stage.append((word.upper(), rest.strip()))
+    found: dict[str, Any] = {"ENTRYPOINT": [], "CMD": [], "ENV": {}, "USER": "root",
+                             "EXPOSE": []}
+    for word, rest in stage:
+        if word in ("ENTRYPOINT", "CMD"):
+            found[word] = json.loads(rest)
+        elif word == "ENV":
+            found["ENV"].update(kv.split("=", 1) for kv in shlex.split(rest))
+        elif word == "USER":
+            found["USER"] = rest
+        elif word == "EXPOSE":
+            found["EXPOSE"] += [int(p.split("/")[0]) for p in rest.split()]
+    return Image(found["ENTRYPOINT"], found["CMD"], found["ENV"], found["USER"], found["EXPOSE"])
+
+
+def manifests() -> dict[str, dict]:
+    docs = [d for f in sorted(K8S.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    return {d["kind"]: d for d in docs}
+
+
+def container(m: dict[str, dict]) -> dict:
+    (c,) = m["Deployment"]["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def probe_port(probe: dict) -> int:
+    (url,) = re.findall(r"http://127\.0\.0\.1:(\d+)/healthz", " ".join(probe["exec"]["command"]))
+    return int(url)
+
+
+def test_the_dockerfile_passes_hadolint():
+    hadolint = Path(sys.executable).parent / "hadolint"
+    r = subprocess.run([str(hadolint), str(K8S / "Dockerfile")], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_dockerignore_keeps_local_state_out_of_the_image():
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".git", ".venv", ".make", "tests", "bench"} <= ignored, ignored
+
+
+def test_the_manifests_pass_kubernetes_validate():
+    tool = Path(sys.executable).parent / "kubernetes-validate"
+    r = subprocess.run([str(tool), "--strict", "-k", KUBERNETES_VERSION,
+                        *map(str, sorted(K8S.glob("*.yaml")))],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count(" passed ") == 3, r.stdout  # ConfigMap, Deployment, Service
+
+
+def test_the_manifests_fit_the_image():
+    image = parse_dockerfile(K8S / "Dockerfile")
+    m = manifests()
+    c = container(m)
+    pod = m["Deployment"]["spec"]["template"]["spec"]
+    assert image.user.split(":")[0] not in ("root", "0"), image.user
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    # the front door listens where the container port, EXPOSE and the Service point
+    front_port = int(image.option("--http").rsplit(":", 1)[1])
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["http"] == front_port and front_port in image.exposed and front_port >= 1024
+    (svc_port,) = m["Service"]["spec"]["ports"]
+    assert svc_port["targetPort"] in ("http", front_port) and svc_port["port"] == front_port
+    # the probes ask the status server the image starts
+    status_port = int(image.option("--status-http").rsplit(":", 1)[1])
+    assert probe_port(c["readinessProbe"]) == status_port == probe_port(c["livenessProbe"])
+    # the kubelet waits for preStop and the Emperor's whole graceful stop
+    mercy = float(image.option("--mercy"))
+    pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    assert pod["terminationGracePeriodSeconds"] > float(pre_stop[1]) + mercy
+    assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
+    assert c["resources"]["limits"]["memory"]
+    # the vassals directory is where the image's CMD looks
+    mounts = {v["name"]: v["mountPath"] for v in c["volumeMounts"]}
+    assert image.cmd[0] == mounts["vassals"]
+    assert mounts["run"] == image.env["PSGI_FORKSERVER_RUN_DIR"]
+    # every app is reached through the front door: a domain, no loopback port
+    for name, text in m["ConfigMap"]["data"].items():
+        if "fork-server" in text:
+            continue
+        assert re.search(r"^domain = ", text, re.M), name
+        assert "http-socket" not in text, name
+
+
+RULES = ROOT / "examples" / "prometheus" / "psgi-forkserver-rules.yml"
+
+
+def assert_rules_name_real_metrics(metrics: str) -> None:
+    """Every psgi_forkserver_* series the recording rules and alerts use is
+    one a running Emperor exports (a renamed metric would leave a rule empty)."""
+    def family(name: str) -> str:
+        return re.sub(r"_(total|bucket|count|sum)$", "", name)
+
+    families = {family(n) for n in re.findall(r"^# TYPE (\S+) ", metrics, re.M)}
+    rules = [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
+    assert rules and all(("record" in r) != ("alert" in r) and r["expr"] for r in rules)
+    used = {n for r in rules for n in re.findall(r"\bpsgi_forkserver_\w+", r["expr"])}
+    assert used, "no metric used"
+    unknown = {n for n in used if family(n) not in families}
+    assert unknown == set(), unknown
+
+
+@pytest.fixture(scope="module")
+def unprivileged_user():
+    """A user of this module's own (removed at the end), as the image's USER."""
+    if os.geteuid() != 0:
+        pytest.skip("making a user and running as it needs root")
+    name = f"pfdeploy{os.getpid()}"
+    subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
+                    "--shell", "/usr/sbin/nologin", name], check=True, timeout=60)
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], timeout=60)
+
+
+@pytest.fixture
+def readable_dir():
+    """A temporary directory other users can enter (pytest's own are 0700)."""
+    d = Path(tempfile.mkdtemp(prefix="pf-image-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_the_images_command_serves_the_configmap_apps(wheel_venv, unprivileged_user, tmp_path,
+                                                      readable_dir):
+    """The image's ENTRYPOINT and CMD, run on this machine as an unprivileged
+    user from the wheel's install, with the ConfigMap's files: each app
+    answers 200 by name through the front door's port, and the probes pass.
+    Image paths become temporary ones; the ports of the CMD (8080, 9100) become
+    free loopback ports (the container's 0.0.0.0 too: tests stay on loopback)."""
+    image = parse_dockerfile(K8S / "Dockerfile")
+    m = manifests()
+    c = container(m)
+    mounts = {v["name"]: v["mountPath"] for v in c["volumeMounts"]}
+    user = unprivileged_user
+    work = readable_dir
+    vassals, run = work / "vassals", work / "run"
+    front, status = free_port(), free_port()
+    # the codebase the image copies in, where the user can read it
+    (work / "app").mkdir()
+    shutil.copy2(ROOT / "examples" / "myapp.pl", work / "app" / "myapp.pl")
+    paths = {mounts["vassals"]: str(vassals), mounts["run"]: str(run),
+             "/opt/psgi-forkserver/app/myapp.pl": str(work / "app" / "myapp.pl")}
+
+    def host(text: str) -> str:
+        for image_path, host_path in paths.items():
+            text = text.replace(image_path, host_path)
+        return text
+
+    front_addr, status_addr = image.option("--http"), image.option("--status-http")
+    argv = [host(a) for a in image.argv]
+    argv[argv.index(front_addr)] = f"127.0.0.1:{front}"
+    argv[argv.index(status_addr)] = f"127.0.0.1:{status}"
+    assert argv[0] == "emperor"
+    argv[0] = str(wheel_venv / "bin" / "emperor")
+    vassals.mkdir()
+    run.mkdir(mode=0o700)
+    os.chown(run, user.pw_uid, user.pw_gid)
+    for name, text in m["ConfigMap"]["data"].items():
+        (vassals / name).write_text(host(text))
+    env = {"PATH": f"{wheel_venv / 'bin'}:/usr/bin:/bin", "LANG": "C.UTF-8",
+           **{k: host(v) for k, v in image.env.items() if k != "PATH"}}
+    log = tmp_path / "emperor.log"
+    with log.open("wb") as out:  # a file, not a pipe nobody reads while it runs
+        proc = subprocess.Popen(argv, env=env, cwd=work, user=user.pw_uid, group=user.pw_gid,
+                                extra_groups=[], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        apps = {name.removesuffix(".ini"): re.findall(r"^domain = (\S+)", text, re.M)
+                for name, text in m["ConfigMap"]["data"].items() if "fork-server" not in text}
+        assert len(apps) >= 2
+        for app, (domain, *_) in apps.items():
+            status_code, body = wait_for(
+                lambda: (r := http_get(f"http://127.0.0.1:{front}/", host=domain))[0] == 200 and r,
+                60, f"{app} through the front door as {domain}")
+            assert body.startswith(f"hello from {app} "), body
+        for probe in ("readinessProbe", "livenessProbe"):
+            cmd = [a.replace(f":{probe_port(c[probe])}/", f":{status}/")
+                   for a in c[probe]["exec"]["command"]]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, (probe, r.stderr)
+        who = {p.username() for p in [psutil.Process(proc.pid), *descendants(proc.pid)]}
+        assert who == {user.pw_name}, who
+        assert_rules_name_real_metrics(http_get(f"http://127.0.0.1:{status}/metrics")[1])
+    finally:
+        stop(proc)
+    assert proc.returncode == 0, log.read_text(errors="replace")
+
+
+# -- the systemd unit ----------------------------------------------------------
+
+UNIT = ROOT / "examples" / "systemd" / "psgi-forkserver.service"
+HARDENING = {"ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
+             "NoNewPrivileges": "yes", "Delegate": "yes"}
+
+
+def unit_settings(text: str) -> dict[str, str]:
+    text = re.sub(r"\\\n\s*", " ", text)
+    return dict(line.split("=", 1) for line in text.splitlines()
+                if "=" in line and not line.startswith(("#", ";")))
+
+
+def test_the_systemd_unit_runs_from_a_runtime_install_hardened():
+    settings = unit_settings(UNIT.read_text())
+    for key, value in HARDENING.items():
+        assert settings.get(key) == value, key
+    for key in ("ExecStart", "ExecReload"):
+        program = settings[key].split()[0]
+        assert program == "/opt/psgi-forkserver/bin/emperor", (key, program)
+    # systemd's stop timeout outlasts the Emperor's own graceful stop
+    mercy = float(settings["ExecStart"].split("--mercy")[1].split()[0])
+    assert float(settings["TimeoutStopSec"]) > mercy
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze is not installed (Debian's systemd package)")
+def test_the_systemd_unit_passes_systemd_analyze_verify(wheel_venv, tmp_path):
+    """Verified as installed: its /opt/psgi-forkserver is the wheel's venv here
+    (systemd-analyze checks that the programs it names exist)."""
+    unit = tmp_path / UNIT.name
+    unit.write_text(UNIT.read_text().replace("/opt/psgi-forkserver", str(wheel_venv)))
+    r = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stdout + r.stderr
