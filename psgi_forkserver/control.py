@@ -10,9 +10,10 @@ turn acts on it, at once (`again`).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from .snapshot import EmperorLink, EmperorSnapshot
+from .snapshot import EmperorLink, EmperorSnapshot, VassalSnapshot
 from .status import SCHEMA
 from .vassal import Kind, ProcState, Vassal
 
@@ -33,7 +34,15 @@ def snapshot(emperor: Emperor) -> EmperorSnapshot:
     return EmperorSnapshot(
         vassals_dir=str(emperor.dir), shutting_down=emperor.shutting_down,
         deploy=emperor.deploy_status(),
-        vassals={name: v.snapshot() for name, v in emperor.vassals.items()})
+        vassals={name: _with_last_output(emperor, v.snapshot())
+                 for name, v in emperor.vassals.items()})
+
+
+def _with_last_output(emperor: Emperor, s: VassalSnapshot) -> VassalSnapshot:
+    """The snapshot with what the process its last error is about wrote
+    last (read from its pipe up to its end, after it was reaped too)."""
+    words = emperor.last_output(s.name, s.error_pid)
+    return dataclasses.replace(s, last_output=words) if words else s
 
 
 def vassal_brief(v: Vassal) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections import deque
 import selectors
 import signal
@@ -52,6 +53,10 @@ from .vassal import Adopt, Forget, Kill, Policy, Send, Spawn, Vassal
 
 
 RECENT_LINES = 50  # log lines kept per vassal for the status page (/log/NAME)
+LAST_WORDS = 20  # lines a vassal's processes wrote, kept to explain a death
+LAST_OUTPUT = 3  # of those, what the status shows of a dead process
+# an access-log line (HTTPServer/Response.pm, combined format): never why it died
+ACCESS_LINE = re.compile(r'\S+ \S+ \S+ \S+ \[[^\]]*\] "')
 
 
 def is_our_program(program: str) -> bool:
@@ -98,8 +103,11 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         # logs.py: where lines go, and the vassals' output relayed line by line
         self.logbook = self.opts.log if self.opts.log is not None else logs.Log()
         self.relay = logs.Relay(self.logbook, self.sel)
-        self.logbook.keep = lambda name, msgs: (
-            self._remember(name, msgs) if name in self.vassals else None)
+        self.logbook.keep = lambda name, msgs, pid: (
+            self._remember(name, msgs, pid) if name in self.vassals else None)
+        # the last lines each vassal's processes wrote, with their pid: a
+        # dead process's are the status's last error (status/document.py)
+        self.last_words: dict[str, deque[tuple[int | None, str]]] = {}
         self.start_progress = logs.StartProgress(self.log)
         self._init_files()
         self._init_fork_servers()
@@ -112,10 +120,11 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
 
     def log(self, msg: str, name: str | None = None) -> None:
         if name:
-            self._remember(name, [msg])
+            self._remember(name, [msg], relayed=False)
         self.logbook.emit(msg, name)
 
-    def _remember(self, name: str, msgs: list[str]) -> None:
+    def _remember(self, name: str, msgs: list[str], pid: int | None = None,
+                  relayed: bool = True) -> None:
         """A vassal's recent lines (the status page shows them): the
         Emperor's about it and, relayed, its own (logs.Log.keep)."""
         lines = self.recent.get(name)
@@ -123,6 +132,19 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
             lines = self.recent[name] = deque(maxlen=RECENT_LINES)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S ")
         lines.extend(stamp + m for m in msgs)
+        if relayed:
+            words = self.last_words.get(name)
+            if words is None:
+                words = self.last_words[name] = deque(maxlen=LAST_WORDS)
+            words.extend((pid, m) for m in msgs if not ACCESS_LINE.match(m))
+
+    def last_output(self, name: str, pid: int | None) -> tuple[str, ...]:
+        """The last lines process `pid` of vassal `name` wrote (its access
+        log aside): why it died, when it said so."""
+        if pid is None:
+            return ()
+        words = [m for p, m in self.last_words.get(name, ()) if p == pid and m.strip()]
+        return tuple(words[-LAST_OUTPUT:])
 
     # -- the loop ------------------------------------------------------------------
 
@@ -251,6 +273,7 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
                         self._drop_proc(*key)
                     self.listeners.forget(v.name)
                     self.logbook.set_logto(v.name, None)  # what its pipes still hold: the main log
+                    self.last_words.pop(v.name, None)
                     self.recent.pop(v.name, None)
                     del self.vassals[v.name]
                     if v.refused:

@@ -115,9 +115,9 @@ class Log:
     path: Path | None = None  # --logto: the Emperor's own log file
     files: dict[str, LogFile] = field(default_factory=dict)  # vassal -> its logto
     main: LogFile | None = None
-    # also told every relayed line (vassal, lines): the Emperor keeps a
-    # vassal's recent lines for its status page
-    keep: Callable[[str, list[str]], None] | None = None
+    # also told every relayed line (vassal, lines, pid): the Emperor keeps a
+    # vassal's recent lines for its status page, and each process's last words
+    keep: Callable[[str, list[str], int | None], None] | None = None
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
@@ -154,7 +154,7 @@ class Log:
         """Lines a vassal's process wrote: to its `logto` file if it has one
         that is open, else to the Emperor's log; one write for all of them."""
         if self.keep is not None:
-            self.keep(vassal, lines)
+            self.keep(vassal, lines, pid)
         now = time.time()
         text = "".join(self.format(line, vassal, pid=pid, level="info", event="output", now=now)
                        for line in lines)

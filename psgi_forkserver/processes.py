@@ -404,14 +404,14 @@ class Processes:
         elif what == Exit.STOPPED:
             self.log(f"pid {pid} stopped ({st})", name)
         elif what == Exit.SUCCESSOR_DIED:
-            v.note_error(f"new pid {pid} died ({st})")
+            v.note_error(f"new pid {pid} died ({st})", pid)
             self.log(f"new pid {pid} died ({st}); old one keeps serving; retry in "
                      f"{max(0.0, v.not_before - now):.1f} s", name)
         elif what == Exit.TOOK_OVER:
             self.log(f"pid {pid} died ({st}); its successor pid {v.pid} takes over", name)
         else:
             # a base killed as wedged keeps that reason in the status
-            v.note_error(self.wedges.exited(pid) or f"pid {pid} died ({st})")
+            v.note_error(self.wedges.exited(pid) or f"pid {pid} died ({st})", pid)
             self.log(f"pid {pid} died ({st}); respawn in {v.backoff:.1f} s"
                      + (" (throttled)" if v.failures > 0 else ""), name)
 

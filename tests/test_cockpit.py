@@ -130,6 +130,27 @@ def test_every_vassal_carries_every_field_in_every_state(fleet):
     assert dies["restarts"] >= 1
 
 
+def test_the_last_error_is_the_line_the_app_wrote_before_it_died(fleet):
+    """Not only `pid N died (exit status 1)`: the vassal's own last lines
+    (here: the app's `die` at load), in the text, the JSON and the page."""
+    said = "cannot load app '%s'" % DIES
+    why = "boom: this app refuses to load"
+
+    def told() -> dict | None:
+        d = fleet.vassal("dies")
+        return d if why in (d["last_error"] or "") else None
+    dies = wait_for(told, 30, "the app's own error in the status")
+    assert said in dies["error"] and "died (exit status 1)" in dies["error"]
+    assert any(why in line for line in dies["last_output"]), dies["last_output"]
+    plain = emperor_cli("status")
+    line = next(ln for ln in plain.stdout.splitlines() if ln.startswith("dies: "))
+    assert why in line and "exit status 1" in line, plain.stdout
+    code, page = http_get(fleet.url("/"))
+    assert code == 200 and why in page
+    # a vassal that runs has no such lines
+    assert fleet.vassal("a")["last_output"] == []
+
+
 # -- control ------------------------------------------------------------------------
 
 

@@ -114,6 +114,16 @@ def forget_requests(pid: int) -> None:
         pass
 
 
+def _told(v: VassalSnapshot) -> str | None:
+    """The last failure the Emperor logged, with the last line the process
+    wrote before it died when it wrote one (the app's own `die`)."""
+    if not v.last_error:
+        return None
+    if v.last_output:
+        return f"{v.last_error}: {v.last_output[-1]}"
+    return v.last_error
+
+
 def _last_error(v: VassalSnapshot) -> str | None:
     """Why the vassal does not run: its file's error or why the Emperor
     refused it (no descriptors to spare), else (while it fails:
@@ -122,7 +132,7 @@ def _last_error(v: VassalSnapshot) -> str | None:
     if v.config_error or v.refused:
         return v.config_error or v.refused
     if v.phase == Phase.THROTTLED or v.failures > 0:
-        return v.last_error or None
+        return _told(v)
     return None
 
 
@@ -150,7 +160,9 @@ def vassal_status(v: VassalSnapshot, now: float,
         # why it does not run now (None while it is fine) ...
         "error": err,
         # ... and, in every state, the last failure and exit the Emperor saw
-        "last_error": err or v.last_error or None,
+        "last_error": err or _told(v),
+        # the last lines the process last_error is about wrote (its access log aside)
+        "last_output": list(v.last_output),
         "last_exit": describe_status(v.last_status) if v.last_status is not None else None,
         "held": v.held,
         # reported by the vassal itself (None: it reports nothing)
