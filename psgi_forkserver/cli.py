@@ -251,11 +251,10 @@ def own_dirs(args: argparse.Namespace, run: Path) -> list[Path]:
     """The directories this run may remove at exit when empty: the default
     run directory (and its sockets/); with --run-dir, which is the
     operator's and stays, the default stats socket's directory, unless
-    --stats is given or it is that same directory."""
+    it is that same directory."""
     if getattr(args, "run_dir", None) is None:
         return [run / "sockets", run]
-    if getattr(args, "stats", None) is not None:
-        return []
+    # with --stats too: the directory holds the record of where it listens
     from .status import default_stats_path
 
     stats_dir = default_stats_path(args.vassals_dir).parent
@@ -271,6 +270,31 @@ def remove_empty_dirs(*dirs: Path) -> None:
             pass
 
 
+def record_stats_path(default: Path, stats: Path) -> None:
+    """`--stats PATH`: where this Emperor listens, recorded where `emperor
+    status` looks (a symbolic link at the default socket's path, which a
+    client connects through), removed at exit if still ours. Best effort:
+    without it, clients need --stats."""
+    tmp = default.with_name(f".{default.name}.{os.getpid()}")
+    try:
+        default.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)
+        os.symlink(stats, tmp)
+        os.replace(tmp, default)
+    except OSError as e:
+        print(f"emperor: cannot record --stats {stats} in {default.parent}: "
+              f"{e.strerror or e} (`emperor status` needs --stats then)", file=sys.stderr)
+        return
+
+    def forget() -> None:
+        try:
+            if os.readlink(default) == str(stats):
+                default.unlink()
+        except OSError:
+            pass
+    atexit.register(forget)
+
+
 def bind_status(args: argparse.Namespace):
     """The status server with its sockets bound. Without --stats, the
     default socket in the run directory: one that cannot be opened there
@@ -278,8 +302,20 @@ def bind_status(args: argparse.Namespace):
     from .status import StatusServer, default_stats_path
 
     stats = args.stats
+    default = default_stats_path(args.vassals_dir)
+    try:  # a record of a run killed with -9 (this run holds the directory's lock)
+        if default.is_symlink():
+            default.unlink()
+    except OSError:
+        pass
+    if stats is not None:
+        server = StatusServer(
+            stats_path=stats, http=args.status_http, http_public=args.status_http_public,
+        ).bind()
+        record_stats_path(default, Path(os.path.abspath(stats)))
+        return server
     if stats is None:
-        stats = default_stats_path(args.vassals_dir)
+        stats = default
         why = None
         try:
             stats.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

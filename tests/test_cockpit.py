@@ -668,3 +668,39 @@ def test_emperors_sharing_a_run_directory_remove_only_their_own(xprocess, tmp_pa
         finally:
             for e in started:
                 stop_emperor(e)
+
+
+def test_status_finds_an_emperor_started_with_stats_elsewhere(xprocess, tmp_path, short_run_dir):
+    """`emperor run --stats PATH` records PATH in the run directory: status,
+    stop, start, reload and reload-base from any shell find it; it goes at
+    exit, and one left by a kill -9 does not stop the next default start."""
+    vdir = site_vassals_dir(tmp_path / "vassals")
+    sock = tmp_path / "elsewhere.sock"
+    with run_dir_env(short_run_dir):
+        e = start_emperor(xprocess, "emperor-stats-elsewhere", [vdir, "--stats", sock])
+        try:
+            wait_for(lambda: list(short_run_dir.glob("*/sockets/*.sock")), 15, "the vassal's socket")
+            r = emperor_cli("status", "--json")
+            assert r.returncode == 0, r.stderr
+            assert json.loads(r.stdout)["emperor"]["vassals_dir"] == str(vdir)
+            assert emperor_cli("status", "--dir", vdir).returncode == 0
+            for verb in ("stop", "start", "reload"):
+                r = emperor_cli(verb, "site")
+                assert r.returncode == 0, (verb, r.stdout, r.stderr)
+            r = emperor_cli("reload-base")
+            assert "no running Emperor" not in r.stderr, r.stderr
+            left = descendants(e.pid)
+            e.popen.kill()  # what -9 leaves must not stop the next start
+            e.popen.wait()
+            wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                                     for p in left), 30, "the killed Emperor's vassals to go")
+            e = start_emperor(xprocess, "emperor-stats-default", [vdir])
+            assert emperor_cli("status").returncode == 0
+            stop_emperor(e)
+            e = start_emperor(xprocess, "emperor-stats-elsewhere-2", [vdir, "--stats", sock])
+            assert emperor_cli("status").returncode == 0
+        finally:
+            stop_emperor(e)
+    assert e.popen.returncode == 0
+    assert not sock.exists()
+    assert list(short_run_dir.iterdir()) == []
