@@ -41,7 +41,7 @@ def snapshot(emperor: Emperor) -> EmperorSnapshot:
 def _with_last_output(emperor: Emperor, s: VassalSnapshot) -> VassalSnapshot:
     """The snapshot with what the process its last error is about wrote
     last (read from its pipe up to its end, after it was reaped too)."""
-    words = emperor.last_output(s.name, s.error_pid)
+    words = emperor.last_output(s.name, s.error_seq)
     return dataclasses.replace(s, last_output=words) if words else s
 
 

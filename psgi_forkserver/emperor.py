@@ -84,7 +84,9 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         )
         # vassal files are judged against our option table only when our
         # program reads them (uWSGI's vassals have uWSGI's options)
-        self.judge = is_our_program(self.opts.program) and self.opts.use_fork_server is None
+        self.our_program = is_our_program(self.opts.program)
+        self.judge = self.our_program and self.opts.use_fork_server is None
+        self.told_foreign = False  # adoptions through a fork server we do not run: said once
         self.policy = Policy.of(self.opts)
         self.bases = cfgmod.BaseSelector.from_names(self.opts.fork_bases)
         self.sel = selectors.DefaultSelector()
@@ -103,9 +105,9 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         # logs.py: where lines go, and the vassals' output relayed line by line
         self.logbook = self.opts.log if self.opts.log is not None else logs.Log()
         self.relay = logs.Relay(self.logbook, self.sel)
-        self.logbook.keep = lambda name, msgs, pid: (
-            self._remember(name, msgs, pid) if name in self.vassals else None)
-        # the last lines each vassal's processes wrote, with their pid: a
+        self.logbook.keep = lambda name, msgs, seq: (
+            self._remember(name, msgs, seq) if name in self.vassals else None)
+        # the last lines each vassal's processes wrote, with their sequence: a
         # dead process's are the status's last error (status/document.py)
         self.last_words: dict[str, deque[tuple[int | None, str]]] = {}
         self.start_progress = logs.StartProgress(self.log)
@@ -123,7 +125,7 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
             self._remember(name, [msg], relayed=False)
         self.logbook.emit(msg, name)
 
-    def _remember(self, name: str, msgs: list[str], pid: int | None = None,
+    def _remember(self, name: str, msgs: list[str], seq: int | None = None,
                   relayed: bool = True) -> None:
         """A vassal's recent lines (the status page shows them): the
         Emperor's about it and, relayed, its own (logs.Log.keep)."""
@@ -136,14 +138,14 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
             words = self.last_words.get(name)
             if words is None:
                 words = self.last_words[name] = deque(maxlen=LAST_WORDS)
-            words.extend((pid, m) for m in msgs if not ACCESS_LINE.match(m))
+            words.extend((seq, m) for m in msgs if not ACCESS_LINE.match(m))
 
-    def last_output(self, name: str, pid: int | None) -> tuple[str, ...]:
-        """The last lines process `pid` of vassal `name` wrote (its access
+    def last_output(self, name: str, seq: int | None) -> tuple[str, ...]:
+        """The last lines process `seq` of vassal `name` wrote (its access
         log aside): why it died, when it said so."""
-        if pid is None:
+        if seq is None:
             return ()
-        words = [m for p, m in self.last_words.get(name, ()) if p == pid and m.strip()]
+        words = [m for q, m in self.last_words.get(name, ()) if q == seq and m.strip()]
         return tuple(words[-LAST_OUTPUT:])
 
     # -- the loop ------------------------------------------------------------------

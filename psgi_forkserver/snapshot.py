@@ -33,7 +33,7 @@ class VassalSnapshot:
     config_error: str | None  # why its file cannot be used
     refused: str | None  # why the Emperor cannot take it on
     last_error: str | None  # the last failure the Emperor logged
-    error_pid: int | None = None  # the process last_error is about
+    error_seq: int | None = None  # the process last_error is about (its sequence number)
     last_output: tuple[str, ...] = ()  # the last lines that process wrote (why it died)
     pids: tuple[int, ...] = ()  # every process it has: the current one first
     addresses: tuple[str, ...] = ()  # its http-socket(s)
