@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+from .notify import settled
 from .snapshot import EmperorLink, EmperorSnapshot, VassalSnapshot
 from .status import SCHEMA
 from .vassal import Kind, ProcState, Vassal
@@ -26,7 +27,8 @@ COMMANDS = ("reload", "stop", "start", "reload-base", "reopen-logs")
 def link(emperor: Emperor) -> EmperorLink:
     return EmperorLink(lambda: snapshot(emperor), lambda: health(emperor),
                        lambda name: log_lines(emperor, name),
-                       lambda command, name: control(emperor, command, name), emperor.metrics)
+                       lambda command, name: control(emperor, command, name), emperor.metrics,
+                       lambda: readiness(emperor))
 
 
 def snapshot(emperor: Emperor) -> EmperorSnapshot:
@@ -149,6 +151,26 @@ def health(emperor: Emperor) -> tuple[bool, str]:
                                                                      ProcState.LOYAL):
         return True, f"ok: loop turns, base {base.name} generation {cur.base_generation} up"
     return False, f"base {base.name} is {base.phase.value}"
+
+
+def readiness(emperor: Emperor) -> tuple[bool, str]:
+    """/readyz: (ready, why). Ready is systemd's READY=1 rule (notify.settled)
+    for every vassal there is now, the Emperor healthy (/healthz), and the
+    front door, when there is one, running nginx on the routes of now."""
+    ok, why = health(emperor)
+    if not ok:
+        return False, why
+    waiting = sorted(name for name, v in emperor.vassals.items() if not settled(v.snapshot()))
+    if waiting:
+        more = f" and {len(waiting) - 5} more" if len(waiting) > 5 else ""
+        return False, f"not settled: {', '.join(waiting[:5])}{more}"
+    front = emperor.front
+    if front is not None:
+        if front.embedded and front.pid is None:
+            return False, "front door: nginx is not running"
+        if front.routes is None or front.dirty_since is not None or front.reload_pid is not None:
+            return False, "front door: routes not applied yet"
+    return True, f"ready: {len(emperor.vassals)} vassals settled"
 
 
 def log_lines(emperor: Emperor, name: str) -> list[str] | None:

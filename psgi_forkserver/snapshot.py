@@ -61,6 +61,7 @@ class EmperorLink:
     log_lines: Callable[[str], list[str] | None]  # a vassal's recent lines; None: no such vassal
     control: Callable[[str, str | None], dict[str, Any]]  # an operator's command, its reply
     metrics: Any = None  # metrics.EmperorMetrics: the Emperor's own counters
+    ready: Callable[[], tuple[bool, str]] | None = None  # /readyz: (ready, why)
 
 
 def config_values(cfg: Any, key: str) -> tuple[str, ...]:

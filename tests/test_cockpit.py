@@ -295,6 +295,27 @@ def test_healthz_and_recent_log_lines(fleet):
     assert http_get(fleet.url("/log/nope"))[0] == 404
 
 
+def test_readyz_waits_for_every_vassal_to_settle_healthz_does_not(fleet, tmp_path):
+    """/readyz is systemd's READY=1 rule for the vassals of now: a vassal
+    still loading holds it at 503 (naming it) while /healthz stays 200; a
+    vassal that failed for good (dies: throttled) does not."""
+    wait_for(lambda: http_get(fleet.url("/readyz"))[0] == 200, 60, "the fleet to be ready")
+    slow = tmp_path / "slow.psgi"
+    slow.write_text('sleep 4; sub { [200, ["Content-Type" => "text/plain"], ["slow\\n"]] };\n')
+    (fleet.dir / "slow.ini").write_text(
+        f"[uwsgi]\nhttp-socket = 127.0.0.1:{free_port()}\npsgi = {slow}\n")
+    try:
+        code, why = wait_for(lambda: (r := http_get(fleet.url("/readyz")))[0] == 503 and r, 30,
+                             "/readyz to wait for the new vassal")
+        assert "not settled: slow" in why, why
+        assert http_get(fleet.url("/healthz"))[0] == 200
+        wait_for(lambda: http_get(fleet.url("/readyz"))[0] == 200, 60, "slow to settle")
+        assert fleet.vassal("slow")["state"] == "loyal"
+    finally:
+        (fleet.dir / "slow.ini").unlink()
+        wait_for(lambda: "slow" not in fleet.doc()["vassals"], 30, "slow to go")
+
+
 def test_reload_base_wait_over_the_stats_socket_and_deploy_metrics(fleet):
     before = sample(metrics(fleet), "psgi_forkserver_base_generation")
     r = emperor_cli("reload-base", "--wait", timeout=180)

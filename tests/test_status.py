@@ -368,3 +368,17 @@ def test_stats_clients_beyond_the_cap_are_refused_with_a_message_and_a_non_reade
         srv.close()
         sel.close()
     assert not path.exists()
+
+
+def test_a_process_is_measured_at_most_once_per_interval(child, monkeypatch):
+    """However many clients ask, a process's memory is read from the kernel
+    once per interval; the documents in between reuse it (their states
+    are still their own)."""
+    from psgi_forkserver.status import document
+
+    monkeypatch.setattr(document, "MEASURE_INTERVAL", 600.0)
+    first = status.collect(fake_emperor(child.pid))
+    second = status.collect(fake_emperor(child.pid))
+    assert first["measured"] == 1 and second["measured"] == 0
+    pss = first["vassals"]["run<1>"]["pss"]
+    assert pss > 0 and second["vassals"]["run<1>"]["pss"] == pss

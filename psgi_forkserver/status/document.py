@@ -5,7 +5,11 @@ memory_full_info, from /proc/PID/smaps_rollup) summed over each vassal's
 process tree (during a reload, the successor's and retiring processes too).
 That costs the kernel about 1 ms per 40 MB process, so it is done a slice
 (BUDGET) per turn of the Emperor's loop, never in one block; concurrent
-requests share one collection. The document says what it cost:
+requests share one collection, and a process measured less than
+MEASURE_INTERVAL ago is not measured again (nor /proc walked again for the
+process trees), whatever the number of clients: the vassals' states are
+fresh in every document, their memory figures at most that old. The
+document says what it cost:
 `collect_ms` (CPU time measuring), `elapsed_ms` (request to document),
 `turns` (loop turns it was spread over).
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import os
 import struct
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,36 @@ from .rundir import run_dir
 
 SCHEMA = 1
 BUDGET = 0.01  # seconds of measuring per turn of the Emperor's loop
+MEASURE_INTERVAL = 1.0  # seconds a process's memory figures (and the process trees) are reused
+
+
+@dataclass
+class _Measured:
+    """What was measured lately, shared by the collections of one process
+    (the Emperor): pid -> (when, pss, uss, counted), and the process trees."""
+
+    memory: dict[int, tuple[float, int, int, int]] = field(default_factory=dict)
+    children: dict[int, list[int]] = field(default_factory=dict)
+    children_at: float = -MEASURE_INTERVAL
+
+    def tree_map(self, now: float) -> dict[int, list[int]]:
+        if now - self.children_at >= MEASURE_INTERVAL:
+            self.children, self.children_at = _ppid_map(), now
+            # what is older than the interval will be measured again anyway
+            self.memory = {p: m for p, m in self.memory.items() if now - m[0] < MEASURE_INTERVAL}
+        return self.children
+
+    def process(self, pid: int, now: float) -> tuple[int, int, int, bool]:
+        """(pss, uss, counted, measured now)."""
+        m = self.memory.get(pid)
+        if m is not None and now - m[0] < MEASURE_INTERVAL:
+            return m[1], m[2], m[3], False
+        pss, uss, n = _memory([pid])
+        self.memory[pid] = (now, pss, uss, n)
+        return pss, uss, n, True
+
+
+_measured = _Measured()
 
 
 def _ppid_map() -> dict[int, list[int]]:
@@ -243,8 +278,9 @@ class Collection:
         self.t0 = time.perf_counter()
         self.measure_s = 0.0
         self.turns = 0
+        self.measured = 0  # processes measured for this document (the others: reused)
         now = time.monotonic()
-        children = _ppid_map()
+        children = _measured.tree_map(now)
         vassals = snap.vassals
         self.vassals: dict[str, dict[str, Any]] = {}
         self.todo: list[tuple[str, int]] = []
@@ -270,7 +306,8 @@ class Collection:
         self.turns += 1
         while self.todo:
             name, pid = self.todo.pop()
-            pss, uss, n = _memory([pid])
+            pss, uss, n, fresh = _measured.process(pid, time.monotonic())
+            self.measured += fresh
             d = self.vassals[name]
             d["pss"] += pss
             d["uss"] += uss
@@ -300,6 +337,9 @@ class Collection:
             "collect_ms": round(self.measure_s * 1000, 2),
             "elapsed_ms": round((time.perf_counter() - self.t0) * 1000, 2),
             "turns": self.turns,
+            # processes measured for this document; the others' figures are
+            # less than MEASURE_INTERVAL old
+            "measured": self.measured,
         }
 
 
