@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -25,6 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from psgi_forkserver import paths, status
+from psgi_forkserver.proc import Phase
 
 import browser
 from support import EMPEROR, descendants, free_port, start_emperor, stop_emperor, wait_for
@@ -149,6 +151,28 @@ def test_the_last_error_is_the_line_the_app_wrote_before_it_died(fleet):
     assert code == 200 and why in page
     # a vassal that runs has no such lines
     assert fleet.vassal("a")["last_output"] == []
+
+
+def documented_fields(section: str) -> set[str]:
+    """The fields docs/status.md lists under `## SECTION` (first column)."""
+    text = (HERE.parent / "docs" / "status.md").read_text()
+    part = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    out: set[str] = set()
+    for line in part.splitlines():
+        if line.startswith("| `"):
+            out |= set(re.findall(r"`([a-z_]+)`", line.split("|")[1]))
+    return out
+
+
+def test_every_field_of_the_document_is_documented(fleet):
+    doc = fleet.doc()
+    vassal_fields = documented_fields("Each vassal")
+    for name, v in doc["vassals"].items():
+        assert set(v) <= vassal_fields, (name, set(v) - vassal_fields)
+        assert vassal_fields - {"other_pids", "spares"} <= set(v), (name, vassal_fields - set(v))
+    assert set(doc) == documented_fields("Top level")
+    assert set(doc["emperor"]) == documented_fields("`emperor`")
+    assert doc["schema"] == 1
 
 
 # -- control ------------------------------------------------------------------------
@@ -285,6 +309,34 @@ def test_metrics_parse_as_prometheus_text(fleet):
     inf = next(s.value for s in hist if s.name.endswith("_bucket") and s.labels["le"] == "+Inf")
     assert count == inf == adoptions
     assert sample(m, "psgi_forkserver_base_generation") >= 1
+
+
+def test_metrics_request_duration_as_counters_every_state_and_sleeping_is_up(fleet):
+    """Request durations as a sum and a count Prometheus can rate (not an
+    average since start); every state a vassal can be in, `refused`
+    included; an on-demand vassal asleep is up (its socket serves)."""
+    for _ in range(3):
+        get(fleet.ports["b"])
+    sleepy = free_port()
+    (fleet.dir / "sleepy.ini").write_text(
+        f"[uwsgi]\nhttp-socket = 127.0.0.1:{sleepy}\non-demand = true\npsgi = {APP}\n")
+    try:
+        wait_for(lambda: fleet.vassal("sleepy")["state"] == "on-demand", 30, "sleepy to sleep")
+        m = metrics(fleet)
+        assert sample(m, "psgi_forkserver_vassal_up", vassal="sleepy") == 1
+        assert sample(m, "psgi_forkserver_vassal_up", vassal="a") == 1
+        states = {s.labels["state"] for s in m["psgi_forkserver_vassal_state"]
+                  if s.labels["vassal"] == "a"}
+        assert states == {p.value for p in Phase}, states ^ {p.value for p in Phase}
+        count = sample(m, "psgi_forkserver_vassal_request_duration_seconds_count", vassal="b")
+        total = sample(m, "psgi_forkserver_vassal_request_duration_seconds_sum", vassal="b")
+        assert count >= 3 and 0 < total < count * 5
+        assert count == sample(m, "psgi_forkserver_vassal_requests_total", vassal="b")
+        assert "psgi_forkserver_vassal_latency_avg_seconds" not in m
+        assert fleet.vassal("b")["request_seconds"] == pytest.approx(total, abs=1e-3)
+    finally:
+        (fleet.dir / "sleepy.ini").unlink()
+        wait_for(lambda: "sleepy" not in fleet.doc()["vassals"], 30, "sleepy to go")
 
 
 def test_healthz_and_recent_log_lines(fleet):
@@ -512,7 +564,7 @@ def test_requests_file_is_summed_over_its_worker_slots(tmp_path, monkeypatch):
     assert status.read_requests(4242) is None
     status.requests_path(4242).write_bytes(
         status.REQUESTS_SLOT.pack(3, 3000) + status.REQUESTS_SLOT.pack(1, 5000) + b"\0" * 16)
-    assert status.read_requests(4242) == (4, 2.0)
+    assert status.read_requests(4242) == (4, 2.0, 0.008)
     status.forget_requests(4242)
     assert not status.requests_path(4242).exists()
 

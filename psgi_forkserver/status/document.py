@@ -125,9 +125,9 @@ def requests_path(pid: int) -> Path:
     return run_dir() / f"requests-{pid}"
 
 
-def read_requests(pid: int) -> tuple[int, float | None] | None:
-    """(requests served, average latency in ms) that process reported;
-    None when it reports nothing."""
+def read_requests(pid: int) -> tuple[int, float | None, float] | None:
+    """(requests served, average latency in ms, their latency summed in
+    seconds) that process reported; None when it reports nothing."""
     try:
         with open(requests_path(pid), "rb") as f:
             data = f.read(REQUESTS_SLOT.size * 4096)
@@ -138,7 +138,7 @@ def read_requests(pid: int) -> tuple[int, float | None] | None:
         r, us = REQUESTS_SLOT.unpack_from(data, off)
         n += r
         total_us += us
-    return n, (round(total_us / n / 1000, 3) if n else None)
+    return n, (round(total_us / n / 1000, 3) if n else None), total_us / 1e6
 
 
 def forget_requests(pid: int) -> None:
@@ -203,13 +203,14 @@ def vassal_status(v: VassalSnapshot, now: float,
         # reported by the vassal itself (None: it reports nothing)
         "requests": None,
         "latency_avg_ms": None,
+        "request_seconds": None,
         "processes": 0,
         "pss": 0,
         "uss": 0,
     }
     served = read_requests(v.pid) if v.pid is not None else None
     if served is not None:
-        doc["requests"], doc["latency_avg_ms"] = served
+        doc["requests"], doc["latency_avg_ms"], doc["request_seconds"] = served
     # every process of the vassal: during a reload, the successor and the
     # retiring ones too
     roots = list(v.pids)
