@@ -10,13 +10,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from .clients import (control_command, reload_base, reload_base_by_socket, reopen_logs,
-                      stats_socket, status_command)
+from .clients import reload_base, reload_base_by_socket, reopen_logs, stats_socket, status_command
 from .emperor import Emperor
 from .front_cli import (DEFAULT_KEEPALIVE, add_front_arguments, check_front, front_options,
                         nginx_conf_command, run_dir_of)
 from .locks import StartupError
 from .options import Options, run_arguments
+from .verbs import add_verbs, control_many, logs_command
 
 
 MAIN_EXAMPLES = """\
@@ -24,9 +24,11 @@ examples:
   emperor run examples/vassals                 run a fleet (status: http://127.0.0.1:PORT
                                                with --status-http, `emperor status`)
   emperor status                               every vassal: state, pid, error, memory
+  emperor status app1                          one app: state, pid, why it does not serve
+  emperor logs app1 -f                         its recent lines, then new ones
   emperor stop app1                            stop one app (it stays stopped)
   emperor start app1                           run it again
-  emperor reload app1                          a new process for one app, gap-free
+  emperor reload app1 'shop-*'                 a new process for apps, gap-free (--all: every one)
   emperor reload-base --wait                   code deploy: new base, every app moved
   emperor reopen-logs                          after logrotate: reopen every log file
   emperor nginx-conf examples/vassals          the routing by `domain`, for your own nginx
@@ -42,8 +44,12 @@ EXAMPLES = {
                   "   (then: emperor run examples/vassals --nginx-include"
                   " /etc/nginx/psgi-routing.conf --nginx-reload 'nginx -s reload')\n",
     "status": "example:\n  emperor status            (the one Emperor running here)\n"
-              "  emperor status --json --dir examples/vassals\n",
-    "reload": "example:\n  emperor reload app1       (exits 0 once a new process serves)\n",
+              "  emperor status --json --dir examples/vassals\n"
+              "  emperor status app1       (exit 0: it serves; 3: it does not, and why; 4: no such"
+              " vassal)\n",
+    "logs": "example:\n  emperor logs app1 -n 20 -f   (its last 20 lines, then new ones)\n",
+    "reload": "example:\n  emperor reload app1       (exits 0 once a new process serves)\n"
+              "  emperor reload 'shop-*' app2   (each waited for; exit 1 if one failed)\n",
     "stop": "example:\n  emperor stop app1         (stays stopped until `emperor start app1`"
             " or its file changes)\n",
     "start": "example:\n  emperor start app1        (exits 0 once it serves)\n",
@@ -115,18 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--wait: give up after this long (default 300)")
     add_status_arguments(run)
     add_status_command(sub)
-    for name, what in (("reload", "a new process for one vassal (gap-free when the Emperor "
-                                  "owns its socket)"),
-                       ("stop", "stop one vassal; it stays stopped until `start` or its file "
-                                "changes"),
-                       ("start", "run a stopped (or throttled) vassal again now")):
-        c = _sub(sub, name, help=what)
-        c.add_argument("name", metavar="NAME", help="the vassal (its file name without .ini)")
-        _add_finder(c)
-        c.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
-                       help="wait this long for the outcome (default 60)")
-        c.add_argument("--no-wait", dest="wait", action="store_false",
-                       help="exit once the Emperor took the command")
+    add_verbs(sub, _sub, _add_finder)
     add_prove_command(sub)
     return p
 
@@ -181,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         return status_command(args)
     if args.command in ("reload", "stop", "start"):
-        return control_command(args)
+        return control_many(args)
+    if args.command == "logs":
+        return logs_command(args)
     if args.command == "prove":
         return prove_command(args)
     bad = check_paths(args) or check_front(args)
@@ -242,6 +239,7 @@ def add_status_arguments(run: argparse.ArgumentParser) -> None:
 
 def add_status_command(sub) -> None:
     st = _sub(sub, "status", help="what runs and what it costs")
+    st.add_argument("name", metavar="NAME", nargs="?", help="one vassal only")
     _add_finder(st)
     st.add_argument("--json", action="store_true", help="print the JSON document as is")
     st.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")

@@ -28,7 +28,7 @@ def link(emperor: Emperor) -> EmperorLink:
     return EmperorLink(lambda: snapshot(emperor), lambda: health(emperor),
                        lambda name: log_lines(emperor, name),
                        lambda command, name: control(emperor, command, name), emperor.metrics,
-                       lambda: readiness(emperor))
+                       lambda: readiness(emperor), lambda name, since: logs(emperor, name, since))
 
 
 def snapshot(emperor: Emperor) -> EmperorSnapshot:
@@ -171,6 +171,24 @@ def readiness(emperor: Emperor) -> tuple[bool, str]:
         if front.routes is None or front.dirty_since is not None or front.reload_pid is not None:
             return False, "front door: routes not applied yet"
     return True, f"ready: {len(emperor.vassals)} vassals settled"
+
+
+def logs(emperor: Emperor, name: str, since: int | None) -> dict[str, Any]:
+    """`emperor logs NAME`: the vassal's recent lines (all that are kept, or
+    those after the `since`-th line ever kept for it), and `next`, the
+    `since` of the next ask."""
+    out: dict[str, Any] = {"schema": SCHEMA, "command": "logs", "name": name, "ok": False}
+    lines = emperor.recent.get(name)
+    if lines is None and name not in emperor.vassals:
+        known = ", ".join(sorted(emperor.vassals)) or "none"
+        out["message"] = f"no vassal {name!r} (vassals: {known})"
+        return out
+    kept = list(lines or ())
+    total = emperor.recent_total.get(name, 0)
+    if since is not None and 0 <= since <= total:
+        kept = kept[len(kept) - min(len(kept), total - since):]
+    out.update(ok=True, lines=kept, next=total)
+    return out
 
 
 def log_lines(emperor: Emperor, name: str) -> list[str] | None:

@@ -52,7 +52,7 @@ from .options import Options
 from .vassal import Adopt, Forget, Kill, Policy, Send, Spawn, Vassal
 
 
-RECENT_LINES = 50  # log lines kept per vassal for the status page (/log/NAME)
+RECENT_LINES = 200  # log lines kept per vassal (/log/NAME, `emperor logs NAME`)
 LAST_WORDS = 20  # lines a vassal's processes wrote, kept to explain a death
 LAST_OUTPUT = 3  # of those, what the status shows of a dead process
 # an access-log line (HTTPServer/Response.pm, combined format): never why it died
@@ -100,6 +100,7 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         self.again = False
         # the cockpit: recent log lines per vassal, metrics, systemd notify
         self.recent: dict[str, deque[str]] = {}
+        self.recent_total: dict[str, int] = {}  # lines ever kept per vassal (`logs -f` follows it)
         self.metrics = EmperorMetrics()
         self.notifier = notify.Notifier.from_env(self.log)
         # logs.py: where lines go, and the vassals' output relayed line by line
@@ -134,6 +135,7 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
             lines = self.recent[name] = deque(maxlen=RECENT_LINES)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S ")
         lines.extend(stamp + m for m in msgs)
+        self.recent_total[name] = self.recent_total.get(name, 0) + len(msgs)
         if relayed:
             words = self.last_words.get(name)
             if words is None:
@@ -277,6 +279,7 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
                     self.logbook.set_logto(v.name, None)  # what its pipes still hold: the main log
                     self.last_words.pop(v.name, None)
                     self.recent.pop(v.name, None)
+                    self.recent_total.pop(v.name, None)
                     del self.vassals[v.name]
                     if v.refused:
                         self.n_refused -= 1

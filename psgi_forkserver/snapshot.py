@@ -62,6 +62,8 @@ class EmperorLink:
     control: Callable[[str, str | None], dict[str, Any]]  # an operator's command, its reply
     metrics: Any = None  # metrics.EmperorMetrics: the Emperor's own counters
     ready: Callable[[], tuple[bool, str]] | None = None  # /readyz: (ready, why)
+    # `emperor logs NAME`: (name, since) -> the reply (control.logs)
+    logs: Callable[[str, int | None], dict[str, Any]] | None = None
 
 
 def config_values(cfg: Any, key: str) -> tuple[str, ...]:

@@ -256,11 +256,70 @@ def test_stopped_vassal_stays_stopped_until_started_or_its_file_changes(fleet):
 
 def test_commands_that_cannot_happen_exit_1_with_the_reason(fleet):
     r = emperor_cli("stop", "nope")
-    assert r.returncode == 1 and "no vassal 'nope'" in r.stderr and "a, b, base" in r.stderr
+    assert r.returncode == 4 and "stop nope: no such vassal" in r.stderr and "a, b, base" in r.stderr
     r = emperor_cli("stop", "base")
     assert r.returncode == 1 and "is a base" in r.stderr
     r = emperor_cli("reload", "dies", "--timeout", "60")
     assert r.returncode == 1 and "died (exit status 1)" in r.stderr, (r.stdout, r.stderr)
+
+
+def test_verbs_on_several_names_globs_and_all_each_waited_for(fleet):
+    """reload/stop/start take names, globs and --all, and wait for every
+    outcome: exit 0 when all came out, 1 when one failed, 4 for a name
+    or glob that matches no vassal (the others are still done)."""
+    pids = {n: fleet.vassal(n)["pid"] for n in ("a", "b")}
+    r = emperor_cli("reload", "a", "b")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "reload a: loyal, pid" in r.stdout and "reload b: loyal, pid" in r.stdout
+    assert all(fleet.vassal(n)["pid"] not in (None, pids[n]) for n in pids)
+    r = emperor_cli("stop", "[ab]")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert fleet.vassal("a")["state"] == fleet.vassal("b")["state"] == "stopped"
+    r = emperor_cli("start", "[ab]", "nope-*")
+    assert r.returncode == 4 and "start nope-*: no such vassal" in r.stderr, (r.stdout, r.stderr)
+    assert fleet.vassal("a")["state"] == fleet.vassal("b")["state"] == "loyal"
+    r = emperor_cli("reload", "--all", "--timeout", "60")  # dies fails again: 1
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "reload a: loyal" in r.stdout and "reload b: loyal" in r.stdout
+    assert "reload dies: " in r.stderr and "boom" in r.stderr
+    assert "base" not in r.stdout + r.stderr  # --all leaves the bases alone
+    assert emperor_cli("reload").returncode == 2
+
+
+def test_status_of_one_vassal_says_why_and_exits_by_its_state(fleet):
+    r = emperor_cli("status", "dies")
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert "boom: this app refuses to load" in r.stdout and "exit status 1" in r.stdout
+    assert "\na " not in r.stdout  # that vassal only
+    r = emperor_cli("status", "a")
+    assert r.returncode == 0 and "loyal" in r.stdout
+    r = emperor_cli("status", "a", "--json")
+    assert json.loads(r.stdout)["state"] == "loyal"
+    r = emperor_cli("status", "nope")
+    assert r.returncode == 4 and "no such vassal" in r.stderr
+
+
+def test_logs_of_one_vassal_without_the_status_page_and_follow(fleet):
+    r = emperor_cli("logs", "dies", "-n", "3")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert 1 <= len(lines) <= 3 and any("died (exit status 1)" in ln or "boom" in ln
+                                        for ln in lines), lines
+    assert emperor_cli("logs", "nope").returncode == 4
+    follow = subprocess.Popen([EMPEROR, "logs", "b", "-f", "-n", "1"], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        seen: list[str] = []
+        reader = threading.Thread(target=lambda: seen.extend(iter(follow.stdout.readline, "")),
+                                  daemon=True)
+        reader.start()
+        wait_for(lambda: seen, 30, "the follower's first line")
+        assert emperor_cli("reload", "b").returncode == 0
+        wait_for(lambda: any("reload: asked by the operator" in ln for ln in seen[1:]), 30,
+                 "the new line in the follower's output")
+    finally:
+        follow.terminate()
+        follow.wait(10)
 
 
 # -- pages ----------------------------------------------------------------------------

@@ -89,6 +89,7 @@ class Requests:
             pass
         line = c.inbuf.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
         try:
+            req: dict[str, Any] = {}
             if line.startswith("{"):
                 req = json.loads(line)
                 command, name = str(req.get("command", "")), req.get("name")
@@ -96,6 +97,11 @@ class Requests:
                 command, _, name = line.partition(" ")
                 name = name.strip() or None
             assert self.link is not None
+            if command == "logs" and self.link.logs is not None:
+                since = req.get("since")
+                reply = self.link.logs(str(name), since if isinstance(since, int) else None)
+                self._respond(c, _json(reply))
+                return True
             reply = self.link.control(command, None if name is None else str(name))
             if self.job is not None:
                 # a collection in progress took its snapshot before the
