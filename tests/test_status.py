@@ -382,3 +382,46 @@ def test_a_process_is_measured_at_most_once_per_interval(child, monkeypatch):
     assert first["measured"] == 1 and second["measured"] == 0
     pss = first["vassals"]["run<1>"]["pss"]
     assert pss > 0 and second["vassals"]["run<1>"]["pss"] == pss
+
+
+def test_configmap_swap_reloads_only_what_changed_and_touch_still_reloads(xprocess, tmp_path):
+    """kubelet's layout: a.ini -> ..data/a.ini, ..data -> ..TIMESTAMP/. An
+    update writes every key anew in a new directory and swaps ..data by a
+    rename: only the vassal whose content changed reloads (the others'
+    files have a new mtime, but they are other files, not touched ones);
+    `touch` of a plain file still reloads its vassal."""
+    vdir = tmp_path / "vassals"
+    vdir.mkdir()
+    (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
+    ports = {"a": free_port(), "b": free_port(), "c": free_port()}
+    old = vdir / "..2026_01_01_00_00_00.1"
+    old.mkdir()
+    for n in ("a", "b"):
+        (old / f"{n}.ini").write_text(app_ini(n, ports[n], "v1", processes=1))
+        os.symlink(f"..data/{n}.ini", vdir / f"{n}.ini")
+    os.symlink(old.name, vdir / "..data")
+    (vdir / "c.ini").write_text(app_ini("c", ports["c"], "v1", processes=1))
+    stats = tmp_path / "s.sock"
+    em = start_emperor(xprocess, "emperor-configmap", [vdir, "--mercy", "5",
+                                                        "--rescan-interval", "600", "--stats", stats])
+    try:
+        for n, port in ports.items():
+            wait_for(lambda p=port, n=n: get(p)["name"] == n, 30, f"{n} to answer")
+        pids = {n: status.fetch(stats)["vassals"][n]["pid"] for n in ports}
+        new = vdir / "..2026_01_02_00_00_00.2"
+        new.mkdir()
+        (new / "a.ini").write_text(app_ini("a", ports["a"], "v1", processes=1))
+        (new / "b.ini").write_text(app_ini("b", ports["b"], "v2", processes=1))
+        os.symlink(new.name, vdir / "..data_tmp")
+        os.rename(vdir / "..data_tmp", vdir / "..data")
+        shutil.rmtree(old)
+        wait_for(lambda: get(ports["b"])["value"] == "v2", 30, "b to serve its new content")
+        wait_for(lambda: status.fetch(stats)["vassals"]["b"]["state"] == "loyal", 30, "b loyal")
+        assert status.fetch(stats)["vassals"]["a"]["pid"] == pids["a"]
+        assert not em.lines("[a] file touched") and not em.lines("[a] file changed"), em.text()
+        os.utime(vdir / "c.ini")  # touch
+        wait_for(lambda: status.fetch(stats)["vassals"]["c"]["pid"] not in (None, pids["c"]), 30,
+                 "c to be reloaded by the touch")
+        assert status.fetch(stats)["vassals"]["a"]["pid"] == pids["a"]
+    finally:
+        stop_emperor(em)
