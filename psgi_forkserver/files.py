@@ -196,7 +196,8 @@ class Files:
                     self._load(name, self.dir / fname, now)
 
     def _load(self, name: str, path: Path | None, now: float) -> None:
-        cfg = (cfgmod.load(path, judge=self.judge, render=self.renderer.render)
+        cfg = (cfgmod.load(path, judge=self.judge, render=self.renderer.render,
+                           magic=self.our_program)
                if path is not None else None)
         if cfg is not None and cfg.pending:
             return  # a template rendering: read again when it ends (config/render.py)

@@ -425,3 +425,29 @@ def test_configmap_swap_reloads_only_what_changed_and_touch_still_reloads(xproce
         assert status.fetch(stats)["vassals"]["a"]["pid"] == pids["a"]
     finally:
         stop_emperor(em)
+
+
+@pytest.mark.parametrize("adopted", [True, False], ids=["adopted", "spawned"])
+def test_magic_variables_reach_the_vassal(xprocess, tmp_path, adopted):
+    """`env = APP_NAME=%n` and `$(ENV)` as uWSGI expands them, in the vassal's
+    environment; a refused one is that vassal's config-error with its line."""
+    vdir = tmp_path / "vassals"
+    vdir.mkdir()
+    if adopted:
+        (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
+    port = free_port()
+    (vdir / "magic.ini").write_text(
+        f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\n" + ("" if adopted else f"psgi = {APP}\n")
+        + "env = APP_NAME=%n\nenv = APP_VALUE=$(PFS_MAGIC)-%%\n")
+    (vdir / "bad.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{free_port()}\n"
+                                  "procname = %h\n")
+    stats = tmp_path / "s.sock"
+    em = start_emperor(xprocess, "emperor-magic", [vdir, "--mercy", "5", "--stats", stats],
+                       {"PFS_MAGIC": "from-env"})
+    try:
+        got = wait_for(lambda: get(port), 30, "magic to answer")
+        assert (got["name"], got["value"]) == ("magic", "from-env-%")
+        bad = wait_for(lambda: status.fetch(stats)["vassals"]["bad"]["error"], 30, "bad's error")
+        assert bad.startswith("bad.ini:3: uWSGI's magic variable %h (the hostname)"), bad
+    finally:
+        stop_emperor(em)
