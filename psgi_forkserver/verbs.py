@@ -157,8 +157,10 @@ def status_of(doc: dict[str, Any], name: str) -> tuple[int, str]:
         return EXIT_NO_VASSAL, f"emperor: status {name}: no such vassal (vassals: {known})\n"
     one = {**doc, "vassals": {name: v}}
     text = format_table(one).rsplit("\n", 2)[0] + "\n"  # without the Emperor's line
-    for line in v.get("last_output") or []:
-        text += f"{name}: | {line}\n"
+    said = v.get("error") or v.get("last_error") or ""
+    for line in v.get("last_output") or []:  # the lines before the one the error quotes
+        if line not in said:
+            text += f"{name}: | {line}\n"
     up = v.get("state") in SERVING + ("reloading",) or (v.get("kind") == "base"
                                                          and v.get("state") == "running")
     return (EXIT_OK if up else EXIT_NOT_SERVING), text
