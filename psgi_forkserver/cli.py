@@ -310,7 +310,8 @@ def bind_status(args: argparse.Namespace):
         server = StatusServer(
             stats_path=stats, http=args.status_http, http_public=args.status_http_public,
         ).bind()
-        record_stats_path(default, Path(os.path.abspath(stats)))
+        if Path(os.path.abspath(stats)) != Path(os.path.abspath(default)):
+            record_stats_path(default, Path(os.path.abspath(stats)))
         return server
     if stats is None:
         stats = default
