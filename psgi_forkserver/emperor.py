@@ -53,8 +53,8 @@ from .vassal import Adopt, Forget, Kill, Policy, Send, Spawn, Vassal
 
 
 RECENT_LINES = 200  # log lines kept per vassal (/log/NAME, `emperor logs NAME`)
-LAST_WORDS = 20  # lines a vassal's processes wrote, kept to explain a death
-LAST_OUTPUT = 3  # of those, what the status shows of a dead process
+LAST_OUTPUT = 3  # lines a process wrote last, kept to explain its death in the status
+LAST_PROCESSES = 4  # a vassal's processes whose last lines are kept (the newest)
 # an access-log line (HTTPServer/Response.pm, combined format): never why it died
 ACCESS_LINE = re.compile(r'\S+ \S+ \S+ \S+ \[[^\]]*\] "')
 
@@ -108,9 +108,10 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         self.relay = logs.Relay(self.logbook, self.sel)
         self.logbook.keep = lambda name, msgs, seq: (
             self._remember(name, msgs, seq) if name in self.vassals else None)
-        # the last lines each vassal's processes wrote, with their sequence: a
-        # dead process's are the status's last error (status/document.py)
-        self.last_words: dict[str, deque[tuple[int | None, str]]] = {}
+        # the last lines each of a vassal's latest processes wrote, by their
+        # sequence number: a dead process's are the status's last error
+        # (status/document.py), whatever its successors write since
+        self.last_words: dict[str, dict[int | None, deque[str]]] = {}
         self.start_progress = logs.StartProgress(self.log)
         self._init_files()
         self._init_fork_servers()
@@ -137,18 +138,23 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         lines.extend(stamp + m for m in msgs)
         self.recent_total[name] = self.recent_total.get(name, 0) + len(msgs)
         if relayed:
-            words = self.last_words.get(name)
+            kept = [m for m in msgs if m.strip() and not ACCESS_LINE.match(m)]
+            if not kept:
+                return
+            per = self.last_words.setdefault(name, {})
+            words = per.get(seq)
             if words is None:
-                words = self.last_words[name] = deque(maxlen=LAST_WORDS)
-            words.extend((seq, m) for m in msgs if not ACCESS_LINE.match(m))
+                words = per[seq] = deque(maxlen=LAST_OUTPUT)
+                while len(per) > LAST_PROCESSES:  # the oldest process's go
+                    del per[min(per, key=lambda q: -1 if q is None else q)]
+            words.extend(kept)
 
     def last_output(self, name: str, seq: int | None) -> tuple[str, ...]:
         """The last lines process `seq` of vassal `name` wrote (its access
         log aside): why it died, when it said so."""
         if seq is None:
             return ()
-        words = [m for q, m in self.last_words.get(name, ()) if q == seq and m.strip()]
-        return tuple(words[-LAST_OUTPUT:])
+        return tuple(self.last_words.get(name, {}).get(seq, ()))
 
     # -- the loop ------------------------------------------------------------------
 

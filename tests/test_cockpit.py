@@ -164,6 +164,30 @@ def documented_fields(section: str) -> set[str]:
     return out
 
 
+def test_the_last_error_stays_the_apps_once_it_runs_again(fleet, tmp_path):
+    """In every state: a vassal that died at load, then loaded, shows that
+    error as its last one (not as its error), whatever it writes since."""
+    mark = tmp_path / "ready"
+    app = tmp_path / "later.psgi"
+    app.write_text(f'die "later: not yet\\n" unless -e "{mark}";\n'
+                   'sub { warn "serving\\n"; [200, ["Content-Type" => "text/plain"], ["ok\\n"]] };\n')
+    port = free_port()
+    (fleet.dir / "later.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\npsgi = {app}\n")
+    try:
+        wait_for(lambda: "later: not yet" in (fleet.vassal("later")["error"] or ""), 30,
+                 "the load error")
+        mark.touch()
+        wait_for(lambda: fleet.vassal("later")["state"] == "loyal", 30, "later to run")
+        for _ in range(5):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read()
+        v = fleet.vassal("later")
+        assert v["error"] is None and "later: not yet" in v["last_error"], v
+        assert "died (exit status 1)" in v["last_error"] and v["last_exit"] == "exit status 1"
+    finally:
+        (fleet.dir / "later.ini").unlink()
+        wait_for(lambda: "later" not in fleet.doc()["vassals"], 30, "later to go")
+
+
 def test_every_field_of_the_document_is_documented(fleet):
     doc = fleet.doc()
     vassal_fields = documented_fields("Each vassal")
@@ -601,6 +625,22 @@ def test_bad_command_lines_get_a_precise_reply_and_the_fleet_runs_on(fleet):
     r = raw_command(fleet.stats, b"x" * 9000)  # never a line
     assert r["ok"] is False and r["message"] == "command line too long"
     assert fleet.vassal("a")["state"] == "loyal" and get(fleet.ports["a"])["name"] == "a"
+
+
+def test_a_command_written_after_connect_is_never_taken_for_a_plain_read(fleet):
+    """Documents come in the next loop turn now that process figures are
+    reused: a client that writes its command right after connect() still
+    gets the command's reply, and one that only reads still gets the document."""
+    for _ in range(20):
+        r = raw_command(fleet.stats, b"frobnicate a\n")
+        assert r["message"].startswith("unknown command 'frobnicate'"), r
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(20)
+        s.connect(str(fleet.stats))
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert "a" in json.loads(data)["vassals"]
 
 
 def test_a_run_directory_that_cannot_be_used_is_one_line_and_the_fleet_starts(xprocess, tmp_path):

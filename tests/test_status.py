@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -134,8 +135,10 @@ def test_stats_socket_serves_many_clients_without_blocking(tmp_path: Path, child
         eof: set = set()
 
         def all_answered():
+            now = time.monotonic()
             for key, _ in sel.select(0.05):  # the "Emperor" loop turns
-                key.data(0.0)
+                key.data(now)
+            srv.poll(now)
             for c in clients:
                 try:
                     chunk = c.recv(1 << 20)
@@ -325,6 +328,7 @@ def test_stats_clients_beyond_the_cap_are_refused_with_a_message_and_a_non_reade
         if rcvbuf:
             c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         c.connect(str(path))
+        c.shutdown(socket.SHUT_WR)  # plain readers, as status.fetch: the document at once
         c.setblocking(False)
         socks.append(c)
         return c
@@ -332,6 +336,7 @@ def test_stats_clients_beyond_the_cap_are_refused_with_a_message_and_a_non_reade
     def turn():
         for key, _ in sel.select(0.05):
             key.data(clock[0])
+        srv.poll(clock[0])
 
     def read_all(c: socket.socket, into: dict) -> bool:
         turn()

@@ -6,10 +6,10 @@ process tree (during a reload, the successor's and retiring processes too).
 That costs the kernel about 1 ms per 40 MB process, so it is done a slice
 (BUDGET) per turn of the Emperor's loop, never in one block; concurrent
 requests share one collection, and a process measured less than
-MEASURE_INTERVAL ago is not measured again (nor /proc walked again for the
-process trees), whatever the number of clients: the vassals' states are
-fresh in every document, their memory figures at most that old. The
-document says what it cost:
+MEASURE_INTERVAL ago is not measured again, whatever the number of
+clients: the vassals' states and process trees are fresh in every
+document, their memory figures at most that old. The document says what
+it cost:
 `collect_ms` (CPU time measuring), `elapsed_ms` (request to document),
 `turns` (loop turns it was spread over).
 
@@ -35,24 +35,25 @@ from .rundir import run_dir
 
 SCHEMA = 1
 BUDGET = 0.01  # seconds of measuring per turn of the Emperor's loop
-MEASURE_INTERVAL = 1.0  # seconds a process's memory figures (and the process trees) are reused
+MEASURE_INTERVAL = 1.0  # seconds a process's memory figures are reused
 
 
 @dataclass
 class _Measured:
     """What was measured lately, shared by the collections of one process
-    (the Emperor): pid -> (when, pss, uss, counted), and the process trees."""
+    (the Emperor): pid -> (when, pss, uss, counted)."""
 
     memory: dict[int, tuple[float, int, int, int]] = field(default_factory=dict)
-    children: dict[int, list[int]] = field(default_factory=dict)
-    children_at: float = -MEASURE_INTERVAL
+    pruned_at: float = 0.0
 
-    def tree_map(self, now: float) -> dict[int, list[int]]:
-        if now - self.children_at >= MEASURE_INTERVAL:
-            self.children, self.children_at = _ppid_map(), now
+    def tree_map(self, now: float) -> "dict[int, list[int]] | _Children":
+        """The process trees, read now: each process's children as asked
+        (/proc/PID/task/TID/children), else one pass over all of /proc."""
+        if now - self.pruned_at >= MEASURE_INTERVAL:
             # what is older than the interval will be measured again anyway
             self.memory = {p: m for p, m in self.memory.items() if now - m[0] < MEASURE_INTERVAL}
-        return self.children
+            self.pruned_at = now
+        return _Children() if _HAS_CHILDREN_FILES else _ppid_map()
 
     def process(self, pid: int, now: float) -> tuple[int, int, int, bool]:
         """(pss, uss, counted, measured now)."""
@@ -65,6 +66,35 @@ class _Measured:
 
 
 _measured = _Measured()
+
+
+_HAS_CHILDREN_FILES = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+
+
+class _Children(dict):
+    """pid -> its children, read from the kernel when first asked: only the
+    Emperor's own trees are read, not every process of the machine (a
+    busy machine has thousands)."""
+
+    def get(self, pid: int, default: Any = None) -> list[int]:  # type: ignore[override]
+        if pid not in self:
+            self[pid] = _children_of(pid)
+        return self[pid]
+
+
+def _children_of(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                out += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    return out
 
 
 def _ppid_map() -> dict[int, list[int]]:

@@ -22,6 +22,11 @@ from .page import render_html
 
 
 MAX_REQUEST = 8192
+#: a stats client that neither sent a line nor shut its side gets its
+#: document this long after it connected, not before: a command written
+#: right after connect() is not taken for a plain read (the document comes
+#: in the loop's next turn, now that process figures are reused)
+COMMAND_GRACE = 0.05
 
 
 @dataclass
@@ -31,6 +36,9 @@ class _Client:
     inbuf: bytes = b""
     out: memoryview | None = None
     command: bool = False  # stats socket: it sent a command line (no document then)
+    accepted: float = 0.0  # when it was accepted (the loop's clock)
+    eof: bool = False  # stats socket: it shut its side: a plain reader, no command coming
+    doc: bytes | None = None  # its document, held until COMMAND_GRACE has passed
 
 
 class Requests:
@@ -51,8 +59,29 @@ class Requests:
         return out
 
     def _send_doc(self, c: _Client, doc: dict[str, Any]) -> None:
-        if not c.command:
-            self._respond(c, self._once(doc, "json", lambda: _json(doc)))
+        if c.command:
+            return
+        data = self._once(doc, "json", lambda: _json(doc))
+        if c.eof or self.now >= c.accepted + COMMAND_GRACE:
+            self._respond(c, data)
+        else:
+            c.doc = data
+            self.deferred.add(c.sock.fileno())
+
+    def _send_deferred(self, now: float) -> None:
+        """The documents whose COMMAND_GRACE has passed (every loop turn)."""
+        for fd in list(self.deferred):
+            c = self.clients.get(fd)
+            if c is None or c.doc is None or c.command:
+                self.deferred.discard(fd)
+            elif c.eof or now >= c.accepted + COMMAND_GRACE:
+                self.deferred.discard(fd)
+                data, c.doc = c.doc, None
+                self._respond(c, data)
+
+    def _deferred_wakeup(self) -> float | None:
+        return min((c.accepted + COMMAND_GRACE for fd in self.deferred
+                    if (c := self.clients.get(fd)) is not None), default=None)
 
     def _on_stats_readable(self, fd: int, now: float) -> bool:
         """A stats client's bytes: one line (`stop NAME`, or JSON
@@ -75,8 +104,14 @@ class Requests:
                 self.sel.unregister(c.sock)  # a plain reader shut its side
             except (KeyError, ValueError):
                 pass
+            c.eof = True
+            if c.doc is not None and not c.command:
+                self.deferred.discard(fd)
+                data, c.doc = c.doc, None
+                self._respond(c, data)
             return c.command
         c.command = True
+        c.doc = None
         c.inbuf += data
         if b"\n" not in c.inbuf:
             if len(c.inbuf) > MAX_REQUEST:

@@ -79,6 +79,7 @@ def fetch(path: Path, timeout: float = 10.0) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(str(path))
+        s.shutdown(socket.SHUT_WR)  # no command: the document at once
         chunks = []
         while True:
             b = s.recv(65536)

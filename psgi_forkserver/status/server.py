@@ -118,6 +118,7 @@ class StatusServer(Requests):
         self._tick_w: socket.socket | None = None
         # listening sockets out of the selector after EMFILE: fd -> (sock, http, until)
         self.paused: dict[int, tuple[socket.socket, bool, float]] = {}
+        self.deferred: set[int] = set()  # stats clients whose document waits (COMMAND_GRACE)
 
     # -- set-up ------------------------------------------------------------------
 
@@ -249,7 +250,7 @@ class StatusServer(Requests):
             if len(self.clients) >= self.max_clients:
                 self._refuse(conn, http)
                 continue
-            c = _Client(conn, now + CLIENT_TIMEOUT)
+            c = _Client(conn, now + CLIENT_TIMEOUT, accepted=now)
             self.clients[conn.fileno()] = c
             try:
                 if http:
@@ -299,10 +300,16 @@ class StatusServer(Requests):
 
     def next_wakeup(self) -> float | None:
         """When poll() has something to do (the Emperor's loop asks)."""
-        return min((until for _, _, until in self.paused.values()), default=None)
+        times = [until for _, _, until in self.paused.values()]
+        grace = self._deferred_wakeup()
+        return min(times + ([grace] if grace is not None else []), default=None)
 
     def poll(self, now: float) -> None:
-        """Called every turn of the Emperor's loop: resume paused sockets."""
+        """Called every turn of the Emperor's loop: resume paused sockets,
+        send the documents held for COMMAND_GRACE."""
+        self.now = now
+        if self.deferred:
+            self._send_deferred(now)
         for fd, (lsock, http, until) in list(self.paused.items()):
             if now < until:
                 continue
