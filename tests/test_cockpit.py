@@ -178,8 +178,10 @@ def test_the_last_error_stays_the_apps_once_it_runs_again(fleet, tmp_path):
                  "the load error")
         mark.touch()
         wait_for(lambda: fleet.vassal("later")["state"] == "loyal", 30, "later to run")
-        for _ in range(5):
+        for _ in range(25):  # more lines than a vassal's recent lines used to keep
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read()
+        wait_for(lambda: len([ln for ln in emperor_cli("logs", "later").stdout.splitlines()
+                              if "serving" in ln]) >= 25, 30, "its lines read")
         v = fleet.vassal("later")
         assert v["error"] is None and "later: not yet" in v["last_error"], v
         assert "died (exit status 1)" in v["last_error"] and v["last_exit"] == "exit status 1"
