@@ -878,3 +878,24 @@ def test_status_finds_an_emperor_started_with_stats_elsewhere(xprocess, tmp_path
     assert e.popen.returncode == 0
     assert not sock.exists()
     assert list(short_run_dir.iterdir()) == []
+
+
+from test_frontdoor import front, ini, needs_nginx  # noqa: E402,F401  (the front fixture)
+
+
+@needs_nginx
+def test_readyz_waits_for_the_front_door(front):  # noqa: F811
+    """/readyz is 503 while the front door has no nginx running on the
+    current routes (here: its nginx killed, until the Emperor restarts it)."""
+    sport = free_port()
+    f = front({"app1": ini("app1", "domain = app1.localhost")},
+              "--status-http", f"127.0.0.1:{sport}")
+    url = f"http://127.0.0.1:{sport}/readyz"
+    wait_for(lambda: http_get(url)[0] == 200, 60, "the fleet and its front door to be ready")
+    f.routed("app1.localhost", "app1")
+    old = f.nginx_pid()
+    os.kill(old, 9)  # the nginx this test's Emperor started, by its pid
+    code, why = wait_for(lambda: (r := http_get(url))[0] == 503 and r, 30,
+                         "/readyz to say the front door is down")
+    assert why.startswith("front door: "), why
+    wait_for(lambda: http_get(url)[0] == 200 and f.nginx_pid() != old, 60, "ready again")
