@@ -47,6 +47,7 @@ from benchlib import (  # noqa: E402
 )
 from psgi_forkserver import adoption  # noqa: E402  (the product's fork-server client)
 import front as frontbench  # noqa: E402  (bench/front.py)
+import health as healthbench  # noqa: E402  (bench/health.py)
 from psgi_forkserver.orphans import spare_of  # noqa: E402
 
 PROGRAM = str(ROOT / "perl" / "ForkServer.pm")
@@ -55,7 +56,7 @@ EMPEROR = str(ROOT / ".venv" / "bin" / "emperor")
 MB = 1024 * 1024
 
 SCENARIOS = ("adoption", "spares", "serving", "cold", "fleet", "mass", "thousand", "deploy", "prove",
-             "plack", "front", "templates")
+             "plack", "front", "templates", "health")
 
 
 @dataclass
@@ -1403,6 +1404,7 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
                      f"{tp['child_loop_ms_per_template']} / {tp['plain_ms_per_template']} ms "
                      f"({tp['forks']} children)", "", ""))
     rows += frontbench.rows(r.get("front") or {})
+    rows += healthbench.rows(r.get("health") or {})
     return rows
 
 
@@ -1597,6 +1599,10 @@ def main(argv: list[str] | None = None) -> int:
             r["plack"] = step("plack", lambda: plack_suite(procs, tmp))
         if "templates" in only:
             r["templates"] = step("templates", lambda: template_renders(tmp, 200))
+        if "health" in only:
+            r["health"] = step("health", lambda: healthbench.run(
+                procs, ports, tmp, EmperorRun, base_ini, vassal_ini, wait_loyal_count, say,
+                seconds=5 if args.quick else 10))
         if "serving" in only:
             r["serving"] = {}
             for app in ("hello", "heavy"):

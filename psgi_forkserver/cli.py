@@ -10,13 +10,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from .clients import (control_command, reload_base, reload_base_by_socket, reopen_logs,
-                      stats_socket, status_command)
+from .clients import reload_base, reload_base_by_socket, reopen_logs, stats_socket, status_command
 from .emperor import Emperor
 from .front_cli import (DEFAULT_KEEPALIVE, add_front_arguments, check_front, front_options,
                         nginx_conf_command, run_dir_of)
 from .locks import StartupError
 from .options import Options, run_arguments
+from .verbs import add_verbs, control_many, logs_command
 
 
 MAIN_EXAMPLES = """\
@@ -24,9 +24,11 @@ examples:
   emperor run examples/vassals                 run a fleet (status: http://127.0.0.1:PORT
                                                with --status-http, `emperor status`)
   emperor status                               every vassal: state, pid, error, memory
+  emperor status app1                          one app: state, pid, why it does not serve
+  emperor logs app1 -f                         its recent lines, then new ones
   emperor stop app1                            stop one app (it stays stopped)
   emperor start app1                           run it again
-  emperor reload app1                          a new process for one app, gap-free
+  emperor reload app1 'shop-*'                 a new process for apps, gap-free (--all: every one)
   emperor reload-base --wait                   code deploy: new base, every app moved
   emperor reopen-logs                          after logrotate: reopen every log file
   emperor nginx-conf examples/vassals          the routing by `domain`, for your own nginx
@@ -44,8 +46,12 @@ EXAMPLES = {
                   "   (then: emperor run examples/vassals --nginx-include"
                   " /etc/nginx/psgi-routing.conf --nginx-reload 'nginx -s reload')\n",
     "status": "example:\n  emperor status            (the one Emperor running here)\n"
-              "  emperor status --json --dir examples/vassals\n",
-    "reload": "example:\n  emperor reload app1       (exits 0 once a new process serves)\n",
+              "  emperor status --json --dir examples/vassals\n"
+              "  emperor status app1       (exit 0: it serves; 3: it does not, and why; 4: no such"
+              " vassal)\n",
+    "logs": "example:\n  emperor logs app1 -n 20 -f   (its last 20 lines, then new ones)\n",
+    "reload": "example:\n  emperor reload app1       (exits 0 once a new process serves)\n"
+              "  emperor reload 'shop-*' app2   (each waited for; exit 1 if one failed)\n",
     "stop": "example:\n  emperor stop app1         (stays stopped until `emperor start app1`"
             " or its file changes)\n",
     "start": "example:\n  emperor start app1        (exits 0 once it serves)\n",
@@ -119,18 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--wait: give up after this long (default 300)")
     add_status_arguments(run)
     add_status_command(sub)
-    for name, what in (("reload", "a new process for one vassal (gap-free when the Emperor "
-                                  "owns its socket)"),
-                       ("stop", "stop one vassal; it stays stopped until `start` or its file "
-                                "changes"),
-                       ("start", "run a stopped (or throttled) vassal again now")):
-        c = _sub(sub, name, help=what)
-        c.add_argument("name", metavar="NAME", help="the vassal (its file name without .ini)")
-        _add_finder(c)
-        c.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
-                       help="wait this long for the outcome (default 60)")
-        c.add_argument("--no-wait", dest="wait", action="store_false",
-                       help="exit once the Emperor took the command")
+    add_verbs(sub, _sub, _add_finder)
     add_prove_command(sub)
     _sub(sub, "perl-lib", help="print the directory of the installed Perl side (ForkServer.pm, "
                                "Plack::Handler::ForkServer), for PERL5LIB or perl -I")
@@ -187,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         return status_command(args)
     if args.command in ("reload", "stop", "start"):
-        return control_command(args)
+        return control_many(args)
+    if args.command == "logs":
+        return logs_command(args)
     if args.command == "prove":
         return prove_command(args)
     if args.command == "perl-lib":
@@ -253,6 +250,7 @@ def add_status_arguments(run: argparse.ArgumentParser) -> None:
 
 def add_status_command(sub) -> None:
     st = _sub(sub, "status", help="what runs and what it costs")
+    st.add_argument("name", metavar="NAME", nargs="?", help="one vassal only")
     _add_finder(st)
     st.add_argument("--json", action="store_true", help="print the JSON document as is")
     st.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
@@ -262,11 +260,10 @@ def own_dirs(args: argparse.Namespace, run: Path) -> list[Path]:
     """The directories this run may remove at exit when empty: the default
     run directory (and its sockets/); with --run-dir, which is the
     operator's and stays, the default stats socket's directory, unless
-    --stats is given or it is that same directory."""
+    it is that same directory."""
     if getattr(args, "run_dir", None) is None:
         return [run / "sockets", run]
-    if getattr(args, "stats", None) is not None:
-        return []
+    # with --stats too: the directory holds the record of where it listens
     from .status import default_stats_path
 
     stats_dir = default_stats_path(args.vassals_dir).parent
@@ -282,6 +279,31 @@ def remove_empty_dirs(*dirs: Path) -> None:
             pass
 
 
+def record_stats_path(default: Path, stats: Path) -> None:
+    """`--stats PATH`: where this Emperor listens, recorded where `emperor
+    status` looks (a symbolic link at the default socket's path, which a
+    client connects through), removed at exit if still ours. Best effort:
+    without it, clients need --stats."""
+    tmp = default.with_name(f".{default.name}.{os.getpid()}")
+    try:
+        default.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)
+        os.symlink(stats, tmp)
+        os.replace(tmp, default)
+    except OSError as e:
+        print(f"emperor: cannot record --stats {stats} in {default.parent}: "
+              f"{e.strerror or e} (`emperor status` needs --stats then)", file=sys.stderr)
+        return
+
+    def forget() -> None:
+        try:
+            if os.readlink(default) == str(stats):
+                default.unlink()
+        except OSError:
+            pass
+    atexit.register(forget)
+
+
 def bind_status(args: argparse.Namespace):
     """The status server with its sockets bound. Without --stats, the
     default socket in the run directory: one that cannot be opened there
@@ -289,8 +311,21 @@ def bind_status(args: argparse.Namespace):
     from .status import StatusServer, default_stats_path
 
     stats = args.stats
+    default = default_stats_path(args.vassals_dir)
+    try:  # a record of a run killed with -9 (this run holds the directory's lock)
+        if default.is_symlink():
+            default.unlink()
+    except OSError:
+        pass
+    if stats is not None:
+        server = StatusServer(
+            stats_path=stats, http=args.status_http, http_public=args.status_http_public,
+        ).bind()
+        if Path(os.path.abspath(stats)) != Path(os.path.abspath(default)):
+            record_stats_path(default, Path(os.path.abspath(stats)))
+        return server
     if stats is None:
-        stats = default_stats_path(args.vassals_dir)
+        stats = default
         why = None
         try:
             stats.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

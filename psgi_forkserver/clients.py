@@ -1,4 +1,4 @@
-"""The client commands: `emperor status`, `emperor reload|stop|start NAME`,
+"""The client commands: `emperor status`, (verbs.py: `emperor reload|stop|start NAME...`, `logs`),
 `emperor reload-base [--wait]`, `emperor reopen-logs`. They talk to a running Emperor over its
 stats socket (status.rundir finds it), or signal it by its pidfile."""
 
@@ -181,53 +181,6 @@ def stats_socket(args: argparse.Namespace, what: str, quiet: bool = False) -> Pa
 SERVING = ("loyal", "running", "on-demand")
 
 
-def control_command(args: argparse.Namespace) -> int:
-    """`emperor reload|stop|start NAME`: ask, then follow the vassal in the
-    stats document until the outcome; print it, exit 1 if it did not happen."""
-    from .status import fetch
-
-    cmd, name = args.command, args.name
-    stats = stats_socket(args, cmd)
-    if stats is None:
-        return 1
-    reply = ask(stats, cmd, name)
-    if reply is None:
-        return 1
-    if not args.wait or reply.get("command") == "reload-base":
-        return 0
-    before = reply.get("vassal") or {}
-    deadline = time.monotonic() + args.timeout
-    v: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        try:
-            v = fetch(stats)["vassals"].get(name) or {}
-        except (OSError, ValueError, KeyError) as e:
-            print(f"emperor: {cmd} {name}: {stats}: {e}", file=sys.stderr)
-            return 1
-        state = v.get("state")
-        err = v.get("last_error")
-        new_error = err and err != before.get("last_error")
-        if cmd == "stop" and state == "stopped":
-            print(f"emperor: stop {name}: stopped ({v.get('last_exit') or 'no process'})")
-            return 0
-        if cmd != "stop":
-            pid = v.get("pid")
-            fresh = cmd == "start" or pid != before.get("pid") or state == "on-demand"
-            if state in SERVING and fresh and not v.get("other_pids"):
-                print(f"emperor: {cmd} {name}: {state}, pid {pid}")
-                return 0
-            # (the first document may be taken before the loop acted on
-            # the command: "stopped" counts only once held again)
-            if new_error or state == "config-error" or v.get("held"):
-                print(f"emperor: {cmd} {name}: {state}: {v.get('error') or err or 'stopped again'}",
-                      file=sys.stderr)
-                return 1
-        time.sleep(WAIT_POLL)
-    print(f"emperor: {cmd} {name}: not done within {args.timeout:g} s (state {v.get('state')})",
-          file=sys.stderr)
-    return 1
-
-
 def status_command(args: argparse.Namespace) -> int:
     import json
 
@@ -241,6 +194,15 @@ def status_command(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"emperor: status: {stats}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
         return 1
+    if getattr(args, "name", None):
+        from .verbs import status_of
+
+        code, text = status_of(doc, args.name)
+        if args.json and args.name in doc["vassals"]:
+            print(json.dumps(doc["vassals"][args.name], indent=1))
+        else:
+            (sys.stderr if code == 4 else sys.stdout).write(text)
+        return code
     if args.json:
         print(json.dumps(doc, indent=1))
     else:

@@ -10,10 +10,12 @@ turn acts on it, at once (`again`).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
+from .notify import settled
 from .options import plack_env_of
-from .snapshot import EmperorLink, EmperorSnapshot
+from .snapshot import EmperorLink, EmperorSnapshot, VassalSnapshot
 from .status import SCHEMA
 from .vassal import Kind, ProcState, Vassal
 
@@ -26,7 +28,8 @@ COMMANDS = ("reload", "stop", "start", "reload-base", "reopen-logs")
 def link(emperor: Emperor) -> EmperorLink:
     return EmperorLink(lambda: snapshot(emperor), lambda: health(emperor),
                        lambda name: log_lines(emperor, name),
-                       lambda command, name: control(emperor, command, name), emperor.metrics)
+                       lambda command, name: control(emperor, command, name), emperor.metrics,
+                       lambda: readiness(emperor), lambda name, since: logs(emperor, name, since))
 
 
 def snapshot(emperor: Emperor) -> EmperorSnapshot:
@@ -35,8 +38,15 @@ def snapshot(emperor: Emperor) -> EmperorSnapshot:
         vassals_dir=str(emperor.dir), shutting_down=emperor.shutting_down,
         deploy=emperor.deploy_status(),
         front=emperor.front.state() if emperor.front is not None else None,
-        vassals={name: v.snapshot(plack_env_of(emperor.opts))
+        vassals={name: _with_last_output(emperor, v.snapshot(plack_env_of(emperor.opts)))
                  for name, v in emperor.vassals.items()})
+
+
+def _with_last_output(emperor: Emperor, s: VassalSnapshot) -> VassalSnapshot:
+    """The snapshot with what the process its last error is about wrote
+    last (read from its pipe up to its end, after it was reaped too)."""
+    words = emperor.last_output(s.name, s.error_seq)
+    return dataclasses.replace(s, last_output=words) if words else s
 
 
 def vassal_brief(v: Vassal) -> dict[str, Any]:
@@ -147,6 +157,44 @@ def health(emperor: Emperor) -> tuple[bool, str]:
                                                                      ProcState.LOYAL):
         return True, f"ok: loop turns, base {base.name} generation {cur.base_generation} up"
     return False, f"base {base.name} is {base.phase.value}"
+
+
+def readiness(emperor: Emperor) -> tuple[bool, str]:
+    """/readyz: (ready, why). Ready is systemd's READY=1 rule (notify.settled)
+    for every vassal there is now, the Emperor healthy (/healthz), and the
+    front door, when there is one, running nginx on the routes of now."""
+    ok, why = health(emperor)
+    if not ok:
+        return False, why
+    waiting = sorted(name for name, v in emperor.vassals.items() if not settled(v.snapshot()))
+    if waiting:
+        more = f" and {len(waiting) - 5} more" if len(waiting) > 5 else ""
+        return False, f"not settled: {', '.join(waiting[:5])}{more}"
+    front = emperor.front
+    if front is not None:
+        if front.embedded and front.pid is None:
+            return False, "front door: nginx is not running"
+        if front.routes is None or front.dirty_since is not None or front.reload_pid is not None:
+            return False, "front door: routes not applied yet"
+    return True, f"ready: {len(emperor.vassals)} vassals settled"
+
+
+def logs(emperor: Emperor, name: str, since: int | None) -> dict[str, Any]:
+    """`emperor logs NAME`: the vassal's recent lines (all that are kept, or
+    those after the `since`-th line ever kept for it), and `next`, the
+    `since` of the next ask."""
+    out: dict[str, Any] = {"schema": SCHEMA, "command": "logs", "name": name, "ok": False}
+    lines = emperor.recent.get(name)
+    if lines is None and name not in emperor.vassals:
+        known = ", ".join(sorted(emperor.vassals)) or "none"
+        out["message"] = f"no vassal {name!r} (vassals: {known})"
+        return out
+    kept = list(lines or ())
+    total = emperor.recent_total.get(name, 0)
+    if since is not None and 0 <= since <= total:
+        kept = kept[len(kept) - min(len(kept), total - since):]
+    out.update(ok=True, lines=kept, next=total)
+    return out
 
 
 def log_lines(emperor: Emperor, name: str) -> list[str] | None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections import deque
 import selectors
 import signal
@@ -51,7 +52,11 @@ from .options import Options
 from .vassal import Adopt, Forget, Kill, Policy, Send, Spawn, Vassal
 
 
-RECENT_LINES = 50  # log lines kept per vassal for the status page (/log/NAME)
+RECENT_LINES = 200  # log lines kept per vassal (/log/NAME, `emperor logs NAME`)
+LAST_OUTPUT = 3  # lines a process wrote last, kept to explain its death in the status
+LAST_PROCESSES = 4  # a vassal's processes whose last lines are kept (the newest)
+# an access-log line (HTTPServer/Response.pm, combined format): never why it died
+ACCESS_LINE = re.compile(r'\S+ \S+ \S+ \S+ \[[^\]]*\] "')
 
 
 def is_our_program(program: str) -> bool:
@@ -79,7 +84,9 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         )
         # vassal files are judged against our option table only when our
         # program reads them (uWSGI's vassals have uWSGI's options)
-        self.judge = is_our_program(self.opts.program) and self.opts.use_fork_server is None
+        self.our_program = is_our_program(self.opts.program)
+        self.judge = self.our_program and self.opts.use_fork_server is None
+        self.told_foreign = False  # adoptions through a fork server we do not run: said once
         self.policy = Policy.of(self.opts)
         self.bases = cfgmod.BaseSelector.from_names(self.opts.fork_bases)
         self.sel = selectors.DefaultSelector()
@@ -93,13 +100,18 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         self.again = False
         # the cockpit: recent log lines per vassal, metrics, systemd notify
         self.recent: dict[str, deque[str]] = {}
+        self.recent_total: dict[str, int] = {}  # lines ever kept per vassal (`logs -f` follows it)
         self.metrics = EmperorMetrics()
         self.notifier = notify.Notifier.from_env(self.log)
         # logs.py: where lines go, and the vassals' output relayed line by line
         self.logbook = self.opts.log if self.opts.log is not None else logs.Log()
         self.relay = logs.Relay(self.logbook, self.sel)
-        self.logbook.keep = lambda name, msgs: (
-            self._remember(name, msgs) if name in self.vassals else None)
+        self.logbook.keep = lambda name, msgs, seq: (
+            self._remember(name, msgs, seq) if name in self.vassals else None)
+        # the last lines each of a vassal's latest processes wrote, by their
+        # sequence number: a dead process's are the status's last error
+        # (status/document.py), whatever its successors write since
+        self.last_words: dict[str, dict[int | None, deque[str]]] = {}
         self.start_progress = logs.StartProgress(self.log)
         self._init_files()
         self._init_fork_servers()
@@ -112,10 +124,11 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
 
     def log(self, msg: str, name: str | None = None) -> None:
         if name:
-            self._remember(name, [msg])
+            self._remember(name, [msg], relayed=False)
         self.logbook.emit(msg, name)
 
-    def _remember(self, name: str, msgs: list[str]) -> None:
+    def _remember(self, name: str, msgs: list[str], seq: int | None = None,
+                  relayed: bool = True) -> None:
         """A vassal's recent lines (the status page shows them): the
         Emperor's about it and, relayed, its own (logs.Log.keep)."""
         lines = self.recent.get(name)
@@ -123,6 +136,25 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
             lines = self.recent[name] = deque(maxlen=RECENT_LINES)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S ")
         lines.extend(stamp + m for m in msgs)
+        self.recent_total[name] = self.recent_total.get(name, 0) + len(msgs)
+        if relayed:
+            kept = [m for m in msgs if m.strip() and not ACCESS_LINE.match(m)]
+            if not kept:
+                return
+            per = self.last_words.setdefault(name, {})
+            words = per.get(seq)
+            if words is None:
+                words = per[seq] = deque(maxlen=LAST_OUTPUT)
+                while len(per) > LAST_PROCESSES:  # the oldest process's go
+                    del per[min(per, key=lambda q: -1 if q is None else q)]
+            words.extend(kept)
+
+    def last_output(self, name: str, seq: int | None) -> tuple[str, ...]:
+        """The last lines process `seq` of vassal `name` wrote (its access
+        log aside): why it died, when it said so."""
+        if seq is None:
+            return ()
+        return tuple(self.last_words.get(name, {}).get(seq, ()))
 
     # -- the loop ------------------------------------------------------------------
 
@@ -252,7 +284,9 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
                         self._drop_proc(*key)
                     self.listeners.forget(v.name)
                     self.logbook.set_logto(v.name, None)  # what its pipes still hold: the main log
+                    self.last_words.pop(v.name, None)
                     self.recent.pop(v.name, None)
+                    self.recent_total.pop(v.name, None)
                     del self.vassals[v.name]
                     if v.refused:
                         self.n_refused -= 1

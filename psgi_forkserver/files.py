@@ -50,7 +50,8 @@ class Files:
         # vassals whose handling failed for a reason the same file would
         # meet again: name -> (fingerprint, reason); cleared when it changes
         self.failed: dict[str, tuple[str, str]] = {}
-        self.mtimes: dict[str, int] = {}  # file mtime per vassal: `touch` reloads
+        # the file per vassal (device, inode, mtime): `touch` reloads
+        self.mtimes: dict[str, tuple[int, int, int]] = {}
         self.fds: launch.Descriptors | None = None  # once the limit is raised
         self.max_vassals = 1 << 30  # set from the descriptor limit at start
         self.admitted: set[str] = set()  # vassals counted in the budget (bases are not)
@@ -195,7 +196,8 @@ class Files:
                     self._load(name, self.dir / fname, now)
 
     def _load(self, name: str, path: Path | None, now: float) -> None:
-        cfg = (cfgmod.load(path, judge=self.judge, render=self.renderer.render)
+        cfg = (cfgmod.load(path, judge=self.judge, render=self.renderer.render,
+                           magic=self.our_program)
                if path is not None else None)
         if cfg is not None and cfg.pending:
             return  # a template rendering: read again when it ends (config/render.py)
@@ -215,19 +217,24 @@ class Files:
 
     def _touched(self, name: str, cfg: cfgmod.VassalConfig | None) -> bool:
         """The file's mtime changed while its content did not (`touch
-        app.ini`): uWSGI reloads the vassal then, and so do we."""
-        mtime = None
+        app.ini`): uWSGI reloads the vassal then, and so do we. The same
+        file, that is: another file with the same content (a Kubernetes
+        ConfigMap update writes every key anew and swaps `..data`; an
+        editor's rename into place) is no touch, and reloads nothing."""
+        ident = None
         if cfg is not None:
             try:
-                mtime = os.stat(cfg.path).st_mtime_ns
+                st = os.stat(cfg.path)
+                ident = (st.st_dev, st.st_ino, st.st_mtime_ns)
             except OSError:
                 pass
         old = self.mtimes.pop(name, None)
-        if mtime is None:
+        if ident is None:
             return False
-        self.mtimes[name] = mtime
+        self.mtimes[name] = ident
         v = self.vassals.get(name)
-        return (old is not None and old != mtime and v is not None and v.config is not None
+        return (old is not None and old[:2] == ident[:2] and old[2] != ident[2]
+                and v is not None and v.config is not None
                 and v.config.fingerprint == cfg.fingerprint)
 
     def _apply(self, name: str, cfg: cfgmod.VassalConfig | None, touched: bool = False) -> None:

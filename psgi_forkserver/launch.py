@@ -185,7 +185,7 @@ def config_text(cfg: VassalConfig, always: bool = False) -> bytes | None:
     Emperor-only keys (the vassal program would reject them); else None.
     With `always`, any file's text: an adopted vassal of ours takes its
     output pipe from the config packet (logs.py)."""
-    if getattr(cfg, "rendered", False):
+    if getattr(cfg, "rendered", False) or getattr(cfg, "expanded", False):
         text = emperor_only_stripped(getattr(cfg, "text", "") or "")
     elif always or any(k in EMPEROR_KEYS for k, _ in cfg.options):
         raw = getattr(cfg, "text", None)
@@ -199,6 +199,7 @@ def config_text(cfg: VassalConfig, always: bool = False) -> bytes | None:
         return None
     data = text.encode("utf-8", "surrogateescape")
     if always and len(data) > protocol.MAX_BODY and not getattr(cfg, "rendered", False) \
+            and not getattr(cfg, "expanded", False) \
             and not any(k in EMPEROR_KEYS for k, _ in cfg.options):
         return None  # it reads its file itself; its output stays the base's
     if len(data) > protocol.MAX_BODY:

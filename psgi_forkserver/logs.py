@@ -115,9 +115,10 @@ class Log:
     path: Path | None = None  # --logto: the Emperor's own log file
     files: dict[str, LogFile] = field(default_factory=dict)  # vassal -> its logto
     main: LogFile | None = None
-    # also told every relayed line (vassal, lines): the Emperor keeps a
-    # vassal's recent lines for its status page
-    keep: Callable[[str, list[str]], None] | None = None
+    # also told every relayed line (vassal, lines, process): the Emperor
+    # keeps a vassal's recent lines for its status page, and each process's
+    # last words (process: the vassal's process sequence number)
+    keep: Callable[[str, list[str], int | None], None] | None = None
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
@@ -150,11 +151,14 @@ class Log:
         """Write one line to the Emperor's log."""
         self._write_main(self.format(message, vassal, **kw))
 
-    def relay(self, vassal: str, lines: list[str], pid: int | None) -> None:
+    def relay(self, vassal: str, lines: list[str], pid: int | None,
+              seq: int | None = None) -> None:
         """Lines a vassal's process wrote: to its `logto` file if it has one
-        that is open, else to the Emperor's log; one write for all of them."""
+        that is open, else to the Emperor's log; one write for all of them.
+        `seq`: which of the vassal's processes (its pid may be unknown yet,
+        or no longer, when it dies at once)."""
         if self.keep is not None:
-            self.keep(vassal, lines)
+            self.keep(vassal, lines, seq)
         now = time.time()
         text = "".join(self.format(line, vassal, pid=pid, level="info", event="output", now=now)
                        for line in lines)
@@ -309,13 +313,16 @@ class Relay:
         self.sel = sel
         # read end -> (the pipe, its vassal, how to learn its process's pid)
         self.pipes: dict[int, tuple[OutputPipe, str, Callable[[], int | None]]] = {}
+        self.seqs: dict[int, int | None] = {}  # read end -> the vassal's process sequence
 
-    def watch(self, out: OutputPipe, vassal: str, pid: Callable[[], int | None]) -> None:
+    def watch(self, out: OutputPipe, vassal: str, pid: Callable[[], int | None],
+              seq: int | None = None) -> None:
         """Read `out` from now on, its lines relayed as `vassal`'s; `pid`
         tells the process's pid once known (an adoption's comes later).
         Our copy of the write end is closed: the process has its own."""
         out.passed()
         self.pipes[out.rfd] = (out, vassal, pid)
+        self.seqs[out.rfd] = seq
         self.sel.register(out.rfd, selectors.EVENT_READ, lambda now, fd=out.rfd: self._readable(fd))
 
     def _readable(self, fd: int) -> bool:
@@ -323,7 +330,7 @@ class Relay:
         out, vassal, pid = self.pipes[fd]
         lines, eof = out.read()
         if lines:
-            self.log.relay(vassal, lines, pid())
+            self.log.relay(vassal, lines, pid(), self.seqs.get(fd))
         if eof:
             self._forget(fd)
         return bool(lines) and not eof
@@ -334,6 +341,7 @@ class Relay:
         except (KeyError, ValueError):
             pass
         out, _, _ = self.pipes.pop(fd)
+        self.seqs.pop(fd, None)
         out.close()
 
     def close(self) -> None:
@@ -346,7 +354,8 @@ class Relay:
             if fd in self.pipes:
                 out, vassal, pid = self.pipes[fd]
                 if out.buf:
-                    self.log.relay(vassal, [out.buf.decode("utf-8", "replace")], pid())
+                    self.log.relay(vassal, [out.buf.decode("utf-8", "replace")], pid(),
+                                   self.seqs.get(fd))
                 self._forget(fd)
 
 

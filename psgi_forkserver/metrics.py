@@ -17,17 +17,22 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, Metric,
+                                    SummaryMetricFamily)
 from prometheus_client.registry import Collector
+
+from .proc import Phase
 
 #: adoption latency (request sent to pid received): fork servers answer in
 #: about a millisecond when idle, seconds when loaded or starving
 ADOPTION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-#: every state a vassal can show (vassal.Phase): each gets a 0/1 sample, so
+#: every state a vassal can show (proc.Phase): each gets a 0/1 sample, so
 #: a dashboard can sum by state without knowing which ones exist
-STATES = ("new", "waiting-for-base", "on-demand", "adopting", "starting", "running", "loyal",
-          "reloading", "stopping", "stopped", "throttled", "config-error", "gone")
+STATES = tuple(p.value for p in Phase)
+#: states in which the vassal's address serves (on-demand: its socket is
+#: bound, the first connection starts it)
+UP = ("running", "loyal", "reloading", "on-demand")
 
 
 class EmperorMetrics:
@@ -79,7 +84,8 @@ class DocumentCollector(Collector):
                                   "1 for the state the vassal is in, 0 for the others",
                                   labels=["vassal", "state"])
         up = GaugeMetricFamily("psgi_forkserver_vassal_up",
-                               "1 when the vassal has a serving process (running, loyal, reloading)",
+                               "1 when the vassal's address serves (running, loyal, reloading, "
+                               "or on-demand: started by its first connection)",
                                labels=["vassal"])
         restarts = CounterMetricFamily("psgi_forkserver_vassal_restarts",
                                        "Processes started again after an unexpected death or a kill",
@@ -96,14 +102,16 @@ class DocumentCollector(Collector):
         requests = CounterMetricFamily("psgi_forkserver_vassal_requests",
                                        "Requests served, as the vassal reports them",
                                        labels=["vassal"])
-        latency = GaugeMetricFamily("psgi_forkserver_vassal_latency_avg_seconds",
-                                    "Average request latency, as the vassal reports it",
-                                    labels=["vassal"])
+        duration = SummaryMetricFamily(
+            "psgi_forkserver_vassal_request_duration_seconds",
+            "Time spent serving requests (sum) and requests served (count), as the vassal's "
+            "current process reports them (from 0 at each restart, as counters do)",
+            labels=["vassal"])
         for name, v in sorted(vassals.items()):
             s = v.get("state")
             for st in STATES:
                 state.add_metric([name, st], 1.0 if s == st else 0.0)
-            up.add_metric([name], 1.0 if s in ("running", "loyal", "reloading") else 0.0)
+            up.add_metric([name], 1.0 if s in UP else 0.0)
             restarts.add_metric([name], float(v.get("restarts") or 0))
             pss.add_metric([name], float(v.get("pss") or 0))
             uss.add_metric([name], float(v.get("uss") or 0))
@@ -111,9 +119,9 @@ class DocumentCollector(Collector):
             uptime.add_metric([name], float(v.get("uptime") or 0))
             if v.get("requests") is not None:
                 requests.add_metric([name], float(v["requests"]))
-            if v.get("latency_avg_ms") is not None:
-                latency.add_metric([name], float(v["latency_avg_ms"]) / 1000)
-        yield from (state, up, restarts, pss, uss, procs, uptime, requests, latency)
+            if v.get("requests") is not None and v.get("request_seconds") is not None:
+                duration.add_metric([name], float(v["requests"]), float(v["request_seconds"]))
+        yield from (state, up, restarts, pss, uss, procs, uptime, requests, duration)
         e = self.doc.get("emperor", {})
         deploy = e.get("deploy") or {}
         gen = GaugeMetricFamily("psgi_forkserver_base_generation",

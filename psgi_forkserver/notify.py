@@ -40,7 +40,9 @@ def _address(raw: str) -> str | bytes:
     return raw
 
 
-def _settled(v: VassalSnapshot) -> bool:
+def settled(v: VassalSnapshot) -> bool:
+    """The vassal no longer holds READY=1 (or /readyz) back: it serves, or
+    it has failed for good for now."""
     phase = v.phase.value
     if phase == "throttled":
         return v.failures > 0  # failed, waits for its backoff
@@ -127,7 +129,7 @@ class Notifier:
             if self.waiting_for is None:  # the first turn: the vassals present at start
                 self.waiting_for = set(vassals)
             self.waiting_for = {n for n in self.waiting_for
-                                if n in vassals and not _settled(vassals[n])}
+                                if n in vassals and not settled(vassals[n])}
             if not self.waiting_for:
                 self.ready_sent = True
                 self.status_sent = status

@@ -170,7 +170,7 @@ class Processes:
             pr.close_theirs()
         self._keep(v, seq, pr)
         if out is not None:
-            self.relay.watch(out, v.name, lambda: pid)
+            self.relay.watch(out, v.name, lambda: pid, seq)
         self._watch_pipe(v.name, seq, pr.ours)
         v.spawned(pid, now, seq)
         self.pids[pid] = (v.name, seq)
@@ -185,10 +185,11 @@ class Processes:
         # the old one listens too, and a moved vassal must come from the new one
         path = self._fork_server_path(p.base_generation)
         assert path is not None
-        pr = self._prepare(v, seq, now, always_config=self.judge)
+        ours = self._base_is_ours()
+        pr = self._prepare(v, seq, now, always_config=ours)
         if pr is None:
             return
-        if self.judge:  # our program takes its output pipe from the config packet
+        if ours:  # our program takes its output pipe from the config packet
             pr.handles.output = self._output(v, p.config)
         argv = [self.opts.program, "--ini", str(p.config.path)]
         try:
@@ -208,11 +209,29 @@ class Processes:
         pr.handles.adoption = pending
         self._keep(v, seq, pr)
         if pr.handles.output is not None:
-            self.relay.watch(pr.handles.output, v.name, lambda: self.pid_of(v.name, seq))
+            self.relay.watch(pr.handles.output, v.name, lambda: self.pid_of(v.name, seq), seq)
         self.sel.register(pending.sock, selectors.EVENT_READ,
                           ForVassal(v.name, seq, lambda t, n=v.name, q=seq: self._on_adoption(n, q, t)))
         if p.reason != "start":
             self.log(f"starting a successor ({p.reason})", v.name)
+
+    def _base_is_ours(self) -> bool:
+        """Adoptions come from our own vassal program: a base this Emperor
+        runs (its file here; with `--use-fork-server` too, as with
+        `--vassal-fork-base`). Its adopted vassals take their output pipe
+        and config from us, so their lines, `logto` and last words are
+        theirs. A foreign fork server's (another program's) keep its
+        stderr: said once."""
+        if not self.our_program:
+            return False
+        if self.opts.use_fork_server is None or self._base() is not None:
+            return True
+        if not self.told_foreign:
+            self.told_foreign = True
+            self.log(f"adopting through {self.opts.use_fork_server}, a fork server this "
+                     "Emperor does not run: its vassals' output stays on its stderr, "
+                     "not attributed to them (no logto)")
+        return False
 
     def _send(self, v: Vassal, seq: int, byte: EmperorByte) -> None:
         h = self.procs.get((v.name, seq))
@@ -431,6 +450,7 @@ class Processes:
         st = describe_status(status)
         status_requests.forget_requests(pid)  # its requests file, if it wrote one
         p = v.proc(pid=pid)
+        seq = p.seq if p is not None else None
         if p is not None and p is v.successor:
             self._start_failed_for_deploy(v, p.seq, now, f"pid {pid} died ({st})")
         what = v.exited(status, now, pid)
@@ -439,14 +459,14 @@ class Processes:
         elif what == Exit.STOPPED:
             self.log(f"pid {pid} stopped ({st})", name)
         elif what == Exit.SUCCESSOR_DIED:
-            v.note_error(f"new pid {pid} died ({st})")
+            v.note_error(f"new pid {pid} died ({st})", seq)
             self.log(f"new pid {pid} died ({st}); old one keeps serving; retry in "
                      f"{max(0.0, v.not_before - now):.1f} s", name)
         elif what == Exit.TOOK_OVER:
             self.log(f"pid {pid} died ({st}); its successor pid {v.pid} takes over", name)
         else:
             # a base killed as wedged keeps that reason in the status
-            v.note_error(self.wedges.exited(pid) or f"pid {pid} died ({st})")
+            v.note_error(self.wedges.exited(pid) or f"pid {pid} died ({st})", seq)
             self.log(f"pid {pid} died ({st}); respawn in {v.backoff:.1f} s"
                      + (" (throttled)" if v.failures > 0 else ""), name)
 

@@ -33,6 +33,8 @@ class VassalSnapshot:
     config_error: str | None  # why its file cannot be used
     refused: str | None  # why the Emperor cannot take it on
     last_error: str | None  # the last failure the Emperor logged
+    error_seq: int | None = None  # the process last_error is about (its sequence number)
+    last_output: tuple[str, ...] = ()  # the last lines that process wrote (why it died)
     pids: tuple[int, ...] = ()  # every process it has: the current one first
     addresses: tuple[str, ...] = ()  # its http-socket(s)
     names: tuple[str, ...] = ()  # the host names it answers for (`domain`)
@@ -62,6 +64,9 @@ class EmperorLink:
     log_lines: Callable[[str], list[str] | None]  # a vassal's recent lines; None: no such vassal
     control: Callable[[str, str | None], dict[str, Any]]  # an operator's command, its reply
     metrics: Any = None  # metrics.EmperorMetrics: the Emperor's own counters
+    ready: Callable[[], tuple[bool, str]] | None = None  # /readyz: (ready, why)
+    # `emperor logs NAME`: (name, since) -> the reply (control.logs)
+    logs: Callable[[str, int | None], dict[str, Any]] | None = None
 
 
 def config_values(cfg: Any, key: str) -> tuple[str, ...]:

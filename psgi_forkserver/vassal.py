@@ -92,6 +92,7 @@ class Vassal(Decisions):
     seq: int = 0
     retry_at: float | None = None  # a failed successor is tried again then
     last_error: str | None = None  # the last failure the Emperor logged (status shows it)
+    error_seq: int | None = None  # the process last_error is about (its last lines tell why)
     held: bool = False  # stopped by the operator (`emperor stop NAME`)
     reload_asked: bool = False  # `emperor reload NAME`, not acted on yet
     touched: bool = False  # its file was touched: reload, though the config is the same
@@ -173,7 +174,8 @@ class Vassal(Decisions):
             restarts=self.restarts, failures=self.failures, started_at=self.started_at,
             not_before=self.not_before, file=str(cfg.path) if cfg is not None else None,
             config_error=self.config.error if self.config is not None else None,
-            refused=self.refused, last_error=self.last_error, pids=tuple(pids),
+            refused=self.refused, last_error=self.last_error, error_seq=self.error_seq,
+            pids=tuple(pids),
             addresses=config_values(cfg, "http-socket"), names=config_values(cfg, "domain"),
             last_status=self.last_status, held=self.held, is_base=self.is_base,
             plack_env=(cfg.get("plack-env") if cfg is not None else None) or plack_env)
@@ -364,13 +366,15 @@ class Vassal(Decisions):
     def admit(self) -> None:
         self.refused = None
 
-    def note_error(self, why: str) -> None:
-        """A failure the Emperor logged (status shows it while the vassal fails)."""
+    def note_error(self, why: str, seq: int | None = None) -> None:
+        """A failure the Emperor logged (status shows it while the vassal
+        fails); `seq`: the process (its sequence number) that died of it."""
         self.last_error = why
+        self.error_seq = seq
 
     def cannot_bind(self, now: float, why: str) -> None:
         """Its on-demand socket could not be bound: throttled, like a failed start."""
-        self.last_error = why
+        self.note_error(why)
         self.not_before = now
         self._throttle(now)
 

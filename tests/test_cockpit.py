@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -25,6 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from psgi_forkserver import paths, status
+from psgi_forkserver.proc import Phase
 
 import browser
 from support import EMPEROR, descendants, free_port, start_emperor, stop_emperor, wait_for
@@ -130,6 +132,75 @@ def test_every_vassal_carries_every_field_in_every_state(fleet):
     assert dies["restarts"] >= 1
 
 
+def test_the_last_error_is_the_line_the_app_wrote_before_it_died(fleet):
+    """Not only `pid N died (exit status 1)`: the vassal's own last lines
+    (here: the app's `die` at load), in the text, the JSON and the page."""
+    said = "cannot load app '%s'" % DIES
+    why = "boom: this app refuses to load"
+
+    def told() -> dict | None:
+        d = fleet.vassal("dies")
+        return d if why in (d["last_error"] or "") else None
+    dies = wait_for(told, 30, "the app's own error in the status")
+    assert said in dies["error"] and "died (exit status 1)" in dies["error"]
+    assert any(why in line for line in dies["last_output"]), dies["last_output"]
+    plain = emperor_cli("status")
+    line = next(ln for ln in plain.stdout.splitlines() if ln.startswith("dies: "))
+    assert why in line and "exit status 1" in line, plain.stdout
+    code, page = http_get(fleet.url("/"))
+    assert code == 200 and why in page
+    # a vassal that runs has no such lines
+    assert fleet.vassal("a")["last_output"] == []
+
+
+def documented_fields(section: str) -> set[str]:
+    """The fields docs/status.md lists under `## SECTION` (first column)."""
+    text = (HERE.parent / "docs" / "status.md").read_text()
+    part = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    out: set[str] = set()
+    for line in part.splitlines():
+        if line.startswith("| `"):
+            out |= set(re.findall(r"`([a-z_]+)`", line.split("|")[1]))
+    return out
+
+
+def test_the_last_error_stays_the_apps_once_it_runs_again(fleet, tmp_path):
+    """In every state: a vassal that died at load, then loaded, shows that
+    error as its last one (not as its error), whatever it writes since."""
+    mark = tmp_path / "ready"
+    app = tmp_path / "later.psgi"
+    app.write_text(f'die "later: not yet\\n" unless -e "{mark}";\n'
+                   'sub { warn "serving\\n"; [200, ["Content-Type" => "text/plain"], ["ok\\n"]] };\n')
+    port = free_port()
+    (fleet.dir / "later.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\npsgi = {app}\n")
+    try:
+        wait_for(lambda: "later: not yet" in (fleet.vassal("later")["error"] or ""), 30,
+                 "the load error")
+        mark.touch()
+        wait_for(lambda: fleet.vassal("later")["state"] == "loyal", 30, "later to run")
+        for _ in range(25):  # more lines than a vassal's recent lines used to keep
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read()
+        wait_for(lambda: len([ln for ln in emperor_cli("logs", "later").stdout.splitlines()
+                              if "serving" in ln]) >= 25, 30, "its lines read")
+        v = fleet.vassal("later")
+        assert v["error"] is None and "later: not yet" in v["last_error"], v
+        assert "died (exit status 1)" in v["last_error"] and v["last_exit"] == "exit status 1"
+    finally:
+        (fleet.dir / "later.ini").unlink()
+        wait_for(lambda: "later" not in fleet.doc()["vassals"], 30, "later to go")
+
+
+def test_every_field_of_the_document_is_documented(fleet):
+    doc = fleet.doc()
+    vassal_fields = documented_fields("Each vassal")
+    for name, v in doc["vassals"].items():
+        assert set(v) <= vassal_fields, (name, set(v) - vassal_fields)
+        assert vassal_fields - {"other_pids", "spares"} <= set(v), (name, vassal_fields - set(v))
+    assert set(doc) == documented_fields("Top level")
+    assert set(doc["emperor"]) == documented_fields("`emperor`")
+    assert doc["schema"] == 1
+
+
 # -- control ------------------------------------------------------------------------
 
 
@@ -219,11 +290,70 @@ def test_stopped_vassal_stays_stopped_until_started_or_its_file_changes(fleet):
 
 def test_commands_that_cannot_happen_exit_1_with_the_reason(fleet):
     r = emperor_cli("stop", "nope")
-    assert r.returncode == 1 and "no vassal 'nope'" in r.stderr and "a, b, base" in r.stderr
+    assert r.returncode == 4 and "stop nope: no such vassal" in r.stderr and "a, b, base" in r.stderr
     r = emperor_cli("stop", "base")
     assert r.returncode == 1 and "is a base" in r.stderr
     r = emperor_cli("reload", "dies", "--timeout", "60")
     assert r.returncode == 1 and "died (exit status 1)" in r.stderr, (r.stdout, r.stderr)
+
+
+def test_verbs_on_several_names_globs_and_all_each_waited_for(fleet):
+    """reload/stop/start take names, globs and --all, and wait for every
+    outcome: exit 0 when all came out, 1 when one failed, 4 for a name
+    or glob that matches no vassal (the others are still done)."""
+    pids = {n: fleet.vassal(n)["pid"] for n in ("a", "b")}
+    r = emperor_cli("reload", "a", "b")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "reload a: loyal, pid" in r.stdout and "reload b: loyal, pid" in r.stdout
+    assert all(fleet.vassal(n)["pid"] not in (None, pids[n]) for n in pids)
+    r = emperor_cli("stop", "[ab]")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert fleet.vassal("a")["state"] == fleet.vassal("b")["state"] == "stopped"
+    r = emperor_cli("start", "[ab]", "nope-*")
+    assert r.returncode == 4 and "start nope-*: no such vassal" in r.stderr, (r.stdout, r.stderr)
+    assert fleet.vassal("a")["state"] == fleet.vassal("b")["state"] == "loyal"
+    r = emperor_cli("reload", "--all", "--timeout", "60")  # dies fails again: 1
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "reload a: loyal" in r.stdout and "reload b: loyal" in r.stdout
+    assert "reload dies: " in r.stderr and "boom" in r.stderr
+    assert "base" not in r.stdout + r.stderr  # --all leaves the bases alone
+    assert emperor_cli("reload").returncode == 2
+
+
+def test_status_of_one_vassal_says_why_and_exits_by_its_state(fleet):
+    r = emperor_cli("status", "dies")
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert "boom: this app refuses to load" in r.stdout and "exit status 1" in r.stdout
+    assert "\na " not in r.stdout  # that vassal only
+    r = emperor_cli("status", "a")
+    assert r.returncode == 0 and "loyal" in r.stdout
+    r = emperor_cli("status", "a", "--json")
+    assert json.loads(r.stdout)["state"] == "loyal"
+    r = emperor_cli("status", "nope")
+    assert r.returncode == 4 and "no such vassal" in r.stderr
+
+
+def test_logs_of_one_vassal_without_the_status_page_and_follow(fleet):
+    r = emperor_cli("logs", "dies", "-n", "3")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert 1 <= len(lines) <= 3 and any("died (exit status 1)" in ln or "boom" in ln
+                                        for ln in lines), lines
+    assert emperor_cli("logs", "nope").returncode == 4
+    follow = subprocess.Popen([EMPEROR, "logs", "b", "-f", "-n", "1"], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        seen: list[str] = []
+        reader = threading.Thread(target=lambda: seen.extend(iter(follow.stdout.readline, "")),
+                                  daemon=True)
+        reader.start()
+        wait_for(lambda: seen, 30, "the follower's first line")
+        assert emperor_cli("reload", "b").returncode == 0
+        wait_for(lambda: any("reload: asked by the operator" in ln for ln in seen[1:]), 30,
+                 "the new line in the follower's output")
+    finally:
+        follow.terminate()
+        follow.wait(10)
 
 
 # -- pages ----------------------------------------------------------------------------
@@ -274,12 +404,61 @@ def test_metrics_parse_as_prometheus_text(fleet):
     assert sample(m, "psgi_forkserver_base_generation") >= 1
 
 
+def test_metrics_request_duration_as_counters_every_state_and_sleeping_is_up(fleet):
+    """Request durations as a sum and a count Prometheus can rate (not an
+    average since start); every state a vassal can be in, `refused`
+    included; an on-demand vassal asleep is up (its socket serves)."""
+    for _ in range(3):
+        get(fleet.ports["b"])
+    sleepy = free_port()
+    (fleet.dir / "sleepy.ini").write_text(
+        f"[uwsgi]\nhttp-socket = 127.0.0.1:{sleepy}\non-demand = true\npsgi = {APP}\n")
+    try:
+        wait_for(lambda: fleet.vassal("sleepy")["state"] == "on-demand", 30, "sleepy to sleep")
+        m = metrics(fleet)
+        assert sample(m, "psgi_forkserver_vassal_up", vassal="sleepy") == 1
+        assert sample(m, "psgi_forkserver_vassal_up", vassal="a") == 1
+        states = {s.labels["state"] for s in m["psgi_forkserver_vassal_state"]
+                  if s.labels["vassal"] == "a"}
+        assert states == {p.value for p in Phase}, states ^ {p.value for p in Phase}
+        count = sample(m, "psgi_forkserver_vassal_request_duration_seconds_count", vassal="b")
+        total = sample(m, "psgi_forkserver_vassal_request_duration_seconds_sum", vassal="b")
+        assert count >= 3 and 0 < total < count * 5
+        assert count == sample(m, "psgi_forkserver_vassal_requests_total", vassal="b")
+        assert "psgi_forkserver_vassal_latency_avg_seconds" not in m
+        assert fleet.vassal("b")["request_seconds"] == pytest.approx(total, abs=1e-3)
+    finally:
+        (fleet.dir / "sleepy.ini").unlink()
+        wait_for(lambda: "sleepy" not in fleet.doc()["vassals"], 30, "sleepy to go")
+
+
 def test_healthz_and_recent_log_lines(fleet):
     code, text = http_get(fleet.url("/healthz"))
     assert code == 200 and text.startswith("ok: loop turns, base base generation"), text
     code, text = http_get(fleet.url("/log/dies"))
     assert code == 200 and "died (exit status 1)" in text
     assert http_get(fleet.url("/log/nope"))[0] == 404
+
+
+def test_readyz_waits_for_every_vassal_to_settle_healthz_does_not(fleet, tmp_path):
+    """/readyz is systemd's READY=1 rule for the vassals of now: a vassal
+    still loading holds it at 503 (naming it) while /healthz stays 200; a
+    vassal that failed for good (dies: throttled) does not."""
+    wait_for(lambda: http_get(fleet.url("/readyz"))[0] == 200, 60, "the fleet to be ready")
+    slow = tmp_path / "slow.psgi"
+    slow.write_text('sleep 4; sub { [200, ["Content-Type" => "text/plain"], ["slow\\n"]] };\n')
+    (fleet.dir / "slow.ini").write_text(
+        f"[uwsgi]\nhttp-socket = 127.0.0.1:{free_port()}\npsgi = {slow}\n")
+    try:
+        code, why = wait_for(lambda: (r := http_get(fleet.url("/readyz")))[0] == 503 and r, 30,
+                             "/readyz to wait for the new vassal")
+        assert "not settled: slow" in why, why
+        assert http_get(fleet.url("/healthz"))[0] == 200
+        wait_for(lambda: http_get(fleet.url("/readyz"))[0] == 200, 60, "slow to settle")
+        assert fleet.vassal("slow")["state"] == "loyal"
+    finally:
+        (fleet.dir / "slow.ini").unlink()
+        wait_for(lambda: "slow" not in fleet.doc()["vassals"], 30, "slow to go")
 
 
 def test_reload_base_wait_over_the_stats_socket_and_deploy_metrics(fleet):
@@ -458,6 +637,22 @@ def test_bad_command_lines_get_a_precise_reply_and_the_fleet_runs_on(fleet):
     assert fleet.vassal("a")["state"] == "loyal" and get(fleet.ports["a"])["name"] == "a"
 
 
+def test_a_command_written_after_connect_is_never_taken_for_a_plain_read(fleet):
+    """Documents come in the next loop turn now that process figures are
+    reused: a client that writes its command right after connect() still
+    gets the command's reply, and one that only reads still gets the document."""
+    for _ in range(20):
+        r = raw_command(fleet.stats, b"frobnicate a\n")
+        assert r["message"].startswith("unknown command 'frobnicate'"), r
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(20)
+        s.connect(str(fleet.stats))
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert "a" in json.loads(data)["vassals"]
+
+
 def test_a_run_directory_that_cannot_be_used_is_one_line_and_the_fleet_starts(xprocess, tmp_path):
     vdir = tmp_path / "v"
     vdir.mkdir()
@@ -478,7 +673,7 @@ def test_requests_file_is_summed_over_its_worker_slots(tmp_path, monkeypatch):
     assert status.read_requests(4242) is None
     status.requests_path(4242).write_bytes(
         status.REQUESTS_SLOT.pack(3, 3000) + status.REQUESTS_SLOT.pack(1, 5000) + b"\0" * 16)
-    assert status.read_requests(4242) == (4, 2.0)
+    assert status.read_requests(4242) == (4, 2.0, 0.008)
     status.forget_requests(4242)
     assert not status.requests_path(4242).exists()
 
@@ -655,3 +850,60 @@ def test_emperors_sharing_a_run_directory_remove_only_their_own(xprocess, tmp_pa
         finally:
             for e in started:
                 stop_emperor(e)
+
+
+def test_status_finds_an_emperor_started_with_stats_elsewhere(xprocess, tmp_path, short_run_dir):
+    """`emperor run --stats PATH` records PATH in the run directory: status,
+    stop, start, reload and reload-base from any shell find it; it goes at
+    exit, and one left by a kill -9 does not stop the next default start."""
+    vdir = site_vassals_dir(tmp_path / "vassals")
+    sock = tmp_path / "elsewhere.sock"
+    with run_dir_env(short_run_dir):
+        e = start_emperor(xprocess, "emperor-stats-elsewhere", [vdir, "--stats", sock])
+        try:
+            wait_for(lambda: list(short_run_dir.glob("*/sockets/*.sock")), 15, "the vassal's socket")
+            r = emperor_cli("status", "--json")
+            assert r.returncode == 0, r.stderr
+            assert json.loads(r.stdout)["emperor"]["vassals_dir"] == str(vdir)
+            assert emperor_cli("status", "--dir", vdir).returncode == 0
+            for verb in ("stop", "start", "reload"):
+                r = emperor_cli(verb, "site")
+                assert r.returncode == 0, (verb, r.stdout, r.stderr)
+            r = emperor_cli("reload-base")
+            assert "no running Emperor" not in r.stderr, r.stderr
+            left = descendants(e.pid)
+            e.popen.kill()  # what -9 leaves must not stop the next start
+            e.popen.wait()
+            wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                                     for p in left), 30, "the killed Emperor's vassals to go")
+            e = start_emperor(xprocess, "emperor-stats-default", [vdir])
+            assert emperor_cli("status").returncode == 0
+            stop_emperor(e)
+            e = start_emperor(xprocess, "emperor-stats-elsewhere-2", [vdir, "--stats", sock])
+            assert emperor_cli("status").returncode == 0
+        finally:
+            stop_emperor(e)
+    assert e.popen.returncode == 0
+    assert not sock.exists()
+    assert list(short_run_dir.iterdir()) == []
+
+
+from test_frontdoor import front, ini, needs_nginx  # noqa: E402,F401  (the front fixture)
+
+
+@needs_nginx
+def test_readyz_waits_for_the_front_door(front):  # noqa: F811
+    """/readyz is 503 while the front door has no nginx running on the
+    current routes (here: its nginx killed, until the Emperor restarts it)."""
+    sport = free_port()
+    f = front({"app1": ini("app1", "domain = app1.localhost")},
+              "--status-http", f"127.0.0.1:{sport}")
+    url = f"http://127.0.0.1:{sport}/readyz"
+    wait_for(lambda: http_get(url)[0] == 200, 60, "the fleet and its front door to be ready")
+    f.routed("app1.localhost", "app1")
+    old = f.nginx_pid()
+    os.kill(old, 9)  # the nginx this test's Emperor started, by its pid
+    code, why = wait_for(lambda: (r := http_get(url))[0] == 503 and r, 30,
+                         "/readyz to say the front door is down")
+    assert why.startswith("front door: "), why
+    wait_for(lambda: http_get(url)[0] == 200 and f.nginx_pid() != old, 60, "ready again")

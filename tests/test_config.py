@@ -229,3 +229,72 @@ def test_perl_and_python_give_the_same_verdict_on_every_declared_option():
                 differ.append((k, v, {"perl": perl[f"{k}\0{v}"], "python": py}))
     assert differ == []
     assert len(perl) == len(keys) * len(samples) > 300
+
+
+# -- uWSGI's magic variables -----------------------------------------------------------
+
+MAGIC_KEYS = {
+    "n": "%n", "s": "%s", "e": "%e", "p": "%p", "d": "%d", "c": "%c", "x": "%x", "v": "%v",
+    "upper": "%N|%S|%E|%P|%D|%C|%X", "pct": "100%% of %n", "sock": "/run/uwsgi/%n.sock",
+    "mykey": "hello", "ref": "%(mykey)-%(nokey)", "env": "$(PFS_MAGIC_SET)|$(PFS_MAGIC_UNSET)",
+    "inc": "@(included.txt)", "mixed": "%d%n.sock $(PFS_MAGIC_SET) @(included.txt) %%",
+}
+
+
+def magic_dir(tmp_path: Path) -> Path:
+    vdir = tmp_path / "vassals"
+    vdir.mkdir()
+    (vdir / "included.txt").write_text("from a file\n")
+    (vdir / "app.ini").write_text("[uwsgi]\n" + "".join(f"{k} = {v}\n" for k, v in MAGIC_KEYS.items()))
+    return vdir
+
+
+def test_magic_variables_expand_as_the_uwsgi_binary_expands_them(tmp_path, monkeypatch):
+    """Each value as uWSGI 2.0 itself expands it (`uwsgi --ini FILE --get
+    KEY`, run where an Emperor runs its vassals: in the vassals directory)."""
+    import shutil
+    import subprocess
+
+    uwsgi = shutil.which("uwsgi")
+    if uwsgi is None:
+        pytest.skip("no uwsgi binary")
+    vdir = magic_dir(tmp_path)
+    monkeypatch.setenv("PFS_MAGIC_SET", "set!")
+    monkeypatch.delenv("PFS_MAGIC_UNSET", raising=False)
+    monkeypatch.chdir(vdir)
+    cfg = c.load(vdir / "app.ini", magic=True)
+    assert cfg is not None and cfg.error is None and cfg.expanded, cfg
+    for key in MAGIC_KEYS:
+        out = subprocess.run([uwsgi, "--ini", str(vdir / "app.ini"), "--get", key], cwd=vdir,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        theirs = out.stdout[:-1] if out.stdout.endswith("\n") else out.stdout
+        assert cfg.get(key) == theirs, (key, cfg.get(key), theirs)
+    assert cfg.get("sock") == "/run/uwsgi/app.sock"
+    # what the vassal is sent: the expanded values
+    assert "sock = /run/uwsgi/app.sock\n" in cfg.text and "%n" not in cfg.text
+
+
+@pytest.mark.parametrize("value, why", [
+    ("%h.sock", "app.ini:3: uWSGI's magic variable %h (the hostname) is not supported here"),
+    ("%3", "app.ini:3: uWSGI's magic variable %3 (a component of the file's directory)"),
+    ("@(exec://date)", "app.ini:3: uWSGI's @(exec://date) is not supported here"),
+    ("%q", "app.ini:3: %q is not a magic variable (write %% for a %)"),
+    ("50%", "app.ini:3: a lone % ends the value"),
+    ("@(missing.txt)", "app.ini:3: @(missing.txt): No such file or directory"),
+])
+def test_magic_variables_without_a_meaning_here_are_refused_by_name(tmp_path, value, why):
+    vdir = tmp_path / "vassals"
+    vdir.mkdir()
+    (vdir / "app.ini").write_text(f"[uwsgi]\nprocesses = 1\nprocname = {value}\n")
+    cfg = c.load(vdir / "app.ini", judge=True)
+    assert cfg is not None and cfg.error is not None and cfg.error.startswith(why), cfg.error
+
+
+def test_a_file_without_magic_is_read_by_the_vassal_itself(tmp_path):
+    vdir = tmp_path / "vassals"
+    vdir.mkdir()
+    (vdir / "app.ini").write_text("[uwsgi]\nprocesses = 1\nprocname = me@host $HOME\n")
+    cfg = c.load(vdir / "app.ini", judge=True)
+    assert cfg is not None and cfg.error is None and not cfg.expanded
+    assert cfg.get("procname") == "me@host $HOME"

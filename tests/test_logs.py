@@ -20,7 +20,8 @@ import pytest
 
 from psgi_forkserver import logs, paths
 
-from support import EMPEROR, free_port, start_emperor, stop_emperor, wait_for
+from support import (EMPEROR, alive, descendants, free_port, kill_all, start_emperor,
+                     stop_emperor, wait_for)
 
 HERE = Path(__file__).resolve().parent
 NOISY = HERE / "apps" / "noisy.psgi"
@@ -293,3 +294,77 @@ def test_start_progress_one_line_a_second_then_a_summary():
     sp.observe(4.0, {"x": "new", "y": "new"})
     sp.observe(6.0, {"x": "loyal", "y": "loyal"})
     assert len(lines) == 2
+
+
+DIES = HERE / "apps" / "dies.psgi"
+
+
+@pytest.mark.parametrize("mode", ["fork-server key", "--use-fork-server"])
+def test_adopted_vassals_are_attributed_alike_in_both_fork_server_modes(xprocess, vdir, mode):
+    """Our own base, named by its file's `fork-server` key or by
+    `--use-fork-server SOCK --vassal-fork-base base.ini`: an adopted
+    vassal's lines are its own, its `logto` is written and reopened, and
+    its load error is its own, in the log and in the status."""
+    sock = vdir / "fs.sock"
+    (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {NOISY}\nfork-server = {sock}\n")
+    port = free_port()
+    (vdir / "noisy.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nlogto = noisy.log\n")
+    (vdir / "dies.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{free_port()}\npsgi = {DIES}\n")
+    args = [vdir, "--mercy", "5", "--backoff-max", "2"]
+    if mode == "--use-fork-server":
+        args += ["--use-fork-server", sock, "--vassal-fork-base", "base.ini"]
+    em = start_emperor(xprocess, "emperor-logs-modes", args)
+    own = vdir / "noisy.log"
+    try:
+        wait_for(lambda: get(port, "mode"), 30, "noisy to answer")
+        wait_for(lambda: own.exists() and "child-mode" in own.read_text(), 30,
+                 "the vassal's lines in its logto file")
+        assert re.search(rf"^{TS} \[noisy\] warn-mode$", own.read_text(), re.M)
+        wait_for(lambda: em.lines("[dies] psgi-vassal dies: error: cannot load app"), 30,
+                 "the load error under the vassal's name")
+        text = em.text()
+        assert "warn-mode" not in text and "[base] psgi-vassal dies" not in text
+        own.rename(vdir / "noisy.log.1")
+        out = subprocess.run([EMPEROR, "reopen-logs", "--dir", vdir],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        get(port, "reopened")
+        wait_for(lambda: own.exists() and "child-reopened" in own.read_text(), 30,
+                 "new lines in a new file")
+        out = subprocess.run([EMPEROR, "status", "--dir", vdir, "--json"],
+                             capture_output=True, text=True, timeout=30)
+        dies = json.loads(out.stdout)["vassals"]["dies"]
+        assert "boom: this app refuses to load" in dies["last_error"], dies
+        assert "a fork server this Emperor does not run" not in em.text()
+    finally:
+        stop_emperor(em)
+
+
+def test_a_foreign_fork_server_is_said_once(xprocess, vdir, tmp_path):
+    """Adopting through a fork server this Emperor does not run (here our
+    vassal program started by hand): the vassals serve, and the Emperor
+    says once that their output is not attributed to them."""
+    sock = tmp_path / "fs.sock"
+    base_ini = tmp_path / "base.ini"
+    base_ini.write_text(f"[uwsgi]\nearly-psgi = {NOISY}\nfork-server = {sock}\n")
+    ports = [free_port(), free_port()]
+    for i, port in enumerate(ports):
+        (vdir / f"app{i}.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\n")
+    base = subprocess.Popen(["perl", str(PROGRAM), "--ini", str(base_ini)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(sock.exists, 30, "the hand-started fork server")
+        em = start_emperor(xprocess, "emperor-logs-foreign", [vdir, "--mercy", "5",
+                                                              "--use-fork-server", sock])
+        try:
+            for port in ports:
+                wait_for(lambda p=port: get(p, "foreign"), 30, "the adopted vassals to answer")
+            said = em.lines("a fork server this Emperor does not run")
+            assert len(said) == 1, said
+        finally:
+            stop_emperor(em)
+    finally:
+        left = descendants(base.pid)
+        base.terminate()
+        base.wait(20)
+        kill_all([p for p in left if alive(p)])

@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -134,8 +135,10 @@ def test_stats_socket_serves_many_clients_without_blocking(tmp_path: Path, child
         eof: set = set()
 
         def all_answered():
+            now = time.monotonic()
             for key, _ in sel.select(0.05):  # the "Emperor" loop turns
-                key.data(0.0)
+                key.data(now)
+            srv.poll(now)
             for c in clients:
                 try:
                     chunk = c.recv(1 << 20)
@@ -325,6 +328,7 @@ def test_stats_clients_beyond_the_cap_are_refused_with_a_message_and_a_non_reade
         if rcvbuf:
             c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         c.connect(str(path))
+        c.shutdown(socket.SHUT_WR)  # plain readers, as status.fetch: the document at once
         c.setblocking(False)
         socks.append(c)
         return c
@@ -332,6 +336,7 @@ def test_stats_clients_beyond_the_cap_are_refused_with_a_message_and_a_non_reade
     def turn():
         for key, _ in sel.select(0.05):
             key.data(clock[0])
+        srv.poll(clock[0])
 
     def read_all(c: socket.socket, into: dict) -> bool:
         turn()
@@ -368,3 +373,86 @@ def test_stats_clients_beyond_the_cap_are_refused_with_a_message_and_a_non_reade
         srv.close()
         sel.close()
     assert not path.exists()
+
+
+def test_a_process_is_measured_at_most_once_per_interval(child, monkeypatch):
+    """However many clients ask, a process's memory is read from the kernel
+    once per interval; the documents in between reuse it (their states
+    are still their own)."""
+    from psgi_forkserver.status import document
+
+    monkeypatch.setattr(document, "MEASURE_INTERVAL", 600.0)
+    first = status.collect(fake_emperor(child.pid))
+    second = status.collect(fake_emperor(child.pid))
+    assert first["measured"] == 1 and second["measured"] == 0
+    pss = first["vassals"]["run<1>"]["pss"]
+    assert pss > 0 and second["vassals"]["run<1>"]["pss"] == pss
+
+
+def test_configmap_swap_reloads_only_what_changed_and_touch_still_reloads(xprocess, tmp_path):
+    """kubelet's layout: a.ini -> ..data/a.ini, ..data -> ..TIMESTAMP/. An
+    update writes every key anew in a new directory and swaps ..data by a
+    rename: only the vassal whose content changed reloads (the others'
+    files have a new mtime, but they are other files, not touched ones);
+    `touch` of a plain file still reloads its vassal."""
+    vdir = tmp_path / "vassals"
+    vdir.mkdir()
+    (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
+    ports = {"a": free_port(), "b": free_port(), "c": free_port()}
+    old = vdir / "..2026_01_01_00_00_00.1"
+    old.mkdir()
+    for n in ("a", "b"):
+        (old / f"{n}.ini").write_text(app_ini(n, ports[n], "v1", processes=1))
+        os.symlink(f"..data/{n}.ini", vdir / f"{n}.ini")
+    os.symlink(old.name, vdir / "..data")
+    (vdir / "c.ini").write_text(app_ini("c", ports["c"], "v1", processes=1))
+    stats = tmp_path / "s.sock"
+    em = start_emperor(xprocess, "emperor-configmap", [vdir, "--mercy", "5",
+                                                        "--rescan-interval", "600", "--stats", stats])
+    try:
+        for n, port in ports.items():
+            wait_for(lambda p=port, n=n: get(p)["name"] == n, 30, f"{n} to answer")
+        pids = {n: status.fetch(stats)["vassals"][n]["pid"] for n in ports}
+        new = vdir / "..2026_01_02_00_00_00.2"
+        new.mkdir()
+        (new / "a.ini").write_text(app_ini("a", ports["a"], "v1", processes=1))
+        (new / "b.ini").write_text(app_ini("b", ports["b"], "v2", processes=1))
+        os.symlink(new.name, vdir / "..data_tmp")
+        os.rename(vdir / "..data_tmp", vdir / "..data")
+        shutil.rmtree(old)
+        wait_for(lambda: get(ports["b"])["value"] == "v2", 30, "b to serve its new content")
+        wait_for(lambda: status.fetch(stats)["vassals"]["b"]["state"] == "loyal", 30, "b loyal")
+        assert status.fetch(stats)["vassals"]["a"]["pid"] == pids["a"]
+        assert not em.lines("[a] file touched") and not em.lines("[a] file changed"), em.text()
+        os.utime(vdir / "c.ini")  # touch
+        wait_for(lambda: status.fetch(stats)["vassals"]["c"]["pid"] not in (None, pids["c"]), 30,
+                 "c to be reloaded by the touch")
+        assert status.fetch(stats)["vassals"]["a"]["pid"] == pids["a"]
+    finally:
+        stop_emperor(em)
+
+
+@pytest.mark.parametrize("adopted", [True, False], ids=["adopted", "spawned"])
+def test_magic_variables_reach_the_vassal(xprocess, tmp_path, adopted):
+    """`env = APP_NAME=%n` and `$(ENV)` as uWSGI expands them, in the vassal's
+    environment; a refused one is that vassal's config-error with its line."""
+    vdir = tmp_path / "vassals"
+    vdir.mkdir()
+    if adopted:
+        (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
+    port = free_port()
+    (vdir / "magic.ini").write_text(
+        f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\n" + ("" if adopted else f"psgi = {APP}\n")
+        + "env = APP_NAME=%n\nenv = APP_VALUE=$(PFS_MAGIC)-%%\n")
+    (vdir / "bad.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{free_port()}\n"
+                                  "procname = %h\n")
+    stats = tmp_path / "s.sock"
+    em = start_emperor(xprocess, "emperor-magic", [vdir, "--mercy", "5", "--stats", stats],
+                       {"PFS_MAGIC": "from-env"})
+    try:
+        got = wait_for(lambda: get(port), 30, "magic to answer")
+        assert (got["name"], got["value"]) == ("magic", "from-env-%")
+        bad = wait_for(lambda: status.fetch(stats)["vassals"]["bad"]["error"], 30, "bad's error")
+        assert bad.startswith("bad.ini:3: uWSGI's magic variable %h (the hostname)"), bad
+    finally:
+        stop_emperor(em)

@@ -12,6 +12,8 @@ from pathlib import Path
 from .discovery import (TRANSIENT_ERRNOS, candidates, fingerprint, is_template,
                         read_vassal_file, vassal_name)
 from .ini import ConfigError, parse_ini_lines
+from .magic import as_ini
+from .magic import expand as expand_magic
 from .options import judge_options
 from .templates import TemplateFailure, render_template
 
@@ -29,6 +31,7 @@ class VassalConfig:
     rendered: bool = False  # a template: pass `text` on the config pipe
     transient: bool = False  # error: out of descriptors or memory; read it again later
     pending: bool = False  # a template still rendering (render.Renderer): no config yet
+    expanded: bool = False  # uWSGI's magic variables expanded: pass `text` on the config pipe
 
     def get(self, key: str, default: str | None = None) -> str | None:
         for k, v in reversed(self.options):
@@ -54,7 +57,8 @@ class VassalConfig:
 Render = Callable[[Path, str, str], "str | None"]
 
 
-def load(path: Path, judge: bool = False, render: Render | None = None) -> VassalConfig | None:
+def load(path: Path, judge: bool = False, render: Render | None = None,
+         magic: bool | None = None) -> VassalConfig | None:
     """Read the vassal that `path` declares; None when it has no file any more.
 
     With `judge` (the vassal program is ours), the options are checked
@@ -63,7 +67,8 @@ def load(path: Path, judge: bool = False, render: Render | None = None) -> Vassa
     fails the same way at every restart. A template is judged as rendered.
     `render(path, source, name)` renders a template (default: in this
     process, no deadline); when it returns None the render is under way and
-    the config is `pending`.
+    the config is `pending`. With `magic` (default: `judge`; the vassal
+    program is ours), uWSGI's magic variables are expanded (config/magic.py).
 
     The vassal is known by name: for `app.ini` or `app.ini.j2` whichever of
     the two exists is read (so removing one of two, or replacing `app.ini`
@@ -92,11 +97,12 @@ def load(path: Path, judge: bool = False, render: Render | None = None) -> Vassa
         )
     data = datas[present[0]]
     assert data is not None
-    return _from_text(name, present[0], data, judge, render)
+    return _from_text(name, present[0], data, judge, render,
+                      judge if magic is None else magic)
 
 
 def _from_text(name: str, path: Path, data: bytes, judge: bool,
-               render: Render | None = None) -> VassalConfig:
+               render: Render | None = None, magic: bool = False) -> VassalConfig:
     """The VassalConfig of the one file `path` that holds `data`."""
     text = data.decode("utf-8", "replace")
     rendered = is_template(path.name)
@@ -111,8 +117,11 @@ def _from_text(name: str, path: Path, data: bytes, judge: bool,
         text = out
         where = f"{path.name} (rendered)"
     fp = fingerprint(text.encode("utf-8", "surrogateescape"))
+    expanded = False
     try:
         entries, has_section = parse_ini_lines(text)
+        if magic:
+            entries, expanded = expand_magic(entries, path, path.parent)
         if judge:
             judge_options(entries, has_section, base_dir=path.parent)
     except ConfigError as e:
@@ -121,7 +130,13 @@ def _from_text(name: str, path: Path, data: bytes, judge: bool,
         error = f"{where}:{m.group(1)}: {m.group(2)}" if m else f"{where}: {msg}"
         return VassalConfig(name, path, fp, error=error, text=text, rendered=rendered)
     options = tuple((k, v) for _, k, v in entries)
-    return VassalConfig(name, path, fp, options, text=text, rendered=rendered)
+    if expanded:
+        # what it expands to is its content: an @(file) or $(ENV) that
+        # changed is a changed vassal
+        text = as_ini(entries)
+        fp = fingerprint(text.encode("utf-8", "surrogateescape"))
+    return VassalConfig(name, path, fp, options, text=text, rendered=rendered,
+                        expanded=expanded)
 
 
 @dataclass

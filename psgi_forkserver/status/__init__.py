@@ -15,7 +15,7 @@ Every public name is importable from `psgi_forkserver.status`.
 from .document import (BUDGET, REQUESTS_SLOT, SCHEMA, Collection, collect, emperor_status,
                        forget_requests, read_requests, requests_path, vassal_status)
 from .page import COLUMNS, PAGE_REFRESH, format_table, human_bytes, human_seconds, render_html
-from .rundir import (RUN_DIR_ENV, STATS_NAME, default_stats_path, fetch, fetch_command,
+from .rundir import (RUN_DIR_ENV, STATS_NAME, default_stats_path, fetch, fetch_command, fetch_logs,
                      find_stats, run_dir)
 from .requests import MAX_REQUEST
 from .server import (ACCEPT_PAUSE, CLIENT_TIMEOUT, MAX_CLIENTS, WRITE_TIMEOUT, StatusConfigError,
@@ -25,7 +25,7 @@ __all__ = [
     "ACCEPT_PAUSE", "BUDGET", "CLIENT_TIMEOUT", "COLUMNS", "MAX_CLIENTS", "MAX_REQUEST",
     "PAGE_REFRESH", "REQUESTS_SLOT", "RUN_DIR_ENV", "SCHEMA", "STATS_NAME", "WRITE_TIMEOUT",
     "Collection", "StatusConfigError", "StatusServer", "collect", "default_stats_path",
-    "emperor_status", "fetch", "fetch_command", "find_stats", "format_table", "forget_requests",
+    "emperor_status", "fetch", "fetch_command", "fetch_logs", "find_stats", "format_table", "forget_requests",
     "human_bytes", "human_seconds", "parse_http_address", "read_requests", "render_html",
     "requests_path", "run_dir", "vassal_status",
 ]

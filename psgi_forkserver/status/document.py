@@ -5,7 +5,11 @@ memory_full_info, from /proc/PID/smaps_rollup) summed over each vassal's
 process tree (during a reload, the successor's and retiring processes too).
 That costs the kernel about 1 ms per 40 MB process, so it is done a slice
 (BUDGET) per turn of the Emperor's loop, never in one block; concurrent
-requests share one collection. The document says what it cost:
+requests share one collection, and a process measured less than
+MEASURE_INTERVAL ago is not measured again, whatever the number of
+clients: the vassals' states and process trees are fresh in every
+document, their memory figures at most that old. The document says what
+it cost:
 `collect_ms` (CPU time measuring), `elapsed_ms` (request to document),
 `turns` (loop turns it was spread over).
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import os
 import struct
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,66 @@ from .rundir import run_dir
 
 SCHEMA = 1
 BUDGET = 0.01  # seconds of measuring per turn of the Emperor's loop
+MEASURE_INTERVAL = 1.0  # seconds a process's memory figures are reused
+
+
+@dataclass
+class _Measured:
+    """What was measured lately, shared by the collections of one process
+    (the Emperor): pid -> (when, pss, uss, counted)."""
+
+    memory: dict[int, tuple[float, int, int, int]] = field(default_factory=dict)
+    pruned_at: float = 0.0
+
+    def tree_map(self, now: float) -> "dict[int, list[int]] | _Children":
+        """The process trees, read now: each process's children as asked
+        (/proc/PID/task/TID/children), else one pass over all of /proc."""
+        if now - self.pruned_at >= MEASURE_INTERVAL:
+            # what is older than the interval will be measured again anyway
+            self.memory = {p: m for p, m in self.memory.items() if now - m[0] < MEASURE_INTERVAL}
+            self.pruned_at = now
+        return _Children() if _HAS_CHILDREN_FILES else _ppid_map()
+
+    def process(self, pid: int, now: float) -> tuple[int, int, int, bool]:
+        """(pss, uss, counted, measured now)."""
+        m = self.memory.get(pid)
+        if m is not None and now - m[0] < MEASURE_INTERVAL:
+            return m[1], m[2], m[3], False
+        pss, uss, n = _memory([pid])
+        self.memory[pid] = (now, pss, uss, n)
+        return pss, uss, n, True
+
+
+_measured = _Measured()
+
+
+_HAS_CHILDREN_FILES = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+
+
+class _Children(dict):
+    """pid -> its children, read from the kernel when first asked: only the
+    Emperor's own trees are read, not every process of the machine (a
+    busy machine has thousands)."""
+
+    def get(self, pid: int, default: Any = None) -> list[int]:  # type: ignore[override]
+        if pid not in self:
+            self[pid] = _children_of(pid)
+        return self[pid]
+
+
+def _children_of(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                out += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    return out
 
 
 def _ppid_map() -> dict[int, list[int]]:
@@ -90,9 +155,9 @@ def requests_path(pid: int) -> Path:
     return run_dir() / f"requests-{pid}"
 
 
-def read_requests(pid: int) -> tuple[int, float | None] | None:
-    """(requests served, average latency in ms) that process reported;
-    None when it reports nothing."""
+def read_requests(pid: int) -> tuple[int, float | None, float] | None:
+    """(requests served, average latency in ms, their latency summed in
+    seconds) that process reported; None when it reports nothing."""
     try:
         with open(requests_path(pid), "rb") as f:
             data = f.read(REQUESTS_SLOT.size * 4096)
@@ -103,7 +168,7 @@ def read_requests(pid: int) -> tuple[int, float | None] | None:
         r, us = REQUESTS_SLOT.unpack_from(data, off)
         n += r
         total_us += us
-    return n, (round(total_us / n / 1000, 3) if n else None)
+    return n, (round(total_us / n / 1000, 3) if n else None), total_us / 1e6
 
 
 def forget_requests(pid: int) -> None:
@@ -114,6 +179,16 @@ def forget_requests(pid: int) -> None:
         pass
 
 
+def _told(v: VassalSnapshot) -> str | None:
+    """The last failure the Emperor logged, with the last line the process
+    wrote before it died when it wrote one (the app's own `die`)."""
+    if not v.last_error:
+        return None
+    if v.last_output:
+        return f"{v.last_error}: {v.last_output[-1]}"
+    return v.last_error
+
+
 def _last_error(v: VassalSnapshot) -> str | None:
     """Why the vassal does not run: its file's error or why the Emperor
     refused it (no descriptors to spare), else (while it fails:
@@ -122,7 +197,7 @@ def _last_error(v: VassalSnapshot) -> str | None:
     if v.config_error or v.refused:
         return v.config_error or v.refused
     if v.phase == Phase.THROTTLED or v.failures > 0:
-        return v.last_error or None
+        return _told(v)
     return None
 
 
@@ -151,19 +226,22 @@ def vassal_status(v: VassalSnapshot, now: float,
         # why it does not run now (None while it is fine) ...
         "error": err,
         # ... and, in every state, the last failure and exit the Emperor saw
-        "last_error": err or v.last_error or None,
+        "last_error": err or _told(v),
+        # the last lines the process last_error is about wrote (its access log aside)
+        "last_output": list(v.last_output),
         "last_exit": describe_status(v.last_status) if v.last_status is not None else None,
         "held": v.held,
         # reported by the vassal itself (None: it reports nothing)
         "requests": None,
         "latency_avg_ms": None,
+        "request_seconds": None,
         "processes": 0,
         "pss": 0,
         "uss": 0,
     }
     served = read_requests(v.pid) if v.pid is not None else None
     if served is not None:
-        doc["requests"], doc["latency_avg_ms"] = served
+        doc["requests"], doc["latency_avg_ms"], doc["request_seconds"] = served
     # every process of the vassal: during a reload, the successor and the
     # retiring ones too
     roots = list(v.pids)
@@ -233,8 +311,9 @@ class Collection:
         self.t0 = time.perf_counter()
         self.measure_s = 0.0
         self.turns = 0
+        self.measured = 0  # processes measured for this document (the others: reused)
         now = time.monotonic()
-        children = _ppid_map()
+        children = _measured.tree_map(now)
         vassals = snap.vassals
         self.vassals: dict[str, dict[str, Any]] = {}
         self.todo: list[tuple[str, int]] = []
@@ -260,7 +339,8 @@ class Collection:
         self.turns += 1
         while self.todo:
             name, pid = self.todo.pop()
-            pss, uss, n = _memory([pid])
+            pss, uss, n, fresh = _measured.process(pid, time.monotonic())
+            self.measured += fresh
             d = self.vassals[name]
             d["pss"] += pss
             d["uss"] += uss
@@ -290,6 +370,9 @@ class Collection:
             "collect_ms": round(self.measure_s * 1000, 2),
             "elapsed_ms": round((time.perf_counter() - self.t0) * 1000, 2),
             "turns": self.turns,
+            # processes measured for this document; the others' figures are
+            # less than MEASURE_INTERVAL old
+            "measured": self.measured,
         }
 
 

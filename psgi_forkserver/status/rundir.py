@@ -79,6 +79,7 @@ def fetch(path: Path, timeout: float = 10.0) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(str(path))
+        s.shutdown(socket.SHUT_WR)  # no command: the document at once
         chunks = []
         while True:
             b = s.recv(65536)
@@ -93,11 +94,19 @@ def fetch(path: Path, timeout: float = 10.0) -> dict[str, Any]:
     return doc
 
 
+def fetch_logs(path: Path, name: str, since: int | None = None,
+               timeout: float = 10.0) -> dict[str, Any]:
+    """A vassal's recent lines (`lines`), those after the `since`-th line
+    the Emperor kept for it when given; `next` is the `since` of the next ask."""
+    return fetch_command(path, "logs", name, timeout, extra={"since": since})
+
+
 def fetch_command(path: Path, command: str, name: str | None = None,
-                  timeout: float = 10.0, tries: int = 5) -> dict[str, Any]:
+                  timeout: float = 10.0, tries: int = 5,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Send one command on the stats socket; its reply. The Emperor takes a
     line that arrives after it sent the document as too late: then ask again."""
-    line = (json.dumps({"command": command, "name": name}) + "\n").encode()
+    line = (json.dumps({"command": command, "name": name, **(extra or {})}) + "\n").encode()
     for _ in range(tries):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)

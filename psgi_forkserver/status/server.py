@@ -39,6 +39,10 @@ from .requests import Requests, _Client, _http, _json
 #: (never dropped without a word, and never at the expense of one in progress)
 MAX_CLIENTS = 256
 CLIENT_TIMEOUT = 60.0
+#: the listen backlog: a burst of clients (a dashboard, scrapers) beyond it
+#: has its SYN dropped, and a probe caught in it waits a whole second for
+#: the retransmission (the kernel caps it at net.core.somaxconn)
+BACKLOG = 1024
 #: a client that does not read its document is dropped after this long, so
 #: that clients that never read cannot keep the slots of those that do
 WRITE_TIMEOUT = 10.0
@@ -114,6 +118,7 @@ class StatusServer(Requests):
         self._tick_w: socket.socket | None = None
         # listening sockets out of the selector after EMFILE: fd -> (sock, http, until)
         self.paused: dict[int, tuple[socket.socket, bool, float]] = {}
+        self.deferred: set[int] = set()  # stats clients whose document waits (COMMAND_GRACE)
 
     # -- set-up ------------------------------------------------------------------
 
@@ -134,7 +139,7 @@ class StatusServer(Requests):
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     s.bind(sockaddr)
-                    s.listen(64)
+                    s.listen(BACKLOG)
                 except OSError as e:
                     s.close()
                     raise OSError(e.errno, f"--status-http {self.http}: {e.strerror or e}") from None
@@ -171,7 +176,7 @@ class StatusServer(Requests):
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
-        s.listen(64)
+        s.listen(BACKLOG)
         s.setblocking(False)
         st = os.stat(path)
         self._stats_ino = (st.st_dev, st.st_ino)
@@ -245,12 +250,15 @@ class StatusServer(Requests):
             if len(self.clients) >= self.max_clients:
                 self._refuse(conn, http)
                 continue
-            c = _Client(conn, now + CLIENT_TIMEOUT)
+            c = _Client(conn, now + CLIENT_TIMEOUT, accepted=now)
             self.clients[conn.fileno()] = c
             try:
                 if http:
                     self.sel.register(conn, selectors.EVENT_READ,
                                       lambda t, fd=conn.fileno(): self._on_http_readable(fd, t))
+                    # its request is usually there already: a probe's /healthz
+                    # is answered now, not a loop turn later behind page work
+                    self._on_http_readable(conn.fileno(), now)
                 else:
                     # a line first is a command (see _on_stats_readable);
                     # nothing yet: the document, as a plain reader expects
@@ -292,10 +300,16 @@ class StatusServer(Requests):
 
     def next_wakeup(self) -> float | None:
         """When poll() has something to do (the Emperor's loop asks)."""
-        return min((until for _, _, until in self.paused.values()), default=None)
+        times = [until for _, _, until in self.paused.values()]
+        grace = self._deferred_wakeup()
+        return min(times + ([grace] if grace is not None else []), default=None)
 
     def poll(self, now: float) -> None:
-        """Called every turn of the Emperor's loop: resume paused sockets."""
+        """Called every turn of the Emperor's loop: resume paused sockets,
+        send the documents held for COMMAND_GRACE."""
+        self.now = now
+        if self.deferred:
+            self._send_deferred(now)
         for fd, (lsock, http, until) in list(self.paused.items()):
             if now < until:
                 continue
