@@ -272,7 +272,7 @@ def container(m: dict[str, dict]) -> dict:
 
 
 def probe_port(probe: dict) -> int:
-    (url,) = re.findall(r"http://127\.0\.0\.1:(\d+)/healthz", " ".join(probe["exec"]["command"]))
+    (url,) = re.findall(r"http://127\.0\.0\.1:(\d+)/(?:healthz|readyz)", " ".join(probe["exec"]["command"]))
     return int(url)
 
 
