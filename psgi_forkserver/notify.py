@@ -14,21 +14,32 @@ the Emperor sends datagrams of `KEY=VALUE` lines:
 - `WATCHDOG=1` every half `WATCHDOG_USEC` while the loop turns (when
   `WATCHDOG_PID` is set, only in that process).
 
-Without `NOTIFY_SOCKET` every method returns at once. A send that fails
-(systemd gone, socket full) is logged once and otherwise ignored: the
-fleet must not depend on its supervisor's socket.
+Without `NOTIFY_SOCKET` every method returns at once. The socket is never
+waited on: the fleet must not depend on its supervisor. A state message
+(READY, RELOADING, STATUS, STOPPING) that finds the socket full waits, in
+order, for the next turn (a supervisor that reads late still sees a deploy
+begin and end); a watchdog ping is only sent when nothing waits, and never
+queued. A send that fails otherwise (systemd gone) is logged once and the
+waiting messages are dropped.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .snapshot import EmperorSnapshot, VassalSnapshot
+
+#: state messages waiting for room in the socket, at most (the oldest go first)
+MAX_PENDING = 64
+
+#: how soon a turn retries waiting messages, in seconds
+RETRY_S = 0.05
 
 #: states in which a vassal present at start no longer holds READY=1 back
 SETTLED = frozenset({"loyal", "on-demand", "config-error", "stopped", "throttled", "refused"})
@@ -65,6 +76,7 @@ class Notifier:
     next_watchdog: float = 0.0
     failed: bool = False
     sent: list[str] = field(default_factory=list)  # the last messages (tests, debugging)
+    pending: deque[str] = field(default_factory=lambda: deque(maxlen=MAX_PENDING))
 
     @classmethod
     def from_env(cls, log: Callable[[str], None], environ: dict[str, str] | None = None) -> "Notifier":
@@ -86,18 +98,34 @@ class Notifier:
         return self.sock is not None
 
     def send(self, *lines: str) -> None:
+        """Queue a state message behind any still waiting, and send what fits."""
         if self.sock is None:
             return
-        msg = "\n".join(lines)
+        self.pending.append("\n".join(lines))
+        self._flush()
+
+    def _ping(self) -> None:
+        if not self.pending:  # a ping never overtakes a waiting state message
+            self._sendto("WATCHDOG=1")
+
+    def _flush(self) -> None:
+        while self.pending and self._sendto(self.pending[0]):
+            self.pending.popleft()
+
+    def _sendto(self, msg: str) -> bool:
+        assert self.sock is not None
         try:
             self.sock.sendto(msg.encode(), self.address)
         except OSError as e:
             if not self.failed:
                 self.failed = True
                 self.log(f"notify: cannot send to NOTIFY_SOCKET: {e.strerror or e}")
-            return
+            if e.errno not in (errno.EAGAIN, errno.ENOBUFS):
+                self.pending.clear()  # nobody listens: nothing to keep for later
+            return False
         self.failed = False
         self.sent = (self.sent + [msg])[-20:]
+        return True
 
     def close(self) -> None:
         if self.sock is not None:
@@ -105,15 +133,20 @@ class Notifier:
             self.sock = None
 
     def next_wakeup(self) -> float | None:
-        return self.next_watchdog if self.sock is not None and self.watchdog_s else None
+        if self.sock is None:
+            return None
+        retry = time.monotonic() + RETRY_S if self.pending else None
+        watchdog = self.next_watchdog if self.watchdog_s else None
+        return min((t for t in (retry, watchdog) if t is not None), default=None)
 
     def poll(self, snapshot: Callable[[], EmperorSnapshot], now: float) -> None:
         """Once per turn of the Emperor's loop, after the vassals stepped
         (the snapshot is taken only when systemd listens)."""
         if self.sock is None:
             return
+        self._flush()
         if self.watchdog_s and now >= self.next_watchdog:
-            self.send("WATCHDOG=1")
+            self._ping()
             self.next_watchdog = now + self.watchdog_s / 2
         snap = snapshot()
         vassals = snap.vassals

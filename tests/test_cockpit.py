@@ -540,6 +540,39 @@ def test_notify_ready_status_watchdog_and_reloading(xprocess, notify_socket):
         shutil.rmtree(vdir, ignore_errors=True)
 
 
+def test_notify_messages_wait_for_a_full_socket_and_keep_their_order(xprocess, notify_socket):
+    """A supervisor that reads its socket late (the queue full of watchdog
+    pings) still gets RELOADING=1 then READY=1 of a deploy, in order: state
+    messages wait for room, watchdog pings are not queued."""
+    sock, path = notify_socket
+    vdir = Path(tempfile.mkdtemp(prefix="pfs-notify-v-"))
+    (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
+    port = free_port()
+    (vdir / "app.ini").write_text(app_ini("app", port, processes=1))
+    em = None
+    try:
+        # a watchdog ping every 10 ms fills the datagram queue (10 here,
+        # net.unix.max_dgram_qlen) while nobody reads it
+        em = start_emperor(xprocess, "emperor-notify-full", [vdir, "--mercy", "5"],
+                           {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "20000"})
+        wait_for(lambda: get(port), 30, "the app to answer")
+        wait_for(lambda: em.lines("cannot send to NOTIFY_SOCKET"), 60, "the notify socket to be full")
+        r = emperor_cli("reload-base", "--dir", vdir, "--wait")
+        assert r.returncode == 0, r.stderr
+        msgs = Messages(sock)
+
+        def ready_after_reloading(m: str) -> bool:
+            return m.startswith("READY=1") and any(x.startswith("RELOADING=1") for x in msgs.all[:-1])
+        msgs.until(ready_after_reloading, 60, "READY=1 after RELOADING=1")
+        kinds = [m.split("\n")[0] for m in msgs.all if m != "WATCHDOG=1"]
+        # the start's READY=1 too, sent while the queue was full
+        assert kinds.index("READY=1") < kinds.index("RELOADING=1"), kinds
+    finally:
+        if em is not None:
+            stop_emperor(em)
+        shutil.rmtree(vdir, ignore_errors=True)
+
+
 # -- the page in a real browser ---------------------------------------------------------
 
 
