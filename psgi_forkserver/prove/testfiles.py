@@ -26,6 +26,8 @@ class ProveOptions:
     junit: Path | None = None
     perl: str = "perl"
     destruct: bool = False
+    required_modules: list[str] = field(default_factory=list)  # require'd, not imported
+    optional_modules: list[str] = field(default_factory=list)  # left out when they do not load
 
 
 def find_tests(args: list[str], recurse: bool) -> list[str]:
