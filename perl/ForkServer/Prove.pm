@@ -97,7 +97,7 @@ sub _runtests {
         $source->setup(
             socket   => $OURS{socket},
             destruct => $OURS{destruct},
-            state    => $self->state_manager,
+            state    => (@{ $self->state || [] } ? $self->state_manager : undef),    # only with --state
             libs     => [map { File::Spec->rel2abs($_) } @{ $args->{lib} || [] }],
             preload  => $OURS{preload},
             auto     => !$OURS{no_preload} && !@{ $OURS{preload} },

@@ -105,6 +105,13 @@ class TestBase:
                 os.waitpid(self.pid, 0)
             self.pid = None
 
+    def preloaded(self) -> set[str] | None:
+        """The keys of its %INC (None before it has started)."""
+        try:
+            return set(self.inc_keys.read_text().split("\0"))
+        except OSError:
+            return None
+
     def loaded_files(self) -> list[str]:
         """What it reported having loaded (every file in %INC)."""
         try:

@@ -173,12 +173,13 @@ class Prove:
         """Run `files` (the base started if needed and not running), print
         prove's lines and summary; the exit status prove would have."""
         t0, cpu0 = time.monotonic(), os.times()
-        queue = [Job(f, *cold_reason(f)) for f in files]
+        queue = [Job(f, *cold_reason(f, self.base.preloaded())) for f in files]
         finished: list[Job] = []
         self.jobs = {}
         try:
             if self.base.pid is None and any(j.cold is None for j in queue):
                 self.base.start(self.env)
+                queue = [Job(f, *cold_reason(f, self.base.preloaded())) for f in files]
             bailed = self.schedule(queue, files, finished)
         finally:
             for j in self.jobs.values():

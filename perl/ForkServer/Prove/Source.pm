@@ -166,7 +166,7 @@ sub cold_reason {
     return "it asks for no preload (# emperor-prove: no-preload)"
         if $text =~ /^\s*#\s*emperor-prove:\s*no-preload\s*$/m;
     if (my $state = $CFG{state}) {
-        my $t = eval { $state->results->has_test($file) && $state->results->test($file) };
+        my $t = eval { $state->results->{tests}{$file} };    # test() would add it
         return "--state: $t->{emperor_cold}" if $t && $t->{emperor_cold};
     }
     my $changes = _changes_before_preloaded_use($text);
@@ -181,8 +181,9 @@ sub _changes_before_preloaded_use {
     my ($text) = @_;
     my $last_use = -1;
     while ($text =~ /^\s*use\s+([A-Z][\w:]*)/mg) {
+        my $at = $-[0];
         (my $inc = "$1.pm") =~ s{::}{/}g;
-        $last_use = $-[0] if $BASE_INC{$inc};
+        $last_use = $at if $BASE_INC{$inc};
     }
     return undef if $last_use < 0;
     my $before = substr $text, 0, $last_use;
