@@ -14,7 +14,7 @@ DEB_PACKAGES := perl libplack-perl libsocket-msghdr-perl libhttp-parser-xs-perl 
 	libmoose-perl libdatetime-perl libdatetime-timezone-perl libtemplate-perl \
 	libjson-xs-perl libdbix-class-perl libmojolicious-perl libdancer2-perl \
 	libcatalyst-perl libtry-tiny-perl libhttp-message-perl libtest-tcp-perl \
-	libgoto-file-perl libtest2-harness-perl
+	libgoto-file-perl libtest2-harness-perl libtap-harness-archive-perl
 # The status page's browser test (tests/test_cockpit.py) and its screenshot:
 # a stamp of its own, so that `make setup` for running a fleet does not pull
 # a browser in; `make test` does.

@@ -53,8 +53,9 @@ adopted vassal whose argv starts with C<--test-file>: the fork server forks
 as for any adoption (the reply carries the pid), and the child, instead of
 configuring itself as a web vassal, leaves the fork server's call stack,
 makes itself look like a fresh C<perl FILE> process, returns from the
-C<BEGIN> block and lets L<goto::file> replace the rest of the main program
-with the test file. The test file is then the program perl runs: C<__FILE__>,
+C<BEGIN> block, and a source filter replaces the rest of the main program
+with the test file (as L<goto::file> does for yath, plus C<DATA> handled as
+perl does: see L</_compile_next>). The test file is then the program perl runs: C<__FILE__>,
 line numbers, C<__DATA__>, C<die> at the top level (exit status from C<$!>,
 C<< $? >> 8 >> or 255), C<exit>, C<END> blocks and global destruction are
 perl's own.
@@ -64,7 +65,8 @@ Before that, the child (L</become_test>):
 =over
 
 =item * reads its spec from the config pipe: an array packet of C<KEY=VALUE>
-items (C<file>, C<cwd>, C<arg>, C<env>, C<inc>, C<warnings>, C<destruct>);
+items (C<file>, C<cwd>, C<arg>, C<env>, C<inc>, C<warnings>, C<destruct>,
+C<merge>: stderr is stdout, prove's C<--merge>);
 
 =item * puts the Emperor pipe on descriptor 1, the config pipe on 2 and
 F</dev/null> on 0;
