@@ -75,6 +75,17 @@ sub main {
     return $app->run ? 0 : 1;
 }
 
+# prove's help is the POD of the `prove` script, which App::Prove reads
+# from $0 (ours is -e)
+sub _help {
+    my ($self, @args) = @_;
+    require File::Basename;
+    my ($prove) = grep { -f } File::Spec->catfile(File::Basename::dirname($^X), 'prove'),
+        map { File::Spec->catfile($_, 'prove') } File::Spec->path;
+    local $0 = $prove // $0;
+    return $self->SUPER::_help(@args);
+}
+
 # --shard I/N: this part of what prove would run, in prove's order.
 sub _get_tests {
     my $self  = shift;

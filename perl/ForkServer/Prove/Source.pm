@@ -83,6 +83,10 @@ sub setup {
     if ($args{auto}) {
         push @items, map {"optional=$_"} auto_preloads(@{ $args{tests} });
     }
+    # Nothing preloaded: the inherited heap is small, and perl's own global
+    # destruction at exit is then cheaper than freeing what the test loaded
+    # package by package (ForkServer::TestFile's fast exit), and exact.
+    $CFG{destruct} = 1 unless grep { !/\Ainc=/ } @items;
     my $reply = eval { ForkServer::Prove::Iterator::request($args{socket}, 'B', join "\0", @items) };
     if (!defined $reply || $reply !~ s/\Aok\n//) {
         my $why = defined $reply ? $reply : $@;
