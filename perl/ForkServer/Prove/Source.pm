@@ -203,7 +203,9 @@ sub _create_iterator {
     my $file = ${ $source->raw };
     my @args = @{ $source->test_args || [] };
     my @switches = @{$command}[1 .. $#$command - 1 - @args];
-    my $reason = $class->cold_reason($file, \@switches, $source->meta->{file}{shebang});
+    my $reason = $command->[0] ne $^X
+        ? "HARNESS_PERL ($command->[0]) is not the base's perl"
+        : $class->cold_reason($file, \@switches, $source->meta->{file}{shebang});
     if (defined $reason) {
         $class->note($reason =~ /\Ait |\A--state/ ? "$file runs cold: $reason" : "$reason: such files run as prove runs them");
         return $cold->();
