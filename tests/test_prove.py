@@ -357,13 +357,22 @@ def test_a_file_that_fails_forked_and_passes_cold(project: Path) -> None:
         "ok !$INC{'ForkServer/TestFile.pm'}, 'fails in a fork of the base';\n")
     first = run_in(project, [EMPEROR, "prove", "-l", "--state=save", "t/d_base_sensitive.t"])
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "t/d_base_sensitive.t failed forked and passed cold" in first.stderr
+    assert "t/d_base_sensitive.t failed or skipped forked and passed cold" in first.stderr
     assert "emperor_cold" in (project / ".prove").read_text()
     second = run_in(project, [EMPEROR, "prove", "-l", "--state=save", "t/d_base_sensitive.t"])
     assert second.returncode == 0
     assert "t/d_base_sensitive.t runs cold: --state" in second.stderr
     strict = run_in(project, [EMPEROR, "prove", "-l", "--no-cold-retry", "t/d_base_sensitive.t"])
     assert strict.returncode == 1
+    # a file that skips itself when it sees a module already loaded: prove
+    # runs it, so it is run cold too
+    (project / "t" / "e_skips_if_loaded.t").write_text(
+        "use strict;\nuse warnings;\nuse Test::More;\n"
+        "BEGIN { plan skip_all => 'Proj is already loaded' if $INC{'Proj.pm'} }\n"
+        "use Proj;\nplan tests => 1;\nok 1, 'ran';\n")
+    skip = run_in(project, [EMPEROR, "prove", "-l", "--preload", "Proj", "t/e_skips_if_loaded.t"])
+    assert re.search(r"^t/e_skips_if_loaded\.t \.+ ok$", skip.stdout, re.M), skip.stdout + skip.stderr
+    assert "t/e_skips_if_loaded.t failed or skipped forked and passed cold" in skip.stderr
 
 
 def test_shard_splits_into_disjoint_balanced_parts(tmp_path: Path) -> None:

@@ -232,10 +232,10 @@ sub _create_iterator {
 
 sub _remember_cold {
     my ($file) = @_;
-    __PACKAGE__->note("$file failed forked and passed cold: its verdict is the cold run's"
+    __PACKAGE__->note("$file failed or skipped forked and passed cold: its verdict is the cold run's"
         . ($CFG{state} ? " (--state remembers it)" : ""));
     my $state = $CFG{state} or return;
-    eval { $state->results->test($file)->{emperor_cold} = 'it failed forked and passed cold'; 1 };
+    eval { $state->results->test($file)->{emperor_cold} = 'it failed or skipped forked and passed cold'; 1 };
     return;
 }
 
