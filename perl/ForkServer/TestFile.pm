@@ -123,7 +123,8 @@ sub serve {
     }
     # what the base loaded: files for `emperor prove --watch` to watch, and
     # %INC's keys for telling which tests change things before using them
-    for ([$inc_report, sub { values %INC }], [$inc_keys, sub { keys %INC }]) {
+    for ([$inc_report, sub { values %INC }],
+         [$inc_keys, sub { map { defined $INC{$_} && !ref $INC{$_} ? "$_\t$INC{$_}" : $_ } keys %INC }]) {
         my ($path, $list) = @$_;
         next unless defined $path;
         open my $fh, '>', $path or die "'$path': $!\n";

@@ -106,9 +106,10 @@ class TestBase:
             self.pid = None
 
     def preloaded(self) -> set[str] | None:
-        """The keys of its %INC (None before it has started)."""
+        """The keys of its %INC (None before it has started; the file
+        has KEY<TAB>PATH items)."""
         try:
-            return set(self.inc_keys.read_text().split("\0"))
+            return {item.partition("\t")[0] for item in self.inc_keys.read_text().split("\0")}
         except OSError:
             return None
 

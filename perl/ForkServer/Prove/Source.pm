@@ -35,7 +35,8 @@ from prove's options, HARNESS_PERL_SWITCHES, PERL5OPT or the shebang);
 =item * the file carries C<# HARNESS-NO-PRELOAD> (yath's marker) or
 C<# emperor-prove: no-preload>;
 
-=item * the file changes C<%ENV> or C<CORE::GLOBAL::> before C<use> of a
+=item * the file changes C<%ENV> (a variable a preloaded file reads at its top
+  level) or C<CORE::GLOBAL::> before C<use> of a
 module the base already loaded (it would see the module compiled before
 its change);
 
@@ -99,7 +100,7 @@ sub setup {
         $CFG{disabled} = 1;
         return;
     }
-    %BASE_INC = map { $_ => 1 } split /\0/, $reply;
+    %BASE_INC = map { my ($k, $v) = split /\t/, $_, 2; ($k => $v // 1) } split /\0/, $reply;
     return;
 }
 
@@ -107,7 +108,7 @@ sub setup {
 
   my @modules = auto_preloads(@test_files);
 
-The modules (not pragmas) that at least a fifth of the files C<use>, read
+The modules (not pragmas) that at least a tenth of the files C<use>, read
 from their C<use> lines, in order of how many use them.
 
 =cut
@@ -124,7 +125,7 @@ sub auto_preloads {
         $count{$_}++ for keys %seen;
     }
     return () unless $n;
-    my @common = grep { $count{$_} * 5 >= $n } keys %count;
+    my @common = grep { $count{$_} * 10 >= $n } keys %count;
     return sort { $count{$b} <=> $count{$a} || $a cmp $b } @common;
 }
 
@@ -179,8 +180,13 @@ sub cold_reason {
 }
 
 # %ENV or CORE::GLOBAL changed before a `use` of something the base loaded:
-# the module was compiled (constants folded, reactor chosen) before the
-# change. Textual on purpose: cheap, and erring towards cold only costs time.
+# the module was compiled (constants folded) before the change. For %ENV,
+# only variables a preloaded file reads at its top level (an unindented
+# line: `use constant X => $ENV{...}`, `our $X = $ENV{...}`); one read inside
+# a sub is read when the test calls it, after its change (Mojo's
+# MOJO_REACTOR). A change this misses makes the forked run fail, and the
+# file is then run cold (the retry). Textual on purpose: cheap, and erring
+# towards cold only costs time.
 sub _changes_before_preloaded_use {
     my ($text) = @_;
     my $last_use = -1;
@@ -192,9 +198,32 @@ sub _changes_before_preloaded_use {
     return undef if $last_use < 0;
     my $before = substr $text, 0, $last_use;
     $before =~ s/^\s*#.*$//mg;
-    return '%ENV' if $before =~ /\$ENV\s*\{[^}]*\}\s*(?:\|\||\/\/|\.)?=(?!=)|%ENV\s*=(?!=)|local\s+\$ENV\s*\{|delete\s+\$ENV\s*\{/;
     return 'CORE::GLOBAL' if $before =~ /CORE::GLOBAL::/;
+    return '%ENV' if $before =~ /%ENV\s*=(?!=)/;
+    my %names;
+    $names{$1}++ while $before =~ /\$ENV\s*\{\s*['"]?(\w+)['"]?\s*\}\s*(?:\|\||\/\/|\.)?=(?!=)/g;
+    $names{$1}++ while $before =~ /(?:local|delete)\s+\$ENV\s*\{\s*['"]?(\w+)['"]?\s*\}/g;
+    for my $name (sort keys %names) {
+        return "\$ENV{$name}" if _read_at_top_level($name);
+    }
     return undef;
+}
+
+my %TOP_LEVEL_READ;    # variable name -> whether a preloaded file reads it at its top level
+
+sub _read_at_top_level {
+    my ($name) = @_;
+    return $TOP_LEVEL_READ{$name} //= do {
+        my $found = 0;
+        for my $path (grep { !/\A1\z/ } values %BASE_INC) {
+            open my $fh, '<', $path or next;
+            local $/;
+            my $src = <$fh> // '';
+            $src =~ s/^__(?:END|DATA)__\b.*//ms;
+            if ($src =~ /^\S[^\n]*\b\Q$name\E\b/m) { $found = 1; last }
+        }
+        $found;
+    };
 }
 
 sub _create_iterator {
