@@ -220,7 +220,14 @@ sub _read_at_top_level {
             local $/;
             my $src = <$fh> // '';
             $src =~ s/^__(?:END|DATA)__\b.*//ms;
-            if ($src =~ /^\S[^\n]*\b\Q$name\E\b/m) { $found = 1; last }
+            $src =~ s/^=[a-zA-Z].*?(?:^=cut\b[^\n]*|\z)//msg;    # POD
+            # an unindented line, not inside a `sub {` on that line
+            while ($src =~ /^(\S[^\n]*)\b\Q$name\E\b/mg) {
+                next if $1 =~ /\bsub\b(?:\s+\w+)?\s*\{/ || $1 =~ /^\s*#/;
+                $found = 1;
+                last;
+            }
+            last if $found;
         }
         $found;
     };
