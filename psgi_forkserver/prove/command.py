@@ -31,6 +31,9 @@ that has preloaded the modules most test files use. emperor prove's own:
   --perl PATH            the perl to run prove and the base with
   --watch, --serve SOCK, --connect SOCK: see `emperor prove --help-long-running`
 
+example:
+  emperor prove -lr -j2 t    (what you would type after `prove`; docs/prove.md)
+
 """
 
 
