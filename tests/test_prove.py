@@ -397,3 +397,19 @@ def test_shard_splits_into_disjoint_balanced_parts(tmp_path: Path) -> None:
     bad = run_in(tmp_path, [EMPEROR, "prove", "--shard", "4/3", "t"])
     assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
         "emperor prove: --shard 4/3: I must be from 1 to N"]
+
+
+def test_yath_timeout_markers(tmp_path: Path) -> None:
+    """# HARNESS-NO-TIMEOUT lifts --timeout for its file;
+    # HARNESS-TIMEOUT-EVENT N gives it N seconds more."""
+    t = tmp_path / "t"
+    t.mkdir()
+    slow = "use strict;\nselect undef, undef, undef, 1.5;\nprint qq{1..1\\nok 1\\n};\n"
+    (t / "a_plain.t").write_text(slow)
+    (t / "b_no_timeout.t").write_text("# HARNESS-NO-TIMEOUT\n" + slow)
+    (t / "c_more_time.t").write_text("# HARNESS-TIMEOUT-EVENT 30\n" + slow)
+    ours = run_in(tmp_path, [EMPEROR, "prove", "-j3", "--timeout", "0.5", "t"])
+    assert "t/a_plain.t: timed out after 0.5 s: killed" in ours.stderr
+    assert re.search(r"^t/b_no_timeout\.t \.+ ok$", ours.stdout, re.M), ours.stdout
+    assert re.search(r"^t/c_more_time\.t \.+ ok$", ours.stdout, re.M), ours.stdout
+    assert ours.returncode == 1
