@@ -395,7 +395,7 @@ def test_shard_splits_into_disjoint_balanced_parts(tmp_path: Path) -> None:
                                "-D", "t"]).stdout.split() for i in (1, 2)]
     assert ["t/f6.t"] in timed
     bad = run_in(tmp_path, [EMPEROR, "prove", "--shard", "4/3", "t"])
-    assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "emperor prove: --shard 4/3: I must be from 1 to N"]
 
 

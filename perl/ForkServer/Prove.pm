@@ -67,7 +67,11 @@ sub main {
     }
     %OURS = %ours;
     if (defined $ours{shard}) {
-        my ($i, $n) = ForkServer::Prove::Shard::parse($ours{shard});
+        my ($i, $n) = eval { ForkServer::Prove::Shard::parse($ours{shard}) };
+        if (!defined $n) {    # one line, exit 2: a bad option
+            print STDERR $@;
+            return 2;
+        }
         @OURS{qw(shard_index shard_count)} = ($i, $n);
     }
     my $app = __PACKAGE__->new;
