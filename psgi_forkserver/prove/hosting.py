@@ -29,7 +29,6 @@ import struct
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .. import adoption, paths, protocol
 from .base import BaseError
