@@ -55,7 +55,7 @@ configuring itself as a web vassal, leaves the fork server's call stack,
 makes itself look like a fresh C<perl FILE> process, returns from the
 C<BEGIN> block, and a source filter replaces the rest of the main program
 with the test file (as L<goto::file> does for yath, plus C<DATA> handled as
-perl does: see L</_compile_next>). The test file is then the program perl runs: C<__FILE__>,
+perl does: the comment above C<_compile_next>). The test file is then the program perl runs: C<__FILE__>,
 line numbers, C<__DATA__>, C<die> at the top level (exit status from C<$!>,
 C<< $? >> 8 >> or 255), C<exit>, C<END> blocks and global destruction are
 perl's own.
