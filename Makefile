@@ -34,7 +34,8 @@ DEB_PACKAGES := $(RUNTIME_DEB_PACKAGES) $(EXAMPLE_DEB_PACKAGES) \
 	starman uwsgi-core uwsgi-plugin-psgi wrk curl procps iproute2 \
 	libdbix-class-perl libmojolicious-perl libdancer2-perl \
 	libcatalyst-perl libhttp-message-perl libtest-tcp-perl \
-	libgoto-file-perl libtest2-harness-perl systemd $(FRAMEWORK_DEB_PACKAGES)
+	libgoto-file-perl libtest2-harness-perl libtap-harness-archive-perl systemd \
+	$(FRAMEWORK_DEB_PACKAGES)
 # The status page's browser test (tests/test_cockpit.py) and its screenshot:
 # a stamp of its own, so that `make setup` for running a fleet does not pull
 # a browser in; `make test` does.

@@ -388,7 +388,7 @@ def prove_runners(procs: Procs, tmp: Path, n: int) -> dict:
     runners = {
         "prove": ["prove", "-j2", "-I", lib, "t"],
         "yath": ["yath", "test", "-j2", "-I", lib, "-PTest::More", "-PHeavyStack", "t"],
-        "emperor prove": [EMPEROR, "prove", "-j2", "-I", lib, "-M", "Test::More", "-M", "HeavyStack", "t"],
+        "emperor prove": [EMPEROR, "prove", "-j2", "-I", lib, "--preload", "Test::More", "--preload", "HeavyStack", "t"],
     }
     res: dict = {"files": n}
     for name, argv in runners.items():

@@ -164,6 +164,11 @@ def check_paths(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .prove.command import LONG_RUNNING_PROVE, prove_run
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["prove"] and not LONG_RUNNING_PROVE.intersection(argv[1:]):
+        return prove_run(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "reload-base":
         if args.pidfile is not None:
@@ -352,14 +357,16 @@ def bind_status(args: argparse.Namespace):
 
 def add_prove_command(sub) -> None:
     pr = _sub(sub, "prove", help="run Perl test files forked from a preloaded base (prove's options)")
+    pr.add_argument("--help-long-running", action="help",
+                    help="this help (--watch, --serve, --connect; without them: prove's options)")
     pr.add_argument("paths", metavar="PATH", nargs="*", help="test files and directories (default: t)")
     pr.add_argument("-j", "--jobs", type=int, default=1, metavar="N", help="run N tests at once")
     pr.add_argument("-I", dest="includes", action="append", default=[], metavar="DIR",
                     help="library directory (in the base and in every test's @INC)")
     pr.add_argument("-M", dest="modules", action="append", default=[], metavar="MODULE",
                     help="preload MODULE, as prove's -M (imported into main)")
-    pr.add_argument("--preload", action="append", default=[], metavar="FILE",
-                    help="require FILE in the base before forking")
+    pr.add_argument("--preload", action="append", default=[], metavar="MODULE|FILE",
+                    help="load MODULE (or require FILE) in the base before forking")
     pr.add_argument("-r", "--recurse", action="store_true", help="recurse into directories")
     pr.add_argument("-v", "--verbose", action="store_true", help="print every test's TAP")
     pr.add_argument("--timeout", type=float, metavar="SECONDS",

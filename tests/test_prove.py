@@ -17,7 +17,8 @@ from support import EMPEROR, alive, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = "tests/prove_suite"
-PRELOADS = ["-M", "Test::More", "-M", "FindBin", "-I", f"{SUITE}/lib", "-M", "SuiteData",
+PRELOADS = ["--preload", "Test::More", "--preload", "FindBin", "-I", f"{SUITE}/lib", "--preload", "SuiteData",
+            "--preload", "EnvAtLoad",
             "--preload", f"{SUITE}/preload.pl"]
 FILE_LINE = re.compile(r"^(\S+\.t) \.+ ?(.*)$")
 
@@ -41,6 +42,7 @@ def verdicts(stdout: str) -> dict[str, str]:
 
 
 EXPECTED_FAILURES = {"die.t", "die_errno.t", "exit_3.t", "failing.t"}
+SUITE_FILES = 27
 
 
 @pytest.mark.parametrize("jobs", ["1", "2"])
@@ -48,16 +50,17 @@ def test_suite_has_the_same_verdicts_as_prove(tmp_path: Path, jobs: str) -> None
     (tmp_path / "prove").mkdir()
     (tmp_path / "emperor").mkdir()
     theirs = run(["prove", SUITE], tmp_path / "prove")
-    ours = run([EMPEROR, "prove", "-j", jobs, *PRELOADS, SUITE], tmp_path / "emperor")
+    # --no-cold-retry: a file that fails forked must not be hidden by its cold rerun
+    ours = run([EMPEROR, "prove", "--no-cold-retry", "-j", jobs, *PRELOADS, SUITE], tmp_path / "emperor")
     want = verdicts(theirs.stdout)
     got = verdicts(ours.stdout)
-    assert len(want) == 21, theirs.stdout
+    assert len(want) == SUITE_FILES, theirs.stdout
     assert got == want, ours.stdout + ours.stderr
     assert {Path(f).name for f, v in got.items() if v == "FAIL"} == EXPECTED_FAILURES
     assert got[f"{SUITE}/skip_all.t"] == "skipped"
     assert (ours.returncode, theirs.returncode) == (1, 1)
     assert ours.stdout.splitlines()[-1] == "Result: FAIL"
-    assert re.search(r"^Files=21, Tests=\d+, ", ours.stdout, re.M)
+    assert re.search(rf"^Files={SUITE_FILES}, Tests=\d+, ", ours.stdout, re.M)
     # exit statuses as prove reports them
     for name, status in (("die.t", 255), ("die_errno.t", 5), ("exit_3.t", 3), ("failing.t", 1)):
         assert f"Dubious, test returned {status} (wstat {status * 256}," in ours.stdout.split(name)[1]
@@ -98,8 +101,8 @@ def test_bail_out_stops_the_run_as_prove_does(tmp_path: Path) -> None:
 def test_timeout_kills_a_hanging_test_and_its_child(tmp_path: Path) -> None:
     ours = run([EMPEROR, "prove", "--timeout", "3", *PRELOADS, f"{SUITE}/hang"], tmp_path)
     assert ours.returncode == 1, ours.stdout + ours.stderr
-    assert "Timed out after 3 s" in ours.stdout
-    assert re.search(r"hang\.t\s+\(Wstat: 9 \(Signal: KILL\)", ours.stdout), ours.stdout
+    assert "hang.t: timed out after 3 s: killed" in ours.stderr
+    assert re.search(r"hang\.t\s+\(Wstat: 9 ", ours.stdout), ours.stdout
     test_pid, child_pid = map(int, (tmp_path / "hang").read_text().split())
     assert not alive_pid(test_pid)
     assert not alive_pid(child_pid)
@@ -110,7 +113,7 @@ def test_junit_report(tmp_path: Path) -> None:
     ours = run([EMPEROR, "prove", *PRELOADS, "--junit", str(report), SUITE], tmp_path)
     assert ours.returncode == 1
     suites = {s.get("name"): s for s in ET.parse(report).getroot()}
-    assert len(suites) == 21
+    assert len(suites) == SUITE_FILES
     failing = suites[f"{SUITE}/failing.t"]
     assert (failing.get("tests"), failing.get("failures")) == ("3", "1")
     assert [c.get("name") for c in failing if c.find("failure") is not None] == ["2 - fails on purpose"]
@@ -119,7 +122,7 @@ def test_junit_report(tmp_path: Path) -> None:
 
 
 def test_a_preload_that_fails_is_one_error_and_exit_2(tmp_path: Path) -> None:
-    ours = run([EMPEROR, "prove", "-M", "No::Such::Module", SUITE], tmp_path)
+    ours = run([EMPEROR, "prove", "--preload", "No::Such::Module", SUITE], tmp_path)
     assert ours.returncode == 2
     assert ours.stdout == ""
     lines = ours.stderr.strip().splitlines()
@@ -220,12 +223,12 @@ def test_prove_exec_through_a_served_base(tmp_path: Path) -> None:
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for(control.exists, 60, "the control socket")
-        base = psutil.Process(server.pid).children()
+        base = wait_for(lambda: psutil.Process(server.pid).children(), 60, "the base")
         assert len(base) == 1
         ours = run(["prove", "--exec", f"{EMPEROR} prove --connect {control}", SUITE], tmp_path / "exec")
         theirs = run(["prove", SUITE], tmp_path / "prove")
         assert verdicts(ours.stdout) == verdicts(theirs.stdout), ours.stdout + ours.stderr
-        assert len(verdicts(ours.stdout)) == 21
+        assert len(verdicts(ours.stdout)) == SUITE_FILES
         assert (ours.returncode, theirs.returncode) == (1, 1)
         assert " cold" not in ours.stderr
         # forked from the served base: srand_a and srand_b were both forks
@@ -244,3 +247,169 @@ def test_connect_without_a_server_runs_the_file_cold(tmp_path: Path) -> None:
     assert ours.returncode == 3
     assert ours.stdout == "1..1\nok 1\n"
     assert "running tests/prove_suite/exit_3.t cold" in ours.stderr
+
+
+# -- prove's command line, whole --------------------------------------------------------
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A small distribution: lib/ (needs -l), t/ with a passing, a failing
+    (unless FIX=1) and a stderr-writing file, and a module prove's -M loads
+    into prove itself (it writes a marker file when loaded)."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "t").mkdir()
+    (tmp_path / "lib" / "Proj.pm").write_text("package Proj;\nsub answer { 42 }\n1;\n")
+    (tmp_path / "prove_lib").mkdir()  # in prove's own @INC (PERL5LIB), as -M needs
+    (tmp_path / "prove_lib" / "LoadedIntoProve.pm").write_text(
+        "package LoadedIntoProve;\nopen my $fh, '>', $ENV{MARKER_DIR} . \"/loaded-$$\" or die;\n1;\n")
+    (tmp_path / "t" / "a_uses_lib.t").write_text(
+        "use strict;\nuse warnings;\nuse Test::More tests => 2;\nuse Proj;\n"
+        "is Proj::answer(), 42, 'lib/ is in @INC';\n"
+        "ok !$INC{'LoadedIntoProve.pm'}, \"prove's -M is not loaded into tests\";\n")
+    (tmp_path / "t" / "b_flaky.t").write_text(
+        "use strict;\nuse warnings;\nuse Test::More tests => 1;\nok $ENV{FIX}, 'FIX is set';\n")
+    (tmp_path / "t" / "c_stderr.t").write_text(
+        "use strict;\nuse warnings;\nprint STDERR qq{stderr-marker\\n};\nprint qq{1..1\\nok 1\\n};\n")
+    return tmp_path
+
+
+def run_in(cwd: Path, argv: list[str], **env: str) -> subprocess.CompletedProcess:
+    full = {**os.environ, "MARKER_DIR": str(cwd), **env}
+    full.pop("HARNESS_ACTIVE", None)
+    full.pop("HARNESS_PERL_SWITCHES", None)
+    full.pop("PERL5OPT", None)
+    return subprocess.run(argv, cwd=cwd, env=full, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_prove_options_have_proves_meaning(project: Path) -> None:
+    """-l, -M (into prove, not the tests), --merge, --timer, --formatter,
+    -s, -w, -q, -Q, -f, -o, --ext, -D: accepted, prove's meaning."""
+    ours = run_in(project, [EMPEROR, "prove", "-l", "-MLoadedIntoProve", "t/a_uses_lib.t"],
+                  PERL5LIB=str(project / "prove_lib"))
+    assert ours.returncode == 0, ours.stdout + ours.stderr
+    assert "All tests successful." in ours.stdout
+    assert list(project.glob("loaded-*")), "-M loads the module into prove"
+    refused = run_in(project, [EMPEROR, "prove", "t/a_uses_lib.t"])  # no -l: as prove, it fails
+    assert refused.returncode == 1 and "Can't locate Proj.pm" in refused.stderr
+    # --merge: the test's stderr is in its TAP stream (stdout), else on stderr
+    merged = run_in(project, [EMPEROR, "prove", "-v", "--merge", "t/c_stderr.t"])
+    assert "stderr-marker" in merged.stdout and "stderr-marker" not in merged.stderr
+    apart = run_in(project, [EMPEROR, "prove", "-v", "t/c_stderr.t"])
+    assert "stderr-marker" in apart.stderr and "stderr-marker" not in apart.stdout
+    timed = run_in(project, [EMPEROR, "prove", "-l", "--timer", "-s", "-w", "-f", "-o", "--ext", ".t",
+                             "--formatter", "TAP::Formatter::File", "t"], FIX="1")
+    assert timed.returncode == 0, timed.stdout + timed.stderr
+    assert re.search(r"^\[\d\d:\d\d:\d\d\] t/a_uses_lib\.t \.+ ok +\d+ ms", timed.stdout, re.M), timed.stdout
+    quiet = run_in(project, [EMPEROR, "prove", "-l", "-Q", "t"], FIX="1")
+    assert "a_uses_lib" not in quiet.stdout and "Result: PASS" in quiet.stdout
+    dry = run_in(project, [EMPEROR, "prove", "-D", "t"])
+    assert dry.stdout.split() == ["t/a_uses_lib.t", "t/b_flaky.t", "t/c_stderr.t"]
+
+
+def test_proverc_and_norc(project: Path) -> None:
+    (project / ".proverc").write_text("-l\n")
+    ours = run_in(project, [EMPEROR, "prove", "t/a_uses_lib.t"])
+    assert ours.returncode == 0, ours.stdout + ours.stderr
+    norc = run_in(project, [EMPEROR, "prove", "--norc", "t/a_uses_lib.t"])
+    assert norc.returncode == 1 and "Can't locate Proj.pm" in norc.stderr
+
+
+def test_state_save_and_failed(project: Path) -> None:
+    first = run_in(project, [EMPEROR, "prove", "-l", "--state=save", "t"])
+    assert first.returncode == 1
+    assert (project / ".prove").exists()
+    again = run_in(project, [EMPEROR, "prove", "-l", "--state=failed,save"], FIX="1")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert re.findall(r"^(t/\S+) \.+", again.stdout, re.M) == ["t/b_flaky.t"]
+
+
+def test_archive(project: Path) -> None:
+    import tarfile
+
+    ours = run_in(project, [EMPEROR, "prove", "-l", "-a", "run.tgz", "t"], FIX="1")
+    assert ours.returncode == 0, ours.stdout + ours.stderr
+    with tarfile.open(project / "run.tgz") as tar:
+        names = tar.getnames()
+    assert any(n.endswith("a_uses_lib.t") for n in names), names
+
+
+def test_harness_perl_switches_and_perl5opt_apply_to_tests() -> None:
+    """HARNESS_PERL_SWITCHES=-MModule and PERL5OPT=-w reach the test, as
+    under prove (a switch a fork cannot take makes the file run cold)."""
+    env = {"HARNESS_PERL_SWITCHES": "-MSwitchProbe", "PERL5OPT": "-w",
+           "PERL5LIB": str(ROOT / SUITE / "lib")}
+    for argv in (["prove"], [EMPEROR, "prove", *PRELOADS]):
+        full = {**os.environ, **env}
+        full.pop("HARNESS_ACTIVE", None)
+        got = subprocess.run([*argv, f"{SUITE}/switches"], cwd=ROOT, env=full, capture_output=True,
+                             text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert got.returncode == 0, (argv, got.stdout, got.stderr)
+        assert "All tests successful." in got.stdout
+
+
+def test_a_file_that_fails_forked_and_passes_cold(project: Path) -> None:
+    """Its verdict is the cold run's, stderr says so, and --state remembers
+    it: the next run starts it cold."""
+    (project / "t" / "d_base_sensitive.t").write_text(
+        "use strict;\nuse warnings;\nuse Test::More tests => 1;\n"
+        "ok !$INC{'ForkServer/TestFile.pm'}, 'fails in a fork of the base';\n")
+    first = run_in(project, [EMPEROR, "prove", "-l", "--state=save", "t/d_base_sensitive.t"])
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "t/d_base_sensitive.t failed or skipped forked and passed cold" in first.stderr
+    assert "emperor_cold" in (project / ".prove").read_text()
+    second = run_in(project, [EMPEROR, "prove", "-l", "--state=save", "t/d_base_sensitive.t"])
+    assert second.returncode == 0
+    assert "t/d_base_sensitive.t runs cold: --state" in second.stderr
+    strict = run_in(project, [EMPEROR, "prove", "-l", "--no-cold-retry", "t/d_base_sensitive.t"])
+    assert strict.returncode == 1
+    # a file that skips itself when it sees a module already loaded: prove
+    # runs it, so it is run cold too
+    (project / "t" / "e_skips_if_loaded.t").write_text(
+        "use strict;\nuse warnings;\nuse Test::More;\n"
+        "BEGIN { plan skip_all => 'Proj is already loaded' if $INC{'Proj.pm'} }\n"
+        "use Proj;\nplan tests => 1;\nok 1, 'ran';\n")
+    skip = run_in(project, [EMPEROR, "prove", "-l", "--preload", "Proj", "t/e_skips_if_loaded.t"])
+    assert re.search(r"^t/e_skips_if_loaded\.t \.+ ok$", skip.stdout, re.M), skip.stdout + skip.stderr
+    assert "t/e_skips_if_loaded.t failed or skipped forked and passed cold" in skip.stderr
+
+
+def test_shard_splits_into_disjoint_balanced_parts(tmp_path: Path) -> None:
+    t = tmp_path / "t"
+    t.mkdir()
+    for i, size in enumerate([9000, 7000, 5000, 3000, 2000, 1000, 500]):
+        (t / f"f{i}.t").write_text("print qq{1..1\\nok 1\\n};\n" + "#" * size + "\n")
+    parts = [run_in(tmp_path, [EMPEROR, "prove", "--shard", f"{i}/3", "-D", "t"]).stdout.split()
+             for i in (1, 2, 3)]
+    every = sorted(f for p in parts for f in p)
+    assert every == sorted(f"t/f{i}.t" for i in range(7))  # each file in exactly one part
+    assert all(parts)
+    # by sizes: the three biggest go to different parts
+    assert {tuple(sorted(p))[0] for p in parts} == {"t/f0.t", "t/f1.t", "t/f2.t"}
+    # by a JUnit file's times: f6 took longest, it is alone in its part
+    junit = tmp_path / "junit.xml"
+    junit.write_text("<testsuites>" + "".join(
+        f'<testsuite name="t/f{i}.t" time="{100 if i == 6 else 1}"/>' for i in range(7)) + "</testsuites>")
+    timed = [run_in(tmp_path, [EMPEROR, "prove", "--shard", f"{i}/2", "--shard-times", str(junit),
+                               "-D", "t"]).stdout.split() for i in (1, 2)]
+    assert ["t/f6.t"] in timed
+    bad = run_in(tmp_path, [EMPEROR, "prove", "--shard", "4/3", "t"])
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "emperor prove: --shard 4/3: I must be from 1 to N"]
+
+
+def test_yath_timeout_markers(tmp_path: Path) -> None:
+    """# HARNESS-NO-TIMEOUT lifts --timeout for its file;
+    # HARNESS-TIMEOUT-EVENT N gives it N seconds more."""
+    t = tmp_path / "t"
+    t.mkdir()
+    slow = "use strict;\nselect undef, undef, undef, 1.5;\nprint qq{1..1\\nok 1\\n};\n"
+    (t / "a_plain.t").write_text(slow)
+    (t / "b_no_timeout.t").write_text("# HARNESS-NO-TIMEOUT\n" + slow)
+    (t / "c_more_time.t").write_text("# HARNESS-TIMEOUT-EVENT 30\n" + slow)
+    ours = run_in(tmp_path, [EMPEROR, "prove", "-j3", "--timeout", "0.5", "t"])
+    assert "t/a_plain.t: timed out after 0.5 s: killed" in ours.stderr
+    assert re.search(r"^t/b_no_timeout\.t \.+ ok$", ours.stdout, re.M), ours.stdout
+    assert re.search(r"^t/c_more_time\.t \.+ ok$", ours.stdout, re.M), ours.stdout
+    assert ours.returncode == 1

@@ -23,7 +23,7 @@ BEGIN {
     }
 }
 
-use goto::file ();    # loaded here, not in every test
+use Filter::Util::Call ();    # loaded here, not in every test
 use ForkServer ();    # a modulino: loaded, not run
 use ForkServer::Base ();
 
@@ -52,8 +52,9 @@ adopted vassal whose argv starts with C<--test-file>: the fork server forks
 as for any adoption (the reply carries the pid), and the child, instead of
 configuring itself as a web vassal, leaves the fork server's call stack,
 makes itself look like a fresh C<perl FILE> process, returns from the
-C<BEGIN> block and lets L<goto::file> replace the rest of the main program
-with the test file. The test file is then the program perl runs: C<__FILE__>,
+C<BEGIN> block, and a source filter replaces the rest of the main program
+with the test file (as L<goto::file> does for yath, plus C<DATA> handled as
+perl does: the comment above C<_compile_next>). The test file is then the program perl runs: C<__FILE__>,
 line numbers, C<__DATA__>, C<die> at the top level (exit status from C<$!>,
 C<< $? >> 8 >> or 255), C<exit>, C<END> blocks and global destruction are
 perl's own.
@@ -63,7 +64,8 @@ Before that, the child (L</become_test>):
 =over
 
 =item * reads its spec from the config pipe: an array packet of C<KEY=VALUE>
-items (C<file>, C<cwd>, C<arg>, C<env>, C<inc>, C<warnings>, C<destruct>);
+items (C<file>, C<cwd>, C<arg>, C<env>, C<inc>, C<warnings>, C<destruct>,
+C<merge>: stderr is stdout, prove's C<--merge>);
 
 =item * puts the Emperor pipe on descriptor 1, the config pipe on 2 and
 F</dev/null> on 0;
@@ -92,31 +94,108 @@ base it exits when the base stops.
 
 sub serve {
     my (@argv) = @_;
-    my (@base_argv, $inc_report);
+    my (@base_argv, $inc_report, $inc_keys);
     while (@argv) {
         my $arg = shift @argv;
-        if ($arg eq '--preload') {
-            my $file = shift @argv;
+        if ($arg eq '--preload' || $arg eq '--preload-module') {
+            my $what = shift @argv;
+            (my $file = $what) =~ s{::}{/}g;
+            $file .= '.pm' if $arg eq '--preload-module';
             my $ok = eval { package main; require $file; 1 };    ## no critic
             if (!$ok) {
-                print STDERR "emperor prove: cannot preload '$file': $@";
+                print STDERR "emperor prove: cannot preload '$what': $@";
                 exit 2;
             }
         }
+        elsif ($arg eq '--preload-optional') {
+            # chosen automatically: one that does not load is left out
+            (my $file = shift @argv) =~ s{::}{/}g;
+            my %before = %INC;
+            if (!eval { package main; require "$file.pm"; 1 }) {    ## no critic
+                print STDERR "emperor prove: not preloading $file.pm: $@";
+                delete $INC{$_} for grep { !exists $before{$_} } keys %INC;
+            }
+        }
         elsif ($arg eq '--inc-report') { $inc_report = shift @argv }
+        elsif ($arg eq '--inc-keys')   { $inc_keys   = shift @argv }
         else { push @base_argv, $arg }
     }
-    # what the base loaded, for `emperor prove --watch` to watch
-    if (defined $inc_report) {
-        open my $fh, '>', $inc_report or die "--inc-report '$inc_report': $!\n";
-        print $fh join "\0", grep { defined && !ref } values %INC;
-        close $fh or die "--inc-report '$inc_report': $!\n";
+    # what the base loaded: files for `emperor prove --watch` to watch, and
+    # %INC's keys for telling which tests change things before using them
+    for ([$inc_report, sub { values %INC }],
+         [$inc_keys, sub { map { defined $INC{$_} && !ref $INC{$_} ? "$_\t$INC{$_}" : $_ } keys %INC }]) {
+        my ($path, $list) = @$_;
+        next unless defined $path;
+        open my $fh, '>', $path or die "'$path': $!\n";
+        print $fh join "\0", grep { defined && !ref } $list->();
+        close $fh or die "'$path': $!\n";
     }
     ForkServer::Exit::mark_base();
     _find_data_handles();
     my $spec = _serve_until_a_test(@base_argv);
     _become(%$spec);
-    goto::file->import($spec->{file});
+    _compile_next($spec->{file});
+    return;
+}
+
+# The rest of the main program is the test file: a source filter gives
+# perl its lines, after a preamble that leaves line numbers and __FILE__ the
+# file's. When perl reaches __DATA__ (or __END__) it stops reading the
+# filter; the file's handle is then positioned where perl's own DATA would
+# be, and becomes the DATA of the package current there (main for
+# __END__), with :utf8 under `use utf8`, as perl does for a file it reads.
+my %TEST_FH;    # the test file and how far perl has read it
+
+sub _compile_next {
+    my ($file) = @_;
+    open my $fh, '<', $file or die "cannot open '$file': $!\n";
+    %TEST_FH = (file => $file, offset => 0);
+    (my $quoted = $file) =~ s/"/\\"/g;
+    my @lines = ('package main;', q{$@ = '';}, qq{#line 1 "$quoted"});
+    my ($drained, $at_data);
+    Filter::Util::Call::filter_add(sub {
+        return 0 if $at_data;    # perl may ask again after __DATA__: the rest is DATA's
+        # what is left of the base's own main program is dropped
+        if (!$drained++) {
+            1 while Filter::Util::Call::filter_read() > 0;
+            $_ = '';
+        }
+        my $line;
+        if (@lines) { $line = shift(@lines) . "\n" }
+        else {
+            local $.;    # no ", <$fh> line N" in the test's messages
+            $line = <$fh>;
+            return 0 unless defined $line;
+            $TEST_FH{offset} += length $line;
+            if ($line =~ /\A__(DATA|END)__\b/) {
+                my $main = $1 eq 'END' ? 1 : 0;
+                $at_data = 1;
+                $line = "BEGIN { ForkServer::TestFile::_data_here($main ? 'main' : __PACKAGE__, \$^H) } $line";
+            }
+        }
+        $_ .= $line;
+        return 1;
+    });
+    return;
+}
+
+sub _data_here {
+    my ($package, $hints) = @_;
+    # perl itself sets the DATA handle's descriptor after this BEGIN block:
+    # ours is installed once compilation is over
+    @TEST_FH{qw(package utf8)} = ($package, $hints & 0x00800000 ? 1 : 0);    # HINT_UTF8
+    eval 'INIT { ForkServer::TestFile::_install_data() } 1' or die $@;    ## no critic
+    return;
+}
+
+sub _install_data {
+    # a handle of its own, at the offset after the marker's line
+    open my $fh, '<', $TEST_FH{file} or return;
+    seek $fh, $TEST_FH{offset}, SEEK_SET;
+    binmode $fh, ':utf8' if $TEST_FH{utf8};
+    no strict 'refs';
+    no warnings 'once';
+    *{"$TEST_FH{package}::DATA"} = $fh;
     return;
 }
 
@@ -174,7 +253,7 @@ sub parse_spec {
             my ($k, $v) = $value =~ /\A([^=]+)=(.*)\z/s or die "bad env item '$value'\n";
             $spec{env}{$k} = $v;
         }
-        elsif ($key eq 'file' || $key eq 'cwd' || $key eq 'warnings' || $key eq 'destruct') { $spec{$key} = $value }
+        elsif ($key =~ /\A(?:file|cwd|warnings|destruct|merge)\z/) { $spec{$key} = $value }
         else { die "unknown spec item '$key'\n" }
     }
     defined $spec{$_} or die "spec has no $_\n" for qw(file cwd);
@@ -196,6 +275,7 @@ sub _become {
     $?    = 0;
     $!    = 0;
     $SIG{$_} = 'DEFAULT' for grep { defined $SIG{$_} } keys %SIG;
+    POSIX::dup2(1, 2) // die "dup2 stdout to stderr: $!\n" if $spec{merge};
     srand();    # else every test would draw the base's sequence
     FindBin::again() if defined &FindBin::again;
     Getopt::Long::ConfigDefaults() if defined &Getopt::Long::ConfigDefaults;
@@ -261,10 +341,15 @@ prove --destruct>) keeps perl's global destruction.
 # preload mode, which builds no hub; this makes the instance this process's,
 # writing to its new STDOUT/STDERR. Test::Builder resets itself when Test2
 # loads in this process (its post-load callback).
+# The reset forgets the formatters that loaded modules registered
+# (Test::Builder's Test::Builder::Formatter, whose todo_output tests use):
+# they are registered again, most recent last, as loading them did.
 sub _fresh_test2 {
     return unless $INC{'Test2/API.pm'};
+    my @formatters = Test2::API::test2_formatters();
     Test2::API::test2_stop_preload();
     Test2::API::test2_post_preload_reset();
+    Test2::API::test2_formatter_add($_) for reverse @formatters;
     return;
 }
 

@@ -4,6 +4,7 @@ server, started with the user's preloads (ForkServer::TestFile::serve)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import time
@@ -13,6 +14,11 @@ from .. import launch, paths, protocol
 from .testfiles import ProveOptions, which
 
 BASE_MAIN = "BEGIN { ForkServer::TestFile::serve(@ARGV) }\n"
+
+
+def is_module_name(what: str) -> bool:
+    """`Foo::Bar` (preloaded by name) rather than a file to require."""
+    return bool(re.fullmatch(r"[A-Za-z_]\w*(?:::\w+)*", what)) and not os.path.isfile(what)
 
 
 class BaseError(Exception):
@@ -29,13 +35,14 @@ class TestBase:
         self.sock = tmp / "fork.sock"
         self.log = tmp / "base.log"
         self.inc_report = tmp / "inc"  # the files it loaded (for --watch)
+        self.inc_keys = tmp / "inc-keys"  # its %INC keys (for telling what is preloaded)
         self.pid: int | None = None
         self.pipe: socket.socket | None = None
 
     def argv(self) -> list[str]:
         argv = [self.opts.perl, f"-I{paths.perl_dir()}", "-MForkServer::TestFile",
                 *(f"-M{m}" for m in self.opts.modules), "-e", BASE_MAIN, "--",
-                "--inc-report", str(self.inc_report),
+                "--inc-report", str(self.inc_report), "--inc-keys", str(self.inc_keys),
                 "--fork-server", str(self.sock), "--name", "emperor-prove",
                 # 4 KB pages: a test writes to much of what it inherits
                 # (compiling, loading), and each first write to a 2 MB page
@@ -44,7 +51,14 @@ class TestBase:
                 # test files are never handed to warm spares: none to make
                 "--fork-server-spares", "0"]
         for f in self.opts.preloads:
-            argv += ["--preload", os.path.abspath(f)]
+            if is_module_name(f):
+                argv += ["--preload-module", f]
+            else:
+                argv += ["--preload", os.path.abspath(f)]
+        for m in self.opts.required_modules:
+            argv += ["--preload-module", m]
+        for m in self.opts.optional_modules:
+            argv += ["--preload-optional", m]
         return argv
 
     def start(self, env: dict[str, str]) -> None:
@@ -90,6 +104,14 @@ class TestBase:
                 launch.kill_tree(self.pid)
                 os.waitpid(self.pid, 0)
             self.pid = None
+
+    def preloaded(self) -> set[str] | None:
+        """The keys of its %INC (None before it has started; the file
+        has KEY<TAB>PATH items)."""
+        try:
+            return {item.partition("\t")[0] for item in self.inc_keys.read_text().split("\0")}
+        except OSError:
+            return None
 
     def loaded_files(self) -> list[str]:
         """What it reported having loaded (every file in %INC)."""

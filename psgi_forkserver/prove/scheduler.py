@@ -49,15 +49,17 @@ def perl_facts(perl: str, env: dict[str, str]) -> tuple[list[str], str]:
 
 
 class Prove:
-    def __init__(self, opts: ProveOptions, out=sys.stdout, err=sys.stderr) -> None:
+    def __init__(self, opts: ProveOptions, out=sys.stdout, err=sys.stderr, facts: bool = True) -> None:
         self.opts = opts
         self.out, self.errout = out, err
         self.report = Report(out, opts.verbose, opts.timeout)
         self.tmp = Path(tempfile.mkdtemp(prefix="emperor-prove-"))
         self.base = TestBase(opts, self.tmp)
         self.env = test_env(opts)
-        self.inc, self.harness_version = perl_facts(opts.perl, self.env)
-        self.env["HARNESS_VERSION"] = self.harness_version
+        # (prove itself sets them when it runs the show: hosting.py)
+        self.inc, self.harness_version = perl_facts(opts.perl, self.env) if facts else ([], "")
+        if facts:
+            self.env["HARNESS_VERSION"] = self.harness_version
         self.jobs: dict[int, Job] = {}
         self.orphans_reaped = 0
 
@@ -173,12 +175,13 @@ class Prove:
         """Run `files` (the base started if needed and not running), print
         prove's lines and summary; the exit status prove would have."""
         t0, cpu0 = time.monotonic(), os.times()
-        queue = [Job(f, *cold_reason(f)) for f in files]
+        queue = [Job(f, *cold_reason(f, self.base.preloaded())) for f in files]
         finished: list[Job] = []
         self.jobs = {}
         try:
             if self.base.pid is None and any(j.cold is None for j in queue):
                 self.base.start(self.env)
+                queue = [Job(f, *cold_reason(f, self.base.preloaded())) for f in files]
             bailed = self.schedule(queue, files, finished)
         finally:
             for j in self.jobs.values():

@@ -3,6 +3,7 @@ of them must run cold, and the spec a forked test reads."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -11,6 +12,13 @@ from pathlib import Path
 from .. import protocol
 
 NO_PRELOAD_MARK = "# emperor-prove: no-preload"
+YATH_NO_PRELOAD_MARK = "# HARNESS-NO-PRELOAD"
+
+USE_LINE = re.compile(r"^\s*use\s+([A-Z][\w:]*)", re.M)
+# %ENV or CORE::GLOBAL changed (ForkServer::Prove::Source has the same rule)
+CHANGES = [("%ENV", re.compile(r"\$ENV\s*\{[^}]*\}\s*(?:\|\||//|\.)?=(?!=)|%ENV\s*=(?!=)"
+                               r"|local\s+\$ENV\s*\{|delete\s+\$ENV\s*\{")),
+           ("CORE::GLOBAL", re.compile(r"CORE::GLOBAL::"))]
 
 
 @dataclass
@@ -26,6 +34,8 @@ class ProveOptions:
     junit: Path | None = None
     perl: str = "perl"
     destruct: bool = False
+    required_modules: list[str] = field(default_factory=list)  # require'd, not imported
+    optional_modules: list[str] = field(default_factory=list)  # left out when they do not load
 
 
 def find_tests(args: list[str], recurse: bool) -> list[str]:
@@ -42,7 +52,26 @@ def find_tests(args: list[str], recurse: bool) -> list[str]:
     return found
 
 
-def cold_reason(file: str) -> tuple[str | None, list[str]]:
+def changes_before_preloaded_use(text: str, preloaded: set[str] | None) -> str | None:
+    """What the file changes (%ENV, CORE::GLOBAL) before its last `use` of
+    a module the base loaded (`preloaded`: %INC keys; None: any module):
+    that module was compiled before the change."""
+    text = re.split(r"^__(?:END|DATA)__\b", text, maxsplit=1, flags=re.M)[0]
+    last = -1
+    for m in USE_LINE.finditer(text):
+        key = m.group(1).replace("::", "/") + ".pm"
+        if preloaded is None or key in preloaded:
+            last = m.start()
+    if last < 0:
+        return None
+    before = re.sub(r"^\s*#.*$", "", text[:last], flags=re.M)
+    for what, pattern in CHANGES:
+        if pattern.search(before):
+            return what
+    return None
+
+
+def cold_reason(file: str, preloaded: set[str] | None = None) -> tuple[str | None, list[str]]:
     """(why this file must run in a fresh perl, or None; its shebang switches)."""
     try:
         with open(file, "rb") as fh:
@@ -53,11 +82,14 @@ def cold_reason(file: str) -> tuple[str | None, list[str]]:
     switches: list[str] = []
     if lines and lines[0].startswith("#!") and "perl" in lines[0]:
         switches = [w for w in lines[0].split()[1:] if w.startswith("-")]
-    if any(line.strip() == NO_PRELOAD_MARK for line in lines):
+    if any(line.strip() in (NO_PRELOAD_MARK, YATH_NO_PRELOAD_MARK) for line in lines):
         return "no-preload", switches
     others = [s for s in switches if s != "-w"]
     if others:
         return f"shebang switches {' '.join(others)}", switches
+    changed = changes_before_preloaded_use(head, preloaded)
+    if changed:
+        return f"sets {changed} before using a preloaded module", switches
     return None, switches
 
 

@@ -1,0 +1,194 @@
+"""`emperor prove` against prove and yath on real CPAN distributions' whole t/.
+
+    .venv/bin/python bench/prove_suites.py [--suites DIR] [--only moo,uri] [--jobs 2]
+
+Each suite is a Debian source package unpacked into DIR (default
+/work/suites; `--fetch` downloads and unpacks them there with `apt-get
+source`, which needs deb-src lines). For every suite, in its directory, one
+run each of:
+
+    prove -j2 -l -r t
+    yath test -j2 -l t                       (yath's own preload: none)
+    emperor prove -j2 -l -r t                (preload chosen automatically)
+    emperor prove --no-preload -j2 -l -r t
+
+with the same environment (HARNESS_ACTIVE and the like removed, no author or
+release testing). Prints a row per suite: versions, wall-clock seconds, the
+ratios, and the files whose verdict (ok / skipped / FAIL) differs from
+prove's, for each emperor run and for yath (pass/fail only: yath does not
+say "skipped"). Writes the rows as JSON to bench/results/prove-suites-*.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EMPEROR = str(Path(sys.executable).parent / "emperor")
+
+# name -> Debian source package (unpacked as PACKAGE-VERSION/)
+SUITES = {
+    "Moo": "libmoo-perl",
+    "Role-Tiny": "librole-tiny-perl",
+    "Try-Tiny": "libtry-tiny-perl",
+    "Type-Tiny": "libtype-tiny-perl",
+    "URI": "liburi-perl",
+    "HTTP-Message": "libhttp-message-perl",
+    "Path-Tiny": "libpath-tiny-perl",
+    "Plack": "libplack-perl",
+    "Mojolicious": "libmojolicious-perl",
+}
+
+FILE_LINE = re.compile(r"^(t/\S+\.t) \.+ ?(.*)$")
+YATH_LINE = re.compile(r"\(\s*(PASSED|FAILED|SKIPPED|TO RETRY)\s*\)\s+job\s+\S+\s+(\S+\.t)")
+
+
+@dataclass
+class Run:
+    command: list[str]
+    seconds: float
+    exit: int
+    verdicts: dict[str, str]
+
+
+@dataclass
+class Row:
+    suite: str
+    version: str
+    files: int
+    runs: dict[str, Run] = field(default_factory=dict)
+    differ: dict[str, list[str]] = field(default_factory=dict)
+
+
+def prove_verdicts(out: str) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for line in out.splitlines():
+        m = FILE_LINE.match(line.strip("\r"))
+        if m:
+            rest = m.group(2).strip()
+            found[m.group(1)] = ("ok" if rest.startswith("ok") else
+                                 "skipped" if rest.startswith("skipped") else "FAIL")
+    return found
+
+
+def yath_verdicts(out: str) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for m in YATH_LINE.finditer(out):
+        found[m.group(2)] = "FAIL" if m.group(1) == "FAILED" else "ok"
+    return found
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("HARNESS_", "TEST_", "AUTHOR_", "RELEASE_", "EXTENDED_", "PERL5OPT",
+                                "T2_", "YATH_"))}
+    env.pop("PERL5LIB", None)
+    env["NONINTERACTIVE_TESTING"] = "1"
+    env["AUTOMATED_TESTING"] = "1"
+    return env
+
+
+def timed(cmd: list[str], cwd: Path, parse) -> Run:
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, cwd=cwd, env=clean_env(), stdin=subprocess.DEVNULL, capture_output=True,
+                       text=True, errors="replace", timeout=1800)
+    return Run(cmd, round(time.monotonic() - t0, 2), p.returncode, parse(p.stdout + "\n" + p.stderr))
+
+
+def suite_dir(base: Path, package: str) -> Path | None:
+    found = sorted(d for d in base.glob(f"{package}-*") if (d / "t").is_dir())
+    return found[-1] if found else None
+
+
+def fetch(base: Path, packages: list[str]) -> None:
+    base.mkdir(parents=True, exist_ok=True)
+    for pkg in packages:
+        if suite_dir(base, pkg) is None:
+            subprocess.run(["apt-get", "source", "-qq", pkg], cwd=base, check=False)
+
+
+def bench_suite(name: str, d: Path, jobs: str) -> Row:
+    version = d.name.split("-")[-1]
+    files = len(list((d / "t").rglob("*.t")))
+    row = Row(name, version, files)
+    # yath writes its logs into the suite directory otherwise
+    runs = {
+        "prove": (["prove", "-j", jobs, "-l", "-r", "t"], prove_verdicts),
+        "yath": (["yath", "test", "-j", jobs, "-l", "--no-color", "t"], yath_verdicts),
+        "emperor": ([EMPEROR, "prove", "-j", jobs, "-l", "-r", "t"], prove_verdicts),
+        "emperor-no-preload": ([EMPEROR, "prove", "--no-preload", "-j", jobs, "-l", "-r", "t"],
+                               prove_verdicts),
+    }
+    for key, (cmd, parse) in runs.items():
+        row.runs[key] = timed(cmd, d, parse)
+    want = row.runs["prove"].verdicts
+    for key in ("emperor", "emperor-no-preload"):
+        got = row.runs[key].verdicts
+        row.differ[key] = sorted(f for f in set(want) | set(got) if want.get(f) != got.get(f))
+    passfail = {f: ("FAIL" if v == "FAIL" else "ok") for f, v in want.items()}
+    yath = row.runs["yath"].verdicts
+    row.differ["yath"] = sorted(f for f in set(passfail) | set(yath) if passfail.get(f) != yath.get(f))
+    return row
+
+
+def versions() -> dict[str, str]:
+    def out(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout.strip()
+        except OSError:
+            return "?"
+    return {
+        "perl": out(["perl", "-e", "print $^V"]),
+        "Test::Harness (prove)": out(["perl", "-MTest::Harness", "-e", "print $Test::Harness::VERSION"]),
+        "Test2::Harness (yath)": out(["perl", "-MTest2::Harness", "-e", "print $Test2::Harness::VERSION"]),
+        "emperor": out(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
+        "load average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "cpus": str(os.cpu_count()),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suites", type=Path, default=Path("/work/suites"))
+    ap.add_argument("--only", default="", help="comma-separated suite names")
+    ap.add_argument("--jobs", default="2")
+    ap.add_argument("--fetch", action="store_true", help="apt-get source the missing suites first")
+    args = ap.parse_args()
+    names = [n for n in SUITES if not args.only or n in args.only.split(",")]
+    if args.fetch:
+        fetch(args.suites, [SUITES[n] for n in names])
+    print(" ".join(f"{k}={v}" for k, v in versions().items()), flush=True)
+    print(f"{'suite':14} {'ver':>12} {'files':>5} {'prove':>7} {'yath':>7} {'emperor':>8} "
+          f"{'no-pre':>7} {'x prove':>7} {'x yath':>7}  verdicts vs prove", flush=True)
+    rows: list[Row] = []
+    for name in names:
+        d = suite_dir(args.suites, SUITES[name])
+        if d is None:
+            print(f"{name:14} not found in {args.suites} (--fetch)", flush=True)
+            continue
+        row = bench_suite(name, d, args.jobs)
+        rows.append(row)
+        r = row.runs
+        e = r["emperor"].seconds
+        diffs = "; ".join(f"{k}: {len(v)} differ ({', '.join(v[:4])})" if v else f"{k}: same"
+                          for k, v in row.differ.items())
+        print(f"{name:14} {row.version:>12} {row.files:5d} {r['prove'].seconds:7.2f} "
+              f"{r['yath'].seconds:7.2f} {e:8.2f} {r['emperor-no-preload'].seconds:7.2f} "
+              f"{r['prove'].seconds / e:7.2f} {r['yath'].seconds / e:7.2f}  {diffs}", flush=True)
+    out = ROOT / "bench" / "results" / time.strftime("prove-suites-%Y%m%dT%H%M%S.json")
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"versions": versions(), "rows": [asdict(r) for r in rows]}, indent=1))
+    print(f"written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+package ForkServer::Prove;
+use strict;
+use warnings;
+
+# prove's command line is App::Prove's own: this class is App::Prove with
+# three overrides (which tests: --shard; how they run: forked from the base
+# through ForkServer::Prove::Source; JUnit). Parsing prove's options (and
+# .proverc, ~/.proverc, --norc, --rc, -M, -P, --state, --formatter...)
+# with App::Prove itself rather than a table mirrored in Python means every
+# option keeps prove's exact meaning, including the ones added by newer
+# Test::Harness releases and by plugins.
+use parent 'App::Prove';
+
+use Cwd ();
+use File::Spec ();
+use IO::Socket::UNIX ();
+use Socket ();
+
+use ForkServer::Prove::Source ();
+use ForkServer::Prove::Shard ();
+
+=head1 NAME
+
+ForkServer::Prove - prove (App::Prove) whose Perl tests are forked from a preloaded base
+
+=head1 SYNOPSIS
+
+  # what `emperor prove [OURS] [PROVE'S OPTIONS] [FILES]` runs, with a
+  # UNIX socket on which the Emperor side starts the base and forks tests:
+  perl -I perl -MForkServer::Prove -e 'exit ForkServer::Prove::main(@ARGV)' -- \
+      --socket /tmp/x/prove.sock [--preload MODULE|FILE]... [--no-preload] \
+      [--shard I/N] [--shard-times FILE] [--junit FILE] [--destruct] -- -lr -j2 t
+
+=head1 DESCRIPTION
+
+Everything prove does, prove does here (App::Prove, TAP::Harness, the
+formatters, --state, --archive). A Perl test file that prove would run as
+C<perl [SWITCHES] FILE> is instead forked from the base when the switches
+allow it (see L<ForkServer::Prove::Source>); any other test runs as prove
+runs it.
+
+=head2 main
+
+  exit ForkServer::Prove::main(@argv);
+
+Returns prove's exit status (0 or 1; a bail-out dies with 255 as in prove).
+
+=cut
+
+our %OURS;    # our own options, for the source handler
+
+sub main {
+    my (@argv) = @_;
+    my %ours = (preload => [], no_preload => 0, destruct => 0);
+    while (@argv) {
+        my $arg = shift @argv;
+        last if $arg eq '--';
+        if    ($arg eq '--socket')      { $ours{socket} = shift @argv }
+        elsif ($arg eq '--preload')     { push @{ $ours{preload} }, shift @argv }
+        elsif ($arg eq '--no-preload')  { $ours{no_preload} = 1 }
+        elsif ($arg eq '--shard')       { $ours{shard} = shift @argv }
+        elsif ($arg eq '--shard-times') { $ours{shard_times} = shift @argv }
+        elsif ($arg eq '--junit')       { $ours{junit} = shift @argv }
+        elsif ($arg eq '--destruct')    { $ours{destruct} = 1 }
+        elsif ($arg eq '--no-cold-retry') { $ours{no_cold_retry} = 1 }
+        else { die "emperor prove: unknown option '$arg'\n" }
+    }
+    %OURS = %ours;
+    if (defined $ours{shard}) {
+        my ($i, $n) = eval { ForkServer::Prove::Shard::parse($ours{shard}) };
+        if (!defined $n) {    # one line, exit 2: a bad option
+            print STDERR $@;
+            return 2;
+        }
+        @OURS{qw(shard_index shard_count)} = ($i, $n);
+    }
+    my $app = __PACKAGE__->new;
+    $app->process_args(@argv);
+    return $app->run ? 0 : 1;
+}
+
+# prove's help is the POD of the `prove` script, which App::Prove reads
+# from $0 (ours is -e)
+sub _help {
+    my ($self, @args) = @_;
+    require File::Basename;
+    my ($prove) = grep { -f } File::Spec->catfile(File::Basename::dirname($^X), 'prove'),
+        map { File::Spec->catfile($_, 'prove') } File::Spec->path;
+    local $0 = $prove // $0;
+    # prove exits 1 after its help; every `emperor` command's help exits 0
+    require Pod::Usage;
+    Pod::Usage::pod2usage({ -verbose => $args[0], -exitval => 0 });
+    return;
+}
+
+# --shard I/N: this part of what prove would run, in prove's order.
+sub _get_tests {
+    my $self  = shift;
+    my @tests = $self->SUPER::_get_tests(@_);
+    return @tests unless $OURS{shard_count};
+    my %times = ForkServer::Prove::Shard::previous_times(
+        state => $self->state_manager, junit => $OURS{shard_times});
+    my %mine = map { $_ => 1 } ForkServer::Prove::Shard::part(
+        \@tests, $OURS{shard_index}, $OURS{shard_count}, \%times);
+    return grep { $mine{$_} } @tests;
+}
+
+sub _runtests {
+    my ($self, $args, @tests) = @_;
+    my $source = 'ForkServer::Prove::Source';
+    if ($self->exec) {
+        $source->note("--exec: every test runs through the given command, none is forked");
+    }
+    else {
+        $source->setup(
+            socket   => $OURS{socket},
+            destruct => $OURS{destruct},
+            state    => (@{ $self->state || [] } ? $self->state_manager : undef),    # only with --state
+            libs     => [map { File::Spec->rel2abs($_) } @{ $args->{lib} || [] }],
+            preload  => $OURS{preload},
+            auto     => !$OURS{no_preload} && !@{ $OURS{preload} },
+            tests    => \@tests,
+        );
+    }
+    return $self->SUPER::_runtests($args, @tests) unless defined $OURS{junit};
+    require ForkServer::Prove::JUnit;
+    my $junit = ForkServer::Prove::JUnit->new;
+    no warnings 'redefine';
+    my $create = \&TAP::Harness::Env::create;
+    local *TAP::Harness::Env::create = sub {
+        my $harness = $create->(@_);
+        $junit->attach($harness);
+        return $harness;
+    };
+    my $ok = $self->SUPER::_runtests($args, @tests);
+    $junit->write($OURS{junit});
+    return $ok;
+}
+
+1;

@@ -1,0 +1,153 @@
+package ForkServer::Prove::Iterator;
+use strict;
+use warnings;
+
+use parent 'TAP::Parser::Iterator';
+
+use IO::Socket::UNIX ();
+use Socket ();
+use TAP::Parser ();
+
+=head1 NAME
+
+ForkServer::Prove::Iterator - a forked test's output, for TAP::Parser
+
+=head1 DESCRIPTION
+
+The test is requested from the Emperor side at construction (it starts at
+once, as a process does). The Emperor side reads the test's stdout and
+stderr while it runs and sends both, with the wait status, when it ends:
+the one handle to select on becomes readable only then, so prove's
+multiplexer takes tests in the order they finish, and a slow reader never
+stalls a test. Then, when the test failed, it runs again as prove runs it
+(C<cold>), and that run is its verdict.
+
+=head2 request
+
+  my $reply = request($socket_path, $type, $payload);    # 'B' only: blocks for the reply
+
+=cut
+
+sub _connect {
+    my ($path) = @_;
+    my $sock = IO::Socket::UNIX->new(Type => Socket::SOCK_STREAM(), Peer => $path)
+        or die "cannot connect to $path: $!\n";
+    return $sock;
+}
+
+sub _send {
+    my ($sock, $type, $payload) = @_;
+    my $msg = $type . pack('N', length $payload) . $payload;
+    while (length $msg) {
+        my $n = syswrite $sock, $msg;
+        die "write: $!\n" unless defined $n;
+        substr($msg, 0, $n, '');
+    }
+    shutdown $sock, 1;
+    return;
+}
+
+sub _read_all {
+    my ($sock) = @_;
+    my $data = '';
+    while (1) {
+        my $n = sysread $sock, $data, 65536, length $data;
+        die "read: $!\n" unless defined $n;
+        last unless $n;
+    }
+    return $data;
+}
+
+sub request {
+    my ($path, $type, $payload) = @_;
+    my $sock = _connect($path);
+    _send($sock, $type, $payload);
+    return _read_all($sock);
+}
+
+sub _initialize {
+    my ($self, $args) = @_;
+    $self->{$_} = $args->{$_} for qw(file cold on_cold_pass);
+    my $sock = _connect($args->{socket});
+    _send($sock, 'T', "$args->{file}\0$args->{spec}");
+    $self->{sock} = $sock;
+    return $self;
+}
+
+sub get_select_handles {
+    my $self = shift;
+    return ($self->{sock});
+}
+
+sub _fetch {
+    my $self  = shift;
+    # the socket stays open (at its end of file) while prove's multiplexer
+    # selects on it: it removes it when this iterator has no more lines
+    my $reply = eval { _read_all($self->{sock}) } // '';
+    my ($status, $timed_out, $out_len, $err_len, $rest) = $reply =~ /\A(-?\d+) (\d) (\d+) (\d+)\n(.*)\z/s;
+    if (!defined $status) {
+        my $why = "emperor prove: no reply for $self->{file}\n";
+        ($status, $timed_out, $out_len, $err_len, $rest) = (255 << 8, 0, 0, length $why, $why);
+    }
+    my $out = substr $rest, 0, $out_len;
+    my $err = substr $rest, $out_len, $err_len;
+    if (!$timed_out && $self->{cold} && !$ForkServer::Prove::OURS{no_cold_retry} && !_passes($status, $out)) {
+        $self->{delegate} = $self->{cold}->();
+        $self->{verify_cold} = 1;
+        return;
+    }
+    print STDERR $err if length $err;
+    $self->{status} = $status;
+    $self->{lines}  = [split /\n/, $out, -1];
+    pop @{ $self->{lines} } if @{ $self->{lines} } && $self->{lines}[-1] eq '';
+    return;
+}
+
+# Whether a run is a pass to keep: prove's verdict from the TAP and the
+# wait status, and not a skip of the whole file (a file may skip when it
+# sees a module already loaded: it is then run cold too).
+sub _passes {
+    my ($status, $out) = @_;
+    return 0 if $status;
+    # the common case without a second full parse: a plan, as many
+    # top-level test lines, none failing
+    if ($out =~ /^1\.\.(\d+)\s*$/m) {
+        my $planned = $1;
+        my $run     = () = $out =~ /^(?:not )?ok\b/mg;
+        return 1 if $planned && $planned == $run && $out !~ /^not ok\b/m && $out !~ /^Bail out!/m;
+    }
+    my $parser = TAP::Parser->new({ tap => $out });
+    1 while defined $parser->next;
+    return !$parser->has_problems && !$parser->skip_all;
+}
+
+sub next_raw {
+    my $self = shift;
+    $self->_fetch unless $self->{lines} || $self->{delegate};
+    if (my $cold = $self->{delegate}) {
+        my $line = $cold->next_raw;
+        if (defined $line) {
+            $self->{cold_tap} .= "$line\n" if $self->{verify_cold};
+        }
+        elsif (delete $self->{verify_cold}) {
+            $self->{on_cold_pass}->() if $self->{on_cold_pass} && _passes($cold->wait, $self->{cold_tap} // '');
+        }
+        return $line;
+    }
+    return shift @{ $self->{lines} };
+}
+
+sub wait {
+    my $self = shift;
+    return $self->{delegate}->wait if $self->{delegate};
+    return $self->{status} // 0;
+}
+
+sub exit {
+    my $self = shift;
+    return $self->{delegate}->exit if $self->{delegate};
+    my $status = $self->{status} // 0;
+    return $status >> 8;
+}
+
+1;

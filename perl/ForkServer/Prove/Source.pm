@@ -1,0 +1,293 @@
+package ForkServer::Prove::Source;
+use strict;
+use warnings;
+
+# prove's own Perl handler, so that the command it would run (perl, the
+# switches from -w/-T/HARNESS_PERL_SWITCHES/the shebang, -I, the test's
+# arguments) is built by prove's code; we only decide whether that command
+# can be a fork of the base instead.
+use parent 'TAP::Parser::SourceHandler::Perl';
+
+use TAP::Parser::IteratorFactory ();
+use Text::ParseWords ();
+
+use ForkServer::Prove::Iterator ();
+use ForkServer::Protocol qw(encode_packet encode_array MODIFIER1_CONFIG);
+
+TAP::Parser::IteratorFactory->register_handler(__PACKAGE__);
+
+=head1 NAME
+
+ForkServer::Prove::Source - prove's Perl source handler, forking tests from the base when it can
+
+=head1 DESCRIPTION
+
+Votes just above L<TAP::Parser::SourceHandler::Perl> for every file that
+handler would run, then runs it as a fork of the base when C<perl
+[SWITCHES] FILE> can be reproduced in a fork, and as prove runs it (a fresh
+C<perl>) when not, saying why on stderr once per reason:
+
+=over
+
+=item * perl switches other than C<-w> and C<-I> (C<-T>, C<-W>, C<-M>...,
+from prove's options, HARNESS_PERL_SWITCHES, PERL5OPT or the shebang);
+
+=item * the file carries C<# HARNESS-NO-PRELOAD> (yath's marker) or
+C<# emperor-prove: no-preload>;
+
+=item * the file changes C<%ENV> (a variable a preloaded file reads at its top
+  level) or C<CORE::GLOBAL::> before C<use> of a
+module the base already loaded (it would see the module compiled before
+its change);
+
+=item * C<--state> remembers that the file failed forked and passed cold;
+
+=item * the base could not start.
+
+=back
+
+A forked file that fails is run again cold; when it then passes, that is
+its verdict, C<--state> remembers it, and stderr says so.
+
+=cut
+
+my %CFG;        # setup()'s arguments
+my %NOTED;      # notes already given
+my %INC_FOR;    # the @INC `perl FILE` gets, by environment
+my %BASE_INC;   # the files the base has loaded (keys of its %INC)
+
+sub note {
+    my ($class, $msg) = @_;
+    return if $NOTED{$msg}++;
+    print STDERR "emperor prove: $msg\n";
+    return;
+}
+
+=head2 setup
+
+  ForkServer::Prove::Source->setup(socket => $path, libs => \@dirs, preload => \@modules_or_files,
+      auto => $bool, tests => \@files, state => $state_manager, destruct => $bool);
+
+Starts the base (through the Emperor side on C<socket>) with C<libs> in its
+@INC and the preloads: the given ones, or with C<auto> the modules most test
+files C<use>. Without a base every test runs as prove runs it.
+
+=cut
+
+sub setup {
+    my ($class, %args) = @_;
+    %CFG = %args;
+    my @items = map {"inc=$_"} @{ $args{libs} };
+    for my $p (@{ $args{preload} }) {
+        push @items, ($p =~ m{/|\.p[lm]\z} && -f $p) ? "file=" . Cwd::abs_path($p) : "module=$p";
+    }
+    if ($args{auto}) {
+        push @items, map {"optional=$_"} auto_preloads(@{ $args{tests} });
+    }
+    # Nothing preloaded: the inherited heap is small, and perl's own global
+    # destruction at exit is then cheaper than freeing what the test loaded
+    # package by package (ForkServer::TestFile's fast exit), and exact.
+    $CFG{destruct} = 1 unless grep { !/\Ainc=/ } @items;
+    my $reply = eval { ForkServer::Prove::Iterator::request($args{socket}, 'B', join "\0", @items) };
+    if (!defined $reply || $reply !~ s/\Aok\n//) {
+        my $why = defined $reply ? $reply : $@;
+        $why =~ s/\s+\z//;
+        if (@{ $args{preload} }) {    # asked for: one error, as for any bad option
+            print STDERR "emperor prove: $why\n";
+            CORE::exit(2);
+        }
+        $class->note("no base ($why): every test runs as prove runs it");
+        $CFG{disabled} = 1;
+        return;
+    }
+    %BASE_INC = map { my ($k, $v) = split /\t/, $_, 2; ($k => $v // 1) } split /\0/, $reply;
+    return;
+}
+
+=head2 auto_preloads
+
+  my @modules = auto_preloads(@test_files);
+
+The modules (not pragmas) that at least a tenth of the files C<use>, read
+from their C<use> lines, in order of how many use them.
+
+=cut
+
+sub auto_preloads {
+    my (@files) = @_;
+    my %count;
+    my $n = 0;
+    for my $file (grep {/\.t\z/} @files) {
+        my $text = _head($file) // next;
+        $n++;
+        my %seen;
+        $seen{$1}++ while $text =~ /^\s*use\s+([A-Z][\w:]*)/mg;
+        $count{$_}++ for keys %seen;
+    }
+    return () unless $n;
+    my @common = grep { $count{$_} * 10 >= $n } keys %count;
+    return sort { $count{$b} <=> $count{$a} || $a cmp $b } @common;
+}
+
+# The program part of a file (up to __END__/__DATA__), or undef.
+sub _head {
+    my ($file) = @_;
+    open my $fh, '<', $file or return undef;
+    local $/;
+    my $text = <$fh> // '';
+    $text =~ s/^__(?:END|DATA)__\b.*//ms;
+    return $text;
+}
+
+sub can_handle {
+    my ($class, $source) = @_;
+    return 0 if $CFG{disabled} || !%CFG;
+    my $vote = $class->SUPER::can_handle($source) or return 0;
+    return $vote + 0.01;
+}
+
+# The reason this file must run cold (as prove runs it), or undef.
+sub cold_reason {
+    my ($class, $file, $switches, $shebang) = @_;
+    for my $sw (@$switches) {
+        next if $sw eq '-w';
+        return "perl switch $sw cannot apply to a forked test";
+    }
+    if (defined $ENV{PERL5OPT} && length $ENV{PERL5OPT}) {
+        for my $sw (Text::ParseWords::shellwords($ENV{PERL5OPT})) {
+            next if $sw eq '-w' || $sw =~ /\A-I/;
+            return "PERL5OPT's $sw cannot apply to a forked test";
+        }
+    }
+    if (defined $shebang && $shebang =~ /^#!.*\bperl\S*\s+(.*)/) {
+        for my $sw (split ' ', $1) {
+            last if $sw !~ /\A-/;
+            next if $sw eq '-w' || $sw =~ /\A-[Tt]+\z/;    # -T/-t: prove puts them on the command line
+            return "shebang switch $sw cannot apply to a forked test";
+        }
+    }
+    my $text = _head($file) // return "cannot read $file";
+    return "it asks for no preload (# HARNESS-NO-PRELOAD)" if $text =~ /^\s*#\s*HARNESS-NO-PRELOAD\s*$/m;
+    return "it asks for no preload (# emperor-prove: no-preload)"
+        if $text =~ /^\s*#\s*emperor-prove:\s*no-preload\s*$/m;
+    if (my $state = $CFG{state}) {
+        my $t = eval { $state->results->{tests}{$file} };    # test() would add it
+        return "--state: $t->{emperor_cold}" if $t && $t->{emperor_cold};
+    }
+    my $changes = _changes_before_preloaded_use($text);
+    return "it sets $changes before using a preloaded module" if $changes;
+    return undef;
+}
+
+# %ENV or CORE::GLOBAL changed before a `use` of something the base loaded:
+# the module was compiled (constants folded) before the change. For %ENV,
+# only variables a preloaded file reads at its top level (an unindented
+# line: `use constant X => $ENV{...}`, `our $X = $ENV{...}`); one read inside
+# a sub is read when the test calls it, after its change (Mojo's
+# MOJO_REACTOR). A change this misses makes the forked run fail, and the
+# file is then run cold (the retry). Textual on purpose: cheap, and erring
+# towards cold only costs time.
+sub _changes_before_preloaded_use {
+    my ($text) = @_;
+    my $last_use = -1;
+    while ($text =~ /^\s*use\s+([A-Z][\w:]*)/mg) {
+        my $at = $-[0];
+        (my $inc = "$1.pm") =~ s{::}{/}g;
+        $last_use = $at if $BASE_INC{$inc};
+    }
+    return undef if $last_use < 0;
+    my $before = substr $text, 0, $last_use;
+    $before =~ s/^\s*#.*$//mg;
+    return 'CORE::GLOBAL' if $before =~ /CORE::GLOBAL::/;
+    return '%ENV' if $before =~ /%ENV\s*=(?!=)/;
+    my %names;
+    $names{$1}++ while $before =~ /\$ENV\s*\{\s*['"]?(\w+)['"]?\s*\}\s*(?:\|\||\/\/|\.)?=(?!=)/g;
+    $names{$1}++ while $before =~ /(?:local|delete)\s+\$ENV\s*\{\s*['"]?(\w+)['"]?\s*\}/g;
+    for my $name (sort keys %names) {
+        return "\$ENV{$name}" if _read_at_top_level($name);
+    }
+    return undef;
+}
+
+my %TOP_LEVEL_READ;    # variable name -> whether a preloaded file reads it at its top level
+
+sub _read_at_top_level {
+    my ($name) = @_;
+    return $TOP_LEVEL_READ{$name} //= do {
+        my $found = 0;
+        for my $path (grep { !/\A1\z/ } values %BASE_INC) {
+            open my $fh, '<', $path or next;
+            local $/;
+            my $src = <$fh> // '';
+            $src =~ s/^__(?:END|DATA)__\b.*//ms;
+            $src =~ s/^=[a-zA-Z].*?(?:^=cut\b[^\n]*|\z)//msg;    # POD
+            # an unindented line, not inside a `sub {` on that line
+            while ($src =~ /^(\S[^\n]*)\b\Q$name\E\b/mg) {
+                next if $1 =~ /\bsub\b(?:\s+\w+)?\s*\{/ || $1 =~ /^\s*#/;
+                $found = 1;
+                last;
+            }
+            last if $found;
+        }
+        $found;
+    };
+}
+
+sub _create_iterator {
+    my ($class, $source, $command, $setup, $teardown) = @_;
+    my $cold = sub { $class->SUPER::_create_iterator($source, $command, $setup, $teardown) };
+    my $file = ${ $source->raw };
+    my @args = @{ $source->test_args || [] };
+    my @switches = @{$command}[1 .. $#$command - 1 - @args];
+    my $reason = $command->[0] ne $^X
+        ? "HARNESS_PERL ($command->[0]) is not the base's perl"
+        : $class->cold_reason($file, \@switches, $source->meta->{file}{shebang});
+    if (defined $reason) {
+        $class->note($reason =~ /\Ait |\A--state/ ? "$file runs cold: $reason" : "$reason: such files run as prove runs them");
+        return $cold->();
+    }
+    $setup->(@$command);
+    my %env = %ENV;
+    $teardown->(@$command);
+    my $warnings = (grep { $_ eq '-w' } @switches) ? 1 : 0;
+    $warnings ||= 1 if ($ENV{PERL5OPT} // '') =~ /(?:^|\s)-w\b/;
+    $warnings ||= 1 if ($source->meta->{file}{shebang} // '') =~ /^#!.*\bperl\S*\s+(?:-\S+\s+)*-w\b/;
+    my $spec = encode_packet(MODIFIER1_CONFIG, 0, encode_array(
+        "file=$file", "cwd=" . Cwd::getcwd(), (map {"arg=$_"} @args),
+        (map {"inc=$_"} _inc_for(\%env, $command->[0])),
+        (map {"env=$_=$env{$_}"} sort keys %env),
+        "warnings=$warnings",
+        ($source->merge ? ('merge=1') : ()),
+        ($CFG{destruct} ? ('destruct=1') : ()),
+    ));
+    return ForkServer::Prove::Iterator->new({
+        socket => $CFG{socket}, file => $file, spec => $spec, cold => $cold,
+        on_cold_pass => sub { _remember_cold($file) },
+    });
+}
+
+sub _remember_cold {
+    my ($file) = @_;
+    __PACKAGE__->note("$file failed or skipped forked and passed cold: its verdict is the cold run's"
+        . ($CFG{state} ? " (--state remembers it)" : ""));
+    my $state = $CFG{state} or return;
+    eval { $state->results->test($file)->{emperor_cold} = 'it failed or skipped forked and passed cold'; 1 };
+    return;
+}
+
+# What `perl FILE` has in @INC with this environment (PERL5LIB, PERL5OPT).
+sub _inc_for {
+    my ($env, $perl) = @_;
+    my $key = join "\0", $perl, map { $env->{$_} // '' } qw(PERL5LIB PERL5OPT PERL_USE_UNSAFE_INC);
+    $INC_FOR{$key} ||= do {
+        local %ENV = %$env;
+        open my $fh, '-|', $perl, '-e', 'print join "\0", @INC' or die "cannot run $perl: $!\n";
+        local $/;
+        my $out = <$fh>;
+        close $fh;
+        [split /\0/, $out];
+    };
+    return @{ $INC_FOR{$key} };
+}
+
+1;

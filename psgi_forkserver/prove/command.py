@@ -1,0 +1,83 @@
+"""`emperor prove`'s command line: ours taken out, the rest is prove's
+(App::Prove parses it in ForkServer::Prove). Imported without the rest of
+the Emperor, so that a run starts quickly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+LONG_RUNNING_PROVE = {"--watch", "--serve", "--connect", "--help-long-running"}
+
+# `emperor prove`'s own options; every other argument is prove's (App::Prove
+# parses them, with .proverc): name -> takes a value
+PROVE_OURS = {"--preload": True, "--no-preload": False, "--shard": True, "--shard-times": True,
+              "--junit": True, "--destruct": False, "--no-cold-retry": False, "--timeout": True, "--perl": True}
+
+PROVE_HELP = """emperor prove [OPTIONS] [prove's options] [FILES|DIRECTORIES]
+
+prove's options are prove's (below), with prove's meaning; .proverc and
+~/.proverc are read as prove reads them. Perl tests are forked from a base
+that has preloaded the modules most test files use. emperor prove's own:
+
+  --preload MODULE|FILE  preload this (repeatable) instead of the automatic choice
+  --no-preload           preload nothing (tests still forked, from a bare base)
+  --shard I/N            run the I-th of N balanced parts of the files
+  --shard-times FILE     balance by a JUnit file's times (else --state's, else sizes)
+  --junit FILE           also write a JUnit XML report
+  --timeout SECONDS      kill a forked test file that runs longer
+  --destruct             forked tests end with perl's full global destruction
+  --no-cold-retry        a forked file that fails is not run again cold
+  --perl PATH            the perl to run prove and the base with
+  --watch, --serve SOCK, --connect SOCK: see `emperor prove --help-long-running`
+
+example:
+  emperor prove -lr -j2 t    (what you would type after `prove`; docs/prove.md)
+
+"""
+
+
+def prove_run(argv: list[str]) -> int:
+    """prove's command line, run by prove itself, with ours taken out."""
+    from . import ProveOptions, Prove, hosting
+
+    shim: list[str] = []
+    prove_args: list[str] = []
+    timeout: float | None = None
+    perl = "perl"
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("::", "--"):
+            prove_args += argv[i:]
+            break
+        name, eq, value = arg.partition("=")
+        if name in PROVE_OURS:
+            if PROVE_OURS[name] and not eq:
+                if i + 1 >= len(argv):
+                    print(f"emperor prove: {name} needs a value", file=sys.stderr)
+                    return 2
+                i += 1
+                value = argv[i]
+            if name == "--timeout":
+                try:
+                    timeout = float(value)
+                except ValueError:
+                    print(f"emperor prove: --timeout {value}: not a number of seconds", file=sys.stderr)
+                    return 2
+            elif name == "--perl":
+                perl = value
+            else:
+                shim += [name, value] if PROVE_OURS[name] else [name]
+        else:
+            if arg in ("-h", "--help", "-?"):
+                sys.stdout.write(PROVE_HELP)
+                sys.stdout.flush()
+            prove_args.append(arg)
+        i += 1
+    try:
+        prove = Prove(ProveOptions(paths=[], perl=perl, timeout=timeout), facts=False)
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"emperor prove: {e}", file=sys.stderr)
+        return 2
+    return hosting.run(prove, shim, prove_args)

@@ -1,0 +1,322 @@
+"""`emperor prove [OURS] [PROVE'S OPTIONS] [FILES]`: prove itself (App::Prove,
+in the Perl process ForkServer::Prove) runs the show, with its options,
+.proverc, formatters and --state; this process starts the base when prove
+asks for it, forks each test prove hands over, reads the test's output
+while it runs, and answers with that output and the wait status when the
+test has ended. It is the subreaper of the tests and of what they leave
+behind, and kills a test at --timeout.
+
+The requests, on a UNIX socket in a private directory, one per connection
+(the client writes it whole, then shuts down its side):
+
+    B <4-byte length> ITEM\\0ITEM...   start the base: inc=DIR, module=M,
+                                       optional=M, file=F; reply "ok\\n" and
+                                       the base's %INC keys, NUL-separated,
+                                       or one line of error
+    T <4-byte length> FILE\\0SPEC      run FILE forked; SPEC is the config
+                                       packet ForkServer::TestFile reads;
+                                       reply "WSTATUS TIMEDOUT OUTLEN ERRLEN\\n"
+                                       then the stdout and stderr bytes
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+
+from .. import adoption, paths, protocol
+from .base import BaseError
+from .scheduler import Prove
+from .testfiles import which
+
+SHIM_MAIN = "exit ForkServer::Prove::main(@ARGV)"
+
+
+@dataclass
+class Forked:
+    """One forked test: its streams, its client, what it wrote."""
+
+    file: str
+    conn: socket.socket
+    pid: int = 0
+    out: socket.socket | None = None
+    err: socket.socket | None = None
+    out_bytes: bytearray = field(default_factory=bytearray)
+    err_bytes: bytearray = field(default_factory=bytearray)
+    status: int | None = None
+    started: float = 0.0
+    timeout: float | None = None
+    timed_out: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.status is not None and self.out is None and self.err is None
+
+
+def file_timeout(file: str, default: float | None) -> float | None:
+    """yath's per-file timeout markers: `# HARNESS-NO-TIMEOUT` lifts
+    --timeout; `# HARNESS-TIMEOUT-EVENT N` and `# HARNESS-TIMEOUT-POSTEXIT N`
+    give the file N seconds more than --timeout (we time whole files)."""
+    if default is None:
+        return None
+    extra = 0.0
+    try:
+        with open(file, "rb") as fh:
+            head = fh.read(65536).decode("utf-8", "replace")
+    except OSError:
+        return default
+    for line in head.splitlines():
+        words = line.strip().lstrip("#").split()
+        if not words or not words[0].startswith("HARNESS-"):
+            continue
+        if words[0] == "HARNESS-NO-TIMEOUT":
+            return None
+        if words[0] in ("HARNESS-TIMEOUT-EVENT", "HARNESS-TIMEOUT-POSTEXIT") and len(words) > 1:
+            try:
+                extra = max(extra, float(words[1]))
+            except ValueError:
+                pass
+    return default + extra
+
+
+class Host:
+    def __init__(self, prove: Prove, shim_args: list[str], prove_args: list[str]) -> None:
+        self.prove = prove
+        self.shim_args, self.prove_args = shim_args, prove_args
+        self.control = prove.tmp / "prove.sock"
+        self.forked: dict[int, Forked] = {}
+        self.shim_pid: int | None = None
+        self.shim_status: int | None = None
+        self.base_error: str | None = None
+
+    def shim_argv(self) -> list[str]:
+        perl = self.prove.opts.perl
+        return [perl, f"-I{paths.perl_dir()}", "-MForkServer::Prove", "-e", SHIM_MAIN, "--",
+                "--socket", str(self.control), *self.shim_args, "--", *self.prove_args]
+
+    def run(self) -> int:
+        prove = self.prove
+        prove.setup()
+        umask = os.umask(0o177)
+        try:
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(str(self.control))
+        finally:
+            os.umask(umask)
+        listener.listen(64)
+        listener.setblocking(False)
+        prove.sel.register(listener, selectors.EVENT_READ, "listen")
+        try:
+            argv = self.shim_argv()
+            env = {k: v for k, v in os.environ.items() if not k.startswith("UWSGI_EMPEROR_")}
+            self.shim_pid = os.posix_spawn(which(argv[0]), argv, env)
+            while self.shim_status is None or self.forked:
+                if self.shim_status is not None:
+                    for f in self.forked.values():  # prove is gone: nobody reads them
+                        prove_kill(f.pid)
+                self.turn(listener)
+            status = self.shim_status
+            if os.WIFSIGNALED(status):
+                return 128 + os.WTERMSIG(status)
+            return os.WEXITSTATUS(status)
+        finally:
+            if self.shim_pid is not None and self.shim_status is None:
+                prove_kill(self.shim_pid)
+            for f in self.forked.values():
+                prove_kill(f.pid)
+                for s in (f.out, f.err, f.conn):
+                    if s is not None:
+                        s.close()
+            prove.sel.unregister(listener)
+            listener.close()
+            prove.teardown()
+
+    def turn(self, listener: socket.socket) -> None:
+        wait = 0.5
+        now = time.monotonic()
+        for f in self.forked.values():
+            if f.timeout is not None and f.status is None:
+                wait = max(0.0, min(wait, f.started + f.timeout - now))
+        for key, _ in self.prove.sel.select(wait):
+            if key.data is None:
+                self.prove.drain_wake()
+            elif key.data == "listen":
+                self.accept(listener)
+            else:
+                self.read(key.fileobj, key.data)
+        self.reap()
+        now = time.monotonic()
+        for f in list(self.forked.values()):
+            if f.timeout is not None and f.status is None and now >= f.started + f.timeout:
+                f.timed_out = True
+                prove_kill(f.pid)
+            if f.done:
+                self.answer(f)
+
+    # -- requests -----------------------------------------------------------------------
+
+    def accept(self, listener: socket.socket) -> None:
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return
+        try:
+            kind, payload = read_request(conn)
+            if kind == b"B":
+                conn.sendall(self.start_base(payload))
+                conn.close()
+            elif kind == b"T":
+                self.start_test(conn, payload)
+            else:
+                raise ValueError(f"unknown request {kind!r}")
+        except (OSError, ValueError) as e:
+            self.prove.errout.write(f"emperor prove: bad request from prove: {e}\n")
+            conn.close()
+
+    def start_base(self, payload: bytes) -> bytes:
+        """The base, with prove's library directories and the preloads."""
+        opts = self.prove.opts
+        libs: list[str] = []
+        for item in payload.decode().split("\0") if payload else []:
+            key, _, value = item.partition("=")
+            if key == "inc":
+                libs.append(value)
+            elif key == "module":
+                opts.required_modules.append(value)
+            elif key == "optional":
+                opts.optional_modules.append(value)
+            elif key == "file":
+                opts.preloads.append(value)
+        env = dict(self.prove.env)
+        env["PERL5LIB"] = os.pathsep.join([*libs, *([env["PERL5LIB"]] if env.get("PERL5LIB") else [])])
+        try:
+            self.prove.base.start(env)
+        except (BaseError, OSError) as e:
+            return f"{e}\n".encode()
+        try:
+            keys = self.prove.base.inc_keys.read_bytes()
+        except OSError:
+            keys = b""
+        return b"ok\n" + keys
+
+    def start_test(self, conn: socket.socket, payload: bytes) -> None:
+        file_b, _, spec = payload.partition(b"\0")
+        file = file_b.decode("utf-8", "surrogateescape")
+        f = Forked(file, conn, timeout=file_timeout(file, self.prove.opts.timeout))
+        out_ours, out_theirs = socket.socketpair()
+        err_ours, err_theirs = socket.socketpair()
+        try:
+            err_ours.sendall(spec)
+            if self.prove.base.pid is None:
+                raise BaseError("the base is not running")
+            f.pid = adoption.adopt(self.prove.base.sock,
+                                   [str(paths.vassal_program()), "--test-file", file],
+                                   out_theirs.fileno(), config_fd=err_theirs.fileno(), timeout=60)
+        except (OSError, BaseError, adoption.AdoptionError, protocol.ProtocolError) as e:
+            out_ours.close()
+            err_ours.close()
+            conn.sendall(reply(255 << 8, False, b"", f"emperor prove: could not start {file}: {e}\n".encode()))
+            conn.close()
+            return
+        finally:
+            out_theirs.close()
+            err_theirs.close()
+        out_ours.shutdown(socket.SHUT_WR)
+        err_ours.shutdown(socket.SHUT_WR)
+        f.out, f.err = out_ours, err_ours
+        f.started = time.monotonic()
+        for s in (out_ours, err_ours):
+            s.setblocking(False)
+            self.prove.sel.register(s, selectors.EVENT_READ, f)
+        self.forked[f.pid] = f
+
+    def read(self, sock: socket.socket, f: Forked) -> None:
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            (f.out_bytes if sock is f.out else f.err_bytes).extend(data)
+            return
+        self.prove.sel.unregister(sock)
+        sock.close()
+        if sock is f.out:
+            f.out = None
+        else:
+            f.err = None
+
+    def answer(self, f: Forked) -> None:
+        del self.forked[f.pid]
+        if f.timed_out:
+            f.err_bytes += f"emperor prove: {f.file}: timed out after {f.timeout:g} s: killed\n".encode()
+        try:
+            f.conn.sendall(reply(f.status or 0, f.timed_out, bytes(f.out_bytes), bytes(f.err_bytes)))
+        except OSError:
+            pass
+        f.conn.close()
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.shim_pid:
+                self.shim_status = status
+            elif pid in self.forked:
+                self.forked[pid].status = status
+            elif pid == self.prove.base.pid:
+                self.prove.base.pid = None
+            else:
+                self.prove.orphans_reaped += 1
+
+
+def prove_kill(pid: int) -> None:
+    """A test (or prove) and its process group and descendants."""
+    from .. import launch
+    launch.kill_tree(pid)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def reply(status: int, timed_out: bool, out: bytes, err: bytes) -> bytes:
+    return f"{status} {int(timed_out)} {len(out)} {len(err)}\n".encode() + out + err
+
+
+def read_request(conn: socket.socket) -> tuple[bytes, bytes]:
+    """One request: the client writes it whole at once."""
+    conn.setblocking(True)
+    conn.settimeout(10)
+    data = b""
+    while True:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    if len(data) < 5:
+        raise ValueError("short request")
+    (length,) = struct.unpack(">I", data[1:5])
+    if len(data) != 5 + length:
+        raise ValueError(f"request of {len(data) - 5} bytes, said {length}")
+    return data[:1], data[5:]
+
+
+def run(prove: Prove, shim_args: list[str], prove_args: list[str]) -> int:
+    try:
+        return Host(prove, shim_args, prove_args).run()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        sys.stdout.flush()

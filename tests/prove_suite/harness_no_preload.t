@@ -1,0 +1,5 @@
+# HARNESS-NO-PRELOAD
+use strict;
+use warnings;
+use Test::More tests => 1;
+ok !$INC{'ForkServer/TestFile.pm'}, "yath's marker: run without the preloaded base";

@@ -1,0 +1,3 @@
+package SwitchProbe;
+# Loaded into a test by HARNESS_PERL_SWITCHES=-MSwitchProbe (tests/test_prove.py).
+1;
