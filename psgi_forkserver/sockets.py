@@ -314,27 +314,25 @@ class Listeners:
 
     def watch(self, name: str, lst: Listener, callback: object) -> None:
         """Wait for a connection on it (an on-demand vassal with no process)."""
-        self.sel.register(lst.sock, selectors.EVENT_READ, callback)
-        self.watched.add(name)
+        self._select(name, lst, callback, self.watched)
 
     def unwatch(self, name: str) -> None:
-        if name in self.watched:
-            self.watched.discard(name)
-            lst = self.by_name.get(name)
-            if lst is not None:
-                try:
-                    self.sel.unregister(lst.sock)
-                except (KeyError, ValueError):
-                    pass
+        self._unselect(name, self.watched)
 
     def answer(self, name: str, lst: Listener, callback: object) -> None:
         """Its connections are the Emperor's to answer (answer_unavailable)."""
-        self.sel.register(lst.sock, selectors.EVENT_READ, callback)
-        self.answering.add(name)
+        self._select(name, lst, callback, self.answering)
 
     def unanswer(self, name: str) -> None:
-        if name in self.answering:
-            self.answering.discard(name)
+        self._unselect(name, self.answering)
+
+    def _select(self, name: str, lst: Listener, callback: object, why: set[str]) -> None:
+        self.sel.register(lst.sock, selectors.EVENT_READ, callback)
+        why.add(name)
+
+    def _unselect(self, name: str, why: set[str]) -> None:
+        if name in why:
+            why.discard(name)
             lst = self.by_name.get(name)
             if lst is not None:
                 try:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from .. import adoption, paths, protocol
 from .base import BaseError
-from .scheduler import Prove
+from .scheduler import Prove, start_with_streams
 from .testfiles import which
 
 SHIM_MAIN = "exit ForkServer::Prove::main(@ARGV)"
@@ -209,29 +209,20 @@ class Host:
         file_b, _, spec = payload.partition(b"\0")
         file = file_b.decode("utf-8", "surrogateescape")
         f = Forked(file, conn, timeout=file_timeout(file, self.prove.opts.timeout))
-        out_ours, out_theirs = socket.socketpair()
-        err_ours, err_theirs = socket.socketpair()
-        try:
-            err_ours.sendall(spec)
+
+        def start(out_fd: int, err_fd: int) -> int:
             if self.prove.base.pid is None:
                 raise BaseError("the base is not running")
-            f.pid = adoption.adopt(self.prove.base.sock,
-                                   [str(paths.vassal_program()), "--test-file", file],
-                                   out_theirs.fileno(), config_fd=err_theirs.fileno(), timeout=60)
+            return adoption.adopt(self.prove.base.sock, [str(paths.vassal_program()), "--test-file", file],
+                                  out_fd, config_fd=err_fd, timeout=60)
+        try:
+            f.pid, f.out, f.err = start_with_streams(start, spec)
         except (OSError, BaseError, adoption.AdoptionError, protocol.ProtocolError) as e:
-            out_ours.close()
-            err_ours.close()
             conn.sendall(reply(255 << 8, False, b"", f"emperor prove: could not start {file}: {e}\n".encode()))
             conn.close()
             return
-        finally:
-            out_theirs.close()
-            err_theirs.close()
-        out_ours.shutdown(socket.SHUT_WR)
-        err_ours.shutdown(socket.SHUT_WR)
-        f.out, f.err = out_ours, err_ours
         f.started = time.monotonic()
-        for s in (out_ours, err_ours):
+        for s in (f.out, f.err):
             s.setblocking(False)
             self.prove.sel.register(s, selectors.EVENT_READ, f)
         self.forked[f.pid] = f

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .. import adoption, launch, paths, protocol
@@ -48,6 +49,30 @@ def perl_facts(perl: str, env: dict[str, str]) -> tuple[list[str], str]:
     return inc, version
 
 
+def start_with_streams(start: Callable[[int, int], int],
+                       spec: bytes | None) -> tuple[int, socket.socket, socket.socket]:
+    """Start a test with its stdout and stderr on socket pairs of ours:
+    `start(out_fd, err_fd)` gets the far ends (stderr's already holding the
+    spec, when there is one) and returns the pid; we keep the near ends,
+    shut for writing. What `start` raises is raised, every end closed."""
+    out_ours, out_theirs = socket.socketpair()
+    err_ours, err_theirs = socket.socketpair()
+    try:
+        if spec is not None:
+            err_ours.sendall(spec)
+        pid = start(out_theirs.fileno(), err_theirs.fileno())
+    except BaseException:
+        out_ours.close()
+        err_ours.close()
+        raise
+    finally:
+        out_theirs.close()
+        err_theirs.close()
+    out_ours.shutdown(socket.SHUT_WR)
+    err_ours.shutdown(socket.SHUT_WR)
+    return pid, out_ours, err_ours
+
+
 class Prove:
     def __init__(self, opts: ProveOptions, out=sys.stdout, err=sys.stderr, facts: bool = True) -> None:
         self.opts = opts
@@ -66,28 +91,19 @@ class Prove:
     # -- starting a test ----------------------------------------------------------------
 
     def start(self, job: Job) -> None:
-        out_ours, out_theirs = socket.socketpair()
-        err_ours, err_theirs = socket.socketpair()
+        def start(out_fd: int, err_fd: int) -> int:
+            if job.cold is not None:
+                return self.spawn_cold(job, out_fd, err_fd)
+            return self.adopt(job.file, out_fd, err_fd)
         try:
-            if job.cold is None:
-                err_ours.sendall(build_spec(job.file, job.switches, os.getcwd(), self.env,
-                                            self.inc, destruct=self.opts.destruct))
-                job.pid = self.adopt(job.file, out_theirs.fileno(), err_theirs.fileno())
-            else:
-                job.pid = self.spawn_cold(job, out_theirs.fileno(), err_theirs.fileno())
+            spec = None if job.cold is not None else build_spec(
+                job.file, job.switches, os.getcwd(), self.env, self.inc, destruct=self.opts.destruct)
+            job.pid, job.out, job.err = start_with_streams(start, spec)
         except (OSError, adoption.AdoptionError, protocol.ProtocolError) as e:
             job.error = f"could not start: {e}"
             job.status = 255 << 8
             job.open_streams = 0
-            out_ours.close()
-            err_ours.close()
             return
-        finally:
-            out_theirs.close()
-            err_theirs.close()
-        out_ours.shutdown(socket.SHUT_WR)
-        err_ours.shutdown(socket.SHUT_WR)
-        job.out, job.err = out_ours, err_ours
         self.track(job)
 
     def adopt(self, file: str, out_fd: int, err_fd: int) -> int:
