@@ -276,13 +276,15 @@ def bind_status(args: argparse.Namespace):
     default socket in the run directory: one that cannot be opened there
     is one line on stderr, not a reason to keep the fleet down."""
     from .status import StatusServer, default_stats_path
+    from .status.access import read_token
+    from .status.rundir import make_private_dir
 
     stats = args.stats
     if stats is None:
         stats = default_stats_path(args.vassals_dir)
         why = None
         try:
-            stats.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_private_dir(stats.parent)
         except OSError as e:
             why = e.strerror or str(e)
         if why is None and len(os.fsencode(str(stats))) > 107:
@@ -296,8 +298,16 @@ def bind_status(args: argparse.Namespace):
             print(f"emperor: no default stats socket {stats}: {why} "
                   "(`emperor status` needs --stats then)", file=sys.stderr)
             stats = None
+    token = None
+    if args.status_http_token_file is not None:
+        if args.status_http is None:
+            raise ValueError("--status-http-token-file needs --status-http")
+        token = read_token(args.status_http_token_file)
+    if args.status_http_hosts and args.status_http is None:
+        raise ValueError("--status-http-host needs --status-http")
     return StatusServer(
         stats_path=stats, http=args.status_http, http_public=args.status_http_public,
+        http_hosts=tuple(args.status_http_hosts), http_token=token,
     ).bind()
 
 

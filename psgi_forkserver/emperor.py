@@ -436,7 +436,11 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         self._rewatch()
         if self.socket_dir is not None:
             try:
-                self.socket_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+                from .status.rundir import make_private_dir
+
+                # the run directory is private (0700) whoever makes it first
+                make_private_dir(self.socket_dir.parent, tighten=False)
+                self.socket_dir.mkdir(exist_ok=True, mode=0o755)
             except OSError as e:
                 self.log(f"cannot create {self.socket_dir}: {e.strerror or e}")
         if self.opts.status is not None:

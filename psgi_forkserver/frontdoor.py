@@ -475,6 +475,8 @@ class FrontDoor:
         self.dirty_since = None
         self.last_apply = now
         try:
+            from .status.rundir import make_private_dir
+            make_private_dir(self.ng_dir.parent, tighten=False)
             (self.ng_dir / "tmp").mkdir(parents=True, exist_ok=True)
             write_if_changed(self.conf_path, self._conf())
         except OSError as e:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..printable import printable
+
 def human_bytes(n: int | None) -> str:
     if not n:
         return "-"
@@ -43,6 +45,8 @@ def render_html(doc: dict[str, Any]) -> str:
         _env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(str(Path(__file__).resolve().parent.parent / "templates")),
             autoescape=True,
+            # names and values with control characters are shown escaped
+            finalize=lambda v: printable(v) if type(v) is str else v,
             undefined=jinja2.ChainableUndefined,  # a missing field shows as empty
         )
         _env.filters["bytes"] = human_bytes
@@ -74,6 +78,7 @@ def format_table(doc: dict[str, Any]) -> str:
             "-" if v.get("requests") is None else str(v["requests"]),
             "-" if v.get("latency_avg_ms") is None else f"{v['latency_avg_ms']:.1f}",
         ))
+    rows = [tuple(printable(c) for c in r) for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(COLUMNS)]
     right = {3, 4, 5, 7, 8, 10, 11, 12, 13, 14, 15}
 
@@ -84,10 +89,11 @@ def format_table(doc: dict[str, Any]) -> str:
 
     lines = [fmt(COLUMNS), *map(fmt, rows)]
     for name, v in doc.get("vassals", {}).items():
+        name = printable(name)
         if v.get("error"):
-            lines.append(f"{name}: {v['error']}")
+            lines.append(f"{name}: {printable(v['error'])}")
         elif v.get("last_error"):
-            lines.append(f"{name}: (earlier) {v['last_error']}")
+            lines.append(f"{name}: (earlier) {printable(v['last_error'])}")
         if v.get("spares"):
             sp = v["spares"]
             lines.append(f"{name}: {sp['count']} spares, {sp.get('ready', 0)} warm "

@@ -36,6 +36,23 @@ def run_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"psgi-forkserver-{os.geteuid()}"
 
 
+def make_private_dir(path: Path, tighten: bool = True) -> None:
+    """`mkdir -p path`, the last one mode 0700: a vassal's socket, the stats
+    socket and nginx's files are the Emperor's, and no other user lists or
+    reaches them (the directories above, shared by every Emperor here, keep
+    the usual mode). `tighten`: one that exists, and is ours, is made 0700
+    (an earlier run's, or another version's)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        st = os.stat(path)
+        if tighten and st.st_uid == os.geteuid() and st.st_mode & 0o077:
+            os.chmod(path, 0o700)
+    else:
+        os.chmod(path, 0o700)  # the umask could only take bits away; be exact
+
+
 def default_stats_path(vassals_dir: Path) -> Path:
     """RUNDIR/HASH/stats: HASH is 12 hex digits of the SHA-256 of the
     vassals directory's resolved path (the directory lock makes it one
