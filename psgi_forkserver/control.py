@@ -10,6 +10,7 @@ turn acts on it, at once (`again`).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from .snapshot import EmperorLink, EmperorSnapshot
@@ -30,10 +31,17 @@ def link(emperor: Emperor) -> EmperorLink:
 
 def snapshot(emperor: Emperor) -> EmperorSnapshot:
     """A read-only copy of the fleet: what the status package reads."""
+    cg = emperor.cgroups
+    vassals = {name: v.snapshot() for name, v in emperor.vassals.items()}
+    if cg is not None:
+        for name, v in emperor.vassals.items():
+            p = v.current
+            if p is not None and p.pid is not None:
+                vassals[name] = dataclasses.replace(vassals[name], cgroup=cg.path_of(name, p.seq))
     return EmperorSnapshot(
         vassals_dir=str(emperor.dir), shutting_down=emperor.shutting_down,
-        deploy=emperor.deploy_status(),
-        vassals={name: v.snapshot() for name, v in emperor.vassals.items()})
+        deploy=emperor.deploy_status(), vassals=vassals,
+        cgroup=cg.path_of_dir(cg.root) if cg is not None else None)
 
 
 def vassal_brief(v: Vassal) -> dict[str, Any]:

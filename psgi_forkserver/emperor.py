@@ -42,6 +42,7 @@ from . import control, launch, locks, logs, notify, sockets
 from .metrics import EmperorMetrics
 from .files import Files
 from .launch import program_argv
+from .cgroups import Cgroups
 from .orphans import Sweeper
 from .plan import Facts, Plan, plan, runs_as_base
 from .processes import ForVassal, ProcHandles, Processes
@@ -86,6 +87,7 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         self.listeners = sockets.Listeners(self.sel, self.log)
         self.sweeper = Sweeper(self.log, self.opts.mercy)
         self.signals: launch.SignalQueue | None = None  # handled at the start of each turn
+        self.cgroups: Cgroups | None = None  # one cgroup per vassal process, where possible
         self.next_straggler_kill = 0.0
         self.lock_fds: list[int] = []  # flocks held while we run (claim())
         # the turn must run again at once (the fork server changed, a deploy
@@ -188,6 +190,8 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         self.start_progress.observe(now, {n: v.phase for n, v in self.vassals.items()
                                           if not runs_as_base(v)})
         self.sweeper.kill_due(now)
+        if self.cgroups is not None and self.cgroups.dying:
+            self.cgroups.poll(now)
 
     def _facts(self, now: float) -> Facts:
         """What the plan needs besides the vassals, after the facts that
@@ -274,6 +278,8 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
             if h.adoption is not None:
                 times.append(h.adoption.deadline)
         times += self.sweeper.next_wakeup()
+        if self.cgroups is not None and (t := self.cgroups.next_wakeup(now)) is not None:
+            times.append(t)
         t = self.renderer.next_wakeup()
         if t is not None:
             times.append(t)
@@ -299,6 +305,8 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         if not self.vassals:
             if self.front is not None:
                 self.front.stop()  # last: it served until every vassal was gone
+            if self.cgroups is not None and (self.front is None or self.front.stopped):
+                self.cgroups.dismiss_guard()  # the guard is a child too: it goes now
             self._reap(now)
             if self.no_children:
                 return True
@@ -318,6 +326,8 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         live = self.pids if self.front is None else {**self.pids, **self.front.pids()}
         if self.renderer.pids:  # template renders: ours, not strangers to log
             live = {*live, *self.renderer.pids}
+        if self.cgroups is not None and self.cgroups.guard_pid is not None:
+            live = {*live, self.cgroups.guard_pid}
         self.sweeper.sweep(now, live, adopting, everything)
 
     def _prune(self, now: float) -> None:
@@ -427,6 +437,8 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
     def _setup(self) -> None:
         self.claim()  # before anything starts (the CLI has usually done it)
         launch.set_child_subreaper()  # before anything is started
+        # before anything is started too: what an earlier run left is killed
+        self.cgroups = Cgroups.start(self.dir, self.opts.run_dir, self.log, self.opts.mercy)
         self._descriptor_budget()
         os.chdir(self.dir)  # vassals inherit it as their working directory
         st = os.stat(".")
@@ -463,6 +475,8 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         self.lock_fds.clear()
 
     def _teardown(self) -> None:
+        if self.cgroups is not None:
+            self.cgroups.close()  # whatever is left of any vassal, nginx included
         self.relay.close()
         self.renderer.close()
         if self.front is not None:

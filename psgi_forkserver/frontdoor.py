@@ -21,6 +21,7 @@ and `next_wakeup`; the one reaping of children stays in the Emperor.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import fcntl
@@ -349,6 +350,9 @@ class FrontDoor:
     # the Emperor's selector: watch(fd, callback), unwatch(fd)
     watch: Callable[[int, Callable[[float], None]], None] = field(default=lambda fd, cb: None)
     unwatch: Callable[[int], None] = field(default=lambda fd: None)
+    # around the spawn: nginx is born in the front door's cgroup (cgroups.py)
+    spawning: Callable[[], contextlib.AbstractContextManager] = field(
+        default=contextlib.nullcontext)
 
     def __post_init__(self) -> None:
         self.ng_dir = Path(self.opts.run_dir) / "nginx"
@@ -506,8 +510,9 @@ class FrontDoor:
         except OSError:
             pass
         try:
-            self.pid = _spawn_nginx([nginx, "-e", "stderr", "-p", str(self.ng_dir),
-                                     "-c", str(self.conf_path)], out_w, err_w)
+            with self.spawning():
+                self.pid = _spawn_nginx([nginx, "-e", "stderr", "-p", str(self.ng_dir),
+                                         "-c", str(self.conf_path)], out_w, err_w)
         except OSError as e:
             os.close(out_r)
             os.close(err_r)

@@ -14,6 +14,7 @@ A mixin of `emperor.Emperor`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import socket
@@ -150,12 +151,15 @@ class Processes:
             if p.base_generation > 1 and pr.handles.fork_server is not None:
                 argv += ["--fork-server", str(pr.handles.fork_server)]
         try:
-            pid = launch.spawn_vassal(
-                argv, os.environ, pr.pipe_fd, pr.config_fd, pr.listener_fd,
-                nofile=self.fds.inherited if self.fds is not None else None,
-                output_fd=out.wfd if out is not None else None,
-            )
+            with self._cg_spawning(v.name, seq):  # born in its own cgroup
+                pid = launch.spawn_vassal(
+                    argv, os.environ, pr.pipe_fd, pr.config_fd, pr.listener_fd,
+                    nofile=self.fds.inherited if self.fds is not None else None,
+                    output_fd=out.wfd if out is not None else None,
+                )
         except OSError as e:
+            if self.cgroups is not None:
+                self.cgroups.ended(v.name, seq, now)
             if out is not None:
                 out.close()
             self._abandon(v, seq, now, pr, str(e), f"cannot start {argv[0]}: {e.strerror}")
@@ -208,6 +212,12 @@ class Processes:
                           ForVassal(v.name, seq, lambda t, n=v.name, q=seq: self._on_adoption(n, q, t)))
         if p.reason != "start":
             self.log(f"starting a successor ({p.reason})", v.name)
+
+    def _cg_spawning(self, name: str | None, seq: int) -> contextlib.AbstractContextManager:
+        """Around a spawn: the child is born in its own cgroup (if any)."""
+        if self.cgroups is None:
+            return contextlib.nullcontext()
+        return self.cgroups.spawning(name, seq)
 
     def _send(self, v: Vassal, seq: int, byte: EmperorByte) -> None:
         h = self.procs.get((v.name, seq))
@@ -326,6 +336,8 @@ class Processes:
         if pid is None:
             return
         self._finish_adoption(name, seq)
+        if self.cgroups is not None:  # born in its base's cgroup: into its own
+            self.cgroups.adopt(name, seq, pid)
         self.metrics.adopted(pending.elapsed_ms(now) / 1000)
         v.adopted(pid, now, seq)
         self.pids[pid] = (name, seq)
@@ -381,6 +393,8 @@ class Processes:
                     self._vassal_exited(owner[0], owner[1], pid, status, now)
             elif self.renderer.reaped(pid):
                 continue
+            elif self.cgroups is not None and self.cgroups.reaped(pid):
+                continue
             elif self.front is not None and self.front.owns(pid):
                 self.front.exited(pid, status, now, describe_status)
             else:
@@ -391,6 +405,8 @@ class Processes:
     def _vassal_exited(self, name: str, seq: int, pid: int, status: int, now: float) -> None:
         v = self.vassals[name]
         self._drop_proc(name, seq)
+        if self.cgroups is not None:  # what is left in its cgroup goes too
+            self.cgroups.ended(name, seq, now)
         # what it forked and left behind is ours now: swept once this turn
         self.sweeper.vassal_ended(pid, name)
         st = describe_status(status)

@@ -38,7 +38,8 @@ class Routing:
                                    watch=lambda fd, cb: self.sel.register(
                                        fd, selectors.EVENT_READ,
                                        lambda t, cb=cb: self._front_safely(cb, t)),
-                                   unwatch=self._unwatch)
+                                   unwatch=self._unwatch,
+                                   spawning=lambda: self._cg_spawning(None, 0))
 
     def _claim_domains(self, name: str, cfg: cfgmod.VassalConfig) -> cfgmod.VassalConfig:
         """`cfg`, or a config error naming the vassal that already serves one

@@ -39,6 +39,7 @@ class VassalSnapshot:
     last_status: int | None = None  # wait status of its last process that exited
     held: bool = False  # stopped by the operator (`emperor stop NAME`)
     is_base: bool = False
+    cgroup: str | None = None  # its current process's cgroup (cgroups.py), if it has one
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class EmperorSnapshot:
     # code deploys (bases.DeployTracker.as_dict): `emperor reload-base --wait` polls this
     deploy: dict[str, Any] | None = None
     vassals: dict[str, VassalSnapshot] = field(default_factory=dict)
+    cgroup: str | None = None  # the vassals' subtree (cgroups.py); None: not used
 
 
 @dataclass(frozen=True)

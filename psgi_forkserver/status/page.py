@@ -59,7 +59,17 @@ def render_html(doc: dict[str, Any]) -> str:
 
 
 COLUMNS = ("NAME", "STATE", "KIND", "PID", "GEN", "BASE", "ADDRESS", "UPTIME", "RESTARTS",
-           "LAST EXIT", "THROTTLE", "PROCS", "PSS", "USS", "REQS", "AVG MS")
+           "LAST EXIT", "THROTTLE", "PROCS", "PSS", "USS", "REQS", "AVG MS", "CGROUP")
+
+
+def _below(cgroup: str | None, subtree: str | None) -> str:
+    """A vassal's cgroup as the table shows it: below the Emperor's subtree
+    (named on the last line)."""
+    if not cgroup:
+        return "-"
+    if subtree and cgroup.startswith(subtree.rstrip("/") + "/"):
+        return cgroup[len(subtree.rstrip("/")) + 1:]
+    return cgroup
 
 
 def format_table(doc: dict[str, Any]) -> str:
@@ -77,6 +87,7 @@ def format_table(doc: dict[str, Any]) -> str:
             str(v.get("processes", 0)), human_bytes(v.get("pss")), human_bytes(v.get("uss")),
             "-" if v.get("requests") is None else str(v["requests"]),
             "-" if v.get("latency_avg_ms") is None else f"{v['latency_avg_ms']:.1f}",
+            _below(v.get("cgroup"), doc.get("emperor", {}).get("cgroup")),
         ))
     rows = [tuple(printable(c) for c in r) for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(COLUMNS)]
@@ -109,4 +120,6 @@ def format_table(doc: dict[str, Any]) -> str:
         f"USS {human_bytes(t.get('uss'))}  |  collected in {doc.get('collect_ms', 0):.1f} ms "
         f"over {doc.get('turns', 1)} loop turns"
     )
+    if e.get("cgroup"):
+        lines.append(f"cgroups below {printable(e['cgroup'])}")
     return "\n".join(lines) + "\n"
