@@ -177,6 +177,10 @@ def _children(pid: int) -> list[int]:
 def _guard(read_fd: int, root: Path, record: Path | None) -> None:
     """The guard's whole life (in a fork of the Emperor): wait for the end
     of the pipe; without the goodbye byte, kill the subtree."""
+    # a session of its own: no signal to the Emperor's terminal or process
+    # group reaches it, and nothing counts it among the Emperor's session
+    with contextlib.suppress(OSError):
+        os.setsid()
     try:
         signal.set_wakeup_fd(-1)
     except (ValueError, OSError):

@@ -277,14 +277,16 @@ def bind_status(args: argparse.Namespace):
     is one line on stderr, not a reason to keep the fleet down."""
     from .status import StatusServer, default_stats_path
     from .status.access import read_token
-    from .status.rundir import make_private_dir
+    from .status.rundir import make_private_dir, run_dir_mode
 
     stats = args.stats
     if stats is None:
         stats = default_stats_path(args.vassals_dir)
         why = None
         try:
-            make_private_dir(stats.parent)
+            make_private_dir(stats.parent, mode=run_dir_mode(
+                getattr(args, "nginx_include", None) if getattr(args, "run_dir", None) is None
+                else None))
         except OSError as e:
             why = e.strerror or str(e)
         if why is None and len(os.fsencode(str(stats))) > 107:

@@ -448,10 +448,12 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         self._rewatch()
         if self.socket_dir is not None:
             try:
-                from .status.rundir import make_private_dir
+                from .status.rundir import make_private_dir, run_dir_mode
 
                 # the run directory is private (0700) whoever makes it first
-                make_private_dir(self.socket_dir.parent, tighten=False)
+                include = self.opts.front.include if self.opts.front is not None else None
+                make_private_dir(self.socket_dir.parent, tighten=False,
+                                 mode=run_dir_mode(include))
                 self.socket_dir.mkdir(exist_ok=True, mode=0o755)
             except OSError as e:
                 self.log(f"cannot create {self.socket_dir}: {e.strerror or e}")

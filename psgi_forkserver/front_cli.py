@@ -44,7 +44,7 @@ def check_front(args: argparse.Namespace) -> str | None:
     """The first front-door option of `emperor run` that cannot work, or None."""
     from .frontdoor import check_listen, find_nginx
     from .sockets import MAX_UNIX_PATH
-    from .status.rundir import make_private_dir
+    from .status.rundir import make_private_dir, run_dir_mode
 
     run_dir = run_dir_of(args)
     # the longest socket path it will hold must fit in a sockaddr_un
@@ -55,7 +55,8 @@ def check_front(args: argparse.Namespace) -> str | None:
         # asked for: it must work now (otherwise it is made when a vassal
         # with `domain` first needs a socket, and a failure is that vassal's)
         try:
-            make_private_dir(run_dir, tighten=args.run_dir is None)
+            make_private_dir(run_dir, tighten=args.run_dir is None,
+                             mode=run_dir_mode(args.nginx_include))
         except OSError as e:
             return f"--run-dir {run_dir}: {e.strerror or e}"
     if args.http is not None:

@@ -36,21 +36,29 @@ def run_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"psgi-forkserver-{os.geteuid()}"
 
 
-def make_private_dir(path: Path, tighten: bool = True) -> None:
+def make_private_dir(path: Path, tighten: bool = True, mode: int = 0o700) -> None:
     """`mkdir -p path`, the last one mode 0700: a vassal's socket, the stats
     socket and nginx's files are the Emperor's, and no other user lists or
     reaches them (the directories above, shared by every Emperor here, keep
-    the usual mode). `tighten`: one that exists, and is ours, is made 0700
-    (an earlier run's, or another version's)."""
+    the usual mode). An operator's own nginx (`--nginx-include`) runs its
+    workers as another user: `mode` 0711 then lets them reach a socket given
+    to them (`chown-socket`), still without listing the directory.
+    `tighten`: one that exists, and is ours, is given `mode` (an earlier
+    run's, or another version's)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         path.mkdir(mode=0o700)
     except FileExistsError:
         st = os.stat(path)
-        if tighten and st.st_uid == os.geteuid() and st.st_mode & 0o077:
-            os.chmod(path, 0o700)
+        if tighten and st.st_uid == os.geteuid() and st.st_mode & 0o777 != mode:
+            os.chmod(path, mode)
     else:
-        os.chmod(path, 0o700)  # the umask could only take bits away; be exact
+        os.chmod(path, mode)  # the umask could only take bits away; be exact
+
+
+def run_dir_mode(nginx_include: object) -> int:
+    """The run directory's mode: 0700, or 0711 for an operator's nginx."""
+    return 0o711 if nginx_include else 0o700
 
 
 def default_stats_path(vassals_dir: Path) -> Path:
