@@ -308,15 +308,31 @@ class Cgroups:
                 self.log(f"cgroups: killed {n} processes an earlier run left in {cg}")
 
     def _start_guard(self) -> None:
+        """Forked twice, before the Emperor becomes a subreaper: the guard
+        is no child of the Emperor (its children are vassals, and a count of
+        them stays one), and outlives it in a session of its own."""
         r, w = os.pipe()  # both O_CLOEXEC: no vassal inherits them
+        told_r, told_w = os.pipe()
         pid = os.fork()
         if pid == 0:
             try:
-                _guard(r, self.root, self.record)
+                os.close(w)
+                os.close(told_r)
+                guard = os.fork()
+                if guard == 0:
+                    os.close(told_w)
+                    _guard(r, self.root, self.record)
+                else:
+                    os.write(told_w, str(guard).encode())
             finally:
                 os._exit(0)
         os.close(r)
-        self.guard_pid, self.guard_fd = pid, w
+        os.close(told_w)
+        with os.fdopen(told_r, "rb") as told:
+            said = told.read()
+        os.waitpid(pid, 0)
+        self.guard_pid = int(said) if said.strip().isdigit() else None
+        self.guard_fd = w
 
     def dismiss_guard(self) -> None:
         """Shutdown, every vassal gone: the guard exits (the goodbye byte:
@@ -338,19 +354,6 @@ class Cgroups:
         if self.record is not None:
             with contextlib.suppress(OSError):
                 self.record.unlink()
-
-    def owns(self, pid: int) -> bool:
-        """The guard: the Emperor's child, no vassal's, never an orphan."""
-        return pid == self.guard_pid
-
-    def reaped(self, pid: int) -> bool:
-        if pid != self.guard_pid:
-            return False
-        self.guard_pid = None
-        if self.guard_fd is not None:  # not at shutdown: someone killed it
-            self.log("cgroups: the guard exited; if the Emperor is killed now, the next "
-                     "start removes what is left")
-        return True
 
     # -- placing processes ---------------------------------------------------------
 

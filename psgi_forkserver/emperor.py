@@ -305,8 +305,6 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         if not self.vassals:
             if self.front is not None:
                 self.front.stop()  # last: it served until every vassal was gone
-            if self.cgroups is not None and (self.front is None or self.front.stopped):
-                self.cgroups.dismiss_guard()  # the guard is a child too: it goes now
             self._reap(now)
             if self.no_children:
                 return True
@@ -326,8 +324,7 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         live = self.pids if self.front is None else {**self.pids, **self.front.pids()}
         if self.renderer.pids:  # template renders: ours, not strangers to log
             live = {*live, *self.renderer.pids}
-        if self.cgroups is not None and self.cgroups.guard_pid is not None:
-            live = {*live, self.cgroups.guard_pid}
+
         self.sweeper.sweep(now, live, adopting, everything)
 
     def _prune(self, now: float) -> None:
@@ -436,9 +433,10 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
 
     def _setup(self) -> None:
         self.claim()  # before anything starts (the CLI has usually done it)
-        launch.set_child_subreaper()  # before anything is started
-        # before anything is started too: what an earlier run left is killed
+        # before anything is started: what an earlier run left is killed
+        # (and before we are a subreaper: the guard is not our child)
         self.cgroups = Cgroups.start(self.dir, self.opts.run_dir, self.log, self.opts.mercy)
+        launch.set_child_subreaper()  # before anything is started
         self._descriptor_budget()
         os.chdir(self.dir)  # vassals inherit it as their working directory
         st = os.stat(".")

@@ -395,8 +395,6 @@ class Processes:
                     self._vassal_exited(owner[0], owner[1], pid, status, now)
             elif self.renderer.reaped(pid):
                 continue
-            elif self.cgroups is not None and self.cgroups.reaped(pid):
-                continue
             elif self.front is not None and self.front.owns(pid):
                 self.front.exited(pid, status, now, describe_status)
             else:
