@@ -21,7 +21,8 @@ and puts each vassal process (the base too) in its own SEQ cgroup:
   process forked in that window by an adopted vassal that escapes the move
   stays in the base's cgroup, and goes with the base at the latest.
 
-When a vassal process ends, what is left in its cgroup gets SIGTERM, and
+When a vassal process ends, what is left in its cgroup gets SIGTERM (its
+session's members from the orphan sweep, the others from here), and
 `cgroup.kill` after the mercy timeout; the cgroup is removed once empty.
 At shutdown the whole subtree is killed.
 
@@ -417,19 +418,29 @@ class Cgroups:
 
     # -- ending ----------------------------------------------------------------------
 
-    def ended(self, name: str | None, seq: int, now: float) -> None:
-        """The vassal process exited: what it left in its cgroup gets
-        SIGTERM now, and cgroup.kill after the mercy timeout."""
+    def ended(self, name: str | None, seq: int, now: float,
+              session: int | None = None) -> None:
+        """The vassal process exited: what it left in its cgroup outside its
+        `session` gets SIGTERM now (its session's members are the orphan
+        sweep's, which names them: orphans.py), and everything left gets
+        cgroup.kill after the mercy timeout."""
         cg = self.where.pop((name, seq), None)
         if cg is None:
             return
         left = _procs(cg)
+        strays = []
         for pid in left:
-            with contextlib.suppress(OSError):
+            try:
+                if os.getsid(pid) == session:
+                    continue
                 os.kill(pid, signal.SIGTERM)
+                strays.append(pid)
+            except OSError:
+                pass
+        if strays:
+            self.log(f"cgroups: {len(strays)} processes out of its session left in "
+                     f"{self.path_of_dir(cg)} sent SIGTERM", name)
         if left:
-            self.log(f"cgroups: {len(left)} processes left in {self.path_of_dir(cg)} "
-                     f"sent SIGTERM (cgroup.kill in {self.mercy:g} s)", name)
             self.dying[cg] = now + self.mercy
         else:
             self.dying[cg] = now  # removed at once (poll)

@@ -406,7 +406,7 @@ class Processes:
         v = self.vassals[name]
         self._drop_proc(name, seq)
         if self.cgroups is not None:  # what is left in its cgroup goes too
-            self.cgroups.ended(name, seq, now)
+            self.cgroups.ended(name, seq, now, session=pid)
         # what it forked and left behind is ours now: swept once this turn
         self.sweeper.vassal_ended(pid, name)
         st = describe_status(status)

@@ -429,7 +429,7 @@ def test_orphans_are_told_by_session_not_by_timing(emp):
     if e.lines("cgroups: each vassal process in its own cgroup"):
         # a's cgroup held the daemon too (tests/test_cgroups.py): it goes with a
         wait_for(lambda: not alive(daemon), 15, "a's daemon to go with a's cgroup")
-        assert e.lines("cgroups: 1 processes left in "), e.text()
+        assert e.lines("cgroups: 1 processes out of its session left in "), e.text()
     else:
         assert alive(daemon)
     assert_no_zombies(e)
