@@ -336,8 +336,6 @@ class Processes:
         if pid is None:
             return
         self._finish_adoption(name, seq)
-        if self.cgroups is not None:  # born in its base's cgroup: into its own
-            self.cgroups.adopt(name, seq, pid)
         self.metrics.adopted(pending.elapsed_ms(now) / 1000)
         v.adopted(pid, now, seq)
         self.pids[pid] = (name, seq)
@@ -347,6 +345,11 @@ class Processes:
         what = "successor " if p is v.successor else ""
         gen = f", base generation {p.base_generation}" if p else ""
         self.log(f"adopted {what}pid {pid} from base ({pending.elapsed_ms(now):.1f} ms{gen})", name)
+        if self.cgroups is not None:
+            # born in its base's cgroup: into its own. After the line: the
+            # move can wait for an RCU grace period (~20 ms after an idle
+            # spell), and the line says when the adoption was answered
+            self.cgroups.adopt(name, seq, pid)
         if h.pipe is not None:
             self._watch_pipe(name, seq, h.pipe)
         early = self.early_exits.pop(pid, None)
