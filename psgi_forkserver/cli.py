@@ -309,11 +309,25 @@ def record_stats_path(default: Path, stats: Path) -> None:
     atexit.register(forget)
 
 
+def worker_gid(args: argparse.Namespace) -> int | None:
+    """The group of the embedded nginx's workers, under a root Emperor with
+    `--http` (checked by check_front before)."""
+    if getattr(args, "http", None) is None or os.geteuid() != 0:
+        return None
+    from .frontdoor import nginx_worker_user
+    try:
+        return nginx_worker_user(args.nginx_user)[1]
+    except ValueError:
+        return None
+
+
 def bind_status(args: argparse.Namespace):
     """The status server with its sockets bound. Without --stats, the
     default socket in the run directory: one that cannot be opened there
     is one line on stderr, not a reason to keep the fleet down."""
     from .status import StatusServer, default_stats_path
+    from .status.access import read_token
+    from .status.rundir import make_private_dir, run_dir_mode
 
     stats = args.stats
     default = default_stats_path(args.vassals_dir)
@@ -332,8 +346,11 @@ def bind_status(args: argparse.Namespace):
     if stats is None:
         stats = default
         why = None
+        ours = getattr(args, "run_dir", None) is None  # the front door's run directory too
+        gid = worker_gid(args) if ours else None
         try:
-            stats.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_private_dir(stats.parent, group=gid, mode=run_dir_mode(
+                getattr(args, "nginx_include", None) if ours else None, gid))
         except OSError as e:
             why = e.strerror or str(e)
         if why is None and len(os.fsencode(str(stats))) > 107:
@@ -347,8 +364,16 @@ def bind_status(args: argparse.Namespace):
             print(f"emperor: no default stats socket {stats}: {why} "
                   "(`emperor status` needs --stats then)", file=sys.stderr)
             stats = None
+    token = None
+    if args.status_http_token_file is not None:
+        if args.status_http is None:
+            raise ValueError("--status-http-token-file needs --status-http")
+        token = read_token(args.status_http_token_file)
+    if args.status_http_hosts and args.status_http is None:
+        raise ValueError("--status-http-host needs --status-http")
     return StatusServer(
         stats_path=stats, http=args.status_http, http_public=args.status_http_public,
+        http_hosts=tuple(args.status_http_hosts), http_token=token,
     ).bind()
 
 

@@ -15,6 +15,13 @@ from typing import Any
 from .locks import pidfile_is_held
 
 
+def _print(text: str, **kw) -> None:
+    """A line for people: names and values in it may hold control characters."""
+    from .printable import printable
+
+    print(printable(text), **kw)
+
+
 def is_emperor(pid: int) -> bool:
     """Whether `pid` runs `emperor run` (its command line)."""
     try:
@@ -36,20 +43,20 @@ def signal_emperor(pidfile: Path, sig: signal.Signals, command: str) -> int | No
         pid = int(pidfile.read_text().strip())
         held = pidfile_is_held(pidfile)
     except (OSError, ValueError) as e:
-        print(f"emperor: {command}: {pidfile}: {getattr(e, 'strerror', None) or e}",
+        _print(f"emperor: {command}: {pidfile}: {getattr(e, 'strerror', None) or e}",
               file=sys.stderr)
         return None
     if not held or not is_emperor(pid):
         why = "no Emperor holds it" if not held else f"pid {pid} is not an Emperor"
-        print(f"emperor: {command}: {pidfile}: stale pidfile ({why}); nothing signalled",
+        _print(f"emperor: {command}: {pidfile}: stale pidfile ({why}); nothing signalled",
               file=sys.stderr)
         return None
     try:
         os.kill(pid, sig)
     except OSError as e:
-        print(f"emperor: {command}: pid {pid}: {e.strerror}", file=sys.stderr)
+        _print(f"emperor: {command}: pid {pid}: {e.strerror}", file=sys.stderr)
         return None
-    print(f"emperor: {command}: signalled pid {pid}", flush=True)
+    _print(f"emperor: {command}: signalled pid {pid}", flush=True)
     return pid
 
 
@@ -79,7 +86,7 @@ def reload_base(pidfile: Path, wait: bool = False, stats: Path | None = None,
     read before signalling (a request that arrives while the same new
     generation is still starting shares that deploy)."""
     if wait and stats is None:
-        print("emperor: reload-base: --wait needs the Emperor's stats socket (--stats)",
+        _print("emperor: reload-base: --wait needs the Emperor's stats socket (--stats)",
               file=sys.stderr)
         return 2
     before = 0
@@ -87,7 +94,7 @@ def reload_base(pidfile: Path, wait: bool = False, stats: Path | None = None,
         try:
             before = _deploy_doc(stats)["requests"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            print(f"emperor: reload-base: {stats}: {e}", file=sys.stderr)
+            _print(f"emperor: reload-base: {stats}: {e}", file=sys.stderr)
             return 1
     if signal_emperor(pidfile, signal.SIGUSR1, "reload-base") is None:
         return 1
@@ -105,12 +112,12 @@ def ask(stats: Path, cmd: str, name: str | None = None) -> dict[str, Any] | None
     try:
         reply = fetch_command(stats, cmd, name)
     except (OSError, ValueError) as e:
-        print(f"emperor: {cmd}: {stats}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        _print(f"emperor: {cmd}: {stats}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
         return None
     if not reply.get("ok"):
-        print(f"emperor: {what}: {reply.get('message')}", file=sys.stderr)
+        _print(f"emperor: {what}: {reply.get('message')}", file=sys.stderr)
         return None
-    print(f"emperor: {what}: {reply.get('message')}", flush=True)
+    _print(f"emperor: {what}: {reply.get('message')}", flush=True)
     return reply
 
 
@@ -131,14 +138,14 @@ def _wait_deploy(stats: Path, before: int, timeout: float) -> int:
         try:
             doc = _deploy_doc(stats)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            print(f"emperor: reload-base: {stats}: {e}", file=sys.stderr)
+            _print(f"emperor: reload-base: {stats}: {e}", file=sys.stderr)
             return 1
         last = doc.get("last")
         if last is not None and last.get("request", 0) > before and last.get("finished"):
             return _outcome(last)
         time.sleep(WAIT_POLL)
     state = f" (last seen: {last['state']}, generation {last['generation']})" if last else ""
-    print(f"emperor: reload-base: no outcome within {timeout:g} s{state}", file=sys.stderr)
+    _print(f"emperor: reload-base: no outcome within {timeout:g} s{state}", file=sys.stderr)
     return 1
 
 
@@ -155,10 +162,10 @@ def _outcome(d: dict[str, Any]) -> int:
     what = (f"generation {d['generation']}: {d['state']}, {d['moved']} moved, "
             f"{len(d['failed'])} failed, {d['duration_s']:.2f} s")
     if d["state"] == "done":
-        print(f"emperor: reload-base: {what}")
+        _print(f"emperor: reload-base: {what}")
         return 0
     why = d.get("reason") or "; ".join(f"{n}: {r}" for n, r in d["failed"].items())
-    print(f"emperor: reload-base: {what}: {why}", file=sys.stderr)
+    _print(f"emperor: reload-base: {what}: {why}", file=sys.stderr)
     return 1
 
 
@@ -173,7 +180,7 @@ def stats_socket(args: argparse.Namespace, what: str, quiet: bool = False) -> Pa
         return find_stats(args.vassals_dir)
     except ValueError as e:
         if not quiet:
-            print(f"emperor: {what}: {e}", file=sys.stderr)
+            _print(f"emperor: {what}: {e}", file=sys.stderr)
         return None
 
 
@@ -192,7 +199,7 @@ def status_command(args: argparse.Namespace) -> int:
     try:
         doc = fetch(stats, timeout=args.timeout)
     except (OSError, ValueError) as e:
-        print(f"emperor: status: {stats}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        _print(f"emperor: status: {stats}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
         return 1
     if getattr(args, "name", None):
         from .verbs import status_of
@@ -201,7 +208,8 @@ def status_command(args: argparse.Namespace) -> int:
         if args.json and args.name in doc["vassals"]:
             print(json.dumps(doc["vassals"][args.name], indent=1))
         else:
-            (sys.stderr if code == 4 else sys.stdout).write(text)
+            for line in text.splitlines():
+                _print(line, file=sys.stderr if code == 4 else sys.stdout)
         return code
     if args.json:
         print(json.dumps(doc, indent=1))

@@ -34,12 +34,19 @@ def link(emperor: Emperor) -> EmperorLink:
 
 def snapshot(emperor: Emperor) -> EmperorSnapshot:
     """A read-only copy of the fleet: what the status package reads."""
+    cg = emperor.cgroups
+    vassals = {name: v.snapshot(plack_env_of(emperor.opts)) for name, v in emperor.vassals.items()}
+    if cg is not None:
+        for name, v in emperor.vassals.items():
+            p = v.current
+            if p is not None and p.pid is not None:
+                vassals[name] = dataclasses.replace(vassals[name], cgroup=cg.path_of(name, p.seq))
     return EmperorSnapshot(
         vassals_dir=str(emperor.dir), shutting_down=emperor.shutting_down,
         deploy=emperor.deploy_status(),
         front=emperor.front.state() if emperor.front is not None else None,
-        vassals={name: _with_last_output(emperor, v.snapshot(plack_env_of(emperor.opts)))
-                 for name, v in emperor.vassals.items()})
+        vassals={name: _with_last_output(emperor, v) for name, v in vassals.items()},
+        cgroup=cg.path_of_dir(cg.root) if cg is not None else None)
 
 
 def _with_last_output(emperor: Emperor, s: VassalSnapshot) -> VassalSnapshot:

@@ -43,6 +43,7 @@ from . import control, launch, locks, logs, notify, sockets
 from .metrics import EmperorMetrics
 from .files import Files
 from .launch import program_argv
+from .cgroups import Cgroups
 from .orphans import Sweeper
 from .plan import Facts, Plan, plan, runs_as_base
 from .processes import ForVassal, ProcHandles, Processes
@@ -93,6 +94,7 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         self.listeners = sockets.Listeners(self.sel, self.log)
         self.sweeper = Sweeper(self.log, self.opts.mercy)
         self.signals: launch.SignalQueue | None = None  # handled at the start of each turn
+        self.cgroups: Cgroups | None = None  # one cgroup per vassal process, where possible
         self.next_straggler_kill = 0.0
         self.lock_fds: list[int] = []  # flocks held while we run (claim())
         # the turn must run again at once (the fork server changed, a deploy
@@ -220,6 +222,8 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         self.start_progress.observe(now, {n: v.phase for n, v in self.vassals.items()
                                           if not runs_as_base(v)})
         self.sweeper.kill_due(now)
+        if self.cgroups is not None and self.cgroups.dying:
+            self.cgroups.poll(now)
 
     def _facts(self, now: float) -> Facts:
         """What the plan needs besides the vassals, after the facts that
@@ -309,6 +313,8 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
             if h.adoption is not None:
                 times.append(h.adoption.deadline)
         times += self.sweeper.next_wakeup()
+        if self.cgroups is not None and (t := self.cgroups.next_wakeup(now)) is not None:
+            times.append(t)
         t = self.renderer.next_wakeup()
         if t is not None:
             times.append(t)
@@ -353,6 +359,7 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         live = self.pids if self.front is None else {**self.pids, **self.front.pids()}
         if self.renderer.pids:  # template renders: ours, not strangers to log
             live = {*live, *self.renderer.pids}
+
         self.sweeper.sweep(now, live, adopting, everything)
 
     def _prune(self, now: float) -> None:
@@ -461,6 +468,9 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
 
     def _setup(self) -> None:
         self.claim()  # before anything starts (the CLI has usually done it)
+        # before anything is started: what an earlier run left is killed
+        # (and before we are a subreaper: the guard is not our child)
+        self.cgroups = Cgroups.start(self.dir, self.opts.run_dir, self.log, self.opts.mercy)
         launch.set_child_subreaper()  # before anything is started
         self._descriptor_budget()
         os.chdir(self.dir)  # vassals inherit it as their working directory
@@ -471,7 +481,15 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         self._rewatch()
         if self.socket_dir is not None:
             try:
-                self.socket_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+                from .status.rundir import make_private_dir, run_dir_mode
+
+                # the run directory is private (0700) whoever makes it first
+                front = self.opts.front
+                include = front.include if front is not None else None
+                gid = front.worker_gid if front is not None and front.listen else None
+                make_private_dir(self.socket_dir.parent, tighten=False, group=gid,
+                                 mode=run_dir_mode(include, gid))
+                self.socket_dir.mkdir(exist_ok=True, mode=0o755)
             except OSError as e:
                 self.log(f"cannot create {self.socket_dir}: {e.strerror or e}")
         if self.opts.status is not None:
@@ -494,6 +512,8 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         self.lock_fds.clear()
 
     def _teardown(self) -> None:
+        if self.cgroups is not None:
+            self.cgroups.close()  # whatever is left of any vassal, nginx included
         self.relay.close()
         self.renderer.close()
         if self.front is not None:

@@ -51,17 +51,26 @@ def check_front(args: argparse.Namespace) -> str | None:
     """The first front-door option of `emperor run` that cannot work, or None."""
     from .frontdoor import check_listen, find_nginx
     from .sockets import MAX_UNIX_PATH
+    from .status.rundir import make_private_dir, run_dir_mode
 
     run_dir = run_dir_of(args)
     # the longest socket path it will hold must fit in a sockaddr_un
     # the longest path it will hold (sockets.auto_socket_path: h-HASH.sock)
     if len(os.fsencode(str(run_dir / "sockets" / "h-0123456789abcdef.sock"))) > MAX_UNIX_PATH:
         return f"--run-dir {run_dir}: too long for UNIX socket paths under it"
+    gid = None
+    if args.http is not None and os.geteuid() == 0:
+        from .frontdoor import nginx_worker_user
+        try:
+            gid = nginx_worker_user(args.nginx_user)[1]
+        except ValueError as e:
+            return f"--nginx-user {args.nginx_user or ''}: {e}".replace("  ", " ")
     if args.run_dir is not None or args.http is not None or args.nginx_include is not None:
         # asked for: it must work now (otherwise it is made when a vassal
         # with `domain` first needs a socket, and a failure is that vassal's)
         try:
-            run_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+            make_private_dir(run_dir, tighten=args.run_dir is None,
+                             mode=run_dir_mode(args.nginx_include, gid), group=gid)
         except OSError as e:
             return f"--run-dir {run_dir}: {e.strerror or e}"
     if args.http is not None:

@@ -21,6 +21,7 @@ and `next_wakeup`; the one reaping of children stays in the Emperor.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import fcntl
@@ -661,6 +662,9 @@ class FrontDoor:
     relay: Callable[[OutputPipe, Callable[[], int | None]], None] | None = None
     # the Emperor is told of a vassal whose route nginx refused
     on_refused: Callable[[str, str], None] = field(default=lambda vassal, why: None)
+    # around the spawn: nginx is born in the front door's cgroup (cgroups.py)
+    spawning: Callable[[], contextlib.AbstractContextManager] = field(
+        default=contextlib.nullcontext)
 
     def __post_init__(self) -> None:
         self.ng_dir = Path(self.opts.run_dir) / "nginx"
@@ -887,6 +891,15 @@ class FrontDoor:
                 f"{temps}    include {inc};\n    server {{\n        listen 127.0.0.1:9;\n"
                 + _indent(render_locations(self.opts.keepalive), 8) + "    }\n}\n")
 
+    def _private_dirs(self) -> None:
+        """nginx's directory in the run directory, which is private (0700;
+        with an operator's include, 0711: its nginx reaches the sockets)."""
+        from .status.rundir import make_private_dir, run_dir_mode
+        gid = self.opts.worker_gid if self.embedded else None
+        make_private_dir(self.ng_dir.parent, tighten=False, group=gid,
+                         mode=run_dir_mode(self.opts.include, gid))
+        (self.ng_dir / "tmp").mkdir(parents=True, exist_ok=True)
+
     def _check(self, routes: tuple[Route, ...]) -> None:
         nginx = self.opts.nginx or find_nginx()
         if nginx is None:
@@ -896,7 +909,7 @@ class FrontDoor:
             self._install(routes)  # an operator's include, and no nginx here to check it
             return
         try:
-            (self.ng_dir / "tmp").mkdir(parents=True, exist_ok=True)
+            self._private_dirs()
             path = self.ng_dir / "candidate.conf"
             err = self.ng_dir / "candidate.err"
             path.write_text(self._check_text(routes))
@@ -1030,6 +1043,12 @@ class FrontDoor:
 
     def _start(self, now: float) -> None:
         nginx = self.opts.nginx or find_nginx()
+        try:
+            self._private_dirs()
+        except OSError as e:
+            self.log(f"cannot create {self.ng_dir}: {e.strerror or e}")
+            self._failed_start(now)
+            return
         if nginx is None:
             self.log("nginx not found (apt-get install nginx)")
             self._failed_start(now)
@@ -1045,8 +1064,9 @@ class FrontDoor:
             self._failed_start(now)
             return
         try:
-            self.pid = _spawn_nginx([nginx, "-e", "stderr", "-p", str(self.ng_dir),
-                                     "-c", str(self.conf_path)], out.wfd, err_w)
+            with self.spawning():
+                self.pid = _spawn_nginx([nginx, "-e", "stderr", "-p", str(self.ng_dir),
+                                         "-c", str(self.conf_path)], out.wfd, err_w)
         except OSError as e:
             out.close()
             os.close(err_r)

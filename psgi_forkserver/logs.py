@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .nonblocking import recv_ready
+from .printable import printable
 
 FORMATS = ("text", "json")
 MAX_LINE = 16384  # a longer line is cut into pieces of this many bytes
@@ -135,6 +136,10 @@ class Log:
                now: float | None = None) -> str:
         """One line, newline included. `event` "emperor" is one of the
         Emperor's own lines; "output" a line relayed from a vassal."""
+        # a file name or an app's line may hold ESC or a newline: escaped,
+        # they can neither drive a terminal nor forge a line
+        message = printable(message)
+        vassal = None if vassal is None else printable(vassal)
         if self.fmt == "json":
             return json.dumps({
                 "time": timestamp(now), "level": level or level_of(message), "vassal": vassal,

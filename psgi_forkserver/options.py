@@ -84,6 +84,13 @@ class Options:
     logto: Path | None = option(
         None, "the Emperor's log to this file (default stderr); reopened by "
         "`emperor reopen-logs`", metavar="PATH")
+    status_http_hosts: tuple[str, ...] = option(
+        (), "the status page also answers to this Host name (repeatable); besides them only "
+        "its address's own (and localhost's, on loopback): others get 421",
+        "--status-http-host", metavar="NAME", action="append")
+    status_http_token_file: Path | None = option(
+        None, "the status page asks for the token in this file (mode 0600) on every path but "
+        "/healthz: `curl -u :TOKEN`, or `Authorization: Bearer TOKEN`", metavar="PATH")
     log: Log | None = None  # where lines go (built from log_format and logto); default stderr
     # sockets of vassals with `domain` and no http-socket (run_dir/sockets),
     # the embedded nginx's files (run_dir/nginx)
@@ -102,6 +109,7 @@ class Options:
         if opts.use_fork_server is not None:
             opts.use_fork_server = opts.use_fork_server.resolve()
         opts.fork_bases = tuple(opts.fork_bases)
+        opts.status_http_hosts = tuple(opts.status_http_hosts)
         opts.deploy_parallel = max(1, opts.deploy_parallel)
         opts.adopt_parallel = max(1, opts.adopt_parallel)
         if opts.pidfile is not None:

@@ -14,6 +14,7 @@ A mixin of `emperor.Emperor`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import selectors
@@ -155,12 +156,15 @@ class Processes:
             # PLACK_ENV: what a vassal without a plack-env key (and the
             # vassals adopted from this base) take (perl/ForkServer/Config.pm)
             env = {**os.environ, "PLACK_ENV": plack_env_of(self.opts)}
-            pid = launch.spawn_vassal(
-                argv, env, pr.pipe_fd, pr.config_fd, pr.listener_fd,
-                nofile=self.fds.inherited if self.fds is not None else None,
-                output_fd=out.wfd if out is not None else None,
-            )
+            with self._cg_spawning(v.name, seq):  # born in its own cgroup
+                pid = launch.spawn_vassal(
+                    argv, env, pr.pipe_fd, pr.config_fd, pr.listener_fd,
+                    nofile=self.fds.inherited if self.fds is not None else None,
+                    output_fd=out.wfd if out is not None else None,
+                )
         except OSError as e:
+            if self.cgroups is not None:
+                self.cgroups.ended(v.name, seq, now)
             if out is not None:
                 out.close()
             self._abandon(v, seq, now, pr, str(e), f"cannot start {argv[0]}: {e.strerror}")
@@ -232,6 +236,12 @@ class Processes:
                      "Emperor does not run: its vassals' output stays on its stderr, "
                      "not attributed to them (no logto)")
         return False
+
+    def _cg_spawning(self, name: str | None, seq: int) -> contextlib.AbstractContextManager:
+        """Around a spawn: the child is born in its own cgroup (if any)."""
+        if self.cgroups is None:
+            return contextlib.nullcontext()
+        return self.cgroups.spawning(name, seq)
 
     def _send(self, v: Vassal, seq: int, byte: EmperorByte) -> None:
         h = self.procs.get((v.name, seq))
@@ -389,6 +399,11 @@ class Processes:
         what = "successor " if p is v.successor else ""
         gen = f", base generation {p.base_generation}" if p else ""
         self.log(f"adopted {what}pid {pid} from base ({pending.elapsed_ms(now):.1f} ms{gen})", name)
+        if self.cgroups is not None:
+            # born in its base's cgroup: into its own. After the line: the
+            # move can wait for an RCU grace period (~20 ms after an idle
+            # spell), and the line says when the adoption was answered
+            self.cgroups.adopt(name, seq, pid)
         if h.pipe is not None:
             self._watch_pipe(name, seq, h.pipe)
         early = self.early_exits.pop(pid, None)
@@ -445,6 +460,8 @@ class Processes:
     def _vassal_exited(self, name: str, seq: int, pid: int, status: int, now: float) -> None:
         v = self.vassals[name]
         self._drop_proc(name, seq)
+        if self.cgroups is not None:  # what is left in its cgroup goes too
+            self.cgroups.ended(name, seq, now, session=pid)
         # what it forked and left behind is ours now: swept once this turn
         self.sweeper.vassal_ended(pid, name)
         st = describe_status(status)

@@ -42,7 +42,8 @@ class Routing:
                                        lambda t, cb=cb: self._front_safely(cb, t)),
                                    unwatch=self._unwatch,
                                    relay=lambda out, pid: self.relay.watch(out, "front", pid),
-                                   on_refused=self._front_refused)
+                                   on_refused=self._front_refused,
+                                   spawning=lambda: self._cg_spawning(None, 0))
 
     def _claim_domains(self, name: str, cfg: cfgmod.VassalConfig) -> cfgmod.VassalConfig:
         """`cfg`, or a config error naming the vassal that already serves one

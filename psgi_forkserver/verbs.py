@@ -23,13 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from .clients import SERVING, WAIT_POLL, ask, stats_socket
+from .printable import printable
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_SERVING, EXIT_NO_VASSAL = 0, 1, 2, 3, 4
 FOLLOW_POLL = 0.25  # seconds between two asks of `logs -f`
 
 
 def _say(msg: str, err: bool = False) -> None:
-    print(f"emperor: {msg}", file=sys.stderr if err else sys.stdout, flush=True)
+    """A line for people: names and values in it may hold control characters."""
+    print(printable(f"emperor: {msg}"), file=sys.stderr if err else sys.stdout, flush=True)
 
 
 def resolve_names(patterns: list[str], every: bool, vassals: dict[str, dict[str, Any]],
@@ -42,10 +44,12 @@ def resolve_names(patterns: list[str], every: bool, vassals: dict[str, dict[str,
     names: list[str] = []
     unmatched: list[str] = []
     for pat in patterns:
-        if any(ch in pat for ch in "*?["):
+        if pat in vassals:  # a name is itself, whatever glob characters it holds
+            hits = [pat]
+        elif any(ch in pat for ch in "*?["):
             hits = sorted(n for n in vassals if fnmatch.fnmatchcase(n, pat))
         else:
-            hits = [pat] if pat in vassals else []
+            hits = []
         if not hits:
             unmatched.append(pat)
         names += [n for n in hits if n not in names]

@@ -645,6 +645,10 @@ def test_file_name_not_utf8(hostile):
 def test_out_of_descriptors_when_connecting_to_the_fork_server(hostile):
     p1, p2 = free_port(), free_port()
     e = hostile({"a1": app_ini("a1", p1, processes=1)}, wait=[p1])
+    # a1 may answer before the Emperor is done with its adoption (a cgroup
+    # migration holds a descriptor meanwhile): count once it is idle
+    wait_for(lambda: e.lines("[a1] loyal"), 15, "a1 loyal")
+    wait_for(lambda: e.status()["base"]["spares"]["ready"] >= 1, 15, "the spares back")
     soft, hard = resource.prlimit(e.pid, resource.RLIMIT_NOFILE)
     try:
         used = {int(fd) for fd in os.listdir(f"/proc/{e.pid}/fd")}

@@ -231,6 +231,8 @@ def vassal_status(v: VassalSnapshot, now: float,
         "last_output": list(v.last_output),
         "last_exit": describe_status(v.last_status) if v.last_status is not None else None,
         "held": v.held,
+        # its current process's cgroup (None: none, or cgroups not used)
+        "cgroup": v.cgroup,
         # reported by the vassal itself (None: it reports nothing)
         "requests": None,
         "latency_avg_ms": None,
@@ -295,6 +297,9 @@ def emperor_status(snap: EmperorSnapshot) -> dict[str, Any]:
     # code deploys (bases.DeployTracker.as_dict): `emperor reload-base --wait` polls this
     doc["deploy"] = snap.deploy
     doc["front"] = snap.front
+
+    # the vassals' cgroup subtree (cgroups.py); None where cgroups are not used
+    doc["cgroup"] = snap.cgroup
     return doc
 
 class Collection:

@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..printable import printable
+
 def human_bytes(n: int | None) -> str:
     if not n:
         return "-"
@@ -44,6 +46,8 @@ def render_html(doc: dict[str, Any]) -> str:
         _env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(str(Path(__file__).resolve().parent.parent / "templates")),
             autoescape=True,
+            # names and values with control characters are shown escaped
+            finalize=lambda v: printable(v) if type(v) is str else v,
             undefined=jinja2.ChainableUndefined,  # a missing field shows as empty
         )
         _env.filters["bytes"] = human_bytes
@@ -56,7 +60,7 @@ def render_html(doc: dict[str, Any]) -> str:
 
 
 COLUMNS = ("NAME", "STATE", "KIND", "PID", "GEN", "BASE", "ADDRESS", "UPTIME", "RESTARTS",
-           "LAST EXIT", "THROTTLE", "PROCS", "PSS", "USS", "REQS", "AVG MS", "PLACK_ENV")
+           "LAST EXIT", "THROTTLE", "PROCS", "PSS", "USS", "REQS", "AVG MS", "PLACK_ENV", "CGROUP")
 
 
 def front_line(f: dict[str, Any]) -> str:
@@ -71,6 +75,16 @@ def front_line(f: dict[str, Any]) -> str:
     for vassal, why in (f.get("refused") or {}).items():
         line += f"\nfront door refused {vassal}: {why}"
     return line
+
+
+def _below(cgroup: str | None, subtree: str | None) -> str:
+    """A vassal's cgroup as the table shows it: below the Emperor's subtree
+    (named on the last line)."""
+    if not cgroup:
+        return "-"
+    if subtree and cgroup.startswith(subtree.rstrip("/") + "/"):
+        return cgroup[len(subtree.rstrip("/")) + 1:]
+    return cgroup
 
 
 def format_table(doc: dict[str, Any]) -> str:
@@ -89,7 +103,9 @@ def format_table(doc: dict[str, Any]) -> str:
             "-" if v.get("requests") is None else str(v["requests"]),
             "-" if v.get("latency_avg_ms") is None else f"{v['latency_avg_ms']:.1f}",
             v.get("plack_env") or "-",
+            _below(v.get("cgroup"), doc.get("emperor", {}).get("cgroup")),
         ))
+    rows = [tuple(printable(c) for c in r) for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(COLUMNS)]
     right = {3, 4, 5, 7, 8, 10, 11, 12, 13, 14, 15}
 
@@ -100,10 +116,11 @@ def format_table(doc: dict[str, Any]) -> str:
 
     lines = [fmt(COLUMNS), *map(fmt, rows)]
     for name, v in doc.get("vassals", {}).items():
+        name = printable(name)
         if v.get("error"):
-            lines.append(f"{name}: {v['error']}")
+            lines.append(f"{name}: {printable(v['error'])}")
         elif v.get("last_error"):
-            lines.append(f"{name}: (earlier) {v['last_error']}")
+            lines.append(f"{name}: (earlier) {printable(v['last_error'])}")
         if v.get("spares"):
             sp = v["spares"]
             lines.append(f"{name}: {sp['count']} spares, {sp.get('ready', 0)} warm "
@@ -122,4 +139,6 @@ def format_table(doc: dict[str, Any]) -> str:
         f"USS {human_bytes(t.get('uss'))}  |  collected in {doc.get('collect_ms', 0):.1f} ms "
         f"over {doc.get('turns', 1)} loop turns"
     )
+    if e.get("cgroup"):
+        lines.append(f"cgroups below {printable(e['cgroup'])}")
     return "\n".join(lines) + "\n"

@@ -18,6 +18,7 @@ from typing import Any
 from ..nonblocking import recv_ready
 from ..metrics import render as render_metrics
 from .document import SCHEMA, Collection
+from ..printable import printable
 from .page import render_html
 
 
@@ -57,6 +58,12 @@ class Requests:
         if out is None:
             out = self._rendered[kind] = make()
         return out
+
+    def _misdirected(self, host: str | None) -> None:
+        self.misdirected += 1
+        if self.misdirected == 1 or self.misdirected % 100 == 0:
+            self.log(f"status page: refused Host \"{printable(host or '')}\" with 421 "
+                     f"({self.misdirected} so far; --status-http-host names more)")
 
     def _send_doc(self, c: _Client, doc: dict[str, Any]) -> None:
         if c.command:
@@ -181,6 +188,20 @@ class Requests:
             return self._respond(c, _http(400, "text/plain", b"bad request\n"))
         method, target = parts[0], parts[1].split("?", 1)[0]
         head = method == "HEAD"
+        headers = _headers(c.inbuf)
+        if headers is None:
+            return self._respond(c, _http(400, "text/plain", b"bad request\n"))
+        if self.access is not None:
+            if not self.access.host_allowed(headers.get("host")):
+                # DNS rebinding, or a name the operator did not give: no
+                # more than that it is not this server's name
+                self._misdirected(headers.get("host"))
+                return self._respond(c, _http(421, "text/plain",
+                                              b"misdirected request: unknown Host\n"))
+            if not self.access.authorized(target, headers.get("authorization")):
+                return self._respond(c, _http(
+                    401, "text/plain", b"token required\n",
+                    extra='WWW-Authenticate: Basic realm="emperor status", charset="UTF-8"\r\n'))
         if method not in ("GET", "HEAD"):
             return self._respond(
                 c, _http(405, "text/plain", b"only GET\n", extra="Allow: GET, HEAD\r\n"))
@@ -207,7 +228,7 @@ class Requests:
             if lines is None:
                 self._respond(c, _http(404, "text/plain", b"no such vassal\n", head))
             else:
-                body = "".join(line + "\n" for line in (lines or ()))
+                body = "".join(printable(line) + "\n" for line in (lines or ()))
                 self._respond(c, _http(200, "text/plain; charset=utf-8",
                                        (body or "(nothing logged yet)\n").encode(), head))
         elif target in ("/", "/index.html"):
@@ -218,9 +239,26 @@ class Requests:
             self._respond(c, _http(404, "text/plain", b"not found\n"))
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+            405: "Method Not Allowed", 421: "Misdirected Request",
             431: "Request Header Fields Too Large", 500: "Internal Server Error",
             503: "Service Unavailable"}
+
+
+def _headers(request: bytes) -> dict[str, str] | None:
+    """The request's header fields, names lowercased; None when Host or
+    Authorization comes twice (which one would a proxy have checked?)."""
+    out: dict[str, str] = {}
+    head = request.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    for raw in head.split(b"\n")[1:]:
+        name, sep, value = raw.decode("latin-1").partition(":")
+        if not sep:
+            continue
+        name = name.strip().lower()
+        if name in out and name in ("host", "authorization"):
+            return None
+        out[name] = value.strip()
+    return out
 
 
 def _json(doc: dict[str, Any]) -> bytes:

@@ -36,6 +36,41 @@ def run_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"psgi-forkserver-{os.geteuid()}"
 
 
+def make_private_dir(path: Path, tighten: bool = True, mode: int = 0o700,
+                     group: int | None = None) -> None:
+    """`mkdir -p path`, the last one mode 0700: a vassal's socket, the stats
+    socket and nginx's files are the Emperor's, and no other user lists or
+    reaches them (the directories above, shared by every Emperor here, keep
+    the usual mode). An operator's own nginx (`--nginx-include`) runs its
+    workers as another user: `mode` 0711 then lets them reach a socket given
+    to them (`chown-socket`), still without listing the directory. The
+    embedded nginx's workers (`--http` under a root Emperor) are in `group`:
+    mode 0710 lets that group alone reach the sockets given to it.
+    `tighten`: one that exists, and is ours, is given `mode` (an earlier
+    run's, or another version's)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        st = os.stat(path)
+        if tighten and st.st_uid == os.geteuid() and st.st_mode & 0o777 != mode:
+            os.chmod(path, mode)
+        if group is not None and st.st_uid == os.geteuid() and st.st_gid != group:
+            os.chown(path, -1, group)  # nginx's workers reach what they were given
+    else:
+        if group is not None:
+            os.chown(path, -1, group)
+        os.chmod(path, mode)  # the umask could only take bits away; be exact
+
+
+def run_dir_mode(nginx_include: object, worker_gid: int | None = None) -> int:
+    """The run directory's mode: 0700; 0710 with the embedded nginx's
+    workers' group (`worker_gid`); 0711 for an operator's nginx."""
+    if nginx_include:
+        return 0o711
+    return 0o700 if worker_gid is None else 0o710
+
+
 def default_stats_path(vassals_dir: Path) -> Path:
     """RUNDIR/HASH/stats: HASH is 12 hex digits of the SHA-256 of the
     vassals directory's resolved path (the directory lock makes it one

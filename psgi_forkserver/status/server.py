@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..snapshot import EmperorLink, EmperorSnapshot
+from .access import Access
 from .document import BUDGET, SCHEMA, Collection
 from .requests import Requests, _Client, _http, _json
 
@@ -97,6 +98,8 @@ class StatusServer(Requests):
     stats_path: Path | None = None
     http: str | None = None
     http_public: bool = False
+    http_hosts: tuple[str, ...] = ()  # Host names answered besides the address's own
+    http_token: bytes | None = None  # asked for on every path but /healthz
     max_clients: int = MAX_CLIENTS
     log: Callable[[str], None] = field(default=lambda m: print(f"emperor: {m}", file=sys.stderr))
 
@@ -120,6 +123,9 @@ class StatusServer(Requests):
         self.paused: dict[int, tuple[socket.socket, bool, float]] = {}
         self.deferred: set[int] = set()  # stats clients whose document waits (COMMAND_GRACE)
 
+        self.access: Access | None = None
+        self.misdirected = 0
+
     # -- set-up ------------------------------------------------------------------
 
     def bind(self) -> "StatusServer":
@@ -135,6 +141,7 @@ class StatusServer(Requests):
                     raise OSError(e.errno, f"--stats {why}") from None
             if self.http is not None:
                 family, sockaddr = parse_http_address(self.http, self.http_public)
+                self.access = Access.for_address(sockaddr, self.http_hosts, self.http_token)
                 s = socket.socket(family, socket.SOCK_STREAM)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:

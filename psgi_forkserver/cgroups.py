@@ -1,0 +1,475 @@
+"""One cgroup (v2) per vassal process: nothing of a vassal outlives it.
+
+Sessions (orphans.py) attribute what a vassal leaves behind only while it
+stays in the vassal's session; a helper that calls setsid() and forks
+again belongs to nobody. A cgroup holds every process forked below it,
+whatever it does, and `cgroup.kill` (Linux 5.14) kills them all at once.
+
+Where the Emperor owns a delegated subtree (as root, under systemd with
+`Delegate=yes`, in a container with its own cgroup namespace), it makes
+
+    <its own cgroup>/psgi-forkserver-HASH/     (HASH: the vassals directory's,
+        v-NAME/SEQ                              as the run directory's)
+        front/SEQ                              (nginx)
+
+and puts each vassal process (the base too) in its own SEQ cgroup:
+
+- spawned (the base, plain vassals, nginx): the Emperor steps into the
+  cgroup around posix_spawn, so the child is born there (no window);
+- adopted: the fork server forks it in the base's cgroup; the Emperor
+  moves it, and whatever it forked by then, when the pid reply comes. A
+  process forked in that window by an adopted vassal that escapes the move
+  stays in the base's cgroup, and goes with the base at the latest.
+
+When a vassal process ends, what is left in its cgroup gets SIGTERM (its
+session's members from the orphan sweep, the others from here), and
+`cgroup.kill` after the mercy timeout; the cgroup is removed once empty.
+At shutdown the whole subtree is killed.
+
+The Emperor killed with SIGKILL cannot do that, so a guard does: a fork of
+the Emperor made at start, outside the subtree, that blocks on a pipe
+whose other end only the Emperor holds. End of file without the Emperor's
+goodbye byte means it died: the guard kills the subtree and exits. If the
+guard is killed too (kill -9 of both), the next start for the same vassals
+directory finds the subtree (its own path, or the one recorded in the run
+directory) and kills what is left in it before starting anything; until
+then the vassals' own parent-death chain (end of file on their Emperor
+pipe) is all that stops them, as it is where cgroups are not available.
+
+Where they are not (no cgroup2 mount, not writable, no `cgroup.kill`), the
+Emperor says so once at start and runs as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: the name of the subtree below the Emperor's cgroup, per vassals directory
+PREFIX = "psgi-forkserver-"
+#: the run directory's record of the subtree (for the next start's sweep)
+RECORD = "cgroup"
+#: a sweep or a shutdown waits this long for a killed cgroup to empty
+EMPTY_WAIT = 5.0
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.@+-]{1,100}")
+_GOODBYE = b"q"
+
+
+def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> Path | None:
+    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or
+    /sys/fs/cgroup/unified in the hybrid layout)."""
+    try:
+        with open(mountinfo) as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                if right.split(" ", 1)[0] == "cgroup2":
+                    return Path(left.split()[4].replace("\\040", " "))
+    except OSError:
+        pass
+    return None
+
+
+def own_cgroup(pid: int | str = "self") -> str | None:
+    """The process's cgroup v2 path (`0::/path` in /proc/PID/cgroup)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return line[3:].rstrip("\n")
+    except OSError:
+        pass
+    return None
+
+
+def subtree_name(vassals_dir: Path) -> str:
+    return PREFIX + hashlib.sha256(str(Path(vassals_dir).resolve()).encode()).hexdigest()[:12]
+
+
+def _dir_name(name: str | None) -> str:
+    """A vassal's cgroup directory: its name when that is a plain one."""
+    if name is None:
+        return "front"
+    if _SAFE_NAME.fullmatch(name) and name not in (".", ".."):
+        return "v-" + name
+    return "x-" + hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _write(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _procs(cg: Path) -> list[int]:
+    """Every pid in `cg` and below."""
+    out: list[int] = []
+    for d, _, _ in os.walk(cg):
+        try:
+            with open(os.path.join(d, "cgroup.procs")) as f:
+                out += [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def _populated(cg: Path) -> bool:
+    try:
+        with open(cg / "cgroup.events") as f:
+            return "populated 1" in f.read()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+
+
+def _remove_tree(cg: Path) -> bool:
+    """rmdir `cg` and every cgroup below it, deepest first; True when gone."""
+    for d, subdirs, _ in os.walk(cg, topdown=False):
+        for s in subdirs:
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(d, s))
+    with contextlib.suppress(FileNotFoundError):
+        try:
+            os.rmdir(cg)
+        except OSError:
+            return False
+    return True
+
+
+def kill_tree(cg: Path, wait: float = EMPTY_WAIT) -> int:
+    """cgroup.kill `cg` (with everything below it), wait for it to empty,
+    remove it. How many processes it held."""
+    if not cg.is_dir():
+        return 0
+    n = len(_procs(cg))
+    with contextlib.suppress(OSError):
+        _write(cg / "cgroup.kill", "1")
+    deadline = time.monotonic() + wait
+    while _populated(cg) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    _remove_tree(cg)
+    return n
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def _guard(read_fd: int, root: Path, record: Path | None) -> None:
+    """The guard's whole life (in a fork of the Emperor): wait for the end
+    of the pipe; without the goodbye byte, kill the subtree."""
+    # a session of its own: no signal to the Emperor's terminal or process
+    # group reaches it, and nothing counts it among the Emperor's session
+    with contextlib.suppress(OSError):
+        os.setsid()
+    try:
+        signal.set_wakeup_fd(-1)
+    except (ValueError, OSError):
+        pass
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+                signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.closerange(0, read_fd)
+    os.closerange(read_fd + 1, 1 << 20)
+    devnull = os.open(os.devnull, os.O_RDWR)  # 0, 1, 2: nothing of the Emperor's
+    for fd in (1, 2):
+        if devnull != fd:
+            os.dup2(devnull, fd)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, b"pfs-cgroup-guard", 0, 0, 0)  # PR_SET_NAME
+    except Exception:  # noqa: BLE001 - a name is a nicety
+        pass
+    last = b""
+    while True:
+        try:
+            data = os.read(read_fd, 64)
+        except InterruptedError:
+            continue
+        except OSError:
+            break
+        if not data:
+            break
+        last = data[-1:]
+    if last != _GOODBYE:  # the Emperor died without a word
+        kill_tree(root)
+        if record is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(record)
+
+
+@dataclass
+class Cgroups:
+    """The Emperor's side: the subtree, which process is in which cgroup,
+    the ones being stopped, and the guard."""
+
+    root: Path  # <mount><own cgroup>/psgi-forkserver-HASH
+    home: Path  # the Emperor's own cgroup
+    mount: Path
+    log: Callable[[str], None]
+    mercy: float
+    record: Path | None = None
+    where: dict[tuple[str | None, int], Path] = field(default_factory=dict)
+    # ended ones: cgroup -> when cgroup.kill follows (inf: killed, not yet empty)
+    dying: dict[Path, float] = field(default_factory=dict)
+    guard_pid: int | None = None
+    guard_fd: int | None = None
+
+    # -- start, sweep, shutdown ---------------------------------------------------
+
+    @classmethod
+    def start(cls, vassals_dir: Path, run_dir: Path | None, log: Callable[[str], None],
+              mercy: float) -> "Cgroups | None":
+        """The subtree made (leftovers of an earlier run killed first) and
+        its guard running; None, said once in the log, where cgroups cannot
+        be used."""
+        mount = cgroup2_mount()
+        own = own_cgroup()
+        why = None
+        if mount is None:
+            why = "no cgroup2 hierarchy is mounted"
+        elif own is None:
+            why = "/proc/self/cgroup has no cgroup2 line (0::)"
+        if why is None:
+            assert mount is not None and own is not None
+            home = mount / own.lstrip("/")
+            root = home / subtree_name(vassals_dir)
+            record = Path(run_dir) / RECORD if run_dir is not None else None
+            cg = cls(root, home, mount, log, mercy, record)
+            why = cg._open()
+            if why is None:
+                return cg
+        log(f"cgroups: not used ({why}); a vassal's leftovers are stopped by "
+            "session, and by the vassals themselves when the Emperor dies")
+        return None
+
+    def _open(self) -> str | None:
+        self._sweep_leftovers()
+        try:
+            self.root.mkdir()
+        except FileExistsError:
+            pass
+        except OSError as e:
+            return f"cannot create {self.root}: {e.strerror or e}"
+        if not (self.root / "cgroup.kill").exists():
+            _remove_tree(self.root)
+            return "no cgroup.kill (Linux 5.14 or later)"
+        try:  # can we step in and out (spawning)? write access to both
+            with self._inside(self.root):
+                pass
+        except OSError as e:
+            _remove_tree(self.root)
+            return f"cannot move processes into {self.root}: {e.strerror or e}"
+        if self.record is not None:
+            with contextlib.suppress(OSError):
+                self.record.write_text(str(self.root) + "\n")
+        self._start_guard()
+        self.log(f"cgroups: each vassal process in its own cgroup below {self.root} "
+                 f"(guard pid {self.guard_pid})")
+        return None
+
+    def _sweep_leftovers(self) -> None:
+        """An earlier Emperor for the same vassals directory, killed with
+        its guard, left its subtree: kill what is in it."""
+        seen = {self.root}
+        if self.record is not None:
+            try:
+                recorded = Path(self.record.read_text().strip())
+            except (OSError, ValueError):
+                recorded = None
+            # only a subtree of ours, for this vassals directory
+            if (recorded is not None and recorded.name == self.root.name
+                    and recorded.is_relative_to(self.mount) and ".." not in recorded.parts):
+                seen.add(recorded)
+        for cg in seen:
+            n = kill_tree(cg)
+            if n:
+                self.log(f"cgroups: killed {n} processes an earlier run left in {cg}")
+
+    def _start_guard(self) -> None:
+        """Forked twice, before the Emperor becomes a subreaper: the guard
+        is no child of the Emperor (its children are vassals, and a count of
+        them stays one), and outlives it in a session of its own."""
+        r, w = os.pipe()  # both O_CLOEXEC: no vassal inherits them
+        told_r, told_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(w)
+                os.close(told_r)
+                guard = os.fork()
+                if guard == 0:
+                    os.close(told_w)
+                    _guard(r, self.root, self.record)
+                else:
+                    os.write(told_w, str(guard).encode())
+            finally:
+                os._exit(0)
+        os.close(r)
+        os.close(told_w)
+        with os.fdopen(told_r, "rb") as told:
+            said = told.read()
+        os.waitpid(pid, 0)
+        self.guard_pid = int(said) if said.strip().isdigit() else None
+        self.guard_fd = w
+
+    def dismiss_guard(self) -> None:
+        """Shutdown, every vassal gone: the guard exits (the goodbye byte:
+        nothing for it to do), so that the Emperor has no child left."""
+        if self.guard_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self.guard_fd, _GOODBYE)
+            os.close(self.guard_fd)
+            self.guard_fd = None
+
+    def close(self) -> None:
+        """Teardown: kill whatever is left in the subtree, remove it."""
+        self.dismiss_guard()
+        n = kill_tree(self.root)
+        if n:
+            self.log(f"cgroups: killed {n} processes left at shutdown")
+        self.where.clear()
+        self.dying.clear()
+        if self.record is not None:
+            with contextlib.suppress(OSError):
+                self.record.unlink()
+
+    # -- placing processes ---------------------------------------------------------
+
+    def _cgroup(self, name: str | None, seq: int) -> Path:
+        cg = self.root / _dir_name(name) / str(seq)
+        cg.mkdir(parents=True, exist_ok=True)
+        self.where[(name, seq)] = cg
+        return cg
+
+    @contextlib.contextmanager
+    def _inside(self, cg: Path) -> Iterator[None]:
+        _write(cg / "cgroup.procs", "0")
+        try:
+            yield
+        finally:
+            _write(self.home / "cgroup.procs", "0")
+
+    @contextlib.contextmanager
+    def spawning(self, name: str | None, seq: int) -> Iterator[None]:
+        """Around a posix_spawn: the child is born in (name, seq)'s cgroup.
+        A cgroup that cannot be made or entered is logged; the child is
+        then born in the Emperor's."""
+        try:
+            cg = self._cgroup(name, seq)
+            ctx = self._inside(cg)
+            ctx.__enter__()
+        except OSError as e:
+            self.where.pop((name, seq), None)
+            self.log(f"cgroups: cannot place it: {e.strerror or e}", name)
+            yield
+            return
+        try:
+            yield
+        finally:
+            ctx.__exit__(None, None, None)
+
+    def adopt(self, name: str, seq: int, pid: int) -> None:
+        """An adopted vassal process (born in its base's cgroup), and what
+        it forked by now, into a cgroup of its own."""
+        try:
+            cg = self._cgroup(name, seq)
+            moved: set[int] = set()
+            todo = [pid]
+            while todo:
+                p = todo.pop()
+                if p in moved:
+                    continue
+                moved.add(p)
+                try:
+                    _write(cg / "cgroup.procs", str(p))
+                except ProcessLookupError:
+                    continue
+                todo += _children(p)
+        except OSError as e:
+            self.log(f"cgroups: cannot place pid {pid}: {e.strerror or e}", name)
+
+    def path_of(self, name: str | None, seq: int) -> str | None:
+        """The cgroup (path in the hierarchy) of a vassal process."""
+        cg = self.where.get((name, seq))
+        return None if cg is None else "/" + str(cg.relative_to(self.mount))
+
+    # -- ending ----------------------------------------------------------------------
+
+    def ended(self, name: str | None, seq: int, now: float,
+              session: int | None = None) -> None:
+        """The vassal process exited: what it left in its cgroup outside its
+        `session` gets SIGTERM now (its session's members are the orphan
+        sweep's, which names them: orphans.py), and everything left gets
+        cgroup.kill after the mercy timeout."""
+        cg = self.where.pop((name, seq), None)
+        if cg is None:
+            return
+        left = _procs(cg)
+        strays = []
+        for pid in left:
+            try:
+                if os.getsid(pid) == session:
+                    continue
+                os.kill(pid, signal.SIGTERM)
+                strays.append(pid)
+            except OSError:
+                pass
+        if strays:
+            self.log(f"cgroups: {len(strays)} processes out of its session left in "
+                     f"{self.path_of_dir(cg)} sent SIGTERM", name)
+        if left:
+            self.dying[cg] = now + self.mercy
+        else:
+            self.dying[cg] = now  # removed at once (poll)
+
+    def path_of_dir(self, cg: Path) -> str:
+        return "/" + str(cg.relative_to(self.mount))
+
+    def poll(self, now: float) -> None:
+        """Every turn while some cgroup is being stopped."""
+        for cg, when in list(self.dying.items()):
+            if now < when:
+                continue
+            if _populated(cg):
+                if when != float("inf"):
+                    with contextlib.suppress(OSError):
+                        _write(cg / "cgroup.kill", "1")
+                    self.dying[cg] = float("inf")
+                continue
+            with contextlib.suppress(OSError):
+                cg.rmdir()
+            del self.dying[cg]
+            parent = cg.parent  # the vassal's directory, once it has none left
+            if parent != self.root and not any(p.parent == parent for p in self.dying) \
+                    and not any(p.parent == parent for p in self.where.values()):
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
+
+    def next_wakeup(self, now: float) -> float | None:
+        if not self.dying:
+            return None
+        # killed ones: look again soon (they empty within milliseconds)
+        return min(now + 0.05 if t == float("inf") else t for t in self.dying.values())

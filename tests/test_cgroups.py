@@ -1,0 +1,198 @@
+"""Nothing of a vassal outlives it, by cgroup (v2): a helper that calls
+setsid() and forks again is gone when its vassal is stopped, when the
+Emperor is killed with SIGKILL (its guard), and when the guard is killed
+with it (the next start's sweep).
+
+Real Emperors, the real Perl base, real helpers; skipped where the
+Emperor could not own a cgroup subtree (not root, no cgroup2, no
+cgroup.kill)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from psgi_forkserver import cgroups, paths
+from psgi_forkserver.status import default_stats_path
+
+from support import (EMPEROR, alive, free_port, kill_all, start_emperor, stop_emperor,
+                     wait_for)
+
+HERE = Path(__file__).resolve().parent
+DAEMON = HERE / "apps" / "daemon.psgi"
+PROGRAM = paths.vassal_program()
+
+
+def _usable() -> str | None:
+    if not PROGRAM.is_file():
+        return "no Perl vassal program"
+    if os.geteuid() != 0:
+        return "not root: the Emperor cannot own a cgroup subtree here"
+    mount, own = cgroups.cgroup2_mount(), cgroups.own_cgroup()
+    if mount is None or own is None:
+        return "no cgroup2 hierarchy"
+    home = mount / own.lstrip("/")
+    if not os.access(home, os.W_OK) or not (mount / "cgroup.procs").exists():
+        return f"{home} is not writable"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_usable() is not None, reason=str(_usable()))
+
+
+def spawn_helper(port: int, secs: int = 300) -> psutil.Process:
+    """daemon.psgi: a `sleep` in a session of its own, forked twice."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/spawn?{secs}&setsid",
+                                timeout=10) as r:
+        body = r.read().decode()
+    fields = dict(kv.split("=", 1) for kv in body.split())
+    pid = int(fields["daemon"])
+    p = psutil.Process(pid)
+    # a session not the app's: no sweep by session finds it
+    assert os.getsid(pid) != os.getsid(int(fields["pid"]))
+    return p
+
+
+def cgroup_of(pid: int) -> str:
+    return cgroups.own_cgroup(pid) or ""
+
+
+def answers(port: int) -> bool:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+        return r.status == 200
+
+
+@pytest.fixture
+def vdir():
+    d = Path(tempfile.mkdtemp(prefix="pfs-cgroups-"))
+    ports = {"a": free_port(), "b": free_port()}
+    (d / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {DAEMON}\nfork-server = fs.sock\n")
+    for name, port in ports.items():
+        (d / f"{name}.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\n"
+                                       f"processes = 1\nenv = APP_NAME={name}\n")
+    helpers: list[psutil.Process] = []
+    try:
+        yield d, ports, helpers
+    finally:
+        kill_all(helpers)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def status(d: Path) -> dict:
+    out = subprocess.run([EMPEROR, "status", "--dir", d, "--json"], capture_output=True,
+                         text=True, timeout=30, check=True)
+    return json.loads(out.stdout)
+
+
+def test_a_setsid_helper_goes_with_its_stopped_vassal(xprocess, vdir):
+    d, ports, helpers = vdir
+    em = start_emperor(xprocess, "emperor-cgroups-stop", [d, "--mercy", "3"])
+    try:
+        for port in ports.values():
+            wait_for(lambda p=port: answers(p), 30, "the vassals to answer")
+        doc = status(d)
+        subtree = doc["emperor"]["cgroup"]
+        assert subtree and subtree.endswith(cgroups.subtree_name(d)), doc["emperor"]
+        for name in ("base", "a", "b"):
+            v = doc["vassals"][name]
+            assert re.fullmatch(rf"{re.escape(subtree)}/v-{name}/\d+", v["cgroup"]), (name, v)
+            assert cgroup_of(v["pid"]) == v["cgroup"], (name, v)
+        table = subprocess.run([EMPEROR, "status", "--dir", d], capture_output=True, text=True,
+                               timeout=30, check=True).stdout
+        assert "CGROUP" in table and f"cgroups below {subtree}" in table
+        assert re.search(r"^a .* v-a/\d+$", table, re.M), table
+
+        helper = spawn_helper(ports["a"])
+        helpers.append(helper)
+        assert cgroup_of(helper.pid) == doc["vassals"]["a"]["cgroup"]
+        other = spawn_helper(ports["b"])
+        helpers.append(other)
+
+        subprocess.run([EMPEROR, "stop", "a", "--dir", d], capture_output=True, text=True,
+                       timeout=60, check=True)
+        wait_for(lambda: not alive(helper), 15, "a's setsid helper to be gone")
+        assert alive(other), "b's helper is b's: it stays while b runs"
+        assert answers(ports["b"])
+        wait_for(lambda: not Path(f"{cgroups.cgroup2_mount()}{subtree}/v-a").exists(), 15,
+                 "a's cgroup to be removed")
+    finally:
+        stop_emperor(em)
+    wait_for(lambda: not alive(other), 15, "b's helper to be gone after the shutdown")
+    assert not Path(f"{cgroups.cgroup2_mount()}{subtree}").exists()
+    assert not (default_stats_path(d).parent / cgroups.RECORD).exists()
+
+
+def test_nothing_outlives_an_emperor_killed_with_sigkill(xprocess, vdir):
+    d, ports, helpers = vdir
+    em = start_emperor(xprocess, "emperor-cgroups-kill9", [d, "--mercy", "3"])
+    try:
+        wait_for(lambda: answers(ports["a"]), 30, "a to answer")
+        tree = [psutil.Process(em.pid), *psutil.Process(em.pid).children(recursive=True)]
+        helper = spawn_helper(ports["a"])
+        helpers.append(helper)
+        os.kill(em.pid, signal.SIGKILL)
+        em.popen.wait(10)
+        # the guard: the whole subtree killed at once, the setsid helper too
+        wait_for(lambda: not alive(helper), 10, "the setsid helper to be gone")
+        wait_for(lambda: not any(alive(p) for p in tree), 10, "every process of the run to end")
+    finally:
+        stop_emperor(em)
+
+
+def test_the_next_start_removes_what_a_killed_emperor_and_guard_left(xprocess, vdir):
+    d, ports, helpers = vdir
+    em = start_emperor(xprocess, "emperor-cgroups-sweep1", [d, "--mercy", "3"])
+    em2 = None
+    try:
+        wait_for(lambda: answers(ports["a"]), 30, "a to answer")
+        guard = int(re.search(r"cgroups: .*\(guard pid (\d+)\)", em.text()).group(1))
+        helper = spawn_helper(ports["a"])
+        helpers.append(helper)
+        old_tree = [psutil.Process(em.pid), *psutil.Process(em.pid).children(recursive=True)]
+        os.kill(guard, signal.SIGKILL)
+        os.kill(em.pid, signal.SIGKILL)
+        em.popen.wait(10)
+        # the vassals stop themselves (end of file on their pipes); the
+        # helper in a session of its own is left: only its cgroup holds it
+        wait_for(lambda: not any(alive(p) for p in old_tree if p.pid != helper.pid), 20,
+                 "the vassals to stop on their own")
+        assert alive(helper)
+        em2 = start_emperor(xprocess, "emperor-cgroups-sweep2", [d, "--mercy", "3"])
+        assert re.search(r"cgroups: killed [1-9]\d* processes an earlier run left in ",
+                         em2.text()), em2.text()
+        wait_for(lambda: not alive(helper), 10, "the helper of the earlier run to be gone")
+        wait_for(lambda: answers(ports["a"]), 30, "a to answer again")
+    finally:
+        stop_emperor(em)
+        if em2 is not None:
+            stop_emperor(em2)
+
+
+def test_a_read_only_hierarchy_is_said_once_and_the_fleet_runs(vdir):
+    """The cgroup2 mount read-only (a mount namespace of the test's own):
+    one line saying why, and the vassals run as before."""
+    d, ports, _ = vdir
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1)")
+    mount = cgroups.cgroup2_mount()
+    script = f"mount -o bind,remount,ro {mount} && exec {EMPEROR} run {d} --mercy 3"
+    p = subprocess.Popen(["unshare", "-m", "sh", "-c", script], stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        wait_for(lambda: answers(ports["a"]), 30, "a to answer")
+    finally:
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+    lines = [ln for ln in err.splitlines() if "cgroups:" in ln]
+    assert len(lines) == 1 and "cgroups: not used (cannot create" in lines[0] \
+        and "Read-only file system" in lines[0], err
