@@ -14,6 +14,7 @@ use POSIX ();
 use Socket qw(IPPROTO_TCP TCP_NODELAY SOL_SOCKET SO_RCVTIMEO SO_SNDTIMEO AF_INET AF_INET6
               MSG_DONTWAIT inet_ntop inet_aton pack_sockaddr_in unpack_sockaddr_in unpack_sockaddr_in6
               sockaddr_family);
+use ForkServer::HTTPServer::Handoff ();
 use ForkServer::HTTPServer::Wire qw(now READ_CHUNK);
 
 use constant {
@@ -69,7 +70,10 @@ sub _worker_main {
         lfd          => fileno $listen,
         stop_fd      => fileno $self->{stop_r},
         stimeo       => pack('l!l!', $self->{socket_timeout}, 0),
+        # with siblings: the shared queue of connections (Handoff)
+        handoff      => $self->{workers} > 1 ? $self->{handoff} : undef,
     };
+    $loop->{hfd} = fileno $loop->{handoff}{take} if $loop->{handoff};
     while (1) {
         my $now = now();
         last unless $self->_wind_down($loop, $now);
@@ -158,6 +162,7 @@ sub _select_set {
     my $timeout = %{ $loop->{pending} } ? 0 : 1;
     my $rin = '';
     vec($rin, $loop->{stop_fd}, 1) = 1 unless $loop->{leaving};
+    vec($rin, $loop->{hfd}, 1) = 1 if defined $loop->{hfd} && !$loop->{leaving};
     my $idle = 0;
     for my $fd (keys %$conns) {
         my $c = $conns->{$fd};
@@ -210,6 +215,14 @@ sub _ready_conns {
             $ready{$fd} = 1;
         }
     }
+    if (defined $loop->{hfd} && !$loop->{leaving} && vec($rout, $loop->{hfd}, 1)) {
+        for my $c ($self->_take_conns($loop)) {
+            _make_room($loop) if keys %{ $loop->{conns} } >= MAX_CONNS;
+            my $fd = fileno $c->{sock};
+            $loop->{conns}{$fd} = $c;
+            $ready{$fd} = 1;    # a request may be waiting in it already
+        }
+    }
     for my $fd (keys %{ $loop->{conns} }) { $ready{$fd} = 1 if vec($rout, $fd, 1) }
     return \%ready;
 }
@@ -255,6 +268,12 @@ sub _serve_conn {
     }
     return unless length $c->{buf};
     _head_begins($self, $c) unless $c->{in_head};
+    # A whole head: this worker is busy from now on, for as long as the app
+    # takes. Its other connections with nothing read yet go to the shared
+    # queue, where a free sibling takes them: what nginx sends on them next
+    # does not wait for this request.
+    $self->_give_idle($loop, $fd) if $loop->{handoff} && keys %{ $loop->{conns} } > 1
+        && $c->{buf} =~ /\n\r?\n/;
     my $keep = eval { $self->_serve_head($c) };
     $c->{partial} = defined $keep && $keep eq 'partial';
     if (!defined $keep) {
@@ -286,6 +305,39 @@ sub _serve_conn {
         worker_msg($self->{ready_w}, MSG_LEAVING);
         $loop->{leaving} = 1;
     }
+}
+
+# Idle connections (nothing buffered, nothing pending) other than $busy_fd
+# to the shared queue; kept when the queue is full.
+sub _give_idle {
+    my ($self, $loop, $busy_fd) = @_;
+    my $conns = $loop->{conns};
+    my @give = map { [$_, $conns->{$_}{in_head} ? 0 : 1] }
+               grep { $_ != $busy_fd && !length $conns->{$_}{buf} && !$loop->{pending}{$_} }
+               keys %$conns;
+    return unless @give;
+    my $sent = ForkServer::HTTPServer::Handoff::give($loop->{handoff}{give}, @give);
+    _drop_conn($loop, $_->[0]) for @give[0 .. $sent - 1];
+    return;
+}
+
+# Connections a sibling gave away: idle kept ones (state 1) wait for their
+# next request for keepalive_timeout, others for their head's first bytes.
+sub _take_conns {
+    my ($self, $loop) = @_;
+    my @conns;
+    for my $got (ForkServer::HTTPServer::Handoff::take($loop->{handoff}{take})) {
+        my ($fd, $idle) = @$got;
+        open(my $sock, '+<&=', $fd) or do { POSIX::close($fd); next };
+        my $peer = getpeername($sock) // '';
+        my $c = $self->_conn_from($sock, $peer);
+        if ($idle) {
+            $c->{in_head} = 0;
+            $c->{deadline} = now() + $self->{keepalive_timeout};
+        }
+        push @conns, $c;
+    }
+    return @conns;
 }
 
 # The first byte of a request head: its deadline, and the request's clock
@@ -338,7 +390,14 @@ sub _conn {
     setsockopt($conn, IPPROTO_TCP, TCP_NODELAY, 1);
     setsockopt($conn, SOL_SOCKET, SO_RCVTIMEO, $stimeo);
     setsockopt($conn, SOL_SOCKET, SO_SNDTIMEO, $stimeo);
+    return $self->_conn_from($conn, $peer);
+}
+
+# The connection's state, from its socket (options set) and peer address.
+sub _conn_from {
+    my ($self, $conn, $peer) = @_;
     my ($rport, $raddr) = (0, '');
+    return _new_conn($self, $conn, $raddr, $rport) unless length $peer;
     my $fam = sockaddr_family($peer);
     if ($fam == AF_INET) {
         ($rport, $raddr) = unpack_sockaddr_in($peer);
@@ -347,6 +406,11 @@ sub _conn {
         ($rport, $raddr) = unpack_sockaddr_in6($peer);
         $raddr = inet_ntop(AF_INET6, $raddr);
     }
+    return _new_conn($self, $conn, $raddr, $rport);
+}
+
+sub _new_conn {
+    my ($self, $conn, $raddr, $rport) = @_;
     my $c = { sock => $conn, buf => '', raddr => $raddr, rport => $rport,
               informational => sub { ForkServer::HTTPServer::Response::write_informational($conn, @_) } };
     _head_begins($self, $c);
