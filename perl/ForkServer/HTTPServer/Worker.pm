@@ -71,7 +71,7 @@ sub _worker_main {
         stop_fd      => fileno $self->{stop_r},
         stimeo       => pack('l!l!', $self->{socket_timeout}, 0),
         # with siblings: the shared queue of connections (Handoff)
-        handoff      => $self->{workers} > 1 ? $self->{handoff} : undef,
+        handoff      => $self->{workers} > 1 && $self->{keepalive_handoff} ? $self->{handoff} : undef,
     };
     $loop->{hfd} = fileno $loop->{handoff}{take} if $loop->{handoff};
     while (1) {
