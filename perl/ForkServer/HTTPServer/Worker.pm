@@ -85,6 +85,7 @@ sub _worker_main {
             die "select: $!\n";
         }
         my $ready = $self->_ready_conns($loop, $n > 0 ? $rout : undef);
+        $loop->{ready} = $ready;
         # One request per ready connection per round: fair between them.
         $self->_serve_conn($loop, $_) for sort { $a <=> $b } keys %$ready;
     }
@@ -307,13 +308,16 @@ sub _serve_conn {
     }
 }
 
-# Idle connections (nothing buffered, nothing pending) other than $busy_fd
-# to the shared queue; kept when the queue is full.
+# Idle connections (nothing buffered, nothing pending, nothing to read in
+# this round's select()) other than $busy_fd to the shared queue; kept when
+# the queue is full. Those with a request waiting are served here next:
+# under load every worker is busy and moving them would only cost.
 sub _give_idle {
     my ($self, $loop, $busy_fd) = @_;
     my $conns = $loop->{conns};
     my @give = map { [$_, $conns->{$_}{in_head} ? 0 : 1] }
-               grep { $_ != $busy_fd && !length $conns->{$_}{buf} && !$loop->{pending}{$_} }
+               grep { $_ != $busy_fd && !length $conns->{$_}{buf} && !$loop->{pending}{$_}
+                      && !($loop->{ready} && $loop->{ready}{$_}) }
                keys %$conns;
     return unless @give;
     my $sent = ForkServer::HTTPServer::Handoff::give($loop->{handoff}{give}, @give);
