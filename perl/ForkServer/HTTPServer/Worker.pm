@@ -79,6 +79,7 @@ sub _worker_main {
         last unless $self->_wind_down($loop, $now);
         my ($rin, $timeout) = $self->_select_set($loop, $now);
         $self->_flush_requests if $self->{requests_dirty};
+        $loop->{select_at} = now();
         my $n = select(my $rout = $rin, undef, undef, $timeout);
         if ($n < 0) {
             next if $! == EINTR;
@@ -289,7 +290,8 @@ sub _serve_conn {
         # Served, connection kept: idle until the next byte, and pipelined
         # bytes already here are looked at next round.
         $c->{in_head} = 0;
-        $c->{deadline} = now() + $self->{keepalive_timeout};
+        $c->{idle_since} = now();
+        $c->{deadline} = $c->{idle_since} + $self->{keepalive_timeout};
         if ($c->{eof} && !length $c->{buf}) {
             _drop_conn($loop, $fd);
         } elsif (length $c->{buf}) {
@@ -308,16 +310,18 @@ sub _serve_conn {
     }
 }
 
-# Idle connections (nothing buffered, nothing pending, nothing to read in
-# this round's select()) other than $busy_fd to the shared queue; kept when
-# the queue is full. Those with a request waiting are served here next:
-# under load every worker is busy and moving them would only cost.
+# Idle kept connections that stayed quiet through a whole select() (nothing
+# buffered, nothing pending, nothing to read) other than $busy_fd go to the
+# shared queue; kept when the queue is full. Those with a request waiting,
+# or just answered (a client under load sends its next request at once),
+# are served here next: moving them would cost every request a hand-over.
 sub _give_idle {
     my ($self, $loop, $busy_fd) = @_;
     my $conns = $loop->{conns};
     my @give = map { [$_, $conns->{$_}{in_head} ? 0 : 1] }
                grep { $_ != $busy_fd && !length $conns->{$_}{buf} && !$loop->{pending}{$_}
-                      && !($loop->{ready} && $loop->{ready}{$_}) }
+                      && !($loop->{ready} && $loop->{ready}{$_})
+                      && ($conns->{$_}{idle_since} // 'inf') < $loop->{select_at} }
                keys %$conns;
     return unless @give;
     my $sent = ForkServer::HTTPServer::Handoff::give($loop->{handoff}{give}, @give);
@@ -337,6 +341,7 @@ sub _take_conns {
         my $c = $self->_conn_from($sock, $peer);
         if ($idle) {
             $c->{in_head} = 0;
+            $c->{idle_since} = now();
             $c->{deadline} = now() + $self->{keepalive_timeout};
         }
         push @conns, $c;
@@ -455,7 +460,10 @@ to C<MAX_CONNS> connections in one C<select()> (at it, a new client
 closes the idle keep-alive connection that waited longest; a connection
 whose buffer holds a whole head is not read until that request is served) with the listener and the
 generation's stop pipe, enforces the head and keep-alive deadlines, serves
-one request per ready connection per round, and winds down (stop,
+one request per ready connection per round (a worker with siblings that
+starts a request first gives its quiet idle connections to the workers'
+shared queue, L<ForkServer::HTTPServer::Handoff>, and takes connections
+from it while free), and winds down (stop,
 recycling, C<psgix.harakiri.commit>) without dropping a request already on
 its way. Also C<worker_msg()> (the records to the master, C<MSG_*>) and
 C<worker_exit()>.
