@@ -12,6 +12,7 @@ started by `emperor run --http`, routing by Host name.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -68,29 +69,36 @@ def _write(vdir: Path, name: str, text: str) -> None:
     tmp.rename(vdir / f"{name}.ini")
 
 
-SERVING_VARIANTS = {
-    "default": [],
-    "nolog": ["--no-http-access-log"],
-    "nokeepalive": ["--no-http-access-log", "--nginx-keepalive", "0"],
+SERVING_VARIANTS = {  # key: (emperor options, vassal lines)
+    "default": ([], []),
+    "nolog": (["--no-http-access-log"], []),
+    "nohandoff": (["--no-http-access-log"], ["http-keepalive-handoff = false"]),
+    "nokeepalive": (["--no-http-access-log", "--nginx-keepalive", "0"], []),
 }
 SERVING_LABELS = {
     "default": "as `emperor run --http` starts it: access log on, 16 idle connections kept per vassal",
     "nolog": "--no-http-access-log",
+    "nohandoff": "--no-http-access-log, vassal `http-keepalive-handoff = false` (a worker keeps its connections)",
     "nokeepalive": "--no-http-access-log --nginx-keepalive 0: a new connection per request",
 }
+
+
+def load() -> str:
+    """The machine's load average (1, 5, 15 min): other work shares it."""
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def serving(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, duration: str) -> dict:
     """The same vassal, direct and through the front door, in one run."""
     res: dict = {}
-    for key, extra in SERVING_VARIANTS.items():
+    for key, (extra, lines) in SERVING_VARIANTS.items():
         vdir = tmp / f"front-serve-{key}"
         vdir.mkdir()
         (vdir / "base.ini").write_text(base_ini("hello", tmp / f"front-serve-{key}.sock"))
         direct = ports.get()
         _write(vdir, "hello", _vassal("hello", f"http-socket = 127.0.0.1:{direct}",
                                       "domain = hello.localhost", "processes = 2",
-                                      "disable-logging = true"))
+                                      "disable-logging = true", *lines))
         front = ports.get()
         em = emperor_run(procs, vdir, f"emperor-front-serve-{key}",
                          ["--http", f"127.0.0.1:{front}", "--run-dir", str(tmp / f"run-s{key}"),
@@ -99,9 +107,9 @@ def serving(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, durati
             wait_host_200(front, "hello.localhost", 60, em.alive)
             wrk(direct, "1s")
             wrk(front, "1s", "hello.localhost")  # warm-up of both, not counted
-            res[key] = {"direct": wrk(direct, duration),
+            res[key] = {"load_before": load(), "direct": wrk(direct, duration),
                         "front": wrk(front, duration, "hello.localhost"),
-                        "command": shlex.join(em.argv)}
+                        "command": shlex.join(em.argv), "vassal_lines": lines}
             d, f = res[key]["direct"]["rps"], res[key]["front"]["rps"]
             res[key]["ratio"] = f / d if d and f else None
         finally:
@@ -307,29 +315,34 @@ def churn(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, seconds:
 
 
 def fairness(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, duration: str,
-             keepalive: int = 16) -> dict:
+             keepalive: int = 16, handoff: bool = True) -> dict:
     """One vassal (2 workers) behind nginx with keep-alive upstreams: wrk
     -c16 on its fast route while wrk -c2 keeps its slow route (100 ms)
-    busy; the fast route's p50 and p99."""
-    vdir = tmp / f"front-fair{keepalive}"
+    busy; the fast route's p50 and p99. `handoff` False: the vassal's
+    workers keep the connections they accepted (http-keepalive-handoff)."""
+    tag = f"{keepalive}{'' if handoff else 'nh'}"
+    vdir = tmp / f"front-fair{tag}"
     vdir.mkdir()
     (vdir / "base.ini").write_text(
         f"[uwsgi]\nearly-psgi = {Path(__file__).resolve().parent / 'slow.psgi'}\n"
         f"fork-server = {tmp / 'front-fair.sock'}\n")
     _write(vdir, "fair", _vassal("fair", "domain = fair.localhost", "processes = 2",
-                                 "disable-logging = true"))
+                                 "disable-logging = true",
+                                 *([] if handoff else ["http-keepalive-handoff = false"])))
     front = ports.get()
-    em = emperor_run(procs, vdir, f"emperor-front-fair{keepalive}",
-                     ["--http", f"127.0.0.1:{front}", "--run-dir", str(tmp / f"run-fair{keepalive}"),
+    em = emperor_run(procs, vdir, f"emperor-front-fair{tag}",
+                     ["--http", f"127.0.0.1:{front}", "--run-dir", str(tmp / f"run-fair{tag}"),
                       "--no-http-access-log", "--nginx-keepalive", str(keepalive)])
     try:
         wait_host_200(front, "fair.localhost", 60, em.alive)
+        load_before = load()
         alone = _wrk_full(front, duration, "fair.localhost")
         with ThreadPoolExecutor(2) as pool:
             slow = pool.submit(_wrk_full, front, duration, "fair.localhost", 2, "/slow")
             fast = pool.submit(_wrk_full, front, duration, "fair.localhost")
             slow_r, fast_r = slow.result(), fast.result()
-        return {"alone": alone, "fast": fast_r, "slow": slow_r,
+        return {"alone": alone, "fast": fast_r, "slow": slow_r, "handoff": handoff,
+                "load_before": load_before, "load_after": load(),
                 "ratio": (fast_r["p99_ms"] / fast_r["p50_ms"])
                 if fast_r["p50_ms"] and fast_r["p99_ms"] else None,
                 "command": shlex.join(em.argv)}
@@ -357,6 +370,8 @@ def run(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, quick: boo
                                                    10 if quick else 30)),
         "fairness": step("front fairness", lambda: fairness(procs, ports, tmp, emperor_run,
                                                             base_ini, duration)),
+        "fairness_nohandoff": step("front fairness, workers keep their connections", lambda: fairness(
+            procs, ports, tmp, emperor_run, base_ini, duration, handoff=False)),
         "fairness_nokeepalive": step("front fairness, no keep-alive", lambda: fairness(
             procs, ports, tmp, emperor_run, base_ini, duration, keepalive=0)),
     }
@@ -369,7 +384,8 @@ def rows(fr: dict) -> list[tuple[str, str, str, str]]:
         s = sv.get(key)
         if s and s["ratio"] is not None:
             out.append((f"hello world, wrk -t2 -c16, 2 workers: through the front door / direct ({label})",
-                        f"{s['front']['rps']:.0f} / {s['direct']['rps']:.0f} req/s ({s['ratio']:.2f})",
+                        f"{s['front']['rps']:.0f} / {s['direct']['rps']:.0f} req/s ({s['ratio']:.2f}); "
+                        f"load {s.get('load_before', '?')}",
                         ">= 0.80", "met" if s["ratio"] >= 0.8 else "**not met**"))
     a = fr.get("asleep")
     if a:
@@ -392,7 +408,8 @@ def rows(fr: dict) -> list[tuple[str, str, str, str]]:
                     f"{ch['errors']} socket errors + {ch['non_2xx']} non-2xx of {ch['requests']}; "
                     f"{ch['reloads']} reloads", "0", "met" if ch["errors"] + ch["non_2xx"] == 0
                     else "**not met**"))
-    for key, label in (("fairness", "keep-alive upstreams"),
+    for key, label in (("fairness", "keep-alive upstreams, idle connections handed to a free worker"),
+                       ("fairness_nohandoff", "keep-alive upstreams, vassal `http-keepalive-handoff = false`"),
                        ("fairness_nokeepalive", "--nginx-keepalive 0")):
         fa = fr.get(key)
         if not fa or fa.get("ratio") is None:
@@ -401,7 +418,9 @@ def rows(fr: dict) -> list[tuple[str, str, str, str]]:
         out.append((f"wrk -c16 on a fast route through nginx ({label}, 2 workers) "
                     "while wrk -c2 keeps a 100 ms route busy: p99 / p50",
                     f"{f_['p99_ms']:.2f} / {f_['p50_ms']:.2f} ms ({fa['ratio']:.1f}x); alone "
-                    f"{fa['alone']['p99_ms']:.2f} / {fa['alone']['p50_ms']:.2f} ms",
+                    f"{fa['alone']['p99_ms']:.2f} / {fa['alone']['p50_ms']:.2f} ms; "
+                    f"{fa['fast']['requests']} fast, {fa['slow']['requests']} slow requests; "
+                    f"load {fa.get('load_before', '?')} -> {fa.get('load_after', '?')}",
                     "<= 3x", "met" if fa["ratio"] <= 3 else "**not met**"))
     nf = fr.get("new_file")
     if nf:

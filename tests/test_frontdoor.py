@@ -1008,3 +1008,43 @@ def test_a_run_dir_nginx_cannot_reach_is_one_line_and_exit_2(tmp_path: Path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert f"nginx's workers (www-data) cannot reach the sockets under it: {closed} is mode " \
            "0700" in r.stderr, r.stderr
+
+
+@needs_nginx
+@needs_perl
+def test_a_busy_worker_keeps_no_request_nginx_sends_on_a_kept_connection(front, tmp_path: Path):
+    """nginx keeps idle connections to the vassal; a worker busy with a
+    slow request leaves those it holds to its free sibling, so requests sent
+    on them are answered while the slow one still runs."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    gate.chmod(0o777)
+    f = front({"fair": ini("fair", "domain = fair.localhost", f"env = GATE_DIR={gate}",
+                           processes=2)})
+    f.routed("fair.localhost", "fair")
+
+    def burst(n: int, timeout: float) -> list:
+        out: list = []
+        threads = [threading.Thread(target=timed_fetch, args=(f.port, "fair.localhost", out, timeout))
+                   for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out
+
+    # nginx opens and then keeps connections to both workers
+    assert all(r[0] == 200 for r in burst(16, 20)), "warm-up"
+    slow: list = []
+    slow_thread = threading.Thread(target=lambda: slow.append(fetch(f.port, "fair.localhost", "/block", 90)))
+    slow_thread.start()
+    try:
+        wait_for(lambda: (gate / "started").exists(), 30, "the slow request to start")
+        for _ in range(3):
+            results = burst(16, 15)
+            assert [r[0] for r in results] == [200] * 16, results
+        assert not (gate / "go").exists() and not slow, "answered while the slow request still ran"
+    finally:
+        (gate / "go").touch()
+        slow_thread.join(90)
+    assert slow and slow[0][0] == 200

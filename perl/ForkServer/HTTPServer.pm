@@ -62,6 +62,7 @@ sub new {
         body_timeout     => 60,       # the whole request body
         response_timeout => 60,       # the whole response write
         keepalive_timeout => 5,       # an idle keep-alive connection is kept (it holds no worker)
+        keepalive_handoff => 1,       # a worker starting a request gives its idle connections away
         stop_grace       => 1,        # a stopping worker waits this long for a request already on its way on an idle connection
         socket_timeout   => 4,        # longest single stall of a read or write (uWSGI's socket-timeout)
         protocol         => 'http',   # or 'uwsgi': requests are uwsgi packets (nginx's uwsgi_pass)
@@ -232,6 +233,14 @@ first byte after a response; 408 for a partial head), the request body (60),
 the response write once the client stops keeping up (60); the longest
 single stalled read or write (4; C<read_timeout> is its old name); an idle
 keep-alive connection (5).
+
+=item keepalive_handoff
+
+True by default: a worker with siblings that starts a request gives its
+other idle connections (nothing read on them yet) to the workers' shared
+queue (L<ForkServer::HTTPServer::Handoff>), where a free worker takes
+them; a request that arrives on one then does not wait for the busy
+worker. False: a worker keeps what it accepted.
 
 =item server_ready
 

@@ -158,6 +158,7 @@ sub server_args {
         body_timeout      => $config->get('http-body-timeout'),
         response_timeout  => $config->get('http-response-timeout'),
         keepalive_timeout => $config->get('http-keepalive-timeout'),
+        keepalive_handoff => $config->get('http-keepalive-handoff') ? 1 : 0,
         protocol          => defined $config->get('socket') ? 'uwsgi' : 'http',
     );
 }

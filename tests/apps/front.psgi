@@ -1,11 +1,19 @@
 # The front door tests' app: who answers, and what nginx told it.
 # /cookies answers a head of about 5 KB (two 2.5 KB cookies); a POST is
-# read whole and its length answered.
+# read whole and its length answered. /block waits for a file (a slow
+# request whose end the test decides).
 use strict;
 use warnings;
 my $app = sub {
     my $env = shift;
     my @head = ('Content-Type' => 'text/plain');
+    if ($env->{PATH_INFO} eq '/block') {
+        # holds its worker until the test creates $GATE_DIR/go (60 s at most)
+        my $dir = $ENV{GATE_DIR};
+        if (open(my $fh, '>', "$dir/started")) { close $fh }
+        my $until = time + 60;
+        select(undef, undef, undef, 0.01) until -e "$dir/go" || time > $until;
+    }
     if ($env->{PATH_INFO} eq '/cookies') {
         push @head, 'Set-Cookie' => "a=" . ('x' x 2500), 'Set-Cookie' => "b=" . ('y' x 2500);
     }

@@ -15,6 +15,7 @@ use ForkServer::Random ();
 use ForkServer::Session ();
 use ForkServer::Exit ();
 use ForkServer::Protocol qw(:vassal_bytes :emperor_bytes);    # the Emperor pipe's bytes
+use ForkServer::HTTPServer::Handoff ();
 use ForkServer::HTTPServer::Listener ();
 use ForkServer::HTTPServer::Wire qw(now);
 use ForkServer::HTTPServer::Worker qw(:msg);
@@ -94,6 +95,11 @@ sub _master_init {
     $self->{respawn} = {};     # slot => time
     if ($pre) { @$self{qw(stop_r stop_w)} = @$pre{qw(stop_r stop_w)} }
     else      { $self->_new_stop_pipe }
+    # every generation's workers share it: connections given away by a
+    # worker of the old one are served by the new one
+    $self->{handoff} = $pre && $pre->{handoff_take}
+        ? { take => $pre->{handoff_take}, give => $pre->{handoff_give} }
+        : ForkServer::HTTPServer::Handoff::pair();
     $self->{sent_accepting} = 0;
     $self->{sent_loyal} = 0;
     $self->{stopping} = 0;     # 0, 'graceful' or 'now'
@@ -236,7 +242,7 @@ Does not return.
 sub run_preforked_worker {
     my ($self, %args) = @_;
     ForkServer::HTTPServer::Listener::setup($self);
-    $self->{$_} = $args{$_} for qw(master_pid ready_r ready_w stop_r);
+    $self->{$_} = $args{$_} for qw(master_pid ready_r ready_w stop_r handoff);
     $self->{gen} = 1;
     $self->_open_requests_file(master => $args{master_pid}, shared => 1);
     $self->{sigmask} = POSIX::SigSet->new;

@@ -15,6 +15,7 @@ use Socket qw(IPPROTO_TCP TCP_NODELAY SOL_SOCKET SO_RCVTIMEO SO_SNDTIMEO AF_INET
               MSG_DONTWAIT inet_ntop inet_aton pack_sockaddr_in unpack_sockaddr_in unpack_sockaddr_in6
               sockaddr_family);
 use ForkServer::Exit ();
+use ForkServer::HTTPServer::Handoff ();
 use ForkServer::HTTPServer::Wire qw(now READ_CHUNK);
 
 use constant {
@@ -74,18 +75,23 @@ sub _worker_main {
         lfd          => fileno $listen,
         stop_fd      => fileno $self->{stop_r},
         stimeo       => pack('l!l!', $self->{socket_timeout}, 0),
+        # with siblings: the shared queue of connections (Handoff)
+        handoff      => $self->{workers} > 1 && $self->{keepalive_handoff} ? $self->{handoff} : undef,
     };
+    $loop->{hfd} = fileno $loop->{handoff}{take} if $loop->{handoff};
     while (1) {
         my $now = now();
         last unless $self->_wind_down($loop, $now);
         my ($rin, $timeout) = $self->_select_set($loop, $now);
         $self->_flush_requests if $self->{requests_dirty};
+        $loop->{select_at} = now();
         my $n = select(my $rout = $rin, undef, undef, $timeout);
         if ($n < 0) {
             next if $! == EINTR;
             die "select: $!\n";
         }
         my $ready = $self->_ready_conns($loop, $n > 0 ? $rout : undef);
+        $loop->{ready} = $ready;
         # One request per ready connection per round: fair between them.
         $self->_serve_conn($loop, $_) for sort { $a <=> $b } keys %$ready;
     }
@@ -163,6 +169,7 @@ sub _select_set {
     my $timeout = %{ $loop->{pending} } ? 0 : 1;
     my $rin = '';
     vec($rin, $loop->{stop_fd}, 1) = 1 unless $loop->{leaving};
+    vec($rin, $loop->{hfd}, 1) = 1 if defined $loop->{hfd} && !$loop->{leaving};
     my $idle = 0;
     for my $fd (keys %$conns) {
         my $c = $conns->{$fd};
@@ -215,6 +222,14 @@ sub _ready_conns {
             $ready{$fd} = 1;
         }
     }
+    if (defined $loop->{hfd} && !$loop->{leaving} && vec($rout, $loop->{hfd}, 1)) {
+        for my $c ($self->_take_conns($loop)) {
+            _make_room($loop) if keys %{ $loop->{conns} } >= MAX_CONNS;
+            my $fd = fileno $c->{sock};
+            $loop->{conns}{$fd} = $c;
+            $ready{$fd} = 1;    # a request may be waiting in it already
+        }
+    }
     for my $fd (keys %{ $loop->{conns} }) { $ready{$fd} = 1 if vec($rout, $fd, 1) }
     return \%ready;
 }
@@ -260,6 +275,12 @@ sub _serve_conn {
     }
     return unless length $c->{buf};
     _head_begins($self, $c) unless $c->{in_head};
+    # A whole head: this worker is busy from now on, for as long as the app
+    # takes. Its other connections with nothing read yet go to the shared
+    # queue, where a free sibling takes them: what nginx sends on them next
+    # does not wait for this request.
+    $self->_give_idle($loop, $fd) if $loop->{handoff} && keys %{ $loop->{conns} } > 1
+        && $c->{buf} =~ /\n\r?\n/;
     my $keep = eval { $self->_serve_head($c) };
     $c->{partial} = defined $keep && $keep eq 'partial';
     if (!defined $keep) {
@@ -274,7 +295,8 @@ sub _serve_conn {
         # Served, connection kept: idle until the next byte, and pipelined
         # bytes already here are looked at next round.
         $c->{in_head} = 0;
-        $c->{deadline} = now() + $self->{keepalive_timeout};
+        $c->{idle_since} = now();
+        $c->{deadline} = $c->{idle_since} + $self->{keepalive_timeout};
         if ($c->{eof} && !length $c->{buf}) {
             _drop_conn($loop, $fd);
         } elsif (length $c->{buf}) {
@@ -291,6 +313,45 @@ sub _serve_conn {
         worker_msg($self->{ready_w}, MSG_LEAVING);
         $loop->{leaving} = 1;
     }
+}
+
+# Idle kept connections that stayed quiet through a whole select() (nothing
+# buffered, nothing pending, nothing to read) other than $busy_fd go to the
+# shared queue; kept when the queue is full. Those with a request waiting,
+# or just answered (a client under load sends its next request at once),
+# are served here next: moving them would cost every request a hand-over.
+sub _give_idle {
+    my ($self, $loop, $busy_fd) = @_;
+    my $conns = $loop->{conns};
+    my @give = map { [$_, $conns->{$_}{in_head} ? 0 : 1] }
+               grep { $_ != $busy_fd && !length $conns->{$_}{buf} && !$loop->{pending}{$_}
+                      && !($loop->{ready} && $loop->{ready}{$_})
+                      && ($conns->{$_}{idle_since} // 'inf') < $loop->{select_at} }
+               keys %$conns;
+    return unless @give;
+    my $sent = ForkServer::HTTPServer::Handoff::give($loop->{handoff}{give}, @give);
+    _drop_conn($loop, $_->[0]) for @give[0 .. $sent - 1];
+    return;
+}
+
+# Connections a sibling gave away: idle kept ones (state 1) wait for their
+# next request for keepalive_timeout, others for their head's first bytes.
+sub _take_conns {
+    my ($self, $loop) = @_;
+    my @conns;
+    for my $got (ForkServer::HTTPServer::Handoff::take($loop->{handoff}{take})) {
+        my ($fd, $idle) = @$got;
+        open(my $sock, '+<&=', $fd) or do { POSIX::close($fd); next };
+        my $peer = getpeername($sock) // '';
+        my $c = $self->_conn_from($sock, $peer);
+        if ($idle) {
+            $c->{in_head} = 0;
+            $c->{idle_since} = now();
+            $c->{deadline} = now() + $self->{keepalive_timeout};
+        }
+        push @conns, $c;
+    }
+    return @conns;
 }
 
 # The first byte of a request head: its deadline, and the request's clock
@@ -343,7 +404,14 @@ sub _conn {
     setsockopt($conn, IPPROTO_TCP, TCP_NODELAY, 1);
     setsockopt($conn, SOL_SOCKET, SO_RCVTIMEO, $stimeo);
     setsockopt($conn, SOL_SOCKET, SO_SNDTIMEO, $stimeo);
+    return $self->_conn_from($conn, $peer);
+}
+
+# The connection's state, from its socket (options set) and peer address.
+sub _conn_from {
+    my ($self, $conn, $peer) = @_;
     my ($rport, $raddr) = (0, '');
+    return _new_conn($self, $conn, $raddr, $rport) unless length $peer;
     my $fam = sockaddr_family($peer);
     if ($fam == AF_INET) {
         ($rport, $raddr) = unpack_sockaddr_in($peer);
@@ -352,6 +420,11 @@ sub _conn {
         ($rport, $raddr) = unpack_sockaddr_in6($peer);
         $raddr = inet_ntop(AF_INET6, $raddr);
     }
+    return _new_conn($self, $conn, $raddr, $rport);
+}
+
+sub _new_conn {
+    my ($self, $conn, $raddr, $rport) = @_;
     my $c = { sock => $conn, buf => '', raddr => $raddr, rport => $rport,
               informational => sub { ForkServer::HTTPServer::Response::write_informational($conn, @_) } };
     _head_begins($self, $c);
@@ -392,7 +465,10 @@ to C<MAX_CONNS> connections in one C<select()> (at it, a new client
 closes the idle keep-alive connection that waited longest; a connection
 whose buffer holds a whole head is not read until that request is served) with the listener and the
 generation's stop pipe, enforces the head and keep-alive deadlines, serves
-one request per ready connection per round, and winds down (stop,
+one request per ready connection per round (a worker with siblings that
+starts a request first gives its quiet idle connections to the workers'
+shared queue, L<ForkServer::HTTPServer::Handoff>, and takes connections
+from it while free), and winds down (stop,
 recycling, C<psgix.harakiri.commit>) without dropping a request already on
 its way. Also C<worker_msg()> (the records to the master, C<MSG_*>) and
 C<worker_exit()>.

@@ -11,6 +11,7 @@ use Cwd ();
 use ForkServer::Config ();
 use ForkServer::Descriptors ();
 use ForkServer::HTTPServer ();
+use ForkServer::HTTPServer::Handoff ();
 use ForkServer::Identity ();
 use ForkServer::Link ();
 use ForkServer::Log ();
@@ -56,6 +57,7 @@ sub prefork {
     pipe(my $ready_r, my $ready_w) or die "pipe: $!\n";
     pipe(my $stop_r, my $stop_w) or die "pipe: $!\n";
     socketpair(my $ours, my $theirs, AF_UNIX, SOCK_SEQPACKET, PF_UNSPEC) or die "socketpair: $!\n";
+    my $handoff = ForkServer::HTTPServer::Handoff::pair();
     my $pid = fork // die "fork: $!\n";
     if ($pid == 0) {
         $SIG{TERM} = 'DEFAULT';    # the spare's own (ForkServer::Spares::leave) is not the worker's
@@ -64,8 +66,9 @@ sub prefork {
         close $base_link;
         close $stop_w;    # the master's: end of file on it is the worker's stop
         # the app runs here: nothing of the base's (ForkServer::Descriptors)
-        ForkServer::Descriptors::close_all_but(0, 1, 2, map { fileno $_ } $theirs, $ready_r, $ready_w, $stop_r);
-        my $ok = eval { _worker_main($theirs, $app, $paths, $name, $ready_r, $ready_w, $stop_r); 1 };
+        ForkServer::Descriptors::close_all_but(0, 1, 2, map { fileno $_ } $theirs, $ready_r, $ready_w, $stop_r,
+                                                   values %$handoff);
+        my $ok = eval { _worker_main($theirs, $app, $paths, $name, $ready_r, $ready_w, $stop_r, $handoff); 1 };
         ForkServer::Log::line($name, "spare worker pid $$: $@") unless $ok;
         STDOUT->flush;
         STDERR->flush;
@@ -74,7 +77,8 @@ sub prefork {
     close $theirs;
     my $self = bless {
         pid => $pid, link => $ours,
-        pipes => { ready_r => $ready_r, ready_w => $ready_w, stop_r => $stop_r, stop_w => $stop_w },
+        pipes => { ready_r => $ready_r, ready_w => $ready_w, stop_r => $stop_r, stop_w => $stop_w,
+                   handoff_take => $handoff->{take}, handoff_give => $handoff->{give} },
     }, $class;
     # warm before the base counts on us; an app whose warm-up path hangs in
     # a forked process must not hold the pool (nor this process) forever
@@ -191,7 +195,7 @@ sub discard {
 }
 
 sub _worker_main {
-    my ($link, $app, $paths, $name, $ready_r, $ready_w, $stop_r) = @_;
+    my ($link, $app, $paths, $name, $ready_r, $ready_w, $stop_r, $handoff) = @_;
     my $master = getppid();
     $0 = "psgi-vassal $name (spare worker)";
     # the app's paths as often as the server's: the adopted vassal's first
@@ -239,7 +243,8 @@ sub _worker_main {
     }
     ForkServer::HTTPServer->new(listen_sock => $sock, app => $app, $vassal->server_args($access_log), @requests)
         ->run_preforked_worker(slot => 1, master_pid => $master,
-                               ready_r => $ready_r, ready_w => $ready_w, stop_r => $stop_r);
+                               ready_r => $ready_r, ready_w => $ready_w, stop_r => $stop_r,
+                               handoff => $handoff);
     return;    # not reached
 }
 

@@ -1,0 +1,60 @@
+use strict;
+use warnings;
+use Test::More;
+use FindBin;
+use lib "$FindBin::Bin/lib";
+use ForkServerTest::HTTP;
+
+# A worker busy with a slow request does not keep the idle keep-alive
+# connections it served before: a request sent on one of them (as nginx
+# does with its kept upstream connections) is served by a free worker
+# while the slow one still runs.
+my $app = "$FindBin::Bin/apps/http-test.psgi";
+my $srv = start_server(app_file => $app, workers => 2);
+ok $srv->wait_ready, 'ready';
+my $dir = $srv->dir;
+
+# three kept connections on two workers: two of them were served by the
+# same worker, which (on a server where a worker owns its connections)
+# still holds both
+my (%by_pid, @conns);
+for (1 .. 3) {
+    my $s = connect_to($srv->port);
+    my $buf = '';
+    my $r = request_on($s, \$buf, "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n");
+    ok $r && $r->{status} == 200, 'a kept connection';
+    push @conns, [$s, \$buf];
+    push @{ $by_pid{ $r->{body} } }, $conns[-1];
+}
+my ($pair) = grep { @$_ >= 2 } values %by_pid;
+my $slow = $pair->[0];
+my @others = grep { $_ != $slow } @conns;
+
+print { $slow->[0] } "GET /block?slow HTTP/1.1\r\nHost: x\r\n\r\n";
+ok wait_for(sub { -e "$dir/slow.started" }, 20), 'a worker is in the slow request';
+
+my $body = 'x' x 1000;
+my @fast_pids;
+for my $c (@others) {
+    my $r = request_on($c->[0], $c->[1],
+                       "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n$body", timeout => 20);
+    ok $r && $r->{status} == 200, 'a POST on another kept connection is answered';
+    like $r && $r->{body}, qr/^len=1000 /, '... with its whole body';
+    $r = request_on($c->[0], $c->[1], "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n", timeout => 20);
+    ok $r && $r->{status} == 200, '... and the connection is still kept';
+    push @fast_pids, $r && $r->{body};
+}
+ok !-e "$dir/slow.go", 'all of it while the slow request still runs';
+
+open my $go, '>', "$dir/slow.go" or die; close $go;
+my $r = read_response($slow->[0], $slow->[1], timeout => 20);
+my ($slow_pid) = ($r && $r->{body} // '') =~ /^done slow (\d+)$/;
+ok $slow_pid, 'the slow request is answered';
+ok !grep({ !$_ || $_ eq $slow_pid } @fast_pids), 'the others by the free worker';
+$r = request_on($slow->[0], $slow->[1], "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n", timeout => 20);
+ok $r && $r->{status} == 200, 'the slow request\'s connection is kept too';
+is scalar(() = slurp($srv->{log}) =~ m{"POST /echo }g), 2, 'each POST reached the app once';
+
+$srv->stop;
+is $srv->wait_exit, 0, 'exit 0';
+done_testing;
