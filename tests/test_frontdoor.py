@@ -1006,3 +1006,22 @@ def test_a_run_dir_nginx_cannot_reach_is_one_line_and_exit_2(tmp_path: Path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert f"nginx's workers (www-data) cannot reach the sockets under it: {closed} is mode " \
            "0700" in r.stderr, r.stderr
+
+
+@needs_nginx
+@needs_perl
+def test_a_name_that_changes_hands_is_routed_to_its_new_vassal_at_once(front):
+    """The host links serve a name nginx has never seen; a name the running
+    configuration routes elsewhere (moved from a live vassal, or under a
+    wildcard another vassal serves) must not wait for the settle time: the
+    old vassal would answer for the new one meanwhile."""
+    f = front({"old": ini("old", "domain = moving.localhost", "domain = old.localhost"),
+               "wild": ini("wild", "domain = *.w.localhost")}, "--http-settle", "120")
+    f.routed("moving.localhost", "old")
+    f.routed("x.w.localhost", "wild")
+    f.write("old", ini("old", "domain = old.localhost"))
+    f.write("new", ini("new", "domain = moving.localhost"))
+    wait_for(lambda: answers(f.port, "moving.localhost", "new"), 20, "moving -> new")
+    f.write("exact", ini("exact", "domain = x.w.localhost"))
+    wait_for(lambda: answers(f.port, "x.w.localhost", "exact"), 20, "x.w -> exact")
+    assert answers(f.port, "y.w.localhost", "wild") and answers(f.port, "old.localhost", "old")
