@@ -1025,6 +1025,10 @@ def test_a_name_that_changes_hands_is_routed_to_its_new_vassal_at_once(front):
     f.write("exact", ini("exact", "domain = x.w.localhost"))
     wait_for(lambda: answers(f.port, "x.w.localhost", "exact"), 20, "x.w -> exact")
     assert answers(f.port, "y.w.localhost", "wild") and answers(f.port, "old.localhost", "old")
+    # a vassal that lets a name go (its socket stays) no longer answers it
+    f.write("old", ini("old", "domain = renamed.localhost"))
+    wait_for(lambda: answers(f.port, "renamed.localhost", "old"), 20, "renamed -> old")
+    wait_for(lambda: status_of(f.port, "old.localhost") == 404, 20, "old.localhost let go")
 
 
 @needs_nginx
