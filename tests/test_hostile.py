@@ -992,3 +992,29 @@ def test_reloads_under_load_lose_no_request(hostile):
     assert rss - baseline[0] < 4 << 20, f"RSS grew {(rss - baseline[0]) >> 10} KiB"
     emperor_ok(e)
     assert_no_zombies(e)
+
+
+def test_a_vassal_flooding_its_emperor_pipe_with_config_requests_stalls_no_one(hostile):
+    """A tenant's app holds its master's Emperor pipe while it loads: it
+    asks for its config again 80,000 times and never reads the copies.
+    The Emperor answers with one copy at a time, never waits on that pipe:
+    the fleet's other vassals still start and the status still answers."""
+    flood, good, late = free_port(), free_port(), free_port()
+    e = hostile({"flood": f"[uwsgi]\nhttp-socket = 127.0.0.1:{flood}\nprocesses = 1\n"
+                          f"psgi = {APP.parent / 'config_flood.psgi'}\n",
+                 "good": app_ini("good", good, processes=1)}, wait=(good, flood))
+    def flooding() -> bool:
+        for p in descendants(e.pid):
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE and "config flood" in " ".join(p.cmdline()):
+                    return True
+            except psutil.Error:
+                pass
+        return False
+
+    wait_for(lambda: not flooding(), 30, "the flood helper to have written everything")
+    (e.dir / "late.ini").write_text(app_ini("late", late, processes=1))
+    wait_for(lambda: get(late), 20, "a vassal added after the flood to answer")
+    assert "good" in fetch(e.stats, timeout=10)["vassals"]
+    assert len([x for x in e.lines("config pipe") if "timed out" in x]) <= 1, e.lines("config pipe")
+    emperor_ok(e)
