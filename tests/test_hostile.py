@@ -1018,3 +1018,16 @@ def test_a_vassal_flooding_its_emperor_pipe_with_config_requests_stalls_no_one(h
     assert "good" in fetch(e.stats, timeout=10)["vassals"]
     assert len([x for x in e.lines("config pipe") if "timed out" in x]) <= 1, e.lines("config pipe")
     emperor_ok(e)
+
+
+def test_a_vassal_repeating_a_byte_on_its_emperor_pipe_is_logged_once(hostile):
+    """80,000 times 'stop me' (byte 22) from a tenant's helper: one line in
+    the Emperor's log, one stop, not one line a byte."""
+    flood = free_port()
+    e = hostile({"flood": f"[uwsgi]\nhttp-socket = 127.0.0.1:{flood}\nprocesses = 1\n"
+                          f"env = FLOOD_BYTE=22\npsgi = {APP.parent / 'config_flood.psgi'}\n"})
+    wait_for(lambda: e.lines("[flood] asked to be stopped"), 30, "the stop asked")
+    wait_for(lambda: len(e.vpids("flood")) >= 2, 30, "a new process after the stop")
+    assert len(e.lines("asked to be stopped")) <= len(e.vpids("flood")), \
+        len(e.lines("asked to be stopped"))
+    emperor_ok(e)
