@@ -1031,3 +1031,20 @@ def test_a_vassal_repeating_a_byte_on_its_emperor_pipe_is_logged_once(hostile):
     assert len(e.lines("asked to be stopped")) <= len(e.vpids("flood")), \
         len(e.lines("asked to be stopped"))
     emperor_ok(e)
+
+
+def test_an_app_starting_a_helper_while_it_loads_from_a_spare_starts(hostile):
+    """A vassal with its own app, adopted from a spare (its warm worker let
+    go), whose app forks a long-lived helper while loading: the helper
+    holds the spare's link to the warm worker, so the worker never saw its
+    end, and the vassal waited for it forever (starting, deaf to its
+    Emperor pipe, surviving the Emperor). It answers."""
+    port = free_port()
+    e = hostile({})
+    wait_for(lambda: e.lines("spares: 2 ready"), 30, "the base's spares")
+    (e.dir / "helped.ini").write_text(
+        f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\n"
+        f"env = APP_NAME=helped\npsgi = {APP.parent / 'helper_at_load.psgi'}\n")
+    wait_for(lambda: get(port), 20, "the vassal with a helper to answer")
+    assert e.lines("[helped] adopted"), e.text()[-2000:]
+    emperor_ok(e)
