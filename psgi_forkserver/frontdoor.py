@@ -435,6 +435,34 @@ def served_by_link(r: Route, hosts_dir: Path) -> bool:
 SHUTDOWN_TIMEOUT = 30
 
 
+def installed_route(name: str, routes: Iterable[Route]) -> Route | None:
+    """The route nginx picks for `name` in a configuration of these routes:
+    an exact name first, else the longest wildcard above it."""
+    best: tuple[int, Route] | None = None
+    for r in routes:
+        for d in r.domains:
+            if d == name:
+                return r
+            if d.startswith("*.") and name.endswith(d[1:]) and (best is None or len(d) > best[0]):
+                best = (len(d), r)
+    return best[1] if best else None
+
+
+def _rerouted(r: Route, installed: Iterable[Route]) -> bool:
+    """Whether the running configuration routes one of this route's names
+    somewhere else (a name moved from a live vassal, an exact name under
+    another vassal's wildcard), or this vassal's dropped names to it: the
+    host links cannot help there (nginx consults them only for names it
+    does not know), so waiting to reload would let the wrong vassal answer."""
+    installed = tuple(installed)
+    for d in r.domains:
+        now = installed_route(d, installed)
+        if now is not None and (now.target != r.target or not now.up):
+            return True
+    before = next((o for o in installed if o.vassal == r.vassal), None)
+    return before is not None and not set(before.domains) <= set(r.domains)
+
+
 def write_if_changed(path: Path, text: str) -> bool:
     """Replace `path` with `text` atomically (rename), only if it differs;
     True when it was written."""
@@ -746,7 +774,8 @@ class FrontDoor:
         if self.embedded and self.installed is not None and self.routes is not None:
             hosts = self.ng_dir / HOSTS
             old = set(self.installed)
-            if all(served_by_link(r, hosts) or not r.up for r in self.routes if r not in old):
+            if all((served_by_link(r, hosts) and not _rerouted(r, self.installed)) or not r.up
+                   for r in self.routes if r not in old):
                 at = max(at, min(self.changed_at + self.opts.settle,
                                  self.dirty_since + self.opts.settle_max))
         return max(at, self.last_apply + self.opts.min_gap, self.next_check)

@@ -15,11 +15,14 @@ from __future__ import annotations
 import array
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import resource
 import shutil
 import signal
 import socket
+import struct
+import termios
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -224,6 +227,16 @@ def send_config(sock: socket.socket, text: bytes, output_fd: int | None = None) 
         sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         data = data[sent:]
     sock.sendall(data)
+
+
+def unread_bytes(sock: socket.socket) -> int:
+    """Bytes sent on a UNIX socket that its peer has not read yet (SIOCOUTQ);
+    0 when it cannot be told."""
+    try:
+        buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return struct.unpack("i", buf)[0]
 
 
 def send_byte(sock: socket.socket, byte: int) -> None:

@@ -367,14 +367,21 @@ class Processes:
         if v is None:
             return
         p = v.proc(seq)
+        config_again = False
         for b in data:
-            if b == VassalByte.CONFIG_AGAIN and h.config_pipe is not None and h.config_text:
-                self._send_config(h)
+            if b == VassalByte.CONFIG_AGAIN:
+                config_again = True
                 continue
             note = v.on_byte(b, now, seq)
             if note and p is not None:
                 ms = (now - p.started_at) * 1000 if p.started_at is not None else 0.0
                 self.log(f"{note} (pid {p.pid}, {ms:.1f} ms after start)", name)
+        # any number of requests is one copy, and none while an earlier copy
+        # is unread: the pipe is the vassal's (its app's code can write on
+        # it), and a blocking send would stall the whole fleet
+        if config_again and h.config_pipe is not None and h.config_text \
+                and not launch.unread_bytes(h.config_pipe):
+            self._send_config(h)
 
 
     def _on_adoption(self, name: str, seq: int, now: float) -> None:

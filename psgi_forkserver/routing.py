@@ -103,9 +103,11 @@ class Routing:
                 addr = want[0] if want is not None and (self.own_sockets or v.has_process) \
                     else None
             down = addr is None
-            # a retry helps after a crash loop's backoff, not while stopped
-            retry = math.ceil(v.backoff) if v.phase == Phase.THROTTLED else \
-                0 if v.phase == Phase.STOPPED else 1
+            # a retry helps after a crash loop's backoff, not while stopped;
+            # only the front door's own 503 says it: a route with an address
+            # keeps 1, or each crash, stop and start would change the routes
+            retry = 1 if not down else math.ceil(v.backoff) if v.phase == Phase.THROTTLED \
+                else 0 if v.phase == Phase.STOPPED else 1
             out.append(Route(v.name, domains, nginx_target(addr) if addr else "",
                              up=not down, retry_after=retry,
                              protocol="uwsgi" if cfg.get("socket") else "http",

@@ -16,6 +16,7 @@ vassal's socket waits in the Emperor's selector for its first connection
 from __future__ import annotations
 
 import hashlib
+import errno
 import os
 import re
 import select
@@ -71,6 +72,28 @@ def _stale_unix_socket(path: str) -> bool:
     raise OSError(98, f"{path}: another process listens on it")
 
 
+def set_socket_file(path: str, mode: int | None, uid: int | None = None,
+                    gid: int | None = None) -> None:
+    """chmod (and, as root, chown) the socket file just bound at `path`,
+    never what replaced it: whoever may write the socket's directory (a
+    tenant's own `http-socket = /srv/alice/app.sock`) could rename a
+    symlink to a root file over it between bind() and a chmod by path,
+    which follows it. The file is opened without following links
+    (O_PATH | O_NOFOLLOW), must be a socket, and is changed through its
+    descriptor."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise OSError(errno.EEXIST, f"{path} was replaced by another file while bound")
+        via = f"/proc/self/fd/{fd}"  # the inode the descriptor holds, not a path
+        if mode is not None:
+            os.chmod(via, mode)
+        if (uid is not None or gid is not None) and os.geteuid() == 0:
+            os.chown(via, -1 if uid is None else uid, -1 if gid is None else gid)
+    finally:
+        os.close(fd)
+
+
 def bind_unix_listener(path: str, backlog: int = 1024, uid: int | None = None,
                        gid: int | None = None, mode: int = UNIX_MODE) -> socket.socket:
     """A listening UNIX stream socket at `path`, mode `mode`, owned by
@@ -85,9 +108,7 @@ def bind_unix_listener(path: str, backlog: int = 1024, uid: int | None = None,
         s.bind(path)
         try:
             # before listen(): nobody can connect until the mode is right
-            os.chmod(path, mode)
-            if (uid is not None or gid is not None) and os.geteuid() == 0:
-                os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
+            set_socket_file(path, mode, uid, gid)
             s.listen(backlog)
         except BaseException:
             os.unlink(path)
@@ -305,7 +326,7 @@ class Listeners:
             mode = cfg.get("chmod-socket")
             if mode:
                 try:
-                    os.chmod(addr, int(mode, 8))
+                    set_socket_file(addr, int(mode, 8))
                 except (OSError, ValueError):
                     pass
         lst = Listener(addr, backlog, sock, owner)

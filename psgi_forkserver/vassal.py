@@ -309,7 +309,8 @@ class Vassal(Decisions):
         elif byte == VassalByte.HEARTBEAT:
             p.last_heartbeat = now
         elif byte == VassalByte.DONE:
-            if p is self.current and p.live:
+            # once per process: the pipe is the vassal's, its app may repeat it
+            if p is self.current and p.live and self.stop_reason is None:
                 self.stop_reason = "idle" if self.on_demand else "asked to stop"
                 return "idle" if self.on_demand else "asked to be stopped"
         return None

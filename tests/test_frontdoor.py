@@ -1048,3 +1048,59 @@ def test_a_busy_worker_keeps_no_request_nginx_sends_on_a_kept_connection(front, 
         (gate / "go").touch()
         slow_thread.join(90)
     assert slow and slow[0][0] == 200
+
+
+@needs_nginx
+@needs_perl
+def test_a_name_that_changes_hands_is_routed_to_its_new_vassal_at_once(front):
+    """The host links serve a name nginx has never seen; a name the running
+    configuration routes elsewhere (moved from a live vassal, or under a
+    wildcard another vassal serves) must not wait for the settle time: the
+    old vassal would answer for the new one meanwhile."""
+    f = front({"old": ini("old", "domain = moving.localhost", "domain = old.localhost"),
+               "wild": ini("wild", "domain = *.w.localhost")}, "--http-settle", "120")
+    f.routed("moving.localhost", "old")
+    f.routed("x.w.localhost", "wild")
+    f.write("old", ini("old", "domain = old.localhost"))
+    f.write("new", ini("new", "domain = moving.localhost"))
+    wait_for(lambda: answers(f.port, "moving.localhost", "new"), 20, "moving -> new")
+    f.write("exact", ini("exact", "domain = x.w.localhost"))
+    wait_for(lambda: answers(f.port, "x.w.localhost", "exact"), 20, "x.w -> exact")
+    assert answers(f.port, "y.w.localhost", "wild") and answers(f.port, "old.localhost", "old")
+    # a vassal that lets a name go (its socket stays) no longer answers it
+    f.write("old", ini("old", "domain = renamed.localhost"))
+    wait_for(lambda: answers(f.port, "renamed.localhost", "old"), 20, "renamed -> old")
+    wait_for(lambda: status_of(f.port, "old.localhost") == 404, 20, "old.localhost let go")
+
+
+@needs_nginx
+@needs_perl
+def test_stopping_or_crashing_vassals_reload_nothing(front):
+    """Whether a vassal answers right now is not part of the routing: a
+    stop, a start and a crash loop leave nginx's generation as it was."""
+    import json
+
+    status_port = free_port()
+    f = front({"app1": ini("app1", "domain = app1.localhost"),
+               "crash": ini("crash", "domain = crash.localhost", f"psgi = {DIES}")},
+              "--status-http", f"127.0.0.1:{status_port}", "--http-settle", "0.5",
+              "--backoff-first", "0.5", "--backoff-max", "1")
+    f.routed("app1.localhost", "app1")
+
+    def front_state() -> dict:
+        return json.loads(http_json(status_port, "/json")[1])["emperor"]["front"]
+
+    wait_for(lambda: front_state()["serving_generation"] == front_state()["generation"], 30,
+             "nginx serving its configuration")
+    before = front_state()
+    for cmd in ("stop", "start", "stop"):
+        r = subprocess.run([EMPEROR, cmd, "app1", "--dir", str(f.dir)], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: status_of(f.port, "app1.localhost") == (503 if cmd == "stop" else 200),
+                 30, f"app1 after {cmd}")
+    # the crash loop is the clock: six attempts are many times the settle time
+    wait_for(lambda: len(f.lines("respawn in")) >= 6, 60, "six crashes")
+    after = front_state()
+    assert (after["generation"], after["reloads"]) == (before["generation"], before["reloads"]), \
+        (before, after)

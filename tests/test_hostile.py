@@ -997,3 +997,59 @@ def test_reloads_under_load_lose_no_request(hostile):
     assert rss - baseline[0] < 4 << 20, f"RSS grew {(rss - baseline[0]) >> 10} KiB"
     emperor_ok(e)
     assert_no_zombies(e)
+
+
+def test_a_vassal_flooding_its_emperor_pipe_with_config_requests_stalls_no_one(hostile):
+    """A tenant's app holds its master's Emperor pipe while it loads: it
+    asks for its config again 80,000 times and never reads the copies.
+    The Emperor answers with one copy at a time, never waits on that pipe:
+    the fleet's other vassals still start and the status still answers."""
+    flood, good, late = free_port(), free_port(), free_port()
+    e = hostile({"flood": f"[uwsgi]\nhttp-socket = 127.0.0.1:{flood}\nprocesses = 1\n"
+                          f"psgi = {APP.parent / 'config_flood.psgi'}\n",
+                 "good": app_ini("good", good, processes=1)}, wait=(good, flood))
+    def flooding() -> bool:
+        for p in descendants(e.pid):
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE and "config flood" in " ".join(p.cmdline()):
+                    return True
+            except psutil.Error:
+                pass
+        return False
+
+    wait_for(lambda: not flooding(), 30, "the flood helper to have written everything")
+    (e.dir / "late.ini").write_text(app_ini("late", late, processes=1))
+    wait_for(lambda: get(late), 20, "a vassal added after the flood to answer")
+    assert "good" in fetch(e.stats, timeout=10)["vassals"]
+    assert len([x for x in e.lines("config pipe") if "timed out" in x]) <= 1, e.lines("config pipe")
+    emperor_ok(e)
+
+
+def test_a_vassal_repeating_a_byte_on_its_emperor_pipe_is_logged_once(hostile):
+    """80,000 times 'stop me' (byte 22) from a tenant's helper: one line in
+    the Emperor's log, one stop, not one line a byte."""
+    flood = free_port()
+    e = hostile({"flood": f"[uwsgi]\nhttp-socket = 127.0.0.1:{flood}\nprocesses = 1\n"
+                          f"env = FLOOD_BYTE=22\npsgi = {APP.parent / 'config_flood.psgi'}\n"})
+    wait_for(lambda: e.lines("[flood] asked to be stopped"), 30, "the stop asked")
+    wait_for(lambda: len(e.vpids("flood")) >= 2, 30, "a new process after the stop")
+    assert len(e.lines("asked to be stopped")) <= len(e.vpids("flood")), \
+        len(e.lines("asked to be stopped"))
+    emperor_ok(e)
+
+
+def test_an_app_starting_a_helper_while_it_loads_from_a_spare_starts(hostile):
+    """A vassal with its own app, adopted from a spare (its warm worker let
+    go), whose app forks a long-lived helper while loading: the helper
+    holds the spare's link to the warm worker, so the worker never saw its
+    end, and the vassal waited for it forever (starting, deaf to its
+    Emperor pipe, surviving the Emperor). It answers."""
+    port = free_port()
+    e = hostile({})
+    wait_for(lambda: e.lines("spares: 2 ready"), 30, "the base's spares")
+    (e.dir / "helped.ini").write_text(
+        f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\n"
+        f"env = APP_NAME=helped\npsgi = {APP.parent / 'helper_at_load.psgi'}\n")
+    wait_for(lambda: get(port), 20, "the vassal with a helper to answer")
+    assert e.lines("[helped] adopted"), e.text()[-2000:]
+    emperor_ok(e)

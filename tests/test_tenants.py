@@ -421,3 +421,61 @@ def test_keep_fd_in_a_plain_vassal_is_refused(fleet):
     wait_for(lambda: [ln for ln in fleet.e.lines("error: keep-fd: only a vassal adopted from a base keeps one")
                       if "[plainkeep]" in ln], 30, "the refusal")
     (fleet.vdir / "plainkeep.ini").unlink()
+
+
+def test_a_socket_swapped_for_a_symlink_while_bound_changes_no_other_file(tmp_path: Path):
+    """A tenant that may write the directory of its own socket
+    (`http-socket = /srv/alice/app.sock`) renames a symlink to a root file
+    over the socket, again and again, while the Emperor binds it: the
+    Emperor's chmod and chown reach the socket it bound or nothing, never
+    the root file (before: mode 0666 and owner nobody within a second)."""
+    import stat
+    import sys
+    import time
+
+    from psgi_forkserver.sockets import bind_unix_listener
+
+    victim = tmp_path / "root-only"
+    victim.write_text("secret")
+    victim.chmod(0o600)
+    tenant_dir = tmp_path / "alice"
+    tenant_dir.mkdir()
+    path = tenant_dir / "app.sock"
+    attacker = subprocess.Popen([sys.executable, "-c", f"""
+import os
+path, tmp = {str(path)!r}, {str(tenant_dir / '.swap')!r}
+while True:
+    for f in (tmp, path):
+        try:
+            os.unlink(f)
+        except OSError:
+            pass
+    try:
+        os.symlink({str(victim)!r}, tmp)
+        os.rename(tmp, path)
+    except OSError:
+        pass
+"""])
+    binds = 0
+    try:
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            try:
+                bind_unix_listener(str(path), uid=65534, gid=65534, mode=0o666).close()
+                binds += 1
+            except OSError:
+                pass
+            st = victim.stat()
+            assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o600, 0, 0), \
+                f"after {binds} binds: {oct(st.st_mode)} uid {st.st_uid}"
+    finally:
+        attacker.kill()
+        attacker.wait()
+    assert binds > 0  # the Emperor did bind, between the swaps
+    sock = tmp_path / "plain.sock"  # and an untouched socket gets its mode and owner
+    s = bind_unix_listener(str(sock), uid=65534, gid=65534, mode=0o640)
+    try:
+        st = os.lstat(sock)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 65534, 65534)
+    finally:
+        s.close()

@@ -188,8 +188,18 @@ sub fds {
 sub discard {
     my ($self) = @_;
     return if $self->{started} || $self->{discarded}++;
+    # said, not left to the link's end of file: a helper the vassal's app
+    # forked while loading holds a copy of the link, and the worker would
+    # wait for that end forever (and the vassal with it)
+    local $SIG{PIPE} = 'IGNORE';
+    syswrite $self->{link}, 'G';
     close $self->{link};
     close $_ for values %{ $self->{pipes} };
+    for (1 .. 100) {    # 10 s, then it is killed: nothing waits on it unbounded
+        return if waitpid($self->{pid}, POSIX::WNOHANG()) != 0;
+        select undef, undef, undef, 0.1;
+    }
+    kill 'KILL', $self->{pid};
     waitpid $self->{pid}, 0;
     return;
 }
