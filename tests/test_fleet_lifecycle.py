@@ -111,7 +111,7 @@ class Load(threading.Thread):
 def test_gap_free_reload_under_load(emperor):
     port = free_port()
     e = emperor({"app1": app_ini("app1", port)}, wait=[port])
-    old = e.vpids("app1")[-1]
+    old = e.vpid("app1")  # waits: the app may answer before its adoption is logged
     load = Load([port])
     load.start()
     wait_for(lambda: load.ok > 50, 10, "load to run")
@@ -132,8 +132,8 @@ def test_code_deploy_moves_every_vassal_without_a_failed_request(emperor):
     ports = {f"app{i}": free_port() for i in range(1, 7)}
     e = emperor({n: app_ini(n, p, processes=1) for n, p in ports.items()},
                 "--deploy-parallel", "2", wait=ports.values())
-    base_old = e.vpids("base")[-1]
-    before = {n: e.vpids(n)[-1] for n in ports}
+    base_old = e.vpid("base")
+    before = {n: e.vpid(n) for n in ports}
     load = Load(ports.values())
     load.start()
     wait_for(lambda: load.ok > 50, 10, "load to run")
@@ -199,7 +199,7 @@ def test_crash_loop_is_throttled_and_others_unaffected(emperor):
 def test_heartbeat_silence_kills_and_restarts(emperor):
     port = free_port()
     e = emperor({"hb": app_ini("hb", port, processes=1) + "heartbeat = 1\n"}, wait=[port])
-    pid = e.vpids("hb")[-1]
+    pid = e.vpid("hb")
     time.sleep(1.2)  # let it send its first heartbeats
     os.kill(pid, signal.SIGSTOP)
     try:
