@@ -53,7 +53,6 @@ class FrontDoorOptions:
     stable_after: float = 10.0
 
 
-
 @dataclass
 class FrontDoor(HostLinks, Checks, NginxProcess):
     opts: FrontDoorOptions

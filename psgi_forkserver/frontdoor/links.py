@@ -43,7 +43,6 @@ def served_by_link(r: Route, hosts_dir: Path) -> bool:
             and all(host_link_name(d, hosts_dir) for d in r.domains))
 
 
-
 def installed_route(name: str, routes: Iterable[Route]) -> Route | None:
     """The route nginx picks for `name` in a configuration of these routes:
     an exact name first, else the longest wildcard above it."""
