@@ -1,5 +1,5 @@
 """`emperor run`'s front-door options (`--http`, `--nginx-include`, ...) and
-`emperor nginx-conf`: the command line side of frontdoor.py."""
+`emperor nginx-conf`: the command line side of frontdoor/."""
 
 from __future__ import annotations
 

@@ -137,6 +137,12 @@ class Context:
     adopt_slots: int = 1 << 30
 
 
+def backoff_delay(failures: int, first: float, most: float) -> float:
+    """The crash-loop backoff after `failures` failures in a row: `first`
+    seconds, doubling, at most `most` (vassals and the front door's nginx)."""
+    return min(first * 2 ** (failures - 1), most)
+
+
 @dataclass
 class Policy:
     """The timings of every vassal's life (options.Options declares them)."""

@@ -1,4 +1,4 @@
-"""The Emperor's side of the front door (frontdoor.py): `domain` names and routes.
+"""The Emperor's side of the front door (frontdoor/): `domain` names and routes.
 
 A vassal's `domain` names are claimed when its file is read (`_claim_domains`:
 a name another vassal serves is that file's config error); every turn the

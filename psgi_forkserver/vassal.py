@@ -55,7 +55,7 @@ from .config import VassalConfig
 from .decisions import Decisions
 from .proc import (
     CODE_DEPLOY, Action, Adopt, Context, Exit, Forget, ForkServer, Kill, Kind, Phase, Policy, Proc,
-    ProcState, Send, Spawn,
+    ProcState, Send, Spawn, backoff_delay,
 )
 from .protocol import VassalByte
 from .snapshot import VassalSnapshot, config_values
@@ -407,7 +407,7 @@ class Vassal(Decisions):
 
     def _delay(self, now: float) -> float:
         self.failures += 1
-        delay = min(self.policy.backoff_first * 2 ** (self.failures - 1), self.policy.backoff_max)
+        delay = backoff_delay(self.failures, self.policy.backoff_first, self.policy.backoff_max)
         self.not_before = now + delay
         return delay
 
