@@ -48,6 +48,7 @@ from .orphans import Sweeper
 from .plan import Facts, Plan, plan, runs_as_base
 from .processes import ForVassal, ProcHandles, Processes
 from .routing import Routing
+from .status import sweep_requests
 from .protocol import ProtocolError
 from .options import Options
 from .vassal import Adopt, Forget, Kill, Policy, Send, Spawn, Vassal
@@ -473,6 +474,7 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         self.cgroups = Cgroups.start(self.dir, self.opts.run_dir, self.log, self.opts.mercy)
         launch.set_child_subreaper()  # before anything is started
         self._descriptor_budget()
+        sweep_requests()  # the requests files a run killed with -9 left
         os.chdir(self.dir)  # vassals inherit it as their working directory
         st = os.stat(".")
         self.dir_id = (st.st_dev, st.st_ino)

@@ -456,3 +456,27 @@ def test_magic_variables_reach_the_vassal(xprocess, tmp_path, adopted):
         assert bad.startswith("bad.ini:3: uWSGI's magic variable %h (the hostname)"), bad
     finally:
         stop_emperor(em)
+
+
+def test_requests_files_of_processes_gone_are_swept_at_start(xprocess, tmp_path: Path):
+    """A vassal's requests file goes when the Emperor reaps it; an Emperor
+    killed with -9 reaps nothing (and a cgroup kill leaves the vassals no
+    time): the next start removes the files of processes that are gone,
+    and keeps a live one's."""
+    from psgi_forkserver.status.rundir import run_dir
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    run_dir().mkdir(parents=True, exist_ok=True)
+    stale, live = run_dir() / f"requests-{gone.pid}", run_dir() / f"requests-{os.getpid()}"
+    stale.write_bytes(b"\0" * 16)
+    live.write_bytes(b"\0" * 16)
+    vdir = tmp_path / "vassals"
+    vdir.mkdir()
+    e = start_emperor(xprocess, "emperor-requests-sweep", [vdir, "--mercy", "5"])
+    try:
+        assert not stale.exists()
+        assert live.exists()
+    finally:
+        stop_emperor(e)
+        live.unlink()

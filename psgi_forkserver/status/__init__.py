@@ -13,7 +13,8 @@ Every public name is importable from `psgi_forkserver.status`.
 """
 
 from .document import (BUDGET, REQUESTS_SLOT, SCHEMA, Collection, collect, emperor_status,
-                       forget_requests, read_requests, requests_path, vassal_status)
+                       forget_requests, read_requests, requests_path, sweep_requests,
+                       vassal_status)
 from .page import COLUMNS, PAGE_REFRESH, format_table, human_bytes, human_seconds, render_html
 from .rundir import (RUN_DIR_ENV, STATS_NAME, default_stats_path, fetch, fetch_command, fetch_logs,
                      find_stats, run_dir)
@@ -27,5 +28,5 @@ __all__ = [
     "Collection", "StatusConfigError", "StatusServer", "collect", "default_stats_path",
     "emperor_status", "fetch", "fetch_command", "fetch_logs", "find_stats", "format_table", "forget_requests",
     "human_bytes", "human_seconds", "parse_http_address", "read_requests", "render_html",
-    "requests_path", "run_dir", "vassal_status",
+    "requests_path", "run_dir", "sweep_requests", "vassal_status",
 ]

@@ -179,6 +179,36 @@ def forget_requests(pid: int) -> None:
         pass
 
 
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie nobody reaped yet."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
+
+
+def sweep_requests() -> int:
+    """At start: the files of processes gone, which no Emperor reaped (one
+    killed with -9; its vassals then die without a word). A live process's
+    file stays: another Emperor's vassal, or ours from before a restart."""
+    swept = 0
+    try:
+        names = os.listdir(run_dir())
+    except OSError:
+        return 0
+    for name in names:
+        pid = name.removeprefix("requests-")
+        if name.startswith("requests-") and pid.isdigit() and _gone(int(pid)):
+            try:
+                os.unlink(run_dir() / name)
+                swept += 1
+            except OSError:
+                pass
+    return swept
+
+
 def _told(v: VassalSnapshot) -> str | None:
     """The last failure the Emperor logged, with the last line the process
     wrote before it died when it wrote one (the app's own `die`)."""
