@@ -397,6 +397,20 @@ def _sessions_alive(sids: set[int]) -> list[psutil.Process]:
     return out
 
 
+def _fleet_sessions(emperor: int) -> set[int]:
+    """The sessions of the Emperor's descendants. One that exits between
+    the listing and its getsid (a spare of a pool being replaced, a worker
+    being let go) is left nothing behind by: skipped, where its session's
+    other members, if any, count for themselves."""
+    sids = set()
+    for p in psutil.Process(emperor).children(recursive=True):
+        try:
+            sids.add(os.getsid(p.pid))
+        except ProcessLookupError:
+            pass
+    return sids
+
+
 def test_a_deploy_in_a_burst_of_adoptions_loses_no_vassal_and_leaves_no_process(emp):
     e = emp({"base": base_ini(2)}, base=False)
     spares(e, 2)
@@ -420,7 +434,7 @@ def test_a_deploy_in_a_burst_of_adoptions_loses_no_vassal_and_leaves_no_process(
         except psutil.NoSuchProcess:  # the status was read before the pool changed
             return False
     wait_for(a_spare_parented_by_the_emperor, 30, "a spare of the new pool, the Emperor's child")
-    sids = {os.getsid(p.pid) for p in psutil.Process(e.pid).children(recursive=True)}
+    sids = _fleet_sessions(e.pid)
     stop_emperor(e)
     wait_for(lambda: not _sessions_alive(sids), 30, "every session of the fleet to end")
 
@@ -428,7 +442,7 @@ def test_a_deploy_in_a_burst_of_adoptions_loses_no_vassal_and_leaves_no_process(
 def test_kill_9_of_the_emperor_mid_adoption_leaves_no_process(emp):
     e = emp({"base": base_ini(2)}, base=False)
     spares(e, 2)
-    sids = {os.getsid(p.pid) for p in psutil.Process(e.pid).children(recursive=True)}
+    sids = _fleet_sessions(e.pid)
     for i in range(4):
         port = free_port()
         (e.dir / f".k{i}.tmp").write_text(app_ini(f"k{i}", port, processes=2))
@@ -437,8 +451,7 @@ def test_kill_9_of_the_emperor_mid_adoption_leaves_no_process(emp):
         for i in range(4):
             os.rename(e.dir / f".k{i}.tmp", e.dir / f"k{i}.ini")
         wait_for(lambda: e.vpids("k0"), 30, "the first adoption")
-        sids |= {os.getsid(p.pid) for p in psutil.Process(e.pid).children(recursive=True)
-                 if alive(p)}
+        sids |= _fleet_sessions(e.pid)
         os.kill(e.pid, signal.SIGKILL)
         e.popen.wait(5)
 
