@@ -370,6 +370,22 @@ def test_a_spare_whose_worker_died_just_before_its_adoption_serves_with_a_fresh_
     assert e.vpids("one") == [master], e.text()  # never restarted
 
 
+def test_a_waiting_spare_whose_worker_dies_is_let_go_by_the_base_and_replaced(emp):
+    # It asks the base, which may have answered an adoption with its pid:
+    # here none came, so the base forgets it, and it leaves with its session.
+    e = emp({"base": base_ini(1)}, base=False)
+    spares(e, 1)
+    (master,) = spare_masters(e)
+    spare = psutil.Process(master)
+    (worker,) = spare.children()
+    worker.kill()
+    wait_for(lambda: e.lines(f"spare pid {master} lost its worker before it was adopted"), 30,
+             "the base to let the spare go")
+    wait_for(lambda: not alive(spare), 30, "the spare to leave")
+    sp = spares(e, 1)
+    assert master not in sp["pids"], sp
+
+
 def test_every_worker_draws_its_own_random_numbers(emp):
     # Before: every worker of every vassal (spare or forked) repeated the
     # base's rand() sequence, since the base had drawn before it forked.
@@ -515,7 +531,7 @@ def test_a_signal_the_app_handles_does_not_end_a_waiting_spare(emp):
     (e.dir / "one.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\n")
     r = wait_for(lambda: get(port), 30, "the vassal to answer")
     assert e.vpid("one") == master and int(r["pid"]) == worker, (r, e.text())
-    assert not e.lines("ended before it was adopted"), e.text()
+    assert not e.lines("before it was adopted"), e.text()
 
 
 def test_a_spare_killed_after_the_base_answered_with_its_pid_is_restarted_by_the_emperor(emp):
