@@ -222,7 +222,8 @@ def test_on_demand_starts_on_first_connection_and_stops_when_idle(emperor):
     wait_for(lambda: "[od] on demand: waiting" in e.text(), 20, "od waiting")
     assert e.vpids("od") == []
     assert get(port, timeout=15)["name"] == "od"  # the first connection starts it
-    first = e.vpids("od")
+    # it may answer before the Emperor has read its adoption reply (Emp.vpid)
+    first = wait_for(lambda: e.vpids("od"), 15, "the first od pid logged")
     assert len(first) == 1
     wait_for(lambda: "[od] idle" in e.text(), 15, "idle byte")
     wait_for(lambda: not psutil.pid_exists(first[0]), 15, "od to stop")

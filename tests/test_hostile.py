@@ -650,8 +650,18 @@ def test_out_of_descriptors_when_connecting_to_the_fork_server(hostile):
     wait_for(lambda: e.lines("[a1] loyal"), 15, "a1 loyal")
     wait_for(lambda: e.status()["base"]["spares"]["ready"] >= 1, 15, "the spares back")
     soft, hard = resource.prlimit(e.pid, resource.RLIMIT_NOFILE)
+
+    def settled_fds() -> set[int] | None:
+        # a descriptor held for a moment (a cgroup file being written, a
+        # directory walked) counted as used would leave one more free than
+        # meant: the same set on both sides of a status request (a turn of
+        # the Emperor's loop)
+        before = set(os.listdir(f"/proc/{e.pid}/fd"))
+        e.status()
+        return {int(fd) for fd in before} if set(os.listdir(f"/proc/{e.pid}/fd")) == before else None
+
     try:
-        used = {int(fd) for fd in os.listdir(f"/proc/{e.pid}/fd")}
+        used = wait_for(settled_fds, 15, "the Emperor's descriptors to settle")
         free = [n for n in range(len(used) + 8) if n not in used]
         # seven left: the file read (closed again), the http-socket, the
         # Emperor pipe, the config pipe and the output pipe (logs.py) fit;

@@ -218,8 +218,11 @@ def test_the_emperors_own_logto_is_reopened_too(vdir, tmp_path):
 
 
 SLOW_BASE = """\
-# a base whose codebase takes a while to load: its vassals all wait for it
-my $t = time + 2; 1 while time < $t;
+# a base whose codebase takes a while to load: its vassals all wait for it.
+# Whole seconds would make it 1 to 2 s: a start as short as the first
+# progress line's second.
+use Time::HiRes ();
+my $t = Time::HiRes::time() + 2; 1 while Time::HiRes::time() < $t;
 my $app = sub { [200, ['Content-Type' => 'text/plain'], ["ok\\n"]] };
 $app;
 """

@@ -83,13 +83,18 @@ costs one process at a time, not a fork loop. The pool stops short of
 C<count> where the base's descriptor limit would leave fewer than
 C<fd_reserve> descriptors for adoptions (one line). A vassal that fails
 before its warm worker got the socket takes the worker with it; one whose
-worker died just before its adoption forks fresh workers. Signals the
+worker died just before its adoption forks fresh workers. A waiting spare
+whose worker dies does not leave on its own: the base may have answered an
+adoption with its pid and not yet sent it. It tells the base (C<G PID>) and
+waits: for the adoption, or for the end of file the base gives a spare it
+has forgotten. Signals the
 app handles (inherited by spares and their workers) interrupt no wait.
 
 =cut
 
 use constant RETRY_AFTER  => 1;      # seconds before another try after a spare could not be made
 use constant BACKOFF_MAX  => 60;     # a spare that cannot warm up: the wait before the next one doubles up to this
+use constant WORKER_GONE  => 'G';    # spare to base: forget me, unless my pid is already given
 use constant REFILL_PAUSE => 0.1;    # after an adoption, its vassal starts before a new spare competes for the CPU
 
 sub new {
@@ -245,8 +250,10 @@ sub readable {
     }
     my $why = $n && $msg =~ /\AE(\d+) (.*)\z/s ? do { $s->{pid} //= $1; $2 } : undef;
     $self->_forget($s);
-    close $s->{link};
+    close $s->{link};    # the spare waits for this (end of file) to leave
     my $pid = $s->{pid} // '?';
+    return $self->log("spare pid $pid lost its worker before it was adopted")
+        if $s->{ready} && $n && $msg =~ /\A${\WORKER_GONE}\d+\z/;
     return $self->log("spare pid $pid ended before it was adopted") if $s->{ready};
     my $wait = $self->{backoff} = $self->{backoff} ? _min(2 * $self->{backoff}, BACKOFF_MAX) : RETRY_AFTER;
     $self->{retry_at} = Time::HiRes::time() + $wait;
@@ -414,21 +421,32 @@ sub leave {
 }
 
 # Blocks until the base hands over an adoption; exits quietly on end of file
-# (the base is gone) or when the waiting worker is gone. An adoption the
-# base has already answered with our pid is served even if the worker has
-# just died: the vassal forks fresh workers.
+# (the base is gone or let us go) or when the waiting worker is gone. An
+# adoption the base has already answered with our pid is served even if the
+# worker has just died: the vassal forks fresh workers.
+# The base may have closed its end already (the adoption sent): no SIGPIPE.
+sub tell_worker_gone {
+    my ($link) = @_;
+    local $SIG{PIPE} = 'IGNORE';
+    syswrite($link, WORKER_GONE . $$);
+    return;
+}
+
 sub _wait_for_adoption {
     my ($link, $worker) = @_;
     my $select = IO::Select->new($link, $worker->{link});
     my @ready;
     @ready = $select->can_read until @ready;    # empty: a signal the app handles
     if (grep { $_ == $worker->{link} } @ready) {
-        leave(0) unless grep { $_ == $link } @ready;
         $worker->discard;
         $worker->{gone} = 1;
+        # The base replies with our pid before it sends the adoption: one not
+        # here yet may be on its way. Only the base knows; it answers with
+        # the adoption, or by closing the link once it has forgotten us.
+        tell_worker_gone($link) unless grep { $_ == $link } @ready;
     }
     my ($data, @fds) = ForkServer::Link::recv_fds($link);
-    leave(0) unless defined $data && @fds;
+    leave(0) unless defined $data && @fds;    # the base forgot us, or is gone
     # no connection to the requester: the base sent the pid reply
     my $req = eval { ForkServer::AdoptionRequest->handed_over(sock => undef, data => $data, fds => \@fds) };
     if (!$req) {
