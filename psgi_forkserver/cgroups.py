@@ -56,6 +56,10 @@ from pathlib import Path
 PREFIX = "psgi-forkserver-"
 #: the run directory's record of the subtree (for the next start's sweep)
 RECORD = "cgroup"
+#: the guard lets a dead Emperor's vassals stop on their own this long (a
+#: vassal stops what is left in its session 2 s after its pipe's end)
+GUARD_GRACE = 3.0
+
 #: a sweep or a shutdown waits this long for a killed cgroup to empty
 EMPTY_WAIT = 5.0
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.@+-]{1,100}")
@@ -214,6 +218,12 @@ def _guard(read_fd: int, root: Path, record: Path | None) -> None:
             break
         last = data[-1:]
     if last != _GOODBYE:  # the Emperor died without a word
+        # its vassals see end of file on their pipes too and stop on their
+        # own (a base removes its socket, a vassal stops its session): they
+        # get that long before the kill takes what is left (setsid helpers)
+        deadline = time.monotonic() + GUARD_GRACE
+        while _populated(root) and time.monotonic() < deadline:
+            time.sleep(0.05)
         kill_tree(root)
         if record is not None:
             with contextlib.suppress(OSError):
