@@ -89,7 +89,7 @@ TARGETS = {
     "yath_over_emperor": 3.0,
     "spare_first_200_ms": 2.0,
     "fork_path_over_uwsgi21": 0.5,  # adoption -> first 200, heavy /, p50 ratio in one run
-    "spares_over_uwsgi21": 0.1,  # issue 15: adoption by a warm spare, early-warmup = /
+    "spares_over_uwsgi21": 0.1,  # adoption by a warm spare, early-warmup = /
     "spare_pid_reply_ms": 1.0,
 }
 
@@ -1351,7 +1351,7 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
         if a:
             p50 = a["first_200_ms"]["p50"]
             served = f" ({a['by_spare']} of {len(a['samples_first_200_ms'])} by a spare)" if a.get("spares") else ""
-            # issue 15's targets: a spare with early-warmup = /, in 1 ms to the pid, 2 to the page
+            # the targets: a spare with early-warmup = /, in 1 ms to the pid, 2 to the page
             target_200 = (TARGETS["adoption_p50_ms"] if app == "heavy" else
                           TARGETS["spare_first_200_ms"] if app == "heavy, base with early-warmup /, spares" else None)
             target_pid = TARGETS["spare_pid_reply_ms"] if app == "heavy, base with early-warmup /, spares" else None

@@ -8,7 +8,7 @@ use Test::TCP qw(empty_port);
 use ForkServerTest::Emperor qw(become_subreaper spawn_vassal adopt read_bytes wait_for wait_gone);
 use ForkServerTest::HTTP qw(http_raw);
 
-# The access-log key (issue 13): the log goes to its own file, reopened on
+# The access-log key: the log goes to its own file, reopened on
 # reload; disable-logging still wins; a file that cannot be opened is one
 # line and exit 1.
 plan skip_all => 'Linux only' unless $^O eq 'linux';

@@ -8,7 +8,7 @@ use Socket qw(SOL_SOCKET SO_LINGER);
 use Time::HiRes ();
 use ForkServerTest::HTTP;
 
-# Issue 10: each subtest is one defect, against a real server on 127.0.0.1.
+# Each subtest is one defect, against a real server on 127.0.0.1.
 my $app = "$FindBin::Bin/apps/http-test.psgi";
 
 sub vm_hwm_kb {
@@ -20,7 +20,7 @@ sub vm_hwm_kb {
 # The client's own pace (the scenario a test plays), not synchronisation.
 sub pause { select(undef, undef, undef, $_[0]) }
 
-subtest 'harakiri: a failed response write disarms it (issue 10.1)' => sub {
+subtest 'harakiri: a failed response write disarms it' => sub {
     # 4 s, not less: a loaded machine (the suites run side by side) can hold
     # a 50 MB response's first write back for more than a second or two; the
     # body's stall below (5.6 s) must stay within socket-timeout
@@ -47,7 +47,7 @@ subtest 'harakiri: a failed response write disarms it (issue 10.1)' => sub {
     $srv->stop;
 };
 
-subtest 'chunked uploads: bounded memory, absurd sizes refused (issue 10.2)' => sub {
+subtest 'chunked uploads: bounded memory, absurd sizes refused' => sub {
     my $srv = start_server(app_file => $app, workers => 1, max_body_size => 0);
     ok $srv->wait_ready, 'ready';
     for my $size ('ffffffffffffffffff', '1000000000000') {
@@ -72,7 +72,7 @@ subtest 'chunked uploads: bounded memory, absurd sizes refused (issue 10.2)' => 
     $srv->stop;
 };
 
-subtest 'strict heads (issue 10.3)' => sub {
+subtest 'strict heads' => sub {
     my $srv = start_server(app_file => $app, workers => 1);
     ok $srv->wait_ready, 'ready';
     my %cases = (
@@ -93,7 +93,7 @@ subtest 'strict heads (issue 10.3)' => sub {
     $srv->stop;
 };
 
-subtest 'slow clients (issue 10.4)' => sub {
+subtest 'slow clients' => sub {
     my $srv = start_server(app_file => $app, workers => 2, header_timeout => 3,
                            response_timeout => 3, socket_timeout => 1);
     ok $srv->wait_ready, 'ready';
@@ -137,7 +137,7 @@ subtest 'slow clients (issue 10.4)' => sub {
     $srv1->stop;
 };
 
-subtest 'keep-alive does not pin a worker (issue 10.5)' => sub {
+subtest 'keep-alive does not pin a worker' => sub {
     my $srv = start_server(app_file => $app, workers => 1, keepalive_timeout => 60);
     ok $srv->wait_ready, 'ready';
     my $a = connect_to($srv->port);
@@ -160,7 +160,7 @@ subtest 'keep-alive does not pin a worker (issue 10.5)' => sub {
     $srv->stop;
 };
 
-subtest 'reload keeps keep-alive requests (issue 10.6)' => sub {
+subtest 'reload keeps keep-alive requests' => sub {
     my $srv = start_server(app_file => $app, workers => 2, access_log => undef);
     ok $srv->wait_ready, 'ready';
     pipe(my $ctl_r, my $ctl_w) or die;
@@ -198,7 +198,7 @@ subtest 'reload keeps keep-alive requests (issue 10.6)' => sub {
     $srv->stop;
 };
 
-subtest 'psgix.cleanup (issue 10.7)' => sub {
+subtest 'psgix.cleanup' => sub {
     my $srv = start_server(app_file => $app, workers => 1);
     ok $srv->wait_ready, 'ready';
     my $r = http_raw($srv->port, "GET /cleanup?c1 HTTP/1.1\r\nHost: x\r\n\r\n");

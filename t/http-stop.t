@@ -6,7 +6,7 @@ use lib "$FindBin::Bin/lib";
 use Time::HiRes ();
 use ForkServerTest::HTTP;
 
-# Issue 9, Perl side: stopping and respawning workers.
+# Stopping and respawning workers.
 my $app = "$FindBin::Bin/apps/http-test.psgi";
 
 subtest 'a reload does not interrupt the app' => sub {

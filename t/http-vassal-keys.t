@@ -8,7 +8,7 @@ use Test::TCP qw(empty_port);
 use ForkServerTest::Emperor qw(become_subreaper spawn_vassal read_bytes wait_gone);
 use ForkServerTest::HTTP qw(http_raw connect_to);
 
-# The HTTP limits are vassal keys that reach the server (issue 10.2).
+# The HTTP limits are vassal keys that reach the server.
 plan skip_all => 'Linux only' unless $^O eq 'linux';
 become_subreaper();
 my $dir = tempdir(CLEANUP => 1);

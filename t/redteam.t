@@ -8,7 +8,7 @@ use IO::Handle ();
 use Time::HiRes ();
 use ForkServerTest::HTTP;
 
-# Red-team findings against the vassal's HTTP server (real server, raw
+# Attacks on the vassal's HTTP server (real server, raw
 # sockets on 127.0.0.1), each a regression test now that it is fixed.
 my $app = "$FindBin::Bin/apps/http-test.psgi";
 

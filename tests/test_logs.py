@@ -1,4 +1,4 @@
-"""Logs an operator can read (issue 13): every line timestamped and named,
+"""Logs an operator can read: every line timestamped and named,
 everything a vassal's processes write relayed whole, `--log-format json`,
 `logto` files and `emperor reopen-logs`, progress lines of long operations.
 

@@ -1,4 +1,4 @@
-"""Red-team findings against the Emperor, each with a real fleet.
+"""Attacks on the Emperor, each with a real fleet.
 
 Tests of defects fixed here pass; the ones whose fix belongs to a module
 another helper is restructuring (emperor.py, config.py, ...) are

@@ -1,4 +1,4 @@
-"""Warm spares (issue 15, perl/ForkServer/Spares.pm), end to end: a real
+"""Warm spares (perl/ForkServer/Spares.pm), end to end: a real
 Emperor, the real Perl base and its spares, real HTTP.
 
 A spare is the Emperor's child in the base's session until an adoption
@@ -256,7 +256,7 @@ def test_the_warm_workers_output_goes_to_its_vassal_not_to_the_base(emp):
     assert "[loud]" in line and "[base]" not in line, line
 
 
-# -- red team (issue 15): what a hostile app, operator or local process does --
+# -- attacks: what a hostile app, operator or local process does --
 
 FORKED_WARMUP = HERE / "apps" / "forked_warmup.psgi"
 

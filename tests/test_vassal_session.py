@@ -1,4 +1,4 @@
-"""Issue 9: a vassal's session goes with it even when the Emperor is
+"""A vassal's session goes with it even when the Emperor is
 kill -9'd (the vassal master, seeing its Emperor pipe's end of file,
 stops what the app left in its session)."""
 
