@@ -48,6 +48,7 @@ from benchlib import (  # noqa: E402
 from psgi_forkserver import adoption  # noqa: E402  (the product's fork-server client)
 import front as frontbench  # noqa: E402  (bench/front.py)
 import health as healthbench  # noqa: E402  (bench/health.py)
+import fleet_floor  # noqa: E402  (bench/fleet_floor.py)
 from psgi_forkserver.orphans import spare_of  # noqa: E402
 
 PROGRAM = str(ROOT / "perl" / "ForkServer.pm")
@@ -56,7 +57,7 @@ EMPEROR = str(ROOT / ".venv" / "bin" / "emperor")
 MB = 1024 * 1024
 
 SCENARIOS = ("adoption", "spares", "serving", "cold", "fleet", "mass", "thousand", "deploy", "prove",
-             "plack", "front", "templates", "health", "uwsgi21")
+             "plack", "front", "templates", "health", "uwsgi21", "floor")
 
 
 @dataclass
@@ -1476,6 +1477,7 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
                          "RSS / PSS",
                          f"{th['idle']['cpu_pct']:.2f} %; {th['idle']['emperor_rss_bytes'] / MB:.1f} / "
                          f"{th['idle']['emperor_pss_bytes'] / MB:.1f} MB", "", ""))
+    rows += fleet_floor.rows(r)
     dp = r.get("deploy")
     if dp and "requests_ok" in dp:
         rows.append((f"code deploy of {dp['n']} vassals under load: failed requests",
@@ -1719,6 +1721,9 @@ def main(argv: list[str] | None = None) -> int:
                 x = step(f"reaction {key}", lambda: reaction(procs, ports, tmp, sizes.reactions, k))
                 if x:
                     r["reaction"][key] = x
+        if "floor" in only:
+            r["floor_profile"] = fleet_floor.run(procs, ports, tmp, args.quick, step, say, EmperorRun, Base,
+                                                 base_ini, vassal_ini, wait_fork_server, APPS, PROGRAM)
         if "uwsgi21" in only:
             r["uwsgi21"] = step("uwsgi21", lambda: uwsgi21_side_by_side(procs, ports, tmp, sizes.adoptions))
         if "cold" in only:

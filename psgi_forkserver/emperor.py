@@ -45,7 +45,7 @@ from .files import Files
 from .launch import program_argv
 from .cgroups import Cgroups
 from .orphans import Sweeper
-from .plan import Facts, Plan, plan, runs_as_base
+from .plan import Facts, Plan, Settled, plan, runs_as_base
 from .processes import ForVassal, ProcHandles, Processes
 from .routing import Routing
 from .status import sweep_requests
@@ -77,6 +77,8 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
     shutting_down: bool = False
     shutdown_deadline: float = 0.0
     no_children: bool = False
+    # vassals whose serving process needs no step until something happens to them
+    settled: Settled = field(default_factory=Settled)
 
     def __post_init__(self) -> None:
         self.argv0 = program_argv(self.opts.program)
@@ -208,7 +210,7 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
     def _reconcile(self, now: float) -> None:
         self.again = False
         facts = self._facts(now)
-        turn = plan(self.vassals.values(), facts)
+        turn = plan(self.vassals, facts, self.settled)
         self._act(turn, now)
         # A new base generation took over (its successor was promoted just
         # now), or a vassal's move ended and freed a deploy slot: nothing
@@ -218,10 +220,11 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
             for n, p in turn.movers.items()
         ):
             self.again = True
-        self.deploys.observe(now, self._base(), [v for v in self.vassals.values()
-                                                 if not runs_as_base(v)], self.shutting_down)
-        self.start_progress.observe(now, {n: v.phase for n, v in self.vassals.items()
-                                          if not runs_as_base(v)})
+        # lazily: the tracker looks at the others only while a deploy runs
+        self.deploys.observe(now, self._base(), (v for v in self.vassals.values()
+                                                 if not runs_as_base(v)), self.shutting_down)
+        self.start_progress.observe(now, lambda: {n: v.phase for n, v in self.vassals.items()
+                                                  if not runs_as_base(v)})
         self.sweeper.kill_due(now)
         if self.cgroups is not None and self.cgroups.dying:
             self.cgroups.poll(now)
@@ -308,7 +311,7 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
             return 0.0
         times = [self.next_rescan]
         times += self.due.values()
-        times += (t for v in self.vassals.values() if (t := v.next_wakeup()) is not None)
+        times += self.settled.wakeups(self.vassals)
         times += self._probe_times()
         for h in self.procs.values():
             if h.adoption is not None:

@@ -159,8 +159,24 @@ class Policy:
         return cls(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(cls)})
 
 
+# ids of Versioned objects assigned to since the planner last looked
+# (plan.Settled empties it every turn)
+CHANGED: set[int] = set()
+
+
+class Versioned:
+    """Records every assignment to its attributes (its id in CHANGED), so
+    that the planner can leave out a vassal nothing has happened to since it
+    last decided nothing (plan.Settled) without knowing which of its facts
+    matter, and without looking at every vassal every turn."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        CHANGED.add(id(self))
+
+
 @dataclass
-class Proc:
+class Proc(Versioned):
     """One process of a vassal."""
 
     seq: int

@@ -55,7 +55,7 @@ from .config import VassalConfig
 from .decisions import Decisions
 from .proc import (
     CODE_DEPLOY, Action, Adopt, Context, Exit, Forget, ForkServer, Kill, Kind, Phase, Policy, Proc,
-    ProcState, Send, Spawn, backoff_delay,
+    ProcState, Send, Spawn, Versioned, backoff_delay,
 )
 from .protocol import VassalByte
 from .snapshot import VassalSnapshot, config_values
@@ -66,7 +66,7 @@ __all__ = ["CODE_DEPLOY", "Action", "Adopt", "Context", "Exit", "Forget", "ForkS
 
 
 @dataclass
-class Vassal(Decisions):
+class Vassal(Decisions, Versioned):
     name: str
     config: VassalConfig | None  # desired; None once the file is gone
     is_base: bool = False  # what the desired config says

@@ -1,7 +1,7 @@
 """The turn's plan (plan.py): draining, shutdown order, deploy and adoption
 slots, queuing. Real Vassal state machines, no processes."""
 
-from psgi_forkserver.plan import Facts, plan
+from psgi_forkserver.plan import Facts, Settled, plan
 from psgi_forkserver.protocol import EmperorByte
 from psgi_forkserver.vassal import Adopt, Context, Forget, ForkServer, Kind, Phase, Send, Spawn, Vassal
 
@@ -118,3 +118,50 @@ def test_a_vassal_whose_step_fails_is_reported_and_the_others_are_planned():
     steps = {s.vassal.name: s for s in p.steps}
     assert isinstance(steps["bad"].error, RuntimeError) and steps["bad"].actions == []
     assert steps["good"].actions == [Adopt()]
+
+
+def test_a_settled_vassal_is_not_stepped_until_something_happens_to_it():
+    """A serving vassal that decided nothing is left out of the next turns
+    (a turn costs what changed, not the fleet); any fact recorded on it, its
+    heartbeat deadline, or a new base generation brings it back at once."""
+    vs = [running(f"app{i}", pid=100 + i) for i in range(4)]
+    hb = Vassal("beat", cfg("beat", heartbeat="5"), policy=POLICY, owns_socket=True)
+    vs.append(hb)
+    settled = Settled()
+    acts = plan([hb], facts(0), settled).actions()["beat"]
+    hb.adopted(200, 0, seq=acts[0].seq)
+    hb.on_byte(17, 0)
+    hb.on_byte(26, 0)  # a heartbeat: the next is due within 5 s
+    assert len(plan(vs, facts(1), settled).steps) == 5  # each decides nothing, and settles
+    assert plan(vs, facts(1.5), settled).steps == []
+    assert settled.wakeups({v.name: v for v in vs}) == [5.001]  # the heartbeat's deadline alone
+    # a byte on one of them (it asks to be stopped): that one alone is stepped
+    vs[2].on_byte(22, 2)
+    p = plan(vs, facts(2), settled)
+    assert p.actions() == {"app2": [Send(EmperorByte.STOP, vs[2].current.seq)]}
+    # its heartbeat deadline passed: stepped, and killed for it
+    p = plan(vs, facts(6), settled)
+    assert list(p.actions()) == ["app2", "beat"] and hb.current.killed
+    # a new base generation: every vassal on the old one is stepped (and moves)
+    p = plan(vs, facts(7, base_generation=2, deploy_parallel=10), settled)
+    assert {"app0", "app1", "app3"} <= set(p.actions())
+    assert all(v.successor is not None for v in (vs[0], vs[1], vs[3]))
+
+
+def test_vassals_queued_for_a_slot_wait_unstepped_and_go_in_order_as_slots_free():
+    settled = Settled()
+    vs = [Vassal(f"app{i}", cfg(f"app{i}"), policy=POLICY) for i in range(6)]
+    acts = plan(vs, facts(0, adopt_parallel=2), settled).actions()
+    assert [n for n, a in acts.items() if a == [Adopt()]] == ["app0", "app1"]
+    # no slot free: the four queued are not stepped
+    assert [s.vassal.name for s in plan(vs, facts(1, adopt_parallel=2, adoptions_in_flight=2),
+                                        settled).steps] == ["app0", "app1"]
+    # one slot free: the first queued by name goes, the rest wait
+    acts = plan(vs, facts(2, adopt_parallel=2, adoptions_in_flight=1), settled).actions()
+    assert [n for n, a in acts.items() if a == [Adopt()]] == ["app2"]
+    # a vassal asleep on demand settles; woken, it is stepped and adopted
+    od = Vassal("od", cfg("od", **{"on-demand": "true"}), policy=POLICY, owns_socket=True)
+    assert plan([od], facts(3), settled).actions() == {"od": []} and od.phase == Phase.ON_DEMAND
+    assert plan([od], facts(4), settled).steps == []
+    od.on_connection(4.5)
+    assert plan([od], facts(5), settled).actions()["od"] == [Adopt()]
