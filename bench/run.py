@@ -49,6 +49,7 @@ from psgi_forkserver import adoption  # noqa: E402  (the product's fork-server c
 import front as frontbench  # noqa: E402  (bench/front.py)
 import health as healthbench  # noqa: E402  (bench/health.py)
 import fleet_floor  # noqa: E402  (bench/fleet_floor.py)
+import uss as ussbench  # noqa: E402  (bench/uss.py)
 from psgi_forkserver.orphans import spare_of  # noqa: E402
 
 PROGRAM = str(ROOT / "perl" / "ForkServer.pm")
@@ -57,7 +58,7 @@ EMPEROR = str(ROOT / ".venv" / "bin" / "emperor")
 MB = 1024 * 1024
 
 SCENARIOS = ("adoption", "spares", "serving", "cold", "fleet", "mass", "thousand", "deploy", "prove",
-             "plack", "front", "templates", "health", "uwsgi21", "floor")
+             "plack", "front", "templates", "health", "uwsgi21", "floor", "uss")
 
 
 @dataclass
@@ -1478,6 +1479,7 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
                          f"{th['idle']['cpu_pct']:.2f} %; {th['idle']['emperor_rss_bytes'] / MB:.1f} / "
                          f"{th['idle']['emperor_pss_bytes'] / MB:.1f} MB", "", ""))
     rows += fleet_floor.rows(r)
+    rows += ussbench.rows(r)
     dp = r.get("deploy")
     if dp and "requests_ok" in dp:
         rows.append((f"code deploy of {dp['n']} vassals under load: failed requests",
@@ -1724,6 +1726,10 @@ def main(argv: list[str] | None = None) -> int:
         if "floor" in only:
             r["floor_profile"] = fleet_floor.run(procs, ports, tmp, args.quick, step, say, EmperorRun, Base,
                                                  base_ini, vassal_ini, wait_fork_server, APPS, PROGRAM)
+        if "uss" in only:
+            r["uss"] = [x for sp in (0, 2) if (x := step(f"uss {sp}", lambda: ussbench.run(
+                procs, ports, tmp, EmperorRun, base_ini, vassal_ini, wait_fork_server, wait_loyal_count, say,
+                spares=sp)))]
         if "uwsgi21" in only:
             r["uwsgi21"] = step("uwsgi21", lambda: uwsgi21_side_by_side(procs, ports, tmp, sizes.adoptions))
         if "cold" in only:
