@@ -173,6 +173,10 @@ def burst(procs: Procs, ports: Ports, tmp: Path, emperor_cls, base_ini, vassal_i
         res["all_200_s"] = took[-1]
         res["curve_s"] = {f"{q}%": round(took[max(0, int(len(took) * q / 100) - 1)], 3) for q in (10, 25, 50, 75, 90, 100)}
         res["machine_busy_fraction"] = (busy1[0] - busy0[0]) / max(1e-9, busy1[1] - busy0[1])
+        # every CPU's busy time over the burst: what our processes used, the
+        # rest went to others (other work on the machine, the kernel's threads,
+        # processes that exited, this client)
+        res["machine_cpu_s"] = round(busy1[0] - busy0[0], 2)
         # by role: the Emperor, its base, vassal masters (the Emperor's other
         # children), their workers; CPU since each process started
         roles: dict[str, list[float]] = {"emperor": [0.0, 0, 0], "base": [0.0, 0, 0],
@@ -197,7 +201,7 @@ def burst(procs: Procs, ports: Ports, tmp: Path, emperor_cls, base_ini, vassal_i
         cpu = sum(v[0] for v in roles.values())
         res["cpu_over_cores_s"] = round(cpu / (os.cpu_count() or 1), 2)
         say(f"  all {n} answering at {res['all_200_s']:.2f} s (base listening {res['base_listening_s']:.2f} s); "
-            f"machine busy {100 * res['machine_busy_fraction']:.0f} %; CPU "
+            f"machine busy {100 * res['machine_busy_fraction']:.0f} % ({res['machine_cpu_s']:.1f} CPU-s); CPU "
             + ", ".join(f"{k} {v['cpu_s']:.2f} s" for k, v in res["by_role"].items()))
         if spy is not None:
             spy.send_signal(signal.SIGINT)
@@ -265,7 +269,9 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
                     "5 s at 1,000", ""))
         roles = b["by_role"]
         out.append((f"  where the CPU went ({b['n']} vassals; machine busy "
-                    f"{100 * b['machine_busy_fraction']:.0f} % of the burst)",
+                    f"{100 * b['machine_busy_fraction']:.0f} % of the burst"
+                    + (f", {b['machine_cpu_s']:.1f} CPU-s in all, ours {b['cpu_total_s']:.1f}" if "machine_cpu_s" in b
+                       else "") + ")",
                     "; ".join(f"{k} {v['cpu_s']:.2f} s" + (f" ({1000 * v['cpu_s'] / b['n']:.1f} ms each)"
                                                             if k in ("masters", "workers") else "")
                               for k, v in roles.items()), "", ""))
