@@ -30,6 +30,7 @@ What it decides across vassals (each vassal decides its own life):
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -120,13 +121,15 @@ class Settled:
                 self._drop(name)
         CHANGED.clear()
 
-    def active(self, vassals: dict[str, Vassal] | list[Vassal]) -> list[Vassal]:
-        """The vassals to step this turn (the queued among them may still be
-        left out, `queued`)."""
+    def active(self, vassals: dict[str, Vassal] | list[Vassal], slots: int) -> list[Vassal]:
+        """The vassals to step this turn: the unmarked, and the first `slots`
+        queued by name (only those can get one of the turn's free slots: each
+        of them takes one, nothing having happened to it since it queued)."""
+        queued = heapq.nsmallest(slots, (n for n, m in self.marks.items() if m[3])) if slots > 0 else []
         if isinstance(vassals, dict):
-            return [vassals[n] for n in vassals.keys() - self.marks.keys()] + \
-                [m[0] for m in self.marks.values() if m[3]]
-        return [v for v in vassals if v.name not in self.marks or self.marks[v.name][3]]
+            return [vassals[n] for n in vassals.keys() - self.marks.keys()] + [self.marks[n][0] for n in queued]
+        first = set(queued)
+        return [v for v in vassals if v.name not in self.marks or v.name in first]
 
     def queued(self, v: Vassal) -> bool:
         m = self.marks.get(v.name)
@@ -188,7 +191,8 @@ def plan(vassals: Iterable[Vassal] | dict[str, Vassal], facts: Facts,
         n_settled = 0
     else:
         settled.begin(facts)
-        active = settled.active(vassals if isinstance(vassals, dict) else list(vassals))
+        active = settled.active(vassals if isinstance(vassals, dict) else list(vassals),
+                                max(0, facts.adopt_parallel - facts.adoptions_in_flight))
         n_settled = len(settled.marks) - sum(1 for v in active if settled.queued(v))
     others = sorted((v for v in active if not runs_as_base(v)), key=lambda v: v.name)
     bases = sorted((v for v in active if runs_as_base(v)), key=lambda v: v.name)

@@ -156,9 +156,10 @@ def test_vassals_queued_for_a_slot_wait_unstepped_and_go_in_order_as_slots_free(
     # no slot free: the four queued are not stepped
     assert [s.vassal.name for s in plan(vs, facts(1, adopt_parallel=2, adoptions_in_flight=2),
                                         settled).steps] == ["app0", "app1"]
-    # one slot free: the first queued by name goes, the rest wait
+    # one slot free: the first queued by name goes, the rest wait unstepped
     acts = plan(vs, facts(2, adopt_parallel=2, adoptions_in_flight=1), settled).actions()
     assert [n for n, a in acts.items() if a == [Adopt()]] == ["app2"]
+    assert "app3" not in acts and "app4" not in acts
     # a vassal asleep on demand settles; woken, it is stepped and adopted
     od = Vassal("od", cfg("od", **{"on-demand": "true"}), policy=POLICY, owns_socket=True)
     assert plan([od], facts(3), settled).actions() == {"od": []} and od.phase == Phase.ON_DEMAND
