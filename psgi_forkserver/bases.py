@@ -349,7 +349,7 @@ class ForkServers:
         except ProcessLookupError:
             pass
 
-    def _base_back(self, now: float, fs: ForkServer, others: list[Vassal]) -> None:
+    def _base_back(self, now: float, fs: ForkServer, others: Iterable[Vassal]) -> None:
         """The fork server is ready again (a removed or crashed base is
         back): vassals that were waiting for it in a crash-loop backoff (a
         plain start that could not load the base's code, a failed adoption)

@@ -244,7 +244,8 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
                     self._base_timed_out(p.base_generation)
         self._probe_bases(now)
         fs, base_gen = self._fork_server_state(now)
-        self._base_back(now, fs, [v for v in self.vassals.values() if not runs_as_base(v)])
+        # lazily: looked at only in the turn the fork server comes back
+        self._base_back(now, fs, (v for v in self.vassals.values() if not runs_as_base(v)))
         if self.sweeper.due and not self.shutting_down:
             # during a shutdown, one sweep once every vassal is gone does it
             # all (_shutdown_step), not one per vassal that stops
