@@ -28,17 +28,20 @@ import adoptions  # noqa: E402
 import cold  # noqa: E402
 import deploy  # noqa: E402
 import fleet  # noqa: E402
+import fleet_floor  # noqa: E402
 import front  # noqa: E402
 import harnesses  # noqa: E402
 import health  # noqa: E402
 import serving  # noqa: E402
 import spares  # noqa: E402
 import templates  # noqa: E402
+import uss  # noqa: E402
 import uwsgi21  # noqa: E402
 from benchlib import BenchError, Ports, Procs, machine_info, rmtree, set_child_subreaper, tempdir  # noqa: E402
-from emperor_run import EmperorRun, base_ini, vassal_ini, wait_loyal_count  # noqa: E402
+from basevassal import Base  # noqa: E402
+from emperor_run import EmperorRun, base_ini, vassal_ini, wait_fork_server, wait_loyal_count  # noqa: E402
 from report import markdown, render_table, table  # noqa: E402
-from settings import EMPEROR, FULL, QUICK, ROOT, TARGETS, Bench, say  # noqa: E402
+from settings import APPS, EMPEROR, FULL, PROGRAM, QUICK, ROOT, TARGETS, Bench, say  # noqa: E402
 
 
 def front_door(b: Bench) -> None:
@@ -54,6 +57,19 @@ def health_checks(b: Bench) -> None:
         seconds=5 if b.quick else 10))
 
 
+def floor_profile(b: Bench) -> None:
+    """Scenario `floor` (bench/fleet_floor.py)."""
+    b.results["floor_profile"] = fleet_floor.run(b.procs, b.ports, b.tmp, b.quick, b.step, say, EmperorRun, Base,
+                                                 base_ini, vassal_ini, wait_fork_server, APPS, PROGRAM)
+
+
+def idle_uss(b: Bench) -> None:
+    """Scenario `uss` (bench/uss.py)."""
+    b.results["uss"] = [x for sp in (0, 2) if (x := b.step(f"uss {sp}", lambda: uss.run(
+        b.procs, b.ports, b.tmp, EmperorRun, base_ini, vassal_ini, wait_fork_server, wait_loyal_count, say,
+        spares=sp)))]
+
+
 # Every scenario, in the order a run takes them: (the name `--only` takes,
 # the function that fills its part of the results). A new scenario is a
 # module of its own with a `run(b: Bench)` and one line here.
@@ -65,6 +81,8 @@ SCENARIOS: list[tuple[str, Callable[[Bench], None]]] = [
     ("fleet", fleet.run_fleet),
     ("mass", fleet.run_mass),
     ("thousand", fleet.run_thousand),
+    ("floor", floor_profile),
+    ("uss", idle_uss),
     ("deploy", deploy.run),
     ("front", front_door),
     ("prove", harnesses.run_prove),
