@@ -4,7 +4,7 @@ the Emperor, so that a run starts quickly."""
 
 from __future__ import annotations
 
-import subprocess
+import os
 import sys
 
 LONG_RUNNING_PROVE = {"--watch", "--serve", "--connect", "--help-long-running"}
@@ -39,7 +39,8 @@ example:
 
 def prove_run(argv: list[str]) -> int:
     """prove's command line, run by prove itself, with ours taken out."""
-    from . import ProveOptions, Prove, hosting
+    from . import hosting
+    from .testfiles import ProveOptions
 
     shim: list[str] = []
     prove_args: list[str] = []
@@ -65,6 +66,7 @@ def prove_run(argv: list[str]) -> int:
                 except ValueError:
                     print(f"emperor prove: --timeout {value}: not a number of seconds", file=sys.stderr)
                     return 2
+                shim += [name, value]  # prove's side forks every file then
             elif name == "--perl":
                 perl = value
             else:
@@ -76,8 +78,13 @@ def prove_run(argv: list[str]) -> int:
             prove_args.append(arg)
         i += 1
     try:
-        prove = Prove(ProveOptions(paths=[], perl=perl, timeout=timeout), facts=False)
-    except (OSError, subprocess.CalledProcessError) as e:
+        session = hosting.Session(ProveOptions(paths=[], perl=perl, timeout=timeout))
+    except OSError as e:
         print(f"emperor prove: {e}", file=sys.stderr)
         return 2
-    return hosting.run(prove, shim, prove_args)
+    status = hosting.run(session, shim, prove_args)
+    # everything is reaped and removed: the interpreter's own clean-up
+    # (~15 ms) would only delay the end of a test run
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

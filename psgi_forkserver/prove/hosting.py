@@ -13,6 +13,7 @@ The requests, on a UNIX socket in a private directory, one per connection
                                        optional=M, file=F; reply "ok\\n" and
                                        the base's %INC keys, NUL-separated,
                                        or one line of error
+    N <4-byte length>                  no base is needed: stop it
     T <4-byte length> FILE\\0SPEC      run FILE forked; SPEC is the config
                                        packet ForkServer::TestFile reads;
                                        reply "WSTATUS TIMEDOUT OUTLEN ERRLEN\\n"
@@ -21,19 +22,22 @@ The requests, on a UNIX socket in a private directory, one per connection
 
 from __future__ import annotations
 
+import ctypes
 import os
 import selectors
+import shutil
 import signal
 import socket
 import struct
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .. import adoption, paths, protocol
-from .base import BaseError
-from .scheduler import Prove, start_with_streams
-from .testfiles import which
+from .base import BaseError, TestBase, start_with_streams
+from .testfiles import ProveOptions, test_env, which
 
 SHIM_MAIN = "exit ForkServer::Prove::main(@ARGV)"
 
@@ -85,8 +89,84 @@ def file_timeout(file: str, default: float | None) -> float | None:
     return default + extra
 
 
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class Session:
+    """What this process holds while prove runs: the options, a private
+    directory, the base, the tests' environment, the selector woken by
+    SIGCHLD. (Imports nothing of the TAP side: prove parses the TAP.)"""
+
+    def __init__(self, opts: ProveOptions, err=sys.stderr) -> None:
+        self.opts = opts
+        self.errout = err
+        self.tmp = Path(tempfile.mkdtemp(prefix="emperor-prove-"))
+        self.base = TestBase(opts, self.tmp)
+        self.env = test_env(opts)
+        self.orphans_reaped = 0
+
+    def setup(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(e)}")
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        self.old_wakeup = signal.set_wakeup_fd(self.wake_w.fileno())
+        self.old_chld = signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.wake_r, selectors.EVENT_READ, None)
+
+    def drain_wake(self) -> None:
+        """The signal wake-up bytes: they only say "look again"."""
+        try:
+            while self.wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def teardown(self) -> None:
+        self.base.stop()
+        self.reap_leftovers()
+        self.sel.close()
+        signal.signal(signal.SIGCHLD, self.old_chld)
+        signal.set_wakeup_fd(self.old_wakeup)
+        self.wake_r.close()
+        self.wake_w.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def reap_leftovers(self) -> None:
+        """What tests left running (daemons, orphans that outlived their
+        test) is killed and reaped: nothing outlives the run. psutil is
+        imported only when a child is left."""
+        try:
+            if os.waitpid(-1, os.WNOHANG) == (0, 0):
+                from ..launch import kill_tree
+                for pid in child_pids():
+                    kill_tree(pid)
+        except ChildProcessError:
+            return
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                time.sleep(0.01)
+
+
+def child_pids() -> list[int]:
+    import psutil
+    try:
+        return [p.pid for p in psutil.Process(os.getpid()).children()]
+    except psutil.Error:
+        return []
+
+
 class Host:
-    def __init__(self, prove: Prove, shim_args: list[str], prove_args: list[str]) -> None:
+    def __init__(self, prove: Session, shim_args: list[str], prove_args: list[str]) -> None:
         self.prove = prove
         self.shim_args, self.prove_args = shim_args, prove_args
         self.control = prove.tmp / "prove.sock"
@@ -113,6 +193,11 @@ class Host:
         listener.setblocking(False)
         prove.sel.register(listener, selectors.EVENT_READ, "listen")
         try:
+            # the base starts now, while prove loads and reads its command line
+            try:
+                prove.base.start_early(prove.env)
+            except OSError as e:
+                self.prove.errout.write(f"emperor prove: the base: {e}\n")
             argv = self.shim_argv()
             env = {k: v for k, v in os.environ.items() if not k.startswith("UWSGI_EMPEROR_")}
             self.shim_pid = os.posix_spawn(which(argv[0]), argv, env)
@@ -171,6 +256,9 @@ class Host:
             if kind == b"B":
                 conn.sendall(self.start_base(payload))
                 conn.close()
+            elif kind == b"N":  # prove runs every file itself: no base
+                self.prove.base.stop()
+                conn.close()
             elif kind == b"T":
                 self.start_test(conn, payload)
             else:
@@ -180,23 +268,14 @@ class Host:
             conn.close()
 
     def start_base(self, payload: bytes) -> bytes:
-        """The base, with prove's library directories and the preloads."""
-        opts = self.prove.opts
-        libs: list[str] = []
-        for item in payload.decode().split("\0") if payload else []:
-            key, _, value = item.partition("=")
-            if key == "inc":
-                libs.append(value)
-            elif key == "module":
-                opts.required_modules.append(value)
-            elif key == "optional":
-                opts.optional_modules.append(value)
-            elif key == "file":
-                opts.preloads.append(value)
-        env = dict(self.prove.env)
-        env["PERL5LIB"] = os.pathsep.join([*libs, *([env["PERL5LIB"]] if env.get("PERL5LIB") else [])])
+        """The base (started early, loading its own code while prove reads
+        its command line), given prove's library directories and the
+        preloads."""
+        items = [i for i in payload.decode("utf-8", "surrogateescape").split("\0") if i]
         try:
-            self.prove.base.start(env)
+            if self.prove.base.pid is None or self.prove.base.config_w is None:
+                raise BaseError("the base started early is gone")
+            self.prove.base.configure(items)
         except (BaseError, OSError) as e:
             return f"{e}\n".encode()
         try:
@@ -274,8 +353,8 @@ class Host:
 
 def prove_kill(pid: int) -> None:
     """A test (or prove) and its process group and descendants."""
-    from .. import launch
-    launch.kill_tree(pid)
+    from ..launch import kill_tree  # psutil: imported when needed
+    kill_tree(pid)
     try:
         os.killpg(pid, signal.SIGKILL)
     except OSError:
@@ -304,7 +383,7 @@ def read_request(conn: socket.socket) -> tuple[bytes, bytes]:
     return data[:1], data[5:]
 
 
-def run(prove: Prove, shim_args: list[str], prove_args: list[str]) -> int:
+def run(prove: Session, shim_args: list[str], prove_args: list[str]) -> int:
     try:
         return Host(prove, shim_args, prove_args).run()
     except KeyboardInterrupt:
