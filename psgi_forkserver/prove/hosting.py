@@ -37,9 +37,9 @@ from pathlib import Path
 
 from .. import adoption, paths, protocol
 from .base import BaseError, TestBase, start_with_streams
-from .testfiles import ProveOptions, test_env, which
+from .command import Started
+from .testfiles import ProveOptions, test_env
 
-SHIM_MAIN = "exit ForkServer::Prove::main(@ARGV)"
 
 
 @dataclass
@@ -97,10 +97,10 @@ class Session:
     directory, the base, the tests' environment, the selector woken by
     SIGCHLD. (Imports nothing of the TAP side: prove parses the TAP.)"""
 
-    def __init__(self, opts: ProveOptions, err=sys.stderr) -> None:
+    def __init__(self, opts: ProveOptions, err=sys.stderr, tmp: str | None = None) -> None:
         self.opts = opts
         self.errout = err
-        self.tmp = Path(tempfile.mkdtemp(prefix="emperor-prove-"))
+        self.tmp = Path(tmp or tempfile.mkdtemp(prefix="emperor-prove-"))
         self.base = TestBase(opts, self.tmp)
         self.env = test_env(opts)
         self.orphans_reaped = 0
@@ -175,32 +175,21 @@ class Host:
         self.shim_status: int | None = None
         self.base_error: str | None = None
 
-    def shim_argv(self) -> list[str]:
-        perl = self.prove.opts.perl
-        return [perl, f"-I{paths.perl_dir()}", "-MForkServer::Prove", "-e", SHIM_MAIN, "--",
-                "--socket", str(self.control), *self.shim_args, "--", *self.prove_args]
-
-    def run(self) -> int:
+    def run(self, started: Started) -> int:
+        """`started`: prove, already running, and the socket it connects to."""
         prove = self.prove
+        listener, self.shim_pid = started.listener, started.pid
         prove.setup()
-        umask = os.umask(0o177)
-        try:
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            listener.bind(str(self.control))
-        finally:
-            os.umask(umask)
-        listener.listen(64)
-        listener.setblocking(False)
         prove.sel.register(listener, selectors.EVENT_READ, "listen")
+        self.reap()  # (what ended before SIGCHLD was ours to see)
         try:
             # the base starts now, while prove loads and reads its command line
-            try:
-                prove.base.start_early(prove.env)
-            except OSError as e:
-                self.prove.errout.write(f"emperor prove: the base: {e}\n")
-            argv = self.shim_argv()
-            env = {k: v for k, v in os.environ.items() if not k.startswith("UWSGI_EMPEROR_")}
-            self.shim_pid = os.posix_spawn(which(argv[0]), argv, env)
+            # (unless prove will surely not want one: it would only take CPU)
+            if not few_files(self.prove_args, self.shim_args):
+                try:
+                    prove.base.start_early(prove.env)
+                except OSError as e:
+                    self.prove.errout.write(f"emperor prove: the base: {e}\n")
             while self.shim_status is None or self.forked:
                 if self.shim_status is not None:
                     for f in self.forked.values():  # prove is gone: nobody reads them
@@ -272,10 +261,13 @@ class Host:
         its command line), given prove's library directories and the
         preloads."""
         items = [i for i in payload.decode("utf-8", "surrogateescape").split("\0") if i]
+        base = self.prove.base
         try:
-            if self.prove.base.pid is None or self.prove.base.config_w is None:
+            if base.pid is None:  # not started early
+                base.start_early(self.prove.env)
+            if base.config_w is None:
                 raise BaseError("the base started early is gone")
-            self.prove.base.configure(items)
+            base.configure(items)
         except (BaseError, OSError) as e:
             return f"{e}\n".encode()
         try:
@@ -351,6 +343,45 @@ class Host:
                 self.prove.orphans_reaped += 1
 
 
+def few_files(prove_args: list[str], shim_args: list[str]) -> bool:
+    """Whether prove's command line names no more test files than its
+    jobs, and leaves the preload to us: then prove runs them itself
+    (ForkServer::Prove's rule) and wants no base. A guess on the side of
+    starting one: an option not known here or a .proverc is "no"."""
+    if shim_args or os.path.exists(".proverc") or os.path.exists(os.path.expanduser("~/.proverc")):
+        return False
+    jobs, recurse, named = 1, False, []
+    args = iter(prove_args)
+    for arg in args:
+        if arg in ("-j", "--jobs"):
+            arg = "-j" + next(args, "")
+        if arg.startswith(("-j", "--jobs=")):
+            try:
+                jobs = int(arg.removeprefix("--jobs=").removeprefix("-j"))
+            except ValueError:
+                return False
+        elif arg.startswith("-") and arg.lstrip("-") and set(arg[1:]) <= set("lbrvwqQmfo") \
+                and not arg.startswith("--"):
+            recurse = recurse or "r" in arg
+        elif arg in ("--merge", "--timer", "--recurse"):
+            recurse = recurse or arg == "--recurse"
+        elif not arg.startswith("-"):
+            named.append(arg)
+        else:
+            return False
+    files = 0
+    for path in named or ["t"]:
+        if os.path.isdir(path):
+            files += sum(1 for _ in Path(path).glob("**/*.t" if recurse else "*.t"))
+        elif path.endswith(".t") and os.path.isfile(path):
+            files += 1
+        else:
+            return False
+        if files > max(1, jobs):
+            return False
+    return files > 0
+
+
 def prove_kill(pid: int) -> None:
     """A test (or prove) and its process group and descendants."""
     from ..launch import kill_tree  # psutil: imported when needed
@@ -383,9 +414,9 @@ def read_request(conn: socket.socket) -> tuple[bytes, bytes]:
     return data[:1], data[5:]
 
 
-def run(prove: Session, shim_args: list[str], prove_args: list[str]) -> int:
+def run(prove: Session, shim_args: list[str], prove_args: list[str], started: Started) -> int:
     try:
-        return Host(prove, shim_args, prove_args).run()
+        return Host(prove, shim_args, prove_args).run(started)
     except KeyboardInterrupt:
         return 130
     finally:
