@@ -42,7 +42,7 @@ def verdicts(stdout: str) -> dict[str, str]:
 
 
 EXPECTED_FAILURES = {"die.t", "die_errno.t", "exit_3.t", "failing.t"}
-SUITE_FILES = 28
+SUITE_FILES = 29
 
 
 @pytest.mark.parametrize("jobs", ["1", "2"])

@@ -40,6 +40,9 @@ C<# emperor-prove: no-preload>;
 module the base already loaded (it would see the module compiled before
 its change);
 
+=item * the file looks at C<$INC{'Some/Module.pm'}> of a module the base
+loaded (whether it is loaded yet: in a fork it always is);
+
 =item * C<--state> remembers that the file failed forked and passed cold;
 
 =item * the base could not start.
@@ -183,6 +186,11 @@ sub cold_reason {
     }
     my $changes = _changes_before_preloaded_use($text);
     return "it sets $changes before using a preloaded module" if $changes;
+    # `ok !$INC{'Moo/Role.pm'}`: whether a module is loaded yet; in a
+    # fork of the base it always is (it would fail forked, then run cold)
+    while ($text =~ /\$INC\s*\{\s*(['"])([\w\/]+\.pm)\1\s*\}/g) {
+        return "it looks at \$INC{'$2'} (preloaded)" if $BASE_INC{$2};
+    }
     return undef;
 }
 
