@@ -97,9 +97,6 @@ base it exits when the base stops.
 sub serve {
     my (@argv) = @_;
     my (@base_argv, $inc_report, $inc_keys);
-    # which %ENV variables the preloads read as they load: a test that sets
-    # one of them before its `use` would see a module built without it
-    my $env_reads = tie %ENV, 'ForkServer::TestFile::EnvReads', \%ENV;
     while (@argv) {
         my $arg = shift @argv;
         if ($arg eq '--config-fd') {
@@ -133,17 +130,10 @@ sub serve {
         elsif ($arg eq '--inc-keys')   { $inc_keys   = shift @argv }
         else { push @base_argv, $arg }
     }
-    {
-        no warnings 'untie';
-        untie %ENV;
-    }
-    %ENV = %{ $env_reads->{env} };    # with what the preloads set
     # what the base loaded: files for `emperor prove --watch` to watch, and
     # %INC's keys for telling which tests change things before using them
-    # (and, as the item "%ENV", the variables read while loading)
     for ([$inc_report, sub { values %INC }],
-         [$inc_keys, sub { (map { defined $INC{$_} && !ref $INC{$_} ? "$_\t$INC{$_}" : $_ } keys %INC),
-                           "%ENV\t" . join ' ', sort keys %{ $env_reads->{read} } }]) {
+         [$inc_keys, sub { map { defined $INC{$_} && !ref $INC{$_} ? "$_\t$INC{$_}" : $_ } keys %INC }]) {
         my ($path, $list) = @$_;
         next unless defined $path;
         open my $fh, '>', $path or die "'$path': $!\n";
@@ -250,19 +240,6 @@ sub _serve_until_a_test {
         ForkServer->main(@argv);    # exits in the base
     }
     return $SPEC;
-}
-
-# %ENV while the preloads load: the real values, and the names read.
-package ForkServer::TestFile::EnvReads {
-    sub TIEHASH  { my ($class, $env) = @_; return bless { env => {%$env}, read => {} }, $class }
-    sub FETCH    { $_[0]{read}{ $_[1] } = 1; return $_[0]{env}{ $_[1] } }
-    sub EXISTS   { $_[0]{read}{ $_[1] } = 1; return exists $_[0]{env}{ $_[1] } }
-    sub STORE    { $_[0]{env}{ $_[1] } = $_[2]; return }
-    sub DELETE   { return delete $_[0]{env}{ $_[1] } }
-    sub CLEAR    { %{ $_[0]{env} } = (); return }
-    sub FIRSTKEY { my $n = keys %{ $_[0]{env} }; return scalar each %{ $_[0]{env} } }
-    sub NEXTKEY  { return scalar each %{ $_[0]{env} } }
-    sub SCALAR   { return scalar %{ $_[0]{env} } }
 }
 
 =head2 become_test

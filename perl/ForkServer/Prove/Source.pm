@@ -58,7 +58,6 @@ my %CFG;        # setup()'s arguments
 my %NOTED;      # notes already given
 my %INC_FOR;    # the @INC `perl FILE` gets, by environment
 my %BASE_INC;   # the files the base has loaded (keys of its %INC)
-my %ENV_READ;   # the %ENV variables the base's preloads read as they loaded
 
 sub note {
     my ($class, $msg) = @_;
@@ -105,7 +104,6 @@ sub setup {
         return;
     }
     %BASE_INC = map { my ($k, $v) = split /\t/, $_, 2; ($k => $v // 1) } split /\0/, $reply;
-    %ENV_READ = map { $_ => 1 } split ' ', (delete $BASE_INC{'%ENV'}) // '';
     if ($args{auto} && !$args{quiet}) {    # the ones that loaded
         my @loaded = grep { (my $key = "$_.pm") =~ s{::}{/}g; $BASE_INC{$key} } @auto;
         print STDERR "emperor prove: preloaded (what most test files use): "
@@ -196,11 +194,10 @@ sub cold_reason {
 
 # %ENV or CORE::GLOBAL changed before a `use` of something the base loaded:
 # the module was compiled (constants folded) before the change. For %ENV,
-# only variables the preloads read while they loaded (the base records
-# them: Mojo::IOLoop builds its reactor from MOJO_REACTOR as it loads) or
-# that a preloaded file reads at its top level (an unindented line: `use
-# constant X => $ENV{...}`, `our $X = $ENV{...}`); one read inside a sub
-# called later is read after the test's change. A change this misses makes the forked run fail, and the
+# only variables a preloaded file reads at its top level (an unindented
+# line: `use constant X => $ENV{...}`, `our $X = $ENV{...}`); one read inside
+# a sub is read when the test calls it, after its change (Mojo's
+# MOJO_REACTOR). A change this misses makes the forked run fail, and the
 # file is then run cold (the retry). Textual on purpose: cheap, and erring
 # towards cold only costs time.
 sub _changes_before_preloaded_use {
@@ -220,7 +217,7 @@ sub _changes_before_preloaded_use {
     $names{$1}++ while $before =~ /\$ENV\s*\{\s*['"]?(\w+)['"]?\s*\}\s*(?:\|\||\/\/|\.)?=(?!=)/g;
     $names{$1}++ while $before =~ /(?:local|delete)\s+\$ENV\s*\{\s*['"]?(\w+)['"]?\s*\}/g;
     for my $name (sort keys %names) {
-        return "\$ENV{$name}" if $ENV_READ{$name} || _read_at_top_level($name);
+        return "\$ENV{$name}" if _read_at_top_level($name);
     }
     return undef;
 }
