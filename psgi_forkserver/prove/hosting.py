@@ -41,7 +41,6 @@ from .command import Started
 from .testfiles import ProveOptions, test_env
 
 
-
 @dataclass
 class Forked:
     """One forked test: its streams, its client, what it wrote."""
@@ -140,20 +139,23 @@ class Session:
         """What tests left running (daemons, orphans that outlived their
         test) is killed and reaped: nothing outlives the run. psutil is
         imported only when a child is left."""
-        try:
-            if os.waitpid(-1, os.WNOHANG) == (0, 0):
-                from ..launch import kill_tree
-                for pid in child_pids():
-                    kill_tree(pid)
-        except ChildProcessError:
-            return
+        killed = False
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        while True:
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
-            if pid == 0:
+            if pid:
+                continue
+            if not killed:
+                from ..launch import kill_tree
+                for child in child_pids():
+                    kill_tree(child)
+                killed = True
+            elif time.monotonic() > deadline:
+                return
+            else:
                 time.sleep(0.01)
 
 
@@ -169,7 +171,6 @@ class Host:
     def __init__(self, prove: Session, shim_args: list[str], prove_args: list[str]) -> None:
         self.prove = prove
         self.shim_args, self.prove_args = shim_args, prove_args
-        self.control = prove.tmp / "prove.sock"
         self.forked: dict[int, Forked] = {}
         self.shim_pid: int | None = None
         self.shim_status: int | None = None
