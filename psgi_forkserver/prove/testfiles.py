@@ -15,6 +15,7 @@ from .. import protocol
 NO_PRELOAD_MARK = "# emperor-prove: no-preload"
 YATH_NO_PRELOAD_MARK = "# HARNESS-NO-PRELOAD"
 
+INC_LOOKUP = re.compile(r"""\$INC\s*\{\s*(['"])([\w/]+\.pm)\1\s*\}""")
 USE_LINE = re.compile(r"^\s*use\s+([A-Z][\w:]*)", re.M)
 # %ENV or CORE::GLOBAL changed (ForkServer::Prove::Source has the same rule)
 CHANGES = [("%ENV", re.compile(r"\$ENV\s*\{[^}]*\}\s*(?:\|\||//|\.)?=(?!=)|%ENV\s*=(?!=)"
@@ -91,6 +92,10 @@ def cold_reason(file: str, preloaded: set[str] | None = None) -> tuple[str | Non
     changed = changes_before_preloaded_use(head, preloaded)
     if changed:
         return f"sets {changed} before using a preloaded module", switches
+    # `ok !$INC{'Foo.pm'}`: whether a module is loaded yet; forked, it is
+    for m in INC_LOOKUP.finditer(head):
+        if preloaded is None or m.group(2) in preloaded:
+            return f"looks at $INC{{'{m.group(2)}'}} (preloaded)", switches
     return None, switches
 
 
