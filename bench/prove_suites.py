@@ -14,7 +14,7 @@ run each of:
 
 with the same environment (HARNESS_ACTIVE and the like removed, no author or
 release testing). Prints a row per suite: versions, wall-clock seconds, the
-ratios, and the files whose verdict (ok / skipped / FAIL) differs from
+ratios, the load average before and after the row, and the files whose verdict (ok / skipped / FAIL) differs from
 prove's, for each emperor run and for yath (pass/fail only: yath does not
 say "skipped"). Writes the rows as JSON to bench/results/prove-suites-*.json.
 """
@@ -57,6 +57,7 @@ class Run:
     seconds: float
     exit: int
     verdicts: dict[str, str]
+    notes: list[str] = field(default_factory=list)  # emperor prove's own stderr lines
 
 
 @dataclass
@@ -66,6 +67,9 @@ class Row:
     files: int
     runs: dict[str, Run] = field(default_factory=dict)
     differ: dict[str, list[str]] = field(default_factory=dict)
+    # the 1-minute load average before and after the suite's four runs (a
+    # shared machine: the ratios within one row are what can be compared)
+    load: tuple[float, float] = (0.0, 0.0)
 
 
 def prove_verdicts(out: str) -> dict[str, str]:
@@ -100,7 +104,8 @@ def timed(cmd: list[str], cwd: Path, parse) -> Run:
     t0 = time.monotonic()
     p = subprocess.run(cmd, cwd=cwd, env=clean_env(), stdin=subprocess.DEVNULL, capture_output=True,
                        text=True, errors="replace", timeout=1800)
-    return Run(cmd, round(time.monotonic() - t0, 2), p.returncode, parse(p.stdout + "\n" + p.stderr))
+    notes = [line for line in p.stderr.splitlines() if line.startswith("emperor prove:")]
+    return Run(cmd, round(time.monotonic() - t0, 2), p.returncode, parse(p.stdout + "\n" + p.stderr), notes)
 
 
 def suite_dir(base: Path, package: str) -> Path | None:
@@ -115,7 +120,7 @@ def fetch(base: Path, packages: list[str]) -> None:
             subprocess.run(["apt-get", "source", "-qq", pkg], cwd=base, check=False)
 
 
-def bench_suite(name: str, d: Path, jobs: str) -> Row:
+def bench_suite(name: str, d: Path, jobs: str, emperor: str = EMPEROR) -> Row:
     version = d.name.split("-")[-1]
     files = len(list((d / "t").rglob("*.t")))
     row = Row(name, version, files)
@@ -123,12 +128,14 @@ def bench_suite(name: str, d: Path, jobs: str) -> Row:
     runs = {
         "prove": (["prove", "-j", jobs, "-l", "-r", "t"], prove_verdicts),
         "yath": (["yath", "test", "-j", jobs, "-l", "--no-color", "t"], yath_verdicts),
-        "emperor": ([EMPEROR, "prove", "-j", jobs, "-l", "-r", "t"], prove_verdicts),
-        "emperor-no-preload": ([EMPEROR, "prove", "--no-preload", "-j", jobs, "-l", "-r", "t"],
+        "emperor": ([emperor, "prove", "-j", jobs, "-l", "-r", "t"], prove_verdicts),
+        "emperor-no-preload": ([emperor, "prove", "--no-preload", "-j", jobs, "-l", "-r", "t"],
                                prove_verdicts),
     }
+    before = os.getloadavg()[0]
     for key, (cmd, parse) in runs.items():
         row.runs[key] = timed(cmd, d, parse)
+    row.load = (round(before, 2), round(os.getloadavg()[0], 2))
     want = row.runs["prove"].verdicts
     for key in ("emperor", "emperor-no-preload"):
         got = row.runs[key].verdicts
@@ -161,28 +168,32 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated suite names")
     ap.add_argument("--jobs", default="2")
     ap.add_argument("--fetch", action="store_true", help="apt-get source the missing suites first")
+    ap.add_argument("--emperor", default=EMPEROR, help="the emperor command to measure")
     args = ap.parse_args()
     names = [n for n in SUITES if not args.only or n in args.only.split(",")]
     if args.fetch:
         fetch(args.suites, [SUITES[n] for n in names])
     print(" ".join(f"{k}={v}" for k, v in versions().items()), flush=True)
     print(f"{'suite':14} {'ver':>12} {'files':>5} {'prove':>7} {'yath':>7} {'emperor':>8} "
-          f"{'no-pre':>7} {'x prove':>7} {'x yath':>7}  verdicts vs prove", flush=True)
+          f"{'no-pre':>7} {'x prove':>7} {'x yath':>7} {'load':>11}  verdicts vs prove", flush=True)
     rows: list[Row] = []
     for name in names:
         d = suite_dir(args.suites, SUITES[name])
         if d is None:
             print(f"{name:14} not found in {args.suites} (--fetch)", flush=True)
             continue
-        row = bench_suite(name, d, args.jobs)
+        row = bench_suite(name, d, args.jobs, args.emperor)
         rows.append(row)
         r = row.runs
         e = r["emperor"].seconds
         diffs = "; ".join(f"{k}: {len(v)} differ ({', '.join(v[:4])})" if v else f"{k}: same"
                           for k, v in row.differ.items())
+        for note in r["emperor"].notes:
+            print(f"    {note}", flush=True)
         print(f"{name:14} {row.version:>12} {row.files:5d} {r['prove'].seconds:7.2f} "
               f"{r['yath'].seconds:7.2f} {e:8.2f} {r['emperor-no-preload'].seconds:7.2f} "
-              f"{r['prove'].seconds / e:7.2f} {r['yath'].seconds / e:7.2f}  {diffs}", flush=True)
+              f"{r['prove'].seconds / e:7.2f} {r['yath'].seconds / e:7.2f} "
+              f"{row.load[0]:5.1f}-{row.load[1]:<5.1f}  {diffs}", flush=True)
     out = ROOT / "bench" / "results" / time.strftime("prove-suites-%Y%m%dT%H%M%S.json")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"versions": versions(), "rows": [asdict(r) for r in rows]}, indent=1))

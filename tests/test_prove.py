@@ -42,7 +42,7 @@ def verdicts(stdout: str) -> dict[str, str]:
 
 
 EXPECTED_FAILURES = {"die.t", "die_errno.t", "exit_3.t", "failing.t"}
-SUITE_FILES = 27
+SUITE_FILES = 28
 
 
 @pytest.mark.parametrize("jobs", ["1", "2"])
@@ -294,9 +294,10 @@ def test_prove_options_have_proves_meaning(project: Path) -> None:
     refused = run_in(project, [EMPEROR, "prove", "t/a_uses_lib.t"])  # no -l: as prove, it fails
     assert refused.returncode == 1 and "Can't locate Proj.pm" in refused.stderr
     # --merge: the test's stderr is in its TAP stream (stdout), else on stderr
-    merged = run_in(project, [EMPEROR, "prove", "-v", "--merge", "t/c_stderr.t"])
+    # (--no-preload: a fork even for one file)
+    merged = run_in(project, [EMPEROR, "prove", "--no-preload", "-v", "--merge", "t/c_stderr.t"])
     assert "stderr-marker" in merged.stdout and "stderr-marker" not in merged.stderr
-    apart = run_in(project, [EMPEROR, "prove", "-v", "t/c_stderr.t"])
+    apart = run_in(project, [EMPEROR, "prove", "--no-preload", "-v", "t/c_stderr.t"])
     assert "stderr-marker" in apart.stderr and "stderr-marker" not in apart.stdout
     timed = run_in(project, [EMPEROR, "prove", "-l", "--timer", "-s", "-w", "-f", "-o", "--ext", ".t",
                              "--formatter", "TAP::Formatter::File", "t"], FIX="1")
@@ -354,25 +355,49 @@ def test_a_file_that_fails_forked_and_passes_cold(project: Path) -> None:
     it: the next run starts it cold."""
     (project / "t" / "d_base_sensitive.t").write_text(
         "use strict;\nuse warnings;\nuse Test::More tests => 1;\n"
-        "ok !$INC{'ForkServer/TestFile.pm'}, 'fails in a fork of the base';\n")
-    first = run_in(project, [EMPEROR, "prove", "-l", "--state=save", "t/d_base_sensitive.t"])
+        "ok !defined &ForkServer::TestFile::serve, 'fails in a fork of the base';\n")
+    # (--preload: a fork even for one file)
+    first = run_in(project, [EMPEROR, "prove", "-l", "--preload", "Test::More", "--state=save",
+                             "t/d_base_sensitive.t"])
     assert first.returncode == 0, first.stdout + first.stderr
     assert "t/d_base_sensitive.t failed or skipped forked and passed cold" in first.stderr
     assert "emperor_cold" in (project / ".prove").read_text()
-    second = run_in(project, [EMPEROR, "prove", "-l", "--state=save", "t/d_base_sensitive.t"])
+    second = run_in(project, [EMPEROR, "prove", "-l", "--preload", "Test::More", "--state=save",
+                              "t/d_base_sensitive.t"])
     assert second.returncode == 0
     assert "t/d_base_sensitive.t runs cold: --state" in second.stderr
-    strict = run_in(project, [EMPEROR, "prove", "-l", "--no-cold-retry", "t/d_base_sensitive.t"])
+    strict = run_in(project, [EMPEROR, "prove", "-l", "--preload", "Test::More", "--no-cold-retry",
+                              "t/d_base_sensitive.t"])
     assert strict.returncode == 1
     # a file that skips itself when it sees a module already loaded: prove
     # runs it, so it is run cold too
     (project / "t" / "e_skips_if_loaded.t").write_text(
         "use strict;\nuse warnings;\nuse Test::More;\n"
-        "BEGIN { plan skip_all => 'Proj is already loaded' if $INC{'Proj.pm'} }\n"
+        "BEGIN { plan skip_all => 'Proj is already loaded' if defined &Proj::answer }\n"
         "use Proj;\nplan tests => 1;\nok 1, 'ran';\n")
     skip = run_in(project, [EMPEROR, "prove", "-l", "--preload", "Proj", "t/e_skips_if_loaded.t"])
     assert re.search(r"^t/e_skips_if_loaded\.t \.+ ok$", skip.stdout, re.M), skip.stdout + skip.stderr
     assert "t/e_skips_if_loaded.t failed or skipped forked and passed cold" in skip.stderr
+
+
+def test_automatic_preload_is_named_and_skipped_when_no_file_would_wait(project: Path) -> None:
+    """With the preload left to emperor prove: stderr names the modules
+    preloaded, in one line; a run of no more files than jobs runs them as
+    prove does (a base would only load what they load)."""
+    (project / "t" / "d_base_sensitive.t").write_text(
+        "use strict;\nuse warnings;\nuse Test::More tests => 1;\n"
+        "ok !defined &ForkServer::TestFile::serve, 'not in a fork of the base';\n")
+    whole = run_in(project, [EMPEROR, "prove", "-l", "t"], FIX="1")
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    lines = [line for line in whole.stderr.splitlines() if "preloaded" in line]
+    assert lines == ["emperor prove: preloaded (what most test files use): Test::More, Proj"], whole.stderr
+    assert "d_base_sensitive.t failed or skipped forked" in whole.stderr  # the 4 files were forked
+    for argv in (["t/d_base_sensitive.t"], ["-j2", "t/d_base_sensitive.t", "t/b_flaky.t"]):
+        alone = run_in(project, [EMPEROR, "prove", "-l", *argv], FIX="1")
+        assert alone.returncode == 0, alone.stdout + alone.stderr
+        assert alone.stderr == "", alone.stderr  # no base, no preload, no cold retry
+    quiet = run_in(project, [EMPEROR, "prove", "-l", "-q", "t"], FIX="1")
+    assert "preloaded" not in quiet.stderr
 
 
 def test_shard_splits_into_disjoint_balanced_parts(tmp_path: Path) -> None:

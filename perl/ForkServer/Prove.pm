@@ -63,6 +63,7 @@ sub main {
         elsif ($arg eq '--junit')       { $ours{junit} = shift @argv }
         elsif ($arg eq '--destruct')    { $ours{destruct} = 1 }
         elsif ($arg eq '--no-cold-retry') { $ours{no_cold_retry} = 1 }
+        elsif ($arg eq '--timeout')     { $ours{timeout} = shift @argv }
         else { die "emperor prove: unknown option '$arg'\n" }
     }
     %OURS = %ours;
@@ -105,11 +106,26 @@ sub _get_tests {
     return grep { $mine{$_} } @tests;
 }
 
+# With the preload left to us, a run of no more files than jobs gains
+# nothing from a base: it would load what each file loads, and each file
+# starts at once. (--preload, --no-preload and --timeout ask for forks.)
+sub _no_base_pays {
+    my ($self, @tests) = @_;
+    return 0 if @{ $OURS{preload} } || $OURS{no_preload} || defined $OURS{timeout};
+    my $jobs = $self->jobs || 1;
+    return @tests <= $jobs;
+}
+
 sub _runtests {
     my ($self, $args, @tests) = @_;
     my $source = 'ForkServer::Prove::Source';
     if ($self->exec) {
         $source->note("--exec: every test runs through the given command, none is forked");
+    }
+    elsif (_no_base_pays($self, @tests)) {
+        # every file would start before a base could serve it: run them as
+        # prove does, and let the base (started early) go
+        eval { ForkServer::Prove::Iterator::request($OURS{socket}, 'N', ''); 1 };
     }
     else {
         $source->setup(
@@ -120,6 +136,7 @@ sub _runtests {
             preload  => $OURS{preload},
             auto     => !$OURS{no_preload} && !@{ $OURS{preload} },
             tests    => \@tests,
+            quiet    => ($self->quiet || $self->really_quiet),
         );
     }
     return $self->SUPER::_runtests($args, @tests) unless defined $OURS{junit};

@@ -17,11 +17,13 @@ use ForkServer::Protocol qw(decode_array);
 # Test2 is told it is being preloaded before anything can load it, so that
 # the state Test::More builds while the base loads is not the state of a
 # test (Test2::API's preload mode, made for this).
-BEGIN {
-    if (eval { require Test2::API; 1 }) {
-        Test2::API::test2_start_preload();
-    }
+# A base started early (`--config-fd`) does it once it has its library
+# directories: the distribution under test may carry its own Test2.
+sub _start_test2_preload {
+    Test2::API::test2_start_preload() if eval { require Test2::API; 1 };
+    return;
 }
+BEGIN { _start_test2_preload() unless grep { $_ eq '--config-fd' } @ARGV }
 
 use Filter::Util::Call ();    # loaded here, not in every test
 use ForkServer ();    # a modulino: loaded, not run
@@ -97,7 +99,15 @@ sub serve {
     my (@base_argv, $inc_report, $inc_keys);
     while (@argv) {
         my $arg = shift @argv;
-        if ($arg eq '--preload' || $arg eq '--preload-module') {
+        if ($arg eq '--config-fd') {
+            unshift @argv, _read_config(shift @argv);
+            _start_test2_preload();
+        }
+        elsif ($arg eq '--lib') {
+            require lib;
+            lib->import(shift @argv);
+        }
+        elsif ($arg eq '--preload' || $arg eq '--preload-module') {
             my $what = shift @argv;
             (my $file = $what) =~ s{::}{/}g;
             $file .= '.pm' if $arg eq '--preload-module';
@@ -136,6 +146,30 @@ sub serve {
     _become(%$spec);
     _compile_next($spec->{file});
     return;
+}
+
+# `--config-fd N`: the base was started before prove had read its command
+# line (so that both start at once); the rest of its options come on this
+# pipe when prove knows them, NUL-separated: inc=DIR (in @INC, as the
+# tests' PERL5LIB), module=M, optional=M, file=F (preloads).
+sub _read_config {
+    my ($fd) = @_;
+    open my $fh, '<&=', $fd or die "--config-fd $fd: $!\n";
+    local $/;
+    my $text = <$fh> // '';
+    close $fh;
+    my %option = (inc => '--lib', module => '--preload-module', optional => '--preload-optional',
+        file => '--preload');
+    my (@libs, @rest);
+    for my $item (grep { length } split /\0/, $text) {
+        my ($key, $value) = split /=/, $item, 2;
+        die "--config-fd: bad item '$item'\n" unless defined $value && $option{$key};
+        push @{ $key eq 'inc' ? \@libs : \@rest }, $option{$key}, $value;
+    }
+    # lib->import puts each in front: the last first, so that @INC has them in order
+    my @lib_args;
+    unshift @lib_args, splice @libs, 0, 2 while @libs;
+    return @lib_args, @rest;
 }
 
 # The rest of the main program is the test file: a source filter gives

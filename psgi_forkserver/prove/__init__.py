@@ -20,21 +20,33 @@ run and its TAP), report (prove's output, JUnit), watching and serving
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import importlib
 from pathlib import Path
+from typing import Any
 
-from . import serving, watching
-from .base import BaseError
-from .scheduler import Prove
-from .serving import connect
-from .testfiles import ProveOptions, build_spec, cold_reason, find_tests
+# `emperor prove` (hosting.py) imports none of these: a test run starts
+# without the TAP parser, psutil or the Emperor's config (~0.1 s of imports)
+_EXPORTS = {"BaseError": ".base", "Prove": ".scheduler", "ProveOptions": ".testfiles",
+            "build_spec": ".testfiles", "cold_reason": ".testfiles", "connect": ".serving",
+            "find_tests": ".testfiles"}
 
-__all__ = ["BaseError", "Prove", "ProveOptions", "build_spec", "cold_reason", "connect",
-           "find_tests", "main"]
+__all__ = [*_EXPORTS, "main"]
 
 
-def main(opts: ProveOptions, watch: bool = False, serve: Path | None = None) -> int:
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(name)
+
+
+def main(opts: Any, watch: bool = False, serve: Path | None = None) -> int:
+    import subprocess
+    import sys
+
+    from . import serving, watching
+    from .base import BaseError
+    from .scheduler import Prove
+
     try:
         prove = Prove(opts)
     except (OSError, subprocess.CalledProcessError) as e:

@@ -7,10 +7,10 @@ import os
 import re
 import signal
 import socket
-import time
+from collections.abc import Callable
 from pathlib import Path
 
-from .. import launch, paths, protocol
+from .. import paths, protocol
 from .testfiles import ProveOptions, which
 
 BASE_MAIN = "BEGIN { ForkServer::TestFile::serve(@ARGV) }\n"
@@ -38,6 +38,7 @@ class TestBase:
         self.inc_keys = tmp / "inc-keys"  # its %INC keys (for telling what is preloaded)
         self.pid: int | None = None
         self.pipe: socket.socket | None = None
+        self.config_w: int | None = None  # the early base's --config-fd
 
     def argv(self) -> list[str]:
         argv = [self.opts.perl, f"-I{paths.perl_dir()}", "-MForkServer::TestFile",
@@ -63,8 +64,45 @@ class TestBase:
 
     def start(self, env: dict[str, str]) -> None:
         """Start it and wait for its byte 1; BaseError when it does not come."""
+        self.spawn(env)
+        self.wait_ready()
+
+    def start_early(self, env: dict[str, str]) -> None:
+        """Start it before its library directories and preloads are known
+        (it loads its own code meanwhile); `configure` gives them."""
+        self.config_w = None
+        r, w = os.pipe()
+        try:
+            self.spawn(env, config_fd=r)
+        except BaseException:
+            os.close(w)
+            raise
+        finally:
+            os.close(r)
+        self.config_w = w
+
+    def configure(self, items: list[str]) -> None:
+        """The early base's directories and preloads (`--config-fd` items:
+        inc=DIR, module=M, optional=M, file=F); waits for it to be ready."""
+        w, self.config_w = self.config_w, None
+        if w is None:
+            raise BaseError("the base was not started early")
+        try:
+            data = "\0".join(items).encode("utf-8", "surrogateescape")
+            while data:
+                data = data[os.write(w, data):]
+        except OSError:
+            pass  # it died: wait_ready says how
+        finally:
+            os.close(w)
+        self.wait_ready()
+
+    def spawn(self, env: dict[str, str], config_fd: int | None = None) -> None:
         ours, theirs = socket.socketpair()
         argv = self.argv()
+        if config_fd is not None:
+            argv += ["--config-fd", str(config_fd)]
+            os.set_inheritable(config_fd, True)
         log = os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.set_inheritable(theirs.fileno(), True)
         try:
@@ -78,6 +116,10 @@ class TestBase:
             os.close(log)
             theirs.close()
         self.pipe = ours
+
+    def wait_ready(self) -> None:
+        ours = self.pipe
+        assert ours is not None and self.pid is not None
         ours.settimeout(300)
         try:
             byte = ours.recv(1)
@@ -87,22 +129,23 @@ class TestBase:
             pid, status = os.waitpid(self.pid, 0)
             self.pid = None
             text = " | ".join(self.log.read_text(errors="replace").split("\n")).strip(" |")
-            raise BaseError(f"the base did not start ({launch.describe_status(status)}): {text}")
+            from ..launch import describe_status
+            raise BaseError(f"the base did not start ({describe_status(status)}): {text}")
 
     def stop(self) -> None:
+        if self.config_w is not None:  # started early, never configured
+            os.close(self.config_w)
+            self.config_w = None
         if self.pipe is not None:
             self.pipe.close()  # end of file: the base stops
             self.pipe = None
         if self.pid is not None:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                pid, _ = os.waitpid(self.pid, os.WNOHANG)
-                if pid:
-                    break
-                time.sleep(0.01)
-            else:
-                launch.kill_tree(self.pid)
+            # it has nothing to save, and a test run waits for its end
+            try:
+                os.kill(self.pid, signal.SIGKILL)
                 os.waitpid(self.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
             self.pid = None
 
     def preloaded(self) -> set[str] | None:
@@ -119,3 +162,27 @@ class TestBase:
             return self.inc_report.read_text().split("\0")
         except OSError:
             return []
+
+
+def start_with_streams(start: Callable[[int, int], int],
+                       spec: bytes | None) -> tuple[int, socket.socket, socket.socket]:
+    """Start a test with its stdout and stderr on socket pairs of ours:
+    `start(out_fd, err_fd)` gets the far ends (stderr's already holding the
+    spec, when there is one) and returns the pid; we keep the near ends,
+    shut for writing. What `start` raises is raised, every end closed."""
+    out_ours, out_theirs = socket.socketpair()
+    err_ours, err_theirs = socket.socketpair()
+    try:
+        if spec is not None:
+            err_ours.sendall(spec)
+        pid = start(out_theirs.fileno(), err_theirs.fileno())
+    except BaseException:
+        out_ours.close()
+        err_ours.close()
+        raise
+    finally:
+        out_theirs.close()
+        err_theirs.close()
+    out_ours.shutdown(socket.SHUT_WR)
+    err_ours.shutdown(socket.SHUT_WR)
+    return pid, out_ours, err_ours

@@ -4,7 +4,7 @@ the Emperor, so that a run starts quickly."""
 
 from __future__ import annotations
 
-import subprocess
+import os
 import sys
 
 LONG_RUNNING_PROVE = {"--watch", "--serve", "--connect", "--help-long-running"}
@@ -37,9 +37,51 @@ example:
 """
 
 
+SHIM_MAIN = "exit ForkServer::Prove::main(@ARGV)"
+
+
+class Started:
+    """prove, started first thing (its start-up is the longest): its pid,
+    the private directory and the socket it will connect to."""
+
+    def __init__(self, tmp: str, listener, pid: int) -> None:
+        self.tmp, self.listener, self.pid = tmp, listener, pid
+
+
+def start_prove(perl: str, shim_args: list[str], prove_args: list[str]) -> Started:
+    import shutil
+    import socket
+    import tempfile
+
+    from ..paths import perl_dir
+
+    tmp = tempfile.mkdtemp(prefix="emperor-prove-")
+    control = os.path.join(tmp, "prove.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    umask = os.umask(0o177)
+    try:
+        listener.bind(control)
+    finally:
+        os.umask(umask)
+    listener.listen(64)
+    listener.setblocking(False)
+    argv = [perl, f"-I{perl_dir()}", "-MForkServer::Prove", "-e", SHIM_MAIN, "--",
+            "--socket", control, *shim_args, "--", *prove_args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UWSGI_EMPEROR_")}
+    try:
+        program = perl if "/" in perl else shutil.which(perl)
+        if not program:
+            raise FileNotFoundError(perl)
+        pid = os.posix_spawn(program, argv, env)
+    except OSError:
+        listener.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Started(tmp, listener, pid)
+
+
 def prove_run(argv: list[str]) -> int:
     """prove's command line, run by prove itself, with ours taken out."""
-    from . import ProveOptions, Prove, hosting
 
     shim: list[str] = []
     prove_args: list[str] = []
@@ -65,6 +107,7 @@ def prove_run(argv: list[str]) -> int:
                 except ValueError:
                     print(f"emperor prove: --timeout {value}: not a number of seconds", file=sys.stderr)
                     return 2
+                shim += [name, value]  # prove's side forks every file then
             elif name == "--perl":
                 perl = value
             else:
@@ -76,8 +119,18 @@ def prove_run(argv: list[str]) -> int:
             prove_args.append(arg)
         i += 1
     try:
-        prove = Prove(ProveOptions(paths=[], perl=perl, timeout=timeout), facts=False)
-    except (OSError, subprocess.CalledProcessError) as e:
+        started = start_prove(perl, shim, prove_args)
+    except OSError as e:
         print(f"emperor prove: {e}", file=sys.stderr)
         return 2
-    return hosting.run(prove, shim, prove_args)
+    # the rest is imported while prove loads
+    from . import hosting
+    from .testfiles import ProveOptions
+
+    session = hosting.Session(ProveOptions(paths=[], perl=perl, timeout=timeout), tmp=started.tmp)
+    status = hosting.run(session, shim, prove_args, started)
+    # everything is reaped and removed: the interpreter's own clean-up
+    # (~15 ms) would only delay the end of a test run
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -13,6 +13,7 @@ The requests, on a UNIX socket in a private directory, one per connection
                                        optional=M, file=F; reply "ok\\n" and
                                        the base's %INC keys, NUL-separated,
                                        or one line of error
+    N <4-byte length>                  no base is needed: stop it
     T <4-byte length> FILE\\0SPEC      run FILE forked; SPEC is the config
                                        packet ForkServer::TestFile reads;
                                        reply "WSTATUS TIMEDOUT OUTLEN ERRLEN\\n"
@@ -21,21 +22,23 @@ The requests, on a UNIX socket in a private directory, one per connection
 
 from __future__ import annotations
 
+import ctypes
 import os
 import selectors
+import shutil
 import signal
 import socket
 import struct
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .. import adoption, paths, protocol
-from .base import BaseError
-from .scheduler import Prove, start_with_streams
-from .testfiles import which
-
-SHIM_MAIN = "exit ForkServer::Prove::main(@ARGV)"
+from .base import BaseError, TestBase, start_with_streams
+from .command import Started
+from .testfiles import ProveOptions, test_env
 
 
 @dataclass
@@ -85,37 +88,109 @@ def file_timeout(file: str, default: float | None) -> float | None:
     return default + extra
 
 
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class Session:
+    """What this process holds while prove runs: the options, a private
+    directory, the base, the tests' environment, the selector woken by
+    SIGCHLD. (Imports nothing of the TAP side: prove parses the TAP.)"""
+
+    def __init__(self, opts: ProveOptions, err=sys.stderr, tmp: str | None = None) -> None:
+        self.opts = opts
+        self.errout = err
+        self.tmp = Path(tmp or tempfile.mkdtemp(prefix="emperor-prove-"))
+        self.base = TestBase(opts, self.tmp)
+        self.env = test_env(opts)
+        self.orphans_reaped = 0
+
+    def setup(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(e)}")
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        self.old_wakeup = signal.set_wakeup_fd(self.wake_w.fileno())
+        self.old_chld = signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.wake_r, selectors.EVENT_READ, None)
+
+    def drain_wake(self) -> None:
+        """The signal wake-up bytes: they only say "look again"."""
+        try:
+            while self.wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def teardown(self) -> None:
+        self.base.stop()
+        self.reap_leftovers()
+        self.sel.close()
+        signal.signal(signal.SIGCHLD, self.old_chld)
+        signal.set_wakeup_fd(self.old_wakeup)
+        self.wake_r.close()
+        self.wake_w.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def reap_leftovers(self) -> None:
+        """What tests left running (daemons, orphans that outlived their
+        test) is killed and reaped: nothing outlives the run. psutil is
+        imported only when a child is left."""
+        killed = False
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid:
+                continue
+            if not killed:
+                from ..launch import kill_tree
+                for child in child_pids():
+                    kill_tree(child)
+                killed = True
+            elif time.monotonic() > deadline:
+                return
+            else:
+                time.sleep(0.01)
+
+
+def child_pids() -> list[int]:
+    import psutil
+    try:
+        return [p.pid for p in psutil.Process(os.getpid()).children()]
+    except psutil.Error:
+        return []
+
+
 class Host:
-    def __init__(self, prove: Prove, shim_args: list[str], prove_args: list[str]) -> None:
+    def __init__(self, prove: Session, shim_args: list[str], prove_args: list[str]) -> None:
         self.prove = prove
         self.shim_args, self.prove_args = shim_args, prove_args
-        self.control = prove.tmp / "prove.sock"
         self.forked: dict[int, Forked] = {}
         self.shim_pid: int | None = None
         self.shim_status: int | None = None
         self.base_error: str | None = None
 
-    def shim_argv(self) -> list[str]:
-        perl = self.prove.opts.perl
-        return [perl, f"-I{paths.perl_dir()}", "-MForkServer::Prove", "-e", SHIM_MAIN, "--",
-                "--socket", str(self.control), *self.shim_args, "--", *self.prove_args]
-
-    def run(self) -> int:
+    def run(self, started: Started) -> int:
+        """`started`: prove, already running, and the socket it connects to."""
         prove = self.prove
+        listener, self.shim_pid = started.listener, started.pid
         prove.setup()
-        umask = os.umask(0o177)
-        try:
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            listener.bind(str(self.control))
-        finally:
-            os.umask(umask)
-        listener.listen(64)
-        listener.setblocking(False)
         prove.sel.register(listener, selectors.EVENT_READ, "listen")
+        self.reap()  # (what ended before SIGCHLD was ours to see)
         try:
-            argv = self.shim_argv()
-            env = {k: v for k, v in os.environ.items() if not k.startswith("UWSGI_EMPEROR_")}
-            self.shim_pid = os.posix_spawn(which(argv[0]), argv, env)
+            # the base starts now, while prove loads and reads its command line
+            # (unless prove will surely not want one: it would only take CPU)
+            if not few_files(self.prove_args, self.shim_args):
+                try:
+                    prove.base.start_early(prove.env)
+                except OSError as e:
+                    self.prove.errout.write(f"emperor prove: the base: {e}\n")
             while self.shim_status is None or self.forked:
                 if self.shim_status is not None:
                     for f in self.forked.values():  # prove is gone: nobody reads them
@@ -171,6 +246,9 @@ class Host:
             if kind == b"B":
                 conn.sendall(self.start_base(payload))
                 conn.close()
+            elif kind == b"N":  # prove runs every file itself: no base
+                self.prove.base.stop()
+                conn.close()
             elif kind == b"T":
                 self.start_test(conn, payload)
             else:
@@ -180,23 +258,17 @@ class Host:
             conn.close()
 
     def start_base(self, payload: bytes) -> bytes:
-        """The base, with prove's library directories and the preloads."""
-        opts = self.prove.opts
-        libs: list[str] = []
-        for item in payload.decode().split("\0") if payload else []:
-            key, _, value = item.partition("=")
-            if key == "inc":
-                libs.append(value)
-            elif key == "module":
-                opts.required_modules.append(value)
-            elif key == "optional":
-                opts.optional_modules.append(value)
-            elif key == "file":
-                opts.preloads.append(value)
-        env = dict(self.prove.env)
-        env["PERL5LIB"] = os.pathsep.join([*libs, *([env["PERL5LIB"]] if env.get("PERL5LIB") else [])])
+        """The base (started early, loading its own code while prove reads
+        its command line), given prove's library directories and the
+        preloads."""
+        items = [i for i in payload.decode("utf-8", "surrogateescape").split("\0") if i]
+        base = self.prove.base
         try:
-            self.prove.base.start(env)
+            if base.pid is None:  # not started early
+                base.start_early(self.prove.env)
+            if base.config_w is None:
+                raise BaseError("the base started early is gone")
+            base.configure(items)
         except (BaseError, OSError) as e:
             return f"{e}\n".encode()
         try:
@@ -272,10 +344,49 @@ class Host:
                 self.prove.orphans_reaped += 1
 
 
+def few_files(prove_args: list[str], shim_args: list[str]) -> bool:
+    """Whether prove's command line names no more test files than its
+    jobs, and leaves the preload to us: then prove runs them itself
+    (ForkServer::Prove's rule) and wants no base. A guess on the side of
+    starting one: an option not known here or a .proverc is "no"."""
+    if shim_args or os.path.exists(".proverc") or os.path.exists(os.path.expanduser("~/.proverc")):
+        return False
+    jobs, recurse, named = 1, False, []
+    args = iter(prove_args)
+    for arg in args:
+        if arg in ("-j", "--jobs"):
+            arg = "-j" + next(args, "")
+        if arg.startswith(("-j", "--jobs=")):
+            try:
+                jobs = int(arg.removeprefix("--jobs=").removeprefix("-j"))
+            except ValueError:
+                return False
+        elif arg.startswith("-") and arg.lstrip("-") and set(arg[1:]) <= set("lbrvwqQmfo") \
+                and not arg.startswith("--"):
+            recurse = recurse or "r" in arg
+        elif arg in ("--merge", "--timer", "--recurse"):
+            recurse = recurse or arg == "--recurse"
+        elif not arg.startswith("-"):
+            named.append(arg)
+        else:
+            return False
+    files = 0
+    for path in named or ["t"]:
+        if os.path.isdir(path):
+            files += sum(1 for _ in Path(path).glob("**/*.t" if recurse else "*.t"))
+        elif path.endswith(".t") and os.path.isfile(path):
+            files += 1
+        else:
+            return False
+        if files > max(1, jobs):
+            return False
+    return files > 0
+
+
 def prove_kill(pid: int) -> None:
     """A test (or prove) and its process group and descendants."""
-    from .. import launch
-    launch.kill_tree(pid)
+    from ..launch import kill_tree  # psutil: imported when needed
+    kill_tree(pid)
     try:
         os.killpg(pid, signal.SIGKILL)
     except OSError:
@@ -304,9 +415,9 @@ def read_request(conn: socket.socket) -> tuple[bytes, bytes]:
     return data[:1], data[5:]
 
 
-def run(prove: Prove, shim_args: list[str], prove_args: list[str]) -> int:
+def run(prove: Session, shim_args: list[str], prove_args: list[str], started: Started) -> int:
     try:
-        return Host(prove, shim_args, prove_args).run()
+        return Host(prove, shim_args, prove_args).run(started)
     except KeyboardInterrupt:
         return 130
     finally:

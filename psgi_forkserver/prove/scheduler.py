@@ -18,25 +18,10 @@ from pathlib import Path
 
 from .. import adoption, launch, paths, protocol
 from ..nonblocking import recv_ready
-from .base import TestBase
+from .base import TestBase, start_with_streams
 from .report import Report, write_junit
 from .tap import Job
-from .testfiles import ProveOptions, build_spec, cold_reason, find_tests, taint_switches, which
-
-
-def test_env(opts: ProveOptions) -> dict[str, str]:
-    """prove's environment for a test: HARNESS_ACTIVE, HARNESS_VERSION, and
-    its -I directories in PERL5LIB (TAP::Parser::SourceHandler::Perl)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UWSGI_EMPEROR_")}
-    env["HARNESS_ACTIVE"] = "1"
-    if opts.verbose:
-        env["HARNESS_IS_VERBOSE"] = "1"
-    else:
-        env.pop("HARNESS_IS_VERBOSE", None)
-    if opts.includes:
-        env["PERL5LIB"] = os.pathsep.join(
-            [*opts.includes, *([env["PERL5LIB"]] if env.get("PERL5LIB") else [])])
-    return env
+from .testfiles import ProveOptions, build_spec, cold_reason, find_tests, taint_switches, test_env, which
 
 
 def perl_facts(perl: str, env: dict[str, str]) -> tuple[list[str], str]:
@@ -47,30 +32,6 @@ def perl_facts(perl: str, env: dict[str, str]) -> tuple[list[str], str]:
         env=env, capture_output=True, check=True).stdout.decode()
     version, *inc = out.split("\0")
     return inc, version
-
-
-def start_with_streams(start: Callable[[int, int], int],
-                       spec: bytes | None) -> tuple[int, socket.socket, socket.socket]:
-    """Start a test with its stdout and stderr on socket pairs of ours:
-    `start(out_fd, err_fd)` gets the far ends (stderr's already holding the
-    spec, when there is one) and returns the pid; we keep the near ends,
-    shut for writing. What `start` raises is raised, every end closed."""
-    out_ours, out_theirs = socket.socketpair()
-    err_ours, err_theirs = socket.socketpair()
-    try:
-        if spec is not None:
-            err_ours.sendall(spec)
-        pid = start(out_theirs.fileno(), err_theirs.fileno())
-    except BaseException:
-        out_ours.close()
-        err_ours.close()
-        raise
-    finally:
-        out_theirs.close()
-        err_theirs.close()
-    out_ours.shutdown(socket.SHUT_WR)
-    err_ours.shutdown(socket.SHUT_WR)
-    return pid, out_ours, err_ours
 
 
 class Prove:

@@ -3,6 +3,7 @@ of them must run cold, and the spec a forked test reads."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from .. import protocol
 NO_PRELOAD_MARK = "# emperor-prove: no-preload"
 YATH_NO_PRELOAD_MARK = "# HARNESS-NO-PRELOAD"
 
+INC_LOOKUP = re.compile(r"""\$INC\s*\{\s*(['"])([\w/]+\.pm)\1\s*\}""")
 USE_LINE = re.compile(r"^\s*use\s+([A-Z][\w:]*)", re.M)
 # %ENV or CORE::GLOBAL changed (ForkServer::Prove::Source has the same rule)
 CHANGES = [("%ENV", re.compile(r"\$ENV\s*\{[^}]*\}\s*(?:\|\||//|\.)?=(?!=)|%ENV\s*=(?!=)"
@@ -90,6 +92,10 @@ def cold_reason(file: str, preloaded: set[str] | None = None) -> tuple[str | Non
     changed = changes_before_preloaded_use(head, preloaded)
     if changed:
         return f"sets {changed} before using a preloaded module", switches
+    # `ok !$INC{'Foo.pm'}`: whether a module is loaded yet; forked, it is
+    for m in INC_LOOKUP.finditer(head):
+        if preloaded is None or m.group(2) in preloaded:
+            return f"looks at $INC{{'{m.group(2)}'}} (preloaded)", switches
     return None, switches
 
 
@@ -120,3 +126,18 @@ def which(prog: str) -> str:
     if not found:
         raise FileNotFoundError(prog)
     return found
+
+
+def test_env(opts: ProveOptions) -> dict[str, str]:
+    """prove's environment for a test: HARNESS_ACTIVE, HARNESS_VERSION, and
+    its -I directories in PERL5LIB (TAP::Parser::SourceHandler::Perl)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UWSGI_EMPEROR_")}
+    env["HARNESS_ACTIVE"] = "1"
+    if opts.verbose:
+        env["HARNESS_IS_VERBOSE"] = "1"
+    else:
+        env.pop("HARNESS_IS_VERBOSE", None)
+    if opts.includes:
+        env["PERL5LIB"] = os.pathsep.join(
+            [*opts.includes, *([env["PERL5LIB"]] if env.get("PERL5LIB") else [])])
+    return env

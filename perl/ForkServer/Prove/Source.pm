@@ -40,6 +40,9 @@ C<# emperor-prove: no-preload>;
 module the base already loaded (it would see the module compiled before
 its change);
 
+=item * the file looks at C<$INC{'Some/Module.pm'}> of a module the base
+loaded (whether it is loaded yet: in a fork it always is);
+
 =item * C<--state> remembers that the file failed forked and passed cold;
 
 =item * the base could not start.
@@ -66,11 +69,12 @@ sub note {
 =head2 setup
 
   ForkServer::Prove::Source->setup(socket => $path, libs => \@dirs, preload => \@modules_or_files,
-      auto => $bool, tests => \@files, state => $state_manager, destruct => $bool);
+      auto => $bool, tests => \@files, state => $state_manager, destruct => $bool, quiet => $bool);
 
 Starts the base (through the Emperor side on C<socket>) with C<libs> in its
 @INC and the preloads: the given ones, or with C<auto> the modules most test
-files C<use>. Without a base every test runs as prove runs it.
+files C<use>, named on stderr in one line (unless C<quiet>). Without a
+base every test runs as prove runs it.
 
 =cut
 
@@ -81,9 +85,8 @@ sub setup {
     for my $p (@{ $args{preload} }) {
         push @items, ($p =~ m{/|\.p[lm]\z} && -f $p) ? "file=" . Cwd::abs_path($p) : "module=$p";
     }
-    if ($args{auto}) {
-        push @items, map {"optional=$_"} auto_preloads(@{ $args{tests} });
-    }
+    my @auto = $args{auto} ? auto_preloads(@{ $args{tests} }) : ();
+    push @items, map {"optional=$_"} @auto;
     # Nothing preloaded: the inherited heap is small, and perl's own global
     # destruction at exit is then cheaper than freeing what the test loaded
     # package by package (ForkServer::TestFile's fast exit), and exact.
@@ -101,6 +104,11 @@ sub setup {
         return;
     }
     %BASE_INC = map { my ($k, $v) = split /\t/, $_, 2; ($k => $v // 1) } split /\0/, $reply;
+    if ($args{auto} && !$args{quiet}) {    # the ones that loaded
+        my @loaded = grep { (my $key = "$_.pm") =~ s{::}{/}g; $BASE_INC{$key} } @auto;
+        print STDERR "emperor prove: preloaded (what most test files use): "
+            . (@loaded ? join(', ', @loaded) : 'nothing') . "\n";
+    }
     return;
 }
 
@@ -176,6 +184,11 @@ sub cold_reason {
     }
     my $changes = _changes_before_preloaded_use($text);
     return "it sets $changes before using a preloaded module" if $changes;
+    # `ok !$INC{'Moo/Role.pm'}`: whether a module is loaded yet; in a
+    # fork of the base it always is (it would fail forked, then run cold)
+    while ($text =~ /\$INC\s*\{\s*(['"])([\w\/]+\.pm)\1\s*\}/g) {
+        return "it looks at \$INC{'$2'} (preloaded)" if $BASE_INC{$2};
+    }
     return undef;
 }
 
