@@ -1,170 +1,130 @@
 """The Emperor: one selectors loop that reconciles vassal files with processes.
 
+The Emperor is the loop; its parts do the work, each with its own state:
+
+- `files` (files.VassalFiles): the vassals directory, read into the fleet
+  (`vassals`, the desired state), and the descriptor budget's admission;
+- `procs` (processes.ProcessTable): the vassals' processes, started
+  (spawn or adoption), fed, stopped and reaped; what happened comes back
+  as facts (a failed start, the children reaped, adoptions answered);
+- `bases` (bases.ForkServers): the base vassal, each generation's socket,
+  readiness probes, code deploys and wedged bases;
+- `routes` (routing.Routes): the `domain` routes and the front door;
+- `vsockets` (ondemand.VassalSockets): the vassals' bound sockets between
+  processes (on demand, 503 while stopped); `sweeper` (orphans.py) and
+  `cgroups` (cgroups.py): what vassal processes leave behind.
+
 Each turn of the loop (`_turn`) reads facts, plans, acts:
 
 - facts: signals (queued by the wakeup fd, handled by name), reaped
-  children, vassal files (files.py), fork-server probes (bases.py); events
-  between turns (inotify, pipe bytes, adoption replies, readable on-demand
-  sockets) only record facts on the vassals;
-- plan: `plan.plan()` turns the vassals' states and the Emperor's limits
-  into every vassal's actions, with no processes (unit-tested);
-- act: `_execute` carries the actions out (processes.py) and feeds the
-  outcome back to the vassals as facts.
+  children, vassal files, fork-server probes; events between turns
+  (inotify, pipe bytes, adoption replies, readable on-demand sockets) only
+  record facts;
+- plan: `plan.plan()` turns the vassals' states and the facts into every
+  action of the turn, with no processes (unit-tested in test_plan.py);
+- act: `_execute` carries the actions out through the parts.
 
 Whatever goes wrong while handling one vassal is that vassal's failure
-(`_boundary`), never the fleet's. Every child is reaped in one place
-(`Processes._reap`), adopted vassals included: the Emperor is a child
-subreaper. The system calls are in launch.py.
-
-The Emperor binds every vassal's `http-socket` itself (sockets.py) and
-passes it to each of the vassal's processes (mask 0x04), so restarts,
-gap-free reloads and code deploys (bases.py) never close the port.
-
-files.py, processes.py and bases.py are mixins of `Emperor` (docs/ARCHITECTURE.md: Layout).
+(`_boundary`), never the fleet's. The Emperor binds every vassal's
+`http-socket` itself (sockets.py), so restarts, gap-free reloads and code
+deploys never close the port. See docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import re
-from collections import deque
 import selectors
 import signal
 import time
-import traceback
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
-from . import bases as basesmod
-from . import config as cfgmod
-from .config import render
 from . import control, launch, locks, logs, notify, sockets
-from .metrics import EmperorMetrics
-from .files import Files
-from .launch import program_argv
+from .bases import ForkServers
 from .cgroups import Cgroups
-from .orphans import Sweeper
-from .plan import Facts, Plan, plan, runs_as_base
-from .processes import ForVassal, ProcHandles, Processes
-from .routing import Routing
-from .status import sweep_requests
-from .protocol import ProtocolError
+from .files import VassalFiles
+from .metrics import EmperorMetrics
+from .ondemand import VassalSockets
 from .options import Options
-from .vassal import Adopt, Forget, Kill, Policy, Send, Spawn, Vassal
+from .orphans import Sweeper
+from .plan import (Admit, CleanCgroups, FailAdoption, Facts, AdoptionFailure, KillOrphans,
+                   KillWedged, Plan, Sweep, plan, runs_as_base)
+from .outcomes import Outcomes
+from .processes import ProcessTable
+from .recent import RecentLines
+from .routing import Routes, make_socket_dir, socket_dir_of
+from .status import sweep_requests
+from .vassal import Adopt, Forget, Kill, Send, Spawn, Vassal
 
-
-RECENT_LINES = 200  # log lines kept per vassal (/log/NAME, `emperor logs NAME`)
-LAST_OUTPUT = 3  # lines a process wrote last, kept to explain its death in the status
-LAST_PROCESSES = 4  # a vassal's processes whose last lines are kept (the newest)
-# an access-log line (HTTPServer/Response.pm, combined format): never why it died
-ACCESS_LINE = re.compile(r'\S+ \S+ \S+ \S+ \[[^\]]*\] "')
+# the action types `_execute` and `_act` carry out (test_plan shows each planned)
+EXECUTED = (Spawn, Adopt, Send, Kill, Forget, FailAdoption, Admit,
+            KillWedged, Sweep, KillOrphans, CleanCgroups)
 
 
 def is_our_program(program: str) -> bool:
     return os.path.basename(program) == "ForkServer.pm"
 
 
-@dataclass
-class Emperor(Files, Processes, basesmod.ForkServers, Routing):
-    opts: Options
-    vassals: dict[str, Vassal] = field(default_factory=dict)
-    procs: dict[tuple[str, int], ProcHandles] = field(default_factory=dict)
-    pids: dict[int, tuple[str, int]] = field(default_factory=dict)
-    # pids reaped before we knew them (an adopted vassal may die before its
-    # pid reaches us): pid -> (status, when)
-    early_exits: dict[int, tuple[int, float]] = field(default_factory=dict)
-    shutting_down: bool = False
-    shutdown_deadline: float = 0.0
-    no_children: bool = False
-
-    def __post_init__(self) -> None:
-        self.argv0 = program_argv(self.opts.program)
-        self.own_sockets = (
-            self.opts.own_sockets if self.opts.own_sockets is not None
-            else is_our_program(self.opts.program)
-        )
-        # vassal files are judged against our option table only when our
-        # program reads them (uWSGI's vassals have uWSGI's options)
-        self.our_program = is_our_program(self.opts.program)
-        self.judge = self.our_program and self.opts.use_fork_server is None
-        self.told_foreign = False  # adoptions through a fork server we do not run: said once
-        self.policy = Policy.of(self.opts)
-        self.bases = cfgmod.BaseSelector.from_names(self.opts.fork_bases)
-        self.sel = selectors.DefaultSelector()
-        self.listeners = sockets.Listeners(self.sel, self.log)
-        self.sweeper = Sweeper(self.log, self.opts.mercy)
-        self.signals: launch.SignalQueue | None = None  # handled at the start of each turn
-        self.cgroups: Cgroups | None = None  # one cgroup per vassal process, where possible
+class Emperor:
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self.shutting_down = False
+        self.shutdown_deadline = 0.0
         self.next_straggler_kill = 0.0
-        self.lock_fds: list[int] = []  # flocks held while we run (claim())
         # the turn must run again at once (the fork server changed, a deploy
         # slot came free, a start failed at once): no waiting for an event
         self.again = False
-        # the cockpit: recent log lines per vassal, metrics, systemd notify
-        self.recent: dict[str, deque[str]] = {}
-        self.recent_total: dict[str, int] = {}  # lines ever kept per vassal (`logs -f` follows it)
+        self.lock_fds: list[int] = []  # flocks held while we run (claim())
+        self.signals: launch.SignalQueue | None = None  # handled at the start of each turn
+        self.cgroups: Cgroups | None = None  # one cgroup per vassal process, where possible
+        ours = is_our_program(opts.program)
+        own = opts.own_sockets if opts.own_sockets is not None else ours
+        socket_dir = socket_dir_of(opts)
+        self.sel = selectors.DefaultSelector()
+        self.lines = RecentLines()  # the cockpit: recent lines, metrics, systemd notify
         self.metrics = EmperorMetrics()
+        self.logbook = opts.log if opts.log is not None else logs.Log()
         self.notifier = notify.Notifier.from_env(self.log)
-        # logs.py: where lines go, and the vassals' output relayed line by line
-        self.logbook = self.opts.log if self.opts.log is not None else logs.Log()
-        self.relay = logs.Relay(self.logbook, self.sel)
-        self.logbook.keep = lambda name, msgs, seq: (
-            self._remember(name, msgs, seq) if name in self.vassals else None)
-        # the last lines each of a vassal's latest processes wrote, by their
-        # sequence number: a dead process's are the status's last error
-        # (status/document.py), whatever its successors write since
-        self.last_words: dict[str, dict[int | None, deque[str]]] = {}
+        self.relay = logs.Relay(self.logbook, self.sel)  # the vassals' output, line by line
+        # the vassals' sockets are given to the front door's nginx workers' group
+        self.listeners = sockets.Listeners(self.sel, self.log, front_gid=(
+            opts.front.worker_gid if opts.front is not None else None))
+        self.files = VassalFiles(opts, self.log, self.sel, self._boundary, self.listeners,
+                                 socket_dir, own, ours)
+        self.vassals = self.files.vassals
+        self.logbook.keep_with(lambda name, msgs, seq: (
+            self.lines.remember(name, msgs, seq) if name in self.vassals else None))
+        self.vsockets = VassalSockets(self.listeners, self.vassals, own, socket_dir, self.log)
+        self.procs = ProcessTable(opts, self.vassals, self.files.dir, self.sel, self.log,
+                                  self.relay, self.logbook, self.vsockets, self.metrics)
+        self.bases = ForkServers(opts, self.vassals, self.files.dir, self.files.base_files,
+                                 self.log, ours)
+        self.routes = Routes(opts, self.vassals, self.listeners, socket_dir, own, self.log,
+                             self.sel, self.relay, on_refused=self.files.front_refused,
+                             spawning=lambda: self.procs.spawning(None, 0))
+        self.sweeper = Sweeper(self.log, opts.mercy)
+        self.outcomes = Outcomes(self.files, self.procs, self.bases, self.routes, self.listeners,
+                                 self.sweeper, self.log, lambda: self.cgroups)
         self.start_progress = logs.StartProgress(self.log)
-        self._init_files()
-        self._init_fork_servers()
-        # templates render in children with a deadline (config/render.py);
-        # the file is read again when its render ends
-        self.renderer = render.Renderer(self.sel, lambda path: self.due.__setitem__(path.name, 0.0),
-                                        timeout=self.opts.template_timeout)
-        self.wedges = basesmod.WedgeWatch()  # bases whose adoptions time out
-        self._init_routing()
+        self.fleet = control.Fleet(opts, self.files, self.bases, self.routes, self.lines,
+                                   self.metrics, self.log, lambda: self.cgroups,
+                                   lambda: self.shutting_down, self.reopen_logs, self._wake)
 
     def log(self, msg: str, name: str | None = None) -> None:
         if name:
-            self._remember(name, [msg], relayed=False)
+            self.lines.remember(name, [msg], relayed=False)
         self.logbook.emit(msg, name)
 
-    def _remember(self, name: str, msgs: list[str], seq: int | None = None,
-                  relayed: bool = True) -> None:
-        """A vassal's recent lines (the status page shows them): the
-        Emperor's about it and, relayed, its own (logs.Log.keep)."""
-        lines = self.recent.get(name)
-        if lines is None:
-            lines = self.recent[name] = deque(maxlen=RECENT_LINES)
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S ")
-        lines.extend(stamp + m for m in msgs)
-        self.recent_total[name] = self.recent_total.get(name, 0) + len(msgs)
-        if relayed:
-            kept = [m for m in msgs if m.strip() and not ACCESS_LINE.match(m)]
-            if not kept:
-                return
-            per = self.last_words.setdefault(name, {})
-            words = per.get(seq)
-            if words is None:
-                words = per[seq] = deque(maxlen=LAST_OUTPUT)
-                while len(per) > LAST_PROCESSES:  # the oldest process's go
-                    del per[min(per, key=lambda q: -1 if q is None else q)]
-            words.extend(kept)
+    def _wake(self) -> None:
+        self.again = True
 
-    def last_output(self, name: str, seq: int | None) -> tuple[str, ...]:
-        """The last lines process `seq` of vassal `name` wrote (its access
-        log aside): why it died, when it said so."""
-        if seq is None:
-            return ()
-        return tuple(self.last_words.get(name, {}).get(seq, ()))
+    def _boundary(self, name: str, now: float, seq: int | None = None):
+        return self.outcomes.boundary(name, now, seq)
 
     # -- the loop ------------------------------------------------------------------
 
     def run(self) -> int:
         self._setup()
         try:
-            self._rescan(time.monotonic())
+            self.files.rescan(time.monotonic())
             while not self._turn():
                 self._wait()
         finally:
@@ -177,18 +137,24 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         """Read facts, plan, act. True once a shutdown is complete."""
         now = time.monotonic()
         self._handle_signals(now)
-        self._reap(now)
-        if now >= self.next_rescan:
-            self._rescan(now)
-        self.renderer.expire(now)
-        self._reload_due(now)
-        self._reconcile(now)
-        if self.front is not None:  # routing changed? (applied batched)
-            self._front_safely(self._front_turn, now)
+        self.outcomes.reap(now)
+        if now >= self.files.next_rescan:
+            self.files.rescan(now)
+        self.files.renderer.expire(now)
+        self.files.reload_due(now)
+        self.again = False
+        facts = self._facts(now)
+        turn = plan(self.vassals.values(), facts)
+        self._act(turn, now)
+        self.again = self.again or turn.again
+        others = [v for v in self.vassals.values() if not runs_as_base(v)]
+        self.bases.observe(now, others, self.shutting_down)
+        self.start_progress.observe(now, {v.name: v.phase for v in others})
+        self.routes.turn(now, self.shutting_down)  # routing changed? (applied batched)
         if self.opts.status is not None:
             self.opts.status.poll(now)
-        self.metrics.observe_deploy(self.deploys.last)
-        self.notifier.poll(lambda: control.snapshot(self), now)
+        self.metrics.observe_deploy(self.bases.deploys.last)
+        self.notifier.poll(lambda: control.snapshot(self.fleet), now)
         return self.shutting_down and self._shutdown_step(now)
 
     def _wait(self) -> None:
@@ -202,135 +168,104 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
             # read them before any heartbeat is judged.
             events = self.sel.select(0)
         for key, _ in events:
-            self._dispatch(key.data, time.monotonic())
-        self._prune(now)
-
-    def _reconcile(self, now: float) -> None:
-        self.again = False
-        facts = self._facts(now)
-        turn = plan(self.vassals.values(), facts)
-        self._act(turn, now)
-        # A new base generation took over (its successor was promoted just
-        # now), or a vassal's move ended and freed a deploy slot: nothing
-        # else may wake the loop before the next rescan, so step again now.
-        if self._fork_server_state(now) != (facts.fork_server, facts.base_generation) or any(
-            self.vassals.get(n) is None or self.vassals[n].successor is not p
-            for n, p in turn.movers.items()
-        ):
-            self.again = True
-        self.deploys.observe(now, self._base(), [v for v in self.vassals.values()
-                                                 if not runs_as_base(v)], self.shutting_down)
-        self.start_progress.observe(now, {n: v.phase for n, v in self.vassals.items()
-                                          if not runs_as_base(v)})
-        self.sweeper.kill_due(now)
-        if self.cgroups is not None and self.cgroups.dying:
-            self.cgroups.poll(now)
+            self.outcomes.dispatch(key.data, time.monotonic())
+        self.procs.prune(now)
 
     def _facts(self, now: float) -> Facts:
-        """What the plan needs besides the vassals, after the facts that
-        need no event: room in the budget, expired adoptions, probes."""
-        if self.n_refused and len(self.admitted) < self.max_vassals:
-            self._admit_refused()
-        for (name, seq), h in list(self.procs.items()):
-            if h.adoption is not None and h.adoption.expired(now):
-                p = self.vassals[name].proc(seq)
-                with self._boundary(name, now, seq):
-                    self._adoption_failed(
-                        name, seq, now, f"no reply within {self.opts.adopt_timeout:g} s")
-                if p is not None:
-                    self._base_timed_out(p.base_generation)
-        self._probe_bases(now)
-        fs, base_gen = self._fork_server_state(now)
-        self._base_back(now, fs, [v for v in self.vassals.values() if not runs_as_base(v)])
-        if self.sweeper.due and not self.shutting_down:
-            # during a shutdown, one sweep once every vassal is gone does it
-            # all (_shutdown_step), not one per vassal that stops
-            self._sweep(now)
+        """What the plan needs besides the vassals: measured, never acted on."""
+        for generation in self.procs.take_replies():
+            self.bases.adoption_replied(generation)
+        failed = tuple(AdoptionFailure(*f) for f in self.procs.failed_adoptions(now))
+        self.bases.probe(now)
+        fs, base_gen = self.bases.state(now)
+        # the fork server is back: the vassals waiting for it are told (a fact)
+        self.bases.base_back(now, fs, [v for v in self.vassals.values() if not runs_as_base(v)])
+        cg = self.cgroups
         return Facts(now, fs, base_gen, self.shutting_down, self.opts.deploy_parallel,
                      self.opts.adopt_parallel,
-                     sum(1 for h in self.procs.values() if h.adoption is not None))
+                     self.procs.in_flight() - sum(1 for f in failed if f.timed_out),
+                     adoptions_failed=failed, room=self.files.room,
+                     wedged=tuple(self.bases.wedged()), sweep_due=self.sweeper.due,
+                     orphans_due=any(now >= t for t in self.sweeper.next_wakeup()),
+                     cgroups_due=cg is not None and bool(cg.dying))
 
     def _act(self, turn: Plan, now: float) -> None:
+        for a in turn.fleet:
+            match a:
+                case KillWedged(pid=pid, why=why):
+                    self.bases.kill_wedged(pid, why)
+                case Sweep():
+                    self.outcomes.sweep(now)
+                case KillOrphans():
+                    self.sweeper.kill_due(now)
+                case CleanCgroups():
+                    if self.cgroups is not None:
+                        self.cgroups.poll(now)
         for s in turn.steps:
             v = s.vassal
             try:  # the boundary (_boundary), inline: this runs per vassal per turn
-                if s.error is not None:
-                    raise s.error
                 if s.actions:
                     self._execute(v, s.actions, now)
+                if s.error is not None:
+                    raise s.error
                 if v.name in self.vassals and not s.base:
-                    self._closed_sign(v, now)
-                    self._watch_on_demand(v, now)
+                    self.vsockets.closed_sign(v, now)
+                    self.vsockets.watch_on_demand(v, now)
             except Exception as e:  # noqa: BLE001 - one vassal's failure is its own
-                self._vassal_failed(v.name, None, now, e)
+                self.outcomes.vassal_failed(v.name, None, now, e)
 
     def _execute(self, v: Vassal, actions: list, now: float) -> None:
         for a in actions:
             match a:
                 case Spawn(kind=kind, seq=seq):
-                    self._spawn(v, kind, seq, now)
-                    self._started_or_again(v, seq)
+                    p = v.proc(seq)
+                    extra = self.bases.spawn_args(p) if p is not None else []
+                    failed = self.procs.spawn(v, kind, seq, now, extra, self.files.nofile)
+                    self.again |= self.outcomes.started(v, seq, now, failed)
                 case Adopt(seq=seq):
-                    self._adopt(v, seq, now)
-                    self._started_or_again(v, seq)
+                    p = v.proc(seq)
+                    # the generation step() chose: during a deploy the old one
+                    # listens too, and a moved vassal must come from the new one
+                    path = self.bases.path_for(p.base_generation if p is not None else None)
+                    assert path is not None
+                    failed = self.procs.adopt(v, seq, now, path, self.bases.adoptions_ours())
+                    self.again |= self.outcomes.started(v, seq, now, failed)
                 case Send(byte=byte, seq=seq):
                     p = v.proc(seq)
                     if p is not None:
                         self.log(f"stopping pid {p.pid} ({p.stop_reason})", v.name)
-                    self._send(v, seq, byte)
+                    self.procs.send(v.name, seq, byte)
                 case Kill(reason=reason, seq=seq):
                     p = v.proc(seq)
                     pid = p.pid if p is not None else None
                     self.log(f"SIGKILL pid {pid}: {reason}", v.name)
                     if pid is not None:
-                        launch.kill_tree(pid)
+                        self.procs.kill(pid)
+                case FailAdoption(reason=reason, timed_out=timed_out, seq=seq):
+                    self.outcomes.adoption_failed(v, seq, now, reason, timed_out)
+                    self.again = True  # a slot came free; a base judged wedged is killed at once
+                case Admit():
+                    self.files.admit(v)
+                    self.again = True
                 case Forget():
-                    for key in [k for k in self.procs if k[0] == v.name]:
-                        self._drop_proc(*key)
+                    self.procs.forget(v.name)
                     self.listeners.forget(v.name)
                     self.logbook.set_logto(v.name, None)  # what its pipes still hold: the main log
-                    self.last_words.pop(v.name, None)
-                    self.recent.pop(v.name, None)
-                    self.recent_total.pop(v.name, None)
-                    del self.vassals[v.name]
-                    if v.refused:
-                        self.n_refused -= 1
-                    self.admitted.discard(v.name)
-
-    def _started_or_again(self, v: Vassal, seq: int) -> None:
-        """A start that failed at once gave its adoption or deploy slot
-        back: the next turn plans with it at once."""
-        if v.proc(seq) is None:
-            self.again = True
+                    self.lines.forget(v.name)
+                    self.files.forget(v)
 
     def _timeout(self, now: float) -> float:
         if self.again:
             return 0.0
-        times = [self.next_rescan]
-        times += self.due.values()
+        times = [*self.files.next_wakeup(), *self.bases.probe_times(),
+                 *self.procs.next_wakeup(), *self.sweeper.next_wakeup()]
         times += (t for v in self.vassals.values() if (t := v.next_wakeup()) is not None)
-        times += self._probe_times()
-        for h in self.procs.values():
-            if h.adoption is not None:
-                times.append(h.adoption.deadline)
-        times += self.sweeper.next_wakeup()
-        if self.cgroups is not None and (t := self.cgroups.next_wakeup(now)) is not None:
-            times.append(t)
-        t = self.renderer.next_wakeup()
-        if t is not None:
-            times.append(t)
-        if self.front is not None:
-            t = self.front.next_wakeup()
-            if t is not None:
-                times.append(t)
         status = self.opts.status
-        if status is not None:
-            t = status.next_wakeup()
+        for t in (self.cgroups.next_wakeup(now) if self.cgroups is not None else None,
+                  self.routes.next_wakeup(), self.notifier.next_wakeup(),
+                  status.next_wakeup() if status is not None else None):
             if t is not None:
                 times.append(t)
-        t = self.notifier.next_wakeup()
-        if t is not None:
-            times.append(t)
         if self.shutting_down:
             times.append(self.shutdown_deadline)
             times.append(now + 0.5)  # keep polling for the last children
@@ -339,14 +274,13 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
     def _shutdown_step(self, now: float) -> bool:
         """True when everything is gone."""
         if not self.vassals:
-            if self.front is not None:
-                self.front.stop()  # last: it served until every vassal was gone
-            self._reap(now)
-            if self.no_children:
+            if self.routes.front is not None:
+                self.routes.front.stop()  # last: it served until every vassal was gone
+            self.outcomes.reap(now)
+            if self.procs.no_children:
                 return True
-            if self.sweeper.due or not self.sweeper.swept_at_shutdown:
-                self.sweeper.swept_at_shutdown = True
-                self._sweep(now, everything=True)
+            if self.sweeper.shutdown_sweep_due():
+                self.outcomes.sweep(now, everything=True)
         if now >= self.shutdown_deadline and now >= self.next_straggler_kill:
             self.next_straggler_kill = now + 1.0
             self.sweeper.kill_stragglers()
@@ -355,50 +289,26 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
                 return True
         return False
 
-    def _sweep(self, now: float, everything: bool = False) -> None:
-        adopting = any(h.adoption is not None for h in self.procs.values())
-        live = self.pids if self.front is None else {**self.pids, **self.front.pids()}
-        if self.renderer.pids:  # template renders: ours, not strangers to log
-            live = {*live, *self.renderer.pids}
-
-        self.sweeper.sweep(now, live, adopting, everything)
-
-    def _prune(self, now: float) -> None:
-        for pid, (_, when) in list(self.early_exits.items()):
-            if now - when > 60:
-                del self.early_exits[pid]
-
     # -- signals: queued, handled by name at the start of a turn --------------------
 
     def _handle_signals(self, now: float) -> None:
-        if self.signals is None:
-            return
-        for sig in self.signals.pop():
-            handler = getattr(self, f"_handle_{sig.name.lower()}", None)
-            if handler is not None:
-                handler(sig, now)
-
-    def _handle_sigterm(self, sig: signal.Signals, now: float) -> None:
-        name = sig.name
-        if self.shutting_down:
-            self.log(f"{name} again: killing everything now")
-            self.shutdown_deadline = now
-        else:
-            self.log(f"{name}: stopping every vassal")
-            self.shutting_down = True
-            self.shutdown_deadline = now + self.opts.mercy
-            self.renderer.close()  # no template matters any more
-
-    _handle_sigint = _handle_sigterm
-
-    def _handle_sighup(self, sig: signal.Signals, now: float) -> None:
-        self.next_rescan = now
-
-    def _handle_sigusr1(self, sig: signal.Signals, now: float) -> None:
-        self.reload_base()
-
-    def _handle_sigusr2(self, sig: signal.Signals, now: float) -> None:
-        self.reopen_logs()
+        for sig in self.signals.pop() if self.signals is not None else ():
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                if self.shutting_down:
+                    self.log(f"{sig.name} again: killing everything now")
+                    self.shutdown_deadline = now
+                else:
+                    self.log(f"{sig.name}: stopping every vassal")
+                    self.shutting_down = True
+                    self.shutdown_deadline = now + self.opts.mercy
+                    self.files.renderer.close()  # no template matters any more
+            elif sig == signal.SIGHUP:
+                self.files.rescan_soon(now)
+            elif sig == signal.SIGUSR1:
+                self.bases.reload()
+            elif sig == signal.SIGUSR2:
+                self.reopen_logs()
+            # SIGCHLD needs no handler: every turn reaps
 
     def reopen_logs(self) -> list[str]:
         """SIGUSR2, `emperor reopen-logs`: every log file reopened by its
@@ -409,104 +319,33 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         self.log("reopen-logs: log files reopened")
         return errors
 
-    # SIGCHLD needs no handler: every turn reaps
-
-    # -- one exception boundary per vassal -------------------------------------
-
-    def _dispatch(self, callback: Callable[[float], None], now: float) -> None:
-        if isinstance(callback, ForVassal):
-            with self._boundary(callback.name, now, callback.seq):
-                callback.fn(now)
-        else:
-            callback(now)
-
-    @contextlib.contextmanager
-    def _boundary(self, name: str, now: float, seq: int | None = None) -> Iterator[None]:
-        """Whatever goes wrong while handling one vassal (reading, rendering,
-        sending its config, adopting, spawning, its bytes) is that vassal's
-        failure: logged with the reason, and the loop goes on."""
-        try:
-            yield
-        except Exception as e:  # noqa: BLE001 - the boundary: nothing of one vassal stops the fleet
-            self._vassal_failed(name, seq, now, e)
-
-    def _vassal_failed(self, name: str, seq: int | None, now: float, exc: Exception) -> None:
-        """An OSError says something about the Emperor's resources (EMFILE,
-        ENOMEM): throttled, tried again after the backoff. Anything else
-        (a config too large for one packet, a name that cannot be encoded,
-        a bug) would happen again with the same file: `config-error` until
-        the file changes or is touched."""
-        frame = traceback.extract_tb(exc.__traceback__)[-1]
-        why = str(exc) if isinstance(exc, (OSError, ProtocolError)) else f"{type(exc).__name__}: {exc}"
-        where = f"{os.path.basename(frame.filename)}:{frame.lineno}"
-        v = self.vassals.get(name)
-        if v is None:
-            self.log(f"error: {why} (at {where})", name)
-            return
-        # a process whose start was under way: its handles closed (a vassal
-        # forked anyway sees EOF on its pipe and stops), its start failed
-        for p in v.procs():
-            if p.pid is None:
-                self._finish_adoption(name, p.seq)
-                self._drop_proc(name, p.seq)
-                v.start_failed(now, why, p.seq)
-        if isinstance(exc, OSError):
-            v.resources_failed(now)
-            self.log(f"cannot handle: {why} (at {where}); retry in "
-                     f"{max(0.0, v.not_before - now):.1f} s", name)
-            return
-        again = self.failed.get(name, ("", ""))[1] == why
-        if v.config is not None:
-            self.failed[name] = (v.config.fingerprint, why)
-            v.config_failed(why)
-        if not v.has_process:
-            self.listeners.close(name)  # connections refused, not left in its backlog
-        if not again:  # one line, not one per loop turn
-            self.log(f"cannot handle: {why} (at {where}); config-error until its file "
-                     "changes", name)
-
     # -- set-up and teardown ---------------------------------------------------------
 
     def _setup(self) -> None:
         self.claim()  # before anything starts (the CLI has usually done it)
         # before anything is started: what an earlier run left is killed
         # (and before we are a subreaper: the guard is not our child)
-        self.cgroups = Cgroups.start(self.dir, self.opts.run_dir, self.log, self.opts.mercy)
+        self.cgroups = Cgroups.start(self.files.dir, self.opts.run_dir, self.log, self.opts.mercy)
+        self.procs.use_cgroups(self.cgroups)
         launch.set_child_subreaper()  # before anything is started
-        self._descriptor_budget()
+        self.files.descriptor_budget()
         sweep_requests()  # the requests files a run killed with -9 left
-        os.chdir(self.dir)  # vassals inherit it as their working directory
-        st = os.stat(".")
-        self.dir_id = (st.st_dev, st.st_ino)
+        self.files.enter()  # vassals inherit it as their working directory
         self.signals = launch.SignalQueue()
         self.sel.register(self.signals, selectors.EVENT_READ, self.signals.on_readable)
-        self._rewatch()
-        if self.socket_dir is not None:
-            try:
-                from .status.rundir import make_private_dir, run_dir_mode
-
-                # the run directory is private (0700) whoever makes it first
-                front = self.opts.front
-                include = front.include if front is not None else None
-                gid = front.worker_gid if front is not None and front.listen else None
-                make_private_dir(self.socket_dir.parent, tighten=False, group=gid,
-                                 mode=run_dir_mode(include, gid))
-                self.socket_dir.mkdir(exist_ok=True, mode=0o755)
-            except OSError as e:
-                self.log(f"cannot create {self.socket_dir}: {e.strerror or e}")
+        make_socket_dir(self.vsockets.socket_dir, self.opts.front, self.log)
         if self.opts.status is not None:
             # stats socket / status page in our selector
-            self.opts.status.attach(self.sel, self.log, control.link(self))
-        self.log(
-            f"watching {self.dir} (vassal program {' '.join(self.argv0)}, pid {os.getpid()})"
-        )
+            self.opts.status.attach(self.sel, self.log, control.link(self.fleet))
+        self.log(f"watching {self.files.dir} (vassal program {' '.join(self.procs.argv0)}, "
+                 f"pid {os.getpid()})")
 
     def claim(self) -> None:
         """Lock the vassals directory, the fork-server socket and the
         pidfile (then write it), so that a second Emperor on any of them
         refuses to start (locks.py). Idempotent; StartupError is one line."""
         if not self.lock_fds:
-            self.lock_fds = locks.claim(self.dir, self._fork_server_sockets(), self.opts.pidfile)
+            self.lock_fds = locks.claim(self.files.dir, self.bases.lock_paths(), self.opts.pidfile)
 
     def release(self) -> None:
         for fd in self.lock_fds:
@@ -517,9 +356,9 @@ class Emperor(Files, Processes, basesmod.ForkServers, Routing):
         if self.cgroups is not None:
             self.cgroups.close()  # whatever is left of any vassal, nginx included
         self.relay.close()
-        self.renderer.close()
-        if self.front is not None:
-            self.front.close()
+        self.files.renderer.close()
+        if self.routes.front is not None:
+            self.routes.front.close()
         self.listeners.close_all()
         if self.opts.pidfile is not None:
             locks.remove_pidfile(self.opts.pidfile)

@@ -121,6 +121,10 @@ class Log:
     # last words (process: the vassal's process sequence number)
     keep: Callable[[str, list[str], int | None], None] | None = None
 
+    def keep_with(self, keep: Callable[[str, list[str], int | None], None]) -> None:
+        """Who keeps a vassal's lines (the Emperor's recent.RecentLines)."""
+        self.keep = keep
+
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
             raise ValueError(f"log format {self.fmt!r}: one of {', '.join(FORMATS)}")

@@ -180,6 +180,13 @@ class Sweeper:
         self.ended.add(pid, name)
         self.due = True
 
+    def shutdown_sweep_due(self) -> bool:
+        """Every vassal is gone: sweep everything once, then again after
+        each orphan that ends (its own children come to us)."""
+        due = self.due or not self.swept_at_shutdown
+        self.swept_at_shutdown = True
+        return due
+
     def reaped(self, pid: int) -> None:
         """A child that was no vassal process was reaped."""
         if self.orphans.pop(pid, None) is not None:

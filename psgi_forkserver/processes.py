@@ -1,38 +1,38 @@
-"""A vassal's processes: starting them (spawn or adoption), their pipes, reaping.
+"""The process table: the vassals' processes, started, fed, stopped and reaped.
 
-`_spawn` (fork+exec) and `_adopt` (a request to the fork server) share one
+`spawn` (fork+exec) and `adopt` (a request to the fork server) share one
 preparation (`_prepare`: the vassal's listening socket, its Emperor pipe
-and config pipe, its config text) and one way to fail (`_abandon`). The OS
-objects of a process live in `ProcHandles`, keyed by (vassal name, Proc.seq);
-its state lives in the vassal's `Proc`. Every child is reaped in `_reap`,
-adopted vassals included (the Emperor is a child subreaper); the outcome
-goes back to the vassal as a fact (`spawned`, `adopted`, `on_byte`,
-`exited`, `start_failed`).
+and config pipe, its config text). The OS objects of a process live in
+`ProcHandles`, keyed by (vassal name, Proc.seq); its state lives in the
+vassal's `Proc`, which is told what happened (`spawned`, `adopted`,
+`on_byte`). Every child is reaped in `reap`, adopted vassals included (the
+Emperor is a child subreaper).
 
-A mixin of `emperor.Emperor`.
+The table knows nothing of bases or deploys: what they must learn comes
+back as facts for the Emperor to hand on (a `StartFailed` from `spawn` and
+`adopt`, `Reaped` from `reap`, the generations that answered an adoption,
+the adoptions that failed or timed out, which the plan then fails).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import selectors
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import adoption, launch, logs
 from .config import VassalConfig
-from . import status as status_requests
 from .adoption import AdoptionError, PendingAdoption
-from .launch import describe_status
+from .launch import program_argv
+from .metrics import EmperorMetrics
 from .nonblocking import recv_ready
-from .options import plack_env_of
+from .ondemand import ForVassal, VassalSockets
+from .options import Options, plack_env_of
 from .protocol import EmperorByte, VassalByte
-from .sockets import Listener, answer_unavailable
-from .vassal import Exit, Kind, Phase, Vassal
+from .vassal import Kind, Vassal
 
 
 @dataclass
@@ -43,19 +43,27 @@ class ProcHandles:
     config_pipe: socket.socket | None = None
     config_text: bytes | None = None
     adoption: PendingAdoption | None = None
-    next_probe: float = 0.0
-    fork_server: Path | None = None  # base: the socket it serves
     output: logs.OutputPipe | None = None  # adopted: its output pipe, passed with its config
 
 
 @dataclass(frozen=True)
-class ForVassal:
-    """A selector callback about one vassal (its pipe, its adoption, its
-    on-demand socket): whatever goes wrong in it is that vassal's failure."""
+class StartFailed:
+    """A spawn or an adoption request failed after its pipes were made: the
+    vassal retries after its backoff; a deploy that started it learns it."""
 
-    name: str
-    seq: int | None
-    fn: Callable[[float], None]
+    why: str  # the vassal's reason (Vassal.start_failed)
+    deploy_why: str  # what a code deploy that started it learns
+    line: str  # the log line, before "; retry in ..."
+    adoption: bool  # an adoption request (else a spawn)
+
+
+@dataclass(frozen=True)
+class Reaped:
+    """A child reaped: `owner` is (vassal name, Proc.seq) if it is a vassal's process."""
+
+    pid: int
+    status: int
+    owner: tuple[str, int] | None
 
 
 @dataclass
@@ -77,7 +85,38 @@ class Prepared:
             s.close()
 
 
-class Processes:
+class ProcessTable:
+    """Starting, feeding, stopping and reaping the vassals' processes."""
+
+    def __init__(self, opts: Options, vassals: dict[str, Vassal], vassals_dir: Path,
+                 sel, log, relay: logs.Relay, logbook: logs.Log, vsockets: VassalSockets,
+                 metrics: EmperorMetrics) -> None:
+        self.opts = opts
+        self.vassals = vassals  # the fleet, read only
+        self.dir = vassals_dir
+        self.sel = sel
+        self.log = log
+        self.relay = relay
+        self.logbook = logbook
+        self.vsockets = vsockets
+        self.metrics = metrics
+        self.argv0 = program_argv(opts.program)
+        self.handles: dict[tuple[str, int], ProcHandles] = {}
+        self.pids: dict[int, tuple[str, int]] = {}
+        # pids reaped before we knew them (an adopted vassal may die before
+        # its pid reaches us): pid -> (status, when)
+        self.early_exits: dict[int, tuple[int, float]] = {}
+        # ... whose pid came since: reaped again by the next `reap`
+        self.late_exits: list[tuple[int, int]] = []
+        self.adoption_errors: dict[tuple[str, int], str] = {}  # the reply said so
+        self.replied: set[int] = set()  # base generations that answered an adoption
+        self.no_children = False
+        self.cgroups = None  # cgroups.Cgroups, once started (use_cgroups)
+
+    def use_cgroups(self, cgroups) -> None:
+        """Every child from now on is born in its own cgroup."""
+        self.cgroups = cgroups
+
     """Starting, feeding and reaping the vassals' processes (a mixin)."""
 
     # -- starting: one preparation for spawn and adoption ----------------------
@@ -91,7 +130,7 @@ class Processes:
         the pipes cannot be made (out of descriptors)."""
         p = v.proc(seq)
         assert p is not None
-        ok, lst = self._listener(v, now)
+        ok, lst = self.vsockets.for_start(v)
         if not ok:
             v.start_failed(now, "bind", seq)
             return None
@@ -114,17 +153,13 @@ class Processes:
             prepared.theirs.append(ctheirs)
         return prepared
 
-    def _abandon(self, v: Vassal, seq: int, now: float, pr: Prepared, why: str,
-                 deploy_why: str) -> None:
-        """The spawn or adoption failed after its pipes were made: a deploy
-        that started it learns it, our ends are closed, and the vassal
-        retries after its backoff."""
-        self._start_failed_for_deploy(v, seq, now, deploy_why)
+    @staticmethod
+    def _abandon(pr: Prepared, failed: StartFailed) -> StartFailed:
+        """The spawn or adoption failed after its pipes were made: our ends closed."""
         pr.ours.close()
         if pr.handles.config_pipe is not None:
             pr.handles.config_pipe.close()
-        v.start_failed(now, why, seq)
-        v.note_error(f"cannot start: {why}")
+        return failed
 
     def _keep(self, v: Vassal, seq: int, pr: Prepared) -> None:
         """The new process exists (or its adoption is under way): its pipes
@@ -134,32 +169,29 @@ class Processes:
             self._send_config(h)
         pr.ours.setblocking(False)
         h.pipe = pr.ours
-        self.procs[(v.name, seq)] = h
+        self.handles[(v.name, seq)] = h
 
     def _watch_pipe(self, name: str, seq: int, pipe: socket.socket) -> None:
         self.sel.register(pipe, selectors.EVENT_READ,
                           ForVassal(name, seq, lambda t, n=name, q=seq: self._on_pipe(n, q, t)))
 
-    def _spawn(self, v: Vassal, kind: Kind, seq: int, now: float) -> None:
+    def spawn(self, v: Vassal, kind: Kind, seq: int, now: float, extra_args: list[str],
+              nofile: int | None) -> StartFailed | None:
+        """fork+exec the vassal program for process `seq` of v."""
         p = v.proc(seq)
         assert p is not None
         pr = self._prepare(v, seq, now)
         if pr is None:
-            return
+            return None
         out = self._output(v, p.config)
-        argv = [*self.argv0, "--ini", str(p.config.path)]
-        if kind == Kind.BASE:
-            pr.handles.fork_server = self.base_socket_path(p.config, p.base_generation)
-            if p.base_generation > 1 and pr.handles.fork_server is not None:
-                argv += ["--fork-server", str(pr.handles.fork_server)]
+        argv = [*self.argv0, "--ini", str(p.config.path), *extra_args]
         try:
             # PLACK_ENV: what a vassal without a plack-env key (and the
             # vassals adopted from this base) take (perl/ForkServer/Config.pm)
             env = {**os.environ, "PLACK_ENV": plack_env_of(self.opts)}
-            with self._cg_spawning(v.name, seq):  # born in its own cgroup
+            with self.spawning(v.name, seq):  # born in its own cgroup
                 pid = launch.spawn_vassal(
-                    argv, env, pr.pipe_fd, pr.config_fd, pr.listener_fd,
-                    nofile=self.fds.inherited if self.fds is not None else None,
+                    argv, env, pr.pipe_fd, pr.config_fd, pr.listener_fd, nofile=nofile,
                     output_fd=out.wfd if out is not None else None,
                 )
         except OSError as e:
@@ -167,9 +199,8 @@ class Processes:
                 self.cgroups.ended(v.name, seq, now)
             if out is not None:
                 out.close()
-            self._abandon(v, seq, now, pr, str(e), f"cannot start {argv[0]}: {e.strerror}")
-            self.log(f"cannot start {argv[0]}: {e.strerror}; retry in {v.backoff:.1f} s", v.name)
-            return
+            return self._abandon(pr, StartFailed(str(e), f"cannot start {argv[0]}: {e.strerror}",
+                                                 f"cannot start {argv[0]}: {e.strerror}", False))
         finally:
             pr.close_theirs()
         self._keep(v, seq, pr)
@@ -181,19 +212,19 @@ class Processes:
         extra = f" ({p.reason})" if p.reason != "start" else ""
         gen = f", generation {p.base_generation}" if kind == Kind.BASE else ""
         self.log(f"started {kind} vassal, pid {pid}{gen}{extra}", v.name)
+        return None
 
-    def _adopt(self, v: Vassal, seq: int, now: float) -> None:
+    def adopt(self, v: Vassal, seq: int, now: float, path: Path,
+              ours: bool) -> StartFailed | None:
+        """Ask the fork server at `path` for process `seq` of v; `ours`: our
+        own program serves it, and the adopted vassal takes its output pipe
+        from the config packet."""
         p = v.proc(seq)
         assert p is not None
-        # the generation step() chose (Proc.base_generation): during a deploy
-        # the old one listens too, and a moved vassal must come from the new one
-        path = self._fork_server_path(p.base_generation)
-        assert path is not None
-        ours = self._base_is_ours()
         pr = self._prepare(v, seq, now, always_config=ours)
         if pr is None:
-            return
-        if ours:  # our program takes its output pipe from the config packet
+            return None
+        if ours:
             pr.handles.output = self._output(v, p.config)
         argv = [self.opts.program, "--ini", str(p.config.path)]
         try:
@@ -204,10 +235,8 @@ class Processes:
         except AdoptionError as e:
             if pr.handles.output is not None:
                 pr.handles.output.close()
-            self.external_ready = False
-            self._abandon(v, seq, now, pr, str(e), f"adoption failed: {e}")
-            self.log(f"adoption failed: {e}; retry in {max(0, v.not_before - now):.1f} s", v.name)
-            return
+            return self._abandon(pr, StartFailed(str(e), f"adoption failed: {e}",
+                                                 f"adoption failed: {e}", True))
         finally:
             pr.close_theirs()
         pr.handles.adoption = pending
@@ -218,39 +247,27 @@ class Processes:
                           ForVassal(v.name, seq, lambda t, n=v.name, q=seq: self._on_adoption(n, q, t)))
         if p.reason != "start":
             self.log(f"starting a successor ({p.reason})", v.name)
+        return None
 
-    def _base_is_ours(self) -> bool:
-        """Adoptions come from our own vassal program: a base this Emperor
-        runs (its file here; with `--use-fork-server` too, as with
-        `--vassal-fork-base`). Its adopted vassals take their output pipe
-        and config from us, so their lines, `logto` and last words are
-        theirs. A foreign fork server's (another program's) keep its
-        stderr: said once."""
-        if not self.our_program:
-            return False
-        if self.opts.use_fork_server is None or self._base() is not None:
-            return True
-        if not self.told_foreign:
-            self.told_foreign = True
-            self.log(f"adopting through {self.opts.use_fork_server}, a fork server this "
-                     "Emperor does not run: its vassals' output stays on its stderr, "
-                     "not attributed to them (no logto)")
-        return False
-
-    def _cg_spawning(self, name: str | None, seq: int) -> contextlib.AbstractContextManager:
+    def spawning(self, name: str | None, seq: int) -> contextlib.AbstractContextManager:
         """Around a spawn: the child is born in its own cgroup (if any)."""
         if self.cgroups is None:
             return contextlib.nullcontext()
         return self.cgroups.spawning(name, seq)
 
-    def _send(self, v: Vassal, seq: int, byte: EmperorByte) -> None:
-        h = self.procs.get((v.name, seq))
+    def send(self, name: str, seq: int, byte: EmperorByte) -> None:
+        h = self.handles.get((name, seq))
         if h is None or h.pipe is None:
             return
         try:
             launch.send_byte(h.pipe, byte)
         except OSError:
             pass  # it is exiting anyway; reaping will tell
+
+    @staticmethod
+    def kill(pid: int) -> None:
+        """SIGKILL a process and its descendants."""
+        launch.kill_tree(pid)
 
     # -- the config pipe --------------------------------------------------------
 
@@ -283,78 +300,10 @@ class Processes:
         except OSError as e:
             self.log(f"config pipe: {e}")
 
-
-    # -- its sockets: the listener, on demand ------------------------------------
-
-    def _listener(self, v: Vassal, now: float) -> tuple[bool, Listener | None]:
-        """(ok, the socket to pass) for starting a process of v."""
-        if not self.own_sockets or v.is_base or v.config is None:
-            return True, None
-        err, lst = self.listeners.get(v.name, v.config, self.socket_dir)
-        if err is not None:
-            v.note_error(err)
-            return False, None
-        return True, lst
-
-    def _closed_sign(self, v: Vassal, now: float) -> None:
-        """A vassal whose socket nobody will accept on for a while (stopped,
-        or waiting out a crash-loop backoff, no process left): the Emperor
-        answers its queued connections itself, 503 (with Retry-After when a
-        retry can help), instead of leaving them in the backlog."""
-        lst = self.listeners.by_name.get(v.name)
-        closed = (lst is not None and not v.has_process and self.own_sockets
-                  and v.phase in (Phase.STOPPED, Phase.THROTTLED))
-        if not closed:
-            self.listeners.unanswer(v.name)
-            return
-        assert lst is not None
-        if v.name in self.listeners.answering:
-            return
-        self.listeners.unwatch(v.name)  # not waiting for a connection to wake it
-        self.listeners.answer(v.name, lst, ForVassal(
-            v.name, None, lambda t, n=v.name: self._answer_closed(n, t)))
-
-    def _answer_closed(self, name: str, now: float) -> None:
-        v = self.vassals.get(name)
-        lst = self.listeners.by_name.get(name)
-        if v is None or lst is None:
-            self.listeners.unanswer(name)
-            return
-        if v.phase == Phase.THROTTLED:
-            retry = max(1, math.ceil(v.not_before - now))
-            answer_unavailable(lst, f"{name} is restarting, retry in {retry} s", retry)
-        else:
-            answer_unavailable(lst, f"{name} is stopped", None)
-
-    def _watch_on_demand(self, v: Vassal, now: float) -> None:
-        """An on-demand vassal without process: its socket in the selector."""
-        if v.phase != Phase.ON_DEMAND:
-            self.listeners.unwatch(v.name)
-            return
-        if v.name in self.listeners.watched:
-            return
-        if not self.own_sockets or v.is_base or v.config is None:
-            return
-        err, lst = self.listeners.get(v.name, v.config, self.socket_dir)
-        if err is not None:  # port in use: throttle, like a failed start
-            v.cannot_bind(now, err)
-            return
-        if lst is None:
-            return
-        self.listeners.watch(v.name, lst, ForVassal(v.name, None,
-                                                    lambda t, n=v.name: self._on_listener(n, t)))
-        self.log(f"on demand: waiting for a connection on {lst.addr}", v.name)
-
-    def _on_listener(self, name: str, now: float) -> None:
-        v = self.vassals.get(name)
-        if v is not None and not v.woken:
-            v.on_connection(now)
-            self.log("connection waiting: starting on demand", name)
-        self.listeners.unwatch(name)
-    # -- events: its bytes, its adoption, its exit --------------------------------
+    # -- events: its bytes, its adoption's reply ---------------------------------
 
     def _on_pipe(self, name: str, seq: int, now: float) -> None:
-        h = self.procs.get((name, seq))
+        h = self.handles.get((name, seq))
         if h is None or h.pipe is None:
             return
         data = recv_ready(h.pipe, 4096)
@@ -383,16 +332,17 @@ class Processes:
                 and not launch.unread_bytes(h.config_pipe):
             self._send_config(h)
 
-
     def _on_adoption(self, name: str, seq: int, now: float) -> None:
-        h = self.procs[(name, seq)]
+        h = self.handles[(name, seq)]
         v = self.vassals[name]
         pending = h.adoption
         assert pending is not None
         try:
             pid = pending.on_readable()
         except AdoptionError as e:
-            self._adoption_failed(name, seq, now, str(e))
+            # a fact: the plan fails it (FailAdoption); its socket is done
+            self._finish_adoption(name, seq)
+            self.adoption_errors[(name, seq)] = str(e)
             return
         if pid is None:
             return
@@ -400,9 +350,9 @@ class Processes:
         self.metrics.adopted(pending.elapsed_ms(now) / 1000)
         v.adopted(pid, now, seq)
         self.pids[pid] = (name, seq)
-        if (q := v.proc(seq)) is not None:
-            self.wedges.replied(q.base_generation)
         p = v.proc(seq)
+        if p is not None:
+            self.replied.add(p.base_generation)
         what = "successor " if p is v.successor else ""
         gen = f", base generation {p.base_generation}" if p else ""
         self.log(f"adopted {what}pid {pid} from base ({pending.elapsed_ms(now):.1f} ms{gen})", name)
@@ -414,12 +364,11 @@ class Processes:
         if h.pipe is not None:
             self._watch_pipe(name, seq, h.pipe)
         early = self.early_exits.pop(pid, None)
-        if early is not None:
-            self.pids.pop(pid, None)
-            self._vassal_exited(name, seq, pid, early[0], now)
+        if early is not None:  # it died before its pid reached us: the next reap says so
+            self.late_exits.append((pid, early[0]))
 
     def _finish_adoption(self, name: str, seq: int) -> None:
-        h = self.procs.get((name, seq))
+        h = self.handles.get((name, seq))
         if h is not None and h.adoption is not None:
             try:
                 self.sel.unregister(h.adoption.sock)
@@ -428,81 +377,83 @@ class Processes:
             h.adoption.close()
             h.adoption = None
 
-    def _adoption_failed(self, name: str, seq: int, now: float, reason: str) -> None:
-        self.metrics.adoption_failed()
-        self._finish_adoption(name, seq)
-        self._drop_proc(name, seq)  # a vassal forked anyway sees EOF and stops
-        v = self.vassals[name]
-        self._start_failed_for_deploy(v, seq, now, f"adoption failed: {reason}")
-        v.start_failed(now, reason, seq)
-        v.note_error(f"adoption failed: {reason}")
-        self.log(f"adoption failed: {reason}; retry in {max(0, v.not_before - now):.1f} s", name)
+    # -- facts for the turn ------------------------------------------------------
 
-    def _reap(self, now: float) -> None:
+    def failed_adoptions(self, now: float) -> list[tuple[str, int, str, bool]]:
+        """(name, seq, reason, timed out) of the adoptions that failed: the
+        reply said so, or none came in time."""
+        out = [(n, q, why, False) for (n, q), why in self.adoption_errors.items()
+               if (n, q) in self.handles]
+        for (name, seq), h in self.handles.items():
+            if h.adoption is not None and h.adoption.expired(now):
+                out.append((name, seq, f"no reply within {self.opts.adopt_timeout:g} s", True))
+        return out
+
+    def in_flight(self) -> int:
+        """Adoption requests sent and not answered."""
+        return sum(1 for h in self.handles.values() if h.adoption is not None)
+
+    def take_replies(self) -> set[int]:
+        """The base generations that answered an adoption since the last ask."""
+        out, self.replied = self.replied, set()
+        return out
+
+    def next_wakeup(self) -> list[float]:
+        return [h.adoption.deadline for h in self.handles.values() if h.adoption is not None]
+
+    def adoption_failed(self, name: str, seq: int) -> None:
+        """The plan failed this adoption: a vassal forked anyway sees EOF and stops."""
+        self.metrics.adoption_failed()
+        self.abandon(name, seq)
+
+    def abandon(self, name: str, seq: int) -> None:
+        """A process whose start was under way: its handles closed."""
+        self._finish_adoption(name, seq)
+        self.drop(name, seq)
+
+    # -- reaping, forgetting ----------------------------------------------------
+
+    def reap(self) -> list[Reaped]:
         """The one place where children are reaped."""
+        out = [Reaped(pid, status, self.pids.pop(pid, None)) for pid, status in self.late_exits]
+        self.late_exits.clear()
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 self.no_children = True
-                return
+                return out
             except InterruptedError:
                 continue
             if pid == 0:
                 self.no_children = False
-                return
-            owner = self.pids.pop(pid, None)
-            if owner is not None:
-                with self._boundary(owner[0], now):
-                    self._vassal_exited(owner[0], owner[1], pid, status, now)
-            elif self.renderer.reaped(pid):
-                continue
-            elif self.front is not None and self.front.owns(pid):
-                self.front.exited(pid, status, now, describe_status)
-            else:
-                self.sweeper.reaped(pid)
-                self.early_exits[pid] = (status, now)
-                self.log(f"reaped pid {pid} ({describe_status(status)})")
+                return out
+            out.append(Reaped(pid, status, self.pids.pop(pid, None)))
 
-    def _vassal_exited(self, name: str, seq: int, pid: int, status: int, now: float) -> None:
-        v = self.vassals[name]
-        self._drop_proc(name, seq)
-        if self.cgroups is not None:  # what is left in its cgroup goes too
-            self.cgroups.ended(name, seq, now, session=pid)
-        # what it forked and left behind is ours now: swept once this turn
-        self.sweeper.vassal_ended(pid, name)
-        st = describe_status(status)
-        status_requests.forget_requests(pid)  # its requests file, if it wrote one
-        p = v.proc(pid=pid)
-        seq = p.seq if p is not None else None
-        if p is not None and p is v.successor:
-            self._start_failed_for_deploy(v, p.seq, now, f"pid {pid} died ({st})")
-        what = v.exited(status, now, pid)
-        if what == Exit.RETIRED:
-            self.log(f"old pid {pid} stopped ({st})", name)
-        elif what == Exit.STOPPED:
-            self.log(f"pid {pid} stopped ({st})", name)
-        elif what == Exit.SUCCESSOR_DIED:
-            v.note_error(f"new pid {pid} died ({st})", seq)
-            self.log(f"new pid {pid} died ({st}); old one keeps serving; retry in "
-                     f"{max(0.0, v.not_before - now):.1f} s", name)
-        elif what == Exit.TOOK_OVER:
-            self.log(f"pid {pid} died ({st}); its successor pid {v.pid} takes over", name)
-        else:
-            # a base killed as wedged keeps that reason in the status
-            v.note_error(self.wedges.exited(pid) or f"pid {pid} died ({st})", seq)
-            self.log(f"pid {pid} died ({st}); respawn in {v.backoff:.1f} s"
-                     + (" (throttled)" if v.failures > 0 else ""), name)
+    def exited_unknown(self, pid: int, status: int, now: float) -> None:
+        """A child nobody owns (yet): an adopted vassal whose pid has not
+        reached us is known by it when it does."""
+        self.early_exits[pid] = (status, now)
 
-    def _drop_proc(self, name: str, seq: int) -> None:
+    def prune(self, now: float) -> None:
+        for pid, (_, when) in list(self.early_exits.items()):
+            if now - when > 60:
+                del self.early_exits[pid]
+
+    def forget(self, name: str) -> None:
+        for key in [k for k in self.handles if k[0] == name]:
+            self.drop(*key)
+
+    def drop(self, name: str, seq: int) -> None:
         self._close_pipe(name, seq)
-        h = self.procs.pop((name, seq), None)
+        self.adoption_errors.pop((name, seq), None)
+        h = self.handles.pop((name, seq), None)
         if h is not None and h.config_pipe is not None:
             h.config_pipe.close()
             h.config_pipe = None
 
     def _close_pipe(self, name: str, seq: int) -> None:
-        h = self.procs.get((name, seq))
+        h = self.handles.get((name, seq))
         if h is None or h.pipe is None:
             return
         try:
@@ -511,4 +462,3 @@ class Processes:
             pass
         h.pipe.close()
         h.pipe = None
-

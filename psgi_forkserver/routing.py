@@ -1,11 +1,11 @@
 """The Emperor's side of the front door (frontdoor/): `domain` names and routes.
 
-A vassal's `domain` names are claimed when its file is read (`_claim_domains`:
-a name another vassal serves is that file's config error); every turn the
-routes (name -> socket, up or not) go to the front door, which applies
-them batched (`_front_turn`). Whatever goes wrong in the front door stays
-the front door's (`_front_safely`): the vassals serve on their sockets
-without it. A mixin of `emperor.Emperor`.
+A vassal's `domain` names are claimed when its file is read
+(`DomainClaims.claim`, used by files.py: a name another vassal serves is
+that file's config error); every turn the routes (name -> socket, up or
+not) go to the front door, which applies them batched (`Routes.turn`).
+Whatever goes wrong in the front door stays the front door's
+(`Routes.safely`): the vassals serve on their sockets without it.
 """
 
 from __future__ import annotations
@@ -14,44 +14,33 @@ import dataclasses
 import math
 import os
 import selectors
-import time
 import traceback
+from collections.abc import Callable
+from pathlib import Path
 
 from . import config as cfgmod
 from . import sockets
 from .frontdoor import FrontDoor, Route, nginx_target, route_limits
-from .vassal import Phase
+from .options import Options
+from .vassal import Phase, Vassal
 
 
-class Routing:
-    """Domain names and the front door (a mixin of Emperor)."""
+class DomainClaims:
+    """Which vassal serves each `domain` name; who waits for one."""
 
-    def _init_routing(self) -> None:
-        # sockets of vassals with `domain` and no http-socket (run_dir/sockets)
-        self.socket_dir = self.opts.run_dir / "sockets" if self.opts.run_dir else None
-        # `domain` names: a vassal refused for a name another one serves ->
-        # that other one (its file is read again when the other lets go)
-        self.domain_refused: dict[str, str] = {}
-        self.front: FrontDoor | None = None
-        if self.opts.front is not None:
-            # the vassals' sockets are given to nginx's workers' group
-            self.listeners.front_gid = self.opts.front.worker_gid
-            self.front = FrontDoor(self.opts.front, lambda m: self.log(m, "front"),
-                                   watch=lambda fd, cb: self.sel.register(
-                                       fd, selectors.EVENT_READ,
-                                       lambda t, cb=cb: self._front_safely(cb, t)),
-                                   unwatch=self._unwatch,
-                                   relay=lambda out, pid: self.relay.watch(out, "front", pid),
-                                   on_refused=self._front_refused,
-                                   spawning=lambda: self._cg_spawning(None, 0))
+    def __init__(self, vassals: dict[str, Vassal]) -> None:
+        self.vassals = vassals  # the fleet, read only
+        # a vassal refused for a name another one serves -> that other one
+        # (its file is read again when the other lets go)
+        self.refused: dict[str, str] = {}
 
-    def _claim_domains(self, name: str, cfg: cfgmod.VassalConfig) -> cfgmod.VassalConfig:
+    def claim(self, name: str, cfg: cfgmod.VassalConfig) -> cfgmod.VassalConfig:
         """`cfg`, or a config error naming the vassal that already serves one
         of its `domain` names (exact names: a wildcard and a name under it
         may live side by side, the exact one wins)."""
         mine = {d.lower() for d in cfg.get_all("domain")}
         if not mine:
-            self.domain_refused.pop(name, None)
+            self.refused.pop(name, None)
             return cfg
         for other in sorted(self.vassals):
             oc = self.vassals[other].config
@@ -63,27 +52,59 @@ class Routing:
                 line = next((n for n, k, val in cfgmod.parse_ini_lines(cfg.text)[0]
                              if k == "domain" and val.lower() == d), 0)
                 where = f"{cfg.path.name} (rendered)" if cfg.rendered else cfg.path.name
-                self.domain_refused[name] = other
+                self.refused[name] = other
                 return dataclasses.replace(
                     cfg, options=(), fingerprint=cfg.fingerprint + ":domain",
                     error=f"{where}:{line}: domain {d} is already served by vassal "
                           f"{other} ({oc.path.name})")
-        self.domain_refused.pop(name, None)
+        self.refused.pop(name, None)
         return cfg
 
-    def _domains_released(self, name: str) -> None:
-        """A vassal refused for a name `name` served may have it now: read again."""
-        for other, blocker in list(self.domain_refused.items()):
+    def released(self, name: str) -> list[str]:
+        """The files to read again: vassals refused for a name `name` served
+        may have it now."""
+        out = []
+        for other, blocker in list(self.refused.items()):
             if blocker == name and other != name:
                 ov = self.vassals.get(other)
                 if ov is not None and ov.config is not None:
-                    self.due[ov.config.path.name] = time.monotonic()
+                    out.append(ov.config.path.name)
+        return out
+
+
+def socket_dir_of(opts: Options) -> Path | None:
+    """Where the sockets of vassals with `domain` and no http-socket are made."""
+    return opts.run_dir / "sockets" if opts.run_dir else None
+
+
+class Routes:
+    """The routes of the vassals with a `domain`, and the front door that serves them."""
+
+    def __init__(self, opts: Options, vassals: dict[str, Vassal], listeners: sockets.Listeners,
+                 socket_dir: Path | None, own_sockets: bool, log: Callable[..., None],
+                 sel: selectors.BaseSelector, relay, on_refused: Callable[[str, str], None],
+                 spawning: Callable[[], object]) -> None:
+        self.vassals = vassals  # the fleet, read only
+        self.listeners = listeners
+        self.socket_dir = socket_dir
+        self.own_sockets = own_sockets
+        self.log = log
+        self.sel = sel
+        self.front: FrontDoor | None = None
+        if opts.front is not None:
+            self.front = FrontDoor(opts.front, lambda m: self.log(m, "front"),
+                                   watch=lambda fd, cb: self.sel.register(
+                                       fd, selectors.EVENT_READ,
+                                       lambda t, cb=cb: self.safely(cb, t)),
+                                   unwatch=self._unwatch,
+                                   relay=lambda out, pid: relay.watch(out, "front", pid),
+                                   on_refused=on_refused, spawning=spawning)
 
     def routes(self) -> list[Route]:
         """The routing facts of every vassal with a `domain`: its socket.
         Whether it answers now does not change the routing (nginx would
         reload at each crash or stop): a socket nobody accepts on is
-        answered 503 by the Emperor (Processes._closed_sign), one that is
+        answered 503 by the Emperor (ondemand.VassalSockets.closed_sign), one that is
         not bound refuses nginx's connection (503 too). Only a vassal
         without any address is routed to a 503 of the front door's own."""
         out = []
@@ -114,25 +135,18 @@ class Routing:
                              **route_limits(cfg)))
         return out
 
-    def _front_refused(self, name: str, why: str) -> None:
-        """nginx cannot take this vassal's route: config-error, with
-        nginx's own words, until its file changes; everyone else is
-        served from the configuration without it."""
-        v = self.vassals.get(name)
-        if v is None or v.config is None:
-            return
-        msg = f"the front door cannot route it: {why}"
-        self.failed[name] = (v.config.fingerprint, msg)
-        v.config_failed(msg)
-        self.log(f"bad config {v.config.path}: {msg}", name)
+    def turn(self, now: float, shutting_down: bool) -> None:
+        """Routing changed? (applied batched); nginx's own life."""
+        if self.front is not None:
+            self.safely(lambda t: self._turn(t, shutting_down), now)
 
-    def _front_turn(self, now: float) -> None:
+    def _turn(self, now: float, shutting_down: bool) -> None:
         assert self.front is not None
-        if not self.shutting_down:
+        if not shutting_down:
             self.front.update(self.routes(), now)
         self.front.poll(now)
 
-    def _front_safely(self, fn, now: float) -> None:
+    def safely(self, fn, now: float) -> None:
         """The front door's boundary: what goes wrong there is logged, and
         the vassals go on (they serve on their sockets without it)."""
         try:
@@ -147,3 +161,26 @@ class Routing:
             self.sel.unregister(fd)
         except (KeyError, ValueError):
             pass
+
+    def pids(self) -> dict[int, object]:
+        return self.front.pids() if self.front is not None else {}
+
+    def next_wakeup(self) -> float | None:
+        return self.front.next_wakeup() if self.front is not None else None
+
+
+def make_socket_dir(socket_dir: Path | None, front, log: Callable[[str], None]) -> None:
+    """The directory of the vassals' own sockets, in a private run directory
+    (0700, or group-readable by nginx's workers) whoever makes it first."""
+    if socket_dir is None:
+        return
+    try:
+        from .status.rundir import make_private_dir, run_dir_mode
+
+        include = front.include if front is not None else None
+        gid = front.worker_gid if front is not None and front.listen else None
+        make_private_dir(socket_dir.parent, tighten=False, group=gid,
+                         mode=run_dir_mode(include, gid))
+        socket_dir.mkdir(exist_ok=True, mode=0o755)
+    except OSError as e:
+        log(f"cannot create {socket_dir}: {e.strerror or e}")

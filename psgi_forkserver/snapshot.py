@@ -49,7 +49,7 @@ class VassalSnapshot:
 class EmperorSnapshot:
     vassals_dir: str | None
     shutting_down: bool = False
-    # code deploys (bases.DeployTracker.as_dict): `emperor reload-base --wait` polls this
+    # code deploys (deploys.DeployTracker.as_dict): `emperor reload-base --wait` polls this
     deploy: dict[str, Any] | None = None
     # the front door (frontdoor.FrontDoor.state): nginx's pid, generation, errors
     front: dict[str, Any] | None = None

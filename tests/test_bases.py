@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from psgi_forkserver.bases import DeployState, DeployTracker, socket_path
+from psgi_forkserver.bases import socket_path
+from psgi_forkserver.deploys import DeployState, DeployTracker
 from psgi_forkserver.vassal import Adopt, Kind, Vassal
 
 from test_vassal import POLICY, base_vassal, cfg, ctx

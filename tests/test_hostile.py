@@ -277,8 +277,8 @@ def test_ctl_uwsgi_vassals_are_not_judged_by_our_table(tmp_path):
     f.write_text("[uwsgi]\nplugin = psgi\nmaster = true\nmodule = app\nthreads = 4\n"
                  "http-socket = 127.0.0.1:1\n")
     assert cfgmod.load(f, judge=True).error  # ours would refuse it
-    assert not Emperor(Options(tmp_path, "uwsgi")).judge
-    assert Emperor(Options(tmp_path, str(PROGRAM))).judge
+    assert not Emperor(Options(tmp_path, "uwsgi")).files.judge
+    assert Emperor(Options(tmp_path, str(PROGRAM))).files.judge
 
 
 # -- the stats socket under many clients -------------------------------------------------

@@ -324,7 +324,7 @@ def emperor_status(snap: EmperorSnapshot) -> dict[str, Any]:
         pass
     doc["vassals_dir"] = snap.vassals_dir
     doc["shutting_down"] = snap.shutting_down
-    # code deploys (bases.DeployTracker.as_dict): `emperor reload-base --wait` polls this
+    # code deploys (deploys.DeployTracker.as_dict): `emperor reload-base --wait` polls this
     doc["deploy"] = snap.deploy
     doc["front"] = snap.front
 
