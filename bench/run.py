@@ -48,7 +48,7 @@ from benchlib import (  # noqa: E402
 from psgi_forkserver import adoption  # noqa: E402  (the product's fork-server client)
 import front as frontbench  # noqa: E402  (bench/front.py)
 import health as healthbench  # noqa: E402  (bench/health.py)
-from psgi_forkserver.orphans import spare_of  # noqa: E402
+from psgi_forkserver.procfs import spare_of  # noqa: E402
 
 PROGRAM = str(ROOT / "perl" / "ForkServer.pm")
 APPS = {"heavy": str(HERE / "heavy.psgi"), "hello": str(HERE / "hello.psgi")}
@@ -143,7 +143,7 @@ class Base:
 
     def warm_spares(self) -> set[int]:
         """The base's spares that an adoption can take now (their title says
-        warm; orphans.spare_of): our children, since we are the base's parent."""
+        warm; procfs.spare_of): our children, since we are the base's parent."""
         return {p.pid for p in psutil.Process().children() if spare_of(p.pid, ready=True) == self.proc.pid}
 
     def wait_spares(self, k: int, timeout: float = 60) -> set[int]:

@@ -10,13 +10,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from .clients import reload_base, reload_base_by_socket, reopen_logs, stats_socket, status_command
+from .commands.clients import reload_base, reload_base_by_socket, reopen_logs, stats_socket
 from .emperor import Emperor
-from .front_cli import (DEFAULT_KEEPALIVE, add_front_arguments, check_front, front_options,
+from .commands.front_cli import (DEFAULT_KEEPALIVE, add_front_arguments, check_front, front_options,
                         nginx_conf_command, run_dir_of)
-from .locks import StartupError
+from .emperor.locks import StartupError
 from .options import Options, run_arguments
-from .verbs import add_verbs, control_many, logs_command
+from .commands.verbs import add_verbs, control_many, logs_command, status_command
 
 
 MAIN_EXAMPLES = """\
@@ -327,7 +327,7 @@ def bind_status(args: argparse.Namespace):
     is one line on stderr, not a reason to keep the fleet down."""
     from .status import StatusServer, default_stats_path
     from .status.access import read_token
-    from .status.rundir import make_private_dir, run_dir_mode
+    from .rundir import make_private_dir, run_dir_mode
 
     stats = args.stats
     default = default_stats_path(args.vassals_dir)

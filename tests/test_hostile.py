@@ -270,7 +270,8 @@ def test_ctl_files_the_emperor_can_judge_are_config_errors_not_crash_loops(ctl_e
 def test_ctl_uwsgi_vassals_are_not_judged_by_our_table(tmp_path):
     """--vassal-binary uwsgi: uWSGI's keys (module, threads...) are not ours to judge."""
     from psgi_forkserver import config as cfgmod
-    from psgi_forkserver.emperor import Emperor, Options
+    from psgi_forkserver.emperor import Emperor
+    from psgi_forkserver.options import Options
 
     f = tmp_path / "u.ini"
     # plugin and master are accepted (and ignored) by ours too; module and threads are not

@@ -5,11 +5,11 @@ planned from facts alone. Real Vassal state machines, no processes."""
 import ast
 from pathlib import Path
 
-from psgi_forkserver import emperor
-from psgi_forkserver.plan import (Admit, AdoptionFailure, CleanCgroups, FailAdoption, Facts,
+from psgi_forkserver.emperor import loop
+from psgi_forkserver.emperor.plan import (Admit, AdoptionFailure, CleanCgroups, FailAdoption, Facts,
                                   KillOrphans, KillWedged, Sweep, plan)
 from psgi_forkserver.protocol import EmperorByte
-from psgi_forkserver.vassal import (Adopt, Context, Forget, ForkServer, Kill, Kind, Phase, Send,
+from psgi_forkserver.emperor.vassal import (Adopt, Context, Forget, ForkServer, Kill, Kind, Phase, Send,
                                     Spawn, Vassal)
 
 from test_vassal import POLICY, cfg
@@ -181,7 +181,7 @@ def test_the_turn_runs_again_when_a_new_base_generation_takes_over():
     assert not plan([b], facts(1.2, base_generation=2)).again
 
 
-ACTIONS_OF_THE_LOOP = {t.__name__ for t in emperor.EXECUTED}
+ACTIONS_OF_THE_LOOP = {t.__name__ for t in loop.EXECUTED}
 
 
 def _matched_classes(path: Path) -> set[str]:
@@ -196,7 +196,7 @@ def _matched_classes(path: Path) -> set[str]:
 def test_every_action_the_loop_carries_out_is_shown_planned_here():
     """A new action the executor handles fails this test until a test
     above shows the plan emitting it from facts alone."""
-    assert _matched_classes(Path(emperor.__file__)) == ACTIONS_OF_THE_LOOP
+    assert _matched_classes(Path(loop.__file__)) == ACTIONS_OF_THE_LOOP
     tree = ast.parse(Path(__file__).read_text())
     me = "test_every_action_the_loop_carries_out_is_shown_planned_here"
     asserted = {n.id for t in tree.body if isinstance(t, ast.FunctionDef)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .sockets import Listener, Listeners, answer_unavailable
+from ..sockets import Listener, Listeners, answer_unavailable
 from .vassal import Phase, Vassal
 
 

@@ -18,10 +18,10 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from . import config as cfgmod
-from . import sockets
-from .frontdoor import FrontDoor, Route, nginx_target, route_limits
-from .options import Options
+from .. import config as cfgmod
+from .. import sockets
+from ..frontdoor import FrontDoor, Route, nginx_target, route_limits
+from ..options import Options
 from .vassal import Phase, Vassal
 
 
@@ -175,7 +175,7 @@ def make_socket_dir(socket_dir: Path | None, front, log: Callable[[str], None]) 
     if socket_dir is None:
         return
     try:
-        from .status.rundir import make_private_dir, run_dir_mode
+        from ..rundir import make_private_dir, run_dir_mode
 
         include = front.include if front is not None else None
         gid = front.worker_gid if front is not None and front.listen else None

@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import config as cfgmod
-from . import adoption
-from .config.render import render_with_deadline
+from .. import config as cfgmod
+from .. import adoption
+from ..config.render import render_with_deadline
 from .deploys import DeployTracker
-from .options import Options
-from .proc import CODE_DEPLOY, ForkServer, Kind, Phase, Proc, ProcState
+from ..options import Options
+from ..proc import CODE_DEPLOY, ForkServer, Kind, Phase, Proc, ProcState
 from .vassal import Vassal
 
 PROBE_AFTER = 0.2  # a base that sent no byte 1 is probed after this long

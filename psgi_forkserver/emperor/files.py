@@ -22,12 +22,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import config as cfgmod
-from . import launch
-from .config import render
-from .options import Options
+from .. import config as cfgmod
+from .. import launch
+from ..config import render
+from ..options import Options
 from .routing import DomainClaims
-from .sockets import Listeners
+from ..sockets import Listeners
 from .vassal import Kind, Policy, Vassal
 from .watcher import Watcher
 

@@ -19,13 +19,14 @@ from typing import Any
 
 from .bases import ForkServers
 from .files import VassalFiles
-from .launch import describe_status
+from ..launch import describe_status
 from .orphans import Sweeper
-from .processes import ProcessTable, StartFailed
-from .protocol import ProtocolError
+from .handles import StartFailed
+from .processes import ProcessTable
+from ..protocol import ProtocolError
 from .routing import Routes
-from .sockets import Listeners
-from .status import forget_requests
+from ..sockets import Listeners
+from ..status import forget_requests
 from .ondemand import ForVassal
 from .vassal import Exit, Vassal
 

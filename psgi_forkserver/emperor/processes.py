@@ -20,69 +20,19 @@ import contextlib
 import os
 import selectors
 import socket
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import adoption, launch, logs
-from .config import VassalConfig
-from .adoption import AdoptionError, PendingAdoption
-from .launch import program_argv
-from .metrics import EmperorMetrics
-from .nonblocking import recv_ready
+from .. import adoption, launch, logs
+from ..config import VassalConfig
+from ..adoption import AdoptionError
+from ..launch import program_argv
+from ..metrics import EmperorMetrics
+from ..nonblocking import recv_ready
 from .ondemand import ForVassal, VassalSockets
-from .options import Options, plack_env_of
-from .protocol import EmperorByte, VassalByte
+from ..options import Options, plack_env_of
+from ..protocol import EmperorByte, VassalByte
+from .handles import Prepared, ProcHandles, Reaped, StartFailed, prepare
 from .vassal import Kind, Vassal
-
-
-@dataclass
-class ProcHandles:
-    """The live OS objects of one process of a vassal (its state is a Proc)."""
-
-    pipe: socket.socket | None = None
-    config_pipe: socket.socket | None = None
-    config_text: bytes | None = None
-    adoption: PendingAdoption | None = None
-    output: logs.OutputPipe | None = None  # adopted: its output pipe, passed with its config
-
-
-@dataclass(frozen=True)
-class StartFailed:
-    """A spawn or an adoption request failed after its pipes were made: the
-    vassal retries after its backoff; a deploy that started it learns it."""
-
-    why: str  # the vassal's reason (Vassal.start_failed)
-    deploy_why: str  # what a code deploy that started it learns
-    line: str  # the log line, before "; retry in ..."
-    adoption: bool  # an adoption request (else a spawn)
-
-
-@dataclass(frozen=True)
-class Reaped:
-    """A child reaped: `owner` is (vassal name, Proc.seq) if it is a vassal's process."""
-
-    pid: int
-    status: int
-    owner: tuple[str, int] | None
-
-
-@dataclass
-class Prepared:
-    """What a new process is given, made ready before it is spawned or
-    adopted: our end of its Emperor pipe (and its config pipe, in
-    `handles`), the descriptors to pass, and the vassal's ends to close
-    once they are passed."""
-
-    handles: ProcHandles
-    ours: socket.socket
-    pipe_fd: int
-    config_fd: int | None
-    listener_fd: int | None
-    theirs: list[socket.socket] = field(default_factory=list)
-
-    def close_theirs(self) -> None:
-        for s in self.theirs:
-            s.close()
 
 
 class ProcessTable:
@@ -117,41 +67,7 @@ class ProcessTable:
         """Every child from now on is born in its own cgroup."""
         self.cgroups = cgroups
 
-    """Starting, feeding and reaping the vassals' processes (a mixin)."""
-
     # -- starting: one preparation for spawn and adoption ----------------------
-
-    def _prepare(self, v: Vassal, seq: int, now: float,
-                 always_config: bool = False) -> Prepared | None:
-        """Socket, pipes and config text for a new process of v (with
-        `always_config`, a config pipe whatever the file: an adopted vassal
-        of ours takes its output pipe from it); None (the start failed,
-        logged, retried after a backoff) when the socket cannot be bound or
-        the pipes cannot be made (out of descriptors)."""
-        p = v.proc(seq)
-        assert p is not None
-        ok, lst = self.vsockets.for_start(v)
-        if not ok:
-            v.start_failed(now, "bind", seq)
-            return None
-        text = launch.config_text(p.config, always=always_config)
-        try:
-            pairs = launch.make_pipes(text is not None)
-        except OSError as e:
-            v.start_failed(now, str(e), seq)
-            self.log(f"cannot create the Emperor pipe: {e.strerror or e}; "
-                     f"retry in {max(0.0, v.not_before - now):.1f} s", v.name)
-            return None
-        h = ProcHandles()
-        ours, theirs = pairs[0]
-        prepared = Prepared(h, ours, theirs.fileno(), None,
-                            lst.fileno() if lst is not None else None, [theirs])
-        if text is not None:
-            h.config_pipe, ctheirs = pairs[1]
-            h.config_text = text
-            prepared.config_fd = ctheirs.fileno()
-            prepared.theirs.append(ctheirs)
-        return prepared
 
     @staticmethod
     def _abandon(pr: Prepared, failed: StartFailed) -> StartFailed:
@@ -180,7 +96,7 @@ class ProcessTable:
         """fork+exec the vassal program for process `seq` of v."""
         p = v.proc(seq)
         assert p is not None
-        pr = self._prepare(v, seq, now)
+        pr = prepare(v, seq, now, self.vsockets, self.log)
         if pr is None:
             return None
         out = self._output(v, p.config)
@@ -221,7 +137,7 @@ class ProcessTable:
         from the config packet."""
         p = v.proc(seq)
         assert p is not None
-        pr = self._prepare(v, seq, now, always_config=ours)
+        pr = prepare(v, seq, now, self.vsockets, self.log, always_config=ours)
         if pr is None:
             return None
         if ours:

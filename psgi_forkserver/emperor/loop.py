@@ -1,33 +1,19 @@
 """The Emperor: one selectors loop that reconciles vassal files with processes.
 
-The Emperor is the loop; its parts do the work, each with its own state:
+`Emperor` is the loop; it owns its parts (docs/ARCHITECTURE.md has the
+table): `files` (the vassals directory and the fleet), `procs` (the process
+table), `bases` (the fork servers, deploys, wedges), `routes` (the front
+door), `vsockets` (sockets between processes), `outcomes` (what exits and
+failed starts mean; the per-vassal boundary), `lines`, `sweeper`, `cgroups`.
 
-- `files` (files.VassalFiles): the vassals directory, read into the fleet
-  (`vassals`, the desired state), and the descriptor budget's admission;
-- `procs` (processes.ProcessTable): the vassals' processes, started
-  (spawn or adoption), fed, stopped and reaped; what happened comes back
-  as facts (a failed start, the children reaped, adoptions answered);
-- `bases` (bases.ForkServers): the base vassal, each generation's socket,
-  readiness probes, code deploys and wedged bases;
-- `routes` (routing.Routes): the `domain` routes and the front door;
-- `vsockets` (ondemand.VassalSockets): the vassals' bound sockets between
-  processes (on demand, 503 while stopped); `sweeper` (orphans.py) and
-  `cgroups` (cgroups.py): what vassal processes leave behind.
-
-Each turn of the loop (`_turn`) reads facts, plans, acts:
-
-- facts: signals (queued by the wakeup fd, handled by name), reaped
-  children, vassal files, fork-server probes; events between turns
-  (inotify, pipe bytes, adoption replies, readable on-demand sockets) only
-  record facts;
-- plan: `plan.plan()` turns the vassals' states and the facts into every
-  action of the turn, with no processes (unit-tested in test_plan.py);
-- act: `_execute` carries the actions out through the parts.
-
-Whatever goes wrong while handling one vassal is that vassal's failure
-(`_boundary`), never the fleet's. The Emperor binds every vassal's
-`http-socket` itself (sockets.py), so restarts, gap-free reloads and code
-deploys never close the port. See docs/ARCHITECTURE.md.
+Each turn (`_turn`) reads facts, plans, acts. Facts: signals (queued by the
+wakeup fd), reaped children, vassal files, fork-server probes; events
+between turns only record facts. Plan: `plan.plan()` turns the vassals and
+the facts into every action of the turn, with no processes. Act: `_act`
+and `_execute` carry each action out through the parts. Whatever goes
+wrong while handling one vassal is that vassal's failure, never the
+fleet's. The Emperor binds every vassal's `http-socket` itself, so
+restarts, reloads and code deploys never close the port.
 """
 
 from __future__ import annotations
@@ -37,13 +23,14 @@ import selectors
 import signal
 import time
 
-from . import control, launch, locks, logs, notify, sockets
+from . import control, locks, notify
+from .. import launch, logs, sockets
 from .bases import ForkServers
 from .cgroups import Cgroups
 from .files import VassalFiles
-from .metrics import EmperorMetrics
+from ..metrics import EmperorMetrics
 from .ondemand import VassalSockets
-from .options import Options
+from ..options import Options
 from .orphans import Sweeper
 from .plan import (Admit, CleanCgroups, FailAdoption, Facts, AdoptionFailure, KillOrphans,
                    KillWedged, Plan, Sweep, plan, runs_as_base)
@@ -51,7 +38,7 @@ from .outcomes import Outcomes
 from .processes import ProcessTable
 from .recent import RecentLines
 from .routing import Routes, make_socket_dir, socket_dir_of
-from .status import sweep_requests
+from ..status import sweep_requests
 from .vassal import Adopt, Forget, Kill, Send, Spawn, Vassal
 
 # the action types `_execute` and `_act` carry out (test_plan shows each planned)

@@ -20,13 +20,13 @@ from typing import Any
 
 from .bases import ForkServers
 from .files import VassalFiles
-from .metrics import EmperorMetrics
+from ..metrics import EmperorMetrics
 from .notify import settled
-from .options import Options, plack_env_of
+from ..options import Options, plack_env_of
 from .recent import RecentLines
 from .routing import Routes
-from .snapshot import EmperorLink, EmperorSnapshot, VassalSnapshot
-from .status import SCHEMA
+from ..snapshot import EmperorLink, EmperorSnapshot, VassalSnapshot
+from ..status import SCHEMA
 from .vassal import Kind, ProcState, Vassal
 
 COMMANDS = ("reload", "stop", "start", "reload-base", "reopen-logs")

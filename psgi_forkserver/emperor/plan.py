@@ -36,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .proc import CODE_DEPLOY, Action, Adopt, Context, Forget, ForkServer, Kind, Proc, ProcState
+from ..proc import CODE_DEPLOY, Action, Adopt, Context, Forget, ForkServer, Kind, Proc, ProcState
 from .vassal import Vassal
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from .proc import Kind
+from ..proc import Kind
 from .vassal import Vassal
 
 
