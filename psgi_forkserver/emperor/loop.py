@@ -32,6 +32,7 @@ from ..metrics import EmperorMetrics
 from .ondemand import VassalSockets
 from ..options import Options
 from .orphans import Sweeper
+from .progress import StartProgress
 from .plan import (Admit, CleanCgroups, FailAdoption, Facts, AdoptionFailure, KillOrphans,
                    KillWedged, Plan, Sweep, plan, runs_as_base)
 from .outcomes import Outcomes
@@ -90,7 +91,7 @@ class Emperor:
         self.sweeper = Sweeper(self.log, opts.mercy)
         self.outcomes = Outcomes(self.files, self.procs, self.bases, self.routes, self.listeners,
                                  self.sweeper, self.log, lambda: self.cgroups)
-        self.start_progress = logs.StartProgress(self.log)
+        self.start_progress = StartProgress(self.log)
         self.fleet = control.Fleet(opts, self.files, self.bases, self.routes, self.lines,
                                    self.metrics, self.log, lambda: self.cgroups,
                                    lambda: self.shutting_down, self.reopen_logs, self._wake)
