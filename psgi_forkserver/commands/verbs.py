@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .clients import SERVING, WAIT_POLL, ask, stats_socket
 from ..printable import printable
+from .clients import SERVING, WAIT_POLL, ask, stats_socket
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_SERVING, EXIT_NO_VASSAL = 0, 1, 2, 3, 4
 FOLLOW_POLL = 0.25  # seconds between two asks of `logs -f`

@@ -30,9 +30,9 @@ from typing import Any
 from .. import config as cfgmod
 from .. import adoption
 from ..config.render import render_with_deadline
-from .deploys import DeployTracker
 from ..options import Options
 from ..proc import CODE_DEPLOY, ForkServer, Kind, Phase, Proc, ProcState
+from .deploys import DeployTracker
 from .vassal import Vassal
 
 PROBE_AFTER = 0.2  # a base that sent no byte 1 is probed after this long

@@ -18,15 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .bases import ForkServers
-from .files import VassalFiles
 from ..metrics import EmperorMetrics
-from .notify import settled
 from ..options import Options, plack_env_of
-from .recent import RecentLines
-from .routing import Routes
 from ..snapshot import EmperorLink, EmperorSnapshot, VassalSnapshot
 from ..status import SCHEMA
+from .bases import ForkServers
+from .files import VassalFiles
+from .notify import settled
+from .recent import RecentLines
+from .routing import Routes
 from .vassal import Kind, ProcState, Vassal
 
 COMMANDS = ("reload", "stop", "start", "reload-base", "reopen-logs")

@@ -26,8 +26,8 @@ from .. import config as cfgmod
 from .. import launch
 from ..config import render
 from ..options import Options
-from .routing import DomainClaims
 from ..sockets import Listeners
+from .routing import DomainClaims
 from .vassal import Kind, Policy, Vassal
 from .watcher import Watcher
 

@@ -23,23 +23,23 @@ import selectors
 import signal
 import time
 
-from . import control, locks, notify
 from .. import launch, logs, sockets
+from ..metrics import EmperorMetrics
+from ..options import Options
+from ..status import sweep_requests
+from . import control, locks, notify
 from .bases import ForkServers
 from .cgroups import Cgroups
 from .files import VassalFiles
-from ..metrics import EmperorMetrics
 from .ondemand import VassalSockets
-from ..options import Options
 from .orphans import Sweeper
-from .progress import StartProgress
+from .outcomes import Outcomes
 from .plan import (Admit, CleanCgroups, FailAdoption, Facts, AdoptionFailure, KillOrphans,
                    KillWedged, Plan, Sweep, plan, runs_as_base)
-from .outcomes import Outcomes
 from .processes import ProcessTable
+from .progress import StartProgress
 from .recent import RecentLines
 from .routing import Routes, make_socket_dir, socket_dir_of
-from ..status import sweep_requests
 from .vassal import Adopt, Forget, Kill, Send, Spawn, Vassal
 
 # the action types `_execute` and `_act` carry out (test_plan shows each planned)

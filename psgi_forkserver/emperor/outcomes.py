@@ -17,17 +17,17 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .bases import ForkServers
-from .files import VassalFiles
 from ..launch import describe_status
-from .orphans import Sweeper
-from .handles import StartFailed
-from .processes import ProcessTable
 from ..protocol import ProtocolError
-from .routing import Routes
 from ..sockets import Listeners
 from ..status import forget_requests
+from .bases import ForkServers
+from .files import VassalFiles
+from .handles import StartFailed
 from .ondemand import ForVassal
+from .orphans import Sweeper
+from .processes import ProcessTable
+from .routing import Routes
 from .vassal import Exit, Vassal
 
 

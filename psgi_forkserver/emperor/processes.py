@@ -23,15 +23,15 @@ import socket
 from pathlib import Path
 
 from .. import adoption, launch, logs
-from ..config import VassalConfig
 from ..adoption import AdoptionError
+from ..config import VassalConfig
 from ..launch import program_argv
 from ..metrics import EmperorMetrics
 from ..nonblocking import recv_ready
-from .ondemand import ForVassal, VassalSockets
 from ..options import Options, plack_env_of
 from ..protocol import EmperorByte, VassalByte
 from .handles import Prepared, ProcHandles, Reaped, StartFailed, prepare
+from .ondemand import ForVassal, VassalSockets
 from .vassal import Kind, Vassal
 
 
