@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 
 from psgi_forkserver import adoption
-from psgi_forkserver.orphans import spare_of
+from psgi_forkserver.procfs import spare_of
 from benchlib import BenchError, Procs
 from settings import PROGRAM, say
 
@@ -59,7 +59,7 @@ class Base:
 
     def warm_spares(self) -> set[int]:
         """The base's spares that an adoption can take now (their title says
-        warm; orphans.spare_of): our children, since we are the base's parent."""
+        warm; procfs.spare_of): our children, since we are the base's parent."""
         return {p.pid for p in psutil.Process().children() if spare_of(p.pid, ready=True) == self.proc.pid}
 
     def wait_spares(self, k: int, timeout: float = 60) -> set[int]:

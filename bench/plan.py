@@ -1,4 +1,4 @@
-"""The cost of one turn's plan (psgi_forkserver.plan) for an idle fleet.
+"""The cost of one turn's plan (psgi_forkserver.emperor.plan) for an idle fleet.
 
     .venv/bin/python bench/plan.py [N]
 
@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from psgi_forkserver.config import VassalConfig
-from psgi_forkserver.plan import Facts, plan
-from psgi_forkserver.vassal import ForkServer, Vassal
+from psgi_forkserver.emperor.plan import Facts, plan
+from psgi_forkserver.emperor.vassal import ForkServer, Vassal
 
 
 def main() -> None:

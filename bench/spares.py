@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from psgi_forkserver.orphans import spare_of
+from psgi_forkserver.procfs import spare_of
 from adoptions import BOUND, adoption_rows
 from basevassal import Base, stop_adopted
 from benchlib import BenchError, Ports, Procs, pss_of, summary, wait_200

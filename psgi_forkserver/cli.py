@@ -10,13 +10,14 @@ import shutil
 import sys
 from pathlib import Path
 
-from .clients import reload_base, reload_base_by_socket, reopen_logs, stats_socket, status_command
+from .commands.clients import reload_base, reload_base_by_socket, reopen_logs, stats_socket
+from .commands.front_cli import (DEFAULT_KEEPALIVE, add_front_arguments, check_front,
+                                 front_options, nginx_conf_command, run_dir_of)
+from .commands.prove_cli import add_prove_arguments, prove_command
+from .commands.verbs import add_verbs, control_many, logs_command, status_command
 from .emperor import Emperor
-from .front_cli import (DEFAULT_KEEPALIVE, add_front_arguments, check_front, front_options,
-                        nginx_conf_command, run_dir_of)
-from .locks import StartupError
+from .emperor.locks import StartupError
 from .options import Options, run_arguments
-from .verbs import add_verbs, control_many, logs_command
 
 
 MAIN_EXAMPLES = """\
@@ -126,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_status_arguments(run)
     add_status_command(sub)
     add_verbs(sub, _sub, _add_finder)
-    add_prove_command(sub)
+    add_prove_arguments(_sub(sub, "prove", help="run Perl test files forked from a preloaded "
+                                                  "base (prove's options)"))
     _sub(sub, "perl-lib", help="print the directory of the installed Perl side (ForkServer.pm, "
                                "Plack::Handler::ForkServer), for PERL5LIB or perl -I")
     return p
@@ -327,7 +329,7 @@ def bind_status(args: argparse.Namespace):
     is one line on stderr, not a reason to keep the fleet down."""
     from .status import StatusServer, default_stats_path
     from .status.access import read_token
-    from .status.rundir import make_private_dir, run_dir_mode
+    from .rundir import make_private_dir, run_dir_mode
 
     stats = args.stats
     default = default_stats_path(args.vassals_dir)
@@ -375,57 +377,6 @@ def bind_status(args: argparse.Namespace):
         stats_path=stats, http=args.status_http, http_public=args.status_http_public,
         http_hosts=tuple(args.status_http_hosts), http_token=token,
     ).bind()
-
-
-# -- prove: a Perl test harness forked from a preloaded base ---------------------
-
-
-def add_prove_command(sub) -> None:
-    pr = _sub(sub, "prove", help="run Perl test files forked from a preloaded base (prove's options)")
-    pr.add_argument("--help-long-running", action="help",
-                    help="this help (--watch, --serve, --connect; without them: prove's options)")
-    pr.add_argument("paths", metavar="PATH", nargs="*", help="test files and directories (default: t)")
-    pr.add_argument("-j", "--jobs", type=int, default=1, metavar="N", help="run N tests at once")
-    pr.add_argument("-I", dest="includes", action="append", default=[], metavar="DIR",
-                    help="library directory (in the base and in every test's @INC)")
-    pr.add_argument("-M", dest="modules", action="append", default=[], metavar="MODULE",
-                    help="preload MODULE, as prove's -M (imported into main)")
-    pr.add_argument("--preload", action="append", default=[], metavar="MODULE|FILE",
-                    help="load MODULE (or require FILE) in the base before forking")
-    pr.add_argument("-r", "--recurse", action="store_true", help="recurse into directories")
-    pr.add_argument("-v", "--verbose", action="store_true", help="print every test's TAP")
-    pr.add_argument("--timeout", type=float, metavar="SECONDS",
-                    help="kill a test file that runs longer than this")
-    pr.add_argument("--junit", type=Path, metavar="FILE", help="also write a JUnit XML report")
-    pr.add_argument("--perl", default="perl", metavar="PATH", help="the perl to run (default: perl)")
-    pr.add_argument("--watch", action="store_true",
-                    help="keep the base; rerun test files when they change, and start a new "
-                         "base (then rerun all) when a preloaded file changes")
-    pr.add_argument("--serve", type=Path, metavar="SOCK",
-                    help="keep a base and run the files `--connect SOCK` clients hand over "
-                         "(for `prove --exec`)")
-    pr.add_argument("--connect", type=Path, metavar="SOCK",
-                    help="run the one test file PATH [ARGS] through `emperor prove --serve SOCK`: "
-                         "prove --exec 'emperor prove --connect SOCK'")
-    pr.add_argument("--destruct", action="store_true",
-                    help="forked tests end with perl's global destruction of the whole "
-                         "inherited heap (slower; default: only what the test created)")
-
-
-def prove_command(args: argparse.Namespace) -> int:
-    from .prove import ProveOptions, connect, main as prove_main
-
-    if args.connect is not None:
-        if not args.paths:
-            print("emperor prove: --connect needs a test file", file=sys.stderr)
-            return 2
-        return connect(args.connect, args.paths[0], args.paths[1:], perl=args.perl)
-    serve = args.serve.resolve() if args.serve else None
-    return prove_main(watch=args.watch, serve=serve, opts=ProveOptions(
-        paths=args.paths, jobs=max(1, args.jobs), includes=args.includes, modules=args.modules,
-        preloads=args.preload, recurse=args.recurse, verbose=args.verbose,
-        timeout=args.timeout, junit=args.junit, perl=args.perl, destruct=args.destruct,
-    ))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The Emperor's edge to the OS: starting, signalling and describing processes.
 
-The Emperor (emperor.py) is a reconcile loop: events record facts, each
+The Emperor (emperor/loop.py) is a reconcile loop: events record facts, each
 vassal's state machine decides, and the loop carries out the actions. The
 system calls those actions come down to live here, as small functions with
 explicit inputs and outputs and no Emperor state: exec a vassal program
@@ -158,7 +158,7 @@ def spawn_vassal(argv: Sequence[str], env: Mapping[str, str], pipe_fd: int,
     try:
         # its own session from birth, like every vassal of our Perl side
         # (which checks and does not repeat it): what it leaves behind
-        # can be told by session id (orphans.py), a uWSGI vassal's too
+        # can be told by session id (emperor/orphans.py), a uWSGI vassal's too
         return os.posix_spawn(
             argv[0], list(argv), env, file_actions=actions,
             setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=(), setsid=True,

@@ -18,9 +18,7 @@ from typing import TYPE_CHECKING, Any
 from . import paths
 
 if TYPE_CHECKING:
-    from .frontdoor import FrontDoorOptions
     from .logs import Log
-    from .status import StatusServer
 
 
 def option(default: Any, help: str, *flags: str, metavar: str | None = None,
@@ -95,8 +93,10 @@ class Options:
     # sockets of vassals with `domain` and no http-socket (run_dir/sockets),
     # the embedded nginx's files (run_dir/nginx)
     run_dir: Path | None = None
-    front: FrontDoorOptions | None = None  # cli --http / --nginx-include
-    status: StatusServer | None = None  # sockets bound (cli --stats/--status-http)
+    # the subsystems' own options, made by the cli; not imported here, which
+    # every subsystem imports: frontdoor.FrontDoorOptions, status.StatusServer
+    front: Any = None  # cli --http / --nginx-include
+    status: Any = None  # sockets bound (cli --stats/--status-http)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:

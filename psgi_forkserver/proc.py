@@ -1,4 +1,4 @@
-"""The records and vocabulary of the vassal state machine (vassal.py).
+"""The records and vocabulary of the vassal state machine (emperor/vassal.py).
 
 `Proc` is one process of a vassal; `Phase` what a vassal shows, `ProcState`
 where one of its processes is; the actions (`Spawn`, `Adopt`, `Send`,

@@ -42,19 +42,19 @@ class VassalSnapshot:
     held: bool = False  # stopped by the operator (`emperor stop NAME`)
     is_base: bool = False
     plack_env: str | None = None  # the PLACK_ENV its processes run with
-    cgroup: str | None = None  # its current process's cgroup (cgroups.py), if it has one
+    cgroup: str | None = None  # its current process's cgroup (emperor/cgroups.py), if it has one
 
 
 @dataclass(frozen=True)
 class EmperorSnapshot:
     vassals_dir: str | None
     shutting_down: bool = False
-    # code deploys (bases.DeployTracker.as_dict): `emperor reload-base --wait` polls this
+    # code deploys (deploys.DeployTracker.as_dict): `emperor reload-base --wait` polls this
     deploy: dict[str, Any] | None = None
     # the front door (frontdoor.FrontDoor.state): nginx's pid, generation, errors
     front: dict[str, Any] | None = None
     vassals: dict[str, VassalSnapshot] = field(default_factory=dict)
-    cgroup: str | None = None  # the vassals' subtree (cgroups.py); None: not used
+    cgroup: str | None = None  # the vassals' subtree (emperor/cgroups.py); None: not used
 
 
 @dataclass(frozen=True)

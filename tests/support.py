@@ -79,7 +79,7 @@ def pid_alive(pid: int) -> bool:
 def spare_pids(emperor: int) -> set[int]:
     """The warm spares of the Emperor's bases and their workers (they come
     and go as adoptions take them: perl/ForkServer/Spares.pm)."""
-    from psgi_forkserver.orphans import spare_of
+    from psgi_forkserver.procfs import spare_of
 
     out: set[int] = set()
     try:

@@ -2,8 +2,9 @@
 
 from pathlib import Path
 
-from psgi_forkserver.bases import DeployState, DeployTracker, socket_path
-from psgi_forkserver.vassal import Adopt, Kind, Vassal
+from psgi_forkserver.emperor.bases import socket_path
+from psgi_forkserver.emperor.deploys import DeployState, DeployTracker
+from psgi_forkserver.emperor.vassal import Adopt, Kind, Vassal
 
 from test_vassal import POLICY, base_vassal, cfg, ctx
 
@@ -145,7 +146,7 @@ def test_a_deploy_logs_one_progress_line_a_second_while_vassals_move():
 def test_wedge_watch_counts_timeouts_in_a_row_per_generation():
     """Only timeouts in a row make a base wedged: a reply from that
     generation starts the count again, another generation's does not."""
-    from psgi_forkserver.bases import WEDGED_AFTER, WedgeWatch
+    from psgi_forkserver.emperor.bases import WEDGED_AFTER, WedgeWatch
 
     w = WedgeWatch()
     for _ in range(WEDGED_AFTER - 1):

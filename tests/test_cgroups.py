@@ -22,7 +22,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from psgi_forkserver import cgroups, paths
+from psgi_forkserver import paths
+from psgi_forkserver.emperor import cgroups
 from psgi_forkserver.status import default_stats_path
 
 from support import (EMPEROR, alive, free_port, kill_all, start_emperor, stop_emperor,

@@ -270,15 +270,16 @@ def test_ctl_files_the_emperor_can_judge_are_config_errors_not_crash_loops(ctl_e
 def test_ctl_uwsgi_vassals_are_not_judged_by_our_table(tmp_path):
     """--vassal-binary uwsgi: uWSGI's keys (module, threads...) are not ours to judge."""
     from psgi_forkserver import config as cfgmod
-    from psgi_forkserver.emperor import Emperor, Options
+    from psgi_forkserver.emperor import Emperor
+    from psgi_forkserver.options import Options
 
     f = tmp_path / "u.ini"
     # plugin and master are accepted (and ignored) by ours too; module and threads are not
     f.write_text("[uwsgi]\nplugin = psgi\nmaster = true\nmodule = app\nthreads = 4\n"
                  "http-socket = 127.0.0.1:1\n")
     assert cfgmod.load(f, judge=True).error  # ours would refuse it
-    assert not Emperor(Options(tmp_path, "uwsgi")).judge
-    assert Emperor(Options(tmp_path, str(PROGRAM))).judge
+    assert not Emperor(Options(tmp_path, "uwsgi")).files.judge
+    assert Emperor(Options(tmp_path, str(PROGRAM))).files.judge
 
 
 # -- the stats socket under many clients -------------------------------------------------

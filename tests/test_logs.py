@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from psgi_forkserver import logs, paths
+from psgi_forkserver.emperor.progress import StartProgress
 
 from support import (EMPEROR, alive, descendants, free_port, kill_all, start_emperor,
                      stop_emperor, wait_for)
@@ -279,7 +280,7 @@ def test_output_pipe_cuts_lines_and_keeps_a_last_partial_line():
 
 def test_start_progress_one_line_a_second_then_a_summary():
     lines: list[str] = []
-    sp = logs.StartProgress(lines.append)
+    sp = StartProgress(lines.append)
     phases = {f"a{i}": "adopting" for i in range(10)}
     sp.observe(0.0, phases)
     sp.observe(0.5, phases)

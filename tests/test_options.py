@@ -9,7 +9,7 @@ from pathlib import Path
 
 from psgi_forkserver import cli
 from psgi_forkserver.options import DEFAULTS, Options, readme_table, run_options
-from psgi_forkserver.vassal import Policy
+from psgi_forkserver.emperor.vassal import Policy
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIONS_DOC = ROOT / "docs" / "options.md"

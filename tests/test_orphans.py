@@ -1,4 +1,4 @@
-"""Telling orphans by session id (psgi_forkserver/orphans.py), no Emperor."""
+"""Telling orphans by session id (psgi_forkserver/emperor/orphans.py), no Emperor."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import os
 import signal
 import subprocess
 
-from psgi_forkserver.orphans import EndedSessions, classify_orphans, scan_proc, spare_of
+from psgi_forkserver.emperor.orphans import EndedSessions, classify_orphans
+from psgi_forkserver.procfs import scan_proc, spare_of
 
 
 def test_children_of_running_vassals_are_left_alone():

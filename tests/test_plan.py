@@ -1,9 +1,16 @@
 """The turn's plan (plan.py): draining, shutdown order, deploy and adoption
-slots, queuing. Real Vassal state machines, no processes."""
+slots, queuing, and every action the Emperor's loop carries out, each shown
+planned from facts alone. Real Vassal state machines, no processes."""
 
-from psgi_forkserver.plan import Facts, plan
+import ast
+from pathlib import Path
+
+from psgi_forkserver.emperor import loop
+from psgi_forkserver.emperor.plan import (Admit, AdoptionFailure, CleanCgroups, FailAdoption, Facts,
+                                  KillOrphans, KillWedged, Sweep, plan)
 from psgi_forkserver.protocol import EmperorByte
-from psgi_forkserver.vassal import Adopt, Context, Forget, ForkServer, Kind, Phase, Send, Spawn, Vassal
+from psgi_forkserver.emperor.vassal import (Adopt, Context, Forget, ForkServer, Kill, Kind, Phase, Send,
+                                    Spawn, Vassal)
 
 from test_vassal import POLICY, cfg
 
@@ -118,3 +125,82 @@ def test_a_vassal_whose_step_fails_is_reported_and_the_others_are_planned():
     steps = {s.vassal.name: s for s in p.steps}
     assert isinstance(steps["bad"].error, RuntimeError) and steps["bad"].actions == []
     assert steps["good"].actions == [Adopt()]
+
+
+def test_a_vassal_that_outlives_its_mercy_is_killed():
+    app = running("app")
+    assert plan([app], facts(5, shutting_down=True)).actions()["app"] == [Send(EmperorByte.STOP)]
+    acts = plan([app], facts(5 + POLICY.mercy + 0.1, shutting_down=True)).actions()["app"]
+    assert [type(a) for a in acts] == [Kill]
+
+
+def test_an_adoption_that_failed_or_timed_out_is_failed_by_the_plan():
+    v = Vassal("app", cfg("app"), policy=POLICY)
+    (adopt,) = plan([v], facts(0)).actions()["app"]
+    failed = AdoptionFailure("app", adopt.seq, "no reply within 2 s", timed_out=True)
+    acts = plan([v], facts(3, adoptions_failed=(failed,))).actions()["app"]
+    assert acts == [FailAdoption("no reply within 2 s", timed_out=True)]
+    assert acts[0].seq == adopt.seq
+    # the reply said so: failed the same way, not counted against the base
+    acts = plan([v], facts(3, adoptions_failed=(
+        AdoptionFailure("app", adopt.seq, "refused"),))).actions()["app"]
+    assert acts == [FailAdoption("refused")]
+
+
+def test_refused_vassals_are_admitted_by_name_as_the_budget_has_room():
+    vs = [Vassal(f"app{i}", cfg(f"app{i}"), policy=POLICY) for i in range(3)]
+    for v in vs:
+        v.refuse("refused: no descriptors to spare")
+    acts = plan(vs, facts(0)).actions()
+    assert all(Admit() not in a for a in acts.values())  # no room: nothing
+    acts = plan(vs, facts(1, room=2)).actions()
+    assert [n for n, a in acts.items() if Admit() in a] == ["app0", "app1"]
+
+
+def test_a_base_judged_wedged_is_killed_by_the_plan():
+    p = plan([base(), running("app")], facts(0, wedged=((10, "wedged: 3 adoptions"),)))
+    assert p.fleet == [KillWedged(10, "wedged: 3 adoptions")]
+
+
+def test_orphans_are_swept_and_killed_and_cgroups_cleaned_when_due():
+    assert plan([], facts(0)).fleet == []
+    p = plan([], facts(0, sweep_due=True, orphans_due=True, cgroups_due=True))
+    assert p.fleet == [Sweep(), KillOrphans(), CleanCgroups()]
+    # during a shutdown one sweep once every vassal is gone does it all
+    assert plan([], facts(0, sweep_due=True, shutting_down=True)).fleet == []
+
+
+def test_the_turn_runs_again_when_a_new_base_generation_takes_over():
+    b = base(gen=1, pid=10)
+    b.request_deploy()
+    assert plan([b], facts(1)).actions()["base"] == [Spawn(Kind.BASE)]
+    b.spawned(11, 1.0, seq=b.successor.seq)
+    b.on_byte(1, 1.0, seq=b.successor.seq)
+    p = plan([b], facts(1.1))  # promoted in this turn's step
+    assert p.again and b.base_generation == 2
+    assert not plan([b], facts(1.2, base_generation=2)).again
+
+
+ACTIONS_OF_THE_LOOP = {t.__name__ for t in loop.EXECUTED}
+
+
+def _matched_classes(path: Path) -> set[str]:
+    """The classes the loop's `match` statements carry out (`case Spawn(...)`)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.match_case) and isinstance(node.pattern, ast.MatchClass):
+            out.add(ast.unparse(node.pattern.cls))
+    return out
+
+
+def test_every_action_the_loop_carries_out_is_shown_planned_here():
+    """A new action the executor handles fails this test until a test
+    above shows the plan emitting it from facts alone."""
+    assert _matched_classes(Path(loop.__file__)) == ACTIONS_OF_THE_LOOP
+    tree = ast.parse(Path(__file__).read_text())
+    me = "test_every_action_the_loop_carries_out_is_shown_planned_here"
+    asserted = {n.id for t in tree.body if isinstance(t, ast.FunctionDef)
+                and t.name.startswith("test_") and t.name != me
+                for a in ast.walk(t) if isinstance(a, ast.Assert) for n in ast.walk(a)
+                if isinstance(n, ast.Name)}
+    assert ACTIONS_OF_THE_LOOP - asserted == set()

@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from psgi_forkserver.locks import write_pidfile
+from psgi_forkserver.emperor.locks import write_pidfile
 from psgi_forkserver.status import fetch
 
 from support import EMPEROR, EmperorLog, alive, descendants, free_port, kill_all, wait_for, start_emperor, stop_emperor

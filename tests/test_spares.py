@@ -21,7 +21,7 @@ import pytest
 
 from test_robustness import _unix_peers
 
-from psgi_forkserver.orphans import spare_of
+from psgi_forkserver.procfs import spare_of
 
 from support import EMPEROR, descendants, free_port, kill_all, stop_emperor, wait_for
 from test_emperor import PROGRAM, app_ini, get

@@ -463,7 +463,7 @@ def test_requests_files_of_processes_gone_are_swept_at_start(xprocess, tmp_path:
     killed with -9 reaps nothing (and a cgroup kill leaves the vassals no
     time): the next start removes the files of processes that are gone,
     and keeps a live one's."""
-    from psgi_forkserver.status.rundir import run_dir
+    from psgi_forkserver.rundir import run_dir
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from psgi_forkserver.config import VassalConfig
 from psgi_forkserver.protocol import EmperorByte
-from psgi_forkserver.vassal import (
+from psgi_forkserver.emperor.vassal import (
     Adopt, Context, Forget, ForkServer, Kill, Kind, Phase, Policy, Send, Spawn, Vassal,
 )
 

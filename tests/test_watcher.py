@@ -5,7 +5,7 @@ import select
 import time
 from pathlib import Path
 
-from psgi_forkserver import watcher as w
+from psgi_forkserver.emperor import watcher as w
 
 
 def collect(watcher, until, timeout=5.0):

@@ -226,7 +226,7 @@ class FrontDoor(HostLinks, Checks, NginxProcess):
     def _private_dirs(self) -> None:
         """nginx's directory in the run directory, which is private (0700;
         with an operator's include, 0711: its nginx reaches the sockets)."""
-        from ..status.rundir import make_private_dir, run_dir_mode
+        from ..rundir import make_private_dir, run_dir_mode
         gid = self.opts.worker_gid if self.embedded else None
         make_private_dir(self.ng_dir.parent, tighten=False, group=gid,
                          mode=run_dir_mode(self.opts.include, gid))

@@ -32,7 +32,7 @@ def default_run_dir(vassals_dir: Path) -> Path:
     """Where an Emperor keeps its sockets and nginx files, unless told: the
     directory of its default stats socket (status.default_stats_path), one
     per vassals directory (whose lock guarantees one Emperor)."""
-    from ..status import default_stats_path
+    from ..rundir import default_stats_path
 
     return default_stats_path(vassals_dir).parent
 

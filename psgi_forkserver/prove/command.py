@@ -37,49 +37,6 @@ example:
 """
 
 
-SHIM_MAIN = "exit ForkServer::Prove::main(@ARGV)"
-
-
-class Started:
-    """prove, started first thing (its start-up is the longest): its pid,
-    the private directory and the socket it will connect to."""
-
-    def __init__(self, tmp: str, listener, pid: int) -> None:
-        self.tmp, self.listener, self.pid = tmp, listener, pid
-
-
-def start_prove(perl: str, shim_args: list[str], prove_args: list[str]) -> Started:
-    import shutil
-    import socket
-    import tempfile
-
-    from ..paths import perl_dir
-
-    tmp = tempfile.mkdtemp(prefix="emperor-prove-")
-    control = os.path.join(tmp, "prove.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    umask = os.umask(0o177)
-    try:
-        listener.bind(control)
-    finally:
-        os.umask(umask)
-    listener.listen(64)
-    listener.setblocking(False)
-    argv = [perl, f"-I{perl_dir()}", "-MForkServer::Prove", "-e", SHIM_MAIN, "--",
-            "--socket", control, *shim_args, "--", *prove_args]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UWSGI_EMPEROR_")}
-    try:
-        program = perl if "/" in perl else shutil.which(perl)
-        if not program:
-            raise FileNotFoundError(perl)
-        pid = os.posix_spawn(program, argv, env)
-    except OSError:
-        listener.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return Started(tmp, listener, pid)
-
-
 def prove_run(argv: list[str]) -> int:
     """prove's command line, run by prove itself, with ours taken out."""
 
@@ -119,6 +76,8 @@ def prove_run(argv: list[str]) -> int:
             prove_args.append(arg)
         i += 1
     try:
+        from .started import start_prove
+
         started = start_prove(perl, shim, prove_args)
     except OSError as e:
         print(f"emperor prove: {e}", file=sys.stderr)

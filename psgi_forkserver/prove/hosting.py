@@ -37,7 +37,7 @@ from pathlib import Path
 
 from .. import adoption, paths, protocol
 from .base import BaseError, TestBase, start_with_streams
-from .command import Started
+from .started import Started, few_files
 from .testfiles import ProveOptions, test_env
 
 
@@ -342,45 +342,6 @@ class Host:
                 self.prove.base.pid = None
             else:
                 self.prove.orphans_reaped += 1
-
-
-def few_files(prove_args: list[str], shim_args: list[str]) -> bool:
-    """Whether prove's command line names no more test files than its
-    jobs, and leaves the preload to us: then prove runs them itself
-    (ForkServer::Prove's rule) and wants no base. A guess on the side of
-    starting one: an option not known here or a .proverc is "no"."""
-    if shim_args or os.path.exists(".proverc") or os.path.exists(os.path.expanduser("~/.proverc")):
-        return False
-    jobs, recurse, named = 1, False, []
-    args = iter(prove_args)
-    for arg in args:
-        if arg in ("-j", "--jobs"):
-            arg = "-j" + next(args, "")
-        if arg.startswith(("-j", "--jobs=")):
-            try:
-                jobs = int(arg.removeprefix("--jobs=").removeprefix("-j"))
-            except ValueError:
-                return False
-        elif arg.startswith("-") and arg.lstrip("-") and set(arg[1:]) <= set("lbrvwqQmfo") \
-                and not arg.startswith("--"):
-            recurse = recurse or "r" in arg
-        elif arg in ("--merge", "--timer", "--recurse"):
-            recurse = recurse or arg == "--recurse"
-        elif not arg.startswith("-"):
-            named.append(arg)
-        else:
-            return False
-    files = 0
-    for path in named or ["t"]:
-        if os.path.isdir(path):
-            files += sum(1 for _ in Path(path).glob("**/*.t" if recurse else "*.t"))
-        elif path.endswith(".t") and os.path.isfile(path):
-            files += 1
-        else:
-            return False
-        if files > max(1, jobs):
-            return False
-    return files > 0
 
 
 def prove_kill(pid: int) -> None:

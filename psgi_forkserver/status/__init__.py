@@ -16,7 +16,7 @@ from .document import (BUDGET, REQUESTS_SLOT, SCHEMA, Collection, collect, emper
                        forget_requests, read_requests, requests_path, sweep_requests,
                        vassal_status)
 from .page import COLUMNS, PAGE_REFRESH, format_table, human_bytes, human_seconds, render_html
-from .rundir import (RUN_DIR_ENV, STATS_NAME, default_stats_path, fetch, fetch_command, fetch_logs,
+from ..rundir import (RUN_DIR_ENV, STATS_NAME, default_stats_path, fetch, fetch_command, fetch_logs,
                      find_stats, run_dir)
 from .requests import MAX_REQUEST
 from .server import (ACCEPT_PAUSE, CLIENT_TIMEOUT, MAX_CLIENTS, WRITE_TIMEOUT, StatusConfigError,

@@ -28,10 +28,10 @@ from typing import Any
 import psutil
 
 from ..launch import describe_status
-from ..orphans import spare_of
+from ..procfs import spare_of
 from ..proc import Phase
 from ..snapshot import EmperorSnapshot, VassalSnapshot
-from .rundir import run_dir
+from ..rundir import run_dir
 
 SCHEMA = 1
 BUDGET = 0.01  # seconds of measuring per turn of the Emperor's loop
@@ -324,11 +324,11 @@ def emperor_status(snap: EmperorSnapshot) -> dict[str, Any]:
         pass
     doc["vassals_dir"] = snap.vassals_dir
     doc["shutting_down"] = snap.shutting_down
-    # code deploys (bases.DeployTracker.as_dict): `emperor reload-base --wait` polls this
+    # code deploys (deploys.DeployTracker.as_dict): `emperor reload-base --wait` polls this
     doc["deploy"] = snap.deploy
     doc["front"] = snap.front
 
-    # the vassals' cgroup subtree (cgroups.py); None where cgroups are not used
+    # the vassals' cgroup subtree (emperor/cgroups.py); None where cgroups are not used
     doc["cgroup"] = snap.cgroup
     return doc
 

@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .locks import pidfile_is_held
+from ..emperor.locks import pidfile_is_held
 
 
 def _print(text: str, **kw) -> None:
     """A line for people: names and values in it may hold control characters."""
-    from .printable import printable
+    from ..printable import printable
 
     print(printable(text), **kw)
 
@@ -79,7 +79,7 @@ def reload_base(pidfile: Path, wait: bool = False, stats: Path | None = None,
     """SIGUSR1 to the Emperor of `pidfile`, only once it is sure to be one
     (a stale pidfile may name any process by now); with `wait`, follow the
     deploy on the stats socket until it ends (the document's
-    `emperor.deploy`, see bases.py).
+    `emperor.deploy`, see emperor/deploys.py).
 
     Which deploy is ours: `requests` counts the SIGUSR1s the Emperor
     handled; ours is the first deploy whose `request` is past the count
@@ -106,7 +106,7 @@ def reload_base(pidfile: Path, wait: bool = False, stats: Path | None = None,
 def ask(stats: Path, cmd: str, name: str | None = None) -> dict[str, Any] | None:
     """Send one command on the stats socket and print its reply as one line:
     the reply when the Emperor did it, None (said on stderr) when not."""
-    from .status import fetch_command
+    from ..status import fetch_command
 
     what = f"{cmd} {name}" if name else cmd
     try:
@@ -150,7 +150,7 @@ def _wait_deploy(stats: Path, before: int, timeout: float) -> int:
 
 
 def _deploy_doc(stats: Path) -> dict[str, Any]:
-    from .status import fetch
+    from ..status import fetch
 
     deploy = fetch(stats)["emperor"]["deploy"]
     if not isinstance(deploy, dict):
@@ -174,7 +174,7 @@ def stats_socket(args: argparse.Namespace, what: str, quiet: bool = False) -> Pa
     only Emperor running here); None after saying why not."""
     if args.stats is not None:
         return args.stats
-    from .status import find_stats
+    from ..status import find_stats
 
     try:
         return find_stats(args.vassals_dir)
@@ -186,33 +186,3 @@ def stats_socket(args: argparse.Namespace, what: str, quiet: bool = False) -> Pa
 
 #: states in which a started (or reloaded) vassal serves
 SERVING = ("loyal", "running", "on-demand")
-
-
-def status_command(args: argparse.Namespace) -> int:
-    import json
-
-    from .status import fetch, format_table
-
-    stats = stats_socket(args, "status")
-    if stats is None:
-        return 1
-    try:
-        doc = fetch(stats, timeout=args.timeout)
-    except (OSError, ValueError) as e:
-        _print(f"emperor: status: {stats}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
-        return 1
-    if getattr(args, "name", None):
-        from .verbs import status_of
-
-        code, text = status_of(doc, args.name)
-        if args.json and args.name in doc["vassals"]:
-            print(json.dumps(doc["vassals"][args.name], indent=1))
-        else:
-            for line in text.splitlines():
-                _print(line, file=sys.stderr if code == 4 else sys.stdout)
-        return code
-    if args.json:
-        print(json.dumps(doc, indent=1))
-    else:
-        sys.stdout.write(format_table(doc))
-    return 0

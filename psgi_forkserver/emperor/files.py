@@ -7,20 +7,28 @@ identity (device, inode) tells when a new directory was swapped in under
 the same name. The descriptor budget admits only as many vassals as the
 Emperor has descriptors for; the others are `refused` until room is made.
 
-A mixin of `emperor.Emperor`: it uses the Emperor's vassals, log, selector
-and boundary.
+`VassalFiles` is the Emperor's part for it: it owns the fleet's desired
+state (`vassals`, name -> Vassal, which the other parts read) and the
+template renderer (config/render.py); `forget` drops a vassal that is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import selectors
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-from . import config as cfgmod
-from . import launch
-from .vassal import Kind, Vassal
+from .. import config as cfgmod
+from .. import launch
+from ..config import render
+from ..options import Options
+from ..sockets import Listeners
+from .routing import DomainClaims
+from .vassal import Kind, Policy, Vassal
 from .watcher import Watcher
 
 SETTLE = 0.5  # IN_CREATE alone: wait for the writer to close the file
@@ -33,13 +41,37 @@ FDS_PER_VASSAL = 4  # ... and the read end of its output pipe (logs.py)
 FDS_RESERVED = 32
 
 
-class Files:
-    """The Emperor's reading of its vassals directory (a mixin)."""
+Boundary = Callable[[str, float], contextlib.AbstractContextManager]
 
-    def _init_files(self) -> None:
+
+class VassalFiles:
+    """The Emperor's reading of its vassals directory: the desired state."""
+
+    def __init__(self, opts: Options, log: Callable[..., None], sel: selectors.BaseSelector,
+                 boundary: Boundary, listeners: Listeners, socket_dir: Path | None,
+                 own_sockets: bool, our_program: bool) -> None:
+        self.opts = opts
+        self.log = log
+        self.sel = sel
+        self.boundary = boundary  # the Emperor's: one vassal's failure is its own
+        self.listeners = listeners
+        self.socket_dir = socket_dir
+        self.own_sockets = own_sockets
+        self.our_program = our_program
+        # vassal files are judged against our option table only when our
+        # program reads them (uWSGI's vassals have uWSGI's options)
+        self.judge = our_program and opts.use_fork_server is None
+        self.policy = Policy.of(opts)
+        self.base_files = cfgmod.BaseSelector.from_names(opts.fork_bases)
+        self.vassals: dict[str, Vassal] = {}
+        self.domains = DomainClaims(self.vassals)
+        # templates render in children with a deadline (config/render.py);
+        # the file is read again when its render ends
+        self.renderer = render.Renderer(sel, lambda path: self.due.__setitem__(path.name, 0.0),
+                                        timeout=opts.template_timeout)
         # absolute, symlinks kept: a directory swapped under the same name
         # (`mv`, a symlink flipped, removed and re-created) is the one we
-        # serve; its identity (_check_dir) tells when it was swapped
+        # serve; its identity (check_dir) tells when it was swapped
         self.dir = Path(os.path.abspath(self.opts.vassals_dir))
         self.dir_id: tuple[int, int] | None = None
         self.dir_missing = False
@@ -59,7 +91,12 @@ class Files:
 
     # -- the descriptor budget -----------------------------------------------
 
-    def _descriptor_budget(self) -> None:
+    @property
+    def nofile(self) -> int | None:
+        """The descriptor limit we were started with (a child gets it back)."""
+        return self.fds.inherited if self.fds is not None else None
+
+    def descriptor_budget(self) -> None:
         """Raise the soft descriptor limit to the hard one, and admit only as
         many vassals as it leaves room for: the others are `refused` (and
         admitted once room is made), rather than failing at random."""
@@ -86,21 +123,69 @@ class Files:
             self.log(f"{why}; {self.n_refused} vassal(s) refused now, "
                      "admitted once others go", v.name)
 
-    def _admit_refused(self) -> None:
-        """Room was made (vassals removed): admit the refused, by name."""
-        for v in sorted(self.vassals.values(), key=lambda v: v.name):
-            if self.n_refused == 0 or len(self.admitted) >= self.max_vassals:
-                return
-            if v.refused:
-                v.admit()
-                self.n_refused -= 1
-                self.admitted.add(v.name)
-                self.log("admitted: descriptors to spare again", v.name)
+    @property
+    def room(self) -> int:
+        """Vassals the budget has room for now (the plan admits the refused)."""
+        return max(0, self.max_vassals - len(self.admitted)) if self.n_refused else 0
+
+    def admit(self, v: Vassal) -> None:
+        """Room was made (vassals removed): a refused vassal is admitted."""
+        if not v.refused:
+            return
+        v.admit()
+        self.n_refused -= 1
+        self.admitted.add(v.name)
+        self.log("admitted: descriptors to spare again", v.name)
+
+    def forget(self, v: Vassal) -> None:
+        """A vassal with no process and no file: dropped from the fleet."""
+        del self.vassals[v.name]
+        if v.refused:
+            self.n_refused -= 1
+        self.admitted.discard(v.name)
+
+    def config_failed(self, name: str, why: str) -> bool:
+        """Handling the vassal failed for a reason its file would meet again:
+        config-error until the file changes. True if it failed so before."""
+        v = self.vassals.get(name)
+        again = self.failed.get(name, ("", ""))[1] == why
+        if v is not None and v.config is not None:
+            self.failed[name] = (v.config.fingerprint, why)
+            v.config_failed(why)
+        return again
+
+    def front_refused(self, name: str, why: str) -> None:
+        """nginx cannot take this vassal's route: config-error, with
+        nginx's own words, until its file changes; everyone else is
+        served from the configuration without it."""
+        v = self.vassals.get(name)
+        if v is None or v.config is None:
+            return
+        msg = f"the front door cannot route it: {why}"
+        self.config_failed(name, msg)
+        self.log(f"bad config {v.config.path}: {msg}", name)
+
+    def rescan_soon(self, now: float) -> None:
+        """SIGHUP: every file read again at once."""
+        self.next_rescan = now
+
+    def next_wakeup(self) -> list[float]:
+        times = [self.next_rescan, *self.due.values()]
+        t = self.renderer.next_wakeup()
+        return times if t is None else [*times, t]
 
 
     # -- the directory and its files -------------------------------------------
 
-    def _on_inotify(self, now: float) -> None:
+    def enter(self) -> None:
+        """At start: the directory becomes our working directory (vassals
+        inherit it) and is watched."""
+        os.chdir(self.dir)
+        st = os.stat(".")
+        self.dir_id = (st.st_dev, st.st_ino)
+        self.rewatch()
+
+    def on_inotify(self, now: float) -> None:
         assert self.watcher is not None
         for ev in self.watcher.read():
             if ev.rescan or ev.directory_gone:
@@ -114,7 +199,7 @@ class Files:
             self.due[ev.name] = min(self.due.get(ev.name, when), when)
 
 
-    def _check_dir(self, now: float) -> bool:
+    def check_dir(self, now: float) -> bool:
         """Is the vassals directory the one we watch? A new directory under
         its name (removed and re-created, `mv new dir`, a symlink flipped):
         it becomes our working directory and is watched, and the caller
@@ -142,7 +227,7 @@ class Files:
             os.chdir(self.dir)
         except OSError as e:
             self.log(f"cannot enter {self.dir}: {e.strerror or e}")
-        self._rewatch()
+        self.rewatch()
         self.mtimes.clear()  # its files are new files, not touched ones
         for v in self.vassals.values():
             # a base serving on a socket in the old directory (a relative
@@ -156,7 +241,7 @@ class Files:
                          f"base generation {v.want_base_generation}", v.name)
         return True
 
-    def _rewatch(self) -> None:
+    def rewatch(self) -> None:
         """inotify on the directory now under our name (the old watch died
         with the old directory, or watches one moved elsewhere)."""
         if self.watcher is not None:
@@ -168,12 +253,12 @@ class Files:
             self.watcher = None
         try:
             self.watcher = Watcher(self.dir)
-            self.sel.register(self.watcher.fileno(), selectors.EVENT_READ, self._on_inotify)
+            self.sel.register(self.watcher.fileno(), selectors.EVENT_READ, self.on_inotify)
         except OSError as e:
             self.log(f"inotify unavailable ({e}); rescanning every {self.opts.rescan_interval:g} s")
 
-    def _rescan(self, now: float) -> None:
-        if not self._check_dir(now):
+    def rescan(self, now: float) -> None:
+        if not self.check_dir(now):
             return
         try:
             found = cfgmod.discover(self.dir)
@@ -183,16 +268,16 @@ class Files:
             return
         for name in sorted(set(found) | set(self.vassals)):  # refusals: the last by name
             path = found.get(name)
-            with self._boundary(name, now):
+            with self.boundary(name, now):
                 self._load(name, path, now)
         self.next_rescan = now + self.opts.rescan_interval
 
-    def _reload_due(self, now: float) -> None:
+    def reload_due(self, now: float) -> None:
         for fname, when in list(self.due.items()):
             if when <= now:
                 del self.due[fname]
                 name = cfgmod.vassal_name(fname)
-                with self._boundary(name, now):
+                with self.boundary(name, now):
                     self._load(name, self.dir / fname, now)
 
     def _load(self, name: str, path: Path | None, now: float) -> None:
@@ -250,12 +335,13 @@ class Files:
         elif cfg is None:
             self.failed.pop(name, None)
         if cfg is not None and not cfg.error:
-            cfg = self._claim_domains(name, cfg)
-        self._domains_released(name)
+            cfg = self.domains.claim(name, cfg)
+        for fname in self.domains.released(name):  # a vassal refused for a name: read again
+            self.due[fname] = time.monotonic()
         if cfg is not None and cfg.error:
             if v is None or v.config is None or v.config.fingerprint != cfg.fingerprint:
                 self.log(f"bad config {cfg.path}: {cfg.error}", name)
-        is_base = cfg is not None and self.bases.is_base(cfg)
+        is_base = cfg is not None and self.base_files.is_base(cfg)
         if v is None:
             if cfg is None:
                 return

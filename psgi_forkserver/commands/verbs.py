@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..printable import printable
 from .clients import SERVING, WAIT_POLL, ask, stats_socket
-from .printable import printable
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_SERVING, EXIT_NO_VASSAL = 0, 1, 2, 3, 4
 FOLLOW_POLL = 0.25  # seconds between two asks of `logs -f`
@@ -92,7 +92,7 @@ def judge(cmd: str, w: Waiting, v: dict[str, Any]) -> None:
 def control_many(args: argparse.Namespace) -> int:
     """`emperor reload|stop|start NAME... | --all`: ask for each, then wait
     for every outcome (unless --no-wait); one line per vassal."""
-    from .status import fetch
+    from ..status import fetch
 
     cmd = args.command
     if bool(args.names) == bool(args.all):
@@ -126,7 +126,7 @@ def control_many(args: argparse.Namespace) -> int:
 
 
 def _wait_all(stats: Path, cmd: str, waiting: list[Waiting], timeout: float) -> bool:
-    from .status import fetch
+    from ..status import fetch
 
     deadline = time.monotonic() + timeout
     while True:
@@ -153,7 +153,7 @@ def _wait_all(stats: Path, cmd: str, waiting: list[Waiting], timeout: float) -> 
 
 def status_of(doc: dict[str, Any], name: str) -> tuple[int, str]:
     """`emperor status NAME`: (exit code, text)."""
-    from .status import format_table
+    from ..status import format_table
 
     v = doc["vassals"].get(name)
     if v is None:
@@ -173,7 +173,7 @@ def status_of(doc: dict[str, Any], name: str) -> tuple[int, str]:
 def logs_command(args: argparse.Namespace) -> int:
     """`emperor logs NAME [-n N] [-f]`: the vassal's recent lines from the
     Emperor (its own lines and the vassal's output); -f: then every new one."""
-    from .status import fetch_logs
+    from ..status import fetch_logs
 
     stats = stats_socket(args, "logs")
     if stats is None:
@@ -231,3 +231,32 @@ def add_verbs(sub, _sub, add_finder) -> None:
 
 def print_json(doc: dict[str, Any]) -> None:
     print(json.dumps(doc, indent=1))
+
+
+def status_command(args: argparse.Namespace) -> int:
+    import json
+
+    from ..status import fetch, format_table
+
+    stats = stats_socket(args, "status")
+    if stats is None:
+        return 1
+    try:
+        doc = fetch(stats, timeout=args.timeout)
+    except (OSError, ValueError) as e:
+        print(printable(f"emperor: status: {stats}: {getattr(e, 'strerror', None) or e}"),
+              file=sys.stderr)
+        return 1
+    if getattr(args, "name", None):
+        code, text = status_of(doc, args.name)
+        if args.json and args.name in doc["vassals"]:
+            print(json.dumps(doc["vassals"][args.name], indent=1))
+        else:
+            for line in text.splitlines():
+                print(printable(line), file=sys.stderr if code == 4 else sys.stdout)
+        return code
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        sys.stdout.write(format_table(doc))
+    return 0

@@ -9,11 +9,11 @@ processes, no clock but `ctx.now`.
 
 from __future__ import annotations
 
-from .proc import (
+from ..proc import (
     CODE_DEPLOY, Action, Adopt, Context, Forget, ForkServer, Kill, Kind, Phase, Proc, ProcState,
     Send, Spawn,
 )
-from .protocol import EmperorByte
+from ..protocol import EmperorByte
 
 
 class Decisions:

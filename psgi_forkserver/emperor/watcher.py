@@ -30,7 +30,7 @@ from pathlib import Path
 
 import inotify_simple
 
-from . import config as cfgmod
+from .. import config as cfgmod
 
 IN_ATTRIB = 0x00000004
 IN_CLOSE_WRITE = 0x00000008

@@ -33,7 +33,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .snapshot import EmperorSnapshot, VassalSnapshot
+from ..snapshot import EmperorSnapshot, VassalSnapshot
 
 #: state messages waiting for room in the socket, at most (the oldest go first)
 MAX_PENDING = 64

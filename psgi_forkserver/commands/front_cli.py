@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .frontdoor import DEFAULT_KEEPALIVE
+from ..frontdoor import DEFAULT_KEEPALIVE
 
 
 
@@ -40,7 +40,7 @@ def add_front_arguments(run: argparse.ArgumentParser) -> None:
 
 
 def run_dir_of(args: argparse.Namespace) -> Path:
-    from .frontdoor import default_run_dir
+    from ..frontdoor import default_run_dir
 
     if getattr(args, "run_dir", None) is not None:
         return Path(os.path.abspath(args.run_dir))
@@ -49,9 +49,9 @@ def run_dir_of(args: argparse.Namespace) -> Path:
 
 def check_front(args: argparse.Namespace) -> str | None:
     """The first front-door option of `emperor run` that cannot work, or None."""
-    from .frontdoor import check_listen, find_nginx
-    from .sockets import MAX_UNIX_PATH
-    from .status.rundir import make_private_dir, run_dir_mode
+    from ..frontdoor import check_listen, find_nginx
+    from ..sockets import MAX_UNIX_PATH
+    from ..rundir import make_private_dir, run_dir_mode
 
     run_dir = run_dir_of(args)
     # the longest socket path it will hold must fit in a sockaddr_un
@@ -60,7 +60,7 @@ def check_front(args: argparse.Namespace) -> str | None:
         return f"--run-dir {run_dir}: too long for UNIX socket paths under it"
     gid = None
     if args.http is not None and os.geteuid() == 0:
-        from .frontdoor import nginx_worker_user
+        from ..frontdoor import nginx_worker_user
         try:
             gid = nginx_worker_user(args.nginx_user)[1]
         except ValueError as e:
@@ -82,7 +82,7 @@ def check_front(args: argparse.Namespace) -> str | None:
         if bad is not None:
             return f"--http {args.http}: {bad}"
         if os.geteuid() == 0:
-            from .frontdoor import nginx_worker_user, unreachable_by
+            from ..frontdoor import nginx_worker_user, unreachable_by
             try:
                 user, gid = nginx_worker_user(args.nginx_user)
             except ValueError as e:
@@ -101,13 +101,13 @@ def check_front(args: argparse.Namespace) -> str | None:
 
 
 def front_options(args: argparse.Namespace):
-    from .frontdoor import FrontDoorOptions, find_nginx
+    from ..frontdoor import FrontDoorOptions, find_nginx
 
     if args.http is None and args.nginx_include is None:
         return None
     user, gid = None, None
     if args.http is not None and os.geteuid() == 0:
-        from .frontdoor import nginx_worker_user
+        from ..frontdoor import nginx_worker_user
         user, gid = nginx_worker_user(args.nginx_user)
     return FrontDoorOptions(
         run_dir=run_dir_of(args), listen=args.http,
@@ -125,9 +125,9 @@ def static_routes(vassals_dir: Path, run_dir: Path):
     """The routes `emperor run` would serve once every vassal is up: each
     file read and judged as the Emperor reads it, names claimed in name
     order (the first keeps a name); (routes, one line per refused file)."""
-    from . import config as cfgmod
-    from .frontdoor import Route, nginx_target, route_limits
-    from .sockets import wanted_address
+    from .. import config as cfgmod
+    from ..frontdoor import Route, nginx_target, route_limits
+    from ..sockets import wanted_address
 
     claimed: dict[str, str] = {}
     routes, errors = [], []
@@ -157,7 +157,7 @@ def static_routes(vassals_dir: Path, run_dir: Path):
 
 
 def nginx_conf_command(args: argparse.Namespace) -> int:
-    from .frontdoor import render_routing
+    from ..frontdoor import render_routing
 
     vdir: Path = args.vassals_dir
     if not vdir.is_dir():

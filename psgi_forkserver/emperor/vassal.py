@@ -51,14 +51,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .config import VassalConfig
-from .decisions import Decisions
-from .proc import (
+from ..config import VassalConfig
+from ..proc import (
     CODE_DEPLOY, Action, Adopt, Context, Exit, Forget, ForkServer, Kill, Kind, Phase, Policy, Proc,
     ProcState, Send, Spawn, backoff_delay,
 )
-from .protocol import VassalByte
-from .snapshot import VassalSnapshot, config_values
+from ..protocol import VassalByte
+from ..snapshot import VassalSnapshot, config_values
+from .decisions import Decisions
 
 # the state machine's vocabulary (proc.py), imported from here too
 __all__ = ["CODE_DEPLOY", "Action", "Adopt", "Context", "Exit", "Forget", "ForkServer", "Kill",

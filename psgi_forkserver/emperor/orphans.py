@@ -17,8 +17,8 @@ Emperor that is not a vassal process is:
   uWSGI vassal, which does not setsid): not attributable; left alone while
   the Emperor runs, stopped with everything else at shutdown.
 
-`classify_orphans` is that decision, without processes; `scan_proc` is the
-one pass over /proc that feeds it; `EndedSessions` remembers which ended
+`classify_orphans` is that decision, without processes; `procfs.scan_proc` is
+the one pass over /proc that feeds it; `EndedSessions` remembers which ended
 vassal process each session belonged to, for as long as the session has
 members; `Sweeper` is the Emperor's side: it sends the signals.
 """
@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import signal
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 import psutil
+
+from ..procfs import comm, scan_proc, spare_of
 
 # A bound on the record of ended sessions, in case /proc cannot tell us that
 # one is empty; far more than the sessions that can have members at once.
@@ -70,57 +71,6 @@ def classify_orphans(
     return out
 
 
-_SPARE = re.compile(rb"\Apsgi-vassal .* \(spare of (\d+)(, warming)?\)\Z")
-
-
-def spare_of(pid: int, proc: str = "/proc", ready: bool = False) -> int | None:
-    """The pid of the base whose warm spare this process is (its title,
-    set by perl/ForkServer/Spares.pm until an adoption makes it a vassal),
-    or None (with `ready`: only once it is warm). A spare leads its own session, like any vassal process, so
-    before its adoption its session is no vassal's: it is not a stranger."""
-    try:
-        with open(f"{proc}/{pid}/cmdline", "rb") as f:
-            title = f.read().rstrip(b"\0 ")
-    except OSError:
-        return None
-    m = _SPARE.match(title)
-    return int(m.group(1)) if m and not (ready and m.group(2)) else None
-
-
-@dataclass
-class ProcScan:
-    children: dict[int, int]  # the parent's children: pid -> session id
-    sessions: set[int]  # every session id that has a process, system-wide
-
-
-def scan_proc(parent: int, proc: str = "/proc") -> ProcScan:
-    """One pass over /proc/PID/stat: the direct children of `parent` with
-    their session ids, and every session that has a member.
-
-    (Linux's /proc/PID/task/TID/children would list the children alone, but
-    it needs CONFIG_PROC_CHILDREN, and the session set is needed anyway.)
-    """
-    children: dict[int, int] = {}
-    sessions: set[int] = set()
-    for entry in os.scandir(proc):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"{proc}/{entry.name}/stat", "rb") as f:
-                data = f.read()
-        except OSError:  # exited meanwhile; or out of descriptors: seen next time
-            continue
-        # comm, in parentheses, may hold spaces and ')': split after the last one
-        fields = data.rpartition(b")")[2].split(None, 4)
-        if len(fields) < 4:
-            continue
-        ppid, sid = int(fields[1]), int(fields[3])
-        sessions.add(sid)
-        if ppid == parent:
-            children[int(entry.name)] = sid
-    return ProcScan(children, sessions)
-
-
 @dataclass
 class EndedSessions:
     """Session id of an ended vassal process -> the vassal's name.
@@ -150,15 +100,6 @@ class EndedSessions:
         return len(self.by_sid)
 
 
-def comm(pid: int) -> str:
-    """A process's command name, for a log line; '?' if it is gone."""
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
-
-
 @dataclass
 class Sweeper:
     """The orphans of one Emperor: found after a vassal process ended,
@@ -179,6 +120,13 @@ class Sweeper:
         """What it forked and left behind is ours now: swept once this turn."""
         self.ended.add(pid, name)
         self.due = True
+
+    def shutdown_sweep_due(self) -> bool:
+        """Every vassal is gone: sweep everything once, then again after
+        each orphan that ends (its own children come to us)."""
+        due = self.due or not self.swept_at_shutdown
+        self.swept_at_shutdown = True
+        return due
 
     def reaped(self, pid: int) -> None:
         """A child that was no vassal process was reaped."""

@@ -1,0 +1,353 @@
+"""The Emperor: one selectors loop that reconciles vassal files with processes.
+
+`Emperor` is the loop; it owns its parts (docs/ARCHITECTURE.md has the
+table): `files` (the vassals directory and the fleet), `procs` (the process
+table), `bases` (the fork servers, deploys, wedges), `routes` (the front
+door), `vsockets` (sockets between processes), `outcomes` (what exits and
+failed starts mean; the per-vassal boundary), `lines`, `sweeper`, `cgroups`.
+
+Each turn (`_turn`) reads facts, plans, acts. Facts: signals (queued by the
+wakeup fd), reaped children, vassal files, fork-server probes; events
+between turns only record facts. Plan: `plan.plan()` turns the vassals and
+the facts into every action of the turn, with no processes. Act: `_act`
+and `_execute` carry each action out through the parts. Whatever goes
+wrong while handling one vassal is that vassal's failure, never the
+fleet's. The Emperor binds every vassal's `http-socket` itself, so
+restarts, reloads and code deploys never close the port.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import time
+
+from .. import launch, logs, sockets
+from ..metrics import EmperorMetrics
+from ..options import Options
+from ..status import sweep_requests
+from . import control, locks, notify
+from .bases import ForkServers
+from .cgroups import Cgroups
+from .files import VassalFiles
+from .ondemand import VassalSockets
+from .orphans import Sweeper
+from .outcomes import Outcomes
+from .plan import (Admit, CleanCgroups, FailAdoption, Facts, AdoptionFailure, KillOrphans,
+                   KillWedged, Plan, Sweep, plan, runs_as_base)
+from .processes import ProcessTable
+from .progress import StartProgress
+from .recent import RecentLines
+from .routing import Routes, make_socket_dir, socket_dir_of
+from .vassal import Adopt, Forget, Kill, Send, Spawn, Vassal
+
+# the action types `_execute` and `_act` carry out (test_plan shows each planned)
+EXECUTED = (Spawn, Adopt, Send, Kill, Forget, FailAdoption, Admit,
+            KillWedged, Sweep, KillOrphans, CleanCgroups)
+
+
+def is_our_program(program: str) -> bool:
+    return os.path.basename(program) == "ForkServer.pm"
+
+
+class Emperor:
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self.shutting_down = False
+        self.shutdown_deadline = 0.0
+        self.next_straggler_kill = 0.0
+        # the turn must run again at once (the fork server changed, a deploy
+        # slot came free, a start failed at once): no waiting for an event
+        self.again = False
+        self.lock_fds: list[int] = []  # flocks held while we run (claim())
+        self.signals: launch.SignalQueue | None = None  # handled at the start of each turn
+        self.cgroups: Cgroups | None = None  # one cgroup per vassal process, where possible
+        ours = is_our_program(opts.program)
+        own = opts.own_sockets if opts.own_sockets is not None else ours
+        socket_dir = socket_dir_of(opts)
+        self.sel = selectors.DefaultSelector()
+        self.lines = RecentLines()  # the cockpit: recent lines, metrics, systemd notify
+        self.metrics = EmperorMetrics()
+        self.logbook = opts.log if opts.log is not None else logs.Log()
+        self.notifier = notify.Notifier.from_env(self.log)
+        self.relay = logs.Relay(self.logbook, self.sel)  # the vassals' output, line by line
+        # the vassals' sockets are given to the front door's nginx workers' group
+        self.listeners = sockets.Listeners(self.sel, self.log, front_gid=(
+            opts.front.worker_gid if opts.front is not None else None))
+        self.files = VassalFiles(opts, self.log, self.sel, self._boundary, self.listeners,
+                                 socket_dir, own, ours)
+        self.vassals = self.files.vassals
+        self.logbook.keep_with(lambda name, msgs, seq: (
+            self.lines.remember(name, msgs, seq) if name in self.vassals else None))
+        self.vsockets = VassalSockets(self.listeners, self.vassals, own, socket_dir, self.log)
+        self.procs = ProcessTable(opts, self.vassals, self.files.dir, self.sel, self.log,
+                                  self.relay, self.logbook, self.vsockets, self.metrics)
+        self.bases = ForkServers(opts, self.vassals, self.files.dir, self.files.base_files,
+                                 self.log, ours)
+        self.routes = Routes(opts, self.vassals, self.listeners, socket_dir, own, self.log,
+                             self.sel, self.relay, on_refused=self.files.front_refused,
+                             spawning=lambda: self.procs.spawning(None, 0))
+        self.sweeper = Sweeper(self.log, opts.mercy)
+        self.outcomes = Outcomes(self.files, self.procs, self.bases, self.routes, self.listeners,
+                                 self.sweeper, self.log, lambda: self.cgroups)
+        self.start_progress = StartProgress(self.log)
+        self.fleet = control.Fleet(opts, self.files, self.bases, self.routes, self.lines,
+                                   self.metrics, self.log, lambda: self.cgroups,
+                                   lambda: self.shutting_down, self.reopen_logs, self._wake)
+
+    def log(self, msg: str, name: str | None = None) -> None:
+        if name:
+            self.lines.remember(name, [msg], relayed=False)
+        self.logbook.emit(msg, name)
+
+    def _wake(self) -> None:
+        self.again = True
+
+    def _boundary(self, name: str, now: float, seq: int | None = None):
+        return self.outcomes.boundary(name, now, seq)
+
+    # -- the loop ------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._setup()
+        try:
+            self.files.rescan(time.monotonic())
+            while not self._turn():
+                self._wait()
+        finally:
+            self._teardown()
+            self.notifier.close()
+        self.log("bye")
+        return 0
+
+    def _turn(self) -> bool:
+        """Read facts, plan, act. True once a shutdown is complete."""
+        now = time.monotonic()
+        self._handle_signals(now)
+        self.outcomes.reap(now)
+        if now >= self.files.next_rescan:
+            self.files.rescan(now)
+        self.files.renderer.expire(now)
+        self.files.reload_due(now)
+        self.again = False
+        facts = self._facts(now)
+        turn = plan(self.vassals.values(), facts)
+        self._act(turn, now)
+        self.again = self.again or turn.again
+        others = [v for v in self.vassals.values() if not runs_as_base(v)]
+        self.bases.observe(now, others, self.shutting_down)
+        self.start_progress.observe(now, {v.name: v.phase for v in others})
+        self.routes.turn(now, self.shutting_down)  # routing changed? (applied batched)
+        if self.opts.status is not None:
+            self.opts.status.poll(now)
+        self.metrics.observe_deploy(self.bases.deploys.last)
+        self.notifier.poll(lambda: control.snapshot(self.fleet), now)
+        return self.shutting_down and self._shutdown_step(now)
+
+    def _wait(self) -> None:
+        now = time.monotonic()
+        events = self.sel.select(self._timeout(now))
+        if not events:
+            # Read first, judge after: a wait that ended with nothing may be
+            # the end of a freeze of the Emperor (SIGSTOP, a swap storm). The
+            # wait, interrupted by SIGCONT after its deadline, returns empty
+            # while bytes the vassals sent meanwhile (heartbeats) are queued:
+            # read them before any heartbeat is judged.
+            events = self.sel.select(0)
+        for key, _ in events:
+            self.outcomes.dispatch(key.data, time.monotonic())
+        self.procs.prune(now)
+
+    def _facts(self, now: float) -> Facts:
+        """What the plan needs besides the vassals: measured, never acted on."""
+        for generation in self.procs.take_replies():
+            self.bases.adoption_replied(generation)
+        failed = tuple(AdoptionFailure(*f) for f in self.procs.failed_adoptions(now))
+        self.bases.probe(now)
+        fs, base_gen = self.bases.state(now)
+        # the fork server is back: the vassals waiting for it are told (a fact)
+        self.bases.base_back(now, fs, [v for v in self.vassals.values() if not runs_as_base(v)])
+        cg = self.cgroups
+        return Facts(now, fs, base_gen, self.shutting_down, self.opts.deploy_parallel,
+                     self.opts.adopt_parallel,
+                     self.procs.in_flight() - sum(1 for f in failed if f.timed_out),
+                     adoptions_failed=failed, room=self.files.room,
+                     wedged=tuple(self.bases.wedged()), sweep_due=self.sweeper.due,
+                     orphans_due=any(now >= t for t in self.sweeper.next_wakeup()),
+                     cgroups_due=cg is not None and bool(cg.dying))
+
+    def _act(self, turn: Plan, now: float) -> None:
+        for a in turn.fleet:
+            match a:
+                case KillWedged(pid=pid, why=why):
+                    self.bases.kill_wedged(pid, why)
+                case Sweep():
+                    self.outcomes.sweep(now)
+                case KillOrphans():
+                    self.sweeper.kill_due(now)
+                case CleanCgroups():
+                    if self.cgroups is not None:
+                        self.cgroups.poll(now)
+        for s in turn.steps:
+            v = s.vassal
+            try:  # the boundary (_boundary), inline: this runs per vassal per turn
+                if s.actions:
+                    self._execute(v, s.actions, now)
+                if s.error is not None:
+                    raise s.error
+                if v.name in self.vassals and not s.base:
+                    self.vsockets.closed_sign(v, now)
+                    self.vsockets.watch_on_demand(v, now)
+            except Exception as e:  # noqa: BLE001 - one vassal's failure is its own
+                self.outcomes.vassal_failed(v.name, None, now, e)
+
+    def _execute(self, v: Vassal, actions: list, now: float) -> None:
+        for a in actions:
+            match a:
+                case Spawn(kind=kind, seq=seq):
+                    p = v.proc(seq)
+                    extra = self.bases.spawn_args(p) if p is not None else []
+                    failed = self.procs.spawn(v, kind, seq, now, extra, self.files.nofile)
+                    self.again |= self.outcomes.started(v, seq, now, failed)
+                case Adopt(seq=seq):
+                    p = v.proc(seq)
+                    # the generation step() chose: during a deploy the old one
+                    # listens too, and a moved vassal must come from the new one
+                    path = self.bases.path_for(p.base_generation if p is not None else None)
+                    assert path is not None
+                    failed = self.procs.adopt(v, seq, now, path, self.bases.adoptions_ours())
+                    self.again |= self.outcomes.started(v, seq, now, failed)
+                case Send(byte=byte, seq=seq):
+                    p = v.proc(seq)
+                    if p is not None:
+                        self.log(f"stopping pid {p.pid} ({p.stop_reason})", v.name)
+                    self.procs.send(v.name, seq, byte)
+                case Kill(reason=reason, seq=seq):
+                    p = v.proc(seq)
+                    pid = p.pid if p is not None else None
+                    self.log(f"SIGKILL pid {pid}: {reason}", v.name)
+                    if pid is not None:
+                        self.procs.kill(pid)
+                case FailAdoption(reason=reason, timed_out=timed_out, seq=seq):
+                    self.outcomes.adoption_failed(v, seq, now, reason, timed_out)
+                    self.again = True  # a slot came free; a base judged wedged is killed at once
+                case Admit():
+                    self.files.admit(v)
+                    self.again = True
+                case Forget():
+                    self.procs.forget(v.name)
+                    self.listeners.forget(v.name)
+                    self.logbook.set_logto(v.name, None)  # what its pipes still hold: the main log
+                    self.lines.forget(v.name)
+                    self.files.forget(v)
+
+    def _timeout(self, now: float) -> float:
+        if self.again:
+            return 0.0
+        times = [*self.files.next_wakeup(), *self.bases.probe_times(),
+                 *self.procs.next_wakeup(), *self.sweeper.next_wakeup()]
+        times += (t for v in self.vassals.values() if (t := v.next_wakeup()) is not None)
+        status = self.opts.status
+        for t in (self.cgroups.next_wakeup(now) if self.cgroups is not None else None,
+                  self.routes.next_wakeup(), self.notifier.next_wakeup(),
+                  status.next_wakeup() if status is not None else None):
+            if t is not None:
+                times.append(t)
+        if self.shutting_down:
+            times.append(self.shutdown_deadline)
+            times.append(now + 0.5)  # keep polling for the last children
+        return max(0.0, min(times) - now)
+
+    def _shutdown_step(self, now: float) -> bool:
+        """True when everything is gone."""
+        if not self.vassals:
+            if self.routes.front is not None:
+                self.routes.front.stop()  # last: it served until every vassal was gone
+            self.outcomes.reap(now)
+            if self.procs.no_children:
+                return True
+            if self.sweeper.shutdown_sweep_due():
+                self.outcomes.sweep(now, everything=True)
+        if now >= self.shutdown_deadline and now >= self.next_straggler_kill:
+            self.next_straggler_kill = now + 1.0
+            self.sweeper.kill_stragglers()
+            if now >= self.shutdown_deadline + 10:
+                self.log("giving up waiting for children")
+                return True
+        return False
+
+    # -- signals: queued, handled by name at the start of a turn --------------------
+
+    def _handle_signals(self, now: float) -> None:
+        for sig in self.signals.pop() if self.signals is not None else ():
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                if self.shutting_down:
+                    self.log(f"{sig.name} again: killing everything now")
+                    self.shutdown_deadline = now
+                else:
+                    self.log(f"{sig.name}: stopping every vassal")
+                    self.shutting_down = True
+                    self.shutdown_deadline = now + self.opts.mercy
+                    self.files.renderer.close()  # no template matters any more
+            elif sig == signal.SIGHUP:
+                self.files.rescan_soon(now)
+            elif sig == signal.SIGUSR1:
+                self.bases.reload()
+            elif sig == signal.SIGUSR2:
+                self.reopen_logs()
+            # SIGCHLD needs no handler: every turn reaps
+
+    def reopen_logs(self) -> list[str]:
+        """SIGUSR2, `emperor reopen-logs`: every log file reopened by its
+        path (logrotate renamed it); the reasons of those that could not be."""
+        errors = self.logbook.reopen()
+        for err in errors:
+            self.log(f"reopen-logs: {err}")
+        self.log("reopen-logs: log files reopened")
+        return errors
+
+    # -- set-up and teardown ---------------------------------------------------------
+
+    def _setup(self) -> None:
+        self.claim()  # before anything starts (the CLI has usually done it)
+        # before anything is started: what an earlier run left is killed
+        # (and before we are a subreaper: the guard is not our child)
+        self.cgroups = Cgroups.start(self.files.dir, self.opts.run_dir, self.log, self.opts.mercy)
+        self.procs.use_cgroups(self.cgroups)
+        launch.set_child_subreaper()  # before anything is started
+        self.files.descriptor_budget()
+        sweep_requests()  # the requests files a run killed with -9 left
+        self.files.enter()  # vassals inherit it as their working directory
+        self.signals = launch.SignalQueue()
+        self.sel.register(self.signals, selectors.EVENT_READ, self.signals.on_readable)
+        make_socket_dir(self.vsockets.socket_dir, self.opts.front, self.log)
+        if self.opts.status is not None:
+            # stats socket / status page in our selector
+            self.opts.status.attach(self.sel, self.log, control.link(self.fleet))
+        self.log(f"watching {self.files.dir} (vassal program {' '.join(self.procs.argv0)}, "
+                 f"pid {os.getpid()})")
+
+    def claim(self) -> None:
+        """Lock the vassals directory, the fork-server socket and the
+        pidfile (then write it), so that a second Emperor on any of them
+        refuses to start (locks.py). Idempotent; StartupError is one line."""
+        if not self.lock_fds:
+            self.lock_fds = locks.claim(self.files.dir, self.bases.lock_paths(), self.opts.pidfile)
+
+    def release(self) -> None:
+        for fd in self.lock_fds:
+            os.close(fd)
+        self.lock_fds.clear()
+
+    def _teardown(self) -> None:
+        if self.cgroups is not None:
+            self.cgroups.close()  # whatever is left of any vassal, nginx included
+        self.relay.close()
+        self.files.renderer.close()
+        if self.routes.front is not None:
+            self.routes.front.close()
+        self.listeners.close_all()
+        if self.opts.pidfile is not None:
+            locks.remove_pidfile(self.opts.pidfile)
+        self.release()

@@ -1,0 +1,186 @@
+"""The Emperor's side of the front door (frontdoor/): `domain` names and routes.
+
+A vassal's `domain` names are claimed when its file is read
+(`DomainClaims.claim`, used by files.py: a name another vassal serves is
+that file's config error); every turn the routes (name -> socket, up or
+not) go to the front door, which applies them batched (`Routes.turn`).
+Whatever goes wrong in the front door stays the front door's
+(`Routes.safely`): the vassals serve on their sockets without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import selectors
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from .. import config as cfgmod
+from .. import sockets
+from ..frontdoor import FrontDoor, Route, nginx_target, route_limits
+from ..options import Options
+from .vassal import Phase, Vassal
+
+
+class DomainClaims:
+    """Which vassal serves each `domain` name; who waits for one."""
+
+    def __init__(self, vassals: dict[str, Vassal]) -> None:
+        self.vassals = vassals  # the fleet, read only
+        # a vassal refused for a name another one serves -> that other one
+        # (its file is read again when the other lets go)
+        self.refused: dict[str, str] = {}
+
+    def claim(self, name: str, cfg: cfgmod.VassalConfig) -> cfgmod.VassalConfig:
+        """`cfg`, or a config error naming the vassal that already serves one
+        of its `domain` names (exact names: a wildcard and a name under it
+        may live side by side, the exact one wins)."""
+        mine = {d.lower() for d in cfg.get_all("domain")}
+        if not mine:
+            self.refused.pop(name, None)
+            return cfg
+        for other in sorted(self.vassals):
+            oc = self.vassals[other].config
+            if other == name or oc is None or oc.error:
+                continue
+            both = mine & {d.lower() for d in oc.get_all("domain")}
+            if both:
+                d = min(both)
+                line = next((n for n, k, val in cfgmod.parse_ini_lines(cfg.text)[0]
+                             if k == "domain" and val.lower() == d), 0)
+                where = f"{cfg.path.name} (rendered)" if cfg.rendered else cfg.path.name
+                self.refused[name] = other
+                return dataclasses.replace(
+                    cfg, options=(), fingerprint=cfg.fingerprint + ":domain",
+                    error=f"{where}:{line}: domain {d} is already served by vassal "
+                          f"{other} ({oc.path.name})")
+        self.refused.pop(name, None)
+        return cfg
+
+    def released(self, name: str) -> list[str]:
+        """The files to read again: vassals refused for a name `name` served
+        may have it now."""
+        out = []
+        for other, blocker in list(self.refused.items()):
+            if blocker == name and other != name:
+                ov = self.vassals.get(other)
+                if ov is not None and ov.config is not None:
+                    out.append(ov.config.path.name)
+        return out
+
+
+def socket_dir_of(opts: Options) -> Path | None:
+    """Where the sockets of vassals with `domain` and no http-socket are made."""
+    return opts.run_dir / "sockets" if opts.run_dir else None
+
+
+class Routes:
+    """The routes of the vassals with a `domain`, and the front door that serves them."""
+
+    def __init__(self, opts: Options, vassals: dict[str, Vassal], listeners: sockets.Listeners,
+                 socket_dir: Path | None, own_sockets: bool, log: Callable[..., None],
+                 sel: selectors.BaseSelector, relay, on_refused: Callable[[str, str], None],
+                 spawning: Callable[[], object]) -> None:
+        self.vassals = vassals  # the fleet, read only
+        self.listeners = listeners
+        self.socket_dir = socket_dir
+        self.own_sockets = own_sockets
+        self.log = log
+        self.sel = sel
+        self.front: FrontDoor | None = None
+        if opts.front is not None:
+            self.front = FrontDoor(opts.front, lambda m: self.log(m, "front"),
+                                   watch=lambda fd, cb: self.sel.register(
+                                       fd, selectors.EVENT_READ,
+                                       lambda t, cb=cb: self.safely(cb, t)),
+                                   unwatch=self._unwatch,
+                                   relay=lambda out, pid: relay.watch(out, "front", pid),
+                                   on_refused=on_refused, spawning=spawning)
+
+    def routes(self) -> list[Route]:
+        """The routing facts of every vassal with a `domain`: its socket.
+        Whether it answers now does not change the routing (nginx would
+        reload at each crash or stop): a socket nobody accepts on is
+        answered 503 by the Emperor (ondemand.VassalSockets.closed_sign), one that is
+        not bound refuses nginx's connection (503 too). Only a vassal
+        without any address is routed to a 503 of the front door's own."""
+        out = []
+        for v in self.vassals.values():
+            if v.is_base:
+                continue
+            cfg = v.config if v.config is not None and not v.config.error else v.running
+            if cfg is None:
+                continue
+            domains = tuple(sorted({d.lower() for d in cfg.get_all("domain")}))
+            if not domains:
+                continue
+            lst = self.listeners.by_name.get(v.name)
+            addr = lst.addr if lst is not None else None
+            if addr is None:
+                want = sockets.wanted_address(cfg, self.socket_dir)
+                addr = want[0] if want is not None and (self.own_sockets or v.has_process) \
+                    else None
+            down = addr is None
+            # a retry helps after a crash loop's backoff, not while stopped;
+            # only the front door's own 503 says it: a route with an address
+            # keeps 1, or each crash, stop and start would change the routes
+            retry = 1 if not down else math.ceil(v.backoff) if v.phase == Phase.THROTTLED \
+                else 0 if v.phase == Phase.STOPPED else 1
+            out.append(Route(v.name, domains, nginx_target(addr) if addr else "",
+                             up=not down, retry_after=retry,
+                             protocol="uwsgi" if cfg.get("socket") else "http",
+                             **route_limits(cfg)))
+        return out
+
+    def turn(self, now: float, shutting_down: bool) -> None:
+        """Routing changed? (applied batched); nginx's own life."""
+        if self.front is not None:
+            self.safely(lambda t: self._turn(t, shutting_down), now)
+
+    def _turn(self, now: float, shutting_down: bool) -> None:
+        assert self.front is not None
+        if not shutting_down:
+            self.front.update(self.routes(), now)
+        self.front.poll(now)
+
+    def safely(self, fn, now: float) -> None:
+        """The front door's boundary: what goes wrong there is logged, and
+        the vassals go on (they serve on their sockets without it)."""
+        try:
+            fn(now)
+        except Exception as e:  # noqa: BLE001 - the boundary
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            self.log(f"error: {type(e).__name__}: {e} (at {os.path.basename(frame.filename)}:"
+                     f"{frame.lineno})", "front")
+
+    def _unwatch(self, fd: int) -> None:
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    def pids(self) -> dict[int, object]:
+        return self.front.pids() if self.front is not None else {}
+
+    def next_wakeup(self) -> float | None:
+        return self.front.next_wakeup() if self.front is not None else None
+
+
+def make_socket_dir(socket_dir: Path | None, front, log: Callable[[str], None]) -> None:
+    """The directory of the vassals' own sockets, in a private run directory
+    (0700, or group-readable by nginx's workers) whoever makes it first."""
+    if socket_dir is None:
+        return
+    try:
+        from ..rundir import make_private_dir, run_dir_mode
+
+        include = front.include if front is not None else None
+        gid = front.worker_gid if front is not None and front.listen else None
+        make_private_dir(socket_dir.parent, tighten=False, group=gid,
+                         mode=run_dir_mode(include, gid))
+        socket_dir.mkdir(exist_ok=True, mode=0o755)
+    except OSError as e:
+        log(f"cannot create {socket_dir}: {e.strerror or e}")
