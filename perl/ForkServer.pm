@@ -14,8 +14,8 @@ BEGIN {
 }
 
 # First: its END block, the last to run, is how a forked process exits.
-use ForkServer::Exit ();
-use ForkServer::Startup ();
+use ForkServer::Process::Exit ();
+use ForkServer::Process::Startup ();
 
 our $VERSION = '0.01';
 
@@ -39,19 +39,19 @@ loads its app cold. Options are described in docs/CONTRACT.md and
 L<ForkServer::Config>.
 
 Under an Emperor (C<UWSGI_EMPEROR_FD> set), every vassal process first
-becomes the leader of a new session (L<ForkServer::Session>), so the
+becomes the leader of a new session (L<ForkServer::Process::Session>), so the
 Emperor can tell what it leaves behind.
 
 Any error before serving (unknown option, bad value, missing or failing
 app, port in use) is one line on stderr naming the vassal, and exit
-status 1. That start-up sequence is L<ForkServer::Startup>'s, the same for
+status 1. That start-up sequence is L<ForkServer::Process::Startup>'s, the same for
 a vassal adopted from a base.
 
 =cut
 
 sub main {
     my ($class, @argv) = @_;
-    ForkServer::Startup::run(
+    ForkServer::Process::Startup::run(
         argv => \@argv,
         # Only under an Emperor: a vassal run by hand from a script stays in
         # the terminal's process group (Ctrl-C).
@@ -77,11 +77,11 @@ sub run_base {
     # before the codebase loads: frameworks pick their mode as they build the app
     $ENV{PLACK_ENV} = $args{config}->plack_env;
     if (defined $early) {
-        require ForkServer::App;
-        $app = ForkServer::App::load($early);
+        require ForkServer::Vassal::App;
+        $app = ForkServer::Vassal::App::load($early);
     }
     require ForkServer::Base;
-    ForkServer::Exit::mark_base();    # what adopted vassals did not create themselves
+    ForkServer::Process::Exit::mark_base();    # what adopted vassals did not create themselves
     ForkServer::Base->new(%args, app => $app)->run;
     return;
 }

@@ -11,7 +11,7 @@ its stdout and stderr are one pipe (`OutputPipe`), made per process, whose
 read end the Emperor's loop reads. A spawned process gets the write end as
 descriptors 1 and 2; an adopted one, whose descriptors come from the base,
 gets it with its config packet (SCM_RIGHTS on the config pipe: the bytes
-stay uWSGI's) and moves it onto 1 and 2 itself (perl/ForkServer/Output.pm).
+stay uWSGI's) and moves it onto 1 and 2 itself (perl/ForkServer/Vassal/Output.pm).
 Every process of the vassal (workers, what the app runs) inherits it. The
 pipe is read line by line; a process writing a whole line with one write(2)
 (< PIPE_BUF bytes) is never interleaved mid-line with another.

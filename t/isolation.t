@@ -4,8 +4,8 @@ use Test::More;
 use lib 'perl';
 use File::Temp qw(tempdir);
 use POSIX ();
-use ForkServer::Descriptors ();
-use ForkServer::Random ();
+use ForkServer::Process::Descriptors ();
+use ForkServer::Process::Random ();
 use ForkServer::Spares::EnvReads ();
 
 plan skip_all => 'Linux only' unless $^O eq 'linux';
@@ -39,8 +39,8 @@ subtest 'close_all_but: closes every other descriptor, each number then on /dev/
     my ($a, $k) = (fileno $app, fileno $kept);
     my $got = in_child(sub {
         my ($out) = @_;
-        my @closed = ForkServer::Descriptors::close_all_but(0, 1, 2, $k, $out);
-        my %fds = map { $_ => readlink("/proc/self/fd/$_") } ForkServer::Descriptors::open_fds();
+        my @closed = ForkServer::Process::Descriptors::close_all_but(0, 1, 2, $k, $out);
+        my %fds = map { $_ => readlink("/proc/self/fd/$_") } ForkServer::Process::Descriptors::open_fds();
         my $line = <$app>;
         my $kline = <$kept>;
         open my $next, '<', "$dir/secret" or die;    # never on the app's old number
@@ -61,14 +61,14 @@ subtest 'describe: a path, a pipe, a socket kind' => sub {
     socket(my $s, AF_INET, SOCK_STREAM, 0) or die;
     bind($s, Socket::pack_sockaddr_in(0, Socket::inet_aton('127.0.0.1'))) or die;
     open my $f, '<', "$dir/secret" or die;
-    is ForkServer::Descriptors::describe(fileno $f), "$dir/secret";
-    is ForkServer::Descriptors::describe(fileno $r), 'pipe';
-    is ForkServer::Descriptors::describe(fileno $s), 'TCP socket (IPv4)';
+    is ForkServer::Process::Descriptors::describe(fileno $f), "$dir/secret";
+    is ForkServer::Process::Descriptors::describe(fileno $r), 'pipe';
+    is ForkServer::Process::Descriptors::describe(fileno $s), 'TCP socket (IPv4)';
 };
 
 subtest 'reseed: two forks of one process draw different numbers' => sub {
     my $x = rand;    # the parent's generator is seeded and in use
-    my @draws = map { in_child(sub { ForkServer::Random::reseed(); int(rand(1e15)) }) } 1 .. 2;
+    my @draws = map { in_child(sub { ForkServer::Process::Random::reseed(); int(rand(1e15)) }) } 1 .. 2;
     isnt $draws[0], $draws[1], 'each child its own sequence';
     my @same = map { in_child(sub { int(rand(1e15)) }) } 1 .. 2;
     is $same[0], $same[1], 'without it, the same (what reseed is for)';

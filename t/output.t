@@ -4,7 +4,7 @@ use Test::More;
 use POSIX ();
 use Socket qw(AF_UNIX SOCK_STREAM PF_UNSPEC SOL_SOCKET SCM_RIGHTS);
 use Socket::MsgHdr ();
-use ForkServer::Output ();
+use ForkServer::Vassal::Output ();
 use ForkServer::Protocol qw(encode_packet read_packet);
 
 # The config packet carries the output pipe as SCM_RIGHTS (psgi_forkserver
@@ -25,9 +25,9 @@ sub child_output {
             open(STDOUT, '>', '/dev/null');
             open(STDERR, '>', '/dev/null');
         }
-        my $took = ForkServer::Output::take_from_config_pipe($vassal);
+        my $took = ForkServer::Vassal::Output::take_from_config_pipe($vassal);
         close $w;
-        ForkServer::Output::statement_flushed();
+        ForkServer::Vassal::Output::statement_flushed();
         print STDOUT "took=$took\n";
         print STDERR "a", "b", "\n";
         my (undef, undef, $body) = read_packet($vassal);
@@ -50,16 +50,16 @@ is child_output(with_fd => 0), '', 'no descriptor: stdout and stderr are left al
 # pipe. Afterwards: buffered, flushed at the end of each statement.
 subtest 'one write per print statement' => sub {
     # a fresh perl: its STDERR is the initial, unbuffered one
-    (my $lib = $INC{'ForkServer/Output.pm'}) =~ s{/ForkServer/Output\.pm\z}{};
+    (my $lib = $INC{'ForkServer/Vassal/Output.pm'}) =~ s{/ForkServer/Vassal/Output\.pm\z}{};
     my $code = <<'PERL';
 use constant PERLIO_F_UNBUF => 0x10000;    # perliol.h
 sub unbuf { my @d = PerlIO::get_layers(STDERR, details => 1); return $d[-1] & PERLIO_F_UNBUF ? 1 : 0 }
 my $before = unbuf();
-ForkServer::Output::statement_flushed();
+ForkServer::Vassal::Output::statement_flushed();
 # autoflush() sets $| and returns what it was: what statement_flushed set
 print "$before ", unbuf(), " ", (STDERR->autoflush ? 1 : 0), " ", (STDOUT->autoflush ? 1 : 0), "\n";
 PERL
-    open(my $from, '-|', $^X, "-I$lib", '-MForkServer::Output', '-e', $code) or die "perl: $!";
+    open(my $from, '-|', $^X, "-I$lib", '-MForkServer::Vassal::Output', '-e', $code) or die "perl: $!";
     my $got = <$from>;
     close $from;
     is $got, "1 0 1 1\n", 'STDERR unbuffered before, then buffered; both flushed per statement';

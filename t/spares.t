@@ -9,7 +9,7 @@ use IO::Select ();
 use POSIX ();
 use Time::HiRes ();
 use Socket qw(AF_UNIX SOCK_SEQPACKET SOCK_STREAM PF_UNSPEC);
-use ForkServer::AdoptionRequest ();
+use ForkServer::Base::Request ();
 use ForkServer::Config ();
 use ForkServer::Link ();
 use ForkServer::Protocol qw(encode_packet encode_array decode_dict read_packet MODIFIER1_FORK_SERVER MASK_PIPE);
@@ -45,7 +45,7 @@ sub new_request {
     ForkServer::Link::send_fds($client, encode_packet(MODIFIER1_FORK_SERVER, MASK_PIPE,
         encode_array('perl', '--http-socket', '127.0.0.1:8000')), fileno $pipe) or die $!;
     $server->blocking(0);
-    my $req = ForkServer::AdoptionRequest->new(sock => $server, peer => 'test', deadline => time + 5);
+    my $req = ForkServer::Base::Request->new(sock => $server, peer => 'test', deadline => time + 5);
     is $req->read_some, 'complete', 'a complete request';
     return ($req, $client);
 }

@@ -2,7 +2,7 @@ use strict;
 use warnings;
 use Test::More;
 use ForkServer::Protocol qw(encode_packet encode_dict);
-use ForkServer::UwsgiRequest;
+use ForkServer::HTTPServer::UwsgiRequest;
 
 sub packet { encode_packet($_[0] // 0, 0, encode_dict(@{ $_[1] })) }
 
@@ -17,7 +17,7 @@ my @vars = (
 
 subtest 'a whole packet, then the body' => sub {
     my $buf = packet(0, \@vars) . 'hello';
-    my ($env, $used) = ForkServer::UwsgiRequest::parse($buf);
+    my ($env, $used) = ForkServer::HTTPServer::UwsgiRequest::parse($buf);
     is $used, length($buf) - 5, 'the packet, not the body';
     is $env->{REQUEST_METHOD}, 'POST';
     is $env->{PATH_INFO}, '/p q/r';
@@ -32,13 +32,13 @@ subtest 'a whole packet, then the body' => sub {
 subtest 'incomplete: undef until all of it is there' => sub {
     my $buf = packet(5, \@vars);
     for my $n (0, 1, 3, 4, 10, length($buf) - 1) {
-        is scalar(ForkServer::UwsgiRequest::parse(substr $buf, 0, $n)), undef, "$n bytes";
+        is scalar(ForkServer::HTTPServer::UwsgiRequest::parse(substr $buf, 0, $n)), undef, "$n bytes";
     }
-    ok ForkServer::UwsgiRequest::parse($buf), 'modifier1 5 (uWSGI PSGI) too';
+    ok ForkServer::HTTPServer::UwsgiRequest::parse($buf), 'modifier1 5 (uWSGI PSGI) too';
 };
 
 subtest 'defaults and https' => sub {
-    my ($env) = ForkServer::UwsgiRequest::parse(packet(0, [REQUEST_METHOD => 'GET',
+    my ($env) = ForkServer::HTTPServer::UwsgiRequest::parse(packet(0, [REQUEST_METHOD => 'GET',
         REQUEST_URI => '/a%2Fb?x', CONTENT_LENGTH => '', CONTENT_TYPE => '', HTTPS => 'on']));
     is $env->{PATH_INFO}, '/a/b', 'decoded path of REQUEST_URI';
     is $env->{QUERY_STRING}, 'x';
@@ -56,7 +56,7 @@ subtest 'malformed packets: one line each' => sub {
         [encode_packet(0, 0, encode_dict('' => 'x', REQUEST_METHOD => 'GET')), qr/empty variable name/],
     ) {
         my ($buf, $re) = @$case;
-        ok !eval { ForkServer::UwsgiRequest::parse($buf); 1 }, "refused: $re";
+        ok !eval { ForkServer::HTTPServer::UwsgiRequest::parse($buf); 1 }, "refused: $re";
         like $@, qr/\A[^\n]*$re[^\n]*\n\z/, 'one line';
     }
 };

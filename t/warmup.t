@@ -7,8 +7,8 @@ use File::Temp qw(tempdir);
 use Test::TCP qw(empty_port);
 use ForkServerTest::Emperor qw(become_subreaper spawn_vassal adopt read_bytes http_get wait_for wait_gone);
 use ForkServer::Config ();
-use ForkServer::Warmup ();
-use ForkServer::Rehearsal ();
+use ForkServer::Base::Warmup ();
+use ForkServer::Spares::Rehearsal ();
 
 plan skip_all => 'Linux only' unless $^O eq 'linux';
 become_subreaper();
@@ -27,7 +27,7 @@ subtest 'the option: a path, repeatable' => sub {
 subtest 'every kind of response is consumed; the env is a request\'s' => sub {
     my @env;
     my $app = sub { push @env, $_[0]; [200, [], ['x']] };
-    is ForkServer::Warmup::request($app, '/a%20b?q=1'), 200, 'status';
+    is ForkServer::Base::Warmup::request($app, '/a%20b?q=1'), 200, 'status';
     my $env = $env[0];
     is $env->{REQUEST_METHOD}, 'GET';
     is $env->{PATH_INFO}, '/a b', 'PATH_INFO unescaped';
@@ -43,15 +43,15 @@ subtest 'every kind of response is consumed; the env is a request\'s' => sub {
     my $closed = 0;
     my $body = Plack::Util::inline_object(getline => do { my @l = ('a', 'b'); sub { shift @l } },
                                           close => sub { $closed++ });
-    is ForkServer::Warmup::request(sub { [200, [], $body] }, '/'), 200, 'filehandle-like body';
+    is ForkServer::Base::Warmup::request(sub { [200, [], $body] }, '/'), 200, 'filehandle-like body';
     is $closed, 1, 'read to its end and closed';
     my @written;
-    is ForkServer::Warmup::request(sub { my $env = shift; sub {
+    is ForkServer::Base::Warmup::request(sub { my $env = shift; sub {
         my $w = $_[0]->([206, []]); $w->write($_) for 1 .. 3; push @written, 3; $w->close } }, '/'), 206, 'streaming';
     is_deeply \@written, [3], 'the writer took every chunk';
-    is ForkServer::Warmup::request(sub { sub { $_[0]->([202, [], ['x']]) } }, '/'), 202, 'delayed';
-    ok !eval { ForkServer::Warmup::request(sub { sub { } }, '/') }, 'a delayed response never started dies';
-    ok !eval { ForkServer::Warmup::request(sub { 42 }, '/') }, 'not a response dies';
+    is ForkServer::Base::Warmup::request(sub { sub { $_[0]->([202, [], ['x']]) } }, '/'), 202, 'delayed';
+    ok !eval { ForkServer::Base::Warmup::request(sub { sub { } }, '/') }, 'a delayed response never started dies';
+    ok !eval { ForkServer::Base::Warmup::request(sub { 42 }, '/') }, 'not a response dies';
 };
 
 subtest 'the base warms up before serving; adopted vassals see the state' => sub {
@@ -113,8 +113,8 @@ subtest 'a warm spare: its first worker ran the warm-up itself, and serves the a
         $seen{$1} = $res if $res =~ /pid=(\d+)/;
         last if $seen{$worker};
     }
-    # the worker's own: each path as often as the rehearsals (ForkServer::Rehearsal)
-    my $own = join '', (",/\\($worker\\)") x ForkServer::Rehearsal::TIMES;
+    # the worker's own: each path as often as the rehearsals (ForkServer::Spares::Rehearsal)
+    my $own = join '', (",/\\($worker\\)") x ForkServer::Spares::Rehearsal::TIMES;
     like $seen{$worker} // '', qr{seen=/\($base->{pid}\)$own\n},
         'the warm worker answers, with the base\'s warm-up and its own';
     unlike $seen{$worker} // '', qr{rehearsal}, 'the app never saw the rehearsal\'s request';

@@ -133,3 +133,31 @@ def test_no_module_over_400_lines():
     too_long = {p: n for p, n in lines.items() if n > MAX_LINES}
     assert set(too_long) - set(TOO_LONG_FOR_NOW) == set(), too_long
     assert set(TOO_LONG_FOR_NOW) - set(too_long) == set(), "split: drop it from the list"
+
+
+PERL = Path(__file__).resolve().parent.parent / "perl" / "ForkServer"
+# The Perl side's top level: the four subsystems (each a module and a folder
+# of its parts) and the few modules all of them share. Anything else
+# belongs in one of the folders.
+PERL_SUBSYSTEMS = {"Base", "Spares", "Vassal", "HTTPServer", "Prove", "Process"}
+PERL_SHARED = {"Config", "Protocol", "Link", "Log"}
+PERL_TOO_LONG_FOR_NOW = {
+    "Base.pm": "the fork server's loop, its clients and the adoption",
+    "Spares.pm": "the pool and a spare's own life",
+    "HTTPServer/Master.pm": "the master's loop and its workers' board",
+    "HTTPServer/Worker.pm": "the worker's loop and its connections",
+}
+
+
+def test_the_perl_side_is_grouped_by_subsystem():
+    top = {p.stem for p in PERL.glob("*.pm")}
+    folders = {p.name for p in PERL.iterdir() if p.is_dir()}
+    assert top - PERL_SUBSYSTEMS - PERL_SHARED == set(), "a module at the top that belongs in a folder"
+    assert folders <= PERL_SUBSYSTEMS, folders - PERL_SUBSYSTEMS
+
+
+def test_no_perl_module_over_400_lines():
+    lines = {str(p.relative_to(PERL)): len(p.read_text().splitlines()) for p in PERL.rglob("*.pm")}
+    too_long = {p: n for p, n in lines.items() if n > MAX_LINES}
+    assert set(too_long) - set(PERL_TOO_LONG_FOR_NOW) == set(), too_long
+    assert set(PERL_TOO_LONG_FOR_NOW) - set(too_long) == set(), "split: drop it from the list"

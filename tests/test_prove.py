@@ -355,7 +355,7 @@ def test_a_file_that_fails_forked_and_passes_cold(project: Path) -> None:
     it: the next run starts it cold."""
     (project / "t" / "d_base_sensitive.t").write_text(
         "use strict;\nuse warnings;\nuse Test::More tests => 1;\n"
-        "ok !defined &ForkServer::TestFile::serve, 'fails in a fork of the base';\n")
+        "ok !defined &ForkServer::Prove::TestFile::serve, 'fails in a fork of the base';\n")
     # (--preload: a fork even for one file)
     first = run_in(project, [EMPEROR, "prove", "-l", "--preload", "Test::More", "--state=save",
                              "t/d_base_sensitive.t"])
@@ -386,7 +386,7 @@ def test_automatic_preload_is_named_and_skipped_when_no_file_would_wait(project:
     prove does (a base would only load what they load)."""
     (project / "t" / "d_base_sensitive.t").write_text(
         "use strict;\nuse warnings;\nuse Test::More tests => 1;\n"
-        "ok !defined &ForkServer::TestFile::serve, 'not in a fork of the base';\n")
+        "ok !defined &ForkServer::Prove::TestFile::serve, 'not in a fork of the base';\n")
     whole = run_in(project, [EMPEROR, "prove", "-l", "t"], FIX="1")
     assert whole.returncode == 0, whole.stdout + whole.stderr
     lines = [line for line in whole.stderr.splitlines() if "preloaded" in line]

@@ -8,23 +8,23 @@ use IO::Socket::UNIX ();
 use POSIX qw(WNOHANG);
 use Socket qw(SOL_SOCKET SOCK_STREAM SO_PEERCRED SOMAXCONN);
 use Time::HiRes ();
-use ForkServer::Clone ();
-use ForkServer::Exit ();
+use ForkServer::Base::Clone ();
+use ForkServer::Process::Exit ();
 use ForkServer::Config ();
-use ForkServer::Descriptors ();
-use ForkServer::EmperorPipe ();
-use ForkServer::HugePages ();
-use ForkServer::Identity ();
+use ForkServer::Process::Descriptors ();
+use ForkServer::Vassal::EmperorPipe ();
+use ForkServer::Base::HugePages ();
+use ForkServer::Vassal::Identity ();
 use ForkServer::Log ();
-use ForkServer::AdoptionRequest ();
-use ForkServer::Random ();
-use ForkServer::Preloaded ();
+use ForkServer::Base::Request ();
+use ForkServer::Process::Random ();
+use ForkServer::Base::Preloaded ();
 use ForkServer::Protocol qw(MASK_ON_DEMAND SPAWNED STOP_NOW STOP);
-use ForkServer::Session ();
+use ForkServer::Process::Session ();
 use ForkServer::Spares ();
-use ForkServer::Startup ();
+use ForkServer::Process::Startup ();
 use ForkServer::Vassal ();
-use ForkServer::Warmup ();
+use ForkServer::Base::Warmup ();
 
 =head1 NAME
 
@@ -47,7 +47,7 @@ Binds the C<fork-server> UNIX socket (mode C<fork-server-mode>, default
 (default: the uid the base runs as).
 
 With C<early-warmup PATH> (repeatable), the base first calls the preloaded
-app once per PATH (L<ForkServer::Warmup>): a synthetic C<GET PATH>, the
+app once per PATH (L<ForkServer::Base::Warmup>): a synthetic C<GET PATH>, the
 response consumed, one log line per path with its status and time, or its
 error (not fatal). Whatever state the app builds lazily on its first
 request is then built once, in the base, and shared by every adopted
@@ -66,7 +66,7 @@ logs one line for the whole episode, and stops watching the socket for a
 while (0.1 s, doubling up to 2 s while it lasts).
 
 A complete request is served with one fork, C<clone(CLONE_PARENT)>
-(L<ForkServer::Clone>), when the requester is the base's own parent (the
+(L<ForkServer::Base::Clone>), when the requester is the base's own parent (the
 Emperor): the vassal is born the Emperor's child, with no intermediate
 process. Otherwise (another requester, not x86_64 Linux, a failed start-up
 check, or C<fork-server-double-fork> set) it is served with uWSGI's double
@@ -74,7 +74,7 @@ fork, and the kernel hands the grandchild to the Emperor, a subreaper; the
 base reaps the intermediate child without waiting for it.
 
 Either way the vassal first becomes the leader of a new session
-(L<ForkServer::Session>: the Emperor tells its orphans by session id), then
+(L<ForkServer::Process::Session>: the Emperor tells its orphans by session id), then
 closes everything of the base, sets
 C<UWSGI_EMPEROR_FD> (and C<UWSGI_EMPEROR_FD_CONFIG>), puts the on-demand
 socket on descriptor 0, replies with its pid, then configures itself from
@@ -90,7 +90,7 @@ sub new {
     my ($class, %args) = @_;
     my $self = bless {
         %args,
-        clients  => {},     # fileno => ForkServer::AdoptionRequest
+        clients  => {},     # fileno => ForkServer::Base::Request
         children => 0,      # intermediate children not reaped yet
         pid      => $$,     # only this process may unlink the socket
         parent   => getppid(),    # the Emperor (spares born with clone are its children too)
@@ -115,7 +115,7 @@ sub run {
     my $spares = $self->start_spares;
     # logged before byte 1, so the line is there when the Emperor acts on it
     $self->log("fork server listening on $self->{path} ($how; $pages; $spares)");
-    ForkServer::EmperorPipe->send($self->{emperor}, SPAWNED);
+    ForkServer::Vassal::EmperorPipe->send($self->{emperor}, SPAWNED);
     my $stop = sub { $self->{stop} = "signal $_[0]" };
     local $SIG{TERM} = $stop;
     local $SIG{INT}  = $stop;
@@ -123,7 +123,7 @@ sub run {
     local $SIG{CHLD} = sub { };    # interrupts select, so children are reaped at once
     # the Emperor killed (-9): SIGTERM, as if it had stopped us; end of
     # file on its pipe says the same, when the base is back in its loop
-    ForkServer::Session::die_with_parent(POSIX::SIGTERM()) if $self->{emperor};
+    ForkServer::Process::Session::die_with_parent(POSIX::SIGTERM()) if $self->{emperor};
     $self->loop;
     $self->log("stopping ($self->{stop})");
     $self->shutdown;
@@ -132,11 +132,11 @@ sub run {
 
 # What the app holds open now (it opened them while preloaded or warming
 # up, as the base's user): every adopted vassal closes them
-# (ForkServer::Descriptors), but those its `keep-fd` names. Said once.
+# (ForkServer::Process::Descriptors), but those its `keep-fd` names. Said once.
 sub note_app_fds {
     my ($self) = @_;
     my %ours = map { $_ => 1 } 0, 1, 2, grep { defined } map { $_ ? fileno $_ : undef } @$self{qw(emperor config_fh)};
-    my %app = map { $_ => ForkServer::Descriptors::describe($_) } grep { !$ours{$_} } ForkServer::Descriptors::open_fds();
+    my %app = map { $_ => ForkServer::Process::Descriptors::describe($_) } grep { !$ours{$_} } ForkServer::Process::Descriptors::open_fds();
     $self->{app_fds} = \%app;
     return unless %app;
     $self->log("adopted vassals close the descriptors the app holds: "
@@ -164,16 +164,16 @@ sub early_warmup {
     my @paths = $self->{config}->list('early-warmup');
     return unless @paths;
     return $self->log("early-warmup ignored: no early-psgi app to call") unless $self->{app};
-    ForkServer::Warmup::run($self->{app}, \@paths, sub { $self->log($_[0]) });
+    ForkServer::Base::Warmup::run($self->{app}, \@paths, sub { $self->log($_[0]) });
     return;
 }
 
 # The preloaded memory in 2 MB pages: forks copy 512 times fewer page-table
-# entries (ForkServer::HugePages). Done last, once everything is loaded.
+# entries (ForkServer::Base::HugePages). Done last, once everything is loaded.
 sub huge_pages {
     my ($self) = @_;
     return 'huge pages: off (fork-server-hugepages = false)' unless $self->{config}->get('fork-server-hugepages');
-    my ($mb, $why) = ForkServer::HugePages::collapse();
+    my ($mb, $why) = ForkServer::Base::HugePages::collapse();
     return $mb ? "huge pages: $mb MB" : "huge pages: none ($why)";
 }
 
@@ -182,7 +182,7 @@ sub choose_fork {
     my ($self) = @_;
     $self->{clone} = 0;
     return 'double fork: fork-server-double-fork is set' if $self->{config}->get('fork-server-double-fork');
-    my ($ok, $why) = ForkServer::Clone::probe();
+    my ($ok, $why) = ForkServer::Base::Clone::probe();
     return "double fork: clone unavailable: $why" unless $ok;
     $self->{clone} = 1;
     return "clone(CLONE_PARENT) for requests from pid " . getppid() . ", double fork for others";
@@ -279,7 +279,7 @@ sub accept_clients {
             next;
         }
         $client->blocking(0);
-        my $req = ForkServer::AdoptionRequest->new(
+        my $req = ForkServer::Base::Request->new(
             sock     => $client,
             peer     => $peer,
             peer_pid => $pid,
@@ -405,7 +405,7 @@ sub shutdown {
     unlink $self->{path};
     # no Emperor left to sweep what the app started in the base's session
     if ($self->{emperor} && ($self->{stop} eq 'the Emperor is gone' || getppid() != $self->{parent})) {
-        ForkServer::Session::end_others(leader_only => 1, log => sub {
+        ForkServer::Process::Session::end_others(leader_only => 1, log => sub {
             $self->log("the Emperor is gone; stopping $_[0] process(es) left in the base's session");
         });
     }
@@ -425,7 +425,7 @@ sub adopt {
     # (a helper process of the Emperor, a test) gets the protocol's double
     # fork and the reparenting to the nearest subreaper.
     if ($self->{clone} && ($req->peer_pid // 0) == getppid()) {
-        my $pid = ForkServer::Clone::clone_parent();
+        my $pid = ForkServer::Base::Clone::clone_parent();
         return $self->refuse($req, "clone: $!") unless defined $pid;
         $self->_become_vassal($req) if $pid == 0;    # does not return
         $req->close_all;    # the vassal holds them now
@@ -490,18 +490,18 @@ sub _become_vassal {
     my ($self, $req, %vassal) = @_;    # %vassal: first_worker (a spare's, ForkServer::Spares)
     my (undef, @argv) = $req->argv;
     my $config_text;
-    ForkServer::Startup::run(
+    ForkServer::Process::Startup::run(
         argv    => \@argv,
         session => 1,
-        prepare => sub { ForkServer::Random::reseed(); $self->_detach_from_base($req); $self->_reply_pid($req) },
+        prepare => sub { ForkServer::Process::Random::reseed(); $self->_detach_from_base($req); $self->_reply_pid($req) },
         # `emperor prove`: another kind of adopted vassal, a test file; its
-        # pipes are the test's stdout and stderr (ForkServer::TestFile).
+        # pipes are the test's stdout and stderr (ForkServer::Prove::TestFile).
         before_config => sub {
             my ($text, %pipes) = @_;
             $config_text = $text;    # a spare's first worker configures itself from it too
             return unless ($argv[0] // '') eq '--test-file';
-            die "this base does not run test files\n" unless ForkServer::TestFile->can('become_test');
-            ForkServer::TestFile::become_test(
+            die "this base does not run test files\n" unless ForkServer::Prove::TestFile->can('become_test');
+            ForkServer::Prove::TestFile::become_test(
                 argv => \@argv, config_text => $text, stdout => $pipes{emperor}, stderr => $pipes{config_fh},
             );    # returns only on error
         },
@@ -513,8 +513,8 @@ sub _become_vassal {
                                     grep { defined } @common{qw(emperor config_fh)});
             $vassal{first_worker}->for_request(\@argv, $config_text) if $vassal{first_worker};
             # its workers too: they are forked after this
-            ForkServer::Exit::without_global_destruction();
-            ForkServer::Log::line($common{config}->name, $_) for ForkServer::Preloaded::warnings();
+            ForkServer::Process::Exit::without_global_destruction();
+            ForkServer::Log::line($common{config}->name, $_) for ForkServer::Base::Preloaded::warnings();
             ForkServer::Vassal->new(
                 %common,
                 preloaded_app => $self->{app},
@@ -524,7 +524,7 @@ sub _become_vassal {
         },
         # A plain exit: the app's END blocks run and what the vassal holds
         # is freed and flushed, but not the whole heap inherited from the
-        # base (ForkServer::Exit: each stopping vassal would copy the
+        # base (ForkServer::Process::Exit: each stopping vassal would copy the
         # codebase's pages, 50 MB for the heavy benchmark app, times the
         # fleet on a shutdown).
         # A spare's warm worker that was never given the socket (the vassal
@@ -538,7 +538,7 @@ sub _become_vassal {
 sub _close_inherited {
     my ($self, $config, $worker, @pipes) = @_;
     my @keep = map { $self->_may_keep($config, $_) } $config->list('keep-fd');
-    ForkServer::Descriptors::close_all_but(0, 1, 2, (map { fileno $_ } @pipes),
+    ForkServer::Process::Descriptors::close_all_but(0, 1, 2, (map { fileno $_ } @pipes),
                                            ($worker ? $worker->fds : ()), @keep);
     return;
 }
@@ -551,7 +551,7 @@ sub _may_keep {
     my $what = $self->{app_fds}{$fd}
         // die "keep-fd $fd: not a descriptor the base's app holds ("
              . (join(', ', sort { $a <=> $b } keys %{ $self->{app_fds} || {} }) || 'it holds none') . ")\n";
-    my $id = ForkServer::Identity::target($config);
+    my $id = ForkServer::Vassal::Identity::target($config);
     if ($id && $> == 0 && $id->{uid} != 0) {
         my @st = POSIX::fstat($fd);
         my $owner = @st ? $st[4] : '?';

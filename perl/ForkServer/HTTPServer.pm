@@ -160,7 +160,7 @@ default 1024).
 
 C<http> (default), or C<uwsgi> (the vassal's C<socket> key): each
 connection carries one request, a uwsgi packet of CGI variables
-(L<ForkServer::UwsgiRequest>) and its body; the response is HTTP, never
+(L<ForkServer::HTTPServer::UwsgiRequest>) and its body; the response is HTTP, never
 chunked, ended by closing the connection, as nginx's C<uwsgi_pass> reads
 it. A listener may be a UNIX socket either way.
 

@@ -6,14 +6,14 @@ use IO::Select ();
 use POSIX ();
 use Socket qw(AF_UNIX SOCK_SEQPACKET PF_UNSPEC MSG_DONTWAIT);
 use Time::HiRes ();
-use ForkServer::Clone ();
+use ForkServer::Base::Clone ();
 use ForkServer::Link ();
 use ForkServer::Log ();
 use ForkServer::Protocol qw(encode_packet encode_array MODIFIER1_FORK_SERVER);
-use ForkServer::AdoptionRequest ();
-use ForkServer::Random ();
-use ForkServer::Rehearsal ();
-use ForkServer::Session ();
+use ForkServer::Base::Request ();
+use ForkServer::Process::Random ();
+use ForkServer::Spares::Rehearsal ();
+use ForkServer::Process::Session ();
 use ForkServer::Spares::Worker ();
 
 =head1 NAME
@@ -37,7 +37,7 @@ Emperor's child from birth. It holds nothing of the base's (no fork-server
 socket, no Emperor pipe, no client) and no socket anyone can connect to:
 it cannot accept a connection before it is adopted. It keeps one
 C<SOCK_SEQPACKET> link to the base. Like every vassal process it leads
-its own session (L<ForkServer::Session>) from birth, so the worker it
+its own session (L<ForkServer::Process::Session>) from birth, so the worker it
 forks is in the session the vassal will have. Until it is adopted, the
 Emperor knows it by its title, C<psgi-vassal NAME (spare of BASEPID)>
 (C<, warming)> until its worker is warm): it
@@ -45,7 +45,7 @@ is neither an orphan nor a stranger (orphans.py), and C<emperor status>
 counts it, with its worker, under its base.
 
 At birth the spare forks its first worker, which runs the base's
-C<early-warmup> paths and L<ForkServer::Rehearsal>'s worker part, three
+C<early-warmup> paths and L<ForkServer::Spares::Rehearsal>'s worker part, three
 times (its own lazily built state and copy-on-write faults happen then, not
 on the first real request), tells the spare, and waits. The spare runs its
 own rehearsal, then tells the base C<R PID> and waits on its link.
@@ -53,7 +53,7 @@ own rehearsal, then tells the base C<R PID> and waits on its link.
 The base sends the requester the pid reply with the spare's pid itself,
 then hands the spare the adoption packet with the request's descriptors in
 one message on the link (L<ForkServer::Link>); the spare checks it again
-with L<ForkServer::AdoptionRequest> and becomes the vassal exactly as a
+with L<ForkServer::Base::Request> and becomes the vassal exactly as a
 forked one does (L<ForkServer::Base>'s C<_become_vassal>: its argv and
 config; its session it already leads), except that its first worker already exists: it gets
 the listening socket, the argv and the config text, applies C<env>,
@@ -162,7 +162,7 @@ sub make_one {
     return $self->_no_room($ours, $theirs) if $self->_short_of_descriptors;
     my $pid;
     if ($base->{clone}) {
-        $pid = ForkServer::Clone::clone_parent();
+        $pid = ForkServer::Base::Clone::clone_parent();
         return $self->_failed("clone: $!") unless defined $pid;
         if ($pid == 0) { close $ours; $self->_spare_main($theirs) }
     }
@@ -181,7 +181,7 @@ sub make_one {
     close $theirs;
     $self->_add($ours, $pid);
     # the fork shared our pages again: the next adoption's path is copied now
-    ForkServer::Rehearsal::adoption_request() for 1 .. ForkServer::Rehearsal::TIMES;
+    ForkServer::Spares::Rehearsal::adoption_request() for 1 .. ForkServer::Spares::Rehearsal::TIMES;
     return;
 }
 
@@ -367,16 +367,16 @@ sub _spare_main {
     my ($self, $link) = @_;
     my $base = $self->{base};
     my $name = $base->{name};
-    ForkServer::Random::reseed();
+    ForkServer::Process::Random::reseed();
     # Its own session first, as every vassal process: its first worker is
     # forked below and must be in the session the vassal will have.
-    my ($leads, $why) = ForkServer::Session::lead();
+    my ($leads, $why) = ForkServer::Process::Session::lead();
     ForkServer::Log::line($name, "spare pid $$ is not a session leader ($why)") unless $leads;
     # Born the Emperor's child (clone): when it dies, so does the spare,
     # and what its worker's warm-up started (leave()).
     if ($base->{clone}) {
         $SIG{TERM} = sub { leave(0) };
-        leave(0) unless ForkServer::Session::die_with_parent(POSIX::SIGTERM(), $base->{parent});
+        leave(0) unless ForkServer::Process::Session::die_with_parent(POSIX::SIGTERM(), $base->{parent});
     }
     my $warm;
     my $ok = eval {
@@ -385,14 +385,14 @@ sub _spare_main {
         $0 = "psgi-vassal $name (spare of $base->{pid}, warming)";
         my $worker = ForkServer::Spares::Worker->prefork($base->{app}, $self->{paths}, $name, $link,
                                                          $self->{warm_timeout});
-        ForkServer::Rehearsal::vassal_start() for 1 .. ForkServer::Rehearsal::TIMES;
+        ForkServer::Spares::Rehearsal::vassal_start() for 1 .. ForkServer::Spares::Rehearsal::TIMES;
         $0 = "psgi-vassal $name (spare of $base->{pid})";
         syswrite($link, "R$$") or die "telling the base: $!\n";
         $warm = 1;
         my $req = _wait_for_adoption($link, $worker);
         close $link;
         # a vassal now: it stops as every vassal does
-        ForkServer::Session::die_with_parent(0) if $base->{clone};
+        ForkServer::Process::Session::die_with_parent(0) if $base->{clone};
         $SIG{TERM} = 'DEFAULT';
         $base->_become_vassal($req, first_worker => $worker->{gone} ? undef : $worker);    # does not return
         1;
@@ -408,7 +408,7 @@ sub _spare_main {
 
 A spare that ends without an adoption (its base gone or replaced, its
 worker gone, its warm-up failed) takes its session with it: its worker
-and whatever the app started in the warm-up (ForkServer::Session). The
+and whatever the app started in the warm-up (ForkServer::Process::Session). The
 Emperor leaves a spare's session alone: only the spare knows it is over.
 
 =cut
@@ -416,7 +416,7 @@ Emperor leaves a spare's session alone: only the spare knows it is over.
 sub leave {
     my ($status) = @_;
     $SIG{TERM} = 'IGNORE';
-    ForkServer::Session::end_others(leader_only => 1, grace => 1);
+    ForkServer::Process::Session::end_others(leader_only => 1, grace => 1);
     POSIX::_exit($status);
 }
 
@@ -448,7 +448,7 @@ sub _wait_for_adoption {
     my ($data, @fds) = ForkServer::Link::recv_fds($link);
     leave(0) unless defined $data && @fds;    # the base forgot us, or is gone
     # no connection to the requester: the base sent the pid reply
-    my $req = eval { ForkServer::AdoptionRequest->handed_over(sock => undef, data => $data, fds => \@fds) };
+    my $req = eval { ForkServer::Base::Request->handed_over(sock => undef, data => $data, fds => \@fds) };
     if (!$req) {
         POSIX::close($_) for @fds;
         die "the request from the base: $@";

@@ -6,15 +6,15 @@ use warnings;
 # vassal loads this module before it forks, so an adopted vassal loads
 # nothing between its fork and its first accept().
 use IO::Socket::IP ();
-use ForkServer::App ();
+use ForkServer::Vassal::App ();
 use POSIX ();
 use Socket qw(SOL_SOCKET SO_ACCEPTCONN SOMAXCONN);
 use ForkServer::Config ();
-use ForkServer::EmperorPipe ();
+use ForkServer::Vassal::EmperorPipe ();
 use ForkServer::Protocol qw(SPAWNED);
 use ForkServer::HTTPServer ();
-use ForkServer::Identity ();
-use ForkServer::Session ();
+use ForkServer::Vassal::Identity ();
+use ForkServer::Process::Session ();
 
 =head1 NAME
 
@@ -35,7 +35,7 @@ ForkServer::Vassal - configure a vassal (adopted or plain) and serve its app
 In order: process title, C<env> into C<%ENV>, C<chdir>, the app
 (C<psgi> if given, else the preloaded app, else C<early-psgi> loaded cold),
 the listening socket (descriptor 0 or C<http-socket>), dropping root
-privileges (C<uid>, C<gid>: L<ForkServer::Identity>), byte 1 to the Emperor, then
+privileges (C<uid>, C<gid>: L<ForkServer::Vassal::Identity>), byte 1 to the Emperor, then
 L<ForkServer::HTTPServer>, which reports bytes 5, 17, 26, 22 itself.
 
 Errors die with a one-line message.
@@ -72,7 +72,7 @@ sub run {
     my $requests_fh = $self->requests_file;
     my $preforked = $self->first_worker($sock, $requests_fh);
     $self->drop_privileges;
-    ForkServer::EmperorPipe->send($self->{emperor}, SPAWNED);
+    ForkServer::Vassal::EmperorPipe->send($self->{emperor}, SPAWNED);
     ForkServer::HTTPServer->new(
         listen_sock  => $sock,
         app          => $app,
@@ -121,7 +121,7 @@ sub first_worker {
         $worker->discard;
         # and what its warm-up started (as the base's user): the session holds
         # nothing else yet
-        ForkServer::Session::end_others(leader_only => 1, grace => 1);
+        ForkServer::Process::Session::end_others(leader_only => 1, grace => 1);
         return undef;
     }
     # it may have died since the spare last looked: fresh workers then
@@ -179,7 +179,7 @@ sub access_log {
     return \*STDERR unless defined $path;
     # with the rights of the user it becomes: a symlink in a directory that
     # user owns must not give it a root-only file to append to
-    return ForkServer::Identity::as_target($config, sub {
+    return ForkServer::Vassal::Identity::as_target($config, sub {
         open(my $log, '>>', $path) or die "cannot open access-log '$path': $!\n";
         return $log;
     });
@@ -205,7 +205,7 @@ sub load_app {
         $file = $config->get('early-psgi');
         die "no app: give --psgi FILE (or --early-psgi FILE)\n" unless defined $file;
     }
-    return ForkServer::App::load($file);
+    return ForkServer::Vassal::App::load($file);
 }
 
 sub listen_socket {
@@ -260,7 +260,7 @@ sub inherited_listener {
     return undef unless $listening && unpack('i', $listening);
     my $fd = POSIX::dup(0) // die "dup of descriptor 0: $!\n";
     my $sock = IO::Socket::IP->new_from_fd($fd, 'r+') or die "descriptor 0: $!\n";
-    ForkServer::EmperorPipe->set_cloexec($sock);
+    ForkServer::Vassal::EmperorPipe->set_cloexec($sock);
     open STDIN, '<', '/dev/null' or die "reopening STDIN: $!\n";
     return $sock;
 }
@@ -270,14 +270,14 @@ sub inherited_listener {
 sub requests_file {
     my ($self) = @_;
     return undef unless $> == 0;
-    my $id = ForkServer::Identity::target($self->{config}) // return undef;
+    my $id = ForkServer::Vassal::Identity::target($self->{config}) // return undef;
     return ForkServer::HTTPServer::Counts::make_requests_file($$, $id->{uid}, $id->{gid});
 }
 
-# Groups, gid, uid, then checked with the kernel (ForkServer::Identity).
+# Groups, gid, uid, then checked with the kernel (ForkServer::Vassal::Identity).
 sub drop_privileges {
     my ($self) = @_;
-    ForkServer::Identity::drop($self->{config});
+    ForkServer::Vassal::Identity::drop($self->{config});
     return;
 }
 

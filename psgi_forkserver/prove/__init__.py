@@ -1,5 +1,5 @@
 """`emperor prove`: a Perl test harness whose test processes are forked from a
-preloaded base (ForkServer::TestFile), with prove's options, output and exit
+preloaded base (ForkServer::Prove::TestFile), with prove's options, output and exit
 status.
 
 The base is an ordinary base vassal with a fork server, started with the

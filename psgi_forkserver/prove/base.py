@@ -1,5 +1,5 @@
 """The base the tests are forked from: an ordinary base vassal with a fork
-server, started with the user's preloads (ForkServer::TestFile::serve)."""
+server, started with the user's preloads (ForkServer::Prove::TestFile::serve)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import paths, protocol
 from .testfiles import ProveOptions, which
 
-BASE_MAIN = "BEGIN { ForkServer::TestFile::serve(@ARGV) }\n"
+BASE_MAIN = "BEGIN { ForkServer::Prove::TestFile::serve(@ARGV) }\n"
 
 
 def is_module_name(what: str) -> bool:
@@ -41,7 +41,7 @@ class TestBase:
         self.config_w: int | None = None  # the early base's --config-fd
 
     def argv(self) -> list[str]:
-        argv = [self.opts.perl, f"-I{paths.perl_dir()}", "-MForkServer::TestFile",
+        argv = [self.opts.perl, f"-I{paths.perl_dir()}", "-MForkServer::Prove::TestFile",
                 *(f"-M{m}" for m in self.opts.modules), "-e", BASE_MAIN, "--",
                 "--inc-report", str(self.inc_report), "--inc-keys", str(self.inc_keys),
                 "--fork-server", str(self.sock), "--name", "emperor-prove",

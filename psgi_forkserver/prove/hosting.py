@@ -15,7 +15,7 @@ The requests, on a UNIX socket in a private directory, one per connection
                                        or one line of error
     N <4-byte length>                  no base is needed: stop it
     T <4-byte length> FILE\\0SPEC      run FILE forked; SPEC is the config
-                                       packet ForkServer::TestFile reads;
+                                       packet ForkServer::Prove::TestFile reads;
                                        reply "WSTATUS TIMEDOUT OUTLEN ERRLEN\\n"
                                        then the stdout and stderr bytes
 """

@@ -107,7 +107,7 @@ def taint_switches(switches: list[str]) -> list[str]:
 
 def build_spec(file: str, switches: list[str], cwd: str, env: dict[str, str], inc: list[str],
                args: Sequence[str] = (), destruct: bool = False) -> bytes:
-    """The config-pipe packet ForkServer::TestFile reads: what `perl FILE`
+    """The config-pipe packet ForkServer::Prove::TestFile reads: what `perl FILE`
     would have."""
     items = [f"file={file}", f"cwd={cwd}", *(f"arg={a}" for a in args),
              *(f"inc={d}" for d in inc), *(f"env={k}={v}" for k, v in env.items())]

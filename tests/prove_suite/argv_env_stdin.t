@@ -9,6 +9,6 @@ ok !grep({ /^UWSGI_EMPEROR/ } keys %ENV), 'no Emperor variables';
 is readlink("/proc/self/fd/0"), '/dev/null', 'STDIN is /dev/null';
 ok eof(STDIN), 'STDIN is at end of file';
 ok -f 'tests/prove_suite/argv_env_stdin.t', 'cwd is where the harness runs';
-ok !grep({ m{/perl$} && -f "$_/ForkServer/TestFile.pm" } @INC), "the harness's own perl/ is not in \@INC";
+ok !grep({ m{/perl$} && -f "$_/ForkServer/Prove/TestFile.pm" } @INC), "the harness's own perl/ is not in \@INC";
 cmp_ok time - $^T, '<', 60, '$^T is this test\'s start';
 done_testing;

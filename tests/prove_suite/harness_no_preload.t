@@ -2,4 +2,4 @@
 use strict;
 use warnings;
 use Test::More tests => 1;
-ok !$INC{'ForkServer/TestFile.pm'}, "yath's marker: run without the preloaded base";
+ok !$INC{'ForkServer/Prove/TestFile.pm'}, "yath's marker: run without the preloaded base";

@@ -10,10 +10,10 @@ use warnings;
 use Config ();
 use Errno qw(EINTR EAGAIN);
 use POSIX ();
-use ForkServer::EmperorPipe ();
-use ForkServer::Random ();
-use ForkServer::Session ();
-use ForkServer::Exit ();
+use ForkServer::Vassal::EmperorPipe ();
+use ForkServer::Process::Random ();
+use ForkServer::Process::Session ();
+use ForkServer::Process::Exit ();
 use ForkServer::Protocol qw(:vassal_bytes :emperor_bytes);    # the Emperor pipe's bytes
 use ForkServer::HTTPServer::Handoff ();
 use ForkServer::HTTPServer::Listener ();
@@ -38,7 +38,7 @@ sub run {
     $self->_master_init;
     # what a worker frees at its exit: the packages that are not there now
     # (an adopted vassal's base marked its own, earlier)
-    ForkServer::Exit::mark_base() unless ForkServer::Exit::marked();
+    ForkServer::Process::Exit::mark_base() unless ForkServer::Process::Exit::marked();
     while (1) {
         if (delete $sig{CHLD}) { $self->_reap }
         if (delete $sig{INT})  { $self->_stop_now; last }
@@ -153,13 +153,13 @@ sub _master_timers {
     if ($self->{heartbeat_every} && $self->{sent_accepting}) {
         $self->{next_heartbeat} //= $now;
         if ($due->($self->{next_heartbeat})) {
-            ForkServer::EmperorPipe->send($self->{emperor_fh}, HEARTBEAT);
+            ForkServer::Vassal::EmperorPipe->send($self->{emperor_fh}, HEARTBEAT);
             $self->{next_heartbeat} = $now + $self->{heartbeat_every};
             $due->($self->{next_heartbeat});
         }
     }
     if ($self->{idle} > 0 && !$self->{idle_sent} && $due->($self->{last_activity} + $self->{idle})) {
-        ForkServer::EmperorPipe->send($self->{emperor_fh}, DONE);    # idle: put me back to sleep
+        ForkServer::Vassal::EmperorPipe->send($self->{emperor_fh}, DONE);    # idle: put me back to sleep
         $self->{idle_sent} = 1;
     }
     return $timeout < 0 ? 0 : $timeout;
@@ -217,7 +217,7 @@ sub _spawn_worker {
         return;
     }
     if ($pid == 0) {
-        ForkServer::Random::reseed();
+        ForkServer::Process::Random::reseed();
         $self->{sigmask} = $old;
         close delete $self->{stop_w};
         my $code = eval { $self->_worker_main($slot); 0 };
@@ -290,13 +290,13 @@ sub _worker_accepting {
     $self->{slot_fast_deaths}{$k->{slot}} = 0;
     unless ($self->{sent_accepting}) {
         $self->{sent_accepting} = 1;
-        ForkServer::EmperorPipe->send($self->{emperor_fh}, ACCEPTING);
+        ForkServer::Vassal::EmperorPipe->send($self->{emperor_fh}, ACCEPTING);
     }
     return if $self->{sent_loyal} || $self->{stopping};
     my $ready = grep { $_->{ready} && $_->{gen} == $self->{gen} } values %{ $self->{kids} };
     if ($ready >= $self->{workers}) {
         $self->{sent_loyal} = 1;
-        ForkServer::EmperorPipe->send($self->{emperor_fh}, LOYAL);
+        ForkServer::Vassal::EmperorPipe->send($self->{emperor_fh}, LOYAL);
     }
 }
 
@@ -402,7 +402,7 @@ sub _stop_now {
 # the Emperor would have done.
 sub _end_session {
     my $self = shift;
-    ForkServer::Session::end_others(leader_only => 1, log => sub {
+    ForkServer::Process::Session::end_others(leader_only => 1, log => sub {
         $self->_log("the Emperor is gone; stopping $_[0] process(es) left in the vassal's session");
     });
     return;

@@ -8,7 +8,7 @@ use warnings;
 # response are ForkServer::HTTPServer::Response's.
 
 use HTTP::Parser::XS qw(parse_http_request);
-use ForkServer::UwsgiRequest ();
+use ForkServer::HTTPServer::UwsgiRequest ();
 # An in-memory open (an empty psgi.input, a buffered body) loads these on its
 # first use. Loaded here, a worker never searches @INC while serving: not
 # after the fork (an adopted vassal shares them with the base), and not
@@ -19,7 +19,7 @@ use ForkServer::HTTPServer::Wire qw(now write_all fill CRLF READ_CHUNK);
 use ForkServer::HTTPServer::Worker qw(:msg);
 
 # The PSGI keys that are the same in every request this server makes
-# (ForkServer::Warmup builds its synthetic request from them too).
+# (ForkServer::Base::Warmup builds its synthetic request from them too).
 my @CONSTANT_ENV = (
     'psgi.version'         => [1, 1],
     'psgi.errors'          => *STDERR,
@@ -98,11 +98,11 @@ sub _real_ip {
 }
 
 # `socket` (uwsgi_pass): the head is one uwsgi packet of CGI variables
-# (ForkServer::UwsgiRequest), the body CONTENT_LENGTH bytes after it, the
+# (ForkServer::HTTPServer::UwsgiRequest), the body CONTENT_LENGTH bytes after it, the
 # response plain HTTP ended by the close (nginx reads it so).
 sub _serve_uwsgi_head {
     my ($self, $c, $env, $t0) = @_;
-    my ($vars, $used) = eval { ForkServer::UwsgiRequest::parse($c->{buf}) };
+    my ($vars, $used) = eval { ForkServer::HTTPServer::UwsgiRequest::parse($c->{buf}) };
     if (!defined $used) {
         if ($@) { $self->_log("uwsgi request: $@"); return 0 }
         return 'partial';

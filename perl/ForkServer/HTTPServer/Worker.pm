@@ -14,7 +14,7 @@ use POSIX ();
 use Socket qw(IPPROTO_TCP TCP_NODELAY SOL_SOCKET SO_RCVTIMEO SO_SNDTIMEO AF_INET AF_INET6
               MSG_DONTWAIT inet_ntop inet_aton pack_sockaddr_in unpack_sockaddr_in unpack_sockaddr_in6
               sockaddr_family);
-use ForkServer::Exit ();
+use ForkServer::Process::Exit ();
 use ForkServer::HTTPServer::Handoff ();
 use ForkServer::HTTPServer::Wire qw(now READ_CHUNK);
 
@@ -45,12 +45,12 @@ sub worker_msg {
 # A worker that stops (a graceful stop, a reload, max-requests) leaves as
 # under any Plack server: the app's END blocks run, what the worker holds is
 # freed and its handles flushed, without the global destruction of the
-# heap it inherited (ForkServer::Exit). A harakiri is immediate.
+# heap it inherited (ForkServer::Process::Exit). A harakiri is immediate.
 sub worker_exit {
     my $code = shift;
     STDOUT->flush; STDERR->flush;
     POSIX::_exit($code) if $code == EXIT_HARAKIRI;
-    ForkServer::Exit::without_global_destruction();
+    ForkServer::Process::Exit::without_global_destruction();
     exit $code;
 }
 
@@ -433,7 +433,7 @@ sub _new_conn {
 
 # One connection served to its end, outside the loop and before any real
 # one: a spare's waiting worker rehearses the request path with a stand-in
-# app over a socket pair (ForkServer::Rehearsal), as if from 127.0.0.1.
+# app over a socket pair (ForkServer::Spares::Rehearsal), as if from 127.0.0.1.
 sub serve_one {
     my ($self, $conn) = @_;
     local $self->{stopping_ref} = \(my $stopping = 0);

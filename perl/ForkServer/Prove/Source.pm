@@ -89,7 +89,7 @@ sub setup {
     push @items, map {"optional=$_"} @auto;
     # Nothing preloaded: the inherited heap is small, and perl's own global
     # destruction at exit is then cheaper than freeing what the test loaded
-    # package by package (ForkServer::TestFile's fast exit), and exact.
+    # package by package (ForkServer::Prove::TestFile's fast exit), and exact.
     $CFG{destruct} = 1 unless grep { !/\Ainc=/ } @items;
     my $reply = eval { ForkServer::Prove::Iterator::request($args{socket}, 'B', join "\0", @items) };
     if (!defined $reply || $reply !~ s/\Aok\n//) {

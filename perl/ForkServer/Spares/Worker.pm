@@ -9,19 +9,19 @@ use Time::HiRes ();
 use Socket qw(AF_UNIX SOCK_SEQPACKET PF_UNSPEC);
 use Cwd ();
 use ForkServer::Config ();
-use ForkServer::Descriptors ();
+use ForkServer::Process::Descriptors ();
 use ForkServer::HTTPServer ();
 use ForkServer::HTTPServer::Handoff ();
-use ForkServer::Identity ();
+use ForkServer::Vassal::Identity ();
 use ForkServer::Link ();
 use ForkServer::Log ();
 use ForkServer::Protocol qw(encode_array decode_array);
-use ForkServer::Random ();
-use ForkServer::Session ();
-use ForkServer::Rehearsal ();
+use ForkServer::Process::Random ();
+use ForkServer::Process::Session ();
+use ForkServer::Spares::Rehearsal ();
 use ForkServer::Spares::EnvReads ();
 use ForkServer::Vassal ();
-use ForkServer::Warmup ();
+use ForkServer::Base::Warmup ();
 
 =head1 NAME
 
@@ -40,7 +40,7 @@ ForkServer::Spares::Worker - a spare's first worker, forked and warmed before an
 
 The worker is forked with the pipes ForkServer::HTTPServer's master uses
 with its workers (worker messages, stop pipe), runs the base's
-C<early-warmup> paths and L<ForkServer::Rehearsal>'s worker part three
+C<early-warmup> paths and L<ForkServer::Spares::Rehearsal>'s worker part three
 times, says C<W> and waits on its link. Given its vassal's argv, config
 text, listening socket and standard output and error, it applies C<env>,
 C<chdir> and C<gid>/C<uid> itself and serves as the master's slot 1
@@ -61,12 +61,12 @@ sub prefork {
     my $pid = fork // die "fork: $!\n";
     if ($pid == 0) {
         $SIG{TERM} = 'DEFAULT';    # the spare's own (ForkServer::Spares::leave) is not the worker's
-        ForkServer::Random::reseed();
+        ForkServer::Process::Random::reseed();
         close $ours;
         close $base_link;
         close $stop_w;    # the master's: end of file on it is the worker's stop
-        # the app runs here: nothing of the base's (ForkServer::Descriptors)
-        ForkServer::Descriptors::close_all_but(0, 1, 2, map { fileno $_ } $theirs, $ready_r, $ready_w, $stop_r,
+        # the app runs here: nothing of the base's (ForkServer::Process::Descriptors)
+        ForkServer::Process::Descriptors::close_all_but(0, 1, 2, map { fileno $_ } $theirs, $ready_r, $ready_w, $stop_r,
                                                    values %$handoff);
         my $ok = eval { _worker_main($theirs, $app, $paths, $name, $ready_r, $ready_w, $stop_r, $handoff); 1 };
         ForkServer::Log::line($name, "spare worker pid $$: $@") unless $ok;
@@ -101,7 +101,7 @@ sub prefork {
     if ($n && $msg =~ /\AW/) {
         my (undef, @read) = split /\0/, $msg, -1;
         $self->{warm} = {
-            id  => ForkServer::Identity::current(),
+            id  => ForkServer::Vassal::Identity::current(),
             cwd => Cwd::getcwd(),
             env => { map { $_ => $ENV{$_} } (grep { $_ eq '*' } @read) ? keys %ENV : @read },
         };
@@ -127,7 +127,7 @@ sub for_request {
 
 Whether this worker may serve the vassal the config describes: only if
 its warm-up ran as the vassal will run, the same uid, gid and groups
-(L<ForkServer::Identity>), the same working directory (after C<chdir>),
+(L<ForkServer::Vassal::Identity>), the same working directory (after C<chdir>),
 the same value for every C<%ENV> key the warm-up read (C<UWSGI_*> aside:
 L</start> sets the vassal's), and no C<keep-fd> (the worker holds none of
 the base's descriptors). Called in the adopted spare once C<env> and
@@ -139,8 +139,8 @@ sub unfit {
     my ($self, $config) = @_;
     my $warm = $self->{warm} or return 'no warm-up known';
     return 'keep-fd' if $config->list('keep-fd');
-    my $id = ForkServer::Identity::target($config) // ForkServer::Identity::current();
-    return 'another identity' unless ForkServer::Identity::same($id, $warm->{id});
+    my $id = ForkServer::Vassal::Identity::target($config) // ForkServer::Vassal::Identity::current();
+    return 'another identity' unless ForkServer::Vassal::Identity::same($id, $warm->{id});
     return 'another working directory' unless (Cwd::getcwd() // '') eq ($warm->{cwd} // '');
     for my $key (keys %{ $warm->{env} }) {
         next if $key =~ /\AUWSGI_/;
@@ -155,7 +155,7 @@ sub unfit {
 
 In the adopted spare, once its socket exists: the worker gets it with the
 argv and config text, and the vassal's standard output and error (the
-worker was forked with the base's: ForkServer::Output gave the vassal its
+worker was forked with the base's: ForkServer::Vassal::Output gave the vassal its
 own since). Returns what L<ForkServer::HTTPServer> needs to take the
 worker as its slot 1.
 
@@ -211,9 +211,9 @@ sub _worker_main {
     # the app's paths as often as the server's: the adopted vassal's first
     # request then takes what the app's steady state takes
     my $read = ForkServer::Spares::EnvReads::during(sub {
-        for (1 .. ForkServer::Rehearsal::TIMES) {
-            ForkServer::Warmup::run($app, $paths, sub { }) if @$paths;
-            ForkServer::Rehearsal::worker_start();
+        for (1 .. ForkServer::Spares::Rehearsal::TIMES) {
+            ForkServer::Base::Warmup::run($app, $paths, sub { }) if @$paths;
+            ForkServer::Spares::Rehearsal::worker_start();
         }
     });
     # what the warm-up read of %ENV: a vassal whose env differs there takes fresh workers
@@ -224,7 +224,7 @@ sub _worker_main {
     my $requests_fd = $output[2];    # the vassal's requests file, when it drops root (ForkServer::Vassal)
     if (!(defined $data && defined $fd)) {    # not adopted: the spare ended
         # killed, it could not take the warm-up's helpers with it
-        ForkServer::Session::end_others(grace => 1) if getppid() != $master;
+        ForkServer::Process::Session::end_others(grace => 1) if getppid() != $master;
         POSIX::_exit(0);
     }
     close $link;

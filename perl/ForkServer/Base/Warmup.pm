@@ -1,4 +1,4 @@
-package ForkServer::Warmup;
+package ForkServer::Base::Warmup;
 use strict;
 use warnings;
 
@@ -8,14 +8,14 @@ use Time::HiRes ();
 
 =head1 NAME
 
-ForkServer::Warmup - call the preloaded app once per path before the base serves adoptions
+ForkServer::Base::Warmup - call the preloaded app once per path before the base serves adoptions
 
 =head1 SYNOPSIS
 
-  ForkServer::Warmup::run($app, ['/', '/login?next=/'], sub { log_line(@_) });
+  ForkServer::Base::Warmup::run($app, ['/', '/login?next=/'], sub { log_line(@_) });
 
-  my $env    = ForkServer::Warmup::env_for('/search?q=x');  # the synthetic PSGI env
-  my $status = ForkServer::Warmup::request($app, '/');       # dies if the app dies
+  my $env    = ForkServer::Base::Warmup::env_for('/search?q=x');  # the synthetic PSGI env
+  my $status = ForkServer::Base::Warmup::request($app, '/');       # dies if the app dies
 
 =head1 DESCRIPTION
 

@@ -1,4 +1,4 @@
-package ForkServer::Clone;
+package ForkServer::Base::Clone;
 use strict;
 use warnings;
 
@@ -7,12 +7,12 @@ use POSIX ();
 
 =head1 NAME
 
-ForkServer::Clone - fork a child that is born the child of our own parent (clone with CLONE_PARENT)
+ForkServer::Base::Clone - fork a child that is born the child of our own parent (clone with CLONE_PARENT)
 
 =head1 SYNOPSIS
 
-  my ($ok, $why) = ForkServer::Clone::probe();   # once, at start-up
-  my $pid = ForkServer::Clone::clone_parent();   # like fork: undef, 0 in the child, the pid in the caller
+  my ($ok, $why) = ForkServer::Base::Clone::probe();   # once, at start-up
+  my $pid = ForkServer::Base::Clone::clone_parent();   # like fork: undef, 0 in the child, the pid in the caller
   # the child's parent (getppid) is the caller's parent; the caller never reaps it
 
 =head1 DESCRIPTION

@@ -1,4 +1,4 @@
-package ForkServer::Descriptors;
+package ForkServer::Process::Descriptors;
 use strict;
 use warnings;
 
@@ -8,13 +8,13 @@ use Socket qw(SOL_SOCKET SO_TYPE SOCK_STREAM SOCK_DGRAM SOCK_SEQPACKET AF_UNIX A
 
 =head1 NAME
 
-ForkServer::Descriptors - close what a forked process inherited and must not hold
+ForkServer::Process::Descriptors - close what a forked process inherited and must not hold
 
 =head1 SYNOPSIS
 
-  my @fds = ForkServer::Descriptors::open_fds();            # this process's, sorted
-  my $what = ForkServer::Descriptors::describe($fd);        # "/etc/app.key", "TCP socket", "pipe"
-  ForkServer::Descriptors::close_all_but(0, 1, 2, @ours);   # everything else, at once, the numbers kept on /dev/null
+  my @fds = ForkServer::Process::Descriptors::open_fds();            # this process's, sorted
+  my $what = ForkServer::Process::Descriptors::describe($fd);        # "/etc/app.key", "TCP socket", "pipe"
+  ForkServer::Process::Descriptors::close_all_but(0, 1, 2, @ours);   # everything else, at once, the numbers kept on /dev/null
 
 =head1 DESCRIPTION
 

@@ -1,19 +1,19 @@
-package ForkServer::Startup;
+package ForkServer::Process::Startup;
 use strict;
 use warnings;
 
 use ForkServer::Config ();
-use ForkServer::EmperorPipe ();
+use ForkServer::Vassal::EmperorPipe ();
 use ForkServer::Log ();
-use ForkServer::Session ();
+use ForkServer::Process::Session ();
 
 =head1 NAME
 
-ForkServer::Startup - how a vassal process starts, written once
+ForkServer::Process::Startup - how a vassal process starts, written once
 
 =head1 SYNOPSIS
 
-  ForkServer::Startup::run(
+  ForkServer::Process::Startup::run(
       argv    => \@argv,          # the vassal's options
       session => 1,               # lead a new session first
       prepare => sub { ... },     # optional: first thing in the guarded part
@@ -30,9 +30,9 @@ Emperor started (L<ForkServer>) and a vassal adopted from a base
 descriptors, replying with its pid).
 
 First, with C<session>, the process becomes the leader of a new session
-(L<ForkServer::Session>), before it can start anything, so the Emperor can
+(L<ForkServer::Process::Session>), before it can start anything, so the Emperor can
 tell what it leaves behind. Then, guarded: C<prepare>; the Emperor pipe and
-the config pipe from the environment (L<ForkServer::EmperorPipe>);
+the config pipe from the environment (L<ForkServer::Vassal::EmperorPipe>);
 C<before_config> with the config text and the pipes (C<emperor prove>'s test
 files leave here); the options from C<argv> on top of the config text
 (L<ForkServer::Config>); C<run> with C<config>, C<emperor> and
@@ -50,13 +50,13 @@ sub run {
     my $exit = $a{exit} // sub { exit $_[0] };
     my $name = ForkServer::Config->guess_name(@argv);
     if ($a{session}) {
-        my ($leads, $why) = ForkServer::Session::lead();
+        my ($leads, $why) = ForkServer::Process::Session::lead();
         ForkServer::Log::line($name, "not a session leader ($why): the Emperor cannot tell its orphans") unless $leads;
     }
     my $ok = eval {
         $a{prepare}->() if $a{prepare};
-        my %pipes = (emperor => ForkServer::EmperorPipe->pipe_from_env);
-        (my $text, $pipes{config_fh}) = ForkServer::EmperorPipe->config_from_env;
+        my %pipes = (emperor => ForkServer::Vassal::EmperorPipe->pipe_from_env);
+        (my $text, $pipes{config_fh}) = ForkServer::Vassal::EmperorPipe->config_from_env;
         $a{before_config}->($text, %pipes) if $a{before_config};
         my $config = ForkServer::Config->from_argv(\@argv, config_text => $text);
         $name = $config->name;

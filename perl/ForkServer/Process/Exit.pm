@@ -1,4 +1,4 @@
-package ForkServer::Exit;
+package ForkServer::Process::Exit;
 use strict;
 use warnings;
 
@@ -6,13 +6,13 @@ use POSIX ();
 
 =head1 NAME
 
-ForkServer::Exit - a forked process's graceful exit, without the global destruction of the heap it inherited
+ForkServer::Process::Exit - a forked process's graceful exit, without the global destruction of the heap it inherited
 
 =head1 SYNOPSIS
 
-  use ForkServer::Exit ();                      # first: its END block runs last
-  ForkServer::Exit::mark_base();                # in the base, once its codebase is loaded
-  ForkServer::Exit::without_global_destruction();   # in a process forked from it
+  use ForkServer::Process::Exit ();                      # first: its END block runs last
+  ForkServer::Process::Exit::mark_base();                # in the base, once its codebase is loaded
+  ForkServer::Process::Exit::without_global_destruction();   # in a process forked from it
   exit 0;    # END blocks, what the process holds freed, handles flushed, _exit
 
 =head1 DESCRIPTION

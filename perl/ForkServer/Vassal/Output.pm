@@ -1,4 +1,4 @@
-package ForkServer::Output;
+package ForkServer::Vassal::Output;
 use strict;
 use warnings;
 
@@ -8,11 +8,11 @@ use Socket::MsgHdr ();
 
 =head1 NAME
 
-ForkServer::Output - take the output pipe the Emperor sent with the config
+ForkServer::Vassal::Output - take the output pipe the Emperor sent with the config
 
 =head1 SYNOPSIS
 
-  ForkServer::Output::take_from_config_pipe($config_fh);   # before reading the packet
+  ForkServer::Vassal::Output::take_from_config_pipe($config_fh);   # before reading the packet
 
 =head1 DESCRIPTION
 
@@ -24,7 +24,7 @@ pipe as SCM_RIGHTS with the first bytes of the config packet (an adoption
 request carries at most three descriptors, none free for it).
 
 C<take_from_config_pipe> peeks at the config pipe (MSG_PEEK: the packet
-stays for L<ForkServer::EmperorPipe> to read), and if a descriptor came with
+stays for L<ForkServer::Vassal::EmperorPipe> to read), and if a descriptor came with
 it, makes it descriptors 1 and 2. Returns whether a pipe was taken.
 
 =cut

@@ -1,4 +1,4 @@
-package ForkServer::Identity;
+package ForkServer::Vassal::Identity;
 use strict;
 use warnings;
 
@@ -6,13 +6,13 @@ use POSIX ();
 
 =head1 NAME
 
-ForkServer::Identity - the user, group and groups a vassal runs as, and dropping root for them
+ForkServer::Vassal::Identity - the user, group and groups a vassal runs as, and dropping root for them
 
 =head1 SYNOPSIS
 
-  my $id = ForkServer::Identity::target($config);   # { uid, gid, groups => [...] } or undef: no change asked
-  ForkServer::Identity::drop($config);              # dies with one line unless every id is the target's
-  my $now = ForkServer::Identity::current();        # the same shape, this process's ids
+  my $id = ForkServer::Vassal::Identity::target($config);   # { uid, gid, groups => [...] } or undef: no change asked
+  ForkServer::Vassal::Identity::drop($config);              # dies with one line unless every id is the target's
+  my $now = ForkServer::Vassal::Identity::current();        # the same shape, this process's ids
 
 =head1 DESCRIPTION
 

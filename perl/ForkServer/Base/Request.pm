@@ -1,4 +1,4 @@
-package ForkServer::AdoptionRequest;
+package ForkServer::Base::Request;
 use strict;
 use warnings;
 
@@ -11,11 +11,11 @@ use ForkServer::Protocol qw(decode_header decode_array encode_packet encode_dict
 
 =head1 NAME
 
-ForkServer::AdoptionRequest - one adoption request being read by the fork server
+ForkServer::Base::Request - one adoption request being read by the fork server
 
 =head1 SYNOPSIS
 
-  my $req = ForkServer::AdoptionRequest->new(sock => $client, deadline => $t, peer => "pid 12 uid 0", peer_pid => 12);
+  my $req = ForkServer::Base::Request->new(sock => $client, deadline => $t, peer => "pid 12 uid 0", peer_pid => 12);
   # whenever $client is readable:
   my $state = eval { $req->read_some };   # 'more' or 'complete'; dies: refuse
   $req->close_all unless $state;           # every descriptor the client brought

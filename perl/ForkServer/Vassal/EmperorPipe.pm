@@ -1,21 +1,21 @@
-package ForkServer::EmperorPipe;
+package ForkServer::Vassal::EmperorPipe;
 use strict;
 use warnings;
 
 use Fcntl qw(F_GETFD F_SETFD FD_CLOEXEC);
 use ForkServer::Protocol qw(read_packet MODIFIER1_CONFIG);
-use ForkServer::Output ();
+use ForkServer::Vassal::Output ();
 
 =head1 NAME
 
-ForkServer::EmperorPipe - the vassal's end of the Emperor pipe and config pipe
+ForkServer::Vassal::EmperorPipe - the vassal's end of the Emperor pipe and config pipe
 
 =head1 SYNOPSIS
 
   use ForkServer::Protocol qw(SPAWNED);    # the bytes' names
-  my $pipe = ForkServer::EmperorPipe->pipe_from_env;     # undef without an Emperor
-  ForkServer::EmperorPipe->send($pipe, SPAWNED);
-  my ($text, $fh) = ForkServer::EmperorPipe->config_from_env;    # () without a config pipe
+  my $pipe = ForkServer::Vassal::EmperorPipe->pipe_from_env;     # undef without an Emperor
+  ForkServer::Vassal::EmperorPipe->send($pipe, SPAWNED);
+  my ($text, $fh) = ForkServer::Vassal::EmperorPipe->config_from_env;    # () without a config pipe
 
 =head1 DESCRIPTION
 
@@ -52,9 +52,9 @@ sub config_fh_from_env { $_[0]->_open_fd_from_env('UWSGI_EMPEROR_FD_CONFIG') }
 # for its config again with byte 2.
 sub config_from_env {
     my ($class) = @_;
-    ForkServer::Output::statement_flushed() if defined $ENV{UWSGI_EMPEROR_FD};
+    ForkServer::Vassal::Output::statement_flushed() if defined $ENV{UWSGI_EMPEROR_FD};
     my $fh = $class->config_fh_from_env or return;
-    ForkServer::Output::take_from_config_pipe($fh);
+    ForkServer::Vassal::Output::take_from_config_pipe($fh);
     my ($mod1, undef, $body) = eval { read_packet($fh) };
     die "config pipe: $@" unless defined $mod1;
     die "config pipe: expected a packet with modifier1 " . MODIFIER1_CONFIG . ", got $mod1\n" unless $mod1 == MODIFIER1_CONFIG;

@@ -1,4 +1,4 @@
-package ForkServer::UwsgiRequest;
+package ForkServer::HTTPServer::UwsgiRequest;
 use strict;
 use warnings;
 
@@ -9,11 +9,11 @@ my %MODIFIER1 = (0 => 1, 5 => 1);
 
 =head1 NAME
 
-ForkServer::UwsgiRequest - a uwsgi request packet (what nginx's uwsgi_pass sends) as a PSGI environment
+ForkServer::HTTPServer::UwsgiRequest - a uwsgi request packet (what nginx's uwsgi_pass sends) as a PSGI environment
 
 =head1 SYNOPSIS
 
-  my ($env, $used) = ForkServer::UwsgiRequest::parse($buffer);
+  my ($env, $used) = ForkServer::HTTPServer::UwsgiRequest::parse($buffer);
   # undef: not all of the packet is there yet; dies (one line) on a bad one
   # $used: bytes of $buffer the packet took; the request body follows
 

@@ -1,14 +1,14 @@
-package ForkServer::Preloaded;
+package ForkServer::Base::Preloaded;
 use strict;
 use warnings;
 
 =head1 NAME
 
-ForkServer::Preloaded - what an adopted vassal should know about the connections its base left open
+ForkServer::Base::Preloaded - what an adopted vassal should know about the connections its base left open
 
 =head1 SYNOPSIS
 
-  ForkServer::Log::line($name, $_) for ForkServer::Preloaded::warnings();
+  ForkServer::Log::line($name, $_) for ForkServer::Base::Preloaded::warnings();
 
 =head1 DESCRIPTION
 

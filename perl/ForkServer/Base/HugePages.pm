@@ -1,4 +1,4 @@
-package ForkServer::HugePages;
+package ForkServer::Base::HugePages;
 use strict;
 use warnings;
 no warnings 'portable';    # 64-bit addresses in hex
@@ -7,11 +7,11 @@ use Config ();
 
 =head1 NAME
 
-ForkServer::HugePages - map the base's preloaded heap with huge pages, so that forking it is cheap
+ForkServer::Base::HugePages - map the base's preloaded heap with huge pages, so that forking it is cheap
 
 =head1 SYNOPSIS
 
-  my ($mbytes, $why_not) = ForkServer::HugePages::collapse();   # once, after loading, before serving
+  my ($mbytes, $why_not) = ForkServer::Base::HugePages::collapse();   # once, after loading, before serving
 
 =head1 DESCRIPTION
 

@@ -1,4 +1,4 @@
-package ForkServer::App;
+package ForkServer::Vassal::App;
 use strict;
 use warnings;
 
@@ -6,11 +6,11 @@ use Plack::Util ();
 
 =head1 NAME
 
-ForkServer::App - load a PSGI file, with one-line errors
+ForkServer::Vassal::App - load a PSGI file, with one-line errors
 
 =head1 SYNOPSIS
 
-  my $app = ForkServer::App::load('app.psgi');   # dies "cannot load app 'app.psgi': ..."
+  my $app = ForkServer::Vassal::App::load('app.psgi');   # dies "cannot load app 'app.psgi': ..."
 
 =head1 DESCRIPTION
 

@@ -1,4 +1,4 @@
-package ForkServer::Random;
+package ForkServer::Process::Random;
 use strict;
 use warnings;
 
@@ -7,11 +7,11 @@ use Time::HiRes ();
 
 =head1 NAME
 
-ForkServer::Random - a fresh seed for Perl's rand() in every forked process
+ForkServer::Process::Random - a fresh seed for Perl's rand() in every forked process
 
 =head1 SYNOPSIS
 
-  ForkServer::Random::reseed();    # first thing after a fork, before any app code
+  ForkServer::Process::Random::reseed();    # first thing after a fork, before any app code
 
 =head1 DESCRIPTION
 

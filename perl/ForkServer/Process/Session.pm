@@ -1,4 +1,4 @@
-package ForkServer::Session;
+package ForkServer::Process::Session;
 use strict;
 use warnings;
 
@@ -7,11 +7,11 @@ use Time::HiRes ();
 
 =head1 NAME
 
-ForkServer::Session - make a vassal process the leader of its own session
+ForkServer::Process::Session - make a vassal process the leader of its own session
 
 =head1 SYNOPSIS
 
-  my ($ok, $why) = ForkServer::Session::lead();   # first thing in a new vassal process
+  my ($ok, $why) = ForkServer::Process::Session::lead();   # first thing in a new vassal process
 
 =head1 DESCRIPTION
 

@@ -1,4 +1,4 @@
-package ForkServer::Rehearsal;
+package ForkServer::Spares::Rehearsal;
 use strict;
 use warnings;
 
@@ -7,23 +7,23 @@ use POSIX ();
 use Socket qw(AF_UNIX SOCK_STREAM SOCK_SEQPACKET PF_UNSPEC SOL_SOCKET SCM_RIGHTS);
 use Socket::MsgHdr ();
 use Time::HiRes ();
-use ForkServer::AdoptionRequest ();
+use ForkServer::Base::Request ();
 use ForkServer::Config ();
 use ForkServer::HTTPServer ();
 use ForkServer::Link ();
-use ForkServer::Session ();
+use ForkServer::Process::Session ();
 use ForkServer::Protocol qw(encode_packet encode_array decode_array MODIFIER1_FORK_SERVER MASK_PIPE);
 use ForkServer::Vassal ();
 
 =head1 NAME
 
-ForkServer::Rehearsal - run an adoption's code once, ahead of time, where it will run again
+ForkServer::Spares::Rehearsal - run an adoption's code once, ahead of time, where it will run again
 
 =head1 SYNOPSIS
 
-  ForkServer::Rehearsal::adoption_request();    # in the base, after it forked a spare
-  ForkServer::Rehearsal::vassal_start();        # in a spare, before it waits
-  ForkServer::Rehearsal::worker_start();        # in a spare's worker, before it waits
+  ForkServer::Spares::Rehearsal::adoption_request();    # in the base, after it forked a spare
+  ForkServer::Spares::Rehearsal::vassal_start();        # in a spare, before it waits
+  ForkServer::Spares::Rehearsal::worker_start();        # in a spare's worker, before it waits
 
 =head1 DESCRIPTION
 
@@ -79,7 +79,7 @@ sub adoption_request {
     $hdr->cmsghdr(SOL_SOCKET, SCM_RIGHTS, pack 'i', fileno $pipe);
     Socket::MsgHdr::sendmsg($client, $hdr, 0) or return;
     $server->blocking(0);
-    my $req = ForkServer::AdoptionRequest->new(sock => $server, peer => 'rehearsal', deadline => Time::HiRes::time() + 1);
+    my $req = ForkServer::Base::Request->new(sock => $server, peer => 'rehearsal', deadline => Time::HiRes::time() + 1);
     my $state = eval { $req->read_some } // '';
     if ($state eq 'complete') {
         encode_packet(MODIFIER1_FORK_SERVER, $req->mask, encode_array($req->argv));
@@ -99,11 +99,11 @@ server's arguments, a bound socket, the message its worker is sent.
 
 sub vassal_start {
     if (my ($data, @fds) = _handed(encode_packet(MODIFIER1_FORK_SERVER, MASK_PIPE, encode_array('perl', @ARGV_SHAPE)))) {
-        my $req = eval { ForkServer::AdoptionRequest->handed_over(sock => undef, data => $data, fds => \@fds) };
+        my $req = eval { ForkServer::Base::Request->handed_over(sock => undef, data => $data, fds => \@fds) };
         if ($req) { ForkServer::Config->guess_name($req->argv); $req->close_all }
         else      { POSIX::close($_) for @fds }
     }
-    ForkServer::Session::session_id();
+    ForkServer::Process::Session::session_id();
     my $config = ForkServer::Config->from_argv([@ARGV_SHAPE], config_text => $CONFIG_TEXT);
     my $vassal = ForkServer::Vassal->new(config => $config);
     $vassal->title;

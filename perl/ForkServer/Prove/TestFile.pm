@@ -1,4 +1,4 @@
-package ForkServer::TestFile;
+package ForkServer::Prove::TestFile;
 use strict;
 use warnings;
 
@@ -8,7 +8,7 @@ use POSIX ();
 # Loaded before anything else, so that its END block is the last to run
 # in a test: after the test's, Test2's and every module's. See
 # L</"Exit without global destruction">.
-use ForkServer::Exit ();
+use ForkServer::Process::Exit ();
 
 my $SPEC;           # the test this process turned into, once it has
 
@@ -33,13 +33,13 @@ our $IN_BASE;    # true inside serve(): become_test() may jump out of it
 
 =head1 NAME
 
-ForkServer::TestFile - run a Perl test file in a process forked from a preloaded base (C<emperor prove>)
+ForkServer::Prove::TestFile - run a Perl test file in a process forked from a preloaded base (C<emperor prove>)
 
 =head1 SYNOPSIS
 
   # the base `emperor prove` starts (the -M modules are the user's preloads):
-  perl -I perl -MForkServer::TestFile -MTest::More -MMoose \
-      -e 'BEGIN { ForkServer::TestFile::serve(@ARGV) }' \
+  perl -I perl -MForkServer::Prove::TestFile -MTest::More -MMoose \
+      -e 'BEGIN { ForkServer::Prove::TestFile::serve(@ARGV) }' \
       -- --fork-server /tmp/x/fork.sock [--preload FILE]... [--inc-report FILE]
 
   # an adoption request whose argv is [PROGRAM, "--test-file", "t/a.t"],
@@ -140,7 +140,7 @@ sub serve {
         print $fh join "\0", grep { defined && !ref } $list->();
         close $fh or die "'$path': $!\n";
     }
-    ForkServer::Exit::mark_base();
+    ForkServer::Process::Exit::mark_base();
     _find_data_handles();
     my $spec = _serve_until_a_test(@base_argv);
     _become(%$spec);
@@ -204,7 +204,7 @@ sub _compile_next {
             if ($line =~ /\A__(DATA|END)__\b/) {
                 my $main = $1 eq 'END' ? 1 : 0;
                 $at_data = 1;
-                $line = "BEGIN { ForkServer::TestFile::_data_here($main ? 'main' : __PACKAGE__, \$^H) } $line";
+                $line = "BEGIN { ForkServer::Prove::TestFile::_data_here($main ? 'main' : __PACKAGE__, \$^H) } $line";
             }
         }
         $_ .= $line;
@@ -218,7 +218,7 @@ sub _data_here {
     # perl itself sets the DATA handle's descriptor after this BEGIN block:
     # ours is installed once compilation is over
     @TEST_FH{qw(package utf8)} = ($package, $hints & 0x00800000 ? 1 : 0);    # HINT_UTF8
-    eval 'INIT { ForkServer::TestFile::_install_data() } 1' or die $@;    ## no critic
+    eval 'INIT { ForkServer::Prove::TestFile::_install_data() } 1' or die $@;    ## no critic
     return;
 }
 
@@ -264,7 +264,7 @@ sub become_test {
     close $args{stdout};
     close $args{stderr};
     $SPEC = $spec;
-    ForkServer::Exit::without_global_destruction() unless $spec->{destruct};
+    ForkServer::Process::Exit::without_global_destruction() unless $spec->{destruct};
     no warnings 'exiting';
     last PROVE_TEST_CHILD;
 }
@@ -360,7 +360,7 @@ sub _reopen_data_handles {
 
 =head2 Exit without global destruction
 
-A test leaves as L<ForkServer::Exit> describes: its C<END> blocks (File::Temp's
+A test leaves as L<ForkServer::Process::Exit> describes: its C<END> blocks (File::Temp's
 clean-up among them) run, what it holds in globals of packages the base did
 not have is freed (so their C<DESTROY> methods run as under perl), every
 handle is flushed, and C<_exit> skips the global destruction of the inherited
