@@ -5,7 +5,7 @@ from pathlib import Path
 from psgi_forkserver.bases import DeployState, DeployTracker, socket_path
 from psgi_forkserver.vassal import Adopt, Kind, Vassal
 
-from test_vassal import POLICY, base_vassal, cfg, ctx
+from support.vassals import POLICY, base_vassal, cfg, ctx
 
 
 def test_socket_path_per_generation():

@@ -29,8 +29,8 @@ from psgi_forkserver import paths, status
 from psgi_forkserver.proc import Phase
 
 import browser
-from support import EMPEROR, descendants, free_port, start_emperor, stop_emperor, wait_for
-from test_emperor import app_ini, get
+from support import EMPEROR, app_ini, base_ini, descendants, free_port, get, start_emperor, stop_emperor, wait_for
+from support.front import ini, needs_nginx
 
 HERE = Path(__file__).resolve().parent
 APP = HERE / "apps" / "hello.psgi"
@@ -71,7 +71,7 @@ def emperor_cli(*args, timeout: float = 90) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def fleet(xprocess):
     vdir = Path(tempfile.mkdtemp(prefix="pfs-cockpit-"))
-    (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
+    (vdir / "base.ini").write_text(base_ini(APP))
     ports = {"a": free_port(), "b": free_port()}
     (vdir / "a.ini").write_text(app_ini("a", ports["a"], processes=2))
     (vdir / "b.ini").write_text(app_ini("b", ports["b"], processes=1))
@@ -511,7 +511,7 @@ class Messages:
 def test_notify_ready_status_watchdog_and_reloading(xprocess, notify_socket):
     sock, path = notify_socket
     vdir = Path(tempfile.mkdtemp(prefix="pfs-notify-v-"))
-    (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
+    (vdir / "base.ini").write_text(base_ini(APP))
     port = free_port()
     (vdir / "app.ini").write_text(app_ini("app", port, processes=1))
     (vdir / "broken.ini").write_text("[uwsgi]\nno-such-option = 1\n")  # config-error: fails for good
@@ -546,7 +546,7 @@ def test_notify_messages_wait_for_a_full_socket_and_keep_their_order(xprocess, n
     messages wait for room, watchdog pings are not queued."""
     sock, path = notify_socket
     vdir = Path(tempfile.mkdtemp(prefix="pfs-notify-v-"))
-    (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
+    (vdir / "base.ini").write_text(base_ini(APP))
     port = free_port()
     (vdir / "app.ini").write_text(app_ini("app", port, processes=1))
     em = None
@@ -921,11 +921,8 @@ def test_status_finds_an_emperor_started_with_stats_elsewhere(xprocess, tmp_path
     assert list(short_run_dir.iterdir()) == []
 
 
-from test_frontdoor import front, ini, needs_nginx  # noqa: E402,F401  (the front fixture)
-
-
 @needs_nginx
-def test_readyz_waits_for_the_front_door(front):  # noqa: F811
+def test_readyz_waits_for_the_front_door(front):
     """/readyz is 503 while the front door has no nginx running on the
     current routes (here: its nginx killed, until the Emperor restarts it)."""
     sport = free_port()

@@ -5,7 +5,7 @@ from psgi_forkserver.plan import Facts, plan
 from psgi_forkserver.protocol import EmperorByte
 from psgi_forkserver.vassal import Adopt, Context, Forget, ForkServer, Kind, Phase, Send, Spawn, Vassal
 
-from test_vassal import POLICY, cfg
+from support.vassals import POLICY, cfg
 
 
 def facts(now, **kw):

@@ -24,8 +24,7 @@ from psgi_forkserver import paths, status
 from psgi_forkserver.proc import Kind, Phase
 from psgi_forkserver.snapshot import EmperorLink, EmperorSnapshot, VassalSnapshot
 
-from support import EMPEROR, free_port, wait_for, start_emperor, stop_emperor
-from test_emperor import app_ini, get
+from support import EMPEROR, app_ini, base_ini, free_port, get, start_emperor, stop_emperor, wait_for
 
 HERE = Path(__file__).resolve().parent
 APP = HERE / "apps" / "hello.psgi"
@@ -188,13 +187,11 @@ def test_non_loopback_status_page_is_refused_before_anything_starts(tmp_path: Pa
 # -- a real Emperor --------------------------------------------------------------------
 
 
-
-
 @pytest.fixture
 def fleet(xprocess):
     vdir = Path(tempfile.mkdtemp(prefix="pfs-status-"))
     sockdir = Path(tempfile.mkdtemp(prefix="pfs-st-"))
-    (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
+    (vdir / "base.ini").write_text(base_ini(APP))
     ports = {"app1": free_port(), "tpl": free_port(), "cm": free_port()}
     (vdir / "app1.ini").write_text(app_ini("app1", ports["app1"], "v1"))
     # a template: its name and port come from the rendering
@@ -397,7 +394,7 @@ def test_configmap_swap_reloads_only_what_changed_and_touch_still_reloads(xproce
     `touch` of a plain file still reloads its vassal."""
     vdir = tmp_path / "vassals"
     vdir.mkdir()
-    (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
+    (vdir / "base.ini").write_text(base_ini(APP))
     ports = {"a": free_port(), "b": free_port(), "c": free_port()}
     old = vdir / "..2026_01_01_00_00_00.1"
     old.mkdir()
@@ -439,7 +436,7 @@ def test_magic_variables_reach_the_vassal(xprocess, tmp_path, adopted):
     vdir = tmp_path / "vassals"
     vdir.mkdir()
     if adopted:
-        (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
+        (vdir / "base.ini").write_text(base_ini(APP))
     port = free_port()
     (vdir / "magic.ini").write_text(
         f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\n" + ("" if adopted else f"psgi = {APP}\n")
