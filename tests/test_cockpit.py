@@ -29,7 +29,9 @@ from psgi_forkserver import paths, status
 from psgi_forkserver.proc import Phase
 
 import browser
-from support import EMPEROR, app_ini, base_ini, descendants, free_port, get, start_emperor, stop_emperor, wait_for
+from support import (
+    EMPEROR, Emperors, app_ini, base_ini, descendants, free_port, get, start_emperor, stop_emperor, wait_for,
+)
 from support.front import ini, needs_nginx
 
 HERE = Path(__file__).resolve().parent
@@ -40,29 +42,6 @@ pytestmark = pytest.mark.skipif(not paths.vassal_program().is_file(),
                                 reason="the Perl vassal program is not there")
 
 
-@dataclass
-class Fleet:
-    pid: int
-    popen: subprocess.Popen
-    log: Path
-    dir: Path
-    ports: dict[str, int]
-    http_port: int
-    stats: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.stats = status.default_stats_path(self.dir)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.http_port}{path}"
-
-    def doc(self) -> dict:
-        return status.fetch(self.stats)
-
-    def vassal(self, name: str) -> dict:
-        return self.doc()["vassals"][name]
-
-
 def emperor_cli(*args, timeout: float = 90) -> subprocess.CompletedProcess:
     return subprocess.run([EMPEROR, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
@@ -70,29 +49,21 @@ def emperor_cli(*args, timeout: float = 90) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def fleet(xprocess):
-    vdir = Path(tempfile.mkdtemp(prefix="pfs-cockpit-"))
-    (vdir / "base.ini").write_text(base_ini(APP))
     ports = {"a": free_port(), "b": free_port()}
-    (vdir / "a.ini").write_text(app_ini("a", ports["a"], processes=2))
-    (vdir / "b.ini").write_text(app_ini("b", ports["b"], processes=1))
-    (vdir / "dies.ini").write_text(
-        f"[uwsgi]\nhttp-socket = 127.0.0.1:{free_port()}\npsgi = {DIES}\n")
     http_port = free_port()
-    em = None
+    # no --stats: the default socket in the run directory (tests/conftest.py)
+    emperors = Emperors(xprocess, "pfs-cockpit-", stats=False, args=[
+        "--mercy", "5", "--rescan-interval", "600", "--backoff-max", "2", "--status-http", f"127.0.0.1:{http_port}"])
     try:
-        # no --stats: the default socket in the run directory (tests/conftest.py)
-        em = start_emperor(xprocess, "emperor-cockpit", [
-            vdir, "--mercy", "5", "--rescan-interval", "600", "--backoff-max", "2",
-            "--status-http", f"127.0.0.1:{http_port}"])
-        f = Fleet(em.pid, em.popen, em.log, vdir, ports, http_port)
+        f = emperors({"a": app_ini("a", ports["a"], processes=2), "b": app_ini("b", ports["b"], processes=1),
+                      "dies": f"[uwsgi]\nhttp-socket = 127.0.0.1:{free_port()}\npsgi = {DIES}\n"})
+        f.ports, f.status_http_port, f.stats = ports, http_port, status.default_stats_path(f.dir)
         for name, port in ports.items():
             wait_for(lambda p=port, n=name: get(p)["name"] == n, 40, f"{name} to answer")
         wait_for(lambda: f.vassal("dies")["failures"] >= 1, 40, "dies to fail")
         yield f
     finally:
-        if em is not None:
-            stop_emperor(em)
-        shutil.rmtree(vdir, ignore_errors=True)
+        emperors.stop()
 
 
 # -- status -------------------------------------------------------------------------

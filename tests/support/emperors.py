@@ -75,10 +75,22 @@ class Emp(RunningEmperor):
     stats: Path | None = None
     pidfile: Path | None = None
     ports: dict[str, int] = field(default_factory=dict)
+    status_http_port: int = 0  # its --status-http, when the test gave it one
+
+    def doc(self) -> dict:
+        """Its status document, from its stats socket."""
+        return fetch(self.stats)
 
     def status(self) -> dict[str, dict]:
         """Its vassals, as its stats socket tells."""
         return fetch(self.stats, timeout=10)["vassals"]
+
+    def vassal(self, name: str) -> dict:
+        return self.doc()["vassals"][name]
+
+    def url(self, path: str) -> str:
+        """`path` on its --status-http listener."""
+        return f"http://127.0.0.1:{self.status_http_port}{path}"
 
     def running(self) -> bool:
         return self.popen.poll() is None
