@@ -115,7 +115,7 @@ class Fleet:
         em = start_emperor(xprocess, f"emperor-{self.vdir.name}", [
             self.vdir, "--stats", stats, "--mercy", "5", "--backoff-first", "0.2", "--backoff-max", "1"],
             environ, groups=[0, ADM])
-        self.e = Emp(em.pid, self.vdir, em.log, em.popen, stats)
+        self.e = Emp(em.pid, em.popen, em.log, self.vdir, stats)
         if k:
             self.wait_spares()
 
