@@ -70,7 +70,9 @@ def test_changing_a_file_restarts_its_vassal(fleet):
     tmp.write_text(app_ini("app1", fleet.ports["app1"], value="v2"))
     os.rename(tmp, fleet.dir / "app1.ini")
     wait_for(lambda: get(fleet.ports["app1"])["value"] == "v2", 15, "app1 to serve v2")
-    new = fleet.vpid("app1")
+    # the successor may answer before the Emperor has read its adoption
+    # reply and logged its pid
+    new = wait_for(lambda: fleet.vpid("app1") != old and fleet.vpid("app1"), 15, "the successor's pid")
     assert new != old
     wait_for(lambda: not alive_pid(old), 15, "the old app1 to stop")
 
