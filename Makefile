@@ -114,7 +114,7 @@ test-perl-emperor: setup
 	$(VENV)/bin/emperor prove -j2 -r -I perl t/
 
 # pytest-xdist: one file per worker at a time (a file's module fixtures
-# start their fleet once); tests/support.py names each worker's processes.
+# start their fleet once); tests/support/emperors.py names each worker's processes.
 test-python: setup $(STAMPS)/browser
 	$(VPY) -m pytest -q -n 3 --dist loadfile
 

@@ -1,30 +1,55 @@
 """The uwsgi packet and its array/dict bodies, and the Emperor pipe bytes.
 
-See docs/PROTOCOL.md. The names and values here are the protocol's
-vocabulary, the same as perl/ForkServer/Protocol.pm's: both are held to
-perl/ForkServer/protocol.json by tests/test_protocol.py and t/protocol.t. All integers are little-endian. Every decoder is
-strict: a length that runs past the end of its input, or trailing bytes that
-do not form a whole item, raise ProtocolError.
+See docs/PROTOCOL.md. The names and values are the protocol's vocabulary,
+declared once for both sides in perl/ForkServer/protocol.json and read
+from it when this module loads (perl/ForkServer/Protocol.pm reads the same
+file). All integers are little-endian. Every decoder is strict: a length
+that runs past the end of its input, or trailing bytes that do not form a
+whole item, raise ProtocolError.
 """
 
 from __future__ import annotations
 
+import json
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
+from pathlib import Path
+
+from psgi_forkserver import paths
+
+
+def protocol_file() -> Path:
+    return paths.perl_dir() / "ForkServer" / "protocol.json"
+
+
+def _declaration() -> dict[str, dict[str, int]]:
+    """protocol.json's groups (name -> value), each value checked."""
+    decl = json.loads(protocol_file().read_text())
+    groups = {g: names for g, names in decl.items() if isinstance(names, dict)}
+    for g, names in groups.items():
+        for name, value in names.items():
+            if type(value) is not int or value < 0:
+                raise ValueError(f"{protocol_file()}: {g}.{name}: not a non-negative integer: {value!r}")
+    return groups
+
+
+VOCABULARY = _declaration()
 
 HEADER = struct.Struct("<BHB")
-HEADER_SIZE = HEADER.size  # 4
-MAX_BODY = 0xFFFF
+HEADER_SIZE = VOCABULARY["packet"]["HEADER_SIZE"]
+MAX_BODY = VOCABULARY["packet"]["MAX_BODY"]
+if HEADER_SIZE != HEADER.size:
+    raise ValueError(f"{protocol_file()}: HEADER_SIZE {HEADER_SIZE}, but the header's layout is {HEADER.size} bytes")
 
-MODIFIER1_FORK_SERVER = 35
-MODIFIER1_CONFIG = 115
+MODIFIER1_FORK_SERVER = VOCABULARY["modifier1"]["MODIFIER1_FORK_SERVER"]
+MODIFIER1_CONFIG = VOCABULARY["modifier1"]["MODIFIER1_CONFIG"]
 
 # Descriptor mask bits of an adoption request (modifier2).
-MASK_PIPE = 0x01
-MASK_CONFIG = 0x02
-MASK_ON_DEMAND = 0x04
+MASK_PIPE = VOCABULARY["mask"]["MASK_PIPE"]
+MASK_CONFIG = VOCABULARY["mask"]["MASK_CONFIG"]
+MASK_ON_DEMAND = VOCABULARY["mask"]["MASK_ON_DEMAND"]
 _MASK_ALL = MASK_PIPE | MASK_CONFIG | MASK_ON_DEMAND
 
 #: Linux's PID_MAX_LIMIT (2**22): no process id is larger. A reply claiming
@@ -36,23 +61,13 @@ class ProtocolError(ValueError):
     """Malformed uwsgi packet, array or dict."""
 
 
-class VassalByte(IntEnum):
-    """Bytes a vassal writes on its Emperor pipe."""
+#: Bytes a vassal writes on its Emperor pipe (SPAWNED, CONFIG_AGAIN,
+#: ACCEPTING, LOYAL, DONE, HEARTBEAT).
+VassalByte = IntEnum("VassalByte", VOCABULARY["vassal_bytes"], module=__name__)
 
-    SPAWNED = 1
-    CONFIG_AGAIN = 2
-    ACCEPTING = 5
-    LOYAL = 17
-    DONE = 22
-    HEARTBEAT = 26
-
-
-class EmperorByte(IntEnum):
-    """Bytes the Emperor writes on a vassal's pipe."""
-
-    STOP_NOW = 0
-    RELOAD = 1
-    STOP = 2  # gracefully: finish the requests in flight
+#: Bytes the Emperor writes on a vassal's pipe (STOP_NOW, RELOAD, and STOP:
+#: gracefully, finishing the requests in flight).
+EmperorByte = IntEnum("EmperorByte", VOCABULARY["emperor_bytes"], module=__name__)
 
 
 @dataclass(frozen=True)

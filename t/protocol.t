@@ -2,7 +2,9 @@ use strict;
 use warnings;
 use Test::More;
 use File::Basename ();
+use File::Copy ();
 use File::Spec ();
+use File::Temp ();
 use JSON::PP ();
 use ForkServer::Protocol qw(
     encode_packet decode_header decode_packet read_packet
@@ -59,13 +61,32 @@ subtest 'read_packet from a handle' => sub {
     dies_like { read_packet($r) } qr/end of file after 3 of 9 bytes/, 'end of file in the body';
 };
 
-subtest 'one vocabulary: protocol.json' => sub {
-    my $file = File::Spec->catfile(File::Basename::dirname($INC{'ForkServer/Protocol.pm'}), 'protocol.json');
-    open my $fh, '<', $file or die "$file: $!";
-    my $decl = JSON::PP->new->decode(do { local $/; <$fh> });
+my $PROTOCOL_JSON = File::Spec->catfile(File::Basename::dirname($INC{'ForkServer/Protocol.pm'}), 'protocol.json');
+
+sub declaration {
+    my ($file) = @_;
+    open my $fh, '<:raw', $file or die "$file: $!";
+    return JSON::PP->new->canonical->decode(do { local $/; <$fh> });
+}
+
+subtest 'protocol.json: complete and well formed' => sub {
+    my $decl = declaration($PROTOCOL_JSON);
     my @groups = grep { $_ ne 'about' } sort keys %$decl;
     is_deeply \@groups, [qw(emperor_bytes mask modifier1 packet vassal_bytes)], 'the groups';
-    for my $group (@groups) {
+    is_deeply $decl->{packet}, { HEADER_SIZE => 4, MAX_BODY => 65535 }, 'a 4-byte header, a 16-bit size';
+    for my $group (qw(modifier1 mask vassal_bytes emperor_bytes)) {
+        my @values = values %{ $decl->{$group} };
+        ok @values && !grep({ !/\A\d+\z/ || $_ > 255 } @values), "$group: bytes";
+        my %seen;
+        ok !grep({ $seen{$_}++ } @values), "$group: no byte with two names";
+    }
+    my @masks = values %{ $decl->{mask} };
+    ok !grep({ !$_ || ($_ & ($_ - 1)) } @masks), 'each mask a single bit';
+};
+
+subtest 'the module exports what protocol.json declares' => sub {
+    my $decl = declaration($PROTOCOL_JSON);
+    for my $group (grep { $_ ne 'about' } sort keys %$decl) {
         is_deeply [sort @{ $ForkServer::Protocol::EXPORT_TAGS{$group} // [] }], [sort keys %{ $decl->{$group} }],
             "tag :$group exports exactly the names of $group";
         for my $name (sort keys %{ $decl->{$group} }) {
@@ -73,6 +94,36 @@ subtest 'one vocabulary: protocol.json' => sub {
             is $const ? $const->() : undef, $decl->{$group}{$name}, "$name is $decl->{$group}{$name}";
         }
     }
+};
+
+subtest 'the bytes on the wire are uWSGI\'s' => sub {
+    use ForkServer::Protocol qw(:all);
+    is encode_packet(MODIFIER1_FORK_SERVER, MASK_PIPE | MASK_CONFIG, encode_array('psgi-vassal', '-s')),
+        "\x23\x11\x00\x03\x0b\x00psgi-vassal\x02\x00-s", 'an adoption request';
+    is encode_packet(MODIFIER1_CONFIG, 0, "[uwsgi]\n"), "\x73\x08\x00\x00[uwsgi]\n", 'a config packet';
+    is_deeply [SPAWNED, CONFIG_AGAIN, ACCEPTING, LOYAL, DONE, HEARTBEAT], [1, 2, 5, 17, 22, 26], 'vassal bytes';
+    is_deeply [STOP_NOW, RELOAD, STOP], [0, 1, 2], 'Emperor bytes';
+};
+
+subtest 'the values are read from protocol.json as the module loads' => sub {
+    my $dir = File::Temp::tempdir(CLEANUP => 1);
+    mkdir "$dir/ForkServer" or die $!;
+    File::Copy::copy($INC{'ForkServer/Protocol.pm'}, "$dir/ForkServer/Protocol.pm") or die $!;
+    my $decl = declaration($PROTOCOL_JSON);
+    my $load = sub {
+        my ($value) = @_;
+        $decl->{vassal_bytes}{HEARTBEAT} = $value;
+        open my $fh, '>:raw', "$dir/ForkServer/protocol.json" or die $!;
+        print {$fh} JSON::PP->new->encode($decl);
+        close $fh or die $!;
+        my $out = qx{$^X -I$dir -MForkServer::Protocol=HEARTBEAT -e 'print HEARTBEAT' 2>&1};
+        return ($?, $out);
+    };
+    is_deeply [$load->(27)], [0, '27'], 'a changed value is the one loaded';
+    my ($status, $out) = $load->('twenty-six');
+    ok $status, 'a broken value stops the load';
+    like $out, qr{\A\Q$dir/ForkServer/protocol.json\E: vassal_bytes\.HEARTBEAT: not a non-negative integer$}m,
+        'with the file, the name and the reason';
 };
 
 done_testing;

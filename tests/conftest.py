@@ -1,16 +1,23 @@
-"""Every Emperor a test starts opens its default stats socket in a run
+"""The fixtures every test module may use (helpers: tests/support/).
+
+Every Emperor a test starts opens its default stats socket in a run
 directory of this session's own (removed at the end), never in the
-machine's /run/psgi-forkserver."""
+machine's /run/psgi-forkserver. Every fleet fixture starts its Emperors
+through `support.Emperors`: a fresh directory each, the base from
+`support.base_ini`, everything stopped and removed after the test."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
 from psgi_forkserver.status import RUN_DIR_ENV
+
+from support import Emperors
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -26,3 +33,58 @@ def _private_run_dir():
         else:
             os.environ[RUN_DIR_ENV] = old
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def emp(xprocess):
+    """start(files, *extra, base=, wait=, env=, prepare=, nofile=, vdir=) -> Emp,
+    with a --stats socket (`e.status()`)."""
+    emperors = Emperors(xprocess, "pfs-rb-")
+    yield emperors
+    emperors.stop()
+
+
+@pytest.fixture
+def hostile(xprocess):
+    """As `emp`, for the hostile scenarios."""
+    emperors = Emperors(xprocess, "pfs-hostile-")
+    yield emperors
+    emperors.stop()
+
+
+@pytest.fixture
+def emperor(xprocess):
+    """As `emp`, with a --pidfile (`e.pidfile`, for `emperor reload-base`)
+    and no --stats; each pidfile must be gone once its Emperor stopped."""
+    emperors = Emperors(xprocess, "pfs-fl-", stats=False, pidfile=True)
+    yield emperors
+    left: list[Path] = []
+    emperors.stop(after=lambda e: left.extend(p for p in [e.pidfile] if p and p.exists()))
+    assert not left, f"pidfile left behind: {left}"
+
+
+@pytest.fixture
+def ctl_emperor(xprocess):
+    """As `emp`, with both --stats and --pidfile, and the default reload grace."""
+    emperors = Emperors(xprocess, "pfs-ctl-", pidfile=True, args=[
+        "--mercy", "5", "--rescan-interval", "2", "--backoff-first", "0.2", "--backoff-max", "1"])
+    yield emperors
+    emperors.stop()
+
+
+@pytest.fixture
+def front(xprocess):
+    """start(files, *extra) -> Front: an Emperor with its front door (nginx)."""
+    from support.front import FrontDoors
+
+    emperors = FrontDoors(xprocess)
+    yield emperors
+    emperors.stop()
+
+
+@pytest.fixture
+def deploy_tmp():
+    """A directory for sockets that live outside the vassals directory."""
+    d = Path(tempfile.mkdtemp(prefix="pfs-hd-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

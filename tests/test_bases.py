@@ -6,7 +6,7 @@ from psgi_forkserver.emperor.bases import socket_path
 from psgi_forkserver.emperor.deploys import DeployState, DeployTracker
 from psgi_forkserver.emperor.vassal import Adopt, Kind, Vassal
 
-from test_vassal import POLICY, base_vassal, cfg, ctx
+from support.vassals import POLICY, base_vassal, cfg, ctx
 
 
 def test_socket_path_per_generation():

@@ -26,8 +26,7 @@ from psgi_forkserver import paths
 from psgi_forkserver.emperor import cgroups
 from psgi_forkserver.status import default_stats_path
 
-from support import (EMPEROR, alive, free_port, kill_all, start_emperor, stop_emperor,
-                     wait_for)
+from support import EMPEROR, alive, base_ini, free_port, kill_all, start_emperor, stop_emperor, wait_for
 
 HERE = Path(__file__).resolve().parent
 DAEMON = HERE / "apps" / "daemon.psgi"
@@ -77,7 +76,7 @@ def answers(port: int) -> bool:
 def vdir():
     d = Path(tempfile.mkdtemp(prefix="pfs-cgroups-"))
     ports = {"a": free_port(), "b": free_port()}
-    (d / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {DAEMON}\nfork-server = fs.sock\n")
+    (d / "base.ini").write_text(base_ini(DAEMON))
     for name, port in ports.items():
         (d / f"{name}.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\n"
                                        f"processes = 1\nenv = APP_NAME={name}\n")

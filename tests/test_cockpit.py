@@ -29,8 +29,10 @@ from psgi_forkserver import paths, status
 from psgi_forkserver.proc import Phase
 
 import browser
-from support import EMPEROR, descendants, free_port, start_emperor, stop_emperor, wait_for
-from test_emperor import app_ini, get
+from support import (
+    EMPEROR, Emperors, app_ini, base_ini, descendants, free_port, get, start_emperor, stop_emperor, wait_for,
+)
+from support.front import ini, needs_nginx
 
 HERE = Path(__file__).resolve().parent
 APP = HERE / "apps" / "hello.psgi"
@@ -40,29 +42,6 @@ pytestmark = pytest.mark.skipif(not paths.vassal_program().is_file(),
                                 reason="the Perl vassal program is not there")
 
 
-@dataclass
-class Fleet:
-    pid: int
-    popen: subprocess.Popen
-    log: Path
-    dir: Path
-    ports: dict[str, int]
-    http_port: int
-    stats: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.stats = status.default_stats_path(self.dir)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.http_port}{path}"
-
-    def doc(self) -> dict:
-        return status.fetch(self.stats)
-
-    def vassal(self, name: str) -> dict:
-        return self.doc()["vassals"][name]
-
-
 def emperor_cli(*args, timeout: float = 90) -> subprocess.CompletedProcess:
     return subprocess.run([EMPEROR, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
@@ -70,29 +49,21 @@ def emperor_cli(*args, timeout: float = 90) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def fleet(xprocess):
-    vdir = Path(tempfile.mkdtemp(prefix="pfs-cockpit-"))
-    (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
     ports = {"a": free_port(), "b": free_port()}
-    (vdir / "a.ini").write_text(app_ini("a", ports["a"], processes=2))
-    (vdir / "b.ini").write_text(app_ini("b", ports["b"], processes=1))
-    (vdir / "dies.ini").write_text(
-        f"[uwsgi]\nhttp-socket = 127.0.0.1:{free_port()}\npsgi = {DIES}\n")
     http_port = free_port()
-    em = None
+    # no --stats: the default socket in the run directory (tests/conftest.py)
+    emperors = Emperors(xprocess, "pfs-cockpit-", stats=False, args=[
+        "--mercy", "5", "--rescan-interval", "600", "--backoff-max", "2", "--status-http", f"127.0.0.1:{http_port}"])
     try:
-        # no --stats: the default socket in the run directory (tests/conftest.py)
-        em = start_emperor(xprocess, "emperor-cockpit", [
-            vdir, "--mercy", "5", "--rescan-interval", "600", "--backoff-max", "2",
-            "--status-http", f"127.0.0.1:{http_port}"])
-        f = Fleet(em.pid, em.popen, em.log, vdir, ports, http_port)
+        f = emperors({"a": app_ini("a", ports["a"], processes=2), "b": app_ini("b", ports["b"], processes=1),
+                      "dies": f"[uwsgi]\nhttp-socket = 127.0.0.1:{free_port()}\npsgi = {DIES}\n"})
+        f.ports, f.status_http_port, f.stats = ports, http_port, status.default_stats_path(f.dir)
         for name, port in ports.items():
             wait_for(lambda p=port, n=name: get(p)["name"] == n, 40, f"{name} to answer")
         wait_for(lambda: f.vassal("dies")["failures"] >= 1, 40, "dies to fail")
         yield f
     finally:
-        if em is not None:
-            stop_emperor(em)
-        shutil.rmtree(vdir, ignore_errors=True)
+        emperors.stop()
 
 
 # -- status -------------------------------------------------------------------------
@@ -511,7 +482,7 @@ class Messages:
 def test_notify_ready_status_watchdog_and_reloading(xprocess, notify_socket):
     sock, path = notify_socket
     vdir = Path(tempfile.mkdtemp(prefix="pfs-notify-v-"))
-    (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
+    (vdir / "base.ini").write_text(base_ini(APP))
     port = free_port()
     (vdir / "app.ini").write_text(app_ini("app", port, processes=1))
     (vdir / "broken.ini").write_text("[uwsgi]\nno-such-option = 1\n")  # config-error: fails for good
@@ -546,7 +517,7 @@ def test_notify_messages_wait_for_a_full_socket_and_keep_their_order(xprocess, n
     messages wait for room, watchdog pings are not queued."""
     sock, path = notify_socket
     vdir = Path(tempfile.mkdtemp(prefix="pfs-notify-v-"))
-    (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
+    (vdir / "base.ini").write_text(base_ini(APP))
     port = free_port()
     (vdir / "app.ini").write_text(app_ini("app", port, processes=1))
     em = None
@@ -921,11 +892,8 @@ def test_status_finds_an_emperor_started_with_stats_elsewhere(xprocess, tmp_path
     assert list(short_run_dir.iterdir()) == []
 
 
-from test_frontdoor import front, ini, needs_nginx  # noqa: E402,F401  (the front fixture)
-
-
 @needs_nginx
-def test_readyz_waits_for_the_front_door(front):  # noqa: F811
+def test_readyz_waits_for_the_front_door(front):
     """/readyz is 503 while the front door has no nginx running on the
     current routes (here: its nginx killed, until the Emperor restarts it)."""
     sport = free_port()

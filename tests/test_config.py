@@ -5,6 +5,8 @@ import pytest
 
 from psgi_forkserver import config as c
 
+from support import base_ini
+
 
 @pytest.mark.parametrize("name,ok", [
     ("app.ini", True), (".app.ini", False), ("app.ini~", False), (".app.ini.swp", False),
@@ -71,7 +73,7 @@ def test_parse_ini_errors():
 
 
 def test_load_and_base_detection(tmp_path: Path):
-    (tmp_path / "base.ini").write_text("[uwsgi]\nearly-psgi = app.psgi\nfork-server = fs.sock\n")
+    (tmp_path / "base.ini").write_text(base_ini("app.psgi"))
     (tmp_path / "app1.ini").write_text("[uwsgi]\nenv = A=1\nenv = B=2\n")
     base = c.load(tmp_path / "base.ini")
     app = c.load(tmp_path / "app1.ini")
@@ -99,7 +101,6 @@ def test_bad_file_has_error(tmp_path: Path):
     f = tmp_path / "a.ini"
     f.write_text("[uwsgi\n")
     assert c.load(f).error
-
 
 
 # -- judging a vassal file against the declaration (perl/ForkServer/options.json) --

@@ -24,7 +24,7 @@ import psutil
 import pytest
 import yaml
 
-from support import descendants, free_port, wait_for
+from support import base_ini, descendants, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 HELLO = ROOT / "tests" / "apps" / "hello.psgi"
@@ -193,8 +193,7 @@ def test_the_wheels_emperor_runs_a_base_and_an_adopted_vassal(wheel_venv, tmp_pa
     vassals = tmp_path / "vassals"
     vassals.mkdir()
     port = free_port()
-    (vassals / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {HELLO}\n"
-                                      f"fork-server = {tmp_path}/fork.sock\nfork-server-spares = 0\n")
+    (vassals / "base.ini").write_text(base_ini(HELLO, f"{tmp_path}/fork.sock", "fork-server-spares = 0"))
     (vassals / "app.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nenv = APP_NAME=app\n")
     log = tmp_path / "emperor.log"
     with log.open("wb") as out:  # a file, not a pipe nobody reads while it runs

@@ -4,95 +4,29 @@ adopted vassals answering real HTTP on loopback."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import tempfile
-import urllib.request
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import psutil
 import pytest
 
-from psgi_forkserver import paths
+from support import Emperors, alive, app_ini, descendants, free_port, get, needs_program, refused, wait_for
 
-from support import EmperorLog, alive, descendants, free_port, wait_for, start_emperor, stop_emperor
-
-HERE = Path(__file__).resolve().parent
-APP = HERE / "apps" / "hello.psgi"
-PROGRAM = paths.vassal_program()
-
-pytestmark = pytest.mark.skipif(
-    not PROGRAM.is_file() or os.path.getsize(PROGRAM) < 200,
-    reason="the Perl vassal program is not there yet",
-)
-
-
-def app_ini(name: str, port: int, value: str = "v1", processes: int = 2) -> str:
-    return (
-        "[uwsgi]\n"
-        f"http-socket = 127.0.0.1:{port}\n"
-        f"processes = {processes}\n"
-        f"env = APP_NAME={name}\n"
-        f"env = APP_VALUE={value}\n"
-        "disable-logging = true\n"
-    )
-
-
-def get(port: int, timeout: float = 2.0) -> dict[str, str]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=timeout) as r:
-        assert r.status == 200
-        body = r.read().decode()
-    return dict(kv.split("=", 1) for kv in body.split())
-
-
-def refused(port: int) -> bool:
-    try:
-        get(port, timeout=1)
-    except OSError:
-        return True
-    return False
-
-
-@dataclass
-class Fleet(EmperorLog):
-    pid: int
-    dir: Path
-    log: Path
-    popen: object
-    ports: dict[str, int] = field(default_factory=dict)
-
-
-    def answers_from(self, name: str, vassal_pid: int) -> bool:
-        """The app answers, and the answering process is vassal_pid or below it."""
-        got = get(self.ports[name])
-        worker = psutil.Process(int(got["pid"]))
-        return worker.pid == vassal_pid or vassal_pid in [p.pid for p in worker.parents()]
+pytestmark = needs_program
 
 
 @pytest.fixture
 def fleet(xprocess):
-    vdir = Path(tempfile.mkdtemp(prefix="pfs-"))
-    (vdir / "base.ini").write_text(
-        f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n"
-    )
-    ports = {}
-    for i in (1, 2, 3):
-        name = f"app{i}"
-        ports[name] = free_port()
-        (vdir / f"{name}.ini").write_text(app_ini(name, ports[name]))
-
-    em = None
+    """Three apps, app1..app3, each answering on its port."""
+    emperors = Emperors(xprocess, "pfs-", args=["--mercy", "5", "--rescan-interval", "2"], stats=False)
     try:
-        em = start_emperor(xprocess, "emperor", [vdir, "--mercy", "5", "--rescan-interval", "2"])
-        f = Fleet(em.pid, vdir, em.log, em.popen, ports)
+        ports = {f"app{i}": free_port() for i in (1, 2, 3)}
+        f = emperors({name: app_ini(name, port) for name, port in ports.items()})
+        f.ports = ports
         for name in ports:
             wait_for(lambda n=name: get(ports[n])["name"] == n, 30, f"{name} to answer")
         yield f
     finally:
-        if em is not None:
-            stop_emperor(em)
-        shutil.rmtree(vdir, ignore_errors=True)
+        emperors.stop()
 
 
 def test_all_apps_answer_and_adopted_vassals_are_the_emperors_children(fleet):
@@ -136,7 +70,9 @@ def test_changing_a_file_restarts_its_vassal(fleet):
     tmp.write_text(app_ini("app1", fleet.ports["app1"], value="v2"))
     os.rename(tmp, fleet.dir / "app1.ini")
     wait_for(lambda: get(fleet.ports["app1"])["value"] == "v2", 15, "app1 to serve v2")
-    new = fleet.vpid("app1")
+    # the successor may answer before the Emperor has read its adoption
+    # reply and logged its pid
+    new = wait_for(lambda: fleet.vpid("app1") != old and fleet.vpid("app1"), 15, "the successor's pid")
     assert new != old
     wait_for(lambda: not alive_pid(old), 15, "the old app1 to stop")
 

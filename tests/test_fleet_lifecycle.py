@@ -4,108 +4,22 @@ under load, crash-loop throttling, heartbeats, on-demand vassals."""
 
 from __future__ import annotations
 
-import http.client
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
-import threading
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 
-from support import EMPEROR, EmperorLog, alive, free_port, wait_for, start_emperor, stop_emperor
-from test_emperor import APP, PROGRAM, app_ini, get
+from support import APP, EMPEROR, Load, PROGRAM, alive, app_ini, base_ini, free_port, get, wait_for
 
 pytestmark = pytest.mark.skipif(
     not PROGRAM.is_file() or os.path.getsize(PROGRAM) < 200,
     reason="the Perl vassal program is not there yet",
 )
-
-
-class Emp(EmperorLog):
-    def __init__(self, pid, vdir, log, popen):
-        self.pid, self.dir, self.log, self.popen = pid, vdir, Path(log), popen
-        self.pidfile = vdir.parent / (vdir.name + ".pid")
-
-    def write(self, name, text):
-        tmp = self.dir / f".{name}.tmp"
-        tmp.write_text(text)
-        os.rename(tmp, self.dir / f"{name}.ini")
-
-
-@pytest.fixture
-def emperor(xprocess):
-    started: list[Emp] = []
-    dirs: list[Path] = []
-
-    def start(files: dict[str, str], *extra, base=True, wait=()):
-        vdir = Path(tempfile.mkdtemp(prefix="pfs-fl-"))
-        dirs.append(vdir)
-        if base:
-            (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
-        for name, text in files.items():
-            (vdir / f"{name}.ini").write_text(text)
-        pidfile = vdir.parent / (vdir.name + ".pid")
-
-        em = start_emperor(xprocess, f"emperor-{vdir.name}", [
-            vdir, "--mercy", "5", "--rescan-interval", "2", "--pidfile", pidfile,
-            "--backoff-first", "0.2", "--backoff-max", "1", "--reload-grace", "0.3", *extra])
-        e = Emp(em.pid, vdir, em.log, em.popen)
-        started.append(e)
-        for port in wait:
-            wait_for(lambda p=port: get(p), 30, f"port {port} to answer")
-        return e
-
-    yield start
-    for e in started:
-        stop_emperor(e)
-        assert not e.pidfile.exists(), "pidfile left behind"
-    for d in dirs:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-class Load(threading.Thread):
-    """Requests without pause, each on a new connection, until stopped
-    (at most `limit` seconds / `max_requests`)."""
-
-    def __init__(self, ports, limit=20.0, max_requests=20000):
-        super().__init__(daemon=True)
-        self.ports, self.limit, self.max_requests = list(ports), limit, max_requests
-        self.ok = 0
-        self.failed: list[str] = []
-        self.seen: dict[int, set[str]] = {p: set() for p in self.ports}
-        self.stop_ev = threading.Event()
-
-    def run(self):
-        deadline = time.monotonic() + self.limit
-        i = 0
-        while not self.stop_ev.is_set() and time.monotonic() < deadline \
-                and self.ok + len(self.failed) < self.max_requests:
-            port = self.ports[i % len(self.ports)]
-            i += 1
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-                c.request("GET", "/")
-                r = c.getresponse()
-                body = r.read().decode()
-                c.close()
-                if r.status != 200:
-                    raise OSError(f"status {r.status}")
-                self.seen[port].add(dict(kv.split("=", 1) for kv in body.split())["value"])
-                self.ok += 1
-            except Exception as e:  # noqa: BLE001 - counted
-                self.failed.append(f"{port}: {e!r}")
-
-    def finish(self):
-        self.stop_ev.set()
-        self.join(30)
-        return self
 
 
 def test_gap_free_reload_under_load(emperor):
@@ -158,7 +72,7 @@ def test_code_deploy_moves_every_vassal_without_a_failed_request(emperor):
     # the new base serves on fs.sock.gen2, the old one removed its own socket
     assert (e.dir / "fs.sock.gen2").exists() and not (e.dir / "fs.sock").exists()
     # a changed base file is a deploy too
-    (e.dir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n; v3\n")
+    (e.dir / "base.ini").write_text(base_ini(APP, "fs.sock", "; v3"))
     wait_for(lambda: "generation 3" in e.text(), 20, "generation 3")
     wait_for(lambda: all(get(p)["name"] == n for n, p in ports.items()), 20, "all answer")
 

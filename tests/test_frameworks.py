@@ -19,7 +19,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +27,10 @@ from xprocess import ProcessStarter
 
 from psgi_forkserver import paths, status
 
-from support import (EMPEROR, RunningEmperor, descendants, free_port, pid_alive, start_emperor,
-                     stop_emperor, wait_for)
+from support import (
+    EMPEROR, RunningEmperor, base_ini, descendants, free_port, pid_alive, start_emperor, stop_emperor,
+    wait_for,
+)
 
 HERE = Path(__file__).resolve().parent
 APPS = HERE / "apps" / "frameworks"
@@ -234,8 +235,7 @@ def start_fleet(xprocess, name: str, spares: bool, args: list[str]) -> Fleet:
     state = vdir / "state"
     state.mkdir()
     (vdir / "base.ini").write_text(
-        f"[uwsgi]\nearly-psgi = {APPS / 'preload.psgi'}\nfork-server = fs.sock\n"
-        + ("" if spares else "fork-server-spares = 0\n"))
+        base_ini(APPS / "preload.psgi", "fs.sock", *([] if spares else ["fork-server-spares = 0"])))
     ports = {n: free_port() for n in (*VASSALS, *EXITS, "mojodev", "harakiri", "exit-warm")}
     for n, psgi in VASSALS.items():
         (vdir / f"{n}.ini").write_text(

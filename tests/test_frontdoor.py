@@ -23,16 +23,15 @@ from psgi_forkserver import config as c
 from psgi_forkserver import frontdoor as fd
 from psgi_forkserver.frontdoor import FrontDoor, FrontDoorOptions, Route
 
-from support import EMPEROR, EmperorLog, alive, descendants, free_port, start_emperor, \
-    stop_emperor, wait_for
-from test_emperor import APP as HELLO, PROGRAM
+from support import (
+    EMPEROR, PROGRAM, alive, base_ini, descendants, free_port, start_emperor, stop_emperor, wait_for,
+)
+from support.front import NGINX, answer, answers, fetch, ini, needs_nginx, status_of
 
 HERE = Path(__file__).resolve().parent
 APP = HERE / "apps" / "front.psgi"
 DIES = HERE / "apps" / "dies.psgi"
-NGINX = fd.find_nginx()
 
-needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (make setup)")
 needs_perl = pytest.mark.skipif(not PROGRAM.is_file(), reason="no vassal program")
 
 
@@ -171,7 +170,7 @@ def test_uwsgi_keys_accepted_or_refused_by_name_on_both_sides(tmp_path: Path):
 def test_nginx_conf_prints_the_routing_of_a_directory(tmp_path: Path):
     vdir = tmp_path / "v"
     vdir.mkdir()
-    (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
+    (vdir / "base.ini").write_text(base_ini(APP))
     (vdir / "a.ini").write_text("[uwsgi]\ndomain = a.localhost\ndomain = *.a.localhost\n")
     (vdir / "b.ini").write_text("[uwsgi]\nhttp-socket = 127.0.0.1:9999\ndomain = b.localhost\n")
     (vdir / "c.ini").write_text("[uwsgi]\ndomain = a.localhost\n")  # taken by a
@@ -187,107 +186,6 @@ def test_nginx_conf_prints_the_routing_of_a_directory(tmp_path: Path):
 
 
 # -- a real Emperor with the front door ------------------------------------------------
-
-
-def ini(name: str, *lines: str, value: str = "v1", processes: int = 1) -> str:
-    return "\n".join(["[uwsgi]", f"processes = {processes}", f"env = APP_NAME={name}",
-                      f"env = APP_VALUE={value}", "disable-logging = true", *lines]) + "\n"
-
-
-def fetch(port: int, host: str, path: str = "/", timeout: float = 10.0
-          ) -> tuple[int, dict[str, str], str]:
-    """(status, headers, body) of GET http://HOST:PORT/ sent to loopback."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path, headers={"Host": f"{host}:{port}"})
-        r = conn.getresponse()
-        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read().decode()
-    finally:
-        conn.close()
-
-
-def answer(port: int, host: str) -> dict[str, str]:
-    status, _, body = fetch(port, host)
-    assert status == 200, (status, body)
-    return dict(kv.split("=", 1) for kv in body.split())
-
-
-def answers(port: int, host: str, name: str) -> bool:
-    try:
-        return answer(port, host)["name"] == name
-    except (AssertionError, OSError):
-        return False
-
-
-def status_of(port: int, host: str) -> int:
-    try:
-        return fetch(port, host)[0]
-    except OSError:
-        return 0
-
-
-class Front(EmperorLog):
-    def __init__(self, em, vdir: Path, run: Path, port: int):
-        self.pid, self.popen, self.log = em.pid, em.popen, em.log
-        self.dir, self.run, self.port = vdir, run, port
-
-    def write(self, name: str, text: str) -> None:
-        tmp = self.dir / f".{name}.tmp"
-        tmp.write_text(text)
-        os.rename(tmp, self.dir / f"{name}.ini")
-
-    def settled(self) -> bool:
-        """nginx runs one generation of workers: after a reload it runs the
-        old ones beside the new for 100 ms or more (they still accept),
-        so a request may meet the routing before the last change."""
-        try:
-            kids = psutil.Process(self.nginx_pid()).children()
-            titles = [" ".join(k.cmdline()) for k in kids]
-        except psutil.Error:
-            return False
-        return len(kids) == (os.cpu_count() or 1) and not any("shutting down" in t for t in titles)
-
-    def routed(self, host: str, name: str, timeout: float = 30) -> None:
-        """`host` answers from vassal `name`, and keeps doing so: nginx's
-        workers of older routings are gone."""
-        wait_for(lambda: answers(self.port, host, name), timeout, f"{host} -> {name}")
-        wait_for(self.settled, timeout, "nginx's old workers to leave")
-        assert answers(self.port, host, name)
-
-    def nginx_pid(self) -> int:
-        lines = self.lines("[front] nginx pid ")
-        assert lines, self.text()
-        return int(lines[-1].split("nginx pid ")[1].split()[0])
-
-
-@pytest.fixture
-def front(xprocess):
-    started: list[Front] = []
-    dirs: list[Path] = []
-
-    def start(files: dict[str, str], *extra) -> Front:
-        top = Path(tempfile.mkdtemp(prefix="pfs-fd-"))
-        top.chmod(0o755)  # nginx's workers (www-data under a root Emperor) reach the sockets
-        dirs.append(top)
-        vdir, run = top / "v", top / "run"
-        vdir.mkdir()
-        (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
-        for name, text in files.items():
-            (vdir / f"{name}.ini").write_text(text)
-        port = free_port()
-        em = start_emperor(xprocess, f"emperor-{top.name}", [
-            vdir, "--http", f"127.0.0.1:{port}", "--run-dir", run, "--mercy", "5",
-            "--rescan-interval", "2", "--backoff-first", "0.5", "--backoff-max", "4",
-            "--reload-grace", "0.3", "--http-settle", "2", *extra])
-        f = Front(em, vdir, run, port)
-        started.append(f)
-        return f
-
-    yield start
-    for f in started:
-        stop_emperor(f)
-    for d in dirs:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @needs_nginx
@@ -503,7 +401,7 @@ def test_bring_your_own_nginx_include_kept_up_to_date_and_reloaded(xprocess, tmp
     em = None
     try:
         wait_for(lambda: status_of(port, "app1.localhost") == 404, 20, "the operator's nginx")
-        (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
+        (vdir / "base.ini").write_text(base_ini(APP))
         # their nginx's workers run as nobody (a root master's default), as
         # www-data under Debian's: the sockets are given to that user
         owner = "chown-socket = nobody:nogroup" if os.geteuid() == 0 else "domain = x.localhost"

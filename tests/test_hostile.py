@@ -32,60 +32,16 @@ import pytest
 
 from psgi_forkserver.status import fetch
 
-from support import (EMPEROR, EmperorLog, descendants, free_port, spare_pids, start_emperor, stop_emperor,
-                     wait_for)
-from test_emperor import APP, PROGRAM, app_ini, get, refused
-from test_robustness import Emp, _set_subreaper, assert_no_zombies
-from test_fleet_lifecycle import Load, emperor  # noqa: F401 - the fixture
+from support import (
+    APP, EMPEROR, Emp, Load, PROGRAM, app_ini, assert_no_zombies, base_ini, descendants, free_port, get,
+    refused, set_subreaper, spare_pids, wait_for,
+)
+from support.deploys import VERSIONED_APP, deploy_fleet, reload_base, serve
 
 ctl_needs_perl = pytest.mark.skipif(
     not PROGRAM.is_file() or os.path.getsize(PROGRAM) < 200,
     reason="the Perl vassal program is not there yet",
 )
-
-
-class CtlEmp(EmperorLog):
-    def __init__(self, em, vdir: Path, stats: Path, pidfile: Path):
-        self.pid, self.popen, self.log = em.pid, em.popen, Path(em.log)
-        self.dir, self.stats, self.pidfile = vdir, stats, pidfile
-
-    def status(self) -> dict[str, dict]:
-        return fetch(self.stats, timeout=10)["vassals"]
-
-
-@pytest.fixture
-def ctl_emperor(xprocess):
-    """start(files, *extra, base=..., fork_server=...) -> CtlEmp; all stopped after."""
-    started: list[CtlEmp] = []
-    tmps: list[Path] = []
-
-    def start(files: dict[str, str], *extra, base: bool = True, fork_server: str = "fs.sock",
-              wait=()):
-        tmp = Path(tempfile.mkdtemp(prefix="pfs-ctl-"))
-        tmps.append(tmp)
-        vdir = tmp / "vassals"
-        vdir.mkdir()
-        if base:
-            (vdir / "base.ini").write_text(
-                f"[uwsgi]\nearly-psgi = {APP}\nfork-server = {fork_server}\n")
-        for fname, text in files.items():
-            (vdir / (fname if "." in fname else f"{fname}.ini")).write_text(text)
-        stats, pidfile = tmp / "stats.sock", tmp / "emperor.pid"
-        em = start_emperor(xprocess, f"emperor-{tmp.name}", [
-            vdir, "--mercy", "5", "--rescan-interval", "2", "--stats", stats,
-            "--pidfile", pidfile, "--backoff-first", "0.2", "--backoff-max", "1", *extra])
-        e = CtlEmp(em, vdir, stats, pidfile)
-        started.append(e)
-        for port in wait:
-            wait_for(lambda p=port: get(p), 30, f"port {port} to answer")
-        return e
-
-    start.tmps = tmps  # type: ignore[attr-defined]
-    yield start
-    for e in started:
-        stop_emperor(e)
-    for t in tmps:
-        shutil.rmtree(t, ignore_errors=True)
 
 
 def ctl_run(*args, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -129,7 +85,7 @@ def test_ctl_second_emperor_on_same_dir_pidfile_or_fork_server_refuses(ctl_emper
         # another directory whose base names the same fork-server socket
         third = tmp_path / "third"
         third.mkdir()
-        (third / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = {fs}\n")
+        (third / "base.ini").write_text(base_ini(APP, fs))
         r = ctl_run("run", third, timeout=60)
         assert r.returncode == 2, r
         assert f"fork-server socket {fs} is in use by another Emperor (pid {e.pid})" in ctl_one_line(r)
@@ -225,7 +181,7 @@ def test_ctl_files_the_emperor_can_judge_are_config_errors_not_crash_loops(ctl_e
         "idle": f"[uwsgi]\nhttp-socket = 127.0.0.1:{p()}\npsgi = {APP}\nidle = 5\n",
         "twice": f"[uwsgi]\nhttp-socket = 127.0.0.1:{p()}\npsgi = {APP}\nhttp-socket = 127.0.0.1:{p()}\n",
         "nosection": f"http-socket = 127.0.0.1:{p()}\npsgi = {APP}\n",
-        "runbad": f"[uwsgi]\nearly-psgi = {APP}\nfork-server = /nonexistent/run/fs.sock\n",
+        "runbad": base_ini(APP, "/nonexistent/run/fs.sock"),
         "tmpl.ini.j2": "[uwsgi]\npsgi = " + str(APP) + "\n{% for k in ['a', 'b'] %}x-{{ k }} = 1\n{% endfor %}",
     }
     causes = {
@@ -342,44 +298,11 @@ def test_ctl_throttled_vassal_shows_its_last_error(ctl_emperor):
 
 # -- code deploys ------------------------------------------------------------
 
-VERSIONED_APP = Path(__file__).resolve().parent / "apps" / "versioned.psgi"
 
 pytestmark = pytest.mark.skipif(not PROGRAM.is_file(), reason="the Perl vassal program is not there")
 
 
-@pytest.fixture
-def deploy_tmp():
-    """A directory for sockets that live outside the vassals directory."""
-    d = Path(tempfile.mkdtemp(prefix="pfs-hd-"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def deploy_fleet(emperor, names, *extra, fork_server="fs.sock", version="v1"):  # noqa: F811
-    """An Emperor whose base preloads versioned.psgi (it reads version.txt
-    once, at load time) and adopts `names`, each answering on its port."""
-    e = emperor({}, *extra, base=False)
-    (e.dir / "version.txt").write_text(version + "\n")
-    e.write("base", f"[uwsgi]\nearly-psgi = {VERSIONED_APP}\nfork-server = {fork_server}\n")
-    ports = {n: free_port() for n in names}
-    for n, port in ports.items():
-        e.write(n, app_ini(n, port, processes=1))
-    for n, port in ports.items():
-        wait_for(lambda p=port, n=n: get(p)["name"] == n, 40, f"{n} to answer")
-    return e, ports
-
-
-def reload_base(e, *args, timeout=120):
-    return subprocess.run([EMPEROR, "reload-base", "--pidfile", e.pidfile, *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def serve(ports, version):
-    """Every port answers the given version."""
-    return all(get(p)["value"] == version for p in ports.values())
-
-
-def test_deploy_with_use_fork_server_forks_from_the_new_generation(emperor, deploy_tmp):  # noqa: F811
+def test_deploy_with_use_fork_server_forks_from_the_new_generation(emperor, deploy_tmp):
     sock = deploy_tmp / "fs.sock"
     e, ports = deploy_fleet(emperor, ["app1", "app2", "app3"], "--use-fork-server", sock,
                             fork_server=sock)
@@ -403,7 +326,7 @@ def test_deploy_with_use_fork_server_forks_from_the_new_generation(emperor, depl
     assert not [line for line in e.lines("[late]") if "adoption failed" in line]
 
 
-def test_deploy_moves_vassals_as_soon_as_the_new_base_is_ready(emperor):  # noqa: F811
+def test_deploy_moves_vassals_as_soon_as_the_new_base_is_ready(emperor):
     # no rescan for an hour, no heartbeat: once the new base is ready,
     # nothing but the Emperor's own decision can start the moves
     e, ports = deploy_fleet(emperor, ["app1", "app2", "app3"], "--rescan-interval", "3600",
@@ -415,7 +338,7 @@ def test_deploy_moves_vassals_as_soon_as_the_new_base_is_ready(emperor):  # noqa
     wait_for(lambda: e.lines("code deploy to generation 2 done"), 30, "the summary line")
 
 
-def test_vassal_waiting_for_a_removed_base_is_adopted_when_a_base_is_back(emperor):  # noqa: F811
+def test_vassal_waiting_for_a_removed_base_is_adopted_when_a_base_is_back(emperor):
     # a back-off far longer than the test's deadlines: only the base's
     # return may start the vassal
     e, ports = deploy_fleet(emperor, ["app1"], "--backoff-first", "300", "--backoff-max", "300",
@@ -434,7 +357,7 @@ def test_vassal_waiting_for_a_removed_base_is_adopted_when_a_base_is_back(empero
     assert "base generation 1" in e.lines("[app1] adopted pid")[-1]
 
 
-def test_reload_base_wait_exits_0_once_every_vassal_moved(emperor, deploy_tmp):  # noqa: F811
+def test_reload_base_wait_exits_0_once_every_vassal_moved(emperor, deploy_tmp):
     stats = deploy_tmp / "stats.sock"
     e, ports = deploy_fleet(emperor, ["app1", "app2", "app3", "app4"], "--stats", stats,
                             "--deploy-parallel", "2")
@@ -462,7 +385,7 @@ def test_reload_base_wait_exits_0_once_every_vassal_moved(emperor, deploy_tmp): 
 
 
 def test_reload_base_wait_fails_with_the_reason_when_the_new_base_cannot_start(
-        emperor, deploy_tmp):  # noqa: F811
+        emperor, deploy_tmp):
     stats = deploy_tmp / "stats.sock"
     e, ports = deploy_fleet(emperor, ["app1", "app2"], "--stats", stats)
     # the new code cannot load: the new base dies before it is ready
@@ -480,7 +403,7 @@ def test_reload_base_wait_fails_with_the_reason_when_the_new_base_cannot_start(
     assert again.returncode == 1 and "failed" in again.stderr, (again.stdout, again.stderr)
 
 
-def test_changed_base_file_that_cannot_load_fails_the_deploy_until_fixed(emperor):  # noqa: F811
+def test_changed_base_file_that_cannot_load_fails_the_deploy_until_fixed(emperor):
     e, ports = deploy_fleet(emperor, ["app1", "app2"])
     good = (e.dir / "base.ini").read_text()
     e.write("base", good.replace(str(VERSIONED_APP), str(VERSIONED_APP) + ".missing"))
@@ -496,54 +419,6 @@ def test_changed_base_file_that_cannot_load_fails_the_deploy_until_fixed(emperor
 
 
 # -- the Emperor's own resilience ---------------------------------------------
-
-BASE_INI = f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n"
-
-
-@pytest.fixture
-def hostile(xprocess):
-    """start(files, *extra args, nofile=(soft, hard), wait=ports) -> Emp.
-    `files`: name -> text; a name without a dot gets `.ini`; bytes names
-    are used as they are (non-UTF-8 names)."""
-    started: list[Emp] = []
-    dirs: list[Path] = []
-
-    def start(files: dict, *extra, base: bool = True, wait=(), nofile=None,
-              vdir: Path | None = None) -> Emp:
-        if vdir is None:
-            vdir = Path(tempfile.mkdtemp(prefix="pfs-hostile-"))
-            dirs.append(vdir)
-        if base:
-            (vdir / "base.ini").write_text(BASE_INI)
-        for fname, text in files.items():
-            if isinstance(fname, bytes):
-                with open(os.path.join(os.fsencode(vdir), fname), "w") as f:
-                    f.write(text)
-            else:
-                (vdir / (fname if "." in fname else f"{fname}.ini")).write_text(text)
-        stats = Path(str(vdir) + ".stats")
-        em = start_emperor(xprocess, f"emperor-{vdir.name}", [
-            vdir, "--mercy", "5", "--rescan-interval", "2", "--stats", stats,
-            "--backoff-first", "0.2", "--backoff-max", "1", "--reload-grace", "0.3", *extra],
-            nofile=nofile)
-        e = Emp(em.pid, vdir, em.log, em.popen, stats)
-        started.append(e)
-        for port in wait:
-            wait_for(lambda p=port: get(p), 30, f"port {port} to answer")
-        return e
-
-    yield start
-    for e in started:
-        if e.popen.poll() is None and psutil.Process(e.pid).status() == psutil.STATUS_STOPPED:
-            os.kill(e.pid, signal.SIGCONT)
-        stop_emperor(e)
-        try:
-            os.unlink(e.stats)
-        except FileNotFoundError:
-            pass
-    for d in dirs:
-        shutil.rmtree(d, ignore_errors=True)
-        shutil.rmtree(str(d) + ".old", ignore_errors=True)
 
 
 def emperor_ok(e: Emp) -> None:
@@ -812,7 +687,7 @@ def test_base_out_of_descriptors_refuses_and_does_not_spin(tmp_path):
             c.close()
         clients.clear()
         ours, theirs = socket.socketpair()
-        _set_subreaper(True)  # the adopted vassal (double-forked) is ours to reap
+        set_subreaper(True)  # the adopted vassal (double-forked) is ours to reap
         with ours, theirs:
             port = free_port()
             pid = wait_for(lambda: adoption.adopt(
@@ -828,7 +703,7 @@ def test_base_out_of_descriptors_refuses_and_does_not_spin(tmp_path):
                          "the adopted vassal gone")
         assert "descriptors available again" in log.read_text()
     finally:
-        _set_subreaper(False)
+        set_subreaper(False)
         for c in clients:
             c.close()
         base.terminate()
@@ -853,7 +728,7 @@ def test_vassals_directory_swapped(hostile):
     new = Path(str(e.dir) + ".new")
     new.mkdir()
     try:
-        (new / "base.ini").write_text(BASE_INI)
+        (new / "base.ini").write_text(base_ini())
         (new / "same.ini").write_text(app_ini("same", ports["same"], processes=1))
         (new / "changed.ini").write_text(app_ini("changed", ports["changed"], "v2", processes=1))
         (new / "added.ini").write_text(app_ini("added", ports["added"], processes=1))
@@ -883,7 +758,7 @@ def test_vassals_directory_removed_and_recreated(hostile):
     shutil.rmtree(e.dir)
     wait_for(lambda: e.status().get("a") is None, 30, "a stopped with its file")
     e.dir.mkdir()
-    (e.dir / "base.ini").write_text(BASE_INI)
+    (e.dir / "base.ini").write_text(base_ini())
     (e.dir / "a.ini").write_text(app_ini("a", p1, "again", processes=1))
     wait_for(lambda: get(p1)["value"] == "again", 30, "a back in the new directory")
     (e.dir / "b.ini").write_text(app_ini("b", p2, processes=1))

@@ -21,8 +21,9 @@ import pytest
 from psgi_forkserver import logs, paths
 from psgi_forkserver.emperor.progress import StartProgress
 
-from support import (EMPEROR, alive, descendants, free_port, kill_all, start_emperor,
-                     stop_emperor, wait_for)
+from support import (
+    EMPEROR, alive, base_ini, descendants, free_port, kill_all, start_emperor, stop_emperor, wait_for,
+)
 
 HERE = Path(__file__).resolve().parent
 NOISY = HERE / "apps" / "noisy.psgi"
@@ -56,7 +57,7 @@ def vdir():
 def noisy_fleet(vdir: Path, adopted: bool, extra: str = "") -> int:
     port = free_port()
     if adopted:
-        (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {NOISY}\nfork-server = fs.sock\n")
+        (vdir / "base.ini").write_text(base_ini(NOISY))
         app = ""
     else:
         app = f"psgi = {NOISY}\n"
@@ -231,7 +232,7 @@ $app;
 
 def test_a_mass_start_logs_progress_lines_and_one_summary(xprocess, vdir):
     (vdir / "slow.psgi").write_text(SLOW_BASE)
-    (vdir / "base.ini").write_text("[uwsgi]\nearly-psgi = slow.psgi\nfork-server = fs.sock\n")
+    (vdir / "base.ini").write_text(base_ini("slow.psgi"))
     n = 12
     for i in range(n):
         (vdir / f"app{i:02d}.ini").write_text(
@@ -310,7 +311,7 @@ def test_adopted_vassals_are_attributed_alike_in_both_fork_server_modes(xprocess
     vassal's lines are its own, its `logto` is written and reopened, and
     its load error is its own, in the log and in the status."""
     sock = vdir / "fs.sock"
-    (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {NOISY}\nfork-server = {sock}\n")
+    (vdir / "base.ini").write_text(base_ini(NOISY, sock))
     port = free_port()
     (vdir / "noisy.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nlogto = noisy.log\n")
     (vdir / "dies.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{free_port()}\npsgi = {DIES}\n")
@@ -349,12 +350,12 @@ def test_a_foreign_fork_server_is_said_once(xprocess, vdir, tmp_path):
     vassal program started by hand): the vassals serve, and the Emperor
     says once that their output is not attributed to them."""
     sock = tmp_path / "fs.sock"
-    base_ini = tmp_path / "base.ini"
-    base_ini.write_text(f"[uwsgi]\nearly-psgi = {NOISY}\nfork-server = {sock}\n")
+    base_file = tmp_path / "base.ini"
+    base_file.write_text(base_ini(NOISY, sock))
     ports = [free_port(), free_port()]
     for i, port in enumerate(ports):
         (vdir / f"app{i}.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\n")
-    base = subprocess.Popen(["perl", str(PROGRAM), "--ini", str(base_ini)],
+    base = subprocess.Popen(["perl", str(PROGRAM), "--ini", str(base_file)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(sock.exists, 30, "the hand-started fork server")

@@ -12,7 +12,7 @@ from psgi_forkserver.protocol import EmperorByte
 from psgi_forkserver.emperor.vassal import (Adopt, Context, Forget, ForkServer, Kill, Kind, Phase, Send,
                                     Spawn, Vassal)
 
-from test_vassal import POLICY, cfg
+from support.vassals import POLICY, cfg
 
 
 def facts(now, **kw):

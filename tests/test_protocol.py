@@ -1,5 +1,9 @@
 import json
+import os
+import shutil
 import struct
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, strategies as st
@@ -134,13 +138,30 @@ def test_pipe_bytes():
     assert p.EmperorByte.STOP == 2 and p.EmperorByte.STOP_NOW == 0
 
 
-def test_the_vocabulary_is_protocol_json():
-    """Every name and byte of perl/ForkServer/protocol.json, and no other,
-    is defined here with that value (t/protocol.t holds the Perl side to
-    the same file)."""
-    decl = json.loads((paths.perl_dir() / "ForkServer" / "protocol.json").read_text())
+def declaration() -> dict:
+    return json.loads((paths.perl_dir() / "ForkServer" / "protocol.json").read_text())
+
+
+def test_protocol_json_is_complete_and_well_formed():
+    """The one declaration of the vocabulary: its groups, each value an
+    integer in range, no byte with two names in one direction, each mask
+    bit its own."""
+    decl = declaration()
     assert sorted(k for k in decl if k != "about") == [
         "emperor_bytes", "mask", "modifier1", "packet", "vassal_bytes"]
+    assert decl["packet"] == {"HEADER_SIZE": struct.calcsize("<BHB"), "MAX_BODY": 0xFFFF}  # a 16-bit size
+    for group in ("modifier1", "mask", "vassal_bytes", "emperor_bytes"):
+        values = list(decl[group].values())
+        assert values and all(type(v) is int and 0 <= v <= 255 for v in values), group
+        assert len(set(values)) == len(values), f"{group}: one byte, two names"
+    masks = list(decl["mask"].values())
+    assert all(m and m & (m - 1) == 0 for m in masks) and sum(masks) == masks[0] | masks[1] | masks[2]
+
+
+def test_the_module_defines_every_name_of_protocol_json():
+    """Every name and byte of the file, and no other, is defined here with
+    that value (t/protocol.t holds the Perl side to the same file)."""
+    decl = declaration()
     assert {b.name: b.value for b in p.EmperorByte} == decl["emperor_bytes"]
     assert {b.name: b.value for b in p.VassalByte} == decl["vassal_bytes"]
     for group, prefix in (("mask", "MASK_"), ("modifier1", "MODIFIER1_")):
@@ -149,10 +170,49 @@ def test_the_vocabulary_is_protocol_json():
     assert {k: getattr(p, k) for k in decl["packet"]} == decl["packet"]
 
 
+def test_the_bytes_on_the_wire_are_uwsgis():
+    """What uWSGI 2.1's fork server reads and writes, byte for byte: an
+    adoption request (modifier1 35, the argv array, modifier2 the
+    descriptor mask), its reply, and the Emperor pipe's bytes."""
+    assert p.adoption_request([b"psgi-vassal", b"-s"], p.MASK_PIPE | p.MASK_CONFIG) == (
+        b"\x23\x11\x00\x03" b"\x0b\x00psgi-vassal" b"\x02\x00-s")
+    reply = p.decode_packet(b"\x23\x0a\x00\x00" b"\x03\x00pid" b"\x03\x00123")
+    assert p.parse_pid_reply(reply) == 123
+    assert p.encode_packet(p.MODIFIER1_CONFIG, b"[uwsgi]\n") == b"\x73\x08\x00\x00[uwsgi]\n"
+    assert [int(b) for b in p.VassalByte] == [1, 2, 5, 17, 22, 26]
+    assert [int(b) for b in p.EmperorByte] == [0, 1, 2]
+
+
+def test_the_values_are_read_from_the_file_at_load(tmp_path):
+    """One copy: a changed protocol.json changes what both sides load, and
+    a broken one stops the load with the file and the reason."""
+    shutil.copytree(paths.perl_dir().parent / "psgi_forkserver", tmp_path / "psgi_forkserver",
+                    ignore=shutil.ignore_patterns("__pycache__", "perl"))
+    shutil.copytree(paths.perl_dir(), tmp_path / "perl")
+    decl_file = tmp_path / "perl" / "ForkServer" / "protocol.json"
+    decl = declaration()
+    decl["vassal_bytes"]["HEARTBEAT"] = 27
+    decl_file.write_text(json.dumps(decl))
+    python = [sys.executable, "-S", "-c",
+              "from psgi_forkserver import protocol as p; print(p.__file__, int(p.VassalByte.HEARTBEAT))"]
+    perl = ["perl", f"-I{tmp_path / 'perl'}", "-MForkServer::Protocol=HEARTBEAT", "-e", "print HEARTBEAT, qq{\n}"]
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(tmp_path)}
+    got = subprocess.run(python, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert got.stdout.split() == [str(tmp_path / "psgi_forkserver" / "protocol.py"), "27"], got.stderr
+    got = subprocess.run(perl, capture_output=True, text=True, env=env, timeout=60)
+    assert got.stdout == "27\n", got.stderr
+    decl["vassal_bytes"]["HEARTBEAT"] = "twenty-six"
+    decl_file.write_text(json.dumps(decl))
+    for argv in (python, perl):
+        got = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+        assert got.returncode != 0
+        assert f"{decl_file}: vassal_bytes.HEARTBEAT: not a non-negative integer" in got.stderr, got.stderr
+
+
 def test_protocol_md_names_every_value():
     """docs/PROTOCOL.md's tables give each byte its one name: every name
     of protocol.json appears there, in a table row with its value."""
-    decl = json.loads((paths.perl_dir() / "ForkServer" / "protocol.json").read_text())
+    decl = declaration()
     doc = (paths.perl_dir().parent / "docs" / "PROTOCOL.md").read_text()
     rows = [line.strip() for line in doc.splitlines() if line.strip().startswith("|")]
     for group in ("mask", "vassal_bytes", "emperor_bytes"):

@@ -16,15 +16,13 @@ import pytest
 
 from psgi_forkserver.status import fetch
 
-from support import free_port, wait_for
-from test_emperor import PROGRAM, app_ini, get
-from test_fleet_lifecycle import emperor  # noqa: F401 - the fixture
-from test_hostile import deploy_fleet, deploy_tmp, reload_base, serve  # noqa: F401 - fixtures
+from support import PROGRAM, app_ini, free_port, get, wait_for
+from support.deploys import deploy_fleet, reload_base, serve
 
 pytestmark = pytest.mark.skipif(not PROGRAM.is_file(), reason="the Perl vassal program is not there")
 
 
-def test_reload_base_wait_while_the_base_is_down_is_not_a_success(emperor, deploy_tmp):  # noqa: F811
+def test_reload_base_wait_while_the_base_is_down_is_not_a_success(emperor, deploy_tmp):
     """A deploy asked while the base is down (crashed, waiting out its
     back-off) deploys nothing: `reload-base --wait` must say so. It used to
     report `generation 0: done, 0 moved` and exit 0, so a deploy pipeline
@@ -47,7 +45,7 @@ def test_reload_base_wait_while_the_base_is_down_is_not_a_success(emperor, deplo
     assert serve(ports, "v1")
 
 
-def test_a_template_that_loops_does_not_freeze_the_emperor(emperor, deploy_tmp):  # noqa: F811
+def test_a_template_that_loops_does_not_freeze_the_emperor(emperor, deploy_tmp):
     stats = deploy_tmp / "stats.sock"
     e, ports = deploy_fleet(emperor, ["app1"], "--stats", stats)
     port = free_port()
@@ -78,7 +76,7 @@ def test_a_template_that_loops_does_not_freeze_the_emperor(emperor, deploy_tmp):
         wait_for(lambda: fetch(stats, timeout=5), 120, "the Emperor to answer again")
 
 
-def test_a_wedged_base_does_not_stop_vassal_restarts(emperor, deploy_tmp):  # noqa: F811
+def test_a_wedged_base_does_not_stop_vassal_restarts(emperor, deploy_tmp):
     """Fixed: after repeated adoption timeouts (bases.WedgeWatch) the base
     is judged wedged: one log line, its last error in the status, SIGKILL,
     and its ordinary restart; the waiting vassal is adopted from the new one."""

@@ -8,18 +8,13 @@ directory named x.ini and a dangling symlink, not with chmod 000.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import http.client
 import os
 import re
 import resource
-import shutil
 import signal
 import socket
 import stat
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,8 +25,10 @@ import pytest
 from psgi_forkserver.emperor.locks import write_pidfile
 from psgi_forkserver.status import fetch
 
-from support import EMPEROR, EmperorLog, alive, descendants, free_port, kill_all, wait_for, start_emperor, stop_emperor
-from test_emperor import APP, PROGRAM, app_ini, get
+from support import (
+    APP, EMPEROR, PROGRAM, alive, app_ini, assert_no_zombies, base_ini, daemon_ini, descendants, free_port,
+    get, kill_all, reap_reparented, set_subreaper, spawn_left_behind, unix_peers, wait_for,
+)
 
 pytestmark = pytest.mark.skipif(
     not PROGRAM.is_file() or os.path.getsize(PROGRAM) < 200,
@@ -40,119 +37,12 @@ pytestmark = pytest.mark.skipif(
 
 HERE = Path(__file__).resolve().parent
 DIES = HERE / "apps" / "dies.psgi"
-DAEMON = HERE / "apps" / "daemon.psgi"
 O_CLOEXEC_OCTAL = 0o2000000  # the `flags:` line of /proc/PID/fdinfo/N is octal
-
-
-class Emp(EmperorLog):
-    def __init__(self, pid, vdir, log, popen, stats):
-        self.pid, self.dir, self.log, self.popen, self.stats = pid, vdir, Path(log), popen, stats
-
-    def status(self) -> dict[str, dict]:
-        doc = fetch(self.stats, timeout=10)
-        return doc["vassals"]
-
-    def running(self) -> bool:
-        return self.popen.poll() is None
-
-
-def zombies_under(pid: int) -> list[psutil.Process]:
-    """Zombies among the children of `pid` (the Emperor, the test)."""
-    try:
-        kids = psutil.Process(pid).children(recursive=pid == os.getpid())
-    except psutil.NoSuchProcess:
-        return []
-    out = []
-    for k in kids:
-        try:
-            if k.status() == psutil.STATUS_ZOMBIE:
-                out.append(k)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
-def assert_no_zombies(e: Emp, timeout: float = 5.0) -> None:
-    """A child may be a zombie for the moment between its exit and the
-    Emperor's SIGCHLD turn; none may stay one."""
-    try:
-        since = psutil.Process(e.pid).create_time()
-    except psutil.NoSuchProcess:
-        since = 0.0
-
-    def ours(z: psutil.Process) -> bool:
-        # a zombie of the test process older than this Emperor is an earlier
-        # test file's (pytest-xdist runs several files in one process)
-        try:
-            return z.pid != e.pid and z.create_time() >= since
-        except psutil.NoSuchProcess:
-            return False
-
-    def none_left():
-        return not zombies_under(e.pid) and not [z for z in zombies_under(os.getpid()) if ours(z)]
-    try:
-        wait_for(none_left, timeout, "no zombie left")
-    except AssertionError:
-        zs = zombies_under(e.pid) + [z for z in zombies_under(os.getpid()) if ours(z)]
-        info = []
-        for z in zs:
-            try:
-                info.append((z.pid, z.ppid(), open(f"/proc/{z.ppid()}/cmdline", "rb").read()))
-            except Exception as ex:  # noqa: BLE001
-                info.append((z.pid, repr(ex)))
-        raise AssertionError(f"zombies: {info}") from None
-
-
-def http_get(port: int, path: str = "/", timeout: float = 5.0) -> str:
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        c.request("GET", path)
-        r = c.getresponse()
-        body = r.read().decode()
-        assert r.status == 200, (r.status, body)
-        return body
-    finally:
-        c.close()
 
 
 def gone(p: psutil.Process) -> bool:
     """Exited: no such process any more, or a zombie nobody reaped yet."""
     return not alive(p)
-
-
-@pytest.fixture
-def emp(xprocess):
-    started: list[Emp] = []
-    dirs: list[Path] = []
-
-    def start(files: dict[str, str], *extra, base=True, wait=(), env=None, prepare=None):
-        vdir = Path(tempfile.mkdtemp(prefix="pfs-rb-"))
-        dirs.append(vdir)
-        if base:
-            (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
-        for fname, text in files.items():
-            (vdir / (fname if "." in fname else f"{fname}.ini")).write_text(text)
-        if prepare is not None:
-            prepare(vdir)
-        stats = Path(str(vdir) + ".stats")
-        em = start_emperor(xprocess, f"emperor-{vdir.name}", [
-            vdir, "--mercy", "5", "--rescan-interval", "2", "--stats", stats,
-            "--backoff-first", "0.2", "--backoff-max", "1", "--reload-grace", "0.3", *extra], env)
-        e = Emp(em.pid, vdir, em.log, em.popen, stats)
-        started.append(e)
-        for port in wait:
-            wait_for(lambda p=port: get(p), 30, f"port {port} to answer")
-        return e
-
-    yield start
-    for e in started:
-        stop_emperor(e)
-        try:
-            os.unlink(e.stats)
-        except FileNotFoundError:
-            pass
-    for d in dirs:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 # -- 1. bad configs ---------------------------------------------------------------
@@ -256,31 +146,6 @@ def test_bad_configs_fail_alone_with_one_clear_line(emp):
 # -- 2. faults ----------------------------------------------------------------------
 
 
-def _set_subreaper(on: bool) -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    assert libc.prctl(36, 1 if on else 0, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
-
-
-def _reap_reparented() -> bool:
-    """As subreaper, reap whatever came to us and exited, including
-    processes born after a snapshot of the tree (a base's new spare).
-    True once no vassal process (base, spare, vassal, worker) is our child."""
-    while True:
-        try:
-            if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                break
-        except ChildProcessError:
-            break
-    left = []
-    for p in psutil.Process().children():
-        try:
-            if p.cmdline()[:1] and p.cmdline()[0].startswith("psgi-vassal"):
-                left.append(p)
-        except psutil.Error:
-            pass
-    return not left
-
-
 def test_kill_9_of_the_emperor_takes_every_process_down_within_5_s(emp):
     ports = {"a1": free_port(), "a2": free_port()}
     e = emp({n: app_ini(n, p, processes=2) for n, p in ports.items()}, wait=ports.values())
@@ -294,7 +159,7 @@ def test_kill_9_of_the_emperor_takes_every_process_down_within_5_s(emp):
     assert all(p in tree for p in vassals + workers)
     # orphans come to us (not to an init that may never reap them), so that
     # "gone" means exited and reaped, not merely reparented
-    _set_subreaper(True)
+    set_subreaper(True)
     try:
         os.kill(e.pid, signal.SIGKILL)
         e.popen.wait(5)
@@ -306,7 +171,7 @@ def test_kill_9_of_the_emperor_takes_every_process_down_within_5_s(emp):
                     os.waitpid(p.pid, os.WNOHANG)
                 except ChildProcessError:
                     pass
-            _reap_reparented()
+            reap_reparented()
             return all(gone(p) for p in tree)
 
         wait_for(reap_ours, 5.0, "every vassal and worker to exit after the Emperor's kill -9",
@@ -321,7 +186,7 @@ def test_kill_9_of_the_emperor_takes_every_process_down_within_5_s(emp):
         assert not [p for p in tree if psutil.pid_exists(p.pid) and p.is_running()], \
             "processes left (zombies included)"
     finally:
-        _set_subreaper(False)
+        set_subreaper(False)
         kill_all([p for p in tree if alive(p)])
     assert not (e.dir / "fs.sock").exists(), "the base did not remove its socket"
     for port in ports.values():
@@ -375,19 +240,6 @@ def test_kill_9_of_the_base_and_of_a_worker(emp):
     assert get(ports["a2"])["name"] == "a2"
     assert e.vpids("a1") == [master.pid], "the vassal was restarted, not just its worker"
     assert_no_zombies(e)
-
-
-def daemon_ini(name: str, port: int) -> str:
-    return ("[uwsgi]\n" f"http-socket = 127.0.0.1:{port}\n" f"psgi = {DAEMON}\n"
-            f"processes = 1\nenv = APP_NAME={name}\ndisable-logging = true\n")
-
-
-def spawn_left_behind(port: int, query: str) -> int:
-    """A `sleep` the vassal double-forks (daemon.psgi): its pid."""
-    body = http_get(port, f"/spawn?{query}")
-    pid = int(dict(kv.split("=", 1) for kv in body.split())["daemon"])
-    assert pid > 0, body
-    return pid
 
 
 def test_what_a_vassal_leaves_behind_is_reaped(emp):
@@ -525,7 +377,7 @@ def test_out_of_processes_while_adopting(emp):
     p1, p2 = free_port(), free_port()
     try:
         # the fork path: a warm spare would serve a2 without a fork
-        e = emp({"base": f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\nfork-server-spares = 0\n",
+        e = emp({"base": base_ini(APP, "fs.sock", "fork-server-spares = 0"),
                  "a1": app_ini("a1", p1, processes=1)}, base=False, wait=[p1])
         base = e.vpid("base")
         (cg / "pids.max").write_text("1")
@@ -565,18 +417,6 @@ def _socket_inode(target: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _unix_peers() -> dict[int, int]:
-    """inode -> peer inode of every connected UNIX socket (from `ss`)."""
-    out = subprocess.run(["ss", "-xanH"], capture_output=True, text=True, check=True).stdout
-    peers = {}
-    for line in out.splitlines():
-        f = line.split()
-        # Netid State Recv-Q Send-Q Local Port Peer Port
-        if len(f) >= 8 and f[5].isdigit() and f[7].isdigit():
-            peers[int(f[5])] = int(f[7])
-    return peers
-
-
 def _tcp_listen_inode(port: int) -> set[int]:
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
@@ -599,7 +439,7 @@ def test_descriptor_hygiene(emp):
     files["t3.ini.j2"] = app_ini("t3", 0).replace("127.0.0.1:0", "127.0.0.1:{{ %d }}" % p3)
     e = emp(files, wait=[*ports.values(), p3])
     ports["t3"] = p3
-    peers = _unix_peers()
+    peers = unix_peers()
     emperor_fds = _fds(e.pid)
     emperor_inodes = {_socket_inode(t) for t in emperor_fds.values()} - {None}
     base = e.vpid("base")

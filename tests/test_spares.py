@@ -13,20 +13,17 @@ import pwd
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from test_robustness import _unix_peers
-
 from psgi_forkserver.procfs import spare_of
 
-from support import EMPEROR, descendants, free_port, kill_all, stop_emperor, wait_for
-from test_emperor import PROGRAM, app_ini, get
-from test_hostile import hostile  # noqa: F401 - a fixture
-from test_robustness import _reap_reparented, _set_subreaper, alive, assert_no_zombies, emp  # noqa: F401 - emp is a fixture
+from support import (
+    EMPEROR, PROGRAM, alive, app_ini, assert_no_zombies, base_ini, descendants, free_port, get, kill_all,
+    reap_reparented, set_subreaper, stop_emperor, unix_peers, wait_for,
+)
 
 pytestmark = pytest.mark.skipif(
     not PROGRAM.is_file() or os.path.getsize(PROGRAM) < 200,
@@ -38,9 +35,8 @@ WHOAMI = HERE / "apps" / "whoami.psgi"
 NOBODY = pwd.getpwnam("nobody")
 
 
-def base_ini(spares: int, app: Path = WHOAMI) -> str:
-    return (f"[uwsgi]\nearly-psgi = {app}\nfork-server = fs.sock\n"
-            f"early-warmup = /\nfork-server-spares = {spares}\n")
+def warm_base(spares: int, app: Path = WHOAMI) -> str:
+    return base_ini(app, "fs.sock", "early-warmup = /", f"fork-server-spares = {spares}")
 
 
 def spares(e, count: int) -> dict:
@@ -64,7 +60,7 @@ def _all_reaped() -> bool:
     """As subreaper: what came to us was reaped, and no child of ours is a
     zombie now (one that exits after the reaping is reaped next time: a
     later test counts zombies)."""
-    if not _reap_reparented():
+    if not reap_reparented():
         return False
     try:
         return not [c for c in psutil.Process().children() if c.status() == psutil.STATUS_ZOMBIE]
@@ -88,7 +84,7 @@ def whoami(port: int) -> dict[str, str]:
 
 
 def test_a_spare_serves_an_adoption_with_its_own_env_cwd_and_uid(emp, tmp_path):
-    e = emp({"base": base_ini(2)}, base=False)
+    e = emp({"base": warm_base(2)}, base=False)
     sp = spares(e, 2)
     assert len(sp["pids"]) == 4, sp  # each spare and its warm first worker
     assert sp["pss"] > 0 and 0 < sp["uss"] < sp["pss"], sp
@@ -139,7 +135,7 @@ def adopt_one(e, spare: int) -> int:
 
 
 def test_a_spare_is_not_reachable_before_its_adoption(emp):
-    e = emp({"base": base_ini(2)}, base=False)
+    e = emp({"base": warm_base(2)}, base=False)
     spares(e, 2)
     base = psutil.Process(e.vpid("base"))
     fork_server = str(e.dir / "fs.sock")
@@ -162,7 +158,7 @@ def test_a_spare_is_not_reachable_before_its_adoption(emp):
 
 def test_a_config_with_its_own_psgi_app_is_served_by_that_app(emp):
     port = free_port()
-    e = emp({"base": base_ini(1, app=HERE / "apps" / "hello.psgi")}, base=False)
+    e = emp({"base": warm_base(1, app=HERE / "apps" / "hello.psgi")}, base=False)
     spares(e, 1)
     (e.dir / "own.ini").write_text(
         f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\npsgi = {WHOAMI}\n"
@@ -172,7 +168,7 @@ def test_a_config_with_its_own_psgi_app_is_served_by_that_app(emp):
 
 
 def test_a_burst_beyond_the_pool_falls_back_to_forks_and_the_pool_comes_back(emp):
-    e = emp({"base": base_ini(2)}, base=False)
+    e = emp({"base": warm_base(2)}, base=False)
     spares(e, 2)
     waiting = spare_masters(e)
     ports = {f"b{i}": free_port() for i in range(6)}
@@ -198,7 +194,7 @@ def test_a_burst_beyond_the_pool_falls_back_to_forks_and_the_pool_comes_back(emp
 def test_a_deploy_replaces_the_pool(emp, tmp_path):
     pidfile = tmp_path / "emperor.pid"
     port = free_port()
-    e = emp({"base": base_ini(2), "app": app_ini("app", port, processes=1)}, "--pidfile", pidfile,
+    e = emp({"base": warm_base(2), "app": app_ini("app", port, processes=1)}, "--pidfile", pidfile,
             base=False, wait=[port])
     spares(e, 2)
     old_base = e.vpid("base")
@@ -219,13 +215,13 @@ def test_a_deploy_replaces_the_pool(emp, tmp_path):
 
 
 def test_kill_9_of_the_emperor_leaves_no_spare_behind(emp):
-    e = emp({"base": base_ini(2)}, base=False)
+    e = emp({"base": warm_base(2)}, base=False)
     spares(e, 2)
     procs = [psutil.Process(p) for p in e.status()["base"]["spares"]["pids"]]
     assert len(procs) == 4
     tree = descendants(e.pid)
     # orphans come to us, so that "gone" means exited and reaped
-    _set_subreaper(True)
+    set_subreaper(True)
     try:
         os.kill(e.pid, signal.SIGKILL)
         e.popen.wait(5)
@@ -235,7 +231,7 @@ def test_kill_9_of_the_emperor_leaves_no_spare_behind(emp):
         wait_for(gone, 10, "every spare and its worker to end after the Emperor's kill -9",
                  interval=0.05)
     finally:
-        _set_subreaper(False)
+        set_subreaper(False)
         kill_all([p for p in tree if alive(p)])
 
 
@@ -243,7 +239,7 @@ def test_the_warm_workers_output_goes_to_its_vassal_not_to_the_base(emp):
     """The spare's first worker was forked before the adoption, with the
     base's output; from its adoption on, what it writes (its access log,
     the app's warnings) is its vassal's, as every other worker's."""
-    e = emp({"base": base_ini(1)}, base=False)
+    e = emp({"base": warm_base(1)}, base=False)
     spares(e, 1)
     waiting = spare_masters(e)
     port = free_port()
@@ -262,8 +258,7 @@ FORKED_WARMUP = HERE / "apps" / "forked_warmup.psgi"
 
 
 def failing_warmup_base(extra: str = "") -> str:
-    return (f"[uwsgi]\nearly-psgi = {FORKED_WARMUP}\nfork-server = fs.sock\n"
-            f"early-warmup = /warm\nfork-server-spares = 2\n{extra}")
+    return base_ini(FORKED_WARMUP, "fs.sock", "early-warmup = /warm", "fork-server-spares = 2") + extra
 
 
 def adopted_by_fork(e, name: str) -> None:
@@ -314,7 +309,7 @@ def test_a_warm_up_that_hangs_in_a_forked_process_is_killed_after_the_spare_time
 
 def test_a_spare_that_fails_its_config_takes_its_warm_worker_with_it(emp):
     # Before: the warm worker outlived its vassal, an orphan the Emperor swept.
-    e = emp({"base": base_ini(1)}, base=False)
+    e = emp({"base": warm_base(1)}, base=False)
     spares(e, 1)
     (master,) = spare_masters(e)
     (worker,) = [c.pid for c in psutil.Process(master).children()]
@@ -330,7 +325,7 @@ def test_a_spare_that_fails_its_config_takes_its_warm_worker_with_it(emp):
 def test_requesters_gone_before_the_reply_leak_no_descriptor_and_no_spare(emp):
     from psgi_forkserver.adoption import start_adoption
 
-    e = emp({"base": base_ini(2)}, base=False)
+    e = emp({"base": warm_base(2)}, base=False)
     spares(e, 2)
     base = e.vpid("base")
     before_fds = len(os.listdir(f"/proc/{base}/fd"))
@@ -354,7 +349,7 @@ def test_requesters_gone_before_the_reply_leak_no_descriptor_and_no_spare(emp):
 def test_a_spare_whose_worker_died_just_before_its_adoption_serves_with_a_fresh_worker(emp):
     # Before: the spare saw its worker gone and exited 0 with the adoption the
     # base had already answered with its pid: the vassal died at birth.
-    e = emp({"base": base_ini(1)}, base=False)
+    e = emp({"base": warm_base(1)}, base=False)
     spares(e, 1)
     (master,) = spare_masters(e)
     (worker,) = psutil.Process(master).children()
@@ -373,7 +368,7 @@ def test_a_spare_whose_worker_died_just_before_its_adoption_serves_with_a_fresh_
 def test_a_waiting_spare_whose_worker_dies_is_let_go_by_the_base_and_replaced(emp):
     # It asks the base, which may have answered an adoption with its pid:
     # here none came, so the base forgets it, and it leaves with its session.
-    e = emp({"base": base_ini(1)}, base=False)
+    e = emp({"base": warm_base(1)}, base=False)
     spares(e, 1)
     (master,) = spare_masters(e)
     spare = psutil.Process(master)
@@ -389,7 +384,7 @@ def test_a_waiting_spare_whose_worker_dies_is_let_go_by_the_base_and_replaced(em
 def test_every_worker_draws_its_own_random_numbers(emp):
     # Before: every worker of every vassal (spare or forked) repeated the
     # base's rand() sequence, since the base had drawn before it forked.
-    e = emp({"base": base_ini(1, app=HERE / "apps" / "rand.psgi")}, base=False)
+    e = emp({"base": warm_base(1, app=HERE / "apps" / "rand.psgi")}, base=False)
     spares(e, 1)
     ports = [free_port() for _ in range(3)]
     for i, port in enumerate(ports):  # the first from the spare, the others forked
@@ -428,7 +423,7 @@ def _fleet_sessions(emperor: int) -> set[int]:
 
 
 def test_a_deploy_in_a_burst_of_adoptions_loses_no_vassal_and_leaves_no_process(emp):
-    e = emp({"base": base_ini(2)}, base=False)
+    e = emp({"base": warm_base(2)}, base=False)
     spares(e, 2)
     old_base = e.vpid("base")
     ports = {f"d{i}": free_port() for i in range(6)}
@@ -456,13 +451,13 @@ def test_a_deploy_in_a_burst_of_adoptions_loses_no_vassal_and_leaves_no_process(
 
 
 def test_kill_9_of_the_emperor_mid_adoption_leaves_no_process(emp):
-    e = emp({"base": base_ini(2)}, base=False)
+    e = emp({"base": warm_base(2)}, base=False)
     spares(e, 2)
     sids = _fleet_sessions(e.pid)
     for i in range(4):
         port = free_port()
         (e.dir / f".k{i}.tmp").write_text(app_ini(f"k{i}", port, processes=2))
-    _set_subreaper(True)
+    set_subreaper(True)
     try:
         for i in range(4):
             os.rename(e.dir / f".k{i}.tmp", e.dir / f"k{i}.ini")
@@ -475,14 +470,14 @@ def test_kill_9_of_the_emperor_mid_adoption_leaves_no_process(emp):
             return _all_reaped() and not _sessions_alive(sids)
         wait_for(gone, 30, "every process of the fleet to end after the Emperor's kill -9", interval=0.05)
     finally:
-        _set_subreaper(False)
+        set_subreaper(False)
 
 
 def test_a_pool_larger_than_the_descriptor_limit_stops_where_adoptions_still_fit(hostile):
     # Before: the links of the spares took every descriptor of the base; every
     # adoption was then refused ("no descriptors with the first bytes"), and
     # "cannot make a spare (socketpair: Too many open files)" came each second.
-    e = hostile({"base": base_ini(400)}, base=False, nofile=(300, 300))
+    e = hostile({"base": warm_base(400)}, base=False, nofile=(300, 300))
     line = wait_for(lambda: e.lines("keeps 272 for adoptions"), 60, "the pool to stop at the limit")
     assert "the descriptor limit (300)" in line[0], line
     k = int(line[0].split("spares: ")[1].split(",")[0])
@@ -518,7 +513,7 @@ def test_a_deploy_ends_a_spare_whose_warm_up_hangs_at_once(emp):
 def test_a_signal_the_app_handles_does_not_end_a_waiting_spare(emp):
     # Before: it interrupted the worker's wait for its socket, which took it
     # for the spare's end and exited; the spare followed.
-    e = emp({"base": base_ini(1, app=HERE / "apps" / "usr2.psgi")}, base=False)
+    e = emp({"base": warm_base(1, app=HERE / "apps" / "usr2.psgi")}, base=False)
     spares(e, 1)
     (master,) = spare_masters(e)
     (worker,) = [c.pid for c in psutil.Process(master).children()]
@@ -535,7 +530,7 @@ def test_a_signal_the_app_handles_does_not_end_a_waiting_spare(emp):
 
 
 def test_a_spare_killed_after_the_base_answered_with_its_pid_is_restarted_by_the_emperor(emp):
-    e = emp({"base": base_ini(1)}, base=False)
+    e = emp({"base": warm_base(1)}, base=False)
     spares(e, 1)
     (master,) = spare_masters(e)
     os.kill(master, signal.SIGSTOP)  # it gets its request only once it runs again
@@ -566,7 +561,7 @@ def test_the_rehearsals_leave_no_descriptor_in_an_adopted_spare(emp):
     ini = "[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 2\nenv = APP_NAME=fd\n"
     counts = {}
     for k in (1, 0):
-        e = emp({"base": base_ini(k)}, base=False)
+        e = emp({"base": warm_base(k)}, base=False)
         if k:
             spares(e, 1)
             waiting = spare_masters(e)
@@ -604,7 +599,7 @@ def test_a_worker_shares_no_socket_with_its_master_but_the_listener(emp, k):
     the config packets meant for the master. Besides the listener they share
     only the workers' queue of connections (both ends of its socket pair:
     the master keeps it for the workers it forks later)."""
-    e = emp({"base": base_ini(k)}, base=False)
+    e = emp({"base": warm_base(k)}, base=False)
     if k:
         spares(e, 1)
     port = free_port()
@@ -616,7 +611,7 @@ def test_a_worker_shares_no_socket_with_its_master_but_the_listener(emp, k):
     assert len(workers) == 2, workers
     for w in workers:
         shared = _socket_inodes(w) & _socket_inodes(master)
-        peers = {f"socket:[{a}]": f"socket:[{b}]" for a, b in _unix_peers().items()}
+        peers = {f"socket:[{a}]": f"socket:[{b}]" for a, b in unix_peers().items()}
         queue = {i for i in shared if peers.get(i) in shared}
         assert len(queue) == 2, f"worker {w}: the queue's socket pair in {shared}"
         assert len(shared - queue) == 1, f"worker {w} shares {shared} with its master {master}"
@@ -627,7 +622,7 @@ def test_a_vassal_that_drops_to_another_uid_still_counts_its_requests(emp, tmp_p
     """The requests file (the status's REQS) is made before the vassal
     drops root, and made its uid's: as `nobody` it could create nothing in
     the run directory, and the status showed `-` for such a vassal."""
-    e = emp({"base": base_ini(k)}, base=False)
+    e = emp({"base": warm_base(k)}, base=False)
     if k:
         spares(e, 1)
     port = free_port()
@@ -644,7 +639,7 @@ def test_a_uid_vassal_counts_through_recycled_workers_and_a_reload(emp, k):
     """Its workers reopen the requests file by descriptor: the ones a
     max-requests recycle or a SIGHUP to the master forks count too, and its
     file is gone once it stops (nobody cannot unlink in the run directory)."""
-    e = emp({"base": base_ini(k)}, base=False)
+    e = emp({"base": warm_base(k)}, base=False)
     if k:
         spares(e, 1)
     port = free_port()
@@ -680,8 +675,7 @@ def test_the_base_sleeps_while_a_refill_warms_up(emp, tmp_path):
     app = tmp_path / "slow.psgi"
     app.write_text("my $app = sub { select undef, undef, undef, 0.4 if $_[0]{PATH_INFO} eq '/slow';\n"
                    "  [200, ['Content-Type' => 'text/plain'], [\"pid=$$ uid=$<\\n\"]] };\n$app;\n")
-    e = emp({"base": f"[uwsgi]\nearly-psgi = {app}\nfork-server = fs.sock\n"
-                     "early-warmup = /slow\nfork-server-spares = 2\n"}, base=False)
+    e = emp({"base": base_ini(app, "fs.sock", "early-warmup = /slow", "fork-server-spares = 2")}, base=False)
     spares(e, 2)
     base = psutil.Process(e.vpid("base"))
     ports = [free_port(), free_port()]

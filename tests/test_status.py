@@ -10,12 +10,10 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -24,8 +22,7 @@ from psgi_forkserver import paths, status
 from psgi_forkserver.proc import Kind, Phase
 from psgi_forkserver.snapshot import EmperorLink, EmperorSnapshot, VassalSnapshot
 
-from support import EMPEROR, free_port, wait_for, start_emperor, stop_emperor
-from test_emperor import app_ini, get
+from support import EMPEROR, Emperors, app_ini, base_ini, free_port, get, start_emperor, stop_emperor, wait_for
 
 HERE = Path(__file__).resolve().parent
 APP = HERE / "apps" / "hello.psgi"
@@ -188,44 +185,34 @@ def test_non_loopback_status_page_is_refused_before_anything_starts(tmp_path: Pa
 # -- a real Emperor --------------------------------------------------------------------
 
 
-
-
 @pytest.fixture
 def fleet(xprocess):
-    vdir = Path(tempfile.mkdtemp(prefix="pfs-status-"))
-    sockdir = Path(tempfile.mkdtemp(prefix="pfs-st-"))
-    (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
     ports = {"app1": free_port(), "tpl": free_port(), "cm": free_port()}
-    (vdir / "app1.ini").write_text(app_ini("app1", ports["app1"], "v1"))
-    # a template: its name and port come from the rendering
-    (vdir / "tpl.ini.j2").write_text(
-        "[uwsgi]\nhttp-socket = 127.0.0.1:{{ env.PFS_TPL_PORT }}\n"
-        "env = APP_NAME={{ name }}\nenv = APP_VALUE={{ name | upper }}\nprocesses = 2\n"
-        "disable-logging = true\n"
-    )
-    # a Kubernetes ConfigMap volume: cm.ini -> ..data/cm.ini, ..data -> ..TS1
-    (vdir / "..2026_01_01").mkdir()
-    (vdir / "..2026_01_01" / "cm.ini").write_text(app_ini("cm", ports["cm"], "cm1"))
-    os.symlink("..2026_01_01", vdir / "..data")
-    os.symlink("..data/cm.ini", vdir / "cm.ini")
-    stats = sockdir / "stats.sock"
     http_port = free_port()
 
-    em = None
+    def configmap(vdir: Path) -> None:
+        """A Kubernetes ConfigMap volume: cm.ini -> ..data/cm.ini, ..data -> ..TS1"""
+        (vdir / "..2026_01_01").mkdir()
+        (vdir / "..2026_01_01" / "cm.ini").write_text(app_ini("cm", ports["cm"], "cm1"))
+        os.symlink("..2026_01_01", vdir / "..data")
+        os.symlink("..data/cm.ini", vdir / "cm.ini")
+
+    emperors = Emperors(xprocess, "pfs-status-", args=[
+        "--mercy", "5", "--rescan-interval", "600", "--status-http", f"127.0.0.1:{http_port}"])
     try:
-        em = start_emperor(xprocess, "emperor-status", [
-            vdir, "--mercy", "5", "--rescan-interval", "600",
-            "--stats", stats, "--status-http", f"127.0.0.1:{http_port}"], {"PFS_TPL_PORT": str(ports["tpl"])})
-        f = SimpleNamespace(pid=em.pid, dir=vdir, ports=ports, stats=stats, http_port=http_port,
-                            popen=em.popen, log=em.log)
+        f = emperors({
+            "app1": app_ini("app1", ports["app1"], "v1"),
+            # a template: its name and port come from the rendering
+            "tpl.ini.j2": "[uwsgi]\nhttp-socket = 127.0.0.1:{{ env.PFS_TPL_PORT }}\n"
+                          "env = APP_NAME={{ name }}\nenv = APP_VALUE={{ name | upper }}\nprocesses = 2\n"
+                          "disable-logging = true\n",
+        }, env={"PFS_TPL_PORT": str(ports["tpl"])}, prepare=configmap)
+        f.ports, f.status_http_port = ports, http_port
         for name, port in ports.items():
             wait_for(lambda p=port, n=name: get(p)["name"] == n, 30, f"{name} to answer")
         yield f
     finally:
-        if em is not None:
-            stop_emperor(em)
-        shutil.rmtree(vdir, ignore_errors=True)
-        shutil.rmtree(sockdir, ignore_errors=True)
+        emperors.stop()
 
 
 def emperor_status(f, *extra: str) -> subprocess.CompletedProcess:
@@ -255,15 +242,15 @@ def test_status_json_table_and_page(fleet):
         assert f"\n{name} " in table
     assert "PSS" in table and "collected in" in table
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{fleet.http_port}/", timeout=10) as r:
+    with urllib.request.urlopen(f"http://127.0.0.1:{fleet.status_http_port}/", timeout=10) as r:
         assert r.status == 200 and r.headers["Content-Type"].startswith("text/html")
         html = r.read().decode()
     for name in ("base", "app1", "tpl", "cm"):
         assert f"<td data-k=\"name\">{name}</td>" in html
-    with urllib.request.urlopen(f"http://127.0.0.1:{fleet.http_port}/json", timeout=10) as r:
+    with urllib.request.urlopen(f"http://127.0.0.1:{fleet.status_http_port}/json", timeout=10) as r:
         assert set(json.loads(r.read())["vassals"]) == {"base", "app1", "tpl", "cm"}
     with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(f"http://127.0.0.1:{fleet.http_port}/nope", timeout=10)
+        urllib.request.urlopen(f"http://127.0.0.1:{fleet.status_http_port}/nope", timeout=10)
     assert e.value.code == 404
 
 
@@ -397,7 +384,7 @@ def test_configmap_swap_reloads_only_what_changed_and_touch_still_reloads(xproce
     `touch` of a plain file still reloads its vassal."""
     vdir = tmp_path / "vassals"
     vdir.mkdir()
-    (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
+    (vdir / "base.ini").write_text(base_ini(APP))
     ports = {"a": free_port(), "b": free_port(), "c": free_port()}
     old = vdir / "..2026_01_01_00_00_00.1"
     old.mkdir()
@@ -439,7 +426,7 @@ def test_magic_variables_reach_the_vassal(xprocess, tmp_path, adopted):
     vdir = tmp_path / "vassals"
     vdir.mkdir()
     if adopted:
-        (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APP}\nfork-server = fs.sock\n")
+        (vdir / "base.ini").write_text(base_ini(APP))
     port = free_port()
     (vdir / "magic.ini").write_text(
         f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\n" + ("" if adopted else f"psgi = {APP}\n")

@@ -26,7 +26,7 @@ from psgi_forkserver.printable import printable
 from psgi_forkserver.status import default_stats_path
 from psgi_forkserver.status.access import Access, split_host
 
-from support import EMPEROR, free_port, start_emperor, stop_emperor, wait_for
+from support import EMPEROR, base_ini, free_port, start_emperor, stop_emperor, wait_for
 
 HERE = Path(__file__).resolve().parent
 NOISY = HERE / "apps" / "noisy.psgi"
@@ -88,7 +88,7 @@ def fleet(xprocess):
     token_file.chmod(0o600)
     ports = {"app1": free_port(), "evil": free_port()}
     http_port, front_port = free_port(), free_port()
-    (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {NOISY}\nfork-server = fs.sock\n")
+    (vdir / "base.ini").write_text(base_ini(NOISY))
     (vdir / "app1.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{ports['app1']}\n"
                                    "processes = 1\n")
     (vdir / f"{EVIL}.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{ports['evil']}\n"

@@ -24,9 +24,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from support import alive, descendants, free_port, kill_all, start_emperor, stop_emperor, wait_for
-from test_emperor import PROGRAM
-from test_robustness import Emp
+from support import (
+    Emp, PROGRAM, alive, base_ini, descendants, free_port, kill_all, start_emperor, stop_emperor, wait_for,
+)
 
 HERE = Path(__file__).resolve().parent
 TENANT = HERE / "apps" / "tenant.psgi"
@@ -91,9 +91,8 @@ def answers(port: int, timeout: float = 5) -> dict | None:
         return None
 
 
-def base_ini(k: int) -> str:
-    return (f"[uwsgi]\nearly-psgi = {TENANT}\nfork-server = fs.sock\n"
-            f"early-warmup = /warm\nfork-server-spares = {k}\n")
+def tenant_base(k: int) -> str:
+    return base_ini(TENANT, "fs.sock", "early-warmup = /warm", f"fork-server-spares = {k}")
 
 
 def vassal_ini(port: int, *extra: str, processes: int = 2) -> str:
@@ -109,14 +108,14 @@ class Fleet:
         self.vdir = Path(tempfile.mkdtemp(prefix="pf-tn-"))
         self.k = k
         if k is not None:
-            (self.vdir / "base.ini").write_text(base_ini(k))
+            (self.vdir / "base.ini").write_text(tenant_base(k))
         stats = Path(str(self.vdir) + ".stats")
         environ = {"TENANT_PRELOAD_FILE": tenant.path("preload"), "TENANT_WARM_FILE": tenant.path("warm"),
                    "TENANT_HELPER_TAG": self.vdir.name, **env}
         em = start_emperor(xprocess, f"emperor-{self.vdir.name}", [
             self.vdir, "--stats", stats, "--mercy", "5", "--backoff-first", "0.2", "--backoff-max", "1"],
             environ, groups=[0, ADM])
-        self.e = Emp(em.pid, self.vdir, em.log, em.popen, stats)
+        self.e = Emp(em.pid, em.popen, em.log, self.vdir, stats)
         if k:
             self.wait_spares()
 

@@ -10,17 +10,7 @@ from psgi_forkserver.emperor.vassal import (
     Adopt, Context, Forget, ForkServer, Kill, Kind, Phase, Policy, Send, Spawn, Vassal,
 )
 
-POLICY = Policy(mercy=5.0, backoff_first=0.1, backoff_max=2.0, stable_after=10.0)
-
-
-def cfg(name="app1", fp="a", **opts):
-    # an http-socket: a vassal whose Emperor owns its socket reloads seamlessly
-    opts.setdefault("http-socket", "127.0.0.1:9100")
-    return VassalConfig(name, Path(f"/v/{name}.ini"), fp, tuple(opts.items()))
-
-
-def ctx(now, fs=ForkServer.READY, **kw):
-    return Context(now, fs, **kw)
+from support.vassals import POLICY, base_vassal, cfg, ctx
 
 
 def adopted_vassal(now=0.0, pid=100):
@@ -300,16 +290,6 @@ def test_removed_during_reload_stops_both():
     v.exited(0, 1.2, pid=100)
     v.exited(0, 1.3, pid=200)
     assert v.step(ctx(1.3)) == [Forget()]
-
-
-def base_vassal():
-    b = Vassal("base", cfg("base", **{"fork-server": "fs.sock"}), is_base=True, policy=POLICY)
-    acts = b.step(ctx(0, ForkServer.WAITING))
-    assert acts == [Spawn(Kind.BASE)]
-    b.spawned(10, 0, seq=acts[0].seq)
-    b.on_byte(1, 0.1)
-    assert b.base_generation == 1
-    return b
 
 
 def test_code_deploy_new_base_then_old_base_retires_once_drained():

@@ -4,51 +4,38 @@ use warnings;
 
 use Exporter 'import';
 
-# The vocabulary: the same names and values as psgi_forkserver/protocol.py,
-# declared for both in protocol.json next to this module (t/protocol.t and
-# tests/test_protocol.py hold each side to it).
-use constant {
-    HEADER_SIZE => 4,
-    MAX_BODY    => 65535,
-};
-# modifier1: what a packet is
-use constant {
-    MODIFIER1_FORK_SERVER => 35,     # an adoption request, and its reply
-    MODIFIER1_CONFIG      => 115,    # a config text on the config pipe
-};
-# modifier2 of an adoption request: which descriptors came with it, in this order
-use constant {
-    MASK_PIPE      => 0x01,    # the vassal's end of its Emperor pipe (always)
-    MASK_CONFIG    => 0x02,    # its config pipe
-    MASK_ON_DEMAND => 0x04,    # a listening socket to serve on
-};
-# Emperor pipe, vassal -> Emperor
-use constant {
-    SPAWNED      => 1,
-    CONFIG_AGAIN => 2,
-    ACCEPTING    => 5,
-    LOYAL        => 17,
-    DONE         => 22,
-    HEARTBEAT    => 26,
-};
-# Emperor pipe, Emperor -> vassal
-use constant {
-    STOP_NOW => 0,
-    RELOAD   => 1,
-    STOP     => 2,    # gracefully: finish the requests in flight
-};
+# The vocabulary, every name and byte value, is declared once for both
+# sides in protocol.json next to this module, which psgi_forkserver/
+# protocol.py reads too. Each of its groups (packet, modifier1, mask,
+# vassal_bytes, emperor_bytes) becomes constants here and an export tag of
+# the same name. Read while this module compiles, so that the codec below
+# and every importer get them as compile-time constants.
+our $PROTOCOL_FILE;
+our %EXPORT_TAGS;
+BEGIN {
+    require File::Basename;
+    require File::Spec;
+    require JSON::PP;
+    require constant;
+    $PROTOCOL_FILE = File::Spec->catfile(File::Basename::dirname(__FILE__), 'protocol.json');
+    open my $fh, '<:raw', $PROTOCOL_FILE or die "cannot read $PROTOCOL_FILE: $!\n";
+    my $decl = JSON::PP->new->decode(do { local $/; <$fh> });
+    for my $group (grep { ref $decl->{$_} eq 'HASH' } keys %$decl) {
+        my $names = $decl->{$group};
+        for my $name (keys %$names) {
+            die "$PROTOCOL_FILE: $group.$name: not a constant name\n" unless $name =~ /\A[A-Z][A-Z0-9_]*\z/;
+            die "$PROTOCOL_FILE: $group.$name: not a non-negative integer\n"
+                unless defined $names->{$name} && $names->{$name} =~ /\A\d+\z/;
+        }
+        constant->import({ map { $_ => 0 + $names->{$_} } keys %$names });
+        $EXPORT_TAGS{$group} = [ sort keys %$names ];
+    }
+}
 
-our %EXPORT_TAGS = (
-    packet        => [qw(HEADER_SIZE MAX_BODY)],
-    modifier1     => [qw(MODIFIER1_FORK_SERVER MODIFIER1_CONFIG)],
-    mask          => [qw(MASK_PIPE MASK_CONFIG MASK_ON_DEMAND)],
-    vassal_bytes  => [qw(SPAWNED CONFIG_AGAIN ACCEPTING LOYAL DONE HEARTBEAT)],
-    emperor_bytes => [qw(STOP_NOW RELOAD STOP)],
-    codec         => [qw(
-        encode_packet decode_header decode_packet read_packet
-        encode_array decode_array encode_dict decode_dict
-    )],
-);
+$EXPORT_TAGS{codec} = [qw(
+    encode_packet decode_header decode_packet read_packet
+    encode_array decode_array encode_dict decode_dict
+)];
 our @EXPORT_OK = map { @$_ } values %EXPORT_TAGS;
 $EXPORT_TAGS{all} = [@EXPORT_OK];
 
@@ -199,9 +186,11 @@ strings with wide characters.
 
 =head1 CONSTANTS
 
-The names of the protocol, the same in F<psgi_forkserver/protocol.py> and
-declared for both in F<protocol.json> next to this module; exported on
-request, by name or by tag:
+The names of the protocol, read from F<protocol.json> next to this module
+as it loads (F<psgi_forkserver/protocol.py> reads the same file; a file
+that cannot be read or parsed, or a value that is not a non-negative
+integer, stops the load with the reason). Each group of the file is an
+export tag; exported on request, by name or by tag:
 
 =over
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import _indent, render_locations, render_nginx_conf, render_routing
+from .config import indent, render_locations, render_nginx_conf, render_routing
 from .nginx import find_nginx, write_if_changed
 from .route import Route
 
@@ -127,7 +127,7 @@ class Checks:
                         for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         return (f"pid {self.ng_dir / 'check.pid'};\nerror_log stderr;\nevents {{}}\nhttp {{\n"
                 f"{temps}    include {inc};\n    server {{\n        listen 127.0.0.1:9;\n"
-                + _indent(render_locations(self.opts.keepalive), 8) + "    }\n}\n")
+                + indent(render_locations(self.opts.keepalive), 8) + "    }\n}\n")
 
     def _check(self, routes: tuple[Route, ...]) -> None:
         nginx = self.opts.nginx or find_nginx()

@@ -270,7 +270,7 @@ def listen_directive(addr: str) -> str:
     return addr
 
 
-def _indent(text: str, n: int) -> str:
+def indent(text: str, n: int) -> str:
     pad = " " * n
     return "".join(pad + line if line.strip() else line for line in text.splitlines(True))
 
@@ -346,4 +346,4 @@ def render_nginx_conf(routes: Iterable[Route], listen: str, run_dir: Path,
              "    }", "}"]
     for r, ns in claimed:
         http += _server(r, ns, listen, keepalive)
-    return "\n".join(head) + "\n" + _indent("\n".join(http) + "\n", 4) + "}\n"
+    return "\n".join(head) + "\n" + indent("\n".join(http) + "\n", 4) + "}\n"

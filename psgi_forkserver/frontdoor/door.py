@@ -24,7 +24,7 @@ from ..logs import OutputPipe
 from ..proc import backoff_delay
 from .check import Bisect, Check, Checks
 from .config import DEFAULT_KEEPALIVE
-from .links import HOSTS, HostLinks, _rerouted, served_by_link
+from .links import HOSTS, HostLinks, rerouted, served_by_link
 from .route import Route
 from .supervisor import NginxProcess
 
@@ -126,7 +126,7 @@ class FrontDoor(HostLinks, Checks, NginxProcess):
         if self.embedded and self.installed is not None and self.routes is not None:
             hosts = self.ng_dir / HOSTS
             old = set(self.installed)
-            if all((served_by_link(r, hosts) and not _rerouted(r, self.installed)) or not r.up
+            if all((served_by_link(r, hosts) and not rerouted(r, self.installed)) or not r.up
                    for r in self.routes if r not in old):
                 at = max(at, min(self.changed_at + self.opts.settle,
                                  self.dirty_since + self.opts.settle_max))

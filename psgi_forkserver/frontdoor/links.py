@@ -2,7 +2,7 @@
 nginx consults for names its configuration does not have yet, so a new
 vassal answers by its names at once, without a reload; and whether a
 change of the routes can wait for its reload because the links serve it
-meanwhile (`served_by_link`, `_rerouted`).
+meanwhile (`served_by_link`, `rerouted`).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def installed_route(name: str, routes: Iterable[Route]) -> Route | None:
     return best[1] if best else None
 
 
-def _rerouted(r: Route, installed: Iterable[Route]) -> bool:
+def rerouted(r: Route, installed: Iterable[Route]) -> bool:
     """Whether the running configuration routes one of this route's names
     somewhere else (a name moved from a live vassal, an exact name under
     another vassal's wildcard), or this vassal's dropped names to it: the

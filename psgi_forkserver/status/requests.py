@@ -31,7 +31,9 @@ COMMAND_GRACE = 0.05
 
 
 @dataclass
-class _Client:
+class Client:
+    """One connection to the stats socket or to the status HTTP listener, while it is served."""
+
     sock: socket.socket
     deadline: float
     inbuf: bytes = b""
@@ -65,10 +67,10 @@ class Requests:
             self.log(f"status page: refused Host \"{printable(host or '')}\" with 421 "
                      f"({self.misdirected} so far; --status-http-host names more)")
 
-    def _send_doc(self, c: _Client, doc: dict[str, Any]) -> None:
+    def _send_doc(self, c: Client, doc: dict[str, Any]) -> None:
         if c.command:
             return
-        data = self._once(doc, "json", lambda: _json(doc))
+        data = self._once(doc, "json", lambda: json_body(doc))
         if c.eof or self.now >= c.accepted + COMMAND_GRACE:
             self._respond(c, data)
         else:
@@ -122,7 +124,7 @@ class Requests:
         c.inbuf += data
         if b"\n" not in c.inbuf:
             if len(c.inbuf) > MAX_REQUEST:
-                self._respond(c, _json({"schema": SCHEMA, "ok": False,
+                self._respond(c, json_body({"schema": SCHEMA, "ok": False,
                                         "message": "command line too long"}))
             return True
         try:
@@ -142,7 +144,7 @@ class Requests:
             if command == "logs" and self.link.logs is not None:
                 since = req.get("since")
                 reply = self.link.logs(str(name), since if isinstance(since, int) else None)
-                self._respond(c, _json(reply))
+                self._respond(c, json_body(reply))
                 return True
             reply = self.link.control(command, None if name is None else str(name))
             if self.job is not None:
@@ -152,7 +154,7 @@ class Requests:
         except Exception as e:  # noqa: BLE001 - a bad line must not take the loop down
             reply = {"schema": SCHEMA, "command": line[:80], "ok": False,
                      "message": f"{type(e).__name__}: {e}"}
-        self._respond(c, _json(reply))
+        self._respond(c, json_body(reply))
         return True
 
     def _on_http_readable(self, fd: int, now: float) -> None:
@@ -169,7 +171,7 @@ class Requests:
         c.inbuf += data
         if b"\r\n\r\n" not in c.inbuf and b"\n\n" not in c.inbuf:
             if len(c.inbuf) > MAX_REQUEST:
-                self._respond(c, _http(431, "text/plain", b"request too large\n"))
+                self._respond(c, http_response(431, "text/plain", b"request too large\n"))
             return
         try:  # the request is complete: stop reading, answer (maybe later)
             self.sel.unregister(c.sock)
@@ -179,64 +181,64 @@ class Requests:
             self._http_request(c)
         except Exception as e:  # noqa: BLE001
             self.log(f"status page: {type(e).__name__}: {e}")
-            self._respond(c, _http(500, "text/plain", b"internal error\n"))
+            self._respond(c, http_response(500, "text/plain", b"internal error\n"))
 
-    def _http_request(self, c: _Client) -> None:
+    def _http_request(self, c: Client) -> None:
         line = c.inbuf.split(b"\n", 1)[0].decode("latin-1").strip()
         parts = line.split()
         if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            return self._respond(c, _http(400, "text/plain", b"bad request\n"))
+            return self._respond(c, http_response(400, "text/plain", b"bad request\n"))
         method, target = parts[0], parts[1].split("?", 1)[0]
         head = method == "HEAD"
         headers = _headers(c.inbuf)
         if headers is None:
-            return self._respond(c, _http(400, "text/plain", b"bad request\n"))
+            return self._respond(c, http_response(400, "text/plain", b"bad request\n"))
         if self.access is not None:
             if not self.access.host_allowed(headers.get("host")):
                 # DNS rebinding, or a name the operator did not give: no
                 # more than that it is not this server's name
                 self._misdirected(headers.get("host"))
-                return self._respond(c, _http(421, "text/plain",
+                return self._respond(c, http_response(421, "text/plain",
                                               b"misdirected request: unknown Host\n"))
             if not self.access.authorized(target, headers.get("authorization")):
-                return self._respond(c, _http(
+                return self._respond(c, http_response(
                     401, "text/plain", b"token required\n",
                     extra='WWW-Authenticate: Basic realm="emperor status", charset="UTF-8"\r\n'))
         if method not in ("GET", "HEAD"):
             return self._respond(
-                c, _http(405, "text/plain", b"only GET\n", extra="Allow: GET, HEAD\r\n"))
+                c, http_response(405, "text/plain", b"only GET\n", extra="Allow: GET, HEAD\r\n"))
         if target == "/json":
-            self._when_ready(lambda doc: self._respond(c, _http(
-                200, "application/json", self._once(doc, "json", lambda: _json(doc)), head)))
+            self._when_ready(lambda doc: self._respond(c, http_response(
+                200, "application/json", self._once(doc, "json", lambda: json_body(doc)), head)))
         elif target == "/metrics":
             em = self.link.metrics if self.link is not None else None
-            self._when_ready(lambda doc: self._respond(c, _http(
+            self._when_ready(lambda doc: self._respond(c, http_response(
                 200, "text/plain; version=0.0.4; charset=utf-8",
                 self._once(doc, "metrics", lambda: render_metrics(doc, em)), head)))
         elif target == "/healthz":
             assert self.link is not None
             ok, why = self.link.health()
-            self._respond(c, _http(200 if ok else 503, "text/plain", why.encode() + b"\n", head))
+            self._respond(c, http_response(200 if ok else 503, "text/plain", why.encode() + b"\n", head))
         elif target == "/readyz":
             assert self.link is not None
             ok, why = self.link.ready() if self.link.ready is not None else self.link.health()
-            self._respond(c, _http(200 if ok else 503, "text/plain", why.encode() + b"\n", head))
+            self._respond(c, http_response(200 if ok else 503, "text/plain", why.encode() + b"\n", head))
         elif target.startswith("/log/"):
             name = urllib.parse.unquote(target[len("/log/"):])
             assert self.link is not None
             lines = self.link.log_lines(name)
             if lines is None:
-                self._respond(c, _http(404, "text/plain", b"no such vassal\n", head))
+                self._respond(c, http_response(404, "text/plain", b"no such vassal\n", head))
             else:
                 body = "".join(printable(line) + "\n" for line in (lines or ()))
-                self._respond(c, _http(200, "text/plain; charset=utf-8",
+                self._respond(c, http_response(200, "text/plain; charset=utf-8",
                                        (body or "(nothing logged yet)\n").encode(), head))
         elif target in ("/", "/index.html"):
-            self._when_ready(lambda doc: self._respond(c, _http(
+            self._when_ready(lambda doc: self._respond(c, http_response(
                 200, "text/html; charset=utf-8",
                 self._once(doc, "html", lambda: render_html(doc).encode()), head)))
         else:
-            self._respond(c, _http(404, "text/plain", b"not found\n"))
+            self._respond(c, http_response(404, "text/plain", b"not found\n"))
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
@@ -261,11 +263,11 @@ def _headers(request: bytes) -> dict[str, str] | None:
     return out
 
 
-def _json(doc: dict[str, Any]) -> bytes:
+def json_body(doc: dict[str, Any]) -> bytes:
     return (json.dumps(doc, indent=1) + "\n").encode()
 
 
-def _http(code: int, ctype: str, body: bytes, head: bool = False, extra: str = "") -> bytes:
+def http_response(code: int, ctype: str, body: bytes, head: bool = False, extra: str = "") -> bytes:
     hdr = (
         f"HTTP/1.0 {code} {_REASONS.get(code, '')}\r\n"
         f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"

@@ -34,7 +34,7 @@ from typing import Any
 from ..snapshot import EmperorLink, EmperorSnapshot
 from .access import Access
 from .document import BUDGET, SCHEMA, Collection
-from .requests import Requests, _Client, _http, _json
+from .requests import Client, Requests, http_response, json_body
 
 #: connections in progress; a client beyond that is refused with a message
 #: (never dropped without a word, and never at the expense of one in progress)
@@ -108,7 +108,7 @@ class StatusServer(Requests):
         self.sel: selectors.BaseSelector | None = None
         self.stats_sock: socket.socket | None = None
         self.http_sock: socket.socket | None = None
-        self.clients: dict[int, _Client] = {}
+        self.clients: dict[int, Client] = {}
         self._stats_ino: tuple[int, int] | None = None
         self.requests = 0
         self.refused = 0
@@ -257,7 +257,7 @@ class StatusServer(Requests):
             if len(self.clients) >= self.max_clients:
                 self._refuse(conn, http)
                 continue
-            c = _Client(conn, now + CLIENT_TIMEOUT, accepted=now)
+            c = Client(conn, now + CLIENT_TIMEOUT, accepted=now)
             self.clients[conn.fileno()] = c
             try:
                 if http:
@@ -280,8 +280,8 @@ class StatusServer(Requests):
     def _refuse(self, conn: socket.socket, http: bool) -> None:
         """Too many clients: say so in what fits the socket buffer, close."""
         why = f"too many status clients ({self.max_clients} in progress); try again"
-        data = (_http(503, "text/plain", why.encode() + b"\n") if http
-                else _json({"schema": SCHEMA, "error": why}))
+        data = (http_response(503, "text/plain", why.encode() + b"\n") if http
+                else json_body({"schema": SCHEMA, "error": why}))
         try:
             conn.send(data)
         except OSError:
@@ -364,7 +364,7 @@ class StatusServer(Requests):
                 self.log(f"status: {type(e).__name__}: {e}")
         self._expire(now)
 
-    def _respond(self, c: _Client, data: bytes) -> None:
+    def _respond(self, c: Client, data: bytes) -> None:
         fd = c.sock.fileno()
         if self.clients.get(fd) is not c:
             return  # dropped (timeout, too many clients) while it waited

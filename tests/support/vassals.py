@@ -1,0 +1,31 @@
+"""Vassals without processes, for the tests of the state machine and the
+plan: a policy, configs and contexts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from psgi_forkserver.config import VassalConfig
+from psgi_forkserver.emperor.vassal import Context, ForkServer, Kind, Policy, Spawn, Vassal
+
+POLICY = Policy(mercy=5.0, backoff_first=0.1, backoff_max=2.0, stable_after=10.0)
+
+
+def cfg(name="app1", fp="a", **opts):
+    # an http-socket: a vassal whose Emperor owns its socket reloads seamlessly
+    opts.setdefault("http-socket", "127.0.0.1:9100")
+    return VassalConfig(name, Path(f"/v/{name}.ini"), fp, tuple(opts.items()))
+
+
+def ctx(now, fs=ForkServer.READY, **kw):
+    return Context(now, fs, **kw)
+
+
+def base_vassal():
+    b = Vassal("base", cfg("base", **{"fork-server": "fs.sock"}), is_base=True, policy=POLICY)
+    acts = b.step(ctx(0, ForkServer.WAITING))
+    assert acts == [Spawn(Kind.BASE)]
+    b.spawned(10, 0, seq=acts[0].seq)
+    b.on_byte(1, 0.1)
+    assert b.base_generation == 1
+    return b
