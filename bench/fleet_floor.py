@@ -1,0 +1,281 @@
+"""The fleet's floor and where a mass start's time goes (`--only floor`).
+
+Two measurements, both of `bench/heavy.psgi` vassals answering `/hello`
+(the server's readiness, as in the mass-start rows):
+
+- `floor()`: adoptions one at a time from a base without spares, the
+  socket bound by the requester as `emperor run` does. For each: the CPU
+  the base spends to clone (its page tables), the vassal master's CPU from
+  birth to answering (start-up, worker fork), the worker's, and their
+  minor page faults. The floor of a mass start of N is then the base's
+  start-up plus N times that CPU over the machine's cores: no scheduler,
+  no Emperor, no waiting can beat it.
+- `burst()`: `emperor run` on a directory of N such vassals (soft
+  RLIMIT_NOFILE 1,024), as the thousand rows; then, before the idle
+  phase, every process's CPU and faults from /proc split by role
+  (Emperor, base, vassal masters, workers), the machine's busy fraction
+  over the burst (/proc/stat), and the answering curve. With
+  `PYSPY=/path/to/py-spy`, the Emperor is sampled for the burst and its
+  hottest functions are kept (py-spy is not a dependency of the project).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shlex
+import signal
+import socket
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+from benchlib import BenchError, Ports, Procs, http_get, rmtree, summary, wait_all_200
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_stat(pid: int) -> tuple[float, int, int] | None:
+    """(CPU seconds, minor faults, ppid) of a live process. The CPU is the
+    scheduler's nanoseconds (/proc/PID/schedstat): utime and stime count
+    10 ms ticks, coarser than a whole adoption."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+        with open(f"/proc/{pid}/schedstat") as f:
+            ns = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    rest = text[text.rindex(")") + 2:].split()
+    # fields after the name: state(0) ppid(1) ... minflt(7)
+    return ns / 1e9, int(rest[7]), int(rest[1])
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs since boot."""
+    with open("/proc/stat") as f:
+        cpu = [int(x) for x in f.readline().split()[1:]]
+    idle = cpu[3] + cpu[4]
+    return (sum(cpu[:8]) - idle) / TICK, sum(cpu[:8]) / TICK
+
+
+def floor(procs: Procs, ports: Ports, tmp: Path, base_cls, app: str, program: str, n: int,
+          say: Callable[[str], None]) -> dict:
+    """n adoptions one at a time (no spares): CPU per stage, summed over the
+    processes that do the work."""
+    say(f"floor: {n} adoptions, one at a time, CPU per stage from /proc")
+    base = base_cls(procs, app, tmp / "floor.sock", "base-floor", ("--fork-server-spares", "0"))
+    rows = []
+    try:
+        time.sleep(0.5)  # the base's own start-up CPU settles
+        for i in range(n):
+            port = ports.get()
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen(128)
+            b0 = proc_stat(base.proc.pid)
+            try:
+                pid, pipe, t0, t_pid = base.adopt(["--http-socket", f"127.0.0.1:{port}", "--processes", "1"], s)
+            finally:
+                s.close()
+            if http_get(port, "/hello", timeout=30) != 200:
+                raise BenchError(f"no 200 from the vassal on port {port}")
+            t200 = time.perf_counter()
+            b1 = proc_stat(base.proc.pid)
+            m = proc_stat(pid)
+            workers = [q.pid for q in psutil.Process(pid).children()]
+            w = [proc_stat(q) for q in workers]
+            w = [x for x in w if x]
+            rows.append({
+                "wall_ms": (t200 - t0) * 1000, "pid_reply_ms": (t_pid - t0) * 1000,
+                "base_cpu_ms": (b1[0] - b0[0]) * 1000, "base_faults": b1[1] - b0[1],
+                "master_cpu_ms": m[0] * 1000 if m else 0.0, "master_faults": m[1] if m else 0,
+                "worker_cpu_ms": sum(x[0] for x in w) * 1000, "worker_faults": sum(x[1] for x in w),
+            })
+            pipe.close()
+            if not procs.wait(pid, 15):
+                procs.stop_tree(pid, signal.SIGKILL, 5)
+            procs.reap()
+    finally:
+        base.stop()
+    out = {k: summary([r[k] for r in rows]) for k in rows[0]}
+    cpu = {k: sum(r[k] for r in rows) / len(rows) for k in ("base_cpu_ms", "master_cpu_ms", "worker_cpu_ms")}
+    out["mean_cpu_ms"] = cpu
+    out["cpu_per_vassal_ms"] = sum(cpu.values())
+    out["base_ready_s"] = base.ready_s
+    out["cores"] = os.cpu_count()
+    out["n"] = n
+    say(f"  per adoption: base {cpu['base_cpu_ms']:.2f} + master {cpu['master_cpu_ms']:.2f} + worker "
+        f"{cpu['worker_cpu_ms']:.2f} ms CPU; wall p50 {out['wall_ms']['p50']:.2f} ms")
+    return out
+
+
+def floor_for(fl: dict, n: int) -> float:
+    """Seconds: base start-up + n adoptions' CPU over every core."""
+    return fl["base_ready_s"] + n * fl["cpu_per_vassal_ms"] / 1000 / fl["cores"]
+
+
+def _py_spy(pyspy: str, pid: int, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([pyspy, "record", "--pid", str(pid), "--format", "raw", "--rate", "200",
+                             "--output", str(out), "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _hot(raw: Path, top: int = 15) -> list[tuple[str, float]]:
+    """Share of samples in which each function is on the stack (self+children)
+    and as leaf; from py-spy's collapsed-stack output."""
+    incl: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        c = int(count)
+        total += c
+        for fn in {f.split(" (")[0] for f in stack.split(";")}:
+            incl[fn] += c
+    return [(fn, round(100 * c / total, 1)) for fn, c in incl.most_common(top)] if total else []
+
+
+def burst(procs: Procs, ports: Ports, tmp: Path, emperor_cls, base_ini, vassal_ini, wait_fork_server,
+          n: int, app: str, say: Callable[[str], None], extra: tuple[str, ...] = ()) -> dict:
+    """`emperor run` with n vassals of `app`: the answering curve and every
+    process's CPU and faults by role, read just after the last answered."""
+    say(f"burst profile: `emperor run` with {n} {app} vassals (soft RLIMIT_NOFILE 1024)")
+    vdir = tmp / f"burst-{app}-{n}"
+    vdir.mkdir()
+    sock = tmp / f"burst-{n}.sock"
+    (vdir / "base.ini").write_text(base_ini(app, sock))
+    vports = []
+    for i in range(n):
+        port = ports.get()
+        (vdir / f"v{i:04d}.ini").write_text(vassal_ini(f"v{i:04d}", port))
+        vports.append(port)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    busy0 = machine_busy()
+    em = emperor_cls(procs, vdir, f"emperor-burst-{n}", list(extra), nofile=(1024, hard))
+    res: dict = {"command": shlex.join(em.argv), "n": n, "app": app}
+    spy = None
+    pyspy = os.environ.get("PYSPY")
+    raw = tmp / "emperor.pyspy"
+    try:
+        if pyspy:
+            spy = _py_spy(pyspy, em.proc.pid, raw)
+        res["base_listening_s"] = wait_fork_server(sock, em, 60)
+        first = wait_all_200(vports, 120 + n // 10, em.t0, "/hello")
+        busy1 = machine_busy()
+        took = sorted(first.values())
+        res["all_200_s"] = took[-1]
+        res["curve_s"] = {f"{q}%": round(took[max(0, int(len(took) * q / 100) - 1)], 3) for q in (10, 25, 50, 75, 90, 100)}
+        res["machine_busy_fraction"] = (busy1[0] - busy0[0]) / max(1e-9, busy1[1] - busy0[1])
+        # every CPU's busy time over the burst: what our processes used, the
+        # rest went to others (other work on the machine, the kernel's threads,
+        # processes that exited, this client)
+        res["machine_cpu_s"] = round(busy1[0] - busy0[0], 2)
+        # by role: the Emperor, its base, vassal masters (the Emperor's other
+        # children), their workers; CPU since each process started
+        roles: dict[str, list[float]] = {"emperor": [0.0, 0, 0], "base": [0.0, 0, 0],
+                                         "masters": [0.0, 0, 0], "workers": [0.0, 0, 0]}
+        emperor_pid = em.proc.pid
+        pids = [p.pid for p in em.under()]
+        # the base is the Emperor's first child (the vassals are adopted from it)
+        kids = [q for q in em.under() if proc_stat(q.pid) and proc_stat(q.pid)[2] == emperor_pid]
+        base_pid = min(kids, key=lambda q: q.create_time()).pid if kids else None
+        for pid in [emperor_pid, *pids]:
+            st = proc_stat(pid)
+            if not st:
+                continue
+            role = ("emperor" if pid == emperor_pid else "base" if pid == base_pid
+                    else "masters" if st[2] == emperor_pid else "workers")
+            r = roles[role]
+            r[0] += st[0]
+            r[1] += st[1]
+            r[2] += 1
+        res["by_role"] = {k: {"cpu_s": round(v[0], 2), "minflt": v[1], "processes": v[2]} for k, v in roles.items()}
+        res["cpu_total_s"] = round(sum(v[0] for v in roles.values()), 2)
+        cpu = sum(v[0] for v in roles.values())
+        res["cpu_over_cores_s"] = round(cpu / (os.cpu_count() or 1), 2)
+        say(f"  all {n} answering at {res['all_200_s']:.2f} s (base listening {res['base_listening_s']:.2f} s); "
+            f"machine busy {100 * res['machine_busy_fraction']:.0f} % ({res['machine_cpu_s']:.1f} CPU-s); CPU "
+            + ", ".join(f"{k} {v['cpu_s']:.2f} s" for k, v in res["by_role"].items()))
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            try:
+                spy.wait(30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
+            spy = None
+            if raw.exists():
+                res["emperor_hot"] = _hot(raw)
+                for fn, pct in res["emperor_hot"][:12]:
+                    say(f"    {pct:5.1f} %  {fn}")
+    finally:
+        if spy is not None:
+            spy.kill()
+            spy.wait()
+        res["stop_s"] = em.stop()
+        rmtree(vdir)
+    return res
+
+
+def run(procs: Procs, ports: Ports, tmp: Path, quick: bool, step, say, emperor_cls, base_cls, base_ini,
+        vassal_ini, wait_fork_server, apps: dict[str, str], program: str) -> dict:
+    """`--only floor`: the floor from single adoptions, then a mass start
+    of 200 (`--quick`) or 1,000 (`--full`) heavy vassals against it."""
+    n = 200 if quick else 1000
+    out: dict = {"load_average_at_start": os.getloadavg()}
+    fl = step("floor", lambda: floor(procs, ports, tmp, base_cls, apps["heavy"], program, 20, say))
+    if fl:
+        out["floor"] = fl
+    b = step(f"burst {n}", lambda: burst(procs, ports, tmp, emperor_cls, base_ini, vassal_ini,
+                                         wait_fork_server, n, "heavy", say))
+    if b:
+        out["burst"] = b
+        if fl:
+            b["floor_s"] = floor_for(fl, n)
+    out["load_average_at_end"] = os.getloadavg()
+    return out
+
+
+def rows(r: dict) -> list[tuple[str, str, str, str]]:
+    """Table rows of `--only floor`."""
+    x = r.get("floor_profile")
+    if not x:
+        return []
+    out = []
+    fl, b = x.get("floor"), x.get("burst")
+    if fl:
+        c = fl["mean_cpu_ms"]
+        out.append(("floor: one heavy adoption at a time (no spares, socket bound by the requester), CPU: "
+                    "base's clone + vassal master (start-up, worker fork) + worker, to its first 200 on /hello",
+                    f"{c['base_cpu_ms']:.2f} + {c['master_cpu_ms']:.2f} + {c['worker_cpu_ms']:.2f} = "
+                    f"{fl['cpu_per_vassal_ms']:.2f} ms; faults {fl['base_faults']['p50']:.0f} + "
+                    f"{fl['master_faults']['p50']:.0f} + {fl['worker_faults']['p50']:.0f}; "
+                    f"wall p50 {fl['wall_ms']['p50']:.2f} ms", "", ""))
+        out.append(("floor of 1,000 heavy vassals answering: base start-up + 1,000 x that CPU / "
+                    f"{fl['cores']} cores", f"{floor_for(fl, 1000):.2f} s "
+                    f"(base ready at {fl['base_ready_s']:.2f} s)", "5 s", ""))
+    if b and "all_200_s" in b:
+        load = x.get("load_average_at_start", [0])[0]
+        out.append((f"`emperor run`, {b['n']} heavy vassals -> all answering /hello (load average {load:.1f} "
+                    "at start)", f"{b['all_200_s']:.2f} s (base listening {b['base_listening_s']:.2f} s)"
+                    + (f"; floor {b['floor_s']:.2f} s" if "floor_s" in b else ""),
+                    "5 s at 1,000", ""))
+        roles = b["by_role"]
+        out.append((f"  where the CPU went ({b['n']} vassals; machine busy "
+                    f"{100 * b['machine_busy_fraction']:.0f} % of the burst"
+                    + (f", {b['machine_cpu_s']:.1f} CPU-s in all, ours {b['cpu_total_s']:.1f}" if "machine_cpu_s" in b
+                       else "") + ")",
+                    "; ".join(f"{k} {v['cpu_s']:.2f} s" + (f" ({1000 * v['cpu_s'] / b['n']:.1f} ms each)"
+                                                            if k in ("masters", "workers") else "")
+                              for k, v in roles.items()), "", ""))
+        if b.get("emperor_hot"):
+            out.append(("  the Emperor's hottest functions (py-spy, share of samples)",
+                        ", ".join(f"{fn} {pct:g} %" for fn, pct in b["emperor_hot"][3:9]), "", ""))
+    return out
