@@ -279,6 +279,15 @@ def test_the_safety_net_steps_a_vassal_whose_fact_left_no_mark():
     assert p.actions() == {"app0": [], "app1": [Send(EmperorByte.STOP)]}
 
 
+def test_the_loop_waits_for_the_safety_net_only_after_a_turn_that_left_vassals_out():
+    vs = fleet_of(running("app0"), running("app1", pid=101))
+    settled = Settled()
+    plan(vs, facts(20), settled)  # every vassal stepped: nothing to catch up on
+    assert settled.wakeups(vs) == []
+    plan(vs, facts(20.1), settled)  # an event's turn left them out
+    assert settled.wakeups(vs) == [20 + Settled.SAFETY]
+
+
 def test_a_vassal_with_an_action_from_outside_is_stepped_though_settled():
     v = Vassal("app", cfg("app"), policy=POLICY)
     vs = fleet_of(v)

@@ -176,6 +176,9 @@ class Settled:
     queues: dict[Slot, list[str]] = field(default_factory=lambda: {Slot.ADOPT: [], Slot.DEPLOY: []})
     world: tuple | None = None
     next_safety: float = float("-inf")
+    # a turn left vassals out since the last one that stepped them all: a
+    # fact recorded then without a mark waits for the safety net's turn
+    partial: bool = False
     steps: int = 0  # vassals stepped so far (tests, measurements)
 
     def clear(self) -> None:
@@ -210,6 +213,9 @@ class Settled:
             self.world = world
             self.next_safety = facts.now + self.SAFETY
             self.clear()
+            self.partial = False
+        else:
+            self.partial = True
         for name in self.dirty:
             self.unmark(name)
         self.dirty.clear()
@@ -253,14 +259,16 @@ class Settled:
 
     def wakeups(self, vassals: Mapping[str, Vassal]) -> list[float]:
         """When a turn is due without any event: the marked vassals' earliest
-        wake-up, the next safety turn, every unmarked vassal's wake-up."""
+        wake-up, the safety net's turn (only after a turn that left some
+        out: a fleet nothing happens to is not woken for it), every unmarked
+        vassal's wake-up."""
         while self.wakes:
             t, name = self.wakes[0]
             m = self.marks.get(name)
             if m is not None and m.until == t:
                 break
             heapq.heappop(self.wakes)  # its mark went
-        times = [self.next_safety] if self.marks else []
+        times = [self.next_safety] if self.marks and self.partial else []
         if self.wakes:
             times.append(self.wakes[0][0])
         for n in vassals.keys() - self.marks.keys():
