@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,7 +207,7 @@ class ForkServers:
         for key in set(self.next_probe) - starting:
             del self.next_probe[key]
 
-    def base_back(self, now: float, fs: ForkServer, others: list[Vassal]) -> None:
+    def base_back(self, now: float, fs: ForkServer, others: Iterable[Vassal]) -> None:
         """The fork server is ready again (a removed or crashed base is
         back): vassals that were waiting for it in a crash-loop backoff (a
         plain start that could not load the base's code, a failed adoption)
@@ -249,7 +249,7 @@ class ForkServers:
         elif p.reason == CODE_DEPLOY:
             self.deploys.move_failed(v.name, why)
 
-    def observe(self, now: float, others: list[Vassal], shutting_down: bool) -> None:
+    def observe(self, now: float, others: Iterable[Vassal], shutting_down: bool) -> None:
         """Once per turn, after the vassals stepped: the deploy in progress."""
         self.deploys.observe(now, self.base(), others, shutting_down)
 

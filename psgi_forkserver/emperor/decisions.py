@@ -5,9 +5,19 @@ facts recorded so far and the turn's `Context`, `step()` compares what
 should run with what runs, records its decision in the vassal's process
 records (`Proc`) and returns the actions the Emperor must carry out. No
 processes, no clock but `ctx.now`.
+
+A step that decides nothing also says what could change that (`Quiet`): a
+fact recorded on the vassal, the world (the fork server's state or
+generation, a shutdown), its own next wake-up, or a slot of the turn
+(`Slot`). The plan leaves a quiet vassal out of later turns until one of
+those comes (plan.Settled), so a branch below that waits on anything else
+of the turn's must say so (`_slot`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
 
 from ..proc import (
     CODE_DEPLOY, Action, Adopt, Context, Forget, ForkServer, Kill, Kind, Phase, Proc, ProcState,
@@ -16,8 +26,30 @@ from ..proc import (
 from ..protocol import EmperorByte
 
 
+class Slot(StrEnum):
+    """What else a quiet step waits for, besides a fact, the world and its wake-up."""
+
+    ADOPT = "adopt"  # an adoption slot (ctx.adopt_slots)
+    DEPLOY = "deploy"  # a deploy slot (ctx.deploy_slots), then an adoption slot
+    TURN = "turn"  # the other vassals (a base draining, bases held in a shutdown): every turn
+
+
+@dataclass(frozen=True)
+class Quiet:
+    """A step decided nothing, and the same step decides nothing again until
+    a fact is recorded on the vassal, the world changes, `until` comes (its
+    next wake-up), or `slot` (if any) is free."""
+
+    until: float | None
+    slot: Slot | None = None
+
+
 class Decisions:
     """What a vassal does next (a mixin of Vassal)."""
+
+    # what the last step waits for, if it decided nothing (None: it did)
+    quiet: Quiet | None = None
+    _slot: Slot | None = None  # set by the branch that waits for a slot of the turn
 
     def _heartbeat_of(self, p: Proc) -> float | None:
         raw = p.config.get("heartbeat")
@@ -121,14 +153,18 @@ class Decisions:
         now = ctx.now
         acts: list[Action] = []
         self.retry_at = None
+        self._slot = None
         for p in list(self.retiring):
             if p.state != ProcState.STOPPING:
                 drained = p.base_generation not in ctx.base_users
                 if not p.hold or (drained and not ctx.hold_bases):
                     acts += self._stop_proc(p, now, p.stop_reason or "replaced")
+                else:
+                    self._slot = Slot.TURN  # drained once the others moved off it
             acts += self._mercy(p, now)
         acts += self._step_main(ctx)
         self._sync(now)
+        self.quiet = None if acts else Quiet(self.next_wakeup(), self._slot)
         return acts
 
     def _step_main(self, ctx: Context) -> list[Action]:
@@ -147,6 +183,7 @@ class Decisions:
         # the current process is live
         if ctx.shutting_down:
             if cur.kind == Kind.BASE and ctx.hold_bases:
+                self._slot = Slot.TURN  # until the others are gone
                 return []
             return self._stop(now, "shutdown")
         if self.config is None:
@@ -187,6 +224,7 @@ class Decisions:
             self._enter(Phase.WAITING_FOR_BASE, now)
             return []
         if kind == Kind.ADOPTED and ctx.adopt_slots <= 0:
+            self._slot = Slot.ADOPT
             return []  # queued: the next adoption that completes wakes the loop
         self.woken = False
         self.stop_reason = None
@@ -227,8 +265,10 @@ class Decisions:
         if kind == Kind.ADOPTED and ctx.fork_server != ForkServer.READY:
             return []  # keep serving; move once the fork server is back
         if reason == CODE_DEPLOY and cur.kind == Kind.ADOPTED and ctx.deploy_slots <= 0:
+            self._slot = Slot.DEPLOY
             return []
         if kind == Kind.ADOPTED and ctx.adopt_slots <= 0:
+            self._slot = Slot.ADOPT
             return []
         self.reload_asked = False
         self.successor, action = self._new_proc(kind, ctx, reason)

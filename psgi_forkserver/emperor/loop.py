@@ -35,7 +35,7 @@ from .ondemand import VassalSockets
 from .orphans import Sweeper
 from .outcomes import Outcomes
 from .plan import (Admit, CleanCgroups, FailAdoption, Facts, AdoptionFailure, KillOrphans,
-                   KillWedged, Plan, Sweep, plan, runs_as_base)
+                   KillWedged, Plan, Settled, Sweep, plan, runs_as_base)
 from .processes import ProcessTable
 from .progress import StartProgress
 from .recent import RecentLines
@@ -92,6 +92,9 @@ class Emperor:
         self.outcomes = Outcomes(self.files, self.procs, self.bases, self.routes, self.listeners,
                                  self.sweeper, self.log, lambda: self.cgroups)
         self.start_progress = StartProgress(self.log)
+        # the vassals a turn need not step (the plan's memory): a turn costs
+        # what changed, not the fleet
+        self.settled = Settled()
         self.fleet = control.Fleet(opts, self.files, self.bases, self.routes, self.lines,
                                    self.metrics, self.log, lambda: self.cgroups,
                                    lambda: self.shutting_down, self.reopen_logs, self._wake)
@@ -132,12 +135,15 @@ class Emperor:
         self.files.reload_due(now)
         self.again = False
         facts = self._facts(now)
-        turn = plan(self.vassals.values(), facts)
+        turn = plan(self.vassals, facts, self.settled)
         self._act(turn, now)
         self.again = self.again or turn.again
-        others = [v for v in self.vassals.values() if not runs_as_base(v)]
-        self.bases.observe(now, others, self.shutting_down)
-        self.start_progress.observe(now, {v.name: v.phase for v in others})
+        # lazily: the deploy tracker looks at them only while a deploy runs,
+        # the progress lines every StartProgress.LOOK_EVERY seconds
+        self.bases.observe(now, (v for v in self.vassals.values() if not runs_as_base(v)),
+                           self.shutting_down)
+        self.start_progress.observe(now, lambda: {v.name: v.phase for v in self.vassals.values()
+                                                  if not runs_as_base(v)})
         self.routes.turn(now, self.shutting_down)  # routing changed? (applied batched)
         if self.opts.status is not None:
             self.opts.status.poll(now)
@@ -167,7 +173,7 @@ class Emperor:
         self.bases.probe(now)
         fs, base_gen = self.bases.state(now)
         # the fork server is back: the vassals waiting for it are told (a fact)
-        self.bases.base_back(now, fs, [v for v in self.vassals.values() if not runs_as_base(v)])
+        self.bases.base_back(now, fs, (v for v in self.vassals.values() if not runs_as_base(v)))
         cg = self.cgroups
         return Facts(now, fs, base_gen, self.shutting_down, self.opts.deploy_parallel,
                      self.opts.adopt_parallel,
@@ -247,10 +253,11 @@ class Emperor:
             return 0.0
         times = [*self.files.next_wakeup(), *self.bases.probe_times(),
                  *self.procs.next_wakeup(), *self.sweeper.next_wakeup()]
-        times += (t for v in self.vassals.values() if (t := v.next_wakeup()) is not None)
+        times += self.settled.wakeups(self.vassals)
         status = self.opts.status
         for t in (self.cgroups.next_wakeup(now) if self.cgroups is not None else None,
                   self.routes.next_wakeup(), self.notifier.next_wakeup(),
+                  self.start_progress.next_wakeup(),
                   status.next_wakeup() if status is not None else None):
             if t is not None:
                 times.append(t)

@@ -28,16 +28,23 @@ What it decides across vassals (each vassal decides its own life):
   killed after the mercy timeout (`KillOrphans`), emptied cgroups removed
   (`CleanCgroups`);
 - whether the turn must run again at once (`Plan.again`): a new base
-  generation became ready, or a vassal's move ended and freed a deploy slot.
+  generation became ready, or a vassal's move ended and freed a deploy slot;
+- which vassals to step at all (`Settled`): one whose last step decided
+  nothing (its `Quiet`) is left out until a fact is recorded on it, its own
+  wake-up comes, a slot it waits for is free, or the world changes; and at
+  least once every `Settled.SAFETY` seconds regardless. A turn of a mass
+  start then costs what changed, not the fleet.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import bisect
+import heapq
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..proc import CODE_DEPLOY, Action, Adopt, Context, Forget, ForkServer, Kind, Proc, ProcState
-from .vassal import Vassal
+from .vassal import Slot, Vassal
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,139 @@ class Plan:
         return {s.vassal.name: s.actions for s in self.steps}
 
 
+@dataclass
+class Mark:
+    vassal: Vassal
+    until: float | None  # its own next wake-up
+    slot: Slot | None  # ADOPT or DEPLOY: queued for a slot of the turn
+
+
+@dataclass
+class Settled:
+    """The plan's memory of which vassals need no step: those whose last
+    step was quiet (`Vassal.quiet`) and to which nothing happened since.
+
+    A vassal is marked after a quiet step, unless it is a base, a mover
+    (its successor is a code deploy's: the deploy slots count them every
+    turn) or waits on the other vassals (`Slot.TURN`). Its mark goes, and
+    it is stepped again, when a fact is recorded on it (every fact method
+    adds its name to `dirty`), when its `until` comes, when an action from
+    outside its life is planned for it (a failed adoption, an admission),
+    when the world changes (the fork server's state or generation, a
+    shutdown: every mark goes), and every `SAFETY` seconds in any case (every
+    mark goes): a fact recorded on it by a way that does not mark it is
+    seen that late, never lost. A vassal queued for a slot is stepped only
+    when it can get one: of those queued, the first free-slots by name."""
+
+    SAFETY = 1.0  # s: every vassal is stepped at least this often
+
+    marks: dict[str, Mark] = field(default_factory=dict)
+    dirty: set[str] = field(default_factory=set)  # filled by Vassal's fact methods
+    wakes: list[tuple[float, str]] = field(default_factory=list)  # heap of marks' `until`
+    queues: dict[Slot, list[str]] = field(default_factory=lambda: {Slot.ADOPT: [], Slot.DEPLOY: []})
+    world: tuple | None = None
+    next_safety: float = float("-inf")
+    # a turn left vassals out since the last one that stepped them all: a
+    # fact recorded then without a mark waits for the safety net's turn
+    partial: bool = False
+    steps: int = 0  # vassals stepped so far (tests, measurements)
+
+    def clear(self) -> None:
+        self.marks.clear()
+        self.wakes.clear()
+        for q in self.queues.values():
+            q.clear()
+
+    def unmark(self, name: str) -> None:
+        m = self.marks.pop(name, None)
+        if m is not None and m.slot is not None:
+            q = self.queues[m.slot]
+            i = bisect.bisect_left(q, name)
+            if i < len(q) and q[i] == name:
+                del q[i]
+        # its entry in `wakes`, if any, is dropped when it comes up
+
+    def mark(self, v: Vassal) -> None:
+        """After v's quiet step."""
+        q = v.quiet
+        assert q is not None and q.slot != Slot.TURN
+        self.marks[v.name] = Mark(v, q.until, q.slot)
+        if q.until is not None:
+            heapq.heappush(self.wakes, (q.until, v.name))
+        if q.slot is not None:
+            bisect.insort(self.queues[q.slot], v.name)
+
+    def begin(self, facts: Facts) -> None:
+        """Once a turn, first: the marks of what happened since go."""
+        world = (facts.fork_server, facts.base_generation, facts.shutting_down)
+        if world != self.world or facts.now >= self.next_safety:
+            self.world = world
+            self.next_safety = facts.now + self.SAFETY
+            self.clear()
+            self.partial = False
+        else:
+            self.partial = True
+        for name in self.dirty:
+            self.unmark(name)
+        self.dirty.clear()
+        while self.wakes and self.wakes[0][0] <= facts.now:
+            t, name = heapq.heappop(self.wakes)
+            m = self.marks.get(name)
+            if m is not None and m.until == t:
+                self.unmark(name)
+
+    def unmarked(self, vassals: Mapping[str, Vassal]) -> list[Vassal]:
+        return [vassals[n] for n in vassals.keys() - self.marks.keys()]
+
+    def take(self, vassals: Mapping[str, Vassal], adopt_slots: int, deploy_slots: int,
+             outside: Iterable[str]) -> list[Vassal]:
+        """The marked vassals to step this turn after all (their marks go):
+        those an action from outside is planned for, and of those queued
+        for a slot, the first free-slots by name (each of them, nothing
+        having happened to it, takes one if it is left when its turn comes,
+        so the later ones could not get one)."""
+        queued = self.queues[Slot.ADOPT][:max(0, adopt_slots)] \
+            + self.queues[Slot.DEPLOY][:max(0, min(adopt_slots, deploy_slots))]
+        out = []
+        for name in {*queued, *outside}:
+            if name in self.marks:
+                self.unmark(name)
+                if name in vassals:
+                    out.append(vassals[name])
+        return out
+
+    def stepped(self, s: Step) -> None:
+        """After a vassal's step: marked if it was quiet and may be left out."""
+        v = s.vassal
+        self.steps += 1
+        self.dirty.discard(v.name)  # what its own step changed, it has seen
+        v.report_facts_to(self.dirty)
+        q = v.quiet
+        if (s.error is None and not s.actions and not s.base and q is not None
+                and q.slot != Slot.TURN
+                and not (v.successor is not None and v.successor.reason == CODE_DEPLOY)):
+            self.mark(v)
+
+    def wakeups(self, vassals: Mapping[str, Vassal]) -> list[float]:
+        """When a turn is due without any event: the marked vassals' earliest
+        wake-up, the safety net's turn (only after a turn that left some
+        out: a fleet nothing happens to is not woken for it), every unmarked
+        vassal's wake-up."""
+        while self.wakes:
+            t, name = self.wakes[0]
+            m = self.marks.get(name)
+            if m is not None and m.until == t:
+                break
+            heapq.heappop(self.wakes)  # its mark went
+        times = [self.next_safety] if self.marks and self.partial else []
+        if self.wakes:
+            times.append(self.wakes[0][0])
+        for n in vassals.keys() - self.marks.keys():
+            if (t := vassals[n].next_wakeup()) is not None:
+                times.append(t)
+        return times
+
+
 def runs_as_base(v: Vassal) -> bool:
     """Its process is a base (or, with none, its file says it is one)."""
     return v.kind == Kind.BASE if v.has_process else v.is_base
@@ -163,13 +303,15 @@ def _fleet(facts: Facts) -> list[FleetAction]:
     return out
 
 
-def _from_outside(vassals: list[Vassal], facts: Facts) -> dict[str, list]:
+def _from_outside(vassals: Iterable[Vassal], facts: Facts) -> dict[str, list]:
     """Per vassal, the actions on it that are facts from outside its life:
     failed adoptions, admissions (the refused, by name, as room allows)."""
     out: dict[str, list] = {}
     for f in facts.adoptions_failed:
         out.setdefault(f.name, []).append(FailAdoption(f.reason, f.timed_out, seq=f.seq))
     room = facts.room
+    if room <= 0:
+        return out
     for v in sorted(vassals, key=lambda v: v.name):
         if room <= 0:
             break
@@ -179,17 +321,31 @@ def _from_outside(vassals: list[Vassal], facts: Facts) -> dict[str, list]:
     return out
 
 
-def plan(vassals: Iterable[Vassal], facts: Facts) -> Plan:
-    vassals = list(vassals)
-    others = sorted((v for v in vassals if not runs_as_base(v)), key=lambda v: v.name)
-    bases = sorted((v for v in vassals if runs_as_base(v)), key=lambda v: v.name)
+def plan(vassals: Iterable[Vassal] | Mapping[str, Vassal], facts: Facts,
+         settled: Settled | None = None) -> Plan:
+    """The turn's plan. With `settled` (the Emperor's), only the vassals it
+    does not leave out are stepped (and it is told what each step decided);
+    without, every vassal is."""
+    fleet = vassals if isinstance(vassals, Mapping) else {v.name: v for v in vassals}
+    outside = _from_outside(fleet.values(), facts)
+    adopt_slots = max(0, facts.adopt_parallel - facts.adoptions_in_flight)
+    if settled is None:
+        active = list(fleet.values())
+    else:
+        settled.begin(facts)
+        active = settled.unmarked(fleet)
+        # movers are never marked: all of them are among the unmarked
+        moving = sum(1 for v in active if v.successor is not None and v.successor.reason == CODE_DEPLOY)
+        active += settled.take(fleet, adopt_slots, facts.deploy_parallel - moving, outside)
+    others = sorted((v for v in active if not runs_as_base(v)), key=lambda v: v.name)
+    bases = sorted((v for v in active if runs_as_base(v)), key=lambda v: v.name)
     out = Plan(movers={v.name: v.successor for v in others
                        if v.successor is not None and v.successor.reason == CODE_DEPLOY},
                fleet=_fleet(facts))
-    outside = _from_outside(vassals, facts)
     deploy_slots = max(0, facts.deploy_parallel - len(out.movers))
-    adopt_slots = max(0, facts.adopt_parallel - facts.adoptions_in_flight)
-    staying = 0  # vassals that are not bases and are not forgotten this turn
+    # vassals that are not bases and are not forgotten this turn: the marked
+    # ones left out are neither
+    staying = len(settled.marks) if settled is not None else 0
     for v in others:
         before = v.successor
         ctx = Context(facts.now, facts.fork_server, facts.shutting_down,
@@ -197,6 +353,8 @@ def plan(vassals: Iterable[Vassal], facts: Facts) -> Plan:
                       deploy_slots=deploy_slots, adopt_slots=adopt_slots)
         s = _step(v, ctx, False, outside.get(v.name, []))
         out.steps.append(s)
+        if settled is not None:
+            settled.stepped(s)
         adopt_slots -= sum(1 for a in s.actions if isinstance(a, Adopt))
         if v.successor is not None and v.successor is not before \
                 and v.successor.reason == CODE_DEPLOY:
@@ -204,18 +362,21 @@ def plan(vassals: Iterable[Vassal], facts: Facts) -> Plan:
         if not any(isinstance(a, Forget) for a in s.actions):
             staying += 1
     hold_bases = facts.shutting_down and staying > 0
+    # only a base with a process retiring asks (is its generation drained?)
     users = frozenset(
         p.base_generation
-        for v in vassals
+        for v in fleet.values()
         for p in (v.current, v.successor)
         if p is not None and p.kind == Kind.ADOPTED
-    )
+    ) if any(b.retiring for b in bases) else frozenset()
     for v in bases:
         ctx = Context(facts.now, facts.fork_server, facts.shutting_down, hold_bases,
                       base_generation=facts.base_generation, base_users=users)
         was = serving(v)
         s = _step(v, ctx, True, outside.get(v.name, []))
         out.steps.append(s)
+        if settled is not None:
+            settled.stepped(s)
         # a new base generation took over (its successor was promoted just
         # now), or the base goes: nothing else may wake the loop before the
         # next rescan, so the turn runs again

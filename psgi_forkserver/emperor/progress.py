@@ -48,13 +48,22 @@ class StartProgress:
     DONE = ("running", "loyal", "reloading", "on-demand")
     FAILED = ("throttled", "config-error", "refused")
 
+    LOOK_EVERY = 0.05  # s: a look is O(vassals); a turn of a mass start costs what changed
+
     def __init__(self, emit: Callable[[str], None]) -> None:
         self.emit = emit
         self.op: Progress | None = None
         self.names: set[str] = set()
+        self.next_look = float("-inf")
 
-    def observe(self, now: float, phases: dict[str, str]) -> None:
-        """Once per loop turn: each (non-base) vassal's phase."""
+    def observe(self, now: float, phases: dict[str, str] | Callable[[], dict[str, str]]) -> None:
+        """Once per loop turn: each (non-base) vassal's phase (or what
+        returns them), looked at every LOOK_EVERY seconds at most."""
+        if now < self.next_look:
+            return
+        self.next_look = now + self.LOOK_EVERY
+        if callable(phases):
+            phases = phases()
         starting = {n for n, ph in phases.items() if ph in self.STARTING}
         if self.op is None:
             if len(starting) < self.MIN:
@@ -73,3 +82,7 @@ class StartProgress:
             self.op, self.names = None, set()
         elif self.op.due(now):
             self.emit(self.op.line(done, failed + gone))
+
+    def next_wakeup(self) -> float | None:
+        """While a start runs, its next look (its end is told without delay)."""
+        return self.next_look if self.op is not None else None

@@ -12,6 +12,11 @@ it facts (including its own failures: `refuse`, `note_error`,
 and status readers get a copy (`snapshot`). The records and actions are in
 proc.py, the decisions (`step` and its parts) in decisions.py.
 
+Every fact method is a `@fact`: it adds the vassal's name to the set the
+plan gave it (`report_facts_to`, the plan's `Settled.dirty`), so a vassal
+the plan left out as settled is stepped again in the next turn. A new
+method that records a fact must be one too (tests/test_plan.py checks).
+
 A vassal may have several processes at once, each a `Proc` record with its
 own small life (ADOPTING -> STARTING -> RUNNING -> LOYAL -> STOPPING):
 
@@ -49,7 +54,10 @@ lived `stable_after` is restarted at once.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from ..config import VassalConfig
 from ..proc import (
@@ -58,11 +66,29 @@ from ..proc import (
 )
 from ..protocol import VassalByte
 from ..snapshot import VassalSnapshot, config_values
-from .decisions import Decisions
+from .decisions import Decisions, Quiet, Slot
 
 # the state machine's vocabulary (proc.py), imported from here too
 __all__ = ["CODE_DEPLOY", "Action", "Adopt", "Context", "Exit", "Forget", "ForkServer", "Kill",
-           "Kind", "Phase", "Policy", "Proc", "ProcState", "Send", "Spawn", "Vassal"]
+           "Kind", "Phase", "Policy", "Proc", "ProcState", "Quiet", "Send", "Slot", "Spawn", "Vassal"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fact(method: F) -> F:
+    """A method that records a fact: afterwards (even if it raised) the
+    vassal is marked for the plan's next turn."""
+
+    @functools.wraps(method)
+    def recorded(self: "Vassal", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            if self.facts_to is not None:
+                self.facts_to.add(self.name)
+
+    recorded.records_a_fact = True  # type: ignore[attr-defined]
+    return recorded  # type: ignore[return-value]
 
 
 @dataclass
@@ -97,6 +123,9 @@ class Vassal(Decisions):
     reload_asked: bool = False  # `emperor reload NAME`, not acted on yet
     touched: bool = False  # its file was touched: reload, though the config is the same
     refused: str | None = None  # why the Emperor cannot take it on (no descriptors to spare)
+    # where its facts are reported: the names of the vassals the plan must
+    # step again (plan.Settled.dirty); set by the plan
+    facts_to: set[str] | None = field(default=None, repr=False, compare=False)
 
     # -- the current process, as flat read-only fields ------------------------
 
@@ -180,6 +209,10 @@ class Vassal(Decisions):
             last_status=self.last_status, held=self.held, is_base=self.is_base,
             plack_env=(cfg.get("plack-env") if cfg is not None else None) or plack_env)
 
+    def report_facts_to(self, marks: set[str]) -> None:
+        """From now on every fact recorded on it adds its name to `marks`."""
+        self.facts_to = marks
+
     # -- facts ---------------------------------------------------------------
 
     def _enter(self, phase: Phase, now: float) -> None:
@@ -191,6 +224,7 @@ class Vassal(Decisions):
         if self.current is not None:
             self._enter(Phase.RELOADING if self.successor else self.current.state.phase, now)
 
+    @fact
     def update_config(self, config: VassalConfig | None, is_base: bool = False) -> bool:
         """The file was (re)read. Returns True if the desired state changed."""
         old = self.config
@@ -209,6 +243,7 @@ class Vassal(Decisions):
                 self.request_deploy()
         return changed
 
+    @fact
     def touch(self) -> None:
         """`touch` of the file: a reload as if its content had changed (a
         base: a new generation, what a changed base file does). A stopped
@@ -219,23 +254,27 @@ class Vassal(Decisions):
         elif self.current is not None:
             self.touched = True
 
+    @fact
     def request_deploy(self) -> None:
         """Base: start a new generation (changed base file, SIGUSR1)."""
         running = max((p.base_generation for p in self.procs() if p.kind == Kind.BASE), default=0)
         self.want_base_generation = max(self.want_base_generation, running + 1)
 
+    @fact
     def hold(self) -> None:
         """`emperor stop NAME`: stop gracefully and stay stopped (STOPPED)
         until `release()` or the file changes."""
         self.held = True
         self.reload_asked = False
 
+    @fact
     def release(self) -> None:
         """`emperor start NAME`: run again now, without a crash-loop backoff."""
         self.held = False
         self.failures = 0
         self.not_before = 0.0
 
+    @fact
     def request_reload(self) -> None:
         """`emperor reload NAME`: a new process now (gap-free where the
         Emperor owns the socket); one that waits for its backoff starts now.
@@ -244,10 +283,12 @@ class Vassal(Decisions):
         if self.current is not None:
             self.reload_asked = True
 
+    @fact
     def on_connection(self, now: float) -> None:
         """On-demand: its socket is readable."""
         self.woken = True
 
+    @fact
     def spawned(self, pid: int, now: float, seq: int | None = None) -> None:
         """fork+exec done (after a Spawn action), or the adoption's pid came."""
         p = self.proc(seq)
@@ -258,12 +299,14 @@ class Vassal(Decisions):
         self.processes_started += 1
         self._sync(now)
 
+    @fact
     def adopted(self, pid: int, now: float, seq: int | None = None) -> None:
         """The fork server replied with the pid (after an Adopt action)."""
         p = self.proc(seq)
         assert p is not None and p.state == ProcState.ADOPTING, p
         self.spawned(pid, now, p.seq)
 
+    @fact
     def start_failed(self, now: float, reason: str = "", seq: int | None = None) -> None:
         """Spawn or adoption failed: no process. Retry after a backoff."""
         p = self.proc(seq)
@@ -278,6 +321,7 @@ class Vassal(Decisions):
             self.current = None
             self._throttle(now)
 
+    @fact
     def mark_ready(self, now: float, seq: int | None = None) -> bool:
         """Start-up done (byte 1/5, or a base's fork server answers a probe)."""
         p = self.proc(seq)
@@ -288,6 +332,7 @@ class Vassal(Decisions):
             return True
         return False
 
+    @fact
     def on_byte(self, byte: int, now: float, seq: int | None = None) -> str | None:
         """A byte from a process's pipe. Returns a note worth logging."""
         p = self.proc(seq)
@@ -315,6 +360,7 @@ class Vassal(Decisions):
                 return "idle" if self.on_demand else "asked to be stopped"
         return None
 
+    @fact
     def exited(self, status: int, now: float, pid: int | None = None) -> Exit:
         """A process was reaped. Returns what it was to this vassal."""
         p = self.proc(pid=pid) if pid is not None else self.current
@@ -360,42 +406,50 @@ class Vassal(Decisions):
 
     # -- facts the Emperor learnt about its own resources -----------------------
 
+    @fact
     def refuse(self, why: str) -> None:
         """No descriptors to spare for one more vassal: REFUSED until admitted."""
         self.refused = why
 
+    @fact
     def admit(self) -> None:
         self.refused = None
 
+    @fact
     def note_error(self, why: str, seq: int | None = None) -> None:
         """A failure the Emperor logged (status shows it while the vassal
         fails); `seq`: the process (its sequence number) that died of it."""
         self.last_error = why
         self.error_seq = seq
 
+    @fact
     def cannot_bind(self, now: float, why: str) -> None:
         """Its on-demand socket could not be bound: throttled, like a failed start."""
         self.note_error(why)
         self.not_before = now
         self._throttle(now)
 
+    @fact
     def resources_failed(self, now: float) -> None:
         """Handling it failed for lack of the Emperor's resources (EMFILE,
         ENOMEM): tried again after the backoff."""
         if self.current is None and self.phase != Phase.THROTTLED:
             self._throttle(now)
 
+    @fact
     def config_failed(self, why: str) -> None:
         """Handling it failed for a reason its file would meet again:
         config-error until the file changes or is touched."""
         if self.config is not None:
             self.config = dataclasses.replace(self.config, error=why)
 
+    @fact
     def config_failure_cleared(self, why: str) -> None:
         """Its file changed or was touched after `config_failed(why)`."""
         if self.config is not None and self.config.error == why:
             self.config = dataclasses.replace(self.config, error=None)
 
+    @fact
     def fork_server_back(self, now: float) -> bool:
         """The fork server is ready again: a vassal waiting in a crash-loop
         backoff (it could not start without it) starts now. True if so."""
