@@ -98,7 +98,7 @@ sub _master_init {
     # every generation's workers share it: connections given away by a
     # worker of the old one are served by the new one
     $self->{handoff} = $pre && $pre->{handoff_take}
-        ? { take => $pre->{handoff_take}, give => $pre->{handoff_give} }
+        ? ForkServer::HTTPServer::Handoff::adopt(@$pre{qw(handoff_take handoff_give)})
         : ForkServer::HTTPServer::Handoff::pair();
     $self->{sent_accepting} = 0;
     $self->{sent_loyal} = 0;

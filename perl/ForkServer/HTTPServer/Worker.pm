@@ -78,12 +78,19 @@ sub _worker_main {
         # with siblings: the shared queue of connections (Handoff)
         handoff      => $self->{workers} > 1 && $self->{keepalive_handoff} ? $self->{handoff} : undef,
     };
-    $loop->{hfd} = fileno $loop->{handoff}{take} if $loop->{handoff};
+    if ($loop->{handoff}) {
+        $loop->{hfd} = fileno $loop->{handoff}{take};
+        # this worker's byte of the board, in its generation's half
+        $loop->{board_index} = ($self->{gen} % 2) * $self->{workers} + $slot - 1;
+        $loop->{board_count} = 2 * $self->{workers};
+        $loop->{free} = 0;
+    }
     while (1) {
         my $now = now();
         last unless $self->_wind_down($loop, $now);
         my ($rin, $timeout) = $self->_select_set($loop, $now);
         $self->_flush_requests if $self->{requests_dirty};
+        _mark_free($loop, 1) if $timeout > 0;
         $loop->{select_at} = now();
         my $n = select(my $rout = $rin, undef, undef, $timeout);
         if ($n < 0) {
@@ -96,7 +103,18 @@ sub _worker_main {
         $self->_serve_conn($loop, $_) for sort { $a <=> $b } keys %$ready;
     }
     $self->_flush_requests if $self->{requests_dirty};
+    _mark_free($loop, 0);
     worker_exit(EXIT_RECYCLE);
+}
+
+# This worker's byte of the board (Handoff): free while it waits in
+# select() with nothing to do; written on a change only.
+sub _mark_free {
+    my ($loop, $free) = @_;
+    return unless $loop->{handoff} && $loop->{free} != $free;
+    ForkServer::HTTPServer::Handoff::mark($loop->{handoff}, $loop->{board_index}, $free);
+    $loop->{free} = $free;
+    return;
 }
 
 sub _worker_setup {
@@ -279,8 +297,10 @@ sub _serve_conn {
     # takes. Its other connections with nothing read yet go to the shared
     # queue, where a free sibling takes them: what nginx sends on them next
     # does not wait for this request.
-    $self->_give_idle($loop, $fd) if $loop->{handoff} && keys %{ $loop->{conns} } > 1
-        && $c->{buf} =~ /\n\r?\n/;
+    if ($loop->{handoff} && $c->{buf} =~ /\n\r?\n/) {
+        _mark_free($loop, 0);
+        $self->_give_idle($loop, $fd) if keys %{ $loop->{conns} } > 1;
+    }
     my $keep = eval { $self->_serve_head($c) };
     $c->{partial} = defined $keep && $keep eq 'partial';
     if (!defined $keep) {
@@ -317,16 +337,27 @@ sub _serve_conn {
 
 # Idle kept connections that stayed quiet through a whole select() (nothing
 # buffered, nothing pending, nothing to read) other than $busy_fd go to the
-# shared queue; kept when the queue is full. Those with a request waiting,
-# or just answered (a client under load sends its next request at once),
-# are served here next: moving them would cost every request a hand-over.
+# shared queue; kept when the queue is full. Those with a request waiting
+# in the socket, or just answered (a client under load sends its next
+# request at once), go too when a sibling is free to serve them now: it
+# would otherwise wait for this request, however long it takes. With every
+# sibling busy they stay, to be served here next: moving them then would
+# cost every request a hand-over. Bytes this worker has read (a pipelined
+# or partial head) never move.
 sub _give_idle {
     my ($self, $loop, $busy_fd) = @_;
     my $conns = $loop->{conns};
+    my $ready = $loop->{ready} // {};
+    my $sibling_free;
     my @give = map { [$_, $conns->{$_}{in_head} ? 0 : 1] }
-               grep { $_ != $busy_fd && !length $conns->{$_}{buf} && !$loop->{pending}{$_}
-                      && !($loop->{ready} && $loop->{ready}{$_})
-                      && ($conns->{$_}{idle_since} // 'inf') < $loop->{select_at} }
+               grep {
+                   my $c = $conns->{$_};
+                   $_ != $busy_fd && !length $c->{buf}
+                   && ((!$loop->{pending}{$_} && !$ready->{$_}
+                        && ($c->{idle_since} // 'inf') < $loop->{select_at})
+                       || ($sibling_free //= ForkServer::HTTPServer::Handoff::sibling_free(
+                               $loop->{handoff}, $loop->{board_index}, $loop->{board_count})))
+               }
                keys %$conns;
     return unless @give;
     my $sent = ForkServer::HTTPServer::Handoff::give($loop->{handoff}{give}, @give);
