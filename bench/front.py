@@ -361,28 +361,26 @@ def run(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, quick: boo
         duration: str, step) -> dict:
     n_od, n_mass, n_new = (10, 50, 5) if quick else (30, 200, 10)
     tmp.chmod(0o755)  # nginx's workers (www-data under a root Emperor) reach the sockets
-    return {
-        "serving": step("front serving", lambda: serving(procs, ports, tmp, emperor_run, base_ini,
-                                                         duration)),
-        "asleep": step("front asleep", lambda: first_request_asleep(procs, ports, tmp, emperor_run,
-                                                                    base_ini, n_od)),
-        "mass_wake": step("front mass wake", lambda: mass_wake(procs, ports, tmp, emperor_run,
-                                                               base_ini, n_mass)),
-        "mass_start": step("front mass start", lambda: mass_start(procs, ports, tmp, emperor_run,
-                                                                  base_ini, n_mass)),
-        "new_file": step("front new file", lambda: new_file(procs, ports, tmp, emperor_run,
-                                                            base_ini, n_new)),
-        "churn": step("front churn", lambda: churn(procs, ports, tmp, emperor_run, base_ini,
-                                                   10 if quick else 30)),
-        "fairness": step("front fairness", lambda: fairness(procs, ports, tmp, emperor_run,
-                                                            base_ini, duration)),
-        "fairness_nohandoff": step("front fairness, workers keep their connections", lambda: fairness(
-            procs, ports, tmp, emperor_run, base_ini, duration, handoff=False)),
-        "fairness_nokeepalive": step("front fairness, no keep-alive", lambda: fairness(
-            procs, ports, tmp, emperor_run, base_ini, duration, keepalive=0)),
-        "fairness_saturated": step("front fairness, two slow clients", lambda: fairness(
-            procs, ports, tmp, emperor_run, base_ini, duration, slow_conns=2)),
+    args = (procs, ports, tmp, emperor_run, base_ini)
+    steps = {  # key: (step name, what it runs)
+        "serving": ("front serving", lambda: serving(*args, duration)),
+        "asleep": ("front asleep", lambda: first_request_asleep(*args, n_od)),
+        "mass_wake": ("front mass wake", lambda: mass_wake(*args, n_mass)),
+        "mass_start": ("front mass start", lambda: mass_start(*args, n_mass)),
+        "new_file": ("front new file", lambda: new_file(*args, n_new)),
+        "churn": ("front churn", lambda: churn(*args, 10 if quick else 30)),
+        "fairness": ("front fairness", lambda: fairness(*args, duration)),
+        "fairness_nohandoff": ("front fairness, workers keep their connections",
+                               lambda: fairness(*args, duration, handoff=False)),
+        "fairness_nokeepalive": ("front fairness, no keep-alive",
+                                 lambda: fairness(*args, duration, keepalive=0)),
+        "fairness_saturated": ("front fairness, two slow clients",
+                               lambda: fairness(*args, duration, slow_conns=2)),
     }
+    # BENCH_FRONT_STEPS=serving,fairness,...: only those (a quicker look
+    # while working on one of them)
+    wanted = {w for w in os.environ.get("BENCH_FRONT_STEPS", "").split(",") if w}
+    return {key: step(name, fn) for key, (name, fn) in steps.items() if not wanted or key in wanted}
 
 
 def rows(fr: dict) -> list[tuple[str, str, str, str]]:
