@@ -10,7 +10,7 @@ use warnings;
 use Errno qw(EINTR EAGAIN ECONNABORTED);
 use POSIX ();
 use Socket qw(IPPROTO_TCP TCP_NODELAY SOL_SOCKET SO_RCVTIMEO SO_SNDTIMEO AF_INET AF_INET6
-              MSG_PEEK MSG_DONTWAIT inet_ntop unpack_sockaddr_in unpack_sockaddr_in6 sockaddr_family);
+              inet_ntop unpack_sockaddr_in unpack_sockaddr_in6 sockaddr_family);
 use ForkServer::HTTPServer::Handoff ();
 use ForkServer::HTTPServer::Wire qw(now);
 
@@ -73,8 +73,6 @@ sub _give_idle {
 
 # Connections a sibling gave away: idle kept ones (state 1) wait for their
 # next request for keepalive_timeout, others for their head's first bytes.
-# Those with nothing waiting are marked quiet: the loop looks at them when
-# select() says so, not in this round.
 sub _take_conns {
     my ($self, $loop) = @_;
     my @conns;
@@ -94,13 +92,6 @@ sub _take_conns {
             $c->{in_head} = 0;
             $c->{idle_since} = now();
             $c->{deadline} = now() + $self->{keepalive_timeout};
-            # Nothing waiting in it (not even an end of file): as quiet as
-            # one that stayed idle through a select(), so it moves on again
-            # if this worker starts a request now, rather than wait for it.
-            unless (defined recv($sock, my $peek, 1, MSG_PEEK | MSG_DONTWAIT)) {
-                $c->{idle_since} = 0;
-                $c->{quiet} = 1;
-            }
         }
         push @conns, $c;
     }

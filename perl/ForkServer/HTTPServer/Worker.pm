@@ -233,8 +233,7 @@ sub _ready_conns {
             ForkServer::HTTPServer::Conns::_make_room($loop) if keys %{ $loop->{conns} } >= MAX_CONNS;
             my $fd = fileno $c->{sock};
             $loop->{conns}{$fd} = $c;
-            # a request may be waiting in it already
-            $ready{$fd} = 1 unless delete $c->{quiet};
+            $ready{$fd} = 1;    # a request may be waiting in it already
         }
     }
     for my $fd (keys %{ $loop->{conns} }) { $ready{$fd} = 1 if vec($rout, $fd, 1) }
