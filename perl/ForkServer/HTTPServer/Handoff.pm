@@ -33,32 +33,32 @@ my ($SYS_PREAD, $SYS_PWRITE, $SYS_MEMFD) = eval {
     (&SYS_pread64, &SYS_pwrite64, &SYS_memfd_create);
 };
 
-# The board of each queue made in this process, by the take end's
-# descriptor: a spare (ForkServer::Spares) hands its master the two ends
-# alone, and the master finds the board here (adopt).
-my %BOARD_OF;
+my $BOARD_NAME = 'psgi-forkserver-board';
+
+# A memory file (memfd, close-on-exec): nothing on disk, nothing left
+# behind, whatever ends the vassal. Undef where it cannot be made.
+sub _board {
+    return undef unless $SYS_MEMFD;
+    my $name = $BOARD_NAME;    # syscall() takes a writable buffer
+    my $fd = syscall($SYS_MEMFD, $name, MFD_CLOEXEC);
+    return undef unless $fd >= 0 && open(my $board, '+<&=', $fd);
+    return $board;
+}
 
 # Both ends, non-blocking: a worker sends on `give`, every worker receives
 # on `take`. A datagram carries its descriptors whole or not at all.
 sub pair {
     socketpair(my $take, my $give, AF_UNIX, SOCK_DGRAM, PF_UNSPEC) or die "socketpair: $!\n";
     IO::Handle::blocking($_, 0) for $take, $give;
-    # a memory file (memfd, close-on-exec): nothing on disk, nothing left
-    # behind, whatever ends the vassal
-    my $board;
-    if ($SYS_MEMFD) {
-        my $name = 'psgi-forkserver-board';
-        my $fd = syscall($SYS_MEMFD, $name, MFD_CLOEXEC);
-        undef $board unless $fd >= 0 && open($board, '+<&=', $fd);
-    }
-    $BOARD_OF{ fileno $take } = $board if $board;
-    return { take => $take, give => $give, ($board ? (board => $board) : ()) };
+    return { take => $take, give => $give };
 }
 
-# The queue whose two ends were made by pair() in this process, board included.
-sub adopt {
+# The queue with a board: the master's, made before it forks its workers
+# (a spare's first worker, forked before its master ran, has none: it
+# neither says it is free nor asks whether a sibling is).
+sub with_board {
     my ($take, $give) = @_;
-    my $board = $BOARD_OF{ fileno $take };
+    my $board = _board();
     return { take => $take, give => $give, ($board ? (board => $board) : ()) };
 }
 
@@ -128,14 +128,14 @@ ForkServer::HTTPServer::Handoff - the workers' queue of idle connections
 =head2 pair() -> { take => $fh, give => $fh }
 
 A non-blocking C<AF_UNIX> datagram socket pair, made by the master (or a
-spare) before its workers are forked; every worker holds both ends. With
-it, C<board>: a memory file (C<memfd>) of one byte per worker (free or not), when
-the system's C<memfd_create>/C<pread>/C<pwrite> can be called
+spare) before its workers are forked; every worker holds both ends.
+
+=head2 with_board($take_fh, $give_fh) -> { take, give, board }
+
+The queue with a board (the master's, before it forks its workers): a
+memory file (C<memfd>) of one byte per worker, free or not, where the
+system's C<memfd_create>, C<pread> and C<pwrite> can be called
 (C<syscall.ph>).
-
-=head2 adopt($take_fh, $give_fh) -> { take, give, board }
-
-The queue made by C<pair()> in this process (a spare's), from its two ends.
 
 =head2 mark($handoff, $index, $free)
 

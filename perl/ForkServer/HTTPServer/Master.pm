@@ -95,9 +95,10 @@ sub _master_init {
     else      { $self->_new_stop_pipe }
     # every generation's workers share it: connections given away by a
     # worker of the old one are served by the new one
-    $self->{handoff} = $pre && $pre->{handoff_take}
-        ? ForkServer::HTTPServer::Handoff::adopt(@$pre{qw(handoff_take handoff_give)})
+    my $pair = $pre && $pre->{handoff_take}
+        ? { take => $pre->{handoff_take}, give => $pre->{handoff_give} }
         : ForkServer::HTTPServer::Handoff::pair();
+    $self->{handoff} = ForkServer::HTTPServer::Handoff::with_board(@$pair{qw(take give)});
     $self->{sent_accepting} = 0;
     $self->{sent_loyal} = 0;
     $self->{stopping} = 0;     # 0, 'graceful' or 'now'
