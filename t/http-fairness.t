@@ -57,4 +57,37 @@ is scalar(() = slurp($srv->{log}) =~ m{"POST /echo }g), 2, 'each POST reached th
 
 $srv->stop;
 is $srv->wait_exit, 0, 'exit 0';
+
+# Two requests that arrive together on two kept connections of one worker
+# (as nginx sends them on its kept upstream connections): the worker serves
+# one, and the other is served by its idle sibling at once, not after the
+# first (a long one here) is done.
+$srv = start_server(app_file => $app, workers => 2);
+ok $srv->wait_ready, 'ready again';
+$dir = $srv->dir;
+%by_pid = ();
+for (1 .. 3) {
+    my $s = connect_to($srv->port);
+    my $buf = '';
+    my $r = request_on($s, \$buf, "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n");
+    ok $r && $r->{status} == 200, 'a kept connection';
+    push @{ $by_pid{ $r->{body} } }, [$s, \$buf];
+}
+($pair) = grep { @$_ >= 2 } values %by_pid;
+print { $pair->[0][0] } "GET /block?one HTTP/1.1\r\nHost: x\r\n\r\n";
+print { $pair->[1][0] } "GET /block?two HTTP/1.1\r\nHost: x\r\n\r\n";
+ok wait_for(sub { -e "$dir/one.started" && -e "$dir/two.started" }, 20),
+    'both requests run at once, on the two workers';
+open $go, '>', "$dir/$_.go" or die for qw(one two);
+close $go;
+my %served_by;
+for my $c (@$pair[0, 1]) {
+    my $r = read_response($c->[0], $c->[1], timeout => 20);
+    ok $r && $r->{status} == 200, 'answered';
+    my ($pid) = ($r && $r->{body} // '') =~ /^done \w+ (\d+)$/;
+    $served_by{$pid // ''} = 1;
+}
+is scalar(grep { length } keys %served_by), 2, 'by two workers';
+$srv->stop;
+is $srv->wait_exit, 0, 'exit 0';
 done_testing;

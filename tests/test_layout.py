@@ -144,8 +144,6 @@ PERL_SHARED = {"Config", "Protocol", "Link", "Log"}
 PERL_TOO_LONG_FOR_NOW = {
     "Base.pm": "the fork server's loop, its clients and the adoption",
     "Spares.pm": "the pool and a spare's own life",
-    "HTTPServer/Master.pm": "the master's loop and its workers' board",
-    "HTTPServer/Worker.pm": "the worker's loop and its connections",
 }
 
 

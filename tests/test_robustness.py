@@ -473,6 +473,8 @@ def test_descriptor_hygiene(emp):
                 roles[fd] = "private"  # e.g. between the vassal and its workers
             elif ino is not None and peers.get(ino) in inodes.values() and target not in outside[name]:
                 roles[fd] = "private"  # a socket pair of its own: its workers' queue of connections
+            elif target.startswith("/memfd:psgi-forkserver-board"):
+                roles[fd] = "private"  # a memory file its master made: its workers' board of free workers
             else:
                 pytest.fail(f"{name} (pid {vpid}) holds fd {fd} -> {target}: not its own")
         # every adopted vassal has a config pipe: its output pipe came on it (logs.py)

@@ -19,14 +19,17 @@ use ForkServer::Log ();
 use ForkServer::HTTPServer::Wire ();
 use ForkServer::HTTPServer::Listener ();
 use ForkServer::HTTPServer::Worker ();
+use ForkServer::HTTPServer::Conns ();
 use ForkServer::HTTPServer::Master ();
+use ForkServer::HTTPServer::Kids ();
 use ForkServer::HTTPServer::Request ();
 use ForkServer::HTTPServer::Response ();
 use ForkServer::HTTPServer::Counts ();
 use ForkServer::HTTPServer::Writer ();
 
 our $VERSION = '0.01';
-our @ISA = qw(ForkServer::HTTPServer::Master ForkServer::HTTPServer::Worker
+our @ISA = qw(ForkServer::HTTPServer::Master ForkServer::HTTPServer::Kids
+              ForkServer::HTTPServer::Worker ForkServer::HTTPServer::Conns
               ForkServer::HTTPServer::Request ForkServer::HTTPServer::Response
               ForkServer::HTTPServer::Counts);
 

@@ -7,6 +7,12 @@ use warnings;
 # worker is free (in select(), like on the listener) takes them. A request
 # that arrives on a connection kept by a busy worker would otherwise wait
 # for that worker while another is free.
+#
+# Beside the queue, a board: one byte per worker, 1 while the worker waits
+# in select() with nothing to do. A worker about to start a request gives
+# away its connections with a request already waiting in them only when a
+# sibling is free to take them at once: under an even load (every worker
+# busy) they stay where they are, and hello world pays no hand-over.
 
 use Errno qw(EINTR);
 use IO::Handle ();
@@ -16,7 +22,28 @@ use Socket::MsgHdr ();
 use constant {
     BATCH            => 200,           # descriptors per message (the kernel takes 253 at most)
     MSG_CMSG_CLOEXEC => 0x40000000,    # Linux: received descriptors are close-on-exec
+    MFD_CLOEXEC      => 1,
 };
+
+# pread/pwrite: each worker writes its own byte at its own offset of the
+# one shared file description, which a seek would move under the others.
+my ($SYS_PREAD, $SYS_PWRITE, $SYS_MEMFD) = eval {
+    local $SIG{__WARN__} = sub { };
+    require 'syscall.ph';
+    (&SYS_pread64, &SYS_pwrite64, &SYS_memfd_create);
+};
+
+my $BOARD_NAME = 'psgi-forkserver-board';
+
+# A memory file (memfd, close-on-exec): nothing on disk, nothing left
+# behind, whatever ends the vassal. Undef where it cannot be made.
+sub _board {
+    return undef unless $SYS_MEMFD;
+    my $name = $BOARD_NAME;    # syscall() takes a writable buffer
+    my $fd = syscall($SYS_MEMFD, $name, MFD_CLOEXEC);
+    return undef unless $fd >= 0 && open(my $board, '+<&=', $fd);
+    return $board;
+}
 
 # Both ends, non-blocking: a worker sends on `give`, every worker receives
 # on `take`. A datagram carries its descriptors whole or not at all.
@@ -24,6 +51,35 @@ sub pair {
     socketpair(my $take, my $give, AF_UNIX, SOCK_DGRAM, PF_UNSPEC) or die "socketpair: $!\n";
     IO::Handle::blocking($_, 0) for $take, $give;
     return { take => $take, give => $give };
+}
+
+# The queue with a board: the master's, made before it forks its workers
+# (a spare's first worker, forked before its master ran, has none: it
+# neither says it is free nor asks whether a sibling is).
+sub with_board {
+    my ($take, $give) = @_;
+    my $board = _board();
+    return { take => $take, give => $give, ($board ? (board => $board) : ()) };
+}
+
+# Marks board byte $index: 1 free (in select(), nothing to do), 0 not.
+sub mark {
+    my ($handoff, $index, $free) = @_;
+    my $board = $handoff->{board} or return;
+    my $byte = $free ? "\1" : "\0";    # syscall() takes a writable buffer
+    syscall($SYS_PWRITE, fileno($board), $byte, 1, 0 + $index);
+    return;
+}
+
+# Is a worker other than $index (of $count: both generations' bytes) free?
+sub sibling_free {
+    my ($handoff, $index, $count) = @_;
+    my $board = $handoff->{board} or return 0;
+    my $bytes = "\0" x $count;
+    my $n = syscall($SYS_PREAD, fileno($board), $bytes, 0 + $count, 0);
+    return 0 unless $n > 0;
+    substr($bytes, $index, 1) = "\0" if $index < $n;
+    return index(substr($bytes, 0, $n), "\1") >= 0 ? 1 : 0;
 }
 
 # Gives the descriptors away, with one byte of state each; those that went
@@ -73,6 +129,23 @@ ForkServer::HTTPServer::Handoff - the workers' queue of idle connections
 
 A non-blocking C<AF_UNIX> datagram socket pair, made by the master (or a
 spare) before its workers are forked; every worker holds both ends.
+
+=head2 with_board($take_fh, $give_fh) -> { take, give, board }
+
+The queue with a board (the master's, before it forks its workers): a
+memory file (C<memfd>) of one byte per worker, free or not, where the
+system's C<memfd_create>, C<pread> and C<pwrite> can be called
+(C<syscall.ph>).
+
+=head2 mark($handoff, $index, $free)
+
+Writes worker C<$index>'s byte of the board: free (waiting in C<select()>
+with nothing to do) or not.
+
+=head2 sibling_free($handoff, $index, $count) -> bool
+
+Whether a worker other than C<$index>, among the first C<$count> bytes of
+the board, is free. False without a board.
 
 =head2 give($give_fh, [$fd, $state], ...) -> $count
 

@@ -7,15 +7,13 @@ use warnings;
 # stop pipe in one select(); only a complete request head makes it busy
 # (ForkServer::HTTPServer::Request takes it from there).
 
-use Errno qw(EINTR EAGAIN ECONNABORTED);
+use Errno qw(EINTR EAGAIN);
 use Exporter 'import';
 use IO::Handle ();
 use POSIX ();
-use Socket qw(IPPROTO_TCP TCP_NODELAY SOL_SOCKET SO_RCVTIMEO SO_SNDTIMEO AF_INET AF_INET6
-              MSG_DONTWAIT inet_ntop inet_aton pack_sockaddr_in unpack_sockaddr_in unpack_sockaddr_in6
-              sockaddr_family);
+use Socket qw(MSG_DONTWAIT inet_aton pack_sockaddr_in);
 use ForkServer::Process::Exit ();
-use ForkServer::HTTPServer::Handoff ();
+use ForkServer::HTTPServer::Conns ();
 use ForkServer::HTTPServer::Wire qw(now READ_CHUNK);
 
 use constant {
@@ -78,12 +76,19 @@ sub _worker_main {
         # with siblings: the shared queue of connections (Handoff)
         handoff      => $self->{workers} > 1 && $self->{keepalive_handoff} ? $self->{handoff} : undef,
     };
-    $loop->{hfd} = fileno $loop->{handoff}{take} if $loop->{handoff};
+    if ($loop->{handoff}) {
+        $loop->{hfd} = fileno $loop->{handoff}{take};
+        # this worker's byte of the board, in its generation's half
+        $loop->{board_index} = ($self->{gen} % 2) * $self->{workers} + $slot - 1;
+        $loop->{board_count} = 2 * $self->{workers};
+        $loop->{free} = 0;
+    }
     while (1) {
         my $now = now();
         last unless $self->_wind_down($loop, $now);
         my ($rin, $timeout) = $self->_select_set($loop, $now);
         $self->_flush_requests if $self->{requests_dirty};
+        ForkServer::HTTPServer::Conns::_mark_free($loop, 1) if $timeout > 0;
         $loop->{select_at} = now();
         my $n = select(my $rout = $rin, undef, undef, $timeout);
         if ($n < 0) {
@@ -96,6 +101,7 @@ sub _worker_main {
         $self->_serve_conn($loop, $_) for sort { $a <=> $b } keys %$ready;
     }
     $self->_flush_requests if $self->{requests_dirty};
+    ForkServer::HTTPServer::Conns::_mark_free($loop, 0);
     worker_exit(EXIT_RECYCLE);
 }
 
@@ -156,7 +162,7 @@ sub _wind_down {
     if ($now - $loop->{stop_seen_at} >= $self->{stop_grace}) {
         for my $fd (keys %{ $loop->{conns} }) {
             next if length $loop->{conns}{$fd}{buf} || $loop->{pending}{$fd};
-            _drop_conn($loop, $fd);
+            ForkServer::HTTPServer::Conns::_drop_conn($loop, $fd);
         }
     }
     return %{ $loop->{conns} } ? 1 : 0;
@@ -177,7 +183,7 @@ sub _select_set {
             # A head that did not arrive in time gets 408; an idle
             # keep-alive connection is just closed.
             $self->_error_response($c->{sock}, 408, undef, $c) if length $c->{buf};
-            _drop_conn($loop, $fd);
+            ForkServer::HTTPServer::Conns::_drop_conn($loop, $fd);
             next;
         }
         $idle++ unless $c->{in_head};
@@ -213,7 +219,7 @@ sub _ready_conns {
         if (my $c = $self->_accept($self->{listen_sock}, $loop->{stimeo})) {
             # after the accept: a client another worker took costs no one
             # a connection
-            _make_room($loop) if keys %{ $loop->{conns} } >= MAX_CONNS;
+            ForkServer::HTTPServer::Conns::_make_room($loop) if keys %{ $loop->{conns} } >= MAX_CONNS;
             my $fd = fileno $c->{sock};
             $loop->{conns}{$fd} = $c;
             # Linux defers accept until data arrived only with
@@ -224,7 +230,7 @@ sub _ready_conns {
     }
     if (defined $loop->{hfd} && !$loop->{leaving} && vec($rout, $loop->{hfd}, 1)) {
         for my $c ($self->_take_conns($loop)) {
-            _make_room($loop) if keys %{ $loop->{conns} } >= MAX_CONNS;
+            ForkServer::HTTPServer::Conns::_make_room($loop) if keys %{ $loop->{conns} } >= MAX_CONNS;
             my $fd = fileno $c->{sock};
             $loop->{conns}{$fd} = $c;
             $ready{$fd} = 1;    # a request may be waiting in it already
@@ -232,23 +238,6 @@ sub _ready_conns {
     }
     for my $fd (keys %{ $loop->{conns} }) { $ready{$fd} = 1 if vec($rout, $fd, 1) }
     return \%ready;
-}
-
-# At MAX_CONNS, a new client closes the idle keep-alive connection that has
-# waited longest (as nginx does), never one with a request under way
-# (_select_set watches the listener only while there is one).
-sub _make_room {
-    my $loop = shift;
-    my $conns = $loop->{conns};
-    my ($oldest, $at);
-    for my $fd (keys %$conns) {
-        my $c = $conns->{$fd};
-        next if $c->{in_head};
-        # idle ones share keepalive_timeout: the earliest deadline is the oldest
-        ($oldest, $at) = ($fd, $c->{deadline}) if !defined $at || $c->{deadline} < $at;
-    }
-    _drop_conn($loop, $oldest) if defined $oldest;
-    return;
 }
 
 # Reads what a ready connection has and serves one request if its head is
@@ -267,30 +256,32 @@ sub _serve_conn {
         if (defined $got) { $got = length $more; $c->{buf} .= $more }
     }
     if (!defined $got) {
-        return _drop_conn($loop, $fd) unless $! == EAGAIN || $! == EINTR;
+        return ForkServer::HTTPServer::Conns::_drop_conn($loop, $fd) unless $! == EAGAIN || $! == EINTR;
     } elsif ($got == 0) {
         # end of file: a request already buffered is still answered
         $c->{eof} = 1;
-        return _drop_conn($loop, $fd) unless length $c->{buf};
+        return ForkServer::HTTPServer::Conns::_drop_conn($loop, $fd) unless length $c->{buf};
     }
     return unless length $c->{buf};
-    _head_begins($self, $c) unless $c->{in_head};
+    $self->_head_begins($c) unless $c->{in_head};
     # A whole head: this worker is busy from now on, for as long as the app
     # takes. Its other connections with nothing read yet go to the shared
     # queue, where a free sibling takes them: what nginx sends on them next
     # does not wait for this request.
-    $self->_give_idle($loop, $fd) if $loop->{handoff} && keys %{ $loop->{conns} } > 1
-        && $c->{buf} =~ /\n\r?\n/;
+    if ($loop->{handoff} && $c->{buf} =~ /\n\r?\n/) {
+        ForkServer::HTTPServer::Conns::_mark_free($loop, 0);
+        $self->_give_idle($loop, $fd) if keys %{ $loop->{conns} } > 1;
+    }
     my $keep = eval { $self->_serve_head($c) };
     $c->{partial} = defined $keep && $keep eq 'partial';
     if (!defined $keep) {
         $self->_log($@) if $@ && $@ !~ /^ForkServer::client-gone/;
-        return _drop_conn($loop, $fd);
+        return ForkServer::HTTPServer::Conns::_drop_conn($loop, $fd);
     } elsif ($keep eq 'partial') {
-        _drop_conn($loop, $fd) if $c->{eof};
+        ForkServer::HTTPServer::Conns::_drop_conn($loop, $fd) if $c->{eof};
         return;
     } elsif (!$keep) {
-        _drop_conn($loop, $fd);
+        ForkServer::HTTPServer::Conns::_drop_conn($loop, $fd);
     } else {
         # Served, connection kept: idle until the next byte, and pipelined
         # bytes already here are looked at next round.
@@ -298,9 +289,9 @@ sub _serve_conn {
         $c->{idle_since} = now();
         $c->{deadline} = $c->{idle_since} + $self->{keepalive_timeout};
         if ($c->{eof} && !length $c->{buf}) {
-            _drop_conn($loop, $fd);
+            ForkServer::HTTPServer::Conns::_drop_conn($loop, $fd);
         } elsif (length $c->{buf}) {
-            _head_begins($self, $c);
+            $self->_head_begins($c);
             $loop->{pending}{$fd} = 1;
         }
     }
@@ -315,54 +306,6 @@ sub _serve_conn {
     }
 }
 
-# Idle kept connections that stayed quiet through a whole select() (nothing
-# buffered, nothing pending, nothing to read) other than $busy_fd go to the
-# shared queue; kept when the queue is full. Those with a request waiting,
-# or just answered (a client under load sends its next request at once),
-# are served here next: moving them would cost every request a hand-over.
-sub _give_idle {
-    my ($self, $loop, $busy_fd) = @_;
-    my $conns = $loop->{conns};
-    my @give = map { [$_, $conns->{$_}{in_head} ? 0 : 1] }
-               grep { $_ != $busy_fd && !length $conns->{$_}{buf} && !$loop->{pending}{$_}
-                      && !($loop->{ready} && $loop->{ready}{$_})
-                      && ($conns->{$_}{idle_since} // 'inf') < $loop->{select_at} }
-               keys %$conns;
-    return unless @give;
-    my $sent = ForkServer::HTTPServer::Handoff::give($loop->{handoff}{give}, @give);
-    _drop_conn($loop, $_->[0]) for @give[0 .. $sent - 1];
-    return;
-}
-
-# Connections a sibling gave away: idle kept ones (state 1) wait for their
-# next request for keepalive_timeout, others for their head's first bytes.
-sub _take_conns {
-    my ($self, $loop) = @_;
-    my @conns;
-    for my $got (ForkServer::HTTPServer::Handoff::take($loop->{handoff}{take})) {
-        my ($fd, $idle) = @$got;
-        open(my $sock, '+<&=', $fd) or do { POSIX::close($fd); next };
-        my $peer = getpeername($sock) // '';
-        my $c = $self->_conn_from($sock, $peer);
-        if ($idle) {
-            $c->{in_head} = 0;
-            $c->{idle_since} = now();
-            $c->{deadline} = now() + $self->{keepalive_timeout};
-        }
-        push @conns, $c;
-    }
-    return @conns;
-}
-
-# The first byte of a request head: its deadline, and the request's clock
-# (the access log's time taken), start now.
-sub _head_begins {
-    my ($self, $c) = @_;
-    $c->{in_head} = 1;
-    $c->{started} = now();
-    $c->{deadline} = $c->{started} + $self->{header_timeout};
-}
-
 # Has the master closed this generation's stop pipe (or a SIGTERM come)?
 sub _stop_asked {
     my $self = shift;
@@ -373,62 +316,6 @@ sub _stop_asked {
     vec($rin, fileno $r, 1) = 1;
     $$flag = 1 if select($rin, undef, undef, 0) > 0;
     return $$flag;
-}
-
-sub _drop_conn {
-    my ($loop, $fd) = @_;
-    my $c = delete $loop->{conns}{$fd} or return;
-    delete $loop->{pending}{$fd};
-    close $c->{sock};
-    return;
-}
-
-sub _accept {
-    my ($self, $listen, $stimeo) = @_;
-    my $peer = accept(my $conn, $listen);
-    unless ($peer) {
-        return undef if $! == EINTR || $! == EAGAIN || $! == ECONNABORTED;
-        # EMFILE, ENOBUFS...: transient pressure; don't spin, don't die
-        $self->_log("accept: $!");
-        select(undef, undef, undef, 0.1);
-        return undef;
-    }
-    return $self->_conn($conn, $peer, $stimeo);
-}
-
-# A connection the worker holds, from accept()'s socket and peer address.
-sub _conn {
-    my ($self, $conn, $peer, $stimeo) = @_;
-    # Per connection, not per request: no Nagle delay on split writes; no
-    # single read or write stalls longer than socket_timeout.
-    setsockopt($conn, IPPROTO_TCP, TCP_NODELAY, 1);
-    setsockopt($conn, SOL_SOCKET, SO_RCVTIMEO, $stimeo);
-    setsockopt($conn, SOL_SOCKET, SO_SNDTIMEO, $stimeo);
-    return $self->_conn_from($conn, $peer);
-}
-
-# The connection's state, from its socket (options set) and peer address.
-sub _conn_from {
-    my ($self, $conn, $peer) = @_;
-    my ($rport, $raddr) = (0, '');
-    return _new_conn($self, $conn, $raddr, $rport) unless length $peer;
-    my $fam = sockaddr_family($peer);
-    if ($fam == AF_INET) {
-        ($rport, $raddr) = unpack_sockaddr_in($peer);
-        $raddr = inet_ntop(AF_INET, $raddr);
-    } elsif ($fam == AF_INET6) {
-        ($rport, $raddr) = unpack_sockaddr_in6($peer);
-        $raddr = inet_ntop(AF_INET6, $raddr);
-    }
-    return _new_conn($self, $conn, $raddr, $rport);
-}
-
-sub _new_conn {
-    my ($self, $conn, $raddr, $rport) = @_;
-    my $c = { sock => $conn, buf => '', raddr => $raddr, rport => $rport,
-              informational => sub { ForkServer::HTTPServer::Response::write_informational($conn, @_) } };
-    _head_begins($self, $c);
-    return $c;
 }
 
 # One connection served to its end, outside the loop and before any real
@@ -445,7 +332,7 @@ sub serve_one {
         last unless $loop->{conns}{$fd};
         $self->_serve_conn($loop, $fd);
     }
-    _drop_conn($loop, $fd);
+    ForkServer::HTTPServer::Conns::_drop_conn($loop, $fd);
     return;
 }
 
@@ -467,8 +354,9 @@ whose buffer holds a whole head is not read until that request is served) with t
 generation's stop pipe, enforces the head and keep-alive deadlines, serves
 one request per ready connection per round (a worker with siblings that
 starts a request first gives its quiet idle connections to the workers'
-shared queue, L<ForkServer::HTTPServer::Handoff>, and takes connections
-from it while free), and winds down (stop,
+shared queue, L<ForkServer::HTTPServer::Handoff>, with those whose
+request is waiting when a sibling is free, and takes connections from it
+while free: L<ForkServer::HTTPServer::Conns>), and winds down (stop,
 recycling, C<psgix.harakiri.commit>) without dropping a request already on
 its way. Also C<worker_msg()> (the records to the master, C<MSG_*>) and
 C<worker_exit()>.
