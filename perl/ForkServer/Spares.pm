@@ -11,10 +11,8 @@ use ForkServer::Link ();
 use ForkServer::Log ();
 use ForkServer::Protocol qw(encode_packet encode_array MODIFIER1_FORK_SERVER);
 use ForkServer::Base::Request ();
-use ForkServer::Process::Random ();
 use ForkServer::Spares::Rehearsal ();
-use ForkServer::Process::Session ();
-use ForkServer::Spares::Worker ();
+use ForkServer::Spares::Process ();
 
 =head1 NAME
 
@@ -44,23 +42,10 @@ Emperor knows it by its title, C<psgi-vassal NAME (spare of BASEPID)>
 is neither an orphan nor a stranger (orphans.py), and C<emperor status>
 counts it, with its worker, under its base.
 
-At birth the spare forks its first worker, which runs the base's
-C<early-warmup> paths and L<ForkServer::Spares::Rehearsal>'s worker part, three
-times (its own lazily built state and copy-on-write faults happen then, not
-on the first real request), tells the spare, and waits. The spare runs its
-own rehearsal, then tells the base C<R PID> and waits on its link.
-
-The base sends the requester the pid reply with the spare's pid itself,
-then hands the spare the adoption packet with the request's descriptors in
-one message on the link (L<ForkServer::Link>); the spare checks it again
-with L<ForkServer::Base::Request> and becomes the vassal exactly as a
-forked one does (L<ForkServer::Base>'s C<_become_vassal>: its argv and
-config; its session it already leads), except that its first worker already exists: it gets
-the listening socket, the argv and the config text, applies C<env>,
-C<chdir>, C<gid>/C<uid> itself and starts accepting
-(L<ForkServer::HTTPServer/run_preforked_worker>); workers beyond the first
-are forked then. A config with C<psgi> (an app on top of the base) lets the
-waiting worker go and forks fresh workers from the loaded app.
+The spare's own life, from its birth to its adoption or its end, is
+L<ForkServer::Spares::Process>: the base sends the requester the pid reply
+with the spare's pid itself, then hands the spare the adoption packet with
+the request's descriptors in one message on the link (L<ForkServer::Link>).
 
 The base hands over only requests whose argv has no C<--psgi> and is not a
 test file (C<emperor prove>); the others, and every request while no spare
@@ -69,10 +54,8 @@ only when no adoption is being read, and not before 0.1 s after the last
 adoption (by a spare or a fork: L</hold_off()>): refilling never delays an
 adoption, a burst of them, nor the start of the vassals just adopted.
 
-End of file on the link (the base stopped or died, or a deploy replaced
-it) ends a waiting spare, and its worker with it (end of file on their own
-link), a warming one too. A spare that dies is noticed by the base (end of
-file on its side) and replaced.
+A spare that dies is noticed by the base (end of file on its side) and
+replaced.
 
 A spare that cannot warm up (its worker dies in the app's warm-up, or is
 still warming after C<fork-server-spare-timeout> seconds and is killed)
@@ -81,20 +64,14 @@ next spare 1 s later, then twice as late each time up to C<BACKOFF_MAX>,
 until one is warm: an app whose warm-up exits or hangs in a forked process
 costs one process at a time, not a fork loop. The pool stops short of
 C<count> where the base's descriptor limit would leave fewer than
-C<fd_reserve> descriptors for adoptions (one line). A vassal that fails
-before its warm worker got the socket takes the worker with it; one whose
-worker died just before its adoption forks fresh workers. A waiting spare
-whose worker dies does not leave on its own: the base may have answered an
-adoption with its pid and not yet sent it. It tells the base (C<G PID>) and
-waits: for the adoption, or for the end of file the base gives a spare it
-has forgotten. Signals the
-app handles (inherited by spares and their workers) interrupt no wait.
+C<fd_reserve> descriptors for adoptions (one line). A waiting spare whose
+worker died says C<G PID>: the base forgets it (end of file on the link)
+unless it has already given its pid.
 
 =cut
 
 use constant RETRY_AFTER  => 1;      # seconds before another try after a spare could not be made
 use constant BACKOFF_MAX  => 60;     # a spare that cannot warm up: the wait before the next one doubles up to this
-use constant WORKER_GONE  => 'G';    # spare to base: forget me, unless my pid is already given
 use constant REFILL_PAUSE => 0.1;    # after an adoption, its vassal starts before a new spare competes for the CPU
 
 sub new {
@@ -164,7 +141,7 @@ sub make_one {
     if ($base->{clone}) {
         $pid = ForkServer::Base::Clone::clone_parent();
         return $self->_failed("clone: $!") unless defined $pid;
-        if ($pid == 0) { close $ours; $self->_spare_main($theirs) }
+        if ($pid == 0) { close $ours; $self->_become_spare($theirs) }
     }
     else {
         $pid = fork;
@@ -173,7 +150,7 @@ sub make_one {
             my $spare = fork;
             POSIX::_exit(defined $spare ? 0 : 1) unless defined $spare && $spare == 0;
             close $ours;
-            $self->_spare_main($theirs);
+            $self->_become_spare($theirs);
         }
         $base->{children}++;    # the intermediate child, reaped by the base
         undef $pid;             # the spare's own pid comes with its R message
@@ -253,7 +230,7 @@ sub readable {
     close $s->{link};    # the spare waits for this (end of file) to leave
     my $pid = $s->{pid} // '?';
     return $self->log("spare pid $pid lost its worker before it was adopted")
-        if $s->{ready} && $n && $msg =~ /\A${\WORKER_GONE}\d+\z/;
+        if $s->{ready} && $n && $msg =~ /\A${\ForkServer::Spares::Process::WORKER_GONE}\d+\z/;
     return $self->log("spare pid $pid ended before it was adopted") if $s->{ready};
     my $wait = $self->{backoff} = $self->{backoff} ? _min(2 * $self->{backoff}, BACKOFF_MAX) : RETRY_AFTER;
     $self->{retry_at} = Time::HiRes::time() + $wait;
@@ -352,108 +329,18 @@ and in every process forked from the base, which must not hold them.
 
 =cut
 
+# In the new process: a spare from now on (ForkServer::Spares::Process).
+sub _become_spare {
+    my ($self, $link) = @_;
+    ForkServer::Spares::Process::run(base => $self->{base}, link => $link, paths => $self->{paths},
+                                     warm_timeout => $self->{warm_timeout});    # does not return
+}
+
 sub close_links {
     my ($self) = @_;
     close $_->{link} for values %{ $self->{spares} };
     $self->{spares} = {};
     return;
-}
-
-# ---------------------------------------------------------------------------
-# The spare process
-# ---------------------------------------------------------------------------
-
-sub _spare_main {
-    my ($self, $link) = @_;
-    my $base = $self->{base};
-    my $name = $base->{name};
-    ForkServer::Process::Random::reseed();
-    # Its own session first, as every vassal process: its first worker is
-    # forked below and must be in the session the vassal will have.
-    my ($leads, $why) = ForkServer::Process::Session::lead();
-    ForkServer::Log::line($name, "spare pid $$ is not a session leader ($why)") unless $leads;
-    # Born the Emperor's child (clone): when it dies, so does the spare,
-    # and what its worker's warm-up started (leave()).
-    if ($base->{clone}) {
-        $SIG{TERM} = sub { leave(0) };
-        leave(0) unless ForkServer::Process::Session::die_with_parent(POSIX::SIGTERM(), $base->{parent});
-    }
-    my $warm;
-    my $ok = eval {
-        $base->_close_base;    # and the other spares' links, with the pool
-        # The Emperor tells a spare from a stranger by this title (orphans.py)
-        $0 = "psgi-vassal $name (spare of $base->{pid}, warming)";
-        my $worker = ForkServer::Spares::Worker->prefork($base->{app}, $self->{paths}, $name, $link,
-                                                         $self->{warm_timeout});
-        ForkServer::Spares::Rehearsal::vassal_start() for 1 .. ForkServer::Spares::Rehearsal::TIMES;
-        $0 = "psgi-vassal $name (spare of $base->{pid})";
-        syswrite($link, "R$$") or die "telling the base: $!\n";
-        $warm = 1;
-        my $req = _wait_for_adoption($link, $worker);
-        close $link;
-        # a vassal now: it stops as every vassal does
-        ForkServer::Process::Session::die_with_parent(0) if $base->{clone};
-        $SIG{TERM} = 'DEFAULT';
-        $base->_become_vassal($req, first_worker => $worker->{gone} ? undef : $worker);    # does not return
-        1;
-    };
-    # before it is warm, the base says why, in its one line for the failure
-    if (!$ok && !($warm || !$link->opened || ForkServer::Link::send_fds($link, "E$$ " . substr($@, 0, 2000)))) {
-        ForkServer::Log::line($name, "spare pid $$: $@");
-    }
-    leave($ok ? 0 : 1);
-}
-
-=head2 leave($status)
-
-A spare that ends without an adoption (its base gone or replaced, its
-worker gone, its warm-up failed) takes its session with it: its worker
-and whatever the app started in the warm-up (ForkServer::Process::Session). The
-Emperor leaves a spare's session alone: only the spare knows it is over.
-
-=cut
-
-sub leave {
-    my ($status) = @_;
-    $SIG{TERM} = 'IGNORE';
-    ForkServer::Process::Session::end_others(leader_only => 1, grace => 1);
-    POSIX::_exit($status);
-}
-
-# Blocks until the base hands over an adoption; exits quietly on end of file
-# (the base is gone or let us go) or when the waiting worker is gone. An
-# adoption the base has already answered with our pid is served even if the
-# worker has just died: the vassal forks fresh workers.
-# The base may have closed its end already (the adoption sent): no SIGPIPE.
-sub tell_worker_gone {
-    my ($link) = @_;
-    local $SIG{PIPE} = 'IGNORE';
-    syswrite($link, WORKER_GONE . $$);
-    return;
-}
-
-sub _wait_for_adoption {
-    my ($link, $worker) = @_;
-    my $select = IO::Select->new($link, $worker->{link});
-    my @ready;
-    @ready = $select->can_read until @ready;    # empty: a signal the app handles
-    if (grep { $_ == $worker->{link} } @ready) {
-        $worker->discard;
-        $worker->{gone} = 1;
-        # The base replies with our pid before it sends the adoption: one not
-        # here yet may be on its way. Only the base knows; it answers with
-        # the adoption, or by closing the link once it has forgotten us.
-        tell_worker_gone($link) unless grep { $_ == $link } @ready;
-    }
-    my ($data, @fds) = ForkServer::Link::recv_fds($link);
-    leave(0) unless defined $data && @fds;    # the base forgot us, or is gone
-    # no connection to the requester: the base sent the pid reply
-    my $req = eval { ForkServer::Base::Request->handed_over(sock => undef, data => $data, fds => \@fds) };
-    if (!$req) {
-        POSIX::close($_) for @fds;
-        die "the request from the base: $@";
-    }
-    return $req;
 }
 
 1;

@@ -60,7 +60,7 @@ sub prefork {
     my $handoff = ForkServer::HTTPServer::Handoff::pair();
     my $pid = fork // die "fork: $!\n";
     if ($pid == 0) {
-        $SIG{TERM} = 'DEFAULT';    # the spare's own (ForkServer::Spares::leave) is not the worker's
+        $SIG{TERM} = 'DEFAULT';    # the spare's own (ForkServer::Spares::Process::leave) is not the worker's
         ForkServer::Process::Random::reseed();
         close $ours;
         close $base_link;
@@ -94,7 +94,7 @@ sub prefork {
     if (!@ready || grep { $_ == $base_link } @ready) {
         kill 'KILL', $pid;
         waitpid $pid, 0;
-        ForkServer::Spares::leave(0) if @ready;    # the base is gone: nobody to tell
+        ForkServer::Spares::Process::leave(0) if @ready;    # the base is gone: nobody to tell
         die "its worker was still warming up after $timeout s (fork-server-spare-timeout): killed\n";
     }
     my $n = sysread $ours, my $msg, READS_MAX;
