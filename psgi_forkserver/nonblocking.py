@@ -19,3 +19,10 @@ def recv_ready(sock: socket.socket | int, size: int = 65536) -> bytes | None:
         return None
     except OSError:
         return b""
+
+
+def drain(sock: socket.socket) -> None:
+    """Read a non-blocking socket empty (a signal wake-up's bytes: they
+    only say "look again")."""
+    while recv_ready(sock, 4096):
+        pass

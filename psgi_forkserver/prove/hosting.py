@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import adoption, paths, protocol
+from ..nonblocking import drain
 from .base import BaseError, TestBase, start_with_streams
 from .started import Started, few_files
 from .testfiles import ProveOptions, test_env
@@ -118,12 +119,7 @@ class Session:
         self.sel.register(self.wake_r, selectors.EVENT_READ, None)
 
     def drain_wake(self) -> None:
-        """The signal wake-up bytes: they only say "look again"."""
-        try:
-            while self.wake_r.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
+        drain(self.wake_r)
 
     def teardown(self) -> None:
         self.base.stop()

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import adoption, launch, paths, protocol
-from ..nonblocking import recv_ready
+from ..nonblocking import drain, recv_ready
 from .base import TestBase, start_with_streams
 from .report import Report, write_junit
 from .tap import Job
@@ -128,12 +128,7 @@ class Prove:
             j.close_streams()
 
     def drain_wake(self) -> None:
-        """The signal wake-up bytes: they only say "look again"."""
-        try:
-            while self.wake_r.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
+        drain(self.wake_r)
 
     # -- the loop -----------------------------------------------------------------------
 
