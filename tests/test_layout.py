@@ -10,10 +10,7 @@ ROOT = Path(psgi_forkserver.__file__).parent
 PACKAGE = "psgi_forkserver"
 MAX_LINES = 400
 # modules still over MAX_LINES, each to be split; a new one fails the test
-TOO_LONG_FOR_NOW = {
-    "status/document.py": "the stats document",
-    "status/server.py": "the stats socket and the status page",
-}
+TOO_LONG_FOR_NOW: dict[str, str] = {}
 
 
 def module_name(path: Path) -> str:
