@@ -93,7 +93,8 @@ class Emperor:
         self.settled = Settled()
         self.fleet = control.Fleet(opts, self.files, self.bases, self.routes, self.lines,
                                    self.metrics, self.log, lambda: self.cgroups,
-                                   lambda: self.shutdown.asked, self.logbook.reopen_and_say, self._wake)
+                                   lambda: self.shutdown.asked, self.logbook.reopen_and_say,
+                                   self._wake)
         # flocks and the pidfile, held while we run (locks.py)
         self.locks = locks.Claim(self.files.dir, self.bases.lock_paths, opts.pidfile)
         # what each signal means, handled by name at the start of a turn
