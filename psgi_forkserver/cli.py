@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     emperor = Emperor(opts)
     try:
-        emperor.claim()  # locks and pidfile first: a second Emperor stops here
+        emperor.locks.take()  # locks and pidfile first: a second Emperor stops here
     except StartupError as e:
         print(f"emperor: {e}", file=sys.stderr)
         return 2
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts.status = bind_status(args)  # before anything starts: errors exit 2
     except (OSError, ValueError) as e:
-        emperor.release()
+        emperor.locks.release()
         if emperor.opts.pidfile is not None:
             emperor.opts.pidfile.unlink(missing_ok=True)
         msg = e.strerror if isinstance(e, OSError) and e.strerror else e

@@ -215,6 +215,15 @@ class Log:
                 errors.append(f.error)
         return errors
 
+    def reopen_and_say(self) -> list[str]:
+        """SIGUSR2, `emperor reopen-logs`: `reopen()`, with each failure and
+        the end said in the Emperor's log."""
+        errors = self.reopen()
+        for err in errors:
+            self.emit(f"reopen-logs: {err}")
+        self.emit("reopen-logs: log files reopened")
+        return errors
+
     def close(self) -> None:
         for f in self.files.values():
             f.close()

@@ -98,6 +98,11 @@ class Options:
     front: Any = None  # cli --http / --nginx-include
     status: Any = None  # sockets bound (cli --stats/--status-http)
 
+    @property
+    def program_is_ours(self) -> bool:
+        """The vassal program is ForkServer.pm (not a uWSGI 2.0 vassal)."""
+        return os.path.basename(self.program) == "ForkServer.pm"
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
         """`emperor run`'s parsed options, with paths made absolute."""

@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from psgi_forkserver import paths
-from psgi_forkserver.emperor import cgroups
+from psgi_forkserver.emperor import cgroup_tree, cgroups
 from psgi_forkserver.status import default_stats_path
 
 from support import EMPEROR, alive, base_ini, free_port, kill_all, start_emperor, stop_emperor, wait_for
@@ -38,7 +38,7 @@ def _usable() -> str | None:
         return "no Perl vassal program"
     if os.geteuid() != 0:
         return "not root: the Emperor cannot own a cgroup subtree here"
-    mount, own = cgroups.cgroup2_mount(), cgroups.own_cgroup()
+    mount, own = cgroup_tree.cgroup2_mount(), cgroup_tree.own_cgroup()
     if mount is None or own is None:
         return "no cgroup2 hierarchy"
     home = mount / own.lstrip("/")
@@ -64,7 +64,7 @@ def spawn_helper(port: int, secs: int = 300) -> psutil.Process:
 
 
 def cgroup_of(pid: int) -> str:
-    return cgroups.own_cgroup(pid) or ""
+    return cgroup_tree.own_cgroup(pid) or ""
 
 
 def answers(port: int) -> bool:
@@ -102,7 +102,7 @@ def test_a_setsid_helper_goes_with_its_stopped_vassal(xprocess, vdir):
             wait_for(lambda p=port: answers(p), 30, "the vassals to answer")
         doc = status(d)
         subtree = doc["emperor"]["cgroup"]
-        assert subtree and subtree.endswith(cgroups.subtree_name(d)), doc["emperor"]
+        assert subtree and subtree.endswith(cgroup_tree.subtree_name(d)), doc["emperor"]
         for name in ("base", "a", "b"):
             v = doc["vassals"][name]
             assert re.fullmatch(rf"{re.escape(subtree)}/v-{name}/\d+", v["cgroup"]), (name, v)
@@ -123,12 +123,12 @@ def test_a_setsid_helper_goes_with_its_stopped_vassal(xprocess, vdir):
         wait_for(lambda: not alive(helper), 15, "a's setsid helper to be gone")
         assert alive(other), "b's helper is b's: it stays while b runs"
         assert answers(ports["b"])
-        wait_for(lambda: not Path(f"{cgroups.cgroup2_mount()}{subtree}/v-a").exists(), 15,
+        wait_for(lambda: not Path(f"{cgroup_tree.cgroup2_mount()}{subtree}/v-a").exists(), 15,
                  "a's cgroup to be removed")
     finally:
         stop_emperor(em)
     wait_for(lambda: not alive(other), 15, "b's helper to be gone after the shutdown")
-    assert not Path(f"{cgroups.cgroup2_mount()}{subtree}").exists()
+    assert not Path(f"{cgroup_tree.cgroup2_mount()}{subtree}").exists()
     assert not (default_stats_path(d).parent / cgroups.RECORD).exists()
 
 
@@ -184,7 +184,7 @@ def test_a_read_only_hierarchy_is_said_once_and_the_fleet_runs(vdir):
     d, ports, _ = vdir
     if shutil.which("unshare") is None:
         pytest.skip("no unshare(1)")
-    mount = cgroups.cgroup2_mount()
+    mount = cgroup_tree.cgroup2_mount()
     script = f"mount -o bind,remount,ro {mount} && exec {EMPEROR} run {d} --mercy 3"
     p = subprocess.Popen(["unshare", "-m", "sh", "-c", script], stderr=subprocess.PIPE,
                          text=True)

@@ -366,9 +366,9 @@ def test_a_process_is_measured_at_most_once_per_interval(child, monkeypatch):
     """However many clients ask, a process's memory is read from the kernel
     once per interval; the documents in between reuse it (their states
     are still their own)."""
-    from psgi_forkserver.status import document
+    from psgi_forkserver.status import memory
 
-    monkeypatch.setattr(document, "MEASURE_INTERVAL", 600.0)
+    monkeypatch.setattr(memory, "MEASURE_INTERVAL", 600.0)
     first = status.collect(fake_emperor(child.pid))
     second = status.collect(fake_emperor(child.pid))
     assert first["measured"] == 1 and second["measured"] == 0

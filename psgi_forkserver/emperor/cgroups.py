@@ -38,196 +38,27 @@ pipe) is all that stops them, as it is where cgroups are not available.
 
 Where they are not (no cgroup2 mount, not writable, no `cgroup.kill`), the
 Emperor says so once at start and runs as before.
+
+This module is the Emperor's side (`Cgroups`): making the subtree,
+placing each process, stopping what an ended one left. The hierarchy's
+files are cgroup_tree.py's, the guard is cgroup_guard.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import re
 import signal
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: the name of the subtree below the Emperor's cgroup, per vassals directory
-PREFIX = "psgi-forkserver-"
+from .cgroup_guard import say_goodbye, start_guard
+from .cgroup_tree import (children, cgroup2_mount, dir_name, kill_tree, own_cgroup, populated,
+                          procs, remove_tree, subtree_name, write)
+
 #: the run directory's record of the subtree (for the next start's sweep)
 RECORD = "cgroup"
-#: the guard lets a dead Emperor's vassals stop on their own this long (a
-#: vassal stops what is left in its session 2 s after its pipe's end)
-GUARD_GRACE = 3.0
-
-#: a sweep or a shutdown waits this long for a killed cgroup to empty
-EMPTY_WAIT = 5.0
-_SAFE_NAME = re.compile(r"[A-Za-z0-9_.@+-]{1,100}")
-_GOODBYE = b"q"
-
-
-def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> Path | None:
-    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or
-    /sys/fs/cgroup/unified in the hybrid layout)."""
-    try:
-        with open(mountinfo) as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                if right.split(" ", 1)[0] == "cgroup2":
-                    return Path(left.split()[4].replace("\\040", " "))
-    except OSError:
-        pass
-    return None
-
-
-def own_cgroup(pid: int | str = "self") -> str | None:
-    """The process's cgroup v2 path (`0::/path` in /proc/PID/cgroup)."""
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            for line in f:
-                if line.startswith("0::"):
-                    return line[3:].rstrip("\n")
-    except OSError:
-        pass
-    return None
-
-
-def subtree_name(vassals_dir: Path) -> str:
-    return PREFIX + hashlib.sha256(str(Path(vassals_dir).resolve()).encode()).hexdigest()[:12]
-
-
-def _dir_name(name: str | None) -> str:
-    """A vassal's cgroup directory: its name when that is a plain one."""
-    if name is None:
-        return "front"
-    if _SAFE_NAME.fullmatch(name) and name not in (".", ".."):
-        return "v-" + name
-    return "x-" + hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-
-
-def _write(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
-def _procs(cg: Path) -> list[int]:
-    """Every pid in `cg` and below."""
-    out: list[int] = []
-    for d, _, _ in os.walk(cg):
-        try:
-            with open(os.path.join(d, "cgroup.procs")) as f:
-                out += [int(x) for x in f.read().split()]
-        except (OSError, ValueError):
-            pass
-    return out
-
-
-def _populated(cg: Path) -> bool:
-    try:
-        with open(cg / "cgroup.events") as f:
-            return "populated 1" in f.read()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-
-
-def _remove_tree(cg: Path) -> bool:
-    """rmdir `cg` and every cgroup below it, deepest first; True when gone."""
-    for d, subdirs, _ in os.walk(cg, topdown=False):
-        for s in subdirs:
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.join(d, s))
-    with contextlib.suppress(FileNotFoundError):
-        try:
-            os.rmdir(cg)
-        except OSError:
-            return False
-    return True
-
-
-def kill_tree(cg: Path, wait: float = EMPTY_WAIT) -> int:
-    """cgroup.kill `cg` (with everything below it), wait for it to empty,
-    remove it. How many processes it held."""
-    if not cg.is_dir():
-        return 0
-    n = len(_procs(cg))
-    with contextlib.suppress(OSError):
-        _write(cg / "cgroup.kill", "1")
-    deadline = time.monotonic() + wait
-    while _populated(cg) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    _remove_tree(cg)
-    return n
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(x) for x in f.read().split()]
-        except (OSError, ValueError):
-            pass
-    return out
-
-
-def _guard(read_fd: int, root: Path, record: Path | None) -> None:
-    """The guard's whole life (in a fork of the Emperor): wait for the end
-    of the pipe; without the goodbye byte, kill the subtree."""
-    # a session of its own: no signal to the Emperor's terminal or process
-    # group reaches it, and nothing counts it among the Emperor's session
-    with contextlib.suppress(OSError):
-        os.setsid()
-    try:
-        signal.set_wakeup_fd(-1)
-    except (ValueError, OSError):
-        pass
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
-                signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE):
-        signal.signal(sig, signal.SIG_IGN)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    os.closerange(0, read_fd)
-    os.closerange(read_fd + 1, 1 << 20)
-    devnull = os.open(os.devnull, os.O_RDWR)  # 0, 1, 2: nothing of the Emperor's
-    for fd in (1, 2):
-        if devnull != fd:
-            os.dup2(devnull, fd)
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(15, b"pfs-cgroup-guard", 0, 0, 0)  # PR_SET_NAME
-    except Exception:  # noqa: BLE001 - a name is a nicety
-        pass
-    last = b""
-    while True:
-        try:
-            data = os.read(read_fd, 64)
-        except InterruptedError:
-            continue
-        except OSError:
-            break
-        if not data:
-            break
-        last = data[-1:]
-    if last != _GOODBYE:  # the Emperor died without a word
-        # its vassals see end of file on their pipes too and stop on their
-        # own (a base removes its socket, a vassal stops its session): they
-        # get that long before the kill takes what is left (setsid helpers)
-        deadline = time.monotonic() + GUARD_GRACE
-        while _populated(root) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        kill_tree(root)
-        if record is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(record)
 
 
 @dataclass
@@ -284,13 +115,13 @@ class Cgroups:
         except OSError as e:
             return f"cannot create {self.root}: {e.strerror or e}"
         if not (self.root / "cgroup.kill").exists():
-            _remove_tree(self.root)
+            remove_tree(self.root)
             return "no cgroup.kill (Linux 5.14 or later)"
         try:  # can we step in and out (spawning)? write access to both
             with self._inside(self.root):
                 pass
         except OSError as e:
-            _remove_tree(self.root)
+            remove_tree(self.root)
             return f"cannot move processes into {self.root}: {e.strerror or e}"
         if self.record is not None:
             with contextlib.suppress(OSError):
@@ -319,39 +150,13 @@ class Cgroups:
                 self.log(f"cgroups: killed {n} processes an earlier run left in {cg}")
 
     def _start_guard(self) -> None:
-        """Forked twice, before the Emperor becomes a subreaper: the guard
-        is no child of the Emperor (its children are vassals, and a count of
-        them stays one), and outlives it in a session of its own."""
-        r, w = os.pipe()  # both O_CLOEXEC: no vassal inherits them
-        told_r, told_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.close(w)
-                os.close(told_r)
-                guard = os.fork()
-                if guard == 0:
-                    os.close(told_w)
-                    _guard(r, self.root, self.record)
-                else:
-                    os.write(told_w, str(guard).encode())
-            finally:
-                os._exit(0)
-        os.close(r)
-        os.close(told_w)
-        with os.fdopen(told_r, "rb") as told:
-            said = told.read()
-        os.waitpid(pid, 0)
-        self.guard_pid = int(said) if said.strip().isdigit() else None
-        self.guard_fd = w
+        self.guard_pid, self.guard_fd = start_guard(self.root, self.record)
 
     def dismiss_guard(self) -> None:
         """Shutdown, every vassal gone: the guard exits (the goodbye byte:
         nothing for it to do), so that the Emperor has no child left."""
         if self.guard_fd is not None:
-            with contextlib.suppress(OSError):
-                os.write(self.guard_fd, _GOODBYE)
-            os.close(self.guard_fd)
+            say_goodbye(self.guard_fd)
             self.guard_fd = None
 
     def close(self) -> None:
@@ -369,18 +174,18 @@ class Cgroups:
     # -- placing processes ---------------------------------------------------------
 
     def _cgroup(self, name: str | None, seq: int) -> Path:
-        cg = self.root / _dir_name(name) / str(seq)
+        cg = self.root / dir_name(name) / str(seq)
         cg.mkdir(parents=True, exist_ok=True)
         self.where[(name, seq)] = cg
         return cg
 
     @contextlib.contextmanager
     def _inside(self, cg: Path) -> Iterator[None]:
-        _write(cg / "cgroup.procs", "0")
+        write(cg / "cgroup.procs", "0")
         try:
             yield
         finally:
-            _write(self.home / "cgroup.procs", "0")
+            write(self.home / "cgroup.procs", "0")
 
     @contextlib.contextmanager
     def spawning(self, name: str | None, seq: int) -> Iterator[None]:
@@ -414,10 +219,10 @@ class Cgroups:
                     continue
                 moved.add(p)
                 try:
-                    _write(cg / "cgroup.procs", str(p))
+                    write(cg / "cgroup.procs", str(p))
                 except ProcessLookupError:
                     continue
-                todo += _children(p)
+                todo += children(p)
         except OSError as e:
             self.log(f"cgroups: cannot place pid {pid}: {e.strerror or e}", name)
 
@@ -437,7 +242,7 @@ class Cgroups:
         cg = self.where.pop((name, seq), None)
         if cg is None:
             return
-        left = _procs(cg)
+        left = procs(cg)
         strays = []
         for pid in left:
             try:
@@ -463,10 +268,10 @@ class Cgroups:
         for cg, when in list(self.dying.items()):
             if now < when:
                 continue
-            if _populated(cg):
+            if populated(cg):
                 if when != float("inf"):
                     with contextlib.suppress(OSError):
-                        _write(cg / "cgroup.kill", "1")
+                        write(cg / "cgroup.kill", "1")
                     self.dying[cg] = float("inf")
                 continue
             with contextlib.suppress(OSError):

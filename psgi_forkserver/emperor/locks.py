@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
@@ -116,7 +116,6 @@ def pidfile_is_held(path: Path) -> bool:
     return False
 
 
-
 def claim(vassals_dir: Path, fork_server_sockets: Iterable[Path],
           pidfile: Path | None) -> list[int]:
     """Lock the vassals directory, the fork-server sockets and the pidfile
@@ -159,3 +158,31 @@ def remove_pidfile(pidfile: Path) -> None:
             pidfile.unlink()
     except OSError:
         pass
+
+
+class Claim:
+    """What an Emperor holds while it runs: the flocks (`claim`) and its
+    pidfile, taken once, before anything starts."""
+
+    def __init__(self, vassals_dir: Path, fork_server_sockets: Callable[[], Iterable[Path]],
+                 pidfile: Path | None) -> None:
+        self.vassals_dir = vassals_dir
+        self.fork_server_sockets = fork_server_sockets  # asked when taken: the files say
+        self.pidfile = pidfile
+        self.fds: list[int] = []
+
+    def take(self) -> None:
+        """Idempotent; StartupError is one line."""
+        if not self.fds:
+            self.fds = claim(self.vassals_dir, self.fork_server_sockets(), self.pidfile)
+
+    def release(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+    def end(self) -> None:
+        """Teardown: the pidfile removed (if still ours), the locks let go."""
+        if self.pidfile is not None:
+            remove_pidfile(self.pidfile)
+        self.release()

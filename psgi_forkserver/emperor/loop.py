@@ -4,7 +4,9 @@
 table): `files` (the vassals directory and the fleet), `procs` (the process
 table), `bases` (the fork servers, deploys, wedges), `routes` (the front
 door), `vsockets` (sockets between processes), `outcomes` (what exits and
-failed starts mean; the per-vassal boundary), `lines`, `sweeper`, `cgroups`.
+failed starts mean; the per-vassal boundary), `lines`, `sweeper`, `cgroups`,
+`shutdown` (shutdown.py), `locks` (locks.Claim); `on_signal` says what each
+signal means.
 
 Each turn (`_turn`) reads facts, plans, acts. Facts: signals (queued by the
 wakeup fd), reaped children, vassal files, fork-server probes; events
@@ -40,6 +42,7 @@ from .processes import ProcessTable
 from .progress import StartProgress
 from .recent import RecentLines
 from .routing import Routes, make_socket_dir, socket_dir_of
+from .shutdown import Shutdown
 from .vassal import Adopt, Forget, Kill, Send, Spawn, Vassal
 
 # the action types `_execute` and `_act` carry out (test_plan shows each planned)
@@ -47,23 +50,16 @@ EXECUTED = (Spawn, Adopt, Send, Kill, Forget, FailAdoption, Admit,
             KillWedged, Sweep, KillOrphans, CleanCgroups)
 
 
-def is_our_program(program: str) -> bool:
-    return os.path.basename(program) == "ForkServer.pm"
-
-
 class Emperor:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
-        self.shutting_down = False
-        self.shutdown_deadline = 0.0
-        self.next_straggler_kill = 0.0
+        self.shutdown = Shutdown(opts.mercy, self.log)
         # the turn must run again at once (the fork server changed, a deploy
         # slot came free, a start failed at once): no waiting for an event
         self.again = False
-        self.lock_fds: list[int] = []  # flocks held while we run (claim())
         self.signals: launch.SignalQueue | None = None  # handled at the start of each turn
         self.cgroups: Cgroups | None = None  # one cgroup per vassal process, where possible
-        ours = is_our_program(opts.program)
+        ours = opts.program_is_ours
         own = opts.own_sockets if opts.own_sockets is not None else ours
         socket_dir = socket_dir_of(opts)
         self.sel = selectors.DefaultSelector()
@@ -97,7 +93,16 @@ class Emperor:
         self.settled = Settled()
         self.fleet = control.Fleet(opts, self.files, self.bases, self.routes, self.lines,
                                    self.metrics, self.log, lambda: self.cgroups,
-                                   lambda: self.shutting_down, self.reopen_logs, self._wake)
+                                   lambda: self.shutdown.asked, self.logbook.reopen_and_say,
+                                   self._wake)
+        # flocks and the pidfile, held while we run (locks.py)
+        self.locks = locks.Claim(self.files.dir, self.bases.lock_paths, opts.pidfile)
+        # what each signal means, handled by name at the start of a turn
+        # (SIGCHLD needs no handler: every turn reaps)
+        self.on_signal = {signal.SIGTERM: self._stop, signal.SIGINT: self._stop,
+                          signal.SIGHUP: lambda sig, now: self.files.rescan_soon(now),
+                          signal.SIGUSR1: lambda sig, now: self.bases.reload(),
+                          signal.SIGUSR2: lambda sig, now: self.logbook.reopen_and_say()}
 
     def log(self, msg: str, name: str | None = None) -> None:
         if name:
@@ -141,15 +146,16 @@ class Emperor:
         # lazily: the deploy tracker looks at them only while a deploy runs,
         # the progress lines every StartProgress.LOOK_EVERY seconds
         self.bases.observe(now, (v for v in self.vassals.values() if not runs_as_base(v)),
-                           self.shutting_down)
+                           self.shutdown.asked)
         self.start_progress.observe(now, lambda: {v.name: v.phase for v in self.vassals.values()
                                                   if not runs_as_base(v)})
-        self.routes.turn(now, self.shutting_down)  # routing changed? (applied batched)
+        self.routes.turn(now, self.shutdown.asked)  # routing changed? (applied batched)
         if self.opts.status is not None:
             self.opts.status.poll(now)
         self.metrics.observe_deploy(self.bases.deploys.last)
         self.notifier.poll(lambda: control.snapshot(self.fleet), now)
-        return self.shutting_down and self._shutdown_step(now)
+        return self.shutdown.asked and self.shutdown.step(
+            now, self.vassals, self.routes, self.outcomes, self.procs, self.sweeper)
 
     def _wait(self) -> None:
         now = time.monotonic()
@@ -175,7 +181,7 @@ class Emperor:
         # the fork server is back: the vassals waiting for it are told (a fact)
         self.bases.base_back(now, fs, (v for v in self.vassals.values() if not runs_as_base(v)))
         cg = self.cgroups
-        return Facts(now, fs, base_gen, self.shutting_down, self.opts.deploy_parallel,
+        return Facts(now, fs, base_gen, self.shutdown.asked, self.opts.deploy_parallel,
                      self.opts.adopt_parallel,
                      self.procs.in_flight() - sum(1 for f in failed if f.timed_out),
                      adoptions_failed=failed, room=self.files.room,
@@ -261,63 +267,24 @@ class Emperor:
                   status.next_wakeup() if status is not None else None):
             if t is not None:
                 times.append(t)
-        if self.shutting_down:
-            times.append(self.shutdown_deadline)
-            times.append(now + 0.5)  # keep polling for the last children
+        times += self.shutdown.wakeups(now)
         return max(0.0, min(times) - now)
-
-    def _shutdown_step(self, now: float) -> bool:
-        """True when everything is gone."""
-        if not self.vassals:
-            if self.routes.front is not None:
-                self.routes.front.stop()  # last: it served until every vassal was gone
-            self.outcomes.reap(now)
-            if self.procs.no_children:
-                return True
-            if self.sweeper.shutdown_sweep_due():
-                self.outcomes.sweep(now, everything=True)
-        if now >= self.shutdown_deadline and now >= self.next_straggler_kill:
-            self.next_straggler_kill = now + 1.0
-            self.sweeper.kill_stragglers()
-            if now >= self.shutdown_deadline + 10:
-                self.log("giving up waiting for children")
-                return True
-        return False
 
     # -- signals: queued, handled by name at the start of a turn --------------------
 
     def _handle_signals(self, now: float) -> None:
         for sig in self.signals.pop() if self.signals is not None else ():
-            if sig in (signal.SIGTERM, signal.SIGINT):
-                if self.shutting_down:
-                    self.log(f"{sig.name} again: killing everything now")
-                    self.shutdown_deadline = now
-                else:
-                    self.log(f"{sig.name}: stopping every vassal")
-                    self.shutting_down = True
-                    self.shutdown_deadline = now + self.opts.mercy
-                    self.files.renderer.close()  # no template matters any more
-            elif sig == signal.SIGHUP:
-                self.files.rescan_soon(now)
-            elif sig == signal.SIGUSR1:
-                self.bases.reload()
-            elif sig == signal.SIGUSR2:
-                self.reopen_logs()
-            # SIGCHLD needs no handler: every turn reaps
+            if sig in self.on_signal:
+                self.on_signal[sig](sig, now)
 
-    def reopen_logs(self) -> list[str]:
-        """SIGUSR2, `emperor reopen-logs`: every log file reopened by its
-        path (logrotate renamed it); the reasons of those that could not be."""
-        errors = self.logbook.reopen()
-        for err in errors:
-            self.log(f"reopen-logs: {err}")
-        self.log("reopen-logs: log files reopened")
-        return errors
+    def _stop(self, sig: signal.Signals, now: float) -> None:
+        if self.shutdown.ask(sig.name, now):
+            self.files.renderer.close()  # no template matters any more
 
     # -- set-up and teardown ---------------------------------------------------------
 
     def _setup(self) -> None:
-        self.claim()  # before anything starts (the CLI has usually done it)
+        self.locks.take()  # before anything starts (the CLI has usually done it)
         # before anything is started: what an earlier run left is killed
         # (and before we are a subreaper: the guard is not our child)
         self.cgroups = Cgroups.start(self.files.dir, self.opts.run_dir, self.log, self.opts.mercy)
@@ -335,18 +302,6 @@ class Emperor:
         self.log(f"watching {self.files.dir} (vassal program {' '.join(self.procs.argv0)}, "
                  f"pid {os.getpid()})")
 
-    def claim(self) -> None:
-        """Lock the vassals directory, the fork-server socket and the
-        pidfile (then write it), so that a second Emperor on any of them
-        refuses to start (locks.py). Idempotent; StartupError is one line."""
-        if not self.lock_fds:
-            self.lock_fds = locks.claim(self.files.dir, self.bases.lock_paths(), self.opts.pidfile)
-
-    def release(self) -> None:
-        for fd in self.lock_fds:
-            os.close(fd)
-        self.lock_fds.clear()
-
     def _teardown(self) -> None:
         if self.cgroups is not None:
             self.cgroups.close()  # whatever is left of any vassal, nginx included
@@ -355,6 +310,4 @@ class Emperor:
         if self.routes.front is not None:
             self.routes.front.close()
         self.listeners.close_all()
-        if self.opts.pidfile is not None:
-            locks.remove_pidfile(self.opts.pidfile)
-        self.release()
+        self.locks.end()

@@ -10,7 +10,9 @@ unit-testable. No other module writes a Vassal's fields: the Emperor tells
 it facts (including its own failures: `refuse`, `note_error`,
 `cannot_bind`, `resources_failed`, `config_failed`, `fork_server_back`),
 and status readers get a copy (`snapshot`). The records and actions are in
-proc.py, the decisions (`step` and its parts) in decisions.py.
+proc.py, the decisions (`step` and its parts) in decisions.py, what a
+vassal reads as (its current process's fields, its snapshot) in
+vassal_view.py; this module holds its fields and the facts.
 
 Every fact method is a `@fact`: it adds the vassal's name to the set the
 plan gave it (`report_facts_to`, the plan's `Settled.dirty`), so a vassal
@@ -65,8 +67,8 @@ from ..proc import (
     ProcState, Send, Spawn, backoff_delay,
 )
 from ..protocol import VassalByte
-from ..snapshot import VassalSnapshot, config_values
 from .decisions import Decisions, Quiet, Slot
+from .vassal_view import VassalView
 
 # the state machine's vocabulary (proc.py), imported from here too
 __all__ = ["CODE_DEPLOY", "Action", "Adopt", "Context", "Exit", "Forget", "ForkServer", "Kill",
@@ -92,7 +94,7 @@ def fact(method: F) -> F:
 
 
 @dataclass
-class Vassal(Decisions):
+class Vassal(VassalView, Decisions):
     name: str
     config: VassalConfig | None  # desired; None once the file is gone
     is_base: bool = False  # what the desired config says
@@ -126,88 +128,6 @@ class Vassal(Decisions):
     # where its facts are reported: the names of the vassals the plan must
     # step again (plan.Settled.dirty); set by the plan
     facts_to: set[str] | None = field(default=None, repr=False, compare=False)
-
-    # -- the current process, as flat read-only fields ------------------------
-
-    @property
-    def pid(self) -> int | None:
-        return self.current.pid if self.current else None
-
-    @property
-    def kind(self) -> Kind | None:
-        return self.current.kind if self.current else self.last_kind
-
-    @property
-    def started_at(self) -> float | None:
-        return self.current.started_at if self.current else None
-
-    @property
-    def running(self) -> VassalConfig | None:
-        return self.current.config if self.current else None
-
-    @property
-    def last_heartbeat(self) -> float | None:
-        return self.current.last_heartbeat if self.current else None
-
-    @property
-    def stop_deadline(self) -> float | None:
-        return self.current.stop_deadline if self.current else None
-
-    @property
-    def killed(self) -> bool:
-        return self.current.killed if self.current else False
-
-    @property
-    def base_generation(self) -> int:
-        return self.current.base_generation if self.current else 0
-
-    @property
-    def seamless(self) -> bool:
-        """Reloads overlap (a successor, then the old process stops): the
-        Emperor owns the vassal's socket, so both serve on it."""
-        cfg = self.config
-        return self.owns_socket and not self.is_base and cfg is not None and bool(
-            cfg.get("http-socket") or cfg.get("socket")
-            or (self.auto_socket and cfg.get("domain")))
-
-    @property
-    def on_demand(self) -> bool:
-        cfg = self.config
-        raw = (cfg.get("on-demand") or "") if cfg else ""
-        return raw.lower() in ("1", "true", "yes", "on")
-
-    @property
-    def has_process(self) -> bool:
-        return self.current is not None or self.successor is not None or bool(self.retiring)
-
-    def procs(self) -> list[Proc]:
-        return [p for p in (self.current, self.successor, *self.retiring) if p is not None]
-
-    def proc(self, seq: int | None = None, pid: int | None = None) -> Proc | None:
-        if seq is None and pid is None:
-            return self.current
-        for p in self.procs():
-            if (seq is not None and p.seq == seq) or (pid is not None and p.pid == pid):
-                return p
-        return None
-
-    def snapshot(self, plack_env: str | None = None) -> VassalSnapshot:
-        """What status readers see: a copy, so they never hold the machine.
-        `plack_env`: the Emperor's, for a file without a plack-env key."""
-        cfg = self.config or self.running
-        pids = [p.pid for p in (self.current, self.successor, *self.retiring)
-                if p is not None and p.pid is not None]
-        return VassalSnapshot(
-            name=self.name, phase=self.phase, pid=self.pid, kind=self.kind,
-            base_generation=self.base_generation, processes_started=self.processes_started,
-            restarts=self.restarts, failures=self.failures, started_at=self.started_at,
-            not_before=self.not_before, file=str(cfg.path) if cfg is not None else None,
-            config_error=self.config.error if self.config is not None else None,
-            refused=self.refused, last_error=self.last_error, error_seq=self.error_seq,
-            pids=tuple(pids),
-            addresses=config_values(cfg, "http-socket"), names=config_values(cfg, "domain"),
-            last_status=self.last_status, held=self.held, is_base=self.is_base,
-            plack_env=(cfg.get("plack-env") if cfg is not None else None) or plack_env)
 
     def report_facts_to(self, marks: set[str]) -> None:
         """From now on every fact recorded on it adds its name to `marks`."""
@@ -468,7 +388,3 @@ class Vassal(Decisions):
     def _throttle(self, now: float) -> None:
         self._delay(now)
         self._enter(Phase.THROTTLED, now)
-
-    @property
-    def backoff(self) -> float:
-        return max(0.0, self.not_before - self.since) if self.phase == Phase.THROTTLED else 0.0

@@ -11,6 +11,7 @@ Its parts:
   a refused one to the routes that broke it, installing an accepted one;
 - nginx.py: nginx on this host (its binary, its port, its workers' user,
   its spawn);
+- options.py: `FrontDoorOptions`, how the front door is run;
 - door.py: `FrontDoor`, which owns nginx's process and ties them together.
 
 The names other modules use are here.
@@ -21,12 +22,13 @@ from .config import (
     BACKEND, DEFAULT_KEEPALIVE, DOWN, RETRY, SHUTDOWN_TIMEOUT, UWSGI_PARAMS, hash_sizes,
     listen_directive, render_locations, render_nginx_conf, render_routing, upstream_name,
 )
-from .door import FrontDoor, FrontDoorOptions
+from .door import FrontDoor
 from .links import HOSTS, host_link_name, installed_route, served_by_link
 from .nginx import (
     check_listen, default_run_dir, find_nginx, nginx_worker_user, unreachable_by,
     write_if_changed,
 )
+from .options import FrontDoorOptions
 from .route import Route, nginx_target, route_limits
 
 __all__ = [

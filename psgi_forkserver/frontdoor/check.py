@@ -14,14 +14,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .config import indent, render_locations, render_nginx_conf, render_routing
 from .nginx import find_nginx, write_if_changed
+from .options import FrontDoorOptions
 from .route import Route
 
-if TYPE_CHECKING:
-    from .door import FrontDoorOptions
 
 @dataclass
 class Check:

@@ -23,34 +23,10 @@ from pathlib import Path
 from ..logs import OutputPipe
 from ..proc import backoff_delay
 from .check import Bisect, Check, Checks
-from .config import DEFAULT_KEEPALIVE
 from .links import HOSTS, HostLinks, rerouted, served_by_link
+from .options import FrontDoorOptions
 from .route import Route
 from .supervisor import NginxProcess
-
-
-@dataclass
-class FrontDoorOptions:
-    run_dir: Path
-    listen: str | None = None  # --http: run nginx on this address
-    include: Path | None = None  # --nginx-include: keep this file up to date
-    reload_cmd: str | None = None  # --nginx-reload: run after each write of `include`
-    nginx: str | None = None  # the nginx binary (default: from PATH)
-    keepalive: int = DEFAULT_KEEPALIVE  # idle connections nginx keeps per vassal (0: none)
-    access_log: bool = True  # nginx's access log, in the Emperor's log
-    user: str | None = None  # nginx's `user` (USER GROUP) of its workers, as root
-    worker_gid: int | None = None  # that group: the vassals' sockets are given to it
-    batch: float = 0.05  # a change waits this long for the others of its turn
-    min_gap: float = 1.0  # seconds between two reloads at least
-    # a change the host links serve meanwhile waits until the routes were
-    # still this long (nginx's reload closes its idle keep-alive
-    # connections: a client's request crossing that close fails), at most
-    # `settle_max` seconds
-    settle: float = 10.0
-    settle_max: float = 300.0
-    backoff_first: float = 1.0
-    backoff_max: float = 30.0
-    stable_after: float = 10.0
 
 
 @dataclass
@@ -99,8 +75,6 @@ class FrontDoor(HostLinks, Checks, NginxProcess):
     def __post_init__(self) -> None:
         self.ng_dir = Path(self.opts.run_dir) / "nginx"
         self.conf_path = self.ng_dir / "nginx.conf"
-
-    # -- facts ------------------------------------------------------------
 
     # -- facts ------------------------------------------------------------
 

@@ -15,17 +15,14 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..logs import OutputPipe
 from ..nonblocking import recv_ready
 from ..proc import backoff_delay
 from .check import nginx_message
 from .nginx import find_nginx
+from .options import FrontDoorOptions
 from .route import Route
-
-if TYPE_CHECKING:
-    from .door import FrontDoorOptions
 
 PR_SET_PDEATHSIG = 1
 

@@ -13,16 +13,15 @@ it cost:
 `collect_ms` (CPU time measuring), `elapsed_ms` (request to document),
 `turns` (loop turns it was spread over).
 
-Its input is an `EmperorSnapshot` (snapshot.py), never the Emperor.
+Its input is an `EmperorSnapshot` (snapshot.py), never the Emperor. The
+process trees and their memory are memory.py's, the vassals' own request
+counts served.py's.
 """
 
 from __future__ import annotations
 
 import os
-import struct
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -31,182 +30,13 @@ from ..launch import describe_status
 from ..procfs import spare_of
 from ..proc import Phase
 from ..snapshot import EmperorSnapshot, VassalSnapshot
-from ..rundir import run_dir
+from .memory import measure, process_tree, tree_map
+from .served import read_requests
 
 SCHEMA = 1
 BUDGET = 0.01  # seconds of measuring per turn of the Emperor's loop
-MEASURE_INTERVAL = 1.0  # seconds a process's memory figures are reused
 
 
-@dataclass
-class _Measured:
-    """What was measured lately, shared by the collections of one process
-    (the Emperor): pid -> (when, pss, uss, counted)."""
-
-    memory: dict[int, tuple[float, int, int, int]] = field(default_factory=dict)
-    pruned_at: float = 0.0
-
-    def tree_map(self, now: float) -> "dict[int, list[int]] | _Children":
-        """The process trees, read now: each process's children as asked
-        (/proc/PID/task/TID/children), else one pass over all of /proc."""
-        if now - self.pruned_at >= MEASURE_INTERVAL:
-            # what is older than the interval will be measured again anyway
-            self.memory = {p: m for p, m in self.memory.items() if now - m[0] < MEASURE_INTERVAL}
-            self.pruned_at = now
-        return _Children() if _HAS_CHILDREN_FILES else _ppid_map()
-
-    def process(self, pid: int, now: float) -> tuple[int, int, int, bool]:
-        """(pss, uss, counted, measured now)."""
-        m = self.memory.get(pid)
-        if m is not None and now - m[0] < MEASURE_INTERVAL:
-            return m[1], m[2], m[3], False
-        pss, uss, n = _memory([pid])
-        self.memory[pid] = (now, pss, uss, n)
-        return pss, uss, n, True
-
-
-_measured = _Measured()
-
-
-_HAS_CHILDREN_FILES = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
-
-
-class _Children(dict):
-    """pid -> its children, read from the kernel when first asked: only the
-    Emperor's own trees are read, not every process of the machine (a
-    busy machine has thousands)."""
-
-    def get(self, pid: int, default: Any = None) -> list[int]:  # type: ignore[override]
-        if pid not in self:
-            self[pid] = _children_of(pid)
-        return self[pid]
-
-
-def _children_of(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
-                out += [int(c) for c in f.read().split()]
-        except (OSError, ValueError):
-            continue
-    return out
-
-
-def _ppid_map() -> dict[int, list[int]]:
-    """ppid -> children pids, from one pass over /proc (cheaper than psutil's
-    children() per vassal, which rescans /proc every time)."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return children
-    for e in entries:
-        if not e.isdigit():
-            continue
-        try:
-            with open(f"/proc/{e}/stat", "rb") as f:
-                data = f.read()
-            ppid = int(data[data.rindex(b")") + 2 :].split(None, 2)[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(e))
-    return children
-
-
-def _tree(pid: int, children: dict[int, list[int]]) -> list[int]:
-    out, todo, seen = [], [pid], set()
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        out.append(p)
-        todo.extend(children.get(p, ()))
-    return out
-
-
-def _memory(pids: list[int]) -> tuple[int, int, int]:
-    """(pss, uss, processes counted) over `pids`; vanished ones are skipped."""
-    pss = uss = n = 0
-    for pid in pids:
-        try:
-            m = psutil.Process(pid).memory_full_info()
-        except (psutil.Error, OSError):
-            continue
-        pss += getattr(m, "pss", 0)
-        uss += m.uss
-        n += 1
-    return pss, uss, n
-
-
-
-#: what a vassal reports about its requests (docs/CONTRACT.md): the file
-#: RUNDIR/requests-PID of its master process, one slot per worker, each two
-#: little-endian u64: requests served, their latency summed in microseconds
-REQUESTS_SLOT = struct.Struct("<QQ")
-
-
-def requests_path(pid: int) -> Path:
-    return run_dir() / f"requests-{pid}"
-
-
-def read_requests(pid: int) -> tuple[int, float | None, float] | None:
-    """(requests served, average latency in ms, their latency summed in
-    seconds) that process reported; None when it reports nothing."""
-    try:
-        with open(requests_path(pid), "rb") as f:
-            data = f.read(REQUESTS_SLOT.size * 4096)
-    except OSError:
-        return None
-    n = total_us = 0
-    for off in range(0, len(data) - len(data) % REQUESTS_SLOT.size, REQUESTS_SLOT.size):
-        r, us = REQUESTS_SLOT.unpack_from(data, off)
-        n += r
-        total_us += us
-    return n, (round(total_us / n / 1000, 3) if n else None), total_us / 1e6
-
-
-def forget_requests(pid: int) -> None:
-    """The process was reaped: its file goes (it may have been SIGKILLed)."""
-    try:
-        os.unlink(requests_path(pid))
-    except OSError:
-        pass
-
-
-def _gone(pid: int) -> bool:
-    """Exited: no such process, or a zombie nobody reaped yet."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.Error:
-        return False
-
-
-def sweep_requests() -> int:
-    """At start: the files of processes gone, which no Emperor reaped (one
-    killed with -9; its vassals then die without a word). A live process's
-    file stays: another Emperor's vassal, or ours from before a restart."""
-    swept = 0
-    try:
-        names = os.listdir(run_dir())
-    except OSError:
-        return 0
-    for name in names:
-        pid = name.removeprefix("requests-")
-        if name.startswith("requests-") and pid.isdigit() and _gone(int(pid)):
-            try:
-                os.unlink(run_dir() / name)
-                swept += 1
-            except OSError:
-                pass
-    return swept
 
 
 def _told(v: VassalSnapshot) -> str | None:
@@ -281,10 +111,10 @@ def vassal_status(v: VassalSnapshot, now: float,
         doc["other_pids"] = roots[1:]
     tree: list[int] = []
     for r in roots:
-        tree += [p for p in _tree(r, children) if p not in tree]
+        tree += [p for p in process_tree(r, children) if p not in tree]
     if doc["kind"] == "base" and roots:
         masters = _spares(roots, children)
-        spares = [p for s in masters for p in _tree(s, children)]
+        spares = [p for s in masters for p in process_tree(s, children)]
         doc["spares"] = {"count": len(masters),
                          "ready": len([s for s in masters if spare_of(s, ready=True)]),
                          "pids": spares, "pss": 0, "uss": 0}
@@ -332,6 +162,7 @@ def emperor_status(snap: EmperorSnapshot) -> dict[str, Any]:
     doc["cgroup"] = snap.cgroup
     return doc
 
+
 class Collection:
     """One status document, measured a slice at a time.
 
@@ -348,7 +179,7 @@ class Collection:
         self.turns = 0
         self.measured = 0  # processes measured for this document (the others: reused)
         now = time.monotonic()
-        children = _measured.tree_map(now)
+        children = tree_map(now)
         vassals = snap.vassals
         self.vassals: dict[str, dict[str, Any]] = {}
         self.todo: list[tuple[str, int]] = []
@@ -374,7 +205,7 @@ class Collection:
         self.turns += 1
         while self.todo:
             name, pid = self.todo.pop()
-            pss, uss, n, fresh = _measured.process(pid, time.monotonic())
+            pss, uss, n, fresh = measure(pid, time.monotonic())
             self.measured += fresh
             d = self.vassals[name]
             d["pss"] += pss

@@ -12,18 +12,18 @@ Both are opt-in and live in the Emperor's own selector (no threads):
   Loopback addresses only unless `--status-http-public` is given.
 
 The server knows the Emperor only through the `EmperorLink` it is attached
-with (snapshot.py): read-only snapshots, and the operator's commands.
+with (snapshot.py): read-only snapshots, and the operator's commands. Its
+listening sockets are bound by listen.py, its requests answered by
+requests.py.
 """
 
 from __future__ import annotations
 
 import atexit
 import errno
-import ipaddress
 import os
 import selectors
 import socket
-import stat
 import sys
 import time
 from collections.abc import Callable
@@ -34,16 +34,13 @@ from typing import Any
 from ..snapshot import EmperorLink, EmperorSnapshot
 from .access import Access
 from .document import BUDGET, SCHEMA, Collection
+from .listen import bind_http, bind_unix
 from .requests import Client, Requests, http_response, json_body
 
 #: connections in progress; a client beyond that is refused with a message
 #: (never dropped without a word, and never at the expense of one in progress)
 MAX_CLIENTS = 256
 CLIENT_TIMEOUT = 60.0
-#: the listen backlog: a burst of clients (a dashboard, scrapers) beyond it
-#: has its SYN dropped, and a probe caught in it waits a whole second for
-#: the retransmission (the kernel caps it at net.core.somaxconn)
-BACKLOG = 1024
 #: a client that does not read its document is dropped after this long, so
 #: that clients that never read cannot keep the slots of those that do
 WRITE_TIMEOUT = 10.0
@@ -51,43 +48,6 @@ WRITE_TIMEOUT = 10.0
 #: stays readable, so it leaves the selector this long instead of spinning
 ACCEPT_PAUSE = 1.0
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-
-
-# -- addresses ------------------------------------------------------------------
-
-
-class StatusConfigError(ValueError):
-    pass
-
-
-def parse_http_address(addr: str, public: bool = False) -> tuple[int, tuple]:
-    """`HOST:PORT`, `[V6]:PORT` or `:PORT` (loopback) -> (family, sockaddr).
-    Refuses non-loopback addresses unless `public`."""
-    host, sep, port_s = addr.rpartition(":")
-    if not sep or not port_s.isdigit():
-        raise StatusConfigError(f"{addr!r}: expected HOST:PORT")
-    port = int(port_s)
-    if not 1 <= port <= 65535:
-        # getaddrinfo() would take 99999 and bind() serve it on another port
-        raise StatusConfigError(f"{addr!r}: port {port} out of range (1-65535)")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    host = host or "127.0.0.1"
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise StatusConfigError(f"{addr!r}: {e.strerror}") from None
-    family, _, _, _, sockaddr = infos[0]
-    ip = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
-    if not public and not ip.is_loopback:
-        raise StatusConfigError(
-            f"{addr!r} is not a loopback address; the status page is unauthenticated "
-            "(use --status-http-public to serve it there anyway)"
-        )
-    return family, sockaddr
-
-
-# -- the servers -------------------------------------------------------------------
 
 
 @dataclass
@@ -133,61 +93,20 @@ class StatusServer(Requests):
             if self.stats_path is not None:
                 self.stats_path = Path(os.path.abspath(self.stats_path))
                 try:
-                    self.stats_sock = self._bind_unix(self.stats_path)
+                    self.stats_sock, self._stats_ino = bind_unix(self.stats_path)
                 except OSError as e:  # one line naming the option and the path
                     why = e.strerror or str(e)
                     if str(self.stats_path) not in why:
                         why = f"{self.stats_path}: {why}"
                     raise OSError(e.errno, f"--stats {why}") from None
             if self.http is not None:
-                family, sockaddr = parse_http_address(self.http, self.http_public)
+                self.http_sock, sockaddr = bind_http(self.http, self.http_public)
                 self.access = Access.for_address(sockaddr, self.http_hosts, self.http_token)
-                s = socket.socket(family, socket.SOCK_STREAM)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.bind(sockaddr)
-                    s.listen(BACKLOG)
-                except OSError as e:
-                    s.close()
-                    raise OSError(e.errno, f"--status-http {self.http}: {e.strerror or e}") from None
-                s.setblocking(False)
-                self.http_sock = s
         except Exception:
             self.close()
             raise
         atexit.register(self.close)
         return self
-
-    def _bind_unix(self, path: Path) -> socket.socket:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                try:
-                    probe.connect(str(path))
-                except OSError:
-                    os.unlink(path)  # stale: nobody listens
-                else:
-                    raise OSError(errno.EADDRINUSE, f"{path}: another process serves it")
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # born 0600: no window where others may connect
-        try:
-            s.bind(str(path))
-        except OSError:
-            s.close()
-            raise
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-        s.listen(BACKLOG)
-        s.setblocking(False)
-        st = os.stat(path)
-        self._stats_ino = (st.st_dev, st.st_ino)
-        return s
 
     def attach(self, sel: selectors.BaseSelector, log: Callable[[str], None],
                link: EmperorLink) -> None:
