@@ -10,7 +10,8 @@ import random
 
 from psgi_forkserver.emperor import loop
 from psgi_forkserver.emperor.plan import (Admit, AdoptionFailure, CleanCgroups, FailAdoption, Facts,
-                                  KillOrphans, KillWedged, Settled, Sweep, plan)
+                                  KillOrphans, KillStragglers, KillWedged, Settled, StopFrontDoor, Sweep,
+                                  plan)
 from psgi_forkserver.protocol import EmperorByte
 from psgi_forkserver.emperor.vassal import (Adopt, Context, Forget, ForkServer, Kill, Kind, Phase,
                                     ProcState, Send, Spawn, Vassal)
@@ -172,6 +173,29 @@ def test_orphans_are_swept_and_killed_and_cgroups_cleaned_when_due():
     assert p.fleet == [Sweep(), KillOrphans(), CleanCgroups()]
     # during a shutdown one sweep once every vassal is gone does it all
     assert plan([], facts(0, sweep_due=True, shutting_down=True)).fleet == []
+
+
+def test_a_shutdown_stops_the_front_door_and_sweeps_once_every_vassal_is_gone():
+    down = dict(shutting_down=True, front_running=True, final_sweep_due=True)
+    # a vassal still there: the front door serves on, nothing is swept yet
+    assert plan([running("app")], facts(0, **down)).fleet == []
+    p = plan([], facts(0, **down))
+    assert p.fleet == [StopFrontDoor(), Sweep(everything=True)]
+    assert not p.done
+    # nginx gone, the sweep done: waiting for the last children
+    assert plan([], facts(0, shutting_down=True)).fleet == []
+    assert not plan([], facts(0, shutting_down=True)).done
+    done = plan([], facts(0, shutting_down=True, no_children=True))
+    assert done.done and done.fleet == []
+    # not shutting down: no vassal and no child is no reason to end
+    assert not plan([], facts(0, no_children=True, front_running=True)).done
+
+
+def test_a_shutdown_past_its_mercy_kills_stragglers_then_gives_up():
+    p = plan([running("app")], facts(0, shutting_down=True, stragglers_due=True))
+    assert KillStragglers() in p.fleet and not p.done
+    p = plan([running("app")], facts(0, shutting_down=True, stragglers_due=True, give_up=True))
+    assert p.done
 
 
 def test_the_turn_runs_again_when_a_new_base_generation_takes_over():

@@ -36,8 +36,8 @@ from .files import VassalFiles
 from .ondemand import VassalSockets
 from .orphans import Sweeper
 from .outcomes import Outcomes
-from .plan import (Admit, CleanCgroups, FailAdoption, Facts, AdoptionFailure, KillOrphans,
-                   KillWedged, Plan, Settled, Sweep, plan, runs_as_base)
+from .plan import (Admit, CleanCgroups, FailAdoption, Facts, AdoptionFailure, KillOrphans, KillStragglers,
+                   KillWedged, Plan, Settled, StopFrontDoor, Sweep, plan, runs_as_base)
 from .processes import ProcessTable
 from .progress import StartProgress
 from .recent import RecentLines
@@ -47,7 +47,7 @@ from .vassal import Adopt, Forget, Kill, Send, Spawn, Vassal
 
 # the action types `_execute` and `_act` carry out (test_plan shows each planned)
 EXECUTED = (Spawn, Adopt, Send, Kill, Forget, FailAdoption, Admit,
-            KillWedged, Sweep, KillOrphans, CleanCgroups)
+            KillWedged, Sweep, KillOrphans, CleanCgroups, StopFrontDoor, KillStragglers)
 
 
 class Emperor:
@@ -154,8 +154,9 @@ class Emperor:
             self.opts.status.poll(now)
         self.metrics.observe_deploy(self.bases.deploys.last)
         self.notifier.poll(lambda: control.snapshot(self.fleet), now)
-        return self.shutdown.asked and self.shutdown.step(
-            now, self.vassals, self.routes, self.outcomes, self.procs, self.sweeper)
+        if turn.done and facts.give_up and not (facts.no_children and not self.vassals):
+            self.log("giving up waiting for children")
+        return turn.done
 
     def _wait(self) -> None:
         now = time.monotonic()
@@ -187,20 +188,28 @@ class Emperor:
                      adoptions_failed=failed, room=self.files.room,
                      wedged=tuple(self.bases.wedged()), sweep_due=self.sweeper.due,
                      orphans_due=any(now >= t for t in self.sweeper.next_wakeup()),
-                     cgroups_due=cg is not None and bool(cg.dying))
+                     cgroups_due=cg is not None and bool(cg.dying),
+                     **self.shutdown.measure(now, not self.vassals, self.routes.front, self.procs,
+                                             self.sweeper))
 
     def _act(self, turn: Plan, now: float) -> None:
         for a in turn.fleet:
             match a:
                 case KillWedged(pid=pid, why=why):
                     self.bases.kill_wedged(pid, why)
-                case Sweep():
-                    self.outcomes.sweep(now)
+                case Sweep(everything=everything):
+                    self.outcomes.sweep(now, everything=everything)
                 case KillOrphans():
                     self.sweeper.kill_due(now)
                 case CleanCgroups():
                     if self.cgroups is not None:
                         self.cgroups.poll(now)
+                case StopFrontDoor():
+                    if self.routes.front is not None:
+                        self.routes.front.stop()  # last: it served until every vassal was gone
+                case KillStragglers():
+                    self.sweeper.kill_stragglers()
+                    self.shutdown.stragglers_killed(now)
         for s in turn.steps:
             v = s.vassal
             try:  # the boundary (_boundary), inline: this runs per vassal per turn

@@ -44,6 +44,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..proc import CODE_DEPLOY, Action, Adopt, Context, Forget, ForkServer, Kind, Proc, ProcState
+from .fleet_actions import (CleanCgroups, FleetAction, KillOrphans, KillStragglers, KillWedged,
+                            StopFrontDoor, Sweep)
 from .vassal import Slot, Vassal
 
 
@@ -74,6 +76,12 @@ class Facts:
     sweep_due: bool = False  # a vassal process (or an orphan) ended since the last sweep
     orphans_due: bool = False  # an orphan's mercy timeout is over
     cgroups_due: bool = False  # a vassal's emptied cgroup waits to be removed
+    # during a shutdown (the Emperor's Shutdown part measures them)
+    front_running: bool = False  # the front door's nginx still runs
+    no_children: bool = False  # every child of the Emperor is reaped
+    final_sweep_due: bool = False  # the sweep once every vassal is gone
+    stragglers_due: bool = False  # the mercy is over: kill what is left (once a second)
+    give_up: bool = False  # ten seconds after that, stop waiting
 
 
 # Actions for the fleet, or for one vassal from outside its own life --------
@@ -94,30 +102,6 @@ class Admit:
     """A refused vassal: the descriptor budget has room for it now."""
 
 
-@dataclass(frozen=True)
-class KillWedged:
-    """SIGKILL a base process judged wedged (bases.WedgeWatch)."""
-
-    pid: int
-    why: str
-
-
-@dataclass(frozen=True)
-class Sweep:
-    """Look for what ended vassal processes left behind; ask it to go."""
-
-
-@dataclass(frozen=True)
-class KillOrphans:
-    """SIGKILL the orphans whose mercy timeout is over."""
-
-
-@dataclass(frozen=True)
-class CleanCgroups:
-    """Remove the cgroups of ended processes (killing what is left in them)."""
-
-
-FleetAction = KillWedged | Sweep | KillOrphans | CleanCgroups
 
 
 @dataclass
@@ -138,6 +122,7 @@ class Plan:
     movers: dict[str, Proc] = field(default_factory=dict)
     fleet: list[FleetAction] = field(default_factory=list)  # carried out before the steps
     again: bool = False  # the turn must run again at once
+    done: bool = False  # a shutdown is complete: the loop ends
 
     def actions(self) -> dict[str, list[Action]]:
         """Name -> actions (for tests and logs)."""
@@ -290,16 +275,23 @@ def serving(v: Vassal) -> tuple[bool, int]:
     return (True, cur.base_generation) if ready and cur is not None else (False, 0)
 
 
-def _fleet(facts: Facts) -> list[FleetAction]:
+def fleet_actions(facts: Facts, no_vassals: bool) -> list[FleetAction]:
     out: list[FleetAction] = [KillWedged(pid, why) for pid, why in facts.wedged]
     if facts.sweep_due and not facts.shutting_down:
         # during a shutdown, one sweep once every vassal is gone does it
-        # all (the Emperor's shutdown step), not one per vassal that stops
+        # all (below), not one per vassal that stops
         out.append(Sweep())
     if facts.orphans_due:
         out.append(KillOrphans())
     if facts.cgroups_due:
         out.append(CleanCgroups())
+    if facts.shutting_down:
+        if no_vassals and facts.front_running:
+            out.append(StopFrontDoor())
+        if no_vassals and not facts.no_children and facts.final_sweep_due:
+            out.append(Sweep(everything=True))
+        if facts.stragglers_due:
+            out.append(KillStragglers())
     return out
 
 
@@ -341,7 +333,7 @@ def plan(vassals: Iterable[Vassal] | Mapping[str, Vassal], facts: Facts,
     bases = sorted((v for v in active if runs_as_base(v)), key=lambda v: v.name)
     out = Plan(movers={v.name: v.successor for v in others
                        if v.successor is not None and v.successor.reason == CODE_DEPLOY},
-               fleet=_fleet(facts))
+               fleet=fleet_actions(facts, not fleet))
     deploy_slots = max(0, facts.deploy_parallel - len(out.movers))
     # vassals that are not bases and are not forgotten this turn: the marked
     # ones left out are neither
@@ -387,6 +379,11 @@ def plan(vassals: Iterable[Vassal] | Mapping[str, Vassal], facts: Facts,
     if any(any(isinstance(a, Forget) for a in steps[n].actions) or steps[n].vassal.successor is not p
            for n, p in out.movers.items()):
         out.again = True
+    # a vassal gone during a shutdown: the fleet's last steps may be due
+    if facts.shutting_down and any(isinstance(a, Forget) for s in out.steps for a in s.actions):
+        out.again = True
+    # a shutdown is complete once every vassal and child is gone, or given up on
+    out.done = facts.shutting_down and ((not fleet and facts.no_children) or facts.give_up)
     return out
 
 

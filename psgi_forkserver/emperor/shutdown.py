@@ -1,18 +1,17 @@
 """The Emperor's shutdown: asked for by SIGTERM or SIGINT (a second one
 takes the mercy away), complete once every vassal, the front door and
 every child is gone; stragglers are killed once the mercy timeout is over,
-and the Emperor gives up on them ten seconds later."""
+and the Emperor gives up on them ten seconds later. This part keeps the
+shutdown's clock and measures its facts; the plan decides its actions."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..frontdoor import FrontDoor
 from .orphans import Sweeper
-from .outcomes import Outcomes
 from .processes import ProcessTable
-from .routing import Routes
-from .vassal import Vassal
 
 #: after the mercy timeout, how long stragglers are killed before giving up
 GIVE_UP_AFTER = 10.0
@@ -42,21 +41,21 @@ class Shutdown:
         # while shutting down, keep polling for the last children
         return [self.deadline, now + 0.5] if self.asked else []
 
-    def step(self, now: float, vassals: dict[str, Vassal], routes: Routes, outcomes: Outcomes,
-             procs: ProcessTable, sweeper: Sweeper) -> bool:
-        """A turn of the shutdown: True when everything is gone."""
-        if not vassals:
-            if routes.front is not None:
-                routes.front.stop()  # last: it served until every vassal was gone
-            outcomes.reap(now)
-            if procs.no_children:
-                return True
-            if sweeper.shutdown_sweep_due():
-                outcomes.sweep(now, everything=True)
-        if now >= self.deadline and now >= self.next_straggler_kill:
-            self.next_straggler_kill = now + 1.0
-            sweeper.kill_stragglers()
-            if now >= self.deadline + GIVE_UP_AFTER:
-                self.log("giving up waiting for children")
-                return True
-        return False
+    def measure(self, now: float, vassals_gone: bool, front: FrontDoor | None, procs: ProcessTable,
+                sweeper: Sweeper) -> dict[str, bool]:
+        """The shutdown's facts for the plan (which decides what to do with
+        them: plan.fleet_actions); none before a shutdown is asked for."""
+        if not self.asked:
+            return {}
+        return {
+            "front_running": front is not None and not front.stopping,
+            "no_children": procs.no_children,
+            # once every vassal is gone: everything once, then again after
+            # each orphan that ends (its own children come to us)
+            "final_sweep_due": vassals_gone and sweeper.shutdown_sweep_due(),
+            "stragglers_due": now >= self.deadline and now >= self.next_straggler_kill,
+            "give_up": now >= self.deadline + GIVE_UP_AFTER,
+        }
+
+    def stragglers_killed(self, now: float) -> None:
+        self.next_straggler_kill = now + 1.0
