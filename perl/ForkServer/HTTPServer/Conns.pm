@@ -14,12 +14,18 @@ use Socket qw(IPPROTO_TCP TCP_NODELAY SOL_SOCKET SO_RCVTIMEO SO_SNDTIMEO AF_INET
 use ForkServer::HTTPServer::Handoff ();
 use ForkServer::HTTPServer::Wire qw(now);
 
-# This worker's byte of the board (Handoff): free while it waits in
-# select() with nothing to do; written on a change only.
+# A kept connection goes to the queue on its own (no sibling free yet)
+# once it has been idle for QUIET_MIN seconds: a client under load sends
+# its next request sooner, and moving it would cost that request a
+# hand-over.
+use constant QUIET_MIN => 0.005;
+
+# This worker's slot of the board (Handoff): free since when while it
+# waits in select() with nothing to do; written on a change only.
 sub _mark_free {
     my ($loop, $free) = @_;
     return unless $loop->{handoff} && $loop->{free} != $free;
-    ForkServer::HTTPServer::Handoff::mark($loop->{handoff}, $loop->{board_index}, $free);
+    ForkServer::HTTPServer::Handoff::mark($loop->{handoff}, $loop->{board_index}, $free ? now() : 0);
     $loop->{free} = $free;
     return;
 }
@@ -41,28 +47,35 @@ sub _make_room {
     return;
 }
 
-# Idle kept connections that stayed quiet through a whole select() (nothing
-# buffered, nothing pending, nothing to read) other than $busy_fd go to the
-# shared queue; kept when the queue is full. Those with a request waiting
-# in the socket, or just answered (a client under load sends its next
-# request at once), go too when a sibling is free to serve them now: it
-# would otherwise wait for this request, however long it takes. With every
-# sibling busy they stay, to be served here next: moving them then would
-# cost every request a hand-over. Bytes this worker has read (a pipelined
-# or partial head) never move.
+# Kept connections other than $busy_fd go to the shared queue when this
+# worker starts a request: those idle for QUIET_MIN (nothing buffered,
+# nothing pending, nothing to read), and, when a sibling is free (Handoff's
+# board), those with a request waiting (ready or pending) and those that
+# stayed quiet through the last select(): the request on them would
+# otherwise wait for this one, however long it takes. Connections answered
+# in this round stay: their client sends its next request at once, and
+# this worker will serve it in a moment unless this request is long, which
+# cannot be known now. Connections taken from the queue stay until they
+# have served a request here: two workers that are each free for a moment
+# between requests would otherwise pass them to and fro at every request.
+# Kept when the queue is full; bytes this worker has read (a pipelined or
+# partial head) never move.
 sub _give_idle {
     my ($self, $loop, $busy_fd) = @_;
     my $conns = $loop->{conns};
     my $ready = $loop->{ready} // {};
+    my $now = now();
     my $sibling_free;
     my @give = map { [$_, $conns->{$_}{in_head} ? 0 : 1] }
                grep {
                    my $c = $conns->{$_};
-                   $_ != $busy_fd && !length $c->{buf}
-                   && ((!$loop->{pending}{$_} && !$ready->{$_}
-                        && ($c->{idle_since} // 'inf') < $loop->{select_at})
-                       || ($sibling_free //= ForkServer::HTTPServer::Handoff::sibling_free(
-                               $loop->{handoff}, $loop->{board_index}, $loop->{board_count})))
+                   my $waiting = $loop->{pending}{$_} || $ready->{$_};
+                   my $idle_since = $c->{idle_since} // $now;
+                   $_ != $busy_fd && !length $c->{buf} && !$c->{received}
+                   && ((!$waiting && $now - $idle_since >= QUIET_MIN)
+                       || (($waiting || $idle_since < $loop->{select_at})
+                           && ($sibling_free //= ForkServer::HTTPServer::Handoff::sibling_free(
+                                   $loop->{handoff}, $loop->{board_index}, $loop->{board_count}, $now))))
                }
                keys %$conns;
     return unless @give;
@@ -88,6 +101,7 @@ sub _take_conns {
         open(my $sock, '+<&=', $fd) or do { POSIX::close($fd); next };
         my $peer = getpeername($sock) // '';
         my $c = $self->_conn_from($sock, $peer);
+        $c->{received} = 1;    # until it has served a request here
         if ($idle) {
             $c->{in_head} = 0;
             $c->{idle_since} = now();
@@ -179,9 +193,10 @@ C<accept()> (C<TCP_NODELAY>, the socket time-outs) or from a sibling's
 hand-over, the head and keep-alive deadlines (C<_head_begins>), the room a
 new client makes at C<MAX_CONNS> (C<_make_room>: the idle connection that
 waited longest goes), closing (C<_drop_conn>), and the hand-over: a worker
-with siblings that starts a request gives its quiet idle connections, and
-when the board says a sibling is free its connections with a request
-waiting too, to the workers' queue (C<_give_idle>), takes what siblings
+with siblings that starts a request gives the idle connections it served
+that stayed quiet for a few milliseconds, and when the board says a
+sibling is free those with a request waiting or quiet through the last
+C<select()>, to the workers' queue (C<_give_idle>), takes what siblings
 gave (C<_take_conns>), and marks itself free while it waits with nothing to
 do (C<_mark_free>). Internal: no interface of its own.
 
