@@ -14,11 +14,16 @@ use Socket qw(IPPROTO_TCP TCP_NODELAY SOL_SOCKET SO_RCVTIMEO SO_SNDTIMEO AF_INET
 use ForkServer::HTTPServer::Handoff ();
 use ForkServer::HTTPServer::Wire qw(now);
 
-# A kept connection goes to the queue on its own (no sibling free yet)
-# once it has been idle for QUIET_MIN seconds: a client under load sends
-# its next request sooner, and moving it would cost that request a
-# hand-over.
-use constant QUIET_MIN => 0.005;
+# Hysteresis of the hand-over (seconds). A connection taken from the
+# queue less than RECEIVED_HOLD ago goes back on its own only once it has
+# been idle for QUIET_MIN, and with a request waiting only to a sibling
+# free for FREE_MIN: two workers each free for a moment between requests
+# would otherwise pass their connections to and fro at every request.
+use constant {
+    QUIET_MIN     => 0.005,
+    RECEIVED_HOLD => 0.05,
+    FREE_MIN      => 0.0005,
+};
 
 # This worker's slot of the board (Handoff): free since when while it
 # waits in select() with nothing to do; written on a change only.
@@ -48,39 +53,48 @@ sub _make_room {
 }
 
 # Kept connections other than $busy_fd go to the shared queue when this
-# worker starts a request: those idle for QUIET_MIN (nothing buffered,
-# nothing pending, nothing to read), and, when a sibling is free (Handoff's
-# board), those with a request waiting (ready or pending) and those that
-# stayed quiet through the last select(): the request on them would
-# otherwise wait for this one, however long it takes. Connections answered
-# in this round stay: their client sends its next request at once, and
-# this worker will serve it in a moment unless this request is long, which
-# cannot be known now. Connections taken from the queue stay until they
-# have served a request here: two workers that are each free for a moment
-# between requests would otherwise pass them to and fro at every request.
-# Kept when the queue is full; bytes this worker has read (a pipelined or
+# worker starts a request: those that stayed quiet through the last
+# select() (nothing buffered, nothing pending, nothing to read), and, when
+# a sibling is free (Handoff's board), those with a request waiting (ready
+# or pending): the request on them would otherwise wait for this one,
+# however long it takes. Those answered in this round stay: their client
+# sends its next request at once, and this worker serves it in a moment
+# unless this request is long, which cannot be known now. Those taken from
+# the queue less than RECEIVED_HOLD ago are held back as said there. Kept
+# when the queue is full; bytes this worker has read (a pipelined or
 # partial head) never move.
 sub _give_idle {
     my ($self, $loop, $busy_fd) = @_;
     my $conns = $loop->{conns};
     my $ready = $loop->{ready} // {};
+    my $pending = $loop->{pending};
     my $now = now();
-    my $sibling_free;
-    my @give = map { [$_, $conns->{$_}{in_head} ? 0 : 1] }
-               grep {
-                   my $c = $conns->{$_};
-                   my $waiting = $loop->{pending}{$_} || $ready->{$_};
-                   my $idle_since = $c->{idle_since} // $now;
-                   $_ != $busy_fd && !length $c->{buf} && !$c->{received}
-                   && ((!$waiting && $now - $idle_since >= QUIET_MIN)
-                       || (($waiting || $idle_since < $loop->{select_at})
-                           && ($sibling_free //= ForkServer::HTTPServer::Handoff::sibling_free(
-                                   $loop->{handoff}, $loop->{board_index}, $loop->{board_count}, $now))))
-               }
-               keys %$conns;
+    my $quiet_before = $now - QUIET_MIN;
+    my $held_after = $now - RECEIVED_HOLD;
+    my (@give, @to_free, @to_long_free);
+    while (my ($fd, $c) = each %$conns) {
+        next if $fd == $busy_fd || length $c->{buf};
+        my $idle_since = $c->{idle_since} // $now;
+        my $waiting = $pending->{$fd} || $ready->{$fd};
+        my $held = ($c->{received_at} // 0) > $held_after;
+        if (!$waiting && $idle_since <= $quiet_before)            { push @give, $fd }
+        elsif (!$waiting && $idle_since >= $loop->{select_at})    { next }
+        elsif ($held)                                             { push @to_long_free, $fd }
+        elsif ($waiting)                                          { push @to_free, $fd }
+        else                                                      { push @give, $fd }
+    }
+    if (@to_free || @to_long_free) {
+        my $since = ForkServer::HTTPServer::Handoff::sibling_free_since(
+            @$loop{qw(handoff board_index board_count)});
+        if ($since) {
+            push @give, @to_free;
+            push @give, @to_long_free if $since <= $now - FREE_MIN;
+        }
+    }
     return unless @give;
-    my $sent = ForkServer::HTTPServer::Handoff::give($loop->{handoff}{give}, @give);
-    _drop_conn($loop, $_->[0]) for @give[0 .. $sent - 1];
+    my @conns = map { [$_, $conns->{$_}{in_head} ? 0 : 1] } @give;
+    my $sent = ForkServer::HTTPServer::Handoff::give($loop->{handoff}{give}, @conns);
+    _drop_conn($loop, $_) for @give[0 .. $sent - 1];
     return;
 }
 
@@ -101,7 +115,7 @@ sub _take_conns {
         open(my $sock, '+<&=', $fd) or do { POSIX::close($fd); next };
         my $peer = getpeername($sock) // '';
         my $c = $self->_conn_from($sock, $peer);
-        $c->{received} = 1;    # until it has served a request here
+        $c->{received_at} = now();
         if ($idle) {
             $c->{in_head} = 0;
             $c->{idle_since} = now();

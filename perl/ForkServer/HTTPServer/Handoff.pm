@@ -73,19 +73,21 @@ sub mark {
     return;
 }
 
-# Has a worker other than $index (of $count: both generations' slots) been
-# free since $before or earlier?
-sub sibling_free {
-    my ($handoff, $index, $count, $before) = @_;
+# Since when a worker other than $index (of $count: both generations'
+# slots) has been free, the one free longest; 0 when none is.
+sub sibling_free_since {
+    my ($handoff, $index, $count) = @_;
     my $board = $handoff->{board} or return 0;
     my $bytes = "\0" x (SLOT * $count);
     my $n = syscall($SYS_PREAD, fileno($board), $bytes, SLOT * $count, 0);
     return 0 unless $n > 0;
     my @since = unpack('d*', substr($bytes, 0, $n - $n % SLOT));
+    my $earliest = 0;
     for my $i (0 .. $#since) {
-        return 1 if $i != $index && $since[$i] > 0 && $since[$i] <= $before;
+        next if $i == $index || $since[$i] <= 0;
+        $earliest = $since[$i] if !$earliest || $since[$i] < $earliest;
     }
-    return 0;
+    return $earliest;
 }
 
 # Gives the descriptors away, with one byte of state each; those that went
@@ -149,11 +151,11 @@ Writes worker C<$index>'s slot of the board: free (waiting in C<select()>
 with nothing to do) since C<$since>, a C<CLOCK_MONOTONIC> time, or not
 free (0).
 
-=head2 sibling_free($handoff, $index, $count, $before) -> bool
+=head2 sibling_free_since($handoff, $index, $count) -> $since
 
-Whether a worker other than C<$index>, among the first C<$count> slots of
-the board, has been free since C<$before> or earlier. False without a
-board.
+Since when (C<CLOCK_MONOTONIC>) the worker other than C<$index>, among the
+first C<$count> slots of the board, that has been free longest has been
+free; 0 when none is, and without a board.
 
 =head2 give($give_fh, [$fd, $state], ...) -> $count
 

@@ -293,7 +293,6 @@ sub _serve_conn {
         # Served, connection kept: idle until the next byte, and pipelined
         # bytes already here are looked at next round.
         $c->{in_head} = 0;
-        $c->{received} = 0;
         $c->{idle_since} = now();
         $c->{deadline} = $c->{idle_since} + $self->{keepalive_timeout};
         if ($c->{eof} && !length $c->{buf}) {
