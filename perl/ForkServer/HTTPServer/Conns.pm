@@ -207,10 +207,11 @@ C<accept()> (C<TCP_NODELAY>, the socket time-outs) or from a sibling's
 hand-over, the head and keep-alive deadlines (C<_head_begins>), the room a
 new client makes at C<MAX_CONNS> (C<_make_room>: the idle connection that
 waited longest goes), closing (C<_drop_conn>), and the hand-over: a worker
-with siblings that starts a request gives the idle connections it served
-that stayed quiet for a few milliseconds, and when the board says a
-sibling is free those with a request waiting or quiet through the last
-C<select()>, to the workers' queue (C<_give_idle>), takes what siblings
+with siblings that starts a request gives its idle connections that
+stayed quiet through the last C<select()>, and when the board says a
+sibling is free those with a request waiting, to the workers' queue
+(C<_give_idle>; one it took from the queue less than 50 ms ago goes only
+after 5 ms idle, or to a sibling free for 0.5 ms), takes what siblings
 gave (C<_take_conns>), and marks itself free while it waits with nothing to
 do (C<_mark_free>). Internal: no interface of its own.
 

@@ -360,11 +360,10 @@ closes the idle keep-alive connection that waited longest; a connection
 whose buffer holds a whole head is not read until that request is served) with the listener and the
 generation's stop pipe, enforces the head and keep-alive deadlines, serves
 one request per ready connection per round (a worker with siblings that
-starts a request first gives the idle connections it served that stayed
-quiet for a few milliseconds to the workers' shared queue,
-L<ForkServer::HTTPServer::Handoff>, with all the others when a sibling has
-been free for a while, and takes connections from it
-while free: L<ForkServer::HTTPServer::Conns>), and winds down (stop,
+starts a request first gives its idle connections quiet through the last
+C<select()> to the workers' shared queue,
+L<ForkServer::HTTPServer::Handoff>, with those whose request is waiting
+when a sibling is free, and takes connections from it while free: L<ForkServer::HTTPServer::Conns>), and winds down (stop,
 recycling, C<psgix.harakiri.commit>) without dropping a request already on
 its way. Also C<worker_msg()> (the records to the master, C<MSG_*>) and
 C<worker_exit()>.
