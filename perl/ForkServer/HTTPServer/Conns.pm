@@ -14,23 +14,12 @@ use Socket qw(IPPROTO_TCP TCP_NODELAY SOL_SOCKET SO_RCVTIMEO SO_SNDTIMEO AF_INET
 use ForkServer::HTTPServer::Handoff ();
 use ForkServer::HTTPServer::Wire qw(now);
 
-# Hysteresis of the hand-over (seconds). A connection taken from the
-# queue less than RECEIVED_HOLD ago goes back on its own only once it has
-# been idle for QUIET_MIN, and with a request waiting only to a sibling
-# free for FREE_MIN: two workers each free for a moment between requests
-# would otherwise pass their connections to and fro at every request.
-use constant {
-    QUIET_MIN     => 0.005,
-    RECEIVED_HOLD => 0.05,
-    FREE_MIN      => 0.0005,
-};
-
-# This worker's slot of the board (Handoff): free since when while it
-# waits in select() with nothing to do; written on a change only.
+# This worker's byte of the board (Handoff): free while it waits in
+# select() with nothing to do; written on a change only.
 sub _mark_free {
     my ($loop, $free) = @_;
     return unless $loop->{handoff} && $loop->{free} != $free;
-    ForkServer::HTTPServer::Handoff::mark($loop->{handoff}, $loop->{board_index}, $free ? now() : 0);
+    ForkServer::HTTPServer::Handoff::mark($loop->{handoff}, $loop->{board_index}, $free);
     $loop->{free} = $free;
     return;
 }
@@ -52,49 +41,33 @@ sub _make_room {
     return;
 }
 
-# Kept connections other than $busy_fd go to the shared queue when this
-# worker starts a request: those that stayed quiet through the last
-# select() (nothing buffered, nothing pending, nothing to read), and, when
-# a sibling is free (Handoff's board), those with a request waiting (ready
-# or pending): the request on them would otherwise wait for this one,
-# however long it takes. Those answered in this round stay: their client
-# sends its next request at once, and this worker serves it in a moment
-# unless this request is long, which cannot be known now. Those taken from
-# the queue less than RECEIVED_HOLD ago are held back as said there. Kept
-# when the queue is full; bytes this worker has read (a pipelined or
-# partial head) never move.
+# Idle kept connections that stayed quiet through a whole select() (nothing
+# buffered, nothing pending, nothing to read) other than $busy_fd go to the
+# shared queue; kept when the queue is full. Those with a request waiting
+# in the socket, or just answered (a client under load sends its next
+# request at once), go too when a sibling is free to serve them now: it
+# would otherwise wait for this request, however long it takes. With every
+# sibling busy they stay, to be served here next: moving them then would
+# cost every request a hand-over. Bytes this worker has read (a pipelined
+# or partial head) never move.
 sub _give_idle {
     my ($self, $loop, $busy_fd) = @_;
     my $conns = $loop->{conns};
     my $ready = $loop->{ready} // {};
-    my $pending = $loop->{pending};
-    my $now = now();
-    my $quiet_before = $now - QUIET_MIN;
-    my $held_after = $now - RECEIVED_HOLD;
-    my (@give, @to_free, @to_long_free);
-    while (my ($fd, $c) = each %$conns) {
-        next if $fd == $busy_fd || length $c->{buf};
-        my $idle_since = $c->{idle_since} // $now;
-        my $waiting = $pending->{$fd} || $ready->{$fd};
-        my $held = ($c->{received_at} // 0) > $held_after;
-        if (!$waiting && $idle_since <= $quiet_before)            { push @give, $fd }
-        elsif (!$waiting && $idle_since >= $loop->{select_at})    { next }
-        elsif ($held)                                             { push @to_long_free, $fd }
-        elsif ($waiting)                                          { push @to_free, $fd }
-        else                                                      { push @give, $fd }
-    }
-    if (@to_free || @to_long_free) {
-        my $since = ForkServer::HTTPServer::Handoff::sibling_free_since(
-            @$loop{qw(handoff board_index board_count)});
-        if ($since) {
-            push @give, @to_free;
-            push @give, @to_long_free if $since <= $now - FREE_MIN;
-        }
-    }
+    my $sibling_free;
+    my @give = map { [$_, $conns->{$_}{in_head} ? 0 : 1] }
+               grep {
+                   my $c = $conns->{$_};
+                   $_ != $busy_fd && !length $c->{buf}
+                   && ((!$loop->{pending}{$_} && !$ready->{$_}
+                        && ($c->{idle_since} // 'inf') < $loop->{select_at})
+                       || ($sibling_free //= ForkServer::HTTPServer::Handoff::sibling_free(
+                               $loop->{handoff}, $loop->{board_index}, $loop->{board_count})))
+               }
+               keys %$conns;
     return unless @give;
-    my @conns = map { [$_, $conns->{$_}{in_head} ? 0 : 1] } @give;
-    my $sent = ForkServer::HTTPServer::Handoff::give($loop->{handoff}{give}, @conns);
-    _drop_conn($loop, $_) for @give[0 .. $sent - 1];
+    my $sent = ForkServer::HTTPServer::Handoff::give($loop->{handoff}{give}, @give);
+    _drop_conn($loop, $_->[0]) for @give[0 .. $sent - 1];
     return;
 }
 
@@ -115,7 +88,6 @@ sub _take_conns {
         open(my $sock, '+<&=', $fd) or do { POSIX::close($fd); next };
         my $peer = getpeername($sock) // '';
         my $c = $self->_conn_from($sock, $peer);
-        $c->{received_at} = now();
         if ($idle) {
             $c->{in_head} = 0;
             $c->{idle_since} = now();
@@ -207,11 +179,9 @@ C<accept()> (C<TCP_NODELAY>, the socket time-outs) or from a sibling's
 hand-over, the head and keep-alive deadlines (C<_head_begins>), the room a
 new client makes at C<MAX_CONNS> (C<_make_room>: the idle connection that
 waited longest goes), closing (C<_drop_conn>), and the hand-over: a worker
-with siblings that starts a request gives its idle connections that
-stayed quiet through the last C<select()>, and when the board says a
-sibling is free those with a request waiting, to the workers' queue
-(C<_give_idle>; one it took from the queue less than 50 ms ago goes only
-after 5 ms idle, or to a sibling free for 0.5 ms), takes what siblings
+with siblings that starts a request gives its quiet idle connections, and
+when the board says a sibling is free its connections with a request
+waiting too, to the workers' queue (C<_give_idle>), takes what siblings
 gave (C<_take_conns>), and marks itself free while it waits with nothing to
 do (C<_mark_free>). Internal: no interface of its own.
 

@@ -8,11 +8,11 @@ use warnings;
 # that arrives on a connection kept by a busy worker would otherwise wait
 # for that worker while another is free.
 #
-# Beside the queue, a board: one slot per worker, the time since when the
-# worker has waited in select() with nothing to do (0: not free). A worker
-# about to start a request gives away its connections with a request
-# already waiting in them only when a sibling is free to take them at
-# once: under an even load (every worker busy) they stay where they are.
+# Beside the queue, a board: one byte per worker, 1 while the worker waits
+# in select() with nothing to do. A worker about to start a request gives
+# away its connections with a request already waiting in them only when a
+# sibling is free to take them at once: under an even load (every worker
+# busy) they stay where they are, and hello world pays no hand-over.
 
 use Errno qw(EINTR);
 use IO::Handle ();
@@ -23,7 +23,6 @@ use constant {
     BATCH            => 200,           # descriptors per message (the kernel takes 253 at most)
     MSG_CMSG_CLOEXEC => 0x40000000,    # Linux: received descriptors are close-on-exec
     MFD_CLOEXEC      => 1,
-    SLOT             => 8,             # bytes of a worker's board slot: a native double
 };
 
 # pread/pwrite: each worker writes its own byte at its own offset of the
@@ -63,31 +62,24 @@ sub with_board {
     return { take => $take, give => $give, ($board ? (board => $board) : ()) };
 }
 
-# Writes board slot $index: free since $since (a monotonic time), or not
-# free ($since 0).
+# Marks board byte $index: 1 free (in select(), nothing to do), 0 not.
 sub mark {
-    my ($handoff, $index, $since) = @_;
+    my ($handoff, $index, $free) = @_;
     my $board = $handoff->{board} or return;
-    my $slot = pack('d', $since);    # syscall() takes a writable buffer
-    syscall($SYS_PWRITE, fileno($board), $slot, SLOT, SLOT * $index);
+    my $byte = $free ? "\1" : "\0";    # syscall() takes a writable buffer
+    syscall($SYS_PWRITE, fileno($board), $byte, 1, 0 + $index);
     return;
 }
 
-# Since when a worker other than $index (of $count: both generations'
-# slots) has been free, the one free longest; 0 when none is.
-sub sibling_free_since {
+# Is a worker other than $index (of $count: both generations' bytes) free?
+sub sibling_free {
     my ($handoff, $index, $count) = @_;
     my $board = $handoff->{board} or return 0;
-    my $bytes = "\0" x (SLOT * $count);
-    my $n = syscall($SYS_PREAD, fileno($board), $bytes, SLOT * $count, 0);
+    my $bytes = "\0" x $count;
+    my $n = syscall($SYS_PREAD, fileno($board), $bytes, 0 + $count, 0);
     return 0 unless $n > 0;
-    my @since = unpack('d*', substr($bytes, 0, $n - $n % SLOT));
-    my $earliest = 0;
-    for my $i (0 .. $#since) {
-        next if $i == $index || $since[$i] <= 0;
-        $earliest = $since[$i] if !$earliest || $since[$i] < $earliest;
-    }
-    return $earliest;
+    substr($bytes, $index, 1) = "\0" if $index < $n;
+    return index(substr($bytes, 0, $n), "\1") >= 0 ? 1 : 0;
 }
 
 # Gives the descriptors away, with one byte of state each; those that went
@@ -141,21 +133,19 @@ spare) before its workers are forked; every worker holds both ends.
 =head2 with_board($take_fh, $give_fh) -> { take, give, board }
 
 The queue with a board (the master's, before it forks its workers): a
-memory file (C<memfd>) of one slot per worker, free since when or not, where the
+memory file (C<memfd>) of one byte per worker, free or not, where the
 system's C<memfd_create>, C<pread> and C<pwrite> can be called
 (C<syscall.ph>).
 
-=head2 mark($handoff, $index, $since)
+=head2 mark($handoff, $index, $free)
 
-Writes worker C<$index>'s slot of the board: free (waiting in C<select()>
-with nothing to do) since C<$since>, a C<CLOCK_MONOTONIC> time, or not
-free (0).
+Writes worker C<$index>'s byte of the board: free (waiting in C<select()>
+with nothing to do) or not.
 
-=head2 sibling_free_since($handoff, $index, $count) -> $since
+=head2 sibling_free($handoff, $index, $count) -> bool
 
-Since when (C<CLOCK_MONOTONIC>) the worker other than C<$index>, among the
-first C<$count> slots of the board, that has been free longest has been
-free; 0 when none is, and without a board.
+Whether a worker other than C<$index>, among the first C<$count> bytes of
+the board, is free. False without a board.
 
 =head2 give($give_fh, [$fd, $state], ...) -> $count
 

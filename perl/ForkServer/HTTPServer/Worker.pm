@@ -78,7 +78,7 @@ sub _worker_main {
     };
     if ($loop->{handoff}) {
         $loop->{hfd} = fileno $loop->{handoff}{take};
-        # this worker's slot of the board, in its generation's half
+        # this worker's byte of the board, in its generation's half
         $loop->{board_index} = ($self->{gen} % 2) * $self->{workers} + $slot - 1;
         $loop->{board_count} = 2 * $self->{workers};
         $loop->{free} = 0;
@@ -88,16 +88,9 @@ sub _worker_main {
         last unless $self->_wind_down($loop, $now);
         my ($rin, $timeout) = $self->_select_set($loop, $now);
         $self->_flush_requests if $self->{requests_dirty};
+        ForkServer::HTTPServer::Conns::_mark_free($loop, 1) if $timeout > 0;
         $loop->{select_at} = now();
-        my $rout;
-        my $n = select($rout = $rin, undef, undef, $loop->{handoff} ? 0 : $timeout);
-        if ($n == 0 && $loop->{handoff} && $timeout > 0) {
-            # Free only when nothing is ready now: a worker under load
-            # writes its board slot when it runs out of work, not twice a
-            # request.
-            ForkServer::HTTPServer::Conns::_mark_free($loop, 1);
-            $n = select($rout = $rin, undef, undef, $timeout);
-        }
+        my $n = select(my $rout = $rin, undef, undef, $timeout);
         if ($n < 0) {
             next if $! == EINTR;
             die "select: $!\n";
@@ -360,10 +353,10 @@ closes the idle keep-alive connection that waited longest; a connection
 whose buffer holds a whole head is not read until that request is served) with the listener and the
 generation's stop pipe, enforces the head and keep-alive deadlines, serves
 one request per ready connection per round (a worker with siblings that
-starts a request first gives its idle connections quiet through the last
-C<select()> to the workers' shared queue,
-L<ForkServer::HTTPServer::Handoff>, with those whose request is waiting
-when a sibling is free, and takes connections from it while free: L<ForkServer::HTTPServer::Conns>), and winds down (stop,
+starts a request first gives its quiet idle connections to the workers'
+shared queue, L<ForkServer::HTTPServer::Handoff>, with those whose
+request is waiting when a sibling is free, and takes connections from it
+while free: L<ForkServer::HTTPServer::Conns>), and winds down (stop,
 recycling, C<psgix.harakiri.commit>) without dropping a request already on
 its way. Also C<worker_msg()> (the records to the master, C<MSG_*>) and
 C<worker_exit()>.
