@@ -5,6 +5,8 @@ output, test streams): the same three outcomes everywhere."""
 from __future__ import annotations
 
 import os
+import selectors
+import signal
 import socket
 
 
@@ -26,3 +28,29 @@ def drain(sock: socket.socket) -> None:
     only say "look again")."""
     while recv_ready(sock, 4096):
         pass
+
+
+class SignalWakeup:
+    """A selector that every signal wakes (SIGCHLD included, with a no-op
+    handler so that it is delivered): the wake-up descriptor's socket is
+    registered with data None; `drain` empties it, `close` puts back what
+    was there before."""
+
+    def __init__(self) -> None:
+        self.r, self.w = socket.socketpair()
+        self.r.setblocking(False)
+        self.w.setblocking(False)
+        self.old_fd = signal.set_wakeup_fd(self.w.fileno())
+        self.old_chld = signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.r, selectors.EVENT_READ, None)
+
+    def drain(self) -> None:
+        drain(self.r)
+
+    def close(self) -> None:
+        self.sel.close()
+        signal.signal(signal.SIGCHLD, self.old_chld)
+        signal.set_wakeup_fd(self.old_fd)
+        self.r.close()
+        self.w.close()

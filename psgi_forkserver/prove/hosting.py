@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import adoption, paths, protocol
-from ..nonblocking import drain
+from ..nonblocking import SignalWakeup
 from .base import BaseError, TestBase, start_with_streams
 from .started import Started, few_files
 from .testfiles import ProveOptions, test_env
@@ -110,25 +110,16 @@ class Session:
         if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
             e = ctypes.get_errno()
             raise OSError(e, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(e)}")
-        self.wake_r, self.wake_w = socket.socketpair()
-        self.wake_r.setblocking(False)
-        self.wake_w.setblocking(False)
-        self.old_wakeup = signal.set_wakeup_fd(self.wake_w.fileno())
-        self.old_chld = signal.signal(signal.SIGCHLD, lambda *_: None)
-        self.sel = selectors.DefaultSelector()
-        self.sel.register(self.wake_r, selectors.EVENT_READ, None)
+        self.wakeup = SignalWakeup()
+        self.sel = self.wakeup.sel
 
     def drain_wake(self) -> None:
-        drain(self.wake_r)
+        self.wakeup.drain()
 
     def teardown(self) -> None:
         self.base.stop()
         self.reap_leftovers()
-        self.sel.close()
-        signal.signal(signal.SIGCHLD, self.old_chld)
-        signal.set_wakeup_fd(self.old_wakeup)
-        self.wake_r.close()
-        self.wake_w.close()
+        self.wakeup.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def reap_leftovers(self) -> None:

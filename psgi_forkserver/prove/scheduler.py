@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import adoption, launch, paths, protocol
-from ..nonblocking import drain, recv_ready
+from ..nonblocking import SignalWakeup, recv_ready
 from .base import TestBase, start_with_streams
 from .report import Report, write_junit
 from .tap import Job
@@ -91,13 +91,8 @@ class Prove:
 
     def setup(self) -> None:
         launch.set_child_subreaper()
-        self.wake_r, self.wake_w = socket.socketpair()
-        self.wake_r.setblocking(False)
-        self.wake_w.setblocking(False)
-        self.old_wakeup = signal.set_wakeup_fd(self.wake_w.fileno())
-        self.old_chld = signal.signal(signal.SIGCHLD, lambda *_: None)
-        self.sel = selectors.DefaultSelector()
-        self.sel.register(self.wake_r, selectors.EVENT_READ, None)
+        self.wakeup = SignalWakeup()
+        self.sel = self.wakeup.sel
 
     @staticmethod
     def stop_on_signals() -> None:
@@ -115,11 +110,7 @@ class Prove:
                 self.kill(j)
         self.base.stop()
         self.reap_leftovers()
-        self.sel.close()
-        signal.signal(signal.SIGCHLD, self.old_chld)
-        signal.set_wakeup_fd(self.old_wakeup)
-        self.wake_r.close()
-        self.wake_w.close()
+        self.wakeup.close()
         self.close_streams()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -128,7 +119,7 @@ class Prove:
             j.close_streams()
 
     def drain_wake(self) -> None:
-        drain(self.wake_r)
+        self.wakeup.drain()
 
     # -- the loop -----------------------------------------------------------------------
 
