@@ -1,7 +1,7 @@
 """The fixtures every test module may use (helpers: tests/support/).
 
 Every Emperor a test starts opens its default stats socket in a run
-directory of this session's own (removed at the end), never in the
+directory of the test run's own (removed at the end), never in the
 machine's /run/psgi-forkserver. Every fleet fixture starts its Emperors
 through `support.Emperors`: a fresh directory each, the base from
 `support.base_ini`, everything stopped and removed after the test."""
