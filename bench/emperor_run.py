@@ -31,6 +31,19 @@ def vassal_ini(name: str, port: int) -> str:
     return f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\nenv = APP_NAME={name}\n"
 
 
+def write_fleet(vdir: Path, app: str, sock: Path, n: int, ports, digits: int = 3) -> list[int]:
+    """A vassals directory: the base of `app` on `sock` and n vassals
+    (vNNN.ini, each on a port of its own); their ports, in order."""
+    (vdir / "base.ini").write_text(base_ini(app, sock))
+    vports = []
+    for i in range(n):
+        port = ports.get()
+        name = f"v{i:0{digits}d}"
+        (vdir / f"{name}.ini").write_text(vassal_ini(name, port))
+        vports.append(port)
+    return vports
+
+
 class EmperorRun:
     def __init__(self, procs: Procs, vdir: Path, log: str, extra: list[str] | None = None,
                  nofile: tuple[int, int] | None = None) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from benchlib import Ports, Procs, rmtree, summary, wait_200, wait_all_200
 from cold import cold_pss
 from emperor_run import (EmperorRun, base_ini, measure_under, vassal_ini, wait_fork_server, wait_loyal_count,
-                         write_vassal)
+                         write_fleet, write_vassal)
 from settings import MB, Bench, Sizes, say
 
 
@@ -90,12 +90,7 @@ def mass_start(procs: Procs, ports: Ports, tmp: Path, sizes: Sizes, n: int | Non
     vdir = tmp / key
     vdir.mkdir()
     sock = tmp / f"{key}.sock"
-    (vdir / "base.ini").write_text(base_ini(app, sock))
-    vports = []
-    for i in range(n):
-        port = ports.get()
-        (vdir / f"v{i:03d}.ini").write_text(vassal_ini(f"v{i:03d}", port))
-        vports.append(port)
+    vports = write_fleet(vdir, app, sock, n, ports)
     em = EmperorRun(procs, vdir, f"emperor-{key}", nofile=nofile)
     res: dict = {"command": shlex.join(em.argv), "n": n, "app": app,
                  "nofile_at_start": list(nofile) if nofile else None}

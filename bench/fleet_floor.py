@@ -35,6 +35,7 @@ from pathlib import Path
 import psutil
 
 from benchlib import BenchError, Ports, Procs, http_get, rmtree, summary, wait_all_200
+from emperor_run import write_fleet
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -142,7 +143,7 @@ def _hot(raw: Path, top: int = 15) -> list[tuple[str, float]]:
     return [(fn, round(100 * c / total, 1)) for fn, c in incl.most_common(top)] if total else []
 
 
-def burst(procs: Procs, ports: Ports, tmp: Path, emperor_cls, base_ini, vassal_ini, wait_fork_server,
+def burst(procs: Procs, ports: Ports, tmp: Path, emperor_cls, wait_fork_server,
           n: int, app: str, say: Callable[[str], None], extra: tuple[str, ...] = ()) -> dict:
     """`emperor run` with n vassals of `app`: the answering curve and every
     process's CPU and faults by role, read just after the last answered."""
@@ -150,12 +151,7 @@ def burst(procs: Procs, ports: Ports, tmp: Path, emperor_cls, base_ini, vassal_i
     vdir = tmp / f"burst-{app}-{n}"
     vdir.mkdir()
     sock = tmp / f"burst-{n}.sock"
-    (vdir / "base.ini").write_text(base_ini(app, sock))
-    vports = []
-    for i in range(n):
-        port = ports.get()
-        (vdir / f"v{i:04d}.ini").write_text(vassal_ini(f"v{i:04d}", port))
-        vports.append(port)
+    vports = write_fleet(vdir, app, sock, n, ports, digits=4)
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     busy0 = machine_busy()
     em = emperor_cls(procs, vdir, f"emperor-burst-{n}", list(extra), nofile=(1024, hard))
@@ -224,8 +220,8 @@ def burst(procs: Procs, ports: Ports, tmp: Path, emperor_cls, base_ini, vassal_i
     return res
 
 
-def run(procs: Procs, ports: Ports, tmp: Path, quick: bool, step, say, emperor_cls, base_cls, base_ini,
-        vassal_ini, wait_fork_server, apps: dict[str, str], program: str) -> dict:
+def run(procs: Procs, ports: Ports, tmp: Path, quick: bool, step, say, emperor_cls, base_cls,
+        wait_fork_server, apps: dict[str, str], program: str) -> dict:
     """`--only floor`: the floor from single adoptions, then a mass start
     of 200 (`--quick`) or 1,000 (`--full`) heavy vassals against it."""
     n = 200 if quick else 1000
@@ -233,7 +229,7 @@ def run(procs: Procs, ports: Ports, tmp: Path, quick: bool, step, say, emperor_c
     fl = step("floor", lambda: floor(procs, ports, tmp, base_cls, apps["heavy"], program, 20, say))
     if fl:
         out["floor"] = fl
-    b = step(f"burst {n}", lambda: burst(procs, ports, tmp, emperor_cls, base_ini, vassal_ini,
+    b = step(f"burst {n}", lambda: burst(procs, ports, tmp, emperor_cls,
                                          wait_fork_server, n, "heavy", say))
     if b:
         out["burst"] = b

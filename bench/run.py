@@ -60,7 +60,7 @@ def health_checks(b: Bench) -> None:
 def floor_profile(b: Bench) -> None:
     """Scenario `floor` (bench/fleet_floor.py)."""
     b.results["floor_profile"] = fleet_floor.run(b.procs, b.ports, b.tmp, b.quick, b.step, say, EmperorRun, Base,
-                                                 base_ini, vassal_ini, wait_fork_server, APPS, PROGRAM)
+                                                 wait_fork_server, APPS, PROGRAM)
 
 
 def idle_uss(b: Bench) -> None:
