@@ -338,6 +338,18 @@ def test_deploy_moves_vassals_as_soon_as_the_new_base_is_ready(emperor):
     wait_for(lambda: e.lines("code deploy to generation 2 done"), 30, "the summary line")
 
 
+def test_a_new_base_seen_accepting_before_its_ready_byte_is_said_ready(emperor):
+    # its socket listens a second before its byte 1: the Emperor's probe
+    # finds it first, and the log says the same as when the byte comes first
+    lib = Path(__file__).resolve().parent / "apps" / "lib"
+    e, ports = deploy_fleet(emperor, ["app1"], env={
+        "PERL5LIB": f"{lib}:{PROGRAM.parent}", "PERL5OPT": "-MLateBaseReadyByte"})
+    (e.dir / "version.txt").write_text("v2\n")
+    assert reload_base(e).returncode == 0
+    wait_for(lambda: "[base] successor ready" in e.text(), 30, "the new base to be said ready")
+    wait_for(lambda: serve(ports, "v2"), 60, "the vassal to move")
+
+
 def test_vassal_waiting_for_a_removed_base_is_adopted_when_a_base_is_back(emperor):
     # a back-off far longer than the test's deadlines: only the base's
     # return may start the vassal

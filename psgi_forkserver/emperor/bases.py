@@ -201,9 +201,13 @@ class ForkServers:
                 # generation's accepts too, which says nothing about this one
                 path = self.socket_of(p.config, p.base_generation)
                 if path is not None and adoption.probe(path):  # never raises
+                    # the same line as when its byte 1 comes first: which one
+                    # the Emperor sees first is a matter of scheduling
+                    who = "successor " if p is v.successor else ""
                     if v.mark_ready(now, p.seq):
                         ms = (now - p.started_at) * 1000
-                        self.log(f"fork server {path} accepts (pid {p.pid}, {ms:.1f} ms)", name)
+                        self.log(f"{who}ready: fork server {path} accepts (pid {p.pid}, "
+                                 f"{ms:.1f} ms)", name)
         for key in set(self.next_probe) - starting:
             del self.next_probe[key]
 

@@ -13,10 +13,10 @@ from .processes import free_port, wait_for
 VERSIONED_APP = APPS / "versioned.psgi"
 
 
-def deploy_fleet(emperor, names, *extra, fork_server="fs.sock", version="v1"):
+def deploy_fleet(emperor, names, *extra, fork_server="fs.sock", version="v1", env=None):
     """An Emperor (from the `emperor` fixture) whose base preloads
     versioned.psgi and adopts `names`, each answering on its port."""
-    e = emperor({}, *extra, base=False)
+    e = emperor({}, *extra, base=False, env=env)
     (e.dir / "version.txt").write_text(version + "\n")
     e.write("base", base_ini(VERSIONED_APP, fork_server))
     ports = {n: free_port() for n in names}
