@@ -206,8 +206,8 @@ class ForkServers:
                     who = "successor " if p is v.successor else ""
                     if v.mark_ready(now, p.seq):
                         ms = (now - p.started_at) * 1000
-                        self.log(f"{who}ready: fork server {path} accepts (pid {p.pid}, "
-                                 f"{ms:.1f} ms)", name)
+                        self.log(f"{who}ready (pid {p.pid}, {ms:.1f} ms after start; "
+                                 f"fork server {path} accepts)", name)
         for key in set(self.next_probe) - starting:
             del self.next_probe[key]
 
