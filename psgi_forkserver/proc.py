@@ -135,6 +135,14 @@ class Context:
     # adoption requests that may be sent now: the fork server serves them one
     # after another, so a mass start queues here rather than in its backlog
     adopt_slots: int = 1 << 30
+    # what a vassal sent before this was read (None: before `now`): a
+    # silence is judged against it, so a freeze of the Emperor between its
+    # last read and this turn is never taken for the vassal's
+    heard: float | None = None
+
+    @property
+    def heard_until(self) -> float:
+        return self.now if self.heard is None else min(self.now, self.heard)
 
 
 def backoff_delay(failures: int, first: float, most: float) -> float:

@@ -43,6 +43,7 @@ class VassalSnapshot:
     is_base: bool = False
     plack_env: str | None = None  # the PLACK_ENV its processes run with
     cgroup: str | None = None  # its current process's cgroup (emperor/cgroups.py), if it has one
+    last_heartbeat: float | None = None  # its current process's last heartbeat (monotonic)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class EmperorSnapshot:
     front: dict[str, Any] | None = None
     vassals: dict[str, VassalSnapshot] = field(default_factory=dict)
     cgroup: str | None = None  # the vassals' subtree (emperor/cgroups.py); None: not used
+    rescans: int = 0  # full rescans of the vassals directory so far
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ import re
 import signal
 import socket
 import subprocess
-import time
 
 import psutil
 import pytest
@@ -77,16 +76,17 @@ def test_code_deploy_moves_every_vassal_without_a_failed_request(emperor):
     wait_for(lambda: all(get(p)["name"] == n for n, p in ports.items()), 20, "all answer")
 
 
-def test_port_in_use_throttles_only_that_vassal(emperor):
+def test_port_in_use_throttles_only_that_vassal(emp):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen(1)
     bport = busy.getsockname()[1]
     port = free_port()
     try:
-        e = emperor({"busy": app_ini("busy", bport), "ok": app_ini("ok", port)}, wait=[port])
+        e = emp({"busy": app_ini("busy", bport), "ok": app_ini("ok", port)}, wait=[port])
         wait_for(lambda: "[busy] cannot bind http-socket" in e.text(), 15, "the bind error")
-        time.sleep(1.5)  # several retries (backoff 0.2 .. 1 s): still one line
+        # several retries (backoff 0.2 .. 1 s): still one line
+        wait_for(lambda: e.status()["busy"]["failures"] >= 3, 15, "several retries of busy")
         lines = [l for l in e.text().splitlines() if "[busy] cannot bind" in l]
         assert len(lines) == 1, lines
         assert "Address already in use" in lines[0]
@@ -110,11 +110,11 @@ def test_crash_loop_is_throttled_and_others_unaffected(emperor):
     wait_for(lambda: get(port)["name"] == "bad", 15, "bad fixed")
 
 
-def test_heartbeat_silence_kills_and_restarts(emperor):
+def test_heartbeat_silence_kills_and_restarts(emp):
     port = free_port()
-    e = emperor({"hb": app_ini("hb", port, processes=1) + "heartbeat = 1\n"}, wait=[port])
+    e = emp({"hb": app_ini("hb", port, processes=1) + "heartbeat = 1\n"}, wait=[port])
     pid = e.vpid("hb")
-    time.sleep(1.2)  # let it send its first heartbeats
+    e.heartbeats_seen(["hb"])  # judged from the first heartbeat on
     os.kill(pid, signal.SIGSTOP)
     try:
         wait_for(lambda: "[hb] SIGKILL pid %d: no heartbeat" % pid in e.text(), 15, "heartbeat kill")

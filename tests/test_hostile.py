@@ -521,7 +521,7 @@ def test_file_name_not_utf8(hostile):
     wait_for(lambda: e.status().get(name, {}).get("state") == "config-error", 20,
              "caf\\xe9: config-error")
     assert "surrogates not allowed" in e.status()[name]["error"]
-    time.sleep(2.5)  # a full rescan (every 2 s) meets the file again: no new line
+    e.after_a_rescan()  # it meets the file again: no new line
     assert len(e.lines("[caf\\udce9] cannot handle")) == 1, e.text()[-2000:]
     emperor_ok(e)
     # removed: it goes, the rest of the fleet never noticed
@@ -599,17 +599,19 @@ def test_a_frozen_emperor_kills_no_heartbeat_vassal(hostile):
     e = hostile(files, wait=ports)
     wait_for(lambda: all(e.status()[n]["state"] == "loyal" for n in files), 20, "all loyal")
     pids = {n: e.vpid(n) for n in files}
-    # The durations below are the scenario (a freeze longer than three
-    # heartbeats, then time for the Emperor to judge), not synchronisation.
-    time.sleep(1.0)  # heartbeats recorded: each vassal has one to be judged by
+    e.heartbeats_seen(files)  # each vassal has one to be judged by
     os.kill(e.pid, signal.SIGSTOP)
     try:
         wait_for(lambda: psutil.Process(e.pid).status() == psutil.STATUS_STOPPED, 5, "stopped")
-        time.sleep(3.5)
+        time.sleep(3.5)  # the scenario: a freeze longer than three heartbeats
     finally:
         os.kill(e.pid, signal.SIGCONT)
-    time.sleep(2.5)
-    assert not e.lines("no heartbeat"), e.lines("no heartbeat")
+    # the heartbeats sent meanwhile are read, then judged in a later turn
+    # (the next document is served after it)
+    wait_for(lambda: all(s["heartbeat_age"] < 1.5 for n, s in e.status().items() if n in files),
+             20, "fresh heartbeats read after the freeze")
+    e.after_a_rescan()
+    assert not e.lines("no heartbeat"), e.text()[-3000:]
     assert {n: e.vpid(n) for n in files} == pids
     for n, p in zip(files, ports):
         assert get(p)["name"] == n

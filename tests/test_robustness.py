@@ -122,7 +122,7 @@ def test_bad_configs_fail_alone_with_one_clear_line(emp):
             assert st[n]["state"] == "config-error", st[n]
             assert e.vpids(n) == [], f"{n} was started despite its error"
         # a config error is logged once, not at every rescan (2 s)
-        time.sleep(2.5)
+        e.after_a_rescan()
         for n in ("invalid", "dir", "dangling", "tmpl", "fifo", "unknown", "badport"):
             assert len(e.lines(expect[n])) == 1, e.lines(expect[n])
         assert len(e.lines("emperor: [inuse] cannot bind")) == 1

@@ -201,6 +201,20 @@ def test_heartbeat_missed_kills():
     assert isinstance(actions[0], Kill) and v.phase == Phase.STOPPING
 
 
+def test_a_missed_heartbeat_is_judged_against_what_was_read():
+    # the Emperor froze after its last read (at 1.2) and runs a turn at 5.0
+    # before reading again: the bytes sent meanwhile wait in the pipe, so
+    # nothing is judged missing until they were looked for
+    v = Vassal("app1", cfg(heartbeat="2"), policy=POLICY)
+    v.step(ctx(0))
+    v.adopted(10, 0)
+    v.on_byte(26, 1.0)
+    assert v.step(ctx(5.0, heard=1.2)) == []
+    # read at 5.05 and none was there: missed
+    actions = v.step(ctx(5.1, heard=5.05))
+    assert isinstance(actions[0], Kill) and v.phase == Phase.STOPPING
+
+
 def test_invalid_config_waits_for_a_fix():
     bad = VassalConfig("app1", Path("/v/app1.ini"), "x", error="line 1: empty key")
     v = Vassal("app1", bad, policy=POLICY)

@@ -78,7 +78,8 @@ def snapshot(fleet: Fleet) -> EmperorSnapshot:
         deploy=fleet.bases.deploy_status(),
         front=fleet.front.state() if fleet.front is not None else None,
         vassals={name: _with_last_output(fleet, v) for name, v in vassals.items()},
-        cgroup=cg.path_of_dir(cg.root) if cg is not None else None)
+        cgroup=cg.path_of_dir(cg.root) if cg is not None else None,
+        rescans=fleet.files.rescans)
 
 
 def _with_last_output(fleet: Fleet, s: VassalSnapshot) -> VassalSnapshot:

@@ -114,11 +114,12 @@ class Decisions:
             return [Kill(f"still alive {self.policy.mercy:g} s after stop", p.seq)]
         return []
 
-    def _heartbeat_missed(self, p: Proc, now: float) -> list[Action]:
+    def _heartbeat_missed(self, p: Proc, ctx: Context) -> list[Action]:
         hb = self._heartbeat_of(p)
-        if p.live and hb and p.last_heartbeat is not None and now - p.last_heartbeat > hb:
-            return self._kill_proc(p, now, "heartbeat missed",
-                                   f"no heartbeat for {now - p.last_heartbeat:.1f} s")
+        heard = ctx.heard_until
+        if p.live and hb and p.last_heartbeat is not None and heard - p.last_heartbeat > hb:
+            return self._kill_proc(p, ctx.now, "heartbeat missed",
+                                   f"no heartbeat for {heard - p.last_heartbeat:.1f} s")
         return []
 
     def _promote(self, now: float) -> list[Action]:
@@ -190,7 +191,7 @@ class Decisions:
             return self._stop(now, "file removed")
         if self.held:
             return self._stop(now, "stopped by the operator")
-        acts = self._heartbeat_missed(cur, now)
+        acts = self._heartbeat_missed(cur, ctx)
         if acts:
             return acts
         if self.stop_reason:  # byte 22
@@ -239,7 +240,7 @@ class Decisions:
         assert cur is not None and self.config is not None
         s = self.successor
         if s is not None:
-            acts = self._heartbeat_missed(s, now) if s.live else []
+            acts = self._heartbeat_missed(s, ctx) if s.live else []
             if s.state == ProcState.LOYAL or (
                 s.live and s.kind == Kind.BASE and s.state != ProcState.STARTING
             ) or (

@@ -78,6 +78,7 @@ class VassalFiles:
         self.watcher: Watcher | None = None
         self.due: dict[str, float] = {}  # file names to re-read, and when
         self.next_rescan = 0.0
+        self.rescans = 0  # full rescans done (the status says it: a reader can wait for one)
         self.read_errors: dict[str, str] = {}  # transient read error logged, per vassal
         # vassals whose handling failed for a reason the same file would
         # meet again: name -> (fingerprint, reason); cleared when it changes
@@ -270,6 +271,7 @@ class VassalFiles:
             path = found.get(name)
             with self.boundary(name, now):
                 self._load(name, path, now)
+        self.rescans += 1
         self.next_rescan = now + self.opts.rescan_interval
 
     def reload_due(self, now: float) -> None:

@@ -57,6 +57,7 @@ class Emperor:
         # the turn must run again at once (the fork server changed, a deploy
         # slot came free, a start failed at once): no waiting for an event
         self.again = False
+        self.heard = time.monotonic()  # when the last wait began (_wait)
         self.signals: launch.SignalQueue | None = None  # handled at the start of each turn
         self.cgroups: Cgroups | None = None  # one cgroup per vassal process, where possible
         ours = opts.program_is_ours
@@ -160,8 +161,12 @@ class Emperor:
 
     def _wait(self) -> None:
         now = time.monotonic()
+        # whatever was sent before a select began, it returns: silences
+        # (heartbeats, adoption replies) are judged against this time
+        self.heard = now
         events = self.sel.select(self._timeout(now))
         if not events:
+            self.heard = time.monotonic()
             # Read first, judge after: a wait that ended with nothing may be
             # the end of a freeze of the Emperor (SIGSTOP, a swap storm). The
             # wait, interrupted by SIGCONT after its deadline, returns empty
@@ -176,7 +181,8 @@ class Emperor:
         """What the plan needs besides the vassals: measured, never acted on."""
         for generation in self.procs.take_replies():
             self.bases.adoption_replied(generation)
-        failed = tuple(AdoptionFailure(*f) for f in self.procs.failed_adoptions(now))
+        failed = tuple(AdoptionFailure(*f) for f in self.procs.failed_adoptions(
+            min(now, self.heard)))
         self.bases.probe(now)
         fs, base_gen = self.bases.state(now)
         # the fork server is back: the vassals waiting for it are told (a fact)
@@ -188,7 +194,7 @@ class Emperor:
                      adoptions_failed=failed, room=self.files.room,
                      wedged=tuple(self.bases.wedged()), sweep_due=self.sweeper.due,
                      orphans_due=any(now >= t for t in self.sweeper.next_wakeup()),
-                     cgroups_due=cg is not None and bool(cg.dying),
+                     cgroups_due=cg is not None and bool(cg.dying), heard=self.heard,
                      **self.shutdown.measure(now, not self.vassals, self.routes.front, self.procs,
                                              self.sweeper))
 

@@ -82,6 +82,7 @@ class Facts:
     final_sweep_due: bool = False  # the sweep once every vassal is gone
     stragglers_due: bool = False  # the mercy is over: kill what is left (once a second)
     give_up: bool = False  # ten seconds after that, stop waiting
+    heard: float | None = None  # what was sent before this was read (Context.heard)
 
 
 # Actions for the fleet, or for one vassal from outside its own life --------
@@ -342,7 +343,7 @@ def plan(vassals: Iterable[Vassal] | Mapping[str, Vassal], facts: Facts,
         before = v.successor
         ctx = Context(facts.now, facts.fork_server, facts.shutting_down,
                       base_generation=facts.base_generation,
-                      deploy_slots=deploy_slots, adopt_slots=adopt_slots)
+                      deploy_slots=deploy_slots, adopt_slots=adopt_slots, heard=facts.heard)
         s = _step(v, ctx, False, outside.get(v.name, []))
         out.steps.append(s)
         if settled is not None:
@@ -363,7 +364,8 @@ def plan(vassals: Iterable[Vassal] | Mapping[str, Vassal], facts: Facts,
     ) if any(b.retiring for b in bases) else frozenset()
     for v in bases:
         ctx = Context(facts.now, facts.fork_server, facts.shutting_down, hold_bases,
-                      base_generation=facts.base_generation, base_users=users)
+                      base_generation=facts.base_generation, base_users=users,
+                      heard=facts.heard)
         was = serving(v)
         s = _step(v, ctx, True, outside.get(v.name, []))
         out.steps.append(s)

@@ -119,6 +119,7 @@ class VassalView:
             pids=tuple(pids),
             addresses=config_values(cfg, "http-socket"), names=config_values(cfg, "domain"),
             last_status=self.last_status, held=self.held, is_base=self.is_base,
+            last_heartbeat=self.last_heartbeat,
             plack_env=(cfg.get("plack-env") if cfg is not None else None) or plack_env)
 
     @property

@@ -91,6 +91,9 @@ def vassal_status(v: VassalSnapshot, now: float,
         "last_output": list(v.last_output),
         "last_exit": describe_status(v.last_status) if v.last_status is not None else None,
         "held": v.held,
+        # seconds since its current process's last heartbeat (None: none yet)
+        "heartbeat_age": (round(now - v.last_heartbeat, 3)
+                          if v.last_heartbeat is not None else None),
         # its current process's cgroup (None: none, or cgroups not used)
         "cgroup": v.cgroup,
         # reported by the vassal itself (None: it reports nothing)
@@ -154,6 +157,7 @@ def emperor_status(snap: EmperorSnapshot) -> dict[str, Any]:
         pass
     doc["vassals_dir"] = snap.vassals_dir
     doc["shutting_down"] = snap.shutting_down
+    doc["rescans"] = snap.rescans  # full rescans of the vassals directory so far
     # code deploys (deploys.DeployTracker.as_dict): `emperor reload-base --wait` polls this
     doc["deploy"] = snap.deploy
     doc["front"] = snap.front

@@ -88,6 +88,17 @@ class Emp(RunningEmperor):
     def vassal(self, name: str) -> dict:
         return self.doc()["vassals"][name]
 
+    def after_a_rescan(self, timeout: float = 20.0) -> None:
+        """Wait until a full rescan of its directory started after this call
+        is done: whatever a rescan would do again has been done by then."""
+        before = self.doc()["emperor"]["rescans"]
+        wait_for(lambda: self.doc()["emperor"]["rescans"] > before, timeout, "a full rescan")
+
+    def heartbeats_seen(self, names, timeout: float = 20.0) -> None:
+        """Wait until the Emperor has a heartbeat from each of `names`."""
+        wait_for(lambda: all((s := self.status())[n]["heartbeat_age"] is not None for n in names),
+                 timeout, f"a heartbeat from each of {sorted(names)}")
+
     def url(self, path: str) -> str:
         """`path` on its --status-http listener."""
         return f"http://127.0.0.1:{self.status_http_port}{path}"
