@@ -316,7 +316,9 @@ def test_a_spare_that_fails_its_config_takes_its_warm_worker_with_it(emp):
     (e.dir / "bad.ini").write_text(
         f"[uwsgi]\nhttp-socket = 127.0.0.1:{free_port()}\nprocesses = 1\nchdir = /nonexistent/dir\n")
     wait_for(lambda: e.lines(f"[bad] pid {master} died"), 30, "the adopted spare to fail")
-    assert e.lines("[bad] psgi-vassal bad: error: chdir '/nonexistent/dir'"), e.text()
+    # its last words are relayed from its output pipe, maybe after the death
+    wait_for(lambda: e.lines("[bad] psgi-vassal bad: error: chdir '/nonexistent/dir'"), 30,
+             "the spare's error line")
     wait_for(lambda: not psutil.pid_exists(worker), 30, "its warm worker to end")
     wait_for(lambda: len(e.lines("adopted pid")) >= 2, 30, "the next adoption")
     assert not e.lines(f"pid {worker} "), e.text()  # reaped by its spare, not left to the Emperor
