@@ -30,6 +30,7 @@ import psutil
 
 from . import protocol
 from .config import SECTION, VassalConfig, emperor_keys
+from .spawn import INHERIT, spawn
 
 #: keys of a vassal file that only the Emperor reads; the vassal never sees them
 EMPEROR_KEYS = emperor_keys()  # declared in perl/ForkServer/options.json
@@ -136,36 +137,12 @@ def spawn_vassal(argv: Sequence[str], env: Mapping[str, str], pipe_fd: int,
     if config_fd is not None:
         os.set_inheritable(config_fd, True)
         env["UWSGI_EMPEROR_FD_CONFIG"] = str(config_fd)
-    if listen_fd is not None:
-        stdin = (os.POSIX_SPAWN_DUP2, listen_fd, 0)
-    else:
-        stdin = (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)
     os.set_inheritable(pipe_fd, True)
-    actions = [stdin]
-    if output_fd is not None:
-        actions += [(os.POSIX_SPAWN_DUP2, output_fd, 1), (os.POSIX_SPAWN_DUP2, output_fd, 2)]
-    # The child gets the soft descriptor limit the Emperor was started with
-    # (`nofile`), not the raised one: programs that close every descriptor
-    # up to the limit, or use select(), expect the usual 1,024. posix_spawn
-    # cannot set a limit, so ours is lowered around it (the Emperor opens
-    # nothing meanwhile; descriptors above a lowered limit stay valid).
-    lowered = None
-    if nofile is not None:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if nofile < soft:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
-            lowered = (soft, hard)
-    try:
-        # its own session from birth, like every vassal of our Perl side
-        # (which checks and does not repeat it): what it leaves behind
-        # can be told by session id (emperor/orphans.py), a uWSGI vassal's too
-        return os.posix_spawn(
-            argv[0], list(argv), env, file_actions=actions,
-            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=(), setsid=True,
-        )
-    finally:
-        if lowered is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, lowered)
+    out = output_fd if output_fd is not None else INHERIT
+    # its own session from birth, like every vassal of our Perl side
+    # (which checks and does not repeat it): what it leaves behind can be
+    # told by session id (emperor/orphans.py), a uWSGI vassal's too
+    return spawn(argv, env, stdin=listen_fd, stdout=out, stderr=out, nofile=nofile)
 
 
 def emperor_only_stripped(text: str) -> str:

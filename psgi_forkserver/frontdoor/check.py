@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..spawn import spawn
 from .config import indent, render_locations, render_nginx_conf, render_routing
 from .nginx import find_nginx, write_if_changed
 from .options import FrontDoorOptions
@@ -140,15 +141,8 @@ class Checks:
             path = self.ng_dir / "candidate.conf"
             err = self.ng_dir / "candidate.err"
             path.write_text(self._check_text(routes))
-            pid = os.posix_spawn(
-                nginx, [nginx, "-t", "-q", "-e", "stderr", "-p", str(self.ng_dir),
-                        "-c", str(path)], os.environ,
-                file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                              (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-                              (os.POSIX_SPAWN_OPEN, 2, str(err),
-                               os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)],
-                setsigdef=(signal.SIGPIPE, signal.SIGTERM, signal.SIGHUP, signal.SIGINT),
-                setsigmask=(), setsid=True)
+            pid = spawn([nginx, "-t", "-q", "-e", "stderr", "-p", str(self.ng_dir),
+                         "-c", str(path)], os.environ, stdin=None, stdout=None, stderr=err)
         except OSError as e:
             self._trouble(f"cannot check the nginx configuration: {e.strerror or e}")
             return

@@ -7,11 +7,8 @@ operator's reload command, run after each write of their include.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import re
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,40 +16,19 @@ from pathlib import Path
 from ..logs import OutputPipe
 from ..nonblocking import recv_ready
 from ..proc import backoff_delay
+from ..spawn import spawn
 from .check import nginx_message
 from .nginx import find_nginx
 from .options import FrontDoorOptions
 from .route import Route
 
-PR_SET_PDEATHSIG = 1
 
 
 def _spawn_nginx(argv: list[str], out_w: int, err_w: int) -> int:
-    """fork+exec nginx in its own session, with stdout (the access log) and
-    stderr (its error log) on pipes the Emperor reads;
-    it gets SIGTERM if the Emperor dies (PR_SET_PDEATHSIG), so a killed
-    Emperor leaves no nginx holding the port."""
-    parent = os.getpid()
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    pid = os.fork()
-    if pid == 0:  # the child: only system calls until exec
-        try:
-            os.setsid()
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-            if os.getppid() != parent:
-                os._exit(1)
-            devnull = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(devnull, 0)
-            os.dup2(out_w, 1)
-            os.dup2(err_w, 2)
-            for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGTERM,
-                        signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-                signal.signal(sig, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_SETMASK, [])
-            os.execv(argv[0], argv)
-        finally:
-            os._exit(127)
-    return pid
+    """nginx in its own session, with stdout (the access log) and stderr
+    (its error log) on pipes the Emperor reads; it gets SIGTERM if the
+    Emperor dies, so a killed Emperor leaves no nginx holding the port."""
+    return spawn(argv, os.environ, stdin=None, stdout=out_w, stderr=err_w, die_with_parent=True)
 
 
 class NginxProcess:
@@ -84,9 +60,8 @@ class NginxProcess:
     def _run_reload_cmd(self) -> None:
         self.reload_again = False
         try:
-            self.reload_pid = os.posix_spawn(
-                "/bin/sh", ["sh", "-c", self.opts.reload_cmd or "true"], os.environ,
-                setsigdef=(signal.SIGPIPE,), setsigmask=(), setsid=True)
+            self.reload_pid = spawn(["/bin/sh", "-c", self.opts.reload_cmd or "true"],
+                                    os.environ)
             self.serving = self.generation
             self.last_reload = time.time()
         except OSError as e:

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import paths, protocol
-from .testfiles import ProveOptions, which
+from ..spawn import spawn
+from .testfiles import ProveOptions
 
 BASE_MAIN = "BEGIN { ForkServer::Prove::TestFile::serve(@ARGV) }\n"
 
@@ -103,17 +104,11 @@ class TestBase:
         if config_fd is not None:
             argv += ["--config-fd", str(config_fd)]
             os.set_inheritable(config_fd, True)
-        log = os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.set_inheritable(theirs.fileno(), True)
         try:
-            self.pid = os.posix_spawn(
-                which(argv[0]), argv, {**env, "UWSGI_EMPEROR_FD": str(theirs.fileno())},
-                file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                              (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-                              (os.POSIX_SPAWN_DUP2, log, 2)],
-                setsigdef=(signal.SIGPIPE,), setsid=True)
+            self.pid = spawn(argv, {**env, "UWSGI_EMPEROR_FD": str(theirs.fileno())},
+                             stdin=None, stdout=None, stderr=self.log)
         finally:
-            os.close(log)
             theirs.close()
         self.pipe = ours
 

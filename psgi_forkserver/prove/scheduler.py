@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from .. import adoption, launch, paths, protocol
@@ -21,7 +20,8 @@ from ..nonblocking import SignalWakeup, recv_ready
 from .base import TestBase, start_with_streams
 from .report import Report, write_junit
 from .tap import Job
-from .testfiles import ProveOptions, build_spec, cold_reason, find_tests, taint_switches, test_env, which
+from ..spawn import spawn
+from .testfiles import ProveOptions, build_spec, cold_reason, find_tests, taint_switches, test_env
 
 
 def perl_facts(perl: str, env: dict[str, str]) -> tuple[list[str], str]:
@@ -81,11 +81,7 @@ class Prove:
         taint = taint_switches(job.switches)
         libs = [f"-I{d}" for d in self.opts.includes] if taint else []
         argv = [self.opts.perl, *taint, *libs, *(f"-M{m}" for m in self.opts.modules), job.file]
-        return os.posix_spawn(
-            which(argv[0]), argv, self.env,
-            file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                          (os.POSIX_SPAWN_DUP2, out_fd, 1), (os.POSIX_SPAWN_DUP2, err_fd, 2)],
-            setsigdef=(signal.SIGPIPE,), setsid=True)
+        return spawn(argv, self.env, stdin=None, stdout=out_fd, stderr=err_fd)
 
     # -- the process's set-up -----------------------------------------------------------
 

@@ -28,6 +28,7 @@ def start_prove(perl: str, shim_args: list[str], prove_args: list[str]) -> Start
     import tempfile
 
     from ..paths import perl_dir
+    from ..spawn import spawn
 
     tmp = tempfile.mkdtemp(prefix="emperor-prove-")
     control = os.path.join(tmp, "prove.sock")
@@ -43,10 +44,8 @@ def start_prove(perl: str, shim_args: list[str], prove_args: list[str]) -> Start
             "--socket", control, *shim_args, "--", *prove_args]
     env = {k: v for k, v in os.environ.items() if not k.startswith("UWSGI_EMPEROR_")}
     try:
-        program = perl if "/" in perl else shutil.which(perl)
-        if not program:
-            raise FileNotFoundError(perl)
-        pid = os.posix_spawn(program, argv, env)
+        # in our session and terminal: Ctrl-C reaches prove with the rest of the job
+        pid = spawn(argv, env, setsid=False)
     except OSError:
         listener.close()
         shutil.rmtree(tmp, ignore_errors=True)

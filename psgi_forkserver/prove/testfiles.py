@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,16 +115,6 @@ def build_spec(file: str, switches: list[str], cwd: str, env: dict[str, str], in
     if destruct:
         items.append("destruct=1")
     return protocol.encode_packet(protocol.MODIFIER1_CONFIG, protocol.encode_array(items))
-
-
-def which(prog: str) -> str:
-    """`prog` itself when it is a path, else where PATH has it."""
-    if "/" in prog:
-        return prog
-    found = shutil.which(prog)
-    if not found:
-        raise FileNotFoundError(prog)
-    return found
 
 
 def test_env(opts: ProveOptions) -> dict[str, str]:

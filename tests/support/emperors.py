@@ -96,8 +96,10 @@ class Emp(RunningEmperor):
 
     def heartbeats_seen(self, names, timeout: float = 20.0) -> None:
         """Wait until the Emperor has a heartbeat from each of `names`."""
-        wait_for(lambda: all((s := self.status())[n]["heartbeat_age"] is not None for n in names),
-                 timeout, f"a heartbeat from each of {sorted(names)}")
+        def seen() -> bool:
+            status = self.status()
+            return all(status[n]["heartbeat_age"] is not None for n in names)
+        wait_for(seen, timeout, f"a heartbeat from each of {sorted(names)}")
 
     def url(self, path: str) -> str:
         """`path` on its --status-http listener."""
