@@ -304,40 +304,7 @@ def test_the_foreign_write_finder_finds_one():
         "mixin.py:6: seen (declared in whole.py)"]
 
 
-# writes across a module's boundary still to be moved to their owner; a new one fails the test
-FOREIGN_WRITES_FOR_NOW = {
-    "cli.py: front",
-    "cli.py: log",
-    "cli.py: run_dir",
-    "cli.py: status",
-    "emperor/processes.py: adoption",
-    "emperor/processes.py: config_pipe",
-    "emperor/processes.py: output",
-    "emperor/processes.py: pipe",
-    "prove/scheduler.py: err",
-    "prove/scheduler.py: error",
-    "prove/scheduler.py: open_streams",
-    "prove/scheduler.py: out_buf",
-    "prove/scheduler.py: pid",
-    "prove/scheduler.py: rusage",
-    "prove/scheduler.py: started",
-    "prove/scheduler.py: status",
-    "prove/scheduler.py: timed_out",
-    "prove/serving.py: open_streams",
-    "prove/serving.py: pid",
-    "status/requests.py: job",
-    "status/requests.py: misdirected",
-    "status/requests.py: now",
-    "status/server.py: deadline",
-    "status/server.py: out",
-}
-
-
 def test_no_module_assigns_an_attribute_another_module_declares():
     sources = {str(p.relative_to(ROOT)): p.read_text() for p in sorted(ROOT.rglob("*.py"))}
     found = foreign_writes(sources)
-    new = [f for f in found if "{}: {}".format(f.split(":")[0], f.split(": ")[1].split(" (")[0])
-           not in FOREIGN_WRITES_FOR_NOW]
-    assert new == [], "\n".join(new)
-    left = {"{}: {}".format(f.split(":")[0], f.split(": ")[1].split(" (")[0]) for f in found}
-    assert FOREIGN_WRITES_FOR_NOW - left == set(), "moved: drop it from the list"
+    assert found == [], "\n".join(found)
