@@ -171,8 +171,12 @@ class ProcessTable:
             return contextlib.nullcontext()
         return self.cgroups.spawning(name, seq)
 
-    def send(self, name: str, seq: int, byte: EmperorByte) -> None:
-        h = self.handles.get((name, seq))
+    def send(self, v: Vassal, seq: int, byte: EmperorByte) -> None:
+        """A byte to process `seq` of v: the stop its step asked for (logged)."""
+        p = v.proc(seq)
+        if p is not None:
+            self.log(f"stopping pid {p.pid} ({p.stop_reason})", v.name)
+        h = self.handles.get((v.name, seq))
         if h is None or h.pipe is None:
             return
         try:
@@ -180,10 +184,13 @@ class ProcessTable:
         except OSError:
             pass  # it is exiting anyway; reaping will tell
 
-    @staticmethod
-    def kill(pid: int) -> None:
-        """SIGKILL a process and its descendants."""
-        launch.kill_tree(pid)
+    def kill(self, v: Vassal, seq: int, reason: str) -> None:
+        """SIGKILL process `seq` of v and its descendants."""
+        p = v.proc(seq)
+        pid = p.pid if p is not None else None
+        self.log(f"SIGKILL pid {pid}: {reason}", v.name)
+        if pid is not None:
+            launch.kill_tree(pid)
 
     # -- the config pipe --------------------------------------------------------
 
