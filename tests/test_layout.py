@@ -160,7 +160,8 @@ def test_no_perl_module_over_400_lines():
 # class of another module does, is a write across the boundary. `self.NAME`
 # in a method is the class's own attribute, unless a class of its family (a
 # base or a subclass: a mixin) in another module declares it. The result of
-# a call (`ET.SubElement(...).text = ...`) is nobody the reader can name here.
+# a call to a function the package does not define (`ET.SubElement(...).text
+# = ...`) is another library's object, none of the package's.
 
 INITS = ("__init__", "__post_init__")
 
@@ -209,6 +210,10 @@ class _Module:
         self.declares: dict[str, set[str]] = {}
         self.bases: dict[str, set[str]] = {}
         self.writes: list[tuple[str | None, bool, str, int]] = []  # (class, self?, attr, line)
+        # writes to what a call returned: (the called name, attr, line)
+        self.call_writes: list[tuple[str, str, int]] = []
+        self.functions = {n.name for n in ast.walk(tree)
+                          if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
         self._walk(tree, None)
 
     def _walk(self, node: ast.AST, cls: str | None) -> None:
@@ -217,7 +222,10 @@ class _Module:
                 self._class(child)
                 continue
             for receiver, attr, line in _written(child):
-                if not isinstance(_root(receiver), ast.Call):
+                root = _root(receiver)
+                if isinstance(root, ast.Call):
+                    self.call_writes.append((ast.unparse(root.func).split(".")[-1], attr, line))
+                else:
                     self.writes.append((cls, _is_self(receiver), attr, line))
             self._walk(child, cls)
 
@@ -259,9 +267,12 @@ def foreign_writes(sources: dict[str, str]) -> list[str]:
         """`cls`, its bases and its subclasses: one object at run time."""
         return ancestors(cls) | {c for c in bases if cls in ancestors(c)}
 
+    ours = set().union(*(m.functions for m in mods.values()))
     out = []
     for path, m in mods.items():
-        for cls, on_self, attr, line in m.writes:
+        writes = m.writes + [(None, False, attr, line) for called, attr, line in m.call_writes
+                             if called in ours]
+        for cls, on_self, attr, line in writes:
             if attr in m.declared:
                 continue
             if on_self and cls is not None:
@@ -281,13 +292,15 @@ def test_the_foreign_write_finder_finds_one():
     other = ("import xml.etree.ElementTree as ET\n"
              "def f(p, q):\n    p.state = 1\n    q.n += 1\n    a, p.state = 1, 2\n"
              "    setattr(p, 'state', 3)\n    p.free = 4\n    q.m = 5\n"
-             "    ET.SubElement(p, 'x').state = 6\n")
+             "    ET.SubElement(p, 'x').state = 6\n    first(p).state = 7\n"
+             "def first(p):\n    return p\n")
     mine = "class R:\n    state: int\n\ndef g(p):\n    p.state = 1\n"
     assert foreign_writes({"owner.py": owner, "other.py": other, "mine.py": mine}) == [
         "other.py:3: state (declared in mine.py, owner.py)",
         "other.py:4: n (declared in owner.py)",
         "other.py:5: state (declared in mine.py, owner.py)",
         "other.py:6: state (declared in mine.py, owner.py)",
+        "other.py:10: state (declared in mine.py, owner.py)",
     ]
     # a class's own write, in its own module, is no violation
     assert foreign_writes({"owner.py": owner + "def h(p):\n    p.state = 2\n"}) == []

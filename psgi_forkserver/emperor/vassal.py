@@ -17,17 +17,9 @@ decisions ask for by name (`_start`, `_start_successor`, `_promote`,
 the last step waits for and the count of process records. A process record
 (`Proc`, proc.py) changes only through its own methods.
 
-A vassal may have several processes at once, each a `Proc` with its own
-small life (ADOPTING -> STARTING -> RUNNING -> LOYAL -> STOPPING):
-
-- `current`: the process that serves;
-- `successor`: during a gap-free reload or a code deploy, the new process,
-  started while `current` still serves (both on the Emperor's socket);
-  once it is loyal (byte 17; or byte 1/5 plus `Policy.reload_grace`) it is
-  promoted and the old one retires;
-- `retiring`: old processes asked to stop gracefully (byte 2, SIGKILL after
-  the mercy timeout). An old *base* retires only once no adopted vassal
-  forked from it is left ("drained").
+A vassal may have several processes at once (`current`, `successor`,
+`retiring`), each a `Proc` with its own small life (ADOPTING -> STARTING
+-> RUNNING -> LOYAL -> STOPPING).
 """
 
 from __future__ import annotations
@@ -84,8 +76,13 @@ class Vassal(VassalView, Decisions):
     auto_socket: bool = False  # the Emperor gives one to a vassal with `domain` (sockets.py)
 
     phase: Phase = Phase.NEW
-    current: Proc | None = None
+    current: Proc | None = None  # the process that serves
+    # a gap-free reload or a code deploy: the new process, started while
+    # `current` serves (both on the Emperor's socket); promoted once loyal
+    # (byte 17, or byte 1/5 plus `Policy.reload_grace`)
     successor: Proc | None = None
+    # old processes asked to stop (byte 2, SIGKILL after the mercy timeout);
+    # an old base only once no adopted vassal runs on it ("drained")
     retiring: list[Proc] = field(default_factory=list)
     since: float = 0.0  # entered the current phase
     not_before: float = 0.0  # THROTTLED (or a failed successor): next try
