@@ -203,16 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     if bad is not None:
         print(f"emperor: {bad}", file=sys.stderr)
         return 2
-    opts = Options.from_args(args)
-    opts.run_dir = run_dir_of(args)
-    opts.front = front_options(args)
     from .logs import Log
 
     try:
-        opts.log = Log(fmt=opts.log_format, path=opts.logto)
+        log = Log(fmt=args.log_format,
+                  path=args.logto.absolute() if args.logto is not None else None)
     except OSError as e:
         print(f"emperor: --logto {e}", file=sys.stderr)
         return 2
+    opts = Options.from_args(args, log=log, run_dir=run_dir_of(args), front=front_options(args))
     emperor = Emperor(opts)
     try:
         emperor.locks.take()  # locks and pidfile first: a second Emperor stops here
@@ -229,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     # empty directory per vassals directory behind
     atexit.register(remove_empty_dirs, *own_dirs(args, opts.run_dir))
     try:
-        opts.status = bind_status(args)  # before anything starts: errors exit 2
+        opts.bound(bind_status(args))  # before anything starts: errors exit 2
     except (OSError, ValueError) as e:
         emperor.locks.release()
         if emperor.opts.pidfile is not None:

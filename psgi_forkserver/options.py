@@ -103,10 +103,17 @@ class Options:
         """The vassal program is ForkServer.pm (not a uWSGI 2.0 vassal)."""
         return os.path.basename(self.program) == "ForkServer.pm"
 
+    def bound(self, status: Any) -> None:
+        """The status sockets, bound once the Emperor holds its locks (so
+        that a second Emperor never touches the first one's)."""
+        self.status = status
+
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Options:
-        """`emperor run`'s parsed options, with paths made absolute."""
-        opts = cls(args.vassals_dir, **{f.name: getattr(args, f.name) for f in run_options()})
+    def from_args(cls, args: argparse.Namespace, **made: Any) -> Options:
+        """`emperor run`'s parsed options, with paths made absolute; `made`:
+        the fields the cli makes itself (`log`, `run_dir`, `front`)."""
+        opts = cls(args.vassals_dir, **{f.name: getattr(args, f.name) for f in run_options()},
+                   **made)
         # not resolved: a symlink flipped to a new directory is followed
         opts.vassals_dir = opts.vassals_dir.absolute()
         program = opts.program or str(paths.vassal_program())

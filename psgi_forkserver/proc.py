@@ -4,7 +4,8 @@
 where one of its processes is; the actions (`Spawn`, `Adopt`, `Send`,
 `Kill`, `Forget`) are what `Vassal.step` asks the Emperor to carry out;
 `Context` is what the Emperor tells it about the world each turn; `Policy`
-the timings. Nothing here has behaviour beyond a few properties.
+the timings. A `Proc`'s fields change only through its own methods (its
+transitions), which the vassal's facts and decisions call.
 """
 
 from __future__ import annotations
@@ -189,4 +190,59 @@ class Proc:
     @property
     def live(self) -> bool:
         return self.state in LIVE
+
+    # -- its transitions ---------------------------------------------------
+
+    def started(self, pid: int, now: float) -> None:
+        """It exists: forked and exec'd, or the fork server's reply named it."""
+        self.pid = pid
+        self.started_at = now
+        self.state = ProcState.STARTING
+
+    def ready(self, now: float) -> bool:
+        """Start-up done (byte 1/5, or a base's probe); False if it was not starting."""
+        if self.state != ProcState.STARTING:
+            return False
+        self.state = ProcState.RUNNING
+        self.ready_at = now
+        return True
+
+    def loyal(self, now: float) -> bool:
+        """Byte 17 (every worker accepts); False if it was not starting or running."""
+        if self.state not in (ProcState.STARTING, ProcState.RUNNING):
+            return False
+        if self.ready_at is None:
+            self.ready_at = now
+        self.state = ProcState.LOYAL
+        return True
+
+    def beat(self, now: float) -> None:
+        self.last_heartbeat = now
+
+    def reaped(self) -> None:
+        self.pid = None
+
+    def stop(self, now: float, reason: str, mercy: float) -> None:
+        """Asked to stop gracefully (byte 2): killed if alive `mercy` s from now."""
+        self.stop_reason = reason
+        self.stop_deadline = now + mercy
+        self.state = ProcState.STOPPING
+
+    def kill(self, now: float, reason: str) -> None:
+        """Killed at once, without a graceful stop (a missed heartbeat)."""
+        self.stop(now, reason, 0.0)
+        self.killed = True
+
+    def mercy_over(self, now: float) -> bool:
+        """Still alive past its stop deadline: killed now. True once."""
+        if self.state == ProcState.STOPPING and not self.killed \
+                and self.stop_deadline is not None and now >= self.stop_deadline:
+            self.killed = True
+            return True
+        return False
+
+    def retire_when_drained(self) -> None:
+        """An old base, replaced: stopped once no adopted vassal runs on it."""
+        self.hold = True
+        self.stop_reason = "replaced"
 

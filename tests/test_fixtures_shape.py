@@ -72,3 +72,21 @@ def test_no_module_of_the_package_imports_private_names_of_another():
             if private:
                 found.append(f"{p.relative_to(PACKAGE.parent)}:{line}: from {module} import {', '.join(private)}")
     assert found == [], "\n".join(found)
+
+
+def test_a_running_emperor_is_supports_emp_and_no_test_wraps_one():
+    """A test module keeps no class of its own around an Emperor it starts
+    or stops (a second `Fleet`, `Emp`): it gets `support.Emp` from
+    `support.Emperors`, and what it adds are functions taking the Emp."""
+    starts = {"start_emperor", "stop_emperor", "Emperors", "Emp", "RunningEmperor"}
+    found = []
+    for p in TEST_MODULES:
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ClassDef):
+                called = {ast.unparse(n.func).split(".")[-1] for n in ast.walk(node)
+                          if isinstance(n, ast.Call)}
+                annotated = {ast.unparse(n.annotation) for n in ast.walk(node)
+                             if isinstance(n, ast.AnnAssign)}
+                if called & starts or annotated & starts:
+                    found.append(f"{p.name}:{node.lineno}: class {node.name}")
+    assert found == [], "\n".join(found)

@@ -28,8 +28,7 @@ from xprocess import ProcessStarter
 from psgi_forkserver import paths, status
 
 from support import (
-    EMPEROR, RunningEmperor, base_ini, descendants, free_port, pid_alive, start_emperor, stop_emperor,
-    wait_for,
+    EMPEROR, Emp, Emperors, base_ini, descendants, free_port, pid_alive, stop_emperor, wait_for,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -205,24 +204,6 @@ def stop_starman(s: Starman) -> None:
                  f"Starman's worker {p.pid} to leave")
 
 
-@dataclass
-class Fleet:
-    emperor: RunningEmperor
-    dir: Path
-    state: Path
-    ports: dict[str, int]
-    spares: bool
-    stopped: bool = False
-
-    def doc(self) -> dict:
-        return status.fetch(status.default_stats_path(self.dir))
-
-    def stop(self) -> None:
-        if not self.stopped:
-            self.stopped = True
-            stop_emperor(self.emperor)
-
-
 def exit_ini(name: str, port: int, state: Path, extra: str = "") -> str:
     d = state / name
     d.mkdir(exist_ok=True)
@@ -230,40 +211,38 @@ def exit_ini(name: str, port: int, state: Path, extra: str = "") -> str:
             f"processes = 1\nenv = EXIT_DIR={d}\ndisable-logging = true\n{extra}")
 
 
-def start_fleet(xprocess, name: str, spares: bool, args: list[str]) -> Fleet:
-    vdir = Path(tempfile.mkdtemp(prefix=f"pf-{name}-"))
-    state = vdir / "state"
+def start_fleet(emperors: Emperors, spares: bool, args: list[str]) -> Emp:
+    """The apps' fleet; what they write goes to `state` beside its files
+    (`state_of`); its status is read from its default stats socket."""
+    vdir = emperors.directory()
+    state = state_of(vdir)
     state.mkdir()
-    (vdir / "base.ini").write_text(
-        base_ini(APPS / "preload.psgi", "fs.sock", *([] if spares else ["fork-server-spares = 0"])))
     ports = {n: free_port() for n in (*VASSALS, *EXITS, "mojodev", "harakiri", "exit-warm")}
+    files = {"base": base_ini(APPS / "preload.psgi", "fs.sock",
+                              *([] if spares else ["fork-server-spares = 0"]))}
     for n, psgi in VASSALS.items():
-        (vdir / f"{n}.ini").write_text(
-            f"[uwsgi]\nhttp-socket = 127.0.0.1:{ports[n]}\nprocesses = 2\n"
-            + (f"psgi = {psgi}\n" if psgi else ""))
-    (vdir / "mojodev.ini").write_text(
-        f"[uwsgi]\nhttp-socket = 127.0.0.1:{ports['mojodev']}\npsgi = {VASSALS['mojo']}\n"
-        "plack-env = development\ndisable-logging = true\n")
+        files[n] = (f"[uwsgi]\nhttp-socket = 127.0.0.1:{ports[n]}\nprocesses = 2\n"
+                    + (f"psgi = {psgi}\n" if psgi else ""))
+    files["mojodev"] = (f"[uwsgi]\nhttp-socket = 127.0.0.1:{ports['mojodev']}\n"
+                        f"psgi = {VASSALS['mojo']}\nplack-env = development\ndisable-logging = true\n")
     for n in EXITS:
-        (vdir / f"{n}.ini").write_text(exit_ini(n, ports[n], state))
+        files[n] = exit_ini(n, ports[n], state)
     # the base's own app (a spare's warm worker serves it when spares are on)
     (state / "exit-warm").mkdir()
-    (vdir / "exit-warm.ini").write_text(
-        f"[uwsgi]\nhttp-socket = 127.0.0.1:{ports['exit-warm']}\nprocesses = 1\n"
-        f"env = CODEBASE_EXIT_DIR={state / 'exit-warm'}\n")
-    (vdir / "harakiri.ini").write_text(exit_ini("harakiri", ports["harakiri"], state,
-                                                "harakiri = 1\n"))
-    em = start_emperor(xprocess, name, [vdir, "--mercy", "20", "--rescan-interval", "600", *args],
-                       env={"FRAMEWORKS_STATE": str(state), "PLACK_ENV": ""})
-    f = Fleet(em, vdir, state, ports, spares)
-    try:
-        for n, port in ports.items():
-            wait_for(lambda p=port, n=n: request(p, f"{n}.test", "GET", "/json", timeout=5).status
-                     in (200, 404), 90, f"{n} to answer")
-    except BaseException:
-        f.stop()
-        raise
+    files["exit-warm"] = (f"[uwsgi]\nhttp-socket = 127.0.0.1:{ports['exit-warm']}\nprocesses = 1\n"
+                          f"env = CODEBASE_EXIT_DIR={state / 'exit-warm'}\n")
+    files["harakiri"] = exit_ini("harakiri", ports["harakiri"], state, "harakiri = 1\n")
+    f = emperors(files, *args, base=False, vdir=vdir,
+                 env={"FRAMEWORKS_STATE": str(state), "PLACK_ENV": ""})
+    f.ports, f.stats = ports, status.default_stats_path(f.dir)
+    for n, port in ports.items():
+        wait_for(lambda p=port, n=n: request(p, f"{n}.test", "GET", "/json", timeout=5).status
+                 in (200, 404), 90, f"{n} to answer")
     return f
+
+
+def state_of(vdir: Path) -> Path:
+    return vdir / "state"
 
 
 @pytest.fixture(scope="module")
@@ -279,22 +258,22 @@ def starman(xprocess):
 
 
 def _fleet(xprocess, name: str, spares: bool, args: list[str]):
-    f = start_fleet(xprocess, name, spares, args)
+    emperors = Emperors(xprocess, f"pf-{name}-", stats=False,
+                        args=["--mercy", "20", "--rescan-interval", "600"])
     try:
-        yield f
+        yield start_fleet(emperors, spares, args)
     finally:
-        f.stop()
-        shutil.rmtree(f.dir, ignore_errors=True)
+        emperors.stop()
 
 
 @pytest.fixture(scope="module")
 def fleet_spares(xprocess):
-    yield from _fleet(xprocess, "emperor-frameworks-spares", True, [])
+    yield from _fleet(xprocess, "frameworks-spares", True, [])
 
 
 @pytest.fixture(scope="module")
 def fleet_nospares(xprocess):
-    yield from _fleet(xprocess, "emperor-frameworks-nospares", False, ["--plack-env", "staging"])
+    yield from _fleet(xprocess, "frameworks-nospares", False, ["--plack-env", "staging"])
 
 
 @pytest.fixture(scope="module")
@@ -365,11 +344,11 @@ def test_a_preloaded_catalyst_app_serves_and_logs_through_its_layers(fleets):
         assert f.doc()["vassals"]["cat"]["state"] == "loyal"
         r = request(f.ports["cat"], "cat.test", "GET", "/log")
         assert r.status == 200
-        wait_for(lambda: f.emperor.lines("[cat] catapp says \u2603 caf\u00e9"), 10,
+        wait_for(lambda: f.lines("[cat] catapp says \u2603 caf\u00e9"), 10,
                  "the app's UTF-8 line in the log")
         # our own lines kept coming: the access log of that very request
-        wait_for(lambda: f.emperor.lines('"GET /log HTTP/1.1" 200'), 10, "its access log line")
-        assert not f.emperor.lines("isn't allowed on :utf8"), f.emperor.text()
+        wait_for(lambda: f.lines('"GET /log HTTP/1.1" 200'), 10, "its access log line")
+        assert not f.lines("isn't allowed on :utf8"), f.text()
 
 
 # -- PLACK_ENV -------------------------------------------------------------------------
@@ -402,11 +381,11 @@ def test_plack_env_is_deployment_by_default_and_overridable(fleets, starman_repl
 def test_a_connected_database_handle_from_the_base_is_warned_about_once(fleets):
     for f in fleets.values():
         for n in VASSALS:
-            lines = f.emperor.lines(f"[{n}] psgi-vassal {n}: a database handle the base opened")
+            lines = f.lines(f"[{n}] psgi-vassal {n}: a database handle the base opened")
             assert len(lines) == 1, (n, lines)
             assert "preload.db" in lines[0] and "docs/frameworks.md" in lines[0]
             # not the DBIx::Class one (catapp.db): it reconnects by itself
-        assert not [line for line in f.emperor.lines("a database handle the base opened")
+        assert not [line for line in f.lines("a database handle the base opened")
                     if "catapp.db" in line]
 
 
@@ -450,8 +429,8 @@ def starman_exit(xprocess):
         shutil.rmtree(d, ignore_errors=True)
 
 
-def serve_six(f: Fleet, name: str) -> int:
-    pid = f.emperor.vpid(name)
+def serve_six(f: Emp, name: str) -> int:
+    pid = f.vpid(name)
     for i in range(6):
         assert request(f.ports[name], "x", "GET", f"/r{i}").status == 200
     return pid
@@ -470,34 +449,34 @@ def test_a_graceful_stop_runs_end_blocks_destructors_and_flushes(fleets, starman
         assert r.returncode == 0, r.stderr
         for n, pid in pids.items():
             wait_for(lambda pid=pid: not pid_alive(pid), 30, f"{n}'s pid {pid} to leave")
-            wait_for(lambda n=n: exit_counts(f.state / n) == starman_exit, 15,
+            wait_for(lambda n=n: exit_counts(state_of(f.dir) / n) == starman_exit, 15,
                      f"{fname} {n}: END, DEMOLISH, log lines as under Starman "
-                     f"{starman_exit}, got {exit_counts(f.state / n)}")
+                     f"{starman_exit}, got {exit_counts(state_of(f.dir) / n)}")
 
 
 def test_the_preloaded_codebase_end_block_runs_in_the_vassal_and_its_worker(fleets):
     for fname, f in fleets.items():
-        pid = f.emperor.vpid("exit-warm")
+        pid = f.vpid("exit-warm")
         worker = [p.pid for p in descendants(pid)]
         assert request(f.ports["exit-warm"], "cat.test", "GET", "/json").status == 200
         (f.dir / "exit-warm.ini").unlink()
         wait_for(lambda: not pid_alive(pid), 30, f"{fname}: exit-warm to leave")
         want = sorted(f"END {p}" for p in [pid, *worker])
-        wait_for(lambda: sorted(events_lines(f.state / "exit-warm")) == want, 15,
-                 f"{fname}: END in {want}, got {events_lines(f.state / 'exit-warm')}")
+        wait_for(lambda: sorted(events_lines(state_of(f.dir) / "exit-warm")) == want, 15,
+                 f"{fname}: END in {want}, got {events_lines(state_of(f.dir) / 'exit-warm')}")
 
 
 def test_harakiri_stays_immediate(fleets):
     f = fleets["no-spares"]
-    d = f.state / "harakiri"
-    pid = f.emperor.vpid("harakiri")
+    d = state_of(f.dir) / "harakiri"
+    pid = f.vpid("harakiri")
     r = None
     try:
         r = request(f.ports["harakiri"], "x", "GET", "/sleep", timeout=20)
     except (OSError, http.client.HTTPException):
         pass
     assert r is None or r.status >= 500
-    wait_for(lambda: f.emperor.lines("harakiri: worker"), 20, "the harakiri line")
+    wait_for(lambda: f.lines("harakiri: worker"), 20, "the harakiri line")
     # the vassal's master still runs; the killed worker ran no END block
     assert pid_alive(pid)
     assert not [e for e in events(d) if e == "END"], events(d)
@@ -507,5 +486,5 @@ def test_shutdown_runs_them_too(fleets, starman_exit):
     """Last: it stops both Emperors."""
     for fname, f in fleets.items():
         serve_six(f, "exit-shutdown")
-        f.stop()
-        assert exit_counts(f.state / "exit-shutdown") == starman_exit, fname
+        stop_emperor(f)
+        assert exit_counts(state_of(f.dir) / "exit-shutdown") == starman_exit, fname

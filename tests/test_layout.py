@@ -149,3 +149,175 @@ def test_no_perl_module_over_400_lines():
     too_long = {p: n for p, n in lines.items() if n > MAX_LINES}
     assert set(too_long) - set(PERL_TOO_LONG_FOR_NOW) == set(), too_long
     assert set(PERL_TOO_LONG_FOR_NOW) - set(too_long) == set(), "split: drop it from the list"
+
+
+# -- who writes an attribute ------------------------------------------------
+# An attribute is declared by a class: a dataclass field or other annotation
+# in its body, or `self.NAME = ...` in its `__init__`/`__post_init__`. The
+# module that declares it is the one that changes it; any other module asks
+# that one (a method, a returned value). Read by name, as a newcomer reads
+# it: `X.NAME = ...` in a module none of whose classes declares NAME, while a
+# class of another module does, is a write across the boundary. `self.NAME`
+# in a method is the class's own attribute, unless a class of its family (a
+# base or a subclass: a mixin) in another module declares it. The result of
+# a call to a function the package does not define (`ET.SubElement(...).text
+# = ...`) is another library's object, none of the package's.
+
+INITS = ("__init__", "__post_init__")
+
+
+def _attribute_targets(target: ast.AST) -> list[ast.Attribute]:
+    if isinstance(target, ast.Attribute):
+        return [target]
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return [a for t in target.elts for a in _attribute_targets(t)]
+    if isinstance(target, ast.Starred):
+        return _attribute_targets(target.value)
+    return []
+
+
+def _written(node: ast.AST) -> list[tuple[ast.AST | None, str, int]]:
+    """(receiver, attribute, line) of what `node` assigns: `X.a = `, `X.a += `,
+    `X.a: T = `, `setattr(X, "a", ...)`, `object.__setattr__(X, "a", ...)`."""
+    if isinstance(node, ast.Assign):
+        targets = node.targets
+    elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+        targets = [node.target]
+    elif isinstance(node, ast.Call) and len(node.args) >= 2 \
+            and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str) \
+            and ast.unparse(node.func) in ("setattr", "object.__setattr__"):
+        return [(node.args[0], node.args[1].value, node.lineno)]
+    else:
+        return []
+    return [(a.value, a.attr, a.lineno) for t in targets for a in _attribute_targets(t)]
+
+
+def _is_self(node: ast.AST | None) -> bool:
+    return isinstance(node, ast.Name) and node.id == "self"
+
+
+def _root(node: ast.AST | None) -> ast.AST | None:
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        node = node.value
+    return node
+
+
+class _Module:
+    """One module's classes: what each declares, its bases' names, and every
+    attribute write in the module with the class it is written in."""
+
+    def __init__(self, tree: ast.Module):
+        self.declares: dict[str, set[str]] = {}
+        self.bases: dict[str, set[str]] = {}
+        self.writes: list[tuple[str | None, bool, str, int]] = []  # (class, self?, attr, line)
+        # writes to what a call returned: (the called name, attr, line)
+        self.call_writes: list[tuple[str, str, int]] = []
+        self.functions = {n.name for n in ast.walk(tree)
+                          if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        self._walk(tree, None)
+
+    def _walk(self, node: ast.AST, cls: str | None) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                self._class(child)
+                continue
+            for receiver, attr, line in _written(child):
+                root = _root(receiver)
+                if isinstance(root, ast.Call):
+                    self.call_writes.append((ast.unparse(root.func).split(".")[-1], attr, line))
+                else:
+                    self.writes.append((cls, _is_self(receiver), attr, line))
+            self._walk(child, cls)
+
+    def _class(self, node: ast.ClassDef) -> None:
+        names = self.declares.setdefault(node.name, set())
+        self.bases[node.name] = {b.attr if isinstance(b, ast.Attribute) else b.id
+                                 for b in node.bases if isinstance(b, (ast.Name, ast.Attribute))}
+        for stmt in node.body:
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                names.add(stmt.target.id)
+            elif isinstance(stmt, ast.FunctionDef) and stmt.name in INITS:
+                names |= {attr for n in ast.walk(stmt) for receiver, attr, _ in _written(n)
+                          if _is_self(receiver)}
+        self._walk(node, node.name)
+
+    @property
+    def declared(self) -> set[str]:
+        return set().union(*self.declares.values())
+
+
+def foreign_writes(sources: dict[str, str]) -> list[str]:
+    """`path:line: attr (declared in ...)` for every assignment in one
+    module of an attribute only other modules' classes declare."""
+    mods = {path: _Module(ast.parse(src)) for path, src in sources.items()}
+    where = {(cls, path) for path, m in mods.items() for cls in m.declares}
+    bases = {cls: b for m in mods.values() for cls, b in m.bases.items()}
+
+    def ancestors(cls: str) -> set[str]:
+        """`cls` and its bases, theirs, ... (by name, those of the package)."""
+        seen, todo = set(), [cls]
+        while todo:
+            c = todo.pop()
+            if c not in seen:
+                seen.add(c)
+                todo += bases.get(c, set())
+        return seen
+
+    def family(cls: str) -> set[str]:
+        """`cls`, its bases and its subclasses: one object at run time."""
+        return ancestors(cls) | {c for c in bases if cls in ancestors(c)}
+
+    ours = set().union(*(m.functions for m in mods.values()))
+    out = []
+    for path, m in mods.items():
+        writes = m.writes + [(None, False, attr, line) for called, attr, line in m.call_writes
+                             if called in ours]
+        for cls, on_self, attr, line in writes:
+            if attr in m.declared:
+                continue
+            if on_self and cls is not None:
+                kin = family(cls)
+                owners = sorted({p for c, p in where if c in kin and attr in mods[p].declares[c]})
+            else:
+                owners = sorted(p for p, other in mods.items() if attr in other.declared)
+            if owners:
+                out.append(f"{path}:{line}: {attr} (declared in {', '.join(owners)})")
+    return sorted(out, key=lambda s: (s.split(":")[0], int(s.split(":")[1])))
+
+
+def test_the_foreign_write_finder_finds_one():
+    owner = ("from dataclasses import dataclass\n@dataclass\nclass P:\n    state: int = 0\n"
+             "class Q:\n    def __init__(self):\n        self.n = 0\n"
+             "    def later(self):\n        self.m = 0\n")
+    other = ("import xml.etree.ElementTree as ET\n"
+             "def f(p, q):\n    p.state = 1\n    q.n += 1\n    a, p.state = 1, 2\n"
+             "    setattr(p, 'state', 3)\n    p.free = 4\n    q.m = 5\n"
+             "    ET.SubElement(p, 'x').state = 6\n    first(p).state = 7\n"
+             "def first(p):\n    return p\n")
+    mine = "class R:\n    state: int\n\ndef g(p):\n    p.state = 1\n"
+    assert foreign_writes({"owner.py": owner, "other.py": other, "mine.py": mine}) == [
+        "other.py:3: state (declared in mine.py, owner.py)",
+        "other.py:4: n (declared in owner.py)",
+        "other.py:5: state (declared in mine.py, owner.py)",
+        "other.py:6: state (declared in mine.py, owner.py)",
+        "other.py:10: state (declared in mine.py, owner.py)",
+    ]
+    # a class's own write, in its own module, is no violation
+    assert foreign_writes({"owner.py": owner + "def h(p):\n    p.state = 2\n"}) == []
+    # nor its own attribute set outside __init__, though another class has one so named
+    lazy = "class S:\n    def setup(self):\n        self.state = 1\n"
+    assert foreign_writes({"owner.py": owner, "lazy.py": lazy}) == []
+    # a mixin writing what the class it is mixed into declares is one, and an
+    # annotation only the type checker reads declares nothing
+    mixin = ("from typing import TYPE_CHECKING\nclass Half:\n    if TYPE_CHECKING:\n"
+             "        seen: int\n    def go(self):\n        self.seen = 1\n")
+    whole = ("from dataclasses import dataclass\nfrom mixin import Half\n"
+             "@dataclass\nclass Whole(Half):\n    seen: int = 0\n")
+    assert foreign_writes({"mixin.py": mixin, "whole.py": whole}) == [
+        "mixin.py:6: seen (declared in whole.py)"]
+
+
+def test_no_module_assigns_an_attribute_another_module_declares():
+    sources = {str(p.relative_to(ROOT)): p.read_text() for p in sorted(ROOT.rglob("*.py"))}
+    found = foreign_writes(sources)
+    assert found == [], "\n".join(found)

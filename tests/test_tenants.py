@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from support import (
-    Emp, PROGRAM, alive, base_ini, descendants, free_port, kill_all, start_emperor, stop_emperor, wait_for,
+    Emp, Emperors, PROGRAM, alive, base_ini, descendants, free_port, kill_all, wait_for,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -100,51 +100,60 @@ def vassal_ini(port: int, *extra: str, processes: int = 2) -> str:
                       "disable-logging = true", *extra, ""])
 
 
-class Fleet:
-    """An Emperor on its own vassals directory, started as root with the
-    groups root and adm."""
+# every tenant fleet: root with the groups root and adm, restarts fast
+ARGS = ["--mercy", "5", "--backoff-first", "0.2", "--backoff-max", "1"]
 
-    def __init__(self, xprocess, tenant: Tenant, k: int | None, **env: str):
-        self.vdir = Path(tempfile.mkdtemp(prefix="pf-tn-"))
-        self.k = k
-        if k is not None:
-            (self.vdir / "base.ini").write_text(tenant_base(k))
-        stats = Path(str(self.vdir) + ".stats")
-        environ = {"TENANT_PRELOAD_FILE": tenant.path("preload"), "TENANT_WARM_FILE": tenant.path("warm"),
-                   "TENANT_HELPER_TAG": self.vdir.name, **env}
-        em = start_emperor(xprocess, f"emperor-{self.vdir.name}", [
-            self.vdir, "--stats", stats, "--mercy", "5", "--backoff-first", "0.2", "--backoff-max", "1"],
-            environ, groups=[0, ADM])
-        self.e = Emp(em.pid, em.popen, em.log, self.vdir, stats)
-        if k:
-            self.wait_spares()
 
-    def wait_spares(self) -> None:
-        def ready():
-            sp = self.e.status()["base"].get("spares")
-            return sp and sp["ready"] == sp["count"] == self.k
-        wait_for(ready, 30, f"{self.k} warm spares")
+def start_fleet(emperors: Emperors, tenant: Tenant, k: int | None, **env: str) -> Emp:
+    """An Emperor on its own vassals directory: a base with `k` spares, or
+    none (k None: plain vassals). Its app's helpers are named after the
+    fleet (`tag_of`)."""
+    vdir = emperors.directory()
+    e = emperors({} if k is None else {"base": tenant_base(k)}, base=False, vdir=vdir,
+                 groups=[0, ADM], env={"TENANT_PRELOAD_FILE": tenant.path("preload"),
+                                        "TENANT_WARM_FILE": tenant.path("warm"),
+                                        "TENANT_HELPER_TAG": tag_of(vdir), **env})
+    if k:
+        wait_spares(e, k)
+    return e
 
-    def spares(self) -> set[int]:
-        return set(self.e.status()["base"]["spares"]["pids"])
 
-    def add(self, name: str, text: str, port: int) -> int:
-        """A new vassal; its pid once it answers."""
-        (self.vdir / f"{name}.ini").write_text(text)
-        wait_for(lambda: answers(port), 30, f"{name} to answer")
-        return self.e.vpid(name)
+def tag_of(vdir: Path) -> str:
+    """The fleet's own name: its directory's (made unique by mkdtemp)."""
+    return vdir.parent.name
 
-    def stop(self) -> None:
-        stop_emperor(self.e)
-        shutil.rmtree(self.vdir, ignore_errors=True)
-        Path(str(self.vdir) + ".stats").unlink(missing_ok=True)
+
+def wait_spares(e: Emp, k: int) -> None:
+    def ready():
+        sp = e.status()["base"].get("spares")
+        return sp and sp["ready"] == sp["count"] == k
+    wait_for(ready, 30, f"{k} warm spares")
+
+
+def spares(e: Emp) -> set[int]:
+    return set(e.status()["base"]["spares"]["pids"])
+
+
+def add(e: Emp, name: str, text: str, port: int) -> int:
+    """A new vassal; its pid once it answers."""
+    e.write(name, text)
+    wait_for(lambda: answers(port), 30, f"{name} to answer")
+    return e.vpid(name)
 
 
 @pytest.fixture(scope="module", params=[2, 0, None], ids=["spares", "forked", "plain"])
-def fleet(request, xprocess, tenant):
-    f = Fleet(xprocess, tenant, request.param)
-    yield f
-    f.stop()
+def k(request) -> int | None:
+    """The fleet's spares: 2, none (each vassal forked), or no base at all."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def fleet(xprocess, tenant, k):
+    emperors = Emperors(xprocess, "pf-tn-", args=ARGS)
+    try:
+        yield start_fleet(emperors, tenant, k)
+    finally:
+        emperors.stop()
 
 
 def every_worker(port: int, path: str, workers: int = 2) -> list[dict]:
@@ -163,15 +172,15 @@ def every_worker(port: int, path: str, workers: int = 2) -> list[dict]:
 # -- privileges ---------------------------------------------------------------
 
 
-def test_uid_alone_drops_gid_and_groups_too(fleet, tenant):
+def test_uid_alone_drops_gid_and_groups_too(fleet, k, tenant):
     """`uid` without `gid`: the user's primary group and its own
     supplementary groups (initgroups), never root's gid 0 nor the Emperor's
     adm; every uid and gid (real, effective, saved, file system)."""
     port = free_port()
-    extra = [f"psgi = {TENANT}"] if fleet.k is None else []
-    spares_before = fleet.spares() if fleet.k else set()
-    pid = fleet.add("low", vassal_ini(port, f"uid = {tenant.name}", *extra), port)
-    if fleet.k:
+    extra = [f"psgi = {TENANT}"] if k is None else []
+    spares_before = spares(fleet) if k else set()
+    pid = add(fleet, "low", vassal_ini(port, f"uid = {tenant.name}", *extra), port)
+    if k:
         assert pid in spares_before, f"{pid} was forked, not one of the spares {spares_before}"
     for r in every_worker(port, "/ids"):
         assert r["Uid"].split() == [str(tenant.uid)] * 4, r
@@ -181,17 +190,17 @@ def test_uid_alone_drops_gid_and_groups_too(fleet, tenant):
         r = ask(port, f"/read?path={tenant.path(secret)}")
         assert "content" not in r and r["error"] == "Permission denied", (secret, r)
     assert ask(port, f"/read?path={tenant.path('group-only')}")["content"] == "secret group-only\n"
-    (fleet.vdir / "low.ini").unlink()
+    (fleet.dir / "low.ini").unlink()
 
 
-def test_a_uid_without_passwd_entry_needs_gid(fleet, tenant):
+def test_a_uid_without_passwd_entry_needs_gid(fleet, k, tenant):
     port = free_port()
-    extra = [f"psgi = {TENANT}"] if fleet.k is None else []
-    (fleet.vdir / "ghost.ini").write_text(vassal_ini(port, "uid = 4123456", *extra))
-    wait_for(lambda: [ln for ln in fleet.e.lines("error: uid 4123456 has no passwd entry: give gid too") if "[ghost]" in ln], 30,
+    extra = [f"psgi = {TENANT}"] if k is None else []
+    (fleet.dir / "ghost.ini").write_text(vassal_ini(port, "uid = 4123456", *extra))
+    wait_for(lambda: [ln for ln in fleet.lines("error: uid 4123456 has no passwd entry: give gid too") if "[ghost]" in ln], 30,
              "the refusal")
     assert answers(port, 0.5) is None  # the Emperor may hold the socket: no answer
-    (fleet.vdir / "ghost.ini").unlink()
+    (fleet.dir / "ghost.ini").unlink()
 
 
 # -- descriptors --------------------------------------------------------------
@@ -199,7 +208,7 @@ def test_a_uid_without_passwd_entry_needs_gid(fleet, tenant):
 
 def base_fd(fleet, path: str) -> int:
     """The descriptor number the base holds `path` on."""
-    base = fleet.e.vpid("base")
+    base = fleet.vpid("base")
     for fd in os.listdir(f"/proc/{base}/fd"):
         try:
             if os.readlink(f"/proc/{base}/fd/{fd}") == path:
@@ -210,91 +219,91 @@ def base_fd(fleet, path: str) -> int:
 
 
 @pytest.mark.parametrize("uid", [True, False], ids=["uid vassal", "root vassal"])
-def test_a_vassal_holds_none_of_the_descriptors_the_app_opened_in_the_base(fleet, tenant, uid):
-    if fleet.k is None:
+def test_a_vassal_holds_none_of_the_descriptors_the_app_opened_in_the_base(fleet, k, tenant, uid):
+    if k is None:
         pytest.skip("no base: a plain vassal opens its own")
     n = base_fd(fleet, tenant.path("preload"))
     port = free_port()
-    fleet.add("nofd", vassal_ini(port, *([f"uid = {tenant.name}"] if uid else [])), port)
+    add(fleet, "nofd", vassal_ini(port, *([f"uid = {tenant.name}"] if uid else [])), port)
     for r in every_worker(port, "/fds"):
         assert r["preloaded"] == n, r    # the app's handle is still there, its descriptor is not
         held = set(r["fds"].values())
         assert tenant.path("preload") not in held, r
         # a spare's warm worker warmed up as root: it serves root vassals only (its warm-up
         # is then that vassal's first request's), never one that runs as another user
-        if uid or not fleet.k:
+        if uid or not k:
             assert tenant.path("warm") not in held, r
     for r in every_worker(port, f"/fd?n={n}"):
         assert "secret" not in json.dumps(r) and r["target"] == "/dev/null", r
-    vpid = fleet.e.vpid("nofd")
+    vpid = fleet.vpid("nofd")
     for p in [vpid, *(c.pid for c in psutil.Process(vpid).children())]:
         for fd in os.listdir(f"/proc/{p}/fd"):
             assert os.readlink(f"/proc/{p}/fd/{fd}") != tenant.path("preload"), (p, fd)
-    line = fleet.e.lines("adopted vassals close the descriptors the app holds: ")
-    assert line and f"{n} ({tenant.path('preload')})" in line[0], fleet.e.text()
-    (fleet.vdir / "nofd.ini").unlink()
+    line = fleet.lines("adopted vassals close the descriptors the app holds: ")
+    assert line and f"{n} ({tenant.path('preload')})" in line[0], fleet.text()
+    (fleet.dir / "nofd.ini").unlink()
 
 
-def test_keep_fd_keeps_one_for_a_root_vassal_and_refuses_it_to_a_uid_vassal(fleet, tenant):
-    if fleet.k is None:
+def test_keep_fd_keeps_one_for_a_root_vassal_and_refuses_it_to_a_uid_vassal(fleet, k, tenant):
+    if k is None:
         pytest.skip("no base")
     n = base_fd(fleet, tenant.path("preload"))
     port = free_port()
-    fleet.add("keeper", vassal_ini(port, f"keep-fd = {n}"), port)
+    add(fleet, "keeper", vassal_ini(port, f"keep-fd = {n}"), port)
     for r in every_worker(port, f"/fd?n={n}"):
         assert r.get("fd") == "secret preload\n", r
-    (fleet.vdir / "keeper.ini").unlink()
+    (fleet.dir / "keeper.ini").unlink()
     bad = free_port()
-    (fleet.vdir / "sneaky.ini").write_text(vassal_ini(bad, f"uid = {tenant.name}", f"keep-fd = {n}"))
-    (fleet.vdir / "stray.ini").write_text(vassal_ini(free_port(), "keep-fd = 1"))
+    (fleet.dir / "sneaky.ini").write_text(vassal_ini(bad, f"uid = {tenant.name}", f"keep-fd = {n}"))
+    (fleet.dir / "stray.ini").write_text(vassal_ini(free_port(), "keep-fd = 1"))
     want = (f"error: keep-fd {n} ({tenant.path('preload')}): refused for uid {tenant.uid}: "
             f"the base opened it as root and it belongs to uid 0, not to uid {tenant.uid}")
-    wait_for(lambda: [ln for ln in fleet.e.lines(want) if "[sneaky]" in ln], 30, "the refusal")
-    wait_for(lambda: [ln for ln in fleet.e.lines("error: keep-fd 1: not a descriptor the base's app holds")
+    wait_for(lambda: [ln for ln in fleet.lines(want) if "[sneaky]" in ln], 30, "the refusal")
+    wait_for(lambda: [ln for ln in fleet.lines("error: keep-fd 1: not a descriptor the base's app holds")
                       if "[stray]" in ln], 30, "the refusal")
     assert answers(bad, 0.5) is None
-    (fleet.vdir / "sneaky.ini").unlink()
-    (fleet.vdir / "stray.ini").unlink()
+    (fleet.dir / "sneaky.ini").unlink()
+    (fleet.dir / "stray.ini").unlink()
 
 
 # -- state not shared by accident ---------------------------------------------
 
 
-def test_every_worker_sees_its_own_vassals_emperor_variables(fleet):
+def test_every_worker_sees_its_own_vassals_emperor_variables(fleet, k):
     """A spare's warm worker was forked before its adoption: it is given its
     vassal's UWSGI_EMPEROR_FD and UWSGI_EMPEROR_FD_CONFIG as its siblings
     inherit them."""
     port = free_port()
-    extra = [f"psgi = {TENANT}"] if fleet.k is None else []
-    fleet.add("envs", vassal_ini(port, "env = APP_NAME=envs", *extra, processes=3), port)
+    extra = [f"psgi = {TENANT}"] if k is None else []
+    add(fleet, "envs", vassal_ini(port, "env = APP_NAME=envs", *extra, processes=3), port)
     seen = every_worker(port, "/env", 3)
     values = {(r["UWSGI_EMPEROR_FD"], r["UWSGI_EMPEROR_FD_CONFIG"], r["APP_NAME"]) for r in seen}
     assert len(values) == 1, seen
     fd, config_fd, _ = values.pop()
     assert fd is not None, seen
-    if fleet.k is not None:    # adopted: the config pipe stays open (a spawned vassal's is read and closed)
+    if k is not None:    # adopted: the config pipe stays open (a spawned vassal's is read and closed)
         assert config_fd is not None, seen
-    (fleet.vdir / "envs.ini").unlink()
+    (fleet.dir / "envs.ini").unlink()
 
 
-def test_every_process_draws_its_own_random_numbers(fleet):
+def test_every_process_draws_its_own_random_numbers(fleet, k):
     """Each worker of 4 vassals (a spare's warm worker, whose token is drawn
     in its warm-up, and the workers forked at adoption) has its own token
     and its own next rand()."""
     ports = []
     for i in range(4):
-        if fleet.k and i % fleet.k == 0:
-            fleet.wait_spares()    # each vassal from a spare
+        if k and i % k == 0:
+            wait_spares(fleet, k)    # each vassal from a spare
         port = free_port()
-        extra = [f"psgi = {TENANT}"] if fleet.k is None else []
-        fleet.add(f"rnd{i}", vassal_ini(port, *extra), port)
+        extra = [f"psgi = {TENANT}"] if k is None else []
+        add(fleet, f"rnd{i}", vassal_ini(port, *extra), port)
         ports.append(port)
     answers_ = [r for port in ports for r in every_worker(port, "/token")]
     assert len(answers_) == 8
     assert len({r["token"] for r in answers_}) == 8, answers_
     assert len({r["rand"] for r in answers_}) == 8, answers_
     for i in range(4):
-        (fleet.vdir / f"rnd{i}.ini").unlink()
+        (fleet.dir / f"rnd{i}.ini").unlink()
 
 
 # -- nothing of a vassal outlives it ------------------------------------------
@@ -321,44 +330,47 @@ def test_helpers_started_in_warm_ups_go_on_deploys_and_when_the_emperor_is_kille
     """The app starts 3 helpers in each warm-up (the base's early-warmup,
     each spare's worker): a deploy leaves only the new generation's, and
     kill -9 of the Emperor leaves nothing of the fleet."""
-    f = Fleet(xprocess, tenant, k, TENANT_HELPERS="3")
-    tag = f.vdir.name
+    emperors = Emperors(xprocess, "pf-tn-", args=ARGS)
+    tag = None
     try:
+        f = start_fleet(emperors, tenant, k, TENANT_HELPERS="3")
+        tag = tag_of(f.dir)
         want = 3 * (1 + k)
         wait_for(lambda: len(helpers(tag)) == want, 30, f"{want} helpers")
         if k:
             # a uid vassal adopted from a spare: the warm worker and the helpers
             # its warm-up started ran as root; none of them is in its session
             port = free_port()
-            vpid = f.add("low", vassal_ini(port, f"uid = {tenant.name}"), port)
+            vpid = add(f, "low", vassal_ini(port, f"uid = {tenant.name}"), port)
             session = [p for p in psutil.process_iter() if _sid(p.pid) == vpid]
             assert session and all(p.uids().effective == tenant.uid for p in session), \
                 [(p.pid, p.cmdline(), p.uids()) for p in session]
-            (f.vdir / "low.ini").unlink()
+            (f.dir / "low.ini").unlink()
             wait_for(lambda: not [p for p in session if alive(p)], 30, "the vassal to stop")
-            f.wait_spares()
+            wait_spares(f, k)
             wait_for(lambda: len(helpers(tag)) == want, 30, f"{want} helpers again")
         for gen in (2, 3):
-            os.kill(f.e.pid, signal.SIGUSR1)
-            wait_for(lambda g=gen: f.e.lines(f"code deploy to generation {g} done"), 60, f"generation {gen}")
+            os.kill(f.pid, signal.SIGUSR1)
+            wait_for(lambda g=gen: f.lines(f"code deploy to generation {g} done"), 60, f"generation {gen}")
             if k:
-                f.wait_spares()
+                wait_spares(f, k)
             wait_for(lambda: len(helpers(tag)) == want, 30,
                      f"{want} helpers after the deploy to generation {gen} (not {len(helpers(tag))})")
-        fleet = [*descendants(f.e.pid), *helpers(tag)]
+        fleet = [*descendants(f.pid), *helpers(tag)]
         assert len(fleet) >= want + 1 + 2 * k, fleet
-        os.kill(f.e.pid, signal.SIGKILL)
-        f.e.popen.wait(10)
+        os.kill(f.pid, signal.SIGKILL)
+        f.popen.wait(10)
         wait_for(lambda: not [p for p in fleet if alive(p)], 30, "every process of the fleet to end")
     finally:
-        kill_all(helpers(tag))
-        f.stop()
+        if tag is not None:
+            kill_all(helpers(tag))
+        emperors.stop()
 
 
 # -- a hostile tenant's inputs ------------------------------------------------
 
 
-def test_a_tenant_symlink_in_its_access_log_path_reaches_no_root_file(fleet, tenant):
+def test_a_tenant_symlink_in_its_access_log_path_reaches_no_root_file(fleet, k, tenant):
     """The access log is opened before the vassal drops root: a tenant that
     owns the log's directory puts a symlink to a root-only file there. It
     is opened with the tenant's rights: the vassal refuses to start and the
@@ -372,30 +384,30 @@ def test_a_tenant_symlink_in_its_access_log_path_reaches_no_root_file(fleet, ten
         (logs / "access.log").symlink_to(victim)
         os.lchown(logs / "access.log", tenant.uid, tenant.gid)
         port = free_port()
-        extra = [f"psgi = {TENANT}"] if fleet.k is None else []
-        (fleet.vdir / "logger.ini").write_text(
+        extra = [f"psgi = {TENANT}"] if k is None else []
+        (fleet.dir / "logger.ini").write_text(
             vassal_ini(port, f"uid = {tenant.name}", *extra).replace("disable-logging = true\n", "")
             + f"access-log = {logs / 'access.log'}\n")
-        wait_for(lambda: [ln for ln in fleet.e.lines(f"cannot open access-log '{logs / 'access.log'}': Permission denied")
+        wait_for(lambda: [ln for ln in fleet.lines(f"cannot open access-log '{logs / 'access.log'}': Permission denied")
                           if "[logger]" in ln], 30, "the refusal")
-        (fleet.vdir / "logger.ini").unlink()
+        (fleet.dir / "logger.ini").unlink()
         assert victim.read_bytes() == before
         # its own file, in its own directory, is written
         (logs / "access.log").unlink()
         own = free_port()
-        (fleet.vdir / "logger2.ini").write_text(
+        (fleet.dir / "logger2.ini").write_text(
             vassal_ini(own, f"uid = {tenant.name}", *extra).replace("disable-logging = true\n", "")
             + f"access-log = {logs / 'access.log'}\n")
         wait_for(lambda: answers(own), 30, "the vassal")
         wait_for(lambda: (logs / "access.log").exists() and (logs / "access.log").stat().st_size > 0, 10,
                  "the access log line")
         assert (logs / "access.log").stat().st_uid == tenant.uid
-        (fleet.vdir / "logger2.ini").unlink()
+        (fleet.dir / "logger2.ini").unlink()
     finally:
         shutil.rmtree(logs, ignore_errors=True)
 
 
-def test_a_user_in_roots_group_is_refused_without_an_explicit_gid(fleet, tenant):
+def test_a_user_in_roots_group_is_refused_without_an_explicit_gid(fleet, k, tenant):
     """initgroups of a user listed in group root would keep gid 0: refused
     unless the vassal file says gid = 0 itself."""
     name = f"{tenant.name}r"
@@ -403,23 +415,23 @@ def test_a_user_in_roots_group_is_refused_without_an_explicit_gid(fleet, tenant)
                    check=True)
     try:
         port = free_port()
-        extra = [f"psgi = {TENANT}"] if fleet.k is None else []
-        (fleet.vdir / "rooty.ini").write_text(vassal_ini(port, f"uid = {name}", *extra))
+        extra = [f"psgi = {TENANT}"] if k is None else []
+        (fleet.dir / "rooty.ini").write_text(vassal_ini(port, f"uid = {name}", *extra))
         want = f"error: uid {pwd.getpwnam(name).pw_uid} ({name}) is a member of group 0 (root): give gid"
-        wait_for(lambda: [ln for ln in fleet.e.lines(want) if "[rooty]" in ln], 30, "the refusal")
+        wait_for(lambda: [ln for ln in fleet.lines(want) if "[rooty]" in ln], 30, "the refusal")
         assert answers(port, 0.5) is None  # the Emperor may hold the socket: no answer
     finally:
-        (fleet.vdir / "rooty.ini").unlink(missing_ok=True)
+        (fleet.dir / "rooty.ini").unlink(missing_ok=True)
         subprocess.run(["userdel", "-f", name], check=False)
 
 
-def test_keep_fd_in_a_plain_vassal_is_refused(fleet):
-    if fleet.k is not None:
+def test_keep_fd_in_a_plain_vassal_is_refused(fleet, k):
+    if k is not None:
         pytest.skip("adopted: tested above")
-    (fleet.vdir / "plainkeep.ini").write_text(vassal_ini(free_port(), f"psgi = {TENANT}", "keep-fd = 3"))
-    wait_for(lambda: [ln for ln in fleet.e.lines("error: keep-fd: only a vassal adopted from a base keeps one")
+    (fleet.dir / "plainkeep.ini").write_text(vassal_ini(free_port(), f"psgi = {TENANT}", "keep-fd = 3"))
+    wait_for(lambda: [ln for ln in fleet.lines("error: keep-fd: only a vassal adopted from a base keeps one")
                       if "[plainkeep]" in ln], 30, "the refusal")
-    (fleet.vdir / "plainkeep.ini").unlink()
+    (fleet.dir / "plainkeep.ini").unlink()
 
 
 def test_a_socket_swapped_for_a_symlink_while_bound_changes_no_other_file(tmp_path: Path):

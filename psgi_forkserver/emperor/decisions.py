@@ -2,9 +2,26 @@
 
 A mixin of `vassal.Vassal` (the fields and the facts live there): given the
 facts recorded so far and the turn's `Context`, `step()` compares what
-should run with what runs, records its decision in the vassal's process
-records (`Proc`) and returns the actions the Emperor must carry out. No
+should run with what runs, changes the vassal through the transitions it
+names (vassal.py: `_start`, `_promote`, ...) and its processes through
+theirs (`Proc.stop`, `Proc.kill`, ...), and returns the actions the Emperor
+must carry out. It assigns only its own fields (`quiet`, `retry_at`, `seq`). No
 processes, no clock but `ctx.now`.
+
+Vassal phases (what `phase` shows):
+
+    NEW ──step──> ADOPTING ──adopted(pid)──> STARTING ──byte 1/5──> RUNNING ──17──> LOYAL
+     │   └─(no fork server ready)─> WAITING_FOR_BASE ──(ready)──> ADOPTING
+     ├──step (base/plain)──> STARTING
+     └──step (on-demand)──> ON_DEMAND ──connection──> ADOPTING/STARTING
+    live ──(file changed / code deploy; seamless)──> RELOADING ──successor loyal──> live
+    live ──(file removed, byte 22, shutdown, changed and not seamless)──> STOPPING ──exited──> NEW / ON_DEMAND
+    live ──exited (unexpected)──> THROTTLED ──(backoff over)──> start again
+    NEW/THROTTLED/WAITING/ON_DEMAND and not wanted ──> GONE (Forget)
+    live ──hold() (`emperor stop NAME`)──> STOPPING ──exited──> STOPPED ──release() or file changed──> start
+    live ──request_reload() (`emperor reload NAME`)──> RELOADING (seamless) or STOPPING ──> start
+    file unusable (bad INI, template error, unreadable) ──> CONFIG_ERROR ──file fixed──> start
+    no descriptors to spare for one more vassal ──> REFUSED ──room again──> start
 
 A step that decides nothing also says what could change that (`Quiet`): a
 fact recorded on the vassal, the world (the fork server's state or
@@ -50,6 +67,8 @@ class Decisions:
     # what the last step waits for, if it decided nothing (None: it did)
     quiet: Quiet | None = None
     _slot: Slot | None = None  # set by the branch that waits for a slot of the turn
+    retry_at: float | None = None  # a failed successor is tried again then
+    seq: int = 0  # process records made so far: the last one's Proc.seq
 
     def _heartbeat_of(self, p: Proc) -> float | None:
         raw = p.config.get("heartbeat")
@@ -76,27 +95,21 @@ class Decisions:
 
     def _new_proc(self, kind: Kind, ctx: Context, reason: str) -> tuple[Proc, Action]:
         assert self.config is not None
-        self.touched = False  # whatever starts now reads the file as it is
         self.seq += 1
         gen = self.want_base_generation if kind == Kind.BASE else (
             ctx.base_generation if kind == Kind.ADOPTED else 0
         )
         p = Proc(self.seq, kind, self.config, gen, reason,
-                 ProcState.ADOPTING if kind == Kind.ADOPTED else ProcState.STARTING)
-        p.started_at = ctx.now
+                 ProcState.ADOPTING if kind == Kind.ADOPTED else ProcState.STARTING,
+                 started_at=ctx.now)
         return p, (Adopt(p.seq) if kind == Kind.ADOPTED else Spawn(kind, p.seq))
 
     def _stop_proc(self, p: Proc, now: float, reason: str) -> list[Action]:
-        p.stop_reason = reason
-        p.stop_deadline = now + self.policy.mercy
-        p.state = ProcState.STOPPING
+        p.stop(now, reason, self.policy.mercy)
         return [Send(EmperorByte.STOP, p.seq)]
 
     def _kill_proc(self, p: Proc, now: float, reason: str, why: str) -> list[Action]:
-        p.stop_reason = reason
-        p.stop_deadline = now
-        p.killed = True
-        p.state = ProcState.STOPPING
+        p.kill(now, reason)
         return [Kill(why, p.seq)]
 
     def _stop(self, now: float, reason: str) -> list[Action]:
@@ -108,9 +121,7 @@ class Decisions:
         return acts
 
     def _mercy(self, p: Proc, now: float) -> list[Action]:
-        if p.state == ProcState.STOPPING and not p.killed and p.stop_deadline is not None \
-                and now >= p.stop_deadline:
-            p.killed = True
+        if p.mercy_over(now):
             return [Kill(f"still alive {self.policy.mercy:g} s after stop", p.seq)]
         return []
 
@@ -122,15 +133,10 @@ class Decisions:
                                    f"no heartbeat for {heard - p.last_heartbeat:.1f} s")
         return []
 
-    def _promote(self, now: float) -> list[Action]:
-        old, new = self.current, self.successor
-        assert old is not None and new is not None
-        self.current, self.successor = new, None
-        self.retiring.append(old)
-        self._sync(now)
+    def _replace(self, now: float) -> list[Action]:
+        old = self._promote(now)
         if old.kind == Kind.BASE:
-            old.hold = True  # stopped once no adopted vassal runs on it
-            old.stop_reason = "replaced"
+            old.retire_when_drained()
             return []
         return self._stop_proc(old, now, "replaced")
 
@@ -194,8 +200,8 @@ class Decisions:
         acts = self._heartbeat_missed(cur, ctx)
         if acts:
             return acts
-        if self.stop_reason:  # byte 22
-            reason, self.stop_reason = self.stop_reason, None
+        reason = self._take_stop_request()  # byte 22
+        if reason:
             return self._stop(now, reason)
 
         return self._step_reload(ctx)
@@ -227,9 +233,8 @@ class Decisions:
         if kind == Kind.ADOPTED and ctx.adopt_slots <= 0:
             self._slot = Slot.ADOPT
             return []  # queued: the next adoption that completes wakes the loop
-        self.woken = False
-        self.stop_reason = None
-        self.current, action = self._new_proc(kind, ctx, "start")
+        p, action = self._new_proc(kind, ctx, "start")
+        self._start(p)
         return [action]
 
     def _step_reload(self, ctx: Context) -> list[Action]:
@@ -247,7 +252,7 @@ class Decisions:
                 s.state == ProcState.RUNNING and s.ready_at is not None
                 and now >= s.ready_at + self.policy.reload_grace
             ):
-                return acts + self._promote(now)
+                return acts + self._replace(now)
             return acts
         if self.config.error is not None:
             return []
@@ -256,8 +261,7 @@ class Decisions:
             return []
         seamless = self.seamless or cur.kind == Kind.BASE
         if not seamless:
-            self.reload_asked = False
-            self.touched = False
+            self._reload_by_restart()
             return self._stop(now, reason)
         if now < self.not_before:
             self.retry_at = self.not_before
@@ -271,8 +275,8 @@ class Decisions:
         if kind == Kind.ADOPTED and ctx.adopt_slots <= 0:
             self._slot = Slot.ADOPT
             return []
-        self.reload_asked = False
-        self.successor, action = self._new_proc(kind, ctx, reason)
+        p, action = self._new_proc(kind, ctx, reason)
+        self._start_successor(p)
         return [action]
 
     def next_wakeup(self) -> float | None:

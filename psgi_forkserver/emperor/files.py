@@ -274,6 +274,14 @@ class VassalFiles:
         self.rescans += 1
         self.next_rescan = now + self.opts.rescan_interval
 
+    def turn(self, now: float) -> None:
+        """The directory's part of a turn: the full rescan when due, the
+        renders that ran out of time, the files due to be read again."""
+        if now >= self.next_rescan:
+            self.rescan(now)
+        self.renderer.expire(now)
+        self.reload_due(now)
+
     def reload_due(self, now: float) -> None:
         for fname, when in list(self.due.items()):
             if when <= now:

@@ -23,6 +23,32 @@ class ProcHandles:
     adoption: PendingAdoption | None = None
     output: logs.OutputPipe | None = None  # adopted: its output pipe, passed with its config
 
+    def given(self, output: logs.OutputPipe | None) -> None:
+        """The output pipe an adopted vassal of ours takes from its config."""
+        self.output = output
+
+    def adopting(self, pending: PendingAdoption) -> None:
+        self.adoption = pending
+
+    def kept(self, pipe: socket.socket) -> None:
+        """Our end of its Emperor pipe, tracked from now on."""
+        self.pipe = pipe
+
+    def take_adoption(self) -> PendingAdoption | None:
+        """The adoption under way, once: it is over (the caller closes it)."""
+        pending, self.adoption = self.adoption, None
+        return pending
+
+    def take_pipe(self) -> socket.socket | None:
+        """Our end of its Emperor pipe, once: the caller closes it."""
+        pipe, self.pipe = self.pipe, None
+        return pipe
+
+    def close_config_pipe(self) -> None:
+        if self.config_pipe is not None:
+            self.config_pipe.close()
+            self.config_pipe = None
+
 
 @dataclass(frozen=True)
 class StartFailed:

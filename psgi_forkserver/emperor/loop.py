@@ -5,8 +5,9 @@ table): `files` (the vassals directory and the fleet), `procs` (the process
 table), `bases` (the fork servers, deploys, wedges), `routes` (the front
 door), `vsockets` (sockets between processes), `outcomes` (what exits and
 failed starts mean; the per-vassal boundary), `lines`, `sweeper`, `cgroups`,
-`shutdown` (shutdown.py), `locks` (locks.Claim); `on_signal` says what each
-signal means.
+`cockpit` (the status, systemd notify, progress lines), `shutdown`
+(shutdown.py), `locks` (locks.Claim); `on_signal` says what each signal
+means.
 
 Each turn (`_turn`) reads facts, plans, acts. Facts: signals (queued by the
 wakeup fd), reaped children, vassal files, fork-server probes; events
@@ -28,10 +29,10 @@ import time
 from .. import launch, logs, sockets
 from ..metrics import EmperorMetrics
 from ..options import Options
-from ..status import sweep_requests
-from . import control, locks, notify
+from . import control, locks
 from .bases import ForkServers
 from .cgroups import Cgroups
+from .cockpit import Cockpit
 from .files import VassalFiles
 from .ondemand import VassalSockets
 from .orphans import Sweeper
@@ -39,7 +40,6 @@ from .outcomes import Outcomes
 from .plan import (Admit, CleanCgroups, FailAdoption, Facts, AdoptionFailure, KillOrphans, KillStragglers,
                    KillWedged, Plan, Settled, StopFrontDoor, Sweep, plan, runs_as_base)
 from .processes import ProcessTable
-from .progress import StartProgress
 from .recent import RecentLines
 from .routing import Routes, make_socket_dir, socket_dir_of
 from .shutdown import Shutdown
@@ -64,10 +64,9 @@ class Emperor:
         own = opts.own_sockets if opts.own_sockets is not None else ours
         socket_dir = socket_dir_of(opts)
         self.sel = selectors.DefaultSelector()
-        self.lines = RecentLines()  # the cockpit: recent lines, metrics, systemd notify
+        self.lines = RecentLines()  # what the status shows: recent lines, metrics
         self.metrics = EmperorMetrics()
         self.logbook = opts.log if opts.log is not None else logs.Log()
-        self.notifier = notify.Notifier.from_env(self.log)
         self.relay = logs.Relay(self.logbook, self.sel)  # the vassals' output, line by line
         # the vassals' sockets are given to the front door's nginx workers' group
         self.listeners = sockets.Listeners(self.sel, self.log, front_gid=(
@@ -88,7 +87,6 @@ class Emperor:
         self.sweeper = Sweeper(self.log, opts.mercy)
         self.outcomes = Outcomes(self.files, self.procs, self.bases, self.routes, self.listeners,
                                  self.sweeper, self.log, lambda: self.cgroups)
-        self.start_progress = StartProgress(self.log)
         # the vassals a turn need not step (the plan's memory): a turn costs
         # what changed, not the fleet
         self.settled = Settled()
@@ -96,6 +94,7 @@ class Emperor:
                                    self.metrics, self.log, lambda: self.cgroups,
                                    lambda: self.shutdown.asked, self.logbook.reopen_and_say,
                                    self._wake)
+        self.cockpit = Cockpit(self.fleet, opts, self.log)
         # flocks and the pidfile, held while we run (locks.py)
         self.locks = locks.Claim(self.files.dir, self.bases.lock_paths, opts.pidfile)
         # what each signal means, handled by name at the start of a turn
@@ -126,7 +125,7 @@ class Emperor:
                 self._wait()
         finally:
             self._teardown()
-            self.notifier.close()
+            self.cockpit.close()
         self.log("bye")
         return 0
 
@@ -135,26 +134,17 @@ class Emperor:
         now = time.monotonic()
         self._handle_signals(now)
         self.outcomes.reap(now)
-        if now >= self.files.next_rescan:
-            self.files.rescan(now)
-        self.files.renderer.expire(now)
-        self.files.reload_due(now)
+        self.files.turn(now)
         self.again = False
         facts = self._facts(now)
         turn = plan(self.vassals, facts, self.settled)
         self._act(turn, now)
         self.again = self.again or turn.again
-        # lazily: the deploy tracker looks at them only while a deploy runs,
-        # the progress lines every StartProgress.LOOK_EVERY seconds
+        # lazily: the deploy tracker looks at them only while a deploy runs
         self.bases.observe(now, (v for v in self.vassals.values() if not runs_as_base(v)),
                            self.shutdown.asked)
-        self.start_progress.observe(now, lambda: {v.name: v.phase for v in self.vassals.values()
-                                                  if not runs_as_base(v)})
         self.routes.turn(now, self.shutdown.asked)  # routing changed? (applied batched)
-        if self.opts.status is not None:
-            self.opts.status.poll(now)
-        self.metrics.observe_deploy(self.bases.deploys.last)
-        self.notifier.poll(lambda: control.snapshot(self.fleet), now)
+        self.cockpit.observe(now)
         if turn.done and facts.give_up and not (facts.no_children and not self.vassals):
             self.log("giving up waiting for children")
         return turn.done
@@ -246,16 +236,9 @@ class Emperor:
                     failed = self.procs.adopt(v, seq, now, path, self.bases.adoptions_ours())
                     self.again |= self.outcomes.started(v, seq, now, failed)
                 case Send(byte=byte, seq=seq):
-                    p = v.proc(seq)
-                    if p is not None:
-                        self.log(f"stopping pid {p.pid} ({p.stop_reason})", v.name)
-                    self.procs.send(v.name, seq, byte)
+                    self.procs.send(v, seq, byte)
                 case Kill(reason=reason, seq=seq):
-                    p = v.proc(seq)
-                    pid = p.pid if p is not None else None
-                    self.log(f"SIGKILL pid {pid}: {reason}", v.name)
-                    if pid is not None:
-                        self.procs.kill(pid)
+                    self.procs.kill(v, seq, reason)
                 case FailAdoption(reason=reason, timed_out=timed_out, seq=seq):
                     self.outcomes.adoption_failed(v, seq, now, reason, timed_out)
                     self.again = True  # a slot came free; a base judged wedged is killed at once
@@ -274,12 +257,9 @@ class Emperor:
             return 0.0
         times = [*self.files.next_wakeup(), *self.bases.probe_times(),
                  *self.procs.next_wakeup(), *self.sweeper.next_wakeup()]
-        times += self.settled.wakeups(self.vassals)
-        status = self.opts.status
+        times += self.settled.wakeups(self.vassals) + self.cockpit.next_wakeups()
         for t in (self.cgroups.next_wakeup(now) if self.cgroups is not None else None,
-                  self.routes.next_wakeup(), self.notifier.next_wakeup(),
-                  self.start_progress.next_wakeup(),
-                  status.next_wakeup() if status is not None else None):
+                  self.routes.next_wakeup()):
             if t is not None:
                 times.append(t)
         times += self.shutdown.wakeups(now)
@@ -306,14 +286,11 @@ class Emperor:
         self.procs.use_cgroups(self.cgroups)
         launch.set_child_subreaper()  # before anything is started
         self.files.descriptor_budget()
-        sweep_requests()  # the requests files a run killed with -9 left
         self.files.enter()  # vassals inherit it as their working directory
         self.signals = launch.SignalQueue()
         self.sel.register(self.signals, selectors.EVENT_READ, self.signals.on_readable)
         make_socket_dir(self.vsockets.socket_dir, self.opts.front, self.log)
-        if self.opts.status is not None:
-            # stats socket / status page in our selector
-            self.opts.status.attach(self.sel, self.log, control.link(self.fleet))
+        self.cockpit.attach(self.sel, self.log)
         self.log(f"watching {self.files.dir} (vassal program {' '.join(self.procs.argv0)}, "
                  f"pid {os.getpid()})")
 
@@ -322,7 +299,6 @@ class Emperor:
             self.cgroups.close()  # whatever is left of any vassal, nginx included
         self.relay.close()
         self.files.renderer.close()
-        if self.routes.front is not None:
-            self.routes.front.close()
+        self.routes.close()
         self.listeners.close_all()
         self.locks.end()

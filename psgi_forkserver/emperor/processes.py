@@ -84,7 +84,7 @@ class ProcessTable:
         if h.config_pipe is not None:
             self._send_config(h)
         pr.ours.setblocking(False)
-        h.pipe = pr.ours
+        h.kept(pr.ours)
         self.handles[(v.name, seq)] = h
 
     def _watch_pipe(self, name: str, seq: int, pipe: socket.socket) -> None:
@@ -141,7 +141,7 @@ class ProcessTable:
         if pr is None:
             return None
         if ours:
-            pr.handles.output = self._output(v, p.config)
+            pr.handles.given(self._output(v, p.config))
         argv = [self.opts.program, "--ini", str(p.config.path)]
         try:
             pending = adoption.start_adoption(
@@ -155,7 +155,7 @@ class ProcessTable:
                                                  f"adoption failed: {e}", True))
         finally:
             pr.close_theirs()
-        pr.handles.adoption = pending
+        pr.handles.adopting(pending)
         self._keep(v, seq, pr)
         if pr.handles.output is not None:
             self.relay.watch(pr.handles.output, v.name, lambda: self.pid_of(v.name, seq), seq)
@@ -171,8 +171,12 @@ class ProcessTable:
             return contextlib.nullcontext()
         return self.cgroups.spawning(name, seq)
 
-    def send(self, name: str, seq: int, byte: EmperorByte) -> None:
-        h = self.handles.get((name, seq))
+    def send(self, v: Vassal, seq: int, byte: EmperorByte) -> None:
+        """A byte to process `seq` of v: the stop its step asked for (logged)."""
+        p = v.proc(seq)
+        if p is not None:
+            self.log(f"stopping pid {p.pid} ({p.stop_reason})", v.name)
+        h = self.handles.get((v.name, seq))
         if h is None or h.pipe is None:
             return
         try:
@@ -180,10 +184,13 @@ class ProcessTable:
         except OSError:
             pass  # it is exiting anyway; reaping will tell
 
-    @staticmethod
-    def kill(pid: int) -> None:
-        """SIGKILL a process and its descendants."""
-        launch.kill_tree(pid)
+    def kill(self, v: Vassal, seq: int, reason: str) -> None:
+        """SIGKILL process `seq` of v and its descendants."""
+        p = v.proc(seq)
+        pid = p.pid if p is not None else None
+        self.log(f"SIGKILL pid {pid}: {reason}", v.name)
+        if pid is not None:
+            launch.kill_tree(pid)
 
     # -- the config pipe --------------------------------------------------------
 
@@ -285,13 +292,13 @@ class ProcessTable:
 
     def _finish_adoption(self, name: str, seq: int) -> None:
         h = self.handles.get((name, seq))
-        if h is not None and h.adoption is not None:
+        pending = h.take_adoption() if h is not None else None
+        if pending is not None:
             try:
-                self.sel.unregister(h.adoption.sock)
+                self.sel.unregister(pending.sock)
             except (KeyError, ValueError):
                 pass
-            h.adoption.close()
-            h.adoption = None
+            pending.close()
 
     # -- facts for the turn ------------------------------------------------------
 
@@ -364,17 +371,16 @@ class ProcessTable:
         self._close_pipe(name, seq)
         self.adoption_errors.pop((name, seq), None)
         h = self.handles.pop((name, seq), None)
-        if h is not None and h.config_pipe is not None:
-            h.config_pipe.close()
-            h.config_pipe = None
+        if h is not None:
+            h.close_config_pipe()
 
     def _close_pipe(self, name: str, seq: int) -> None:
         h = self.handles.get((name, seq))
-        if h is None or h.pipe is None:
+        pipe = h.take_pipe() if h is not None else None
+        if pipe is None:
             return
         try:
-            self.sel.unregister(h.pipe)
+            self.sel.unregister(pipe)
         except (KeyError, ValueError):
             pass
-        h.pipe.close()
-        h.pipe = None
+        pipe.close()

@@ -162,6 +162,10 @@ class Routes:
         except (KeyError, ValueError):
             pass
 
+    def close(self) -> None:
+        if self.front is not None:
+            self.front.close()
+
     def pids(self) -> dict[int, object]:
         return self.front.pids() if self.front is not None else {}
 

@@ -2,55 +2,24 @@
 
 Facts are recorded by plain methods (`update_config`, `request_deploy`,
 `on_connection`, `spawned`, `adopted`, `start_failed`, `mark_ready`,
-`on_byte`, `exited`); `step(ctx)` compares what should run with what runs
-and returns the actions the Emperor must carry out (`Spawn`, `Adopt`,
-`Send`, `Kill`, `Forget`). The Emperor executes them and feeds the outcome
-back as facts. Nothing here forks, sends or sleeps, so every transition is
-unit-testable. No other module writes a Vassal's fields: the Emperor tells
-it facts (including its own failures: `refuse`, `note_error`,
-`cannot_bind`, `resources_failed`, `config_failed`, `fork_server_back`),
-and status readers get a copy (`snapshot`). The records and actions are in
-proc.py, the decisions (`step` and its parts) in decisions.py, what a
-vassal reads as (its current process's fields, its snapshot) in
-vassal_view.py; this module holds its fields and the facts.
+`on_byte`, `exited`, and the Emperor's own failures: `refuse`,
+`note_error`, `cannot_bind`, `resources_failed`, `config_failed`, ...);
+`step(ctx)` (decisions.py) compares what should run with what runs and
+returns the actions the Emperor must carry out (`Spawn`, `Adopt`, `Send`,
+`Kill`, `Forget`), whose outcomes come back as facts. Nothing here forks,
+sends or sleeps, so every transition is unit-testable; status readers get a
+copy (`snapshot`, vassal_view.py).
 
-Every fact method is a `@fact`: it adds the vassal's name to the set the
-plan gave it (`report_facts_to`, the plan's `Settled.dirty`), so a vassal
-the plan left out as settled is stepped again in the next turn. A new
-method that records a fact must be one too (tests/test_plan.py checks).
+Who changes what: this module declares the vassal's fields and is the only
+one that assigns them, in its facts and in the few transitions the
+decisions ask for by name (`_start`, `_start_successor`, `_promote`,
+`_take_stop_request`, `_reload_by_restart`). The decisions keep only what
+the last step waits for and the count of process records. A process record
+(`Proc`, proc.py) changes only through its own methods.
 
-A vassal may have several processes at once, each a `Proc` record with its
-own small life (ADOPTING -> STARTING -> RUNNING -> LOYAL -> STOPPING):
-
-- `current`: the process that serves;
-- `successor`: during a gap-free reload or a code deploy, the new process,
-  started while `current` still serves (both on the Emperor's socket);
-  once it is loyal (byte 17; or byte 1/5 plus `Policy.reload_grace`) it is
-  promoted and the old one retires;
-- `retiring`: old processes asked to stop gracefully (byte 2, SIGKILL after
-  the mercy timeout). An old *base* retires only once no adopted vassal
-  forked from it is left ("drained").
-
-Vassal phases (what `phase` shows):
-
-    NEW ──step──> ADOPTING ──adopted(pid)──> STARTING ──byte 1/5──> RUNNING ──17──> LOYAL
-     │   └─(no fork server ready)─> WAITING_FOR_BASE ──(ready)──> ADOPTING
-     ├──step (base/plain)──> STARTING
-     └──step (on-demand)──> ON_DEMAND ──connection──> ADOPTING/STARTING
-    live ──(file changed / code deploy; seamless)──> RELOADING ──successor loyal──> live
-    live ──(file removed, byte 22, shutdown, changed and not seamless)──> STOPPING ──exited──> NEW / ON_DEMAND
-    live ──exited (unexpected)──> THROTTLED ──(backoff over)──> start again
-    NEW/THROTTLED/WAITING/ON_DEMAND and not wanted ──> GONE (Forget)
-    live ──hold() (`emperor stop NAME`)──> STOPPING ──exited──> STOPPED ──release() or file changed──> start
-    live ──request_reload() (`emperor reload NAME`)──> RELOADING (seamless) or STOPPING ──> start
-    file unusable (bad INI, template error, unreadable) ──> CONFIG_ERROR ──file fixed──> start
-    no descriptors to spare for one more vassal ──> REFUSED ──room again──> start
-
-Crash loops: a process that dies unexpectedly within `stable_after`
-seconds of its start counts as a failure; the restart waits
-`backoff_first * 2**(failures-1)` seconds, at most `backoff_max` (uWSGI:
-1 s doubling to 3 min). Loyalty (byte 17) resets the count; a process that
-lived `stable_after` is restarted at once.
+A vassal may have several processes at once (`current`, `successor`,
+`retiring`), each a `Proc` with its own small life (ADOPTING -> STARTING
+-> RUNNING -> LOYAL -> STOPPING).
 """
 
 from __future__ import annotations
@@ -79,7 +48,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def fact(method: F) -> F:
     """A method that records a fact: afterwards (even if it raised) the
-    vassal is marked for the plan's next turn."""
+    vassal's name is added to the set the plan gave it (`report_facts_to`,
+    the plan's `Settled.dirty`), so a vassal the plan left out as settled is
+    stepped again. A new method that records a fact must be one too
+    (tests/test_plan.py checks)."""
 
     @functools.wraps(method)
     def recorded(self: "Vassal", *args: Any, **kwargs: Any) -> Any:
@@ -104,8 +76,13 @@ class Vassal(VassalView, Decisions):
     auto_socket: bool = False  # the Emperor gives one to a vassal with `domain` (sockets.py)
 
     phase: Phase = Phase.NEW
-    current: Proc | None = None
+    current: Proc | None = None  # the process that serves
+    # a gap-free reload or a code deploy: the new process, started while
+    # `current` serves (both on the Emperor's socket); promoted once loyal
+    # (byte 17, or byte 1/5 plus `Policy.reload_grace`)
     successor: Proc | None = None
+    # old processes asked to stop (byte 2, SIGKILL after the mercy timeout);
+    # an old base only once no adopted vassal runs on it ("drained")
     retiring: list[Proc] = field(default_factory=list)
     since: float = 0.0  # entered the current phase
     not_before: float = 0.0  # THROTTLED (or a failed successor): next try
@@ -117,8 +94,6 @@ class Vassal(VassalView, Decisions):
     want_base_generation: int = 1  # base: the generation that should run
     woken: bool = False  # on-demand: a connection is waiting
     last_kind: Kind | None = None
-    seq: int = 0
-    retry_at: float | None = None  # a failed successor is tried again then
     last_error: str | None = None  # the last failure the Emperor logged (status shows it)
     error_seq: int | None = None  # the process last_error is about (its last lines tell why)
     held: bool = False  # stopped by the operator (`emperor stop NAME`)
@@ -213,9 +188,7 @@ class Vassal(VassalView, Decisions):
         """fork+exec done (after a Spawn action), or the adoption's pid came."""
         p = self.proc(seq)
         assert p is not None and p.pid is None, (seq, p)
-        p.pid = pid
-        p.started_at = now
-        p.state = ProcState.STARTING
+        p.started(pid, now)
         self.processes_started += 1
         self._sync(now)
 
@@ -245,9 +218,7 @@ class Vassal(VassalView, Decisions):
     def mark_ready(self, now: float, seq: int | None = None) -> bool:
         """Start-up done (byte 1/5, or a base's fork server answers a probe)."""
         p = self.proc(seq)
-        if p is not None and p.state == ProcState.STARTING:
-            p.state = ProcState.RUNNING
-            p.ready_at = now
+        if p is not None and p.ready(now):
             self._sync(now)
             return True
         return False
@@ -265,14 +236,11 @@ class Vassal(VassalView, Decisions):
                 return who + what
         elif byte == VassalByte.LOYAL:
             self.failures = 0
-            if p.state in (ProcState.STARTING, ProcState.RUNNING):
-                if p.ready_at is None:
-                    p.ready_at = now
-                p.state = ProcState.LOYAL
+            if p.loyal(now):
                 self._sync(now)
                 return who + "loyal"
         elif byte == VassalByte.HEARTBEAT:
-            p.last_heartbeat = now
+            p.beat(now)
         elif byte == VassalByte.DONE:
             # once per process: the pipe is the vassal's, its app may repeat it
             if p is self.current and p.live and self.stop_reason is None:
@@ -287,7 +255,7 @@ class Vassal(VassalView, Decisions):
         self.last_status = status
         if p is None:
             return Exit.UNKNOWN
-        p.pid = None
+        p.reaped()
         if p in self.retiring:
             self.retiring.remove(p)
             self._sync(now)
@@ -379,7 +347,46 @@ class Vassal(VassalView, Decisions):
             return True
         return False
 
+    # -- what its decisions (decisions.py) change, asked for by name ---------
+
+    def _start(self, p: Proc) -> None:
+        """No process: `p` is the current one now. It reads the file as it
+        is, and answers a waiting connection and a byte 22 of the one before."""
+        self.touched = self.woken = False
+        self.stop_reason = None
+        self.current = p
+
+    def _start_successor(self, p: Proc) -> None:
+        """A reload: `p` starts while the current one serves; it reads the
+        file as it is and answers `emperor reload`."""
+        self.touched = self.reload_asked = False
+        self.successor = p
+
+    def _promote(self, now: float) -> Proc:
+        """The successor serves; the old current process retires (returned)."""
+        old, new = self.current, self.successor
+        assert old is not None and new is not None
+        self.current, self.successor = new, None
+        self.retiring.append(old)
+        self._sync(now)
+        return old
+
+    def _take_stop_request(self) -> str | None:
+        """Byte 22's reason, once: the stop it asked for is being made."""
+        reason, self.stop_reason = self.stop_reason, None
+        return reason
+
+    def _reload_by_restart(self) -> None:
+        """A reload that stops the process (not seamless): what asked for
+        it is answered by the start that follows."""
+        self.reload_asked = False
+        self.touched = False
+
     def _delay(self, now: float) -> float:
+        """Crash loops: a process that dies within `stable_after` s of its
+        start is one more failure; the restart waits `backoff_first *
+        2**(failures-1)` s, at most `backoff_max` (uWSGI: 1 s doubling to 3
+        min). Loyalty (byte 17) resets the count."""
         self.failures += 1
         delay = backoff_delay(self.failures, self.policy.backoff_first, self.policy.backoff_max)
         self.not_before = now + delay

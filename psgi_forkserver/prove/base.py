@@ -127,6 +127,10 @@ class TestBase:
             from ..launch import describe_status
             raise BaseError(f"the base did not start ({describe_status(status)}): {text}")
 
+    def reaped(self) -> None:
+        """Its process ended and was reaped elsewhere (prove's own reaping)."""
+        self.pid = None
+
     def stop(self) -> None:
         if self.config_w is not None:  # started early, never configured
             os.close(self.config_w)

@@ -59,11 +59,9 @@ class Prove:
         try:
             spec = None if job.cold is not None else build_spec(
                 job.file, job.switches, os.getcwd(), self.env, self.inc, destruct=self.opts.destruct)
-            job.pid, job.out, job.err = start_with_streams(start, spec)
+            job.running(*start_with_streams(start, spec))
         except (OSError, adoption.AdoptionError, protocol.ProtocolError) as e:
-            job.error = f"could not start: {e}"
-            job.status = 255 << 8
-            job.open_streams = 0
+            job.could_not_start(str(e))
             return
         self.track(job)
 
@@ -74,7 +72,7 @@ class Prove:
                               out_fd, config_fd=err_fd, timeout=60)
 
     def track(self, job: Job) -> None:
-        job.started = time.monotonic()
+        job.tracked(time.monotonic())
         self.jobs[job.pid] = job
 
     def spawn_cold(self, job: Job, out_fd: int, err_fd: int) -> int:
@@ -208,10 +206,7 @@ class Prove:
             return
         if not data:
             self.sel.unregister(sock)
-            job.open_streams -= 1
-            if sock is job.out and job.out_buf:
-                job.tap_line(job.out_buf.decode("utf-8", "replace"))
-                job.out_buf = b""
+            job.stream_ended(sock is job.out)
             return
         if sock is job.err:
             text = data.decode("utf-8", "replace")
@@ -219,10 +214,7 @@ class Prove:
             self.errout.write(text)
             self.errout.flush()
             return
-        job.out_buf += data
-        *lines, job.out_buf = job.out_buf.split(b"\n")
-        for line in lines:
-            job.tap_line(line.decode("utf-8", "replace"))
+        job.stdout(data)
 
     # -- ends ---------------------------------------------------------------------------
 
@@ -238,10 +230,9 @@ class Prove:
                 return
             job = self.jobs.get(pid)
             if job is not None:
-                job.status = status
-                job.rusage = (ru.ru_utime, ru.ru_stime)
+                job.ended(status, (ru.ru_utime, ru.ru_stime))
             elif pid == self.base.pid:
-                self.base.pid = None
+                self.base.reaped()
             else:
                 self.orphans_reaped += 1
 
@@ -251,7 +242,7 @@ class Prove:
         now = time.monotonic()
         for j in running:
             if not j.timed_out and now >= j.started + self.opts.timeout and not j.done:
-                j.timed_out = True
+                j.time_out()
                 self.kill(j)
 
     def kill(self, job: Job) -> None:

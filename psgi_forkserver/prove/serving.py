@@ -88,8 +88,7 @@ def serve_client(prove: Prove, listener: socket.socket, waiting: dict[int, socke
         file = msg.decode()
         if len(fds) != 2 or not file:
             raise ValueError(f"bad request ({len(fds)} descriptors)")
-        job = Job(file, None, [])
-        job.pid = prove.adopt(file, fds[0], fds[1])
+        job = Job(file, None, [], pid=prove.adopt(file, fds[0], fds[1]))
     except (OSError, ValueError, UnicodeDecodeError, adoption.AdoptionError) as e:
         prove.errout.write(f"emperor prove: refused a client: {e}\n")
         prove.errout.flush()
@@ -98,7 +97,7 @@ def serve_client(prove: Prove, listener: socket.socket, waiting: dict[int, socke
     finally:
         for fd in fds:
             os.close(fd)
-    job.open_streams = 0  # the client reads them
+    job.streams_elsewhere()  # the client reads them
     prove.track(job)
     waiting[job.pid] = conn
 

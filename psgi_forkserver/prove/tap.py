@@ -112,6 +112,46 @@ class Job:
         self.tap_text.append(line)
         self.tap.feed(line)
 
+    # -- its life, as the scheduler sees it ---------------------------------
+
+    def running(self, pid: int, out: socket.socket | None, err: socket.socket | None) -> None:
+        """Started: its pid and our ends of its stdout and stderr."""
+        self.pid, self.out, self.err = pid, out, err
+
+    def could_not_start(self, why: str) -> None:
+        self.error = f"could not start: {why}"
+        self.status = 255 << 8
+        self.open_streams = 0
+
+    def tracked(self, now: float) -> None:
+        """Its clock starts (its timeout counts from now)."""
+        self.started = now
+
+    def stdout(self, data: bytes) -> None:
+        """Bytes of its stdout: each whole line is a TAP line."""
+        self.out_buf += data
+        *lines, self.out_buf = self.out_buf.split(b"\n")
+        for line in lines:
+            self.tap_line(line.decode("utf-8", "replace"))
+
+    def stream_ended(self, stdout: bool) -> None:
+        """End of file on one of its streams; stdout's last line may lack its newline."""
+        self.open_streams -= 1
+        if stdout and self.out_buf:
+            self.tap_line(self.out_buf.decode("utf-8", "replace"))
+            self.out_buf = b""
+
+    def streams_elsewhere(self) -> None:
+        """Its streams go to someone else (a client of `prove --serve`)."""
+        self.open_streams = 0
+
+    def ended(self, status: int, rusage: tuple[float, float]) -> None:
+        self.status = status
+        self.rusage = rusage
+
+    def time_out(self) -> None:
+        self.timed_out = True
+
     def close_streams(self) -> None:
         for s in (self.out, self.err):
             if s is not None:

@@ -2,8 +2,8 @@
 
 The stats socket: the document, or one command line (passed to the
 Emperor through the `EmperorLink`). HTTP: /, /json, /metrics, /healthz,
-/log/NAME. A mixin of `server.StatusServer` (its clients, selector and
-collection in progress live there).
+/log/NAME. A mixin of `server.StatusServer` (its clients, selector, clock and
+collection in progress live there, and only server.py changes them).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from ..nonblocking import recv_ready
 from ..metrics import render as render_metrics
-from .document import SCHEMA, Collection
+from .document import SCHEMA
 from ..printable import printable
 from .page import render_html
 
@@ -43,6 +43,15 @@ class Client:
     eof: bool = False  # stats socket: it shut its side: a plain reader, no command coming
     doc: bytes | None = None  # its document, held until COMMAND_GRACE has passed
 
+    def answer(self, data: bytes, until: float) -> None:
+        """Its reply, to be written by `until` (else it is dropped)."""
+        self.out = memoryview(data)
+        self.deadline = min(self.deadline, until)
+
+    def sent(self, n: int) -> None:
+        assert self.out is not None
+        self.out = self.out[n:]
+
 
 class Requests:
     """Reading requests and answering them (a mixin of StatusServer)."""
@@ -52,6 +61,7 @@ class Requests:
     #: page of 40 vassals costs about 20 ms to make; 100 clients, 2 s)
     _rendered_doc: dict[str, Any] | None = None
     _rendered: dict[str, bytes] = {}
+    misdirected: int = 0  # requests refused for their Host (421)
 
     def _once(self, doc: dict[str, Any], kind: str, make: Callable[[], bytes]) -> bytes:
         if self._rendered_doc is not doc:
@@ -101,7 +111,6 @@ class Requests:
         A command client writes right after connect(): its line is almost
         always there when we accept. If the document went out first, the
         client sees a reply without "command" and asks again (fetch_command)."""
-        self.now = now
         c = self.clients.get(fd)
         if c is None:
             return True
@@ -147,10 +156,7 @@ class Requests:
                 self._respond(c, json_body(reply))
                 return True
             reply = self.link.control(command, None if name is None else str(name))
-            if self.job is not None:
-                # a collection in progress took its snapshot before the
-                # command: whoever waits on it (or joins it) sees the new state
-                self.job = Collection(self._snapshot())
+            self._collect_again()  # what the command changed
         except Exception as e:  # noqa: BLE001 - a bad line must not take the loop down
             reply = {"schema": SCHEMA, "command": line[:80], "ok": False,
                      "message": f"{type(e).__name__}: {e}"}
@@ -158,7 +164,6 @@ class Requests:
         return True
 
     def _on_http_readable(self, fd: int, now: float) -> None:
-        self.now = now
         c = self.clients.get(fd)
         if c is None:
             return

@@ -84,7 +84,6 @@ class StatusServer(Requests):
         self.deferred: set[int] = set()  # stats clients whose document waits (COMMAND_GRACE)
 
         self.access: Access | None = None
-        self.misdirected = 0
 
     # -- set-up ------------------------------------------------------------------
 
@@ -181,7 +180,7 @@ class StatusServer(Requests):
             try:
                 if http:
                     self.sel.register(conn, selectors.EVENT_READ,
-                                      lambda t, fd=conn.fileno(): self._on_http_readable(fd, t))
+                                      lambda t, fd=conn.fileno(): self._readable(fd, t, True))
                     # its request is usually there already: a probe's /healthz
                     # is answered now, not a loop turn later behind page work
                     self._on_http_readable(conn.fileno(), now)
@@ -189,12 +188,19 @@ class StatusServer(Requests):
                     # a line first is a command (see _on_stats_readable);
                     # nothing yet: the document, as a plain reader expects
                     self.sel.register(conn, selectors.EVENT_READ,
-                                      lambda t, fd=conn.fileno(): self._on_stats_readable(fd, t))
+                                      lambda t, fd=conn.fileno(): self._readable(fd, t, False))
                     if not self._on_stats_readable(conn.fileno(), now):
                         self._when_ready(lambda doc, c=c: self._send_doc(c, doc))
             except Exception as e:  # noqa: BLE001 - never take the Emperor down
                 self.log(f"status: {type(e).__name__}: {e}")
                 self._drop(conn.fileno())
+
+    def _readable(self, fd: int, now: float, http: bool) -> None:
+        self.now = now
+        if http:
+            self._on_http_readable(fd, now)
+        else:
+            self._on_stats_readable(fd, now)
 
     def _refuse(self, conn: socket.socket, http: bool) -> None:
         """Too many clients: say so in what fits the socket buffer, close."""
@@ -259,6 +265,12 @@ class StatusServer(Requests):
             self._tick_r, self._tick_w = socket.socketpair()
         self.sel.register(self._tick_w, selectors.EVENT_WRITE, self._tick)
 
+    def _collect_again(self) -> None:
+        """A collection in progress took its snapshot before a command: whoever
+        waits on it (or joins it) sees the state after it."""
+        if self.job is not None:
+            self.job = Collection(self._snapshot())
+
     def _tick(self, now: float) -> None:
         self.now = now
         job = self.job
@@ -287,8 +299,7 @@ class StatusServer(Requests):
         fd = c.sock.fileno()
         if self.clients.get(fd) is not c:
             return  # dropped (timeout, too many clients) while it waited
-        c.out = memoryview(data)
-        c.deadline = min(c.deadline, self.now + WRITE_TIMEOUT)
+        c.answer(data, self.now + WRITE_TIMEOUT)
         self._flush(fd)
         if fd in self.clients:
             try:
@@ -307,7 +318,7 @@ class StatusServer(Requests):
                 return
             except OSError:
                 break
-            c.out = c.out[n:]
+            c.sent(n)
         self._drop(fd)
 
     def _expire(self, now: float) -> None:

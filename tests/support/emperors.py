@@ -189,20 +189,31 @@ class Emperors:
         self.started: list[Emp] = []
         self.tops: list[Path] = []
 
-    def __call__(self, files: dict, *extra, base: bool = True, wait: Iterable[int] = (),
-                 env: dict | None = None, prepare: Callable[[Path], None] | None = None,
-                 nofile: tuple[int, int] | None = None, vdir: Path | None = None,
-                 fork_server: Path | str = "fs.sock") -> Emp:
-        """`files`: name -> text; a name without a dot gets `.ini`, a bytes
-        name is used as it is (non-UTF-8 names). `prepare(vdir)` runs just
-        before the start; `wait`: ports that must answer before it returns."""
+    def _top(self) -> Path:
         top = Path(tempfile.mkdtemp(prefix=self.prefix))
         self.tops.append(top)
         if self.shared:
             top.chmod(0o755)  # nginx's workers (www-data under a root Emperor) reach the sockets
+        return top
+
+    def directory(self) -> Path:
+        """A fresh vassals directory, for a test whose files name paths in
+        it before it starts the Emperor there (`vdir=`); removed by stop()."""
+        vdir = self._top() / "vassals"
+        vdir.mkdir()
+        return vdir
+
+    def __call__(self, files: dict, *extra, base: bool = True, wait: Iterable[int] = (),
+                 env: dict | None = None, prepare: Callable[[Path], None] | None = None,
+                 nofile: tuple[int, int] | None = None, groups: list[int] | None = None,
+                 vdir: Path | None = None, fork_server: Path | str = "fs.sock") -> Emp:
+        """`files`: name -> text; a name without a dot gets `.ini`, a bytes
+        name is used as it is (non-UTF-8 names). `prepare(vdir)` runs just
+        before the start; `wait`: ports that must answer before it returns;
+        `nofile`, `groups`: as `start_emperor`'s."""
         if vdir is None:
-            vdir = top / "vassals"
-            vdir.mkdir()
+            vdir = self.directory()
+        top = vdir.parent if vdir.parent in self.tops else self._top()
         if base:
             (vdir / "base.ini").write_text(base_ini(self.app, fork_server))
         for fname, text in files.items():
@@ -217,7 +228,7 @@ class Emperors:
         pidfile = top / "emperor.pid" if self.with_pidfile else None
         em = start_emperor(self.xprocess, f"emperor-{top.name}", [
             vdir, *self.args, *(["--stats", stats] if stats else []), *(["--pidfile", pidfile] if pidfile else []),
-            *self.args_in(top), *extra], env, nofile=nofile)
+            *self.args_in(top), *extra], env, nofile=nofile, groups=groups)
         e = self.kind(em.pid, em.popen, em.log, vdir, stats, pidfile)
         self.started.append(e)
         for port in wait:
