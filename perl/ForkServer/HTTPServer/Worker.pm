@@ -122,10 +122,8 @@ sub _worker_setup {
     $SIG{PIPE} = 'IGNORE';          # a vanished client is an EPIPE, not a death
     $self->{stopping_ref} = \$stopping;
     $self->{slot} = $slot;
-    # Its own rand() sequence: a worker forked from a base (or a spare) that
-    # had drawn once would repeat the base's, like every other worker of
-    # every vassal (the same "random" tokens across the fleet).
-    srand();
+    # Its own rand() sequence was seeded at its fork (Kids, or the spare's
+    # prefork: ForkServer::Process::Random), not again here.
     POSIX::sigprocmask(POSIX::SIG_SETMASK(), delete $self->{sigmask});
     worker_exit(0) if getppid() != $self->{master_pid};
 
