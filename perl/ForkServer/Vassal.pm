@@ -116,8 +116,11 @@ sub title {
 sub first_worker {
     my ($self, $sock, $requests_fh) = @_;
     my $worker = $self->{first_worker} or return undef;
-    # its warm-up ran as the base: not for a vassal that runs as someone else
-    if (defined $self->{config}->get('psgi') || $worker->unfit($self->{config})) {
+    # started early (ForkServer::Spares::Worker::start_early), it judged itself;
+    # else: its warm-up ran as the base: not for a vassal that runs as someone else
+    my $unfit = $worker->started_early ? defined $worker->verdict
+              : defined $self->{config}->get('psgi') || $worker->unfit($self->{config});
+    if ($unfit) {
         $worker->discard;
         # and what its warm-up started (as the base's user): the session holds
         # nothing else yet
