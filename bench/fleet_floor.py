@@ -65,9 +65,9 @@ def machine_busy() -> tuple[float, float]:
 
 
 def cpu_by_process() -> dict[int, tuple[float, int, str, int]]:
-    """Every process on the machine: pid -> (CPU seconds, ppid, name, start
-    time), from /proc/PID/stat (clock ticks: coarse for one process, fine
-    summed)."""
+    """Every process on the machine: pid -> (CPU seconds, its own and its
+    reaped children's, ppid, name, start time), from /proc/PID/stat (clock
+    ticks: coarse for one process, fine summed)."""
     out = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -79,8 +79,8 @@ def cpu_by_process() -> dict[int, tuple[float, int, str, int]]:
             continue
         comm = text[text.index("(") + 1:text.rindex(")")]
         rest = text[text.rindex(")") + 2:].split()
-        # state(0) ppid(1) ... utime(11) stime(12) ... starttime(19)
-        out[int(name)] = ((int(rest[11]) + int(rest[12])) / TICK, int(rest[1]), comm, int(rest[19]))
+        # state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14) ... starttime(19)
+        out[int(name)] = (sum(int(x) for x in rest[11:15]) / TICK, int(rest[1]), comm, int(rest[19]))
     return out
 
 
@@ -88,7 +88,9 @@ def elsewhere(before: dict[int, tuple[float, int, str, int]], after: dict[int, t
               ours: set[int]) -> dict:
     """The CPU of the burst that was not ours, by who took it: kernel threads
     (children of kthreadd, pid 2), this client, and other processes by name
-    (the five largest); processes that ended during the burst are not seen."""
+    (the five largest), each with the children it reaped meanwhile (all of
+    such a child's CPU, some of it maybe from before the burst); what ended
+    unreaped, or with its parent, is not seen."""
     kernel = client = 0.0
     others: Counter[str] = Counter()
     me = os.getpid()
