@@ -3,7 +3,6 @@ use strict;
 use warnings;
 
 use IO::Select ();
-use IO::Socket::IP ();
 use POSIX ();
 use Time::HiRes ();
 use Socket qw(AF_UNIX SOCK_SEQPACKET PF_UNSPEC);
@@ -323,7 +322,7 @@ sub _worker_main {
         my ($key, $value) = @$_;
         if (length $value) { $ENV{$key} = $value } else { delete $ENV{$key} }
     }
-    my $sock = IO::Socket::IP->new_from_fd($fd, 'r+') or die "the listening socket: $!\n";
+    my $sock = ForkServer::Vassal::listener_from_fd($fd) or die "the listening socket: $!\n";
     my $config = ForkServer::Config->from_argv(\@argv, config_text => $has_text ? $text : undef);
     my $vassal = ForkServer::Vassal->new(config => $config);
     $vassal->configure;
