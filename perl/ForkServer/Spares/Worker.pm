@@ -217,8 +217,9 @@ lets the worker go anyway (C<psgi>, C<keep-fd>): the caller decides.
 
 sub start_early {
     my ($self, $listen_fd) = @_;
-    $self->_send(JUDGE, $listen_fd);
-    $self->{early} = 1;
+    # a worker gone since the spare last looked: the master finds out at
+    # start() as before, and forks fresh workers
+    $self->{early} = 1 if eval { $self->_send(JUDGE, $listen_fd); 1 };
     return;
 }
 
