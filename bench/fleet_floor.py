@@ -64,6 +64,54 @@ def machine_busy() -> tuple[float, float]:
     return (sum(cpu[:8]) - idle) / TICK, sum(cpu[:8]) / TICK
 
 
+def cpu_by_process() -> dict[int, tuple[float, int, str, int]]:
+    """Every process on the machine: pid -> (CPU seconds, its own and its
+    reaped children's, ppid, name, start time), from /proc/PID/stat (clock
+    ticks: coarse for one process, fine summed)."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1:text.rindex(")")]
+        rest = text[text.rindex(")") + 2:].split()
+        # state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14) ... starttime(19)
+        out[int(name)] = (sum(int(x) for x in rest[11:15]) / TICK, int(rest[1]), comm, int(rest[19]))
+    return out
+
+
+def elsewhere(before: dict[int, tuple[float, int, str, int]], after: dict[int, tuple[float, int, str, int]],
+              ours: set[int]) -> dict:
+    """The CPU of the burst that was not ours, by who took it: kernel threads
+    (children of kthreadd, pid 2), this client, and other processes by name
+    (the five largest), each with the children it reaped meanwhile (all of
+    such a child's CPU, some of it maybe from before the burst); what ended
+    unreaped, or with its parent, is not seen."""
+    kernel = client = 0.0
+    others: Counter[str] = Counter()
+    me = os.getpid()
+    for pid, (cpu, ppid, comm, started) in after.items():
+        if pid in ours:
+            continue
+        was = before.get(pid)
+        used = cpu - (was[0] if was and was[3] == started else 0.0)
+        if used <= 0:
+            continue
+        if pid == 2 or ppid == 2:
+            kernel += used
+        elif pid == me:
+            client += used
+        else:
+            others[comm] += used
+    return {"kernel_threads_cpu_s": round(kernel, 2), "bench_client_cpu_s": round(client, 2),
+            "other_processes_cpu_s": round(sum(others.values()), 2),
+            "other_processes_top": [(c, round(s, 2)) for c, s in others.most_common(5)]}
+
+
 def floor(procs: Procs, ports: Ports, tmp: Path, base_cls, app: str, program: str, n: int,
           say: Callable[[str], None]) -> dict:
     """n adoptions one at a time (no spares): CPU per stage, summed over the
@@ -154,6 +202,7 @@ def burst(procs: Procs, ports: Ports, tmp: Path, emperor_cls, wait_fork_server,
     vports = write_fleet(vdir, app, sock, n, ports, digits=4)
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     busy0 = machine_busy()
+    everyone0 = cpu_by_process()
     em = emperor_cls(procs, vdir, f"emperor-burst-{n}", list(extra), nofile=(1024, hard))
     res: dict = {"command": shlex.join(em.argv), "n": n, "app": app}
     spy = None
@@ -165,6 +214,7 @@ def burst(procs: Procs, ports: Ports, tmp: Path, emperor_cls, wait_fork_server,
         res["base_listening_s"] = wait_fork_server(sock, em, 60)
         first = wait_all_200(vports, 120 + n // 10, em.t0, "/hello")
         busy1 = machine_busy()
+        everyone1 = cpu_by_process()
         took = sorted(first.values())
         res["all_200_s"] = took[-1]
         res["curve_s"] = {f"{q}%": round(took[max(0, int(len(took) * q / 100) - 1)], 3) for q in (10, 25, 50, 75, 90, 100)}
@@ -194,11 +244,17 @@ def burst(procs: Procs, ports: Ports, tmp: Path, emperor_cls, wait_fork_server,
             r[2] += 1
         res["by_role"] = {k: {"cpu_s": round(v[0], 2), "minflt": v[1], "processes": v[2]} for k, v in roles.items()}
         res["cpu_total_s"] = round(sum(v[0] for v in roles.values()), 2)
+        # the rest of the machine's busy time: who else took the cores
+        res["elsewhere"] = elsewhere(everyone0, everyone1, {emperor_pid, *pids})
         cpu = sum(v[0] for v in roles.values())
         res["cpu_over_cores_s"] = round(cpu / (os.cpu_count() or 1), 2)
         say(f"  all {n} answering at {res['all_200_s']:.2f} s (base listening {res['base_listening_s']:.2f} s); "
             f"machine busy {100 * res['machine_busy_fraction']:.0f} % ({res['machine_cpu_s']:.1f} CPU-s); CPU "
             + ", ".join(f"{k} {v['cpu_s']:.2f} s" for k, v in res["by_role"].items()))
+        ew = res["elsewhere"]
+        say(f"  elsewhere: kernel threads {ew['kernel_threads_cpu_s']:.2f} s, this client "
+            f"{ew['bench_client_cpu_s']:.2f} s, other processes {ew['other_processes_cpu_s']:.2f} s "
+            f"({', '.join(f'{c} {s:g}' for c, s in ew['other_processes_top'])})")
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             try:
@@ -271,6 +327,12 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
                     "; ".join(f"{k} {v['cpu_s']:.2f} s" + (f" ({1000 * v['cpu_s'] / b['n']:.1f} ms each)"
                                                             if k in ("masters", "workers") else "")
                               for k, v in roles.items()), "", ""))
+        ew = b.get("elsewhere")
+        if ew:
+            out.append(("  the rest of the machine's busy time over the burst",
+                        f"kernel threads {ew['kernel_threads_cpu_s']:.2f} s, the bench client "
+                        f"{ew['bench_client_cpu_s']:.2f} s, other processes {ew['other_processes_cpu_s']:.2f} s ("
+                        + ", ".join(f"{c} {s:g}" for c, s in ew["other_processes_top"]) + ")", "", ""))
         if b.get("emperor_hot"):
             out.append(("  the Emperor's hottest functions (py-spy, share of samples)",
                         ", ".join(f"{fn} {pct:g} %" for fn, pct in b["emperor_hot"][3:9]), "", ""))

@@ -8,6 +8,16 @@ then as the Emperor plans (with its `Settled`), turns 1 ms apart in which
 one vassal has a new fact (a heartbeat), and the turn of its safety net,
 which steps them all. Measured, not judged: the loop runs it once per turn,
 so it bounds how fast a turn can be.
+
+Then the rest of a turn's work around the plan, on a real `Emperor` (not
+run: no process, no socket) whose directory holds a base file and N vassal
+files with a `domain`, every vassal adopted and loyal, each with its
+process record in the process table, while one adoption is in flight:
+the turn's facts (`Emperor._facts`: the fork servers' probes and state,
+the adoptions in flight and failed), its wait (`Emperor._timeout`: every
+part's next wake-up) and the front door's routes for a turn that stepped
+one vassal. The code before incremental routes is timed as it ran then
+(every route built and sorted each turn).
 """
 
 from __future__ import annotations
@@ -59,5 +69,62 @@ def main() -> None:
           f"(every {Settled.SAFETY:g} s) {safety * 1000:.2f} ms")
 
 
+def around_the_plan(n: int) -> None:
+    """The turn's passes besides the plan, on a real Emperor of n vassals."""
+    import tempfile
+
+    from psgi_forkserver.emperor.handles import ProcHandles
+    from psgi_forkserver.emperor.loop import Emperor
+    from psgi_forkserver.options import Options
+
+    with tempfile.TemporaryDirectory() as d:
+        vdir = Path(d) / "vassals"
+        vdir.mkdir()
+        (vdir / "base.ini").write_text(f"[uwsgi]\nfork-server = {d}/fs.sock\nearly-psgi = {d}/app.psgi\n")
+        for i in range(n):
+            (vdir / f"app{i:05d}.ini").write_text(
+                f"[uwsgi]\nhttp-socket = 127.0.0.1:{20000 + i}\ndomain = app{i}.example\n")
+        em = Emperor(Options(vdir, program="/bin/false", own_sockets=False))
+        try:
+            em.files.rescan(time.monotonic())
+            base = em.vassals["base"]
+            plan({"base": base}, Facts(0.0, ForkServer.NONE, 0))  # the base's spawn
+            base.spawned(100, 0.0, base.current.seq)
+            base.on_byte(1, 0.0, base.current.seq)
+            first = plan(em.vassals, Facts(0.0, ForkServer.READY, 1, adopt_parallel=n)).actions()
+            for i, (name, v) in enumerate(sorted(em.vassals.items())):
+                seq = base.current.seq if v is base else first[name][0].seq
+                em.procs.handles[(name, seq)] = ProcHandles()
+                if v is not base:
+                    v.adopted(10000 + i, 0.0, seq=seq)
+                    v.on_byte(17, 0.0)
+            now = time.monotonic()
+            plan(em.vassals, em._facts(now), em.settled)  # as the loop plans: the quiet ones marked
+            facts, timeout, routes = [], [], []
+            names = sorted(em.vassals)
+            incremental = hasattr(em.routes, "route_of")
+            for turn in range(200):
+                t0 = time.perf_counter()
+                em._facts(now)
+                t1 = time.perf_counter()
+                em._timeout(now)
+                t2 = time.perf_counter()
+                if incremental:
+                    em.routes._refresh(now, [names[turn % n]])
+                else:
+                    tuple(sorted(em.routes.routes()))  # what each turn did: FrontDoor.update
+                t3 = time.perf_counter()
+                facts.append(t1 - t0)
+                timeout.append(t2 - t1)
+                routes.append(t3 - t2)
+                now += 0.001
+            med = lambda xs: statistics.median(xs) * 1000  # noqa: E731
+            print(f"around the plan, {n} loyal vassals, one turn: facts {med(facts):.3f} ms, "
+                  f"wait {med(timeout):.3f} ms, routes {med(routes):.3f} ms (medians of {len(facts)} turns)")
+        finally:
+            em.sel.close()
+
+
 if __name__ == "__main__":
     main()
+    around_the_plan(int(sys.argv[1]) if len(sys.argv) > 1 else 1000)

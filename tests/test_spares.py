@@ -124,6 +124,42 @@ def test_a_spare_serves_an_adoption_with_its_own_env_cwd_and_uid(emp, tmp_path):
     assert e.vpid("base") == base
 
 
+def test_a_warm_worker_judges_by_its_own_warm_up_whether_it_fits_its_vassal(emp, tmp_path):
+    """An adopted spare gives its warm worker the vassal's argv and socket
+    as soon as it has them, before it is set up as the vassal's master; the
+    worker applies env and chdir and judges itself by its own warm-up: it
+    serves a vassal its warm-up fits, and leaves one whose env key its
+    warm-up read (whoami.psgi reads APP_NAME) to a fresh worker."""
+    e = emp({"base": warm_base(2)}, base=False)
+    spares(e, 2)
+    workers = {m: {c.pid for c in psutil.Process(m).children()} for m in spare_masters(e)}
+    port = free_port()
+    (e.dir / "fits.ini").write_text(
+        f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\ndisable-logging = true\n")
+    r = wait_for(lambda: whoami(port), 30, "the vassal that fits to answer")
+    master = e.vpid("fits")
+    assert master in workers, f"vassal pid {master} was forked, not one of the spares {workers}"
+    assert int(r["pid"]) in workers[master], (r, workers)
+    assert r["name"] == "-", r
+
+    wait_for(lambda: len(spare_masters(e)) == 2 and master not in spare_masters(e), 30, "the pool refilled")
+    spares(e, 2)
+    workers = {m: {c.pid for c in psutil.Process(m).children()} for m in spare_masters(e)}
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    port = free_port()
+    (e.dir / "other.ini").write_text(
+        f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\nenv = APP_NAME=other\n"
+        f"chdir = {workdir}\ndisable-logging = true\n")
+    r = wait_for(lambda: whoami(port), 30, "the vassal that does not fit to answer")
+    master = e.vpid("other")
+    assert master in workers, f"vassal pid {master} was forked, not one of the spares {workers}"
+    assert r["name"] == "other" and r["cwd"] == str(workdir), r
+    assert int(r["ppid"]) == master and int(r["pid"]) not in workers[master], (r, workers)
+    warm = [psutil.Process(pid) for pid in workers[master] if psutil.pid_exists(pid)]
+    wait_for(lambda: not any(alive(p) for p in warm), 10, "the warm worker that did not fit to leave")
+
+
 def adopt_one(e, spare: int) -> int:
     """A new vassal `one`, and the base's answer: the spare's pid (which
     may be stopped: the base answers for it). Its port."""

@@ -116,8 +116,11 @@ sub title {
 sub first_worker {
     my ($self, $sock, $requests_fh) = @_;
     my $worker = $self->{first_worker} or return undef;
-    # its warm-up ran as the base: not for a vassal that runs as someone else
-    if (defined $self->{config}->get('psgi') || $worker->unfit($self->{config})) {
+    # started early (ForkServer::Spares::Worker::start_early), it judged itself;
+    # else: its warm-up ran as the base: not for a vassal that runs as someone else
+    my $unfit = $worker->started_early ? defined $worker->verdict
+              : defined $self->{config}->get('psgi') || $worker->unfit($self->{config});
+    if ($unfit) {
         $worker->discard;
         # and what its warm-up started (as the base's user): the session holds
         # nothing else yet
@@ -250,8 +253,9 @@ sub listen_unix {
 =head2 inherited_listener()
 
 If descriptor 0 is a listening socket (the Emperor's on-demand socket),
-returns it as an IO::Socket::IP on a close-on-exec duplicate and points
-descriptor 0 at /dev/null, so the app's STDIN is not the server socket.
+returns it as a handle (L</listener_from_fd>) on a close-on-exec duplicate
+and points descriptor 0 at /dev/null, so the app's STDIN is not the server
+socket.
 
 =cut
 
@@ -259,9 +263,24 @@ sub inherited_listener {
     my $listening = getsockopt(STDIN, SOL_SOCKET, SO_ACCEPTCONN);
     return undef unless $listening && unpack('i', $listening);
     my $fd = POSIX::dup(0) // die "dup of descriptor 0: $!\n";
-    my $sock = IO::Socket::IP->new_from_fd($fd, 'r+') or die "descriptor 0: $!\n";
+    my $sock = listener_from_fd($fd) or die "descriptor 0: $!\n";
     ForkServer::Vassal::EmperorPipe->set_cloexec($sock);
     open STDIN, '<', '/dev/null' or die "reopening STDIN: $!\n";
+    return $sock;
+}
+
+=head2 listener_from_fd($fd) -> $handle
+
+A plain Perl handle on the listening socket C<$fd> (the server only
+C<accept>s on it and asks its name), or undef: not an IO::Socket object,
+whose making (a symbol in Symbol's stash, a blessed glob) costs a process
+forked from the base some copy-on-write page faults for nothing.
+
+=cut
+
+sub listener_from_fd {
+    my ($fd) = @_;
+    open(my $sock, '+<&=', $fd) or return undef;
     return $sock;
 }
 

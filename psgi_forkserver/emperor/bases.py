@@ -52,9 +52,14 @@ class ForkServers:
 
     def __init__(self, opts: Options, vassals: dict[str, Vassal], vassals_dir: Path,
                  base_files: cfgmod.BaseSelector, log: Callable[..., None],
-                 our_program: bool) -> None:
+                 our_program: bool, base_names: set[str] | None = None) -> None:
         self.opts = opts
         self.vassals = vassals  # the fleet (VassalFiles.vassals), read only
+        # the names whose file said base (VassalFiles.base_names), read only:
+        # every pass over bases looks at these, not at the fleet; a vassal
+        # runs a base process only if its file said so when it started.
+        # None: every vassal is looked at.
+        self.base_names = base_names
         self.dir = vassals_dir
         self.base_files = base_files
         self.log = log
@@ -69,10 +74,15 @@ class ForkServers:
 
     # -- which base, which socket ------------------------------------------------
 
+    def _candidates(self) -> Iterable[str]:
+        return self.vassals if self.base_names is None else self.base_names
+
     def base(self) -> Vassal | None:
         """The base vassal adopted vassals are forked from (first by name)."""
-        for name in sorted(self.vassals):
-            v = self.vassals[name]
+        for name in sorted(self._candidates()):
+            v = self.vassals.get(name)
+            if v is None:
+                continue
             if (v.is_base and v.config is not None) or v.kind == Kind.BASE and v.has_process:
                 return v
         return None
@@ -174,20 +184,28 @@ class ForkServers:
     def probe_times(self) -> list[float]:
         """When a starting base (or an external fork server) is probed next."""
         times = []
-        for name, v in self.vassals.items():
+        for name, v in self._bases():
             for p in (v.current, v.successor):
                 if p is not None and p.kind == Kind.BASE and p.state == ProcState.STARTING \
                         and p.started_at is not None:
                     times.append(max(p.started_at + PROBE_AFTER,
                                      self.next_probe.get((name, p.seq), 0)))
-            if v.phase == Phase.WAITING_FOR_BASE and self.opts.use_fork_server and not self.base():
-                times.append(self.external_next_probe)
+        if self.opts.use_fork_server and self.base() is None and any(
+                v.phase == Phase.WAITING_FOR_BASE for v in self.vassals.values()):
+            times.append(self.external_next_probe)
         return times
+
+    def _bases(self) -> Iterable[tuple[str, Vassal]]:
+        """(name, vassal) of every vassal that may run a base process."""
+        for name in self._candidates():
+            v = self.vassals.get(name)
+            if v is not None:
+                yield name, v
 
     def probe(self, now: float) -> None:
         """A base that sends no byte 1 (uWSGI's) is ready once its socket accepts."""
         starting: set[tuple[str, int]] = set()
-        for name, v in self.vassals.items():
+        for name, v in list(self._bases()):
             for p in (v.current, v.successor):
                 if p is None or p.kind != Kind.BASE or p.state != ProcState.STARTING \
                         or p.pid is None or p.started_at is None:

@@ -64,6 +64,10 @@ class VassalFiles:
         self.policy = Policy.of(opts)
         self.base_files = cfgmod.BaseSelector.from_names(opts.fork_bases)
         self.vassals: dict[str, Vassal] = {}
+        # the vassals whose file said base at some time while in the fleet:
+        # where the fork servers' base is looked for (ForkServers.base), a
+        # handful, not the fleet
+        self.base_names: set[str] = set()
         self.domains = DomainClaims(self.vassals)
         # templates render in children with a deadline (config/render.py);
         # the file is read again when its render ends
@@ -141,6 +145,7 @@ class VassalFiles:
     def forget(self, v: Vassal) -> None:
         """A vassal with no process and no file: dropped from the fleet."""
         del self.vassals[v.name]
+        self.base_names.discard(v.name)
         if v.refused:
             self.n_refused -= 1
         self.admitted.discard(v.name)
@@ -358,9 +363,14 @@ class VassalFiles:
             v = Vassal(name, cfg, is_base=is_base, policy=self.policy,
                        owns_socket=self.own_sockets, auto_socket=self.socket_dir is not None)
             self.vassals[name] = v
+            if is_base:
+                self.base_names.add(name)
             self._admit(v, is_base)
             return
-        if v.update_config(cfg, is_base):
+        changed = v.update_config(cfg, is_base)
+        if v.is_base:
+            self.base_names.add(name)
+        if changed:
             if cfg is None:
                 self.log("file removed", name)
                 self.listeners.close(name)  # the running process keeps its copy

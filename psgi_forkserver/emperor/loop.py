@@ -80,7 +80,7 @@ class Emperor:
         self.procs = ProcessTable(opts, self.vassals, self.files.dir, self.sel, self.log,
                                   self.relay, self.logbook, self.vsockets, self.metrics)
         self.bases = ForkServers(opts, self.vassals, self.files.dir, self.files.base_files,
-                                 self.log, ours)
+                                 self.log, ours, self.files.base_names)
         self.routes = Routes(opts, self.vassals, self.listeners, socket_dir, own, self.log,
                              self.sel, self.relay, on_refused=self.files.front_refused,
                              spawning=lambda: self.procs.spawning(None, 0))
@@ -143,7 +143,8 @@ class Emperor:
         # lazily: the deploy tracker looks at them only while a deploy runs
         self.bases.observe(now, (v for v in self.vassals.values() if not runs_as_base(v)),
                            self.shutdown.asked)
-        self.routes.turn(now, self.shutdown.asked)  # routing changed? (applied batched)
+        # routing changed? (applied batched): the routes of the vassals stepped
+        self.routes.turn(now, self.shutdown.asked, [s.vassal.name for s in turn.steps])
         self.cockpit.observe(now)
         if turn.done and facts.give_up and not (facts.no_children and not self.vassals):
             self.log("giving up waiting for children")

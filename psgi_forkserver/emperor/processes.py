@@ -59,6 +59,9 @@ class ProcessTable:
         # ... whose pid came since: reaped again by the next `reap`
         self.late_exits: list[tuple[int, int]] = []
         self.adoption_errors: dict[tuple[str, int], str] = {}  # the reply said so
+        # the adoptions in flight (the handles whose `adoption` is set): what
+        # each turn's facts and wait look at, not every process
+        self.pending: dict[tuple[str, int], ProcHandles] = {}
         self.replied: set[int] = set()  # base generations that answered an adoption
         self.no_children = False
         self.cgroups = None  # cgroups.Cgroups, once started (use_cgroups)
@@ -157,6 +160,7 @@ class ProcessTable:
             pr.close_theirs()
         pr.handles.adopting(pending)
         self._keep(v, seq, pr)
+        self.pending[(v.name, seq)] = pr.handles
         if pr.handles.output is not None:
             self.relay.watch(pr.handles.output, v.name, lambda: self.pid_of(v.name, seq), seq)
         self.sel.register(pending.sock, selectors.EVENT_READ,
@@ -291,6 +295,7 @@ class ProcessTable:
             self.late_exits.append((pid, early[0]))
 
     def _finish_adoption(self, name: str, seq: int) -> None:
+        self.pending.pop((name, seq), None)
         h = self.handles.get((name, seq))
         pending = h.take_adoption() if h is not None else None
         if pending is not None:
@@ -307,14 +312,14 @@ class ProcessTable:
         reply said so, or none came in time."""
         out = [(n, q, why, False) for (n, q), why in self.adoption_errors.items()
                if (n, q) in self.handles]
-        for (name, seq), h in self.handles.items():
+        for (name, seq), h in self.pending.items():
             if h.adoption is not None and h.adoption.expired(now):
                 out.append((name, seq, f"no reply within {self.opts.adopt_timeout:g} s", True))
         return out
 
     def in_flight(self) -> int:
         """Adoption requests sent and not answered."""
-        return sum(1 for h in self.handles.values() if h.adoption is not None)
+        return len(self.pending)
 
     def take_replies(self) -> set[int]:
         """The base generations that answered an adoption since the last ask."""
@@ -322,7 +327,7 @@ class ProcessTable:
         return out
 
     def next_wakeup(self) -> list[float]:
-        return [h.adoption.deadline for h in self.handles.values() if h.adoption is not None]
+        return [h.adoption.deadline for h in self.pending.values() if h.adoption is not None]
 
     def adoption_failed(self, name: str, seq: int) -> None:
         """The plan failed this adoption: a vassal forked anyway sees EOF and stops."""
@@ -370,6 +375,7 @@ class ProcessTable:
     def drop(self, name: str, seq: int) -> None:
         self._close_pipe(name, seq)
         self.adoption_errors.pop((name, seq), None)
+        self.pending.pop((name, seq), None)
         h = self.handles.pop((name, seq), None)
         if h is not None:
             h.close_config_pipe()

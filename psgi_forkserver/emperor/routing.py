@@ -15,7 +15,7 @@ import math
 import os
 import selectors
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .. import config as cfgmod
@@ -78,7 +78,15 @@ def socket_dir_of(opts: Options) -> Path | None:
 
 
 class Routes:
-    """The routes of the vassals with a `domain`, and the front door that serves them."""
+    """The routes of the vassals with a `domain`, and the front door that serves them.
+
+    A turn recomputes the routes of the vassals it names (those the plan
+    stepped: a vassal's route changes only with a fact recorded on it or
+    its own step), and all of them every `EVERY` seconds, so a change made
+    any other way is seen that late, never lost; the front door hears of
+    the routes only when one changed."""
+
+    EVERY = 1.0  # s: every route recomputed at least this often
 
     def __init__(self, opts: Options, vassals: dict[str, Vassal], listeners: sockets.Listeners,
                  socket_dir: Path | None, own_sockets: bool, log: Callable[..., None],
@@ -99,6 +107,9 @@ class Routes:
                                    unwatch=self._unwatch,
                                    relay=lambda out, pid: relay.watch(out, "front", pid),
                                    on_refused=on_refused, spawning=spawning)
+        self.known: dict[str, Route] = {}  # vassal name -> its route, as last computed
+        self.next_full = float("-inf")
+        self.told = False  # the front door has had the routes once
 
     def routes(self) -> list[Route]:
         """The routing facts of every vassal with a `domain`: its socket.
@@ -107,44 +118,67 @@ class Routes:
         answered 503 by the Emperor (ondemand.VassalSockets.closed_sign), one that is
         not bound refuses nginx's connection (503 too). Only a vassal
         without any address is routed to a 503 of the front door's own."""
-        out = []
-        for v in self.vassals.values():
-            if v.is_base:
-                continue
-            cfg = v.config if v.config is not None and not v.config.error else v.running
-            if cfg is None:
-                continue
-            domains = tuple(sorted({d.lower() for d in cfg.get_all("domain")}))
-            if not domains:
-                continue
-            lst = self.listeners.by_name.get(v.name)
-            addr = lst.addr if lst is not None else None
-            if addr is None:
-                want = sockets.wanted_address(cfg, self.socket_dir)
-                addr = want[0] if want is not None and (self.own_sockets or v.has_process) \
-                    else None
-            down = addr is None
-            # a retry helps after a crash loop's backoff, not while stopped;
-            # only the front door's own 503 says it: a route with an address
-            # keeps 1, or each crash, stop and start would change the routes
-            retry = 1 if not down else math.ceil(v.backoff) if v.phase == Phase.THROTTLED \
-                else 0 if v.phase == Phase.STOPPED else 1
-            out.append(Route(v.name, domains, nginx_target(addr) if addr else "",
-                             up=not down, retry_after=retry,
-                             protocol="uwsgi" if cfg.get("socket") else "http",
-                             **route_limits(cfg)))
-        return out
+        return [r for r in map(self.route_of, self.vassals.values()) if r is not None]
 
-    def turn(self, now: float, shutting_down: bool) -> None:
-        """Routing changed? (applied batched); nginx's own life."""
+    def route_of(self, v: Vassal | None) -> Route | None:
+        """One vassal's route (`routes`), None without a `domain`."""
+        if v is None or v.is_base:
+            return None
+        cfg = v.config if v.config is not None and not v.config.error else v.running
+        if cfg is None:
+            return None
+        domains = tuple(sorted({d.lower() for d in cfg.get_all("domain")}))
+        if not domains:
+            return None
+        lst = self.listeners.by_name.get(v.name)
+        addr = lst.addr if lst is not None else None
+        if addr is None:
+            want = sockets.wanted_address(cfg, self.socket_dir)
+            addr = want[0] if want is not None and (self.own_sockets or v.has_process) \
+                else None
+        down = addr is None
+        # a retry helps after a crash loop's backoff, not while stopped;
+        # only the front door's own 503 says it: a route with an address
+        # keeps 1, or each crash, stop and start would change the routes
+        retry = 1 if not down else math.ceil(v.backoff) if v.phase == Phase.THROTTLED \
+            else 0 if v.phase == Phase.STOPPED else 1
+        return Route(v.name, domains, nginx_target(addr) if addr else "",
+                     up=not down, retry_after=retry,
+                     protocol="uwsgi" if cfg.get("socket") else "http",
+                     **route_limits(cfg))
+
+    def turn(self, now: float, shutting_down: bool, changed: Iterable[str] | None = None) -> None:
+        """Routing changed? (applied batched); nginx's own life. `changed`:
+        the vassals whose route may have changed (None: any)."""
         if self.front is not None:
-            self.safely(lambda t: self._turn(t, shutting_down), now)
+            self.safely(lambda t: self._turn(t, shutting_down, changed), now)
 
-    def _turn(self, now: float, shutting_down: bool) -> None:
+    def _turn(self, now: float, shutting_down: bool, changed: Iterable[str] | None) -> None:
         assert self.front is not None
-        if not shutting_down:
-            self.front.update(self.routes(), now)
+        if not shutting_down and (self._refresh(now, changed) or not self.told):
+            self.told = True
+            self.front.update(self.known.values(), now)
         self.front.poll(now)
+
+    def _refresh(self, now: float, changed: Iterable[str] | None) -> bool:
+        """The known routes brought up to date; True if one changed."""
+        if changed is None or now >= self.next_full:
+            self.next_full = now + self.EVERY
+            fresh = {r.vassal: r for r in self.routes()}
+            moved = fresh != self.known
+            self.known = fresh
+            return moved
+        moved = False
+        for name in changed:
+            r = self.route_of(self.vassals.get(name))
+            if r == self.known.get(name):
+                continue
+            moved = True
+            if r is None:
+                del self.known[name]
+            else:
+                self.known[name] = r
+        return moved
 
     def safely(self, fn, now: float) -> None:
         """The front door's boundary: what goes wrong there is logged, and

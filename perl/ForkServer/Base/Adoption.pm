@@ -147,9 +147,14 @@ sub _become_vassal {
             my (%common) = @_;
             die "fork-server is set: an adopted vassal cannot be a base vassal\n"
                 if defined $common{config}->get('fork-server');
+            if (my $worker = $vassal{first_worker}) {
+                $worker->for_request(\@argv, $config_text);
+                # its socket is descriptor 0 already: the warm worker starts
+                # accepting now, while this master sets itself up
+                $worker->start_early(0) if ($req->mask & MASK_ON_DEMAND) && _early_start_fits($common{config});
+            }
             $self->_close_inherited($common{config}, $vassal{first_worker},
                                     grep { defined } @common{qw(emperor config_fh)});
-            $vassal{first_worker}->for_request(\@argv, $config_text) if $vassal{first_worker};
             # its workers too: they are forked after this
             ForkServer::Process::Exit::without_global_destruction();
             ForkServer::Log::line($common{config}->name, $_) for ForkServer::Base::Preloaded::warnings();
@@ -169,6 +174,17 @@ sub _become_vassal {
         # failed first) goes with it rather than outliving it as an orphan.
         exit => sub { $vassal{first_worker}->discard if $vassal{first_worker}; exit $_[0] },
     );
+}
+
+# A spare's warm worker may be started before its master is set up, unless
+# the master must open something for it first (the requests file, made
+# as root for the uid the vassal drops to: ForkServer::Vassal) or lets it go
+# anyway (an app of its own, a descriptor of the base's to keep).
+sub _early_start_fits {
+    my ($config) = @_;
+    return 0 if defined $config->get('psgi') || $config->list('keep-fd');
+    return 0 if $> == 0 && defined ForkServer::Vassal::Identity::target($config);
+    return 1;
 }
 
 # Before the app runs in the vassal: nothing of the base's but stdio, its

@@ -94,11 +94,15 @@ sub _master_init {
     if ($pre) { @$self{qw(stop_r stop_w)} = @$pre{qw(stop_r stop_w)} }
     else      { $self->_new_stop_pipe }
     # every generation's workers share it: connections given away by a
-    # worker of the old one are served by the new one
-    my $pair = $pre && $pre->{handoff_take}
-        ? { take => $pre->{handoff_take}, give => $pre->{handoff_give} }
-        : ForkServer::HTTPServer::Handoff::pair();
-    $self->{handoff} = ForkServer::HTTPServer::Handoff::with_board(@$pair{qw(take give)});
+    # worker of the old one are served by the new one. A lone worker has
+    # no sibling to give to (ForkServer::HTTPServer::Worker): no queue,
+    # two descriptors and a memfd fewer in every single-worker vassal.
+    if ($self->{workers} > 1 && $self->{keepalive_handoff}) {
+        my $pair = $pre && $pre->{handoff_take}
+            ? { take => $pre->{handoff_take}, give => $pre->{handoff_give} }
+            : ForkServer::HTTPServer::Handoff::pair();
+        $self->{handoff} = ForkServer::HTTPServer::Handoff::with_board(@$pair{qw(take give)});
+    }
     $self->{sent_accepting} = 0;
     $self->{sent_loyal} = 0;
     $self->{stopping} = 0;     # 0, 'graceful' or 'now'

@@ -38,6 +38,9 @@ sub constant_env { return @CONSTANT_ENV }
 # colon, obs-fold continuation lines and anything else are refused, so no
 # proxy in front can read the head differently from us.
 my $TOKEN = qr/[!#\$%&'*+.^_`|~0-9A-Za-z-]+/;
+# compiled here, once in the base: a pattern built at the match would be
+# compiled again by the first request of every worker
+my $METHOD_RE = qr/\A$TOKEN\z/;
 my $HEAD_RE = qr/\A[^\012]*\012(?:$TOKEN:[^\012]*\012)*\015?\012\z/;
 # HTTP::Parser::XS's limit on field lines: past it a head is -1 (malformed).
 use constant MAX_FIELD_LINES => 128;
@@ -135,7 +138,7 @@ sub _head_ok {
     }
     if ($hlen > $self->{max_header_size}) { $self->_error_response($conn, 431, $env, $c); return 0 }
     my $head = substr($c->{buf}, 0, $hlen, '');
-    if ($head !~ $HEAD_RE || $env->{REQUEST_METHOD} !~ /\A$TOKEN\z/) {
+    if ($head !~ $HEAD_RE || $env->{REQUEST_METHOD} !~ $METHOD_RE) {
         $self->_error_response($conn, 400, $env, $c); return 0;
     }
     # index first: "_" in a field name is rare, the regex runs only then

@@ -31,6 +31,13 @@ our %EXPORT_TAGS = (msg => [qw(MSG_ACCEPTING MSG_ACTIVITY MSG_BUSY MSG_DONE MSG_
                                EXIT_HARAKIRI EXIT_RECYCLE worker_msg)]);
 our @EXPORT_OK = (@{ $EXPORT_TAGS{msg} }, 'worker_exit');
 
+# A worker's SIGTERM: the flag its loop reads. The handler is made here,
+# once, in the base: built in each worker, its objects (a SigSet, a
+# SigAction's hash, a closure) cost some 30 copy-on-write page faults.
+our $STOPPING = 0;
+my $ON_TERM = POSIX::SigAction->new(sub { $STOPPING = 1 }, POSIX::SigSet->new, POSIX::SA_RESTART());
+$ON_TERM->safe(1);
+
 # Worker -> master records: pid, type, payload length, payload. Each is
 # written with one write(2) of less than PIPE_BUF bytes, so records of
 # different workers never interleave.
@@ -111,21 +118,17 @@ sub _worker_setup {
     # pipe (end of file in the worker's select), not by a signal. A SIGTERM
     # from elsewhere only sets the same flag, with SA_RESTART, so that the
     # app's blocking reads are restarted, not broken with EINTR.
-    my $stopping = 0;
-    my $on_term = POSIX::SigAction->new(sub { $stopping = 1 }, POSIX::SigSet->new, POSIX::SA_RESTART());
-    $on_term->safe(1);
-    POSIX::sigaction(POSIX::SIGTERM(), $on_term);
+    $STOPPING = 0;
+    POSIX::sigaction(POSIX::SIGTERM(), $ON_TERM);
     $SIG{HUP}  = 'IGNORE';          # the master reloads; a worker keeps going
     $SIG{INT}  = 'DEFAULT';
     $SIG{QUIT} = 'DEFAULT';
     $SIG{CHLD} = 'DEFAULT';
     $SIG{PIPE} = 'IGNORE';          # a vanished client is an EPIPE, not a death
-    $self->{stopping_ref} = \$stopping;
+    $self->{stopping_ref} = \$STOPPING;
     $self->{slot} = $slot;
-    # Its own rand() sequence: a worker forked from a base (or a spare) that
-    # had drawn once would repeat the base's, like every other worker of
-    # every vassal (the same "random" tokens across the fleet).
-    srand();
+    # Its own rand() sequence was seeded at its fork (Kids, or the spare's
+    # prefork: ForkServer::Process::Random), not again here.
     POSIX::sigprocmask(POSIX::SIG_SETMASK(), delete $self->{sigmask});
     worker_exit(0) if getppid() != $self->{master_pid};
 

@@ -126,7 +126,7 @@ F</dev/null>) over a socket pair, served by the stand-in app.
 sub worker_start {
     my ($data, $fd) = _handed(encode_array(1, $CONFIG_TEXT, @ARGV_SHAPE)) or return;
     # the listening socket's handle (here a socket pair's end)
-    my $sock = IO::Socket::IP->new_from_fd($fd, 'r+');
+    my $sock = ForkServer::Vassal::listener_from_fd($fd);
     $sock ? close $sock : POSIX::close($fd);
     my ($has_text, $text, @argv) = decode_array($data);
     my $config = ForkServer::Config->from_argv(\@argv, config_text => $text);

@@ -3,7 +3,6 @@ use strict;
 use warnings;
 
 use IO::Select ();
-use IO::Socket::IP ();
 use POSIX ();
 use Time::HiRes ();
 use Socket qw(AF_UNIX SOCK_SEQPACKET PF_UNSPEC);
@@ -33,6 +32,8 @@ ForkServer::Spares::Worker - a spare's first worker, forked and warmed before an
   my $worker = ForkServer::Spares::Worker->prefork($app, \@paths, $name, $base_link, $timeout);
   # adopted: the argv and config text, then the socket (ForkServer::Vassal)
   $worker->for_request(\@argv, $config_text);
+  $worker->start_early(0);                  # the on-demand socket: it starts now, judges itself
+  my $why = $worker->verdict;               # later, in the master: undef if it fits
   my $preforked = $worker->start($listen_sock, $requests_fh);   # ForkServer::HTTPServer's slot 1
   $worker->discard;    # or: the vassal's own app (psgi); fresh workers instead
 
@@ -49,6 +50,9 @@ C<chdir> and C<gid>/C<uid> itself and serves as the master's slot 1
 =cut
 
 use constant READS_MAX => 65536;    # the W message with the names of the %ENV keys the warm-up read
+# how the worker is started: its master judged it fit, or it judges itself
+# and answers FITS or UNFIT on its link (start_early)
+use constant { GO => 'go', JUDGE => 'judge', FITS => 'S', UNFIT => 'U' };
 
 # In the spare: fork the worker with the master's pipes (ForkServer::HTTPServer's
 # worker messages and stop pipe); it warms up, says so, and waits for go().
@@ -137,7 +141,14 @@ C<chdir> are applied. The reason when not.
 
 sub unfit {
     my ($self, $config) = @_;
-    my $warm = $self->{warm} or return 'no warm-up known';
+    return unfit_for($self->{warm}, $config);
+}
+
+# The same judgement from a warm-up record: the worker judges itself so,
+# when it is started early (start_early).
+sub unfit_for {
+    my ($warm, $config) = @_;
+    $warm or return 'no warm-up known';
     return 'keep-fd' if $config->list('keep-fd');
     my $id = ForkServer::Vassal::Identity::target($config) // ForkServer::Vassal::Identity::current();
     return 'another identity' unless ForkServer::Vassal::Identity::same($id, $warm->{id});
@@ -163,17 +174,77 @@ worker as its slot 1.
 
 sub start {
     my ($self, $sock, $requests_fh) = @_;
-    my $text = $self->{config_text};
-    # the vassal's protocol variables, as its other workers inherit them
-    my @emperor = map { $ENV{$_} // '' } qw(UWSGI_EMPEROR_FD UWSGI_EMPEROR_FD_CONFIG);
-    my $data = encode_array(defined $text ? (1, $text) : (0, ''), @emperor, @{ $self->{argv} });
-    STDOUT->flush;
-    STDERR->flush;
-    my @fds = (fileno $sock, 1, 2, $requests_fh ? fileno $requests_fh : ());
-    ForkServer::Link::send_fds($self->{link}, $data, @fds) or die "starting the spare's worker: $!\n";
+    return $self->_started if $self->{early};    # it has the socket, and said it fits
+    $self->_send(GO, fileno $sock, $requests_fh ? fileno $requests_fh : ());
     close $self->{link};
+    return $self->_started;
+}
+
+sub _started {
+    my ($self) = @_;
     $self->{started} = 1;
     return { pid => $self->{pid}, %{ $self->{pipes} } };
+}
+
+# What the worker is given: how it starts, the config text, the vassal's
+# protocol variables (as its other workers inherit them), the argv; the
+# listening socket, standard output and error, the requests file.
+sub _send {
+    my ($self, $mode, $listen_fd, @more) = @_;
+    my $text = $self->{config_text};
+    my @emperor = map { $ENV{$_} // '' } qw(UWSGI_EMPEROR_FD UWSGI_EMPEROR_FD_CONFIG);
+    my $data = encode_array($mode, defined $text ? (1, $text) : (0, ''), @emperor, @{ $self->{argv} });
+    STDOUT->flush;
+    STDERR->flush;
+    ForkServer::Link::send_fds($self->{link}, $data, $listen_fd, 1, 2, @more)
+        or die "starting the spare's worker: $!\n";
+    return;
+}
+
+=head2 start_early($listen_fd)
+
+In the adopted spare, as soon as its argv and config text are known
+(C<for_request>) and the listening socket is descriptor C<$listen_fd>
+(the on-demand socket the requester passed): the worker gets them at
+once, applies C<env>, C<chdir>, C<gid>/C<uid> and starts accepting while
+the master still sets itself up, on the other core. It judges itself
+whether it fits (C<unfit>, from its own warm-up's record) and says so on
+its link: C<verdict>. Not for a vassal whose master must open something
+for the worker first (a requests file for the uid it drops to) or that
+lets the worker go anyway (C<psgi>, C<keep-fd>): the caller decides.
+
+=cut
+
+sub start_early {
+    my ($self, $listen_fd) = @_;
+    # a worker gone since the spare last looked: the master finds out at
+    # start() as before, and forks fresh workers
+    $self->{early} = 1 if eval { $self->_send(JUDGE, $listen_fd); 1 };
+    return;
+}
+
+=head2 started_early() -> bool
+
+Whether C<start_early> gave the worker its vassal.
+
+=cut
+
+sub started_early { return $_[0]{early} ? 1 : 0 }
+
+=head2 verdict() -> $why or undef
+
+After C<start_early>: undef when the worker fits and serves (C<start>
+then hands it to the master), else why not (it has left, or leaves).
+
+=cut
+
+sub verdict {
+    my ($self) = @_;
+    my $n = sysread $self->{link}, my $said, 4096;
+    return 'its worker is gone' unless $n;
+    return substr($said, 1) || 'unfit' if $said =~ /\A\Q${\UNFIT}\E/;
+    close $self->{link};
+    return undef;
 }
 
 # What the vassal keeps open for it (ForkServer::Base closes the rest).
@@ -215,6 +286,10 @@ sub _worker_main {
     my ($link, $app, $paths, $name, $ready_r, $ready_w, $stop_r, $handoff) = @_;
     my $master = getppid();
     $0 = "psgi-vassal $name (spare worker)";
+    # what the spare's record of this warm-up says (prefork): as the spare
+    # saw them, before the warm-up could change anything
+    my %env_before = %ENV;
+    my ($id, $cwd) = (ForkServer::Vassal::Identity::current(), Cwd::getcwd());
     # the app's paths as often as the server's: the adopted vassal's first
     # request then takes what the app's steady state takes
     my $read = ForkServer::Spares::EnvReads::during(sub {
@@ -226,6 +301,8 @@ sub _worker_main {
     # what the warm-up read of %ENV: a vassal whose env differs there takes fresh workers
     my $msg = join "\0", 'W', @$read;
     $msg = "W\0*" if length $msg > READS_MAX;
+    my $warm = { id => $id, cwd => $cwd,
+                 env => { map { $_ => $env_before{$_} } $msg eq "W\0*" ? keys %env_before : @$read } };
     syswrite($link, $msg) or die "telling the spare: $!\n";
     my ($data, $fd, @output) = ForkServer::Link::recv_fds($link);
     my $requests_fd = $output[2];    # the vassal's requests file, when it drops root (ForkServer::Vassal)
@@ -234,7 +311,6 @@ sub _worker_main {
         ForkServer::Process::Session::end_others(grace => 1) if getppid() != $master;
         POSIX::_exit(0);
     }
-    close $link;
     STDOUT->flush;
     STDERR->flush;
     for my $to (1, 2) {    # the vassal's output from now on, not the base's
@@ -242,15 +318,24 @@ sub _worker_main {
         POSIX::dup2($from, $to) // die "dup2 of the vassal's output to descriptor $to: $!\n";
         POSIX::close($from);
     }
-    my ($has_text, $text, $emperor_fd, $config_fd, @argv) = decode_array($data);
+    my ($mode, $has_text, $text, $emperor_fd, $config_fd, @argv) = decode_array($data);
     for ([UWSGI_EMPEROR_FD => $emperor_fd], [UWSGI_EMPEROR_FD_CONFIG => $config_fd]) {
         my ($key, $value) = @$_;
         if (length $value) { $ENV{$key} = $value } else { delete $ENV{$key} }
     }
-    my $sock = IO::Socket::IP->new_from_fd($fd, 'r+') or die "the listening socket: $!\n";
+    my $sock = ForkServer::Vassal::listener_from_fd($fd) or die "the listening socket: $!\n";
     my $config = ForkServer::Config->from_argv(\@argv, config_text => $has_text ? $text : undef);
     my $vassal = ForkServer::Vassal->new(config => $config);
     $vassal->configure;
+    if ($mode eq JUDGE) {    # started early (start_early): its master waits for the answer
+        if (defined(my $why = unfit_for($warm, $config))) {
+            local $SIG{PIPE} = 'IGNORE';
+            syswrite $link, UNFIT . $why;
+            POSIX::_exit(0);
+        }
+        syswrite($link, FITS) or die "telling the spare: $!\n";
+    }
+    close $link;
     my $access_log = $vassal->access_log;    # opened as whoever may open it
     $vassal->drop_privileges;
     my @requests;

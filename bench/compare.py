@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Two (or more) versions of the vassal program side by side, in one run,
+rounds alternating, so that a shared machine's drifting load falls on all
+alike.
+
+    .venv/bin/python bench/compare.py floor  [--rounds 3] [-n 20] NAME=PROGRAM ...
+    .venv/bin/python bench/compare.py spares [--rounds 3] [-n 10] NAME=PROGRAM ...
+
+PROGRAM is a `perl/ForkServer.pm`, e.g. of an older commit exported with
+`git archive REV perl | tar -x -C DIR` (then DIR/perl/ForkServer.pm).
+
+- `floor`: the floor's single adoptions (fleet_floor.floor: no spares, the
+  socket bound by the requester, to the first 200 on /hello): CPU of the
+  base's clone, the vassal master and its worker, and their page faults;
+- `spares`: adoption -> first 200 on the heavy app's `/` from a base with
+  `early-warmup = /` and 2 warm spares, the socket bound by the requester
+  (the spares bench's row).
+
+Prints each round and the medians over the rounds (floor) or over every
+sample (spares), with the load average at each round's start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import adoptions  # noqa: E402
+import basevassal  # noqa: E402
+import fleet_floor  # noqa: E402
+from benchlib import Ports, Procs, rmtree, set_child_subreaper, tempdir  # noqa: E402
+from settings import APPS  # noqa: E402
+
+
+def floor_round(procs: Procs, ports: Ports, tmp: Path, n: int) -> dict[str, float]:
+    fl = fleet_floor.floor(procs, ports, tmp, basevassal.Base, APPS["heavy"], basevassal.PROGRAM, n,
+                           lambda m: None)
+    c = fl["mean_cpu_ms"]
+    return {"clone_ms": c["base_cpu_ms"], "master_ms": c["master_cpu_ms"], "worker_ms": c["worker_cpu_ms"],
+            "total_ms": fl["cpu_per_vassal_ms"], "clone_faults": fl["base_faults"]["p50"],
+            "master_faults": fl["master_faults"]["p50"], "worker_faults": fl["worker_faults"]["p50"]}
+
+
+def spares_round(procs: Procs, ports: Ports, tmp: Path, n: int) -> list[float]:
+    x = adoptions.adoption_latency(procs, ports, tmp, "heavy", n, "/",
+                                   ("--early-warmup", "/", "--fork-server-spares", "2"), bound=True)
+    return x["samples_first_200_ms"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=("floor", "spares"))
+    ap.add_argument("programs", nargs="+", metavar="NAME=PROGRAM")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("-n", type=int, default=None, help="adoptions per round (floor 20, spares 10)")
+    args = ap.parse_args()
+    confs = []
+    for a in args.programs:
+        name, _, prog = a.partition("=")
+        if not prog or not os.path.isfile(prog):
+            ap.error(f"{a}: not NAME=PATH of a ForkServer.pm")
+        confs.append((name, os.path.abspath(prog)))
+    n = args.n or (20 if args.what == "floor" else 10)
+    set_child_subreaper()
+    tmp = tempdir()
+    procs, ports = Procs(tmp), Ports()
+    floors: dict[str, list[dict[str, float]]] = {name: [] for name, _ in confs}
+    samples: dict[str, list[float]] = {name: [] for name, _ in confs}
+    loads = []
+    try:
+        for r in range(args.rounds):
+            for name, prog in confs:
+                basevassal.PROGRAM = prog
+                load = os.getloadavg()[0]
+                loads.append(load)
+                if args.what == "floor":
+                    row = floor_round(procs, ports, tmp, n)
+                    floors[name].append(row)
+                    print(f"round {r + 1} {name}: " + " ".join(f"{k} {v:.2f}" for k, v in row.items())
+                          + f" (load {load:.1f})", flush=True)
+                else:
+                    got = spares_round(procs, ports, tmp, n)
+                    samples[name] += got
+                    print(f"round {r + 1} {name}: adoption -> first 200 p50 {statistics.median(got):.2f} ms "
+                          f"(load {load:.1f})", flush=True)
+    finally:
+        procs.cleanup()
+        rmtree(tmp)
+    print(f"medians ({args.rounds} rounds, load average {min(loads):.1f}-{max(loads):.1f} at their starts):")
+    for name, _ in confs:
+        if args.what == "floor":
+            rows = floors[name]
+            print(f"  {name}: " + " ".join(f"{k} {statistics.median(x[k] for x in rows):.2f}" for k in rows[0]))
+        else:
+            print(f"  {name}: adoption -> first 200 p50 {statistics.median(samples[name]):.2f} ms "
+                  f"over {len(samples[name])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
