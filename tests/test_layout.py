@@ -161,9 +161,19 @@ def test_no_perl_module_over_400_lines():
 # in a method is the class's own attribute, unless a class of its family (a
 # base or a subclass: a mixin) in another module declares it. The result of
 # a call to a function the package does not define (`ET.SubElement(...).text
-# = ...`) is another library's object, none of the package's.
+# = ...`) is another library's object, none of the package's. Where the
+# receiver's class is written down (`self.a.b` with `a` and `b` made by a
+# constructor or annotated; a parameter's annotation), that class's module
+# decides, though the writing module declares a field of the same name. A
+# write whose name the source does not say (`setattr(x, name, ...)`,
+# `vars(x)[k] = ...`) is reported: the check cannot judge it. A container
+# changed in place (`x.items[k] = `, `del x.items[k]`, `x.items.append(...)`)
+# is a write of `items`.
 
 INITS = ("__init__", "__post_init__")
+# a container's methods that change it in place
+MUTATORS = frozenset({"append", "appendleft", "extend", "insert", "add", "discard", "remove", "pop",
+                      "popleft", "popitem", "clear", "update", "setdefault"})
 UNREADABLE = "?"  # setattr with a computed name, vars(x)[k] = ..., x.__dict__[k] = ...
 
 
@@ -192,6 +202,10 @@ def _written(node: ast.AST) -> list[tuple[ast.AST | None, str, int]]:
         targets = node.targets
     elif isinstance(node, (ast.AugAssign, ast.AnnAssign, ast.For, ast.AsyncFor)):
         targets = [node.target]
+    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+            and node.func.attr in MUTATORS and isinstance(node.func.value, ast.Attribute):
+        held = node.func.value  # X.a.append(...): X.a changed in place
+        return [(held.value, held.attr, node.lineno)]
     elif isinstance(node, ast.Call) and len(node.args) >= 2 \
             and ast.unparse(node.func) in ("setattr", "object.__setattr__"):
         name = node.args[1]
@@ -199,9 +213,10 @@ def _written(node: ast.AST) -> list[tuple[ast.AST | None, str, int]]:
         return [(node.args[0], name.value if known else UNREADABLE, node.lineno)]
     else:
         return []
+    items = [t.value for t in targets if isinstance(t, ast.Subscript)]  # X.a[k] = / del X.a[k]
     return [(a.value, a.attr, a.lineno) for t in targets for a in _attribute_targets(t)] + [
-        (None, UNREADABLE, t.lineno) for t in targets
-        if isinstance(t, ast.Subscript) and _namespace(t.value)]
+        (None, UNREADABLE, node.lineno) if _namespace(i) else (i.value, i.attr, node.lineno)
+        for i in items if isinstance(i, ast.Attribute) or _namespace(i)]
 
 
 def _is_self(node: ast.AST | None) -> bool:
@@ -458,9 +473,26 @@ def test_the_foreign_write_finder_reads_del_and_writes_it_cannot_name():
         "other.py:5: ? (a name the check cannot read)",
         "other.py:6: state (declared in owner.py)",
     ]
+    owner = "class P:\n    def __init__(self):\n        self.items = []\n        self.seen = {}\n"
+    other = ("def f(p):\n    p.items.append(1)\n    p.seen[1] = 2\n    del p.seen[1]\n"
+             "    p.items[0] += 1\n    p.items.index(1)\n")
+    assert foreign_writes({"owner.py": owner, "other.py": other}) == [
+        "other.py:2: items (declared in owner.py)", "other.py:3: seen (declared in owner.py)",
+        "other.py:4: seen (declared in owner.py)", "other.py:5: items (declared in owner.py)"]
+
+
+# (module, attribute) still changed from outside its module, each to be
+# made the declaring module's; a new one fails the test
+FOREIGN_FOR_NOW = {
+    # the Requests mixin adds to and takes from its StatusServer's set
+    ("status/requests.py", "deferred"),
+}
 
 
 def test_no_module_assigns_an_attribute_another_module_declares():
     sources = {str(p.relative_to(ROOT)): p.read_text() for p in sorted(ROOT.rglob("*.py"))}
     found = foreign_writes(sources)
-    assert found == [], "\n".join(found)
+    which = {f: (f.split(":")[0], f.split(": ")[1].split(" ")[0]) for f in found}
+    new = [f for f in found if which[f] not in FOREIGN_FOR_NOW]
+    assert new == [], "\n".join(new)
+    assert FOREIGN_FOR_NOW - set(which.values()) == set(), "fixed: drop it from the list"
