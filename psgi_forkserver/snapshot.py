@@ -44,6 +44,7 @@ class VassalSnapshot:
     plack_env: str | None = None  # the PLACK_ENV its processes run with
     cgroup: str | None = None  # its current process's cgroup (emperor/cgroups.py), if it has one
     last_heartbeat: float | None = None  # its current process's last heartbeat (monotonic)
+    operator_reloads: int = 0  # `emperor reload NAME` carried out
 
 
 @dataclass(frozen=True)

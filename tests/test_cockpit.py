@@ -242,6 +242,21 @@ def test_reload_stop_start_one_vassal_under_load_fails_no_request(fleet):
     assert load.failed == [] and load.ok > 15, (load.ok, load.failed[:5])
 
 
+def test_status_counts_the_operators_reloads_carried_out(fleet):
+    def reloads() -> int:
+        r = emperor_cli("status", "a", "--json")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["operator_reloads"]
+    before = reloads()
+    assert emperor_cli("reload", "a").returncode == 0
+    assert reloads() == before + 1
+    # a reload that cannot happen (a stopped vassal) counts nothing
+    assert emperor_cli("stop", "a").returncode == 0
+    assert emperor_cli("reload", "a").returncode == 1
+    assert emperor_cli("start", "a").returncode == 0
+    assert reloads() == before + 1
+
+
 def test_stopped_vassal_stays_stopped_until_started_or_its_file_changes(fleet):
     r = emperor_cli("stop", "b")
     assert r.returncode == 0, r.stderr

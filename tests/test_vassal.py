@@ -488,6 +488,7 @@ def test_reload_request_starts_a_successor_when_seamless():
     v.on_byte(17, 1.1, seq=acts[0].seq)
     assert v.step(ctx(1.2)) == [Send(EmperorByte.STOP)] and v.pid == 200
     assert v.step(ctx(1.3)) == []  # one reload per request
+    assert v.operator_reloads == 1 and v.snapshot().operator_reloads == 1
 
 
 def test_reload_request_stops_then_starts_when_not_seamless():
@@ -497,6 +498,7 @@ def test_reload_request_stops_then_starts_when_not_seamless():
     assert v.step(ctx(1)) == [Send(EmperorByte.STOP)]
     assert v.exited(0, 1.1) == "stopped"
     assert v.step(ctx(1.2)) == [Adopt()] and v.restarts == 0
+    assert v.operator_reloads == 1
 
 
 def test_reload_request_cuts_a_throttled_vassals_backoff():

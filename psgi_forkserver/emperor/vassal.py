@@ -91,6 +91,7 @@ class Vassal(VassalView, Decisions):
     last_status: int | None = None
     processes_started: int = 0  # how many processes this vassal has had (status: "generation")
     restarts: int = 0  # processes started again after an unexpected death or a kill
+    operator_reloads: int = 0  # `emperor reload NAME` carried out (a new process started)
     want_base_generation: int = 1  # base: the generation that should run
     woken: bool = False  # on-demand: a connection is waiting
     last_kind: Kind | None = None
@@ -359,6 +360,7 @@ class Vassal(VassalView, Decisions):
     def _start_successor(self, p: Proc) -> None:
         """A reload: `p` starts while the current one serves; it reads the
         file as it is and answers `emperor reload`."""
+        self.operator_reloads += int(self.reload_asked)
         self.touched = self.reload_asked = False
         self.successor = p
 
@@ -379,6 +381,7 @@ class Vassal(VassalView, Decisions):
     def _reload_by_restart(self) -> None:
         """A reload that stops the process (not seamless): what asked for
         it is answered by the start that follows."""
+        self.operator_reloads += int(self.reload_asked)
         self.reload_asked = False
         self.touched = False
 

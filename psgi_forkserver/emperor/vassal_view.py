@@ -35,6 +35,7 @@ class VassalView:
         last_status: int | None
         processes_started: int
         restarts: int
+        operator_reloads: int
         last_kind: Kind | None
         last_error: str | None
         error_seq: int | None
@@ -112,7 +113,8 @@ class VassalView:
         return VassalSnapshot(
             name=self.name, phase=self.phase, pid=self.pid, kind=self.kind,
             base_generation=self.base_generation, processes_started=self.processes_started,
-            restarts=self.restarts, failures=self.failures, started_at=self.started_at,
+            restarts=self.restarts, operator_reloads=self.operator_reloads,
+            failures=self.failures, started_at=self.started_at,
             not_before=self.not_before, file=str(cfg.path) if cfg is not None else None,
             config_error=self.config.error if self.config is not None else None,
             refused=self.refused, last_error=self.last_error, error_seq=self.error_seq,

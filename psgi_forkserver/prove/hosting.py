@@ -326,7 +326,7 @@ class Host:
             elif pid in self.forked:
                 self.forked[pid].status = status
             elif pid == self.prove.base.pid:
-                self.prove.base.pid = None
+                self.prove.base.reaped()
             else:
                 self.prove.orphans_reaped += 1
 

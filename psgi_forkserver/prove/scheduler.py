@@ -210,13 +210,17 @@ class Prove:
             return
         if sock is job.err:
             text = data.decode("utf-8", "replace")
-            job.err_text.append(text)
+            job.stderr(text)
             self.errout.write(text)
             self.errout.flush()
             return
         job.stdout(data)
 
     # -- ends ---------------------------------------------------------------------------
+
+    def forget(self, pid: int) -> None:
+        """A job whose end was answered (`prove --serve`): no longer ours."""
+        del self.jobs[pid]
 
     def reap(self) -> None:
         """Every child that ended: tests, and what tests left behind (we are

@@ -67,7 +67,7 @@ def answer_ended(prove: Prove, waiting: dict[int, socket.socket]) -> None:
     for pid, job in list(prove.jobs.items()):
         if job.status is not None:
             conn = waiting.pop(pid, None)
-            del prove.jobs[pid]
+            prove.forget(pid)
             if conn is not None:
                 try:
                     conn.sendall(f"{job.status}\n".encode())

@@ -134,6 +134,10 @@ class Job:
         for line in lines:
             self.tap_line(line.decode("utf-8", "replace"))
 
+    def stderr(self, text: str) -> None:
+        """Text of its stderr, kept for the JUnit report."""
+        self.err_text.append(text)
+
     def stream_ended(self, stdout: bool) -> None:
         """End of file on one of its streams; stdout's last line may lack its newline."""
         self.open_streams -= 1

@@ -76,6 +76,7 @@ def vassal_status(v: VassalSnapshot, now: float,
         "uptime": (round(now - v.started_at, 3)
                    if v.pid is not None and v.started_at is not None else None),
         "restarts": v.restarts,
+        "operator_reloads": v.operator_reloads,
         "failures": v.failures,
         "throttle": round(max(0.0, v.not_before - now), 3) if throttled else 0.0,
         "file": v.file or None,
