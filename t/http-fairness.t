@@ -90,4 +90,54 @@ for my $c (@$pair[0, 1]) {
 is scalar(grep { length } keys %served_by), 2, 'by two workers';
 $srv->stop;
 is $srv->wait_exit, 0, 'exit 0';
+# A request that arrives on a kept connection of a worker while that worker
+# starts a slow one, at a moment its sibling is busy too (under a steady
+# load, nearly always): once the sibling is free it takes the connection
+# and serves the request, without waiting for the slow one.
+$srv = start_server(app_file => $app, workers => 2);
+ok $srv->wait_ready, 'ready a third time';
+$dir = $srv->dir;
+my @kept;
+for (1 .. 4) {
+    my $s = connect_to($srv->port);
+    my $buf = '';
+    my $r = request_on($s, \$buf, "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n");
+    ok $r && $r->{status} == 200, 'a kept connection';
+    push @kept, [$s, \$buf];
+}
+my ($z, $y, $s3, $x) = @kept;
+# one worker busy: its idle connections go to the other one
+print { $z->[0] } "GET /block?b HTTP/1.1\r\nHost: x\r\n\r\n";
+ok wait_for(sub { -e "$dir/b.started" }, 20), 'one worker is busy';
+my %free_pid;
+for my $c ($y, $s3, $x) {
+    my $r = request_on($c->[0], $c->[1], "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n", timeout => 20);
+    $free_pid{ $r && $r->{body} // '' } = 1;
+}
+is scalar(keys %free_pid), 1, 'the other connections are all the free worker\'s now';
+my ($pid_a) = keys %free_pid;
+# that one busy too; meanwhile a slow request and a fast one arrive on two
+# of its connections, which it reads in one round once it is free
+print { $y->[0] } "GET /block?a HTTP/1.1\r\nHost: x\r\n\r\n";
+ok wait_for(sub { -e "$dir/a.started" }, 20), 'both workers are busy';
+print { $s3->[0] } "GET /block?slow3 HTTP/1.1\r\nHost: x\r\n\r\n";
+print { $x->[0] } "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n";
+open $go, '>', "$dir/a.go" or die; close $go;
+ok wait_for(sub { -e "$dir/slow3.started" }, 20), 'the worker starts the slow request';
+$r = read_response($y->[0], $y->[1], timeout => 20);
+ok $r && $r->{status} == 200, 'its first request is answered';
+open $go, '>', "$dir/b.go" or die; close $go;
+$r = read_response($z->[0], $z->[1], timeout => 20);
+ok $r && $r->{status} == 200, 'the sibling is free again';
+$r = read_response($x->[0], $x->[1], timeout => 10);
+ok $r && $r->{status} == 200, 'the fast request is answered';
+$r = request_on($x->[0], $x->[1], "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n", timeout => 10);
+ok $r && $r->{status} == 200, 'so is the next one on its connection';
+isnt $r && $r->{body}, $pid_a, '... by the free sibling';
+ok !-e "$dir/slow3.go", 'while the slow request still runs';
+open $go, '>', "$dir/slow3.go" or die; close $go;
+$r = read_response($s3->[0], $s3->[1], timeout => 20);
+like $r && $r->{body} // '', qr/^done slow3 $pid_a$/, 'the slow request is answered by its worker';
+$srv->stop;
+is $srv->wait_exit, 0, 'exit 0';
 done_testing;

@@ -96,9 +96,9 @@ sub _master_init {
     # every generation's workers share it: connections given away by a
     # worker of the old one are served by the new one
     my $pair = $pre && $pre->{handoff_take}
-        ? { take => $pre->{handoff_take}, give => $pre->{handoff_give} }
+        ? { take => $pre->{handoff_take}, give => $pre->{handoff_give}, desk => $pre->{handoff_desk} }
         : ForkServer::HTTPServer::Handoff::pair();
-    $self->{handoff} = ForkServer::HTTPServer::Handoff::with_board(@$pair{qw(take give)});
+    $self->{handoff} = ForkServer::HTTPServer::Handoff::with_board(@$pair{qw(take give desk)});
     $self->{sent_accepting} = 0;
     $self->{sent_loyal} = 0;
     $self->{stopping} = 0;     # 0, 'graceful' or 'now'
