@@ -81,7 +81,7 @@ sub _list_idle {
     my $conns = $loop->{conns};
     my $changed = delete $loop->{conns_changed};
     $loop->{listed} = [map { [$_, $conns->{$_}{in_head} ? 0 : 1] } keys %$conns] if $changed || !$loop->{listed};
-    my @excluded = grep { $_ != $busy_fd && $conns->{$_} } keys %{ $loop->{buffered} };
+    my @excluded = %{ $loop->{buffered} } ? grep { $_ != $busy_fd && $conns->{$_} } keys %{ $loop->{buffered} } : ();
     my $listed = ForkServer::HTTPServer::Desk::busy($loop->{seat}, $busy_fd, $loop->{listed}, $changed, @excluded);
     $loop->{conns_changed} = 1 if $changed && !$listed;    # not written: next time
     return $listed;

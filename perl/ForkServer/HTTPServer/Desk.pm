@@ -86,6 +86,11 @@ sub _pwrite {
 sub _lock {
     my ($fh, $index, $type, $wait) = @_;
     my $flock = pack($FLOCK, $type, SEEK_SET, LOCKS_AT + $index, 1, 0);
+    return _fcntl_lock($fh, $flock, $wait);
+}
+
+sub _fcntl_lock {
+    my ($fh, $flock, $wait) = @_;
     while (1) {
         return 1 if fcntl($fh, $wait ? F_SETLKW : F_SETLK, $flock);
         return 0 unless $wait && $! == EINTR;
@@ -133,6 +138,10 @@ sub join_desk {
         return undef;
     }
     my $seat = { desk => $desk, map => \$map, index => $index, count => $count, tfd => $tfd,
+                 # this worker's own lock and unlock, packed once: every request takes them
+                 own_lock   => pack($FLOCK, F_WRLCK, SEEK_SET, LOCKS_AT + $index, 1, 0),
+                 own_unlock => pack($FLOCK, F_UNLCK, SEEK_SET, LOCKS_AT + $index, 1, 0),
+                 record_at  => RECORDS_AT + RECORD * $index,
                  roster => '', siblings => {}, listed => undef, armed_until => 0,
                  watch => {}, roster_read_at => -1 };
     _pwrite($seat, pack('l l', $$, $tfd), 8 * $index);
@@ -204,13 +213,14 @@ sub busy {
     return 0 if @excluded > MAX_EXCLUDED;
     my $desk = $seat->{desk};
     my $now = ForkServer::HTTPServer::Wire::now();
-    my $head = pack(HEAD_FORMAT, 0, scalar @$list, $busy_fd, scalar @excluded, $now,
-                    @excluded, (-1) x (MAX_EXCLUDED - @excluded));
+    # the excluded are read only as far as their count says
+    my $head = @excluded ? pack(HEAD_FORMAT, 0, scalar @$list, $busy_fd, scalar @excluded, $now, @excluded)
+                         : pack('L L l L d', 0, scalar @$list, $busy_fd, 0, $now);
     my $record = $changed
         ? $head . ("\0" x (HEAD - length $head)) . pack('l*', map { $_->[0] * 2 + ($_->[1] ? 1 : 0) } @$list)
         : $head;
-    _pwrite($seat, $record, RECORDS_AT + RECORD * $seat->{index}) or return 0;
-    _lock($desk, $seat->{index}, F_UNLCK, 0);
+    _pwrite($seat, $record, $seat->{record_at});
+    _fcntl_lock($desk, $seat->{own_unlock}, 0);
     # the timer is left to run out: armed again only once it has (a
     # sibling woken for a request that ended already finds this worker's
     # lock held and goes back to sleep)
@@ -227,10 +237,9 @@ sub busy {
 sub back {
     my $seat = shift;
     my $listed = delete $seat->{listed} or return ();
-    my $desk = $seat->{desk};
-    my $at = RECORDS_AT + RECORD * $seat->{index};
+    my $at = $seat->{record_at};
     # waits while a sibling is looking (microseconds)
-    _lock($desk, $seat->{index}, F_WRLCK, 1);
+    _fcntl_lock($seat->{desk}, $seat->{own_lock}, 1);
     my ($taken) = unpack('L', _pread($seat, 4, $at));
     return () unless $taken;
     # the next busy() writes the whole list again
@@ -252,6 +261,7 @@ sub take_from {
     return () unless _lock($desk, $i, F_WRLCK, 0);    # back in its loop
     my $at = RECORDS_AT + RECORD * $i;
     my ($taken, $n, $busy_fd, $nex, $started, @excluded) = unpack(HEAD_FORMAT, _pread($seat, HEAD, $at));
+    $nex = 0 if $nex > MAX_EXCLUDED;
     my $left = $started + TAKE_AFTER - ForkServer::HTTPServer::Wire::now();
     if ($left > 0) {    # a newer request than the timer's: look when it is due
         _arm($sib->{tfd}, $left);

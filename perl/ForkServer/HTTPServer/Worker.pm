@@ -69,6 +69,7 @@ sub _worker_main {
     my $loop = {
         conns        => {},
         pending      => {},     # fd => 1: a complete head may already be buffered
+        buffered     => {},     # fd => 1: bytes read and not served yet (never taken by a sibling)
         leaving      => 0,      # stop, recycle or harakiri commit: accept nothing more
         stop_seen_at => undef,
         lfd          => fileno $listen,
