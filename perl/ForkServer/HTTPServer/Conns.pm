@@ -109,7 +109,7 @@ sub _added {
 sub _take_from_sibling {
     my ($self, $loop, $index) = @_;
     my @conns;
-    for my $got (ForkServer::HTTPServer::Desk::take_from($loop->{seat}, $index)) {
+    for my $got (ForkServer::HTTPServer::Desk::take_from($loop->{seat}, $index, scalar keys %{ $loop->{conns} })) {
         my ($fd, $idle) = @$got;
         push @conns, $self->_adopted_conn($fd, $idle) // next;
     }

@@ -29,7 +29,7 @@ use POSIX ();
 use ForkServer::HTTPServer::Wire ();
 
 use constant {
-    TAKE_AFTER   => 0.002,       # seconds a request runs before its worker's connections may go
+    TAKE_AFTER   => 0.005,       # seconds a request runs before its worker's connections may go
     MAX_INDEX    => 256,         # worker indexes the roster holds (both generations)
     RECORD       => 4096,        # bytes per record: 2 words, then up to 1,022 connections
     RECORDS_AT   => 4096,        # the roster before them: MAX_INDEX * 8 bytes
@@ -189,6 +189,14 @@ sub watch {
     return $seat->{watch};
 }
 
+# Is the process running or runnable (not asleep)?
+sub _running {
+    my $pid = shift;
+    open(my $fh, '<', "/proc/$pid/stat") or return 0;
+    my $stat = <$fh> // '';
+    return $stat =~ /\)\s+R\s/ ? 1 : 0;
+}
+
 sub _ppid {
     my $pid = shift;
     open(my $fh, '<', "/proc/$pid/stat") or return -1;
@@ -253,7 +261,7 @@ sub back {
 # timer is armed again, to look again while the request runs. () when it
 # is back in its loop, or nothing was waiting.
 sub take_from {
-    my ($seat, $i) = @_;
+    my ($seat, $i, $mine) = @_;
     my $sib = $seat->{siblings}{$i} or return ();
     my $ticks = '';
     return () unless sysread_fd($sib->{tfd}, \$ticks);
@@ -280,8 +288,17 @@ sub take_from {
     }
     my @got;
     if (%copy && select(my $rout = $rin, undef, undef, 0) > 0) {
-        for my $k (sort { $a <=> $b } keys %copy) {
-            next unless vec($rout, $copy{$k}, 1);
+        my @waiting = grep { vec($rout, $copy{$_}, 1) } sort { $a <=> $b } keys %copy;
+        # A worker that is running (on a busy machine, one the kernel has
+        # not given the processor for a while) rather than waiting in its
+        # app will soon serve what waits for it: take enough to even out
+        # the connections, one at least, not all (they would only pile up
+        # here, and come back the other way the next time).
+        if (@waiting > 1 && _running($sib->{pid})) {
+            my $even = int(($n - ($mine // 0)) / 2);
+            splice(@waiting, $even < 1 ? 1 : $even);
+        }
+        for my $k (@waiting) {
             push @got, [delete $copy{$k}, $entries[$k] & 1];
             $entries[$k] = -1;
         }
@@ -316,7 +333,7 @@ ForkServer::HTTPServer::Desk - a busy worker's idle connections, taken by a free
 
 A worker of L<ForkServer::HTTPServer> that starts a request lists the idle
 connections it holds (C<busy>); if the request runs for C<TAKE_AFTER>
-(2 ms), the worker's timer wakes a free sibling, which takes them
+(5 ms), the worker's timer wakes a free sibling, which takes them
 (C<take_from>: C<pidfd_getfd>, under the worker's lock) and serves what
 arrives on them; the worker, done (C<back>), closes its copies of those.
 Linux 5.6 or later, 64-bit; elsewhere C<join_desk> returns undef.
