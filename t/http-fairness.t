@@ -10,53 +10,59 @@ use ForkServerTest::HTTP;
 # does with its kept upstream connections) is served by a free worker
 # while the slow one still runs.
 my $app = "$FindBin::Bin/apps/http-test.psgi";
-my $srv = start_server(app_file => $app, workers => 2);
-ok $srv->wait_ready, 'ready';
-my $dir = $srv->dir;
+sub slow_beside_kept {
+    my $how = shift;
+    my $srv = start_server(app_file => $app, workers => 2);
+    ok $srv->wait_ready, "ready ($how)";
+    my $dir = $srv->dir;
 
-# three kept connections on two workers: two of them were served by the
-# same worker, which (on a server where a worker owns its connections)
-# still holds both
-my (%by_pid, @conns);
-for (1 .. 3) {
-    my $s = connect_to($srv->port);
-    my $buf = '';
-    my $r = request_on($s, \$buf, "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n");
-    ok $r && $r->{status} == 200, 'a kept connection';
-    push @conns, [$s, \$buf];
-    push @{ $by_pid{ $r->{body} } }, $conns[-1];
+    # three kept connections on two workers: two of them were served by the
+    # same worker, which (on a server where a worker owns its connections)
+    # still holds both
+    my (%by_pid, @conns);
+    for (1 .. 3) {
+        my $s = connect_to($srv->port);
+        my $buf = '';
+        my $r = request_on($s, \$buf, "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n");
+        ok $r && $r->{status} == 200, 'a kept connection';
+        push @conns, [$s, \$buf];
+        push @{ $by_pid{ $r->{body} } }, $conns[-1];
+    }
+    my ($pair) = grep { @$_ >= 2 } values %by_pid;
+    my $slow = $pair->[0];
+    my @others = grep { $_ != $slow } @conns;
+
+    print { $slow->[0] } "GET /block?slow HTTP/1.1\r\nHost: x\r\n\r\n";
+    ok wait_for(sub { -e "$dir/slow.started" }, 20), 'a worker is in the slow request';
+
+    my $body = 'x' x 1000;
+    my @fast_pids;
+    for my $c (@others) {
+        my $r = request_on($c->[0], $c->[1],
+                           "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n$body", timeout => 20);
+        ok $r && $r->{status} == 200, 'a POST on another kept connection is answered';
+        like $r && $r->{body}, qr/^len=1000 /, '... with its whole body';
+        $r = request_on($c->[0], $c->[1], "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n", timeout => 20);
+        ok $r && $r->{status} == 200, '... and the connection is still kept';
+        push @fast_pids, $r && $r->{body};
+    }
+    ok !-e "$dir/slow.go", 'all of it while the slow request still runs';
+
+    open my $go, '>', "$dir/slow.go" or die; close $go;
+    my $r = read_response($slow->[0], $slow->[1], timeout => 20);
+    my ($slow_pid) = ($r && $r->{body} // '') =~ /^done slow (\d+)$/;
+    ok $slow_pid, 'the slow request is answered';
+    ok !grep({ !$_ || $_ eq $slow_pid } @fast_pids), 'the others by the free worker';
+    $r = request_on($slow->[0], $slow->[1], "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n", timeout => 20);
+    ok $r && $r->{status} == 200, 'the slow request\'s connection is kept too';
+    is scalar(() = slurp($srv->{log}) =~ m{"POST /echo }g), 2, 'each POST reached the app once';
+
+    $srv->stop;
+    is $srv->wait_exit, 0, 'exit 0';
 }
-my ($pair) = grep { @$_ >= 2 } values %by_pid;
-my $slow = $pair->[0];
-my @others = grep { $_ != $slow } @conns;
 
-print { $slow->[0] } "GET /block?slow HTTP/1.1\r\nHost: x\r\n\r\n";
-ok wait_for(sub { -e "$dir/slow.started" }, 20), 'a worker is in the slow request';
-
-my $body = 'x' x 1000;
-my @fast_pids;
-for my $c (@others) {
-    my $r = request_on($c->[0], $c->[1],
-                       "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n$body", timeout => 20);
-    ok $r && $r->{status} == 200, 'a POST on another kept connection is answered';
-    like $r && $r->{body}, qr/^len=1000 /, '... with its whole body';
-    $r = request_on($c->[0], $c->[1], "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n", timeout => 20);
-    ok $r && $r->{status} == 200, '... and the connection is still kept';
-    push @fast_pids, $r && $r->{body};
-}
-ok !-e "$dir/slow.go", 'all of it while the slow request still runs';
-
-open my $go, '>', "$dir/slow.go" or die; close $go;
-my $r = read_response($slow->[0], $slow->[1], timeout => 20);
-my ($slow_pid) = ($r && $r->{body} // '') =~ /^done slow (\d+)$/;
-ok $slow_pid, 'the slow request is answered';
-ok !grep({ !$_ || $_ eq $slow_pid } @fast_pids), 'the others by the free worker';
-$r = request_on($slow->[0], $slow->[1], "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n", timeout => 20);
-ok $r && $r->{status} == 200, 'the slow request\'s connection is kept too';
-is scalar(() = slurp($srv->{log}) =~ m{"POST /echo }g), 2, 'each POST reached the app once';
-
-$srv->stop;
-is $srv->wait_exit, 0, 'exit 0';
+slow_beside_kept('the desk');
+my ($srv, $dir, %by_pid, $pair, $go, $r);
 
 # Two requests that arrive together on two kept connections of one worker
 # (as nginx sends them on its kept upstream connections): the worker serves
@@ -140,4 +146,14 @@ $r = read_response($s3->[0], $s3->[1], timeout => 20);
 like $r && $r->{body} // '', qr/^done slow3 $pid_a$/, 'the slow request is answered by its worker';
 $srv->stop;
 is $srv->wait_exit, 0, 'exit 0';
+
+# A vassal that dropped root is not dumpable (its siblings may not take its
+# descriptors): its workers give their idle connections away at the start
+# of a request instead, the earlier hand-over.
+{
+    # syscall.ph's numbers, loaded in Desk's package by the server's modules
+    my $prctl = ForkServer::HTTPServer::Desk->can('SYS_prctl') or die "no SYS_prctl\n";
+    is syscall($prctl->(), 4, 0, 0, 0, 0), 0, 'this test process is not dumpable now';    # PR_SET_DUMPABLE
+    slow_beside_kept('not dumpable: the earlier hand-over');
+}
 done_testing;

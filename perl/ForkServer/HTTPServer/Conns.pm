@@ -105,6 +105,20 @@ sub _added {
     return $fd;
 }
 
+# The siblings whose timers went off ($rout): what waits on their listed
+# connections is this worker's to serve ($ready), up to $max connections.
+sub _take_from_siblings {
+    my ($self, $loop, $rout, $ready, $max) = @_;
+    my $timers = $loop->{timers};
+    for my $i (grep { vec($rout, $timers->{$_}, 1) } keys %$timers) {
+        for my $c ($self->_take_from_sibling($loop, $i)) {
+            _make_room($loop) if keys %{ $loop->{conns} } >= $max;
+            $ready->{ _added($loop, $c) } = 1;
+        }
+    }
+    return;
+}
+
 # A sibling's request ran long: its listed connections are this worker's.
 sub _take_from_sibling {
     my ($self, $loop, $index) = @_;

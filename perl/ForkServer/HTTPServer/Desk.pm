@@ -38,7 +38,7 @@ use constant {
     TFD_NONBLOCK => 04000,
     TFD_CLOEXEC  => 02000000,
     CLOCK_MONOTONIC  => 1,
-    PR_SET_DUMPABLE  => 4,
+    PR_GET_DUMPABLE  => 3,
 };
 
 my %SYS = eval {
@@ -117,9 +117,11 @@ sub _getfd {
 sub join_desk {
     my ($desk, $index, $count) = @_;
     return undef unless $desk && _available() && $count <= MAX_INDEX && $index < $count;
-    # a worker of a vassal that changed its user is not dumpable: its
-    # siblings (same user) could not take its connections
-    syscall($SYS{prctl}, PR_SET_DUMPABLE, 1, 0, 0, 0);
+    # A worker of a vassal that dropped root is not dumpable: its siblings
+    # could not take its descriptors, and making it dumpable would let any
+    # process of its uid read its memory (what keeps vassals that share a
+    # uid apart). Such a vassal keeps the earlier hand-over.
+    return undef unless syscall($SYS{prctl}, PR_GET_DUMPABLE, 0, 0, 0, 0) == 1;
     my $tfd = syscall($SYS{timerfd_create}, CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
     return undef unless $tfd >= 0;
     # can this process take a descriptor at all (a filter may forbid it)?
@@ -336,7 +338,8 @@ connections it holds (C<busy>); if the request runs for C<TAKE_AFTER>
 (5 ms), the worker's timer wakes a free sibling, which takes them
 (C<take_from>: C<pidfd_getfd>, under the worker's lock) and serves what
 arrives on them; the worker, done (C<back>), closes its copies of those.
-Linux 5.6 or later, 64-bit; elsewhere C<join_desk> returns undef.
+Linux 5.6 or later, 64-bit, File::Map, a dumpable process (one that did
+not drop root); elsewhere C<join_desk> returns undef.
 
 =head1 FUNCTIONS
 

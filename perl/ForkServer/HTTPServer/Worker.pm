@@ -246,15 +246,8 @@ sub _ready_conns {
             $ready{$fd} = 1;    # a request may be waiting in it already
         }
     }
-    if ($loop->{seat} && !$loop->{leaving}) {
-        my $timers = $loop->{timers};
-        for my $i (grep { vec($rout, $timers->{$_}, 1) } keys %$timers) {
-            for my $c ($self->_take_from_sibling($loop, $i)) {
-                ForkServer::HTTPServer::Conns::_make_room($loop) if keys %{ $loop->{conns} } >= MAX_CONNS;
-                $ready{ ForkServer::HTTPServer::Conns::_added($loop, $c) } = 1;
-            }
-        }
-    }
+    # a busy sibling's timer: its waiting connections (Desk)
+    $self->_take_from_siblings($loop, $rout, \%ready, MAX_CONNS) if $loop->{seat} && !$loop->{leaving};
     for my $fd (keys %{ $loop->{conns} }) { $ready{$fd} = 1 if vec($rout, $fd, 1) }
     return \%ready;
 }
