@@ -2,12 +2,13 @@ package ForkServer::HTTPServer::Desk;
 use strict;
 use warnings;
 
-# The workers' desk: a worker in a request lists the idle connections it
-# holds, and once that request has run for TAKE_AFTER a free sibling takes
-# them (pidfd_getfd) and serves what arrives on them. A request nginx sends
-# on a kept connection of a busy worker then waits TAKE_AFTER at most, not
-# for the busy worker's request, however long; and a connection moves only
-# when a request is slow, never under an even load of fast ones.
+# The workers' desk: a worker in a request lists the connections it holds,
+# and once that request has run for TAKE_AFTER a free sibling takes those
+# on which a request waits (pidfd_getfd), and looks again every TAKE_AFTER
+# while it runs. A request nginx sends on a kept connection of a busy
+# worker then waits about TAKE_AFTER, not for the busy worker's request,
+# however long; and a connection moves only when a request runs long, not
+# at every request's start.
 #
 # One memory file (memfd) made by the workers' common ancestor, at fixed
 # offsets:
@@ -31,7 +32,7 @@ use ForkServer::HTTPServer::Wire ();
 use constant {
     TAKE_AFTER   => 0.005,       # seconds a request runs before its worker's connections may go
     MAX_INDEX    => 256,         # worker indexes the roster holds (both generations)
-    RECORD       => 4096,        # bytes per record: 2 words, then up to 1,022 connections
+    RECORD       => 4096,        # bytes per record: HEAD, then up to 1,000 connections
     RECORDS_AT   => 4096,        # the roster before them: MAX_INDEX * 8 bytes
     DESK_SIZE    => 4096 + 4096 * 256,    # RECORDS_AT + RECORD * MAX_INDEX
     LOCKS_AT     => 1 << 30,     # lock bytes, past every record (never written)
@@ -44,8 +45,7 @@ use constant {
 my %SYS = eval {
     local $SIG{__WARN__} = sub { };
     require 'syscall.ph';
-    (pread => &SYS_pread64, pwrite => &SYS_pwrite64, memfd => &SYS_memfd_create,
-     pidfd_open => &SYS_pidfd_open, pidfd_getfd => &SYS_pidfd_getfd,
+    (memfd => &SYS_memfd_create, pidfd_open => &SYS_pidfd_open, pidfd_getfd => &SYS_pidfd_getfd,
      timerfd_create => &SYS_timerfd_create, timerfd_settime => &SYS_timerfd_settime,
      prctl => &SYS_prctl);
 };
@@ -57,7 +57,7 @@ my $FLOCK = $^O eq 'linux' && $Config::Config{ivsize} == 8 && $Config::Config{lo
 
 my $MAP = eval { require File::Map; 1 };
 
-sub _available { return $FLOCK && $MAP && keys(%SYS) == 8 }
+sub _available { return $FLOCK && $MAP && keys(%SYS) == 6 }
 
 # The memory file (close-on-exec), or undef where the system has no desk.
 sub open_desk {
