@@ -23,7 +23,7 @@ FRAMEWORK_DEB_PACKAGES := libcatalyst-view-tt-perl libcatalyst-action-renderview
 
 # What production runs: Python for the Emperor, the vassal program's Perl
 # modules (cpanfile says the same for CPAN users), nginx for --http.
-RUNTIME_DEB_PACKAGES := python3 python3-venv perl libplack-perl libsocket-msghdr-perl \
+RUNTIME_DEB_PACKAGES := python3 python3-venv perl libplack-perl libsocket-msghdr-perl libfile-map-perl \
 	libhttp-parser-xs-perl libhttp-message-perl nginx
 # The Perl modules examples/myapp.pl (the example fleet's codebase) loads.
 EXAMPLE_DEB_PACKAGES := libmoose-perl libdatetime-perl libdatetime-timezone-perl \

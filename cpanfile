@@ -7,6 +7,7 @@ requires 'Plack', '1.0050';             # Plack::Util, plackup -s ForkServer
 requires 'HTTP::Parser::XS', '0.17';    # request heads
 requires 'HTTP::Status';                # HTTP::Message: reason phrases
 requires 'Socket::MsgHdr', '0.05';      # descriptors over the fork-server socket
+requires 'File::Map', '0.67';           # the HTTP workers' shared desk (optional: without it, no taking)
 # core modules, named for perls that split them out
 requires 'JSON::PP';
 requires 'IO::Socket::IP';

@@ -414,7 +414,7 @@ def rows(fr: dict) -> list[tuple[str, str, str, str]]:
                     f"{ch['errors']} socket errors + {ch['non_2xx']} non-2xx of {ch['requests']}; "
                     f"{ch['reloads']} reloads", "0", "met" if ch["errors"] + ch["non_2xx"] == 0
                     else "**not met**"))
-    for key, label in (("fairness", "keep-alive upstreams, connections handed to a free worker"),
+    for key, label in (("fairness", "keep-alive upstreams, a busy worker's waiting connections taken by a free one"),
                        ("fairness_nohandoff", "keep-alive upstreams, vassal `http-keepalive-handoff = false`"),
                        ("fairness_nokeepalive", "--nginx-keepalive 0"),
                        ("fairness_saturated", "keep-alive upstreams, hand-over; both workers' room taken "

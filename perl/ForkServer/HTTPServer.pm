@@ -239,11 +239,13 @@ keep-alive connection (5).
 
 =item keepalive_handoff
 
-True by default: a worker with siblings that starts a request gives its
-other idle connections (nothing read on them yet) to the workers' shared
-queue (L<ForkServer::HTTPServer::Handoff>), where a free worker takes
-them; a request that arrives on one then does not wait for the busy
-worker. False: a worker keeps what it accepted.
+True by default: a worker with siblings that starts a request lists its
+other connections on the workers' desk (L<ForkServer::HTTPServer::Desk>);
+once the request has run 5 ms a free worker takes those on which a request
+waits, so such a request does not wait for the busy worker. Where the desk
+cannot be had, the worker gives its idle connections to the workers' shared
+queue instead (L<ForkServer::HTTPServer::Handoff>). False: a worker keeps
+what it accepted.
 
 =item server_ready
 

@@ -11,6 +11,7 @@ use Errno qw(EINTR EAGAIN ECONNABORTED);
 use POSIX ();
 use Socket qw(IPPROTO_TCP TCP_NODELAY SOL_SOCKET SO_RCVTIMEO SO_SNDTIMEO AF_INET AF_INET6
               inet_ntop unpack_sockaddr_in unpack_sockaddr_in6 sockaddr_family);
+use ForkServer::HTTPServer::Desk ();
 use ForkServer::HTTPServer::Handoff ();
 use ForkServer::HTTPServer::Wire qw(now);
 
@@ -71,6 +72,81 @@ sub _give_idle {
     return;
 }
 
+# With a seat at the desk (Desk): this worker starts a request on
+# $busy_fd; a free sibling may take its other connections with a request
+# waiting should this one run long, except those with bytes read already.
+# True when any may go.
+sub _list_idle {
+    my ($loop, $busy_fd) = @_;
+    my $conns = $loop->{conns};
+    my $changed = delete $loop->{conns_changed};
+    $loop->{listed} = [map { [$_, $conns->{$_}{in_head} ? 0 : 1] } keys %$conns] if $changed || !$loop->{listed};
+    my @excluded = %{ $loop->{buffered} } ? grep { $_ != $busy_fd && $conns->{$_} } keys %{ $loop->{buffered} } : ();
+    my $listed = ForkServer::HTTPServer::Desk::busy($loop->{seat}, $busy_fd, $loop->{listed}, $changed, @excluded);
+    $loop->{conns_changed} = 1 if $changed && !$listed;    # not written: next time
+    return $listed;
+}
+
+# The request is done: the connections a sibling took meanwhile are its
+# own now; this worker's copies close unread.
+sub _unlist_taken {
+    my $loop = shift;
+    _drop_conn($loop, $_) for ForkServer::HTTPServer::Desk::back($loop->{seat});
+    return;
+}
+
+# A connection came (accepted, given, taken): the desk's list is written
+# again at the next request.
+sub _added {
+    my ($loop, $c) = @_;
+    my $fd = fileno $c->{sock};
+    $loop->{conns}{$fd} = $c;
+    $loop->{conns_changed} = 1;
+    return $fd;
+}
+
+# The siblings whose timers went off ($rout): what waits on their listed
+# connections is this worker's to serve ($ready), up to $max connections.
+sub _take_from_siblings {
+    my ($self, $loop, $rout, $ready, $max) = @_;
+    my $timers = $loop->{timers};
+    for my $i (grep { vec($rout, $timers->{$_}, 1) } keys %$timers) {
+        for my $c ($self->_take_from_sibling($loop, $i)) {
+            _make_room($loop) if keys %{ $loop->{conns} } >= $max;
+            $ready->{ _added($loop, $c) } = 1;
+        }
+    }
+    return;
+}
+
+# A sibling's request ran long: its listed connections are this worker's.
+sub _take_from_sibling {
+    my ($self, $loop, $index) = @_;
+    my @conns;
+    for my $got (ForkServer::HTTPServer::Desk::take_from($loop->{seat}, $index, scalar keys %{ $loop->{conns} })) {
+        my ($fd, $idle) = @$got;
+        push @conns, $self->_adopted_conn($fd, $idle) // next;
+    }
+    $loop->{taken} += @conns;
+    return @conns;
+}
+
+# A connection from another worker (its descriptor, now this process's):
+# idle kept ones (state 1) wait for their next request for
+# keepalive_timeout, others for their head's first bytes.
+sub _adopted_conn {
+    my ($self, $fd, $idle) = @_;
+    open(my $sock, '+<&=', $fd) or do { POSIX::close($fd); return undef };
+    my $peer = getpeername($sock) // '';
+    my $c = $self->_conn_from($sock, $peer);
+    if ($idle) {
+        $c->{in_head} = 0;
+        $c->{idle_since} = now();
+        $c->{deadline} = now() + $self->{keepalive_timeout};
+    }
+    return $c;
+}
+
 # Connections a sibling gave away: idle kept ones (state 1) wait for their
 # next request for keepalive_timeout, others for their head's first bytes.
 sub _take_conns {
@@ -84,16 +160,7 @@ sub _take_conns {
         push @got, @more;
     }
     for my $got (@got) {
-        my ($fd, $idle) = @$got;
-        open(my $sock, '+<&=', $fd) or do { POSIX::close($fd); next };
-        my $peer = getpeername($sock) // '';
-        my $c = $self->_conn_from($sock, $peer);
-        if ($idle) {
-            $c->{in_head} = 0;
-            $c->{idle_since} = now();
-            $c->{deadline} = now() + $self->{keepalive_timeout};
-        }
-        push @conns, $c;
+        push @conns, $self->_adopted_conn(@$got) // next;
     }
     return @conns;
 }
@@ -111,6 +178,8 @@ sub _drop_conn {
     my ($loop, $fd) = @_;
     my $c = delete $loop->{conns}{$fd} or return;
     delete $loop->{pending}{$fd};
+    delete $loop->{buffered}{$fd};
+    $loop->{conns_changed} = 1;
     close $c->{sock};
     return;
 }

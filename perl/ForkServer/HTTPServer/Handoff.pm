@@ -18,6 +18,7 @@ use Errno qw(EINTR);
 use IO::Handle ();
 use Socket qw(AF_UNIX SOCK_DGRAM PF_UNSPEC SOL_SOCKET SCM_RIGHTS MSG_DONTWAIT);
 use Socket::MsgHdr ();
+use ForkServer::HTTPServer::Desk ();
 
 use constant {
     BATCH            => 200,           # descriptors per message (the kernel takes 253 at most)
@@ -50,16 +51,17 @@ sub _board {
 sub pair {
     socketpair(my $take, my $give, AF_UNIX, SOCK_DGRAM, PF_UNSPEC) or die "socketpair: $!\n";
     IO::Handle::blocking($_, 0) for $take, $give;
-    return { take => $take, give => $give };
+    my $desk = ForkServer::HTTPServer::Desk::open_desk();
+    return { take => $take, give => $give, ($desk ? (desk => $desk) : ()) };
 }
 
 # The queue with a board: the master's, made before it forks its workers
 # (a spare's first worker, forked before its master ran, has none: it
 # neither says it is free nor asks whether a sibling is).
 sub with_board {
-    my ($take, $give) = @_;
+    my ($take, $give, $desk) = @_;
     my $board = _board();
-    return { take => $take, give => $give, ($board ? (board => $board) : ()) };
+    return { take => $take, give => $give, ($board ? (board => $board) : ()), ($desk ? (desk => $desk) : ()) };
 }
 
 # Marks board byte $index: 1 free (in select(), nothing to do), 0 not.

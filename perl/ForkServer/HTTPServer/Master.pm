@@ -96,12 +96,12 @@ sub _master_init {
     # every generation's workers share it: connections given away by a
     # worker of the old one are served by the new one. A lone worker has
     # no sibling to give to (ForkServer::HTTPServer::Worker): no queue,
-    # two descriptors and a memfd fewer in every single-worker vassal.
+    # no desk, descriptors and memfds fewer in every single-worker vassal.
     if ($self->{workers} > 1 && $self->{keepalive_handoff}) {
         my $pair = $pre && $pre->{handoff_take}
-            ? { take => $pre->{handoff_take}, give => $pre->{handoff_give} }
+            ? { take => $pre->{handoff_take}, give => $pre->{handoff_give}, desk => $pre->{handoff_desk} }
             : ForkServer::HTTPServer::Handoff::pair();
-        $self->{handoff} = ForkServer::HTTPServer::Handoff::with_board(@$pair{qw(take give)});
+        $self->{handoff} = ForkServer::HTTPServer::Handoff::with_board(@$pair{qw(take give desk)});
     }
     $self->{sent_accepting} = 0;
     $self->{sent_loyal} = 0;

@@ -14,6 +14,7 @@ use POSIX ();
 use Socket qw(MSG_DONTWAIT inet_aton pack_sockaddr_in);
 use ForkServer::Process::Exit ();
 use ForkServer::HTTPServer::Conns ();
+use ForkServer::HTTPServer::Desk ();
 use ForkServer::HTTPServer::Wire qw(now READ_CHUNK);
 
 use constant {
@@ -75,6 +76,7 @@ sub _worker_main {
     my $loop = {
         conns        => {},
         pending      => {},     # fd => 1: a complete head may already be buffered
+        buffered     => {},     # fd => 1: bytes read and not served yet (never taken by a sibling)
         leaving      => 0,      # stop, recycle or harakiri commit: accept nothing more
         stop_seen_at => undef,
         lfd          => fileno $listen,
@@ -89,6 +91,11 @@ sub _worker_main {
         $loop->{board_index} = ($self->{gen} % 2) * $self->{workers} + $slot - 1;
         $loop->{board_count} = 2 * $self->{workers};
         $loop->{free} = 0;
+        # where the system allows it, a free sibling takes this worker's idle
+        # connections once its request has run a while (Desk), and nothing
+        # moves at the start of a request
+        $loop->{seat} = ForkServer::HTTPServer::Desk::join_desk(
+            $loop->{handoff}{desk}, $loop->{board_index}, $loop->{board_count});
     }
     while (1) {
         my $now = now();
@@ -109,6 +116,7 @@ sub _worker_main {
     }
     $self->_flush_requests if $self->{requests_dirty};
     ForkServer::HTTPServer::Conns::_mark_free($loop, 0);
+    ForkServer::HTTPServer::Desk::leave_desk($loop->{seat});
     worker_exit(EXIT_RECYCLE);
 }
 
@@ -200,6 +208,10 @@ sub _select_set {
     # At MAX_CONNS the listener is still watched while an idle keep-alive
     # connection can make room for a new client (_make_room).
     vec($rin, $loop->{lfd}, 1) = 1 if !$loop->{leaving} && (keys %$conns < MAX_CONNS || $idle);
+    if ($loop->{seat} && !$loop->{leaving}) {
+        my $timers = $loop->{timers} = ForkServer::HTTPServer::Desk::watch($loop->{seat}, $now);
+        vec($rin, $_, 1) = 1 for values %$timers;
+    }
     if ($loop->{leaving}) {
         my $left = $loop->{stop_seen_at} + $self->{stop_grace} - $now;
         $timeout = $left if $left < $timeout;
@@ -223,8 +235,7 @@ sub _ready_conns {
             # after the accept: a client another worker took costs no one
             # a connection
             ForkServer::HTTPServer::Conns::_make_room($loop) if keys %{ $loop->{conns} } >= MAX_CONNS;
-            my $fd = fileno $c->{sock};
-            $loop->{conns}{$fd} = $c;
+            my $fd = ForkServer::HTTPServer::Conns::_added($loop, $c);
             # Linux defers accept until data arrived only with
             # TCP_DEFER_ACCEPT; try a read at once anyway, the head is
             # usually there already.
@@ -234,11 +245,12 @@ sub _ready_conns {
     if (defined $loop->{hfd} && !$loop->{leaving} && vec($rout, $loop->{hfd}, 1)) {
         for my $c ($self->_take_conns($loop)) {
             ForkServer::HTTPServer::Conns::_make_room($loop) if keys %{ $loop->{conns} } >= MAX_CONNS;
-            my $fd = fileno $c->{sock};
-            $loop->{conns}{$fd} = $c;
+            my $fd = ForkServer::HTTPServer::Conns::_added($loop, $c);
             $ready{$fd} = 1;    # a request may be waiting in it already
         }
     }
+    # a busy sibling's timer: its waiting connections (Desk)
+    $self->_take_from_siblings($loop, $rout, \%ready, MAX_CONNS) if $loop->{seat} && !$loop->{leaving};
     for my $fd (keys %{ $loop->{conns} }) { $ready{$fd} = 1 if vec($rout, $fd, 1) }
     return \%ready;
 }
@@ -246,6 +258,18 @@ sub _ready_conns {
 # Reads what a ready connection has and serves one request if its head is
 # complete.
 sub _serve_conn {
+    my ($self, $loop, $fd) = @_;
+    $self->_serve_conn_once($loop, $fd);
+    # with a seat at the desk: bytes read from it stay here (Desk::busy)
+    if ($loop->{seat}) {
+        my $c = $loop->{conns}{$fd};
+        if ($c && length $c->{buf}) { $loop->{buffered}{$fd} = 1 }
+        else                        { delete $loop->{buffered}{$fd} }
+    }
+    return;
+}
+
+sub _serve_conn_once {
     my ($self, $loop, $fd) = @_;
     my $c = $loop->{conns}{$fd} or return;
     # Bytes left after a request (pipelined) are served before anything
@@ -271,11 +295,17 @@ sub _serve_conn {
     # takes. Its other connections with nothing read yet go to the shared
     # queue, where a free sibling takes them: what nginx sends on them next
     # does not wait for this request.
+    my $listed;
     if ($loop->{handoff} && $c->{buf} =~ /\n\r?\n/) {
-        ForkServer::HTTPServer::Conns::_mark_free($loop, 0);
-        $self->_give_idle($loop, $fd) if keys %{ $loop->{conns} } > 1;
+        if ($loop->{seat}) {
+            $listed = ForkServer::HTTPServer::Conns::_list_idle($loop, $fd) if keys %{ $loop->{conns} } > 1;
+        } else {
+            ForkServer::HTTPServer::Conns::_mark_free($loop, 0);
+            $self->_give_idle($loop, $fd) if keys %{ $loop->{conns} } > 1;
+        }
     }
     my $keep = eval { $self->_serve_head($c) };
+    ForkServer::HTTPServer::Conns::_unlist_taken($loop) if $listed;
     $c->{partial} = defined $keep && $keep eq 'partial';
     if (!defined $keep) {
         $self->_log($@) if $@ && $@ !~ /^ForkServer::client-gone/;

@@ -1,0 +1,366 @@
+package ForkServer::HTTPServer::Desk;
+use strict;
+use warnings;
+
+# The workers' desk: a worker in a request lists the connections it holds,
+# and once that request has run for TAKE_AFTER a free sibling takes those
+# on which a request waits (pidfd_getfd), and looks again every TAKE_AFTER
+# while it runs. A request nginx sends on a kept connection of a busy
+# worker then waits about TAKE_AFTER, not for the busy worker's request,
+# however long; and a connection moves only when a request runs long, not
+# at every request's start.
+#
+# One memory file (memfd) made by the workers' common ancestor, at fixed
+# offsets:
+#   - the roster: per worker index, its pid and its timer's descriptor;
+#   - per worker index, a record: which of its connections a sibling took,
+#     and which it must not (see HEAD below);
+#   - per worker index, one byte's POSIX record lock (beyond the data):
+#     held by the worker whenever it is not in a request, so a sibling that
+#     gets it knows the worker is in the app and does not touch its
+#     connections until the lock is given back.
+# Each worker's timer (a timerfd, armed for TAKE_AFTER when it starts a
+# request and the timer has run out) wakes a free sibling, which holds a
+# copy of it (pidfd_getfd) in its select().
+
+use Config ();
+use Errno qw(EINTR EAGAIN);
+use Fcntl qw(F_SETLK F_SETLKW F_WRLCK F_UNLCK SEEK_SET);
+use POSIX ();
+use ForkServer::HTTPServer::Wire ();
+
+use constant {
+    TAKE_AFTER   => 0.005,       # seconds a request runs before its worker's connections may go
+    MAX_INDEX    => 256,         # worker indexes the roster holds (both generations)
+    RECORD       => 4096,        # bytes per record: HEAD, then up to 1,000 connections
+    RECORDS_AT   => 4096,        # the roster before them: MAX_INDEX * 8 bytes
+    DESK_SIZE    => 4096 + 4096 * 256,    # RECORDS_AT + RECORD * MAX_INDEX
+    LOCKS_AT     => 1 << 30,     # lock bytes, past every record (never written)
+    TFD_NONBLOCK => 04000,
+    TFD_CLOEXEC  => 02000000,
+    CLOCK_MONOTONIC  => 1,
+    PR_GET_DUMPABLE  => 3,
+};
+
+my %SYS = eval {
+    local $SIG{__WARN__} = sub { };
+    require 'syscall.ph';
+    (memfd => &SYS_memfd_create, pidfd_open => &SYS_pidfd_open, pidfd_getfd => &SYS_pidfd_getfd,
+     timerfd_create => &SYS_timerfd_create, timerfd_settime => &SYS_timerfd_settime,
+     prctl => &SYS_prctl);
+};
+
+# struct flock as Linux lays it out on 64-bit systems (l_type, l_whence,
+# l_start, l_len, l_pid): the desk is off elsewhere.
+my $FLOCK = $^O eq 'linux' && $Config::Config{ivsize} == 8 && $Config::Config{longsize} == 8
+    ? 's s x4 q q i x4' : undef;
+
+my $MAP = eval { require File::Map; 1 };
+
+sub _available { return $FLOCK && $MAP && keys(%SYS) == 6 }
+
+# The memory file (close-on-exec), or undef where the system has no desk.
+sub open_desk {
+    return undef unless _available();
+    my $name = 'psgi-forkserver-desk';    # syscall() takes a writable buffer
+    my $fd = syscall($SYS{memfd}, $name, 1);
+    return undef unless $fd >= 0 && open(my $fh, '+<&=', $fd);
+    # sparse: a page is memory once written
+    return undef unless truncate($fh, DESK_SIZE);
+    return $fh;
+}
+
+# The desk is mapped into every worker (File::Map): reading and writing a
+# record is a copy, not a system call; the locks order them.
+sub _pread {
+    my ($seat, $len, $at) = @_;
+    return substr(${ $seat->{map} }, $at, $len);
+}
+
+sub _pwrite {
+    my ($seat, $bytes, $at) = @_;
+    substr(${ $seat->{map} }, $at, length $bytes) = $bytes;
+    return 1;
+}
+
+sub _lock {
+    my ($fh, $index, $type, $wait) = @_;
+    my $flock = pack($FLOCK, $type, SEEK_SET, LOCKS_AT + $index, 1, 0);
+    return _fcntl_lock($fh, $flock, $wait);
+}
+
+sub _fcntl_lock {
+    my ($fh, $flock, $wait) = @_;
+    while (1) {
+        return 1 if fcntl($fh, $wait ? F_SETLKW : F_SETLK, $flock);
+        return 0 unless $wait && $! == EINTR;
+    }
+}
+
+# itimerspec: no interval, $seconds from now (0: disarmed).
+sub _arm {
+    my ($tfd, $seconds) = @_;
+    my $sec = int $seconds;
+    my $spec = pack('q4', 0, 0, $sec, int(($seconds - $sec) * 1e9));
+    syscall($SYS{timerfd_settime}, $tfd, 0, $spec, 0);
+}
+
+sub _getfd {
+    my ($pidfd, $fd) = @_;
+    my $got = syscall($SYS{pidfd_getfd}, $pidfd, $fd, 0);
+    return $got >= 0 ? $got : undef;
+}
+
+# A worker's seat at the desk (index: its byte of the roster, of $count in
+# use), or undef when the system cannot let siblings take connections:
+# its timer, its lock held, its roster entry written.
+sub join_desk {
+    my ($desk, $index, $count) = @_;
+    return undef unless $desk && _available() && $count <= MAX_INDEX && $index < $count;
+    # A worker of a vassal that dropped root is not dumpable: its siblings
+    # could not take its descriptors, and making it dumpable would let any
+    # process of its uid read its memory (what keeps vassals that share a
+    # uid apart). Such a vassal keeps the earlier hand-over.
+    return undef unless syscall($SYS{prctl}, PR_GET_DUMPABLE, 0, 0, 0, 0) == 1;
+    my $tfd = syscall($SYS{timerfd_create}, CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    return undef unless $tfd >= 0;
+    # can this process take a descriptor at all (a filter may forbid it)?
+    my $self_pidfd = syscall($SYS{pidfd_open}, $$ + 0, 0);
+    my $probe = $self_pidfd >= 0 ? _getfd($self_pidfd, $tfd) : undef;
+    POSIX::close($probe) if defined $probe;
+    unless (defined $probe && _lock($desk, $index, F_WRLCK, 0)) {
+        POSIX::close($_) for grep { $_ >= 0 } $tfd, $self_pidfd;
+        return undef;
+    }
+    POSIX::close($self_pidfd);
+    my $map;
+    unless (eval { File::Map::map_handle($map, $desk, '+<', 0, DESK_SIZE); 1 }) {
+        _lock($desk, $index, F_UNLCK, 0);
+        POSIX::close($tfd);
+        return undef;
+    }
+    my $seat = { desk => $desk, map => \$map, index => $index, count => $count, tfd => $tfd,
+                 # this worker's own lock and unlock, packed once: every request takes them
+                 own_lock   => pack($FLOCK, F_WRLCK, SEEK_SET, LOCKS_AT + $index, 1, 0),
+                 own_unlock => pack($FLOCK, F_UNLCK, SEEK_SET, LOCKS_AT + $index, 1, 0),
+                 record_at  => RECORDS_AT + RECORD * $index,
+                 roster => '', siblings => {}, listed => undef, armed_until => 0,
+                 watch => {}, roster_read_at => -1 };
+    _pwrite($seat, pack('l l', $$, $tfd), 8 * $index);
+    return $seat;
+}
+
+# Leaving: siblings forget this worker (its timer and its records).
+sub leave_desk {
+    my $seat = shift or return;
+    _pwrite($seat, pack('l l', 0, 0), 8 * $seat->{index});
+    return;
+}
+
+# The siblings' timers to watch in select(): index => descriptor. The
+# roster is read again every time; a sibling new in its index (a respawn,
+# a reload's new generation) is opened once.
+sub watch {
+    my ($seat, $now) = @_;
+    # read at most ten times a second: a new sibling is rare
+    return $seat->{watch} if $now - $seat->{roster_read_at} < 0.1;
+    $seat->{roster_read_at} = $now;
+    my $roster = _pread($seat, 8 * $seat->{count}, 0);
+    return $seat->{watch} if $roster eq $seat->{roster};
+    $seat->{roster} = $roster;
+    my $sibs = $seat->{siblings};
+    my @entries = unpack('l*', $roster);
+    for my $i (0 .. $seat->{count} - 1) {
+        my ($pid, $tfd) = @entries[2 * $i, 2 * $i + 1];
+        next if $i == $seat->{index};
+        my $old = $sibs->{$i};
+        next if $old && $old->{pid} == $pid;
+        if ($old) { POSIX::close($_) for grep { defined } @$old{qw(pidfd tfd)} }
+        delete $sibs->{$i};
+        next unless $pid > 0;
+        my $pidfd = syscall($SYS{pidfd_open}, $pid, 0);
+        next unless $pidfd >= 0;
+        # the pid names our sibling still (the process is pinned by its pidfd
+        # now; before, the number could have been a stranger's)
+        unless (_ppid($pid) == getppid()) { POSIX::close($pidfd); next }
+        my $copy = _getfd($pidfd, $tfd);
+        unless (defined $copy) { POSIX::close($pidfd); next }
+        $sibs->{$i} = { pid => $pid, pidfd => $pidfd, tfd => $copy };
+    }
+    $seat->{watch} = { map { $_ => $sibs->{$_}{tfd} } keys %$sibs };
+    return $seat->{watch};
+}
+
+# Is the process running or runnable (not asleep)?
+sub _running {
+    my $pid = shift;
+    open(my $fh, '<', "/proc/$pid/stat") or return 0;
+    my $stat = <$fh> // '';
+    return $stat =~ /\)\s+R\s/ ? 1 : 0;
+}
+
+sub _ppid {
+    my $pid = shift;
+    open(my $fh, '<', "/proc/$pid/stat") or return -1;
+    my $stat = <$fh> // '';
+    return $stat =~ /\)\s+\S+\s+(\d+)/ ? $1 : -1;
+}
+
+# A record: its head (HEAD bytes), then the worker's connections (i32
+# each: descriptor * 2 + 1 for an idle kept one; -1 once a sibling took it).
+# The head: taken (u32: how many a sibling took), count (u32), the busy
+# connection (i32), how many are excluded (u32), when the request started
+# (double, monotonic), then up to MAX_EXCLUDED excluded descriptors (bytes
+# of theirs read already: a pipelined or partial head).
+use constant { HEAD => 96, MAX_EXCLUDED => 16, HEAD_FORMAT => 'L L l L d l16' };
+
+# This worker starts a request on $busy_fd. Its connections ($list: [fd,
+# idle], ...; written again only when $changed) may go from TAKE_AFTER on,
+# those with a request waiting, to a free sibling, except the busy one and
+# the @excluded. False when nothing may go.
+sub busy {
+    my ($seat, $busy_fd, $list, $changed, @excluded) = @_;
+    return 0 if @excluded > MAX_EXCLUDED;
+    my $desk = $seat->{desk};
+    my $now = ForkServer::HTTPServer::Wire::now();
+    # the excluded are read only as far as their count says
+    my $head = @excluded ? pack(HEAD_FORMAT, 0, scalar @$list, $busy_fd, scalar @excluded, $now, @excluded)
+                         : pack('L L l L d', 0, scalar @$list, $busy_fd, 0, $now);
+    my $record = $changed
+        ? $head . ("\0" x (HEAD - length $head)) . pack('l*', map { $_->[0] * 2 + ($_->[1] ? 1 : 0) } @$list)
+        : $head;
+    _pwrite($seat, $record, $seat->{record_at});
+    _fcntl_lock($desk, $seat->{own_unlock}, 0);
+    # the timer is left to run out: armed again only once it has (a
+    # sibling woken for a request that ended already finds this worker's
+    # lock held and goes back to sleep)
+    if ($now >= $seat->{armed_until}) {
+        _arm($seat->{tfd}, TAKE_AFTER);
+        $seat->{armed_until} = $now + TAKE_AFTER;
+    }
+    $seat->{listed} = $list;
+    return 1;
+}
+
+# The request is done: the descriptors a sibling took meanwhile (this
+# worker's copies are to be closed, unread), else ().
+sub back {
+    my $seat = shift;
+    my $listed = delete $seat->{listed} or return ();
+    my $at = $seat->{record_at};
+    # waits while a sibling is looking (microseconds)
+    _fcntl_lock($seat->{desk}, $seat->{own_lock}, 1);
+    my ($taken) = unpack('L', _pread($seat, 4, $at));
+    return () unless $taken;
+    # the next busy() writes the whole list again
+    my @entries = unpack('l*', _pread($seat, 4 * @$listed, $at + HEAD));
+    return map { $listed->[$_][0] } grep { $entries[$_] == -1 } 0 .. $#$listed;
+}
+
+# A sibling's timer went off. If its request has run TAKE_AFTER, takes
+# those of its listed connections that have a request waiting (new
+# descriptors of this process, as [fd, idle]); the others stay, and the
+# timer is armed again, to look again while the request runs. () when it
+# is back in its loop, or nothing was waiting.
+sub take_from {
+    my ($seat, $i, $mine) = @_;
+    my $sib = $seat->{siblings}{$i} or return ();
+    my $ticks = '';
+    return () unless sysread_fd($sib->{tfd}, \$ticks);
+    my $desk = $seat->{desk};
+    return () unless _lock($desk, $i, F_WRLCK, 0);    # back in its loop
+    my $at = RECORDS_AT + RECORD * $i;
+    my ($taken, $n, $busy_fd, $nex, $started, @excluded) = unpack(HEAD_FORMAT, _pread($seat, HEAD, $at));
+    $nex = 0 if $nex > MAX_EXCLUDED;
+    my $left = $started + TAKE_AFTER - ForkServer::HTTPServer::Wire::now();
+    if ($left > 0) {    # a newer request than the timer's: look when it is due
+        _arm($sib->{tfd}, $left);
+        _lock($desk, $i, F_UNLCK, 0);
+        return ();
+    }
+    my %skip = map { $_ => 1 } $busy_fd, @excluded[0 .. $nex - 1];
+    my @entries = $n ? unpack('l*', _pread($seat, 4 * $n, $at + HEAD)) : ();
+    my (%copy, $rin);
+    $rin = '';
+    for my $k (0 .. $#entries) {
+        next if $entries[$k] < 0 || $skip{ $entries[$k] >> 1 };
+        my $fd = _getfd($sib->{pidfd}, $entries[$k] >> 1) // next;
+        $copy{$k} = $fd;
+        vec($rin, $fd, 1) = 1;
+    }
+    my @got;
+    if (%copy && select(my $rout = $rin, undef, undef, 0) > 0) {
+        my @waiting = grep { vec($rout, $copy{$_}, 1) } sort { $a <=> $b } keys %copy;
+        # A worker that is running (on a busy machine, one the kernel has
+        # not given the processor for a while) rather than waiting in its
+        # app will soon serve what waits for it: take enough to even out
+        # the connections, one at least, not all (they would only pile up
+        # here, and come back the other way the next time).
+        if (@waiting > 1 && _running($sib->{pid})) {
+            my $even = int(($n - ($mine // 0)) / 2);
+            splice(@waiting, $even < 1 ? 1 : $even);
+        }
+        for my $k (@waiting) {
+            push @got, [delete $copy{$k}, $entries[$k] & 1];
+            $entries[$k] = -1;
+        }
+    }
+    POSIX::close($_) for values %copy;
+    if (@got) {
+        _pwrite($seat, pack('L', $taken + @got), $at);
+        _pwrite($seat, pack('l*', @entries), $at + HEAD);
+    }
+    _arm($sib->{tfd}, TAKE_AFTER) if %copy;    # some still listed: look again
+    _lock($desk, $i, F_UNLCK, 0);
+    return @got;
+}
+
+# Reads a timer's 8 bytes (clears it); false when it had not gone off.
+sub sysread_fd {
+    my ($fd, $buf) = @_;
+    my $n;
+    do { $n = POSIX::read($fd, $$buf, 8) } while !defined $n && $! == EINTR;
+    return defined $n && $n == 8;
+}
+
+1;
+
+__END__
+
+=head1 NAME
+
+ForkServer::HTTPServer::Desk - a busy worker's idle connections, taken by a free sibling
+
+=head1 DESCRIPTION
+
+A worker of L<ForkServer::HTTPServer> that starts a request lists the idle
+connections it holds (C<busy>); if the request runs for C<TAKE_AFTER>
+(5 ms), the worker's timer wakes a free sibling, which takes them
+(C<take_from>: C<pidfd_getfd>, under the worker's lock) and serves what
+arrives on them; the worker, done (C<back>), closes its copies of those.
+Linux 5.6 or later, 64-bit, File::Map, a dumpable process (one that did
+not drop root); elsewhere C<join_desk> returns undef.
+
+=head1 FUNCTIONS
+
+=head2 open_desk() -> $fh
+
+The memory file, made before the workers are forked (undef where the
+system has none).
+
+=head2 join_desk($fh, $index, $count) -> $seat
+
+A worker's seat: its timer, its roster entry, its lock. Undef when the
+system refuses a step (a seccomp filter, an old kernel).
+
+=head2 leave_desk($seat)
+
+=head2 watch($seat) -> { index => timer descriptor }
+
+=head2 busy($seat, [$fd, $idle], ...)
+
+=head2 back($seat) -> @fds_taken
+
+=head2 take_from($seat, $index) -> ([$fd, $idle], ...)
+
+=cut
