@@ -438,3 +438,38 @@ def test_yath_timeout_markers(tmp_path: Path) -> None:
     assert re.search(r"^t/b_no_timeout\.t \.+ ok$", ours.stdout, re.M), ours.stdout
     assert re.search(r"^t/c_more_time\.t \.+ ok$", ours.stdout, re.M), ours.stdout
     assert ours.returncode == 1
+
+
+# -- the fixed cost of a run --------------------------------------------------------------
+
+
+def test_a_run_of_no_more_files_than_jobs_is_prove_itself(tmp_path: Path) -> None:
+    """No base could pay off: `emperor prove` becomes prove (the test's
+    parent is `perl .../prove`, not prove's code under ours), with prove's
+    output and exit status."""
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "parent.t").write_text(
+        "use strict;\nuse warnings;\nuse Test::More tests => 1;\n"
+        "open my $fh, '<', '/proc/' . getppid() . '/cmdline' or die $!;\n"
+        "my @argv = split /\\0/, do { local $/; <$fh> };\n"
+        "diag 'parent: ', join ' ', @argv;\n"
+        "is $argv[1] =~ m{(?:^|/)prove\\z} ? 1 : 0, 1, 'run by the prove script';\n")
+    for argv in (["t/parent.t"], ["-j2", "-v", "t"]):
+        ours = run_in(tmp_path, [EMPEROR, "prove", *argv])
+        assert ours.returncode == 0, ours.stdout + ours.stderr
+        assert "ForkServer" not in ours.stderr, ours.stderr
+        assert "All tests successful." in ours.stdout, ours.stdout
+
+
+def test_the_base_for_tests_loads_no_web_server(tmp_path: Path) -> None:
+    """The base tests are forked from loads only what forking tests needs
+    (the web vassal's HTTP server, spares and warm-up are the web base's):
+    a third less start-up before the first test can be forked."""
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "inc.t").write_text(
+        "use strict;\nuse warnings;\nuse Test::More tests => 1;\n"
+        "my @web = grep { m{^ForkServer/(?:HTTPServer|Spares|Vassal|Base/Warmup)\\.pm$} } keys %INC;\n"
+        "is \"@web\", '', 'no web vassal module inherited';\n")
+    ours = run_in(tmp_path, [EMPEROR, "prove", "-v", "--preload", "Test::More", "--no-cold-retry", "t"])
+    assert ours.returncode == 0, ours.stdout + ours.stderr
+    assert re.search(r"^ok 1 - no web vassal module inherited$", ours.stdout, re.M), ours.stdout

@@ -236,6 +236,7 @@ sub _install_data {
 sub _serve_until_a_test {
     my (@argv) = @_;
     local $IN_BASE = 1;
+    local $ForkServer::WEB_VASSALS = 0;
     PROVE_TEST_CHILD: {
         ForkServer->main(@argv);    # exits in the base
     }
