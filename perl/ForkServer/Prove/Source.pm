@@ -58,6 +58,7 @@ my %CFG;        # setup()'s arguments
 my %NOTED;      # notes already given
 my %INC_FOR;    # the @INC `perl FILE` gets, by environment
 my %BASE_INC;   # the files the base has loaded (keys of its %INC)
+our $LEARNED;   # the automatic preload came from --state's records
 
 sub note {
     my ($class, $msg) = @_;
@@ -85,7 +86,9 @@ sub setup {
     for my $p (@{ $args{preload} }) {
         push @items, ($p =~ m{/|\.p[lm]\z} && -f $p) ? "file=" . Cwd::abs_path($p) : "module=$p";
     }
-    my @auto = $args{auto} ? auto_preloads(@{ $args{tests} }) : ();
+    my @auto = !$args{auto} ? ()
+        : $args{state} ? auto_preloads_from_state($args{state}, @{ $args{tests} })
+        : auto_preloads(@{ $args{tests} });
     push @items, map {"optional=$_"} @auto;
     # Nothing preloaded: the inherited heap is small, and perl's own global
     # destruction at exit is then cheaper than freeing what the test loaded
@@ -106,8 +109,15 @@ sub setup {
     %BASE_INC = map { my ($k, $v) = split /\t/, $_, 2; ($k => $v // 1) } split /\0/, $reply;
     if ($args{auto} && !$args{quiet}) {    # the ones that loaded
         my @loaded = grep { (my $key = "$_.pm") =~ s{::}{/}g; $BASE_INC{$key} } @auto;
-        print STDERR "emperor prove: preloaded (what most test files use): "
-            . (@loaded ? join(', ', @loaded) : 'nothing') . "\n";
+        if ($LEARNED) {    # many (what they load, not only what they `use`): the first few
+            my $more = @loaded > 8 ? ' and ' . (@loaded - 8) . ' more' : '';
+            print STDERR "emperor prove: preloaded (what most test files loaded last time, --state): "
+                . (@loaded ? join(', ', @loaded[0 .. ($#loaded < 7 ? $#loaded : 7)]) . $more : 'nothing') . "\n";
+        }
+        else {
+            print STDERR "emperor prove: preloaded (what most test files use): "
+                . (@loaded ? join(', ', @loaded) : 'nothing') . "\n";
+        }
     }
     return;
 }
@@ -135,6 +145,65 @@ sub auto_preloads {
     return () unless $n;
     my @common = grep { $count{$_} * 10 >= $n } keys %count;
     return sort { $count{$b} <=> $count{$a} || $a cmp $b } @common;
+}
+
+=head2 auto_preloads_from_state
+
+  my @modules = auto_preloads_from_state($state_manager, @test_files);
+
+With C<--state>: the modules that at least a tenth of the files loaded in
+the runs C<.prove> remembers (a forked file records what it loaded beyond
+the base, and which of the base's modules it C<use>s or used before), the
+most used first; a file with no record counts its C<use> lines. Falls back
+to L</auto_preloads> when no file has a record.
+
+=cut
+
+sub auto_preloads_from_state {
+    my ($state, @files) = @_;
+    my $tests = eval { $state->results->{tests} } || {};
+    my (%count, $n, $learned);
+    for my $file (grep {/\.t\z/} @files) {
+        my $record = $tests->{$file} ? $tests->{$file}{emperor_loads} : undef;
+        my @modules;
+        if (defined $record) {
+            $learned++;
+            @modules = map { (my $m = $_) =~ s{/}{::}g; $m =~ s/\.pm\z//; $m } split ' ', $record;
+        }
+        else {
+            my $text = _head($file) // next;
+            my %seen;
+            $seen{$1}++ while $text =~ /^\s*use\s+([A-Z][\w:]*)/mg;
+            @modules = keys %seen;
+        }
+        $n++;
+        $count{$_}++ for @modules;
+    }
+    return auto_preloads(@files) unless $learned;
+    $LEARNED = 1;
+    my @common = grep { $count{$_} * 10 >= $n } keys %count;
+    return sort { $count{$b} <=> $count{$a} || $a cmp $b } @common;
+}
+
+# What a forked file loaded, for the next run's preload (--state):
+# the modules it loaded beyond the base, and those of the base's it uses
+# (its `use` lines) or recorded as loading in an earlier run (when they
+# were not preloaded yet). Pragmas and non-modules are left out.
+sub _remember_loads {
+    my ($file, @loaded) = @_;
+    my $state = $CFG{state} or return;
+    my $test = eval { $state->results->test($file) } or return;
+    my %keys = map { $_ => 1 } grep { m{\A[A-Z]\w*(?:/\w+)*\.pm\z} } @loaded;
+    my %from_base = map { $_ => 1 } split ' ', $test->{emperor_loads} // '';
+    if (my $text = _head($file)) {
+        while ($text =~ /^\s*use\s+([A-Z][\w:]*)/mg) {
+            (my $key = "$1.pm") =~ s{::}{/}g;
+            $from_base{$key} = 1;
+        }
+    }
+    $keys{$_} = 1 for grep { $BASE_INC{$_} } keys %from_base;
+    $test->{emperor_loads} = join ' ', sort keys %keys;
+    return;
 }
 
 # The program part of a file (up to __END__/__DATA__), or undef.
@@ -265,6 +334,8 @@ sub _create_iterator {
     my $warnings = (grep { $_ eq '-w' } @switches) ? 1 : 0;
     $warnings ||= 1 if ($ENV{PERL5OPT} // '') =~ /(?:^|\s)-w\b/;
     $warnings ||= 1 if ($source->meta->{file}{shebang} // '') =~ /^#!.*\bperl\S*\s+(?:-\S+\s+)*-w\b/;
+    # with --state, the file says what it loaded (for the next run's preload)
+    my $loads = $CFG{state} ? _loads_path() : undef;
     my $spec = encode_packet(MODIFIER1_CONFIG, 0, encode_array(
         "file=$file", "cwd=" . Cwd::getcwd(), (map {"arg=$_"} @args),
         (map {"inc=$_"} _inc_for(\%env, $command->[0])),
@@ -272,11 +343,21 @@ sub _create_iterator {
         "warnings=$warnings",
         ($source->merge ? ('merge=1') : ()),
         ($CFG{destruct} ? ('destruct=1') : ()),
+        (defined $loads ? ("loads=$loads") : ()),
     ));
     return ForkServer::Prove::Iterator->new({
         socket => $CFG{socket}, file => $file, spec => $spec, cold => $cold,
         on_cold_pass => sub { _remember_cold($file) },
+        (defined $loads ? (loads => $loads, on_loads => sub { _remember_loads($file, @_) }) : ()),
     });
+}
+
+# A file in the Emperor side's private directory (the socket's), one per test.
+my $LOADS_SEQ = 0;
+
+sub _loads_path {
+    (my $dir = $CFG{socket}) =~ s{/[^/]*\z}{};
+    return "$dir/loads-" . ++$LOADS_SEQ;
 }
 
 sub _remember_cold {

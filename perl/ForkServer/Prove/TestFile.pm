@@ -67,7 +67,7 @@ Before that, the child (L</become_test>):
 
 =item * reads its spec from the config pipe: an array packet of C<KEY=VALUE>
 items (C<file>, C<cwd>, C<arg>, C<env>, C<inc>, C<warnings>, C<destruct>,
-C<merge>: stderr is stdout, prove's C<--merge>);
+C<merge>: stderr is stdout, prove's C<--merge>; C<loads>: a file to write, at exit, the %INC keys the test added, for C<--state>);
 
 =item * puts the Emperor pipe on descriptor 1, the config pipe on 2 and
 F</dev/null> on 0;
@@ -288,7 +288,7 @@ sub parse_spec {
             my ($k, $v) = $value =~ /\A([^=]+)=(.*)\z/s or die "bad env item '$value'\n";
             $spec{env}{$k} = $v;
         }
-        elsif ($key =~ /\A(?:file|cwd|warnings|destruct|merge)\z/) { $spec{$key} = $value }
+        elsif ($key =~ /\A(?:file|cwd|warnings|destruct|merge|loads)\z/) { $spec{$key} = $value }
         else { die "unknown spec item '$key'\n" }
     }
     defined $spec{$_} or die "spec has no $_\n" for qw(file cwd);
@@ -316,6 +316,30 @@ sub _become {
     Getopt::Long::ConfigDefaults() if defined &Getopt::Long::ConfigDefaults;
     _reopen_data_handles();
     _fresh_test2();
+    _report_loads_at_exit($spec{loads}) if defined $spec{loads};
+    return;
+}
+
+# loads=FILE (emperor prove --state): at exit, after the test's own END
+# blocks (compiled later, they run first), the %INC keys it added to the
+# base's are written to FILE, NUL-separated.
+our ($LOADS_FILE, %BASE_KEYS);
+
+sub _report_loads_at_exit {
+    ($LOADS_FILE) = @_;
+    %BASE_KEYS = map { $_ => 1 } keys %INC;
+    eval 'END { ForkServer::Prove::TestFile::_write_loads() } 1' or die $@;    ## no critic
+    return;
+}
+
+sub _write_loads {
+    local ($!, $?, $@);
+    open my $fh, '>', $LOADS_FILE or return;
+    # modules from files (not packages a test marks loaded, `$INC{'Foo.pm'} = 1`)
+    print $fh join "\0", grep {
+        !$BASE_KEYS{$_} && defined $INC{$_} && !ref $INC{$_} && $INC{$_} ne $0 && -f $INC{$_}
+    } keys %INC;
+    close $fh;
     return;
 }
 
