@@ -7,6 +7,7 @@ use parent 'TAP::Parser::Iterator';
 use IO::Socket::UNIX ();
 use Socket ();
 use TAP::Parser ();
+use ForkServer::Prove::Loads ();
 
 =head1 NAME
 
@@ -108,10 +109,7 @@ sub _fetch {
 # spec item loads=FILE), to `on_loads`; the file is removed.
 sub _report_loads {
     my $self = shift;
-    open my $fh, '<', $self->{loads} or return;
-    my @keys = split /\0/, do { local $/; <$fh> } // '';
-    close $fh;
-    unlink $self->{loads};
+    my @keys = ForkServer::Prove::Loads::read_report($self->{loads});
     $self->{on_loads}->(@keys) if $self->{on_loads};
     return;
 }

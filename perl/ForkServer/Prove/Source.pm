@@ -12,6 +12,7 @@ use TAP::Parser::IteratorFactory ();
 use Text::ParseWords ();
 
 use ForkServer::Prove::Iterator ();
+use ForkServer::Prove::Loads ();
 use ForkServer::Protocol qw(encode_packet encode_array MODIFIER1_CONFIG);
 
 TAP::Parser::IteratorFactory->register_handler(__PACKAGE__);
@@ -147,62 +148,29 @@ sub auto_preloads {
     return sort { $count{$b} <=> $count{$a} || $a cmp $b } @common;
 }
 
-=head2 auto_preloads_from_state
-
-  my @modules = auto_preloads_from_state($state_manager, @test_files);
-
-With C<--state>: the modules that at least a tenth of the files loaded in
-the runs C<.prove> remembers (a forked file records what it loaded beyond
-the base, and which of the base's modules it C<use>s or used before), the
-most used first; a file with no record counts its C<use> lines. Falls back
-to L</auto_preloads> when no file has a record.
-
-=cut
-
+# With --state: what the files loaded in the last run (ForkServer::Prove::Loads).
 sub auto_preloads_from_state {
     my ($state, @files) = @_;
-    my $tests = eval { $state->results->{tests} } || {};
-    my (%count, $n, $learned);
-    for my $file (grep {/\.t\z/} @files) {
-        my $record = $tests->{$file} ? $tests->{$file}{emperor_loads} : undef;
-        my @modules;
-        if (defined $record) {
-            $learned++;
-            @modules = map { (my $m = $_) =~ s{/}{::}g; $m =~ s/\.pm\z//; $m } split ' ', $record;
-        }
-        else {
-            my $text = _head($file) // next;
-            my %seen;
-            $seen{$1}++ while $text =~ /^\s*use\s+([A-Z][\w:]*)/mg;
-            @modules = keys %seen;
-        }
-        $n++;
-        $count{$_}++ for @modules;
-    }
+    my ($learned, @modules) = ForkServer::Prove::Loads::preloads($state, \@files, \&_use_lines);
     return auto_preloads(@files) unless $learned;
     $LEARNED = 1;
-    my @common = grep { $count{$_} * 10 >= $n } keys %count;
-    return sort { $count{$b} <=> $count{$a} || $a cmp $b } @common;
+    return @modules;
 }
 
-# What a forked file loaded, for the next run's preload (--state):
-# the modules it loaded beyond the base, and those of the base's it uses
-# (its `use` lines) or recorded as loading in an earlier run (when they
-# were not preloaded yet). Pragmas and non-modules are left out.
+# The modules a file's `use` lines name (not pragmas).
+sub _use_lines {
+    my ($file) = @_;
+    my $text = _head($file) // return;
+    my %seen;
+    $seen{$1}++ while $text =~ /^\s*use\s+([A-Z][\w:]*)/mg;
+    return keys %seen;
+}
+
 sub _remember_loads {
     my ($file, @loaded) = @_;
     my $state = $CFG{state} or return;
-    my $test = eval { $state->results->test($file) } or return;
-    my %keys = map { $_ => 1 } grep { m{\A[A-Z]\w*(?:/\w+)*\.pm\z} } @loaded;
-    my %from_base = map { $_ => 1 } split ' ', $test->{emperor_loads} // '';
-    if (my $text = _head($file)) {
-        while ($text =~ /^\s*use\s+([A-Z][\w:]*)/mg) {
-            (my $key = "$1.pm") =~ s{::}{/}g;
-            $from_base{$key} = 1;
-        }
-    }
-    $keys{$_} = 1 for grep { $BASE_INC{$_} } keys %from_base;
-    $test->{emperor_loads} = join ' ', sort keys %keys;
+    my @uses = map { (my $key = "$_.pm") =~ s{::}{/}g; $key } _use_lines($file);
+    ForkServer::Prove::Loads::remember($state, $file, \%BASE_INC, \@uses, @loaded);
     return;
 }
 

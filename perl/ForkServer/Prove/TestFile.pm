@@ -26,6 +26,7 @@ sub _start_test2_preload {
 BEGIN { _start_test2_preload() unless grep { $_ eq '--config-fd' } @ARGV }
 
 use Filter::Util::Call ();    # loaded here, not in every test
+use ForkServer::Prove::Loads ();
 use ForkServer ();    # a modulino: loaded, not run
 use ForkServer::Base ();
 
@@ -316,30 +317,7 @@ sub _become {
     Getopt::Long::ConfigDefaults() if defined &Getopt::Long::ConfigDefaults;
     _reopen_data_handles();
     _fresh_test2();
-    _report_loads_at_exit($spec{loads}) if defined $spec{loads};
-    return;
-}
-
-# loads=FILE (emperor prove --state): at exit, after the test's own END
-# blocks (compiled later, they run first), the %INC keys it added to the
-# base's are written to FILE, NUL-separated.
-our ($LOADS_FILE, %BASE_KEYS);
-
-sub _report_loads_at_exit {
-    ($LOADS_FILE) = @_;
-    %BASE_KEYS = map { $_ => 1 } keys %INC;
-    eval 'END { ForkServer::Prove::TestFile::_write_loads() } 1' or die $@;    ## no critic
-    return;
-}
-
-sub _write_loads {
-    local ($!, $?, $@);
-    open my $fh, '>', $LOADS_FILE or return;
-    # modules from files (not packages a test marks loaded, `$INC{'Foo.pm'} = 1`)
-    print $fh join "\0", grep {
-        !$BASE_KEYS{$_} && defined $INC{$_} && !ref $INC{$_} && $INC{$_} ne $0 && -f $INC{$_}
-    } keys %INC;
-    close $fh;
+    ForkServer::Prove::Loads::report_at_exit($spec{loads}) if defined $spec{loads};
     return;
 }
 
