@@ -11,12 +11,15 @@ run each of:
     yath test -j2 -l t                       (yath's own preload: none)
     emperor prove -j2 -l -r t                (preload chosen automatically)
     emperor prove --no-preload -j2 -l -r t
+    emperor prove --state=save --statefile=TMP -j2 -l -r t    twice: the second run
+                                             preloads and orders from what the first learned
 
 with the same environment (HARNESS_ACTIVE and the like removed, no author or
 release testing). Prints a row per suite: versions, wall-clock seconds, the
 ratios, the load average before and after the row, and the files whose verdict (ok / skipped / FAIL) differs from
 prove's, for each emperor run and for yath (pass/fail only: yath does not
-say "skipped"). Writes the rows as JSON to bench/results/prove-suites-*.json.
+say "skipped"). `--repeat N` runs every runner N times, in turn, and
+shows the median run (every run's time is printed and kept in the JSON). Writes the rows as JSON to bench/results/prove-suites-*.json.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,6 +75,7 @@ class Row:
     # the 1-minute load average before and after the suite's four runs (a
     # shared machine: the ratios within one row are what can be compared)
     load: tuple[float, float] = (0.0, 0.0)
+    seconds: dict[str, list[float]] = field(default_factory=dict)  # every run, with --repeat
 
 
 def prove_verdicts(out: str) -> dict[str, str]:
@@ -120,7 +126,7 @@ def fetch(base: Path, packages: list[str]) -> None:
             subprocess.run(["apt-get", "source", "-qq", pkg], cwd=base, check=False)
 
 
-def bench_suite(name: str, d: Path, jobs: str, emperor: str = EMPEROR) -> Row:
+def bench_suite(name: str, d: Path, jobs: str, emperor: str = EMPEROR, repeat: int = 1) -> Row:
     version = d.name.split("-")[-1]
     files = len(list((d / "t").rglob("*.t")))
     row = Row(name, version, files)
@@ -132,17 +138,29 @@ def bench_suite(name: str, d: Path, jobs: str, emperor: str = EMPEROR) -> Row:
         "emperor-no-preload": ([emperor, "prove", "--no-preload", "-j", jobs, "-l", "-r", "t"],
                                prove_verdicts),
     }
+    # (the suites are read-only: prove's state file goes elsewhere)
+    statefile = Path(tempfile.mkdtemp(prefix="prove-state-")) / ".prove"
+    state = [emperor, "prove", "--state=save", f"--statefile={statefile}", "-j", jobs, "-l", "-r", "t"]
+    runs["emperor-learn"] = (state, prove_verdicts)
+    runs["emperor-state"] = (state, prove_verdicts)
     before = os.getloadavg()[0]
-    for key, (cmd, parse) in runs.items():
-        row.runs[key] = timed(cmd, d, parse)
+    every: dict[str, list[Run]] = {key: [] for key in runs}
+    for _ in range(repeat):  # the runners in turn, `repeat` times: a load change hits them all
+        for key, (cmd, parse) in runs.items():
+            every[key].append(timed(cmd, d, parse))
     row.load = (round(before, 2), round(os.getloadavg()[0], 2))
-    want = row.runs["prove"].verdicts
-    for key in ("emperor", "emperor-no-preload"):
-        got = row.runs[key].verdicts
-        row.differ[key] = sorted(f for f in set(want) | set(got) if want.get(f) != got.get(f))
+    shutil.rmtree(statefile.parent, ignore_errors=True)
+    for key, done in every.items():  # the median run (by time) stands for the runner
+        row.runs[key] = sorted(done, key=lambda run: run.seconds)[(len(done) - 1) // 2]
+        row.seconds[key] = [run.seconds for run in done]
+    # verdicts: every run of every runner against prove's (its first run)
+    want = every["prove"][0].verdicts
+    for key in ("emperor", "emperor-no-preload", "emperor-learn", "emperor-state"):
+        row.differ[key] = sorted({f for run in every[key] for f in set(want) | set(run.verdicts)
+                                  if want.get(f) != run.verdicts.get(f)})
     passfail = {f: ("FAIL" if v == "FAIL" else "ok") for f, v in want.items()}
-    yath = row.runs["yath"].verdicts
-    row.differ["yath"] = sorted(f for f in set(passfail) | set(yath) if passfail.get(f) != yath.get(f))
+    row.differ["yath"] = sorted({f for run in every["yath"] for f in set(passfail) | set(run.verdicts)
+                                 if passfail.get(f) != run.verdicts.get(f)})
     return row
 
 
@@ -169,20 +187,23 @@ def main() -> int:
     ap.add_argument("--jobs", default="2")
     ap.add_argument("--fetch", action="store_true", help="apt-get source the missing suites first")
     ap.add_argument("--emperor", default=EMPEROR, help="the emperor command to measure")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each runner N times (in turn); the rows show the median run")
     args = ap.parse_args()
     names = [n for n in SUITES if not args.only or n in args.only.split(",")]
     if args.fetch:
         fetch(args.suites, [SUITES[n] for n in names])
     print(" ".join(f"{k}={v}" for k, v in versions().items()), flush=True)
     print(f"{'suite':14} {'ver':>12} {'files':>5} {'prove':>7} {'yath':>7} {'emperor':>8} "
-          f"{'no-pre':>7} {'x prove':>7} {'x yath':>7} {'load':>11}  verdicts vs prove", flush=True)
+          f"{'no-pre':>7} {'state':>7} {'x prove':>7} {'x yath':>7} {'np x pr':>7} {'st x pr':>7} "
+          f"{'load':>11}  verdicts vs prove", flush=True)
     rows: list[Row] = []
     for name in names:
         d = suite_dir(args.suites, SUITES[name])
         if d is None:
             print(f"{name:14} not found in {args.suites} (--fetch)", flush=True)
             continue
-        row = bench_suite(name, d, args.jobs, args.emperor)
+        row = bench_suite(name, d, args.jobs, args.emperor, args.repeat)
         rows.append(row)
         r = row.runs
         e = r["emperor"].seconds
@@ -190,9 +211,17 @@ def main() -> int:
                           for k, v in row.differ.items())
         for note in r["emperor"].notes:
             print(f"    {note}", flush=True)
+        for note in r["emperor-state"].notes:
+            if "preloaded" in note:
+                print(f"    (--state) {note}", flush=True)
+        if args.repeat > 1:
+            print("    every run (s): " + "; ".join(f"{k} {' '.join(f'{x:.2f}' for x in v)}"
+                                               for k, v in row.seconds.items()), flush=True)
+        np, st = r["emperor-no-preload"].seconds, r["emperor-state"].seconds
         print(f"{name:14} {row.version:>12} {row.files:5d} {r['prove'].seconds:7.2f} "
-              f"{r['yath'].seconds:7.2f} {e:8.2f} {r['emperor-no-preload'].seconds:7.2f} "
+              f"{r['yath'].seconds:7.2f} {e:8.2f} {np:7.2f} {st:7.2f} "
               f"{r['prove'].seconds / e:7.2f} {r['yath'].seconds / e:7.2f} "
+              f"{r['prove'].seconds / np:7.2f} {r['prove'].seconds / st:7.2f} "
               f"{row.load[0]:5.1f}-{row.load[1]:<5.1f}  {diffs}", flush=True)
     out = ROOT / "bench" / "results" / time.strftime("prove-suites-%Y%m%dT%H%M%S.json")
     out.parent.mkdir(exist_ok=True)

@@ -68,6 +68,11 @@ sub main {
     );
 }
 
+# Whether a base's vassals are web vassals, whose modules (the HTTP server,
+# spares, warm-up) it loads before forking them. A base for test files
+# (ForkServer::Prove::TestFile) sets it false: it needs none of them.
+our $WEB_VASSALS = 1;
+
 # The codebase first: everything loaded before the fork server exists is
 # shared by every adopted vassal. Then the vassal path's own modules.
 sub run_base {
@@ -79,6 +84,11 @@ sub run_base {
     if (defined $early) {
         require ForkServer::Vassal::App;
         $app = ForkServer::Vassal::App::load($early);
+    }
+    if ($WEB_VASSALS) {    # the vassal path's own modules, shared by every vassal
+        require ForkServer::Vassal;
+        require ForkServer::Spares;
+        require ForkServer::Base::Warmup;
     }
     require ForkServer::Base;
     ForkServer::Process::Exit::mark_base();    # what adopted vassals did not create themselves

@@ -27,24 +27,25 @@ are not programs that live beside the Emperor.
 
 from __future__ import annotations
 
+# imported by `emperor prove` before anything else: the standard library's
+# lightest modules only (no dataclasses, pathlib or shutil at import)
 import os
 import resource
-import shutil
 import signal
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 
-@dataclass(frozen=True)
 class Inherit:
     """Keep the caller's descriptor as it is."""
+
+    def __repr__(self) -> str:
+        return "INHERIT"
 
 
 INHERIT = Inherit()
 # a descriptor to duplicate, a file to open (written: created or truncated,
 # mode 0600), None for /dev/null, or INHERIT
-Stdio = int | str | Path | None | Inherit
+Stdio = int | str | os.PathLike | None | Inherit
 
 # reset in every child: Python ignores the first two, a shell may ignore the rest
 DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
@@ -58,6 +59,8 @@ def program_path(name: str) -> str:
     (FileNotFoundError when nowhere)."""
     if os.sep in name:
         return name
+    import shutil
+
     found = shutil.which(name)
     if found is None:
         raise FileNotFoundError(2, "not found in PATH", name)
@@ -120,7 +123,7 @@ def _fork_exec(path: str, argv: list[str], env: dict[str, str], stdin: Stdio, st
     ours: list[int] = []  # those opened here, closed once it is started
     try:
         for target, how in ((0, stdin), (1, stdout), (2, stderr)):
-            if how is None or isinstance(how, (str, Path)):
+            if how is None or isinstance(how, (str, os.PathLike)):
                 name = os.devnull if how is None else os.fspath(how)
                 flags = os.O_RDONLY if target == 0 else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
                 opened[target] = os.open(name, flags | os.O_CLOEXEC, 0o600)

@@ -438,3 +438,85 @@ def test_yath_timeout_markers(tmp_path: Path) -> None:
     assert re.search(r"^t/b_no_timeout\.t \.+ ok$", ours.stdout, re.M), ours.stdout
     assert re.search(r"^t/c_more_time\.t \.+ ok$", ours.stdout, re.M), ours.stdout
     assert ours.returncode == 1
+
+
+# -- the fixed cost of a run --------------------------------------------------------------
+
+
+def test_a_run_of_no_more_files_than_jobs_is_prove_itself(tmp_path: Path) -> None:
+    """No base could pay off: `emperor prove` becomes prove (the test's
+    parent is `perl .../prove`, not prove's code under ours), with prove's
+    output and exit status."""
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "parent.t").write_text(
+        "use strict;\nuse warnings;\nuse Test::More tests => 1;\n"
+        "open my $fh, '<', '/proc/' . getppid() . '/cmdline' or die $!;\n"
+        "my @argv = split /\\0/, do { local $/; <$fh> };\n"
+        "diag 'parent: ', join ' ', @argv;\n"
+        "is $argv[1] =~ m{(?:^|/)prove\\z} ? 1 : 0, 1, 'run by the prove script';\n")
+    for argv in (["t/parent.t"], ["-j2", "-v", "t"]):
+        ours = run_in(tmp_path, [EMPEROR, "prove", *argv])
+        assert ours.returncode == 0, ours.stdout + ours.stderr
+        assert "ForkServer" not in ours.stderr, ours.stderr
+        assert "All tests successful." in ours.stdout, ours.stdout
+
+
+def test_the_base_for_tests_loads_no_web_server(tmp_path: Path) -> None:
+    """The base tests are forked from loads only what forking tests needs
+    (the web vassal's HTTP server, spares and warm-up are the web base's):
+    a third less start-up before the first test can be forked."""
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "inc.t").write_text(
+        "use strict;\nuse warnings;\nuse Test::More tests => 1;\n"
+        "my @web = grep { m{^ForkServer/(?:HTTPServer|Spares|Vassal|Base/Warmup)\\.pm$} } keys %INC;\n"
+        "is \"@web\", '', 'no web vassal module inherited';\n")
+    ours = run_in(tmp_path, [EMPEROR, "prove", "-v", "--preload", "Test::More", "--no-cold-retry", "t"])
+    assert ours.returncode == 0, ours.stdout + ours.stderr
+    assert re.search(r"^ok 1 - no web vassal module inherited$", ours.stdout, re.M), ours.stdout
+
+
+# -- --state: what the last run learned ---------------------------------------------------
+
+
+def test_state_gives_the_next_run_its_preload_and_its_order(tmp_path: Path) -> None:
+    """With --state, a run records what each forked file loaded (.prove's
+    emperor_loads); the next run preloads what most files loaded, also
+    modules no `use` line names, and with -j2 runs the slowest files
+    first, from prove's own times: also from a .prove that prove wrote.
+    Verdicts stay prove's."""
+    (tmp_path / "lib" / "Proj").mkdir(parents=True)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "lib" / "Proj.pm").write_text(
+        "package Proj;\nsub deep { require Proj::Deep; Proj::Deep::answer() }\n1;\n")
+    (tmp_path / "lib" / "Proj" / "Deep.pm").write_text("package Proj::Deep;\nsub answer { 42 }\n1;\n")
+    for name in ("a", "b", "c"):
+        (tmp_path / "t" / f"{name}.t").write_text(
+            "use strict;\nuse warnings;\nuse Test::More tests => 1;\nuse Proj;\n"
+            "is Proj::deep(), 42, 'deep';\n")
+    (tmp_path / "t" / "z_slow.t").write_text(
+        "use strict;\nuse warnings;\nuse Test::More tests => 1;\n"
+        "select undef, undef, undef, 0.8;\nok 1, 'slow';\n")
+    cmd = [EMPEROR, "prove", "-l", "-j2", "--state=save", "t"]
+    want = verdicts(run_in(tmp_path, ["prove", "-l", "t"]).stdout)
+    assert want == {f"t/{n}.t": "ok" for n in ("a", "b", "c", "z_slow")}
+
+    # prove's own .prove (times, no records of ours): the order comes from it
+    assert run_in(tmp_path, ["prove", "-l", "-j2", "--state=save", "t"]).returncode == 0
+    dry = run_in(tmp_path, [EMPEROR, "prove", "-l", "-j2", "--state=save", "-D", "t"])
+    assert dry.stdout.split()[0] == "t/z_slow.t", dry.stdout
+    dry_j1 = run_in(tmp_path, [EMPEROR, "prove", "-l", "--state=save", "-D", "t"])
+    assert dry_j1.stdout.split()[0] == "t/a.t", dry_j1.stdout  # one job: prove's order
+
+    first = run_in(tmp_path, cmd)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "preloaded (what most test files use): Test::More, Proj\n" in first.stderr, first.stderr
+    assert verdicts(first.stdout) == want
+    state = (tmp_path / ".prove").read_text()
+    assert re.search(r"emperor_loads: .*Proj/Deep\.pm", state), state
+
+    second = run_in(tmp_path, cmd)
+    assert second.returncode == 0, second.stdout + second.stderr
+    line = [x for x in second.stderr.splitlines() if "preloaded" in x]
+    assert len(line) == 1 and "(what most test files loaded last time, --state)" in line[0], second.stderr
+    assert "Proj::Deep" in line[0] and "Test::More" in line[0], line
+    assert verdicts(second.stdout) == want

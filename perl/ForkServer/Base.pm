@@ -13,9 +13,11 @@ use ForkServer::Base::HugePages ();
 use ForkServer::Log ();
 use ForkServer::Protocol qw(SPAWNED STOP_NOW STOP);
 use ForkServer::Process::Session ();
-use ForkServer::Spares ();
-use ForkServer::Vassal ();
-use ForkServer::Base::Warmup ();
+# The web vassal's own modules (ForkServer::Vassal, its HTTP server, the
+# spares, the warm-up) are required where used: the web base's entry
+# (ForkServer::run_base) loads them before the fork server exists, so that
+# every vassal shares them; a base for test files needs none of them, and
+# starts a third sooner without (ForkServer::Prove::TestFile).
 # its parts, one job each: the socket and the requests being read; the adoption
 use parent qw(ForkServer::Base::Clients ForkServer::Base::Adoption);
 
@@ -78,7 +80,7 @@ sub log { my ($self, $msg) = @_; ForkServer::Log::line($self->{name}, $msg) }
 
 sub run {
     my ($self) = @_;
-    ForkServer::Vassal->warm_up;
+    ForkServer::Vassal->warm_up if ForkServer::Vassal->can('warm_up');
     $self->early_warmup;    # before huge_pages: what it builds is shared too
     $self->note_app_fds;
     my $pages = $self->huge_pages;
@@ -126,6 +128,7 @@ sub start_spares {
     return 'spares: off (no Emperor to reap them)' unless $self->{emperor};
     # what MAX_PENDING clients may hold at once (a connection and three
     # descriptors each), and a few for the loop itself
+    require ForkServer::Spares;
     $self->{spares} = ForkServer::Spares->new(base => $self, count => $k,
                                               fd_reserve => 4 * ForkServer::Base::Clients::MAX_PENDING + 16);
     return "spares: $k";
@@ -138,6 +141,7 @@ sub early_warmup {
     my @paths = $self->{config}->list('early-warmup');
     return unless @paths;
     return $self->log("early-warmup ignored: no early-psgi app to call") unless $self->{app};
+    require ForkServer::Base::Warmup;
     ForkServer::Base::Warmup::run($self->{app}, \@paths, sub { $self->log($_[0]) });
     return;
 }

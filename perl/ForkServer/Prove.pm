@@ -94,16 +94,32 @@ sub _help {
     return;
 }
 
-# --shard I/N: this part of what prove would run, in prove's order.
+# --state with times from a previous run and several jobs: the slowest
+# files first (a long file started last is the run's tail), unless the
+# order or the choice is the user's (--state=slow,failed..., -s, --reverse).
+# --shard I/N: this part of what prove would run, in that order.
 sub _get_tests {
     my $self  = shift;
     my @tests = $self->SUPER::_get_tests(@_);
+    @tests = _slowest_first($self, @tests);
     return @tests unless $OURS{shard_count};
     my %times = ForkServer::Prove::Shard::previous_times(
         state => $self->state_manager, junit => $OURS{shard_times});
     my %mine = map { $_ => 1 } ForkServer::Prove::Shard::part(
         \@tests, $OURS{shard_index}, $OURS{shard_count}, \%times);
     return grep { $mine{$_} } @tests;
+}
+
+sub _slowest_first {
+    my ($self, @tests) = @_;
+    my @switches = map { split /,/ } @{ $self->state || [] };
+    return @tests unless @switches && !grep { $_ ne 'save' } @switches;
+    return @tests if ($self->jobs || 1) < 2 || $self->shuffle || $self->backwards;
+    my %times = ForkServer::Prove::Shard::previous_times(state => $self->state_manager);
+    return @tests unless %times;
+    # a file without a time (new) first: it may be long
+    my %order = map { $tests[$_] => $_ } 0 .. $#tests;
+    return sort { ($times{$b} // 9e9) <=> ($times{$a} // 9e9) || $order{$a} <=> $order{$b} } @tests;
 }
 
 # With the preload left to us, a run of no more files than jobs gains

@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any
+
+TYPE_CHECKING = False  # (typing itself is not imported at run time: a test run's start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 # `emperor prove` (hosting.py) imports none of these: a test run starts
 # without the TAP parser, psutil or the Emperor's config (~0.1 s of imports)

@@ -10,11 +10,9 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import paths, protocol
-from ..spawn import spawn
+from .. import protocol
+from .started import EarlyBase, base_argv, spawn_base
 from .testfiles import ProveOptions
-
-BASE_MAIN = "BEGIN { ForkServer::Prove::TestFile::serve(@ARGV) }\n"
 
 
 def is_module_name(what: str) -> bool:
@@ -42,16 +40,7 @@ class TestBase:
         self.config_w: int | None = None  # the early base's --config-fd
 
     def argv(self) -> list[str]:
-        argv = [self.opts.perl, f"-I{paths.perl_dir()}", "-MForkServer::Prove::TestFile",
-                *(f"-M{m}" for m in self.opts.modules), "-e", BASE_MAIN, "--",
-                "--inc-report", str(self.inc_report), "--inc-keys", str(self.inc_keys),
-                "--fork-server", str(self.sock), "--name", "emperor-prove",
-                # 4 KB pages: a test writes to much of what it inherits
-                # (compiling, loading), and each first write to a 2 MB page
-                # copies all of it; measured faster for tests (bench: prove)
-                "--fork-server-hugepages", "false",
-                # test files are never handed to warm spares: none to make
-                "--fork-server-spares", "0"]
+        argv = base_argv(self.opts.perl, self.sock.parent, self.opts.modules)
         for f in self.opts.preloads:
             if is_module_name(f):
                 argv += ["--preload-module", f]
@@ -67,6 +56,10 @@ class TestBase:
         """Start it and wait for its byte 1; BaseError when it does not come."""
         self.spawn(env)
         self.wait_ready()
+
+    def take_early(self, early: EarlyBase) -> None:
+        """The base `emperor prove` started beside prove (started.py)."""
+        self.pid, self.pipe, self.config_w = early.pid, early.pipe, early.config_w
 
     def start_early(self, env: dict[str, str]) -> None:
         """Start it before its library directories and preloads are known
@@ -99,18 +92,7 @@ class TestBase:
         self.wait_ready()
 
     def spawn(self, env: dict[str, str], config_fd: int | None = None) -> None:
-        ours, theirs = socket.socketpair()
-        argv = self.argv()
-        if config_fd is not None:
-            argv += ["--config-fd", str(config_fd)]
-            os.set_inheritable(config_fd, True)
-        os.set_inheritable(theirs.fileno(), True)
-        try:
-            self.pid = spawn(argv, {**env, "UWSGI_EMPEROR_FD": str(theirs.fileno())},
-                             stdin=None, stdout=None, stderr=self.log)
-        finally:
-            theirs.close()
-        self.pipe = ours
+        self.pid, self.pipe = spawn_base(self.argv(), self.sock.parent, env, config_fd)
 
     def wait_ready(self) -> None:
         ours = self.pipe
@@ -126,10 +108,6 @@ class TestBase:
             text = " | ".join(self.log.read_text(errors="replace").split("\n")).strip(" |")
             from ..launch import describe_status
             raise BaseError(f"the base did not start ({describe_status(status)}): {text}")
-
-    def reaped(self) -> None:
-        """Its process ended and was reaped elsewhere (prove's own reaping)."""
-        self.pid = None
 
     def stop(self) -> None:
         if self.config_w is not None:  # started early, never configured

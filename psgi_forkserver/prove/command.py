@@ -75,13 +75,31 @@ def prove_run(argv: list[str]) -> int:
                 sys.stdout.flush()
             prove_args.append(arg)
         i += 1
-    try:
-        from .started import start_prove
+    from .started import base_env, few_files, program, prove_program, spawn_env, start_base_early, start_prove
 
+    # No more files than jobs, the preload left to us: a base cannot pay
+    # off, and prove itself runs the files sooner than prove under us would
+    # (it loads less): this process becomes prove.
+    few = few_files(prove_args, shim)
+    if few:
+        prove = prove_program(perl)
+        if prove is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            try:
+                os.execve(program(perl), [perl, prove, *prove_args], spawn_env())
+            except OSError:
+                pass  # run as below
+    try:
         started = start_prove(perl, shim, prove_args)
     except OSError as e:
         print(f"emperor prove: {e}", file=sys.stderr)
         return 2
+    try:  # the base loads its code while prove loads and reads its command line
+        if not few:
+            started.base = start_base_early(perl, started.tmp, base_env())
+    except OSError as e:
+        print(f"emperor prove: the base: {e}", file=sys.stderr)
     # the rest is imported while prove loads
     from . import hosting
     from .testfiles import ProveOptions

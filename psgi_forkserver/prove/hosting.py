@@ -38,7 +38,7 @@ from pathlib import Path
 from .. import adoption, paths, protocol
 from ..nonblocking import SignalWakeup
 from .base import BaseError, TestBase, start_with_streams
-from .started import Started, few_files
+from .started import Started
 from .testfiles import ProveOptions, test_env
 
 
@@ -171,13 +171,10 @@ class Host:
         prove.sel.register(listener, selectors.EVENT_READ, "listen")
         self.reap()  # (what ended before SIGCHLD was ours to see)
         try:
-            # the base starts now, while prove loads and reads its command line
-            # (unless prove will surely not want one: it would only take CPU)
-            if not few_files(self.prove_args, self.shim_args):
-                try:
-                    prove.base.start_early(prove.env)
-                except OSError as e:
-                    self.prove.errout.write(f"emperor prove: the base: {e}\n")
+            # the base started beside prove (unless prove will surely not
+            # want one): it loads its code while prove reads its command line
+            if started.base is not None:
+                prove.base.take_early(started.base)
             while self.shim_status is None or self.forked:
                 if self.shim_status is not None:
                     for f in self.forked.values():  # prove is gone: nobody reads them

@@ -1,8 +1,11 @@
-"""Starting prove first thing, and deciding whether it will want a base.
+"""Starting prove and the base first thing, and deciding whether a run
+wants a base at all.
 
-prove's own start-up is the longest part of a short run, so `emperor
-prove` starts it before anything else (`start_prove`); `few_files` reads
-prove's command line to see whether it wants a base at all.
+prove's own start-up and the base's are the longest parts of a short run,
+so `emperor prove` starts both before it imports anything else
+(`start_prove`, `start_base_early`); `few_files` reads prove's command
+line to see whether a base could pay off, and `prove_program` finds the
+prove to hand the run to when it cannot.
 """
 
 from __future__ import annotations
@@ -10,16 +13,46 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
 SHIM_MAIN = "exit ForkServer::Prove::main(@ARGV)"
+BASE_MAIN = "BEGIN { ForkServer::Prove::TestFile::serve(@ARGV) }\n"
 
 
 class Started:
     """prove, started first thing (its start-up is the longest): its pid,
-    the private directory and the socket it will connect to."""
+    the private directory and the socket it will connect to; and the
+    base, when one was started beside it."""
 
     def __init__(self, tmp: str, listener, pid: int) -> None:
         self.tmp, self.listener, self.pid = tmp, listener, pid
+        self.base: EarlyBase | None = None
+
+
+class EarlyBase:
+    """A base started before its library directories and preloads are
+    known: it loads its own code meanwhile, then reads them on `config_w`
+    (TestBase.configure). `pipe` is its Emperor pipe."""
+
+    def __init__(self, pid: int, pipe, config_w: int) -> None:
+        self.pid, self.pipe, self.config_w = pid, pipe, config_w
+
+
+def program(perl: str) -> str:
+    from ..spawn import program_path
+
+    return program_path(perl)
+
+
+def spawn_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("UWSGI_EMPEROR_")}
+
+
+def base_env() -> dict[str, str]:
+    """prove's environment for its tests (HARNESS_ACTIVE), which the base
+    loads its preloads in too (testfiles.test_env adds the options')."""
+    env = spawn_env()
+    env["HARNESS_ACTIVE"] = "1"
+    env.pop("HARNESS_IS_VERBOSE", None)
+    return env
 
 
 def start_prove(perl: str, shim_args: list[str], prove_args: list[str]) -> Started:
@@ -28,7 +61,6 @@ def start_prove(perl: str, shim_args: list[str], prove_args: list[str]) -> Start
     import tempfile
 
     from ..paths import perl_dir
-    from ..spawn import spawn
 
     tmp = tempfile.mkdtemp(prefix="emperor-prove-")
     control = os.path.join(tmp, "prove.sock")
@@ -42,10 +74,11 @@ def start_prove(perl: str, shim_args: list[str], prove_args: list[str]) -> Start
     listener.setblocking(False)
     argv = [perl, f"-I{perl_dir()}", "-MForkServer::Prove", "-e", SHIM_MAIN, "--",
             "--socket", control, *shim_args, "--", *prove_args]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UWSGI_EMPEROR_")}
     try:
+        from ..spawn import spawn
+
         # in our session and terminal: Ctrl-C reaches prove with the rest of the job
-        pid = spawn(argv, env, setsid=False)
+        pid = spawn(argv, spawn_env(), setsid=False)
     except OSError:
         listener.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -53,11 +86,80 @@ def start_prove(perl: str, shim_args: list[str], prove_args: list[str]) -> Start
     return Started(tmp, listener, pid)
 
 
+def base_argv(perl: str, tmp: Path, modules: list[str] = []) -> list[str]:  # noqa: B006 (read only)
+    """The base's command line, before its preloads (TestBase.argv adds them)."""
+    from ..paths import perl_dir
+
+    return [perl, f"-I{perl_dir()}", "-MForkServer::Prove::TestFile",
+            *(f"-M{m}" for m in modules), "-e", BASE_MAIN, "--",
+            "--inc-report", str(tmp / "inc"), "--inc-keys", str(tmp / "inc-keys"),
+            "--fork-server", str(tmp / "fork.sock"), "--name", "emperor-prove",
+            # 4 KB pages: a test writes to much of what it inherits
+            # (compiling, loading), and each first write to a 2 MB page
+            # copies all of it; measured faster for tests (bench: prove)
+            "--fork-server-hugepages", "false",
+            # test files are never handed to warm spares: none to make
+            "--fork-server-spares", "0"]
+
+
+def spawn_base(argv: list[str], tmp: Path, env: dict[str, str], config_fd: int | None = None):
+    """Start the base with `argv` (and `--config-fd`): its stdin and
+    stdout /dev/null, stderr its log in `tmp`, in a session of its own;
+    returns its pid and our end of its Emperor pipe."""
+    import socket
+
+    from ..spawn import spawn
+
+    ours, theirs = socket.socketpair()
+    if config_fd is not None:
+        argv = [*argv, "--config-fd", str(config_fd)]
+        os.set_inheritable(config_fd, True)
+    os.set_inheritable(theirs.fileno(), True)
+    try:
+        pid = spawn(argv, {**env, "UWSGI_EMPEROR_FD": str(theirs.fileno())},
+                    stdin=None, stdout=None, stderr=tmp / "base.log")
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return pid, ours
+
+
+def start_base_early(perl: str, tmp: str, env: dict[str, str]) -> EarlyBase:
+    """The base, started with prove (in `tmp`, prove's private directory),
+    before the rest of `emperor prove` is even imported."""
+    r, w = os.pipe()
+    try:
+        pid, pipe = spawn_base(base_argv(perl, Path(tmp)), Path(tmp), env, config_fd=r)
+    except BaseException:
+        os.close(w)
+        raise
+    finally:
+        os.close(r)
+    return EarlyBase(pid, pipe, w)
+
+
+def prove_program(perl: str) -> str | None:
+    """The `prove` script of this perl (next to it, else on PATH)."""
+    import shutil
+
+    try:
+        real = os.path.realpath(program(perl))
+    except FileNotFoundError:
+        return None
+    beside = os.path.join(os.path.dirname(real), "prove")
+    if os.path.isfile(beside):
+        return beside
+    return shutil.which("prove")
+
+
 def few_files(prove_args: list[str], shim_args: list[str]) -> bool:
     """Whether prove's command line names no more test files than its
-    jobs, and leaves the preload to us: then prove runs them itself
-    (ForkServer::Prove's rule) and wants no base. A guess on the side of
-    starting one: an option not known here or a .proverc is "no"."""
+    jobs, and leaves the preload to us: then a base cannot pay off (it
+    would load what each file loads, and every file starts at once), and
+    prove runs the files itself. A guess on the side of starting one: an
+    option not known here or a .proverc is "no"."""
     if shim_args or os.path.exists(".proverc") or os.path.exists(os.path.expanduser("~/.proverc")):
         return False
     jobs, recurse, named = 1, False, []

@@ -120,12 +120,11 @@ def build_spec(file: str, switches: list[str], cwd: str, env: dict[str, str], in
 def test_env(opts: ProveOptions) -> dict[str, str]:
     """prove's environment for a test: HARNESS_ACTIVE, HARNESS_VERSION, and
     its -I directories in PERL5LIB (TAP::Parser::SourceHandler::Perl)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UWSGI_EMPEROR_")}
-    env["HARNESS_ACTIVE"] = "1"
+    from .started import base_env
+
+    env = base_env()
     if opts.verbose:
         env["HARNESS_IS_VERBOSE"] = "1"
-    else:
-        env.pop("HARNESS_IS_VERBOSE", None)
     if opts.includes:
         env["PERL5LIB"] = os.pathsep.join(
             [*opts.includes, *([env["PERL5LIB"]] if env.get("PERL5LIB") else [])])

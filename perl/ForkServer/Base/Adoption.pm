@@ -12,7 +12,7 @@ use ForkServer::Base::Preloaded ();
 use ForkServer::Protocol qw(MASK_ON_DEMAND);
 use ForkServer::Process::Random ();
 use ForkServer::Process::Startup ();
-use ForkServer::Vassal ();
+# ForkServer::Vassal: loaded by the web base (ForkServer::run_base)
 
 =head1 NAME
 
@@ -158,6 +158,7 @@ sub _become_vassal {
             # its workers too: they are forked after this
             ForkServer::Process::Exit::without_global_destruction();
             ForkServer::Log::line($common{config}->name, $_) for ForkServer::Base::Preloaded::warnings();
+            require ForkServer::Vassal;
             ForkServer::Vassal->new(
                 %common,
                 preloaded_app => $self->{app},

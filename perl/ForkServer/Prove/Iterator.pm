@@ -7,6 +7,7 @@ use parent 'TAP::Parser::Iterator';
 use IO::Socket::UNIX ();
 use Socket ();
 use TAP::Parser ();
+use ForkServer::Prove::Loads ();
 
 =head1 NAME
 
@@ -67,7 +68,7 @@ sub request {
 
 sub _initialize {
     my ($self, $args) = @_;
-    $self->{$_} = $args->{$_} for qw(file cold on_cold_pass);
+    $self->{$_} = $args->{$_} for qw(file cold on_cold_pass loads on_loads);
     my $sock = _connect($args->{socket});
     _send($sock, 'T', "$args->{file}\0$args->{spec}");
     $self->{sock} = $sock;
@@ -91,6 +92,7 @@ sub _fetch {
     }
     my $out = substr $rest, 0, $out_len;
     my $err = substr $rest, $out_len, $err_len;
+    $self->_report_loads if defined $self->{loads};
     if (!$timed_out && $self->{cold} && !$ForkServer::Prove::OURS{no_cold_retry} && !_passes($status, $out)) {
         $self->{delegate} = $self->{cold}->();
         $self->{verify_cold} = 1;
@@ -100,6 +102,15 @@ sub _fetch {
     $self->{status} = $status;
     $self->{lines}  = [split /\n/, $out, -1];
     pop @{ $self->{lines} } if @{ $self->{lines} } && $self->{lines}[-1] eq '';
+    return;
+}
+
+# What the forked test wrote it had loaded (ForkServer::Prove::TestFile's
+# spec item loads=FILE), to `on_loads`; the file is removed.
+sub _report_loads {
+    my $self = shift;
+    my @keys = ForkServer::Prove::Loads::read_report($self->{loads});
+    $self->{on_loads}->(@keys) if $self->{on_loads};
     return;
 }
 

@@ -12,6 +12,7 @@ use TAP::Parser::IteratorFactory ();
 use Text::ParseWords ();
 
 use ForkServer::Prove::Iterator ();
+use ForkServer::Prove::Loads ();
 use ForkServer::Protocol qw(encode_packet encode_array MODIFIER1_CONFIG);
 
 TAP::Parser::IteratorFactory->register_handler(__PACKAGE__);
@@ -58,6 +59,7 @@ my %CFG;        # setup()'s arguments
 my %NOTED;      # notes already given
 my %INC_FOR;    # the @INC `perl FILE` gets, by environment
 my %BASE_INC;   # the files the base has loaded (keys of its %INC)
+our $LEARNED;   # the automatic preload came from --state's records
 
 sub note {
     my ($class, $msg) = @_;
@@ -85,7 +87,9 @@ sub setup {
     for my $p (@{ $args{preload} }) {
         push @items, ($p =~ m{/|\.p[lm]\z} && -f $p) ? "file=" . Cwd::abs_path($p) : "module=$p";
     }
-    my @auto = $args{auto} ? auto_preloads(@{ $args{tests} }) : ();
+    my @auto = !$args{auto} ? ()
+        : $args{state} ? auto_preloads_from_state($args{state}, @{ $args{tests} })
+        : auto_preloads(@{ $args{tests} });
     push @items, map {"optional=$_"} @auto;
     # Nothing preloaded: the inherited heap is small, and perl's own global
     # destruction at exit is then cheaper than freeing what the test loaded
@@ -106,8 +110,15 @@ sub setup {
     %BASE_INC = map { my ($k, $v) = split /\t/, $_, 2; ($k => $v // 1) } split /\0/, $reply;
     if ($args{auto} && !$args{quiet}) {    # the ones that loaded
         my @loaded = grep { (my $key = "$_.pm") =~ s{::}{/}g; $BASE_INC{$key} } @auto;
-        print STDERR "emperor prove: preloaded (what most test files use): "
-            . (@loaded ? join(', ', @loaded) : 'nothing') . "\n";
+        if ($LEARNED) {    # many (what they load, not only what they `use`): the first few
+            my $more = @loaded > 8 ? ' and ' . (@loaded - 8) . ' more' : '';
+            print STDERR "emperor prove: preloaded (what most test files loaded last time, --state): "
+                . (@loaded ? join(', ', @loaded[0 .. ($#loaded < 7 ? $#loaded : 7)]) . $more : 'nothing') . "\n";
+        }
+        else {
+            print STDERR "emperor prove: preloaded (what most test files use): "
+                . (@loaded ? join(', ', @loaded) : 'nothing') . "\n";
+        }
     }
     return;
 }
@@ -135,6 +146,32 @@ sub auto_preloads {
     return () unless $n;
     my @common = grep { $count{$_} * 10 >= $n } keys %count;
     return sort { $count{$b} <=> $count{$a} || $a cmp $b } @common;
+}
+
+# With --state: what the files loaded in the last run (ForkServer::Prove::Loads).
+sub auto_preloads_from_state {
+    my ($state, @files) = @_;
+    my ($learned, @modules) = ForkServer::Prove::Loads::preloads($state, \@files, \&_use_lines);
+    return auto_preloads(@files) unless $learned;
+    $LEARNED = 1;
+    return @modules;
+}
+
+# The modules a file's `use` lines name (not pragmas).
+sub _use_lines {
+    my ($file) = @_;
+    my $text = _head($file) // return;
+    my %seen;
+    $seen{$1}++ while $text =~ /^\s*use\s+([A-Z][\w:]*)/mg;
+    return keys %seen;
+}
+
+sub _remember_loads {
+    my ($file, @loaded) = @_;
+    my $state = $CFG{state} or return;
+    my @uses = map { (my $key = "$_.pm") =~ s{::}{/}g; $key } _use_lines($file);
+    ForkServer::Prove::Loads::remember($state, $file, \%BASE_INC, \@uses, @loaded);
+    return;
 }
 
 # The program part of a file (up to __END__/__DATA__), or undef.
@@ -265,6 +302,8 @@ sub _create_iterator {
     my $warnings = (grep { $_ eq '-w' } @switches) ? 1 : 0;
     $warnings ||= 1 if ($ENV{PERL5OPT} // '') =~ /(?:^|\s)-w\b/;
     $warnings ||= 1 if ($source->meta->{file}{shebang} // '') =~ /^#!.*\bperl\S*\s+(?:-\S+\s+)*-w\b/;
+    # with --state, the file says what it loaded (for the next run's preload)
+    my $loads = $CFG{state} ? _loads_path() : undef;
     my $spec = encode_packet(MODIFIER1_CONFIG, 0, encode_array(
         "file=$file", "cwd=" . Cwd::getcwd(), (map {"arg=$_"} @args),
         (map {"inc=$_"} _inc_for(\%env, $command->[0])),
@@ -272,11 +311,21 @@ sub _create_iterator {
         "warnings=$warnings",
         ($source->merge ? ('merge=1') : ()),
         ($CFG{destruct} ? ('destruct=1') : ()),
+        (defined $loads ? ("loads=$loads") : ()),
     ));
     return ForkServer::Prove::Iterator->new({
         socket => $CFG{socket}, file => $file, spec => $spec, cold => $cold,
         on_cold_pass => sub { _remember_cold($file) },
+        (defined $loads ? (loads => $loads, on_loads => sub { _remember_loads($file, @_) }) : ()),
     });
+}
+
+# A file in the Emperor side's private directory (the socket's), one per test.
+my $LOADS_SEQ = 0;
+
+sub _loads_path {
+    (my $dir = $CFG{socket}) =~ s{/[^/]*\z}{};
+    return "$dir/loads-" . ++$LOADS_SEQ;
 }
 
 sub _remember_cold {

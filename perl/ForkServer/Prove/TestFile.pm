@@ -26,6 +26,7 @@ sub _start_test2_preload {
 BEGIN { _start_test2_preload() unless grep { $_ eq '--config-fd' } @ARGV }
 
 use Filter::Util::Call ();    # loaded here, not in every test
+use ForkServer::Prove::Loads ();
 use ForkServer ();    # a modulino: loaded, not run
 use ForkServer::Base ();
 
@@ -67,7 +68,7 @@ Before that, the child (L</become_test>):
 
 =item * reads its spec from the config pipe: an array packet of C<KEY=VALUE>
 items (C<file>, C<cwd>, C<arg>, C<env>, C<inc>, C<warnings>, C<destruct>,
-C<merge>: stderr is stdout, prove's C<--merge>);
+C<merge>: stderr is stdout, prove's C<--merge>; C<loads>: a file to write, at exit, the %INC keys the test added, for C<--state>);
 
 =item * puts the Emperor pipe on descriptor 1, the config pipe on 2 and
 F</dev/null> on 0;
@@ -236,6 +237,7 @@ sub _install_data {
 sub _serve_until_a_test {
     my (@argv) = @_;
     local $IN_BASE = 1;
+    local $ForkServer::WEB_VASSALS = 0;
     PROVE_TEST_CHILD: {
         ForkServer->main(@argv);    # exits in the base
     }
@@ -287,7 +289,7 @@ sub parse_spec {
             my ($k, $v) = $value =~ /\A([^=]+)=(.*)\z/s or die "bad env item '$value'\n";
             $spec{env}{$k} = $v;
         }
-        elsif ($key =~ /\A(?:file|cwd|warnings|destruct|merge)\z/) { $spec{$key} = $value }
+        elsif ($key =~ /\A(?:file|cwd|warnings|destruct|merge|loads)\z/) { $spec{$key} = $value }
         else { die "unknown spec item '$key'\n" }
     }
     defined $spec{$_} or die "spec has no $_\n" for qw(file cwd);
@@ -315,6 +317,7 @@ sub _become {
     Getopt::Long::ConfigDefaults() if defined &Getopt::Long::ConfigDefaults;
     _reopen_data_handles();
     _fresh_test2();
+    ForkServer::Prove::Loads::report_at_exit($spec{loads}) if defined $spec{loads};
     return;
 }
 

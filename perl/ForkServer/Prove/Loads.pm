@@ -1,0 +1,125 @@
+package ForkServer::Prove::Loads;
+use strict;
+use warnings;
+
+=head1 NAME
+
+ForkServer::Prove::Loads - what each forked test loaded, for the next run's preload (C<emperor prove --state>)
+
+=head1 SYNOPSIS
+
+  # in the forked test (ForkServer::Prove::TestFile, spec item loads=FILE):
+  ForkServer::Prove::Loads::report_at_exit($file);
+
+  # in prove (ForkServer::Prove::Source), when the test has ended:
+  ForkServer::Prove::Loads::remember($state_manager, $test_file, \%base_inc, @keys);
+
+  # in prove, for the next run's automatic preload:
+  my @modules = ForkServer::Prove::Loads::preloads($state_manager, \@test_files, \&use_lines);
+
+=head1 DESCRIPTION
+
+With C<--state>, a forked test writes at exit (after its own C<END> blocks)
+the C<%INC> keys it added to the base's; C<.prove> keeps them per file
+(C<emperor_loads>), with those of the base's modules the file C<use>s or
+recorded in an earlier run (they are preloaded now, so not added). The next
+run preloads what at least a tenth of the files loaded.
+
+=cut
+
+our ($LOADS_FILE, %BASE_KEYS);
+
+=head2 report_at_exit
+
+  report_at_exit($file);    # in the test child, before the test compiles
+
+=cut
+
+sub report_at_exit {
+    ($LOADS_FILE) = @_;
+    %BASE_KEYS = map { $_ => 1 } keys %INC;
+    # compiled now, before the test's: its END blocks run first
+    eval 'END { ForkServer::Prove::Loads::_write() } 1' or die $@;    ## no critic
+    return;
+}
+
+sub _write {
+    local ($!, $?, $@);
+    open my $fh, '>', $LOADS_FILE or return;
+    # modules from files (not packages a test marks loaded, `$INC{'Foo.pm'} = 1`)
+    print $fh join "\0", grep {
+        !$BASE_KEYS{$_} && defined $INC{$_} && !ref $INC{$_} && $INC{$_} ne $0 && -f $INC{$_}
+    } keys %INC;
+    close $fh;
+    return;
+}
+
+=head2 read_report
+
+  my @keys = read_report($file);    # and removes it
+
+=cut
+
+sub read_report {
+    my ($file) = @_;
+    open my $fh, '<', $file or return;
+    my @keys = split /\0/, do { local $/; <$fh> } // '';
+    close $fh;
+    unlink $file;
+    return @keys;
+}
+
+=head2 remember
+
+  remember($state_manager, $test_file, \%base_inc, \@use_line_keys, @keys);
+
+Records in the state what the file loaded: the modules among C<@keys> (not
+pragmas, not other files), and those of the base's (C<%base_inc>) that the
+file C<use>s or that its earlier record names.
+
+=cut
+
+sub remember {
+    my ($state, $file, $base_inc, $uses, @loaded) = @_;
+    my $test = eval { $state->results->test($file) } or return;
+    my %keys = map { $_ => 1 } grep { m{\A[A-Z]\w*(?:/\w+)*\.pm\z} } @loaded;
+    my %from_base = map { $_ => 1 } split(' ', $test->{emperor_loads} // ''), @$uses;
+    $keys{$_} = 1 for grep { $base_inc->{$_} } keys %from_base;
+    $test->{emperor_loads} = join ' ', sort keys %keys;
+    return;
+}
+
+=head2 preloads
+
+  my ($learned, @modules) = preloads($state_manager, \@files, \&use_lines);
+
+The modules at least a tenth of the files loaded, the most used first; a
+file without a record counts C<use_lines($file)> (module names). C<$learned>
+is false when no file has a record (the caller then chooses by C<use> lines).
+
+=cut
+
+sub preloads {
+    my ($state, $files, $use_lines) = @_;
+    my $tests = eval { $state->results->{tests} } || {};
+    my (%count, $n, $learned);
+    for my $file (grep {/\.t\z/} @$files) {
+        my $record = $tests->{$file} ? $tests->{$file}{emperor_loads} : undef;
+        my @modules;
+        if (defined $record) {
+            $learned++;
+            @modules = map { (my $m = $_) =~ s{/}{::}g; $m =~ s/\.pm\z//; $m } split ' ', $record;
+        }
+        else {
+            next unless -r $file;
+            @modules = $use_lines->($file);
+        }
+        $n++;
+        $count{$_}++ for @modules;
+    }
+    return (0) unless $learned;
+    my @common = grep { $count{$_} * 10 >= $n } keys %count;
+    return (1, sort { $count{$b} <=> $count{$a} || $a cmp $b } @common);
+}
+
+1;
