@@ -75,7 +75,7 @@ def prove_run(argv: list[str]) -> int:
                 sys.stdout.flush()
             prove_args.append(arg)
         i += 1
-    from .started import base_env, few_files, program, prove_program, spawn_env, start_base_early, start_prove
+    from .started import base_env, few_files, program, prove_program, spawn_env, start_prove
 
     # No more files than jobs, the preload left to us: a base cannot pay
     # off, and prove itself runs the files sooner than prove under us would
@@ -97,7 +97,7 @@ def prove_run(argv: list[str]) -> int:
         return 2
     try:  # the base loads its code while prove loads and reads its command line
         if not few:
-            started.base = start_base_early(perl, started.tmp, base_env())
+            started.start_base(perl, base_env())
     except OSError as e:
         print(f"emperor prove: the base: {e}", file=sys.stderr)
     # the rest is imported while prove loads

@@ -26,6 +26,10 @@ class Started:
         self.tmp, self.listener, self.pid = tmp, listener, pid
         self.base: EarlyBase | None = None
 
+    def start_base(self, perl: str, env: dict[str, str]) -> None:
+        """The base, beside prove (start_base_early); OSError if it cannot start."""
+        self.base = start_base_early(perl, self.tmp, env)
+
 
 class EarlyBase:
     """A base started before its library directories and preloads are
