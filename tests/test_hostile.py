@@ -313,8 +313,11 @@ def test_deploy_with_use_fork_server_forks_from_the_new_generation(emperor, depl
     # the moved vassals come from the new base: they run the code it loaded
     wait_for(lambda: serve(ports, "v2"), 60, "every moved vassal to serve v2")
     assert "No such file" not in e.text()
+    # a moved vassal may serve before the fork server's reply is read and logged
     for n in ports:
-        assert "base generation 2" in e.lines(f"[{n}] adopted successor pid")[-1]
+        line = wait_for(lambda n=n: e.lines(f"[{n}] adopted successor pid"), 30,
+                        f"{n}'s move logged")[-1]
+        assert "base generation 2" in line
     wait_for(lambda: not sock.exists(), 30, "the old base to drain and remove its socket")
     assert (deploy_tmp / "fs.sock.gen2").exists()
     # the operator's next step: a new vassal file comes up on the new generation
@@ -322,7 +325,8 @@ def test_deploy_with_use_fork_server_forks_from_the_new_generation(emperor, depl
     e.write("late", app_ini("late", port, processes=1))
     wait_for(lambda: get(port)["name"] == "late", 30, "the vassal added after the deploy")
     assert get(port)["value"] == "v2"
-    assert "base generation 2" in e.lines("[late] adopted pid")[-1]
+    assert "base generation 2" in wait_for(lambda: e.lines("[late] adopted pid"), 30,
+                                           "late's adoption logged")[-1]
     assert not [line for line in e.lines("[late]") if "adoption failed" in line]
 
 
@@ -365,9 +369,11 @@ def test_vassal_waiting_for_a_removed_base_is_adopted_when_a_base_is_back(empero
     subprocess.run(["kill", str(old)], check=True)
     wait_for(lambda: any("respawn in 300.0 s" in line for line in e.lines("[app1] pid")), 30,
              "the long back-off")
+    adoptions = len(e.lines("[app1] adopted pid"))
     e.write("base", base_text)
     wait_for(lambda: get(ports["app1"])["value"] == "v1", 60, "app1 adopted once the base is back")
-    assert "base generation 1" in e.lines("[app1] adopted pid")[-1]
+    line = wait_for(lambda: e.lines("[app1] adopted pid")[adoptions:], 30, "the adoption logged")[-1]
+    assert "base generation 1" in line
 
 
 def test_reload_base_wait_exits_0_once_every_vassal_moved(emperor, deploy_tmp):
@@ -952,5 +958,5 @@ def test_an_app_starting_a_helper_while_it_loads_from_a_spare_starts(hostile):
         f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\n"
         f"env = APP_NAME=helped\npsgi = {APP.parent / 'helper_at_load.psgi'}\n")
     wait_for(lambda: get(port), 20, "the vassal with a helper to answer")
-    assert e.lines("[helped] adopted"), e.text()[-2000:]
+    wait_for(lambda: e.lines("[helped] adopted"), 30, "the adoption logged")
     emperor_ok(e)
