@@ -85,16 +85,16 @@ class Requests:
             self._respond(c, data)
         else:
             c.doc = data
-            self.deferred.add(c.sock.fileno())
+            self._defer(c.sock.fileno())
 
     def _send_deferred(self, now: float) -> None:
         """The documents whose COMMAND_GRACE has passed (every loop turn)."""
         for fd in list(self.deferred):
             c = self.clients.get(fd)
             if c is None or c.doc is None or c.command:
-                self.deferred.discard(fd)
+                self._undefer(fd)
             elif c.eof or now >= c.accepted + COMMAND_GRACE:
-                self.deferred.discard(fd)
+                self._undefer(fd)
                 data, c.doc = c.doc, None
                 self._respond(c, data)
 
@@ -124,7 +124,7 @@ class Requests:
                 pass
             c.eof = True
             if c.doc is not None and not c.command:
-                self.deferred.discard(fd)
+                self._undefer(fd)
                 data, c.doc = c.doc, None
                 self._respond(c, data)
             return c.command

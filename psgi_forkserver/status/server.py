@@ -85,6 +85,13 @@ class StatusServer(Requests):
 
         self.access: Access | None = None
 
+    def _defer(self, fd: int) -> None:
+        """A stats client whose document waits out COMMAND_GRACE (requests.py)."""
+        self.deferred.add(fd)
+
+    def _undefer(self, fd: int) -> None:
+        self.deferred.discard(fd)
+
     # -- set-up ------------------------------------------------------------------
 
     def bind(self) -> "StatusServer":
