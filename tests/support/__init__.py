@@ -9,7 +9,8 @@ from another.
   `Emp` (the handle on a running Emperor), `Load`;
 - front: the front door (`--http`), `Front`, `FrontDoors`;
 - deploys: code deploys (`deploy_fleet`, `reload_base`, `serve`);
-- vassals: the state machine without processes (`POLICY`, `cfg`, `ctx`).
+- vassals: the state machine without processes (`POLICY`, `cfg`, `ctx`);
+- hostile: `emperor_ok`, what holds after each hostile blow.
 """
 
 from .apps import (APP, APPS, DAEMON, PROGRAM, TESTS, app_ini, base_ini, daemon_ini, get, http_get,
