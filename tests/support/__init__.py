@@ -10,7 +10,9 @@ from another.
 - front: the front door (`--http`), `Front`, `FrontDoors`;
 - deploys: code deploys (`deploy_fleet`, `reload_base`, `serve`);
 - vassals: the state machine without processes (`POLICY`, `cfg`, `ctx`);
-- hostile: `emperor_ok`, what holds after each hostile blow.
+- hostile: `emperor_ok`, what holds after each hostile blow;
+- cockpit: `emperor_cli`, `http_get` of a page, `cockpit_fleet`;
+- spares: warm spares (`warm_base`, `spares`, `spare_masters`).
 """
 
 from .apps import (APP, APPS, DAEMON, PROGRAM, TESTS, app_ini, base_ini, daemon_ini, get, http_get,
