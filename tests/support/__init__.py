@@ -12,7 +12,8 @@ from another.
 - vassals: the state machine without processes (`POLICY`, `cfg`, `ctx`);
 - hostile: `emperor_ok`, what holds after each hostile blow;
 - cockpit: `emperor_cli`, `http_get` of a page, `cockpit_fleet`;
-- spares: warm spares (`warm_base`, `spares`, `spare_masters`).
+- spares: warm spares (`warm_base`, `spares`, `spare_masters`);
+- prove: `emperor prove` and `prove` on tests/prove_suite/ (`run`, `verdicts`).
 """
 
 from .apps import (APP, APPS, DAEMON, PROGRAM, TESTS, app_ini, base_ini, daemon_ini, get, http_get,
