@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from psgi_forkserver.config import VassalConfig
+from psgi_forkserver.emperor.plan import Facts, plan
 from psgi_forkserver.emperor.vassal import Adopt, Context, ForkServer, Kind, Phase, Policy, Spawn, Vassal
 
 POLICY = Policy(mercy=5.0, backoff_first=0.1, backoff_max=2.0, stable_after=10.0)
@@ -44,4 +45,20 @@ def seamless_vassal(now=0.0, pid=100):
     v.owns_socket = True  # the Emperor owns its http-socket: reloads overlap
     assert v.seamless
     v.on_byte(17, now + 0.1)
+    return v
+
+
+def facts(now, **kw):
+    kw.setdefault("fork_server", ForkServer.READY)
+    kw.setdefault("base_generation", 1)
+    return Facts(now, **kw)
+
+
+def running(name, gen=1, pid=100, now=0.0, owns_socket=True):
+    """An adopted vassal, loyal, on base generation `gen`."""
+    v = Vassal(name, cfg(name), policy=POLICY, owns_socket=owns_socket)
+    acts = plan([v], facts(now, base_generation=gen)).actions()[name]
+    assert acts == [Adopt()]
+    v.adopted(pid, now, seq=acts[0].seq)
+    v.on_byte(17, now)
     return v
