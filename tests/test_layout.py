@@ -1,5 +1,5 @@
 """The package's shape: no import circle between its modules, no module too
-long to read. Read from the source with `ast`, nothing imported."""
+long to read (nor a test's or a benchmark's). Read from the source with `ast`, nothing imported."""
 
 import ast
 from pathlib import Path
@@ -126,6 +126,20 @@ def test_no_module_over_400_lines():
     too_long = {p: n for p, n in lines.items() if n > MAX_LINES}
     assert set(too_long) - set(TOO_LONG_FOR_NOW) == set(), too_long
     assert set(TOO_LONG_FOR_NOW) - set(too_long) == set(), "split: drop it from the list"
+
+
+PROJECT = ROOT.parent
+# the tests and the benchmarks are read too: Python, and the Perl they run
+OTHER_CODE = ("tests", "bench")
+OTHER_SUFFIXES = {".py", ".pm", ".pl", ".psgi", ".t"}
+
+
+def test_no_test_or_benchmark_module_over_400_lines():
+    lines = {str(p.relative_to(PROJECT)): len(p.read_text(errors="replace").splitlines())
+             for d in OTHER_CODE for p in (PROJECT / d).rglob("*")
+             if p.suffix in OTHER_SUFFIXES and p.is_file()}
+    assert len(lines) > 50
+    assert {p: n for p, n in lines.items() if n > MAX_LINES} == {}, "split it along its sections"
 
 
 PERL = Path(__file__).resolve().parent.parent / "perl" / "ForkServer"
