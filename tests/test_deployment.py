@@ -1,14 +1,12 @@
-"""Deployment: a runtime install from the built wheel, and the examples an
-operator copies (container image, Kubernetes manifests, systemd unit) work
-as written."""
+"""Deployment: a runtime install from the built wheel (built once for the
+module), and what runs from it as an operator copies it: the container
+image's command, the Prometheus rules, the systemd unit."""
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -16,15 +14,14 @@ import sys
 from importlib import metadata
 import tempfile
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 import yaml
 
 from support import base_ini, descendants, free_port, wait_for
+from support.deployment import K8S, container, manifests, parse_dockerfile, probe_port
 
 ROOT = Path(__file__).resolve().parent.parent
 HELLO = ROOT / "tests" / "apps" / "hello.psgi"
@@ -48,42 +45,6 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-# -- what the make targets install --------------------------------------------
-
-TEST_ONLY = {"libcatalyst-perl", "libdancer2-perl", "libmojolicious-perl", "uwsgi-core",
-             "starman", "wrk", "chromium", "curl"}
-RUNTIME = {"python3", "python3-venv", "perl", "libplack-perl", "libsocket-msghdr-perl",
-           "libhttp-parser-xs-perl", "nginx"}
-
-
-def make_plan(target: str) -> tuple[set[str], list[str]]:
-    """The Debian packages `make TARGET` would install from scratch, and its
-    pip command lines (make -n -B: printed, nothing run)."""
-    # a make of its own, not a part of the make that may be running the tests
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-    r = subprocess.run(["make", "-n", "-B", target, "PREFIX=/nonexistent/prefix"], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
-    pkgs = {p for line in lines if line.startswith("tools/install-debian-packages")
-            for p in line.split()[1:]}
-    return pkgs, [line for line in lines if "pip install" in line]
-
-
-@pytest.mark.parametrize("target", ["run", "install"])
-def test_run_and_install_set_up_the_runtime_only(target):
-    pkgs, pips = make_plan(target)
-    assert RUNTIME <= pkgs, RUNTIME - pkgs  # python3 itself too: a bare Debian lacks it
-    assert pkgs & TEST_ONLY == set()
-    assert pips and not any("[test]" in line for line in pips), pips
-
-
-def test_test_sets_up_the_runtime_and_the_test_peers():
-    pkgs, pips = make_plan("setup")
-    assert RUNTIME | TEST_ONLY - {"chromium"} <= pkgs
-    assert any("[test]" in line for line in pips), pips
 
 
 # -- a runtime install from the wheel --------------------------------------------
@@ -207,129 +168,6 @@ def test_the_wheels_emperor_runs_a_base_and_an_adopted_vassal(wheel_venv, tmp_pa
     finally:
         stop(proc)
     assert proc.returncode == 0, log.read_text(errors="replace")
-
-
-# -- the container image and the Kubernetes manifests ----------------------------
-
-K8S = ROOT / "examples" / "kubernetes"
-KUBERNETES_VERSION = "1.33.0"  # the manifests are validated against this release
-
-
-@dataclass
-class Image:
-    """The runtime stage of the Dockerfile, as far as running it goes."""
-
-    entrypoint: list[str]
-    cmd: list[str]
-    env: dict[str, str]
-    user: str
-    exposed: list[int]
-
-    @property
-    def argv(self) -> list[str]:
-        return self.entrypoint + self.cmd
-
-    def option(self, name: str) -> str:
-        return self.argv[self.argv.index(name) + 1]
-
-
-def parse_dockerfile(path: Path) -> Image:
-    """ENTRYPOINT, CMD, ENV, USER and EXPOSE of the last stage (JSON forms only:
-    the shell form would put a shell between the Emperor and SIGTERM)."""
-    text = re.sub(r"\\\n", " ", path.read_text())
-    stage: list[tuple[str, str]] = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        word, _, rest = line.partition(" ")
-        if word.upper() == "FROM":
-            stage = []
-        stage.append((word.upper(), rest.strip()))
-    found: dict[str, Any] = {"ENTRYPOINT": [], "CMD": [], "ENV": {}, "USER": "root",
-                             "EXPOSE": []}
-    for word, rest in stage:
-        if word in ("ENTRYPOINT", "CMD"):
-            found[word] = json.loads(rest)
-        elif word == "ENV":
-            found["ENV"].update(kv.split("=", 1) for kv in shlex.split(rest))
-        elif word == "USER":
-            found["USER"] = rest
-        elif word == "EXPOSE":
-            found["EXPOSE"] += [int(p.split("/")[0]) for p in rest.split()]
-    return Image(found["ENTRYPOINT"], found["CMD"], found["ENV"], found["USER"], found["EXPOSE"])
-
-
-def manifests() -> dict[str, dict]:
-    docs = [d for f in sorted(K8S.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
-    return {d["kind"]: d for d in docs}
-
-
-def container(m: dict[str, dict]) -> dict:
-    (c,) = m["Deployment"]["spec"]["template"]["spec"]["containers"]
-    return c
-
-
-def probe_port(probe: dict) -> int:
-    (url,) = re.findall(r"http://127\.0\.0\.1:(\d+)/(?:healthz|readyz)", " ".join(probe["exec"]["command"]))
-    return int(url)
-
-
-def test_the_dockerfile_passes_hadolint():
-    hadolint = Path(sys.executable).parent / "hadolint"
-    r = subprocess.run([str(hadolint), str(K8S / "Dockerfile")], capture_output=True, text=True,
-                       timeout=60)
-    assert r.returncode == 0, r.stdout + r.stderr
-
-
-def test_dockerignore_keeps_local_state_out_of_the_image():
-    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")}
-    assert {".git", ".venv", ".make", "tests", "bench"} <= ignored, ignored
-
-
-def test_the_manifests_pass_kubernetes_validate():
-    tool = Path(sys.executable).parent / "kubernetes-validate"
-    r = subprocess.run([str(tool), "--strict", "-k", KUBERNETES_VERSION,
-                        *map(str, sorted(K8S.glob("*.yaml")))],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count(" passed ") == 3, r.stdout  # ConfigMap, Deployment, Service
-
-
-def test_the_manifests_fit_the_image():
-    image = parse_dockerfile(K8S / "Dockerfile")
-    m = manifests()
-    c = container(m)
-    pod = m["Deployment"]["spec"]["template"]["spec"]
-    assert image.user.split(":")[0] not in ("root", "0"), image.user
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    # the front door listens where the container port, EXPOSE and the Service point
-    front_port = int(image.option("--http").rsplit(":", 1)[1])
-    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports["http"] == front_port and front_port in image.exposed and front_port >= 1024
-    (svc_port,) = m["Service"]["spec"]["ports"]
-    assert svc_port["targetPort"] in ("http", front_port) and svc_port["port"] == front_port
-    # the probes ask the status server the image starts
-    status_port = int(image.option("--status-http").rsplit(":", 1)[1])
-    assert probe_port(c["readinessProbe"]) == status_port == probe_port(c["livenessProbe"])
-    # the kubelet waits for preStop and the Emperor's whole graceful stop
-    mercy = float(image.option("--mercy"))
-    pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
-    assert pre_stop[0] == "sleep"
-    assert pod["terminationGracePeriodSeconds"] > float(pre_stop[1]) + mercy
-    assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
-    assert c["resources"]["limits"]["memory"]
-    # the vassals directory is where the image's CMD looks
-    mounts = {v["name"]: v["mountPath"] for v in c["volumeMounts"]}
-    assert image.cmd[0] == mounts["vassals"]
-    assert mounts["run"] == image.env["PSGI_FORKSERVER_RUN_DIR"]
-    # every app is reached through the front door: a domain, no loopback port
-    for name, text in m["ConfigMap"]["data"].items():
-        if "fork-server" in text:
-            continue
-        assert re.search(r"^domain = ", text, re.M), name
-        assert "http-socket" not in text, name
 
 
 RULES = ROOT / "examples" / "prometheus" / "psgi-forkserver-rules.yml"

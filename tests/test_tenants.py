@@ -4,33 +4,25 @@ root, of the base and of the other vassals (docs/tenants.md).
 Real users and groups made with useradd/groupadd (unique names with the
 test's pid, removed at the end), real Emperors, started as root with the
 supplementary groups root and adm as a login shell may give it, with
-spares on (K = 2) and off (K = 0), and without a base (plain spawn).
-"""
+spares on (K = 2) and off (K = 0), and without a base (plain spawn)."""
 
 from __future__ import annotations
 
-import grp
 import json
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import tempfile
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
 
-from support import (
-    Emp, Emperors, PROGRAM, alive, base_ini, descendants, free_port, kill_all, wait_for,
+from support import Emp, Emperors, PROGRAM, free_port, wait_for
+from support.tenants import (
+    ARGS, TENANT, add, answers, ask, start_fleet, tenant_user, vassal_ini, wait_spares,
 )
-
-HERE = Path(__file__).resolve().parent
-TENANT = HERE / "apps" / "tenant.psgi"
-ADM = grp.getgrnam("adm").gr_gid
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root: makes users and drops to them"),
@@ -39,106 +31,14 @@ pytestmark = [
 ]
 
 
-@dataclass
-class Tenant:
-    name: str
-    uid: int
-    gid: int       # its primary group (made by useradd)
-    extra: int     # a supplementary group it is a member of
-    files: Path    # root's files, in a directory anyone may enter
-
-    def path(self, which: str) -> str:
-        return str(self.files / which)
-
-
 @pytest.fixture(scope="module")
 def tenant():
-    tag = f"pft{os.getpid()}"
-    extra = f"{tag}x"
-    made: list[list[str]] = []
-    files = Path(tempfile.mkdtemp(prefix="pf-tenant-"))
-    try:
-        subprocess.run(["groupadd", extra], check=True)
-        made.append(["groupdel", extra])
-        subprocess.run(["useradd", "-M", "-N", "-g", "nogroup", "-s", "/usr/sbin/nologin", "-G", extra, tag],
-                       check=True)
-        made.insert(0, ["userdel", tag])
-        pw = pwd.getpwnam(tag)
-        os.chmod(files, 0o755)
-        for name, gid, mode in (("root-only", 0, 0o640), ("adm-only", ADM, 0o640),
-                                ("group-only", grp.getgrnam(extra).gr_gid, 0o640),
-                                ("preload", 0, 0o600), ("warm", 0, 0o600)):
-            p = files / name
-            p.write_text(f"secret {name}\n")
-            os.chown(p, 0, gid)
-            os.chmod(p, mode)
-        yield Tenant(tag, pw.pw_uid, pw.pw_gid, grp.getgrnam(extra).gr_gid, files)
-    finally:
-        for cmd in made:
-            subprocess.run(cmd, check=False)
-        shutil.rmtree(files, ignore_errors=True)
-
-
-def ask(port: int, path: str, timeout: float = 5) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def answers(port: int, timeout: float = 5) -> dict | None:
-    try:
-        return ask(port, "/ids", timeout)
-    except OSError:
-        return None
-
-
-def tenant_base(k: int) -> str:
-    return base_ini(TENANT, "fs.sock", "early-warmup = /warm", f"fork-server-spares = {k}")
-
-
-def vassal_ini(port: int, *extra: str, processes: int = 2) -> str:
-    return "\n".join(["[uwsgi]", f"http-socket = 127.0.0.1:{port}", f"processes = {processes}",
-                      "disable-logging = true", *extra, ""])
-
-
-# every tenant fleet: root with the groups root and adm, restarts fast
-ARGS = ["--mercy", "5", "--backoff-first", "0.2", "--backoff-max", "1"]
-
-
-def start_fleet(emperors: Emperors, tenant: Tenant, k: int | None, **env: str) -> Emp:
-    """An Emperor on its own vassals directory: a base with `k` spares, or
-    none (k None: plain vassals). Its app's helpers are named after the
-    fleet (`tag_of`)."""
-    vdir = emperors.directory()
-    e = emperors({} if k is None else {"base": tenant_base(k)}, base=False, vdir=vdir,
-                 groups=[0, ADM], env={"TENANT_PRELOAD_FILE": tenant.path("preload"),
-                                        "TENANT_WARM_FILE": tenant.path("warm"),
-                                        "TENANT_HELPER_TAG": tag_of(vdir), **env})
-    if k:
-        wait_spares(e, k)
-    return e
-
-
-def tag_of(vdir: Path) -> str:
-    """The fleet's own name: its directory's (made unique by mkdtemp)."""
-    return vdir.parent.name
-
-
-def wait_spares(e: Emp, k: int) -> None:
-    def ready():
-        sp = e.status()["base"].get("spares")
-        return sp and sp["ready"] == sp["count"] == k
-    wait_for(ready, 30, f"{k} warm spares")
+    with tenant_user() as t:
+        yield t
 
 
 def spares(e: Emp) -> set[int]:
     return set(e.status()["base"]["spares"]["pids"])
-
-
-def add(e: Emp, name: str, text: str, port: int) -> int:
-    """A new vassal; its pid once it answers."""
-    e.write(name, text)
-    wait_for(lambda: answers(port), 30, f"{name} to answer")
-    return e.vpid(name)
 
 
 @pytest.fixture(scope="module", params=[2, 0, None], ids=["spares", "forked", "plain"])
@@ -306,67 +206,6 @@ def test_every_process_draws_its_own_random_numbers(fleet, k):
         (fleet.dir / f"rnd{i}.ini").unlink()
 
 
-# -- nothing of a vassal outlives it ------------------------------------------
-
-
-def _sid(pid: int) -> int | None:
-    try:
-        return os.getsid(pid)
-    except OSError:
-        return None
-
-
-def helpers(tag: str) -> list[psutil.Process]:
-    """The live helpers the fleet's app started (their title names the fleet)."""
-    out = []
-    for p in psutil.process_iter(["cmdline", "status"]):
-        if p.info["status"] != psutil.STATUS_ZOMBIE and f"tenant helper of {tag}" in " ".join(p.info["cmdline"] or []):
-            out.append(p)
-    return out
-
-
-@pytest.mark.parametrize("k", [2, 0])
-def test_helpers_started_in_warm_ups_go_on_deploys_and_when_the_emperor_is_killed(xprocess, tenant, k):
-    """The app starts 3 helpers in each warm-up (the base's early-warmup,
-    each spare's worker): a deploy leaves only the new generation's, and
-    kill -9 of the Emperor leaves nothing of the fleet."""
-    emperors = Emperors(xprocess, "pf-tn-", args=ARGS)
-    tag = None
-    try:
-        f = start_fleet(emperors, tenant, k, TENANT_HELPERS="3")
-        tag = tag_of(f.dir)
-        want = 3 * (1 + k)
-        wait_for(lambda: len(helpers(tag)) == want, 30, f"{want} helpers")
-        if k:
-            # a uid vassal adopted from a spare: the warm worker and the helpers
-            # its warm-up started ran as root; none of them is in its session
-            port = free_port()
-            vpid = add(f, "low", vassal_ini(port, f"uid = {tenant.name}"), port)
-            session = [p for p in psutil.process_iter() if _sid(p.pid) == vpid]
-            assert session and all(p.uids().effective == tenant.uid for p in session), \
-                [(p.pid, p.cmdline(), p.uids()) for p in session]
-            (f.dir / "low.ini").unlink()
-            wait_for(lambda: not [p for p in session if alive(p)], 30, "the vassal to stop")
-            wait_spares(f, k)
-            wait_for(lambda: len(helpers(tag)) == want, 30, f"{want} helpers again")
-        for gen in (2, 3):
-            os.kill(f.pid, signal.SIGUSR1)
-            wait_for(lambda g=gen: f.lines(f"code deploy to generation {g} done"), 60, f"generation {gen}")
-            if k:
-                wait_spares(f, k)
-            wait_for(lambda: len(helpers(tag)) == want, 30,
-                     f"{want} helpers after the deploy to generation {gen} (not {len(helpers(tag))})")
-        fleet = [*descendants(f.pid), *helpers(tag)]
-        assert len(fleet) >= want + 1 + 2 * k, fleet
-        os.kill(f.pid, signal.SIGKILL)
-        f.popen.wait(10)
-        wait_for(lambda: not [p for p in fleet if alive(p)], 30, "every process of the fleet to end")
-    finally:
-        if tag is not None:
-            kill_all(helpers(tag))
-        emperors.stop()
-
-
 # -- a hostile tenant's inputs ------------------------------------------------
 
 
@@ -432,61 +271,3 @@ def test_keep_fd_in_a_plain_vassal_is_refused(fleet, k):
     wait_for(lambda: [ln for ln in fleet.lines("error: keep-fd: only a vassal adopted from a base keeps one")
                       if "[plainkeep]" in ln], 30, "the refusal")
     (fleet.dir / "plainkeep.ini").unlink()
-
-
-def test_a_socket_swapped_for_a_symlink_while_bound_changes_no_other_file(tmp_path: Path):
-    """A tenant that may write the directory of its own socket
-    (`http-socket = /srv/alice/app.sock`) renames a symlink to a root file
-    over the socket, again and again, while the Emperor binds it: the
-    Emperor's chmod and chown reach the socket it bound or nothing, never
-    the root file (before: mode 0666 and owner nobody within a second)."""
-    import stat
-    import sys
-    import time
-
-    from psgi_forkserver.sockets import bind_unix_listener
-
-    victim = tmp_path / "root-only"
-    victim.write_text("secret")
-    victim.chmod(0o600)
-    tenant_dir = tmp_path / "alice"
-    tenant_dir.mkdir()
-    path = tenant_dir / "app.sock"
-    attacker = subprocess.Popen([sys.executable, "-c", f"""
-import os
-path, tmp = {str(path)!r}, {str(tenant_dir / '.swap')!r}
-while True:
-    for f in (tmp, path):
-        try:
-            os.unlink(f)
-        except OSError:
-            pass
-    try:
-        os.symlink({str(victim)!r}, tmp)
-        os.rename(tmp, path)
-    except OSError:
-        pass
-"""])
-    binds = 0
-    try:
-        deadline = time.monotonic() + 4
-        while time.monotonic() < deadline:
-            try:
-                bind_unix_listener(str(path), uid=65534, gid=65534, mode=0o666).close()
-                binds += 1
-            except OSError:
-                pass
-            st = victim.stat()
-            assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o600, 0, 0), \
-                f"after {binds} binds: {oct(st.st_mode)} uid {st.st_uid}"
-    finally:
-        attacker.kill()
-        attacker.wait()
-    assert binds > 0  # the Emperor did bind, between the swaps
-    sock = tmp_path / "plain.sock"  # and an untouched socket gets its mode and owner
-    s = bind_unix_listener(str(sock), uid=65534, gid=65534, mode=0o640)
-    try:
-        st = os.lstat(sock)
-        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 65534, 65534)
-    finally:
-        s.close()

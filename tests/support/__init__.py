@@ -9,7 +9,14 @@ from another.
   `Emp` (the handle on a running Emperor), `Load`;
 - front: the front door (`--http`), `Front`, `FrontDoors`;
 - deploys: code deploys (`deploy_fleet`, `reload_base`, `serve`);
-- vassals: the state machine without processes (`POLICY`, `cfg`, `ctx`).
+- vassals: the state machine without processes (`POLICY`, `cfg`, `ctx`);
+- hostile: `emperor_ok`, what holds after each hostile blow;
+- cockpit: `emperor_cli`, `http_get` of a page, `cockpit_fleet`;
+- spares: warm spares (`warm_base`, `spares`, `spare_masters`);
+- prove: `emperor prove` and `prove` on tests/prove_suite/ (`run`, `verdicts`);
+- tenants: a real user for a test (`tenant_user`) and its fleets (`start_fleet`);
+- frameworks: the framework apps' requests and replies, Starman, their fleet;
+- deployment: the Dockerfile and the Kubernetes manifests, read.
 """
 
 from .apps import (APP, APPS, DAEMON, PROGRAM, TESTS, app_ini, base_ini, daemon_ini, get, http_get,

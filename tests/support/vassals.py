@@ -1,12 +1,13 @@
 """Vassals without processes, for the tests of the state machine and the
-plan: a policy, configs and contexts."""
+plan: a policy, configs and contexts, and vassals brought to a phase."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from psgi_forkserver.config import VassalConfig
-from psgi_forkserver.emperor.vassal import Context, ForkServer, Kind, Policy, Spawn, Vassal
+from psgi_forkserver.emperor.plan import Facts, plan
+from psgi_forkserver.emperor.vassal import Adopt, Context, ForkServer, Kind, Phase, Policy, Spawn, Vassal
 
 POLICY = Policy(mercy=5.0, backoff_first=0.1, backoff_max=2.0, stable_after=10.0)
 
@@ -29,3 +30,35 @@ def base_vassal():
     b.on_byte(1, 0.1)
     assert b.base_generation == 1
     return b
+
+
+def adopted_vassal(now=0.0, pid=100):
+    v = Vassal("app1", cfg(), policy=POLICY)
+    assert v.step(ctx(now)) == [Adopt()]
+    assert v.phase == Phase.ADOPTING
+    v.adopted(pid, now + 0.01)
+    return v
+
+
+def seamless_vassal(now=0.0, pid=100):
+    v = adopted_vassal(now, pid)
+    v.owns_socket = True  # the Emperor owns its http-socket: reloads overlap
+    assert v.seamless
+    v.on_byte(17, now + 0.1)
+    return v
+
+
+def facts(now, **kw):
+    kw.setdefault("fork_server", ForkServer.READY)
+    kw.setdefault("base_generation", 1)
+    return Facts(now, **kw)
+
+
+def running(name, gen=1, pid=100, now=0.0, owns_socket=True):
+    """An adopted vassal, loyal, on base generation `gen`."""
+    v = Vassal(name, cfg(name), policy=POLICY, owns_socket=owns_socket)
+    acts = plan([v], facts(now, base_generation=gen)).actions()[name]
+    assert acts == [Adopt()]
+    v.adopted(pid, now, seq=acts[0].seq)
+    v.on_byte(17, now)
+    return v

@@ -1,0 +1,236 @@
+"""The front door's benchmarks under load (part of bench/run.py scenario
+`front`, see bench/front.py), and the helpers every front scenario uses.
+
+- serving: hello world, 2 workers, wrk -t2 -c16 over keep-alive, on the
+  vassal's own port and through nginx, in the same run (and through nginx
+  keeping idle connections to the vassal, `--nginx-keepalive 16`);
+- churn: two steady apps under wrk while other vassal files come and go;
+- fairness: a fast route's latency while a slow route keeps a worker busy.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from benchlib import BenchError, Ports, Procs, http_get, rmtree
+
+POLL = 0.0005
+
+
+def host_get(port: int, host: str, path: str = "/", timeout: float = 10.0) -> int | None:
+    """One HTTP/1.0 GET to loopback `port` with `Host: host`."""
+    return http_get(port, path, timeout, host=host)
+
+
+def wait_host_200(port: int, host: str, timeout: float, alive=None, path: str = "/") -> float:
+    deadline = time.perf_counter() + timeout
+    n = 0
+    while True:
+        if host_get(port, host, path) == 200:
+            return time.perf_counter()
+        n += 1
+        if time.perf_counter() >= deadline:
+            raise BenchError(f"no HTTP 200 for {host} on port {port} within {timeout:g} s")
+        if alive is not None and n % 200 == 0 and not alive():
+            raise BenchError(f"the emperor died before {host} answered")
+        time.sleep(POLL)
+
+
+def wrk(port: int, duration: str, host: str | None = None) -> dict:
+    argv = ["wrk", "-t2", "-c16", f"-d{duration}"]
+    if host:
+        argv += ["-H", f"Host: {host}"]
+    argv.append(f"http://127.0.0.1:{port}/")
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
+    m = re.search(r"Requests/sec:\s*([\d.]+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out)
+    errors = re.search(r"Socket errors:.*", out)
+    return {"rps": float(m.group(1)) if m else None, "command": shlex.join(argv),
+            "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+            "socket_errors": errors.group(0) if errors else None,
+            "output": None if m else out}
+
+
+def vassal_ini(name: str, *lines: str) -> str:
+    return "\n".join(["[uwsgi]", f"env = APP_NAME={name}", *lines]) + "\n"
+
+
+def write_vassal(vdir: Path, name: str, text: str) -> None:
+    tmp = vdir / f".{name}.ini.tmp"
+    tmp.write_text(text)
+    tmp.rename(vdir / f"{name}.ini")
+
+
+SERVING_VARIANTS = {  # key: (emperor options, vassal lines)
+    "default": ([], []),
+    "nolog": (["--no-http-access-log"], []),
+    "nohandoff": (["--no-http-access-log"], ["http-keepalive-handoff = false"]),
+    "nokeepalive": (["--no-http-access-log", "--nginx-keepalive", "0"], []),
+}
+SERVING_LABELS = {
+    "default": "as `emperor run --http` starts it: access log on, 16 idle connections kept per vassal",
+    "nolog": "--no-http-access-log",
+    "nohandoff": "--no-http-access-log, vassal `http-keepalive-handoff = false` (a worker keeps its connections)",
+    "nokeepalive": "--no-http-access-log --nginx-keepalive 0: a new connection per request",
+}
+
+
+def load() -> str:
+    """The machine's load average (1, 5, 15 min): other work shares it."""
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def serving(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, duration: str) -> dict:
+    """The same vassal, direct and through the front door, in one run."""
+    res: dict = {}
+    for key, (extra, lines) in SERVING_VARIANTS.items():
+        vdir = tmp / f"front-serve-{key}"
+        vdir.mkdir()
+        (vdir / "base.ini").write_text(base_ini("hello", tmp / f"front-serve-{key}.sock"))
+        direct = ports.get()
+        write_vassal(vdir, "hello", vassal_ini("hello", f"http-socket = 127.0.0.1:{direct}",
+                                      "domain = hello.localhost", "processes = 2",
+                                      "disable-logging = true", *lines))
+        front = ports.get()
+        em = emperor_run(procs, vdir, f"emperor-front-serve-{key}",
+                         ["--http", f"127.0.0.1:{front}", "--run-dir", str(tmp / f"run-s{key}"),
+                          *extra])
+        try:
+            wait_host_200(front, "hello.localhost", 60, em.alive)
+            wrk(direct, "1s")
+            wrk(front, "1s", "hello.localhost")  # warm-up of both, not counted
+            res[key] = {"load_before": load(), "direct": wrk(direct, duration),
+                        "front": wrk(front, duration, "hello.localhost"),
+                        "command": shlex.join(em.argv), "vassal_lines": lines}
+            d, f = res[key]["direct"]["rps"], res[key]["front"]["rps"]
+            res[key]["ratio"] = f / d if d and f else None
+        finally:
+            em.stop()
+            rmtree(vdir)
+    return res
+
+
+
+def em_reloads(log: Path) -> int | None:
+    """nginx reloads an Emperor logged ("routing changed ... reloads")."""
+    try:
+        return log.read_text(errors="replace").count(" reloads\n")
+    except OSError:
+        return None
+
+
+
+def _wrk_full(port: int, duration: str, host: str, conns: int = 16, path: str = "/") -> dict:
+    """wrk --latency: requests, errors, p50 and p99 (ms)."""
+    argv = ["wrk", f"-t{min(2, conns)}", f"-c{conns}", f"-d{duration}", "--latency", "-H", f"Host: {host}",
+            f"http://127.0.0.1:{port}{path}"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
+
+    def ms(label: str) -> float | None:
+        m = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not m:
+            return None
+        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+
+    total = re.search(r"(\d+) requests in", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out)
+    return {"requests": int(total.group(1)) if total else None,
+            "errors": sum(map(int, errors.groups())) if errors else 0,
+            "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+            "p50_ms": ms("50"), "p99_ms": ms("99"), "command": shlex.join(argv),
+            "output": None if total else out}
+
+
+def churn(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, seconds: int) -> dict:
+    """Two steady apps under wrk (keep-alive, -c16 each) while 10 other
+    vassal files are added and removed every 0.5 s: failed requests of the
+    steady apps, and nginx reloads meanwhile."""
+    vdir = tmp / "front-churn"
+    vdir.mkdir()
+    (vdir / "base.ini").write_text(base_ini("hello", tmp / "front-churn.sock"))
+    for name in ("steady1", "steady2"):
+        write_vassal(vdir, name, vassal_ini(name, f"domain = {name}.localhost", "processes = 2",
+                                   "disable-logging = true"))
+    front = ports.get()
+    em = emperor_run(procs, vdir, "emperor-front-churn",
+                     ["--http", f"127.0.0.1:{front}", "--run-dir", str(tmp / "run-churn"),
+                      "--no-http-access-log"])
+    try:
+        for name in ("steady1", "steady2"):
+            wait_host_200(front, f"{name}.localhost", 60, em.alive)
+        before = em_reloads(tmp / "emperor-front-churn.log") or 0
+        with ThreadPoolExecutor(2) as pool:
+            runs = [pool.submit(_wrk_full, front, f"{seconds}s", f"{n}.localhost")
+                    for n in ("steady1", "steady2")]
+            end = time.perf_counter() + seconds
+            toggles, on = 0, False
+            while time.perf_counter() < end - 0.5:
+                on = not on
+                for i in range(10):
+                    if on:
+                        write_vassal(vdir, f"t{i}", vassal_ini(f"t{i}", f"domain = t{i}.localhost",
+                                                      "disable-logging = true"))
+                    else:
+                        (vdir / f"t{i}.ini").unlink(missing_ok=True)
+                toggles += 1
+                time.sleep(0.5)
+            results = [r.result() for r in runs]
+        reloads = (em_reloads(tmp / "emperor-front-churn.log") or 0) - before
+        return {"seconds": seconds, "toggles": toggles,
+                "requests": sum(r["requests"] or 0 for r in results),
+                "errors": sum(r["errors"] for r in results),
+                "non_2xx": sum(r["non_2xx"] for r in results),
+                "reloads": reloads, "wrk": results, "command": shlex.join(em.argv)}
+    finally:
+        em.stop()
+        rmtree(vdir)
+
+
+def fairness(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, duration: str,
+             keepalive: int = 16, handoff: bool = True, slow_conns: int = 1) -> dict:
+    """One vassal (2 workers) behind nginx with keep-alive upstreams: wrk
+    -c16 on its fast route while wrk -c`slow_conns` keeps its slow route
+    (100 ms) busy; the fast route's p50 and p99. One slow client leaves a
+    worker's worth of room for the fast route, and the question is whether
+    a fast request ever waits for the slow one; two slow clients on two
+    workers take all of it (any prefork server then queues fast requests
+    behind slow ones, by capacity, not fairness). `handoff` False: the
+    vassal's workers keep the connections they accepted
+    (http-keepalive-handoff)."""
+    tag = f"{keepalive}{'' if handoff else 'nh'}s{slow_conns}"
+    vdir = tmp / f"front-fair{tag}"
+    vdir.mkdir()
+    (vdir / "base.ini").write_text(
+        f"[uwsgi]\nearly-psgi = {Path(__file__).resolve().parent / 'slow.psgi'}\n"
+        f"fork-server = {tmp / 'front-fair.sock'}\n")
+    write_vassal(vdir, "fair", vassal_ini("fair", "domain = fair.localhost", "processes = 2",
+                                 "disable-logging = true",
+                                 *([] if handoff else ["http-keepalive-handoff = false"])))
+    front = ports.get()
+    em = emperor_run(procs, vdir, f"emperor-front-fair{tag}",
+                     ["--http", f"127.0.0.1:{front}", "--run-dir", str(tmp / f"run-fair{tag}"),
+                      "--no-http-access-log", "--nginx-keepalive", str(keepalive)])
+    try:
+        wait_host_200(front, "fair.localhost", 60, em.alive)
+        load_before = load()
+        alone = _wrk_full(front, duration, "fair.localhost")
+        with ThreadPoolExecutor(2) as pool:
+            slow = pool.submit(_wrk_full, front, duration, "fair.localhost", slow_conns, "/slow")
+            fast = pool.submit(_wrk_full, front, duration, "fair.localhost")
+            slow_r, fast_r = slow.result(), fast.result()
+        return {"alone": alone, "fast": fast_r, "slow": slow_r, "handoff": handoff,
+                "slow_conns": slow_conns, "keepalive": keepalive,
+                "load_before": load_before, "load_after": load(),
+                "ratio": (fast_r["p99_ms"] / fast_r["p50_ms"])
+                if fast_r["p50_ms"] and fast_r["p99_ms"] else None,
+                "command": shlex.join(em.argv)}
+    finally:
+        em.stop()
+        rmtree(vdir)

@@ -1,0 +1,154 @@
+"""Hostile scenarios of code deploys: every adoption goes to its
+generation's socket, moved vassals run the new code, prompt moves,
+`reload-base --wait`, a base that cannot load."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from support import EMPEROR, Load, PROGRAM, app_ini, free_port, get, wait_for
+from support.deploys import VERSIONED_APP, deploy_fleet, reload_base, serve
+
+pytestmark = pytest.mark.skipif(not PROGRAM.is_file(), reason="the Perl vassal program is not there")
+
+
+# -- code deploys ------------------------------------------------------------
+
+
+def test_deploy_with_use_fork_server_forks_from_the_new_generation(emperor, deploy_tmp):
+    sock = deploy_tmp / "fs.sock"
+    e, ports = deploy_fleet(emperor, ["app1", "app2", "app3"], "--use-fork-server", sock,
+                            fork_server=sock)
+    assert serve(ports, "v1")
+    (e.dir / "version.txt").write_text("v2\n")
+    out = reload_base(e)
+    assert out.returncode == 0, out.stderr
+    # the moved vassals come from the new base: they run the code it loaded
+    wait_for(lambda: serve(ports, "v2"), 60, "every moved vassal to serve v2")
+    assert "No such file" not in e.text()
+    # a moved vassal may serve before the fork server's reply is read and logged
+    for n in ports:
+        line = wait_for(lambda n=n: e.lines(f"[{n}] adopted successor pid"), 30,
+                        f"{n}'s move logged")[-1]
+        assert "base generation 2" in line
+    wait_for(lambda: not sock.exists(), 30, "the old base to drain and remove its socket")
+    assert (deploy_tmp / "fs.sock.gen2").exists()
+    # the operator's next step: a new vassal file comes up on the new generation
+    port = free_port()
+    e.write("late", app_ini("late", port, processes=1))
+    wait_for(lambda: get(port)["name"] == "late", 30, "the vassal added after the deploy")
+    assert get(port)["value"] == "v2"
+    assert "base generation 2" in wait_for(lambda: e.lines("[late] adopted pid"), 30,
+                                           "late's adoption logged")[-1]
+    assert not [line for line in e.lines("[late]") if "adoption failed" in line]
+
+
+def test_deploy_moves_vassals_as_soon_as_the_new_base_is_ready(emperor):
+    # no rescan for an hour, no heartbeat: once the new base is ready,
+    # nothing but the Emperor's own decision can start the moves
+    e, ports = deploy_fleet(emperor, ["app1", "app2", "app3"], "--rescan-interval", "3600",
+                            "--deploy-parallel", "1")
+    (e.dir / "version.txt").write_text("v2\n")
+    assert reload_base(e).returncode == 0
+    wait_for(lambda: "[base] successor ready" in e.text(), 30, "the new base to be ready")
+    wait_for(lambda: serve(ports, "v2"), 60, "every vassal to move (no rescan comes)")
+    wait_for(lambda: e.lines("code deploy to generation 2 done"), 30, "the summary line")
+
+
+def test_a_new_base_seen_accepting_before_its_ready_byte_is_said_ready(emperor):
+    # its socket listens a second before its byte 1: the Emperor's probe
+    # finds it first, and the log says the same as when the byte comes first
+    lib = Path(__file__).resolve().parent / "apps" / "lib"
+    e, ports = deploy_fleet(emperor, ["app1"], env={
+        "PERL5LIB": f"{lib}:{PROGRAM.parent}", "PERL5OPT": "-MLateBaseReadyByte"})
+    (e.dir / "version.txt").write_text("v2\n")
+    assert reload_base(e).returncode == 0
+    ready = wait_for(lambda: e.lines("[base] successor ready (pid "), 30, "the new base to be said ready")
+    assert len(ready) == 1, ready  # once, whichever way it was seen
+    wait_for(lambda: serve(ports, "v2"), 60, "the vassal to move")
+
+
+def test_vassal_waiting_for_a_removed_base_is_adopted_when_a_base_is_back(emperor):
+    # a back-off far longer than the test's deadlines: only the base's
+    # return may start the vassal
+    e, ports = deploy_fleet(emperor, ["app1"], "--backoff-first", "300", "--backoff-max", "300",
+                            "--stable-after", "3600")
+    base_text = (e.dir / "base.ini").read_text()
+    old = e.vpid("app1")
+    (e.dir / "base.ini").unlink()
+    wait_for(lambda: e.lines("[base] pid") and "stopped" in e.lines("[base] pid")[-1], 30,
+             "the base to stop")
+    # the vassal ends while there is no base: it waits in a crash-loop back-off
+    subprocess.run(["kill", str(old)], check=True)
+    wait_for(lambda: any("respawn in 300.0 s" in line for line in e.lines("[app1] pid")), 30,
+             "the long back-off")
+    adoptions = len(e.lines("[app1] adopted pid"))
+    e.write("base", base_text)
+    wait_for(lambda: get(ports["app1"])["value"] == "v1", 60, "app1 adopted once the base is back")
+    line = wait_for(lambda: e.lines("[app1] adopted pid")[adoptions:], 30, "the adoption logged")[-1]
+    assert "base generation 1" in line
+
+
+def test_reload_base_wait_exits_0_once_every_vassal_moved(emperor, deploy_tmp):
+    stats = deploy_tmp / "stats.sock"
+    e, ports = deploy_fleet(emperor, ["app1", "app2", "app3", "app4"], "--stats", stats,
+                            "--deploy-parallel", "2")
+    load = Load(ports.values())
+    load.start()
+    try:
+        wait_for(lambda: load.ok > 20, 20, "load to run")
+        (e.dir / "version.txt").write_text("v2\n")
+        out = reload_base(e, "--wait", "--stats", stats)
+    finally:
+        load.finish()
+    assert out.returncode == 0, (out.stdout, out.stderr)
+    assert "generation 2: done, 4 moved, 0 failed" in out.stdout
+    # when it returns, every vassal already runs on the new generation
+    assert serve(ports, "v2")
+    doc = json.loads(subprocess.run([EMPEROR, "status", "--stats", stats, "--json"],
+                                    capture_output=True, text=True, timeout=30).stdout)
+    adopted = [v for v in doc["vassals"].values() if v["kind"] == "adopted"]
+    assert len(adopted) == 4 and {v["base_generation"] for v in adopted} == {2}
+    assert doc["emperor"]["deploy"]["last"]["state"] == "done"
+    summary = e.lines("code deploy to generation 2")
+    assert len(summary) == 1, summary
+    assert "done: 4 moved, 0 failed" in summary[0]
+    assert load.failed == [], load.failed[:5]
+
+
+def test_reload_base_wait_fails_with_the_reason_when_the_new_base_cannot_start(
+        emperor, deploy_tmp):
+    stats = deploy_tmp / "stats.sock"
+    e, ports = deploy_fleet(emperor, ["app1", "app2"], "--stats", stats)
+    # the new code cannot load: the new base dies before it is ready
+    (e.dir / "version.txt").unlink()
+    out = reload_base(e, "--wait", "--stats", stats)
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert "generation 2: failed" in out.stderr and "died" in out.stderr, out.stderr
+    summary = e.lines("code deploy to generation 2 failed")
+    assert len(summary) == 1 and "generation 1 keeps serving" in summary[0], summary
+    # the old generation keeps serving every vassal
+    assert serve(ports, "v1")
+    # without --stats, --wait finds the Emperor's --stats socket where the
+    # run directory records it: the same outcome, with its reason
+    again = reload_base(e, "--wait")
+    assert again.returncode == 1 and "failed" in again.stderr, (again.stdout, again.stderr)
+
+
+def test_changed_base_file_that_cannot_load_fails_the_deploy_until_fixed(emperor):
+    e, ports = deploy_fleet(emperor, ["app1", "app2"])
+    good = (e.dir / "base.ini").read_text()
+    e.write("base", good.replace(str(VERSIONED_APP), str(VERSIONED_APP) + ".missing"))
+    wait_for(lambda: e.lines("code deploy to generation 2 failed"), 30, "the failed deploy's summary")
+    assert "generation 1 keeps serving" in e.lines("code deploy to generation 2 failed")[0]
+    assert serve(ports, "v1")
+    # the file fixed (with new code): the same generation comes up, every vassal moves
+    (e.dir / "version.txt").write_text("v2\n")
+    e.write("base", good + "; fixed\n")
+    wait_for(lambda: serve(ports, "v2"), 60, "every vassal on the fixed base")
+    wait_for(lambda: e.lines("code deploy to generation 2 done"), 30, "the deploy's summary")
+    assert "2 moved, 0 failed" in e.lines("code deploy to generation 2 done")[0]

@@ -1,0 +1,149 @@
+"""Tenant isolation over time: nothing a tenant's app started outlives its
+fleet (deploys, kill -9 of the Emperor), and a socket swapped for a symlink
+while bound changes no other file. Real users made with useradd, real
+Emperors started as root."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import psutil
+import pytest
+
+from support import Emperors, PROGRAM, alive, descendants, free_port, kill_all, wait_for
+from support.tenants import ARGS, add, start_fleet, tag_of, tenant_user, vassal_ini, wait_spares
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: makes users and drops to them"),
+    pytest.mark.skipif(shutil.which("useradd") is None, reason="needs useradd (passwd)"),
+    pytest.mark.skipif(not PROGRAM.is_file(), reason="the Perl vassal program is not there"),
+]
+
+
+@pytest.fixture(scope="module")
+def tenant():
+    with tenant_user() as t:
+        yield t
+
+
+# -- nothing of a vassal outlives it ------------------------------------------
+
+
+def _sid(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def helpers(tag: str) -> list[psutil.Process]:
+    """The live helpers the fleet's app started (their title names the fleet)."""
+    out = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if p.info["status"] != psutil.STATUS_ZOMBIE and f"tenant helper of {tag}" in " ".join(p.info["cmdline"] or []):
+            out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("k", [2, 0])
+def test_helpers_started_in_warm_ups_go_on_deploys_and_when_the_emperor_is_killed(xprocess, tenant, k):
+    """The app starts 3 helpers in each warm-up (the base's early-warmup,
+    each spare's worker): a deploy leaves only the new generation's, and
+    kill -9 of the Emperor leaves nothing of the fleet."""
+    emperors = Emperors(xprocess, "pf-tn-", args=ARGS)
+    tag = None
+    try:
+        f = start_fleet(emperors, tenant, k, TENANT_HELPERS="3")
+        tag = tag_of(f.dir)
+        want = 3 * (1 + k)
+        wait_for(lambda: len(helpers(tag)) == want, 30, f"{want} helpers")
+        if k:
+            # a uid vassal adopted from a spare: the warm worker and the helpers
+            # its warm-up started ran as root; none of them is in its session
+            port = free_port()
+            vpid = add(f, "low", vassal_ini(port, f"uid = {tenant.name}"), port)
+            session = [p for p in psutil.process_iter() if _sid(p.pid) == vpid]
+            assert session and all(p.uids().effective == tenant.uid for p in session), \
+                [(p.pid, p.cmdline(), p.uids()) for p in session]
+            (f.dir / "low.ini").unlink()
+            wait_for(lambda: not [p for p in session if alive(p)], 30, "the vassal to stop")
+            wait_spares(f, k)
+            wait_for(lambda: len(helpers(tag)) == want, 30, f"{want} helpers again")
+        for gen in (2, 3):
+            os.kill(f.pid, signal.SIGUSR1)
+            wait_for(lambda g=gen: f.lines(f"code deploy to generation {g} done"), 60, f"generation {gen}")
+            if k:
+                wait_spares(f, k)
+            wait_for(lambda: len(helpers(tag)) == want, 30,
+                     f"{want} helpers after the deploy to generation {gen} (not {len(helpers(tag))})")
+        fleet = [*descendants(f.pid), *helpers(tag)]
+        assert len(fleet) >= want + 1 + 2 * k, fleet
+        os.kill(f.pid, signal.SIGKILL)
+        f.popen.wait(10)
+        wait_for(lambda: not [p for p in fleet if alive(p)], 30, "every process of the fleet to end")
+    finally:
+        if tag is not None:
+            kill_all(helpers(tag))
+        emperors.stop()
+
+
+def test_a_socket_swapped_for_a_symlink_while_bound_changes_no_other_file(tmp_path: Path):
+    """A tenant that may write the directory of its own socket
+    (`http-socket = /srv/alice/app.sock`) renames a symlink to a root file
+    over the socket, again and again, while the Emperor binds it: the
+    Emperor's chmod and chown reach the socket it bound or nothing, never
+    the root file (before: mode 0666 and owner nobody within a second)."""
+    import stat
+    import sys
+    import time
+
+    from psgi_forkserver.sockets import bind_unix_listener
+
+    victim = tmp_path / "root-only"
+    victim.write_text("secret")
+    victim.chmod(0o600)
+    tenant_dir = tmp_path / "alice"
+    tenant_dir.mkdir()
+    path = tenant_dir / "app.sock"
+    attacker = subprocess.Popen([sys.executable, "-c", f"""
+import os
+path, tmp = {str(path)!r}, {str(tenant_dir / '.swap')!r}
+while True:
+    for f in (tmp, path):
+        try:
+            os.unlink(f)
+        except OSError:
+            pass
+    try:
+        os.symlink({str(victim)!r}, tmp)
+        os.rename(tmp, path)
+    except OSError:
+        pass
+"""])
+    binds = 0
+    try:
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            try:
+                bind_unix_listener(str(path), uid=65534, gid=65534, mode=0o666).close()
+                binds += 1
+            except OSError:
+                pass
+            st = victim.stat()
+            assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o600, 0, 0), \
+                f"after {binds} binds: {oct(st.st_mode)} uid {st.st_uid}"
+    finally:
+        attacker.kill()
+        attacker.wait()
+    assert binds > 0  # the Emperor did bind, between the swaps
+    sock = tmp_path / "plain.sock"  # and an untouched socket gets its mode and owner
+    s = bind_unix_listener(str(sock), uid=65534, gid=65534, mode=0o640)
+    try:
+        st = os.lstat(sock)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 65534, 65534)
+    finally:
+        s.close()
