@@ -138,7 +138,11 @@ def test_a_vassal_holds_none_of_the_descriptors_the_app_opened_in_the_base(fleet
     vpid = fleet.vpid("nofd")
     for p in [vpid, *(c.pid for c in psutil.Process(vpid).children())]:
         for fd in os.listdir(f"/proc/{p}/fd"):
-            assert os.readlink(f"/proc/{p}/fd/{fd}") != tenant.path("preload"), (p, fd)
+            try:  # a descriptor closed since the listing holds nothing
+                target = os.readlink(f"/proc/{p}/fd/{fd}")
+            except FileNotFoundError:
+                continue
+            assert target != tenant.path("preload"), (p, fd)
     line = fleet.lines("adopted vassals close the descriptors the app holds: ")
     assert line and f"{n} ({tenant.path('preload')})" in line[0], fleet.text()
     (fleet.dir / "nofd.ini").unlink()
