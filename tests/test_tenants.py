@@ -19,16 +19,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from support import Emp, Emperors, PROGRAM, free_port, wait_for
+from support import Emp, Emperors, free_port, wait_for
 from support.tenants import (
+    NEEDS_TENANTS,
     ARGS, TENANT, add, answers, ask, start_fleet, tenant_user, vassal_ini, wait_spares,
 )
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: makes users and drops to them"),
-    pytest.mark.skipif(shutil.which("useradd") is None, reason="needs useradd (passwd)"),
-    pytest.mark.skipif(not PROGRAM.is_file(), reason="the Perl vassal program is not there"),
-]
+pytestmark = NEEDS_TENANTS
 
 
 @pytest.fixture(scope="module")

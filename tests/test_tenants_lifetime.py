@@ -6,7 +6,6 @@ Emperors started as root."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -14,14 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from support import Emperors, PROGRAM, alive, descendants, free_port, kill_all, wait_for
-from support.tenants import ARGS, add, start_fleet, tag_of, tenant_user, vassal_ini, wait_spares
+from support import Emperors, alive, descendants, free_port, kill_all, wait_for
+from support.tenants import NEEDS_TENANTS, ARGS, add, start_fleet, tag_of, tenant_user, vassal_ini, wait_spares
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: makes users and drops to them"),
-    pytest.mark.skipif(shutil.which("useradd") is None, reason="needs useradd (passwd)"),
-    pytest.mark.skipif(not PROGRAM.is_file(), reason="the Perl vassal program is not there"),
-]
+pytestmark = NEEDS_TENANTS
 
 
 @pytest.fixture(scope="module")

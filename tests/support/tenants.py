@@ -17,7 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .apps import APPS, base_ini
+import pytest
+
+from .apps import APPS, PROGRAM, base_ini
 from .emperors import Emp, Emperors
 from .processes import wait_for
 
@@ -123,3 +125,11 @@ def add(e: Emp, name: str, text: str, port: int) -> int:
     e.write(name, text)
     wait_for(lambda: answers(port), 30, f"{name} to answer")
     return e.vpid(name)
+
+
+# the marks of every tenants test module
+NEEDS_TENANTS = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: makes users and drops to them"),
+    pytest.mark.skipif(shutil.which("useradd") is None, reason="needs useradd (passwd)"),
+    pytest.mark.skipif(not PROGRAM.is_file(), reason="the Perl vassal program is not there"),
+]
