@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TEST_ONLY = {"libcatalyst-perl", "libdancer2-perl", "libmojolicious-perl", "uwsgi-core",
              "starman", "wrk", "chromium", "curl"}
 RUNTIME = {"python3", "python3-venv", "perl", "libplack-perl", "libsocket-msghdr-perl",
-           "libhttp-parser-xs-perl", "nginx"}
+           "libfile-map-perl", "libhttp-parser-xs-perl", "nginx"}
 
 
 def make_plan(target: str) -> tuple[set[str], list[str]]:
@@ -110,3 +110,21 @@ def test_the_manifests_fit_the_image():
             continue
         assert re.search(r"^domain = ", text, re.M), name
         assert "http-socket" not in text, name
+
+
+def runtime_deb_packages() -> set[str]:
+    """The Makefile's RUNTIME_DEB_PACKAGES."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Makefile").read_text())
+    (line,) = re.findall(r"^RUNTIME_DEB_PACKAGES\s*:=(.*)$", text, re.M)
+    return set(line.split())
+
+
+def test_the_image_and_the_guide_install_every_runtime_package():
+    # the image runs no virtual environment (its python3-venv is the build stage's)
+    want = runtime_deb_packages() - {"python3-venv"}
+    image = re.sub(r"\\\n", " ", (K8S / "Dockerfile").read_text())
+    installs = {p for line in re.findall(r"apt-get install (.*)", image) for p in line.split()}
+    assert want - installs == set(), "missing from the image's apt-get install"
+    guide = re.sub(r"\\\n", " ", (ROOT / "docs" / "deployment.md").read_text())
+    named = {p for line in re.findall(r"apt-get install -y (.*)", guide) for p in line.split()}
+    assert want - named == set(), "missing from docs/deployment.md's apt-get install"
