@@ -238,19 +238,22 @@ def http_get(port: int, path: str = "/", timeout: float = 5.0, host: str | None 
         return None
 
 
-def wait_200(port: int, timeout: float, path: str = "/", alive=None) -> float:
-    """Poll-connect `port` and GET until 200; returns time.perf_counter() of
-    the 200. `alive()` returning False aborts (the server died)."""
+def wait_200(port: int, timeout: float, path: str = "/", alive=None,
+             host: str | None = None) -> float:
+    """Poll-connect `port` and GET until 200 (with `Host: host` when given:
+    through the front door); returns time.perf_counter() of the 200.
+    `alive()` returning False aborts (the server died)."""
     deadline = time.perf_counter() + timeout
+    what = f"{host} on port {port}" if host else f"port {port}"
     n = 0
     while True:
-        if http_get(port, path) == 200:
+        if http_get(port, path, 10.0 if host else 5.0, host=host) == 200:
             return time.perf_counter()
         n += 1
         if time.perf_counter() >= deadline:
-            raise BenchError(f"no HTTP 200 on port {port} within {timeout:g} s")
+            raise BenchError(f"no HTTP 200 for {what} within {timeout:g} s")
         if alive is not None and n % 200 == 0 and not alive():
-            raise BenchError(f"the server for port {port} died before answering")
+            raise BenchError(f"the server for {what} died before answering")
         time.sleep(POLL)
 
 

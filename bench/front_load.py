@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchlib import BenchError, Ports, Procs, http_get, rmtree
+from benchlib import Ports, Procs, http_get, rmtree, wait_200
 
 POLL = 0.0005
 
@@ -29,17 +29,8 @@ def host_get(port: int, host: str, path: str = "/", timeout: float = 10.0) -> in
 
 
 def wait_host_200(port: int, host: str, timeout: float, alive=None, path: str = "/") -> float:
-    deadline = time.perf_counter() + timeout
-    n = 0
-    while True:
-        if host_get(port, host, path) == 200:
-            return time.perf_counter()
-        n += 1
-        if time.perf_counter() >= deadline:
-            raise BenchError(f"no HTTP 200 for {host} on port {port} within {timeout:g} s")
-        if alive is not None and n % 200 == 0 and not alive():
-            raise BenchError(f"the emperor died before {host} answered")
-        time.sleep(POLL)
+    """benchlib.wait_200 through the front door: `Host: host`."""
+    return wait_200(port, timeout, path, alive, host=host)
 
 
 def wrk(port: int, duration: str, host: str | None = None) -> dict:

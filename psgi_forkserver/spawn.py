@@ -67,20 +67,26 @@ def program_path(name: str) -> str:
     return found
 
 
-def _actions(stdin: Stdio, stdout: Stdio, stderr: Stdio) -> list[tuple]:
-    out: list[tuple] = []
+def _stdio(stdin: Stdio, stdout: Stdio, stderr: Stdio) -> list[tuple[int, int | tuple[str, int]]]:
+    """(target, what goes there) for 0, 1 and 2, the inherited left out:
+    a descriptor to duplicate, or (path, flags) to open (mode 0600)."""
+    out: list[tuple[int, int | tuple[str, int]]] = []
     for target, how in ((0, stdin), (1, stdout), (2, stderr)):
         if isinstance(how, Inherit):
             continue
-        if how is None:
-            flags = os.O_RDONLY if target == 0 else os.O_WRONLY
-            out.append((os.POSIX_SPAWN_OPEN, target, os.devnull, flags, 0))
-        elif isinstance(how, int):
-            out.append((os.POSIX_SPAWN_DUP2, how, target))
+        if isinstance(how, int):
+            out.append((target, how))
         else:
+            name = os.devnull if how is None else os.fspath(how)
             flags = os.O_RDONLY if target == 0 else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-            out.append((os.POSIX_SPAWN_OPEN, target, os.fspath(how), flags, 0o600))
+            out.append((target, (name, flags)))
     return out
+
+
+def _actions(stdin: Stdio, stdout: Stdio, stderr: Stdio) -> list[tuple]:
+    return [(os.POSIX_SPAWN_DUP2, what, target) if isinstance(what, int)
+            else (os.POSIX_SPAWN_OPEN, target, what[0], what[1], 0o600)
+            for target, what in _stdio(stdin, stdout, stderr)]
 
 
 def spawn(argv: Sequence[str], env: Mapping[str, str], *, stdin: Stdio = INHERIT,
@@ -122,14 +128,12 @@ def _fork_exec(path: str, argv: list[str], env: dict[str, str], stdin: Stdio, st
     opened: dict[int, int] = {}  # target -> descriptor to dup2 there
     ours: list[int] = []  # those opened here, closed once it is started
     try:
-        for target, how in ((0, stdin), (1, stdout), (2, stderr)):
-            if how is None or isinstance(how, (str, os.PathLike)):
-                name = os.devnull if how is None else os.fspath(how)
-                flags = os.O_RDONLY if target == 0 else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-                opened[target] = os.open(name, flags | os.O_CLOEXEC, 0o600)
+        for target, what in _stdio(stdin, stdout, stderr):
+            if isinstance(what, int):
+                opened[target] = what
+            else:
+                opened[target] = os.open(what[0], what[1] | os.O_CLOEXEC, 0o600)
                 ours.append(opened[target])
-            elif isinstance(how, int):
-                opened[target] = how
         pid = os.fork()
         if pid == 0:
             try:
