@@ -4,8 +4,9 @@
 
 Each suite is a Debian source package unpacked into DIR (default
 /work/suites; `--fetch` downloads and unpacks them there with `apt-get
-source`, which needs deb-src lines). For every suite, in its directory, one
-run each of:
+source`, which needs deb-src lines; Dancer2's source is no longer in
+Debian's pool, so its upstream tag of the installed version is cloned).
+For every suite, in its directory, one run each of:
 
     prove -j2 -l -r t
     yath test -j2 -l t                       (yath's own preload: none)
@@ -50,6 +51,7 @@ SUITES = {
     "Path-Tiny": "libpath-tiny-perl",
     "Plack": "libplack-perl",
     "Mojolicious": "libmojolicious-perl",
+    "Dancer2": "libdancer2-perl",
 }
 
 FILE_LINE = re.compile(r"^(t/\S+\.t) \.+ ?(.*)$")
@@ -119,11 +121,27 @@ def suite_dir(base: Path, package: str) -> Path | None:
     return found[-1] if found else None
 
 
+# Where Debian's pool no longer has the source of the version Debian 12
+# installs (a 404), the upstream repository's tag of that version is the same t/.
+UPSTREAM = {"libdancer2-perl": "https://github.com/PerlDancer/Dancer2"}
+
+
+def installed_upstream_version(package: str) -> str | None:
+    """0.400001 for an installed 0.400001+dfsg-1."""
+    p = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", package], capture_output=True, text=True)
+    m = re.match(r"(?:\d+:)?([^-+~]+)", p.stdout.strip()) if p.returncode == 0 else None
+    return m.group(1) if m else None
+
+
 def fetch(base: Path, packages: list[str]) -> None:
     base.mkdir(parents=True, exist_ok=True)
     for pkg in packages:
         if suite_dir(base, pkg) is None:
             subprocess.run(["apt-get", "source", "-qq", pkg], cwd=base, check=False)
+        version = installed_upstream_version(pkg)
+        if suite_dir(base, pkg) is None and pkg in UPSTREAM and version:
+            subprocess.run(["git", "clone", "-q", "--depth", "1", "--branch", f"v{version}", UPSTREAM[pkg],
+                            str(base / f"{pkg}-{version}")], check=False)
 
 
 def bench_suite(name: str, d: Path, jobs: str, emperor: str = EMPEROR, repeat: int = 1) -> Row:
