@@ -14,7 +14,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from psgi_forkserver import paths, status
+from psgi_forkserver import status
 from psgi_forkserver.proc import Phase
 
 import browser
@@ -23,10 +23,6 @@ from support.cockpit import cockpit_fleet, emperor_cli, http_get
 
 HERE = Path(__file__).resolve().parent
 APP = HERE / "apps" / "hello.psgi"
-
-pytestmark = pytest.mark.skipif(not paths.vassal_program().is_file(),
-                                reason="the Perl vassal program is not there")
-
 
 @pytest.fixture(scope="module")
 def fleet(xprocess):

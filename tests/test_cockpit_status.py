@@ -17,17 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from psgi_forkserver import paths, status
+from psgi_forkserver import status
 
 from support import EMPEROR, free_port, get, wait_for
 from support.cockpit import cockpit_fleet, emperor_cli, http_get
 
 HERE = Path(__file__).resolve().parent
 DIES = HERE / "apps" / "dies.psgi"
-
-pytestmark = pytest.mark.skipif(not paths.vassal_program().is_file(),
-                                reason="the Perl vassal program is not there")
-
 
 @pytest.fixture(scope="module")
 def fleet(xprocess):

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from psgi_forkserver import paths, status
+from psgi_forkserver import status
 
 from support import (
     app_ini, base_ini, descendants, free_port, get, start_emperor, stop_emperor, wait_for,
@@ -26,10 +26,6 @@ from support.cockpit import emperor_cli, http_get
 
 HERE = Path(__file__).resolve().parent
 APP = HERE / "apps" / "hello.psgi"
-
-pytestmark = pytest.mark.skipif(not paths.vassal_program().is_file(),
-                                reason="the Perl vassal program is not there")
-
 
 # -- systemd notify -------------------------------------------------------------------
 
