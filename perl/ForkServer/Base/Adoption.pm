@@ -42,8 +42,10 @@ Either way the vassal first becomes the leader of a new session
 (L<ForkServer::Process::Session>: the Emperor tells its orphans by session id), then
 closes everything of the base, sets C<UWSGI_EMPEROR_FD> (and
 C<UWSGI_EMPEROR_FD_CONFIG>), puts the on-demand socket on descriptor 0,
-replies with its pid, then configures itself from the received argv alone
-and runs L<ForkServer::Vassal> on the preloaded app.
+replies with its pid (a clone's pid the base sends itself, right after the
+clone, as it does a warm spare's: the Emperor's answer does not wait for the
+new vassal's first turn on a core), then configures itself from the
+received argv alone and runs L<ForkServer::Vassal> on the preloaded app.
 
 These are methods of L<ForkServer::Base>'s object (its C<clone>,
 C<spares>, C<app>, C<app_fds>, C<refuse>).
@@ -128,7 +130,7 @@ sub _detach_from_base {
     return;
 }
 
-# The grandchild: reply with its pid, then become the vassal the argv asks
+# The grandchild (or the clone): its pid replied, become the vassal the argv asks
 # for. Its options replace the base's; the preloaded app stays in memory.
 sub _become_vassal {
     my ($self, $req, %vassal) = @_;    # %vassal: first_worker (a spare's, ForkServer::Spares), base_replied
