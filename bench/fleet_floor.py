@@ -56,6 +56,30 @@ def proc_stat(pid: int) -> tuple[float, int, int] | None:
     return ns / 1e9, int(rest[7]), int(rest[1])
 
 
+def sched_times(pid: int) -> tuple[float, float] | None:
+    """(seconds on a CPU, seconds runnable but waiting for one) of a live
+    process, from /proc/PID/schedstat."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            run, wait = f.read().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return int(run) / 1e9, int(wait) / 1e9
+
+
+def fork_server_of(emperor_pid: int) -> int | None:
+    """The Emperor's base (its process title says fork server; a spare
+    keeps that title only until it is set up, and is younger)."""
+    found = []
+    for q in psutil.Process(emperor_pid).children():
+        try:
+            if "(fork server)" in " ".join(q.cmdline()):
+                found.append((q.create_time(), q.pid))
+        except psutil.Error:
+            continue
+    return min(found)[1] if found else None
+
+
 def machine_busy() -> tuple[float, float]:
     """(busy, total) jiffies of all CPUs since boot."""
     with open("/proc/stat") as f:
@@ -212,7 +236,18 @@ def burst(procs: Procs, ports: Ports, tmp: Path, emperor_cls, wait_fork_server,
         if pyspy:
             spy = _py_spy(pyspy, em.proc.pid, raw)
         res["base_listening_s"] = wait_fork_server(sock, em, 60)
+        # over the burst: how long the Emperor and the base each ran, and how
+        # long each was runnable but waited for a core (a serial step starved)
+        fs_pid = fork_server_of(em.proc.pid)
+        t_burst = time.perf_counter()
+        sched0 = {"emperor": sched_times(em.proc.pid), "base": sched_times(fs_pid) if fs_pid else None}
         first = wait_all_200(vports, 120 + n // 10, em.t0, "/hello")
+        sched1 = {"emperor": sched_times(em.proc.pid), "base": sched_times(fs_pid) if fs_pid else None}
+        burst_s = time.perf_counter() - t_burst
+        res["run_queue"] = {k: {"ran_s": round(sched1[k][0] - sched0[k][0], 3),
+                                "waited_s": round(sched1[k][1] - sched0[k][1], 3),
+                                "over_s": round(burst_s, 3)}
+                            for k in sched0 if sched0[k] and sched1[k]}
         busy1 = machine_busy()
         everyone1 = cpu_by_process()
         took = sorted(first.values())
@@ -251,6 +286,9 @@ def burst(procs: Procs, ports: Ports, tmp: Path, emperor_cls, wait_fork_server,
         say(f"  all {n} answering at {res['all_200_s']:.2f} s (base listening {res['base_listening_s']:.2f} s); "
             f"machine busy {100 * res['machine_busy_fraction']:.0f} % ({res['machine_cpu_s']:.1f} CPU-s); CPU "
             + ", ".join(f"{k} {v['cpu_s']:.2f} s" for k, v in res["by_role"].items()))
+        for k, v in res["run_queue"].items():
+            say(f"  {k}: over the {v['over_s']:.2f} s after the base listened, ran {v['ran_s']:.2f} s, "
+                f"waited for a core {v['waited_s']:.2f} s")
         ew = res["elsewhere"]
         say(f"  elsewhere: kernel threads {ew['kernel_threads_cpu_s']:.2f} s, this client "
             f"{ew['bench_client_cpu_s']:.2f} s, other processes {ew['other_processes_cpu_s']:.2f} s "
@@ -327,6 +365,11 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
                     "; ".join(f"{k} {v['cpu_s']:.2f} s" + (f" ({1000 * v['cpu_s'] / b['n']:.1f} ms each)"
                                                             if k in ("masters", "workers") else "")
                               for k, v in roles.items()), "", ""))
+        rq = b.get("run_queue")
+        if rq:
+            out.append(("  the serial steps after the base listened: time on a core / runnable but waiting for one",
+                        "; ".join(f"{k} {v['ran_s']:.2f} / {v['waited_s']:.2f} s of {v['over_s']:.2f} s"
+                                  for k, v in rq.items()), "", ""))
         ew = b.get("elsewhere")
         if ew:
             out.append(("  the rest of the machine's busy time over the burst",

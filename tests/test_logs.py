@@ -301,6 +301,21 @@ def test_start_progress_one_line_a_second_then_a_summary():
     assert len(lines) == 2
 
 
+def test_start_progress_looks_at_the_fleet_at_most_four_times_a_second():
+    """A look is O(vassals), and a mass start of 1,000 turns the loop
+    hundreds of times a second: the lines say a second at a time."""
+    looks = []
+    sp = StartProgress(lambda line: None)
+
+    def phases():
+        looks.append(1)
+        return {f"a{i}": "adopting" for i in range(1000)}
+
+    for i in range(21):  # 2 s of turns, every 0.1 s
+        sp.observe(i / 10, phases)
+    assert len(looks) <= 9
+
+
 DIES = HERE / "apps" / "dies.psgi"
 
 

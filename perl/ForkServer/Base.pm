@@ -10,6 +10,7 @@ use ForkServer::Config ();
 use ForkServer::Process::Descriptors ();
 use ForkServer::Vassal::EmperorPipe ();
 use ForkServer::Base::HugePages ();
+use ForkServer::Base::Priority ();
 use ForkServer::Log ();
 use ForkServer::Protocol qw(SPAWNED STOP_NOW STOP);
 use ForkServer::Process::Session ();
@@ -85,11 +86,13 @@ sub run {
     $self->note_app_fds;
     my $pages = $self->huge_pages;
     my $how = $self->choose_fork;
+    # after the start-up: only serving runs ahead of the vassals
+    my $priority = ForkServer::Base::Priority::raise($self->{config}->get('fork-server-priority') // 0);
     $self->listen;
     $0 = $self->{config}->get('procname') // "psgi-vassal $self->{name} (fork server)";
     my $spares = $self->start_spares;
     # logged before byte 1, so the line is there when the Emperor acts on it
-    $self->log("fork server listening on $self->{path} ($how; $pages; $spares)");
+    $self->log("fork server listening on $self->{path} ($how; $pages; $priority; $spares)");
     ForkServer::Vassal::EmperorPipe->send($self->{emperor}, SPAWNED);
     my $stop = sub { $self->{stop} = "signal $_[0]" };
     local $SIG{TERM} = $stop;

@@ -48,7 +48,10 @@ class StartProgress:
     DONE = ("running", "loyal", "reloading", "on-demand")
     FAILED = ("throttled", "config-error", "refused")
 
-    LOOK_EVERY = 0.05  # s: a look is O(vassals); a turn of a mass start costs what changed
+    # s: a look is O(vassals) (7 % of the Emperor's time in a start of 1,000
+    # at 0.05 s); a turn of a mass start costs what changed, the lines say
+    # a second at a time
+    LOOK_EVERY = 0.25
 
     def __init__(self, emit: Callable[[str], None]) -> None:
         self.emit = emit

@@ -42,8 +42,10 @@ Either way the vassal first becomes the leader of a new session
 (L<ForkServer::Process::Session>: the Emperor tells its orphans by session id), then
 closes everything of the base, sets C<UWSGI_EMPEROR_FD> (and
 C<UWSGI_EMPEROR_FD_CONFIG>), puts the on-demand socket on descriptor 0,
-replies with its pid, then configures itself from the received argv alone
-and runs L<ForkServer::Vassal> on the preloaded app.
+replies with its pid (a clone's pid the base sends itself, right after the
+clone, as it does a warm spare's: the Emperor's answer does not wait for the
+new vassal's first turn on a core), then configures itself from the
+received argv alone and runs L<ForkServer::Vassal> on the preloaded app.
 
 These are methods of L<ForkServer::Base>'s object (its C<clone>,
 C<spares>, C<app>, C<app_fds>, C<refuse>).
@@ -65,7 +67,13 @@ sub adopt {
     if ($self->{clone} && ($req->peer_pid // 0) == getppid()) {
         my $pid = ForkServer::Base::Clone::clone_parent();
         return $self->refuse($req, "clone: $!") unless defined $pid;
-        $self->_become_vassal($req) if $pid == 0;    # does not return
+        $self->_become_vassal($req, base_replied => 1) if $pid == 0;    # does not return
+        # The pid is ours to send: the Emperor's adoption slot comes free
+        # now, not when the new vassal first gets a core (in a mass start,
+        # behind every other one starting). Its own child from birth, the
+        # Emperor reaps it whatever it does next. A requester gone already
+        # is the vassal's to see (end of file on its Emperor pipe).
+        eval { $req->reply_pid($pid); 1 } or $self->log("vassal pid $pid: $@");
         $req->close_all;    # the vassal holds them now
         return;
     }
@@ -122,16 +130,21 @@ sub _detach_from_base {
     return;
 }
 
-# The grandchild: reply with its pid, then become the vassal the argv asks
+# The grandchild (or the clone): its pid replied, become the vassal the argv asks
 # for. Its options replace the base's; the preloaded app stays in memory.
 sub _become_vassal {
-    my ($self, $req, %vassal) = @_;    # %vassal: first_worker (a spare's, ForkServer::Spares)
+    my ($self, $req, %vassal) = @_;    # %vassal: first_worker (a spare's, ForkServer::Spares), base_replied
+    my $base_replied = delete $vassal{base_replied};
     my (undef, @argv) = $req->argv;
     my $config_text;
     ForkServer::Process::Startup::run(
         argv    => \@argv,
         session => 1,
-        prepare => sub { ForkServer::Process::Random::reseed(); $self->_detach_from_base($req); $self->_reply_pid($req) },
+        prepare => sub {
+            ForkServer::Process::Random::reseed();
+            $self->_detach_from_base($req);
+            $self->_reply_pid($req, $base_replied);
+        },
         # `emperor prove`: another kind of adopted vassal, a test file; its
         # pipes are the test's stdout and stderr (ForkServer::Prove::TestFile).
         before_config => sub {
@@ -218,10 +231,11 @@ sub _may_keep {
 }
 
 sub _reply_pid {
-    my ($self, $req) = @_;
+    my ($self, $req, $base_replied) = @_;
     # for the rest of the vassal's life, as before it was an eval's local
     $SIG{PIPE} = 'IGNORE';
-    $req->reply_pid($$) if $req->sock;    # a spare's was sent by the base (ForkServer::Spares)
+    # a clone's and a spare's pid were sent by the base (ForkServer::Spares)
+    $req->reply_pid($$) if $req->sock && !$base_replied;
     $req->close_all;
     return;
 }

@@ -1,0 +1,64 @@
+"""The fork server runs ahead of the vassals it forks (fork-server-priority):
+its process and its session's scheduling group at a lower nice value, every
+process it forks back at nice 0 in a group of its own."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import psutil
+import pytest
+
+from support import app_ini, free_port, get, wait_for
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="raising a priority needs root (or CAP_SYS_NICE)")
+
+
+def autogroup_nice(pid: int) -> int | None:
+    """The nice value of a process's session scheduling group, None where
+    the kernel has none."""
+    try:
+        text = open(f"/proc/{pid}/autogroup").read()
+    except OSError:
+        return None
+    return int(re.search(r"nice (-?\d+)", text).group(1))
+
+
+def groups_on() -> bool:
+    try:
+        return open("/proc/sys/kernel/sched_autogroup_enabled").read().strip() == "1"
+    except OSError:
+        return False
+
+
+def test_the_base_runs_ahead_and_what_it_forks_does_not(emp):
+    port = free_port()
+    e = emp({"a": app_ini("a", port, processes=1)}, wait=[port])
+    base = psutil.Process(e.vpid("base"))
+    master = psutil.Process(e.vpid("a"))
+    worker = psutil.Process(int(get(port)["pid"]))
+    assert worker.ppid() == master.pid
+    assert base.nice() == -10
+    assert e.lines("priority: nice -10"), e.text()
+    if groups_on():
+        assert autogroup_nice(base.pid) == -10
+    # the base's spares are forked by it too (fork-server-spares 2 by default)
+    spares = wait_for(lambda: [p for p in psutil.Process(e.pid).children()
+                               if "spare of" in " ".join(p.cmdline())], 20, "a spare")
+    for p in (master, worker, *spares):
+        assert p.nice() == 0, p.cmdline()
+        # the reset flag is not inherited: a vassal forking its workers is plain
+        assert os.sched_getscheduler(p.pid) == os.SCHED_OTHER
+        if groups_on():
+            assert autogroup_nice(p.pid) == 0, p.cmdline()
+
+
+def test_priority_zero_leaves_the_base_as_it_was(emp):
+    port = free_port()
+    e = emp({"a": app_ini("a", port, processes=1)}, wait=[port],
+            prepare=lambda vdir: (vdir / "base.ini").write_text(
+                (vdir / "base.ini").read_text() + "fork-server-priority = 0\n"))
+    base = psutil.Process(e.vpid("base"))
+    assert base.nice() == 0
+    assert e.lines("priority: unchanged (fork-server-priority = 0)"), e.text()
