@@ -176,6 +176,17 @@ class Log:
             return
         self._write_main(text)
 
+    def relay_formatted(self, vassal: str, data: bytes) -> None:
+        """Whole lines a process wrote already in this log's format (the
+        front door's access log: nginx formats it): copied as they are,
+        in one write, to the vassal's `logto` file or the Emperor's log.
+        Bytes that are not UTF-8 are replaced, as in any relayed line."""
+        text = data.decode("utf-8", "replace")
+        f = self.files.get(vassal)
+        if f is not None and f.write(text.encode("utf-8")):
+            return
+        self._write_main(text)
+
     def _write_main(self, text: str) -> None:
         if self.main is not None and self.main.write(text.encode("utf-8", "surrogateescape")):
             return
@@ -260,6 +271,25 @@ class OutputPipe:
             os.close(self.wfd)
             self.wfd = -1
 
+    def read_lines(self) -> tuple[bytes, bool]:
+        """The whole lines read now, as bytes, and whether the pipe reached
+        its end (then a last partial line is among them, newline added)."""
+        data = recv_ready(self.rfd, READ_CHUNK)
+        if data is None:
+            return b"", False
+        if not data:
+            rest = bytes(self.buf)
+            self.buf.clear()
+            return (rest + b"\n" if rest else b""), True
+        self.buf += data
+        end = self.buf.rfind(b"\n") + 1
+        if not end and len(self.buf) < MAX_LINE:
+            return b"", False
+        end = end or len(self.buf)
+        whole = bytes(self.buf[:end])
+        del self.buf[:end]
+        return (whole if whole.endswith(b"\n") else whole + b"\n"), False
+
     def read(self) -> tuple[list[str], bool]:
         """The whole lines read now, and whether the pipe reached its end
         (then a last partial line is among them)."""
@@ -304,21 +334,33 @@ class Relay:
         self.sel = sel
         # read end -> (the pipe, its vassal, how to learn its process's pid)
         self.pipes: dict[int, tuple[OutputPipe, str, Callable[[], int | None]]] = {}
+        self.formatted: set[int] = set()  # read ends whose lines are in the log's format
         self.seqs: dict[int, int | None] = {}  # read end -> the vassal's process sequence
 
     def watch(self, out: OutputPipe, vassal: str, pid: Callable[[], int | None],
-              seq: int | None = None) -> None:
+              seq: int | None = None, formatted: bool = False) -> None:
         """Read `out` from now on, its lines relayed as `vassal`'s; `pid`
         tells the process's pid once known (an adoption's comes later).
-        Our copy of the write end is closed: the process has its own."""
+        `formatted`: the process writes its lines in the log's format
+        already (Log.relay_formatted). Our copy of the write end is closed:
+        the process has its own."""
         out.passed()
         self.pipes[out.rfd] = (out, vassal, pid)
         self.seqs[out.rfd] = seq
+        if formatted:
+            self.formatted.add(out.rfd)
         self.sel.register(out.rfd, selectors.EVENT_READ, lambda now, fd=out.rfd: self._readable(fd))
 
     def _readable(self, fd: int) -> bool:
         """Relay what can be read now; False once there is nothing more."""
         out, vassal, pid = self.pipes[fd]
+        if fd in self.formatted:
+            data, eof = out.read_lines()
+            if data:
+                self.log.relay_formatted(vassal, data)
+            if eof:
+                self._forget(fd)
+            return bool(data) and not eof
         lines, eof = out.read()
         if lines:
             self.log.relay(vassal, lines, pid(), self.seqs.get(fd))
@@ -333,6 +375,7 @@ class Relay:
             pass
         out, _, _ = self.pipes.pop(fd)
         self.seqs.pop(fd, None)
+        self.formatted.discard(fd)
         out.close()
 
     def close(self) -> None:
@@ -344,7 +387,9 @@ class Relay:
                     break
             if fd in self.pipes:
                 out, vassal, pid = self.pipes[fd]
-                if out.buf:
+                if out.buf and fd in self.formatted:
+                    self.log.relay_formatted(vassal, bytes(out.buf) + b"\n")
+                elif out.buf:
                     self.log.relay(vassal, [out.buf.decode("utf-8", "replace")], pid(),
                                    self.seqs.get(fd))
                 self._forget(fd)

@@ -305,6 +305,25 @@ def test_nginx_user_option_and_the_access_log_in_json(front):
 
 @needs_nginx
 @needs_perl
+def test_the_access_log_in_text_has_the_emperors_utc_timestamps(front):
+    """nginx writes its access lines in the Emperor's own text format
+    (the Emperor copies them into its log): a UTC timestamp with
+    milliseconds, whatever the Emperor's TZ, `[front]`, the message."""
+    import datetime
+    import re
+
+    f = front({"app1": ini("app1", "domain = app1.localhost")}, env={"TZ": "XXX-9"})
+    wait_for(lambda: answers(f.port, "app1.localhost", "app1"), 30, "app1")
+    line = re.compile(r'^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z \[front\] app1\.localhost '
+                      r'127\.0\.0\.1 "GET / HTTP/1\.1" 200 \d+ \d+\.\d{3}$')
+    found = wait_for(lambda: [m for m in map(line.match, f.lines("[front] app1.localhost")) if m], 20,
+                     "a text access line of a 200")
+    stamp = datetime.datetime.fromisoformat(found[-1].group(1)).replace(tzinfo=datetime.timezone.utc)
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - stamp).total_seconds()) < 120
+
+
+@needs_nginx
+@needs_perl
 def test_a_busy_worker_keeps_no_request_nginx_sends_on_a_kept_connection(front, tmp_path: Path):
     """nginx keeps idle connections to the vassal; a worker busy with a
     slow request leaves those it holds to its free sibling, so requests sent
