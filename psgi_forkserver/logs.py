@@ -322,6 +322,19 @@ class OutputPipe:
             self.rfd = -1
 
 
+class Quiet:
+    """A selector callback after which the Emperor need not plan again:
+    copying lines changes nothing the plan reads (Loop._wait)."""
+
+    quiet = True
+
+    def __init__(self, fn: Callable[[float], object]) -> None:
+        self.fn = fn
+
+    def __call__(self, now: float) -> object:
+        return self.fn(now)
+
+
 class Relay:
     """The readers of the vassals' output pipes, in the Emperor's selector.
 
@@ -347,9 +360,10 @@ class Relay:
         out.passed()
         self.pipes[out.rfd] = (out, vassal, pid)
         self.seqs[out.rfd] = seq
+        read = Quiet(lambda now, fd=out.rfd: self._readable(fd))
         if formatted:
             self.formatted.add(out.rfd)
-        self.sel.register(out.rfd, selectors.EVENT_READ, lambda now, fd=out.rfd: self._readable(fd))
+        self.sel.register(out.rfd, selectors.EVENT_READ, read if formatted else read.fn)
 
     def _readable(self, fd: int) -> bool:
         """Relay what can be read now; False once there is nothing more."""
