@@ -177,10 +177,8 @@ class Log:
         self._write_main(text)
 
     def relay_formatted(self, vassal: str, data: bytes) -> None:
-        """Whole lines a process wrote already in this log's format (the
-        front door's access log: nginx formats it): copied as they are,
-        in one write, to the vassal's `logto` file or the Emperor's log.
-        Bytes that are not UTF-8 are replaced, as in any relayed line."""
+        """Whole lines already in this log's format (nginx's access log),
+        in one write, where `relay` would put them; not UTF-8: replaced."""
         text = data.decode("utf-8", "replace")
         f = self.files.get(vassal)
         if f is not None and f.write(text.encode("utf-8")):
@@ -272,23 +270,16 @@ class OutputPipe:
             self.wfd = -1
 
     def read_lines(self) -> tuple[bytes, bool]:
-        """The whole lines read now, as bytes, and whether the pipe reached
-        its end (then a last partial line is among them, newline added)."""
+        """`read`'s whole lines, as they are: bytes, newlines kept."""
         data = recv_ready(self.rfd, READ_CHUNK)
         if data is None:
             return b"", False
-        if not data:
-            rest = bytes(self.buf)
-            self.buf.clear()
-            return (rest + b"\n" if rest else b""), True
         self.buf += data
-        end = self.buf.rfind(b"\n") + 1
-        if not end and len(self.buf) < MAX_LINE:
-            return b"", False
-        end = end or len(self.buf)
+        # whole lines; a line of MAX_LINE bytes, or what is left at the end, as one
+        end = len(self.buf) if not data or len(self.buf) >= MAX_LINE else self.buf.rfind(b"\n") + 1
         whole = bytes(self.buf[:end])
         del self.buf[:end]
-        return (whole if whole.endswith(b"\n") else whole + b"\n"), False
+        return (whole if not whole or whole.endswith(b"\n") else whole + b"\n"), not data
 
     def read(self) -> tuple[list[str], bool]:
         """The whole lines read now, and whether the pipe reached its end
@@ -325,7 +316,6 @@ class OutputPipe:
 class Quiet:
     """A selector callback after which the Emperor need not plan again:
     copying lines changes nothing the plan reads (Loop._wait)."""
-
     quiet = True
 
     def __init__(self, fn: Callable[[float], object]) -> None:
@@ -354,9 +344,8 @@ class Relay:
               seq: int | None = None, formatted: bool = False) -> None:
         """Read `out` from now on, its lines relayed as `vassal`'s; `pid`
         tells the process's pid once known (an adoption's comes later).
-        `formatted`: the process writes its lines in the log's format
-        already (Log.relay_formatted). Our copy of the write end is closed:
-        the process has its own."""
+        `formatted`: its lines are in the log's format already. Our copy
+        of the write end is closed: the process has its own."""
         out.passed()
         self.pipes[out.rfd] = (out, vassal, pid)
         self.seqs[out.rfd] = seq
