@@ -156,7 +156,7 @@ def run(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, quick: boo
         "mass_start": ("front mass start", lambda: mass_start(*args, n_mass)),
         "new_file": ("front new file", lambda: new_file(*args, n_new)),
         "churn": ("front churn", lambda: churn(*args, 10 if quick else 30)),
-        "fairness": ("front fairness", lambda: fairness(*args, duration)),
+        "fairness": ("front fairness", lambda: fairness(*args, duration, floor=True)),
         "fairness_nohandoff": ("front fairness, workers keep their connections",
                                lambda: fairness(*args, duration, handoff=False)),
         "fairness_nokeepalive": ("front fairness, no keep-alive",
@@ -216,6 +216,9 @@ def rows(fr: dict) -> list[tuple[str, str, str, str]]:
                     f"{f_['p99_ms']:.2f} / {f_['p50_ms']:.2f} ms ({fa['ratio']:.1f}x); alone "
                     f"{fa['alone']['p99_ms']:.2f} / {fa['alone']['p50_ms']:.2f} ms; "
                     f"{fa['fast']['requests']} fast, {fa['slow']['requests']} slow requests; "
+                    + (f"nginx alone (`return 200`, no vassal) {fa['floor']['p99_ms']:.2f} / "
+                       f"{fa['floor']['p50_ms']:.2f} ms ({fa['floor']['ratio']:.1f}x); "
+                       if (fa.get("floor") or {}).get("ratio") else "") +
                     f"load {fa.get('load_before', '?')} -> {fa.get('load_after', '?')}",
                     "<= 3x" if target else "",
                     ("met" if fa["ratio"] <= 3 else "**not met**") if target else ""))

@@ -5,7 +5,8 @@
   vassal's own port and through nginx, in the same run (and through nginx
   keeping idle connections to the vassal, `--nginx-keepalive 16`);
 - churn: two steady apps under wrk while other vassal files come and go;
-- fairness: a fast route's latency while a slow route keeps a worker busy.
+- fairness: a fast route's latency while a slow route keeps a worker busy,
+  beside the machine's own floor (nginx answering by itself, same load).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -185,7 +187,8 @@ def churn(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, seconds:
 
 
 def fairness(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, duration: str,
-             keepalive: int = 16, handoff: bool = True, slow_conns: int = 1) -> dict:
+             keepalive: int = 16, handoff: bool = True, slow_conns: int = 1,
+             floor: bool = False) -> dict:
     """One vassal (2 workers) behind nginx with keep-alive upstreams: wrk
     -c16 on its fast route while wrk -c`slow_conns` keeps its slow route
     (100 ms) busy; the fast route's p50 and p99. One slow client leaves a
@@ -194,7 +197,9 @@ def fairness(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, durat
     workers take all of it (any prefork server then queues fast requests
     behind slow ones, by capacity, not fairness). `handoff` False: the
     vassal's workers keep the connections they accepted
-    (http-keepalive-handoff)."""
+    (http-keepalive-handoff). `floor`: nginx_floor() first, the same
+    load's p99 / p50 with nothing behind nginx."""
+    floor_res = nginx_floor(procs, ports, tmp, duration) if floor else None
     tag = f"{keepalive}{'' if handoff else 'nh'}s{slow_conns}"
     vdir = tmp / f"front-fair{tag}"
     vdir.mkdir()
@@ -216,7 +221,7 @@ def fairness(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, durat
             slow = pool.submit(_wrk_full, front, duration, "fair.localhost", slow_conns, "/slow")
             fast = pool.submit(_wrk_full, front, duration, "fair.localhost")
             slow_r, fast_r = slow.result(), fast.result()
-        return {"alone": alone, "fast": fast_r, "slow": slow_r, "handoff": handoff,
+        return {"alone": alone, "fast": fast_r, "slow": slow_r, "handoff": handoff, "floor": floor_res,
                 "slow_conns": slow_conns, "keepalive": keepalive,
                 "load_before": load_before, "load_after": load(),
                 "ratio": (fast_r["p99_ms"] / fast_r["p50_ms"])
@@ -225,3 +230,30 @@ def fairness(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, durat
     finally:
         em.stop()
         rmtree(vdir)
+
+
+def nginx_floor(procs: Procs, ports: Ports, tmp: Path, duration: str) -> dict:
+    """The machine's own tail under the fairness step's load: wrk -c16 on an
+    nginx (as many workers as the front door's) that answers 200 itself, no
+    vassal behind it. No p99 / p50 through the front door can be lower
+    here; on two shared cores it is the kernel's scheduling of wrk and
+    nginx, which the fairness rows pay too."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    d = tmp / "front-floor"
+    (d / "tmp").mkdir(parents=True)
+    port = ports.get()
+    temp = " ".join(f"{k}_temp_path {d / 'tmp'};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    (d / "nginx.conf").write_text(
+        f"daemon off;\nworker_processes auto;\npid {d / 'nginx.pid'};\nerror_log stderr warn;\n"
+        "events { worker_connections 1024; }\n"
+        f"http {{ access_log off; {temp}\n"
+        f'  server {{ listen 127.0.0.1:{port}; location / {{ return 200 "Hello, World!\\n"; }} }} }}\n')
+    p = procs.spawn([nginx, "-p", str(d), "-c", str(d / "nginx.conf")], log="front-floor-nginx")
+    try:
+        wait_200(port, 30, "/", lambda: p.poll() is None)
+        res = _wrk_full(port, duration, "floor.localhost")
+        res["ratio"] = res["p99_ms"] / res["p50_ms"] if res["p50_ms"] and res["p99_ms"] else None
+        return res
+    finally:
+        procs.stop_tree(p.pid)
+        rmtree(d)

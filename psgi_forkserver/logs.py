@@ -176,6 +176,15 @@ class Log:
             return
         self._write_main(text)
 
+    def relay_formatted(self, vassal: str, data: bytes) -> None:
+        """Whole lines already in this log's format (nginx's access log),
+        in one write, where `relay` would put them; not UTF-8: replaced."""
+        text = data.decode("utf-8", "replace")
+        f = self.files.get(vassal)
+        if f is not None and f.write(text.encode("utf-8")):
+            return
+        self._write_main(text)
+
     def _write_main(self, text: str) -> None:
         if self.main is not None and self.main.write(text.encode("utf-8", "surrogateescape")):
             return
@@ -260,6 +269,18 @@ class OutputPipe:
             os.close(self.wfd)
             self.wfd = -1
 
+    def read_lines(self) -> tuple[bytes, bool]:
+        """`read`'s whole lines, as they are: bytes, newlines kept."""
+        data = recv_ready(self.rfd, READ_CHUNK)
+        if data is None:
+            return b"", False
+        self.buf += data
+        # whole lines; a line of MAX_LINE bytes, or what is left at the end, as one
+        end = len(self.buf) if not data or len(self.buf) >= MAX_LINE else self.buf.rfind(b"\n") + 1
+        whole = bytes(self.buf[:end])
+        del self.buf[:end]
+        return (whole if not whole or whole.endswith(b"\n") else whole + b"\n"), not data
+
     def read(self) -> tuple[list[str], bool]:
         """The whole lines read now, and whether the pipe reached its end
         (then a last partial line is among them)."""
@@ -292,6 +313,18 @@ class OutputPipe:
             self.rfd = -1
 
 
+class Quiet:
+    """A selector callback after which the Emperor need not plan again:
+    copying lines changes nothing the plan reads (Loop._wait)."""
+    quiet = True
+
+    def __init__(self, fn: Callable[[float], object]) -> None:
+        self.fn = fn
+
+    def __call__(self, now: float) -> object:
+        return self.fn(now)
+
+
 class Relay:
     """The readers of the vassals' output pipes, in the Emperor's selector.
 
@@ -304,21 +337,33 @@ class Relay:
         self.sel = sel
         # read end -> (the pipe, its vassal, how to learn its process's pid)
         self.pipes: dict[int, tuple[OutputPipe, str, Callable[[], int | None]]] = {}
+        self.formatted: set[int] = set()  # read ends whose lines are in the log's format
         self.seqs: dict[int, int | None] = {}  # read end -> the vassal's process sequence
 
     def watch(self, out: OutputPipe, vassal: str, pid: Callable[[], int | None],
-              seq: int | None = None) -> None:
+              seq: int | None = None, formatted: bool = False) -> None:
         """Read `out` from now on, its lines relayed as `vassal`'s; `pid`
         tells the process's pid once known (an adoption's comes later).
-        Our copy of the write end is closed: the process has its own."""
+        `formatted`: its lines are in the log's format already. Our copy
+        of the write end is closed: the process has its own."""
         out.passed()
         self.pipes[out.rfd] = (out, vassal, pid)
         self.seqs[out.rfd] = seq
-        self.sel.register(out.rfd, selectors.EVENT_READ, lambda now, fd=out.rfd: self._readable(fd))
+        read = Quiet(lambda now, fd=out.rfd: self._readable(fd))
+        if formatted:
+            self.formatted.add(out.rfd)
+        self.sel.register(out.rfd, selectors.EVENT_READ, read if formatted else read.fn)
 
     def _readable(self, fd: int) -> bool:
         """Relay what can be read now; False once there is nothing more."""
         out, vassal, pid = self.pipes[fd]
+        if fd in self.formatted:
+            data, eof = out.read_lines()
+            if data:
+                self.log.relay_formatted(vassal, data)
+            if eof:
+                self._forget(fd)
+            return bool(data) and not eof
         lines, eof = out.read()
         if lines:
             self.log.relay(vassal, lines, pid(), self.seqs.get(fd))
@@ -333,6 +378,7 @@ class Relay:
             pass
         out, _, _ = self.pipes.pop(fd)
         self.seqs.pop(fd, None)
+        self.formatted.discard(fd)
         out.close()
 
     def close(self) -> None:
@@ -344,7 +390,9 @@ class Relay:
                     break
             if fd in self.pipes:
                 out, vassal, pid = self.pipes[fd]
-                if out.buf:
+                if out.buf and fd in self.formatted:
+                    self.log.relay_formatted(vassal, bytes(out.buf) + b"\n")
+                elif out.buf:
                     self.log.relay(vassal, [out.buf.decode("utf-8", "replace")], pid(),
                                    self.seqs.get(fd))
                 self._forget(fd)

@@ -11,7 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from psgi_forkserver.frontdoor import FrontDoor, FrontDoorOptions, Route
@@ -276,31 +275,6 @@ def test_what_the_app_answers_is_what_the_client_gets(front):
                             "X-Forwarded-For: 6.6.6.6\r\nConnection: close\r\n\r\n".encode())
         assert b" remote=127.0.0.1 " in reply, reply
         assert b"xff=6.6.6.6, 127.0.0.1 " in reply, reply  # the last one is nginx's
-
-
-@needs_nginx
-@needs_perl
-def test_nginx_user_option_and_the_access_log_in_json(front):
-    """--nginx-user USER:GROUP: the workers' user, and the group the
-    sockets are given to; the access log follows --log-format json like
-    every other line."""
-    import json
-
-    f = front({"app1": ini("app1", "domain = app1.localhost")},
-              "--nginx-user", "nobody:nogroup", "--log-format", "json")
-    wait_for(lambda: answers(f.port, "app1.localhost", "app1"), 30, "app1")
-    if os.geteuid() == 0:
-        pid = int(f.lines('"message": "nginx pid ')[-1].split("nginx pid ")[1].split()[0])
-        ng = psutil.Process(pid)
-        assert {w.username() for w in ng.children()} == {"nobody"}
-        assert (f.run / "sockets" / "app1.sock").stat().st_gid == 65534
-    # the 503s of app1's start may be relayed first: wait for the 200's line
-    answered = wait_for(lambda: [line for line in map(json.loads, (
-        x for x in f.lines("app1.localhost 127.0.0.1") if x.startswith("{")))
-        if '"GET / HTTP/1.1" 200 ' in line["message"]], 20, "a JSON access line of a 200")
-    line = answered[-1]
-    assert line["vassal"] == "front" and line["time"].endswith("Z")
-    assert line["message"].startswith('app1.localhost 127.0.0.1 "GET / HTTP/1.1" 200 ')
 
 
 @needs_nginx

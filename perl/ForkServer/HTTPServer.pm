@@ -241,8 +241,9 @@ keep-alive connection (5).
 
 True by default: a worker with siblings that starts a request lists its
 other connections on the workers' desk (L<ForkServer::HTTPServer::Desk>);
-once the request has run 5 ms a free worker takes those on which a request
-waits, so such a request does not wait for the busy worker. Where the desk
+once the request has run 1 ms with the worker asleep in the app (5 ms with
+it running) a free worker takes those on which a request waits, so such a
+request does not wait for the busy worker. Where the desk
 cannot be had, the worker gives its idle connections to the workers' shared
 queue instead (L<ForkServer::HTTPServer::Handoff>). False: a worker keeps
 what it accepted.

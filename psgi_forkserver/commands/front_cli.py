@@ -114,6 +114,7 @@ def front_options(args: argparse.Namespace):
         include=Path(os.path.abspath(args.nginx_include)) if args.nginx_include else None,
         reload_cmd=args.nginx_reload, nginx=args.nginx or find_nginx(),
         keepalive=max(0, args.nginx_keepalive), access_log=args.http_access_log,
+        log_format=args.log_format,
         settle=max(0.0, args.http_settle), settle_max=30 * max(0.0, args.http_settle),
         user=user, worker_gid=gid,
         backoff_first=args.backoff_first, backoff_max=min(30.0, args.backoff_max),

@@ -105,7 +105,7 @@ class Routes:
                                        fd, selectors.EVENT_READ,
                                        lambda t, cb=cb: self.safely(cb, t)),
                                    unwatch=self._unwatch,
-                                   relay=lambda out, pid: relay.watch(out, "front", pid),
+                                   relay=lambda out, pid: relay.watch(out, "front", pid, formatted=True),
                                    on_refused=on_refused, spawning=spawning)
         self.known: dict[str, Route] = {}  # vassal name -> its route, as last computed
         self.next_full = float("-inf")

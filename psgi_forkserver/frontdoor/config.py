@@ -275,10 +275,41 @@ def indent(text: str, n: int) -> str:
     return "".join(pad + line if line.strip() else line for line in text.splitlines(True))
 
 
+#: the access line's message, as the Emperor's log has always shown it
+ACCESS_MESSAGE = '$host $remote_addr "$request" $status $body_bytes_sent $request_time'
+
+#: nginx's time in the Emperor's timestamp (logs.timestamp: UTC, ms):
+#: the seconds of $time_iso8601 (nginx runs with TZ=UTC) and the
+#: milliseconds of $msec, both of the one time nginx logs the request at
+TIME_MAPS = [
+    "map $time_iso8601 $psgi_fs_log_second {",
+    '    "~^(?<second>[0-9-]+T[0-9:]+)" $second;',
+    "}",
+    "map $msec $psgi_fs_log_milli {",
+    '    "~[.](?<milli>[0-9]{3})" $milli;',
+    "}",
+]
+
+
+def access_log_format(log_format: str) -> list[str]:
+    """`log_format psgi_fs`: the line the Emperor's Log.format would make
+    of the access message, relayed as the `front`'s output (text: `TIME
+    [front] MESSAGE`; json: the same keys in the same order, the pid that
+    of the nginx worker that wrote it). nginx escapes what it puts in:
+    text as \\xHH, json as JSON strings."""
+    time = "$psgi_fs_log_second.${psgi_fs_log_milli}Z"
+    if log_format == "json":
+        message = ACCESS_MESSAGE.replace('"', '\\"')
+        line = (f'{{"time": "{time}", "level": "info", "vassal": "front", "pid": $pid, '
+                f'"event": "output", "message": "{message}"}}')
+        return [*TIME_MAPS, f"log_format psgi_fs escape=json {_quote(line)};"]
+    return [*TIME_MAPS, f"log_format psgi_fs {_quote(f'{time} [front] {ACCESS_MESSAGE}')};"]
+
+
 def render_nginx_conf(routes: Iterable[Route], listen: str, run_dir: Path,
                       keepalive: int = DEFAULT_KEEPALIVE, user: str | None = None,
                       workers: str = "auto", access_log: bool = True,
-                      generation: int = 0) -> str:
+                      generation: int = 0, log_format: str = "text") -> str:
     """The whole configuration of the embedded nginx: foreground master,
     every path under `run_dir/nginx`, errors on stderr (the Emperor reads
     them), the access log on stdout (the Emperor reads it and writes it by
@@ -304,11 +335,11 @@ def render_nginx_conf(routes: Iterable[Route], listen: str, run_dir: Path,
     if user:
         head.append(f"user {user};")
     head += ["events {", "    worker_connections 4096;", "}", "http {"]
-    # the access log: on a pipe the Emperor relays as it relays a vassal's
-    # lines (its timestamps, --log-format, --logto), attributed to [front]
+    # the access log: on a pipe the Emperor copies into its log (--logto),
+    # its lines already in the Emperor's format (--log-format), attributed
+    # to [front]: the Emperor does not read them one by one
     http = [
-        "log_format psgi_fs '$host $remote_addr \"$request\" $status $body_bytes_sent "
-        "$request_time';",
+        *access_log_format(log_format),
         # writes of at most PIPE_BUF bytes: two workers' lines never interleave
         "access_log /dev/stdout psgi_fs buffer=4k flush=1s;" if access_log else "access_log off;",
         "server_tokens off;",

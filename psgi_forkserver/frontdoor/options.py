@@ -19,6 +19,7 @@ class FrontDoorOptions:
     nginx: str | None = None  # the nginx binary (default: from PATH)
     keepalive: int = DEFAULT_KEEPALIVE  # idle connections nginx keeps per vassal (0: none)
     access_log: bool = True  # nginx's access log, in the Emperor's log
+    log_format: str = "text"  # its lines' format: the Emperor's --log-format
     user: str | None = None  # nginx's `user` (USER GROUP) of its workers, as root
     worker_gid: int | None = None  # that group: the vassals' sockets are given to it
     batch: float = 0.05  # a change waits this long for the others of its turn

@@ -27,8 +27,11 @@ from .route import Route
 def _spawn_nginx(argv: list[str], out_w: int, err_w: int) -> int:
     """nginx in its own session, with stdout (the access log) and stderr
     (its error log) on pipes the Emperor reads; it gets SIGTERM if the
-    Emperor dies, so a killed Emperor leaves no nginx holding the port."""
-    return spawn(argv, os.environ, stdin=None, stdout=out_w, stderr=err_w, die_with_parent=True)
+    Emperor dies, so a killed Emperor leaves no nginx holding the port.
+    TZ=UTC: the access log's times are the Emperor's, UTC (nginx keeps
+    TZ for its workers)."""
+    return spawn(argv, {**os.environ, "TZ": "UTC"}, stdin=None, stdout=out_w, stderr=err_w,
+                 die_with_parent=True)
 
 
 class NginxProcess:

@@ -3,12 +3,14 @@ use strict;
 use warnings;
 
 # The workers' desk: a worker in a request lists the connections it holds,
-# and once that request has run for TAKE_AFTER a free sibling takes those
-# on which a request waits (pidfd_getfd), and looks again every TAKE_AFTER
-# while it runs. A request nginx sends on a kept connection of a busy
-# worker then waits about TAKE_AFTER, not for the busy worker's request,
-# however long; and a connection moves only when a request runs long, not
-# at every request's start.
+# and once that request has run for TAKE_AFTER while the worker sleeps in
+# the app (a slow route waiting on something), or TAKE_RUNNING while it
+# runs (a request that computes, or a worker the kernel has not run), a
+# free sibling takes those on which a request waits (pidfd_getfd), and
+# looks again every TAKE_AFTER while it runs. A request nginx sends on a
+# kept connection of a busy worker then waits about TAKE_AFTER, not for the
+# busy worker's request, however long; and a connection moves only when a
+# request runs long, not at every request's start.
 #
 # One memory file (memfd) made by the workers' common ancestor, at fixed
 # offsets:
@@ -30,7 +32,14 @@ use POSIX ();
 use ForkServer::HTTPServer::Wire ();
 
 use constant {
-    TAKE_AFTER   => 0.005,       # seconds a request runs before its worker's connections may go
+    # seconds a request runs before its worker's waiting connections may
+    # go, the worker asleep in the app: a fast request's wait behind a slow
+    # one (1 ms: within 3 times a proxied hello world's median)
+    TAKE_AFTER   => 0.001,
+    # the same, the worker running: a worker the kernel has not run for a
+    # while serves what waits for it soon; moving its connections at once
+    # costs more than the wait (they come back the other way)
+    TAKE_RUNNING => 0.005,
     MAX_INDEX    => 256,         # worker indexes the roster holds (both generations)
     RECORD       => 4096,        # bytes per record: HEAD, then up to 1,000 connections
     RECORDS_AT   => 4096,        # the roster before them: MAX_INDEX * 8 bytes
@@ -257,8 +266,8 @@ sub back {
     return map { $listed->[$_][0] } grep { $entries[$_] == -1 } 0 .. $#$listed;
 }
 
-# A sibling's timer went off. If its request has run TAKE_AFTER, takes
-# those of its listed connections that have a request waiting (new
+# A sibling's timer went off. If its request has run TAKE_AFTER (the
+# worker asleep in the app) or TAKE_RUNNING (running), takes those of its listed connections that have a request waiting (new
 # descriptors of this process, as [fd, idle]); the others stay, and the
 # timer is armed again, to look again while the request runs. () when it
 # is back in its loop, or nothing was waiting.
@@ -272,8 +281,10 @@ sub take_from {
     my $at = RECORDS_AT + RECORD * $i;
     my ($taken, $n, $busy_fd, $nex, $started, @excluded) = unpack(HEAD_FORMAT, _pread($seat, HEAD, $at));
     $nex = 0 if $nex > MAX_EXCLUDED;
-    my $left = $started + TAKE_AFTER - ForkServer::HTTPServer::Wire::now();
-    if ($left > 0) {    # a newer request than the timer's: look when it is due
+    my $ran = ForkServer::HTTPServer::Wire::now() - $started;
+    my $running = $ran >= TAKE_AFTER && _running($sib->{pid});
+    my $left = ($running ? TAKE_RUNNING : TAKE_AFTER) - $ran;
+    if ($left > 0) {    # a newer request than the timer's, or a running worker: look when it is due
         _arm($sib->{tfd}, $left);
         _lock($desk, $i, F_UNLCK, 0);
         return ();
@@ -296,7 +307,7 @@ sub take_from {
         # app will soon serve what waits for it: take enough to even out
         # the connections, one at least, not all (they would only pile up
         # here, and come back the other way the next time).
-        if (@waiting > 1 && _running($sib->{pid})) {
+        if (@waiting > 1 && $running) {
             my $even = int(($n - ($mine // 0)) / 2);
             splice(@waiting, $even < 1 ? 1 : $even);
         }
@@ -335,7 +346,8 @@ ForkServer::HTTPServer::Desk - a busy worker's idle connections, taken by a free
 
 A worker of L<ForkServer::HTTPServer> that starts a request lists the idle
 connections it holds (C<busy>); if the request runs for C<TAKE_AFTER>
-(5 ms), the worker's timer wakes a free sibling, which takes them
+(1 ms) with the worker asleep in the app, or C<TAKE_RUNNING> (5 ms) with
+it running, the worker's timer wakes a free sibling, which takes them
 (C<take_from>: C<pidfd_getfd>, under the worker's lock) and serves what
 arrives on them; the worker, done (C<back>), closes its copies of those.
 Linux 5.6 or later, 64-bit, File::Map, a dumpable process (one that did
