@@ -120,7 +120,10 @@ class TestBase:
             # it has nothing to save, and a test run waits for its end
             try:
                 os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
+                _, _, usage = os.wait4(self.pid, 0)
+                from . import hosting
+                if hosting.TRACE is not None:
+                    hosting.trace("exit", "base", self.pid, usage.ru_utime + usage.ru_stime)
             except (ProcessLookupError, ChildProcessError):
                 pass
             self.pid = None

@@ -91,6 +91,13 @@ def file_timeout(file: str, default: float | None) -> float | None:
 
 PR_SET_CHILD_SUBREAPER = 36
 
+TRACE = os.environ.get("EMPEROR_PROVE_TRACE")
+
+
+def trace(event: str, what: str, pid: int, cpu: float) -> None:
+    with open(TRACE, "a") as fh:
+        fh.write(f"{time.monotonic():.4f}\t{event}\t{what}\t{pid}\t{cpu:.4f}\n")
+
 
 class Session:
     """What this process holds while prove runs: the options, a private
@@ -230,6 +237,8 @@ class Host:
             if kind == b"B":
                 conn.sendall(self.start_base(payload))
                 conn.close()
+                if TRACE is not None:
+                    trace("base-ready", "base", 0, 0)
             elif kind == b"N":  # prove runs every file itself: no base
                 self.prove.base.stop()
                 conn.close()
@@ -264,6 +273,8 @@ class Host:
     def start_test(self, conn: socket.socket, payload: bytes) -> None:
         file_b, _, spec = payload.partition(b"\0")
         file = file_b.decode("utf-8", "surrogateescape")
+        if TRACE is not None:
+            trace("request", file, 0, 0)
         f = Forked(file, conn, timeout=file_timeout(file, self.prove.opts.timeout))
 
         def start(out_fd: int, err_fd: int) -> int:
@@ -278,6 +289,8 @@ class Host:
             conn.close()
             return
         f.started = time.monotonic()
+        if TRACE is not None:
+            trace("forked", file, f.pid, 0)
         for s in (f.out, f.err):
             s.setblocking(False)
             self.prove.sel.register(s, selectors.EVENT_READ, f)
@@ -302,6 +315,8 @@ class Host:
 
     def answer(self, f: Forked) -> None:
         del self.forked[f.pid]
+        if TRACE is not None:
+            trace("answer", f.file, f.pid, 0)
         if f.timed_out:
             f.err_bytes += f"emperor prove: {f.file}: timed out after {f.timeout:g} s: killed\n".encode()
         try:
@@ -313,11 +328,15 @@ class Host:
     def reap(self) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
+            if TRACE is not None:
+                who = ("prove" if pid == self.shim_pid else self.forked[pid].file if pid in self.forked
+                       else "base" if pid == self.prove.base.pid else "orphan")
+                trace("exit", who, pid, usage.ru_utime + usage.ru_stime)
             if pid == self.shim_pid:
                 self.shim_status = status
             elif pid in self.forked:
@@ -362,8 +381,14 @@ def read_request(conn: socket.socket) -> tuple[bytes, bytes]:
 
 def run(prove: Session, shim_args: list[str], prove_args: list[str], started: Started) -> int:
     try:
+        if TRACE is not None:
+            trace("host", "python", os.getpid(), 0)
         return Host(prove, shim_args, prove_args).run(started)
     except KeyboardInterrupt:
         return 130
     finally:
+        if TRACE is not None:
+            import resource
+            u = resource.getrusage(resource.RUSAGE_SELF)
+            trace("end", "python", os.getpid(), u.ru_utime + u.ru_stime)
         sys.stdout.flush()
