@@ -63,6 +63,7 @@ sub main {
         elsif ($arg eq '--junit')       { $ours{junit} = shift @argv }
         elsif ($arg eq '--destruct')    { $ours{destruct} = 1 }
         elsif ($arg eq '--no-cold-retry') { $ours{no_cold_retry} = 1 }
+        elsif ($arg eq '--no-learn')    { $ours{no_learn} = 1 }
         elsif ($arg eq '--timeout')     { $ours{timeout} = shift @argv }
         else { die "emperor prove: unknown option '$arg'\n" }
     }
@@ -134,6 +135,47 @@ sub _no_base_pays {
 
 sub _runtests {
     my ($self, $args, @tests) = @_;
+    my $memory;
+    my $ok = _runtests_with($self, $args, \$memory, @tests);
+    _save_memory($memory) if $memory;
+    return $ok;
+}
+
+# Without --state, what the files of this directory loaded (and which of
+# them had to run cold) is kept between runs in a cache file of ours, an
+# App::Prove::State store (prove's own .prove is only written with
+# --state): the second run preloads what most files loaded, as with
+# --state, without the user asking. `--no-learn` turns it off.
+sub _memory_path {
+    require Digest::MD5;
+    my $cache = $ENV{XDG_CACHE_HOME};
+    $cache = File::Spec->catdir($ENV{HOME}, '.cache') unless defined $cache && length $cache;
+    return undef unless defined $cache && length $cache;
+    return File::Spec->catfile($cache, 'emperor-prove', Digest::MD5::md5_hex(Cwd::getcwd()) . '.yml');
+}
+
+sub _memory {
+    my $path = _memory_path() // return undef;
+    require App::Prove::State;
+    # a store that does not read (damaged, another version's) is started afresh
+    return eval { App::Prove::State->new({ store => $path }) }
+        || eval { unlink $path; App::Prove::State->new({ store => $path }) };
+}
+
+sub _save_memory {
+    my ($memory) = @_;
+    my $path = $memory->{store};
+    (my $dir = $path) =~ s{/[^/]*\z}{};
+    require File::Path;
+    eval { File::Path::make_path($dir); 1 } or return;
+    # written aside and renamed: two runs in one directory leave one whole record
+    local $memory->{store} = "$path.$$";
+    eval { $memory->save; rename "$path.$$", $path or unlink "$path.$$"; 1 } or unlink "$path.$$";
+    return;
+}
+
+sub _runtests_with {
+    my ($self, $args, $memory, @tests) = @_;
     my $source = 'ForkServer::Prove::Source';
     if ($self->exec) {
         $source->note("--exec: every test runs through the given command, none is forked");
@@ -144,13 +186,17 @@ sub _runtests {
         eval { ForkServer::Prove::Iterator::request($OURS{socket}, 'N', ''); 1 };
     }
     else {
+        my $auto = !$OURS{no_preload} && !@{ $OURS{preload} };
+        # without --state, our own record of the last run of this directory
+        $$memory = _memory() if $auto && !$OURS{no_learn} && !@{ $self->state || [] };
         $source->setup(
             socket   => $OURS{socket},
             destruct => $OURS{destruct},
-            state    => (@{ $self->state || [] } ? $self->state_manager : undef),    # only with --state
+            state    => (@{ $self->state || [] } ? $self->state_manager : $$memory),
+            memory   => ($$memory ? 1 : 0),
             libs     => [map { File::Spec->rel2abs($_) } @{ $args->{lib} || [] }],
             preload  => $OURS{preload},
-            auto     => !$OURS{no_preload} && !@{ $OURS{preload} },
+            auto     => $auto,
             tests    => \@tests,
             quiet    => ($self->quiet || $self->really_quiet),
         );

@@ -112,7 +112,8 @@ sub setup {
         my @loaded = grep { (my $key = "$_.pm") =~ s{::}{/}g; $BASE_INC{$key} } @auto;
         if ($LEARNED) {    # many (what they load, not only what they `use`): the first few
             my $more = @loaded > 8 ? ' and ' . (@loaded - 8) . ' more' : '';
-            print STDERR "emperor prove: preloaded (what most test files loaded last time, --state): "
+            my $from = $args{memory} ? '' : ', --state';
+            print STDERR "emperor prove: preloaded (what most test files loaded last time$from): "
                 . (@loaded ? join(', ', @loaded[0 .. ($#loaded < 7 ? $#loaded : 7)]) . $more : 'nothing') . "\n";
         }
         else {
@@ -217,7 +218,7 @@ sub cold_reason {
         if $text =~ /^\s*#\s*emperor-prove:\s*no-preload\s*$/m;
     if (my $state = $CFG{state}) {
         my $t = eval { $state->results->{tests}{$file} };    # test() would add it
-        return "--state: $t->{emperor_cold}" if $t && $t->{emperor_cold};
+        return ($CFG{memory} ? "last run" : "--state") . ": $t->{emperor_cold}" if $t && $t->{emperor_cold};
     }
     my $changes = _changes_before_preloaded_use($text);
     return "it sets $changes before using a preloaded module" if $changes;
@@ -293,7 +294,7 @@ sub _create_iterator {
         ? "HARNESS_PERL ($command->[0]) is not the base's perl"
         : $class->cold_reason($file, \@switches, $source->meta->{file}{shebang});
     if (defined $reason) {
-        $class->note($reason =~ /\Ait |\A--state/ ? "$file runs cold: $reason" : "$reason: such files run as prove runs them");
+        $class->note($reason =~ /\Ait |\A--state|\Alast run/ ? "$file runs cold: $reason" : "$reason: such files run as prove runs them");
         return $cold->();
     }
     $setup->(@$command);
@@ -331,7 +332,7 @@ sub _loads_path {
 sub _remember_cold {
     my ($file) = @_;
     __PACKAGE__->note("$file failed or skipped forked and passed cold: its verdict is the cold run's"
-        . ($CFG{state} ? " (--state remembers it)" : ""));
+        . (!$CFG{state} ? "" : $CFG{memory} ? " (remembered for the next run)" : " (--state remembers it)"));
     my $state = $CFG{state} or return;
     eval { $state->results->test($file)->{emperor_cold} = 'it failed or skipped forked and passed cold'; 1 };
     return;
