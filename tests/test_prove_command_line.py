@@ -292,9 +292,10 @@ def test_state_gives_the_next_run_its_preload_and_its_order(tmp_path: Path) -> N
 def test_the_next_run_preloads_what_the_last_one_loaded(tmp_path: Path) -> None:
     """Without --state too: a run keeps, in $XDG_CACHE_HOME/emperor-prove/
     (not in the project), what each forked file loaded and which files had
-    to run cold; the next run in that directory preloads what most files
-    loaded, also modules no `use` line names, and starts the cold ones
-    cold. `--no-learn` neither keeps nor uses it. Verdicts stay prove's."""
+    to run cold, and their times; the next run in that directory preloads
+    what most files loaded, also modules no `use` line names, starts the
+    cold ones cold and, with -j2, the slowest first. `--no-learn` neither
+    keeps nor uses it. Verdicts stay prove's."""
     (tmp_path / "lib" / "Proj").mkdir(parents=True)
     (tmp_path / "t").mkdir()
     (tmp_path / "lib" / "Proj.pm").write_text(
@@ -307,9 +308,12 @@ def test_the_next_run_preloads_what_the_last_one_loaded(tmp_path: Path) -> None:
     (tmp_path / "t" / "d_base_sensitive.t").write_text(
         "use strict;\nuse warnings;\nuse Test::More tests => 1;\n"
         "ok !defined &ForkServer::Prove::TestFile::serve, 'fails in a fork of the base';\n")
+    (tmp_path / "t" / "z_slow.t").write_text(
+        "use strict;\nuse warnings;\nuse Test::More tests => 1;\n"
+        "select undef, undef, undef, 0.5;\nok 1, 'slow';\n")
     cmd = [EMPEROR, "prove", "-l", "-j2", "t"]
     want = verdicts(run_in(tmp_path, ["prove", "-l", "t"]).stdout)
-    assert want == {f"t/{n}.t": "ok" for n in ("a", "b", "c", "d_base_sensitive")}
+    assert want == {f"t/{n}.t": "ok" for n in ("a", "b", "c", "d_base_sensitive", "z_slow")}
 
     first = run_in(tmp_path, cmd)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -328,6 +332,9 @@ def test_the_next_run_preloads_what_the_last_one_loaded(tmp_path: Path) -> None:
     assert "Proj::Deep" in line[0] and "Test::More" in line[0], line
     assert "t/d_base_sensitive.t runs cold: last run" in second.stderr, second.stderr
     assert verdicts(second.stdout) == want
+    # with -j2, the slowest first, by the last run's times; one job: prove's order
+    assert run_in(tmp_path, [*cmd, "-D"]).stdout.split()[0] == "t/z_slow.t"
+    assert run_in(tmp_path, [EMPEROR, "prove", "-l", "-D", "t"]).stdout.split()[0] == "t/a.t"
 
     forgetful = run_in(tmp_path, [*cmd[:2], "--no-learn", *cmd[2:]])
     assert forgetful.returncode == 0, forgetful.stdout + forgetful.stderr

@@ -95,9 +95,10 @@ sub _help {
     return;
 }
 
-# --state with times from a previous run and several jobs: the slowest
-# files first (a long file started last is the run's tail), unless the
-# order or the choice is the user's (--state=slow,failed..., -s, --reverse).
+# Times from a previous run (--state=save's, or without --state our record
+# of the last run) and several jobs: the slowest files first (a long file
+# started last is the run's tail), unless the order or the choice is the
+# user's (--state=slow,failed..., -s, --reverse).
 # --shard I/N: this part of what prove would run, in that order.
 sub _get_tests {
     my $self  = shift;
@@ -114,9 +115,12 @@ sub _get_tests {
 sub _slowest_first {
     my ($self, @tests) = @_;
     my @switches = map { split /,/ } @{ $self->state || [] };
-    return @tests unless @switches && !grep { $_ ne 'save' } @switches;
     return @tests if ($self->jobs || 1) < 2 || $self->shuffle || $self->backwards;
-    my %times = ForkServer::Prove::Shard::previous_times(state => $self->state_manager);
+    # prove's --state=save, else (no --state) our record of the last run
+    my $state = !@switches ? _memory_of($self)
+        : !grep({ $_ ne 'save' } @switches) ? $self->state_manager : undef;
+    return @tests unless $state;
+    my %times = ForkServer::Prove::Shard::previous_times(state => $state);
     return @tests unless %times;
     # a file without a time (new) first: it may be long
     my %order = map { $tests[$_] => $_ } 0 .. $#tests;
@@ -136,9 +140,31 @@ sub _no_base_pays {
 sub _runtests {
     my ($self, $args, @tests) = @_;
     my $memory;
+    no warnings 'redefine';
+    my $create = \&TAP::Harness::Env::create;
+    # the time of each file, for the next run's order (as prove's --state keeps it)
+    local *TAP::Harness::Env::create = sub {
+        my $harness = $create->(@_);
+        $harness->callback(after_test => sub {
+            my ($job, $parser) = @_;
+            return unless $memory && $parser->start_time && $parser->end_time;
+            eval { $memory->results->test($job->[0])->elapsed($parser->end_time - $parser->start_time); 1 };
+        });
+        return $harness;
+    };
     my $ok = _runtests_with($self, $args, \$memory, @tests);
     _save_memory($memory) if $memory;
     return $ok;
+}
+
+# Our record of the last run (below), when this run keeps one: the preload
+# left to us, no --state, no --no-learn; false otherwise. Read once.
+sub _memory_of {
+    my ($self) = @_;
+    return $self->{emperor_memory} //= do {
+        my $auto = !$OURS{no_preload} && !@{ $OURS{preload} };
+        ($auto && !$OURS{no_learn} && !@{ $self->state || [] } && _memory()) || 0;
+    };
 }
 
 # Without --state, what the files of this directory loaded (and which of
@@ -188,7 +214,7 @@ sub _runtests_with {
     else {
         my $auto = !$OURS{no_preload} && !@{ $OURS{preload} };
         # without --state, our own record of the last run of this directory
-        $$memory = _memory() if $auto && !$OURS{no_learn} && !@{ $self->state || [] };
+        $$memory = _memory_of($self) || undef;
         $source->setup(
             socket   => $OURS{socket},
             destruct => $OURS{destruct},
