@@ -340,3 +340,19 @@ def test_the_next_run_preloads_what_the_last_one_loaded(tmp_path: Path) -> None:
     assert forgetful.returncode == 0, forgetful.stdout + forgetful.stderr
     assert "preloaded (what most test files use): Test::More, Proj\n" in forgetful.stderr, forgetful.stderr
     assert verdicts(forgetful.stdout) == want
+
+
+def test_few_files_counts_the_files_prove_would_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether a run names no more files than jobs: *.t files in t/, and
+    below it with -r (a 1-file run is prove itself; a larger one forks)."""
+    from psgi_forkserver.prove.started import few_files
+
+    (tmp_path / "t" / "sub" / "deeper").mkdir(parents=True)
+    for name in ("t/a.t", "t/README", "t/sub/b.t", "t/sub/deeper/c.t"):
+        (tmp_path / name).write_text("print qq{1..0\\n};\n")
+    monkeypatch.chdir(tmp_path)
+    assert few_files(["-j2", "t"], [])  # t/a.t alone
+    assert not few_files(["-j2", "-r", "t"], [])  # three files
+    assert few_files(["-j3", "-lr", "t"], [])
+    assert not few_files(["t", "t/sub/b.t"], [])
+    assert not few_files(["-j2", "t"], ["--no-preload"])  # ours: always forks
