@@ -13,6 +13,7 @@ from pathlib import Path
 from .. import protocol
 from .started import EarlyBase, base_argv, spawn_base
 from .testfiles import ProveOptions
+from .trace import trace
 
 
 def is_module_name(what: str) -> bool:
@@ -121,9 +122,7 @@ class TestBase:
             try:
                 os.kill(self.pid, signal.SIGKILL)
                 _, _, usage = os.wait4(self.pid, 0)
-                from . import hosting
-                if hosting.TRACE is not None:
-                    hosting.trace("exit", "base", self.pid, usage.ru_utime + usage.ru_stime)
+                trace("exit", "base", self.pid, usage.ru_utime + usage.ru_stime)
             except (ProcessLookupError, ChildProcessError):
                 pass
             self.pid = None

@@ -40,6 +40,7 @@ from ..nonblocking import SignalWakeup
 from .base import BaseError, TestBase, start_with_streams
 from .started import Started
 from .testfiles import ProveOptions, test_env
+from .trace import TRACE, trace
 
 
 @dataclass
@@ -91,12 +92,6 @@ def file_timeout(file: str, default: float | None) -> float | None:
 
 PR_SET_CHILD_SUBREAPER = 36
 
-TRACE = os.environ.get("EMPEROR_PROVE_TRACE")
-
-
-def trace(event: str, what: str, pid: int, cpu: float) -> None:
-    with open(TRACE, "a") as fh:
-        fh.write(f"{time.monotonic():.4f}\t{event}\t{what}\t{pid}\t{cpu:.4f}\n")
 
 
 class Session:
@@ -317,10 +312,15 @@ class Host:
         del self.forked[f.pid]
         if TRACE is not None:
             trace("answer", f.file, f.pid, 0)
+        status = f.status or 0
         if f.timed_out:
             f.err_bytes += f"emperor prove: {f.file}: timed out after {f.timeout:g} s: killed\n".encode()
+            # it outlived --timeout: a kill's verdict, also when it ended on
+            # its own between our last look and the kill (a starved host)
+            if not os.WIFSIGNALED(status):
+                status = signal.SIGKILL
         try:
-            f.conn.sendall(reply(f.status or 0, f.timed_out, bytes(f.out_bytes), bytes(f.err_bytes)))
+            f.conn.sendall(reply(status, f.timed_out, bytes(f.out_bytes), bytes(f.err_bytes)))
         except OSError:
             pass
         f.conn.close()
