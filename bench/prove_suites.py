@@ -10,7 +10,11 @@ For every suite, in its directory, one run each of:
 
     prove -j2 -l -r t
     yath test -j2 -l t                       (yath's own preload: none)
-    emperor prove -j2 -l -r t                (preload chosen automatically)
+    emperor prove -j2 -l -r t                (preload chosen automatically, learned
+                                             from the run before: an untimed first run
+                                             fills emperor prove's record of the suite)
+    emperor prove -j2 -l -r t                ("first": with an empty record, every time:
+                                             the preload from the files' use lines)
     emperor prove --no-preload -j2 -l -r t
     emperor prove --state=save --statefile=TMP -j2 -l -r t    twice: the second run
                                              preloads and orders from what the first learned
@@ -108,12 +112,22 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-def timed(cmd: list[str], cwd: Path, parse) -> Run:
-    t0 = time.monotonic()
-    p = subprocess.run(cmd, cwd=cwd, env=clean_env(), stdin=subprocess.DEVNULL, capture_output=True,
-                       text=True, errors="replace", timeout=1800)
+def timed(cmd: list[str], cwd: Path, parse, cache: Path | None = None) -> Run:
+    """`cache`: emperor prove's $XDG_CACHE_HOME (its record of the last run);
+    an empty one for every run when it is None."""
+    env = clean_env()
+    fresh = Path(tempfile.mkdtemp(prefix="prove-cache-")) if cache is None else None
+    env["XDG_CACHE_HOME"] = str(cache or fresh)
+    try:
+        t0 = time.monotonic()
+        p = subprocess.run(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                           text=True, errors="replace", timeout=1800)
+        seconds = round(time.monotonic() - t0, 2)
+    finally:
+        if fresh is not None:
+            shutil.rmtree(fresh, ignore_errors=True)
     notes = [line for line in p.stderr.splitlines() if line.startswith("emperor prove:")]
-    return Run(cmd, round(time.monotonic() - t0, 2), p.returncode, parse(p.stdout + "\n" + p.stderr), notes)
+    return Run(cmd, seconds, p.returncode, parse(p.stdout + "\n" + p.stderr), notes)
 
 
 def suite_dir(base: Path, package: str) -> Path | None:
@@ -149,10 +163,12 @@ def bench_suite(name: str, d: Path, jobs: str, emperor: str = EMPEROR, repeat: i
     files = len(list((d / "t").rglob("*.t")))
     row = Row(name, version, files)
     # yath writes its logs into the suite directory otherwise
+    auto = [emperor, "prove", "-j", jobs, "-l", "-r", "t"]
     runs = {
         "prove": (["prove", "-j", jobs, "-l", "-r", "t"], prove_verdicts),
         "yath": (["yath", "test", "-j", jobs, "-l", "--no-color", "t"], yath_verdicts),
-        "emperor": ([emperor, "prove", "-j", jobs, "-l", "-r", "t"], prove_verdicts),
+        "emperor": (auto, prove_verdicts),
+        "emperor-first": (auto, prove_verdicts),
         "emperor-no-preload": ([emperor, "prove", "--no-preload", "-j", jobs, "-l", "-r", "t"],
                                prove_verdicts),
     }
@@ -161,19 +177,24 @@ def bench_suite(name: str, d: Path, jobs: str, emperor: str = EMPEROR, repeat: i
     state = [emperor, "prove", "--state=save", f"--statefile={statefile}", "-j", jobs, "-l", "-r", "t"]
     runs["emperor-learn"] = (state, prove_verdicts)
     runs["emperor-state"] = (state, prove_verdicts)
+    # emperor prove's record of this suite, kept from run to run ("emperor"):
+    # filled by an untimed first run, as a developer's second run finds it
+    cache = Path(tempfile.mkdtemp(prefix="prove-cache-"))
+    timed(auto, d, prove_verdicts, cache)
     before = os.getloadavg()[0]
     every: dict[str, list[Run]] = {key: [] for key in runs}
     for _ in range(repeat):  # the runners in turn, `repeat` times: a load change hits them all
         for key, (cmd, parse) in runs.items():
-            every[key].append(timed(cmd, d, parse))
+            every[key].append(timed(cmd, d, parse, cache if key == "emperor" else None))
     row.load = (round(before, 2), round(os.getloadavg()[0], 2))
     shutil.rmtree(statefile.parent, ignore_errors=True)
+    shutil.rmtree(cache, ignore_errors=True)
     for key, done in every.items():  # the median run (by time) stands for the runner
         row.runs[key] = sorted(done, key=lambda run: run.seconds)[(len(done) - 1) // 2]
         row.seconds[key] = [run.seconds for run in done]
     # verdicts: every run of every runner against prove's (its first run)
     want = every["prove"][0].verdicts
-    for key in ("emperor", "emperor-no-preload", "emperor-learn", "emperor-state"):
+    for key in ("emperor", "emperor-first", "emperor-no-preload", "emperor-learn", "emperor-state"):
         row.differ[key] = sorted({f for run in every[key] for f in set(want) | set(run.verdicts)
                                   if want.get(f) != run.verdicts.get(f)})
     passfail = {f: ("FAIL" if v == "FAIL" else "ok") for f, v in want.items()}
@@ -212,9 +233,9 @@ def main() -> int:
     if args.fetch:
         fetch(args.suites, [SUITES[n] for n in names])
     print(" ".join(f"{k}={v}" for k, v in versions().items()), flush=True)
-    print(f"{'suite':14} {'ver':>12} {'files':>5} {'prove':>7} {'yath':>7} {'emperor':>8} "
-          f"{'no-pre':>7} {'state':>7} {'x prove':>7} {'x yath':>7} {'np x pr':>7} {'st x pr':>7} "
-          f"{'load':>11}  verdicts vs prove", flush=True)
+    print(f"{'suite':14} {'ver':>12} {'files':>5} {'prove':>7} {'yath':>7} {'emperor':>8} {'first':>7} "
+          f"{'no-pre':>7} {'state':>7} {'x prove':>7} {'x yath':>7} {'1st x pr':>8} {'np x pr':>7} "
+          f"{'st x pr':>7} {'load':>11}  verdicts vs prove", flush=True)
     rows: list[Row] = []
     for name in names:
         d = suite_dir(args.suites, SUITES[name])
@@ -236,9 +257,10 @@ def main() -> int:
             print("    every run (s): " + "; ".join(f"{k} {' '.join(f'{x:.2f}' for x in v)}"
                                                for k, v in row.seconds.items()), flush=True)
         np, st = r["emperor-no-preload"].seconds, r["emperor-state"].seconds
+        first = r["emperor-first"].seconds
         print(f"{name:14} {row.version:>12} {row.files:5d} {r['prove'].seconds:7.2f} "
-              f"{r['yath'].seconds:7.2f} {e:8.2f} {np:7.2f} {st:7.2f} "
-              f"{r['prove'].seconds / e:7.2f} {r['yath'].seconds / e:7.2f} "
+              f"{r['yath'].seconds:7.2f} {e:8.2f} {first:7.2f} {np:7.2f} {st:7.2f} "
+              f"{r['prove'].seconds / e:7.2f} {r['yath'].seconds / e:7.2f} {r['prove'].seconds / first:8.2f} "
               f"{r['prove'].seconds / np:7.2f} {r['prove'].seconds / st:7.2f} "
               f"{row.load[0]:5.1f}-{row.load[1]:<5.1f}  {diffs}", flush=True)
     out = ROOT / "bench" / "results" / time.strftime("prove-suites-%Y%m%dT%H%M%S.json")

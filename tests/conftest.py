@@ -35,6 +35,24 @@ def _private_run_dir():
         shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir():
+    """`emperor prove` keeps what test files loaded in $XDG_CACHE_HOME:
+    the test run's own, so no run learns from an earlier one (or leaves
+    anything in the home directory)."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    d = tempfile.mkdtemp(prefix="pf-cache-")
+    os.environ["XDG_CACHE_HOME"] = d
+    try:
+        yield d
+    finally:
+        if old is None:
+            os.environ.pop("XDG_CACHE_HOME", None)
+        else:
+            os.environ["XDG_CACHE_HOME"] = old
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture
 def emp(xprocess):
     """start(files, *extra, base=, wait=, env=, prepare=, nofile=, vdir=) -> Emp,

@@ -4,6 +4,7 @@ fixed cost of a run; what --state gives the next run."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -286,3 +287,72 @@ def test_state_gives_the_next_run_its_preload_and_its_order(tmp_path: Path) -> N
     assert len(line) == 1 and "(what most test files loaded last time, --state)" in line[0], second.stderr
     assert "Proj::Deep" in line[0] and "Test::More" in line[0], line
     assert verdicts(second.stdout) == want
+
+
+def test_the_next_run_preloads_what_the_last_one_loaded(tmp_path: Path) -> None:
+    """Without --state too: a run keeps, in $XDG_CACHE_HOME/emperor-prove/
+    (not in the project), what each forked file loaded and which files had
+    to run cold, and their times; the next run in that directory preloads
+    what most files loaded, also modules no `use` line names, starts the
+    cold ones cold and, with -j2, the slowest first. `--no-learn` neither
+    keeps nor uses it. Verdicts stay prove's."""
+    (tmp_path / "lib" / "Proj").mkdir(parents=True)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "lib" / "Proj.pm").write_text(
+        "package Proj;\nsub deep { require Proj::Deep; Proj::Deep::answer() }\n1;\n")
+    (tmp_path / "lib" / "Proj" / "Deep.pm").write_text("package Proj::Deep;\nsub answer { 42 }\n1;\n")
+    for name in ("a", "b", "c"):
+        (tmp_path / "t" / f"{name}.t").write_text(
+            "use strict;\nuse warnings;\nuse Test::More tests => 1;\nuse Proj;\n"
+            "is Proj::deep(), 42, 'deep';\n")
+    (tmp_path / "t" / "d_base_sensitive.t").write_text(
+        "use strict;\nuse warnings;\nuse Test::More tests => 1;\n"
+        "ok !defined &ForkServer::Prove::TestFile::serve, 'fails in a fork of the base';\n")
+    (tmp_path / "t" / "z_slow.t").write_text(
+        "use strict;\nuse warnings;\nuse Test::More tests => 1;\n"
+        "select undef, undef, undef, 0.5;\nok 1, 'slow';\n")
+    cmd = [EMPEROR, "prove", "-l", "-j2", "t"]
+    want = verdicts(run_in(tmp_path, ["prove", "-l", "t"]).stdout)
+    assert want == {f"t/{n}.t": "ok" for n in ("a", "b", "c", "d_base_sensitive", "z_slow")}
+
+    first = run_in(tmp_path, cmd)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "preloaded (what most test files use): Test::More, Proj\n" in first.stderr, first.stderr
+    assert "t/d_base_sensitive.t failed or skipped forked and passed cold" in first.stderr
+    assert verdicts(first.stdout) == want
+    record = (Path(os.environ["XDG_CACHE_HOME"]) / "emperor-prove"
+              / f"{hashlib.md5(str(tmp_path.resolve()).encode()).hexdigest()}.yml")  # by directory
+    assert "Proj/Deep.pm" in record.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lib", "t"]  # nothing in the project
+
+    second = run_in(tmp_path, cmd)
+    assert second.returncode == 0, second.stdout + second.stderr
+    line = [x for x in second.stderr.splitlines() if "preloaded" in x]
+    assert len(line) == 1 and "(what most test files loaded last time)" in line[0], second.stderr
+    assert "Proj::Deep" in line[0] and "Test::More" in line[0], line
+    assert "t/d_base_sensitive.t runs cold: last run" in second.stderr, second.stderr
+    assert verdicts(second.stdout) == want
+    # with -j2, the slowest first, by the last run's times; one job: prove's order
+    assert run_in(tmp_path, [*cmd, "-D"]).stdout.split()[0] == "t/z_slow.t"
+    assert run_in(tmp_path, [EMPEROR, "prove", "-l", "-D", "t"]).stdout.split()[0] == "t/a.t"
+
+    forgetful = run_in(tmp_path, [*cmd[:2], "--no-learn", *cmd[2:]])
+    assert forgetful.returncode == 0, forgetful.stdout + forgetful.stderr
+    assert "preloaded (what most test files use): Test::More, Proj\n" in forgetful.stderr, forgetful.stderr
+    assert verdicts(forgetful.stdout) == want
+
+
+def test_few_files_counts_the_files_prove_would_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether a run names no more files than jobs: *.t files in t/, and
+    below it with -r (a 1-file run is prove itself; a larger one forks)."""
+    from psgi_forkserver.prove.started import few_files
+
+    (tmp_path / "t" / "sub" / "deeper").mkdir(parents=True)
+    for name in ("t/a.t", "t/README", "t/sub/b.t", "t/sub/deeper/c.t"):
+        (tmp_path / name).write_text("print qq{1..0\\n};\n")
+    monkeypatch.chdir(tmp_path)
+    assert few_files(["-j2", "t"], [])  # t/a.t alone
+    assert not few_files(["-j2", "-r", "t"], [])  # three files
+    assert few_files(["-j3", "-lr", "t"], [])
+    assert not few_files(["t", "t/sub/b.t"], [])
+    assert not few_files(["-j2", "t"], ["--no-preload"])  # ours: always forks

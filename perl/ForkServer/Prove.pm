@@ -63,6 +63,7 @@ sub main {
         elsif ($arg eq '--junit')       { $ours{junit} = shift @argv }
         elsif ($arg eq '--destruct')    { $ours{destruct} = 1 }
         elsif ($arg eq '--no-cold-retry') { $ours{no_cold_retry} = 1 }
+        elsif ($arg eq '--no-learn')    { $ours{no_learn} = 1 }
         elsif ($arg eq '--timeout')     { $ours{timeout} = shift @argv }
         else { die "emperor prove: unknown option '$arg'\n" }
     }
@@ -94,9 +95,10 @@ sub _help {
     return;
 }
 
-# --state with times from a previous run and several jobs: the slowest
-# files first (a long file started last is the run's tail), unless the
-# order or the choice is the user's (--state=slow,failed..., -s, --reverse).
+# Times from a previous run (--state=save's, or without --state our record
+# of the last run) and several jobs: the slowest files first (a long file
+# started last is the run's tail), unless the order or the choice is the
+# user's (--state=slow,failed..., -s, --reverse).
 # --shard I/N: this part of what prove would run, in that order.
 sub _get_tests {
     my $self  = shift;
@@ -113,9 +115,12 @@ sub _get_tests {
 sub _slowest_first {
     my ($self, @tests) = @_;
     my @switches = map { split /,/ } @{ $self->state || [] };
-    return @tests unless @switches && !grep { $_ ne 'save' } @switches;
     return @tests if ($self->jobs || 1) < 2 || $self->shuffle || $self->backwards;
-    my %times = ForkServer::Prove::Shard::previous_times(state => $self->state_manager);
+    # prove's --state=save, else (no --state) our record of the last run
+    my $state = !@switches ? _memory_of($self)
+        : !grep({ $_ ne 'save' } @switches) ? $self->state_manager : undef;
+    return @tests unless $state;
+    my %times = ForkServer::Prove::Shard::previous_times(state => $state);
     return @tests unless %times;
     # a file without a time (new) first: it may be long
     my %order = map { $tests[$_] => $_ } 0 .. $#tests;
@@ -134,6 +139,69 @@ sub _no_base_pays {
 
 sub _runtests {
     my ($self, $args, @tests) = @_;
+    my $memory;
+    no warnings 'redefine';
+    my $create = \&TAP::Harness::Env::create;
+    # the time of each file, for the next run's order (as prove's --state keeps it)
+    local *TAP::Harness::Env::create = sub {
+        my $harness = $create->(@_);
+        $harness->callback(after_test => sub {
+            my ($job, $parser) = @_;
+            return unless $memory && $parser->start_time && $parser->end_time;
+            eval { $memory->results->test($job->[0])->elapsed($parser->end_time - $parser->start_time); 1 };
+        });
+        return $harness;
+    };
+    my $ok = _runtests_with($self, $args, \$memory, @tests);
+    _save_memory($memory) if $memory;
+    return $ok;
+}
+
+# Our record of the last run (below), when this run keeps one: the preload
+# left to us, no --state, no --no-learn; false otherwise. Read once.
+sub _memory_of {
+    my ($self) = @_;
+    return $self->{emperor_memory} //= do {
+        my $auto = !$OURS{no_preload} && !@{ $OURS{preload} };
+        ($auto && !$OURS{no_learn} && !@{ $self->state || [] } && _memory()) || 0;
+    };
+}
+
+# Without --state, what the files of this directory loaded (and which of
+# them had to run cold) is kept between runs in a cache file of ours, an
+# App::Prove::State store (prove's own .prove is only written with
+# --state): the second run preloads what most files loaded, as with
+# --state, without the user asking. `--no-learn` turns it off.
+sub _memory_path {
+    require Digest::MD5;
+    my $cache = $ENV{XDG_CACHE_HOME};
+    $cache = File::Spec->catdir($ENV{HOME}, '.cache') unless defined $cache && length $cache;
+    return undef unless defined $cache && length $cache;
+    return File::Spec->catfile($cache, 'emperor-prove', Digest::MD5::md5_hex(Cwd::getcwd()) . '.yml');
+}
+
+sub _memory {
+    my $path = _memory_path() // return undef;
+    require App::Prove::State;
+    # a store that does not read (damaged, another version's) is started afresh
+    return eval { App::Prove::State->new({ store => $path }) }
+        || eval { unlink $path; App::Prove::State->new({ store => $path }) };
+}
+
+sub _save_memory {
+    my ($memory) = @_;
+    my $path = $memory->{store};
+    (my $dir = $path) =~ s{/[^/]*\z}{};
+    require File::Path;
+    eval { File::Path::make_path($dir); 1 } or return;
+    # written aside and renamed: two runs in one directory leave one whole record
+    local $memory->{store} = "$path.$$";
+    eval { $memory->save; rename "$path.$$", $path or unlink "$path.$$"; 1 } or unlink "$path.$$";
+    return;
+}
+
+sub _runtests_with {
+    my ($self, $args, $memory, @tests) = @_;
     my $source = 'ForkServer::Prove::Source';
     if ($self->exec) {
         $source->note("--exec: every test runs through the given command, none is forked");
@@ -144,13 +212,17 @@ sub _runtests {
         eval { ForkServer::Prove::Iterator::request($OURS{socket}, 'N', ''); 1 };
     }
     else {
+        my $auto = !$OURS{no_preload} && !@{ $OURS{preload} };
+        # without --state, our own record of the last run of this directory
+        $$memory = _memory_of($self) || undef;
         $source->setup(
             socket   => $OURS{socket},
             destruct => $OURS{destruct},
-            state    => (@{ $self->state || [] } ? $self->state_manager : undef),    # only with --state
+            state    => (@{ $self->state || [] } ? $self->state_manager : $$memory),
+            memory   => ($$memory ? 1 : 0),
             libs     => [map { File::Spec->rel2abs($_) } @{ $args->{lib} || [] }],
             preload  => $OURS{preload},
-            auto     => !$OURS{no_preload} && !@{ $OURS{preload} },
+            auto     => $auto,
             tests    => \@tests,
             quiet    => ($self->quiet || $self->really_quiet),
         );

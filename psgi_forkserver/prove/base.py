@@ -13,6 +13,7 @@ from pathlib import Path
 from .. import protocol
 from .started import EarlyBase, base_argv, spawn_base
 from .testfiles import ProveOptions
+from .trace import trace
 
 
 def is_module_name(what: str) -> bool:
@@ -120,7 +121,8 @@ class TestBase:
             # it has nothing to save, and a test run waits for its end
             try:
                 os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
+                _, _, usage = os.wait4(self.pid, 0)
+                trace("exit", "base", self.pid, usage.ru_utime + usage.ru_stime)
             except (ProcessLookupError, ChildProcessError):
                 pass
             self.pid = None

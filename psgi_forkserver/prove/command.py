@@ -12,7 +12,8 @@ LONG_RUNNING_PROVE = {"--watch", "--serve", "--connect", "--help-long-running"}
 # `emperor prove`'s own options; every other argument is prove's (App::Prove
 # parses them, with .proverc): name -> takes a value
 PROVE_OURS = {"--preload": True, "--no-preload": False, "--shard": True, "--shard-times": True,
-              "--junit": True, "--destruct": False, "--no-cold-retry": False, "--timeout": True, "--perl": True}
+              "--junit": True, "--destruct": False, "--no-cold-retry": False,
+              "--no-learn": False, "--timeout": True, "--perl": True}
 
 PROVE_HELP = """emperor prove [OPTIONS] [prove's options] [FILES|DIRECTORIES]
 
@@ -28,6 +29,7 @@ that has preloaded the modules most test files use. emperor prove's own:
   --timeout SECONDS      kill a forked test file that runs longer
   --destruct             forked tests end with perl's full global destruction
   --no-cold-retry        a forked file that fails is not run again cold
+  --no-learn             do not keep (nor use) what the files loaded last time
   --perl PATH            the perl to run prove and the base with
   --watch, --serve SOCK, --connect SOCK: see `emperor prove --help-long-running`
 

@@ -40,6 +40,7 @@ from ..nonblocking import SignalWakeup
 from .base import BaseError, TestBase, start_with_streams
 from .started import Started
 from .testfiles import ProveOptions, test_env
+from .trace import TRACE, trace
 
 
 @dataclass
@@ -90,6 +91,7 @@ def file_timeout(file: str, default: float | None) -> float | None:
 
 
 PR_SET_CHILD_SUBREAPER = 36
+
 
 
 class Session:
@@ -230,6 +232,8 @@ class Host:
             if kind == b"B":
                 conn.sendall(self.start_base(payload))
                 conn.close()
+                if TRACE is not None:
+                    trace("base-ready", "base", 0, 0)
             elif kind == b"N":  # prove runs every file itself: no base
                 self.prove.base.stop()
                 conn.close()
@@ -264,6 +268,8 @@ class Host:
     def start_test(self, conn: socket.socket, payload: bytes) -> None:
         file_b, _, spec = payload.partition(b"\0")
         file = file_b.decode("utf-8", "surrogateescape")
+        if TRACE is not None:
+            trace("request", file, 0, 0)
         f = Forked(file, conn, timeout=file_timeout(file, self.prove.opts.timeout))
 
         def start(out_fd: int, err_fd: int) -> int:
@@ -278,6 +284,8 @@ class Host:
             conn.close()
             return
         f.started = time.monotonic()
+        if TRACE is not None:
+            trace("forked", file, f.pid, 0)
         for s in (f.out, f.err):
             s.setblocking(False)
             self.prove.sel.register(s, selectors.EVENT_READ, f)
@@ -302,10 +310,17 @@ class Host:
 
     def answer(self, f: Forked) -> None:
         del self.forked[f.pid]
+        if TRACE is not None:
+            trace("answer", f.file, f.pid, 0)
+        status = f.status or 0
         if f.timed_out:
             f.err_bytes += f"emperor prove: {f.file}: timed out after {f.timeout:g} s: killed\n".encode()
+            # it outlived --timeout: a kill's verdict, also when it ended on
+            # its own between our last look and the kill (a starved host)
+            if not os.WIFSIGNALED(status):
+                status = signal.SIGKILL
         try:
-            f.conn.sendall(reply(f.status or 0, f.timed_out, bytes(f.out_bytes), bytes(f.err_bytes)))
+            f.conn.sendall(reply(status, f.timed_out, bytes(f.out_bytes), bytes(f.err_bytes)))
         except OSError:
             pass
         f.conn.close()
@@ -313,11 +328,15 @@ class Host:
     def reap(self) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
+            if TRACE is not None:
+                who = ("prove" if pid == self.shim_pid else self.forked[pid].file if pid in self.forked
+                       else "base" if pid == self.prove.base.pid else "orphan")
+                trace("exit", who, pid, usage.ru_utime + usage.ru_stime)
             if pid == self.shim_pid:
                 self.shim_status = status
             elif pid in self.forked:
@@ -362,8 +381,14 @@ def read_request(conn: socket.socket) -> tuple[bytes, bytes]:
 
 def run(prove: Session, shim_args: list[str], prove_args: list[str], started: Started) -> int:
     try:
+        if TRACE is not None:
+            trace("host", "python", os.getpid(), 0)
         return Host(prove, shim_args, prove_args).run(started)
     except KeyboardInterrupt:
         return 130
     finally:
+        if TRACE is not None:
+            import resource
+            u = resource.getrusage(resource.RUSAGE_SELF)
+            trace("end", "python", os.getpid(), u.ru_utime + u.ru_stime)
         sys.stdout.flush()

@@ -11,7 +11,12 @@ prove to hand the run to when it cannot.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+
+# No pathlib (with re, enum, fnmatch: ~8 ms of CPU) nor shutil here: this
+# is all a run of one file imports before it becomes prove.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
 
 SHIM_MAIN = "exit ForkServer::Prove::main(@ARGV)"
 BASE_MAIN = "BEGIN { ForkServer::Prove::TestFile::serve(@ARGV) }\n"
@@ -41,9 +46,16 @@ class EarlyBase:
 
 
 def program(perl: str) -> str:
-    from ..spawn import program_path
-
-    return program_path(perl)
+    """`perl` itself when it has a slash, else where PATH finds it
+    (FileNotFoundError when nowhere). (spawn.program_path's shutil.which,
+    without importing shutil, zlib and bz2: ~3 ms of a 1-file run.)"""
+    if os.sep in perl:
+        return perl
+    for d in os.get_exec_path():
+        path = os.path.join(d or os.curdir, perl)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    raise FileNotFoundError(2, "not found in PATH", perl)
 
 
 def spawn_env() -> dict[str, str]:
@@ -90,14 +102,14 @@ def start_prove(perl: str, shim_args: list[str], prove_args: list[str]) -> Start
     return Started(tmp, listener, pid)
 
 
-def base_argv(perl: str, tmp: Path, modules: list[str] = []) -> list[str]:  # noqa: B006 (read only)
+def base_argv(perl: str, tmp: str | Path, modules: list[str] = []) -> list[str]:  # noqa: B006 (read only)
     """The base's command line, before its preloads (TestBase.argv adds them)."""
     from ..paths import perl_dir
 
     return [perl, f"-I{perl_dir()}", "-MForkServer::Prove::TestFile",
             *(f"-M{m}" for m in modules), "-e", BASE_MAIN, "--",
-            "--inc-report", str(tmp / "inc"), "--inc-keys", str(tmp / "inc-keys"),
-            "--fork-server", str(tmp / "fork.sock"), "--name", "emperor-prove",
+            "--inc-report", os.path.join(tmp, "inc"), "--inc-keys", os.path.join(tmp, "inc-keys"),
+            "--fork-server", os.path.join(tmp, "fork.sock"), "--name", "emperor-prove",
             # 4 KB pages: a test writes to much of what it inherits
             # (compiling, loading), and each first write to a 2 MB page
             # copies all of it; measured faster for tests (bench: prove)
@@ -106,7 +118,7 @@ def base_argv(perl: str, tmp: Path, modules: list[str] = []) -> list[str]:  # no
             "--fork-server-spares", "0"]
 
 
-def spawn_base(argv: list[str], tmp: Path, env: dict[str, str], config_fd: int | None = None):
+def spawn_base(argv: list[str], tmp: str | Path, env: dict[str, str], config_fd: int | None = None):
     """Start the base with `argv` (and `--config-fd`): its stdin and
     stdout /dev/null, stderr its log in `tmp`, in a session of its own;
     returns its pid and our end of its Emperor pipe."""
@@ -121,7 +133,7 @@ def spawn_base(argv: list[str], tmp: Path, env: dict[str, str], config_fd: int |
     os.set_inheritable(theirs.fileno(), True)
     try:
         pid = spawn(argv, {**env, "UWSGI_EMPEROR_FD": str(theirs.fileno())},
-                    stdin=None, stdout=None, stderr=tmp / "base.log")
+                    stdin=None, stdout=None, stderr=os.path.join(tmp, "base.log"))
     except BaseException:
         ours.close()
         raise
@@ -135,7 +147,7 @@ def start_base_early(perl: str, tmp: str, env: dict[str, str]) -> EarlyBase:
     before the rest of `emperor prove` is even imported."""
     r, w = os.pipe()
     try:
-        pid, pipe = spawn_base(base_argv(perl, Path(tmp)), Path(tmp), env, config_fd=r)
+        pid, pipe = spawn_base(base_argv(perl, tmp), tmp, env, config_fd=r)
     except BaseException:
         os.close(w)
         raise
@@ -146,7 +158,6 @@ def start_base_early(perl: str, tmp: str, env: dict[str, str]) -> EarlyBase:
 
 def prove_program(perl: str) -> str | None:
     """The `prove` script of this perl (next to it, else on PATH)."""
-    import shutil
 
     try:
         real = os.path.realpath(program(perl))
@@ -155,6 +166,8 @@ def prove_program(perl: str) -> str | None:
     beside = os.path.join(os.path.dirname(real), "prove")
     if os.path.isfile(beside):
         return beside
+    import shutil
+
     return shutil.which("prove")
 
 
@@ -188,7 +201,7 @@ def few_files(prove_args: list[str], shim_args: list[str]) -> bool:
     files = 0
     for path in named or ["t"]:
         if os.path.isdir(path):
-            files += sum(1 for _ in Path(path).glob("**/*.t" if recurse else "*.t"))
+            files += _count_tests(path, recurse, max(1, jobs) + 1 - files)
         elif path.endswith(".t") and os.path.isfile(path):
             files += 1
         else:
@@ -196,3 +209,14 @@ def few_files(prove_args: list[str], shim_args: list[str]) -> bool:
         if files > max(1, jobs):
             return False
     return files > 0
+
+
+def _count_tests(top: str, recurse: bool, enough: int) -> int:
+    """The *.t files in `top` (and below it with `recurse`), counted up to
+    `enough`."""
+    found = 0
+    for where, dirs, files in os.walk(top):
+        found += sum(1 for f in files if f.endswith(".t"))
+        if found >= enough or not recurse:
+            break
+    return found

@@ -37,7 +37,7 @@ from prove's options, HARNESS_PERL_SWITCHES, PERL5OPT or the shebang);
 C<# emperor-prove: no-preload>;
 
 =item * the file changes C<%ENV> (a variable a preloaded file reads at its top
-  level) or C<CORE::GLOBAL::> before C<use> of a
+  level) or C<CORE::GLOBAL::> in a C<BEGIN> block before C<use> of a
 module the base already loaded (it would see the module compiled before
 its change);
 
@@ -112,7 +112,8 @@ sub setup {
         my @loaded = grep { (my $key = "$_.pm") =~ s{::}{/}g; $BASE_INC{$key} } @auto;
         if ($LEARNED) {    # many (what they load, not only what they `use`): the first few
             my $more = @loaded > 8 ? ' and ' . (@loaded - 8) . ' more' : '';
-            print STDERR "emperor prove: preloaded (what most test files loaded last time, --state): "
+            my $from = $args{memory} ? '' : ', --state';
+            print STDERR "emperor prove: preloaded (what most test files loaded last time$from): "
                 . (@loaded ? join(', ', @loaded[0 .. ($#loaded < 7 ? $#loaded : 7)]) . $more : 'nothing') . "\n";
         }
         else {
@@ -217,7 +218,7 @@ sub cold_reason {
         if $text =~ /^\s*#\s*emperor-prove:\s*no-preload\s*$/m;
     if (my $state = $CFG{state}) {
         my $t = eval { $state->results->{tests}{$file} };    # test() would add it
-        return "--state: $t->{emperor_cold}" if $t && $t->{emperor_cold};
+        return ($CFG{memory} ? "last run" : "--state") . ": $t->{emperor_cold}" if $t && $t->{emperor_cold};
     }
     my $changes = _changes_before_preloaded_use($text);
     return "it sets $changes before using a preloaded module" if $changes;
@@ -246,7 +247,15 @@ sub _changes_before_preloaded_use {
         $last_use = $at if $BASE_INC{$inc};
     }
     return undef if $last_use < 0;
-    my $before = substr $text, 0, $last_use;
+    # Only what runs at compile time can reach a `use` (which itself runs
+    # at compile time, wherever it stands): the BEGIN blocks above it. An
+    # assignment at run time above a `use` runs after it, under perl as
+    # in a fork (Mojolicious's exception_lite_app.t sets MOJO_LOG_LEVEL so).
+    my $before = '';
+    while ($text =~ /\bBEGIN\s*(\{(?:[^{}]++|(?1))*+\})/g) {
+        last if $-[0] >= $last_use;
+        $before .= "$1\n";
+    }
     $before =~ s/^\s*#.*$//mg;
     return 'CORE::GLOBAL' if $before =~ /CORE::GLOBAL::/;
     return '%ENV' if $before =~ /%ENV\s*=(?!=)/;
@@ -265,7 +274,10 @@ sub _read_at_top_level {
     my ($name) = @_;
     return $TOP_LEVEL_READ{$name} //= do {
         my $found = 0;
-        for my $path (grep { !/\A1\z/ } values %BASE_INC) {
+        # the base's own code (ForkServer::Config reads PLACK_ENV as it
+        # loads) is not the test's: only the preloads count
+        (my $ours = $INC{'ForkServer/Prove/Source.pm'} // '') =~ s{ForkServer/Prove/Source\.pm\z}{ForkServer/};
+        for my $path (grep { !/\A1\z/ && (!length $ours || index($_, $ours) != 0) } values %BASE_INC) {
             open my $fh, '<', $path or next;
             local $/;
             my $src = <$fh> // '';
@@ -293,7 +305,7 @@ sub _create_iterator {
         ? "HARNESS_PERL ($command->[0]) is not the base's perl"
         : $class->cold_reason($file, \@switches, $source->meta->{file}{shebang});
     if (defined $reason) {
-        $class->note($reason =~ /\Ait |\A--state/ ? "$file runs cold: $reason" : "$reason: such files run as prove runs them");
+        $class->note($reason =~ /\Ait |\A--state|\Alast run/ ? "$file runs cold: $reason" : "$reason: such files run as prove runs them");
         return $cold->();
     }
     $setup->(@$command);
@@ -331,7 +343,7 @@ sub _loads_path {
 sub _remember_cold {
     my ($file) = @_;
     __PACKAGE__->note("$file failed or skipped forked and passed cold: its verdict is the cold run's"
-        . ($CFG{state} ? " (--state remembers it)" : ""));
+        . (!$CFG{state} ? "" : $CFG{memory} ? " (remembered for the next run)" : " (--state remembers it)"));
     my $state = $CFG{state} or return;
     eval { $state->results->test($file)->{emperor_cold} = 'it failed or skipped forked and passed cold'; 1 };
     return;

@@ -1,0 +1,49 @@
+use strict;
+use warnings;
+use Test::More;
+use File::Temp qw(tempdir);
+
+# ForkServer::Process::Exit's fast exit, in real processes: the END blocks
+# compiled before the module (which perl would run after its own) run
+# exactly once, after the later ones, whether the process was forked from
+# a base that called mark_base or not.
+
+my $dir = tempdir(CLEANUP => 1);
+
+sub run_program {
+    my ($mark) = @_;
+    my $log = "$dir/log-$mark";
+    my $program = <<"PERL";
+open my \$log, '>>', '$log' or die;
+\$log->autoflush(1);
+END { print \$log "earlier \$\$\\n" }
+BEGIN { require ForkServer::Process::Exit }
+END { print \$log "later \$\$\\n" }
+ForkServer::Process::Exit::mark_base() if $mark;
+my \$pid = fork // die;
+if (!\$pid) {
+    ForkServer::Process::Exit::without_global_destruction();
+    print \$log "child \$\$\\n";
+    exit 3;
+}
+waitpid \$pid, 0;
+print \$log "status " . (\$? >> 8) . " of \$pid\\n";
+POSIX::_exit(0);
+PERL
+    system($^X, '-Iperl', '-MPOSIX', '-e', $program) == 0 or die "program failed: $?";
+    open my $fh, '<', $log or die;
+    my @lines = <$fh>;
+    chomp @lines;
+    return @lines;
+}
+
+for my $mark (0, 1) {
+    my @lines = run_program($mark);
+    my ($status) = grep {/\Astatus/} @lines;
+    my ($child) = $status =~ /of (\d+)\z/;
+    is_deeply [grep { !/\Astatus/ && / $child\z/ } @lines], ["child $child", "later $child", "earlier $child"],
+        ($mark ? 'from a marked base' : 'unmarked') . ': the END blocks after, then the one before, each once';
+    like $status, qr/\Astatus 3 /, 'the exit status is kept';
+}
+
+done_testing;
