@@ -99,8 +99,9 @@ def main() -> int:
             rows = floors[name]
             print(f"  {name}: " + " ".join(f"{k} {statistics.median(x[k] for x in rows):.2f}" for k in rows[0]))
         else:
-            print(f"  {name}: adoption -> first 200 p50 {statistics.median(samples[name]):.2f} ms "
-                  f"over {len(samples[name])}")
+            xs = sorted(samples[name])
+            print(f"  {name}: adoption -> first 200 p50 {statistics.median(xs):.2f} ms "
+                  f"(min {xs[0]:.2f}, p25 {xs[len(xs) // 4]:.2f}, p75 {xs[3 * len(xs) // 4]:.2f}) over {len(xs)}")
     return 0
 
 

@@ -131,14 +131,7 @@ sub _become_vassal {
     ForkServer::Process::Startup::run(
         argv    => \@argv,
         session => 1,
-        prepare => sub {
-            ForkServer::Process::Random::reseed();
-            $self->_detach_from_base($req);
-            $self->_reply_pid($req);
-            # a warm worker given the request by the base peeks at the
-            # config pipe: its answer first, then the config is read
-            $vassal{first_worker}->await_direct if $vassal{first_worker};
-        },
+        prepare => sub { ForkServer::Process::Random::reseed(); $self->_detach_from_base($req); $self->_reply_pid($req) },
         # `emperor prove`: another kind of adopted vassal, a test file; its
         # pipes are the test's stdout and stderr (ForkServer::Prove::TestFile).
         before_config => sub {

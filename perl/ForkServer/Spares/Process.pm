@@ -171,14 +171,19 @@ sub _wait_for_adoption {
     leave(0) unless defined $data && @fds;    # the base forgot us, or is gone
     my $direct = $data =~ s/\A${\DIRECT}//;
     @fds = $worker->renumber(length $data > 3 ? ord substr($data, 3, 1) : 0, @fds);    # modifier2: the mask
+    # The worker has the request from the base too and starts on its own:
+    # this spare waits for its answer before it does anything, so that the
+    # worker's start-up has the CPU to itself (this spare's own comes after)
+    if ($direct && !$worker->{gone}) {
+        $worker->sent_directly;
+        $worker->await_direct;
+    }
     # no connection to the requester: the base sent the pid reply
     my $req = eval { ForkServer::Base::Request->handed_over(sock => undef, data => $data, fds => \@fds) };
     if (!$req) {
         POSIX::close($_) for @fds;
         die "the request from the base: $@";
     }
-    # the worker has the request from the base too and starts on its own
-    $worker->sent_directly if $direct && !$worker->{gone};
     return $req;
 }
 

@@ -136,7 +136,7 @@ let go of. C<renumber>: the request's Emperor pipe and config pipe onto
 the descriptor numbers reserved for them at prefork, which the worker knows
 (its C<UWSGI_EMPEROR_FD> and C<UWSGI_EMPEROR_FD_CONFIG>). With a request
 the base sent the worker too (L<ForkServer::Spares::WorkerStart>,
-C<sent_directly>): C<await_direct>, before the spare reads its
+C<sent_directly>): C<await_direct>, before the spare reads its request and
 config pipe, reads the worker's answer: started and fits (C<verdict>
 undef), started and leaves (C<verdict> why), not started (the spare starts
 it as before), or gone. C<answered>: whether the worker has said something
@@ -381,7 +381,6 @@ sub _worker_main {
     my $start = ForkServer::Spares::WorkerStart::wait_for_start(
         link => $link, direct => $direct, warm => $warm, master => $master, reserved => \@reserved);
     my ($sock, $vassal, $requests_fd) = @$start{qw(sock vassal requests_fd)};
-    close $link;
     my $access_log = $vassal->access_log;    # opened as whoever may open it
     $vassal->drop_privileges;
     my @requests;
@@ -389,10 +388,12 @@ sub _worker_main {
         open(my $fh, '+<&=', $requests_fd) or die "the requests file: $!\n";
         @requests = (requests_fh => $fh);
     }
-    ForkServer::HTTPServer->new(listen_sock => $sock, app => $app, $vassal->server_args($access_log), @requests)
-        ->run_preforked_worker(slot => 1, master_pid => $master,
-                               ready_r => $ready_r, ready_w => $ready_w, stop_r => $stop_r,
-                               handoff => $handoff);
+    my $server = ForkServer::HTTPServer->new(listen_sock => $sock, app => $app, $vassal->server_args($access_log),
+                                             @requests);
+    syswrite($link, FITS) or die "telling the spare: $!\n" if $start->{judged};    # WorkerStart::judge
+    close $link;
+    $server->run_preforked_worker(slot => 1, master_pid => $master, ready_r => $ready_r, ready_w => $ready_w,
+                                  stop_r => $stop_r, handoff => $handoff);
     return;    # not reached
 }
 

@@ -24,7 +24,7 @@ ForkServer::Spares::WorkerStart - how a spare's waiting worker becomes its vassa
   my $start = ForkServer::Spares::WorkerStart::wait_for_start(
       link => $spare_link, direct => $base_link, warm => \%warm_up_record, master => $spare_pid,
       reserved => [$emperor_fd, $config_fd]);
-  # { sock => $listening, vassal => ForkServer::Vassal, requests_fd => $fd or undef }
+  # { sock => $listening, vassal => ForkServer::Vassal, requests_fd => $fd or undef, judged => bool }
 
 =head1 DESCRIPTION
 
@@ -134,7 +134,7 @@ sub _from_base {
     # the numbers the spare gives these pipes (ForkServer::Spares::Worker::renumber)
     set_emperor_variables($reserved->[0], defined $config_fd ? $reserved->[1] : '');
     my $sock = ForkServer::Vassal::listener_from_fd($listen_fd) or die "the listening socket: $!\n";
-    return { sock => $sock, vassal => $vassal, requests_fd => undef };
+    return { sock => $sock, vassal => $vassal, requests_fd => undef, judged => 1 };
 }
 
 =head2 peek_config($fd) -> ($text, $output_fd) or ()
@@ -200,13 +200,15 @@ sub _from_spare {
     my $vassal = ForkServer::Vassal->new(config => $config);
     $vassal->configure;
     judge($link, $warm, $config) if $mode eq JUDGE;    # started early (start_early): its master waits
-    return { sock => $sock, vassal => $vassal, requests_fd => $requests_fd };
+    return { sock => $sock, vassal => $vassal, requests_fd => $requests_fd, judged => $mode eq JUDGE };
 }
 
 =head2 judge($link, \%warm, $config)
 
-Tells the spare whether the worker fits the vassal (C<S>), or leaves after
-saying why not (C<U>).
+Leaves after telling the spare why the worker does not fit the vassal
+(C<U>). One that fits says so (C<S>, C<judged> in the start) once its
+server is made, just before it accepts: its spare waits for that word
+before its own start-up, which then does not compete with the worker's.
 
 =cut
 
@@ -217,7 +219,6 @@ sub judge {
         syswrite $link, UNFIT . $why;
         POSIX::_exit(0);
     }
-    syswrite($link, FITS) or die "telling the spare: $!\n";
     return;
 }
 
