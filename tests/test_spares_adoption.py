@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pwd
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -242,4 +243,39 @@ def test_the_warm_worker_serves_its_vassal_while_the_spare_itself_is_stopped(emp
     # then its master sets itself up as before: the vassal's second worker
     wait_for(lambda: e.vpid("direct") == spare and len(psutil.Process(spare).children()) == 2, 30,
              "the spare to become the vassal's master with both workers")
+    assert_no_zombies(e)
+
+
+def test_the_warm_worker_binds_the_vassals_own_socket_while_the_spare_is_stopped(emp):
+    """A request without a socket (a requester other than `emperor run`:
+    the vassal binds its own http-socket): the warm worker binds it, as its
+    master would, serves, and gives it to its master, which forks its
+    second worker on it."""
+    from psgi_forkserver.adoption import adopt
+
+    e = emp({"base": warm_base(1)}, base=False)
+    spares(e, 1)
+    (spare,) = spare_masters(e)
+    port = free_port()
+    ours, theirs = socket.socketpair()
+    os.kill(spare, signal.SIGSTOP)
+    try:
+        try:
+            pid = adopt(e.dir / "fs.sock", ["perl", "--http-socket", f"127.0.0.1:{port}", "--processes", "2"],
+                        theirs.fileno())
+        finally:
+            theirs.close()
+        assert pid == spare
+        r = wait_for(lambda: whoami(port), 30, "the warm worker to answer on the socket it bound")
+        assert psutil.Process(spare).status() == psutil.STATUS_STOPPED
+        assert int(r["ppid"]) == spare, r
+    finally:
+        os.kill(spare, signal.SIGCONT)
+    try:
+        wait_for(lambda: len(psutil.Process(spare).children()) == 2, 30, "the master's second worker")
+        seen = set()
+        wait_for(lambda: seen.add(whoami(port)["pid"]) or len(seen) == 2, 30, "both workers to answer")
+    finally:
+        ours.close()  # end of file on its Emperor pipe: the vassal stops
+    wait_for(lambda: not psutil.pid_exists(spare) or not alive(psutil.Process(spare)), 30, "the vassal to stop")
     assert_no_zombies(e)

@@ -160,6 +160,9 @@ sub _direct_start {
     POSIX::close($output) if defined $output;
     my $config = ForkServer::Config->from_argv(['--ini', 'rehearsal.ini'], config_text => $text // $CONFIG_TEXT);
     ForkServer::Base::Adoption::early_start_fits($config);
+    # bound, never listening, as the vassal's own socket would be
+    my $sock = IO::Socket::IP->new(LocalHost => '127.0.0.1', LocalPort => 0, ReuseAddr => 1, Type => SOCK_STREAM);
+    close $sock if $sock;
     ForkServer::Spares::Worker::unfit_for({ id => ForkServer::Vassal::Identity::current(), cwd => '/', env => {} },
                                           $config);
     return;

@@ -139,8 +139,9 @@ the base sent the worker too (L<ForkServer::Spares::WorkerStart>,
 C<sent_directly>): C<await_direct>, before the spare reads its request and
 config pipe, reads the worker's answer: started and fits (C<verdict>
 undef), started and leaves (C<verdict> why), not started (the spare starts
-it as before), or gone. C<answered>: whether the worker has said something
-rather than left, without reading it.
+it as before), or gone; the socket it bound (C<bound_fd>) when the request
+had none. C<answered>: whether the worker has said something rather than
+left, without reading it.
 
 =cut
 
@@ -148,6 +149,7 @@ sub link_for_base        { return fileno $_[0]{for_base} }
 sub forget_link_for_base { close delete $_[0]{for_base} if $_[0]{for_base}; return }
 
 sub sent_directly { $_[0]{direct} = 1; return }
+sub bound_fd      { return $_[0]{bound_fd} }
 
 # The request's Emperor pipe and config pipe onto the numbers reserved at
 # prefork (the placeholders give way); the descriptors in protocol order.
@@ -169,10 +171,10 @@ sub renumber {
 sub await_direct {
     my ($self) = @_;
     return unless delete $self->{direct};
-    my $n;
-    do { $n = sysread $self->{link}, my $said, 4096; $self->{answer} = $said } while (!defined $n && $!{EINTR});
-    my $said = delete $self->{answer};
+    my ($said, $bound) = ForkServer::Link::recv_fds($self->{link});    # the socket it bound, with S
+    my $n = defined $said ? length $said : 0;
     return if $n && $said eq ForkServer::Spares::WorkerStart::NOT_STARTED;
+    $self->{bound_fd} = $bound;
     $self->{early} = 1;
     $self->{said} = !$n ? 'its worker is gone'
                   : $said =~ /\A\Q${\UNFIT}\E/ ? substr($said, 1) || 'unfit'
@@ -245,11 +247,7 @@ sub start {
     return $self->_started;
 }
 
-sub _started {
-    my ($self) = @_;
-    $self->{started} = 1;
-    return { pid => $self->{pid}, %{ $self->{pipes} } };
-}
+sub _started { $_[0]{started} = 1; return { pid => $_[0]{pid}, %{ $_[0]{pipes} } } }
 
 # What the worker is given: how it starts, the config text, the vassal's
 # protocol variables (as its other workers inherit them), the argv; the
@@ -322,7 +320,8 @@ sub verdict {
 sub fds {
     my ($self) = @_;
     return () if $self->{started} || $self->{discarded};
-    return map { fileno $_ } grep { $_->opened } $self->{link}, values %{ $self->{pipes} };
+    return (map({ fileno $_ } grep { $_->opened } $self->{link}, values %{ $self->{pipes} }),
+            grep { defined } $self->{bound_fd});    # the socket it bound (await_direct)
 }
 
 # The config asks for something else than the preloaded app: the waiting
@@ -390,7 +389,8 @@ sub _worker_main {
     }
     my $server = ForkServer::HTTPServer->new(listen_sock => $sock, app => $app, $vassal->server_args($access_log),
                                              @requests);
-    syswrite($link, FITS) or die "telling the spare: $!\n" if $start->{judged};    # WorkerStart::judge
+    ForkServer::Link::send_fds($link, FITS, $start->{bound} ? fileno $sock : ()) or die "telling the spare: $!\n"
+        if $start->{judged};    # WorkerStart::judge
     close $link;
     $server->run_preforked_worker(slot => 1, master_pid => $master, ready_r => $ready_r, ready_w => $ready_w,
                                   stop_r => $stop_r, handoff => $handoff);

@@ -34,19 +34,21 @@ warm). The base sends an adoption to both (L<ForkServer::Spares/take>),
 the worker's first.
 
 From the base's request the worker starts by itself, without waiting for
-its master: when the request carries the vassal's listening socket (the
-on-demand socket, as C<emperor run> passes it) and its config packet is
-already in the config pipe, it peeks at that packet (C<MSG_PEEK>: it stays
+its master: it waits for the config packet in the config pipe (when the
+request has one), peeks at that packet (C<MSG_PEEK>: it stays
 for the master to read, with the vassal's output pipe), reads the argv and
 config as the master will, takes the output, applies C<env>, C<chdir> and
 the title, judges whether its warm-up fits the vassal
 (L<ForkServer::Spares::Worker/unfit>), tells its master (C<S>, or C<U> and
-why, then it leaves), and accepts, without a word from its master: the
+why, then it leaves), and accepts, without a word from its master. A
+request without a socket (the vassal binds its own C<http-socket>) is
+bound by the worker, as the master would, and the socket goes to the
+master with the C<S>. The
 descriptor numbers its Emperor variables name were reserved when it was
 forked (L<ForkServer::Spares::Worker/renumber>). The master reads its config pipe only after that
 answer (L<ForkServer::Spares::Worker/await_direct>). Where it cannot
-(no listening socket, the config not there yet, an app of its own, a
-C<keep-fd>, a requests file its master must make as root), it says C<N>
+(the config packet not whole, an app of its own, a C<keep-fd>, a requests
+file its master must make as root, a socket it cannot bind), it says C<N>
 and waits for its spare to start it as before: with the spare's message,
 after the master has read the config (start or judge).
 
@@ -105,7 +107,6 @@ sub _from_base {
     my $req = eval { ForkServer::Base::Request->handed_over(sock => undef, data => $data, fds => \@fds) }
         or return $not->();
     my ($pipe, $config_fd, $listen_fd) = $req->fds_by_role;
-    return $not->() unless defined $listen_fd;
     my $text;
     if (defined $config_fd) {
         # the Emperor writes the config right after its request: wait for
@@ -131,10 +132,18 @@ sub _from_base {
     my $vassal = ForkServer::Vassal->new(config => $config);
     $vassal->configure;
     judge($link, $warm, $config);
+    # No socket in the request: the vassal's own http-socket (or socket),
+    # bound here as its master would, and given to the master with the
+    # answer (ForkServer::Spares::Worker::await_direct). One that cannot be
+    # bound: the master tries, and says why.
+    my $sock = defined $listen_fd ? ForkServer::Vassal::listener_from_fd($listen_fd) : eval { $vassal->listen_socket };
+    if (!$sock) {
+        @fds = grep { defined } $listen_fd;    # the pipes are closed already
+        return $not->();
+    }
     # the numbers the spare gives these pipes (ForkServer::Spares::Worker::renumber)
     set_emperor_variables($reserved->[0], defined $config_fd ? $reserved->[1] : '');
-    my $sock = ForkServer::Vassal::listener_from_fd($listen_fd) or die "the listening socket: $!\n";
-    return { sock => $sock, vassal => $vassal, requests_fd => undef, judged => 1 };
+    return { sock => $sock, vassal => $vassal, requests_fd => undef, judged => 1, bound => !defined $listen_fd };
 }
 
 =head2 peek_config($fd) -> ($text, $output_fd) or ()
