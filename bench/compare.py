@@ -4,7 +4,7 @@ rounds alternating, so that a shared machine's drifting load falls on all
 alike.
 
     .venv/bin/python bench/compare.py floor  [--rounds 3] [-n 20] NAME=PROGRAM ...
-    .venv/bin/python bench/compare.py spares [--rounds 3] [-n 10] NAME=PROGRAM ...
+    .venv/bin/python bench/compare.py spares|spares-polled [--rounds 3] [-n 10] NAME=PROGRAM ...
 
 PROGRAM is a `perl/ForkServer.pm`, e.g. of an older commit exported with
 `git archive REV perl | tar -x -C DIR` (then DIR/perl/ForkServer.pm).
@@ -14,7 +14,9 @@ PROGRAM is a `perl/ForkServer.pm`, e.g. of an older commit exported with
   base's clone, the vassal master and its worker, and their page faults;
 - `spares`: adoption -> first 200 on the heavy app's `/` from a base with
   `early-warmup = /` and 2 warm spares, the socket bound by the requester
-  (the spares bench's row).
+  (the spares bench's row);
+- `spares-polled`: the same, the vassal binding its own http-socket and
+  the client polling it (the uwsgi21 bench's way).
 
 Prints each round and the medians over the rounds (floor) or over every
 sample (spares), with the load average at each round's start.
@@ -48,15 +50,15 @@ def floor_round(procs: Procs, ports: Ports, tmp: Path, n: int) -> dict[str, floa
             "master_faults": fl["master_faults"]["p50"], "worker_faults": fl["worker_faults"]["p50"]}
 
 
-def spares_round(procs: Procs, ports: Ports, tmp: Path, n: int) -> list[float]:
+def spares_round(procs: Procs, ports: Ports, tmp: Path, n: int, bound: bool = True) -> list[float]:
     x = adoptions.adoption_latency(procs, ports, tmp, "heavy", n, "/",
-                                   ("--early-warmup", "/", "--fork-server-spares", "2"), bound=True)
+                                   ("--early-warmup", "/", "--fork-server-spares", "2"), bound=bound)
     return x["samples_first_200_ms"]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("floor", "spares"))
+    ap.add_argument("what", choices=("floor", "spares", "spares-polled"))
     ap.add_argument("programs", nargs="+", metavar="NAME=PROGRAM")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("-n", type=int, default=None, help="adoptions per round (floor 20, spares 10)")
@@ -86,7 +88,7 @@ def main() -> int:
                     print(f"round {r + 1} {name}: " + " ".join(f"{k} {v:.2f}" for k, v in row.items())
                           + f" (load {load:.1f})", flush=True)
                 else:
-                    got = spares_round(procs, ports, tmp, n)
+                    got = spares_round(procs, ports, tmp, n, bound=args.what == "spares")
                     samples[name] += got
                     print(f"round {r + 1} {name}: adoption -> first 200 p50 {statistics.median(got):.2f} ms "
                           f"(load {load:.1f})", flush=True)
@@ -99,8 +101,9 @@ def main() -> int:
             rows = floors[name]
             print(f"  {name}: " + " ".join(f"{k} {statistics.median(x[k] for x in rows):.2f}" for k in rows[0]))
         else:
-            print(f"  {name}: adoption -> first 200 p50 {statistics.median(samples[name]):.2f} ms "
-                  f"over {len(samples[name])}")
+            xs = sorted(samples[name])
+            print(f"  {name}: adoption -> first 200 p50 {statistics.median(xs):.2f} ms "
+                  f"(min {xs[0]:.2f}, p25 {xs[len(xs) // 4]:.2f}, p75 {xs[3 * len(xs) // 4]:.2f}) over {len(xs)}")
     return 0
 
 

@@ -49,7 +49,9 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
                          f"{w['p50']:.2f} / {w['p99']:.2f} ms", "", ""))
             for key, target in (("fork path", TARGETS["fork_path_over_uwsgi21"]),
                                 ("spares", TARGETS["spares_over_uwsgi21"]),
-                                ("spares, base with early-warmup /", TARGETS["spares_over_uwsgi21"])):
+                                ("spares, base with early-warmup /", TARGETS["spares_over_uwsgi21"]),
+                                ("spares, base with early-warmup /, socket bound by the requester",
+                                 TARGETS["spares_over_uwsgi21"])):
                 x = u.get(key)
                 if x:
                     f = x["first_200_ms"]

@@ -14,11 +14,13 @@ import psutil
 
 from psgi_forkserver import adoption
 from basevassal import Base, stop_adopted
-from benchlib import BenchError, Ports, Procs, summary, wait_200
+from adoptions import bound_listener
+from benchlib import BenchError, Ports, Procs, http_get, summary, wait_200
 from settings import APPS, Bench, say
 
 
 UWSGI21_ENV = "UWSGI21"
+BOUND_KEY = "spares, base with early-warmup /, socket bound by the requester"
 
 
 def uwsgi21_binary() -> tuple[str | None, str]:
@@ -70,8 +72,8 @@ def uwsgi21_side_by_side(procs: Procs, ports: Ports, tmp: Path, n: int) -> dict:
     ours_extra = {"fork path": ("--fork-server-spares", "0"), "spares": sp,
                   "spares, base with early-warmup /": ("--early-warmup", "/", *sp)}
     samples: dict[str, dict[str, list[float]]] = {
-        k: {"pid": [], "first": []} for k in ("uwsgi21", *ours_extra)}
-    by_spare = dict.fromkeys(ours_extra, 0)
+        k: {"pid": [], "first": []} for k in ("uwsgi21", *ours_extra, BOUND_KEY)}
+    by_spare = dict.fromkeys((*ours_extra, BOUND_KEY), 0)
     em = None
     bases: dict[str, Base] = {}
     try:
@@ -106,18 +108,32 @@ def uwsgi21_side_by_side(procs: Procs, ports: Ports, tmp: Path, n: int) -> dict:
                 stop_adopted(procs, pid, ours)
             return a_pid - a0, t200 - a0, False
 
-        def ours_one(base: Base) -> tuple[float, float, bool]:
+        def ours_one(base: Base, bound: bool = False) -> tuple[float, float, bool]:
             port = ports.get()
             k = base.spares()
             waiting = base.wait_spares(k) if k else set()  # the steady state: the pool refilled
-            pid, pipe, a0, a_pid = base.adopt(["--http-socket", f"127.0.0.1:{port}", "--processes", "1"])
+            listener = bound_listener(port) if bound else None
             try:
-                t200 = wait_200(port, 30, alive=lambda: psutil.pid_exists(pid))
+                pid, pipe, a0, a_pid = base.adopt(["--http-socket", f"127.0.0.1:{port}", "--processes", "1"],
+                                                  listener)
+            finally:
+                if listener is not None:
+                    listener.close()  # the vassal holds it now
+            try:
+                if bound:  # one connection, waiting in the backlog: no polling
+                    if http_get(port, "/", timeout=30) != 200:
+                        raise BenchError(f"no 200 from the vassal on port {port} (bound socket)")
+                    t200 = time.perf_counter()
+                else:
+                    t200 = wait_200(port, 30, alive=lambda: psutil.pid_exists(pid))
             finally:
                 stop_adopted(procs, pid, pipe)
             return a_pid - a0, t200 - a0, pid in waiting
 
         runs = {"uwsgi21": uwsgi_one, **{k: (lambda b=b: ours_one(b)) for k, b in bases.items()}}
+        # as `emperor run` adopts: the socket bound by the requester and passed
+        # (descriptor 0), the client's connection waiting in its backlog
+        runs[BOUND_KEY] = lambda: ours_one(bases["spares, base with early-warmup /"], bound=True)
         order = list(runs)
         for i in range(n):
             for key in order[i % len(order):] + order[:i % len(order)]:
@@ -135,7 +151,7 @@ def uwsgi21_side_by_side(procs: Procs, ports: Ports, tmp: Path, n: int) -> dict:
         res[key] = {"pid_reply_ms": summary(x["pid"]), "first_200_ms": summary(x["first"]),
                     "samples_first_200_ms": x["first"]}
     u50 = res["uwsgi21"]["first_200_ms"]["p50"]
-    for key in ours_extra:
+    for key in (*ours_extra, BOUND_KEY):
         res[key]["by_spare"] = by_spare[key]
         res[key]["ratio"] = res[key]["first_200_ms"]["p50"] / u50
     res["loadavg_after"] = os.getloadavg()

@@ -116,11 +116,12 @@ def test_descriptor_hygiene(emp):
             assert not vassal_inodes[a] & vassal_inodes[b], f"{a} and {b} share a socket"
     # the base holds stdio, its pipe and the fork-server socket only, the
     # spare descriptor it gives up to refuse a client when out of them, and
-    # one link per warm spare (fork-server-spares, default 2) once its pool is full
+    # two links per warm spare (fork-server-spares, default 2) once its pool
+    # is full: the spare's and its warm worker's (the base hands it the request)
     wait_for(lambda: (e.status()["base"].get("spares") or {}).get("ready") == 2, 30, "the base's 2 spares")
     bfds = {fd: t for fd, t in _fds(base).items() if fd > 2}
     assert sorted(bfds.values()).count("/dev/null") == 1, bfds
-    assert len(bfds) == 3 + 2, bfds
+    assert len(bfds) == 3 + 2 * 2, bfds
     for ino in base_inodes:
         assert not any(ino in v for v in vassal_inodes.values())
     # every descriptor of the Emperor, stdio aside, is close-on-exec

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import pwd
+import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -214,3 +216,66 @@ def test_the_warm_workers_output_goes_to_its_vassal_not_to_the_base(emp):
     line = wait_for(lambda: [x for x in e.lines('"GET / HTTP/1.') if "loud 127.0.0.1" in x],
                     15, "the access log line")[0]
     assert "[loud]" in line and "[base]" not in line, line
+
+
+def test_the_warm_worker_serves_its_vassal_while_the_spare_itself_is_stopped(emp):
+    """The base hands an adoption to the spare's warm worker itself, with
+    the vassal's socket: the worker reads the vassal's config (peeked in the
+    config pipe, with the vassal's output pipe), applies it and serves
+    without a word from its spare, stopped here (SIGSTOP) through the whole
+    first request."""
+    e = emp({"base": warm_base(1)}, base=False)
+    spares(e, 1)
+    (spare,) = spare_masters(e)
+    port = free_port()
+    os.kill(spare, signal.SIGSTOP)
+    try:
+        (e.dir / "direct.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 2\n")
+        r = wait_for(lambda: whoami(port), 30, "the warm worker to answer")
+        # its access log line is its vassal's, relayed from the vassal's own output pipe
+        line = wait_for(lambda: [x for x in e.lines('"GET / HTTP/1.') if "direct 127.0.0.1" in x],
+                        15, "the access log line")[0]
+        assert psutil.Process(spare).status() == psutil.STATUS_STOPPED
+    finally:
+        os.kill(spare, signal.SIGCONT)
+    assert int(r["ppid"]) == spare, r
+    assert "[direct]" in line and "[base]" not in line, line
+    # then its master sets itself up as before: the vassal's second worker
+    wait_for(lambda: e.vpid("direct") == spare and len(psutil.Process(spare).children()) == 2, 30,
+             "the spare to become the vassal's master with both workers")
+    assert_no_zombies(e)
+
+
+def test_the_warm_worker_binds_the_vassals_own_socket_while_the_spare_is_stopped(emp):
+    """A request without a socket (a requester other than `emperor run`:
+    the vassal binds its own http-socket): the warm worker binds it, as its
+    master would, serves, and gives it to its master, which forks its
+    second worker on it."""
+    from psgi_forkserver.adoption import adopt
+
+    e = emp({"base": warm_base(1)}, base=False)
+    spares(e, 1)
+    (spare,) = spare_masters(e)
+    port = free_port()
+    ours, theirs = socket.socketpair()
+    os.kill(spare, signal.SIGSTOP)
+    try:
+        try:
+            pid = adopt(e.dir / "fs.sock", ["perl", "--http-socket", f"127.0.0.1:{port}", "--processes", "2"],
+                        theirs.fileno())
+        finally:
+            theirs.close()
+        assert pid == spare
+        r = wait_for(lambda: whoami(port), 30, "the warm worker to answer on the socket it bound")
+        assert psutil.Process(spare).status() == psutil.STATUS_STOPPED
+        assert int(r["ppid"]) == spare, r
+    finally:
+        os.kill(spare, signal.SIGCONT)
+    try:
+        wait_for(lambda: len(psutil.Process(spare).children()) == 2, 30, "the master's second worker")
+        seen = set()
+        wait_for(lambda: seen.add(whoami(port)["pid"]) or len(seen) == 2, 30, "both workers to answer")
+    finally:
+        ours.close()  # end of file on its Emperor pipe: the vassal stops
+    wait_for(lambda: not psutil.pid_exists(spare) or not alive(psutil.Process(spare)), 30, "the vassal to stop")
+    assert_no_zombies(e)

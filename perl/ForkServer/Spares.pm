@@ -4,7 +4,7 @@ use warnings;
 
 use IO::Select ();
 use POSIX ();
-use Socket qw(AF_UNIX SOCK_SEQPACKET PF_UNSPEC MSG_DONTWAIT);
+use Socket qw(AF_UNIX SOCK_SEQPACKET PF_UNSPEC);
 use Time::HiRes ();
 use ForkServer::Base::Clone ();
 use ForkServer::Link ();
@@ -216,18 +216,23 @@ sub readable {
     my $s = $self->{spares}{ fileno $fh };
     # never blocks the base: a link is read both from its loop and from
     # take(), and the loop may hold a readiness that take() already used
-    my $msg = '';
-    my $n = defined recv($fh, $msg, 4096, MSG_DONTWAIT) ? length $msg : undef;
-    return if !defined $n && ($!{EINTR} || $!{EAGAIN});
+    my ($msg, @fds) = ForkServer::Link::recv_fds_now($fh);
+    return if !defined $msg && ($!{EINTR} || $!{EAGAIN});
+    my $n = defined $msg ? length $msg : $! ? undef : 0;
     if ($n && $msg =~ /\AR(\d+)\z/) {
         @$s{qw(ready pid)} = (1, $1);
+        # its warm worker's own link: the adoption goes to the worker too
+        # (take), which starts without waiting for its master
+        $s->{worker_link} = _handle(shift @fds);
+        POSIX::close($_) for @fds;
         delete $self->{backoff};
         $self->log("spares: $self->{count} ready") if $self->ready == $self->{count};
         return;
     }
+    POSIX::close($_) for @fds;
     my $why = $n && $msg =~ /\AE(\d+) (.*)\z/s ? do { $s->{pid} //= $1; $2 } : undef;
     $self->_forget($s);
-    close $s->{link};    # the spare waits for this (end of file) to leave
+    _close_links($s);    # the spare waits for this (end of file) to leave
     my $pid = $s->{pid} // '?';
     return $self->log("spare pid $pid lost its worker before it was adopted")
         if $s->{ready} && $n && $msg =~ /\A${\ForkServer::Spares::Process::WORKER_GONE}\d+\z/;
@@ -242,6 +247,20 @@ sub readable {
 }
 
 sub _min { $_[0] < $_[1] ? $_[0] : $_[1] }
+
+sub _handle {
+    my ($fd) = @_;
+    return undef unless defined $fd;
+    open(my $fh, '+<&=', $fd) or do { POSIX::close($fd); return undef };
+    return $fh;
+}
+
+sub _close_links {
+    my ($s) = @_;
+    close $s->{link};
+    close delete $s->{worker_link} if $s->{worker_link};
+    return;
+}
 
 sub _forget {
     my ($self, $s) = @_;
@@ -288,11 +307,17 @@ sub take {
     }
     $self->_forget($s);
     my $packet = encode_packet(MODIFIER1_FORK_SERVER, $req->mask, encode_array($req->argv));
+    # The warm worker first, straight from here: it sets itself up as its
+    # vassal's worker and accepts on the vassal's socket while its master,
+    # on the other core, sets itself up (ForkServer::Spares::Worker). The
+    # spare learns from the leading D that its worker was sent the request
+    # too. A worker gone meanwhile: the spare gives it the request as before.
+    my $direct = $s->{worker_link} && ForkServer::Link::send_fds($s->{worker_link}, $packet, $req->fds);
     # Rare (the spare died after _notice_ends): it ends on end of file, and
     # the Emperor, which has its pid, sees its vassal die and starts it again.
-    ForkServer::Link::send_fds($s->{link}, $packet, $req->fds)
+    ForkServer::Link::send_fds($s->{link}, ($direct ? ForkServer::Spares::Process::DIRECT : '') . $packet, $req->fds)
         or $self->log("spare pid $s->{pid} could not be given its request ($!): it ends");
-    close $s->{link};    # it is no spare of ours any more
+    _close_links($s);    # it is no spare of ours any more
     return 1;
 }
 
@@ -338,7 +363,7 @@ sub _become_spare {
 
 sub close_links {
     my ($self) = @_;
-    close $_->{link} for values %{ $self->{spares} };
+    _close_links($_) for values %{ $self->{spares} };
     $self->{spares} = {};
     return;
 }

@@ -216,6 +216,9 @@ sub listen_socket {
     if ($self->{use_fd0} and my $sock = inherited_listener()) {
         return $sock;
     }
+    # bound already by a spare's warm worker (ForkServer::Spares::WorkerStart)
+    my $bound = $self->{first_worker} && $self->{first_worker}->bound_fd;
+    return listener_from_fd($bound) // die "the socket the warm worker bound: $!\n" if defined $bound;
     my $addr = $self->{config}->get('http-socket') // $self->{config}->get('socket');
     die "no socket: give --http-socket ADDR (or pass a listening socket as descriptor 0)\n"
         unless defined $addr;

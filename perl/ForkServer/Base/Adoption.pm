@@ -164,7 +164,7 @@ sub _become_vassal {
                 $worker->for_request(\@argv, $config_text);
                 # its socket is descriptor 0 already: the warm worker starts
                 # accepting now, while this master sets itself up
-                $worker->start_early(0) if ($req->mask & MASK_ON_DEMAND) && _early_start_fits($common{config});
+                $worker->start_early(0) if ($req->mask & MASK_ON_DEMAND) && early_start_fits($common{config});
             }
             $self->_close_inherited($common{config}, $vassal{first_worker},
                                     grep { defined } @common{qw(emperor config_fh)});
@@ -190,13 +190,19 @@ sub _become_vassal {
     );
 }
 
-# A spare's warm worker may be started before its master is set up, unless
-# the master must open something for it first (the requests file, made
-# as root for the uid the vassal drops to: ForkServer::Vassal) or lets it go
-# anyway (an app of its own, a descriptor of the base's to keep).
-sub _early_start_fits {
+=head2 early_start_fits($config) -> bool
+
+Whether a spare's warm worker may be started before its master is set up:
+not when the master must open something for it first (the requests file,
+made as root for the uid the vassal drops to: L<ForkServer::Vassal>), lets
+it go anyway (an app of its own, a descriptor of the base's to keep), or
+fails (C<fork-server> in an adopted vassal).
+
+=cut
+
+sub early_start_fits {
     my ($config) = @_;
-    return 0 if defined $config->get('psgi') || $config->list('keep-fd');
+    return 0 if defined $config->get('psgi') || $config->list('keep-fd') || defined $config->get('fork-server');
     return 0 if $> == 0 && defined ForkServer::Vassal::Identity::target($config);
     return 1;
 }

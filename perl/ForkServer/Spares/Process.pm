@@ -67,6 +67,7 @@ the app handles (inherited by spares and their workers) interrupt no wait.
 =cut
 
 use constant WORKER_GONE => 'G';    # spare to base: forget me, unless my pid is already given
+use constant DIRECT      => 'D';    # base to spare, before the packet: its warm worker was sent the request too
 
 =head2 run(base => $base, link => $link, paths => \@paths, warm_timeout => $seconds)
 
@@ -99,7 +100,9 @@ sub run {
                                                          $args{warm_timeout});
         ForkServer::Spares::Rehearsal::vassal_start() for 1 .. ForkServer::Spares::Rehearsal::TIMES;
         $0 = "psgi-vassal $name (spare of $base->{pid})";
-        syswrite($link, "R$$") or die "telling the base: $!\n";
+        # with the worker's own link, on which the base sends it the adoption too
+        ForkServer::Link::send_fds($link, "R$$", $worker->link_for_base) or die "telling the base: $!\n";
+        $worker->forget_link_for_base;
         $warm = 1;
         my $req = _wait_for_adoption($link, $worker);
         close $link;
@@ -148,8 +151,15 @@ sub _wait_for_adoption {
     my ($link, $worker) = @_;
     my $select = IO::Select->new($link, $worker->{link});
     my @ready;
-    @ready = $select->can_read until @ready;    # empty: a signal the app handles
-    if (grep { $_ == $worker->{link} } @ready) {
+    while (1) {
+        @ready = $select->can_read;
+        next unless @ready;    # a signal the app handles
+        last if grep { $_ == $link } @ready;
+        last unless $worker->answered;
+        # its answer to the base's request, sent to it first: ours follows
+        $select->remove($worker->{link});
+    }
+    if ((grep { $_ == $worker->{link} } @ready) && !$worker->answered) {
         $worker->discard;
         $worker->{gone} = 1;
         # The base replies with our pid before it sends the adoption: one not
@@ -159,6 +169,15 @@ sub _wait_for_adoption {
     }
     my ($data, @fds) = ForkServer::Link::recv_fds($link);
     leave(0) unless defined $data && @fds;    # the base forgot us, or is gone
+    my $direct = $data =~ s/\A${\DIRECT}//;
+    @fds = $worker->renumber(length $data > 3 ? ord substr($data, 3, 1) : 0, @fds);    # modifier2: the mask
+    # The worker has the request from the base too and starts on its own:
+    # this spare waits for its answer before it does anything, so that the
+    # worker's start-up has the CPU to itself (this spare's own comes after)
+    if ($direct && !$worker->{gone}) {
+        $worker->sent_directly;
+        $worker->await_direct;
+    }
     # no connection to the requester: the base sent the pid reply
     my $req = eval { ForkServer::Base::Request->handed_over(sock => undef, data => $data, fds => \@fds) };
     if (!$req) {

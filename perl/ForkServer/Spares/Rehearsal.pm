@@ -12,7 +12,8 @@ use ForkServer::Config ();
 use ForkServer::HTTPServer ();
 use ForkServer::Link ();
 use ForkServer::Process::Session ();
-use ForkServer::Protocol qw(encode_packet encode_array decode_array MODIFIER1_FORK_SERVER MASK_PIPE);
+use ForkServer::Protocol qw(encode_packet encode_array decode_array MODIFIER1_FORK_SERVER MODIFIER1_CONFIG MASK_PIPE);
+use ForkServer::Vassal::Identity ();
 use ForkServer::Vassal ();
 
 =head1 NAME
@@ -138,6 +139,32 @@ sub worker_start {
     $server->serve_one($conn);
     shutdown $client, 1;
     1 while sysread $client, my $buf, 65536;
+    _direct_start();
+    return;
+}
+
+# The start from the base's own request (ForkServer::Spares::WorkerStart):
+# the request checked, the config packet peeked at with a descriptor (the
+# output pipe's stand-in), the Emperor's argv and text parsed, judged.
+sub _direct_start {
+    my ($data, @fds) = _handed(encode_packet(MODIFIER1_FORK_SERVER, MASK_PIPE, encode_array('perl', @ARGV_SHAPE)))
+        or return;
+    my $req = eval { ForkServer::Base::Request->handed_over(sock => undef, data => $data, fds => \@fds) };
+    if ($req) { $req->fds_by_role; $req->close_all }
+    else      { POSIX::close($_) for @fds }
+    socketpair(my $emperor, my $config_pipe, AF_UNIX, SOCK_STREAM, PF_UNSPEC) or return;
+    my $hdr = Socket::MsgHdr->new(buf => encode_packet(MODIFIER1_CONFIG, 0, $CONFIG_TEXT));
+    $hdr->cmsghdr(SOL_SOCKET, SCM_RIGHTS, pack 'i', fileno $emperor);
+    Socket::MsgHdr::sendmsg($emperor, $hdr, 0) or return;
+    my ($text, $output) = ForkServer::Spares::WorkerStart::peek_config(fileno $config_pipe);
+    POSIX::close($output) if defined $output;
+    my $config = ForkServer::Config->from_argv(['--ini', 'rehearsal.ini'], config_text => $text // $CONFIG_TEXT);
+    ForkServer::Base::Adoption::early_start_fits($config);
+    # bound, never listening, as the vassal's own socket would be
+    my $sock = IO::Socket::IP->new(LocalHost => '127.0.0.1', LocalPort => 0, ReuseAddr => 1, Type => SOCK_STREAM);
+    close $sock if $sock;
+    ForkServer::Spares::Worker::unfit_for({ id => ForkServer::Vassal::Identity::current(), cwd => '/', env => {} },
+                                          $config);
     return;
 }
 

@@ -5,7 +5,7 @@ use warnings;
 use IO::Select ();
 use POSIX ();
 use Time::HiRes ();
-use Socket qw(AF_UNIX SOCK_SEQPACKET PF_UNSPEC);
+use Socket qw(AF_UNIX SOCK_SEQPACKET PF_UNSPEC MSG_PEEK MSG_DONTWAIT);
 use Cwd ();
 use ForkServer::Config ();
 use ForkServer::Process::Descriptors ();
@@ -14,11 +14,12 @@ use ForkServer::HTTPServer::Handoff ();
 use ForkServer::Vassal::Identity ();
 use ForkServer::Link ();
 use ForkServer::Log ();
-use ForkServer::Protocol qw(encode_array decode_array);
+use ForkServer::Protocol qw(encode_array decode_array MASK_CONFIG);
 use ForkServer::Process::Random ();
 use ForkServer::Process::Session ();
 use ForkServer::Spares::Rehearsal ();
 use ForkServer::Spares::EnvReads ();
+use ForkServer::Spares::WorkerStart ();
 use ForkServer::Vassal ();
 use ForkServer::Base::Warmup ();
 
@@ -50,9 +51,9 @@ C<chdir> and C<gid>/C<uid> itself and serves as the master's slot 1
 =cut
 
 use constant READS_MAX => 65536;    # the W message with the names of the %ENV keys the warm-up read
-# how the worker is started: its master judged it fit, or it judges itself
-# and answers FITS or UNFIT on its link (start_early)
-use constant { GO => 'go', JUDGE => 'judge', FITS => 'S', UNFIT => 'U' };
+# how the worker is started (ForkServer::Spares::WorkerStart): its master
+# judged it fit, or it judges itself and answers FITS or UNFIT on its link
+use constant { map { $_ => ForkServer::Spares::WorkerStart->can($_)->() } qw(GO JUDGE FITS UNFIT) };
 
 # In the spare: fork the worker with the master's pipes (ForkServer::HTTPServer's
 # worker messages and stop pipe); it warms up, says so, and waits for go().
@@ -61,26 +62,36 @@ sub prefork {
     pipe(my $ready_r, my $ready_w) or die "pipe: $!\n";
     pipe(my $stop_r, my $stop_w) or die "pipe: $!\n";
     socketpair(my $ours, my $theirs, AF_UNIX, SOCK_SEQPACKET, PF_UNSPEC) or die "socketpair: $!\n";
+    # the worker's own link with the base (ForkServer::Spares::WorkerStart): the
+    # spare passes the base its end once warm
+    socketpair(my $for_base, my $direct, AF_UNIX, SOCK_SEQPACKET, PF_UNSPEC) or die "socketpair: $!\n";
+    # the numbers the vassal's Emperor pipe and config pipe will have in the
+    # spare (renumber): the worker knows its UWSGI_EMPEROR_FD and
+    # UWSGI_EMPEROR_FD_CONFIG without asking
+    my @reserved = POSIX::pipe() or die "pipe: $!\n";    # placeholders: nothing shared with the base
     my $handoff = ForkServer::HTTPServer::Handoff::pair();
     my $pid = fork // die "fork: $!\n";
     if ($pid == 0) {
         $SIG{TERM} = 'DEFAULT';    # the spare's own (ForkServer::Spares::Process::leave) is not the worker's
         ForkServer::Process::Random::reseed();
         close $ours;
+        close $for_base;
+        POSIX::close($_) for @reserved;    # the spare's placeholders (numbers only, here)
         close $base_link;
         close $stop_w;    # the master's: end of file on it is the worker's stop
         # the app runs here: nothing of the base's (ForkServer::Process::Descriptors)
-        ForkServer::Process::Descriptors::close_all_but(0, 1, 2, map { fileno $_ } $theirs, $ready_r, $ready_w, $stop_r,
-                                                   values %$handoff);
-        my $ok = eval { _worker_main($theirs, $app, $paths, $name, $ready_r, $ready_w, $stop_r, $handoff); 1 };
+        ForkServer::Process::Descriptors::close_all_but(0, 1, 2, map { fileno $_ } $theirs, $direct, $ready_r, $ready_w,
+                                                   $stop_r, values %$handoff);
+        my $ok = eval { _worker_main($theirs, [$direct, @reserved], $app, $paths, $name, $ready_r, $ready_w, $stop_r, $handoff); 1 };
         ForkServer::Log::line($name, "spare worker pid $$: $@") unless $ok;
         STDOUT->flush;
         STDERR->flush;
         POSIX::_exit($ok ? 0 : 1);
     }
     close $theirs;
+    close $direct;
     my $self = bless {
-        pid => $pid, link => $ours,
+        pid => $pid, link => $ours, for_base => $for_base, reserved => \@reserved,
         pipes => { ready_r => $ready_r, ready_w => $ready_w, stop_r => $stop_r, stop_w => $stop_w,
                    handoff_take => $handoff->{take}, handoff_give => $handoff->{give},
                    handoff_desk => $handoff->{desk} },
@@ -116,10 +127,65 @@ sub prefork {
     die "its worker " . _status($?) . " while warming up\n";
 }
 
-sub _status {
-    my ($st) = @_;
-    return "was killed by signal " . ($st & 127) if $st & 127;
-    return "exited with status " . ($st >> 8);
+sub _status { $_[0] & 127 ? "was killed by signal " . ($_[0] & 127) : "exited with status " . ($_[0] >> 8) }
+
+=head2 link_for_base() / forget_link_for_base(), renumber($mask, @fds), sent_directly(), await_direct(), answered()
+
+The worker's own link, for the spare to pass to the base when warm, then
+let go of. C<renumber>: the request's Emperor pipe and config pipe onto
+the descriptor numbers reserved for them at prefork, which the worker knows
+(its C<UWSGI_EMPEROR_FD> and C<UWSGI_EMPEROR_FD_CONFIG>). With a request
+the base sent the worker too (L<ForkServer::Spares::WorkerStart>,
+C<sent_directly>): C<await_direct>, before the spare reads its request and
+config pipe, reads the worker's answer: started and fits (C<verdict>
+undef), started and leaves (C<verdict> why), not started (the spare starts
+it as before), or gone; the socket it bound (C<bound_fd>) when the request
+had none. C<answered>: whether the worker has said something rather than
+left, without reading it.
+
+=cut
+
+sub link_for_base        { return fileno $_[0]{for_base} }
+sub forget_link_for_base { close delete $_[0]{for_base} if $_[0]{for_base}; return }
+
+sub sent_directly { $_[0]{direct} = 1; return }
+sub bound_fd      { return $_[0]{bound_fd} }
+
+# The request's Emperor pipe and config pipe onto the numbers reserved at
+# prefork (the placeholders give way); the descriptors in protocol order.
+sub renumber {
+    my ($self, $mask, @fds) = @_;
+    my ($pipe_slot, $config_slot) = @{ delete $self->{reserved} || [] };
+    return @fds unless defined $pipe_slot;
+    my @to = ($pipe_slot, ($mask & MASK_CONFIG) ? $config_slot : ());
+    POSIX::close($config_slot) unless $mask & MASK_CONFIG;
+    for my $i (0 .. $#to) {
+        next unless defined $fds[$i];
+        POSIX::dup2($fds[$i], $to[$i]) // die "dup2 of the request's descriptor to $to[$i]: $!\n";
+        POSIX::close($fds[$i]);
+        $fds[$i] = $to[$i];
+    }
+    return @fds;
+}
+
+sub await_direct {
+    my ($self) = @_;
+    return unless delete $self->{direct};
+    my ($said, $bound) = ForkServer::Link::recv_fds($self->{link});    # the socket it bound, with S
+    my $n = defined $said ? length $said : 0;
+    return if $n && $said eq ForkServer::Spares::WorkerStart::NOT_STARTED;
+    $self->{bound_fd} = $bound;
+    $self->{early} = 1;
+    $self->{said} = !$n ? 'its worker is gone'
+                  : $said =~ /\A\Q${\UNFIT}\E/ ? substr($said, 1) || 'unfit'
+                  : undef;
+    return;
+}
+
+sub answered {
+    my ($self) = @_;
+    my $got = recv($self->{link}, my $byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    return defined $got && length $byte ? 1 : 0;
 }
 
 sub for_request {
@@ -181,11 +247,7 @@ sub start {
     return $self->_started;
 }
 
-sub _started {
-    my ($self) = @_;
-    $self->{started} = 1;
-    return { pid => $self->{pid}, %{ $self->{pipes} } };
-}
+sub _started { $_[0]{started} = 1; return { pid => $_[0]{pid}, %{ $_[0]{pipes} } } }
 
 # What the worker is given: how it starts, the config text, the vassal's
 # protocol variables (as its other workers inherit them), the argv; the
@@ -218,6 +280,7 @@ lets the worker go anyway (C<psgi>, C<keep-fd>): the caller decides.
 
 sub start_early {
     my ($self, $listen_fd) = @_;
+    return if $self->{early};    # it started from the base's request (await_direct)
     # a worker gone since the spare last looked: the master finds out at
     # start() as before, and forks fresh workers
     $self->{early} = 1 if eval { $self->_send(JUDGE, $listen_fd); 1 };
@@ -241,6 +304,11 @@ then hands it to the master), else why not (it has left, or leaves).
 
 sub verdict {
     my ($self) = @_;
+    if (exists $self->{said}) {    # answered already (await_direct)
+        my $why = delete $self->{said};
+        close $self->{link} unless defined $why;
+        return $why;
+    }
     my $n = sysread $self->{link}, my $said, 4096;
     return 'its worker is gone' unless $n;
     return substr($said, 1) || 'unfit' if $said =~ /\A\Q${\UNFIT}\E/;
@@ -252,7 +320,8 @@ sub verdict {
 sub fds {
     my ($self) = @_;
     return () if $self->{started} || $self->{discarded};
-    return map { fileno $_ } grep { $_->opened } $self->{link}, values %{ $self->{pipes} };
+    return (map({ fileno $_ } grep { $_->opened } $self->{link}, values %{ $self->{pipes} }),
+            grep { defined } $self->{bound_fd});    # the socket it bound (await_direct)
 }
 
 # The config asks for something else than the preloaded app: the waiting
@@ -284,7 +353,7 @@ sub discard {
 }
 
 sub _worker_main {
-    my ($link, $app, $paths, $name, $ready_r, $ready_w, $stop_r, $handoff) = @_;
+    my ($link, $direct_and_reserved, $app, $paths, $name, $ready_r, $ready_w, $stop_r, $handoff) = @_;
     my $master = getppid();
     $0 = "psgi-vassal $name (spare worker)";
     # what the spare's record of this warm-up says (prefork): as the spare
@@ -305,38 +374,12 @@ sub _worker_main {
     my $warm = { id => $id, cwd => $cwd,
                  env => { map { $_ => $env_before{$_} } $msg eq "W\0*" ? keys %env_before : @$read } };
     syswrite($link, $msg) or die "telling the spare: $!\n";
-    my ($data, $fd, @output) = ForkServer::Link::recv_fds($link);
-    my $requests_fd = $output[2];    # the vassal's requests file, when it drops root (ForkServer::Vassal)
-    if (!(defined $data && defined $fd)) {    # not adopted: the spare ended
-        # killed, it could not take the warm-up's helpers with it
-        ForkServer::Process::Session::end_others(grace => 1) if getppid() != $master;
-        POSIX::_exit(0);
-    }
-    STDOUT->flush;
-    STDERR->flush;
-    for my $to (1, 2) {    # the vassal's output from now on, not the base's
-        my $from = shift @output // next;
-        POSIX::dup2($from, $to) // die "dup2 of the vassal's output to descriptor $to: $!\n";
-        POSIX::close($from);
-    }
-    my ($mode, $has_text, $text, $emperor_fd, $config_fd, @argv) = decode_array($data);
-    for ([UWSGI_EMPEROR_FD => $emperor_fd], [UWSGI_EMPEROR_FD_CONFIG => $config_fd]) {
-        my ($key, $value) = @$_;
-        if (length $value) { $ENV{$key} = $value } else { delete $ENV{$key} }
-    }
-    my $sock = ForkServer::Vassal::listener_from_fd($fd) or die "the listening socket: $!\n";
-    my $config = ForkServer::Config->from_argv(\@argv, config_text => $has_text ? $text : undef);
-    my $vassal = ForkServer::Vassal->new(config => $config);
-    $vassal->configure;
-    if ($mode eq JUDGE) {    # started early (start_early): its master waits for the answer
-        if (defined(my $why = unfit_for($warm, $config))) {
-            local $SIG{PIPE} = 'IGNORE';
-            syswrite $link, UNFIT . $why;
-            POSIX::_exit(0);
-        }
-        syswrite($link, FITS) or die "telling the spare: $!\n";
-    }
-    close $link;
+    # the adoption comes from the base itself (ForkServer::Spares::WorkerStart)
+    # or, when this worker cannot start on its own, from the spare
+    my ($direct, @reserved) = @$direct_and_reserved;
+    my $start = ForkServer::Spares::WorkerStart::wait_for_start(
+        link => $link, direct => $direct, warm => $warm, master => $master, reserved => \@reserved);
+    my ($sock, $vassal, $requests_fd) = @$start{qw(sock vassal requests_fd)};
     my $access_log = $vassal->access_log;    # opened as whoever may open it
     $vassal->drop_privileges;
     my @requests;
@@ -344,10 +387,13 @@ sub _worker_main {
         open(my $fh, '+<&=', $requests_fd) or die "the requests file: $!\n";
         @requests = (requests_fh => $fh);
     }
-    ForkServer::HTTPServer->new(listen_sock => $sock, app => $app, $vassal->server_args($access_log), @requests)
-        ->run_preforked_worker(slot => 1, master_pid => $master,
-                               ready_r => $ready_r, ready_w => $ready_w, stop_r => $stop_r,
-                               handoff => $handoff);
+    my $server = ForkServer::HTTPServer->new(listen_sock => $sock, app => $app, $vassal->server_args($access_log),
+                                             @requests);
+    ForkServer::Link::send_fds($link, FITS, $start->{bound} ? fileno $sock : ()) or die "telling the spare: $!\n"
+        if $start->{judged};    # WorkerStart::judge
+    close $link;
+    $server->run_preforked_worker(slot => 1, master_pid => $master, ready_r => $ready_r, ready_w => $ready_w,
+                                  stop_r => $stop_r, handoff => $handoff);
     return;    # not reached
 }
 
