@@ -245,21 +245,27 @@ def test_the_base_for_tests_loads_no_web_server(tmp_path: Path) -> None:
 # -- --state: what the last run learned ---------------------------------------------------
 
 
+def project_with_a_deep_module(root: Path) -> None:
+    """lib/Proj.pm, which loads Proj::Deep only when called (no `use` line
+    names it), and t/a.t, b.t, c.t, which call it."""
+    (root / "lib" / "Proj").mkdir(parents=True)
+    (root / "t").mkdir()
+    (root / "lib" / "Proj.pm").write_text(
+        "package Proj;\nsub deep { require Proj::Deep; Proj::Deep::answer() }\n1;\n")
+    (root / "lib" / "Proj" / "Deep.pm").write_text("package Proj::Deep;\nsub answer { 42 }\n1;\n")
+    for name in ("a", "b", "c"):
+        (root / "t" / f"{name}.t").write_text(
+            "use strict;\nuse warnings;\nuse Test::More tests => 1;\nuse Proj;\n"
+            "is Proj::deep(), 42, 'deep';\n")
+
+
 def test_state_gives_the_next_run_its_preload_and_its_order(tmp_path: Path) -> None:
     """With --state, a run records what each forked file loaded (.prove's
     emperor_loads); the next run preloads what most files loaded, also
     modules no `use` line names, and with -j2 runs the slowest files
     first, from prove's own times: also from a .prove that prove wrote.
     Verdicts stay prove's."""
-    (tmp_path / "lib" / "Proj").mkdir(parents=True)
-    (tmp_path / "t").mkdir()
-    (tmp_path / "lib" / "Proj.pm").write_text(
-        "package Proj;\nsub deep { require Proj::Deep; Proj::Deep::answer() }\n1;\n")
-    (tmp_path / "lib" / "Proj" / "Deep.pm").write_text("package Proj::Deep;\nsub answer { 42 }\n1;\n")
-    for name in ("a", "b", "c"):
-        (tmp_path / "t" / f"{name}.t").write_text(
-            "use strict;\nuse warnings;\nuse Test::More tests => 1;\nuse Proj;\n"
-            "is Proj::deep(), 42, 'deep';\n")
+    project_with_a_deep_module(tmp_path)
     (tmp_path / "t" / "z_slow.t").write_text(
         "use strict;\nuse warnings;\nuse Test::More tests => 1;\n"
         "select undef, undef, undef, 0.8;\nok 1, 'slow';\n")
@@ -296,15 +302,7 @@ def test_the_next_run_preloads_what_the_last_one_loaded(tmp_path: Path) -> None:
     what most files loaded, also modules no `use` line names, starts the
     cold ones cold and, with -j2, the slowest first. `--no-learn` neither
     keeps nor uses it. Verdicts stay prove's."""
-    (tmp_path / "lib" / "Proj").mkdir(parents=True)
-    (tmp_path / "t").mkdir()
-    (tmp_path / "lib" / "Proj.pm").write_text(
-        "package Proj;\nsub deep { require Proj::Deep; Proj::Deep::answer() }\n1;\n")
-    (tmp_path / "lib" / "Proj" / "Deep.pm").write_text("package Proj::Deep;\nsub answer { 42 }\n1;\n")
-    for name in ("a", "b", "c"):
-        (tmp_path / "t" / f"{name}.t").write_text(
-            "use strict;\nuse warnings;\nuse Test::More tests => 1;\nuse Proj;\n"
-            "is Proj::deep(), 42, 'deep';\n")
+    project_with_a_deep_module(tmp_path)
     (tmp_path / "t" / "d_base_sensitive.t").write_text(
         "use strict;\nuse warnings;\nuse Test::More tests => 1;\n"
         "ok !defined &ForkServer::Prove::TestFile::serve, 'fails in a fork of the base';\n")
