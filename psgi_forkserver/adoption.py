@@ -2,8 +2,8 @@
 
 An adoption is: connect to the fork server's UNIX socket, ONE sendmsg() with
 the array packet (modifier1 35, modifier2 = descriptor mask) and SCM_RIGHTS
-[pipe, config pipe?, on-demand socket?], then read the dict reply
-{"pid": N}. Nothing here blocks: `PendingAdoption` is a non-blocking socket
+[pipe, config pipe?, on-demand socket?, cgroup directory?], then read the
+dict reply {"pid": N} (and "cgroup": "1" when the vassal was born there). Nothing here blocks: `PendingAdoption` is a non-blocking socket
 that the Emperor registers in its selector and feeds when it is readable;
 the Emperor fails it when its deadline passes.
 """
@@ -37,6 +37,7 @@ class PendingAdoption:
     started: float = field(default_factory=time.monotonic)
     reader: PacketReader = field(default_factory=PacketReader)
     pid: int | None = None
+    born_in_cgroup: bool = False  # the reply says so (the request's MASK_CGROUP)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -61,6 +62,7 @@ class PendingAdoption:
             if packet is None:
                 return None
             self.pid = protocol.parse_pid_reply(packet)
+            self.born_in_cgroup = protocol.reply_born_in_cgroup(packet)
         except ProtocolError as e:
             raise AdoptionError(f"bad reply: {e}") from e
         return self.pid
@@ -82,8 +84,11 @@ def start_adoption(
     config_fd: int | None = None,
     on_demand_fd: int | None = None,
     timeout: float = 10.0,
+    cgroup_fd: int | None = None,
 ) -> PendingAdoption:
-    """Connect and send the request without blocking.
+    """Connect and send the request without blocking. `cgroup_fd`: a
+    cgroup (v2) directory for our own base to clone the vassal into (a
+    uWSGI fork server would refuse the mask bit: never send it one).
 
     The caller still owns the descriptors it passed and may close its copies
     once this returns (the request holds its own references in the kernel).
@@ -96,6 +101,9 @@ def start_adoption(
     if on_demand_fd is not None:
         fds.append(on_demand_fd)
         mask |= protocol.MASK_ON_DEMAND
+    if cgroup_fd is not None:
+        fds.append(cgroup_fd)
+        mask |= protocol.MASK_CGROUP
     try:
         data = protocol.adoption_request(argv, mask)
     except ProtocolError as e:

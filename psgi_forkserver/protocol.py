@@ -50,7 +50,8 @@ MODIFIER1_CONFIG = VOCABULARY["modifier1"]["MODIFIER1_CONFIG"]
 MASK_PIPE = VOCABULARY["mask"]["MASK_PIPE"]
 MASK_CONFIG = VOCABULARY["mask"]["MASK_CONFIG"]
 MASK_ON_DEMAND = VOCABULARY["mask"]["MASK_ON_DEMAND"]
-_MASK_ALL = MASK_PIPE | MASK_CONFIG | MASK_ON_DEMAND
+MASK_CGROUP = VOCABULARY["mask"]["MASK_CGROUP"]
+_MASK_ALL = MASK_PIPE | MASK_CONFIG | MASK_ON_DEMAND | MASK_CGROUP
 
 #: Linux's PID_MAX_LIMIT (2**22): no process id is larger. A reply claiming
 #: more is garbage (and would make os.kill() raise OverflowError).
@@ -207,3 +208,10 @@ def parse_pid_reply(packet: Packet) -> int:
     if not 0 < pid <= PID_MAX:
         raise ProtocolError(f"bad pid {pid}")
     return pid
+
+
+def reply_born_in_cgroup(packet: Packet) -> bool:
+    """Whether an adoption reply says the vassal was born in the cgroup the
+    request's descriptor (MASK_CGROUP) named: `"cgroup": "1"`, from our
+    base only; uWSGI's replies have the pid alone."""
+    return decode_dict(packet.body).get(b"cgroup") == b"1"

@@ -57,6 +57,9 @@ class EmperorSnapshot:
     front: dict[str, Any] | None = None
     vassals: dict[str, VassalSnapshot] = field(default_factory=dict)
     cgroup: str | None = None  # the vassals' subtree (emperor/cgroups.py); None: not used
+    # adopted vassals born in their cgroup (the base's clone3), and moved
+    # there by the Emperor (emperor/cgroups.py); None: cgroups not used
+    cgroup_adoptions: dict[str, int] | None = None
     rescans: int = 0  # full rescans of the vassals directory so far
 
 

@@ -12,17 +12,20 @@ from __future__ import annotations
 import json
 import os
 import re
+import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 
-from psgi_forkserver import paths
+from psgi_forkserver import adoption, paths
 from psgi_forkserver.emperor import cgroup_tree, cgroups
 from psgi_forkserver.status import default_stats_path
 
@@ -130,6 +133,95 @@ def test_a_setsid_helper_goes_with_its_stopped_vassal(xprocess, vdir):
     wait_for(lambda: not alive(other), 15, "b's helper to be gone after the shutdown")
     assert not Path(f"{cgroup_tree.cgroup2_mount()}{subtree}").exists()
     assert not (default_stats_path(d).parent / cgroups.RECORD).exists()
+
+
+def test_adopted_vassals_are_born_in_their_cgroup_and_never_moved(xprocess, vdir):
+    """The base clones each adopted vassal straight into the cgroup the
+    Emperor made for it (the request's cgroup directory, clone3 with
+    CLONE_INTO_CGROUP): the reply says so, and the Emperor writes no pid to
+    any cgroup.procs for it. Nobody else moves a process there, so a vassal
+    found in its own cgroup with no move made was born in it."""
+    d, ports, _ = vdir
+    # no warm spares: a spare exists before its request, so it is moved
+    (d / "base.ini").write_text(base_ini(DAEMON, "fs.sock", "fork-server-spares = 0"))
+    em = start_emperor(xprocess, "emperor-cgroups-born", [d])
+    try:
+        for port in ports.values():
+            wait_for(lambda p=port: answers(p), 30, "the vassals to answer")
+        doc = status(d)
+        assert doc["emperor"]["cgroup_adoptions"] == {"born_in": 2, "moved": 0}, doc["emperor"]
+        subtree = doc["emperor"]["cgroup"]
+        for name in ports:
+            v = doc["vassals"][name]
+            assert re.fullmatch(rf"{re.escape(subtree)}/v-{name}/\d+", v["cgroup"]), (name, v)
+            assert cgroup_of(v["pid"]) == v["cgroup"], (name, v)
+        log = em.log.read_text(errors="replace")
+        assert "moved into their cgroups by the Emperor" not in log, log[-2000:]
+    finally:
+        stop_emperor(em)
+
+
+def _reply(pending: adoption.PendingAdoption) -> int:
+    with selectors.DefaultSelector() as sel:
+        sel.register(pending.sock, selectors.EVENT_READ)
+        while True:
+            assert sel.select(max(0.0, pending.deadline - time.monotonic())), "no reply in time"
+            pid = pending.on_readable()
+            if pid is not None:
+                return pid
+
+
+def test_the_base_clones_a_vassal_into_the_cgroup_its_request_names(tmp_path):
+    """The base, asked by its parent with a cgroup directory (mask 0x08),
+    clones the vassal into that cgroup: it is there when the pid reply
+    arrives, before anyone could have moved it, and the reply says so. A
+    request without one (uWSGI's bytes) gets a vassal in the base's own
+    cgroup, and a reply with the pid alone."""
+    mount, own = cgroup_tree.cgroup2_mount(), cgroup_tree.own_cgroup()
+    assert mount is not None and own is not None
+    cg = mount / own.lstrip("/") / f"pfs-test-born-{os.getpid()}"
+    cg.mkdir()
+    base_pipe, base_end = socket.socketpair()
+    sock = tmp_path / "fs.sock"
+    base = subprocess.Popen(
+        ["perl", str(PROGRAM), "--early-psgi", str(DAEMON), "--fork-server", str(sock),
+         "--fork-server-spares", "0"],
+        pass_fds=[base_end.fileno()], env={**os.environ, "UWSGI_EMPEROR_FD": str(base_end.fileno())})
+    base_end.close()
+    pipes: list[socket.socket] = []
+    vassals: list[int] = []
+    try:
+        assert base_pipe.recv(1) == b"\x01"  # listening
+        cg_fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        for into in (cg_fd, None):
+            ours, theirs = socket.socketpair()
+            pipes.append(ours)
+            pending = adoption.start_adoption(sock, [str(PROGRAM), "--http-socket", f"127.0.0.1:{free_port()}"],
+                                              theirs.fileno(), cgroup_fd=into)
+            theirs.close()
+            try:
+                pid = _reply(pending)
+                where = cgroup_of(pid)  # at once: nobody has had a chance to move it
+            finally:
+                pending.close()
+            vassals.append(pid)
+            if into is not None:
+                assert where == "/" + str(cg.relative_to(mount)), where
+                assert pending.born_in_cgroup
+                assert cgroup_tree.procs(cg) == [pid]
+            else:
+                assert where == cgroup_of(base.pid), where
+                assert not pending.born_in_cgroup
+        os.close(cg_fd)
+    finally:
+        for p in pipes:
+            p.close()  # end of file: each vassal stops
+        base_pipe.close()
+        for pid in vassals:  # the base's parent's children: ours to reap
+            wait_for(lambda p=pid: os.waitpid(p, os.WNOHANG)[0] == p, 30, f"vassal {pid} to exit")
+        base.wait(30)
+        cgroup_tree.kill_tree(cg)
+    assert not cg.exists()
 
 
 def test_nothing_outlives_an_emperor_killed_with_sigkill(xprocess, vdir):

@@ -198,7 +198,7 @@ export tag; exported on request, by name or by tag:
 
 =item C<:modifier1> MODIFIER1_FORK_SERVER (35), MODIFIER1_CONFIG (115)
 
-=item C<:mask> MASK_PIPE, MASK_CONFIG, MASK_ON_DEMAND: modifier2 of an adoption request
+=item C<:mask> MASK_PIPE, MASK_CONFIG, MASK_ON_DEMAND, MASK_CGROUP: modifier2 of an adoption request
 
 =item C<:vassal_bytes> SPAWNED, CONFIG_AGAIN, ACCEPTING, LOYAL, DONE, HEARTBEAT: what a vassal writes on its Emperor pipe
 

@@ -306,16 +306,18 @@ sub take {
         return 1;
     }
     $self->_forget($s);
-    my $packet = encode_packet(MODIFIER1_FORK_SERVER, $req->mask, encode_array($req->argv));
+    # a spare is born already: the cgroup's directory is not its to hold
+    my ($mask, @fds) = $req->without_cgroup;
+    my $packet = encode_packet(MODIFIER1_FORK_SERVER, $mask, encode_array($req->argv));
     # The warm worker first, straight from here: it sets itself up as its
     # vassal's worker and accepts on the vassal's socket while its master,
     # on the other core, sets itself up (ForkServer::Spares::Worker). The
     # spare learns from the leading D that its worker was sent the request
     # too. A worker gone meanwhile: the spare gives it the request as before.
-    my $direct = $s->{worker_link} && ForkServer::Link::send_fds($s->{worker_link}, $packet, $req->fds);
+    my $direct = $s->{worker_link} && ForkServer::Link::send_fds($s->{worker_link}, $packet, @fds);
     # Rare (the spare died after _notice_ends): it ends on end of file, and
     # the Emperor, which has its pid, sees its vassal die and starts it again.
-    ForkServer::Link::send_fds($s->{link}, ($direct ? ForkServer::Spares::Process::DIRECT : '') . $packet, $req->fds)
+    ForkServer::Link::send_fds($s->{link}, ($direct ? ForkServer::Spares::Process::DIRECT : '') . $packet, @fds)
         or $self->log("spare pid $s->{pid} could not be given its request ($!): it ends");
     _close_links($s);    # it is no spare of ours any more
     return 1;

@@ -16,10 +16,16 @@ and puts each vassal process (the base too) in its own SEQ cgroup:
 
 - spawned (the base, plain vassals, nginx): the Emperor steps into the
   cgroup around posix_spawn, so the child is born there (no window);
-- adopted: the fork server forks it in the base's cgroup; the Emperor
-  moves it, and whatever it forked by then, when the pid reply comes. A
-  process forked in that window by an adopted vassal that escapes the move
-  stays in the base's cgroup, and goes with the base at the latest.
+- adopted from our own base: the adoption request carries the cgroup's
+  directory (mask 0x08, docs/PROTOCOL.md) and the base clones the vassal
+  straight into it (`clone3` with `CLONE_INTO_CGROUP`), saying so in its
+  reply: no window, and no move (a write to `cgroup.procs` can wait for an
+  RCU grace period, in the Emperor's loop, once per adoption);
+- adopted otherwise (a uWSGI fork server, a warm spare, a kernel that
+  refused clone3): the fork server forks it in the base's cgroup; the
+  Emperor moves it, and whatever it forked by then, when the pid reply
+  comes. A process forked in that window by an adopted vassal that escapes
+  the move stays in the base's cgroup, and goes with the base at the latest.
 
 When a vassal process ends, what is left in its cgroup gets SIGTERM (its
 session's members from the orphan sweep, the others from here), and
@@ -77,6 +83,8 @@ class Cgroups:
     dying: dict[Path, float] = field(default_factory=dict)
     guard_pid: int | None = None
     guard_fd: int | None = None
+    born_in: int = 0  # adopted vassals born in their cgroup (the base's clone3)
+    moved: int = 0  # adopted vassals the Emperor moved into theirs
 
     # -- start, sweep, shutdown ---------------------------------------------------
 
@@ -206,9 +214,27 @@ class Cgroups:
         finally:
             ctx.__exit__(None, None, None)
 
-    def adopt(self, name: str, seq: int, pid: int) -> None:
-        """An adopted vassal process (born in its base's cgroup), and what
-        it forked by now, into a cgroup of its own."""
+    def birthplace(self, name: str, seq: int) -> int | None:
+        """The cgroup of an adoption about to be asked for, made and opened:
+        a descriptor of its directory for the request (the caller closes
+        it), or None, logged, where it cannot be made (the reply's move then
+        tries again)."""
+        try:
+            cg = self._cgroup(name, seq)
+            return os.open(cg, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            self.where.pop((name, seq), None)
+            self.log(f"cgroups: cannot make its cgroup: {e.strerror or e}", name)
+            return None
+
+    def adopt(self, name: str, seq: int, pid: int, born_there: bool = False) -> None:
+        """An adopted vassal process, and what it forked by now, into a
+        cgroup of its own; nothing to do when its fork server cloned it
+        there (`born_there`, the reply said so)."""
+        if born_there and (name, seq) in self.where:
+            self.born_in += 1
+            return
+        self.moved += 1
         try:
             cg = self._cgroup(name, seq)
             moved: set[int] = set()

@@ -20,6 +20,7 @@ import contextlib
 import os
 import selectors
 import socket
+import time
 from pathlib import Path
 
 from .. import adoption, launch, logs
@@ -146,18 +147,26 @@ class ProcessTable:
         if ours:
             pr.handles.given(self._output(v, p.config))
         argv = [self.opts.program, "--ini", str(p.config.path)]
+        # our base clones it straight into its cgroup (cgroups.py); a
+        # uWSGI fork server is never sent the descriptor
+        cgroup_fd = self.cgroups.birthplace(v.name, seq) if ours and self.cgroups is not None else None
         try:
             pending = adoption.start_adoption(
                 path, argv, pr.pipe_fd, config_fd=pr.config_fd,
                 on_demand_fd=pr.listener_fd, timeout=self.opts.adopt_timeout,
+                cgroup_fd=cgroup_fd,
             )
         except AdoptionError as e:
             if pr.handles.output is not None:
                 pr.handles.output.close()
+            if self.cgroups is not None:
+                self.cgroups.ended(v.name, seq, now)
             return self._abandon(pr, StartFailed(str(e), f"adoption failed: {e}",
                                                  f"adoption failed: {e}", True))
         finally:
             pr.close_theirs()
+            if cgroup_fd is not None:
+                os.close(cgroup_fd)
         pr.handles.adopting(pending)
         self._keep(v, seq, pr)
         self.pending[(v.name, seq)] = pr.handles
@@ -287,7 +296,7 @@ class ProcessTable:
             # born in its base's cgroup: into its own. After the line: the
             # move can wait for an RCU grace period (~20 ms after an idle
             # spell), and the line says when the adoption was answered
-            self.cgroups.adopt(name, seq, pid)
+            self.cgroups.adopt(name, seq, pid, born_there=pending.born_in_cgroup)
         if h.pipe is not None:
             self._watch_pipe(name, seq, h.pipe)
         early = self.early_exits.pop(pid, None)
@@ -335,7 +344,11 @@ class ProcessTable:
         self.abandon(name, seq)
 
     def abandon(self, name: str, seq: int) -> None:
-        """A process whose start was under way: its handles closed."""
+        """A process whose start was under way: its handles closed, and
+        the cgroup made for it stopped and removed (with a vassal born there
+        whose pid never reached us)."""
+        if self.cgroups is not None and self.pid_of(name, seq) is None:
+            self.cgroups.ended(name, seq, time.monotonic())
         self._finish_adoption(name, seq)
         self.drop(name, seq)
 

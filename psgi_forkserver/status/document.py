@@ -165,6 +165,9 @@ def emperor_status(snap: EmperorSnapshot) -> dict[str, Any]:
 
     # the vassals' cgroup subtree (emperor/cgroups.py); None where cgroups are not used
     doc["cgroup"] = snap.cgroup
+    # adopted vassals born in their cgroup by the base's clone, and moved
+    # there by the Emperor afterwards (a uWSGI base, a warm spare)
+    doc["cgroup_adoptions"] = snap.cgroup_adoptions
     return doc
 
 

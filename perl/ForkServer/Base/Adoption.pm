@@ -65,15 +65,20 @@ sub adopt {
     # (a helper process of the Emperor, a test) gets the protocol's double
     # fork and the reparenting to the nearest subreaper.
     if ($self->{clone} && ($req->peer_pid // 0) == getppid()) {
-        my $pid = ForkServer::Base::Clone::clone_parent();
+        # Born in its own cgroup when the Emperor sent one: the Emperor has
+        # nobody to move (a move waits for the kernel's RCU grace period)
+        # and nothing the vassal forks can escape it. Refused by the kernel:
+        # said once, and the Emperor moves it, as for any other fork server.
+        my ($pid, $placed, $refused) = ForkServer::Base::Clone::clone_parent_into($req->cgroup_fd);
         return $self->refuse($req, "clone: $!") unless defined $pid;
         $self->_become_vassal($req, base_replied => 1) if $pid == 0;    # does not return
+        $self->log("vassals are moved into their cgroups by the Emperor: $refused") if $refused;
         # The pid is ours to send: the Emperor's adoption slot comes free
         # now, not when the new vassal first gets a core (in a mass start,
         # behind every other one starting). Its own child from birth, the
         # Emperor reaps it whatever it does next. A requester gone already
         # is the vassal's to see (end of file on its Emperor pipe).
-        eval { $req->reply_pid($pid); 1 } or $self->log("vassal pid $pid: $@");
+        eval { $req->reply_pid($pid, $placed); 1 } or $self->log("vassal pid $pid: $@");
         $req->close_all;    # the vassal holds them now
         return;
     }
@@ -118,7 +123,8 @@ sub _close_base {
 sub _detach_from_base {
     my ($self, $req) = @_;
     $self->_close_base;
-    my ($pipe_fd, $config_fd, $ondemand_fd) = $req->fds_by_role;
+    my ($pipe_fd, $config_fd, $ondemand_fd, $cgroup_fd) = $req->fds_by_role;
+    POSIX::close($cgroup_fd) if defined $cgroup_fd;    # it was for its birth only
     $ENV{UWSGI_EMPEROR_FD} = $pipe_fd;
     if (defined $config_fd) { $ENV{UWSGI_EMPEROR_FD_CONFIG} = $config_fd }
     else                    { delete $ENV{UWSGI_EMPEROR_FD_CONFIG} }

@@ -14,6 +14,8 @@ ForkServer::Base::Clone - fork a child that is born the child of our own parent 
   my ($ok, $why) = ForkServer::Base::Clone::probe();   # once, at start-up
   my $pid = ForkServer::Base::Clone::clone_parent();   # like fork: undef, 0 in the child, the pid in the caller
   # the child's parent (getppid) is the caller's parent; the caller never reaps it
+  my ($pid, $placed, $refused) = ForkServer::Base::Clone::clone_parent_into($cgroup_fd);
+  # the same, born in the cgroup whose directory $cgroup_fd is (clone3)
 
 =head1 DESCRIPTION
 
@@ -66,6 +68,8 @@ L</probe> says no and the caller double-forks.
 
 use constant {
     SYS_CLONE          => 56,
+    SYS_CLONE3         => 435,
+    CLONE_INTO_CGROUP  => 1 << 33,        # Linux 5.7
     SYS_ARCH_PRCTL     => 158,
     SYS_GETTID         => 186,
     ARCH_GET_FS        => 0x1003,
@@ -138,16 +142,58 @@ sub clone_parent {
     return _clone(CLONE_PARENT | CLONE_CHILD_SETTID | SIGCHLD);
 }
 
+=head2 clone_parent_into($cgroup_fd) -> ($pid, $placed, $refused)
+
+clone_parent(), the child born in the cgroup (v2) whose directory
+C<$cgroup_fd> is open on (C<clone3> with C<CLONE_INTO_CGROUP>, Linux 5.7):
+it never runs a single instruction elsewhere, and whoever wanted it there
+has no process to move. C<$placed> says it is there. Where the kernel
+refuses C<clone3> or the flag (an older kernel, a seccomp filter, no right
+to the cgroup), this falls back to clone_parent(), C<$placed> false and
+C<$refused> the reason, once: from then on every call is a plain
+clone_parent(), said by the caller in one line.
+
+=cut
+
+my $CLONE3_REFUSED;    # why clone3 into a cgroup cannot be used here
+
+sub clone_parent_into {
+    my ($cgroup_fd) = @_;
+    die "BUG: clone_parent_into without a successful probe\n" unless defined $TID_OFFSET;
+    return (clone_parent(), 0, undef) if $CLONE3_REFUSED || !defined $cgroup_fd;
+    my $tid_addr = _tid_address() or return (undef, 0, undef);
+    # struct clone_args (88 bytes, CLONE_ARGS_SIZE_VER2): flags, pidfd,
+    # child_tid, parent_tid, exit_signal (0: with CLONE_PARENT the child's
+    # parent gets the base's own exit signal, SIGCHLD), stack, stack_size
+    # (0, 0: a copy of our stack, as after fork()), tls, set_tid,
+    # set_tid_size, cgroup
+    my $args = pack 'Q11', CLONE_PARENT | CLONE_CHILD_SETTID | CLONE_INTO_CGROUP, 0, $tid_addr,
+        0, 0, 0, 0, 0, 0, 0, $cgroup_fd;
+    my $pid = _with_signals_blocked(sub { syscall(SYS_CLONE3, $args, length $args) });
+    return ($pid, 1, undef) if defined $pid;
+    # running out of processes or memory is the fork's own failure, not clone3's
+    return (undef, 0, undef) if $!{EAGAIN} || $!{ENOMEM};
+    $CLONE3_REFUSED = "clone3(CLONE_INTO_CGROUP): $!";
+    return (clone_parent(), 0, $CLONE3_REFUSED);
+}
+
 sub _clone {
     my ($flags) = @_;
     my $tid_addr = _tid_address() or return undef;
+    # stack 0: the child runs on a copy of our stack, as after fork()
+    return _with_signals_blocked(sub { syscall(SYS_CLONE, $flags, 0, 0, $tid_addr, 0) });
+}
+
+# Runs the clone system call as Perl's fork would: output flushed, every
+# signal blocked across it. Its pid (0 in the child), or undef and $!.
+sub _with_signals_blocked {
+    my ($call) = @_;
     { no warnings 'exec'; exec { '/' } '/' }    # fails, having flushed every output handle
     my $all = POSIX::SigSet->new;
     $all->fillset;
     my $old = POSIX::SigSet->new;
     POSIX::sigprocmask(POSIX::SIG_BLOCK(), $all, $old);
-    # stack 0: the child runs on a copy of our stack, as after fork()
-    my $pid = syscall(SYS_CLONE, $flags, 0, 0, $tid_addr, 0);
+    my $pid = $call->();
     my $err = $!;
     POSIX::sigprocmask(POSIX::SIG_SETMASK(), $old);
     $! = $err;

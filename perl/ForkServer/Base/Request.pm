@@ -2,7 +2,7 @@ package ForkServer::Base::Request;
 use strict;
 use warnings;
 
-use Fcntl qw(S_ISSOCK);
+use Fcntl qw(S_ISSOCK S_ISDIR);
 use POSIX ();
 use Socket qw(SOL_SOCKET SCM_RIGHTS MSG_DONTWAIT);
 use Socket::MsgHdr ();
@@ -19,7 +19,7 @@ ForkServer::Base::Request - one adoption request being read by the fork server
   # whenever $client is readable:
   my $state = eval { $req->read_some };   # 'more' or 'complete'; dies: refuse
   $req->close_all unless $state;           # every descriptor the client brought
-  my ($pipe_fd, $config_fd, $ondemand_fd) = $req->fds_by_role;
+  my ($pipe_fd, $config_fd, $ondemand_fd, $cgroup_fd) = $req->fds_by_role;
   my @argv = $req->argv;
 
 =head1 DESCRIPTION
@@ -29,8 +29,9 @@ ever blocking, so the fork server can serve many clients at once. The
 descriptors come with the first bytes; every descriptor received is
 recorded at once, so that a refusal can close all of them.
 
-Validation: modifier1 35; mask bits only 0x01 (required), 0x02, 0x04; the
-number of descriptors equal to the bits set; the body exactly as long as
+Validation: modifier1 35; mask bits only 0x01 (required), 0x02, 0x04,
+0x08; the number of descriptors equal to the bits set, each a socket but
+the cgroup's (0x08), a directory; the body exactly as long as
 announced; a well-formed array of 1 to MAX_ARGS items, each at most
 MAX_ARG_BYTES of valid UTF-8 without NUL.
 
@@ -113,14 +114,20 @@ sub _check {
 
 sub _validate {
     my ($self, $mask, $body) = @_;
-    die sprintf("unknown mask bits 0x%02x\n", $mask) if $mask & ~(MASK_PIPE | MASK_CONFIG | MASK_ON_DEMAND);
+    die sprintf("unknown mask bits 0x%02x\n", $mask) if $mask & ~(MASK_PIPE | MASK_CONFIG | MASK_ON_DEMAND | MASK_CGROUP);
     die sprintf("mask 0x%02x lacks bit 0x01 (the Emperor pipe)\n", $mask) unless $mask & MASK_PIPE;
-    my $want = grep { $mask & $_ } MASK_PIPE, MASK_CONFIG, MASK_ON_DEMAND;
+    my $want = grep { $mask & $_ } MASK_PIPE, MASK_CONFIG, MASK_ON_DEMAND, MASK_CGROUP;
     my $have = @{ $self->{fds} };
     die sprintf("mask 0x%02x announces %d descriptors, got %d\n", $mask, $want, $have) unless $want == $have;
-    for my $fd (@{ $self->{fds} }) {
+    my @sockets = @{ $self->{fds} };
+    my $cgroup = $mask & MASK_CGROUP ? pop @sockets : undef;    # the last, in protocol order
+    for my $fd (@sockets) {
         my @st = POSIX::fstat($fd);
         die "received descriptor $fd is not a socket\n" unless @st && S_ISSOCK($st[2]);
+    }
+    if (defined $cgroup) {
+        my @st = POSIX::fstat($cgroup);
+        die "received descriptor $cgroup (mask 0x08) is not a directory\n" unless @st && S_ISDIR($st[2]);
     }
     my @argv = eval { decode_array($body) };
     die "argv: $@" if $@;
@@ -138,14 +145,39 @@ sub _validate {
 }
 
 # The received descriptors in protocol order: Emperor pipe, config pipe
-# (mask 0x02), on-demand socket (mask 0x04); undef for those not sent.
+# (mask 0x02), on-demand socket (mask 0x04), the vassal's cgroup directory
+# (mask 0x08); undef for those not sent.
 sub fds_by_role {
     my ($self) = @_;
     my @fds = @{ $self->{fds} };
     my $pipe     = shift @fds;
     my $config   = $self->{mask} & MASK_CONFIG   ? shift @fds : undef;
     my $ondemand = $self->{mask} & MASK_ON_DEMAND ? shift @fds : undef;
-    return ($pipe, $config, $ondemand);
+    my $cgroup   = $self->{mask} & MASK_CGROUP    ? shift @fds : undef;
+    return ($pipe, $config, $ondemand, $cgroup);
+}
+
+=head2 cgroup_fd() -> $fd or undef
+
+The directory of the cgroup the requester wants the vassal born in (mask
+0x08), if it sent one: only our Emperor does, to our base.
+
+=cut
+
+sub cgroup_fd { ($_[0]->fds_by_role)[3] }
+
+=head2 without_cgroup() -> ($mask, @fds)
+
+The request's mask and descriptors as for a process that exists already (a
+warm spare): it cannot be born anywhere, the cgroup's directory stays here.
+
+=cut
+
+sub without_cgroup {
+    my ($self) = @_;
+    my @fds = @{ $self->{fds} };
+    pop @fds if $self->{mask} & MASK_CGROUP;
+    return ($self->{mask} & ~MASK_CGROUP, @fds);
 }
 
 =head2 handed_over(sock => $client, data => $packet, fds => \@fds) -> $request
@@ -166,20 +198,22 @@ sub handed_over {
     return $self;
 }
 
-=head2 reply_pid($pid)
+=head2 reply_pid($pid, $placed)
 
 Sends the reply C<{"pid": $pid}> on the requester's connection (blocking:
-16 bytes into a fresh socket's buffer never wait). Dies if it could not be
-sent (the requester is gone).
+a few dozen bytes into a fresh socket's buffer never wait), with
+C<"cgroup": "1"> when C<$placed>: the vassal was born in the cgroup the
+request named, nobody has to move it. Dies if it could not be sent (the
+requester is gone).
 
 =cut
 
 sub reply_pid {
-    my ($self, $pid) = @_;
+    my ($self, $pid, $placed) = @_;
     my $sock = $self->{sock};
     $sock->blocking(1);
     local $SIG{PIPE} = 'IGNORE';
-    my $reply = encode_packet(MODIFIER1_FORK_SERVER, 0, encode_dict(pid => $pid));
+    my $reply = encode_packet(MODIFIER1_FORK_SERVER, 0, encode_dict(pid => $pid, ($placed ? (cgroup => 1) : ())));
     my $n = syswrite($sock, $reply);
     die "sending the pid reply: $!\n" unless defined $n && $n == length $reply;
     return;
