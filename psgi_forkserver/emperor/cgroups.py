@@ -83,6 +83,8 @@ class Cgroups:
     dying: dict[Path, float] = field(default_factory=dict)
     guard_pid: int | None = None
     guard_fd: int | None = None
+    # a vassal's directory -> its cgroups in `where` or `dying` (_cgroup)
+    made: dict[Path, int] = field(default_factory=dict)
     born_in: int = 0  # adopted vassals born in their cgroup (the base's clone3)
     moved: int = 0  # adopted vassals the Emperor moved into theirs
 
@@ -175,6 +177,7 @@ class Cgroups:
             self.log(f"cgroups: killed {n} processes left at shutdown")
         self.where.clear()
         self.dying.clear()
+        self.made.clear()
         if self.record is not None:
             with contextlib.suppress(OSError):
                 self.record.unlink()
@@ -182,10 +185,47 @@ class Cgroups:
     # -- placing processes ---------------------------------------------------------
 
     def _cgroup(self, name: str | None, seq: int) -> Path:
-        cg = self.root / dir_name(name) / str(seq)
-        cg.mkdir(parents=True, exist_ok=True)
+        """(name, seq)'s cgroup, made now if it is new. A vassal's directory
+        is made with its first process's cgroup and removed with its last
+        (`poll`): counted in `made`, so that neither needs a look at the
+        other cgroups (a mass start makes hundreds, one a turn)."""
+        cg = self.where.get((name, seq))
+        if cg is not None:
+            return cg
+        parent = self.root / dir_name(name)
+        cg = parent / str(seq)
+        if parent not in self.made:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(parent)
+        try:
+            os.mkdir(cg)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:  # its directory went behind our back
+            os.mkdir(parent)
+            os.mkdir(cg)
+        self.made[parent] = self.made.get(parent, 0) + 1
         self.where[(name, seq)] = cg
         return cg
+
+    def _unmade(self, cg: Path) -> None:
+        """A cgroup of `made` is gone or given up: its vassal's directory is
+        removed with the last of them."""
+        parent = cg.parent
+        left = self.made.get(parent, 0) - 1
+        if left > 0:
+            self.made[parent] = left
+            return
+        self.made.pop(parent, None)
+        with contextlib.suppress(OSError):
+            parent.rmdir()
+
+    def _give_up(self, name: str | None, seq: int) -> None:
+        cg = self.where.pop((name, seq), None)
+        if cg is not None:
+            with contextlib.suppress(OSError):
+                cg.rmdir()
+            self._unmade(cg)
 
     @contextlib.contextmanager
     def _inside(self, cg: Path) -> Iterator[None]:
@@ -205,7 +245,7 @@ class Cgroups:
             ctx = self._inside(cg)
             ctx.__enter__()
         except OSError as e:
-            self.where.pop((name, seq), None)
+            self._give_up(name, seq)
             self.log(f"cgroups: cannot place it: {e.strerror or e}", name)
             yield
             return
@@ -223,7 +263,7 @@ class Cgroups:
             cg = self._cgroup(name, seq)
             return os.open(cg, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
-            self.where.pop((name, seq), None)
+            self._give_up(name, seq)
             self.log(f"cgroups: cannot make its cgroup: {e.strerror or e}", name)
             return None
 
@@ -303,11 +343,7 @@ class Cgroups:
             with contextlib.suppress(OSError):
                 cg.rmdir()
             del self.dying[cg]
-            parent = cg.parent  # the vassal's directory, once it has none left
-            if parent != self.root and not any(p.parent == parent for p in self.dying) \
-                    and not any(p.parent == parent for p in self.where.values()):
-                with contextlib.suppress(OSError):
-                    parent.rmdir()
+            self._unmade(cg)  # the vassal's directory, once it has none left
 
     def next_wakeup(self, now: float) -> float | None:
         if not self.dying:
