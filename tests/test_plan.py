@@ -8,7 +8,8 @@ from pathlib import Path
 
 from psgi_forkserver.emperor import loop
 from psgi_forkserver.emperor.plan import (Admit, AdoptionFailure, CleanCgroups, FailAdoption, KillOrphans,
-                                  KillStragglers, KillWedged, StopFrontDoor, Sweep, plan)
+                                  KillStragglers, KillWedged, PrepareBirthplaces, StopFrontDoor, Sweep,
+                                  plan)
 from psgi_forkserver.protocol import EmperorByte
 from psgi_forkserver.emperor.vassal import (Adopt, Context, Forget, ForkServer, Kill, Kind, Phase,
                                     Send, Spawn, Vassal)
@@ -153,6 +154,16 @@ def test_orphans_are_swept_and_killed_and_cgroups_cleaned_when_due():
     assert p.fleet == [Sweep(), KillOrphans(), CleanCgroups()]
     # during a shutdown one sweep once every vassal is gone does it all
     assert plan([], facts(0, sweep_due=True, shutting_down=True)).fleet == []
+
+
+def test_cgroups_are_made_ahead_while_the_fork_server_starts_only():
+    waiting = dict(fork_server=ForkServer.WAITING, birthplaces=True)
+    assert plan([], facts(0, **waiting)).fleet == [PrepareBirthplaces()]
+    # ready: the adoptions make what is missing; no cgroups, a foreign fork
+    # server (moved, not born there) or a shutdown: nothing made ahead
+    assert plan([], facts(0, birthplaces=True)).fleet == []
+    assert plan([], facts(0, fork_server=ForkServer.WAITING)).fleet == []
+    assert plan([], facts(0, shutting_down=True, **waiting)).fleet == []
 
 
 def test_a_shutdown_stops_the_front_door_and_sweeps_once_every_vassal_is_gone():

@@ -55,7 +55,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +87,7 @@ class Cgroups:
     made: dict[Path, int] = field(default_factory=dict)
     born_in: int = 0  # adopted vassals born in their cgroup (the base's clone3)
     moved: int = 0  # adopted vassals the Emperor moved into theirs
+    made_ahead: int = 0  # cgroups made while the fork server started (prepare)
 
     # -- start, sweep, shutdown ---------------------------------------------------
 
@@ -253,6 +254,21 @@ class Cgroups:
             yield
         finally:
             ctx.__exit__(None, None, None)
+
+    def prepare(self, processes: Iterable[tuple[str, int]]) -> int:
+        """Cgroups made ahead for processes (name, seq) to be adopted; those
+        made already are left as they are. How many were made. One that
+        cannot be made is left to its adoption (which logs why)."""
+        made = 0
+        for key in processes:
+            if key not in self.where:
+                try:
+                    self._cgroup(*key)
+                except OSError:
+                    return made  # the adoption says why, once per vassal
+                made += 1
+        self.made_ahead += made
+        return made
 
     def birthplace(self, name: str, seq: int) -> int | None:
         """The cgroup of an adoption about to be asked for, made and opened:

@@ -79,7 +79,8 @@ def snapshot(fleet: Fleet) -> EmperorSnapshot:
         front=fleet.front.state() if fleet.front is not None else None,
         vassals={name: _with_last_output(fleet, v) for name, v in vassals.items()},
         cgroup=cg.path_of_dir(cg.root) if cg is not None else None,
-        cgroup_adoptions={"born_in": cg.born_in, "moved": cg.moved} if cg is not None else None,
+        cgroup_adoptions={"born_in": cg.born_in, "moved": cg.moved,
+                          "made_ahead": cg.made_ahead} if cg is not None else None,
         rescans=fleet.files.rescans)
 
 

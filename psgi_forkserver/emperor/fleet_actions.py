@@ -1,6 +1,7 @@
 """The actions the plan takes for the fleet as a whole, not for one
 vassal's life: a wedged base killed, what ended processes left swept, due
-orphans killed, emptied cgroups removed, and a shutdown's last steps (the
+orphans killed, emptied cgroups removed, the cgroups of the vassals a
+starting fork server is to fork made ahead, and a shutdown's last steps (the
 front door stopped once every vassal is gone, one final sweep, stragglers
 killed once the mercy is over). Decided from facts alone (plan.fleet_actions),
 carried out by the loop."""
@@ -37,6 +38,13 @@ class CleanCgroups:
 
 
 @dataclass(frozen=True)
+class PrepareBirthplaces:
+    """While the fork server starts: make the cgroups its first adoptions
+    will be cloned into (each waiting vassal's next process), so that the
+    mass start that follows makes none."""
+
+
+@dataclass(frozen=True)
 class StopFrontDoor:
     """A shutdown with every vassal gone: stop nginx (it served until then)."""
 
@@ -46,4 +54,5 @@ class KillStragglers:
     """A shutdown past its mercy timeout: SIGKILL every child left."""
 
 
-FleetAction = KillWedged | Sweep | KillOrphans | CleanCgroups | StopFrontDoor | KillStragglers
+FleetAction = (KillWedged | Sweep | KillOrphans | CleanCgroups | PrepareBirthplaces | StopFrontDoor
+               | KillStragglers)

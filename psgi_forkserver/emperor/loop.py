@@ -38,7 +38,7 @@ from .ondemand import VassalSockets
 from .orphans import Sweeper
 from .outcomes import Outcomes
 from .plan import (Admit, CleanCgroups, FailAdoption, Facts, AdoptionFailure, KillOrphans, KillStragglers,
-                   KillWedged, Plan, Settled, StopFrontDoor, Sweep, plan, runs_as_base)
+                   KillWedged, Plan, PrepareBirthplaces, Settled, StopFrontDoor, Sweep, plan, runs_as_base)
 from .processes import ProcessTable
 from .recent import RecentLines
 from .routing import Routes, make_socket_dir, socket_dir_of
@@ -47,7 +47,7 @@ from .vassal import Adopt, Forget, Kill, Send, Spawn, Vassal
 
 # the action types `_execute` and `_act` carry out (test_plan shows each planned)
 EXECUTED = (Spawn, Adopt, Send, Kill, Forget, FailAdoption, Admit,
-            KillWedged, Sweep, KillOrphans, CleanCgroups, StopFrontDoor, KillStragglers)
+            KillWedged, Sweep, KillOrphans, CleanCgroups, PrepareBirthplaces, StopFrontDoor, KillStragglers)
 
 
 class Emperor:
@@ -198,6 +198,7 @@ class Emperor:
                      wedged=tuple(self.bases.wedged()), sweep_due=self.sweeper.due,
                      orphans_due=any(now >= t for t in self.sweeper.next_wakeup()),
                      cgroups_due=cg is not None and bool(cg.dying), heard=self.heard,
+                     birthplaces=cg is not None and self.bases.adoptions_ours(),
                      **self.shutdown.measure(now, not self.vassals, self.routes.front, self.procs,
                                              self.sweeper))
 
@@ -213,6 +214,13 @@ class Emperor:
                 case CleanCgroups():
                     if self.cgroups is not None:
                         self.cgroups.poll(now)
+                case PrepareBirthplaces():
+                    if self.cgroups is not None:
+                        # the base's start-up (a second or more) is idle
+                        # time for the Emperor: each vassal's next process
+                        # (seq + 1) gets its cgroup now, not in the burst
+                        self.cgroups.prepare((v.name, v.seq + 1) for v in self.vassals.values()
+                                             if v.current is None and not runs_as_base(v))
                 case StopFrontDoor():
                     if self.routes.front is not None:
                         self.routes.front.stop()  # last: it served until every vassal was gone
