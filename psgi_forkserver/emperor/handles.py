@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from .. import launch, logs
 from ..adoption import PendingAdoption
+from ..config import VassalConfig
 from .ondemand import VassalSockets
 from .vassal import Vassal
 
@@ -121,3 +123,20 @@ def prepare(v: Vassal, seq: int, now: float, vsockets: VassalSockets, log: Calla
         prepared.config_fd = ctheirs.fileno()
         prepared.theirs.append(ctheirs)
     return prepared
+
+
+def output_pipe(v: Vassal, cfg: VassalConfig, logbook: logs.Log, vassals_dir: Path,
+                log: Callable[..., None]) -> logs.OutputPipe | None:
+    """A new process's output pipe (logs.py), its vassal's `logto` file
+    (re)opened; None, logged, if the pipe cannot be made: the process
+    then writes to the Emperor's stderr as it is."""
+    logto = cfg.get("logto") if hasattr(cfg, "get") else None
+    err = logbook.set_logto(v.name, vassals_dir / logto if logto else None)
+    if err is not None:
+        log(f"logto: {err}; its lines go to the Emperor's log", v.name)
+    try:
+        return logs.OutputPipe()
+    except OSError as e:
+        log(f"cannot make its output pipe: {e.strerror or e}; its output is "
+            "not attributed", v.name)
+        return None

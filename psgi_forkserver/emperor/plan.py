@@ -26,8 +26,8 @@ What it decides across vassals (each vassal decides its own life):
   descriptor budget has room (`Admit`), a base judged wedged killed
   (`KillWedged`), the orphans of ended processes swept (`Sweep`) and
   killed after the mercy timeout (`KillOrphans`), emptied cgroups removed
-  (`CleanCgroups`), the cgroups a starting fork server's first adoptions
-  are to be born in made while it starts (`PrepareBirthplaces`);
+  (`CleanCgroups`), the cgroups of a starting fork server's first
+  adoptions made meanwhile (`PrepareBirthplaces`);
 - whether the turn must run again at once (`Plan.again`): a new base
   generation became ready, or a vassal's move ended and freed a deploy slot;
 - which vassals to step at all (`Settled`): one whose last step decided
@@ -46,8 +46,7 @@ from dataclasses import dataclass, field
 
 from ..proc import CODE_DEPLOY, Action, Adopt, Context, Forget, ForkServer, Kind, Proc, ProcState
 from .fleet_actions import (CleanCgroups, FleetAction, KillOrphans, KillStragglers, KillWedged,
-                            PrepareBirthplaces,
-                            StopFrontDoor, Sweep)
+                            PrepareBirthplaces, StopFrontDoor, Sweep)
 from .vassal import Slot, Vassal
 
 
@@ -78,9 +77,7 @@ class Facts:
     sweep_due: bool = False  # a vassal process (or an orphan) ended since the last sweep
     orphans_due: bool = False  # an orphan's mercy timeout is over
     cgroups_due: bool = False  # a vassal's emptied cgroup waits to be removed
-    # vassals are born in cgroups (our base, cgroups used): made ahead while
-    # the fork server starts (PrepareBirthplaces)
-    birthplaces: bool = False
+    birthplaces: bool = False  # vassals are born in cgroups: made ahead (PrepareBirthplaces)
     # during a shutdown (the Emperor's Shutdown part measures them)
     front_running: bool = False  # the front door's nginx still runs
     no_children: bool = False  # every child of the Emperor is reaped

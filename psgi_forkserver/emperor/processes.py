@@ -25,13 +25,12 @@ from pathlib import Path
 
 from .. import adoption, launch, logs
 from ..adoption import AdoptionError
-from ..config import VassalConfig
 from ..launch import program_argv
 from ..metrics import EmperorMetrics
 from ..nonblocking import recv_ready
 from ..options import Options, plack_env_of
 from ..protocol import EmperorByte, VassalByte
-from .handles import Prepared, ProcHandles, Reaped, StartFailed, prepare
+from .handles import Prepared, ProcHandles, Reaped, StartFailed, output_pipe, prepare
 from .ondemand import ForVassal, VassalSockets
 from .vassal import Kind, Vassal
 
@@ -103,7 +102,7 @@ class ProcessTable:
         pr = prepare(v, seq, now, self.vsockets, self.log)
         if pr is None:
             return None
-        out = self._output(v, p.config)
+        out = output_pipe(v, p.config, self.logbook, self.dir, self.log)
         argv = [*self.argv0, "--ini", str(p.config.path), *extra_args]
         try:
             # PLACK_ENV: what a vassal without a plack-env key (and the
@@ -115,8 +114,7 @@ class ProcessTable:
                     output_fd=out.wfd if out is not None else None,
                 )
         except OSError as e:
-            if self.cgroups is not None:
-                self.cgroups.ended(v.name, seq, now)
+            self._unborn(v.name, seq, now)
             if out is not None:
                 out.close()
             return self._abandon(pr, StartFailed(str(e), f"cannot start {argv[0]}: {e.strerror}",
@@ -145,10 +143,9 @@ class ProcessTable:
         if pr is None:
             return None
         if ours:
-            pr.handles.given(self._output(v, p.config))
+            pr.handles.given(output_pipe(v, p.config, self.logbook, self.dir, self.log))
         argv = [self.opts.program, "--ini", str(p.config.path)]
-        # our base clones it straight into its cgroup (cgroups.py); a
-        # uWSGI fork server is never sent the descriptor
+        # our base clones it into its cgroup (cgroups.py); a uWSGI one is never sent it
         cgroup_fd = self.cgroups.birthplace(v.name, seq) if ours and self.cgroups is not None else None
         try:
             pending = adoption.start_adoption(
@@ -159,8 +156,7 @@ class ProcessTable:
         except AdoptionError as e:
             if pr.handles.output is not None:
                 pr.handles.output.close()
-            if self.cgroups is not None:
-                self.cgroups.ended(v.name, seq, now)
+            self._unborn(v.name, seq, now)
             return self._abandon(pr, StartFailed(str(e), f"adoption failed: {e}",
                                                  f"adoption failed: {e}", True))
         finally:
@@ -177,6 +173,12 @@ class ProcessTable:
         if p.reason != "start":
             self.log(f"starting a successor ({p.reason})", v.name)
         return None
+
+    def _unborn(self, name: str, seq: int, now: float) -> None:
+        """A start given up: the cgroup made for it goes (and a vassal born
+        there whose pid never reached us)."""
+        if self.cgroups is not None:
+            self.cgroups.ended(name, seq, now)
 
     def spawning(self, name: str | None, seq: int) -> contextlib.AbstractContextManager:
         """Around a spawn: the child is born in its own cgroup (if any)."""
@@ -206,21 +208,6 @@ class ProcessTable:
             launch.kill_tree(pid)
 
     # -- the config pipe --------------------------------------------------------
-
-    def _output(self, v: Vassal, cfg: VassalConfig) -> logs.OutputPipe | None:
-        """A new process's output pipe (logs.py), its vassal's `logto` file
-        (re)opened; None, logged, if the pipe cannot be made: the process
-        then writes to the Emperor's stderr as it is."""
-        logto = cfg.get("logto") if hasattr(cfg, "get") else None
-        err = self.logbook.set_logto(v.name, self.dir / logto if logto else None)
-        if err is not None:
-            self.log(f"logto: {err}; its lines go to the Emperor's log", v.name)
-        try:
-            return logs.OutputPipe()
-        except OSError as e:
-            self.log(f"cannot make its output pipe: {e.strerror or e}; its output is "
-                     "not attributed", v.name)
-            return None
 
     def pid_of(self, name: str, seq: int) -> int | None:
         """A vassal process's pid, once known (for its relayed lines)."""
@@ -344,11 +331,9 @@ class ProcessTable:
         self.abandon(name, seq)
 
     def abandon(self, name: str, seq: int) -> None:
-        """A process whose start was under way: its handles closed, and
-        the cgroup made for it stopped and removed (with a vassal born there
-        whose pid never reached us)."""
-        if self.cgroups is not None and self.pid_of(name, seq) is None:
-            self.cgroups.ended(name, seq, time.monotonic())
+        """A process whose start was under way: its handles closed."""
+        if self.pid_of(name, seq) is None:
+            self._unborn(name, seq, time.monotonic())
         self._finish_adoption(name, seq)
         self.drop(name, seq)
 
