@@ -177,24 +177,29 @@ def test_the_base_clones_a_vassal_into_the_cgroup_its_request_names(tmp_path):
     clones the vassal into that cgroup: it is there when the pid reply
     arrives, before anyone could have moved it, and the reply says so. A
     request without one (uWSGI's bytes) gets a vassal in the base's own
-    cgroup, and a reply with the pid alone."""
+    cgroup, and a reply with the pid alone; so does one naming a directory
+    the kernel will not clone into (not a cgroup), said in the base's log,
+    and the next request is cloned into its cgroup again."""
     mount, own = cgroup_tree.cgroup2_mount(), cgroup_tree.own_cgroup()
     assert mount is not None and own is not None
     cg = mount / own.lstrip("/") / f"pfs-test-born-{os.getpid()}"
     cg.mkdir()
     base_pipe, base_end = socket.socketpair()
     sock = tmp_path / "fs.sock"
-    base = subprocess.Popen(
-        ["perl", str(PROGRAM), "--early-psgi", str(DAEMON), "--fork-server", str(sock),
-         "--fork-server-spares", "0"],
-        pass_fds=[base_end.fileno()], env={**os.environ, "UWSGI_EMPEROR_FD": str(base_end.fileno())})
+    base_log = tmp_path / "base.log"
+    with open(base_log, "w") as log:
+        base = subprocess.Popen(
+            ["perl", str(PROGRAM), "--early-psgi", str(DAEMON), "--fork-server", str(sock),
+             "--fork-server-spares", "0"], stderr=log,
+            pass_fds=[base_end.fileno()], env={**os.environ, "UWSGI_EMPEROR_FD": str(base_end.fileno())})
     base_end.close()
     pipes: list[socket.socket] = []
     vassals: list[int] = []
     try:
         assert base_pipe.recv(1) == b"\x01"  # listening
         cg_fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        for into in (cg_fd, None):
+        not_a_cgroup = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        for into in (cg_fd, None, not_a_cgroup, cg_fd):
             ours, theirs = socket.socketpair()
             pipes.append(ours)
             pending = adoption.start_adoption(sock, [str(PROGRAM), "--http-socket", f"127.0.0.1:{free_port()}"],
@@ -206,14 +211,17 @@ def test_the_base_clones_a_vassal_into_the_cgroup_its_request_names(tmp_path):
             finally:
                 pending.close()
             vassals.append(pid)
-            if into is not None:
+            if into == cg_fd:
                 assert where == "/" + str(cg.relative_to(mount)), where
                 assert pending.born_in_cgroup
-                assert cgroup_tree.procs(cg) == [pid]
+                assert pid in cgroup_tree.procs(cg)
             else:
                 assert where == cgroup_of(base.pid), where
                 assert not pending.born_in_cgroup
         os.close(cg_fd)
+        os.close(not_a_cgroup)
+        said = [line for line in base_log.read_text().splitlines() if "clone3" in line]
+        assert len(said) == 1 and "this vassal is moved by the Emperor" in said[0], said
     finally:
         for p in pipes:
             p.close()  # end of file: each vassal stops

@@ -72,7 +72,7 @@ sub adopt {
         my ($pid, $placed, $refused) = ForkServer::Base::Clone::clone_parent_into($req->cgroup_fd);
         return $self->refuse($req, "clone: $!") unless defined $pid;
         $self->_become_vassal($req, base_replied => 1) if $pid == 0;    # does not return
-        $self->log("vassals are moved into their cgroups by the Emperor: $refused") if $refused;
+        $self->log($refused) if $refused;
         # The pid is ours to send: the Emperor's adoption slot comes free
         # now, not when the new vassal first gets a core (in a mass start,
         # behind every other one starting). Its own child from birth, the

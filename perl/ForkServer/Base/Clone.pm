@@ -148,10 +148,13 @@ clone_parent(), the child born in the cgroup (v2) whose directory
 C<$cgroup_fd> is open on (C<clone3> with C<CLONE_INTO_CGROUP>, Linux 5.7):
 it never runs a single instruction elsewhere, and whoever wanted it there
 has no process to move. C<$placed> says it is there. Where the kernel
-refuses C<clone3> or the flag (an older kernel, a seccomp filter, no right
-to the cgroup), this falls back to clone_parent(), C<$placed> false and
-C<$refused> the reason, once: from then on every call is a plain
-clone_parent(), said by the caller in one line.
+refuses C<clone3> or the flag (an older kernel, a seccomp filter: ENOSYS,
+EPERM, EINVAL, E2BIG), this falls back to clone_parent(), C<$placed> false
+and C<$refused> the reason, once: from then on every call is a plain
+clone_parent(), said by the caller in one line. Where it refuses this
+cgroup (not a cgroup, no right to it, a cgroup that cannot hold
+processes), this call falls back the same way and says why; the next
+tries clone3 again.
 
 =cut
 
@@ -173,8 +176,13 @@ sub clone_parent_into {
     return ($pid, 1, undef) if defined $pid;
     # running out of processes or memory is the fork's own failure, not clone3's
     return (undef, 0, undef) if $!{EAGAIN} || $!{ENOMEM};
-    $CLONE3_REFUSED = "clone3(CLONE_INTO_CGROUP): $!";
-    return (clone_parent(), 0, $CLONE3_REFUSED);
+    if ($!{ENOSYS} || $!{EPERM} || $!{EINVAL} || $!{E2BIG}) {
+        $CLONE3_REFUSED = "clone3(CLONE_INTO_CGROUP) refused: $!; vassals are moved into their cgroups "
+                        . "by the Emperor from now on";
+        return (clone_parent(), 0, $CLONE3_REFUSED);
+    }
+    my $why = "clone3(CLONE_INTO_CGROUP) into the requested cgroup: $!; this vassal is moved by the Emperor";
+    return (clone_parent(), 0, $why);
 }
 
 sub _clone {
