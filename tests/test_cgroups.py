@@ -297,3 +297,31 @@ def test_a_read_only_hierarchy_is_said_once_and_the_fleet_runs(vdir):
     lines = [ln for ln in err.splitlines() if "cgroups:" in ln]
     assert len(lines) == 1 and "cgroups: not used (cannot create" in lines[0] \
         and "Read-only file system" in lines[0], err
+
+
+UWSGI21 = os.environ.get("UWSGI21")  # a uWSGI 2.1 binary with its psgi profile (bench/uwsgi21.py)
+
+
+@pytest.mark.skipif(not UWSGI21 or not os.access(UWSGI21, os.X_OK), reason="UWSGI21 not set")
+def test_a_uwsgi_base_gets_uwsgis_bytes_and_the_emperor_moves_its_vassal(xprocess, vdir):
+    """uWSGI 2.1's fork server as the base: it is never sent the cgroup's
+    directory (it would refuse the mask bit), its reply has the pid alone,
+    and the Emperor moves the vassal into its cgroup."""
+    d, ports, _ = vdir
+    (d / "b.ini").unlink()
+    (d / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {HERE / 'apps' / 'hello.psgi'}\n"
+                                f"fork-server = {d / 'fs.sock'}\n")
+    (d / "a.ini").write_text(f"[uwsgi]\nmaster = true\nprocesses = 1\n"
+                             f"http-socket = 127.0.0.1:{ports['a']}\n")
+    em = start_emperor(xprocess, "emperor-cgroups-uwsgi21",
+                       [d, "--vassal-binary", UWSGI21, "--vassal-fork-base", "base.ini"])
+    try:
+        wait_for(lambda: answers(ports["a"]), 30, "the uWSGI vassal to answer")
+        doc = status(d)
+        counts = doc["emperor"]["cgroup_adoptions"]
+        assert (counts["born_in"], counts["moved"]) == (0, 1), counts
+        v = doc["vassals"]["a"]
+        assert v["cgroup"].endswith("/v-a/" + v["cgroup"].rsplit("/", 1)[1]), v
+        assert cgroup_of(v["pid"]) == v["cgroup"], v
+    finally:
+        stop_emperor(em)
