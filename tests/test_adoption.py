@@ -7,6 +7,7 @@ exercised by test_emperor.py.
 
 import array
 import os
+import selectors
 import socket
 import threading
 import time
@@ -94,6 +95,29 @@ def test_adopt_sends_argv_mask_and_descriptors(sockpath):
         for s in (ours, theirs, od):
             s.close()
         os.close(cfg_r), os.close(cfg_w)
+        srv.close()
+
+
+@pytest.mark.parametrize("extra, born", [({"cgroup": "1"}, True), ({}, False)])
+def test_a_cgroup_directory_goes_last_and_the_reply_says_if_the_vassal_was_born_there(
+        sockpath, tmp_path, extra, born):
+    srv = StandIn(sockpath, protocol.encode_packet(35, protocol.encode_dict({"pid": "77", **extra}), 0))
+    ours, theirs = socket.socketpair()
+    cg = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        pending = adoption.start_adoption(sockpath, ["/bin/prog"], theirs.fileno(), cgroup_fd=cg)
+        srv.done.wait(5)
+        with selectors.DefaultSelector() as sel:
+            sel.register(pending.sock, selectors.EVENT_READ)
+            while (pid := pending.on_readable()) is None:
+                assert sel.select(5), "no reply"
+        pending.close()
+        assert (pid, pending.born_in_cgroup) == (77, born)
+        assert protocol.decode_packet(srv.got["data"]).modifier2 == 0x09
+        pipe_fd, dir_fd = srv.got["fds"]
+        assert os.stat(dir_fd)[:2] == os.stat(tmp_path)[:2]  # the directory itself (inode, device)
+    finally:
+        ours.close(), theirs.close(), os.close(cg)
         srv.close()
 
 
