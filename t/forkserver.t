@@ -131,7 +131,8 @@ refused_ok('array item past the end', encode_packet(35, 1, "\x02\x00ab\x50\x00cd
 refused_ok('zero descriptors', encode_packet(35, 1, $good), fds => 0);
 refused_ok('mask announces 2 descriptors, 1 sent', encode_packet(35, 3, $good));
 refused_ok('4 descriptors', encode_packet(35, 7, $good), fds => 4);
-refused_ok('unknown mask bit', encode_packet(35, 0x09, $good));
+refused_ok('unknown mask bit', encode_packet(35, 0x11, $good));
+refused_ok('a socket for the cgroup directory (mask 0x08)', encode_packet(35, 0x09, $good), fds => 2);
 refused_ok('argv not UTF-8', encode_packet(35, 1, encode_array(program(), "--name", "\xff\xfe")));
 refused_ok('empty argv', encode_packet(35, 1, ''));
 refused_ok('trailing garbage', encode_packet(35, 1, $good) . 'xyz');
@@ -152,9 +153,10 @@ is read_reply($quiet, 10), undef, 'the silent client is dropped after its timeou
 
 # The base closes a refused client before it logs: wait for the last line.
 my $refused_now = sub { (() = log_text() =~ /refused request/g) - $count_refused };
-wait_for(10, sub { $refused_now->() >= 12 });
+wait_for(10, sub { $refused_now->() >= 13 });
 my $log_now = log_text();
-is $refused_now->(), 12, '12 refusals, one log line each' or diag $log_now;
+is $refused_now->(), 13, '13 refusals, one log line each' or diag $log_now;
+like $log_now, qr/received descriptor \d+ \(mask 0x08\) is not a directory/, 'the cgroup descriptor must be a directory';
 like $log_now, qr/refused request from pid \d+ uid \d+ \(1 descriptors closed\): wrong modifier1 0/, 'log names peer and cause';
 
 is_deeply fd_targets($base->{pid}), $base_fds_before, 'refused requests leak no descriptor in the base';
