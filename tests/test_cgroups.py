@@ -309,8 +309,7 @@ def test_a_uwsgi_base_gets_uwsgis_bytes_and_the_emperor_moves_its_vassal(xproces
     and the Emperor moves the vassal into its cgroup."""
     d, ports, _ = vdir
     (d / "b.ini").unlink()
-    (d / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {HERE / 'apps' / 'hello.psgi'}\n"
-                                f"fork-server = {d / 'fs.sock'}\n")
+    (d / "base.ini").write_text(base_ini(HERE / "apps" / "hello.psgi", d / "fs.sock"))
     (d / "a.ini").write_text(f"[uwsgi]\nmaster = true\nprocesses = 1\n"
                              f"http-socket = 127.0.0.1:{ports['a']}\n")
     em = start_emperor(xprocess, "emperor-cgroups-uwsgi21",
