@@ -342,7 +342,7 @@ class Host:
             elif pid in self.forked:
                 self.forked[pid].status = status
             elif pid == self.prove.base.pid:
-                self.prove.base.reaped()
+                self.prove.base.reaped(status)
             else:
                 self.prove.orphans_reaped += 1
 
