@@ -4,7 +4,6 @@ use warnings;
 
 use parent 'TAP::Parser::Iterator';
 
-use IO::Socket::UNIX ();
 use Socket ();
 use TAP::Parser ();
 use ForkServer::Prove::Loads ();
@@ -31,8 +30,9 @@ stalls a test. Then, when the test failed, it runs again as prove runs it
 
 sub _connect {
     my ($path) = @_;
-    my $sock = IO::Socket::UNIX->new(Type => Socket::SOCK_STREAM(), Peer => $path)
-        or die "cannot connect to $path: $!\n";
+    # (Socket's calls, not IO::Socket::UNIX: a tenth of prove's own start-up)
+    socket(my $sock, Socket::AF_UNIX(), Socket::SOCK_STREAM(), 0) or die "socket: $!\n";
+    connect($sock, Socket::pack_sockaddr_un($path)) or die "cannot connect to $path: $!\n";
     return $sock;
 }
 
