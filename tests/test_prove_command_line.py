@@ -232,6 +232,17 @@ def test_a_base_that_dies_mid_run_leaves_the_run_to_prove(tmp_path: Path) -> Non
     assert "All tests successful." in ours.stdout, ours.stdout
 
 
+def test_a_run_with_no_test_file_ends_quietly_while_the_base_loads(tmp_path: Path) -> None:
+    """prove reads the base's answer only when a first file is to run: a
+    run with none ends before it (prove's NOTESTS), and the host, answering
+    no one, says nothing."""
+    (tmp_path / "t").mkdir()
+    ours = run_in(tmp_path, [EMPEROR, "prove", "--no-preload", "t"])
+    assert ours.returncode == 0, ours.stdout + ours.stderr
+    assert "Result: NOTESTS" in ours.stdout, ours.stdout
+    assert ours.stderr == "", ours.stderr
+
+
 # -- the fixed cost of a run --------------------------------------------------------------
 
 

@@ -24,7 +24,7 @@ stalls a test. Then, when the test failed, it runs again as prove runs it
 
 =head2 request
 
-  my $reply = request($socket_path, $type, $payload);    # 'B' only: blocks for the reply
+  my $reply = request($socket_path, $type, $payload);    # blocks for the reply
 
 =cut
 
@@ -64,6 +64,19 @@ sub request {
     my $sock = _connect($path);
     _send($sock, $type, $payload);
     return _read_all($sock);
+}
+
+=head2 request_nowait
+
+  my $sock = request_nowait($socket_path, $type, $payload);    # read the reply from $sock later
+
+=cut
+
+sub request_nowait {
+    my ($path, $type, $payload) = @_;
+    my $sock = _connect($path);
+    _send($sock, $type, $payload);
+    return $sock;
 }
 
 sub _initialize {
