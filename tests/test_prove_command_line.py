@@ -207,6 +207,42 @@ def test_yath_timeout_markers(tmp_path: Path) -> None:
     assert ours.returncode == 1
 
 
+def test_a_base_that_dies_mid_run_leaves_the_run_to_prove(tmp_path: Path) -> None:
+    """The base killed while the run goes on (here by the first test file):
+    `emperor prove` keeps prove's output and verdicts (the files after it
+    run cold), no traceback, prove's exit status."""
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "a_kill_base.t").write_text(
+        "use strict;\nuse warnings;\nuse Test::More;\n"
+        "# the base this file was forked from: a child of its parent (the host)\n"
+        "my $host = getppid;\nmy @base;\n"
+        "for my $dir (glob '/proc/[0-9]*') {\n"
+        "    open my $fh, '<', \"$dir/stat\" or next;\n    my $stat = <$fh> // next;\n"
+        "    my ($ppid) = $stat =~ /\\) \\S+ (\\d+)/;\n    next unless $ppid && $ppid == $host;\n"
+        "    open my $c, '<', \"$dir/cmdline\" or next;\n    local $/;\n    my $cmd = <$c> // '';\n"
+        "    push @base, $dir =~ m{(\\d+)\\z} if $cmd =~ /\\(fork server\\)/;\n}\n"
+        "is scalar(@base), 1, 'the base found';\nkill 'KILL', @base;\ndone_testing;\n")
+    for name in ("b", "c", "d"):
+        (tmp_path / "t" / f"{name}.t").write_text("use strict;\nuse warnings;\nuse Test::More tests => 1;\nok 1;\n")
+    ours = run_in(tmp_path, [EMPEROR, "prove", "--no-preload", "t"])
+    assert "Traceback" not in ours.stderr, ours.stderr
+    assert ours.returncode == 0, ours.stdout + ours.stderr
+    for name in ("a_kill_base", "b", "c", "d"):
+        assert re.search(rf"^t/{name}\.t \.+ ok$", ours.stdout, re.M), ours.stdout
+    assert "All tests successful." in ours.stdout, ours.stdout
+
+
+def test_a_run_with_no_test_file_ends_quietly_while_the_base_loads(tmp_path: Path) -> None:
+    """prove reads the base's answer only when a first file is to run: a
+    run with none ends before it (prove's NOTESTS), and the host, answering
+    no one, says nothing."""
+    (tmp_path / "t").mkdir()
+    ours = run_in(tmp_path, [EMPEROR, "prove", "--no-preload", "t"])
+    assert ours.returncode == 0, ours.stdout + ours.stderr
+    assert "Result: NOTESTS" in ours.stdout, ours.stdout
+    assert ours.stderr == "", ours.stderr
+
+
 # -- the fixed cost of a run --------------------------------------------------------------
 
 

@@ -13,7 +13,6 @@ use parent 'App::Prove';
 
 use Cwd ();
 use File::Spec ();
-use IO::Socket::UNIX ();
 use Socket ();
 
 use ForkServer::Prove::Source ();

@@ -39,6 +39,7 @@ class TestBase:
         self.pid: int | None = None
         self.pipe: socket.socket | None = None
         self.config_w: int | None = None  # the early base's --config-fd
+        self.ended_status = 0  # its wait status, when a wait of the caller's took it
 
     def argv(self) -> list[str]:
         argv = base_argv(self.opts.perl, self.sock.parent, self.opts.modules)
@@ -97,18 +98,24 @@ class TestBase:
 
     def wait_ready(self) -> None:
         ours = self.pipe
-        assert ours is not None and self.pid is not None
+        assert ours is not None
         ours.settimeout(300)
         try:
             byte = ours.recv(1)
         except OSError:
             byte = b""
         if byte != bytes([protocol.VassalByte.SPAWNED]):
-            pid, status = os.waitpid(self.pid, 0)
+            status = self.ended_status
+            if self.pid is not None:  # (else a wait4 of the caller's took it: reaped())
+                _, status = os.waitpid(self.pid, 0)
             self.pid = None
             text = " | ".join(self.log.read_text(errors="replace").split("\n")).strip(" |")
             from ..launch import describe_status
             raise BaseError(f"the base did not start ({describe_status(status)}): {text}")
+
+    def reaped(self, status: int) -> None:
+        """It ended, and the caller's wait for any child took its status."""
+        self.pid, self.ended_status = None, status
 
     def stop(self) -> None:
         if self.config_w is not None:  # started early, never configured

@@ -236,7 +236,7 @@ class Prove:
             if job is not None:
                 job.ended(status, (ru.ru_utime, ru.ru_stime))
             elif pid == self.base.pid:
-                self.base.reaped()
+                self.base.reaped(status)
             else:
                 self.orphans_reaped += 1
 

@@ -75,7 +75,8 @@ sub note {
 
 Starts the base (through the Emperor side on C<socket>) with C<libs> in its
 @INC and the preloads: the given ones, or with C<auto> the modules most test
-files C<use>, named on stderr in one line (unless C<quiet>). Without a
+files C<use>, named on stderr in one line (unless C<quiet>). The answer is
+read when the first file is to run (prove sets up its harness meanwhile). Without a
 base every test runs as prove runs it.
 
 =cut
@@ -95,9 +96,36 @@ sub setup {
     # destruction at exit is then cheaper than freeing what the test loaded
     # package by package (ForkServer::Prove::TestFile's fast exit), and exact.
     $CFG{destruct} = 1 unless grep { !/\Ainc=/ } @items;
-    my $reply = eval { ForkServer::Prove::Iterator::request($args{socket}, 'B', join "\0", @items) };
+    # The answer is waited for when the first file is to run (_await_base):
+    # prove sets up its harness, formatter and scheduler while the base
+    # loads the preloads, rather than after.
+    my $sock = eval { ForkServer::Prove::Iterator::request_nowait($args{socket}, 'B', join "\0", @items) };
+    if (!$sock) {
+        $class->_base_reply(undef, $@, \@auto);
+        return;
+    }
+    @CFG{qw(pending auto_modules)} = ($sock, \@auto);
+    return;
+}
+
+# The base's answer to setup's request, when it is still to be read: the
+# base's %INC keys, or why there is none.
+sub _await_base {
+    my ($class) = @_;
+    my $sock = delete $CFG{pending} or return;
+    my $reply = eval { ForkServer::Prove::Iterator::_read_all($sock) };
+    my $error = $@;
+    close $sock;
+    $class->_base_reply($reply, $error, delete $CFG{auto_modules});
+    return;
+}
+
+sub _base_reply {
+    my ($class, $reply, $error, $auto) = @_;
+    my %args = %CFG;
+    my @auto = @{ $auto || [] };
     if (!defined $reply || $reply !~ s/\Aok\n//) {
-        my $why = defined $reply ? $reply : $@;
+        my $why = defined $reply ? $reply : $error;
         $why =~ s/\s+\z//;
         if (@{ $args{preload} }) {    # asked for: one error, as for any bad option
             print STDERR "emperor prove: $why\n";
@@ -187,7 +215,9 @@ sub _head {
 
 sub can_handle {
     my ($class, $source) = @_;
-    return 0 if $CFG{disabled} || !%CFG;
+    return 0 unless %CFG;
+    $class->_await_base if $CFG{pending};
+    return 0 if $CFG{disabled};
     my $vote = $class->SUPER::can_handle($source) or return 0;
     return $vote + 0.01;
 }
