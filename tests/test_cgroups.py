@@ -324,3 +324,42 @@ def test_a_uwsgi_base_gets_uwsgis_bytes_and_the_emperor_moves_its_vassal(xproces
         assert cgroup_of(v["pid"]) == v["cgroup"], v
     finally:
         stop_emperor(em)
+
+
+@pytest.mark.parametrize("own_base_file", [False, True])
+def test_a_fork_server_this_emperor_did_not_start_is_never_sent_the_cgroup(xprocess, vdir, tmp_path,
+                                                                           own_base_file):
+    """A base started by hand (here one that refuses the cgroup's mask bit,
+    as a base started before an upgrade does) and named with
+    `--use-fork-server`, also beside a base file of the Emperor's own: the
+    Emperor does not know its version, so it sends uWSGI's bytes, the
+    vassals answer, and the Emperor moves each into its cgroup."""
+    d, ports, _ = vdir
+    if not own_base_file:
+        (d / "base.ini").unlink()
+    sock = tmp_path / "fs.sock"
+    base_file = tmp_path / "base.ini"
+    base_file.write_text(base_ini(HERE / "apps" / "hello.psgi", sock, "fork-server-spares = 0"))
+    env = {**os.environ, "PERL5LIB": f"{HERE / 'apps' / 'lib'}:{PROGRAM.parent}",
+           "PERL5OPT": "-MBaseBeforeCgroupMask"}
+    base = subprocess.Popen(["perl", str(PROGRAM), "--ini", str(base_file)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(sock.exists, 30, "the hand-started fork server")
+        em = start_emperor(xprocess, f"emperor-cgroups-foreign-{own_base_file}", [d, "--use-fork-server", sock])
+        try:
+            for port in ports.values():
+                wait_for(lambda p=port: answers(p), 30, "the vassals to answer")
+            doc = status(d)
+            counts = doc["emperor"]["cgroup_adoptions"]
+            assert (counts["born_in"], counts["moved"]) == (0, 2), counts
+            for name in ports:
+                v = doc["vassals"][name]
+                assert cgroup_of(v["pid"]) == v["cgroup"], (name, v)
+        finally:
+            stop_emperor(em)
+    finally:
+        left = [p.pid for p in psutil.Process(base.pid).children(recursive=True)]
+        base.terminate()
+        base.wait(20)
+        kill_all([p for p in left if alive(p)])

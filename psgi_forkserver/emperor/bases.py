@@ -156,6 +156,14 @@ class ForkServers:
                      "not attributed to them (no logto)")
         return False
 
+    def clones_into_cgroups(self) -> bool:
+        """The fork server is the base this Emperor started, of this very
+        version: it may be sent a cgroup's directory to clone each vassal
+        into (MASK_CGROUP). The one behind `--use-fork-server` may be of an
+        earlier version (started before an upgrade) and refuse the bit:
+        its vassals are moved by the Emperor, as a uWSGI base's are."""
+        return self.opts.use_fork_server is None and self.adoptions_ours()
+
     # -- readiness ---------------------------------------------------------------
 
     def state(self, now: float) -> tuple[ForkServer, int]:

@@ -198,7 +198,7 @@ class Emperor:
                      wedged=tuple(self.bases.wedged()), sweep_due=self.sweeper.due,
                      orphans_due=any(now >= t for t in self.sweeper.next_wakeup()),
                      cgroups_due=cg is not None and bool(cg.dying), heard=self.heard,
-                     birthplaces=cg is not None and self.bases.adoptions_ours(),
+                     birthplaces=cg is not None and self.bases.clones_into_cgroups(),
                      **self.shutdown.measure(now, not self.vassals, self.routes.front, self.procs,
                                              self.sweeper))
 
@@ -254,7 +254,8 @@ class Emperor:
                     # listens too, and a moved vassal must come from the new one
                     path = self.bases.path_for(p.base_generation if p is not None else None)
                     assert path is not None
-                    failed = self.procs.adopt(v, seq, now, path, self.bases.adoptions_ours())
+                    failed = self.procs.adopt(v, seq, now, path, self.bases.adoptions_ours(),
+                                             self.bases.clones_into_cgroups())
                     self.again |= self.outcomes.started(v, seq, now, failed)
                 case Send(byte=byte, seq=seq):
                     self.procs.send(v, seq, byte)

@@ -133,10 +133,11 @@ class ProcessTable:
         return None
 
     def adopt(self, v: Vassal, seq: int, now: float, path: Path,
-              ours: bool) -> StartFailed | None:
+              ours: bool, into_cgroup: bool) -> StartFailed | None:
         """Ask the fork server at `path` for process `seq` of v; `ours`: our
         own program serves it, and the adopted vassal takes its output pipe
-        from the config packet."""
+        from the config packet; `into_cgroup`: the base is ours and of this
+        version, and clones it into its cgroup (cgroups.py)."""
         p = v.proc(seq)
         assert p is not None
         pr = prepare(v, seq, now, self.vsockets, self.log, always_config=ours)
@@ -145,8 +146,8 @@ class ProcessTable:
         if ours:
             pr.handles.given(output_pipe(v, p.config, self.logbook, self.dir, self.log))
         argv = [self.opts.program, "--ini", str(p.config.path)]
-        # our base clones it into its cgroup (cgroups.py); a uWSGI one is never sent it
-        cgroup_fd = self.cgroups.birthplace(v.name, seq) if ours and self.cgroups is not None else None
+        # our base clones it into its cgroup; a uWSGI one, or one we did not start, is never sent it
+        cgroup_fd = self.cgroups.birthplace(v.name, seq) if into_cgroup and self.cgroups is not None else None
         try:
             pending = adoption.start_adoption(
                 path, argv, pr.pipe_fd, config_fd=pr.config_fd,
