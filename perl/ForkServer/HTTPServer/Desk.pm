@@ -79,6 +79,17 @@ sub open_desk {
     return $fh;
 }
 
+# A memory file (memfd, close-on-exec) named $name, or undef where the
+# system has none (syscall.ph's numbers are this package's: it is
+# required once per process, and defines them where it is first required).
+sub memory_file {
+    my $name = shift;    # copied: syscall() takes a writable buffer
+    return undef unless $SYS{memfd};
+    my $fd = syscall($SYS{memfd}, $name, 1);
+    return undef unless $fd >= 0 && open(my $fh, '+<&=', $fd);
+    return $fh;
+}
+
 # The desk is mapped into every worker (File::Map): reading and writing a
 # record is a copy, not a system call; the locks order them.
 sub _pread {
@@ -354,6 +365,10 @@ Linux 5.6 or later, 64-bit, File::Map, a dumpable process (one that did
 not drop root); elsewhere C<join_desk> returns undef.
 
 =head1 FUNCTIONS
+
+=head2 memory_file($name) -> $fh
+
+A memory file (C<memfd>, close-on-exec); undef where the system has none.
 
 =head2 open_desk() -> $fh
 

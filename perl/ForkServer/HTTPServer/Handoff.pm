@@ -19,6 +19,7 @@ use IO::Handle ();
 use Socket qw(AF_UNIX SOCK_DGRAM PF_UNSPEC SOL_SOCKET SCM_RIGHTS MSG_DONTWAIT);
 use Socket::MsgHdr ();
 use ForkServer::HTTPServer::Desk ();
+use ForkServer::HTTPServer::Counts ();
 
 use constant {
     BATCH            => 200,           # descriptors per message (the kernel takes 253 at most)
@@ -52,7 +53,9 @@ sub pair {
     socketpair(my $take, my $give, AF_UNIX, SOCK_DGRAM, PF_UNSPEC) or die "socketpair: $!\n";
     IO::Handle::blocking($_, 0) for $take, $give;
     my $desk = ForkServer::HTTPServer::Desk::open_desk();
-    return { take => $take, give => $give, ($desk ? (desk => $desk) : ()) };
+    # a spare's: its first worker counts its requests there (Counts)
+    my $counts = ForkServer::HTTPServer::Counts::requests_memory();
+    return { take => $take, give => $give, ($desk ? (desk => $desk) : ()), ($counts ? (counts => $counts) : ()) };
 }
 
 # The queue with a board: the master's, made before it forks its workers
