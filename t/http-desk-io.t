@@ -56,22 +56,25 @@ ok $srv->wait_ready, 'ready';
 my $dir = $srv->dir;
 ok wait_for(sub { -e "$mnt/requests-" . $srv->pid }, 10), 'the requests file is in the run directory';
 
-# kept connections until two are one worker's and one is the other's
-my %by_pid;
-for (1 .. 12) {
-    my $s = connect_to($srv->port);
-    my $buf = '';
-    my $r = request_on($s, \$buf, "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n");
-    ok $r && $r->{status} == 200, 'a kept connection' or last;
-    push @{ $by_pid{ $r->{body} } }, [$s, \$buf];
-    last if keys %by_pid == 2 && grep { @$_ >= 2 } values %by_pid;
+# two kept connections of one worker and one of the other: each made
+# while the other worker is held in a request, so that only one can accept
+sub kept_while_held {
+    my ($held, $name) = @_;
+    print { $held->[0] } "GET /block?$name HTTP/1.1\r\nHost: x\r\n\r\n";
+    ok wait_for(sub { -e "$dir/$name.started" }, 20), "a worker is held ($name)";
+    my $c = [connect_to($srv->port), \(my $buf = '')];
+    my $r = request_on($c->[0], $c->[1], "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n", timeout => 20);
+    open my $go, '>', "$dir/$name.go" or die; close $go;
+    my $h = read_response($held->[0], $held->[1], timeout => 20);
+    my ($held_pid) = ($h && $h->{body} // '') =~ /^done \w+ (\d+)$/;
+    return ($c, $r && $r->{body}, $held_pid);
 }
-my ($busy_pid) = grep { @{ $by_pid{$_} } >= 2 } keys %by_pid;
-my ($free_pid) = grep { $_ ne ($busy_pid // '') } keys %by_pid;
-ok $busy_pid && $free_pid, 'two connections of one worker, one of the other'
-    or BAIL_OUT('the workers did not share the connections out');
-my ($slow, $waiting) = @{ $by_pid{$busy_pid} };
-my ($free) = @{ $by_pid{$free_pid} };
+my $first = [connect_to($srv->port), \(my $buf0 = '')];
+my ($free, $free_pid, $busy_pid) = kept_while_held($first, 'hold1');
+my ($waiting, $busy_pid2, $free_pid2) = kept_while_held($free, 'hold2');
+ok $busy_pid && $free_pid && $busy_pid ne $free_pid && $busy_pid2 eq $busy_pid && $free_pid2 eq $free_pid,
+    'two kept connections of one worker, one of the other';
+my $slow = $first;
 
 print { $slow->[0] } "GET /block?slow HTTP/1.1\r\nHost: x\r\n\r\n";
 ok wait_for(sub { -e "$dir/slow.started" }, 20), 'one worker is in a slow request';

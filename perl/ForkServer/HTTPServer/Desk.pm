@@ -30,6 +30,7 @@ use Errno qw(EINTR EAGAIN);
 use Fcntl qw(F_SETLK F_SETLKW F_WRLCK F_UNLCK SEEK_SET);
 use POSIX ();
 use ForkServer::HTTPServer::Wire ();
+use ForkServer::Process::Syscalls ();
 
 use constant {
     # seconds a request runs before its worker's waiting connections may
@@ -51,13 +52,9 @@ use constant {
     PR_GET_DUMPABLE  => 3,
 };
 
-my %SYS = eval {
-    local $SIG{__WARN__} = sub { };
-    require 'syscall.ph';
-    (memfd => &SYS_memfd_create, pidfd_open => &SYS_pidfd_open, pidfd_getfd => &SYS_pidfd_getfd,
-     timerfd_create => &SYS_timerfd_create, timerfd_settime => &SYS_timerfd_settime,
-     prctl => &SYS_prctl);
-};
+my %SYS = map { my $n = ForkServer::Process::Syscalls::number($_->[1]); defined $n ? ($_->[0] => $n) : () }
+    [memfd => 'memfd_create'], [pidfd_open => 'pidfd_open'], [pidfd_getfd => 'pidfd_getfd'],
+    [timerfd_create => 'timerfd_create'], [timerfd_settime => 'timerfd_settime'], [prctl => 'prctl'];
 
 # struct flock as Linux lays it out on 64-bit systems (l_type, l_whence,
 # l_start, l_len, l_pid): the desk is off elsewhere.
@@ -80,8 +77,7 @@ sub open_desk {
 }
 
 # A memory file (memfd, close-on-exec) named $name, or undef where the
-# system has none (syscall.ph's numbers are this package's: it is
-# required once per process, and defines them where it is first required).
+# system has none.
 sub memory_file {
     my $name = shift;    # copied: syscall() takes a writable buffer
     return undef unless $SYS{memfd};

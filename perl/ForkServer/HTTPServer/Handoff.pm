@@ -20,6 +20,7 @@ use Socket qw(AF_UNIX SOCK_DGRAM PF_UNSPEC SOL_SOCKET SCM_RIGHTS MSG_DONTWAIT);
 use Socket::MsgHdr ();
 use ForkServer::HTTPServer::Desk ();
 use ForkServer::HTTPServer::Counts ();
+use ForkServer::Process::Syscalls ();
 
 use constant {
     BATCH            => 200,           # descriptors per message (the kernel takes 253 at most)
@@ -29,11 +30,8 @@ use constant {
 
 # pread/pwrite: each worker writes its own byte at its own offset of the
 # one shared file description, which a seek would move under the others.
-my ($SYS_PREAD, $SYS_PWRITE, $SYS_MEMFD) = eval {
-    local $SIG{__WARN__} = sub { };
-    require 'syscall.ph';
-    (&SYS_pread64, &SYS_pwrite64, &SYS_memfd_create);
-};
+my ($SYS_PREAD, $SYS_PWRITE, $SYS_MEMFD) = map { ForkServer::Process::Syscalls::number($_) }
+    qw(pread64 pwrite64 memfd_create);
 
 my $BOARD_NAME = 'psgi-forkserver-board';
 
