@@ -96,12 +96,10 @@ sub _copy_requests {
     sysseek($mem, 0, 0) or return;
     defined(sysread($mem, my $slots, 65536)) or return;
     return if $slots eq ($self->{requests_copied} // '');
-    unless ($self->{requests_out}) {
-        sysopen(my $fh, $path, Fcntl::O_WRONLY()) or return;
-        $self->{requests_out} = $fh;
-    }
-    my $out = $self->{requests_out};
-    sysseek($out, 0, 0) and syswrite($out, $slots) and $self->{requests_copied} = $slots;
+    # opened for each copy: the master holds no descriptor of it between
+    sysopen(my $out, $path, Fcntl::O_WRONLY()) or return;
+    $self->{requests_copied} = $slots if syswrite($out, $slots);
+    close $out;
     return;
 }
 
