@@ -154,9 +154,8 @@ is $srv->wait_exit, 0, 'exit 0';
 # every request on the kept connections is answered once, whole, whichever
 # worker serves it, with the connections kept.
 {
-    # syscall.ph's numbers, loaded in Desk's package by the server's modules
-    my $prctl = ForkServer::HTTPServer::Desk->can('SYS_prctl') or die "no SYS_prctl\n";
-    is syscall($prctl->(), 4, 0, 0, 0, 0), 0, 'this test process is not dumpable now';    # PR_SET_DUMPABLE
+    my $prctl = ForkServer::Process::Syscalls::number('prctl') or die "no SYS_prctl\n";
+    is syscall($prctl, 4, 0, 0, 0, 0), 0, 'this test process is not dumpable now';    # PR_SET_DUMPABLE
     $srv = start_server(app_file => $app, workers => 2);
     ok $srv->wait_ready, 'ready (not dumpable: the earlier hand-over)';
     $dir = $srv->dir;

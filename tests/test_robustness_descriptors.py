@@ -98,6 +98,8 @@ def test_descriptor_hygiene(emp):
                 roles[fd] = "private"  # a memory file its master made: its workers' board of free workers
             elif target.startswith("/memfd:psgi-forkserver-desk"):
                 roles[fd] = "private"  # a memory file its master made: its workers' desk (Desk.pm)
+            elif target.startswith("/memfd:psgi-forkserver-requests"):
+                roles[fd] = "private"  # a memory file its master made: its workers' requests counts (Counts.pm)
             else:
                 pytest.fail(f"{name} (pid {vpid}) holds fd {fd} -> {target}: not its own")
         # every adopted vassal has a config pipe: its output pipe came on it (logs.py)

@@ -3,18 +3,30 @@ use strict;
 use warnings;
 
 use Fcntl ();
+use ForkServer::HTTPServer::Desk ();
 
 # Requests served, for the Emperor's status (docs/CONTRACT.md): the master
 # creates $PSGI_FORKSERVER_RUN_DIR/requests-PID (its own pid, the one the
-# Emperor knows); each worker owns one 16-byte slot of it, two
+# Emperor knows), in which each worker has one 16-byte slot, two
 # little-endian u64: requests served, their latency summed in microseconds.
-# The worker writes its slot once per round of its loop (before select:
-# one write for all the requests of the round, and never a count left
-# behind when it goes idle); a respawned worker goes on from its slot's
-# numbers, and a reload's new generation uses the other half of the file
-# (the old one may still be finishing its requests). The Emperor sums the
-# slots. Without the variable (not under our Emperor) nothing is written.
+# A worker writes its slot once per round of its loop (before select: one
+# write for all the requests of the round, and never a count left behind
+# when it goes idle), but not to that file: to a memory file (memfd) its
+# master shares with its workers, which the master copies to the file
+# once per turn of its own loop (at least once a second). A write to a
+# file on a disk waits for the file system's journal when someone else
+# keeps it busy, 30 to 200 ms at times on a shared machine: a free worker
+# waiting there takes nothing from a busy sibling and serves nothing of
+# its own meanwhile. A respawned worker goes on from its slot's numbers,
+# and a reload's new generation uses the other half (the old one may still
+# be finishing its requests). The Emperor sums the slots. Without the
+# variable (not under our Emperor) nothing is written; without memfd the
+# workers write the file themselves.
 use constant REQUESTS_SLOT => 16;
+
+# The workers' slots in memory (a memfd, close-on-exec), made before the
+# workers are forked; undef where the system has none.
+sub requests_memory { return ForkServer::HTTPServer::Desk::memory_file('psgi-forkserver-requests') }
 
 # A vassal about to drop root makes the file first and keeps it open (the
 # server's requests_fh): as its new uid it can create nothing in the run
@@ -54,6 +66,9 @@ sub _open_requests_file {
 sub _open_requests_slot {
     my ($self, $slot) = @_;
     my $path = $self->{requests_file} or return;
+    # its own file description (its own offset) of the shared memory, or
+    # of the file where there is none
+    $path = '/proc/self/fd/' . fileno $self->{requests_mem} if $self->{requests_mem};
     sysopen(my $fh, $path, Fcntl::O_RDWR()) or return;
     my $index = ($self->{gen} % 2) * $self->{workers} + $slot - 1;
     my $off = $index * REQUESTS_SLOT;
@@ -70,6 +85,22 @@ sub _count_request {
     $r->{n}++;
     $r->{us} += int($seconds * 1e6 + 0.5);
     $self->{requests_dirty} = 1;
+}
+
+# The master: the workers' slots, from memory to the file, when they
+# changed since the last copy.
+sub _copy_requests {
+    my $self = shift;
+    my $mem = $self->{requests_mem} or return;
+    my $path = $self->{requests_file} or return;
+    sysseek($mem, 0, 0) or return;
+    defined(sysread($mem, my $slots, 65536)) or return;
+    return if $slots eq ($self->{requests_copied} // '');
+    # opened for each copy: the master holds no descriptor of it between
+    sysopen(my $out, $path, Fcntl::O_WRONLY()) or return;
+    $self->{requests_copied} = $slots if syswrite($out, $slots);
+    close $out;
+    return;
 }
 
 sub _flush_requests {

@@ -30,6 +30,7 @@ use Errno qw(EINTR EAGAIN);
 use Fcntl qw(F_SETLK F_SETLKW F_WRLCK F_UNLCK SEEK_SET);
 use POSIX ();
 use ForkServer::HTTPServer::Wire ();
+use ForkServer::Process::Syscalls ();
 
 use constant {
     # seconds a request runs before its worker's waiting connections may
@@ -51,13 +52,9 @@ use constant {
     PR_GET_DUMPABLE  => 3,
 };
 
-my %SYS = eval {
-    local $SIG{__WARN__} = sub { };
-    require 'syscall.ph';
-    (memfd => &SYS_memfd_create, pidfd_open => &SYS_pidfd_open, pidfd_getfd => &SYS_pidfd_getfd,
-     timerfd_create => &SYS_timerfd_create, timerfd_settime => &SYS_timerfd_settime,
-     prctl => &SYS_prctl);
-};
+my %SYS = map { my $n = ForkServer::Process::Syscalls::number($_->[1]); defined $n ? ($_->[0] => $n) : () }
+    [memfd => 'memfd_create'], [pidfd_open => 'pidfd_open'], [pidfd_getfd => 'pidfd_getfd'],
+    [timerfd_create => 'timerfd_create'], [timerfd_settime => 'timerfd_settime'], [prctl => 'prctl'];
 
 # struct flock as Linux lays it out on 64-bit systems (l_type, l_whence,
 # l_start, l_len, l_pid): the desk is off elsewhere.
@@ -76,6 +73,16 @@ sub open_desk {
     return undef unless $fd >= 0 && open(my $fh, '+<&=', $fd);
     # sparse: a page is memory once written
     return undef unless truncate($fh, DESK_SIZE);
+    return $fh;
+}
+
+# A memory file (memfd, close-on-exec) named $name, or undef where the
+# system has none.
+sub memory_file {
+    my $name = shift;    # copied: syscall() takes a writable buffer
+    return undef unless $SYS{memfd};
+    my $fd = syscall($SYS{memfd}, $name, 1);
+    return undef unless $fd >= 0 && open(my $fh, '+<&=', $fd);
     return $fh;
 }
 
@@ -354,6 +361,10 @@ Linux 5.6 or later, 64-bit, File::Map, a dumpable process (one that did
 not drop root); elsewhere C<join_desk> returns undef.
 
 =head1 FUNCTIONS
+
+=head2 memory_file($name) -> $fh
+
+A memory file (C<memfd>, close-on-exec); undef where the system has none.
 
 =head2 open_desk() -> $fh
 

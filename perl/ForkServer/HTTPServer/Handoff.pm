@@ -19,6 +19,8 @@ use IO::Handle ();
 use Socket qw(AF_UNIX SOCK_DGRAM PF_UNSPEC SOL_SOCKET SCM_RIGHTS MSG_DONTWAIT);
 use Socket::MsgHdr ();
 use ForkServer::HTTPServer::Desk ();
+use ForkServer::HTTPServer::Counts ();
+use ForkServer::Process::Syscalls ();
 
 use constant {
     BATCH            => 200,           # descriptors per message (the kernel takes 253 at most)
@@ -28,11 +30,8 @@ use constant {
 
 # pread/pwrite: each worker writes its own byte at its own offset of the
 # one shared file description, which a seek would move under the others.
-my ($SYS_PREAD, $SYS_PWRITE, $SYS_MEMFD) = eval {
-    local $SIG{__WARN__} = sub { };
-    require 'syscall.ph';
-    (&SYS_pread64, &SYS_pwrite64, &SYS_memfd_create);
-};
+my ($SYS_PREAD, $SYS_PWRITE, $SYS_MEMFD) = map { ForkServer::Process::Syscalls::number($_) }
+    qw(pread64 pwrite64 memfd_create);
 
 my $BOARD_NAME = 'psgi-forkserver-board';
 
@@ -52,7 +51,9 @@ sub pair {
     socketpair(my $take, my $give, AF_UNIX, SOCK_DGRAM, PF_UNSPEC) or die "socketpair: $!\n";
     IO::Handle::blocking($_, 0) for $take, $give;
     my $desk = ForkServer::HTTPServer::Desk::open_desk();
-    return { take => $take, give => $give, ($desk ? (desk => $desk) : ()) };
+    # a spare's: its first worker counts its requests there (Counts)
+    my $counts = ForkServer::HTTPServer::Counts::requests_memory();
+    return { take => $take, give => $give, ($desk ? (desk => $desk) : ()), ($counts ? (counts => $counts) : ()) };
 }
 
 # The queue with a board: the master's, made before it forks its workers

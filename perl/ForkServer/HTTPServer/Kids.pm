@@ -49,6 +49,9 @@ sub run_preforked_worker {
     my ($self, %args) = @_;
     ForkServer::HTTPServer::Listener::setup($self);
     $self->{$_} = $args{$_} for qw(master_pid ready_r ready_w stop_r handoff);
+    # its slot of the requests file is in the memory its spare made
+    # (ForkServer::HTTPServer::Counts), which the master copies to the file
+    $self->{requests_mem} = $args{handoff}{counts} if $args{handoff};
     $self->{gen} = 1;
     $self->_open_requests_file(master => $args{master_pid}, shared => 1);
     $self->{sigmask} = POSIX::SigSet->new;

@@ -15,6 +15,7 @@ use ForkServer::Vassal::EmperorPipe ();
 use ForkServer::Process::Session ();
 use ForkServer::Process::Exit ();
 use ForkServer::Protocol qw(:vassal_bytes :emperor_bytes);    # the Emperor pipe's bytes
+use ForkServer::HTTPServer::Counts ();
 use ForkServer::HTTPServer::Handoff ();
 use ForkServer::HTTPServer::Listener ();
 use ForkServer::HTTPServer::Wire qw(now);
@@ -50,6 +51,7 @@ sub run {
                 $self->{kill_at} = now() + 3600;   # only once; the reaping goes on
             }
         }
+        $self->_copy_requests;
         my $timeout = $self->_master_timers;
 
         my $rin = '';
@@ -88,6 +90,11 @@ sub _master_init {
     $self->{master_pid} = $$;
     $self->{gen} = 1;
     $self->_open_requests_file(shared => $pre ? 1 : 0);
+    # the workers' counts, in memory (ForkServer::HTTPServer::Counts): a
+    # spare's first worker counts in the one its spare made
+    $self->{requests_mem} = $pre ? $pre->{handoff_counts}
+                          : ForkServer::HTTPServer::Counts::requests_memory()
+        if $self->{requests_file};
     $self->{kids} = {};        # pid => { slot, gen, ready, born }
     $self->{slot_fast_deaths} = {};
     $self->{respawn} = {};     # slot => time

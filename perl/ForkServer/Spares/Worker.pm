@@ -94,7 +94,7 @@ sub prefork {
         pid => $pid, link => $ours, for_base => $for_base, reserved => \@reserved,
         pipes => { ready_r => $ready_r, ready_w => $ready_w, stop_r => $stop_r, stop_w => $stop_w,
                    handoff_take => $handoff->{take}, handoff_give => $handoff->{give},
-                   handoff_desk => $handoff->{desk} },
+                   handoff_desk => $handoff->{desk}, handoff_counts => $handoff->{counts} },
     }, $class;
     # warm before the base counts on us; an app whose warm-up path hangs in
     # a forked process must not hold the pool (nor this process) forever
