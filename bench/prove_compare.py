@@ -21,29 +21,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prove_suites import EMPEROR, SUITES, clean_env, prove_verdicts, suite_dir  # noqa: E402
+from prove_suites import EMPEROR, SUITES, clean_env, measured, prove_verdicts, suite_dir  # noqa: E402
 
 
 def run(cmd: list[str], cwd: Path, cache: Path) -> tuple[float, float, dict[str, str]]:
     env = clean_env()
     env["XDG_CACHE_HOME"] = str(cache)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.monotonic()
-    p = subprocess.run(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                       text=True, errors="replace", timeout=1800)
-    wall = time.monotonic() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    wall, cpu, p = measured(cmd, cwd, env)
     return wall, cpu, prove_verdicts(p.stdout + "\n" + p.stderr)
 
 
@@ -88,7 +79,7 @@ def main() -> int:
             load1 = os.getloadavg()[0]
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        pw, pc = statistics.median(walls["prove"]), statistics.median(cpus["prove"])
+        pw = statistics.median(walls["prove"])
         print(f"{name} (load {load0:.1f}-{load1:.1f}, {args.rounds} rounds; medians: wall s / CPU s / x prove wall)")
         for k in cmds:
             w, c = statistics.median(walls[k]), statistics.median(cpus[k])

@@ -24,24 +24,19 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prove_suites import EMPEROR, SUITES, clean_env, suite_dir  # noqa: E402
+from prove_suites import EMPEROR, SUITES, clean_env, measured, suite_dir  # noqa: E402
 
 
 def cpu_of(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, str]:
-    """wall, CPU (the whole process tree's, from wait4), stdout+stderr."""
-    t0 = time.monotonic()
-    p = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT)
-    out = p.stdout.read().decode(errors="replace") if p.stdout else ""
-    _, _, usage = os.wait4(p.pid, 0)
-    return time.monotonic() - t0, usage.ru_utime + usage.ru_stime, out
+    """wall, CPU (the process tree's it waited for), stdout+stderr."""
+    wall, cpu, p = measured(argv, cwd, env)
+    return wall, cpu, p.stdout + p.stderr
 
 
 def traced(d: Path, cache: Path, emperor: str) -> dict[str, float]:

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from prove_suites import measured
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -43,13 +43,7 @@ def run_once(cmd: list[str], cwd: Path) -> tuple[float, float]:
     # emperor prove's record of each suite: in the bench's directory (from
     # the second round on, a run finds the first's), not the user's cache
     env = {**os.environ, "XDG_CACHE_HOME": str(cwd.parent / "cache")}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.monotonic()
-    subprocess.run(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, check=False, timeout=120)
-    wall = time.monotonic() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    wall, cpu, _ = measured(cmd, cwd, env, timeout=120, capture=False)
     return wall * 1000, cpu * 1000
 
 

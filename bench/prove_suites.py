@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -112,6 +113,21 @@ def clean_env() -> dict[str, str]:
     return env
 
 
+def measured(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 1800,
+             capture: bool = True) -> tuple[float, float, subprocess.CompletedProcess]:
+    """Run cmd to its end: wall seconds, CPU seconds of it and of the
+    processes it waited for (RUSAGE_CHILDREN), and the finished process
+    (its output as text when `capture`, else thrown away)."""
+    out = subprocess.PIPE if capture else subprocess.DEVNULL
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                       text=True, errors="replace", timeout=timeout, check=False)
+    wall = time.monotonic() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, p
+
+
 def timed(cmd: list[str], cwd: Path, parse, cache: Path | None = None) -> Run:
     """`cache`: emperor prove's $XDG_CACHE_HOME (its record of the last run);
     an empty one for every run when it is None."""
@@ -119,10 +135,8 @@ def timed(cmd: list[str], cwd: Path, parse, cache: Path | None = None) -> Run:
     fresh = Path(tempfile.mkdtemp(prefix="prove-cache-")) if cache is None else None
     env["XDG_CACHE_HOME"] = str(cache or fresh)
     try:
-        t0 = time.monotonic()
-        p = subprocess.run(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                           text=True, errors="replace", timeout=1800)
-        seconds = round(time.monotonic() - t0, 2)
+        wall, _, p = measured(cmd, cwd, env)
+        seconds = round(wall, 2)
     finally:
         if fresh is not None:
             shutil.rmtree(fresh, ignore_errors=True)
