@@ -170,16 +170,32 @@ def run(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, quick: boo
     return {key: step(name, fn) for key, (name, fn) in steps.items() if not wanted or key in wanted}
 
 
+def _cpu(target: dict) -> str:
+    """CPU microseconds a request, by process (front_cpu.wrk_measured)."""
+    cpu = target.get("cpu_us") or {}
+    return " ".join(f"{k} {v:.1f}" for k, v in cpu.items() if v and k != "others")
+
+
 def rows(fr: dict) -> list[tuple[str, str, str, str]]:
     out = []
     sv = fr.get("serving") or {}
     for key, label in SERVING_LABELS.items():
         s = sv.get(key)
-        if s and s["ratio"] is not None:
-            out.append((f"hello world, wrk -t2 -c16, 2 workers: through the front door / direct ({label})",
-                        f"{s['front']['rps']:.0f} / {s['direct']['rps']:.0f} req/s ({s['ratio']:.2f}); "
-                        f"load {s.get('load_before', '?')}",
-                        ">= 0.80", "met" if s["ratio"] >= 0.8 else "**not met**"))
+        if not s or s.get("ratio") is None:
+            continue
+        for target, rkey, over in (("front", "ratio", "its TCP http-socket"),
+                                   ("front_unix", "ratio_unix", "a twin on a UNIX socket")):
+            if s.get(rkey) is None:
+                continue
+            runs = ", ".join(f"{x:.2f}" for x in s[rkey + "_runs"])
+            out.append((f"hello world, wrk -t2 -c16, 2 workers: through the front door ({over}) / direct, "
+                        f"{len(s[rkey + '_runs'])} interleaved rounds ({label})",
+                        f"{s[target]['rps']:.0f} / {s['direct']['rps']:.0f} req/s (median {s[rkey]:.2f}; "
+                        f"rounds {runs}); CPU a request (us) through {_cpu(s[target])}, direct "
+                        f"{_cpu(s['direct'])}: predicts {s.get(rkey.replace('ratio', 'cpu_ratio')) or 0:.2f}; "
+                        f"others' cores {s[target]['cores_others']:.2f}; load {s.get('load_before', '?')} -> "
+                        f"{s.get('load_after', '?')}",
+                        ">= 0.80", "met" if s[rkey] >= 0.8 else "**not met**"))
     a = fr.get("asleep")
     if a:
         out.append((f"first request to a sleeping on-demand heavy app through nginx: p50 / p99 (N={a['n']})",

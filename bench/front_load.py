@@ -15,12 +15,14 @@ import os
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchlib import Ports, Procs, http_get, rmtree, wait_200
+from front_cpu import Groups, wrk_measured
 
 POLL = 0.0005
 
@@ -33,21 +35,6 @@ def host_get(port: int, host: str, path: str = "/", timeout: float = 10.0) -> in
 def wait_host_200(port: int, host: str, timeout: float, alive=None, path: str = "/") -> float:
     """benchlib.wait_200 through the front door: `Host: host`."""
     return wait_200(port, timeout, path, alive, host=host)
-
-
-def wrk(port: int, duration: str, host: str | None = None) -> dict:
-    argv = ["wrk", "-t2", "-c16", f"-d{duration}"]
-    if host:
-        argv += ["-H", f"Host: {host}"]
-    argv.append(f"http://127.0.0.1:{port}/")
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
-    m = re.search(r"Requests/sec:\s*([\d.]+)", out)
-    non2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out)
-    errors = re.search(r"Socket errors:.*", out)
-    return {"rps": float(m.group(1)) if m else None, "command": shlex.join(argv),
-            "non_2xx": int(non2xx.group(1)) if non2xx else 0,
-            "socket_errors": errors.group(0) if errors else None,
-            "output": None if m else out}
 
 
 def vassal_ini(name: str, *lines: str) -> str:
@@ -73,41 +60,99 @@ SERVING_LABELS = {
     "nokeepalive": "--no-http-access-log --nginx-keepalive 0: a new connection per request",
 }
 
+#: the serving step's targets, in the order a round runs them (the next
+#: round runs them backwards: drift of the machine's load falls on both)
+SERVING_TARGETS = ("direct", "front", "front_unix")
+
 
 def load() -> str:
     """The machine's load average (1, 5, 15 min): other work shares it."""
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def serving(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, duration: str) -> dict:
-    """The same vassal, direct and through the front door, in one run."""
+def _median(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def serving_summary(rounds: list[dict]) -> dict:
+    """Medians over the rounds: each target's rate, latency and CPU a
+    request (by role), the ratios through / direct, and the ratio the CPU
+    a request predicts on a machine whose cores are all busy:
+    (wrk + vassal) direct / (wrk + nginx + vassal + Emperor) through."""
+    out: dict = {}
+    for t in SERVING_TARGETS:
+        runs = [r[t] for r in rounds if r.get(t)]
+        if not runs:
+            continue
+        roles = {k for x in runs for k in (x.get("cpu_us") or {})}
+        out[t] = {"rps": _median(x["rps"] for x in runs), "rps_runs": [x["rps"] for x in runs],
+                  "p50_ms": _median(x["p50_ms"] for x in runs),
+                  "p99_ms": _median(x["p99_ms"] for x in runs),
+                  "errors": sum(x["errors"] + x["non_2xx"] for x in runs),
+                  "cores_others": _median(x.get("cores_others") for x in runs),
+                  "load": [x["load"] for x in runs],
+                  "cpu_us": {k: _median((x.get("cpu_us") or {}).get(k) for x in runs) for k in sorted(roles)}}
+    for t, key in (("front", "ratio"), ("front_unix", "ratio_unix")):
+        per_round = [r[t]["rps"] / r["direct"]["rps"] for r in rounds
+                     if r.get(t) and r.get("direct") and r[t]["rps"] and r["direct"]["rps"]]
+        out[key] = _median(per_round)
+        out[key + "_runs"] = per_round
+        cpu_t, cpu_d = (out.get(t) or {}).get("cpu_us"), (out.get("direct") or {}).get("cpu_us")
+        if cpu_t and cpu_d:
+            paid = sum(v or 0 for k, v in cpu_t.items() if k != "others")
+            direct = sum(v or 0 for k, v in cpu_d.items() if k != "others")
+            out[key.replace("ratio", "cpu_ratio")] = direct / paid if paid else None
+    return out
+
+
+def serving(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, duration: str,
+            rounds: int | None = None) -> dict:
+    """Hello world (2 workers) on the vassal's own port and through the
+    front door, interleaved: `rounds` rounds (BENCH_FRONT_ROUNDS, default
+    3) of direct, through nginx to that vassal (its TCP http-socket),
+    and through nginx to a twin on a UNIX socket (the default of a vassal
+    with `domain`), each round in the other order than the last; medians,
+    and the CPU a request costs each process (front_cpu)."""
+    rounds = rounds or int(os.environ.get("BENCH_FRONT_ROUNDS", "3"))
+    # BENCH_FRONT_SERVING=default,nolog: only those variants
+    wanted = {w for w in os.environ.get("BENCH_FRONT_SERVING", "").split(",") if w}
     res: dict = {}
     for key, (extra, lines) in SERVING_VARIANTS.items():
+        if wanted and key not in wanted:
+            continue
         vdir = tmp / f"front-serve-{key}"
         vdir.mkdir()
         (vdir / "base.ini").write_text(base_ini("hello", tmp / f"front-serve-{key}.sock"))
         direct = ports.get()
+        common = ["processes = 2", "disable-logging = true", *lines]
         write_vassal(vdir, "hello", vassal_ini("hello", f"http-socket = 127.0.0.1:{direct}",
-                                      "domain = hello.localhost", "processes = 2",
-                                      "disable-logging = true", *lines))
+                                               "domain = hello.localhost", *common))
+        write_vassal(vdir, "hellou", vassal_ini("hellou", "domain = hellou.localhost", *common))
         front = ports.get()
         em = emperor_run(procs, vdir, f"emperor-front-serve-{key}",
                          ["--http", f"127.0.0.1:{front}", "--run-dir", str(tmp / f"run-s{key}"),
                           *extra])
         try:
             wait_host_200(front, "hello.localhost", 60, em.alive)
-            wrk(direct, "1s")
-            wrk(front, "1s", "hello.localhost")  # warm-up of both, not counted
-            res[key] = {"load_before": load(), "direct": wrk(direct, duration),
-                        "front": wrk(front, duration, "hello.localhost"),
-                        "command": shlex.join(em.argv), "vassal_lines": lines}
-            d, f = res[key]["direct"]["rps"], res[key]["front"]["rps"]
-            res[key]["ratio"] = f / d if d and f else None
+            wait_host_200(front, "hellou.localhost", 60, em.alive)
+            urls = {"direct": (f"http://127.0.0.1:{direct}/", None),
+                    "front": (f"http://127.0.0.1:{front}/", "hello.localhost"),
+                    "front_unix": (f"http://127.0.0.1:{front}/", "hellou.localhost")}
+            groups = Groups.under_emperor(em.ps)
+            for url, host in urls.values():  # warm-up, not counted
+                wrk_measured(url, "1s", groups, host)
+            load_before = load()
+            runs = []
+            for i in range(rounds):
+                order = SERVING_TARGETS if i % 2 == 0 else SERVING_TARGETS[::-1]
+                runs.append({t: wrk_measured(*urls[t][:1], duration, groups, urls[t][1]) for t in order})
+            res[key] = {"load_before": load_before, "load_after": load(), "rounds": runs,
+                        **serving_summary(runs), "command": shlex.join(em.argv), "vassal_lines": lines}
         finally:
             em.stop()
             rmtree(vdir)
     return res
-
 
 
 def em_reloads(log: Path) -> int | None:

@@ -1,0 +1,132 @@
+"""Where the CPU of a request goes, for the front door's serving rows: one
+wrk run with the CPU time consumed meanwhile by wrk itself, by nginx, by
+the vassal's processes, by the Emperor and by everything else on the
+machine, each per request.
+
+On a machine whose cores are all busy (wrk is a closed loop: it sends
+the next request when the last one is answered), requests per second are
+about cores / (CPU a request costs, all processes together), so the ratio
+through nginx / direct is about (wrk + vassal) / (wrk + nginx + vassal),
+each per request; these figures say which part a change moved, where the
+rates alone, on a shared machine, move by more than the change.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+import psutil
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _ticks(pid: int) -> int | None:
+    """utime + stime of one process, in clock ticks (None if gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _machine_busy() -> tuple[int, int]:
+    """(busy, total) ticks of every CPU since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        cpu = [int(x) for x in f.readline().split()[1:]]
+    idle = cpu[3] + cpu[4]  # idle + iowait
+    total = sum(cpu[:8])  # guest time is counted in user already
+    return total - idle, total
+
+
+@dataclass
+class Groups:
+    """Processes of interest by role, pids listed once when the run starts
+    (nginx's workers and the vassal's workers live through a run)."""
+
+    roles: dict[str, list[int]] = field(default_factory=dict)
+
+    @classmethod
+    def under_emperor(cls, emperor: psutil.Process) -> "Groups":
+        roles: dict[str, list[int]] = {"nginx": [], "vassal": [], "emperor": [emperor.pid]}
+        for p in emperor.children(recursive=True):
+            try:
+                name = p.name()
+            except psutil.Error:
+                continue
+            if name == "nginx":
+                roles["nginx"].append(p.pid)
+            elif name.startswith("psgi-vassal"):
+                roles["vassal"].append(p.pid)
+        return cls(roles)
+
+    def sample(self) -> dict[str, int]:
+        return {role: sum(t for pid in pids if (t := _ticks(pid)) is not None)
+                for role, pids in self.roles.items()}
+
+
+def _latency_ms(out: str, q: str) -> float | None:
+    m = re.search(rf"^\s*{q}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+    return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)] if m else None
+
+
+def wrk_measured(url: str, duration: str, groups: Groups, host: str | None = None,
+                 threads: int = 2, conns: int = 16) -> dict:
+    """One `wrk --latency` run: requests/s, p50/p99, and CPU microseconds
+    per request of wrk (its own rusage), of each role in `groups`, and of
+    the rest of the machine (busy time nobody of ours consumed: other
+    people's work, which takes cores from all of ours)."""
+    argv = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{duration}", "--latency"]
+    if host:
+        argv += ["-H", f"Host: {host}"]
+    argv.append(url)
+    load = os.getloadavg()[0]
+    before, (busy0, total0) = groups.sample(), _machine_busy()
+    t0 = time.perf_counter()
+    out, wrk_cpu = _run_with_rusage(argv)
+    wall = time.perf_counter() - t0
+    after, (busy1, total1) = groups.sample(), _machine_busy()
+    m = re.search(r"Requests/sec:\s*([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out)
+    n = int(total.group(1)) if total else 0
+    res: dict = {"rps": float(m.group(1)) if m else None, "requests": n,
+                 "p50_ms": _latency_ms(out, "50"), "p99_ms": _latency_ms(out, "99"),
+                 "errors": sum(map(int, errors.groups())) if errors else 0,
+                 "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+                 "load": round(load, 1), "wall_s": round(wall, 2), "command": shlex.join(argv),
+                 "output": None if m else out}
+    if not n:
+        return res
+    us = {role: (after[role] - before[role]) / TICK * 1e6 / n for role in after}
+    if wrk_cpu is not None:
+        us["wrk"] = wrk_cpu * 1e6 / n
+    ours = sum((after[r] - before[r]) for r in after) / TICK + (wrk_cpu or 0)
+    machine = (busy1 - busy0) / TICK
+    us["others"] = max(0.0, machine - ours) * 1e6 / n
+    res["cpu_us"] = {k: round(v, 1) for k, v in us.items()}
+    # cores busy meanwhile: ours, and everyone else's
+    res["cores_ours"] = round(ours / wall, 2)
+    res["cores_others"] = round(max(0.0, machine - ours) / wall, 2)
+    res["cores"] = round((total1 - total0) / TICK / wall, 2)
+    return res
+
+
+def _run_with_rusage(argv: list[str]) -> tuple[str, float | None]:
+    """Run argv to its end: (its output, the CPU seconds it consumed),
+    reaped by wait4 here rather than by Popen, which drops the rusage
+    (RUSAGE_CHILDREN would mix in every other child reaped meanwhile)."""
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert p.stdout is not None
+    out = p.stdout.read().decode(errors="replace")
+    p.stdout.close()
+    _, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return out, ru.ru_utime + ru.ru_stime
