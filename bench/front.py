@@ -176,6 +176,15 @@ def _cpu(target: dict) -> str:
     return " ".join(f"{k} {v:.1f}" for k, v in cpu.items() if v and k != "others")
 
 
+def _waits(run: dict) -> str:
+    """Microseconds each role's processes were runnable without a CPU, and
+    their preemptions per 1,000 requests (front_cpu.wrk_measured)."""
+    pre = run.get("preempted_per_1k") or {}
+    return ", ".join(f"{k} {v:.0f} ({pre.get(k, 0):.0f} preempted /1k)"
+                     for k, v in (run.get("wait_us") or {}).items() if k != "emperor") + \
+        (f", wrk preempted {pre['wrk']:.0f} /1k" if "wrk" in pre else "")
+
+
 def rows(fr: dict) -> list[tuple[str, str, str, str]]:
     out = []
     sv = fr.get("serving") or {}
@@ -232,7 +241,9 @@ def rows(fr: dict) -> list[tuple[str, str, str, str]]:
                     f"{f_['p99_ms']:.2f} / {f_['p50_ms']:.2f} ms ({fa['ratio']:.1f}x); alone "
                     f"{fa['alone']['p99_ms']:.2f} / {fa['alone']['p50_ms']:.2f} ms; "
                     f"{fa['fast']['requests']} fast, {fa['slow']['requests']} slow requests; "
-                    + (f"nginx alone (`return 200`, no vassal) {fa['floor']['p99_ms']:.2f} / "
+                    + (f"waiting for a CPU a fast request (us): {_waits(fa['fast'])}; " if fa["fast"].get("wait_us")
+                       else "") +
+                    (f"nginx alone (`return 200`, no vassal) {fa['floor']['p99_ms']:.2f} / "
                        f"{fa['floor']['p50_ms']:.2f} ms ({fa['floor']['ratio']:.1f}x); "
                        if (fa.get("floor") or {}).get("ratio") else "") +
                     f"load {fa.get('load_before', '?')} -> {fa.get('load_after', '?')}",

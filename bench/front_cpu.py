@@ -36,6 +36,28 @@ def _ticks(pid: int) -> int | None:
     return int(fields[11]) + int(fields[12])
 
 
+def _sched(pid: int) -> tuple[int, int]:
+    """(ns spent runnable but waiting for a CPU, times preempted) of a
+    process, summed over its threads: how much the kernel kept it off
+    the CPU while it had work (/proc/PID/task/TID/schedstat, status)."""
+    wait = preempted = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0, 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                wait += int(f.read().split()[1])
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("nonvoluntary_ctxt_switches:"):
+                        preempted += int(line.split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return wait, preempted
+
+
 def _machine_busy() -> tuple[int, int]:
     """(busy, total) ticks of every CPU since boot, from /proc/stat."""
     with open("/proc/stat") as f:
@@ -70,6 +92,14 @@ class Groups:
         return {role: sum(t for pid in pids if (t := _ticks(pid)) is not None)
                 for role, pids in self.roles.items()}
 
+    def waits(self) -> dict[str, tuple[int, int]]:
+        """Per role: (ns waiting for a CPU while runnable, preemptions)."""
+        out = {}
+        for role, pids in self.roles.items():
+            both = [_sched(pid) for pid in pids]
+            out[role] = (sum(w for w, _ in both), sum(p for _, p in both))
+        return out
+
 
 def _latency_ms(out: str, q: str) -> float | None:
     m = re.search(rf"^\s*{q}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
@@ -87,11 +117,11 @@ def wrk_measured(url: str, duration: str, groups: Groups, host: str | None = Non
         argv += ["-H", f"Host: {host}"]
     argv.append(url)
     load = os.getloadavg()[0]
-    before, (busy0, total0) = groups.sample(), _machine_busy()
+    before, (busy0, total0), waits0 = groups.sample(), _machine_busy(), groups.waits()
     t0 = time.perf_counter()
-    out, wrk_cpu = _run_with_rusage(argv)
+    out, wrk_cpu, wrk_preempted = _run_with_rusage(argv)
     wall = time.perf_counter() - t0
-    after, (busy1, total1) = groups.sample(), _machine_busy()
+    after, (busy1, total1), waits1 = groups.sample(), _machine_busy(), groups.waits()
     m = re.search(r"Requests/sec:\s*([\d.]+)", out)
     total = re.search(r"(\d+) requests in", out)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
@@ -112,6 +142,12 @@ def wrk_measured(url: str, duration: str, groups: Groups, host: str | None = Non
     machine = (busy1 - busy0) / TICK
     us["others"] = max(0.0, machine - ours) * 1e6 / n
     res["cpu_us"] = {k: round(v, 1) for k, v in us.items()}
+    # the kernel's part of the latency: time each role's processes were
+    # ready to run but had no CPU, and how often they were preempted,
+    # per request (wrk: preemptions only, from its rusage)
+    res["wait_us"] = {r: round((waits1[r][0] - waits0[r][0]) / 1e3 / n, 1) for r in waits1}
+    res["preempted_per_1k"] = {r: round((waits1[r][1] - waits0[r][1]) * 1000 / n, 1) for r in waits1}
+    res["preempted_per_1k"]["wrk"] = round(wrk_preempted * 1000 / n, 1)
     # cores busy meanwhile: ours, and everyone else's
     res["cores_ours"] = round(ours / wall, 2)
     res["cores_others"] = round(max(0.0, machine - ours) / wall, 2)
@@ -119,8 +155,9 @@ def wrk_measured(url: str, duration: str, groups: Groups, host: str | None = Non
     return res
 
 
-def _run_with_rusage(argv: list[str]) -> tuple[str, float | None]:
-    """Run argv to its end: (its output, the CPU seconds it consumed),
+def _run_with_rusage(argv: list[str]) -> tuple[str, float, int]:
+    """Run argv to its end: (its output, the CPU seconds it consumed, the
+    times it was preempted),
     reaped by wait4 here rather than by Popen, which drops the rusage
     (RUSAGE_CHILDREN would mix in every other child reaped meanwhile)."""
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -129,4 +166,4 @@ def _run_with_rusage(argv: list[str]) -> tuple[str, float | None]:
     p.stdout.close()
     _, status, ru = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
-    return out, ru.ru_utime + ru.ru_stime
+    return out, ru.ru_utime + ru.ru_stime, ru.ru_nivcsw

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from benchlib import Ports, Procs, http_get, rmtree, wait_200
 from front_cpu import Groups, wrk_measured
+from psgi_forkserver.frontdoor.config import default_workers
 
 POLL = 0.0005
 
@@ -261,10 +262,14 @@ def fairness(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, durat
     try:
         wait_host_200(front, "fair.localhost", 60, em.alive)
         load_before = load()
-        alone = _wrk_full(front, duration, "fair.localhost")
+        # the fast runs count each process's waits for a CPU (front_cpu):
+        # whose descheduling the fast requests' tail is
+        groups = Groups.under_emperor(em.ps)
+        url = f"http://127.0.0.1:{front}/"
+        alone = wrk_measured(url, duration, groups, "fair.localhost")
         with ThreadPoolExecutor(2) as pool:
             slow = pool.submit(_wrk_full, front, duration, "fair.localhost", slow_conns, "/slow")
-            fast = pool.submit(_wrk_full, front, duration, "fair.localhost")
+            fast = pool.submit(wrk_measured, url, duration, groups, "fair.localhost")
             slow_r, fast_r = slow.result(), fast.result()
         return {"alone": alone, "fast": fast_r, "slow": slow_r, "handoff": handoff, "floor": floor_res,
                 "slow_conns": slow_conns, "keepalive": keepalive,
@@ -289,7 +294,7 @@ def nginx_floor(procs: Procs, ports: Ports, tmp: Path, duration: str) -> dict:
     port = ports.get()
     temp = " ".join(f"{k}_temp_path {d / 'tmp'};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     (d / "nginx.conf").write_text(
-        f"daemon off;\nworker_processes auto;\npid {d / 'nginx.pid'};\nerror_log stderr warn;\n"
+        f"daemon off;\nworker_processes {default_workers()};\npid {d / 'nginx.pid'};\nerror_log stderr warn;\n"
         "events { worker_connections 1024; }\n"
         f"http {{ access_log off; {temp}\n"
         f'  server {{ listen 127.0.0.1:{port}; location / {{ return 200 "Hello, World!\\n"; }} }} }}\n')
