@@ -203,7 +203,7 @@ def rows(fr: dict) -> list[tuple[str, str, str, str]]:
                         f"rounds {runs}); CPU a request (us) through {_cpu(s[target])}, direct "
                         f"{_cpu(s['direct'])}: predicts {s.get(rkey.replace('ratio', 'cpu_ratio')) or 0:.2f}; "
                         f"others' cores {s[target]['cores_others']:.2f}; load {s.get('load_before', '?')} -> "
-                        f"{s.get('load_after', '?')}",
+                        f"{s.get('load_after', '?')}" + ("; sched_autogroup on" if s.get("autogroup") else ""),
                         ">= 0.80", "met" if s[rkey] >= 0.8 else "**not met**"))
     a = fr.get("asleep")
     if a:

@@ -53,12 +53,14 @@ SERVING_VARIANTS = {  # key: (emperor options, vassal lines)
     "nolog": (["--no-http-access-log"], []),
     "nohandoff": (["--no-http-access-log"], ["http-keepalive-handoff = false"]),
     "nokeepalive": (["--no-http-access-log", "--nginx-keepalive", "0"], []),
+    "workers2": (["--nginx-workers", "2"], []),
 }
 SERVING_LABELS = {
     "default": "as `emperor run --http` starts it: access log on, 16 idle connections kept per vassal",
     "nolog": "--no-http-access-log",
     "nohandoff": "--no-http-access-log, vassal `http-keepalive-handoff = false` (a worker keeps its connections)",
     "nokeepalive": "--no-http-access-log --nginx-keepalive 0: a new connection per request",
+    "workers2": "--nginx-workers 2 (access log on)",
 }
 
 #: the serving step's targets, in the order a round runs them (the next
@@ -69,6 +71,19 @@ SERVING_TARGETS = ("direct", "front", "front_unix")
 def load() -> str:
     """The machine's load average (1, 5, 15 min): other work shares it."""
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def autogroup() -> bool | None:
+    """Whether the kernel shares the CPU between sessions first
+    (sched_autogroup): then nginx, each vassal and wrk, each in a session
+    of its own, weigh one session each against every other busy session
+    on the machine, whatever their number of processes; a path through
+    nginx (three sessions) gets a larger part of a machine busy with
+    other sessions than the direct one (two), and its rate is flattered."""
+    try:
+        return Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    except OSError:
+        return None
 
 
 def _median(xs) -> float | None:
@@ -110,50 +125,65 @@ def serving_summary(rounds: list[dict]) -> dict:
 def serving(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, duration: str,
             rounds: int | None = None) -> dict:
     """Hello world (2 workers) on the vassal's own port and through the
-    front door, interleaved: `rounds` rounds (BENCH_FRONT_ROUNDS, default
-    3) of direct, through nginx to that vassal (its TCP http-socket),
-    and through nginx to a twin on a UNIX socket (the default of a vassal
-    with `domain`), each round in the other order than the last; medians,
-    and the CPU a request costs each process (front_cpu)."""
+    front door, interleaved: every variant's Emperor runs at once (the
+    idle ones cost next to nothing), and `rounds` rounds
+    (BENCH_FRONT_ROUNDS, default 3) each load every variant's direct port,
+    nginx to that vassal (its TCP http-socket) and nginx to a twin on a
+    UNIX socket (the default of a vassal with `domain`), one after the
+    other, each round in the other order than the last: a change of the
+    machine's load falls on every variant alike. Medians, and the CPU a
+    request costs each process (front_cpu)."""
     rounds = rounds or int(os.environ.get("BENCH_FRONT_ROUNDS", "3"))
     # BENCH_FRONT_SERVING=default,nolog: only those variants
     wanted = {w for w in os.environ.get("BENCH_FRONT_SERVING", "").split(",") if w}
-    res: dict = {}
-    for key, (extra, lines) in SERVING_VARIANTS.items():
-        if wanted and key not in wanted:
-            continue
-        vdir = tmp / f"front-serve-{key}"
-        vdir.mkdir()
-        (vdir / "base.ini").write_text(base_ini("hello", tmp / f"front-serve-{key}.sock"))
-        direct = ports.get()
-        common = ["processes = 2", "disable-logging = true", *lines]
-        write_vassal(vdir, "hello", vassal_ini("hello", f"http-socket = 127.0.0.1:{direct}",
-                                               "domain = hello.localhost", *common))
-        write_vassal(vdir, "hellou", vassal_ini("hellou", "domain = hellou.localhost", *common))
-        front = ports.get()
-        em = emperor_run(procs, vdir, f"emperor-front-serve-{key}",
-                         ["--http", f"127.0.0.1:{front}", "--run-dir", str(tmp / f"run-s{key}"),
-                          *extra])
-        try:
-            wait_host_200(front, "hello.localhost", 60, em.alive)
-            wait_host_200(front, "hellou.localhost", 60, em.alive)
+    variants = {k: v for k, v in SERVING_VARIANTS.items() if not wanted or k in wanted}
+    started: dict[str, tuple] = {}  # key -> (emperor, vassals dir, urls, groups)
+    try:
+        for key, (extra, lines) in variants.items():
+            vdir = tmp / f"front-serve-{key}"
+            vdir.mkdir()
+            (vdir / "base.ini").write_text(base_ini("hello", tmp / f"front-serve-{key}.sock"))
+            direct = ports.get()
+            common = ["processes = 2", "disable-logging = true", *lines]
+            write_vassal(vdir, "hello", vassal_ini("hello", f"http-socket = 127.0.0.1:{direct}",
+                                                   "domain = hello.localhost", *common))
+            write_vassal(vdir, "hellou", vassal_ini("hellou", "domain = hellou.localhost", *common))
+            front = ports.get()
+            em = emperor_run(procs, vdir, f"emperor-front-serve-{key}",
+                             ["--http", f"127.0.0.1:{front}", "--run-dir", str(tmp / f"run-s{key}"),
+                              *extra])
             urls = {"direct": (f"http://127.0.0.1:{direct}/", None),
                     "front": (f"http://127.0.0.1:{front}/", "hello.localhost"),
                     "front_unix": (f"http://127.0.0.1:{front}/", "hellou.localhost")}
+            started[key] = (em, vdir, urls, None)
+        for key, (em, vdir, urls, _) in started.items():
+            for t in ("front", "front_unix"):
+                wait_200(int(urls[t][0].split(":")[2].rstrip("/")), 60, "/", em.alive, host=urls[t][1])
             groups = Groups.under_emperor(em.ps)
+            started[key] = (em, vdir, urls, groups)
             for url, host in urls.values():  # warm-up, not counted
                 wrk_measured(url, "1s", groups, host)
-            load_before = load()
-            runs = []
-            for i in range(rounds):
-                order = SERVING_TARGETS if i % 2 == 0 else SERVING_TARGETS[::-1]
-                runs.append({t: wrk_measured(*urls[t][:1], duration, groups, urls[t][1]) for t in order})
-            res[key] = {"load_before": load_before, "load_after": load(), "rounds": runs,
-                        **serving_summary(runs), "command": shlex.join(em.argv), "vassal_lines": lines}
-        finally:
+        load_before = load()
+        runs: dict[str, list[dict]] = {key: [] for key in started}
+        pairs = [(key, t) for key in started for t in SERVING_TARGETS]
+        for i in range(rounds):
+            got: dict[str, dict] = {key: {} for key in started}
+            for key, t in (pairs if i % 2 == 0 else pairs[::-1]):
+                _, _, urls, groups = started[key]
+                got[key][t] = wrk_measured(urls[t][0], duration, groups, urls[t][1])
+            for key in started:
+                runs[key].append(got[key])
+        res: dict = {}
+        for key, (em, _, _, _) in started.items():
+            res[key] = {"load_before": load_before, "load_after": load(), "rounds": runs[key],
+                        "autogroup": autogroup(),
+                        **serving_summary(runs[key]), "command": shlex.join(em.argv),
+                        "vassal_lines": variants[key][1]}
+        return res
+    finally:
+        for em, vdir, _, _ in started.values():
             em.stop()
             rmtree(vdir)
-    return res
 
 
 def em_reloads(log: Path) -> int | None:
