@@ -262,9 +262,30 @@ def churn(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, seconds:
         rmtree(vdir)
 
 
+def _p99_over_p50(run: dict) -> float | None:
+    return run["p99_ms"] / run["p50_ms"] if run.get("p50_ms") and run.get("p99_ms") else None
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """One row of several wrk runs: median p50, p99 and p99 / p50 (each
+    run's own ratio), each role's median wait and preemptions a request;
+    requests and errors summed."""
+    out: dict = {"runs": len(runs), "requests": sum(r.get("requests") or 0 for r in runs),
+                 "errors": sum(r.get("errors", 0) + r.get("non_2xx", 0) for r in runs),
+                 "p50_ms": _median(r.get("p50_ms") for r in runs),
+                 "p99_ms": _median(r.get("p99_ms") for r in runs),
+                 "ratio_runs": [_p99_over_p50(r) for r in runs]}
+    out["ratio"] = _median(out["ratio_runs"])
+    for key in ("wait_us", "preempted_per_1k", "cpu_us"):
+        roles = {k for r in runs for k in (r.get(key) or {})}
+        if roles:
+            out[key] = {k: _median((r.get(key) or {}).get(k) for r in runs) for k in sorted(roles)}
+    return out
+
+
 def fairness(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, duration: str,
              keepalive: int = 16, handoff: bool = True, slow_conns: int = 1,
-             floor: bool = False) -> dict:
+             floor: bool = False, rounds: int | None = None) -> dict:
     """One vassal (2 workers) behind nginx with keep-alive upstreams: wrk
     -c16 on its fast route while wrk -c`slow_conns` keeps its slow route
     (100 ms) busy; the fast route's p50 and p99. One slow client leaves a
@@ -273,9 +294,12 @@ def fairness(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, durat
     workers take all of it (any prefork server then queues fast requests
     behind slow ones, by capacity, not fairness). `handoff` False: the
     vassal's workers keep the connections they accepted
-    (http-keepalive-handoff). `floor`: nginx_floor() first, the same
-    load's p99 / p50 with nothing behind nginx."""
-    floor_res = nginx_floor(procs, ports, tmp, duration) if floor else None
+    (http-keepalive-handoff). `floor`: beside them, the same load's p99 /
+    p50 on an nginx with nothing behind it (nginx_floor). `rounds` rounds
+    (BENCH_FRONT_ROUNDS, default 3) of floor, fast alone and fast beside
+    the slow route, each round in the other order than the last; each row
+    the median of its runs."""
+    rounds = rounds or int(os.environ.get("BENCH_FRONT_ROUNDS", "3"))
     tag = f"{keepalive}{'' if handoff else 'nh'}s{slow_conns}"
     vdir = tmp / f"front-fair{tag}"
     vdir.mkdir()
@@ -289,6 +313,7 @@ def fairness(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, durat
     em = emperor_run(procs, vdir, f"emperor-front-fair{tag}",
                      ["--http", f"127.0.0.1:{front}", "--run-dir", str(tmp / f"run-fair{tag}"),
                       "--no-http-access-log", "--nginx-keepalive", str(keepalive)])
+    floor_port, floor_stop = nginx_floor(procs, ports, tmp) if floor else (None, None)
     try:
         wait_host_200(front, "fair.localhost", 60, em.alive)
         load_before = load()
@@ -296,28 +321,43 @@ def fairness(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, durat
         # whose descheduling the fast requests' tail is
         groups = Groups.under_emperor(em.ps)
         url = f"http://127.0.0.1:{front}/"
-        alone = wrk_measured(url, duration, groups, "fair.localhost")
-        with ThreadPoolExecutor(2) as pool:
-            slow = pool.submit(_wrk_full, front, duration, "fair.localhost", slow_conns, "/slow")
-            fast = pool.submit(wrk_measured, url, duration, groups, "fair.localhost")
-            slow_r, fast_r = slow.result(), fast.result()
-        return {"alone": alone, "fast": fast_r, "slow": slow_r, "handoff": handoff, "floor": floor_res,
-                "slow_conns": slow_conns, "keepalive": keepalive,
-                "load_before": load_before, "load_after": load(),
-                "ratio": (fast_r["p99_ms"] / fast_r["p50_ms"])
-                if fast_r["p50_ms"] and fast_r["p99_ms"] else None,
-                "command": shlex.join(em.argv)}
+
+        def beside_slow() -> tuple[dict, dict]:
+            with ThreadPoolExecutor(2) as pool:
+                slow = pool.submit(_wrk_full, front, duration, "fair.localhost", slow_conns, "/slow")
+                fast = pool.submit(wrk_measured, url, duration, groups, "fair.localhost")
+                return fast.result(), slow.result()
+
+        steps = ["alone", "beside"] + (["floor"] if floor_port else [])
+        got: dict[str, list] = {k: [] for k in steps}
+        for i in range(rounds):
+            for step in (steps if i % 2 == 0 else steps[::-1]):
+                if step == "alone":
+                    got[step].append(wrk_measured(url, duration, groups, "fair.localhost"))
+                elif step == "beside":
+                    got[step].append(beside_slow())
+                else:
+                    got[step].append(_wrk_full(floor_port, duration, "floor.localhost"))
+        fast = _median_run([f for f, _ in got["beside"]])
+        return {"alone": _median_run(got["alone"]), "fast": fast,
+                "slow": _median_run([s_ for _, s_ in got["beside"]]),
+                "floor": _median_run(got["floor"]) if floor_port else None,
+                "handoff": handoff, "slow_conns": slow_conns, "keepalive": keepalive,
+                "rounds": rounds, "load_before": load_before, "load_after": load(),
+                "ratio": fast["ratio"], "command": shlex.join(em.argv)}
     finally:
+        if floor_stop:
+            floor_stop()
         em.stop()
         rmtree(vdir)
 
 
-def nginx_floor(procs: Procs, ports: Ports, tmp: Path, duration: str) -> dict:
-    """The machine's own tail under the fairness step's load: wrk -c16 on an
-    nginx (as many workers as the front door's) that answers 200 itself, no
-    vassal behind it. No p99 / p50 through the front door can be lower
-    here; on two shared cores it is the kernel's scheduling of wrk and
-    nginx, which the fairness rows pay too."""
+def nginx_floor(procs: Procs, ports: Ports, tmp: Path):
+    """The machine's own tail under the fairness step's load: an nginx (as
+    many workers as the front door's) that answers 200 itself, no vassal
+    behind it; (its port, how to stop it). No p99 / p50 through the front
+    door can be lower here; on two shared cores it is the kernel's
+    scheduling of wrk and nginx, which the fairness rows pay too."""
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     d = tmp / "front-floor"
     (d / "tmp").mkdir(parents=True)
@@ -329,11 +369,14 @@ def nginx_floor(procs: Procs, ports: Ports, tmp: Path, duration: str) -> dict:
         f"http {{ access_log off; {temp}\n"
         f'  server {{ listen 127.0.0.1:{port}; location / {{ return 200 "Hello, World!\\n"; }} }} }}\n')
     p = procs.spawn([nginx, "-p", str(d), "-c", str(d / "nginx.conf")], log="front-floor-nginx")
-    try:
-        wait_200(port, 30, "/", lambda: p.poll() is None)
-        res = _wrk_full(port, duration, "floor.localhost")
-        res["ratio"] = res["p99_ms"] / res["p50_ms"] if res["p50_ms"] and res["p99_ms"] else None
-        return res
-    finally:
+
+    def stop() -> None:
         procs.stop_tree(p.pid)
         rmtree(d)
+
+    try:
+        wait_200(port, 30, "/", lambda: p.poll() is None)
+    except BaseException:
+        stop()
+        raise
+    return port, stop
