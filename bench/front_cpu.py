@@ -69,36 +69,52 @@ def _machine_busy() -> tuple[int, int]:
 
 @dataclass
 class Groups:
-    """Processes of interest by role, pids listed once when the run starts
-    (nginx's workers and the vassal's workers live through a run)."""
+    """Processes of interest by role: fixed pids, plus, when `emperor` is
+    given, every nginx and psgi-vassal process under it, listed again at
+    each sample (a vassal's second worker, a restarted one, come later)."""
 
     roles: dict[str, list[int]] = field(default_factory=dict)
+    emperor: psutil.Process | None = None
 
     @classmethod
     def under_emperor(cls, emperor: psutil.Process) -> "Groups":
-        roles: dict[str, list[int]] = {"nginx": [], "vassal": [], "emperor": [emperor.pid]}
-        for p in emperor.children(recursive=True):
+        return cls({"nginx": [], "vassal": [], "emperor": [emperor.pid]}, emperor)
+
+    def pids(self) -> dict[str, set[int]]:
+        out = {role: set(pids) for role, pids in self.roles.items()}
+        if self.emperor is None:
+            return out
+        try:
+            kids = self.emperor.children(recursive=True)
+        except psutil.Error:
+            kids = []
+        for p in kids:
             try:
                 name = p.name()
             except psutil.Error:
                 continue
             if name == "nginx":
-                roles["nginx"].append(p.pid)
+                out.setdefault("nginx", set()).add(p.pid)
             elif name.startswith("psgi-vassal"):
-                roles["vassal"].append(p.pid)
-        return cls(roles)
-
-    def sample(self) -> dict[str, int]:
-        return {role: sum(t for pid in pids if (t := _ticks(pid)) is not None)
-                for role, pids in self.roles.items()}
-
-    def waits(self) -> dict[str, tuple[int, int]]:
-        """Per role: (ns waiting for a CPU while runnable, preemptions)."""
-        out = {}
-        for role, pids in self.roles.items():
-            both = [_sched(pid) for pid in pids]
-            out[role] = (sum(w for w, _ in both), sum(p for _, p in both))
+                out.setdefault("vassal", set()).add(p.pid)
         return out
+
+    def sample(self) -> dict[str, dict[int, int]]:
+        """Per role, each process's CPU ticks so far."""
+        return {role: {pid: t for pid in pids if (t := _ticks(pid)) is not None}
+                for role, pids in self.pids().items()}
+
+    def waits(self) -> dict[str, dict[int, tuple[int, int]]]:
+        """Per role, each process's (ns waiting for a CPU while runnable,
+        preemptions) so far."""
+        return {role: {pid: _sched(pid) for pid in pids} for role, pids in self.pids().items()}
+
+
+def _grown(before: dict[int, int], after: dict[int, int]) -> int:
+    """What the processes consumed between two samples: a process that
+    came meanwhile counts whole, one that went is lost (its last ticks
+    unknown)."""
+    return sum(t - before.get(pid, 0) for pid, t in after.items())
 
 
 def _latency_ms(out: str, q: str) -> float | None:
@@ -135,18 +151,20 @@ def wrk_measured(url: str, duration: str, groups: Groups, host: str | None = Non
                  "output": None if m else out}
     if not n:
         return res
-    us = {role: (after[role] - before[role]) / TICK * 1e6 / n for role in after}
+    grown = {role: _grown(before.get(role, {}), after[role]) for role in after}
+    us = {role: grown[role] / TICK * 1e6 / n for role in after}
     if wrk_cpu is not None:
         us["wrk"] = wrk_cpu * 1e6 / n
-    ours = sum((after[r] - before[r]) for r in after) / TICK + (wrk_cpu or 0)
+    ours = sum(grown.values()) / TICK + (wrk_cpu or 0)
     machine = (busy1 - busy0) / TICK
     us["others"] = max(0.0, machine - ours) * 1e6 / n
     res["cpu_us"] = {k: round(v, 1) for k, v in us.items()}
     # the kernel's part of the latency: time each role's processes were
     # ready to run but had no CPU, and how often they were preempted,
     # per request (wrk: preemptions only, from its rusage)
-    res["wait_us"] = {r: round((waits1[r][0] - waits0[r][0]) / 1e3 / n, 1) for r in waits1}
-    res["preempted_per_1k"] = {r: round((waits1[r][1] - waits0[r][1]) * 1000 / n, 1) for r in waits1}
+    for i, key, scale in ((0, "wait_us", 1e-3), (1, "preempted_per_1k", 1000)):
+        res[key] = {r: round(sum(v[i] - waits0.get(r, {}).get(pid, (0, 0))[i]
+                                 for pid, v in waits1[r].items()) * scale / n, 1) for r in waits1}
     res["preempted_per_1k"]["wrk"] = round(wrk_preempted * 1000 / n, 1)
     # cores busy meanwhile: ours, and everyone else's
     res["cores_ours"] = round(ours / wall, 2)
