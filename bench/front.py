@@ -170,16 +170,47 @@ def run(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, quick: boo
     return {key: step(name, fn) for key, (name, fn) in steps.items() if not wanted or key in wanted}
 
 
+def _cpu(target: dict) -> str:
+    """CPU microseconds a request, by process (front_cpu.wrk_measured)."""
+    cpu = target.get("cpu_us") or {}
+    return " ".join(f"{k} {v:.1f}" for k, v in cpu.items() if v and k != "others")
+
+
+def _runs(row: dict) -> str:
+    """`, runs 5.3 6.1 17.0x`: each round's p99 / p50 behind a median."""
+    xs = [x for x in row.get("ratio_runs") or [] if x is not None]
+    return f"; median of {len(xs)}: " + " ".join(f"{x:.1f}" for x in xs) if len(xs) > 1 else ""
+
+
+def _waits(run: dict) -> str:
+    """Microseconds each role's processes were runnable without a CPU, and
+    their preemptions per 1,000 requests (front_cpu.wrk_measured)."""
+    pre = run.get("preempted_per_1k") or {}
+    return ", ".join(f"{k} {v:.0f} ({pre.get(k, 0):.0f} preempted /1k)"
+                     for k, v in (run.get("wait_us") or {}).items() if k != "emperor") + \
+        (f", wrk preempted {pre['wrk']:.0f} /1k" if "wrk" in pre else "")
+
+
 def rows(fr: dict) -> list[tuple[str, str, str, str]]:
     out = []
     sv = fr.get("serving") or {}
     for key, label in SERVING_LABELS.items():
         s = sv.get(key)
-        if s and s["ratio"] is not None:
-            out.append((f"hello world, wrk -t2 -c16, 2 workers: through the front door / direct ({label})",
-                        f"{s['front']['rps']:.0f} / {s['direct']['rps']:.0f} req/s ({s['ratio']:.2f}); "
-                        f"load {s.get('load_before', '?')}",
-                        ">= 0.80", "met" if s["ratio"] >= 0.8 else "**not met**"))
+        if not s or s.get("ratio") is None:
+            continue
+        for target, rkey, over in (("front", "ratio", "its TCP http-socket"),
+                                   ("front_unix", "ratio_unix", "a twin on a UNIX socket")):
+            if s.get(rkey) is None:
+                continue
+            runs = ", ".join(f"{x:.2f}" for x in s[rkey + "_runs"])
+            out.append((f"hello world, wrk -t2 -c16, 2 workers: through the front door ({over}) / direct, "
+                        f"{len(s[rkey + '_runs'])} interleaved rounds ({label})",
+                        f"{s[target]['rps']:.0f} / {s['direct']['rps']:.0f} req/s (median {s[rkey]:.2f}; "
+                        f"rounds {runs}); CPU a request (us) through {_cpu(s[target])}, direct "
+                        f"{_cpu(s['direct'])}: predicts {s.get(rkey.replace('ratio', 'cpu_ratio')) or 0:.2f}; "
+                        f"others' cores {s[target]['cores_others']:.2f}; load {s.get('load_before', '?')} -> "
+                        f"{s.get('load_after', '?')}" + ("; sched_autogroup on" if s.get("autogroup") else ""),
+                        ">= 0.80", "met" if s[rkey] >= 0.8 else "**not met**"))
     a = fr.get("asleep")
     if a:
         out.append((f"first request to a sleeping on-demand heavy app through nginx: p50 / p99 (N={a['n']})",
@@ -213,11 +244,14 @@ def rows(fr: dict) -> list[tuple[str, str, str, str]]:
         target = key != "fairness_saturated"
         out.append((f"wrk -c16 on a fast route through nginx ({label}, 2 workers) "
                     f"while wrk -c{fa.get('slow_conns', 2)} keeps a 100 ms route busy: p99 / p50",
-                    f"{f_['p99_ms']:.2f} / {f_['p50_ms']:.2f} ms ({fa['ratio']:.1f}x); alone "
-                    f"{fa['alone']['p99_ms']:.2f} / {fa['alone']['p50_ms']:.2f} ms; "
+                    f"{f_['p99_ms']:.2f} / {f_['p50_ms']:.2f} ms ({fa['ratio']:.1f}x{_runs(f_)}); alone "
+                    f"{fa['alone']['p99_ms']:.2f} / {fa['alone']['p50_ms']:.2f} ms "
+                    f"({fa['alone'].get('ratio') or 0:.1f}x{_runs(fa['alone'])}); "
                     f"{fa['fast']['requests']} fast, {fa['slow']['requests']} slow requests; "
-                    + (f"nginx alone (`return 200`, no vassal) {fa['floor']['p99_ms']:.2f} / "
-                       f"{fa['floor']['p50_ms']:.2f} ms ({fa['floor']['ratio']:.1f}x); "
+                    + (f"waiting for a CPU a fast request (us): {_waits(fa['fast'])}; " if fa["fast"].get("wait_us")
+                       else "") +
+                    (f"nginx alone (`return 200`, no vassal) {fa['floor']['p99_ms']:.2f} / "
+                       f"{fa['floor']['p50_ms']:.2f} ms ({fa['floor']['ratio']:.1f}x{_runs(fa['floor'])}); "
                        if (fa.get("floor") or {}).get("ratio") else "") +
                     f"load {fa.get('load_before', '?')} -> {fa.get('load_after', '?')}",
                     "<= 3x" if target else "",

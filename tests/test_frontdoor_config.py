@@ -69,6 +69,11 @@ def test_nginx_accepts_the_generated_configuration(tmp_path: Path):
     assert "syntax is ok" in r.stderr
     # a reload's old workers are bounded: a response still streaming after 30 s is cut
     assert "worker_shutdown_timeout 30s;" in conf.read_text()
+    # nginx's workers: half the CPUs (a proxied request costs nginx about
+    # a third of its CPU, the vassal the rest), at least one; or as told
+    half = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"worker_processes {half};" in conf.read_text()
+    assert "worker_processes 3;" in fd.render_nginx_conf(ROUTES, "127.0.0.1:1", run, workers=3)
     inc = tmp_path / "routing.conf"
     inc.write_text(fd.render_routing(ROUTES))
     # an operator's nginx: the include at http level, the locations in their server
@@ -222,6 +227,10 @@ def test_bad_front_door_options_are_one_line_and_exit_2(tmp_path: Path):
             (["--nginx-include", str(tmp_path / "no" / "such" / "f.conf")],
              "cannot create files in"),
             (["--http", "127.0.0.1:1", "--nginx", str(tmp_path / "nginx")], "nginx not found at"),
+            (["--http", "127.0.0.1:1", "--nginx-workers", "0"],
+             "--nginx-workers 0: a number of processes, 1 or more"),
+            (["--http", "127.0.0.1:1", "--nginx-workers", "many"],
+             "--nginx-workers many: a number of processes, 1 or more"),
         ]
         for extra, want in cases:
             r = subprocess.run([EMPEROR, "run", str(vdir), "--run-dir", str(tmp_path / "r"), *extra],

@@ -169,6 +169,14 @@ def test_nginx_killed_comes_back_and_a_stopped_emperor_leaves_no_nginx(front):
     assert text.index(f"nginx pid {ng.pid} stopped") > text.index("[base] pid")
 
 
+@needs_nginx
+@needs_perl
+def test_nginx_runs_the_workers_it_is_told(front):
+    f = front({"app1": ini("app1", "domain = app1.localhost")}, "--nginx-workers", "3")
+    f.routed("app1.localhost", "app1")
+    wait_for(lambda: len(psutil.Process(f.nginx_pid()).children()) == 3, 15, "3 nginx workers")
+
+
 class HostLoad(threading.Thread):
     """GET / with a Host header, each on a new connection, until stopped
     (at most `limit` seconds / `max_requests`)."""

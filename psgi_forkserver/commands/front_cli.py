@@ -37,6 +37,18 @@ def add_front_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--nginx-keepalive", type=int, default=DEFAULT_KEEPALIVE, metavar="N",
                      help=f"idle connections nginx keeps open per vassal (default "
                           f"{DEFAULT_KEEPALIVE}; 0: one connection per request)")
+    run.add_argument("--nginx-workers", metavar="N",
+                     help="nginx's worker processes (default: half the CPUs, at least 1)")
+
+
+def nginx_workers(value: str | None) -> int | None:
+    """--nginx-workers as a count (None: the default); ValueError if it is
+    not one."""
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"--nginx-workers {value}: a number of processes, 1 or more")
+    return int(value)
 
 
 def run_dir_of(args: argparse.Namespace) -> Path:
@@ -73,6 +85,10 @@ def check_front(args: argparse.Namespace) -> str | None:
                              mode=run_dir_mode(args.nginx_include, gid), group=gid)
         except OSError as e:
             return f"--run-dir {run_dir}: {e.strerror or e}"
+    try:
+        nginx_workers(args.nginx_workers)
+    except ValueError as e:
+        return str(e)
     if args.http is not None:
         nginx = args.nginx or find_nginx()
         if nginx is None or not os.access(nginx, os.X_OK):
@@ -113,7 +129,8 @@ def front_options(args: argparse.Namespace):
         run_dir=run_dir_of(args), listen=args.http,
         include=Path(os.path.abspath(args.nginx_include)) if args.nginx_include else None,
         reload_cmd=args.nginx_reload, nginx=args.nginx or find_nginx(),
-        keepalive=max(0, args.nginx_keepalive), access_log=args.http_access_log,
+        keepalive=max(0, args.nginx_keepalive), workers=nginx_workers(args.nginx_workers),
+        access_log=args.http_access_log,
         log_format=args.log_format,
         settle=max(0.0, args.http_settle), settle_max=30 * max(0.0, args.http_settle),
         user=user, worker_gid=gid,

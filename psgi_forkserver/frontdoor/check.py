@@ -111,6 +111,7 @@ class Checks:
             assert self.opts.listen is not None
             return render_nginx_conf(routes, self.opts.listen, self.opts.run_dir,
                                      self.opts.keepalive, user=self._user(),
+                                     workers=self.opts.workers,
                                      access_log=self.opts.access_log, generation=generation,
                                      log_format=self.opts.log_format)
         return render_routing(routes, self.opts.keepalive)

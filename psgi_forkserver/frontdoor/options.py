@@ -18,6 +18,7 @@ class FrontDoorOptions:
     reload_cmd: str | None = None  # --nginx-reload: run after each write of `include`
     nginx: str | None = None  # the nginx binary (default: from PATH)
     keepalive: int = DEFAULT_KEEPALIVE  # idle connections nginx keeps per vassal (0: none)
+    workers: int | None = None  # nginx's worker processes (None: config.default_workers)
     access_log: bool = True  # nginx's access log, in the Emperor's log
     log_format: str = "text"  # its lines' format: the Emperor's --log-format
     user: str | None = None  # nginx's `user` (USER GROUP) of its workers, as root

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +77,9 @@ class Front(Emp):
             titles = [" ".join(k.cmdline()) for k in kids]
         except psutil.Error:
             return False
-        return len(kids) == (os.cpu_count() or 1) and not any("shutting down" in t for t in titles)
+        m = re.search(r"^worker_processes (\d+);", (self.run / "nginx" / "nginx.conf").read_text(), re.M)
+        return m is not None and len(kids) == int(m.group(1)) \
+            and not any("shutting down" in t for t in titles)
 
     def routed(self, host: str, name: str, timeout: float = 30) -> None:
         """`host` answers from vassal `name`, and keeps doing so: nginx's
