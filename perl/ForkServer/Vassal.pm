@@ -14,6 +14,7 @@ use ForkServer::Vassal::EmperorPipe ();
 use ForkServer::Protocol qw(SPAWNED);
 use ForkServer::HTTPServer ();
 use ForkServer::Vassal::Identity ();
+use ForkServer::Process::Dumpable ();
 use ForkServer::Process::Session ();
 
 =head1 NAME
@@ -162,6 +163,7 @@ sub server_args {
         response_timeout  => $config->get('http-response-timeout'),
         keepalive_timeout => $config->get('http-keepalive-timeout'),
         keepalive_handoff => $config->get('http-keepalive-handoff') ? 1 : 0,
+        desk_dumpable     => $self->{dropped_dumpable} ? 1 : 0,
         protocol          => defined $config->get('socket') ? 'uwsgi' : 'http',
     );
 }
@@ -297,9 +299,14 @@ sub requests_file {
 }
 
 # Groups, gid, uid, then checked with the kernel (ForkServer::Vassal::Identity).
+# The kernel clears the "dumpable" flag then; it is noted when the drop, not
+# the app, cleared it: its workers may set it again for the desk
+# (server_args' desk_dumpable).
 sub drop_privileges {
     my ($self) = @_;
+    my $before = ForkServer::Process::Dumpable::get() // 0;
     ForkServer::Vassal::Identity::drop($self->{config});
+    $self->{dropped_dumpable} = $before == 1 && (ForkServer::Process::Dumpable::get() // 1) == 0 ? 1 : 0;
     return;
 }
 

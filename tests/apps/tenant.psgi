@@ -84,6 +84,28 @@ my $app = sub {
         $out{token} = $TOKEN;
         $out{rand} = int(rand(1e15));
     }
+    elsif ($path eq '/block') {
+        # /block?name=N&dir=D: says it started (D/N.started), then waits
+        # asleep for D/N.go (60 s at most), as a slow route waits on a backend
+        open my $fh, '>', "$q{dir}/$q{name}.started" or die "$q{dir}/$q{name}.started: $!\n";
+        close $fh;
+        my $until = time + 60;
+        select(undef, undef, undef, 0.01) until -e "$q{dir}/$q{name}.go" || time > $until;
+        $out{done} = $q{name};
+    }
+    elsif ($path eq '/getfd') {
+        # /getfd?pid=P&fd=N: can this process take descriptor N of process P
+        # (pidfd_getfd(2))? 434 and 438 (pidfd_open, pidfd_getfd) are the
+        # same on every architecture.
+        my $pidfd = syscall(434, $q{pid} + 0, 0);
+        if ($pidfd < 0) { @out{qw(step errno error)} = ('pidfd_open', $! + 0, "$!") }
+        else {
+            my $fd = syscall(438, $pidfd, $q{fd} + 0, 0);
+            if ($fd < 0) { @out{qw(step errno error)} = ('pidfd_getfd', $! + 0, "$!") }
+            else { $out{got} = readlink("/proc/self/fd/$fd"); POSIX::close($fd) }
+            POSIX::close($pidfd);
+        }
+    }
     elsif ($path eq '/env') {
         $out{$_} = $ENV{$_} for qw(UWSGI_EMPEROR_FD UWSGI_EMPEROR_FD_CONFIG APP_NAME);
     }

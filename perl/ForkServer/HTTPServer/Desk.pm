@@ -31,6 +31,7 @@ use Fcntl qw(F_SETLK F_SETLKW F_WRLCK F_UNLCK SEEK_SET);
 use POSIX ();
 use ForkServer::HTTPServer::Wire ();
 use ForkServer::Process::Syscalls ();
+use ForkServer::Process::Dumpable ();
 
 use constant {
     # seconds a request runs before its worker's waiting connections may
@@ -129,15 +130,19 @@ sub _getfd {
 
 # A worker's seat at the desk (index: its byte of the roster, of $count in
 # use), or undef when the system cannot let siblings take connections:
-# its timer, its lock held, its roster entry written.
+# its timer, its lock held, its roster entry written. $restore: the vassal
+# dropped root, which made it not dumpable (ForkServer::Process::Dumpable).
 sub join_desk {
-    my ($desk, $index, $count) = @_;
+    my ($desk, $index, $count, $restore) = @_;
     return undef unless $desk && _available() && $count <= MAX_INDEX && $index < $count;
-    # A worker of a vassal that dropped root is not dumpable: its siblings
-    # could not take its descriptors, and making it dumpable would let any
-    # process of its uid read its memory (what keeps vassals that share a
-    # uid apart). Such a vassal keeps the earlier hand-over.
-    return undef unless syscall($SYS{prctl}, PR_GET_DUMPABLE, 0, 0, 0, 0) == 1;
+    # Siblings may take this worker's descriptors only while it is dumpable.
+    # A worker of a vassal that dropped root is made so again, when it holds
+    # no privilege: it then exposes to its own uid only what that uid's code
+    # (the app it runs) can read already (docs/security.md). Not dumpable
+    # for another reason (the app, or still root): the earlier hand-over.
+    unless (syscall($SYS{prctl}, PR_GET_DUMPABLE, 0, 0, 0, 0) == 1) {
+        return undef unless $restore && ForkServer::Process::Dumpable::restore_unprivileged();
+    }
     my $tfd = syscall($SYS{timerfd_create}, CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
     return undef unless $tfd >= 0;
     # can this process take a descriptor at all (a filter may forbid it)?
