@@ -75,7 +75,8 @@ def fleet(xprocess, tenants, request) -> Iterator[Fleet]:
             gates.append(gate)
             os.chown(gate, t.uid, t.gid)
             port = free_port()
-            extra = [f"psgi = {TENANT}"] if k is None else []
+            # a plain vassal loads its app before it drops root: this one opens no root-only file then
+            extra = [f"psgi = {TENANT}", "env = TENANT_PRELOAD_FILE="] if k is None else []
             add(e, name, vassal_ini(port, f"uid = {t.name}", *extra, processes=2), port)
             v = Vassal(name, port, t, gate)
             wait_for(lambda: len(v.workers(e)) == 2, 20, f"{name}'s two workers")
@@ -193,6 +194,23 @@ def test_a_worker_takes_its_siblings_descriptors_and_nobody_elses(fleet):
             if seen == set(workers):
                 break
         assert seen == set(workers), (seen, workers)
+        # what that is given to: processes of its own uid and gid, and what the
+        # workers hold is the vassal's own
+        master = e.vpid(v.name)
+        assert os.stat(f"/proc/{master}/environ").st_uid == 0, "the master stays not dumpable"
+        for w in workers:
+            assert os.stat(f"/proc/{w}/environ").st_uid == v.tenant.uid, "the worker is dumpable"
+            status = dict(ln.split(":", 1) for ln in Path(f"/proc/{w}/status").read_text().splitlines())
+            for cap in ("CapPrm", "CapEff", "CapAmb"):
+                assert int(status[cap], 16) == 0, (w, cap, status[cap])
+            assert status["Uid"].split() == [str(v.tenant.uid)] * 4, status["Uid"]
+            for fd in os.listdir(f"/proc/{w}/fd"):
+                try:
+                    target, st = os.readlink(f"/proc/{w}/fd/{fd}"), os.stat(f"/proc/{w}/fd/{fd}")
+                except FileNotFoundError:    # closed since the listing
+                    continue
+                if target.startswith("/") and not target.startswith("/memfd:") and target != "/dev/null":
+                    assert st.st_uid == v.tenant.uid, (w, fd, target, st.st_uid)
         others = [(other.workers(e)[0], "the other tenant's worker"), (e.vpid(v.name), "its own master"),
                   (e.pid, "the Emperor")] + ([(fleet.base, "the base")] if fleet.base else [])
         for target, what in others:
@@ -202,3 +220,45 @@ def test_a_worker_takes_its_siblings_descriptors_and_nobody_elses(fleet):
         for target, what in others:
             r = ask(v.port, f"/read?path=/proc/{target}/environ")
             assert "content" not in r and r.get("error") == os.strerror(errno.EACCES), (what, r)
+
+
+def test_a_vassal_run_as_nobody_keeps_its_workers_not_dumpable(fleet, request):
+    """`nobody` is the uid unrelated daemons share: no process of theirs may
+    read such a vassal's workers, whose siblings then keep the earlier
+    hand-over; they still serve."""
+    if request.node.callspec.params["fleet"] != 0:
+        pytest.skip("once is enough: the same workers in every fleet")
+    e, port = fleet.emperor, free_port()
+    v = Vassal("nob", port, fleet.a.tenant, fleet.a.gates)
+    add(e, "nob", vassal_ini(port, "uid = nobody", processes=2), port)
+    try:
+        wait_for(lambda: len(v.workers(e)) == 2, 20, "nob's two workers")
+        for w in v.workers(e):
+            assert os.stat(f"/proc/{w}").st_uid == 65534
+            assert os.stat(f"/proc/{w}/environ").st_uid == 0, "not dumpable"
+        assert ask(port, "/ids")["Uid"].split() == ["65534"] * 4
+    finally:
+        (e.dir / "nob.ini").unlink()
+
+
+def test_a_plain_vassal_whose_app_opened_a_root_file_keeps_its_workers_not_dumpable(fleet, request):
+    """A plain vassal loads its app as root, before it drops: a root-only
+    file the app opened then stays open in its workers. A process of the
+    uid that may take their descriptors would get it: they stay not
+    dumpable, with one line saying why."""
+    if request.node.callspec.params["fleet"] is not None:
+        pytest.skip("a plain vassal's")
+    e, port, t = fleet.emperor, free_port(), fleet.a.tenant
+    v = Vassal("rootfd", port, t, fleet.a.gates)
+    add(e, "rootfd", vassal_ini(port, f"uid = {t.name}", f"psgi = {TENANT}", processes=2), port)
+    try:
+        wait_for(lambda: len(v.workers(e)) == 2, 20, "rootfd's two workers")
+        for w in v.workers(e):
+            assert os.stat(f"/proc/{w}/environ").st_uid == 0, "not dumpable"
+        want = (f"workers stay not dumpable, no desk (the earlier hand-over): the app holds what it opened "
+                f"as root and uid {t.uid} may not open: 3 ({t.path('preload')})")
+        wait_for(lambda: [ln for ln in e.lines(want) if "[rootfd]" in ln], 10, "the line")
+        r = ask(port, "/fds")
+        assert r["fds"][str(r["preloaded"])] == t.path("preload"), r
+    finally:
+        (e.dir / "rootfd.ini").unlink()

@@ -1,7 +1,7 @@
 # A tenant's probe: what a vassal's process can see of root, of the base
 # and of its own identity. Preloaded by a base, it opens TENANT_PRELOAD_FILE
-# (a root-only file) and keeps the handle, as an app's logger or database
-# handle would; its warm-up (GET /warm) draws a token, opens
+# (a root-only file; none when empty) and keeps the handle, as an app's
+# logger or database handle would; its warm-up (GET /warm) draws a token, opens
 # TENANT_WARM_FILE and starts TENANT_HELPERS helper processes.
 use strict;
 use warnings;
@@ -9,7 +9,7 @@ use JSON::PP ();
 use POSIX ();
 
 our ($PRELOADED, $WARMED, $WARMED_IN, $TOKEN, $TOKEN_IN, $HELPERS_IN, @HELPERS);
-if (defined(my $f = $ENV{TENANT_PRELOAD_FILE})) {
+if (length(my $f = $ENV{TENANT_PRELOAD_FILE} // '')) {
     open $PRELOADED, '<', $f or die "preload $f: $!\n";
 }
 

@@ -2,6 +2,7 @@ package ForkServer::Process::Dumpable;
 use strict;
 use warnings;
 
+use POSIX ();
 use ForkServer::Process::Syscalls ();
 
 # The kernel's "dumpable" flag of this process (prctl(2)). It decides who
@@ -22,8 +23,10 @@ sub get {
 }
 
 # Sets the flag again in a process that holds no privilege: every uid and
-# gid its own (real, effective, saved, file system), none of them 0, and
-# no capability permitted or effective. True when it is set.
+# gid its own (real, effective, saved, file system), none of them 0, no
+# capability permitted or effective, and a uid of its own: not the
+# overflow uid (nobody), which unrelated daemons share by design. True
+# when it is set.
 sub restore_unprivileged {
     return 1 if (get() // 0) == 1;
     return 0 unless defined $PRCTL && _unprivileged();
@@ -42,8 +45,47 @@ sub _unprivileged {
     my %uids = map { $_ => 1 } @ids[0 .. 3];
     my %gids = map { $_ => 1 } @ids[4 .. 7];
     return 0 unless keys %uids == 1 && keys %gids == 1;
+    return 0 if $ids[0] == _overflow_uid();
     return 0 unless ($line{CapPrm} // '') =~ /\A0+\z/ && ($line{CapEff} // '') =~ /\A0+\z/;
     return 1;
+}
+
+# The descriptors this process holds on a file (not a socket, a pipe or a
+# memory file) that is not its real uid's and that its real uid and groups
+# may not open as it is open: opened while it was root ("N (path)" each).
+# Call it after dropping root.
+sub foreign_descriptors {
+    opendir(my $dh, '/proc/self/fd') or return ('/proc/self/fd unreadable');
+    my @foreign;
+    for my $fd (sort { $a <=> $b } grep { /\A\d+\z/ } readdir $dh) {
+        my $path = readlink("/proc/self/fd/$fd") // next;    # the listing's own, closed
+        next unless $path =~ m{\A/} && $path !~ m{\A/memfd:};
+        # a file of its own (its requests file, made for it by root)
+        my @st = stat("/proc/self/fd/$fd") or next;
+        next if $st[4] == $<;
+        my $mode = _access_mode($fd) // next;
+        # access(2) checks the real uid and groups: the dropped-to user's
+        push @foreign, "$fd ($path)" unless -e $path && POSIX::access($path, $mode);
+    }
+    return @foreign;
+}
+
+# R_OK, W_OK or both, as descriptor $fd is open (its fdinfo flags).
+sub _access_mode {
+    my $fd = shift;
+    open(my $fh, '<', "/proc/self/fdinfo/$fd") or return undef;
+    while (<$fh>) {
+        next unless /\Aflags:\s*([0-7]+)/;
+        my $acc = oct($1) & 3;    # O_ACCMODE
+        return $acc == 0 ? POSIX::R_OK() : $acc == 1 ? POSIX::W_OK() : POSIX::R_OK() | POSIX::W_OK();
+    }
+    return undef;
+}
+
+sub _overflow_uid {
+    open(my $fh, '<', '/proc/sys/kernel/overflowuid') or return 65534;
+    my $uid = <$fh> // '';
+    return $uid =~ /\A(\d+)/ ? $1 : 65534;
 }
 
 1;
@@ -68,11 +110,20 @@ C<prctl(PR_GET_DUMPABLE)>: 1 when processes of this uid and gid may
 ptrace it and take its descriptors, 0 when only a process with
 C<CAP_SYS_PTRACE> may, undef where it cannot be read.
 
+=head2 foreign_descriptors() -> ("N (path)", ...)
+
+After dropping root: the descriptors this process holds on a file (not a
+socket, a pipe or a memory file) that its real uid does not own and could
+not open itself, with its groups, for the access it is open for
+(C<access(2)>): what it opened while it was root. Empty when it holds
+none.
+
 =head2 restore_unprivileged() -> bool
 
 C<prctl(PR_SET_DUMPABLE, 1)>, only in a process that holds no privilege:
-its four uids one uid, its four gids one gid, none of them 0, and no
-capability permitted or effective. False (and the flag left alone)
-otherwise. What it exposes: F<docs/security.md>.
+its four uids one uid, its four gids one gid, none of them 0, no
+capability permitted or effective, and its uid not the overflow uid
+(C<nobody>, 65534), which unrelated daemons share. False (and the flag
+left alone) otherwise. What it exposes: F<docs/security.md>.
 
 =cut
