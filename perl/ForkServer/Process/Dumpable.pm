@@ -11,7 +11,7 @@ use ForkServer::Process::Syscalls ();
 # when set, processes with CAP_SYS_PTRACE only when not. Dropping root
 # clears it. Why a worker sets it again: docs/security.md.
 
-use constant { PR_GET_DUMPABLE => 3, PR_SET_DUMPABLE => 4 };
+use constant { PR_GET_DUMPABLE => 3, PR_SET_DUMPABLE => 4, PR_SET_PTRACER => 0x59616d61 };
 
 my $PRCTL = ForkServer::Process::Syscalls::number('prctl');
 
@@ -24,13 +24,17 @@ sub get {
 
 # Sets the flag again in a process that holds no privilege: every uid and
 # gid its own (real, effective, saved, file system), none of them 0, no
-# capability permitted or effective, and a uid of its own: not the
+# capability permitted, effective or ambient, and a uid of its own: not the
 # overflow uid (nobody), which unrelated daemons share by design. True
-# when it is set.
+# when it is set. $tracer: the process whose descendants Yama (ptrace_scope
+# 1, which admits only ancestors otherwise) is to let take its descriptors.
 sub restore_unprivileged {
+    my $tracer = shift;
     return 1 if (get() // 0) == 1;
     return 0 unless defined $PRCTL && _unprivileged();
     return 0 unless syscall($PRCTL, PR_SET_DUMPABLE, 1, 0, 0, 0) == 0;
+    # an error where Yama is off
+    syscall($PRCTL, PR_SET_PTRACER, $tracer, 0, 0, 0) if $tracer;
     return (get() // 0) == 1;
 }
 
@@ -38,7 +42,7 @@ sub _unprivileged {
     open(my $fh, '<', '/proc/self/status') or return 0;
     my %line;
     while (<$fh>) {
-        $line{$1} = $2 if /\A(Uid|Gid|CapPrm|CapEff):\s*(.*?)\s*\z/;
+        $line{$1} = $2 if /\A(Uid|Gid|CapPrm|CapEff|CapAmb):\s*(.*?)\s*\z/;
     }
     my @ids = (split(' ', $line{Uid} // ''), split(' ', $line{Gid} // ''));
     return 0 unless @ids == 8 && !grep { $_ eq '0' } @ids;
@@ -46,7 +50,7 @@ sub _unprivileged {
     my %gids = map { $_ => 1 } @ids[4 .. 7];
     return 0 unless keys %uids == 1 && keys %gids == 1;
     return 0 if $ids[0] == _overflow_uid();
-    return 0 unless ($line{CapPrm} // '') =~ /\A0+\z/ && ($line{CapEff} // '') =~ /\A0+\z/;
+    return 0 if grep { ($line{$_} // '') !~ /\A0+\z/ } qw(CapPrm CapEff CapAmb);
     return 1;
 }
 
@@ -118,12 +122,15 @@ not open itself, with its groups, for the access it is open for
 (C<access(2)>): what it opened while it was root. Empty when it holds
 none.
 
-=head2 restore_unprivileged() -> bool
+=head2 restore_unprivileged($tracer) -> bool
 
 C<prctl(PR_SET_DUMPABLE, 1)>, only in a process that holds no privilege:
 its four uids one uid, its four gids one gid, none of them 0, no
-capability permitted or effective, and its uid not the overflow uid
+capability permitted, effective or ambient, and its uid not the overflow uid
 (C<nobody>, 65534), which unrelated daemons share. False (and the flag
-left alone) otherwise. What it exposes: F<docs/security.md>.
+left alone) otherwise. With C<$tracer> (a pid), also
+C<prctl(PR_SET_PTRACER, $tracer)>: where Yama's C<ptrace_scope> is 1,
+that process's descendants, not only this one's ancestors, may ptrace it
+and take its descriptors. What it exposes: F<docs/security.md>.
 
 =cut
