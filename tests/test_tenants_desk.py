@@ -262,3 +262,22 @@ def test_a_plain_vassal_whose_app_opened_a_root_file_keeps_its_workers_not_dumpa
         assert r["fds"][str(r["preloaded"])] == t.path("preload"), r
     finally:
         (e.dir / "rootfd.ini").unlink()
+
+
+def test_an_app_that_made_itself_not_dumpable_stays_so(fleet, request):
+    """The workers are made dumpable again only when dropping root cleared
+    the flag, not when the app did (before the drop: a plain vassal's app
+    loads as root)."""
+    if request.node.callspec.params["fleet"] is not None:
+        pytest.skip("a plain vassal's")
+    e, port, t = fleet.emperor, free_port(), fleet.a.tenant
+    v = Vassal("private", port, t, fleet.a.gates)
+    add(e, "private", vassal_ini(port, f"uid = {t.name}", f"psgi = {TENANT}", "env = TENANT_PRELOAD_FILE=",
+                                 "env = TENANT_NOT_DUMPABLE=1", processes=2), port)
+    try:
+        wait_for(lambda: len(v.workers(e)) == 2, 20, "private's two workers")
+        for w in v.workers(e):
+            assert os.stat(f"/proc/{w}/environ").st_uid == 0, "not dumpable"
+        assert ask(port, "/ids")["Uid"].split() == [str(t.uid)] * 4
+    finally:
+        (e.dir / "private.ini").unlink()

@@ -1,7 +1,8 @@
 # A tenant's probe: what a vassal's process can see of root, of the base
 # and of its own identity. Preloaded by a base, it opens TENANT_PRELOAD_FILE
 # (a root-only file; none when empty) and keeps the handle, as an app's
-# logger or database handle would; its warm-up (GET /warm) draws a token, opens
+# logger or database handle would (and with TENANT_NOT_DUMPABLE makes
+# itself not dumpable); its warm-up (GET /warm) draws a token, opens
 # TENANT_WARM_FILE and starts TENANT_HELPERS helper processes.
 use strict;
 use warnings;
@@ -11,6 +12,11 @@ use POSIX ();
 our ($PRELOADED, $WARMED, $WARMED_IN, $TOKEN, $TOKEN_IN, $HELPERS_IN, @HELPERS);
 if (length(my $f = $ENV{TENANT_PRELOAD_FILE} // '')) {
     open $PRELOADED, '<', $f or die "preload $f: $!\n";
+}
+if ($ENV{TENANT_NOT_DUMPABLE}) {
+    # an app that keeps its memory from other processes of its uid
+    require ForkServer::Process::Syscalls;
+    syscall(ForkServer::Process::Syscalls::number('prctl'), 4, 0, 0, 0, 0) == 0 or die "PR_SET_DUMPABLE: $!\n";
 }
 
 sub _warm {
