@@ -46,12 +46,8 @@ class Vassal:
         return sorted(c.pid for c in psutil.Process(master).children())
 
 
-@dataclass
-class Fleet:
-    emperor: Emp
-    a: Vassal
-    b: Vassal
-    base: int | None    # its pid; None without a base
+def base_pid(e: Emp) -> int | None:
+    return e.vpid("base") if (e.dir / "base.ini").exists() else None
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +57,7 @@ def tenants() -> Iterator[tuple[Tenant, Tenant]]:
 
 
 @pytest.fixture(scope="module", params=[0, 2, None], ids=["forked", "spares", "plain"])
-def fleet(xprocess, tenants, request) -> Iterator[Fleet]:
+def fleet(xprocess, tenants, request) -> Iterator[tuple[Emp, Vassal, Vassal]]:
     """Vassals forked from a base, adopted from its spares, or spawned
     without a base."""
     k = request.param
@@ -81,7 +77,7 @@ def fleet(xprocess, tenants, request) -> Iterator[Fleet]:
             v = Vassal(name, port, t, gate)
             wait_for(lambda: len(v.workers(e)) == 2, 20, f"{name}'s two workers")
             vassals.append(v)
-        yield Fleet(e, *vassals, base=None if k is None else e.vpid("base"))
+        yield (e, *vassals)
     finally:
         emperors.stop()
         for gate in gates:
@@ -131,7 +127,7 @@ def test_a_fast_request_behind_a_slow_one_is_served_by_the_free_worker(fleet):
     waiting and its sibling busy (the earlier hand-over keeps that
     connection). Once the sibling is free, it serves the fast request, and
     the next one on that connection, while the slow request still runs."""
-    v = fleet.a
+    _, v, _ = fleet
     z, y, slow, fast = conns = [Kept(v.port) for _ in range(4)]
     try:
         for c in conns:
@@ -176,8 +172,8 @@ def test_a_worker_takes_its_siblings_descriptors_and_nobody_elses(fleet):
     """pidfd_getfd(2) from a worker of tenant a: its sibling's descriptor,
     yes; a worker of tenant b, its own master, the base, the Emperor
     (root): refused (EPERM). The same from b's side."""
-    e = fleet.emperor
-    for v, other in ((fleet.a, fleet.b), (fleet.b, fleet.a)):
+    e, a, b = fleet
+    for v, other in ((a, b), (b, a)):
         workers = v.workers(e)
         seen: set[int] = set()
         # new connections spread over the workers: each asks for its sibling's
@@ -212,7 +208,7 @@ def test_a_worker_takes_its_siblings_descriptors_and_nobody_elses(fleet):
                 if target.startswith("/") and not target.startswith("/memfd:") and target != "/dev/null":
                     assert st.st_uid == v.tenant.uid, (w, fd, target, st.st_uid)
         others = [(other.workers(e)[0], "the other tenant's worker"), (e.vpid(v.name), "its own master"),
-                  (e.pid, "the Emperor")] + ([(fleet.base, "the base")] if fleet.base else [])
+                  (e.pid, "the Emperor")] + ([(base_pid(e), "the base")] if base_pid(e) else [])
         for target, what in others:
             r = getfd(v, target)
             assert r.get("errno") == errno.EPERM and r.get("step") == "pidfd_getfd" and "got" not in r, (what, r)
@@ -228,8 +224,9 @@ def test_a_vassal_run_as_nobody_keeps_its_workers_not_dumpable(fleet, request):
     hand-over; they still serve."""
     if request.node.callspec.params["fleet"] != 0:
         pytest.skip("once is enough: the same workers in every fleet")
-    e, port = fleet.emperor, free_port()
-    v = Vassal("nob", port, fleet.a.tenant, fleet.a.gates)
+    e, a, _ = fleet
+    port = free_port()
+    v = Vassal("nob", port, a.tenant, a.gates)
     add(e, "nob", vassal_ini(port, "uid = nobody", processes=2), port)
     try:
         wait_for(lambda: len(v.workers(e)) == 2, 20, "nob's two workers")
@@ -248,8 +245,9 @@ def test_a_plain_vassal_whose_app_opened_a_root_file_keeps_its_workers_not_dumpa
     dumpable, with one line saying why."""
     if request.node.callspec.params["fleet"] is not None:
         pytest.skip("a plain vassal's")
-    e, port, t = fleet.emperor, free_port(), fleet.a.tenant
-    v = Vassal("rootfd", port, t, fleet.a.gates)
+    e, a, _ = fleet
+    port, t = free_port(), a.tenant
+    v = Vassal("rootfd", port, t, a.gates)
     add(e, "rootfd", vassal_ini(port, f"uid = {t.name}", f"psgi = {TENANT}", processes=2), port)
     try:
         wait_for(lambda: len(v.workers(e)) == 2, 20, "rootfd's two workers")
@@ -270,8 +268,9 @@ def test_an_app_that_made_itself_not_dumpable_stays_so(fleet, request):
     loads as root)."""
     if request.node.callspec.params["fleet"] is not None:
         pytest.skip("a plain vassal's")
-    e, port, t = fleet.emperor, free_port(), fleet.a.tenant
-    v = Vassal("private", port, t, fleet.a.gates)
+    e, a, _ = fleet
+    port, t = free_port(), a.tenant
+    v = Vassal("private", port, t, a.gates)
     add(e, "private", vassal_ini(port, f"uid = {t.name}", f"psgi = {TENANT}", "env = TENANT_PRELOAD_FILE=",
                                  "env = TENANT_NOT_DUMPABLE=1", processes=2), port)
     try:
