@@ -147,9 +147,11 @@ like $r && $r->{body} // '', qr/^done slow3 $pid_a$/, 'the slow request is answe
 $srv->stop;
 is $srv->wait_exit, 0, 'exit 0';
 
-# A vassal that dropped root is not dumpable (its siblings may not take its
-# descriptors): its workers give their idle connections away at the start
-# of a request instead, the earlier hand-over, which is not fair under load
+# Workers that are not dumpable (here root's, the test process made so; a
+# vassal that dropped root is made dumpable again only where nothing
+# privileged is left, docs/security.md) may not take each other's
+# descriptors: they give their idle connections away at the start of a
+# request instead, the earlier hand-over, which is not fair under load
 # (a connection it just took stays with it), but loses and repeats nothing:
 # every request on the kept connections is answered once, whole, whichever
 # worker serves it, with the connections kept.

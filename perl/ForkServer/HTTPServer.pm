@@ -66,6 +66,7 @@ sub new {
         response_timeout => 60,       # the whole response write
         keepalive_timeout => 5,       # an idle keep-alive connection is kept (it holds no worker)
         keepalive_handoff => 1,       # a worker starting a request gives its idle connections away
+        desk_dumpable    => 0,        # a worker made not dumpable by dropping root may be so again, for the desk
         stop_grace       => 1,        # a stopping worker waits this long for a request already on its way on an idle connection
         socket_timeout   => 4,        # longest single stall of a read or write (uWSGI's socket-timeout)
         protocol         => 'http',   # or 'uwsgi': requests are uwsgi packets (nginx's uwsgi_pass)
@@ -247,6 +248,14 @@ request does not wait for the busy worker. Where the desk
 cannot be had, the worker gives its idle connections to the workers' shared
 queue instead (L<ForkServer::HTTPServer::Handoff>). False: a worker keeps
 what it accepted.
+
+=item desk_dumpable
+
+False by default. True: the process dropped root before the workers were
+forked, which made it not dumpable, and a worker that holds no privilege
+(L<ForkServer::Process::Dumpable/restore_unprivileged>) is made dumpable
+again so that its siblings may take its connections at the desk. What
+that exposes, and to whom: F<docs/security.md>.
 
 =item server_ready
 

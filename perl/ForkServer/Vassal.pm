@@ -14,6 +14,8 @@ use ForkServer::Vassal::EmperorPipe ();
 use ForkServer::Protocol qw(SPAWNED);
 use ForkServer::HTTPServer ();
 use ForkServer::Vassal::Identity ();
+use ForkServer::Process::Dumpable ();
+use ForkServer::Log ();
 use ForkServer::Process::Session ();
 
 =head1 NAME
@@ -162,6 +164,7 @@ sub server_args {
         response_timeout  => $config->get('http-response-timeout'),
         keepalive_timeout => $config->get('http-keepalive-timeout'),
         keepalive_handoff => $config->get('http-keepalive-handoff') ? 1 : 0,
+        desk_dumpable     => $self->{dropped_dumpable} ? 1 : 0,
         protocol          => defined $config->get('socket') ? 'uwsgi' : 'http',
     );
 }
@@ -297,9 +300,24 @@ sub requests_file {
 }
 
 # Groups, gid, uid, then checked with the kernel (ForkServer::Vassal::Identity).
+# The kernel clears the "dumpable" flag then. When the drop, not the app,
+# cleared it, and the process holds nothing it opened as root that its new
+# user could not open (an app loaded before the drop may), its workers may
+# set it again for the desk (server_args' desk_dumpable; docs/security.md).
 sub drop_privileges {
     my ($self) = @_;
+    my $before = ForkServer::Process::Dumpable::get() // 0;
     ForkServer::Vassal::Identity::drop($self->{config});
+    $self->{dropped_dumpable} = 0;
+    return unless $before == 1 && (ForkServer::Process::Dumpable::get() // 1) == 0;
+    my $config = $self->{config};
+    return unless ($config->get('processes') // 1) > 1 && $config->get('http-keepalive-handoff');
+    if (my @foreign = ForkServer::Process::Dumpable::foreign_descriptors()) {
+        ForkServer::Log::line($config->name, "workers stay not dumpable, no desk (the earlier hand-over): "
+            . "the app holds what it opened as root and uid $< may not open: @foreign");
+        return;
+    }
+    $self->{dropped_dumpable} = 1;
     return;
 }
 

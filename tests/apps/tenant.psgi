@@ -1,7 +1,8 @@
 # A tenant's probe: what a vassal's process can see of root, of the base
 # and of its own identity. Preloaded by a base, it opens TENANT_PRELOAD_FILE
-# (a root-only file) and keeps the handle, as an app's logger or database
-# handle would; its warm-up (GET /warm) draws a token, opens
+# (a root-only file; none when empty) and keeps the handle, as an app's
+# logger or database handle would (and with TENANT_NOT_DUMPABLE makes
+# itself not dumpable); its warm-up (GET /warm) draws a token, opens
 # TENANT_WARM_FILE and starts TENANT_HELPERS helper processes.
 use strict;
 use warnings;
@@ -9,8 +10,13 @@ use JSON::PP ();
 use POSIX ();
 
 our ($PRELOADED, $WARMED, $WARMED_IN, $TOKEN, $TOKEN_IN, $HELPERS_IN, @HELPERS);
-if (defined(my $f = $ENV{TENANT_PRELOAD_FILE})) {
+if (length(my $f = $ENV{TENANT_PRELOAD_FILE} // '')) {
     open $PRELOADED, '<', $f or die "preload $f: $!\n";
+}
+if ($ENV{TENANT_NOT_DUMPABLE}) {
+    # an app that keeps its memory from other processes of its uid
+    require ForkServer::Process::Syscalls;
+    syscall(ForkServer::Process::Syscalls::number('prctl'), 4, 0, 0, 0, 0) == 0 or die "PR_SET_DUMPABLE: $!\n";
 }
 
 sub _warm {
@@ -83,6 +89,28 @@ my $app = sub {
         ($TOKEN, $TOKEN_IN) = (int(rand(1e15)), $$) unless ($TOKEN_IN // 0) == $$;
         $out{token} = $TOKEN;
         $out{rand} = int(rand(1e15));
+    }
+    elsif ($path eq '/block') {
+        # /block?name=N&dir=D: says it started (D/N.started), then waits
+        # asleep for D/N.go (60 s at most), as a slow route waits on a backend
+        open my $fh, '>', "$q{dir}/$q{name}.started" or die "$q{dir}/$q{name}.started: $!\n";
+        close $fh;
+        my $until = time + 60;
+        select(undef, undef, undef, 0.01) until -e "$q{dir}/$q{name}.go" || time > $until;
+        $out{done} = $q{name};
+    }
+    elsif ($path eq '/getfd') {
+        # /getfd?pid=P&fd=N: can this process take descriptor N of process P
+        # (pidfd_getfd(2))? 434 and 438 (pidfd_open, pidfd_getfd) are the
+        # same on every architecture.
+        my $pidfd = syscall(434, $q{pid} + 0, 0);
+        if ($pidfd < 0) { @out{qw(step errno error)} = ('pidfd_open', $! + 0, "$!") }
+        else {
+            my $fd = syscall(438, $pidfd, $q{fd} + 0, 0);
+            if ($fd < 0) { @out{qw(step errno error)} = ('pidfd_getfd', $! + 0, "$!") }
+            else { $out{got} = readlink("/proc/self/fd/$fd"); POSIX::close($fd) }
+            POSIX::close($pidfd);
+        }
     }
     elsif ($path eq '/env') {
         $out{$_} = $ENV{$_} for qw(UWSGI_EMPEROR_FD UWSGI_EMPEROR_FD_CONFIG APP_NAME);

@@ -40,10 +40,11 @@ class Tenant:
 
 
 @contextlib.contextmanager
-def tenant_user() -> Iterator[Tenant]:
-    """A user made for the test (its name has the pid) with a supplementary
-    group, and root's files it may or may not read; all removed after."""
-    tag = f"pft{os.getpid()}"
+def tenant_user(suffix: str = "") -> Iterator[Tenant]:
+    """A user made for the test (its name has the pid, then `suffix`, for a
+    second tenant of the same test) with a supplementary group, and root's
+    files it may or may not read; all removed after."""
+    tag = f"pft{os.getpid()}{suffix}"
     extra = f"{tag}x"
     made: list[list[str]] = []
     files = Path(tempfile.mkdtemp(prefix="pf-tenant-"))

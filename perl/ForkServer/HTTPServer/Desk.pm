@@ -31,6 +31,7 @@ use Fcntl qw(F_SETLK F_SETLKW F_WRLCK F_UNLCK SEEK_SET);
 use POSIX ();
 use ForkServer::HTTPServer::Wire ();
 use ForkServer::Process::Syscalls ();
+use ForkServer::Process::Dumpable ();
 
 use constant {
     # seconds a request runs before its worker's waiting connections may
@@ -129,15 +130,16 @@ sub _getfd {
 
 # A worker's seat at the desk (index: its byte of the roster, of $count in
 # use), or undef when the system cannot let siblings take connections:
-# its timer, its lock held, its roster entry written.
+# its timer, its lock held, its roster entry written. $restore: the vassal
+# dropped root, which made it not dumpable (ForkServer::Process::Dumpable).
 sub join_desk {
-    my ($desk, $index, $count) = @_;
+    my ($desk, $index, $count, $restore) = @_;
     return undef unless $desk && _available() && $count <= MAX_INDEX && $index < $count;
-    # A worker of a vassal that dropped root is not dumpable: its siblings
-    # could not take its descriptors, and making it dumpable would let any
-    # process of its uid read its memory (what keeps vassals that share a
-    # uid apart). Such a vassal keeps the earlier hand-over.
-    return undef unless syscall($SYS{prctl}, PR_GET_DUMPABLE, 0, 0, 0, 0) == 1;
+    # Siblings may take its descriptors only while it is dumpable; one that
+    # dropped root may be made so again (docs/security.md), its tracer for
+    # Yama its master, whose descendants its siblings are.
+    return undef unless syscall($SYS{prctl}, PR_GET_DUMPABLE, 0, 0, 0, 0) == 1
+        || $restore && ForkServer::Process::Dumpable::restore_unprivileged(getppid());
     my $tfd = syscall($SYS{timerfd_create}, CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
     return undef unless $tfd >= 0;
     # can this process take a descriptor at all (a filter may forbid it)?
@@ -357,8 +359,10 @@ connections it holds (C<busy>); if the request runs for C<TAKE_AFTER>
 it running, the worker's timer wakes a free sibling, which takes them
 (C<take_from>: C<pidfd_getfd>, under the worker's lock) and serves what
 arrives on them; the worker, done (C<back>), closes its copies of those.
-Linux 5.6 or later, 64-bit, File::Map, a dumpable process (one that did
-not drop root); elsewhere C<join_desk> returns undef.
+Linux 5.6 or later, 64-bit, File::Map, and a dumpable worker: one that
+did not drop root, or one made dumpable again after the drop
+(C<join_desk>'s C<$restore>: L<ForkServer::Process::Dumpable>); elsewhere
+C<join_desk> returns undef.
 
 =head1 FUNCTIONS
 
@@ -371,10 +375,13 @@ A memory file (C<memfd>, close-on-exec); undef where the system has none.
 The memory file, made before the workers are forked (undef where the
 system has none).
 
-=head2 join_desk($fh, $index, $count) -> $seat
+=head2 join_desk($fh, $index, $count, $restore) -> $seat
 
 A worker's seat: its timer, its roster entry, its lock. Undef when the
-system refuses a step (a seccomp filter, an old kernel).
+system refuses a step (a seccomp filter, an old kernel), or when the
+worker is not dumpable and may not be made so (C<$restore> false: its
+vassal did not drop root, or holds a file it opened as root; or it still
+holds a privilege).
 
 =head2 leave_desk($seat)
 

@@ -95,7 +95,7 @@ sub _worker_main {
         # connections once its request has run a while (Desk), and nothing
         # moves at the start of a request
         $loop->{seat} = ForkServer::HTTPServer::Desk::join_desk(
-            $loop->{handoff}{desk}, $loop->{board_index}, $loop->{board_count});
+            $loop->{handoff}{desk}, $loop->{board_index}, $loop->{board_count}, $self->{desk_dumpable});
     }
     while (1) {
         my $now = now();
