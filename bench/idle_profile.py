@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/idle_profile.py N [heavy|hello] [--windows K] [--seconds S]
                                              [--strace S] [--hold FILE] [-- EMPEROR ARGS...]
+    .venv/bin/python bench/idle_profile.py --pids PID,PID... [--windows K] [--seconds S]
 
 `emperor run` (soft RLIMIT_NOFILE 1,024) on N vassals of the app, each
 answering `/hello`; once all answer and 2 s have passed, K windows of S
@@ -13,7 +14,9 @@ vassals or the base wake up while idle?). With `--strace S`, then `strace
 -c -f` of the Emperor for S seconds (its system calls by count) and
 `strace -f -tt` for S seconds more (each wake-up: which descriptors were
 ready, summarised). With `--hold FILE`, the fleet is kept until FILE is
-removed (its first line: the Emperor's pid), to look at by hand.
+removed (its first line: the Emperor's pid), to look at by hand. With
+`--pids`, Emperors already running (held fleets, the code before and after
+side by side) are measured over the same windows, one line each.
 
 A sampling profiler sees an idle process in `epoll_wait` and nothing else;
 the wake-ups and the CPU between them are what cost. Loads the two cores
@@ -172,10 +175,35 @@ def strace_trace(pid: int, seconds: float, out: Path) -> None:
     print("  calls: " + ", ".join(f"{k} {v}" for k, v in calls.most_common(15)), flush=True)
 
 
+def side_by_side(pids: list[int], windows: int, seconds: float) -> int:
+    """The same windows for every Emperor: each one's CPU on a core and
+    wake-ups, measured over the same seconds (same load)."""
+    got: dict[int, list[float]] = {p: [] for p in pids}
+    for i in range(windows):
+        before = {p: (on_cpu(p), switches(f"/proc/{p}"), cpu(p)) for p in pids}
+        t0 = time.perf_counter()
+        time.sleep(seconds)
+        dt = time.perf_counter() - t0
+        load = os.getloadavg()
+        for p in pids:
+            r, sw, c = on_cpu(p), switches(f"/proc/{p}"), cpu(p)
+            pct = 100 * (r - before[p][0]) / dt
+            got[p].append(pct)
+            print(f"  window {i + 1}, {dt:.1f} s, load {load[0]:.2f}: Emperor {p}: CPU {pct:.3f} % "
+                  f"(ticks: user {100 * (c[0] - before[p][2][0]) / dt:.2f}, system "
+                  f"{100 * (c[1] - before[p][2][1]) / dt:.2f}), {(sw[0] - before[p][1][0]) / dt:.2f} "
+                  f"wake-ups/s, {sw[1] - before[p][1][1]} preempted", flush=True)
+    for p, xs in got.items():
+        xs = sorted(xs)
+        print(f"Emperor {p}: median {xs[len(xs) // 2]:.3f} % ({', '.join(f'{x:.3f}' for x in xs)})")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("n", type=int)
+    ap.add_argument("n", type=int, nargs="?", default=0)
     ap.add_argument("app", nargs="?", default="heavy")
+    ap.add_argument("--pids", help="measure these running Emperors side by side instead")
     ap.add_argument("--windows", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--strace", type=float, default=0.0)
@@ -184,6 +212,8 @@ def main() -> int:
     cut = argv.index("--") if "--" in argv else len(argv)
     a = ap.parse_args(argv[:cut])
     extra = argv[cut + 1:]
+    if a.pids:
+        return side_by_side([int(p) for p in a.pids.split(",")], a.windows, a.seconds)
     set_child_subreaper()
     tmp = tempdir()
     procs = Procs(tmp)

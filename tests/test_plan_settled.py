@@ -235,3 +235,34 @@ def test_a_plan_that_leaves_settled_vassals_out_decides_what_stepping_every_vass
             elif r < 0.04:
                 v.request_reload(), some[name].request_reload()
     assert settled.steps < 150 * 12 / 3  # and it stepped far fewer vassals
+
+
+# -- the front door's routes follow the same rule (emperor/routing.py) ---------------
+
+
+def test_the_routes_are_recomputed_in_full_only_after_something_happened(tmp_path):
+    """A turn recomputes the routes of the vassals it stepped, and all of
+    them `Routes.EVERY` after anything happened: an idle fleet's timer
+    turns (its rescan) recompute none."""
+    import selectors
+
+    from psgi_forkserver.emperor.routing import Routes
+    from psgi_forkserver.options import Options
+    from psgi_forkserver.sockets import Listeners
+
+    sel = selectors.DefaultSelector()
+    try:
+        log = lambda *a, **k: None  # noqa: E731
+        vs = {"app": Vassal("app", cfg("app", domain="app.localhost"), policy=POLICY)}
+        routes = Routes(Options(tmp_path, program="/bin/false"), vs, Listeners(sel, log), tmp_path,
+                        True, log, sel, None, on_refused=lambda n, why: None, spawning=lambda: None)
+        assert routes._refresh(0.0, None)  # the first turn: every route
+        assert [r.domains for r in routes.known.values()] == [("app.localhost",)]
+        # its route changed by a way no turn names (its file's domain, read
+        # by no step of it), long after the last full recompute
+        vs["app"].update_config(cfg("app", domain="shop.localhost"))
+        assert not routes._refresh(10.0, [])  # a timer's turn, nothing handled since
+        assert routes._refresh(10.1, [], events=1)  # something happened: all of them again
+        assert [r.domains for r in routes.known.values()] == [("shop.localhost",)]
+    finally:
+        sel.close()

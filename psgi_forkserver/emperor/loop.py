@@ -148,7 +148,7 @@ class Emperor:
         self.bases.observe(now, (v for v in self.vassals.values() if not runs_as_base(v)),
                            self.shutdown.asked)
         # routing changed? (applied batched): the routes of the vassals stepped
-        self.routes.turn(now, self.shutdown.asked, [s.vassal.name for s in turn.steps])
+        self.routes.turn(now, self.shutdown.asked, [s.vassal.name for s in turn.steps], facts.events)
         self.cockpit.observe(now)
         if turn.done and facts.give_up and not (facts.no_children and not self.vassals):
             self.log("giving up waiting for children")
