@@ -3,6 +3,7 @@ template, parses and (for our own vassal program) judges it."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -58,6 +59,12 @@ class VassalConfig:
 
     def fork_server_path(self) -> Path | None:
         """The fork-server socket path, relative ones against the vassals dir."""
+        return self._fork_server_path
+
+    @functools.cached_property
+    def _fork_server_path(self) -> Path | None:
+        # resolved once per config read (a few lstat calls: the loop asks
+        # for it every turn and every adoption)
         fs = self.fork_server
         if not fs:
             return None
