@@ -162,8 +162,10 @@ def _read_bounded(fd: int) -> bytes:
 
 
 #: a file whose status changed this recently when it was read may change
-#: again within its timestamps' granularity and keep the same status
-RACY_NS = 1_000_000_000
+#: again within its timestamps' granularity and keep the same status (a
+#: Linux file system stamps with the kernel's coarse clock: one tick, 1 to
+#: 10 ms; ten times that)
+RACY_NS = 100_000_000
 
 FileStatus = tuple[str, int, int, int, int, int]
 
@@ -183,7 +185,7 @@ def file_status(path: Path | str) -> FileStatus | None:
 class ReadStatuses:
     """Per vassal, the status of its file taken just before its last read,
     kept when what was read came from that file alone (no template, no
-    @(FILE), no error) and its status had not changed in the last second:
+    @(FILE), no error) and its status had not changed in the last RACY_NS:
     while the file keeps that status, reading it again would give the same
     config (uWSGI's own scan compares mtimes)."""
 
