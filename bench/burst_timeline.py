@@ -67,7 +67,9 @@ class Sampler(threading.Thread):
         self.emperor, self.base = emperor, None
         self.samples: list[tuple] = []
         self.states: collections.Counter[str] = collections.Counter()
+        self.base_states: collections.Counter[str] = collections.Counter()  # once it listens
         self.stop = threading.Event()
+        self.listening = False  # the base listens: its states are counted from then on
 
     def _find_base(self, kids: list[str]) -> None:
         # the base's title says fork server; a spare has it only briefly, and is younger
@@ -83,6 +85,10 @@ class Sampler(threading.Thread):
             em = proc(e)
             where = (_read(f"/proc/{e}/wchan") or "?") if em and em[0] in "DS" else ""
             self.states[f"{em[0] if em else '?'} {where}".strip()] += 1
+            b = proc(self.base)
+            if b is not None and self.listening:
+                at = (_read(f"/proc/{self.base}/wchan") or "?") if b[0] in "DS" else ""
+                self.base_states[f"{b[0]} {at}".strip()] += 1
             self.samples.append((time.perf_counter(), machine(), em, proc(self.base), len(kids)))
             time.sleep(0.01)
 
@@ -104,6 +110,7 @@ def main() -> int:
         sampler.start()
         try:
             listening = wait_fork_server(tmp / "base.sock", em, 60)
+            sampler.listening = True
             t_base = time.perf_counter()
             first = wait_all_200(vports, 120 + n // 10, em.t0, "/hello")
             t_end = time.perf_counter()
@@ -148,6 +155,8 @@ def main() -> int:
               f"{100 * (burst[-1][1][0] - burst[0][1][0]) / (burst[-1][1][1] - burst[0][1][1]):.0f} %")
     print("the Emperor's state, sampled every 10 ms over the run:",
           ", ".join(f"{k or '?'} {v}" for k, v in sampler.states.most_common(8)))
+    print("the base's state, sampled every 10 ms from its listening on:",
+          ", ".join(f"{k or '?'} {v}" for k, v in sampler.base_states.most_common(8)))
     return 0
 
 

@@ -55,8 +55,10 @@ class Options:
     # config/render.py: a template still rendering after this long is killed
     template_timeout: float = option(5.0, "a vassal template still rendering after this long "
                                      "is stopped: config-error", metavar="SECONDS")
-    rescan_interval: float = option(10.0, "full rescan of the directory, besides inotify",
-                                    metavar="SECONDS")
+    rescan_interval: float = option(10.0, "full rescan of the directory, besides inotify: a file "
+                                    "whose status is unchanged since it was read is not read again "
+                                    "(templates, `@(FILE)` and files in error are); `SIGHUP` reads "
+                                    "every file", metavar="SECONDS")
     backoff_first: float = option(1.0, "crash loop: first restart delay, doubling",
                                   metavar="SECONDS")
     backoff_max: float = option(180.0, "crash loop: longest restart delay", metavar="SECONDS")

@@ -101,11 +101,12 @@ def test_the_safety_net_steps_a_vassal_whose_fact_left_no_mark():
     vs = fleet_of(running("app0"), running("app1", pid=101))
     settled = Settled()
     plan(vs, facts(10), settled)
-    # a fact recorded by a way that does not mark it (a field written directly)
+    # an event, on which a fact is recorded by a way that does not mark it
+    # (a field written directly)
     vs["app1"].held = True
-    assert stepped(plan(vs, facts(10.5), settled)) == []
+    assert stepped(plan(vs, facts(10.5, events=1), settled)) == []
     # within Settled.SAFETY of the last full turn, every vassal is stepped again
-    p = plan(vs, facts(10 + Settled.SAFETY), settled)
+    p = plan(vs, facts(10 + Settled.SAFETY, events=1), settled)
     assert p.actions() == {"app0": [], "app1": [Send(EmperorByte.STOP)]}
 
 
@@ -114,8 +115,37 @@ def test_the_loop_waits_for_the_safety_net_only_after_a_turn_that_left_vassals_o
     settled = Settled()
     plan(vs, facts(20), settled)  # every vassal stepped: nothing to catch up on
     assert settled.wakeups(vs) == []
-    plan(vs, facts(20.1), settled)  # an event's turn left them out
+    plan(vs, facts(20.1, events=1), settled)  # an event's turn left them out
     assert settled.wakeups(vs) == [20 + Settled.SAFETY]
+
+
+def test_a_fleet_nothing_happens_to_is_not_stepped_again():
+    """The loop's own timers (the periodic rescan that found nothing to
+    read) wake it with nothing handled since its last turn: the turn steps
+    no vassal, however long since every vassal was stepped, and asks for no
+    safety net's turn (an idle fleet of 1,000 costs no step of each)."""
+    vs = fleet_of(running("app0"), running("app1", pid=101))
+    settled = Settled()
+    assert stepped(plan(vs, facts(30), settled)) == ["app0", "app1"]
+    for t in (40, 50, 60):
+        assert stepped(plan(vs, facts(t), settled)) == []
+        assert settled.wakeups(vs) == []
+
+
+def test_after_an_event_the_safety_net_steps_every_vassal_once():
+    vs = fleet_of(running("app0"), running("app1", pid=101))
+    settled = Settled()
+    plan(vs, facts(30, events=3), settled)
+    assert stepped(plan(vs, facts(40, events=3), settled)) == []
+    # an event long after the last full turn: its turn steps every vassal
+    assert stepped(plan(vs, facts(40.1, events=4), settled)) == ["app0", "app1"]
+    # then events within Settled.SAFETY leave them out, and the safety
+    # net's turn comes once, SAFETY after the last full one
+    assert stepped(plan(vs, facts(40.2, events=5), settled)) == []
+    assert settled.wakeups(vs) == [40.1 + Settled.SAFETY]
+    assert stepped(plan(vs, facts(40.1 + Settled.SAFETY, events=5), settled)) == ["app0", "app1"]
+    assert stepped(plan(vs, facts(50, events=5), settled)) == []
+    assert settled.wakeups(vs) == []
 
 
 def test_a_vassal_with_an_action_from_outside_is_stepped_though_settled():
@@ -205,3 +235,34 @@ def test_a_plan_that_leaves_settled_vassals_out_decides_what_stepping_every_vass
             elif r < 0.04:
                 v.request_reload(), some[name].request_reload()
     assert settled.steps < 150 * 12 / 3  # and it stepped far fewer vassals
+
+
+# -- the front door's routes follow the same rule (emperor/routing.py) ---------------
+
+
+def test_the_routes_are_recomputed_in_full_only_after_something_happened(tmp_path):
+    """A turn recomputes the routes of the vassals it stepped, and all of
+    them `Routes.EVERY` after anything happened: an idle fleet's timer
+    turns (its rescan) recompute none."""
+    import selectors
+
+    from psgi_forkserver.emperor.routing import Routes
+    from psgi_forkserver.options import Options
+    from psgi_forkserver.sockets import Listeners
+
+    sel = selectors.DefaultSelector()
+    try:
+        log = lambda *a, **k: None  # noqa: E731
+        vs = {"app": Vassal("app", cfg("app", domain="app.localhost"), policy=POLICY)}
+        routes = Routes(Options(tmp_path, program="/bin/false"), vs, Listeners(sel, log), tmp_path,
+                        True, log, sel, None, on_refused=lambda n, why: None, spawning=lambda: None)
+        assert routes._refresh(0.0, None)  # the first turn: every route
+        assert [r.domains for r in routes.known.values()] == [("app.localhost",)]
+        # its route changed by a way no turn names (its file's domain, read
+        # by no step of it), long after the last full recompute
+        vs["app"].update_config(cfg("app", domain="shop.localhost"))
+        assert not routes._refresh(10.0, [])  # a timer's turn, nothing handled since
+        assert routes._refresh(10.1, [], events=1)  # something happened: all of them again
+        assert [r.domains for r in routes.known.values()] == [("shop.localhost",)]
+    finally:
+        sel.close()

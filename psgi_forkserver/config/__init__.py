@@ -7,9 +7,9 @@ One concern a module; this package's namespace is what the rest of the
 Emperor uses.
 """
 
-from .discovery import (MAX_FILE, SUFFIX, TEMPLATE_SUFFIX, TRANSIENT_ERRNOS, Unreadable,
-                        candidates, discover, fingerprint, is_dropping, is_template,
-                        is_vassal_file, read_vassal_file, vassal_name)
+from .discovery import (MAX_FILE, SUFFIX, TEMPLATE_SUFFIX, TRANSIENT_ERRNOS, ReadStatuses,
+                        Unreadable, candidates, discover, discover_paths, file_status, fingerprint, is_dropping,
+                        is_template, is_vassal_file, read_vassal_file, vassal_name)
 from .ini import SECTION, ConfigError, parse_ini, parse_ini_lines
 from .options import (CHECKERS, OptionSpec, declared_options, emperor_keys, judge_options,
                       options_file, parse_address, parse_bool, parse_domain, parse_owner,
@@ -18,8 +18,9 @@ from .templates import TemplateFailure, render_template, template_context
 from .vassalfile import BaseSelector, VassalConfig, load
 
 __all__ = [
-    "MAX_FILE", "SUFFIX", "TEMPLATE_SUFFIX", "TRANSIENT_ERRNOS", "Unreadable", "candidates",
-    "discover", "fingerprint", "is_dropping", "is_template", "is_vassal_file",
+    "MAX_FILE", "SUFFIX", "TEMPLATE_SUFFIX", "TRANSIENT_ERRNOS", "ReadStatuses", "Unreadable",
+    "candidates", "file_status",
+    "discover", "discover_paths", "fingerprint", "is_dropping", "is_template", "is_vassal_file",
     "read_vassal_file", "vassal_name", "SECTION", "ConfigError", "parse_ini",
     "parse_ini_lines", "CHECKERS", "OptionSpec", "declared_options", "emperor_keys",
     "judge_options", "options_file", "parse_address", "parse_bool", "parse_domain",

@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import stat
+import time
 from pathlib import Path
 
 SUFFIX = ".ini"
@@ -39,9 +40,8 @@ def is_dropping(name: str) -> bool:
 
 def is_vassal_file(name: str) -> bool:
     """`*.ini` or `*.ini.j2`, not a dotfile, not an editor's backup or swap file."""
-    if name.startswith(".") or is_dropping(name):
-        return False
-    return vassal_name(name) != name
+    # the cheap tests first: a rescan asks this of every name in the directory
+    return not name.startswith(".") and vassal_name(name) != name and not is_dropping(name)
 
 
 def is_template(filename: str) -> bool:
@@ -61,23 +61,42 @@ def candidates(directory: Path, name: str) -> tuple[Path, Path]:
     return Path(directory) / (name + SUFFIX), Path(directory) / (name + TEMPLATE_SUFFIX)
 
 
-def discover(directory: Path) -> dict[str, Path]:
+def discover(directory: Path, both: set[str] | None = None) -> dict[str, Path]:
     """Vassal name -> file path, for every vassal file in `directory`.
 
     When both NAME.ini and NAME.ini.j2 exist, NAME.ini is returned; `load`
-    sees the other one and reports the conflict.
+    sees the other one and reports the conflict. NAME is added to `both`,
+    when given.
     """
-    found: dict[str, Path] = {}
+    return {name: Path(p) for name, p in discover_paths(directory, both).items()}
+
+
+def discover_paths(directory: Path | str, both: set[str] | None = None) -> dict[str, str]:
+    """`discover`, with the paths as strings (a rescan of a thousand files
+    makes no Path of the files it only looks at)."""
+    found: dict[str, str] = {}
     try:
         entries = list(os.scandir(directory))
     except FileNotFoundError:
         return found
-    for entry in sorted(entries, key=lambda e: is_template(e.name)):
-        if is_vassal_file(entry.name):
-            # anything named like a vassal file counts, even a directory or
-            # a dangling symlink: load() reports it as that vassal's error
-            # instead of the file being ignored without a word
-            found.setdefault(vassal_name(entry.name), Path(directory) / entry.name)
+    templates = []
+    for entry in entries:
+        # anything named like a vassal file counts, even a directory or a
+        # dangling symlink: load() reports it as that vassal's error
+        # instead of the file being ignored without a word
+        if not is_vassal_file(entry.name):
+            continue
+        if is_template(entry.name):
+            templates.append(entry)
+        else:
+            found[entry.name[:-len(SUFFIX)]] = entry.path
+    for entry in templates:
+        name = entry.name[:-len(TEMPLATE_SUFFIX)]
+        if name in found:
+            if both is not None:
+                both.add(name)
+        else:
+            found[name] = entry.path
     return found
 
 
@@ -140,3 +159,55 @@ def _read_bounded(fd: int) -> bytes:
         if size > MAX_FILE:
             raise Unreadable(errno.EFBIG, f"larger than {MAX_FILE} bytes")
         chunks.append(chunk)
+
+
+#: a file whose status changed this recently when it was read may change
+#: again within its timestamps' granularity and keep the same status (a
+#: Linux file system stamps with the kernel's coarse clock: one tick, 1 to
+#: 10 ms; ten times that)
+RACY_NS = 100_000_000
+
+FileStatus = tuple[str, int, int, int, int, int]
+
+
+def file_status(path: Path | str) -> FileStatus | None:
+    """What tells that a file changed without reading it: (path, device,
+    inode, size, mtime, ctime), symbolic links followed (a ConfigMap's
+    swapped `..data` is another inode); None when it cannot be had. Every
+    write changes the ctime, and nothing can set it back."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (os.fspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class ReadStatuses:
+    """Per vassal, the status of its file taken just before its last read,
+    kept when what was read came from that file alone (no template, no
+    @(FILE), no error) and its status had not changed in the last RACY_NS:
+    while the file keeps that status, reading it again would give the same
+    config (uWSGI's own scan compares mtimes)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, FileStatus] = {}
+
+    def unchanged(self, name: str, path: Path | str) -> bool:
+        seen = self.seen.get(name)
+        return seen is not None and seen == file_status(path)
+
+    def before_read(self, name: str, path: Path | None) -> FileStatus | None:
+        self.seen.pop(name, None)
+        return file_status(path) if path is not None else None
+
+    def read(self, name: str, status: FileStatus | None, file_alone: bool) -> None:
+        """It was read (`status`: taken before); what it said came from the
+        file alone (`VassalConfig.file_alone`)."""
+        if status is not None and file_alone and time.time_ns() - status[-1] >= RACY_NS:
+            self.seen[name] = status
+
+    def forget(self, name: str) -> None:
+        self.seen.pop(name, None)
+
+    def clear(self) -> None:
+        self.seen.clear()

@@ -3,6 +3,7 @@ template, parses and (for our own vassal program) judges it."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -32,6 +33,16 @@ class VassalConfig:
     transient: bool = False  # error: out of descriptors or memory; read it again later
     pending: bool = False  # a template still rendering (render.Renderer): no config yet
     expanded: bool = False  # uWSGI's magic variables expanded: pass `text` on the config pipe
+    # what it says may change while its own file does not: a template
+    # (includes, the files it reads) or an @(FILE)
+    reads_other_files: bool = False
+
+    @property
+    def file_alone(self) -> bool:
+        """Read well, and from its own file alone: the same bytes in the
+        file mean the same config."""
+        return not (self.error or self.transient or self.pending or self.rendered
+                    or self.reads_other_files)
 
     def get(self, key: str, default: str | None = None) -> str | None:
         for k, v in reversed(self.options):
@@ -48,6 +59,12 @@ class VassalConfig:
 
     def fork_server_path(self) -> Path | None:
         """The fork-server socket path, relative ones against the vassals dir."""
+        return self._fork_server_path
+
+    @functools.cached_property
+    def _fork_server_path(self) -> Path | None:
+        # resolved once per config read (a few lstat calls: the loop asks
+        # for it every turn and every adoption)
         fs = self.fork_server
         if not fs:
             return None
@@ -120,6 +137,7 @@ def _from_text(name: str, path: Path, data: bytes, judge: bool,
     expanded = False
     try:
         entries, has_section = parse_ini_lines(text)
+        raw = entries
         if magic:
             entries, expanded = expand_magic(entries, path, path.parent)
         if judge:
@@ -130,13 +148,14 @@ def _from_text(name: str, path: Path, data: bytes, judge: bool,
         error = f"{where}:{m.group(1)}: {m.group(2)}" if m else f"{where}: {msg}"
         return VassalConfig(name, path, fp, error=error, text=text, rendered=rendered)
     options = tuple((k, v) for _, k, v in entries)
+    reads_others = magic and any("@(" in v for _, _, v in raw)
     if expanded:
         # what it expands to is its content: an @(file) or $(ENV) that
         # changed is a changed vassal
         text = as_ini(entries)
         fp = fingerprint(text.encode("utf-8", "surrogateescape"))
     return VassalConfig(name, path, fp, options, text=text, rendered=rendered,
-                        expanded=expanded)
+                        expanded=expanded, reads_other_files=reads_others)
 
 
 @dataclass

@@ -83,12 +83,18 @@ class VassalFiles:
         self.due: dict[str, float] = {}  # file names to re-read, and when
         self.next_rescan = 0.0
         self.rescans = 0  # full rescans done (the status says it: a reader can wait for one)
+        self.reads = 0  # vassal files read (or found gone) so far
         self.read_errors: dict[str, str] = {}  # transient read error logged, per vassal
         # vassals whose handling failed for a reason the same file would
         # meet again: name -> (fingerprint, reason); cleared when it changes
         self.failed: dict[str, tuple[str, str]] = {}
         # the file per vassal (device, inode, mtime): `touch` reloads
         self.mtimes: dict[str, tuple[int, int, int]] = {}
+        # a periodic rescan reads again only the files whose status changed:
+        # a stat a file, not a read, a parse and a judgement (the first,
+        # SIGHUP's and inotify's rescans read every file: `read_all`)
+        self.read_as = cfgmod.ReadStatuses()
+        self.read_all = True
         self.fds: launch.Descriptors | None = None  # once the limit is raised
         self.max_vassals = 1 << 30  # set from the descriptor limit at start
         self.admitted: set[str] = set()  # vassals counted in the budget (bases are not)
@@ -145,6 +151,7 @@ class VassalFiles:
     def forget(self, v: Vassal) -> None:
         """A vassal with no process and no file: dropped from the fleet."""
         del self.vassals[v.name]
+        self.read_as.forget(v.name)
         self.base_names.discard(v.name)
         if v.refused:
             self.n_refused -= 1
@@ -174,6 +181,7 @@ class VassalFiles:
     def rescan_soon(self, now: float) -> None:
         """SIGHUP: every file read again at once."""
         self.next_rescan = now
+        self.read_all = True
 
     def next_wakeup(self) -> list[float]:
         times = [self.next_rescan, *self.due.values()]
@@ -196,6 +204,7 @@ class VassalFiles:
         for ev in self.watcher.read():
             if ev.rescan or ev.directory_gone:
                 self.next_rescan = now
+                self.read_all = True
                 if ev.directory_gone:
                     self.log("vassals directory moved or deleted")
                 continue
@@ -235,6 +244,7 @@ class VassalFiles:
             self.log(f"cannot enter {self.dir}: {e.strerror or e}")
         self.rewatch()
         self.mtimes.clear()  # its files are new files, not touched ones
+        self.read_as.clear()
         for v in self.vassals.values():
             # a base serving on a socket in the old directory (a relative
             # `fork-server`): a new generation in this one, every adopted
@@ -266,16 +276,21 @@ class VassalFiles:
     def rescan(self, now: float) -> None:
         if not self.check_dir(now):
             return
+        both: set[str] = set()
         try:
-            found = cfgmod.discover(self.dir)
+            found = cfgmod.discover_paths(self.dir, both)
         except OSError as e:  # EMFILE, ENOMEM, ...: keep what we know, try again
             self.log(f"cannot scan {self.dir}: {e.strerror or e}; retry in {RETRY_READ:g} s")
             self.next_rescan = now + RETRY_READ
             return
+        every = self.read_all
         for name in sorted(set(found) | set(self.vassals)):  # refusals: the last by name
             path = found.get(name)
+            if not every and path is not None and name not in both and self.read_as.unchanged(name, path):
+                continue
             with self.boundary(name, now):
-                self._load(name, path, now)
+                self._load(name, Path(path) if path is not None else None, now)
+        self.read_all = False
         self.rescans += 1
         self.next_rescan = now + self.opts.rescan_interval
 
@@ -296,6 +311,8 @@ class VassalFiles:
                     self._load(name, self.dir / fname, now)
 
     def _load(self, name: str, path: Path | None, now: float) -> None:
+        self.reads += 1
+        status = self.read_as.before_read(name, path)
         cfg = (cfgmod.load(path, judge=self.judge, render=self.renderer.render,
                            magic=self.our_program)
                if path is not None else None)
@@ -314,6 +331,7 @@ class VassalFiles:
         if self.read_errors.pop(name, None) is not None:
             self.log(f"{path.name if path else name} read again", name)
         self._apply(name, cfg, self._touched(name, cfg))
+        self.read_as.read(name, status, cfg is not None and cfg.file_alone)
 
     def _touched(self, name: str, cfg: cfgmod.VassalConfig | None) -> bool:
         """The file's mtime changed while its content did not (`touch
@@ -380,4 +398,3 @@ class VassalFiles:
             v.touch()
             if v.has_process:
                 self.log("file touched: reloading", name)
-

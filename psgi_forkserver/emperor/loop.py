@@ -58,6 +58,10 @@ class Emperor:
         # slot came free, a start failed at once): no waiting for an event
         self.again = False
         self.heard = time.monotonic()  # when the last wait began (_wait)
+        # what the loop has handled so far: selector events (those that end
+        # a wait), signals, children reaped and actions carried out (the
+        # files read are the files part's count); Facts.events
+        self.handled = 0
         self.signals: launch.SignalQueue | None = None  # handled at the start of each turn
         self.cgroups: Cgroups | None = None  # one cgroup per vassal process, where possible
         ours = opts.program_is_ours
@@ -133,7 +137,7 @@ class Emperor:
         """Read facts, plan, act. True once a shutdown is complete."""
         now = time.monotonic()
         self._handle_signals(now)
-        self.outcomes.reap(now)
+        self.handled += self.outcomes.reap(now)
         self.files.turn(now)
         self.again = False
         facts = self._facts(now)
@@ -144,7 +148,7 @@ class Emperor:
         self.bases.observe(now, (v for v in self.vassals.values() if not runs_as_base(v)),
                            self.shutdown.asked)
         # routing changed? (applied batched): the routes of the vassals stepped
-        self.routes.turn(now, self.shutdown.asked, [s.vassal.name for s in turn.steps])
+        self.routes.turn(now, self.shutdown.asked, [s.vassal.name for s in turn.steps], facts.events)
         self.cockpit.observe(now)
         if turn.done and facts.give_up and not (facts.no_children and not self.vassals):
             self.log("giving up waiting for children")
@@ -178,6 +182,7 @@ class Emperor:
             events = self.sel.select(0)
         for key, _ in events:
             self.outcomes.dispatch(key.data, time.monotonic())
+        self.handled += len(events)
         self.procs.prune(now)
 
     def _facts(self, now: float) -> Facts:
@@ -199,10 +204,12 @@ class Emperor:
                      orphans_due=any(now >= t for t in self.sweeper.next_wakeup()),
                      cgroups_due=cg is not None and bool(cg.dying), heard=self.heard,
                      birthplaces=cg is not None and self.bases.clones_into_cgroups(),
+                     events=self.handled + self.files.reads,
                      **self.shutdown.measure(now, not self.vassals, self.routes.front, self.procs,
                                              self.sweeper))
 
     def _act(self, turn: Plan, now: float) -> None:
+        self.handled += len(turn.fleet) + sum(len(s.actions) + (s.error is not None) for s in turn.steps)
         for a in turn.fleet:
             match a:
                 case KillWedged(pid=pid, why=why):
@@ -291,6 +298,7 @@ class Emperor:
 
     def _handle_signals(self, now: float) -> None:
         for sig in self.signals.pop() if self.signals is not None else ():
+            self.handled += 1
             if sig in self.on_signal:
                 self.on_signal[sig](sig, now)
 

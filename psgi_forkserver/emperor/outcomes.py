@@ -76,11 +76,12 @@ class Outcomes:
 
     # -- children reaped ----------------------------------------------------------------
 
-    def reap(self, now: float) -> None:
+    def reap(self, now: float) -> int:
         """Every child reaped goes to its owner: a vassal, a template render,
         nginx; a stranger is an orphan's end (or an adopted vassal's, before
-        its pid reached us)."""
-        for r in self.procs.reap():
+        its pid reached us). Returns how many were reaped."""
+        reaped = self.procs.reap()
+        for r in reaped:
             if r.owner is not None:
                 with self.boundary(r.owner[0], now):
                     self.vassal_exited(r.owner[0], r.owner[1], r.pid, r.status, now)
@@ -92,6 +93,7 @@ class Outcomes:
                 self.sweeper.reaped(r.pid)
                 self.procs.exited_unknown(r.pid, r.status, now)
                 self.log(f"reaped pid {r.pid} ({describe_status(r.status)})")
+        return len(reaped)
 
     def sweep(self, now: float, everything: bool = False) -> None:
         """What ended vassal processes left behind is asked to go (orphans.py)."""

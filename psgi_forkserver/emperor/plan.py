@@ -32,9 +32,9 @@ What it decides across vassals (each vassal decides its own life):
   generation became ready, or a vassal's move ended and freed a deploy slot;
 - which vassals to step at all (`Settled`): one whose last step decided
   nothing (its `Quiet`) is left out until a fact is recorded on it, its own
-  wake-up comes, a slot it waits for is free, or the world changes; and at
-  least once every `Settled.SAFETY` seconds regardless. A turn of a mass
-  start then costs what changed, not the fleet.
+  wake-up comes, a slot it waits for is free, the world changes, or the
+  safety net's turn (`Settled.SAFETY` after anything happened). A turn
+  costs what changed, not the fleet; an idle fleet's costs nothing.
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ class Facts:
     stragglers_due: bool = False  # the mercy is over: kill what is left (once a second)
     give_up: bool = False  # ten seconds after that, stop waiting
     heard: float | None = None  # what was sent before this was read (Context.heard)
+    events: int = 0  # what the Emperor handled so far (events, reaps, reads, actions: Settled)
 
 
 # Actions for the fleet, or for one vassal from outside its own life --------
@@ -103,8 +104,6 @@ class FailAdoption:
 @dataclass(frozen=True)
 class Admit:
     """A refused vassal: the descriptor budget has room for it now."""
-
-
 
 
 @dataclass
@@ -151,12 +150,13 @@ class Settled:
     adds its name to `dirty`), when its `until` comes, when an action from
     outside its life is planned for it (a failed adoption, an admission),
     when the world changes (the fork server's state or generation, a
-    shutdown: every mark goes), and every `SAFETY` seconds in any case (every
-    mark goes): a fact recorded on it by a way that does not mark it is
-    seen that late, never lost. A vassal queued for a slot is stepped only
-    when it can get one: of those queued, the first free-slots by name."""
+    shutdown: every mark goes), and `SAFETY` seconds after anything happened
+    (`Facts.events` grew: every mark goes): a fact recorded by a way that
+    does not mark it is seen that late, never lost. A vassal queued for a
+    slot is stepped only when it can get one: of those queued, the first
+    free-slots by name."""
 
-    SAFETY = 1.0  # s: every vassal is stepped at least this often
+    SAFETY = 1.0  # s: after anything happened, every vassal is stepped this soon
 
     marks: dict[str, Mark] = field(default_factory=dict)
     dirty: set[str] = field(default_factory=set)  # filled by Vassal's fact methods
@@ -164,8 +164,8 @@ class Settled:
     queues: dict[Slot, list[str]] = field(default_factory=lambda: {Slot.ADOPT: [], Slot.DEPLOY: []})
     world: tuple | None = None
     next_safety: float = float("-inf")
-    # a turn left vassals out since the last one that stepped them all: a
-    # fact recorded then without a mark waits for the safety net's turn
+    events: int = 0  # Facts.events at the last turn that stepped every vassal
+    # since, something happened and a turn left vassals out: the safety net is due
     partial: bool = False
     steps: int = 0  # vassals stepped so far (tests, measurements)
 
@@ -197,12 +197,14 @@ class Settled:
     def begin(self, facts: Facts) -> None:
         """Once a turn, first: the marks of what happened since go."""
         world = (facts.fork_server, facts.base_generation, facts.shutting_down)
-        if world != self.world or facts.now >= self.next_safety:
+        happened = facts.events != self.events
+        if world != self.world or (facts.now >= self.next_safety and happened):
             self.world = world
             self.next_safety = facts.now + self.SAFETY
+            self.events = facts.events
             self.clear()
             self.partial = False
-        else:
+        elif happened:
             self.partial = True
         for name in self.dirty:
             self.unmark(name)
@@ -220,9 +222,8 @@ class Settled:
              outside: Iterable[str]) -> list[Vassal]:
         """The marked vassals to step this turn after all (their marks go):
         those an action from outside is planned for, and of those queued
-        for a slot, the first free-slots by name (each of them, nothing
-        having happened to it, takes one if it is left when its turn comes,
-        so the later ones could not get one)."""
+        for a slot, the first free-slots by name (each of them takes one if
+        it is left when its turn comes: the later ones could not get one)."""
         queued = self.queues[Slot.ADOPT][:max(0, adopt_slots)] \
             + self.queues[Slot.DEPLOY][:max(0, min(adopt_slots, deploy_slots))]
         out = []
@@ -247,9 +248,8 @@ class Settled:
 
     def wakeups(self, vassals: Mapping[str, Vassal]) -> list[float]:
         """When a turn is due without any event: the marked vassals' earliest
-        wake-up, the safety net's turn (only after a turn that left some
-        out: a fleet nothing happens to is not woken for it), every unmarked
-        vassal's wake-up."""
+        wake-up, the safety net's turn (`partial`: a fleet nothing happens
+        to is never woken for it), every unmarked vassal's wake-up."""
         while self.wakes:
             t, name = self.wakes[0]
             m = self.marks.get(name)

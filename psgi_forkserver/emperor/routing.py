@@ -82,11 +82,13 @@ class Routes:
 
     A turn recomputes the routes of the vassals it names (those the plan
     stepped: a vassal's route changes only with a fact recorded on it or
-    its own step), and all of them every `EVERY` seconds, so a change made
-    any other way is seen that late, never lost; the front door hears of
-    the routes only when one changed."""
+    its own step), and all of them `EVERY` seconds after anything happened
+    (the Emperor's count of what it handled, `Facts.events`, grew), so a
+    change made any other way is seen that late, never lost, and an idle
+    fleet's timer turns recompute none; the front door hears of the routes
+    only when one changed."""
 
-    EVERY = 1.0  # s: every route recomputed at least this often
+    EVERY = 1.0  # s: after anything happened, every route is recomputed this soon
 
     def __init__(self, opts: Options, vassals: dict[str, Vassal], listeners: sockets.Listeners,
                  socket_dir: Path | None, own_sockets: bool, log: Callable[..., None],
@@ -109,6 +111,7 @@ class Routes:
                                    on_refused=on_refused, spawning=spawning)
         self.known: dict[str, Route] = {}  # vassal name -> its route, as last computed
         self.next_full = float("-inf")
+        self.events: int | None = None  # the Emperor's count at the last full recompute
         self.told = False  # the front door has had the routes once
 
     def routes(self) -> list[Route]:
@@ -147,23 +150,27 @@ class Routes:
                      protocol="uwsgi" if cfg.get("socket") else "http",
                      **route_limits(cfg))
 
-    def turn(self, now: float, shutting_down: bool, changed: Iterable[str] | None = None) -> None:
+    def turn(self, now: float, shutting_down: bool, changed: Iterable[str] | None = None,
+             events: int = 0) -> None:
         """Routing changed? (applied batched); nginx's own life. `changed`:
-        the vassals whose route may have changed (None: any)."""
+        the vassals whose route may have changed (None: any); `events`:
+        what the Emperor has handled so far."""
         if self.front is not None:
-            self.safely(lambda t: self._turn(t, shutting_down, changed), now)
+            self.safely(lambda t: self._turn(t, shutting_down, changed, events), now)
 
-    def _turn(self, now: float, shutting_down: bool, changed: Iterable[str] | None) -> None:
+    def _turn(self, now: float, shutting_down: bool, changed: Iterable[str] | None,
+              events: int) -> None:
         assert self.front is not None
-        if not shutting_down and (self._refresh(now, changed) or not self.told):
+        if not shutting_down and (self._refresh(now, changed, events) or not self.told):
             self.told = True
             self.front.update(self.known.values(), now)
         self.front.poll(now)
 
-    def _refresh(self, now: float, changed: Iterable[str] | None) -> bool:
+    def _refresh(self, now: float, changed: Iterable[str] | None, events: int = 0) -> bool:
         """The known routes brought up to date; True if one changed."""
-        if changed is None or now >= self.next_full:
+        if changed is None or (now >= self.next_full and events != self.events):
             self.next_full = now + self.EVERY
+            self.events = events
             fresh = {r.vassal: r for r in self.routes()}
             moved = fresh != self.known
             self.known = fresh
