@@ -14,10 +14,16 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from psgi_forkserver.status import RUN_DIR_ENV
 
 from support import Emperors
+
+# Speed is measured in benchmarks, never asserted in tests: Hypothesis's
+# per-example deadline (200 ms) fails a property on a loaded machine.
+settings.register_profile("project", deadline=None)
+settings.load_profile("project")
 
 
 @pytest.fixture(autouse=True, scope="session")
