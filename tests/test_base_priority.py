@@ -1,6 +1,8 @@
 """The fork server runs ahead of the vassals it forks (fork-server-priority):
 its process and its session's scheduling group at a lower nice value, every
-process it forks back at nice 0 in a group of its own."""
+process it forks back at nice 0 in a group of its own. A warm spare is the
+base's work until its vassal is set up: its session's group and its waiting
+worker run at the base's level, and its adopted vassal at nice 0 again."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import psutil
 import pytest
 
 from support import app_ini, free_port, get, wait_for
+from support.spares import spare_masters, spares as warm_spares, warm_base
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="raising a priority needs root (or CAP_SYS_NICE)")
 
@@ -50,6 +53,28 @@ def test_the_base_runs_ahead_and_what_it_forks_does_not(emp):
         assert p.nice() == 0, p.cmdline()
         # the reset flag is not inherited: a vassal forking its workers is plain
         assert os.sched_getscheduler(p.pid) == os.SCHED_OTHER
+        if groups_on():
+            assert autogroup_nice(p.pid) == 0 or "spare of" in " ".join(p.cmdline()), p.cmdline()
+
+
+def test_a_warm_spare_runs_at_the_bases_priority_and_its_vassal_at_nice_0(emp):
+    e = emp({"base": warm_base(2)}, base=False)
+    warm_spares(e, 2)
+    waiting = spare_masters(e)
+    for pid in waiting:
+        spare = psutil.Process(pid)
+        (worker,) = spare.children()
+        # the spare itself at nice 0: its warm worker runs ahead of it
+        assert spare.nice() == 0 and worker.nice() == -10, (spare.nice(), worker.nice())
+        if groups_on():
+            assert autogroup_nice(pid) == -10
+    port = free_port()
+    (e.dir / "one.ini").write_text(app_ini("one", port, processes=2))
+    r = wait_for(lambda: get(port), 30, "the adopted vassal")
+    master = psutil.Process(e.vpid("one"))
+    assert master.pid in waiting, "adopted by a fork, not by a spare"
+    for p in (master, *master.children()):
+        assert p.nice() == 0, (p.pid, p.cmdline(), p.nice(), r)
         if groups_on():
             assert autogroup_nice(p.pid) == 0, p.cmdline()
 

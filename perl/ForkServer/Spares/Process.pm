@@ -4,6 +4,7 @@ use warnings;
 
 use IO::Select ();
 use POSIX ();
+use ForkServer::Base::Priority ();
 use ForkServer::Base::Request ();
 use ForkServer::Link ();
 use ForkServer::Log ();
@@ -99,6 +100,9 @@ sub run {
         my $worker = ForkServer::Spares::Worker->prefork($base->{app}, $args{paths}, $name, $link,
                                                          $args{warm_timeout});
         ForkServer::Spares::Rehearsal::vassal_start() for 1 .. ForkServer::Spares::Rehearsal::TIMES;
+        # warm: the adoption's path runs ahead of the fleet, as the base does
+        # (its worker raised itself too); its master puts it back once set up
+        ForkServer::Base::Priority::raise_group(ForkServer::Base::Priority::raised());
         $0 = "psgi-vassal $name (spare of $base->{pid})";
         # with the worker's own link, on which the base sends it the adoption too
         ForkServer::Link::send_fds($link, "R$$", $worker->link_for_base) or die "telling the base: $!\n";

@@ -21,6 +21,7 @@ use ForkServer::Spares::Rehearsal ();
 use ForkServer::Spares::EnvReads ();
 use ForkServer::Spares::WorkerStart ();
 use ForkServer::Vassal ();
+use ForkServer::Base::Priority ();
 use ForkServer::Base::Warmup ();
 
 =head1 NAME
@@ -241,6 +242,8 @@ worker as its slot 1.
 
 sub start {
     my ($self, $sock, $requests_fh) = @_;
+    # set up: the vassal runs as any other from now on
+    ForkServer::Base::Priority::back($self->{pid});
     return $self->_started if $self->{early};    # it has the socket, and said it fits
     $self->_send(GO, fileno $sock, $requests_fh ? fileno $requests_fh : ());
     close $self->{link};
@@ -329,6 +332,7 @@ sub fds {
 sub discard {
     my ($self) = @_;
     return if $self->{started} || $self->{discarded}++;
+    ForkServer::Base::Priority::back(undef);
     # said, not left to the link's end of file: a helper the vassal's app
     # forked while loading holds a copy of the link, and the worker would
     # wait for that end forever (and the vassal with it)
@@ -373,6 +377,9 @@ sub _worker_main {
     $msg = "W\0*" if length $msg > READS_MAX;
     my $warm = { id => $id, cwd => $cwd,
                  env => { map { $_ => $env_before{$_} } $msg eq "W\0*" ? keys %env_before : @$read } };
+    # warm: ahead of its own master, which sets itself up while this
+    # worker starts serving (ForkServer::Base::Priority)
+    ForkServer::Base::Priority::raise_process(ForkServer::Base::Priority::raised());
     syswrite($link, $msg) or die "telling the spare: $!\n";
     # the adoption comes from the base itself (ForkServer::Spares::WorkerStart)
     # or, when this worker cannot start on its own, from the spare
