@@ -218,9 +218,13 @@ sub unfit_for {
     my ($warm, $config) = @_;
     $warm or return 'no warm-up known';
     return 'keep-fd' if $config->list('keep-fd');
-    my $id = ForkServer::Vassal::Identity::target($config) // ForkServer::Vassal::Identity::current();
+    # where the config changes neither, the identity and directory the
+    # waiting worker saw before it waited (waiting changes neither)
+    my $now = $warm->{now} || {};
+    my $id = ForkServer::Vassal::Identity::target($config) // $now->{id} // ForkServer::Vassal::Identity::current();
     return 'another identity' unless ForkServer::Vassal::Identity::same($id, $warm->{id});
-    return 'another working directory' unless (Cwd::getcwd() // '') eq ($warm->{cwd} // '');
+    my $cwd = defined $config->get('chdir') ? Cwd::getcwd() : $now->{cwd} // Cwd::getcwd();
+    return 'another working directory' unless ($cwd // '') eq ($warm->{cwd} // '');
     for my $key (keys %{ $warm->{env} }) {
         next if $key =~ /\AUWSGI_/;
         my ($was, $is) = ($warm->{env}{$key}, $ENV{$key});
@@ -376,7 +380,10 @@ sub _worker_main {
     my $msg = join "\0", 'W', @$read;
     $msg = "W\0*" if length $msg > READS_MAX;
     my $warm = { id => $id, cwd => $cwd,
-                 env => { map { $_ => $env_before{$_} } $msg eq "W\0*" ? keys %env_before : @$read } };
+                 env => { map { $_ => $env_before{$_} } $msg eq "W\0*" ? keys %env_before : @$read },
+                 # as they are after the warm-up (it may have changed them):
+                 # what the judgement compares unless the config changes them
+                 now => { id => ForkServer::Vassal::Identity::current(), cwd => Cwd::getcwd() } };
     # warm: ahead of its own master, which sets itself up while this
     # worker starts serving (ForkServer::Base::Priority)
     ForkServer::Base::Priority::raise_process(ForkServer::Base::Priority::raised());

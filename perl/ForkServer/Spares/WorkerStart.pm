@@ -104,8 +104,7 @@ sub _from_base {
         syswrite $link, NOT_STARTED;
         return undef;
     };
-    my $req = eval { ForkServer::Base::Request->handed_over(sock => undef, data => $data, fds => \@fds) }
-        or return $not->();
+    my $req = eval { ForkServer::Base::Request->from_base(data => $data, fds => \@fds) } or return $not->();
     my ($pipe, $config_fd, $listen_fd) = $req->fds_by_role;
     my $text;
     if (defined $config_fd) {
