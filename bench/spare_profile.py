@@ -242,9 +242,11 @@ def sched_adoptions(base: Base, ports: Ports, n: int, verbose: bool = False) -> 
                     print(f"  {(e.t - t0) * 1000:8.3f} cpu{e.cpu} {role:6} {e.kind:6} {e.what:9} {e.other} {e.comm}")
         at: dict[str, float | None] = {}
         at["base runs"] = b.first("in", after=t0)
-        at["base: pid reply written"] = b.first("enter", "write", after=t0)
-        sent_w = b.first("exit", "sendmsg", after=at["base: pid reply written"])
+        # the worker first, then the reply, then the spare (ForkServer::Spares::take)
+        at["base: request read"] = b.first("exit", "recvmsg", after=t0, test=lambda e: e.other > 0)
+        sent_w = b.first("exit", "sendmsg", after=at["base: request read"])
         at["base: request sent to the worker"] = sent_w
+        at["base: pid reply written"] = b.first("enter", "write", after=at["base: request read"])
         at["base: request sent to the spare"] = b.first("exit", "sendmsg", after=sent_w and sent_w + 1e-9)
         at["base sleeps again"] = b.first("out", after=at["base: request sent to the spare"],
                                           test=lambda e: not e.what.startswith("R"))

@@ -48,10 +48,10 @@ its session it already leads), except that its first worker already
 exists: it gets the listening socket, the argv and the config text,
 applies C<env>, C<chdir>, C<gid>/C<uid> itself and starts accepting
 (L<ForkServer::HTTPServer/run_preforked_worker>); workers beyond the first
-are forked then. With the on-demand socket (C<emperor run>'s), the worker
-gets all that as soon as the spare has read its config, and starts while
-the spare sets itself up as the master on the other core; it judges itself
-whether its warm-up fits the vassal (L<ForkServer::Spares::Worker/start_early>). A config with C<psgi> (an app on top of the base) lets the
+are forked then. Mostly the worker has started before: from the base's own
+request, judging itself whether its warm-up fits the vassal
+(L<ForkServer::Spares::WorkerStart>), while the spare sets itself up as
+the master on the other core. A config with C<psgi> (an app on top of the base) lets the
 waiting worker go and forks fresh workers from the loaded app.
 
 End of file on the link (the base stopped or died, or a deploy replaced

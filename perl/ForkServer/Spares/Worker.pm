@@ -34,8 +34,8 @@ ForkServer::Spares::Worker - a spare's first worker, forked and warmed before an
   my $worker = ForkServer::Spares::Worker->prefork($app, \@paths, $name, $base_link, $timeout);
   # adopted: the argv and config text, then the socket (ForkServer::Vassal)
   $worker->for_request(\@argv, $config_text);
-  $worker->start_early(0);                  # the on-demand socket: it starts now, judges itself
-  my $why = $worker->verdict;               # later, in the master: undef if it fits
+  # started by the base's request, it judged itself (ForkServer::Spares::WorkerStart):
+  my $why = $worker->started_early ? $worker->verdict : $worker->unfit($config);   # undef if it fits
   my $preforked = $worker->start($listen_sock, $requests_fh);   # ForkServer::HTTPServer's slot 1
   $worker->discard;    # or: the vassal's own app (psgi); fresh workers instead
 
@@ -53,8 +53,8 @@ C<chdir> and C<gid>/C<uid> itself and serves as the master's slot 1
 
 use constant READS_MAX => 65536;    # the W message with the names of the %ENV keys the warm-up read
 # how the worker is started (ForkServer::Spares::WorkerStart): its master
-# judged it fit, or it judges itself and answers FITS or UNFIT on its link
-use constant { map { $_ => ForkServer::Spares::WorkerStart->can($_)->() } qw(GO JUDGE FITS UNFIT) };
+# judged it fit (GO), or it judged itself and answered FITS or UNFIT
+use constant { map { $_ => ForkServer::Spares::WorkerStart->can($_)->() } qw(GO FITS UNFIT) };
 
 # In the spare: fork the worker with the master's pipes (ForkServer::HTTPServer's
 # worker messages and stop pipe); it warms up, says so, and waits for go().
@@ -213,7 +213,7 @@ sub unfit {
 }
 
 # The same judgement from a warm-up record: the worker judges itself so,
-# when it is started early (start_early).
+# started by the base's request (ForkServer::Spares::WorkerStart).
 sub unfit_for {
     my ($warm, $config) = @_;
     $warm or return 'no warm-up known';
@@ -271,32 +271,10 @@ sub _send {
     return;
 }
 
-=head2 start_early($listen_fd)
-
-In the adopted spare, as soon as its argv and config text are known
-(C<for_request>) and the listening socket is descriptor C<$listen_fd>
-(the on-demand socket the requester passed): the worker gets them at
-once, applies C<env>, C<chdir>, C<gid>/C<uid> and starts accepting while
-the master still sets itself up, on the other core. It judges itself
-whether it fits (C<unfit>, from its own warm-up's record) and says so on
-its link: C<verdict>. Not for a vassal whose master must open something
-for the worker first (a requests file for the uid it drops to) or that
-lets the worker go anyway (C<psgi>, C<keep-fd>): the caller decides.
-
-=cut
-
-sub start_early {
-    my ($self, $listen_fd) = @_;
-    return if $self->{early};    # it started from the base's request (await_direct)
-    # a worker gone since the spare last looked: the master finds out at
-    # start() as before, and forks fresh workers
-    $self->{early} = 1 if eval { $self->_send(JUDGE, $listen_fd); 1 };
-    return;
-}
-
 =head2 started_early() -> bool
 
-Whether C<start_early> gave the worker its vassal.
+Whether the worker started from the base's request (C<await_direct>): it
+judged itself, C<verdict> says how.
 
 =cut
 
@@ -304,23 +282,16 @@ sub started_early { return $_[0]{early} ? 1 : 0 }
 
 =head2 verdict() -> $why or undef
 
-After C<start_early>: undef when the worker fits and serves (C<start>
+When C<started_early>: undef when the worker fits and serves (C<start>
 then hands it to the master), else why not (it has left, or leaves).
 
 =cut
 
 sub verdict {
     my ($self) = @_;
-    if (exists $self->{said}) {    # answered already (await_direct)
-        my $why = delete $self->{said};
-        close $self->{link} unless defined $why;
-        return $why;
-    }
-    my $n = sysread $self->{link}, my $said, 4096;
-    return 'its worker is gone' unless $n;
-    return substr($said, 1) || 'unfit' if $said =~ /\A\Q${\UNFIT}\E/;
-    close $self->{link};
-    return undef;
+    my $why = delete $self->{said};    # its answer (await_direct)
+    close $self->{link} unless defined $why;
+    return $why;
 }
 
 # What the vassal keeps open for it (ForkServer::Base closes the rest).
