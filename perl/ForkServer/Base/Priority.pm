@@ -150,7 +150,7 @@ sub back {
 sub _may_admin {
     open my $fh, '<', '/proc/self/status' or return 0;
     while (my $line = <$fh>) {
-        return (hex($1) >> 21) & 1 if $line =~ /\ACapEff:\s*([0-9a-f]+)/;
+        return (hex(substr $1, -8) >> 21) & 1 if $line =~ /\ACapEff:\s*([0-9a-f]+)/;    # the low 32 bits
     }
     return 0;
 }
