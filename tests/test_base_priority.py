@@ -87,3 +87,35 @@ def test_priority_zero_leaves_the_base_as_it_was(emp):
     base = psutil.Process(e.vpid("base"))
     assert base.nice() == 0
     assert e.lines("priority: unchanged (fork-server-priority = 0)"), e.text()
+
+
+# Read by the app as it loads (in the vassal's master) and again in each
+# request (in a worker): the nice values of the process and of its session.
+PRIORITY_APP = """use strict; use warnings;
+sub nices { my ($g) = do { local @ARGV = ('/proc/self/autogroup'); <> } =~ /nice (-?\\d+)/;
+            (getpriority(0, 0), $g // 'none') }
+my @at_load = nices();
+sub { my @now = nices();
+      [200, ['Content-Type' => 'text/plain'], ["load_nice=$at_load[0] load_group=$at_load[1] nice=$now[0] group=$now[1]\\n"]] };
+"""
+
+
+def test_a_spares_vassal_that_loads_its_own_app_loads_it_at_nice_0(emp, tmp_path):
+    """Its warm worker does not serve it (the app is its own): the master's
+    start-up, loading the app, is no adoption's fast path."""
+    app = tmp_path / "priority.psgi"
+    app.write_text(PRIORITY_APP)
+    os.chmod(tmp_path, 0o755)
+    e = emp({"base": warm_base(1)}, base=False)
+    warm_spares(e, 1)
+    waiting = spare_masters(e)
+    port = free_port()
+    (e.dir / "own.ini").write_text(
+        f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\npsgi = {app}\ndisable-logging = true\n")
+    r = wait_for(lambda: get(port), 30, "the vassal with its own app")
+    assert e.vpid("own") in waiting, "adopted by a fork, not by a spare"
+    want = {"load_nice": "0", "nice": "0"}
+    if groups_on():
+        want |= {"load_group": "0", "group": "0"}
+    assert {k: r[k] for k in want} == want, r
+

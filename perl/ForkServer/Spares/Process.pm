@@ -182,6 +182,11 @@ sub _wait_for_adoption {
         $worker->sent_directly;
         $worker->await_direct;
     }
+    # The base's priority is for a worker serving straight from the base's
+    # request (its master puts it back once set up). Any other start (an
+    # app of its own to load, a uid to drop to, fresh workers) runs as any
+    # vassal's does.
+    ForkServer::Base::Priority::back($worker->{gone} ? undef : $worker->{pid}) unless $worker->serves_early;
     # no connection to the requester: the base sent the pid reply
     my $req = eval { ForkServer::Base::Request->handed_over(sock => undef, data => $data, fds => \@fds) };
     if (!$req) {

@@ -280,6 +280,15 @@ judged itself, C<verdict> says how.
 
 sub started_early { return $_[0]{early} ? 1 : 0 }
 
+=head2 serves_early() -> bool
+
+Whether it started from the base's request and said it fits (before
+C<verdict> is read).
+
+=cut
+
+sub serves_early { return $_[0]{early} && !defined $_[0]{said} ? 1 : 0 }
+
 =head2 verdict() -> $why or undef
 
 When C<started_early>: undef when the worker fits and serves (C<start>
