@@ -61,20 +61,27 @@ def test_a_warm_spare_runs_at_the_bases_priority_and_its_vassal_at_nice_0(emp):
     e = emp({"base": warm_base(2)}, base=False)
     warm_spares(e, 2)
     waiting = spare_masters(e)
+    warm_workers = set()
     for pid in waiting:
         spare = psutil.Process(pid)
         (worker,) = spare.children()
+        warm_workers.add(worker.pid)
         # the spare itself at nice 0: its warm worker runs ahead of it
         assert spare.nice() == 0 and worker.nice() == -10, (spare.nice(), worker.nice())
         if groups_on():
             assert autogroup_nice(pid) == -10
     port = free_port()
-    (e.dir / "one.ini").write_text(app_ini("one", port, processes=2))
+    # nothing in it the warm-up read differently: the warm worker serves it
+    (e.dir / "one.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 2\n")
     r = wait_for(lambda: get(port), 30, "the adopted vassal")
     master = psutil.Process(e.vpid("one"))
     assert master.pid in waiting, "adopted by a fork, not by a spare"
+    wait_for(lambda: len(master.children()) == 2, 30, "both workers")
+    assert warm_workers & {p.pid for p in master.children()}, "the warm worker does not serve"
     for p in (master, *master.children()):
         assert p.nice() == 0, (p.pid, p.cmdline(), p.nice(), r)
+        # nor the reset flag the warm worker set on itself: a plain worker
+        assert os.sched_getscheduler(p.pid) == os.SCHED_OTHER, p.cmdline()
         if groups_on():
             assert autogroup_nice(p.pid) == 0, p.cmdline()
 

@@ -134,14 +134,19 @@ sub raise_process {
 
 In a session leader: its session's group back to nice 0 (if it was
 raised), and the process C<$pid> of its session (its waiting worker, or
-undef) back to nice 0. Needs no right but the one the raise had: called
+undef) back to nice 0 without C<SCHED_RESET_ON_FORK>. Needs no right but the one the raise had: called
 before privileges are dropped.
 
 =cut
 
 sub back {
     my ($pid) = @_;
-    setpriority(PRIO_PROCESS, $pid, 0) if $pid;
+    if ($pid) {    # a plain process again: nice 0, and no reset flag
+        my $param = pack 'i', 0;
+        syscall(SYS_SCHED_SETSCHEDULER, $pid, SCHED_OTHER, $param)
+            if $^O eq 'linux' && ($Config::Config{archname} // '') =~ /^x86_64-/;
+        setpriority(PRIO_PROCESS, $pid, 0);
+    }
     _write_group(0) if -e AUTOGROUP && (_group_nice() // 0) < 0;
     return;
 }
