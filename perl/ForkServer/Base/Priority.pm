@@ -47,7 +47,9 @@ waiting worker raises its own process (C<raise_process>), so that it also
 runs ahead of its own master, which sets itself up while the worker starts
 serving. Adopted, the master puts both back to nice 0 once it is set up,
 before it drops any privilege (C<back>): from then on the vassal runs as
-any other. Idle, a waiting spare costs nothing at any priority.
+any other; at once when its worker does not serve straight from the
+base's request (ForkServer::Spares::Process). Idle, a waiting spare costs
+nothing at any priority.
 
 Raising a priority needs the right to (root, C<CAP_SYS_NICE>, or an
 C<RLIMIT_NICE> that allows it). Without it, on a base started at another
