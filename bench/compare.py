@@ -4,7 +4,7 @@ rounds alternating, so that a shared machine's drifting load falls on all
 alike.
 
     .venv/bin/python bench/compare.py floor  [--rounds 3] [-n 20] NAME=PROGRAM ...
-    .venv/bin/python bench/compare.py spares|spares-polled [--rounds 3] [-n 10] NAME=PROGRAM ...
+    .venv/bin/python bench/compare.py spares|spares-polled [--rounds 3] [-n 10] [--uwsgi21] NAME=PROGRAM ...
 
 PROGRAM is a `perl/ForkServer.pm`, e.g. of an older commit exported with
 `git archive REV perl | tar -x -C DIR` (then DIR/perl/ForkServer.pm).
@@ -17,6 +17,11 @@ PROGRAM is a `perl/ForkServer.pm`, e.g. of an older commit exported with
   (the spares bench's row);
 - `spares-polled`: the same, the vassal binding its own http-socket and
   the client polling it (the uwsgi21 bench's way).
+
+With `--uwsgi21` (and $UWSGI21, bench/uwsgi21.py), each round also takes n
+adoptions -> first 200 from uWSGI 2.1's fork server (its vassal binds its
+own socket, the client polls it: the uwsgi21 bench's row), and each
+program's p50 is given as a ratio of uWSGI 2.1's.
 
 Prints each round and the medians over the rounds (floor) or over every
 sample (spares), with the load average at each round's start.
@@ -37,6 +42,7 @@ sys.path.insert(0, str(HERE.parent))
 import adoptions  # noqa: E402
 import basevassal  # noqa: E402
 import fleet_floor  # noqa: E402
+import uwsgi21  # noqa: E402
 from benchlib import Ports, Procs, rmtree, set_child_subreaper, tempdir  # noqa: E402
 from settings import APPS  # noqa: E402
 
@@ -62,6 +68,7 @@ def main() -> int:
     ap.add_argument("programs", nargs="+", metavar="NAME=PROGRAM")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("-n", type=int, default=None, help="adoptions per round (floor 20, spares 10)")
+    ap.add_argument("--uwsgi21", action="store_true", help="spares: uWSGI 2.1's fork server too, each round")
     args = ap.parse_args()
     confs = []
     for a in args.programs:
@@ -70,14 +77,30 @@ def main() -> int:
             ap.error(f"{a}: not NAME=PATH of a ForkServer.pm")
         confs.append((name, os.path.abspath(prog)))
     n = args.n or (20 if args.what == "floor" else 10)
+    binary = None
+    if args.uwsgi21:
+        binary, why = uwsgi21.uwsgi21_binary()
+        if args.what == "floor" or binary is None:
+            ap.error(f"--uwsgi21: {why if binary is None else 'for spares and spares-polled only'}")
     set_child_subreaper()
     tmp = tempdir()
     procs, ports = Procs(tmp), Ports()
     floors: dict[str, list[dict[str, float]]] = {name: [] for name, _ in confs}
     samples: dict[str, list[float]] = {name: [] for name, _ in confs}
     loads = []
+    uw = None
+    uw_samples: list[float] = []
     try:
+        if binary:
+            uw = uwsgi21.Uwsgi21(procs, tmp, binary)
         for r in range(args.rounds):
+            if uw is not None:
+                load = os.getloadavg()[0]
+                loads.append(load)
+                got = [uw.adopt(ports)[1] * 1000 for _ in range(n)]
+                uw_samples += got
+                print(f"round {r + 1} uWSGI 2.1: adoption -> first 200 p50 {statistics.median(got):.2f} ms "
+                      f"(load {load:.1f})", flush=True)
             for name, prog in confs:
                 basevassal.PROGRAM = prog
                 load = os.getloadavg()[0]
@@ -93,6 +116,8 @@ def main() -> int:
                     print(f"round {r + 1} {name}: adoption -> first 200 p50 {statistics.median(got):.2f} ms "
                           f"(load {load:.1f})", flush=True)
     finally:
+        if uw is not None:
+            uw.stop()
         procs.cleanup()
         rmtree(tmp)
     print(f"medians ({args.rounds} rounds, load average {min(loads):.1f}-{max(loads):.1f} at their starts):")
@@ -102,8 +127,13 @@ def main() -> int:
             print(f"  {name}: " + " ".join(f"{k} {statistics.median(x[k] for x in rows):.2f}" for k in rows[0]))
         else:
             xs = sorted(samples[name])
+            ratio = f", {statistics.median(xs) / statistics.median(uw_samples):.3f}x uWSGI 2.1" if uw_samples else ""
             print(f"  {name}: adoption -> first 200 p50 {statistics.median(xs):.2f} ms "
-                  f"(min {xs[0]:.2f}, p25 {xs[len(xs) // 4]:.2f}, p75 {xs[3 * len(xs) // 4]:.2f}) over {len(xs)}")
+                  f"(min {xs[0]:.2f}, p25 {xs[len(xs) // 4]:.2f}, p75 {xs[3 * len(xs) // 4]:.2f}) over {len(xs)}{ratio}")
+    if uw_samples:
+        xs = sorted(uw_samples)
+        print(f"  uWSGI 2.1: adoption -> first 200 p50 {statistics.median(xs):.2f} ms (min {xs[0]:.2f}) over {len(xs)}"
+              f" (its vassal binds its socket, the client polls)")
     return 0
 
 

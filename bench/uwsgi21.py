@@ -39,6 +39,66 @@ def uwsgi21_binary() -> tuple[str | None, str]:
     return path, version
 
 
+class Uwsgi21:
+    """uWSGI 2.1's Emperor with its fork server: a base vassal preloading the
+    heavy app (`--emperor-use-fork-server`, the base itself started by plain
+    fork through `--vassal-fork-base`), and adoptions from it as its Emperor
+    makes them (uwsgi packet 35, the argv array, the vassal's Emperor pipe by
+    SCM_RIGHTS), by the same client as ours."""
+
+    # uWSGI's vassals run with a master: it is the process that reads the
+    # Emperor pipe (end of file: stop), as under its Emperor
+    VASSAL_ARGS = ["--master", "--processes", "1", "--http-socket"]
+
+    def __init__(self, procs: Procs, tmp: Path, binary: str) -> None:
+        self.procs, self.binary = procs, binary
+        vdir = tmp / "uwsgi21-vassals"
+        vdir.mkdir()
+        self.sock = tmp / "uwsgi21-fork.sock"
+        (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APPS['heavy']}\nfork-server = {self.sock}\n")
+        argv = [binary, "--emperor", str(vdir), "--emperor-use-fork-server", str(self.sock),
+                "--vassal-fork-base", "base.ini"]
+        self.command = shlex.join(argv)
+        self.vassal_argv = shlex.join([binary, *self.VASSAL_ARGS, "127.0.0.1:PORT"])
+        t0 = time.perf_counter()
+        self.em = procs.spawn(argv, log="uwsgi21-emperor")
+        try:
+            deadline = time.perf_counter() + 120
+            while not adoption.probe(self.sock):
+                if self.em.poll() is not None:
+                    raise BenchError(f"uWSGI 2.1 Emperor exited ({self.em.returncode}) before its fork server listened")
+                if time.perf_counter() > deadline:
+                    raise BenchError("uWSGI 2.1's fork server did not listen within 120 s")
+                time.sleep(0.005)
+        except BaseException:
+            self.stop()
+            raise
+        self.ready_s = time.perf_counter() - t0
+
+    def adopt(self, ports: Ports) -> tuple[float, float]:
+        """One adoption: seconds to the pid reply and to the first 200 on `/`
+        (the vassal binds its own http-socket: the client polls it)."""
+        port = ports.get()
+        ours, theirs = socket.socketpair()
+        a0 = time.perf_counter()
+        try:
+            pid = adoption.adopt(self.sock, [self.binary, *self.VASSAL_ARGS, f"127.0.0.1:{port}"], theirs.fileno())
+        except adoption.AdoptionError as e:
+            raise BenchError(f"uWSGI 2.1 fork server: {e}") from None
+        finally:
+            theirs.close()
+        a_pid = time.perf_counter()
+        self.procs.adopted(pid)
+        try:
+            t200 = wait_200(port, 30, alive=lambda: psutil.pid_exists(pid))
+        finally:
+            stop_adopted(self.procs, pid, ours)
+        return a_pid - a0, t200 - a0
+
+    def stop(self) -> None:
+        self.procs.stop_tree(self.em.pid, signal.SIGINT, 15)  # uWSGI: SIGINT stops, SIGTERM reloads
+
+
 def uwsgi21_side_by_side(procs: Procs, ports: Ports, tmp: Path, n: int) -> dict:
     """Adoption -> first 200 on the heavy app's `/`, one adoption at a time,
     n samples each, interleaved in one run (each round takes one sample of
@@ -57,17 +117,6 @@ def uwsgi21_side_by_side(procs: Procs, ports: Ports, tmp: Path, n: int) -> dict:
         return {"skipped": why}
     res: dict = {"binary": binary, "version": why, "n": n, "loadavg_before": os.getloadavg()}
     say(f"uwsgi21: {binary} ({why}), {n} rounds; load average {' '.join(f'{x:.2f}' for x in res['loadavg_before'])}")
-    vdir = tmp / "uwsgi21-vassals"
-    vdir.mkdir()
-    sock = tmp / "uwsgi21-fork.sock"
-    (vdir / "base.ini").write_text(f"[uwsgi]\nearly-psgi = {APPS['heavy']}\nfork-server = {sock}\n")
-    argv = [binary, "--emperor", str(vdir), "--emperor-use-fork-server", str(sock),
-            "--vassal-fork-base", "base.ini"]
-    res["command"] = shlex.join(argv)
-    # uWSGI's vassals run with a master: it is the process that reads the
-    # Emperor pipe (end of file: stop), as under its Emperor
-    vassal_args = ["--master", "--processes", "1", "--http-socket"]
-    res["vassal_argv"] = shlex.join([binary, *vassal_args, "127.0.0.1:PORT"])
     sp = ("--fork-server-spares", "2")
     ours_extra = {"fork path": ("--fork-server-spares", "0"), "spares": sp,
                   "spares, base with early-warmup /": ("--early-warmup", "/", *sp)}
@@ -77,36 +126,13 @@ def uwsgi21_side_by_side(procs: Procs, ports: Ports, tmp: Path, n: int) -> dict:
     em = None
     bases: dict[str, Base] = {}
     try:
-        t0 = time.perf_counter()
-        em = procs.spawn(argv, log="uwsgi21-emperor")
-        deadline = time.perf_counter() + 120
-        while not adoption.probe(sock):
-            if em.poll() is not None:
-                raise BenchError(f"uWSGI 2.1 Emperor exited ({em.returncode}) before its fork server listened")
-            if time.perf_counter() > deadline:
-                raise BenchError("uWSGI 2.1's fork server did not listen within 120 s")
-            time.sleep(0.005)
-        res["uwsgi21_base_ready_s"] = time.perf_counter() - t0
+        em = Uwsgi21(procs, tmp, binary)
+        res["command"], res["vassal_argv"], res["uwsgi21_base_ready_s"] = em.command, em.vassal_argv, em.ready_s
         for i, (key, extra) in enumerate(ours_extra.items()):
             bases[key] = Base(procs, APPS["heavy"], tmp / f"fs-side{i}.sock", f"base-side{i}", extra)
 
         def uwsgi_one() -> tuple[float, float, bool]:
-            port = ports.get()
-            ours, theirs = socket.socketpair()
-            a0 = time.perf_counter()
-            try:
-                pid = adoption.adopt(sock, [binary, *vassal_args, f"127.0.0.1:{port}"], theirs.fileno())
-            except adoption.AdoptionError as e:
-                raise BenchError(f"uWSGI 2.1 fork server: {e}") from None
-            finally:
-                theirs.close()
-            a_pid = time.perf_counter()
-            procs.adopted(pid)
-            try:
-                t200 = wait_200(port, 30, alive=lambda: psutil.pid_exists(pid))
-            finally:
-                stop_adopted(procs, pid, ours)
-            return a_pid - a0, t200 - a0, False
+            return (*em.adopt(ports), False)
 
         def ours_one(base: Base, bound: bool = False) -> tuple[float, float, bool]:
             port = ports.get()
@@ -146,7 +172,7 @@ def uwsgi21_side_by_side(procs: Procs, ports: Ports, tmp: Path, n: int) -> dict:
         for base in bases.values():
             base.stop()
         if em is not None:
-            procs.stop_tree(em.pid, signal.SIGINT, 15)  # uWSGI: SIGINT stops, SIGTERM reloads
+            em.stop()
     for key, x in samples.items():
         res[key] = {"pid_reply_ms": summary(x["pid"]), "first_200_ms": summary(x["first"]),
                     "samples_first_200_ms": x["first"]}

@@ -61,6 +61,34 @@ SKIP: {
         "a session leader's group too; a forked process's new session is a new group at nice 0";
 }
 
+# A warm spare (ForkServer::Spares): the levels its base was raised by,
+# its session's group and its worker raised, and both put back.
+SKIP: {
+    skip 'raising a priority needs root', 3 unless $> == 0;
+    is in_child(sub {
+        ForkServer::Base::Priority::raise(7);
+        in_child(sub { 'forked: raised ' . ForkServer::Base::Priority::raised() . ', nice ' . getpriority(0, 0) });
+    }), 'forked: raised 7, nice 0', 'what a raised base forks knows its levels, at nice 0';
+    is in_child(sub {
+        my $ok = ForkServer::Base::Priority::raise_process(10);
+        my $was = getpriority(0, 0);
+        my $child = in_child(sub { getpriority(0, 0) });
+        ForkServer::Base::Priority::back($$);
+        "$ok / nice $was, its child $child / back: nice " . getpriority(0, 0);
+    }), '1 / nice -10, its child 0 / back: nice 0', 'a process raised and back (what it forks at nice 0)';
+    my $groups = -e '/proc/self/autogroup'
+              && (do { open my $fh, '<', '/proc/sys/kernel/sched_autogroup_enabled'; <$fh> } // 0) == 1;
+    skip 'no session scheduling groups (autogroup)', 1 unless $groups;
+    is in_child(sub {
+        my $not_leader = ForkServer::Base::Priority::raise_group(10);
+        POSIX::setsid() > 0 or die "setsid: $!";
+        my $ok = ForkServer::Base::Priority::raise_group(10);
+        my $was = _group_nice();
+        ForkServer::Base::Priority::back(undef);
+        "$not_leader / $ok, group $was / back: group " . _group_nice() . ', nice ' . getpriority(0, 0);
+    }), '0 / 1, group -10 / back: group 0, nice 0', "only a session leader's group, and back";
+}
+
 sub _group_nice {
     open my $fh, '<', '/proc/self/autogroup' or return '?';
     my $line = <$fh> // '';

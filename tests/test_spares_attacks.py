@@ -5,6 +5,7 @@ adoption, deploys in a burst, the Emperor killed, descriptor limits."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 from pathlib import Path
@@ -141,6 +142,13 @@ def test_a_spare_that_fails_its_config_takes_its_warm_worker_with_it(emp):
     assert not e.lines(f"pid {worker} "), e.text()  # reaped by its spare, not left to the Emperor
 
 
+def _gone(pid: int) -> bool:
+    try:
+        return not alive(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+        return True
+
+
 def test_requesters_gone_before_the_reply_leak_no_descriptor_and_no_spare(emp):
     from psgi_forkserver.adoption import start_adoption
 
@@ -155,8 +163,12 @@ def test_requesters_gone_before_the_reply_leak_no_descriptor_and_no_spare(emp):
         finally:
             ours.close()
             theirs.close()
-    wait_for(lambda: len(e.lines("dropped, the spare kept")) + len(e.lines("reaped pid")) >= 100, 30,
+    # a spare's vassal whose requester is gone sees end of file on its
+    # Emperor pipe and stops, as a clone's does
+    wait_for(lambda: len(e.lines("sending the pid reply")) + len(e.lines("reaped pid")) >= 100, 30,
              "the base to see every request")
+    for pid in {int(m) for m in re.findall(r"vassal pid (\d+): sending the pid reply", e.text())}:
+        wait_for(lambda: _gone(pid), 30, f"the vassal pid {pid} without a requester to stop")
     sp = spares(e, 2)
     assert len(spare_masters(e)) == 2, sp
     wait_for(lambda: len(os.listdir(f"/proc/{base}/fd")) == before_fds, 30,

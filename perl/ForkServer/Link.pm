@@ -2,7 +2,7 @@ package ForkServer::Link;
 use strict;
 use warnings;
 
-use Socket qw(SOL_SOCKET SCM_RIGHTS MSG_PEEK MSG_TRUNC MSG_DONTWAIT);
+use Socket qw(SOL_SOCKET SCM_RIGHTS MSG_PEEK MSG_TRUNC MSG_DONTWAIT MSG_NOSIGNAL);
 use Socket::MsgHdr ();
 
 =head1 NAME
@@ -27,8 +27,8 @@ use constant MSG_CMSG_CLOEXEC => 0x40000000;    # Linux: received descriptors ar
 
 =head2 send_fds($sock, $bytes, @fds) -> bool
 
-True when the whole message went. SIGPIPE is ignored meanwhile: a peer
-that is gone is a false return, with C<$!> set.
+True when the whole message went. A peer that is gone is a false
+return, with C<$!> set (C<EPIPE>), never a SIGPIPE.
 
 =cut
 
@@ -36,8 +36,9 @@ sub send_fds {
     my ($sock, $data, @fds) = @_;
     my $hdr = Socket::MsgHdr->new(buf => $data);
     $hdr->cmsghdr(SOL_SOCKET, SCM_RIGHTS, pack 'i*', @fds) if @fds;
-    local $SIG{PIPE} = 'IGNORE';
-    my $n = Socket::MsgHdr::sendmsg($sock, $hdr, 0);
+    # MSG_NOSIGNAL rather than SIGPIPE ignored for the call: six system
+    # calls fewer on each of an adoption's hand-overs
+    my $n = Socket::MsgHdr::sendmsg($sock, $hdr, MSG_NOSIGNAL);
     return defined $n && $n == length $data;
 }
 

@@ -286,8 +286,10 @@ sub fits {
 =head2 take($request) -> bool
 
 Serves a complete adoption request with the oldest ready spare: the base
-sends the pid reply itself (the requester does not wait for the spare to
-wake up), then hands the spare the packet and the request's descriptors.
+hands its warm worker the packet and the request's descriptors, sends the
+pid reply itself (the requester does not wait for the spare to wake up),
+then hands the spare the same. A requester gone before the reply is the
+vassal's to see, as for a clone.
 True when the request is done with (the base then closes its copies of
 the descriptors); false when the base must fork as before (no spare
 ready, or a request that does not fit).
@@ -300,21 +302,20 @@ sub take {
     $self->_notice_ends;    # never reply with the pid of a spare that just died
     my ($s) = sort { $a->{born} <=> $b->{born} } grep { $_->{ready} } values %{ $self->{spares} };
     return 0 unless $s;
-    if (!eval { $req->reply_pid($s->{pid}); 1 }) {
-        (my $why = $@) =~ s/\s+\z//;
-        $self->log("request from " . $req->peer . " dropped, the spare kept: $why");
-        return 1;
-    }
     $self->_forget($s);
     # a spare is born already: the cgroup's directory is not its to hold
     my ($mask, @fds) = $req->without_cgroup;
     my $packet = encode_packet(MODIFIER1_FORK_SERVER, $mask, encode_array($req->argv));
-    # The warm worker first, straight from here: it sets itself up as its
-    # vassal's worker and accepts on the vassal's socket while its master,
-    # on the other core, sets itself up (ForkServer::Spares::Worker). The
-    # spare learns from the leading D that its worker was sent the request
-    # too. A worker gone meanwhile: the spare gives it the request as before.
+    # The warm worker first, straight from here, even before the pid reply:
+    # it sets itself up as its vassal's worker and accepts on the vassal's
+    # socket (on the other core) while this base replies and its master
+    # sets itself up (ForkServer::Spares::Worker). The spare learns from the
+    # leading D that its worker was sent the request too. A worker gone
+    # meanwhile: the spare gives it the request as before.
     my $direct = $s->{worker_link} && ForkServer::Link::send_fds($s->{worker_link}, $packet, @fds);
+    # As for a clone (ForkServer::Base::Adoption): a requester gone already
+    # is the vassal's to see, end of file on its Emperor pipe.
+    eval { $req->reply_pid($s->{pid}); 1 } or $self->log("vassal pid $s->{pid}: $@");
     # Rare (the spare died after _notice_ends): it ends on end of file, and
     # the Emperor, which has its pid, sees its vassal die and starts it again.
     ForkServer::Link::send_fds($s->{link}, ($direct ? ForkServer::Spares::Process::DIRECT : '') . $packet, @fds)

@@ -118,8 +118,8 @@ sub title {
 sub first_worker {
     my ($self, $sock, $requests_fh) = @_;
     my $worker = $self->{first_worker} or return undef;
-    # started early (ForkServer::Spares::Worker::start_early), it judged itself;
-    # else: its warm-up ran as the base: not for a vassal that runs as someone else
+    # started by the base's request (ForkServer::Spares::WorkerStart), it judged
+    # itself; else: its warm-up ran as the base: not for a vassal that runs as someone else
     my $unfit = $worker->started_early ? defined $worker->verdict
               : defined $self->{config}->get('psgi') || $worker->unfit($self->{config});
     if ($unfit) {

@@ -166,12 +166,7 @@ sub _become_vassal {
             my (%common) = @_;
             die "fork-server is set: an adopted vassal cannot be a base vassal\n"
                 if defined $common{config}->get('fork-server');
-            if (my $worker = $vassal{first_worker}) {
-                $worker->for_request(\@argv, $config_text);
-                # its socket is descriptor 0 already: the warm worker starts
-                # accepting now, while this master sets itself up
-                $worker->start_early(0) if ($req->mask & MASK_ON_DEMAND) && early_start_fits($common{config});
-            }
+            $vassal{first_worker}->for_request(\@argv, $config_text) if $vassal{first_worker};
             $self->_close_inherited($common{config}, $vassal{first_worker},
                                     grep { defined } @common{qw(emperor config_fh)});
             # its workers too: they are forked after this

@@ -11,6 +11,10 @@ ForkServer::Base::Priority - the fork server ahead of the vassals it forks, in t
 =head1 SYNOPSIS
 
   my $said = ForkServer::Base::Priority::raise(10);   # once, before serving; one phrase for the log
+  # a warm spare (ForkServer::Spares), forked from the raised base:
+  ForkServer::Base::Priority::raise_group(ForkServer::Base::Priority::raised());      # its session's group
+  ForkServer::Base::Priority::raise_process(ForkServer::Base::Priority::raised());    # its waiting worker
+  ForkServer::Base::Priority::back($worker_pid);    # adopted: its master, once set up
 
 =head1 DESCRIPTION
 
@@ -35,6 +39,18 @@ vassals run as they would without this. The base only works when asked
 (an adoption, a spare), so the priority costs nothing while the fleet is
 idle.
 
+A warm spare waiting for its adoption is the base's work too: the
+adoption's first request runs in it. A spare born of a raised base raises
+its session's group by the same levels once it is warm (C<raise_group>:
+its warm-up ran at nice 0, as a refill must never slow the fleet), and its
+waiting worker raises its own process (C<raise_process>), so that it also
+runs ahead of its own master, which sets itself up while the worker starts
+serving. Adopted, the master puts both back to nice 0 once it is set up,
+before it drops any privilege (C<back>): from then on the vassal runs as
+any other; at once when its worker does not serve straight from the
+base's request (ForkServer::Spares::Process). Idle, a waiting spare costs
+nothing at any priority.
+
 Raising a priority needs the right to (root, C<CAP_SYS_NICE>, or an
 C<RLIMIT_NICE> that allows it). Without it, on a base started at another
 nice value than 0 (its forks would be reset to 0, not to that value), or
@@ -50,6 +66,8 @@ use constant {
     PRIO_PROCESS           => 0,
     AUTOGROUP              => '/proc/self/autogroup',
 };
+
+our $RAISED = 0;    # the levels raise() gave this process (inherited by what it forks)
 
 =head2 raise($levels) -> $phrase
 
@@ -73,7 +91,92 @@ sub raise {
     my $want = -$levels;
     $want = -20 if $want < -20;
     return "priority: unchanged (nice $want: $!)" unless setpriority(PRIO_PROCESS, 0, $want);
+    $RAISED = -$want;
     return "priority: nice $want (" . _group($want) . ")";
+}
+
+=head2 raised() -> $levels
+
+The levels C<raise> gave this process, or a process forked from it before
+(0 when it did not).
+
+=cut
+
+sub raised { return $RAISED }
+
+=head2 raise_group($levels) -> bool, raise_process($levels) -> bool
+
+C<raise_group>: the calling session leader's scheduling group, C<$levels>
+nice levels lower. C<raise_process>: the calling process alone, with
+C<SCHED_RESET_ON_FORK> (what it forks starts at nice 0). False, and
+nothing changed, where it may not (0 levels, no right, no session groups).
+
+=cut
+
+sub raise_group {
+    my ($levels) = @_;
+    # Only where it can surely be put back: without CAP_SYS_ADMIN the
+    # kernel refuses a second change of any group within 0.1 s (EAGAIN),
+    # and the vassal would keep the base's priority.
+    return 0 unless $levels && -e AUTOGROUP && _enabled() && _may_admin();
+    require ForkServer::Process::Session;
+    return 0 unless (ForkServer::Process::Session::session_id() // -1) == $$;
+    return _write_group(_nice(-$levels));
+}
+
+sub raise_process {
+    my ($levels) = @_;
+    return 0 unless $levels && $^O eq 'linux' && ($Config::Config{archname} // '') =~ /^x86_64-/;
+    my $param = pack 'i', 0;
+    return 0 if syscall(SYS_SCHED_SETSCHEDULER, 0, SCHED_OTHER | SCHED_RESET_ON_FORK, $param) != 0;
+    return setpriority(PRIO_PROCESS, 0, _nice(-$levels)) ? 1 : 0;
+}
+
+=head2 back($pid)
+
+In a session leader: its session's group back to nice 0 (if it was
+raised), and the process C<$pid> of its session (its waiting worker, or
+undef) back to nice 0 without C<SCHED_RESET_ON_FORK>. Needs no right but the one the raise had: called
+before privileges are dropped.
+
+=cut
+
+sub back {
+    my ($pid) = @_;
+    if ($pid) {    # a plain process again: nice 0, and no reset flag
+        my $param = pack 'i', 0;
+        syscall(SYS_SCHED_SETSCHEDULER, $pid, SCHED_OTHER, $param)
+            if $^O eq 'linux' && ($Config::Config{archname} // '') =~ /^x86_64-/;
+        setpriority(PRIO_PROCESS, $pid, 0);
+    }
+    _write_group(0) if -e AUTOGROUP && (_group_nice() // 0) < 0;
+    return;
+}
+
+# CAP_SYS_ADMIN (bit 21) in the effective set.
+sub _may_admin {
+    open my $fh, '<', '/proc/self/status' or return 0;
+    while (my $line = <$fh>) {
+        return (hex(substr $1, -8) >> 21) & 1 if $line =~ /\ACapEff:\s*([0-9a-f]+)/;    # the low 32 bits
+    }
+    return 0;
+}
+
+sub _nice { return $_[0] < -20 ? -20 : $_[0] }
+
+sub _write_group {
+    my ($nice) = @_;
+    open my $fh, '>', AUTOGROUP or return 0;
+    my $ok = print {$fh} $nice;
+    $ok &&= close $fh;
+    return $ok ? 1 : 0;
+}
+
+# The nice value of our session's group ("/autogroup-N nice M").
+sub _group_nice {
+    open my $fh, '<', AUTOGROUP or return undef;
+    my $line = <$fh> // '';
+    return $line =~ /nice (-?\d+)/ ? $1 : undef;
 }
 
 # The session's scheduling group (autogroup): only our own session's, and

@@ -7,7 +7,7 @@ use POSIX ();
 use Socket qw(SOL_SOCKET SCM_RIGHTS MSG_DONTWAIT);
 use Socket::MsgHdr ();
 use ForkServer::Link ();
-use ForkServer::Protocol qw(decode_header decode_array encode_packet encode_dict :packet :mask MODIFIER1_FORK_SERVER);
+use ForkServer::Protocol qw(decode_header decode_packet decode_array encode_packet encode_dict :packet :mask MODIFIER1_FORK_SERVER);
 
 =head1 NAME
 
@@ -195,6 +195,30 @@ sub handed_over {
     $self->{buf} = $args{data};
     my $state = $self->_check;
     die "an incomplete request\n" unless $state eq 'complete';
+    return $self;
+}
+
+=head2 from_base(data => $packet, fds => \@fds) -> $request
+
+A request the base checked and sent on a link only the base holds (a warm
+spare's worker, L<ForkServer::Spares::WorkerStart>): decoded, its
+descriptors counted against its mask, not checked again on the first
+request's path (the spare checks it with C<handed_over> before it sets
+itself up). Dies with the reason.
+
+=cut
+
+sub from_base {
+    my ($class, %args) = @_;
+    my $self = $class->new(sock => undef, peer => 'the base');
+    $self->{fds} = [@{ $args{fds} }];
+    my ($mod1, $mask, $body) = decode_packet($args{data});
+    die "wrong modifier1 $mod1\n" unless $mod1 == MODIFIER1_FORK_SERVER;
+    my $want = grep { $mask & $_ } MASK_PIPE, MASK_CONFIG, MASK_ON_DEMAND, MASK_CGROUP;
+    die sprintf("mask 0x%02x announces %d descriptors, got %d\n", $mask, $want, scalar @{ $self->{fds} })
+        unless $mask & MASK_PIPE && $want == @{ $self->{fds} };
+    $self->{mask} = $mask;
+    $self->{argv} = [decode_array($body)];
     return $self;
 }
 

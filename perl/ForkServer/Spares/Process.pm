@@ -4,6 +4,7 @@ use warnings;
 
 use IO::Select ();
 use POSIX ();
+use ForkServer::Base::Priority ();
 use ForkServer::Base::Request ();
 use ForkServer::Link ();
 use ForkServer::Log ();
@@ -47,10 +48,10 @@ its session it already leads), except that its first worker already
 exists: it gets the listening socket, the argv and the config text,
 applies C<env>, C<chdir>, C<gid>/C<uid> itself and starts accepting
 (L<ForkServer::HTTPServer/run_preforked_worker>); workers beyond the first
-are forked then. With the on-demand socket (C<emperor run>'s), the worker
-gets all that as soon as the spare has read its config, and starts while
-the spare sets itself up as the master on the other core; it judges itself
-whether its warm-up fits the vassal (L<ForkServer::Spares::Worker/start_early>). A config with C<psgi> (an app on top of the base) lets the
+are forked then. Mostly the worker has started before: from the base's own
+request, judging itself whether its warm-up fits the vassal
+(L<ForkServer::Spares::WorkerStart>), while the spare sets itself up as
+the master on the other core. A config with C<psgi> (an app on top of the base) lets the
 waiting worker go and forks fresh workers from the loaded app.
 
 End of file on the link (the base stopped or died, or a deploy replaced
@@ -99,6 +100,9 @@ sub run {
         my $worker = ForkServer::Spares::Worker->prefork($base->{app}, $args{paths}, $name, $link,
                                                          $args{warm_timeout});
         ForkServer::Spares::Rehearsal::vassal_start() for 1 .. ForkServer::Spares::Rehearsal::TIMES;
+        # warm: the adoption's path runs ahead of the fleet, as the base does
+        # (its worker raised itself too); its master puts it back once set up
+        ForkServer::Base::Priority::raise_group(ForkServer::Base::Priority::raised());
         $0 = "psgi-vassal $name (spare of $base->{pid})";
         # with the worker's own link, on which the base sends it the adoption too
         ForkServer::Link::send_fds($link, "R$$", $worker->link_for_base) or die "telling the base: $!\n";
@@ -178,6 +182,11 @@ sub _wait_for_adoption {
         $worker->sent_directly;
         $worker->await_direct;
     }
+    # The base's priority is for a worker serving straight from the base's
+    # request (its master puts it back once set up). Any other start (an
+    # app of its own to load, a uid to drop to, fresh workers) runs as any
+    # vassal's does.
+    ForkServer::Base::Priority::back($worker->{gone} ? undef : $worker->{pid}) unless $worker->serves_early;
     # no connection to the requester: the base sent the pid reply
     my $req = eval { ForkServer::Base::Request->handed_over(sock => undef, data => $data, fds => \@fds) };
     if (!$req) {

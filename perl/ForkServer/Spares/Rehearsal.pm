@@ -144,12 +144,12 @@ sub worker_start {
 }
 
 # The start from the base's own request (ForkServer::Spares::WorkerStart):
-# the request checked, the config packet peeked at with a descriptor (the
+# the request decoded, the config packet peeked at with a descriptor (the
 # output pipe's stand-in), the Emperor's argv and text parsed, judged.
 sub _direct_start {
     my ($data, @fds) = _handed(encode_packet(MODIFIER1_FORK_SERVER, MASK_PIPE, encode_array('perl', @ARGV_SHAPE)))
         or return;
-    my $req = eval { ForkServer::Base::Request->handed_over(sock => undef, data => $data, fds => \@fds) };
+    my $req = eval { ForkServer::Base::Request->from_base(data => $data, fds => \@fds) };
     if ($req) { $req->fds_by_role; $req->close_all }
     else      { POSIX::close($_) for @fds }
     socketpair(my $emperor, my $config_pipe, AF_UNIX, SOCK_STREAM, PF_UNSPEC) or return;
@@ -163,7 +163,8 @@ sub _direct_start {
     # bound, never listening, as the vassal's own socket would be
     my $sock = IO::Socket::IP->new(LocalHost => '127.0.0.1', LocalPort => 0, ReuseAddr => 1, Type => SOCK_STREAM);
     close $sock if $sock;
-    ForkServer::Spares::Worker::unfit_for({ id => ForkServer::Vassal::Identity::current(), cwd => '/', env => {} },
+    my $id = ForkServer::Vassal::Identity::current();
+    ForkServer::Spares::Worker::unfit_for({ id => $id, cwd => '/', env => {}, now => { id => $id, cwd => '/' } },
                                           $config);
     return;
 }

@@ -21,6 +21,7 @@ use ForkServer::Spares::Rehearsal ();
 use ForkServer::Spares::EnvReads ();
 use ForkServer::Spares::WorkerStart ();
 use ForkServer::Vassal ();
+use ForkServer::Base::Priority ();
 use ForkServer::Base::Warmup ();
 
 =head1 NAME
@@ -33,8 +34,8 @@ ForkServer::Spares::Worker - a spare's first worker, forked and warmed before an
   my $worker = ForkServer::Spares::Worker->prefork($app, \@paths, $name, $base_link, $timeout);
   # adopted: the argv and config text, then the socket (ForkServer::Vassal)
   $worker->for_request(\@argv, $config_text);
-  $worker->start_early(0);                  # the on-demand socket: it starts now, judges itself
-  my $why = $worker->verdict;               # later, in the master: undef if it fits
+  # started by the base's request, it judged itself (ForkServer::Spares::WorkerStart):
+  my $why = $worker->started_early ? $worker->verdict : $worker->unfit($config);   # undef if it fits
   my $preforked = $worker->start($listen_sock, $requests_fh);   # ForkServer::HTTPServer's slot 1
   $worker->discard;    # or: the vassal's own app (psgi); fresh workers instead
 
@@ -52,8 +53,8 @@ C<chdir> and C<gid>/C<uid> itself and serves as the master's slot 1
 
 use constant READS_MAX => 65536;    # the W message with the names of the %ENV keys the warm-up read
 # how the worker is started (ForkServer::Spares::WorkerStart): its master
-# judged it fit, or it judges itself and answers FITS or UNFIT on its link
-use constant { map { $_ => ForkServer::Spares::WorkerStart->can($_)->() } qw(GO JUDGE FITS UNFIT) };
+# judged it fit (GO), or it judged itself and answered FITS or UNFIT
+use constant { map { $_ => ForkServer::Spares::WorkerStart->can($_)->() } qw(GO FITS UNFIT) };
 
 # In the spare: fork the worker with the master's pipes (ForkServer::HTTPServer's
 # worker messages and stop pipe); it warms up, says so, and waits for go().
@@ -212,14 +213,18 @@ sub unfit {
 }
 
 # The same judgement from a warm-up record: the worker judges itself so,
-# when it is started early (start_early).
+# started by the base's request (ForkServer::Spares::WorkerStart).
 sub unfit_for {
     my ($warm, $config) = @_;
     $warm or return 'no warm-up known';
     return 'keep-fd' if $config->list('keep-fd');
-    my $id = ForkServer::Vassal::Identity::target($config) // ForkServer::Vassal::Identity::current();
+    # where the config changes neither, the identity and directory the
+    # waiting worker saw before it waited (waiting changes neither)
+    my $now = $warm->{now} || {};
+    my $id = ForkServer::Vassal::Identity::target($config) // $now->{id} // ForkServer::Vassal::Identity::current();
     return 'another identity' unless ForkServer::Vassal::Identity::same($id, $warm->{id});
-    return 'another working directory' unless (Cwd::getcwd() // '') eq ($warm->{cwd} // '');
+    my $cwd = defined $config->get('chdir') ? Cwd::getcwd() : $now->{cwd} // Cwd::getcwd();
+    return 'another working directory' unless ($cwd // '') eq ($warm->{cwd} // '');
     for my $key (keys %{ $warm->{env} }) {
         next if $key =~ /\AUWSGI_/;
         my ($was, $is) = ($warm->{env}{$key}, $ENV{$key});
@@ -241,6 +246,8 @@ worker as its slot 1.
 
 sub start {
     my ($self, $sock, $requests_fh) = @_;
+    # set up: the vassal runs as any other from now on
+    ForkServer::Base::Priority::back($self->{pid});
     return $self->_started if $self->{early};    # it has the socket, and said it fits
     $self->_send(GO, fileno $sock, $requests_fh ? fileno $requests_fh : ());
     close $self->{link};
@@ -264,56 +271,36 @@ sub _send {
     return;
 }
 
-=head2 start_early($listen_fd)
-
-In the adopted spare, as soon as its argv and config text are known
-(C<for_request>) and the listening socket is descriptor C<$listen_fd>
-(the on-demand socket the requester passed): the worker gets them at
-once, applies C<env>, C<chdir>, C<gid>/C<uid> and starts accepting while
-the master still sets itself up, on the other core. It judges itself
-whether it fits (C<unfit>, from its own warm-up's record) and says so on
-its link: C<verdict>. Not for a vassal whose master must open something
-for the worker first (a requests file for the uid it drops to) or that
-lets the worker go anyway (C<psgi>, C<keep-fd>): the caller decides.
-
-=cut
-
-sub start_early {
-    my ($self, $listen_fd) = @_;
-    return if $self->{early};    # it started from the base's request (await_direct)
-    # a worker gone since the spare last looked: the master finds out at
-    # start() as before, and forks fresh workers
-    $self->{early} = 1 if eval { $self->_send(JUDGE, $listen_fd); 1 };
-    return;
-}
-
 =head2 started_early() -> bool
 
-Whether C<start_early> gave the worker its vassal.
+Whether the worker started from the base's request (C<await_direct>): it
+judged itself, C<verdict> says how.
 
 =cut
 
 sub started_early { return $_[0]{early} ? 1 : 0 }
 
+=head2 serves_early() -> bool
+
+Whether it started from the base's request and said it fits (before
+C<verdict> is read).
+
+=cut
+
+sub serves_early { return $_[0]{early} && !defined $_[0]{said} ? 1 : 0 }
+
 =head2 verdict() -> $why or undef
 
-After C<start_early>: undef when the worker fits and serves (C<start>
+When C<started_early>: undef when the worker fits and serves (C<start>
 then hands it to the master), else why not (it has left, or leaves).
 
 =cut
 
 sub verdict {
     my ($self) = @_;
-    if (exists $self->{said}) {    # answered already (await_direct)
-        my $why = delete $self->{said};
-        close $self->{link} unless defined $why;
-        return $why;
-    }
-    my $n = sysread $self->{link}, my $said, 4096;
-    return 'its worker is gone' unless $n;
-    return substr($said, 1) || 'unfit' if $said =~ /\A\Q${\UNFIT}\E/;
-    close $self->{link};
-    return undef;
+    my $why = delete $self->{said};    # its answer (await_direct)
+    close $self->{link} unless defined $why;
+    return $why;
 }
 
 # What the vassal keeps open for it (ForkServer::Base closes the rest).
@@ -329,6 +316,7 @@ sub fds {
 sub discard {
     my ($self) = @_;
     return if $self->{started} || $self->{discarded}++;
+    ForkServer::Base::Priority::back(undef);
     # said, not left to the link's end of file: a helper the vassal's app
     # forked while loading holds a copy of the link, and the worker would
     # wait for that end forever (and the vassal with it)
@@ -372,7 +360,13 @@ sub _worker_main {
     my $msg = join "\0", 'W', @$read;
     $msg = "W\0*" if length $msg > READS_MAX;
     my $warm = { id => $id, cwd => $cwd,
-                 env => { map { $_ => $env_before{$_} } $msg eq "W\0*" ? keys %env_before : @$read } };
+                 env => { map { $_ => $env_before{$_} } $msg eq "W\0*" ? keys %env_before : @$read },
+                 # as they are after the warm-up (it may have changed them):
+                 # what the judgement compares unless the config changes them
+                 now => { id => ForkServer::Vassal::Identity::current(), cwd => Cwd::getcwd() } };
+    # warm: ahead of its own master, which sets itself up while this
+    # worker starts serving (ForkServer::Base::Priority)
+    ForkServer::Base::Priority::raise_process(ForkServer::Base::Priority::raised());
     syswrite($link, $msg) or die "telling the spare: $!\n";
     # the adoption comes from the base itself (ForkServer::Spares::WorkerStart)
     # or, when this worker cannot start on its own, from the spare

@@ -25,6 +25,7 @@ ForkServer::Spares::WorkerStart - how a spare's waiting worker becomes its vassa
       link => $spare_link, direct => $base_link, warm => \%warm_up_record, master => $spare_pid,
       reserved => [$emperor_fd, $config_fd]);
   # { sock => $listening, vassal => ForkServer::Vassal, requests_fd => $fd or undef, judged => bool }
+  # judged: it started from the base's request, judged itself and must say so (FITS)
 
 =head1 DESCRIPTION
 
@@ -49,15 +50,15 @@ forked (L<ForkServer::Spares::Worker/renumber>). The master reads its config pip
 answer (L<ForkServer::Spares::Worker/await_direct>). Where it cannot
 (the config packet not whole, an app of its own, a C<keep-fd>, a requests
 file its master must make as root, a socket it cannot bind), it says C<N>
-and waits for its spare to start it as before: with the spare's message,
-after the master has read the config (start or judge).
+and waits for its spare to start it: once the master is set up and has
+judged it (L<ForkServer::Spares::Worker/start>), with the socket, the
+vassal's output and config.
 
 =cut
 
 use constant {
-    NOT_STARTED       => 'N',    # worker to spare: the spare starts it (start_early or start)
+    NOT_STARTED       => 'N',    # worker to spare: the spare starts it (ForkServer::Spares::Worker::start)
     GO                => 'go',
-    JUDGE             => 'judge',
     FITS              => 'S',
     UNFIT             => 'U',
     CONTROL_LEN       => 64,
@@ -104,8 +105,7 @@ sub _from_base {
         syswrite $link, NOT_STARTED;
         return undef;
     };
-    my $req = eval { ForkServer::Base::Request->handed_over(sock => undef, data => $data, fds => \@fds) }
-        or return $not->();
+    my $req = eval { ForkServer::Base::Request->from_base(data => $data, fds => \@fds) } or return $not->();
     my ($pipe, $config_fd, $listen_fd) = $req->fds_by_role;
     my $text;
     if (defined $config_fd) {
@@ -185,8 +185,8 @@ sub _peek_config {
     return (substr($whole->buf, 4), $output);
 }
 
-# The spare's message (start or judge, or its end of file): the listening
-# socket, the vassal's output, config text and Emperor variables.
+# The spare's start (or its end of file): the listening socket, the
+# vassal's output, config text and Emperor variables; its master judged it.
 sub _from_spare {
     my ($link, $warm, $master, $data, $fd, @output) = @_;
     my $requests_fd = $output[2];    # the vassal's requests file, when it drops root (ForkServer::Vassal)
@@ -202,14 +202,13 @@ sub _from_spare {
         POSIX::dup2($from, $to) // die "dup2 of the vassal's output to descriptor $to: $!\n";
         POSIX::close($from);
     }
-    my ($mode, $has_text, $text, $emperor_fd, $config_fd, @argv) = decode_array($data);
+    my (undef, $has_text, $text, $emperor_fd, $config_fd, @argv) = decode_array($data);    # GO
     set_emperor_variables($emperor_fd, $config_fd);
     my $sock = ForkServer::Vassal::listener_from_fd($fd) or die "the listening socket: $!\n";
     my $config = ForkServer::Config->from_argv(\@argv, config_text => $has_text ? $text : undef);
     my $vassal = ForkServer::Vassal->new(config => $config);
     $vassal->configure;
-    judge($link, $warm, $config) if $mode eq JUDGE;    # started early (start_early): its master waits
-    return { sock => $sock, vassal => $vassal, requests_fd => $requests_fd, judged => $mode eq JUDGE };
+    return { sock => $sock, vassal => $vassal, requests_fd => $requests_fd, judged => 0 };
 }
 
 =head2 judge($link, \%warm, $config)
@@ -217,7 +216,7 @@ sub _from_spare {
 Leaves after telling the spare why the worker does not fit the vassal
 (C<U>). One that fits says so (C<S>, C<judged> in the start) once its
 server is made, just before it accepts: its spare waits for that word
-before its own start-up, which then does not compete with the worker's.
+before its own start-up.
 
 =cut
 
