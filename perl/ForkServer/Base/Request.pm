@@ -39,6 +39,7 @@ MAX_ARG_BYTES of valid UTF-8 without NUL.
 =cut
 
 use constant MSG_CTRUNC       => 0x08;          # Linux: control data did not fit
+use constant FIRST_READ       => 4096;          # an adoption request is a few hundred bytes
 use constant CONTROL_LEN      => 512;           # room for far more than 3 descriptors: excess ones are seen (and closed), not dropped
 use constant MAX_ARGS         => 256;
 use constant MAX_ARG_BYTES    => 4096;
@@ -66,11 +67,24 @@ sub fds      { @{ $_[0]{fds} } }
 
 # Reads what is there. Returns 'more' or 'complete'; dies with the reason
 # for refusing the request.
+# One message header for every read of the process (the base's): each new
+# one was a blessed hash, and a 64 KB buffer zeroed and copied, on pages the
+# base shares with every vassal, for a request of a few hundred bytes.
+my $HDR;
+
 sub read_some {
     my ($self) = @_;
-    # one byte more than a whole packet, so trailing garbage is seen
-    my $room = HEADER_SIZE + MAX_BODY + 1 - length $self->{buf};
-    my $hdr  = Socket::MsgHdr->new(buflen => $room, controllen => CONTROL_LEN);
+    # the rest of the packet and one byte more, so trailing garbage is seen;
+    # before its size is known, what a usual request takes
+    my $len  = length $self->{buf};
+    my $room = $len >= HEADER_SIZE ? HEADER_SIZE + (decode_header(substr $self->{buf}, 0, HEADER_SIZE))[1] + 1 - $len
+             : FIRST_READ;
+    my $max  = HEADER_SIZE + MAX_BODY + 1 - $len;
+    $room = $max if $room > $max;
+    my $hdr = $HDR //= Socket::MsgHdr->new;
+    $hdr->buflen($room);
+    $hdr->controllen(CONTROL_LEN);
+    $hdr->flags(0);
     my $n    = Socket::MsgHdr::recvmsg($self->{sock}, $hdr, ForkServer::Link::MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
     if (!defined $n) {
         return 'more' if $!{EAGAIN} || $!{EWOULDBLOCK} || $!{EINTR};
