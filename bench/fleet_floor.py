@@ -26,6 +26,7 @@ import resource
 import shlex
 import signal
 import socket
+import struct
 import subprocess
 import time
 from collections import Counter
@@ -136,21 +137,103 @@ def elsewhere(before: dict[int, tuple[float, int, str, int]], after: dict[int, t
             "other_processes_top": [(c, round(s, 2)) for c, s in others.most_common(5)]}
 
 
+def huge_mb(pid: int) -> float | None:
+    """MB of a process's anonymous memory mapped with 2 MB pages (each a
+    single page-table entry for a fork to copy), from smaps_rollup."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _maps(pid: int) -> list[tuple[int, int, str, str]]:
+    out = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            parts = line.split(None, 5)
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            out.append((start, end, parts[1], parts[5].strip() if len(parts) > 5 else ""))
+    return out
+
+
+def _frames(pid: int, start: int, end: int) -> list[int]:
+    """The page frame of each page of [start, end), 0 where none is present
+    (/proc/PID/pagemap; frames are read as root only, else all 0)."""
+    with open(f"/proc/{pid}/pagemap", "rb") as f:
+        f.seek(start // 4096 * 8)
+        data = f.read((end - start) // 4096 * 8)
+    return [e & ((1 << 55) - 1) if e >> 63 else 0 for e in struct.unpack(f"{len(data) // 8}Q", data)]
+
+
+def _mapping_kind(perm: str, path: str) -> str:
+    if path == "[heap]":
+        return "heap"
+    if path == "[stack]":
+        return "stack"
+    if not path:
+        return "other anonymous"
+    return "libraries' data" if "w" in perm else "libraries' read-only"
+
+
+def frames_by_page(pid: int) -> dict[int, tuple[int, str]] | None:
+    """Every present page of the writable mappings of a process: address ->
+    (page frame, kind of mapping). None when frames cannot be read (they
+    are shown to root only)."""
+    out = {}
+    try:
+        for start, end, perm, path in _maps(pid):
+            if "w" not in perm:
+                continue
+            kind = _mapping_kind(perm, path)
+            for i, frame in enumerate(_frames(pid, start, end)):
+                if frame:
+                    out[start + 4096 * i] = (frame, kind)
+    except OSError:
+        return None
+    return out if out else None
+
+
+def own_pages(mine: dict[int, tuple[int, str]] | None,
+              *others: dict[int, tuple[int, str]] | None) -> dict[str, int] | None:
+    """The pages of `mine` whose frame none of `others` has at that address
+    (copied on write, or new), counted by kind of mapping."""
+    if mine is None or any(o is None for o in others):
+        return None
+    out: Counter[str] = Counter()
+    for addr, (frame, kind) in mine.items():
+        if all(o.get(addr, (0, ""))[0] != frame for o in others):  # type: ignore[union-attr]
+            out[kind] += 1
+    return dict(out)
+
+
 def floor(procs: Procs, ports: Ports, tmp: Path, base_cls, app: str, program: str, n: int,
           say: Callable[[str], None]) -> dict:
     """n adoptions one at a time (no spares): CPU per stage, summed over the
-    processes that do the work."""
+    processes that do the work. Also what the last vassal owns of its own
+    (its pages no longer the base's, by mapping) and how much of the base's
+    memory is in 2 MB pages before and after the adoptions."""
     say(f"floor: {n} adoptions, one at a time, CPU per stage from /proc")
+    before: dict | None = None
     base = base_cls(procs, app, tmp / "floor.sock", "base-floor", ("--fork-server-spares", "0"))
     rows = []
+    anatomy: dict = {}
     try:
         time.sleep(0.5)  # the base's own start-up CPU settles
+        anatomy["base_huge_mb_ready"] = huge_mb(base.proc.pid)
         for i in range(n):
             port = ports.get()
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", port))
             s.listen(128)
+            # the base's pages as the last vassal will start with them: what
+            # it owns later is what it copied (the base's own writes after
+            # the clone give the base new frames, not the vassal)
+            before = frames_by_page(base.proc.pid) if i == n - 1 else None
             b0 = proc_stat(base.proc.pid)
             try:
                 pid, pipe, t0, t_pid = base.adopt(["--http-socket", f"127.0.0.1:{port}", "--processes", "1"], s)
@@ -170,13 +253,28 @@ def floor(procs: Procs, ports: Ports, tmp: Path, base_cls, app: str, program: st
                 "master_cpu_ms": m[0] * 1000 if m else 0.0, "master_faults": m[1] if m else 0,
                 "worker_cpu_ms": sum(x[0] for x in w) * 1000, "worker_faults": sum(x[1] for x in w),
             })
+            if i == n - 1 and workers:
+                # the pages the last vassal's processes made their own, as
+                # it answers: the master's against the base's, the worker's
+                # against the master's (what its own fork copied)
+                master, worker = frames_by_page(pid), frames_by_page(workers[0])
+                anatomy["master_own_pages"] = own_pages(master, before)
+                # the worker's own: neither the base's nor its master's now
+                # (so it also counts pages the master copied again after the
+                # fork, leaving the worker the master's earlier copy)
+                anatomy["worker_own_pages"] = own_pages(worker, before, master)
+                anatomy["master_huge_mb"] = huge_mb(pid)
+                anatomy["worker_huge_mb"] = huge_mb(workers[0])
+                anatomy["mappings"] = len(_maps(pid))
             pipe.close()
             if not procs.wait(pid, 15):
                 procs.stop_tree(pid, signal.SIGKILL, 5)
             procs.reap()
+        anatomy["base_huge_mb_after"] = huge_mb(base.proc.pid)
     finally:
         base.stop()
     out = {k: summary([r[k] for r in rows]) for k in rows[0]}
+    out["anatomy"] = anatomy
     cpu = {k: sum(r[k] for r in rows) / len(rows) for k in ("base_cpu_ms", "master_cpu_ms", "worker_cpu_ms")}
     out["mean_cpu_ms"] = cpu
     out["cpu_per_vassal_ms"] = sum(cpu.values())
@@ -185,7 +283,23 @@ def floor(procs: Procs, ports: Ports, tmp: Path, base_cls, app: str, program: st
     out["n"] = n
     say(f"  per adoption: base {cpu['base_cpu_ms']:.2f} + master {cpu['master_cpu_ms']:.2f} + worker "
         f"{cpu['worker_cpu_ms']:.2f} ms CPU; wall p50 {out['wall_ms']['p50']:.2f} ms")
+    say(f"  {anatomy_line(anatomy)}")
     return out
+
+
+def anatomy_line(a: dict) -> str:
+    """One line: the base's memory in 2 MB pages before and after serving,
+    and the pages a vassal's master and worker own, by mapping."""
+    def pages(d: dict | None) -> str:
+        if d is None:
+            return "n/a (page frames need root)"
+        return f"{sum(d.values())} (" + ", ".join(f"{k} {v}" for k, v in sorted(d.items(), key=lambda kv: -kv[1])) + ")"
+
+    def mb(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.0f} MB"
+    return (f"base in 2 MB pages: {mb(a.get('base_huge_mb_ready'))} ready, {mb(a.get('base_huge_mb_after'))} after "
+            f"the adoptions; the last vassal ({a.get('mappings', '?')} mappings) owns, as it answers: master "
+            f"{pages(a.get('master_own_pages'))}, worker {pages(a.get('worker_own_pages'))}")
 
 
 def floor_for(fl: dict, n: int) -> float:
@@ -315,14 +429,18 @@ def burst(procs: Procs, ports: Ports, tmp: Path, emperor_cls, wait_fork_server,
 
 
 def run(procs: Procs, ports: Ports, tmp: Path, quick: bool, step, say, emperor_cls, base_cls,
-        wait_fork_server, apps: dict[str, str], program: str) -> dict:
-    """`--only floor`: the floor from single adoptions, then a mass start
-    of 200 (`--quick`) or 1,000 (`--full`) heavy vassals against it."""
+        wait_fork_server, apps: dict[str, str], program: str, with_burst: bool = True) -> dict:
+    """`--only floor`: the floor from single adoptions, then (unless
+    `with_burst` is false: `--floor-only`) a mass start of 200 (`--quick`)
+    or 1,000 (`--full`) heavy vassals against it."""
     n = 200 if quick else 1000
     out: dict = {"load_average_at_start": os.getloadavg()}
     fl = step("floor", lambda: floor(procs, ports, tmp, base_cls, apps["heavy"], program, 20, say))
     if fl:
         out["floor"] = fl
+    if not with_burst:
+        out["load_average_at_end"] = os.getloadavg()
+        return out
     b = step(f"burst {n}", lambda: burst(procs, ports, tmp, emperor_cls,
                                          wait_fork_server, n, "heavy", say))
     if b:
@@ -348,6 +466,10 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
                     f"{fl['cpu_per_vassal_ms']:.2f} ms; faults {fl['base_faults']['p50']:.0f} + "
                     f"{fl['master_faults']['p50']:.0f} + {fl['worker_faults']['p50']:.0f}; "
                     f"wall p50 {fl['wall_ms']['p50']:.2f} ms", "", ""))
+        if fl.get("anatomy"):
+            out.append(("  what the floor copies: the base's memory in 2 MB pages (one page-table entry each), "
+                        "and the pages the last vassal's master and worker own as it answers (copied on write)",
+                        anatomy_line(fl["anatomy"]), "", ""))
         out.append(("floor of 1,000 heavy vassals answering: base start-up + 1,000 x that CPU / "
                     f"{fl['cores']} cores", f"{floor_for(fl, 1000):.2f} s "
                     f"(base ready at {fl['base_ready_s']:.2f} s)", "5 s", ""))
