@@ -26,7 +26,6 @@ import resource
 import shlex
 import signal
 import socket
-import struct
 import subprocess
 import time
 from collections import Counter
@@ -35,8 +34,10 @@ from pathlib import Path
 
 import psutil
 
+from anatomy import anatomy_line, frames_by_page, huge_mb, mapping_count, own_pages
 from benchlib import BenchError, Ports, Procs, http_get, rmtree, summary, wait_all_200
 from emperor_run import write_fleet
+from pyspy import hot_functions, py_spy
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -137,79 +138,6 @@ def elsewhere(before: dict[int, tuple[float, int, str, int]], after: dict[int, t
             "other_processes_top": [(c, round(s, 2)) for c, s in others.most_common(5)]}
 
 
-def huge_mb(pid: int) -> float | None:
-    """MB of a process's anonymous memory mapped with 2 MB pages (each a
-    single page-table entry for a fork to copy), from smaps_rollup."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("AnonHugePages:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def _maps(pid: int) -> list[tuple[int, int, str, str]]:
-    out = []
-    with open(f"/proc/{pid}/maps") as f:
-        for line in f:
-            parts = line.split(None, 5)
-            start, end = (int(x, 16) for x in parts[0].split("-"))
-            out.append((start, end, parts[1], parts[5].strip() if len(parts) > 5 else ""))
-    return out
-
-
-def _frames(pid: int, start: int, end: int) -> list[int]:
-    """The page frame of each page of [start, end), 0 where none is present
-    (/proc/PID/pagemap; frames are read as root only, else all 0)."""
-    with open(f"/proc/{pid}/pagemap", "rb") as f:
-        f.seek(start // 4096 * 8)
-        data = f.read((end - start) // 4096 * 8)
-    return [e & ((1 << 55) - 1) if e >> 63 else 0 for e in struct.unpack(f"{len(data) // 8}Q", data)]
-
-
-def _mapping_kind(perm: str, path: str) -> str:
-    if path == "[heap]":
-        return "heap"
-    if path == "[stack]":
-        return "stack"
-    if not path:
-        return "other anonymous"
-    return "libraries' data" if "w" in perm else "libraries' read-only"
-
-
-def frames_by_page(pid: int) -> dict[int, tuple[int, str]] | None:
-    """Every present page of the writable mappings of a process: address ->
-    (page frame, kind of mapping). None when frames cannot be read (they
-    are shown to root only)."""
-    out = {}
-    try:
-        for start, end, perm, path in _maps(pid):
-            if "w" not in perm:
-                continue
-            kind = _mapping_kind(perm, path)
-            for i, frame in enumerate(_frames(pid, start, end)):
-                if frame:
-                    out[start + 4096 * i] = (frame, kind)
-    except OSError:
-        return None
-    return out if out else None
-
-
-def own_pages(mine: dict[int, tuple[int, str]] | None,
-              *others: dict[int, tuple[int, str]] | None) -> dict[str, int] | None:
-    """The pages of `mine` whose frame none of `others` has at that address
-    (copied on write, or new), counted by kind of mapping."""
-    if mine is None or any(o is None for o in others):
-        return None
-    out: Counter[str] = Counter()
-    for addr, (frame, kind) in mine.items():
-        if all(o.get(addr, (0, ""))[0] != frame for o in others):  # type: ignore[union-attr]
-            out[kind] += 1
-    return dict(out)
-
-
 def floor(procs: Procs, ports: Ports, tmp: Path, base_cls, app: str, program: str, n: int,
           say: Callable[[str], None]) -> dict:
     """n adoptions one at a time (no spares): CPU per stage, summed over the
@@ -265,7 +193,7 @@ def floor(procs: Procs, ports: Ports, tmp: Path, base_cls, app: str, program: st
                 anatomy["worker_own_pages"] = own_pages(worker, before, master)
                 anatomy["master_huge_mb"] = huge_mb(pid)
                 anatomy["worker_huge_mb"] = huge_mb(workers[0])
-                anatomy["mappings"] = len(_maps(pid))
+                anatomy["mappings"] = mapping_count(pid)
             pipe.close()
             if not procs.wait(pid, 15):
                 procs.stop_tree(pid, signal.SIGKILL, 5)
@@ -287,46 +215,9 @@ def floor(procs: Procs, ports: Ports, tmp: Path, base_cls, app: str, program: st
     return out
 
 
-def anatomy_line(a: dict) -> str:
-    """One line: the base's memory in 2 MB pages before and after serving,
-    and the pages a vassal's master and worker own, by mapping."""
-    def pages(d: dict | None) -> str:
-        if d is None:
-            return "n/a (page frames need root)"
-        return f"{sum(d.values())} (" + ", ".join(f"{k} {v}" for k, v in sorted(d.items(), key=lambda kv: -kv[1])) + ")"
-
-    def mb(x: float | None) -> str:
-        return "n/a" if x is None else f"{x:.0f} MB"
-    return (f"base in 2 MB pages: {mb(a.get('base_huge_mb_ready'))} ready, {mb(a.get('base_huge_mb_after'))} after "
-            f"the adoptions; the last vassal ({a.get('mappings', '?')} mappings) owns, as it answers: master "
-            f"{pages(a.get('master_own_pages'))}, worker {pages(a.get('worker_own_pages'))}")
-
-
 def floor_for(fl: dict, n: int) -> float:
     """Seconds: base start-up + n adoptions' CPU over every core."""
     return fl["base_ready_s"] + n * fl["cpu_per_vassal_ms"] / 1000 / fl["cores"]
-
-
-def _py_spy(pyspy: str, pid: int, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([pyspy, "record", "--pid", str(pid), "--format", "raw", "--rate", "200",
-                             "--output", str(out), "--nonblocking"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _hot(raw: Path, top: int = 15) -> list[tuple[str, float]]:
-    """Share of samples in which each function is on the stack (self+children)
-    and as leaf; from py-spy's collapsed-stack output."""
-    incl: Counter[str] = Counter()
-    total = 0
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not count.isdigit():
-            continue
-        c = int(count)
-        total += c
-        for fn in {f.split(" (")[0] for f in stack.split(";")}:
-            incl[fn] += c
-    return [(fn, round(100 * c / total, 1)) for fn, c in incl.most_common(top)] if total else []
 
 
 def burst(procs: Procs, ports: Ports, tmp: Path, emperor_cls, wait_fork_server,
@@ -348,7 +239,7 @@ def burst(procs: Procs, ports: Ports, tmp: Path, emperor_cls, wait_fork_server,
     raw = tmp / "emperor.pyspy"
     try:
         if pyspy:
-            spy = _py_spy(pyspy, em.proc.pid, raw)
+            spy = py_spy(pyspy, em.proc.pid, raw)
         res["base_listening_s"] = wait_fork_server(sock, em, 60)
         # over the burst: how long the Emperor and the base each ran, and how
         # long each was runnable but waited for a core (a serial step starved)
@@ -416,7 +307,7 @@ def burst(procs: Procs, ports: Ports, tmp: Path, emperor_cls, wait_fork_server,
                 spy.wait()
             spy = None
             if raw.exists():
-                res["emperor_hot"] = _hot(raw)
+                res["emperor_hot"] = hot_functions(raw)
                 for fn, pct in res["emperor_hot"][:12]:
                     say(f"    {pct:5.1f} %  {fn}")
     finally:
