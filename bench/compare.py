@@ -51,9 +51,18 @@ def floor_round(procs: Procs, ports: Ports, tmp: Path, n: int) -> dict[str, floa
     fl = fleet_floor.floor(procs, ports, tmp, basevassal.Base, APPS["heavy"], basevassal.PROGRAM, n,
                            lambda m: None)
     c = fl["mean_cpu_ms"]
-    return {"clone_ms": c["base_cpu_ms"], "master_ms": c["master_cpu_ms"], "worker_ms": c["worker_cpu_ms"],
-            "total_ms": fl["cpu_per_vassal_ms"], "clone_faults": fl["base_faults"]["p50"],
-            "master_faults": fl["master_faults"]["p50"], "worker_faults": fl["worker_faults"]["p50"]}
+    a = fl["anatomy"]
+    row = {"clone_ms": c["base_cpu_ms"], "master_ms": c["master_cpu_ms"], "worker_ms": c["worker_cpu_ms"],
+           "total_ms": fl["cpu_per_vassal_ms"], "clone_faults": fl["base_faults"]["p50"],
+           "master_faults": fl["master_faults"]["p50"], "worker_faults": fl["worker_faults"]["p50"]}
+    # the last vassal's own pages (fleet_floor.own_pages) and the base's
+    # memory left in 2 MB pages after serving, where readable
+    for k in ("master_own_pages", "worker_own_pages"):
+        if a.get(k) is not None:
+            row[k.replace("_own_pages", "_own")] = float(sum(a[k].values()))
+    if a.get("base_huge_mb_after") is not None:
+        row["base_huge_mb"] = a["base_huge_mb_after"]
+    return row
 
 
 def spares_round(procs: Procs, ports: Ports, tmp: Path, n: int, bound: bool = True) -> list[float]:
@@ -124,7 +133,7 @@ def main() -> int:
     for name, _ in confs:
         if args.what == "floor":
             rows = floors[name]
-            print(f"  {name}: " + " ".join(f"{k} {statistics.median(x[k] for x in rows):.2f}" for k in rows[0]))
+            print(f"  {name}: " + " ".join(f"{k} {statistics.median(x[k] for x in rows if k in x):.2f}" for k in rows[0]))
         else:
             xs = sorted(samples[name])
             ratio = f", {statistics.median(xs) / statistics.median(uw_samples):.3f}x uWSGI 2.1" if uw_samples else ""

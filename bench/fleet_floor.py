@@ -34,8 +34,10 @@ from pathlib import Path
 
 import psutil
 
+from anatomy import anatomy_line, frames_by_page, huge_mb, mapping_count, own_pages
 from benchlib import BenchError, Ports, Procs, http_get, rmtree, summary, wait_all_200
 from emperor_run import write_fleet
+from pyspy import hot_functions, py_spy
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -139,18 +141,27 @@ def elsewhere(before: dict[int, tuple[float, int, str, int]], after: dict[int, t
 def floor(procs: Procs, ports: Ports, tmp: Path, base_cls, app: str, program: str, n: int,
           say: Callable[[str], None]) -> dict:
     """n adoptions one at a time (no spares): CPU per stage, summed over the
-    processes that do the work."""
+    processes that do the work. Also what the last vassal owns of its own
+    (its pages no longer the base's, by mapping) and how much of the base's
+    memory is in 2 MB pages before and after the adoptions."""
     say(f"floor: {n} adoptions, one at a time, CPU per stage from /proc")
+    before: dict | None = None
     base = base_cls(procs, app, tmp / "floor.sock", "base-floor", ("--fork-server-spares", "0"))
     rows = []
+    anatomy: dict = {}
     try:
         time.sleep(0.5)  # the base's own start-up CPU settles
+        anatomy["base_huge_mb_ready"] = huge_mb(base.proc.pid)
         for i in range(n):
             port = ports.get()
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", port))
             s.listen(128)
+            # the base's pages as the last vassal will start with them: what
+            # it owns later is what it copied (the base's own writes after
+            # the clone give the base new frames, not the vassal)
+            before = frames_by_page(base.proc.pid) if i == n - 1 else None
             b0 = proc_stat(base.proc.pid)
             try:
                 pid, pipe, t0, t_pid = base.adopt(["--http-socket", f"127.0.0.1:{port}", "--processes", "1"], s)
@@ -170,13 +181,28 @@ def floor(procs: Procs, ports: Ports, tmp: Path, base_cls, app: str, program: st
                 "master_cpu_ms": m[0] * 1000 if m else 0.0, "master_faults": m[1] if m else 0,
                 "worker_cpu_ms": sum(x[0] for x in w) * 1000, "worker_faults": sum(x[1] for x in w),
             })
+            if i == n - 1 and workers:
+                # the pages the last vassal's processes made their own, as
+                # it answers: the master's against the base's, the worker's
+                # against the master's (what its own fork copied)
+                master, worker = frames_by_page(pid), frames_by_page(workers[0])
+                anatomy["master_own_pages"] = own_pages(master, before)
+                # the worker's own: neither the base's nor its master's now
+                # (so it also counts pages the master copied again after the
+                # fork, leaving the worker the master's earlier copy)
+                anatomy["worker_own_pages"] = own_pages(worker, before, master)
+                anatomy["master_huge_mb"] = huge_mb(pid)
+                anatomy["worker_huge_mb"] = huge_mb(workers[0])
+                anatomy["mappings"] = mapping_count(pid)
             pipe.close()
             if not procs.wait(pid, 15):
                 procs.stop_tree(pid, signal.SIGKILL, 5)
             procs.reap()
+        anatomy["base_huge_mb_after"] = huge_mb(base.proc.pid)
     finally:
         base.stop()
     out = {k: summary([r[k] for r in rows]) for k in rows[0]}
+    out["anatomy"] = anatomy
     cpu = {k: sum(r[k] for r in rows) / len(rows) for k in ("base_cpu_ms", "master_cpu_ms", "worker_cpu_ms")}
     out["mean_cpu_ms"] = cpu
     out["cpu_per_vassal_ms"] = sum(cpu.values())
@@ -185,34 +211,13 @@ def floor(procs: Procs, ports: Ports, tmp: Path, base_cls, app: str, program: st
     out["n"] = n
     say(f"  per adoption: base {cpu['base_cpu_ms']:.2f} + master {cpu['master_cpu_ms']:.2f} + worker "
         f"{cpu['worker_cpu_ms']:.2f} ms CPU; wall p50 {out['wall_ms']['p50']:.2f} ms")
+    say(f"  {anatomy_line(anatomy)}")
     return out
 
 
 def floor_for(fl: dict, n: int) -> float:
     """Seconds: base start-up + n adoptions' CPU over every core."""
     return fl["base_ready_s"] + n * fl["cpu_per_vassal_ms"] / 1000 / fl["cores"]
-
-
-def _py_spy(pyspy: str, pid: int, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([pyspy, "record", "--pid", str(pid), "--format", "raw", "--rate", "200",
-                             "--output", str(out), "--nonblocking"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _hot(raw: Path, top: int = 15) -> list[tuple[str, float]]:
-    """Share of samples in which each function is on the stack (self+children)
-    and as leaf; from py-spy's collapsed-stack output."""
-    incl: Counter[str] = Counter()
-    total = 0
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not count.isdigit():
-            continue
-        c = int(count)
-        total += c
-        for fn in {f.split(" (")[0] for f in stack.split(";")}:
-            incl[fn] += c
-    return [(fn, round(100 * c / total, 1)) for fn, c in incl.most_common(top)] if total else []
 
 
 def burst(procs: Procs, ports: Ports, tmp: Path, emperor_cls, wait_fork_server,
@@ -234,7 +239,7 @@ def burst(procs: Procs, ports: Ports, tmp: Path, emperor_cls, wait_fork_server,
     raw = tmp / "emperor.pyspy"
     try:
         if pyspy:
-            spy = _py_spy(pyspy, em.proc.pid, raw)
+            spy = py_spy(pyspy, em.proc.pid, raw)
         res["base_listening_s"] = wait_fork_server(sock, em, 60)
         # over the burst: how long the Emperor and the base each ran, and how
         # long each was runnable but waited for a core (a serial step starved)
@@ -302,7 +307,7 @@ def burst(procs: Procs, ports: Ports, tmp: Path, emperor_cls, wait_fork_server,
                 spy.wait()
             spy = None
             if raw.exists():
-                res["emperor_hot"] = _hot(raw)
+                res["emperor_hot"] = hot_functions(raw)
                 for fn, pct in res["emperor_hot"][:12]:
                     say(f"    {pct:5.1f} %  {fn}")
     finally:
@@ -315,14 +320,18 @@ def burst(procs: Procs, ports: Ports, tmp: Path, emperor_cls, wait_fork_server,
 
 
 def run(procs: Procs, ports: Ports, tmp: Path, quick: bool, step, say, emperor_cls, base_cls,
-        wait_fork_server, apps: dict[str, str], program: str) -> dict:
-    """`--only floor`: the floor from single adoptions, then a mass start
-    of 200 (`--quick`) or 1,000 (`--full`) heavy vassals against it."""
+        wait_fork_server, apps: dict[str, str], program: str, with_burst: bool = True) -> dict:
+    """`--only floor`: the floor from single adoptions, then (unless
+    `with_burst` is false: `--floor-only`) a mass start of 200 (`--quick`)
+    or 1,000 (`--full`) heavy vassals against it."""
     n = 200 if quick else 1000
     out: dict = {"load_average_at_start": os.getloadavg()}
     fl = step("floor", lambda: floor(procs, ports, tmp, base_cls, apps["heavy"], program, 20, say))
     if fl:
         out["floor"] = fl
+    if not with_burst:
+        out["load_average_at_end"] = os.getloadavg()
+        return out
     b = step(f"burst {n}", lambda: burst(procs, ports, tmp, emperor_cls,
                                          wait_fork_server, n, "heavy", say))
     if b:
@@ -348,6 +357,10 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
                     f"{fl['cpu_per_vassal_ms']:.2f} ms; faults {fl['base_faults']['p50']:.0f} + "
                     f"{fl['master_faults']['p50']:.0f} + {fl['worker_faults']['p50']:.0f}; "
                     f"wall p50 {fl['wall_ms']['p50']:.2f} ms", "", ""))
+        if fl.get("anatomy"):
+            out.append(("  what the floor copies: the base's memory in 2 MB pages (one page-table entry each), "
+                        "and the pages the last vassal's master and worker own as it answers (copied on write)",
+                        anatomy_line(fl["anatomy"]), "", ""))
         out.append(("floor of 1,000 heavy vassals answering: base start-up + 1,000 x that CPU / "
                     f"{fl['cores']} cores", f"{floor_for(fl, 1000):.2f} s "
                     f"(base ready at {fl['base_ready_s']:.2f} s)", "5 s", ""))

@@ -60,7 +60,7 @@ def health_checks(b: Bench) -> None:
 def floor_profile(b: Bench) -> None:
     """Scenario `floor` (bench/fleet_floor.py)."""
     b.results["floor_profile"] = fleet_floor.run(b.procs, b.ports, b.tmp, b.quick, b.step, say, EmperorRun, Base,
-                                                 wait_fork_server, APPS, PROGRAM)
+                                                 wait_fork_server, APPS, PROGRAM, with_burst=not b.floor_only)
 
 
 def idle_uss(b: Bench) -> None:
@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=",".join(NAMES),
                     help=f"comma-separated subset of {','.join(NAMES)} (default: all)")
     ap.add_argument("--results", type=Path, default=HERE / "results", help="where reports go")
+    ap.add_argument("--floor-only", action="store_true",
+                    help="`floor`: the single adoptions only, without the mass start after them")
     ap.add_argument("--render", type=Path, metavar="JSON",
                     help="print and rewrite the Markdown report of an earlier run from its JSON")
     if argv is None and "--render" in sys.argv:
@@ -160,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             r["errors"].append(f"{name}: {e}")
             return None
 
-    bench = Bench(procs=procs, ports=Ports(), tmp=tmp, sizes=sizes, quick=args.quick, results=r, step=step)
+    bench = Bench(procs=procs, ports=Ports(), tmp=tmp, sizes=sizes, quick=args.quick, results=r, step=step,
+                  floor_only=args.floor_only)
     try:
         for name, scenario in SCENARIOS:
             if name in only:

@@ -68,6 +68,7 @@ class Bench:
     quick: bool
     results: dict
     step: Callable[[str, Callable[[], Any]], Any]
+    floor_only: bool = False    # `floor` without its mass start (--floor-only)
 
 
 def say(msg: str) -> None:

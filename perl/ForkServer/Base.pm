@@ -84,8 +84,12 @@ sub run {
     ForkServer::Vassal->warm_up if ForkServer::Vassal->can('warm_up');
     $self->early_warmup;    # before huge_pages: what it builds is shared too
     $self->note_app_fds;
-    my $pages = $self->huge_pages;
+    # before huge_pages: the probe's test child shares the base's memory
+    # while it lives, and every huge page the base writes meanwhile is split
+    # back into 4 KB pages for good (a fourth of the heap: a page table more
+    # for every fork to copy)
     my $how = $self->choose_fork;
+    my $pages = $self->huge_pages;
     # after the start-up: only serving runs ahead of the vassals
     my $priority = ForkServer::Base::Priority::raise($self->{config}->get('fork-server-priority') // 0);
     $self->listen;

@@ -69,9 +69,10 @@ sub adopt {
         # nobody to move (a move waits for the kernel's RCU grace period)
         # and nothing the vassal forks can escape it. Refused by the kernel:
         # said once, and the Emperor moves it, as for any other fork server.
-        my ($pid, $placed, $refused) = ForkServer::Base::Clone::clone_parent_into($req->cgroup_fd);
+        # the new vassal starts at once, right where the clone returns
+        my ($pid, $placed, $refused) = ForkServer::Base::Clone::clone_parent_into(
+            $req->cgroup_fd, in_child => [$self, '_become_vassal', $req, base_replied => 1]);
         return $self->refuse($req, "clone: $!") unless defined $pid;
-        $self->_become_vassal($req, base_replied => 1) if $pid == 0;    # does not return
         $self->log($refused) if $refused;
         # The pid is ours to send: the Emperor's adoption slot comes free
         # now, not when the new vassal first gets a core (in a mass start,

@@ -3,6 +3,7 @@ use strict;
 use warnings;
 
 use Errno qw(EMFILE ENFILE);
+use IO::Handle ();
 use IO::Socket::UNIX ();
 use Socket qw(SOL_SOCKET SOCK_STREAM SO_PEERCRED SOMAXCONN);
 use Time::HiRes ();
@@ -87,7 +88,10 @@ sub SO_PASSCRED { eval { Socket::SO_PASSCRED() } // 16 }
 sub accept_clients {
     my ($self) = @_;
     my $accepted = 0;
-    while (my $client = $self->{listen}->accept) {
+    # core accept: a plain handle, not an IO::Socket object, whose making
+    # (IO::Handle->new, a symbol in Symbol's stash, autoflush, a blessing)
+    # writes to pages of the base shared with every vassal, on each request
+    while (accept(my $client, $self->{listen})) {
         $accepted++;
         my ($pid, $uid) = unpack 'i I', getsockopt($client, SOL_SOCKET, SO_PEERCRED) // '';
         my $peer = "pid " . ($pid // '?') . " uid " . ($uid // '?');
@@ -101,7 +105,7 @@ sub accept_clients {
             close $client;
             next;
         }
-        $client->blocking(0);
+        IO::Handle::blocking($client, 0);
         my $req = ForkServer::Base::Request->new(
             sock     => $client,
             peer     => $peer,
@@ -131,7 +135,7 @@ sub _out_of_descriptors {
     my $refused = 0;
     if ($self->{spare}) {
         close delete $self->{spare};
-        if (my $client = $self->{listen}->accept) {
+        if (accept(my $client, $self->{listen})) {
             close $client;    # the requester sees EOF without a pid
             $refused = 1;
         }

@@ -71,6 +71,9 @@ use constant {
     SYS_CLONE3         => 435,
     CLONE_INTO_CGROUP  => 1 << 33,        # Linux 5.7
     SYS_ARCH_PRCTL     => 158,
+    SYS_RT_SIGPROCMASK => 14,
+    SIG_BLOCK          => 0,
+    SIG_SETMASK        => 2,
     SYS_GETTID         => 186,
     ARCH_GET_FS        => 0x1003,
     CLONE_PARENT       => 0x00008000,
@@ -129,17 +132,25 @@ sub probe {
     return (1, "thread id at TCB offset $at[0]");
 }
 
-=head2 clone_parent() -> $pid
+=head2 clone_parent(%o) -> $pid
 
 After a successful probe(): a child whose parent is our parent. Returns
 undef (and sets C<$!>) on failure, 0 in the child, the child's pid in the
 caller. The caller gets no SIGCHLD for it and must not wait for it.
 
+With C<in_child =E<gt> [$object, $method, @args]>, the child calls
+C<< $object->$method(@args) >> at once, which must not return, instead of
+returning 0: a child that never comes back to its caller need not unwind
+the caller's subs, and each sub left writes to pages the child shares with
+the base (its pad, its depth, the frees of its variables), which the
+kernel then copies.
+
 =cut
 
 sub clone_parent {
+    my (%o) = @_;
     die "BUG: clone_parent without a successful probe\n" unless defined $TID_OFFSET;
-    return _clone(CLONE_PARENT | CLONE_CHILD_SETTID | SIGCHLD);
+    return _clone(CLONE_PARENT | CLONE_CHILD_SETTID | SIGCHLD, $o{in_child});
 }
 
 =head2 clone_parent_into($cgroup_fd) -> ($pid, $placed, $refused)
@@ -161,9 +172,9 @@ tries clone3 again.
 my $CLONE3_REFUSED;    # why clone3 into a cgroup cannot be used here
 
 sub clone_parent_into {
-    my ($cgroup_fd) = @_;
+    my ($cgroup_fd, %o) = @_;    # %o: in_child, as for clone_parent()
     die "BUG: clone_parent_into without a successful probe\n" unless defined $TID_OFFSET;
-    return (clone_parent(), 0, undef) if $CLONE3_REFUSED || !defined $cgroup_fd;
+    return (clone_parent(%o), 0, undef) if $CLONE3_REFUSED || !defined $cgroup_fd;
     my $tid_addr = _tid_address() or return (undef, 0, undef);
     # struct clone_args (88 bytes, CLONE_ARGS_SIZE_VER2): flags, pidfd,
     # child_tid, parent_tid, exit_signal (0: with CLONE_PARENT the child's
@@ -172,40 +183,55 @@ sub clone_parent_into {
     # set_tid_size, cgroup
     my $args = pack 'Q11', CLONE_PARENT | CLONE_CHILD_SETTID | CLONE_INTO_CGROUP, 0, $tid_addr,
         0, 0, 0, 0, 0, 0, 0, $cgroup_fd;
-    my $pid = _with_signals_blocked(sub { syscall(SYS_CLONE3, $args, length $args) });
+    my $pid = _with_signals_blocked($o{in_child}, SYS_CLONE3, $args, length $args);
     return ($pid, 1, undef) if defined $pid;
     # running out of processes or memory is the fork's own failure, not clone3's
     return (undef, 0, undef) if $!{EAGAIN} || $!{ENOMEM};
     if ($!{ENOSYS} || $!{EPERM} || $!{EINVAL} || $!{E2BIG}) {
         $CLONE3_REFUSED = "clone3(CLONE_INTO_CGROUP) refused: $!; vassals are moved into their cgroups "
                         . "by the Emperor from now on";
-        return (clone_parent(), 0, $CLONE3_REFUSED);
+        return (clone_parent(%o), 0, $CLONE3_REFUSED);
     }
     my $why = "clone3(CLONE_INTO_CGROUP) into the requested cgroup: $!; this vassal is moved by the Emperor";
-    return (clone_parent(), 0, $why);
+    return (clone_parent(%o), 0, $why);
 }
 
 sub _clone {
-    my ($flags) = @_;
+    my ($flags, $in_child) = @_;
     my $tid_addr = _tid_address() or return undef;
     # stack 0: the child runs on a copy of our stack, as after fork()
-    return _with_signals_blocked(sub { syscall(SYS_CLONE, $flags, 0, 0, $tid_addr, 0) });
+    return _with_signals_blocked($in_child, SYS_CLONE, $flags, 0, 0, $tid_addr, 0);
 }
+
+# Every signal, for rt_sigprocmask (the kernel leaves SIGKILL and SIGSTOP alone).
+my $ALL_SIGNALS = pack 'Q', ~0;
+my $OLD_MASK = pack 'Q', 0;    # syscall() writes the old mask into this string
 
 # Runs the clone system call as Perl's fork would: output flushed, every
 # signal blocked across it. Its pid (0 in the child), or undef and $!.
+# The mask is set with the system call itself rather than POSIX's sigsets:
+# no objects made, blessed and freed on either side of the clone. The
+# child restores its mask and, given $in_child, runs it (no return).
 sub _with_signals_blocked {
-    my ($call) = @_;
+    my ($in_child, $number, @args) = @_;
     { no warnings 'exec'; exec { '/' } '/' }    # fails, having flushed every output handle
-    my $all = POSIX::SigSet->new;
-    $all->fillset;
-    my $old = POSIX::SigSet->new;
-    POSIX::sigprocmask(POSIX::SIG_BLOCK(), $all, $old);
-    my $pid = $call->();
+    syscall(SYS_RT_SIGPROCMASK, SIG_BLOCK, $ALL_SIGNALS, $OLD_MASK, 8);
+    my $pid = syscall($number, @args);
+    if ($pid == 0) {
+        syscall(SYS_RT_SIGPROCMASK, SIG_SETMASK, $OLD_MASK, 0, 8);
+        _run_in_child(@$in_child) if $in_child;
+        return 0;
+    }
     my $err = $!;
-    POSIX::sigprocmask(POSIX::SIG_SETMASK(), $old);
+    syscall(SYS_RT_SIGPROCMASK, SIG_SETMASK, $OLD_MASK, 0, 8);
     $! = $err;
     return $pid < 0 ? undef : $pid;
+}
+
+sub _run_in_child {
+    my ($object, $method, @args) = @_;
+    $object->$method(@args);
+    die "BUG: $method returned in a cloned child\n";
 }
 
 1;

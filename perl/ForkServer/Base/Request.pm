@@ -4,6 +4,7 @@ use warnings;
 
 use Fcntl qw(S_ISSOCK S_ISDIR);
 use POSIX ();
+use IO::Handle ();
 use Socket qw(SOL_SOCKET SCM_RIGHTS MSG_DONTWAIT);
 use Socket::MsgHdr ();
 use ForkServer::Link ();
@@ -38,6 +39,7 @@ MAX_ARG_BYTES of valid UTF-8 without NUL.
 =cut
 
 use constant MSG_CTRUNC       => 0x08;          # Linux: control data did not fit
+use constant FIRST_READ       => 4096;          # an adoption request is a few hundred bytes
 use constant CONTROL_LEN      => 512;           # room for far more than 3 descriptors: excess ones are seen (and closed), not dropped
 use constant MAX_ARGS         => 256;
 use constant MAX_ARG_BYTES    => 4096;
@@ -65,11 +67,24 @@ sub fds      { @{ $_[0]{fds} } }
 
 # Reads what is there. Returns 'more' or 'complete'; dies with the reason
 # for refusing the request.
+# One message header for every read of the process (the base's): each new
+# one was a blessed hash, and a 64 KB buffer zeroed and copied, on pages the
+# base shares with every vassal, for a request of a few hundred bytes.
+my $HDR;
+
 sub read_some {
     my ($self) = @_;
-    # one byte more than a whole packet, so trailing garbage is seen
-    my $room = HEADER_SIZE + MAX_BODY + 1 - length $self->{buf};
-    my $hdr  = Socket::MsgHdr->new(buflen => $room, controllen => CONTROL_LEN);
+    # the rest of the packet and one byte more, so trailing garbage is seen;
+    # before its size is known, what a usual request takes
+    my $len  = length $self->{buf};
+    my $room = $len >= HEADER_SIZE ? HEADER_SIZE + (decode_header(substr $self->{buf}, 0, HEADER_SIZE))[1] + 1 - $len
+             : FIRST_READ;
+    my $max  = HEADER_SIZE + MAX_BODY + 1 - $len;
+    $room = $max if $room > $max;
+    my $hdr = $HDR //= Socket::MsgHdr->new;
+    $hdr->buflen($room);
+    $hdr->controllen(CONTROL_LEN);
+    $hdr->flags(0);
     my $n    = Socket::MsgHdr::recvmsg($self->{sock}, $hdr, ForkServer::Link::MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
     if (!defined $n) {
         return 'more' if $!{EAGAIN} || $!{EWOULDBLOCK} || $!{EINTR};
@@ -112,6 +127,18 @@ sub _check {
     return 'complete';
 }
 
+# The file type and mode of a descriptor, or undef. stat of its
+# /proc/self/fd link (the open file itself, whatever its path now) rather
+# than POSIX::fstat, which opens a Perl handle on a duplicate of it (a glob
+# and an IO object made and freed, three system calls) for each descriptor
+# of each request; POSIX::fstat where /proc is not there.
+sub _fd_mode {
+    my ($fd) = @_;
+    my @st = stat "/proc/self/fd/$fd";
+    @st = POSIX::fstat($fd) unless @st || -d '/proc/self/fd';
+    return @st ? $st[2] : undef;
+}
+
 sub _validate {
     my ($self, $mask, $body) = @_;
     die sprintf("unknown mask bits 0x%02x\n", $mask) if $mask & ~(MASK_PIPE | MASK_CONFIG | MASK_ON_DEMAND | MASK_CGROUP);
@@ -122,12 +149,12 @@ sub _validate {
     my @sockets = @{ $self->{fds} };
     my $cgroup = $mask & MASK_CGROUP ? pop @sockets : undef;    # the last, in protocol order
     for my $fd (@sockets) {
-        my @st = POSIX::fstat($fd);
-        die "received descriptor $fd is not a socket\n" unless @st && S_ISSOCK($st[2]);
+        my $mode = _fd_mode($fd);
+        die "received descriptor $fd is not a socket\n" unless defined $mode && S_ISSOCK($mode);
     }
     if (defined $cgroup) {
-        my @st = POSIX::fstat($cgroup);
-        die "received descriptor $cgroup (mask 0x08) is not a directory\n" unless @st && S_ISDIR($st[2]);
+        my $mode = _fd_mode($cgroup);
+        die "received descriptor $cgroup (mask 0x08) is not a directory\n" unless defined $mode && S_ISDIR($mode);
     }
     my @argv = eval { decode_array($body) };
     die "argv: $@" if $@;
@@ -235,9 +262,12 @@ requester is gone).
 sub reply_pid {
     my ($self, $pid, $placed) = @_;
     my $sock = $self->{sock};
-    $sock->blocking(1);
-    local $SIG{PIPE} = 'IGNORE';
+    IO::Handle::blocking($sock, 1);
     my $reply = encode_packet(MODIFIER1_FORK_SERVER, 0, encode_dict(pid => $pid, ($placed ? (cgroup => 1) : ())));
+    # a gone requester is an EPIPE, not a death; the base ignores SIGPIPE
+    # already, and a local one costs it two sigactions (three system calls
+    # each) and writes to %SIG's pages on every adoption
+    local $SIG{PIPE} = 'IGNORE' unless ($SIG{PIPE} // '') eq 'IGNORE';
     my $n = syswrite($sock, $reply);
     die "sending the pid reply: $!\n" unless defined $n && $n == length $reply;
     return;

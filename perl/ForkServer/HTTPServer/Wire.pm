@@ -31,10 +31,17 @@ our $TIMED_OUT = 0;
 my @MON = qw(Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec);
 my @DAY = qw(Sun Mon Tue Wed Thu Fri Sat);
 
-sub now { Time::HiRes::clock_gettime(Time::HiRes::CLOCK_MONOTONIC()) }
+# The clock's number, resolved here in the base: Time::HiRes makes its
+# constants on first use (AUTOLOAD defines a sub), which every adopted
+# vassal's master and worker would otherwise do again after the fork.
+use constant MONOTONIC => Time::HiRes::CLOCK_MONOTONIC();
 
-# Status lines are few; build each once.
-my %STATUS_LINE;
+sub now { Time::HiRes::clock_gettime(MONOTONIC) }
+
+# Status lines are few; built here, once, in the base: a worker that
+# built its first one itself would write to the base's shared hash.
+my %STATUS_LINE = map { $_ => "HTTP/1.1 $_ " . HTTP::Status::status_message($_) . CRLF }
+                  grep { defined HTTP::Status::status_message($_) } 100 .. 599;
 sub status_line {
     my $s = shift;
     return $STATUS_LINE{$s} //= "HTTP/1.1 $s " . (HTTP::Status::status_message($s) // 'Unknown') . CRLF;
