@@ -15,6 +15,20 @@ Prints the medians: wall; CPU of prove under us (App::Prove, TAP parsing,
 and the files it ran cold), the base, the Python host, the forked tests;
 how long 0, 1 and 2 forked tests were running between the first request
 and the last exit; the latencies of a request, a fork and prove's turnaround.
+
+    .venv/bin/python bench/prove_profile.py --bound [--only Moo] [--repeat 3]
+
+The best any preloading runner can do on the suite, file by file: each file
+alone, as prove runs it (`perl -Ilib FILE`, wall and CPU), and forked from a
+base that already has everything that file loaded in the last run (its own
+`emperor prove --preload ...` of that file, the fork's time from the trace);
+a file that must run cold (the BEGIN rule, `$INC{...}` of a preloaded module,
+yath's marker) counts its cold time. The forked times are then scheduled
+on -j2 slots, longest first (the best order): the bound is that makespan,
+or half the files' summed CPU if more (2 cores), with nothing for the
+runner's own start. Beside it, the same plus our run's measured start (the
+first request's time), and prove's `-j2` wall measured in the same loop:
+prove / bound is the best ratio to prove any preloading runner can show.
 """
 
 from __future__ import annotations
@@ -97,6 +111,112 @@ def prove_side(d: Path, preloads: list[str]) -> dict[str, float]:
     return got
 
 
+def lpt(times: list[float], slots: int = 2) -> float:
+    """The makespan of `times` on `slots` slots, longest first."""
+    ends = [0.0] * slots
+    for t in sorted(times, reverse=True):
+        i = ends.index(min(ends))
+        ends[i] += t
+    return max(ends)
+
+
+def record_of(cache: Path) -> dict[str, dict[str, str]]:
+    """emperor prove's record of the last run (an App::Prove::State YAML
+    file): test file -> its fields (emperor_loads, emperor_cold, elapsed)."""
+    tests: dict[str, dict[str, str]] = {}
+    for f in (cache / "emperor-prove").glob("*.yml"):
+        cur = None
+        for line in f.read_text().splitlines():
+            m = re.match(r"^  (\S.*):\s*$", line)
+            if m:
+                cur = tests.setdefault(m[1].strip("'\""), {})
+                continue
+            m = re.match(r"^    (\w+): (.*)$", line)
+            if m and cur is not None:
+                cur[m[1]] = m[2].strip("'\"")
+    return tests
+
+
+def loadable(d: Path, env: dict[str, str], modules: list[str]) -> list[str]:
+    """Those of `modules` that load in a perl like the base's (-Ilib)."""
+    if not modules:
+        return []
+    _, _, out = cpu_of(["perl", "-Ilib", "-e",
+                        'for (@ARGV) { print "$_\n" if eval "require $_; 1" }', *modules], d, env)
+    ok = set(out.split())
+    return [m for m in modules if m in ok]
+
+
+def one_forked(d: Path, file: str, preloads: list[str], emperor: str, env: dict[str, str]) -> tuple[float, float] | None:
+    """`file` forked from a base that preloaded `preloads`: wall from fork to
+    exit and the fork's CPU; None when it ran cold (no fork)."""
+    trace = Path(tempfile.mkdtemp(prefix="prove-trace-")) / "trace"
+    argv = [emperor, "prove", "--no-cold-retry", "--no-learn", *(f"--preload={m}" for m in preloads)]
+    if not preloads:
+        argv.append("--no-preload")
+    cpu_of([*argv, "-l", file], d, {**env, "EMPEROR_PROVE_TRACE": str(trace)})
+    forked, got = {}, None
+    for line in trace.read_text().splitlines() if trace.exists() else []:
+        at, event, what, _pid, used = line.split("\t")
+        if event == "forked" and what == file:
+            forked[what] = float(at)
+        elif event == "exit" and what == file and what in forked:
+            got = (float(at) - forked[what], float(used))
+    shutil.rmtree(trace.parent, ignore_errors=True)
+    return got
+
+
+def bound(name: str, d: Path, emperor: str, repeat: int) -> None:
+    cache = Path(tempfile.mkdtemp(prefix="prove-cache-"))
+    env = {**clean_env(), "XDG_CACHE_HOME": str(cache)}
+    cpu_of([emperor, "prove", "-j2", "-l", "-r", "t"], d, env)  # fills the record
+    record = record_of(cache)
+    files = sorted(str(p.relative_to(d)) for p in (d / "t").rglob("*.t"))
+    load0 = os.getloadavg()[0]
+    cold_env = {**clean_env(), "HARNESS_ACTIVE": "1", "HARNESS_VERSION": "3.44"}
+    cold: dict[str, tuple[float, float]] = {}
+    best: dict[str, tuple[float, float]] = {}
+    ran_cold: list[str] = []
+    for f in files:
+        walls, cpus = [], []
+        for _ in range(repeat):
+            w, c, _ = cpu_of(["perl", "-Ilib", f], d, cold_env)
+            walls.append(w)
+            cpus.append(c)
+        cold[f] = (statistics.median(walls), statistics.median(cpus))
+        loads = record.get(f, {}).get("emperor_loads", "")
+        mods = [k.removesuffix(".pm").replace("/", "::") for k in loads.split()]
+        mods = loadable(d, env, mods)
+        got = [g for g in (one_forked(d, f, mods, emperor, env) for _ in range(repeat)) if g]
+        if got:
+            best[f] = (statistics.median(g[0] for g in got), statistics.median(g[1] for g in got))
+        else:  # it must run cold, whoever runs it
+            best[f] = cold[f]
+            ran_cold.append(f)
+    proves, ours, starts = [], [], []
+    for _ in range(repeat):
+        proves.append(cpu_of(["prove", "-j2", "-l", "-r", "t"], d, clean_env())[0])
+        t = traced(d, cache, emperor)
+        ours.append(t["wall"])
+        starts.append(t.get("first request at", 0.0))
+    shutil.rmtree(cache, ignore_errors=True)
+    prove_wall, our_wall, start = statistics.median(proves), statistics.median(ours), statistics.median(starts)
+    cold_span = max(lpt([w for w, _ in cold.values()]), sum(c for _, c in cold.values()) / 2)
+    floor = max(lpt([w for w, _ in best.values()]), sum(c for _, c in best.values()) / 2)
+    print(f"== {name} ({len(files)} files), load {load0:.1f} -> {os.getloadavg()[0]:.1f}, medians of {repeat}")
+    print(f"  files alone, cold (perl -Ilib FILE): wall {sum(w for w, _ in cold.values()):.2f}, "
+          f"CPU {sum(c for _, c in cold.values()):.2f}; -j2 longest first: {cold_span:.2f}")
+    print(f"  files forked from a base with all they load: wall {sum(w for w, _ in best.values()):.2f}, "
+          f"CPU {sum(c for _, c in best.values()):.2f}; cold whoever runs them: {len(ran_cold)} "
+          f"({', '.join(ran_cold[:6])}); -j2 longest first: {floor:.2f}")
+    slow = sorted(best.items(), key=lambda kv: -kv[1][0])[:5]
+    print("  longest forked: " + ", ".join(f"{f} {w:.2f}" for f, (w, _) in slow))
+    print(f"  prove -j2 {prove_wall:.2f}; emperor prove -j2 {our_wall:.2f} ({prove_wall / our_wall:.2f}x prove), "
+          f"its first request at {start:.2f}")
+    print(f"  BOUND: {floor:.2f} s => at best {prove_wall / floor:.2f}x prove; "
+          f"with our start ({start:.2f} s): {floor + start:.2f} s => {prove_wall / (floor + start):.2f}x")
+
+
 def medians(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs if k in r) for k in runs[0]}
 
@@ -107,11 +227,15 @@ def main() -> int:
     ap.add_argument("--only", default="Moo,Try-Tiny,HTTP-Message")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--emperor", default=EMPEROR)
+    ap.add_argument("--bound", action="store_true", help="the best any preloading runner can do (above)")
     args = ap.parse_args()
     for name in args.only.split(","):
         d = suite_dir(args.suites, SUITES[name])
         if d is None:
             print(f"{name}: not found in {args.suites}")
+            continue
+        if args.bound:
+            bound(name, d, args.emperor, args.repeat)
             continue
         cache = Path(tempfile.mkdtemp(prefix="prove-cache-"))
         _, _, out = cpu_of([args.emperor, "prove", "-j2", "-l", "-r", "t"], d,
