@@ -80,11 +80,13 @@ def traced(d: Path, cache: Path, emperor: str) -> dict[str, float]:
             answered[what] = t
     if not fork:
         return got
-    changes = sorted([(fork[f], 1) for f in fork] + [(done[f], -1) for f in fork if f in done])
+    # (a start before an end of the same instant: the count never goes below 0)
+    changes = sorted([(fork[f], 1) for f in fork] + [(done[f], -1) for f in fork if f in done],
+                     key=lambda change: (change[0], -change[1]))
     running = {0: 0.0, 1: 0.0, 2: 0.0}
     n, prev = 0, min(req.values())
     for t, step in changes:
-        running[min(n, 2)] += t - prev
+        running[max(0, min(n, 2))] += t - prev
         n, prev = n + step, t
     got.update({f"{k} forked running (s)": v for k, v in running.items()})
     got["request -> forked (ms)"] = 1000 * statistics.median(fork[f] - req[f] for f in fork)

@@ -376,6 +376,25 @@ def test_the_next_run_preloads_what_the_last_one_loaded(tmp_path: Path) -> None:
     assert verdicts(forgetful.stdout) == want
 
 
+def test_no_preload_runs_the_slowest_first_from_the_last_run(tmp_path: Path) -> None:
+    """--no-preload preloads nothing, but keeps and uses the record of the
+    last run for its order: with -j2 the slowest file first (a long file
+    started last is the run's tail, whatever the preload)."""
+    project_with_a_deep_module(tmp_path)
+    (tmp_path / "t" / "z_slow.t").write_text(
+        "use strict;\nuse warnings;\nuse Test::More tests => 1;\n"
+        "select undef, undef, undef, 0.5;\nok 1, 'slow';\n")
+    cmd = [EMPEROR, "prove", "--no-preload", "-l", "-j2", "t"]
+    first = run_in(tmp_path, cmd)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "preloaded" not in first.stderr, first.stderr
+    assert run_in(tmp_path, [*cmd, "-D"]).stdout.split()[0] == "t/z_slow.t"
+    second = run_in(tmp_path, cmd)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert verdicts(second.stdout) == verdicts(run_in(tmp_path, ["prove", "-l", "t"]).stdout)
+    assert run_in(tmp_path, [EMPEROR, "prove", "--no-preload", "-l", "-D", "t"]).stdout.split()[0] == "t/a.t"
+
+
 def test_few_files_counts_the_files_prove_would_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Whether a run names no more files than jobs: *.t files in t/, and
     below it with -r (a 1-file run is prove itself; a larger one forks)."""

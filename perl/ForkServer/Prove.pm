@@ -171,12 +171,14 @@ sub _runtests {
 }
 
 # Our record of the last run (below), when this run keeps one: the preload
-# left to us, no --state, no --no-learn; false otherwise. Read once.
+# left to us or --no-preload (which uses it for the order and the files to
+# start cold, not for a preload), no --state, no --no-learn; false
+# otherwise. Read once.
 sub _memory_of {
     my ($self) = @_;
     return $self->{emperor_memory} //= do {
-        my $auto = !$OURS{no_preload} && !@{ $OURS{preload} };
-        ($auto && !$OURS{no_learn} && !@{ $self->state || [] } && _memory()) || 0;
+        my $ours = !@{ $OURS{preload} };
+        ($ours && !$OURS{no_learn} && !@{ $self->state || [] } && _memory()) || 0;
     };
 }
 
