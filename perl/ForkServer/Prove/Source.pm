@@ -13,7 +13,7 @@ use Text::ParseWords ();
 
 use ForkServer::Prove::Iterator ();
 use ForkServer::Prove::Loads ();
-use ForkServer::Protocol qw(encode_packet encode_array MODIFIER1_CONFIG);
+use ForkServer::Prove::Spec ();
 
 TAP::Parser::IteratorFactory->register_handler(__PACKAGE__);
 
@@ -57,7 +57,6 @@ its verdict, C<--state> remembers it, and stderr says so.
 
 my %CFG;        # setup()'s arguments
 my %NOTED;      # notes already given
-my %INC_FOR;    # the @INC `perl FILE` gets, by environment
 my %BASE_INC;   # the files the base has loaded (keys of its %INC)
 our $LEARNED;   # the automatic preload came from --state's records
 
@@ -353,33 +352,14 @@ sub _create_iterator {
     $warnings ||= 1 if ($source->meta->{file}{shebang} // '') =~ /^#!.*\bperl\S*\s+(?:-\S+\s+)*-w\b/;
     # with --state, the file says what it loaded (for the next run's preload)
     my $loads = $CFG{state} ? _loads_path() : undef;
-    my $spec = encode_packet(MODIFIER1_CONFIG, 0, encode_array(
-        "file=$file", "cwd=" . Cwd::getcwd(), (map {"arg=$_"} @args))
-        . _encoded_env(\%env, $command->[0])
-        . encode_array(
-        "warnings=$warnings",
-        ($source->merge ? ('merge=1') : ()),
-        ($CFG{destruct} ? ('destruct=1') : ()),
-        (defined $loads ? ("loads=$loads") : ()),
-    ));
+    my $spec = ForkServer::Prove::Spec::encode(
+        file => $file, cwd => Cwd::getcwd(), args => \@args, env => \%env, perl => $command->[0],
+        warnings => $warnings, merge => $source->merge, destruct => $CFG{destruct}, loads => $loads);
     return ForkServer::Prove::Iterator->new({
         socket => $CFG{socket}, file => $file, spec => $spec, cold => $cold,
         on_cold_pass => sub { _remember_cold($file) },
         (defined $loads ? (loads => $loads, on_loads => sub { _remember_loads($file, @_) }) : ()),
     });
-}
-
-# The spec's inc= and env= items, encoded once per environment: the same
-# for nearly every file of a run, and encoding them item by item was the
-# larger part of what prove under us spends per file.
-my %ENCODED_ENV;
-
-sub _encoded_env {
-    my ($env, $perl) = @_;
-    my $key = join "\0", $perl, map {"$_=$env->{$_}"} sort keys %$env;
-    return $ENCODED_ENV{$key} //= encode_array(
-        (map {"inc=$_"} _inc_for($env, $perl)),
-        (map {"env=$_=$env->{$_}"} sort keys %$env));
 }
 
 # A file in the Emperor side's private directory (the socket's), one per test.
@@ -397,21 +377,6 @@ sub _remember_cold {
     my $state = $CFG{state} or return;
     eval { $state->results->test($file)->{emperor_cold} = 'it failed or skipped forked and passed cold'; 1 };
     return;
-}
-
-# What `perl FILE` has in @INC with this environment (PERL5LIB, PERL5OPT).
-sub _inc_for {
-    my ($env, $perl) = @_;
-    my $key = join "\0", $perl, map { $env->{$_} // '' } qw(PERL5LIB PERL5OPT PERL_USE_UNSAFE_INC);
-    $INC_FOR{$key} ||= do {
-        local %ENV = %$env;
-        open my $fh, '-|', $perl, '-e', 'print join "\0", @INC' or die "cannot run $perl: $!\n";
-        local $/;
-        my $out = <$fh>;
-        close $fh;
-        [split /\0/, $out];
-    };
-    return @{ $INC_FOR{$key} };
 }
 
 1;
