@@ -156,20 +156,30 @@ def one_forked(d: Path, file: str, preloads: list[str], emperor: str, env: dict[
     argv = [emperor, "prove", "--no-cold-retry", "--no-learn", *(f"--preload={m}" for m in preloads)]
     if not preloads:
         argv.append("--no-preload")
-    cpu_of([*argv, "-l", file], d, {**env, "EMPEROR_PROVE_TRACE": str(trace)})
+    try:
+        cpu_of([*argv, "-l", file], d, {**env, "EMPEROR_PROVE_TRACE": str(trace)})
+        lines = trace.read_text().splitlines() if trace.exists() else []
+    finally:
+        shutil.rmtree(trace.parent, ignore_errors=True)
     forked, got = {}, None
-    for line in trace.read_text().splitlines() if trace.exists() else []:
+    for line in lines:
         at, event, what, _pid, used = line.split("\t")
         if event == "forked" and what == file:
             forked[what] = float(at)
         elif event == "exit" and what == file and what in forked:
             got = (float(at) - forked[what], float(used))
-    shutil.rmtree(trace.parent, ignore_errors=True)
     return got
 
 
 def bound(name: str, d: Path, emperor: str, repeat: int) -> None:
     cache = Path(tempfile.mkdtemp(prefix="prove-cache-"))
+    try:
+        _bound(name, d, emperor, repeat, cache)
+    finally:  # (also when interrupted)
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def _bound(name: str, d: Path, emperor: str, repeat: int, cache: Path) -> None:
     env = {**clean_env(), "XDG_CACHE_HOME": str(cache)}
     cpu_of([emperor, "prove", "-j2", "-l", "-r", "t"], d, env)  # fills the record
     record = record_of(cache)
@@ -205,7 +215,6 @@ def bound(name: str, d: Path, emperor: str, repeat: int) -> None:
         our_cpu.append(t["CPU, all"])
         our_files_cpu.append(t["forked tests"])
         starts.append(t.get("first request at", 0.0))
-    shutil.rmtree(cache, ignore_errors=True)
     prove_wall, our_wall, start = statistics.median(proves), statistics.median(ours), min(starts)
     cold_span = max(lpt([w for w, _ in cold.values()]), sum(c for _, c in cold.values()) / 2)
     floor = max(lpt([w for w, _ in best.values()]), sum(c for _, c in best.values()) / 2)
