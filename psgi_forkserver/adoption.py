@@ -18,7 +18,9 @@ import socket
 import time
 from dataclasses import dataclass, field
 from collections.abc import Sequence
-from typing import Any
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 from . import protocol
 from .protocol import PacketReader, ProtocolError

@@ -1,20 +1,18 @@
 """`emperor prove`'s command line, whole: prove's options with prove's
 meaning, .proverc, --state, archives, shards, yath's timeout markers; the
-fixed cost of a run; what --state gives the next run."""
+fixed cost of a run. (What a run gives the next: test_prove_record.py.)"""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
 from support import EMPEROR
-from support.prove import PRELOADS, ROOT, SUITE, verdicts
+from support.prove import PRELOADS, ROOT, SUITE, run_in
 
 
 # -- prove's command line, whole --------------------------------------------------------
@@ -40,15 +38,6 @@ def project(tmp_path: Path) -> Path:
     (tmp_path / "t" / "c_stderr.t").write_text(
         "use strict;\nuse warnings;\nprint STDERR qq{stderr-marker\\n};\nprint qq{1..1\\nok 1\\n};\n")
     return tmp_path
-
-
-def run_in(cwd: Path, argv: list[str], **env: str) -> subprocess.CompletedProcess:
-    full = {**os.environ, "MARKER_DIR": str(cwd), **env}
-    full.pop("HARNESS_ACTIVE", None)
-    full.pop("HARNESS_PERL_SWITCHES", None)
-    full.pop("PERL5OPT", None)
-    return subprocess.run(argv, cwd=cwd, env=full, stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=120)
 
 
 def test_prove_options_have_proves_meaning(project: Path) -> None:
@@ -280,105 +269,6 @@ def test_the_base_for_tests_loads_no_web_server(tmp_path: Path) -> None:
 
 
 # -- --state: what the last run learned ---------------------------------------------------
-
-
-def project_with_a_deep_module(root: Path) -> None:
-    """lib/Proj.pm, which loads Proj::Deep only when called (no `use` line
-    names it), and t/a.t, b.t, c.t, which call it."""
-    (root / "lib" / "Proj").mkdir(parents=True)
-    (root / "t").mkdir()
-    (root / "lib" / "Proj.pm").write_text(
-        "package Proj;\nsub deep { require Proj::Deep; Proj::Deep::answer() }\n1;\n")
-    (root / "lib" / "Proj" / "Deep.pm").write_text("package Proj::Deep;\nsub answer { 42 }\n1;\n")
-    for name in ("a", "b", "c"):
-        (root / "t" / f"{name}.t").write_text(
-            "use strict;\nuse warnings;\nuse Test::More tests => 1;\nuse Proj;\n"
-            "is Proj::deep(), 42, 'deep';\n")
-
-
-def test_state_gives_the_next_run_its_preload_and_its_order(tmp_path: Path) -> None:
-    """With --state, a run records what each forked file loaded (.prove's
-    emperor_loads); the next run preloads what most files loaded, also
-    modules no `use` line names, and with -j2 runs the slowest files
-    first, from prove's own times: also from a .prove that prove wrote.
-    Verdicts stay prove's."""
-    project_with_a_deep_module(tmp_path)
-    (tmp_path / "t" / "z_slow.t").write_text(
-        "use strict;\nuse warnings;\nuse Test::More tests => 1;\n"
-        "select undef, undef, undef, 0.8;\nok 1, 'slow';\n")
-    cmd = [EMPEROR, "prove", "-l", "-j2", "--state=save", "t"]
-    want = verdicts(run_in(tmp_path, ["prove", "-l", "t"]).stdout)
-    assert want == {f"t/{n}.t": "ok" for n in ("a", "b", "c", "z_slow")}
-
-    # prove's own .prove (times, no records of ours): the order comes from it
-    assert run_in(tmp_path, ["prove", "-l", "-j2", "--state=save", "t"]).returncode == 0
-    dry = run_in(tmp_path, [EMPEROR, "prove", "-l", "-j2", "--state=save", "-D", "t"])
-    assert dry.stdout.split()[0] == "t/z_slow.t", dry.stdout
-    dry_j1 = run_in(tmp_path, [EMPEROR, "prove", "-l", "--state=save", "-D", "t"])
-    assert dry_j1.stdout.split()[0] == "t/a.t", dry_j1.stdout  # one job: prove's order
-
-    first = run_in(tmp_path, cmd)
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert "preloaded (what most test files use): Test::More, Proj\n" in first.stderr, first.stderr
-    assert verdicts(first.stdout) == want
-    state = (tmp_path / ".prove").read_text()
-    assert re.search(r"emperor_loads: .*Proj/Deep\.pm", state), state
-
-    second = run_in(tmp_path, cmd)
-    assert second.returncode == 0, second.stdout + second.stderr
-    line = [x for x in second.stderr.splitlines() if "preloaded" in x]
-    assert len(line) == 1 and "(what most test files loaded last time, --state)" in line[0], second.stderr
-    assert "Proj::Deep" in line[0] and "Test::More" in line[0], line
-    assert verdicts(second.stdout) == want
-
-
-def test_the_next_run_preloads_what_the_last_one_loaded(tmp_path: Path) -> None:
-    """Without --state too: a run keeps, in $XDG_CACHE_HOME/emperor-prove/
-    (not in the project), what each forked file loaded and which files had
-    to run cold, and their times; the next run in that directory preloads
-    what most files loaded, also modules no `use` line names, starts the
-    cold ones cold and, with -j2, the slowest first. `--no-learn` neither
-    keeps nor uses it. Verdicts stay prove's."""
-    project_with_a_deep_module(tmp_path)
-    (tmp_path / "t" / "d_base_sensitive.t").write_text(
-        "use strict;\nuse warnings;\nuse Test::More tests => 1;\n"
-        "ok !defined &ForkServer::Prove::TestFile::serve, 'fails in a fork of the base';\n")
-    (tmp_path / "t" / "z_slow.t").write_text(
-        "use strict;\nuse warnings;\nuse Test::More tests => 1;\n"
-        "select undef, undef, undef, 0.5;\nok 1, 'slow';\n")
-    cmd = [EMPEROR, "prove", "-l", "-j2", "t"]
-    want = verdicts(run_in(tmp_path, ["prove", "-l", "t"]).stdout)
-    assert want == {f"t/{n}.t": "ok" for n in ("a", "b", "c", "d_base_sensitive", "z_slow")}
-
-    first = run_in(tmp_path, cmd)
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert "preloaded (what most test files use): Test::More, Proj\n" in first.stderr, first.stderr
-    assert "t/d_base_sensitive.t failed or skipped forked and passed cold" in first.stderr
-    assert verdicts(first.stdout) == want
-    record = (Path(os.environ["XDG_CACHE_HOME"]) / "emperor-prove"
-              / f"{hashlib.md5(str(tmp_path.resolve()).encode()).hexdigest()}.yml")  # by directory
-    assert "Proj/Deep.pm" in record.read_text()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["lib", "t"]  # nothing in the project
-
-    second = run_in(tmp_path, cmd)
-    assert second.returncode == 0, second.stdout + second.stderr
-    line = [x for x in second.stderr.splitlines() if "preloaded" in x]
-    assert len(line) == 1 and "(what most test files loaded last time)" in line[0], second.stderr
-    assert "Proj::Deep" in line[0] and "Test::More" in line[0], line
-    assert "t/d_base_sensitive.t runs cold: last run" in second.stderr, second.stderr
-    assert verdicts(second.stdout) == want
-    # with -j2, the slowest first, by the last run's times (as recorded: on
-    # a loaded machine the cold file may outlast the 0.5 s one); one job:
-    # prove's order
-    times = {name: t["elapsed"] for name, t in yaml.safe_load(record.read_text())["tests"].items()}
-    assert times["t/z_slow.t"] >= 0.5, times
-    assert run_in(tmp_path, [*cmd, "-D"]).stdout.split()[0] == max(times, key=times.__getitem__), times
-    assert run_in(tmp_path, [EMPEROR, "prove", "-l", "-D", "t"]).stdout.split()[0] == "t/a.t"
-
-    forgetful = run_in(tmp_path, [*cmd[:2], "--no-learn", *cmd[2:]])
-    assert forgetful.returncode == 0, forgetful.stdout + forgetful.stderr
-    assert "preloaded (what most test files use): Test::More, Proj\n" in forgetful.stderr, forgetful.stderr
-    assert verdicts(forgetful.stdout) == want
 
 
 def test_few_files_counts_the_files_prove_would_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -55,6 +55,7 @@ sub main {
         my $arg = shift @argv;
         last if $arg eq '--';
         if    ($arg eq '--socket')      { $ours{socket} = shift @argv }
+        elsif ($arg eq '--config-fd')   { $ours{config_fh} = _config_handle(shift @argv) }
         elsif ($arg eq '--preload')     { push @{ $ours{preload} }, shift @argv }
         elsif ($arg eq '--no-preload')  { $ours{no_preload} = 1 }
         elsif ($arg eq '--shard')       { $ours{shard} = shift @argv }
@@ -78,6 +79,19 @@ sub main {
     my $app = __PACKAGE__->new;
     $app->process_args(@argv);
     return $app->run ? 0 : 1;
+}
+
+# The write end of the pipe the base (started beside prove) reads its
+# library directories and preloads from: written as soon as prove knows
+# them (ForkServer::Prove::Source::setup), closed otherwise. Close-on-exec:
+# the files prove runs itself must not hold the base's pipe open.
+sub _config_handle {
+    my ($fd) = @_;
+    open my $fh, '>&=', $fd or return undef;
+    require Fcntl;
+    my $flags = fcntl $fh, Fcntl::F_GETFD(), 0;
+    fcntl $fh, Fcntl::F_SETFD(), ($flags || 0) | Fcntl::FD_CLOEXEC() if defined $flags;
+    return $fh;
 }
 
 # prove's help is the POD of the `prove` script, which App::Prove reads
@@ -157,12 +171,14 @@ sub _runtests {
 }
 
 # Our record of the last run (below), when this run keeps one: the preload
-# left to us, no --state, no --no-learn; false otherwise. Read once.
+# left to us or --no-preload (which uses it for the order and the files to
+# start cold, not for a preload), no --state, no --no-learn; false
+# otherwise. Read once.
 sub _memory_of {
     my ($self) = @_;
     return $self->{emperor_memory} //= do {
-        my $auto = !$OURS{no_preload} && !@{ $OURS{preload} };
-        ($auto && !$OURS{no_learn} && !@{ $self->state || [] } && _memory()) || 0;
+        my $ours = !@{ $OURS{preload} };
+        ($ours && !$OURS{no_learn} && !@{ $self->state || [] } && _memory()) || 0;
     };
 }
 
@@ -203,11 +219,13 @@ sub _runtests_with {
     my ($self, $args, $memory, @tests) = @_;
     my $source = 'ForkServer::Prove::Source';
     if ($self->exec) {
+        close delete $OURS{config_fh} if $OURS{config_fh};
         $source->note("--exec: every test runs through the given command, none is forked");
     }
     elsif (_no_base_pays($self, @tests)) {
         # every file would start before a base could serve it: run them as
         # prove does, and let the base (started early) go
+        close delete $OURS{config_fh} if $OURS{config_fh};
         eval { ForkServer::Prove::Iterator::request($OURS{socket}, 'N', ''); 1 };
     }
     else {
@@ -216,6 +234,7 @@ sub _runtests_with {
         $$memory = _memory_of($self) || undef;
         $source->setup(
             socket   => $OURS{socket},
+            config_fh => delete $OURS{config_fh},
             destruct => $OURS{destruct},
             state    => (@{ $self->state || [] } ? $self->state_manager : $$memory),
             memory   => ($$memory ? 1 : 0),

@@ -39,6 +39,7 @@ class TestBase:
         self.pid: int | None = None
         self.pipe: socket.socket | None = None
         self.config_w: int | None = None  # the early base's --config-fd
+        self.configured_by_prove = False  # prove writes the early base's config itself
         self.ended_status = 0  # its wait status, when a wait of the caller's took it
 
     def argv(self) -> list[str]:
@@ -62,11 +63,13 @@ class TestBase:
     def take_early(self, early: EarlyBase) -> None:
         """The base `emperor prove` started beside prove (started.py)."""
         self.pid, self.pipe, self.config_w = early.pid, early.pipe, early.config_w
+        self.configured_by_prove = early.configured_by_prove
 
     def start_early(self, env: dict[str, str]) -> None:
         """Start it before its library directories and preloads are known
         (it loads its own code meanwhile); `configure` gives them."""
         self.config_w = None
+        self.configured_by_prove = False
         r, w = os.pipe()
         try:
             self.spawn(env, config_fd=r)
@@ -80,6 +83,10 @@ class TestBase:
     def configure(self, items: list[str]) -> None:
         """The early base's directories and preloads (`--config-fd` items:
         inc=DIR, module=M, optional=M, file=F); waits for it to be ready."""
+        if self.configured_by_prove:  # prove wrote them on the base's pipe already
+            self.configured_by_prove = False
+            self.wait_ready()
+            return
         w, self.config_w = self.config_w, None
         if w is None:
             raise BaseError("the base was not started early")

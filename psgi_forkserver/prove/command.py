@@ -102,6 +102,7 @@ def prove_run(argv: list[str]) -> int:
             started.start_base(perl, base_env())
     except OSError as e:
         print(f"emperor prove: the base: {e}", file=sys.stderr)
+    started.no_base()  # (when none was started: prove's config for it goes nowhere)
     # the rest is imported while prove loads
     from . import hosting
     from .testfiles import ProveOptions

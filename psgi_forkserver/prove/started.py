@@ -25,24 +25,42 @@ BASE_MAIN = "BEGIN { ForkServer::Prove::TestFile::serve(@ARGV) }\n"
 class Started:
     """prove, started first thing (its start-up is the longest): its pid,
     the private directory and the socket it will connect to; and the
-    base, when one was started beside it."""
+    base, when one was started beside it.
 
-    def __init__(self, tmp: str, listener, pid: int) -> None:
-        self.tmp, self.listener, self.pid = tmp, listener, pid
+    `config_r`: the read end of the pipe on which prove writes the base's
+    library directories and preloads as soon as it knows them (its
+    `--config-fd`), for the base started beside it: the base starts
+    preloading then, however long this process takes to import its host."""
+
+    def __init__(self, tmp: str, listener, pid: int, config_r: int | None = None) -> None:
+        self.tmp, self.listener, self.pid, self.config_r = tmp, listener, pid, config_r
         self.base: EarlyBase | None = None
 
     def start_base(self, perl: str, env: dict[str, str]) -> None:
         """The base, beside prove (start_base_early); OSError if it cannot start."""
-        self.base = start_base_early(perl, self.tmp, env)
+        r, self.config_r = self.config_r, None
+        try:
+            self.base = start_base_early(perl, self.tmp, env, r)
+        finally:
+            if r is not None:
+                os.close(r)
+
+    def no_base(self) -> None:
+        """No base beside prove: what prove writes for one goes nowhere."""
+        if self.config_r is not None:
+            os.close(self.config_r)
+            self.config_r = None
 
 
 class EarlyBase:
     """A base started before its library directories and preloads are
-    known: it loads its own code meanwhile, then reads them on `config_w`
+    known: it loads its own code meanwhile, then reads them on its config
+    pipe: from prove directly (`config_w` None), or from us on `config_w`
     (TestBase.configure). `pipe` is its Emperor pipe."""
 
-    def __init__(self, pid: int, pipe, config_w: int) -> None:
+    def __init__(self, pid: int, pipe, config_w: int | None) -> None:
         self.pid, self.pipe, self.config_w = pid, pipe, config_w
+        self.configured_by_prove = config_w is None
 
 
 def program(perl: str) -> str:
@@ -88,8 +106,10 @@ def start_prove(perl: str, shim_args: list[str], prove_args: list[str]) -> Start
         os.umask(umask)
     listener.listen(64)
     listener.setblocking(False)
+    config_r, config_w = os.pipe()
+    os.set_inheritable(config_w, True)
     argv = [perl, f"-I{perl_dir()}", "-MForkServer::Prove", "-e", SHIM_MAIN, "--",
-            "--socket", control, *shim_args, "--", *prove_args]
+            "--socket", control, "--config-fd", str(config_w), *shim_args, "--", *prove_args]
     try:
         from ..spawn import spawn
 
@@ -97,9 +117,12 @@ def start_prove(perl: str, shim_args: list[str], prove_args: list[str]) -> Start
         pid = spawn(argv, spawn_env(), setsid=False)
     except OSError:
         listener.close()
+        os.close(config_r)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Started(tmp, listener, pid)
+    finally:
+        os.close(config_w)
+    return Started(tmp, listener, pid, config_r)
 
 
 def base_argv(perl: str, tmp: str | Path, modules: list[str] = []) -> list[str]:  # noqa: B006 (read only)
@@ -142,9 +165,14 @@ def spawn_base(argv: list[str], tmp: str | Path, env: dict[str, str], config_fd:
     return pid, ours
 
 
-def start_base_early(perl: str, tmp: str, env: dict[str, str]) -> EarlyBase:
+def start_base_early(perl: str, tmp: str, env: dict[str, str], config_r: int | None = None) -> EarlyBase:
     """The base, started with prove (in `tmp`, prove's private directory),
-    before the rest of `emperor prove` is even imported."""
+    before the rest of `emperor prove` is even imported. With `config_r`
+    (prove's --config-fd pipe, which the caller closes), prove configures
+    it; else we do, on the returned base's `config_w`."""
+    if config_r is not None:
+        pid, pipe = spawn_base(base_argv(perl, tmp), tmp, env, config_fd=config_r)
+        return EarlyBase(pid, pipe, None)
     r, w = os.pipe()
     try:
         pid, pipe = spawn_base(base_argv(perl, tmp), tmp, env, config_fd=r)

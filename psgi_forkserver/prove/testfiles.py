@@ -14,12 +14,15 @@ from .. import protocol
 NO_PRELOAD_MARK = "# emperor-prove: no-preload"
 YATH_NO_PRELOAD_MARK = "# HARNESS-NO-PRELOAD"
 
-INC_LOOKUP = re.compile(r"""\$INC\s*\{\s*(['"])([\w/]+\.pm)\1\s*\}""")
-USE_LINE = re.compile(r"^\s*use\s+([A-Z][\w:]*)", re.M)
+# Patterns, compiled (and cached by re) when first used: only the long-
+# running modes use them, and compiling them at import was a few ms of
+# every `emperor prove` run's start.
+INC_LOOKUP = r"""\$INC\s*\{\s*(['"])([\w/]+\.pm)\1\s*\}"""
+USE_LINE = r"(?m)^\s*use\s+([A-Z][\w:]*)"
 # %ENV or CORE::GLOBAL changed (ForkServer::Prove::Source has the same rule)
-CHANGES = [("%ENV", re.compile(r"\$ENV\s*\{[^}]*\}\s*(?:\|\||//|\.)?=(?!=)|%ENV\s*=(?!=)"
-                               r"|local\s+\$ENV\s*\{|delete\s+\$ENV\s*\{")),
-           ("CORE::GLOBAL", re.compile(r"CORE::GLOBAL::"))]
+CHANGES = [("%ENV", r"\$ENV\s*\{[^}]*\}\s*(?:\|\||//|\.)?=(?!=)|%ENV\s*=(?!=)"
+                    r"|local\s+\$ENV\s*\{|delete\s+\$ENV\s*\{"),
+           ("CORE::GLOBAL", r"CORE::GLOBAL::")]
 
 
 @dataclass
@@ -59,7 +62,7 @@ def changes_before_preloaded_use(text: str, preloaded: set[str] | None) -> str |
     that module was compiled before the change."""
     text = re.split(r"^__(?:END|DATA)__\b", text, maxsplit=1, flags=re.M)[0]
     last = -1
-    for m in USE_LINE.finditer(text):
+    for m in re.finditer(USE_LINE, text):
         key = m.group(1).replace("::", "/") + ".pm"
         if preloaded is None or key in preloaded:
             last = m.start()
@@ -67,7 +70,7 @@ def changes_before_preloaded_use(text: str, preloaded: set[str] | None) -> str |
         return None
     before = re.sub(r"^\s*#.*$", "", text[:last], flags=re.M)
     for what, pattern in CHANGES:
-        if pattern.search(before):
+        if re.search(pattern, before):
             return what
     return None
 
@@ -92,7 +95,7 @@ def cold_reason(file: str, preloaded: set[str] | None = None) -> tuple[str | Non
     if changed:
         return f"sets {changed} before using a preloaded module", switches
     # `ok !$INC{'Foo.pm'}`: whether a module is loaded yet; forked, it is
-    for m in INC_LOOKUP.finditer(head):
+    for m in re.finditer(INC_LOOKUP, head):
         if preloaded is None or m.group(2) in preloaded:
             return f"looks at $INC{{'{m.group(2)}'}} (preloaded)", switches
     return None, switches

@@ -32,3 +32,14 @@ def verdicts(stdout: str) -> dict[str, str]:
             rest = m.group(2).strip()
             found[m.group(1)] = "ok" if rest == "ok" else "skipped" if rest.startswith("skipped") else "FAIL"
     return found
+
+
+def run_in(cwd: Path, argv: list[str], **env: str) -> subprocess.CompletedProcess:
+    """argv in `cwd`, outside any harness of the caller's (no HARNESS_ACTIVE,
+    HARNESS_PERL_SWITCHES or PERL5OPT), MARKER_DIR set to `cwd`."""
+    full = {**os.environ, "MARKER_DIR": str(cwd), **env}
+    full.pop("HARNESS_ACTIVE", None)
+    full.pop("HARNESS_PERL_SWITCHES", None)
+    full.pop("PERL5OPT", None)
+    return subprocess.run(argv, cwd=cwd, env=full, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=120)

@@ -13,7 +13,7 @@ use Text::ParseWords ();
 
 use ForkServer::Prove::Iterator ();
 use ForkServer::Prove::Loads ();
-use ForkServer::Protocol qw(encode_packet encode_array MODIFIER1_CONFIG);
+use ForkServer::Prove::Spec ();
 
 TAP::Parser::IteratorFactory->register_handler(__PACKAGE__);
 
@@ -57,7 +57,6 @@ its verdict, C<--state> remembers it, and stderr says so.
 
 my %CFG;        # setup()'s arguments
 my %NOTED;      # notes already given
-my %INC_FOR;    # the @INC `perl FILE` gets, by environment
 my %BASE_INC;   # the files the base has loaded (keys of its %INC)
 our $LEARNED;   # the automatic preload came from --state's records
 
@@ -96,6 +95,13 @@ sub setup {
     # destruction at exit is then cheaper than freeing what the test loaded
     # package by package (ForkServer::Prove::TestFile's fast exit), and exact.
     $CFG{destruct} = 1 unless grep { !/\Ainc=/ } @items;
+    # The base started beside prove reads them from its pipe: it starts
+    # preloading now, not once the Emperor side has read our request.
+    if (my $fh = delete $CFG{config_fh}) {
+        local $SIG{PIPE} = 'IGNORE';    # no base after all: the request says why
+        syswrite $fh, join "\0", @items;
+        close $fh;
+    }
     # The answer is waited for when the first file is to run (_await_base):
     # prove sets up its harness, formatter and scheduler while the base
     # loads the preloads, rather than after.
@@ -346,15 +352,9 @@ sub _create_iterator {
     $warnings ||= 1 if ($source->meta->{file}{shebang} // '') =~ /^#!.*\bperl\S*\s+(?:-\S+\s+)*-w\b/;
     # with --state, the file says what it loaded (for the next run's preload)
     my $loads = $CFG{state} ? _loads_path() : undef;
-    my $spec = encode_packet(MODIFIER1_CONFIG, 0, encode_array(
-        "file=$file", "cwd=" . Cwd::getcwd(), (map {"arg=$_"} @args),
-        (map {"inc=$_"} _inc_for(\%env, $command->[0])),
-        (map {"env=$_=$env{$_}"} sort keys %env),
-        "warnings=$warnings",
-        ($source->merge ? ('merge=1') : ()),
-        ($CFG{destruct} ? ('destruct=1') : ()),
-        (defined $loads ? ("loads=$loads") : ()),
-    ));
+    my $spec = ForkServer::Prove::Spec::encode(
+        file => $file, cwd => Cwd::getcwd(), args => \@args, env => \%env, perl => $command->[0],
+        warnings => $warnings, merge => $source->merge, destruct => $CFG{destruct}, loads => $loads);
     return ForkServer::Prove::Iterator->new({
         socket => $CFG{socket}, file => $file, spec => $spec, cold => $cold,
         on_cold_pass => sub { _remember_cold($file) },
@@ -377,21 +377,6 @@ sub _remember_cold {
     my $state = $CFG{state} or return;
     eval { $state->results->test($file)->{emperor_cold} = 'it failed or skipped forked and passed cold'; 1 };
     return;
-}
-
-# What `perl FILE` has in @INC with this environment (PERL5LIB, PERL5OPT).
-sub _inc_for {
-    my ($env, $perl) = @_;
-    my $key = join "\0", $perl, map { $env->{$_} // '' } qw(PERL5LIB PERL5OPT PERL_USE_UNSAFE_INC);
-    $INC_FOR{$key} ||= do {
-        local %ENV = %$env;
-        open my $fh, '-|', $perl, '-e', 'print join "\0", @INC' or die "cannot run $perl: $!\n";
-        local $/;
-        my $out = <$fh>;
-        close $fh;
-        [split /\0/, $out];
-    };
-    return @{ $INC_FOR{$key} };
 }
 
 1;

@@ -1,0 +1,143 @@
+"""What an `emperor prove` run gives the next one: with --state (.prove)
+or without (its own record in $XDG_CACHE_HOME/emperor-prove/), the preload
+of what the files loaded, the files to start cold, and with -j2 the
+slowest first; also with --no-preload (the order, not a preload)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import yaml
+
+from support import EMPEROR
+from support.prove import run_in, verdicts
+
+
+def record_of(project: Path) -> Path:
+    """The record a run without --state keeps of a project (by directory)."""
+    return (Path(os.environ["XDG_CACHE_HOME"]) / "emperor-prove"
+            / f"{hashlib.md5(str(project.resolve()).encode()).hexdigest()}.yml")
+
+
+def slowest_recorded(project: Path) -> str:
+    """The file the record says was slowest. On a loaded machine a file
+    run cold can outlast the one that sleeps 0.5 s: the order is judged by
+    what was recorded, not by which file was meant to be slow."""
+    times = {name: t["elapsed"] for name, t in yaml.safe_load(record_of(project).read_text())["tests"].items()}
+    assert times["t/z_slow.t"] >= 0.5, times
+    return max(times, key=times.__getitem__)
+
+
+def project_with_a_deep_module(root: Path) -> None:
+    """lib/Proj.pm, which loads Proj::Deep only when called (no `use` line
+    names it), and t/a.t, b.t, c.t, which call it."""
+    (root / "lib" / "Proj").mkdir(parents=True)
+    (root / "t").mkdir()
+    (root / "lib" / "Proj.pm").write_text(
+        "package Proj;\nsub deep { require Proj::Deep; Proj::Deep::answer() }\n1;\n")
+    (root / "lib" / "Proj" / "Deep.pm").write_text("package Proj::Deep;\nsub answer { 42 }\n1;\n")
+    for name in ("a", "b", "c"):
+        (root / "t" / f"{name}.t").write_text(
+            "use strict;\nuse warnings;\nuse Test::More tests => 1;\nuse Proj;\n"
+            "is Proj::deep(), 42, 'deep';\n")
+
+
+def test_state_gives_the_next_run_its_preload_and_its_order(tmp_path: Path) -> None:
+    """With --state, a run records what each forked file loaded (.prove's
+    emperor_loads); the next run preloads what most files loaded, also
+    modules no `use` line names, and with -j2 runs the slowest files
+    first, from prove's own times: also from a .prove that prove wrote.
+    Verdicts stay prove's."""
+    project_with_a_deep_module(tmp_path)
+    (tmp_path / "t" / "z_slow.t").write_text(
+        "use strict;\nuse warnings;\nuse Test::More tests => 1;\n"
+        "select undef, undef, undef, 0.8;\nok 1, 'slow';\n")
+    cmd = [EMPEROR, "prove", "-l", "-j2", "--state=save", "t"]
+    want = verdicts(run_in(tmp_path, ["prove", "-l", "t"]).stdout)
+    assert want == {f"t/{n}.t": "ok" for n in ("a", "b", "c", "z_slow")}
+
+    # prove's own .prove (times, no records of ours): the order comes from it
+    assert run_in(tmp_path, ["prove", "-l", "-j2", "--state=save", "t"]).returncode == 0
+    dry = run_in(tmp_path, [EMPEROR, "prove", "-l", "-j2", "--state=save", "-D", "t"])
+    assert dry.stdout.split()[0] == "t/z_slow.t", dry.stdout
+    dry_j1 = run_in(tmp_path, [EMPEROR, "prove", "-l", "--state=save", "-D", "t"])
+    assert dry_j1.stdout.split()[0] == "t/a.t", dry_j1.stdout  # one job: prove's order
+
+    first = run_in(tmp_path, cmd)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "preloaded (what most test files use): Test::More, Proj\n" in first.stderr, first.stderr
+    assert verdicts(first.stdout) == want
+    state = (tmp_path / ".prove").read_text()
+    assert re.search(r"emperor_loads: .*Proj/Deep\.pm", state), state
+
+    second = run_in(tmp_path, cmd)
+    assert second.returncode == 0, second.stdout + second.stderr
+    line = [x for x in second.stderr.splitlines() if "preloaded" in x]
+    assert len(line) == 1 and "(what most test files loaded last time, --state)" in line[0], second.stderr
+    assert "Proj::Deep" in line[0] and "Test::More" in line[0], line
+    assert verdicts(second.stdout) == want
+
+
+def test_the_next_run_preloads_what_the_last_one_loaded(tmp_path: Path) -> None:
+    """Without --state too: a run keeps, in $XDG_CACHE_HOME/emperor-prove/
+    (not in the project), what each forked file loaded and which files had
+    to run cold, and their times; the next run in that directory preloads
+    what most files loaded, also modules no `use` line names, starts the
+    cold ones cold and, with -j2, the slowest first. `--no-learn` neither
+    keeps nor uses it. Verdicts stay prove's."""
+    project_with_a_deep_module(tmp_path)
+    (tmp_path / "t" / "d_base_sensitive.t").write_text(
+        "use strict;\nuse warnings;\nuse Test::More tests => 1;\n"
+        "ok !defined &ForkServer::Prove::TestFile::serve, 'fails in a fork of the base';\n")
+    (tmp_path / "t" / "z_slow.t").write_text(
+        "use strict;\nuse warnings;\nuse Test::More tests => 1;\n"
+        "select undef, undef, undef, 0.5;\nok 1, 'slow';\n")
+    cmd = [EMPEROR, "prove", "-l", "-j2", "t"]
+    want = verdicts(run_in(tmp_path, ["prove", "-l", "t"]).stdout)
+    assert want == {f"t/{n}.t": "ok" for n in ("a", "b", "c", "d_base_sensitive", "z_slow")}
+
+    first = run_in(tmp_path, cmd)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "preloaded (what most test files use): Test::More, Proj\n" in first.stderr, first.stderr
+    assert "t/d_base_sensitive.t failed or skipped forked and passed cold" in first.stderr
+    assert verdicts(first.stdout) == want
+    assert "Proj/Deep.pm" in record_of(tmp_path).read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lib", "t"]  # nothing in the project
+
+    second = run_in(tmp_path, cmd)
+    assert second.returncode == 0, second.stdout + second.stderr
+    line = [x for x in second.stderr.splitlines() if "preloaded" in x]
+    assert len(line) == 1 and "(what most test files loaded last time)" in line[0], second.stderr
+    assert "Proj::Deep" in line[0] and "Test::More" in line[0], line
+    assert "t/d_base_sensitive.t runs cold: last run" in second.stderr, second.stderr
+    assert verdicts(second.stdout) == want
+    # with -j2, the slowest first, by the last run's times; one job: prove's order
+    assert run_in(tmp_path, [*cmd, "-D"]).stdout.split()[0] == slowest_recorded(tmp_path)
+    assert run_in(tmp_path, [EMPEROR, "prove", "-l", "-D", "t"]).stdout.split()[0] == "t/a.t"
+
+    forgetful = run_in(tmp_path, [*cmd[:2], "--no-learn", *cmd[2:]])
+    assert forgetful.returncode == 0, forgetful.stdout + forgetful.stderr
+    assert "preloaded (what most test files use): Test::More, Proj\n" in forgetful.stderr, forgetful.stderr
+    assert verdicts(forgetful.stdout) == want
+
+
+def test_no_preload_runs_the_slowest_first_from_the_last_run(tmp_path: Path) -> None:
+    """--no-preload preloads nothing, but keeps and uses the record of the
+    last run for its order: with -j2 the slowest file first (a long file
+    started last is the run's tail, whatever the preload)."""
+    project_with_a_deep_module(tmp_path)
+    (tmp_path / "t" / "z_slow.t").write_text(
+        "use strict;\nuse warnings;\nuse Test::More tests => 1;\n"
+        "select undef, undef, undef, 0.5;\nok 1, 'slow';\n")
+    cmd = [EMPEROR, "prove", "--no-preload", "-l", "-j2", "t"]
+    first = run_in(tmp_path, cmd)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "preloaded" not in first.stderr, first.stderr
+    assert run_in(tmp_path, [*cmd, "-D"]).stdout.split()[0] == slowest_recorded(tmp_path)
+    second = run_in(tmp_path, cmd)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert verdicts(second.stdout) == verdicts(run_in(tmp_path, ["prove", "-l", "t"]).stdout)
+    assert run_in(tmp_path, [EMPEROR, "prove", "--no-preload", "-l", "-D", "t"]).stdout.split()[0] == "t/a.t"
