@@ -1,7 +1,8 @@
 # A tenant's probe: what a vassal's process can see of root, of the base
 # and of its own identity. Preloaded by a base, it opens TENANT_PRELOAD_FILE
 # (a root-only file; none when empty) and keeps the handle, as an app's
-# logger or database handle would (and with TENANT_NOT_DUMPABLE makes
+# logger or database handle would, connects to TENANT_PRELOAD_SOCKET (a
+# UNIX socket) and keeps it (and with TENANT_NOT_DUMPABLE makes
 # itself not dumpable); its warm-up (GET /warm) draws a token, opens
 # TENANT_WARM_FILE and starts TENANT_HELPERS helper processes.
 use strict;
@@ -9,9 +10,14 @@ use warnings;
 use JSON::PP ();
 use POSIX ();
 
-our ($PRELOADED, $WARMED, $WARMED_IN, $TOKEN, $TOKEN_IN, $HELPERS_IN, @HELPERS);
+our ($PRELOADED, $PRELOADED_SOCKET, $WARMED, $WARMED_IN, $TOKEN, $TOKEN_IN, $HELPERS_IN, @HELPERS);
 if (length(my $f = $ENV{TENANT_PRELOAD_FILE} // '')) {
     open $PRELOADED, '<', $f or die "preload $f: $!\n";
+}
+if (length(my $s = $ENV{TENANT_PRELOAD_SOCKET} // '')) {
+    # a connection to a root-only service (a daemon's control socket), kept
+    require IO::Socket::UNIX;
+    $PRELOADED_SOCKET = IO::Socket::UNIX->new(Peer => $s) or die "preload socket $s: $!\n";
 }
 if ($ENV{TENANT_NOT_DUMPABLE}) {
     # an app that keeps its memory from other processes of its uid
@@ -84,6 +90,7 @@ my $app = sub {
         $out{fds} = _fds();
         $out{preloaded} = $PRELOADED ? fileno($PRELOADED) : undef;
         $out{warmed} = $WARMED ? fileno($WARMED) : undef;
+        $out{preloaded_socket} = $PRELOADED_SOCKET ? fileno($PRELOADED_SOCKET) : undef;
     }
     elsif ($path eq '/token') {
         ($TOKEN, $TOKEN_IN) = (int(rand(1e15)), $$) unless ($TOKEN_IN // 0) == $$;

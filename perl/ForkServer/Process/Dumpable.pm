@@ -3,6 +3,7 @@ use strict;
 use warnings;
 
 use POSIX ();
+use Socket ();
 use ForkServer::Process::Syscalls ();
 
 # The kernel's "dumpable" flag of this process (prctl(2)). It decides who
@@ -54,15 +55,24 @@ sub _unprivileged {
     return 1;
 }
 
-# The descriptors this process holds on a file (not a socket, a pipe or a
-# memory file) that is not its real uid's and that its real uid and groups
-# may not open as it is open: opened while it was root ("N (path)" each).
-# Call it after dropping root.
+# The descriptors this process holds on a file (not a pipe or a memory
+# file) that is not its real uid's and that its real uid and groups may not
+# open as it is open, and on a socket that is not among $given (a hash of
+# /proc/self/fd links, socket_links()) and that its uid could not have made
+# as it is: opened while it was root ("N (path)" each). Call it after
+# dropping root.
 sub foreign_descriptors {
+    my ($given) = @_;
     opendir(my $dh, '/proc/self/fd') or return ('/proc/self/fd unreadable');
     my @foreign;
     for my $fd (sort { $a <=> $b } grep { /\A\d+\z/ } readdir $dh) {
         my $path = readlink("/proc/self/fd/$fd") // next;    # the listing's own, closed
+        if ($path =~ /\Asocket:/) {
+            next if $given && $given->{$path};
+            my $why = _foreign_socket($fd);
+            push @foreign, "$fd ($path, $why)" if defined $why;
+            next;
+        }
         next unless $path =~ m{\A/} && $path !~ m{\A/memfd:};
         # a file of its own (its requests file, made for it by root)
         my @st = stat("/proc/self/fd/$fd") or next;
@@ -72,6 +82,35 @@ sub foreign_descriptors {
         push @foreign, "$fd ($path)" unless -e $path && POSIX::access($path, $mode);
     }
     return @foreign;
+}
+
+# The /proc/self/fd links of the sockets this process holds ("socket:[N]").
+sub socket_links {
+    opendir(my $dh, '/proc/self/fd') or return ();
+    return grep { defined && /\Asocket:/ } map { readlink("/proc/self/fd/$_") } grep { /\A\d+\z/ } readdir $dh;
+}
+
+# Why socket $fd carries root's rights to whoever holds it, or undef when
+# it does not: a TCP or UDP socket gives nothing its uid could not make; a
+# UNIX socket connected to a path its uid may connect to neither; any other
+# (connected to a root-only path, to a root process by a socket pair, raw,
+# netlink: its rights were checked when it was made, as root) does.
+sub _foreign_socket {
+    my $fd = shift;
+    my $dup = POSIX::dup($fd) // return 'unreadable';
+    open(my $sock, '+<&=', $dup) or do { POSIX::close($dup); return 'unreadable' };
+    my $domain = unpack('i', getsockopt($sock, Socket::SOL_SOCKET(), Socket::SO_DOMAIN()) // pack('i', -1));
+    my $type = unpack('i', getsockopt($sock, Socket::SOL_SOCKET(), Socket::SO_TYPE()) // pack('i', -1));
+    my $peer = getpeername($sock);
+    close $sock;
+    if ($domain == Socket::AF_INET() || $domain == Socket::AF_INET6()) {
+        return undef if $type == Socket::SOCK_STREAM() || $type == Socket::SOCK_DGRAM();
+        return 'a raw socket';
+    }
+    return "domain $domain" unless $domain == Socket::AF_UNIX();
+    my $path = defined $peer && length $peer > 2 ? Socket::unpack_sockaddr_un($peer) : '';
+    return 'a UNIX socket with no path' unless length $path && $path !~ /\A\0/;
+    return POSIX::access($path, POSIX::W_OK()) ? undef : "connected to $path";
 }
 
 # R_OK, W_OK or both, as descriptor $fd is open (its fdinfo flags).
@@ -114,13 +153,19 @@ C<prctl(PR_GET_DUMPABLE)>: 1 when processes of this uid and gid may
 ptrace it and take its descriptors, 0 when only a process with
 C<CAP_SYS_PTRACE> may, undef where it cannot be read.
 
-=head2 foreign_descriptors() -> ("N (path)", ...)
+=head2 foreign_descriptors(\%given) -> ("N (path)", ...)
 
 After dropping root: the descriptors this process holds on a file (not a
-socket, a pipe or a memory file) that its real uid does not own and could
-not open itself, with its groups, for the access it is open for
-(C<access(2)>): what it opened while it was root. Empty when it holds
-none.
+pipe or a memory file) that its real uid does not own and could not open
+itself, with its groups, for the access it is open for (C<access(2)>),
+and on a socket not in C<%given> (L</socket_links> taken before the app
+loaded, and its listening socket) other than a TCP or UDP socket or a
+UNIX socket connected to a path its uid may write: what it opened while
+it was root. Empty when it holds none.
+
+=head2 socket_links() -> ("socket:[N]", ...)
+
+The C</proc/self/fd> links of the sockets this process holds.
 
 =head2 restore_unprivileged($tracer) -> bool
 
