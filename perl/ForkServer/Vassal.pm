@@ -68,8 +68,8 @@ sub run {
     my ($self) = @_;
     my $config = $self->{config};
     $self->configure;
-    # what it was given, before its app (loaded as root) may open sockets of its own
-    my %given = $> == 0 ? map { $_ => 1 } ForkServer::Process::Dumpable::socket_links() : ();
+    # what it was given, before its app (loaded as root) may open sockets and pipes of its own
+    my %given = $> == 0 ? map { $_ => 1 } ForkServer::Process::Dumpable::pathless_links() : ();
     my $app  = $self->load_app;
     my $sock = $self->listen_socket;
     $given{ readlink('/proc/self/fd/' . fileno($sock)) // '' } = 1 if $> == 0;

@@ -55,25 +55,31 @@ sub _unprivileged {
     return 1;
 }
 
-# The descriptors this process holds on a file (not a pipe or a memory
-# file) that is not its real uid's and that its real uid and groups may not
-# open as it is open, and on a socket that is not among $given (a hash of
-# /proc/self/fd links, socket_links()) and that its uid could not have made
-# as it is: opened while it was root ("N (path)" each). Call it after
-# dropping root.
+# The descriptors this process holds on a file (not a memory file) that is
+# not its real uid's and that its real uid and groups may not open as it
+# is open, and on no path (a socket, a pipe, an anonymous inode) that is
+# not among $given (a hash of /proc/self/fd links, pathless_links()) and
+# carries what its uid could not have made: opened while it was root
+# ("N (path)" each). Call it after dropping root. A pipe not given may
+# lead to a process still root (a helper the app started), so it counts;
+# a timer, event, signal, epoll, inotify or pid descriptor gives nothing.
+# An empty $given: every such descriptor is judged.
 sub foreign_descriptors {
     my ($given) = @_;
     opendir(my $dh, '/proc/self/fd') or return ('/proc/self/fd unreadable');
     my @foreign;
     for my $fd (sort { $a <=> $b } grep { /\A\d+\z/ } readdir $dh) {
         my $path = readlink("/proc/self/fd/$fd") // next;    # the listing's own, closed
-        if ($path =~ /\Asocket:/) {
+        if ($path !~ m{\A/}) {
             next if $given && $given->{$path};
-            my $why = _foreign_socket($fd);
+            my $why = $path =~ /\Asocket:/ ? _foreign_socket($fd)
+                    : $path =~ /\Aanon_inode:(?:\[(?:timerfd|eventfd|signalfd|eventpoll|pidfd)\]|inotify)\z/ ? undef
+                    : $path =~ /\Apipe:/ ? 'a pipe it made as root'
+                    : 'made as root';
             push @foreign, "$fd ($path, $why)" if defined $why;
             next;
         }
-        next unless $path =~ m{\A/} && $path !~ m{\A/memfd:};
+        next if $path =~ m{\A/memfd:};
         # a file of its own (its requests file, made for it by root)
         my @st = stat("/proc/self/fd/$fd") or next;
         next if $st[4] == $<;
@@ -84,10 +90,11 @@ sub foreign_descriptors {
     return @foreign;
 }
 
-# The /proc/self/fd links of the sockets this process holds ("socket:[N]").
-sub socket_links {
+# The /proc/self/fd links of the descriptors this process holds on no
+# path: sockets, pipes, anonymous inodes ("socket:[N]", "pipe:[N]", ...).
+sub pathless_links {
     opendir(my $dh, '/proc/self/fd') or return ();
-    return grep { defined && /\Asocket:/ } map { readlink("/proc/self/fd/$_") } grep { /\A\d+\z/ } readdir $dh;
+    return grep { defined && !m{\A/} } map { readlink("/proc/self/fd/$_") } grep { /\A\d+\z/ } readdir $dh;
 }
 
 # Why socket $fd carries root's rights to whoever holds it, or undef when
@@ -158,14 +165,17 @@ C<CAP_SYS_PTRACE> may, undef where it cannot be read.
 After dropping root: the descriptors this process holds on a file (not a
 pipe or a memory file) that its real uid does not own and could not open
 itself, with its groups, for the access it is open for (C<access(2)>),
-and on a socket not in C<%given> (L</socket_links> taken before the app
-loaded, and its listening socket) other than a TCP or UDP socket or a
-UNIX socket connected to a path its uid may write: what it opened while
-it was root. Empty when it holds none.
+and on no path but not in C<%given> (L</pathless_links> taken before
+the app loaded, and its listening socket): a pipe, a socket other than a
+TCP or UDP socket or a UNIX socket connected to a path its uid may
+write, an anonymous inode other than a timer, event, signal, epoll,
+inotify or pid descriptor. What it opened while it was root. Empty when
+it holds none.
 
-=head2 socket_links() -> ("socket:[N]", ...)
+=head2 pathless_links() -> ("socket:[N]", "pipe:[N]", ...)
 
-The C</proc/self/fd> links of the sockets this process holds.
+The C</proc/self/fd> links of the descriptors this process holds on no
+path: sockets, pipes, anonymous inodes.
 
 =head2 restore_unprivileged($tracer) -> bool
 
