@@ -1,6 +1,7 @@
 use strict;
 use warnings;
 use Test::More;
+use Socket ();
 use POSIX ();
 use ForkServer::Process::Dumpable ();
 use ForkServer::Process::Syscalls ();
@@ -63,22 +64,34 @@ is in_child(sub { $) = "$nobody $nobody"; POSIX::setgid($nobody) or die; POSIX::
         chmod $mode, $path;
         chown $owner, $owner, $path;
     }
-    my @held = map { open(my $fh, '<', $_) or die "$_: $!"; $fh } $secret, $own, $public;
     pipe(my $r, my $w) or die "pipe: $!";
+    # what the process was given before its app ran: this test's own pipes
+    my %given = map { $_ => 1 } ForkServer::Process::Dumpable::pathless_links();
+    my @held = map { open(my $fh, '<', $_) or die "$_: $!"; $fh } $secret, $own, $public;
     my $pid = fork // die "fork: $!";
     if (!$pid) {
         close $r;
         $) = "$uid $uid";
         POSIX::setgid($uid) && POSIX::setuid($uid) or POSIX::_exit(1);
-        my @foreign = ForkServer::Process::Dumpable::foreign_descriptors();
+        my @foreign = ForkServer::Process::Dumpable::foreign_descriptors(\%given);
         close $held[0];
-        syswrite $w, join("\n", "@foreign", join(' ', ForkServer::Process::Dumpable::foreign_descriptors()));
+        my @after = ForkServer::Process::Dumpable::foreign_descriptors(\%given);
+        # not given: a pipe and a socket pair (to a helper, say), a TCP socket
+        pipe(my $pr, my $pw) or die "pipe: $!";
+        socketpair(my $s1, my $s2, Socket::AF_UNIX(), Socket::SOCK_STREAM(), 0) or die "socketpair: $!";
+        socket(my $tcp, Socket::AF_INET(), Socket::SOCK_STREAM(), 0) or die "socket: $!";
+        my %named = map { /\A(\d+) \((\w+):.*, (.*)\)\z/ ? ($1 => "$2, $3") : () }
+            ForkServer::Process::Dumpable::foreign_descriptors(\%given);
+        syswrite $w, join("\n", "@foreign", "@after",
+            join(' ', map { $named{fileno $_} // 'not named' } $pr, $pw, $s1, $s2, $tcp));
         POSIX::_exit(0);
     }
     close $w;
-    my ($held, $after) = split /\n/, do { local $/; <$r> } // '', -1;
+    my ($held, $after, $made) = split /\n/, do { local $/; <$r> } // '', -1;
     waitpid $pid, 0;
     is $held, fileno($held[0]) . " ($secret)", 'a root-only file opened as root: named; its own and a public one: not';
     is $after, '', 'none once it is closed';
+    is $made, join(' ', ('pipe, a pipe it made as root') x 2, ('socket, a UNIX socket with no path') x 2, 'not named'),
+        'a pipe and a socket pair not given: named; a TCP socket: not';
 }
 done_testing;

@@ -227,10 +227,10 @@ def test_bad_front_door_options_are_one_line_and_exit_2(tmp_path: Path):
             (["--nginx-include", str(tmp_path / "no" / "such" / "f.conf")],
              "cannot create files in"),
             (["--http", "127.0.0.1:1", "--nginx", str(tmp_path / "nginx")], "nginx not found at"),
-            (["--http", "127.0.0.1:1", "--nginx-workers", "0"],
-             "--nginx-workers 0: a number of processes, 1 or more"),
-            (["--http", "127.0.0.1:1", "--nginx-workers", "many"],
-             "--nginx-workers many: a number of processes, 1 or more"),
+            *((["--http", "127.0.0.1:1", "--nginx-workers", n],
+               f"--nginx-workers {n}: a number of processes, 1 to 1024 (nginx spawns no more)")
+              # a superscript two is a digit to str.isdigit; nginx cannot hold the huge one
+              for n in ("0", "many", "\u00b2", "\u0663", "1025", "99999999999999999999")),
         ]
         for extra, want in cases:
             r = subprocess.run([EMPEROR, "run", str(vdir), "--run-dir", str(tmp_path / "r"), *extra],

@@ -20,6 +20,9 @@ import http.client
 import json
 import os
 import shutil
+import socket
+import subprocess
+
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -280,3 +283,57 @@ def test_an_app_that_made_itself_not_dumpable_stays_so(fleet, request):
         assert ask(port, "/ids")["Uid"].split() == [str(t.uid)] * 4
     finally:
         (e.dir / "private.ini").unlink()
+
+
+# A tenant's own process (its shell, a cron job) asks for descriptor FD of
+# process PID (pidfd_getfd, 438 on every architecture) and says what it got.
+TAKE = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+pidfd = os.pidfd_open(int(sys.argv[1]))
+fd = libc.syscall(438, pidfd, int(sys.argv[2]), 0)
+print(f"errno {ctypes.get_errno()}" if fd < 0 else f"got {os.readlink(f'/proc/self/fd/{fd}')}")
+"""
+
+
+@pytest.mark.parametrize("what", ["socket", "pipe"])
+def test_a_vassal_whose_app_holds_a_connection_made_as_root_keeps_its_workers_not_dumpable(fleet, request, what):
+    """A connection the app made as root (to a daemon's control socket in a
+    root-only directory, a pipe to a helper it started as root) is root's
+    as much as a root-only file: a process of the tenant's uid that could
+    take it would talk to that daemon or helper as root. The workers stay
+    not dumpable, with one line saying why, and the tenant's own process
+    cannot take it."""
+    if request.node.callspec.params["fleet"] is not None:
+        pytest.skip("a plain vassal's")
+    e, a, _ = fleet
+    port, t = free_port(), a.tenant
+    name = f"root{what}"
+    v = Vassal(name, port, t, a.gates)
+    private = Path(tempfile.mkdtemp(prefix="pf-td-root-"))
+    os.chmod(private, 0o700)
+    daemon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        daemon.bind(str(private / "control.sock"))
+        daemon.listen(8)
+        held_by_env = (f"env = TENANT_PRELOAD_SOCKET={private / 'control.sock'}" if what == "socket"
+                       else "env = TENANT_PRELOAD_PIPE=1")
+        add(e, name, vassal_ini(port, f"uid = {t.name}", f"psgi = {TENANT}", "env = TENANT_PRELOAD_FILE=",
+                                held_by_env, processes=2), port)
+        def workers() -> list[int]:    # not its helper
+            return [w for w in v.workers(e) if not " ".join(psutil.Process(w).cmdline()).startswith("tenant helper")]
+        wait_for(lambda: len(workers()) == 2, 20, f"{name}'s two workers")
+        r = ask(port, "/fds")
+        held = r[f"preloaded_{what}"]
+        assert held is not None and r["fds"][str(held)].startswith(f"{what}:"), r
+        for w in workers():
+            took = subprocess.run(["/usr/bin/python3", "-c", TAKE, str(w), str(held)], user=t.uid, group=t.gid,
+                                  extra_groups=[], cwd="/", capture_output=True, text=True, timeout=20)
+            assert took.stdout.strip() == f"errno {errno.EPERM}", (w, took.stdout, took.stderr)
+            assert os.stat(f"/proc/{w}/environ").st_uid == 0, "not dumpable"
+        wait_for(lambda: [ln for ln in e.lines("workers stay not dumpable") if f"[{name}]" in ln
+                          and f"{held} ({what}:" in ln], 10, "the line")
+    finally:
+        (e.dir / f"{name}.ini").unlink(missing_ok=True)
+        daemon.close()
+        shutil.rmtree(private, ignore_errors=True)

@@ -68,8 +68,12 @@ sub run {
     my ($self) = @_;
     my $config = $self->{config};
     $self->configure;
+    # what it was given, before its app (loaded as root) may open sockets and pipes of its own
+    my %given = $> == 0 ? map { $_ => 1 } ForkServer::Process::Dumpable::pathless_links() : ();
     my $app  = $self->load_app;
     my $sock = $self->listen_socket;
+    $given{ readlink('/proc/self/fd/' . fileno($sock)) // '' } = 1 if $> == 0;
+    $self->{given_pathless} = \%given;
     my $access_log = $self->access_log;    # opened as whoever may open it
     my $requests_fh = $self->requests_file;
     my $preforked = $self->first_worker($sock, $requests_fh);
@@ -312,7 +316,7 @@ sub drop_privileges {
     return unless $before == 1 && (ForkServer::Process::Dumpable::get() // 1) == 0;
     my $config = $self->{config};
     return unless ($config->get('processes') // 1) > 1 && $config->get('http-keepalive-handoff');
-    if (my @foreign = ForkServer::Process::Dumpable::foreign_descriptors()) {
+    if (my @foreign = ForkServer::Process::Dumpable::foreign_descriptors($self->{given_pathless})) {
         ForkServer::Log::line($config->name, "workers stay not dumpable, no desk (the earlier hand-over): "
             . "the app holds what it opened as root and uid $< may not open: @foreign");
         return;

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -38,7 +39,12 @@ def add_front_arguments(run: argparse.ArgumentParser) -> None:
                      help=f"idle connections nginx keeps open per vassal (default "
                           f"{DEFAULT_KEEPALIVE}; 0: one connection per request)")
     run.add_argument("--nginx-workers", metavar="N",
-                     help="nginx's worker processes (default: half the CPUs, at least 1)")
+                     help="nginx's worker processes, 1 to 1024 (default: half the CPUs, at least 1)")
+
+
+#: nginx's own limit (NGX_MAX_PROCESSES): past it, it says "no more than
+#: 1024 processes can be spawned" and runs that many
+MAX_NGINX_WORKERS = 1024
 
 
 def nginx_workers(value: str | None) -> int | None:
@@ -46,8 +52,10 @@ def nginx_workers(value: str | None) -> int | None:
     not one."""
     if value is None:
         return None
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"--nginx-workers {value}: a number of processes, 1 or more")
+    # ASCII digits only: str.isdigit() takes a superscript two, which int() refuses
+    if not re.fullmatch(r"[0-9]{1,5}", value) or not 1 <= int(value) <= MAX_NGINX_WORKERS:
+        raise ValueError(f"--nginx-workers {value}: a number of processes, 1 to {MAX_NGINX_WORKERS} "
+                         "(nginx spawns no more)")
     return int(value)
 
 

@@ -166,6 +166,18 @@ def _read_bounded(fd: int) -> bytes:
 #: Linux file system stamps with the kernel's coarse clock: one tick, 1 to
 #: 10 ms; ten times that)
 RACY_NS = 100_000_000
+#: the same for a file system that stamps whole seconds (ext4 with 128-byte
+#: inodes, ext3, an NFS server on one) or two (FAT): a change within the
+#: second keeps every timestamp. Told by a ctime and an mtime without
+#: nanoseconds (on a fine file system, one file in a few hundred looks so
+#: and is merely read once more)
+COARSE_RACY_NS = 2_000_000_000
+
+
+def racy_ns(status: "FileStatus") -> int:
+    """How long after its ctime a status may still hide a change."""
+    coarse = status[-1] % 1_000_000_000 == 0 and status[-2] % 1_000_000_000 == 0
+    return COARSE_RACY_NS if coarse else RACY_NS
 
 FileStatus = tuple[str, int, int, int, int, int]
 
@@ -185,7 +197,8 @@ def file_status(path: Path | str) -> FileStatus | None:
 class ReadStatuses:
     """Per vassal, the status of its file taken just before its last read,
     kept when what was read came from that file alone (no template, no
-    @(FILE), no error) and its status had not changed in the last RACY_NS:
+    @(FILE), no error) and its status had not changed in the last RACY_NS
+    (COARSE_RACY_NS on a file system of whole seconds):
     while the file keeps that status, reading it again would give the same
     config (uWSGI's own scan compares mtimes)."""
 
@@ -203,7 +216,7 @@ class ReadStatuses:
     def read(self, name: str, status: FileStatus | None, file_alone: bool) -> None:
         """It was read (`status`: taken before); what it said came from the
         file alone (`VassalConfig.file_alone`)."""
-        if status is not None and file_alone and time.time_ns() - status[-1] >= RACY_NS:
+        if status is not None and file_alone and time.time_ns() - status[-1] >= racy_ns(status):
             self.seen[name] = status
 
     def forget(self, name: str) -> None:

@@ -1,7 +1,9 @@
 # A tenant's probe: what a vassal's process can see of root, of the base
 # and of its own identity. Preloaded by a base, it opens TENANT_PRELOAD_FILE
 # (a root-only file; none when empty) and keeps the handle, as an app's
-# logger or database handle would (and with TENANT_NOT_DUMPABLE makes
+# logger or database handle would, connects to TENANT_PRELOAD_SOCKET (a
+# UNIX socket) and keeps it, with TENANT_PRELOAD_PIPE keeps a pipe to a
+# helper it started (and with TENANT_NOT_DUMPABLE makes
 # itself not dumpable); its warm-up (GET /warm) draws a token, opens
 # TENANT_WARM_FILE and starts TENANT_HELPERS helper processes.
 use strict;
@@ -9,9 +11,19 @@ use warnings;
 use JSON::PP ();
 use POSIX ();
 
-our ($PRELOADED, $WARMED, $WARMED_IN, $TOKEN, $TOKEN_IN, $HELPERS_IN, @HELPERS);
+our ($PRELOADED, $PRELOADED_SOCKET, $PRELOADED_PIPE, $WARMED, $WARMED_IN, $TOKEN, $TOKEN_IN, $HELPERS_IN, @HELPERS);
 if (length(my $f = $ENV{TENANT_PRELOAD_FILE} // '')) {
     open $PRELOADED, '<', $f or die "preload $f: $!\n";
+}
+if (length(my $s = $ENV{TENANT_PRELOAD_SOCKET} // '')) {
+    # a connection to a root-only service (a daemon's control socket), kept
+    require IO::Socket::UNIX;
+    $PRELOADED_SOCKET = IO::Socket::UNIX->new(Peer => $s) or die "preload socket $s: $!\n";
+}
+if ($ENV{TENANT_PRELOAD_PIPE}) {
+    # a pipe to a helper it started (as whoever loads it: root in a plain vassal)
+    my $pid = open($PRELOADED_PIPE, '|-') // die "preload pipe: $!\n";
+    if (!$pid) { $0 = "tenant helper of $ENV{TENANT_HELPER_TAG}"; sleep 1 while 1 }
 }
 if ($ENV{TENANT_NOT_DUMPABLE}) {
     # an app that keeps its memory from other processes of its uid
@@ -84,6 +96,8 @@ my $app = sub {
         $out{fds} = _fds();
         $out{preloaded} = $PRELOADED ? fileno($PRELOADED) : undef;
         $out{warmed} = $WARMED ? fileno($WARMED) : undef;
+        $out{preloaded_socket} = $PRELOADED_SOCKET ? fileno($PRELOADED_SOCKET) : undef;
+        $out{preloaded_pipe} = $PRELOADED_PIPE ? fileno($PRELOADED_PIPE) : undef;
     }
     elsif ($path eq '/token') {
         ($TOKEN, $TOKEN_IN) = (int(rand(1e15)), $$) unless ($TOKEN_IN // 0) == $$;

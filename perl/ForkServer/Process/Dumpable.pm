@@ -3,6 +3,7 @@ use strict;
 use warnings;
 
 use POSIX ();
+use Socket ();
 use ForkServer::Process::Syscalls ();
 
 # The kernel's "dumpable" flag of this process (prctl(2)). It decides who
@@ -54,16 +55,31 @@ sub _unprivileged {
     return 1;
 }
 
-# The descriptors this process holds on a file (not a socket, a pipe or a
-# memory file) that is not its real uid's and that its real uid and groups
-# may not open as it is open: opened while it was root ("N (path)" each).
-# Call it after dropping root.
+# The descriptors this process holds on a file (not a memory file) that is
+# not its real uid's and that its real uid and groups may not open as it
+# is open, and on no path (a socket, a pipe, an anonymous inode) that is
+# not among $given (a hash of /proc/self/fd links, pathless_links()) and
+# carries what its uid could not have made: opened while it was root
+# ("N (path)" each). Call it after dropping root. A pipe not given may
+# lead to a process still root (a helper the app started), so it counts;
+# a timer, event, signal, epoll, inotify or pid descriptor gives nothing.
+# An empty $given: every such descriptor is judged.
 sub foreign_descriptors {
+    my ($given) = @_;
     opendir(my $dh, '/proc/self/fd') or return ('/proc/self/fd unreadable');
     my @foreign;
     for my $fd (sort { $a <=> $b } grep { /\A\d+\z/ } readdir $dh) {
         my $path = readlink("/proc/self/fd/$fd") // next;    # the listing's own, closed
-        next unless $path =~ m{\A/} && $path !~ m{\A/memfd:};
+        if ($path !~ m{\A/}) {
+            next if $given && $given->{$path};
+            my $why = $path =~ /\Asocket:/ ? _foreign_socket($fd)
+                    : $path =~ /\Aanon_inode:(?:\[(?:timerfd|eventfd|signalfd|eventpoll|pidfd)\]|inotify)\z/ ? undef
+                    : $path =~ /\Apipe:/ ? 'a pipe it made as root'
+                    : 'made as root';
+            push @foreign, "$fd ($path, $why)" if defined $why;
+            next;
+        }
+        next if $path =~ m{\A/memfd:};
         # a file of its own (its requests file, made for it by root)
         my @st = stat("/proc/self/fd/$fd") or next;
         next if $st[4] == $<;
@@ -72,6 +88,36 @@ sub foreign_descriptors {
         push @foreign, "$fd ($path)" unless -e $path && POSIX::access($path, $mode);
     }
     return @foreign;
+}
+
+# The /proc/self/fd links of the descriptors this process holds on no
+# path: sockets, pipes, anonymous inodes ("socket:[N]", "pipe:[N]", ...).
+sub pathless_links {
+    opendir(my $dh, '/proc/self/fd') or return ();
+    return grep { defined && !m{\A/} } map { readlink("/proc/self/fd/$_") } grep { /\A\d+\z/ } readdir $dh;
+}
+
+# Why socket $fd carries root's rights to whoever holds it, or undef when
+# it does not: a TCP or UDP socket gives nothing its uid could not make; a
+# UNIX socket connected to a path its uid may connect to neither; any other
+# (connected to a root-only path, to a root process by a socket pair, raw,
+# netlink: its rights were checked when it was made, as root) does.
+sub _foreign_socket {
+    my $fd = shift;
+    my $dup = POSIX::dup($fd) // return 'unreadable';
+    open(my $sock, '+<&=', $dup) or do { POSIX::close($dup); return 'unreadable' };
+    my $domain = unpack('i', getsockopt($sock, Socket::SOL_SOCKET(), Socket::SO_DOMAIN()) // pack('i', -1));
+    my $type = unpack('i', getsockopt($sock, Socket::SOL_SOCKET(), Socket::SO_TYPE()) // pack('i', -1));
+    my $peer = getpeername($sock);
+    close $sock;
+    if ($domain == Socket::AF_INET() || $domain == Socket::AF_INET6()) {
+        return undef if $type == Socket::SOCK_STREAM() || $type == Socket::SOCK_DGRAM();
+        return 'a raw socket';
+    }
+    return "domain $domain" unless $domain == Socket::AF_UNIX();
+    my $path = defined $peer && length $peer > 2 ? Socket::unpack_sockaddr_un($peer) : '';
+    return 'a UNIX socket with no path' unless length $path && $path !~ /\A\0/;
+    return POSIX::access($path, POSIX::W_OK()) ? undef : "connected to $path";
 }
 
 # R_OK, W_OK or both, as descriptor $fd is open (its fdinfo flags).
@@ -114,13 +160,22 @@ C<prctl(PR_GET_DUMPABLE)>: 1 when processes of this uid and gid may
 ptrace it and take its descriptors, 0 when only a process with
 C<CAP_SYS_PTRACE> may, undef where it cannot be read.
 
-=head2 foreign_descriptors() -> ("N (path)", ...)
+=head2 foreign_descriptors(\%given) -> ("N (path)", ...)
 
 After dropping root: the descriptors this process holds on a file (not a
-socket, a pipe or a memory file) that its real uid does not own and could
-not open itself, with its groups, for the access it is open for
-(C<access(2)>): what it opened while it was root. Empty when it holds
-none.
+pipe or a memory file) that its real uid does not own and could not open
+itself, with its groups, for the access it is open for (C<access(2)>),
+and on no path but not in C<%given> (L</pathless_links> taken before
+the app loaded, and its listening socket): a pipe, a socket other than a
+TCP or UDP socket or a UNIX socket connected to a path its uid may
+write, an anonymous inode other than a timer, event, signal, epoll,
+inotify or pid descriptor. What it opened while it was root. Empty when
+it holds none.
+
+=head2 pathless_links() -> ("socket:[N]", "pipe:[N]", ...)
+
+The C</proc/self/fd> links of the descriptors this process holds on no
+path: sockets, pipes, anonymous inodes.
 
 =head2 restore_unprivileged($tracer) -> bool
 
