@@ -39,7 +39,7 @@ def add_front_arguments(run: argparse.ArgumentParser) -> None:
                      help=f"idle connections nginx keeps open per vassal (default "
                           f"{DEFAULT_KEEPALIVE}; 0: one connection per request)")
     run.add_argument("--nginx-workers", metavar="N",
-                     help="nginx's worker processes, 1 to 1024 (default: half the CPUs, at least 1)")
+                     help="nginx's worker processes, 1 to 1024 (default: half the CPUs it may use, a cgroup's CPU quota included; at least 1)")
 
 
 #: nginx's own limit (NGX_MAX_PROCESSES): past it, it says "no more than

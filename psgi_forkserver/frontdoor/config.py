@@ -11,11 +11,11 @@ here touches a file or a process.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..procfs import usable_cpus
 from .links import HOSTS
 from .route import Route
 
@@ -315,12 +315,9 @@ def default_workers() -> int:
     the vassals have work; each worker more is one more process for the
     kernel to share the cores between (on two cores one worker took a few
     us less CPU a request than two in 5 side-by-side runs of 7, about 24
-    against 27, at the same rate and latency)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // 2)
+    against 27, at the same rate and latency). The CPUs are those a
+    cgroup's quota leaves too (a container's CPU limit)."""
+    return max(1, usable_cpus() // 2)
 
 
 def render_nginx_conf(routes: Iterable[Route], listen: str, run_dir: Path,
