@@ -362,6 +362,15 @@ def machine_info() -> dict:
     }
 
 
+def read_or_none(path: str) -> str | None:
+    """A /proc file's text, None once the process is gone."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def tempdir() -> Path:
     # short: UNIX socket paths are limited to 108 bytes
     return Path(tempfile.mkdtemp(prefix="psgi-fs-bench-", dir="/tmp"))

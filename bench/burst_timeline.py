@@ -30,18 +30,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from benchlib import Ports, Procs, rmtree, set_child_subreaper, tempdir, wait_all_200  # noqa: E402
+from benchlib import Ports, Procs, read_or_none as _read, rmtree, set_child_subreaper, tempdir, wait_all_200  # noqa: E402
 from emperor_run import EmperorRun, wait_fork_server, write_fleet  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return None
 
 
 def proc(pid: int | None) -> tuple[str, float, float] | None:
