@@ -12,18 +12,14 @@ use warnings;
 # busy worker's request, however long; and a connection moves only when a
 # request runs long, not at every request's start.
 #
-# One memory file (memfd) made by the workers' common ancestor, at fixed
-# offsets:
-#   - the roster: per worker index, its pid and its timer's descriptor;
-#   - per worker index, a record: which of its connections a sibling took,
-#     and which it must not (see HEAD below);
-#   - per worker index, one byte's POSIX record lock (beyond the data):
-#     held by the worker whenever it is not in a request, so a sibling that
-#     gets it knows the worker is in the app and does not touch its
-#     connections until the lock is given back.
-# Each worker's timer (a timerfd, armed for TAKE_AFTER when it starts a
-# request and the timer has run out) wakes a free sibling, which holds a
-# copy of it (pidfd_getfd) in its select().
+# One memory file (memfd) made by the workers' common ancestor: the roster
+# (per worker index, its pid and its timer's descriptor), per index a
+# record (see HEAD below) and one byte's POSIX record lock, held by the
+# worker whenever it is not in a request: a sibling that gets it knows the
+# worker is in the app, and the worker does not touch its connections
+# until the sibling gives it back. Each worker's timer (a timerfd, armed
+# for TAKE_AFTER when it starts a request and the timer has run out) wakes
+# a free sibling, which holds a copy of it (pidfd_getfd) in its select().
 
 use Config ();
 use Errno qw(EINTR EAGAIN);
@@ -54,17 +50,12 @@ use constant {
 };
 
 # A record: its head (HEAD bytes), then the worker's connections (i32
-# each: descriptor * 2 + 1 for an idle kept one; -1 once a sibling took it).
-# The head:
-#   0   when the request started (double, monotonic; 0: the worker is in
-#       its loop): a sibling reads it without the lock too, only to know
-#       whether to take the lock at all
-#   8   taken (u32): how many a sibling took
-#   12  count (u32): how many connections are listed
-#   16  the busy connection (i32)
-#   20  how many are excluded (u32)
-#   24  up to MAX_EXCLUDED excluded descriptors (i32: bytes of theirs read
-#       already, a pipelined or partial head)
+# each: descriptor * 2 + 1 for an idle kept one; -1 once a sibling took
+# it). The head: when the request started (double, monotonic; 0 in its
+# loop: a sibling reads it without the lock too, to know whether to take
+# the lock at all), taken (u32: how many a sibling took), count (u32), the
+# busy connection (i32), how many are excluded (u32), then up to
+# MAX_EXCLUDED excluded ones (i32: bytes of theirs read already).
 use constant { HEAD => 96, MAX_EXCLUDED => 16, AT_TAKEN => 8, AT_EXCLUDED => 24,
                HEAD_WRITE => 'd L L l L', HEAD_READ => 'd L L l L l16',
                NONE_TAKEN => "\0" x 4, NOT_STARTED => "\0" x 8 };
@@ -85,12 +76,9 @@ sub _available { return $FLOCK && $MAP && keys(%SYS) == 6 }
 # The memory file (close-on-exec), or undef where the system has no desk.
 sub open_desk {
     return undef unless _available();
-    my $name = 'psgi-forkserver-desk';    # syscall() takes a writable buffer
-    my $fd = syscall($SYS{memfd}, $name, 1);
-    return undef unless $fd >= 0 && open(my $fh, '+<&=', $fd);
+    my $fh = memory_file('psgi-forkserver-desk') or return undef;
     # sparse: a page is memory once written
-    return undef unless truncate($fh, DESK_SIZE);
-    return $fh;
+    return truncate($fh, DESK_SIZE) ? $fh : undef;
 }
 
 # A memory file (memfd, close-on-exec) named $name, or undef where the
@@ -104,18 +92,7 @@ sub memory_file {
 }
 
 # The desk is mapped into every worker (File::Map): reading and writing a
-# record is a copy, not a system call; the locks order them.
-sub _pread {
-    my ($seat, $len, $at) = @_;
-    return substr(${ $seat->{map} }, $at, $len);
-}
-
-sub _pwrite {
-    my ($seat, $bytes, $at) = @_;
-    substr(${ $seat->{map} }, $at, length $bytes) = $bytes;
-    return 1;
-}
-
+# record is a copy (substr), not a system call; the locks order them.
 sub _lock {
     my ($fh, $index, $type, $wait) = @_;
     my $flock = pack($FLOCK, $type, SEEK_SET, LOCKS_AT + $index, 1, 0);
@@ -182,15 +159,15 @@ sub join_desk {
                  timer_rin => '', timers => [], watch_at => 0 };
     # a record a worker before it in this index left (one that died in a
     # request) says nothing of this one
-    _pwrite($seat, "\0" x HEAD, $seat->{record_at});
-    _pwrite($seat, pack('l l', $$, $tfd), 8 * $index);
+    substr($map, $seat->{record_at}, HEAD) = "\0" x HEAD;
+    substr($map, 8 * $index, 8) = pack('l l', $$, $tfd);
     return $seat;
 }
 
 # Leaving: siblings forget this worker (its timer and its records).
 sub leave_desk {
     my $seat = shift or return;
-    _pwrite($seat, pack('l l', 0, 0), 8 * $seat->{index});
+    substr(${ $seat->{map} }, 8 * $seat->{index}, 8) = pack('l l', 0, 0);
     return;
 }
 
@@ -203,7 +180,7 @@ sub watch {
     my ($seat, $now) = @_;
     # a new sibling is rare
     $seat->{watch_at} = $now + 0.1;
-    my $roster = _pread($seat, 8 * $seat->{count}, 0);
+    my $roster = substr(${ $seat->{map} }, 0, 8 * $seat->{count});
     return if $roster eq $seat->{roster};
     $seat->{roster} = $roster;
     my $sibs = $seat->{siblings};
@@ -237,8 +214,7 @@ sub watch {
     return;
 }
 
-# Is the sibling running or runnable (not asleep)?
-sub _running {
+sub _running {    # is the sibling running or runnable (not asleep)?
     my $sib = shift;
     my $fh = $sib->{stat} or return 0;
     sysseek($fh, 0, 0) or return 0;
@@ -305,13 +281,11 @@ sub back {
     return map { $listed->[$_][0] } grep { $entries[$_] == -1 } 0 .. $#$listed;
 }
 
-# A sibling's timer went off. If its request has run TAKE_AFTER (the
-# worker asleep in the app) or TAKE_RUNNING (running), takes those of its
-# listed connections that have a request waiting (new descriptors of this
-# process, as [fd, idle]); the others stay, and the timer is armed again,
-# to look again while the request runs. () when it is back in its loop, or
-# nothing was waiting. What it reads before it has the worker's lock only
-# tells it whether to take the lock at all.
+# A sibling's timer went off. If its request has run TAKE_AFTER (asleep in
+# the app) or TAKE_RUNNING (running), takes its listed connections with a
+# request waiting (new descriptors, as [fd, idle]); the others stay, and
+# the timer is armed again. () when it is back in its loop, or nothing was
+# waiting. What it reads before the worker's lock is only a hint.
 sub take_from {
     my ($seat, $i, $mine) = @_;
     my $sib = $seat->{siblings}{$i} or return ();
@@ -379,8 +353,8 @@ sub take_from {
 sub sysread_fd {
     my ($fd, $buf) = @_;
     my $n;
-    do { $n = POSIX::read($fd, $$buf, 8) } while !defined $n && $! == EINTR;
-    return defined $n && $n == 8;
+    do { $n = POSIX::read($fd, $$buf, 8) } until defined $n || $! != EINTR;
+    return ($n // 0) == 8;
 }
 
 1;
@@ -406,14 +380,10 @@ C<join_desk> returns undef.
 
 =head1 FUNCTIONS
 
-=head2 memory_file($name) -> $fh
+=head2 memory_file($name) -> $fh, open_desk() -> $fh
 
-A memory file (C<memfd>, close-on-exec); undef where the system has none.
-
-=head2 open_desk() -> $fh
-
-The memory file, made before the workers are forked (undef where the
-system has none).
+A memory file (C<memfd>, close-on-exec); the desk's, made before the
+workers are forked. Undef where the system has none.
 
 =head2 join_desk($fh, $index, $count, $restore) -> $seat
 
@@ -423,14 +393,8 @@ worker is not dumpable and may not be made so (C<$restore> false: its
 vassal did not drop root, or holds a file it opened as root; or it still
 holds a privilege).
 
-=head2 leave_desk($seat)
+=head2 leave_desk($seat), watch($seat, $now), busy($seat, $fd, $list, $changed, $excluded), back($seat) -> @fds_taken, take_from($seat, $index, $mine) -> ([$fd, $idle], ...)
 
-=head2 watch($seat) -> { index => timer descriptor }
-
-=head2 busy($seat, [$fd, $idle], ...)
-
-=head2 back($seat) -> @fds_taken
-
-=head2 take_from($seat, $index) -> ([$fd, $idle], ...)
+The loop's calls: see the comments above each.
 
 =cut

@@ -250,10 +250,8 @@ sub _ready_conns {
         }
     }
     # a busy sibling's timer: its waiting connections (Desk)
-    if ((my $seat = $loop->{seat}) && !$loop->{leaving}) {
-        for my $timer (@{ $seat->{timers} }) {
-            $self->_take_from_sibling($loop, $timer->[0], \%ready, MAX_CONNS) if vec($rout, $timer->[1], 1);
-        }
+    if ($loop->{seat} && !$loop->{leaving}) {
+        vec($rout, $_->[1], 1) and $self->_take_from_sibling($loop, $_->[0], \%ready, MAX_CONNS) for @{ $loop->{seat}{timers} };
     }
     for my $fd (keys %{ $loop->{conns} }) { $ready{$fd} = 1 if vec($rout, $fd, 1) }
     return \%ready;
@@ -309,8 +307,7 @@ sub _serve_conn_once {
         }
     }
     my $keep = eval { $self->_serve_head($c) };
-    # connections a sibling took meanwhile are its own now: this worker's
-    # copies close unread
+    # what a sibling took meanwhile is its own now: these copies close unread
     if ($listed) { ForkServer::HTTPServer::Conns::_drop_conn($loop, $_) for ForkServer::HTTPServer::Desk::back($loop->{seat}) }
     $c->{partial} = defined $keep && $keep eq 'partial';
     if (!defined $keep) {
