@@ -75,24 +75,20 @@ sub _give_idle {
 # With a seat at the desk (Desk): this worker starts a request on
 # $busy_fd; a free sibling may take its other connections with a request
 # waiting should this one run long, except those with bytes read already.
-# True when any may go.
+# True when any may go (then Desk::back when the request is done).
 sub _list_idle {
     my ($loop, $busy_fd) = @_;
     my $conns = $loop->{conns};
     my $changed = delete $loop->{conns_changed};
     $loop->{listed} = [map { [$_, $conns->{$_}{in_head} ? 0 : 1] } keys %$conns] if $changed || !$loop->{listed};
-    my @excluded = %{ $loop->{buffered} } ? grep { $_ != $busy_fd && $conns->{$_} } keys %{ $loop->{buffered} } : ();
-    my $listed = ForkServer::HTTPServer::Desk::busy($loop->{seat}, $busy_fd, $loop->{listed}, $changed, @excluded);
+    my $excluded;
+    if (%{ $loop->{buffered} }) {
+        $excluded = [grep { $_ != $busy_fd && $conns->{$_} } keys %{ $loop->{buffered} }];
+        undef $excluded unless @$excluded;
+    }
+    my $listed = ForkServer::HTTPServer::Desk::busy($loop->{seat}, $busy_fd, $loop->{listed}, $changed, $excluded);
     $loop->{conns_changed} = 1 if $changed && !$listed;    # not written: next time
     return $listed;
-}
-
-# The request is done: the connections a sibling took meanwhile are its
-# own now; this worker's copies close unread.
-sub _unlist_taken {
-    my $loop = shift;
-    _drop_conn($loop, $_) for ForkServer::HTTPServer::Desk::back($loop->{seat});
-    return;
 }
 
 # A connection came (accepted, given, taken): the desk's list is written
@@ -105,30 +101,16 @@ sub _added {
     return $fd;
 }
 
-# The siblings whose timers went off ($rout): what waits on their listed
-# connections is this worker's to serve ($ready), up to $max connections.
-sub _take_from_siblings {
-    my ($self, $loop, $rout, $ready, $max) = @_;
-    my $timers = $loop->{timers};
-    for my $i (grep { vec($rout, $timers->{$_}, 1) } keys %$timers) {
-        for my $c ($self->_take_from_sibling($loop, $i)) {
-            _make_room($loop) if keys %{ $loop->{conns} } >= $max;
-            $ready->{ _added($loop, $c) } = 1;
-        }
+# A sibling's timer went off: what waits on its listed connections is
+# this worker's to serve ($ready), up to $max connections.
+sub _take_from_sibling {
+    my ($self, $loop, $index, $ready, $max) = @_;
+    for my $got (ForkServer::HTTPServer::Desk::take_from($loop->{seat}, $index, scalar keys %{ $loop->{conns} })) {
+        my $c = $self->_adopted_conn(@$got) // next;
+        _make_room($loop) if keys %{ $loop->{conns} } >= $max;
+        $ready->{ _added($loop, $c) } = 1;
     }
     return;
-}
-
-# A sibling's request ran long: its listed connections are this worker's.
-sub _take_from_sibling {
-    my ($self, $loop, $index) = @_;
-    my @conns;
-    for my $got (ForkServer::HTTPServer::Desk::take_from($loop->{seat}, $index, scalar keys %{ $loop->{conns} })) {
-        my ($fd, $idle) = @$got;
-        push @conns, $self->_adopted_conn($fd, $idle) // next;
-    }
-    $loop->{taken} += @conns;
-    return @conns;
 }
 
 # A connection from another worker (its descriptor, now this process's):

@@ -12,18 +12,14 @@ use warnings;
 # busy worker's request, however long; and a connection moves only when a
 # request runs long, not at every request's start.
 #
-# One memory file (memfd) made by the workers' common ancestor, at fixed
-# offsets:
-#   - the roster: per worker index, its pid and its timer's descriptor;
-#   - per worker index, a record: which of its connections a sibling took,
-#     and which it must not (see HEAD below);
-#   - per worker index, one byte's POSIX record lock (beyond the data):
-#     held by the worker whenever it is not in a request, so a sibling that
-#     gets it knows the worker is in the app and does not touch its
-#     connections until the lock is given back.
-# Each worker's timer (a timerfd, armed for TAKE_AFTER when it starts a
-# request and the timer has run out) wakes a free sibling, which holds a
-# copy of it (pidfd_getfd) in its select().
+# One memory file (memfd) made by the workers' common ancestor: the roster
+# (per worker index, its pid and its timer's descriptor), per index a
+# record (see HEAD below) and one byte's POSIX record lock, held by the
+# worker whenever it is not in a request: a sibling that gets it knows the
+# worker is in the app, and the worker does not touch its connections
+# until the sibling gives it back. Each worker's timer (a timerfd, armed
+# for TAKE_AFTER when it starts a request and the timer has run out) wakes
+# a free sibling, which holds a copy of it (pidfd_getfd) in its select().
 
 use Config ();
 use Errno qw(EINTR EAGAIN);
@@ -53,6 +49,17 @@ use constant {
     PR_GET_DUMPABLE  => 3,
 };
 
+# A record: its head (HEAD bytes), then the worker's connections (i32
+# each: descriptor * 2 + 1 for an idle kept one; -1 once a sibling took
+# it). The head: when the request started (double, monotonic; 0 in its
+# loop: a sibling reads it without the lock too, to know whether to take
+# the lock at all), taken (u32: how many a sibling took), count (u32), the
+# busy connection (i32), how many are excluded (u32), then up to
+# MAX_EXCLUDED excluded ones (i32: bytes of theirs read already).
+use constant { HEAD => 96, MAX_EXCLUDED => 16, AT_TAKEN => 8, AT_EXCLUDED => 24,
+               HEAD_WRITE => 'd L L l L', HEAD_READ => 'd L L l L l16',
+               NONE_TAKEN => "\0" x 4, NOT_STARTED => "\0" x 8 };
+
 my %SYS = map { my $n = ForkServer::Process::Syscalls::number($_->[1]); defined $n ? ($_->[0] => $n) : () }
     [memfd => 'memfd_create'], [pidfd_open => 'pidfd_open'], [pidfd_getfd => 'pidfd_getfd'],
     [timerfd_create => 'timerfd_create'], [timerfd_settime => 'timerfd_settime'], [prctl => 'prctl'];
@@ -69,12 +76,9 @@ sub _available { return $FLOCK && $MAP && keys(%SYS) == 6 }
 # The memory file (close-on-exec), or undef where the system has no desk.
 sub open_desk {
     return undef unless _available();
-    my $name = 'psgi-forkserver-desk';    # syscall() takes a writable buffer
-    my $fd = syscall($SYS{memfd}, $name, 1);
-    return undef unless $fd >= 0 && open(my $fh, '+<&=', $fd);
+    my $fh = memory_file('psgi-forkserver-desk') or return undef;
     # sparse: a page is memory once written
-    return undef unless truncate($fh, DESK_SIZE);
-    return $fh;
+    return truncate($fh, DESK_SIZE) ? $fh : undef;
 }
 
 # A memory file (memfd, close-on-exec) named $name, or undef where the
@@ -88,18 +92,7 @@ sub memory_file {
 }
 
 # The desk is mapped into every worker (File::Map): reading and writing a
-# record is a copy, not a system call; the locks order them.
-sub _pread {
-    my ($seat, $len, $at) = @_;
-    return substr(${ $seat->{map} }, $at, $len);
-}
-
-sub _pwrite {
-    my ($seat, $bytes, $at) = @_;
-    substr(${ $seat->{map} }, $at, length $bytes) = $bytes;
-    return 1;
-}
-
+# record is a copy (substr), not a system call; the locks order them.
 sub _lock {
     my ($fh, $index, $type, $wait) = @_;
     my $flock = pack($FLOCK, $type, SEEK_SET, LOCKS_AT + $index, 1, 0);
@@ -163,28 +156,32 @@ sub join_desk {
                  own_unlock => pack($FLOCK, F_UNLCK, SEEK_SET, LOCKS_AT + $index, 1, 0),
                  record_at  => RECORDS_AT + RECORD * $index,
                  roster => '', siblings => {}, listed => undef, armed_until => 0,
-                 watch => {}, roster_read_at => -1 };
-    _pwrite($seat, pack('l l', $$, $tfd), 8 * $index);
+                 timer_rin => '', timers => [], watch_at => 0 };
+    # a record a worker before it in this index left (one that died in a
+    # request) says nothing of this one
+    substr($map, $seat->{record_at}, HEAD) = "\0" x HEAD;
+    substr($map, 8 * $index, 8) = pack('l l', $$, $tfd);
     return $seat;
 }
 
 # Leaving: siblings forget this worker (its timer and its records).
 sub leave_desk {
     my $seat = shift or return;
-    _pwrite($seat, pack('l l', 0, 0), 8 * $seat->{index});
+    substr(${ $seat->{map} }, 8 * $seat->{index}, 8) = pack('l l', 0, 0);
     return;
 }
 
-# The siblings' timers to watch in select(): index => descriptor. The
-# roster is read again every time; a sibling new in its index (a respawn,
-# a reload's new generation) is opened once.
+# The siblings' timers to watch in select(): $seat->{timer_rin} (their
+# bits, to OR into select()'s read set) and $seat->{timers} ([index,
+# descriptor], ...). The roster is read again at most ten times a second
+# ($seat->{watch_at}: the next time); a sibling new in its index (a
+# respawn, a reload's new generation) is opened once.
 sub watch {
     my ($seat, $now) = @_;
-    # read at most ten times a second: a new sibling is rare
-    return $seat->{watch} if $now - $seat->{roster_read_at} < 0.1;
-    $seat->{roster_read_at} = $now;
-    my $roster = _pread($seat, 8 * $seat->{count}, 0);
-    return $seat->{watch} if $roster eq $seat->{roster};
+    # a new sibling is rare
+    $seat->{watch_at} = $now + 0.1;
+    my $roster = substr(${ $seat->{map} }, 0, 8 * $seat->{count});
+    return if $roster eq $seat->{roster};
     $seat->{roster} = $roster;
     my $sibs = $seat->{siblings};
     my @entries = unpack('l*', $roster);
@@ -203,17 +200,25 @@ sub watch {
         unless (_ppid($pid) == getppid()) { POSIX::close($pidfd); next }
         my $copy = _getfd($pidfd, $tfd);
         unless (defined $copy) { POSIX::close($pidfd); next }
-        $sibs->{$i} = { pid => $pid, pidfd => $pidfd, tfd => $copy };
+        # kept open: whether it runs is read at every look (two system
+        # calls, not an open's six)
+        my $stat;
+        open($stat, "<", "/proc/$pid/stat") or undef $stat;
+        $sibs->{$i} = { pid => $pid, pidfd => $pidfd, tfd => $copy, stat => $stat,
+                        record_at => RECORDS_AT + RECORD * $i };
     }
-    $seat->{watch} = { map { $_ => $sibs->{$_}{tfd} } keys %$sibs };
-    return $seat->{watch};
+    my $rin = '';
+    vec($rin, $_->{tfd}, 1) = 1 for values %$sibs;
+    $seat->{timer_rin} = $rin;
+    $seat->{timers} = [map { [$_, $sibs->{$_}{tfd}] } sort { $a <=> $b } keys %$sibs];
+    return;
 }
 
-# Is the process running or runnable (not asleep)?
-sub _running {
-    my $pid = shift;
-    open(my $fh, '<', "/proc/$pid/stat") or return 0;
-    my $stat = <$fh> // '';
+sub _running {    # is the sibling running or runnable (not asleep)?
+    my $sib = shift;
+    my $fh = $sib->{stat} or return 0;
+    sysseek($fh, 0, 0) or return 0;
+    sysread($fh, my $stat, 512) or return 0;
     return $stat =~ /\)\s+R\s/ ? 1 : 0;
 }
 
@@ -224,34 +229,33 @@ sub _ppid {
     return $stat =~ /\)\s+\S+\s+(\d+)/ ? $1 : -1;
 }
 
-# A record: its head (HEAD bytes), then the worker's connections (i32
-# each: descriptor * 2 + 1 for an idle kept one; -1 once a sibling took it).
-# The head: taken (u32: how many a sibling took), count (u32), the busy
-# connection (i32), how many are excluded (u32), when the request started
-# (double, monotonic), then up to MAX_EXCLUDED excluded descriptors (bytes
-# of theirs read already: a pipelined or partial head).
-use constant { HEAD => 96, MAX_EXCLUDED => 16, HEAD_FORMAT => 'L L l L d l16' };
-
 # This worker starts a request on $busy_fd. Its connections ($list: [fd,
 # idle], ...; written again only when $changed) may go from TAKE_AFTER on,
 # those with a request waiting, to a free sibling, except the busy one and
-# the @excluded. False when nothing may go.
+# the @$excluded (undef: none). False when nothing may go. Every request
+# pays for this: a few stores to the desk, one system call (the lock let
+# go), and the timer's only once it has run out.
 sub busy {
-    my ($seat, $busy_fd, $list, $changed, @excluded) = @_;
-    return 0 if @excluded > MAX_EXCLUDED;
-    my $desk = $seat->{desk};
+    my ($seat, $busy_fd, $list, $changed, $excluded) = @_;
+    my $map = $seat->{map};
+    my $at = $seat->{record_at};
+    if ($changed) {
+        substr($$map, $at + HEAD, 4 * @$list) = pack('l*', map { $_->[0] * 2 + ($_->[1] ? 1 : 0) } @$list);
+    }
+    if ($excluded) {
+        return 0 if @$excluded > MAX_EXCLUDED;
+        substr($$map, $at + AT_EXCLUDED, 4 * @$excluded) = pack('l*', @$excluded);
+    }
     my $now = ForkServer::HTTPServer::Wire::now();
-    # the excluded are read only as far as their count says
-    my $head = @excluded ? pack(HEAD_FORMAT, 0, scalar @$list, $busy_fd, scalar @excluded, $now, @excluded)
-                         : pack('L L l L d', 0, scalar @$list, $busy_fd, 0, $now);
-    my $record = $changed
-        ? $head . ("\0" x (HEAD - length $head)) . pack('l*', map { $_->[0] * 2 + ($_->[1] ? 1 : 0) } @$list)
-        : $head;
-    _pwrite($seat, $record, $seat->{record_at});
-    _fcntl_lock($desk, $seat->{own_unlock}, 0);
+    # the whole head at once: a sibling reads it under the lock only (the
+    # start alone, before, to know whether to take the lock at all); taken
+    # is 0 while the worker holds its lock
+    substr($$map, $at, AT_EXCLUDED) = pack(HEAD_WRITE, $now, 0, scalar @$list, $busy_fd,
+                                           $excluded ? scalar @$excluded : 0);
+    fcntl($seat->{desk}, F_SETLK, $seat->{own_unlock});
     # the timer is left to run out: armed again only once it has (a
-    # sibling woken for a request that ended already finds this worker's
-    # lock held and goes back to sleep)
+    # sibling woken for a request that ended already finds this worker
+    # back in its loop, and goes back to sleep)
     if ($now >= $seat->{armed_until}) {
         _arm($seat->{tfd}, TAKE_AFTER);
         $seat->{armed_until} = $now + TAKE_AFTER;
@@ -265,41 +269,51 @@ sub busy {
 sub back {
     my $seat = shift;
     my $listed = delete $seat->{listed} or return ();
-    my $at = $seat->{record_at};
     # waits while a sibling is looking (microseconds)
-    _fcntl_lock($seat->{desk}, $seat->{own_lock}, 1);
-    my ($taken) = unpack('L', _pread($seat, 4, $at));
-    return () unless $taken;
+    _fcntl_lock($seat->{desk}, $seat->{own_lock}, 1) unless fcntl($seat->{desk}, F_SETLKW, $seat->{own_lock});
+    my $map = $seat->{map};
+    my $at = $seat->{record_at};
+    substr($$map, $at, 8) = NOT_STARTED;
+    return () if substr($$map, $at + AT_TAKEN, 4) eq NONE_TAKEN;
+    substr($$map, $at + AT_TAKEN, 4) = NONE_TAKEN;
     # the next busy() writes the whole list again
-    my @entries = unpack('l*', _pread($seat, 4 * @$listed, $at + HEAD));
+    my @entries = unpack('l*', substr($$map, $at + HEAD, 4 * @$listed));
     return map { $listed->[$_][0] } grep { $entries[$_] == -1 } 0 .. $#$listed;
 }
 
-# A sibling's timer went off. If its request has run TAKE_AFTER (the
-# worker asleep in the app) or TAKE_RUNNING (running), takes those of its listed connections that have a request waiting (new
-# descriptors of this process, as [fd, idle]); the others stay, and the
-# timer is armed again, to look again while the request runs. () when it
-# is back in its loop, or nothing was waiting.
+# A sibling's timer went off. If its request has run TAKE_AFTER (asleep in
+# the app) or TAKE_RUNNING (running), takes its listed connections with a
+# request waiting (new descriptors, as [fd, idle]); the others stay, and
+# the timer is armed again. () when it is back in its loop, or nothing was
+# waiting. What it reads before the worker's lock is only a hint.
 sub take_from {
     my ($seat, $i, $mine) = @_;
     my $sib = $seat->{siblings}{$i} or return ();
     my $ticks = '';
     return () unless sysread_fd($sib->{tfd}, \$ticks);
-    my $desk = $seat->{desk};
-    return () unless _lock($desk, $i, F_WRLCK, 0);    # back in its loop
-    my $at = RECORDS_AT + RECORD * $i;
-    my ($taken, $n, $busy_fd, $nex, $started, @excluded) = unpack(HEAD_FORMAT, _pread($seat, HEAD, $at));
-    $nex = 0 if $nex > MAX_EXCLUDED;
+    my $map = $seat->{map};
+    my $at = $sib->{record_at};
+    my $started = unpack('d', substr($$map, $at, 8));
+    return () unless $started > 0;    # in its loop: its next request arms the timer
     my $ran = ForkServer::HTTPServer::Wire::now() - $started;
-    my $running = $ran >= TAKE_AFTER && _running($sib->{pid});
+    my $running = $ran >= TAKE_AFTER && _running($sib);
     my $left = ($running ? TAKE_RUNNING : TAKE_AFTER) - $ran;
     if ($left > 0) {    # a newer request than the timer's, or a running worker: look when it is due
         _arm($sib->{tfd}, $left);
+        return ();
+    }
+    my $desk = $seat->{desk};
+    return () unless _lock($desk, $i, F_WRLCK, 0);    # back in its loop
+    # under the lock the worker stays in the request it is in; which one?
+    if (unpack('d', substr($$map, $at, 8)) != $started) {    # a newer one
+        _arm($sib->{tfd}, TAKE_AFTER);
         _lock($desk, $i, F_UNLCK, 0);
         return ();
     }
+    my (undef, $taken, $n, $busy_fd, $nex, @excluded) = unpack(HEAD_READ, substr($$map, $at, HEAD));
+    $nex = 0 if $nex > MAX_EXCLUDED;
     my %skip = map { $_ => 1 } $busy_fd, @excluded[0 .. $nex - 1];
-    my @entries = $n ? unpack('l*', _pread($seat, 4 * $n, $at + HEAD)) : ();
+    my @entries = $n ? unpack('l*', substr($$map, $at + HEAD, 4 * $n)) : ();
     my (%copy, $rin);
     $rin = '';
     for my $k (0 .. $#entries) {
@@ -327,8 +341,8 @@ sub take_from {
     }
     POSIX::close($_) for values %copy;
     if (@got) {
-        _pwrite($seat, pack('L', $taken + @got), $at);
-        _pwrite($seat, pack('l*', @entries), $at + HEAD);
+        substr($$map, $at + AT_TAKEN, 4) = pack('L', $taken + @got);
+        substr($$map, $at + HEAD, 4 * @entries) = pack('l*', @entries);
     }
     _arm($sib->{tfd}, TAKE_AFTER) if %copy;    # some still listed: look again
     _lock($desk, $i, F_UNLCK, 0);
@@ -339,8 +353,8 @@ sub take_from {
 sub sysread_fd {
     my ($fd, $buf) = @_;
     my $n;
-    do { $n = POSIX::read($fd, $$buf, 8) } while !defined $n && $! == EINTR;
-    return defined $n && $n == 8;
+    do { $n = POSIX::read($fd, $$buf, 8) } until defined $n || $! != EINTR;
+    return ($n // 0) == 8;
 }
 
 1;
@@ -366,14 +380,10 @@ C<join_desk> returns undef.
 
 =head1 FUNCTIONS
 
-=head2 memory_file($name) -> $fh
+=head2 memory_file($name) -> $fh, open_desk() -> $fh
 
-A memory file (C<memfd>, close-on-exec); undef where the system has none.
-
-=head2 open_desk() -> $fh
-
-The memory file, made before the workers are forked (undef where the
-system has none).
+A memory file (C<memfd>, close-on-exec); the desk's, made before the
+workers are forked. Undef where the system has none.
 
 =head2 join_desk($fh, $index, $count, $restore) -> $seat
 
@@ -383,14 +393,8 @@ worker is not dumpable and may not be made so (C<$restore> false: its
 vassal did not drop root, or holds a file it opened as root; or it still
 holds a privilege).
 
-=head2 leave_desk($seat)
+=head2 leave_desk($seat), watch($seat, $now), busy($seat, $fd, $list, $changed, $excluded), back($seat) -> @fds_taken, take_from($seat, $index, $mine) -> ([$fd, $idle], ...)
 
-=head2 watch($seat) -> { index => timer descriptor }
-
-=head2 busy($seat, [$fd, $idle], ...)
-
-=head2 back($seat) -> @fds_taken
-
-=head2 take_from($seat, $index) -> ([$fd, $idle], ...)
+The loop's calls: see the comments above each.
 
 =cut

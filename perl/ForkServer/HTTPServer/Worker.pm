@@ -208,9 +208,9 @@ sub _select_set {
     # At MAX_CONNS the listener is still watched while an idle keep-alive
     # connection can make room for a new client (_make_room).
     vec($rin, $loop->{lfd}, 1) = 1 if !$loop->{leaving} && (keys %$conns < MAX_CONNS || $idle);
-    if ($loop->{seat} && !$loop->{leaving}) {
-        my $timers = $loop->{timers} = ForkServer::HTTPServer::Desk::watch($loop->{seat}, $now);
-        vec($rin, $_, 1) = 1 for values %$timers;
+    if ((my $seat = $loop->{seat}) && !$loop->{leaving}) {
+        ForkServer::HTTPServer::Desk::watch($seat, $now) if $now >= $seat->{watch_at};
+        $rin |= $seat->{timer_rin};
     }
     if ($loop->{leaving}) {
         my $left = $loop->{stop_seen_at} + $self->{stop_grace} - $now;
@@ -250,7 +250,9 @@ sub _ready_conns {
         }
     }
     # a busy sibling's timer: its waiting connections (Desk)
-    $self->_take_from_siblings($loop, $rout, \%ready, MAX_CONNS) if $loop->{seat} && !$loop->{leaving};
+    if ($loop->{seat} && !$loop->{leaving}) {
+        vec($rout, $_->[1], 1) and $self->_take_from_sibling($loop, $_->[0], \%ready, MAX_CONNS) for @{ $loop->{seat}{timers} };
+    }
     for my $fd (keys %{ $loop->{conns} }) { $ready{$fd} = 1 if vec($rout, $fd, 1) }
     return \%ready;
 }
@@ -263,8 +265,8 @@ sub _serve_conn {
     # with a seat at the desk: bytes read from it stay here (Desk::busy)
     if ($loop->{seat}) {
         my $c = $loop->{conns}{$fd};
-        if ($c && length $c->{buf}) { $loop->{buffered}{$fd} = 1 }
-        else                        { delete $loop->{buffered}{$fd} }
+        if ($c && length $c->{buf})   { $loop->{buffered}{$fd} = 1 }
+        elsif (%{ $loop->{buffered} }) { delete $loop->{buffered}{$fd} }
     }
     return;
 }
@@ -305,7 +307,8 @@ sub _serve_conn_once {
         }
     }
     my $keep = eval { $self->_serve_head($c) };
-    ForkServer::HTTPServer::Conns::_unlist_taken($loop) if $listed;
+    # what a sibling took meanwhile is its own now: these copies close unread
+    if ($listed) { ForkServer::HTTPServer::Conns::_drop_conn($loop, $_) for ForkServer::HTTPServer::Desk::back($loop->{seat}) }
     $c->{partial} = defined $keep && $keep eq 'partial';
     if (!defined $keep) {
         $self->_log($@) if $@ && $@ !~ /^ForkServer::client-gone/;
