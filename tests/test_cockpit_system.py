@@ -332,3 +332,32 @@ def test_readyz_waits_for_the_front_door(front):
                          "/readyz to say the front door is down")
     assert why.startswith("front door: "), why
     wait_for(lambda: http_get(url)[0] == 200 and f.nginx_pid() != old, 60, "ready again")
+
+
+def test_readyz_is_not_flapped_by_a_vassal_in_a_crash_loop(xprocess, tmp_path):
+    """A vassal that failed and tries again holds /readyz back no more while
+    it retries: each of its start attempts (here 1.5 s long, as an app
+    waiting for a database that is down) would otherwise make the whole
+    host unready, every app with it (Kubernetes: two failed probes)."""
+    from support import FAST
+    vdir = tmp_path / "vassals"
+    vdir.mkdir()
+    dies = tmp_path / "dies_slowly.psgi"
+    dies.write_text("select undef, undef, undef, 1.5; die qq{no database\\n};\n")
+    (vdir / "ok.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{free_port()}\npsgi = {APP}\n")
+    (vdir / "dies.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{free_port()}\npsgi = {dies}\n")
+    sport = free_port()
+    em = start_emperor(xprocess, "emperor-readyz-crashloop",
+                       [vdir, *FAST, "--status-http", f"127.0.0.1:{sport}"])
+    try:
+        url = f"http://127.0.0.1:{sport}/readyz"
+        wait_for(lambda: http_get(url)[0] == 200, 60, "ok served and dies failed once")
+        seen = []
+        deadline = time.monotonic() + 6  # several attempts of dies
+        while time.monotonic() < deadline:
+            seen.append(http_get(url))
+            time.sleep(0.05)  # a probe's period, not a synchronisation
+        assert all(code == 200 for code, _ in seen), [r for r in seen if r[0] != 200][:3]
+        assert em.popen.poll() is None
+    finally:
+        stop_emperor(em)
