@@ -112,13 +112,19 @@ class TestBase:
         except OSError:
             byte = b""
         if byte != bytes([protocol.VassalByte.SPAWNED]):
-            status = self.ended_status
+            status: int | None = self.ended_status
             if self.pid is not None:  # (else a wait4 of the caller's took it: reaped())
-                _, status = os.waitpid(self.pid, 0)
+                try:
+                    _, status = os.waitpid(self.pid, 0)
+                except ChildProcessError:
+                    # a wait for any child took it before its pid was ours
+                    # to match (SIGCHLD while it was handed over): the log says why
+                    status = None
             self.pid = None
             text = " | ".join(self.log.read_text(errors="replace").split("\n")).strip(" |")
             from ..launch import describe_status
-            raise BaseError(f"the base did not start ({describe_status(status)}): {text}")
+            how = describe_status(status) if status is not None else "it ended"
+            raise BaseError(f"the base did not start ({how}): {text}")
 
     def reaped(self, status: int) -> None:
         """It ended, and the caller's wait for any child took its status."""
