@@ -54,11 +54,13 @@ def _address(raw: str) -> str | bytes:
 def settled(v: VassalSnapshot) -> bool:
     """The vassal no longer holds READY=1 (or /readyz) back: it serves, or
     it has failed for good for now."""
-    phase = v.phase.value
-    if phase == "throttled" or (v.failures > 0 and phase != "loyal"):
+    if v.failures > 0:
         # failed, waits for its backoff or tries again: a crash loop's
         # attempts must not make the whole host unready at each try
-        return v.failures > 0
+        return True
+    phase = v.phase.value
+    if phase == "throttled":
+        return False  # held back before it ever failed
     if phase == "running" and v.is_base:
         return True  # a base's fork server answers: it never sends byte 17
     return phase in SETTLED
