@@ -40,6 +40,10 @@ from emperor_run import write_fleet
 from pyspy import hot_functions, py_spy
 
 TICK = os.sysconf("SC_CLK_TCK")
+# the vassal without a master (docs/CONTRACT.md, "master = false"): its
+# argv for a single adoption, its lines in a vassal file
+SOLO_ARGS = ("--master=false",)
+SOLO_LINES = ("master = false",)
 
 
 def proc_stat(pid: int) -> tuple[float, int, int] | None:
@@ -139,12 +143,12 @@ def elsewhere(before: dict[int, tuple[float, int, str, int]], after: dict[int, t
 
 
 def floor(procs: Procs, ports: Ports, tmp: Path, base_cls, app: str, program: str, n: int,
-          say: Callable[[str], None]) -> dict:
+          say: Callable[[str], None], vassal_args: tuple[str, ...] = ()) -> dict:
     """n adoptions one at a time (no spares): CPU per stage, summed over the
     processes that do the work. Also what the last vassal owns of its own
     (its pages no longer the base's, by mapping) and how much of the base's
     memory is in 2 MB pages before and after the adoptions."""
-    say(f"floor: {n} adoptions, one at a time, CPU per stage from /proc")
+    say(f"floor: {n} adoptions, one at a time, CPU per stage from /proc" + (f" ({' '.join(vassal_args)})" if vassal_args else ""))
     before: dict | None = None
     base = base_cls(procs, app, tmp / "floor.sock", "base-floor", ("--fork-server-spares", "0"))
     rows = []
@@ -164,7 +168,8 @@ def floor(procs: Procs, ports: Ports, tmp: Path, base_cls, app: str, program: st
             before = frames_by_page(base.proc.pid) if i == n - 1 else None
             b0 = proc_stat(base.proc.pid)
             try:
-                pid, pipe, t0, t_pid = base.adopt(["--http-socket", f"127.0.0.1:{port}", "--processes", "1"], s)
+                pid, pipe, t0, t_pid = base.adopt(["--http-socket", f"127.0.0.1:{port}", "--processes", "1",
+                                                   *vassal_args], s)
             finally:
                 s.close()
             if http_get(port, "/hello", timeout=30) != 200:
@@ -181,19 +186,22 @@ def floor(procs: Procs, ports: Ports, tmp: Path, base_cls, app: str, program: st
                 "master_cpu_ms": m[0] * 1000 if m else 0.0, "master_faults": m[1] if m else 0,
                 "worker_cpu_ms": sum(x[0] for x in w) * 1000, "worker_faults": sum(x[1] for x in w),
             })
-            if i == n - 1 and workers:
+            if i == n - 1:
                 # the pages the last vassal's processes made their own, as
                 # it answers: the master's against the base's, the worker's
-                # against the master's (what its own fork copied)
-                master, worker = frames_by_page(pid), frames_by_page(workers[0])
+                # against the master's (what its own fork copied); without a
+                # master (master = false) the one process is counted as one
+                master = frames_by_page(pid)
                 anatomy["master_own_pages"] = own_pages(master, before)
+                anatomy["master_huge_mb"] = huge_mb(pid)
+                anatomy["mappings"] = mapping_count(pid)
+            if i == n - 1 and workers:
+                worker = frames_by_page(workers[0])
                 # the worker's own: neither the base's nor its master's now
                 # (so it also counts pages the master copied again after the
                 # fork, leaving the worker the master's earlier copy)
                 anatomy["worker_own_pages"] = own_pages(worker, before, master)
-                anatomy["master_huge_mb"] = huge_mb(pid)
                 anatomy["worker_huge_mb"] = huge_mb(workers[0])
-                anatomy["mappings"] = mapping_count(pid)
             pipe.close()
             if not procs.wait(pid, 15):
                 procs.stop_tree(pid, signal.SIGKILL, 5)
@@ -221,14 +229,16 @@ def floor_for(fl: dict, n: int) -> float:
 
 
 def burst(procs: Procs, ports: Ports, tmp: Path, emperor_cls, wait_fork_server,
-          n: int, app: str, say: Callable[[str], None], extra: tuple[str, ...] = ()) -> dict:
+          n: int, app: str, say: Callable[[str], None], extra: tuple[str, ...] = (),
+          lines: tuple[str, ...] = ()) -> dict:
     """`emperor run` with n vassals of `app`: the answering curve and every
     process's CPU and faults by role, read just after the last answered."""
-    say(f"burst profile: `emperor run` with {n} {app} vassals (soft RLIMIT_NOFILE 1024)")
-    vdir = tmp / f"burst-{app}-{n}"
+    say(f"burst profile: `emperor run` with {n} {app} vassals (soft RLIMIT_NOFILE 1024)"
+        + (f" ({', '.join(lines)})" if lines else ""))
+    vdir = tmp / f"burst-{app}-{n}" if not lines else tmp / f"burst-{app}-{n}-{len(lines)}"
     vdir.mkdir()
     sock = tmp / f"burst-{n}.sock"
-    vports = write_fleet(vdir, app, sock, n, ports, digits=4)
+    vports = write_fleet(vdir, app, sock, n, ports, digits=4, lines=lines)
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     busy0 = machine_busy()
     everyone0 = cpu_by_process()
@@ -329,6 +339,11 @@ def run(procs: Procs, ports: Ports, tmp: Path, quick: bool, step, say, emperor_c
     fl = step("floor", lambda: floor(procs, ports, tmp, base_cls, apps["heavy"], program, 20, say))
     if fl:
         out["floor"] = fl
+    # the same without a master: the vassal's one process serves
+    fs = step("floor master = false", lambda: floor(procs, ports, tmp, base_cls, apps["heavy"], program, 20, say,
+                                                    SOLO_ARGS))
+    if fs:
+        out["floor_solo"] = fs
     if not with_burst:
         out["load_average_at_end"] = os.getloadavg()
         return out
@@ -338,6 +353,12 @@ def run(procs: Procs, ports: Ports, tmp: Path, quick: bool, step, say, emperor_c
         out["burst"] = b
         if fl:
             b["floor_s"] = floor_for(fl, n)
+    bs = step(f"burst {n} master = false", lambda: burst(procs, ports, tmp, emperor_cls,
+                                                          wait_fork_server, n, "heavy", say, lines=SOLO_LINES))
+    if bs:
+        out["burst_solo"] = bs
+        if fs:
+            bs["floor_s"] = floor_for(fs, n)
     out["load_average_at_end"] = os.getloadavg()
     return out
 
@@ -347,8 +368,15 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
     x = r.get("floor_profile")
     if not x:
         return []
+    out = _rows(x, x.get("floor"), x.get("burst"))
+    if x.get("floor_solo") or x.get("burst_solo"):
+        out += [("master = false: " + row[0], *row[1:])
+                for row in _rows(x, x.get("floor_solo"), x.get("burst_solo"))]
+    return out
+
+
+def _rows(x: dict, fl: dict | None, b: dict | None) -> list[tuple[str, str, str, str]]:
     out = []
-    fl, b = x.get("floor"), x.get("burst")
     if fl:
         c = fl["mean_cpu_ms"]
         out.append(("floor: one heavy adoption at a time (no spares, socket bound by the requester), CPU: "
