@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import pwd
 import signal
 import threading
 import time
@@ -24,6 +25,7 @@ from support.processes import free_port, pid_alive, wait_for
 from support.vassals import POLICY, cfg, ctx
 
 SOLO_APP = APPS / "solo.psgi"
+NOBODY = pwd.getpwnam("nobody")
 MAX_REQUESTS = 5
 
 
@@ -36,12 +38,14 @@ def solo_ini(name: str, port: int, *lines: str) -> str:
 @pytest.fixture(scope="module")
 def fleet(xprocess):
     emperors = Emperors(xprocess, "pfs-solo-", app=SOLO_APP)
-    port = free_port()
+    port, nobody_port = free_port(), free_port()
     e = emperors({
         "solo": solo_ini("solo", port, f"max-requests = {MAX_REQUESTS}", "harakiri = 1", "heartbeat = 2"),
         "plural": solo_ini("plural", free_port(), "processes = 2"),
-    }, wait=[port])
+        "nobody": solo_ini("nobody", nobody_port, "uid = nobody", f"gid = {NOBODY.pw_gid}"),
+    }, wait=[port, nobody_port])
     e.ports["solo"] = port
+    e.ports["nobody"] = nobody_port
     try:
         yield e
     finally:
@@ -66,6 +70,16 @@ def test_the_vassal_is_one_process_that_serves(fleet):
     assert v["processes"] == 1
     assert " ".join(psutil.Process(pid).cmdline()) == "psgi-vassal solo"  # no "worker N"
     fleet.heartbeats_seen(["solo"])
+
+
+def test_a_vassal_that_drops_root_serves_as_its_user_and_its_requests_are_counted(fleet):
+    pid = int(answer(fleet.ports["nobody"])["pid"])
+    assert psutil.Process(pid).uids().real == NOBODY.pw_uid
+    assert psutil.Process(pid).children() == []
+    # the fixture's and this one: both counted (the count is the process's own)
+    before = wait_for(lambda: (n := fleet.vassal("nobody")["requests"]) >= 2 and n, 20, "its requests counted")
+    answer(fleet.ports["nobody"])
+    wait_for(lambda: fleet.vassal("nobody")["requests"] == before + 1, 20, "one more request counted")
 
 
 def test_processes_above_one_without_a_master_is_a_config_error(fleet):

@@ -149,7 +149,9 @@ sub _solo_read_emperor {
     }
     for my $b (unpack 'C*', $bytes) {
         if ($b == STOP_NOW) {
-            ForkServer::HTTPServer::Worker::worker_exit(EXIT_RECYCLE);
+            # as a master's stop now ends its workers: no END blocks
+            STDOUT->flush; STDERR->flush;
+            POSIX::_exit(0);
         } elsif ($b == STOP) {
             $solo->{stop_heard} = 1;
             ${ $self->{stopping_ref} } = 1;
