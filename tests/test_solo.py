@@ -40,7 +40,7 @@ def fleet(xprocess):
     emperors = Emperors(xprocess, "pfs-solo-", app=SOLO_APP)
     port, nobody_port = free_port(), free_port()
     e = emperors({
-        "solo": solo_ini("solo", port, f"max-requests = {MAX_REQUESTS}", "harakiri = 1", "heartbeat = 2"),
+        "solo": solo_ini("solo", port, f"max-requests = {MAX_REQUESTS}", "harakiri = 1", "heartbeat = 6"),
         "plural": solo_ini("plural", free_port(), "processes = 2"),
         "nobody": solo_ini("nobody", nobody_port, "uid = nobody", f"gid = {NOBODY.pw_gid}"),
     }, wait=[port, nobody_port])
@@ -153,6 +153,24 @@ def test_harakiri_ends_the_process_and_the_emperor_starts_another(fleet):
     assert time.monotonic() - t0 < 7  # ended by harakiri (1 s), not by the app's 8 s
     wait_for(lambda: fleet.lines(f"harakiri: worker 1 (pid {old}) stuck more than 1s"), 20, "the harakiri line")
     wait_for(lambda: fleet.lines(f"pid {old} died (exit status 86)"), 20, "the Emperor to see it die")
+    got = wait_for(lambda: answer(port), 20, "a new process to answer")
+    assert int(got["pid"]) != old
+
+
+def test_a_process_stuck_where_its_harakiri_handler_cannot_run_is_killed_and_logged_so(fleet):
+    port = fleet.ports["solo"]
+    old = int(answer(port)["pid"])
+    t0 = time.monotonic()
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    try:
+        c.request("GET", "/stuck")
+        with pytest.raises((OSError, http.client.HTTPException)):
+            c.getresponse().read()
+    finally:
+        c.close()
+    assert time.monotonic() - t0 < 8  # its timer, 1 + 1 s, not the app's 10 s
+    line = wait_for(lambda: fleet.lines(f"pid {old} died"), 20, "the Emperor to see it die")[0]
+    assert "killed by SIGKILL" in line and "harakiri = 1 without a master" in line, line
     got = wait_for(lambda: answer(port), 20, "a new process to answer")
     assert int(got["pid"]) != old
 
