@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import fleet_floor
+import floor_rows
 import front as frontbench
 import health as healthbench
 import uss as ussbench
@@ -231,7 +231,7 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
                      f"{tp['inproc_ms_per_template']} / {tp['child_wall_ms_per_template']}, "
                      f"{tp['child_loop_ms_per_template']} / {tp['plain_ms_per_template']} ms "
                      f"({tp['forks']} children)", "", ""))
-    rows += fleet_floor.rows(r)
+    rows += floor_rows.rows(r)
     rows += ussbench.rows(r)
     rows += frontbench.rows(r.get("front") or {})
     rows += healthbench.rows(r.get("health") or {})

@@ -154,7 +154,7 @@ class Decisions:
             return CODE_DEPLOY
         if self.reload_asked and cur.kind != Kind.BASE:
             return "reload requested"
-        if self.replacement_asked:
+        if cur.replacement_asked:
             return "replacement asked"
         return None
 

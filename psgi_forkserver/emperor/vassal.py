@@ -99,12 +99,6 @@ class Vassal(VassalView, Decisions):
     error_seq: int | None = None  # the process last_error is about (its last lines tell why)
     held: bool = False  # stopped by the operator (`emperor stop NAME`)
     reload_asked: bool = False  # `emperor reload NAME`, not acted on yet
-    # a `master = false` process asked for its replacement (byte 22 after
-    # max-requests or a reload): a new process, not a stop
-    replacement_asked: bool = False
-    # the same asked by the successor before its promotion (it served its
-    # max-requests while the old process still stopped): asked once promoted
-    successor_replacement_asked: bool = False
     touched: bool = False  # its file was touched: reload, though the config is the same
     refused: str | None = None  # why the Emperor cannot take it on (no descriptors to spare)
     # where its facts are reported: the names of the vassals the plan must
@@ -166,8 +160,7 @@ class Vassal(VassalView, Decisions):
     def hold(self) -> None:
         """`emperor stop NAME`: stop gracefully and stay stopped (STOPPED)
         until `release()` or the file changes."""
-        self.held = True
-        self.reload_asked = False
+        self.held, self.reload_asked = True, False
 
     @fact
     def release(self) -> None:
@@ -250,16 +243,8 @@ class Vassal(VassalView, Decisions):
             p.beat(now)
         elif byte == VassalByte.DONE:
             # once per process: the pipe is the vassal's, its app may repeat it
-            if p.live and not self.on_demand and p.config.solo:
-                # it accepts no more and waits for the stop that follows
-                # its successor (or the restart)
-                if p is self.successor and not self.successor_replacement_asked:
-                    self.successor_replacement_asked = True
-                    return "successor asked to be replaced"
-                if p is self.current and self.stop_reason is None and not self.replacement_asked:
-                    self.replacement_asked = True
-                    return "asked to be replaced"
-                return None
+            if p.live and not self.on_demand and p.config.solo:  # `master = false`: a new process
+                return who + "asked to be replaced" if p.ask_replacement() else None
             if p is self.current and p.live and self.stop_reason is None:
                 self.stop_reason = "idle" if self.on_demand else "asked to stop"
                 return "idle" if self.on_demand else "asked to be stopped"
@@ -296,7 +281,6 @@ class Vassal(VassalView, Decisions):
             return Exit.STOPPED
         if self.successor is not None:
             self.current, self.successor = self.successor, None
-            self.replacement_asked, self.successor_replacement_asked = self.successor_replacement_asked, False
             self.restarts += 1
             self._sync(now)
             return Exit.TOOK_OVER
@@ -370,7 +354,7 @@ class Vassal(VassalView, Decisions):
     def _start(self, p: Proc) -> None:
         """No process: `p` is the current one now. It reads the file as it
         is, and answers a waiting connection and a byte 22 of the one before."""
-        self.touched = self.woken = self.replacement_asked = False
+        self.touched = self.woken = False
         self.stop_reason = None
         self.current = p
 
@@ -378,8 +362,7 @@ class Vassal(VassalView, Decisions):
         """A reload: `p` starts while the current one serves; it reads the
         file as it is and answers `emperor reload`."""
         self.operator_reloads += int(self.reload_asked)
-        self.touched = self.reload_asked = self.replacement_asked = False
-        self.successor_replacement_asked = False
+        self.touched = self.reload_asked = False
         self.successor = p
 
     def _promote(self, now: float) -> Proc:
@@ -387,7 +370,6 @@ class Vassal(VassalView, Decisions):
         old, new = self.current, self.successor
         assert old is not None and new is not None
         self.current, self.successor = new, None
-        self.replacement_asked, self.successor_replacement_asked = self.successor_replacement_asked, False
         self.retiring.append(old)
         self._sync(now)
         return old
@@ -401,8 +383,7 @@ class Vassal(VassalView, Decisions):
         """A reload that stops the process (not seamless): what asked for
         it is answered by the start that follows."""
         self.operator_reloads += int(self.reload_asked)
-        self.reload_asked = self.replacement_asked = False
-        self.touched = False
+        self.reload_asked = self.touched = False
 
     def _delay(self, now: float) -> float:
         """Crash loops: a process that dies within `stable_after` s of its
