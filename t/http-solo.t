@@ -1,6 +1,7 @@
 use strict;
 use warnings;
 use Test::More;
+use Time::HiRes ();
 use FindBin;
 use lib "$FindBin::Bin/lib";
 use ForkServerTest::HTTP;
@@ -39,6 +40,17 @@ subtest 'max_requests: byte 22, nothing more accepted, exit on the stop byte' =>
     my $rin = '';
     vec($rin, fileno $waiting, 1) = 1;
     ok !select(my $rout = $rin, undef, undef, 0.2), 'a connection after the last request was not served';
+};
+
+subtest 'SIGTERM while it waits for its stop after byte 22: it goes at once' => sub {
+    my $srv = start_server(app_file => $app, solo => 1, max_requests => 1, mercy => 30);
+    ok $srv->wait_ready, 'ready';
+    is get_pid($srv->port), $srv->pid, 'its one request';
+    ok $srv->wait_emperor_byte(22), 'byte 22';
+    my $t0 = Time::HiRes::time();
+    kill 'TERM', $srv->pid;
+    is $srv->wait_exit(20), 0, 'exit 0';
+    cmp_ok Time::HiRes::time() - $t0, '<', 5, 'without waiting out mercy';
 };
 
 subtest 'the Emperor gone (end of file): a graceful stop' => sub {

@@ -97,8 +97,9 @@ sub run_solo {
         if (!$self->_wind_down($loop, $now)) {
             # A process that asked for its replacement stays until the
             # Emperor stops it (its successor accepts first), or `mercy`
-            # seconds if no Emperor answers.
-            last unless $solo->{replacement_asked} && !$solo->{stop_heard} && $solo->{emperor};
+            # seconds if no Emperor answers; a stop (byte 2, end of file,
+            # SIGTERM) ends the wait.
+            last unless $solo->{replacement_asked} && !${ $self->{stopping_ref} } && $solo->{emperor};
             $wait_until //= $now + $self->{mercy};
             last if $now >= $wait_until;
         }
