@@ -1,6 +1,7 @@
 use strict;
 use warnings;
 use Test::More;
+use File::Temp ();
 use Time::HiRes ();
 use FindBin;
 use lib "$FindBin::Bin/lib";
@@ -76,6 +77,23 @@ subtest 'harakiri when the Perl handler cannot run: SIGKILL a second later' => s
     my $r = http_raw($srv->port, "GET /hang-hard HTTP/1.1\r\nHost: x\r\n\r\n", timeout => 20);
     ok !defined $r, 'stuck request: connection closed without a response';
     is $srv->wait_exit & 127, 9, 'killed by its own timer (SIGKILL)';
+};
+
+subtest 'without an Emperor: SIGHUP opens the access log again, the process goes on' => sub {
+    my $dir = File::Temp::tempdir(CLEANUP => 1);
+    my $file = "$dir/access.log";
+    open my $log, '>>', $file or die $!;
+    my $srv = start_server(app_file => $app, solo => 1, emperor_fh => undef,
+                           access_log => $log, access_log_path => $file);
+    ok wait_for(sub { get_pid($srv->port) }, 10), 'serving';
+    rename $file, "$file.1" or die $!;
+    kill 'HUP', $srv->pid;
+    my $n = 0;
+    ok wait_for(sub { get_pid($srv->port); -s $file }, 10), 'lines go to a new file at the path';
+    is get_pid($srv->port), $srv->pid, 'the same process serves';
+    like slurp("$file.1"), qr{"GET /pid HTTP/1\.1" 200 }, 'the rotated file kept its lines';
+    $srv->stop;
+    is $srv->wait_exit, 0, 'exit 0';
 };
 
 subtest 'more than one worker needs the master' => sub {

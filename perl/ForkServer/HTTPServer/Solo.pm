@@ -93,7 +93,13 @@ sub run_solo {
     my $wait_until;
     while (1) {
         my $now = now();
-        if ($hup) { $hup = 0; $self->_solo_replace($loop, 'reload') }
+        if ($hup) {
+            $hup = 0;
+            # without an Emperor to start the next process: the access log
+            # is opened again (a rotation) and this one goes on
+            if ($solo->{emperor}) { $self->_solo_replace($loop, 'reload') }
+            elsif (defined $self->{access_log_path}) { $self->_reopen_access_log }
+        }
         if (!$self->_wind_down($loop, $now)) {
             # A process that asked for its replacement stays until the
             # Emperor stops it (its successor accepts first), or `mercy`
@@ -275,6 +281,8 @@ byte 0 ends it at once.
 After C<max_requests> requests, or on SIGHUP or byte 1, it accepts nothing
 more, sends byte 22 and finishes its connections; it exits when the Emperor
 stops it (byte 2, once the next process accepts) or C<mercy> seconds later.
+Without an Emperor pipe, max-requests ends the process and SIGHUP only
+opens the access log again.
 
 =item harakiri
 
