@@ -12,8 +12,8 @@ PROGRAM is a `perl/ForkServer.pm`, e.g. of an older commit exported with
 - `floor`: the floor's single adoptions (fleet_floor.floor: no spares, the
   socket bound by the requester, to the first 200 on /hello): CPU of the
   base's clone, the vassal master and its worker, and their page faults;
-  with `--master-false`, each program also as `NAME/master=false` (the
-  vassal's one process serves), in the same rounds;
+  with `--master-false` (floor and spares), each program also as
+  `NAME/master=false` (the vassal's one process serves), in the same rounds;
 - `spares`: adoption -> first 200 on the heavy app's `/` from a base with
   `early-warmup = /` and 2 warm spares, the socket bound by the requester
   (the spares bench's row);
@@ -68,9 +68,11 @@ def floor_round(procs: Procs, ports: Ports, tmp: Path, n: int,
     return row
 
 
-def spares_round(procs: Procs, ports: Ports, tmp: Path, n: int, bound: bool = True) -> list[float]:
+def spares_round(procs: Procs, ports: Ports, tmp: Path, n: int, bound: bool = True,
+                 vassal_args: tuple[str, ...] = ()) -> list[float]:
     x = adoptions.adoption_latency(procs, ports, tmp, "heavy", n, "/",
-                                   ("--early-warmup", "/", "--fork-server-spares", "2"), bound=bound)
+                                   ("--early-warmup", "/", "--fork-server-spares", "2"), bound=bound,
+                                   vassal_extra=vassal_args)
     return x["samples_first_200_ms"]
 
 
@@ -82,7 +84,7 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=None, help="adoptions per round (floor 20, spares 10)")
     ap.add_argument("--uwsgi21", action="store_true", help="spares: uWSGI 2.1's fork server too, each round")
     ap.add_argument("--master-false", action="store_true",
-                    help="floor: each program also with master = false (NAME/master=false)")
+                    help="each program also with master = false (NAME/master=false)")
     args = ap.parse_args()
     confs = []
     for a in args.programs:
@@ -92,8 +94,6 @@ def main() -> int:
         confs.append((name, os.path.abspath(prog), ()))
         if args.master_false:
             confs.append((f"{name}/master=false", os.path.abspath(prog), fleet_floor.SOLO_ARGS))
-    if args.master_false and args.what != "floor":
-        ap.error("--master-false: for floor only")
     n = args.n or (20 if args.what == "floor" else 10)
     binary = None
     if args.uwsgi21:
@@ -129,7 +129,7 @@ def main() -> int:
                     print(f"round {r + 1} {name}: " + " ".join(f"{k} {v:.2f}" for k, v in row.items())
                           + f" (load {load:.1f})", flush=True)
                 else:
-                    got = spares_round(procs, ports, tmp, n, bound=args.what == "spares")
+                    got = spares_round(procs, ports, tmp, n, bound=args.what == "spares", vassal_args=vassal_args)
                     samples[name] += got
                     print(f"round {r + 1} {name}: adoption -> first 200 p50 {statistics.median(got):.2f} ms "
                           f"(load {load:.1f})", flush=True)
