@@ -9,6 +9,7 @@ import http.client
 import os
 import pwd
 import signal
+import subprocess
 import threading
 import time
 
@@ -20,7 +21,7 @@ from psgi_forkserver.config.options import judge_options
 from psgi_forkserver.emperor.vassal import Adopt, Phase, Send, Vassal
 from psgi_forkserver.protocol import EmperorByte
 from support.apps import APPS, get
-from support.emperors import Emperors
+from support.emperors import EMPEROR, Emperors
 from support.processes import free_port, pid_alive, wait_for
 from support.vassals import POLICY, cfg, ctx
 
@@ -137,6 +138,20 @@ def test_a_reload_asked_by_sighup_is_a_new_process(fleet):
     assert new != old
     assert fleet.lines(f"old pid {old} stopped (exit status 0)")
     assert solo_state(fleet)["failures"] == 0
+
+
+def test_emperor_reload_starts_a_successor_before_the_old_process_stops(fleet):
+    port = fleet.ports["solo"]
+    old = int(answer(port)["pid"])
+    before = solo_state(fleet)["operator_reloads"]
+    r = subprocess.run([EMPEROR, "reload", "--stats", str(fleet.stats), "solo"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: not pid_alive(old), 20, "the old process to stop")
+    assert int(answer(port)["pid"]) != old
+    v = solo_state(fleet)
+    assert v["operator_reloads"] == before + 1 and v["failures"] == 0, v
+    assert fleet.lines(f"old pid {old} stopped (exit status 0)")
 
 
 def test_harakiri_ends_the_process_and_the_emperor_starts_another(fleet):
