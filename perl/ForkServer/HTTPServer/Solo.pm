@@ -16,14 +16,13 @@ use POSIX ();
 use Time::HiRes ();
 use ForkServer::Vassal::EmperorPipe ();
 use ForkServer::Process::Exit ();
+use ForkServer::Process::KillTimer ();
 use ForkServer::Process::Session ();
 use ForkServer::Protocol qw(:vassal_bytes :emperor_bytes);
 use ForkServer::HTTPServer::Conns ();
 use ForkServer::HTTPServer::Listener ();
 use ForkServer::HTTPServer::Wire qw(now);
 use ForkServer::HTTPServer::Worker qw(:msg);
-
-use ForkServer::Process::KillTimer ();
 
 # Harakiri's backstop, where no master can SIGKILL a process whose Perl
 # handler cannot run (stuck inside one XS call, or with SIGALRM blocked):
