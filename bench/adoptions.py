@@ -28,7 +28,8 @@ def bound_listener(port: int) -> socket.socket:
 
 
 def adoption_latency(procs: Procs, ports: Ports, tmp: Path, app: str, n: int, path: str = "/",
-                     base_extra: tuple[str, ...] = (), bound: bool = False) -> dict:
+                     base_extra: tuple[str, ...] = (), bound: bool = False,
+                     vassal_extra: tuple[str, ...] = ()) -> dict:
     """n adoptions, one at a time: pid reply and first 200 on `path`. The
     vassal binds its http-socket and the client polls it; or, `bound`, the
     socket is bound here and passed as descriptor 0 (as `emperor run` does)
@@ -45,8 +46,8 @@ def adoption_latency(procs: Procs, ports: Ports, tmp: Path, app: str, n: int, pa
             waiting = base.wait_spares(spares) if spares else set()
             listener = bound_listener(port) if bound else None
             try:
-                pid, pipe, t0, t_pid = base.adopt(["--http-socket", f"127.0.0.1:{port}", "--processes", "1"],
-                                                  listener)
+                pid, pipe, t0, t_pid = base.adopt(["--http-socket", f"127.0.0.1:{port}", "--processes", "1",
+                                                   *vassal_extra], listener)
             finally:
                 if listener is not None:
                     listener.close()  # the vassal holds it now

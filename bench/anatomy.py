@@ -99,4 +99,6 @@ def anatomy_line(a: dict) -> str:
         return "n/a" if x is None else f"{x:.0f} MB"
     return (f"base in 2 MB pages: {mb(a.get('base_huge_mb_ready'))} ready, {mb(a.get('base_huge_mb_after'))} after "
             f"the adoptions; the last vassal ({a.get('mappings', '?')} mappings) owns, as it answers: master "
-            f"{pages(a.get('master_own_pages'))}, worker {pages(a.get('worker_own_pages'))}")
+            f"{pages(a.get('master_own_pages'))}, worker "
+            + ("none (master = false)" if a.get("master_own_pages") is not None and "worker_own_pages" not in a
+               else pages(a.get("worker_own_pages"))))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A mass start's timeline: which serial step waits (`--only floor` in one run).
 
-    .venv/bin/python bench/burst_timeline.py N [heavy|hello] [EMPEROR ARGS...]
+    .venv/bin/python bench/burst_timeline.py N [heavy|hello] [--vassal-line 'KEY = VALUE' ...] [EMPEROR ARGS...]
 
 `emperor run` (soft RLIMIT_NOFILE 1,024) on N vassals of the app, each
 answering `/hello`; every 10 ms a sample of the machine's idle time
@@ -12,7 +12,8 @@ children the Emperor has. Prints a row per 0.25 s (0.5 s above 300) of
 the burst, from the base listening to the last answer, then the totals.
 EMPEROR ARGS go to `emperor run`: `--vassal-binary OLD/perl/ForkServer.pm`
 runs the Perl code of another commit (`git archive REV perl | tar -x -C
-OLD`) under this Emperor, to put two side by side. Loads the two cores for
+OLD`) under this Emperor, to put two side by side; `--vassal-line 'master =
+false'` adds that line to every vassal file. Loads the two cores for
 a few seconds (200) to half a minute (1,000): run it rarely.
 """
 
@@ -88,14 +89,20 @@ class Sampler(threading.Thread):
 def main() -> int:
     n = int(sys.argv[1])
     app = sys.argv[2] if len(sys.argv) > 2 else "heavy"
-    extra = sys.argv[3:]
+    extra, lines = [], []
+    rest = iter(sys.argv[3:])
+    for arg in rest:
+        if arg == "--vassal-line":
+            lines.append(next(rest))
+        else:
+            extra.append(arg)
     set_child_subreaper()
     tmp = tempdir()
     procs = Procs(tmp)
     try:
         vdir = tmp / "vassals"
         vdir.mkdir()
-        vports = write_fleet(vdir, app, tmp / "base.sock", n, Ports(), digits=4)
+        vports = write_fleet(vdir, app, tmp / "base.sock", n, Ports(), digits=4, lines=tuple(lines))
         load = os.getloadavg()[0]
         em = EmperorRun(procs, vdir, "emperor", extra, nofile=(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
         sampler = Sampler(em.proc.pid)
@@ -115,7 +122,7 @@ def main() -> int:
         rmtree(tmp)
     took = sorted(first.values())
     answered = sorted(em.t0 + x for x in took)
-    print(f"{n} {app} vassals, load average {load:.1f} at start: base listening {listening:.2f} s, all answering "
+    print(f"{n} {app} vassals" + "".join(f", {line}" for line in lines) + f", load average {load:.1f} at start: base listening {listening:.2f} s, all answering "
           f"{took[-1]:.2f} s; 25/50/75 %: " + " ".join(f"{took[int(len(took) * q) - 1]:.2f}" for q in (.25, .5, .75)))
     step = 0.25 if n <= 300 else 0.5
     print("  t (s)  idle %  Emperor on a core / waiting %  base on a core / waiting %  children  answering")

@@ -3,7 +3,7 @@
 rounds alternating, so that a shared machine's drifting load falls on all
 alike.
 
-    .venv/bin/python bench/compare.py floor  [--rounds 3] [-n 20] NAME=PROGRAM ...
+    .venv/bin/python bench/compare.py floor  [--rounds 3] [-n 20] [--master-false] NAME=PROGRAM ...
     .venv/bin/python bench/compare.py spares|spares-polled [--rounds 3] [-n 10] [--uwsgi21] NAME=PROGRAM ...
 
 PROGRAM is a `perl/ForkServer.pm`, e.g. of an older commit exported with
@@ -12,6 +12,8 @@ PROGRAM is a `perl/ForkServer.pm`, e.g. of an older commit exported with
 - `floor`: the floor's single adoptions (fleet_floor.floor: no spares, the
   socket bound by the requester, to the first 200 on /hello): CPU of the
   base's clone, the vassal master and its worker, and their page faults;
+  with `--master-false` (floor and spares), each program also as
+  `NAME/master=false` (the vassal's one process serves), in the same rounds;
 - `spares`: adoption -> first 200 on the heavy app's `/` from a base with
   `early-warmup = /` and 2 warm spares, the socket bound by the requester
   (the spares bench's row);
@@ -47,9 +49,10 @@ from benchlib import Ports, Procs, rmtree, set_child_subreaper, tempdir  # noqa:
 from settings import APPS  # noqa: E402
 
 
-def floor_round(procs: Procs, ports: Ports, tmp: Path, n: int) -> dict[str, float]:
+def floor_round(procs: Procs, ports: Ports, tmp: Path, n: int,
+                vassal_args: tuple[str, ...] = ()) -> dict[str, float]:
     fl = fleet_floor.floor(procs, ports, tmp, basevassal.Base, APPS["heavy"], basevassal.PROGRAM, n,
-                           lambda m: None)
+                           lambda m: None, vassal_args)
     c = fl["mean_cpu_ms"]
     a = fl["anatomy"]
     row = {"clone_ms": c["base_cpu_ms"], "master_ms": c["master_cpu_ms"], "worker_ms": c["worker_cpu_ms"],
@@ -65,9 +68,11 @@ def floor_round(procs: Procs, ports: Ports, tmp: Path, n: int) -> dict[str, floa
     return row
 
 
-def spares_round(procs: Procs, ports: Ports, tmp: Path, n: int, bound: bool = True) -> list[float]:
+def spares_round(procs: Procs, ports: Ports, tmp: Path, n: int, bound: bool = True,
+                 vassal_args: tuple[str, ...] = ()) -> list[float]:
     x = adoptions.adoption_latency(procs, ports, tmp, "heavy", n, "/",
-                                   ("--early-warmup", "/", "--fork-server-spares", "2"), bound=bound)
+                                   ("--early-warmup", "/", "--fork-server-spares", "2"), bound=bound,
+                                   vassal_extra=vassal_args)
     return x["samples_first_200_ms"]
 
 
@@ -78,13 +83,17 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("-n", type=int, default=None, help="adoptions per round (floor 20, spares 10)")
     ap.add_argument("--uwsgi21", action="store_true", help="spares: uWSGI 2.1's fork server too, each round")
+    ap.add_argument("--master-false", action="store_true",
+                    help="each program also with master = false (NAME/master=false)")
     args = ap.parse_args()
     confs = []
     for a in args.programs:
         name, _, prog = a.partition("=")
         if not prog or not os.path.isfile(prog):
             ap.error(f"{a}: not NAME=PATH of a ForkServer.pm")
-        confs.append((name, os.path.abspath(prog)))
+        confs.append((name, os.path.abspath(prog), ()))
+        if args.master_false:
+            confs.append((f"{name}/master=false", os.path.abspath(prog), fleet_floor.SOLO_ARGS))
     n = args.n or (20 if args.what == "floor" else 10)
     binary = None
     if args.uwsgi21:
@@ -94,8 +103,8 @@ def main() -> int:
     set_child_subreaper()
     tmp = tempdir()
     procs, ports = Procs(tmp), Ports()
-    floors: dict[str, list[dict[str, float]]] = {name: [] for name, _ in confs}
-    samples: dict[str, list[float]] = {name: [] for name, _ in confs}
+    floors: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in confs}
+    samples: dict[str, list[float]] = {name: [] for name, _, _ in confs}
     loads = []
     uw = None
     uw_samples: list[float] = []
@@ -110,17 +119,17 @@ def main() -> int:
                 uw_samples += got
                 print(f"round {r + 1} uWSGI 2.1: adoption -> first 200 p50 {statistics.median(got):.2f} ms "
                       f"(load {load:.1f})", flush=True)
-            for name, prog in confs:
+            for name, prog, vassal_args in confs:
                 basevassal.PROGRAM = prog
                 load = os.getloadavg()[0]
                 loads.append(load)
                 if args.what == "floor":
-                    row = floor_round(procs, ports, tmp, n)
+                    row = floor_round(procs, ports, tmp, n, vassal_args)
                     floors[name].append(row)
                     print(f"round {r + 1} {name}: " + " ".join(f"{k} {v:.2f}" for k, v in row.items())
                           + f" (load {load:.1f})", flush=True)
                 else:
-                    got = spares_round(procs, ports, tmp, n, bound=args.what == "spares")
+                    got = spares_round(procs, ports, tmp, n, bound=args.what == "spares", vassal_args=vassal_args)
                     samples[name] += got
                     print(f"round {r + 1} {name}: adoption -> first 200 p50 {statistics.median(got):.2f} ms "
                           f"(load {load:.1f})", flush=True)
@@ -130,7 +139,7 @@ def main() -> int:
         procs.cleanup()
         rmtree(tmp)
     print(f"medians ({args.rounds} rounds, load average {min(loads):.1f}-{max(loads):.1f} at their starts):")
-    for name, _ in confs:
+    for name, _, _ in confs:
         if args.what == "floor":
             rows = floors[name]
             print(f"  {name}: " + " ".join(f"{k} {statistics.median(x[k] for x in rows if k in x):.2f}" for k in rows[0]))

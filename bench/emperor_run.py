@@ -27,19 +27,22 @@ def base_ini(app: str, sock: Path) -> str:
     return f"[uwsgi]\nearly-psgi = {APPS[app]}\nfork-server = {sock}\n"
 
 
-def vassal_ini(name: str, port: int) -> str:
-    return f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\nenv = APP_NAME={name}\n"
+def vassal_ini(name: str, port: int, *lines: str) -> str:
+    """A vassal of the base's app; `lines` ("key = value") after the usual ones."""
+    return (f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\nenv = APP_NAME={name}\n"
+            + "".join(f"{line}\n" for line in lines))
 
 
-def write_fleet(vdir: Path, app: str, sock: Path, n: int, ports, digits: int = 3) -> list[int]:
+def write_fleet(vdir: Path, app: str, sock: Path, n: int, ports, digits: int = 3,
+                lines: tuple[str, ...] = ()) -> list[int]:
     """A vassals directory: the base of `app` on `sock` and n vassals
-    (vNNN.ini, each on a port of its own); their ports, in order."""
+    (vNNN.ini, each on a port of its own, with `lines`); their ports, in order."""
     (vdir / "base.ini").write_text(base_ini(app, sock))
     vports = []
     for i in range(n):
         port = ports.get()
         name = f"v{i:0{digits}d}"
-        (vdir / f"{name}.ini").write_text(vassal_ini(name, port))
+        (vdir / f"{name}.ini").write_text(vassal_ini(name, port, *lines))
         vports.append(port)
     return vports
 

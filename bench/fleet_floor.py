@@ -40,6 +40,10 @@ from emperor_run import write_fleet
 from pyspy import hot_functions, py_spy
 
 TICK = os.sysconf("SC_CLK_TCK")
+# the vassal without a master (docs/CONTRACT.md, "master = false"): its
+# argv for a single adoption, its lines in a vassal file
+SOLO_ARGS = ("--master=false",)
+SOLO_LINES = ("master = false",)
 
 
 def proc_stat(pid: int) -> tuple[float, int, int] | None:
@@ -139,12 +143,12 @@ def elsewhere(before: dict[int, tuple[float, int, str, int]], after: dict[int, t
 
 
 def floor(procs: Procs, ports: Ports, tmp: Path, base_cls, app: str, program: str, n: int,
-          say: Callable[[str], None]) -> dict:
+          say: Callable[[str], None], vassal_args: tuple[str, ...] = ()) -> dict:
     """n adoptions one at a time (no spares): CPU per stage, summed over the
     processes that do the work. Also what the last vassal owns of its own
     (its pages no longer the base's, by mapping) and how much of the base's
     memory is in 2 MB pages before and after the adoptions."""
-    say(f"floor: {n} adoptions, one at a time, CPU per stage from /proc")
+    say(f"floor: {n} adoptions, one at a time, CPU per stage from /proc" + (f" ({' '.join(vassal_args)})" if vassal_args else ""))
     before: dict | None = None
     base = base_cls(procs, app, tmp / "floor.sock", "base-floor", ("--fork-server-spares", "0"))
     rows = []
@@ -164,7 +168,8 @@ def floor(procs: Procs, ports: Ports, tmp: Path, base_cls, app: str, program: st
             before = frames_by_page(base.proc.pid) if i == n - 1 else None
             b0 = proc_stat(base.proc.pid)
             try:
-                pid, pipe, t0, t_pid = base.adopt(["--http-socket", f"127.0.0.1:{port}", "--processes", "1"], s)
+                pid, pipe, t0, t_pid = base.adopt(["--http-socket", f"127.0.0.1:{port}", "--processes", "1",
+                                                   *vassal_args], s)
             finally:
                 s.close()
             if http_get(port, "/hello", timeout=30) != 200:
@@ -181,19 +186,22 @@ def floor(procs: Procs, ports: Ports, tmp: Path, base_cls, app: str, program: st
                 "master_cpu_ms": m[0] * 1000 if m else 0.0, "master_faults": m[1] if m else 0,
                 "worker_cpu_ms": sum(x[0] for x in w) * 1000, "worker_faults": sum(x[1] for x in w),
             })
-            if i == n - 1 and workers:
+            if i == n - 1:
                 # the pages the last vassal's processes made their own, as
                 # it answers: the master's against the base's, the worker's
-                # against the master's (what its own fork copied)
-                master, worker = frames_by_page(pid), frames_by_page(workers[0])
+                # against the master's (what its own fork copied); without a
+                # master (master = false) the one process is counted as one
+                master = frames_by_page(pid)
                 anatomy["master_own_pages"] = own_pages(master, before)
+                anatomy["master_huge_mb"] = huge_mb(pid)
+                anatomy["mappings"] = mapping_count(pid)
+            if i == n - 1 and workers:
+                worker = frames_by_page(workers[0])
                 # the worker's own: neither the base's nor its master's now
                 # (so it also counts pages the master copied again after the
                 # fork, leaving the worker the master's earlier copy)
                 anatomy["worker_own_pages"] = own_pages(worker, before, master)
-                anatomy["master_huge_mb"] = huge_mb(pid)
                 anatomy["worker_huge_mb"] = huge_mb(workers[0])
-                anatomy["mappings"] = mapping_count(pid)
             pipe.close()
             if not procs.wait(pid, 15):
                 procs.stop_tree(pid, signal.SIGKILL, 5)
@@ -221,14 +229,16 @@ def floor_for(fl: dict, n: int) -> float:
 
 
 def burst(procs: Procs, ports: Ports, tmp: Path, emperor_cls, wait_fork_server,
-          n: int, app: str, say: Callable[[str], None], extra: tuple[str, ...] = ()) -> dict:
+          n: int, app: str, say: Callable[[str], None], extra: tuple[str, ...] = (),
+          lines: tuple[str, ...] = ()) -> dict:
     """`emperor run` with n vassals of `app`: the answering curve and every
     process's CPU and faults by role, read just after the last answered."""
-    say(f"burst profile: `emperor run` with {n} {app} vassals (soft RLIMIT_NOFILE 1024)")
-    vdir = tmp / f"burst-{app}-{n}"
+    say(f"burst profile: `emperor run` with {n} {app} vassals (soft RLIMIT_NOFILE 1024)"
+        + (f" ({', '.join(lines)})" if lines else ""))
+    vdir = tmp / f"burst-{app}-{n}" if not lines else tmp / f"burst-{app}-{n}-{len(lines)}"
     vdir.mkdir()
     sock = tmp / f"burst-{n}.sock"
-    vports = write_fleet(vdir, app, sock, n, ports, digits=4)
+    vports = write_fleet(vdir, app, sock, n, ports, digits=4, lines=lines)
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     busy0 = machine_busy()
     everyone0 = cpu_by_process()
@@ -329,6 +339,11 @@ def run(procs: Procs, ports: Ports, tmp: Path, quick: bool, step, say, emperor_c
     fl = step("floor", lambda: floor(procs, ports, tmp, base_cls, apps["heavy"], program, 20, say))
     if fl:
         out["floor"] = fl
+    # the same without a master: the vassal's one process serves
+    fs = step("floor master = false", lambda: floor(procs, ports, tmp, base_cls, apps["heavy"], program, 20, say,
+                                                    SOLO_ARGS))
+    if fs:
+        out["floor_solo"] = fs
     if not with_burst:
         out["load_average_at_end"] = os.getloadavg()
         return out
@@ -338,58 +353,11 @@ def run(procs: Procs, ports: Ports, tmp: Path, quick: bool, step, say, emperor_c
         out["burst"] = b
         if fl:
             b["floor_s"] = floor_for(fl, n)
+    bs = step(f"burst {n} master = false", lambda: burst(procs, ports, tmp, emperor_cls,
+                                                          wait_fork_server, n, "heavy", say, lines=SOLO_LINES))
+    if bs:
+        out["burst_solo"] = bs
+        if fs:
+            bs["floor_s"] = floor_for(fs, n)
     out["load_average_at_end"] = os.getloadavg()
-    return out
-
-
-def rows(r: dict) -> list[tuple[str, str, str, str]]:
-    """Table rows of `--only floor`."""
-    x = r.get("floor_profile")
-    if not x:
-        return []
-    out = []
-    fl, b = x.get("floor"), x.get("burst")
-    if fl:
-        c = fl["mean_cpu_ms"]
-        out.append(("floor: one heavy adoption at a time (no spares, socket bound by the requester), CPU: "
-                    "base's clone + vassal master (start-up, worker fork) + worker, to its first 200 on /hello",
-                    f"{c['base_cpu_ms']:.2f} + {c['master_cpu_ms']:.2f} + {c['worker_cpu_ms']:.2f} = "
-                    f"{fl['cpu_per_vassal_ms']:.2f} ms; faults {fl['base_faults']['p50']:.0f} + "
-                    f"{fl['master_faults']['p50']:.0f} + {fl['worker_faults']['p50']:.0f}; "
-                    f"wall p50 {fl['wall_ms']['p50']:.2f} ms", "", ""))
-        if fl.get("anatomy"):
-            out.append(("  what the floor copies: the base's memory in 2 MB pages (one page-table entry each), "
-                        "and the pages the last vassal's master and worker own as it answers (copied on write)",
-                        anatomy_line(fl["anatomy"]), "", ""))
-        out.append(("floor of 1,000 heavy vassals answering: base start-up + 1,000 x that CPU / "
-                    f"{fl['cores']} cores", f"{floor_for(fl, 1000):.2f} s "
-                    f"(base ready at {fl['base_ready_s']:.2f} s)", "5 s", ""))
-    if b and "all_200_s" in b:
-        load = x.get("load_average_at_start", [0])[0]
-        out.append((f"`emperor run`, {b['n']} heavy vassals -> all answering /hello (load average {load:.1f} "
-                    "at start)", f"{b['all_200_s']:.2f} s (base listening {b['base_listening_s']:.2f} s)"
-                    + (f"; floor {b['floor_s']:.2f} s" if "floor_s" in b else ""),
-                    "5 s at 1,000", ""))
-        roles = b["by_role"]
-        out.append((f"  where the CPU went ({b['n']} vassals; machine busy "
-                    f"{100 * b['machine_busy_fraction']:.0f} % of the burst"
-                    + (f", {b['machine_cpu_s']:.1f} CPU-s in all, ours {b['cpu_total_s']:.1f}" if "machine_cpu_s" in b
-                       else "") + ")",
-                    "; ".join(f"{k} {v['cpu_s']:.2f} s" + (f" ({1000 * v['cpu_s'] / b['n']:.1f} ms each)"
-                                                            if k in ("masters", "workers") else "")
-                              for k, v in roles.items()), "", ""))
-        rq = b.get("run_queue")
-        if rq:
-            out.append(("  the serial steps after the base listened: time on a core / runnable but waiting for one",
-                        "; ".join(f"{k} {v['ran_s']:.2f} / {v['waited_s']:.2f} s of {v['over_s']:.2f} s"
-                                  for k, v in rq.items()), "", ""))
-        ew = b.get("elsewhere")
-        if ew:
-            out.append(("  the rest of the machine's busy time over the burst",
-                        f"kernel threads {ew['kernel_threads_cpu_s']:.2f} s, the bench client "
-                        f"{ew['bench_client_cpu_s']:.2f} s, other processes {ew['other_processes_cpu_s']:.2f} s ("
-                        + ", ".join(f"{c} {s:g}" for c, s in ew["other_processes_top"]) + ")", "", ""))
-        if b.get("emperor_hot"):
-            out.append(("  the Emperor's hottest functions (py-spy, share of samples)",
-                        ", ".join(f"{fn} {pct:g} %" for fn, pct in b["emperor_hot"][3:9]), "", ""))
     return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import fleet_floor
+import floor_rows
 import front as frontbench
 import health as healthbench
 import uss as ussbench
@@ -139,15 +139,16 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
                      f"{ms['idle']['emperor_rss_bytes'] / MB:.1f} / {ms['idle']['emperor_pss_bytes'] / MB:.1f} MB",
                      "", ""))
     for app, th in (r.get("thousand") or {}).items():
+        app = app.replace(",", " app,", 1) if "," in app else f"{app} app"  # "heavy app, master = false"
         if "all_200_s" in th:
             is_target = th["n"] >= 1000
-            rows.append((f"fleet, {app} app: `emperor run` (soft RLIMIT_NOFILE 1024) -> all {th['n']} "
+            rows.append((f"fleet, {app}: `emperor run` (soft RLIMIT_NOFILE 1024) -> all {th['n']} "
                          "answering 200 (GET /hello)",
                          f"{th['all_200_s']:.2f} s (base listening at {th['base_listening_s']:.2f} s)",
                          f"1000 within {TARGETS['thousand_start_s']:g} s",
                          verdict(th["all_200_s"] <= TARGETS["thousand_start_s"]) if is_target else "n/a (N<1000)"))
         if "idle" in th:
-            rows.append((f"idle emperor, {th['n']} {app} vassals: CPU over {th['idle']['seconds']:.0f} s; "
+            rows.append((f"idle emperor, {th['n']} vassals ({app}): CPU over {th['idle']['seconds']:.0f} s; "
                          "RSS / PSS",
                          f"{th['idle']['cpu_pct']:.2f} %; {th['idle']['emperor_rss_bytes'] / MB:.1f} / "
                          f"{th['idle']['emperor_pss_bytes'] / MB:.1f} MB", "", ""))
@@ -230,7 +231,7 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
                      f"{tp['inproc_ms_per_template']} / {tp['child_wall_ms_per_template']}, "
                      f"{tp['child_loop_ms_per_template']} / {tp['plain_ms_per_template']} ms "
                      f"({tp['forks']} children)", "", ""))
-    rows += fleet_floor.rows(r)
+    rows += floor_rows.rows(r)
     rows += ussbench.rows(r)
     rows += frontbench.rows(r.get("front") or {})
     rows += healthbench.rows(r.get("health") or {})

@@ -65,9 +65,11 @@ def floor_profile(b: Bench) -> None:
 
 def idle_uss(b: Bench) -> None:
     """Scenario `uss` (bench/uss.py)."""
-    b.results["uss"] = [x for sp in (0, 2) if (x := b.step(f"uss {sp}", lambda: uss.run(
-        b.procs, b.ports, b.tmp, EmperorRun, base_ini, vassal_ini, wait_fork_server, wait_loyal_count, say,
-        spares=sp)))]
+    # forked, from spares, and (a variant) forked without a master
+    b.results["uss"] = [x for sp, lines in ((0, ()), (2, ()), (0, ("master = false",)))
+                        if (x := b.step(f"uss {sp} {' '.join(lines)}".strip(), lambda: uss.run(
+                            b.procs, b.ports, b.tmp, EmperorRun, base_ini, vassal_ini, wait_fork_server,
+                            wait_loyal_count, say, spares=sp, lines=lines)))]
 
 
 # Every scenario, in the order a run takes them: (the name `--only` takes,

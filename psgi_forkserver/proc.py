@@ -186,6 +186,9 @@ class Proc:
     stop_reason: str | None = None
     killed: bool = False
     hold: bool = False  # retiring base: stop only once drained
+    # `master = false`: byte 22 after max-requests or a reload, "replace me";
+    # it accepts no more and waits for the stop that follows its successor
+    replacement_asked: bool = False
 
     @property
     def live(self) -> bool:
@@ -215,6 +218,11 @@ class Proc:
             self.ready_at = now
         self.state = ProcState.LOYAL
         return True
+
+    def ask_replacement(self) -> bool:
+        """Byte 22 of a `master = false` process; True the first time."""
+        asked, self.replacement_asked = self.replacement_asked, True
+        return not asked
 
     def beat(self, now: float) -> None:
         self.last_heartbeat = now

@@ -21,6 +21,7 @@ use ForkServer::HTTPServer::Listener ();
 use ForkServer::HTTPServer::Worker ();
 use ForkServer::HTTPServer::Conns ();
 use ForkServer::HTTPServer::Master ();
+use ForkServer::HTTPServer::Solo ();
 use ForkServer::HTTPServer::Kids ();
 use ForkServer::HTTPServer::Request ();
 use ForkServer::HTTPServer::Response ();
@@ -28,7 +29,7 @@ use ForkServer::HTTPServer::Counts ();
 use ForkServer::HTTPServer::Writer ();
 
 our $VERSION = '0.01';
-our @ISA = qw(ForkServer::HTTPServer::Master ForkServer::HTTPServer::Kids
+our @ISA = qw(ForkServer::HTTPServer::Master ForkServer::HTTPServer::Solo ForkServer::HTTPServer::Kids
               ForkServer::HTTPServer::Worker ForkServer::HTTPServer::Conns
               ForkServer::HTTPServer::Request ForkServer::HTTPServer::Response
               ForkServer::HTTPServer::Counts);
@@ -49,6 +50,7 @@ sub new {
     my ($class, %args) = @_;
     my $self = bless {
         workers          => 1,
+        solo             => 0,        # master = false: one process, no worker forked
         max_requests     => 0,
         harakiri         => 0,
         name             => 'psgi',
@@ -78,6 +80,10 @@ sub new {
     $self->{access_log} = \*STDERR unless exists $args{access_log};
     Carp::croak('app is required') unless ref $self->{app} eq 'CODE';
     $self->{workers} = 1 if !$self->{workers} || $self->{workers} < 1;
+    Carp::croak("master = false serves with one process: processes = $self->{workers} needs the master")
+        if $self->{solo} && $self->{workers} > 1;
+    Carp::croak('master = false: the spare\'s preforked worker needs its master')
+        if $self->{solo} && $self->{preforked};
     $self->{proctitle} //= "psgi-vassal $self->{name}";
     return $self;
 }
@@ -177,6 +183,12 @@ The PSGI application (code reference). Required.
 Number of prefork workers (default 1). A worker that dies is respawned; one
 that dies within a second of its birth three times in a row is respawned
 with a growing delay (up to 5 s).
+
+=item solo
+
+False by default. True (C<master = false>): no master and no worker; the
+one process serves the connections itself and keeps the master's duties
+(L<ForkServer::HTTPServer::Solo>). Needs C<workers> 1.
 
 =item max_requests
 

@@ -67,6 +67,8 @@ sub new {
 sub run {
     my ($self) = @_;
     my $config = $self->{config};
+    die "processes = " . $config->get("processes") . " with master = false: without a master the vassal is one process\n"
+        if !$config->get('master') && $config->get('processes') > 1;
     $self->configure;
     # what it was given, before its app (loaded as root) may open sockets and pipes of its own
     my %given = $> == 0 ? map { $_ => 1 } ForkServer::Process::Dumpable::pathless_links() : ();
@@ -151,6 +153,7 @@ sub server_args {
     my ($self, $access_log) = @_;
     my $config = $self->{config};
     return (
+        solo         => $config->get('master') ? 0 : 1,
         workers      => $config->get('processes'),
         max_requests => $config->get('max-requests'),
         harakiri     => $config->get('harakiri'),

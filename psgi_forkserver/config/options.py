@@ -225,6 +225,15 @@ class _Judge:
         if "socket" in self.values and "http-socket" in self.values:
             raise ConfigError(f"line {self.values['socket'][0]}: socket and http-socket: a "
                               "vassal serves one of them (uwsgi or HTTP)")
+        master = self.values.get("master")
+        if master is not None and not master[1]:
+            processes = self.values.get("processes")
+            if processes is not None and processes[1] > 1:
+                raise ConfigError(f"line {processes[0]}: processes = {processes[1]} with master = false "
+                                  f"(line {master[0]}): without a master the vassal is one process")
+            if fs is not None:
+                raise ConfigError(f"line {master[0]}: master = false in a base vassal: set it in the "
+                                  "files of the vassals that should serve without a master")
         idle = self.values.get("idle")
         on_demand = self.values.get("on-demand")
         if idle is not None and idle[1] and not (on_demand is not None and on_demand[1]):

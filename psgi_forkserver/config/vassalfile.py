@@ -54,6 +54,13 @@ class VassalConfig:
         return [v for k, v in self.options if k == key]
 
     @property
+    def solo(self) -> bool:
+        """`master = false`: the vassal's one process serves, no worker
+        forked (docs/CONTRACT.md, "master = false")."""
+        value = self.get("master")
+        return value is not None and value.strip().lower() in ("0", "false", "no", "off")
+
+    @property
     def fork_server(self) -> str | None:
         return self.get("fork-server")
 

@@ -154,6 +154,8 @@ class Decisions:
             return CODE_DEPLOY
         if self.reload_asked and cur.kind != Kind.BASE:
             return "reload requested"
+        if cur.replacement_asked:
+            return "replacement asked"
         return None
 
     def step(self, ctx: Context) -> list[Action]:

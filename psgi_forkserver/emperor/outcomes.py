@@ -28,7 +28,7 @@ from .ondemand import ForVassal
 from .orphans import Sweeper
 from .processes import ProcessTable
 from .routing import Routes
-from .vassal import Exit, Vassal
+from .vassal import Exit, Proc, Vassal
 
 
 class Outcomes:
@@ -126,6 +126,7 @@ class Outcomes:
         elif what == Exit.TOOK_OVER:
             self.log(f"pid {pid} died ({st}); its successor pid {v.pid} takes over", name)
         else:
+            st += own_harakiri_kill(p, status)
             # a base killed as wedged keeps that reason in the status
             v.note_error(self.bases.exited(pid) or f"pid {pid} died ({st})", seq)
             self.log(f"pid {pid} died ({st}); respawn in {v.backoff:.1f} s"
@@ -179,3 +180,19 @@ class Outcomes:
         if not again:  # one line, not one per loop turn
             self.log(f"cannot handle: {why} (at {where}); config-error until its file "
                      "changes", name)
+
+
+def own_harakiri_kill(p: Proc | None, status: int) -> str:
+    """What a SIGKILL the Emperor did not send most likely was, for a
+    `master = false` process with `harakiri`: its own timer, which ends a
+    request whose harakiri handler could not run one second after the alarm
+    (ForkServer::Process::KillTimer). The OOM killer or an operator send the
+    same signal: the note says what the vassal was set to do, not more."""
+    if (p is None or p.killed or not p.config.solo or not os.WIFSIGNALED(status)
+            or os.WTERMSIG(status) != 9):
+        return ""
+    harakiri = p.config.get("harakiri") or "0"
+    if not harakiri.isdigit() or int(harakiri) == 0:
+        return ""
+    return (f"; harakiri = {harakiri} without a master: its own timer sends SIGKILL "
+            f"{int(harakiri) + 1} s into a request whose harakiri handler could not run")

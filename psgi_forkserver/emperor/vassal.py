@@ -160,8 +160,7 @@ class Vassal(VassalView, Decisions):
     def hold(self) -> None:
         """`emperor stop NAME`: stop gracefully and stay stopped (STOPPED)
         until `release()` or the file changes."""
-        self.held = True
-        self.reload_asked = False
+        self.held, self.reload_asked = True, False
 
     @fact
     def release(self) -> None:
@@ -244,6 +243,8 @@ class Vassal(VassalView, Decisions):
             p.beat(now)
         elif byte == VassalByte.DONE:
             # once per process: the pipe is the vassal's, its app may repeat it
+            if p.live and not self.on_demand and p.config.solo:  # `master = false`: a new process
+                return who + "asked to be replaced" if p.ask_replacement() else None
             if p is self.current and p.live and self.stop_reason is None:
                 self.stop_reason = "idle" if self.on_demand else "asked to stop"
                 return "idle" if self.on_demand else "asked to be stopped"
@@ -382,8 +383,7 @@ class Vassal(VassalView, Decisions):
         """A reload that stops the process (not seamless): what asked for
         it is answered by the start that follows."""
         self.operator_reloads += int(self.reload_asked)
-        self.reload_asked = False
-        self.touched = False
+        self.reload_asked = self.touched = False
 
     def _delay(self, now: float) -> float:
         """Crash loops: a process that dies within `stable_after` s of its

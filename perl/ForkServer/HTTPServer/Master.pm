@@ -23,6 +23,7 @@ use ForkServer::HTTPServer::Worker qw(:msg);
 
 sub run {
     my $self = shift;
+    return $self->run_solo if $self->{solo};
 
     # Signals only set flags; the loop acts on them. The select() timeout is
     # capped so a signal landing just before select() is seen within 1 s.

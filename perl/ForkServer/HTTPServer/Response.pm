@@ -26,8 +26,8 @@ sub _dispatch {
                head => $env->{REQUEST_METHOD} eq 'HEAD', status => 0, bytes => 0, sent => 0 };
     if ($harakiri) {
         $self->{current_request} = qq{"$env->{REQUEST_METHOD} $env->{REQUEST_URI} $env->{SERVER_PROTOCOL}" from $c->{raddr}};
-        worker_msg($self->{ready_w}, MSG_BUSY, $self->{current_request});
         alarm $harakiri;
+        worker_msg($self->{ready_w}, MSG_BUSY, $self->{current_request});
     }
     my $ok = eval { $self->_run_app($c->{sock}, $env, $st); 1 };
     my $err = $@;

@@ -217,6 +217,8 @@ sub unfit {
 sub unfit_for {
     my ($warm, $config) = @_;
     $warm or return 'no warm-up known';
+    # no worker at all: the spare's own process serves
+    return 'master = false' unless $config->get('master');
     return 'keep-fd' if $config->list('keep-fd');
     # where the config changes neither, the identity and directory the
     # waiting worker saw before it waited (waiting changes neither)

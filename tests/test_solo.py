@@ -1,0 +1,273 @@
+"""`master = false`: a vassal whose one process serves, with a real Emperor,
+real adoptions and real requests. One fleet for the module: a vassal with
+max-requests, harakiri and heartbeat, and a file that asks for two processes
+without a master (a config error). The Emperor's death is its own fleet."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import pwd
+import signal
+import subprocess
+import threading
+import time
+
+import psutil
+import pytest
+
+from psgi_forkserver.config.ini import ConfigError
+from psgi_forkserver.config.options import judge_options
+from psgi_forkserver.emperor.vassal import Adopt, Phase, Send, Vassal
+from psgi_forkserver.protocol import EmperorByte
+from support.apps import APPS, get
+from support.emperors import EMPEROR, Emperors
+from support.processes import free_port, pid_alive, wait_for
+from support.vassals import POLICY, cfg, ctx
+
+SOLO_APP = APPS / "solo.psgi"
+NOBODY = pwd.getpwnam("nobody")
+MAX_REQUESTS = 5
+
+
+def solo_ini(name: str, port: int, *lines: str) -> str:
+    return "".join(f"{line}\n" for line in (
+        "[uwsgi]", f"http-socket = 127.0.0.1:{port}", "master = false", f"env = APP_NAME={name}",
+        "disable-logging = true", *lines))
+
+
+@pytest.fixture(scope="module")
+def fleet(xprocess):
+    emperors = Emperors(xprocess, "pfs-solo-", app=SOLO_APP)
+    port, nobody_port = free_port(), free_port()
+    e = emperors({
+        "solo": solo_ini("solo", port, f"max-requests = {MAX_REQUESTS}", "harakiri = 1", "heartbeat = 6"),
+        "plural": solo_ini("plural", free_port(), "processes = 2"),
+        "nobody": solo_ini("nobody", nobody_port, "uid = nobody", f"gid = {NOBODY.pw_gid}"),
+    }, wait=[port, nobody_port])
+    e.ports["solo"] = port
+    e.ports["nobody"] = nobody_port
+    try:
+        yield e
+    finally:
+        emperors.stop()
+
+
+def answer(port: int) -> dict[str, str]:
+    return get(port, timeout=10)
+
+
+def solo_state(fleet) -> dict:
+    return fleet.vassal("solo")
+
+
+def test_the_vassal_is_one_process_that_serves(fleet):
+    got = answer(fleet.ports["solo"])
+    pid = int(got["pid"])
+    assert got["name"] == "solo"
+    v = solo_state(fleet)
+    assert v["pid"] == pid  # the process the Emperor knows answers itself
+    assert psutil.Process(pid).children() == []
+    assert v["processes"] == 1
+    assert " ".join(psutil.Process(pid).cmdline()) == "psgi-vassal solo"  # no "worker N"
+    fleet.heartbeats_seen(["solo"])
+
+
+def test_a_vassal_that_drops_root_serves_as_its_user_and_its_requests_are_counted(fleet):
+    pid = int(answer(fleet.ports["nobody"])["pid"])
+    assert psutil.Process(pid).uids().real == NOBODY.pw_uid
+    assert psutil.Process(pid).children() == []
+    # the fixture's and this one: both counted (the count is the process's own)
+    before = wait_for(lambda: (n := fleet.vassal("nobody")["requests"]) >= 2 and n, 20, "its requests counted")
+    answer(fleet.ports["nobody"])
+    wait_for(lambda: fleet.vassal("nobody")["requests"] == before + 1, 20, "one more request counted")
+
+
+def test_processes_above_one_without_a_master_is_a_config_error(fleet):
+    v = wait_for(lambda: (v := fleet.vassal("plural"))["state"] == "config-error" and v, 20,
+                 "plural to be a config error")
+    assert "processes = 2 with master = false" in v["error"], v["error"]
+    assert v["pid"] is None
+
+
+def test_max_requests_replaces_the_process_without_a_refusal_or_a_throttle(fleet):
+    """Two clients without pause, each request on a new connection: every
+    answer is a 200, the processes change every MAX_REQUESTS requests, and
+    the Emperor counts no failure."""
+    port = fleet.ports["solo"]
+    before = solo_state(fleet)
+    pids: list[str] = []
+    failed: list[str] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        for _ in range(40):
+            try:
+                pid = answer(port)["pid"]
+                with lock:
+                    pids.append(pid)
+            except Exception as e:  # noqa: BLE001 - counted
+                with lock:
+                    failed.append(repr(e))
+
+    clients = [threading.Thread(target=client) for _ in range(2)]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join(60)
+    assert failed == []
+    assert len(pids) == 80
+    counts = {p: pids.count(p) for p in set(pids)}
+    assert len(counts) >= 80 // MAX_REQUESTS - 1, counts
+    # a request already read in the same round as the last one is served,
+    # not dropped: one more at most per other client
+    assert max(counts.values()) <= MAX_REQUESTS + 1, counts
+    v = wait_for(lambda: (v := solo_state(fleet))["state"] == "loyal" and v, 20, "solo loyal")
+    assert v["failures"] == 0 and v["restarts"] == before["restarts"], v
+    assert v["generation"] >= before["generation"] + len(counts) - 1
+    assert not [line for line in fleet.lines("[solo]") if "died" in line or "throttled" in line]
+    assert fleet.lines("[solo] asked to be replaced")
+
+
+def test_a_reload_asked_by_sighup_is_a_new_process(fleet):
+    port = fleet.ports["solo"]
+    old = int(answer(port)["pid"])
+    os.kill(old, signal.SIGHUP)
+    wait_for(lambda: not pid_alive(old), 20, "the old process to stop")
+    new = int(answer(port)["pid"])
+    assert new != old
+    assert fleet.lines(f"old pid {old} stopped (exit status 0)")
+    assert solo_state(fleet)["failures"] == 0
+
+
+def test_emperor_reload_starts_a_successor_before_the_old_process_stops(fleet):
+    port = fleet.ports["solo"]
+    old = int(answer(port)["pid"])
+    before = solo_state(fleet)["operator_reloads"]
+    r = subprocess.run([EMPEROR, "reload", "--stats", str(fleet.stats), "solo"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: not pid_alive(old), 20, "the old process to stop")
+    assert int(answer(port)["pid"]) != old
+    v = solo_state(fleet)
+    assert v["operator_reloads"] == before + 1 and v["failures"] == 0, v
+    assert fleet.lines(f"old pid {old} stopped (exit status 0)")
+
+
+def test_harakiri_ends_the_process_and_the_emperor_starts_another(fleet):
+    port = fleet.ports["solo"]
+    old = int(answer(port)["pid"])
+    t0 = time.monotonic()
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    try:
+        c.request("GET", "/sleep?8")
+        with pytest.raises((OSError, http.client.HTTPException)):
+            c.getresponse().read()
+    finally:
+        c.close()
+    assert time.monotonic() - t0 < 7  # ended by harakiri (1 s), not by the app's 8 s
+    wait_for(lambda: fleet.lines(f"harakiri: worker 1 (pid {old}) stuck more than 1s"), 20, "the harakiri line")
+    wait_for(lambda: fleet.lines(f"pid {old} died (exit status 86)"), 20, "the Emperor to see it die")
+    got = wait_for(lambda: answer(port), 20, "a new process to answer")
+    assert int(got["pid"]) != old
+
+
+def test_a_process_stuck_where_its_harakiri_handler_cannot_run_is_killed_and_logged_so(fleet):
+    port = fleet.ports["solo"]
+    old = int(answer(port)["pid"])
+    t0 = time.monotonic()
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    try:
+        c.request("GET", "/stuck")
+        with pytest.raises((OSError, http.client.HTTPException)):
+            c.getresponse().read()
+    finally:
+        c.close()
+    assert time.monotonic() - t0 < 8  # its timer, 1 + 1 s, not the app's 10 s
+    line = wait_for(lambda: fleet.lines(f"pid {old} died"), 20, "the Emperor to see it die")[0]
+    assert "killed by SIGKILL" in line and "harakiri = 1 without a master" in line, line
+    got = wait_for(lambda: answer(port), 20, "a new process to answer")
+    assert int(got["pid"]) != old
+
+
+def test_the_process_does_not_outlive_its_emperor(xprocess):
+    emperors = Emperors(xprocess, "pfs-solo-gone-", app=SOLO_APP)
+    port = free_port()
+    try:
+        e = emperors({"alone": solo_ini("alone", port)}, wait=[port])
+        pid = int(answer(port)["pid"])
+        assert pid == e.vpid("alone")
+        left = [p for p in psutil.Process(e.pid).children(recursive=True)]
+        os.kill(e.pid, signal.SIGKILL)
+        e.popen.wait(10)
+        wait_for(lambda: not pid_alive(pid), 15, "the vassal to exit after its Emperor's death")
+        wait_for(lambda: not [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
+                 20, "the base and its spares to exit too")
+    finally:
+        emperors.stop()
+
+
+# -- the Emperor's side, as a state machine (no processes) ---------------------
+
+
+def solo_vassal(owns_socket: bool = True) -> Vassal:
+    v = Vassal("app1", cfg(master="false"), policy=POLICY, owns_socket=owns_socket)
+    assert v.step(ctx(0)) == [Adopt()]
+    v.adopted(100, 0.01)
+    v.on_byte(17, 0.1)
+    return v
+
+
+def test_byte_22_of_a_solo_vassal_asks_for_a_successor_not_a_stop():
+    v = solo_vassal()
+    assert v.on_byte(22, 1.0) == "asked to be replaced"
+    acts = v.step(ctx(1.0))
+    assert acts == [Adopt()] and v.successor is not None and v.successor.reason == "replacement asked"
+    v.adopted(200, 1.01, seq=acts[0].seq)
+    v.on_byte(17, 1.02, seq=acts[0].seq)
+    assert v.step(ctx(1.03)) == [Send(EmperorByte.STOP)]  # the old one, now that the new one accepts
+    assert v.exited(0, 1.1, pid=100) == "retired"
+    assert (v.pid, v.failures, v.restarts, v.phase) == (200, 0, 0, Phase.LOYAL)
+
+
+def test_a_successor_that_asks_before_its_promotion_is_replaced_once_promoted():
+    """It served its max-requests before the Emperor promoted it: the byte
+    is kept, not dropped (the process would wait for a stop forever)."""
+    v = solo_vassal()
+    v.on_byte(22, 1.0)
+    seq = v.step(ctx(1.0))[0].seq
+    v.adopted(200, 1.01, seq=seq)
+    v.on_byte(17, 1.02, seq=seq)
+    assert v.on_byte(22, 1.02, seq=seq) == "successor asked to be replaced"
+    assert v.step(ctx(1.03)) == [Send(EmperorByte.STOP)]
+    acts = v.step(ctx(1.04))
+    assert acts == [Adopt()] and v.pid == 200 and v.successor.reason == "replacement asked"
+
+
+def test_without_the_socket_byte_22_stops_and_starts_again_without_a_backoff():
+    v = solo_vassal(owns_socket=False)
+    v.on_byte(22, 1.0)
+    assert v.step(ctx(1.0)) == [Send(EmperorByte.STOP)]
+    assert v.exited(0, 1.1, pid=100) == "stopped"
+    assert v.step(ctx(1.1)) == [Adopt()] and v.failures == 0
+
+
+def test_byte_22_of_a_vassal_with_a_master_still_stops_it():
+    v = Vassal("app1", cfg(), policy=POLICY, owns_socket=True)
+    v.step(ctx(0))
+    v.adopted(100, 0.01)
+    v.on_byte(17, 0.1)
+    assert v.on_byte(22, 1.0) == "asked to be stopped"
+    assert v.step(ctx(1.0)) == [Send(EmperorByte.STOP)]
+
+
+@pytest.mark.parametrize("lines, error", [
+    (["master = false", "processes = 3"], "line 3: processes = 3 with master = false (line 2)"),
+    (["workers = 2", "master = 0"], "line 2: processes = 2 with master = false (line 3)"),
+    (["fork-server = fs.sock", "master = false"], "line 3: master = false in a base vassal"),
+])
+def test_what_master_false_cannot_be_is_one_config_error_line(lines, error):
+    entries = [(i, *line.split(" = ")) for i, line in enumerate(lines, start=2)]
+    with pytest.raises(ConfigError) as e:
+        judge_options(entries, True)
+    assert str(e.value).startswith(error), str(e.value)
