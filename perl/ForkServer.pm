@@ -91,8 +91,11 @@ sub run_base {
         require ForkServer::Base::Warmup;
     }
     require ForkServer::Base;
-    ForkServer::Process::Exit::mark_base();    # what adopted vassals did not create themselves
-    ForkServer::Base->new(%args, app => $app)->run;
+    my $base = ForkServer::Base->new(%args, app => $app);
+    # what adopted vassals did not create themselves; the base object, and
+    # the app it holds, are theirs to use, not to free as they leave
+    ForkServer::Process::Exit::mark_base($base);
+    $base->run;
     return;
 }
 

@@ -243,6 +243,8 @@ def test_a_graceful_stop_runs_end_blocks_destructors_and_flushes(fleets, starman
 
 
 def test_the_preloaded_codebase_end_block_runs_in_the_vassal_and_its_worker(fleets):
+    """... and the object the base's app holds is not destroyed there: it is
+    inherited (freeing it would copy the pages of all it holds)."""
     for fname, f in fleets.items():
         pid = f.vpid("exit-warm")
         worker = [p.pid for p in descendants(pid)]

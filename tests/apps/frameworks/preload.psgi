@@ -32,4 +32,19 @@ my $catalyst = Plack::Util::load_psgi("$here/catalyst/catapp.psgi");
 # ... and a DBIx::Class schema that checked its database while loading:
 # connected too, but DBIx::Class reconnects after a fork by itself
 CatApp->model('DB')->storage->ensure_connected;
-$catalyst;
+
+# An object only the codebase's app holds, with a DESTROY: every process
+# forked from here inherits it, to use, not to destroy as it leaves (its
+# DESTROY is the base's, at the base's own exit).
+{
+    package PreloadProbe;
+    sub new { bless {}, shift }
+    sub DESTROY {
+        my $dir = $ENV{CODEBASE_EXIT_DIR} or return;
+        my $fh;
+        sysopen $fh, "$dir/events", Fcntl::O_WRONLY() | Fcntl::O_APPEND() | Fcntl::O_CREAT()
+            and syswrite $fh, "DESTROY $$\n";
+    }
+}
+my $probe = PreloadProbe->new;
+sub { $probe or die; $catalyst->(@_) };
