@@ -197,7 +197,7 @@ sub _free_globals {
 
 sub _free_global {
     my ($stash, $key) = @_;
-    return if $KEEP{$key} || $key !~ /\A[A-Za-z_]\w*\z/;
+    return if $KEEP{$key} || $key !~ /\A[^\W\d]\w*\z/;
     my $glob = $stash->{$key};
     return unless ref \$glob eq 'GLOB';
     # a DESTROY that dies, a tied or read-only variable (%Config): left alone
