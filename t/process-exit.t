@@ -46,4 +46,70 @@ for my $mark (0, 1) {
     like $status, qr/\Astatus 3 /, 'the exit status is kept';
 }
 
+# A module the process required itself, under a top-level name the base
+# had (MyApp::Plugin under a preloaded MyApp): its variables are freed at
+# exit, as a new top-level package's are, so their objects' DESTROY runs.
+{
+    my $lib = "$dir/lib";
+    mkdir $_ or die "$_: $!" for $lib, "$lib/Known";
+    open my $pm, '>', "$lib/Known/Fresh.pm" or die;
+    print $pm "package Known::Fresh; our \$OBJ = bless {}, 'Known::Probe'; 1;\n";
+    close $pm or die;
+    my $log = "$dir/log-nested";
+    my $program = <<'PERL';
+BEGIN { require ForkServer::Process::Exit }
+my $log = shift;
+sub note { open my $l, '>>', $log or die; print $l "@_\n" }
+{ package Known; our $X = 1 }
+{ package Known::Probe; sub DESTROY { main::note("DESTROY $$") } }
+ForkServer::Process::Exit::mark_base();
+my $pid = fork // die;
+if (!$pid) {
+    ForkServer::Process::Exit::without_global_destruction();
+    require Known::Fresh;
+    exit 0;
+}
+waitpid $pid, 0;
+note("child $pid");
+POSIX::_exit(0);
+PERL
+    system($^X, '-Iperl', "-I$lib", '-MPOSIX', '-e', $program, $log) == 0 or die "program failed: $?";
+    open my $fh, '<', $log or die;
+    my @lines = <$fh>;
+    chomp @lines;
+    my ($child) = map { /\Achild (\d+)\z/ ? $1 : () } @lines;
+    is_deeply [grep { !/\Achild/ } @lines], ["DESTROY $child"],
+        'a module under a name the base had, required by the process: its objects destroyed at exit';
+}
+
+# A variable whose name is not ASCII (`use utf8`), in a name the process
+# made itself: freed too, as any other.
+{
+    my $log = "$dir/log-utf8";
+    my $program = <<'PERL';
+BEGIN { require ForkServer::Process::Exit }
+my $log = shift;
+sub note { open my $l, '>>', $log or die; print $l "@_\n" }
+{ package Probe; sub DESTROY { main::note("DESTROY $_[0]{name} $$") } }
+ForkServer::Process::Exit::mark_base();
+my $pid = fork // die;
+if (!$pid) {
+    ForkServer::Process::Exit::without_global_destruction();
+    eval q{ use utf8; our $Ünïcache = bless { name => 'main' }, 'Probe';
+            package Frësh; our $Çache = bless { name => 'package' }, 'Probe'; 1 } or die $@;
+    exit 0;
+}
+waitpid $pid, 0;
+note("child $pid");
+POSIX::_exit(0);
+PERL
+    system($^X, '-Iperl', '-MPOSIX', '-e', $program, $log) == 0 or die "program failed: $?";
+    open my $fh, '<', $log or die;
+    my @lines = <$fh>;
+    chomp @lines;
+    my ($child) = map { /\Achild (\d+)\z/ ? $1 : () } @lines;
+    is_deeply [sort grep { !/\Achild/ } @lines], ["DESTROY main $child", "DESTROY package $child"],
+        'variables named in utf8: their objects destroyed at exit';
+}
+
 done_testing;

@@ -39,12 +39,16 @@ def solo_ini(name: str, port: int, *lines: str) -> str:
 @pytest.fixture(scope="module")
 def fleet(xprocess):
     emperors = Emperors(xprocess, "pfs-solo-", app=SOLO_APP)
-    port, nobody_port = free_port(), free_port()
+    port, nobody_port, alias_port = free_port(), free_port(), free_port()
+    alias_ini = solo_ini("alias", 0, f"max-requests = {MAX_REQUESTS}").replace(
+        "http-socket = 127.0.0.1:0", f"uwsgi-socket = 127.0.0.1:{alias_port}")
     e = emperors({
         "solo": solo_ini("solo", port, f"max-requests = {MAX_REQUESTS}", "harakiri = 1", "heartbeat = 6"),
         "plural": solo_ini("plural", free_port(), "processes = 2"),
         "nobody": solo_ini("nobody", nobody_port, "uid = nobody", f"gid = {NOBODY.pw_gid}"),
+        "alias": alias_ini,
     }, wait=[port, nobody_port])
+    e.ports["alias"] = alias_port
     e.ports["solo"] = port
     e.ports["nobody"] = nobody_port
     try:
@@ -271,3 +275,31 @@ def test_what_master_false_cannot_be_is_one_config_error_line(lines, error):
     with pytest.raises(ConfigError) as e:
         judge_options(entries, True)
     assert str(e.value).startswith(error), str(e.value)
+
+
+def uwsgi_get(port: int) -> bytes:
+    """GET / over the uwsgi protocol: the answer's status line."""
+    import socket
+    import struct
+
+    env = {"REQUEST_METHOD": "GET", "REQUEST_URI": "/", "PATH_INFO": "/", "QUERY_STRING": "",
+           "SERVER_PROTOCOL": "HTTP/1.1", "SERVER_NAME": "x", "SERVER_PORT": "80", "HTTP_HOST": "x"}
+    body = b"".join(struct.pack("<H", len(k)) + k.encode() + struct.pack("<H", len(v)) + v.encode()
+                    for k, v in env.items())
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(struct.pack("<BHB", 0, len(body), 0) + body)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    return got.split(b"\r\n", 1)[0]
+
+
+def test_uwsgi_socket_is_bound_by_the_emperor_as_socket_is(fleet):
+    """`uwsgi-socket` is `socket` by another name: the Emperor binds it too,
+    so the process's replacements after max-requests refuse nothing."""
+    port = fleet.ports["alias"]
+    wait_for(lambda: fleet.vassal("alias")["state"] == "loyal", 20, "alias loyal")
+    assert [c for c in psutil.Process(fleet.pid).net_connections()
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    answers = [uwsgi_get(port) for _ in range(3 * MAX_REQUESTS)]
+    assert answers == [b"HTTP/1.1 200 OK"] * (3 * MAX_REQUESTS)

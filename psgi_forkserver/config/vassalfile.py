@@ -15,8 +15,14 @@ from .discovery import (TRANSIENT_ERRNOS, candidates, fingerprint, is_template,
 from .ini import ConfigError, parse_ini_lines
 from .magic import as_ini
 from .magic import expand as expand_magic
-from .options import judge_options
+from .options import declared_options, judge_options
 from .templates import TemplateFailure, render_template
+
+
+@functools.cache
+def _spellings(key: str) -> frozenset[str]:
+    """`key` and the keys options.json declares as its other names."""
+    return frozenset({key} | {k for k, o in declared_options().items() if o.alias == key})
 
 
 @dataclass(frozen=True)
@@ -45,8 +51,9 @@ class VassalConfig:
                     or self.reads_other_files)
 
     def get(self, key: str, default: str | None = None) -> str | None:
+        names = _spellings(key)  # `uwsgi-socket` is `socket`, as the vassal reads it
         for k, v in reversed(self.options):
-            if k == key:
+            if k in names:
                 return v
         return default
 

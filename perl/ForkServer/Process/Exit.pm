@@ -30,8 +30,10 @@ against 40 pages for C<_exit>.
 So the last C<END> block (this module's: loaded before anything else, it
 is the first defined) frees instead what the process itself still holds
 in globals: the variables of every package that did not exist when the
-base called C<mark_base> (what the process loaded itself, its C<psgi>
-file's package included), so their objects' C<DESTROY> run; then it runs
+base called C<mark_base> (what the process loaded itself: a new top-level
+name and what is under it, a module file it required, its C<psgi> file's
+package), so their objects' C<DESTROY> run (a package it declared without
+a file of its own under a top-level name the base had is not found); then it runs
 any C<END> block defined before this module, flushes every output handle
 and calls C<_exit> with C<$?>. What is skipped: C<DESTROY> of objects the
 process stored in the variables of packages the base had already loaded,
@@ -59,6 +61,7 @@ my $FAST = 0;      # this process leaves without global destruction
 # of names, the names joined by NUL]. Plain strings, not a hash: see
 # _new_names.
 my %BASE_NAMES;
+my @BASE_INC = (-1, '');   # %INC in the base: [number of files, the files joined by NUL]
 my @INHERITED;     # what mark_base was given: referenced until the process ends
 
 # Defined before anything else is loaded, so it is the last END block to run.
@@ -69,6 +72,7 @@ my $EARLIER_END;   # END blocks compiled before this module's (array ref), found
 sub mark_base {
     @INHERITED = @_;
     %BASE_NAMES = map { $_ => [_names($_)] } 'main', 'Plack::Sandbox';
+    @BASE_INC = (scalar(keys %INC), join("\0", keys %INC));
     # Found once here rather than at every exit: B costs a forked test
     # ~1.5 ms of CPU to load (measured: a tenth of a small test's own
     # CPU), the base loads it once; none can be compiled before this
@@ -100,6 +104,13 @@ sub fast_exit {
     # a psgi file the process loaded itself: its package's variables
     for my $key (grep { /\A(\w+)::\z/ } _new_names('Plack::Sandbox')) {
         my $pkg = "Plack::Sandbox::" . substr($key, 0, -2);
+        _free_globals($_) for $pkg, _packages("${pkg}::", $pkg);
+    }
+    # a module it required itself under a top-level name the base had
+    # (MyApp::Plugin beside a preloaded MyApp): %main:: shows nothing new
+    for my $file (_new_keys(\%INC, @BASE_INC)) {
+        next unless $file =~ m{\A(\w+(?:/\w+)*)\.pm\z};
+        (my $pkg = $1) =~ s{/}{::}g;
         _free_globals($_) for $pkg, _packages("${pkg}::", $pkg);
     }
     { no warnings 'exec'; exec { '/' } '/' }    # fails, having flushed every output handle
@@ -150,12 +161,15 @@ sub _names {
 # names are then listed.)
 sub _new_names {
     my ($name) = @_;
-    my $stash = _stash($name);
-    my ($count, $names) = @{ $BASE_NAMES{$name} // [-1, ''] };
+    return _new_keys(_stash($name), @{ $BASE_NAMES{$name} // [-1, ''] });
+}
+
+sub _new_keys {
+    my ($hash, $count, $names) = @_;
     my @base = split /\0/, $names;
-    return () if $count == keys %$stash && !grep { !exists $stash->{$_} } @base;
+    return () if $count == keys %$hash && !grep { !exists $hash->{$_} } @base;
     my %base = map { $_ => 1 } @base;
-    return grep { !$base{$_} } keys %$stash;
+    return grep { !$base{$_} } keys %$hash;
 }
 
 # Every package name under a stash, recursively ("Foo::Bar", ...).
@@ -183,7 +197,7 @@ sub _free_globals {
 
 sub _free_global {
     my ($stash, $key) = @_;
-    return if $KEEP{$key} || $key !~ /\A[A-Za-z_]\w*\z/;
+    return if $KEEP{$key} || $key !~ /\A[^\W\d]\w*\z/;
     my $glob = $stash->{$key};
     return unless ref \$glob eq 'GLOB';
     # a DESTROY that dies, a tied or read-only variable (%Config): left alone
