@@ -26,6 +26,7 @@ from support.processes import free_port, pid_alive, wait_for
 from support.vassals import POLICY, cfg, ctx
 
 SOLO_APP = APPS / "solo.psgi"
+SAYS_DONE = APPS / "says_done.psgi"
 NOBODY = pwd.getpwnam("nobody")
 MAX_REQUESTS = 5
 
@@ -40,6 +41,7 @@ def solo_ini(name: str, port: int, *lines: str) -> str:
 def fleet(xprocess):
     emperors = Emperors(xprocess, "pfs-solo-", app=SOLO_APP)
     port, nobody_port, alias_port = free_port(), free_port(), free_port()
+    done_ports = {"done-solo": free_port(), "done-master": free_port()}
     alias_ini = solo_ini("alias", 0, f"max-requests = {MAX_REQUESTS}").replace(
         "http-socket = 127.0.0.1:0", f"uwsgi-socket = 127.0.0.1:{alias_port}")
     e = emperors({
@@ -47,7 +49,12 @@ def fleet(xprocess):
         "plural": solo_ini("plural", free_port(), "processes = 2"),
         "nobody": solo_ini("nobody", nobody_port, "uid = nobody", f"gid = {NOBODY.pw_gid}"),
         "alias": alias_ini,
-    }, wait=[port, nobody_port])
+        # each app says byte 22 as it loads
+        "done-solo": solo_ini("done-solo", done_ports["done-solo"], f"psgi = {SAYS_DONE}"),
+        "done-master": solo_ini("done-master", done_ports["done-master"], f"psgi = {SAYS_DONE}").replace(
+            "master = false", "master = true"),
+    }, wait=[port, nobody_port, *done_ports.values()])
+    e.ports.update(done_ports)
     e.ports["alias"] = alias_port
     e.ports["solo"] = port
     e.ports["nobody"] = nobody_port
@@ -303,3 +310,18 @@ def test_uwsgi_socket_is_bound_by_the_emperor_as_socket_is(fleet):
             if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
     answers = [uwsgi_get(port) for _ in range(3 * MAX_REQUESTS)]
     assert answers == [b"HTTP/1.1 200 OK"] * (3 * MAX_REQUESTS)
+
+
+def test_byte_22_from_an_app_that_has_not_served_yet_restarts_nothing(fleet):
+    """Byte 22 on the Emperor pipe before the process is loyal is its app's,
+    as it loads (our server says it only after serving: max-requests, a
+    reload, idle): a stop or a replacement for it would start a new process
+    that says it again, a loop no back-off slows."""
+    for name in ("done-solo", "done-master"):
+        pid = int(answer(fleet.ports[name])["pid"])
+        deadline = time.monotonic() + 3  # a loop restarted it ~20 times a second
+        while time.monotonic() < deadline:
+            assert int(answer(fleet.ports[name])["pid"]) == pid, name
+            time.sleep(0.1)
+        assert fleet.vassal(name)["restarts"] == 0, name
+        assert not fleet.lines(f"[{name}] asked to be"), name

@@ -176,6 +176,9 @@ def test_shutdown_forgets_waiting_vassals():
 
 def test_done_byte_stops_and_restarts():
     v = adopted_vassal()
+    assert v.on_byte(22, 0.3) is None  # not loyal yet: its app's, as it loads
+    assert v.step(ctx(0.35)) == []
+    v.on_byte(17, 0.4)
     assert v.on_byte(22, 0.5) == "asked to be stopped"
     assert v.step(ctx(0.6)) == [Send(EmperorByte.STOP)]
     v.exited(0, 0.7)

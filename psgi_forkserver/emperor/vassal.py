@@ -242,7 +242,12 @@ class Vassal(VassalView, Decisions):
         elif byte == VassalByte.HEARTBEAT:
             p.beat(now)
         elif byte == VassalByte.DONE:
-            # once per process: the pipe is the vassal's, its app may repeat it
+            # once per process: the pipe is the vassal's, its app may repeat it.
+            # Before the process is loyal it is its app's, as it loads (a server
+            # says it after serving: idle, max-requests, a reload): acted on, it
+            # would restart the vassal in a loop that no back-off slows
+            if p.state != ProcState.LOYAL:
+                return None
             if p.live and not self.on_demand and p.config.solo:  # `master = false`: a new process
                 return who + "asked to be replaced" if p.ask_replacement() else None
             if p is self.current and p.live and self.stop_reason is None:
