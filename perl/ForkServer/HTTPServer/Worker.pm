@@ -211,6 +211,8 @@ sub _select_set {
     if ((my $seat = $loop->{seat}) && !$loop->{leaving}) {
         ForkServer::HTTPServer::Desk::watch($seat, $now) if $now >= $seat->{watch_at};
         $rin |= $seat->{timer_rin};
+        # a sibling's request that runs long wakes it (Desk)
+        $timeout = ForkServer::HTTPServer::Desk::sleeping($seat, $now, $timeout) if $timeout > 0;
     }
     if ($loop->{leaving}) {
         my $left = $loop->{stop_seen_at} + $self->{stop_grace} - $now;
@@ -225,6 +227,11 @@ sub _ready_conns {
     my ($self, $loop, $rout) = @_;
     my %ready = %{ $loop->{pending} };
     %{ $loop->{pending} } = ();
+    # a busy sibling's request that ran long: its waiting connections (Desk)
+    if ($loop->{seat} && !$loop->{leaving}) {
+        $self->_take_from_sibling($loop, $_, \%ready, MAX_CONNS)
+            for ForkServer::HTTPServer::Desk::due($loop->{seat}, $rout, now());
+    }
     return \%ready unless defined $rout;
     if (!$loop->{leaving} && vec($rout, $loop->{stop_fd}, 1)) {
         ${ $self->{stopping_ref} } = 1;
@@ -248,10 +255,6 @@ sub _ready_conns {
             my $fd = ForkServer::HTTPServer::Conns::_added($loop, $c);
             $ready{$fd} = 1;    # a request may be waiting in it already
         }
-    }
-    # a busy sibling's timer: its waiting connections (Desk)
-    if ($loop->{seat} && !$loop->{leaving}) {
-        vec($rout, $_->[1], 1) and $self->_take_from_sibling($loop, $_->[0], \%ready, MAX_CONNS) for @{ $loop->{seat}{timers} };
     }
     for my $fd (keys %{ $loop->{conns} }) { $ready{$fd} = 1 if vec($rout, $fd, 1) }
     return \%ready;
@@ -294,17 +297,18 @@ sub _serve_conn_once {
     return unless length $c->{buf};
     $self->_head_begins($c) unless $c->{in_head};
     # A whole head: this worker is busy from now on, for as long as the app
-    # takes. Its other connections with nothing read yet go to the shared
-    # queue, where a free sibling takes them: what nginx sends on them next
-    # does not wait for this request.
+    # takes. Its other connections are listed on the desk, where a free
+    # sibling takes those with a request waiting if this one runs long (a
+    # head not yet whole is listed too: it costs less than looking for its
+    # end here); without a desk, those with nothing read yet go to the
+    # shared queue. What nginx sends on them next does not wait for this
+    # request.
     my $listed;
-    if ($loop->{handoff} && $c->{buf} =~ /\n\r?\n/) {
-        if ($loop->{seat}) {
-            $listed = ForkServer::HTTPServer::Conns::_list_idle($loop, $fd) if keys %{ $loop->{conns} } > 1;
-        } else {
-            ForkServer::HTTPServer::Conns::_mark_free($loop, 0);
-            $self->_give_idle($loop, $fd) if keys %{ $loop->{conns} } > 1;
-        }
+    if ($loop->{seat}) {
+        $listed = ForkServer::HTTPServer::Conns::_list_idle($loop, $fd) if keys %{ $loop->{conns} } > 1;
+    } elsif ($loop->{handoff} && $c->{buf} =~ /\n\r?\n/) {
+        ForkServer::HTTPServer::Conns::_mark_free($loop, 0);
+        $self->_give_idle($loop, $fd) if keys %{ $loop->{conns} } > 1;
     }
     my $keep = eval { $self->_serve_head($c) };
     # what a sibling took meanwhile is its own now: these copies close unread

@@ -1,0 +1,83 @@
+use strict;
+use warnings;
+use Test::More;
+use FindBin;
+use File::Temp ();
+use POSIX ();
+use lib "$FindBin::Bin/lib";
+use ForkServerTest::HTTP;
+
+# What the workers' desk costs a request of a worker that holds several
+# kept connections: its stores to the shared memory, and no system call
+# of its own. A lock let go and taken again at every request (two fcntl
+# calls) was a fifth of hello world's time; the timer that wakes a sleeping
+# sibling is armed only while a sibling sleeps, so with the sibling in a
+# request of its own not even that. Counted by strace on the worker.
+
+my ($strace) = grep { -x } map { "$_/strace" } qw(/usr/bin /bin);
+plan skip_all => 'no strace' unless $strace;
+
+my $srv = start_server(app_file => "$FindBin::Bin/apps/http-test.psgi", workers => 2);
+ok $srv->wait_ready, 'ready';
+my $dir = $srv->dir;
+
+# three kept connections: one worker holds two of them
+my %by_pid;
+for (1 .. 3) {
+    my $s = connect_to($srv->port);
+    my $buf = '';
+    my $r = request_on($s, \$buf, "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n");
+    ok $r && $r->{status} == 200, 'a kept connection';
+    push @{ $by_pid{ $r->{body} } }, [$s, \$buf];
+}
+my ($worker) = grep { @{ $by_pid{$_} } >= 2 } keys %by_pid;
+my ($sibling) = grep { $_ ne $worker } keys %by_pid;
+my $conn = $by_pid{$worker}[0];
+
+# The system calls $pid makes while $n requests are served on $conn, by name.
+sub counted {
+    my ($pid, $n) = @_;
+    my $out = "$dir/strace.$pid." . time;
+    my $tracer = fork // die "fork: $!";
+    if (!$tracer) {
+        open STDERR, '>', "$out.err" or POSIX::_exit(1);
+        exec $strace, '-c', '-o', $out, '-p', $pid;
+        POSIX::_exit(1);
+    }
+    ok wait_for(sub { slurp("$out.err") =~ /attached/ }, 20), 'strace is attached to the worker';
+    my $served_here = 0;
+    for (1 .. $n) {
+        my $r = request_on($conn->[0], $conn->[1], "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n", timeout => 20);
+        $served_here++ if $r && $r->{status} == 200 && $r->{body} eq $pid;
+    }
+    is $served_here, $n, "$n requests served by the worker on its kept connection";
+    kill 'INT', $tracer;
+    waitpid $tracer, 0;
+    my %calls;
+    for (split /\n/, slurp($out)) {
+        # % time, seconds, usecs/call, calls, [errors,] syscall
+        $calls{$2} = $1 if /^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$/;
+    }
+    ok $calls{write} && $calls{write} >= $n, '(strace counted its writes)' or diag slurp($out);
+    return \%calls;
+}
+
+# the sibling asleep in its loop
+my $calls = counted($worker, 100);
+is $calls->{fcntl} // 0, 0, 'no lock taken or let go, the sibling asleep';
+
+# the sibling in a request of its own (it holds one connection: nothing to take)
+my $held = $by_pid{$sibling}[0];
+print { $held->[0] } "GET /block?held HTTP/1.1\r\nHost: x\r\n\r\n";
+ok wait_for(sub { -e "$dir/held.started" }, 20), 'the sibling is in a request';
+$calls = counted($worker, 100);
+is $calls->{fcntl} // 0, 0, 'no lock taken or let go, the sibling busy';
+is $calls->{timerfd_settime} // 0, 0, 'and no timer armed: no sibling sleeps';
+open my $go, '>', "$dir/held.go" or die;
+close $go;
+my $r = read_response($held->[0], $held->[1], timeout => 20);
+like $r && $r->{body} // '', qr/^done held $sibling$/, 'the sibling\'s request is answered';
+
+$srv->stop;
+is $srv->wait_exit, 0, 'exit 0';
+done_testing;
