@@ -41,8 +41,7 @@ sub counted {
     my $tracer = fork // die "fork: $!";
     if (!$tracer) {
         open STDERR, '>', "$out.err" or POSIX::_exit(1);
-        exec $strace, '-c', '-o', $out, '-p', $pid;
-        POSIX::_exit(1);
+        exec($strace, '-c', '-o', $out, '-p', $pid) or POSIX::_exit(1);
     }
     ok wait_for(sub { slurp("$out.err") =~ /attached/ }, 20), 'strace is attached to the worker';
     my $served_here = 0;
@@ -62,11 +61,14 @@ sub counted {
     return \%calls;
 }
 
-# the sibling asleep in its loop
+# The sibling asleep in its loop. It looks at a request that runs longer
+# than 1 ms (under strace, on a busy machine, one may), and the worker then
+# waits for its lock: a few, not two a request as before.
 my $calls = counted($worker, 100);
-is $calls->{fcntl} // 0, 0, 'no lock taken or let go, the sibling asleep';
+cmp_ok $calls->{fcntl} // 0, '<', 20, 'no lock taken or let go at each request, the sibling asleep';
 
-# the sibling in a request of its own (it holds one connection: nothing to take)
+# the sibling in a request of its own (it holds one connection: nothing to
+# take), so it looks at nothing, and sleeps not
 my $held = $by_pid{$sibling}[0];
 print { $held->[0] } "GET /block?held HTTP/1.1\r\nHost: x\r\n\r\n";
 ok wait_for(sub { -e "$dir/held.started" }, 20), 'the sibling is in a request';

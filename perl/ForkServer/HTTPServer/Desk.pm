@@ -493,16 +493,21 @@ ForkServer::HTTPServer::Desk - a busy worker's idle connections, taken by a free
 
 =head1 DESCRIPTION
 
-A worker of L<ForkServer::HTTPServer> that starts a request lists the idle
-connections it holds (C<busy>); if the request runs for C<TAKE_AFTER>
-(1 ms) with the worker asleep in the app, or C<TAKE_RUNNING> (5 ms) with
-it running, the worker's timer wakes a free sibling, which takes them
-(C<take_from>: C<pidfd_getfd>, under the worker's lock) and serves what
-arrives on them; the worker, done (C<back>), closes its copies of those.
-Linux 5.6 or later, 64-bit, File::Map, and a dumpable worker: one that
-did not drop root, or one made dumpable again after the drop
-(C<join_desk>'s C<$restore>: L<ForkServer::Process::Dumpable>); elsewhere
-C<join_desk> returns undef.
+A worker of L<ForkServer::HTTPServer> that starts a request says so on the
+desk (C<busy>: its start and the connection it serves, stores to shared
+memory; the connections it holds are listed when they change, C<list>);
+if the request runs for C<TAKE_AFTER> (1 ms) with the worker asleep in the
+app, or computes (1 ms of processor time in C<TAKE_RUNNING>, 5 ms), a
+free sibling, woken by its own C<select()> timeout (C<sleeping>, C<due>)
+or by the worker's timer when it slept since before the start, takes
+those with a request waiting (C<take_from>: C<pidfd_getfd>, after a
+C<membarrier> that makes the worker see its claim) and serves them; the
+worker, done (C<back>), closes its copies of those, having waited for
+the sibling's lock only when it was claimed. Linux 5.6 or later, 64-bit,
+File::Map, C<membarrier>'s global expedited barrier, and a dumpable
+worker: one that did not drop root, or one made dumpable again after the
+drop (C<join_desk>'s C<$restore>: L<ForkServer::Process::Dumpable>);
+elsewhere C<join_desk> returns undef.
 
 =head1 FUNCTIONS
 
@@ -513,13 +518,13 @@ workers are forked. Undef where the system has none.
 
 =head2 join_desk($fh, $index, $count, $restore) -> $seat
 
-A worker's seat: its timer, its roster entry, its lock. Undef when the
+A worker's seat: its timer, its roster entry, its slot. Undef when the
 system refuses a step (a seccomp filter, an old kernel), or when the
 worker is not dumpable and may not be made so (C<$restore> false: its
 vassal did not drop root, or holds a file it opened as root; or it still
 holds a privilege).
 
-=head2 leave_desk($seat), watch($seat, $now), busy($seat, $fd, $list, $changed, $excluded), back($seat) -> @fds_taken, take_from($seat, $index, $mine) -> ([$fd, $idle], ...)
+=head2 leave_desk($seat), watch($seat, $now), sleeping($seat, $now, $timeout) -> $timeout, due($seat, $rout, $now) -> @indexes, list($seat, $list, $excluded), busy($seat, $fd), back($seat) -> @fds_taken, take_from($seat, $index, $mine) -> ([$fd, $idle], ...)
 
 The loop's calls: see the comments above each.
 

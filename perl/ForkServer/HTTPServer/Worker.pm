@@ -304,8 +304,11 @@ sub _serve_conn_once {
     # shared queue. What nginx sends on them next does not wait for this
     # request.
     my $listed;
-    if ($loop->{seat}) {
-        $listed = ForkServer::HTTPServer::Conns::_list_idle($loop, $fd) if keys %{ $loop->{conns} } > 1;
+    if (my $seat = $loop->{seat}) {
+        # the list is written again only when it changed (a call less a request)
+        $listed = $loop->{conns_changed} || $seat->{excluding} || %{ $loop->{buffered} }
+            ? ForkServer::HTTPServer::Conns::_list_idle($loop, $fd) : ForkServer::HTTPServer::Desk::busy($seat, $fd)
+            if keys %{ $loop->{conns} } > 1;
     } elsif ($loop->{handoff} && $c->{buf} =~ /\n\r?\n/) {
         ForkServer::HTTPServer::Conns::_mark_free($loop, 0);
         $self->_give_idle($loop, $fd) if keys %{ $loop->{conns} } > 1;
