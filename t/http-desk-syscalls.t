@@ -1,5 +1,6 @@
 use strict;
 use warnings;
+use feature 'state';
 use Test::More;
 use FindBin;
 use File::Temp ();
@@ -37,7 +38,8 @@ my $conn = $by_pid{$worker}[0];
 # The system calls $pid makes while $n requests are served on $conn, by name.
 sub counted {
     my ($pid, $n) = @_;
-    my $out = "$dir/strace.$pid." . time;
+    state $runs = 0;
+    my $out = "$dir/strace." . ++$runs;    # its own: strace says when it is attached there
     my $tracer = fork // die "fork: $!";
     if (!$tracer) {
         open STDERR, '>', "$out.err" or POSIX::_exit(1);
