@@ -12,6 +12,7 @@ use POSIX ();
 use Socket qw(IPPROTO_TCP TCP_NODELAY SOL_SOCKET SO_RCVTIMEO SO_SNDTIMEO AF_INET AF_INET6
               inet_ntop unpack_sockaddr_in unpack_sockaddr_in6 sockaddr_family);
 use ForkServer::HTTPServer::Desk ();
+use ForkServer::HTTPServer::DeskLook ();
 use ForkServer::HTTPServer::Handoff ();
 use ForkServer::HTTPServer::Wire qw(now);
 
@@ -105,7 +106,7 @@ sub _added {
 # this worker's to serve ($ready), up to $max connections.
 sub _take_from_sibling {
     my ($self, $loop, $index, $ready, $max) = @_;
-    for my $got (ForkServer::HTTPServer::Desk::take_from($loop->{seat}, $index, scalar keys %{ $loop->{conns} })) {
+    for my $got (ForkServer::HTTPServer::DeskLook::take_from($loop->{seat}, $index, scalar keys %{ $loop->{conns} })) {
         my $c = $self->_adopted_conn(@$got) // next;
         _make_room($loop) if keys %{ $loop->{conns} } >= $max;
         $ready->{ _added($loop, $c) } = 1;

@@ -15,6 +15,7 @@ use Socket qw(MSG_DONTWAIT inet_aton pack_sockaddr_in);
 use ForkServer::Process::Exit ();
 use ForkServer::HTTPServer::Conns ();
 use ForkServer::HTTPServer::Desk ();
+use ForkServer::HTTPServer::DeskLook ();
 use ForkServer::HTTPServer::Wire qw(now READ_CHUNK);
 
 use constant {
@@ -209,10 +210,9 @@ sub _select_set {
     # connection can make room for a new client (_make_room).
     vec($rin, $loop->{lfd}, 1) = 1 if !$loop->{leaving} && (keys %$conns < MAX_CONNS || $idle);
     if ((my $seat = $loop->{seat}) && !$loop->{leaving}) {
-        ForkServer::HTTPServer::Desk::watch($seat, $now) if $now >= $seat->{watch_at};
+        ForkServer::HTTPServer::DeskLook::watch($seat, $now) if $now >= $seat->{watch_at};
         $rin |= $seat->{timer_rin};
-        # a sibling's request that runs long wakes it (Desk)
-        $timeout = ForkServer::HTTPServer::Desk::sleeping($seat, $now, $timeout) if $timeout > 0;
+        $timeout = ForkServer::HTTPServer::DeskLook::sleeping($seat, $now, $timeout) if $timeout > 0;
     }
     if ($loop->{leaving}) {
         my $left = $loop->{stop_seen_at} + $self->{stop_grace} - $now;
@@ -228,10 +228,8 @@ sub _ready_conns {
     my %ready = %{ $loop->{pending} };
     %{ $loop->{pending} } = ();
     # a busy sibling's request that ran long: its waiting connections (Desk)
-    if ($loop->{seat} && !$loop->{leaving}) {
-        $self->_take_from_sibling($loop, $_, \%ready, MAX_CONNS)
-            for ForkServer::HTTPServer::Desk::due($loop->{seat}, $rout, now());
-    }
+    $self->_take_from_sibling($loop, $_, \%ready, MAX_CONNS)
+        for $loop->{seat} && !$loop->{leaving} ? ForkServer::HTTPServer::DeskLook::due($loop->{seat}, $rout, now()) : ();
     return \%ready unless defined $rout;
     if (!$loop->{leaving} && vec($rout, $loop->{stop_fd}, 1)) {
         ${ $self->{stopping_ref} } = 1;
@@ -297,18 +295,13 @@ sub _serve_conn_once {
     return unless length $c->{buf};
     $self->_head_begins($c) unless $c->{in_head};
     # A whole head: this worker is busy from now on, for as long as the app
-    # takes. Its other connections are listed on the desk, where a free
-    # sibling takes those with a request waiting if this one runs long (a
-    # head not yet whole is listed too: it costs less than looking for its
-    # end here); without a desk, those with nothing read yet go to the
-    # shared queue. What nginx sends on them next does not wait for this
-    # request.
+    # takes. Its other connections (listed on the desk, or, without one,
+    # given to the shared queue) are a free sibling's to serve: what nginx
+    # sends on them next does not wait for this request.
     my $listed;
     if (my $seat = $loop->{seat}) {
-        # the list is written again only when it changed (a call less a request)
-        $listed = $loop->{conns_changed} || $seat->{excluding} || %{ $loop->{buffered} }
-            ? ForkServer::HTTPServer::Conns::_list_idle($loop, $fd) : ForkServer::HTTPServer::Desk::busy($seat, $fd)
-            if keys %{ $loop->{conns} } > 1;
+        $listed = ($loop->{conns_changed} || $seat->{excluding} || %{ $loop->{buffered} } ? ForkServer::HTTPServer::Conns::_list_idle($loop, $fd)
+                   : ForkServer::HTTPServer::Desk::busy($seat, $fd)) if keys %{ $loop->{conns} } > 1;
     } elsif ($loop->{handoff} && $c->{buf} =~ /\n\r?\n/) {
         ForkServer::HTTPServer::Conns::_mark_free($loop, 0);
         $self->_give_idle($loop, $fd) if keys %{ $loop->{conns} } > 1;
