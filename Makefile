@@ -31,7 +31,7 @@ EXAMPLE_DEB_PACKAGES := libmoose-perl libdatetime-perl libdatetime-timezone-perl
 # Real peers for tests and benchmarks, tools the tests call, and the Perl
 # modules the test and benchmark apps load.
 DEB_PACKAGES := $(RUNTIME_DEB_PACKAGES) $(EXAMPLE_DEB_PACKAGES) \
-	starman uwsgi-core uwsgi-plugin-psgi wrk curl procps iproute2 \
+	starman uwsgi-core uwsgi-plugin-psgi wrk curl procps iproute2 strace \
 	libdbix-class-perl libmojolicious-perl libdancer2-perl \
 	libcatalyst-perl libhttp-message-perl libtest-tcp-perl \
 	libgoto-file-perl libtest2-harness-perl libtap-harness-archive-perl systemd \

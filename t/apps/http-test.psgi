@@ -48,6 +48,14 @@ sub {
         select(undef, undef, undef, 0.01) until -e "$dir/$q.go" || time > $until;
         return [200, ['Content-Type' => 'text/plain'], ["done $q $$"]];
     }
+    if ($path eq '/spin') {
+        # /spin?NAME: announce start, compute (no sleep) until NAME.go (up to 60 s)
+        open my $fh, '>', "$dir/$q.started"; close $fh;
+        my $until = time + 60;
+        my $x = 0;
+        until (-e "$dir/$q.go" || time > $until) { $x += $_ for 1 .. 10_000 }
+        return [200, ['Content-Type' => 'text/plain'], ["done $q $$"]];
+    }
     if ($path eq '/hang') {
         open my $fh, '>', "$dir/hang.started"; close $fh;
         sleep 1 while 1;

@@ -12,6 +12,7 @@ use POSIX ();
 use Socket qw(IPPROTO_TCP TCP_NODELAY SOL_SOCKET SO_RCVTIMEO SO_SNDTIMEO AF_INET AF_INET6
               inet_ntop unpack_sockaddr_in unpack_sockaddr_in6 sockaddr_family);
 use ForkServer::HTTPServer::Desk ();
+use ForkServer::HTTPServer::DeskLook ();
 use ForkServer::HTTPServer::Handoff ();
 use ForkServer::HTTPServer::Wire qw(now);
 
@@ -78,17 +79,17 @@ sub _give_idle {
 # True when any may go (then Desk::back when the request is done).
 sub _list_idle {
     my ($loop, $busy_fd) = @_;
-    my $conns = $loop->{conns};
-    my $changed = delete $loop->{conns_changed};
-    $loop->{listed} = [map { [$_, $conns->{$_}{in_head} ? 0 : 1] } keys %$conns] if $changed || !$loop->{listed};
-    my $excluded;
-    if (%{ $loop->{buffered} }) {
-        $excluded = [grep { $_ != $busy_fd && $conns->{$_} } keys %{ $loop->{buffered} }];
-        undef $excluded unless @$excluded;
+    my $seat = $loop->{seat};
+    # the list is written again only when it changed
+    if ($loop->{conns_changed} || $seat->{excluding} || %{ $loop->{buffered} }) {
+        my $conns = $loop->{conns};
+        my $list = $loop->{conns_changed} || !$seat->{listed}
+            ? [map { [$_, $conns->{$_}{in_head} ? 0 : 1] } keys %$conns] : $seat->{listed};
+        my $excluded = [grep { $_ != $busy_fd && $conns->{$_} } keys %{ $loop->{buffered} }];
+        return 0 unless ForkServer::HTTPServer::Desk::list($seat, $list, @$excluded ? $excluded : undef);
+        delete $loop->{conns_changed};
     }
-    my $listed = ForkServer::HTTPServer::Desk::busy($loop->{seat}, $busy_fd, $loop->{listed}, $changed, $excluded);
-    $loop->{conns_changed} = 1 if $changed && !$listed;    # not written: next time
-    return $listed;
+    return ForkServer::HTTPServer::Desk::busy($seat, $busy_fd);
 }
 
 # A connection came (accepted, given, taken): the desk's list is written
@@ -105,7 +106,7 @@ sub _added {
 # this worker's to serve ($ready), up to $max connections.
 sub _take_from_sibling {
     my ($self, $loop, $index, $ready, $max) = @_;
-    for my $got (ForkServer::HTTPServer::Desk::take_from($loop->{seat}, $index, scalar keys %{ $loop->{conns} })) {
+    for my $got (ForkServer::HTTPServer::DeskLook::take_from($loop->{seat}, $index, scalar keys %{ $loop->{conns} })) {
         my $c = $self->_adopted_conn(@$got) // next;
         _make_room($loop) if keys %{ $loop->{conns} } >= $max;
         $ready->{ _added($loop, $c) } = 1;

@@ -15,6 +15,7 @@ use Socket qw(MSG_DONTWAIT inet_aton pack_sockaddr_in);
 use ForkServer::Process::Exit ();
 use ForkServer::HTTPServer::Conns ();
 use ForkServer::HTTPServer::Desk ();
+use ForkServer::HTTPServer::DeskLook ();
 use ForkServer::HTTPServer::Wire qw(now READ_CHUNK);
 
 use constant {
@@ -209,8 +210,9 @@ sub _select_set {
     # connection can make room for a new client (_make_room).
     vec($rin, $loop->{lfd}, 1) = 1 if !$loop->{leaving} && (keys %$conns < MAX_CONNS || $idle);
     if ((my $seat = $loop->{seat}) && !$loop->{leaving}) {
-        ForkServer::HTTPServer::Desk::watch($seat, $now) if $now >= $seat->{watch_at};
+        ForkServer::HTTPServer::DeskLook::watch($seat, $now) if $now >= $seat->{watch_at};
         $rin |= $seat->{timer_rin};
+        $timeout = ForkServer::HTTPServer::DeskLook::sleeping($seat, $now, $timeout) if $timeout > 0;
     }
     if ($loop->{leaving}) {
         my $left = $loop->{stop_seen_at} + $self->{stop_grace} - $now;
@@ -225,6 +227,9 @@ sub _ready_conns {
     my ($self, $loop, $rout) = @_;
     my %ready = %{ $loop->{pending} };
     %{ $loop->{pending} } = ();
+    # a busy sibling's request that ran long: its waiting connections (Desk)
+    $self->_take_from_sibling($loop, $_, \%ready, MAX_CONNS)
+        for $loop->{seat} && !$loop->{leaving} ? ForkServer::HTTPServer::DeskLook::due($loop->{seat}, $rout, now()) : ();
     return \%ready unless defined $rout;
     if (!$loop->{leaving} && vec($rout, $loop->{stop_fd}, 1)) {
         ${ $self->{stopping_ref} } = 1;
@@ -248,10 +253,6 @@ sub _ready_conns {
             my $fd = ForkServer::HTTPServer::Conns::_added($loop, $c);
             $ready{$fd} = 1;    # a request may be waiting in it already
         }
-    }
-    # a busy sibling's timer: its waiting connections (Desk)
-    if ($loop->{seat} && !$loop->{leaving}) {
-        vec($rout, $_->[1], 1) and $self->_take_from_sibling($loop, $_->[0], \%ready, MAX_CONNS) for @{ $loop->{seat}{timers} };
     }
     for my $fd (keys %{ $loop->{conns} }) { $ready{$fd} = 1 if vec($rout, $fd, 1) }
     return \%ready;
@@ -294,17 +295,16 @@ sub _serve_conn_once {
     return unless length $c->{buf};
     $self->_head_begins($c) unless $c->{in_head};
     # A whole head: this worker is busy from now on, for as long as the app
-    # takes. Its other connections with nothing read yet go to the shared
-    # queue, where a free sibling takes them: what nginx sends on them next
-    # does not wait for this request.
+    # takes. Its other connections (listed on the desk, or, without one,
+    # given to the shared queue) are a free sibling's to serve: what nginx
+    # sends on them next does not wait for this request.
     my $listed;
-    if ($loop->{handoff} && $c->{buf} =~ /\n\r?\n/) {
-        if ($loop->{seat}) {
-            $listed = ForkServer::HTTPServer::Conns::_list_idle($loop, $fd) if keys %{ $loop->{conns} } > 1;
-        } else {
-            ForkServer::HTTPServer::Conns::_mark_free($loop, 0);
-            $self->_give_idle($loop, $fd) if keys %{ $loop->{conns} } > 1;
-        }
+    if (my $seat = $loop->{seat}) {
+        $listed = ($loop->{conns_changed} || $seat->{excluding} || %{ $loop->{buffered} } ? ForkServer::HTTPServer::Conns::_list_idle($loop, $fd)
+                   : ForkServer::HTTPServer::Desk::busy($seat, $fd)) if keys %{ $loop->{conns} } > 1;
+    } elsif ($loop->{handoff} && $c->{buf} =~ /\n\r?\n/) {
+        ForkServer::HTTPServer::Conns::_mark_free($loop, 0);
+        $self->_give_idle($loop, $fd) if keys %{ $loop->{conns} } > 1;
     }
     my $keep = eval { $self->_serve_head($c) };
     # what a sibling took meanwhile is its own now: these copies close unread
