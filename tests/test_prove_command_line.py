@@ -268,6 +268,25 @@ def test_the_base_for_tests_loads_no_web_server(tmp_path: Path) -> None:
     assert re.search(r"^ok 1 - no web vassal module inherited$", ours.stdout, re.M), ours.stdout
 
 
+def test_the_host_of_a_run_imports_only_what_it_uses(tmp_path: Path) -> None:
+    """The Python side of a forked run (the host) imports no dataclasses
+    (inspect, ast, dis, tokenize), tempfile, shutil (zlib, bz2, lzma) or
+    anything of the Emperor's run side: a large part of its CPU before."""
+    (tmp_path / "t").mkdir()
+    for name in ("a", "b", "c"):
+        (tmp_path / "t" / f"{name}.t").write_text("use Test::More tests => 1;\nok 1;\n")
+    python = Path(EMPEROR).parent / "python"
+    ours = run_in(tmp_path, [str(python), "-X", "importtime", EMPEROR, "prove", "-j2", "t"])
+    assert ours.returncode == 0, ours.stdout + ours.stderr
+    assert "All tests successful." in ours.stdout, ours.stdout
+    imported = set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", ours.stderr, re.M))
+    assert "psgi_forkserver.prove.hosting" in imported, "the run forked its files"
+    heavy = {"dataclasses", "inspect", "tempfile", "shutil", "zlib", "bz2", "lzma", "psutil",
+             "psgi_forkserver.launch", "psgi_forkserver.cli", "psgi_forkserver.config",
+             "psgi_forkserver.emperor"}
+    assert not heavy & imported, sorted(heavy & imported)
+
+
 # -- --state: what the last run learned ---------------------------------------------------
 
 

@@ -25,39 +25,37 @@ from __future__ import annotations
 import ctypes
 import os
 import selectors
-import shutil
 import signal
 import socket
 import struct
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import adoption, paths, protocol
+from .. import adoption, protocol
 from ..nonblocking import SignalWakeup
 from .base import BaseError, TestBase, start_with_streams
-from .started import Started
+from .started import Started, perl_dir, remove_private_dir
 from .testfiles import ProveOptions, test_env
 from .trace import TRACE, trace
 
 
-@dataclass
 class Forked:
-    """One forked test: its streams, its client, what it wrote."""
+    """One forked test: its streams, its client, what it wrote. (A plain
+    class: dataclasses would cost every run's start ~15 ms of CPU.)"""
 
-    file: str
-    conn: socket.socket
-    pid: int = 0
-    out: socket.socket | None = None
-    err: socket.socket | None = None
-    out_bytes: bytearray = field(default_factory=bytearray)
-    err_bytes: bytearray = field(default_factory=bytearray)
-    status: int | None = None
-    started: float = 0.0
-    timeout: float | None = None
-    timed_out: bool = False
+    __slots__ = ("file", "conn", "pid", "out", "err", "out_bytes", "err_bytes", "status",
+                 "started", "timeout", "timed_out")
+
+    def __init__(self, file: str, conn: socket.socket, timeout: float | None = None) -> None:
+        self.file, self.conn, self.timeout = file, conn, timeout
+        self.pid = 0
+        self.out: socket.socket | None = None
+        self.err: socket.socket | None = None
+        self.out_bytes, self.err_bytes = bytearray(), bytearray()
+        self.status: int | None = None
+        self.started = 0.0
+        self.timed_out = False
 
     @property
     def done(self) -> bool:
@@ -91,6 +89,8 @@ def file_timeout(file: str, default: float | None) -> float | None:
 
 
 PR_SET_CHILD_SUBREAPER = 36
+# (paths.vassal_program(), without pathlib)
+VASSAL_PROGRAM = os.path.join(perl_dir(), "ForkServer.pm")
 
 
 
@@ -102,7 +102,10 @@ class Session:
     def __init__(self, opts: ProveOptions, err=sys.stderr, tmp: str | None = None) -> None:
         self.opts = opts
         self.errout = err
-        self.tmp = Path(tmp or tempfile.mkdtemp(prefix="emperor-prove-"))
+        if tmp is None:
+            from .started import private_dir
+            tmp = private_dir()
+        self.tmp = Path(tmp)
         self.base = TestBase(opts, self.tmp)
         self.env = test_env(opts)
         self.orphans_reaped = 0
@@ -122,7 +125,7 @@ class Session:
         self.base.stop()
         self.reap_leftovers()
         self.wakeup.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        remove_private_dir(str(self.tmp))
 
     def reap_leftovers(self) -> None:
         """What tests left running (daemons, orphans that outlived their
@@ -279,7 +282,7 @@ class Host:
         def start(out_fd: int, err_fd: int) -> int:
             if self.prove.base.pid is None:
                 raise BaseError("the base is not running")
-            return adoption.adopt(self.prove.base.sock, [str(paths.vassal_program()), "--test-file", file],
+            return adoption.adopt(self.prove.base.sock, [VASSAL_PROGRAM, "--test-file", file],
                                   out_fd, config_fd=err_fd, timeout=60)
         try:
             f.pid, f.out, f.err = start_with_streams(start, spec)

@@ -65,15 +65,10 @@ class EarlyBase:
 
 def program(perl: str) -> str:
     """`perl` itself when it has a slash, else where PATH finds it
-    (FileNotFoundError when nowhere). (spawn.program_path's shutil.which,
-    without importing shutil, zlib and bz2: ~3 ms of a 1-file run.)"""
-    if os.sep in perl:
-        return perl
-    for d in os.get_exec_path():
-        path = os.path.join(d or os.curdir, perl)
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-    raise FileNotFoundError(2, "not found in PATH", perl)
+    (FileNotFoundError when nowhere)."""
+    from ..spawn import program_path
+
+    return program_path(perl)
 
 
 def spawn_env() -> dict[str, str]:
@@ -89,14 +84,58 @@ def base_env() -> dict[str, str]:
     return env
 
 
+def private_dir() -> str:
+    """A new directory only we can enter, in $TMPDIR (else /tmp), as
+    tempfile.mkdtemp makes (without importing tempfile: random, hashlib,
+    weakref, shutil's compressors, ~5 ms of every run's start)."""
+    where = os.environ.get("TMPDIR") or "/tmp"
+    for _ in range(100):
+        path = os.path.join(os.path.abspath(where), "emperor-prove-" + os.urandom(6).hex())
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(17, "no unused name for a private directory", where)
+
+
+def remove_private_dir(path: str) -> None:
+    """`private_dir()`'s directory and what is in it (files and sockets;
+    shutil is imported only for a directory left inside)."""
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                import shutil
+
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            pass
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def perl_dir() -> str:
+    """paths.perl_dir(), as a string and without pathlib (started.py is
+    what every run imports first)."""
+    here = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    installed = os.path.join(here, "perl")
+    if os.path.isfile(os.path.join(installed, "ForkServer.pm")):
+        return installed
+    return os.path.join(os.path.dirname(here), "perl")
+
+
 def start_prove(perl: str, shim_args: list[str], prove_args: list[str]) -> Started:
-    import shutil
     import socket
-    import tempfile
 
-    from ..paths import perl_dir
-
-    tmp = tempfile.mkdtemp(prefix="emperor-prove-")
+    tmp = private_dir()
     control = os.path.join(tmp, "prove.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     umask = os.umask(0o177)
@@ -118,7 +157,7 @@ def start_prove(perl: str, shim_args: list[str], prove_args: list[str]) -> Start
     except OSError:
         listener.close()
         os.close(config_r)
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_private_dir(tmp)
         raise
     finally:
         os.close(config_w)
@@ -127,8 +166,6 @@ def start_prove(perl: str, shim_args: list[str], prove_args: list[str]) -> Start
 
 def base_argv(perl: str, tmp: str | Path, modules: list[str] = []) -> list[str]:  # noqa: B006 (read only)
     """The base's command line, before its preloads (TestBase.argv adds them)."""
-    from ..paths import perl_dir
-
     return [perl, f"-I{perl_dir()}", "-MForkServer::Prove::TestFile",
             *(f"-M{m}" for m in modules), "-e", BASE_MAIN, "--",
             "--inc-report", os.path.join(tmp, "inc"), "--inc-keys", os.path.join(tmp, "inc-keys"),
