@@ -65,10 +65,16 @@ class EarlyBase:
 
 def program(perl: str) -> str:
     """`perl` itself when it has a slash, else where PATH finds it
-    (FileNotFoundError when nowhere)."""
-    from ..spawn import program_path
-
-    return program_path(perl)
+    (FileNotFoundError when nowhere). (spawn.program_path's search,
+    without importing spawn's resource and signal: a 1-file run execs
+    prove with no more than this.)"""
+    if os.sep in perl:
+        return perl
+    for d in os.get_exec_path():
+        path = os.path.join(d or os.curdir, perl)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    raise FileNotFoundError(2, "not found in PATH", perl)
 
 
 def spawn_env() -> dict[str, str]:
