@@ -122,7 +122,16 @@ def test_a_file_that_fails_forked_and_passes_cold(project: Path) -> None:
     second = run_in(project, [EMPEROR, "prove", "-l", "--preload", "Test::More", "--state=save",
                               "t/d_base_sensitive.t"])
     assert second.returncode == 0
-    assert "t/d_base_sensitive.t runs cold: --state" in second.stderr
+    # then from the bare base (none of the suite's modules loaded), where it
+    # fails too: from the third run on, cold directly
+    assert "t/d_base_sensitive.t runs forked from a bare base (none of the suite's modules loaded): --state" \
+        in second.stderr, second.stderr
+    assert "t/d_base_sensitive.t failed or skipped forked from a bare base and passed cold" in second.stderr
+    third = run_in(project, [EMPEROR, "prove", "-l", "--preload", "Test::More", "--state=save",
+                             "t/d_base_sensitive.t"])
+    assert third.returncode == 0
+    assert "t/d_base_sensitive.t runs cold: --state: it failed or skipped forked from a bare base" \
+        in third.stderr, third.stderr
     strict = run_in(project, [EMPEROR, "prove", "-l", "--preload", "Test::More", "--no-cold-retry",
                               "t/d_base_sensitive.t"])
     assert strict.returncode == 1

@@ -244,8 +244,8 @@ class Host:
             elif kind == b"N":  # prove runs every file itself: no base
                 self.prove.base.stop()
                 conn.close()
-            elif kind == b"T":
-                self.start_test(conn, payload)
+            elif kind in (b"T", b"U"):  # U: from the bare base
+                self.start_test(conn, payload, bare=kind == b"U")
             else:
                 raise ValueError(f"unknown request {kind!r}")
         except (OSError, ValueError) as e:
@@ -266,23 +266,29 @@ class Host:
             base.configure(items)
         except (BaseError, OSError) as e:
             return f"{e}\n".encode()
+        if "bare=1" in items:
+            base.bare_ready()  # (when it is not, prove runs those files cold)
+        else:
+            base.stop_bare()
         try:
             keys = self.prove.base.inc_keys.read_bytes()
         except OSError:
             keys = b""
         return b"ok\n" + keys
 
-    def start_test(self, conn: socket.socket, payload: bytes) -> None:
+    def start_test(self, conn: socket.socket, payload: bytes, bare: bool = False) -> None:
         file_b, _, spec = payload.partition(b"\0")
         file = file_b.decode("utf-8", "surrogateescape")
         if TRACE is not None:
             trace("request", file, 0, 0)
         f = Forked(file, conn, timeout=file_timeout(file, self.prove.opts.timeout))
 
+        base = self.prove.base
+
         def start(out_fd: int, err_fd: int) -> int:
-            if self.prove.base.pid is None:
-                raise BaseError("the base is not running")
-            return adoption.adopt(self.prove.base.sock, [VASSAL_PROGRAM, "--test-file", file],
+            if (base.bare_pid if bare else base.pid) is None:
+                raise BaseError("the bare base is not running" if bare else "the base is not running")
+            return adoption.adopt(base.bare_sock if bare else base.sock, [VASSAL_PROGRAM, "--test-file", file],
                                   out_fd, config_fd=err_fd, timeout=60)
         try:
             f.pid, f.out, f.err = start_with_streams(start, spec)
@@ -342,7 +348,8 @@ class Host:
                 return
             if TRACE is not None:
                 who = ("prove" if pid == self.shim_pid else self.forked[pid].file if pid in self.forked
-                       else "base" if pid == self.prove.base.pid else "orphan")
+                       else "base" if pid == self.prove.base.pid
+                       else "bare base" if pid == self.prove.base.bare_pid else "orphan")
                 trace("exit", who, pid, usage.ru_utime + usage.ru_stime)
             if pid == self.shim_pid:
                 self.shim_status = status
@@ -350,6 +357,8 @@ class Host:
                 self.forked[pid].status = status
             elif pid == self.prove.base.pid:
                 self.prove.base.reaped(status)
+            elif pid == self.prove.base.bare_pid:
+                self.prove.base.bare_pid = None
             else:
                 self.prove.orphans_reaped += 1
 

@@ -56,10 +56,12 @@ class EarlyBase:
     """A base started before its library directories and preloads are
     known: it loads its own code meanwhile, then reads them on its config
     pipe: from prove directly (`config_w` None), or from us on `config_w`
-    (TestBase.configure). `pipe` is its Emperor pipe."""
+    (TestBase.configure). `pipe` is its Emperor pipe; `bare_pipe` the
+    Emperor pipe of the bare base it clones before its preloads when prove
+    asks for one (ForkServer::Prove::TestFile)."""
 
-    def __init__(self, pid: int, pipe, config_w: int | None) -> None:
-        self.pid, self.pipe, self.config_w = pid, pipe, config_w
+    def __init__(self, pid: int, pipe, config_w: int | None, bare_pipe=None) -> None:
+        self.pid, self.pipe, self.config_w, self.bare_pipe = pid, pipe, config_w, bare_pipe
         self.configured_by_prove = config_w is None
 
 
@@ -184,15 +186,21 @@ def base_argv(perl: str, tmp: str | Path, modules: list[str] = []) -> list[str]:
             "--fork-server-spares", "0"]
 
 
-def spawn_base(argv: list[str], tmp: str | Path, env: dict[str, str], config_fd: int | None = None):
+def spawn_base(argv: list[str], tmp: str | Path, env: dict[str, str], config_fd: int | None = None,
+               bare_pipe: bool = False):
     """Start the base with `argv` (and `--config-fd`): its stdin and
     stdout /dev/null, stderr its log in `tmp`, in a session of its own;
-    returns its pid and our end of its Emperor pipe."""
+    returns its pid, our end of its Emperor pipe, and with `bare_pipe` our
+    end of the Emperor pipe of the bare base it may clone (else None)."""
     import socket
 
     from ..spawn import spawn
 
     ours, theirs = socket.socketpair()
+    bare_ours, bare_theirs = socket.socketpair() if bare_pipe else (None, None)
+    if bare_theirs is not None:  # before --config-fd: the config may ask for the bare base
+        argv = [*argv, "--bare-pipe-fd", str(bare_theirs.fileno())]
+        os.set_inheritable(bare_theirs.fileno(), True)
     if config_fd is not None:
         argv = [*argv, "--config-fd", str(config_fd)]
         os.set_inheritable(config_fd, True)
@@ -202,10 +210,14 @@ def spawn_base(argv: list[str], tmp: str | Path, env: dict[str, str], config_fd:
                     stdin=None, stdout=None, stderr=os.path.join(tmp, "base.log"))
     except BaseException:
         ours.close()
+        if bare_ours is not None:
+            bare_ours.close()
         raise
     finally:
         theirs.close()
-    return pid, ours
+        if bare_theirs is not None:
+            bare_theirs.close()
+    return pid, ours, bare_ours
 
 
 def start_base_early(perl: str, tmp: str, env: dict[str, str], config_r: int | None = None) -> EarlyBase:
@@ -214,11 +226,11 @@ def start_base_early(perl: str, tmp: str, env: dict[str, str], config_r: int | N
     (prove's --config-fd pipe, which the caller closes), prove configures
     it; else we do, on the returned base's `config_w`."""
     if config_r is not None:
-        pid, pipe = spawn_base(base_argv(perl, tmp), tmp, env, config_fd=config_r)
-        return EarlyBase(pid, pipe, None)
+        pid, pipe, bare_pipe = spawn_base(base_argv(perl, tmp), tmp, env, config_fd=config_r, bare_pipe=True)
+        return EarlyBase(pid, pipe, None, bare_pipe)
     r, w = os.pipe()
     try:
-        pid, pipe = spawn_base(base_argv(perl, tmp), tmp, env, config_fd=r)
+        pid, pipe, _ = spawn_base(base_argv(perl, tmp), tmp, env, config_fd=r)
     except BaseException:
         os.close(w)
         raise

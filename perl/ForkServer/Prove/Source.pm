@@ -57,7 +57,9 @@ its verdict, C<--state> remembers it, and stderr says so.
 
 my %CFG;        # setup()'s arguments
 my %NOTED;      # notes already given
-my %BASE_INC;   # the files the base has loaded (keys of its %INC)
+our %BASE_INC;  # the files the base has loaded (keys of its %INC)
+my %BARE_INC;   # those of the bare base (our code and Test2 only), when there is one
+our %TOP_LEVEL_READ;    # variable name -> whether a preloaded file reads it at its top level
 our $LEARNED;   # the automatic preload came from --state's records
 
 sub note {
@@ -95,6 +97,9 @@ sub setup {
     # destruction at exit is then cheaper than freeing what the test loaded
     # package by package (ForkServer::Prove::TestFile's fast exit), and exact.
     $CFG{destruct} = 1 unless grep { !/\Ainc=/ } @items;
+    # Something preloaded: a bare base beside the full one (cloned before
+    # the preloads), for the files the preloads would change (below)
+    push @items, 'bare=1' if !$CFG{destruct} && $args{config_fh};
     # The base started beside prove reads them from its pipe: it starts
     # preloading now, not once the Emperor side has read our request.
     if (my $fh = delete $CFG{config_fh}) {
@@ -142,6 +147,13 @@ sub _base_reply {
         return;
     }
     %BASE_INC = map { my ($k, $v) = split /\t/, $_, 2; ($k => $v // 1) } split /\0/, $reply;
+    # the bare base's %INC, when it is serving (the Emperor side removes it otherwise)
+    (my $bare_keys = $args{socket}) =~ s{[^/]*\z}{inc-keys.bare};
+    if (open my $fh, '<', $bare_keys) {
+        local $/;
+        my $text = <$fh> // '';
+        %BARE_INC = map { my ($k, $v) = split /\t/, $_, 2; ($k => $v // 1) } grep { length } split /\0/, $text;
+    }
     if ($args{auto} && !$args{quiet}) {    # the ones that loaded
         my @loaded = grep { (my $key = "$_.pm") =~ s{::}{/}g; $BASE_INC{$key} } @auto;
         if ($LEARNED) {    # many (what they load, not only what they `use`): the first few
@@ -252,9 +264,18 @@ sub cold_reason {
     return "it asks for no preload (# HARNESS-NO-PRELOAD)" if $text =~ /^\s*#\s*HARNESS-NO-PRELOAD\s*$/m;
     return "it asks for no preload (# emperor-prove: no-preload)"
         if $text =~ /^\s*#\s*emperor-prove:\s*no-preload\s*$/m;
+    return _preload_reason($file, $text, 0);
+}
+
+# Why the base's preloads would change what the file sees, or undef;
+# `$bare`: for the bare base (%BASE_INC is then the bare base's).
+sub _preload_reason {
+    my ($file, $text, $bare) = @_;
     if (my $state = $CFG{state}) {
         my $t = eval { $state->results->{tests}{$file} };    # test() would add it
-        return ($CFG{memory} ? "last run" : "--state") . ": $t->{emperor_cold}" if $t && $t->{emperor_cold};
+        my $why = $t && $t->{emperor_cold};
+        return ($CFG{memory} ? "last run" : "--state") . ": $why"
+            if $why && (!$bare || $why =~ /from a bare base/);
     }
     my $changes = _changes_before_preloaded_use($text);
     return "it sets $changes before using a preloaded module" if $changes;
@@ -264,6 +285,21 @@ sub cold_reason {
         return "it looks at \$INC{'$2'} (preloaded)" if $BASE_INC{$2};
     }
     return undef;
+}
+
+# Whether a file that must not be forked from the full base because of
+# its preloads can be forked from the bare base instead: the same rules,
+# against what the bare base loaded (our own code and Test2). A file that
+# fails there is run again cold, as any forked file.
+sub _bare_fits {
+    my ($file, $reason) = @_;
+    return 0 unless %BARE_INC;
+    return 0 unless $reason =~ /\Ait (?:sets|looks at) /
+        || $reason =~ /: it failed or skipped forked and passed cold\z/;
+    my $text = _head($file) // return 0;
+    local %BASE_INC = %BARE_INC;
+    local %TOP_LEVEL_READ = ();
+    return !defined _preload_reason($file, $text, 1);
 }
 
 # %ENV or CORE::GLOBAL changed before a `use` of something the base loaded:
@@ -304,7 +340,6 @@ sub _changes_before_preloaded_use {
     return undef;
 }
 
-my %TOP_LEVEL_READ;    # variable name -> whether a preloaded file reads it at its top level
 
 sub _read_at_top_level {
     my ($name) = @_;
@@ -340,7 +375,11 @@ sub _create_iterator {
     my $reason = $command->[0] ne $^X
         ? "HARNESS_PERL ($command->[0]) is not the base's perl"
         : $class->cold_reason($file, \@switches, $source->meta->{file}{shebang});
-    if (defined $reason) {
+    my $bare = defined $reason && _bare_fits($file, $reason);
+    if ($bare) {
+        $class->note("$file runs forked from a bare base (none of the suite's modules loaded): $reason");
+    }
+    elsif (defined $reason) {
         $class->note($reason =~ /\Ait |\A--state|\Alast run/ ? "$file runs cold: $reason" : "$reason: such files run as prove runs them");
         return $cold->();
     }
@@ -351,13 +390,16 @@ sub _create_iterator {
     $warnings ||= 1 if ($ENV{PERL5OPT} // '') =~ /(?:^|\s)-w\b/;
     $warnings ||= 1 if ($source->meta->{file}{shebang} // '') =~ /^#!.*\bperl\S*\s+(?:-\S+\s+)*-w\b/;
     # with --state, the file says what it loaded (for the next run's preload)
-    my $loads = $CFG{state} ? _loads_path() : undef;
+    # (a file forked from the bare base loads what it loads: nothing to learn
+    # against the full base; its small inherited heap is destroyed as by perl)
+    my $loads = $CFG{state} && !$bare ? _loads_path() : undef;
     my $spec = ForkServer::Prove::Spec::encode(
         file => $file, cwd => Cwd::getcwd(), args => \@args, env => \%env, perl => $command->[0],
-        warnings => $warnings, merge => $source->merge, destruct => $CFG{destruct}, loads => $loads);
+        warnings => $warnings, merge => $source->merge, destruct => ($bare ? 1 : $CFG{destruct}),
+        loads => $loads);
     return ForkServer::Prove::Iterator->new({
-        socket => $CFG{socket}, file => $file, spec => $spec, cold => $cold,
-        on_cold_pass => sub { _remember_cold($file) },
+        socket => $CFG{socket}, file => $file, spec => $spec, cold => $cold, bare => $bare,
+        on_cold_pass => sub { _remember_cold($file, $bare) },
         (defined $loads ? (loads => $loads, on_loads => sub { _remember_loads($file, @_) }) : ()),
     });
 }
@@ -371,11 +413,12 @@ sub _loads_path {
 }
 
 sub _remember_cold {
-    my ($file) = @_;
-    __PACKAGE__->note("$file failed or skipped forked and passed cold: its verdict is the cold run's"
+    my ($file, $bare) = @_;
+    my $from = $bare ? ' from a bare base' : '';
+    __PACKAGE__->note("$file failed or skipped forked$from and passed cold: its verdict is the cold run's"
         . (!$CFG{state} ? "" : $CFG{memory} ? " (remembered for the next run)" : " (--state remembers it)"));
     my $state = $CFG{state} or return;
-    eval { $state->results->test($file)->{emperor_cold} = 'it failed or skipped forked and passed cold'; 1 };
+    eval { $state->results->test($file)->{emperor_cold} = "it failed or skipped forked$from and passed cold"; 1 };
     return;
 }
 

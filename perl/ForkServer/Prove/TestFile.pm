@@ -31,6 +31,7 @@ use ForkServer ();    # a modulino: loaded, not run
 use ForkServer::Base ();
 
 our $IN_BASE;    # true inside serve(): become_test() may jump out of it
+my $BARE_FD_CLOSED;    # in the full base: the bare base's descriptor is closed
 
 =head1 NAME
 
@@ -97,13 +98,32 @@ base it exits when the base stops.
 
 sub serve {
     my (@argv) = @_;
-    my (@base_argv, $inc_report, $inc_keys);
+    my (@base_argv, $inc_report, $inc_keys, $bare_fd, $bare);
     while (@argv) {
         my $arg = shift @argv;
         if ($arg eq '--config-fd') {
             unshift @argv, _read_config(shift @argv);
             _start_test2_preload();
         }
+        elsif ($arg eq '--bare-pipe-fd') { $bare_fd = shift @argv }
+        elsif ($arg eq '--bare-base') {
+            # before the preloads: a second fork server with nothing of the
+            # suite loaded, for the files that must not see the preloads
+            next unless defined $bare_fd && _start_bare_base($bare_fd);
+            $bare = 1;    # we are it: the preloads are the other base's
+            ($inc_report, $inc_keys) = (undef, defined $inc_keys ? "$inc_keys.bare" : undef);
+            # its socket and its pid beside the full base's socket
+            for my $i (0 .. $#base_argv - 1) {
+                next unless $base_argv[$i] eq '--fork-server';
+                (my $dir = $base_argv[$i + 1]) =~ s{/[^/]*\z}{};
+                $base_argv[$i + 1] = "$dir/bare.sock";
+                open my $fh, '>', "$dir/bare.pid.$$" or die "'$dir/bare.pid.$$': $!\n";
+                print $fh $$;
+                close $fh or die "'$dir/bare.pid.$$': $!\n";
+                rename "$dir/bare.pid.$$", "$dir/bare.pid" or die "'$dir/bare.pid': $!\n";
+            }
+        }
+        elsif ($bare && $arg =~ /\A--preload(?:-module|-optional)?\z/) { shift @argv }
         elsif ($arg eq '--lib') {
             require lib;
             lib->import(shift @argv);
@@ -131,6 +151,7 @@ sub serve {
         elsif ($arg eq '--inc-keys')   { $inc_keys   = shift @argv }
         else { push @base_argv, $arg }
     }
+    POSIX::close($bare_fd) if defined $bare_fd && !$bare && !$BARE_FD_CLOSED;    # none was asked for
     # what the base loaded: files for `emperor prove --watch` to watch, and
     # %INC's keys for telling which tests change things before using them
     for ([$inc_report, sub { values %INC }],
@@ -149,6 +170,28 @@ sub serve {
     return;
 }
 
+# A bare base: a clone of this process (the host's child, as an adopted
+# test is) that serves forks with its own Emperor pipe ($fd) and socket,
+# loaded with our own code and Test2 only. True in the clone; in this
+# process (the full base) false, the descriptor closed. A clone that
+# cannot be made is no bare base: those files then run cold.
+sub _start_bare_base {
+    my ($fd) = @_;
+    require ForkServer::Base::Clone;
+    my ($ok) = ForkServer::Base::Clone::probe();
+    my $pid = $ok ? ForkServer::Base::Clone::clone_parent() : undef;
+    if (defined $pid && $pid == 0) {
+        # the full base's Emperor pipe is not ours: the host must see its
+        # end of file when the full base dies
+        POSIX::close($ENV{UWSGI_EMPEROR_FD}) if defined $ENV{UWSGI_EMPEROR_FD};
+        $ENV{UWSGI_EMPEROR_FD} = $fd;
+        return 1;
+    }
+    POSIX::close($fd);
+    $BARE_FD_CLOSED = 1;
+    return 0;
+}
+
 # `--config-fd N`: the base was started before prove had read its command
 # line (so that both start at once); the rest of its options come on this
 # pipe when prove knows them, NUL-separated: inc=DIR (in @INC, as the
@@ -161,16 +204,20 @@ sub _read_config {
     close $fh;
     my %option = (inc => '--lib', module => '--preload-module', optional => '--preload-optional',
         file => '--preload');
-    my (@libs, @rest);
+    my (@libs, @bare, @rest);
     for my $item (grep { length } split /\0/, $text) {
         my ($key, $value) = split /=/, $item, 2;
+        if ($key eq 'bare' && defined $value) {    # bare=1: a bare base too, before the preloads
+            @bare = ('--bare-base');
+            next;
+        }
         die "--config-fd: bad item '$item'\n" unless defined $value && $option{$key};
         push @{ $key eq 'inc' ? \@libs : \@rest }, $option{$key}, $value;
     }
     # lib->import puts each in front: the last first, so that @INC has them in order
     my @lib_args;
     unshift @lib_args, splice @libs, 0, 2 while @libs;
-    return @lib_args, @rest;
+    return @lib_args, @bare, @rest;
 }
 
 # The rest of the main program is the test file: a source filter gives
