@@ -94,6 +94,13 @@ separated by NUL bytes). Returns only in a test child, from inside the C<BEGIN>
 block, with the rest of the main program replaced by the test file. In the
 base it exits when the base stops.
 
+With C<--bare-pipe-fd N> and the config item C<bare=1> (C<--config-fd>), the
+base clones a bare base before its preloads (C<clone> with C<CLONE_PARENT>:
+the caller's child): a second fork server, on F<bare.sock> beside the
+base's socket, with descriptor N as its Emperor pipe, its pid in
+F<bare.pid> and its C<%INC> keys in the C<--inc-keys> file's name plus
+C<.bare>; it has loaded our own code and Test2 only.
+
 =cut
 
 sub serve {
@@ -195,7 +202,8 @@ sub _start_bare_base {
 # `--config-fd N`: the base was started before prove had read its command
 # line (so that both start at once); the rest of its options come on this
 # pipe when prove knows them, NUL-separated: inc=DIR (in @INC, as the
-# tests' PERL5LIB), module=M, optional=M, file=F (preloads).
+# tests' PERL5LIB), module=M, optional=M, file=F (preloads), bare=1 (a
+# bare base, cloned after the library directories, before the preloads).
 sub _read_config {
     my ($fd) = @_;
     open my $fh, '<&=', $fd or die "--config-fd $fd: $!\n";
