@@ -84,11 +84,12 @@ class TestBase:
                 byte = pipe.recv(1)
             except OSError:
                 byte = b""
-            try:
-                self.bare_pid = int((self.sock.parent / "bare.pid").read_text())
-            except (OSError, ValueError):
-                self.bare_pid = None
-            if byte != bytes([protocol.VassalByte.SPAWNED]) or self.bare_pid is None:
+            if byte == bytes([protocol.VassalByte.SPAWNED]):  # (else it is gone: no pid to kill)
+                try:
+                    self.bare_pid = int((self.sock.parent / "bare.pid").read_text())
+                except (OSError, ValueError):
+                    self.bare_pid = None
+            if self.bare_pid is None:
                 self.stop_bare()
         if self.bare_pid is None:
             try:
@@ -162,6 +163,10 @@ class TestBase:
     def reaped(self, status: int) -> None:
         """It ended, and the caller's wait for any child took its status."""
         self.pid, self.ended_status = None, status
+
+    def bare_reaped(self) -> None:
+        """The bare base ended, and the caller's wait for any child took it."""
+        self.bare_pid = None
 
     def stop_bare(self) -> None:
         if self.bare_pipe is not None:

@@ -36,7 +36,7 @@ from .. import adoption, protocol
 from ..nonblocking import SignalWakeup
 from .base import BaseError, TestBase, start_with_streams
 from .started import Started, perl_dir, remove_private_dir
-from .testfiles import ProveOptions, test_env
+from .testfiles import ProveOptions, file_timeout, test_env
 from .trace import TRACE, trace
 
 
@@ -60,32 +60,6 @@ class Forked:
     @property
     def done(self) -> bool:
         return self.status is not None and self.out is None and self.err is None
-
-
-def file_timeout(file: str, default: float | None) -> float | None:
-    """yath's per-file timeout markers: `# HARNESS-NO-TIMEOUT` lifts
-    --timeout; `# HARNESS-TIMEOUT-EVENT N` and `# HARNESS-TIMEOUT-POSTEXIT N`
-    give the file N seconds more than --timeout (we time whole files)."""
-    if default is None:
-        return None
-    extra = 0.0
-    try:
-        with open(file, "rb") as fh:
-            head = fh.read(65536).decode("utf-8", "replace")
-    except OSError:
-        return default
-    for line in head.splitlines():
-        words = line.strip().lstrip("#").split()
-        if not words or not words[0].startswith("HARNESS-"):
-            continue
-        if words[0] == "HARNESS-NO-TIMEOUT":
-            return None
-        if words[0] in ("HARNESS-TIMEOUT-EVENT", "HARNESS-TIMEOUT-POSTEXIT") and len(words) > 1:
-            try:
-                extra = max(extra, float(words[1]))
-            except ValueError:
-                pass
-    return default + extra
 
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -358,7 +332,7 @@ class Host:
             elif pid == self.prove.base.pid:
                 self.prove.base.reaped(status)
             elif pid == self.prove.base.bare_pid:
-                self.prove.base.bare_pid = None
+                self.prove.base.bare_reaped()
             else:
                 self.prove.orphans_reaped += 1
 

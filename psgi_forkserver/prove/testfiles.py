@@ -131,3 +131,29 @@ def test_env(opts: ProveOptions) -> dict[str, str]:
         env["PERL5LIB"] = os.pathsep.join(
             [*opts.includes, *([env["PERL5LIB"]] if env.get("PERL5LIB") else [])])
     return env
+
+
+def file_timeout(file: str, default: float | None) -> float | None:
+    """yath's per-file timeout markers: `# HARNESS-NO-TIMEOUT` lifts
+    --timeout; `# HARNESS-TIMEOUT-EVENT N` and `# HARNESS-TIMEOUT-POSTEXIT N`
+    give the file N seconds more than --timeout (we time whole files)."""
+    if default is None:
+        return None
+    extra = 0.0
+    try:
+        with open(file, "rb") as fh:
+            head = fh.read(65536).decode("utf-8", "replace")
+    except OSError:
+        return default
+    for line in head.splitlines():
+        words = line.strip().lstrip("#").split()
+        if not words or not words[0].startswith("HARNESS-"):
+            continue
+        if words[0] == "HARNESS-NO-TIMEOUT":
+            return None
+        if words[0] in ("HARNESS-TIMEOUT-EVENT", "HARNESS-TIMEOUT-POSTEXIT") and len(words) > 1:
+            try:
+                extra = max(extra, float(words[1]))
+            except ValueError:
+                pass
+    return default + extra

@@ -11,6 +11,7 @@ use parent 'TAP::Parser::SourceHandler::Perl';
 use TAP::Parser::IteratorFactory ();
 use Text::ParseWords ();
 
+use ForkServer::Prove::ColdRules ();
 use ForkServer::Prove::Iterator ();
 use ForkServer::Prove::Loads ();
 use ForkServer::Prove::Spec ();
@@ -57,9 +58,9 @@ its verdict, C<--state> remembers it, and stderr says so.
 
 my %CFG;        # setup()'s arguments
 my %NOTED;      # notes already given
-our %BASE_INC;  # the files the base has loaded (keys of its %INC)
+my %BASE_INC;   # the files the base has loaded (keys of its %INC)
 my %BARE_INC;   # those of the bare base (our code and Test2 only), when there is one
-our %TOP_LEVEL_READ;    # variable name -> whether a preloaded file reads it at its top level
+my %TOP_LEVEL_READ = (base => {}, bare => {});    # ForkServer::Prove::ColdRules's caches
 our $LEARNED;   # the automatic preload came from --state's records
 
 sub note {
@@ -268,21 +269,23 @@ sub cold_reason {
 }
 
 # Why the base's preloads would change what the file sees, or undef;
-# `$bare`: for the bare base (%BASE_INC is then the bare base's).
+# `$bare`: for the bare base (against its %INC).
 sub _preload_reason {
     my ($file, $text, $bare) = @_;
+    my $base_inc = $bare ? \%BARE_INC : \%BASE_INC;
     if (my $state = $CFG{state}) {
         my $t = eval { $state->results->{tests}{$file} };    # test() would add it
         my $why = $t && $t->{emperor_cold};
         return ($CFG{memory} ? "last run" : "--state") . ": $why"
             if $why && (!$bare || $why =~ /from a bare base/);
     }
-    my $changes = _changes_before_preloaded_use($text);
+    my $changes = ForkServer::Prove::ColdRules::changes_before_preloaded_use(
+        $text, $base_inc, $TOP_LEVEL_READ{ $bare ? 'bare' : 'base' });
     return "it sets $changes before using a preloaded module" if $changes;
     # `ok !$INC{'Moo/Role.pm'}`: whether a module is loaded yet; in a
     # fork of the base it always is (it would fail forked, then run cold)
     while ($text =~ /\$INC\s*\{\s*(['"])([\w\/]+\.pm)\1\s*\}/g) {
-        return "it looks at \$INC{'$2'} (preloaded)" if $BASE_INC{$2};
+        return "it looks at \$INC{'$2'} (preloaded)" if $base_inc->{$2};
     }
     return undef;
 }
@@ -297,73 +300,7 @@ sub _bare_fits {
     return 0 unless $reason =~ /\Ait (?:sets|looks at) /
         || $reason =~ /: it failed or skipped forked and passed cold\z/;
     my $text = _head($file) // return 0;
-    local %BASE_INC = %BARE_INC;
-    local %TOP_LEVEL_READ = ();
     return !defined _preload_reason($file, $text, 1);
-}
-
-# %ENV or CORE::GLOBAL changed before a `use` of something the base loaded:
-# the module was compiled (constants folded) before the change. For %ENV,
-# only variables a preloaded file reads at its top level (an unindented
-# line: `use constant X => $ENV{...}`, `our $X = $ENV{...}`); one read inside
-# a sub is read when the test calls it, after its change (Mojo's
-# MOJO_REACTOR). A change this misses makes the forked run fail, and the
-# file is then run cold (the retry). Textual on purpose: cheap, and erring
-# towards cold only costs time.
-sub _changes_before_preloaded_use {
-    my ($text) = @_;
-    my $last_use = -1;
-    while ($text =~ /^\s*use\s+([A-Z][\w:]*)/mg) {
-        my $at = $-[0];
-        (my $inc = "$1.pm") =~ s{::}{/}g;
-        $last_use = $at if $BASE_INC{$inc};
-    }
-    return undef if $last_use < 0;
-    # Only what runs at compile time can reach a `use` (which itself runs
-    # at compile time, wherever it stands): the BEGIN blocks above it. An
-    # assignment at run time above a `use` runs after it, under perl as
-    # in a fork (Mojolicious's exception_lite_app.t sets MOJO_LOG_LEVEL so).
-    my $before = '';
-    while ($text =~ /\bBEGIN\s*(\{(?:[^{}]++|(?1))*+\})/g) {
-        last if $-[0] >= $last_use;
-        $before .= "$1\n";
-    }
-    $before =~ s/^\s*#.*$//mg;
-    return 'CORE::GLOBAL' if $before =~ /CORE::GLOBAL::/;
-    return '%ENV' if $before =~ /%ENV\s*=(?!=)/;
-    my %names;
-    $names{$1}++ while $before =~ /\$ENV\s*\{\s*['"]?(\w+)['"]?\s*\}\s*(?:\|\||\/\/|\.)?=(?!=)/g;
-    $names{$1}++ while $before =~ /(?:local|delete)\s+\$ENV\s*\{\s*['"]?(\w+)['"]?\s*\}/g;
-    for my $name (sort keys %names) {
-        return "\$ENV{$name}" if _read_at_top_level($name);
-    }
-    return undef;
-}
-
-
-sub _read_at_top_level {
-    my ($name) = @_;
-    return $TOP_LEVEL_READ{$name} //= do {
-        my $found = 0;
-        # the base's own code (ForkServer::Config reads PLACK_ENV as it
-        # loads) is not the test's: only the preloads count
-        (my $ours = $INC{'ForkServer/Prove/Source.pm'} // '') =~ s{ForkServer/Prove/Source\.pm\z}{ForkServer/};
-        for my $path (grep { !/\A1\z/ && (!length $ours || index($_, $ours) != 0) } values %BASE_INC) {
-            open my $fh, '<', $path or next;
-            local $/;
-            my $src = <$fh> // '';
-            $src =~ s/^__(?:END|DATA)__\b.*//ms;
-            $src =~ s/^=[a-zA-Z].*?(?:^=cut\b[^\n]*|\z)//msg;    # POD
-            # an unindented line, not inside a `sub {` on that line
-            while ($src =~ /^(\S[^\n]*)\b\Q$name\E\b/mg) {
-                next if $1 =~ /\bsub\b(?:\s+\w+)?\s*\{/ || $1 =~ /^\s*#/;
-                $found = 1;
-                last;
-            }
-            last if $found;
-        }
-        $found;
-    };
 }
 
 sub _create_iterator {

@@ -27,11 +27,12 @@ BEGIN { _start_test2_preload() unless grep { $_ eq '--config-fd' } @ARGV }
 
 use Filter::Util::Call ();    # loaded here, not in every test
 use ForkServer::Prove::Loads ();
+use ForkServer::Prove::BareBase ();
+use ForkServer::Prove::EarlyConfig ();
 use ForkServer ();    # a modulino: loaded, not run
 use ForkServer::Base ();
 
 our $IN_BASE;    # true inside serve(): become_test() may jump out of it
-my $BARE_FD_CLOSED;    # in the full base: the bare base's descriptor is closed
 
 =head1 NAME
 
@@ -94,12 +95,8 @@ separated by NUL bytes). Returns only in a test child, from inside the C<BEGIN>
 block, with the rest of the main program replaced by the test file. In the
 base it exits when the base stops.
 
-With C<--bare-pipe-fd N> and the config item C<bare=1> (C<--config-fd>), the
-base clones a bare base before its preloads (C<clone> with C<CLONE_PARENT>:
-the caller's child): a second fork server, on F<bare.sock> beside the
-base's socket, with descriptor N as its Emperor pipe, its pid in
-F<bare.pid> and its C<%INC> keys in the C<--inc-keys> file's name plus
-C<.bare>; it has loaded our own code and Test2 only.
+With C<--bare-pipe-fd N> and the config item C<bare=1>, a bare base too
+(L<ForkServer::Prove::BareBase>).
 
 =cut
 
@@ -109,26 +106,19 @@ sub serve {
     while (@argv) {
         my $arg = shift @argv;
         if ($arg eq '--config-fd') {
-            unshift @argv, _read_config(shift @argv);
+            unshift @argv, ForkServer::Prove::EarlyConfig::options(shift @argv);
             _start_test2_preload();
         }
         elsif ($arg eq '--bare-pipe-fd') { $bare_fd = shift @argv }
         elsif ($arg eq '--bare-base') {
             # before the preloads: a second fork server with nothing of the
             # suite loaded, for the files that must not see the preloads
-            next unless defined $bare_fd && _start_bare_base($bare_fd);
+            my $fd = $bare_fd;
+            undef $bare_fd;    # closed in the base, the Emperor pipe in the clone
+            next unless defined $fd && ForkServer::Prove::BareBase::clone($fd);
             $bare = 1;    # we are it: the preloads are the other base's
             ($inc_report, $inc_keys) = (undef, defined $inc_keys ? "$inc_keys.bare" : undef);
-            # its socket and its pid beside the full base's socket
-            for my $i (0 .. $#base_argv - 1) {
-                next unless $base_argv[$i] eq '--fork-server';
-                (my $dir = $base_argv[$i + 1]) =~ s{/[^/]*\z}{};
-                $base_argv[$i + 1] = "$dir/bare.sock";
-                open my $fh, '>', "$dir/bare.pid.$$" or die "'$dir/bare.pid.$$': $!\n";
-                print $fh $$;
-                close $fh or die "'$dir/bare.pid.$$': $!\n";
-                rename "$dir/bare.pid.$$", "$dir/bare.pid" or die "'$dir/bare.pid': $!\n";
-            }
+            ForkServer::Prove::BareBase::take_place(\@base_argv);
         }
         elsif ($bare && $arg =~ /\A--preload(?:-module|-optional)?\z/) { shift @argv }
         elsif ($arg eq '--lib') {
@@ -158,7 +148,7 @@ sub serve {
         elsif ($arg eq '--inc-keys')   { $inc_keys   = shift @argv }
         else { push @base_argv, $arg }
     }
-    POSIX::close($bare_fd) if defined $bare_fd && !$bare && !$BARE_FD_CLOSED;    # none was asked for
+    POSIX::close($bare_fd) if defined $bare_fd;    # no bare base was asked for
     # what the base loaded: files for `emperor prove --watch` to watch, and
     # %INC's keys for telling which tests change things before using them
     for ([$inc_report, sub { values %INC }],
@@ -175,57 +165,6 @@ sub serve {
     _become(%$spec);
     _compile_next($spec->{file});
     return;
-}
-
-# A bare base: a clone of this process (the host's child, as an adopted
-# test is) that serves forks with its own Emperor pipe ($fd) and socket,
-# loaded with our own code and Test2 only. True in the clone; in this
-# process (the full base) false, the descriptor closed. A clone that
-# cannot be made is no bare base: those files then run cold.
-sub _start_bare_base {
-    my ($fd) = @_;
-    require ForkServer::Base::Clone;
-    my ($ok) = ForkServer::Base::Clone::probe();
-    my $pid = $ok ? ForkServer::Base::Clone::clone_parent() : undef;
-    if (defined $pid && $pid == 0) {
-        # the full base's Emperor pipe is not ours: the host must see its
-        # end of file when the full base dies
-        POSIX::close($ENV{UWSGI_EMPEROR_FD}) if defined $ENV{UWSGI_EMPEROR_FD};
-        $ENV{UWSGI_EMPEROR_FD} = $fd;
-        return 1;
-    }
-    POSIX::close($fd);
-    $BARE_FD_CLOSED = 1;
-    return 0;
-}
-
-# `--config-fd N`: the base was started before prove had read its command
-# line (so that both start at once); the rest of its options come on this
-# pipe when prove knows them, NUL-separated: inc=DIR (in @INC, as the
-# tests' PERL5LIB), module=M, optional=M, file=F (preloads), bare=1 (a
-# bare base, cloned after the library directories, before the preloads).
-sub _read_config {
-    my ($fd) = @_;
-    open my $fh, '<&=', $fd or die "--config-fd $fd: $!\n";
-    local $/;
-    my $text = <$fh> // '';
-    close $fh;
-    my %option = (inc => '--lib', module => '--preload-module', optional => '--preload-optional',
-        file => '--preload');
-    my (@libs, @bare, @rest);
-    for my $item (grep { length } split /\0/, $text) {
-        my ($key, $value) = split /=/, $item, 2;
-        if ($key eq 'bare' && defined $value) {    # bare=1: a bare base too, before the preloads
-            @bare = ('--bare-base');
-            next;
-        }
-        die "--config-fd: bad item '$item'\n" unless defined $value && $option{$key};
-        push @{ $key eq 'inc' ? \@libs : \@rest }, $option{$key}, $value;
-    }
-    # lib->import puts each in front: the last first, so that @INC has them in order
-    my @lib_args;
-    unshift @lib_args, splice @libs, 0, 2 while @libs;
-    return @lib_args, @bare, @rest;
 }
 
 # The rest of the main program is the test file: a source filter gives
