@@ -296,6 +296,27 @@ def test_the_host_of_a_run_imports_only_what_it_uses(tmp_path: Path) -> None:
     assert not heavy & imported, sorted(heavy & imported)
 
 
+def test_a_bare_base_only_when_a_file_may_need_one(tmp_path: Path) -> None:
+    """The bare base (for files the preloads would change) is made only
+    when some file's text could call for it: else its start is saved."""
+    (tmp_path / "t").mkdir()
+    for name in ("a", "b", "c"):
+        (tmp_path / "t" / f"{name}.t").write_text("use Test::More tests => 1;\nok 1;\n")
+    trace = tmp_path / "trace"
+
+    def bare_base_made() -> bool:
+        trace.unlink(missing_ok=True)
+        ours = run_in(tmp_path, [EMPEROR, "prove", "--preload", "Test::More", "--no-learn", "-j2", "t"],
+                      EMPEROR_PROVE_TRACE=str(trace))
+        assert ours.returncode == 0, ours.stdout + ours.stderr
+        return "\tbare base\t" in trace.read_text()
+
+    assert not bare_base_made()
+    (tmp_path / "t" / "d.t").write_text(
+        "use Test::More tests => 1;\nok $INC{'Test/More.pm'}, 'Test::More is loaded';\n")
+    assert bare_base_made()
+
+
 # -- --state: what the last run learned ---------------------------------------------------
 
 
