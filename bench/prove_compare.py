@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prove_suites import EMPEROR, SUITES, clean_env, measured, prove_verdicts, suite_dir  # noqa: E402
+from prove_suites import EMPEROR, SUITES, clean_env, measured, precompile, prove_verdicts, suite_dir  # noqa: E402
 
 
 def run(cmd: list[str], cwd: Path, cache: Path) -> tuple[float, float, dict[str, str]]:
@@ -47,6 +47,8 @@ def main() -> int:
     ap.add_argument("--other", required=True, help="the other emperor command")
     ap.add_argument("--no-preload", action="store_true", help="also the --no-preload runs")
     args = ap.parse_args()
+    precompile(args.emperor)
+    precompile(args.other)
     cmds = {"prove": ["prove", "-j2", "-l", "-r", "t"],
             "ours": [args.emperor, "prove", "-j2", "-l", "-r", "t"],
             "other": [args.other, "prove", "-j2", "-l", "-r", "t"]}

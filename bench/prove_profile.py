@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prove_suites import EMPEROR, SUITES, clean_env, measured, suite_dir  # noqa: E402
+from prove_suites import EMPEROR, SUITES, clean_env, measured, precompile, suite_dir  # noqa: E402
 
 
 def cpu_of(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, str]:
@@ -258,6 +258,7 @@ def main() -> int:
     ap.add_argument("--emperor", default=EMPEROR)
     ap.add_argument("--bound", action="store_true", help="the best any preloading runner can do (above)")
     args = ap.parse_args()
+    precompile(args.emperor)
     for name in args.only.split(","):
         d = suite_dir(args.suites, SUITES[name])
         if d is None:

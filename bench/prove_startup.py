@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from prove_suites import measured
+from prove_suites import measured, precompile
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -72,6 +72,8 @@ def main() -> int:
             ("base code", ["perl", f"-I{PERL_DIR}", "-MForkServer::Prove::TestFile", "-e1"], here),
         ]
         emperors = [("emperor", args.emperor)] + ([("compare", args.compare)] if args.compare else [])
+        for _, cmd in emperors:
+            precompile(cmd.split()[0])
         for d, n in ((one, 1), (five, 5)):
             for jobs in ([], ["-j2"]):
                 j = " -j2" if jobs else ""

@@ -16,7 +16,6 @@ import os
 import selectors
 import socket
 import time
-from dataclasses import dataclass, field
 from collections.abc import Sequence
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -30,16 +29,19 @@ class AdoptionError(Exception):
     """The adoption failed: no pid will come."""
 
 
-@dataclass
 class PendingAdoption:
-    """An adoption request in flight; complete it with on_readable()."""
+    """An adoption request in flight; complete it with on_readable().
+    (A plain class, not a dataclass: `emperor prove` adopts its test
+    files, and dataclasses costs its start ~15 ms of CPU.)"""
 
-    sock: socket.socket
-    deadline: float
-    started: float = field(default_factory=time.monotonic)
-    reader: PacketReader = field(default_factory=PacketReader)
-    pid: int | None = None
-    born_in_cgroup: bool = False  # the reply says so (the request's MASK_CGROUP)
+    def __init__(self, sock: socket.socket, deadline: float, started: float | None = None,
+                 reader: PacketReader | None = None) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.started = time.monotonic() if started is None else started
+        self.reader = PacketReader() if reader is None else reader
+        self.pid: int | None = None
+        self.born_in_cgroup = False  # the reply says so (the request's MASK_CGROUP)
 
     def fileno(self) -> int:
         return self.sock.fileno()

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import struct
+from collections import namedtuple
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
@@ -71,8 +71,11 @@ VassalByte = IntEnum("VassalByte", VOCABULARY["vassal_bytes"], module=__name__)
 EmperorByte = IntEnum("EmperorByte", VOCABULARY["emperor_bytes"], module=__name__)
 
 
-@dataclass(frozen=True)
-class Packet:
+class Packet(namedtuple("Packet", "modifier1 modifier2 body")):
+    """A decoded packet. (A named tuple, not a dataclass: dataclasses
+    imports inspect, ~15 ms of CPU of every `emperor prove` start.)"""
+
+    __slots__ = ()
     modifier1: int
     modifier2: int
     body: bytes

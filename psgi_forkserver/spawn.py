@@ -59,12 +59,13 @@ def program_path(name: str) -> str:
     (FileNotFoundError when nowhere)."""
     if os.sep in name:
         return name
-    import shutil
-
-    found = shutil.which(name)
-    if found is None:
-        raise FileNotFoundError(2, "not found in PATH", name)
-    return found
+    # shutil.which's search, without importing shutil (zlib, bz2, lzma:
+    # ~3 ms of CPU of every `emperor prove` run)
+    for d in os.get_exec_path():
+        path = os.path.join(d or os.curdir, name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    raise FileNotFoundError(2, "not found in PATH", name)
 
 
 def _stdio(stdin: Stdio, stdout: Stdio, stderr: Stdio) -> list[tuple[int, int | tuple[str, int]]]:

@@ -122,7 +122,16 @@ def test_a_file_that_fails_forked_and_passes_cold(project: Path) -> None:
     second = run_in(project, [EMPEROR, "prove", "-l", "--preload", "Test::More", "--state=save",
                               "t/d_base_sensitive.t"])
     assert second.returncode == 0
-    assert "t/d_base_sensitive.t runs cold: --state" in second.stderr
+    # then from the bare base (none of the suite's modules loaded), where it
+    # fails too: from the third run on, cold directly
+    assert "t/d_base_sensitive.t runs forked from a bare base (none of the suite's modules loaded): --state" \
+        in second.stderr, second.stderr
+    assert "t/d_base_sensitive.t failed or skipped forked from a bare base and passed cold" in second.stderr
+    third = run_in(project, [EMPEROR, "prove", "-l", "--preload", "Test::More", "--state=save",
+                             "t/d_base_sensitive.t"])
+    assert third.returncode == 0
+    assert "t/d_base_sensitive.t runs cold: --state: it failed or skipped forked from a bare base" \
+        in third.stderr, third.stderr
     strict = run_in(project, [EMPEROR, "prove", "-l", "--preload", "Test::More", "--no-cold-retry",
                               "t/d_base_sensitive.t"])
     assert strict.returncode == 1
@@ -266,6 +275,46 @@ def test_the_base_for_tests_loads_no_web_server(tmp_path: Path) -> None:
     ours = run_in(tmp_path, [EMPEROR, "prove", "-v", "--preload", "Test::More", "--no-cold-retry", "t"])
     assert ours.returncode == 0, ours.stdout + ours.stderr
     assert re.search(r"^ok 1 - no web vassal module inherited$", ours.stdout, re.M), ours.stdout
+
+
+def test_the_host_of_a_run_imports_only_what_it_uses(tmp_path: Path) -> None:
+    """The Python side of a forked run (the host) imports no dataclasses
+    (inspect, ast, dis, tokenize), tempfile, shutil (zlib, bz2, lzma) or
+    anything of the Emperor's run side: a large part of its CPU before."""
+    (tmp_path / "t").mkdir()
+    for name in ("a", "b", "c"):
+        (tmp_path / "t" / f"{name}.t").write_text("use Test::More tests => 1;\nok 1;\n")
+    python = Path(EMPEROR).parent / "python"
+    ours = run_in(tmp_path, [str(python), "-X", "importtime", EMPEROR, "prove", "-j2", "t"])
+    assert ours.returncode == 0, ours.stdout + ours.stderr
+    assert "All tests successful." in ours.stdout, ours.stdout
+    imported = set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", ours.stderr, re.M))
+    assert "psgi_forkserver.prove.hosting" in imported, "the run forked its files"
+    heavy = {"dataclasses", "inspect", "tempfile", "shutil", "zlib", "bz2", "lzma", "psutil",
+             "psgi_forkserver.launch", "psgi_forkserver.cli", "psgi_forkserver.config",
+             "psgi_forkserver.emperor"}
+    assert not heavy & imported, sorted(heavy & imported)
+
+
+def test_a_bare_base_only_when_a_file_may_need_one(tmp_path: Path) -> None:
+    """The bare base (for files the preloads would change) is made only
+    when some file's text could call for it: else its start is saved."""
+    (tmp_path / "t").mkdir()
+    for name in ("a", "b", "c"):
+        (tmp_path / "t" / f"{name}.t").write_text("use Test::More tests => 1;\nok 1;\n")
+    trace = tmp_path / "trace"
+
+    def bare_base_made() -> bool:
+        trace.unlink(missing_ok=True)
+        ours = run_in(tmp_path, [EMPEROR, "prove", "--preload", "Test::More", "--no-learn", "-j2", "t"],
+                      EMPEROR_PROVE_TRACE=str(trace))
+        assert ours.returncode == 0, ours.stdout + ours.stderr
+        return "\tbare base\t" in trace.read_text()
+
+    assert not bare_base_made()
+    (tmp_path / "t" / "d.t").write_text(
+        "use Test::More tests => 1;\nok $INC{'Test/More.pm'}, 'Test::More is loaded';\n")
+    assert bare_base_made()
 
 
 # -- --state: what the last run learned ---------------------------------------------------

@@ -112,7 +112,8 @@ def test_the_next_run_preloads_what_the_last_one_loaded(tmp_path: Path) -> None:
     line = [x for x in second.stderr.splitlines() if "preloaded" in x]
     assert len(line) == 1 and "(what most test files loaded last time)" in line[0], second.stderr
     assert "Proj::Deep" in line[0] and "Test::More" in line[0], line
-    assert "t/d_base_sensitive.t runs cold: last run" in second.stderr, second.stderr
+    assert "t/d_base_sensitive.t runs forked from a bare base (none of the suite's modules loaded): last run" \
+        in second.stderr, second.stderr
     assert verdicts(second.stdout) == want
     # with -j2, the slowest first, by the last run's times; one job: prove's order
     assert run_in(tmp_path, [*cmd, "-D"]).stdout.split()[0] == slowest_recorded(tmp_path)

@@ -19,7 +19,7 @@ from support.prove import PRELOADS, ROOT, SUITE, run, verdicts
 
 
 EXPECTED_FAILURES = {"die.t", "die_errno.t", "exit_3.t", "failing.t"}
-SUITE_FILES = 29
+SUITE_FILES = 30
 
 
 @pytest.mark.parametrize("jobs", ["1", "2"])
@@ -41,11 +41,19 @@ def test_suite_has_the_same_verdicts_as_prove(tmp_path: Path, jobs: str) -> None
     # exit statuses as prove reports them
     for name, status in (("die.t", 255), ("die_errno.t", 5), ("exit_3.t", 3), ("failing.t", 1)):
         assert f"Dubious, test returned {status} (wstat {status * 256}," in ours.stdout.split(name)[1]
-    # the files that must run cold (tests/prove_suite/*_before_use.t) do; one
-    # whose %ENV change cannot reach a preloaded module's compile is forked
-    assert f"{SUITE}/env_before_use.t runs cold" in ours.stderr
-    assert f"{SUITE}/core_global_before_use.t runs cold" in ours.stderr
-    assert "env_not_read_at_load.t runs cold" not in ours.stderr, ours.stderr
+    # the files the preloads would change (tests/prove_suite/*_before_use.t,
+    # inc_not_loaded_yet.t) are forked from the bare base, which has none of
+    # them; one whose %ENV change cannot reach a preloaded module's compile
+    # is forked from the full base; one that looks at a module the bare
+    # base's own code loaded runs cold
+    for name, why in (("env_before_use.t", "it sets $ENV{ENV_AT_LOAD_MODE}"),
+                      ("core_global_before_use.t", "it sets CORE::GLOBAL"),
+                      ("inc_not_loaded_yet.t", "it looks at $INC{'SuiteData.pm'}")):
+        assert f"{SUITE}/{name} runs forked from a bare base (none of the suite's modules loaded): {why}" \
+            in ours.stderr, ours.stderr
+    assert "env_not_read_at_load.t runs" not in ours.stderr, ours.stderr
+    assert f"{SUITE}/inc_of_the_harness_code.t runs cold: it looks at $INC{{'IO/Socket/UNIX.pm'}}" \
+        in ours.stderr, ours.stderr
     # END blocks ran, in the forked file too
     assert "# END block of end_done_testing.t ran" in ours.stderr
     # objects in globals and file lexicals were destroyed at exit, as under prove

@@ -41,6 +41,12 @@ class TestBase:
         self.config_w: int | None = None  # the early base's --config-fd
         self.configured_by_prove = False  # prove writes the early base's config itself
         self.ended_status = 0  # its wait status, when a wait of the caller's took it
+        # the bare base (none of the suite's modules loaded) that the early base
+        # clones before its preloads when prove asks for one
+        self.bare_sock = tmp / "bare.sock"
+        self.bare_keys = tmp / "inc-keys.bare"
+        self.bare_pipe: socket.socket | None = None
+        self.bare_pid: int | None = None
 
     def argv(self) -> list[str]:
         argv = base_argv(self.opts.perl, self.sock.parent, self.opts.modules)
@@ -64,6 +70,34 @@ class TestBase:
         """The base `emperor prove` started beside prove (started.py)."""
         self.pid, self.pipe, self.config_w = early.pid, early.pipe, early.config_w
         self.configured_by_prove = early.configured_by_prove
+        self.bare_pipe = early.bare_pipe
+
+    def bare_ready(self) -> bool:
+        """Whether the bare base (asked for in the config) is serving: its
+        byte 1 (it was cloned before the full base's preloads, so it comes
+        first). When it is not, its %INC keys are removed: prove then
+        runs those files cold."""
+        pipe = self.bare_pipe
+        if pipe is not None and self.bare_pid is None:
+            pipe.settimeout(30)
+            try:
+                byte = pipe.recv(1)
+            except OSError:
+                byte = b""
+            if byte == bytes([protocol.VassalByte.SPAWNED]):  # (else it is gone: no pid to kill)
+                try:
+                    self.bare_pid = int((self.sock.parent / "bare.pid").read_text())
+                except (OSError, ValueError):
+                    self.bare_pid = None
+            if self.bare_pid is None:
+                self.stop_bare()
+        if self.bare_pid is None:
+            try:
+                self.bare_keys.unlink()
+            except OSError:
+                pass
+            return False
+        return True
 
     def start_early(self, env: dict[str, str]) -> None:
         """Start it before its library directories and preloads are known
@@ -101,7 +135,7 @@ class TestBase:
         self.wait_ready()
 
     def spawn(self, env: dict[str, str], config_fd: int | None = None) -> None:
-        self.pid, self.pipe = spawn_base(self.argv(), self.sock.parent, env, config_fd)
+        self.pid, self.pipe, _ = spawn_base(self.argv(), self.sock.parent, env, config_fd)
 
     def wait_ready(self) -> None:
         ours = self.pipe
@@ -130,7 +164,25 @@ class TestBase:
         """It ended, and the caller's wait for any child took its status."""
         self.pid, self.ended_status = None, status
 
+    def bare_reaped(self) -> None:
+        """The bare base ended, and the caller's wait for any child took it."""
+        self.bare_pid = None
+
+    def stop_bare(self) -> None:
+        if self.bare_pipe is not None:
+            self.bare_pipe.close()  # end of file: it stops
+            self.bare_pipe = None
+        if self.bare_pid is not None:
+            try:
+                os.kill(self.bare_pid, signal.SIGKILL)
+                _, _, usage = os.wait4(self.bare_pid, 0)
+                trace("exit", "bare base", self.bare_pid, usage.ru_utime + usage.ru_stime)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self.bare_pid = None
+
     def stop(self) -> None:
+        self.stop_bare()
         if self.config_w is not None:  # started early, never configured
             os.close(self.config_w)
             self.config_w = None

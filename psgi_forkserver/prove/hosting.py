@@ -25,72 +25,46 @@ from __future__ import annotations
 import ctypes
 import os
 import selectors
-import shutil
 import signal
 import socket
 import struct
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import adoption, paths, protocol
+from .. import adoption, protocol
 from ..nonblocking import SignalWakeup
 from .base import BaseError, TestBase, start_with_streams
-from .started import Started
-from .testfiles import ProveOptions, test_env
+from .started import Started, perl_dir, remove_private_dir
+from .testfiles import ProveOptions, file_timeout, test_env
 from .trace import TRACE, trace
 
 
-@dataclass
 class Forked:
-    """One forked test: its streams, its client, what it wrote."""
+    """One forked test: its streams, its client, what it wrote. (A plain
+    class: dataclasses would cost every run's start ~15 ms of CPU.)"""
 
-    file: str
-    conn: socket.socket
-    pid: int = 0
-    out: socket.socket | None = None
-    err: socket.socket | None = None
-    out_bytes: bytearray = field(default_factory=bytearray)
-    err_bytes: bytearray = field(default_factory=bytearray)
-    status: int | None = None
-    started: float = 0.0
-    timeout: float | None = None
-    timed_out: bool = False
+    __slots__ = ("file", "conn", "pid", "out", "err", "out_bytes", "err_bytes", "status",
+                 "started", "timeout", "timed_out")
+
+    def __init__(self, file: str, conn: socket.socket, timeout: float | None = None) -> None:
+        self.file, self.conn, self.timeout = file, conn, timeout
+        self.pid = 0
+        self.out: socket.socket | None = None
+        self.err: socket.socket | None = None
+        self.out_bytes, self.err_bytes = bytearray(), bytearray()
+        self.status: int | None = None
+        self.started = 0.0
+        self.timed_out = False
 
     @property
     def done(self) -> bool:
         return self.status is not None and self.out is None and self.err is None
 
 
-def file_timeout(file: str, default: float | None) -> float | None:
-    """yath's per-file timeout markers: `# HARNESS-NO-TIMEOUT` lifts
-    --timeout; `# HARNESS-TIMEOUT-EVENT N` and `# HARNESS-TIMEOUT-POSTEXIT N`
-    give the file N seconds more than --timeout (we time whole files)."""
-    if default is None:
-        return None
-    extra = 0.0
-    try:
-        with open(file, "rb") as fh:
-            head = fh.read(65536).decode("utf-8", "replace")
-    except OSError:
-        return default
-    for line in head.splitlines():
-        words = line.strip().lstrip("#").split()
-        if not words or not words[0].startswith("HARNESS-"):
-            continue
-        if words[0] == "HARNESS-NO-TIMEOUT":
-            return None
-        if words[0] in ("HARNESS-TIMEOUT-EVENT", "HARNESS-TIMEOUT-POSTEXIT") and len(words) > 1:
-            try:
-                extra = max(extra, float(words[1]))
-            except ValueError:
-                pass
-    return default + extra
-
-
 PR_SET_CHILD_SUBREAPER = 36
+# (paths.vassal_program(), without pathlib)
+VASSAL_PROGRAM = os.path.join(perl_dir(), "ForkServer.pm")
 
 
 
@@ -102,7 +76,10 @@ class Session:
     def __init__(self, opts: ProveOptions, err=sys.stderr, tmp: str | None = None) -> None:
         self.opts = opts
         self.errout = err
-        self.tmp = Path(tmp or tempfile.mkdtemp(prefix="emperor-prove-"))
+        if tmp is None:
+            from .started import private_dir
+            tmp = private_dir()
+        self.tmp = Path(tmp)
         self.base = TestBase(opts, self.tmp)
         self.env = test_env(opts)
         self.orphans_reaped = 0
@@ -122,7 +99,7 @@ class Session:
         self.base.stop()
         self.reap_leftovers()
         self.wakeup.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        remove_private_dir(str(self.tmp))
 
     def reap_leftovers(self) -> None:
         """What tests left running (daemons, orphans that outlived their
@@ -241,8 +218,8 @@ class Host:
             elif kind == b"N":  # prove runs every file itself: no base
                 self.prove.base.stop()
                 conn.close()
-            elif kind == b"T":
-                self.start_test(conn, payload)
+            elif kind in (b"T", b"U"):  # U: from the bare base
+                self.start_test(conn, payload, bare=kind == b"U")
             else:
                 raise ValueError(f"unknown request {kind!r}")
         except (OSError, ValueError) as e:
@@ -263,23 +240,29 @@ class Host:
             base.configure(items)
         except (BaseError, OSError) as e:
             return f"{e}\n".encode()
+        if "bare=1" in items:
+            base.bare_ready()  # (when it is not, prove runs those files cold)
+        else:
+            base.stop_bare()
         try:
             keys = self.prove.base.inc_keys.read_bytes()
         except OSError:
             keys = b""
         return b"ok\n" + keys
 
-    def start_test(self, conn: socket.socket, payload: bytes) -> None:
+    def start_test(self, conn: socket.socket, payload: bytes, bare: bool = False) -> None:
         file_b, _, spec = payload.partition(b"\0")
         file = file_b.decode("utf-8", "surrogateescape")
         if TRACE is not None:
             trace("request", file, 0, 0)
         f = Forked(file, conn, timeout=file_timeout(file, self.prove.opts.timeout))
 
+        base = self.prove.base
+
         def start(out_fd: int, err_fd: int) -> int:
-            if self.prove.base.pid is None:
-                raise BaseError("the base is not running")
-            return adoption.adopt(self.prove.base.sock, [str(paths.vassal_program()), "--test-file", file],
+            if (base.bare_pid if bare else base.pid) is None:
+                raise BaseError("the bare base is not running" if bare else "the base is not running")
+            return adoption.adopt(base.bare_sock if bare else base.sock, [VASSAL_PROGRAM, "--test-file", file],
                                   out_fd, config_fd=err_fd, timeout=60)
         try:
             f.pid, f.out, f.err = start_with_streams(start, spec)
@@ -339,7 +322,8 @@ class Host:
                 return
             if TRACE is not None:
                 who = ("prove" if pid == self.shim_pid else self.forked[pid].file if pid in self.forked
-                       else "base" if pid == self.prove.base.pid else "orphan")
+                       else "base" if pid == self.prove.base.pid
+                       else "bare base" if pid == self.prove.base.bare_pid else "orphan")
                 trace("exit", who, pid, usage.ru_utime + usage.ru_stime)
             if pid == self.shim_pid:
                 self.shim_status = status
@@ -347,6 +331,8 @@ class Host:
                 self.forked[pid].status = status
             elif pid == self.prove.base.pid:
                 self.prove.base.reaped(status)
+            elif pid == self.prove.base.bare_pid:
+                self.prove.base.bare_reaped()
             else:
                 self.prove.orphans_reaped += 1
 

@@ -56,17 +56,20 @@ class EarlyBase:
     """A base started before its library directories and preloads are
     known: it loads its own code meanwhile, then reads them on its config
     pipe: from prove directly (`config_w` None), or from us on `config_w`
-    (TestBase.configure). `pipe` is its Emperor pipe."""
+    (TestBase.configure). `pipe` is its Emperor pipe; `bare_pipe` the
+    Emperor pipe of the bare base it clones before its preloads when prove
+    asks for one (ForkServer::Prove::TestFile)."""
 
-    def __init__(self, pid: int, pipe, config_w: int | None) -> None:
-        self.pid, self.pipe, self.config_w = pid, pipe, config_w
+    def __init__(self, pid: int, pipe, config_w: int | None, bare_pipe=None) -> None:
+        self.pid, self.pipe, self.config_w, self.bare_pipe = pid, pipe, config_w, bare_pipe
         self.configured_by_prove = config_w is None
 
 
 def program(perl: str) -> str:
     """`perl` itself when it has a slash, else where PATH finds it
-    (FileNotFoundError when nowhere). (spawn.program_path's shutil.which,
-    without importing shutil, zlib and bz2: ~3 ms of a 1-file run.)"""
+    (FileNotFoundError when nowhere). (spawn.program_path's search,
+    without importing spawn's resource and signal: a 1-file run execs
+    prove with no more than this.)"""
     if os.sep in perl:
         return perl
     for d in os.get_exec_path():
@@ -89,14 +92,58 @@ def base_env() -> dict[str, str]:
     return env
 
 
+def private_dir() -> str:
+    """A new directory only we can enter, in $TMPDIR (else /tmp), as
+    tempfile.mkdtemp makes (without importing tempfile: random, hashlib,
+    weakref, shutil's compressors, ~5 ms of every run's start)."""
+    where = os.environ.get("TMPDIR") or "/tmp"
+    for _ in range(100):
+        path = os.path.join(os.path.abspath(where), "emperor-prove-" + os.urandom(6).hex())
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(17, "no unused name for a private directory", where)
+
+
+def remove_private_dir(path: str) -> None:
+    """`private_dir()`'s directory and what is in it (files and sockets;
+    shutil is imported only for a directory left inside)."""
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                import shutil
+
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            pass
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def perl_dir() -> str:
+    """paths.perl_dir(), as a string and without pathlib (started.py is
+    what every run imports first)."""
+    here = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    installed = os.path.join(here, "perl")
+    if os.path.isfile(os.path.join(installed, "ForkServer.pm")):
+        return installed
+    return os.path.join(os.path.dirname(here), "perl")
+
+
 def start_prove(perl: str, shim_args: list[str], prove_args: list[str]) -> Started:
-    import shutil
     import socket
-    import tempfile
 
-    from ..paths import perl_dir
-
-    tmp = tempfile.mkdtemp(prefix="emperor-prove-")
+    tmp = private_dir()
     control = os.path.join(tmp, "prove.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     umask = os.umask(0o177)
@@ -118,7 +165,7 @@ def start_prove(perl: str, shim_args: list[str], prove_args: list[str]) -> Start
     except OSError:
         listener.close()
         os.close(config_r)
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_private_dir(tmp)
         raise
     finally:
         os.close(config_w)
@@ -127,8 +174,6 @@ def start_prove(perl: str, shim_args: list[str], prove_args: list[str]) -> Start
 
 def base_argv(perl: str, tmp: str | Path, modules: list[str] = []) -> list[str]:  # noqa: B006 (read only)
     """The base's command line, before its preloads (TestBase.argv adds them)."""
-    from ..paths import perl_dir
-
     return [perl, f"-I{perl_dir()}", "-MForkServer::Prove::TestFile",
             *(f"-M{m}" for m in modules), "-e", BASE_MAIN, "--",
             "--inc-report", os.path.join(tmp, "inc"), "--inc-keys", os.path.join(tmp, "inc-keys"),
@@ -141,15 +186,21 @@ def base_argv(perl: str, tmp: str | Path, modules: list[str] = []) -> list[str]:
             "--fork-server-spares", "0"]
 
 
-def spawn_base(argv: list[str], tmp: str | Path, env: dict[str, str], config_fd: int | None = None):
+def spawn_base(argv: list[str], tmp: str | Path, env: dict[str, str], config_fd: int | None = None,
+               bare_pipe: bool = False):
     """Start the base with `argv` (and `--config-fd`): its stdin and
     stdout /dev/null, stderr its log in `tmp`, in a session of its own;
-    returns its pid and our end of its Emperor pipe."""
+    returns its pid, our end of its Emperor pipe, and with `bare_pipe` our
+    end of the Emperor pipe of the bare base it may clone (else None)."""
     import socket
 
     from ..spawn import spawn
 
     ours, theirs = socket.socketpair()
+    bare_ours, bare_theirs = socket.socketpair() if bare_pipe else (None, None)
+    if bare_theirs is not None:  # before --config-fd: the config may ask for the bare base
+        argv = [*argv, "--bare-pipe-fd", str(bare_theirs.fileno())]
+        os.set_inheritable(bare_theirs.fileno(), True)
     if config_fd is not None:
         argv = [*argv, "--config-fd", str(config_fd)]
         os.set_inheritable(config_fd, True)
@@ -159,10 +210,14 @@ def spawn_base(argv: list[str], tmp: str | Path, env: dict[str, str], config_fd:
                     stdin=None, stdout=None, stderr=os.path.join(tmp, "base.log"))
     except BaseException:
         ours.close()
+        if bare_ours is not None:
+            bare_ours.close()
         raise
     finally:
         theirs.close()
-    return pid, ours
+        if bare_theirs is not None:
+            bare_theirs.close()
+    return pid, ours, bare_ours
 
 
 def start_base_early(perl: str, tmp: str, env: dict[str, str], config_r: int | None = None) -> EarlyBase:
@@ -171,11 +226,11 @@ def start_base_early(perl: str, tmp: str, env: dict[str, str], config_r: int | N
     (prove's --config-fd pipe, which the caller closes), prove configures
     it; else we do, on the returned base's `config_w`."""
     if config_r is not None:
-        pid, pipe = spawn_base(base_argv(perl, tmp), tmp, env, config_fd=config_r)
-        return EarlyBase(pid, pipe, None)
+        pid, pipe, bare_pipe = spawn_base(base_argv(perl, tmp), tmp, env, config_fd=config_r, bare_pipe=True)
+        return EarlyBase(pid, pipe, None, bare_pipe)
     r, w = os.pipe()
     try:
-        pid, pipe = spawn_base(base_argv(perl, tmp), tmp, env, config_fd=r)
+        pid, pipe, _ = spawn_base(base_argv(perl, tmp), tmp, env, config_fd=r)
     except BaseException:
         os.close(w)
         raise

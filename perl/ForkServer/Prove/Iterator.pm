@@ -83,7 +83,8 @@ sub _initialize {
     my ($self, $args) = @_;
     $self->{$_} = $args->{$_} for qw(file cold on_cold_pass loads on_loads);
     my $sock = _connect($args->{socket});
-    _send($sock, 'T', "$args->{file}\0$args->{spec}");
+    # U: a fork of the bare base (none of the suite's modules loaded)
+    _send($sock, $args->{bare} ? 'U' : 'T', "$args->{file}\0$args->{spec}");
     $self->{sock} = $sock;
     return $self;
 }

@@ -11,6 +11,7 @@ use parent 'TAP::Parser::SourceHandler::Perl';
 use TAP::Parser::IteratorFactory ();
 use Text::ParseWords ();
 
+use ForkServer::Prove::ColdRules ();
 use ForkServer::Prove::Iterator ();
 use ForkServer::Prove::Loads ();
 use ForkServer::Prove::Spec ();
@@ -58,6 +59,8 @@ its verdict, C<--state> remembers it, and stderr says so.
 my %CFG;        # setup()'s arguments
 my %NOTED;      # notes already given
 my %BASE_INC;   # the files the base has loaded (keys of its %INC)
+my %BARE_INC;   # those of the bare base (our code and Test2 only), when there is one
+my %TOP_LEVEL_READ = (base => {}, bare => {});    # ForkServer::Prove::ColdRules's caches
 our $LEARNED;   # the automatic preload came from --state's records
 
 sub note {
@@ -95,6 +98,9 @@ sub setup {
     # destruction at exit is then cheaper than freeing what the test loaded
     # package by package (ForkServer::Prove::TestFile's fast exit), and exact.
     $CFG{destruct} = 1 unless grep { !/\Ainc=/ } @items;
+    # Something preloaded: a bare base beside the full one (cloned before
+    # the preloads), for the files the preloads would change (below)
+    push @items, 'bare=1' if !$CFG{destruct} && $args{config_fh} && _may_need_bare(@{ $args{tests} });
     # The base started beside prove reads them from its pipe: it starts
     # preloading now, not once the Emperor side has read our request.
     if (my $fh = delete $CFG{config_fh}) {
@@ -112,6 +118,20 @@ sub setup {
     }
     @CFG{qw(pending auto_modules)} = ($sock, \@auto);
     return;
+}
+
+# Whether a file could be forked from a bare base: a cheap look at what
+# the rules below look for (they need the base's %INC, not known yet);
+# when none could, no bare base is made (its start, ~10 ms of CPU, saved).
+sub _may_need_bare {
+    my (@files) = @_;
+    for my $file (@files) {
+        my $t = $CFG{state} && eval { $CFG{state}->results->{tests}{$file} };
+        return 1 if $t && ($t->{emperor_cold} // '') =~ /\Ait failed or skipped forked and passed cold\z/;
+        my $text = _head($file) // next;
+        return 1 if $text =~ /\$INC\s*\{/ || ($text =~ /\bBEGIN\b/ && $text =~ /CORE::GLOBAL::|ENV/);
+    }
+    return 0;
 }
 
 # The base's answer to setup's request, when it is still to be read: the
@@ -142,6 +162,13 @@ sub _base_reply {
         return;
     }
     %BASE_INC = map { my ($k, $v) = split /\t/, $_, 2; ($k => $v // 1) } split /\0/, $reply;
+    # the bare base's %INC, when it is serving (the Emperor side removes it otherwise)
+    (my $bare_keys = $args{socket}) =~ s{[^/]*\z}{inc-keys.bare};
+    if (open my $fh, '<', $bare_keys) {
+        local $/;
+        my $text = <$fh> // '';
+        %BARE_INC = map { my ($k, $v) = split /\t/, $_, 2; ($k => $v // 1) } grep { length } split /\0/, $text;
+    }
     if ($args{auto} && !$args{quiet}) {    # the ones that loaded
         my @loaded = grep { (my $key = "$_.pm") =~ s{::}{/}g; $BASE_INC{$key} } @auto;
         if ($LEARNED) {    # many (what they load, not only what they `use`): the first few
@@ -252,83 +279,42 @@ sub cold_reason {
     return "it asks for no preload (# HARNESS-NO-PRELOAD)" if $text =~ /^\s*#\s*HARNESS-NO-PRELOAD\s*$/m;
     return "it asks for no preload (# emperor-prove: no-preload)"
         if $text =~ /^\s*#\s*emperor-prove:\s*no-preload\s*$/m;
+    return _preload_reason($file, $text, 0);
+}
+
+# Why the base's preloads would change what the file sees, or undef;
+# `$bare`: for the bare base (against its %INC).
+sub _preload_reason {
+    my ($file, $text, $bare) = @_;
+    my $base_inc = $bare ? \%BARE_INC : \%BASE_INC;
     if (my $state = $CFG{state}) {
         my $t = eval { $state->results->{tests}{$file} };    # test() would add it
-        return ($CFG{memory} ? "last run" : "--state") . ": $t->{emperor_cold}" if $t && $t->{emperor_cold};
+        my $why = $t && $t->{emperor_cold};
+        return ($CFG{memory} ? "last run" : "--state") . ": $why"
+            if $why && (!$bare || $why =~ /from a bare base/);
     }
-    my $changes = _changes_before_preloaded_use($text);
+    my $changes = ForkServer::Prove::ColdRules::changes_before_preloaded_use(
+        $text, $base_inc, $TOP_LEVEL_READ{ $bare ? 'bare' : 'base' });
     return "it sets $changes before using a preloaded module" if $changes;
     # `ok !$INC{'Moo/Role.pm'}`: whether a module is loaded yet; in a
     # fork of the base it always is (it would fail forked, then run cold)
     while ($text =~ /\$INC\s*\{\s*(['"])([\w\/]+\.pm)\1\s*\}/g) {
-        return "it looks at \$INC{'$2'} (preloaded)" if $BASE_INC{$2};
+        return "it looks at \$INC{'$2'} (preloaded)" if $base_inc->{$2};
     }
     return undef;
 }
 
-# %ENV or CORE::GLOBAL changed before a `use` of something the base loaded:
-# the module was compiled (constants folded) before the change. For %ENV,
-# only variables a preloaded file reads at its top level (an unindented
-# line: `use constant X => $ENV{...}`, `our $X = $ENV{...}`); one read inside
-# a sub is read when the test calls it, after its change (Mojo's
-# MOJO_REACTOR). A change this misses makes the forked run fail, and the
-# file is then run cold (the retry). Textual on purpose: cheap, and erring
-# towards cold only costs time.
-sub _changes_before_preloaded_use {
-    my ($text) = @_;
-    my $last_use = -1;
-    while ($text =~ /^\s*use\s+([A-Z][\w:]*)/mg) {
-        my $at = $-[0];
-        (my $inc = "$1.pm") =~ s{::}{/}g;
-        $last_use = $at if $BASE_INC{$inc};
-    }
-    return undef if $last_use < 0;
-    # Only what runs at compile time can reach a `use` (which itself runs
-    # at compile time, wherever it stands): the BEGIN blocks above it. An
-    # assignment at run time above a `use` runs after it, under perl as
-    # in a fork (Mojolicious's exception_lite_app.t sets MOJO_LOG_LEVEL so).
-    my $before = '';
-    while ($text =~ /\bBEGIN\s*(\{(?:[^{}]++|(?1))*+\})/g) {
-        last if $-[0] >= $last_use;
-        $before .= "$1\n";
-    }
-    $before =~ s/^\s*#.*$//mg;
-    return 'CORE::GLOBAL' if $before =~ /CORE::GLOBAL::/;
-    return '%ENV' if $before =~ /%ENV\s*=(?!=)/;
-    my %names;
-    $names{$1}++ while $before =~ /\$ENV\s*\{\s*['"]?(\w+)['"]?\s*\}\s*(?:\|\||\/\/|\.)?=(?!=)/g;
-    $names{$1}++ while $before =~ /(?:local|delete)\s+\$ENV\s*\{\s*['"]?(\w+)['"]?\s*\}/g;
-    for my $name (sort keys %names) {
-        return "\$ENV{$name}" if _read_at_top_level($name);
-    }
-    return undef;
-}
-
-my %TOP_LEVEL_READ;    # variable name -> whether a preloaded file reads it at its top level
-
-sub _read_at_top_level {
-    my ($name) = @_;
-    return $TOP_LEVEL_READ{$name} //= do {
-        my $found = 0;
-        # the base's own code (ForkServer::Config reads PLACK_ENV as it
-        # loads) is not the test's: only the preloads count
-        (my $ours = $INC{'ForkServer/Prove/Source.pm'} // '') =~ s{ForkServer/Prove/Source\.pm\z}{ForkServer/};
-        for my $path (grep { !/\A1\z/ && (!length $ours || index($_, $ours) != 0) } values %BASE_INC) {
-            open my $fh, '<', $path or next;
-            local $/;
-            my $src = <$fh> // '';
-            $src =~ s/^__(?:END|DATA)__\b.*//ms;
-            $src =~ s/^=[a-zA-Z].*?(?:^=cut\b[^\n]*|\z)//msg;    # POD
-            # an unindented line, not inside a `sub {` on that line
-            while ($src =~ /^(\S[^\n]*)\b\Q$name\E\b/mg) {
-                next if $1 =~ /\bsub\b(?:\s+\w+)?\s*\{/ || $1 =~ /^\s*#/;
-                $found = 1;
-                last;
-            }
-            last if $found;
-        }
-        $found;
-    };
+# Whether a file that must not be forked from the full base because of
+# its preloads can be forked from the bare base instead: the same rules,
+# against what the bare base loaded (our own code and Test2). A file that
+# fails there is run again cold, as any forked file.
+sub _bare_fits {
+    my ($file, $reason) = @_;
+    return 0 unless %BARE_INC;
+    return 0 unless $reason =~ /\Ait (?:sets|looks at) /
+        || $reason =~ /: it failed or skipped forked and passed cold\z/;
+    my $text = _head($file) // return 0;
+    return !defined _preload_reason($file, $text, 1);
 }
 
 sub _create_iterator {
@@ -340,7 +326,11 @@ sub _create_iterator {
     my $reason = $command->[0] ne $^X
         ? "HARNESS_PERL ($command->[0]) is not the base's perl"
         : $class->cold_reason($file, \@switches, $source->meta->{file}{shebang});
-    if (defined $reason) {
+    my $bare = defined $reason && _bare_fits($file, $reason);
+    if ($bare) {
+        $class->note("$file runs forked from a bare base (none of the suite's modules loaded): $reason");
+    }
+    elsif (defined $reason) {
         $class->note($reason =~ /\Ait |\A--state|\Alast run/ ? "$file runs cold: $reason" : "$reason: such files run as prove runs them");
         return $cold->();
     }
@@ -351,13 +341,16 @@ sub _create_iterator {
     $warnings ||= 1 if ($ENV{PERL5OPT} // '') =~ /(?:^|\s)-w\b/;
     $warnings ||= 1 if ($source->meta->{file}{shebang} // '') =~ /^#!.*\bperl\S*\s+(?:-\S+\s+)*-w\b/;
     # with --state, the file says what it loaded (for the next run's preload)
-    my $loads = $CFG{state} ? _loads_path() : undef;
+    # (a file forked from the bare base loads what it loads: nothing to learn
+    # against the full base; its small inherited heap is destroyed as by perl)
+    my $loads = $CFG{state} && !$bare ? _loads_path() : undef;
     my $spec = ForkServer::Prove::Spec::encode(
         file => $file, cwd => Cwd::getcwd(), args => \@args, env => \%env, perl => $command->[0],
-        warnings => $warnings, merge => $source->merge, destruct => $CFG{destruct}, loads => $loads);
+        warnings => $warnings, merge => $source->merge, destruct => ($bare ? 1 : $CFG{destruct}),
+        loads => $loads);
     return ForkServer::Prove::Iterator->new({
-        socket => $CFG{socket}, file => $file, spec => $spec, cold => $cold,
-        on_cold_pass => sub { _remember_cold($file) },
+        socket => $CFG{socket}, file => $file, spec => $spec, cold => $cold, bare => $bare,
+        on_cold_pass => sub { _remember_cold($file, $bare) },
         (defined $loads ? (loads => $loads, on_loads => sub { _remember_loads($file, @_) }) : ()),
     });
 }
@@ -371,11 +364,12 @@ sub _loads_path {
 }
 
 sub _remember_cold {
-    my ($file) = @_;
-    __PACKAGE__->note("$file failed or skipped forked and passed cold: its verdict is the cold run's"
+    my ($file, $bare) = @_;
+    my $from = $bare ? ' from a bare base' : '';
+    __PACKAGE__->note("$file failed or skipped forked$from and passed cold: its verdict is the cold run's"
         . (!$CFG{state} ? "" : $CFG{memory} ? " (remembered for the next run)" : " (--state remembers it)"));
     my $state = $CFG{state} or return;
-    eval { $state->results->test($file)->{emperor_cold} = 'it failed or skipped forked and passed cold'; 1 };
+    eval { $state->results->test($file)->{emperor_cold} = "it failed or skipped forked$from and passed cold"; 1 };
     return;
 }
 

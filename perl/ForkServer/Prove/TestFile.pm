@@ -27,6 +27,8 @@ BEGIN { _start_test2_preload() unless grep { $_ eq '--config-fd' } @ARGV }
 
 use Filter::Util::Call ();    # loaded here, not in every test
 use ForkServer::Prove::Loads ();
+use ForkServer::Prove::BareBase ();
+use ForkServer::Prove::EarlyConfig ();
 use ForkServer ();    # a modulino: loaded, not run
 use ForkServer::Base ();
 
@@ -93,17 +95,32 @@ separated by NUL bytes). Returns only in a test child, from inside the C<BEGIN>
 block, with the rest of the main program replaced by the test file. In the
 base it exits when the base stops.
 
+With C<--bare-pipe-fd N> and the config item C<bare=1>, a bare base too
+(L<ForkServer::Prove::BareBase>).
+
 =cut
 
 sub serve {
     my (@argv) = @_;
-    my (@base_argv, $inc_report, $inc_keys);
+    my (@base_argv, $inc_report, $inc_keys, $bare_fd, $bare);
     while (@argv) {
         my $arg = shift @argv;
         if ($arg eq '--config-fd') {
-            unshift @argv, _read_config(shift @argv);
+            unshift @argv, ForkServer::Prove::EarlyConfig::options(shift @argv);
             _start_test2_preload();
         }
+        elsif ($arg eq '--bare-pipe-fd') { $bare_fd = shift @argv }
+        elsif ($arg eq '--bare-base') {
+            # before the preloads: a second fork server with nothing of the
+            # suite loaded, for the files that must not see the preloads
+            my $fd = $bare_fd;
+            undef $bare_fd;    # closed in the base, the Emperor pipe in the clone
+            next unless defined $fd && ForkServer::Prove::BareBase::clone($fd);
+            $bare = 1;    # we are it: the preloads are the other base's
+            ($inc_report, $inc_keys) = (undef, defined $inc_keys ? "$inc_keys.bare" : undef);
+            ForkServer::Prove::BareBase::take_place(\@base_argv);
+        }
+        elsif ($bare && $arg =~ /\A--preload(?:-module|-optional)?\z/) { shift @argv }
         elsif ($arg eq '--lib') {
             require lib;
             lib->import(shift @argv);
@@ -131,6 +148,7 @@ sub serve {
         elsif ($arg eq '--inc-keys')   { $inc_keys   = shift @argv }
         else { push @base_argv, $arg }
     }
+    POSIX::close($bare_fd) if defined $bare_fd;    # no bare base was asked for
     # what the base loaded: files for `emperor prove --watch` to watch, and
     # %INC's keys for telling which tests change things before using them
     for ([$inc_report, sub { values %INC }],
@@ -147,30 +165,6 @@ sub serve {
     _become(%$spec);
     _compile_next($spec->{file});
     return;
-}
-
-# `--config-fd N`: the base was started before prove had read its command
-# line (so that both start at once); the rest of its options come on this
-# pipe when prove knows them, NUL-separated: inc=DIR (in @INC, as the
-# tests' PERL5LIB), module=M, optional=M, file=F (preloads).
-sub _read_config {
-    my ($fd) = @_;
-    open my $fh, '<&=', $fd or die "--config-fd $fd: $!\n";
-    local $/;
-    my $text = <$fh> // '';
-    close $fh;
-    my %option = (inc => '--lib', module => '--preload-module', optional => '--preload-optional',
-        file => '--preload');
-    my (@libs, @rest);
-    for my $item (grep { length } split /\0/, $text) {
-        my ($key, $value) = split /=/, $item, 2;
-        die "--config-fd: bad item '$item'\n" unless defined $value && $option{$key};
-        push @{ $key eq 'inc' ? \@libs : \@rest }, $option{$key}, $value;
-    }
-    # lib->import puts each in front: the last first, so that @INC has them in order
-    my @lib_args;
-    unshift @lib_args, splice @libs, 0, 2 while @libs;
-    return @lib_args, @rest;
 }
 
 # The rest of the main program is the test file: a source filter gives
