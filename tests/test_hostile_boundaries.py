@@ -87,7 +87,9 @@ def test_a_template_that_loops_is_its_vassals_config_error(hostile):
     wait_for(lambda: e.status().get("slow", {}).get("state") == "config-error", 30, "slow: config-error")
     assert "slow.ini.j2: rendering took more than 1 s" in e.status()["slow"]["error"]
     emperor_ok(e)
-    (e.dir / "slow.ini.j2").write_text(app_ini("slow", slow, processes=1))
+    # replaced whole (a truncated file read halfway is a config error too)
+    (e.dir / ".slow.tmp").write_text(app_ini("slow", slow, processes=1))
+    os.rename(e.dir / ".slow.tmp", e.dir / "slow.ini.j2")
     wait_for(lambda: get(slow)["name"] == "slow", 30, "slow once fixed")
     # rescans (every 2 s) met the same file meanwhile: no render, no new line
     assert len(e.lines("[slow] bad config")) == 1, e.lines("[slow]")
