@@ -173,12 +173,7 @@ class TestBase:
             self.bare_pipe.close()  # end of file: it stops
             self.bare_pipe = None
         if self.bare_pid is not None:
-            try:
-                os.kill(self.bare_pid, signal.SIGKILL)
-                _, _, usage = os.wait4(self.bare_pid, 0)
-                trace("exit", "bare base", self.bare_pid, usage.ru_utime + usage.ru_stime)
-            except (ProcessLookupError, ChildProcessError):
-                pass
+            _kill_and_reap(self.bare_pid, "bare base")
             self.bare_pid = None
 
     def stop(self) -> None:
@@ -190,13 +185,7 @@ class TestBase:
             self.pipe.close()  # end of file: the base stops
             self.pipe = None
         if self.pid is not None:
-            # it has nothing to save, and a test run waits for its end
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-                _, _, usage = os.wait4(self.pid, 0)
-                trace("exit", "base", self.pid, usage.ru_utime + usage.ru_stime)
-            except (ProcessLookupError, ChildProcessError):
-                pass
+            _kill_and_reap(self.pid, "base")
             self.pid = None
 
     def preloaded(self) -> set[str] | None:
@@ -237,3 +226,13 @@ def start_with_streams(start: Callable[[int, int], int],
     out_ours.shutdown(socket.SHUT_WR)
     err_ours.shutdown(socket.SHUT_WR)
     return pid, out_ours, err_ours
+
+
+def _kill_and_reap(pid: int, what: str) -> None:
+    """A base has nothing to save, and a test run waits for its end."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+        _, _, usage = os.wait4(pid, 0)
+        trace("exit", what, pid, usage.ru_utime + usage.ru_stime)
+    except (ProcessLookupError, ChildProcessError):
+        pass
