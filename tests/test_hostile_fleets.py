@@ -224,13 +224,24 @@ def test_a_vassal_flooding_its_emperor_pipe_with_config_requests_stalls_no_one(h
 
 
 def test_a_vassal_repeating_a_byte_on_its_emperor_pipe_is_logged_once(hostile):
-    """80,000 times 'stop me' (byte 22) from a tenant's helper: one line in
-    the Emperor's log, one stop, not one line a byte."""
+    """80,000 times 'stop me' (byte 22) from a tenant's helper: at most one
+    line in the Emperor's log and one stop a process, not one line a byte
+    (the bytes that come before the process is loyal are its app's, and
+    stop nothing)."""
     flood = free_port()
     e = hostile({"flood": f"[uwsgi]\nhttp-socket = 127.0.0.1:{flood}\nprocesses = 1\n"
                           f"env = FLOOD_BYTE=22\npsgi = {APP.parent / 'config_flood.psgi'}\n"})
-    wait_for(lambda: e.lines("[flood] asked to be stopped"), 30, "the stop asked")
-    wait_for(lambda: len(e.vpids("flood")) >= 2, 30, "a new process after the stop")
+    wait_for(lambda: get(flood), 30, "the flooded vassal to answer")
+    pid = e.vpid("flood")
+
+    def helper_done() -> bool:  # its 80,000 bytes written
+        try:
+            return not [c for c in psutil.Process(pid).children()
+                        if "config flood helper" in " ".join(c.cmdline())]
+        except psutil.NoSuchProcess:
+            return True
+    wait_for(helper_done, 30, "the helper to have written its bytes")
+    e.after_a_rescan()  # a later turn of the loop: the bytes in the pipe are read
     assert len(e.lines("asked to be stopped")) <= len(e.vpids("flood")), \
         len(e.lines("asked to be stopped"))
     emperor_ok(e)

@@ -141,9 +141,8 @@ class Vassal(VassalView, Decisions):
 
     @fact
     def touch(self) -> None:
-        """`touch` of the file: a reload as if its content had changed (a
-        base: a new generation, what a changed base file does). A stopped
-        vassal runs again, as for any change of its file."""
+        """`touch` of the file: a reload as if its content had changed (a base:
+        a new generation). A stopped vassal runs again, as for any change."""
         self.held = False
         if self.is_base and self.current is not None and self.current.kind == Kind.BASE:
             self.request_deploy()
@@ -165,9 +164,7 @@ class Vassal(VassalView, Decisions):
     @fact
     def release(self) -> None:
         """`emperor start NAME`: run again now, without a crash-loop backoff."""
-        self.held = False
-        self.failures = 0
-        self.not_before = 0.0
+        self.held, self.failures, self.not_before = False, 0, 0.0
 
     @fact
     def request_reload(self) -> None:
@@ -242,13 +239,11 @@ class Vassal(VassalView, Decisions):
         elif byte == VassalByte.HEARTBEAT:
             p.beat(now)
         elif byte == VassalByte.DONE:
-            # once per process: the pipe is the vassal's, its app may repeat it.
-            # Before the process is loyal it is its app's, as it loads (a server
-            # says it after serving: idle, max-requests, a reload): acted on, it
-            # would restart the vassal in a loop that no back-off slows
+            # once a process (its app may repeat it); before it is loyal, its
+            # app's as it loads: a restart loop that no back-off would slow
             if p.state != ProcState.LOYAL:
                 return None
-            if p.live and not self.on_demand and p.config.solo:  # `master = false`: a new process
+            if not self.on_demand and p.config.solo:  # `master = false`: a new process
                 return who + "asked to be replaced" if p.ask_replacement() else None
             if p is self.current and p.live and self.stop_reason is None:
                 self.stop_reason = "idle" if self.on_demand else "asked to stop"
