@@ -229,3 +229,17 @@ def test_connect_without_a_server_runs_the_file_cold(tmp_path: Path) -> None:
     assert ours.returncode == 3
     assert ours.stdout == "1..1\nok 1\n"
     assert "running tests/prove_suite/exit_3.t cold" in ours.stderr
+
+
+def test_a_forked_file_with_two_plans_is_a_failure_and_runs_again_cold(tmp_path: Path) -> None:
+    """A preloaded module's END block runs in every fork: Template::Test's
+    prints a second plan after Test::More's. prove calls that output a
+    failure ("More than one plan"), so the file is run again cold."""
+    end = f"{SUITE}/end_block"
+    args = ["-I", f"{end}/lib", f"{end}/no_plan_module.t"]
+    theirs = run(["prove", *args], tmp_path)
+    ours = run([EMPEROR, "prove", "--preload", "Test::More", "--preload", "PlanAtEnd", *args], tmp_path)
+    assert verdicts(theirs.stdout) == {f"{end}/no_plan_module.t": "ok"}, theirs.stdout
+    assert verdicts(ours.stdout) == verdicts(theirs.stdout), ours.stdout + ours.stderr
+    assert (ours.returncode, theirs.returncode) == (0, 0)
+    assert "no_plan_module.t failed or skipped forked and passed cold" in ours.stderr
