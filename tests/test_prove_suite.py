@@ -19,7 +19,7 @@ from support.prove import PRELOADS, ROOT, SUITE, run, verdicts
 
 
 EXPECTED_FAILURES = {"die.t", "die_errno.t", "exit_3.t", "failing.t"}
-SUITE_FILES = 29
+SUITE_FILES = 30
 
 
 @pytest.mark.parametrize("jobs", ["1", "2"])
@@ -46,6 +46,7 @@ def test_suite_has_the_same_verdicts_as_prove(tmp_path: Path, jobs: str) -> None
     assert f"{SUITE}/env_before_use.t runs cold" in ours.stderr
     assert f"{SUITE}/core_global_before_use.t runs cold" in ours.stderr
     assert "env_not_read_at_load.t runs cold" not in ours.stderr, ours.stderr
+    assert f"{SUITE}/stash_not_loaded_yet.t runs cold" in ours.stderr
     # END blocks ran, in the forked file too
     assert "# END block of end_done_testing.t ran" in ours.stderr
     # objects in globals and file lexicals were destroyed at exit, as under prove
@@ -243,3 +244,12 @@ def test_a_forked_file_with_two_plans_is_a_failure_and_runs_again_cold(tmp_path:
     assert verdicts(ours.stdout) == verdicts(theirs.stdout), ours.stdout + ours.stderr
     assert (ours.returncode, theirs.returncode) == (0, 0)
     assert "no_plan_module.t failed or skipped forked and passed cold" in ours.stderr
+
+
+def test_the_watch_modes_cold_rules_see_symbol_table_lookups() -> None:
+    """--watch/--serve decide cold files on the Python side: the same rule."""
+    from psgi_forkserver.prove.testfiles import cold_reason
+
+    file = str(ROOT / SUITE / "stash_not_loaded_yet.t")
+    assert cold_reason(file, {"SuiteData.pm"})[0] == "looks at the symbol table %SuiteData:: (preloaded)"
+    assert cold_reason(file, {"Test/More.pm"})[0] is None

@@ -18,6 +18,8 @@ YATH_NO_PRELOAD_MARK = "# HARNESS-NO-PRELOAD"
 # running modes use them, and compiling them at import was a few ms of
 # every `emperor prove` run's start.
 INC_LOOKUP = r"""\$INC\s*\{\s*(['"])([\w/]+\.pm)\1\s*\}"""
+# `exists ${Test::Builder::}{new}`, `%Foo::`: a package's symbol table
+STASH_LOOKUP = r"""(?:\$\{\s*|%\{?\s*|\$)((?:[A-Za-z_]\w*::)+)(?![\w:])"""
 USE_LINE = r"(?m)^\s*use\s+([A-Z][\w:]*)"
 # %ENV or CORE::GLOBAL changed (ForkServer::Prove::Source has the same rule)
 CHANGES = [("%ENV", r"\$ENV\s*\{[^}]*\}\s*(?:\|\||//|\.)?=(?!=)|%ENV\s*=(?!=)"
@@ -98,6 +100,10 @@ def cold_reason(file: str, preloaded: set[str] | None = None) -> tuple[str | Non
     for m in re.finditer(INC_LOOKUP, head):
         if preloaded is None or m.group(2) in preloaded:
             return f"looks at $INC{{'{m.group(2)}'}} (preloaded)", switches
+    for m in re.finditer(STASH_LOOKUP, head):
+        inc = m.group(1)[:-2].replace("::", "/") + ".pm"
+        if preloaded is not None and inc in preloaded:  # (`%main::` is no module's)
+            return f"looks at the symbol table %{m.group(1)} (preloaded)", switches
     return None, switches
 
 

@@ -41,7 +41,8 @@ C<# emperor-prove: no-preload>;
 module the base already loaded (it would see the module compiled before
 its change);
 
-=item * the file looks at C<$INC{'Some/Module.pm'}> of a module the base
+=item * the file looks at C<$INC{'Some/Module.pm'}> or the symbol table
+(C<${Some::Module::}{name}>, C<%Some::Module::>) of a module the base
 loaded (whether it is loaded yet: in a fork it always is);
 
 =item * C<--state> remembers that the file failed forked and passed cold;
@@ -262,6 +263,13 @@ sub cold_reason {
     # fork of the base it always is (it would fail forked, then run cold)
     while ($text =~ /\$INC\s*\{\s*(['"])([\w\/]+\.pm)\1\s*\}/g) {
         return "it looks at \$INC{'$2'} (preloaded)" if $BASE_INC{$2};
+    }
+    # `exists ${Test::Builder::}{new}`, `%Foo::`: the same question asked of
+    # a package's symbol table
+    while ($text =~ /(?:\$\{\s*|%\{?\s*|\$)((?:[A-Za-z_]\w*::)+)(?![\w:])/g) {
+        (my $inc = "$1") =~ s{::\z}{.pm};
+        $inc =~ s{::}{/}g;
+        return "it looks at the symbol table %$1 (preloaded)" if $BASE_INC{$inc};
     }
     return undef;
 }
