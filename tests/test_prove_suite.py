@@ -19,7 +19,7 @@ from support.prove import PRELOADS, ROOT, SUITE, run, verdicts
 
 
 EXPECTED_FAILURES = {"die.t", "die_errno.t", "exit_3.t", "failing.t"}
-SUITE_FILES = 30
+SUITE_FILES = 31
 
 
 @pytest.mark.parametrize("jobs", ["1", "2"])
@@ -47,6 +47,8 @@ def test_suite_has_the_same_verdicts_as_prove(tmp_path: Path, jobs: str) -> None
     assert f"{SUITE}/core_global_before_use.t runs cold" in ours.stderr
     assert "env_not_read_at_load.t runs cold" not in ours.stderr, ours.stderr
     assert f"{SUITE}/stash_not_loaded_yet.t runs cold" in ours.stderr
+    # a comment on the #! line is no switch: the file is forked
+    assert "-*-" not in ours.stderr, ours.stderr
     # END blocks ran, in the forked file too
     assert "# END block of end_done_testing.t ran" in ours.stderr
     # objects in globals and file lexicals were destroyed at exit, as under prove
@@ -246,10 +248,12 @@ def test_a_forked_file_with_two_plans_is_a_failure_and_runs_again_cold(tmp_path:
     assert "no_plan_module.t failed or skipped forked and passed cold" in ours.stderr
 
 
-def test_the_watch_modes_cold_rules_see_symbol_table_lookups() -> None:
+def test_the_watch_modes_cold_rules() -> None:
     """--watch/--serve decide cold files on the Python side: the same rule."""
     from psgi_forkserver.prove.testfiles import cold_reason
 
     file = str(ROOT / SUITE / "stash_not_loaded_yet.t")
     assert cold_reason(file, {"SuiteData.pm"})[0] == "looks at the symbol table %SuiteData:: (preloaded)"
     assert cold_reason(file, {"Test/More.pm"})[0] is None
+    # a comment on the #! line is no switch
+    assert cold_reason(str(ROOT / SUITE / "shebang_comment.t"), {"Test/More.pm"}) == (None, ["-w"])

@@ -87,7 +87,14 @@ def cold_reason(file: str, preloaded: set[str] | None = None) -> tuple[str | Non
     lines = head.splitlines()
     switches: list[str] = []
     if lines and lines[0].startswith("#!") and "perl" in lines[0]:
-        switches = [w for w in lines[0].split()[1:] if w.startswith("-")]
+        # the words after the first `perl` that are switches: perl stops at
+        # the first that is not (`#!/usr/bin/perl -w  # -*- perl -*-`)
+        words = lines[0].split()
+        after = next(i for i, w in enumerate(words) if "perl" in w) + 1
+        for word in words[after:]:
+            if not word.startswith("-"):
+                break
+            switches.append(word)
     if any(line.strip() in (NO_PRELOAD_MARK, YATH_NO_PRELOAD_MARK) for line in lines):
         return "no-preload", switches
     others = [s for s in switches if s != "-w"]

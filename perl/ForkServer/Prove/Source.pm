@@ -242,7 +242,9 @@ sub cold_reason {
             return "PERL5OPT's $sw cannot apply to a forked test";
         }
     }
-    if (defined $shebang && $shebang =~ /^#!.*\bperl\S*\s+(.*)/) {
+    # (the first `perl`: `#!/usr/bin/perl -w  # -*- perl -*-` has -w alone,
+    # perl stops at the `#`)
+    if (defined $shebang && $shebang =~ /^#!.*?\bperl\S*\s+(.*)/) {
         for my $sw (split ' ', $1) {
             last if $sw !~ /\A-/;
             next if $sw eq '-w' || $sw =~ /\A-[Tt]+\z/;    # -T/-t: prove puts them on the command line
