@@ -109,7 +109,7 @@ def cold_reason(file: str, preloaded: set[str] | None = None) -> tuple[str | Non
             return f"looks at $INC{{'{m.group(2)}'}} (preloaded)", switches
     for m in re.finditer(STASH_LOOKUP, head):
         inc = m.group(1)[:-2].replace("::", "/") + ".pm"
-        if preloaded is not None and inc in preloaded:  # (`%main::` is no module's)
+        if m.group(1) != "main::" and (preloaded is None or inc in preloaded):
             return f"looks at the symbol table %{m.group(1)} (preloaded)", switches
     return None, switches
 
