@@ -210,7 +210,8 @@ def test_prove_exec_through_a_served_base(tmp_path: Path) -> None:
         wait_for(control.exists, 60, "the control socket")
         base = wait_for(lambda: psutil.Process(server.pid).children(), 60, "the base")
         assert len(base) == 1
-        ours = run(["prove", "--exec", f"{EMPEROR} prove --connect {control}", SUITE], tmp_path / "exec")
+        # -j2: a Python start per file (seconds each on a loaded machine) two at a time
+        ours = run(["prove", "-j2", "--exec", f"{EMPEROR} prove --connect {control}", SUITE], tmp_path / "exec")
         theirs = run(["prove", SUITE], tmp_path / "prove")
         assert verdicts(ours.stdout) == verdicts(theirs.stdout), ours.stdout + ours.stderr
         assert len(verdicts(ours.stdout)) == SUITE_FILES
