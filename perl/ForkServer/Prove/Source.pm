@@ -269,9 +269,10 @@ sub cold_reason {
     # `exists ${Test::Builder::}{new}`, `%Foo::`: the same question asked of
     # a package's symbol table
     while ($text =~ /(?:\$\{\s*|%\{?\s*|\$)((?:[A-Za-z_]\w*::)+)(?![\w:])/g) {
-        (my $inc = "$1") =~ s{::\z}{.pm};
+        my $package = $1;
+        (my $inc = $package) =~ s{::\z}{.pm};
         $inc =~ s{::}{/}g;
-        return "it looks at the symbol table %$1 (preloaded)" if $BASE_INC{$inc};
+        return "it looks at the symbol table %$package (preloaded)" if $BASE_INC{$inc};
     }
     return undef;
 }
