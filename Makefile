@@ -42,8 +42,9 @@ DEB_PACKAGES := $(RUNTIME_DEB_PACKAGES) $(EXAMPLE_DEB_PACKAGES) \
 BROWSER_PACKAGES := chromium fonts-dejavu-core
 
 # What bench/run.py's `plack` row needs besides: Plack's own test suite's
-# dependencies (Debian's build-depends of libplack-perl) and dpkg-source.
-BENCH_DEB_PACKAGES := dpkg-dev libapache-logformat-compiler-perl libauthen-simple-passwd-perl \
+# dependencies (Debian's build-depends of libplack-perl) and dpkg-source;
+# Module::Install for bench/prove_suites.py's DBIx-Class (its Makefile.PL).
+BENCH_DEB_PACKAGES := dpkg-dev libmodule-install-perl libapache-logformat-compiler-perl libauthen-simple-passwd-perl \
 	libcgi-compile-perl libcgi-emulate-psgi-perl libcgi-pm-perl \
 	libcookie-baker-perl libdevel-stacktrace-ashtml-perl \
 	libdevel-stacktrace-perl libfcgi-perl libfcgi-procmanager-perl \

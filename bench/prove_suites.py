@@ -4,9 +4,13 @@
 
 Each suite is a Debian source package unpacked into DIR (default
 /work/suites; `--fetch` downloads and unpacks them there with `apt-get
-source`, which needs deb-src lines; Dancer2's source is no longer in
-Debian's pool, so its upstream tag of the installed version is cloned).
-For every suite, in its directory, one run each of:
+source`, which needs deb-src lines; where Debian's pool no longer
+has the source of the installed version (Dancer2, Catalyst-Runtime,
+DBIx-Class), its upstream tag of that version is cloned).
+For every suite, in its directory, one run each of the following (with
+`-b -r t` instead of `-l -r t` for the XS ones, Moose, DateTime,
+Template-Toolkit and HTML-Parser, built first in a copy under
+$TMPDIR/prove-suites-build; `yath test -b` for them):
 
     prove -j2 -l -r t
     yath test -j2 -l t                       (yath's own preload: none)
@@ -57,7 +61,29 @@ SUITES = {
     "Plack": "libplack-perl",
     "Mojolicious": "libmojolicious-perl",
     "Dancer2": "libdancer2-perl",
+    "Catalyst-Runtime": "libcatalyst-perl",
+    "DBIx-Class": "libdbix-class-perl",
+    "Moose": "libmoose-perl",
+    "Template-Toolkit": "libtemplate-perl",
+    "DateTime": "libdatetime-perl",
+    "Test-Deep": "libtest-deep-perl",
+    "HTML-Parser": "libhtml-parser-perl",
 }
+
+# prove's arguments after -j N, as each distribution's README / CI runs
+# its tests: `-l -r t`, or `-b -r t` for an XS one.
+PROVE_ARGS = {"Moose": ["-b", "-r", "t"], "Template-Toolkit": ["-b", "-r", "t"],
+              "DateTime": ["-b", "-r", "t"], "HTML-Parser": ["-b", "-r", "t"]}
+DEFAULT_ARGS = ["-l", "-r", "t"]
+# Built first (`perl Makefile.PL ARGS && make`) in a copy of their
+# directory under BUILD_DIR (the unpacked suites stay as unpacked): the XS
+# ones, and DBIx-Class, whose tests refuse to run without a Makefile (its
+# Makefile.PL needs Module::Install from a git checkout:
+# libmodule-install-perl; the author mode it then turns on, inc/.author,
+# is removed, as a CPAN tarball has none).
+BUILD = {"Moose": [], "Template-Toolkit": ["TT_ACCEPT=y", "TT_QUIET=y"], "DateTime": [], "HTML-Parser": [],
+         "DBIx-Class": ["--skip_author_deps"]}
+BUILD_DIR = Path(tempfile.gettempdir()) / "prove-suites-build"
 
 FILE_LINE = re.compile(r"^(t/\S+\.t) \.+ ?(.*)$")
 YATH_LINE = re.compile(r"\(\s*(PASSED|FAILED|SKIPPED|TO RETRY)\s*\)\s+job\s+\S+\s+(\S+\.t)")
@@ -165,7 +191,9 @@ def suite_dir(base: Path, package: str) -> Path | None:
 
 # Where Debian's pool no longer has the source of the version Debian 12
 # installs (a 404), the upstream repository's tag of that version is the same t/.
-UPSTREAM = {"libdancer2-perl": "https://github.com/PerlDancer/Dancer2"}
+UPSTREAM = {"libdancer2-perl": "https://github.com/PerlDancer/Dancer2",
+            "libcatalyst-perl": "https://github.com/perl-catalyst/catalyst-runtime",
+            "libdbix-class-perl": "https://github.com/Perl5/DBIx-Class"}
 
 
 def installed_upstream_version(package: str) -> str | None:
@@ -186,23 +214,43 @@ def fetch(base: Path, packages: list[str]) -> None:
                             str(base / f"{pkg}-{version}")], check=False)
 
 
+def built(d: Path, makefile_args: list[str]) -> Path:
+    """A distribution built (`perl Makefile.PL ARGS && make`) in a copy
+    under BUILD_DIR, once; the copy's path."""
+    copy = BUILD_DIR / d.name
+    if (copy / "pm_to_blib").exists():
+        return copy
+    shutil.rmtree(copy, ignore_errors=True)
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(d, copy, symlinks=True)
+    if not (copy / "pm_to_blib").exists():  # (not built where it was unpacked)
+        # Template-Toolkit's Makefile.PL `require`s its .defaults.cfg from "."
+        env = {**clean_env(), "PERL_MM_USE_DEFAULT": "1", "PERL_USE_UNSAFE_INC": "1"}
+        for cmd in (["perl", "Makefile.PL", *makefile_args], ["make"]):
+            subprocess.run(cmd, cwd=copy, env=env, stdout=subprocess.DEVNULL, check=True)
+    shutil.rmtree(copy / "inc" / ".author", ignore_errors=True)
+    return copy
+
+
 def bench_suite(name: str, d: Path, jobs: str, emperor: str = EMPEROR, repeat: int = 1) -> Row:
     version = d.name.split("-")[-1]
     files = len(list((d / "t").rglob("*.t")))
     row = Row(name, version, files)
-    # yath writes its logs into the suite directory otherwise
-    auto = [emperor, "prove", "-j", jobs, "-l", "-r", "t"]
+    args = PROVE_ARGS.get(name, DEFAULT_ARGS)
+    if name in BUILD:
+        d = built(d, BUILD[name])
+    auto = [emperor, "prove", "-j", jobs, *args]
     runs = {
-        "prove": (["prove", "-j", jobs, "-l", "-r", "t"], prove_verdicts),
-        "yath": (["yath", "test", "-j", jobs, "-l", "--no-color", "t"], yath_verdicts),
+        "prove": (["prove", "-j", jobs, *args], prove_verdicts),
+        "yath": (["yath", "test", "-j", jobs, "-b" if "-b" in args else "-l", "--no-color", "t"],
+                 yath_verdicts),
         "emperor": (auto, prove_verdicts),
         "emperor-first": (auto, prove_verdicts),
-        "emperor-no-preload": ([emperor, "prove", "--no-preload", "-j", jobs, "-l", "-r", "t"],
-                               prove_verdicts),
+        "emperor-no-preload": ([emperor, "prove", "--no-preload", "-j", jobs, *args], prove_verdicts),
     }
     # (the suites are read-only: prove's state file goes elsewhere)
     statefile = Path(tempfile.mkdtemp(prefix="prove-state-")) / ".prove"
-    state = [emperor, "prove", "--state=save", f"--statefile={statefile}", "-j", jobs, "-l", "-r", "t"]
+    state = [emperor, "prove", "--state=save", f"--statefile={statefile}", "-j", jobs, *args]
     runs["emperor-learn"] = (state, prove_verdicts)
     runs["emperor-state"] = (state, prove_verdicts)
     # emperor prove's record of this suite, kept from run to run ("emperor"):

@@ -19,7 +19,7 @@ from support.prove import PRELOADS, ROOT, SUITE, run, verdicts
 
 
 EXPECTED_FAILURES = {"die.t", "die_errno.t", "exit_3.t", "failing.t"}
-SUITE_FILES = 30
+SUITE_FILES = 32
 
 
 @pytest.mark.parametrize("jobs", ["1", "2"])
@@ -48,12 +48,15 @@ def test_suite_has_the_same_verdicts_as_prove(tmp_path: Path, jobs: str) -> None
     # base's own code loaded runs cold
     for name, why in (("env_before_use.t", "it sets $ENV{ENV_AT_LOAD_MODE}"),
                       ("core_global_before_use.t", "it sets CORE::GLOBAL"),
-                      ("inc_not_loaded_yet.t", "it looks at $INC{'SuiteData.pm'}")):
+                      ("inc_not_loaded_yet.t", "it looks at $INC{'SuiteData.pm'}"),
+                      ("stash_not_loaded_yet.t", "it looks at the symbol table %SuiteData::")):
         assert f"{SUITE}/{name} runs forked from a bare base (none of the suite's modules loaded): {why}" \
             in ours.stderr, ours.stderr
     assert "env_not_read_at_load.t runs" not in ours.stderr, ours.stderr
     assert f"{SUITE}/inc_of_the_harness_code.t runs cold: it looks at $INC{{'IO/Socket/UNIX.pm'}}" \
         in ours.stderr, ours.stderr
+    # a comment on the #! line is no switch: the file is forked
+    assert "-*-" not in ours.stderr, ours.stderr
     # END blocks ran, in the forked file too
     assert "# END block of end_done_testing.t ran" in ours.stderr
     # objects in globals and file lexicals were destroyed at exit, as under prove
@@ -215,7 +218,8 @@ def test_prove_exec_through_a_served_base(tmp_path: Path) -> None:
         wait_for(control.exists, 60, "the control socket")
         base = wait_for(lambda: psutil.Process(server.pid).children(), 60, "the base")
         assert len(base) == 1
-        ours = run(["prove", "--exec", f"{EMPEROR} prove --connect {control}", SUITE], tmp_path / "exec")
+        # -j2: a Python start per file (seconds each on a loaded machine) two at a time
+        ours = run(["prove", "-j2", "--exec", f"{EMPEROR} prove --connect {control}", SUITE], tmp_path / "exec")
         theirs = run(["prove", SUITE], tmp_path / "prove")
         assert verdicts(ours.stdout) == verdicts(theirs.stdout), ours.stdout + ours.stderr
         assert len(verdicts(ours.stdout)) == SUITE_FILES
@@ -237,3 +241,28 @@ def test_connect_without_a_server_runs_the_file_cold(tmp_path: Path) -> None:
     assert ours.returncode == 3
     assert ours.stdout == "1..1\nok 1\n"
     assert "running tests/prove_suite/exit_3.t cold" in ours.stderr
+
+
+def test_a_forked_file_with_two_plans_is_a_failure_and_runs_again_cold(tmp_path: Path) -> None:
+    """A preloaded module's END block runs in every fork: Template::Test's
+    prints a second plan after Test::More's. prove calls that output a
+    failure ("More than one plan"), so the file is run again cold."""
+    end = f"{SUITE}/end_block"
+    args = ["-I", f"{end}/lib", f"{end}/no_plan_module.t"]
+    theirs = run(["prove", *args], tmp_path)
+    ours = run([EMPEROR, "prove", "--preload", "Test::More", "--preload", "PlanAtEnd", *args], tmp_path)
+    assert verdicts(theirs.stdout) == {f"{end}/no_plan_module.t": "ok"}, theirs.stdout
+    assert verdicts(ours.stdout) == verdicts(theirs.stdout), ours.stdout + ours.stderr
+    assert (ours.returncode, theirs.returncode) == (0, 0)
+    assert "no_plan_module.t failed or skipped forked and passed cold" in ours.stderr
+
+
+def test_the_watch_modes_cold_rules() -> None:
+    """--watch/--serve decide cold files on the Python side: the same rule."""
+    from psgi_forkserver.prove.testfiles import cold_reason
+
+    file = str(ROOT / SUITE / "stash_not_loaded_yet.t")
+    assert cold_reason(file, {"SuiteData.pm"})[0] == "looks at the symbol table %SuiteData:: (preloaded)"
+    assert cold_reason(file, {"Test/More.pm"})[0] is None
+    # a comment on the #! line is no switch
+    assert cold_reason(str(ROOT / SUITE / "shebang_comment.t"), {"Test/More.pm"}) == (None, ["-w"])

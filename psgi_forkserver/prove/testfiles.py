@@ -17,6 +17,8 @@ YATH_NO_PRELOAD_MARK = "# HARNESS-NO-PRELOAD"
 # running modes use them, and compiling them at import was a few ms of
 # every `emperor prove` run's start.
 INC_LOOKUP = r"""\$INC\s*\{\s*(['"])([\w/]+\.pm)\1\s*\}"""
+# `exists ${Test::Builder::}{new}`, `%Foo::`: a package's symbol table
+STASH_LOOKUP = r"""(?:\$\{\s*|%\{?\s*|\$)((?:[A-Za-z_]\w*::)+)(?![\w:])"""
 USE_LINE = r"(?m)^\s*use\s+([A-Z][\w:]*)"
 # %ENV or CORE::GLOBAL changed (ForkServer::Prove::Source has the same rule)
 CHANGES = [("%ENV", r"\$ENV\s*\{[^}]*\}\s*(?:\|\||//|\.)?=(?!=)|%ENV\s*=(?!=)"
@@ -84,7 +86,14 @@ def cold_reason(file: str, preloaded: set[str] | None = None) -> tuple[str | Non
     lines = head.splitlines()
     switches: list[str] = []
     if lines and lines[0].startswith("#!") and "perl" in lines[0]:
-        switches = [w for w in lines[0].split()[1:] if w.startswith("-")]
+        # the words after the first `perl` that are switches: perl stops at
+        # the first that is not (`#!/usr/bin/perl -w  # -*- perl -*-`)
+        words = lines[0].split()
+        after = next(i for i, w in enumerate(words) if "perl" in w) + 1
+        for word in words[after:]:
+            if not word.startswith("-"):
+                break
+            switches.append(word)
     if any(line.strip() in (NO_PRELOAD_MARK, YATH_NO_PRELOAD_MARK) for line in lines):
         return "no-preload", switches
     others = [s for s in switches if s != "-w"]
@@ -97,6 +106,10 @@ def cold_reason(file: str, preloaded: set[str] | None = None) -> tuple[str | Non
     for m in re.finditer(INC_LOOKUP, head):
         if preloaded is None or m.group(2) in preloaded:
             return f"looks at $INC{{'{m.group(2)}'}} (preloaded)", switches
+    for m in re.finditer(STASH_LOOKUP, head):
+        inc = m.group(1)[:-2].replace("::", "/") + ".pm"
+        if m.group(1) != "main::" and (preloaded is None or inc in preloaded):
+            return f"looks at the symbol table %{m.group(1)} (preloaded)", switches
     return None, switches
 
 

@@ -42,7 +42,8 @@ C<# emperor-prove: no-preload>;
 module the base already loaded (it would see the module compiled before
 its change);
 
-=item * the file looks at C<$INC{'Some/Module.pm'}> of a module the base
+=item * the file looks at C<$INC{'Some/Module.pm'}> or the symbol table
+(C<${Some::Module::}{name}>, C<%Some::Module::>) of a module the base
 loaded (whether it is loaded yet: in a fork it always is);
 
 =item * C<--state> remembers that the file failed forked and passed cold;
@@ -268,7 +269,9 @@ sub cold_reason {
             return "PERL5OPT's $sw cannot apply to a forked test";
         }
     }
-    if (defined $shebang && $shebang =~ /^#!.*\bperl\S*\s+(.*)/) {
+    # (the first `perl`: `#!/usr/bin/perl -w  # -*- perl -*-` has -w alone,
+    # perl stops at the `#`)
+    if (defined $shebang && $shebang =~ /^#!.*?\bperl\S*\s+(.*)/) {
         for my $sw (split ' ', $1) {
             last if $sw !~ /\A-/;
             next if $sw eq '-w' || $sw =~ /\A-[Tt]+\z/;    # -T/-t: prove puts them on the command line
@@ -300,6 +303,14 @@ sub _preload_reason {
     # fork of the base it always is (it would fail forked, then run cold)
     while ($text =~ /\$INC\s*\{\s*(['"])([\w\/]+\.pm)\1\s*\}/g) {
         return "it looks at \$INC{'$2'} (preloaded)" if $base_inc->{$2};
+    }
+    # `exists ${Test::Builder::}{new}`, `%Foo::`: the same question asked of
+    # a package's symbol table
+    while ($text =~ /(?:\$\{\s*|%\{?\s*|\$)((?:[A-Za-z_]\w*::)+)(?![\w:])/g) {
+        my $package = $1;
+        (my $inc = $package) =~ s{::\z}{.pm};
+        $inc =~ s{::}{/}g;
+        return "it looks at the symbol table %$package (preloaded)" if $base_inc->{$inc};
     }
     return undef;
 }
