@@ -337,6 +337,8 @@ sub _serve_conn_once {
         # with its other connections. It goes on from this worker's
         # requests slot: written first.
         $self->_flush_requests if $self->{requests_dirty};
+        # its successor takes its place on the desk: it leaves it first
+        ForkServer::HTTPServer::Desk::leave_desk(delete $loop->{seat});
         worker_msg($self->{ready_w}, MSG_LEAVING);
         $loop->{leaving} = 1;
     }
