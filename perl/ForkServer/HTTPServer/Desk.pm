@@ -196,11 +196,15 @@ sub join_desk {
     return $seat;
 }
 
-# Leaving: siblings forget this worker (its timer and its records).
+# Leaving: siblings forget this worker (its timer and its records). Its
+# successor in the index (a leaving worker is replaced at once) is left
+# as it is.
 sub leave_desk {
     my $seat = shift or return;
+    my $roster_at = ROSTER_AT + 8 * $seat->{index};
+    return unless unpack('l', substr(${ $seat->{map} }, $roster_at, 4)) == $$;
     substr(${ $seat->{map} }, $seat->{asleep_at}, 1) = "\0";
-    substr(${ $seat->{map} }, ROSTER_AT + 8 * $seat->{index}, 8) = pack('l l', 0, 0);
+    substr(${ $seat->{map} }, $roster_at, 8) = pack('l l', 0, 0);
     return;
 }
 

@@ -181,7 +181,13 @@ sub take_from {
     # request, which this look knows nothing of.
     substr($$map, $slot_at + AT_CLAIMED, 4) = CLAIMED;
     syscall($SYS{membarrier}, MEMBARRIER_CMD_GLOBAL_EXPEDITED, 0, 0);
-    if (substr($$map, $slot_at, 8) ne $start) {
+    # and the index still this sibling's: a worker that left is replaced
+    # in it at once, and its successor's descriptor numbers name others in
+    # the process this look knows by that index until watch() reads the
+    # roster again
+    if (substr($$map, $slot_at, 8) ne $start
+        || unpack('l', substr($$map, ROSTER_AT + 8 * $i, 4)) != $sib->{pid}) {
+        $seat->{watch_at} = 0;
         # the claim stays: the worker may have seen it already and be waiting
         $sib->{look_for} = NOT_STARTED;
         _lock($desk, $i, F_UNLCK, 0);

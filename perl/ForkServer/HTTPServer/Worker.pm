@@ -333,10 +333,10 @@ sub _serve_conn_once {
     }
     if (!$loop->{leaving} && ($self->{harakiri_commit}
         || ($self->{max_requests} && $self->{requests} >= $self->{max_requests}))) {
-        # The replacement starts now, not when this worker has finished
-        # with its other connections. It goes on from this worker's
-        # requests slot: written first.
+        # The replacement starts now, not when this worker is done with its other
+        # connections, from its requests slot (written first) and its desk place (left first).
         $self->_flush_requests if $self->{requests_dirty};
+        ForkServer::HTTPServer::Desk::leave_desk(delete $loop->{seat});
         worker_msg($self->{ready_w}, MSG_LEAVING);
         $loop->{leaving} = 1;
     }
