@@ -96,4 +96,60 @@ is scalar(@bad), 0, 'none lost, none answered with another\'s response or an err
     or diag join "\n", scalar(@bad) . ' bad:', @bad[0 .. ($#bad < 14 ? $#bad : 14)];
 $srv->stop;
 is $srv->wait_exit, 0, 'exit 0';
+
+# A worker of the generation before the last, held in a long request,
+# keeps its place on the desk until it is done; the newest worker in that
+# place then takes it: a request on its other kept connection, while it
+# waits in a long request, is served by its free sibling.
+$srv = start_server(app_file => "$FindBin::Bin/apps/http-test.psgi", workers => 2, stop_grace => 1);
+ok $srv->wait_ready, 'ready (second server)';
+my $dir = $srv->dir;
+my @first = $srv->workers;
+my $held = connect_to($srv->port);
+my $held_buf = '';
+print $held "GET /block?held HTTP/1.1\r\nHost: x\r\n\r\n";
+ok wait_for(sub { -e "$dir/held.started" }, 20), 'a worker of the first generation waits in a request';
+kill 'HUP', $srv->pid;
+my %seen = map { $_ => 1 } @first;
+ok wait_for(sub { grep { !$seen{$_} } $srv->workers }, 20), 'a second generation';
+$seen{$_} = 1 for $srv->workers;
+kill 'HUP', $srv->pid;
+my @third;
+ok wait_for(sub { @third = grep { !$seen{$_} } $srv->workers; @third == 2 }, 20), 'a third one, in the first one\'s places';
+open my $go, '>', "$dir/held.go" or die;
+close $go;
+my $r = read_response($held, \$held_buf, timeout => 20);
+like $r && $r->{body} // '', qr/^done held /, 'the held request is answered';
+close $held;
+my %third = map { $_ => 1 } @third;
+ok wait_for(sub { !grep { !$third{$_} } $srv->workers }, 20), 'the older generations are gone';
+
+# kept connections, by the pid of the worker that answered, until two
+# of them are $want's
+sub kept_on {
+    my ($want) = @_;
+    my %by_pid;
+    for (1 .. 60) {
+        my $s = connect_to($srv->port);
+        my $buf = '';
+        my $res = request_on($s, \$buf, "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n", timeout => 10) or next;
+        push @{ $by_pid{ $res->{body} } }, [$s, \$buf];
+        return @{ $by_pid{$want} } if @{ $by_pid{$want} // [] } >= 2;
+    }
+    return;
+}
+for my $pid (@third) {
+    my ($slow, $fast) = kept_on($pid);
+    ok $fast, "two kept connections on $pid" or next;
+    print { $slow->[0] } "GET /block?slow$pid HTTP/1.1\r\nHost: x\r\n\r\n";
+    ok wait_for(sub { -e "$dir/slow$pid.started" }, 20), '... which waits in a request';
+    $r = request_on($fast->[0], $fast->[1], "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n", timeout => 10);
+    ok $r && $r->{status} == 200 && $r->{body} ne $pid, '... its other kept connection served by its sibling (on the desk)';
+    open my $gate, '>', "$dir/slow$pid.go" or die;
+    close $gate;
+    $r = read_response($slow->[0], $slow->[1], timeout => 20);
+    like $r && $r->{body} // '', qr/^done slow$pid $pid$/, '... and its long request by it';
+}
+$srv->stop;
+is $srv->wait_exit, 0, 'exit 0 (second server)';
 done_testing;
