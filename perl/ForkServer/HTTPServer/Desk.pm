@@ -326,7 +326,9 @@ A worker's seat: its timer, its roster entry, its slot. Undef when the
 system refuses a step (a seccomp filter, an old kernel), or when the
 worker is not dumpable and may not be made so (C<$restore> false: its
 vassal did not drop root, or holds a file it opened as root; or it still
-holds a privilege).
+holds a privilege). C<(undef, 'held')> while another living process
+holds C<$index> in the roster (a worker of the generation before the
+last, winding down in a request): the caller asks again later.
 
 =head2 leave_desk($seat), watch($seat, $now), sleeping($seat, $now, $timeout) -> $timeout, due($seat, $rout, $now) -> @indexes, list($seat, $list, $excluded), busy($seat, $fd), back($seat) -> @fds_taken, take_from($seat, $index, $mine) -> ([$fd, $idle], ...)
 
