@@ -124,6 +124,16 @@ close $held;
 my %third = map { $_ => 1 } @third;
 ok wait_for(sub { !grep { !$third{$_} } $srv->workers }, 20), 'the older generations are gone';
 
+# A seated worker holds its timer and a copy of its seated sibling's
+# (Desk): two each once both sit and watch each other. Until then one
+# without a seat gives its quiet connections away at every request.
+sub timers_of {
+    my $pid = shift;
+    opendir(my $dh, "/proc/$pid/fd") or return 0;
+    return scalar grep { (readlink("/proc/$pid/fd/$_") // '') eq 'anon_inode:[timerfd]' } readdir $dh;
+}
+ok wait_for(sub { !grep { timers_of($_) < 2 } @third }, 20), 'both newest workers sit at the desk, watching each other';
+
 # kept connections, by the pid of the worker that answered, until two
 # of them are $want's
 sub kept_on {
