@@ -15,6 +15,7 @@ use ForkServer::HTTPServer::Desk ();
 use ForkServer::HTTPServer::DeskLook ();
 use ForkServer::HTTPServer::Handoff ();
 use ForkServer::HTTPServer::Wire qw(now);
+use constant NEVER => 9**9**9;
 
 # This worker's byte of the board (Handoff): free while it waits in
 # select() with nothing to do; written on a change only.
@@ -90,6 +91,30 @@ sub _list_idle {
         delete $loop->{conns_changed};
     }
     return ForkServer::HTTPServer::Desk::busy($seat, $busy_fd);
+}
+
+# This worker's seat at the desk (Desk), in its loop, between requests.
+# Leaving (a stop, a reload), it gets up at once: the next generation but
+# one is given its index, and two workers writing one slot and record
+# would each close or serve what a sibling took from the other (a body's
+# bytes read as a head, a response to another request). Its index still
+# held by such a worker, it joins later.
+sub _seat {
+    my ($self, $loop, $now) = @_;
+    if ($loop->{leaving}) {
+        ForkServer::HTTPServer::Desk::leave_desk(delete $loop->{seat}) if $loop->{seat};
+        return;
+    }
+    return if $loop->{seat} || $now < ($loop->{join_at} // NEVER);
+    my ($seat, $why) = ForkServer::HTTPServer::Desk::join_desk(
+        $loop->{handoff}{desk}, $loop->{board_index}, $loop->{board_count}, $self->{desk_dumpable});
+    $loop->{join_at} = $why && $why eq 'held' ? $now + 0.1 : undef;
+    $loop->{seat} = $seat or return;
+    # bytes read from them stay here (Desk::busy): held from before the seat
+    my $conns = $loop->{conns};
+    $loop->{buffered} = { map { $_ => 1 } grep { length $conns->{$_}{buf} } keys %$conns };
+    $loop->{conns_changed} = 1;
+    return;
 }
 
 # A connection came (accepted, given, taken): the desk's list is written

@@ -34,7 +34,7 @@ use warnings;
 
 use Config ();
 use Exporter 'import';
-use Errno qw(EINTR EAGAIN);
+use Errno qw(EINTR EAGAIN EPERM);
 use Fcntl qw(F_SETLK F_SETLKW F_WRLCK F_UNLCK SEEK_SET);
 use POSIX ();
 use Time::HiRes ();
@@ -87,6 +87,7 @@ our %SYS = map { my $n = ForkServer::Process::Syscalls::number($_->[1]); defined
     [memfd => 'memfd_create'], [pidfd_open => 'pidfd_open'], [pidfd_getfd => 'pidfd_getfd'],
     [timerfd_create => 'timerfd_create'], [timerfd_settime => 'timerfd_settime'], [prctl => 'prctl'],
     [membarrier => 'membarrier'];
+my $SYS_PREAD = ForkServer::Process::Syscalls::number('pread64');
 
 # struct flock as Linux lays it out on 64-bit systems (l_type, l_whence,
 # l_start, l_len, l_pid): the desk is off elsewhere.
@@ -156,6 +157,12 @@ sub _getfd {
 sub join_desk {
     my ($desk, $index, $count, $restore) = @_;
     return undef unless $desk && _available() && $count <= MAX_INDEX && $index < $count;
+    # An index is one worker's at a time. Reloads in quick succession give
+    # a new generation the indexes of the one before the last, which may
+    # still be winding down with its seat (in a long request): its slot,
+    # record and descriptor numbers are not this worker's. 'held': join
+    # again later (Conns::_seat), once it left.
+    return (undef, 'held') if _held($desk, $index);
     # Siblings may take its descriptors only while it is dumpable; one that
     # dropped root may be made so again (docs/security.md), its tracer for
     # Yama its master, whose descendants its siblings are.
@@ -194,6 +201,17 @@ sub join_desk {
     substr($map, $seat->{asleep_at}, 1) = "\0";
     substr($map, ROSTER_AT + 8 * $index, 8) = pack('l l', $$, $tfd);
     return $seat;
+}
+
+# Is index $index in the roster of a living process other than this one?
+sub _held {
+    my ($desk, $index) = @_;
+    return 0 unless $SYS_PREAD;
+    my $entry = "\0" x 4;    # syscall() takes a writable buffer
+    # pread: the memory file's offset is shared with every worker
+    return 0 unless syscall($SYS_PREAD, fileno($desk), $entry, 4, ROSTER_AT + 8 * $index) == 4;
+    my $pid = unpack('l', $entry);
+    return $pid > 0 && $pid != $$ && (kill(0, $pid) || $!{EPERM}) ? 1 : 0;
 }
 
 # Leaving: siblings forget this worker (its timer and its records). Its
@@ -308,7 +326,9 @@ A worker's seat: its timer, its roster entry, its slot. Undef when the
 system refuses a step (a seccomp filter, an old kernel), or when the
 worker is not dumpable and may not be made so (C<$restore> false: its
 vassal did not drop root, or holds a file it opened as root; or it still
-holds a privilege).
+holds a privilege). C<(undef, 'held')> while another living process
+holds C<$index> in the roster (a worker of the generation before the
+last, winding down in a request): the caller asks again later.
 
 =head2 leave_desk($seat), watch($seat, $now), sleeping($seat, $now, $timeout) -> $timeout, due($seat, $rout, $now) -> @indexes, list($seat, $list, $excluded), busy($seat, $fd), back($seat) -> @fds_taken, take_from($seat, $index, $mine) -> ([$fd, $idle], ...)
 

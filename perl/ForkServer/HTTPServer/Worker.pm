@@ -95,8 +95,7 @@ sub _worker_main {
         # where the system allows it, a free sibling takes this worker's idle
         # connections once its request has run a while (Desk), and nothing
         # moves at the start of a request
-        $loop->{seat} = ForkServer::HTTPServer::Desk::join_desk(
-            $loop->{handoff}{desk}, $loop->{board_index}, $loop->{board_count}, $self->{desk_dumpable});
+        $loop->{join_at} = 0;
     }
     while (1) {
         my $now = now();
@@ -169,6 +168,7 @@ sub _worker_setup {
 sub _wind_down {
     my ($self, $loop, $now) = @_;
     $loop->{leaving} = 1 if ${ $self->{stopping_ref} };
+    ForkServer::HTTPServer::Conns::_seat($self, $loop, $now) if $loop->{handoff};
     return 1 unless $loop->{leaving};
     $loop->{stop_seen_at} //= $now;
     if ($now - $loop->{stop_seen_at} >= $self->{stop_grace}) {
