@@ -6,6 +6,7 @@ use lib "$FindBin::Bin/lib";
 use POSIX ();
 use Time::HiRes ();
 use ForkServerTest::HTTP;
+use ForkServerTest::Pipelining;
 
 # Workers recycled by max-requests while clients keep many connections
 # alive and pipeline on them, some requests slow: every request is
@@ -21,46 +22,14 @@ my $app = sub {
 my $srv = start_server(app => $app, workers => 4, max_requests => 15);
 ok $srv->wait_ready, 'ready';
 
-my @clients;
-for my $client (1 .. 6) {
-    pipe(my $r, my $w) or die;
-    my $pid = fork // die;
-    if ($pid == 0) {
-        close $r;
-        my ($ok, @bad) = (0);
-        my $until = Time::HiRes::time() + 5;
-        my @conns = map { [undef, \(my $b = '')] } 1 .. 6;
-        my $seq = 0;
-        while (Time::HiRes::time() < $until) {
-            for my $conn (@conns) {
-                $conn->[0] //= connect_to($srv->port);
-                ${ $conn->[1] } = '' unless $conn->[0];
-                my @ids = map { "$client-" . ++$seq } 1 .. 1 + int rand 3;
-                print { $conn->[0] } map { "GET /?id=$_" . (rand() < 0.1 ? '&ms=30' : '') . " HTTP/1.1\r\nHost: x\r\n\r\n" } @ids;
-                for my $id (@ids) {
-                    my $res = read_response($conn->[0], $conn->[1], timeout => 10);
-                    unless ($res) { push @bad, "no response to $id"; undef $conn->[0]; last }
-                    if ($res->{body} eq "id=$id") { $ok++ } else { push @bad, "$id answered with $res->{body}" }
-                    if (lc($res->{headers}{connection} // '') eq 'close') { undef $conn->[0]; last }
-                }
-                ${ $conn->[1] } = '' unless $conn->[0];
-            }
-        }
-        print $w join("\n", $ok, @bad), "\n";
-        close $w;
-        POSIX::_exit(0);
-    }
-    close $w;
-    push @clients, [$pid, $r];
-}
-my ($answered, @bad) = (0);
-for (@clients) {
-    my ($pid, $r) = @$_;
-    my ($ok, @b) = map { chomp; $_ } <$r>;
-    waitpid($pid, 0);
-    $answered += $ok // 0;
-    push @bad, @b;
-}
+my ($answered, @bad) = pipelining_load(
+    port => $srv->port, clients => 6, conns => 6, seconds => 5,
+    batch => sub {
+        my ($client, $seq) = @_;
+        my @ids = map { "$client-" . ++$$seq } 1 .. 1 + int rand 3;
+        return (join('', map { "GET /?id=$_" . (rand() < 0.1 ? '&ms=30' : '') . " HTTP/1.1\r\nHost: x\r\n\r\n" } @ids),
+                [map { [$_, "id=$_"] } @ids]);
+    });
 cmp_ok $answered, '>', 100, "requests answered ($answered)";
 is scalar(@bad), 0, 'none lost or answered with another\'s response'
     or diag join "\n", @bad[0 .. ($#bad < 9 ? $#bad : 9)];
