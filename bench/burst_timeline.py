@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import os
-import resource
 import sys
 import threading
 import time
@@ -31,8 +30,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from benchlib import Ports, Procs, read_or_none as _read, rmtree, set_child_subreaper, tempdir, wait_all_200  # noqa: E402
-from emperor_run import EmperorRun, wait_fork_server, write_fleet  # noqa: E402
+from benchlib import Procs, read_or_none as _read, rmtree, set_child_subreaper, tempdir, wait_all_200  # noqa: E402
+from emperor_run import start_fleet, wait_fork_server  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -100,11 +99,8 @@ def main() -> int:
     tmp = tempdir()
     procs = Procs(tmp)
     try:
-        vdir = tmp / "vassals"
-        vdir.mkdir()
-        vports = write_fleet(vdir, app, tmp / "base.sock", n, Ports(), digits=4, lines=tuple(lines))
         load = os.getloadavg()[0]
-        em = EmperorRun(procs, vdir, "emperor", extra, nofile=(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        em, vports = start_fleet(procs, tmp, app, n, extra, tuple(lines))
         sampler = Sampler(em.proc.pid)
         sampler.start()
         try:

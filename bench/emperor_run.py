@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 
 from psgi_forkserver import adoption
-from benchlib import BenchError, Procs, pss_of
+from benchlib import BenchError, Ports, Procs, pss_of
 from settings import APPS, EMPEROR, say
 
 
@@ -45,6 +45,18 @@ def write_fleet(vdir: Path, app: str, sock: Path, n: int, ports, digits: int = 3
         (vdir / f"{name}.ini").write_text(vassal_ini(name, port, *lines))
         vports.append(port)
     return vports
+
+
+def start_fleet(procs: Procs, tmp: Path, app: str, n: int, extra: list[str],
+                lines: tuple[str, ...] = ()) -> tuple["EmperorRun", list[int]]:
+    """n vassals of `app` (base on tmp/base.sock) under `emperor run`,
+    started as `--only thousand` starts it: a soft RLIMIT_NOFILE of 1,024.
+    The Emperor, and the vassals' ports in order."""
+    vdir = tmp / "vassals"
+    vdir.mkdir()
+    vports = write_fleet(vdir, app, tmp / "base.sock", n, Ports(), digits=4, lines=lines)
+    return EmperorRun(procs, vdir, "emperor", extra,
+                      nofile=(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1])), vports
 
 
 class EmperorRun:

@@ -31,7 +31,6 @@ import argparse
 import collections
 import os
 import re
-import resource
 import signal
 import subprocess
 import sys
@@ -42,8 +41,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from benchlib import Ports, Procs, read_or_none as _read, rmtree, set_child_subreaper, tempdir, wait_all_200  # noqa: E402
-from emperor_run import EmperorRun, wait_fork_server, write_fleet  # noqa: E402
+from benchlib import Procs, read_or_none as _read, rmtree, set_child_subreaper, tempdir, wait_all_200  # noqa: E402
+from emperor_run import start_fleet, wait_fork_server  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -210,13 +209,9 @@ def main() -> int:
     tmp = tempdir()
     procs = Procs(tmp)
     try:
-        vdir = tmp / "vassals"
-        vdir.mkdir()
-        vports = write_fleet(vdir, a.app, tmp / "base.sock", a.n, Ports(), digits=4)
         print(f"{a.n} {a.app} vassals, load average {os.getloadavg()[0]:.2f} at start "
               f"(PYTHONPATH={os.environ.get('PYTHONPATH', '')})", flush=True)
-        em = EmperorRun(procs, vdir, "emperor", extra,
-                        nofile=(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        em, vports = start_fleet(procs, tmp, a.app, a.n, extra)
         try:
             listening = wait_fork_server(tmp / "base.sock", em, 60)
             first = wait_all_200(vports, 120 + a.n // 10, em.t0, "/hello")
