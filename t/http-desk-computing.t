@@ -16,11 +16,8 @@ my $dir = $srv->dir;
 
 my %by_pid;
 for (1 .. 3) {
-    my $s = connect_to($srv->port);
-    my $buf = '';
-    my $r = request_on($s, \$buf, "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n");
-    ok $r && $r->{status} == 200, 'a kept connection';
-    push @{ $by_pid{ $r->{body} } }, [$s, \$buf];
+    ok my ($pid, $conn) = kept_connection($srv->port), 'a kept connection';
+    push @{ $by_pid{$pid} }, $conn if $pid;
 }
 my ($busy_pid) = grep { @{ $by_pid{$_} } >= 2 } keys %by_pid;
 my ($spinning, $waiting) = @{ $by_pid{$busy_pid} };

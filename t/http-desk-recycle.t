@@ -21,10 +21,8 @@ sub kept_on {
     my ($want, $pid_ok) = @_;
     my %by_pid;
     for (1 .. 40) {
-        my $s = connect_to($srv->port);
-        my $buf = '';
-        my $r = request_on($s, \$buf, "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n", timeout => 10) or next;
-        push @{ $by_pid{ $r->{body} } }, [$s, \$buf];
+        my ($who, $conn) = kept_connection($srv->port, timeout => 10) or next;
+        push @{ $by_pid{$who} }, $conn;
         my ($pid) = grep { $pid_ok->($_) && @{ $by_pid{$_} } >= $want } keys %by_pid;
         return ($pid, @{ $by_pid{$pid} }) if $pid;
     }

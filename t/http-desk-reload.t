@@ -104,10 +104,8 @@ sub kept_on {
     my ($want) = @_;
     my %by_pid;
     for (1 .. 60) {
-        my $s = connect_to($srv->port);
-        my $buf = '';
-        my $res = request_on($s, \$buf, "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n", timeout => 10) or next;
-        push @{ $by_pid{ $res->{body} } }, [$s, \$buf];
+        my ($who, $conn) = kept_connection($srv->port, timeout => 10) or next;
+        push @{ $by_pid{$who} }, $conn;
         return @{ $by_pid{$want} } if @{ $by_pid{$want} // [] } >= 2;
     }
     return;

@@ -26,11 +26,8 @@ my $dir = $srv->dir;
 # (whichever accepts a new connection is a race)
 my %by_pid;
 for (1 .. 40) {
-    my $s = connect_to($srv->port);
-    my $buf = '';
-    my $r = request_on($s, \$buf, "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n");
-    die "no answer on a new connection\n" unless $r && $r->{status} == 200;
-    push @{ $by_pid{ $r->{body} } }, [$s, \$buf];
+    my ($pid, $conn) = kept_connection($srv->port) or die "no answer on a new connection\n";
+    push @{ $by_pid{$pid} }, $conn;
     last if keys %by_pid == 2 && grep { @$_ >= 2 } values %by_pid;
 }
 my ($worker) = grep { @{ $by_pid{$_} } >= 2 } keys %by_pid;

@@ -21,12 +21,9 @@ sub slow_beside_kept {
     # still holds both
     my (%by_pid, @conns);
     for (1 .. 3) {
-        my $s = connect_to($srv->port);
-        my $buf = '';
-        my $r = request_on($s, \$buf, "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n");
-        ok $r && $r->{status} == 200, 'a kept connection';
-        push @conns, [$s, \$buf];
-        push @{ $by_pid{ $r->{body} } }, $conns[-1];
+        ok my ($pid, $conn) = kept_connection($srv->port), 'a kept connection';
+        push @conns, $conn if $conn;
+        push @{ $by_pid{$pid} }, $conn if $pid;
     }
     my ($pair) = grep { @$_ >= 2 } values %by_pid;
     my $slow = $pair->[0];
@@ -73,11 +70,8 @@ ok $srv->wait_ready, 'ready again';
 $dir = $srv->dir;
 %by_pid = ();
 for (1 .. 3) {
-    my $s = connect_to($srv->port);
-    my $buf = '';
-    my $r = request_on($s, \$buf, "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n");
-    ok $r && $r->{status} == 200, 'a kept connection';
-    push @{ $by_pid{ $r->{body} } }, [$s, \$buf];
+    ok my ($pid, $conn) = kept_connection($srv->port), 'a kept connection';
+    push @{ $by_pid{$pid} }, $conn if $pid;
 }
 ($pair) = grep { @$_ >= 2 } values %by_pid;
 print { $pair->[0][0] } "GET /block?one HTTP/1.1\r\nHost: x\r\n\r\n";

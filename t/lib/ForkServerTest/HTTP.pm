@@ -18,7 +18,7 @@ use ForkServer::HTTPServer;
 use Plack::Util;
 
 our @EXPORT = qw(start_server wait_for http_raw read_response connect_to
-                 children_of slurp request_on);
+                 children_of slurp request_on kept_connection);
 
 my @STARTED;
 
@@ -254,6 +254,18 @@ sub request_on {
     my ($s, $bufref, $raw, %o) = @_;
     print $s $raw;
     return read_response($s, $bufref, %o);
+}
+
+# A new keep-alive connection and the pid of the worker that answered its
+# `GET /pid` (the test app's): ($pid, [$socket, \$buffer]), or () when
+# it got no 200.
+sub kept_connection {
+    my ($port, %o) = @_;
+    my $s = connect_to($port) or return;
+    my $buf = '';
+    my $r = request_on($s, \$buf, "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n", %o);
+    return unless $r && $r->{status} == 200;
+    return ($r->{body}, [$s, \$buf]);
 }
 
 1;
