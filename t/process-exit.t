@@ -112,4 +112,76 @@ PERL
         'variables named in utf8: their objects destroyed at exit';
 }
 
+# A child that loads Moo and not Moose: Moo's placeholder in
+# $Moose::AUTHORITY is freed with the new package Moose::, and its DESTROY
+# (outside perl's global destruction) would load Moose's meta-object
+# protocol and inflate every Moo class: 30 to 70 ms in each such process.
+SKIP: {
+    skip 'Moo is not installed', 1 unless eval { require Moo; 1 };
+    my $log = "$dir/log-moo";
+    my $program = <<'PERL';
+BEGIN { require ForkServer::Process::Exit }
+my $log = shift;
+sub note { open my $l, '>>', $log or die; print $l "@_\n" }
+ForkServer::Process::Exit::mark_base();
+my $pid = fork // die;
+if (!$pid) {
+    ForkServer::Process::Exit::without_global_destruction();
+    unshift @INC, sub { main::note("require $_[1]") if $_[1] =~ m{\A(?:Moose|Class/MOP)\b}; return };
+    eval q{ package Thing; use Moo; has name => (is => 'ro'); 1 } or die $@;
+    our $thing = Thing->new(name => 'x');
+    exit 0;
+}
+waitpid $pid, 0;
+note("child $pid");
+POSIX::_exit(0);
+PERL
+    system($^X, '-Iperl', '-MPOSIX', '-e', $program, $log) == 0 or die "program failed: $?";
+    open my $fh, '<', $log or die;
+    my @lines = <$fh>;
+    chomp @lines;
+    is_deeply [grep { !/\Achild/ } @lines], [], 'a Moo class freed at exit loads no Moose';
+}
+
+# unless_own_most: a process that loaded more module files than it
+# inherited leaves by perl's global destruction (its objects' DESTROY see
+# the DESTRUCT phase); one that loaded fewer, by the fast exit (END).
+{
+    my $lib = "$dir/many";
+    mkdir $lib or die "$lib: $!";
+    for my $i (1 .. 200) {
+        open my $pm, '>', "$lib/Many$i.pm" or die;
+        print $pm "package Many$i; 1;\n";
+        close $pm or die;
+    }
+    for my $many (0, 1) {
+        my $log = "$dir/log-own-most-$many";
+        my $program = <<'PERL';
+BEGIN { require ForkServer::Process::Exit }
+my ($log, $many) = @ARGV;
+sub note { open my $l, '>>', $log or die; print $l "@_\n" }
+{ package Probe; sub DESTROY { main::note("DESTROY ${^GLOBAL_PHASE}") } }
+ForkServer::Process::Exit::mark_base();
+my $pid = fork // die;
+if (!$pid) {
+    ForkServer::Process::Exit::without_global_destruction(unless_own_most => 1);
+    # more than the base's %INC again (it is well under 200 files)
+    if ($many) { require "Many$_.pm" for 1 .. keys(%INC) + 5 }
+    eval q{ package Fresh; our $obj = bless {}, 'Probe'; 1 } or die $@;
+    exit 0;
+}
+waitpid $pid, 0;
+POSIX::_exit(0);
+PERL
+        system($^X, '-Iperl', "-I$lib", '-MPOSIX', '-e', $program, $log, $many) == 0
+            or die "program failed: $?";
+        open my $fh, '<', $log or die;
+        my @lines = <$fh>;
+        chomp @lines;
+        is_deeply \@lines, [$many ? 'DESTROY DESTRUCT' : 'DESTROY END'],
+            $many ? 'loaded more than it inherited: perl\'s global destruction'
+                  : 'loaded less: the fast exit';
+    }
+}
+
 done_testing;

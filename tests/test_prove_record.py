@@ -142,3 +142,81 @@ def test_no_preload_runs_the_slowest_first_from_the_last_run(tmp_path: Path) -> 
     assert second.returncode == 0, second.stdout + second.stderr
     assert verdicts(second.stdout) == verdicts(run_in(tmp_path, ["prove", "-l", "t"]).stdout)
     assert run_in(tmp_path, [EMPEROR, "prove", "--no-preload", "-l", "-D", "t"]).stdout.split()[0] == "t/a.t"
+
+
+def project_with_an_order_sensitive_test_library(root: Path) -> None:
+    """DBIx-Class's shape: the files `use` only their own t/lib library,
+    which insists on being loaded before the project's module (as
+    DBICTest::RunMode does before DBIx::Class); nothing breaks until a
+    learned preload puts the project's module in the base."""
+    (root / "lib" / "Proj").mkdir(parents=True)
+    (root / "t" / "lib" / "ProjTest").mkdir(parents=True)
+    (root / "lib" / "Proj.pm").write_text("package Proj;\nuse Proj::Deep;\nsub answer { Proj::Deep::answer() }\n1;\n")
+    (root / "lib" / "Proj" / "Deep.pm").write_text("package Proj::Deep;\nsub answer { 42 }\n1;\n")
+    (root / "t" / "lib" / "ProjTest.pm").write_text("package ProjTest;\nuse ProjTest::RunMode;\nuse Proj;\n1;\n")
+    (root / "t" / "lib" / "ProjTest" / "RunMode.pm").write_text(
+        "package ProjTest::RunMode;\n"
+        "die \"ProjTest::RunMode must be loaded before Proj\\n\" if $INC{'Proj.pm'};\n1;\n")
+    for name in ("a", "b", "c", "d"):
+        (root / "t" / f"{name}.t").write_text(
+            "use strict;\nuse warnings;\nuse lib 't/lib';\nuse Test::More tests => 1;\nuse ProjTest;\n"
+            "is Proj::answer(), 42, 'answer';\n")
+
+
+def test_a_learned_preload_that_breaks_files_is_not_learned_again(tmp_path: Path) -> None:
+    """When what a run newly preloaded makes files fail forked that passed
+    forked the run before (they pass cold: prove's verdicts), the failure
+    is put down to those modules, not to the files: the next run leaves
+    them out of its preload and forks the files again, rather than starting
+    every such file cold or from the bare base from then on."""
+    project_with_an_order_sensitive_test_library(tmp_path)
+    cmd = [EMPEROR, "prove", "-l", "-j2", "t"]
+    want = verdicts(run_in(tmp_path, ["prove", "-l", "t"]).stdout)
+    assert want == {f"t/{n}.t": "ok" for n in "abcd"}
+
+    first = run_in(tmp_path, cmd)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "failed or skipped forked" not in first.stderr, first.stderr
+    second = run_in(tmp_path, cmd)  # learns Proj: every file fails forked, passes cold
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert verdicts(second.stdout) == want
+    learned = [x for x in second.stderr.splitlines() if x.startswith("emperor prove: preloaded (")]
+    assert len(learned) == 1 and "Proj" in learned[0], second.stderr
+    assert "t/a.t failed forked and passed cold, with Proj, Proj::Deep newly preloaded" in second.stderr, \
+        second.stderr
+
+    third = run_in(tmp_path, cmd)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert verdicts(third.stdout) == want
+    line = [x for x in third.stderr.splitlines() if x.startswith("emperor prove: preloaded (")]
+    assert len(line) == 1 and "Proj" not in line[0], third.stderr
+    assert "runs cold" not in third.stderr and "bare base" not in third.stderr, third.stderr
+    assert "failed or skipped forked" not in third.stderr, third.stderr
+
+
+def test_a_module_that_breaks_few_of_its_files_stays_preloaded(tmp_path: Path) -> None:
+    """When the newly preloaded module broke fewer than a tenth of the
+    files that load it, the next run keeps it preloaded and forks the file
+    it broke from the bare base (none of the suite's modules loaded)."""
+    project_with_an_order_sensitive_test_library(tmp_path)
+    for name in "bcd":
+        (tmp_path / "t" / f"{name}.t").unlink()
+    (tmp_path / "t" / "lib" / "ProjLoader.pm").write_text("package ProjLoader;\nuse Proj;\n1;\n")
+    for i in range(11):
+        (tmp_path / "t" / f"p{i:02}.t").write_text(
+            "use strict;\nuse warnings;\nuse lib 't/lib';\nuse Test::More tests => 1;\nuse ProjLoader;\n"
+            "is Proj::answer(), 42, 'answer';\n")
+    cmd = [EMPEROR, "prove", "-l", "-j2", "t"]
+    for _ in range(2):
+        run = run_in(tmp_path, cmd)
+        assert run.returncode == 0, run.stdout + run.stderr
+    assert "t/a.t failed forked and passed cold, with Proj, Proj::Deep newly preloaded" in run.stderr, run.stderr
+
+    third = run_in(tmp_path, cmd)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert len(verdicts(third.stdout)) == 12 and set(verdicts(third.stdout).values()) == {"ok"}
+    line = [x for x in third.stderr.splitlines() if x.startswith("emperor prove: preloaded (")]
+    assert len(line) == 1 and "Proj" in line[0], third.stderr
+    assert ("t/a.t runs forked from a bare base (none of the suite's modules loaded): last run: "
+            "it failed or skipped forked and passed cold (Proj, Proj::Deep preloaded)") in third.stderr, third.stderr
+    assert "failed or skipped forked" not in third.stderr.replace("last run: it failed or skipped forked", "")

@@ -23,7 +23,8 @@ With C<--state>, a forked test writes at exit (after its own C<END> blocks)
 the C<%INC> keys it added to the base's; C<.prove> keeps them per file
 (C<emperor_loads>), with those of the base's modules the file C<use>s or
 recorded in an earlier run (they are preloaded now, so not added). The next
-run preloads what at least a tenth of the files loaded.
+run preloads what at least a tenth of the files loaded, except a module
+that broke at least a tenth of the files that load it (L</blame>).
 
 =cut
 
@@ -82,33 +83,57 @@ file C<use>s or that its earlier record names.
 sub remember {
     my ($state, $file, $base_inc, $uses, @loaded) = @_;
     my $test = eval { $state->results->test($file) } or return;
-    my %keys = map { $_ => 1 } grep { m{\A[A-Z]\w*(?:/\w+)*\.pm\z} } @loaded;
+    my %keys = map { $_ => 1 } grep { is_module_key($_) } @loaded;
     my %from_base = map { $_ => 1 } split(' ', $test->{emperor_loads} // ''), @$uses;
     $keys{$_} = 1 for grep { $base_inc->{$_} } keys %from_base;
     $test->{emperor_loads} = join ' ', sort keys %keys;
     return;
 }
 
+=head2 blame
+
+  my @keys = blame($test_record, \%base_inc, \%previous_base_inc);
+
+For a file that failed forked and passed cold: the modules the base has
+loaded this run and had not the run before, among those the file's record
+says it loads (C<%INC> keys). A preload that changed under the file is the
+likelier cause than the file: they are added to its record
+(C<emperor_blame>), for L</preloads>.
+
+=cut
+
+sub blame {
+    my ($test, $base_inc, $previous) = @_;
+    my @keys = grep { $base_inc->{$_} && !$previous->{$_} } split ' ', $test->{emperor_loads} // '';
+    return () unless @keys;
+    my %all = map { $_ => 1 } @keys, split ' ', $test->{emperor_blame} // '';
+    $test->{emperor_blame} = join ' ', sort keys %all;
+    return sort @keys;
+}
+
 =head2 preloads
 
   my ($learned, @modules) = preloads($state_manager, \@files, \&use_lines);
 
-The modules at least a tenth of the files loaded, the most used first; a
-file without a record counts C<use_lines($file)> (module names). C<$learned>
-is false when no file has a record (the caller then chooses by C<use> lines).
+The modules at least a tenth of the files loaded, the most used first,
+except those a tenth of the files that load them were broken by
+(L</blame>); a file without a record counts C<use_lines($file)> (module
+names). C<$learned> is false when no file has a record (the caller then
+chooses by C<use> lines).
 
 =cut
 
 sub preloads {
     my ($state, $files, $use_lines) = @_;
     my $tests = eval { $state->results->{tests} } || {};
-    my (%count, $n, $learned);
+    my (%count, %broke, $n, $learned);
     for my $file (grep {/\.t\z/} @$files) {
         my $record = $tests->{$file} ? $tests->{$file}{emperor_loads} : undef;
         my @modules;
         if (defined $record) {
             $learned++;
-            @modules = map { (my $m = $_) =~ s{/}{::}g; $m =~ s/\.pm\z//; $m } split ' ', $record;
+            @modules = map { module_of($_) } split ' ', $record;
+            $broke{ module_of($_) }++ for split ' ', $tests->{$file}{emperor_blame} // '';
         }
         else {
             next unless -r $file;
@@ -118,8 +143,23 @@ sub preloads {
         $count{$_}++ for @modules;
     }
     return (0) unless $learned;
-    my @common = grep { $count{$_} * 10 >= $n } keys %count;
+    my @common = grep { $count{$_} * 10 >= $n && ($broke{$_} // 0) * 10 < $count{$_} } keys %count;
     return (1, sort { $count{$b} <=> $count{$a} || $a cmp $b } @common);
+}
+
+=head2 is_module_key, module_of
+
+  is_module_key('Foo/Bar.pm');    # true: a module's %INC key (not a pragma's, not a file's)
+  module_of('Foo/Bar.pm');        # 'Foo::Bar'
+
+=cut
+
+sub is_module_key { return $_[0] =~ m{\A[A-Z]\w*(?:/\w+)*\.pm\z} }
+
+sub module_of {
+    (my $module = $_[0]) =~ s{/}{::}g;
+    $module =~ s/\.pm\z//;
+    return $module;
 }
 
 1;

@@ -63,6 +63,8 @@ my %BASE_INC;   # the files the base has loaded (keys of its %INC)
 my %BARE_INC;   # those of the bare base (our code and Test2 only), when there is one
 my %TOP_LEVEL_READ = (base => {}, bare => {});    # ForkServer::Prove::ColdRules's caches
 our $LEARNED;   # the automatic preload came from --state's records
+my %PREVIOUS_BASE_INC;    # the base's modules in the run before, by the record
+my $PREVIOUS_KNOWN;       # whether the record says
 
 sub note {
     my ($class, $msg) = @_;
@@ -128,7 +130,8 @@ sub _may_need_bare {
     my (@files) = @_;
     for my $file (@files) {
         my $t = $CFG{state} && eval { $CFG{state}->results->{tests}{$file} };
-        return 1 if $t && ($t->{emperor_cold} // '') =~ /\Ait failed or skipped forked and passed cold\z/;
+        return 1 if $t && (($t->{emperor_cold} // '') =~ /\Ait failed or skipped forked and passed cold\z/
+            || $t->{emperor_blame});
         my $text = _head($file) // next;
         return 1 if $text =~ /\$INC\s*\{/ || ($text =~ /\bBEGIN\b/ && $text =~ /CORE::GLOBAL::|ENV/);
     }
@@ -170,6 +173,7 @@ sub _base_reply {
         my $text = <$fh> // '';
         %BARE_INC = map { my ($k, $v) = split /\t/, $_, 2; ($k => $v // 1) } grep { length } split /\0/, $text;
     }
+    _record_base_modules();
     if ($args{auto} && !$args{quiet}) {    # the ones that loaded
         my @loaded = grep { (my $key = "$_.pm") =~ s{::}{/}g; $BASE_INC{$key} } @auto;
         if ($LEARNED) {    # many (what they load, not only what they `use`): the first few
@@ -183,6 +187,18 @@ sub _base_reply {
                 . (@loaded ? join(', ', @loaded) : 'nothing') . "\n";
         }
     }
+    return;
+}
+
+# The record keeps the base's modules of each run: a file that fails
+# forked with modules the run before did not preload, and passes cold, is
+# put down to them (ForkServer::Prove::Loads::blame) rather than to itself.
+sub _record_base_modules {
+    my $results = $CFG{state} && eval { $CFG{state}->results } or return;
+    my $before = $results->{emperor_preload};
+    %PREVIOUS_BASE_INC = map { $_ => 1 } split ' ', $before // '';
+    $PREVIOUS_KNOWN = defined $before;
+    $results->{emperor_preload} = join ' ', sort grep { ForkServer::Prove::Loads::is_module_key($_) } keys %BASE_INC;
     return;
 }
 
@@ -295,6 +311,11 @@ sub _preload_reason {
         my $why = $t && $t->{emperor_cold};
         return ($CFG{memory} ? "last run" : "--state") . ": $why"
             if $why && (!$bare || $why =~ /from a bare base/);
+        # put down to modules the next run's preload kept after all (too few
+        # of the files that load them broke)
+        my @still = grep { $base_inc->{$_} } split ' ', ($t && $t->{emperor_blame}) // '';
+        return ($CFG{memory} ? "last run" : "--state") . ": it failed or skipped forked and passed cold ("
+            . join(', ', map { ForkServer::Prove::Loads::module_of($_) } @still) . " preloaded)" if @still;
     }
     my $changes = ForkServer::Prove::ColdRules::changes_before_preloaded_use(
         $text, $base_inc, $TOP_LEVEL_READ{ $bare ? 'bare' : 'base' });
@@ -323,7 +344,7 @@ sub _bare_fits {
     my ($file, $reason) = @_;
     return 0 unless %BARE_INC;
     return 0 unless $reason =~ /\Ait (?:sets|looks at) /
-        || $reason =~ /: it failed or skipped forked and passed cold\z/;
+        || $reason =~ /: it failed or skipped forked and passed cold(?:\z| \()/;
     my $text = _head($file) // return 0;
     return !defined _preload_reason($file, $text, 1);
 }
@@ -376,6 +397,17 @@ sub _loads_path {
 
 sub _remember_cold {
     my ($file, $bare) = @_;
+    my $t = $CFG{state} && eval { $CFG{state}->results->test($file) };
+    my @blamed = ($t && !$bare && $PREVIOUS_KNOWN)
+        ? ForkServer::Prove::Loads::blame($t, \%BASE_INC, \%PREVIOUS_BASE_INC) : ();
+    if (@blamed) {
+        __PACKAGE__->note("$file failed forked and passed cold, with "
+            . join(', ', map { ForkServer::Prove::Loads::module_of($_) } @blamed)
+            . " newly preloaded: its verdict is the cold run's ("
+            . ($CFG{memory} ? "remembered" : "--state remembers it")
+            . " against those modules for the next run's preload)");
+        return;
+    }
     my $from = $bare ? ' from a bare base' : '';
     __PACKAGE__->note("$file failed or skipped forked$from and passed cold: its verdict is the cold run's"
         . (!$CFG{state} ? "" : $CFG{memory} ? " (remembered for the next run)" : " (--state remembers it)"));
