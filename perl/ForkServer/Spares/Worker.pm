@@ -20,6 +20,7 @@ use ForkServer::Process::Session ();
 use ForkServer::Spares::Rehearsal ();
 use ForkServer::Spares::EnvReads ();
 use ForkServer::Spares::WorkerStart ();
+use ForkServer::Spares::Solo ();
 use ForkServer::Vassal ();
 use ForkServer::Base::Priority ();
 use ForkServer::Base::Warmup ();
@@ -177,11 +178,24 @@ sub await_direct {
     return if $n && $said eq ForkServer::Spares::WorkerStart::NOT_STARTED;
     $self->{bound_fd} = $bound;
     $self->{early} = 1;
+    if ($n && $said eq ForkServer::Spares::WorkerStart::IS_THE_VASSAL) {
+        $self->{vassal} = 1;
+        return;
+    }
     $self->{said} = !$n ? 'its worker is gone'
                   : $said =~ /\A\Q${\UNFIT}\E/ ? substr($said, 1) || 'unfit'
                   : undef;
     return;
 }
+
+=head2 is_the_vassal() -> bool
+
+Whether the worker, given the requester with the base's request, became
+the vassal itself (C<master = false>: L<ForkServer::Spares::WorkerStart>).
+
+=cut
+
+sub is_the_vassal { return $_[0]{vassal} ? 1 : 0 }
 
 sub answered {
     my ($self) = @_;
@@ -215,10 +229,11 @@ sub unfit {
 # The same judgement from a warm-up record: the worker judges itself so,
 # started by the base's request (ForkServer::Spares::WorkerStart).
 sub unfit_for {
-    my ($warm, $config) = @_;
+    my ($warm, $config, %how) = @_;
     $warm or return 'no warm-up known';
-    # no worker at all: the spare's own process serves
-    return 'master = false' unless $config->get('master');
+    # no worker at all: the spare's own process serves (unless the worker
+    # judges whether it may be the vassal itself)
+    return 'master = false' unless $config->get('master') || $how{solo};
     return 'keep-fd' if $config->list('keep-fd');
     # where the config changes neither, the identity and directory the
     # waiting worker saw before it waited (waiting changes neither)
@@ -376,6 +391,10 @@ sub _worker_main {
     my $start = ForkServer::Spares::WorkerStart::wait_for_start(
         link => $link, direct => $direct, warm => $warm, master => $master, reserved => \@reserved);
     my ($sock, $vassal, $requests_fd) = @$start{qw(sock vassal requests_fd)};
+    if ($start->{solo}) {    # the vassal itself: nothing of its spare's stays
+        close $_ for $link, $ready_r, $ready_w, $stop_r, values %$handoff;
+        ForkServer::Spares::Solo::serve(app => $app, %$start);    # does not return
+    }
     my $access_log = $vassal->access_log;    # opened as whoever may open it
     $vassal->drop_privileges;
     my @requests;

@@ -1,0 +1,74 @@
+package ForkServer::Spares::Solo;
+use strict;
+use warnings;
+
+use ForkServer::Base::Priority ();
+use ForkServer::Log ();
+use ForkServer::Process::Exit ();
+use ForkServer::Vassal ();
+use ForkServer::Vassal::EmperorPipe ();
+
+=head1 NAME
+
+ForkServer::Spares::Solo - a spare's warm worker that becomes a C<master = false> vassal itself
+
+=head1 SYNOPSIS
+
+  # in the warm worker, started from the base's request and the requester
+  # (ForkServer::Spares::WorkerStart), its pid replied, its spare gone:
+  ForkServer::Spares::Solo::serve(app => $app, sock => $listening, vassal => $vassal,
+                                  config => $config);    # does not return
+
+=head1 DESCRIPTION
+
+A C<master = false> vassal is one process. Adopted from a warm spare, that
+process is the spare's warm worker, which ran the base's C<early-warmup>
+paths: its first request finds what the warm-up built (the app's lazily
+built state, its pages already copied), where the spare's own process
+would pay for it.
+
+Given the base's request with the requester's connection
+(L<ForkServer::Spares/take>), the worker reads the vassal's config as the
+master would, applies it (C<env>, C<chdir>, title, output) and judges its
+warm-up by the rules of spares (L<ForkServer::Spares::Worker/unfit>: the
+same identity, directory and values of the C<%ENV> keys the warm-up read).
+One that fits leads its own session, tells its spare (which then leaves,
+holding nothing), replies with its own pid, and is the vassal from here:
+the Emperor pipe and the config pipe are its own, nothing of its spare's
+stays open, and it serves as L<ForkServer::HTTPServer::Solo>. One that does
+not fit replies with its spare's pid and leaves: the spare's process serves,
+with none of the warm-up's state.
+
+Its priority (raised while it waited, as a warm worker's is) goes back to
+the default before it serves: it runs as any other vassal.
+
+=cut
+
+sub serve {
+    my (%a) = @_;
+    my $config = $a{config};
+    my $ok = eval {
+        # for the rest of the vassal's life, as for an adopted one
+        $SIG{PIPE} = 'IGNORE';
+        ForkServer::Base::Priority::back($$);
+        my $emperor = ForkServer::Vassal::EmperorPipe->pipe_from_env;
+        # the config packet was only peeked at: read now, as the master would
+        my (undef, $config_fh) = ForkServer::Vassal::EmperorPipe->config_from_env;
+        ForkServer::Process::Exit::without_global_destruction();
+        ForkServer::Vassal->new(
+            config        => $config,
+            emperor       => $emperor,
+            config_fh     => $config_fh,
+            preloaded_app => $a{app},
+            configured    => 1,
+            listen_sock   => $a{sock},
+        )->run;
+        1;
+    };
+    ForkServer::Log::line($config->name, "error: $@") unless $ok;
+    STDOUT->flush;
+    STDERR->flush;
+    exit($ok ? 0 : 1);
+}
+
+1;
