@@ -89,6 +89,7 @@ sub run {
         ($requests_fh ? (requests_fh => $requests_fh) : ()),
         $self->server_args($access_log),
         ($preforked ? (preforked => $preforked) : ()),
+        ($self->{settle} ? (settle => $self->{settle}) : ()),
     )->run;
     return;
 }

@@ -189,7 +189,13 @@ sub _wait_for_adoption {
         # pid reply, and leads its own session. This spare leaves, holding
         # nothing, and does not end the session's other processes: they
         # are what the worker's warm-up started.
-        POSIX::_exit(0) if $worker->is_the_vassal;
+        # Its exit (the unmapping of an address space as large as the base's)
+        # runs behind the vassal's first request: not at the base's priority.
+        if ($worker->is_the_vassal) {
+            ForkServer::Base::Priority::back(undef);
+            POSIX::nice(19);
+            POSIX::_exit(0);
+        }
     }
     # The base's priority is for a worker serving straight from the base's
     # request (its master puts it back once set up). Any other start (an

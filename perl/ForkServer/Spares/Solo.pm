@@ -39,8 +39,10 @@ stays open, and it serves as L<ForkServer::HTTPServer::Solo>. One that does
 not fit replies with its spare's pid and leaves: the spare's process serves,
 with none of the warm-up's state.
 
-Its priority (raised while it waited, as a warm worker's is) goes back to
-the default before it serves: it runs as any other vassal.
+Its priority: raised while it waited, as a warm worker's is, and its new
+session's scheduling group raised as its spare's was; both go back to the
+default once its first request is served (or a second after it accepts):
+from then on it runs as any other vassal.
 
 =cut
 
@@ -50,7 +52,6 @@ sub serve {
     my $ok = eval {
         # for the rest of the vassal's life, as for an adopted one
         $SIG{PIPE} = 'IGNORE';
-        ForkServer::Base::Priority::back($$);
         my $emperor = ForkServer::Vassal::EmperorPipe->pipe_from_env;
         # the config packet was only peeked at: read now, as the master would
         my (undef, $config_fh) = ForkServer::Vassal::EmperorPipe->config_from_env;
@@ -62,6 +63,9 @@ sub serve {
             preloaded_app => $a{app},
             configured    => 1,
             listen_sock   => $a{sock},
+            # the base's priority for its first request, as a warm worker
+            # serving for its master has it until its master is set up
+            settle        => sub { ForkServer::Base::Priority::back($$) },
         )->run;
         1;
     };

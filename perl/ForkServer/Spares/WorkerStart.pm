@@ -11,6 +11,7 @@ use ForkServer::Base::Request ();
 use ForkServer::Config ();
 use ForkServer::Link ();
 use ForkServer::Process::Session ();
+use ForkServer::Base::Priority ();
 use ForkServer::Log ();
 use ForkServer::Protocol qw(decode_array decode_header encode_packet encode_dict MODIFIER1_CONFIG
                           MODIFIER1_FORK_SERVER MASK_ON_DEMAND);
@@ -173,6 +174,9 @@ sub _from_base {
         my ($leads, $why) = ForkServer::Process::Session::lead();
         ForkServer::Log::line($config->name, "not a session leader ($why): the Emperor cannot tell its orphans")
             unless $leads;
+        # a new session is a new scheduling group, at nice 0: raised as the
+        # spare's was, until the first request is served (ForkServer::Spares::Solo)
+        ForkServer::Base::Priority::raise_group(ForkServer::Base::Priority::raised());
         # the spare first: it must not serve once the requester has our pid
         syswrite($link, IS_THE_VASSAL) or die "telling the spare: $!\n";
         $reply->($$);
