@@ -74,6 +74,8 @@ use constant DIRECT      => 'D';    # base to spare, before the packet: its warm
 # own when it becomes a `master = false` vassal itself)
 use constant WORKER_REPLIES => 'O';
 
+our ($NAME, $BASE_PID);
+
 =head2 run(base => $base, link => $link, paths => \@paths, warm_timeout => $seconds)
 
 The spare, in the process just made: warms up, waits, and becomes the
@@ -108,6 +110,7 @@ sub run {
         # (its worker raised itself too); its master puts it back once set up
         ForkServer::Base::Priority::raise_group(ForkServer::Base::Priority::raised());
         $0 = "psgi-vassal $name (spare of $base->{pid})";
+        ($NAME, $BASE_PID) = ($name, $base->{pid});    # for its title if it leaves (_wait_for_adoption)
         # with the worker's own link, on which the base sends it the adoption too
         ForkServer::Link::send_fds($link, "R$$", $worker->link_for_base) or die "telling the base: $!\n";
         $worker->forget_link_for_base;
@@ -190,10 +193,14 @@ sub _wait_for_adoption {
         # nothing, and does not end the session's other processes: they
         # are what the worker's warm-up started.
         # Its exit (the unmapping of an address space as large as the base's)
-        # runs behind the vassal's first request: not at the base's priority.
+        # waits until the vassal's first request is served, and then runs
+        # at the lowest priority.
         if ($worker->is_the_vassal) {
+            POSIX::close($_) for @fds;
+            $0 = "psgi-vassal $NAME (spare of $BASE_PID, leaving)";
             ForkServer::Base::Priority::back(undef);
             POSIX::nice(19);
+            1 while !defined sysread($worker->{link}, my $word, 1) && $!{EINTR};    # its word, or its end
             POSIX::_exit(0);
         }
     }

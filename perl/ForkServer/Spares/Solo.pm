@@ -42,9 +42,30 @@ with none of the warm-up's state.
 Its priority: raised while it waited, as a warm worker's is, and its new
 session's scheduling group raised as its spare's was; both go back to the
 default once its first request is served (or a second after it accepts):
-from then on it runs as any other vassal.
+from then on it runs as any other vassal. Its spare leaves then too (until
+then it waits, titled C<psgi-vassal NAME (spare of BASEPID, leaving)>, no
+spare to the Emperor): its exit does not compete with the first request.
 
 =cut
+
+=head2 let_spare_go($link)
+
+The spare waits for this word to leave (L<ForkServer::Spares::Process>):
+its exit, the unmapping of an address space as large as the base's, comes
+after the vassal's first request rather than beside it.
+
+=cut
+
+use constant SPARE_MAY_GO => 'L';
+
+sub let_spare_go {
+    my ($link) = @_;
+    return unless $link && $link->opened;
+    local $SIG{PIPE} = 'IGNORE';
+    syswrite $link, SPARE_MAY_GO;
+    close $link;
+    return;
+}
 
 sub serve {
     my (%a) = @_;
@@ -65,11 +86,12 @@ sub serve {
             listen_sock   => $a{sock},
             # the base's priority for its first request, as a warm worker
             # serving for its master has it until its master is set up
-            settle        => sub { ForkServer::Base::Priority::back($$) },
+            settle        => sub { ForkServer::Base::Priority::back($$); let_spare_go($a{spare_link}) },
         )->run;
         1;
     };
     ForkServer::Log::line($config->name, "error: $@") unless $ok;
+    let_spare_go($a{spare_link});
     STDOUT->flush;
     STDERR->flush;
     exit($ok ? 0 : 1);

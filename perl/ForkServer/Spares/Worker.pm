@@ -380,7 +380,10 @@ sub _worker_main {
                  env => { map { $_ => $env_before{$_} } $msg eq "W\0*" ? keys %env_before : @$read },
                  # as they are after the warm-up (it may have changed them):
                  # what the judgement compares unless the config changes them
-                 now => { id => ForkServer::Vassal::Identity::current(), cwd => Cwd::getcwd() } };
+                 now => { id => ForkServer::Vassal::Identity::current(), cwd => Cwd::getcwd() },
+                 # as a master = false vassal, it leads a session of its own
+                 group_raisable => ForkServer::Base::Priority::raised()
+                                   && ForkServer::Base::Priority::group_raisable() };
     # warm: ahead of its own master, which sets itself up while this
     # worker starts serving (ForkServer::Base::Priority)
     ForkServer::Base::Priority::raise_process(ForkServer::Base::Priority::raised());
@@ -391,9 +394,9 @@ sub _worker_main {
     my $start = ForkServer::Spares::WorkerStart::wait_for_start(
         link => $link, direct => $direct, warm => $warm, master => $master, reserved => \@reserved);
     my ($sock, $vassal, $requests_fd) = @$start{qw(sock vassal requests_fd)};
-    if ($start->{solo}) {    # the vassal itself: nothing of its spare's stays
-        close $_ for $link, $ready_r, $ready_w, $stop_r, values %$handoff;
-        ForkServer::Spares::Solo::serve(app => $app, %$start);    # does not return
+    if ($start->{solo}) {    # the vassal itself: nothing of its spare's stays (its link, until it is told to leave)
+        close $_ for $ready_r, $ready_w, $stop_r, values %$handoff;
+        ForkServer::Spares::Solo::serve(app => $app, spare_link => $link, %$start);    # does not return
     }
     my $access_log = $vassal->access_log;    # opened as whoever may open it
     $vassal->drop_privileges;

@@ -4,7 +4,7 @@ use warnings;
 
 use IO::Select ();
 use POSIX ();
-use Socket qw(SOL_SOCKET SCM_RIGHTS MSG_PEEK MSG_DONTWAIT);
+use Socket qw(SOL_SOCKET SCM_RIGHTS MSG_PEEK MSG_DONTWAIT MSG_NOSIGNAL);
 use Socket::MsgHdr ();
 use ForkServer::Base::Adoption ();
 use ForkServer::Base::Request ();
@@ -169,6 +169,10 @@ sub _from_base {
         return $not->();
     }
     if ($solo) {
+        # the spare first: it must not serve once the requester has our pid
+        # (it leaves when told to: ForkServer::Spares::Solo)
+        syswrite($link, IS_THE_VASSAL) or die "telling the spare: $!\n";
+        $reply->($$);
         # the vassal's own session, as every vassal process leads one (the
         # Emperor tells its orphans by it)
         my ($leads, $why) = ForkServer::Process::Session::lead();
@@ -176,10 +180,7 @@ sub _from_base {
             unless $leads;
         # a new session is a new scheduling group, at nice 0: raised as the
         # spare's was, until the first request is served (ForkServer::Spares::Solo)
-        ForkServer::Base::Priority::raise_group(ForkServer::Base::Priority::raised());
-        # the spare first: it must not serve once the requester has our pid
-        syswrite($link, IS_THE_VASSAL) or die "telling the spare: $!\n";
-        $reply->($$);
+        ForkServer::Base::Priority::raise_led_group(ForkServer::Base::Priority::raised()) if $warm->{group_raisable};
         set_emperor_variables($pipe, defined $config_fd ? $config_fd : '');
         return { solo => 1, sock => $sock, vassal => $vassal, config => $config,
                  on_demand => ($req->mask & MASK_ON_DEMAND) ? 1 : 0 };
@@ -200,8 +201,7 @@ Emperor pipe), as for a clone.
 sub reply_pid {
     my ($fd, $pid) = @_;
     open(my $sock, '+<&=', $fd) or return POSIX::close($fd);
-    local $SIG{PIPE} = 'IGNORE';
-    syswrite($sock, encode_packet(MODIFIER1_FORK_SERVER, 0, encode_dict(pid => $pid)));
+    send($sock, encode_packet(MODIFIER1_FORK_SERVER, 0, encode_dict(pid => $pid)), MSG_NOSIGNAL);
     close $sock;
     return;
 }
