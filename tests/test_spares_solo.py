@@ -104,3 +104,24 @@ def test_a_vassal_whose_env_the_warm_up_read_differently_gets_no_warm_state(warm
     wait_for(lambda: not any(psutil.pid_exists(w) for w, m in workers.items() if m == pid), 10,
              "the warm worker that does not fit to leave")
     (e.dir / "other.ini").unlink()
+
+
+def test_an_on_demand_vassal_woken_by_a_connection_is_served_by_the_warm_worker(warm):
+    """The Emperor holds the socket and adopts on the first connection: the
+    warm worker takes the socket (descriptor 0 of a forked vassal) and
+    serves that connection with its warm state; after `idle` it goes back
+    to sleep as any master = false vassal."""
+    e = warm
+    wait_for(lambda: len(spare_masters(e)) == 2, 60, "the pool refilled")
+    spares(e, 2)
+    workers = spare_workers(e)
+    port = free_port()
+    (e.dir / "sleepy.ini").write_text(solo_ini(port, "on-demand = true", "idle = 1"))
+    wait_for(lambda: e.vassal("sleepy")["state"] == "on-demand", 30, "the Emperor to hold the socket")
+    r = get(port, timeout=30)  # this connection wakes it
+    pid = int(r["pid"])
+    assert pid in workers and int(r["built_in"]) == pid and int(r["built_at"]) < int(r["requests"]), (r, workers)
+    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 30,
+             "the vassal to go back to sleep after idle")
+    wait_for(lambda: e.vassal("sleepy")["state"] == "on-demand", 30, "the Emperor to hold the socket again")
+    (e.dir / "sleepy.ini").unlink()
