@@ -15,9 +15,9 @@ ForkServer::Spares::Solo - a spare's warm worker that becomes a C<master = false
 =head1 SYNOPSIS
 
   # in the warm worker, started from the base's request and the requester
-  # (ForkServer::Spares::WorkerStart), its pid replied, its spare gone:
-  ForkServer::Spares::Solo::serve(app => $app, sock => $listening, vassal => $vassal,
-                                  config => $config);    # does not return
+  # (ForkServer::Spares::WorkerStart), its pid replied, its session its own:
+  ForkServer::Spares::Solo::serve(app => $app, sock => $listening, config => $config,
+                                  spare_link => $link);    # does not return
 
 =head1 DESCRIPTION
 
@@ -32,8 +32,9 @@ Given the base's request with the requester's connection
 master would, applies it (C<env>, C<chdir>, title, output) and judges its
 warm-up by the rules of spares (L<ForkServer::Spares::Worker/unfit>: the
 same identity, directory and values of the C<%ENV> keys the warm-up read).
-One that fits leads its own session, tells its spare (which then leaves,
-holding nothing), replies with its own pid, and is the vassal from here:
+One that fits tells its spare (which then lets go of everything the base
+gave it), replies with its own pid, leads its own session, and is the
+vassal from here:
 the Emperor pipe and the config pipe are its own, nothing of its spare's
 stays open, and it serves as L<ForkServer::HTTPServer::Solo>. One that does
 not fit replies with its spare's pid and leaves: the spare's process serves,
