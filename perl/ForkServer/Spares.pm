@@ -4,15 +4,16 @@ use warnings;
 
 use IO::Select ();
 use POSIX ();
-use Socket qw(AF_UNIX SOCK_SEQPACKET PF_UNSPEC MSG_PEEK MSG_DONTWAIT);
+use Socket qw(AF_UNIX SOCK_SEQPACKET PF_UNSPEC);
 use Time::HiRes ();
 use ForkServer::Base::Clone ();
 use ForkServer::Link ();
 use ForkServer::Log ();
-use ForkServer::Protocol qw(encode_packet encode_array MODIFIER1_FORK_SERVER MASK_CONFIG);
+use ForkServer::Protocol qw(encode_packet encode_array MODIFIER1_FORK_SERVER);
 use ForkServer::Base::Request ();
 use ForkServer::Spares::Rehearsal ();
 use ForkServer::Spares::Process ();
+use ForkServer::Spares::Solo ();
 use ForkServer::Spares::WorkerStart ();
 
 =head1 NAME
@@ -318,7 +319,7 @@ sub take {
     # needs). It is given the requester too and replies with the pid of
     # the process that serves, its own or its spare's (leading O for the
     # spare: ForkServer::Spares::WorkerStart).
-    my $owned = $s->{worker_link} && may_be_solo($req);
+    my $owned = $s->{worker_link} && ForkServer::Spares::Solo::may_be_solo($req);
     my $direct = $s->{worker_link}
         && ForkServer::Link::send_fds($s->{worker_link}, ($owned ? ForkServer::Spares::WorkerStart::REPLY_IS_YOURS : '')
                                       . $packet, @fds, ($owned ? fileno $req->sock : ()));
@@ -333,33 +334,6 @@ sub take {
         or $self->log("spare pid $s->{pid} could not be given its request ($!): it ends");
     _close_links($s);    # it is no spare of ours any more
     return 1;
-}
-
-=head2 may_be_solo($request) -> bool
-
-Whether the vassal may be C<master = false>, judged cheaply on the base's
-path: its argv names C<master>, or the config packet waiting in its config
-pipe (peeked at: it stays there) sets it false, or that packet is not
-there yet. The warm worker reads the config and decides; a vassal judged
-wrongly here is only served the slower way (its spare's own process, or a
-pid reply that waits for the worker).
-
-=cut
-
-use constant SOLO_PEEK => 8192;    # bytes of the config packet looked at
-
-sub may_be_solo {
-    my ($req) = @_;
-    my (undef, @argv) = $req->argv;
-    return 1 if grep { /\A--?master(?:=|\z)/ } @argv;
-    my (undef, $config_fd) = $req->fds_by_role;
-    return 0 unless defined $config_fd && $req->mask & MASK_CONFIG;
-    open(my $fh, '+<&', $config_fd) or return 0;    # a copy: the request keeps its own
-    # no room for the output pipe it carries: left in the packet, not taken
-    my $got = recv($fh, my $text, SOLO_PEEK, MSG_PEEK | MSG_DONTWAIT);
-    close $fh;
-    return 1 unless defined $got && length $text;
-    return $text =~ /^[ \t]*master[ \t]*=[ \t]*(?:0|false|no|off)[ \t]*\r?$/mi ? 1 : 0;
 }
 
 =head2 hold_off()

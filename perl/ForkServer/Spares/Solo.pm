@@ -2,7 +2,9 @@ package ForkServer::Spares::Solo;
 use strict;
 use warnings;
 
+use Socket qw(MSG_PEEK MSG_DONTWAIT);
 use ForkServer::Base::Priority ();
+use ForkServer::Protocol qw(MASK_CONFIG);
 use ForkServer::Log ();
 use ForkServer::Process::Exit ();
 use ForkServer::Vassal ();
@@ -66,6 +68,33 @@ sub let_spare_go {
     syswrite $link, SPARE_MAY_GO;
     close $link;
     return;
+}
+
+=head2 may_be_solo($request) -> bool
+
+In the base (L<ForkServer::Spares/take>): whether the vassal may be C<master = false>, judged cheaply on the base's
+path: its argv names C<master>, or the config packet waiting in its config
+pipe (peeked at: it stays there) sets it false, or that packet is not
+there yet. The warm worker reads the config and decides; a vassal judged
+wrongly here is only served the slower way (its spare's own process, or a
+pid reply that waits for the worker).
+
+=cut
+
+use constant SOLO_PEEK => 8192;    # bytes of the config packet looked at
+
+sub may_be_solo {
+    my ($req) = @_;
+    my (undef, @argv) = $req->argv;
+    return 1 if grep { /\A--?master(?:=|\z)/ } @argv;
+    my (undef, $config_fd) = $req->fds_by_role;
+    return 0 unless defined $config_fd && $req->mask & MASK_CONFIG;
+    open(my $fh, '+<&', $config_fd) or return 0;    # a copy: the request keeps its own
+    # no room for the output pipe it carries: left in the packet, not taken
+    my $got = recv($fh, my $text, SOLO_PEEK, MSG_PEEK | MSG_DONTWAIT);
+    close $fh;
+    return 1 unless defined $got && length $text;
+    return $text =~ /^[ \t]*master[ \t]*=[ \t]*(?:0|false|no|off)[ \t]*\r?$/mi ? 1 : 0;
 }
 
 sub serve {

@@ -19,6 +19,7 @@ use ForkServer::Process::Random ();
 use ForkServer::Process::Session ();
 use ForkServer::Spares::Rehearsal ();
 use ForkServer::Spares::EnvReads ();
+use ForkServer::Spares::Fit ();
 use ForkServer::Spares::WorkerStart ();
 use ForkServer::Spares::Solo ();
 use ForkServer::Vassal ();
@@ -211,44 +212,15 @@ sub for_request {
 
 =head2 unfit($config) -> $why or undef
 
-Whether this worker may serve the vassal the config describes: only if
-its warm-up ran as the vassal will run, the same uid, gid and groups
-(L<ForkServer::Vassal::Identity>), the same working directory (after C<chdir>),
-the same value for every C<%ENV> key the warm-up read (C<UWSGI_*> aside:
-L</start> sets the vassal's), and no C<keep-fd> (the worker holds none of
-the base's descriptors). Called in the adopted spare once C<env> and
+Whether this worker may serve the vassal the config describes
+(L<ForkServer::Spares::Fit>): called in the adopted spare once C<env> and
 C<chdir> are applied. The reason when not.
 
 =cut
 
 sub unfit {
     my ($self, $config) = @_;
-    return unfit_for($self->{warm}, $config);
-}
-
-# The same judgement from a warm-up record: the worker judges itself so,
-# started by the base's request (ForkServer::Spares::WorkerStart).
-sub unfit_for {
-    my ($warm, $config, %how) = @_;
-    $warm or return 'no warm-up known';
-    # no worker at all: the spare's own process serves (unless the worker
-    # judges whether it may be the vassal itself)
-    return 'master = false' unless $config->get('master') || $how{solo};
-    return 'keep-fd' if $config->list('keep-fd');
-    # where the config changes neither, the identity and directory the
-    # waiting worker saw before it waited (waiting changes neither)
-    my $now = $warm->{now} || {};
-    my $id = ForkServer::Vassal::Identity::target($config) // $now->{id} // ForkServer::Vassal::Identity::current();
-    return 'another identity' unless ForkServer::Vassal::Identity::same($id, $warm->{id});
-    my $cwd = defined $config->get('chdir') ? Cwd::getcwd() : $now->{cwd} // Cwd::getcwd();
-    return 'another working directory' unless ($cwd // '') eq ($warm->{cwd} // '');
-    for my $key (keys %{ $warm->{env} }) {
-        next if $key =~ /\AUWSGI_/;
-        my ($was, $is) = ($warm->{env}{$key}, $ENV{$key});
-        next if !defined $was && !defined $is;
-        return "another $key" if !defined $was || !defined $is || $was ne $is;
-    }
-    return undef;
+    return ForkServer::Spares::Fit::unfit_for($self->{warm}, $config);
 }
 
 =head2 start($listen_sock) -> \%preforked

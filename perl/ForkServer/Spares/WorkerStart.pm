@@ -13,6 +13,7 @@ use ForkServer::Link ();
 use ForkServer::Process::Session ();
 use ForkServer::Base::Priority ();
 use ForkServer::Log ();
+use ForkServer::Spares::Fit ();
 use ForkServer::Protocol qw(decode_array decode_header encode_packet encode_dict MODIFIER1_CONFIG
                           MODIFIER1_FORK_SERVER MASK_ON_DEMAND);
 use ForkServer::Vassal ();
@@ -151,7 +152,7 @@ sub _from_base {
     }
     my $vassal = ForkServer::Vassal->new(config => $config);
     $vassal->configure;
-    if ($solo && defined(my $why = ForkServer::Spares::Worker::unfit_for($warm, $config, solo => 1))) {
+    if ($solo && defined(my $why = ForkServer::Spares::Fit::unfit_for($warm, $config, solo => 1))) {
         # the spare's own process serves, with none of this warm-up's state
         $reply->($spare_pid);
         local $SIG{PIPE} = 'IGNORE';
@@ -282,7 +283,7 @@ before its own start-up.
 
 sub judge {
     my ($link, $warm, $config) = @_;
-    if (defined(my $why = ForkServer::Spares::Worker::unfit_for($warm, $config))) {
+    if (defined(my $why = ForkServer::Spares::Fit::unfit_for($warm, $config))) {
         local $SIG{PIPE} = 'IGNORE';
         syswrite $link, UNFIT . $why;
         POSIX::_exit(0);
