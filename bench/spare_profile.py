@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """One warm-spare adoption, end to end, on a timeline.
 
-    .venv/bin/python bench/spare_profile.py [--strace | --sched] [-n 20] [--program perl/ForkServer.pm]
+    .venv/bin/python bench/spare_profile.py [--strace | --sched] [-n 20] [--program perl/ForkServer.pm] [--master-false]
 
 A heavy base with `early-warmup = /` and one spare; each adoption passes a
 socket bound here (as `emperor run` does), and one client connection is
 made right after the pid reply and waits in its backlog: no polling, the
-first 200 is what a real client sees. Without `--strace`: n adoptions,
+first 200 is what a real client sees. With `--master-false` the vassal
+has no master (the warm worker is the vassal itself). Without `--strace`: n adoptions,
 the client's phases (request sent, pid reply, connect, first 200) p50.
 With `--strace`: one adoption with `strace -ttt -f` attached to the base,
 the spare and its warm worker; the steps of the adoption are picked out of
@@ -55,6 +56,9 @@ def cpu_faults(pid: int) -> tuple[float, int]:
     return ns / 1e9, int(rest[7])
 
 
+VASSAL_ARGS: list[str] = []  # --master-false: ["--master=false"]
+
+
 def one_adoption(base: Base, port: int, costs: dict | None = None, second: bool = False,
                  clock=time.time) -> dict[str, float]:
     """Client marks (time.time(), to line up with strace -ttt, or `clock`) of
@@ -70,7 +74,8 @@ def one_adoption(base: Base, port: int, costs: dict | None = None, second: bool 
     listener = bound_listener(port)
     try:
         marks["request sent"] = clock()
-        pid, pipe, _, _ = base.adopt(["--http-socket", f"127.0.0.1:{port}", "--processes", "1"], listener)
+        pid, pipe, _, _ = base.adopt(["--http-socket", f"127.0.0.1:{port}", "--processes", "1", *VASSAL_ARGS],
+                                     listener)
         marks["pid reply read"] = clock()
     finally:
         listener.close()
@@ -311,7 +316,10 @@ def main() -> int:
     ap.add_argument("--program", default=basevassal.PROGRAM)
     ap.add_argument("--second", action="store_true", help="a second request after the first 200")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (the trace)")
+    ap.add_argument("--master-false", action="store_true", help="the vassal without a master (one process)")
     args = ap.parse_args()
+    if args.master_false:
+        VASSAL_ARGS.append("--master=false")
     basevassal.PROGRAM = os.path.abspath(args.program)
     set_child_subreaper()
     tmp = tempdir()

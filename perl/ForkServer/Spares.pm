@@ -13,6 +13,8 @@ use ForkServer::Protocol qw(encode_packet encode_array MODIFIER1_FORK_SERVER);
 use ForkServer::Base::Request ();
 use ForkServer::Spares::Rehearsal ();
 use ForkServer::Spares::Process ();
+use ForkServer::Spares::Solo ();
+use ForkServer::Spares::WorkerStart ();
 
 =head1 NAME
 
@@ -312,13 +314,23 @@ sub take {
     # sets itself up (ForkServer::Spares::Worker). The spare learns from the
     # leading D that its worker was sent the request too. A worker gone
     # meanwhile: the spare gives it the request as before.
-    my $direct = $s->{worker_link} && ForkServer::Link::send_fds($s->{worker_link}, $packet, @fds);
+    # A vassal that may be `master = false` has no worker: the warm worker
+    # may be the vassal itself (its warm-up is what the first request
+    # needs). It is given the requester too and replies with the pid of
+    # the process that serves, its own or its spare's (leading O for the
+    # spare: ForkServer::Spares::WorkerStart).
+    my $owned = $s->{worker_link} && ForkServer::Spares::Solo::may_be_solo($req);
+    my $direct = $s->{worker_link}
+        && ForkServer::Link::send_fds($s->{worker_link}, ($owned ? ForkServer::Spares::WorkerStart::REPLY_IS_YOURS : '')
+                                      . $packet, @fds, ($owned ? fileno $req->sock : ()));
+    $owned &&= $direct;
     # As for a clone (ForkServer::Base::Adoption): a requester gone already
     # is the vassal's to see, end of file on its Emperor pipe.
-    eval { $req->reply_pid($s->{pid}); 1 } or $self->log("vassal pid $s->{pid}: $@");
+    eval { $req->reply_pid($s->{pid}); 1 } or $self->log("vassal pid $s->{pid}: $@") unless $owned;
     # Rare (the spare died after _notice_ends): it ends on end of file, and
     # the Emperor, which has its pid, sees its vassal die and starts it again.
-    ForkServer::Link::send_fds($s->{link}, ($direct ? ForkServer::Spares::Process::DIRECT : '') . $packet, @fds)
+    my $lead = $owned ? ForkServer::Spares::Process::WORKER_REPLIES : $direct ? ForkServer::Spares::Process::DIRECT : '';
+    ForkServer::Link::send_fds($s->{link}, $lead . $packet, @fds)
         or $self->log("spare pid $s->{pid} could not be given its request ($!): it ends");
     _close_links($s);    # it is no spare of ours any more
     return 1;

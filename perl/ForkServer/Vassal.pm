@@ -69,7 +69,7 @@ sub run {
     my $config = $self->{config};
     die "processes = " . $config->get("processes") . " with master = false: without a master the vassal is one process\n"
         if !$config->get('master') && $config->get('processes') > 1;
-    $self->configure;
+    $self->configure unless $self->{configured};    # a spare's warm worker did it when it judged itself
     # what it was given, before its app (loaded as root) may open sockets and pipes of its own
     my %given = $> == 0 ? map { $_ => 1 } ForkServer::Process::Dumpable::pathless_links() : ();
     my $app  = $self->load_app;
@@ -89,6 +89,7 @@ sub run {
         ($requests_fh ? (requests_fh => $requests_fh) : ()),
         $self->server_args($access_log),
         ($preforked ? (preforked => $preforked) : ()),
+        ($self->{settle} ? (settle => $self->{settle}) : ()),
     )->run;
     return;
 }
@@ -223,6 +224,8 @@ sub load_app {
 
 sub listen_socket {
     my ($self) = @_;
+    # a spare's warm worker that is the vassal itself has it already
+    return $self->{listen_sock} if $self->{listen_sock};
     if ($self->{use_fd0} and my $sock = inherited_listener()) {
         return $sock;
     }

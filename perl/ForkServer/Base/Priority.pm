@@ -124,6 +124,23 @@ sub raise_group {
     return _write_group(_nice(-$levels));
 }
 
+=head2 group_raisable() -> bool, raise_led_group($levels) -> bool
+
+C<raise_group> in two steps, for a process that will lead a session of its
+own later (a spare's warm worker that becomes a C<master = false> vassal):
+whether it could (asked ahead, while it waits: the files read are not on
+its start's path), then the raise itself, once it leads that session.
+
+=cut
+
+sub group_raisable { return -e AUTOGROUP && _enabled() && _may_admin() ? 1 : 0 }
+
+sub raise_led_group {
+    my ($levels) = @_;
+    return 0 unless $levels;
+    return _write_group(_nice(-$levels));
+}
+
 sub raise_process {
     my ($levels) = @_;
     return 0 unless $levels && $^O eq 'linux' && ($Config::Config{archname} // '') =~ /^x86_64-/;

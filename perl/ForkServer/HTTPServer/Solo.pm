@@ -31,6 +31,7 @@ use ForkServer::HTTPServer::Worker qw(:msg);
 # to the kernel's default once it has fired (SA_RESETHAND) and it fires
 # again a second later, which SIGALRM's default action ends.
 use constant HARAKIRI_BACKSTOP => 1;
+use constant SETTLE_AFTER => 1;
 
 sub run_solo {
     my $self = shift;
@@ -45,6 +46,11 @@ sub run_solo {
         next_heartbeat => undef,
         replacement_asked => 0,
         stop_heard => 0,
+        # once, after the first request or SETTLE_AFTER seconds: what its
+        # start needed and the rest of its life does not (a warm spare's
+        # priority: ForkServer::Spares::Solo)
+        settle => delete $self->{settle},
+        settle_at => now() + SETTLE_AFTER,
     };
     my $messages = \do { no warnings 'once'; local *SOLO_MESSAGES };
     tie *$messages, 'ForkServer::HTTPServer::Solo::Messages', $self;
@@ -117,6 +123,8 @@ sub run_solo {
         vec($rin, $efd, 1) = 1 if defined $efd && !$solo->{stop_heard};
         $timeout = $self->_solo_timers($now, $timeout);
         $timeout = 0 if $timeout < 0;
+        # a request counted: the first one is served
+        $self->_solo_settle if $solo->{settle} && $self->{requests_dirty};
         $self->_flush_requests if $self->{requests_dirty};
         my $n = select(my $rout = $rin, undef, undef, $timeout);
         if ($n < 0) {
@@ -180,10 +188,21 @@ sub _solo_replace {
     $loop->{leaving} = 1;
 }
 
+sub _solo_settle {
+    my ($self) = @_;
+    my $settle = delete $self->{solo_state}{settle} or return;
+    $settle->();
+    return;
+}
+
 # Heartbeat and idle, as the master keeps them; returns the select timeout.
 sub _solo_timers {
     my ($self, $now, $timeout) = @_;
     my $solo = $self->{solo_state};
+    if ($solo->{settle}) {
+        if ($solo->{settle_at} <= $now) { $self->_solo_settle }
+        elsif ($solo->{settle_at} - $now < $timeout) { $timeout = $solo->{settle_at} - $now }
+    }
     if ($self->{heartbeat} > 0) {
         my $every = $self->{heartbeat} / 2;
         $solo->{next_heartbeat} //= $now;

@@ -69,6 +69,12 @@ the app handles (inherited by spares and their workers) interrupt no wait.
 
 use constant WORKER_GONE => 'G';    # spare to base: forget me, unless my pid is already given
 use constant DIRECT      => 'D';    # base to spare, before the packet: its warm worker was sent the request too
+# base to spare, before the packet: its warm worker was sent the request and
+# the requester, and replies with the pid of the process that serves (its
+# own when it becomes a `master = false` vassal itself)
+use constant WORKER_REPLIES => 'O';
+
+our ($NAME, $BASE_PID);
 
 =head2 run(base => $base, link => $link, paths => \@paths, warm_timeout => $seconds)
 
@@ -104,6 +110,7 @@ sub run {
         # (its worker raised itself too); its master puts it back once set up
         ForkServer::Base::Priority::raise_group(ForkServer::Base::Priority::raised());
         $0 = "psgi-vassal $name (spare of $base->{pid})";
+        ($NAME, $BASE_PID) = ($name, $base->{pid});    # for its title if it leaves (_wait_for_adoption)
         # with the worker's own link, on which the base sends it the adoption too
         ForkServer::Link::send_fds($link, "R$$", $worker->link_for_base) or die "telling the base: $!\n";
         $worker->forget_link_for_base;
@@ -173,7 +180,7 @@ sub _wait_for_adoption {
     }
     my ($data, @fds) = ForkServer::Link::recv_fds($link);
     leave(0) unless defined $data && @fds;    # the base forgot us, or is gone
-    my $direct = $data =~ s/\A${\DIRECT}//;
+    my $direct = $data =~ s/\A(?:${\DIRECT}|${\WORKER_REPLIES})//;
     @fds = $worker->renumber(length $data > 3 ? ord substr($data, 3, 1) : 0, @fds);    # modifier2: the mask
     # The worker has the request from the base too and starts on its own:
     # this spare waits for its answer before it does anything, so that the
@@ -181,6 +188,21 @@ sub _wait_for_adoption {
     if ($direct && !$worker->{gone}) {
         $worker->sent_directly;
         $worker->await_direct;
+        # The worker is the vassal (`master = false`): it said so before its
+        # pid reply, and leads its own session. This spare leaves, holding
+        # nothing, and does not end the session's other processes: they
+        # are what the worker's warm-up started.
+        # Its exit (the unmapping of an address space as large as the base's)
+        # waits until the vassal's first request is served, and then runs
+        # at the lowest priority.
+        if ($worker->is_the_vassal) {
+            POSIX::close($_) for @fds;
+            $0 = "psgi-vassal $NAME (spare of $BASE_PID, leaving)";
+            ForkServer::Base::Priority::back(undef);
+            POSIX::nice(19);
+            1 while !defined sysread($worker->{link}, my $word, 1) && $!{EINTR};    # its word, or its end
+            POSIX::_exit(0);
+        }
     }
     # The base's priority is for a worker serving straight from the base's
     # request (its master puts it back once set up). Any other start (an

@@ -12,6 +12,7 @@ use ForkServer::Config ();
 use ForkServer::HTTPServer ();
 use ForkServer::Link ();
 use ForkServer::Process::Session ();
+use ForkServer::Spares::Fit ();
 use ForkServer::Protocol qw(encode_packet encode_array decode_array MODIFIER1_FORK_SERVER MODIFIER1_CONFIG MASK_PIPE);
 use ForkServer::Vassal::Identity ();
 use ForkServer::Vassal ();
@@ -164,7 +165,7 @@ sub _direct_start {
     my $sock = IO::Socket::IP->new(LocalHost => '127.0.0.1', LocalPort => 0, ReuseAddr => 1, Type => SOCK_STREAM);
     close $sock if $sock;
     my $id = ForkServer::Vassal::Identity::current();
-    ForkServer::Spares::Worker::unfit_for({ id => $id, cwd => '/', env => {}, now => { id => $id, cwd => '/' } },
+    ForkServer::Spares::Fit::unfit_for({ id => $id, cwd => '/', env => {}, now => { id => $id, cwd => '/' } },
                                           $config);
     return;
 }

@@ -19,7 +19,9 @@ use ForkServer::Process::Random ();
 use ForkServer::Process::Session ();
 use ForkServer::Spares::Rehearsal ();
 use ForkServer::Spares::EnvReads ();
+use ForkServer::Spares::Fit ();
 use ForkServer::Spares::WorkerStart ();
+use ForkServer::Spares::Solo ();
 use ForkServer::Vassal ();
 use ForkServer::Base::Priority ();
 use ForkServer::Base::Warmup ();
@@ -177,11 +179,24 @@ sub await_direct {
     return if $n && $said eq ForkServer::Spares::WorkerStart::NOT_STARTED;
     $self->{bound_fd} = $bound;
     $self->{early} = 1;
+    if ($n && $said eq ForkServer::Spares::WorkerStart::IS_THE_VASSAL) {
+        $self->{vassal} = 1;
+        return;
+    }
     $self->{said} = !$n ? 'its worker is gone'
                   : $said =~ /\A\Q${\UNFIT}\E/ ? substr($said, 1) || 'unfit'
                   : undef;
     return;
 }
+
+=head2 is_the_vassal() -> bool
+
+Whether the worker, given the requester with the base's request, became
+the vassal itself (C<master = false>: L<ForkServer::Spares::WorkerStart>).
+
+=cut
+
+sub is_the_vassal { return $_[0]{vassal} ? 1 : 0 }
 
 sub answered {
     my ($self) = @_;
@@ -197,43 +212,15 @@ sub for_request {
 
 =head2 unfit($config) -> $why or undef
 
-Whether this worker may serve the vassal the config describes: only if
-its warm-up ran as the vassal will run, the same uid, gid and groups
-(L<ForkServer::Vassal::Identity>), the same working directory (after C<chdir>),
-the same value for every C<%ENV> key the warm-up read (C<UWSGI_*> aside:
-L</start> sets the vassal's), and no C<keep-fd> (the worker holds none of
-the base's descriptors). Called in the adopted spare once C<env> and
+Whether this worker may serve the vassal the config describes
+(L<ForkServer::Spares::Fit>): called in the adopted spare once C<env> and
 C<chdir> are applied. The reason when not.
 
 =cut
 
 sub unfit {
     my ($self, $config) = @_;
-    return unfit_for($self->{warm}, $config);
-}
-
-# The same judgement from a warm-up record: the worker judges itself so,
-# started by the base's request (ForkServer::Spares::WorkerStart).
-sub unfit_for {
-    my ($warm, $config) = @_;
-    $warm or return 'no warm-up known';
-    # no worker at all: the spare's own process serves
-    return 'master = false' unless $config->get('master');
-    return 'keep-fd' if $config->list('keep-fd');
-    # where the config changes neither, the identity and directory the
-    # waiting worker saw before it waited (waiting changes neither)
-    my $now = $warm->{now} || {};
-    my $id = ForkServer::Vassal::Identity::target($config) // $now->{id} // ForkServer::Vassal::Identity::current();
-    return 'another identity' unless ForkServer::Vassal::Identity::same($id, $warm->{id});
-    my $cwd = defined $config->get('chdir') ? Cwd::getcwd() : $now->{cwd} // Cwd::getcwd();
-    return 'another working directory' unless ($cwd // '') eq ($warm->{cwd} // '');
-    for my $key (keys %{ $warm->{env} }) {
-        next if $key =~ /\AUWSGI_/;
-        my ($was, $is) = ($warm->{env}{$key}, $ENV{$key});
-        next if !defined $was && !defined $is;
-        return "another $key" if !defined $was || !defined $is || $was ne $is;
-    }
-    return undef;
+    return ForkServer::Spares::Fit::unfit_for($self->{warm}, $config);
 }
 
 =head2 start($listen_sock) -> \%preforked
@@ -365,7 +352,10 @@ sub _worker_main {
                  env => { map { $_ => $env_before{$_} } $msg eq "W\0*" ? keys %env_before : @$read },
                  # as they are after the warm-up (it may have changed them):
                  # what the judgement compares unless the config changes them
-                 now => { id => ForkServer::Vassal::Identity::current(), cwd => Cwd::getcwd() } };
+                 now => { id => ForkServer::Vassal::Identity::current(), cwd => Cwd::getcwd() },
+                 # as a master = false vassal, it leads a session of its own
+                 group_raisable => ForkServer::Base::Priority::raised()
+                                   && ForkServer::Base::Priority::group_raisable() };
     # warm: ahead of its own master, which sets itself up while this
     # worker starts serving (ForkServer::Base::Priority)
     ForkServer::Base::Priority::raise_process(ForkServer::Base::Priority::raised());
@@ -376,6 +366,10 @@ sub _worker_main {
     my $start = ForkServer::Spares::WorkerStart::wait_for_start(
         link => $link, direct => $direct, warm => $warm, master => $master, reserved => \@reserved);
     my ($sock, $vassal, $requests_fd) = @$start{qw(sock vassal requests_fd)};
+    if ($start->{solo}) {    # the vassal itself: nothing of its spare's stays (its link, until it is told to leave)
+        close $_ for $ready_r, $ready_w, $stop_r, values %$handoff;
+        ForkServer::Spares::Solo::serve(app => $app, spare_link => $link, %$start);    # does not return
+    }
     my $access_log = $vassal->access_log;    # opened as whoever may open it
     $vassal->drop_privileges;
     my @requests;

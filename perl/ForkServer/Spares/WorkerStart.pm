@@ -4,14 +4,18 @@ use warnings;
 
 use IO::Select ();
 use POSIX ();
-use Socket qw(SOL_SOCKET SCM_RIGHTS MSG_PEEK MSG_DONTWAIT);
+use Socket qw(SOL_SOCKET SCM_RIGHTS MSG_PEEK MSG_DONTWAIT MSG_NOSIGNAL);
 use Socket::MsgHdr ();
 use ForkServer::Base::Adoption ();
 use ForkServer::Base::Request ();
 use ForkServer::Config ();
 use ForkServer::Link ();
 use ForkServer::Process::Session ();
-use ForkServer::Protocol qw(decode_array decode_header MODIFIER1_CONFIG);
+use ForkServer::Base::Priority ();
+use ForkServer::Log ();
+use ForkServer::Spares::Fit ();
+use ForkServer::Protocol qw(decode_array decode_header encode_packet encode_dict MODIFIER1_CONFIG
+                          MODIFIER1_FORK_SERVER MASK_ON_DEMAND);
 use ForkServer::Vassal ();
 
 =head1 NAME
@@ -58,6 +62,8 @@ vassal's output and config.
 
 use constant {
     NOT_STARTED       => 'N',    # worker to spare: the spare starts it (ForkServer::Spares::Worker::start)
+    REPLY_IS_YOURS    => 'R',    # base to worker, before the packet: the requester comes last, the pid reply is the worker's
+    IS_THE_VASSAL     => 'V',    # worker to spare: it is the vassal (master = false); the spare leaves
     GO                => 'go',
     FITS              => 'S',
     UNFIT             => 'U',
@@ -83,7 +89,7 @@ sub wait_for_start {
             close $direct;    # one adoption, or the base let go of this spare
             undef $direct;
             next unless defined $data;
-            my $started = _from_base($link, $a{warm}, $a{reserved}, $data, \@fds);
+            my $started = _from_base($link, $a{warm}, $a{reserved}, $data, \@fds, $a{master});
             return $started if $started;
             next;
         }
@@ -96,10 +102,21 @@ sub wait_for_start {
 # The base's adoption request: started by itself (\%start), or told the
 # spare it could not (undef) and closed what it was given.
 sub _from_base {
-    my ($link, $warm, $reserved, $data, $fds) = @_;
+    my ($link, $warm, $reserved, $data, $fds, $spare_pid) = @_;
     my @fds = @$fds;
     my $output;
+    # the requester, when the pid reply is ours to send: our own pid if we
+    # become the vassal (master = false), else our spare's, as soon as we
+    # know (the requester waits for it)
+    my $requester = $data =~ s/\A${\REPLY_IS_YOURS}// ? pop @fds : undef;
+    my $reply = sub {
+        my ($pid) = @_;
+        return unless defined $requester;
+        reply_pid($requester, $pid);
+        undef $requester;
+    };
     my $not = sub {
+        $reply->($spare_pid);
         POSIX::close($_) for grep { defined } @fds, $output;
         local $SIG{PIPE} = 'IGNORE';
         syswrite $link, NOT_STARTED;
@@ -121,8 +138,12 @@ sub _from_base {
     my (undef, @argv) = $req->argv;
     my $config = eval { ForkServer::Config->from_argv(\@argv, config_text => $text) };
     return $not->() unless $config && ForkServer::Base::Adoption::early_start_fits($config);
-    # the Emperor pipe and the config pipe are the master's alone
-    POSIX::close($_) for grep { defined } $pipe, $config_fd;
+    # no master: this worker may be the vassal itself, if its warm-up fits
+    my $solo = defined $requester && !$config->get('master') && $config->get('processes') == 1;
+    $reply->($spare_pid) unless $solo;
+    # the Emperor pipe and the config pipe are the master's alone (or ours,
+    # as the vassal)
+    POSIX::close($_) for grep { defined } $solo ? () : ($pipe, $config_fd);
     STDOUT->flush;
     STDERR->flush;
     if (defined $output) {    # the vassal's output from now on, not the base's
@@ -131,19 +152,59 @@ sub _from_base {
     }
     my $vassal = ForkServer::Vassal->new(config => $config);
     $vassal->configure;
-    judge($link, $warm, $config);
+    if ($solo && defined(my $why = ForkServer::Spares::Fit::unfit_for($warm, $config, solo => 1))) {
+        # the spare's own process serves, with none of this warm-up's state
+        $reply->($spare_pid);
+        local $SIG{PIPE} = 'IGNORE';
+        syswrite $link, UNFIT . $why;
+        POSIX::_exit(0);
+    }
+    judge($link, $warm, $config) unless $solo;
     # No socket in the request: the vassal's own http-socket (or socket),
     # bound here as its master would, and given to the master with the
     # answer (ForkServer::Spares::Worker::await_direct). One that cannot be
     # bound: the master tries, and says why.
     my $sock = defined $listen_fd ? ForkServer::Vassal::listener_from_fd($listen_fd) : eval { $vassal->listen_socket };
     if (!$sock) {
-        @fds = grep { defined } $listen_fd;    # the pipes are closed already
+        @fds = grep { defined } $listen_fd, $solo ? ($pipe, $config_fd) : ();    # the master's pipes are closed already
         return $not->();
+    }
+    if ($solo) {
+        # the spare first: it must not serve once the requester has our pid
+        # (it leaves when told to: ForkServer::Spares::Solo)
+        syswrite($link, IS_THE_VASSAL) or die "telling the spare: $!\n";
+        $reply->($$);
+        # the vassal's own session, as every vassal process leads one (the
+        # Emperor tells its orphans by it)
+        my ($leads, $why) = ForkServer::Process::Session::lead();
+        ForkServer::Log::line($config->name, "not a session leader ($why): the Emperor cannot tell its orphans")
+            unless $leads;
+        # a new session is a new scheduling group, at nice 0: raised as the
+        # spare's was, until the first request is served (ForkServer::Spares::Solo)
+        ForkServer::Base::Priority::raise_led_group(ForkServer::Base::Priority::raised()) if $warm->{group_raisable};
+        set_emperor_variables($pipe, defined $config_fd ? $config_fd : '');
+        return { solo => 1, sock => $sock, vassal => $vassal, config => $config,
+                 on_demand => ($req->mask & MASK_ON_DEMAND) ? 1 : 0 };
     }
     # the numbers the spare gives these pipes (ForkServer::Spares::Worker::renumber)
     set_emperor_variables($reserved->[0], defined $config_fd ? $reserved->[1] : '');
     return { sock => $sock, vassal => $vassal, requests_fd => undef, judged => 1, bound => !defined $listen_fd };
+}
+
+=head2 reply_pid($fd, $pid)
+
+The pid reply to the requester on its connection C<$fd>, which is closed
+then. A requester gone already is the vassal's to see (end of file on its
+Emperor pipe), as for a clone.
+
+=cut
+
+sub reply_pid {
+    my ($fd, $pid) = @_;
+    open(my $sock, '+<&=', $fd) or return POSIX::close($fd);
+    send($sock, encode_packet(MODIFIER1_FORK_SERVER, 0, encode_dict(pid => $pid)), MSG_NOSIGNAL);
+    close $sock;
+    return;
 }
 
 =head2 peek_config($fd) -> ($text, $output_fd) or ()
@@ -222,7 +283,7 @@ before its own start-up.
 
 sub judge {
     my ($link, $warm, $config) = @_;
-    if (defined(my $why = ForkServer::Spares::Worker::unfit_for($warm, $config))) {
+    if (defined(my $why = ForkServer::Spares::Fit::unfit_for($warm, $config))) {
         local $SIG{PIPE} = 'IGNORE';
         syswrite $link, UNFIT . $why;
         POSIX::_exit(0);
