@@ -330,7 +330,7 @@ class Relay:
 
     A pipe is read until its end of file (every process holding its write
     end has exited, the vassal's orphans included), not until the Emperor
-    forgets the process: the last lines of a dying vassal are not lost."""
+    forgets the process: a dying vassal's last lines are not lost (emperor/outlived.py bounds it)."""
 
     def __init__(self, log: Log, sel: selectors.BaseSelector) -> None:
         self.log = log
@@ -344,8 +344,8 @@ class Relay:
               seq: int | None = None, formatted: bool = False) -> None:
         """Read `out` from now on, its lines relayed as `vassal`'s; `pid`
         tells the process's pid once known (an adoption's comes later).
-        `formatted`: its lines are in the log's format already. Our copy
-        of the write end is closed: the process has its own."""
+        `formatted`: lines in the log's format already. Our copy of the
+        write end is closed: the process has its own."""
         out.passed()
         self.pipes[out.rfd] = (out, vassal, pid)
         self.seqs[out.rfd] = seq
@@ -382,17 +382,19 @@ class Relay:
         out.close()
 
     def close(self) -> None:
-        """The Emperor exits: what is left in the pipes is relayed first
-        (bounded: a writer that never stops cannot hold the Emperor)."""
+        """The Emperor exits: what is left in the pipes is relayed first."""
         for fd in list(self.pipes):
-            for _ in range(64):
-                if not self._readable(fd):
-                    break
-            if fd in self.pipes:
-                out, vassal, pid = self.pipes[fd]
-                if out.buf and fd in self.formatted:
-                    self.log.relay_formatted(vassal, bytes(out.buf) + b"\n")
-                elif out.buf:
-                    self.log.relay(vassal, [out.buf.decode("utf-8", "replace")], pid(),
-                                   self.seqs.get(fd))
-                self._forget(fd)
+            self.finish(fd)
+
+    def finish(self, fd: int) -> None:
+        """Relay what `fd` holds (bounded: a writer that never stops cannot hold us), then stop."""
+        for _ in range(64):
+            if not self._readable(fd):
+                break
+        if fd in self.pipes:
+            out, vassal, pid = self.pipes[fd]
+            if out.buf and fd in self.formatted:
+                self.log.relay_formatted(vassal, bytes(out.buf) + b"\n")
+            elif out.buf:
+                self.log.relay(vassal, [out.buf.decode("utf-8", "replace")], pid(), self.seqs.get(fd))
+            self._forget(fd)

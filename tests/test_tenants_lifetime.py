@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from support import Emperors, alive, descendants, free_port, kill_all, wait_for
-from support.tenants import NEEDS_TENANTS, ARGS, add, start_fleet, tag_of, tenant_user, vassal_ini, wait_spares
+from support.tenants import NEEDS_TENANTS, ARGS, add, ask, start_fleet, tag_of, tenant_user, vassal_ini, wait_spares
 
 pytestmark = NEEDS_TENANTS
 
@@ -142,3 +142,69 @@ while True:
         assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 65534, 65534)
     finally:
         s.close()
+
+
+# -- what a vassal leaves open in the Emperor ---------------------------------
+
+
+def _pipes(pid: int) -> int:
+    """The pipes process `pid` holds open."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:")
+        except OSError:
+            pass
+    return n
+
+
+def test_output_pipes_handed_out_of_the_vassal_do_not_pile_up_in_the_emperor(xprocess, tenant):
+    """A tenant's one-process vassal hands its standard output (the
+    Emperor's pipe of that process) to a process of the tenant outside the
+    vassal (SCM_RIGHTS), then asks for its replacement, again and again.
+    Each pipe the Emperor read until its end of file, which never came: one
+    descriptor of the Emperor's more with each replacement (6 after 6 rounds,
+    20,000 would have left it none to start anybody's vassal). Now an exited
+    process's pipe is read for `mercy` seconds at most, and at most 2 a
+    vassal; what is written there meanwhile is still logged."""
+    import shutil
+    import socket
+    import tempfile
+
+    emperors = Emperors(xprocess, "pf-tn-", args=ARGS)
+    held: list[int] = []
+    holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    where = Path(tempfile.mkdtemp(prefix="pf-tn-holder-"))
+    try:
+        where.chmod(0o755)  # the tenant reaches the socket
+        path = where / "holder.sock"
+        holder.bind(str(path))
+        holder.listen(8)
+        os.chown(path, tenant.uid, tenant.gid)
+        f = start_fleet(emperors, tenant, 0)
+        port = free_port()
+        pid = add(f, "solo", vassal_ini(port, f"uid = {tenant.name}", "master = false", processes=1), port)
+        wait_for(lambda: f.vassal("solo")["state"] == "loyal", 20, "solo to be loyal")
+        baseline = _pipes(f.pid)
+        for round_ in range(6):
+            assert ask(port, f"/give?sock={path}&replace=1")["gave"] == 1
+            conn, _ = holder.accept()
+            with conn:
+                _, fds, _, _ = socket.recv_fds(conn, 1, 1)
+            held.extend(fds)
+            if round_ == 0:
+                os.write(fds[0], b"written by a process outside the vassal\n")
+            old = pid
+            pid = wait_for(lambda: (p := ask(port, "/ids")["pid"]) != old and p, 20, f"round {round_}'s successor")
+        wait_for(lambda: f.lines("written by a process outside the vassal"), 10, "the outsider's line logged")
+        wait_for(lambda: _pipes(f.pid) <= baseline + 2, 10,
+                 f"at most 2 pipes of exited processes kept (baseline {baseline}, now {_pipes(f.pid)})")
+        wait_for(lambda: _pipes(f.pid) <= baseline, 20,
+                 f"no pipe of an exited process kept after mercy (baseline {baseline}, now {_pipes(f.pid)})")
+        assert f.lines("still held by a process outside it"), f.text()
+    finally:
+        holder.close()
+        shutil.rmtree(where, ignore_errors=True)
+        for fd in held:
+            os.close(fd)
+        emperors.stop()

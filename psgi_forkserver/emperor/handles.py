@@ -23,10 +23,10 @@ class ProcHandles:
     config_pipe: socket.socket | None = None
     config_text: bytes | None = None
     adoption: PendingAdoption | None = None
-    output: logs.OutputPipe | None = None  # adopted: its output pipe, passed with its config
+    output: logs.OutputPipe | None = None  # its output pipe (adopted: passed with its config)
 
     def given(self, output: logs.OutputPipe | None) -> None:
-        """The output pipe an adopted vassal of ours takes from its config."""
+        """Its output pipe (an adopted vassal of ours takes it from its config)."""
         self.output = output
 
     def adopting(self, pending: PendingAdoption) -> None:
