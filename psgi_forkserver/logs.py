@@ -36,6 +36,7 @@ from typing import TextIO
 
 from .nonblocking import recv_ready
 from .printable import printable
+from .rights import Rights, open_append
 
 FORMATS = ("text", "json")
 MAX_LINE = 16384  # a longer line is cut into pieces of this many bytes
@@ -67,21 +68,18 @@ def level_of(message: str) -> str:
     return "info"
 
 
-def _open_append(path: Path) -> int:
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-
-
 @dataclass
 class LogFile:
     """A file lines are appended to, reopened by path on `reopen()`."""
 
     path: Path
+    rights: Rights | None = None  # a vassal's that drops root (rights.py)
     fd: int = -1
     error: str | None = None  # why it could not be opened (logged once)
 
     def open(self) -> None:
         try:
-            fd = _open_append(self.path)
+            fd = open_append(self.path, self.rights)
         except OSError as e:
             self.error = f"{self.path}: {e.strerror or e}"
             return
@@ -195,18 +193,18 @@ class Log:
         except (OSError, ValueError):
             pass
 
-    def set_logto(self, vassal: str, path: Path | None) -> str | None:
+    def set_logto(self, vassal: str, path: Path | None, rights: Rights | None = None) -> str | None:
         """The vassal's `logto` file (None: its lines go to the Emperor's
-        log). The reason it cannot be opened, if it cannot."""
+        log), opened with `rights`. The reason it cannot be opened, if so."""
         old = self.files.get(vassal)
-        if old is not None and old.path == path and old.fd >= 0:
+        if old is not None and (old.path, old.rights) == (path, rights) and old.fd >= 0:
             return None
         if old is not None:
             old.close()
             del self.files[vassal]
         if path is None:
             return None
-        f = LogFile(path)
+        f = LogFile(path, rights)
         f.open()
         if f.error:
             return f.error

@@ -12,6 +12,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -244,6 +245,41 @@ def test_a_tenant_symlink_in_its_access_log_path_reaches_no_root_file(fleet, k, 
         assert (logs / "access.log").stat().st_uid == tenant.uid
         (fleet.dir / "logger2.ini").unlink()
     finally:
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+def test_a_tenant_symlink_in_its_logto_path_reaches_no_root_file(fleet, k, tenant):
+    """`logto` is opened by the Emperor, as root: a tenant that owns the
+    file's directory swaps the file for a symlink to a root-only file and
+    waits for logrotate's reopen; its app's lines (any text: a shell
+    command, for a root file that is a script) went there. Now it is opened
+    with the tenant's rights, as its access log is: the reopen is refused
+    and the root file is untouched."""
+    if k != 0:
+        pytest.skip("the Emperor's own: once is enough")
+    logs = Path(tempfile.mkdtemp(prefix="pf-tlogs-"))
+    try:
+        os.chmod(logs, 0o755)
+        os.chown(logs, tenant.uid, tenant.gid)
+        port = free_port()
+        (fleet.dir / "tolog.ini").write_text(
+            vassal_ini(port, f"uid = {tenant.name}", "master = false", processes=1).replace(
+                "disable-logging = true\n", "") + f"logto = {logs / 'app.log'}\n")
+        wait_for(lambda: answers(port), 30, "the vassal")
+        wait_for(lambda: "/ids" in (logs / "app.log").read_text(), 10, "its access line in its logto file")
+        assert (logs / "app.log").stat().st_uid == tenant.uid  # made as the tenant
+        victim = tenant.files / "root-only"
+        before = victim.read_bytes()
+        (logs / "app.log").unlink()
+        (logs / "app.log").symlink_to(victim)
+        os.lchown(logs / "app.log", tenant.uid, tenant.gid)
+        os.kill(fleet.pid, signal.SIGUSR2)  # emperor reopen-logs, as logrotate's postrotate
+        wait_for(lambda: fleet.lines(f"reopen-logs: {logs / 'app.log'}: Permission denied"), 10, "the refusal")
+        ask(port, "/ids?after-the-reopen")
+        wait_for(lambda: fleet.lines("reopen-logs: log files reopened"), 10, "the reopen")
+        assert victim.read_bytes() == before
+    finally:
+        (fleet.dir / "tolog.ini").unlink(missing_ok=True)
         shutil.rmtree(logs, ignore_errors=True)
 
 
