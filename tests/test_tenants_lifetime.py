@@ -208,3 +208,60 @@ def test_output_pipes_handed_out_of_the_vassal_do_not_pile_up_in_the_emperor(xpr
         for fd in held:
             os.close(fd)
         emperors.stop()
+
+
+# A local user listens on the path a base's fork server is to bind (in a
+# directory anyone may write, as /tmp) and says what each connection brought.
+SQUAT = """
+import os, socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(sys.argv[1]); s.listen(16); s.settimeout(0.2)
+print("listening", flush=True)
+until = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < until:
+    try:
+        c, _ = s.accept()
+    except socket.timeout:
+        continue
+    msg, fds, _, _ = socket.recv_fds(c, 65536, 16)
+    print("got", len(msg), "bytes and", len(fds), "descriptors", flush=True)
+    c.close()
+"""
+
+
+def test_a_fork_server_path_taken_by_another_user_gets_nothing(xprocess, tenant):
+    """The base's fork-server socket in a directory anyone may write (the
+    example's is in /tmp): a local user listens there first. The Emperor
+    took its socket for the base's (ready: 'fork server ... accepts') and
+    sent it each adoption request, with a uid vassal's listening socket,
+    its Emperor pipe and its config pipe (4 descriptors: it could accept
+    that tenant's connections and read its config). Now a fork server that
+    is neither root's nor the Emperor's user's is not the base: nothing is
+    sent to it."""
+    import sys
+    import tempfile
+
+    shared = Path(tempfile.mkdtemp(prefix="pf-tn-shared-"))
+    shared.chmod(0o1777)  # as /tmp
+    squatter = None
+    emperors = Emperors(xprocess, "pf-tn-", args=ARGS)
+    try:
+        path = shared / "fs.sock"
+        squatter = subprocess.Popen(["/usr/bin/python3", "-c", SQUAT, str(path), "60"], user=tenant.uid,
+                                    group=tenant.gid, extra_groups=[], cwd="/", stdout=subprocess.PIPE, text=True)
+        assert squatter.stdout.readline().strip() == "listening"
+        f = emperors({"victim": vassal_ini(free_port(), f"uid = {tenant.name}")}, base=False,
+                     vdir=None, prepare=lambda vdir: (vdir / "base.ini").write_text(
+                         f"[uwsgi]\nearly-psgi = {sys.modules['support'].APP}\nfork-server = {path}\n"))
+        wait_for(lambda: len(f.lines("another fork server is listening")) >= 2, 30, "the base to refuse twice")
+        assert not f.lines("fork server accepts"), f.text()
+    finally:
+        emperors.stop()
+        if squatter is not None:
+            squatter.terminate()
+            out, _ = squatter.communicate(timeout=10)
+            got = [ln for ln in out.splitlines() if ln.startswith("got")]
+            # the readiness probe's connections bring nothing
+            assert got and set(got) == {"got 0 bytes and 0 descriptors"}, out
+        import shutil
+        shutil.rmtree(shared, ignore_errors=True)
