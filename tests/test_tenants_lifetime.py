@@ -195,7 +195,9 @@ def test_output_pipes_handed_out_of_the_vassal_do_not_pile_up_in_the_emperor(xpr
             if round_ == 0:
                 os.write(fds[0], b"written by a process outside the vassal\n")
             old = pid
-            pid = wait_for(lambda: (p := ask(port, "/ids")["pid"]) != old and p, 20, f"round {round_}'s successor")
+            pid = wait_for(lambda: (p := ask(port, "/ids")["pid"]) != old and p, 30, f"round {round_}'s successor")
+            # the next round's byte 22 is the current process's, not a successor's
+            wait_for(lambda: f.lines(f"old pid {old} stopped"), 30, f"round {round_}'s old process to stop")
         wait_for(lambda: f.lines("written by a process outside the vassal"), 10, "the outsider's line logged")
         wait_for(lambda: _pipes(f.pid) <= baseline + 2, 10,
                  f"at most 2 pipes of exited processes kept (baseline {baseline}, now {_pipes(f.pid)})")
@@ -238,7 +240,6 @@ def test_a_fork_server_path_taken_by_another_user_gets_nothing(xprocess, tenant)
     that tenant's connections and read its config). Now a fork server that
     is neither root's nor the Emperor's user's is not the base: nothing is
     sent to it."""
-    import sys
     import tempfile
 
     shared = Path(tempfile.mkdtemp(prefix="pf-tn-shared-"))
@@ -250,9 +251,7 @@ def test_a_fork_server_path_taken_by_another_user_gets_nothing(xprocess, tenant)
         squatter = subprocess.Popen(["/usr/bin/python3", "-c", SQUAT, str(path), "60"], user=tenant.uid,
                                     group=tenant.gid, extra_groups=[], cwd="/", stdout=subprocess.PIPE, text=True)
         assert squatter.stdout.readline().strip() == "listening"
-        f = emperors({"victim": vassal_ini(free_port(), f"uid = {tenant.name}")}, base=False,
-                     vdir=None, prepare=lambda vdir: (vdir / "base.ini").write_text(
-                         f"[uwsgi]\nearly-psgi = {sys.modules['support'].APP}\nfork-server = {path}\n"))
+        f = emperors({"victim": vassal_ini(free_port(), f"uid = {tenant.name}")}, fork_server=path)
         wait_for(lambda: len(f.lines("another fork server is listening")) >= 2, 30, "the base to refuse twice")
         assert not f.lines("fork server accepts"), f.text()
     finally:
