@@ -255,12 +255,13 @@ def test_a_fork_server_path_taken_by_another_user_gets_nothing(xprocess, tenant)
         wait_for(lambda: len(f.lines("another fork server is listening")) >= 2, 30, "the base to refuse twice")
         assert not f.lines("fork server accepts"), f.text()
     finally:
+        import shutil
         emperors.stop()
+        out = ""
         if squatter is not None:
             squatter.terminate()
             out, _ = squatter.communicate(timeout=10)
-            got = [ln for ln in out.splitlines() if ln.startswith("got")]
-            # the readiness probe's connections bring nothing
-            assert got and set(got) == {"got 0 bytes and 0 descriptors"}, out
-        import shutil
         shutil.rmtree(shared, ignore_errors=True)
+    got = [ln for ln in out.splitlines() if ln.startswith("got")]
+    # the readiness probe's connections bring nothing
+    assert got and set(got) == {"got 0 bytes and 0 descriptors"}, out
