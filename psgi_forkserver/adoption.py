@@ -15,6 +15,7 @@ import errno
 import os
 import selectors
 import socket
+import struct
 import time
 from collections.abc import Sequence
 TYPE_CHECKING = False
@@ -122,6 +123,9 @@ def start_adoption(
         # A UNIX stream connect either completes at once or fails (EAGAIN
         # when the backlog is full): it never leaves us waiting.
         sock.connect(os.fspath(path))
+        stranger = _stranger(sock)
+        if stranger is not None:
+            raise AdoptionError(f"fork server {os.fspath(path)}: {stranger}: refused, nothing sent")
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
         sent = sock.sendmsg([data], anc)
         if sent != len(data):
@@ -133,6 +137,17 @@ def start_adoption(
         sock.close()
         raise
     return PendingAdoption(sock=sock, deadline=started + timeout, started=started)
+
+
+def _stranger(sock: socket.socket) -> str | None:
+    """Who listens on the fork server's socket when it is neither root nor
+    our own user (SO_PEERCRED: the listener's ids when it listened); None
+    when it is one of them. A socket path in a directory others may write
+    (/tmp) can be taken by any local user before the base binds it: the
+    request's descriptors (a vassal's listening socket, its Emperor and
+    config pipes) must not go to them."""
+    pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return None if uid in (0, os.geteuid()) else f"listened on by pid {pid}, uid {uid}, not by our user"
 
 
 def adopt(*args: Any, **kwargs: Any) -> int:
@@ -164,7 +179,7 @@ def probe(path: str | os.PathLike[str]) -> bool:
     sock.setblocking(False)
     try:
         sock.connect(os.fspath(path))
-        return True
+        return _stranger(sock) is None  # someone else's is not our base
     except BlockingIOError:
         return True  # listening, backlog full: it is up
     except OSError as e:

@@ -36,6 +36,7 @@ from typing import TextIO
 
 from .nonblocking import recv_ready
 from .printable import printable
+from .rights import Rights, open_append
 
 FORMATS = ("text", "json")
 MAX_LINE = 16384  # a longer line is cut into pieces of this many bytes
@@ -67,21 +68,18 @@ def level_of(message: str) -> str:
     return "info"
 
 
-def _open_append(path: Path) -> int:
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-
-
 @dataclass
 class LogFile:
     """A file lines are appended to, reopened by path on `reopen()`."""
 
     path: Path
+    rights: Rights | None = None  # a vassal's that drops root (rights.py)
     fd: int = -1
     error: str | None = None  # why it could not be opened (logged once)
 
     def open(self) -> None:
         try:
-            fd = _open_append(self.path)
+            fd = open_append(self.path, self.rights)
         except OSError as e:
             self.error = f"{self.path}: {e.strerror or e}"
             return
@@ -195,18 +193,18 @@ class Log:
         except (OSError, ValueError):
             pass
 
-    def set_logto(self, vassal: str, path: Path | None) -> str | None:
+    def set_logto(self, vassal: str, path: Path | None, rights: Rights | None = None) -> str | None:
         """The vassal's `logto` file (None: its lines go to the Emperor's
-        log). The reason it cannot be opened, if it cannot."""
+        log), opened with `rights`. The reason it cannot be opened, if so."""
         old = self.files.get(vassal)
-        if old is not None and old.path == path and old.fd >= 0:
+        if old is not None and (old.path, old.rights) == (path, rights) and old.fd >= 0:
             return None
         if old is not None:
             old.close()
             del self.files[vassal]
         if path is None:
             return None
-        f = LogFile(path)
+        f = LogFile(path, rights)
         f.open()
         if f.error:
             return f.error
@@ -330,7 +328,7 @@ class Relay:
 
     A pipe is read until its end of file (every process holding its write
     end has exited, the vassal's orphans included), not until the Emperor
-    forgets the process: the last lines of a dying vassal are not lost."""
+    forgets the process: a dying vassal's last lines are not lost (emperor/outlived.py bounds it)."""
 
     def __init__(self, log: Log, sel: selectors.BaseSelector) -> None:
         self.log = log
@@ -344,8 +342,8 @@ class Relay:
               seq: int | None = None, formatted: bool = False) -> None:
         """Read `out` from now on, its lines relayed as `vassal`'s; `pid`
         tells the process's pid once known (an adoption's comes later).
-        `formatted`: its lines are in the log's format already. Our copy
-        of the write end is closed: the process has its own."""
+        `formatted`: lines in the log's format already. Our copy of the
+        write end is closed: the process has its own."""
         out.passed()
         self.pipes[out.rfd] = (out, vassal, pid)
         self.seqs[out.rfd] = seq
@@ -382,17 +380,19 @@ class Relay:
         out.close()
 
     def close(self) -> None:
-        """The Emperor exits: what is left in the pipes is relayed first
-        (bounded: a writer that never stops cannot hold the Emperor)."""
+        """The Emperor exits: what is left in the pipes is relayed first."""
         for fd in list(self.pipes):
-            for _ in range(64):
-                if not self._readable(fd):
-                    break
-            if fd in self.pipes:
-                out, vassal, pid = self.pipes[fd]
-                if out.buf and fd in self.formatted:
-                    self.log.relay_formatted(vassal, bytes(out.buf) + b"\n")
-                elif out.buf:
-                    self.log.relay(vassal, [out.buf.decode("utf-8", "replace")], pid(),
-                                   self.seqs.get(fd))
-                self._forget(fd)
+            self.finish(fd)
+
+    def finish(self, fd: int) -> None:
+        """Relay what `fd` holds (bounded: a writer that never stops cannot hold us), then stop."""
+        for _ in range(64):
+            if not self._readable(fd):
+                break
+        if fd in self.pipes:
+            out, vassal, pid = self.pipes[fd]
+            if out.buf and fd in self.formatted:
+                self.log.relay_formatted(vassal, bytes(out.buf) + b"\n")
+            elif out.buf:
+                self.log.relay(vassal, [out.buf.decode("utf-8", "replace")], pid(), self.seqs.get(fd))
+            self._forget(fd)

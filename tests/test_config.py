@@ -139,9 +139,10 @@ def test_good_files_pass_the_judge(tmp_path: Path):
                  "on-demand = true\nidle = 30\ndisable-logging\nfork-server-allow-uid = 0\n"
                  "fork-server-allow-uid = root\nearly-warmup = /\nearly-warmup = /x?y=1\n")
     assert c.load(f, judge=True).error is None
-    for name in os.listdir(Path(__file__).resolve().parent.parent / "examples" / "vassals"):
-        cfg = c.load(Path(__file__).resolve().parent.parent / "examples" / "vassals" / name, judge=True)
-        assert cfg.error is None, (name, cfg.error)
+    # the vassal files (the example base's fork-server socket is there too while it runs)
+    for path in (Path(__file__).resolve().parent.parent / "examples" / "vassals").glob("*.ini"):
+        cfg = c.load(path, judge=True)
+        assert cfg.error is None, (path.name, cfg.error)
 
 
 def test_another_users_uid_is_refused_without_root():

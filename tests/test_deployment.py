@@ -311,3 +311,53 @@ def test_the_systemd_unit_passes_systemd_analyze_verify(wheel_venv, tmp_path):
     r = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stderr.strip() == "", r.stdout + r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the unit runs the Emperor as root")
+def test_the_systemd_units_command_serves_apps_by_name_as_root(wheel_venv, tmp_path, readable_dir):
+    """The unit's ExecStart, run as systemd would: as root, with its
+    Environment, in a run directory made with its RuntimeDirectoryMode,
+    with the ConfigMap's vassal files (apps by `domain`, on UNIX sockets in
+    the run directory) in its vassals directory. Each app answers 200 by
+    name through the front door, /readyz answers 200, SIGTERM ends it with
+    0. (With RuntimeDirectoryMode=0700 the Emperor refused to start:
+    nginx's workers, www-data, could not reach the sockets under it.)"""
+    settings = unit_settings(UNIT.read_text())
+    vassals, run = readable_dir / "vassals", readable_dir / "run"
+    front, status = free_port(), free_port()
+    paths = {"/etc/psgi-forkserver/vassals": str(vassals), "/run/psgi-forkserver": str(run),
+             "/opt/psgi-forkserver/app/myapp.pl": str(ROOT / "examples" / "myapp.pl"),
+             "/opt/psgi-forkserver": str(wheel_venv), "127.0.0.1:8080": f"127.0.0.1:{front}",
+             "127.0.0.1:9100": f"127.0.0.1:{status}"}
+
+    def host(text: str) -> str:
+        for unit_path, host_path in paths.items():
+            text = text.replace(unit_path, host_path)
+        return text
+
+    vassals.mkdir()
+    data = manifests()["ConfigMap"]["data"]
+    for name, text in data.items():
+        (vassals / name).write_text(host(text))
+    old = os.umask(0)
+    try:  # systemd makes it with exactly this mode
+        run.mkdir(mode=int(settings.get("RuntimeDirectoryMode", "0755"), 8))
+    finally:
+        os.umask(old)
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8",
+           **dict(kv.split("=", 1) for kv in host(settings.get("Environment", "")).split())}
+    log = tmp_path / "emperor.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(host(settings["ExecStart"]).split(), env=env, cwd="/", stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        apps = {name.removesuffix(".ini"): re.findall(r"^domain = (\S+)", text, re.M)
+                for name, text in data.items() if "fork-server" not in text}
+        for app, (domain, *_) in apps.items():
+            assert wait_for(lambda: proc.poll() is not None or http_get(
+                f"http://127.0.0.1:{front}/", host=domain)[0] == 200, 60, f"{app} as {domain}") is True
+            assert proc.poll() is None, log.read_text(errors="replace")
+        wait_for(lambda: http_get(f"http://127.0.0.1:{status}/readyz")[0] == 200, 30, "/readyz")
+    finally:
+        stop(proc)
+    assert proc.returncode == 0, log.read_text(errors="replace")

@@ -12,6 +12,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -66,6 +67,12 @@ def every_worker(port: int, path: str, workers: int = 2) -> list[dict]:
     return list(seen.values())
 
 
+def own_app(k: int | None) -> list[str]:
+    """A plain vassal (no base) loads the tenant app itself, as its user
+    (after the drop): without the root-only file the base preloads."""
+    return [f"psgi = {TENANT}", "env = TENANT_PRELOAD_FILE="] if k is None else []
+
+
 # -- privileges ---------------------------------------------------------------
 
 
@@ -74,7 +81,7 @@ def test_uid_alone_drops_gid_and_groups_too(fleet, k, tenant):
     supplementary groups (initgroups), never root's gid 0 nor the Emperor's
     adm; every uid and gid (real, effective, saved, file system)."""
     port = free_port()
-    extra = [f"psgi = {TENANT}"] if k is None else []
+    extra = own_app(k)
     spares_before = spares(fleet) if k else set()
     pid = add(fleet, "low", vassal_ini(port, f"uid = {tenant.name}", *extra), port)
     if k:
@@ -224,7 +231,7 @@ def test_a_tenant_symlink_in_its_access_log_path_reaches_no_root_file(fleet, k, 
         (logs / "access.log").symlink_to(victim)
         os.lchown(logs / "access.log", tenant.uid, tenant.gid)
         port = free_port()
-        extra = [f"psgi = {TENANT}"] if k is None else []
+        extra = own_app(k)
         (fleet.dir / "logger.ini").write_text(
             vassal_ini(port, f"uid = {tenant.name}", *extra).replace("disable-logging = true\n", "")
             + f"access-log = {logs / 'access.log'}\n")
@@ -244,6 +251,71 @@ def test_a_tenant_symlink_in_its_access_log_path_reaches_no_root_file(fleet, k, 
         assert (logs / "access.log").stat().st_uid == tenant.uid
         (fleet.dir / "logger2.ini").unlink()
     finally:
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+def test_a_tenants_own_app_file_never_runs_as_root(fleet, k, tenant):
+    """A vassal that loads its app itself (`psgi`: on top of a base, or a
+    plain vassal) with `uid`: the app is its tenant's file, in its
+    tenant's directory, and its code runs as the tenant from its first
+    line: the ids it sees while it loads are the tenant's (they were
+    root's and root's groups: the tenant's code ran as root), and a
+    root-only file is not opened."""
+    own = Path(tempfile.mkdtemp(prefix="pf-tapp-"))
+    try:
+        os.chmod(own, 0o755)
+        (own / "app.psgi").write_text(f"""
+use JSON::PP ();
+my %at_load = (uid => $<, euid => $>, gids => "$(", egids => "$)",
+               secret => open(my $fh, '<', '{tenant.path("root-only")}') ? 'read' : "$!");
+sub {{ [200, ['Content-Type' => 'application/json'], [JSON::PP::encode_json(\\%at_load)]] }};
+""")
+        for p in (own, own / "app.psgi"):
+            os.chown(p, tenant.uid, tenant.gid)
+        port = free_port()
+        add(fleet, "ownapp", vassal_ini(port, f"uid = {tenant.name}", f"psgi = {own / 'app.psgi'}"), port)
+        at_load = ask(port, "/")
+        assert (at_load["uid"], at_load["euid"]) == (tenant.uid, tenant.uid), at_load
+        for key in ("gids", "egids"):
+            assert set(at_load[key].split()) == {str(tenant.gid), str(tenant.extra)}, at_load
+        assert at_load["secret"] == "Permission denied", at_load
+    finally:
+        (fleet.dir / "ownapp.ini").unlink(missing_ok=True)
+        shutil.rmtree(own, ignore_errors=True)
+
+
+def test_a_tenant_symlink_in_its_logto_path_reaches_no_root_file(fleet, k, tenant):
+    """`logto` is opened by the Emperor, as root: a tenant that owns the
+    file's directory swaps the file for a symlink to a root-only file and
+    waits for logrotate's reopen; its app's lines (any text: a shell
+    command, for a root file that is a script) went there. Now it is opened
+    with the tenant's rights, as its access log is: the reopen is refused
+    and the root file is untouched."""
+    if k != 0:
+        pytest.skip("the Emperor's own: once is enough")
+    logs = Path(tempfile.mkdtemp(prefix="pf-tlogs-"))
+    try:
+        os.chmod(logs, 0o755)
+        os.chown(logs, tenant.uid, tenant.gid)
+        port = free_port()
+        (fleet.dir / "tolog.ini").write_text(
+            vassal_ini(port, f"uid = {tenant.name}", "master = false", processes=1).replace(
+                "disable-logging = true\n", "") + f"logto = {logs / 'app.log'}\n")
+        wait_for(lambda: answers(port), 30, "the vassal")
+        wait_for(lambda: "/ids" in (logs / "app.log").read_text(), 10, "its access line in its logto file")
+        assert (logs / "app.log").stat().st_uid == tenant.uid  # made as the tenant
+        victim = tenant.files / "root-only"
+        before = victim.read_bytes()
+        (logs / "app.log").unlink()
+        (logs / "app.log").symlink_to(victim)
+        os.lchown(logs / "app.log", tenant.uid, tenant.gid)
+        os.kill(fleet.pid, signal.SIGUSR2)  # emperor reopen-logs, as logrotate's postrotate
+        wait_for(lambda: fleet.lines(f"reopen-logs: {logs / 'app.log'}: Permission denied"), 10, "the refusal")
+        ask(port, "/ids?after-the-reopen")
+        wait_for(lambda: fleet.lines("reopen-logs: log files reopened"), 10, "the reopen")
+        assert victim.read_bytes() == before
+    finally:
+        (fleet.dir / "tolog.ini").unlink(missing_ok=True)
         shutil.rmtree(logs, ignore_errors=True)
 
 

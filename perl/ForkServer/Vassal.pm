@@ -34,10 +34,11 @@ ForkServer::Vassal - configure a vassal (adopted or plain) and serve its app
 
 =head1 DESCRIPTION
 
-In order: process title, C<env> into C<%ENV>, C<chdir>, the app
-(C<psgi> if given, else the preloaded app, else C<early-psgi> loaded cold),
-the listening socket (descriptor 0 or C<http-socket>), dropping root
-privileges (C<uid>, C<gid>: L<ForkServer::Vassal::Identity>), byte 1 to the Emperor, then
+In order: process title, C<env> into C<%ENV>, C<chdir>, the listening
+socket (descriptor 0 or C<http-socket>), dropping root privileges (C<uid>,
+C<gid>: L<ForkServer::Vassal::Identity>), the app (C<psgi> if given, else
+the preloaded app, else C<early-psgi> loaded cold: as the vassal's user,
+never as root), byte 1 to the Emperor, then
 L<ForkServer::HTTPServer>, which reports bytes 5, 17, 26, 22 itself.
 
 Errors die with a one-line message.
@@ -70,9 +71,8 @@ sub run {
     die "processes = " . $config->get("processes") . " with master = false: without a master the vassal is one process\n"
         if !$config->get('master') && $config->get('processes') > 1;
     $self->configure unless $self->{configured};    # a spare's warm worker did it when it judged itself
-    # what it was given, before its app (loaded as root) may open sockets and pipes of its own
+    # what it was given, before anything opens sockets and pipes of its own
     my %given = $> == 0 ? map { $_ => 1 } ForkServer::Process::Dumpable::pathless_links() : ();
-    my $app  = $self->load_app;
     my $sock = $self->listen_socket;
     $given{ readlink('/proc/self/fd/' . fileno($sock)) // '' } = 1 if $> == 0;
     $self->{given_pathless} = \%given;
@@ -80,6 +80,8 @@ sub run {
     my $requests_fh = $self->requests_file;
     my $preforked = $self->first_worker($sock, $requests_fh);
     $self->drop_privileges;
+    # after the drop: a `psgi` file is its tenant's code, which never runs as root
+    my $app = $self->load_app_as_user;
     ForkServer::Vassal::EmperorPipe->send($self->{emperor}, SPAWNED);
     ForkServer::HTTPServer->new(
         listen_sock  => $sock,
@@ -220,6 +222,25 @@ sub load_app {
         die "no app: give --psgi FILE (or --early-psgi FILE)\n" unless defined $file;
     }
     return ForkServer::Vassal::App::load($file);
+}
+
+# The app, loaded after the drop. Dropping root cleared the "dumpable"
+# flag, so whether the app clears it itself (to keep its memory from other
+# processes of its uid) cannot be seen afterwards: while it loads, the flag
+# is set as the workers' desk would set it (the app's code may read all of
+# this process anyway), and an app that cleared it keeps its workers not
+# dumpable. The master is not dumpable once it has loaded.
+sub load_app_as_user {
+    my ($self) = @_;
+    my $loads_here = defined $self->{config}->get('psgi') || !$self->{preloaded_app};
+    return $self->load_app unless $self->{dropped_dumpable} && $loads_here;
+    ForkServer::Process::Dumpable::restore_unprivileged();
+    my $app = eval { $self->load_app };
+    my $err = $@;
+    $self->{dropped_dumpable} = 0 unless (ForkServer::Process::Dumpable::get() // 0) == 1;
+    ForkServer::Process::Dumpable::clear();
+    die $err unless $app;
+    return $app;
 }
 
 sub listen_socket {

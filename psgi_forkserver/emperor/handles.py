@@ -9,6 +9,7 @@ from pathlib import Path
 from dataclasses import dataclass, field
 
 from .. import launch, logs
+from ..rights import of_vassal as rights_of
 from ..adoption import PendingAdoption
 from ..config import VassalConfig
 from .ondemand import VassalSockets
@@ -23,10 +24,10 @@ class ProcHandles:
     config_pipe: socket.socket | None = None
     config_text: bytes | None = None
     adoption: PendingAdoption | None = None
-    output: logs.OutputPipe | None = None  # adopted: its output pipe, passed with its config
+    output: logs.OutputPipe | None = None  # its output pipe (adopted: passed with its config)
 
     def given(self, output: logs.OutputPipe | None) -> None:
-        """The output pipe an adopted vassal of ours takes from its config."""
+        """Its output pipe (an adopted vassal of ours takes it from its config)."""
         self.output = output
 
     def adopting(self, pending: PendingAdoption) -> None:
@@ -131,7 +132,8 @@ def output_pipe(v: Vassal, cfg: VassalConfig, logbook: logs.Log, vassals_dir: Pa
     (re)opened; None, logged, if the pipe cannot be made: the process
     then writes to the Emperor's stderr as it is."""
     logto = cfg.get("logto") if hasattr(cfg, "get") else None
-    err = logbook.set_logto(v.name, vassals_dir / logto if logto else None)
+    rights = rights_of(cfg.get("uid"), cfg.get("gid")) if logto else None  # a tenant's file: opened as it
+    err = logbook.set_logto(v.name, vassals_dir / logto if logto else None, rights)
     if err is not None:
         log(f"logto: {err}; its lines go to the Emperor's log", v.name)
     try:

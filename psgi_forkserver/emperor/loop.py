@@ -36,6 +36,7 @@ from .cockpit import Cockpit
 from .files import VassalFiles
 from .ondemand import VassalSockets
 from .orphans import Sweeper
+from .outlived import OutlivedOutput
 from .outcomes import Outcomes
 from .plan import (Admit, CleanCgroups, FailAdoption, Facts, AdoptionFailure, KillOrphans, KillStragglers,
                    KillWedged, Plan, PrepareBirthplaces, Settled, StopFrontDoor, Sweep, plan, runs_as_base)
@@ -89,8 +90,9 @@ class Emperor:
                              self.sel, self.relay, on_refused=self.files.front_refused,
                              spawning=lambda: self.procs.spawning(None, 0))
         self.sweeper = Sweeper(self.log, opts.mercy)
+        self.outlived = OutlivedOutput(self.relay, self.log, opts.mercy)  # pipes their process left
         self.outcomes = Outcomes(self.files, self.procs, self.bases, self.routes, self.listeners,
-                                 self.sweeper, self.log, lambda: self.cgroups)
+                                 self.sweeper, self.outlived, self.log, lambda: self.cgroups)
         # the vassals a turn need not step (the plan's memory): a turn costs
         # what changed, not the fleet
         self.settled = Settled()
@@ -138,6 +140,7 @@ class Emperor:
         now = time.monotonic()
         self._handle_signals(now)
         self.handled += self.outcomes.reap(now)
+        self.outlived.expire(now)
         self.files.turn(now)
         self.again = False
         facts = self._facts(now)
@@ -285,7 +288,7 @@ class Emperor:
         if self.again:
             return 0.0
         times = [*self.files.next_wakeup(), *self.bases.probe_times(),
-                 *self.procs.next_wakeup(), *self.sweeper.next_wakeup()]
+                 *self.procs.next_wakeup(), *self.sweeper.next_wakeup(), *self.outlived.next_wakeup()]
         times += self.settled.wakeups(self.vassals) + self.cockpit.next_wakeups()
         for t in (self.cgroups.next_wakeup(now) if self.cgroups is not None else None,
                   self.routes.next_wakeup()):

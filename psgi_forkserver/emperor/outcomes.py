@@ -26,6 +26,7 @@ from .files import VassalFiles
 from .handles import StartFailed
 from .ondemand import ForVassal
 from .orphans import Sweeper
+from .outlived import OutlivedOutput
 from .processes import ProcessTable
 from .routing import Routes
 from .vassal import Exit, Proc, Vassal
@@ -35,7 +36,7 @@ class Outcomes:
     """The vassals' side of every fact about their processes."""
 
     def __init__(self, files: VassalFiles, procs: ProcessTable, bases: ForkServers,
-                 routes: Routes, listeners: Listeners, sweeper: Sweeper,
+                 routes: Routes, listeners: Listeners, sweeper: Sweeper, outlived: OutlivedOutput,
                  log: Callable[..., None], cgroups: Callable[[], Any]) -> None:
         self.files = files
         self.vassals = files.vassals
@@ -44,6 +45,7 @@ class Outcomes:
         self.routes = routes
         self.listeners = listeners
         self.sweeper = sweeper
+        self.outlived = outlived
         self.log = log
         self.cgroups = cgroups  # cgroups.Cgroups once started, or None
 
@@ -103,6 +105,7 @@ class Outcomes:
 
     def vassal_exited(self, name: str, seq: int, pid: int, status: int, now: float) -> None:
         v = self.vassals[name]
+        self.outlived.exited(name, pid, self.procs.output_of(name, seq), now)
         self.procs.drop(name, seq)
         if (cg := self.cgroups()) is not None:  # what is left in its cgroup goes too
             cg.ended(name, seq, now, session=pid)

@@ -123,6 +123,7 @@ class ProcessTable:
             pr.close_theirs()
         self._keep(v, seq, pr)
         if out is not None:
+            pr.handles.given(out)
             self.relay.watch(out, v.name, lambda: pid, seq)
         self._watch_pipe(v.name, seq, pr.ours)
         v.spawned(pid, now, seq)
@@ -370,6 +371,10 @@ class ProcessTable:
     def forget(self, name: str) -> None:
         for key in [k for k in self.handles if k[0] == name]:
             self.drop(*key)
+
+    def output_of(self, name: str, seq: int) -> logs.OutputPipe | None:
+        h = self.handles.get((name, seq))
+        return h.output if h is not None else None
 
     def drop(self, name: str, seq: int) -> None:
         self._close_pipe(name, seq)

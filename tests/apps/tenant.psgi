@@ -126,6 +126,20 @@ my $app = sub {
             POSIX::close($pidfd);
         }
     }
+    elsif ($path eq '/give') {
+        # /give?sock=S: hands its standard output (its output pipe to the
+        # Emperor) to whoever listens on S (SCM_RIGHTS), a process outside
+        # the vassal, then asks the Emperor for its replacement (byte 22)
+        require IO::Socket::UNIX;
+        require Socket::MsgHdr;
+        my $s = IO::Socket::UNIX->new(Peer => $q{sock}) or die "connect $q{sock}: $!\n";
+        my $m = Socket::MsgHdr->new(buf => 'x');
+        $m->cmsghdr(Socket::SOL_SOCKET(), Socket::SCM_RIGHTS(), pack('i', 1));
+        Socket::MsgHdr::sendmsg($s, $m, 0) or die "sendmsg: $!\n";
+        close $s;
+        POSIX::write($ENV{UWSGI_EMPEROR_FD}, chr(22), 1) if $q{replace};
+        $out{gave} = 1;
+    }
     elsif ($path eq '/env') {
         $out{$_} = $ENV{$_} for qw(UWSGI_EMPEROR_FD UWSGI_EMPEROR_FD_CONFIG APP_NAME);
     }

@@ -39,6 +39,11 @@ sub restore_unprivileged {
     return (get() // 0) == 1;
 }
 
+# Clears the flag: only processes with CAP_SYS_PTRACE may read this one.
+sub clear {
+    return defined $PRCTL && syscall($PRCTL, PR_SET_DUMPABLE, 0, 0, 0, 0) == 0;
+}
+
 sub _unprivileged {
     open(my $fh, '<', '/proc/self/status') or return 0;
     my %line;
@@ -171,6 +176,10 @@ TCP or UDP socket or a UNIX socket connected to a path its uid may
 write, an anonymous inode other than a timer, event, signal, epoll,
 inotify or pid descriptor. What it opened while it was root. Empty when
 it holds none.
+
+=head2 clear() -> bool
+
+C<prctl(PR_SET_DUMPABLE, 0)>.
 
 =head2 pathless_links() -> ("socket:[N]", "pipe:[N]", ...)
 
