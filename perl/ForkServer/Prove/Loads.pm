@@ -24,7 +24,8 @@ the C<%INC> keys it added to the base's; C<.prove> keeps them per file
 (C<emperor_loads>), with those of the base's modules the file C<use>s or
 recorded in an earlier run (they are preloaded now, so not added). The next
 run preloads what at least a tenth of the files loaded, except a module
-that broke at least a tenth of the files that load it (L</blame>).
+that broke at least a tenth of the files that load it, and two of them at
+least, or the only one (L</blame>).
 
 =cut
 
@@ -116,8 +117,8 @@ sub blame {
   my ($learned, @modules) = preloads($state_manager, \@files, \&use_lines);
 
 The modules at least a tenth of the files loaded, the most used first,
-except those a tenth of the files that load them were broken by
-(L</blame>); a file without a record counts C<use_lines($file)> (module
+except those that broke a tenth of the files that load them, two files at
+least, or the only one (L</blame>); a file without a record counts C<use_lines($file)> (module
 names). C<$learned> is false when no file has a record (the caller then
 chooses by C<use> lines).
 
@@ -143,7 +144,10 @@ sub preloads {
         $count{$_}++ for @modules;
     }
     return (0) unless $learned;
-    my @common = grep { $count{$_} * 10 >= $n && ($broke{$_} // 0) * 10 < $count{$_} } keys %count;
+    # (one file alone, among others that load the module, may have failed
+    # for a reason of its own: it is not enough)
+    my $kept = sub { my $b = $broke{ $_[0] } // 0; $b * 10 < $count{ $_[0] } || ($b < 2 && $b < $count{ $_[0] }) };
+    my @common = grep { $count{$_} * 10 >= $n && $kept->($_) } keys %count;
     return (1, sort { $count{$b} <=> $count{$a} || $a cmp $b } @common);
 }
 
