@@ -42,7 +42,7 @@ UWSGI_PARAMS = (
     # HTTP_* params replace the client's header of that name
     ("HTTP_HOST", "$psgi_fs_host"), ("HTTP_X_REAL_IP", "$remote_addr"),
     ("HTTP_X_FORWARDED_FOR", "$proxy_add_x_forwarded_for"),
-    ("HTTP_X_FORWARDED_PROTO", "$scheme"), ("HTTP_X_FORWARDED_HOST", "$host"),
+    ("HTTP_X_FORWARDED_PROTO", "$scheme"), ("HTTP_X_FORWARDED_HOST", "$psgi_fs_host"),
 )
 
 
@@ -180,7 +180,11 @@ def _proxy_lines(keepalive: int) -> list[str]:
         "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
         "proxy_set_header X-Real-IP $remote_addr;",
         "proxy_set_header X-Forwarded-Proto $scheme;",
-        "proxy_set_header X-Forwarded-Host $host;",
+        # the Host the vassal gets, port included: Plack::Middleware::ReverseProxy,
+        # Catalyst's frontend proxy mode and Dancer2's behind_proxy build the
+        # request's base from it, and a front door on :8080 must not send
+        # the client's redirects to :80
+        "proxy_set_header X-Forwarded-Host $psgi_fs_host;",
         "proxy_redirect off;",
         f"proxy_connect_timeout {CONNECT_TIMEOUT}s;",
         "proxy_read_timeout 3600s;",
