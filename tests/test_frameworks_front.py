@@ -1,0 +1,147 @@
+"""Framework apps as their users deploy them, behind the front door
+(`emperor run DIR --http`): a base file that loads the Catalyst scaffold's
+psgi file (no `use lib`: its lib/ comes from `env = PERL5LIB=...`, as under
+uWSGI) with the base's own `env` and `chdir`, the Catalyst app served from
+the base, and the plain Plack app (ReverseProxy, Session, Static) loaded in
+its vassal. What a user checks in a browser: redirects back to the address
+they typed (port included), sessions, uploads, streaming, the client's real
+address, and the apps' log lines in the Emperor's log.
+
+One fleet for the module."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import shutil
+import socket
+
+import pytest
+
+from support import wait_for
+from support.frameworks import APPS, multipart, request
+from support.front import FrontDoors, needs_nginx
+
+pytestmark = [needs_nginx, pytest.mark.skipif(shutil.which("starman") is None, reason="no starman")]
+
+CATALYST = APPS / "catalyst"
+
+
+@pytest.fixture(scope="module")
+def fleet(xprocess):
+    emperors = FrontDoors(xprocess)
+    vdir = emperors.directory()
+    state = vdir.parent / "state"
+    state.mkdir()
+    state.chmod(0o777)  # the Plack app's sessions, written by its workers
+    files = {
+        # the codebase: the scaffold's psgi file, its lib/ on PERL5LIB, and
+        # what the app reads while it loads (its state directory) from env
+        "base": (f"[uwsgi]\nearly-psgi = {CATALYST / 'scaffold.psgi'}\nfork-server = fs.sock\n"
+                 f"env = PERL5LIB={CATALYST / 'lib'}\nenv = FRAMEWORKS_STATE={state}\n"
+                 f"chdir = {state}\n"),
+        "cat": "[uwsgi]\ndomain = cat.localhost\nprocesses = 2\n",
+        "plack": f"[uwsgi]\ndomain = plack.localhost\npsgi = {APPS / 'plack.psgi'}\nprocesses = 2\n",
+    }
+    try:
+        f = emperors(files, base=False, vdir=vdir, env={"PLACK_ENV": ""})
+        f.ports = {"front": f.port}
+        for name in ("cat", "plack"):
+            wait_for(lambda n=name: request(f.port, f"{n}.localhost", "GET", "/json", timeout=5).status == 200,
+                     90, f"{name} to answer through the front door")
+        f.state = state
+        yield f
+    finally:
+        emperors.stop()
+
+
+def test_base_applies_its_env_and_chdir_before_it_loads_the_app(fleet):
+    """`env` (PERL5LIB included) and `chdir` in a base's file are in effect
+    while it loads its `early-psgi`, as uWSGI applies them: the scaffold's
+    `use CatApp` finds its lib/, the app keeps its database where its env
+    says, and the vassals forked from the base inherit both."""
+    got = request(fleet.port, "cat.localhost", "GET", "/where")
+    assert got.status == 200, got
+    where = dict(line.split("=", 1) for line in got.body.decode().splitlines())
+    assert where == {"cwd": str(fleet.state), "state": str(fleet.state),
+                     "lib": str(CATALYST / "lib" / "CatApp.pm")}
+    posted = request(fleet.port, "cat.localhost", "POST", "/notes", b"body=kept",
+                     {"Content-Type": "application/x-www-form-urlencoded"})
+    assert posted.status == 200 and b"kept" in posted.body
+    assert (fleet.state / "catapp.db").exists()
+    # the relative fork-server socket is still the one the Emperor adopts through
+    assert (fleet.dir / "fs.sock").is_socket()
+
+
+def test_redirects_lead_back_to_the_address_the_client_used(fleet):
+    """A redirect the app builds from the request (`uri_for`, Plack's
+    `$req->base` behind ReverseProxy) names the front door's host and port,
+    whatever X-Forwarded-Host the client sent."""
+    port = fleet.port
+    for app in ("cat", "plack"):
+        host = f"{app}.localhost:{port}"
+        got = request(port, host, "GET", "/redirect")
+        assert got.status == 302 and got.headers["location"] == f"http://{host}/json", (app, got)
+        spoofed = request(port, host, "GET", "/redirect", headers={"X-Forwarded-Host": "evil.example"})
+        assert spoofed.headers["location"] == f"http://{host}/json", (app, spoofed)
+        # a Host without a port: the default one, as the client meant
+        plain = request(port, f"{app}.localhost", "GET", "/redirect")
+        assert plain.headers["location"] == f"http://{app}.localhost/json", (app, plain)
+
+
+def test_the_app_sees_the_client_not_what_the_client_claims(fleet):
+    """X-Forwarded-For and X-Real-IP sent by the client do not make the
+    app's address (ReverseProxy reads the last X-Forwarded-For entry,
+    which nginx adds)."""
+    got = request(fleet.port, f"plack.localhost:{fleet.port}", "GET", "/proxied", headers={
+        "X-Forwarded-For": "203.0.113.9", "X-Real-IP": "203.0.113.9", "X-Forwarded-Proto": "https"})
+    address, base, scheme = got.body.decode().split()
+    assert (address, base, scheme) == ("127.0.0.1", f"http://plack.localhost:{fleet.port}/", "http")
+
+
+def test_what_a_browser_does_through_the_front_door(fleet):
+    """Sessions across requests, a 5 MB multipart upload (with and without
+    `Expect: 100-continue`), a chunked request body, a streamed response,
+    HEAD, HTTP/1.0 and pipelined requests, through nginx to each app."""
+    port = fleet.port
+    data = bytes(range(256)) * (5 * 1024 * 4)  # 5 MB, every byte value
+    digest = hashlib.md5(data).hexdigest()
+    body, ctype = multipart("file", "big.bin", data)
+    for app in ("cat", "plack"):
+        host = f"{app}.localhost"
+        first = request(port, host, "GET", "/session")
+        cookie = "; ".join(f"{k}={v}" for k, v in first.cookies.items())
+        counts = [request(port, host, "GET", "/session", headers={"Cookie": cookie}).body for _ in range(2)]
+        assert [first.body, *counts] == [b"count 1\n", b"count 2\n", b"count 3\n"], app
+        for extra in ({}, {"Expect": "100-continue"}):
+            up = request(port, host, "POST", "/upload", body, {"Content-Type": ctype, **extra}, timeout=60)
+            assert up.status == 200 and up.body.decode().split() == ["big.bin", str(len(data)), digest], (app, up)
+        # chunked: http.client frames an iterable body itself
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/upload", body=iter([body[i:i + 65536] for i in range(0, len(body), 65536)]),
+                     headers={"Host": host, "Content-Type": ctype, "Transfer-Encoding": "chunked"},
+                     encode_chunked=True)
+        r = conn.getresponse()
+        assert r.status == 200 and r.read().decode().split()[2] == digest, app
+        conn.close()
+        assert request(port, host, "GET", "/stream").body == b"chunk 1\nchunk 2\nchunk 3\n", app
+        head = request(port, host, "HEAD", "/json")
+        assert head.status == 200 and head.body == b"", app
+    # HTTP/1.0 and two requests in one write, on raw sockets
+    for req, want in [(b"GET /json HTTP/1.0\r\nHost: plack.localhost\r\n\r\n", 1),
+                      (b"GET /json HTTP/1.1\r\nHost: cat.localhost\r\n\r\n"
+                       b"GET /json HTTP/1.1\r\nHost: plack.localhost\r\nConnection: close\r\n\r\n", 2)]:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(req)
+            got = b""
+            while chunk := s.recv(65536):
+                got += chunk
+        assert got.count(b" 200 OK\r\n") == want and got.count(b'"framework"') == want, got[:500]
+
+
+def test_app_log_lines_are_attributed_to_their_vassal(fleet):
+    """What an app logs (Catalyst's error log of a route that died) is in
+    the Emperor's log under the vassal's name."""
+    assert request(fleet.port, "cat.localhost", "GET", "/die").status == 500
+    wait_for(lambda: [line for line in fleet.lines("[cat] ") if "the route died" in line], 30,
+             "the app's error line under [cat]")
