@@ -1,9 +1,10 @@
 """Framework apps as their users deploy them, behind the front door
 (`emperor run DIR --http`): a base file that loads the Catalyst scaffold's
 psgi file (no `use lib`: its lib/ comes from `env = PERL5LIB=...`, as under
-uWSGI) with the base's own `env` and `chdir`, the Catalyst app served from
-the base, and the plain Plack app (ReverseProxy, Session, Static) loaded in
-its vassal. What a user checks in a browser: redirects back to the address
+uWSGI) and a `dancer2 gen` app, with the base's own `env` and `chdir`; the
+Catalyst app served from the base; the plain Plack app (ReverseProxy,
+Session, Static) and two `dancer2 gen` apps (lib/ found with FindBin)
+loaded in their vassals. What a user checks in a browser: redirects back to the address
 they typed (port included), sessions, uploads, streaming, the client's real
 address, and the apps' log lines in the Emperor's log.
 
@@ -15,6 +16,7 @@ import hashlib
 import http.client
 import shutil
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +27,7 @@ from support.front import FrontDoors, needs_nginx
 pytestmark = [needs_nginx, pytest.mark.skipif(shutil.which("starman") is None, reason="no starman")]
 
 CATALYST = APPS / "catalyst"
+GEN = APPS / "gen"
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +40,18 @@ def fleet(xprocess):
     files = {
         # the codebase: the scaffold's psgi file, its lib/ on PERL5LIB, and
         # what the app reads while it loads (its state directory) from env
-        "base": (f"[uwsgi]\nearly-psgi = {CATALYST / 'scaffold.psgi'}\nfork-server = fs.sock\n"
+        "base": (f"[uwsgi]\nearly-psgi = {GEN / 'preload.psgi'}\nfork-server = fs.sock\n"
                  f"env = PERL5LIB={CATALYST / 'lib'}\nenv = FRAMEWORKS_STATE={state}\n"
                  f"chdir = {state}\n"),
         "cat": "[uwsgi]\ndomain = cat.localhost\nprocesses = 2\n",
         "plack": f"[uwsgi]\ndomain = plack.localhost\npsgi = {APPS / 'plack.psgi'}\nprocesses = 2\n",
+        **{app: f"[uwsgi]\ndomain = {app}.localhost\npsgi = {GEN / app / 'bin' / 'app.psgi'}\n"
+           for app in ("shop", "blog")},
     }
     try:
         f = emperors(files, base=False, vdir=vdir, env={"PLACK_ENV": ""})
         f.ports = {"front": f.port}
-        for name in ("cat", "plack"):
+        for name in ("cat", "plack", "shop"):
             wait_for(lambda n=name: request(f.port, f"{n}.localhost", "GET", "/json", timeout=5).status == 200,
                      90, f"{name} to answer through the front door")
         f.state = state
@@ -71,6 +76,19 @@ def test_base_applies_its_env_and_chdir_before_it_loads_the_app(fleet):
     assert (fleet.state / "catapp.db").exists()
     # the relative fork-server socket is still the one the Emperor adopts through
     assert (fleet.dir / "fs.sock").is_socket()
+
+
+def test_each_generated_app_finds_its_own_lib_with_findbin(fleet):
+    """`dancer2 gen`'s bin/app.psgi finds its lib/ with FindBin. The base
+    loaded FindBin for the shop; the blog's vassal, forked from it, still
+    gets its own directory (as plackup gives each app), not the shop's."""
+    wait_for(lambda: request(fleet.port, "blog.localhost", "GET", "/", timeout=5).status == 200, 60,
+             "the blog to answer")
+    for app in ("shop", "blog"):
+        got = request(fleet.port, f"{app}.localhost", "GET", "/")
+        name, package, appdir = got.body.decode().split()
+        assert (got.status, name, package) == (200, app, app.capitalize()), got
+        assert Path(appdir).resolve() == GEN / app, got
 
 
 def test_redirects_lead_back_to_the_address_the_client_used(fleet):
