@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from support import wait_for
+from support import TESTS, wait_for
 from support.frameworks import APPS, multipart, request
 from support.front import FrontDoors, needs_nginx
 
@@ -49,7 +49,9 @@ def fleet(xprocess):
            for app in ("shop", "blog")},
     }
     try:
-        f = emperors(files, base=False, vdir=vdir, env={"PLACK_ENV": ""})
+        # nginx's configuration is written once: a vassal added later is
+        # served through its host link only
+        f = emperors(files, "--http-settle", "600", base=False, vdir=vdir, env={"PLACK_ENV": ""})
         f.ports = {"front": f.port}
         for name in ("cat", "plack", "shop"):
             wait_for(lambda n=name: request(f.port, f"{n}.localhost", "GET", "/json", timeout=5).status == 200,
@@ -163,3 +165,18 @@ def test_app_log_lines_are_attributed_to_their_vassal(fleet):
     assert request(fleet.port, "cat.localhost", "GET", "/die").status == 500
     wait_for(lambda: [line for line in fleet.lines("[cat] ") if "the route died" in line], 30,
              "the app's error line under [cat]")
+
+
+def test_an_app_that_dies_in_a_request_is_unavailable_not_unknown(fleet):
+    """A vassal added since nginx's last reload answers through its host
+    link; when its worker dies in the middle of a request, the client is
+    told what the configured names tell (503, retry in 1 s), not that no
+    app is served under that name."""
+    fleet.write("late", f"[uwsgi]\ndomain = late.localhost\npsgi = {TESTS / 'apps' / 'exits.psgi'}\n"
+                        "processes = 2\n")
+    wait_for(lambda: request(fleet.port, "late.localhost", "GET", "/", timeout=5).status == 200, 60,
+             "the late app to answer through its host link")
+    got = request(fleet.port, "late.localhost", "GET", "/exit")
+    assert (got.status, got.headers.get("retry-after")) == (503, "1"), got
+    assert b"late.localhost does not answer" in got.body, got
+    assert request(fleet.port, "late.localhost", "GET", "/").status == 200

@@ -390,7 +390,14 @@ def render_nginx_conf(routes: Iterable[Route], listen: str, run_dir: Path,
              *("        " + x for x in _proxy_lines(0)),
              "        error_page 502 504 = @psgi_fs_nohost;",
              "    }",
+             # the link's vassal did not answer (its worker died in the
+             # request, a harakiri): what its own server block would say;
+             # a link gone meanwhile: the name is no longer served
              "    location @psgi_fs_nohost {",
+             f'        if (-f "{ng / HOSTS}/$host.known") {{',
+             "            add_header Retry-After 1 always;",
+             '            return 503 "psgi-forkserver: $host does not answer, retry in 1 s\\n";',
+             "        }",
              '        return 404 "psgi-forkserver: no app is served as $host here\\n";',
              "    }", "}"]
     for r, ns in claimed:
