@@ -47,6 +47,7 @@ def fleet(xprocess):
         "plack": f"[uwsgi]\ndomain = plack.localhost\npsgi = {APPS / 'plack.psgi'}\nprocesses = 2\n",
         **{app: f"[uwsgi]\ndomain = {app}.localhost\npsgi = {GEN / app / 'bin' / 'app.psgi'}\n"
            for app in ("shop", "blog")},
+        "idn": f"[uwsgi]\ndomain = bücher.localhost\npsgi = {TESTS / 'apps' / 'exits.psgi'}\n",
     }
     try:
         # nginx's configuration is written once: a vassal added later is
@@ -180,3 +181,12 @@ def test_an_app_that_dies_in_a_request_is_unavailable_not_unknown(fleet):
     assert (got.status, got.headers.get("retry-after")) == (503, "1"), got
     assert b"late.localhost does not answer" in got.body, got
     assert request(fleet.port, "late.localhost", "GET", "/").status == 200
+
+
+def test_an_internationalized_domain_answers_to_the_host_browsers_send(fleet):
+    """`domain = bücher.localhost` is served as xn--bcher-kva.localhost,
+    the Host a browser or curl sends for it, in any case, with a port or a
+    trailing dot."""
+    for host in ("xn--bcher-kva.localhost", f"XN--BCHER-KVA.localhost:{fleet.port}", "xn--bcher-kva.localhost."):
+        got = request(fleet.port, host, "GET", "/")
+        assert got.status == 200 and got.body.startswith(b"alive "), (host, got)
