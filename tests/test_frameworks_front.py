@@ -108,6 +108,10 @@ def test_redirects_lead_back_to_the_address_the_client_used(fleet):
         # a Host without a port: the default one, as the client meant
         plain = request(port, f"{app}.localhost", "GET", "/redirect")
         assert plain.headers["location"] == f"http://{app}.localhost/json", (app, plain)
+        # a fully qualified name (trailing dot) keeps its port too
+        dotted = request(port, f"{app}.LOCALHOST.:{port}", "GET", "/redirect")
+        # (URI.pm lower-cases a host: Plack's base does, Catalyst's keeps it)
+        assert dotted.headers["location"].lower() == f"http://{app}.localhost.:{port}/json", (app, dotted)
 
 
 def test_the_app_sees_the_client_not_what_the_client_claims(fleet):

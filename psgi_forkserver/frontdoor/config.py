@@ -138,10 +138,11 @@ def render_routing(routes: Iterable[Route], keepalive: int = DEFAULT_KEEPALIVE) 
 
 #: `$psgi_fs_host`, the Host the vassal sees: the name nginx routed by
 #: (`$host`: the request line's host if it has one, else the Host header),
-#: with the Host header's port when the header names that same host
+#: or the Host header as the client wrote it (its port, a trailing dot that
+#: `$host` drops) when the header names that same host
 HOST_MAP = [
     'map "$host $http_host" $psgi_fs_host {',
-    '    "~*^(\\S+) \\1(:[0-9]+)?$" $http_host;',
+    '    "~*^(\\S+) \\1\\.?(:[0-9]+)?$" $http_host;',
     "    default $host;",
     "}",
 ]
