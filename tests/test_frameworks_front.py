@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from support import TESTS, wait_for
+from support import TESTS, free_port, wait_for
 from support.frameworks import APPS, multipart, request
 from support.front import FrontDoors, needs_nginx
 
@@ -37,6 +37,7 @@ def fleet(xprocess):
     state = vdir.parent / "state"
     state.mkdir()
     state.chmod(0o777)  # the Plack app's sessions, written by its workers
+    mojo_port = free_port()
     files = {
         # the codebase: the scaffold's psgi file, its lib/ on PERL5LIB, and
         # what the app reads while it loads (its state directory) from env
@@ -48,13 +49,16 @@ def fleet(xprocess):
         **{app: f"[uwsgi]\ndomain = {app}.localhost\npsgi = {GEN / app / 'bin' / 'app.psgi'}\n"
            for app in ("shop", "blog")},
         "idn": f"[uwsgi]\ndomain = bücher.localhost\npsgi = {TESTS / 'apps' / 'exits.psgi'}\n",
+        # on its own port too: HTTP/1.0 clients straight to the vassal
+        "mojo": (f"[uwsgi]\ndomain = mojo.localhost\nhttp-socket = 127.0.0.1:{mojo_port}\n"
+                 f"psgi = {APPS / 'mojo.psgi'}\nmaster = false\n"),
     }
     try:
         # nginx's configuration is written once: a vassal added later is
         # served through its host link only
         f = emperors(files, "--http-settle", "600", base=False, vdir=vdir, env={"PLACK_ENV": ""})
-        f.ports = {"front": f.port}
-        for name in ("cat", "plack", "shop"):
+        f.ports = {"front": f.port, "mojo": mojo_port}
+        for name in ("cat", "plack", "shop", "mojo"):
             wait_for(lambda n=name: request(f.port, f"{n}.localhost", "GET", "/json", timeout=5).status == 200,
                      90, f"{name} to answer through the front door")
         f.state = state
@@ -194,3 +198,35 @@ def test_an_internationalized_domain_answers_to_the_host_browsers_send(fleet):
     for host in ("xn--bcher-kva.localhost", f"XN--BCHER-KVA.localhost:{fleet.port}", "xn--bcher-kva.localhost."):
         got = request(fleet.port, host, "GET", "/")
         assert got.status == 200 and got.body.startswith(b"alive "), (host, got)
+
+
+def raw_exchange(port: int, data: bytes) -> tuple[bytes, bytes]:
+    """(head, body) of the answer to `data`, read to the close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(data)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    head, _, body = got.partition(b"\r\n\r\n")
+    return head, body
+
+
+def test_an_app_that_chunks_its_own_body_answers_http10_clients_unchunked(fleet):
+    """Mojolicious's write_chunk frames the chunks itself and says
+    Transfer-Encoding: chunked; an HTTP/1.0 client must not get that
+    encoding (it reads the sizes as text): it gets the data, ended by the
+    close. An HTTP/1.1 client keeps the app's chunks."""
+    port = fleet.ports["mojo"]
+    head, body = raw_exchange(port, b"GET /stream HTTP/1.0\r\nHost: mojo.localhost\r\n\r\n")
+    assert b" 200 OK" in head.split(b"\r\n")[0] and b"transfer-encoding" not in head.lower(), head
+    assert body == b"chunk 1\nchunk 2\nchunk 3\n", body
+    head, body = raw_exchange(port, b"GET /stream HTTP/1.1\r\nHost: mojo.localhost\r\nConnection: close\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower(), head
+    assert body == b"8\r\nchunk 1\n\r\n8\r\nchunk 2\n\r\n8\r\nchunk 3\n\r\n0\r\n\r\n", body
+    # and through the front door, for either client
+    for proto in (b"1.0", b"1.1"):
+        head, body = raw_exchange(fleet.port, b"GET /stream HTTP/" + proto + b"\r\nHost: mojo.localhost\r\n"
+                                  b"Connection: close\r\n\r\n")
+        if proto == b"1.1" and b"chunked" in head.lower():
+            body = b"".join(body.split(b"\r\n")[1::2])
+        assert body == b"chunk 1\nchunk 2\nchunk 3\n", (proto, head, body)
