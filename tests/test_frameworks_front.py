@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from support import TESTS, free_port, wait_for
+from support import TESTS, base_ini, free_port, wait_for
 from support.frameworks import APPS, multipart, request
 from support.front import FrontDoors, needs_nginx
 
@@ -41,9 +41,8 @@ def fleet(xprocess):
     files = {
         # the codebase: the scaffold's psgi file, its lib/ on PERL5LIB, and
         # what the app reads while it loads (its state directory) from env
-        "base": (f"[uwsgi]\nearly-psgi = {GEN / 'preload.psgi'}\nfork-server = fs.sock\n"
-                 f"env = PERL5LIB={CATALYST / 'lib'}\nenv = FRAMEWORKS_STATE={state}\n"
-                 f"chdir = {state}\n"),
+        "base": base_ini(GEN / "preload.psgi", "fs.sock", f"env = PERL5LIB={CATALYST / 'lib'}",
+                         f"env = FRAMEWORKS_STATE={state}", f"chdir = {state}"),
         "cat": "[uwsgi]\ndomain = cat.localhost\nprocesses = 2\n",
         "plack": f"[uwsgi]\ndomain = plack.localhost\npsgi = {APPS / 'plack.psgi'}\nprocesses = 2\n",
         **{app: f"[uwsgi]\ndomain = {app}.localhost\npsgi = {GEN / app / 'bin' / 'app.psgi'}\n"

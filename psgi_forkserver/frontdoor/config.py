@@ -137,9 +137,8 @@ def render_routing(routes: Iterable[Route], keepalive: int = DEFAULT_KEEPALIVE) 
 
 
 #: `$psgi_fs_host`, the Host the vassal sees: the name nginx routed by
-#: (`$host`: the request line's host if it has one, else the Host header),
-#: or the Host header as the client wrote it (its port, a trailing dot that
-#: `$host` drops) when the header names that same host
+#: (`$host`: the request line's host, else the Host header), or the Host
+#: header as written (port, trailing dot) when it names that same host
 HOST_MAP = [
     'map "$host $http_host" $psgi_fs_host {',
     '    "~*^(\\S+) \\1\\.?(:[0-9]+)?$" $http_host;',
@@ -181,10 +180,7 @@ def _proxy_lines(keepalive: int) -> list[str]:
         "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
         "proxy_set_header X-Real-IP $remote_addr;",
         "proxy_set_header X-Forwarded-Proto $scheme;",
-        # the Host the vassal gets, port included: Plack::Middleware::ReverseProxy,
-        # Catalyst's frontend proxy mode and Dancer2's behind_proxy build the
-        # request's base from it, and a front door on :8080 must not send
-        # the client's redirects to :80
+        # as Host, port included: ReverseProxy builds the app's base from it
         "proxy_set_header X-Forwarded-Host $psgi_fs_host;",
         "proxy_redirect off;",
         f"proxy_connect_timeout {CONNECT_TIMEOUT}s;",
@@ -391,9 +387,7 @@ def render_nginx_conf(routes: Iterable[Route], listen: str, run_dir: Path,
              *("        " + x for x in _proxy_lines(0)),
              "        error_page 502 504 = @psgi_fs_nohost;",
              "    }",
-             # the link's vassal did not answer (its worker died in the
-             # request, a harakiri): what its own server block would say;
-             # a link gone meanwhile: the name is no longer served
+             # a linked vassal that did not answer: as its own server block
              "    location @psgi_fs_nohost {",
              f'        if (-f "{ng / HOSTS}/$host.known") {{',
              "            add_header Retry-After 1 always;",
