@@ -13,6 +13,7 @@ One fleet for the module."""
 from __future__ import annotations
 
 import hashlib
+import io
 import http.client
 import shutil
 import socket
@@ -51,13 +52,15 @@ def fleet(xprocess):
         # on its own port too: HTTP/1.0 clients straight to the vassal
         "mojo": (f"[uwsgi]\ndomain = mojo.localhost\nhttp-socket = 127.0.0.1:{mojo_port}\n"
                  f"psgi = {APPS / 'mojo.psgi'}\nmaster = false\n"),
+        # the same app over the uwsgi protocol (nginx's uwsgi_pass)
+        "mojou": f"[uwsgi]\ndomain = mojou.localhost\nsocket = ./mojou.sock\npsgi = {APPS / 'mojo.psgi'}\n",
     }
     try:
         # nginx's configuration is written once: a vassal added later is
         # served through its host link only
         f = emperors(files, "--http-settle", "600", base=False, vdir=vdir, env={"PLACK_ENV": ""})
         f.ports = {"front": f.port, "mojo": mojo_port}
-        for name in ("cat", "plack", "shop", "mojo"):
+        for name in ("cat", "plack", "shop", "mojo", "mojou"):
             wait_for(lambda n=name: request(f.port, f"{n}.localhost", "GET", "/json", timeout=5).status == 200,
                      90, f"{name} to answer through the front door")
         f.state = state
@@ -222,10 +225,23 @@ def test_an_app_that_chunks_its_own_body_answers_http10_clients_unchunked(fleet)
     head, body = raw_exchange(port, b"GET /stream HTTP/1.1\r\nHost: mojo.localhost\r\nConnection: close\r\n\r\n")
     assert b"transfer-encoding: chunked" in head.lower(), head
     assert body == b"8\r\nchunk 1\n\r\n8\r\nchunk 2\n\r\n8\r\nchunk 3\n\r\n0\r\n\r\n", body
-    # and through the front door, for either client
-    for proto in (b"1.0", b"1.1"):
-        head, body = raw_exchange(fleet.port, b"GET /stream HTTP/" + proto + b"\r\nHost: mojo.localhost\r\n"
-                                  b"Connection: close\r\n\r\n")
-        if proto == b"1.1" and b"chunked" in head.lower():
-            body = b"".join(body.split(b"\r\n")[1::2])
-        assert body == b"chunk 1\nchunk 2\nchunk 3\n", (proto, head, body)
+    # and through the front door, for either client, over HTTP and over
+    # uwsgi (whose responses nginx reads to the close, without unchunking)
+    for host, proto in [(h, p) for h in (b"mojo", b"mojou") for p in (b"1.0", b"1.1")]:
+        head, body = raw_exchange(fleet.port, b"GET /stream HTTP/" + proto + b"\r\nHost: " + host
+                                  + b".localhost\r\nConnection: close\r\n\r\n")
+        if proto == b"1.1" and b"chunked" in head.lower():  # nginx's own chunks
+            r = http.client.HTTPResponse(FakeSocket(head + b"\r\n\r\n" + body))
+            r.begin()
+            body = r.read()
+        assert body == b"chunk 1\nchunk 2\nchunk 3\n", (host, proto, head, body)
+
+
+class FakeSocket:
+    """Bytes already read, for http.client to parse a response from."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def makefile(self, *args, **kwargs):
+        return io.BytesIO(self.data)

@@ -157,8 +157,10 @@ sub _response_head {
             elsif ($lk eq 'transfer-encoding') {
                 $te = $v;
                 # the app chunks its body itself: an HTTP/1.0 client must not
-                # get that encoding; the body goes unframed, to the close
-                if ($env->{SERVER_PROTOCOL} ne 'HTTP/1.1' && $v =~ /\Achunked\z/i) {
+                # get that encoding, nor nginx over uwsgi (it reads to the
+                # close, unframing nothing); the body goes unframed
+                if (($env->{SERVER_PROTOCOL} ne 'HTTP/1.1' || $st->{close_delimited})
+                    && $v =~ /\Achunked\z/i) {
                     require ForkServer::HTTPServer::Dechunk;
                     $st->{dechunk} = ForkServer::HTTPServer::Dechunk->new;
                     next;
