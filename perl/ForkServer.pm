@@ -77,10 +77,20 @@ our $WEB_VASSALS = 1;
 # shared by every adopted vassal. Then the vassal path's own modules.
 sub run_base {
     my ($class, %args) = @_;
-    my $early = $args{config}->get('early-psgi');
+    my $config = $args{config};
+    my $early = $config->get('early-psgi');
     my $app;
     # before the codebase loads: frameworks pick their mode as they build the app
-    $ENV{PLACK_ENV} = $args{config}->plack_env;
+    $ENV{PLACK_ENV} = $config->plack_env;
+    # env and chdir too, as uWSGI applies them before it loads the app (and
+    # every vassal forked from the base inherits them); the Emperor finds
+    # a relative fork-server socket in the vassals directory, where we are now
+    require ForkServer::Process::Environment;
+    my $socket = $config->get('fork-server');
+    $config->set('fork-server', File::Spec->rel2abs($socket))
+        if defined $config->get('chdir') && !File::Spec->file_name_is_absolute($socket);
+    ForkServer::Process::Environment::apply_env($config);
+    ForkServer::Process::Environment::apply_chdir($config);
     if (defined $early) {
         require ForkServer::Vassal::App;
         $app = ForkServer::Vassal::App::load($early);

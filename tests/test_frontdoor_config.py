@@ -132,6 +132,20 @@ def test_domain_values(value: str, ok: bool):
             c.parse_domain(value)
 
 
+@pytest.mark.parametrize("value,ascii_form", [
+    ("bücher.example", "xn--bcher-kva.example"), ("Bücher.Example", "xn--bcher-kva.example"),
+    ("*.bücher.example", "*.xn--bcher-kva.example"), ("straße.de", "xn--strae-oqa.de"),
+    ("xn--bcher-kva.example", "xn--bcher-kva.example"),
+])
+def test_internationalized_domains_get_the_form_browsers_send(value: str, ascii_form: str):
+    """What a browser puts in Host for the name (UTS #46, non-transitional:
+    `ß` stays a letter of its own); names no browser could send are refused."""
+    assert c.parse_domain(value) == ascii_form
+    for bad in ("ü" * 70 + ".de", "bü cher.example", "*.*.bücher.example"):
+        with pytest.raises(ValueError):
+            c.parse_domain(bad)
+
+
 def test_uwsgi_keys_accepted_or_refused_by_name_on_both_sides(tmp_path: Path):
     text = ("[uwsgi]\nplugins = psgi\nmaster = true\nvacuum = true\ndie-on-term\n"
             "thunder-lock = true\nhttp-socket = /tmp/x.sock\ndomain = a.localhost\n")

@@ -17,6 +17,7 @@ use ForkServer::Vassal::Identity ();
 use ForkServer::Process::Dumpable ();
 use ForkServer::Log ();
 use ForkServer::Process::Session ();
+use ForkServer::Process::Environment ();
 
 =head1 NAME
 
@@ -111,9 +112,7 @@ sub configure {
     # before the app loads (psgi), as Plack servers do; an env key still wins
     $ENV{PLACK_ENV} = $self->{config}->plack_env;
     $self->apply_env;
-    if (defined(my $dir = $self->{config}->get('chdir'))) {
-        chdir $dir or die "chdir '$dir': $!\n";
-    }
+    ForkServer::Process::Environment::apply_chdir($self->{config});
     return;
 }
 
@@ -201,14 +200,10 @@ sub access_log {
     });
 }
 
-# Directly into %ENV: Perl's %ENV is what the app reads (uWSGI sets the C
-# environment after Perl has copied it, so its env never reaches %ENV).
+# Directly into %ENV: Perl's %ENV is what the app reads.
 sub apply_env {
     my ($self) = @_;
-    for my $pair ($self->{config}->list('env')) {
-        my ($key, $value) = split /=/, $pair, 2;
-        $ENV{$key} = $value;
-    }
+    ForkServer::Process::Environment::apply_env($self->{config});
     return;
 }
 

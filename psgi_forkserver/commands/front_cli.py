@@ -167,7 +167,7 @@ def static_routes(vassals_dir: Path, run_dir: Path):
             continue
         if selector.is_base(cfg):
             continue
-        domains = sorted({d.lower() for d in cfg.get_all("domain")})
+        domains = sorted(set(cfg.domains()))
         taken = [d for d in domains if d in claimed]
         if taken:
             errors.append(f"{name}: domain {taken[0]} is already served by vassal {claimed[taken[0]]}")

@@ -15,7 +15,7 @@ from .options import (CHECKERS, OptionSpec, declared_options, emperor_keys, judg
                       options_file, parse_address, parse_bool, parse_domain, parse_owner,
                       refused_options, unknown_option)
 from .templates import TemplateFailure, render_template, template_context
-from .vassalfile import BaseSelector, VassalConfig, load
+from .vassalfile import BaseSelector, VassalConfig, load, routed_name
 
 __all__ = [
     "MAX_FILE", "SUFFIX", "TEMPLATE_SUFFIX", "TRANSIENT_ERRNOS", "ReadStatuses", "Unreadable",
@@ -25,5 +25,5 @@ __all__ = [
     "parse_ini_lines", "CHECKERS", "OptionSpec", "declared_options", "emperor_keys",
     "judge_options", "options_file", "parse_address", "parse_bool", "parse_domain",
     "parse_owner", "refused_options", "unknown_option", "TemplateFailure",
-    "render_template", "template_context", "BaseSelector", "VassalConfig", "load",
+    "render_template", "template_context", "BaseSelector", "VassalConfig", "load", "routed_name",
 ]

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import idna
+
 from .ini import SECTION, ConfigError
 
 
@@ -144,8 +146,18 @@ _DOMAIN = re.compile(r"(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0
 
 
 def parse_domain(value: str) -> str:
-    """`app.example.com` or `*.example.com`, lower-cased; ValueError otherwise."""
+    """`app.example.com` or `*.example.com`, lower-cased; ValueError otherwise.
+
+    An internationalized name (`bücher.example`) is given its ASCII form
+    (`xn--bcher-kva.example`): that is the Host browsers and curl send, and
+    what nginx's server names compare (UTS #46 mapping, as browsers do)."""
     d = value.lower()
+    if not d.isascii():
+        wildcard = "*." if d.startswith("*.") else ""
+        try:
+            d = wildcard + idna.encode(d[len(wildcard):], uts46=True).decode("ascii")
+        except idna.IDNAError as e:
+            raise ValueError(f"not a valid internationalized name: {e}") from None
     if not _DOMAIN.fullmatch(d) or len(d) > 253:
         raise ValueError("expected a host name (app.example.com) or a wildcard (*.example.com)")
     return d

@@ -15,7 +15,7 @@ from .discovery import (TRANSIENT_ERRNOS, candidates, fingerprint, is_template,
 from .ini import ConfigError, parse_ini_lines
 from .magic import as_ini
 from .magic import expand as expand_magic
-from .options import declared_options, judge_options
+from .options import declared_options, judge_options, parse_domain
 from .templates import TemplateFailure, render_template
 
 
@@ -59,6 +59,10 @@ class VassalConfig:
 
     def get_all(self, key: str) -> list[str]:
         return [v for k, v in self.options if k == key]
+
+    def domains(self) -> list[str]:
+        """The `domain` names as the front door routes them (`routed_name`)."""
+        return [routed_name(d) for d in self.get_all("domain")]
 
     @property
     def solo(self) -> bool:
@@ -186,3 +190,12 @@ class BaseSelector:
         if self.names:
             return cfg.name in self.names
         return bool(cfg.fork_server)
+
+
+def routed_name(domain: str) -> str:
+    """A `domain` value as the front door routes it: lower-cased, an
+    internationalized name in its ASCII form (`parse_domain`)."""
+    try:
+        return parse_domain(domain)
+    except ValueError:  # a file nobody judged (another vassal program)
+        return domain.lower()

@@ -38,7 +38,7 @@ class DomainClaims:
         """`cfg`, or a config error naming the vassal that already serves one
         of its `domain` names (exact names: a wildcard and a name under it
         may live side by side, the exact one wins)."""
-        mine = {d.lower() for d in cfg.get_all("domain")}
+        mine = set(cfg.domains())
         if not mine:
             self.refused.pop(name, None)
             return cfg
@@ -46,11 +46,11 @@ class DomainClaims:
             oc = self.vassals[other].config
             if other == name or oc is None or oc.error:
                 continue
-            both = mine & {d.lower() for d in oc.get_all("domain")}
+            both = mine & set(oc.domains())
             if both:
                 d = min(both)
                 line = next((n for n, k, val in cfgmod.parse_ini_lines(cfg.text)[0]
-                             if k == "domain" and val.lower() == d), 0)
+                             if k == "domain" and cfgmod.routed_name(val) == d), 0)
                 where = f"{cfg.path.name} (rendered)" if cfg.rendered else cfg.path.name
                 self.refused[name] = other
                 return dataclasses.replace(
@@ -130,7 +130,7 @@ class Routes:
         cfg = v.config if v.config is not None and not v.config.error else v.running
         if cfg is None:
             return None
-        domains = tuple(sorted({d.lower() for d in cfg.get_all("domain")}))
+        domains = tuple(sorted(set(cfg.domains())))
         if not domains:
             return None
         lst = self.listeners.by_name.get(v.name)

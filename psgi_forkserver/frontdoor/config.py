@@ -42,7 +42,7 @@ UWSGI_PARAMS = (
     # HTTP_* params replace the client's header of that name
     ("HTTP_HOST", "$psgi_fs_host"), ("HTTP_X_REAL_IP", "$remote_addr"),
     ("HTTP_X_FORWARDED_FOR", "$proxy_add_x_forwarded_for"),
-    ("HTTP_X_FORWARDED_PROTO", "$scheme"), ("HTTP_X_FORWARDED_HOST", "$host"),
+    ("HTTP_X_FORWARDED_PROTO", "$scheme"), ("HTTP_X_FORWARDED_HOST", "$psgi_fs_host"),
 )
 
 
@@ -137,11 +137,11 @@ def render_routing(routes: Iterable[Route], keepalive: int = DEFAULT_KEEPALIVE) 
 
 
 #: `$psgi_fs_host`, the Host the vassal sees: the name nginx routed by
-#: (`$host`: the request line's host if it has one, else the Host header),
-#: with the Host header's port when the header names that same host
+#: (`$host`: the request line's host, else the Host header), or the Host
+#: header as written (port, trailing dot) when it names that same host
 HOST_MAP = [
     'map "$host $http_host" $psgi_fs_host {',
-    '    "~*^(\\S+) \\1(:[0-9]+)?$" $http_host;',
+    '    "~*^(\\S+) \\1\\.?(:[0-9]+)?$" $http_host;',
     "    default $host;",
     "}",
 ]
@@ -180,7 +180,8 @@ def _proxy_lines(keepalive: int) -> list[str]:
         "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
         "proxy_set_header X-Real-IP $remote_addr;",
         "proxy_set_header X-Forwarded-Proto $scheme;",
-        "proxy_set_header X-Forwarded-Host $host;",
+        # as Host, port included: ReverseProxy builds the app's base from it
+        "proxy_set_header X-Forwarded-Host $psgi_fs_host;",
         "proxy_redirect off;",
         f"proxy_connect_timeout {CONNECT_TIMEOUT}s;",
         "proxy_read_timeout 3600s;",
@@ -386,7 +387,12 @@ def render_nginx_conf(routes: Iterable[Route], listen: str, run_dir: Path,
              *("        " + x for x in _proxy_lines(0)),
              "        error_page 502 504 = @psgi_fs_nohost;",
              "    }",
+             # a linked vassal that did not answer: as its own server block
              "    location @psgi_fs_nohost {",
+             f'        if (-f "{ng / HOSTS}/$host.known") {{',
+             "            add_header Retry-After 1 always;",
+             '            return 503 "psgi-forkserver: $host does not answer, retry in 1 s\\n";',
+             "        }",
              '        return 404 "psgi-forkserver: no app is served as $host here\\n";',
              "    }", "}"]
     for r, ns in claimed:

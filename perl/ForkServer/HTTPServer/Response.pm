@@ -112,6 +112,7 @@ sub _respond {
         # The common case in one write(2).
         if ($send_body) {
             my $b = join '', @$body;
+            $b = $st->{dechunk}->feed($b) if $st->{dechunk};
             $st->{bytes} = length $b;
             $out .= $b;
         }
@@ -123,9 +124,11 @@ sub _respond {
         # A file handle or an object with getline() and close().
         my $bytes = 0;
         if ($send_body) {
+            my $dechunk = $st->{dechunk};
             Plack::Util::foreach($body, sub {
-                $bytes += length $_[0];
-                write_all($conn, $chunked ? sprintf('%x', length $_[0]) . CRLF . $_[0] . CRLF : $_[0]);
+                my $piece = $dechunk ? $dechunk->feed($_[0]) : $_[0];
+                $bytes += length $piece;
+                write_all($conn, $chunked ? sprintf('%x', length $piece) . CRLF . $piece . CRLF : $piece);
             });
             write_all($conn, "0" . CRLF . CRLF) if $chunked;
         } else {
@@ -151,7 +154,18 @@ sub _response_head {
         if ($k =~ /^(?:content-length|transfer-encoding|connection)$/i) {
             my $lk = lc $k;
             if ($lk eq 'content-length') { $cl = $v }
-            elsif ($lk eq 'transfer-encoding') { $te = $v }
+            elsif ($lk eq 'transfer-encoding') {
+                $te = $v;
+                # the app chunks its body itself: an HTTP/1.0 client must not
+                # get that encoding, nor nginx over uwsgi (it reads to the
+                # close, unframing nothing); the body goes unframed
+                if (($env->{SERVER_PROTOCOL} ne 'HTTP/1.1' || $st->{close_delimited})
+                    && $v =~ /\Achunked\z/i) {
+                    require ForkServer::HTTPServer::Dechunk;
+                    $st->{dechunk} = ForkServer::HTTPServer::Dechunk->new;
+                    next;
+                }
+            }
             else { $st->{keep} = 0 if $v =~ /\bclose\b/i; next }   # we own Connection
         }
         $out .= "$k: $v" . CRLF;

@@ -17,6 +17,9 @@ sub write {
     my ($self, $data) = @_;
     die "ForkServer: write() after close()\n" if $self->{closed};
     return unless $self->{send} && defined $data && length $data;
+    # the app's own chunk framing, for an HTTP/1.0 client (Dechunk)
+    $data = $self->{st}{dechunk}->feed($data) if $self->{st}{dechunk};
+    return unless length $data;
     $self->{st}{bytes} += length $data;
     local $ForkServer::HTTPServer::Wire::DEADLINE = $self->{st}{deadline} // 0;
     ForkServer::HTTPServer::Wire::write_all($self->{conn},

@@ -14,7 +14,8 @@ ForkServer::Vassal::App - load a PSGI file, with one-line errors
 
 =head1 DESCRIPTION
 
-L<Plack::Util/load_psgi>, plus clear messages for a missing file, a file
+L<Plack::Util/load_psgi> (with L<FindBin> found again for the file when a
+base loaded it for another), plus clear messages for a missing file, a file
 that dies while loading and a file that does not return an app. Deliberately
 loads nothing else: the base vassal calls it before any other module of
 ours, so the codebase it preloads comes first.
@@ -24,6 +25,14 @@ ours, so the codebase it preloads comes first.
 sub load {
     my ($file) = @_;
     die "app file '$file' not found\n" unless -f $file;
+    # FindBin finds $0's directory once, when it is first loaded: in a
+    # vassal forked from a base that loaded it for another app, a
+    # `use lib "$FindBin::Bin/../lib"` (dancer2 gen's bin/app.psgi) would
+    # name that app's lib/. Found again for this file, as plackup would.
+    if (defined &FindBin::again) {
+        local $0 = $file;
+        FindBin::again();
+    }
     my $app = eval { Plack::Util::load_psgi($file) };
     if (!$app) {
         (my $err = $@ || 'the file returned nothing') =~ s/\s+\z//;

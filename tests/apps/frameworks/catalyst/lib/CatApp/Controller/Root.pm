@@ -48,6 +48,15 @@ sub redirect :Local :Args(0) {
     $c->res->redirect($c->uri_for('/json'));
 }
 
+# where the app was loaded from and what it found while loading
+sub where :Local :Args(0) {
+    my ($self, $c) = @_;
+    require Cwd;
+    $c->res->content_type('text/plain');
+    $c->res->body(join '', map { "$_->[0]=$_->[1]\n" } [cwd => Cwd::getcwd()],
+        [state => $ENV{FRAMEWORKS_STATE} // '-'], [lib => $INC{'CatApp.pm'}]);
+}
+
 sub die :Local :Args(0) {
     die "the route died\n";
 }

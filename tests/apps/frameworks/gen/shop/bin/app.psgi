@@ -1,0 +1,10 @@
+#!/usr/bin/env perl
+# bin/app.psgi as `dancer2 gen -a Shop` writes it: lib/ found with FindBin.
+use strict;
+use warnings;
+use FindBin;
+use lib "$FindBin::Bin/../lib";
+
+use Shop;
+
+Shop->to_app;
