@@ -16,6 +16,8 @@ BEGIN {
 # First: its END block, the last to run, is how a forked process exits.
 use ForkServer::Process::Exit ();
 use ForkServer::Process::Startup ();
+# reads GLIBC_TUNABLES as malloc read it, before an app can change %ENV
+use ForkServer::Base::HugePages ();
 
 our $VERSION = '0.01';
 
