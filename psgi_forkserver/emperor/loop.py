@@ -124,9 +124,13 @@ class Emperor:
     def run(self) -> int:
         self._setup()
         try:
-            self.files.rescan(time.monotonic())
-            while not self._turn():
-                self._wait()
+            # the bases first, started by a turn of their own: a base loads
+            # its codebase (a second or more) while the other files are read
+            done = self.files.rescan(time.monotonic(), bases_only=True) and self._turn()
+            if not done:
+                self.files.rescan(time.monotonic())
+                while not self._turn():
+                    self._wait()
         finally:
             self._teardown()
             self.cockpit.close()
