@@ -36,14 +36,14 @@ transparent huge pages turned off: nothing is done, and the reason is
 returned.
 
 Copying a loaded heap into huge pages costs the base 0.03-0.3 s of CPU
-before it can serve (more on a busy machine, where the copy waits for
-the other core's LRU lists to drain). The Emperor therefore starts a base
+before it can serve, and more wall time on a busy machine. The Emperor
+therefore starts a base
 of ours with glibc's C<glibc.malloc.hugetlb=1> tunable: malloc marks every
 area it grows C<MADV_HUGEPAGE>, the codebase is faulted in 2 MB pages as it
 loads (some 1,500 faults instead of 31,000), and C<collapse> has next to
 nothing left to do. The tunable lives on in malloc's state after the fork,
 so a vassal's own allocations would be marked too and each heap growth
-would cost a vassal a 2 MB page of its own: L</settle> turns transparent
+would cost a vassal a 2 MB page of its own: C<settle> turns transparent
 huge pages off for the base's children before it serves.
 
 =cut
@@ -73,7 +73,7 @@ sub heap_huge_from_start { $HEAP_HUGE_FROM_START }
 
 =head2 settle() -> $how
 
-Once, after L</collapse> and before the first fork: the tunable taken out
+Once, after C<collapse> and before the first fork: the tunable taken out
 of C<%ENV> (what vassals run never sees it), and, if the heap was huge from
 the start, transparent huge pages turned off for this process and its
 children (C<PR_SET_THP_DISABLE>, kept across fork and exec): the huge
