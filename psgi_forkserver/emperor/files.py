@@ -213,7 +213,6 @@ class VassalFiles:
             when = now + SETTLE if ev.created_only else now
             self.due[ev.name] = min(self.due.get(ev.name, when), when)
 
-
     def check_dir(self, now: float) -> bool:
         """Is the vassals directory the one we watch? A new directory under
         its name (removed and re-created, `mv new dir`, a symlink flipped):
@@ -273,56 +272,27 @@ class VassalFiles:
         except OSError as e:
             self.log(f"inotify unavailable ({e}); rescanning every {self.opts.rescan_interval:g} s")
 
-    def rescan(self, now: float, bases_only: bool = False) -> bool:
-        """Read the directory's files (all of them, or those whose status
-        changed). `bases_only`: at start, only the files that may be bases
-        (`_may_be_base`), so that the Emperor starts a base before it reads
-        the rest: the base's codebase loads (a second or more) while the
-        other files are read. True if any such file was read; the full
-        rescan is still to do."""
+    def rescan(self, now: float, bases_only: bool = False) -> None:
         if not self.check_dir(now):
-            return False
+            return
         both: set[str] = set()
         try:
             found = cfgmod.discover_paths(self.dir, both)
         except OSError as e:  # EMFILE, ENOMEM, ...: keep what we know, try again
             self.log(f"cannot scan {self.dir}: {e.strerror or e}; retry in {RETRY_READ:g} s")
             self.next_rescan = now + RETRY_READ
-            return False
-        if bases_only:
-            bases = [name for name, path in sorted(found.items()) if self._may_be_base(name, path)]
-            for name in bases:
-                with self.boundary(name, now):
-                    self._load(name, Path(found[name]), now)
-            # the full rescan follows at once (Emperor.run), not at a turn
-            self.next_rescan = now + self.opts.rescan_interval
-            return bool(bases)
-        every = self.read_all
-        for name in sorted(set(found) | set(self.vassals)):  # refusals: the last by name
+            return
+        names = (set(found) | set(self.vassals) if not bases_only  # bases_only: Emperor.run
+                 else {n for n, p in found.items() if self.base_files.may_be_base(n, p)})
+        for name in sorted(names):  # refusals: the last by name
             path = found.get(name)
-            if not every and path is not None and name not in both and self.read_as.unchanged(name, path):
+            if not self.read_all and path is not None and name not in both and self.read_as.unchanged(name, path):
                 continue
             with self.boundary(name, now):
                 self._load(name, Path(path) if path is not None else None, now)
         self.read_all = False
         self.rescans += 1
         self.next_rescan = now + self.opts.rescan_interval
-        return True
-
-    def _may_be_base(self, name: str, path: str) -> bool:
-        """Whether a file may say base (BaseSelector), judged from its bytes
-        alone: a name given with --vassal-fork-base, or the bytes
-        `fork-server` / `fork_server` anywhere in it. A file that says base
-        some other way (through an include) is read with the others, as
-        every file was before; one that does not and is read early is
-        merely read early."""
-        if self.base_files.names:
-            return name in self.base_files.names
-        try:
-            data = cfgmod.read_vassal_file(Path(path)) or b""
-        except OSError:  # said when the file is read with the others
-            return False
-        return b"fork-server" in data or b"fork_server" in data
 
     def turn(self, now: float) -> None:
         """The directory's part of a turn: the full rescan when due, the
