@@ -57,10 +57,11 @@ use constant {
     HUGE_HEAP_TUNABLE  => 'glibc.malloc.hugetlb=1',
 };
 
-# what malloc read when perl started: ForkServer.pm loads this module before
-# any app can change %ENV (glibc cuts the variable's bytes in the process's
+# what malloc read when perl started: ForkServer.pm keeps it before any
+# app can change %ENV (glibc cuts the variable's bytes in the process's
 # original environment, /proc/self/environ, at each ':')
-my $HEAP_HUGE_FROM_START = grep { $_ eq HUGE_HEAP_TUNABLE } split /:/, $ENV{GLIBC_TUNABLES} // '';
+my $HEAP_HUGE_FROM_START = grep { $_ eq HUGE_HEAP_TUNABLE } split /:/,
+    ($ForkServer::GLIBC_TUNABLES_AT_START // $ENV{GLIBC_TUNABLES} // '');
 
 =head2 heap_huge_from_start() -> $bool
 
