@@ -37,11 +37,10 @@ returned.
 
 Copying a loaded heap into huge pages costs the base 0.03-0.3 s of CPU
 before it can serve, and more wall time on a busy machine. The Emperor
-therefore starts a base
-of ours with glibc's C<glibc.malloc.hugetlb=1> tunable: malloc marks every
-area it grows C<MADV_HUGEPAGE>, the codebase is faulted in 2 MB pages as it
-loads (some 1,500 faults instead of 31,000), and C<collapse> has next to
-nothing left to do. The tunable lives on in malloc's state after the fork,
+therefore starts a base of ours with glibc's C<glibc.malloc.hugetlb=1>
+tunable: malloc marks every area it grows C<MADV_HUGEPAGE>, the codebase
+is faulted in 2 MB pages as it loads (some 1,500 faults instead of
+31,000), and C<collapse> has next to nothing left to do. The tunable lives on in malloc's state after the fork,
 so a vassal's own allocations would be marked too and each heap growth
 would cost a vassal a 2 MB page of its own: C<settle> turns transparent
 huge pages off for the base's children before it serves.
