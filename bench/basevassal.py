@@ -11,10 +11,15 @@ from pathlib import Path
 
 import psutil
 
-from psgi_forkserver import adoption
+from psgi_forkserver import adoption, launch
 from psgi_forkserver.procfs import spare_of
 from benchlib import BenchError, Procs
 from settings import PROGRAM, say
+
+
+# malloc's heap in 2 MB pages from the start, as `emperor run` starts a base
+# (bench/compare.py --plain-heap turns it off for a side-by-side)
+HUGE_HEAP = True
 
 
 class Base:
@@ -25,6 +30,8 @@ class Base:
         self.pipe, theirs = socket.socketpair()
         env = {**os.environ, "UWSGI_EMPEROR_FD": str(theirs.fileno())}
         env.pop("UWSGI_EMPEROR_FD_CONFIG", None)
+        if HUGE_HEAP:  # as `emperor run` starts a base of ours (launch.with_huge_heap)
+            env = launch.huge_heap_env(env)
         t0 = time.perf_counter()
         self.proc = procs.spawn(
             ["perl", PROGRAM, "--early-psgi", app, "--fork-server", str(sock), *extra],

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import collections
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from benchlib import Procs, read_or_none as _read, rmtree, set_child_subreaper, tempdir, wait_all_200  # noqa: E402
+from benchlib import BenchError, Procs, read_or_none as _read, rmtree, set_child_subreaper, tempdir, wait_all_200  # noqa: E402
 from emperor_run import start_fleet, wait_fork_server  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -45,6 +47,15 @@ def proc(pid: int | None) -> tuple[str, float, float] | None:
         return None
     run, wait = sched.split()[:2]
     return stat[stat.rindex(")") + 2:].split()[0], int(run) / 1e9, int(wait) / 1e9
+
+
+def huge_mb(pid: int | None) -> float | None:
+    """The process's anonymous memory in 2 MB pages, MB."""
+    text = _read(f"/proc/{pid}/smaps_rollup") if pid else None
+    for line in (text or "").splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1]) / 1024
+    return None
 
 
 def machine() -> tuple[float, float]:
@@ -107,8 +118,20 @@ def main() -> int:
             listening = wait_fork_server(tmp / "base.sock", em, 60)
             sampler.listening = True
             t_base = time.perf_counter()
-            first = wait_all_200(vports, 120 + n // 10, em.t0, "/hello")
+            until = time.perf_counter() + 1
+            while sampler.base is None and time.perf_counter() < until:  # its next sample finds it
+                time.sleep(0.005)
+            huge = [huge_mb(sampler.base)]
+            try:
+                first = wait_all_200(vports, 120 + n // 10, em.t0, "/hello")
+            except BenchError:
+                # the Emperor's log says why (it goes with the run's directory)
+                kept = Path(tempfile.mkdtemp(prefix="burst-timeline-")) / "emperor.log"
+                shutil.copy(tmp / "emperor.log", kept)
+                print(f"the Emperor's log kept in {kept}", file=sys.stderr)
+                raise
             t_end = time.perf_counter()
+            huge.append(huge_mb(sampler.base))
         finally:
             sampler.stop.set()
             sampler.join()
@@ -148,6 +171,10 @@ def main() -> int:
     if len(burst) >= 2:
         print(f"the machine idle over the burst: "
               f"{100 * (burst[-1][1][0] - burst[0][1][0]) / (burst[-1][1][1] - burst[0][1][1]):.0f} %")
+    # each 2 MB page the base writes after a clone is split into 512 entries
+    # for good: every later clone copies them
+    print("the base's memory in 2 MB pages: " + " MB when it listened, ".join(
+        f"{h:.0f}" if h is not None else "?" for h in huge) + " MB after the burst")
     print("the Emperor's state, sampled every 10 ms over the run:",
           ", ".join(f"{k or '?'} {v}" for k, v in sampler.states.most_common(8)))
     print("the base's state, sampled every 10 ms from its listening on:",

@@ -16,6 +16,10 @@ BEGIN {
 # First: its END block, the last to run, is how a forked process exits.
 use ForkServer::Process::Exit ();
 use ForkServer::Process::Startup ();
+# GLIBC_TUNABLES as malloc read it, before an app can change %ENV
+# (ForkServer::Base::HugePages, loaded by a base only)
+our $GLIBC_TUNABLES_AT_START;
+BEGIN { $GLIBC_TUNABLES_AT_START = $ENV{GLIBC_TUNABLES} }
 
 our $VERSION = '0.01';
 

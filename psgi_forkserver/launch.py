@@ -30,6 +30,7 @@ import psutil
 
 from . import protocol
 from .config import SECTION, VassalConfig, emperor_keys
+from .config.options import parse_bool
 from .spawn import INHERIT, spawn
 
 #: keys of a vassal file that only the Emperor reads; the vassal never sees them
@@ -119,6 +120,36 @@ def make_pipes(config: bool) -> list[Pipe]:
             b.close()
         raise
     return pairs
+
+
+#: glibc's malloc asked to back its heap with 2 MB pages from the first
+#: byte (madvise(MADV_HUGEPAGE) on every area it grows): a base vassal's
+#: preloaded codebase is then faulted in huge pages as it loads, rather than
+#: in 4 KB pages that ForkServer::Base::HugePages copies into huge ones
+#: afterwards, before it can serve
+HUGE_HEAP_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def with_huge_heap(env: Mapping[str, str], config: VassalConfig) -> dict[str, str]:
+    """`env` for a base vassal of our program: the huge-page heap tunable
+    added, unless its file turns huge pages off (`fork-server-hugepages`).
+    The base takes it out of its environment once loaded, so its vassals
+    and what they run never see it (perl/ForkServer/Base/HugePages.pm)."""
+    try:
+        wanted = parse_bool(config.get("fork-server-hugepages", "true") or "true")
+    except ValueError:
+        wanted = False  # the base says what is wrong with it
+    return huge_heap_env(env) if wanted else dict(env)
+
+
+def huge_heap_env(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` with the huge-page heap tunable among its GLIBC_TUNABLES (a
+    hugetlb setting of the caller's own is kept)."""
+    env = dict(env)
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+    if not any(t.startswith("glibc.malloc.hugetlb=") for t in tunables):
+        env["GLIBC_TUNABLES"] = ":".join([*tunables, HUGE_HEAP_TUNABLE])
+    return env
 
 
 def spawn_vassal(argv: Sequence[str], env: Mapping[str, str], pipe_fd: int,

@@ -159,7 +159,9 @@ sub huge_pages {
     my ($self) = @_;
     return 'huge pages: off (fork-server-hugepages = false)' unless $self->{config}->get('fork-server-hugepages');
     my ($mb, $why) = ForkServer::Base::HugePages::collapse();
-    return $mb ? "huge pages: $mb MB" : "huge pages: none ($why)";
+    my $settled = ForkServer::Base::HugePages::settle();
+    $settled = $settled ? ", $settled" : '';
+    return $mb ? "huge pages: $mb MB$settled" : "huge pages: none ($why)$settled";
 }
 
 # Clone when we can (see DESCRIPTION); decided once, before serving.

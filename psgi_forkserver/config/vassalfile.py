@@ -191,6 +191,18 @@ class BaseSelector:
             return cfg.name in self.names
         return bool(cfg.fork_server)
 
+    def may_be_base(self, name: str, path: str) -> bool:
+        """Whether a file may say base, before it is read as a vassal file:
+        by its name, or the bytes `fork-server` (`fork_server`) anywhere in
+        it. One that says base through an include does not look so."""
+        if self.names:
+            return name in self.names
+        try:
+            data = read_vassal_file(Path(path)) or b""
+        except OSError:  # said when the file is read as a vassal file
+            return False
+        return b"fork-server" in data or b"fork_server" in data
+
 
 def routed_name(domain: str) -> str:
     """A `domain` value as the front door routes it: lower-cased, an

@@ -213,7 +213,6 @@ class VassalFiles:
             when = now + SETTLE if ev.created_only else now
             self.due[ev.name] = min(self.due.get(ev.name, when), when)
 
-
     def check_dir(self, now: float) -> bool:
         """Is the vassals directory the one we watch? A new directory under
         its name (removed and re-created, `mv new dir`, a symlink flipped):
@@ -273,7 +272,7 @@ class VassalFiles:
         except OSError as e:
             self.log(f"inotify unavailable ({e}); rescanning every {self.opts.rescan_interval:g} s")
 
-    def rescan(self, now: float) -> None:
+    def rescan(self, now: float, bases_only: bool = False) -> None:
         if not self.check_dir(now):
             return
         both: set[str] = set()
@@ -283,10 +282,11 @@ class VassalFiles:
             self.log(f"cannot scan {self.dir}: {e.strerror or e}; retry in {RETRY_READ:g} s")
             self.next_rescan = now + RETRY_READ
             return
-        every = self.read_all
-        for name in sorted(set(found) | set(self.vassals)):  # refusals: the last by name
+        names = (set(found) | set(self.vassals) if not bases_only  # bases_only: Emperor.run
+                 else {n for n, p in found.items() if self.base_files.may_be_base(n, p)})
+        for name in sorted(names):  # refusals: the last by name
             path = found.get(name)
-            if not every and path is not None and name not in both and self.read_as.unchanged(name, path):
+            if not self.read_all and path is not None and name not in both and self.read_as.unchanged(name, path):
                 continue
             with self.boundary(name, now):
                 self._load(name, Path(path) if path is not None else None, now)

@@ -126,17 +126,25 @@ class Emperor:
     def run(self) -> int:
         self._setup()
         try:
-            self.files.rescan(time.monotonic())
-            while not self._turn():
-                self._wait()
+            # the files that may say base (BaseSelector.may_be_base) first,
+            # and a turn that starts the base: it loads its codebase (a
+            # second or more) while the rescan reads the other files (those
+            # read already and unchanged are not read again)
+            self.files.rescan(time.monotonic(), bases_only=True)
+            if not self._turn(whole_fleet=False):
+                self.files.rescan(time.monotonic())
+                while not self._turn():
+                    self._wait()
         finally:
             self._teardown()
             self.cockpit.close()
         self.log("bye")
         return 0
 
-    def _turn(self) -> bool:
-        """Read facts, plan, act. True once a shutdown is complete."""
+    def _turn(self, whole_fleet: bool = True) -> bool:
+        """Read facts, plan, act. True once a shutdown is complete.
+        `whole_fleet` false: the files read so far are not the fleet yet
+        (the bases' turn at start), so nothing is told about it."""
         now = time.monotonic()
         self._handle_signals(now)
         self.handled += self.outcomes.reap(now)
@@ -152,7 +160,8 @@ class Emperor:
                            self.shutdown.asked)
         # routing changed? (applied batched): the routes of the vassals stepped
         self.routes.turn(now, self.shutdown.asked, [s.vassal.name for s in turn.steps], facts.events)
-        self.cockpit.observe(now)
+        if whole_fleet:  # READY=1 waits for the vassals present at start
+            self.cockpit.observe(now)
         if turn.done and facts.give_up and not (facts.no_children and not self.vassals):
             self.log("giving up waiting for children")
         return turn.done
