@@ -69,7 +69,13 @@ subtest 'chdir and procname' => sub {
 subtest 'plain vassal started as root drops to uid/gid after binding' => sub {
     plan skip_all => 'needs root' unless $> == 0;
     my $port = empty_port();    # a port only root could not bind is not needed: binding comes first
-    my $v = spawn_vassal(argv => ['--name', 'dropped', '--http-socket', "127.0.0.1:$port", '--psgi', $hello,
+    # the app loads after the drop: a copy uid 65534 can read, wherever the checkout is
+    my $app = "$dir/hello-for-nobody.psgi";
+    open my $out, '>', $app or die "$app: $!";
+    print $out slurp($hello);
+    close $out or die;
+    chmod 0644, $app;
+    my $v = spawn_vassal(argv => ['--name', 'dropped', '--http-socket', "127.0.0.1:$port", '--psgi', $app,
         '--uid', 65534, '--gid', 65534, '--disable-logging'], stderr => "$dir/dropped.log");
     is read_bytes($v->{pipe}, 3, 20), "\x01\x05\x11", 'bytes 1, 5, 17' or diag slurp("$dir/dropped.log");
     my ($worker) = (http_get($port, 10) // '') =~ /pid=(\d+)/;
