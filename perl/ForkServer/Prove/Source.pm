@@ -296,13 +296,21 @@ sub _preload_reason {
         return ($CFG{memory} ? "last run" : "--state") . ": $why"
             if $why && (!$bare || $why =~ /from a bare base/);
     }
-    my $changes = ForkServer::Prove::ColdRules::changes_before_preloaded_use(
-        $text, $base_inc, $TOP_LEVEL_READ{ $bare ? 'bare' : 'base' });
+    $text = ForkServer::Prove::ColdRules::with_done_files($text);
+    my $changes = ForkServer::Prove::ColdRules::changes_before_preloaded_use($text, $base_inc,
+        $TOP_LEVEL_READ{ $bare ? 'bare' : 'base' }, [ForkServer::Prove::ColdRules::helper_dirs($file, $text)]);
     return "it sets $changes before using a preloaded module" if $changes;
     # `ok !$INC{'Moo/Role.pm'}`: whether a module is loaded yet; in a
     # fork of the base it always is (it would fail forked, then run cold)
     while ($text =~ /\$INC\s*\{\s*(['"])([\w\/]+\.pm)\1\s*\}/g) {
         return "it looks at \$INC{'$2'} (preloaded)" if $base_inc->{$2};
+    }
+    # what a `use` adds to %INC (Module-Runtime's t/dependency.t): in a fork,
+    # nothing, for a module the base loaded
+    (my $code = $text) =~ s/^\s*#.*$//mg;
+    for my $module ($code =~ /(?<![\$\@\w])%INC\b(?!\s*\{)/ ? $code =~ /^\s*use\s+([A-Z][\w:]*)/mg : ()) {
+        (my $inc = "$module.pm") =~ s{::}{/}g;
+        return "it looks at %INC, with $module preloaded" if $base_inc->{$inc};
     }
     # `exists ${Test::Builder::}{new}`, `%Foo::`: the same question asked of
     # a package's symbol table
