@@ -113,6 +113,33 @@ sub compile_time_code {
     return $src;
 }
 
+=head2 acts_on_every_test
+
+  my $why = acts_on_every_test($module, @dirs);    # or undef
+
+Whether a module, found in C<@dirs>, acts on the whole process as it loads
+(a C<$SIG{__WARN__}> or C<$SIG{__DIE__}> handler installed outside its subs,
+as Test::Warnings and Test::NoWarnings do, with an C<END> block that adds a
+test): a base that preloaded it would give every forked test the C<END>
+block, also the files that do not use it, and its handler to none (a fork's
+%SIG is perl's). The automatic preload leaves such a module out.
+
+=cut
+
+sub acts_on_every_test {
+    my ($module, @dirs) = @_;
+    (my $inc = "$module.pm") =~ s{::}{/}g;
+    for my $dir (grep { defined && !ref } @dirs) {
+        open my $fh, '<', "$dir/$inc" or next;
+        local $/;
+        my $src = <$fh> // '';
+        return undef if index($src, '__WARN__') < 0 && index($src, '__DIE__') < 0;
+        return compile_time_code($src) =~ /(?<!local )\$SIG\s*\{\s*['"]?(__(?:WARN|DIE)__)['"]?\s*\}\s*=(?!=)/
+            ? "it installs \$SIG{$1} as it loads" : undef;
+    }
+    return undef;
+}
+
 =head2 helper_dirs
 
 Where the file's helper modules are looked for: its C<use lib 'DIR'>

@@ -94,6 +94,8 @@ sub setup {
     my @auto = !$args{auto} ? ()
         : $args{state} ? auto_preloads_from_state($args{state}, @{ $args{tests} })
         : auto_preloads(@{ $args{tests} });
+    @auto = grep { my $why = ForkServer::Prove::ColdRules::acts_on_every_test($_, @{ $args{libs} }, @INC);
+                   $class->note("not preloading $_: $why") if $why && !$args{quiet}; !$why } @auto;
     push @items, map {"optional=$_"} @auto;
     # Nothing preloaded: the inherited heap is small, and perl's own global
     # destruction at exit is then cheaper than freeing what the test loaded
