@@ -71,8 +71,8 @@ def changes_before_preloaded_use(text: str, preloaded: set[str] | None, file: st
     that module was compiled before the change."""
     text = re.split(r"^__(?:END|DATA)__\b", text, maxsplit=1, flags=re.M)[0]
     last = -1
-    for m in re.finditer(USE_LINE, text):
-        key = m.group(1).replace("::", "/") + ".pm"
+    for m in re.finditer(USE_LINE + r"""|\buse_ok\s*\(?\s*['"]([A-Z][\w:]*)""", text):
+        key = (m.group(1) or m.group(2)).replace("::", "/") + ".pm"
         if preloaded is None or key in preloaded:
             last = m.start()
     if last < 0:

@@ -37,9 +37,10 @@ sub changes_before_preloaded_use {
     my ($text, $base_inc, $cache, $dirs) = @_;
     my $last_use = -1;
     my @helpers;    # [position, %INC key] of modules the base has not loaded
-    while ($text =~ /^\s*use\s+([A-Z][\w:]*)/mg) {
+    # (`BEGIN { use_ok('JSON') }` loads it at compile time as `use` does)
+    while ($text =~ /^\s*use\s+([A-Z][\w:]*)|\buse_ok\s*\(?\s*['"]([A-Z][\w:]*)/mg) {
         my $at = $-[0];
-        (my $inc = "$1.pm") =~ s{::}{/}g;
+        (my $inc = "$+.pm") =~ s{::}{/}g;
         if   ($base_inc->{$inc}) { $last_use = $at }
         else                     { push @helpers, [$at, $inc] }
     }
