@@ -6,7 +6,7 @@ Each suite is a Debian source package unpacked into DIR (default
 /work/suites; `--fetch` downloads and unpacks them there with `apt-get
 source`, which needs deb-src lines; where Debian's pool no longer
 has the source of the installed version (Dancer2, Catalyst-Runtime,
-DBIx-Class; Test-Simple, whose version is the one in Debian 12's perl), its
+DBIx-Class, Capture-Tiny; Test-Simple, whose version is the one in Debian 12's perl), its
 upstream tag of that version is cloned).
 For every suite, in its directory, one run each of the following (with
 `-b -r t` instead of `-l -r t` for the XS ones, Moose, DateTime,
@@ -83,6 +83,7 @@ SUITES = {
     "YAML-Tiny": "libyaml-tiny-perl",
     "Test-Exception": "libtest-exception-perl",
     "Sub-Exporter": "libsub-exporter-perl",
+    "Capture-Tiny": "libcapture-tiny-perl",  # forks and tees: minutes under prove
 }
 
 # prove's arguments after -j N, as each distribution's README / CI runs
@@ -210,7 +211,9 @@ def suite_dir(base: Path, package: str) -> Path | None:
 UPSTREAM = {"libdancer2-perl": "https://github.com/PerlDancer/Dancer2",
             "libcatalyst-perl": "https://github.com/perl-catalyst/catalyst-runtime",
             "libdbix-class-perl": "https://github.com/Perl5/DBIx-Class",
-            "libtest-simple-perl": "https://github.com/Test-More/test-more"}
+            "libtest-simple-perl": "https://github.com/Test-More/test-more",
+            "libcapture-tiny-perl": "https://github.com/dagolden/Capture-Tiny"}
+UPSTREAM_TAG = {"libcapture-tiny-perl": "release-{version}"}  # else v{version}
 # Not installed as a package of its own: the version Debian 12's perl carries
 # (Test::More 1.302190, in perl-modules-5.36)
 CORE_VERSION = {"libtest-simple-perl": "1.302190"}
@@ -230,7 +233,8 @@ def fetch(base: Path, packages: list[str]) -> None:
             subprocess.run(["apt-get", "source", "-qq", pkg], cwd=base, check=False)
         version = installed_upstream_version(pkg) or CORE_VERSION.get(pkg)
         if suite_dir(base, pkg) is None and pkg in UPSTREAM and version:
-            subprocess.run(["git", "clone", "-q", "--depth", "1", "--branch", f"v{version}", UPSTREAM[pkg],
+            tag = UPSTREAM_TAG.get(pkg, "v{version}").format(version=version)
+            subprocess.run(["git", "clone", "-q", "--depth", "1", "--branch", tag, UPSTREAM[pkg],
                             str(base / f"{pkg}-{version}")], check=False)
 
 
