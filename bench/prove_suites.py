@@ -6,10 +6,11 @@ Each suite is a Debian source package unpacked into DIR (default
 /work/suites; `--fetch` downloads and unpacks them there with `apt-get
 source`, which needs deb-src lines; where Debian's pool no longer
 has the source of the installed version (Dancer2, Catalyst-Runtime,
-DBIx-Class), its upstream tag of that version is cloned).
+DBIx-Class, Capture-Tiny; Test-Simple, whose version is the one in Debian 12's perl), its
+upstream tag of that version is cloned).
 For every suite, in its directory, one run each of the following (with
 `-b -r t` instead of `-l -r t` for the XS ones, Moose, DateTime,
-Template-Toolkit and HTML-Parser, built first in a copy under
+Template-Toolkit, HTML-Parser and Cpanel-JSON-XS, built first in a copy under
 $TMPDIR/prove-suites-build; `yath test -b` for them):
 
     prove -j2 -l -r t
@@ -68,12 +69,28 @@ SUITES = {
     "DateTime": "libdatetime-perl",
     "Test-Deep": "libtest-deep-perl",
     "HTML-Parser": "libhtml-parser-perl",
+    "Test-Simple": "libtest-simple-perl",  # Test::More's and Test2's own suite
+    "Test-Warnings": "libtest-warnings-perl",
+    "Sub-Quote": "libsub-quote-perl",
+    "File-Slurp": "libfile-slurp-perl",
+    "JSON": "libjson-perl",
+    "Module-Runtime": "libmodule-runtime-perl",
+    "Class-Method-Modifiers": "libclass-method-modifiers-perl",
+    "namespace-clean": "libnamespace-clean-perl",
+    "libwww-perl": "libwww-perl",
+    "AnyEvent": "libanyevent-perl",
+    "Cpanel-JSON-XS": "libcpanel-json-xs-perl",
+    "YAML-Tiny": "libyaml-tiny-perl",
+    "Test-Exception": "libtest-exception-perl",
+    "Sub-Exporter": "libsub-exporter-perl",
+    "Capture-Tiny": "libcapture-tiny-perl",  # forks and tees: minutes under prove
 }
 
 # prove's arguments after -j N, as each distribution's README / CI runs
 # its tests: `-l -r t`, or `-b -r t` for an XS one.
 PROVE_ARGS = {"Moose": ["-b", "-r", "t"], "Template-Toolkit": ["-b", "-r", "t"],
-              "DateTime": ["-b", "-r", "t"], "HTML-Parser": ["-b", "-r", "t"]}
+              "DateTime": ["-b", "-r", "t"], "HTML-Parser": ["-b", "-r", "t"],
+              "Cpanel-JSON-XS": ["-b", "-r", "t"]}
 DEFAULT_ARGS = ["-l", "-r", "t"]
 # Built first (`perl Makefile.PL ARGS && make`) in a copy of their
 # directory under BUILD_DIR (the unpacked suites stay as unpacked): the XS
@@ -82,7 +99,7 @@ DEFAULT_ARGS = ["-l", "-r", "t"]
 # libmodule-install-perl; the author mode it then turns on, inc/.author,
 # is removed, as a CPAN tarball has none).
 BUILD = {"Moose": [], "Template-Toolkit": ["TT_ACCEPT=y", "TT_QUIET=y"], "DateTime": [], "HTML-Parser": [],
-         "DBIx-Class": ["--skip_author_deps"]}
+         "DBIx-Class": ["--skip_author_deps"], "Cpanel-JSON-XS": []}
 BUILD_DIR = Path(tempfile.gettempdir()) / "prove-suites-build"
 
 FILE_LINE = re.compile(r"^(t/\S+\.t) \.+ ?(.*)$")
@@ -193,7 +210,13 @@ def suite_dir(base: Path, package: str) -> Path | None:
 # installs (a 404), the upstream repository's tag of that version is the same t/.
 UPSTREAM = {"libdancer2-perl": "https://github.com/PerlDancer/Dancer2",
             "libcatalyst-perl": "https://github.com/perl-catalyst/catalyst-runtime",
-            "libdbix-class-perl": "https://github.com/Perl5/DBIx-Class"}
+            "libdbix-class-perl": "https://github.com/Perl5/DBIx-Class",
+            "libtest-simple-perl": "https://github.com/Test-More/test-more",
+            "libcapture-tiny-perl": "https://github.com/dagolden/Capture-Tiny"}
+UPSTREAM_TAG = {"libcapture-tiny-perl": "release-{version}"}  # else v{version}
+# Not installed as a package of its own: the version Debian 12's perl carries
+# (Test::More 1.302190, in perl-modules-5.36)
+CORE_VERSION = {"libtest-simple-perl": "1.302190"}
 
 
 def installed_upstream_version(package: str) -> str | None:
@@ -208,9 +231,10 @@ def fetch(base: Path, packages: list[str]) -> None:
     for pkg in packages:
         if suite_dir(base, pkg) is None:
             subprocess.run(["apt-get", "source", "-qq", pkg], cwd=base, check=False)
-        version = installed_upstream_version(pkg)
+        version = installed_upstream_version(pkg) or CORE_VERSION.get(pkg)
         if suite_dir(base, pkg) is None and pkg in UPSTREAM and version:
-            subprocess.run(["git", "clone", "-q", "--depth", "1", "--branch", f"v{version}", UPSTREAM[pkg],
+            tag = UPSTREAM_TAG.get(pkg, "v{version}").format(version=version)
+            subprocess.run(["git", "clone", "-q", "--depth", "1", "--branch", tag, UPSTREAM[pkg],
                             str(base / f"{pkg}-{version}")], check=False)
 
 

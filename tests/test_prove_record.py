@@ -220,3 +220,37 @@ def test_a_module_that_breaks_few_of_its_files_stays_preloaded(tmp_path: Path) -
     assert ("t/a.t runs forked from a bare base (none of the suite's modules loaded): last run: "
             "it failed or skipped forked and passed cold (Proj, Proj::Deep preloaded)") in third.stderr, third.stderr
     assert "failed or skipped forked" not in third.stderr.replace("last run: it failed or skipped forked", "")
+
+
+def test_a_module_that_acts_on_every_test_as_it_loads_is_not_preloaded(tmp_path: Path) -> None:
+    """A module that installs a $SIG{__WARN__} handler as it loads, and has
+    an END block that adds a test (as Test::Warnings does): a base that
+    loaded it would give every forked test its END block, also the files
+    that do not use it, and its handler to none. The automatic preload
+    leaves it out, from the `use` lines and from what the last run loaded,
+    and says why; the files are forked with prove's verdicts."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "t").mkdir()
+    (tmp_path / "lib" / "WarnCount.pm").write_text(
+        "package WarnCount;\nuse strict;\nuse warnings;\nuse Test::More ();\n"
+        "my $seen = 0;\n$SIG{__WARN__} = sub { $seen++ };\n"
+        "END { Test::More::is($seen, 1, 'one warning, counted') }\n1;\n")
+    (tmp_path / "t" / "a_counts.t").write_text(
+        "use strict;\nuse warnings;\nuse WarnCount;\nuse Test::More tests => 2;\n"
+        "warn qq{a warning\\n};\nok 1, 'warned';\n")
+    (tmp_path / "t" / "b_plain.t").write_text(
+        "use strict;\nuse warnings;\nuse Test::More tests => 1;\nok 1, 'plain';\n")
+    want = verdicts(run_in(tmp_path, ["prove", "-l", "t"]).stdout)
+    assert want == {"t/a_counts.t": "ok", "t/b_plain.t": "ok"}
+    # --no-cold-retry: a file that fails forked must not be hidden by its cold rerun
+    cmd = [EMPEROR, "prove", "--no-cold-retry", "-l", "t"]
+    for run, source in ((1, "use"), (2, "loaded last time")):
+        ours = run_in(tmp_path, cmd)
+        assert verdicts(ours.stdout) == want, (run, ours.stdout + ours.stderr)
+        assert ours.returncode == 0
+        assert "emperor prove: not preloading WarnCount: it installs $SIG{__WARN__} as it loads\n" \
+            in ours.stderr, (run, ours.stderr)
+        line = [x for x in ours.stderr.splitlines() if "preloaded (" in x]
+        assert len(line) == 1 and f"(what most test files {source})" in line[0], (run, ours.stderr)
+        assert "Test::More" in line[0] and "WarnCount" not in line[0], line
+    assert "WarnCount" in record_of(tmp_path).read_text()  # learned, and still left out

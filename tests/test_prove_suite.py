@@ -19,7 +19,7 @@ from support.prove import PRELOADS, ROOT, SUITE, run, verdicts
 
 
 EXPECTED_FAILURES = {"die.t", "die_errno.t", "exit_3.t", "failing.t"}
-SUITE_FILES = 32
+SUITE_FILES = 38
 
 
 @pytest.mark.parametrize("jobs", ["1", "2"])
@@ -49,7 +49,15 @@ def test_suite_has_the_same_verdicts_as_prove(tmp_path: Path, jobs: str) -> None
     for name, why in (("env_before_use.t", "it sets $ENV{ENV_AT_LOAD_MODE}"),
                       ("core_global_before_use.t", "it sets CORE::GLOBAL"),
                       ("inc_not_loaded_yet.t", "it looks at $INC{'SuiteData.pm'}"),
-                      ("stash_not_loaded_yet.t", "it looks at the symbol table %SuiteData::")):
+                      ("stash_not_loaded_yet.t", "it looks at the symbol table %SuiteData::"),
+                      # read in a block of the module's top level, not in a sub
+                      ("env_in_block_before_use.t", "it sets $ENV{ENV_AT_LOAD_BLOCK}"),
+                      ("inc_set_before_use.t", "it sets %INC"),
+                      ("inc_as_a_whole.t", "it looks at %INC"),
+                      # what a helper module it uses does as it loads, and a file it runs by `do`
+                      ("core_global_in_helper.t", "it sets CORE::GLOBAL"),
+                      ("do_file_before_use.t", "it sets $ENV{ENV_AT_LOAD_MODE}"),
+                      ("env_before_use_ok.t", "it sets $ENV{ENV_AT_LOAD_MODE}")):
         assert f"{SUITE}/{name} runs forked from a bare base (none of the suite's modules loaded): {why}" \
             in ours.stderr, ours.stderr
     assert "env_not_read_at_load.t runs" not in ours.stderr, ours.stderr

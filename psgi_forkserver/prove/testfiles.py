@@ -23,7 +23,15 @@ USE_LINE = r"(?m)^\s*use\s+([A-Z][\w:]*)"
 # %ENV or CORE::GLOBAL changed (ForkServer::Prove::Source has the same rule)
 CHANGES = [("%ENV", r"\$ENV\s*\{[^}]*\}\s*(?:\|\||//|\.)?=(?!=)|%ENV\s*=(?!=)"
                     r"|local\s+\$ENV\s*\{|delete\s+\$ENV\s*\{"),
-           ("CORE::GLOBAL", r"CORE::GLOBAL::")]
+           ("CORE::GLOBAL", r"CORE::GLOBAL::"),
+           # a module pretended loaded or forgotten, an @INC hook
+           ("%INC", r"\$INC\s*\{[^}]*\}\s*(?:\|\||//)?=(?!=)|delete\s+\$INC\s*\{"
+                    r"|(?:unshift|push)\s*\(?\s*@INC\s*,\s*(?:sub\b|\\&|bless\b)")]
+# what a `use` adds to %INC (as Module-Runtime's t/dependency.t checks)
+INC_WHOLE = r"(?<![$@\w])%INC\b(?!\s*\{)"
+# another file the test runs (`do './t/quotify.t'`): judged with it
+DONE_FILE = r"""\b(?:do|require)\s*\(?\s*(['"])([^'"$@\s]+\.(?:t|pl|pm))\1"""
+USE_LIB = r"""(?m)^\s*use\s+lib\s+(['"])([^'"]+)\1"""
 
 
 class ProveOptions:
@@ -57,19 +65,29 @@ def find_tests(args: list[str], recurse: bool) -> list[str]:
     return found
 
 
-def changes_before_preloaded_use(text: str, preloaded: set[str] | None) -> str | None:
+def changes_before_preloaded_use(text: str, preloaded: set[str] | None, file: str = "") -> str | None:
     """What the file changes (%ENV, CORE::GLOBAL) before its last `use` of
     a module the base loaded (`preloaded`: %INC keys; None: any module):
     that module was compiled before the change."""
     text = re.split(r"^__(?:END|DATA)__\b", text, maxsplit=1, flags=re.M)[0]
     last = -1
-    for m in re.finditer(USE_LINE, text):
-        key = m.group(1).replace("::", "/") + ".pm"
+    for m in re.finditer(USE_LINE + r"""|\buse_ok\s*\(?\s*['"]([A-Z][\w:]*)""", text):
+        key = (m.group(1) or m.group(2)).replace("::", "/") + ".pm"
         if preloaded is None or key in preloaded:
             last = m.start()
     if last < 0:
         return None
     before = re.sub(r"^\s*#.*$", "", text[:last], flags=re.M)
+    # what a helper module of the suite's (under the file's `use lib`, t/lib) does
+    # as it loads, above the last preloaded `use` (File-Slurp's tests'
+    # FileSlurpTestOverride sets CORE::GLOBAL::)
+    dirs = [m.group(2) for m in re.finditer(USE_LIB, text)] + ["t/lib", str(Path(file).parent / "lib")]
+    for m in re.finditer(USE_LINE, text[:last]):
+        for d in dirs:
+            helper = Path(d) / (m.group(1).replace("::", "/") + ".pm")
+            if helper.is_file():
+                before += "\n" + re.sub(r"^\s*#.*$", "", helper.read_text(errors="replace"), flags=re.M)
+                break
     for what, pattern in CHANGES:
         if re.search(pattern, before):
             return what
@@ -83,6 +101,11 @@ def cold_reason(file: str, preloaded: set[str] | None = None) -> tuple[str | Non
             head = fh.read(65536).decode("utf-8", "replace")
     except OSError as e:
         return f"cannot read: {e.strerror}", []
+    for m in re.finditer(DONE_FILE, head):
+        try:
+            head += "\n" + Path(m.group(2)).read_text(errors="replace")
+        except OSError:
+            pass
     lines = head.splitlines()
     switches: list[str] = []
     if lines and lines[0].startswith("#!") and "perl" in lines[0]:
@@ -99,13 +122,19 @@ def cold_reason(file: str, preloaded: set[str] | None = None) -> tuple[str | Non
     others = [s for s in switches if s != "-w"]
     if others:
         return f"shebang switches {' '.join(others)}", switches
-    changed = changes_before_preloaded_use(head, preloaded)
+    changed = changes_before_preloaded_use(head, preloaded, file)
     if changed:
         return f"sets {changed} before using a preloaded module", switches
     # `ok !$INC{'Foo.pm'}`: whether a module is loaded yet; forked, it is
     for m in re.finditer(INC_LOOKUP, head):
         if preloaded is None or m.group(2) in preloaded:
             return f"looks at $INC{{'{m.group(2)}'}} (preloaded)", switches
+    code = re.sub(r"^\s*#.*$", "", head, flags=re.M)
+    if re.search(INC_WHOLE, code):
+        for m in re.finditer(USE_LINE, code):
+            key = m.group(1).replace("::", "/") + ".pm"
+            if preloaded is None or key in preloaded:
+                return f"looks at %INC, with {m.group(1)} preloaded", switches
     for m in re.finditer(STASH_LOOKUP, head):
         inc = m.group(1)[:-2].replace("::", "/") + ".pm"
         if m.group(1) != "main::" and (preloaded is None or inc in preloaded):

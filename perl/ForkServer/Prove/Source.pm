@@ -96,6 +96,8 @@ sub setup {
     my @auto = !$args{auto} ? ()
         : $args{state} ? auto_preloads_from_state($args{state}, @{ $args{tests} })
         : auto_preloads(@{ $args{tests} });
+    @auto = grep { my $why = ForkServer::Prove::ColdRules::acts_on_every_test($_, @{ $args{libs} }, @INC);
+                   $class->note("not preloading $_: $why") if $why && !$args{quiet}; !$why } @auto;
     push @items, map {"optional=$_"} @auto;
     # Nothing preloaded: the inherited heap is small, and perl's own global
     # destruction at exit is then cheaper than freeing what the test loaded
@@ -317,13 +319,21 @@ sub _preload_reason {
         return ($CFG{memory} ? "last run" : "--state") . ": it failed or skipped forked and passed cold ("
             . join(', ', map { ForkServer::Prove::Loads::module_of($_) } @still) . " preloaded)" if @still;
     }
-    my $changes = ForkServer::Prove::ColdRules::changes_before_preloaded_use(
-        $text, $base_inc, $TOP_LEVEL_READ{ $bare ? 'bare' : 'base' });
+    $text = ForkServer::Prove::ColdRules::with_done_files($text);
+    my $changes = ForkServer::Prove::ColdRules::changes_before_preloaded_use($text, $base_inc,
+        $TOP_LEVEL_READ{ $bare ? 'bare' : 'base' }, [ForkServer::Prove::ColdRules::helper_dirs($file, $text)]);
     return "it sets $changes before using a preloaded module" if $changes;
     # `ok !$INC{'Moo/Role.pm'}`: whether a module is loaded yet; in a
     # fork of the base it always is (it would fail forked, then run cold)
     while ($text =~ /\$INC\s*\{\s*(['"])([\w\/]+\.pm)\1\s*\}/g) {
         return "it looks at \$INC{'$2'} (preloaded)" if $base_inc->{$2};
+    }
+    # what a `use` adds to %INC (Module-Runtime's t/dependency.t): in a fork,
+    # nothing, for a module the base loaded
+    (my $code = $text) =~ s/^\s*#.*$//mg;
+    for my $module ($code =~ /(?<![\$\@\w])%INC\b(?!\s*\{)/ ? $code =~ /^\s*use\s+([A-Z][\w:]*)/mg : ()) {
+        (my $inc = "$module.pm") =~ s{::}{/}g;
+        return "it looks at %INC, with $module preloaded" if $base_inc->{$inc};
     }
     # `exists ${Test::Builder::}{new}`, `%Foo::`: the same question asked of
     # a package's symbol table
