@@ -166,4 +166,48 @@ sub module_of {
     return $module;
 }
 
+=head2 use_line_preloads
+
+  my @modules = use_line_preloads(@test_files);
+
+The modules (not pragmas) that at least a tenth of the files C<use>, read
+from their C<use> lines, in order of how many use them.
+
+=cut
+
+sub use_line_preloads {
+    my (@files) = @_;
+    my %count;
+    my $n = 0;
+    for my $file (grep {/\.t\z/} @files) {
+        my $text = program_text($file) // next;
+        $n++;
+        my %seen;
+        $seen{$1}++ while $text =~ /^\s*use\s+([A-Z][\w:]*)/mg;
+        $count{$_}++ for keys %seen;
+    }
+    return () unless $n;
+    my @common = grep { $count{$_} * 10 >= $n } keys %count;
+    return sort { $count{$b} <=> $count{$a} || $a cmp $b } @common;
+}
+
+# The modules a file's `use` lines name (not pragmas).
+sub use_lines {
+    my ($file) = @_;
+    my $text = program_text($file) // return;
+    my %seen;
+    $seen{$1}++ while $text =~ /^\s*use\s+([A-Z][\w:]*)/mg;
+    return keys %seen;
+}
+
+# The program part of a file (up to __END__/__DATA__), or undef.
+sub program_text {
+    my ($file) = @_;
+    open my $fh, '<', $file or return undef;
+    local $/;
+    my $text = <$fh> // '';
+    $text =~ s/^__(?:END|DATA)__\b.*//ms;
+    return $text;
+}
+
 1;

@@ -95,7 +95,7 @@ sub setup {
     }
     my @auto = !$args{auto} ? ()
         : $args{state} ? auto_preloads_from_state($args{state}, @{ $args{tests} })
-        : auto_preloads(@{ $args{tests} });
+        : ForkServer::Prove::Loads::use_line_preloads(@{ $args{tests} });
     @auto = grep { my $why = ForkServer::Prove::ColdRules::acts_on_every_test($_, @{ $args{libs} }, @INC);
                    $class->note("not preloading $_: $why") if $why && !$args{quiet}; !$why } @auto;
     push @items, map {"optional=$_"} @auto;
@@ -204,66 +204,25 @@ sub _record_base_modules {
     return;
 }
 
-=head2 auto_preloads
-
-  my @modules = auto_preloads(@test_files);
-
-The modules (not pragmas) that at least a tenth of the files C<use>, read
-from their C<use> lines, in order of how many use them.
-
-=cut
-
-sub auto_preloads {
-    my (@files) = @_;
-    my %count;
-    my $n = 0;
-    for my $file (grep {/\.t\z/} @files) {
-        my $text = _head($file) // next;
-        $n++;
-        my %seen;
-        $seen{$1}++ while $text =~ /^\s*use\s+([A-Z][\w:]*)/mg;
-        $count{$_}++ for keys %seen;
-    }
-    return () unless $n;
-    my @common = grep { $count{$_} * 10 >= $n } keys %count;
-    return sort { $count{$b} <=> $count{$a} || $a cmp $b } @common;
-}
-
 # With --state: what the files loaded in the last run (ForkServer::Prove::Loads).
 sub auto_preloads_from_state {
     my ($state, @files) = @_;
-    my ($learned, @modules) = ForkServer::Prove::Loads::preloads($state, \@files, \&_use_lines);
-    return auto_preloads(@files) unless $learned;
+    my ($learned, @modules) = ForkServer::Prove::Loads::preloads($state, \@files, \&ForkServer::Prove::Loads::use_lines);
+    return ForkServer::Prove::Loads::use_line_preloads(@files) unless $learned;
     $LEARNED = 1;
     return @modules;
-}
-
-# The modules a file's `use` lines name (not pragmas).
-sub _use_lines {
-    my ($file) = @_;
-    my $text = _head($file) // return;
-    my %seen;
-    $seen{$1}++ while $text =~ /^\s*use\s+([A-Z][\w:]*)/mg;
-    return keys %seen;
 }
 
 sub _remember_loads {
     my ($file, @loaded) = @_;
     my $state = $CFG{state} or return;
-    my @uses = map { (my $key = "$_.pm") =~ s{::}{/}g; $key } _use_lines($file);
+    my @uses = map { (my $key = "$_.pm") =~ s{::}{/}g; $key } ForkServer::Prove::Loads::use_lines($file);
     ForkServer::Prove::Loads::remember($state, $file, \%BASE_INC, \@uses, @loaded);
     return;
 }
 
 # The program part of a file (up to __END__/__DATA__), or undef.
-sub _head {
-    my ($file) = @_;
-    open my $fh, '<', $file or return undef;
-    local $/;
-    my $text = <$fh> // '';
-    $text =~ s/^__(?:END|DATA)__\b.*//ms;
-    return $text;
-}
+sub _head { return ForkServer::Prove::Loads::program_text(@_) }
 
 sub can_handle {
     my ($class, $source) = @_;
