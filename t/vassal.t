@@ -90,6 +90,21 @@ subtest 'plain vassal started as root drops to uid/gid after binding' => sub {
     ok wait_gone($v->{pid}, 15), 'stops on byte 2';
 };
 
+subtest 'a uid vassal whose app file its user cannot reach: one line that says so' => sub {
+    plan skip_all => 'needs root' unless $> == 0;
+    my $private = "$dir/root-only";
+    mkdir $private, 0700 or die "$private: $!";
+    my $app = "$private/app.psgi";
+    open my $out, '>', $app or die "$app: $!";
+    print $out slurp($hello);
+    close $out or die;
+    my $port = empty_port();
+    my $out_text = `$^X perl/ForkServer.pm --name hidden --http-socket 127.0.0.1:$port --psgi $app --uid 65534 --gid 65534 2>&1`;
+    is $? >> 8, 1, 'exit 1';
+    like $out_text, qr/\Apsgi-vassal hidden: error: app file '\Q$app\E' cannot be reached by uid 65534 \(Permission denied\)\n\z/,
+        'not "not found"';
+};
+
 subtest 'base: peer uid check, end of file, live socket kept' => sub {
     my $sock = "$dir/fs.sock";
     my $log  = "$dir/base.log";

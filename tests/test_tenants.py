@@ -23,7 +23,7 @@ import pytest
 from support import Emp, Emperors, free_port, wait_for
 from support.tenants import (
     NEEDS_TENANTS,
-    ARGS, TENANT, add, answers, ask, start_fleet, tenant_user, vassal_ini, wait_spares,
+    ARGS, TENANT, Tenant, add, answers, ask, start_fleet, tenant_user, vassal_ini, wait_spares,
 )
 
 pytestmark = NEEDS_TENANTS
@@ -67,10 +67,11 @@ def every_worker(port: int, path: str, workers: int = 2) -> list[dict]:
     return list(seen.values())
 
 
-def own_app(k: int | None) -> list[str]:
+def own_app(k: int | None, tenant: Tenant) -> list[str]:
     """A plain vassal (no base) loads the tenant app itself, as its user
-    (after the drop): without the root-only file the base preloads."""
-    return [f"psgi = {TENANT}", "env = TENANT_PRELOAD_FILE="] if k is None else []
+    (after the drop): its copy the user can read, without the root-only
+    file the base preloads."""
+    return [f"psgi = {tenant.app}", "env = TENANT_PRELOAD_FILE="] if k is None else []
 
 
 # -- privileges ---------------------------------------------------------------
@@ -81,7 +82,7 @@ def test_uid_alone_drops_gid_and_groups_too(fleet, k, tenant):
     supplementary groups (initgroups), never root's gid 0 nor the Emperor's
     adm; every uid and gid (real, effective, saved, file system)."""
     port = free_port()
-    extra = own_app(k)
+    extra = own_app(k, tenant)
     spares_before = spares(fleet) if k else set()
     pid = add(fleet, "low", vassal_ini(port, f"uid = {tenant.name}", *extra), port)
     if k:
@@ -99,7 +100,7 @@ def test_uid_alone_drops_gid_and_groups_too(fleet, k, tenant):
 
 def test_a_uid_without_passwd_entry_needs_gid(fleet, k, tenant):
     port = free_port()
-    extra = [f"psgi = {TENANT}"] if k is None else []
+    extra = [f"psgi = {tenant.app}"] if k is None else []
     (fleet.dir / "ghost.ini").write_text(vassal_ini(port, "uid = 4123456", *extra))
     wait_for(lambda: [ln for ln in fleet.lines("error: uid 4123456 has no passwd entry: give gid too") if "[ghost]" in ln], 30,
              "the refusal")
@@ -231,7 +232,7 @@ def test_a_tenant_symlink_in_its_access_log_path_reaches_no_root_file(fleet, k, 
         (logs / "access.log").symlink_to(victim)
         os.lchown(logs / "access.log", tenant.uid, tenant.gid)
         port = free_port()
-        extra = own_app(k)
+        extra = own_app(k, tenant)
         (fleet.dir / "logger.ini").write_text(
             vassal_ini(port, f"uid = {tenant.name}", *extra).replace("disable-logging = true\n", "")
             + f"access-log = {logs / 'access.log'}\n")
@@ -327,7 +328,7 @@ def test_a_user_in_roots_group_is_refused_without_an_explicit_gid(fleet, k, tena
                    check=True)
     try:
         port = free_port()
-        extra = [f"psgi = {TENANT}"] if k is None else []
+        extra = [f"psgi = {tenant.app}"] if k is None else []
         (fleet.dir / "rooty.ini").write_text(vassal_ini(port, f"uid = {name}", *extra))
         want = f"error: uid {pwd.getpwnam(name).pw_uid} ({name}) is a member of group 0 (root): give gid"
         wait_for(lambda: [ln for ln in fleet.lines(want) if "[rooty]" in ln], 30, "the refusal")

@@ -75,7 +75,7 @@ def fleet(xprocess, tenants, request) -> Iterator[tuple[Emp, Vassal, Vassal]]:
             os.chown(gate, t.uid, t.gid)
             port = free_port()
             # a plain vassal loads its app before it drops root: this one opens no root-only file then
-            extra = [f"psgi = {TENANT}", "env = TENANT_PRELOAD_FILE="] if k is None else []
+            extra = [f"psgi = {t.app}", "env = TENANT_PRELOAD_FILE="] if k is None else []
             add(e, name, vassal_ini(port, f"uid = {t.name}", *extra, processes=2), port)
             v = Vassal(name, port, t, gate)
             wait_for(lambda: len(v.workers(e)) == 2, 20, f"{name}'s two workers")
@@ -250,7 +250,7 @@ def test_an_app_that_made_itself_not_dumpable_stays_so(fleet, request):
     e, a, _ = fleet
     port, t = free_port(), a.tenant
     v = Vassal("private", port, t, a.gates)
-    add(e, "private", vassal_ini(port, f"uid = {t.name}", f"psgi = {TENANT}", "env = TENANT_PRELOAD_FILE=",
+    add(e, "private", vassal_ini(port, f"uid = {t.name}", f"psgi = {t.app}", "env = TENANT_PRELOAD_FILE=",
                                  "env = TENANT_NOT_DUMPABLE=1", processes=2), port)
     try:
         wait_for(lambda: len(v.workers(e)) == 2, 20, "private's two workers")
@@ -294,7 +294,7 @@ def test_a_plain_vassals_app_loads_as_its_user_and_holds_nothing_of_roots(fleet,
         env = {"file": [],  # the fleet's TENANT_PRELOAD_FILE: root-only
                "socket": ["env = TENANT_PRELOAD_FILE=", f"env = TENANT_PRELOAD_SOCKET={private / 'control.sock'}"],
                "pipe": ["env = TENANT_PRELOAD_FILE=", "env = TENANT_PRELOAD_PIPE=1"]}[what]
-        (e.dir / f"{name}.ini").write_text(vassal_ini(port, f"uid = {t.name}", f"psgi = {TENANT}", *env))
+        (e.dir / f"{name}.ini").write_text(vassal_ini(port, f"uid = {t.name}", f"psgi = {t.app}", *env))
         if what != "pipe":
             wait_for(lambda: [ln for ln in e.lines(f"cannot load app '{TENANT}'") if f"[{name}]" in ln
                               and "Permission denied" in ln], 30, "the refusal")

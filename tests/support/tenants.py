@@ -34,6 +34,7 @@ class Tenant:
     gid: int       # its primary group (made by useradd)
     extra: int     # a supplementary group it is a member of
     files: Path    # root's files, in a directory anyone may enter
+    app: Path      # the tenant app, where the tenant may read it (it loads after the drop)
 
     def path(self, which: str) -> str:
         return str(self.files / which)
@@ -63,7 +64,12 @@ def tenant_user(suffix: str = "") -> Iterator[Tenant]:
             p.write_text(f"secret {name}\n")
             os.chown(p, 0, gid)
             os.chmod(p, mode)
-        yield Tenant(tag, pw.pw_uid, pw.pw_gid, grp.getgrnam(extra).gr_gid, files)
+        # a plain vassal loads its app as the tenant: from a copy it can read,
+        # wherever the checkout is (a clone in a 0700 directory is not)
+        app = files / TENANT.name
+        shutil.copyfile(TENANT, app)
+        os.chmod(app, 0o644)
+        yield Tenant(tag, pw.pw_uid, pw.pw_gid, grp.getgrnam(extra).gr_gid, files, app)
     finally:
         for cmd in made:
             subprocess.run(cmd, check=False)

@@ -24,7 +24,10 @@ ours, so the codebase it preloads comes first.
 
 sub load {
     my ($file) = @_;
-    die "app file '$file' not found\n" unless -f $file;
+    unless (-f $file) {
+        # after a drop to a vassal's uid: say so, rather than "not found"
+        die "app file '$file' " . ($!{EACCES} ? "cannot be reached by uid $> ($!)" : 'not found') . "\n";
+    }
     # FindBin finds $0's directory once, when it is first loaded: in a
     # vassal forked from a base that loaded it for another app, a
     # `use lib "$FindBin::Bin/../lib"` (dancer2 gen's bin/app.psgi) would
