@@ -105,6 +105,25 @@ subtest 'a uid vassal whose app file its user cannot reach: one line that says s
         'not "not found"';
 };
 
+subtest 'a uid vassal leaves out of @INC what its user cannot enter' => sub {
+    plan skip_all => 'needs root' unless $> == 0;
+    my $hidden = "$dir/root-only-lib";
+    mkdir $hidden, 0700 or die "$hidden: $!";
+    my $app = "$dir/uses-json.psgi";
+    open my $out, '>', $app or die "$app: $!";
+    print $out "use JSON::PP (); sub { [200, ['Content-Type' => 'text/plain'], [JSON::PP::encode_json([\$\$])]] };\n";
+    close $out or die;
+    chmod 0644, $app;
+    my $port = empty_port();
+    local $ENV{PERL5LIB} = $hidden;    # first in @INC, as a checkout under /root would be
+    my $v = spawn_vassal(argv => ['--name', 'inc', '--http-socket', "127.0.0.1:$port", '--psgi', $app,
+        '--uid', 65534, '--gid', 65534, '--disable-logging'], stderr => "$dir/inc.log");
+    is read_bytes($v->{pipe}, 3, 20), "\x01\x05\x11", 'bytes 1, 5, 17' or diag slurp("$dir/inc.log");
+    like http_get($port, 10) // '', qr/^\[\d+\]$/m, "the app's `use JSON::PP` found it further down \@INC";
+    syswrite $v->{pipe}, "\x02";
+    ok wait_gone($v->{pid}, 15), 'stops on byte 2';
+};
+
 subtest 'base: peer uid check, end of file, live socket kept' => sub {
     my $sock = "$dir/fs.sock";
     my $log  = "$dir/base.log";

@@ -176,7 +176,17 @@ sub drop {
     die "privileges not dropped: wanted " . describe($want) . ", the kernel says uids @{ $now->{uids} }, gids @{ $now->{gids} }, groups "
         . (@{ $now->{groups} } ? "@{ $now->{groups} }" : 'none') . "\n"
         unless _holds_only($now, $want);
+    # A directory of @INC the user may not enter (a checkout in a 0700
+    # home): perl's require stops there ("Permission denied") rather than
+    # look further, and the app's `use` of an installed module would fail.
+    @INC = grep { ref($_) || _enterable($_) } @INC;
     return;
+}
+
+sub _enterable {
+    my ($dir) = @_;
+    return -x _ if stat $dir;
+    return !$!{EACCES};
 }
 
 # every one of the four uids and gids is the target's, and the groups are its
