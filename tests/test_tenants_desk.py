@@ -32,7 +32,7 @@ import psutil
 import pytest
 
 from support import Emp, Emperors, free_port, wait_for
-from support.tenants import NEEDS_TENANTS, ARGS, TENANT, Tenant, add, ask, start_fleet, tenant_user, vassal_ini
+from support.tenants import NEEDS_TENANTS, ARGS, Tenant, add, ask, start_fleet, tenant_user, vassal_ini
 
 pytestmark = NEEDS_TENANTS
 
@@ -296,7 +296,7 @@ def test_a_plain_vassals_app_loads_as_its_user_and_holds_nothing_of_roots(fleet,
                "pipe": ["env = TENANT_PRELOAD_FILE=", "env = TENANT_PRELOAD_PIPE=1"]}[what]
         (e.dir / f"{name}.ini").write_text(vassal_ini(port, f"uid = {t.name}", f"psgi = {t.app}", *env))
         if what != "pipe":
-            wait_for(lambda: [ln for ln in e.lines(f"cannot load app '{TENANT}'") if f"[{name}]" in ln
+            wait_for(lambda: [ln for ln in e.lines(f"cannot load app '{t.app}'") if f"[{name}]" in ln
                               and "Permission denied" in ln], 30, "the refusal")
             return
         wait_for(lambda: ask(port, "/ids"), 30, f"{name} to answer")
