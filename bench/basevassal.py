@@ -17,9 +17,9 @@ from benchlib import BenchError, Procs
 from settings import PROGRAM, say
 
 
-# malloc's heap in 2 MB pages from the start, as `emperor run` starts a base
-# (bench/compare.py --plain-heap turns it off for a side-by-side)
-HUGE_HEAP = True
+# malloc's heap in 2 MB pages from the start (the operator's opt-in,
+# GLIBC_TUNABLES=glibc.malloc.hugetlb=1; bench/compare.py --huge-heap)
+HUGE_HEAP = False
 
 
 class Base:
@@ -30,7 +30,7 @@ class Base:
         self.pipe, theirs = socket.socketpair()
         env = {**os.environ, "UWSGI_EMPEROR_FD": str(theirs.fileno())}
         env.pop("UWSGI_EMPEROR_FD_CONFIG", None)
-        if HUGE_HEAP:  # as `emperor run` starts a base of ours (launch.with_huge_heap)
+        if HUGE_HEAP:
             env = launch.huge_heap_env(env)
         t0 = time.perf_counter()
         self.proc = procs.spawn(

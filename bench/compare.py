@@ -3,7 +3,7 @@
 rounds alternating, so that a shared machine's drifting load falls on all
 alike.
 
-    .venv/bin/python bench/compare.py floor  [--rounds 3] [-n 20] [--master-false] [--plain-heap] NAME=PROGRAM ...
+    .venv/bin/python bench/compare.py floor  [--rounds 3] [-n 20] [--master-false] [--huge-heap] NAME=PROGRAM ...
     .venv/bin/python bench/compare.py spares|spares-polled [--rounds 3] [-n 10] [--uwsgi21] NAME=PROGRAM ...
 
 PROGRAM is a `perl/ForkServer.pm`, e.g. of an older commit exported with
@@ -85,9 +85,9 @@ def main() -> int:
     ap.add_argument("--uwsgi21", action="store_true", help="spares: uWSGI 2.1's fork server too, each round")
     ap.add_argument("--master-false", action="store_true",
                     help="each program also with master = false (NAME/master=false)")
-    ap.add_argument("--plain-heap", action="store_true",
-                    help="each program also with its base's heap loaded in 4 KB pages and collapsed "
-                         "afterwards (NAME/plain-heap), as before `emperor run` asked malloc for 2 MB pages")
+    ap.add_argument("--huge-heap", action="store_true",
+                    help="each program also with its base's heap in 2 MB pages from the start "
+                         "(NAME/huge-heap: GLIBC_TUNABLES=glibc.malloc.hugetlb=1, an operator's opt-in)")
     args = ap.parse_args()
     confs = []
     for a in args.programs:
@@ -97,8 +97,8 @@ def main() -> int:
         confs.append((name, os.path.abspath(prog), ()))
         if args.master_false:
             confs.append((f"{name}/master=false", os.path.abspath(prog), fleet_floor.SOLO_ARGS))
-        if args.plain_heap:
-            confs.append((f"{name}/plain-heap", os.path.abspath(prog), ()))
+        if args.huge_heap:
+            confs.append((f"{name}/huge-heap", os.path.abspath(prog), ()))
     n = args.n or (20 if args.what == "floor" else 10)
     binary = None
     if args.uwsgi21:
@@ -126,7 +126,7 @@ def main() -> int:
                       f"(load {load:.1f})", flush=True)
             for name, prog, vassal_args in confs:
                 basevassal.PROGRAM = prog
-                basevassal.HUGE_HEAP = not name.endswith("/plain-heap")
+                basevassal.HUGE_HEAP = name.endswith("/huge-heap")
                 load = os.getloadavg()[0]
                 loads.append(load)
                 if args.what == "floor":

@@ -108,8 +108,6 @@ class ProcessTable:
             # PLACK_ENV: what a vassal without a plack-env key (and the
             # vassals adopted from this base) take (perl/ForkServer/Config.pm)
             env = {**os.environ, "PLACK_ENV": plack_env_of(self.opts)}
-            if kind == Kind.BASE and self.opts.program_is_ours:
-                env = launch.with_huge_heap(env, p.config)
             with self.spawning(v.name, seq):  # born in its own cgroup
                 pid = launch.spawn_vassal(
                     argv, env, pr.pipe_fd, pr.config_fd, pr.listener_fd, nofile=nofile,
