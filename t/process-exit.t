@@ -31,7 +31,22 @@ print \$log "status " . (\$? >> 8) . " of \$pid\\n";
 POSIX::_exit(0);
 PERL
     system($^X, '-Iperl', '-MPOSIX', '-e', $program) == 0 or die "program failed: $?";
-    open my $fh, '<', $log or die;
+    return lines_of($log);
+}
+
+# Runs PROGRAM (perl -e, with perl/ and the INC directories) with a log
+# file of its own as its first argument, then ARGS; the lines it logged.
+sub logged_lines {
+    my (%a) = @_;
+    my $log = "$dir/log-$a{name}";
+    system($^X, '-Iperl', (map {"-I$_"} @{ $a{inc} || [] }), '-MPOSIX', '-e', $a{program}, $log, @{ $a{args} || [] }) == 0
+        or die "program failed: $?";
+    return lines_of($log);
+}
+
+sub lines_of {
+    my ($log) = @_;
+    open my $fh, '<', $log or die "$log: $!";
     my @lines = <$fh>;
     chomp @lines;
     return @lines;
@@ -55,7 +70,6 @@ for my $mark (0, 1) {
     open my $pm, '>', "$lib/Known/Fresh.pm" or die;
     print $pm "package Known::Fresh; our \$OBJ = bless {}, 'Known::Probe'; 1;\n";
     close $pm or die;
-    my $log = "$dir/log-nested";
     my $program = <<'PERL';
 BEGIN { require ForkServer::Process::Exit }
 my $log = shift;
@@ -73,10 +87,7 @@ waitpid $pid, 0;
 note("child $pid");
 POSIX::_exit(0);
 PERL
-    system($^X, '-Iperl', "-I$lib", '-MPOSIX', '-e', $program, $log) == 0 or die "program failed: $?";
-    open my $fh, '<', $log or die;
-    my @lines = <$fh>;
-    chomp @lines;
+    my @lines = logged_lines(name => 'nested', program => $program, inc => [$lib]);
     my ($child) = map { /\Achild (\d+)\z/ ? $1 : () } @lines;
     is_deeply [grep { !/\Achild/ } @lines], ["DESTROY $child"],
         'a module under a name the base had, required by the process: its objects destroyed at exit';
@@ -85,7 +96,6 @@ PERL
 # A variable whose name is not ASCII (`use utf8`), in a name the process
 # made itself: freed too, as any other.
 {
-    my $log = "$dir/log-utf8";
     my $program = <<'PERL';
 BEGIN { require ForkServer::Process::Exit }
 my $log = shift;
@@ -103,10 +113,7 @@ waitpid $pid, 0;
 note("child $pid");
 POSIX::_exit(0);
 PERL
-    system($^X, '-Iperl', '-MPOSIX', '-e', $program, $log) == 0 or die "program failed: $?";
-    open my $fh, '<', $log or die;
-    my @lines = <$fh>;
-    chomp @lines;
+    my @lines = logged_lines(name => 'utf8', program => $program);
     my ($child) = map { /\Achild (\d+)\z/ ? $1 : () } @lines;
     is_deeply [sort grep { !/\Achild/ } @lines], ["DESTROY main $child", "DESTROY package $child"],
         'variables named in utf8: their objects destroyed at exit';
@@ -118,7 +125,6 @@ PERL
 # protocol and inflate every Moo class: 30 to 70 ms in each such process.
 SKIP: {
     skip 'Moo is not installed', 1 unless eval { require Moo; 1 };
-    my $log = "$dir/log-moo";
     my $program = <<'PERL';
 BEGIN { require ForkServer::Process::Exit }
 my $log = shift;
@@ -136,10 +142,7 @@ waitpid $pid, 0;
 note("child $pid");
 POSIX::_exit(0);
 PERL
-    system($^X, '-Iperl', '-MPOSIX', '-e', $program, $log) == 0 or die "program failed: $?";
-    open my $fh, '<', $log or die;
-    my @lines = <$fh>;
-    chomp @lines;
+    my @lines = logged_lines(name => 'moo', program => $program);
     is_deeply [grep { !/\Achild/ } @lines], [], 'a Moo class freed at exit loads no Moose';
 }
 
@@ -155,7 +158,6 @@ PERL
         close $pm or die;
     }
     for my $many (0, 1) {
-        my $log = "$dir/log-own-most-$many";
         my $program = <<'PERL';
 BEGIN { require ForkServer::Process::Exit }
 my ($log, $many) = @ARGV;
@@ -173,11 +175,7 @@ if (!$pid) {
 waitpid $pid, 0;
 POSIX::_exit(0);
 PERL
-        system($^X, '-Iperl', "-I$lib", '-MPOSIX', '-e', $program, $log, $many) == 0
-            or die "program failed: $?";
-        open my $fh, '<', $log or die;
-        my @lines = <$fh>;
-        chomp @lines;
+        my @lines = logged_lines(name => "own-most-$many", program => $program, inc => [$lib], args => [$many]);
         is_deeply \@lines, [$many ? 'DESTROY DESTRUCT' : 'DESTROY END'],
             $many ? 'loaded more than it inherited: perl\'s global destruction'
                   : 'loaded less: the fast exit';
