@@ -21,6 +21,16 @@ chmod 0711, $dir;    # another uid must reach the socket to be refused by its ui
 my $hello = Cwd::abs_path('t/apps/hello.psgi');
 sub slurp { open my $fh, '<', $_[0] or return ''; local $/; <$fh> }
 
+# An app file anyone may read (a vassal that drops root loads it as its user).
+sub write_app {
+    my ($path, $text) = @_;
+    open my $out, '>', $path or die "$path: $!";
+    print $out $text;
+    close $out or die "$path: $!";
+    chmod 0644, $path;
+    return $path;
+}
+
 subtest 'plain vassal: cold load, pipe bytes, env, stop on byte 2' => sub {
     my $port = empty_port();
     my $v = spawn_vassal(argv => ['--name', 'plain1', '--http-socket', "127.0.0.1:$port", '--psgi', $hello,
@@ -71,10 +81,7 @@ subtest 'plain vassal started as root drops to uid/gid after binding' => sub {
     my $port = empty_port();    # a port only root could not bind is not needed: binding comes first
     # the app loads after the drop: a copy uid 65534 can read, wherever the checkout is
     my $app = "$dir/hello-for-nobody.psgi";
-    open my $out, '>', $app or die "$app: $!";
-    print $out slurp($hello);
-    close $out or die;
-    chmod 0644, $app;
+    write_app($app, slurp($hello));
     my $v = spawn_vassal(argv => ['--name', 'dropped', '--http-socket', "127.0.0.1:$port", '--psgi', $app,
         '--uid', 65534, '--gid', 65534, '--disable-logging'], stderr => "$dir/dropped.log");
     is read_bytes($v->{pipe}, 3, 20), "\x01\x05\x11", 'bytes 1, 5, 17' or diag slurp("$dir/dropped.log");
@@ -95,9 +102,7 @@ subtest 'a uid vassal whose app file its user cannot reach: one line that says s
     my $private = "$dir/root-only";
     mkdir $private, 0700 or die "$private: $!";
     my $app = "$private/app.psgi";
-    open my $out, '>', $app or die "$app: $!";
-    print $out slurp($hello);
-    close $out or die;
+    write_app($app, slurp($hello));
     my $port = empty_port();
     my $out_text = `$^X perl/ForkServer.pm --name hidden --http-socket 127.0.0.1:$port --psgi $app --uid 65534 --gid 65534 2>&1`;
     is $? >> 8, 1, 'exit 1';
@@ -110,10 +115,7 @@ subtest 'a uid vassal leaves out of @INC what its user cannot enter' => sub {
     my $hidden = "$dir/root-only-lib";
     mkdir $hidden, 0700 or die "$hidden: $!";
     my $app = "$dir/uses-json.psgi";
-    open my $out, '>', $app or die "$app: $!";
-    print $out "use JSON::PP (); sub { [200, ['Content-Type' => 'text/plain'], [JSON::PP::encode_json([\$\$])]] };\n";
-    close $out or die;
-    chmod 0644, $app;
+    write_app($app, "use JSON::PP (); sub { [200, ['Content-Type' => 'text/plain'], [JSON::PP::encode_json([\$\$])]] };\n");
     my $port = empty_port();
     local $ENV{PERL5LIB} = $hidden;    # first in @INC, as a checkout under /root would be
     my $v = spawn_vassal(argv => ['--name', 'inc', '--http-socket', "127.0.0.1:$port", '--psgi', $app,
