@@ -32,14 +32,9 @@ sys.path.insert(0, str(HERE.parent))
 
 from benchlib import Procs, read_or_none as _read, rmtree, set_child_subreaper, tempdir  # noqa: E402
 from emperor_run import start_fleet, wait_fork_server  # noqa: E402
+from fleet_floor import sched_times as cpu  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu(pid: int) -> tuple[float, float] | None:
-    """(seconds on a core, seconds runnable but waiting for one)."""
-    s = _read(f"/proc/{pid}/schedstat")
-    return (int(s.split()[0]) / 1e9, int(s.split()[1]) / 1e9) if s else None
 
 
 def faults_and_times(pid: int) -> tuple[int, float, float] | None:
