@@ -121,25 +121,6 @@ def make_pipes(config: bool) -> list[Pipe]:
     return pairs
 
 
-#: glibc's malloc asked to back its heap with 2 MB pages from the first
-#: byte (madvise(MADV_HUGEPAGE) on every area it grows). Opt-in: an
-#: operator sets it in the Emperor's environment, and a base of ours then
-#: loads its codebase in huge pages (perl/ForkServer/Base/HugePages.pm).
-#: Not the default: side by side, 1,000 heavy vassals answered in 20.91 s
-#: with it against 11.42 s without (the floor per adoption 0.3-1.2 ms higher).
-HUGE_HEAP_TUNABLE = "glibc.malloc.hugetlb=1"
-
-
-def huge_heap_env(env: Mapping[str, str]) -> dict[str, str]:
-    """`env` with the huge-page heap tunable among its GLIBC_TUNABLES (a
-    hugetlb setting of the caller's own is kept)."""
-    env = dict(env)
-    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
-    if not any(t.startswith("glibc.malloc.hugetlb=") for t in tunables):
-        env["GLIBC_TUNABLES"] = ":".join([*tunables, HUGE_HEAP_TUNABLE])
-    return env
-
-
 def spawn_vassal(argv: Sequence[str], env: Mapping[str, str], pipe_fd: int,
                  config_fd: int | None, listen_fd: int | None,
                  nofile: int | None = None, output_fd: int | None = None) -> int:
