@@ -42,6 +42,8 @@ class Client:
     accepted: float = 0.0  # when it was accepted (the loop's clock)
     eof: bool = False  # stats socket: it shut its side: a plain reader, no command coming
     doc: bytes | None = None  # its document, held until COMMAND_GRACE has passed
+    http: bool = False  # a client of the status page (else of the stats socket)
+    asked: bool = False  # HTTP: its whole request came (it is no longer idle)
 
     def answer(self, data: bytes, until: float) -> None:
         """Its reply, to be written by `until` (else it is dropped)."""
@@ -178,6 +180,7 @@ class Requests:
             if len(c.inbuf) > MAX_REQUEST:
                 self._respond(c, http_response(431, "text/plain", b"request too large\n"))
             return
+        c.asked = True
         try:  # the request is complete: stop reading, answer (maybe later)
             self.sel.unregister(c.sock)
         except (KeyError, ValueError):

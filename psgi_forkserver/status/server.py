@@ -72,6 +72,7 @@ class StatusServer(Requests):
         self._stats_ino: tuple[int, int] | None = None
         self.requests = 0
         self.refused = 0
+        self.evicted = 0  # HTTP clients closed before their request, to make room
         self.now = time.monotonic()  # the loop's clock, as last handed to a callback
         self.job: Collection | None = None
         self.waiters: list[Callable[[dict[str, Any]], None]] = []
@@ -179,10 +180,10 @@ class StatusServer(Requests):
                 self.log(f"status: accept: {e}")
                 return
             conn.setblocking(False)
-            if len(self.clients) >= self.max_clients:
+            if len(self.clients) >= self.max_clients and not (http and self._evict_idle()):
                 self._refuse(conn, http)
                 continue
-            c = Client(conn, now + CLIENT_TIMEOUT, accepted=now)
+            c = Client(conn, now + CLIENT_TIMEOUT, accepted=now, http=http)
             self.clients[conn.fileno()] = c
             try:
                 if http:
@@ -208,6 +209,23 @@ class StatusServer(Requests):
             self._on_http_readable(fd, now)
         else:
             self._on_stats_readable(fd, now)
+
+    def _evict_idle(self) -> bool:
+        """Make room by closing the oldest HTTP client that has not sent its
+        whole request yet. Any local process can connect to a loopback port
+        and say nothing; were such connections kept in preference to new
+        ones, a few hundred of them would refuse every probe of /healthz
+        (and a liveness probe would restart the fleet). A client that has
+        asked is never dropped for a newcomer."""
+        for fd, c in self.clients.items():  # oldest first
+            if c.http and not c.asked and c.out is None:
+                self._drop(fd)
+                self.evicted += 1
+                if self.evicted == 1 or self.evicted % 100 == 0:
+                    self.log(f"status: closed a connection that sent no request, to make room "
+                             f"({self.evicted} so far)")
+                return True
+        return False
 
     def _refuse(self, conn: socket.socket, http: bool) -> None:
         """Too many clients: say so in what fits the socket buffer, close."""

@@ -1,0 +1,162 @@
+"""The cockpit against clients and names nobody on the team wrote: local
+processes (a tenant's app included) that fill the status page's connection
+slots and send nothing, a vassal file whose name is not UTF-8, names that
+are wide or invisible on a terminal. /healthz keeps answering, every view
+keeps answering and stays valid, the table stays aligned.
+
+One real fleet (base, adopted vassals, `--status-http`), shared."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from wcwidth import wcswidth
+
+from psgi_forkserver.status.page import COLUMNS, format_table
+from psgi_forkserver.status.server import MAX_CLIENTS
+
+from support import PROGRAM, wait_for
+from support.cockpit import EMPEROR, cockpit_fleet
+
+pytestmark = pytest.mark.skipif(not PROGRAM.is_file(), reason="the Perl vassal program is not there")
+
+#: a file name as a tenant's upload or a Latin-1 shell may leave it: é in
+#: Latin-1, and 0x9b, which an 8-bit terminal takes for CSI (an escape)
+NOT_UTF8 = b"latin\xe9\x9b"
+
+
+@pytest.fixture(scope="module")
+def fleet(xprocess):
+    with cockpit_fleet(xprocess) as f:
+        yield f
+
+
+def get(url: str, timeout: float = 20) -> tuple[int, bytes]:
+    """Status and body of GET `url`; a page never answered fails the test
+    (urllib's timeout), it does not hang it."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def no_lone_surrogates(value: object) -> bool:
+    """True when every string in a decoded JSON value is valid Unicode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(no_lone_surrogates(k) and no_lone_surrogates(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(map(no_lone_surrogates, value))
+    return True
+
+
+def test_health_and_pages_answer_while_idle_connections_hold_every_slot(fleet):
+    """Any local process may connect to a loopback port and send nothing.
+    Connections beyond the slots must not make /healthz fail (a liveness
+    probe would restart the whole fleet), nor keep the page from the
+    operator: the idle ones give way."""
+    idle = []
+    try:
+        for _ in range(MAX_CLIENTS + 44):
+            idle.append(socket.create_connection(("127.0.0.1", fleet.status_http_port), timeout=10))
+        code, body = get(fleet.url("/healthz"))
+        assert code == 200, body
+        code, body = get(fleet.url("/json"))
+        assert code == 200, body
+        assert "a" in json.loads(body)["vassals"]
+        # those that gave way were closed, not left half-open
+        gone = 0
+        for s in idle:
+            s.settimeout(0.0)
+            try:
+                gone += s.recv(1) == b""
+            except BlockingIOError:
+                pass
+            except ConnectionResetError:
+                gone += 1
+        assert gone >= 2, gone
+    finally:
+        for s in idle:
+            s.close()
+    assert fleet.running()
+
+
+def test_a_file_name_that_is_not_utf8_leaves_every_view_answering_and_valid(fleet):
+    path = os.path.join(os.fsencode(fleet.dir), NOT_UTF8 + b".ini")
+    with open(path, "wb") as f:
+        f.write(b"[uwsgi]\nhttp-socket = 127.0.0.1:1\nprocesses = 1\n")
+    try:
+        shown = "latin\\xe9\\x9b"  # its undecodable bytes, as the views write them
+        wait_for(lambda: any(n.startswith("latin") for n in fleet.status()), 20,
+                 "the file to be seen")
+        # the pages made from the document: never answered before (the
+        # client waited for its own timeout)
+        code, body = get(fleet.url("/metrics"))
+        assert code == 200, body
+        labels = {s.labels.get("vassal") for fam in text_string_to_metric_families(body.decode())
+                  for s in fam.samples}
+        assert {shown, "a", "b", "dies"} <= labels, labels
+
+        code, body = get(fleet.url("/"))
+        assert code == 200, body
+        assert shown.encode() in body
+
+        code, body = get(fleet.url("/json"))
+        assert code == 200
+        doc = json.loads(body.decode("utf-8"))  # strict: no invalid UTF-8 either
+        assert no_lone_surrogates(doc), [n for n in doc["vassals"] if n.startswith("latin")]
+        assert doc["vassals"][shown]["state"] == "config-error"
+
+        out = subprocess.run([EMPEROR, "status", "--stats", fleet.stats], capture_output=True,
+                             timeout=30)
+        assert out.returncode == 0, out.stderr
+        text = out.stdout.decode("utf-8")  # strict: no raw byte reaches the terminal
+        assert "\x9b" not in text
+        assert any(line.startswith(shown + " ") for line in text.splitlines()), text
+        # the rest of the fleet is as it was
+        assert fleet.vassal("a")["state"] == "loyal"
+    finally:
+        os.unlink(path)
+
+
+def _columns(line: str) -> list[int]:
+    """The terminal column each cell of a table line starts at (cells are
+    separated by two spaces or more)."""
+    starts, col, i = [], 0, 0
+    while i < len(line):
+        if line[i] != " " and (i == 0 or line[i - 2:i] == "  "):
+            starts.append(col)
+        col += max(wcswidth(line[i]), 0)
+        i += 1
+    return starts
+
+
+def test_the_table_stays_aligned_with_wide_and_invisible_characters_in_names():
+    names = ["plain", "日本語-shop", "wide全角全角", "zero\u200bwidth", "café\u0301", "a" * 40]
+    doc = {"vassals": {n: {"state": "loyal", "kind": "adopted", "pid": 100 + i, "generation": 1,
+                           "addresses": [f"127.0.0.1:{9000 + i}"], "uptime": 5.0, "restarts": 0,
+                           "processes": 1, "pss": 1 << 20, "uss": 1 << 19, "plack_env": "deployment"}
+                       for i, n in enumerate(names)},
+           "emperor": {"pid": 1}, "totals": {}}
+    lines = format_table(doc).splitlines()[:len(names) + 1]
+    assert lines[0].startswith("NAME ")
+    header = _columns(lines[0])
+    assert len(header) == len(COLUMNS)
+    for line in lines[1:]:
+        # STATE, the column after the name, starts where its heading does
+        assert _columns(line)[1] == header[1], (line, _columns(line), header)
+    # an invisible character is shown, not hidden in the name (two names
+    # that look the same on the screen are not the same vassal)
+    assert any(line.startswith("zero\\u200bwidth ") for line in lines), lines
