@@ -160,3 +160,56 @@ def test_the_table_stays_aligned_with_wide_and_invisible_characters_in_names():
     # an invisible character is shown, not hidden in the name (two names
     # that look the same on the screen are not the same vassal)
     assert any(line.startswith("zero\\u200bwidth ") for line in lines), lines
+
+
+def test_a_page_that_cannot_be_made_is_answered_500_not_left_waiting():
+    """Whatever goes wrong making a page from the document, its client is
+    told, at once: not left to wait for its own timeout."""
+    import selectors
+    import time
+
+    from psgi_forkserver import status
+    from psgi_forkserver.proc import Phase
+    from psgi_forkserver.snapshot import EmperorLink, EmperorSnapshot, VassalSnapshot
+    from support import free_port
+
+    # a count that is not a number: /metrics cannot be made of it, /json can
+    odd = VassalSnapshot(name="odd", phase=Phase.LOYAL, pid=None, kind=None, base_generation=1,
+                         processes_started=1, restarts="many", failures=0, started_at=None,
+                         not_before=0.0, file=None, config_error=None, refused=None,
+                         last_error=None)
+    snap = EmperorSnapshot(vassals_dir="/x", vassals={"odd": odd})
+    sel = selectors.DefaultSelector()
+    srv = status.StatusServer(http=f"127.0.0.1:{free_port()}").bind()
+    srv.attach(sel, lambda m: None, EmperorLink(lambda: snap, lambda: (True, "ok"),
+                                                lambda name: None, lambda command, name: {}))
+    port = srv.http_sock.getsockname()[1]
+
+    def ask(path: str) -> bytes:
+        c = socket.create_connection(("127.0.0.1", port))
+        c.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        c.setblocking(False)
+        got = b""
+        deadline = time.monotonic() + 10
+        try:
+            while time.monotonic() < deadline:
+                for key, _ in sel.select(0.05):
+                    key.data(time.monotonic())
+                srv.poll(time.monotonic())
+                try:
+                    chunk = c.recv(65536)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    return got
+                got += chunk
+            raise AssertionError(f"{path}: no complete answer in 10 s: {got[:200]!r}")
+        finally:
+            c.close()
+
+    try:
+        assert ask("/metrics").startswith(b"HTTP/1.0 500 ")
+        assert ask("/json").startswith(b"HTTP/1.0 200 ")
+    finally:
+        srv.close()
+        sel.close()

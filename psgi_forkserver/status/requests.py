@@ -216,11 +216,11 @@ class Requests:
             return self._respond(
                 c, http_response(405, "text/plain", b"only GET\n", extra="Allow: GET, HEAD\r\n"))
         if target == "/json":
-            self._when_ready(lambda doc: self._respond(c, http_response(
+            self._when_ready(c, lambda doc: self._respond(c, http_response(
                 200, "application/json", self._once(doc, "json", lambda: json_body(doc)), head)))
         elif target == "/metrics":
             em = self.link.metrics if self.link is not None else None
-            self._when_ready(lambda doc: self._respond(c, http_response(
+            self._when_ready(c, lambda doc: self._respond(c, http_response(
                 200, "text/plain; version=0.0.4; charset=utf-8",
                 self._once(doc, "metrics", lambda: render_metrics(doc, em)), head)))
         elif target == "/healthz":
@@ -242,7 +242,7 @@ class Requests:
                 self._respond(c, http_response(200, "text/plain; charset=utf-8",
                                        (body or "(nothing logged yet)\n").encode(), head))
         elif target in ("/", "/index.html"):
-            self._when_ready(lambda doc: self._respond(c, http_response(
+            self._when_ready(c, lambda doc: self._respond(c, http_response(
                 200, "text/html; charset=utf-8",
                 self._once(doc, "html", lambda: render_html(doc).encode()), head)))
         else:
