@@ -95,12 +95,15 @@ def test_health_and_pages_answer_while_idle_connections_hold_every_slot(fleet):
 
 def test_a_file_name_that_is_not_utf8_leaves_every_view_answering_and_valid(fleet):
     path = os.path.join(os.fsencode(fleet.dir), NOT_UTF8 + b".ini")
+    value = os.path.join(os.fsencode(fleet.dir), b"latinvalue.ini")  # and a value
     with open(path, "wb") as f:
         f.write(b"[uwsgi]\nhttp-socket = 127.0.0.1:1\nprocesses = 1\n")
+    with open(value, "wb") as f:
+        f.write(b"[uwsgi]\nhttp-socket = 127.0.0.1:1\nprocesses = " + NOT_UTF8 + b"\n")
     try:
         shown = "latin\\xe9\\x9b"  # its undecodable bytes, as the views write them
-        wait_for(lambda: any(n.startswith("latin") for n in fleet.status()), 20,
-                 "the file to be seen")
+        wait_for(lambda: len([n for n in fleet.status() if n.startswith("latin")]) == 2, 20,
+                 "the files to be seen")
         # the pages made from the document: never answered before (the
         # client waited for its own timeout)
         code, body = get(fleet.url("/metrics"))
@@ -118,6 +121,8 @@ def test_a_file_name_that_is_not_utf8_leaves_every_view_answering_and_valid(flee
         doc = json.loads(body.decode("utf-8"))  # strict: no invalid UTF-8 either
         assert no_lone_surrogates(doc), [n for n in doc["vassals"] if n.startswith("latin")]
         assert doc["vassals"][shown]["state"] == "config-error"
+        # a value's bytes are decoded with replacement characters as the file is read
+        assert "latinvalue.ini:3: bad value 'latin" in doc["vassals"]["latinvalue"]["error"]
 
         out = subprocess.run([EMPEROR, "status", "--stats", fleet.stats], capture_output=True,
                              timeout=30)
@@ -129,6 +134,7 @@ def test_a_file_name_that_is_not_utf8_leaves_every_view_answering_and_valid(flee
         assert fleet.vassal("a")["state"] == "loyal"
     finally:
         os.unlink(path)
+        os.unlink(value)
 
 
 def _columns(line: str) -> list[int]:
