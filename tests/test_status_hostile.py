@@ -219,3 +219,19 @@ def test_a_page_that_cannot_be_made_is_answered_500_not_left_waiting():
     finally:
         srv.close()
         sel.close()
+
+
+def test_status_into_a_pipe_closed_early_ends_quietly(fleet):
+    """`emperor status --json | head -1`: the reader goes away before the
+    command is done writing; it ends without a traceback on the terminal."""
+    for args in (["--json"], []):
+        r, w = os.pipe()
+        os.close(r)  # the reader is gone before the first byte: no race
+        try:
+            out = subprocess.run([EMPEROR, "status", "--stats", fleet.stats, *args], stdout=w,
+                                 stderr=subprocess.PIPE, timeout=30)
+        finally:
+            os.close(w)
+        err = out.stderr.decode()
+        assert "Traceback" not in err and "BrokenPipe" not in err, err
+        assert (out.returncode, err) == (141, ""), (out.returncode, err)
