@@ -148,10 +148,13 @@ class DocumentCollector(Collector):
             freloads = CounterMetricFamily("psgi_forkserver_front_reloads",
                                            "nginx reloads the front door made")
             freloads.add_metric([], float(front.get("reloads") or 0))
+            frestarts = CounterMetricFamily("psgi_forkserver_front_restarts",
+                                            "nginx deaths the front door restarted it after")
+            frestarts.add_metric([], float(front.get("restarts") or 0))
             frefused = GaugeMetricFamily("psgi_forkserver_front_refused_vassals",
                                          "Vassals whose route nginx refused")
             frefused.add_metric([], float(len(front.get("refused") or {})))
-            yield from (fgen, fserv, fup, freloads, frefused)
+            yield from (fgen, fserv, fup, freloads, frestarts, frefused)
         rss = GaugeMetricFamily("psgi_forkserver_emperor_rss_bytes", "The Emperor's own RSS")
         rss.add_metric([], float(e.get("rss") or 0))
         yield rss

@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from wcwidth import wcswidth
 
+from psgi_forkserver.status import fetch
 from psgi_forkserver.status.page import COLUMNS, format_table
 from psgi_forkserver.status.server import MAX_CLIENTS
 
@@ -235,3 +236,33 @@ def test_status_into_a_pipe_closed_early_ends_quietly(fleet):
         err = out.stderr.decode()
         assert "Traceback" not in err and "BrokenPipe" not in err, err
         assert (out.returncode, err) == (141, ""), (out.returncode, err)
+
+
+def test_nginx_deaths_are_counted_in_every_view(front, tmp_path):
+    """The front door's nginx killed twice and restarted by the Emperor
+    each time: between two scrapes, /metrics and `emperor status` must
+    still say it happened (a /healthz blip of a second is all a probe sees)."""
+    from support import free_port
+    from support.cockpit import http_get
+    from support.front import ini, needs_nginx
+
+    if needs_nginx.args[0]:
+        pytest.skip(needs_nginx.kwargs["reason"])
+    sport, stats = free_port(), tmp_path / "s.sock"
+    f = front({"app1": ini("app1", "domain = app1.localhost")},
+              "--status-http", f"127.0.0.1:{sport}", "--stats", stats)
+    f.routed("app1.localhost", "app1")
+    for _ in range(2):
+        old = f.nginx_pid()
+        os.kill(old, 9)  # the nginx this test's Emperor started, by its pid
+        wait_for(lambda: f.nginx_pid() not in (None, old), 60, "nginx started again")
+        f.routed("app1.localhost", "app1")
+    assert fetch(stats)["emperor"]["front"]["restarts"] == 2
+    code, text = http_get(f"http://127.0.0.1:{sport}/metrics")
+    assert code == 200
+    restarts = [s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                if s.name == "psgi_forkserver_front_restarts_total"]
+    assert restarts == [2.0], restarts
+    out = subprocess.run([EMPEROR, "status", "--stats", stats], capture_output=True, text=True,
+                         timeout=30)
+    assert "2 restarts" in [ln for ln in out.stdout.splitlines() if ln.startswith("front door")][0]

@@ -78,7 +78,8 @@ def front_line(f: dict[str, Any]) -> str:
     ago = "-" if not f.get("last_reload") else human_seconds(time.time() - f["last_reload"]) + " ago"
     line = (f"front door {where}: nginx pid {f.get('pid') or '-'}, generation "
             f"{f.get('generation')} (serving {f.get('serving_generation')}), "
-            f"{f.get('names', 0)} names, {f.get('reloads', 0)} reloads, last {ago}")
+            f"{f.get('names', 0)} names, {f.get('reloads', 0)} reloads, "
+            f"{f.get('restarts', 0)} restarts, last {ago}")
     if f.get("last_error"):
         line += f"; error: {f['last_error']}"
     for vassal, why in (f.get("refused") or {}).items():
