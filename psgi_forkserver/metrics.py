@@ -50,6 +50,13 @@ class EmperorMetrics:
             buckets=ADOPTION_BUCKETS, registry=None)
         self.deploys = Counter("psgi_forkserver_deploys", "Code deploys finished, by outcome",
                                ["outcome"], registry=None)
+        # every outcome from 0: a series born at its first increment hides
+        # that increment from rate() and increase() (the first failed deploy)
+        from .emperor.deploys import DeployState  # here: the emperor package imports us
+
+        for outcome in DeployState:
+            if outcome.finished:
+                self.deploys.labels(outcome=outcome.value)
         self._deploy_seen: tuple[int, float] | None = None  # the finish last counted
 
     def adopted(self, seconds: float) -> None:

@@ -266,3 +266,17 @@ def test_nginx_deaths_are_counted_in_every_view(front, tmp_path):
     out = subprocess.run([EMPEROR, "status", "--stats", stats], capture_output=True, text=True,
                          timeout=30)
     assert "2 restarts" in [ln for ln in out.stdout.splitlines() if ln.startswith("front door")][0]
+
+
+def test_every_deploy_outcome_is_exported_from_zero():
+    """A labelled counter whose series appears at its first increment hides
+    that increment from rate() and increase(): an alert on
+    `increase(psgi_forkserver_deploys_total{outcome="failed"}[10m]) > 0`
+    missed the first failed deploy of every Emperor. Every outcome is there
+    from the start, at 0."""
+    from psgi_forkserver.metrics import EmperorMetrics, render
+
+    text = render({"vassals": {}, "emperor": {}}, EmperorMetrics()).decode()
+    deploys = {s.labels["outcome"]: s.value for fam in text_string_to_metric_families(text)
+               for s in fam.samples if s.name == "psgi_forkserver_deploys_total"}
+    assert deploys == {"done": 0.0, "partial": 0.0, "failed": 0.0, "interrupted": 0.0}, deploys
