@@ -50,6 +50,13 @@ class EmperorMetrics:
             buckets=ADOPTION_BUCKETS, registry=None)
         self.deploys = Counter("psgi_forkserver_deploys", "Code deploys finished, by outcome",
                                ["outcome"], registry=None)
+        # every outcome from 0: a series born at its first increment hides
+        # that increment from rate() and increase() (the first failed deploy)
+        from .emperor.deploys import DeployState  # here: the emperor package imports us
+
+        for outcome in DeployState:
+            if outcome.finished:
+                self.deploys.labels(outcome=outcome.value)
         self._deploy_seen: tuple[int, float] | None = None  # the finish last counted
 
     def adopted(self, seconds: float) -> None:
@@ -148,10 +155,13 @@ class DocumentCollector(Collector):
             freloads = CounterMetricFamily("psgi_forkserver_front_reloads",
                                            "nginx reloads the front door made")
             freloads.add_metric([], float(front.get("reloads") or 0))
+            frestarts = CounterMetricFamily("psgi_forkserver_front_restarts",
+                                            "nginx deaths the front door restarted it after")
+            frestarts.add_metric([], float(front.get("restarts") or 0))
             frefused = GaugeMetricFamily("psgi_forkserver_front_refused_vassals",
                                          "Vassals whose route nginx refused")
             frefused.add_metric([], float(len(front.get("refused") or {})))
-            yield from (fgen, fserv, fup, freloads, frefused)
+            yield from (fgen, fserv, fup, freloads, frestarts, frefused)
         rss = GaugeMetricFamily("psgi_forkserver_emperor_rss_bytes", "The Emperor's own RSS")
         rss.add_metric([], float(e.get("rss") or 0))
         yield rss

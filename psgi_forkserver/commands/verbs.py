@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -255,8 +256,24 @@ def status_command(args: argparse.Namespace) -> int:
             for line in text.splitlines():
                 print(printable(line), file=sys.stderr if code == 4 else sys.stdout)
         return code
-    if args.json:
-        print(json.dumps(doc, indent=1))
-    else:
-        sys.stdout.write(format_table(doc))
+    return write_out(json.dumps(doc, indent=1) + "\n" if args.json else format_table(doc))
+
+
+#: the exit status of a command whose reader went away, as a shell shows a
+#: program killed by SIGPIPE (128 + 13)
+EXIT_PIPE = 141
+
+
+def write_out(text: str) -> int:
+    """`text` on stdout, 0; or EXIT_PIPE, quietly, when the reader is gone
+    (`emperor status | head`): no traceback on the operator's terminal."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # what is still buffered would fail again as Python exits
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_PIPE
     return 0

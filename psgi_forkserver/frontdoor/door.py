@@ -45,6 +45,7 @@ class FrontDoor(HostLinks, Checks, NginxProcess):
     failures: int = 0
     stopping: bool = False
     reloads: int = 0  # SIGHUPs sent (status, tests)
+    restarts: int = 0  # nginx started again after dying unasked (status, /metrics)
     reload_pid: int | None = None  # --nginx-reload command running
     reload_again: bool = False
     err_r: int | None = None
@@ -136,6 +137,7 @@ class FrontDoor(HostLinks, Checks, NginxProcess):
         if now - self.started_at >= self.opts.stable_after:
             self.failures = 0
         self.failures += 1
+        self.restarts += 1
         delay = backoff_delay(self.failures, self.opts.backoff_first, self.opts.backoff_max)
         self.next_start = now + delay
         self.log(f"nginx pid {pid} died ({describe(status)}); restart in {delay:.1f} s")
@@ -147,7 +149,7 @@ class FrontDoor(HostLinks, Checks, NginxProcess):
             "pid": self.pid, "listen": self.opts.listen,
             "include": str(self.opts.include) if self.opts.include else None,
             "generation": self.generation, "serving_generation": self.serving,
-            "reloads": self.reloads, "last_reload": self.last_reload,
+            "reloads": self.reloads, "restarts": self.restarts, "last_reload": self.last_reload,
             "last_error": self.last_error,
             "names": sum(len(r.domains) for r in self.installed or ()),
             "refused": {v: why for v, (_, why) in sorted(self.refused.items())},

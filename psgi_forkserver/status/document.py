@@ -27,6 +27,7 @@ from typing import Any
 import psutil
 
 from ..launch import describe_status
+from ..printable import valid_text
 from ..procfs import spare_of
 from ..proc import Phase
 from ..snapshot import EmperorSnapshot, VassalSnapshot
@@ -229,7 +230,10 @@ class Collection:
 
     def document(self) -> dict[str, Any]:
         out = self.vassals
-        return {
+        # a file name or a value that was not UTF-8 (read with
+        # surrogateescape) must not make the JSON, the page or /metrics
+        # unencodable: its bytes are written \xNN
+        return valid_text({
             "schema": SCHEMA,
             "time": time.time(),
             "emperor": self.emperor,
@@ -247,7 +251,7 @@ class Collection:
             # processes measured for this document; the others' figures are
             # less than MEASURE_INTERVAL old
             "measured": self.measured,
-        }
+        })
 
 
 def collect(snap: EmperorSnapshot) -> dict[str, Any]:

@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from wcwidth import wcswidth
+
 from ..printable import printable
 
 def human_bytes(n: int | None) -> str:
@@ -31,6 +33,13 @@ def human_seconds(s: float | None) -> str:
         return f"{h}h{m:02d}m"
     d, h = divmod(h, 24)
     return f"{d}d{h:02d}h"
+
+
+def columns(text: str) -> int:
+    """The terminal columns `text` (printable: no control characters) takes:
+    two for a CJK character, none for a combining accent."""
+    n = wcswidth(text)
+    return n if n >= 0 else len(text)
 
 
 _env = None
@@ -69,7 +78,8 @@ def front_line(f: dict[str, Any]) -> str:
     ago = "-" if not f.get("last_reload") else human_seconds(time.time() - f["last_reload"]) + " ago"
     line = (f"front door {where}: nginx pid {f.get('pid') or '-'}, generation "
             f"{f.get('generation')} (serving {f.get('serving_generation')}), "
-            f"{f.get('names', 0)} names, {f.get('reloads', 0)} reloads, last {ago}")
+            f"{f.get('names', 0)} names, {f.get('reloads', 0)} reloads, "
+            f"{f.get('restarts', 0)} restarts, last {ago}")
     if f.get("last_error"):
         line += f"; error: {f['last_error']}"
     for vassal, why in (f.get("refused") or {}).items():
@@ -106,12 +116,13 @@ def format_table(doc: dict[str, Any]) -> str:
             _below(v.get("cgroup"), doc.get("emperor", {}).get("cgroup")),
         ))
     rows = [tuple(printable(c) for c in r) for r in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(COLUMNS)]
+    widths = [max([len(c)] + [columns(r[i]) for r in rows]) for i, c in enumerate(COLUMNS)]
     right = {3, 4, 5, 7, 8, 10, 11, 12, 13, 14, 15}
 
     def fmt(cells):
         return "  ".join(
-            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+            " " * (w - columns(c)) + c if i in right else c + " " * (w - columns(c))
+            for i, (c, w) in enumerate(zip(cells, widths))
         ).rstrip()
 
     lines = [fmt(COLUMNS), *map(fmt, rows)]

@@ -42,6 +42,8 @@ class Client:
     accepted: float = 0.0  # when it was accepted (the loop's clock)
     eof: bool = False  # stats socket: it shut its side: a plain reader, no command coming
     doc: bytes | None = None  # its document, held until COMMAND_GRACE has passed
+    http: bool = False  # a client of the status page (else of the stats socket)
+    asked: bool = False  # HTTP: its whole request came (it is no longer idle)
 
     def answer(self, data: bytes, until: float) -> None:
         """Its reply, to be written by `until` (else it is dropped)."""
@@ -178,6 +180,7 @@ class Requests:
             if len(c.inbuf) > MAX_REQUEST:
                 self._respond(c, http_response(431, "text/plain", b"request too large\n"))
             return
+        c.asked = True
         try:  # the request is complete: stop reading, answer (maybe later)
             self.sel.unregister(c.sock)
         except (KeyError, ValueError):
@@ -213,11 +216,11 @@ class Requests:
             return self._respond(
                 c, http_response(405, "text/plain", b"only GET\n", extra="Allow: GET, HEAD\r\n"))
         if target == "/json":
-            self._when_ready(lambda doc: self._respond(c, http_response(
+            self._when_ready(c, lambda doc: self._respond(c, http_response(
                 200, "application/json", self._once(doc, "json", lambda: json_body(doc)), head)))
         elif target == "/metrics":
             em = self.link.metrics if self.link is not None else None
-            self._when_ready(lambda doc: self._respond(c, http_response(
+            self._when_ready(c, lambda doc: self._respond(c, http_response(
                 200, "text/plain; version=0.0.4; charset=utf-8",
                 self._once(doc, "metrics", lambda: render_metrics(doc, em)), head)))
         elif target == "/healthz":
@@ -239,7 +242,7 @@ class Requests:
                 self._respond(c, http_response(200, "text/plain; charset=utf-8",
                                        (body or "(nothing logged yet)\n").encode(), head))
         elif target in ("/", "/index.html"):
-            self._when_ready(lambda doc: self._respond(c, http_response(
+            self._when_ready(c, lambda doc: self._respond(c, http_response(
                 200, "text/html; charset=utf-8",
                 self._once(doc, "html", lambda: render_html(doc).encode()), head)))
         else:

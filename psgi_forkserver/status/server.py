@@ -72,9 +72,10 @@ class StatusServer(Requests):
         self._stats_ino: tuple[int, int] | None = None
         self.requests = 0
         self.refused = 0
+        self.evicted = 0  # HTTP clients closed before their request, to make room
         self.now = time.monotonic()  # the loop's clock, as last handed to a callback
         self.job: Collection | None = None
-        self.waiters: list[Callable[[dict[str, Any]], None]] = []
+        self.waiters: list[tuple[Client, Callable[[dict[str, Any]], None]]] = []
         # registered for EVENT_WRITE while a collection runs: always ready,
         # so the loop comes back to us every turn (no timer needed)
         self._tick_r: socket.socket | None = None
@@ -179,10 +180,10 @@ class StatusServer(Requests):
                 self.log(f"status: accept: {e}")
                 return
             conn.setblocking(False)
-            if len(self.clients) >= self.max_clients:
+            if len(self.clients) >= self.max_clients and not (http and self._evict_idle()):
                 self._refuse(conn, http)
                 continue
-            c = Client(conn, now + CLIENT_TIMEOUT, accepted=now)
+            c = Client(conn, now + CLIENT_TIMEOUT, accepted=now, http=http)
             self.clients[conn.fileno()] = c
             try:
                 if http:
@@ -197,7 +198,7 @@ class StatusServer(Requests):
                     self.sel.register(conn, selectors.EVENT_READ,
                                       lambda t, fd=conn.fileno(): self._readable(fd, t, False))
                     if not self._on_stats_readable(conn.fileno(), now):
-                        self._when_ready(lambda doc, c=c: self._send_doc(c, doc))
+                        self._when_ready(c, lambda doc, c=c: self._send_doc(c, doc))
             except Exception as e:  # noqa: BLE001 - never take the Emperor down
                 self.log(f"status: {type(e).__name__}: {e}")
                 self._drop(conn.fileno())
@@ -208,6 +209,23 @@ class StatusServer(Requests):
             self._on_http_readable(fd, now)
         else:
             self._on_stats_readable(fd, now)
+
+    def _evict_idle(self) -> bool:
+        """Make room by closing the oldest HTTP client that has not sent its
+        whole request yet. Any local process can connect to a loopback port
+        and say nothing; were such connections kept in preference to new
+        ones, a few hundred of them would refuse every probe of /healthz
+        (and a liveness probe would restart the fleet). A client that has
+        asked is never dropped for a newcomer."""
+        for fd, c in self.clients.items():  # oldest first
+            if c.http and not c.asked and c.out is None:
+                self._drop(fd)
+                self.evicted += 1
+                if self.evicted == 1 or self.evicted % 100 == 0:
+                    self.log(f"status: closed a connection that sent no request, to make room "
+                             f"({self.evicted} so far)")
+                return True
+        return False
 
     def _refuse(self, conn: socket.socket, http: bool) -> None:
         """Too many clients: say so in what fits the socket buffer, close."""
@@ -260,11 +278,11 @@ class StatusServer(Requests):
 
     # -- the collection in progress ----------------------------------------------------
 
-    def _when_ready(self, callback: Callable[[dict[str, Any]], None]) -> None:
-        """Call back with the next document; requests arriving meanwhile
-        share the collection in progress."""
+    def _when_ready(self, c: Client, callback: Callable[[dict[str, Any]], None]) -> None:
+        """Call back with the next document for client `c`; requests
+        arriving meanwhile share the collection in progress."""
         self.requests += 1
-        self.waiters.append(callback)
+        self.waiters.append((c, callback))
         if self.job is not None:
             return
         self.job = Collection(self._snapshot())
@@ -294,13 +312,28 @@ class StatusServer(Requests):
         waiters, self.waiters = self.waiters, []
         if job is None:
             return
-        doc = job.document()
-        for cb in waiters:
+        try:
+            doc = job.document()
+        except Exception as e:  # noqa: BLE001
+            self.log(f"status: {type(e).__name__}: {e}")
+            doc = None
+        for c, cb in waiters:
             try:
+                if doc is None:
+                    raise RuntimeError("no status document")
                 cb(doc)
             except Exception as e:  # noqa: BLE001
                 self.log(f"status: {type(e).__name__}: {e}")
+                self._failed(c)
         self._expire(now)
+
+    def _failed(self, c: Client) -> None:
+        """Its answer could not be made: say so, rather than leave the
+        client waiting for a reply that will not come."""
+        if self.clients.get(c.sock.fileno()) is not c or c.out is not None:
+            return
+        self._respond(c, http_response(500, "text/plain", b"internal error\n") if c.http
+                      else json_body({"schema": SCHEMA, "error": "internal error"}))
 
     def _respond(self, c: Client, data: bytes) -> None:
         fd = c.sock.fileno()
