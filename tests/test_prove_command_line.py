@@ -261,6 +261,17 @@ def test_a_run_of_no_more_files_than_jobs_is_prove_itself(tmp_path: Path) -> Non
         assert ours.returncode == 0, ours.stdout + ours.stderr
         assert "ForkServer" not in ours.stderr, ours.stderr
         assert "All tests successful." in ours.stdout, ours.stdout
+    # files whose #! line asks for taint mode run cold whoever runs them:
+    # they leave parent.t the only file a base could fork
+    for name in ("t1", "t2", "t3"):
+        (tmp_path / "t" / f"{name}.t").write_text(
+            "#!perl -T\nuse strict;\nuse Test::More tests => 1;\nok ${^TAINT}, 'taint mode';\n")
+    ours = run_in(tmp_path, [EMPEROR, "prove", "-j2", "-v", "t"])
+    assert ours.returncode == 0, ours.stdout + ours.stderr
+    assert "ForkServer" not in ours.stderr, ours.stderr
+    assert "emperor prove:" not in ours.stderr, ours.stderr
+    assert "ok 1 - run by the prove script" in ours.stdout, ours.stdout
+    assert re.search(r"^Files=4, Tests=4, ", ours.stdout, re.M), ours.stdout
 
 
 def test_the_base_for_tests_loads_no_web_server(tmp_path: Path) -> None:
@@ -334,3 +345,12 @@ def test_few_files_counts_the_files_prove_would_run(tmp_path: Path, monkeypatch:
     assert few_files(["-j3", "-lr", "t"], [])
     assert not few_files(["t", "t/sub/b.t"], [])
     assert not few_files(["-j2", "t"], ["--no-preload"])  # ours: always forks
+    # a file whose #! line has a perl switch other than -w runs cold: it
+    # does not count; one with -w alone does
+    for name, shebang in (("t/sub/t1.t", "#!/usr/bin/perl -Tw"), ("t/sub/t2.t", "#! /usr/bin/perl -T"),
+                          ("t/sub/deeper/t3.t", "#!perl -w -t")):
+        (tmp_path / name).write_text(f"{shebang}\nprint qq{{1..0\n}};\n")
+    (tmp_path / "t/sub/deeper/c.t").unlink()
+    assert few_files(["-j2", "-r", "t"], [])  # a.t, b.t and three cold files
+    (tmp_path / "t/sub/deeper/w.t").write_text("#!perl -w\nprint qq{1..0\n};\n")
+    assert not few_files(["-j2", "-r", "t"], [])
