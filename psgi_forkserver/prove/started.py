@@ -254,13 +254,20 @@ def prove_program(perl: str) -> str | None:
     return shutil.which("prove")
 
 
+_QUICK_OURS = frozenset(("--no-preload", "--no-learn", "--no-cold-retry", "--destruct"))
+
+
 def few_files(prove_args: list[str], shim_args: list[str]) -> bool:
     """Whether prove's command line names no more test files than its
     jobs, and leaves the preload to us: then a base cannot pay off (it
     would load what each file loads, and every file starts at once), and
     prove runs the files itself. A guess on the side of starting one: an
     option not known here or a .proverc is "no"."""
-    if shim_args or os.path.exists(".proverc") or os.path.exists(os.path.expanduser("~/.proverc")):
+    # (our options that prove itself honours as well as a fork would: it
+    # preloads nothing and retries nothing; not --preload, which asks for a
+    # base, nor --timeout, --junit, --shard)
+    if any(a not in _QUICK_OURS for a in shim_args) or os.path.exists(".proverc") \
+            or os.path.exists(os.path.expanduser("~/.proverc")):
         return False
     jobs, recurse, named = 1, False, []
     args = iter(prove_args)
