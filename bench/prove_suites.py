@@ -85,6 +85,10 @@ SUITES = {
     "Test-Exception": "libtest-exception-perl",
     "Sub-Exporter": "libsub-exporter-perl",
     "Capture-Tiny": "libcapture-tiny-perl",  # forks and tees: minutes under prove
+    "Test-Fatal": "libtest-fatal-perl",
+    "Text-CSV": "libtext-csv-perl",  # its pure-Perl parser: 52,377 tests
+    "Params-Validate": "libparams-validate-perl",  # XS beside a pure-Perl fallback; taint tests
+    "Devel-StackTrace": "libdevel-stacktrace-perl",
 }
 
 # prove's arguments after -j N, as each distribution's README / CI runs
