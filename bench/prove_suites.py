@@ -40,6 +40,7 @@ import os
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,6 +85,10 @@ SUITES = {
     "Test-Exception": "libtest-exception-perl",
     "Sub-Exporter": "libsub-exporter-perl",
     "Capture-Tiny": "libcapture-tiny-perl",  # forks and tees: minutes under prove
+    "Test-Fatal": "libtest-fatal-perl",
+    "Text-CSV": "libtext-csv-perl",  # its pure-Perl parser: 52,377 tests
+    "Params-Validate": "libparams-validate-perl",  # XS beside a pure-Perl fallback; taint tests
+    "Devel-StackTrace": "libdevel-stacktrace-perl",
 }
 
 # prove's arguments after -j N, as each distribution's README / CI runs
@@ -113,6 +118,9 @@ class Run:
     exit: int
     verdicts: dict[str, str]
     notes: list[str] = field(default_factory=list)  # emperor prove's own stderr lines
+    # user + system seconds of the command and all it waited for: on a
+    # shared machine steadier than the wall-clock seconds
+    cpu: float = 0.0
 
 
 @dataclass
@@ -126,6 +134,7 @@ class Row:
     # shared machine: the ratios within one row are what can be compared)
     load: tuple[float, float] = (0.0, 0.0)
     seconds: dict[str, list[float]] = field(default_factory=dict)  # every run, with --repeat
+    cpu: dict[str, float] = field(default_factory=dict)  # each runner's median CPU seconds
 
 
 def prove_verdicts(out: str) -> dict[str, str]:
@@ -192,13 +201,13 @@ def timed(cmd: list[str], cwd: Path, parse, cache: Path | None = None) -> Run:
     fresh = Path(tempfile.mkdtemp(prefix="prove-cache-")) if cache is None else None
     env["XDG_CACHE_HOME"] = str(cache or fresh)
     try:
-        wall, _, p = measured(cmd, cwd, env)
+        wall, cpu, p = measured(cmd, cwd, env)
         seconds = round(wall, 2)
     finally:
         if fresh is not None:
             shutil.rmtree(fresh, ignore_errors=True)
     notes = [line for line in p.stderr.splitlines() if line.startswith("emperor prove:")]
-    return Run(cmd, seconds, p.returncode, parse(p.stdout + "\n" + p.stderr), notes)
+    return Run(cmd, seconds, p.returncode, parse(p.stdout + "\n" + p.stderr), notes, round(cpu, 2))
 
 
 def suite_dir(base: Path, package: str) -> Path | None:
@@ -292,6 +301,7 @@ def bench_suite(name: str, d: Path, jobs: str, emperor: str = EMPEROR, repeat: i
     for key, done in every.items():  # the median run (by time) stands for the runner
         row.runs[key] = sorted(done, key=lambda run: run.seconds)[(len(done) - 1) // 2]
         row.seconds[key] = [run.seconds for run in done]
+        row.cpu[key] = round(statistics.median(run.cpu for run in done), 2)
     # verdicts: every run of every runner against prove's (its first run)
     want = every["prove"][0].verdicts
     for key in ("emperor", "emperor-first", "emperor-no-preload", "emperor-learn", "emperor-state"):
@@ -357,6 +367,10 @@ def main() -> int:
         if args.repeat > 1:
             print("    every run (s): " + "; ".join(f"{k} {' '.join(f'{x:.2f}' for x in v)}"
                                                for k, v in row.seconds.items()), flush=True)
+        print("    CPU s (median): " + "; ".join(f"{k} {v:.2f}" for k, v in row.cpu.items())
+              + f"; prove / auto {row.cpu['prove'] / max(row.cpu['emperor'], 0.01):.2f}"
+              + f", prove / no-preload {row.cpu['prove'] / max(row.cpu['emperor-no-preload'], 0.01):.2f}",
+              flush=True)
         np, st = r["emperor-no-preload"].seconds, r["emperor-state"].seconds
         first = r["emperor-first"].seconds
         print(f"{name:14} {row.version:>12} {row.files:5d} {r['prove'].seconds:7.2f} "

@@ -51,10 +51,10 @@ def test_prove_options_have_proves_meaning(project: Path) -> None:
     refused = run_in(project, [EMPEROR, "prove", "t/a_uses_lib.t"])  # no -l: as prove, it fails
     assert refused.returncode == 1 and "Can't locate Proj.pm" in refused.stderr
     # --merge: the test's stderr is in its TAP stream (stdout), else on stderr
-    # (--no-preload: a fork even for one file)
-    merged = run_in(project, [EMPEROR, "prove", "--no-preload", "-v", "--merge", "t/c_stderr.t"])
+    # (--preload: a fork even for one file)
+    merged = run_in(project, [EMPEROR, "prove", "--preload", "Test::More", "-v", "--merge", "t/c_stderr.t"])
     assert "stderr-marker" in merged.stdout and "stderr-marker" not in merged.stderr
-    apart = run_in(project, [EMPEROR, "prove", "--no-preload", "-v", "t/c_stderr.t"])
+    apart = run_in(project, [EMPEROR, "prove", "--preload", "Test::More", "-v", "t/c_stderr.t"])
     assert "stderr-marker" in apart.stderr and "stderr-marker" not in apart.stdout
     timed = run_in(project, [EMPEROR, "prove", "-l", "--timer", "-s", "-w", "-f", "-o", "--ext", ".t",
                              "--formatter", "TAP::Formatter::File", "t"], FIX="1")
@@ -261,6 +261,19 @@ def test_a_run_of_no_more_files_than_jobs_is_prove_itself(tmp_path: Path) -> Non
         assert ours.returncode == 0, ours.stdout + ours.stderr
         assert "ForkServer" not in ours.stderr, ours.stderr
         assert "All tests successful." in ours.stdout, ours.stdout
+    # files whose #! line asks for taint mode run cold whoever runs them:
+    # they leave parent.t the only file a base could fork
+    for name in ("t1", "t2", "t3"):
+        (tmp_path / "t" / f"{name}.t").write_text(
+            "#!perl -T\nuse strict;\nuse Test::More tests => 1;\nok ${^TAINT}, 'taint mode';\n")
+    # (--no-preload too: prove itself preloads nothing)
+    for ours_too in ([], ["--no-preload"]):
+        ours = run_in(tmp_path, [EMPEROR, "prove", *ours_too, "-j2", "-v", "t"])
+        assert ours.returncode == 0, ours.stdout + ours.stderr
+        assert "ForkServer" not in ours.stderr, ours.stderr
+        assert "emperor prove:" not in ours.stderr, ours.stderr
+        assert "ok 1 - run by the prove script" in ours.stdout, ours.stdout
+        assert re.search(r"^Files=4, Tests=4, ", ours.stdout, re.M), ours.stdout
 
 
 def test_the_base_for_tests_loads_no_web_server(tmp_path: Path) -> None:
@@ -333,4 +346,16 @@ def test_few_files_counts_the_files_prove_would_run(tmp_path: Path, monkeypatch:
     assert not few_files(["-j2", "-r", "t"], [])  # three files
     assert few_files(["-j3", "-lr", "t"], [])
     assert not few_files(["t", "t/sub/b.t"], [])
-    assert not few_files(["-j2", "t"], ["--no-preload"])  # ours: always forks
+    # ours that prove itself honours as well (it preloads nothing), and ours that need a base
+    assert few_files(["-j2", "t"], ["--no-preload", "--no-learn", "--no-cold-retry", "--destruct"])
+    assert not few_files(["-j2", "t"], ["--preload", "Test::More"])
+    assert not few_files(["-j2", "t"], ["--junit", "out.xml"])
+    # a file whose #! line has a perl switch other than -w runs cold: it
+    # does not count; one with -w alone does
+    for name, shebang in (("t/sub/t1.t", "#!/usr/bin/perl -Tw"), ("t/sub/t2.t", "#! /usr/bin/perl -T"),
+                          ("t/sub/deeper/t3.t", "#!perl -w -t")):
+        (tmp_path / name).write_text(f"{shebang}\nprint qq{{1..0\n}};\n")
+    (tmp_path / "t/sub/deeper/c.t").unlink()
+    assert few_files(["-j2", "-r", "t"], [])  # a.t, b.t and three cold files
+    (tmp_path / "t/sub/deeper/w.t").write_text("#!perl -w\nprint qq{1..0\n};\n")
+    assert not few_files(["-j2", "-r", "t"], [])

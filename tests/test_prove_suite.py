@@ -19,7 +19,7 @@ from support.prove import PRELOADS, ROOT, SUITE, run, verdicts
 
 
 EXPECTED_FAILURES = {"die.t", "die_errno.t", "exit_3.t", "failing.t"}
-SUITE_FILES = 38
+SUITE_FILES = 39
 
 
 @pytest.mark.parametrize("jobs", ["1", "2"])
@@ -57,7 +57,9 @@ def test_suite_has_the_same_verdicts_as_prove(tmp_path: Path, jobs: str) -> None
                       # what a helper module it uses does as it loads, and a file it runs by `do`
                       ("core_global_in_helper.t", "it sets CORE::GLOBAL"),
                       ("do_file_before_use.t", "it sets $ENV{ENV_AT_LOAD_MODE}"),
-                      ("env_before_use_ok.t", "it sets $ENV{ENV_AT_LOAD_MODE}")):
+                      ("env_before_use_ok.t", "it sets $ENV{ENV_AT_LOAD_MODE}"),
+                      # before `use` of a helper module that uses the preloaded one
+                      ("env_before_helper_use.t", "it sets $ENV{ENV_AT_LOAD_MODE}")):
         assert f"{SUITE}/{name} runs forked from a bare base (none of the suite's modules loaded): {why}" \
             in ours.stderr, ours.stderr
     assert "env_not_read_at_load.t runs" not in ours.stderr, ours.stderr

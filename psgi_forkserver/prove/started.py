@@ -254,13 +254,20 @@ def prove_program(perl: str) -> str | None:
     return shutil.which("prove")
 
 
+_QUICK_OURS = frozenset(("--no-preload", "--no-learn", "--no-cold-retry", "--destruct"))
+
+
 def few_files(prove_args: list[str], shim_args: list[str]) -> bool:
     """Whether prove's command line names no more test files than its
     jobs, and leaves the preload to us: then a base cannot pay off (it
     would load what each file loads, and every file starts at once), and
     prove runs the files itself. A guess on the side of starting one: an
     option not known here or a .proverc is "no"."""
-    if shim_args or os.path.exists(".proverc") or os.path.exists(os.path.expanduser("~/.proverc")):
+    # (our options that prove itself honours as well as a fork would: it
+    # preloads nothing and retries nothing; not --preload, which asks for a
+    # base, nor --timeout, --junit, --shard)
+    if any(a not in _QUICK_OURS for a in shim_args) or os.path.exists(".proverc") \
+            or os.path.exists(os.path.expanduser("~/.proverc")):
         return False
     jobs, recurse, named = 1, False, []
     args = iter(prove_args)
@@ -281,25 +288,54 @@ def few_files(prove_args: list[str], shim_args: list[str]) -> bool:
             named.append(arg)
         else:
             return False
-    files = 0
+    files = forkable = 0
     for path in named or ["t"]:
         if os.path.isdir(path):
-            files += _count_tests(path, recurse, max(1, jobs) + 1 - files)
+            found, could_fork = _count_tests(path, recurse, max(1, jobs) + 1 - forkable)
+            files, forkable = files + found, forkable + could_fork
         elif path.endswith(".t") and os.path.isfile(path):
-            files += 1
+            files, forkable = files + 1, forkable + _may_fork(path)
         else:
             return False
-        if files > max(1, jobs):
+        if forkable > max(1, jobs):
             return False
     return files > 0
 
 
-def _count_tests(top: str, recurse: bool, enough: int) -> int:
-    """The *.t files in `top` (and below it with `recurse`), counted up to
-    `enough`."""
-    found = 0
+def _count_tests(top: str, recurse: bool, enough: int) -> tuple[int, int]:
+    """The *.t files in `top` (and below it with `recurse`), and how many
+    of them a base may fork, counted until those are `enough`."""
+    found = could_fork = 0
     for where, dirs, files in os.walk(top):
-        found += sum(1 for f in files if f.endswith(".t"))
-        if found >= enough or not recurse:
+        for name in files:
+            if name.endswith(".t"):
+                found += 1
+                could_fork += _may_fork(os.path.join(where, name))
+        if could_fork >= enough or not recurse:
             break
-    return found
+    return found, could_fork
+
+
+def _may_fork(path: str) -> bool:
+    """False for a file whose #! line gives perl a switch other than -w
+    (taint mode, the most common: Sub-Exporter's, Test-Exception's): prove
+    runs it with that switch, which no fork of a running perl can take, so
+    it runs cold under `emperor prove` too (ForkServer::Prove::Source's
+    rule: the switches up to the first word that is none, as perl reads
+    `#!perl -w  # -*- perl -*-`). (No `re` here: the 1-file path's start.)"""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(512)
+    except OSError:
+        return True
+    if not first.startswith(b"#!"):
+        return True
+    words = first[2:].split()  # (`#! /usr/bin/perl -Tw` too: Test-Exception's)
+    if not words or b"perl" not in words[0]:
+        return True
+    for word in words[1:]:
+        if not word.startswith(b"-"):
+            break
+        if word != b"-w":
+            return False
+    return True

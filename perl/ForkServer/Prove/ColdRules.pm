@@ -41,8 +41,11 @@ sub changes_before_preloaded_use {
     while ($text =~ /^\s*use\s+([A-Z][\w:]*)|\buse_ok\s*\(?\s*['"]([A-Z][\w:]*)/mg) {
         my $at = $-[0];
         (my $inc = "$+.pm") =~ s{::}{/}g;
-        if   ($base_inc->{$inc}) { $last_use = $at }
-        else                     { push @helpers, [$at, $inc] }
+        if ($base_inc->{$inc}) { $last_use = $at; next }
+        push @helpers, [$at, $inc];
+        # a helper of the suite's that itself uses a preloaded module loads
+        # it here (Params-Validate's t/lib/PVTests/Standard.pm)
+        $last_use = $at if grep { $base_inc->{$_} } _helper_uses($inc, $dirs // [], $cache);
     }
     return undef if $last_use < 0;
     # Only what runs at compile time can reach a `use` (which itself runs
@@ -171,6 +174,27 @@ sub _helper_code {
         }
         $code;
     };
+}
+
+# The %INC keys of the modules a helper module `use`s (its own `use` lines).
+sub _helper_uses {
+    my ($inc, $dirs, $cache) = @_;
+    my $uses = $cache->{"\0uses\0$inc"} //= do {
+        my @keys;
+        for my $dir (grep { defined && !ref } @$dirs) {
+            open my $fh, '<', "$dir/$inc" or next;
+            local $/;
+            my $src = <$fh> // '';
+            $src =~ s/^__(?:END|DATA)__\b.*//ms;
+            while ($src =~ /^\s*use\s+([A-Z][\w:]*)/mg) {
+                (my $key = "$1.pm") =~ s{::}{/}g;
+                push @keys, $key;
+            }
+            last;
+        }
+        \@keys;
+    };
+    return @$uses;
 }
 
 sub _read_at_compile_time {
