@@ -346,6 +346,10 @@ def render_nginx_conf(routes: Iterable[Route], listen: str, run_dir: Path,
         f"pid {ng / 'nginx.pid'};",
         "error_log stderr warn;",
         f"worker_shutdown_timeout {SHUTDOWN_TIMEOUT}s;",
+        # every request runs regular expressions (the Host map, the access
+        # log's time): compiled, a request costs nginx about 6% fewer
+        # instructions (bench/front_nginx_instr.py); nginx's default is off
+        "pcre_jit on;",
     ]
     if user:
         head.append(f"user {user};")
