@@ -33,7 +33,6 @@ import re
 import shlex
 import signal
 import time
-import statistics
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path

@@ -27,7 +27,6 @@ import http.client
 import os
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
