@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import front_bound
 from benchlib import BenchError, Ports, Procs, pss_of, rmtree, summary
 from front_load import (SERVING_LABELS, churn, em_reloads, fairness, host_get, serving, vassal_ini,
                         wait_host_200, write_vassal)
@@ -163,6 +164,8 @@ def run(procs: Procs, ports: Ports, tmp: Path, emperor_run, base_ini, quick: boo
                                  lambda: fairness(*args, duration, keepalive=0)),
         "fairness_saturated": ("front fairness, two slow clients",
                                lambda: fairness(*args, duration, slow_conns=2)),
+        "bound": ("front bound: app servers direct and through nginx",
+                  lambda: front_bound.bound(*args, duration)),
     }
     # BENCH_FRONT_STEPS=serving,fairness,...: only those (a quicker look
     # while working on one of them)
@@ -256,6 +259,8 @@ def rows(fr: dict) -> list[tuple[str, str, str, str]]:
                     f"load {fa.get('load_before', '?')} -> {fa.get('load_after', '?')}",
                     "<= 3x" if target else "",
                     ("met" if fa["ratio"] <= 3 else "**not met**") if target else ""))
+    if fr.get("bound"):
+        out += front_bound.rows(fr["bound"])
     nf = fr.get("new_file")
     if nf:
         out.append((f"new vassal file -> its name answering through nginx (`/hello`): p50 / max (N={nf['n']})",

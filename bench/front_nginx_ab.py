@@ -54,6 +54,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--duration", default="2s")
     ap.add_argument("--workers", type=int, default=2, help="nginx workers of the base (default 2)")
+    ap.add_argument("--control", metavar="NAME",
+                    help="also print each variant's nginx CPU a request minus NAME's, round by round "
+                         "(median and quartiles): NAME a variant with a no-op edit, so that both "
+                         "write their access log alike")
     ap.add_argument("variants", nargs="*", metavar="NAME=EDIT")
     args = ap.parse_args()
     set_child_subreaper()
@@ -91,16 +95,20 @@ def main() -> int:
             nginxes.append(p)
             wait_200(port, 30, "/", lambda: p.poll() is None, host="unix.localhost")
             targets[name] = (f"http://127.0.0.1:{port}/", "unix.localhost")
-        groups = Groups.under_emperor(em.ps)
-        for p in nginxes:
-            groups.roles["nginx"] += [q.pid for q in psutil.Process(p.pid).children()]
-        for url, host in targets.values():  # warm-up
-            wrk_measured(url, "1s", groups, host)
+        # each target's own processes: its nginx's workers and the vassal
+        # (not every nginx: an idle one's timers would count for the others)
+        emperor_groups = Groups.under_emperor(em.ps)
+        vassal = sorted(emperor_groups.pids().get("vassal", ()))
+        groups = {"direct": Groups({"vassal": vassal}), "base": emperor_groups}
+        for name, p in zip(list(targets)[2:], nginxes):
+            groups[name] = Groups({"nginx": [q.pid for q in psutil.Process(p.pid).children()], "vassal": vassal})
+        for k, (url, host) in targets.items():  # warm-up
+            wrk_measured(url, "1s", groups[k], host)
         runs: dict[str, list[dict]] = {k: [] for k in targets}
         names = list(targets)
         for i in range(args.rounds):
             for k in names if i % 2 == 0 else names[::-1]:
-                runs[k].append(wrk_measured(*targets[k][:1], args.duration, groups, targets[k][1]))
+                runs[k].append(wrk_measured(targets[k][0], args.duration, groups[k], targets[k][1]))
         print(f"load {open('/proc/loadavg').read().strip()}; {args.rounds} rounds of {args.duration}")
         for k, rs in runs.items():
             rs = [r for r in rs if r.get("cpu_us")]
@@ -110,6 +118,20 @@ def main() -> int:
                   f"p99 {med(lambda r: r['p99_ms']):6.2f} ms  CPU us a request: "
                   + " ".join(f"{role} {v:5.1f}" for role, v in cpu.items())
                   + f"  others' cores {med(lambda r: r['cores_others']):.2f}")
+        if args.control in runs:
+            # round by round: the two ran seconds apart, under about the same load
+            print(f"nginx CPU a request minus {args.control}'s in the same round (us): median (quartiles), "
+                  "rounds lower")
+            for k, rs in runs.items():
+                if k in ("direct", args.control):
+                    continue
+                diffs = [a["cpu_us"]["nginx"] - b["cpu_us"]["nginx"] for a, b in zip(rs, runs[args.control])
+                         if a.get("cpu_us") and b.get("cpu_us")]
+                if len(diffs) < 2:
+                    continue
+                q = statistics.quantiles(diffs, n=4)
+                print(f"{k:10s} {statistics.median(diffs):+6.1f} ({q[0]:+.1f} to {q[2]:+.1f}), "
+                      f"{sum(d < 0 for d in diffs)} of {len(diffs)}")
         return 0
     finally:
         for p in nginxes:

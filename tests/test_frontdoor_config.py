@@ -69,6 +69,9 @@ def test_nginx_accepts_the_generated_configuration(tmp_path: Path):
     assert "syntax is ok" in r.stderr
     # a reload's old workers are bounded: a response still streaming after 30 s is cut
     assert "worker_shutdown_timeout 30s;" in conf.read_text()
+    # the regular expressions every request runs (the Host map, the access
+    # log's time) compiled to machine code, and this nginx can
+    assert "pcre_jit on;" in conf.read_text() and "JIT" not in r.stderr
     # nginx's workers: half the CPUs (a proxied request costs nginx about
     # a third of its CPU, the vassal the rest), at least one; or as told
     half = max(1, len(os.sched_getaffinity(0)) // 2)
