@@ -33,6 +33,9 @@ STATES = tuple(p.value for p in Phase)
 #: states in which the vassal's address serves (on-demand: its socket is
 #: bound, the first connection starts it)
 UP = ("running", "loyal", "reloading", "on-demand")
+#: how a code deploy can finish (emperor.deploys.DeployState, whose module
+#: this one may not import; tests/test_status_hostile.py keeps them equal)
+DEPLOY_OUTCOMES = ("done", "partial", "failed", "interrupted")
 
 
 class EmperorMetrics:
@@ -52,11 +55,8 @@ class EmperorMetrics:
                                ["outcome"], registry=None)
         # every outcome from 0: a series born at its first increment hides
         # that increment from rate() and increase() (the first failed deploy)
-        from .emperor.deploys import DeployState  # here: the emperor package imports us
-
-        for outcome in DeployState:
-            if outcome.finished:
-                self.deploys.labels(outcome=outcome.value)
+        for outcome in DEPLOY_OUTCOMES:
+            self.deploys.labels(outcome=outcome)
         self._deploy_seen: tuple[int, float] | None = None  # the finish last counted
 
     def adopted(self, seconds: float) -> None:

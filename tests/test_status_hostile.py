@@ -274,7 +274,10 @@ def test_every_deploy_outcome_is_exported_from_zero():
     `increase(psgi_forkserver_deploys_total{outcome="failed"}[10m]) > 0`
     missed the first failed deploy of every Emperor. Every outcome is there
     from the start, at 0."""
-    from psgi_forkserver.metrics import EmperorMetrics, render
+    from psgi_forkserver.emperor.deploys import DeployState
+    from psgi_forkserver.metrics import DEPLOY_OUTCOMES, EmperorMetrics, render
+
+    assert set(DEPLOY_OUTCOMES) == {s.value for s in DeployState if s.finished}
 
     text = render({"vassals": {}, "emperor": {}}, EmperorMetrics()).decode()
     deploys = {s.labels["outcome"]: s.value for fam in text_string_to_metric_families(text)
