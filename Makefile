@@ -106,9 +106,10 @@ $(STAMPS)/browser: Makefile tools/install-debian-packages | $(STAMPS)/debian
 # The three suites run side by side (most of their time is spent waiting on
 # the processes they start); --output-sync prints each one's output whole,
 # when it ends, so every runner's closing lines stay together. Each waits
-# only for what it needs: plain prove starts while pip fills the venv.
+# only for what it needs: plain prove starts while pip fills the venv, and
+# -k starts the others even when it failed first (all three always report).
 test:
-	$(MAKE) --no-print-directory -j3 --output-sync=target test-perl-prove test-perl-emperor test-python
+	$(MAKE) --no-print-directory -k -j3 --output-sync=target test-perl-prove test-perl-emperor test-python
 
 # The Perl tests twice: under prove, and under `emperor prove` (forked
 # from a preloaded base), which must give the same verdicts.
