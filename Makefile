@@ -78,7 +78,11 @@ $(STAMPS)/venv-run: pyproject.toml $(STAMPS)/run-debian
 	$(VPY) -m pip install -q -e .
 	@mkdir -p $(STAMPS) && touch $@
 
-$(STAMPS)/venv: pyproject.toml $(STAMPS)/debian $(STAMPS)/venv-run
+# The test venv in one pip run (the package and its test extras), not the
+# runtime venv's install followed by a second one.
+$(STAMPS)/venv: pyproject.toml $(STAMPS)/debian
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e '.[test]'
 	@mkdir -p $(STAMPS) && touch $@
 
@@ -93,22 +97,26 @@ install:
 	$(PREFIX)/bin/python -m pip install -q --upgrade pip
 	$(PREFIX)/bin/python -m pip install -q .
 
-$(STAMPS)/browser: Makefile tools/install-debian-packages
+# After the other packages (order only): two apt-get runs at once would
+# fight over dpkg's lock while the test targets' set-up runs side by side.
+$(STAMPS)/browser: Makefile tools/install-debian-packages | $(STAMPS)/debian
 	tools/install-debian-packages $(BROWSER_PACKAGES)
 	@mkdir -p $(STAMPS) && touch $@
 
 # The three suites run side by side (most of their time is spent waiting on
 # the processes they start); --output-sync prints each one's output whole,
-# when it ends, so every runner's closing lines stay together.
-test: setup $(STAMPS)/browser
-	$(MAKE) --no-print-directory -j3 --output-sync=target test-perl-prove test-perl-emperor test-python
+# when it ends, so every runner's closing lines stay together. Each waits
+# only for what it needs: plain prove starts while pip fills the venv, and
+# -k starts the others even when it failed first (all three always report).
+test:
+	$(MAKE) --no-print-directory -k -j3 --output-sync=target test-perl-prove test-perl-emperor test-python
 
 # The Perl tests twice: under prove, and under `emperor prove` (forked
 # from a preloaded base), which must give the same verdicts.
 test-perl: setup
 	$(MAKE) --no-print-directory -j2 --output-sync=target test-perl-prove test-perl-emperor
 
-test-perl-prove: setup
+test-perl-prove: $(STAMPS)/debian
 	prove -j3 -r -I perl t/
 
 test-perl-emperor: setup
@@ -117,7 +125,7 @@ test-perl-emperor: setup
 # pytest-xdist: one file per worker at a time (a file's module fixtures
 # start their fleet once); tests/support/emperors.py names each worker's processes.
 test-python: setup $(STAMPS)/browser
-	$(VPY) -m pytest -q -n 3 --dist loadfile
+	$(VPY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 bench-setup: $(STAMPS)/bench-debian
 

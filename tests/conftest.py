@@ -8,6 +8,8 @@ through `support.Emperors`: a fresh directory each, the base from
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -24,6 +26,23 @@ from support import Emperors
 # per-example deadline (200 ms) fails a property on a loaded machine.
 settings.register_profile("project", deadline=None)
 settings.load_profile("project")
+
+
+FILE_TIMES = Path(__file__).parent / "file_times.json"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The slowest files first (tests/file_times.json, from the last
+    measured run; a file not in it yet goes first of all, as a new file may
+    be a long one), each file's tests in their own order. Under `--dist
+    loadfile --no-loadscope-reorder` the workers take files in this order:
+    the long ones start at once and the run does not end with one worker
+    alone on a long file."""
+    try:
+        seconds = json.loads(FILE_TIMES.read_text())
+    except (OSError, ValueError):
+        return
+    items.sort(key=lambda item: -seconds.get(item.path.name, math.inf))  # stable: a file's own order kept
 
 
 @pytest.fixture(autouse=True, scope="session")

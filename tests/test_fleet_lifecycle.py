@@ -51,7 +51,7 @@ def test_code_deploy_moves_every_vassal_without_a_failed_request(emperor):
     load.start()
     wait_for(lambda: load.ok > 50, 10, "load to run")
     out = subprocess.run([EMPEROR, "reload-base", "--pidfile", e.pidfile],
-                         capture_output=True, text=True, timeout=10)
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     wait_for(lambda: all(e.vpids(n)[-1] != before[n] for n in ports), 40, "every vassal to move")
     wait_for(lambda: not alive(psutil.Process(base_old)) if psutil.pid_exists(base_old) else True,

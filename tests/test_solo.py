@@ -161,7 +161,8 @@ def test_a_reload_asked_by_sighup_is_a_new_process(fleet):
     wait_for(lambda: not pid_alive(old), 20, "the old process to stop")
     new = int(answer(port)["pid"])
     assert new != old
-    assert fleet.lines(f"old pid {old} stopped (exit status 0)")
+    # the Emperor logs the reap after its waitpid: the pid can be gone first
+    wait_for(lambda: fleet.lines(f"old pid {old} stopped (exit status 0)"), 10, "the old pid's stop logged")
     assert solo_state(fleet)["failures"] == 0
 
 
@@ -176,7 +177,7 @@ def test_emperor_reload_starts_a_successor_before_the_old_process_stops(fleet):
     assert int(answer(port)["pid"]) != old
     v = solo_state(fleet)
     assert v["operator_reloads"] == before + 1 and v["failures"] == 0, v
-    assert fleet.lines(f"old pid {old} stopped (exit status 0)")
+    wait_for(lambda: fleet.lines(f"old pid {old} stopped (exit status 0)"), 10, "the old pid's stop logged")
 
 
 def test_harakiri_ends_the_process_and_the_emperor_starts_another(fleet):
