@@ -16,6 +16,14 @@ Every process of the vassal (workers, what the app runs) inherits it. The
 pipe is read line by line; a process writing a whole line with one write(2)
 (< PIPE_BUF bytes) is never interleaved mid-line with another.
 
+What one vassal gets relayed is limited (`OutputLimit`): so many lines and
+bytes a second (`log-lines-per-second`, `log-bytes-per-second`), with two
+seconds' worth as a burst. Lines over it are dropped, counted, and said once
+a second; a pipe whose vassal is over it is read only every `PAUSE` seconds
+(what it holds then is dropped whole, without looking at its lines), so a
+tenant that floods its output costs the Emperor a few reads a second, and
+its writers wait on their full pipe meanwhile.
+
 A vassal with `logto = PATH` has its lines written to that file (O_APPEND);
 `reopen()` (SIGUSR2, `emperor reopen-logs`) reopens every file, for
 logrotate's rename-then-signal.
@@ -42,6 +50,9 @@ FORMATS = ("text", "json")
 MAX_LINE = 16384  # a longer line is cut into pieces of this many bytes
 READ_CHUNK = 65536
 PIPE_SIZE = 1 << 20  # the default /proc/sys/fs/pipe-max-size
+PAUSE = 0.1  # a pipe whose vassal is over its limit is read again after this long
+BURST = 2.0  # a limit's bucket holds this many seconds' worth
+REPORT_EVERY = 1.0  # dropped lines are said at most this often per vassal
 
 
 _second: list = [None, ""]  # the last whole second formatted, and its text
@@ -105,6 +116,85 @@ class LogFile:
 
 
 @dataclass
+class OutputLimit:
+    """How much of one vassal's output is relayed: `lines` and `nbytes` a
+    second (0: no limit of that kind), from buckets that hold BURST seconds'
+    worth; what is over it is counted, to be said (`report`)."""
+
+    lines: int
+    nbytes: int
+    line_tokens: float = 0.0
+    byte_tokens: float = 0.0
+    stamp: float | None = None
+    dropped_lines: int = 0
+    dropped_bytes: int = 0
+    dropping_since: float | None = None  # the first drop not said yet
+    said: float = float("-inf")
+
+    def refill(self, now: float) -> None:
+        if self.stamp is None:
+            self.line_tokens, self.byte_tokens = self.lines * BURST, self.nbytes * BURST
+        else:
+            dt = max(0.0, now - self.stamp)
+            self.line_tokens = min(self.lines * BURST, self.line_tokens + self.lines * dt)
+            self.byte_tokens = min(self.nbytes * BURST, self.byte_tokens + self.nbytes * dt)
+        self.stamp = now
+
+    def spent(self) -> bool:
+        return (self.lines > 0 and self.line_tokens < 1) or (self.nbytes > 0 and self.byte_tokens < 1)
+
+    def take(self, lines: list[str], now: float) -> list[str]:
+        """The first of `lines` that fit (the others are counted dropped)."""
+        self.refill(now)
+        n = 0
+        for line in lines:
+            size = len(line) + 1
+            if self.spent() or (self.nbytes > 0 and size > self.byte_tokens):
+                break
+            self.line_tokens -= 1
+            self.byte_tokens -= size
+            n += 1
+        if n < len(lines):
+            self.drop(len(lines) - n, sum(len(line) + 1 for line in lines[n:]), now)
+        return lines[:n] if n < len(lines) else lines
+
+    def drop(self, lines: int, nbytes: int, now: float) -> None:
+        if not (lines or nbytes):
+            return
+        self.dropped_lines += lines
+        self.dropped_bytes += nbytes
+        if self.dropping_since is None:
+            self.dropping_since = now
+
+    def report_due(self) -> float | None:
+        """When the drops not said yet are to be said."""
+        if self.dropping_since is None:
+            return None
+        return max(self.said + REPORT_EVERY, self.dropping_since)
+
+    def report(self, now: float) -> str | None:
+        """The line that says the drops since the last one, if it is time."""
+        due = self.report_due()
+        if due is None or now < due:
+            return None
+        since = min(self.dropping_since or now, now)
+        text = (f"log limit: {self.dropped_lines} lines ({self.dropped_bytes} bytes) of its output dropped "
+                f"in {max(now - since, 0.0):.1f} s, over {self._what()}")
+        self.dropped_lines = self.dropped_bytes = 0
+        self.dropping_since = None
+        self.said = now
+        return text
+
+    def _what(self) -> str:
+        parts = []
+        if self.lines:
+            parts.append(f"{self.lines} lines")
+        if self.nbytes:
+            parts.append(f"{self.nbytes} bytes")
+        return " or ".join(parts) + " a second (log-lines-per-second, log-bytes-per-second)"
+
+
+@dataclass
 class Log:
     """Where every line goes: the Emperor's stream (stderr, or `--logto`),
     and each vassal's own file (`logto` key)."""
@@ -118,6 +208,18 @@ class Log:
     # keeps a vassal's recent lines for its status page, and each process's
     # last words (process: the vassal's process sequence number)
     keep: Callable[[str, list[str], int | None], None] | None = None
+    limits: dict[str, OutputLimit] = field(default_factory=dict)  # vassal -> what it may relay
+
+    def set_limit(self, vassal: str, lines: int, nbytes: int) -> None:
+        """The vassal's output limit (0 and 0: none); a changed one starts
+        full, an unchanged one keeps its state."""
+        old = self.limits.get(vassal)
+        if old is not None and (old.lines, old.nbytes) == (lines, nbytes):
+            return
+        if lines or nbytes:
+            self.limits[vassal] = OutputLimit(lines, nbytes)
+        else:
+            self.limits.pop(vassal, None)
 
     def keep_with(self, keep: Callable[[str, list[str], int | None], None]) -> None:
         """Who keeps a vassal's lines (the Emperor's recent.RecentLines)."""
@@ -304,6 +406,27 @@ class OutputPipe:
             self.buf.clear()
         return [ln.rstrip(b"\r").decode("utf-8", "replace") for ln in lines], eof
 
+    def drop(self) -> tuple[int, int, bool]:
+        """Read what the pipe holds (up to PIPE_SIZE) and throw it away,
+        lines not looked at but counted; a partial last line is kept (its
+        head was relayed or counted). (lines, bytes, end of file)."""
+        data = recv_ready(self.rfd, PIPE_SIZE)
+        if data is None:
+            return 0, 0, False
+        if not data:
+            n = len(self.buf)
+            self.buf.clear()
+            return (1 if n else 0), n, True
+        self.buf += data
+        end = self.buf.rfind(b"\n") + 1
+        if end == 0 and len(self.buf) >= MAX_LINE:
+            end = len(self.buf)
+        lines = self.buf.count(b"\n", 0, end) if end else 0
+        if end and not self.buf.endswith(b"\n", 0, end):
+            lines += 1  # a long line cut at MAX_LINE
+        del self.buf[:end]
+        return lines, end, False
+
     def close(self) -> None:
         self.passed()
         if self.rfd >= 0:
@@ -337,6 +460,8 @@ class Relay:
         self.pipes: dict[int, tuple[OutputPipe, str, Callable[[], int | None]]] = {}
         self.formatted: set[int] = set()  # read ends whose lines are in the log's format
         self.seqs: dict[int, int | None] = {}  # read end -> the vassal's process sequence
+        self.callbacks: dict[int, Callable] = {}  # read end -> its selector callback
+        self.paused: dict[int, float] = {}  # read ends of vassals over their limit -> read again at
 
     def watch(self, out: OutputPipe, vassal: str, pid: Callable[[], int | None],
               seq: int | None = None, formatted: bool = False) -> None:
@@ -350,7 +475,8 @@ class Relay:
         read = Quiet(lambda now, fd=out.rfd: self._readable(fd))
         if formatted:
             self.formatted.add(out.rfd)
-        self.sel.register(out.rfd, selectors.EVENT_READ, read if formatted else read.fn)
+        self.callbacks[out.rfd] = read if formatted else read.fn
+        self.sel.register(out.rfd, selectors.EVENT_READ, self.callbacks[out.rfd])
 
     def _readable(self, fd: int) -> bool:
         """Relay what can be read now; False once there is nothing more."""
@@ -362,12 +488,70 @@ class Relay:
             if eof:
                 self._forget(fd)
             return bool(data) and not eof
-        lines, eof = out.read()
+        limit = self.log.limits.get(vassal)
+        if limit is None:
+            lines, eof = out.read()
+        else:
+            now = time.monotonic()
+            limit.refill(now)
+            if limit.spent():
+                # over it: what the pipe holds goes unread line by line,
+                # and the pipe waits (its writers too, once it is full)
+                n, size, eof = out.drop()
+                limit.drop(n, size, now)
+                if not eof:
+                    self._pause(fd, now + PAUSE)
+                    return False
+                lines = []
+            else:
+                lines, eof = out.read()
+                lines = limit.take(lines, now)
         if lines:
             self.log.relay(vassal, lines, pid(), self.seqs.get(fd))
         if eof:
             self._forget(fd)
         return bool(lines) and not eof
+
+    def _pause(self, fd: int, until: float) -> None:
+        if fd in self.paused:
+            return
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError):
+            return
+        self.paused[fd] = until
+
+    def next_wakeup(self) -> list[float]:
+        """When a paused pipe is read again, or dropped lines are said."""
+        times = list(self.paused.values())
+        for limit in self.log.limits.values():
+            due = limit.report_due()
+            if due is not None:
+                times.append(due)
+        return times
+
+    def poll(self, now: float) -> None:
+        """Every turn: paused pipes whose time came are read again, and the
+        drops of each vassal are said, at most once a second."""
+        for fd, until in list(self.paused.items()):
+            if now >= until:
+                del self.paused[fd]
+                if fd in self.pipes:
+                    self.sel.register(fd, selectors.EVENT_READ, self.callbacks[fd])
+        for vassal, limit in self.log.limits.items():
+            if limit.dropping_since is not None:
+                text = limit.report(now)
+                if text is not None:
+                    self.log.emit(text, vassal, level="warning")
+
+    def forget_limit(self, vassal: str, now: float) -> None:
+        """The vassal is gone: its drops not said yet are said now."""
+        limit = self.log.limits.pop(vassal, None)
+        if limit is not None and limit.dropping_since is not None:
+            limit.said = float("-inf")
+            text = limit.report(now)
+            if text is not None:
+                self.log.emit(text, vassal, level="warning")
 
     def _forget(self, fd: int) -> None:
         try:
@@ -376,6 +560,8 @@ class Relay:
             pass
         out, _, _ = self.pipes.pop(fd)
         self.seqs.pop(fd, None)
+        self.callbacks.pop(fd, None)
+        self.paused.pop(fd, None)
         self.formatted.discard(fd)
         out.close()
 

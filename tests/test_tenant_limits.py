@@ -5,6 +5,9 @@ made with useradd, a real Emperor as root, a real hostile app
 
 from __future__ import annotations
 
+import re
+import threading
+import time
 import urllib.request
 
 import pytest
@@ -75,7 +78,7 @@ def test_a_fork_bomb_is_held_to_its_tenants_limit_and_the_others_still_fork(flee
         assert max_processes(int(got["pid"])) == ["12", "12"]
         add(fleet, "other", other, f"uid = {b.name}", processes=2)
         assert call(other, "/")["name"] == "other"
-        assert fleet.vassal("other")["state"] == "loyal", fleet.vassal("other")
+        wait_for(lambda: fleet.vassal("other")["state"] == "loyal", 20, "the other tenant's vassal to be loyal")
         emperor_ok(fleet)
     finally:
         call(bomb, "/release")
@@ -93,3 +96,47 @@ def test_a_uid_vassal_has_a_process_limit_by_default(fleet, tenants):
         ours = next(line.split()[2:4] for line in f if line.startswith("Max processes"))
     assert max_processes(int(call(dflt, "/")["pid"])) == ["1024", "1024"]
     assert max_processes(int(call(none, "/")["pid"])) == ours
+
+
+# -- the log relay -------------------------------------------------------------
+
+
+def test_a_flood_of_output_is_cut_to_its_limit_and_said_while_the_others_are_relayed(fleet, tenants):
+    """A tenant's app writes 200,000 lines (20 MB) as fast as it can with
+    `log-lines-per-second = 200`: about 200 a second reach the log (and
+    two seconds' worth of burst), the rest are dropped and said in lines of
+    their own, every one of them counted; meanwhile another vassal's line
+    is in the log within seconds."""
+    a, b = tenants
+    flood, calm = free_port(), free_port()
+    add(fleet, "flood", flood, f"uid = {a.name}", "log-lines-per-second = 200")
+    add(fleet, "calm", calm, f"uid = {b.name}")
+    done: list[float] = []
+    started = time.monotonic()
+    writer = threading.Thread(target=lambda: (call(flood, "/flood?lines=200000", timeout=120),
+                                              done.append(time.monotonic())))
+    writer.start()
+    try:
+        wait_for(lambda: fleet.lines("[flood] 00000001 "), 30, "the flood's first line")
+        for i in range(3):
+            call(calm, f"/say?word=calm-{i}")
+            wait_for(lambda i=i: fleet.lines(f"[calm] said calm-{i}"), 5, f"calm's line {i} in the log")
+    finally:
+        writer.join(150)
+    assert done, "the flood did not end"
+    took = done[0] - started
+
+    def counted() -> tuple[int, int]:
+        said = [re.search(r"\[flood\] log limit: (\d+) lines \((\d+) bytes\) of its output dropped", line)
+                for line in fleet.lines("[flood] log limit: ")]
+        return sum(int(m.group(1)) for m in said if m), len(said)
+
+    def relayed() -> int:
+        return len(re.findall(r"\[flood\] \d{8} x", fleet.text()))
+
+    # the last drops are said a second after the one before
+    wait_for(lambda: relayed() + counted()[0] == 200000, 10, "every line relayed or said dropped")
+    relayed, (dropped, reports) = relayed(), counted()
+    assert relayed <= 200 * (took + 2) + 200, (relayed, took)
+    assert reports <= took + 3, (reports, took)  # the first at once, then one a second, the last
+    emperor_ok(fleet)

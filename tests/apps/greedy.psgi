@@ -5,6 +5,7 @@
 #   /release       ends them
 #   /flood?lines=N writes N lines of 100 bytes to its output, as fast as it can
 #   /again         asks the Emperor for its replacement (byte 22)
+#   /say?word=W    writes one line, "said W"
 use strict;
 use warnings;
 use POSIX ();
@@ -50,6 +51,9 @@ my $app = sub {
         for my $i (1 .. ($q{lines} // 1000)) {
             syswrite STDERR, sprintf("%08d %s", $i, $line);
         }
+    }
+    elsif ($path eq '/say') {
+        syswrite STDERR, "said $q{word}\n";
     }
     elsif ($path eq '/again') {
         POSIX::write($ENV{UWSGI_EMPEROR_FD}, chr(22), 1) // die "byte 22: $!\n";
