@@ -140,3 +140,30 @@ def test_a_flood_of_output_is_cut_to_its_limit_and_said_while_the_others_are_rel
     assert relayed <= 200 * (took + 2) + 200, (relayed, took)
     assert reports <= took + 3, (reports, took)  # the first at once, then one a second, the last
     emperor_ok(fleet)
+
+
+# -- successors asked for in a loop ------------------------------------------
+
+
+def test_byte_22_after_every_request_gets_the_crash_loop_back_off(fleet, tenants):
+    """A `master = false` tenant asks for its replacement (byte 22) after
+    every request, for 4 s of requests without pause: its successors come
+    with the crash-loop back-off (0.2 s doubling to 1 s here), not one per
+    request; the throttling is said with the first of them, and another
+    vassal answers all along."""
+    a, b = tenants
+    solo, calm = free_port(), free_port()
+    add(fleet, "again", solo, f"uid = {a.name}", "master = false")
+    add(fleet, "steady", calm, f"uid = {b.name}", processes=1)
+    before = len(fleet.lines("[again] adopted successor pid"))
+    end = time.monotonic() + 4
+    asked = 0
+    while time.monotonic() < end:
+        if call(solo, "/again", timeout=10):
+            asked += 1
+        assert call(calm, "/")["name"] == "steady"
+    successors = len(fleet.lines("[again] adopted successor pid")) - before
+    assert asked >= 20, asked  # it asked many times
+    assert 1 <= successors <= 8, (successors, asked)
+    assert fleet.lines("its successor starts in"), fleet.text()[-3000:]
+    emperor_ok(fleet)

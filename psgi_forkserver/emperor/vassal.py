@@ -88,6 +88,11 @@ class Vassal(VassalView, Decisions):
     not_before: float = 0.0  # THROTTLED (or a failed successor): next try
     stop_reason: str | None = None  # byte 22 received, not acted on yet
     failures: int = 0  # consecutive deaths without being loyal/stable
+    # `master = false`: replacements (byte 22) asked in a row, each by a
+    # process younger than `stable_after`; the next successor waits for
+    # the crash-loop back-off, counted from the asking process's start
+    quick_replacements: int = 0
+    replace_at: float = 0.0  # the successor byte 22 asked for starts then, not before
     last_status: int | None = None
     processes_started: int = 0  # how many processes this vassal has had (status: "generation")
     restarts: int = 0  # processes started again after an unexpected death or a kill
@@ -244,7 +249,7 @@ class Vassal(VassalView, Decisions):
             if p.state != ProcState.LOYAL:
                 return None
             if not self.on_demand and p.config.solo:  # `master = false`: a new process
-                return who + "asked to be replaced" if p.ask_replacement() else None
+                return who + self._replacement(p, now) if p.ask_replacement() else None
             if p is self.current and p.live and self.stop_reason is None:
                 self.stop_reason = "idle" if self.on_demand else "asked to stop"
                 return "idle" if self.on_demand else "asked to be stopped"
@@ -348,6 +353,26 @@ class Vassal(VassalView, Decisions):
             self.not_before = now
             return True
         return False
+
+    def _replacement(self, p: Proc, now: float) -> str:
+        """Byte 22 of a `master = false` process: when its successor may
+        start, and what to say. A process that asks before it lived
+        `stable_after` is one more in a row, as a crash would be: else an
+        app that asks after every request would have one adoption each,
+        as fast as they come."""
+        lived = now - (p.started_at if p.started_at is not None else now)
+        if lived >= self.policy.stable_after:
+            self.quick_replacements = 0
+            self.replace_at = now
+            return "asked to be replaced"
+        self.quick_replacements += 1
+        delay = backoff_delay(self.quick_replacements, self.policy.backoff_first, self.policy.backoff_max)
+        self.replace_at = now + max(0.0, delay - lived)
+        if self.replace_at <= now:
+            return "asked to be replaced"
+        return (f"asked to be replaced {lived:.1f} s after its start ({self.quick_replacements} in a row "
+                f"before {self.policy.stable_after:g} s): its successor starts in {self.replace_at - now:.1f} s "
+                "(the crash-loop back-off)")
 
     # -- what its decisions (decisions.py) change, asked for by name ---------
 
