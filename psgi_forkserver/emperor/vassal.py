@@ -25,45 +25,21 @@ A vassal may have several processes at once (`current`, `successor`,
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
 from ..config import VassalConfig
 from ..proc import (
     CODE_DEPLOY, Action, Adopt, Context, Exit, Forget, ForkServer, Kill, Kind, Phase, Policy, Proc,
-    ProcState, Send, Spawn, backoff_delay,
+    ProcState, Send, Spawn, backoff_delay, replacement_wait,
 )
 from ..protocol import VassalByte
 from .decisions import Decisions, Quiet, Slot
+from .facts import fact
 from .vassal_view import VassalView
 
 # the state machine's vocabulary (proc.py), imported from here too
 __all__ = ["CODE_DEPLOY", "Action", "Adopt", "Context", "Exit", "Forget", "ForkServer", "Kill",
            "Kind", "Phase", "Policy", "Proc", "ProcState", "Quiet", "Send", "Slot", "Spawn", "Vassal"]
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def fact(method: F) -> F:
-    """A method that records a fact: afterwards (even if it raised) the
-    vassal's name is added to the set the plan gave it (`report_facts_to`,
-    the plan's `Settled.dirty`), so a vassal the plan left out as settled is
-    stepped again. A new method that records a fact must be one too
-    (tests/test_plan.py checks)."""
-
-    @functools.wraps(method)
-    def recorded(self: "Vassal", *args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            if self.facts_to is not None:
-                self.facts_to.add(self.name)
-
-    recorded.records_a_fact = True  # type: ignore[attr-defined]
-    return recorded  # type: ignore[return-value]
-
 
 @dataclass
 class Vassal(VassalView, Decisions):
@@ -88,10 +64,7 @@ class Vassal(VassalView, Decisions):
     not_before: float = 0.0  # THROTTLED (or a failed successor): next try
     stop_reason: str | None = None  # byte 22 received, not acted on yet
     failures: int = 0  # consecutive deaths without being loyal/stable
-    # `master = false`: replacements (byte 22) asked in a row, each by a
-    # process younger than `stable_after`; the next successor waits for
-    # the crash-loop back-off, counted from the asking process's start
-    quick_replacements: int = 0
+    quick_replacements: int = 0  # `master = false`: byte 22 from young processes in a row
     replace_at: float = 0.0  # the successor byte 22 asked for starts then, not before
     last_status: int | None = None
     processes_started: int = 0  # how many processes this vassal has had (status: "generation")
@@ -356,22 +329,14 @@ class Vassal(VassalView, Decisions):
 
     def _replacement(self, p: Proc, now: float) -> str:
         """Byte 22 of a `master = false` process: when its successor may
-        start, and what to say. A process that asks before it lived
-        `stable_after` is one more in a row, as a crash would be: else an
-        app that asks after every request would have one adoption each,
-        as fast as they come."""
+        start (proc.replacement_wait), and what to say."""
         lived = now - (p.started_at if p.started_at is not None else now)
-        if lived >= self.policy.stable_after:
-            self.quick_replacements = 0
-            self.replace_at = now
-            return "asked to be replaced"
-        self.quick_replacements += 1
-        delay = backoff_delay(self.quick_replacements, self.policy.backoff_first, self.policy.backoff_max)
-        self.replace_at = now + max(0.0, delay - lived)
-        if self.replace_at <= now:
+        self.quick_replacements, wait = replacement_wait(self.quick_replacements, lived, self.policy)
+        self.replace_at = now + wait
+        if wait <= 0:
             return "asked to be replaced"
         return (f"asked to be replaced {lived:.1f} s after its start ({self.quick_replacements} in a row "
-                f"before {self.policy.stable_after:g} s): its successor starts in {self.replace_at - now:.1f} s "
+                f"before {self.policy.stable_after:g} s): its successor starts in {wait:.1f} s "
                 "(the crash-loop back-off)")
 
     # -- what its decisions (decisions.py) change, asked for by name ---------
