@@ -362,11 +362,9 @@ class Relay:
     def forget_limit(self, vassal: str, now: float) -> None:
         """The vassal is gone: its drops not said yet are said now."""
         limit = self.log.limits.pop(vassal, None)
-        if limit is not None and limit.dropping_since is not None:
-            limit.said = float("-inf")
-            text = limit.report(now)
-            if text is not None:
-                self.log.emit(text, vassal, level="warning")
+        text = limit.report(now, at_once=True) if limit is not None else None
+        if text is not None:
+            self.log.emit(text, vassal, level="warning")
 
     def _forget(self, fd: int) -> None:
         try:

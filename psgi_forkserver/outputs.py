@@ -84,10 +84,11 @@ class OutputLimit:
             return None
         return max(self.said + REPORT_EVERY, self.dropping_since)
 
-    def report(self, now: float) -> str | None:
-        """The line that says the drops since the last one, if it is time."""
+    def report(self, now: float, at_once: bool = False) -> str | None:
+        """The line that says the drops since the last one, if it is time
+        (`at_once`: if there are any; the vassal is gone)."""
         due = self.report_due()
-        if due is None or now < due:
+        if due is None or (now < due and not at_once):
             return None
         since = min(self.dropping_since or now, now)
         text = (f"log limit: {self.dropped_lines} lines ({self.dropped_bytes} bytes) of its output dropped "

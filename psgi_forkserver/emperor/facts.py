@@ -21,8 +21,7 @@ def fact(method: F) -> F:
         try:
             return method(self, *args, **kwargs)
         finally:
-            if self.facts_to is not None:
-                self.facts_to.add(self.name)
+            self._fact_recorded()
 
     recorded.records_a_fact = True  # type: ignore[attr-defined]
     return recorded  # type: ignore[return-value]

@@ -87,6 +87,11 @@ class Vassal(VassalView, Decisions):
         """From now on every fact recorded on it adds its name to `marks`."""
         self.facts_to = marks
 
+    def _fact_recorded(self) -> None:
+        """After each fact (facts.py): the plan steps it again."""
+        if self.facts_to is not None:
+            self.facts_to.add(self.name)
+
     # -- facts ---------------------------------------------------------------
 
     def _enter(self, phase: Phase, now: float) -> None:
