@@ -163,7 +163,7 @@ def test_byte_22_after_every_request_gets_the_crash_loop_back_off(fleet, tenants
             asked += 1
         assert call(calm, "/")["name"] == "steady"
     successors = len(fleet.lines("[again] adopted successor pid")) - before
-    assert asked >= 20, asked  # it asked many times
+    assert asked >= 12, asked  # it asked many times (more than 8 successors would be, without the back-off)
     assert 1 <= successors <= 8, (successors, asked)
     assert fleet.lines("its successor starts in"), fleet.text()[-3000:]
     emperor_ok(fleet)
