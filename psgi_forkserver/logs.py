@@ -16,6 +16,8 @@ Every process of the vassal (workers, what the app runs) inherits it. The
 pipe is read line by line; a process writing a whole line with one write(2)
 (< PIPE_BUF bytes) is never interleaved mid-line with another.
 
+What one vassal gets relayed is limited: outputs.py's `OutputLimit`.
+
 A vassal with `logto = PATH` has its lines written to that file (O_APPEND);
 `reopen()` (SIGUSR2, `emperor reopen-logs`) reopens every file, for
 logrotate's rename-then-signal.
@@ -23,7 +25,6 @@ logrotate's rename-then-signal.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import selectors
@@ -34,14 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from .nonblocking import recv_ready
 from .printable import printable
+from .outputs import MAX_LINE, PAUSE, OutputLimit, OutputPipe  # noqa: F401 (logs.MAX_LINE, logs.OutputLimit)
 from .rights import Rights, open_append
 
 FORMATS = ("text", "json")
-MAX_LINE = 16384  # a longer line is cut into pieces of this many bytes
-READ_CHUNK = 65536
-PIPE_SIZE = 1 << 20  # the default /proc/sys/fs/pipe-max-size
 
 
 _second: list = [None, ""]  # the last whole second formatted, and its text
@@ -118,6 +116,18 @@ class Log:
     # keeps a vassal's recent lines for its status page, and each process's
     # last words (process: the vassal's process sequence number)
     keep: Callable[[str, list[str], int | None], None] | None = None
+    limits: dict[str, OutputLimit] = field(default_factory=dict)  # vassal -> what it may relay
+
+    def set_limit(self, vassal: str, lines: int, nbytes: int) -> None:
+        """The vassal's output limit (0 and 0: none); a changed one starts
+        full, an unchanged one keeps its state."""
+        old = self.limits.get(vassal)
+        if old is not None and (old.lines, old.nbytes) == (lines, nbytes):
+            return
+        if lines or nbytes:
+            self.limits[vassal] = OutputLimit(lines, nbytes)
+        else:
+            self.limits.pop(vassal, None)
 
     def keep_with(self, keep: Callable[[str, list[str], int | None], None]) -> None:
         """Who keeps a vassal's lines (the Emperor's recent.RecentLines)."""
@@ -239,78 +249,6 @@ class Log:
             self.main.close()
 
 
-class OutputPipe:
-    """One vassal process's stdout and stderr: the pipe the Emperor reads.
-
-    `wfd` is the write end to pass to the process (closed by `passed()`
-    once it is); `rfd` the non-blocking read end, in the Emperor's loop
-    until every process holding the write end has exited (EOF)."""
-
-    def __init__(self, rfd: int | None = None) -> None:
-        """A new pipe; or, with `rfd`, the read end of one made elsewhere."""
-        if rfd is None:
-            self.rfd, self.wfd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-            os.set_blocking(self.wfd, True)  # the vassal's end: writers block, never lose lines
-            # room for a busy vassal's lines while the Emperor is busy or
-            # frozen (the 64 KiB default is ~600 access lines); best effort
-            try:
-                fcntl.fcntl(self.rfd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-            except OSError:
-                pass
-        else:
-            self.rfd, self.wfd = rfd, -1
-            os.set_blocking(rfd, False)
-        self.buf = bytearray()
-
-    def passed(self) -> None:
-        if self.wfd >= 0:
-            os.close(self.wfd)
-            self.wfd = -1
-
-    def read_lines(self) -> tuple[bytes, bool]:
-        """`read`'s whole lines, as they are: bytes, newlines kept."""
-        data = recv_ready(self.rfd, READ_CHUNK)
-        if data is None:
-            return b"", False
-        self.buf += data
-        # whole lines; a line of MAX_LINE bytes, or what is left at the end, as one
-        end = len(self.buf) if not data or len(self.buf) >= MAX_LINE else self.buf.rfind(b"\n") + 1
-        whole = bytes(self.buf[:end])
-        del self.buf[:end]
-        return (whole if not whole or whole.endswith(b"\n") else whole + b"\n"), not data
-
-    def read(self) -> tuple[list[str], bool]:
-        """The whole lines read now, and whether the pipe reached its end
-        (then a last partial line is among them)."""
-        data = recv_ready(self.rfd, READ_CHUNK)
-        if data is None:
-            return [], False
-        eof = not data
-        self.buf += data
-        lines = []
-        while True:
-            i = self.buf.find(b"\n")
-            if i < 0:
-                if len(self.buf) >= MAX_LINE:
-                    i = MAX_LINE
-                    lines.append(bytes(self.buf[:i]))
-                    del self.buf[:i]
-                    continue
-                break
-            lines.append(bytes(self.buf[:i]))
-            del self.buf[:i + 1]
-        if eof and self.buf:
-            lines.append(bytes(self.buf))
-            self.buf.clear()
-        return [ln.rstrip(b"\r").decode("utf-8", "replace") for ln in lines], eof
-
-    def close(self) -> None:
-        self.passed()
-        if self.rfd >= 0:
-            os.close(self.rfd)
-            self.rfd = -1
-
-
 class Quiet:
     """A selector callback after which the Emperor need not plan again:
     copying lines changes nothing the plan reads (Loop._wait)."""
@@ -337,6 +275,8 @@ class Relay:
         self.pipes: dict[int, tuple[OutputPipe, str, Callable[[], int | None]]] = {}
         self.formatted: set[int] = set()  # read ends whose lines are in the log's format
         self.seqs: dict[int, int | None] = {}  # read end -> the vassal's process sequence
+        self.callbacks: dict[int, Callable] = {}  # read end -> its selector callback
+        self.paused: dict[int, float] = {}  # read ends of vassals over their limit -> read again at
 
     def watch(self, out: OutputPipe, vassal: str, pid: Callable[[], int | None],
               seq: int | None = None, formatted: bool = False) -> None:
@@ -350,7 +290,8 @@ class Relay:
         read = Quiet(lambda now, fd=out.rfd: self._readable(fd))
         if formatted:
             self.formatted.add(out.rfd)
-        self.sel.register(out.rfd, selectors.EVENT_READ, read if formatted else read.fn)
+        self.callbacks[out.rfd] = read if formatted else read.fn
+        self.sel.register(out.rfd, selectors.EVENT_READ, self.callbacks[out.rfd])
 
     def _readable(self, fd: int) -> bool:
         """Relay what can be read now; False once there is nothing more."""
@@ -362,12 +303,68 @@ class Relay:
             if eof:
                 self._forget(fd)
             return bool(data) and not eof
-        lines, eof = out.read()
+        limit = self.log.limits.get(vassal)
+        if limit is None:
+            lines, eof = out.read()
+        else:
+            now = time.monotonic()
+            limit.refill(now)
+            if limit.spent():
+                # over it: what the pipe holds goes unread line by line,
+                # and the pipe waits (its writers too, once it is full)
+                n, size, eof = out.drop()
+                limit.drop(n, size, now)
+                if not eof:
+                    self._pause(fd, now + PAUSE)
+                    return False
+                lines = []
+            else:
+                lines, eof = out.read()
+                lines = limit.take(lines, now)
         if lines:
             self.log.relay(vassal, lines, pid(), self.seqs.get(fd))
         if eof:
             self._forget(fd)
         return bool(lines) and not eof
+
+    def _pause(self, fd: int, until: float) -> None:
+        if fd in self.paused:
+            return
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError):
+            return
+        self.paused[fd] = until
+
+    def next_wakeup(self) -> list[float]:
+        """When a paused pipe is read again, or dropped lines are said."""
+        times = list(self.paused.values())
+        for limit in self.log.limits.values():
+            due = limit.report_due()
+            if due is not None:
+                times.append(due)
+        return times
+
+    def poll(self, now: float) -> None:
+        """Every turn: paused pipes whose time came are read again, and the
+        drops of each vassal are said, at most once a second."""
+        for fd, until in list(self.paused.items()):
+            if now >= until:
+                del self.paused[fd]
+                if fd in self.pipes:
+                    self.sel.register(fd, selectors.EVENT_READ, self.callbacks[fd])
+        for vassal, limit in self.log.limits.items():
+            if limit.dropping_since is not None:
+                text = limit.report(now)
+                if text is not None:
+                    self.log.emit(text, vassal, level="warning")
+
+    def forget_limit(self, vassal: str, now: float) -> None:
+        """The vassal is gone: its drops not said yet are said now."""
+        limit = self.log.limits.pop(vassal, None)
+        text = limit.report(now, at_once=True) if limit is not None else None
+        if text is not None:
+            self.log.emit(text, vassal, level="warning")
 
     def _forget(self, fd: int) -> None:
         try:
@@ -376,6 +373,8 @@ class Relay:
             pass
         out, _, _ = self.pipes.pop(fd)
         self.seqs.pop(fd, None)
+        self.callbacks.pop(fd, None)
+        self.paused.pop(fd, None)
         self.formatted.discard(fd)
         out.close()
 

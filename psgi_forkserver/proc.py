@@ -152,6 +152,19 @@ def backoff_delay(failures: int, first: float, most: float) -> float:
     return min(first * 2 ** (failures - 1), most)
 
 
+def replacement_wait(in_a_row: int, lived: float, policy: "Policy") -> tuple[int, float]:
+    """Byte 22 of a `master = false` process that lived `lived` s, after
+    `in_a_row` replacements asked by young processes: (the new count, how
+    long its successor waits). One younger than `stable_after` counts as a
+    crash would: its successor starts the back-off after its start (else
+    an app that asks after every request has one adoption each, as fast as
+    they come); one that lived that long is replaced at once."""
+    if lived >= policy.stable_after:
+        return 0, 0.0
+    in_a_row += 1
+    return in_a_row, max(0.0, backoff_delay(in_a_row, policy.backoff_first, policy.backoff_max) - lived)
+
+
 @dataclass
 class Policy:
     """The timings of every vassal's life (options.Options declares them)."""

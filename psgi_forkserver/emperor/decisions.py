@@ -261,6 +261,9 @@ class Decisions:
         reason = self._reload_reason(ctx)
         if reason is None:
             return []
+        if reason == "replacement asked" and now < self.replace_at:
+            self.retry_at = self.replace_at
+            return []  # asked too soon after its start, again: the back-off
         seamless = self.seamless or cur.kind == Kind.BASE
         if not seamless:
             self._reload_by_restart()

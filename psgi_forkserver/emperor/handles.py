@@ -12,6 +12,7 @@ from .. import launch, logs
 from ..rights import of_vassal as rights_of
 from ..adoption import PendingAdoption
 from ..config import VassalConfig
+from ..config.options import declared_options
 from .ondemand import VassalSockets
 from .vassal import Vassal
 
@@ -134,6 +135,7 @@ def output_pipe(v: Vassal, cfg: VassalConfig, logbook: logs.Log, vassals_dir: Pa
     logto = cfg.get("logto") if hasattr(cfg, "get") else None
     rights = rights_of(cfg.get("uid"), cfg.get("gid")) if logto else None  # a tenant's file: opened as it
     err = logbook.set_logto(v.name, vassals_dir / logto if logto else None, rights)
+    logbook.set_limit(v.name, _uint(cfg, "log-lines-per-second"), _uint(cfg, "log-bytes-per-second"))
     if err is not None:
         log(f"logto: {err}; its lines go to the Emperor's log", v.name)
     try:
@@ -142,3 +144,14 @@ def output_pipe(v: Vassal, cfg: VassalConfig, logbook: logs.Log, vassals_dir: Pa
         log(f"cannot make its output pipe: {e.strerror or e}; its output is "
             "not attributed", v.name)
         return None
+
+
+def _uint(cfg: VassalConfig, key: str) -> int:
+    """A uint option of the vassal's file (checked when it was read), or its default."""
+    value = cfg.get(key) if hasattr(cfg, "get") else None
+    if value is None:
+        value = declared_options()[key].default
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0

@@ -149,6 +149,7 @@ class Emperor:
         self._handle_signals(now)
         self.handled += self.outcomes.reap(now)
         self.outlived.expire(now)
+        self.relay.poll(now)
         self.files.turn(now)
         self.again = False
         facts = self._facts(now)
@@ -290,6 +291,7 @@ class Emperor:
                     self.procs.forget(v.name)
                     self.listeners.forget(v.name)
                     self.logbook.set_logto(v.name, None)  # what its pipes still hold: the main log
+                    self.relay.forget_limit(v.name, now)
                     self.lines.forget(v.name)
                     self.files.forget(v)
 
@@ -297,7 +299,8 @@ class Emperor:
         if self.again:
             return 0.0
         times = [*self.files.next_wakeup(), *self.bases.probe_times(),
-                 *self.procs.next_wakeup(), *self.sweeper.next_wakeup(), *self.outlived.next_wakeup()]
+                 *self.procs.next_wakeup(), *self.sweeper.next_wakeup(), *self.outlived.next_wakeup(),
+                 *self.relay.next_wakeup()]
         times += self.settled.wakeups(self.vassals) + self.cockpit.next_wakeups()
         for t in (self.cgroups.next_wakeup(now) if self.cgroups is not None else None,
                   self.routes.next_wakeup()):

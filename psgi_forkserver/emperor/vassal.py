@@ -25,45 +25,21 @@ A vassal may have several processes at once (`current`, `successor`,
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
 from ..config import VassalConfig
 from ..proc import (
     CODE_DEPLOY, Action, Adopt, Context, Exit, Forget, ForkServer, Kill, Kind, Phase, Policy, Proc,
-    ProcState, Send, Spawn, backoff_delay,
+    ProcState, Send, Spawn, backoff_delay, replacement_wait,
 )
 from ..protocol import VassalByte
 from .decisions import Decisions, Quiet, Slot
+from .facts import fact
 from .vassal_view import VassalView
 
 # the state machine's vocabulary (proc.py), imported from here too
 __all__ = ["CODE_DEPLOY", "Action", "Adopt", "Context", "Exit", "Forget", "ForkServer", "Kill",
            "Kind", "Phase", "Policy", "Proc", "ProcState", "Quiet", "Send", "Slot", "Spawn", "Vassal"]
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def fact(method: F) -> F:
-    """A method that records a fact: afterwards (even if it raised) the
-    vassal's name is added to the set the plan gave it (`report_facts_to`,
-    the plan's `Settled.dirty`), so a vassal the plan left out as settled is
-    stepped again. A new method that records a fact must be one too
-    (tests/test_plan.py checks)."""
-
-    @functools.wraps(method)
-    def recorded(self: "Vassal", *args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            if self.facts_to is not None:
-                self.facts_to.add(self.name)
-
-    recorded.records_a_fact = True  # type: ignore[attr-defined]
-    return recorded  # type: ignore[return-value]
-
 
 @dataclass
 class Vassal(VassalView, Decisions):
@@ -88,6 +64,8 @@ class Vassal(VassalView, Decisions):
     not_before: float = 0.0  # THROTTLED (or a failed successor): next try
     stop_reason: str | None = None  # byte 22 received, not acted on yet
     failures: int = 0  # consecutive deaths without being loyal/stable
+    quick_replacements: int = 0  # `master = false`: byte 22 from young processes in a row
+    replace_at: float = 0.0  # the successor byte 22 asked for starts then, not before
     last_status: int | None = None
     processes_started: int = 0  # how many processes this vassal has had (status: "generation")
     restarts: int = 0  # processes started again after an unexpected death or a kill
@@ -108,6 +86,11 @@ class Vassal(VassalView, Decisions):
     def report_facts_to(self, marks: set[str]) -> None:
         """From now on every fact recorded on it adds its name to `marks`."""
         self.facts_to = marks
+
+    def _fact_recorded(self) -> None:
+        """After each fact (facts.py): the plan steps it again."""
+        if self.facts_to is not None:
+            self.facts_to.add(self.name)
 
     # -- facts ---------------------------------------------------------------
 
@@ -244,7 +227,7 @@ class Vassal(VassalView, Decisions):
             if p.state != ProcState.LOYAL:
                 return None
             if not self.on_demand and p.config.solo:  # `master = false`: a new process
-                return who + "asked to be replaced" if p.ask_replacement() else None
+                return who + self._replacement(p, now) if p.ask_replacement() else None
             if p is self.current and p.live and self.stop_reason is None:
                 self.stop_reason = "idle" if self.on_demand else "asked to stop"
                 return "idle" if self.on_demand else "asked to be stopped"
@@ -348,6 +331,18 @@ class Vassal(VassalView, Decisions):
             self.not_before = now
             return True
         return False
+
+    def _replacement(self, p: Proc, now: float) -> str:
+        """Byte 22 of a `master = false` process: when its successor may
+        start (proc.replacement_wait), and what to say."""
+        lived = now - (p.started_at if p.started_at is not None else now)
+        self.quick_replacements, wait = replacement_wait(self.quick_replacements, lived, self.policy)
+        self.replace_at = now + wait
+        if wait <= 0:
+            return "asked to be replaced"
+        return (f"asked to be replaced {lived:.1f} s after its start ({self.quick_replacements} in a row "
+                f"before {self.policy.stable_after:g} s): its successor starts in {wait:.1f} s "
+                "(the crash-loop back-off)")
 
     # -- what its decisions (decisions.py) change, asked for by name ---------
 

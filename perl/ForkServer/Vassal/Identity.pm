@@ -3,6 +3,7 @@ use strict;
 use warnings;
 
 use POSIX ();
+use ForkServer::Process::Limits ();
 
 =head1 NAME
 
@@ -160,6 +161,7 @@ line saying which id could not be given up.
 sub drop {
     my ($config) = @_;
     my $want = target($config) // return;
+    limit_processes($config);
     my $now = current();
     if ($now->{uids}[1] != 0) {    # nothing can change without root
         return if _holds_only($now, $want);
@@ -180,6 +182,21 @@ sub drop {
     # home): perl's require stops there ("Permission denied") rather than
     # look further, and the app's `use` of an installed module would fail.
     @INC = grep { ref($_) || _enterable($_) } @INC;
+    return;
+}
+
+=head2 limit_processes($config)
+
+C<limit-nproc> (RLIMIT_NPROC, L<ForkServer::Process::Limits>) set before
+the drop, so that nothing of the tenant's runs without it and none of its
+processes can lift it; dies with one line if the kernel refuses it. 0: none.
+
+=cut
+
+sub limit_processes {
+    my ($config) = @_;
+    my $n = $config->get('limit-nproc') or return;
+    defined ForkServer::Process::Limits::set_nproc($n) or die "limit-nproc $n: $!\n";
     return;
 }
 
