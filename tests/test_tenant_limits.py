@@ -85,16 +85,17 @@ def test_a_fork_bomb_is_held_to_its_tenants_limit_and_the_others_still_fork(flee
 
 
 def test_a_uid_vassal_has_a_process_limit_by_default(fleet, tenants):
-    """Without `limit-nproc`, a vassal with `uid` runs under 1024; one
-    without `uid` (root's, which the kernel does not hold to it) is left
-    as it was; `limit-nproc = 0` sets none."""
+    """Without `limit-nproc`, a vassal with `uid` runs under a quarter of
+    the machine's process slots (pid_max, threads-max: a big fleet under one
+    uid fits); `limit-nproc = 0` sets none."""
     a, b = tenants
     dflt, none = free_port(), free_port()
     add(fleet, "dflt", dflt, f"uid = {a.name}")
     add(fleet, "none", none, f"uid = {b.name}", "limit-nproc = 0")
     with open("/proc/self/limits") as f:
         ours = next(line.split()[2:4] for line in f if line.startswith("Max processes"))
-    assert max_processes(int(call(dflt, "/")["pid"])) == ["1024", "1024"]
+    slots = min(int(open(f"/proc/sys/kernel/{k}").read()) for k in ("pid_max", "threads-max"))
+    assert max_processes(int(call(dflt, "/")["pid"])) == [str(slots // 4)] * 2
     assert max_processes(int(call(none, "/")["pid"])) == ours
 
 
@@ -140,6 +141,18 @@ def test_a_flood_of_output_is_cut_to_its_limit_and_said_while_the_others_are_rel
     assert relayed <= 200 * (took + 2) + 200, (relayed, took)
     assert reports <= took + 3, (reports, took)  # the first at once, then one a second, the last
     emperor_ok(fleet)
+
+
+def test_a_vassal_without_uid_is_not_held_to_the_log_limits_by_default(fleet):
+    """The log limits' defaults are a tenant's: a vassal that runs as the
+    Emperor's own user (a busy access log on stderr, say) has every line
+    relayed, 30,000 at once, and no drop said."""
+    port = free_port()
+    add(fleet, "trusted", port)
+    call(port, "/flood?lines=30000", timeout=120)
+    wait_for(lambda: fleet.lines("[trusted] 00030000 "), 60, "the flood's last line")
+    assert len(re.findall(r"\[trusted\] \d{8} x", fleet.text())) == 30000
+    assert not fleet.lines("[trusted] log limit: ")
 
 
 # -- successors asked for in a loop ------------------------------------------

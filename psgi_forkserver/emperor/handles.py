@@ -135,7 +135,7 @@ def output_pipe(v: Vassal, cfg: VassalConfig, logbook: logs.Log, vassals_dir: Pa
     logto = cfg.get("logto") if hasattr(cfg, "get") else None
     rights = rights_of(cfg.get("uid"), cfg.get("gid")) if logto else None  # a tenant's file: opened as it
     err = logbook.set_logto(v.name, vassals_dir / logto if logto else None, rights)
-    logbook.set_limit(v.name, _uint(cfg, "log-lines-per-second"), _uint(cfg, "log-bytes-per-second"))
+    logbook.set_limit(v.name, _log_limit(cfg, "log-lines-per-second"), _log_limit(cfg, "log-bytes-per-second"))
     if err is not None:
         log(f"logto: {err}; its lines go to the Emperor's log", v.name)
     try:
@@ -146,11 +146,15 @@ def output_pipe(v: Vassal, cfg: VassalConfig, logbook: logs.Log, vassals_dir: Pa
         return None
 
 
-def _uint(cfg: VassalConfig, key: str) -> int:
-    """A uint option of the vassal's file (checked when it was read), or its default."""
-    value = cfg.get(key) if hasattr(cfg, "get") else None
+def _log_limit(cfg: VassalConfig, key: str) -> int:
+    """A log limit of the vassal's file (checked when it was read), or its
+    default for a tenant's vassal (one with `uid`). A vassal that runs as
+    the Emperor's own user is the operator's: its lines (a busy access log
+    on stderr, say) are not dropped unless its file says so."""
+    get = cfg.get if hasattr(cfg, "get") else (lambda _key: None)
+    value = get(key)
     if value is None:
-        value = declared_options()[key].default
+        value = declared_options()[key].default if get("uid") else 0
     try:
         return int(value or 0)
     except ValueError:

@@ -14,6 +14,7 @@ ForkServer::Process::Limits - resource limits a vassal sets on itself before it 
 =head1 SYNOPSIS
 
   my $set = ForkServer::Process::Limits::set_nproc(1024);   # the limit now in force, or undef
+  my $n = ForkServer::Process::Limits::machine_share();    # the default: a quarter of pid_max / threads-max
 
 =head1 DESCRIPTION
 
@@ -42,6 +43,34 @@ sub set_nproc {
     my $new = pack 'QQ', $n, $n;
     syscall($call, 0, RLIMIT_NPROC, $new, 0) == 0 or return undef;
     return $n;
+}
+
+=head2 machine_share() -> $n
+
+A quarter of the machine's process slots: the lower of
+C</proc/sys/kernel/pid_max> and C</proc/sys/kernel/threads-max>, over 4
+(0 when neither can be read). A fixed number would be wrong one way or the
+other: one uid often runs a whole fleet (300 vassals of 4 processes), and
+C<pid_max> is 32768 on some hosts and 4194304 on others; a quarter lets a
+big fleet under one uid fit and leaves three quarters to everyone else
+when a tenant's app forks without end.
+
+=cut
+
+sub machine_share {
+    my @max = grep { defined && /^\d+$/ } map { _read_first_line($_) } qw(
+        /proc/sys/kernel/pid_max /proc/sys/kernel/threads-max);
+    return 0 unless @max;
+    my ($low) = sort { $a <=> $b } @max;
+    return int($low / 4);
+}
+
+sub _read_first_line {
+    my ($path) = @_;
+    open my $fh, '<', $path or return undef;
+    my $line = <$fh>;
+    chomp $line if defined $line;
+    return $line;
 }
 
 1;

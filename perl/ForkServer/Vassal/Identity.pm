@@ -190,12 +190,15 @@ sub drop {
 C<limit-nproc> (RLIMIT_NPROC, L<ForkServer::Process::Limits>) set before
 the drop, so that nothing of the tenant's runs without it and none of its
 processes can lift it; dies with one line if the kernel refuses it. 0: none.
+Not set: a quarter of the machine's process slots
+(L<ForkServer::Process::Limits/machine_share>).
 
 =cut
 
 sub limit_processes {
     my ($config) = @_;
-    my $n = $config->get('limit-nproc') or return;
+    my $n = $config->get('limit-nproc') // ForkServer::Process::Limits::machine_share();
+    return unless $n;
     defined ForkServer::Process::Limits::set_nproc($n) or die "limit-nproc $n: $!\n";
     return;
 }
