@@ -62,9 +62,7 @@ class Options:
     backoff_first: float = option(1.0, "crash loop: first restart delay, doubling",
                                   metavar="SECONDS")
     backoff_max: float = option(180.0, "crash loop: longest restart delay", metavar="SECONDS")
-    stable_after: float = option(10.0, "a vassal that lived this long did not crash-loop; "
-                                 "a `master = false` process younger than this that asks for "
-                                 "its replacement (byte 22) counts as a crash",
+    stable_after: float = option(10.0, "a vassal that lived this long did not crash-loop",
                                  metavar="SECONDS")
     reload_grace: float = option(
         1.0, "a new vassal that never sends byte 17 replaces the old one this long after "

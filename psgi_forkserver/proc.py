@@ -152,14 +152,24 @@ def backoff_delay(failures: int, first: float, most: float) -> float:
     return min(first * 2 ** (failures - 1), most)
 
 
+# A `master = false` process that asks for its successor (byte 22) this
+# soon after its start is not a process that served its max-requests: an
+# app that asks after every request lives milliseconds. Not `stable_after`
+# (10 s): a busy vassal recycled by max-requests every few seconds would
+# then wait out a back-off with nobody accepting (the asking process
+# accepts nothing more); a second bounds the hostile case to about one
+# adoption a second.
+QUICK_REPLACEMENT = 1.0
+
+
 def replacement_wait(in_a_row: int, lived: float, policy: "Policy") -> tuple[int, float]:
     """Byte 22 of a `master = false` process that lived `lived` s, after
-    `in_a_row` replacements asked by young processes: (the new count, how
-    long its successor waits). One younger than `stable_after` counts as a
-    crash would: its successor starts the back-off after its start (else
-    an app that asks after every request has one adoption each, as fast as
-    they come); one that lived that long is replaced at once."""
-    if lived >= policy.stable_after:
+    `in_a_row` replacements asked by processes younger than
+    QUICK_REPLACEMENT: (the new count, how long its successor waits). Such a
+    young one counts as a crash would: its successor starts the back-off
+    after its start (else an app that asks after every request has one
+    adoption each, as fast as they come); an older one is replaced at once."""
+    if lived >= QUICK_REPLACEMENT:
         return 0, 0.0
     in_a_row += 1
     return in_a_row, max(0.0, backoff_delay(in_a_row, policy.backoff_first, policy.backoff_max) - lived)

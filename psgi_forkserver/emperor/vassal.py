@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from ..config import VassalConfig
 from ..proc import (
     CODE_DEPLOY, Action, Adopt, Context, Exit, Forget, ForkServer, Kill, Kind, Phase, Policy, Proc,
-    ProcState, Send, Spawn, backoff_delay, replacement_wait,
+    QUICK_REPLACEMENT, ProcState, Send, Spawn, backoff_delay, replacement_wait,
 )
 from ..protocol import VassalByte
 from .decisions import Decisions, Quiet, Slot
@@ -341,7 +341,7 @@ class Vassal(VassalView, Decisions):
         if wait <= 0:
             return "asked to be replaced"
         return (f"asked to be replaced {lived:.1f} s after its start ({self.quick_replacements} in a row "
-                f"before {self.policy.stable_after:g} s): its successor starts in {wait:.1f} s "
+                f"before {QUICK_REPLACEMENT:g} s): its successor starts in {wait:.1f} s "
                 "(the crash-loop back-off)")
 
     # -- what its decisions (decisions.py) change, asked for by name ---------
