@@ -21,7 +21,8 @@ import pytest
 import yaml
 
 from support import base_ini, descendants, free_port, wait_for
-from support.deployment import K8S, container, manifests, parse_dockerfile, probe_port
+from support.deployment import (K8S, container, manifests, parse_dockerfile, probe_port,
+                                read_only_in_a_mount_namespace, root_is_a_mount_point)
 
 ROOT = Path(__file__).resolve().parent.parent
 HELLO = ROOT / "tests" / "apps" / "hello.psgi"
@@ -314,27 +315,6 @@ def test_the_systemd_unit_passes_systemd_analyze_verify(wheel_venv, tmp_path):
 
 
 SYSTEMD_VASSALS = ROOT / "examples" / "systemd" / "vassals"
-
-
-def root_is_a_mount_point() -> bool:
-    """False in a chroot into a directory (tools/bare-debian-check's), where
-    unshare cannot make "/" private and so no mount may be made safely."""
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == "/" for line in f)
-
-
-def read_only_in_a_mount_namespace(paths: list[Path], argv: list[str]) -> list[str]:
-    """argv run in a mount namespace of its own where `paths` are read-only
-    bind mounts of themselves (the rest as it is): what the unit's
-    ProtectSystem=strict makes of its vassals directory and codebase.
-    unshare and sh exec, so that the process started is the program itself.
-    Where "/" is not a mount point (a chroot), argv as it is."""
-    if not root_is_a_mount_point():
-        return argv
-    script = ('n=$1; shift; while [ "$n" -gt 0 ]; do mount --bind "$1" "$1"; '
-              'mount -o remount,bind,ro "$1"; shift; n=$((n - 1)); done; exec "$@"')
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-ec", script, "sh",
-            str(len(paths)), *map(str, paths), *argv]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the unit runs the Emperor as root")
