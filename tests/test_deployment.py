@@ -21,7 +21,8 @@ import pytest
 import yaml
 
 from support import base_ini, descendants, free_port, wait_for
-from support.deployment import K8S, container, manifests, parse_dockerfile, probe_port
+from support.deployment import (K8S, container, manifests, parse_dockerfile, probe_port,
+                                read_only_in_a_mount_namespace, root_is_a_mount_point)
 
 ROOT = Path(__file__).resolve().parent.parent
 HELLO = ROOT / "tests" / "apps" / "hello.psgi"
@@ -313,22 +314,29 @@ def test_the_systemd_unit_passes_systemd_analyze_verify(wheel_venv, tmp_path):
     assert r.returncode == 0 and r.stderr.strip() == "", r.stdout + r.stderr
 
 
+SYSTEMD_VASSALS = ROOT / "examples" / "systemd" / "vassals"
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="the unit runs the Emperor as root")
-def test_the_systemd_units_command_serves_apps_by_name_as_root(wheel_venv, tmp_path, readable_dir):
+def test_the_systemd_units_command_serves_its_vassals_by_name_as_root(wheel_venv, tmp_path,
+                                                                      readable_dir):
     """The unit's ExecStart, run as systemd would: as root, with its
     Environment, in a run directory made with its RuntimeDirectoryMode,
-    with the ConfigMap's vassal files (apps by `domain`, on UNIX sockets in
-    the run directory) in its vassals directory. Each app answers 200 by
-    name through the front door, /readyz answers 200, SIGTERM ends it with
-    0. (With RuntimeDirectoryMode=0700 the Emperor refused to start:
-    nginx's workers, www-data, could not reach the sockets under it.)"""
+    with the vassal files its header says to install (examples/systemd/vassals)
+    in a read-only vassals directory and a read-only codebase, as
+    ProtectSystem=strict makes /etc and /srv. Each app answers 200 by name
+    through the front door, /readyz answers 200, the unit's ExecReload (a code
+    deploy) exits 0, SIGTERM ends it with 0. (With RuntimeDirectoryMode=0700
+    the Emperor refused to start: nginx's workers, www-data, could not reach
+    the sockets under it. With examples/vassals' base.ini, whose fork-server
+    socket is in the vassals directory, it refused to start: `fork-server
+    socket .../base.sock: Read-only file system`.)"""
     settings = unit_settings(UNIT.read_text())
-    vassals, run = readable_dir / "vassals", readable_dir / "run"
+    vassals, run, app = readable_dir / "vassals", readable_dir / "run", readable_dir / "app"
     front, status = free_port(), free_port()
     paths = {"/etc/psgi-forkserver/vassals": str(vassals), "/run/psgi-forkserver": str(run),
-             "/opt/psgi-forkserver/app/myapp.pl": str(ROOT / "examples" / "myapp.pl"),
-             "/opt/psgi-forkserver": str(wheel_venv), "127.0.0.1:8080": f"127.0.0.1:{front}",
-             "127.0.0.1:9100": f"127.0.0.1:{status}"}
+             "/srv/app": str(app), "/opt/psgi-forkserver": str(wheel_venv),
+             "127.0.0.1:8080": f"127.0.0.1:{front}", "127.0.0.1:9100": f"127.0.0.1:{status}"}
 
     def host(text: str) -> str:
         for unit_path, host_path in paths.items():
@@ -336,8 +344,10 @@ def test_the_systemd_units_command_serves_apps_by_name_as_root(wheel_venv, tmp_p
         return text
 
     vassals.mkdir()
-    data = manifests()["ConfigMap"]["data"]
-    for name, text in data.items():
+    app.mkdir()
+    shutil.copy2(ROOT / "examples" / "myapp.pl", app / "myapp.pl")
+    files = {f.name: f.read_text() for f in sorted(SYSTEMD_VASSALS.glob("*.ini"))}
+    for name, text in files.items():
         (vassals / name).write_text(host(text))
     old = os.umask(0)
     try:  # systemd makes it with exactly this mode
@@ -348,16 +358,26 @@ def test_the_systemd_units_command_serves_apps_by_name_as_root(wheel_venv, tmp_p
            **dict(kv.split("=", 1) for kv in host(settings.get("Environment", "")).split())}
     log = tmp_path / "emperor.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(host(settings["ExecStart"]).split(), env=env, cwd="/", stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(read_only_in_a_mount_namespace([vassals, app],
+                                                               host(settings["ExecStart"]).split()),
+                                env=env, cwd="/", stdout=out, stderr=subprocess.STDOUT)
     try:
         apps = {name.removesuffix(".ini"): re.findall(r"^domain = (\S+)", text, re.M)
-                for name, text in data.items() if "fork-server" not in text}
-        for app, (domain, *_) in apps.items():
+                for name, text in files.items() if "fork-server" not in text}
+        assert len(apps) >= 2, files
+        for name, (domain, *_) in apps.items():
             assert wait_for(lambda: proc.poll() is not None or http_get(
-                f"http://127.0.0.1:{front}/", host=domain)[0] == 200, 60, f"{app} as {domain}") is True
+                f"http://127.0.0.1:{front}/", host=domain)[0] == 200, 60, f"{name} as {domain}") is True
             assert proc.poll() is None, log.read_text(errors="replace")
+            assert http_get(f"http://127.0.0.1:{front}/", host=domain)[1].startswith(f"hello from {name} ")
         wait_for(lambda: http_get(f"http://127.0.0.1:{status}/readyz")[0] == 200, 30, "/readyz")
+        if root_is_a_mount_point():  # the vassals directory is read-only for the Emperor
+            r = subprocess.run(["nsenter", "-t", str(proc.pid), "-m", "touch", str(vassals / "x")],
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode != 0 and "Read-only file system" in r.stderr, r.stderr
+        reload = subprocess.run(host(settings["ExecReload"]).split(), env=env, cwd="/",
+                                capture_output=True, text=True, timeout=120)
+        assert reload.returncode == 0, reload.stdout + reload.stderr + log.read_text(errors="replace")
     finally:
         stop(proc)
     assert proc.returncode == 0, log.read_text(errors="replace")

@@ -128,3 +128,39 @@ def test_the_image_and_the_guide_install_every_runtime_package():
     guide = re.sub(r"\\\n", " ", (ROOT / "docs" / "deployment.md").read_text())
     named = {p for line in re.findall(r"apt-get install -y (.*)", guide) for p in line.split()}
     assert want - named == set(), "missing from docs/deployment.md's apt-get install"
+
+
+def image_accounts() -> tuple[dict[str, int], dict[str, tuple[int | None, str | None]]]:
+    """The groups (name: gid) and users (name: (uid, primary group)) the
+    image's last stage creates with groupadd and useradd."""
+    text = re.sub(r"\\\n", " ", (K8S / "Dockerfile").read_text())
+    last_stage = re.split(r"^FROM ", text, flags=re.M)[-1]
+    groups: dict[str, int] = {}
+    users: dict[str, tuple[int | None, str | None]] = {}
+    for command in re.split(r"&&|;|\n", last_stage):
+        words = command.split()
+        if not words or words[0] not in ("groupadd", "useradd"):
+            continue
+        opts = dict(re.findall(r"--(gid|uid|user-group)(?:[ =](\S+))?", command))
+        name = words[-1]
+        if words[0] == "groupadd":
+            groups[name] = int(opts["gid"])
+        else:
+            gid = opts.get("gid") or (name if "user-group" in opts else None)
+            users[name] = (int(opts["uid"]) if "uid" in opts else None, gid)
+    return groups, users
+
+
+def test_the_images_user_has_the_group_the_image_and_the_pod_run_as():
+    """USER uid:gid, the pod's runAsUser/runAsGroup and the account the image
+    creates agree: the gid a container runs with is the user's own group,
+    named, not a bare number beside a group of another id."""
+    image = parse_dockerfile(K8S / "Dockerfile")
+    uid, gid = (int(n) for n in image.user.split(":"))
+    pod = manifests()["Deployment"]["spec"]["template"]["spec"]["securityContext"]
+    assert (pod["runAsUser"], pod["runAsGroup"]) == (uid, gid)
+    groups, users = image_accounts()
+    (name,) = [n for n, (u, _) in users.items() if u == uid]
+    primary = users[name][1]  # a group's name or its number
+    primary_gid = int(primary) if primary and primary.isdigit() else groups.get(primary or "")
+    assert primary_gid == gid and gid in groups.values(), (name, primary, groups)

@@ -1,5 +1,6 @@
 """Deployment in tests: the container image's Dockerfile and the Kubernetes
-manifests, read as an operator's runtime would read them."""
+manifests, read as an operator's runtime would read them; the systemd
+unit's read-only directories, made by hand."""
 
 from __future__ import annotations
 
@@ -75,3 +76,24 @@ def container(m: dict[str, dict]) -> dict:
 def probe_port(probe: dict) -> int:
     (url,) = re.findall(r"http://127\.0\.0\.1:(\d+)/(?:healthz|readyz)", " ".join(probe["exec"]["command"]))
     return int(url)
+
+
+def root_is_a_mount_point() -> bool:
+    """False in a chroot into a directory (tools/bare-debian-check's), where
+    unshare cannot make "/" private and so no mount may be made safely."""
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == "/" for line in f)
+
+
+def read_only_in_a_mount_namespace(paths: list[Path], argv: list[str]) -> list[str]:
+    """argv run in a mount namespace of its own where `paths` are read-only
+    bind mounts of themselves (the rest as it is): what the unit's
+    ProtectSystem=strict makes of its vassals directory and codebase.
+    unshare and sh exec, so that the process started is the program itself.
+    Where "/" is not a mount point (a chroot), argv as it is."""
+    if not root_is_a_mount_point():
+        return argv
+    script = ('n=$1; shift; while [ "$n" -gt 0 ]; do mount --bind "$1" "$1"; '
+              'mount -o remount,bind,ro "$1"; shift; n=$((n - 1)); done; exec "$@"')
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-ec", script, "sh",
+            str(len(paths)), *map(str, paths), *argv]
