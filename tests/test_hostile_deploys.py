@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from support import EMPEROR, Load, PROGRAM, app_ini, free_port, get, wait_for
-from support.deploys import VERSIONED_APP, deploy_fleet, reload_base, serve
+from support.deploys import VERSIONED_APP, deploy_fleet, read_now, reload_base, serve
 
 pytestmark = pytest.mark.skipif(not PROGRAM.is_file(), reason="the Perl vassal program is not there")
 
@@ -152,3 +152,37 @@ def test_changed_base_file_that_cannot_load_fails_the_deploy_until_fixed(emperor
     wait_for(lambda: serve(ports, "v2"), 60, "every vassal on the fixed base")
     wait_for(lambda: e.lines("code deploy to generation 2 done"), 30, "the deploy's summary")
     assert "2 moved, 0 failed" in e.lines("code deploy to generation 2 done")[0]
+
+
+def test_a_failed_deploy_retried_before_its_fix_is_read_stays_that_deploy(ctl_emperor, deploy_tmp):
+    # The base file is a symlink out of the vassals directory: its fix
+    # reaches the Emperor only when the test says so (read_now), after the
+    # base's back-off retry has started a new base. Whatever that retry
+    # ran, the fix is still deploy generation 2: one summary, no second
+    # generation for the same file.
+    target = deploy_tmp / "base-target.ini"
+    e, ports = deploy_fleet(ctl_emperor, ["app1", "app2"], "--rescan-interval", "3600",
+                            base_at=target)
+    good = target.read_text()
+    # the new code first: a write in the vassals directory makes the
+    # Emperor read every file, and the fix must come after that
+    (e.dir / "version.txt").write_text("v2\n")
+    target.write_text(good.replace(str(VERSIONED_APP), str(VERSIONED_APP) + ".missing"))
+    read_now(e)
+    wait_for(lambda: e.lines("code deploy to generation 2 failed"), 30, "the failed deploy's summary")
+    # fixed on disk; the Emperor does not know yet
+    started = len(e.lines("[base] started base vassal"))
+    target.write_text(good + "; fixed\n")
+    # a back-off retry starts after the fix, and ends one way or the other
+    pid = wait_for(lambda: e.lines("[base] started base vassal")[started:], 30,
+                   "a retry of the new base")[0].split("pid ")[1].split(",")[0]
+    wait_for(lambda: e.lines(f"new pid {pid} died") or e.lines(f"successor ready (pid {pid}"), 30,
+             "the retry's outcome")
+    read_now(e)
+    wait_for(lambda: serve(ports, "v2"), 60, "every vassal on the fixed base")
+    done = wait_for(lambda: e.lines("code deploy to generation 2 done"), 30, "the deploy's summary")
+    assert len(done) == 1 and "2 moved, 0 failed" in done[0], done
+    assert not e.lines("generation 3"), e.lines("generation 3")
+    deploy = e.doc()["emperor"]["deploy"]
+    assert (deploy["serving_generation"], deploy["requested_generation"]) == (2, 2), deploy
+    assert deploy["last"]["state"] == "done", deploy

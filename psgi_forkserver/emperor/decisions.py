@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from ..proc import (
-    CODE_DEPLOY, Action, Adopt, Context, Forget, ForkServer, Kill, Kind, Phase, Proc, ProcState,
+    CODE_DEPLOY, SUPERSEDED, Action, Adopt, Context, Forget, ForkServer, Kill, Kind, Phase, Proc, ProcState,
     Send, Spawn,
 )
 from ..protocol import EmperorByte
@@ -246,6 +246,12 @@ class Decisions:
         cur = self.current
         assert cur is not None and self.config is not None
         s = self.successor
+        if s is not None and s.kind == Kind.BASE and s.live and s.pid is not None \
+                and s.seq <= self.deploy_asked_seq:
+            # never promoted: vassals would move onto what a later request
+            # replaces, with no deploy of its own; killed, started again
+            return self._kill_proc(s, now, SUPERSEDED, f"new base pid {s.pid} superseded "
+                                   "by a later deploy request: its generation starts again")
         if s is not None:
             acts = self._heartbeat_missed(s, ctx) if s.live else []
             if s.state == ProcState.LOYAL or (

@@ -49,6 +49,8 @@ class Deploy:
     moved: set[str] = field(default_factory=set)
     failed: dict[str, str] = field(default_factory=dict)  # name -> why its move failed
     reason: str | None = None  # FAILED: why the new base could not start; INTERRUPTED: why
+    # FAILED: the fingerprint of the base file the new base failed with
+    failed_with: str | None = None
     request: int = 0  # DeployTracker.requests when this deploy was (last) asked for
     next_progress: float = 0.0  # when the next `deploy: N/M moved` line is due
 
@@ -148,6 +150,14 @@ class DeployTracker:
             # Not a refused request (generation 0): with no base serving,
             # `serving` is 0 too, and that refusal used to turn into "done".
             d.state, d.reason, d.finished_at = DeployState.STARTING, None, None
+        elif (d.state == DeployState.FAILED and d.generation == want and d.failed_with is not None
+              and base.config is not None and base.config.fingerprint != d.failed_with):
+            # the base file changed since: its generation starts again with
+            # it (Vassal.request_deploy), and that is still this deploy
+            d.state, d.reason, d.finished_at, d.failed_with = (
+                DeployState.STARTING, None, None, None)
+            self.log(f"code deploy to generation {d.generation}: the base file changed, "
+                     "starting it again", base.name)
         if d.state.finished:
             return
         if shutting_down:
@@ -188,11 +198,13 @@ class DeployTracker:
         if d is not None and name in d.to_move and name not in d.moved:
             d.failed[name] = why
 
-    def base_failed(self, now: float, base_name: str, generation: int, why: str) -> None:
-        """The new base died (or could not be started) before it was ready."""
+    def base_failed(self, now: float, base_name: str, generation: int, why: str,
+                    fingerprint: str | None = None) -> None:
+        """The new base died (or could not be started) before it was ready;
+        `fingerprint`: its base file's, which a fix must change."""
         d = self.active
         if d is not None and d.generation == generation and d.state == DeployState.STARTING:
-            d.reason = why
+            d.reason, d.failed_with = why, fingerprint
             self._finish(d, now, DeployState.FAILED, base_name)
 
     def _finish(self, d: Deploy, now: float, state: DeployState, base_name: str) -> None:

@@ -93,6 +93,9 @@ class Vassal(VassalView, Decisions):
     restarts: int = 0  # processes started again after an unexpected death or a kill
     operator_reloads: int = 0  # `emperor reload NAME` carried out (a new process started)
     want_base_generation: int = 1  # base: the generation that should run
+    # base: Decisions.seq at the last deploy request; a new base whose seq
+    # is not past it began loading before that request and is superseded
+    deploy_asked_seq: int = 0
     woken: bool = False  # on-demand: a connection is waiting
     last_kind: Kind | None = None
     last_error: str | None = None  # the last failure the Emperor logged (status shows it)
@@ -151,9 +154,15 @@ class Vassal(VassalView, Decisions):
 
     @fact
     def request_deploy(self) -> None:
-        """Base: start a new generation (changed base file, SIGUSR1)."""
-        running = max((p.base_generation for p in self.procs() if p.kind == Kind.BASE), default=0)
-        self.want_base_generation = max(self.want_base_generation, running + 1)
+        """Base: start a new generation (changed base file, SIGUSR1): the
+        one after the generation that serves. A new base already loading
+        (a deploy starting, or the back-off retry of one that failed) read
+        the older file or code: it is superseded, and its generation is
+        started again (decisions), still the same deploy."""
+        cur = self.current
+        serving = cur.base_generation if cur is not None and cur.kind == Kind.BASE else 0
+        self.want_base_generation = max(self.want_base_generation, serving + 1)
+        self.deploy_asked_seq = self.seq
 
     @fact
     def hold(self) -> None:
@@ -264,6 +273,9 @@ class Vassal(VassalView, Decisions):
             return Exit.RETIRED
         if p is self.successor:
             self.successor = None
+            if p.superseded:  # no failure: its replacement starts at once
+                self._sync(now)
+                return Exit.STOPPED
             self._delay(now)
             self._sync(now)
             return Exit.SUCCESSOR_DIED
