@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -186,3 +187,60 @@ def test_a_failed_deploy_retried_before_its_fix_is_read_stays_that_deploy(ctl_em
     deploy = e.doc()["emperor"]["deploy"]
     assert (deploy["serving_generation"], deploy["requested_generation"]) == (2, 2), deploy
     assert deploy["last"]["state"] == "done", deploy
+
+
+def held_fleet(ctl_emperor, deploy_tmp):
+    """deploy_fleet whose new bases keep loading while `hold` exists."""
+    hold = deploy_tmp / "hold"
+    e, ports = deploy_fleet(ctl_emperor, ["app1", "app2"], env={"VERSIONED_HOLD": str(hold)})
+    hold.touch()
+    return e, ports, hold
+
+
+def moved_once(e, ports):
+    """Each vassal was moved by exactly one adoption from a new base."""
+    return {n: len(e.lines(f"[{n}] adopted successor pid")) for n in ports} == {n: 1 for n in ports}
+
+
+def test_a_base_file_changed_while_its_new_base_loads_starts_that_generation_again(
+        ctl_emperor, deploy_tmp):
+    # the loading base read the older file: it is superseded, never
+    # served, and the same deploy goes on with the newer file; vassals
+    # move once, onto what the last change asked for
+    e, ports, hold = held_fleet(ctl_emperor, deploy_tmp)
+    (e.dir / "version.txt").write_text("v2\n")
+    text = (e.dir / "base.ini").read_text()
+    e.write("base", text + "; first change\n")
+    wait_for(lambda: e.lines("generation 2 (config changed)"), 30, "the new base loading")
+    e.write("base", text + "; second change\n")
+    wait_for(lambda: len(e.lines("[base] file changed")) == 2, 30, "the second change read")
+    hold.unlink()
+    wait_for(lambda: serve(ports, "v2"), 60, "every vassal on the new base")
+    done = wait_for(lambda: e.lines("code deploy to generation 2 done"), 30, "the deploy's summary")
+    assert "2 moved, 0 failed" in done[0], done
+    assert not e.lines("generation 3"), e.lines("generation 3")
+    assert moved_once(e, ports)
+    assert not e.lines("code deploy to generation 2 failed")
+
+
+def test_reload_base_while_the_new_base_loads_is_one_deploy_and_every_wait_is_answered(
+        ctl_emperor, deploy_tmp):
+    e, ports, hold = held_fleet(ctl_emperor, deploy_tmp)
+    (e.dir / "version.txt").write_text("v2\n")
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(reload_base, e, "--wait", "--stats", e.stats)
+        wait_for(lambda: e.lines("generation 2 (code deploy)"), 30, "the new base loading")
+        # newer code while it loads: the second request must get it
+        (e.dir / "version.txt").write_text("v3\n")
+        second = pool.submit(reload_base, e, "--wait", "--stats", e.stats)
+        wait_for(lambda: e.doc()["emperor"]["deploy"]["requests"] == 2, 30,
+                 "the second request handled")
+        hold.unlink()
+        outs = [first.result(), second.result()]
+    # every vassal moved once, by the one deploy both requests share
+    assert moved_once(e, ports), [e.lines(f"[{n}] adopted successor pid") for n in ports]
+    for out in outs:
+        assert out.returncode == 0, (out.stdout, out.stderr)
+        assert "generation 2: done, 2 moved, 0 failed" in out.stdout, out.stdout
+    assert serve(ports, "v3")
+    assert not e.lines("generation 3"), e.lines("generation 3")
