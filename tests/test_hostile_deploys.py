@@ -244,3 +244,20 @@ def test_reload_base_while_the_new_base_loads_is_one_deploy_and_every_wait_is_an
         assert "generation 2: done, 2 moved, 0 failed" in out.stdout, out.stdout
     assert serve(ports, "v3")
     assert not e.lines("generation 3"), e.lines("generation 3")
+
+
+def test_a_base_file_changed_five_times_at_once_is_one_deploy_of_the_last(ctl_emperor, deploy_tmp):
+    e, ports = deploy_fleet(ctl_emperor, ["app1", "app2"])
+    (e.dir / "version.txt").write_text("v2\n")
+    text = (e.dir / "base.ini").read_text()
+    for i in range(5):  # as fast as a script writes them
+        e.write("base", text + f"; change {i}\n")
+    wait_for(lambda: serve(ports, "v2"), 60, "every vassal on the new base")
+    wait_for(lambda: e.doc()["emperor"]["deploy"]["last"]["state"] == "done", 30, "the deploy done")
+    # every vassal moved once: never onto a base that read a replaced file
+    assert moved_once(e, ports), [e.lines(f"[{n}] adopted successor pid") for n in ports]
+    deploy = e.doc()["emperor"]["deploy"]
+    # one deploy, of the last file
+    assert deploy["serving_generation"] == deploy["requested_generation"] == 2, deploy
+    assert e.lines("code deploy to generation 2 done"), e.lines("code deploy to generation")
+    assert not e.lines("generation 2 failed") and not e.lines("generation 3")
