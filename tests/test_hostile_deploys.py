@@ -5,6 +5,8 @@ generation's socket, moved vassals run the new code, prompt moves,
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -261,3 +263,18 @@ def test_a_base_file_changed_five_times_at_once_is_one_deploy_of_the_last(ctl_em
     assert deploy["serving_generation"] == deploy["requested_generation"] == 2, deploy
     assert e.lines("code deploy to generation 2 done"), e.lines("code deploy to generation")
     assert not e.lines("generation 2 failed") and not e.lines("generation 3")
+
+
+def test_reload_base_wait_is_answered_when_the_emperor_stops_under_it(ctl_emperor, deploy_tmp):
+    e, ports, hold = held_fleet(ctl_emperor, deploy_tmp)
+    (e.dir / "version.txt").write_text("v2\n")
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(reload_base, e, "--wait", "--stats", e.stats, "--timeout", "90")
+        wait_for(lambda: e.lines("generation 2 (code deploy)"), 30, "the new base loading")
+        os.kill(e.pid, signal.SIGTERM)
+        out = waiting.result()
+    e.popen.wait(30)
+    # an answer that says the deploy did not happen, not the client's own time-out
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert "no outcome within" not in out.stderr, out.stderr
+    assert "interrupted" in out.stderr or "stopped" in out.stderr, out.stderr
