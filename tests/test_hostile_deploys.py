@@ -278,3 +278,54 @@ def test_reload_base_wait_is_answered_when_the_emperor_stops_under_it(ctl_empero
     assert out.returncode == 1, (out.stdout, out.stderr)
     assert "no outcome within" not in out.stderr, out.stderr
     assert "interrupted" in out.stderr or "stopped" in out.stderr, out.stderr
+
+
+def test_a_vassal_stopped_while_it_waits_for_its_move_does_not_keep_the_deploy_open(
+        ctl_emperor, deploy_tmp):
+    # one move at a time (in the order the files came), and aslow's (its
+    # own app loads while `slow` exists) takes as long as the test says;
+    # zlast, waiting for its turn, is stopped by the operator: it has
+    # nothing left to move, and the deploy must end without it
+    slow = deploy_tmp / "slow"
+    e, ports = deploy_fleet(ctl_emperor, ["app1"], "--deploy-parallel", "1")
+    ports["aslow"], ports["zlast"] = free_port(), free_port()
+    e.write("aslow", app_ini("aslow", ports["aslow"], processes=1)
+            + f"psgi = {VERSIONED_APP}\nenv = VERSIONED_HOLD={slow}\n")
+    wait_for(lambda: get(ports["aslow"])["name"] == "aslow", 40, "aslow to answer")
+    e.write("zlast", app_ini("zlast", ports["zlast"], processes=1))
+    wait_for(lambda: get(ports["zlast"])["name"] == "zlast", 40, "zlast to answer")
+    slow.touch()
+    (e.dir / "version.txt").write_text("v2\n")
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(reload_base, e, "--wait", "--stats", e.stats, "--timeout", "60")
+        wait_for(lambda: e.lines("[aslow] starting a successor (code deploy)"), 30, "aslow's move")
+        assert not e.lines("[zlast] starting a successor")
+        stop = subprocess.run([EMPEROR, "stop", "zlast", "--stats", e.stats],
+                              capture_output=True, text=True, timeout=30)
+        assert stop.returncode == 0, stop.stderr
+        wait_for(lambda: e.doc()["vassals"]["zlast"]["state"] == "stopped", 30, "zlast stopped")
+        slow.unlink()
+        out = waiting.result()
+    assert out.returncode == 0, (out.stdout, out.stderr)
+    assert "generation 2: done, 2 moved, 0 failed" in out.stdout, out.stdout
+    assert get(ports["app1"])["value"] == "v2" and get(ports["aslow"])["value"] == "v2"
+    # started again, it comes from the new generation
+    subprocess.run([EMPEROR, "start", "zlast", "--stats", e.stats], capture_output=True, timeout=30)
+    wait_for(lambda: get(ports["zlast"])["value"] == "v2", 30, "zlast on the new generation")
+
+
+def test_a_vassal_whose_file_turned_unusable_ends_the_deploy_as_its_failure(ctl_emperor):
+    # its old process keeps serving (the file cannot say what to run
+    # instead), on the old code: the deploy ends, and says so
+    e, ports = deploy_fleet(ctl_emperor, ["app1", "app2"])
+    e.write("app2", "[uwsgi]\nthis line is no option\n")
+    wait_for(lambda: e.lines("[app2] bad config"), 30, "app2's file refused")
+    (e.dir / "version.txt").write_text("v2\n")
+    out = reload_base(e, "--wait", "--stats", e.stats, "--timeout", "60")
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert "generation 2: partial, 1 moved, 1 failed" in out.stderr, out.stderr
+    assert "app2: its file is unusable" in out.stderr, out.stderr
+    assert get(ports["app1"])["value"] == "v2" and get(ports["app2"])["value"] == "v1"
+    # fixed, it moves onto the serving generation
+    e.write("app2", app_ini("app2", ports["app2"], processes=1))
+    wait_for(lambda: get(ports["app2"])["value"] == "v2", 30, "app2 on the new generation")

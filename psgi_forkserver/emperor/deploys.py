@@ -16,8 +16,14 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from ..proc import Kind
+from ..proc import Kind, Phase
 from .vassal import Vassal
+
+
+# a vassal with no process that stays so until something outside the
+# deploy happens (`emperor start`, a connection, a fixed file, room)
+AT_REST = frozenset({Phase.STOPPED, Phase.ON_DEMAND, Phase.CONFIG_ERROR, Phase.REFUSED,
+                     Phase.GONE})
 
 
 class DeployState(StrEnum):
@@ -175,10 +181,21 @@ class DeployTracker:
         by_name = {v.name: v for v in others}
         for name in list(d.pending):
             v = by_name.get(name)
-            if v is None or v.config is None:
-                d.to_move.discard(name)  # removed meanwhile: nothing to move
+            if v is None or v.config is None or (v.current is None and v.phase in AT_REST):
+                # removed, or stopped and staying so (the operator's stop,
+                # an on-demand vassal gone idle, a file refused) since the
+                # move was planned: nothing to move; it starts on the
+                # serving generation whenever it starts again
+                d.to_move.discard(name)
                 continue
             cur = v.current
+            if cur is not None and v.successor is None and v.config.error is not None \
+                    and cur.base_generation < d.generation:
+                # its file cannot be used: it keeps its process (and the
+                # old code) until the file is fixed; the deploy ends
+                d.failed[name] = f"its file is unusable ({v.config.error}): it keeps " \
+                                 f"running on generation {cur.base_generation}"
+                continue
             if cur is not None and cur.kind == Kind.ADOPTED and cur.base_generation >= d.generation:
                 d.moved.add(name)
                 d.failed.pop(name, None)
