@@ -329,3 +329,28 @@ def test_a_vassal_whose_file_turned_unusable_ends_the_deploy_as_its_failure(ctl_
     # fixed, it moves onto the serving generation
     e.write("app2", app_ini("app2", ports["app2"], processes=1))
     wait_for(lambda: get(ports["app2"])["value"] == "v2", 30, "app2 on the new generation")
+
+
+def test_reload_base_while_vassals_move_supersedes_the_deploy_and_answers_both(
+        ctl_emperor, deploy_tmp):
+    slow = deploy_tmp / "slow"
+    e, ports = deploy_fleet(ctl_emperor, ["app1"], "--deploy-parallel", "1")
+    ports["aslow"] = free_port()
+    e.write("aslow", app_ini("aslow", ports["aslow"], processes=1)
+            + f"psgi = {VERSIONED_APP}\nenv = VERSIONED_HOLD={slow}\n")
+    wait_for(lambda: get(ports["aslow"])["name"] == "aslow", 40, "aslow to answer")
+    slow.touch()
+    (e.dir / "version.txt").write_text("v2\n")
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(reload_base, e, "--wait", "--stats", e.stats, "--timeout", "90")
+        wait_for(lambda: e.lines("[aslow] starting a successor (code deploy)"), 30, "aslow's move")
+        (e.dir / "version.txt").write_text("v3\n")
+        second = pool.submit(reload_base, e, "--wait", "--stats", e.stats, "--timeout", "90")
+        wait_for(lambda: e.lines("code deploy to generation 2 superseded by generation 3"), 30,
+                 "the first deploy superseded")
+        slow.unlink()
+        outs = [first.result(), second.result()]
+    for out in outs:  # both asked for the newest code: both see the deploy that brought it
+        assert out.returncode == 0, (out.stdout, out.stderr)
+        assert "generation 3: done" in out.stdout, out.stdout
+    assert serve(ports, "v3")
