@@ -69,6 +69,9 @@ class Decisions:
     _slot: Slot | None = None  # set by the branch that waits for a slot of the turn
     retry_at: float | None = None  # a failed successor is tried again then
     seq: int = 0  # process records made so far: the last one's Proc.seq
+    # base: `seq` at the last deploy request (Vassal.request_deploy, a fact):
+    # a new base whose seq is not past it began loading before that request
+    deploy_asked_seq: int = 0
 
     def _heartbeat_of(self, p: Proc) -> float | None:
         raw = p.config.get("heartbeat")
@@ -248,8 +251,10 @@ class Decisions:
         s = self.successor
         if s is not None and s.kind == Kind.BASE and s.live and s.pid is not None \
                 and s.seq <= self.deploy_asked_seq:
-            # never promoted: vassals would move onto what a later request
-            # replaces, with no deploy of its own; killed, started again
+            # it read an older file or older code (a deploy starting, the
+            # back-off retry of a failed one): never promoted, or vassals
+            # would move onto what the request replaces, with no deploy of
+            # its own; killed, and its generation starts again, the same deploy
             return self._kill_proc(s, now, SUPERSEDED, f"new base pid {s.pid} superseded "
                                    "by a later deploy request: its generation starts again")
         if s is not None:

@@ -101,11 +101,6 @@ class Deploy:
         }
 
 
-def _serving(base: Vassal) -> int:
-    cur = base.current
-    return cur.base_generation if cur is not None and cur.kind == Kind.BASE else 0
-
-
 @dataclass
 class DeployTracker:
     """The deploys of one Emperor: the one in progress and the last one."""
@@ -142,7 +137,7 @@ class DeployTracker:
         if base is None:
             return
         want = base.want_base_generation
-        serving = _serving(base)
+        serving = base.serving_generation
         d = self.last
         if want > serving and serving > 0 and (d is None or d.generation < want):
             if d is not None and not d.state.finished:
@@ -232,7 +227,7 @@ class DeployTracker:
         """`emperor.deploy` in the stats document: what `reload-base --wait` polls."""
         return {
             "requests": self.requests,
-            "serving_generation": _serving(base) if base is not None else None,
+            "serving_generation": base.serving_generation if base is not None else None,
             "requested_generation": base.want_base_generation if base is not None else None,
             "last": self.last.as_dict(now) if self.last is not None else None,
         }

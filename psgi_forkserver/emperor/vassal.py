@@ -93,9 +93,6 @@ class Vassal(VassalView, Decisions):
     restarts: int = 0  # processes started again after an unexpected death or a kill
     operator_reloads: int = 0  # `emperor reload NAME` carried out (a new process started)
     want_base_generation: int = 1  # base: the generation that should run
-    # base: Decisions.seq at the last deploy request; a new base whose seq
-    # is not past it began loading before that request and is superseded
-    deploy_asked_seq: int = 0
     woken: bool = False  # on-demand: a connection is waiting
     last_kind: Kind | None = None
     last_error: str | None = None  # the last failure the Emperor logged (status shows it)
@@ -154,15 +151,9 @@ class Vassal(VassalView, Decisions):
 
     @fact
     def request_deploy(self) -> None:
-        """Base: start a new generation (changed base file, SIGUSR1): the
-        one after the generation that serves. A new base already loading
-        (a deploy starting, or the back-off retry of one that failed) read
-        the older file or code: it is superseded, and its generation is
-        started again (decisions), still the same deploy."""
-        cur = self.current
-        serving = cur.base_generation if cur is not None and cur.kind == Kind.BASE else 0
-        self.want_base_generation = max(self.want_base_generation, serving + 1)
-        self.deploy_asked_seq = self.seq
+        """Base: a new generation after the one serving (changed base file, SIGUSR1)."""
+        self.want_base_generation = max(self.want_base_generation, self.serving_generation + 1)
+        self.deploy_asked_seq = self.seq  # a new base loading since before is superseded
 
     @fact
     def hold(self) -> None:
@@ -273,12 +264,10 @@ class Vassal(VassalView, Decisions):
             return Exit.RETIRED
         if p is self.successor:
             self.successor = None
-            if p.superseded:  # no failure: its replacement starts at once
-                self._sync(now)
-                return Exit.STOPPED
-            self._delay(now)
+            if not p.superseded:  # superseded: no failure, its replacement starts at once
+                self._delay(now)
             self._sync(now)
-            return Exit.SUCCESSOR_DIED
+            return Exit.STOPPED if p.superseded else Exit.SUCCESSOR_DIED
         assert p is self.current
         self.last_kind = p.kind
         self.current = None
@@ -398,10 +387,9 @@ class Vassal(VassalView, Decisions):
         self.reload_asked = self.touched = False
 
     def _delay(self, now: float) -> float:
-        """Crash loops: a process that dies within `stable_after` s of its
-        start is one more failure; the restart waits `backoff_first *
-        2**(failures-1)` s, at most `backoff_max` (uWSGI: 1 s doubling to 3
-        min). Loyalty (byte 17) resets the count."""
+        """Crash loops: a process that dies within `stable_after` s of its start is one
+        more failure; the restart waits `backoff_first * 2**(failures-1)` s, at most
+        `backoff_max` (uWSGI: 1 s doubling to 3 min). Loyalty (byte 17) resets the count."""
         self.failures += 1
         delay = backoff_delay(self.failures, self.policy.backoff_first, self.policy.backoff_max)
         self.not_before = now + delay
