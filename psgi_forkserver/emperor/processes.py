@@ -99,11 +99,12 @@ class ProcessTable:
         """fork+exec the vassal program for process `seq` of v."""
         p = v.proc(seq)
         assert p is not None
-        # a base is sent the text the Emperor read, never left to read its
+        # our base is sent the text the Emperor read, never left to read its
         # file: a base file changed on disk but not read yet (no event so
         # far) must not run under the record of the old one, or the deploy
         # that follows the read would start a second generation for it
-        pr = prepare(v, seq, now, self.vsockets, self.log, always_config=kind == Kind.BASE)
+        pr = prepare(v, seq, now, self.vsockets, self.log,
+                     always_config=kind == Kind.BASE and self.opts.program_is_ours)
         if pr is None:
             return None
         out = output_pipe(v, p.config, self.logbook, self.dir, self.log)
