@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from support import EMPEROR, Load, PROGRAM, app_ini, free_port, get, wait_for
+from support import EMPEROR, Load, PROGRAM, app_ini, base_ini, free_port, get, wait_for
 from support.deploys import VERSIONED_APP, deploy_fleet, read_now, reload_base, serve
 
 pytestmark = pytest.mark.skipif(not PROGRAM.is_file(), reason="the Perl vassal program is not there")
@@ -354,3 +354,17 @@ def test_reload_base_while_vassals_move_supersedes_the_deploy_and_answers_both(
         assert out.returncode == 0, (out.stdout, out.stderr)
         assert "generation 3: done" in out.stdout, out.stdout
     assert serve(ports, "v3")
+
+
+def test_a_second_base_file_deploying_stops_its_old_generation(ctl_emperor):
+    # vassals are adopted from the first base by name; the second base's
+    # old process has no vassal on it, whatever the first base's vassals'
+    # generation number: it stops once replaced, it is not kept forever
+    e, ports = deploy_fleet(ctl_emperor, ["app1"])
+    e.write("base2", base_ini(VERSIONED_APP, "fs2.sock"))
+    wait_for(lambda: e.lines("[base2] ready"), 30, "the second base")
+    old = e.doc()["vassals"]["base2"]["pid"]
+    e.write("base2", (e.dir / "base2.ini").read_text() + "; changed\n")
+    wait_for(lambda: e.lines(f"[base2] old pid {old} stopped"), 30, "its old generation to stop")
+    assert get(ports["app1"])["value"] == "v1"  # the first base's vassals untouched
+    assert e.doc()["vassals"]["app1"]["base_generation"] == 1

@@ -73,6 +73,11 @@ class Decisions:
     # a new base whose seq is not past it began loading before that request
     deploy_asked_seq: int = 0
 
+    def _deploy_asked(self) -> None:
+        """A deploy request was recorded (Vassal.request_deploy): what is
+        loading now is older than what it asks for."""
+        self.deploy_asked_seq = self.seq
+
     def _heartbeat_of(self, p: Proc) -> float | None:
         raw = p.config.get("heartbeat")
         try:

@@ -153,7 +153,7 @@ class Vassal(VassalView, Decisions):
     def request_deploy(self) -> None:
         """Base: a new generation after the one serving (changed base file, SIGUSR1)."""
         self.want_base_generation = max(self.want_base_generation, self.serving_generation + 1)
-        self.deploy_asked_seq = self.seq  # a new base loading since before is superseded
+        self._deploy_asked()  # a new base loading since before is superseded
 
     @fact
     def hold(self) -> None:
