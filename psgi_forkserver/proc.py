@@ -20,6 +20,9 @@ from .options import DEFAULTS
 from .protocol import EmperorByte
 
 CODE_DEPLOY = "code deploy"  # Proc.reason of the processes a code deploy starts
+# Proc.stop_reason of a new base killed before it served: a later deploy
+# request (SIGUSR1, a changed base file) came after it began to load
+SUPERSEDED = "superseded by a later deploy request"
 
 
 class Phase(StrEnum):
@@ -216,6 +219,11 @@ class Proc:
     @property
     def live(self) -> bool:
         return self.state in LIVE
+
+    @property
+    def superseded(self) -> bool:
+        """A new base the Emperor killed for a later request: no failure."""
+        return self.killed and self.stop_reason == SUPERSEDED
 
     # -- its transitions ---------------------------------------------------
 

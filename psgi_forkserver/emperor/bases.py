@@ -271,11 +271,11 @@ class ForkServers:
         deploy started it, the deploy learns it (a base: the deploy failed;
         an adopted vassal: its move failed)."""
         p = v.proc(seq)
-        if p is None or p is not v.successor:
+        if p is None or p is not v.successor or p.superseded:
             return
         if p.kind == Kind.BASE:  # a new base is a new generation, whatever the reason
             self.deploys.base_failed(now, v.name, p.base_generation,
-                                     f"new base {why} before it was ready")
+                                     f"new base {why} before it was ready", p.config.fingerprint)
         elif p.reason == CODE_DEPLOY:
             self.deploys.move_failed(v.name, why)
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from ..proc import (
-    CODE_DEPLOY, Action, Adopt, Context, Forget, ForkServer, Kill, Kind, Phase, Proc, ProcState,
+    CODE_DEPLOY, SUPERSEDED, Action, Adopt, Context, Forget, ForkServer, Kill, Kind, Phase, Proc, ProcState,
     Send, Spawn,
 )
 from ..protocol import EmperorByte
@@ -69,6 +69,14 @@ class Decisions:
     _slot: Slot | None = None  # set by the branch that waits for a slot of the turn
     retry_at: float | None = None  # a failed successor is tried again then
     seq: int = 0  # process records made so far: the last one's Proc.seq
+    # base: `seq` at the last deploy request (Vassal.request_deploy, a fact):
+    # a new base whose seq is not past it began loading before that request
+    deploy_asked_seq: int = 0
+
+    def _deploy_asked(self) -> None:
+        """A deploy request was recorded (Vassal.request_deploy): what is
+        loading now is older than what it asks for."""
+        self.deploy_asked_seq = self.seq
 
     def _heartbeat_of(self, p: Proc) -> float | None:
         raw = p.config.get("heartbeat")
@@ -246,6 +254,14 @@ class Decisions:
         cur = self.current
         assert cur is not None and self.config is not None
         s = self.successor
+        if s is not None and s.kind == Kind.BASE and s.live and s.pid is not None \
+                and s.seq <= self.deploy_asked_seq:
+            # it read an older file or older code (a deploy starting, the
+            # back-off retry of a failed one): never promoted, or vassals
+            # would move onto what the request replaces, with no deploy of
+            # its own; killed, and its generation starts again, the same deploy
+            return self._kill_proc(s, now, SUPERSEDED, f"new base pid {s.pid} superseded "
+                                   "by a later deploy request: its generation starts again")
         if s is not None:
             acts = self._heartbeat_missed(s, ctx) if s.live else []
             if s.state == ProcState.LOYAL or (

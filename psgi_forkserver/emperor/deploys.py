@@ -16,8 +16,14 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from ..proc import Kind
+from ..proc import Kind, Phase
 from .vassal import Vassal
+
+
+# a vassal with no process that stays so until something outside the
+# deploy happens (`emperor start`, a connection, a fixed file, room)
+AT_REST = frozenset({Phase.STOPPED, Phase.ON_DEMAND, Phase.CONFIG_ERROR, Phase.REFUSED,
+                     Phase.GONE})
 
 
 class DeployState(StrEnum):
@@ -49,6 +55,8 @@ class Deploy:
     moved: set[str] = field(default_factory=set)
     failed: dict[str, str] = field(default_factory=dict)  # name -> why its move failed
     reason: str | None = None  # FAILED: why the new base could not start; INTERRUPTED: why
+    # FAILED: the fingerprint of the base file the new base failed with
+    failed_with: str | None = None
     request: int = 0  # DeployTracker.requests when this deploy was (last) asked for
     next_progress: float = 0.0  # when the next `deploy: N/M moved` line is due
 
@@ -93,11 +101,6 @@ class Deploy:
         }
 
 
-def _serving(base: Vassal) -> int:
-    cur = base.current
-    return cur.base_generation if cur is not None and cur.kind == Kind.BASE else 0
-
-
 @dataclass
 class DeployTracker:
     """The deploys of one Emperor: the one in progress and the last one."""
@@ -134,7 +137,7 @@ class DeployTracker:
         if base is None:
             return
         want = base.want_base_generation
-        serving = _serving(base)
+        serving = base.serving_generation
         d = self.last
         if want > serving and serving > 0 and (d is None or d.generation < want):
             if d is not None and not d.state.finished:
@@ -148,6 +151,14 @@ class DeployTracker:
             # Not a refused request (generation 0): with no base serving,
             # `serving` is 0 too, and that refusal used to turn into "done".
             d.state, d.reason, d.finished_at = DeployState.STARTING, None, None
+        elif (d.state == DeployState.FAILED and d.generation == want and d.failed_with is not None
+              and base.config is not None and base.config.fingerprint != d.failed_with):
+            # the base file changed since: its generation starts again with
+            # it (Vassal.request_deploy), and that is still this deploy
+            d.state, d.reason, d.finished_at, d.failed_with = (
+                DeployState.STARTING, None, None, None)
+            self.log(f"code deploy to generation {d.generation}: the base file changed, "
+                     "starting it again", base.name)
         if d.state.finished:
             return
         if shutting_down:
@@ -165,10 +176,21 @@ class DeployTracker:
         by_name = {v.name: v for v in others}
         for name in list(d.pending):
             v = by_name.get(name)
-            if v is None or v.config is None:
-                d.to_move.discard(name)  # removed meanwhile: nothing to move
+            if v is None or v.config is None or (v.current is None and v.phase in AT_REST):
+                # removed, or stopped and staying so (the operator's stop,
+                # an on-demand vassal gone idle, a file refused) since the
+                # move was planned: nothing to move; it starts on the
+                # serving generation whenever it starts again
+                d.to_move.discard(name)
                 continue
             cur = v.current
+            if cur is not None and v.successor is None and v.config.error is not None \
+                    and cur.base_generation < d.generation:
+                # its file cannot be used: it keeps its process (and the
+                # old code) until the file is fixed; the deploy ends
+                d.failed[name] = f"its file is unusable ({v.config.error}): it keeps " \
+                                 f"running on generation {cur.base_generation}"
+                continue
             if cur is not None and cur.kind == Kind.ADOPTED and cur.base_generation >= d.generation:
                 d.moved.add(name)
                 d.failed.pop(name, None)
@@ -188,11 +210,13 @@ class DeployTracker:
         if d is not None and name in d.to_move and name not in d.moved:
             d.failed[name] = why
 
-    def base_failed(self, now: float, base_name: str, generation: int, why: str) -> None:
-        """The new base died (or could not be started) before it was ready."""
+    def base_failed(self, now: float, base_name: str, generation: int, why: str,
+                    fingerprint: str | None = None) -> None:
+        """The new base died (or could not be started) before it was ready;
+        `fingerprint`: its base file's, which a fix must change."""
         d = self.active
         if d is not None and d.generation == generation and d.state == DeployState.STARTING:
-            d.reason = why
+            d.reason, d.failed_with = why, fingerprint
             self._finish(d, now, DeployState.FAILED, base_name)
 
     def _finish(self, d: Deploy, now: float, state: DeployState, base_name: str) -> None:
@@ -203,7 +227,7 @@ class DeployTracker:
         """`emperor.deploy` in the stats document: what `reload-base --wait` polls."""
         return {
             "requests": self.requests,
-            "serving_generation": _serving(base) if base is not None else None,
+            "serving_generation": base.serving_generation if base is not None else None,
             "requested_generation": base.want_base_generation if base is not None else None,
             "last": self.last.as_dict(now) if self.last is not None else None,
         }

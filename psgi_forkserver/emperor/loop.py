@@ -209,6 +209,9 @@ class Emperor:
         # the fork server is back: the vassals waiting for it are told (a fact)
         self.bases.base_back(now, fs, (v for v in self.vassals.values() if not runs_as_base(v)))
         cg = self.cgroups
+        # generation numbers are per base: only the adopting base's old
+        # generations wait for vassals to leave them
+        adopter = self.bases.base()
         return Facts(now, fs, base_gen, self.shutdown.asked, self.opts.deploy_parallel,
                      self.opts.adopt_parallel,
                      self.procs.in_flight() - sum(1 for f in failed if f.timed_out),
@@ -218,6 +221,7 @@ class Emperor:
                      cgroups_due=cg is not None and bool(cg.dying), heard=self.heard,
                      birthplaces=cg is not None and self.bases.clones_into_cgroups(),
                      events=self.handled + self.files.reads,
+                     adopter=adopter.name if adopter is not None else None,
                      **self.shutdown.measure(now, not self.vassals, self.routes.front, self.procs,
                                              self.sweeper))
 

@@ -13,13 +13,12 @@ What it decides across vassals (each vassal decides its own life):
 - order: vassals that are not bases first, by name; then the bases. During
   a shutdown the bases are held until no other vassal is left, since every
   adopted vassal was forked from one (`hold_bases`);
-- draining: an old base generation stops only once no adopted vassal runs
-  on it (`base_users`);
+- draining: an old generation of the base vassals are adopted from stops
+  only once none runs on it (`base_users`); another base's, at once;
 - code deploys: at most `deploy_parallel` adopted vassals move onto a new
   base generation at a time (`deploy_slots`);
-- adoptions: at most `adopt_parallel` requests in flight; the fork server
-  serves them one after another, so a mass start queues here, not in its
-  backlog (`adopt_slots`);
+- adoptions: at most `adopt_parallel` requests in flight; the fork server serves them one
+  after another, so a mass start queues here, not in its backlog (`adopt_slots`);
 - what the Emperor does for the fleet besides the vassals' own lives, each
   a planned action from a fact: an adoption that failed or got no reply in
   time is failed (`FailAdoption`), a refused vassal admitted when the
@@ -86,6 +85,7 @@ class Facts:
     give_up: bool = False  # ten seconds after that, stop waiting
     heard: float | None = None  # what was sent before this was read (Context.heard)
     events: int = 0  # what the Emperor handled so far (events, reaps, reads, actions: Settled)
+    adopter: str | None = None  # the base vassals are adopted from (None: any base)
 
 
 # Actions for the fleet, or for one vassal from outside its own life --------
@@ -368,8 +368,8 @@ def plan(vassals: Iterable[Vassal] | Mapping[str, Vassal], facts: Facts,
     ) if any(b.retiring for b in bases) else frozenset()
     for v in bases:
         ctx = Context(facts.now, facts.fork_server, facts.shutting_down, hold_bases,
-                      base_generation=facts.base_generation, base_users=users,
-                      heard=facts.heard)
+                      base_generation=facts.base_generation, heard=facts.heard,
+                      base_users=users if facts.adopter in (None, v.name) else frozenset())
         was = serving(v)
         s = _step(v, ctx, True, outside.get(v.name, []))
         out.steps.append(s)

@@ -99,7 +99,11 @@ class ProcessTable:
         """fork+exec the vassal program for process `seq` of v."""
         p = v.proc(seq)
         assert p is not None
-        pr = prepare(v, seq, now, self.vsockets, self.log)
+        # our base gets the text the Emperor read, not its file: one changed
+        # on disk but not read yet must not run under the old one's record,
+        # or the deploy that follows the read starts a second generation
+        ours = kind == Kind.BASE and self.opts.program_is_ours
+        pr = prepare(v, seq, now, self.vsockets, self.log, always_config=ours)
         if pr is None:
             return None
         out = output_pipe(v, p.config, self.logbook, self.dir, self.log)

@@ -134,9 +134,9 @@ class Vassal(VassalView, Decisions):
 
     @fact
     def request_deploy(self) -> None:
-        """Base: start a new generation (changed base file, SIGUSR1)."""
-        running = max((p.base_generation for p in self.procs() if p.kind == Kind.BASE), default=0)
-        self.want_base_generation = max(self.want_base_generation, running + 1)
+        """Base: a new generation after the one serving (changed base file, SIGUSR1)."""
+        self.want_base_generation = max(self.want_base_generation, self.serving_generation + 1)
+        self._deploy_asked()  # a new base loading since before is superseded
 
     @fact
     def hold(self) -> None:
@@ -247,9 +247,10 @@ class Vassal(VassalView, Decisions):
             return Exit.RETIRED
         if p is self.successor:
             self.successor = None
-            self._delay(now)
+            if not p.superseded:  # superseded: no failure, its replacement starts at once
+                self._delay(now)
             self._sync(now)
-            return Exit.SUCCESSOR_DIED
+            return Exit.STOPPED if p.superseded else Exit.SUCCESSOR_DIED
         assert p is self.current
         self.last_kind = p.kind
         self.current = None
@@ -381,10 +382,9 @@ class Vassal(VassalView, Decisions):
         self.reload_asked = self.touched = False
 
     def _delay(self, now: float) -> float:
-        """Crash loops: a process that dies within `stable_after` s of its
-        start is one more failure; the restart waits `backoff_first *
-        2**(failures-1)` s, at most `backoff_max` (uWSGI: 1 s doubling to 3
-        min). Loyalty (byte 17) resets the count."""
+        """Crash loops: a process that dies within `stable_after` s of its start is one
+        more failure; the restart waits `backoff_first * 2**(failures-1)` s, at most
+        `backoff_max` (uWSGI: 1 s doubling to 3 min). Loyalty (byte 17) resets the count."""
         self.failures += 1
         delay = backoff_delay(self.failures, self.policy.backoff_first, self.policy.backoff_max)
         self.not_before = now + delay

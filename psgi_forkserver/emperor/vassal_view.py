@@ -90,6 +90,12 @@ class VassalView:
         return raw.lower() in ("1", "true", "yes", "on")
 
     @property
+    def serving_generation(self) -> int:
+        """Base: the generation of the base process that serves (0: none)."""
+        cur = self.current
+        return cur.base_generation if cur is not None and cur.kind == Kind.BASE else 0
+
+    @property
     def has_process(self) -> bool:
         return self.current is not None or self.successor is not None or bool(self.retiring)
 
