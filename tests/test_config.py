@@ -95,6 +95,11 @@ def test_fingerprint_follows_content(tmp_path: Path):
     assert c.load(f).fingerprint == one
     f.write_text("[uwsgi]\nenv = A=2\n")
     assert c.load(f).fingerprint != one
+    # bytes that are not UTF-8 are content too: one Latin-1 letter for another
+    f.write_bytes(b"[uwsgi]\nenv = A=caf\xe9\n")
+    latin1 = c.load(f).fingerprint
+    f.write_bytes(b"[uwsgi]\nenv = A=caf\xe8\n")
+    assert c.load(f).fingerprint != latin1
 
 
 def test_bad_file_has_error(tmp_path: Path):
