@@ -9,12 +9,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import selectors
 import shutil
 import subprocess
 import tempfile
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -279,38 +277,6 @@ def test_output_pipe_cuts_lines_and_keeps_a_last_partial_line():
         assert out.read() == (["xxxxx"], True)
     finally:
         out.close()
-
-
-def test_a_flood_of_long_lines_over_the_byte_limit_waits_on_its_pipe(tmp_path):
-    """Lines of 16,000 bytes with `log-bytes-per-second = 100000`: once its
-    burst is spent (12 lines), what is left in the bucket is less than a
-    line, not nothing; that vassal is over its limit all the same, and its
-    pipe waits (its writers too) rather than being read on at once, every
-    line split and decoded to be dropped."""
-    log = logs.Log(path=tmp_path / "emperor.log")
-    log.set_limit("long", 0, 100000)
-    sel = selectors.DefaultSelector()
-    relay = logs.Relay(log, sel)
-    out = logs.OutputPipe()
-    writer = os.dup(out.wfd)
-    try:
-        line = b"y" * 15999 + b"\n"
-        os.write(writer, line * 40)  # 640 kB: the pipe (1 MiB) holds them
-        relay.watch(out, "long", lambda: None)
-        for _ in range(40):
-            ready = sel.select(0)
-            if not ready:
-                break
-            for key, _ in ready:
-                key.data(time.monotonic())
-        assert out.rfd in relay.paused, "the vassal over its byte limit is read on"
-        relayed = (tmp_path / "emperor.log").read_bytes().count(b"y" * 15999)
-        assert relayed == 12, relayed
-    finally:
-        os.close(writer)
-        relay.close()
-        log.close()
-        sel.close()
 
 
 def test_start_progress_one_line_a_second_then_a_summary():
