@@ -72,6 +72,18 @@ def test_parse_ini_errors():
         c.parse_ini("[uwsgi]\n= 1\n")
 
 
+def test_a_file_saved_with_a_byte_order_mark_is_told_so(tmp_path: Path):
+    """An editor's UTF-8 byte order mark before `[uwsgi]` (CRLF line ends
+    too): the vassal program would see no section; the error says why
+    rather than 'no [uwsgi] section' in a file that shows one."""
+    f = tmp_path / "bom.ini"
+    f.write_bytes(b"\xef\xbb\xbf[uwsgi]\r\nhttp-socket = 127.0.0.1:9999\r\n")
+    got = c.load(f, judge=True)
+    assert got.error == "bom.ini:1: starts with a byte order mark (U+FEFF): save it without one", got.error
+    f.write_bytes(b"[uwsgi]\r\nhttp-socket = 127.0.0.1:9999\r\n")
+    assert c.load(f, judge=True).error is None
+
+
 def test_load_and_base_detection(tmp_path: Path):
     (tmp_path / "base.ini").write_text(base_ini("app.psgi"))
     (tmp_path / "app1.ini").write_text("[uwsgi]\nenv = A=1\nenv = B=2\n")
