@@ -131,6 +131,7 @@ def test_bad_file_has_error(tmp_path: Path):
                                                  "'http-socket': port out of range"),
     ("[uwsgi]\nidle = 30\n", "a.ini:2: idle without on-demand"),
     ("[uwsgi]\nidle = 30\non-demand = false\n", "a.ini:2: idle without on-demand"),
+    ("[uwsgi]\nhttp-socket = 127.0.0.1:1\nlimit-nproc = 12\n", "a.ini:3: limit-nproc = 12 without uid"),
     ("[uwsgi]\nhttp-socket = 127.0.0.1:1\nprocesses = 2\nhttp-socket = 127.0.0.1:2\n",
      "a.ini:4: 'http-socket' given again (first on line 2)"),
     ("[uwsgi]\nprocesses = 2\nworkers = 3\n", "a.ini:3: 'workers' given again (first on line 2)"),
