@@ -42,6 +42,10 @@ class OutputLimit:
     dropped_bytes: int = 0
     dropping_since: float | None = None  # the first drop not said yet
     said: float = float("-inf")
+    # the bytes the line that did not fit wants (at most a burst): until the
+    # bucket holds them the vassal is over its limit, though not empty, or
+    # lines longer than what is left would be read and dropped without end
+    wanted: float = 0.0
 
     def refill(self, now: float) -> None:
         if self.stamp is None:
@@ -51,9 +55,12 @@ class OutputLimit:
             self.line_tokens = min(self.lines * BURST, self.line_tokens + self.lines * dt)
             self.byte_tokens = min(self.nbytes * BURST, self.byte_tokens + self.nbytes * dt)
         self.stamp = now
+        if self.byte_tokens >= self.wanted:
+            self.wanted = 0.0
 
     def spent(self) -> bool:
-        return (self.lines > 0 and self.line_tokens < 1) or (self.nbytes > 0 and self.byte_tokens < 1)
+        return (self.lines > 0 and self.line_tokens < 1) or \
+            (self.nbytes > 0 and self.byte_tokens < max(1.0, self.wanted))
 
     def take(self, lines: list[str], now: float) -> list[str]:
         """The first of `lines` that fit (the others are counted dropped)."""
@@ -61,7 +68,10 @@ class OutputLimit:
         n = 0
         for line in lines:
             size = len(line) + 1
-            if self.spent() or (self.nbytes > 0 and size > self.byte_tokens):
+            if self.spent():
+                break
+            if self.nbytes > 0 and size > self.byte_tokens:
+                self.wanted = min(size, self.nbytes * BURST)
                 break
             self.line_tokens -= 1
             self.byte_tokens -= size

@@ -171,11 +171,17 @@ def replacement_wait(in_a_row: int, lived: float, policy: "Policy") -> tuple[int
     QUICK_REPLACEMENT: (the new count, how long its successor waits). Such a
     young one counts as a crash would: its successor starts the back-off
     after its start (else an app that asks after every request has one
-    adoption each, as fast as they come); an older one is replaced at once."""
+    adoption each, as fast as they come); an older one is replaced at once.
+    The wait is at most QUICK_REPLACEMENT from its start: one that asked
+    because of max-requests accepts nothing more, and a busy vassal served
+    its max-requests in less than a second, again and again, would otherwise
+    wait the back-off's minutes with nobody accepting; one adoption a second
+    is what holds a hostile app."""
     if lived >= QUICK_REPLACEMENT:
         return 0, 0.0
     in_a_row += 1
-    return in_a_row, max(0.0, backoff_delay(in_a_row, policy.backoff_first, policy.backoff_max) - lived)
+    delay = min(backoff_delay(in_a_row, policy.backoff_first, policy.backoff_max), QUICK_REPLACEMENT)
+    return in_a_row, max(0.0, delay - lived)
 
 
 @dataclass

@@ -72,6 +72,18 @@ def test_parse_ini_errors():
         c.parse_ini("[uwsgi]\n= 1\n")
 
 
+def test_a_file_saved_with_a_byte_order_mark_is_told_so(tmp_path: Path):
+    """An editor's UTF-8 byte order mark before `[uwsgi]` (CRLF line ends
+    too): the vassal program would see no section; the error says why
+    rather than 'no [uwsgi] section' in a file that shows one."""
+    f = tmp_path / "bom.ini"
+    f.write_bytes(b"\xef\xbb\xbf[uwsgi]\r\nhttp-socket = 127.0.0.1:9999\r\n")
+    got = c.load(f, judge=True)
+    assert got.error == "bom.ini:1: starts with a byte order mark (U+FEFF): save it without one", got.error
+    f.write_bytes(b"[uwsgi]\r\nhttp-socket = 127.0.0.1:9999\r\n")
+    assert c.load(f, judge=True).error is None
+
+
 def test_load_and_base_detection(tmp_path: Path):
     (tmp_path / "base.ini").write_text(base_ini("app.psgi"))
     (tmp_path / "app1.ini").write_text("[uwsgi]\nenv = A=1\nenv = B=2\n")
@@ -95,6 +107,11 @@ def test_fingerprint_follows_content(tmp_path: Path):
     assert c.load(f).fingerprint == one
     f.write_text("[uwsgi]\nenv = A=2\n")
     assert c.load(f).fingerprint != one
+    # bytes that are not UTF-8 are content too: one Latin-1 letter for another
+    f.write_bytes(b"[uwsgi]\nenv = A=caf\xe9\n")
+    latin1 = c.load(f).fingerprint
+    f.write_bytes(b"[uwsgi]\nenv = A=caf\xe8\n")
+    assert c.load(f).fingerprint != latin1
 
 
 def test_bad_file_has_error(tmp_path: Path):
@@ -114,6 +131,7 @@ def test_bad_file_has_error(tmp_path: Path):
                                                  "'http-socket': port out of range"),
     ("[uwsgi]\nidle = 30\n", "a.ini:2: idle without on-demand"),
     ("[uwsgi]\nidle = 30\non-demand = false\n", "a.ini:2: idle without on-demand"),
+    ("[uwsgi]\nhttp-socket = 127.0.0.1:1\nlimit-nproc = 12\n", "a.ini:3: limit-nproc = 12 without uid"),
     ("[uwsgi]\nhttp-socket = 127.0.0.1:1\nprocesses = 2\nhttp-socket = 127.0.0.1:2\n",
      "a.ini:4: 'http-socket' given again (first on line 2)"),
     ("[uwsgi]\nprocesses = 2\nworkers = 3\n", "a.ini:3: 'workers' given again (first on line 2)"),

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 
 import psutil
 import pytest
@@ -311,3 +312,29 @@ def test_base_out_of_descriptors_refuses_and_does_not_spin(tmp_path):
         base.terminate()
         base.wait(20)
     assert not sock.exists()
+
+
+def body_of(port: int) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+        return r.read()
+
+
+def test_a_value_not_utf8_reaches_the_app_as_its_bytes(hostile):
+    """A file in Latin-1 (`caf\\xe9`): the base and a vassal sent their
+    file's text on the config pipe (the base always; a vassal with an
+    Emperor-only key) get its bytes, as they would reading the file."""
+    inherits, own = free_port(), free_port()
+
+    def latin1(vdir):
+        with open(vdir / "base.ini", "ab") as f:
+            f.write(b"env = APP_VALUE=base-caf\xe9\n")
+        with open(vdir / "own.ini", "wb") as f:
+            f.write(app_ini("own", own, processes=1).encode()
+                    + b"env = APP_VALUE=own-caf\xe9\nlog-lines-per-second = 100000\n")
+
+    inherits_ini = app_ini("inherits", inherits, processes=1).replace("env = APP_VALUE=v1\n", "")
+    e = hostile({"inherits": inherits_ini}, prepare=latin1)
+    wait_for(lambda: body_of(own) and body_of(inherits), 30, "both to answer")
+    assert b"value=own-caf\xe9 " in body_of(own)
+    assert b"value=base-caf\xe9 " in body_of(inherits)
+    emperor_ok(e)

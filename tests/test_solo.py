@@ -18,7 +18,7 @@ import pytest
 
 from psgi_forkserver.config.ini import ConfigError
 from psgi_forkserver.config.options import judge_options
-from psgi_forkserver.emperor.vassal import Adopt, Phase, Send, Vassal
+from psgi_forkserver.emperor.vassal import Adopt, Phase, Policy, Send, Vassal
 from psgi_forkserver.protocol import EmperorByte
 from support.apps import APPS, get
 from support.emperors import EMPEROR, Emperors
@@ -278,6 +278,34 @@ def test_replacements_asked_young_wait_longer_each_time_until_one_lived_long():
     assert waits == [0.0, 0.2, 0.4, 0.8], waits
     assert v.on_byte(22, t + 1.5) == "asked to be replaced" and v.quick_replacements == 0
     assert v.step(ctx(t + 1.5)) == [Adopt()]
+
+
+def test_a_vassal_recycled_by_max_requests_many_times_a_second_waits_a_second_at_most():
+    """A busy `master = false` vassal whose max-requests is served in 50 ms
+    asks for its replacement young, again and again, and has stopped
+    accepting each time: with the default back-off (1 s doubling to 180 s)
+    its successors still start within a second of the asking process's
+    start, so connections never wait minutes; a hostile app asking after
+    every request still gets one adoption a second at most."""
+    v = Vassal("busy", cfg(master="false"), policy=Policy(), owns_socket=True)
+    assert v.step(ctx(0)) == [Adopt()]
+    v.adopted(100, 0.01)
+    v.on_byte(17, 0.01)
+    t, waits = 0.05, []
+    for _ in range(10):
+        v.on_byte(22, t)
+        asked = t
+        while not (acts := v.step(ctx(t))):
+            t = v.next_wakeup()
+        waits.append(round(t - asked, 2))
+        seq = acts[0].seq
+        v.adopted(300 + seq, t, seq=seq)
+        v.on_byte(17, t, seq=seq)
+        v.step(ctx(t))
+        v.exited(0, t, pid=v.retiring[0].pid)
+        t += 0.05
+    assert max(waits) <= 1.0, waits
+    assert min(waits[1:]) >= 0.9, waits  # one adoption a second, not one a request
 
 
 def test_without_the_socket_byte_22_stops_and_starts_again_without_a_backoff():

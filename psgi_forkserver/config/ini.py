@@ -18,6 +18,10 @@ def parse_ini_lines(text: str, section: str = SECTION) -> tuple[list[tuple[int, 
     entries: list[tuple[int, str, str]] = []
     current: str | None = None
     seen = False
+    if text.startswith("\ufeff"):
+        # neither uWSGI nor our vassal program skip it: the section header
+        # behind it is not one, and "no [uwsgi] section" would puzzle
+        raise ConfigError("line 1: starts with a byte order mark (U+FEFF): save it without one")
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line[0] in ";#":

@@ -246,6 +246,13 @@ class _Judge:
             if fs is not None:
                 raise ConfigError(f"line {master[0]}: master = false in a base vassal: set it in the "
                                   "files of the vassals that should serve without a master")
+        nproc = self.values.get("limit-nproc")
+        if nproc is not None and nproc[1] and "uid" not in self.values and "ini" not in self.values:
+            # it would be left unset without a word: the kernel does not
+            # hold the Emperor's user (root) to it, and the drop that sets
+            # it happens only with uid (which an included file may give)
+            raise ConfigError(f"line {nproc[0]}: limit-nproc = {nproc[1]} without uid: it holds the "
+                              "processes of the user a vassal drops to (set uid, or limit-nproc = 0)")
         idle = self.values.get("idle")
         on_demand = self.values.get("on-demand")
         if idle is not None and idle[1] and not (on_demand is not None and on_demand[1]):

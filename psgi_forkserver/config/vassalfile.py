@@ -142,6 +142,11 @@ def _from_text(name: str, path: Path, data: bytes, judge: bool,
     text = data.decode("utf-8", "replace")
     rendered = is_template(path.name)
     where = path.name
+    # the file as it is, bytes that are not UTF-8 kept: what a vassal sent
+    # its text on the config pipe gets (a Latin-1 value reaches the app as
+    # it would from the file), and what tells one version from the next;
+    # options are judged on the text with those bytes replaced
+    sent = text if rendered else data.decode("utf-8", "surrogateescape")
     if rendered:
         try:
             out = (render or render_template)(path, text, name)
@@ -149,9 +154,9 @@ def _from_text(name: str, path: Path, data: bytes, judge: bool,
             return VassalConfig(name, path, fingerprint(data), error=str(e), rendered=True)
         if out is None:
             return VassalConfig(name, path, fingerprint(data), rendered=True, pending=True)
-        text = out
+        text = sent = out
         where = f"{path.name} (rendered)"
-    fp = fingerprint(text.encode("utf-8", "surrogateescape"))
+    fp = fingerprint(sent.encode("utf-8", "surrogateescape"))
     expanded = False
     try:
         entries, has_section = parse_ini_lines(text)
@@ -164,15 +169,15 @@ def _from_text(name: str, path: Path, data: bytes, judge: bool,
         msg = str(e)
         m = re.match(r"line (\d+): (.*)", msg)
         error = f"{where}:{m.group(1)}: {m.group(2)}" if m else f"{where}: {msg}"
-        return VassalConfig(name, path, fp, error=error, text=text, rendered=rendered)
+        return VassalConfig(name, path, fp, error=error, text=sent, rendered=rendered)
     options = tuple((k, v) for _, k, v in entries)
     reads_others = magic and any("@(" in v for _, _, v in raw)
     if expanded:
         # what it expands to is its content: an @(file) or $(ENV) that
         # changed is a changed vassal
-        text = as_ini(entries)
-        fp = fingerprint(text.encode("utf-8", "surrogateescape"))
-    return VassalConfig(name, path, fp, options, text=text, rendered=rendered,
+        sent = as_ini(entries)
+        fp = fingerprint(sent.encode("utf-8", "surrogateescape"))
+    return VassalConfig(name, path, fp, options, text=sent, rendered=rendered,
                         expanded=expanded, reads_other_files=reads_others)
 
 
