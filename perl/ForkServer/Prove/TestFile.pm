@@ -194,11 +194,15 @@ sub _compile_next {
         else {
             local $.;    # no ", <$fh> line N" in the test's messages
             $line = <$fh>;
-            return 0 unless defined $line;
+            # perl closes a program file it has read to its end; the
+            # filter stays with the program, so its handle is closed here
+            # (DATA, when there is one, has a handle of its own)
+            unless (defined $line) { close $fh; return 0 }
             $TEST_FH{offset} += length $line;
             if ($line =~ /\A__(DATA|END)__\b/) {
                 my $main = $1 eq 'END' ? 1 : 0;
                 $at_data = 1;
+                close $fh;
                 $line = "BEGIN { ForkServer::Prove::TestFile::_data_here($main ? 'main' : __PACKAGE__, \$^H) } $line";
             }
         }
