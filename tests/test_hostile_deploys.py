@@ -280,6 +280,17 @@ def test_reload_base_wait_is_answered_when_the_emperor_stops_under_it(ctl_empero
     assert "interrupted" in out.stderr or "stopped" in out.stderr, out.stderr
 
 
+def fleet_with_a_slow_mover(ctl_emperor, slow: Path):
+    """app1, and aslow, whose own app loads (so its move lasts) while the
+    file `slow` exists; moves one at a time (--deploy-parallel 1)."""
+    e, ports = deploy_fleet(ctl_emperor, ["app1"], "--deploy-parallel", "1")
+    ports["aslow"] = free_port()
+    e.write("aslow", app_ini("aslow", ports["aslow"], processes=1)
+            + f"psgi = {VERSIONED_APP}\nenv = VERSIONED_HOLD={slow}\n")
+    wait_for(lambda: get(ports["aslow"])["name"] == "aslow", 40, "aslow to answer")
+    return e, ports
+
+
 def test_a_vassal_stopped_while_it_waits_for_its_move_does_not_keep_the_deploy_open(
         ctl_emperor, deploy_tmp):
     # one move at a time (in the order the files came), and aslow's (its
@@ -287,11 +298,8 @@ def test_a_vassal_stopped_while_it_waits_for_its_move_does_not_keep_the_deploy_o
     # zlast, waiting for its turn, is stopped by the operator: it has
     # nothing left to move, and the deploy must end without it
     slow = deploy_tmp / "slow"
-    e, ports = deploy_fleet(ctl_emperor, ["app1"], "--deploy-parallel", "1")
-    ports["aslow"], ports["zlast"] = free_port(), free_port()
-    e.write("aslow", app_ini("aslow", ports["aslow"], processes=1)
-            + f"psgi = {VERSIONED_APP}\nenv = VERSIONED_HOLD={slow}\n")
-    wait_for(lambda: get(ports["aslow"])["name"] == "aslow", 40, "aslow to answer")
+    e, ports = fleet_with_a_slow_mover(ctl_emperor, slow)
+    ports["zlast"] = free_port()
     e.write("zlast", app_ini("zlast", ports["zlast"], processes=1))
     wait_for(lambda: get(ports["zlast"])["name"] == "zlast", 40, "zlast to answer")
     slow.touch()
@@ -334,11 +342,7 @@ def test_a_vassal_whose_file_turned_unusable_ends_the_deploy_as_its_failure(ctl_
 def test_reload_base_while_vassals_move_supersedes_the_deploy_and_answers_both(
         ctl_emperor, deploy_tmp):
     slow = deploy_tmp / "slow"
-    e, ports = deploy_fleet(ctl_emperor, ["app1"], "--deploy-parallel", "1")
-    ports["aslow"] = free_port()
-    e.write("aslow", app_ini("aslow", ports["aslow"], processes=1)
-            + f"psgi = {VERSIONED_APP}\nenv = VERSIONED_HOLD={slow}\n")
-    wait_for(lambda: get(ports["aslow"])["name"] == "aslow", 40, "aslow to answer")
+    e, ports = fleet_with_a_slow_mover(ctl_emperor, slow)
     slow.touch()
     (e.dir / "version.txt").write_text("v2\n")
     with ThreadPoolExecutor(2) as pool:

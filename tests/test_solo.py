@@ -257,6 +257,22 @@ def test_a_successor_that_asks_before_its_promotion_is_replaced_once_promoted():
     assert acts == [Adopt()] and v.pid == 200 and v.successor.reason == "replacement asked"
 
 
+def replaced_after_asking(v: Vassal, t: float) -> tuple[float, float]:
+    """Byte 22 from the current process at `t`; the loop's steps until its
+    successor is adopted, then promoted and the asker retired: (how long the
+    successor waited, rounded, and the time it started)."""
+    v.on_byte(22, t)
+    asked = t
+    while not (acts := v.step(ctx(t))):
+        t = v.next_wakeup()
+    seq = acts[0].seq
+    v.adopted(300 + seq, t, seq=seq)
+    v.on_byte(17, t, seq=seq)
+    v.step(ctx(t))
+    v.exited(0, t, pid=v.retiring[0].pid)
+    return round(t - asked, 2), t
+
+
 def test_replacements_asked_young_wait_longer_each_time_until_one_lived_long():
     """Byte 22 from processes younger than a second counts as a crash
     does: 0.2, 0.4, 0.8 s... from the asking process's start; one that
@@ -265,16 +281,8 @@ def test_replacements_asked_young_wait_longer_each_time_until_one_lived_long():
     v = solo_vassal()
     t, waits = 1.0, []
     for _ in range(4):
-        v.on_byte(22, t)
-        start = t
-        while not (acts := v.step(ctx(t))):
-            t = v.next_wakeup()
-        waits.append(round(t - start, 2))
-        seq = acts[0].seq
-        v.adopted(300 + seq, t, seq=seq)
-        v.on_byte(17, t, seq=seq)
-        v.step(ctx(t))
-        v.exited(0, t, pid=v.retiring[0].pid)
+        wait, t = replaced_after_asking(v, t)
+        waits.append(wait)
     assert waits == [0.0, 0.2, 0.4, 0.8], waits
     assert v.on_byte(22, t + 1.5) == "asked to be replaced" and v.quick_replacements == 0
     assert v.step(ctx(t + 1.5)) == [Adopt()]
@@ -293,16 +301,8 @@ def test_a_vassal_recycled_by_max_requests_many_times_a_second_waits_a_second_at
     v.on_byte(17, 0.01)
     t, waits = 0.05, []
     for _ in range(10):
-        v.on_byte(22, t)
-        asked = t
-        while not (acts := v.step(ctx(t))):
-            t = v.next_wakeup()
-        waits.append(round(t - asked, 2))
-        seq = acts[0].seq
-        v.adopted(300 + seq, t, seq=seq)
-        v.on_byte(17, t, seq=seq)
-        v.step(ctx(t))
-        v.exited(0, t, pid=v.retiring[0].pid)
+        wait, t = replaced_after_asking(v, t)
+        waits.append(wait)
         t += 0.05
     assert max(waits) <= 1.0, waits
     assert min(waits[1:]) >= 0.9, waits  # one adoption a second, not one a request
