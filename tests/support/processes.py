@@ -36,10 +36,32 @@ def wait_for(cond: Callable[[], T], timeout: float = 15.0, what: str = "conditio
         time.sleep(interval)
 
 
+# Ports a test writes into a vassal file are bound later, by another
+# process: a port the kernel handed out free (bind to 0) could be handed to
+# a test of another pytest-xdist worker meanwhile, and one vassal then
+# answered on the other's port. So each worker takes its own range, below
+# the ephemeral one (no client connection holds them as its local port),
+# never one twice.
+_PORT_LOW, _PORT_RANGE = 20000, 3000
+_ports_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    low = _PORT_LOW + (int(worker) if worker.isdigit() else 0) % 4 * _PORT_RANGE
+    start = (os.getpid() * 7919 + len(_ports_given)) % _PORT_RANGE
+    for i in range(_PORT_RANGE):
+        port = low + (start + i) % _PORT_RANGE
+        if port in _ports_given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _ports_given.add(port)
+        return port
+    raise RuntimeError(f"no free port left in {low}-{low + _PORT_RANGE - 1}")
 
 
 def alive(proc: psutil.Process) -> bool:
