@@ -38,9 +38,6 @@ class Link:
     line: int
     target: str
 
-    def __str__(self) -> str:
-        return f"{self.page.relative_to(ROOT)}:{self.line}: {self.target}"
-
 
 def prose_lines(text: str) -> list[tuple[int, str]]:
     """The page's lines outside fenced code blocks, code spans blanked."""
@@ -107,16 +104,18 @@ def relative_links(page: Path) -> list[Link]:
     return links
 
 
-def broken(link: Link) -> str | None:
+def broken(link: Link, root: Path = ROOT) -> str | None:
+    """Why the link leads nowhere (paths relative to root), or None."""
+    where = f"{link.page.relative_to(root)}:{link.line}: {link.target}"
     path_part, _, fragment = link.target.partition("#")
     target = (link.page.parent / path_part).resolve() if path_part else link.page
     if not target.exists():
-        return f"{link}: no such file"
+        return f"{where}: no such file"
     if fragment:
         if target.is_dir() or target.suffix != ".md":
-            return f"{link}: an anchor in something other than a markdown page"
+            return f"{where}: an anchor in something other than a markdown page"
         if fragment not in anchors(target):
-            return f"{link}: no heading or anchor #{fragment} in {target.relative_to(ROOT)}"
+            return f"{where}: no heading or anchor #{fragment} in {target.relative_to(root)}"
     return None
 
 
@@ -156,13 +155,7 @@ def test_a_broken_link_is_reported(tmp_path: Path) -> None:
         "```\n[in a block](missing-three.md)\n```\n",
         encoding="utf-8",
     )
-    global ROOT
-    saved = ROOT
-    ROOT = tmp_path
-    try:
-        problems = [problem for link in relative_links(page) if (problem := broken(link))]
-    finally:
-        ROOT = saved
+    problems = [problem for link in relative_links(page) if (problem := broken(link, tmp_path))]
     assert [problem.split(": ", 1)[1] for problem in problems] == [
         "missing.md: no such file",
         "other.md#nowhere: no heading or anchor #nowhere in other.md",
