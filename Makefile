@@ -57,7 +57,7 @@ BENCH_DEB_PACKAGES := dpkg-dev libmodule-install-perl libapache-logformat-compil
 	libtest-tcp-perl libtry-tiny-perl liburi-perl \
 	libwww-form-urlencoded-perl libwww-perl
 
-.PHONY: all setup install run test test-python test-perl test-perl-prove test-perl-emperor bench bench-quick bench-setup clean
+.PHONY: all setup install run test test-python test-perl test-perl-prove test-perl-emperor bytecode bench bench-quick bench-setup clean
 
 all: setup
 
@@ -119,12 +119,18 @@ test-perl: setup
 test-perl-prove: $(STAMPS)/debian
 	prove -j3 -r -I perl t/
 
-test-perl-emperor: setup
+test-perl-emperor: setup bytecode
 	$(VENV)/bin/emperor prove -j2 -r -I perl t/
+
+# The package's bytecode, written beside it (only what changed): with
+# PYTHONDONTWRITEBYTECODE set, every process the tests start (each Emperor,
+# each `emperor` command) would compile the whole package again.
+bytecode: setup
+	$(VPY) -m compileall -q psgi_forkserver
 
 # pytest-xdist: one file per worker at a time (a file's module fixtures
 # start their fleet once); tests/support/emperors.py names each worker's processes.
-test-python: setup $(STAMPS)/browser
+test-python: setup bytecode $(STAMPS)/browser
 	$(VPY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 bench-setup: $(STAMPS)/bench-debian
