@@ -122,11 +122,16 @@ test-perl-prove: $(STAMPS)/debian
 test-perl-emperor: setup bytecode
 	$(VENV)/bin/emperor prove -j2 -r -I perl t/
 
-# The package's bytecode, written beside it (only what changed): with
-# PYTHONDONTWRITEBYTECODE set, every process the tests start (each Emperor,
-# each `emperor` command) would compile the whole package again.
+# The package's bytecode and pytest's rewritten test modules, written beside
+# them once (only what changed since): with PYTHONDONTWRITEBYTECODE set, every
+# process the tests start (each Emperor, each `emperor` command) compiled the
+# whole package again, and each pytest-xdist worker rewrote every test
+# module's asserts (most of its collection's CPU).
 bytecode: setup
 	$(VPY) -m compileall -q psgi_forkserver
+	@mkdir -p $(STAMPS)
+	PYTHONDONTWRITEBYTECODE= $(VPY) -m pytest -qq --collect-only -p no:xdist -p no:cacheprovider \
+		> $(STAMPS)/collect.log || { cat $(STAMPS)/collect.log; exit 1; }
 
 # pytest-xdist: one file per worker at a time (a file's module fixtures
 # start their fleet once); tests/support/emperors.py names each worker's processes.
