@@ -336,6 +336,23 @@ sub take {
     return 1;
 }
 
+=head2 renew()
+
+The base loaded more code (L<ForkServer::Base::Learned>): the spares forked
+before it lack it, and end (end of file on their links); the pool refills
+with new ones, as after adoptions.
+
+=cut
+
+sub renew {
+    my ($self) = @_;
+    for my $s (values %{ $self->{spares} }) {
+        $self->_forget($s);
+        _close_links($s);
+    }
+    return;
+}
+
 =head2 hold_off()
 
 An adoption was served (by a spare or a fork): the next spare waits until

@@ -175,6 +175,8 @@ sub server_args {
         keepalive_handoff => $config->get('http-keepalive-handoff') ? 1 : 0,
         desk_dumpable     => $self->{dropped_dumpable} ? 1 : 0,
         protocol          => defined $config->get('socket') ? 'uwsgi' : 'http',
+        # adopted from a base that learns what its vassals load lazily
+        after_request => defined $ForkServer::Base::Learned::ADDRESS ? \&ForkServer::Base::Learned::report : undef,
     );
 }
 

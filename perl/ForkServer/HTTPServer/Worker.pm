@@ -263,6 +263,8 @@ sub _ready_conns {
 sub _serve_conn {
     my ($self, $loop, $fd) = @_;
     $self->_serve_conn_once($loop, $fd);
+    # after a response: what the app loaded lazily goes to the base (a count's compare when nothing)
+    $self->{after_request}->() if $self->{after_request};
     # with a seat at the desk: bytes read from it stay here (Desk::busy)
     if ($loop->{seat}) {
         my $c = $loop->{conns}{$fd};
@@ -360,6 +362,7 @@ sub _stop_asked {
 sub serve_one {
     my ($self, $conn) = @_;
     local $self->{stopping_ref} = \(my $stopping = 0);
+    local $self->{after_request};    # a rehearsal is no request of the app's
     local @$self{qw(server_name server_port)} = ('127.0.0.1', 80);
     my $c = $self->_conn($conn, pack_sockaddr_in(0, inet_aton('127.0.0.1')), pack('l!l!', $self->{socket_timeout}, 0));
     my $fd = fileno $conn;
