@@ -38,6 +38,7 @@ my $dies = module($lib, 'Learned/Dies.pm', 'die "not here\n";');
 my $exits = module($lib, 'Learned/Exits.pm', 'exit 3;');
 my $hooks = module($lib, 'Learned/Hooks.pm', '$SIG{__DIE__} = sub { print STDERR "hooked\n" };');
 my $env  = module($lib, 'Learned/Env.pm', '$ENV{LEARNED_WAS_HERE} = 1;');
+my $opens = module($lib, 'Learned/Opens.pm', 'our $FH; open $FH, "<", "/dev/null" or die;');
 module($lib, 'Learned/Mismatch.pm', '');
 module("$dir/other", 'Learned/Mismatch.pm', '');
 module("$dir/rel", 'Learned/Relative.pm', '');
@@ -119,20 +120,21 @@ subtest 'loaded after a trial, in one line' => sub {
 subtest 'a module that dies, exits or changes the process as it loads: never loaded here, never tried again' => sub {
     @log = ();
     send_report(join '', map { "$_\n" } "Learned/Dies.pm\t$dies", "Learned/Exits.pm\t$exits",
-        "Learned/Hooks.pm\t$hooks", "Learned/Env.pm\t$env", "Learned/Dep.pm\t$dep");
+        "Learned/Hooks.pm\t$hooks", "Learned/Env.pm\t$env", "Learned/Opens.pm\t$opens", "Learned/Dep.pm\t$dep");
     $learned->readable;
-    is scalar @{ queued() }, 5, 'five queued';
+    is scalar @{ queued() }, 6, 'six queued';
     my $die_hook = $SIG{__DIE__};
     drive();    # the exit ends its trial: those after it go to another
-    ok !$INC{$_}, "$_ not loaded" for map { "Learned/$_.pm" } qw(Dies Exits Hooks Env);
+    ok !$INC{$_}, "$_ not loaded" for map { "Learned/$_.pm" } qw(Dies Exits Hooks Env Opens);
     is $INC{'Learned/Dep.pm'}, $dep, 'the good one loaded';
     is $SIG{__DIE__}, $die_hook, 'our die handler untouched';
     ok !exists $ENV{LEARNED_WAS_HERE}, 'our %ENV untouched';
     my %said = map { /not preloading (\S+), .*\(not tried again\): (.*)/ ? ($1 => $2) : () } @log;
     like $said{'Learned::Dies'}, qr/\Ait died: not here/, 'the death said' or diag explain \@log;
     like $said{'Learned::Exits'}, qr/the trial process loading it stopped: it ended/, 'the exit said';
-    like $said{'Learned::Hooks'}, qr/it changes \$SIG\{__DIE__\} as it loads/, 'the hook said';
-    like $said{'Learned::Env'}, qr/it changes %ENV as it loads/, 'the %ENV said';
+    like $said{'Learned::Hooks'}, qr/as it loads: \$SIG\{__DIE__\} changed/, 'the hook said';
+    like $said{'Learned::Env'}, qr/as it loads: %ENV changed/, 'the %ENV said';
+    like $said{'Learned::Opens'}, qr/as it loads: 1 descriptor left open/, 'the descriptor said';
     is scalar(grep { /loaded lazily: Learned::Dep\z/ } @log), 1, 'the batch line';
     @log = ();
     send_report(join '', map { "$_\n" } "Learned/Dies.pm\t$dies", "Learned/Exits.pm\t$exits");

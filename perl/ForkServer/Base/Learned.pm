@@ -59,9 +59,9 @@ elsewhere, in a directory of its own, is not followed).
 =back
 
 Each module is first tried in a process forked from the base (a trial,
-L</work>): one that dies as it loads, ends the process, or changes the
-process's signal handlers, C<%ENV>, umask or working directory is not
-loaded in the base (one line, never tried again), and the vassals keep
+L</work>): one that dies as it loads, ends the process, changes the
+process's signal handlers, C<%ENV>, umask or working directory, or leaves
+a descriptor open or a thread running, is not loaded in the base (one line, never tried again), and the vassals keep
 loading it themselves. The others the base loads with its own C<@INC>,
 only between adoptions (never while a request is being read, and not
 before C<QUIET> seconds after the last adoption), in turns of at most
@@ -235,7 +235,8 @@ sub pending {
 An idle turn. Modules reported and not tried yet go to a trial: a process
 forked from the base C<require>s them, one by one, and says for each
 whether it loaded, died, or changed the process's state as it loaded
-(signal handlers, C<%ENV>, umask, working directory); it ends at once
+(signal handlers, C<%ENV>, umask, working directory, a descriptor left
+open, a thread); it ends at once
 (C<POSIX::_exit>). A module that dies, changes that state, ends the trial
 (an C<exit> at load) or makes it run past C<TRIAL_TIMEOUT> is not loaded
 in the base: one line, and never tried again; its vassals keep loading it
@@ -355,7 +356,7 @@ sub trial_readable {
             if    ($line eq 'D')                           { return $self->_end_trial(undef) }
             elsif ($line =~ /\AT (\S+)\z/)                { $t->{current} = $1 }
             elsif ($line =~ /\AK (\S+)\z/)                { push @{ $t->{ok} }, $1; delete $t->{current} }
-            elsif ($line =~ /\A([FS]) (\S+)\t(.*)\z/)     { $self->_refuse($2, $1 eq 'F' ? "it died: $3" : "it changes $3 as it loads"); delete $t->{current} }
+            elsif ($line =~ /\A([FS]) (\S+)\t(.*)\z/)     { $self->_refuse($2, $1 eq 'F' ? "it died: $3" : "as it loads: $3"); delete $t->{current} }
         }
     }
 }
@@ -412,6 +413,8 @@ sub _require {
     my %env = %ENV;
     my $umask = umask;
     my $cwd = Cwd::getcwd();
+    my %fds = map { $_ => 1 } _entries('/proc/self/fd');
+    my $threads = () = _entries('/proc/self/task');
     my $error;
     my $ok = do {
         local ($@, $!, $?, $_);
@@ -419,7 +422,22 @@ sub _require {
         eval { require $key; 1 } ? 1 : do { $error = $@; 0 };
     };
     my @changed = _put_back(\%sig, \%env, $umask, $cwd);
+    # what cannot be put back: a descriptor a vassal would find closed (it
+    # closes the base's), a thread no fork copies
+    my $opened = grep { !$fds{$_} } _entries('/proc/self/fd');
+    push @changed, "$opened descriptor" . ($opened == 1 ? '' : 's') . " left open" if $opened;
+    push @changed, 'a thread started' if _entries('/proc/self/task') > $threads;
     return ($ok, $error, @changed);
+}
+
+# The entries of a /proc directory (but the one its reading opens).
+sub _entries {
+    my ($dir) = @_;
+    opendir(my $dh, $dir) or return ();
+    my $own = fileno $dh;
+    my @names = grep { /\A\d+\z/ && $_ != $own } readdir $dh;
+    closedir $dh;
+    return @names;
 }
 
 # In the base: a module its trial loaded.
@@ -433,7 +451,7 @@ sub _load {
             . _one_line($why));
         return;
     }
-    $self->{log}->(_module($key) . " changed " . join(', ', @changed) . " as it loaded: put back in the base") if @changed;
+    $self->{log}->(_module($key) . " as it loaded in the base: " . join(', ', @changed) . " (what could be, put back)") if @changed;
     push @{ $self->{loaded} }, $key;
     return;
 }
@@ -447,22 +465,22 @@ sub _put_back {
         my ($now, $was) = ($SIG{$name}, $sig->{$name});
         next if !defined $now && !defined $was;
         next if defined $now && defined $was && (ref $now ? ref $was && $now == $was : !ref $was && $now eq $was);
-        push @changed, "\$SIG{$name}";
+        push @changed, "\$SIG{$name} changed";
         $SIG{$name} = $was;
     }
     my @env = grep { !exists $env->{$_} || ($ENV{$_} // '') ne ($env->{$_} // '') } keys %ENV;
     push @env, grep { !exists $ENV{$_} } keys %$env;
     if (@env) {
-        push @changed, '%ENV';
+        push @changed, '%ENV changed';
         %ENV = %$env;
     }
     if (umask != $umask) {
-        push @changed, 'umask';
+        push @changed, 'umask changed';
         umask $umask;
     }
     my $now = Cwd::getcwd();
     if (defined $cwd && (!defined $now || $now ne $cwd)) {
-        push @changed, 'the working directory';
+        push @changed, 'the working directory changed';
         chdir $cwd;
     }
     return sort @changed;
