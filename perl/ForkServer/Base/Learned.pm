@@ -2,13 +2,12 @@ package ForkServer::Base::Learned;
 use strict;
 use warnings;
 
-use Cwd ();
 use IO::Handle ();
 use POSIX ();
 use Socket qw(AF_UNIX SOCK_DGRAM SOL_SOCKET MSG_DONTWAIT pack_sockaddr_un);
 use Socket::MsgHdr ();
 use Time::HiRes ();
-use ForkServer::Process::Session ();
+use ForkServer::Base::LoadTrial ();
 
 =head1 NAME
 
@@ -39,24 +38,14 @@ C<%INC> grew sends the base the modules the base did not have when it
 forked it; the base, when idle, loads them itself, and the vassals adopted
 after that have them preloaded.
 
-What the base accepts, and only that:
-
-=over
-
-=item * reports sent by a process running as the base's own uid (the
-kernel's C<SCM_CREDENTIALS> on a datagram socket in the abstract
-namespace, whose name only the base's descendants know): a vassal that runs
-as another user (C<uid>) never makes the base load anything;
-
-=item * C<%INC> keys of a package name (C<Foo/Bar.pm>, words only), at
-most C<MAX_MODULES> a report;
-
-=item * files that the base finds itself, in the absolute directories of
-its own C<@INC> (never C<.>, never a relative directory), and that are the
-very file the vassal loaded (a vassal that found a module of the same name
-elsewhere, in a directory of its own, is not followed).
-
-=back
+What the base accepts, and only that: reports sent by a process running
+as the base's own uid (the kernel's C<SCM_CREDENTIALS> on a datagram
+socket in the abstract namespace, whose name only the base's descendants
+know: a vassal of another C<uid> never makes the base load anything);
+C<%INC> keys of a package name (C<Foo/Bar.pm>, words only), at most
+C<MAX_MODULES> a report; files that the base finds itself, in the absolute
+directories of its own C<@INC> (never C<.>, never a relative directory),
+the very file the vassal loaded (one found elsewhere is not followed).
 
 Each module is first tried in a process forked from the base (a trial,
 L</work>): one that dies as it loads, ends the process, changes the
@@ -283,7 +272,7 @@ sub _start_trial {
     }
     if ($pid == 0) {
         close $r;
-        _trial($w, $parent, @keys);    # does not return
+        ForkServer::Base::LoadTrial::run($w, $parent, @keys);    # does not return
     }
     close $w;
     IO::Handle::blocking($r, 0);
@@ -299,28 +288,6 @@ sub _give_up {
     $KNOWN{$_} = 1 for @$keys;
     $self->{log}->("could not try " . join(', ', map { _module($_) } @$keys) . " (not tried again): $why");
     return;
-}
-
-# In the trial process: each module required as the base would, then said.
-sub _trial {
-    my ($w, $parent, @keys) = @_;
-    my $ok = eval {
-        ForkServer::Process::Session::die_with_parent(POSIX::SIGKILL());
-        $SIG{$_} = 'DEFAULT' for qw(TERM INT PIPE CHLD);
-        $0 .= ' (trying modules)';
-        $w->autoflush(1);
-        for my $key (@keys) {
-            print {$w} "T $key\n";
-            next if $INC{$key};
-            my ($loaded, $why, @changed) = _require($key);
-            if (!$loaded)    { print {$w} "F $key\t" . _one_line($why) . "\n" }
-            elsif (@changed) { print {$w} "S $key\t" . join(', ', @changed) . "\n" }
-            else             { print {$w} "K $key\n" }
-        }
-        print {$w} "D\n";
-        1;
-    };
-    POSIX::_exit($ok ? 0 : 1);
 }
 
 =head2 trial_fh() -> $fh or undef; trial_readable(); trial_deadline() -> $time or undef; reaped($pid)
@@ -396,94 +363,20 @@ sub _refuse {
     return;
 }
 
-sub _one_line {
-    my ($why) = @_;
-    $why //= 'unknown error';
-    $why =~ s/\s+\z//;
-    $why =~ s/\s*\n\s*/ /g;
-    $why =~ s/\t/ /g;
-    return length $why > 300 ? substr($why, 0, 300) . '...' : $why;
-}
-
-# require $key with only the absolute directories of @INC; what it changed
-# of the process's state, put back. (loaded, error, changed...)
-sub _require {
-    my ($key) = @_;
-    my %sig = map { $_ => $SIG{$_} } grep { defined $SIG{$_} } keys %SIG;
-    my %env = %ENV;
-    my $umask = umask;
-    my $cwd = Cwd::getcwd();
-    my %fds = map { $_ => 1 } _entries('/proc/self/fd');
-    my $threads = () = _entries('/proc/self/task');
-    my $error;
-    my $ok = do {
-        local ($@, $!, $?, $_);
-        local @INC = grep { !ref $_ && defined $_ && m{\A/} } @INC;
-        eval { require $key; 1 } ? 1 : do { $error = $@; 0 };
-    };
-    my @changed = _put_back(\%sig, \%env, $umask, $cwd);
-    # what cannot be put back: a descriptor a vassal would find closed (it
-    # closes the base's), a thread no fork copies
-    my $opened = grep { !$fds{$_} } _entries('/proc/self/fd');
-    push @changed, "$opened descriptor" . ($opened == 1 ? '' : 's') . " left open" if $opened;
-    push @changed, 'a thread started' if _entries('/proc/self/task') > $threads;
-    return ($ok, $error, @changed);
-}
-
-# The entries of a /proc directory (but the one its reading opens).
-sub _entries {
-    my ($dir) = @_;
-    opendir(my $dh, $dir) or return ();
-    my $own = fileno $dh;
-    my @names = grep { /\A\d+\z/ && $_ != $own } readdir $dh;
-    closedir $dh;
-    return @names;
-}
-
 # In the base: a module its trial loaded.
 sub _load {
     my ($self, $key) = @_;
-    my ($ok, $why, @changed) = _require($key);
+    my ($ok, $why, @changed) = ForkServer::Base::LoadTrial::require_module($key);
     if (!$ok) {
         delete $INC{$key};
         $KNOWN{$key} = 1;    # never tried again
         $self->{log}->("could not load " . _module($key) . ", which its vassals loaded lazily (not tried again): "
-            . _one_line($why));
+            . ForkServer::Base::LoadTrial::one_line($why));
         return;
     }
     $self->{log}->(_module($key) . " as it loaded in the base: " . join(', ', @changed) . " (what could be, put back)") if @changed;
     push @{ $self->{loaded} }, $key;
     return;
-}
-
-# What a module's loading may change of the process's state, which the
-# base's own serving relies on: put back as it was.
-sub _put_back {
-    my ($sig, $env, $umask, $cwd) = @_;
-    my @changed;
-    for my $name (keys %SIG) {
-        my ($now, $was) = ($SIG{$name}, $sig->{$name});
-        next if !defined $now && !defined $was;
-        next if defined $now && defined $was && (ref $now ? ref $was && $now == $was : !ref $was && $now eq $was);
-        push @changed, "\$SIG{$name} changed";
-        $SIG{$name} = $was;
-    }
-    my @env = grep { !exists $env->{$_} || ($ENV{$_} // '') ne ($env->{$_} // '') } keys %ENV;
-    push @env, grep { !exists $ENV{$_} } keys %$env;
-    if (@env) {
-        push @changed, '%ENV changed';
-        %ENV = %$env;
-    }
-    if (umask != $umask) {
-        push @changed, 'umask changed';
-        umask $umask;
-    }
-    my $now = Cwd::getcwd();
-    if (defined $cwd && (!defined $now || $now ne $cwd)) {
-        push @changed, 'the working directory changed';
-        chdir $cwd;
-    }
-    return sort @changed;
 }
 
 =head2 close()
