@@ -48,6 +48,7 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
                          f"{u['n']} interleaved rounds: p50 / p99 (load average before / after: {load})",
                          f"{w['p50']:.2f} / {w['p99']:.2f} ms", "", ""))
             for key, target in (("fork path", TARGETS["fork_path_over_uwsgi21"]),
+                                ("fork path, preload-learned = false", TARGETS["fork_path_over_uwsgi21"]),
                                 ("spares", TARGETS["spares_over_uwsgi21"]),
                                 ("spares, base with early-warmup /", TARGETS["spares_over_uwsgi21"]),
                                 ("spares, base with early-warmup /, socket bound by the requester",
@@ -55,9 +56,11 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
                 x = u.get(key)
                 if x:
                     f = x["first_200_ms"]
-                    served = f", {x['by_spare']} of {f['n']} by a spare" if key != "fork path" else ""
+                    served = f", {x['by_spare']} of {f['n']} by a spare" if not key.startswith("fork path") else ""
+                    first = x.get("first_adoption_first_200_ms")
+                    first = f"; the base's first adoption {first:.2f} ms" if first is not None else ""
                     rows.append((f"adoption -> first 200, heavy /, ours, {key}: p50 / p99 (ours / uWSGI 2.1{served})",
-                                 f"{f['p50']:.2f} / {f['p99']:.2f} ms ({x['ratio']:.2f}x)", f"<= {target:g}x",
+                                 f"{f['p50']:.2f} / {f['p99']:.2f} ms ({x['ratio']:.2f}x{first})", f"<= {target:g}x",
                                  verdict(x["ratio"] <= target)))
     for app in ("heavy", "hello"):
         a = ad.get(app)

@@ -64,6 +64,62 @@ subtest 'plain vassal: port in use is one line, exit 1' => sub {
     like $out, qr/\Apsgi-vassal busy: error: cannot listen on http-socket 127\.0\.0\.1:$port: [^\n]+\n\z/, 'one line';
 };
 
+# The socket a vassal binds for http-socket HOST:PORT, [IPV6]:PORT or
+# :PORT: the one IO::Socket::IP made with the same arguments, made with
+# plain system calls (ForkServer::Vassal::listen_inet).
+subtest 'listen_inet: the socket and the errors IO::Socket::IP gave' => sub {
+    require ForkServer::Vassal;
+    require IO::Socket::IP;
+    my $int = sub { unpack 'i', getsockopt($_[0], $_[1], $_[2]) };
+    my ($v4, $err) = ForkServer::Vassal::listen_inet('127.0.0.1', 0, 8);
+    ok $v4, 'IPv4' or diag $err;
+    is Socket::sockaddr_family(getsockname $v4), Socket::AF_INET(), 'an IPv4 socket';
+    is $int->($v4, Socket::SOL_SOCKET(), Socket::SO_REUSEADDR()), 1, 'SO_REUSEADDR';
+    is $int->($v4, Socket::SOL_SOCKET(), Socket::SO_ACCEPTCONN()), 1, 'listening';
+    my $port = (Socket::unpack_sockaddr_in(getsockname $v4))[0];
+    my ($busy, $busy_err) = ForkServer::Vassal::listen_inet('127.0.0.1', $port, 8);
+    my $io = IO::Socket::IP->new(LocalHost => '127.0.0.1', LocalPort => $port, Listen => 8, ReuseAddr => 1, Type => SOCK_STREAM);
+    ok !$busy && !$io, 'a port in use is refused';
+    is $busy_err, "$@", 'with the error IO::Socket::IP gave';
+    my ($none, $gai_err) = ForkServer::Vassal::listen_inet('no-such-host.invalid', $port, 8);
+    $io = IO::Socket::IP->new(LocalHost => 'no-such-host.invalid', LocalPort => $port, Listen => 8, Type => SOCK_STREAM);
+    ok !$none && !$io, 'a name that does not resolve is refused';
+    is $gai_err, "$@", 'with the error IO::Socket::IP gave';
+    my ($dual, $dual_err) = ForkServer::Vassal::listen_inet('::', 0, 8, 0);
+    SKIP: {
+        skip "no IPv6 here: $dual_err", 4 unless $dual;
+        is Socket::sockaddr_family(getsockname $dual), Socket::AF_INET6(), 'all addresses: an IPv6 socket';
+        is $int->($dual, Socket::IPPROTO_IPV6(), Socket::IPV6_V6ONLY()), 0, 'dual-stack (IPV6_V6ONLY 0)';
+        my $dport = (Socket::unpack_sockaddr_in6(getsockname $dual))[0];
+        ok(IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $dport), 'reached over IPv4');
+        ok(IO::Socket::IP->new(PeerHost => '::1', PeerPort => $dport), 'reached over IPv6');
+    }
+};
+
+subtest 'plain vassal on [::1]:PORT and :PORT' => sub {
+    my ($probe) = ForkServer::Vassal::listen_inet('::1', 0, 1);
+    plan skip_all => 'no IPv6 loopback here' unless $probe;
+    close $probe;
+    require IO::Socket::IP;
+    my $get = sub {
+        my ($host, $port) = @_;
+        my $c = IO::Socket::IP->new(PeerHost => $host, PeerPort => $port, Timeout => 10) or return '';
+        print $c "GET / HTTP/1.0\r\nHost: x\r\n\r\n";
+        local $/;
+        return <$c> // '';
+    };
+    for my $case (['v6', '[::1]', ['::1']], ['any', '', ['127.0.0.1', '::1']]) {
+        my ($name, $host, $peers) = @$case;
+        my $port = empty_port();
+        my $v = spawn_vassal(argv => ['--name', $name, '--http-socket', "$host:$port", '--psgi', $hello,
+            '--env', "APP_NAME=$name", '--disable-logging'], stderr => "$dir/$name.log");
+        is read_bytes($v->{pipe}, 3, 20), "\x01\x05\x11", "$host:$port: bytes 1, 5, 17" or diag slurp("$dir/$name.log");
+        like $get->($_, $port), qr/APP_NAME=$name/, "$host:$port answers on $_" for @$peers;
+        syswrite $v->{pipe}, "\x02";
+        ok wait_gone($v->{pid}, 15), 'stops on byte 2';
+    }
+};
+
 subtest 'chdir and procname' => sub {
     my $port = empty_port();
     my $where = Cwd::abs_path('t/apps/whereami.psgi');

@@ -118,13 +118,14 @@ def test_descriptor_hygiene(emp):
             assert not vassal_inodes[a] & vassal_inodes[b], f"{a} and {b} share a socket"
     # the base holds stdio, its pipe, its config pipe (the Emperor sends it
     # the text of its file) and the fork-server socket only, the spare
-    # descriptor it gives up to refuse a client when out of them, and two
-    # links per warm spare (fork-server-spares, default 2) once its pool is
-    # full: the spare's and its warm worker's (the base hands it the request)
+    # descriptor it gives up to refuse a client when out of them, the
+    # datagram socket its vassals report their lazy loads to (preload-learned),
+    # and two links per warm spare (fork-server-spares, default 2) once its
+    # pool is full: the spare's and its warm worker's (the base hands it the request)
     wait_for(lambda: (e.status()["base"].get("spares") or {}).get("ready") == 2, 30, "the base's 2 spares")
     bfds = {fd: t for fd, t in _fds(base).items() if fd > 2}
     assert sorted(bfds.values()).count("/dev/null") == 1, bfds
-    assert len(bfds) == 4 + 2 * 2, bfds
+    assert len(bfds) == 4 + 1 + 2 * 2, bfds
     for ino in base_inodes:
         assert not any(ino in v for v in vassal_inodes.values())
     # every descriptor of the Emperor, stdio aside, is close-on-exec

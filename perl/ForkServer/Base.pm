@@ -94,9 +94,10 @@ sub run {
     my $priority = ForkServer::Base::Priority::raise($self->{config}->get('fork-server-priority') // 0);
     $self->listen;
     $0 = $self->{config}->get('procname') // "psgi-vassal $self->{name} (fork server)";
+    my $learned = $self->start_learning;    # before the first fork: every vassal and spare knows where to report
     my $spares = $self->start_spares;
     # logged before byte 1, so the line is there when the Emperor acts on it
-    $self->log("fork server listening on $self->{path} ($how; $pages; $priority; $spares)");
+    $self->log("fork server listening on $self->{path} ($how; $pages; $priority; $spares; $learned)");
     ForkServer::Vassal::EmperorPipe->send($self->{emperor}, SPAWNED);
     my $stop = sub { $self->{stop} = "signal $_[0]" };
     local $SIG{TERM} = $stop;
@@ -124,6 +125,44 @@ sub note_app_fds {
     $self->log("adopted vassals close the descriptors the app holds: "
         . join(', ', map { "$_ ($app{$_})" } sort { $a <=> $b } keys %app) . " (keep-fd keeps one)");
     return;
+}
+
+# What the vassals' processes `require` after the fork (an app's lazy
+# loads), loaded here between adoptions (ForkServer::Base::Learned): only
+# for web vassals, whose app is the base's.
+sub start_learning {
+    my ($self) = @_;
+    return 'preload-learned: off' unless $self->{config}->get('preload-learned');
+    return "preload-learned: off (not a web base)" unless do { no warnings "once"; $ForkServer::WEB_VASSALS };
+    require ForkServer::Base::Learned;
+    my $learned = eval { ForkServer::Base::Learned->new(log => sub { $self->log($_[0]) }, forked => sub { $self->{children}++ }) };
+    return "preload-learned: off ($@)" =~ s/\n\)\z/)/r unless $learned;
+    $self->{learned} = $learned;
+    return 'preload-learned: on';
+}
+
+# A turn of loading what the vassals reported, when no adoption is being
+# read or has come for a while (ForkServer::Base::Learned::QUIET); it ends
+# early when a client connects or the Emperor writes.
+sub load_learned {
+    my ($self) = @_;
+    my $learned = $self->{learned};
+    my @watch = grep { defined } $self->{listen}, $self->{emperor};
+    my $waiting = IO::Select->new(@watch);
+    my $batch = $learned->work(
+        until => Time::HiRes::time() + ForkServer::Base::Learned::TURN(),
+        stop  => sub { $waiting->can_read(0) },
+    );
+    # spares forked before it lack it: they make way for new ones
+    $self->{spares}->renew if $batch && $self->{spares};
+    return;
+}
+
+sub _learning_due {
+    my ($self) = @_;
+    my $learned = $self->{learned} or return 0;
+    return 0 unless $learned->pending && !%{ $self->{clients} };
+    return Time::HiRes::time() >= ($self->{adopted_at} // 0) + ForkServer::Base::Learned::QUIET();
 }
 
 # Warm spare vassals (ForkServer::Spares): only under an Emperor, which
@@ -181,8 +220,13 @@ sub loop {
     $select->add($self->{emperor}) if $self->{emperor};
     my $spares = $self->{spares};
     $spares->watch_with($select) if $spares;
+    my $learned = $self->{learned};
+    $select->add($learned->sock) if $learned;
     until ($self->{stop}) {
-        # below any adoption being read: one spare per turn, none while a client waits
+        # below any adoption being read: what the vassals loaded lazily, then
+        # one spare per turn, none while a client waits
+        $self->load_learned if $self->_learning_due;
+        if ($learned && (my $trial = $learned->trial_fh)) { $select->add($trial) unless $select->exists($trial) }
         $spares->make_one if $spares && !%{ $self->{clients} } && $spares->wants_one;
         my @ready = $select->can_read($self->_timeout);
         for my $fh (@ready) {
@@ -190,10 +234,16 @@ sub loop {
             elsif ($self->{emperor} && $fh == $self->{emperor})   { $self->emperor_says }
             elsif (my $req = $self->{clients}{ fileno $fh })      { $self->client_readable($req) }
             elsif ($spares && $spares->owns($fh))                 { $spares->readable($fh) }
+            elsif ($learned && $fh == $learned->sock)             { $learned->readable }
+            elsif ($learned && $learned->trial_fh && $fh == $learned->trial_fh) {
+                $select->remove($fh);    # read to its end, or until it would block: added again next turn if still running
+                $learned->trial_readable;
+            }
             last if $self->{stop};
         }
         $self->expire_clients;
         $self->reap;
+        $learned->check_trial if $learned;
         $self->_resume_listening;
     }
     return;
@@ -204,6 +254,11 @@ sub _timeout {
     my @deadlines = map { $_->deadline } values %{ $self->{clients} };
     push @deadlines, $self->{paused_until} if $self->{paused_until};
     push @deadlines, $self->{spares}->next_at if $self->{spares} && $self->{spares}->next_at;
+    if (my $learned = $self->{learned}) {
+        push @deadlines, ($self->{adopted_at} // 0) + ForkServer::Base::Learned::QUIET()
+            if $learned->pending && !%{ $self->{clients} };
+        push @deadlines, $learned->trial_deadline if $learned->trial_deadline;
+    }
     return undef unless @deadlines;
     my ($next) = sort { $a <=> $b } @deadlines;
     my $wait = $next - Time::HiRes::time();
@@ -228,8 +283,9 @@ sub emperor_says {
 
 sub reap {
     my ($self) = @_;
-    while ($self->{children} > 0 && waitpid(-1, WNOHANG) > 0) {
+    while ($self->{children} > 0 && (my $pid = waitpid(-1, WNOHANG)) > 0) {
         $self->{children}--;
+        $self->{learned}->reaped($pid) if $self->{learned};
     }
     return;
 }

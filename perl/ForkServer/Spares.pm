@@ -336,6 +336,17 @@ sub take {
     return 1;
 }
 
+# The base loaded more code (ForkServer::Base::Learned): the spares forked
+# before it end (end of file on their links); the pool refills, as after adoptions.
+sub renew {
+    my ($self) = @_;
+    for my $s (values %{ $self->{spares} }) {
+        $self->_forget($s);
+        _close_links($s);
+    }
+    return;
+}
+
 =head2 hold_off()
 
 An adoption was served (by a spare or a fork): the next spare waits until

@@ -5,10 +5,10 @@ use warnings;
 # Everything the vassal path needs is loaded here, at compile time: the base
 # vassal loads this module before it forks, so an adopted vassal loads
 # nothing between its fork and its first accept().
-use IO::Socket::IP ();
 use ForkServer::Vassal::App ();
 use POSIX ();
-use Socket qw(SOL_SOCKET SO_ACCEPTCONN SOMAXCONN);
+use Socket qw(SOL_SOCKET SO_ACCEPTCONN SO_REUSEADDR SOMAXCONN SOCK_STREAM AI_PASSIVE AF_UNSPEC AF_INET6
+              IPPROTO_IPV6 IPV6_V6ONLY getaddrinfo);
 use ForkServer::Config ();
 use ForkServer::Vassal::EmperorPipe ();
 use ForkServer::Protocol qw(SPAWNED);
@@ -175,6 +175,9 @@ sub server_args {
         keepalive_handoff => $config->get('http-keepalive-handoff') ? 1 : 0,
         desk_dumpable     => $self->{dropped_dumpable} ? 1 : 0,
         protocol          => defined $config->get('socket') ? 'uwsgi' : 'http',
+        # adopted from a base that learns what its vassals load lazily
+        after_request => (do { no warnings 'once'; defined $ForkServer::Base::Learned::ADDRESS })
+                         ? \&ForkServer::Base::Learned::report : undef,
     );
 }
 
@@ -253,17 +256,46 @@ sub listen_socket {
         unless defined $addr;
     return listen_unix($addr, $self->{config}->get('listen')) if $addr =~ m{/} || $addr !~ /:/;
     my ($host, $port) = ForkServer::Config::parse_address($addr);
-    my @common = (LocalPort => $port, Listen => $self->{config}->get('listen'), ReuseAddr => 1, Type => Socket::SOCK_STREAM());
-    my $sock;
+    my $backlog = $self->{config}->get('listen');
+    my ($sock, $err);
     if (defined $host) {
-        $sock = IO::Socket::IP->new(LocalHost => $host, @common);
+        ($sock, $err) = listen_inet($host, $port, $backlog);
     }
     else {    # all addresses: a dual-stack socket if the machine has IPv6
-        $sock = IO::Socket::IP->new(LocalHost => '::', V6Only => 0, @common)
-            || IO::Socket::IP->new(LocalHost => '0.0.0.0', @common);
+        ($sock, $err) = listen_inet('::', $port, $backlog, 0);
+        ($sock, $err) = listen_inet('0.0.0.0', $port, $backlog) unless $sock;
     }
-    die "cannot listen on http-socket $addr: " . ($@ || $!) . "\n" unless $sock;
+    die "cannot listen on http-socket $addr: $err\n" unless $sock;
     return $sock;
+}
+
+=head2 listen_inet($host, $port, $backlog, $v6only) -> ($handle) or (undef, $error)
+
+A listening TCP socket on C<$host> (a name or an address) and C<$port>,
+with C<SO_REUSEADDR>, and C<IPV6_V6ONLY> set to C<$v6only> when given and
+the address is IPv6: what C<IO::Socket::IP> makes with the same arguments
+(each address C<getaddrinfo> gives tried in turn until one binds; the
+error of the last bind, else of the last socket), with plain system calls,
+which cost a vassal's start-up a fraction of its object's making.
+
+=cut
+
+sub listen_inet {
+    my ($host, $port, $backlog, $v6only) = @_;
+    my ($gai, @infos) = getaddrinfo($host, $port, { socktype => SOCK_STREAM, flags => AI_PASSIVE, family => AF_UNSPEC });
+    return (undef, "$gai") if $gai;
+    my ($bind_err, $socket_err);
+    for my $info (@infos) {
+        socket(my $sock, $info->{family}, $info->{socktype}, $info->{protocol}) or do { $socket_err = "$!"; next };
+        setsockopt($sock, SOL_SOCKET, SO_REUSEADDR, 1) or return (undef, "$!");
+        if (defined $v6only && $info->{family} == AF_INET6) {
+            setsockopt($sock, IPPROTO_IPV6, IPV6_V6ONLY, $v6only) or return (undef, "$!");
+        }
+        bind($sock, $info->{addr}) or do { $bind_err = "$!"; next };
+        listen($sock, $backlog) or return (undef, "$!");
+        return ($sock);
+    }
+    return (undef, $bind_err // $socket_err // 'no address to listen on');
 }
 
 =head2 listen_unix($path, $backlog)

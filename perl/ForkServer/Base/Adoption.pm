@@ -3,6 +3,7 @@ use strict;
 use warnings;
 
 use POSIX ();
+use Time::HiRes ();
 use ForkServer::Base::Clone ();
 use ForkServer::Process::Descriptors ();
 use ForkServer::Process::Exit ();
@@ -54,6 +55,7 @@ C<spares>, C<app>, C<app_fds>, C<refuse>).
 
 sub adopt {
     my ($self, $req) = @_;
+    $self->{adopted_at} = Time::HiRes::time();    # what the vassals loaded lazily waits (ForkServer::Base::Learned)
     if (my $spares = $self->{spares}) {
         $spares->hold_off;
         if ($spares->take($req)) {
@@ -114,6 +116,7 @@ sub _close_base {
     $self->{clients} = {};
     close delete $self->{emperor}   if $self->{emperor};
     close delete $self->{config_fh} if $self->{config_fh};
+    (delete $self->{learned})->close if $self->{learned};
     # the spares' links: a waiting spare must see end of file when the base goes
     (delete $self->{spares})->close_links if $self->{spares};
     return;
