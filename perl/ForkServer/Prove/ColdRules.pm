@@ -64,6 +64,7 @@ sub changes_before_preloaded_use {
     # at run time above it ran before that file's `use`s (DBI's generated
     # t/zvp_*.t set DBI_PUREPERL, then require the real t/NNname.t).
     my $run_before;
+    pos($text) = undef;    # (the BEGIN loop above may have stopped midway)
     while ($text =~ /\b(?:do|require)\s*\(?\s*(['"])([^'"\$\@\s]+\.(?:t|pl|pm))\1/g) {
         last if $-[0] >= $last_use;
         $run_before = $-[0] if -f $2;
