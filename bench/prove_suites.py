@@ -9,7 +9,7 @@ has the source of the installed version (Dancer2, Catalyst-Runtime,
 DBIx-Class, Capture-Tiny; Test-Simple, whose version is the one in Debian 12's perl), its
 upstream tag of that version is cloned).
 For every suite, in its directory, one run each of the following (with
-`-b -r t` instead of `-l -r t` for the XS ones, Moose, DateTime,
+`-b -r t` instead of `-l -r t` for the XS ones, Moose, DateTime, DBI, Params-Util,
 Template-Toolkit, HTML-Parser and Cpanel-JSON-XS, built first in a copy under
 $TMPDIR/prove-suites-build; `yath test -b` for them):
 
@@ -27,7 +27,7 @@ $TMPDIR/prove-suites-build; `yath test -b` for them):
 with the same environment (HARNESS_ACTIVE and the like removed, no author or
 release testing). Prints a row per suite: versions, wall-clock seconds, the
 ratios, the load average before and after the row, and the files whose verdict (ok / skipped / FAIL) differs from
-prove's, for each emperor run and for yath (pass/fail only: yath does not
+prove's (and the run's count of tests, prove's `Tests=N`, when it is not prove's), for each emperor run and for yath (pass/fail only: yath does not
 say "skipped"). `--repeat N` runs every runner N times, in turn, and
 shows the median run (every run's time is printed and kept in the JSON). Writes the rows as JSON to bench/results/prove-suites-*.json.
 """
@@ -89,13 +89,23 @@ SUITES = {
     "Text-CSV": "libtext-csv-perl",  # its pure-Perl parser: 52,377 tests
     "Params-Validate": "libparams-validate-perl",  # XS beside a pure-Perl fallback; taint tests
     "Devel-StackTrace": "libdevel-stacktrace-perl",
+    "Log-Log4perl": "liblog-log4perl-perl",
+    "DBI": "libdbi-perl",  # XS; its Makefile.PL writes three more runs of t/*.t (PurePerl, Gofer, nano)
+    "Params-Util": "libparams-util-perl",  # XS, and its t/pp/ and t/xs/ runs of the same tests
+    "Exporter-Tiny": "libexporter-tiny-perl",
+    "Getopt-Long-Descriptive": "libgetopt-long-descriptive-perl",
+    "List-MoreUtils": "liblist-moreutils-perl",
+    "Class-Accessor": "libclass-accessor-perl",
+    "HTML-Tree": "libhtml-tree-perl",
+    "Text-Template": "libtext-template-perl",
 }
 
 # prove's arguments after -j N, as each distribution's README / CI runs
 # its tests: `-l -r t`, or `-b -r t` for an XS one.
 PROVE_ARGS = {"Moose": ["-b", "-r", "t"], "Template-Toolkit": ["-b", "-r", "t"],
               "DateTime": ["-b", "-r", "t"], "HTML-Parser": ["-b", "-r", "t"],
-              "Cpanel-JSON-XS": ["-b", "-r", "t"]}
+              "Cpanel-JSON-XS": ["-b", "-r", "t"], "DBI": ["-b", "-r", "t"],
+              "Params-Util": ["-b", "-r", "t"]}
 DEFAULT_ARGS = ["-l", "-r", "t"]
 # Built first (`perl Makefile.PL ARGS && make`) in a copy of their
 # directory under BUILD_DIR (the unpacked suites stay as unpacked): the XS
@@ -104,9 +114,10 @@ DEFAULT_ARGS = ["-l", "-r", "t"]
 # libmodule-install-perl; the author mode it then turns on, inc/.author,
 # is removed, as a CPAN tarball has none).
 BUILD = {"Moose": [], "Template-Toolkit": ["TT_ACCEPT=y", "TT_QUIET=y"], "DateTime": [], "HTML-Parser": [],
-         "DBIx-Class": ["--skip_author_deps"], "Cpanel-JSON-XS": []}
+         "DBIx-Class": ["--skip_author_deps"], "Cpanel-JSON-XS": [], "DBI": [], "Params-Util": []}
 BUILD_DIR = Path(tempfile.gettempdir()) / "prove-suites-build"
 
+SUMMARY = re.compile(r"^Files=\d+, Tests=(\d+),", re.M)
 FILE_LINE = re.compile(r"^(t/\S+\.t) \.+ ?(.*)$")
 YATH_LINE = re.compile(r"\(\s*(PASSED|FAILED|SKIPPED|TO RETRY)\s*\)\s+job\s+\S+\s+(\S+\.t)")
 
@@ -121,6 +132,9 @@ class Run:
     # user + system seconds of the command and all it waited for: on a
     # shared machine steadier than the wall-clock seconds
     cpu: float = 0.0
+    # prove's summary count ("Files=N, Tests=M": M), the number of tests
+    # the files ran: the same verdicts with another count would still differ
+    tests: int | None = None
 
 
 @dataclass
@@ -207,7 +221,9 @@ def timed(cmd: list[str], cwd: Path, parse, cache: Path | None = None) -> Run:
         if fresh is not None:
             shutil.rmtree(fresh, ignore_errors=True)
     notes = [line for line in p.stderr.splitlines() if line.startswith("emperor prove:")]
-    return Run(cmd, seconds, p.returncode, parse(p.stdout + "\n" + p.stderr), notes, round(cpu, 2))
+    summary = SUMMARY.search(p.stdout)
+    return Run(cmd, seconds, p.returncode, parse(p.stdout + "\n" + p.stderr), notes, round(cpu, 2),
+               int(summary.group(1)) if summary else None)
 
 
 def suite_dir(base: Path, package: str) -> Path | None:
@@ -240,6 +256,12 @@ def fetch(base: Path, packages: list[str]) -> None:
     for pkg in packages:
         if suite_dir(base, pkg) is None:
             subprocess.run(["apt-get", "source", "-qq", pkg], cwd=base, check=False)
+        for orig in sorted(base.glob(f"{pkg}_*.orig.tar.*")) if suite_dir(base, pkg) is None else []:
+            # the pool has the upstream tarball but no longer the Debian diff
+            # (DBI, List-MoreUtils...): the upstream t/ is the same
+            unpacked = base / f"{pkg}-{orig.name[len(pkg) + 1:].split('.orig.')[0]}"
+            unpacked.mkdir(exist_ok=True)
+            subprocess.run(["tar", "-xf", str(orig), "-C", str(unpacked), "--strip-components=1"], check=False)
         version = installed_upstream_version(pkg) or CORE_VERSION.get(pkg)
         if suite_dir(base, pkg) is None and pkg in UPSTREAM and version:
             tag = UPSTREAM_TAG.get(pkg, "v{version}").format(version=version)
@@ -307,6 +329,8 @@ def bench_suite(name: str, d: Path, jobs: str, emperor: str = EMPEROR, repeat: i
     for key in ("emperor", "emperor-first", "emperor-no-preload", "emperor-learn", "emperor-state"):
         row.differ[key] = sorted({f for run in every[key] for f in set(want) | set(run.verdicts)
                                   if want.get(f) != run.verdicts.get(f)})
+        row.differ[key] += sorted({f"Tests={run.tests} (prove: {every['prove'][0].tests})" for run in every[key]
+                                   if run.tests != every["prove"][0].tests})
     passfail = {f: ("FAIL" if v == "FAIL" else "ok") for f, v in want.items()}
     row.differ["yath"] = sorted({f for run in every["yath"] for f in set(passfail) | set(run.verdicts)
                                  if passfail.get(f) != run.verdicts.get(f)})
