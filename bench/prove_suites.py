@@ -215,11 +215,10 @@ def built(d: Path, makefile_args: list[str]) -> Path:
 
 def bench_suite(name: str, d: Path, jobs: str, emperor: str = EMPEROR, repeat: int = 1) -> Row:
     version = d.name.split("-")[-1]
-    files = len(list((d / "t").rglob("*.t")))
-    row = Row(name, version, files)
     args = PROVE_ARGS.get(name, DEFAULT_ARGS)
-    if name in BUILD:
+    if name in BUILD:  # (counted after: DBI's Makefile.PL writes 156 more files)
         d = built(d, BUILD[name])
+    row = Row(name, version, len(list((d / "t").rglob("*.t"))))
     auto = [emperor, "prove", "-j", jobs, *args]
     runs = {
         "prove": (["prove", "-j", jobs, *args], prove_verdicts),
