@@ -9,7 +9,7 @@ has the source of the installed version (Dancer2, Catalyst-Runtime,
 DBIx-Class, Capture-Tiny; Test-Simple, whose version is the one in Debian 12's perl), its
 upstream tag of that version is cloned).
 For every suite, in its directory, one run each of the following (with
-`-b -r t` instead of `-l -r t` for the XS ones, Moose, DateTime,
+`-b -r t` instead of `-l -r t` for the XS ones, Moose, DateTime, DBI, Params-Util,
 Template-Toolkit, HTML-Parser and Cpanel-JSON-XS, built first in a copy under
 $TMPDIR/prove-suites-build; `yath test -b` for them):
 
@@ -27,7 +27,7 @@ $TMPDIR/prove-suites-build; `yath test -b` for them):
 with the same environment (HARNESS_ACTIVE and the like removed, no author or
 release testing). Prints a row per suite: versions, wall-clock seconds, the
 ratios, the load average before and after the row, and the files whose verdict (ok / skipped / FAIL) differs from
-prove's, for each emperor run and for yath (pass/fail only: yath does not
+prove's (and the run's count of tests, prove's `Tests=N`, when it is not prove's), for each emperor run and for yath (pass/fail only: yath does not
 say "skipped"). `--repeat N` runs every runner N times, in turn, and
 shows the median run (every run's time is printed and kept in the JSON). Writes the rows as JSON to bench/results/prove-suites-*.json.
 """
@@ -48,65 +48,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from prove_suite_list import (BUILD, CORE_VERSION, DEFAULT_ARGS, PROVE_ARGS, SUITES, UPSTREAM,
+                              UPSTREAM_TAG)
+
 ROOT = Path(__file__).resolve().parent.parent
 EMPEROR = str(Path(sys.executable).parent / "emperor")
 
-# name -> Debian source package (unpacked as PACKAGE-VERSION/)
-SUITES = {
-    "Moo": "libmoo-perl",
-    "Role-Tiny": "librole-tiny-perl",
-    "Try-Tiny": "libtry-tiny-perl",
-    "Type-Tiny": "libtype-tiny-perl",
-    "URI": "liburi-perl",
-    "HTTP-Message": "libhttp-message-perl",
-    "Path-Tiny": "libpath-tiny-perl",
-    "Plack": "libplack-perl",
-    "Mojolicious": "libmojolicious-perl",
-    "Dancer2": "libdancer2-perl",
-    "Catalyst-Runtime": "libcatalyst-perl",
-    "DBIx-Class": "libdbix-class-perl",
-    "Moose": "libmoose-perl",
-    "Template-Toolkit": "libtemplate-perl",
-    "DateTime": "libdatetime-perl",
-    "Test-Deep": "libtest-deep-perl",
-    "HTML-Parser": "libhtml-parser-perl",
-    "Test-Simple": "libtest-simple-perl",  # Test::More's and Test2's own suite
-    "Test-Warnings": "libtest-warnings-perl",
-    "Sub-Quote": "libsub-quote-perl",
-    "File-Slurp": "libfile-slurp-perl",
-    "JSON": "libjson-perl",
-    "Module-Runtime": "libmodule-runtime-perl",
-    "Class-Method-Modifiers": "libclass-method-modifiers-perl",
-    "namespace-clean": "libnamespace-clean-perl",
-    "libwww-perl": "libwww-perl",
-    "AnyEvent": "libanyevent-perl",
-    "Cpanel-JSON-XS": "libcpanel-json-xs-perl",
-    "YAML-Tiny": "libyaml-tiny-perl",
-    "Test-Exception": "libtest-exception-perl",
-    "Sub-Exporter": "libsub-exporter-perl",
-    "Capture-Tiny": "libcapture-tiny-perl",  # forks and tees: minutes under prove
-    "Test-Fatal": "libtest-fatal-perl",
-    "Text-CSV": "libtext-csv-perl",  # its pure-Perl parser: 52,377 tests
-    "Params-Validate": "libparams-validate-perl",  # XS beside a pure-Perl fallback; taint tests
-    "Devel-StackTrace": "libdevel-stacktrace-perl",
-}
-
-# prove's arguments after -j N, as each distribution's README / CI runs
-# its tests: `-l -r t`, or `-b -r t` for an XS one.
-PROVE_ARGS = {"Moose": ["-b", "-r", "t"], "Template-Toolkit": ["-b", "-r", "t"],
-              "DateTime": ["-b", "-r", "t"], "HTML-Parser": ["-b", "-r", "t"],
-              "Cpanel-JSON-XS": ["-b", "-r", "t"]}
-DEFAULT_ARGS = ["-l", "-r", "t"]
-# Built first (`perl Makefile.PL ARGS && make`) in a copy of their
-# directory under BUILD_DIR (the unpacked suites stay as unpacked): the XS
-# ones, and DBIx-Class, whose tests refuse to run without a Makefile (its
-# Makefile.PL needs Module::Install from a git checkout:
-# libmodule-install-perl; the author mode it then turns on, inc/.author,
-# is removed, as a CPAN tarball has none).
-BUILD = {"Moose": [], "Template-Toolkit": ["TT_ACCEPT=y", "TT_QUIET=y"], "DateTime": [], "HTML-Parser": [],
-         "DBIx-Class": ["--skip_author_deps"], "Cpanel-JSON-XS": []}
 BUILD_DIR = Path(tempfile.gettempdir()) / "prove-suites-build"
 
+SUMMARY = re.compile(r"^Files=\d+, Tests=(\d+),", re.M)
 FILE_LINE = re.compile(r"^(t/\S+\.t) \.+ ?(.*)$")
 YATH_LINE = re.compile(r"\(\s*(PASSED|FAILED|SKIPPED|TO RETRY)\s*\)\s+job\s+\S+\s+(\S+\.t)")
 
@@ -121,6 +71,9 @@ class Run:
     # user + system seconds of the command and all it waited for: on a
     # shared machine steadier than the wall-clock seconds
     cpu: float = 0.0
+    # prove's summary count ("Files=N, Tests=M": M), the number of tests
+    # the files ran: the same verdicts with another count would still differ
+    tests: int | None = None
 
 
 @dataclass
@@ -207,25 +160,14 @@ def timed(cmd: list[str], cwd: Path, parse, cache: Path | None = None) -> Run:
         if fresh is not None:
             shutil.rmtree(fresh, ignore_errors=True)
     notes = [line for line in p.stderr.splitlines() if line.startswith("emperor prove:")]
-    return Run(cmd, seconds, p.returncode, parse(p.stdout + "\n" + p.stderr), notes, round(cpu, 2))
+    summary = SUMMARY.search(p.stdout)
+    return Run(cmd, seconds, p.returncode, parse(p.stdout + "\n" + p.stderr), notes, round(cpu, 2),
+               int(summary.group(1)) if summary else None)
 
 
 def suite_dir(base: Path, package: str) -> Path | None:
     found = sorted(d for d in base.glob(f"{package}-*") if (d / "t").is_dir())
     return found[-1] if found else None
-
-
-# Where Debian's pool no longer has the source of the version Debian 12
-# installs (a 404), the upstream repository's tag of that version is the same t/.
-UPSTREAM = {"libdancer2-perl": "https://github.com/PerlDancer/Dancer2",
-            "libcatalyst-perl": "https://github.com/perl-catalyst/catalyst-runtime",
-            "libdbix-class-perl": "https://github.com/Perl5/DBIx-Class",
-            "libtest-simple-perl": "https://github.com/Test-More/test-more",
-            "libcapture-tiny-perl": "https://github.com/dagolden/Capture-Tiny"}
-UPSTREAM_TAG = {"libcapture-tiny-perl": "release-{version}"}  # else v{version}
-# Not installed as a package of its own: the version Debian 12's perl carries
-# (Test::More 1.302190, in perl-modules-5.36)
-CORE_VERSION = {"libtest-simple-perl": "1.302190"}
 
 
 def installed_upstream_version(package: str) -> str | None:
@@ -240,6 +182,12 @@ def fetch(base: Path, packages: list[str]) -> None:
     for pkg in packages:
         if suite_dir(base, pkg) is None:
             subprocess.run(["apt-get", "source", "-qq", pkg], cwd=base, check=False)
+        for orig in sorted(base.glob(f"{pkg}_*.orig.tar.*")) if suite_dir(base, pkg) is None else []:
+            # the pool has the upstream tarball but no longer the Debian diff
+            # (DBI, List-MoreUtils...): the upstream t/ is the same
+            unpacked = base / f"{pkg}-{orig.name[len(pkg) + 1:].split('.orig.')[0]}"
+            unpacked.mkdir(exist_ok=True)
+            subprocess.run(["tar", "-xf", str(orig), "-C", str(unpacked), "--strip-components=1"], check=False)
         version = installed_upstream_version(pkg) or CORE_VERSION.get(pkg)
         if suite_dir(base, pkg) is None and pkg in UPSTREAM and version:
             tag = UPSTREAM_TAG.get(pkg, "v{version}").format(version=version)
@@ -267,11 +215,10 @@ def built(d: Path, makefile_args: list[str]) -> Path:
 
 def bench_suite(name: str, d: Path, jobs: str, emperor: str = EMPEROR, repeat: int = 1) -> Row:
     version = d.name.split("-")[-1]
-    files = len(list((d / "t").rglob("*.t")))
-    row = Row(name, version, files)
     args = PROVE_ARGS.get(name, DEFAULT_ARGS)
-    if name in BUILD:
+    if name in BUILD:  # (counted after: DBI's Makefile.PL writes 156 more files)
         d = built(d, BUILD[name])
+    row = Row(name, version, len(list((d / "t").rglob("*.t"))))
     auto = [emperor, "prove", "-j", jobs, *args]
     runs = {
         "prove": (["prove", "-j", jobs, *args], prove_verdicts),
@@ -307,6 +254,8 @@ def bench_suite(name: str, d: Path, jobs: str, emperor: str = EMPEROR, repeat: i
     for key in ("emperor", "emperor-first", "emperor-no-preload", "emperor-learn", "emperor-state"):
         row.differ[key] = sorted({f for run in every[key] for f in set(want) | set(run.verdicts)
                                   if want.get(f) != run.verdicts.get(f)})
+        row.differ[key] += sorted({f"Tests={run.tests} (prove: {every['prove'][0].tests})" for run in every[key]
+                                   if run.tests != every["prove"][0].tests})
     passfail = {f: ("FAIL" if v == "FAIL" else "ok") for f, v in want.items()}
     row.differ["yath"] = sorted({f for run in every["yath"] for f in set(passfail) | set(run.verdicts)
                                  if passfail.get(f) != run.verdicts.get(f)})

@@ -20,7 +20,7 @@ from support.prove import PRELOADS, ROOT, SUITE, run, verdicts
 
 
 EXPECTED_FAILURES = {"die.t", "die_errno.t", "exit_3.t", "failing.t"}
-SUITE_FILES = 40
+SUITE_FILES = 41
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,8 @@ def test_suite_has_the_same_verdicts_as_prove(tmp_path: Path, jobs: str, prove_a
                       # what a helper module it uses does as it loads, and a file it runs by `do`
                       ("core_global_in_helper.t", "it sets CORE::GLOBAL"),
                       ("do_file_before_use.t", "it sets $ENV{ENV_AT_LOAD_MODE}"),
+                      # set at run time, before the `require` of the file that uses the module
+                      ("env_then_require_file.t", "it sets $ENV{ENV_AT_LOAD_MODE}"),
                       ("env_before_use_ok.t", "it sets $ENV{ENV_AT_LOAD_MODE}"),
                       # before `use` of a helper module that uses the preloaded one
                       ("env_before_helper_use.t", "it sets $ENV{ENV_AT_LOAD_MODE}")):
