@@ -102,7 +102,8 @@ sub setup {
     # Nothing preloaded: the inherited heap is small, and perl's own global
     # destruction at exit is then cheaper than freeing what the test loaded
     # package by package (ForkServer::Prove::TestFile's fast exit), and exact.
-    $CFG{destruct} = 1 unless grep { !/\Ainc=/ } @items;
+    $CFG{preloads_nothing} = !grep { !/\Ainc=/ } @items;
+    $CFG{destruct} = 1 if $CFG{preloads_nothing};
     # Something preloaded: a bare base beside the full one (cloned before
     # the preloads), for the files the preloads would change (below)
     push @items, 'bare=1' if !$CFG{destruct} && $args{config_fh} && _may_need_bare(@{ $args{tests} });
@@ -352,6 +353,8 @@ sub _create_iterator {
     return ForkServer::Prove::Iterator->new({
         socket => $CFG{socket}, file => $file, spec => $spec, cold => $cold, bare => $bare,
         on_cold_pass => sub { _remember_cold($file, $bare) },
+        # (none of the suite's modules in the base: a whole-file skip is the file's own)
+        skip_is_verdict => ($bare || $CFG{preloads_nothing}),
         (defined $loads ? (loads => $loads, on_loads => sub { _remember_loads($file, @_) }) : ()),
     });
 }
