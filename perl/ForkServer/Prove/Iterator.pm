@@ -81,7 +81,7 @@ sub request_nowait {
 
 sub _initialize {
     my ($self, $args) = @_;
-    $self->{$_} = $args->{$_} for qw(file cold on_cold_pass loads on_loads skip_is_verdict);
+    $self->{$_} = $args->{$_} for qw(file cold on_cold_pass on_cold_fail loads on_loads skip_is_verdict);
     my $sock = _connect($args->{socket});
     # U: a fork of the bare base (none of the suite's modules loaded)
     _send($sock, $args->{bare} ? 'U' : 'T', "$args->{file}\0$args->{spec}");
@@ -162,7 +162,8 @@ sub next_raw {
             $self->{cold_tap} .= "$line\n" if $self->{verify_cold};
         }
         elsif (delete $self->{verify_cold}) {
-            $self->{on_cold_pass}->() if $self->{on_cold_pass} && _passes($cold->wait, $self->{cold_tap} // '');
+            my $hook = _passes($cold->wait, $self->{cold_tap} // '') ? 'on_cold_pass' : 'on_cold_fail';
+            $self->{$hook}->() if $self->{$hook};
         }
         return $line;
     }
