@@ -12,6 +12,7 @@ use TAP::Parser::IteratorFactory ();
 use Text::ParseWords ();
 
 use ForkServer::Prove::ColdRules ();
+use ForkServer::Prove::Failing ();
 use ForkServer::Prove::Iterator ();
 use ForkServer::Prove::Loads ();
 use ForkServer::Prove::Spec ();
@@ -53,12 +54,9 @@ loaded (whether it is loaded yet: in a fork it always is);
 =back
 
 A forked file that fails is run again cold; when it then passes, that is
-its verdict, C<--state> remembers it, and stderr says so. When it fails
-cold too, the record remembers that: the next run starts it cold, once,
-until it passes. A file that skips itself whole is run again cold only when
-the base it was forked from preloaded something of the suite's (it may be
-what the file saw): forked from a base that preloads nothing, or from the
-bare base, its skip is its verdict.
+its verdict, C<--state> remembers it, and stderr says so; when it fails
+cold too, see L<ForkServer::Prove::Failing>. A whole-file skip is run again
+cold only when the base preloaded something of the suite's.
 
 =cut
 
@@ -70,6 +68,9 @@ my %TOP_LEVEL_READ = (base => {}, bare => {});    # ForkServer::Prove::ColdRules
 our $LEARNED;   # the automatic preload came from --state's records
 my %PREVIOUS_BASE_INC;    # the base's modules in the run before, by the record
 my $PREVIOUS_KNOWN;       # whether the record says
+
+# The record of runs this run reads and writes (ours, or --state's), if any.
+sub record { return $CFG{state} }
 
 sub note {
     my ($class, $msg) = @_;
@@ -275,8 +276,8 @@ sub _preload_reason {
     my $base_inc = $bare ? \%BARE_INC : \%BASE_INC;
     if (my $state = $CFG{state}) {
         my $t = eval { $state->results->{tests}{$file} };    # test() would add it
-        # (failed forked and cold last time: once, as prove runs it, not twice)
-        return ($CFG{memory} ? "last run" : "--state") . ": it failed forked and cold" if $t && $t->{emperor_fails};
+        return ($CFG{memory} ? "last run" : "--state") . ": it failed forked and cold"
+            if ForkServer::Prove::Failing::failed_both_ways($t);
         my $why = $t && $t->{emperor_cold};
         return ($CFG{memory} ? "last run" : "--state") . ": $why"
             if $why && (!$bare || $why =~ /from a bare base/);
@@ -360,7 +361,7 @@ sub _create_iterator {
     return ForkServer::Prove::Iterator->new({
         socket => $CFG{socket}, file => $file, spec => $spec, cold => $cold, bare => $bare,
         on_cold_pass => sub { _remember_cold($file, $bare) },
-        on_cold_fail => sub { _remember_failing($file) },
+        on_cold_fail => sub { ForkServer::Prove::Failing::remember($CFG{state}, $file) },
         # (none of the suite's modules in the base: a whole-file skip is the file's own)
         skip_is_verdict => ($bare || $CFG{preloads_nothing}),
         (defined $loads ? (loads => $loads, on_loads => sub { _remember_loads($file, @_) }) : ()),
@@ -393,32 +394,6 @@ sub _remember_cold {
         . (!$CFG{state} ? "" : $CFG{memory} ? " (remembered for the next run)" : " (--state remembers it)"));
     my $state = $CFG{state} or return;
     eval { $state->results->test($file)->{emperor_cold} = "it failed or skipped forked$from and passed cold"; 1 };
-    return;
-}
-
-# A file that failed forked and failed cold too: its failure is its own,
-# and a second run of it every time would cost a perl's start and its
-# loading again. The record keeps it: the next run starts it cold at once,
-# until it passes (after_test).
-sub _remember_failing {
-    my ($file) = @_;
-    my $state = $CFG{state} or return;
-    eval { $state->results->test($file)->{emperor_fails} = 1; 1 };
-    return;
-}
-
-=head2 after_test
-
-  ForkServer::Prove::Source::after_test($file, $parser);    # prove's after_test callback
-
-A file that passes (or skips) is no longer one that failed forked and cold.
-
-=cut
-
-sub after_test {
-    my ($file, $parser) = @_;
-    my $t = $CFG{state} && eval { $CFG{state}->results->{tests}{$file} } or return;
-    delete $t->{emperor_fails} if $t->{emperor_fails} && !$parser->has_problems;
     return;
 }
 
