@@ -266,7 +266,8 @@ def test_a_file_that_skips_itself_whole_runs_once_when_nothing_is_preloaded(tmp_
     """With --no-preload (and from the bare base) the base holds none of the
     suite's modules: a file that skips itself (an unset variable, a missing
     optional module) skips as it would under prove, and is not run a second
-    time cold; with a preload it still is, since the preload may be what it saw."""
+    time cold; with a preload it still is, since the preload may be what it saw,
+    and when it skipped cold too, the next runs start it cold, once."""
     (tmp_path / "lib").mkdir()
     (tmp_path / "t").mkdir()
     (tmp_path / "lib" / "Proj.pm").write_text("package Proj;\nsub answer { 42 }\n1;\n")
@@ -275,9 +276,13 @@ def test_a_file_that_skips_itself_whole_runs_once_when_nothing_is_preloaded(tmp_
         f"use strict;\nuse warnings;\nuse Test::More;\n{SAYS_HOW_IT_RUNS}"
         "plan skip_all => 'PROJ_ONLINE is not set' unless $ENV{PROJ_ONLINE};\nok 1;\ndone_testing;\n")
     runs = tmp_path / "runs"
-    for preload, want in ((["--no-preload"], "forked\n"), (["--preload", "Proj"], "forked\ncold\n")):
+    # with a preload, --state remembers that it skipped cold too: from then
+    # on it starts cold, once, as under prove
+    for preload, want in ((["--no-preload"], "forked\n"), (["--no-preload"], "forked\n"),
+                          (["--preload", "Proj"], "forked\ncold\n"), (["--preload", "Proj"], "cold\n"),
+                          (["--preload", "Proj"], "cold\n")):
         runs.unlink(missing_ok=True)
-        got = run_in(tmp_path, [EMPEROR, "prove", *preload, "--no-learn", "-l", "t"])
+        got = run_in(tmp_path, [EMPEROR, "prove", *preload, "--state=save", "-l", "t"])
         assert got.returncode == 0, got.stdout + got.stderr
         assert verdicts(got.stdout) == {"t/a.t": "ok", "t/b_skips.t": "skipped"}, got.stdout
         assert runs.read_text() == want, (preload, got.stderr)

@@ -276,7 +276,7 @@ sub _preload_reason {
     my $base_inc = $bare ? \%BARE_INC : \%BASE_INC;
     if (my $state = $CFG{state}) {
         my $t = eval { $state->results->{tests}{$file} };    # test() would add it
-        return ($CFG{memory} ? "last run" : "--state") . ": it failed forked and cold"
+        return ($CFG{memory} ? "last run" : "--state") . ": it failed or skipped, forked and cold"
             if ForkServer::Prove::Failing::failed_both_ways($t);
         my $why = $t && $t->{emperor_cold};
         return ($CFG{memory} ? "last run" : "--state") . ": $why"
