@@ -254,3 +254,51 @@ def test_a_module_that_acts_on_every_test_as_it_loads_is_not_preloaded(tmp_path:
         assert len(line) == 1 and f"(what most test files {source})" in line[0], (run, ours.stderr)
         assert "Test::More" in line[0] and "WarnCount" not in line[0], line
     assert "WarnCount" in record_of(tmp_path).read_text()  # learned, and still left out
+
+
+# (a test file's lines) each run adds a line to MARKER_DIR/runs: forked
+# (ForkServer's code is in the process) or cold
+SAYS_HOW_IT_RUNS = ("BEGIN { open my $fh, '>>', \"$ENV{MARKER_DIR}/runs\" or die;\n"
+                    "  print $fh (defined &ForkServer::Prove::TestFile::serve ? \"forked\\n\" : \"cold\\n\") }\n")
+
+
+def test_a_file_that_skips_itself_whole_runs_once_when_nothing_is_preloaded(tmp_path: Path) -> None:
+    """With --no-preload (and from the bare base) the base holds none of the
+    suite's modules: a file that skips itself (an unset variable, a missing
+    optional module) skips as it would under prove, and is not run a second
+    time cold; with a preload it still is, since the preload may be what it saw,
+    and when it skipped cold too, the next runs start it cold, once."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "t").mkdir()
+    (tmp_path / "lib" / "Proj.pm").write_text("package Proj;\nsub answer { 42 }\n1;\n")
+    (tmp_path / "t" / "a.t").write_text("use strict;\nuse warnings;\nuse Test::More tests => 1;\nok 1;\n")
+    (tmp_path / "t" / "b_skips.t").write_text(
+        f"use strict;\nuse warnings;\nuse Test::More;\n{SAYS_HOW_IT_RUNS}"
+        "plan skip_all => 'PROJ_ONLINE is not set' unless $ENV{PROJ_ONLINE};\nok 1;\ndone_testing;\n")
+    runs = tmp_path / "runs"
+    # with a preload, --state remembers that it skipped cold too: from then
+    # on it starts cold, once, as under prove
+    for preload, want in ((["--no-preload"], "forked\n"), (["--no-preload"], "forked\n"),
+                          (["--preload", "Proj"], "forked\ncold\n"), (["--preload", "Proj"], "cold\n"),
+                          (["--preload", "Proj"], "cold\n")):
+        runs.unlink(missing_ok=True)
+        got = run_in(tmp_path, [EMPEROR, "prove", *preload, "--state=save", "-l", "t"])
+        assert got.returncode == 0, got.stdout + got.stderr
+        assert verdicts(got.stdout) == {"t/a.t": "ok", "t/b_skips.t": "skipped"}, got.stdout
+        assert runs.read_text() == want, (preload, got.stderr)
+
+
+def test_a_file_that_failed_forked_and_cold_starts_cold_until_it_passes(tmp_path: Path) -> None:
+    """A file that fails forked is run again cold (the fork may be what it
+    failed on); when it fails cold too, the record keeps it, and the next
+    run starts it cold at once, as prove would (not twice), until it passes."""
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "a.t").write_text("use strict;\nuse warnings;\nuse Test::More tests => 1;\nok 1;\n")
+    (tmp_path / "t" / "b_fails.t").write_text(
+        f"use strict;\nuse warnings;\nuse Test::More tests => 1;\n{SAYS_HOW_IT_RUNS}ok $ENV{{FIX}}, 'FIX is set';\n")
+    runs = tmp_path / "runs"
+    for fix, want, status in (("", "forked\ncold\n", 1), ("", "cold\n", 1), ("1", "cold\n", 0), ("1", "forked\n", 0)):
+        runs.unlink(missing_ok=True)
+        got = run_in(tmp_path, [EMPEROR, "prove", "--no-preload", "-l", "t"], FIX=fix)
+        assert got.returncode == status, got.stdout + got.stderr
+        assert runs.read_text() == want, (fix, want, got.stderr)

@@ -15,6 +15,7 @@ use Cwd ();
 use File::Spec ();
 use Socket ();
 
+use ForkServer::Prove::Failing ();
 use ForkServer::Prove::Source ();
 use ForkServer::Prove::Shard ();
 
@@ -160,6 +161,7 @@ sub _runtests {
         my $harness = $create->(@_);
         $harness->callback(after_test => sub {
             my ($job, $parser) = @_;
+            ForkServer::Prove::Failing::after_test(ForkServer::Prove::Source::record(), $job->[0], $parser);
             return unless $memory && $parser->start_time && $parser->end_time;
             eval { $memory->results->test($job->[0])->elapsed($parser->end_time - $parser->start_time); 1 };
         });

@@ -81,7 +81,7 @@ sub request_nowait {
 
 sub _initialize {
     my ($self, $args) = @_;
-    $self->{$_} = $args->{$_} for qw(file cold on_cold_pass loads on_loads);
+    $self->{$_} = $args->{$_} for qw(file cold on_cold_pass on_cold_fail loads on_loads skip_is_verdict);
     my $sock = _connect($args->{socket});
     # U: a fork of the bare base (none of the suite's modules loaded)
     _send($sock, $args->{bare} ? 'U' : 'T', "$args->{file}\0$args->{spec}");
@@ -107,7 +107,8 @@ sub _fetch {
     my $out = substr $rest, 0, $out_len;
     my $err = substr $rest, $out_len, $err_len;
     $self->_report_loads if defined $self->{loads};
-    if (!$timed_out && $self->{cold} && !$ForkServer::Prove::OURS{no_cold_retry} && !_passes($status, $out)) {
+    if (!$timed_out && $self->{cold} && !$ForkServer::Prove::OURS{no_cold_retry}
+        && !_passes($status, $out, $self->{skip_is_verdict})) {
         $self->{delegate} = $self->{cold}->();
         $self->{verify_cold} = 1;
         return;
@@ -130,9 +131,13 @@ sub _report_loads {
 
 # Whether a run is a pass to keep: prove's verdict from the TAP and the
 # wait status, and not a skip of the whole file (a file may skip when it
-# sees a module already loaded: it is then run cold too).
+# sees a module already loaded: it is then run cold too), unless
+# `$skip_is_verdict`: forked from a base that holds none of the suite's
+# modules, a file skips for its own reasons (an unset variable, a missing
+# optional module), as it would under prove; a second, cold run of it
+# would cost a perl's start and its loading again, for the same skip.
 sub _passes {
-    my ($status, $out) = @_;
+    my ($status, $out, $skip_is_verdict) = @_;
     return 0 if $status;
     # the common case without a second full parse: one plan, as many
     # top-level test lines, none failing (a second plan, from a preloaded
@@ -145,7 +150,7 @@ sub _passes {
     }
     my $parser = TAP::Parser->new({ tap => $out });
     1 while defined $parser->next;
-    return !$parser->has_problems && !$parser->skip_all;
+    return !$parser->has_problems && ($skip_is_verdict || !$parser->skip_all);
 }
 
 sub next_raw {
@@ -157,7 +162,8 @@ sub next_raw {
             $self->{cold_tap} .= "$line\n" if $self->{verify_cold};
         }
         elsif (delete $self->{verify_cold}) {
-            $self->{on_cold_pass}->() if $self->{on_cold_pass} && _passes($cold->wait, $self->{cold_tap} // '');
+            my $hook = _passes($cold->wait, $self->{cold_tap} // '') ? 'on_cold_pass' : 'on_cold_fail';
+            $self->{$hook}->() if $self->{$hook};
         }
         return $line;
     }

@@ -12,6 +12,7 @@ use TAP::Parser::IteratorFactory ();
 use Text::ParseWords ();
 
 use ForkServer::Prove::ColdRules ();
+use ForkServer::Prove::Failing ();
 use ForkServer::Prove::Iterator ();
 use ForkServer::Prove::Loads ();
 use ForkServer::Prove::Spec ();
@@ -53,7 +54,9 @@ loaded (whether it is loaded yet: in a fork it always is);
 =back
 
 A forked file that fails is run again cold; when it then passes, that is
-its verdict, C<--state> remembers it, and stderr says so.
+its verdict, C<--state> remembers it, and stderr says so; when it fails
+cold too, see L<ForkServer::Prove::Failing>. A whole-file skip is run again
+cold only when the base preloaded something of the suite's.
 
 =cut
 
@@ -65,6 +68,9 @@ my %TOP_LEVEL_READ = (base => {}, bare => {});    # ForkServer::Prove::ColdRules
 our $LEARNED;   # the automatic preload came from --state's records
 my %PREVIOUS_BASE_INC;    # the base's modules in the run before, by the record
 my $PREVIOUS_KNOWN;       # whether the record says
+
+# The record of runs this run reads and writes (ours, or --state's), if any.
+sub record { return $CFG{state} }
 
 sub note {
     my ($class, $msg) = @_;
@@ -102,7 +108,8 @@ sub setup {
     # Nothing preloaded: the inherited heap is small, and perl's own global
     # destruction at exit is then cheaper than freeing what the test loaded
     # package by package (ForkServer::Prove::TestFile's fast exit), and exact.
-    $CFG{destruct} = 1 unless grep { !/\Ainc=/ } @items;
+    $CFG{preloads_nothing} = !grep { !/\Ainc=/ } @items;
+    $CFG{destruct} = 1 if $CFG{preloads_nothing};
     # Something preloaded: a bare base beside the full one (cloned before
     # the preloads), for the files the preloads would change (below)
     push @items, 'bare=1' if !$CFG{destruct} && $args{config_fh} && _may_need_bare(@{ $args{tests} });
@@ -269,6 +276,8 @@ sub _preload_reason {
     my $base_inc = $bare ? \%BARE_INC : \%BASE_INC;
     if (my $state = $CFG{state}) {
         my $t = eval { $state->results->{tests}{$file} };    # test() would add it
+        return ($CFG{memory} ? "last run" : "--state") . ": it failed or skipped, forked and cold"
+            if ForkServer::Prove::Failing::failed_both_ways($t);
         my $why = $t && $t->{emperor_cold};
         return ($CFG{memory} ? "last run" : "--state") . ": $why"
             if $why && (!$bare || $why =~ /from a bare base/);
@@ -352,6 +361,9 @@ sub _create_iterator {
     return ForkServer::Prove::Iterator->new({
         socket => $CFG{socket}, file => $file, spec => $spec, cold => $cold, bare => $bare,
         on_cold_pass => sub { _remember_cold($file, $bare) },
+        on_cold_fail => sub { ForkServer::Prove::Failing::remember($CFG{state}, $file) },
+        # (none of the suite's modules in the base: a whole-file skip is the file's own)
+        skip_is_verdict => ($bare || $CFG{preloads_nothing}),
         (defined $loads ? (loads => $loads, on_loads => sub { _remember_loads($file, @_) }) : ()),
     });
 }
