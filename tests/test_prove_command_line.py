@@ -34,7 +34,7 @@ def project(tmp_path: Path) -> Path:
         "is Proj::answer(), 42, 'lib/ is in @INC';\n"
         "ok !$INC{'LoadedIntoProve.pm'}, \"prove's -M is not loaded into tests\";\n")
     (tmp_path / "t" / "b_flaky.t").write_text(
-        "use strict;\nuse warnings;\nuse Test::More tests => 1;\nok $ENV{FIX}, 'FIX is set';\n")
+        "use strict;\nuse warnings;\nuse Test::More tests => 1;\nuse Proj;\nok $ENV{FIX}, 'FIX is set';\n")
     (tmp_path / "t" / "c_stderr.t").write_text(
         "use strict;\nuse warnings;\nprint STDERR qq{stderr-marker\\n};\nprint qq{1..1\\nok 1\\n};\n")
     return tmp_path

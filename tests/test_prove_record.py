@@ -235,13 +235,14 @@ def test_a_module_that_acts_on_every_test_as_it_loads_is_not_preloaded(tmp_path:
         "package WarnCount;\nuse strict;\nuse warnings;\nuse Test::More ();\n"
         "my $seen = 0;\n$SIG{__WARN__} = sub { $seen++ };\n"
         "END { Test::More::is($seen, 1, 'one warning, counted') }\n1;\n")
-    (tmp_path / "t" / "a_counts.t").write_text(
-        "use strict;\nuse warnings;\nuse WarnCount;\nuse Test::More tests => 2;\n"
-        "warn qq{a warning\\n};\nok 1, 'warned';\n")
+    for name in ("a_counts", "c_counts"):  # two files: a module one file alone uses is never preloaded
+        (tmp_path / "t" / f"{name}.t").write_text(
+            "use strict;\nuse warnings;\nuse WarnCount;\nuse Test::More tests => 2;\n"
+            "warn qq{a warning\\n};\nok 1, 'warned';\n")
     (tmp_path / "t" / "b_plain.t").write_text(
         "use strict;\nuse warnings;\nuse Test::More tests => 1;\nok 1, 'plain';\n")
     want = verdicts(run_in(tmp_path, ["prove", "-l", "t"]).stdout)
-    assert want == {"t/a_counts.t": "ok", "t/b_plain.t": "ok"}
+    assert want == {"t/a_counts.t": "ok", "t/b_plain.t": "ok", "t/c_counts.t": "ok"}
     # --no-cold-retry: a file that fails forked must not be hidden by its cold rerun
     cmd = [EMPEROR, "prove", "--no-cold-retry", "-l", "t"]
     for run, source in ((1, "use"), (2, "loaded last time")):
@@ -302,3 +303,25 @@ def test_a_file_that_failed_forked_and_cold_starts_cold_until_it_passes(tmp_path
         got = run_in(tmp_path, [EMPEROR, "prove", "--no-preload", "-l", "t"], FIX=fix)
         assert got.returncode == status, got.stdout + got.stderr
         assert runs.read_text() == want, (fix, want, got.stderr)
+
+
+def test_a_module_one_file_alone_loads_is_not_preloaded(tmp_path: Path) -> None:
+    """In a suite of a few files, a tenth of them is one file: what that one
+    file alone loads (a prerequisites report loading hundreds of modules)
+    would be preloaded for all of them, paid before any file runs. Two
+    files at least must load a module, in the first run (their `use`
+    lines) and in the next (what they loaded)."""
+    (tmp_path / "lib" / "Proj").mkdir(parents=True)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "lib" / "Proj" / "Report.pm").write_text("package Proj::Report;\nsub n { 7 }\n1;\n")
+    for name in ("a", "b", "c"):
+        (tmp_path / "t" / f"{name}.t").write_text("use strict;\nuse Test::More tests => 1;\nok 1;\n")
+    (tmp_path / "t" / "report.t").write_text(
+        "use strict;\nuse Test::More tests => 1;\nuse Proj::Report;\nis Proj::Report::n(), 7;\n")
+    cmd = [EMPEROR, "prove", "-l", "-j2", "t"]
+    for run in ("first", "learned"):
+        r = run_in(tmp_path, cmd)
+        assert r.returncode == 0, r.stdout + r.stderr
+        line = [x for x in r.stderr.splitlines() if "preloaded" in x]
+        assert len(line) == 1 and "Test::More" in line[0], (run, r.stderr)
+        assert "Proj::Report" not in line[0], (run, line)

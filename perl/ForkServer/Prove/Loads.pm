@@ -116,7 +116,7 @@ sub blame {
 
   my ($learned, @modules) = preloads($state_manager, \@files, \&use_lines);
 
-The modules at least a tenth of the files loaded, the most used first,
+The modules at least a tenth of the files (and two) loaded, the most used first,
 except those that broke a tenth of the files that load them, two files at
 least, or the only one (L</blame>); a file without a record counts C<use_lines($file)> (module
 names). C<$learned> is false when no file has a record (the caller then
@@ -147,7 +147,7 @@ sub preloads {
     # (one file alone, among others that load the module, may have failed
     # for a reason of its own: it is not enough)
     my $kept = sub { my $b = $broke{ $_[0] } // 0; $b * 10 < $count{ $_[0] } || ($b < 2 && $b < $count{ $_[0] }) };
-    my @common = grep { $count{$_} * 10 >= $n && $kept->($_) } keys %count;
+    my @common = grep { common($count{$_}, $n) && $kept->($_) } keys %count;
     return (1, sort { $count{$b} <=> $count{$a} || $a cmp $b } @common);
 }
 
@@ -170,7 +170,7 @@ sub module_of {
 
   my @modules = use_line_preloads(@test_files);
 
-The modules (not pragmas) that at least a tenth of the files C<use>, read
+The modules (not pragmas) that at least a tenth of the files (and two) C<use>, read
 from their C<use> lines, in order of how many use them.
 
 =cut
@@ -187,8 +187,16 @@ sub use_line_preloads {
         $count{$_}++ for keys %seen;
     }
     return () unless $n;
-    my @common = grep { $count{$_} * 10 >= $n } keys %count;
+    my @common = grep { common($count{$_}, $n) } keys %count;
     return sort { $count{$b} <=> $count{$a} || $a cmp $b } @common;
+}
+
+# Loaded by at least a tenth of the files, and by two of them: in a suite of
+# a few files, what one file alone loads (a prerequisites report's hundreds
+# of modules) would be paid for by all of them before any runs.
+sub common {
+    my ($loaded_by, $files) = @_;
+    return $loaded_by * 10 >= $files && $loaded_by >= 2;
 }
 
 # The modules a file's `use` lines name (not pragmas).
