@@ -65,10 +65,11 @@ sub counted {
 }
 
 # The sibling asleep in its loop. It looks at a request that runs longer
-# than 1 ms (under strace, on a busy machine, one may), and the worker then
-# waits for its lock: a few, not two a request as before.
+# than 1 ms (under strace, on a busy machine, many may: 22 of 100 were seen
+# at a load of 20), and the worker then waits for its lock: some, not two a
+# request (200) as before.
 my $calls = counted($worker, 100);
-cmp_ok $calls->{fcntl} // 0, '<', 20, 'no lock taken or let go at each request, the sibling asleep';
+cmp_ok $calls->{fcntl} // 0, '<', 60, 'no lock taken or let go at each request, the sibling asleep';
 
 # the sibling in a request of its own (it holds one connection: nothing to
 # take), so it looks at nothing, and sleeps not

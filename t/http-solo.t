@@ -27,20 +27,24 @@ subtest 'the process serves itself: bytes 5 and 17, no worker, heartbeat' => sub
     is $srv->wait_exit, 0, 'SIGTERM: exit 0';
 };
 
-subtest 'max_requests: byte 22, nothing more accepted, exit on the stop byte' => sub {
+subtest 'max_requests: byte 22, then it serves on until the stop byte' => sub {
     my $srv = start_server(app_file => $app, solo => 1, max_requests => 2);
     ok $srv->wait_ready, 'ready';
     is get_pid($srv->port), $srv->pid, "request $_" for 1 .. 2;
     ok $srv->wait_emperor_byte(22), 'byte 22: replace me';
+    # no moment with nobody accepting while its successor starts
+    is get_pid($srv->port), $srv->pid, 'a request after asking: served by the process itself';
     ok $srv->running, 'still there, waiting for its stop';
-    my $waiting = connect_to($srv->port);
-    syswrite $waiting, "GET /pid HTTP/1.1\r\nHost: x\r\n\r\n";
     $srv->send_emperor(2);
     is $srv->wait_exit, 0, 'byte 2: exit 0';
-    # the connection waited in the backlog, for the next process
-    my $rin = '';
-    vec($rin, fileno $waiting, 1) = 1;
-    ok !select(my $rout = $rin, undef, undef, 0.2), 'a connection after the last request was not served';
+};
+
+subtest 'max_requests and no answer: it stops mercy seconds after asking' => sub {
+    my $srv = start_server(app_file => $app, solo => 1, max_requests => 1, mercy => 1);
+    ok $srv->wait_ready, 'ready';
+    is get_pid($srv->port), $srv->pid, 'its one request';
+    ok $srv->wait_emperor_byte(22), 'byte 22';
+    is $srv->wait_exit(20), 0, 'exit 0 without a stop byte';
 };
 
 subtest 'SIGTERM while it waits for its stop after byte 22: it goes at once' => sub {

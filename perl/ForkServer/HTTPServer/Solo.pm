@@ -111,7 +111,7 @@ sub run_solo {
             # seconds if no Emperor answers; a stop (byte 2, end of file,
             # SIGTERM) ends the wait.
             last unless $solo->{replacement_asked} && !${ $self->{stopping_ref} } && $solo->{emperor};
-            $wait_until //= $now + $self->{mercy};
+            $wait_until //= $solo->{answer_due};
             last if $now >= $wait_until;
         }
         my ($rin, $timeout);
@@ -175,17 +175,20 @@ sub _solo_read_emperor {
     }
 }
 
-# Asks the Emperor for a new process (byte 22: stop me) and accepts nothing
-# more; connections wait in the listening socket's backlog (the Emperor's)
-# for the next process. Without an Emperor the process just ends.
+# Asks the Emperor for a new process (byte 22: stop me) and goes on
+# serving until the Emperor stops it, which it does once the successor
+# accepts: no moment with nobody accepting, even when the successor waits
+# out the back-off of a process that asked young. A process that gets no
+# answer stops `mercy` seconds after asking; without an Emperor it just ends.
 sub _solo_replace {
     my ($self, $loop, $why) = @_;
     my $solo = $self->{solo_state};
     return if $loop->{leaving} || $solo->{replacement_asked};
     $solo->{replacement_asked} = $why;
+    $solo->{answer_due} = now() + $self->{mercy};
     ForkServer::Vassal::EmperorPipe->send($solo->{emperor}, DONE);
     $self->_flush_requests if $self->{requests_dirty};
-    $loop->{leaving} = 1;
+    $loop->{leaving} = 1 unless $solo->{emperor};
 }
 
 sub _solo_settle {
@@ -199,6 +202,10 @@ sub _solo_settle {
 sub _solo_timers {
     my ($self, $now, $timeout) = @_;
     my $solo = $self->{solo_state};
+    if ($solo->{replacement_asked} && !${ $self->{stopping_ref} }) {
+        if ($solo->{answer_due} <= $now) { ${ $self->{stopping_ref} } = 1 }    # nobody answered
+        elsif ($solo->{answer_due} - $now < $timeout) { $timeout = $solo->{answer_due} - $now }
+    }
     if ($solo->{settle}) {
         if ($solo->{settle_at} <= $now) { $self->_solo_settle }
         elsif ($solo->{settle_at} - $now < $timeout) { $timeout = $solo->{settle_at} - $now }
@@ -296,9 +303,11 @@ byte 0 ends it at once.
 
 =item max-requests, reload
 
-After C<max_requests> requests, or on SIGHUP or byte 1, it accepts nothing
-more, sends byte 22 and finishes its connections; it exits when the Emperor
-stops it (byte 2, once the next process accepts) or C<mercy> seconds later.
+After C<max_requests> requests, or on SIGHUP or byte 1, it sends byte 22
+and goes on serving until the Emperor stops it (byte 2, once the next
+process accepts), or C<mercy> seconds later; then it finishes its
+connections and exits. After C<psgix.harakiri.commit> it accepts nothing
+more from the moment it asks.
 Without an Emperor pipe, max-requests ends the process and SIGHUP only
 opens the access log again.
 

@@ -340,7 +340,10 @@ sub _serve_conn_once {
         $self->_flush_requests if $self->{requests_dirty};
         ForkServer::HTTPServer::Desk::leave_desk(delete $loop->{seat});
         worker_msg($self->{ready_w}, MSG_LEAVING);
-        $loop->{leaving} = 1;
+        # without a master the process goes on accepting until its successor
+        # does (ForkServer::HTTPServer::Solo); the app's harakiri.commit it
+        # obeys at once
+        $loop->{leaving} = 1 unless $self->{solo_state} && !$self->{harakiri_commit};
     }
 }
 
