@@ -143,6 +143,44 @@ subtest 'a module that dies, exits or changes the process as it loads: never loa
     is_deeply \@log, [], 'nothing said';
 };
 
+subtest 'a module that leaves an alarm, a process, a descriptor replaced or closed, $0 or $/ changed, or loads slowly: not loaded here' => sub {
+    @log = ();
+    open my $stdin, '<&', \*STDIN or die "dup STDIN: $!";
+    my $slow = ForkServer::Base::Learned->can('SLOW') ? ForkServer::Base::Learned::SLOW() : 2;
+    my %file = (
+        Alarm     => module($lib, 'Learned/Alarm.pm', 'alarm 600;'),
+        Forks     => module($lib, 'Learned/Forks.pm', 'our $CHILD = fork; if (defined $CHILD && !$CHILD) { sleep 60; POSIX::_exit(0) }'),
+        Replaces  => module($lib, 'Learned/Replaces.pm', 'open STDIN, "<", "/dev/zero" or die;'),
+        Closes    => module($lib, 'Learned/Closes.pm', 'close STDIN;'),
+        Renames   => module($lib, 'Learned/Renames.pm', '$0 = "renamed";'),
+        Separator => module($lib, 'Learned/Separator.pm', '$/ = undef;'),
+        Slow      => module($lib, 'Learned/Slow.pm', 'select undef, undef, undef, ' . ($slow + 0.5) . ';'),
+    );
+    open STDIN, '<', $good or die;    # not /dev/zero, what Replaces opens
+    my $name = $0;
+    # Closes last: the trial goes on after it without a descriptor 0
+    send_report(join '', map { "Learned/$_.pm\t$file{$_}\n" } (grep { $_ ne 'Closes' } sort keys %file), 'Closes');
+    $learned->readable;
+    is scalar @{ queued() }, scalar keys %file, 'all queued';
+    drive();
+    my $alarm = alarm 0;
+    ok !$alarm, 'no alarm left in the base' or diag "alarm in $alarm s";
+    if (my $child = do { no warnings 'once'; $Learned::Forks::CHILD }) { kill 'KILL', $child; waitpid $child, 0 }
+    is $0, $name, '$0 untouched';
+    is $/, "\n", '$/ untouched';
+    ok defined(fileno STDIN) && (readlink('/proc/self/fd/0') // '') eq $good, 'our STDIN untouched';
+    open STDIN, '<&', $stdin or die "STDIN back: $!";
+    ok !$INC{"Learned/$_.pm"}, "Learned::$_ not loaded" for sort keys %file;
+    my %said = map { /not preloading (\S+), .*\(not tried again\): (.*)/ ? ($1 => $2) : () } @log;
+    like $said{'Learned::Alarm'} // '', qr/an alarm set/, 'the alarm said' or diag explain \@log;
+    like $said{'Learned::Forks'} // '', qr/a process started/, 'the process said';
+    like $said{'Learned::Replaces'} // '', qr/descriptor 0 replaced/, 'the replaced descriptor said';
+    like $said{'Learned::Closes'} // '', qr/descriptor 0 closed/, 'the closed descriptor said';
+    like $said{'Learned::Renames'} // '', qr/\$0 changed/, 'the name said';
+    like $said{'Learned::Separator'} // '', qr/\$\/ changed/, 'the separator said';
+    like $said{'Learned::Slow'} // '', qr/took [\d.]+ s to load/, 'the slowness said';
+};
+
 subtest 'report(): what %INC gained since the fork, once' => sub {
     my ($r, $w);
     socket(my $sock, AF_UNIX, SOCK_DGRAM, 0) or die;

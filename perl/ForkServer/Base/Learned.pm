@@ -60,8 +60,11 @@ elsewhere, in a directory of its own, is not followed).
 
 Each module is first tried in a process forked from the base (a trial,
 L</work>): one that dies as it loads, ends the process, changes the
-process's signal handlers, C<%ENV>, umask or working directory, or leaves
-a descriptor open or a thread running, is not loaded in the base (one line, never tried again), and the vassals keep
+process's signal handlers, C<%ENV>, umask, working directory, C<$0>,
+C<$/>, C<$\> or C<$,>, sets an alarm, leaves a descriptor open, closes or
+replaces one, starts a thread or a process, or takes more than C<SLOW>
+seconds to load (it would hold up the adoptions that come meanwhile), is
+not loaded in the base (one line, never tried again), and the vassals keep
 loading it themselves. The others the base loads with its own C<@INC>,
 only between adoptions (never while a request is being read, and not
 before C<QUIET> seconds after the last adoption), in turns of at most
@@ -78,6 +81,7 @@ use constant MAX_KEY     => 255;      # bytes of one %INC key
 use constant QUIET       => 0.1;      # seconds after the last adoption before loading
 use constant TURN        => 0.05;     # seconds of loading per idle turn, at most (the module under way finishes)
 use constant TRIAL_TIMEOUT => 60;     # seconds a trial process may take
+use constant SLOW          => 2;      # seconds: a module slower to load in its trial would hold up adoptions in the base
 use constant SCM_CREDENTIALS => 2;    # Linux; Socket.pm exports it only in recent versions
 use constant SO_PASSCRED     => 16;
 
@@ -235,8 +239,9 @@ sub pending {
 An idle turn. Modules reported and not tried yet go to a trial: a process
 forked from the base C<require>s them, one by one, and says for each
 whether it loaded, died, or changed the process's state as it loaded
-(signal handlers, C<%ENV>, umask, working directory, a descriptor left
-open, a thread); it ends at once
+(signal handlers, C<%ENV>, umask, working directory, Perl's C<$0>, C<$/>,
+C<$\>, C<$,>, an alarm, a descriptor left open, closed or replaced, a
+thread, a process: killed), or took more than C<SLOW> seconds; it ends at once
 (C<POSIX::_exit>). A module that dies, changes that state, ends the trial
 (an C<exit> at load) or makes it run past C<TRIAL_TIMEOUT> is not loaded
 in the base: one line, and never tried again; its vassals keep loading it
@@ -309,10 +314,15 @@ sub _trial {
         $SIG{$_} = 'DEFAULT' for qw(TERM INT PIPE CHLD);
         $0 .= ' (trying modules)';
         $w->autoflush(1);
+        my %children = map { $_ => 1 } _children();
         for my $key (@keys) {
             print {$w} "T $key\n";
             next if $INC{$key};
-            my ($loaded, $why, @changed) = _require($key);
+            my ($loaded, $why, $took, @changed) = _require($key);
+            # what it started would outlive the trial
+            if (my @started = grep { !$children{$_} } _children()) { kill 'KILL', @started }
+            push @changed, sprintf 'took %.1f s to load (more than %d s would hold up adoptions)', $took, SLOW
+                if $took > SLOW;
             if (!$loaded)    { print {$w} "F $key\t" . _one_line($why) . "\n" }
             elsif (@changed) { print {$w} "S $key\t" . join(', ', @changed) . "\n" }
             else             { print {$w} "K $key\n" }
@@ -406,28 +416,64 @@ sub _one_line {
 }
 
 # require $key with only the absolute directories of @INC; what it changed
-# of the process's state, put back. (loaded, error, changed...)
+# of the process's state, put back. (loaded, error, seconds it took, changed...)
 sub _require {
     my ($key) = @_;
     my %sig = map { $_ => $SIG{$_} } grep { defined $SIG{$_} } keys %SIG;
     my %env = %ENV;
     my $umask = umask;
     my $cwd = Cwd::getcwd();
-    my %fds = map { $_ => 1 } _entries('/proc/self/fd');
+    my %vars = _vars();
+    my %fds = _descriptors();
+    my %children = map { $_ => 1 } _children();
     my $threads = () = _entries('/proc/self/task');
+    my $alarm = alarm 0;
+    alarm $alarm if $alarm;
     my $error;
+    my $started = Time::HiRes::time();
     my $ok = do {
         local ($@, $!, $?, $_);
         local @INC = grep { !ref $_ && defined $_ && m{\A/} } @INC;
         eval { require $key; 1 } ? 1 : do { $error = $@; 0 };
     };
-    my @changed = _put_back(\%sig, \%env, $umask, $cwd);
+    my $took = Time::HiRes::time() - $started;
+    my @changed = _put_back(\%sig, \%env, $umask, $cwd, \%vars);
+    # an alarm would end the base (and its forks do not inherit it): cancelled
+    if (!$alarm && (my $left = alarm 0)) { push @changed, "an alarm set (in $left s)" }
     # what cannot be put back: a descriptor a vassal would find closed (it
-    # closes the base's), a thread no fork copies
-    my $opened = grep { !$fds{$_} } _entries('/proc/self/fd');
+    # closes the base's), one of the base's replaced or closed, a thread no
+    # fork copies, a process
+    my %now = _descriptors();
+    my $opened = grep { !exists $fds{$_} } keys %now;
     push @changed, "$opened descriptor" . ($opened == 1 ? '' : 's') . " left open" if $opened;
+    for my $fd (sort { $a <=> $b } keys %fds) {
+        if (!exists $now{$fd})          { push @changed, "descriptor $fd closed" }
+        elsif ($now{$fd} ne $fds{$fd})  { push @changed, "descriptor $fd replaced" }
+    }
     push @changed, 'a thread started' if _entries('/proc/self/task') > $threads;
-    return ($ok, $error, @changed);
+    push @changed, 'a process started' if grep { !$children{$_} } _children();
+    return ($ok, $error, $took, @changed);
+}
+
+# The process's descriptors: number => what it is.
+sub _descriptors {
+    return map { $_ => readlink("/proc/self/fd/$_") // '' } _entries('/proc/self/fd');
+}
+
+# The pids of this process's children.
+sub _children {
+    my @pids;
+    for my $tid (_entries('/proc/self/task')) {
+        open my $fh, '<', "/proc/self/task/$tid/children" or next;
+        push @pids, split ' ', scalar(<$fh>) // '';
+    }
+    return @pids;
+}
+
+# Perl's process-wide variables a module may set at load time, which the
+# base's code and every process forked from it read.
+sub _vars {
+    return ('$0' => $0, '$/' => $/, '$\\' => $\, '$,' => $,);
 }
 
 # The entries of a /proc directory (but the one its reading opens).
@@ -443,7 +489,7 @@ sub _entries {
 # In the base: a module its trial loaded.
 sub _load {
     my ($self, $key) = @_;
-    my ($ok, $why, @changed) = _require($key);
+    my ($ok, $why, undef, @changed) = _require($key);
     if (!$ok) {
         delete $INC{$key};
         $KNOWN{$key} = 1;    # never tried again
@@ -459,8 +505,15 @@ sub _load {
 # What a module's loading may change of the process's state, which the
 # base's own serving relies on: put back as it was.
 sub _put_back {
-    my ($sig, $env, $umask, $cwd) = @_;
+    my ($sig, $env, $umask, $cwd, $vars) = @_;
     my @changed;
+    my %now = _vars();
+    for my $name (sort keys %$vars) {
+        my ($was, $is) = ($vars->{$name}, $now{$name});
+        next if (defined $was ? $was : "\0undef") eq (defined $is ? $is : "\0undef");
+        push @changed, "$name changed";
+    }
+    ($0, $/, $\, $,) = @{$vars}{'$0', '$/', '$\\', '$,'};
     for my $name (keys %SIG) {
         my ($now, $was) = ($SIG{$name}, $sig->{$name});
         next if !defined $now && !defined $was;
