@@ -181,6 +181,23 @@ subtest 'a module that leaves an alarm, a process, a descriptor replaced or clos
     like $said{'Learned::Slow'} // '', qr/took [\d.]+ s to load/, 'the slowness said';
 };
 
+subtest 'a module that overrides a built-in everywhere or adds to UNIVERSAL: not loaded here' => sub {
+    @log = ();
+    my %file = (
+        Overrides => module($lib, 'Learned/Overrides.pm', 'BEGIN { no warnings "once"; *CORE::GLOBAL::readpipe = sub { "overridden" } }'),
+        Universal => module($lib, 'Learned/Universal.pm', 'sub UNIVERSAL::learned_was_here { 1 }'),
+    );
+    send_report(join '', map { "Learned/$_.pm\t$file{$_}\n" } sort keys %file);
+    $learned->readable;
+    drive();
+    ok !$INC{"Learned/$_.pm"}, "Learned::$_ not loaded" for sort keys %file;
+    ok !defined &CORE::GLOBAL::readpipe, 'no built-in overridden here';
+    ok !UNIVERSAL::can('main', 'learned_was_here'), 'nothing added to UNIVERSAL here';
+    my %said = map { /not preloading (\S+), .*\(not tried again\): (.*)/ ? ($1 => $2) : () } @log;
+    like $said{'Learned::Overrides'} // '', qr/CORE::GLOBAL::readpipe defined/, 'the override said' or diag explain \@log;
+    like $said{'Learned::Universal'} // '', qr/UNIVERSAL::learned_was_here defined/, 'the UNIVERSAL method said';
+};
+
 subtest 'report(): what %INC gained since the fork, once' => sub {
     my ($r, $w);
     socket(my $sock, AF_UNIX, SOCK_DGRAM, 0) or die;

@@ -62,7 +62,8 @@ Each module is first tried in a process forked from the base (a trial,
 L</work>): one that dies as it loads, ends the process, changes the
 process's signal handlers, C<%ENV>, umask, working directory, C<$0>,
 C<$/>, C<$\> or C<$,>, sets an alarm, leaves a descriptor open, closes or
-replaces one, starts a thread or a process, or takes more than C<SLOW>
+replaces one, starts a thread or a process, overrides a built-in
+(C<CORE::GLOBAL::>) or adds a method to C<UNIVERSAL>, or takes more than C<SLOW>
 seconds to load (it would hold up the adoptions that come meanwhile), is
 not loaded in the base (one line, never tried again), and the vassals keep
 loading it themselves. The others the base loads with its own C<@INC>,
@@ -241,7 +242,7 @@ forked from the base C<require>s them, one by one, and says for each
 whether it loaded, died, or changed the process's state as it loaded
 (signal handlers, C<%ENV>, umask, working directory, Perl's C<$0>, C<$/>,
 C<$\>, C<$,>, an alarm, a descriptor left open, closed or replaced, a
-thread, a process: killed), or took more than C<SLOW> seconds; it ends at once
+thread, a process: killed, a sub in C<CORE::GLOBAL::> or C<UNIVERSAL::>), or took more than C<SLOW> seconds; it ends at once
 (C<POSIX::_exit>). A module that dies, changes that state, ends the trial
 (an C<exit> at load) or makes it run past C<TRIAL_TIMEOUT> is not loaded
 in the base: one line, and never tried again; its vassals keep loading it
@@ -426,6 +427,7 @@ sub _require {
     my %vars = _vars();
     my %fds = _descriptors();
     my %children = map { $_ => 1 } _children();
+    my %globals = map { $_ => 1 } _globals();
     my $threads = () = _entries('/proc/self/task');
     my $alarm = alarm 0;
     alarm $alarm if $alarm;
@@ -452,6 +454,8 @@ sub _require {
     }
     push @changed, 'a thread started' if _entries('/proc/self/task') > $threads;
     push @changed, 'a process started' if grep { !$children{$_} } _children();
+    # code compiled after it, in every vassal adopted after it, whatever its app, would call them
+    push @changed, map { "$_ defined" } grep { !$globals{$_} } _globals();
     return ($ok, $error, $took, @changed);
 }
 
@@ -468,6 +472,14 @@ sub _children {
         push @pids, split ' ', scalar(<$fh>) // '';
     }
     return @pids;
+}
+
+# The subroutines every package sees: built-ins overridden
+# (CORE::GLOBAL::), methods of every class (UNIVERSAL::).
+sub _globals {
+    no strict 'refs';
+    return map { my $pkg = $_; map { "${pkg}::$_" } grep { defined &{"${pkg}::$_"} } sort keys %{"${pkg}::"} }
+        'CORE::GLOBAL', 'UNIVERSAL';
 }
 
 # Perl's process-wide variables a module may set at load time, which the
