@@ -45,8 +45,10 @@ What the base accepts, and only that:
 
 =item * reports sent by a process running as the base's own uid (the
 kernel's C<SCM_CREDENTIALS> on a datagram socket in the abstract
-namespace, whose name only the base's descendants know): a vassal that runs
-as another user (C<uid>) never makes the base load anything;
+namespace: any local process can find its name in F</proc/net/unix> and
+send to it, so the sender's uid, which the kernel writes, is the check): a
+vassal that runs as another user (C<uid>), or any other user's process,
+never makes the base load anything;
 
 =item * C<%INC> keys of a package name (C<Foo/Bar.pm>, words only), at
 most C<MAX_MODULES> a report;
