@@ -181,11 +181,12 @@ subtest 'a module that leaves an alarm, a process, a descriptor replaced or clos
     like $said{'Learned::Slow'} // '', qr/took [\d.]+ s to load/, 'the slowness said';
 };
 
-subtest 'a module that overrides a built-in everywhere or adds to UNIVERSAL: not loaded here' => sub {
+subtest 'a module that overrides a built-in everywhere, adds to UNIVERSAL or changes \@INC: not loaded here' => sub {
     @log = ();
     my %file = (
         Overrides => module($lib, 'Learned/Overrides.pm', 'BEGIN { no warnings "once"; *CORE::GLOBAL::readpipe = sub { "overridden" } }'),
         Universal => module($lib, 'Learned/Universal.pm', 'sub UNIVERSAL::learned_was_here { 1 }'),
+        Inc       => module($lib, 'Learned/Inc.pm', 'push @INC, sub { return };'),
     );
     send_report(join '', map { "Learned/$_.pm\t$file{$_}\n" } sort keys %file);
     $learned->readable;
@@ -196,6 +197,7 @@ subtest 'a module that overrides a built-in everywhere or adds to UNIVERSAL: not
     my %said = map { /not preloading (\S+), .*\(not tried again\): (.*)/ ? ($1 => $2) : () } @log;
     like $said{'Learned::Overrides'} // '', qr/CORE::GLOBAL::readpipe defined/, 'the override said' or diag explain \@log;
     like $said{'Learned::Universal'} // '', qr/UNIVERSAL::learned_was_here defined/, 'the UNIVERSAL method said';
+    like $said{'Learned::Inc'} // '', qr/\@INC changed/, 'the \@INC hook said (the base would drop it)';
 };
 
 subtest 'report(): what %INC gained since the fork, once' => sub {

@@ -65,7 +65,7 @@ L</work>): one that dies as it loads, ends the process, changes the
 process's signal handlers, C<%ENV>, umask, working directory, C<$0>,
 C<$/>, C<$\> or C<$,>, sets an alarm, leaves a descriptor open, closes or
 replaces one, starts a thread or a process, overrides a built-in
-(C<CORE::GLOBAL::>) or adds a method to C<UNIVERSAL>, or takes more than C<SLOW>
+(C<CORE::GLOBAL::>), adds a method to C<UNIVERSAL> or changes C<@INC>, or takes more than C<SLOW>
 seconds to load (it would hold up the adoptions that come meanwhile), is
 not loaded in the base (one line, never tried again), and the vassals keep
 loading it themselves. The others the base loads with its own C<@INC>,
@@ -244,7 +244,7 @@ forked from the base C<require>s them, one by one, and says for each
 whether it loaded, died, or changed the process's state as it loaded
 (signal handlers, C<%ENV>, umask, working directory, Perl's C<$0>, C<$/>,
 C<$\>, C<$,>, an alarm, a descriptor left open, closed or replaced, a
-thread, a process: killed, a sub in C<CORE::GLOBAL::> or C<UNIVERSAL::>), or took more than C<SLOW> seconds; it ends at once
+thread, a process: killed, a sub in C<CORE::GLOBAL::> or C<UNIVERSAL::>, C<@INC>), or took more than C<SLOW> seconds; it ends at once
 (C<POSIX::_exit>). A module that dies, changes that state, ends the trial
 (an C<exit> at load) or makes it run past C<TRIAL_TIMEOUT> is not loaded
 in the base: one line, and never tried again; its vassals keep loading it
@@ -433,15 +433,20 @@ sub _require {
     my $threads = () = _entries('/proc/self/task');
     my $alarm = alarm 0;
     alarm $alarm if $alarm;
-    my $error;
+    my ($error, $inc_changed);
     my $started = Time::HiRes::time();
     my $ok = do {
         local ($@, $!, $?, $_);
         local @INC = grep { !ref $_ && defined $_ && m{\A/} } @INC;
-        eval { require $key; 1 } ? 1 : do { $error = $@; 0 };
+        my $was = join "\0", @INC;    # a hook (a reference) by its address
+        my $loaded = eval { require $key; 1 } ? 1 : do { $error = $@; 0 };
+        # what it put in @INC (a hook, a directory) goes with the local: its code would miss it
+        $inc_changed = join("\0", map { $_ // '' } @INC) ne $was;
+        $loaded;
     };
     my $took = Time::HiRes::time() - $started;
     my @changed = _put_back(\%sig, \%env, $umask, $cwd, \%vars);
+    push @changed, '@INC changed' if $inc_changed;
     # an alarm would end the base (and its forks do not inherit it): cancelled
     if (!$alarm && (my $left = alarm 0)) { push @changed, "an alarm set (in $left s)" }
     # what cannot be put back: a descriptor a vassal would find closed (it
