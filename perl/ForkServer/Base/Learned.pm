@@ -65,7 +65,7 @@ L</work>): one that dies as it loads, ends the process, changes the
 process's signal handlers, C<%ENV>, umask, working directory, C<$0>,
 C<$/>, C<$\> or C<$,>, sets an alarm, leaves a descriptor open, closes or
 replaces one, starts a thread or a process, overrides a built-in
-(C<CORE::GLOBAL::>), adds a method to C<UNIVERSAL> or changes C<@INC>, or takes more than C<SLOW>
+(C<CORE::GLOBAL::>), adds a method to C<UNIVERSAL> or changes C<@INC>, or takes more than C<$SLOW>
 seconds to load (it would hold up the adoptions that come meanwhile), is
 not loaded in the base (one line, never tried again), and the vassals keep
 loading it themselves. The others the base loads with its own C<@INC>,
@@ -84,7 +84,6 @@ use constant MAX_KEY     => 255;      # bytes of one %INC key
 use constant QUIET       => 0.1;      # seconds after the last adoption before loading
 use constant TURN        => 0.05;     # seconds of loading per idle turn, at most (the module under way finishes)
 use constant TRIAL_TIMEOUT => 60;     # seconds a trial process may take
-use constant SLOW          => 2;      # seconds: a module slower to load in its trial would hold up adoptions in the base
 use constant SCM_CREDENTIALS => 2;    # Linux; Socket.pm exports it only in recent versions
 use constant SO_PASSCRED     => 16;
 
@@ -94,6 +93,10 @@ our $ADDRESS;         # packed sockaddr_un; undef: no learning
 our $BASE_UID;
 our %KNOWN;           # %INC key => 1
 our $KNOWN_COUNT = 0; # keys %INC when %KNOWN was taken
+# Seconds: a module slower than this to load in its trial would hold up
+# the adoptions that come while the base loads it (the Emperor's
+# adopt-timeout is 10 s); a variable so that a test need not wait as long.
+our $SLOW = 5;
 
 my $KEY_RE = qr{\A[A-Za-z_][A-Za-z0-9_]*(?:/[A-Za-z_][A-Za-z0-9_]*)*\.pm\z};
 
@@ -244,7 +247,7 @@ forked from the base C<require>s them, one by one, and says for each
 whether it loaded, died, or changed the process's state as it loaded
 (signal handlers, C<%ENV>, umask, working directory, Perl's C<$0>, C<$/>,
 C<$\>, C<$,>, an alarm, a descriptor left open, closed or replaced, a
-thread, a process: killed, a sub in C<CORE::GLOBAL::> or C<UNIVERSAL::>, C<@INC>), or took more than C<SLOW> seconds; it ends at once
+thread, a process: killed, a sub in C<CORE::GLOBAL::> or C<UNIVERSAL::>, C<@INC>), or took more than C<$SLOW> seconds; it ends at once
 (C<POSIX::_exit>). A module that dies, changes that state, ends the trial
 (an C<exit> at load) or makes it run past C<TRIAL_TIMEOUT> is not loaded
 in the base: one line, and never tried again; its vassals keep loading it
@@ -324,8 +327,8 @@ sub _trial {
             my ($loaded, $why, $took, @changed) = _require($key);
             # what it started would outlive the trial
             if (my @started = grep { !$children{$_} } _children()) { kill 'KILL', @started }
-            push @changed, sprintf 'took %.1f s to load (more than %d s would hold up adoptions)', $took, SLOW
-                if $took > SLOW;
+            push @changed, sprintf 'took %.1f s to load (more than %g s would hold up adoptions)', $took, $SLOW
+                if $took > $SLOW;
             if (!$loaded)    { print {$w} "F $key\t" . _one_line($why) . "\n" }
             elsif (@changed) { print {$w} "S $key\t" . join(', ', @changed) . "\n" }
             else             { print {$w} "K $key\n" }
