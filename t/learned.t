@@ -201,6 +201,24 @@ subtest 'a module that overrides a built-in everywhere, adds to UNIVERSAL or cha
     like $said{'Learned::Inc'} // '', qr/\@INC changed/, 'the \@INC hook said (the base would drop it)';
 };
 
+subtest 'a trial holds none of the base\'s descriptors' => sub {
+    @log = ();
+    socket(my $held, AF_UNIX, SOCK_DGRAM, 0) or die;    # stands in for a spare's link, a listening socket
+    local $ENV{LEARNED_PEEK} = "$dir/peek " . fileno($held);
+    my $peeks = module($lib, 'Learned/Peeks.pm', 'my ($file, $fd) = split " ", $ENV{LEARNED_PEEK};'
+        . ' my $what = readlink("/proc/self/fd/$fd") // "closed";'
+        . ' open my $out, ">>", $file or die; print $out "$$ $what\n"; close $out;');
+    send_report("Learned/Peeks.pm\t$peeks\n");
+    $learned->readable;
+    drive();
+    open my $in, '<', "$dir/peek" or die "no trial ran: $!";
+    my %seen = map { split ' ', $_, 2 } <$in>;    # pid => what it saw: the trial's, then ours
+    my ($trial) = grep { $_ != $$ } keys %seen;
+    ok defined $trial, 'the trial loaded it' or diag explain \%seen;
+    unlike $seen{$trial // ''} // '', qr/\Asocket:/, 'the trial did not have it' or diag explain \%seen;
+    is $INC{'Learned/Peeks.pm'}, $peeks, 'and the module loaded here';
+};
+
 subtest 'report(): what %INC gained since the fork, once' => sub {
     my ($r, $w);
     socket(my $sock, AF_UNIX, SOCK_DGRAM, 0) or die;

@@ -8,6 +8,7 @@ use POSIX ();
 use Socket qw(AF_UNIX SOCK_DGRAM SOL_SOCKET MSG_DONTWAIT pack_sockaddr_un);
 use Socket::MsgHdr ();
 use Time::HiRes ();
+use ForkServer::Process::Descriptors ();
 use ForkServer::Process::Session ();
 
 =head1 NAME
@@ -61,7 +62,8 @@ elsewhere, in a directory of its own, is not followed).
 =back
 
 Each module is first tried in a process forked from the base (a trial,
-L</work>): one that dies as it loads, ends the process, changes the
+L</work>, which holds none of the base's descriptors but its standard
+ones): one that dies as it loads, ends the process, changes the
 process's signal handlers, C<%ENV>, umask, working directory, C<$0>,
 C<$/>, C<$\> or C<$,>, sets an alarm, leaves a descriptor open, closes or
 replaces one, starts a thread or a process, overrides a built-in
@@ -317,6 +319,9 @@ sub _trial {
     my ($w, $parent, @keys) = @_;
     my $ok = eval {
         ForkServer::Process::Session::die_with_parent(POSIX::SIGKILL());
+        # none of the base's sockets and pipes (a spare it lets go must see
+        # their end now, not when the trial ends): /dev/null in their place
+        ForkServer::Process::Descriptors::close_all_but(0, 1, 2, fileno $w);
         $SIG{$_} = 'DEFAULT' for qw(TERM INT PIPE CHLD);
         $0 .= ' (trying modules)';
         $w->autoflush(1);
