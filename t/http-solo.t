@@ -55,6 +55,17 @@ subtest 'psgix.harakiri.commit while it serves on after byte 22: it accepts noth
     close $s;
 };
 
+subtest 'the Emperor gone while it serves on after byte 22: a graceful stop, not mercy later' => sub {
+    my $srv = start_server(app_file => $app, solo => 1, max_requests => 1, mercy => 30);
+    ok $srv->wait_ready, 'ready';
+    is get_pid($srv->port), $srv->pid, 'its one request';
+    ok $srv->wait_emperor_byte(22), 'byte 22';
+    my $t0 = Time::HiRes::time();
+    $srv->close_emperor;
+    is $srv->wait_exit(20), 0, 'exit 0';
+    cmp_ok Time::HiRes::time() - $t0, '<', 5, 'without waiting out mercy';
+};
+
 subtest 'a storm of SIGHUP: one byte 22, and it serves on until the stop byte' => sub {
     my $srv = start_server(app_file => $app, solo => 1, mercy => 30);
     ok $srv->wait_ready, 'ready';
