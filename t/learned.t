@@ -146,8 +146,8 @@ subtest 'a module that dies, exits or changes the process as it loads: never loa
 subtest 'a module that leaves an alarm, a process, a descriptor replaced or closed, $0 or $/ changed, or loads slowly: not loaded here' => sub {
     @log = ();
     open my $stdin, '<&', \*STDIN or die "dup STDIN: $!";
-    local $ForkServer::Base::Learned::SLOW = 1;    # 5 s by default
-    my $slow = $ForkServer::Base::Learned::SLOW;
+    local $ForkServer::Base::LoadTrial::SLOW = 1;    # 5 s by default
+    my $slow = $ForkServer::Base::LoadTrial::SLOW;
     my %file = (
         Alarm     => module($lib, 'Learned/Alarm.pm', 'alarm 600;'),
         Forks     => module($lib, 'Learned/Forks.pm', 'our $CHILD = fork; if (defined $CHILD && !$CHILD) { sleep 60; POSIX::_exit(0) }'),

@@ -336,14 +336,8 @@ sub take {
     return 1;
 }
 
-=head2 renew()
-
-The base loaded more code (L<ForkServer::Base::Learned>): the spares forked
-before it lack it, and end (end of file on their links); the pool refills
-with new ones, as after adoptions.
-
-=cut
-
+# The base loaded more code (ForkServer::Base::Learned): the spares forked
+# before it end (end of file on their links); the pool refills, as after adoptions.
 sub renew {
     my ($self) = @_;
     for my $s (values %{ $self->{spares} }) {

@@ -2,14 +2,12 @@ package ForkServer::Base::Learned;
 use strict;
 use warnings;
 
-use Cwd ();
 use IO::Handle ();
 use POSIX ();
 use Socket qw(AF_UNIX SOCK_DGRAM SOL_SOCKET MSG_DONTWAIT pack_sockaddr_un);
 use Socket::MsgHdr ();
 use Time::HiRes ();
-use ForkServer::Process::Descriptors ();
-use ForkServer::Process::Session ();
+use ForkServer::Base::LoadTrial ();
 
 =head1 NAME
 
@@ -40,36 +38,19 @@ C<%INC> grew sends the base the modules the base did not have when it
 forked it; the base, when idle, loads them itself, and the vassals adopted
 after that have them preloaded.
 
-What the base accepts, and only that:
-
-=over
-
-=item * reports sent by a process running as the base's own uid (the
-kernel's C<SCM_CREDENTIALS> on a datagram socket in the abstract
-namespace: any local process can find its name in F</proc/net/unix> and
-send to it, so the sender's uid, which the kernel writes, is the check): a
-vassal that runs as another user (C<uid>), or any other user's process,
-never makes the base load anything;
-
-=item * C<%INC> keys of a package name (C<Foo/Bar.pm>, words only), at
-most C<MAX_MODULES> a report;
-
-=item * files that the base finds itself, in the absolute directories of
-its own C<@INC> (never C<.>, never a relative directory), and that are the
-very file the vassal loaded (a vassal that found a module of the same name
-elsewhere, in a directory of its own, is not followed).
-
-=back
+What the base accepts, and only that: reports sent by a process running
+as the base's own uid (the kernel's C<SCM_CREDENTIALS> on a datagram
+socket in the abstract namespace: any local process finds its name in
+F</proc/net/unix>, the sender's uid that the kernel writes is the check);
+C<%INC> keys of a package name (C<Foo/Bar.pm>, words only), at most
+C<MAX_MODULES> a report; files that the base finds itself, in the absolute
+directories of its own C<@INC> (never C<.>, never a relative directory),
+the very file the vassal loaded (one found elsewhere is not followed).
 
 Each module is first tried in a process forked from the base (a trial,
-L</work>, which holds none of the base's descriptors but its standard
-ones): one that dies as it loads, ends the process, changes the
-process's signal handlers, C<%ENV>, umask, working directory, C<$0>,
-C<$/>, C<$\> or C<$,>, sets an alarm, leaves a descriptor open, closes or
-replaces one, starts a thread or a process, overrides a built-in
-(C<CORE::GLOBAL::>), adds a method to C<UNIVERSAL> or changes C<@INC>, or takes more than C<$SLOW>
-seconds to load (it would hold up the adoptions that come meanwhile), is
-not loaded in the base (one line, never tried again), and the vassals keep
+L</work>): one that dies as it loads, ends the process, changes the
+process's state (L<ForkServer::Base::LoadTrial> says what it looks at) or
+takes more than 5 s, is not loaded in the base (one line, never tried again), and the vassals keep
 loading it themselves. The others the base loads with its own C<@INC>,
 only between adoptions (never while a request is being read, and not
 before C<QUIET> seconds after the last adoption), in turns of at most
@@ -95,10 +76,6 @@ our $ADDRESS;         # packed sockaddr_un; undef: no learning
 our $BASE_UID;
 our %KNOWN;           # %INC key => 1
 our $KNOWN_COUNT = 0; # keys %INC when %KNOWN was taken
-# Seconds: a module slower than this to load in its trial would hold up
-# the adoptions that come while the base loads it (the Emperor's
-# adopt-timeout is 10 s); a variable so that a test need not wait as long.
-our $SLOW = 5;
 
 my $KEY_RE = qr{\A[A-Za-z_][A-Za-z0-9_]*(?:/[A-Za-z_][A-Za-z0-9_]*)*\.pm\z};
 
@@ -246,10 +223,8 @@ sub pending {
 
 An idle turn. Modules reported and not tried yet go to a trial: a process
 forked from the base C<require>s them, one by one, and says for each
-whether it loaded, died, or changed the process's state as it loaded
-(signal handlers, C<%ENV>, umask, working directory, Perl's C<$0>, C<$/>,
-C<$\>, C<$,>, an alarm, a descriptor left open, closed or replaced, a
-thread, a process: killed, a sub in C<CORE::GLOBAL::> or C<UNIVERSAL::>, C<@INC>), or took more than C<$SLOW> seconds; it ends at once
+whether it loaded, died, changed the process's state as it loaded
+(L<ForkServer::Base::LoadTrial>) or took too long; it ends at once
 (C<POSIX::_exit>). A module that dies, changes that state, ends the trial
 (an C<exit> at load) or makes it run past C<TRIAL_TIMEOUT> is not loaded
 in the base: one line, and never tried again; its vassals keep loading it
@@ -296,7 +271,7 @@ sub _start_trial {
     }
     if ($pid == 0) {
         close $r;
-        _trial($w, $parent, @keys);    # does not return
+        ForkServer::Base::LoadTrial::run($w, $parent, @keys);    # does not return
     }
     close $w;
     IO::Handle::blocking($r, 0);
@@ -312,36 +287,6 @@ sub _give_up {
     $KNOWN{$_} = 1 for @$keys;
     $self->{log}->("could not try " . join(', ', map { _module($_) } @$keys) . " (not tried again): $why");
     return;
-}
-
-# In the trial process: each module required as the base would, then said.
-sub _trial {
-    my ($w, $parent, @keys) = @_;
-    my $ok = eval {
-        ForkServer::Process::Session::die_with_parent(POSIX::SIGKILL());
-        # none of the base's sockets and pipes (a spare it lets go must see
-        # their end now, not when the trial ends): /dev/null in their place
-        ForkServer::Process::Descriptors::close_all_but(0, 1, 2, fileno $w);
-        $SIG{$_} = 'DEFAULT' for qw(TERM INT PIPE CHLD);
-        $0 .= ' (trying modules)';
-        $w->autoflush(1);
-        my %children = map { $_ => 1 } _children();
-        for my $key (@keys) {
-            print {$w} "T $key\n";
-            next if $INC{$key};
-            my ($loaded, $why, $took, @changed) = _require($key);
-            # what it started would outlive the trial
-            if (my @started = grep { !$children{$_} } _children()) { kill 'KILL', @started }
-            push @changed, sprintf 'took %.1f s to load (more than %g s would hold up adoptions)', $took, $SLOW
-                if $took > $SLOW;
-            if (!$loaded)    { print {$w} "F $key\t" . _one_line($why) . "\n" }
-            elsif (@changed) { print {$w} "S $key\t" . join(', ', @changed) . "\n" }
-            else             { print {$w} "K $key\n" }
-        }
-        print {$w} "D\n";
-        1;
-    };
-    POSIX::_exit($ok ? 0 : 1);
 }
 
 =head2 trial_fh() -> $fh or undef; trial_readable(); trial_deadline() -> $time or undef; reaped($pid)
@@ -417,153 +362,20 @@ sub _refuse {
     return;
 }
 
-sub _one_line {
-    my ($why) = @_;
-    $why //= 'unknown error';
-    $why =~ s/\s+\z//;
-    $why =~ s/\s*\n\s*/ /g;
-    $why =~ s/\t/ /g;
-    return length $why > 300 ? substr($why, 0, 300) . '...' : $why;
-}
-
-# require $key with only the absolute directories of @INC; what it changed
-# of the process's state, put back. (loaded, error, seconds it took, changed...)
-sub _require {
-    my ($key) = @_;
-    my %sig = map { $_ => $SIG{$_} } grep { defined $SIG{$_} } keys %SIG;
-    my %env = %ENV;
-    my $umask = umask;
-    my $cwd = Cwd::getcwd();
-    my %vars = _vars();
-    my %fds = _descriptors();
-    my %children = map { $_ => 1 } _children();
-    my %globals = map { $_ => 1 } _globals();
-    my $threads = () = _entries('/proc/self/task');
-    my $alarm = alarm 0;
-    alarm $alarm if $alarm;
-    my ($error, $inc_changed);
-    my $started = Time::HiRes::time();
-    my $ok = do {
-        local ($@, $!, $?, $_);
-        local @INC = grep { !ref $_ && defined $_ && m{\A/} } @INC;
-        my $was = join "\0", @INC;    # a hook (a reference) by its address
-        my $loaded = eval { require $key; 1 } ? 1 : do { $error = $@; 0 };
-        # what it put in @INC (a hook, a directory) goes with the local: its code would miss it
-        $inc_changed = join("\0", map { $_ // '' } @INC) ne $was;
-        $loaded;
-    };
-    my $took = Time::HiRes::time() - $started;
-    my @changed = _put_back(\%sig, \%env, $umask, $cwd, \%vars);
-    push @changed, '@INC changed' if $inc_changed;
-    # an alarm would end the base (and its forks do not inherit it): cancelled
-    if (!$alarm && (my $left = alarm 0)) { push @changed, "an alarm set (in $left s)" }
-    # what cannot be put back: a descriptor a vassal would find closed (it
-    # closes the base's), one of the base's replaced or closed, a thread no
-    # fork copies, a process
-    my %now = _descriptors();
-    my $opened = grep { !exists $fds{$_} } keys %now;
-    push @changed, "$opened descriptor" . ($opened == 1 ? '' : 's') . " left open" if $opened;
-    for my $fd (sort { $a <=> $b } keys %fds) {
-        if (!exists $now{$fd})          { push @changed, "descriptor $fd closed" }
-        elsif ($now{$fd} ne $fds{$fd})  { push @changed, "descriptor $fd replaced" }
-    }
-    push @changed, 'a thread started' if _entries('/proc/self/task') > $threads;
-    push @changed, 'a process started' if grep { !$children{$_} } _children();
-    # code compiled after it, in every vassal adopted after it, whatever its app, would call them
-    push @changed, map { "$_ defined" } grep { !$globals{$_} } _globals();
-    return ($ok, $error, $took, @changed);
-}
-
-# The process's descriptors: number => what it is.
-sub _descriptors {
-    return map { $_ => readlink("/proc/self/fd/$_") // '' } _entries('/proc/self/fd');
-}
-
-# The pids of this process's children.
-sub _children {
-    my @pids;
-    for my $tid (_entries('/proc/self/task')) {
-        open my $fh, '<', "/proc/self/task/$tid/children" or next;
-        push @pids, split ' ', scalar(<$fh>) // '';
-    }
-    return @pids;
-}
-
-# The subroutines every package sees: built-ins overridden
-# (CORE::GLOBAL::), methods of every class (UNIVERSAL::).
-sub _globals {
-    no strict 'refs';
-    return map { my $pkg = $_; map { "${pkg}::$_" } grep { defined &{"${pkg}::$_"} } sort keys %{"${pkg}::"} }
-        'CORE::GLOBAL', 'UNIVERSAL';
-}
-
-# Perl's process-wide variables a module may set at load time, which the
-# base's code and every process forked from it read.
-sub _vars {
-    return ('$0' => $0, '$/' => $/, '$\\' => $\, '$,' => $,);
-}
-
-# The entries of a /proc directory (but the one its reading opens).
-sub _entries {
-    my ($dir) = @_;
-    opendir(my $dh, $dir) or return ();
-    my $own = fileno $dh;
-    my @names = grep { /\A\d+\z/ && $_ != $own } readdir $dh;
-    closedir $dh;
-    return @names;
-}
-
 # In the base: a module its trial loaded.
 sub _load {
     my ($self, $key) = @_;
-    my ($ok, $why, undef, @changed) = _require($key);
+    my ($ok, $why, undef, @changed) = ForkServer::Base::LoadTrial::require_module($key);
     if (!$ok) {
         delete $INC{$key};
         $KNOWN{$key} = 1;    # never tried again
         $self->{log}->("could not load " . _module($key) . ", which its vassals loaded lazily (not tried again): "
-            . _one_line($why));
+            . ForkServer::Base::LoadTrial::one_line($why));
         return;
     }
     $self->{log}->(_module($key) . " as it loaded in the base: " . join(', ', @changed) . " (what could be, put back)") if @changed;
     push @{ $self->{loaded} }, $key;
     return;
-}
-
-# What a module's loading may change of the process's state, which the
-# base's own serving relies on: put back as it was.
-sub _put_back {
-    my ($sig, $env, $umask, $cwd, $vars) = @_;
-    my @changed;
-    my %now = _vars();
-    for my $name (sort keys %$vars) {
-        my ($was, $is) = ($vars->{$name}, $now{$name});
-        next if (defined $was ? $was : "\0undef") eq (defined $is ? $is : "\0undef");
-        push @changed, "$name changed";
-    }
-    ($0, $/, $\, $,) = @{$vars}{'$0', '$/', '$\\', '$,'};
-    for my $name (keys %SIG) {
-        my ($now, $was) = ($SIG{$name}, $sig->{$name});
-        next if !defined $now && !defined $was;
-        next if defined $now && defined $was && (ref $now ? ref $was && $now == $was : !ref $was && $now eq $was);
-        push @changed, "\$SIG{$name} changed";
-        $SIG{$name} = $was;
-    }
-    my @env = grep { !exists $env->{$_} || ($ENV{$_} // '') ne ($env->{$_} // '') } keys %ENV;
-    push @env, grep { !exists $ENV{$_} } keys %$env;
-    if (@env) {
-        push @changed, '%ENV changed';
-        %ENV = %$env;
-    }
-    if (umask != $umask) {
-        push @changed, 'umask changed';
-        umask $umask;
-    }
-    my $now = Cwd::getcwd();
-    if (defined $cwd && (!defined $now || $now ne $cwd)) {
-        push @changed, 'the working directory changed';
-        chdir $cwd;
-    }
-    return sort @changed;
 }
 
 =head2 close()

@@ -258,13 +258,11 @@ sub _ready_conns {
     return \%ready;
 }
 
-# Reads what a ready connection has and serves one request if its head is
-# complete.
+# Reads what a ready connection has and serves one request if its head is complete.
 sub _serve_conn {
     my ($self, $loop, $fd) = @_;
     $self->_serve_conn_once($loop, $fd);
-    # after a response: what the app loaded lazily goes to the base (a count's compare when nothing)
-    $self->{after_request}->() if $self->{after_request};
+    $self->{after_request}->() if $self->{after_request};    # what the app loaded lazily, to the base
     # with a seat at the desk: bytes read from it stay here (Desk::busy)
     if ($loop->{seat}) {
         my $c = $loop->{conns}{$fd};
@@ -365,8 +363,7 @@ sub _stop_asked {
 sub serve_one {
     my ($self, $conn) = @_;
     local $self->{stopping_ref} = \(my $stopping = 0);
-    local $self->{after_request};    # a rehearsal is no request of the app's
-    local @$self{qw(server_name server_port)} = ('127.0.0.1', 80);
+    local @$self{qw(server_name server_port after_request)} = ('127.0.0.1', 80);    # a rehearsal reports nothing
     my $c = $self->_conn($conn, pack_sockaddr_in(0, inet_aton('127.0.0.1')), pack('l!l!', $self->{socket_timeout}, 0));
     my $fd = fileno $conn;
     my $loop = { conns => { $fd => $c }, pending => {}, leaving => 0 };
