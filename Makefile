@@ -57,7 +57,7 @@ BENCH_DEB_PACKAGES := dpkg-dev libmodule-install-perl libapache-logformat-compil
 	libtest-tcp-perl libtry-tiny-perl liburi-perl \
 	libwww-form-urlencoded-perl libwww-perl
 
-.PHONY: all setup install run test test-python test-perl test-perl-prove test-perl-emperor bench bench-quick bench-setup clean
+.PHONY: all setup install run test test-python test-perl test-perl-prove test-perl-emperor bytecode test-bytecode bench bench-quick bench-setup clean
 
 all: setup
 
@@ -119,12 +119,26 @@ test-perl: setup
 test-perl-prove: $(STAMPS)/debian
 	prove -j3 -r -I perl t/
 
-test-perl-emperor: setup
+test-perl-emperor: setup bytecode
 	$(VENV)/bin/emperor prove -j2 -r -I perl t/
+
+# The package's bytecode, written beside it once (only what changed since):
+# with PYTHONDONTWRITEBYTECODE set, every process the tests start (each
+# Emperor, each `emperor` command) compiled the whole package again.
+bytecode: setup
+	$(VPY) -m compileall -q psgi_forkserver
+
+# pytest's rewritten test modules, cached the same way by one collection:
+# each pytest-xdist worker otherwise rewrote every test module's asserts
+# (most of its collection's CPU).
+test-bytecode: setup
+	@mkdir -p $(STAMPS)
+	PYTHONDONTWRITEBYTECODE= $(VPY) -m pytest -qq --collect-only -p no:xdist -p no:cacheprovider \
+		> $(STAMPS)/collect.log || { cat $(STAMPS)/collect.log; exit 1; }
 
 # pytest-xdist: one file per worker at a time (a file's module fixtures
 # start their fleet once); tests/support/emperors.py names each worker's processes.
-test-python: setup $(STAMPS)/browser
+test-python: setup bytecode test-bytecode $(STAMPS)/browser
 	$(VPY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 bench-setup: $(STAMPS)/bench-debian

@@ -15,8 +15,6 @@ from .commands.front_cli import (DEFAULT_KEEPALIVE, add_front_arguments, check_f
                                  front_options, nginx_conf_command, run_dir_of)
 from .commands.prove_cli import add_prove_arguments, prove_command
 from .commands.verbs import add_verbs, control_many, logs_command, status_command
-from .emperor import Emperor
-from .emperor.locks import StartupError
 from .options import Options, run_arguments
 
 
@@ -81,18 +79,32 @@ def _add_finder(p: argparse.ArgumentParser) -> None:
                    help="the Emperor of this vassals directory (when several run)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from importlib.metadata import PackageNotFoundError, version
+class _VersionAction(argparse.Action):
+    """`--version`: argparse's, with the installed version looked up only
+    when asked (importlib.metadata is most of a client command's start-up)."""
 
-    try:
-        ver = version("psgi-forkserver")
-    except PackageNotFoundError:
-        ver = "unknown"
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            ver = version("psgi-forkserver")
+        except PackageNotFoundError:
+            ver = "unknown"
+        print(f"{parser.prog} (psgi-forkserver) {ver}")
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="emperor", description="psgi-forkserver Emperor: hosts many "
                                 "Plack apps forked from one preloaded Perl base",
                                 epilog=MAIN_EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version", version=f"%(prog)s (psgi-forkserver) {ver}")
+    p.add_argument("--version", action=_VersionAction,
+                   help="show program's version number and exit")
     sub = p.add_subparsers(dest="command", required=True)
     run = _sub(sub, "run", help="run the vassals of a directory")
     run.add_argument("vassals_dir", metavar="VASSALS_DIR", type=Path)
@@ -211,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"emperor: --logto {e}", file=sys.stderr)
         return 2
+    # the Emperor itself only for `run`: the other commands are its clients
+    from .emperor import Emperor
+    from .emperor.locks import StartupError
+
     opts = Options.from_args(args, log=log, run_dir=run_dir_of(args), front=front_options(args))
     emperor = Emperor(opts)
     try:

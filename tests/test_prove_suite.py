@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -22,11 +23,26 @@ EXPECTED_FAILURES = {"die.t", "die_errno.t", "exit_3.t", "failing.t"}
 SUITE_FILES = 40
 
 
+@dataclass(frozen=True)
+class ProveRun:
+    """prove's own run of the suite: its output and the files its tests wrote."""
+
+    result: subprocess.CompletedProcess
+    out: Path
+
+
+@pytest.fixture(scope="module")
+def prove_alone(tmp_path_factory: pytest.TempPathFactory) -> ProveRun:
+    """`prove SUITE` once for the module: every run of ours is compared with
+    the same verdicts (the suite's files give the same ones each run)."""
+    out = tmp_path_factory.mktemp("prove")
+    return ProveRun(run(["prove", SUITE], out), out)
+
+
 @pytest.mark.parametrize("jobs", ["1", "2"])
-def test_suite_has_the_same_verdicts_as_prove(tmp_path: Path, jobs: str) -> None:
-    (tmp_path / "prove").mkdir()
+def test_suite_has_the_same_verdicts_as_prove(tmp_path: Path, jobs: str, prove_alone: ProveRun) -> None:
     (tmp_path / "emperor").mkdir()
-    theirs = run(["prove", SUITE], tmp_path / "prove")
+    theirs = prove_alone.result
     # --no-cold-retry: a file that fails forked must not be hidden by its cold rerun
     ours = run([EMPEROR, "prove", "--no-cold-retry", "-j", jobs, *PRELOADS, SUITE], tmp_path / "emperor")
     want = verdicts(theirs.stdout)
@@ -70,9 +86,9 @@ def test_suite_has_the_same_verdicts_as_prove(tmp_path: Path, jobs: str) -> None
     # END blocks ran, in the forked file too
     assert "# END block of end_done_testing.t ran" in ours.stderr
     # objects in globals and file lexicals were destroyed at exit, as under prove
-    for out in ("prove", "emperor"):
+    for out in (prove_alone.out, tmp_path / "emperor"):
         for what in ("package-global", "main-global", "file-lexical"):
-            assert (tmp_path / out / f"destroyed-{what}").exists(), (out, what)
+            assert (out / f"destroyed-{what}").exists(), (out, what)
     # two forks of one base that drew from rand before forking draw differently
     draws = [(tmp_path / "emperor" / f).read_text() for f in ("srand_a", "srand_b")]
     assert draws[0] != draws[1]
@@ -214,12 +230,11 @@ def test_watch_reruns_changed_files_and_rebuilds_the_base(tmp_path: Path) -> Non
         assert not alive_pid(k.pid)
 
 
-def test_prove_exec_through_a_served_base(tmp_path: Path) -> None:
+def test_prove_exec_through_a_served_base(tmp_path: Path, prove_alone: ProveRun) -> None:
     """prove --exec 'emperor prove --connect SOCK' (people who keep their
     .proverc): the same verdicts as prove alone; the server stops on SIGTERM
     with nothing left behind."""
     control = tmp_path / "prove.sock"
-    (tmp_path / "prove").mkdir()
     (tmp_path / "exec").mkdir()
     env = {**os.environ, "PROVE_SUITE_OUT": str(tmp_path / "exec")}
     server = subprocess.Popen([EMPEROR, "prove", "--serve", str(control), *PRELOADS], cwd=ROOT, env=env,
@@ -230,7 +245,7 @@ def test_prove_exec_through_a_served_base(tmp_path: Path) -> None:
         assert len(base) == 1
         # -j2: a Python start per file (seconds each on a loaded machine) two at a time
         ours = run(["prove", "-j2", "--exec", f"{EMPEROR} prove --connect {control}", SUITE], tmp_path / "exec")
-        theirs = run(["prove", SUITE], tmp_path / "prove")
+        theirs = prove_alone.result
         assert verdicts(ours.stdout) == verdicts(theirs.stdout), ours.stdout + ours.stderr
         assert len(verdicts(ours.stdout)) == SUITE_FILES
         assert (ours.returncode, theirs.returncode) == (1, 1)

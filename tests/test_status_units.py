@@ -255,3 +255,50 @@ def test_a_process_is_measured_at_most_once_per_interval(child, monkeypatch):
     assert first["measured"] == 1 and second["measured"] == 0
     pss = first["vassals"]["run<1>"]["pss"]
     assert pss > 0 and second["vassals"]["run<1>"]["pss"] == pss
+
+
+def test_a_client_command_imports_none_of_the_emperors_run_side(tmp_path: Path, child):
+    """`emperor status` (a table from a stats socket) and the other commands
+    that only talk to a running Emperor start without the Emperor itself,
+    the status server, psutil, Jinja2, Prometheus or the installed
+    version's metadata: run in a loop, that start-up was most of their CPU."""
+    import re
+    import selectors
+    import threading
+
+    sel = selectors.DefaultSelector()
+    path = tmp_path / "s.sock"
+    srv = status.StatusServer(stats_path=path).bind()
+    srv.attach(sel, lambda m: None, link(fake_emperor(child.pid)))
+    done = threading.Event()
+
+    def serve() -> None:  # the Emperor's loop, for the commands below
+        while not done.is_set():
+            now = time.monotonic()
+            for key, _ in sel.select(0.05):
+                key.data(now)
+            srv.poll(now)
+
+    loop = threading.Thread(target=serve)
+    loop.start()
+    python = Path(EMPEROR).parent / "python"
+    heavy = {"psgi_forkserver.emperor.loop", "psgi_forkserver.launch", "psgi_forkserver.config",
+             "psgi_forkserver.status.server", "psgi_forkserver.status.document",
+             "psgi_forkserver.frontdoor.door", "psgi_forkserver.metrics", "psutil", "jinja2",
+             "prometheus_client", "importlib.metadata", "wcwidth"}
+    try:
+        for argv, says in ((["status"], "run<1>"), (["status", "thr"], "throttled"),
+                           (["logs", "thr"], ""), (["stop", "thr"], ""),
+                           (["reload-base"], ""), (["reopen-logs"], "")):
+            r = subprocess.run([python, "-X", "importtime", EMPEROR, *argv, "--stats", path],
+                               capture_output=True, text=True, timeout=60)
+            assert "Traceback" not in r.stderr, (argv, r.stderr)
+            assert says in r.stdout, (argv, r.stdout, r.stderr)
+            imported = set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", r.stderr, re.M))
+            assert "psgi_forkserver.cli" in imported, argv
+            assert not heavy & imported, (argv, sorted(heavy & imported))
+    finally:
+        done.set()
+        loop.join()
+        srv.close()
+        sel.close()

@@ -106,7 +106,7 @@ def reload_base(pidfile: Path, wait: bool = False, stats: Path | None = None,
 def ask(stats: Path, cmd: str, name: str | None = None) -> dict[str, Any] | None:
     """Send one command on the stats socket and print its reply as one line:
     the reply when the Emperor did it, None (said on stderr) when not."""
-    from ..status import fetch_command
+    from ..rundir import fetch_command
 
     what = f"{cmd} {name}" if name else cmd
     try:
@@ -150,7 +150,7 @@ def _wait_deploy(stats: Path, before: int, timeout: float) -> int:
 
 
 def _deploy_doc(stats: Path) -> dict[str, Any]:
-    from ..status import fetch
+    from ..rundir import fetch
 
     deploy = fetch(stats)["emperor"]["deploy"]
     if not isinstance(deploy, dict):
@@ -174,7 +174,7 @@ def stats_socket(args: argparse.Namespace, what: str, quiet: bool = False) -> Pa
     only Emperor running here); None after saying why not."""
     if args.stats is not None:
         return args.stats
-    from ..status import find_stats
+    from ..rundir import find_stats
 
     try:
         return find_stats(args.vassals_dir)

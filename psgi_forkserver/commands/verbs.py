@@ -93,7 +93,7 @@ def judge(cmd: str, w: Waiting, v: dict[str, Any]) -> None:
 def control_many(args: argparse.Namespace) -> int:
     """`emperor reload|stop|start NAME... | --all`: ask for each, then wait
     for every outcome (unless --no-wait); one line per vassal."""
-    from ..status import fetch
+    from ..rundir import fetch
 
     cmd = args.command
     if bool(args.names) == bool(args.all):
@@ -127,7 +127,7 @@ def control_many(args: argparse.Namespace) -> int:
 
 
 def _wait_all(stats: Path, cmd: str, waiting: list[Waiting], timeout: float) -> bool:
-    from ..status import fetch
+    from ..rundir import fetch
 
     deadline = time.monotonic() + timeout
     while True:
@@ -154,7 +154,7 @@ def _wait_all(stats: Path, cmd: str, waiting: list[Waiting], timeout: float) -> 
 
 def status_of(doc: dict[str, Any], name: str) -> tuple[int, str]:
     """`emperor status NAME`: (exit code, text)."""
-    from ..status import format_table
+    from ..status.page import format_table
 
     v = doc["vassals"].get(name)
     if v is None:
@@ -174,7 +174,7 @@ def status_of(doc: dict[str, Any], name: str) -> tuple[int, str]:
 def logs_command(args: argparse.Namespace) -> int:
     """`emperor logs NAME [-n N] [-f]`: the vassal's recent lines from the
     Emperor (its own lines and the vassal's output); -f: then every new one."""
-    from ..status import fetch_logs
+    from ..rundir import fetch_logs
 
     stats = stats_socket(args, "logs")
     if stats is None:
@@ -237,7 +237,8 @@ def print_json(doc: dict[str, Any]) -> None:
 def status_command(args: argparse.Namespace) -> int:
     import json
 
-    from ..status import fetch, format_table
+    from ..rundir import fetch
+    from ..status.page import format_table
 
     stats = stats_socket(args, "status")
     if stats is None:

@@ -17,25 +17,24 @@ Its parts:
 The names other modules use are here.
 """
 
-from .check import Bisect, Check, nginx_message
-from .config import (
-    BACKEND, DEFAULT_KEEPALIVE, DOWN, RETRY, SHUTDOWN_TIMEOUT, UWSGI_PARAMS, hash_sizes,
-    listen_directive, render_locations, render_nginx_conf, render_routing, upstream_name,
-)
-from .door import FrontDoor
-from .links import HOSTS, host_link_name, installed_route, served_by_link
-from .nginx import (
-    check_listen, default_run_dir, find_nginx, nginx_worker_user, unreachable_by,
-    write_if_changed,
-)
-from .options import FrontDoorOptions
-from .route import Route, nginx_target, route_limits
+from __future__ import annotations
 
-__all__ = [
-    "BACKEND", "Bisect", "Check", "DEFAULT_KEEPALIVE", "DOWN", "FrontDoor", "FrontDoorOptions",
-    "HOSTS", "RETRY", "Route", "SHUTDOWN_TIMEOUT", "UWSGI_PARAMS", "check_listen",
-    "default_run_dir", "find_nginx", "hash_sizes", "host_link_name", "installed_route",
-    "listen_directive", "nginx_message", "nginx_target", "nginx_worker_user",
-    "render_locations", "render_nginx_conf", "render_routing", "route_limits",
-    "served_by_link", "unreachable_by", "upstream_name", "write_if_changed",
-]
+from ..lazy import exports, grouped
+
+# imported when first used: `emperor run`'s parser needs a default from
+# config.py, not nginx's spawn and checks
+_EXPORTS = grouped({
+    ".check": ("Bisect", "Check", "nginx_message"),
+    ".config": ("BACKEND", "DEFAULT_KEEPALIVE", "DOWN", "RETRY", "SHUTDOWN_TIMEOUT",
+                "UWSGI_PARAMS", "hash_sizes", "listen_directive", "render_locations",
+                "render_nginx_conf", "render_routing", "upstream_name"),
+    ".door": ("FrontDoor",),
+    ".links": ("HOSTS", "host_link_name", "installed_route", "served_by_link"),
+    ".nginx": ("check_listen", "default_run_dir", "find_nginx", "nginx_worker_user",
+               "unreachable_by", "write_if_changed"),
+    ".options": ("FrontDoorOptions",),
+    ".route": ("Route", "nginx_target", "route_limits"),
+})
+
+__all__ = sorted(_EXPORTS)
+__getattr__ = exports(globals(), _EXPORTS)

@@ -15,20 +15,24 @@
 Every public name is importable from `psgi_forkserver.status`.
 """
 
-from .document import BUDGET, SCHEMA, Collection, collect, emperor_status, vassal_status
-from .page import COLUMNS, PAGE_REFRESH, format_table, human_bytes, human_seconds, render_html
-from ..rundir import (RUN_DIR_ENV, STATS_NAME, default_stats_path, fetch, fetch_command, fetch_logs,
-                     find_stats, run_dir)
-from .requests import MAX_REQUEST
-from .served import REQUESTS_SLOT, forget_requests, read_requests, requests_path, sweep_requests
-from .listen import StatusConfigError, parse_http_address
-from .server import ACCEPT_PAUSE, CLIENT_TIMEOUT, MAX_CLIENTS, WRITE_TIMEOUT, StatusServer
+from __future__ import annotations
 
-__all__ = [
-    "ACCEPT_PAUSE", "BUDGET", "CLIENT_TIMEOUT", "COLUMNS", "MAX_CLIENTS", "MAX_REQUEST",
-    "PAGE_REFRESH", "REQUESTS_SLOT", "RUN_DIR_ENV", "SCHEMA", "STATS_NAME", "WRITE_TIMEOUT",
-    "Collection", "StatusConfigError", "StatusServer", "collect", "default_stats_path",
-    "emperor_status", "fetch", "fetch_command", "fetch_logs", "find_stats", "format_table", "forget_requests",
-    "human_bytes", "human_seconds", "parse_http_address", "read_requests", "render_html",
-    "requests_path", "run_dir", "sweep_requests", "vassal_status",
-]
+from ..lazy import exports, grouped
+
+# imported when first used: a client of the stats socket (`emperor status`)
+# needs rundir's functions, not the server, psutil or the page's wcwidth
+_EXPORTS = grouped({
+    ".document": ("BUDGET", "SCHEMA", "Collection", "collect", "emperor_status", "vassal_status"),
+    ".page": ("COLUMNS", "PAGE_REFRESH", "format_table", "human_bytes", "human_seconds",
+              "render_html"),
+    "..rundir": ("RUN_DIR_ENV", "STATS_NAME", "default_stats_path", "fetch", "fetch_command",
+                 "fetch_logs", "find_stats", "run_dir"),
+    ".requests": ("MAX_REQUEST",),
+    ".served": ("REQUESTS_SLOT", "forget_requests", "read_requests", "requests_path",
+                "sweep_requests"),
+    ".listen": ("StatusConfigError", "parse_http_address"),
+    ".server": ("ACCEPT_PAUSE", "CLIENT_TIMEOUT", "MAX_CLIENTS", "WRITE_TIMEOUT", "StatusServer"),
+})
+
+__all__ = sorted(_EXPORTS)
+__getattr__ = exports(globals(), _EXPORTS)

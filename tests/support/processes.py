@@ -18,11 +18,22 @@ import psutil
 T = TypeVar("T")
 
 
+#: wait_for's default polling: every 20 ms at first, each pause a quarter
+#: longer than the last up to a tenth of a second. Most conditions hold
+#: within a few polls; a long wait (a fleet starting, a deploy) then asks
+#: five times less often: each poll costs CPU on both sides (a status
+#: document built, a log read whole, a request served), and the tests'
+#: polls were a large part of a run's.
+POLL_FIRST, POLL_GROWTH, POLL_MAX = 0.02, 1.25, 0.1
+
+
 def wait_for(cond: Callable[[], T], timeout: float = 15.0, what: str = "condition",
-              interval: float = 0.02) -> T:
-    """Poll `cond` until it returns something truthy; fail after `timeout`."""
+             interval: float | None = None) -> T:
+    """Poll `cond` until it returns something truthy; fail after `timeout`.
+    `interval`: a fixed pause between polls instead of the growing one."""
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
+    pause = POLL_FIRST if interval is None else interval
     while True:
         try:
             value = cond()
@@ -30,10 +41,13 @@ def wait_for(cond: Callable[[], T], timeout: float = 15.0, what: str = "conditio
                 return value
         except Exception as e:  # noqa: BLE001 - reported on timeout
             last_exc = e
-        if time.monotonic() >= deadline:
+        now = time.monotonic()
+        if now >= deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}"
                                  + (f" (last error: {last_exc!r})" if last_exc else ""))
-        time.sleep(interval)
+        time.sleep(min(pause, deadline - now))
+        if interval is None:
+            pause = min(pause * POLL_GROWTH, POLL_MAX)
 
 
 # Ports a test writes into a vassal file are bound later, by another
