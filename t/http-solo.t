@@ -39,6 +39,47 @@ subtest 'max_requests: byte 22, then it serves on until the stop byte' => sub {
     is $srv->wait_exit, 0, 'byte 2: exit 0';
 };
 
+subtest 'psgix.harakiri.commit while it serves on after byte 22: it accepts nothing more' => sub {
+    my $srv = start_server(app_file => $app, solo => 1, max_requests => 1, mercy => 30);
+    ok $srv->wait_ready, 'ready';
+    is get_pid($srv->port), $srv->pid, 'its one request';
+    ok $srv->wait_emperor_byte(22), 'byte 22';
+    my $r = http_raw($srv->port, "GET /commit HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    is $r && $r->{body}, "bye ${\ $srv->pid}", 'the committing request, served by it';
+    my $s = connect_to($srv->port);
+    print $s "GET /pid HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    my $buf = '';
+    ok !defined read_response($s, \$buf, timeout => 2), 'a request after the commit: not taken (it waits for the successor)';
+    $srv->send_emperor(2);
+    is $srv->wait_exit, 0, 'byte 2: exit 0';
+    close $s;
+};
+
+subtest 'the Emperor gone while it serves on after byte 22: a graceful stop, not mercy later' => sub {
+    my $srv = start_server(app_file => $app, solo => 1, max_requests => 1, mercy => 30);
+    ok $srv->wait_ready, 'ready';
+    is get_pid($srv->port), $srv->pid, 'its one request';
+    ok $srv->wait_emperor_byte(22), 'byte 22';
+    my $t0 = Time::HiRes::time();
+    $srv->close_emperor;
+    is $srv->wait_exit(20), 0, 'exit 0';
+    cmp_ok Time::HiRes::time() - $t0, '<', 5, 'without waiting out mercy';
+};
+
+subtest 'a storm of SIGHUP: one byte 22, and it serves on until the stop byte' => sub {
+    my $srv = start_server(app_file => $app, solo => 1, mercy => 30);
+    ok $srv->wait_ready, 'ready';
+    kill 'HUP', $srv->pid for 1 .. 50;
+    ok $srv->wait_emperor_byte(22), 'byte 22';
+    is get_pid($srv->port), $srv->pid, 'served by itself after the storm';
+    kill 'HUP', $srv->pid for 1 .. 50;
+    is get_pid($srv->port), $srv->pid, 'and after another';
+    my $n = () = $srv->emperor_bytes(0.05) =~ /\x16/g;
+    is $n, 1, 'asked once';
+    $srv->send_emperor(2);
+    is $srv->wait_exit, 0, 'byte 2: exit 0';
+};
+
 subtest 'max_requests and no answer: it stops mercy seconds after asking' => sub {
     my $srv = start_server(app_file => $app, solo => 1, max_requests => 1, mercy => 1);
     ok $srv->wait_ready, 'ready';

@@ -143,6 +143,82 @@ subtest 'a module that dies, exits or changes the process as it loads: never loa
     is_deeply \@log, [], 'nothing said';
 };
 
+subtest 'a module that leaves an alarm, a process, a descriptor replaced or closed, $0 or $/ changed, or loads slowly: not loaded here' => sub {
+    @log = ();
+    open my $stdin, '<&', \*STDIN or die "dup STDIN: $!";
+    local $ForkServer::Base::LoadTrial::SLOW = 1;    # 5 s by default
+    my $slow = $ForkServer::Base::LoadTrial::SLOW;
+    my %file = (
+        Alarm     => module($lib, 'Learned/Alarm.pm', 'alarm 600;'),
+        Forks     => module($lib, 'Learned/Forks.pm', 'our $CHILD = fork; if (defined $CHILD && !$CHILD) { sleep 60; POSIX::_exit(0) }'),
+        Replaces  => module($lib, 'Learned/Replaces.pm', 'open STDIN, "<", "/dev/zero" or die;'),
+        Closes    => module($lib, 'Learned/Closes.pm', 'close STDIN;'),
+        Renames   => module($lib, 'Learned/Renames.pm', '$0 = "renamed";'),
+        Separator => module($lib, 'Learned/Separator.pm', '$/ = undef;'),
+        Slow      => module($lib, 'Learned/Slow.pm', 'select undef, undef, undef, ' . ($slow + 0.5) . ';'),
+    );
+    open STDIN, '<', $good or die;    # not /dev/zero, what Replaces opens
+    my $name = $0;
+    # Closes last: the trial goes on after it without a descriptor 0
+    send_report(join '', map { "Learned/$_.pm\t$file{$_}\n" } (grep { $_ ne 'Closes' } sort keys %file), 'Closes');
+    $learned->readable;
+    is scalar @{ queued() }, scalar keys %file, 'all queued';
+    drive();
+    my $alarm = alarm 0;
+    ok !$alarm, 'no alarm left in the base' or diag "alarm in $alarm s";
+    if (my $child = do { no warnings 'once'; $Learned::Forks::CHILD }) { kill 'KILL', $child; waitpid $child, 0 }
+    is $0, $name, '$0 untouched';
+    is $/, "\n", '$/ untouched';
+    ok defined(fileno STDIN) && (readlink('/proc/self/fd/0') // '') eq $good, 'our STDIN untouched';
+    open STDIN, '<&', $stdin or die "STDIN back: $!";
+    ok !$INC{"Learned/$_.pm"}, "Learned::$_ not loaded" for sort keys %file;
+    my %said = map { /not preloading (\S+), .*\(not tried again\): (.*)/ ? ($1 => $2) : () } @log;
+    like $said{'Learned::Alarm'} // '', qr/an alarm set/, 'the alarm said' or diag explain \@log;
+    like $said{'Learned::Forks'} // '', qr/a process started/, 'the process said';
+    like $said{'Learned::Replaces'} // '', qr/descriptor 0 replaced/, 'the replaced descriptor said';
+    like $said{'Learned::Closes'} // '', qr/descriptor 0 closed/, 'the closed descriptor said';
+    like $said{'Learned::Renames'} // '', qr/\$0 changed/, 'the name said';
+    like $said{'Learned::Separator'} // '', qr/\$\/ changed/, 'the separator said';
+    like $said{'Learned::Slow'} // '', qr/took [\d.]+ s to load/, 'the slowness said';
+};
+
+subtest 'a module that overrides a built-in everywhere, adds to UNIVERSAL or changes \@INC: not loaded here' => sub {
+    @log = ();
+    my %file = (
+        Overrides => module($lib, 'Learned/Overrides.pm', 'BEGIN { no warnings "once"; *CORE::GLOBAL::readpipe = sub { "overridden" } }'),
+        Universal => module($lib, 'Learned/Universal.pm', 'sub UNIVERSAL::learned_was_here { 1 }'),
+        Inc       => module($lib, 'Learned/Inc.pm', 'push @INC, sub { return };'),
+    );
+    send_report(join '', map { "Learned/$_.pm\t$file{$_}\n" } sort keys %file);
+    $learned->readable;
+    drive();
+    ok !$INC{"Learned/$_.pm"}, "Learned::$_ not loaded" for sort keys %file;
+    ok !defined &CORE::GLOBAL::readpipe, 'no built-in overridden here';
+    ok !UNIVERSAL::can('main', 'learned_was_here'), 'nothing added to UNIVERSAL here';
+    my %said = map { /not preloading (\S+), .*\(not tried again\): (.*)/ ? ($1 => $2) : () } @log;
+    like $said{'Learned::Overrides'} // '', qr/CORE::GLOBAL::readpipe defined/, 'the override said' or diag explain \@log;
+    like $said{'Learned::Universal'} // '', qr/UNIVERSAL::learned_was_here defined/, 'the UNIVERSAL method said';
+    like $said{'Learned::Inc'} // '', qr/\@INC changed/, 'the \@INC hook said (the base would drop it)';
+};
+
+subtest 'a trial holds none of the base\'s descriptors' => sub {
+    @log = ();
+    socket(my $held, AF_UNIX, SOCK_DGRAM, 0) or die;    # stands in for a spare's link, a listening socket
+    local $ENV{LEARNED_PEEK} = "$dir/peek " . fileno($held);
+    my $peeks = module($lib, 'Learned/Peeks.pm', 'my ($file, $fd) = split " ", $ENV{LEARNED_PEEK};'
+        . ' my $what = readlink("/proc/self/fd/$fd") // "closed";'
+        . ' open my $out, ">>", $file or die; print $out "$$ $what\n"; close $out;');
+    send_report("Learned/Peeks.pm\t$peeks\n");
+    $learned->readable;
+    drive();
+    open my $in, '<', "$dir/peek" or die "no trial ran: $!";
+    my %seen = map { split ' ', $_, 2 } <$in>;    # pid => what it saw: the trial's, then ours
+    my ($trial) = grep { $_ != $$ } keys %seen;
+    ok defined $trial, 'the trial loaded it' or diag explain \%seen;
+    unlike $seen{$trial // ''} // '', qr/\Asocket:/, 'the trial did not have it' or diag explain \%seen;
+    is $INC{'Learned/Peeks.pm'}, $peeks, 'and the module loaded here';
+};
+
 subtest 'report(): what %INC gained since the fork, once' => sub {
     my ($r, $w);
     socket(my $sock, AF_UNIX, SOCK_DGRAM, 0) or die;

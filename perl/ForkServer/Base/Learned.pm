@@ -40,8 +40,8 @@ after that have them preloaded.
 
 What the base accepts, and only that: reports sent by a process running
 as the base's own uid (the kernel's C<SCM_CREDENTIALS> on a datagram
-socket in the abstract namespace, whose name only the base's descendants
-know: a vassal of another C<uid> never makes the base load anything);
+socket in the abstract namespace: any local process finds its name in
+F</proc/net/unix>, the sender's uid that the kernel writes is the check);
 C<%INC> keys of a package name (C<Foo/Bar.pm>, words only), at most
 C<MAX_MODULES> a report; files that the base finds itself, in the absolute
 directories of its own C<@INC> (never C<.>, never a relative directory),
@@ -49,8 +49,8 @@ the very file the vassal loaded (one found elsewhere is not followed).
 
 Each module is first tried in a process forked from the base (a trial,
 L</work>): one that dies as it loads, ends the process, changes the
-process's signal handlers, C<%ENV>, umask or working directory, or leaves
-a descriptor open or a thread running, is not loaded in the base (one line, never tried again), and the vassals keep
+process's state (L<ForkServer::Base::LoadTrial> says what it looks at) or
+takes more than 5 s, is not loaded in the base (one line, never tried again), and the vassals keep
 loading it themselves. The others the base loads with its own C<@INC>,
 only between adoptions (never while a request is being read, and not
 before C<QUIET> seconds after the last adoption), in turns of at most
@@ -223,9 +223,8 @@ sub pending {
 
 An idle turn. Modules reported and not tried yet go to a trial: a process
 forked from the base C<require>s them, one by one, and says for each
-whether it loaded, died, or changed the process's state as it loaded
-(signal handlers, C<%ENV>, umask, working directory, a descriptor left
-open, a thread); it ends at once
+whether it loaded, died, changed the process's state as it loaded
+(L<ForkServer::Base::LoadTrial>) or took too long; it ends at once
 (C<POSIX::_exit>). A module that dies, changes that state, ends the trial
 (an C<exit> at load) or makes it run past C<TRIAL_TIMEOUT> is not loaded
 in the base: one line, and never tried again; its vassals keep loading it
@@ -366,7 +365,7 @@ sub _refuse {
 # In the base: a module its trial loaded.
 sub _load {
     my ($self, $key) = @_;
-    my ($ok, $why, @changed) = ForkServer::Base::LoadTrial::require_module($key);
+    my ($ok, $why, undef, @changed) = ForkServer::Base::LoadTrial::require_module($key);
     if (!$ok) {
         delete $INC{$key};
         $KNOWN{$key} = 1;    # never tried again
