@@ -9,7 +9,10 @@ answering `/hello`; every 10 ms a sample of the machine's idle time
 runnable but waiting for one (/proc/PID/schedstat), the Emperor's state
 and, when it sleeps or blocks, where (/proc/PID/wchan), and how many
 children the Emperor has. Prints a row per 0.25 s (0.5 s above 300) of
-the burst, from the base listening to the last answer, then the totals.
+the burst, from the base listening to the last answer, then the totals,
+and who used the cores over the burst (schedstat): the Emperor, the base,
+the vassals' first processes and their workers, the bench itself, and
+everything else on the machine.
 EMPEROR ARGS go to `emperor run`: `--vassal-binary OLD/perl/ForkServer.pm`
 runs the Perl code of another commit (`git archive REV perl | tar -x -C
 OLD`) under this Emperor, to put two side by side; `--vassal-line 'master =
@@ -56,6 +59,35 @@ def huge_mb(pid: int | None) -> float | None:
         if line.startswith("AnonHugePages:"):
             return int(line.split()[1]) / 1024
     return None
+
+
+def cpu_of(pid: int) -> float | None:
+    """Seconds on a core the process spent so far, itself only (schedstat:
+    nanoseconds, where stat's ticks round a vassal's few ms to 0 or 10)."""
+    sched = _read(f"/proc/{pid}/schedstat")
+    return int(sched.split()[0]) / 1e9 if sched else None
+
+
+def children(pid: int) -> list[int]:
+    return [int(k) for k in (_read(f"/proc/{pid}/task/{pid}/children") or "").split()]
+
+
+def fleet_cpu(emperor: int, base: int | None) -> dict[str, tuple[int, float]]:
+    """(processes, CPU seconds) of each part of the fleet as it answers:
+    the Emperor, the base, the vassals' first processes (children of the
+    Emperor: the base clones them as its siblings) and their children (the
+    workers)."""
+    out = {"Emperor": (1, cpu_of(emperor) or 0.0)}
+    tops, below = [], []
+    for k in children(emperor):
+        if k == base:
+            out["base"] = (1, cpu_of(k) or 0.0)
+            continue
+        tops.append(cpu_of(k))
+        below += [cpu_of(g) for g in children(k)]
+    out["vassals' first processes"] = (len(tops), sum(t or 0.0 for t in tops))
+    out["their children (workers)"] = (len(below), sum(t or 0.0 for t in below))
+    return out
 
 
 def machine() -> tuple[float, float]:
@@ -122,6 +154,8 @@ def main() -> int:
             while sampler.base is None and time.perf_counter() < until:  # its next sample finds it
                 time.sleep(0.005)
             huge = [huge_mb(sampler.base)]
+            cpu_start = fleet_cpu(em.proc.pid, sampler.base)
+            bench_start = sum(os.times()[:2])
             try:
                 first = wait_all_200(vports, 120 + n // 10, em.t0, "/hello")
             except BenchError:
@@ -131,6 +165,8 @@ def main() -> int:
                 print(f"the Emperor's log kept in {kept}", file=sys.stderr)
                 raise
             t_end = time.perf_counter()
+            cpu_end = fleet_cpu(em.proc.pid, sampler.base)
+            bench_end = sum(os.times()[:2])
             huge.append(huge_mb(sampler.base))
         finally:
             sampler.stop.set()
@@ -171,6 +207,15 @@ def main() -> int:
     if len(burst) >= 2:
         print(f"the machine idle over the burst: "
               f"{100 * (burst[-1][1][0] - burst[0][1][0]) / (burst[-1][1][1] - burst[0][1][1]):.0f} %")
+    # the CPU of the burst, by part (the vassals' from their births, all in it)
+    busy = (burst[-1][1][1] - burst[0][1][1]) - (burst[-1][1][0] - burst[0][1][0]) if len(burst) >= 2 else 0.0
+    parts = {k: (n, c - cpu_start.get(k, (0, 0.0))[1]) for k, (n, c) in cpu_end.items()}
+    parts["the bench (its poller and sampler)"] = (1, bench_end - bench_start)
+    ours = sum(c for _, c in parts.values())
+    print(f"CPU over the burst: the machine busy {busy:.2f} CPU-s; "
+          + ", ".join(f"{k} {c:.2f} s" + (f" ({n} processes, {1000 * c / n:.2f} ms each)" if n > 1 else "")
+                      for k, (n, c) in parts.items())
+          + f"; everything else {busy - ours:.2f} s; per vassal, ours: {1000 * ours / n:.2f} ms")
     # each 2 MB page the base writes after a clone is split into 512 entries
     # for good: every later clone copies them
     print("the base's memory in 2 MB pages: " + " MB when it listened, ".join(
