@@ -151,12 +151,19 @@ class Settled:
     outside its life is planned for it (a failed adoption, an admission),
     when the world changes (the fork server's state or generation, a
     shutdown: every mark goes), and `SAFETY` seconds after anything happened
-    (`Facts.events` grew: every mark goes): a fact recorded by a way that
+    (`Facts.events` grew: every mark goes; `SAFETY_PER_VASSAL` a vassal in a
+    fleet of more than 200): a fact recorded by a way that
     does not mark it is seen that late, never lost. A vassal queued for a
     slot is stepped only when it can get one: of those queued, the first
     free-slots by name."""
 
     SAFETY = 1.0  # s: after anything happened, every vassal is stepped this soon
+    # ... or this much a vassal, if longer: the net's turn steps the whole
+    # fleet (some 0.05 ms a vassal), and in a mass start something happens
+    # every turn, so at 1,000 vassals a net once a second took a tenth or
+    # more of the Emperor's CPU; every 5 s it costs about 1 % of a core
+    # whatever the fleet (200 vassals and fewer: once a second)
+    SAFETY_PER_VASSAL = 0.005
 
     marks: dict[str, Mark] = field(default_factory=dict)
     dirty: set[str] = field(default_factory=set)  # filled by Vassal's fact methods
@@ -194,13 +201,18 @@ class Settled:
         if q.slot is not None:
             bisect.insort(self.queues[q.slot], v.name)
 
-    def begin(self, facts: Facts) -> None:
-        """Once a turn, first: the marks of what happened since go."""
+    def safety(self, vassals: int) -> float:
+        """Seconds between the safety net's turns for a fleet of `vassals`."""
+        return max(self.SAFETY, vassals * self.SAFETY_PER_VASSAL)
+
+    def begin(self, facts: Facts, vassals: int = 0) -> None:
+        """Once a turn, first: the marks of what happened since go.
+        `vassals`: how many the fleet has (the safety net's period)."""
         world = (facts.fork_server, facts.base_generation, facts.shutting_down)
         happened = facts.events != self.events
         if world != self.world or (facts.now >= self.next_safety and happened):
             self.world = world
-            self.next_safety = facts.now + self.SAFETY
+            self.next_safety = facts.now + self.safety(vassals)
             self.events = facts.events
             self.clear()
             self.partial = False
@@ -329,7 +341,7 @@ def plan(vassals: Iterable[Vassal] | Mapping[str, Vassal], facts: Facts,
     if settled is None:
         active = list(fleet.values())
     else:
-        settled.begin(facts)
+        settled.begin(facts, len(fleet))
         active = settled.unmarked(fleet)
         # movers are never marked: all of them are among the unmarked
         moving = sum(1 for v in active if v.successor is not None and v.successor.reason == CODE_DEPLOY)
