@@ -6,8 +6,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from wcwidth import wcswidth
-
 from ..printable import printable
 
 def human_bytes(n: int | None) -> str:
@@ -38,6 +36,10 @@ def human_seconds(s: float | None) -> str:
 def columns(text: str) -> int:
     """The terminal columns `text` (printable: no control characters) takes:
     two for a CJK character, none for a combining accent."""
+    # imported here: its tables are a tenth of the Emperor's imports, which
+    # stand between its start and its base's (the table is the CLI's)
+    from wcwidth import wcswidth
+
     n = wcswidth(text)
     return n if n >= 0 else len(text)
 
