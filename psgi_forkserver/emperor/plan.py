@@ -143,26 +143,20 @@ class Settled:
     """The plan's memory of which vassals need no step: those whose last
     step was quiet (`Vassal.quiet`) and to which nothing happened since.
 
-    A vassal is marked after a quiet step, unless it is a base, a mover
-    (its successor is a code deploy's: the deploy slots count them every
-    turn) or waits on the other vassals (`Slot.TURN`). Its mark goes, and
-    it is stepped again, when a fact is recorded on it (every fact method
-    adds its name to `dirty`), when its `until` comes, when an action from
-    outside its life is planned for it (a failed adoption, an admission),
-    when the world changes (the fork server's state or generation, a
-    shutdown: every mark goes), and `SAFETY` seconds after anything happened
-    (`Facts.events` grew: every mark goes; `SAFETY_PER_VASSAL` a vassal in a
-    fleet of more than 200): a fact recorded by a way that
-    does not mark it is seen that late, never lost. A vassal queued for a
-    slot is stepped only when it can get one: of those queued, the first
-    free-slots by name."""
+    A vassal is marked after a quiet step, unless it is a base, a mover (its successor is
+    a code deploy's: the deploy slots count them every turn) or waits on the other vassals
+    (`Slot.TURN`). Its mark goes, and it is stepped again, when a fact is recorded on it
+    (every fact method adds its name to `dirty`), when its `until` comes, when an action
+    from outside its life is planned for it (a failed adoption, an admission), when the
+    world changes (the fork server's state or generation, a shutdown: every mark goes),
+    and `SAFETY` seconds (`SAFETY_PER_VASSAL` a vassal above 200) after anything happened
+    (`Facts.events` grew: every mark goes): a fact recorded by a way that does not mark it
+    is seen that late, never lost. A vassal queued for a slot is stepped only when it can
+    get one: of those queued, the first free-slots by name."""
 
     SAFETY = 1.0  # s: after anything happened, every vassal is stepped this soon
-    # ... or this much a vassal, if longer: the net's turn steps the whole
-    # fleet (some 0.05 ms a vassal), and in a mass start something happens
-    # every turn, so at 1,000 vassals a net once a second took a tenth or
-    # more of the Emperor's CPU; every 5 s it costs about 1 % of a core
-    # whatever the fleet (200 vassals and fewer: once a second)
+    # or this much a vassal if longer: the net's turn steps the whole fleet (~0.05 ms
+    # each) and a mass start has events every turn; so it costs ~1 % of a core
     SAFETY_PER_VASSAL = 0.005
 
     marks: dict[str, Mark] = field(default_factory=dict)
@@ -201,18 +195,13 @@ class Settled:
         if q.slot is not None:
             bisect.insort(self.queues[q.slot], v.name)
 
-    def safety(self, vassals: int) -> float:
-        """Seconds between the safety net's turns for a fleet of `vassals`."""
-        return max(self.SAFETY, vassals * self.SAFETY_PER_VASSAL)
-
     def begin(self, facts: Facts, vassals: int = 0) -> None:
-        """Once a turn, first: the marks of what happened since go.
-        `vassals`: how many the fleet has (the safety net's period)."""
+        """Once a turn, first: the marks of what happened since go (`vassals`: how many)."""
         world = (facts.fork_server, facts.base_generation, facts.shutting_down)
         happened = facts.events != self.events
         if world != self.world or (facts.now >= self.next_safety and happened):
             self.world = world
-            self.next_safety = facts.now + self.safety(vassals)
+            self.next_safety = facts.now + max(self.SAFETY, vassals * self.SAFETY_PER_VASSAL)
             self.events = facts.events
             self.clear()
             self.partial = False
@@ -352,8 +341,7 @@ def plan(vassals: Iterable[Vassal] | Mapping[str, Vassal], facts: Facts,
                        if v.successor is not None and v.successor.reason == CODE_DEPLOY},
                fleet=fleet_actions(facts, not fleet))
     deploy_slots = max(0, facts.deploy_parallel - len(out.movers))
-    # vassals that are not bases and are not forgotten this turn: the marked
-    # ones left out are neither
+    # vassals that are not bases and are not forgotten this turn (the marked left out too)
     staying = len(settled.marks) if settled is not None else 0
     for v in others:
         before = v.successor
