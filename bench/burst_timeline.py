@@ -36,6 +36,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from benchlib import BenchError, Procs, read_or_none as _read, rmtree, set_child_subreaper, tempdir, wait_all_200  # noqa: E402
+from fleetcpu import fleet_cpu  # noqa: E402
 from emperor_run import start_fleet, wait_fork_server  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -59,35 +60,6 @@ def huge_mb(pid: int | None) -> float | None:
         if line.startswith("AnonHugePages:"):
             return int(line.split()[1]) / 1024
     return None
-
-
-def cpu_of(pid: int) -> float | None:
-    """Seconds on a core the process spent so far, itself only (schedstat:
-    nanoseconds, where stat's ticks round a vassal's few ms to 0 or 10)."""
-    sched = _read(f"/proc/{pid}/schedstat")
-    return int(sched.split()[0]) / 1e9 if sched else None
-
-
-def children(pid: int) -> list[int]:
-    return [int(k) for k in (_read(f"/proc/{pid}/task/{pid}/children") or "").split()]
-
-
-def fleet_cpu(emperor: int, base: int | None) -> dict[str, tuple[int, float]]:
-    """(processes, CPU seconds) of each part of the fleet as it answers:
-    the Emperor, the base, the vassals' first processes (children of the
-    Emperor: the base clones them as its siblings) and their children (the
-    workers)."""
-    out = {"Emperor": (1, cpu_of(emperor) or 0.0)}
-    tops, below = [], []
-    for k in children(emperor):
-        if k == base:
-            out["base"] = (1, cpu_of(k) or 0.0)
-            continue
-        tops.append(cpu_of(k))
-        below += [cpu_of(g) for g in children(k)]
-    out["vassals' first processes"] = (len(tops), sum(t or 0.0 for t in tops))
-    out["their children (workers)"] = (len(below), sum(t or 0.0 for t in below))
-    return out
 
 
 def machine() -> tuple[float, float]:
