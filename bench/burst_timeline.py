@@ -9,7 +9,10 @@ answering `/hello`; every 10 ms a sample of the machine's idle time
 runnable but waiting for one (/proc/PID/schedstat), the Emperor's state
 and, when it sleeps or blocks, where (/proc/PID/wchan), and how many
 children the Emperor has. Prints a row per 0.25 s (0.5 s above 300) of
-the burst, from the base listening to the last answer, then the totals.
+the burst, from the base listening to the last answer, then the totals,
+and who used the cores over the burst (schedstat): the Emperor, the base,
+the vassals' first processes and their workers, the bench itself, and
+everything else on the machine.
 EMPEROR ARGS go to `emperor run`: `--vassal-binary OLD/perl/ForkServer.pm`
 runs the Perl code of another commit (`git archive REV perl | tar -x -C
 OLD`) under this Emperor, to put two side by side; `--vassal-line 'master =
@@ -33,6 +36,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from benchlib import BenchError, Procs, read_or_none as _read, rmtree, set_child_subreaper, tempdir, wait_all_200  # noqa: E402
+from fleetcpu import fleet_cpu  # noqa: E402
 from emperor_run import start_fleet, wait_fork_server  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -122,6 +126,8 @@ def main() -> int:
             while sampler.base is None and time.perf_counter() < until:  # its next sample finds it
                 time.sleep(0.005)
             huge = [huge_mb(sampler.base)]
+            cpu_start = fleet_cpu(em.proc.pid, sampler.base)
+            bench_start = sum(os.times()[:2])
             try:
                 first = wait_all_200(vports, 120 + n // 10, em.t0, "/hello")
             except BenchError:
@@ -131,6 +137,8 @@ def main() -> int:
                 print(f"the Emperor's log kept in {kept}", file=sys.stderr)
                 raise
             t_end = time.perf_counter()
+            cpu_end = fleet_cpu(em.proc.pid, sampler.base)
+            bench_end = sum(os.times()[:2])
             huge.append(huge_mb(sampler.base))
         finally:
             sampler.stop.set()
@@ -171,6 +179,15 @@ def main() -> int:
     if len(burst) >= 2:
         print(f"the machine idle over the burst: "
               f"{100 * (burst[-1][1][0] - burst[0][1][0]) / (burst[-1][1][1] - burst[0][1][1]):.0f} %")
+    # the CPU of the burst, by part (the vassals' from their births, all in it)
+    busy = (burst[-1][1][1] - burst[0][1][1]) - (burst[-1][1][0] - burst[0][1][0]) if len(burst) >= 2 else 0.0
+    parts = {k: (n, c - cpu_start.get(k, (0, 0.0))[1]) for k, (n, c) in cpu_end.items()}
+    parts["the bench (its poller and sampler)"] = (1, bench_end - bench_start)
+    ours = sum(c for _, c in parts.values())
+    print(f"CPU over the burst: the machine busy {busy:.2f} CPU-s; "
+          + ", ".join(f"{k} {c:.2f} s" + (f" ({n} processes, {1000 * c / n:.2f} ms each)" if n > 1 else "")
+                      for k, (n, c) in parts.items())
+          + f"; everything else {busy - ours:.2f} s; per vassal, ours: {1000 * ours / n:.2f} ms")
     # each 2 MB page the base writes after a clone is split into 512 entries
     # for good: every later clone copies them
     print("the base's memory in 2 MB pages: " + " MB when it listened, ".join(

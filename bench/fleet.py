@@ -3,6 +3,7 @@ size, mass starts (scenarios `fleet`, `mass`, `thousand`)."""
 
 from __future__ import annotations
 
+import os
 import resource
 import shlex
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from benchlib import Ports, Procs, rmtree, summary, wait_200, wait_all_200
 from cold import cold_pss
+from fleetcpu import base_of, fleet_cpu
 from emperor_run import (EmperorRun, base_ini, measure_under, vassal_ini, wait_fork_server, wait_loyal_count,
                          write_fleet, write_vassal)
 from settings import MB, Bench, Sizes, say
@@ -98,11 +100,20 @@ def mass_start(procs: Procs, ports: Ports, tmp: Path, sizes: Sizes, n: int | Non
                  "nofile_at_start": list(nofile) if nofile else None}
     try:
         res["base_listening_s"] = wait_fork_server(sock, em, 60)
+        base, until = None, time.perf_counter() + 1
+        while base is None and time.perf_counter() < until:  # its title says so once it serves
+            base = base_of(em.proc.pid) or time.sleep(0.005)
+        before = fleet_cpu(em.proc.pid, base)
+        poller = sum(os.times()[:2])
         # /hello: "answering" is the server's readiness; a first GET / costs
         # the app's lazy start-up (~12 ms, see the adoption rows) per
         # vassal, and this one client would add those up one after another
         first = wait_all_200(vports, 120 + n // 10, em.t0, "/hello")
         res["all_200_s"] = max(first.values())
+        # who used the cores from the base listening to the last answer
+        parts = {k: [m, c - before.get(k, (0, 0.0))[1]] for k, (m, c) in fleet_cpu(em.proc.pid, base).items()}
+        parts["the bench's poller"] = [1, sum(os.times()[:2]) - poller]
+        res["burst_cpu"] = parts
         res["after_base_s"] = res["all_200_s"] - res["base_listening_s"]
         say(f"  all {n} answering {res['all_200_s']:.2f} s after `emperor run` "
             f"(base listening at {res['base_listening_s']:.2f} s)")

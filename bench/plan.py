@@ -7,7 +7,8 @@ median and the maximum time of plan() over 200 turns, stepping every vassal,
 then as the Emperor plans (with its `Settled`), turns 1 ms apart in which
 one vassal has a new fact (a heartbeat), and the turn of its safety net,
 which steps them all. Measured, not judged: the loop runs it once per turn,
-so it bounds how fast a turn can be.
+so it bounds how fast a turn can be. Last, a simulated mass start of N
+(`mass_start`): how many steps it takes, and plan()'s CPU over it.
 
 Then the rest of a turn's work around the plan, on a real `Emperor` (not
 run: no process, no socket) whose directory holds a base file and N vassal
@@ -125,6 +126,44 @@ def around_the_plan(n: int) -> None:
             em.sel.close()
 
 
+def mass_start(n: int) -> None:
+    """A mass start of n vassals as the Emperor plans it (with its Settled):
+    a turn every 5 ms, 8 adoptions in flight, each answered 50 ms after its
+    request with its bytes 5 and 17 (facts, an event each). How many vassal
+    steps it takes, and plan()'s CPU: the safety net's turns step the whole
+    fleet (SAFETY_PER_VASSAL)."""
+    from psgi_forkserver.proc import Adopt
+
+    fleet = {}
+    for i in range(n):
+        name = f"app{i:05d}"
+        fleet[name] = Vassal(name, VassalConfig(name, Path(f"/v/{name}.ini"), "a",
+                                                (("http-socket", f"127.0.0.1:{20000 + i}"),)),
+                             owns_socket=True)
+    settled, in_flight, now, events, cpu, steps, pid = Settled(), {}, 0.0, 0, 0.0, 0, 10000
+    while any(v.phase != "loyal" for v in fleet.values()) and now < 60:
+        now += 0.005
+        for name, (seq, asked) in list(in_flight.items()):
+            if now - asked > 0.05:
+                pid += 1
+                v = fleet[name]
+                v.adopted(pid, now, seq=seq)
+                v.on_byte(5, now, seq)
+                v.on_byte(17, now, seq)
+                del in_flight[name]
+                events += 1
+        t0 = time.process_time()
+        p = plan(fleet, Facts(now, ForkServer.READY, 1, adopt_parallel=8,
+                              adoptions_in_flight=len(in_flight), events=events), settled)
+        cpu += time.process_time() - t0
+        steps += len(p.steps)
+        in_flight.update((s.vassal.name, (a.seq, now)) for s in p.steps for a in s.actions
+                         if isinstance(a, Adopt))
+    print(f"a mass start of {n} (simulated: 8 in flight, 50 ms each): every vassal loyal at "
+          f"{now:.2f} s, {steps} steps ({steps / n:.1f} a vassal), plan() CPU {cpu:.2f} s")
+
+
 if __name__ == "__main__":
     main()
     around_the_plan(int(sys.argv[1]) if len(sys.argv) > 1 else 1000)
+    mass_start(int(sys.argv[1]) if len(sys.argv) > 1 else 1000)

@@ -150,6 +150,11 @@ def table(r: dict) -> list[tuple[str, str, str, str]]:
                          f"{th['all_200_s']:.2f} s (base listening at {th['base_listening_s']:.2f} s)",
                          f"1000 within {TARGETS['thousand_start_s']:g} s",
                          verdict(th["all_200_s"] <= TARGETS["thousand_start_s"]) if is_target else "n/a (N<1000)"))
+        if "burst_cpu" in th:  # the profile: who used the cores after the base listened
+            cpu = th["burst_cpu"]
+            rows.append((f"  CPU from the base listening to all answering ({app})", "; ".join(
+                f"{k} {c:.2f} s" + (f" ({1000 * c / m:.2f} ms each)" if m > 1 else "")
+                for k, (m, c) in cpu.items()), "", ""))
         if "idle" in th:
             rows.append((f"idle emperor, {th['n']} vassals ({app}): CPU over {th['idle']['seconds']:.0f} s; "
                          "RSS / PSS",

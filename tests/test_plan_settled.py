@@ -110,6 +110,32 @@ def test_the_safety_net_steps_a_vassal_whose_fact_left_no_mark():
     assert p.actions() == {"app0": [], "app1": [Send(EmperorByte.STOP)]}
 
 
+def test_a_large_fleet_in_a_mass_start_gets_the_safety_net_a_vassal_s_share_of_a_second_apart():
+    """A mass start has an event every turn: with the net once a second, a
+    fleet of 1,000 was stepped whole every second of the burst. While events
+    keep coming, its turns come SAFETY_PER_VASSAL a vassal apart (5 s at
+    1,000); once they stop, SAFETY after the last, as for a small fleet. A
+    fact that left no mark is seen then, never lost."""
+    vs = fleet_of(*(running(f"app{i:04d}", pid=1000 + i) for i in range(1000)))
+    settled = Settled()
+    assert len(stepped(plan(vs, facts(10, events=1), settled))) == 1000
+    vs["app0001"].held = True  # a fact that leaves no mark
+    events, now = 1, 10.0
+    while now < 14.9:  # an event every 0.1 s: none of the turns steps the fleet
+        events, now = events + 1, round(now + 0.1, 1)
+        assert stepped(plan(vs, facts(now, events=events), settled)) == [], now
+    assert settled.wakeups(vs) == [10 + 1000 * Settled.SAFETY_PER_VASSAL]
+    p = plan(vs, facts(10 + 1000 * Settled.SAFETY_PER_VASSAL, events=events + 1), settled)
+    assert len(p.steps) == 1000 and p.actions()["app0001"] == [Send(EmperorByte.STOP)]
+    # the events stop: the next net's turn is SAFETY after the last of them
+    vs["app0002"].held = True
+    assert "app0002" not in stepped(plan(vs, facts(15.5, events=events + 2), settled))
+    assert stepped(plan(vs, facts(15.6, events=events + 2), settled)) == []
+    assert min(settled.wakeups(vs)) == 15.5 + Settled.SAFETY  # (and app0001's mercy timeout)
+    p = plan(vs, facts(15.5 + Settled.SAFETY, events=events + 2), settled)
+    assert len(p.steps) == 1000 and p.actions()["app0002"] == [Send(EmperorByte.STOP)]
+
+
 def test_the_loop_waits_for_the_safety_net_only_after_a_turn_that_left_vassals_out():
     vs = fleet_of(running("app0"), running("app1", pid=101))
     settled = Settled()

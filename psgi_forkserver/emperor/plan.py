@@ -119,15 +119,13 @@ class Step:
 @dataclass
 class Plan:
     steps: list[Step] = field(default_factory=list)
-    # vassals moving to a new base generation when the turn began: when one
-    # of them is done, a deploy slot is free and the turn must run again
+    # vassals moving to a new base generation as the turn began (one done: a slot is free)
     movers: dict[str, Proc] = field(default_factory=dict)
     fleet: list[FleetAction] = field(default_factory=list)  # carried out before the steps
     again: bool = False  # the turn must run again at once
     done: bool = False  # a shutdown is complete: the loop ends
 
-    def actions(self) -> dict[str, list[Action]]:
-        """Name -> actions (for tests and logs)."""
+    def actions(self) -> dict[str, list[Action]]:  # name -> actions (tests, logs)
         return {s.vassal.name: s.actions for s in self.steps}
 
 
@@ -140,23 +138,24 @@ class Mark:
 
 @dataclass
 class Settled:
-    """The plan's memory of which vassals need no step: those whose last
-    step was quiet (`Vassal.quiet`) and to which nothing happened since.
+    """The plan's memory of which vassals need no step: those whose last step was quiet
+    (`Vassal.quiet`) and to which nothing happened since.
 
-    A vassal is marked after a quiet step, unless it is a base, a mover
-    (its successor is a code deploy's: the deploy slots count them every
-    turn) or waits on the other vassals (`Slot.TURN`). Its mark goes, and
-    it is stepped again, when a fact is recorded on it (every fact method
-    adds its name to `dirty`), when its `until` comes, when an action from
-    outside its life is planned for it (a failed adoption, an admission),
-    when the world changes (the fork server's state or generation, a
-    shutdown: every mark goes), and `SAFETY` seconds after anything happened
-    (`Facts.events` grew: every mark goes): a fact recorded by a way that
-    does not mark it is seen that late, never lost. A vassal queued for a
-    slot is stepped only when it can get one: of those queued, the first
-    free-slots by name."""
+    A vassal is marked after a quiet step, unless it is a base, a mover (its successor is
+    a code deploy's: the deploy slots count them every turn) or waits on the other vassals
+    (`Slot.TURN`). Its mark goes, and it is stepped again, when a fact is recorded on it
+    (every fact method adds its name to `dirty`), when its `until` comes, when an action
+    from outside its life is planned for it (a failed adoption, an admission), when the
+    world changes (the fork server's state or generation, a shutdown: every mark goes),
+    and `SAFETY` seconds (while events keep coming, `SAFETY_PER_VASSAL` a vassal above 200)
+    after anything happened (`Facts.events` grew: every mark goes): a fact not marked is
+    seen that late, never lost. Of the vassals queued for a slot, the first free-slots by
+    name are stepped."""
 
     SAFETY = 1.0  # s: after anything happened, every vassal is stepped this soon
+    # while events keep coming (a mass start), this much a vassal if longer (its turn steps
+    # the whole fleet, ~0.05 ms each); once they stop, SAFETY after the last
+    SAFETY_PER_VASSAL = 0.005
 
     marks: dict[str, Mark] = field(default_factory=dict)
     dirty: set[str] = field(default_factory=set)  # filled by Vassal's fact methods
@@ -165,8 +164,8 @@ class Settled:
     world: tuple | None = None
     next_safety: float = float("-inf")
     events: int = 0  # Facts.events at the last turn that stepped every vassal
-    # since, something happened and a turn left vassals out: the safety net is due
-    partial: bool = False
+    seen: tuple[int, float] = (0, float("-inf"))  # Facts.events, and when it last grew
+    partial: bool = False  # since, something happened and a turn left vassals out
     steps: int = 0  # vassals stepped so far (tests, measurements)
 
     def clear(self) -> None:
@@ -194,13 +193,16 @@ class Settled:
         if q.slot is not None:
             bisect.insort(self.queues[q.slot], v.name)
 
-    def begin(self, facts: Facts) -> None:
-        """Once a turn, first: the marks of what happened since go."""
+    def begin(self, facts: Facts, vassals: int = 0) -> None:
+        """Once a turn, first: the marks of what happened since go (`vassals`: how many)."""
         world = (facts.fork_server, facts.base_generation, facts.shutting_down)
         happened = facts.events != self.events
-        if world != self.world or (facts.now >= self.next_safety and happened):
+        if facts.events != self.seen[0]:
+            self.seen = (facts.events, facts.now)
+        due = min(self.next_safety, self.seen[1] + self.SAFETY)  # the safety net's turn
+        if world != self.world or (facts.now >= due and happened):
             self.world = world
-            self.next_safety = facts.now + self.SAFETY
+            self.next_safety = facts.now + max(self.SAFETY, vassals * self.SAFETY_PER_VASSAL)
             self.events = facts.events
             self.clear()
             self.partial = False
@@ -256,7 +258,7 @@ class Settled:
             if m is not None and m.until == t:
                 break
             heapq.heappop(self.wakes)  # its mark went
-        times = [self.next_safety] if self.marks and self.partial else []
+        times = [min(self.next_safety, self.seen[1] + self.SAFETY)] if self.marks and self.partial else []
         if self.wakes:
             times.append(self.wakes[0][0])
         for n in vassals.keys() - self.marks.keys():
@@ -329,7 +331,7 @@ def plan(vassals: Iterable[Vassal] | Mapping[str, Vassal], facts: Facts,
     if settled is None:
         active = list(fleet.values())
     else:
-        settled.begin(facts)
+        settled.begin(facts, len(fleet))
         active = settled.unmarked(fleet)
         # movers are never marked: all of them are among the unmarked
         moving = sum(1 for v in active if v.successor is not None and v.successor.reason == CODE_DEPLOY)
@@ -340,8 +342,7 @@ def plan(vassals: Iterable[Vassal] | Mapping[str, Vassal], facts: Facts,
                        if v.successor is not None and v.successor.reason == CODE_DEPLOY},
                fleet=fleet_actions(facts, not fleet))
     deploy_slots = max(0, facts.deploy_parallel - len(out.movers))
-    # vassals that are not bases and are not forgotten this turn: the marked
-    # ones left out are neither
+    # vassals that are not bases and are not forgotten this turn (the marked left out too)
     staying = len(settled.marks) if settled is not None else 0
     for v in others:
         before = v.successor
@@ -388,8 +389,7 @@ def plan(vassals: Iterable[Vassal] | Mapping[str, Vassal], facts: Facts,
     # a vassal gone during a shutdown: the fleet's last steps may be due
     if facts.shutting_down and any(isinstance(a, Forget) for s in out.steps for a in s.actions):
         out.again = True
-    # a shutdown is complete once every vassal and child is gone, or given up on
-    out.done = facts.shutting_down and ((not fleet and facts.no_children) or facts.give_up)
+    out.done = facts.shutting_down and ((not fleet and facts.no_children) or facts.give_up)  # all gone
     return out
 
 
