@@ -333,14 +333,11 @@ sub _serve_conn_once {
     }
     if (!$loop->{leaving} && ($self->{harakiri_commit}
         || ($self->{max_requests} && $self->{requests} >= $self->{max_requests}))) {
-        # The replacement starts now, not when this worker is done with its other
-        # connections, from its requests slot (written first) and its desk place (left first).
+        # The replacement starts now, from its requests slot and desk place (left first).
         $self->_flush_requests if $self->{requests_dirty};
         ForkServer::HTTPServer::Desk::leave_desk(delete $loop->{seat});
         worker_msg($self->{ready_w}, MSG_LEAVING);
-        # without a master the process goes on accepting until its successor
-        # does (ForkServer::HTTPServer::Solo); the app's harakiri.commit it
-        # obeys at once
+        # without a master it accepts until its successor does (Solo.pm), but harakiri.commit
         $loop->{leaving} = 1 unless $self->{solo_state} && !$self->{harakiri_commit};
     }
 }
