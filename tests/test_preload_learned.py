@@ -10,8 +10,15 @@ again)."""
 from __future__ import annotations
 
 import http.client
+import os
 import pwd
+import shutil
+import tempfile
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 
 from support import free_port, wait_for
 from support.apps import APPS, base_ini, needs_program
@@ -23,8 +30,25 @@ NOBODY = pwd.getpwnam("nobody")
 USED, TENANT, DIES = "LazyLearned::Used", "LazyLearned::Tenant", "LazyLearned::DiesInBase"
 
 
-def lazy_base(*lines: str) -> str:
-    return base_ini(LAZY, "fs.sock", *lines)
+@pytest.fixture(scope="module")
+def lazy() -> Iterator[Path]:
+    """The app and its modules copied where a vassal of `nobody` may read
+    them, wherever the checkout is (a clone in a 0700 directory is not)."""
+    top = Path(tempfile.mkdtemp(prefix="pf-lazy-"))
+    try:
+        shutil.copyfile(LAZY, top / LAZY.name)
+        shutil.copytree(APPS / "lib" / "LazyLearned", top / "lib" / "LazyLearned")
+        for d, _, files in os.walk(top):
+            os.chmod(d, 0o755)
+            for f in files:
+                os.chmod(Path(d) / f, 0o644)
+        yield top / LAZY.name
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def lazy_base(app: Path, *lines: str) -> str:
+    return base_ini(app, "fs.sock", *lines)
 
 
 def vassal_ini(port: int, *lines: str) -> str:
@@ -70,8 +94,8 @@ def batches(e) -> list[str]:
     return e.lines("modules its vassals loaded lazily") + e.lines("module its vassals loaded lazily")
 
 
-def test_a_module_one_vassal_required_is_preloaded_for_the_next(emp):
-    e = emp({"base": lazy_base("fork-server-spares = 0")}, base=False)
+def test_a_module_one_vassal_required_is_preloaded_for_the_next(emp, lazy):
+    e = emp({"base": lazy_base(lazy, "fork-server-spares = 0")}, base=False)
     wait_for(lambda: e.lines("preload-learned: on"), 30, "the base to listen, learning")
     one = first(adopt(e, "one"))
     assert one[USED] == "0", one  # the base did not have it: the first vassal required it itself
@@ -82,8 +106,8 @@ def test_a_module_one_vassal_required_is_preloaded_for_the_next(emp):
     assert len(batches(e)) == 1, e.text()  # nothing new: no second batch
 
 
-def test_warm_spares_forked_before_the_load_make_way_for_new_ones(emp):
-    e = emp({"base": lazy_base("fork-server-spares = 2")}, base=False)
+def test_warm_spares_forked_before_the_load_make_way_for_new_ones(emp, lazy):
+    e = emp({"base": lazy_base(lazy, "fork-server-spares = 2")}, base=False)
     wait_for(lambda: e.lines("spares: 2 ready"), 30, "the spares to be warm")
     one = first(adopt(e, "one"))
     assert one[USED] == "0", one
@@ -94,8 +118,8 @@ def test_warm_spares_forked_before_the_load_make_way_for_new_ones(emp):
     assert two[USED] == "1", (two, e.text())
 
 
-def test_a_vassal_of_another_uid_never_makes_the_base_load_code(emp):
-    e = emp({"base": lazy_base("fork-server-spares = 0")}, base=False)
+def test_a_vassal_of_another_uid_never_makes_the_base_load_code(emp, lazy):
+    e = emp({"base": lazy_base(lazy, "fork-server-spares = 0")}, base=False)
     wait_for(lambda: e.lines("preload-learned: on"), 30, "the base to listen, learning")
     tenant = first(adopt(e, "tenant", "uid = nobody", f"gid = {NOBODY.pw_gid}"), "/tenant")
     assert tenant[TENANT] == "0", tenant
@@ -109,8 +133,8 @@ def test_a_vassal_of_another_uid_never_makes_the_base_load_code(emp):
     assert not [x for x in e.lines(TENANT) if "base" in x], e.text()
 
 
-def test_a_module_that_dies_in_the_base_is_not_retried_and_breaks_nothing(emp):
-    e = emp({"base": lazy_base("fork-server-spares = 0")}, base=False)
+def test_a_module_that_dies_in_the_base_is_not_retried_and_breaks_nothing(emp, lazy):
+    e = emp({"base": lazy_base(lazy, "fork-server-spares = 0")}, base=False)
     wait_for(lambda: e.lines("preload-learned: on"), 30, "the base to listen, learning")
     one = first(adopt(e, "one"), "/dies")
     assert one[DIES] == "0" and one["loaded"] == "dies-in-base", one
@@ -132,8 +156,8 @@ def test_a_module_that_dies_in_the_base_is_not_retried_and_breaks_nothing(emp):
     assert not e.lines("redefined"), e.text()
 
 
-def test_preload_learned_false_learns_nothing(emp):
-    e = emp({"base": lazy_base("fork-server-spares = 0", "preload-learned = false")}, base=False)
+def test_preload_learned_false_learns_nothing(emp, lazy):
+    e = emp({"base": lazy_base(lazy, "fork-server-spares = 0", "preload-learned = false")}, base=False)
     wait_for(lambda: e.lines("preload-learned: off"), 30, "the base to listen, not learning")
     first(adopt(e, "one"))
     # a second adoption is served after the first vassal's report would have come
