@@ -17,6 +17,17 @@ sub get_pid {
     return $r && $r->{status} == 200 ? $r->{body} : undef;
 }
 
+# A process with max_requests 1 that has served its request and sent
+# byte 22 (replace me).
+sub asked_after_one_request {
+    my %opts = @_;
+    my $srv = start_server(app_file => $app, solo => 1, max_requests => 1, %opts);
+    ok $srv->wait_ready, 'ready';
+    is get_pid($srv->port), $srv->pid, 'its one request';
+    ok $srv->wait_emperor_byte(22), 'byte 22';
+    return $srv;
+}
+
 subtest 'the process serves itself: bytes 5 and 17, no worker, heartbeat' => sub {
     my $srv = start_server(app_file => $app, solo => 1, heartbeat => 0.2);
     ok $srv->wait_ready, 'byte 17 (loyal)';
@@ -40,10 +51,7 @@ subtest 'max_requests: byte 22, then it serves on until the stop byte' => sub {
 };
 
 subtest 'psgix.harakiri.commit while it serves on after byte 22: it accepts nothing more' => sub {
-    my $srv = start_server(app_file => $app, solo => 1, max_requests => 1, mercy => 30);
-    ok $srv->wait_ready, 'ready';
-    is get_pid($srv->port), $srv->pid, 'its one request';
-    ok $srv->wait_emperor_byte(22), 'byte 22';
+    my $srv = asked_after_one_request(mercy => 30);
     my $r = http_raw($srv->port, "GET /commit HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     is $r && $r->{body}, "bye ${\ $srv->pid}", 'the committing request, served by it';
     my $s = connect_to($srv->port);
@@ -56,10 +64,7 @@ subtest 'psgix.harakiri.commit while it serves on after byte 22: it accepts noth
 };
 
 subtest 'the Emperor gone while it serves on after byte 22: a graceful stop, not mercy later' => sub {
-    my $srv = start_server(app_file => $app, solo => 1, max_requests => 1, mercy => 30);
-    ok $srv->wait_ready, 'ready';
-    is get_pid($srv->port), $srv->pid, 'its one request';
-    ok $srv->wait_emperor_byte(22), 'byte 22';
+    my $srv = asked_after_one_request(mercy => 30);
     my $t0 = Time::HiRes::time();
     $srv->close_emperor;
     is $srv->wait_exit(20), 0, 'exit 0';
@@ -81,18 +86,12 @@ subtest 'a storm of SIGHUP: one byte 22, and it serves on until the stop byte' =
 };
 
 subtest 'max_requests and no answer: it stops mercy seconds after asking' => sub {
-    my $srv = start_server(app_file => $app, solo => 1, max_requests => 1, mercy => 1);
-    ok $srv->wait_ready, 'ready';
-    is get_pid($srv->port), $srv->pid, 'its one request';
-    ok $srv->wait_emperor_byte(22), 'byte 22';
+    my $srv = asked_after_one_request(mercy => 1);
     is $srv->wait_exit(20), 0, 'exit 0 without a stop byte';
 };
 
 subtest 'SIGTERM while it waits for its stop after byte 22: it goes at once' => sub {
-    my $srv = start_server(app_file => $app, solo => 1, max_requests => 1, mercy => 30);
-    ok $srv->wait_ready, 'ready';
-    is get_pid($srv->port), $srv->pid, 'its one request';
-    ok $srv->wait_emperor_byte(22), 'byte 22';
+    my $srv = asked_after_one_request(mercy => 30);
     my $t0 = Time::HiRes::time();
     kill 'TERM', $srv->pid;
     is $srv->wait_exit(20), 0, 'exit 0';

@@ -11,6 +11,7 @@ to hyphens, `-1`, `-2`... for repeated headings) or given by an explicit
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,9 +40,8 @@ class Link:
     target: str
 
 
-def prose_lines(text: str) -> list[tuple[int, str]]:
-    """The page's lines outside fenced code blocks, code spans blanked."""
-    lines: list[tuple[int, str]] = []
+def outside_fences(text: str) -> Iterator[tuple[int, str]]:
+    """The page's lines outside fenced code blocks, with their numbers."""
     fence: str | None = None
     for number, line in enumerate(text.splitlines(), start=1):
         opening = FENCE.match(line)
@@ -52,8 +52,13 @@ def prose_lines(text: str) -> list[tuple[int, str]]:
         if opening:
             fence = opening.group(1)
             continue
-        lines.append((number, CODE_SPAN.sub(lambda m: " " * len(m.group(0)), line)))
-    return lines
+        yield number, line
+
+
+def prose_lines(text: str) -> list[tuple[int, str]]:
+    """The page's lines outside fenced code blocks, code spans blanked."""
+    return [(number, CODE_SPAN.sub(lambda m: " " * len(m.group(0)), line))
+            for number, line in outside_fences(text)]
 
 
 def github_slug(heading: str) -> str:
@@ -69,16 +74,7 @@ def anchors(page: Path) -> set[str]:
     text = page.read_text(encoding="utf-8")
     found: set[str] = set()
     seen: dict[str, int] = {}
-    fence: str | None = None
-    for line in text.splitlines():
-        opening = FENCE.match(line)
-        if fence is not None:
-            if opening and opening.group(1) == fence:
-                fence = None
-            continue
-        if opening:
-            fence = opening.group(1)
-            continue
+    for _, line in outside_fences(text):
         found.update(EXPLICIT_ANCHOR.findall(line))
         heading = HEADING.match(line)
         if heading is None:
