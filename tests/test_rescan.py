@@ -107,7 +107,7 @@ def test_a_change_within_the_same_second_on_a_coarse_file_system_is_seen(emp, co
     for attempt in range(1, 9):
         first, second = f"v{attempt}", f"w{attempt}"
         # early in a second, so that both changes may fall in it
-        wait_for(lambda: time.time() % 1 < 0.05, 5, "the start of a second")
+        wait_for(lambda: time.time() % 1 < 0.05, 5, "the start of a second", interval=0.01)
         real.write_text(app_ini("coarse", port, first, processes=1))
         stamp = os.stat(real).st_ctime_ns
         wait_for(lambda: get(port)["value"] == first, 30, f"{first} served")
