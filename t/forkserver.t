@@ -136,6 +136,9 @@ refused_ok('a socket for the cgroup directory (mask 0x08)', encode_packet(35, 0x
 refused_ok('argv not UTF-8', encode_packet(35, 1, encode_array(program(), "--name", "\xff\xfe")));
 refused_ok('empty argv', encode_packet(35, 1, ''));
 refused_ok('trailing garbage', encode_packet(35, 1, $good) . 'xyz');
+# a readiness probe (the Emperor's: it connects and closes, sending nothing)
+# is no refused request: no line (the count below stays 13)
+IO::Socket::UNIX->new(Peer => $sock, Type => SOCK_STREAM)->close for 1 .. 3;
 
 # A client that connects, sends a little and stalls delays nobody.
 socketpair(my $stall_ours, my $stall_theirs, AF_UNIX, SOCK_STREAM, PF_UNSPEC) or die $!;

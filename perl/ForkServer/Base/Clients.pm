@@ -167,6 +167,7 @@ sub client_readable {
     my $state = eval { $req->read_some };
     return $self->refuse($req, $@) unless $state;
     return if $state eq 'more';
+    if ($state eq 'gone') { $self->forget($req); $req->close_all; return }
     $self->forget($req);
     $self->adopt($req);
     return;

@@ -18,7 +18,7 @@ ForkServer::Base::Request - one adoption request being read by the fork server
 
   my $req = ForkServer::Base::Request->new(sock => $client, deadline => $t, peer => "pid 12 uid 0", peer_pid => 12);
   # whenever $client is readable:
-  my $state = eval { $req->read_some };   # 'more' or 'complete'; dies: refuse
+  my $state = eval { $req->read_some };   # 'more', 'complete' or 'gone' (closed unsent); dies: refuse
   $req->close_all unless $state;           # every descriptor the client brought
   my ($pipe_fd, $config_fd, $ondemand_fd, $cgroup_fd) = $req->fds_by_role;
   my @argv = $req->argv;
@@ -94,6 +94,8 @@ sub read_some {
     die "control data truncated: too many descriptors\n" if $hdr->flags & MSG_CTRUNC;
     my $first = $self->{reads}++ == 0;
     die "descriptors arrived after the first bytes of the request\n" if $got_fds && !$first;
+    # closed before its first byte: a probe that the socket accepts, not a request
+    return 'gone' if $n == 0 && $first && !$got_fds;
     die "connection closed after " . length($self->{buf}) . " bytes of the request\n" if $n == 0;
     die "no descriptors with the first bytes (the Emperor pipe is required)\n" if $first && !$got_fds;
     $self->{buf} .= $hdr->buf;
