@@ -35,7 +35,7 @@ from pathlib import Path
 import psutil
 
 from anatomy import anatomy_line, frames_by_page, huge_mb, mapping_count, own_pages
-from benchlib import BenchError, Ports, Procs, http_get, rmtree, summary, wait_all_200
+from benchlib import BenchError, Ports, Procs, http_get, rmtree, stop_process, summary, wait_all_200
 from emperor_run import write_fleet
 from pyspy import hot_functions, py_spy
 
@@ -309,12 +309,7 @@ def burst(procs: Procs, ports: Ports, tmp: Path, emperor_cls, wait_fork_server,
             f"{ew['bench_client_cpu_s']:.2f} s, other processes {ew['other_processes_cpu_s']:.2f} s "
             f"({', '.join(f'{c} {s:g}' for c, s in ew['other_processes_top'])})")
         if spy is not None:
-            spy.send_signal(signal.SIGINT)
-            try:
-                spy.wait(30)
-            except subprocess.TimeoutExpired:
-                spy.kill()
-                spy.wait()
+            stop_process(spy, signal.SIGINT)
             spy = None
             if raw.exists():
                 res["emperor_hot"] = hot_functions(raw)

@@ -22,7 +22,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,8 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+from benchlib import stop_process
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -105,12 +106,7 @@ def one_round(pythonpath: str | None, lines: int, limit: int | None = None) -> d
                 "relayed": len(re.findall(r"\[flood\] \d{8} x", text)),
                 "calm_ms": (seen - said) * 1000}
     finally:
-        em.send_signal(signal.SIGTERM)
-        try:
-            em.wait(30)
-        except subprocess.TimeoutExpired:
-            em.kill()
-            em.wait()
+        stop_process(em)
         shutil.rmtree(top, ignore_errors=True)
 
 

@@ -88,22 +88,9 @@ def _fd_count(pid: int) -> int:
 
 
 def distinct_ports(n: int) -> list[int]:
-    """n free, distinct ports below the ephemeral range (free_port()'s
-    ephemeral ones repeat, and clients' connections take them meanwhile)."""
-    import random
-
-    out: list[int] = []
-    port = random.randrange(20000, 31000 - n)
-    while len(out) < n:
-        port += 1
-        assert port < 32000, "no free ports"
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        out.append(port)
-    return out
+    """n free ports, never one twice, in this pytest-xdist worker's own range
+    below the ephemeral one (free_port's)."""
+    return [free_port() for _ in range(n)]
 
 
 def _write_atomically(path: Path, text: str) -> None:
